@@ -1,0 +1,99 @@
+// Turns the integers that kdfast/ops passes (addresses, sizes, strides, dtype codes) into the
+// torch-free params structs. Included by bind_cpu.cpp and bind_cuda.cpp, the only two files
+// that know about Python.
+#pragma once
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "solver_step/solver_step.h"
+
+namespace kdfast {
+namespace bind {
+
+namespace py = pybind11;
+using namespace solver_step;
+
+template <typename T>
+inline T* as_ptr(std::uintptr_t addr) { return reinterpret_cast<T*>(addr); }
+
+inline Params make_step_params(int64_t batch, int64_t inner,
+                               const std::array<std::uintptr_t, kNumInputs>& in_ptr,
+                               const std::array<int64_t, kNumInputs>& in_stride,
+                               const std::array<int, kNumInputs>& in_dtype,
+                               const std::array<std::uintptr_t, kNumOutputs>& out_ptr,
+                               const std::array<int64_t, kNumOutputs>& out_stride,
+                               const std::array<int, kNumOutputs>& out_dtype,
+                               std::uintptr_t coef_host_ptr, float guidance_scale, int threshold,
+                               float clip_value, std::uintptr_t dynamic_scale_ptr) {
+  Params p;
+  p.batch = batch;
+  p.inner = inner;
+  for (int i = 0; i < kNumInputs; ++i) {
+    p.in[i] = as_ptr<const void>(in_ptr[i]);
+    p.in_stride[i] = in_stride[i];
+    p.in_dtype[i] = in_dtype[i];
+  }
+  for (int k = 0; k < kNumOutputs; ++k) {
+    p.out[k] = as_ptr<void>(out_ptr[k]);
+    p.out_stride[k] = out_stride[k];
+    p.out_dtype[k] = out_dtype[k];
+  }
+  // Coefficients always live on the host; CUDA receives them by value in the launch.
+  const float* coef = as_ptr<const float>(coef_host_ptr);
+  for (int c = 0; c < kNumCoefs; ++c) p.coef[c] = coef[c];
+  p.guidance_scale = guidance_scale;
+  p.threshold = threshold;
+  p.clip_value = clip_value;
+  p.dynamic_scale = as_ptr<const float>(dynamic_scale_ptr);
+  return p;
+}
+
+inline ThresholdParams make_threshold_params(int64_t batch, int64_t inner,
+                                             const std::array<std::uintptr_t, 3>& ptr,
+                                             const std::array<int64_t, 3>& stride,
+                                             const std::array<int, 3>& dtype, float x0_from_x,
+                                             float x0_from_model, float guidance_scale,
+                                             float ratio, float max_value, std::uintptr_t out) {
+  ThresholdParams p;
+  p.batch = batch;
+  p.inner = inner;
+  p.x = as_ptr<const void>(ptr[0]);
+  p.model = as_ptr<const void>(ptr[1]);
+  p.cond = as_ptr<const void>(ptr[2]);
+  p.x_stride = stride[0];
+  p.model_stride = stride[1];
+  p.cond_stride = stride[2];
+  p.x_dtype = dtype[0];
+  p.model_dtype = dtype[1];
+  p.cond_dtype = dtype[2];
+  p.x0_from_x = x0_from_x;
+  p.x0_from_model = x0_from_model;
+  p.guidance_scale = guidance_scale;
+  p.ratio = ratio;
+  p.max_value = max_value;
+  p.out = as_ptr<float>(out);
+  return p;
+}
+
+inline void check_status(int status, const char* op) {
+  if (status == kOk) return;
+  const char* what = status == kBadDType ? "unsupported dtype code"
+                     : status == kBadArgument ? "invalid argument"
+                                              : "kernel launch failed";
+  throw std::runtime_error(std::string("kdfast.") + op + ": " + what);
+}
+
+inline void bind_constants(py::module_& m) {
+  m.attr("NUM_INPUTS") = int(kNumInputs);
+  m.attr("NUM_OUTPUTS") = int(kNumOutputs);
+  m.attr("NUM_SOURCES") = int(kNumSources);
+  m.attr("NUM_COEFS") = int(kNumCoefs);
+}
+
+}  // namespace bind
+}  // namespace kdfast

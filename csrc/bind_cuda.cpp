@@ -1,0 +1,59 @@
+// Python bindings of the CUDA kernels (module kdfast._C_cuda). The CUDA runtime is linked
+// statically, so importing this module works on a machine without a GPU or driver.
+#include <cuda_runtime.h>
+
+#include "bind_common.h"
+
+namespace py = pybind11;
+using namespace kdfast;
+using namespace kdfast::bind;
+
+PYBIND11_MODULE(_C_cuda, m) {
+  m.doc() = "kdfast CUDA kernels (torch-free; called by kdfast.ops)";
+  bind_constants(m);
+
+  // No GIL release: a launch is asynchronous and returns in microseconds.
+  m.def("solver_step",
+        [](int64_t batch, int64_t inner, const std::array<std::uintptr_t, kNumInputs>& in_ptr,
+           const std::array<int64_t, kNumInputs>& in_stride, const std::array<int, kNumInputs>& in_dtype,
+           const std::array<std::uintptr_t, kNumOutputs>& out_ptr,
+           const std::array<int64_t, kNumOutputs>& out_stride,
+           const std::array<int, kNumOutputs>& out_dtype, std::uintptr_t coef, float guidance_scale,
+           int threshold, float clip_value, std::uintptr_t dynamic_scale, std::uintptr_t stream) {
+          Params p = make_step_params(batch, inner, in_ptr, in_stride, in_dtype, out_ptr, out_stride,
+                                      out_dtype, coef, guidance_scale, threshold, clip_value, dynamic_scale);
+          p.stream = as_ptr<void>(stream);
+          check_status(solver_step::solver_step_cuda(p), "solver_step");
+        });
+
+  m.def("threshold_scale",
+        [](int64_t batch, int64_t inner, const std::array<std::uintptr_t, 3>& ptr,
+           const std::array<int64_t, 3>& stride, const std::array<int, 3>& dtype, float x0_from_x,
+           float x0_from_model, float guidance_scale, float ratio, float max_value, std::uintptr_t out,
+           std::uintptr_t stream) {
+          ThresholdParams p = make_threshold_params(batch, inner, ptr, stride, dtype, x0_from_x,
+                                                    x0_from_model, guidance_scale, ratio, max_value, out);
+          p.stream = as_ptr<void>(stream);
+          check_status(solver_step::threshold_scale_cuda(p), "threshold_scale");
+        });
+
+  m.def("device_count", []() {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+      cudaGetLastError();  // clear the sticky "no driver" error
+      return 0;
+    }
+    return n;
+  });
+  m.def("runtime_version", []() {
+    int v = 0;
+    cudaRuntimeGetVersion(&v);
+    return v;
+  });
+  m.def("build_info", []() {
+    py::dict d;
+    d["cuda_runtime"] = CUDART_VERSION;
+    d["archs"] = std::string(KDFAST_CUDA_ARCHS_STR);
+    return d;
+  });
+}

@@ -1,0 +1,89 @@
+// Torch-free helpers shared by every kdfast kernel: host/device qualifiers, dtype codes,
+// fp16/bf16 <-> fp32 conversion usable on both sides, and status codes.
+#pragma once
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define KD_HD __host__ __device__ __forceinline__
+#include <cuda_fp16.h>
+#include <cuda_bf16.h>
+#else
+#define KD_HD inline
+#endif
+
+namespace kdfast {
+
+// Dtype codes passed across the binding; kdfast/ops/_dtypes.py holds the same table.
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Status codes returned by launchers (kernels never throw across the boundary).
+enum Status : int { kOk = 0, kBadDType = 1, kBadArgument = 2, kLaunchFailed = 3 };
+
+// 16-bit storage types: plain bit containers so host and device code share one layout.
+struct half_bits { uint16_t v; };
+struct bf16_bits { uint16_t v; };
+
+KD_HD float bits_to_float(uint32_t u) {
+#if defined(__CUDA_ARCH__)
+  return __uint_as_float(u);
+#else
+  float f; std::memcpy(&f, &u, 4); return f;
+#endif
+}
+KD_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t u; std::memcpy(&u, &f, 4); return u;
+#endif
+}
+
+KD_HD float to_float(float x) { return x; }
+KD_HD float to_float(bf16_bits x) { return bits_to_float(uint32_t(x.v) << 16); }
+KD_HD float to_float(half_bits x) {
+#if defined(__CUDA_ARCH__)
+  return __half2float(__ushort_as_half(x.v));
+#else
+  // IEEE binary16 -> binary32, exact (subnormals, inf and NaN included).
+  const uint32_t h = x.v, sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  if (exp == 0x1f) return bits_to_float(sign | 0x7f800000u | (man << 13));
+  if (exp != 0) return bits_to_float(sign | ((exp + 112u) << 23) | (man << 13));
+  if (man == 0) return bits_to_float(sign);
+  const float mag = float(man) * 5.9604644775390625e-08f;  // man * 2^-24
+  return sign ? -mag : mag;
+#endif
+}
+
+template <typename T> KD_HD T from_float(float f);
+template <> KD_HD float from_float<float>(float f) { return f; }
+template <> KD_HD bf16_bits from_float<bf16_bits>(float f) {
+  // Round to nearest even, keep NaN a (quiet) NaN.
+  uint32_t u = float_to_bits(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return bf16_bits{uint16_t((u >> 16) | 0x40u)};
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return bf16_bits{uint16_t(u >> 16)};
+}
+template <> KD_HD half_bits from_float<half_bits>(float f) {
+#if defined(__CUDA_ARCH__)
+  return half_bits{__half_as_ushort(__float2half_rn(f))};
+#else
+  // IEEE binary32 -> binary16, round to nearest even, overflow to inf, NaN kept.
+  const uint32_t u = float_to_bits(f), sign = (u >> 16) & 0x8000u;
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return half_bits{uint16_t(sign | 0x7e00u)};
+  if (a >= 0x477ff000u) return half_bits{uint16_t(sign | 0x7c00u)};  // rounds to >= 65520
+  if (a < 0x38800000u) {  // result is subnormal or zero: round a * 2^24 to an integer
+    const float mag = bits_to_float(a) * 16777216.0f;
+    uint32_t q = uint32_t(mag);
+    const float rem = mag - float(q);
+    if (rem > 0.5f || (rem == 0.5f && (q & 1u))) ++q;
+    return half_bits{uint16_t(sign | q)};
+  }
+  uint32_t r = a - 0x38000000u;  // rebias exponent 127 -> 15 (in the shifted position)
+  r += 0xfffu + ((r >> 13) & 1u);
+  return half_bits{uint16_t(sign | (r >> 13))};
+#endif
+}
+
+}  // namespace kdfast

@@ -1,0 +1,123 @@
+// Fused diffusion solver step: params struct and the per-element math shared by the CPU and
+// CUDA launchers.
+//
+// Every supported solver (DDIM, Euler, Heun, DPM-Solver++, UniPC, DEIS, LCM, ...) is, for one
+// step, a fixed linear map of a handful of full-latent tensors, after two element-wise
+// non-linear pieces: classifier-free guidance and thresholding of the data prediction x0.
+// The host computes the step's coefficients once, in float64, when the schedule is set; the
+// kernel then reads each input once and writes each output once.
+//
+//   m   = cond ? model + scale * (cond - model) : model       guided model output
+//   u   = model                                               unconditional output (CFG++)
+//   x0  = c[0] * x + c[1] * m                                 data prediction
+//   x0  = clip(x0, -r, r)  or  clip(x0, -s_b, s_b) / s_b      optional thresholding
+//   out_k = sum_j c[2 + 9k + j] * src_j,  src = (x, m, u, x0, h0, h1, h2, aux, noise)
+//
+// out_0 is the new sample, out_1 the new history entry (what a multistep solver keeps, in
+// the history dtype), out_2 an auxiliary sample (UniPC's corrected sample, Heun's stage).
+#pragma once
+#include "../common/kd_common.h"
+
+namespace kdfast {
+namespace solver_step {
+
+enum Input : int { kInX = 0, kInModel, kInCond, kInHist0, kInHist1, kInHist2, kInAux, kInNoise, kNumInputs };
+enum Source : int { kSrcX = 0, kSrcModel, kSrcUncond, kSrcX0, kSrcHist0, kSrcHist1, kSrcHist2, kSrcAux, kSrcNoise, kNumSources };
+enum Output : int { kOutSample = 0, kOutHistory, kOutAux, kNumOutputs };
+enum Threshold : int { kThresholdNone = 0, kThresholdClip = 1, kThresholdDynamic = 2 };
+constexpr int kNumCoefs = 2 + kNumOutputs * kNumSources;
+
+struct Params {
+  int64_t batch = 0;  // samples
+  int64_t inner = 0;  // elements per sample; each sample's elements are contiguous
+  const void* in[kNumInputs] = {};   // nullptr: input absent (reads as 0)
+  int64_t in_stride[kNumInputs] = {};  // elements between consecutive samples
+  int in_dtype[kNumInputs] = {};
+  void* out[kNumOutputs] = {};        // nullptr: output not written
+  int64_t out_stride[kNumOutputs] = {};
+  int out_dtype[kNumOutputs] = {};
+  float coef[kNumCoefs] = {};
+  float guidance_scale = 1.f;
+  int threshold = kThresholdNone;
+  float clip_value = 1.f;              // kThresholdClip
+  const float* dynamic_scale = nullptr;  // kThresholdDynamic: float32 [batch], same device
+  int num_threads = 1;                 // CPU launcher only
+  void* stream = nullptr;              // CUDA launcher only
+};
+
+// Per-sample quantile of |x0| for dynamic thresholding (Imagen; diffusers' `_threshold_sample`):
+// s_b = clamp(quantile(|x0_b|, ratio), 1, max_value), linear interpolation like torch.quantile.
+struct ThresholdParams {
+  int64_t batch = 0, inner = 0;
+  const void* x = nullptr; const void* model = nullptr; const void* cond = nullptr;
+  int64_t x_stride = 0, model_stride = 0, cond_stride = 0;
+  int x_dtype = 0, model_dtype = 0, cond_dtype = 0;
+  float x0_from_x = 0.f, x0_from_model = 0.f, guidance_scale = 1.f;
+  float ratio = 0.995f, max_value = 1.f;
+  float* out = nullptr;  // float32 [batch]
+  int num_threads = 1;
+  void* stream = nullptr;
+};
+
+KD_HD float load_as_float(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat16: return to_float(static_cast<const half_bits*>(p)[i]);
+    case kBFloat16: return to_float(static_cast<const bf16_bits*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
+  switch (dtype) {
+    case kFloat16: static_cast<half_bits*>(p)[i] = from_float<half_bits>(v); break;
+    case kBFloat16: static_cast<bf16_bits*>(p)[i] = from_float<bf16_bits>(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
+}
+
+KD_HD float guided(float model, float cond, bool has_cond, float scale) {
+  return has_cond ? model + scale * (cond - model) : model;
+}
+
+// Comparisons rather than fminf/fmaxf so that NaN propagates as in torch.clamp.
+KD_HD float clamp_symmetric(float v, float r) { return v < -r ? -r : (v > r ? r : v); }
+
+KD_HD float apply_threshold(float x0, int mode, float clip_value, float dyn_scale) {
+  if (mode == kThresholdClip) return clamp_symmetric(x0, clip_value);
+  if (mode == kThresholdDynamic) return clamp_symmetric(x0, dyn_scale) / dyn_scale;
+  return x0;
+}
+
+// One term of an output. A zero coefficient drops its term, so that an unused source holding
+// inf or NaN cannot poison an output; every backend follows this rule.
+KD_HD float add_term(float acc, float c, float src) { return c == 0.f ? acc : acc + c * src; }
+
+// The whole step for one element. `in` holds x, model, cond, h0, h1, h2, aux, noise in
+// input order (absent inputs as 0); results go to out[kNumOutputs]. Terms are added in
+// source order, starting from 0, as the CPU launcher's tile loops do.
+KD_HD void step_element(const float* c, float scale, bool has_cond, int threshold,
+                        float clip_value, float dyn_scale, const float in[kNumInputs],
+                        float out[kNumOutputs]) {
+  const float m = guided(in[kInModel], in[kInCond], has_cond, scale);
+  const float x0 = apply_threshold(c[0] * in[kInX] + c[1] * m, threshold, clip_value, dyn_scale);
+  const float s[kNumSources] = {in[kInX], m, in[kInModel], x0, in[kInHist0],
+                                in[kInHist1], in[kInHist2], in[kInAux], in[kInNoise]};
+#pragma unroll
+  for (int k = 0; k < kNumOutputs; ++k) {
+    const float* ck = c + 2 + k * kNumSources;
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < kNumSources; ++j) acc = add_term(acc, ck[j], s[j]);
+    out[k] = acc;
+  }
+}
+
+// Launchers: return a Status; never throw.
+int solver_step_cpu(const Params& p);
+int threshold_scale_cpu(const ThresholdParams& p);
+#if defined(KDFAST_WITH_CUDA)
+int solver_step_cuda(const Params& p);
+int threshold_scale_cuda(const ThresholdParams& p);
+#endif
+
+}  // namespace solver_step
+}  // namespace kdfast

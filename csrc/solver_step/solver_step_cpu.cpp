@@ -1,0 +1,171 @@
+// CPU launcher for the fused solver step: tiles of each sample are converted to fp32 in L1,
+// run through the shared step_element math, and written back, so memory is touched once.
+#include "solver_step.h"
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+namespace kdfast {
+namespace solver_step {
+namespace {
+
+constexpr int64_t kTile = 512;
+// Below this many elements per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+// fp32 tiles are used in place; fp16/bf16 tiles are widened into `buf` first.
+const float* load_tile(const void* p, int dtype, int64_t off, int64_t n, float* buf) {
+  switch (dtype) {
+    case kFloat16: {
+      const half_bits* s = static_cast<const half_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      return buf;
+    }
+    case kBFloat16: {
+      const bf16_bits* s = static_cast<const bf16_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      return buf;
+    }
+    default: return static_cast<const float*>(p) + off;
+  }
+}
+
+float* tile_target(void* p, int dtype, int64_t off, float* buf) {
+  return dtype == kFloat32 ? static_cast<float*>(p) + off : buf;
+}
+
+void store_tile(void* p, int dtype, int64_t off, int64_t n, const float* src) {
+  switch (dtype) {
+    case kFloat16: {
+      half_bits* d = static_cast<half_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = from_float<half_bits>(src[i]);
+      break;
+    }
+    case kBFloat16: {
+      bf16_bits* d = static_cast<bf16_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = from_float<bf16_bits>(src[i]);
+      break;
+    }
+    default: break;  // fp32 was written in place
+  }
+}
+
+// step_element over a tile, one source at a time: the same terms in the same order, but
+// each loop is a plain vectorisable stream and terms with a zero coefficient cost nothing.
+void step_tile(const Params& p, bool has_cond, float dyn, int64_t n, const float* const* in,
+               float* const* out) {
+  alignas(64) float m[kTile], x0[kTile];
+  const float* c = p.coef;
+  const float scale = p.guidance_scale;
+  const float* xin = in[kInX];
+  const float* model = in[kInModel];
+  const float* cond = in[kInCond];
+  if (has_cond) {
+    for (int64_t e = 0; e < n; ++e) m[e] = guided(model[e], cond[e], true, scale);
+  } else {
+    std::memcpy(m, model, n * sizeof(float));
+  }
+  for (int64_t e = 0; e < n; ++e) x0[e] = c[0] * xin[e] + c[1] * m[e];
+  if (p.threshold == kThresholdClip) {
+    for (int64_t e = 0; e < n; ++e) x0[e] = apply_threshold(x0[e], kThresholdClip, p.clip_value, 1.f);
+  } else if (p.threshold == kThresholdDynamic) {
+    for (int64_t e = 0; e < n; ++e) x0[e] = apply_threshold(x0[e], kThresholdDynamic, 1.f, dyn);
+  }
+  // Absent inputs read as 0, so their terms vanish.
+  const float* src[kNumSources] = {xin, m, model, x0, in[kInHist0], in[kInHist1],
+                                   in[kInHist2], in[kInAux], in[kInNoise]};
+  for (int k = 0; k < kNumOutputs; ++k) {
+    if (!p.out[k]) continue;
+    float* o = out[k];
+    std::fill(o, o + n, 0.f);
+    const float* ck = c + 2 + k * kNumSources;
+    for (int j = 0; j < kNumSources; ++j) {
+      const float cj = ck[j];
+      const float* sj = src[j];
+      if (cj == 0.f || !sj) continue;
+      for (int64_t e = 0; e < n; ++e) o[e] = o[e] + cj * sj[e];
+    }
+  }
+}
+
+int threads_for(int requested, int64_t work) {
+  const int64_t useful = std::max<int64_t>(1, work / kMinElementsPerThread);
+  return int(std::max<int64_t>(1, std::min<int64_t>(requested, useful)));
+}
+
+bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
+
+}  // namespace
+
+int solver_step_cpu(const Params& p) {
+  if (p.batch < 0 || p.inner < 0 || p.in[kInX] == nullptr || p.in[kInModel] == nullptr)
+    return kBadArgument;
+  for (int i = 0; i < kNumInputs; ++i)
+    if (p.in[i] && !valid_dtype(p.in_dtype[i])) return kBadDType;
+  for (int k = 0; k < kNumOutputs; ++k)
+    if (p.out[k] && !valid_dtype(p.out_dtype[k])) return kBadDType;
+  if (p.threshold == kThresholdDynamic && p.dynamic_scale == nullptr) return kBadArgument;
+
+  const int64_t tiles_per_sample = (p.inner + kTile - 1) / kTile;
+  const int64_t num_tiles = p.batch * tiles_per_sample;
+  const bool has_cond = p.in[kInCond] != nullptr;
+  const int nthreads = threads_for(p.num_threads, p.batch * p.inner);
+
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+  for (int64_t t = 0; t < num_tiles; ++t) {
+    const int64_t b = t / tiles_per_sample;
+    const int64_t start = (t % tiles_per_sample) * kTile;
+    const int64_t n = std::min(kTile, p.inner - start);
+    alignas(64) float in_buf[kNumInputs][kTile];
+    alignas(64) float out_buf[kNumOutputs][kTile];
+    const float* in[kNumInputs];  // nullptr: absent, reads as 0
+    float* out[kNumOutputs];
+    for (int i = 0; i < kNumInputs; ++i)
+      in[i] = p.in[i] ? load_tile(p.in[i], p.in_dtype[i], b * p.in_stride[i] + start, n, in_buf[i]) : nullptr;
+    for (int k = 0; k < kNumOutputs; ++k)
+      out[k] = p.out[k] ? tile_target(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, out_buf[k]) : nullptr;
+    const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
+    step_tile(p, has_cond, dyn, n, in, out);
+    for (int k = 0; k < kNumOutputs; ++k)
+      if (p.out[k]) store_tile(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, n, out[k]);
+  }
+  return kOk;
+}
+
+// Linear-interpolated quantile like torch.quantile(..., interpolation="linear").
+static float quantile_inplace(std::vector<float>& v, float q) {
+  const int64_t n = int64_t(v.size());
+  const float pos = q * float(n - 1);
+  const int64_t lo = int64_t(std::floor(pos));
+  const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
+  std::nth_element(v.begin(), v.begin() + lo, v.end());
+  const float vlo = v[lo];
+  const float vhi = hi == lo ? vlo : *std::min_element(v.begin() + lo + 1, v.end());
+  return vlo + (pos - float(lo)) * (vhi - vlo);
+}
+
+int threshold_scale_cpu(const ThresholdParams& p) {
+  if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
+  if (!valid_dtype(p.x_dtype) || !valid_dtype(p.model_dtype) || (p.cond && !valid_dtype(p.cond_dtype)))
+    return kBadDType;
+  const bool has_cond = p.cond != nullptr;
+  const int nthreads = threads_for(p.num_threads, p.batch * p.inner);
+#pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
+  for (int64_t b = 0; b < p.batch; ++b) {
+    std::vector<float> v(size_t(p.inner));
+    for (int64_t i = 0; i < p.inner; ++i) {
+      const float m = guided(load_as_float(p.model, p.model_dtype, b * p.model_stride + i),
+                             has_cond ? load_as_float(p.cond, p.cond_dtype, b * p.cond_stride + i) : 0.f,
+                             has_cond, p.guidance_scale);
+      v[i] = std::fabs(p.x0_from_x * load_as_float(p.x, p.x_dtype, b * p.x_stride + i) + p.x0_from_model * m);
+    }
+    const float s = quantile_inplace(v, p.ratio);
+    const float lo = s < 1.f ? 1.f : s;  // torch.clamp(s, 1, max): min(max(s, 1), max)
+    p.out[b] = lo > p.max_value ? p.max_value : lo;
+  }
+  return kOk;
+}
+
+}  // namespace solver_step
+}  // namespace kdfast

@@ -1,0 +1,114 @@
+// CUDA launcher for the fused solver step and the dynamic-threshold quantile. The element
+// math is step_element from solver_step.h, the same code the CPU launcher runs.
+#include "solver_step.h"
+
+#include <cuda_runtime.h>
+
+namespace kdfast {
+namespace solver_step {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxGridY = 65535;
+
+// Params travels by value in the kernel's parameter space (well under the 4 KB limit), so a
+// captured CUDA graph holds each step's coefficients without any device-side table.
+__global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params p) {
+  const bool has_cond = p.in[kInCond] != nullptr;
+  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
+    const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
+    for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.inner;
+         e += int64_t(gridDim.x) * blockDim.x) {
+      float vin[kNumInputs], vout[kNumOutputs];
+#pragma unroll
+      for (int i = 0; i < kNumInputs; ++i)
+        vin[i] = p.in[i] ? load_as_float(p.in[i], p.in_dtype[i], b * p.in_stride[i] + e) : 0.f;
+      step_element(p.coef, p.guidance_scale, has_cond, p.threshold, p.clip_value, dyn, vin, vout);
+#pragma unroll
+      for (int k = 0; k < kNumOutputs; ++k)
+        if (p.out[k]) store_from_float(p.out[k], p.out_dtype[k], b * p.out_stride[k] + e, vout[k]);
+    }
+  }
+}
+
+__device__ float abs_x0(const ThresholdParams& p, int64_t b, int64_t i) {
+  const bool has_cond = p.cond != nullptr;
+  const float m = guided(load_as_float(p.model, p.model_dtype, b * p.model_stride + i),
+                         has_cond ? load_as_float(p.cond, p.cond_dtype, b * p.cond_stride + i) : 0.f,
+                         has_cond, p.guidance_scale);
+  return fabsf(p.x0_from_x * load_as_float(p.x, p.x_dtype, b * p.x_stride + i) + p.x0_from_model * m);
+}
+
+// k-th smallest |x0| of sample b by 4 radix passes of 8 bits over the float bit pattern
+// (non-negative floats order like their bits). Recomputes |x0| each pass instead of
+// materialising it: the inputs stay in L2 for SD-sized latents.
+__device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, unsigned* hist,
+                              unsigned* shared_prefix, long long* shared_k) {
+  unsigned prefix = 0, mask = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
+    __syncthreads();
+    for (int64_t i = threadIdx.x; i < p.inner; i += blockDim.x) {
+      const unsigned bits = __float_as_uint(abs_x0(p, b, i));
+      if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      long long kk = k;
+      unsigned bin = 0;
+      for (; bin < 255; ++bin) {
+        if (kk < (long long)hist[bin]) break;
+        kk -= hist[bin];
+      }
+      *shared_prefix = prefix | (bin << shift);
+      *shared_k = kk;
+    }
+    __syncthreads();
+    prefix = *shared_prefix;
+    k = *shared_k;
+    mask |= 255u << shift;
+    __syncthreads();
+  }
+  return __uint_as_float(prefix);
+}
+
+__global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const ThresholdParams p) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned shared_prefix;
+  __shared__ long long shared_k;
+  const int64_t b = blockIdx.x;
+  const float pos = p.ratio * float(p.inner - 1);
+  const int64_t lo = int64_t(floorf(pos));
+  const int64_t hi = lo + 1 < p.inner ? lo + 1 : lo;
+  const float vlo = radix_select(p, b, lo, hist, &shared_prefix, &shared_k);
+  const float vhi = hi == lo ? vlo : radix_select(p, b, hi, hist, &shared_prefix, &shared_k);
+  if (threadIdx.x == 0) {
+    const float s = vlo + (pos - float(lo)) * (vhi - vlo);
+    const float clamped_lo = s < 1.f ? 1.f : s;
+    p.out[b] = clamped_lo > p.max_value ? p.max_value : clamped_lo;
+  }
+}
+
+}  // namespace
+
+int solver_step_cuda(const Params& p) {
+  if (p.batch < 0 || p.inner < 0 || !p.in[kInX] || !p.in[kInModel]) return kBadArgument;
+  if (p.threshold == kThresholdDynamic && !p.dynamic_scale) return kBadArgument;
+  if (p.batch == 0 || p.inner == 0) return kOk;
+  const int64_t blocks_x = (p.inner + kThreads - 1) / kThreads;
+  // Enough blocks to fill the GPU; each thread loops over the rest.
+  const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096),
+                  unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
+  solver_step_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+}
+
+int threshold_scale_cuda(const ThresholdParams& p) {
+  if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
+  if (p.batch == 0) return kOk;
+  threshold_scale_kernel<<<unsigned(p.batch), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+}
+
+}  // namespace solver_step
+}  // namespace kdfast

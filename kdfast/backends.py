@@ -1,0 +1,151 @@
+"""Backend registry: which implementation of an op runs, and why the others cannot.
+
+Each op has up to four implementations: ``reference`` (pure torch, the specification),
+``cpu`` (C++), ``cuda`` (CUDA C++) and ``triton``. For a given device the registry picks the
+first usable one in order of speed; ``KDFAST_BACKEND=<name>`` forces one and fails loudly,
+with the reasons, when it cannot serve.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Tuple
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+
+# Fastest first. Triton serves CPU tensors only through its interpreter, which is for
+# testing, so it is never chosen automatically on the CPU.
+_PREFERENCE = {
+    "cpu": ("cpu", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
+}
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this op on these inputs; the message says why."""
+
+
+def refresh() -> None:
+    """Forget cached choices (after changing TRITON_INTERPRET or installing a backend)."""
+    for entry in OPS.values():
+        entry._cache.clear()
+
+
+def _cuda_device_reason() -> Optional[str]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return "torch sees no CUDA device"
+    return None
+
+
+def backend_reason(backend: str, device_type: str) -> Optional[str]:
+    """Why ``backend`` cannot run on ``device_type`` tensors here, or None if it can."""
+    if backend not in BACKENDS:
+        return f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}"
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        if device_type != "cpu":
+            return f"the cpu backend runs on CPU tensors, got {device_type} tensors"
+        return _ext.cpu()[1]
+    if backend == "cuda":
+        if device_type != "cuda":
+            return f"the cuda backend runs on CUDA tensors, got {device_type} tensors"
+        module, reason = _ext.cuda()
+        if module is None:
+            return reason
+        return _cuda_device_reason()
+    # triton
+    _, reason = _ext.triton()
+    if reason:
+        return reason
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1)"
+    if device_type not in ("cpu", "cuda"):
+        return f"triton backend does not handle {device_type} tensors"
+    return None
+
+
+@dataclass(frozen=True)
+class Implementation:
+    backend: str
+    run: Callable
+
+
+class Op:
+    """The implementations of one op, keyed by backend name."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._impls: Dict[str, Callable] = {}
+        self._cache: Dict[Tuple[str, Optional[str]], Implementation] = {}
+
+    def register(self, backend: str) -> Callable[[Callable], Callable]:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}")
+
+        def deco(fn: Callable) -> Callable:
+            self._impls[backend] = fn
+            self._cache.clear()
+            return fn
+
+        return deco
+
+    @property
+    def backends(self) -> Tuple[str, ...]:
+        return tuple(b for b in BACKENDS if b in self._impls)
+
+    def reason(self, backend: str, device_type: str) -> Optional[str]:
+        if backend in BACKENDS and backend not in self._impls:
+            return f"kdfast.{self.name} has no {backend} implementation"
+        return backend_reason(backend, device_type)
+
+    def select(self, device_type: str, backend: Optional[str] = None) -> Implementation:
+        """The implementation to run for tensors on ``device_type``.
+
+        ``backend`` (or else ``KDFAST_BACKEND``) forces a choice; otherwise the fastest usable.
+        """
+        forced = backend or os.environ.get("KDFAST_BACKEND") or None
+        key = (device_type, forced)
+        impl = self._cache.get(key)
+        if impl is None:
+            impl = self._select_uncached(device_type, forced)
+            self._cache[key] = impl
+        return impl
+
+    def _select_uncached(self, device_type: str, forced: Optional[str]) -> Implementation:
+        if forced:
+            reason = self.reason(forced, device_type)
+            if reason:
+                usable = [b for b in self.backends if self.reason(b, device_type) is None]
+                raise BackendUnavailableError(
+                    f"backend {forced!r} cannot run kdfast.{self.name} on {device_type} tensors: "
+                    f"{reason}. Usable here: {', '.join(usable) or 'none'}"
+                )
+            return Implementation(forced, self._impls[forced])
+        reasons = []
+        for name in _PREFERENCE.get(device_type, ("reference",)):
+            reason = self.reason(name, device_type)
+            if reason is None:
+                return Implementation(name, self._impls[name])
+            reasons.append(f"{name}: {reason}")
+        raise BackendUnavailableError(
+            f"no backend can run kdfast.{self.name} on {device_type} tensors ({'; '.join(reasons)})"
+        )
+
+    def report(self, device_type: str) -> List[Tuple[str, Optional[str]]]:
+        """(backend, reason or None) for every backend, for ``kdfast info``."""
+        return [(b, self.reason(b, device_type)) for b in BACKENDS]
+
+
+OPS: Dict[str, Op] = {}
+
+
+def op(name: str) -> Op:
+    """The registry entry of op ``name`` (created on first use)."""
+    if name not in OPS:
+        OPS[name] = Op(name)
+    return OPS[name]

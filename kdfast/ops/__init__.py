@@ -1,0 +1,7 @@
+"""kdfast ops: validation, backend choice and torch.library registration of every kernel.
+
+This package is the only place where tensors become addresses for the compiled kernels.
+"""
+from .solver_step import StepResult, coefficients, solver_step, threshold_scale
+
+__all__ = ["StepResult", "coefficients", "solver_step", "threshold_scale"]

@@ -1,0 +1,77 @@
+"""Specification of the fused solver step (see csrc/solver_step/solver_step.h).
+
+Inputs are, in order: x, model, cond, h0, h1, h2, aux, noise (absent ones are None).
+``coefs`` holds 29 numbers: x0 = coefs[0]*x + coefs[1]*m, then for output k
+out_k = sum_j coefs[2 + 9k + j] * src_j with src = (x, m, u, x0, h0, h1, h2, aux, noise),
+where a zero coefficient drops its term (an unused inf/NaN source cannot poison an output)
+and absent inputs read as 0.
+"""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence
+
+import torch
+
+THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC = 0, 1, 2
+NUM_INPUTS, NUM_SOURCES, NUM_OUTPUTS = 8, 9, 3
+NUM_COEFS = 2 + NUM_OUTPUTS * NUM_SOURCES
+
+
+def guided(model: torch.Tensor, cond: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    return model if cond is None else model + scale * (cond - model)
+
+
+def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+def solver_step(
+    inputs: Sequence[Optional[torch.Tensor]],
+    coefs: torch.Tensor,
+    guidance_scale: float = 1.0,
+    threshold: int = THRESHOLD_NONE,
+    clip_value: float = 1.0,
+    dynamic_scale: Optional[torch.Tensor] = None,
+    compute_dtype: torch.dtype = torch.float32,
+) -> List[torch.Tensor]:
+    """All three outputs, in ``compute_dtype`` (callers cast and keep the ones they need)."""
+    vals = [None if t is None else t.to(compute_dtype) for t in inputs]
+    x = vals[0]
+    c = coefs.to(device=x.device, dtype=compute_dtype)
+    model, cond = vals[1], vals[2]
+    m = guided(model, cond, guidance_scale)
+    x0 = c[0] * x + c[1] * m
+    if threshold == THRESHOLD_CLIP:
+        x0 = x0.clamp(-clip_value, clip_value)
+    elif threshold == THRESHOLD_DYNAMIC:
+        s = _per_sample(dynamic_scale.to(compute_dtype), x0)
+        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+    sources = [x, m, model, x0, vals[3], vals[4], vals[5], vals[6], vals[7]]
+    outs = []
+    for k in range(NUM_OUTPUTS):
+        acc = torch.zeros_like(x)
+        for j, src in enumerate(sources):
+            if src is not None:
+                cj = c[2 + NUM_SOURCES * k + j]
+                acc = torch.where(cj != 0, acc + cj * src, acc)
+        outs.append(acc)
+    return outs
+
+
+def threshold_scale(
+    x: torch.Tensor,
+    model: torch.Tensor,
+    cond: Optional[torch.Tensor],
+    guidance_scale: float,
+    x0_from_x: float,
+    x0_from_model: float,
+    ratio: float,
+    max_value: float,
+    compute_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-sample clamp(quantile(|x0|, ratio), 1, max_value) as float32 [batch]."""
+    m = guided(model.to(compute_dtype), None if cond is None else cond.to(compute_dtype), guidance_scale)
+    x0 = x0_from_x * x.to(compute_dtype) + x0_from_model * m
+    flat = x0.reshape(x0.shape[0], -1).abs()
+    s = torch.quantile(flat, ratio, dim=1)
+    return torch.clamp(s, min=1.0, max=max_value).to(torch.float32)

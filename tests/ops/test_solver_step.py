@@ -1,0 +1,284 @@
+import itertools
+import math
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import ops
+from kdfast.backends import BackendUnavailableError
+from kdfast.reference import solver_step as ref
+
+from conftest import usable_backends
+from helpers import assert_close_by_rule
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (1, 4, 8, 8), (3, 7, 13), (2, 3, 5, 1031)]
+BACKENDS = usable_backends("solver_step")
+
+
+def random_coefs(gen):
+    c = torch.randn(ops.solver_step.__globals__["NUM_COEFS"], generator=gen, dtype=torch.float64)
+    return c.float()
+
+
+def make_case(shape, dtype, n_hist, with_cond, with_aux, with_noise, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def t():
+        return torch.randn(shape, generator=g).to(dtype)
+
+    return dict(
+        sample=t(), model_output=t(), cond=t() if with_cond else None,
+        history=[t() for _ in range(n_hist)], aux=t() if with_aux else None,
+        noise=t() if with_noise else None, coefs=random_coefs(g),
+    )
+
+
+def reference_outputs(case, compute_dtype, guidance_scale=1.0, threshold=0, clip_value=1.0, dyn=None):
+    hist = list(case["history"]) + [None] * (3 - len(case["history"]))
+    inputs = [case["sample"], case["model_output"], case["cond"], *hist, case["aux"], case["noise"]]
+    outs = ref.solver_step(inputs, case["coefs"], guidance_scale, threshold, clip_value, dyn, compute_dtype)
+    return outs
+
+
+def check_against_reference(backend, case, dtype, history_dtype=None, **kw):
+    history_dtype = history_dtype or dtype
+    res = ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
+                          history=case["history"], aux=case["aux"], noise=case["noise"],
+                          write_history=True, write_aux=True, history_dtype=history_dtype,
+                          backend=backend, **kw)
+    threshold = 1 if kw.get("clip_value") is not None else (2 if kw.get("dynamic_scale") is not None else 0)
+    args = dict(guidance_scale=kw.get("guidance_scale", 1.0), threshold=threshold,
+                clip_value=kw.get("clip_value") or 1.0, dyn=kw.get("dynamic_scale"))
+    r64 = reference_outputs(case, torch.float64, **args)
+    rlow = reference_outputs(case, dtype, **args)
+    for name, out, exp64, explow, odt in zip(("sample", "history", "aux"), res, r64, rlow,
+                                             (dtype, history_dtype, dtype)):
+        assert out.dtype == odt and out.shape == case["sample"].shape
+        assert_close_by_rule(out, exp64, explow.to(odt), f"{backend} {name} {dtype}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_all_inputs(backend, dtype, shape):
+    case = make_case(shape, dtype, n_hist=3, with_cond=True, with_aux=True, with_noise=True)
+    check_against_reference(backend, case, dtype, guidance_scale=4.5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("n_hist,with_cond,with_aux,with_noise",
+                         [c for c in itertools.product(range(4), (False, True), (False, True), (False, True))])
+def test_matches_reference_input_subsets(backend, n_hist, with_cond, with_aux, with_noise):
+    case = make_case((2, 3, 17), torch.float32, n_hist, with_cond, with_aux, with_noise, seed=n_hist)
+    check_against_reference(backend, case, torch.float32, guidance_scale=2.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_thresholding(backend, dtype):
+    case = make_case((3, 4, 9, 9), dtype, 1, True, False, False, seed=3)
+    case["model_output"] = case["model_output"] * 3
+    check_against_reference(backend, case, dtype, guidance_scale=3.0, clip_value=0.7)
+    scale = torch.tensor([1.0, 1.7, 2.5])
+    check_against_reference(backend, case, dtype, guidance_scale=3.0, dynamic_scale=scale)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_history_in_float32_for_half_latents(backend):
+    case = make_case((2, 4, 8, 8), torch.float16, 2, False, False, False, seed=5)
+    case["history"] = [h.float() for h in case["history"]]
+    check_against_reference(backend, case, torch.float16, history_dtype=torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_views_of_doubled_batch_and_non_contiguous(backend):
+    g = torch.Generator().manual_seed(7)
+    sample = torch.randn(2, 4, 6, 5, generator=g)
+    doubled = torch.randn(4, 4, 6, 5, generator=g)  # [uncond; cond] from one batched forward
+    transposed = torch.randn(2, 4, 5, 6, generator=g).transpose(2, 3)  # not sample-major
+    coefs = random_coefs(g)
+    got = ops.solver_step(sample, doubled[:2], coefs, cond=doubled[2:], guidance_scale=7.0,
+                          history=[transposed], backend=backend).sample
+    exp = ops.solver_step(sample, doubled[:2].clone(), coefs, cond=doubled[2:].clone(), guidance_scale=7.0,
+                          history=[transposed.contiguous()], backend="reference").sample
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_large_multithreaded_cpu():
+    # Above the per-thread threshold of the CPU launcher, so its parallel path runs.
+    with_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        case = make_case((2, 4, 128, 129), torch.float32, 2, True, True, True, seed=11)
+        check_against_reference("cpu", case, torch.float32, guidance_scale=1.5)
+    finally:
+        torch.set_num_threads(with_threads)
+
+
+def test_automatic_choice_is_cpu_kernel():
+    assert kdfast.backends.op("solver_step").select("cpu").backend == "cpu"
+
+
+def test_empty_batch():
+    x = torch.empty(0, 4, 8, 8)
+    out = ops.solver_step(x, x.clone(), torch.zeros(29)).sample
+    assert out.shape == x.shape
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def good():
+    x = torch.randn(2, 4, 8, 8)
+    return x, torch.randn_like(x), torch.zeros(29)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cond=torch.randn(2, 4, 8, 7)), ValueError, "cond must have the shape"),
+    (dict(history=[torch.randn(1, 4, 8, 8)]), ValueError, r"history\[0\] must have the shape"),
+    (dict(history=[torch.randn(2, 4, 8, 8)] * 4), ValueError, "at most 3"),
+    (dict(noise=torch.randn(2, 4, 8, 8, dtype=torch.float64)), TypeError, "noise must be float32"),
+    (dict(aux=torch.randn(2, 4, 8, 8, device="meta")), ValueError, "aux must be on cpu"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
+    (dict(clip_value=float("inf")), ValueError, "clip_value must be a finite"),
+    (dict(clip_value=1.0, dynamic_scale=torch.ones(2)), ValueError, "not both"),
+    (dict(dynamic_scale=torch.ones(3)), ValueError, r"dynamic_scale must be a float32 tensor of shape \(2,\)"),
+    (dict(history_dtype=torch.int32), TypeError, "history_dtype"),
+])
+def test_bad_input_names_the_argument(good, kwargs, exc, match):
+    x, m, c = good
+    with pytest.raises(exc, match=match):
+        ops.solver_step(x, m, c, **kwargs)
+
+
+def test_bad_core_arguments(good):
+    x, m, c = good
+    with pytest.raises(ValueError, match="model_output must have the shape"):
+        ops.solver_step(x, m[:1], c)
+    with pytest.raises(TypeError, match="sample must be float32"):
+        ops.solver_step(x.long(), m, c)
+    with pytest.raises(ValueError, match="coefs must be a CPU float32 tensor of 29"):
+        ops.solver_step(x, m, torch.zeros(28))
+    with pytest.raises(ValueError, match="coefs must be a CPU float32 tensor of 29"):
+        ops.solver_step(x, m, torch.zeros(29, dtype=torch.float64))
+    with pytest.raises(ValueError, match="unknown source"):
+        ops.coefficients(1.0, 0.0, sample={"eps": 1.0})
+
+
+def test_forced_backend_that_cannot_serve_explains(good, monkeypatch):
+    x, m, c = good
+    with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA tensors"):
+        ops.solver_step(x, m, c, backend="cuda")
+    monkeypatch.setenv("KDFAST_BACKEND", "nonsense")
+    with pytest.raises(BackendUnavailableError, match="unknown backend 'nonsense'"):
+        ops.solver_step(x, m, c)
+
+
+def test_kdfast_backend_env_forces_reference(good, monkeypatch):
+    x, m, c = good
+    monkeypatch.setenv("KDFAST_BACKEND", "reference")
+    assert kdfast.backends.op("solver_step").select("cpu").backend == "reference"
+
+
+# --------------------------------------------------------------------------- torch integration
+
+
+def test_opcheck_solver_step():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=g)
+    args = (x, torch.randn_like(x), random_coefs(g), torch.randn_like(x), 3.0, torch.randn_like(x), None, None,
+            torch.randn_like(x), torch.randn_like(x), 1, 0.8, None, 7, torch.float32)
+    torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
+
+
+def test_opcheck_threshold_scale():
+    x = torch.randn(3, 50)
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0))
+
+
+def test_autograd_matches_reference():
+    g = torch.Generator().manual_seed(1)
+    case = make_case((2, 3, 4), torch.float32, 2, True, True, True, seed=2)
+    leaves = {k: v.clone().requires_grad_(True) for k, v in case.items() if isinstance(v, torch.Tensor) and k != "coefs"}
+    hist = [h.clone().requires_grad_(True) for h in case["history"]]
+    res = ops.solver_step(leaves["sample"], leaves["model_output"], case["coefs"], cond=leaves["cond"],
+                          guidance_scale=2.0, history=hist, aux=leaves["aux"], noise=leaves["noise"],
+                          clip_value=0.5, write_history=True)
+    w0, w1 = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
+    ((res.sample * w0).sum() + (res.history * w1).sum()).backward()
+    exp_leaves = [t.detach().clone().requires_grad_(True) for t in
+                  (case["sample"], case["model_output"], case["cond"], *case["history"], case["aux"], case["noise"])]
+    s, mo, co, h0, h1, a, n = exp_leaves
+    outs = ref.solver_step([s, mo, co, h0, h1, None, a, n], case["coefs"], 2.0, 1, 0.5)
+    ((outs[0] * w0).sum() + (outs[1] * w1).sum()).backward()
+    got = [leaves["sample"], leaves["model_output"], leaves["cond"], *hist, leaves["aux"], leaves["noise"]]
+    for gt, ex in zip(got, exp_leaves):
+        torch.testing.assert_close(gt.grad, ex.grad)
+
+
+def test_torch_compile_fullgraph():
+    x = torch.randn(2, 4, 4)
+    m = torch.randn_like(x)
+    c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.5, "x0": 0.5}), dtype=torch.float32)
+
+    def f(x, m):
+        return ops.solver_step(x, m, c, guidance_scale=1.0).sample * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, m), f(x, m))
+
+
+def test_step_path_has_no_tensor_to_python_conversions(monkeypatch, good):
+    x, m, c = good
+    dyn = ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=2.0)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host conversion on the step path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for backend in [None, *BACKENDS, "reference"]:
+        if backend == "triton":
+            continue  # the interpreter itself converts; on a GPU the sync-debug test covers it
+        ops.solver_step(x, m, c, cond=m, guidance_scale=2.0, history=[x], dynamic_scale=dyn,
+                        write_history=True, backend=backend)
+        ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=2.0, backend=backend)
+
+
+# --------------------------------------------------------------------------- threshold scale
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,ratio", [((1, 1), 0.995), ((3, 4, 8, 8), 0.995), ((2, 1031), 0.5), ((2, 7), 1.0), ((2, 7), 0.0)])
+def test_threshold_scale_matches_quantile(backend, dtype, shape, ratio):
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    m = torch.randn(shape, generator=g).to(dtype)
+    cond = torch.randn(shape, generator=g).to(dtype)
+    got = ops.threshold_scale(x, m, 0.8, -0.3, cond=cond, guidance_scale=2.0, ratio=ratio, max_value=4.0, backend=backend)
+    exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, 4.0, compute_dtype=torch.float64)
+    assert got.dtype == torch.float32 and got.shape == (shape[0],)
+    torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
+
+
+def test_threshold_scale_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="ratio must be in"):
+        ops.threshold_scale(x, x, 1.0, 0.0, ratio=1.5)
+    with pytest.raises(ValueError, match="model_output must have the shape"):
+        ops.threshold_scale(x, x[:, :4], 1.0, 0.0)
+    with pytest.raises(ValueError, match="at least one element"):
+        ops.threshold_scale(torch.empty(2, 0), torch.empty(2, 0), 1.0, 0.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_zero_coefficient_drops_an_inf_source(backend):
+    x = torch.randn(2, 8)
+    noise = torch.full_like(x, float("inf"))
+    c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x": 2.0}), dtype=torch.float32)
+    out = ops.solver_step(x, torch.randn_like(x), c, noise=noise, backend=backend).sample
+    torch.testing.assert_close(out, 2 * x)
