@@ -5,6 +5,6 @@ Pillars: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
 """
 __version__ = "0.1.0"
 
-from . import backends, ops, reference  # noqa: E402  (ops registers the torch.library ops)
+from . import backends, ops, reference, schedulers  # noqa: E402  (ops registers the torch.library ops)
 
-__all__ = ["__version__", "backends", "ops", "reference"]
+__all__ = ["__version__", "backends", "ops", "reference", "schedulers"]

@@ -1,0 +1,135 @@
+"""Noise schedules and sigma spacings shared by every scheduler (diffusers' definitions).
+
+The training noise schedule (betas, cumulative alphas) is computed in float32 as diffusers
+does, because it *is* the model's schedule; everything derived from it for sampling is
+float64 on the host.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+def check_choice(name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
+
+
+def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
+    """Cosine schedule (``squaredcos_cap_v2``) of Nichol & Dhariwal."""
+
+    def alpha_bar(t: float) -> float:
+        return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+    betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
+    return torch.tensor(betas, dtype=torch.float32)
+
+
+def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Rescale betas to zero terminal SNR (Lin et al. 2023, Algorithm 1)."""
+    sqrt_ab = torch.cumprod(1.0 - betas, dim=0).sqrt()
+    first, last = sqrt_ab[0].clone(), sqrt_ab[-1].clone()
+    sqrt_ab = (sqrt_ab - last) * (first / (first - last))
+    ab = sqrt_ab**2
+    alphas = torch.cat([ab[0:1], ab[1:] / ab[:-1]])
+    return 1 - alphas
+
+
+def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+               trained_betas=None, rescale_betas_zero_snr: bool = False) -> torch.Tensor:
+    if trained_betas is not None:
+        betas = torch.tensor(trained_betas, dtype=torch.float32)
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    elif beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "squaredcos_cap_v2":
+        betas = betas_for_alpha_bar(num_train_timesteps)
+    else:
+        check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    return betas
+
+
+def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
+    """Fractional training timestep of each sigma, interpolating in log-sigma."""
+    sigma = np.asarray(sigma)
+    log_sigma = np.log(np.maximum(sigma, 1e-10))
+    dists = log_sigma - log_sigmas[:, np.newaxis]
+    low_idx = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+    high_idx = low_idx + 1
+    low, high = log_sigmas[low_idx], log_sigmas[high_idx]
+    w = np.clip((low - log_sigma) / (low - high), 0, 1)
+    return ((1 - w) * low_idx + w * high_idx).reshape(sigma.shape)
+
+
+def karras_sigmas(sigma_min: float, sigma_max: float, n: int, rho: float = 7.0) -> np.ndarray:
+    ramp = np.linspace(0, 1, n)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    return (hi + ramp * (lo - hi)) ** rho
+
+
+def exponential_sigmas(sigma_min: float, sigma_max: float, n: int) -> np.ndarray:
+    return np.exp(np.linspace(math.log(sigma_max), math.log(sigma_min), n))
+
+
+def beta_sigmas(sigma_min: float, sigma_max: float, n: int, alpha: float = 0.6, beta: float = 0.6) -> np.ndarray:
+    """Beta-distribution spacing (Lee et al. 2024); needs scipy."""
+    try:
+        import scipy.stats
+    except ImportError as exc:  # pragma: no cover - scipy is a test dependency
+        raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from exc
+    ppf = [scipy.stats.beta.ppf(t, alpha, beta) for t in 1 - np.linspace(0, 1, n)]
+    return np.array([sigma_min + p * (sigma_max - sigma_min) for p in ppf])
+
+
+def lu_lambdas(lambda_min: float, lambda_max: float, n: int) -> np.ndarray:
+    """Uniform log-SNR spacing (Lu et al., DPM-Solver)."""
+    ramp = np.linspace(0, 1, n)
+    return lambda_max + ramp * (lambda_min - lambda_max)
+
+
+def sigma_range(config, in_sigmas: np.ndarray) -> Tuple[float, float]:
+    """(sigma_min, sigma_max): the config's when it sets them, else the schedule's ends."""
+    lo = config.get("sigma_min") if hasattr(config, "get") else None
+    hi = config.get("sigma_max") if hasattr(config, "get") else None
+    return (float(in_sigmas[-1]) if lo is None else lo, float(in_sigmas[0]) if hi is None else hi)
+
+
+def alpha_sigma(sigma: float, flow: bool = False) -> Tuple[float, float]:
+    """(alpha_t, sigma_t) of the VP (or flow-matching) process at noise level ``sigma``."""
+    if flow:
+        return 1.0 - sigma, sigma
+    alpha = 1.0 / math.sqrt(sigma * sigma + 1.0)
+    return alpha, sigma * alpha
+
+
+def x0_coefficients(prediction_type: str, alpha_t: float, sigma_t: float) -> Tuple[float, float]:
+    """(c_x, c_m) with x0 = c_x * x + c_m * model_output, for x_t = alpha_t x0 + sigma_t eps."""
+    if prediction_type == "epsilon":
+        return 1.0 / alpha_t, -sigma_t / alpha_t
+    if prediction_type == "sample":
+        return 0.0, 1.0
+    if prediction_type == "v_prediction":
+        return alpha_t, -sigma_t
+    if prediction_type == "flow_prediction":
+        return 1.0, -sigma_t
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    raise AssertionError
+
+
+def randn_like_diffusers(shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
+    """Noise drawn exactly as diffusers' ``randn_tensor`` draws it, for draw-for-draw parity."""
+    device = torch.device(device)
+    gen_device = generator.device if generator is not None else device
+    if gen_device.type == "cpu" and device.type != "cpu":
+        return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
+    return torch.randn(shape, generator=generator, device=device, dtype=dtype)

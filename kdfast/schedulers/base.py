@@ -1,0 +1,195 @@
+"""What every kdfast scheduler shares: config, step indexing without host syncs, the
+coefficient table, and the call into the fused solver_step op."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .. import ops
+from ._config import ConfigMixin
+from ._linear import Lin
+from ._schedule import randn_like_diffusers
+
+
+@dataclass
+class SchedulerOutput:
+    """Like diffusers' SchedulerOutput: ``.prev_sample``, ``out[0]`` and ``to_tuple()``."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: Optional[torch.Tensor] = None
+
+    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
+        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+
+    def __getitem__(self, i):
+        return self.to_tuple()[i]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """One step as the kernel runs it: x0 conversion, the three outputs, and what to read."""
+
+    x0: Tuple[float, float]
+    sample: Lin
+    history: Optional[Lin] = None
+    aux: Optional[Lin] = None
+
+    def row(self) -> List[float]:
+        return ops.coefficients(self.x0[0], self.x0[1], self.sample.terms,
+                                None if self.history is None else self.history.terms,
+                                None if self.aux is None else self.aux.terms)
+
+    def uses(self, source: str) -> bool:
+        return any(out is not None and out.terms.get(source, 0.0) != 0.0
+                   for out in (self.sample, self.history, self.aux))
+
+
+class CoefficientTable:
+    """Step plans packed once into a float32 table; ``row(key)`` is a ready CPU view."""
+
+    def __init__(self, plans: Dict[object, StepPlan]):
+        if not plans:
+            raise ValueError("a coefficient table needs at least one step")
+        self.plans = plans
+        keys = list(plans)
+        table = torch.tensor([plans[k].row() for k in keys], dtype=torch.float32).reshape(len(keys), -1)
+        self._rows = dict(zip(keys, table.unbind(0)))
+
+    def row(self, key) -> torch.Tensor:
+        return self._rows[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._rows
+
+
+class FusedScheduler(ConfigMixin):
+    """Base class of kdfast's diffusers drop-in schedulers.
+
+    Subclasses compute, in ``set_timesteps``, a :class:`StepPlan` for every step they may
+    take and keep them in a :class:`CoefficientTable`; ``step`` then only picks a row,
+    rotates the history list and makes one fused kernel call.
+    """
+
+    order = 1
+    init_noise_sigma = 1.0
+    _compatibles: Sequence[str] = ()
+
+    @property
+    def compatibles(self):
+        return list(self._compatibles)
+
+    # ---------------------------------------------------------------- step index
+
+    @property
+    def step_index(self) -> Optional[int]:
+        """The index of the step about to run (None before the first step)."""
+        return self._step_index
+
+    @property
+    def begin_index(self) -> Optional[int]:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Where the loop starts in ``timesteps`` (pipelines call this for img2img)."""
+        if int(begin_index) < 0:
+            raise ValueError(f"begin_index must be >= 0, got {begin_index}")
+        self._begin_index = int(begin_index)
+
+    def _require_timesteps(self) -> None:
+        if self.num_inference_steps is None:
+            raise ValueError("Number of inference steps is 'None': call set_timesteps(...) before step(...)")
+
+    def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
+        """Index of ``timestep`` in the schedule, as diffusers defines it.
+
+        No host sync when ``timestep`` is an element of ``self.timesteps`` (what pipelines pass:
+        iterating a tensor yields views, whose storage offset is the index) or a Python
+        number; otherwise the comparison reads the value back once.
+        """
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        if isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and schedule is self.timesteps:
+            if (timestep.device == schedule.device and timestep.numel() == 1
+                    and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()):
+                return (timestep.storage_offset() - schedule.storage_offset()) // max(1, schedule.stride(0))
+        value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+        if not matches:
+            return len(self._host_timesteps) - 1
+        # For img2img the first step may be a duplicate; diffusers takes the second match.
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)
+        else:
+            self._step_index = self._begin_index
+
+    def _set_host_timesteps(self, timesteps) -> None:
+        self._host_timesteps = [float(t) for t in timesteps]
+
+    # ---------------------------------------------------------------- fused call
+
+    @staticmethod
+    def _noise(noise: Optional[torch.Tensor], generator, like: torch.Tensor, dtype=torch.float32):
+        if noise is not None:
+            return noise
+        return randn_like_diffusers(like.shape, generator, like.device, dtype)
+
+    def _fused(self, key, sample: torch.Tensor, model_output: torch.Tensor, *,
+               cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+               history: Sequence[torch.Tensor] = (), aux: Optional[torch.Tensor] = None,
+               noise: Optional[torch.Tensor] = None, write_history: bool = False,
+               write_aux: bool = False, clip_value: Optional[float] = None,
+               dynamic: Optional[Tuple[float, float]] = None,
+               history_dtype: Optional[torch.dtype] = None) -> ops.StepResult:
+        """One kernel call for table entry ``key``; ``dynamic=(ratio, max_value)`` turns on
+        dynamic thresholding."""
+        row = self._table.row(key)
+        dynamic_scale = None
+        if dynamic is not None:
+            cx, cm = self._table.plans[key].x0
+            dynamic_scale = ops.threshold_scale(sample, model_output, cx, cm, cond=cond,
+                                                guidance_scale=guidance_scale, ratio=dynamic[0],
+                                                max_value=dynamic[1])
+        return ops.solver_step(sample, model_output, row, cond=cond, guidance_scale=guidance_scale,
+                               history=history, aux=aux, noise=noise, clip_value=clip_value,
+                               dynamic_scale=dynamic_scale, write_history=write_history,
+                               write_aux=write_aux, history_dtype=history_dtype)
+
+    # ---------------------------------------------------------------- common API
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
+             return_dict: bool = True, **kwargs):
+        """diffusers' ``step``: one fused kernel call, returns ``SchedulerOutput(prev_sample)``."""
+        out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
+        return out if return_dict else out.to_tuple()
+
+    def step_cfg(self, uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float, timestep,
+                 sample: torch.Tensor, generator: Optional[torch.Generator] = None,
+                 variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True, **kwargs):
+        """``step`` with classifier-free guidance fused into the same kernel:
+        ``model_output = uncond + guidance_scale * (cond - uncond)``. ``uncond`` and ``cond`` may
+        be the two halves of one batched forward (``out.chunk(2)``) without copies."""
+        self._check_step_inputs(cond, sample)
+        out = self._step(uncond, timestep, sample, cond, guidance_scale, generator, variance_noise, **kwargs)
+        return out if return_dict else out.to_tuple()
+
+    def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
+              **kwargs) -> SchedulerOutput:
+        raise NotImplementedError
+
+    def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        return sample
+
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
+            raise TypeError("model_output and sample must be torch.Tensor")
+        if model_output.shape != sample.shape:
+            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample "
+                             f"shape {tuple(sample.shape)}")

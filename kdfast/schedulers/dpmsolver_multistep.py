@@ -1,0 +1,353 @@
+"""DPM-Solver / DPM-Solver++ (1, 2M, 3M) and SDE-DPM-Solver++, as a diffusers drop-in."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+
+from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
+                        check_choice, exponential_sigmas, karras_sigmas, lu_lambdas, make_betas,
+                        sigma_range, sigma_to_t, x0_coefficients)
+from ._config import register_to_config
+from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+
+ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+
+
+def _log_snr(alpha: float, sigma: float) -> float:
+    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+
+
+class DPMSolverMultistepScheduler(FusedScheduler):
+    """Drop-in for ``diffusers.DPMSolverMultistepScheduler``: same arguments and config.
+
+    Each ``step`` is one fused kernel pass: model-output conversion, thresholding, the
+    multistep update and (for SDE variants) the noise term.
+    """
+
+    _diffusers_name = "DPMSolverMultistepScheduler"
+    _compatibles = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                    "HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                    "PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverSinglestepScheduler")
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "dpmsolver++",
+        solver_type: str = "midpoint",
+        lower_order_final: bool = True,
+        euler_at_final: bool = False,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_lu_lambdas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        final_sigmas_type: str = "zero",
+        lambda_min_clipped: float = -float("inf"),
+        variance_type: Optional[str] = None,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        rescale_betas_zero_snr: bool = False,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ):
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
+        if algorithm_type == "deis":
+            self.register_to_config(algorithm_type="dpmsolver++")
+        else:
+            check_choice("algorithm_type", algorithm_type, ALGORITHMS)
+        if solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
+        else:
+            check_choice("solver_type", solver_type, ("midpoint", "heun"))
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        if trained_betas is None:
+            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
+        if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
+            raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {algorithm_type}; "
+                             "use 'sigma_min'")
+        if prediction_type == "flow_prediction" and self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
+            raise ValueError("prediction_type 'flow_prediction' needs algorithm_type dpmsolver++ or sde-dpmsolver++")
+
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                      dtype=np.float32)[::-1].copy())
+        self._set_host_timesteps(self.timesteps.tolist())
+        self.model_outputs: List[Optional[torch.Tensor]] = [None] * solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+        self._table = None
+
+    @property
+    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
+        return 1
+
+    # ---------------------------------------------------------------- schedule
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu: Optional[float] = None,
+                      timesteps: Optional[List[int]] = None) -> None:
+        """Compute the timesteps and sigmas, and every step's kernel coefficients."""
+        cfg = self.config
+        if mu is not None:
+            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
+                raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
+            self.register_to_config(flow_shift=float(np.exp(mu)))
+            cfg = self.config
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("Must pass exactly one of num_inference_steps or timesteps.")
+        if num_inference_steps is not None and int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        if timesteps is not None and (cfg.use_karras_sigmas or cfg.use_lu_lambdas or cfg.use_exponential_sigmas
+                                      or cfg.use_beta_sigmas):
+            raise ValueError("Cannot pass timesteps together with karras/lu/exponential/beta sigmas.")
+
+        if timesteps is not None:
+            timesteps = np.array(timesteps).astype(np.int64)
+        else:
+            clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
+            last_timestep = cfg.num_train_timesteps - clipped_idx
+            n = num_inference_steps
+            if cfg.timestep_spacing == "linspace":
+                timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+            elif cfg.timestep_spacing == "leading":
+                ratio = last_timestep // (n + 1)
+                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
+                timesteps += cfg.steps_offset
+            else:
+                ratio = cfg.num_train_timesteps / n
+                timesteps = np.arange(last_timestep, 0, -ratio).round().copy().astype(np.int64) - 1
+
+        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        log_sigmas = np.log(sigmas)
+        n = num_inference_steps
+        if cfg.use_karras_sigmas:
+            flipped = np.flip(sigmas).copy()
+            sigmas = karras_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if cfg.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        elif cfg.use_lu_lambdas:
+            lambdas = np.flip(log_sigmas.copy())
+            sigmas = np.exp(lu_lambdas(float(lambdas[-1]), float(lambdas[0]), n))
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            if cfg.beta_schedule != "squaredcos_cap_v2":
+                timesteps = timesteps.round()
+        elif cfg.use_exponential_sigmas:
+            flipped = np.flip(sigmas).copy()
+            sigmas = exponential_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+        elif cfg.use_beta_sigmas:
+            flipped = np.flip(sigmas).copy()
+            sigmas = beta_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+        elif cfg.use_flow_sigmas:
+            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)
+            s = 1.0 - alphas
+            sigmas = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
+            timesteps = (sigmas * cfg.num_train_timesteps).copy()
+        else:
+            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
+
+        if cfg.final_sigmas_type == "sigma_min":
+            sigma_last = float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
+        else:
+            sigma_last = 0.0
+        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
+        self.sigmas = torch.from_numpy(sigmas)
+        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
+        self._set_host_timesteps(timesteps.tolist())
+        self.num_inference_steps = len(timesteps)
+        self.model_outputs = [None] * cfg.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+        self._table = CoefficientTable(self._plans(sigmas.astype(np.float64)))
+
+    def _plans(self, sigmas: np.ndarray):
+        plans = {}
+        for i in range(len(sigmas) - 1):
+            # Every order at every index: history injected from outside (diffusers tests do this)
+            # can ask for a higher order early, reading sigmas[i - k] with Python wrap-around.
+            for order in range(1, self.config.solver_order + 1):
+                plan = self._plan(sigmas, i, order)
+                if plan is not None:
+                    plans[(i, order)] = plan
+        return plans
+
+    def _plan(self, sigmas: np.ndarray, i: int, order: int) -> Optional[StepPlan]:
+        cfg = self.config
+        flow = cfg.use_flow_sigmas
+        a_s0, s_s0 = alpha_sigma(float(sigmas[i]), flow)
+        a_t, s_t = alpha_sigma(float(sigmas[i + 1]), flow)
+        x0 = x0_coefficients(cfg.prediction_type, a_s0, s_s0)
+        plus = cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
+        # The quantity a multistep solver keeps: x0 for ++ variants, epsilon otherwise.
+        if plus:
+            q = X0
+        elif cfg.thresholding:
+            q = (X - a_s0 * X0) / s_s0
+        elif cfg.prediction_type == "epsilon":
+            q = MODEL
+        elif cfg.prediction_type == "sample":
+            q = (X - a_s0 * MODEL) / s_s0
+        else:
+            q = a_s0 * MODEL + s_s0 * X
+        try:
+            lam = [_log_snr(*alpha_sigma(float(sigmas[i + 1 - k]), flow)) for k in range(order + 1)]
+            h = lam[0] - lam[1]
+            if order == 1:
+                D = [q]
+            elif order == 2:
+                r0 = (lam[1] - lam[2]) / h
+                D = [q, (1.0 / r0) * (q - H0)]
+            else:
+                r0, r1 = (lam[1] - lam[2]) / h, (lam[2] - lam[3]) / h
+                d10, d11 = (1.0 / r0) * (q - H0), (1.0 / r1) * (H0 - H1)
+                D = [q, d10 + (r0 / (r0 + r1)) * (d10 - d11), (1.0 / (r0 + r1)) * (d10 - d11)]
+            x_t = self._update(cfg.algorithm_type, cfg.solver_type, order, a_t, s_t, a_s0, s_s0, h, D)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return None  # a combination the step logic never selects (e.g. order 2 into sigma 0)
+        if not all(math.isfinite(v) for v in x_t.terms.values()):
+            return None
+        return StepPlan(x0=x0, sample=x_t, history=q)
+
+    @staticmethod
+    def _update(algorithm: str, solver_type: str, order: int, a_t, s_t, a_s0, s_s0, h, D) -> Lin:
+        em1 = math.expm1(-h) if math.isfinite(h) else -1.0  # exp(-h) - 1
+        ep1 = math.expm1(h) if math.isfinite(h) else math.inf  # exp(h) - 1
+        if algorithm == "dpmsolver++":
+            x = (s_t / s_s0) * X - (a_t * em1) * D[0]
+            if order == 2:
+                if solver_type == "midpoint":
+                    x = x - 0.5 * (a_t * em1) * D[1]
+                else:
+                    x = x + (a_t * (em1 / h + 1.0)) * D[1]
+            elif order == 3:
+                x = x + (a_t * (em1 / h + 1.0)) * D[1] - (a_t * ((em1 + h) / h**2 - 0.5)) * D[2]
+            return x
+        if algorithm == "dpmsolver":
+            x = (a_t / a_s0) * X - (s_t * ep1) * D[0]
+            if order == 2:
+                if solver_type == "midpoint":
+                    x = x - 0.5 * (s_t * ep1) * D[1]
+                else:
+                    x = x - (s_t * (ep1 / h - 1.0)) * D[1]
+            elif order == 3:
+                x = x - (s_t * (ep1 / h - 1.0)) * D[1] - (s_t * ((ep1 - h) / h**2 - 0.5)) * D[2]
+            return x
+        if algorithm == "sde-dpmsolver++":
+            e2 = -math.expm1(-2.0 * h) if math.isfinite(h) else 1.0  # 1 - exp(-2h)
+            decay = math.exp(-h) if math.isfinite(h) else 0.0
+            x = (s_t / s_s0 * decay) * X + (a_t * e2) * D[0] + s_t * math.sqrt(e2) * NOISE
+            if order == 2:
+                if solver_type == "midpoint":
+                    x = x + 0.5 * (a_t * e2) * D[1]
+                else:
+                    x = x + (a_t * (e2 / (-2.0 * h) + 1.0)) * D[1]
+            elif order == 3:
+                x = x + (a_t * (e2 / (-2.0 * h) + 1.0)) * D[1] + (a_t * ((e2 - 2.0 * h) / (2.0 * h) ** 2 - 0.5)) * D[2]
+            return x
+        # sde-dpmsolver
+        x = (a_t / a_s0) * X - 2.0 * (s_t * ep1) * D[0] + s_t * math.sqrt(math.expm1(2 * h)) * NOISE
+        if order == 2:
+            if solver_type == "midpoint":
+                x = x - (s_t * ep1) * D[1]
+            else:
+                x = x - 2.0 * (s_t * (ep1 / h - 1.0)) * D[1]
+        elif order == 3:
+            raise ValueError("third order is not defined for sde-dpmsolver")
+        return x
+
+    # ---------------------------------------------------------------- step
+
+    def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
+              **kwargs) -> SchedulerOutput:
+        self._require_timesteps()
+        cfg = self.config
+        if cfg.variance_type in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
+            model_output = model_output[:, :3]
+            cond = None if cond is None else cond[:, :3]
+        self._check_step_inputs(model_output, sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i, n = self._step_index, len(self._host_timesteps)
+        if i >= n:
+            raise IndexError(f"step {i} is past the end of the {n}-step schedule; call set_timesteps again")
+        lower_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                            or cfg.final_sigmas_type == "zero")
+        lower_order_second = i == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            order = 1
+        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            order = 2
+        else:
+            order = 3
+        history = [self.model_outputs[-1 - k] for k in range(order - 1)]
+        noise = None
+        if cfg.algorithm_type.startswith("sde"):
+            noise = self._noise(variance_noise, generator, model_output)
+        result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
+                             history=history, noise=noise, write_history=True,
+                             dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
+                             history_dtype=model_output.dtype)
+        for k in range(cfg.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+        self.model_outputs[-1] = result.history
+        if self.lower_order_nums < cfg.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=result.sample)
+
+    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+        """The solver's quantity (x0 for ++ variants, else epsilon) at the current step."""
+        if self._step_index is None:
+            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
+        return self._fused((self._step_index, 1), sample, model_output, write_history=True).history
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
+        else:
+            start = self._step_index if self._step_index is not None else self._begin_index
+            idx = [start] * timesteps.shape[0]
+        sigma = sigmas[idx].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        if self.config.use_flow_sigmas:
+            alpha_t, sigma_t = 1 - sigma, sigma
+        else:
+            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+            sigma_t = sigma * alpha_t
+        return alpha_t * original_samples + sigma_t * noise
