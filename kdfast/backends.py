@@ -64,7 +64,9 @@ def backend_reason(backend: str, device_type: str) -> Optional[str]:
         return reason
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
         return "triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1)"
-    if device_type not in ("cpu", "cuda"):
+    if device_type == "cuda":
+        return _cuda_device_reason()
+    if device_type != "cpu":
         return f"triton backend does not handle {device_type} tensors"
     return None
 

@@ -1,0 +1,186 @@
+"""Fused solver steps against diffusers' schedulers, measured side by side in one run.
+
+For each solver and latent shape: host time per step (the step call alone, model output
+given), full 20-step loop time (set_timesteps included), and full-latent bytes moved per
+step against the lower bound. diffusers' traffic is counted from the profiler: every aten
+op touching latent-sized tensors reads its latent-sized inputs and writes one latent.
+
+    python benchmarks/bench_solvers.py            # all shapes
+    python benchmarks/bench_solvers.py --quick    # SD-sized latent only, fewer repeats
+Writes JSON rows to benchmarks/results/bench_solvers.json.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+import kdfast
+from kdfast import schedulers as kd
+
+SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "sd-2x4x128x128": (2, 4, 128, 128), "video-1x16x4x64x64": (1, 16, 4, 64, 64)}
+STEPS = 20
+
+# (name, kdfast class name, diffusers class name, config)
+SOLVERS = [
+    ("dpmpp_2m", "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {}),
+    ("dpmpp_3m", "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {"solver_order": 3}),
+    ("sde_dpmpp_2m", "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    ("unipc_bh2", "UniPCMultistepScheduler", "UniPCMultistepScheduler", {}),
+    ("deis_3", "DEISMultistepScheduler", "DEISMultistepScheduler", {}),
+    ("ddim", "DDIMScheduler", "DDIMScheduler", {}),
+    ("euler", "EulerDiscreteScheduler", "EulerDiscreteScheduler", {}),
+    ("euler_a", "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteScheduler", {}),
+    ("heun", "HeunDiscreteScheduler", "HeunDiscreteScheduler", {}),
+    ("lcm", "LCMScheduler", "LCMScheduler", {}),
+]
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def quartiles(samples: List[float]) -> Dict[str, float]:
+    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return {"median": statistics.median(samples), "q1": q[0], "q3": q[2]}
+
+
+def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
+    """Seconds for one pass over the schedule (model outputs precomputed)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    if not set_each_time:
+        scheduler.set_timesteps(STEPS, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    if set_each_time:
+        scheduler.set_timesteps(STEPS, device=device)
+    sample = x
+    for t, out in zip(scheduler.timesteps, outputs):
+        sample = scheduler.step(out, t, sample, generator=gen).prev_sample
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def measure(make: Callable, x, outputs, device, repeats: int):
+    sched = make()
+    time_loop(sched, x, outputs, device, True)  # warm-up
+    per_step = [time_loop(sched, x, outputs, device, False) / len(sched.timesteps) * 1e6 for _ in range(repeats)]
+    loop = [time_loop(sched, x, outputs, device, True) * 1e3 for _ in range(repeats)]
+    return quartiles(per_step), quartiles(loop), len(sched.timesteps)
+
+
+def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
+    """Full-latent bytes per step seen by the profiler (each latent-sized aten op: inputs + 1 output)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = make()
+    sched.set_timesteps(STEPS, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape = list(x.shape)
+    numel = x.numel()
+    saved_stderr = os.dup(2)  # the profiler library logs start/stop lines on fd 2
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+            sample = x
+            for t, out in zip(sched.timesteps, outputs):
+                sample = sched.step(out, t, sample, generator=gen).prev_sample
+    finally:
+        os.dup2(saved_stderr, 2)
+        os.close(devnull)
+        os.close(saved_stderr)
+    total = 0
+    for ev in prof.events():
+        if not ev.name.startswith("aten::") or ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
+            continue  # count top-level aten ops only
+        latent_inputs = [s for s in ev.input_shapes if isinstance(s, list) and s == shape]
+        if ev.name in ("aten::empty", "aten::empty_like", "aten::empty_strided", "aten::randn", "aten::normal_"):
+            latent_inputs = []
+        if latent_inputs:
+            total += (len(latent_inputs) + 1) * numel * x.element_size()
+    return total / len(sched.timesteps)
+
+
+def kdfast_bytes_per_step(name: str, numel: int, itemsize: int) -> Dict[str, float]:
+    """What the fused kernel reads and writes, and the lower bound for the same step."""
+    reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
+             "euler": 2, "euler_a": 3, "heun": 3, "lcm": 3}[name]
+    writes = {"unipc_bh2": 3, "heun": 2}.get(name, 2 if name in ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "deis_3") else 1)
+    # The lower bound reads x, the model output, the history the formula needs (and the noise
+    # of SDE steps) once, and writes the new sample and the history entry once: exactly the
+    # fused kernel's traffic, so the ratio is 1.0 by construction; diffusers is compared to it.
+    return {"kdfast": (reads + writes) * numel * itemsize, "lower_bound": (reads + writes) * numel * itemsize}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--solvers", default=None, help="comma-separated subset")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_solvers.json"))
+    args = parser.parse_args()
+    try:
+        import diffusers
+    except ImportError:
+        raise SystemExit("bench_solvers compares against diffusers: pip install diffusers")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    repeats = 5 if args.quick else 15
+    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
+    wanted = set(args.solvers.split(",")) if args.solvers else None
+    rows = []
+    print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
+          f"{STEPS} steps")
+    print(f"{'solver':<14}{'shape':<22}{'kdfast us/step':>16}{'diffusers us/step':>19}{'speedup':>9}"
+          f"{'kd loop ms':>12}{'df loop ms':>12}{'df bytes/LB':>13}")
+    for shape_name, shape in shapes.items():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+        outputs = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) * 0.5 for _ in range(2 * STEPS)]
+        for name, kd_name, df_name, config in SOLVERS:
+            if wanted and name not in wanted:
+                continue
+            if not hasattr(kd, kd_name):
+                continue  # not implemented yet in this build
+            kd_make = lambda: getattr(kd, kd_name)(**config)  # noqa: E731
+            df_make = lambda: getattr(diffusers, df_name)(**config)  # noqa: E731
+            kd_step, kd_loop, n = measure(kd_make, x, outputs, device, repeats)
+            df_step, df_loop, _ = measure(df_make, x, outputs, device, repeats)
+            df_bytes = latent_bytes_per_step(df_make, x, outputs, device)
+            kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size())
+            row = {
+                "op": f"scheduler_step:{name}", "backend": kdfast.backends.op("solver_step").select(device.type).backend,
+                "shape": list(shape), "dtype": args.dtype, "device": device_name(device), "steps": n,
+                "us_per_step": kd_step, "anchor": f"diffusers {diffusers.__version__} {df_name}",
+                "anchor_us_per_step": df_step, "speedup_per_step": df_step["median"] / kd_step["median"],
+                "loop_ms": kd_loop, "anchor_loop_ms": df_loop, "speedup_loop": df_loop["median"] / kd_loop["median"],
+                "bytes_per_step": kd_bytes["kdfast"], "lower_bound_bytes": kd_bytes["lower_bound"],
+                "anchor_bytes_per_step": df_bytes, "anchor_bytes_ratio": df_bytes / kd_bytes["lower_bound"],
+                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+            }
+            rows.append(row)
+            print(f"{name:<14}{shape_name:<22}{kd_step['median']:>16.1f}{df_step['median']:>19.1f}"
+                  f"{row['speedup_per_step']:>8.1f}x{kd_loop['median']:>12.2f}{df_loop['median']:>12.2f}"
+                  f"{row['anchor_bytes_ratio']:>12.1f}x")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
