@@ -7,12 +7,18 @@ from types import ModuleType
 from typing import Optional, Tuple
 
 
+_SOURCE_TREE_HINT = ("; kdfast was imported from {path}: if that is the source tree, install the package "
+                     "(pip install .) and run from another directory")
+
+
 @functools.lru_cache(maxsize=None)
 def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
     try:
         return importlib.import_module(f"kdfast.{name}"), None
-    except ImportError as exc:  # not built, or built for another Python
-        return None, f"kdfast.{name} is not importable ({exc})"
+    except ImportError as exc:  # not built, built for another Python, or a source checkout
+        import kdfast
+
+        return None, f"kdfast.{name} is not importable ({exc})" + _SOURCE_TREE_HINT.format(path=kdfast.__path__[0])
 
 
 def cpu() -> Tuple[Optional[ModuleType], Optional[str]]:
@@ -35,4 +41,4 @@ def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
         import triton as _triton  # noqa: F401
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install triton"
-    return importlib.import_module("kdfast.kernels"), None
+    return _load("kernels")

@@ -16,8 +16,10 @@ def test_info_reports_builds_and_backend_reasons():
     assert "cuda backend runs on CUDA tensors" in text
 
 
-def test_python_dash_m_kdfast_info():
-    out = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, check=True)
+def test_python_dash_m_kdfast_info(tmp_path):
+    # From another directory: `python -m` puts the working directory first on sys.path.
+    out = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, check=True,
+                         cwd=tmp_path)
     assert "backends for cpu tensors" in out.stdout
 
 
