@@ -282,3 +282,64 @@ def test_zero_coefficient_drops_an_inf_source(backend):
     c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x": 2.0}), dtype=torch.float32)
     out = ops.solver_step(x, torch.randn_like(x), c, noise=noise, backend=backend).sample
     torch.testing.assert_close(out, 2 * x)
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES + [(2, 4, 128, 128)])
+def test_gpu_backends_match_reference(backend, dtype, shape):
+    if kdfast.backends.op("solver_step").reason(backend, "cuda"):
+        pytest.skip(kdfast.backends.op("solver_step").reason(backend, "cuda"))
+    case = make_case(shape, dtype, 2, True, True, True)
+    cuda_case = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "coefs" else
+                     [h.cuda() for h in v] if isinstance(v, list) else v) for k, v in case.items()}
+    res = ops.solver_step(cuda_case["sample"], cuda_case["model_output"], case["coefs"], cond=cuda_case["cond"],
+                          guidance_scale=3.0, history=cuda_case["history"], aux=cuda_case["aux"],
+                          noise=cuda_case["noise"], write_history=True, write_aux=True, clip_value=1.5,
+                          backend=backend)
+    r64 = reference_outputs(case, torch.float64, 3.0, 1, 1.5)
+    rlow = reference_outputs(case, dtype, 3.0, 1, 1.5)
+    for out, e64, elow in zip(res, r64, rlow):
+        assert_close_by_rule(out.cpu(), e64, elow.to(dtype), f"{backend} {dtype}")
+
+
+@pytest.mark.gpu
+def test_gpu_threshold_scale_matches_quantile():
+    x = torch.randn(3, 4, 64, 64, device="cuda") * 3
+    m = torch.randn_like(x)
+    got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
+    exp = ref.threshold_scale(x.double(), m.double(), None, 1.0, 0.8, -0.3, 0.995, 4.0, torch.float64)
+    torch.testing.assert_close(got.cpu(), exp.float().cpu(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph():
+    x = torch.randn(2, 4, 64, 64, device="cuda")
+    m, h = torch.randn_like(x), torch.randn_like(x)
+    c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.9, "x0": 0.1, "h0": 0.2}, history={"x0": 1.0}),
+                     dtype=torch.float32)
+    dyn = ops.threshold_scale(x, m, 1.0, -0.5, max_value=2.0)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        eager = ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn,
+                                write_history=True)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn, write_history=True)
+    torch.cuda.current_stream().wait_stream(stream)
+    with torch.cuda.graph(graph):
+        captured = ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn,
+                                   write_history=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured.sample, eager.sample)
+    torch.testing.assert_close(captured.history, eager.history)
