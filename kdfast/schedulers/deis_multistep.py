@@ -1,0 +1,282 @@
+"""DEIS (log-rho multistep exponential integrator, orders 1-3), as a diffusers drop-in."""
+from __future__ import annotations
+
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from ._config import register_to_config
+from ._linear import H0, H1, X, X0
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
+                        check_choice, exponential_sigmas, karras_sigmas, make_betas, sigma_range, sigma_to_t,
+                        x0_coefficients)
+from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+from .unipc_multistep import _spaced_timesteps
+
+
+def _lagrange1(t: float, b: float, c: float) -> float:
+    """Antiderivative in rho of the order-2 Lagrange basis polynomial in log(rho) that is 1 at b, 0 at c."""
+    lt, lb, lc = math.log(t), math.log(b), math.log(c)
+    return t * (lt - lc - 1.0) / (lb - lc)
+
+
+def _lagrange2(t: float, b: float, c: float, d: float) -> float:
+    """Antiderivative in rho of the order-3 Lagrange basis polynomial in log(rho): 1 at b, 0 at c and d."""
+    lt, lb, lc, ld = math.log(t), math.log(b), math.log(c), math.log(d)
+    return t * (lc * (ld - lt + 1.0) - ld * lt + ld + lt * lt - 2.0 * lt + 2.0) / ((lb - lc) * (lb - ld))
+
+
+class DEISMultistepScheduler(FusedScheduler):
+    """Drop-in for ``diffusers.DEISMultistepScheduler``: same arguments and config.
+
+    Each ``step`` is one fused kernel pass: model-output conversion (to x0, thresholding, back
+    to epsilon as diffusers does), the multistep log-rho update, and the history entry.
+    """
+
+    _diffusers_name = "DEISMultistepScheduler"
+    _compatibles = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+                    "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
+                    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
+                    "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
+                    "DPMSolverSDEScheduler", "EDMEulerScheduler")
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        solver_order: int = 2,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        sample_max_value: float = 1.0,
+        algorithm_type: str = "deis",
+        solver_type: str = "logrho",
+        lower_order_final: bool = True,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        use_flow_sigmas: bool = False,
+        flow_shift: float = 1.0,
+        timestep_spacing: str = "linspace",
+        steps_offset: int = 0,
+        use_dynamic_shifting: bool = False,
+        time_shift_type: str = "exponential",
+    ):
+        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
+            raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
+        if algorithm_type in ("dpmsolver", "dpmsolver++"):  # other solvers' names, mapped as diffusers does
+            self.register_to_config(algorithm_type="deis")
+        else:
+            check_choice("algorithm_type", algorithm_type, ("deis",))
+        if solver_type in ("midpoint", "heun", "bh1", "bh2"):
+            self.register_to_config(solver_type="logrho")
+        else:
+            check_choice("solver_type", solver_type, ("logrho",))
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        if trained_betas is None:
+            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        if solver_order not in (1, 2, 3):
+            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
+
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                      dtype=np.float32)[::-1].copy())
+        self._set_host_timesteps(self.timesteps.tolist())
+        self.model_outputs: List[Optional[torch.Tensor]] = [None] * solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+        self._table = None
+
+    @property
+    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
+        return 1
+
+    # ---------------------------------------------------------------- schedule
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None, mu: Optional[float] = None) -> None:
+        """Compute the timesteps and sigmas, and every step's kernel coefficients."""
+        cfg = self.config
+        if mu is not None:
+            if not (cfg.use_dynamic_shifting and cfg.time_shift_type == "exponential"):
+                raise ValueError("mu needs use_dynamic_shifting=True and time_shift_type='exponential'")
+            # diffusers overwrites its config's flow_shift with e^mu here; so does kdfast.
+            self.register_to_config(flow_shift=float(np.exp(mu)))
+            cfg = self.config
+        if num_inference_steps is None or int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        n = int(num_inference_steps)
+        N = cfg.num_train_timesteps
+        timesteps = _spaced_timesteps(cfg.timestep_spacing, N, n, cfg.steps_offset)
+
+        train = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        log_sigmas = np.log(train)
+        flipped = np.flip(train).copy()
+        if cfg.use_karras_sigmas:
+            sig = karras_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig]).round()
+            sig = np.concatenate([sig, sig[-1:]])
+        elif cfg.use_exponential_sigmas:
+            sig = exponential_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig])
+            sig = np.concatenate([sig, sig[-1:]])
+        elif cfg.use_beta_sigmas:
+            sig = beta_sigmas(*sigma_range({}, flipped), n)
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig])
+            sig = np.concatenate([sig, sig[-1:]])
+        elif cfg.use_flow_sigmas:
+            s = 1.0 - np.linspace(1, 1 / N, n + 1)
+            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
+            timesteps = (sig * N).copy()
+            sig = np.concatenate([sig, sig[-1:]])
+        else:
+            sig = np.interp(timesteps, np.arange(0, len(train)), train)
+            sig = np.concatenate([sig, [float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)]])
+        sig = sig.astype(np.float32)
+
+        self.sigmas = torch.from_numpy(sig)
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self._set_host_timesteps(self.timesteps.tolist())
+        self.num_inference_steps = len(self._host_timesteps)
+        self.model_outputs = [None] * cfg.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+        self._table = CoefficientTable(self._plans([float(s) for s in sig]))
+
+    # ---------------------------------------------------------------- coefficients
+
+    def _plans(self, sigmas: List[float]) -> Dict[Tuple[int, int], StepPlan]:
+        plans = {}
+        for i in range(len(sigmas) - 1):
+            # Every order at every index: history injected from outside can ask for a higher
+            # order early, reading sigmas[i - k] with Python wrap-around (as diffusers does).
+            for order in range(1, self.config.solver_order + 1):
+                plan = self._plan(sigmas, i, order)
+                if plan is not None:
+                    plans[(i, order)] = plan
+        return plans
+
+    def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
+        cfg = self.config
+        flow = cfg.use_flow_sigmas
+        try:
+            a_t, s_t = alpha_sigma(sigmas[i + 1], flow)
+            a_0, s_0 = alpha_sigma(sigmas[i], flow)
+            if cfg.prediction_type == "flow_prediction":
+                x0 = (1.0, -sigmas[i])  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
+            else:
+                x0 = x0_coefficients(cfg.prediction_type, a_0, s_0)
+            # DEIS keeps epsilon, recomputed from the (thresholded) x0 like diffusers.
+            eps = (X - a_0 * X0) / s_0
+            if order == 1:  # = DDIM
+                h = (math.log(a_t) - math.log(s_t)) - (math.log(a_0) - math.log(s_0))
+                x_t = (a_t / a_0) * X - (s_t * math.expm1(h)) * eps
+            else:
+                rho = [s / a for a, s in (alpha_sigma(sigmas[i + 1 - k], flow) for k in range(order + 1))]
+                r_t, r0, r1 = rho[0], rho[1], rho[2]
+                if order == 2:
+                    c0 = _lagrange1(r_t, r0, r1) - _lagrange1(r0, r0, r1)
+                    c1 = _lagrange1(r_t, r1, r0) - _lagrange1(r0, r1, r0)
+                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * H0
+                else:
+                    r2 = rho[3]
+                    c0 = _lagrange2(r_t, r0, r1, r2) - _lagrange2(r0, r0, r1, r2)
+                    c1 = _lagrange2(r_t, r1, r2, r0) - _lagrange2(r0, r1, r2, r0)
+                    c2 = _lagrange2(r_t, r2, r0, r1) - _lagrange2(r0, r2, r0, r1)
+                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * H0 + (a_t * c2) * H1
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return None  # a combination the step logic never selects
+        if not all(math.isfinite(v) for v in x_t.terms.values()):
+            return None
+        return StepPlan(x0=x0, sample=x_t, history=eps)
+
+    # ---------------------------------------------------------------- step
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator: Optional[torch.Generator] = None, **kwargs):
+        """diffusers' ``step`` (same positional order): one fused kernel pass. ``generator`` is
+        accepted and unused (DEIS is deterministic)."""
+        out = self._step(model_output, timestep, sample, None, 1.0, generator, None, **kwargs)
+        return out if return_dict else out.to_tuple()
+
+    def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
+              **kwargs) -> SchedulerOutput:
+        self._require_timesteps()
+        cfg = self.config
+        self._check_step_inputs(model_output, sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i, n = self._step_index, len(self._host_timesteps)
+        if i >= n:
+            raise IndexError(f"step {i} is past the end of the {n}-step schedule; call set_timesteps again")
+        lower_order_final = i == n - 1 and cfg.lower_order_final and n < 15
+        lower_order_second = i == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            order = 1
+        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            order = 2
+        else:
+            order = 3
+        if (i, order) not in self._table:
+            raise ValueError(f"no finite DEIS update of order {order} at step {i} (repeated sigmas?)")
+        history = [self.model_outputs[-1 - k] for k in range(order - 1)]
+        result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
+                             history=history, write_history=True,
+                             dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
+                             history_dtype=model_output.dtype)
+        for k in range(cfg.solver_order - 1):
+            self.model_outputs[k] = self.model_outputs[k + 1]
+        self.model_outputs[-1] = result.history
+        if self.lower_order_nums < cfg.solver_order:
+            self.lower_order_nums += 1
+        self._step_index += 1
+        return SchedulerOutput(prev_sample=result.sample)
+
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                             **kwargs) -> torch.Tensor:
+        """Epsilon recomputed from the (thresholded) data prediction at the current step."""
+        if sample is None:
+            if len(args) > 1:
+                sample = args[1]
+            else:
+                raise ValueError("missing `sample` as a required keyword argument")
+        if self._step_index is None:
+            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
+        cfg = self.config
+        return self._fused((self._step_index, 1), sample, model_output, write_history=True,
+                           dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+                           if cfg.thresholding else None).history
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
+        else:
+            start = self._step_index if self._step_index is not None else self._begin_index
+            idx = [start] * timesteps.shape[0]
+        sigma = sigmas[idx].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        if self.config.use_flow_sigmas:
+            alpha_t, sigma_t = 1 - sigma, sigma
+        else:
+            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+            sigma_t = sigma * alpha_t
+        return alpha_t * original_samples + sigma_t * noise
