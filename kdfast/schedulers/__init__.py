@@ -3,9 +3,17 @@
 ``pipe.scheduler = kdfast.schedulers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``
 """
 from .base import FusedScheduler, SchedulerOutput
+from .ddim import DDIMScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
+from .euler_discrete import EulerDiscreteScheduler
+from .heun_discrete import HeunDiscreteScheduler
+from .lcm import LCMScheduler
 from .unipc_multistep import UniPCMultistepScheduler
 
-__all__ = ["FusedScheduler", "SchedulerOutput", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-           "UniPCMultistepScheduler"]
+__all__ = [
+    "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler",
+    "UniPCMultistepScheduler",
+]

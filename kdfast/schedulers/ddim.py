@@ -1,0 +1,228 @@
+"""DDIM (Song et al. 2021), with eta noise, clipping / thresholding and CFG++, as a diffusers drop-in."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Union
+
+import numpy as np
+import torch
+
+from ._config import register_to_config
+from ._linear import MODEL, NOISE, UNCOND, X, X0
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, make_betas
+from .base import FusedScheduler, SchedulerOutput, StepPlan
+from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
+
+
+def _sqrt(v: float) -> float:
+    """sqrt that gives NaN for a negative argument, as the tensor math of diffusers does."""
+    return math.sqrt(v) if v >= 0 else math.nan
+
+
+def _div(a: float, b: float) -> float:
+    """a / b with IEEE results for b == 0 (diffusers divides tensors; inf / nan propagate)."""
+    if b != 0:
+        return a / b
+    return math.nan if a == 0 else math.copysign(math.inf, a)
+
+
+def timestep_value(scheduler: FusedScheduler, timestep) -> int:
+    """The integer value of ``timestep``, read without a host sync when it is an element of
+    ``scheduler.timesteps`` (what pipelines pass)."""
+    ts = scheduler.timesteps
+    if isinstance(timestep, torch.Tensor):
+        if (timestep.dim() == 0 and timestep.device == ts.device and ts.numel() > 0
+                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
+            idx = (timestep.storage_offset() - ts.storage_offset()) // max(1, ts.stride(0))
+            return int(scheduler._host_timesteps[idx])
+        if timestep.numel() != 1:
+            raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
+        timestep = timestep.item()
+    value = float(timestep)
+    if not value.is_integer():
+        raise ValueError(f"timestep must be an integer training timestep, got {timestep}")
+    return int(value)
+
+
+class DDIMScheduler(FusedScheduler):
+    """Drop-in for ``diffusers.DDIMScheduler``: same arguments and config.
+
+    As in diffusers, ``step`` reads the timestep's *value* (any training timestep works, not
+    only the schedule's) and computes the previous timestep as ``t - T // num_inference_steps``.
+    Coefficients for the schedule's timesteps are computed in ``set_timesteps``; other values,
+    ``eta`` and ``use_clipped_model_output`` get theirs (float64, on the host) on first use.
+
+    ``step_cfg(..., cfg_pp=True)`` runs CFG++ (Chung et al. 2024): the renoising direction
+    uses the unguided model output, ``x_prev = sqrt(a_prev) x0_guided + sqrt(1 - a_prev) eps_uncond``
+    (plus the eta noise term), in the same single kernel pass.
+    """
+
+    _diffusers_name = "DDIMScheduler"
+    _compatibles = KARRAS_SCHEDULERS
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_start: float = 0.0001,
+        beta_end: float = 0.02,
+        beta_schedule: str = "linear",
+        trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
+        clip_sample: bool = True,
+        set_alpha_to_one: bool = True,
+        steps_offset: int = 0,
+        prediction_type: str = "epsilon",
+        thresholding: bool = False,
+        dynamic_thresholding_ratio: float = 0.995,
+        clip_sample_range: float = 1.0,
+        sample_max_value: float = 1.0,
+        timestep_spacing: str = "leading",
+        rescale_betas_zero_snr: bool = False,
+    ):
+        check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
+        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        if trained_betas is None:
+            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
+        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
+        self._host_alphas_cumprod = self.alphas_cumprod.tolist()
+        self._host_final = float(self.final_alpha_cumprod)
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
+        self._set_host_timesteps(self.timesteps.tolist())
+        self._step_index = None
+        self._begin_index = None
+        self._table = None
+
+    # ---------------------------------------------------------------- schedule
+
+    def set_timesteps(self, num_inference_steps: int, device=None) -> None:
+        """Compute the timesteps and the kernel coefficients of each."""
+        cfg = self.config
+        if num_inference_steps is None or int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        n = int(num_inference_steps)
+        T = cfg.num_train_timesteps
+        if n > T:
+            raise ValueError(f"`num_inference_steps`: {n} cannot be larger than `self.config.train_timesteps`: {T} "
+                             f"as the unet model trained with this scheduler can only handle maximal {T} timesteps.")
+        if cfg.timestep_spacing == "linspace":
+            timesteps = np.linspace(0, T - 1, n).round()[::-1].copy().astype(np.int64)
+        elif cfg.timestep_spacing == "leading":
+            ratio = T // n
+            timesteps = (np.arange(0, n) * ratio).round()[::-1].copy().astype(np.int64)
+            timesteps += cfg.steps_offset
+        else:
+            ratio = T / n
+            timesteps = np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
+        self.num_inference_steps = n
+        self.timesteps = torch.from_numpy(timesteps).to(device)
+        self._set_host_timesteps(timesteps.tolist())
+        self._table = _GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()})
+
+    @staticmethod
+    def _key(t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False):
+        return (t, eta, use_clipped, cfg_pp)
+
+    def _alpha_prod(self, t: int) -> float:
+        return self._host_alphas_cumprod[t]  # negative t wraps, as indexing the tensor does
+
+    def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> StepPlan:
+        cfg = self.config
+        prev_t = t - cfg.num_train_timesteps // self.num_inference_steps
+        a_t = self._alpha_prod(t)
+        a_prev = self._alpha_prod(prev_t) if prev_t >= 0 else self._host_final
+        b_t = 1.0 - a_t
+        sa, sb = math.sqrt(a_t), math.sqrt(b_t)
+        # m: the (guided) model output; for CFG++ the noise direction uses the unguided one
+        m_eps = UNCOND if cfg_pp else MODEL
+        if cfg.prediction_type == "epsilon":
+            x0 = (_div(1.0, sa), _div(-sb, sa))
+            eps = m_eps
+        elif cfg.prediction_type == "sample":
+            x0 = (0.0, 1.0)
+            eps = _div(1.0, sb) * X - _div(sa, sb) * m_eps
+        else:
+            x0 = (sa, -sb)
+            eps = sa * m_eps + sb * X
+        if use_clipped:  # epsilon re-derived from the clipped / thresholded x0
+            eps = _div(1.0, sb) * X - _div(sa, sb) * X0
+        variance = _div(1.0 - a_prev, b_t) * (1.0 - _div(a_t, a_prev))
+        std = eta * _sqrt(variance)
+        sample = math.sqrt(a_prev) * X0 + _sqrt(1.0 - a_prev - std * std) * eps
+        if eta > 0:
+            sample = sample + std * NOISE
+        return StepPlan(x0=x0, sample=sample, aux=X0)  # aux: pred_original_sample, written when asked for
+
+    # ---------------------------------------------------------------- step
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, eta: float = 0.0,
+             use_clipped_model_output: bool = False, generator: Optional[torch.Generator] = None,
+             variance_noise: Optional[torch.Tensor] = None, return_dict: bool = True,
+             return_pred_original_sample: bool = False):
+        """diffusers' ``step`` (same positional order): one fused kernel pass.
+
+        ``pred_original_sample`` (the clipped / thresholded x0) costs one more latent write, so
+        it is returned only with ``return_pred_original_sample=True`` (else None).
+        """
+        out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, eta=eta,
+                         use_clipped_model_output=use_clipped_model_output,
+                         return_pred_original_sample=return_pred_original_sample)
+        return out if return_dict else out.to_tuple()
+
+    def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
+              eta: float = 0.0, use_clipped_model_output: bool = False, cfg_pp: bool = False,
+              return_pred_original_sample: bool = False) -> SchedulerOutput:
+        self._require_timesteps()
+        self._check_step_inputs(model_output, sample)
+        eta, use_clipped, cfg_pp = float(eta), bool(use_clipped_model_output), bool(cfg_pp)
+        if not math.isfinite(eta):
+            raise ValueError(f"eta must be a finite number, got {eta}")
+        if cfg_pp and use_clipped:
+            raise ValueError("cfg_pp=True and use_clipped_model_output=True cannot be combined: CFG++ renoises "
+                             "with the unguided model output")
+        t = timestep_value(self, timestep)
+        T = self.config.num_train_timesteps
+        if not -T <= t < T:
+            raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
+        noise = None
+        if eta > 0:
+            if variance_noise is not None and generator is not None:
+                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                                 "`generator` or `variance_noise` stays `None`.")
+            noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
+        key = self._table.ensure(self._key(t, eta, use_clipped, cfg_pp),
+                                 lambda: self._plan(t, eta, use_clipped, cfg_pp))
+        cfg = self.config
+        clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
+        dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
+        result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
+                             write_aux=return_pred_original_sample,
+                             clip_value=clip, dynamic=dynamic)
+        return SchedulerOutput(prev_sample=result.sample, pred_original_sample=result.aux)
+
+    # ---------------------------------------------------------------- training-side helpers
+
+    def _sqrt_alphas(self, timesteps: torch.Tensor, like: torch.Tensor):
+        alphas_cumprod = self.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+        timesteps = timesteps.to(like.device)
+        a = alphas_cumprod[timesteps]
+        sa, sb = (a**0.5).flatten(), ((1 - a) ** 0.5).flatten()
+        while sa.dim() < like.dim():
+            sa, sb = sa.unsqueeze(-1), sb.unsqueeze(-1)
+        return sa, sb
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sa, sb = self._sqrt_alphas(timesteps, original_samples)
+        return sa * original_samples + sb * noise
+
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        sa, sb = self._sqrt_alphas(timesteps, sample)
+        return sa * noise - sb * sample

@@ -1,0 +1,258 @@
+import numpy as np
+import pytest
+import torch
+
+from kdfast.schedulers.ddim import DDIMScheduler
+from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop
+
+DF = diffusers.DDIMScheduler
+
+
+def with_step_kwargs(cls, **fixed):
+    """``cls`` whose step (and step_cfg) always get ``fixed`` keyword arguments (run_loop passes none)."""
+    body = {"step": lambda self, *a, **k: cls.step(self, *a, **{**fixed, **k})}
+    if hasattr(cls, "step_cfg"):
+        body["step_cfg"] = lambda self, *a, **k: cls.step_cfg(self, *a, **{**fixed, **k})
+    return type(cls.__name__, (cls,), body)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_parity_prediction_types_spacings_and_eta(prediction_type, spacing, eta):
+    config = dict(prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=1)
+    assert_parity(with_step_kwargs(DDIMScheduler, eta=eta), with_step_kwargs(DF, eta=eta), config, steps=20)
+
+
+@pytest.mark.parametrize("steps", [10, 50])
+@pytest.mark.parametrize("config", [
+    dict(clip_sample=False),
+    dict(clip_sample=True, clip_sample_range=0.5, prediction_type="v_prediction"),
+    dict(set_alpha_to_one=False, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(beta_schedule="squaredcos_cap_v2", timestep_spacing="linspace"),
+])
+def test_parity_configs(config, steps):
+    assert_parity(DDIMScheduler, DF, config, steps=steps)
+    assert_parity(with_step_kwargs(DDIMScheduler, eta=0.8), with_step_kwargs(DF, eta=0.8), config, steps=steps)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("use_clipped", [False, True])
+def test_parity_thresholding_and_clipped_model_output(prediction_type, use_clipped):
+    config = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5,
+                  prediction_type=prediction_type)
+    kw = dict(eta=0.3, use_clipped_model_output=use_clipped)
+    got, _ = assert_parity(with_step_kwargs(DDIMScheduler, **kw), with_step_kwargs(DF, **kw), config, steps=20)
+    if prediction_type == "epsilon":  # (the dummy model's direct x0 stays inside [-1, 1])
+        plain = run_loop(with_step_kwargs(DDIMScheduler, **kw)(prediction_type=prediction_type, clip_sample=False),
+                         20, initial_sample())
+        assert parity_error(got, plain) > 1e-3  # the thresholding did something
+    # clip_sample with the clipped model output re-deriving epsilon
+    kw = dict(use_clipped_model_output=use_clipped)
+    assert_parity(with_step_kwargs(DDIMScheduler, **kw), with_step_kwargs(DF, **kw),
+                  dict(clip_sample_range=0.8, prediction_type=prediction_type), steps=20)
+
+
+def test_step_reads_the_timestep_value_like_diffusers():
+    # DDIM's prev timestep is t - T // n whatever t is: any training timestep is a valid input
+    df, kd = DF(clip_sample=False), DDIMScheduler(clip_sample=False)
+    for s in (df, kd):
+        s.set_timesteps(25)
+    x, m = initial_sample(), initial_sample(seed=1)
+    for t in [537, 999, 0, 13, np.int64(700), torch.tensor(412), torch.tensor([388])[0], df.timesteps[4]]:
+        expected = df.step(m, t, x).prev_sample
+        got = kd.step(m, t, x).prev_sample
+        assert parity_error(got, expected) < 1e-6, t
+    for eta in (0.4, 1.0):  # eta on the fly, noise given
+        noise = initial_sample(seed=9)
+        expected = df.step(m, 611, x, eta=eta, variance_noise=noise).prev_sample
+        assert parity_error(kd.step(m, 611, x, eta=eta, variance_noise=noise).prev_sample, expected) < 1e-6
+    # a schedule element and its value give the same step
+    t = kd.timesteps[3]
+    torch.testing.assert_close(kd.step(m, t, x).prev_sample, kd.step(m, int(t), x).prev_sample, rtol=0, atol=0)
+
+
+def test_on_the_fly_coefficients_are_kept_and_bounded():
+    kd = DDIMScheduler()
+    kd.set_timesteps(10)
+    kd._table._limit = 4
+    x, m = initial_sample(), initial_sample(seed=1)
+    base = len(kd._table.plans)
+    for t in range(100, 110):
+        kd.step(m, t, x)
+    assert len(kd._table.plans) == base + 4
+    assert all(kd._key(int(t)) in kd._table for t in kd.timesteps)  # the schedule's own rows stay
+
+
+def test_eta_noise_generator_and_variance_noise():
+    x = initial_sample()
+    a = run_loop(with_step_kwargs(DDIMScheduler, eta=1.0)(), 10, x, seed=1)
+    b = run_loop(with_step_kwargs(DDIMScheduler, eta=1.0)(), 10, x, seed=2)
+    assert parity_error(a, b) > 1e-3
+    kd = DDIMScheduler()
+    kd.set_timesteps(10)
+    with pytest.raises(ValueError, match="Cannot pass both generator and variance_noise"):
+        kd.step(x, kd.timesteps[0], x, eta=0.5, generator=torch.Generator(), variance_noise=x)
+    # without eta neither is used (as in diffusers)
+    kd.step(x, kd.timesteps[0], x, generator=torch.Generator(), variance_noise=x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("config,eta", [(dict(prediction_type="epsilon"), 0.0),
+                                        (dict(prediction_type="v_prediction", clip_sample=False), 0.5),
+                                        (dict(thresholding=True, sample_max_value=2.0), 0.0)])
+def test_half_precision_keeps_dtype_and_matches(dtype, config, eta):
+    assert_parity(with_step_kwargs(DDIMScheduler, eta=eta), with_step_kwargs(DF, eta=eta), config, steps=20,
+                  dtype=dtype)
+
+
+@pytest.mark.parametrize("config,eta", [({}, 0.0), (dict(clip_sample=False), 0.7),
+                                        (dict(thresholding=True, sample_max_value=1.5), 0.0),
+                                        (dict(prediction_type="v_prediction"), 0.0)])
+def test_fused_guidance_matches_diffusers_guidance(config, eta):
+    assert_parity(with_step_kwargs(DDIMScheduler, eta=eta), with_step_kwargs(DF, eta=eta), config, steps=20,
+                  guidance_scale=2.0)
+
+
+def _cfg_pp_reference(scheduler, uncond, cond, scale, t, x, eta=0.0, noise=None):
+    """CFG++ DDIM in plain float64 torch: x0 from the guided output, renoising with the unguided one."""
+    cfg = scheduler.config
+    ac = scheduler.alphas_cumprod.double()
+    prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps
+    a_t = ac[t]
+    a_prev = ac[prev_t] if prev_t >= 0 else scheduler.final_alpha_cumprod.double()
+    x, u, c = x.double(), uncond.double(), cond.double()
+    g = u + scale * (c - u)
+
+    def x0_eps(m):
+        if cfg.prediction_type == "epsilon":
+            return (x - (1 - a_t).sqrt() * m) / a_t.sqrt(), m
+        if cfg.prediction_type == "sample":
+            return m, (x - a_t.sqrt() * m) / (1 - a_t).sqrt()
+        return a_t.sqrt() * x - (1 - a_t).sqrt() * m, a_t.sqrt() * m + (1 - a_t).sqrt() * x
+
+    x0, _ = x0_eps(g)
+    if cfg.clip_sample:
+        x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
+    _, eps_u = x0_eps(u)
+    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
+    out = a_prev.sqrt() * x0 + (1 - a_prev - std**2).sqrt() * eps_u
+    return out + std * noise.double() if eta > 0 else out
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("eta", [0.0, 0.6])
+def test_cfg_pp_matches_the_formula(prediction_type, eta):
+    kd = DDIMScheduler(prediction_type=prediction_type, clip_sample=prediction_type == "v_prediction")
+    kd.set_timesteps(10)
+    x = initial_sample()
+    for t in kd.timesteps[:4]:
+        u, c = dummy_cfg(x, t)
+        noise = initial_sample(seed=int(t))
+        got = kd.step_cfg(u, c, 3.0, t, x, eta=eta, variance_noise=noise if eta else None, cfg_pp=True).prev_sample
+        expected = _cfg_pp_reference(kd, u, c, 3.0, int(t), x, eta, noise)
+        assert parity_error(got, expected) < 1e-5
+        plain = kd.step_cfg(u, c, 3.0, t, x, eta=eta, variance_noise=noise if eta else None).prev_sample
+        assert parity_error(got, plain) > 1e-4  # CFG++ is a different update
+        x = got.float()
+    # without guidance, CFG++ is plain DDIM
+    u, _ = dummy_cfg(x, kd.timesteps[5])
+    t = kd.timesteps[5]
+    torch.testing.assert_close(kd.step_cfg(u, u, 3.0, t, x, cfg_pp=True).prev_sample, kd.step(u, t, x).prev_sample)
+
+
+def test_save_load_and_from_config_round_trip(tmp_path):
+    kd = DDIMScheduler(clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="trailing",
+                       beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    kd.save_pretrained(tmp_path)
+    again = DDIMScheduler.from_pretrained(tmp_path)
+    assert dict(again.config) == dict(kd.config)
+    df = DF.from_pretrained(tmp_path)
+    assert not df.config.clip_sample and not df.config.set_alpha_to_one and df.config.timestep_spacing == "trailing"
+    df.save_pretrained(tmp_path / "df")
+    back = DDIMScheduler.from_pretrained(tmp_path / "df")
+    assert back.config.steps_offset == 1 and back.config.beta_schedule == "scaled_linear"
+    x = initial_sample()
+    assert parity_error(run_loop(back, 10, x), run_loop(df, 10, x)) < 1e-5
+    euler = diffusers.EulerDiscreteScheduler(beta_schedule="scaled_linear", use_karras_sigmas=True)
+    assert DDIMScheduler.from_config(euler.config).config.beta_schedule == "scaled_linear"
+
+
+def test_add_noise_and_velocity_match():
+    df, kd = DF(), DDIMScheduler()
+    x, n = initial_sample(), initial_sample(seed=5)
+    t = torch.tensor([3, 500])
+    torch.testing.assert_close(kd.add_noise(x, n, t), df.add_noise(x, n, t))
+    torch.testing.assert_close(kd.get_velocity(x, n, t), df.get_velocity(x, n, t))
+
+
+def test_bad_config_values_are_named():
+    with pytest.raises(ValueError, match="prediction_type='flow_prediction'"):
+        DDIMScheduler(prediction_type="flow_prediction")
+    with pytest.raises(ValueError, match="timestep_spacing"):
+        DDIMScheduler(timestep_spacing="uniform")
+    with pytest.raises(ValueError, match="beta_schedule"):
+        DDIMScheduler(beta_schedule="cosine")
+    with pytest.raises(ValueError, match="dynamic_thresholding_ratio"):
+        DDIMScheduler(dynamic_thresholding_ratio=1.5)
+
+
+def test_bad_step_input():
+    kd = DDIMScheduler()
+    x = initial_sample()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        kd.step(x, 999, x)
+    with pytest.raises(ValueError, match="cannot be larger"):
+        kd.set_timesteps(1001)
+    with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
+        kd.set_timesteps(0)
+    kd.set_timesteps(5)
+    with pytest.raises(ValueError, match="does not match sample shape"):
+        kd.step(x[:1], kd.timesteps[0], x)
+    with pytest.raises(ValueError, match="guidance_scale must be a finite"):
+        kd.step_cfg(x, x, float("nan"), kd.timesteps[0], x)
+    with pytest.raises(ValueError, match="eta must be a finite"):
+        kd.step(x, kd.timesteps[0], x, eta=float("nan"))
+    with pytest.raises(ValueError, match="cfg_pp"):
+        kd.step_cfg(x, x, 2.0, kd.timesteps[0], x, cfg_pp=True, use_clipped_model_output=True)
+    with pytest.raises(ValueError, match="integer"):
+        kd.step(x, 500.5, x)
+    with pytest.raises(IndexError, match="outside the training schedule"):
+        kd.step(x, 1000, x)
+    with pytest.raises(TypeError):
+        kd.step(x, 999, x, s_churn=1.0)
+
+
+def test_timestep_lookup_needs_no_host_read(monkeypatch):
+    kd = DDIMScheduler(thresholding=True)
+    kd.set_timesteps(10)
+    x = initial_sample()
+    gen = torch.Generator().manual_seed(0)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host read on the step path")
+
+    for t in list(kd.timesteps):
+        u, c = dummy_cfg(x, t)
+        monkeypatch.setattr(torch.Tensor, "item", forbidden)
+        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
+        monkeypatch.setattr(torch.Tensor, "__float__", forbidden)
+        monkeypatch.setattr(torch.Tensor, "__int__", forbidden)
+        x = kd.step_cfg(u, c, 2.0, t, x, eta=0.5, generator=gen).prev_sample
+        monkeypatch.undo()
+    assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("config", [dict(thresholding=True, sample_max_value=1.5), dict(clip_sample_range=0.7)])
+def test_pred_original_sample_on_request(config):
+    df, kd = DF(**config), DDIMScheduler(**config)
+    for s in (df, kd):
+        s.set_timesteps(5)
+    x = initial_sample()
+    for t_df, t_kd in zip(df.timesteps, kd.timesteps):
+        m = dummy_model(x, t_df)
+        expected = df.step(m, t_df, x, eta=0.5, variance_noise=x).pred_original_sample
+        got = kd.step(m, t_kd, x, eta=0.5, variance_noise=x, return_pred_original_sample=True).pred_original_sample
+        assert parity_error(got, expected) < 1e-5
+    assert kd.step(m, kd.timesteps[0], x).pred_original_sample is None  # not written unless asked for
