@@ -1,0 +1,987 @@
+"""k-diffusion-style samplers whose every update is one fused kernel pass, and ``sample``.
+
+The samplers keep k-diffusion's signatures and its denoiser convention,
+``model(x, sigma * s_in, **extra_args) -> denoised`` with ``x = x0 + sigma * eps``, and its
+update rules (``sample_euler``, ``sample_euler_ancestral``, ``sample_heun``, ``sample_dpm_2``,
+``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, plus ``sample_lcm`` and a
+bh1/bh2 UniPC predictor-corrector ``sample_unipc``). What differs is how a step runs: the
+sigmas are read to the host once, before the loop; every step's update is written as a linear
+combination of the fused kernel's sources (``X``, ``X0``, ``H0`` ..., see
+:mod:`kdfast.schedulers._linear`) and its coefficients are computed in float64 and packed once
+per sigma list; the loop then makes exactly one :func:`kdfast.ops.solver_step` call per model
+evaluation and no host reads, so it can be captured in a CUDA graph (``sample(...,
+cuda_graph=True)``).
+
+Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
+when none is given, draw ``torch.randn_like(x)``-equivalent noise from ``generator`` (the
+global RNG when it is None). ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` therefore default
+to Gaussian noise, not k-diffusion's Brownian tree (pass one as ``noise_sampler`` to get it).
+Churn noise (``s_churn > 0`` in Euler / Heun / DPM-2) is drawn with
+``noise_sampler(sigmas[i], sigmas[i + 1])`` and added by the kernel of the step before (the
+first step's by one extra kernel pass before the loop).
+"""
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from . import ops
+from .ops.solver_step import NUM_COEFS
+from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
+
+__all__ = [
+    "sample", "SAMPLERS",
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc",
+    "append_zero", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
+    "get_sigmas_vp", "loglinear_interp", "get_sigmas_ays", "AYS_NOISE_LEVELS",
+    "default_noise_sampler", "get_ancestral_step",
+]
+
+NoiseSampler = Callable[[Any, Any], torch.Tensor]
+
+# --------------------------------------------------------------------------- schedules (k-diffusion's)
+
+
+def append_zero(x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([x, x.new_zeros([1])])
+
+
+def get_sigmas_karras(n, sigma_min, sigma_max, rho=7., device='cpu'):
+    """Constructs the noise schedule of Karras et al. (2022)."""
+    ramp = torch.linspace(0, 1, n)
+    min_inv_rho = sigma_min ** (1 / rho)
+    max_inv_rho = sigma_max ** (1 / rho)
+    sigmas = (max_inv_rho + ramp * (min_inv_rho - max_inv_rho)) ** rho
+    return append_zero(sigmas).to(device)
+
+
+def get_sigmas_exponential(n, sigma_min, sigma_max, device='cpu'):
+    """Constructs an exponential noise schedule."""
+    sigmas = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, device=device).exp()
+    return append_zero(sigmas)
+
+
+def get_sigmas_polyexponential(n, sigma_min, sigma_max, rho=1., device='cpu'):
+    """Constructs an polynomial in log sigma noise schedule."""
+    ramp = torch.linspace(1, 0, n, device=device) ** rho
+    sigmas = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return append_zero(sigmas)
+
+
+def get_sigmas_vp(n, beta_d=19.9, beta_min=0.1, eps_s=1e-3, device='cpu'):
+    """Constructs a continuous VP noise schedule."""
+    t = torch.linspace(1, eps_s, n, device=device)
+    sigmas = torch.sqrt(torch.exp(beta_d * t ** 2 / 2 + beta_min * t) - 1)
+    return append_zero(sigmas)
+
+
+# Align Your Steps (Sabour et al. 2024): NVIDIA's published 10-step noise levels (11 numbers,
+# the last is replaced by 0 when sampling).
+AYS_NOISE_LEVELS = {
+    "SD1": [14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
+            0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582],
+    "SDXL": [14.6146412293, 6.3184485287, 3.7681790315, 2.1811480769, 1.3405244945, 0.8620721141,
+             0.5550693289, 0.3798540708, 0.2332364134, 0.1114188177, 0.0291671582],
+    "SVD": [700.00, 54.5, 15.886, 7.977, 4.248, 1.789, 0.981, 0.403, 0.173, 0.034, 0.002],
+}
+
+
+def loglinear_interp(t_steps, num_steps: int) -> np.ndarray:
+    """Log-linear interpolation of a decreasing sequence to ``num_steps`` points (AYS)."""
+    t_steps = np.asarray(t_steps, dtype=np.float64)
+    if t_steps.ndim != 1 or len(t_steps) < 2:
+        raise ValueError(f"t_steps must be a 1-D sequence of at least 2 values, got shape {t_steps.shape}")
+    if np.any(t_steps <= 0) or not np.all(np.isfinite(t_steps)):
+        raise ValueError("t_steps must be positive and finite (they are interpolated in log space)")
+    if int(num_steps) < 2:
+        raise ValueError(f"num_steps must be >= 2, got {num_steps}")
+    xs = np.linspace(0, 1, len(t_steps))
+    ys = np.log(t_steps[::-1])
+    new_xs = np.linspace(0, 1, int(num_steps))
+    new_ys = np.interp(new_xs, xs, ys)
+    return np.exp(new_ys)[::-1].copy()
+
+
+def get_sigmas_ays(n, sigmas_10="SD1", device='cpu') -> torch.Tensor:
+    """Align-Your-Steps sigmas for ``n`` steps: ``n + 1`` values, the last 0.
+
+    ``sigmas_10`` is a 10-step AYS list of 11 noise levels (or a key of
+    :data:`AYS_NOISE_LEVELS`); it is log-linearly interpolated to ``n`` steps when ``n != 10``,
+    as ComfyUI's AlignYourStepsScheduler does.
+    """
+    if isinstance(sigmas_10, str):
+        if sigmas_10 not in AYS_NOISE_LEVELS:
+            raise ValueError(f"unknown AYS model type {sigmas_10!r}; expected one of {', '.join(AYS_NOISE_LEVELS)}")
+        sigmas_10 = AYS_NOISE_LEVELS[sigmas_10]
+    if isinstance(sigmas_10, torch.Tensor):
+        sigmas_10 = sigmas_10.detach().cpu().double().tolist()
+    sigmas = [float(s) for s in sigmas_10]
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    if n + 1 != len(sigmas):
+        sigmas = loglinear_interp(sigmas, n + 1).tolist()
+    sigmas[-1] = 0.0
+    return torch.tensor(sigmas, dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------- noise
+
+
+def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.) -> Tuple[float, float]:
+    """(sigma_down, sigma_up) of an ancestral step, as k-diffusion computes them (floats)."""
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> NoiseSampler:
+    """``noise_sampler(sigma, sigma_next)`` drawing ``torch.randn_like(x)``-equivalent noise.
+
+    With ``generator`` the draws come from it (on the generator's device, then moved to x's,
+    as diffusers' ``randn_tensor`` does); without, from torch's global RNG like ``randn_like``.
+    """
+    shape, dtype, device = tuple(x.shape), x.dtype, x.device
+    if generator is None:
+        return lambda sigma, sigma_next: torch.randn(shape, dtype=dtype, device=device)
+    gen_device = generator.device
+    if gen_device.type == device.type:
+        return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+# --------------------------------------------------------------------------- plans
+
+
+class _Eval(NamedTuple):
+    """One fused kernel call (after one model evaluation unless ``model`` is False)."""
+
+    step: int                 # k-diffusion's outer step index i
+    model: bool               # evaluate the model first (False: churn pass before the loop)
+    sigma: float              # the sigma the model is called at
+    sigma_hat: float          # for the callback
+    callback: bool            # first evaluation of step i: report it
+    end: bool                 # last call of step i (progress bar)
+    row: int                  # index into the plan's coefficient table
+    n_hist: int               # history entries read (newest first)
+    use_aux: bool
+    noise: Optional[Tuple[float, float]]  # noise_sampler arguments when the step adds noise
+    write_history: bool
+    write_aux: bool
+    aux_from_x: bool          # keep this call's input sample as aux (no copy)
+
+
+class _Plan(NamedTuple):
+    evals: Tuple[_Eval, ...]
+    rows: Tuple[torch.Tensor, ...]  # float32 CPU views of one packed table
+    steps: int
+
+
+def _uses(lins: Sequence[Optional[Lin]], source: str) -> bool:
+    return any(lin is not None and lin.terms.get(source, 0.0) != 0.0 for lin in lins)
+
+
+class _Builder:
+    """Collects a sampler's kernel calls; X0 is the model output itself (cx=0, cm=1)."""
+
+    def __init__(self, sigmas: Sequence[float]):
+        self.s = sigmas
+        self.n = len(sigmas) - 1
+        self.evals: List[_Eval] = []
+        self.rows: List[List[float]] = []
+
+    def add(self, i: int, sigma: float, sample: Lin, *, history: Optional[Lin] = None, aux: Optional[Lin] = None,
+            aux_from_x: bool = False, noise: Optional[Tuple[float, float]] = None, callback: bool = True,
+            sigma_hat: Optional[float] = None, model: bool = True, end: bool = True) -> None:
+        outs = (sample, history, aux)
+        row = ops.coefficients(0.0, 1.0, sample.terms, None if history is None else history.terms,
+                               None if aux is None else aux.terms)
+        if not all(math.isfinite(v) for v in row):
+            raise ValueError(f"step {i}: the sigmas give non-finite solver coefficients ({sample!r}); "
+                             "check that they are positive, strictly decreasing and not too close together")
+        n_hist = max([k + 1 for k, name in enumerate(("h0", "h1", "h2")) if _uses(outs, name)], default=0)
+        needs_noise = _uses(outs, "noise")
+        if needs_noise and noise is None:
+            raise AssertionError("a step that adds noise needs noise_sampler arguments")
+        self.evals.append(_Eval(
+            step=i, model=model, sigma=float(sigma), sigma_hat=float(sigma if sigma_hat is None else sigma_hat),
+            callback=callback and model, end=end, row=len(self.rows), n_hist=n_hist, use_aux=_uses(outs, "aux"),
+            noise=noise if needs_noise else None, write_history=history is not None, write_aux=aux is not None,
+            aux_from_x=aux_from_x))
+        self.rows.append(row)
+
+    def plan(self) -> _Plan:
+        table = torch.tensor(self.rows, dtype=torch.float32).reshape(len(self.rows), NUM_COEFS)
+        return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n)
+
+
+def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise) -> List[Tuple[float, float]]:
+    """(sigma_hat, churn noise scale) per step, k-diffusion's Algorithm 2 rule."""
+    n = len(s) - 1
+    out = []
+    for i in range(n):
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.
+        sigma_hat = s[i] * (gamma + 1)
+        out.append((sigma_hat, s_noise * (sigma_hat ** 2 - s[i] ** 2) ** 0.5 if gamma > 0 else 0.))
+    return out
+
+
+class _Churn:
+    """Adds step i+1's churn noise to step i's last kernel call (and step 0's before the loop)."""
+
+    def __init__(self, b: _Builder, s_churn, s_tmin, s_tmax, s_noise):
+        self.b, self.s = b, b.s
+        self.amounts = _churn_amounts(b.s, s_churn, s_tmin, s_tmax, s_noise)
+        if self.amounts and self.amounts[0][1] > 0:
+            b.add(0, self.s[0], X + self.amounts[0][1] * NOISE, noise=(self.s[0], self.s[1]), model=False,
+                  end=False)
+
+    def sigma_hat(self, i: int) -> float:
+        return self.amounts[i][0]
+
+    def after(self, i: int, update: Lin) -> Tuple[Lin, Optional[Tuple[float, float]]]:
+        if i + 1 < len(self.amounts) and self.amounts[i + 1][1] > 0:
+            return update + self.amounts[i + 1][1] * NOISE, (self.s[i + 1], self.s[i + 2])
+        return update, None
+
+
+def _euler_update(sigma_hat: float, sigma_next: float) -> Lin:
+    # x + d * dt with d = (x - denoised) / sigma_hat
+    dt = sigma_next - sigma_hat
+    return X + (dt / sigma_hat) * (X - X0)
+
+
+def _plan_euler(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(b.n):
+        sh = churn.sigma_hat(i)
+        update, noise = churn.after(i, _euler_update(sh, s[i + 1]))
+        b.add(i, sh, update, noise=noise, sigma_hat=sh)
+    return b.plan()
+
+
+def _plan_heun(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(b.n):
+        sh, sn = churn.sigma_hat(i), s[i + 1]
+        if sn == 0:
+            update, noise = churn.after(i, _euler_update(sh, sn))
+            b.add(i, sh, update, noise=noise, sigma_hat=sh)
+            continue
+        dt = sn - sh
+        # x_2 = x + d * dt; keep x (aux) and denoised (history) for the second stage
+        b.add(i, sh, _euler_update(sh, sn), history=X0, aux_from_x=True, sigma_hat=sh, end=False)
+        d = (AUX - H0) / sh
+        d_2 = (X - X0) / sn
+        update, noise = churn.after(i, AUX + (0.5 * dt) * (d + d_2))
+        b.add(i, sn, update, noise=noise, callback=False)
+    return b.plan()
+
+
+def _plan_dpm_2(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    for i in range(b.n):
+        sh, sn = churn.sigma_hat(i), s[i + 1]
+        if sn == 0:
+            update, noise = churn.after(i, _euler_update(sh, sn))
+            b.add(i, sh, update, noise=noise, sigma_hat=sh)
+            continue
+        sigma_mid = math.exp(0.5 * (math.log(sh) + math.log(sn)))
+        b.add(i, sh, _euler_update(sh, sigma_mid), aux_from_x=True, sigma_hat=sh, end=False)
+        update, noise = churn.after(i, AUX + ((sn - sh) / sigma_mid) * (X - X0))
+        b.add(i, sigma_mid, update, noise=noise, callback=False)
+    return b.plan()
+
+
+def _plan_euler_ancestral(s, eta=1., s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    for i in range(b.n):
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta=eta)
+        update = X + ((sigma_down - s[i]) / s[i]) * (X - X0)
+        noise = None
+        if s[i + 1] > 0 and s_noise * sigma_up != 0:
+            update = update + (s_noise * sigma_up) * NOISE
+            noise = (s[i], s[i + 1])
+        b.add(i, s[i], update, noise=noise)
+    return b.plan()
+
+
+def _plan_dpmpp_2m(s) -> _Plan:
+    b = _Builder(s)
+    for i in range(b.n):
+        sn = s[i + 1]
+        keep = X0 if i + 1 < b.n else None
+        if sn == 0:
+            b.add(i, s[i], X0, history=keep)
+            continue
+        h = math.log(s[i]) - math.log(sn)  # t_next - t with t = -log(sigma)
+        if i == 0:
+            denoised_d = X0
+        else:
+            r = (math.log(s[i - 1]) - math.log(s[i])) / h
+            denoised_d = (1 + 1 / (2 * r)) * X0 - (1 / (2 * r)) * H0
+        b.add(i, s[i], (sn / s[i]) * X - math.expm1(-h) * denoised_d, history=keep)
+    return b.plan()
+
+
+def _plan_dpmpp_2m_sde(s, eta=1., s_noise=1., solver_type='midpoint') -> _Plan:
+    if solver_type not in ('heun', 'midpoint'):
+        raise ValueError("solver_type must be 'heun' or 'midpoint'")
+    b = _Builder(s)
+    h_last = h = None
+    for i in range(b.n):
+        sn = s[i + 1]
+        keep = X0 if i + 1 < b.n else None
+        noise = None
+        if sn == 0:
+            update = X0  # denoising step
+        else:
+            h = math.log(s[i]) - math.log(sn)
+            eta_h = eta * h
+            e = -math.expm1(-h - eta_h)
+            update = (sn / s[i] * math.exp(-eta_h)) * X + e * X0
+            if i > 0:
+                r = h_last / h
+                if solver_type == 'heun':
+                    update = update + ((e / (-h - eta_h) + 1) * (1 / r)) * (X0 - H0)
+                else:
+                    update = update + (0.5 * e * (1 / r)) * (X0 - H0)
+            if eta and s_noise:
+                update = update + (sn * math.sqrt(-math.expm1(-2 * eta_h)) * s_noise) * NOISE
+                noise = (s[i], sn)
+        b.add(i, s[i], update, history=keep, noise=noise)
+        h_last = h
+    return b.plan()
+
+
+def _plan_dpmpp_3m_sde(s, eta=1., s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    h = h_1 = h_2 = None
+    for i in range(b.n):
+        sn = s[i + 1]
+        keep = X0 if i + 1 < b.n else None
+        noise = None
+        if sn == 0:
+            update = X0  # denoising step
+        else:
+            h = math.log(s[i]) - math.log(sn)
+            h_eta = h * (eta + 1)
+            update = math.exp(-h_eta) * X + (-math.expm1(-h_eta)) * X0
+            if h_2 is not None:
+                r0, r1 = h_1 / h, h_2 / h
+                d1_0 = (X0 - H0) / r0
+                d1_1 = (H0 - H1) / r1
+                d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                update = update + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                phi_2 = math.expm1(-h_eta) / h_eta + 1
+                update = update + phi_2 * ((X0 - H0) / r)
+            if eta and s_noise:
+                update = update + (sn * math.sqrt(-math.expm1(-2 * h * eta)) * s_noise) * NOISE
+                noise = (s[i], sn)
+        b.add(i, s[i], update, history=keep, noise=noise)
+        h_1, h_2 = h, h_1
+    return b.plan()
+
+
+def _plan_lcm(s) -> _Plan:
+    b = _Builder(s)
+    for i in range(b.n):
+        if s[i + 1] > 0:
+            b.add(i, s[i], X0 + s[i + 1] * NOISE, noise=(s[i], s[i + 1]))
+        else:
+            b.add(i, s[i], X0)
+    return b.plan()
+
+
+def _unipc_weights(h: float, rks: List[float], order: int, variant: str, corrector: bool):
+    """(h_phi_1, B_h, rhos) of UniPC's B(h) update (diffusers' multistep_uni_{p,c}_bh_update)."""
+    hh = -h  # data prediction
+    h_phi_1 = math.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    b_h = hh if variant == 'bh1' else math.expm1(hh)
+    rks = list(rks) + [1.0]
+    R, rhs = [], []
+    factorial_i = 1
+    for k in range(1, order + 1):
+        R.append([r ** (k - 1) for r in rks])
+        rhs.append(h_phi_k * factorial_i / b_h)
+        factorial_i *= k + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    if corrector:
+        rhos = [0.5] if order == 1 else np.linalg.solve(np.array(R), np.array(rhs)).tolist()
+    elif order == 1:
+        rhos = []
+    elif order == 2:
+        rhos = [0.5]
+    else:
+        rhos = np.linalg.solve(np.array(R)[:-1, :-1], np.array(rhs)[:-1]).tolist()
+    return h_phi_1, b_h, rhos
+
+
+def _plan_unipc(s, order=2, variant='bh2', use_corrector=True, lower_order_final=True) -> _Plan:
+    if order not in (1, 2, 3):
+        raise ValueError(f"order must be 1, 2 or 3, got {order}")
+    if variant not in ('bh1', 'bh2'):
+        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
+    b = _Builder(s)
+    n = b.n
+    lam = [math.inf if v == 0 else -math.log(v) for v in s]
+    hist = (H0, H1, H2)  # denoised of steps i-1, i-2, i-3
+    orders = []
+    for i in range(n):
+        p = min(order, i + 1)
+        if lower_order_final:
+            p = min(p, n - i)
+        if s[i + 1] == 0:
+            p = 1
+        orders.append(p)
+    for i in range(n):
+        # Corrector (UniC): refine x_i, predicted by step i-1, with the denoised just computed.
+        corrected = use_corrector and i > 0
+        if corrected:
+            oc = orders[i - 1]
+            h = lam[i] - lam[i - 1]
+            rks = [(lam[i - 1 - k] - lam[i - 1]) / h for k in range(1, oc)]
+            h_phi_1, b_h, rhos = _unipc_weights(h, rks, oc, variant, corrector=True)
+            res = rhos[-1] * (X0 - H0)
+            for k in range(1, oc):
+                res = res + rhos[k - 1] * ((hist[k] - H0) / rks[k - 1])
+            x_i = (s[i] / s[i - 1]) * AUX - h_phi_1 * H0 - b_h * res
+        else:
+            x_i = X
+        # Predictor (UniP) from x_i to sigma_{i+1}.
+        p = orders[i]
+        if s[i + 1] == 0:
+            update = X0
+        else:
+            h = lam[i + 1] - lam[i]
+            rks = [(lam[i - k] - lam[i]) / h for k in range(1, p)]
+            h_phi_1, b_h, rhos = _unipc_weights(h, rks, p, variant, corrector=False)
+            update = (s[i + 1] / s[i]) * x_i - h_phi_1 * X0
+            for k in range(1, p):
+                update = update - (b_h * rhos[k - 1] / rks[k - 1]) * (hist[k - 1] - X0)
+        last = i + 1 == n
+        keep_aux = use_corrector and not last
+        b.add(i, s[i], update, history=None if last else X0,
+              aux=x_i if keep_aux and corrected else None, aux_from_x=keep_aux and not corrected)
+    return b.plan()
+
+
+_PLANNERS: Dict[str, Callable[..., _Plan]] = {
+    "euler": _plan_euler,
+    "euler_ancestral": _plan_euler_ancestral,
+    "heun": _plan_heun,
+    "dpm_2": _plan_dpm_2,
+    "dpmpp_2m": _plan_dpmpp_2m,
+    "dpmpp_2m_sde": _plan_dpmpp_2m_sde,
+    "dpmpp_3m_sde": _plan_dpmpp_3m_sde,
+    "lcm": _plan_lcm,
+    "unipc": _plan_unipc,
+}
+
+
+@functools.lru_cache(maxsize=128)
+def _cached_plan(name: str, sigmas: Tuple[float, ...], options: Tuple[Tuple[str, Any], ...]) -> _Plan:
+    return _PLANNERS[name](list(sigmas), **dict(options))
+
+
+def _plan(name: str, sigmas: Sequence[float], options: Dict[str, Any]) -> _Plan:
+    # 1 and 1.0 hash alike, so int / float spellings of an option share a cache entry.
+    return _cached_plan(name, tuple(sigmas), tuple(sorted(options.items())))
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_x(x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() == 0:
+        raise ValueError("x must have a batch dimension, got a 0-d tensor")
+
+
+def _read_sigmas(sigmas) -> List[float]:
+    """The sigma list as Python floats: the loop's only host read, done before it starts."""
+    if isinstance(sigmas, torch.Tensor):
+        if sigmas.dim() != 1:
+            raise ValueError(f"sigmas must be a 1-D tensor, got shape {tuple(sigmas.shape)}")
+        if not sigmas.is_floating_point():
+            raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
+        host = sigmas.detach().tolist()
+    elif isinstance(sigmas, (list, tuple)):
+        host = [float(v) for v in sigmas]
+    else:
+        raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(sigmas).__name__}")
+    if len(host) < 2:
+        raise ValueError(f"sigmas must hold at least 2 values (one step), got {len(host)}")
+    if not all(math.isfinite(v) for v in host):
+        raise ValueError("sigmas must be finite")
+    if host[-1] < 0:
+        raise ValueError(f"sigmas must be >= 0, got {host[-1]}")
+    if any(a <= b for a, b in zip(host, host[1:])):
+        raise ValueError(f"sigmas must be strictly decreasing, got {host}")
+    return host
+
+
+def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]:
+    if "cond" in extra_args and (cond is not None or guidance_scale is not None):
+        raise ValueError("pass the conditioning as cond=/uncond=, not inside extra_args, when using guidance")
+    if guidance_scale is None:
+        if uncond is not None:
+            raise ValueError("uncond is only used with guidance_scale")
+        return None
+    try:
+        g = float(guidance_scale)
+    except (TypeError, ValueError):
+        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}") from None
+    if not math.isfinite(g):
+        raise ValueError(f"guidance_scale must be a finite number, got {g}")
+    if cond is None and uncond is None:
+        raise ValueError("guidance_scale needs cond= and uncond= (the conditioning the denoiser gets as cond=)")
+    return g
+
+
+# --------------------------------------------------------------------------- model calls
+
+
+def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: Optional[float], cond, uncond,
+                  timesteps: Sequence[Any]):
+    """``evaluate(x, key) -> (model_output, cond_output or None)``; ``key`` picks a precomputed
+    time argument: a sigma (sigma path) or the timestep tensor itself (scheduler path)."""
+    B = x.shape[0]
+    sigma_args = {}
+    if guidance is None or guidance == 1.0:
+        kwargs = dict(extra_args)
+        if cond is not None or guidance is not None:
+            kwargs["cond"] = cond
+        for t in timesteps:
+            if isinstance(t, float):
+                sigma_args[t] = x.new_full((B,), t)
+
+        def evaluate(x, key):
+            return model(x, sigma_args.get(key, key) if isinstance(key, float) else key, **kwargs), None
+        return evaluate
+
+    batched = (isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor) and cond.dim() > 0
+               and cond.shape == uncond.shape and cond.shape[0] == B)
+    if batched:
+        cond2 = torch.cat([uncond, cond])
+        for t in timesteps:
+            if isinstance(t, float):
+                sigma_args[t] = x.new_full((2 * B,), t)
+
+        def evaluate(x, key):
+            arg = sigma_args[key] if isinstance(key, float) else key
+            out = model(torch.cat([x, x]), arg, cond=cond2, **extra_args)
+            if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 * B:
+                raise ValueError(f"the denoiser must return a tensor of batch {2 * B} for the doubled CFG batch")
+            u, c = out.chunk(2)
+            return u, c
+        return evaluate
+
+    for t in timesteps:
+        if isinstance(t, float):
+            sigma_args[t] = x.new_full((B,), t)
+
+    def evaluate(x, key):
+        arg = sigma_args[key] if isinstance(key, float) else key
+        return model(x, arg, cond=uncond, **extra_args), model(x, arg, cond=cond, **extra_args)
+    return evaluate
+
+
+def _guided(u: torch.Tensor, c: Optional[torch.Tensor], g: float) -> torch.Tensor:
+    """The guided output, for callbacks only (the steps fuse guidance into the kernel)."""
+    return u if c is None else u + g * (c - u)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler, guidance: Optional[float],
+             callback, cb_sigmas, bar, stop: Optional[int] = None) -> torch.Tensor:
+    """Run the plan's kernel calls (all, or the first ``stop``); no host reads."""
+    g = 1.0 if guidance is None else guidance
+    hist: List[torch.Tensor] = []
+    aux = None
+    for ev in plan.evals[:stop]:
+        if ev.model:
+            m, c = evaluate(x, ev.sigma)
+        else:
+            m, c = x, None  # churn pass: only X and NOISE are read
+        noise = None if ev.noise is None else noise_sampler(*ev.noise)
+        if callback is not None and ev.callback:
+            sigma_t, sigma_hat_t = cb_sigmas[ev.step]
+            callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
+                      'denoised': _guided(m, c, g)})
+        out = ops.solver_step(x, m, plan.rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
+                              history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,
+                              write_history=ev.write_history, write_aux=ev.write_aux)
+        if ev.aux_from_x:
+            aux = x
+        elif ev.write_aux:
+            aux = out.aux
+        if ev.write_history:
+            hist.insert(0, out.history)
+            del hist[3:]
+        x = out.sample
+        if ev.end and bar is not None:
+            bar.update(1)
+    return x
+
+
+def _progress(total: int, disable):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=disable)
+
+
+def _callback_sigmas(sigmas, host: List[float], plan: _Plan):
+    """Per step (sigma, sigma_hat) as 0-d tensors, made before the loop (no reads inside it)."""
+    if isinstance(sigmas, torch.Tensor):
+        base = [sigmas[i] for i in range(len(host) - 1)]
+        like = sigmas
+    else:
+        like = torch.tensor(host, dtype=torch.float32)
+        base = [like[i] for i in range(len(host) - 1)]
+    out = {i: (base[i], base[i]) for i in range(len(base))}
+    for ev in plan.evals:
+        if ev.callback and ev.sigma_hat != host[ev.step]:
+            out[ev.step] = (base[ev.step], torch.tensor(ev.sigma_hat, dtype=like.dtype).to(like.device))
+    return out
+
+
+def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, callback=None, disable=None,
+                   noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
+                   guidance_scale=None, cond=None, uncond=None, cuda_graph: bool = False,
+                   options: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    _check_x(x)
+    extra_args = {} if extra_args is None else dict(extra_args)
+    guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
+    if cuda_graph:
+        _check_graph_args(x, generator, callback)
+    host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
+    plan = _plan(name, host, options or {})
+    if noise_sampler is None:
+        noise_sampler = default_noise_sampler(x, generator)
+    model_sigmas = sorted({ev.sigma for ev in plan.evals if ev.model})
+    evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas)
+    cb_sigmas = _callback_sigmas(sigmas, host, plan) if callback is not None else None
+
+    if cuda_graph:
+        # Warm up on the first two kernel calls (every code path's kernels), then capture all.
+        return _run_graph(lambda stop=None: _execute(plan, x, evaluate, noise_sampler, guidance, None, None, None,
+                                                     stop=stop),
+                          x, generator)
+    with _progress(plan.steps, disable) as bar:
+        return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar)
+
+
+# --------------------------------------------------------------------------- CUDA graphs
+
+
+def _check_graph_args(x: torch.Tensor, generator, callback) -> None:
+    if x.device.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {x.device}")
+    if callback is not None:
+        raise ValueError("callback is not supported with cuda_graph=True (a replayed graph runs no Python)")
+    if generator is not None and generator.device.type != "cuda":
+        raise ValueError("cuda_graph=True needs a CUDA generator (a CPU generator's draws cannot be captured); "
+                         f"got one on {generator.device}")
+
+
+def _rng_restorer(generator: Optional[torch.Generator], device: torch.device) -> Callable[[], None]:
+    if generator is not None:
+        state = generator.get_state()
+        return lambda: generator.set_state(state)
+    state = torch.cuda.get_rng_state(device)
+    return lambda: torch.cuda.set_rng_state(state, device)
+
+
+def _run_graph(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optional[torch.Generator],
+               reset: Callable[[], None] = lambda: None, warmup_calls: int = 2) -> torch.Tensor:
+    """Warm up ``run(stop=warmup_calls)`` on a side stream, capture ``run()`` (model calls
+    included) in one CUDA graph and replay it once, with the RNG state the eager loop would
+    start from, so that the result equals the eager one draw for draw."""
+    device = x.device
+    restore_rng = _rng_restorer(generator, device)
+    current = torch.cuda.current_stream(device)
+    side = torch.cuda.Stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        run(stop=warmup_calls)
+    current.wait_stream(side)
+    restore_rng()
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    if generator is not None and generator is not torch.cuda.default_generators[device.index or 0]:
+        # the device's default generator is registered by capture_begin itself
+        register = getattr(graph, "register_generator_state", None)
+        if register is not None:
+            register(generator)
+    with torch.cuda.graph(graph):
+        out = run()
+    restore_rng()
+    graph.replay()
+    return out.clone()
+
+
+# --------------------------------------------------------------------------- scheduler path
+
+
+def _scheduler_state(scheduler) -> Dict[str, Any]:
+    return {k: (list(v) if isinstance(v, list) else v) for k, v in vars(scheduler).items()}
+
+
+def _set_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
+    for k in [k for k in vars(scheduler) if k not in state]:
+        del scheduler.__dict__[k]
+    for k, v in state.items():
+        scheduler.__dict__[k] = list(v) if isinstance(v, list) else v
+
+
+def _sample_scheduler(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, cond, uncond, extra_args,
+                      generator, cuda_graph, callback, disable) -> torch.Tensor:
+    _check_x(x)
+    extra_args = {} if extra_args is None else dict(extra_args)
+    guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
+    if cuda_graph:
+        _check_graph_args(x, generator, callback)
+    if getattr(scheduler, "num_inference_steps", None) is None:
+        raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
+    if scheduler.step_index is not None:
+        raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
+    start = scheduler.begin_index or 0
+    timesteps = scheduler.timesteps
+    evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
+    fused_cfg = guidance is not None and guidance != 1.0
+
+    def run(stop=None, bar=None, callback=None):
+        xx = x
+        for i, t in enumerate(timesteps):  # iterating gives views: the step index costs no sync
+            if i < start:
+                continue
+            if stop is not None and i - start >= stop:
+                break
+            inp = scheduler.scale_model_input(xx, t)
+            m, c = evaluate(inp, t)
+            if callback is not None:
+                callback({'x': xx, 'i': i, 't': t, 'model_output': _guided(m, c, guidance or 1.0)})
+            if fused_cfg:
+                xx = scheduler.step_cfg(m, c, guidance, t, xx, generator=generator).prev_sample
+            else:
+                xx = scheduler.step(m, t, xx, generator=generator).prev_sample
+            if bar is not None:
+                bar.update(1)
+        return xx
+
+    if cuda_graph:
+        state = _scheduler_state(scheduler)
+        return _run_graph(lambda stop=None: run(stop=stop), x, generator,
+                          reset=lambda: _set_scheduler_state(scheduler, state), warmup_calls=2)
+    with _progress(len(timesteps) - start, disable) as bar:
+        return run(bar=bar, callback=callback)
+
+
+# --------------------------------------------------------------------------- public samplers
+
+
+@torch.no_grad()
+def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
+    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022)."""
+    return _sample_sigmas("euler", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, generator=generator,
+                          options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, generator=None):
+    """Ancestral sampling with Euler method steps."""
+    return _sample_sigmas("euler_ancestral", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
+    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022)."""
+    return _sample_sigmas("heun", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, generator=generator,
+                          options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
+                 s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
+    """A sampler inspired by DPM-Solver-2 and Algorithm 2 from Karras et al. (2022)."""
+    return _sample_sigmas("dpm_2", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, generator=generator,
+                          options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
+    """DPM-Solver++(2M)."""
+    return _sample_sigmas("dpmpp_2m", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, solver_type='midpoint', generator=None):
+    """DPM-Solver++(2M) SDE (Gaussian noise from ``generator`` unless ``noise_sampler`` is given)."""
+    return _sample_sigmas("dpmpp_2m_sde", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise, solver_type=solver_type))
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                        noise_sampler=None, generator=None):
+    """DPM-Solver++(3M) SDE (Gaussian noise from ``generator`` unless ``noise_sampler`` is given)."""
+    return _sample_sigmas("dpmpp_3m_sde", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, generator=None):
+    """Latent Consistency Model sampling: ``x = denoised + sigma_next * noise``."""
+    return _sample_sigmas("lcm", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, generator=generator)
+
+
+@torch.no_grad()
+def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None, order=2, variant='bh2',
+                 use_corrector=True, lower_order_final=True):
+    """UniPC (Zhao et al. 2023), data prediction, B(h) ``variant`` 'bh2' (default) or 'bh1'.
+
+    Multistep predictor of ``order`` (1-3) with the UniC corrector, as diffusers'
+    UniPCMultistepScheduler runs it (lower orders at the start and, with
+    ``lower_order_final``, at the end), in k-diffusion's convention: the model is evaluated at
+    the predicted sample; its output corrects that sample, and one kernel pass applies the
+    correction and the next prediction.
+    """
+    return _sample_sigmas("unipc", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          options=dict(order=int(order), variant=variant, use_corrector=bool(use_corrector),
+                                       lower_order_final=bool(lower_order_final)))
+
+
+SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
+    "euler": sample_euler,
+    "euler_ancestral": sample_euler_ancestral,
+    "heun": sample_heun,
+    "dpm_2": sample_dpm_2,
+    "dpmpp_2m": sample_dpmpp_2m,
+    "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+    "dpmpp_3m_sde": sample_dpmpp_3m_sde,
+    "lcm": sample_lcm,
+    "unipc": sample_unipc,
+}
+
+# Options each sampler accepts through ``sample(..., **options)``.
+_OPTIONS = {
+    "euler": ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler"),
+    "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler"),
+    "dpm_2": ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler"),
+    "euler_ancestral": ("eta", "s_noise", "noise_sampler"),
+    "dpmpp_2m": (),
+    "dpmpp_2m_sde": ("eta", "s_noise", "noise_sampler", "solver_type"),
+    "dpmpp_3m_sde": ("eta", "s_noise", "noise_sampler"),
+    "lcm": ("noise_sampler",),
+    "unipc": ("order", "variant", "use_corrector", "lower_order_final"),
+}
+_DEFAULTS = {
+    "euler": dict(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.),
+    "heun": dict(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.),
+    "dpm_2": dict(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.),
+    "euler_ancestral": dict(eta=1., s_noise=1.),
+    "dpmpp_2m": {},
+    "dpmpp_2m_sde": dict(eta=1., s_noise=1., solver_type='midpoint'),
+    "dpmpp_3m_sde": dict(eta=1., s_noise=1.),
+    "lcm": {},
+    "unipc": dict(order=2, variant='bh2', use_corrector=True, lower_order_final=True),
+}
+
+
+@torch.no_grad()
+def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dpmpp_2m", guidance_scale=None,
+           cond=None, uncond=None, extra_args=None, generator: Optional[torch.Generator] = None,
+           cuda_graph: bool = False, callback=None, disable=None, **sampler_options) -> torch.Tensor:
+    """Run a whole sampling loop; every step is one fused kernel pass.
+
+    With a sigma list (1-D tensor, strictly decreasing, e.g. :func:`get_sigmas_karras`): runs
+    the k-diffusion-style sampler ``sampler`` (a key of :data:`SAMPLERS`; its options, e.g.
+    ``eta=``, ``s_noise=``, ``solver_type=``, ``order=``, ``noise_sampler=``, go in
+    ``**sampler_options``) on ``denoiser(x, sigma_batch, **extra_args) -> denoised``, starting
+    from ``x`` (noise already scaled to ``sigmas[0]``).
+
+    With a kdfast scheduler (``kdfast.schedulers.*``, ``set_timesteps`` already called): runs
+    its loop, ``denoiser(scheduler.scale_model_input(x, t), t, **extra_args)`` returning the raw
+    model output, then ``scheduler.step`` (``step_cfg`` with guidance); ``x`` is the initial
+    latent as a pipeline prepares it (already times ``init_noise_sigma``); ``sampler`` is ignored.
+
+    Conditioning reaches the denoiser as the keyword ``cond=``. With ``guidance_scale``
+    (classifier-free guidance) the denoiser is called once on the doubled batch
+    ``(cat([x, x]), cat([s, s]), cond=cat([uncond, cond]))`` when ``cond`` and ``uncond`` are
+    tensors of the same shape with x's batch, else twice (``cond=uncond``, then ``cond=cond``);
+    ``extra_args`` are passed unchanged to every call. The guidance
+    ``uncond + guidance_scale * (cond - uncond)`` is fused into the step kernel. A scale of 1
+    calls the denoiser on ``cond`` only.
+
+    ``cuda_graph=True`` (CUDA tensors only): the whole loop, model calls included, is captured
+    in one CUDA graph after a warm-up of its first two steps and replayed; the denoiser must be
+    capturable (no host syncs), a ``generator`` must be a CUDA one, and there is no callback or
+    progress bar. The RNG state is restored before the replay, so the result equals the eager
+    loop's with the same generator state.
+
+    ``callback`` gets k-diffusion's ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` per step on
+    the sigma path (``denoised`` guided), and ``{'x', 'i', 't', 'model_output'}`` (guided) on the
+    scheduler path. ``disable`` turns the tqdm progress bar off like k-diffusion's.
+    """
+    from .schedulers.base import FusedScheduler
+
+    if isinstance(sigmas_or_scheduler, FusedScheduler):
+        if sampler_options:
+            raise TypeError(f"sampler options {sorted(sampler_options)} do not apply to a scheduler; "
+                            "configure the scheduler instead")
+        return _sample_scheduler(denoiser, x, sigmas_or_scheduler, guidance_scale=guidance_scale, cond=cond,
+                                 uncond=uncond, extra_args=extra_args, generator=generator, cuda_graph=cuda_graph,
+                                 callback=callback, disable=disable)
+    if hasattr(sigmas_or_scheduler, "set_timesteps") and hasattr(sigmas_or_scheduler, "step"):
+        raise TypeError(f"{type(sigmas_or_scheduler).__name__} is not a kdfast scheduler; use one of "
+                        "kdfast.schedulers (e.g. kdfast.schedulers.DPMSolverMultistepScheduler.from_config(...))")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
+    unknown = sorted(set(sampler_options) - set(_OPTIONS[sampler]))
+    if unknown:
+        raise TypeError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {list(_OPTIONS[sampler])}")
+    options = dict(_DEFAULTS[sampler])
+    noise_sampler = sampler_options.pop("noise_sampler", None)
+    options.update(sampler_options)
+    if sampler == "unipc":
+        options = dict(order=int(options["order"]), variant=options["variant"],
+                       use_corrector=bool(options["use_corrector"]),
+                       lower_order_final=bool(options["lower_order_final"]))
+    return _sample_sigmas(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          guidance_scale=guidance_scale, cond=cond, uncond=uncond, cuda_graph=cuda_graph,
+                          options=options)

@@ -1,0 +1,968 @@
+"""kdfast.sampling: k-diffusion-style samplers (one fused kernel call per model evaluation)
+and kdfast.sample.
+
+The ground truth is a pure-torch, unfused implementation of each sampler in this file
+(``ref_*``), TRANSCRIBED FROM k-diffusion's update rules (k_diffusion/sampling.py: Euler,
+Euler ancestral, Heun, DPM-2, DPM-Solver++(2M), (2M) SDE, (3M) SDE; LCM as ComfyUI's copy of
+that file has it) and, for UniPC, from diffusers' UniPCMultistepScheduler B(h) predictor /
+corrector written in k-diffusion's convention. k-diffusion itself is not installable here (it
+needs torchvision). Deviations from the verbatim code, all about where noise comes from: the
+references draw every noise through ``noise_sampler`` (k-diffusion's Euler/Heun/DPM-2 churn use
+``torch.randn_like`` and draw even when gamma == 0; the 2M/3M SDE samplers default to a
+Brownian tree), so that the fused samplers and the references can share keyed noise.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import kdfast
+from kdfast import sampling as S
+from kdfast.schedulers import DPMSolverMultistepScheduler
+
+SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642
+SHAPE = (2, 4, 6, 6)
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def denoiser(x, sigma, shift=0.0, cond=None):
+    """Deterministic, input- and sigma-dependent stand-in for a k-diffusion denoiser."""
+    cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+    s = sigma.to(cd).reshape((-1,) + (1,) * (x.dim() - 1))
+    xf = x.to(cd)
+    c_in = 1.0 / torch.sqrt(1.0 + s * s)
+    out = xf / (1.0 + s * s) + (s * c_in) * 0.5 * torch.sin(1.3 * xf * c_in + 0.1 * s) + shift
+    if cond is not None:
+        out = out + 0.3 * cond.to(cd) * torch.cos(0.7 * xf * c_in)
+    return out.to(x.dtype)
+
+
+def initial(dtype=torch.float32, seed=0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * SIGMA_MAX).to(dtype)
+
+
+def karras(n=10, zero=True):
+    s = S.get_sigmas_karras(n, SIGMA_MIN, SIGMA_MAX)
+    return s if zero else s[:-1]
+
+
+class KeyedNoise:
+    """noise_sampler whose draw depends only on (sigma, sigma_next): fused sampler and
+    reference get the same noise whatever order they draw it in."""
+
+    def __init__(self, shape, dtype):
+        self.shape, self.dtype = shape, dtype
+
+    def __call__(self, sigma, sigma_next):
+        a, b = float(sigma), float(sigma_next)
+        seed = (int(round(a * 1e6)) * 1000003 + int(round(b * 1e6))) % (2 ** 62)
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(self.shape, generator=g, dtype=torch.float64).to(self.dtype)
+
+
+def rel_err(got, expected):
+    got, expected = got.double(), expected.double()
+    return ((got - expected).abs().max() / max(1.0, expected.abs().max().item())).item()
+
+
+# --------------------------------------------------------------------------- references
+# Transcribed from k-diffusion's sampling.py (crowsonkb/k-diffusion), pure torch, unfused.
+
+
+def append_dims(x, target_dims):
+    return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+
+def to_d(x, sigma, denoised):
+    return (x - denoised) / append_dims(sigma, x.ndim)
+
+
+def ref_get_ancestral_step(sigma_from, sigma_to, eta=1.):
+    if not eta:
+        return sigma_to, 0.
+    sigma_up = min(sigma_to, eta * (sigma_to ** 2 * (sigma_from ** 2 - sigma_to ** 2) / sigma_from ** 2) ** 0.5)
+    sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
+    return sigma_down, sigma_up
+
+
+def ref_euler(model, x, sigmas, extra_args=None, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.,
+              noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise  # k-diffusion: torch.randn_like(x) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        x = x + d * dt
+    return x
+
+
+def ref_euler_ancestral(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = ref_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        d = to_d(x, sigmas[i], denoised)
+        dt = sigma_down - sigmas[i]
+        x = x + d * dt
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def ref_heun(model, x, sigmas, extra_args=None, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.,
+             noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        dt = sigmas[i + 1] - sigma_hat
+        if sigmas[i + 1] == 0:
+            x = x + d * dt
+        else:
+            x_2 = x + d * dt
+            denoised_2 = model(x_2, sigmas[i + 1] * s_in, **extra_args)
+            d_2 = to_d(x_2, sigmas[i + 1], denoised_2)
+            d_prime = (d + d_2) / 2
+            x = x + d_prime * dt
+    return x
+
+
+def ref_dpm_2(model, x, sigmas, extra_args=None, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.,
+              noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        gamma = min(s_churn / (len(sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigmas[i] <= s_tmax else 0.
+        sigma_hat = sigmas[i] * (gamma + 1)
+        if gamma > 0:
+            eps = noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise
+            x = x + eps * (sigma_hat ** 2 - sigmas[i] ** 2) ** 0.5
+        denoised = model(x, sigma_hat * s_in, **extra_args)
+        d = to_d(x, sigma_hat, denoised)
+        if sigmas[i + 1] == 0:
+            dt = sigmas[i + 1] - sigma_hat
+            x = x + d * dt
+        else:
+            sigma_mid = sigma_hat.log().lerp(sigmas[i + 1].log(), 0.5).exp()
+            dt_1 = sigma_mid - sigma_hat
+            dt_2 = sigmas[i + 1] - sigma_hat
+            x_2 = x + d * dt_1
+            denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+            d_2 = to_d(x_2, sigma_mid, denoised_2)
+            x = x + d_2 * dt_2
+    return x
+
+
+def ref_dpmpp_2m(model, x, sigmas, extra_args=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    old_denoised = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+        h = t_next - t
+        if old_denoised is None or sigmas[i + 1] == 0:
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised
+        else:
+            h_last = t - t_fn(sigmas[i - 1])
+            r = h_last / h
+            denoised_d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_d
+        old_denoised = denoised
+    return x
+
+
+def ref_dpmpp_2m_sde(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None,
+                     solver_type='midpoint'):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    old_denoised = None
+    h_last = None
+    h = None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            eta_h = eta * h
+            x = sigmas[i + 1] / sigmas[i] * (-eta_h).exp() * x + (-h - eta_h).expm1().neg() * denoised
+            if old_denoised is not None:
+                r = h_last / h
+                if solver_type == 'heun':
+                    x = x + ((-h - eta_h).expm1().neg() / (-h - eta_h) + 1) * (1 / r) * (denoised - old_denoised)
+                elif solver_type == 'midpoint':
+                    x = x + 0.5 * (-h - eta_h).expm1().neg() * (1 / r) * (denoised - old_denoised)
+            if eta:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * eta_h).expm1().neg().sqrt() * s_noise
+        old_denoised = denoised
+        h_last = h
+    return x
+
+
+def ref_dpmpp_3m_sde(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    denoised_1, denoised_2 = None, None
+    h, h_1, h_2 = None, None, None
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            x = denoised
+        else:
+            t, s = -sigmas[i].log(), -sigmas[i + 1].log()
+            h = s - t
+            h_eta = h * (eta + 1)
+            x = torch.exp(-h_eta) * x + (-h_eta).expm1().neg() * denoised
+            if h_2 is not None:
+                r0 = h_1 / h
+                r1 = h_2 / h
+                d1_0 = (denoised - denoised_1) / r0
+                d1_1 = (denoised_1 - denoised_2) / r1
+                d1 = d1_0 + (d1_0 - d1_1) * r0 / (r0 + r1)
+                d2 = (d1_0 - d1_1) / (r0 + r1)
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                phi_3 = phi_2 / h_eta - 0.5
+                x = x + phi_2 * d1 - phi_3 * d2
+            elif h_1 is not None:
+                r = h_1 / h
+                d = (denoised - denoised_1) / r
+                phi_2 = h_eta.neg().expm1() / h_eta + 1
+                x = x + phi_2 * d
+            if eta:
+                x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * sigmas[i + 1] * (-2 * h * eta).expm1().neg().sqrt() * s_noise
+        denoised_1, denoised_2 = denoised, denoised_1
+        h_1, h_2 = h, h_1
+    return x
+
+
+def ref_lcm(model, x, sigmas, extra_args=None, noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        x = denoised
+        if sigmas[i + 1] > 0:
+            x = x + sigmas[i + 1] * noise_sampler(sigmas[i], sigmas[i + 1])
+    return x
+
+
+# UniPC: diffusers' multistep_uni_p_bh_update / multistep_uni_c_bh_update (predict_x0) with
+# alpha_t = 1, sigma_t = sigma (k-diffusion's x = x0 + sigma * eps), lambda = -log(sigma).
+
+
+def _ref_unipc_weights(h, rks, order, variant):
+    hh = -h
+    h_phi_1 = torch.expm1(hh)
+    h_phi_k = h_phi_1 / hh - 1
+    factorial_i = 1
+    B_h = hh if variant == 'bh1' else torch.expm1(hh)
+    R, b = [], []
+    rks = torch.stack(rks + [torch.ones((), dtype=h.dtype)])
+    for i in range(1, order + 1):
+        R.append(torch.pow(rks, i - 1))
+        b.append(h_phi_k * factorial_i / B_h)
+        factorial_i *= i + 1
+        h_phi_k = h_phi_k / hh - 1 / factorial_i
+    return h_phi_1, B_h, torch.stack(R), torch.stack(b)
+
+
+def ref_uni_p(model_outputs, x, sigmas, i, order, variant):
+    m0 = model_outputs[-1]
+    lam = lambda s: -s.double().log()  # noqa: E731
+    h = lam(sigmas[i + 1]) - lam(sigmas[i])
+    rks, D1s = [], []
+    for k in range(1, order):
+        rk = (lam(sigmas[i - k]) - lam(sigmas[i])) / h
+        rks.append(rk)
+        D1s.append((model_outputs[-(k + 1)] - m0) / rk.to(m0.dtype))
+    h_phi_1, B_h, R, b = _ref_unipc_weights(h, rks, order, variant)
+    x_t = (sigmas[i + 1] / sigmas[i]) * x - h_phi_1.to(x.dtype) * m0
+    if D1s:
+        rhos_p = torch.tensor([0.5], dtype=torch.float64) if order == 2 else torch.linalg.solve(R[:-1, :-1], b[:-1])
+        pred_res = sum(r.to(x.dtype) * d for r, d in zip(rhos_p, D1s))
+        x_t = x_t - B_h.to(x.dtype) * pred_res
+    return x_t
+
+
+def ref_uni_c(model_t, model_outputs, last_sample, sigmas, i, order, variant):
+    m0 = model_outputs[-1]
+    lam = lambda s: -s.double().log()  # noqa: E731
+    h = lam(sigmas[i]) - lam(sigmas[i - 1])
+    rks, D1s = [], []
+    for k in range(1, order):
+        rk = (lam(sigmas[i - 1 - k]) - lam(sigmas[i - 1])) / h
+        rks.append(rk)
+        D1s.append((model_outputs[-(k + 1)] - m0) / rk.to(m0.dtype))
+    h_phi_1, B_h, R, b = _ref_unipc_weights(h, rks, order, variant)
+    rhos_c = torch.tensor([0.5], dtype=torch.float64) if order == 1 else torch.linalg.solve(R, b)
+    x_t = (sigmas[i] / sigmas[i - 1]) * last_sample - h_phi_1.to(m0.dtype) * m0
+    corr_res = sum(r.to(m0.dtype) * d for r, d in zip(rhos_c[:-1], D1s)) if D1s else 0
+    return x_t - B_h.to(m0.dtype) * (corr_res + rhos_c[-1].to(m0.dtype) * (model_t - m0))
+
+
+def ref_unipc(model, x, sigmas, extra_args=None, order=2, variant='bh2', use_corrector=True,
+              lower_order_final=True):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    n = len(sigmas) - 1
+    outputs, last_sample, last_order = [], None, None
+    for i in range(n):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if use_corrector and i > 0:
+            x = ref_uni_c(denoised, outputs, last_sample, sigmas, i, last_order, variant)
+        outputs.append(denoised)
+        this_order = min(order, i + 1)
+        if lower_order_final:
+            this_order = min(this_order, n - i)
+        if sigmas[i + 1] == 0:
+            this_order = 1
+        last_sample = x
+        x = ref_uni_p(outputs, x, sigmas, i, this_order, variant)
+        last_order = this_order
+    return x
+
+
+# (kdfast sampler, reference, options); options with noise get a KeyedNoise noise_sampler.
+CASES = {
+    "euler": (S.sample_euler, ref_euler, {}),
+    "euler_churn": (S.sample_euler, ref_euler, dict(s_churn=1.0)),
+    "euler_churn_window": (S.sample_euler, ref_euler, dict(s_churn=3.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003)),
+    "euler_ancestral": (S.sample_euler_ancestral, ref_euler_ancestral, {}),
+    "euler_ancestral_eta": (S.sample_euler_ancestral, ref_euler_ancestral, dict(eta=0.7, s_noise=0.9)),
+    "heun": (S.sample_heun, ref_heun, {}),
+    "heun_churn": (S.sample_heun, ref_heun, dict(s_churn=1.0)),
+    "dpm_2": (S.sample_dpm_2, ref_dpm_2, {}),
+    "dpm_2_churn": (S.sample_dpm_2, ref_dpm_2, dict(s_churn=2.0, s_tmin=0.1, s_tmax=5.0)),
+    "dpmpp_2m": (S.sample_dpmpp_2m, ref_dpmpp_2m, {}),
+    "dpmpp_2m_sde": (S.sample_dpmpp_2m_sde, ref_dpmpp_2m_sde, {}),
+    "dpmpp_2m_sde_heun": (S.sample_dpmpp_2m_sde, ref_dpmpp_2m_sde, dict(solver_type='heun', eta=0.5)),
+    "dpmpp_2m_sde_eta0": (S.sample_dpmpp_2m_sde, ref_dpmpp_2m_sde, dict(eta=0.0, solver_type='heun')),
+    "dpmpp_3m_sde": (S.sample_dpmpp_3m_sde, ref_dpmpp_3m_sde, {}),
+    "dpmpp_3m_sde_eta0": (S.sample_dpmpp_3m_sde, ref_dpmpp_3m_sde, dict(eta=0.0)),
+    "lcm": (S.sample_lcm, ref_lcm, {}),
+    "unipc": (S.sample_unipc, ref_unipc, {}),
+    "unipc_o1": (S.sample_unipc, ref_unipc, dict(order=1)),
+    "unipc_o3": (S.sample_unipc, ref_unipc, dict(order=3)),
+    "unipc_o3_bh1": (S.sample_unipc, ref_unipc, dict(order=3, variant='bh1')),
+    "unipc_no_corrector": (S.sample_unipc, ref_unipc, dict(order=3, use_corrector=False)),
+    "unipc_no_lof": (S.sample_unipc, ref_unipc, dict(order=3, lower_order_final=False)),
+}
+NOISY = ("churn", "ancestral", "sde", "lcm")
+
+
+def run_case(case, dtype, sigmas, ref_dtype=None, extra_args=None):
+    """(kdfast result in ``dtype``, reference result in ``ref_dtype``)."""
+    fn, ref, opts = CASES[case]
+    x = initial(torch.float64)
+    kwargs = dict(opts)
+    ref_kwargs = dict(opts)
+    if any(k in case for k in NOISY) or fn in (S.sample_euler_ancestral, S.sample_lcm, S.sample_dpmpp_2m_sde,
+                                                 S.sample_dpmpp_3m_sde):
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, dtype)
+        ref_kwargs["noise_sampler"] = KeyedNoise(SHAPE, ref_dtype or dtype)
+    out = fn(denoiser, x.to(dtype), sigmas, extra_args=extra_args, disable=True, **kwargs)
+    expected = None
+    if ref_dtype is not None:
+        ref_sigmas = sigmas.double() if ref_dtype == torch.float64 else sigmas.float()
+        with torch.no_grad():
+            expected = ref(denoiser, x.to(ref_dtype), ref_sigmas, extra_args=extra_args, **ref_kwargs)
+    return out, expected
+
+
+# --------------------------------------------------------------------------- samplers vs references
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_sampler_matches_reference_fp32(case):
+    sigmas = karras(10)
+    out, expected = run_case(case, torch.float32, sigmas, torch.float64)
+    assert out.dtype == torch.float32 and out.shape == SHAPE
+    assert torch.isfinite(out).all()
+    assert rel_err(out, expected) <= 1e-5, case
+
+
+@pytest.mark.parametrize("case", ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde",
+                                  "dpmpp_3m_sde", "lcm", "unipc_o3"])
+def test_sampler_schedule_without_final_zero(case):
+    # img2img-style partial schedules end above zero: no denoising-to-zero step.
+    sigmas = karras(8, zero=False)
+    out, expected = run_case(case, torch.float32, sigmas, torch.float64)
+    assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("case", ["euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc_o3"])
+def test_single_step_schedule(case):
+    sigmas = torch.tensor([SIGMA_MAX, 0.0])
+    out, expected = run_case(case, torch.float32, sigmas, torch.float64)
+    assert rel_err(out, expected) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["euler", "euler_churn", "euler_ancestral", "heun", "heun_churn", "dpm_2",
+                                  "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "unipc",
+                                  "unipc_o3"])
+def test_sampler_low_precision(case, dtype):
+    """fp16/bf16 latents: the sample and history are stored in that dtype after every step
+    (the kernel computes in fp32). The result stays within a few ulps (of the dtype, relative
+    to the largest value) of the float64 reference started from the same rounded input; we
+    see <= 2 ulps. (k-diffusion's own loop is no same-dtype baseline here: its
+    ``append_dims(sigma)`` promotes fp16/bf16 latents to float32 after the first step.)"""
+    fn, ref, opts = CASES[case]
+    sigmas = karras(10)
+    x = initial(torch.float64).to(dtype)
+    kwargs, ref_kwargs = dict(opts), dict(opts)
+    if any(k in case for k in NOISY) or fn in (S.sample_euler_ancestral, S.sample_lcm, S.sample_dpmpp_2m_sde,
+                                                 S.sample_dpmpp_3m_sde):
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, dtype)
+        ref_kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float64)
+    out = fn(denoiser, x, sigmas, disable=True, **kwargs)
+    with torch.no_grad():
+        expected = ref(denoiser, x.double(), sigmas.double(), **ref_kwargs)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert rel_err(out, expected) <= 4 * torch.finfo(dtype).eps, case
+
+
+def test_extra_args_reach_the_denoiser():
+    sigmas = karras(6)
+    seen = []
+
+    def model(x, sigma, shift, tag):
+        seen.append(tag)
+        return denoiser(x, sigma, shift=shift)
+
+    out = S.sample_dpmpp_2m(model, initial(), sigmas, extra_args={"shift": 0.25, "tag": "t"}, disable=True)
+    ref = ref_dpmpp_2m(denoiser, initial(torch.float64), sigmas.double(), extra_args={"shift": 0.25})
+    assert seen == ["t"] * 6
+    assert rel_err(out, ref) <= 1e-5
+    plain = S.sample_dpmpp_2m(denoiser, initial(), sigmas, disable=True)
+    assert rel_err(out, plain) > 1e-3
+
+
+@pytest.mark.parametrize("case", ["euler_churn", "heun", "dpmpp_2m", "unipc_o3"])
+def test_callback(case):
+    fn, _, opts = CASES[case]
+    sigmas = karras(6)
+    infos = []
+    kwargs = dict(opts)
+    if "churn" in case:
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float32)
+    out = fn(denoiser, initial(), sigmas, callback=infos.append, disable=True, **kwargs)
+    assert [info["i"] for info in infos] == list(range(6))
+    for info in infos:
+        assert set(info) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+        i = info["i"]
+        assert float(info["sigma"]) == float(sigmas[i])
+        if "churn" in case:
+            gamma = min(1.0 / 6, 2 ** 0.5 - 1)
+            assert float(info["sigma_hat"]) == pytest.approx(float(sigmas[i]) * (1 + gamma), rel=1e-6)
+        else:
+            assert float(info["sigma_hat"]) == float(sigmas[i])
+        expected = denoiser(info["x"], info["x"].new_full((2,), float(info["sigma_hat"])))
+        torch.testing.assert_close(info["denoised"], expected, rtol=1e-6, atol=1e-6)
+    # The callback does not change the result.
+    again = fn(denoiser, initial(), sigmas, disable=True, **kwargs)
+    torch.testing.assert_close(out, again, rtol=0, atol=0)
+
+
+def test_one_fused_call_per_model_evaluation(monkeypatch):
+    calls = {"model": 0, "kernel": 0}
+    real = kdfast.ops.solver_step
+
+    def counting(*args, **kwargs):
+        calls["kernel"] += 1
+        return real(*args, **kwargs)
+
+    def model(x, sigma):
+        calls["model"] += 1
+        return denoiser(x, sigma)
+
+    monkeypatch.setattr(kdfast.ops, "solver_step", counting)
+    sigmas = karras(8)
+    for name, fn in S.SAMPLERS.items():
+        calls.update(model=0, kernel=0)
+        fn(model, initial(), sigmas, disable=True)
+        assert calls["kernel"] == calls["model"] > 0, name
+    calls.update(model=0, kernel=0)
+    S.sample_heun(model, initial(), sigmas, disable=True, s_churn=1.0, noise_sampler=KeyedNoise(SHAPE, torch.float32))
+    assert calls["model"] == 2 * 8 - 1
+    assert calls["kernel"] == calls["model"] + 1  # the first step's churn noise: one pass before the loop
+
+
+def test_default_noise_sampler_uses_the_generator():
+    sigmas = karras(8)
+    x = initial()
+    a = S.sample_dpmpp_2m_sde(denoiser, x, sigmas, disable=True, generator=torch.Generator().manual_seed(3))
+    b = S.sample_dpmpp_2m_sde(denoiser, x, sigmas, disable=True, generator=torch.Generator().manual_seed(3))
+    c = S.sample_dpmpp_2m_sde(denoiser, x, sigmas, disable=True, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert (a - c).abs().max() > 1e-3
+    # One LCM step into sigma 0.5: denoised + 0.5 * randn(generator), randn_like-equivalent.
+    one = torch.tensor([SIGMA_MAX, 0.5])
+    got = S.sample_lcm(denoiser, x, one, disable=True, generator=torch.Generator().manual_seed(5))
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    expected = denoiser(x, x.new_full((2,), SIGMA_MAX)) + 0.5 * noise
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    # Without a generator: the global RNG, like torch.randn_like.
+    torch.manual_seed(11)
+    got = S.sample_lcm(denoiser, x, one, disable=True)
+    torch.manual_seed(11)
+    expected = denoiser(x, x.new_full((2,), SIGMA_MAX)) + 0.5 * torch.randn_like(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_coefficient_table_is_cached_per_sigma_list():
+    S._cached_plan.cache_clear()
+    sigmas = karras(7)
+    S.sample_dpmpp_2m(denoiser, initial(), sigmas, disable=True)
+    S.sample_dpmpp_2m(denoiser, initial(seed=1), sigmas.clone(), disable=True)
+    info = S._cached_plan.cache_info()
+    assert info.misses == 1 and info.hits == 1
+    plan = S._cached_plan("dpmpp_2m", tuple(sigmas.tolist()), ())
+    assert all(r.dtype == torch.float32 and r.device.type == "cpu" for r in plan.rows)
+    assert len({r.untyped_storage().data_ptr() for r in plan.rows}) == 1  # one packed table
+
+
+# --------------------------------------------------------------------------- schedules
+
+
+def test_schedules_match_formulas():
+    n, lo, hi = 12, 0.03, 14.6
+    ramp = np.linspace(0, 1, n)
+    expected = (hi ** (1 / 7) + ramp * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+    s = S.get_sigmas_karras(n, lo, hi)
+    assert s.shape == (n + 1,) and s.dtype == torch.float32 and s[-1] == 0
+    np.testing.assert_allclose(s[:-1].double().numpy(), expected, rtol=2e-6)
+    s = S.get_sigmas_karras(n, lo, hi, rho=3.)
+    np.testing.assert_allclose(s[:-1].double().numpy(),
+                               (hi ** (1 / 3) + ramp * (lo ** (1 / 3) - hi ** (1 / 3))) ** 3, rtol=2e-6)
+    s = S.get_sigmas_exponential(n, lo, hi)
+    np.testing.assert_allclose(s[:-1].double().numpy(), np.exp(np.linspace(np.log(hi), np.log(lo), n)), rtol=2e-6)
+    assert s[-1] == 0
+    s = S.get_sigmas_polyexponential(n, lo, hi, rho=2.)
+    r = np.linspace(1, 0, n) ** 2
+    np.testing.assert_allclose(s[:-1].double().numpy(), np.exp(r * (np.log(hi) - np.log(lo)) + np.log(lo)), rtol=2e-6)
+    s = S.get_sigmas_vp(n)
+    t = np.linspace(1, 1e-3, n)
+    np.testing.assert_allclose(s[:-1].double().numpy(), np.sqrt(np.exp(19.9 * t ** 2 / 2 + 0.1 * t) - 1),
+                               rtol=5e-4)  # float32 exp(.) - 1 cancels near t = eps_s, as in k-diffusion
+    torch.testing.assert_close(S.append_zero(torch.tensor([3.0, 1.0])), torch.tensor([3.0, 1.0, 0.0]))
+
+
+def test_align_your_steps():
+    levels = S.AYS_NOISE_LEVELS["SD1"]
+    s10 = S.get_sigmas_ays(10, "SD1")
+    assert s10.dtype == torch.float32 and s10.shape == (11,)
+    torch.testing.assert_close(s10[:-1], torch.tensor(levels[:-1], dtype=torch.float32))
+    assert s10[-1] == 0
+    # ComfyUI's AlignYourStepsScheduler (transcribed): log-linear interpolation, last -> 0.
+    xs = np.linspace(0, 1, len(levels))
+    ys = np.log(np.asarray(levels)[::-1])
+    expected = np.exp(np.interp(np.linspace(0, 1, 26), xs, ys))[::-1].copy()
+    expected[-1] = 0
+    s25 = S.get_sigmas_ays(25, levels)
+    assert s25.shape == (26,)
+    np.testing.assert_allclose(s25.double().numpy(), expected, rtol=1e-6)
+    interp = S.loglinear_interp(levels, 17)
+    assert interp[0] == pytest.approx(levels[0]) and interp[-1] == pytest.approx(levels[-1])
+    assert np.all(np.diff(interp) < 0)
+    with pytest.raises(ValueError):
+        S.get_sigmas_ays(10, "SD9")
+    with pytest.raises(ValueError):
+        S.loglinear_interp([1.0, 0.0], 5)
+    # Usable as a sampler schedule.
+    out = kdfast.sampling.sample(denoiser, initial(), S.get_sigmas_ays(12, "SDXL"), disable=True)
+    assert torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- kdfast.sample
+
+
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+def test_sample_with_sigmas_equals_sampler(name):
+    sigmas = karras(8)
+    kwargs = {}
+    if name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"):
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float32)
+    got = S.sample(denoiser, initial(), sigmas, sampler=name, disable=True, **kwargs)
+    expected = S.SAMPLERS[name](denoiser, initial(), sigmas, disable=True, **kwargs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_sigmas_as_python_list():
+    sigmas = karras(6)
+    infos = []
+    got = S.sample(denoiser, initial(), sigmas.tolist(), sampler="heun", callback=infos.append, disable=True)
+    expected = S.sample_heun(denoiser, initial(), sigmas, disable=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert [float(info["sigma"]) for info in infos] == sigmas[:-1].tolist()
+
+
+def test_sample_options_and_generator():
+    sigmas = karras(8)
+    got = S.sample(denoiser, initial(), sigmas, sampler="dpmpp_2m_sde", solver_type="heun", eta=0.5,
+                   generator=torch.Generator().manual_seed(1), disable=True)
+    expected = S.sample_dpmpp_2m_sde(denoiser, initial(), sigmas, solver_type="heun", eta=0.5,
+                                     generator=torch.Generator().manual_seed(1), disable=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got = S.sample(denoiser, initial(), sigmas, sampler="unipc", order=3, variant="bh1", disable=True)
+    expected = S.sample_unipc(denoiser, initial(), sigmas, order=3, variant="bh1", disable=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpmpp_2m", "dpmpp_3m_sde", "unipc"])
+@pytest.mark.parametrize("batched", [True, False])
+def test_cfg_fused_equals_unfused(name, batched):
+    sigmas = karras(8)
+    g = 5.5
+    cond = torch.linspace(-1, 1, 8).reshape(2, 4, 1, 1)
+    uncond = torch.zeros(2, 4, 1, 1) if batched else None  # None: two calls, cond=None for the uncond one
+    calls = []
+
+    def model(x, sigma, cond=None):
+        calls.append(x.shape[0])
+        return denoiser(x, sigma, cond=cond)
+
+    def guided(x, sigma):
+        u = denoiser(x, sigma, cond=uncond)
+        c = denoiser(x, sigma, cond=cond)
+        return u + g * (c - u)
+
+    kwargs = {}
+    if name == "dpmpp_3m_sde":
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float32)
+    got = S.sample(model, initial(), sigmas, sampler=name, guidance_scale=g, cond=cond, uncond=uncond,
+                   disable=True, **kwargs)
+    expected = S.SAMPLERS[name](guided, initial(), sigmas, disable=True, **kwargs)
+    assert rel_err(got, expected) <= 2e-5
+    n_evals = 2 * 8 - 1 if name == "heun" else 8
+    assert calls == ([4] * n_evals if batched else [2] * (2 * n_evals))
+    # guidance 1 calls the conditional branch only
+    calls.clear()
+    got1 = S.sample(model, initial(), sigmas, sampler=name, guidance_scale=1.0, cond=cond, uncond=uncond,
+                    disable=True, **kwargs)
+    assert calls == [2] * n_evals
+    plain = S.SAMPLERS[name](lambda x, s: denoiser(x, s, cond=cond), initial(), sigmas, disable=True, **kwargs)
+    torch.testing.assert_close(got1, plain, rtol=0, atol=0)
+
+
+def test_cfg_callback_reports_guided_denoised():
+    sigmas = karras(5)
+    cond, uncond = torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    infos = []
+    S.sample(denoiser, initial(), sigmas, sampler="euler", guidance_scale=3.0, cond=cond, uncond=uncond,
+             callback=infos.append, disable=True)
+    assert len(infos) == 5
+    for info in infos:
+        s = info["x"].new_full((2,), float(info["sigma"]))
+        u, c = denoiser(info["x"], s, cond=uncond), denoiser(info["x"], s, cond=cond)
+        torch.testing.assert_close(info["denoised"], u + 3.0 * (c - u), rtol=1e-6, atol=1e-5)
+
+
+def _vp_wrapper(scheduler, den=denoiser, **fixed):
+    """A raw 'sample'-prediction model for a VP scheduler, built from a k-diffusion denoiser."""
+    sigma_of = dict(zip(scheduler.timesteps.tolist(), scheduler.sigmas[:-1].tolist()))
+
+    def model(x, t, **kwargs):
+        sigma = sigma_of[float(t)] if not isinstance(t, torch.Tensor) else sigma_of[t.item()]
+        scale = math.sqrt(1 + sigma * sigma)
+        return den(x * scale, x.new_full((x.shape[0],), sigma), **fixed, **kwargs)
+    return model
+
+
+def test_sample_with_scheduler_equals_manual_loop_and_dpmpp_2m():
+    sched = DPMSolverMultistepScheduler(prediction_type="sample", solver_order=2)
+    sched.set_timesteps(10)
+    model = _vp_wrapper(sched)
+    sigmas = sched.sigmas.clone()
+    x_ve = initial()
+    x_vp = x_ve / math.sqrt(1 + float(sigmas[0]) ** 2)
+    got = S.sample(model, x_vp, sched, disable=True)
+    # manual diffusers-style loop
+    sched.set_timesteps(10)
+    x = x_vp
+    for t in sched.timesteps:
+        x = sched.step(model(sched.scale_model_input(x, t), t), t, x).prev_sample
+    torch.testing.assert_close(got, x, rtol=0, atol=0)
+    # conventions coincide: VP DPM-Solver++(2M) on x0 predictions == k-diffusion dpmpp_2m on sigmas
+    kd = S.sample_dpmpp_2m(denoiser, x_ve, sigmas, disable=True)
+    assert rel_err(got, kd) <= 1e-5
+    # and guidance fused through step_cfg
+    sched.set_timesteps(10)
+    cond, uncond = torch.ones(2, 4, 1, 1), -torch.ones(2, 4, 1, 1)
+    got = S.sample(model, x_vp, sched, guidance_scale=4.0, cond=cond, uncond=uncond, disable=True)
+
+    def guided(x, s):
+        u, c = denoiser(x, s, cond=uncond), denoiser(x, s, cond=cond)
+        return u + 4.0 * (c - u)
+    kd = S.sample_dpmpp_2m(guided, x_ve, sigmas, disable=True)
+    assert rel_err(got, kd) <= 2e-5
+    # a used scheduler must be reset first
+    with pytest.raises(ValueError, match="set_timesteps"):
+        S.sample(model, x_vp, sched, disable=True)
+
+
+def test_sample_with_sde_scheduler_uses_generator():
+    sched = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", prediction_type="sample")
+    sched.set_timesteps(8)
+    model = _vp_wrapper(sched)
+    x = initial() / SIGMA_MAX
+    got = S.sample(model, x, sched, generator=torch.Generator().manual_seed(0), disable=True)
+    sched.set_timesteps(8)
+    gen = torch.Generator().manual_seed(0)
+    ref = x
+    for t in sched.timesteps:
+        ref = sched.step(model(ref, t), t, ref, generator=gen).prev_sample
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_unipc_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    # bh1 into sigma 0 gives NaN in diffusers (B(h) = -h = -inf times a zero correction), so
+    # that case ends at sigma_min; kdfast's bh1 into 0 is finite (tested against ref_unipc).
+    for order, variant, final in ((2, "bh2", "zero"), (3, "bh2", "zero"), (3, "bh1", "sigma_min"),
+                                  (2, "bh2", "sigma_min")):
+        df = diffusers.UniPCMultistepScheduler(solver_order=order, solver_type=variant, prediction_type="sample",
+                                               final_sigmas_type=final)
+        df.set_timesteps(10)
+        model = _vp_wrapper(df)
+        sigmas = df.sigmas.clone()
+        x_ve = initial()
+        x = x_ve / math.sqrt(1 + float(sigmas[0]) ** 2)
+        for t in df.timesteps:
+            x = df.step(model(x, t), t, x).prev_sample
+        got = S.sample_unipc(denoiser, x_ve, sigmas, order=order, variant=variant, disable=True)
+        got = got / math.sqrt(1 + float(sigmas[-1]) ** 2)  # back to the VP scaling (1 at sigma 0)
+        assert rel_err(got, x) <= 1e-5, (order, variant, final)
+
+
+def test_euler_matches_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    df = diffusers.EulerDiscreteScheduler(prediction_type="sample")
+    df.set_timesteps(10)
+    sigmas = df.sigmas.clone()
+    sigma_of = dict(zip(df.timesteps.tolist(), sigmas[:-1].tolist()))
+    x_ve = initial()
+    x = x_ve
+    for t in df.timesteps:
+        sigma = sigma_of[t.item()]
+        out = denoiser(df.scale_model_input(x, t) * math.sqrt(1 + sigma ** 2), x.new_full((2,), sigma))
+        x = df.step(out, t, x).prev_sample
+    got = S.sample_euler(denoiser, x_ve, sigmas, disable=True)
+    assert rel_err(got, x) <= 1e-5
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def test_bad_inputs():
+    x, sigmas = initial(), karras(5)
+    with pytest.raises(ValueError) as err:
+        S.sample(denoiser, x, sigmas, sampler="ddim_magic")
+    for name in S.SAMPLERS:
+        assert name in str(err.value)
+    with pytest.raises(ValueError, match="1-D"):
+        S.sample(denoiser, x, sigmas.reshape(1, -1), disable=True)
+    with pytest.raises(ValueError, match="decreasing"):
+        S.sample(denoiser, x, sigmas.flip(0), disable=True)
+    with pytest.raises(ValueError, match="decreasing"):
+        S.sample_euler(denoiser, x, torch.tensor([3.0, 1.0, 1.0, 0.0]), disable=True)
+    with pytest.raises(ValueError, match=">= 0"):
+        S.sample(denoiser, x, torch.tensor([3.0, 1.0, -1.0]), disable=True)
+    with pytest.raises(ValueError, match="finite"):
+        S.sample(denoiser, x, torch.tensor([float("nan"), 1.0, 0.0]), disable=True)
+    with pytest.raises(ValueError, match="at least 2"):
+        S.sample(denoiser, x, torch.tensor([1.0]), disable=True)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        S.sample(denoiser, x, sigmas, cuda_graph=True, disable=True)
+    cond = torch.ones(2, 4, 1, 1)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="guidance_scale"):
+            S.sample(denoiser, x, sigmas, guidance_scale=bad, cond=cond, uncond=cond, disable=True)
+    with pytest.raises(ValueError, match="cond"):
+        S.sample(denoiser, x, sigmas, guidance_scale=3.0, disable=True)
+    with pytest.raises(TypeError, match="option"):
+        S.sample(denoiser, x, sigmas, sampler="dpmpp_2m", eta=1.0, disable=True)
+    with pytest.raises(TypeError):
+        S.sample(denoiser, x.long(), sigmas, disable=True)
+    with pytest.raises(ValueError, match="solver_type"):
+        S.sample_dpmpp_2m_sde(denoiser, x, sigmas, solver_type="rk4", disable=True)
+    with pytest.raises(ValueError, match="order"):
+        S.sample_unipc(denoiser, x, sigmas, order=4, disable=True)
+    sched = DPMSolverMultistepScheduler()
+    with pytest.raises(ValueError, match="set_timesteps"):
+        S.sample(denoiser, x, sched, disable=True)
+    with pytest.raises(ValueError, match="cuda_graph"):
+        sched.set_timesteps(5)
+        S.sample(denoiser, x, sched, cuda_graph=True, disable=True)
+
+
+# --------------------------------------------------------------------------- no host reads in the loop
+
+
+def _raise(*args, **kwargs):
+    raise AssertionError("host read of a tensor value inside the sampling loop")
+
+
+_READS = ("item", "tolist", "__float__", "__bool__", "__int__", "__index__")
+
+
+def _arming(monkeypatch, den):
+    """A denoiser that forbids tensor -> Python conversions from its first call on."""
+    state = {"armed": False, "calls": 0}
+
+    def model(*args, **kwargs):
+        if not state["armed"]:
+            for attr in _READS:
+                monkeypatch.setattr(torch.Tensor, attr, _raise)
+            state["armed"] = True
+        state["calls"] += 1
+        return den(*args, **kwargs)
+    return model, state
+
+
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+def test_no_host_reads_after_setup(monkeypatch, name):
+    sigmas = karras(6)
+    with monkeypatch.context() as m:
+        model, state = _arming(m, denoiser)
+        got = S.sample(model, initial(), sigmas, sampler=name, generator=torch.Generator().manual_seed(0),
+                       callback=lambda info: None, disable=True)
+    assert state["calls"] >= 6
+    with monkeypatch.context() as m:  # guided, doubled batch
+        model, state = _arming(m, denoiser)
+        S.sample(model, initial(), sigmas, sampler=name, generator=torch.Generator().manual_seed(0),
+                 guidance_scale=2.0, cond=torch.ones(2, 4, 1, 1), uncond=torch.zeros(2, 4, 1, 1), disable=True)
+    expected = S.sample(denoiser, initial(), sigmas, sampler=name, generator=torch.Generator().manual_seed(0),
+                        disable=True)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if name in ("euler", "heun", "dpm_2"):  # churn: sigma_hat tensors for the callback are made before the loop
+        with monkeypatch.context() as m:
+            model, state = _arming(m, denoiser)
+            S.sample(model, initial(), sigmas, sampler=name, s_churn=1.0, generator=torch.Generator().manual_seed(0),
+                     callback=lambda info: None, disable=True)
+    # the patch really bites
+    with monkeypatch.context() as m:
+        model, _ = _arming(m, lambda x, s: denoiser(x, s) * float(s[0]))
+        with pytest.raises(AssertionError, match="host read"):
+            S.sample(model, initial(), sigmas, sampler=name, disable=True)
+
+
+def test_no_host_reads_scheduler_loop(monkeypatch):
+    sched = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", prediction_type="sample")
+    sched.set_timesteps(6)
+    sigma_by_index = [sched.sigmas[i:i + 1].clone() for i in range(6)]
+    index = {"i": 0}
+
+    def den(x, t, cond=None):  # no value lookups: the sigma comes from a precomputed list
+        s = sigma_by_index[index["i"] % 6].expand(x.shape[0])
+        index["i"] += 1
+        return denoiser(x * torch.sqrt(1 + s * s).reshape(-1, 1, 1, 1), s, cond=cond)
+
+    x = initial() / SIGMA_MAX
+    with monkeypatch.context() as m:
+        model, state = _arming(m, den)
+        got = S.sample(model, x, sched, generator=torch.Generator().manual_seed(0), guidance_scale=2.0,
+                       cond=torch.ones(2, 4, 1, 1), uncond=torch.zeros(2, 4, 1, 1), disable=True)
+    assert state["calls"] == 6 and torch.isfinite(got).all()
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+def _cuda_case():
+    x = initial().cuda()
+    sigmas = karras(8).cuda()
+    return x, sigmas
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+def test_gpu_loop_does_not_sync(name):
+    x, sigmas = _cuda_case()
+    state = {"armed": False}
+
+    def model(x, sigma, cond=None):
+        if not state["armed"]:
+            torch.cuda.set_sync_debug_mode("error")
+            state["armed"] = True
+        return denoiser(x, sigma, cond=cond)
+
+    try:
+        got = S.sample(model, x, sigmas, sampler=name, generator=torch.Generator("cuda").manual_seed(0),
+                       guidance_scale=3.0, cond=torch.ones(2, 4, 1, 1, device="cuda"),
+                       uncond=torch.zeros(2, 4, 1, 1, device="cuda"), disable=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
+    assert torch.isfinite(got).all()
+    if name in ("euler", "heun", "dpm_2", "dpmpp_2m", "unipc"):  # deterministic: same as on the CPU
+        cpu = S.sample(denoiser, x.cpu(), sigmas.cpu(), sampler=name, guidance_scale=3.0,
+                       cond=torch.ones(2, 4, 1, 1), uncond=torch.zeros(2, 4, 1, 1), disable=True)
+        assert rel_err(got.cpu(), cpu) <= 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", list(S.SAMPLERS))
+@pytest.mark.parametrize("guided", [False, True])
+def test_gpu_cuda_graph_equals_eager(name, guided):
+    x, sigmas = _cuda_case()
+    kwargs = dict(sampler=name, disable=True)
+    if guided:
+        kwargs.update(guidance_scale=4.0, cond=torch.ones(2, 4, 1, 1, device="cuda"),
+                      uncond=torch.zeros(2, 4, 1, 1, device="cuda"))
+    eager = S.sample(denoiser, x, sigmas, generator=torch.Generator("cuda").manual_seed(7), **kwargs)
+    graphed = S.sample(denoiser, x, sigmas, generator=torch.Generator("cuda").manual_seed(7), cuda_graph=True,
+                       **kwargs)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    # the default CUDA generator works too
+    torch.cuda.manual_seed(3)
+    eager = S.sample(denoiser, x, sigmas, **kwargs)
+    torch.cuda.manual_seed(3)
+    graphed = S.sample(denoiser, x, sigmas, cuda_graph=True, **kwargs)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_scheduler_loop():
+    sched = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", prediction_type="sample")
+    x = (initial() / SIGMA_MAX).cuda()
+
+    def model(x, t):
+        return denoiser(x, x.new_full((x.shape[0],), 1.0) * (t.float() / 100.0 + 0.05))
+
+    sched.set_timesteps(8, device="cuda")
+    eager = S.sample(model, x, sched, generator=torch.Generator("cuda").manual_seed(1), disable=True)
+    sched.set_timesteps(8, device="cuda")
+    graphed = S.sample(model, x, sched, generator=torch.Generator("cuda").manual_seed(1), cuda_graph=True)
+    torch.testing.assert_close(graphed, eager, rtol=1e-6, atol=1e-6)
+    assert sched.step_index == 8
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_graph_rejects_cpu_generator_and_callback():
+    x, sigmas = _cuda_case()
+    with pytest.raises(ValueError, match="generator"):
+        S.sample(denoiser, x, sigmas, sampler="lcm", generator=torch.Generator(), cuda_graph=True)
+    with pytest.raises(ValueError, match="callback"):
+        S.sample(denoiser, x, sigmas, callback=lambda info: None, cuda_graph=True)
