@@ -1,5 +1,4 @@
 """Shared checks for kernel tests (the tolerance rule of DESIGN.md)."""
-import torch
 
 
 def assert_close_by_rule(out, ref64, ref_lowp, name="", slack=2.0, atol=1e-6):

@@ -80,7 +80,8 @@ class ConfigMixin:
         return cls(**{k: v for k, v in config.items() if k in keys})
 
     def to_json_string(self) -> str:
-        data = dict(self._config)
+        # A scheduler held in the config (UniPC's solver_p) is an object, not a setting: saved as null.
+        data = {k: (None if isinstance(v, ConfigMixin) else v) for k, v in self._config.items()}
         data["_class_name"] = self._diffusers_name or type(self).__name__
         data["_kdfast_class"] = type(self).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"

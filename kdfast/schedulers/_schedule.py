@@ -59,6 +59,29 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
     return betas
 
 
+def log_snr(alpha: float, sigma: float) -> float:
+    """lambda = log(alpha / sigma); +inf at sigma = 0 (the end of a zero-final-sigma schedule)."""
+    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
+
+
+def spaced_timesteps(spacing: str, n: int, steps_offset: int, num_train_timesteps: int,
+                     last_timestep: Optional[int] = None) -> np.ndarray:
+    """diffusers' linspace / leading / trailing spacings (Lin et al. 2023, table 2), descending.
+
+    ``last_timestep`` (default: ``num_train_timesteps``) ends the range early, for DPM-Solver's
+    ``lambda_min_clipped``.
+    """
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
+    if spacing == "leading":
+        ratio = last // (n + 1)
+        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
+    check_choice("timestep_spacing", spacing, TIMESTEP_SPACINGS)
+    ratio = num_train_timesteps / n
+    return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, interpolating in log-sigma."""
     sigma = np.asarray(sigma)

@@ -3,14 +3,16 @@ coefficient table, and the call into the fused solver_step op."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from .. import ops
 from ._config import ConfigMixin
 from ._linear import Lin
-from ._schedule import randn_like_diffusers
+import numpy as np
+
+from ._schedule import make_betas, randn_like_diffusers
 
 
 @dataclass
@@ -193,3 +195,85 @@ class FusedScheduler(ConfigMixin):
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample "
                              f"shape {tuple(sample.shape)}")
+
+
+class MultistepScheduler(FusedScheduler):
+    """Shared by the VP multistep schedulers (DPM-Solver, UniPC, DEIS): diffusers' training
+    noise schedule, the history of converted model outputs, the per-(step, order) table, and
+    ``add_noise``."""
+
+    @property
+    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
+        return 1
+
+    def _init_noise_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                             rescale_betas_zero_snr: bool = False) -> None:
+        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                rescale_betas_zero_snr)
+        self.alphas = 1.0 - self.betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        if rescale_betas_zero_snr:
+            self.alphas_cumprod[-1] = 2**-24  # near zero, so that the first sigma stays finite
+        self.alpha_t = torch.sqrt(self.alphas_cumprod)
+        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
+        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
+        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
+        self.init_noise_sigma = 1.0
+        self.num_inference_steps = None
+        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                      dtype=np.float32)[::-1].copy())
+        self._set_host_timesteps(self.timesteps.tolist())
+        self._table = None
+        self._reset_history()
+
+    def _train_sigmas(self) -> np.ndarray:
+        return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+
+    def _reset_history(self) -> None:
+        self.model_outputs: List[Optional[torch.Tensor]] = [None] * self.config.solver_order
+        self.lower_order_nums = 0
+        self._step_index = None
+        self._begin_index = None
+
+    def _install_schedule(self, sigmas: np.ndarray, timesteps, device) -> None:
+        """Adopt a new schedule (sigmas ending with the final sigma) and plan every step."""
+        sigmas = np.asarray(sigmas).astype(np.float32)
+        self.sigmas = torch.from_numpy(sigmas)
+        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
+        self._set_host_timesteps(self.timesteps.tolist())
+        self.num_inference_steps = len(self._host_timesteps)
+        self._reset_history()
+        self._table = CoefficientTable(self._plans([float(v) for v in sigmas]))
+
+    def _plans(self, sigmas: List[float]) -> Dict[object, StepPlan]:
+        plans = {}
+        for i in range(len(sigmas) - 1):
+            # Every order at every index: history injected from outside (diffusers' tests do
+            # this) can ask for a higher order early, reading sigmas[i - k] with wrap-around.
+            for order in range(1, self.config.solver_order + 1):
+                plan = self._plan(sigmas, i, order)
+                if plan is not None:
+                    plans[(i, order)] = plan
+        return plans
+
+    def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
+        """The plan of step ``i`` at ``order``, or None where it is undefined."""
+        raise NotImplementedError
+
+    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """``alpha_t * x0 + sigma_t * noise`` at each timestep, as diffusers computes it."""
+        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
+        else:
+            start = self._step_index if self._step_index is not None else self._begin_index
+            idx = [start] * timesteps.shape[0]
+        sigma = sigmas[idx].flatten()
+        while sigma.dim() < original_samples.dim():
+            sigma = sigma.unsqueeze(-1)
+        if self.config.get("use_flow_sigmas", False):
+            alpha_t, sigma_t = 1 - sigma, sigma
+        else:
+            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+            sigma_t = sigma * alpha_t
+        return alpha_t * original_samples + sigma_t * noise

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -10,10 +10,9 @@ import torch
 from ._config import register_to_config
 from ._linear import H0, H1, X, X0
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, karras_sigmas, make_betas, sigma_range, sigma_to_t,
+                        check_choice, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t, spaced_timesteps,
                         x0_coefficients)
-from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
-from .unipc_multistep import _spaced_timesteps
+from .base import MultistepScheduler, SchedulerOutput, StepPlan
 
 
 def _lagrange1(t: float, b: float, c: float) -> float:
@@ -28,7 +27,7 @@ def _lagrange2(t: float, b: float, c: float, d: float) -> float:
     return t * (lc * (ld - lt + 1.0) - ld * lt + ld + lt * lt - 2.0 * lt + 2.0) / ((lb - lc) * (lb - ld))
 
 
-class DEISMultistepScheduler(FusedScheduler):
+class DEISMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.DEISMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion (to x0, thresholding, back
@@ -86,27 +85,7 @@ class DEISMultistepScheduler(FusedScheduler):
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
 
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
-        self._set_host_timesteps(self.timesteps.tolist())
-        self.model_outputs: List[Optional[torch.Tensor]] = [None] * solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._table = None
-
-    @property
-    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
-        return 1
+        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas)
 
     # ---------------------------------------------------------------- schedule
 
@@ -123,9 +102,9 @@ class DEISMultistepScheduler(FusedScheduler):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         n = int(num_inference_steps)
         N = cfg.num_train_timesteps
-        timesteps = _spaced_timesteps(cfg.timestep_spacing, N, n, cfg.steps_offset)
+        timesteps = spaced_timesteps(cfg.timestep_spacing, n, cfg.steps_offset, N)
 
-        train = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        train = self._train_sigmas()
         log_sigmas = np.log(train)
         flipped = np.flip(train).copy()
         if cfg.use_karras_sigmas:
@@ -148,30 +127,9 @@ class DEISMultistepScheduler(FusedScheduler):
         else:
             sig = np.interp(timesteps, np.arange(0, len(train)), train)
             sig = np.concatenate([sig, [float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)]])
-        sig = sig.astype(np.float32)
-
-        self.sigmas = torch.from_numpy(sig)
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
-        self._set_host_timesteps(self.timesteps.tolist())
-        self.num_inference_steps = len(self._host_timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._table = CoefficientTable(self._plans([float(s) for s in sig]))
+        self._install_schedule(sig, timesteps, device)
 
     # ---------------------------------------------------------------- coefficients
-
-    def _plans(self, sigmas: List[float]) -> Dict[Tuple[int, int], StepPlan]:
-        plans = {}
-        for i in range(len(sigmas) - 1):
-            # Every order at every index: history injected from outside can ask for a higher
-            # order early, reading sigmas[i - k] with Python wrap-around (as diffusers does).
-            for order in range(1, self.config.solver_order + 1):
-                plan = self._plan(sigmas, i, order)
-                if plan is not None:
-                    plans[(i, order)] = plan
-        return plans
 
     def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
         cfg = self.config
@@ -263,20 +221,3 @@ class DEISMultistepScheduler(FusedScheduler):
         return self._fused((self._step_index, 1), sample, model_output, write_history=True,
                            dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
                            if cfg.thresholding else None).history
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
-        if self.config.use_flow_sigmas:
-            alpha_t, sigma_t = 1 - sigma, sigma
-        else:
-            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-            sigma_t = sigma * alpha_t
-        return alpha_t * original_samples + sigma_t * noise

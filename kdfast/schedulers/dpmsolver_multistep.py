@@ -9,19 +9,15 @@ import torch
 
 from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, karras_sigmas, lu_lambdas, make_betas,
-                        sigma_range, sigma_to_t, x0_coefficients)
+                        check_choice, exponential_sigmas, karras_sigmas, log_snr, lu_lambdas, sigma_range,
+                        sigma_to_t, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
-from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+from .base import MultistepScheduler, SchedulerOutput, StepPlan
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 
 
-def _log_snr(alpha: float, sigma: float) -> float:
-    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
-
-
-class DPMSolverMultistepScheduler(FusedScheduler):
+class DPMSolverMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.DPMSolverMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion, thresholding, the
@@ -88,30 +84,8 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         if prediction_type == "flow_prediction" and self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++"):
             raise ValueError("prediction_type 'flow_prediction' needs algorithm_type dpmsolver++ or sde-dpmsolver++")
 
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.init_noise_sigma = 1.0
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
-        self._set_host_timesteps(self.timesteps.tolist())
-        self.model_outputs: List[Optional[torch.Tensor]] = [None] * solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._table = None
-
-    @property
-    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
-        return 1
+        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                  rescale_betas_zero_snr)
 
     # ---------------------------------------------------------------- schedule
 
@@ -137,18 +111,10 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         else:
             clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
             last_timestep = cfg.num_train_timesteps - clipped_idx
-            n = num_inference_steps
-            if cfg.timestep_spacing == "linspace":
-                timesteps = np.linspace(0, last_timestep - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-            elif cfg.timestep_spacing == "leading":
-                ratio = last_timestep // (n + 1)
-                timesteps = (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64)
-                timesteps += cfg.steps_offset
-            else:
-                ratio = cfg.num_train_timesteps / n
-                timesteps = np.arange(last_timestep, 0, -ratio).round().copy().astype(np.int64) - 1
+            timesteps = spaced_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.steps_offset,
+                                         cfg.num_train_timesteps, last_timestep)
 
-        sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        sigmas = self._train_sigmas()
         log_sigmas = np.log(sigmas)
         n = num_inference_steps
         if cfg.use_karras_sigmas:
@@ -183,29 +149,9 @@ class DPMSolverMultistepScheduler(FusedScheduler):
             sigma_last = float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
         else:
             sigma_last = 0.0
-        sigmas = np.concatenate([sigmas, [sigma_last]]).astype(np.float32)
-        self.sigmas = torch.from_numpy(sigmas)
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.int64)
-        self._set_host_timesteps(timesteps.tolist())
-        self.num_inference_steps = len(timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self._step_index = None
-        self._begin_index = None
-        self._table = CoefficientTable(self._plans(sigmas.astype(np.float64)))
+        self._install_schedule(np.concatenate([sigmas, [sigma_last]]), timesteps, device)
 
-    def _plans(self, sigmas: np.ndarray):
-        plans = {}
-        for i in range(len(sigmas) - 1):
-            # Every order at every index: history injected from outside (diffusers tests do this)
-            # can ask for a higher order early, reading sigmas[i - k] with Python wrap-around.
-            for order in range(1, self.config.solver_order + 1):
-                plan = self._plan(sigmas, i, order)
-                if plan is not None:
-                    plans[(i, order)] = plan
-        return plans
-
-    def _plan(self, sigmas: np.ndarray, i: int, order: int) -> Optional[StepPlan]:
+    def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
         cfg = self.config
         flow = cfg.use_flow_sigmas
         a_s0, s_s0 = alpha_sigma(float(sigmas[i]), flow)
@@ -224,7 +170,7 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         else:
             q = a_s0 * MODEL + s_s0 * X
         try:
-            lam = [_log_snr(*alpha_sigma(float(sigmas[i + 1 - k]), flow)) for k in range(order + 1)]
+            lam = [log_snr(*alpha_sigma(float(sigmas[i + 1 - k]), flow)) for k in range(order + 1)]
             h = lam[0] - lam[1]
             if order == 1:
                 D = [q]
@@ -334,20 +280,3 @@ class DPMSolverMultistepScheduler(FusedScheduler):
         if self._step_index is None:
             raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
         return self._fused((self._step_index, 1), sample, model_output, write_history=True).history
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
-        if self.config.use_flow_sigmas:
-            alpha_t, sigma_t = 1 - sigma, sigma
-        else:
-            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-            sigma_t = sigma * alpha_t
-        return alpha_t * original_samples + sigma_t * noise

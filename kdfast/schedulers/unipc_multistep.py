@@ -14,33 +14,18 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ._config import FrozenConfig, register_to_config
+from ._config import register_to_config
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, karras_sigmas, make_betas, sigma_range, sigma_to_t,
-                        x0_coefficients)
-from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+                        check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
+                        spaced_timesteps, x0_coefficients)
+from .base import MultistepScheduler, SchedulerOutput, StepPlan
 
 SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
 
 
-def _log_snr(alpha: float, sigma: float) -> float:
-    return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)
-
-
-def _spaced_timesteps(spacing: str, num_train_timesteps: int, n: int, steps_offset: int) -> np.ndarray:
-    """diffusers' linspace / leading / trailing timestep spacings (Lin et al. 2023, table 2)."""
-    if spacing == "linspace":
-        return np.linspace(0, num_train_timesteps - 1, n + 1).round()[::-1][:-1].copy().astype(np.int64)
-    if spacing == "leading":
-        ratio = num_train_timesteps // (n + 1)
-        return (np.arange(0, n + 1) * ratio).round()[::-1][:-1].copy().astype(np.int64) + steps_offset
-    ratio = num_train_timesteps / n
-    return np.arange(num_train_timesteps, 0, -ratio).round().copy().astype(np.int64) - 1
-
-
-class UniPCMultistepScheduler(FusedScheduler):
+class UniPCMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.UniPCMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion, thresholding, the UniC
@@ -110,47 +95,11 @@ class UniPCMultistepScheduler(FusedScheduler):
         if any(not isinstance(k, (int, np.integer)) for k in disable_corrector):
             raise ValueError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
 
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # near zero so that the first sigma stays finite
-        self.alpha_t = torch.sqrt(self.alphas_cumprod)
-        self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
-        self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)
-        self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
-        self.init_noise_sigma = 1.0
         self.predict_x0 = predict_x0
         self.disable_corrector = list(disable_corrector)
         self.solver_p = solver_p
-        self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
-        self._set_host_timesteps(self.timesteps.tolist())
-        self.model_outputs: List[Optional[torch.Tensor]] = [None] * solver_order
-        self.timestep_list: List = [None] * solver_order
-        self.lower_order_nums = 0
-        self.last_sample: Optional[torch.Tensor] = None
-        self.this_order: Optional[int] = None
-        self._step_index = None
-        self._begin_index = None
-        self._table = None
-
-    @property
-    def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
-        return 1
-
-    def to_json_string(self) -> str:
-        # solver_p is a scheduler object, not a setting: it is saved as null.
-        if self.config.get("solver_p") is None:
-            return super().to_json_string()
-        saved = self._config
-        self._config = FrozenConfig({**saved, "solver_p": None})
-        try:
-            return super().to_json_string()
-        finally:
-            self._config = saved
+        self._init_noise_schedule(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
+                                  rescale_betas_zero_snr)
 
     # ---------------------------------------------------------------- schedule
 
@@ -175,10 +124,10 @@ class UniPCMultistepScheduler(FusedScheduler):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         n = int(num_inference_steps)
         N = cfg.num_train_timesteps
-        timesteps = _spaced_timesteps(cfg.timestep_spacing, N, n, cfg.steps_offset)
+        timesteps = spaced_timesteps(cfg.timestep_spacing, n, cfg.steps_offset, N)
         zero_end = cfg.final_sigmas_type == "zero"
 
-        train = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()
+        train = self._train_sigmas()
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
             base = train if custom is None else custom
             log_sigmas = np.log(base)
@@ -214,22 +163,15 @@ class UniPCMultistepScheduler(FusedScheduler):
         else:
             sig = np.interp(timesteps, np.arange(0, len(train)), train)
             last = 0.0 if zero_end else float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
-        sig = np.concatenate([sig, [last]]).astype(np.float32)
-
-        self.sigmas = torch.from_numpy(sig)
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
-        self._set_host_timesteps(self.timesteps.tolist())
-        self.num_inference_steps = len(self._host_timesteps)
-        self.model_outputs = [None] * cfg.solver_order
-        self.timestep_list = [None] * cfg.solver_order
-        self.lower_order_nums = 0
-        self.last_sample = None
-        self.this_order = None
         if self.solver_p is not None:
-            self.solver_p.set_timesteps(self.num_inference_steps, device=device)
-        self._step_index = None
-        self._begin_index = None
-        self._table = CoefficientTable(self._plans([float(s) for s in sig]))
+            self.solver_p.set_timesteps(len(timesteps), device=device)
+        self._install_schedule(np.concatenate([sig, [last]]), timesteps, device)
+
+    def _reset_history(self) -> None:
+        super()._reset_history()
+        self.timestep_list: List = [None] * self.config.solver_order
+        self.last_sample: Optional[torch.Tensor] = None
+        self.this_order: Optional[int] = None
 
     # ---------------------------------------------------------------- coefficients
 
@@ -296,7 +238,7 @@ class UniPCMultistepScheduler(FusedScheduler):
         try:
             a_t, s_t = alpha_sigma(sigmas[t], flow)
             a_0, s_0 = alpha_sigma(sigmas[s0], flow)
-            lam_t, lam_0 = _log_snr(a_t, s_t), _log_snr(a_0, s_0)
+            lam_t, lam_0 = log_snr(a_t, s_t), log_snr(a_0, s_0)
             h = lam_t - lam_0
             if h == 0.0:
                 # Zero step (e.g. the repeated last sigma of final_sigmas_type="sigma_min" with Karras
@@ -315,7 +257,7 @@ class UniPCMultistepScheduler(FusedScheduler):
                     return s_t / s_0, -(s_t * a_0 / s_0 - a_t) * m0
                 return a_t / a_0, -(a_t * s_0 / a_0 - s_t) * m0
             order = len(ms) + 1
-            rks = [(_log_snr(*alpha_sigma(sigmas[k], flow)) - lam_0) / h for k in prev] + [1.0]
+            rks = [(log_snr(*alpha_sigma(sigmas[k], flow)) - lam_0) / h for k in prev] + [1.0]
             hh = -h if self.predict_x0 else h
             h_phi_1 = math.expm1(hh)  # h * phi_1(h) = e^h - 1
             B_h = hh if cfg.solver_type == "bh1" else math.expm1(hh)
@@ -419,20 +361,3 @@ class UniPCMultistepScheduler(FusedScheduler):
         return self._fused((self._step_index, 0, 0), sample, model_output, write_history=True,
                            dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
                            if cfg.thresholding and self.predict_x0 else None).history
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
-        if self.config.use_flow_sigmas:
-            alpha_t, sigma_t = 1 - sigma, sigma
-        else:
-            alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
-            sigma_t = sigma * alpha_t
-        return alpha_t * original_samples + sigma_t * noise
