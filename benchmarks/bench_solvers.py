@@ -12,6 +12,7 @@ Writes JSON rows to benchmarks/results/bench_solvers.json.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -67,11 +68,17 @@ def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
     t0 = time.perf_counter()
     if set_each_time:
         scheduler.set_timesteps(STEPS, device=device)
+    kwargs = step_kwargs(scheduler, gen)
     sample = x
     for t, out in zip(scheduler.timesteps, outputs):
-        sample = scheduler.step(out, t, sample, generator=gen).prev_sample
+        sample = scheduler.step(out, t, sample, **kwargs).prev_sample
     sync(device)
     return time.perf_counter() - t0
+
+
+def step_kwargs(scheduler, gen):
+    """Pass the generator to schedulers whose step takes one (diffusers' UniPC/DEIS do not)."""
+    return {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
 def measure(make: Callable, x, outputs, device, repeats: int):
@@ -98,7 +105,7 @@ def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
             sample = x
             for t, out in zip(sched.timesteps, outputs):
-                sample = sched.step(out, t, sample, generator=gen).prev_sample
+                sample = sched.step(out, t, sample, **step_kwargs(sched, gen)).prev_sample
     finally:
         os.dup2(saved_stderr, 2)
         os.close(devnull)

@@ -23,12 +23,20 @@ _PREFERENCE = {
 }
 
 
+# KDFAST_BACKEND is read at import and by refresh(): an environment lookup per call would
+# cost as much as a quarter of a small fused step.
+_FORCED: Optional[str] = os.environ.get("KDFAST_BACKEND") or None
+
+
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot run this op on these inputs; the message says why."""
 
 
 def refresh() -> None:
-    """Forget cached choices (after changing TRITON_INTERPRET or installing a backend)."""
+    """Re-read ``KDFAST_BACKEND`` and forget cached choices (after changing the environment,
+    e.g. KDFAST_BACKEND or TRITON_INTERPRET, or installing a backend)."""
+    global _FORCED
+    _FORCED = os.environ.get("KDFAST_BACKEND") or None
     for entry in OPS.values():
         entry._cache.clear()
 
@@ -110,7 +118,7 @@ class Op:
 
         ``backend`` (or else ``KDFAST_BACKEND``) forces a choice; otherwise the fastest usable.
         """
-        forced = backend or os.environ.get("KDFAST_BACKEND") or None
+        forced = backend or _FORCED
         key = (device_type, forced)
         impl = self._cache.get(key)
         if impl is None:

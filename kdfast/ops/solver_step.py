@@ -197,8 +197,8 @@ def solver_step(
 
 
 def _allocate(sample: torch.Tensor, mask: int, history_dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
-    def new(dtype):
-        return torch.empty(sample.shape, dtype=dtype, device=sample.device)
+    def new(dtype):  # empty_like parses its arguments ~2x faster than empty(shape, dtype=, device=)
+        return torch.empty_like(sample, dtype=dtype, memory_format=torch.contiguous_format)
 
     return [
         new(sample.dtype) if mask & _OUT_SAMPLE else None,

@@ -16,18 +16,20 @@ CONFIG_NAME = "scheduler_config.json"
 
 
 class FrozenConfig(dict):
-    """A read-only dict whose keys are also attributes (like diffusers' FrozenDict)."""
+    """A read-only dict whose keys are also attributes (like diffusers' FrozenDict).
 
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    The instance dict *is* the mapping, so ``config.key`` is a plain attribute lookup: steps
+    read their config every call, and a ``__getattr__`` costs ten times as much.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        object.__setattr__(self, "__dict__", self)
 
     def _readonly(self, *args, **kwargs):
         raise TypeError("scheduler config is read-only; use from_config(config, key=value)")
 
-    __setitem__ = __delitem__ = update = pop = setdefault = clear = _readonly  # type: ignore[assignment]
+    __setitem__ = __delitem__ = __setattr__ = __delattr__ = update = pop = popitem = setdefault = clear = _readonly  # type: ignore[assignment]
 
 
 def register_to_config(init):

@@ -172,14 +172,26 @@ def test_forced_backend_that_cannot_serve_explains(good, monkeypatch):
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA tensors"):
         ops.solver_step(x, m, c, backend="cuda")
     monkeypatch.setenv("KDFAST_BACKEND", "nonsense")
-    with pytest.raises(BackendUnavailableError, match="unknown backend 'nonsense'"):
-        ops.solver_step(x, m, c)
+    kdfast.backends.refresh()
+    try:
+        with pytest.raises(BackendUnavailableError, match="unknown backend 'nonsense'"):
+            ops.solver_step(x, m, c)
+    finally:
+        monkeypatch.undo()
+        kdfast.backends.refresh()
 
 
 def test_kdfast_backend_env_forces_reference(good, monkeypatch):
     x, m, c = good
     monkeypatch.setenv("KDFAST_BACKEND", "reference")
-    assert kdfast.backends.op("solver_step").select("cpu").backend == "reference"
+    kdfast.backends.refresh()
+    try:
+        assert kdfast.backends.op("solver_step").select("cpu").backend == "reference"
+        assert torch.equal(ops.solver_step(x, m, c).sample, ops.solver_step(x, m, c, backend="cpu").sample)
+    finally:
+        monkeypatch.undo()
+        kdfast.backends.refresh()
+    assert kdfast.backends.op("solver_step").select("cpu").backend == "cpu"
 
 
 # --------------------------------------------------------------------------- torch integration
