@@ -62,15 +62,16 @@ def quartiles(samples: List[float]) -> Dict[str, float]:
 def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
     """Seconds for one pass over the schedule (model outputs precomputed)."""
     gen = torch.Generator(device=device).manual_seed(0)
+    kwargs = step_kwargs(scheduler, gen)
     if not set_each_time:
         scheduler.set_timesteps(STEPS, device=device)
     sync(device)
     t0 = time.perf_counter()
     if set_each_time:
         scheduler.set_timesteps(STEPS, device=device)
-    kwargs = step_kwargs(scheduler, gen)
     sample = x
     for t, out in zip(scheduler.timesteps, outputs):
+        scheduler.scale_model_input(sample, t)  # pipelines call it every step; the model is precomputed
         sample = scheduler.step(out, t, sample, **kwargs).prev_sample
     sync(device)
     return time.perf_counter() - t0
@@ -81,12 +82,25 @@ def step_kwargs(scheduler, gen):
     return {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
-def measure(make: Callable, x, outputs, device, repeats: int):
-    sched = make()
-    time_loop(sched, x, outputs, device, True)  # warm-up
-    per_step = [time_loop(sched, x, outputs, device, False) / len(sched.timesteps) * 1e6 for _ in range(repeats)]
-    loop = [time_loop(sched, x, outputs, device, True) * 1e3 for _ in range(repeats)]
-    return quartiles(per_step), quartiles(loop), len(sched.timesteps)
+def measure_pair(makes, x, outputs, device, repeats: int):
+    """Per-step us (warm and cold) and loop ms of each scheduler, repeats interleaved.
+
+    warm: a loop run right after the same scheduler's previous loop (back-to-back steps);
+    cold: the first loop after the other scheduler ran, its caches evicted, as a model
+    forward between real steps would. Both schedulers are measured under the same conditions.
+    """
+    scheds = [make() for make in makes]
+    for s in scheds:
+        time_loop(s, x, outputs, device, True)  # warm-up
+    warm, cold, loop = ([[] for _ in scheds] for _ in range(3))
+    for _ in range(repeats):
+        for k, s in enumerate(scheds):
+            steps = len(s.timesteps)
+            cold[k].append(time_loop(s, x, outputs, device, False) / steps * 1e6)
+            warm[k].append(time_loop(s, x, outputs, device, False) / steps * 1e6)
+            loop[k].append(time_loop(s, x, outputs, device, True) * 1e3)
+    return [(quartiles(warm[k]), quartiles(cold[k]), quartiles(loop[k]), len(s.timesteps))
+            for k, s in enumerate(scheds)]
 
 
 def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
@@ -124,9 +138,12 @@ def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
 
 def kdfast_bytes_per_step(name: str, numel: int, itemsize: int) -> Dict[str, float]:
     """What the fused kernel reads and writes, and the lower bound for the same step."""
+    # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
+    # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
-             "euler": 2, "euler_a": 3, "heun": 3, "lcm": 3}[name]
-    writes = {"unipc_bh2": 3, "heun": 2}.get(name, 2 if name in ("dpmpp_2m", "dpmpp_3m", "sde_dpmpp_2m", "deis_3") else 1)
+             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3}[name]
+    writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
+              "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2}[name]
     # The lower bound reads x, the model output, the history the formula needs (and the noise
     # of SDE steps) once, and writes the new sample and the history entry once: exactly the
     # fused kernel's traffic, so the ratio is 1.0 by construction; diffusers is compared to it.
@@ -139,21 +156,23 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--solvers", default=None, help="comma-separated subset")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (default 15, quick 5)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_solvers.json"))
     args = parser.parse_args()
     try:
         import diffusers
     except ImportError:
         raise SystemExit("bench_solvers compares against diffusers: pip install diffusers")
+    diffusers.utils.logging.set_verbosity_error()
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
-    repeats = 5 if args.quick else 15
+    repeats = args.repeats or (5 if args.quick else 15)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
     wanted = set(args.solvers.split(",")) if args.solvers else None
     rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
-    print(f"{'solver':<14}{'shape':<22}{'kdfast us/step':>16}{'diffusers us/step':>19}{'speedup':>9}"
-          f"{'kd loop ms':>12}{'df loop ms':>12}{'df bytes/LB':>13}")
+    print(f"{'':<36}{'us/step, warm':^28}{'us/step, cold':^28}{'20-step loop, ms':^28}")
+    print(f"{'solver':<14}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3 + f"{'df bytes/LB':>13}")
     for shape_name, shape in shapes.items():
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -165,8 +184,8 @@ def main() -> None:
                 continue  # not implemented yet in this build
             kd_make = lambda: getattr(kd, kd_name)(**config)  # noqa: E731
             df_make = lambda: getattr(diffusers, df_name)(**config)  # noqa: E731
-            kd_step, kd_loop, n = measure(kd_make, x, outputs, device, repeats)
-            df_step, df_loop, _ = measure(df_make, x, outputs, device, repeats)
+            (kd_step, kd_cold, kd_loop, n), (df_step, df_cold, df_loop, _) = measure_pair(
+                (kd_make, df_make), x, outputs, device, repeats)
             df_bytes = latent_bytes_per_step(df_make, x, outputs, device)
             kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size())
             row = {
@@ -174,14 +193,18 @@ def main() -> None:
                 "shape": list(shape), "dtype": args.dtype, "device": device_name(device), "steps": n,
                 "us_per_step": kd_step, "anchor": f"diffusers {diffusers.__version__} {df_name}",
                 "anchor_us_per_step": df_step, "speedup_per_step": df_step["median"] / kd_step["median"],
+                "us_per_step_cold": kd_cold, "anchor_us_per_step_cold": df_cold,
+                "speedup_per_step_cold": df_cold["median"] / kd_cold["median"],
                 "loop_ms": kd_loop, "anchor_loop_ms": df_loop, "speedup_loop": df_loop["median"] / kd_loop["median"],
                 "bytes_per_step": kd_bytes["kdfast"], "lower_bound_bytes": kd_bytes["lower_bound"],
                 "anchor_bytes_per_step": df_bytes, "anchor_bytes_ratio": df_bytes / kd_bytes["lower_bound"],
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
             }
             rows.append(row)
-            print(f"{name:<14}{shape_name:<22}{kd_step['median']:>16.1f}{df_step['median']:>19.1f}"
-                  f"{row['speedup_per_step']:>8.1f}x{kd_loop['median']:>12.2f}{df_loop['median']:>12.2f}"
+            print(f"{name:<14}{shape_name:<22}"
+                  f"{kd_step['median']:>9.1f}{df_step['median']:>10.1f}{row['speedup_per_step']:>8.1f}x"
+                  f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
+                  f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
                   f"{row['anchor_bytes_ratio']:>12.1f}x")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:

@@ -25,13 +25,14 @@ def describe(name: Optional[str], t: torch.Tensor) -> str:
     return f"{name}: {tuple(t.shape)} {t.dtype} on {t.device}"
 
 
-def addresses(tensors) -> Tuple[list, list, list]:
-    """(addresses, batch strides, dtype codes) of sample-major tensors; None gives zeros."""
+def addresses(tensors, inner: int) -> Tuple[list, list, list]:
+    """(addresses, batch strides, dtype codes) of sample-major tensors of ``inner`` elements
+    per sample (validated to share one shape); None gives zeros."""
     n = len(tensors)
     ptrs, strides, codes = [0] * n, [0] * n, [0] * n
     for i, t in enumerate(tensors):
         if t is not None:
             ptrs[i] = t.data_ptr()
-            strides[i] = t.stride(0) if t.shape[0] > 1 else t.numel()
+            strides[i] = inner if t.is_contiguous() else t.stride(0)
             codes[i] = DTYPE_CODES[t.dtype]
     return ptrs, strides, codes

@@ -75,7 +75,7 @@ def _check_like(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Opt
 def _check_coefs(coefs: torch.Tensor) -> torch.Tensor:
     if not isinstance(coefs, torch.Tensor):
         raise TypeError(f"coefs must be a torch.Tensor of {NUM_COEFS} float32 values, got {type(coefs).__name__}")
-    if coefs.device.type != "cpu" or coefs.dtype != torch.float32 or coefs.numel() != NUM_COEFS:
+    if not coefs.is_cpu or coefs.dtype != torch.float32 or coefs.numel() != NUM_COEFS:
         raise ValueError(
             f"coefs must be a CPU float32 tensor of {NUM_COEFS} values, got {describe('coefs', coefs)}"
         )
@@ -228,15 +228,17 @@ def _step_reference(inputs, outputs, coefs, guidance_scale, threshold, clip_valu
             out.copy_(value)
 
 
-def _addresses(inputs, outputs):
-    return (*addresses(inputs), *addresses(outputs))
+def _addresses(inputs, outputs, inner):
+    return (*addresses(inputs, inner), *addresses(outputs, inner))
 
 
 @step_op.register("cpu")
 def _step_cpu(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
     x = inputs[0]
+    batch = len(x)
+    inner = x.numel() // batch
     _ext.cpu()[0].solver_step(
-        x.shape[0], x.numel() // x.shape[0], *_addresses(inputs, outputs), coefs.data_ptr(),
+        batch, inner, *_addresses(inputs, outputs, inner), coefs.data_ptr(),
         guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr(),
         torch.get_num_threads(),
     )
@@ -245,8 +247,10 @@ def _step_cpu(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dyn
 @step_op.register("cuda")
 def _step_cuda(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
     x = inputs[0]
+    batch = len(x)
+    inner = x.numel() // batch
     _ext.cuda()[0].solver_step(
-        x.shape[0], x.numel() // x.shape[0], *_addresses(inputs, outputs), coefs.data_ptr(),
+        batch, inner, *_addresses(inputs, outputs, inner), coefs.data_ptr(),
         guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr(),
         torch.cuda.current_stream(x.device).cuda_stream,
     )
@@ -376,7 +380,8 @@ def _threshold_reference(out, x, model, cond, guidance_scale, x0_from_x, x0_from
 
 
 def _threshold_args(out, x, model, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value):
-    return (x.shape[0], x.numel() // x.shape[0], *addresses((x, model, cond)), x0_from_x, x0_from_model,
+    inner = x.numel() // len(x)
+    return (len(x), inner, *addresses((x, model, cond), inner), x0_from_x, x0_from_model,
             guidance_scale, ratio, max_value, out.data_ptr())
 
 
