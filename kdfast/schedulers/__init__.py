@@ -3,6 +3,7 @@
 ``pipe.scheduler = kdfast.schedulers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``
 """
 from .base import FusedScheduler, SchedulerOutput
+from .convert import from_diffusers, patch_pipeline, supported
 from .ddim import DDIMScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -15,5 +16,5 @@ from .unipc_multistep import UniPCMultistepScheduler
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler",
-    "UniPCMultistepScheduler",
+    "UniPCMultistepScheduler", "from_diffusers", "patch_pipeline", "supported",
 ]

@@ -1,0 +1,69 @@
+import copy
+
+import pytest
+import torch
+
+import kdfast
+from kdfast.schedulers import from_diffusers, patch_pipeline, supported
+
+diffusers = pytest.importorskip("diffusers")
+
+
+@pytest.mark.parametrize("name", supported())
+def test_from_diffusers_maps_every_supported_class(name):
+    df = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    kd = from_diffusers(df)
+    assert type(kd) is getattr(kdfast.schedulers, name)
+    assert kd.config.beta_schedule == "scaled_linear" and kd.config.beta_end == 0.012
+
+
+def test_unsupported_scheduler_is_named():
+    with pytest.raises(ValueError, match="PNDMScheduler"):
+        from_diffusers(diffusers.PNDMScheduler())
+    with pytest.raises(TypeError, match="has no scheduler"):
+        patch_pipeline(object())
+
+
+def tiny_unet():
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                                 layers_per_block=1, norm_num_groups=8,
+                                 down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+
+def float64_ddim_images(unet, eta, seed, steps=10):
+    """The same DDIM loop in float64 (from the pipeline's fp32 initial noise), post-processed
+    like DDIMPipeline: the truth both fp32 runs are measured against."""
+    net = copy.deepcopy(unet).double()
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn((2, 1, 8, 8), generator=gen).double()
+    sched = diffusers.DDIMScheduler(clip_sample=True)
+    sched.set_timesteps(steps)
+    with torch.no_grad():
+        for t in sched.timesteps:
+            x = sched.step(net(x, t).sample, t, x, eta=eta, generator=gen).prev_sample
+    return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_patched_diffusers_pipeline_gives_the_same_images(eta):
+    # A real diffusers pipeline (random tiny UNet, no download), patched after construction
+    # (DDIMPipeline converts whatever scheduler it is given into diffusers' own DDIM).
+    unet = tiny_unet()
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=True))
+    pipe.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        expected = pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
+                        generator=torch.Generator().manual_seed(3)).images
+        patch_pipeline(pipe)
+        assert isinstance(pipe.scheduler, kdfast.schedulers.DDIMScheduler)
+        got = pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
+                   generator=torch.Generator().manual_seed(3)).images
+    assert got.shape == expected.shape == (2, 8, 8, 1)
+    # The random network amplifies fp32 rounding over the loop (diffusers' own fp32 run is
+    # ~1e-4 off float64), so: kdfast at most 2x as far from float64 as diffusers itself.
+    truth = float64_ddim_images(unet, eta, 3)
+    err, base = abs(got - truth).max(), abs(expected - truth).max()
+    assert err <= 2 * base + 1e-6, (err, base)
+    assert abs(got - expected).max() < 1e-3
