@@ -5,7 +5,7 @@ from __future__ import annotations
 import collections
 import json
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -79,6 +79,32 @@ class FusedScheduler(ConfigMixin):
     order = 1
     init_noise_sigma = 1.0
     _compatibles: Sequence[str] = ()
+
+    # Planning a schedule in float64 Python costs 0.1-2 ms; pipelines call set_timesteps with
+    # the same settings again and again, so tables are shared by every scheduler instance
+    # with the same class, config and schedule (plans are pure functions of those).
+    _TABLE_CACHE: "collections.OrderedDict[str, CoefficientTable]" = collections.OrderedDict()
+    _TABLE_CACHE_SIZE = 64
+
+    @staticmethod
+    def clear_table_cache() -> None:
+        """Forget every shared coefficient table (they are rebuilt on the next set_timesteps)."""
+        FusedScheduler._TABLE_CACHE.clear()
+
+    def _shared_table(self, build: Callable[[], CoefficientTable]) -> CoefficientTable:
+        """The table of the schedule just set: ``build()`` the first time, shared afterwards."""
+        sigmas = getattr(self, "sigmas", None)
+        key = json.dumps([type(self).__qualname__, self.config, self._host_timesteps, self.num_inference_steps,
+                          None if sigmas is None else sigmas.tolist()], sort_keys=True, default=repr)
+        cache = FusedScheduler._TABLE_CACHE
+        table = cache.get(key)
+        if table is None:
+            table = cache[key] = build()
+            if len(cache) > self._TABLE_CACHE_SIZE:
+                cache.popitem(last=False)
+        else:
+            cache.move_to_end(key)
+        return table
 
     @property
     def compatibles(self):
@@ -204,11 +230,6 @@ class MultistepScheduler(FusedScheduler):
     noise schedule, the history of converted model outputs, the per-(step, order) table, and
     ``add_noise``."""
 
-    # Planning every (step, order) combination in float64 Python costs 0.4-2 ms; pipelines
-    # call set_timesteps with the same settings again and again, so tables are shared.
-    _TABLE_CACHE: "collections.OrderedDict[str, CoefficientTable]" = collections.OrderedDict()
-    _TABLE_CACHE_SIZE = 64
-
     @property
     def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines
         return 1
@@ -250,18 +271,7 @@ class MultistepScheduler(FusedScheduler):
         self._set_host_timesteps(self.timesteps.tolist())
         self.num_inference_steps = len(self._host_timesteps)
         self._reset_history()
-        key = json.dumps([type(self).__qualname__, self.config, sigmas.tolist(), self._host_timesteps],
-                         sort_keys=True, default=repr)
-        cache = MultistepScheduler._TABLE_CACHE
-        table = cache.get(key)
-        if table is None:
-            table = CoefficientTable(self._plans([float(v) for v in sigmas]))
-            cache[key] = table
-            if len(cache) > self._TABLE_CACHE_SIZE:
-                cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
-        self._table = table
+        self._table = self._shared_table(lambda: CoefficientTable(self._plans([float(v) for v in sigmas])))
 
     def _plans(self, sigmas: List[float]) -> Dict[object, StepPlan]:
         plans = {}

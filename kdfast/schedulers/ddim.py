@@ -125,7 +125,7 @@ class DDIMScheduler(FusedScheduler):
         self.num_inference_steps = n
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self._set_host_timesteps(timesteps.tolist())
-        self._table = _GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()})
+        self._table = self._shared_table(lambda: _GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()}))
 
     @staticmethod
     def _key(t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False):

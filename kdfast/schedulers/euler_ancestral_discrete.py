@@ -76,7 +76,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
-        self._table = CoefficientTable({i: self._plan(i) for i in range(len(timesteps))})
+        self._table = self._shared_table(lambda: CoefficientTable({i: self._plan(i) for i in range(len(timesteps))}))
 
     def _plan(self, i: int) -> StepPlan:
         sigma, sigma_to = self._host_sigmas[i], self._host_sigmas[i + 1]

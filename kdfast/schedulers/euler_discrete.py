@@ -286,7 +286,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
-        self._table = _GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))})
+        self._table = self._shared_table(lambda: _GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))}))
 
     def _plan(self, i: int, gamma: float = 0.0, s_noise: float = 1.0) -> StepPlan:
         sigma, sigma_next = self._host_sigmas[i], self._host_sigmas[i + 1]

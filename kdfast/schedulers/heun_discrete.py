@@ -109,7 +109,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         self.sample = None
         self._step_index = None
         self._begin_index = None
-        self._table = self._build_table() if build else None
+        self._table = self._shared_table(self._build_table) if build else None
 
     def _build_table(self) -> CoefficientTable:
         plans = {}
@@ -164,7 +164,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
         if self._table is None:
-            self._table = self._build_table()
+            self._table = self._shared_table(self._build_table)
         k = self._index_for_step(timestep)
         clip = self.config.clip_sample_range if self.config.clip_sample else None
         if self.state_in_first_order:

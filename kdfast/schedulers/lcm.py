@@ -162,7 +162,8 @@ class LCMScheduler(FusedScheduler):
         self._set_host_timesteps(timesteps.tolist())
         self._step_index = None
         self._begin_index = None
-        self._table = _GrowingTable({(i, int(t)): self._plan(i, int(t)) for i, t in enumerate(timesteps.tolist())})
+        self._table = self._shared_table(
+            lambda: _GrowingTable({(i, int(t)): self._plan(i, int(t)) for i, t in enumerate(timesteps.tolist())}))
 
     def get_scalings_for_boundary_condition_discrete(self, timestep) -> Tuple[float, float]:
         """(c_skip, c_out) of the consistency-model boundary condition at ``timestep``."""

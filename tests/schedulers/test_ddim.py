@@ -74,15 +74,29 @@ def test_step_reads_the_timestep_value_like_diffusers():
 
 
 def test_on_the_fly_coefficients_are_kept_and_bounded():
-    kd = DDIMScheduler()
-    kd.set_timesteps(10)
-    kd._table._limit = 4
-    x, m = initial_sample(), initial_sample(seed=1)
-    base = len(kd._table.plans)
-    for t in range(100, 110):
-        kd.step(m, t, x)
-    assert len(kd._table.plans) == base + 4
-    assert all(kd._key(int(t)) in kd._table for t in kd.timesteps)  # the schedule's own rows stay
+    DDIMScheduler.clear_table_cache()  # tables are shared between instances: start from a fresh one
+    try:
+        kd = DDIMScheduler()
+        kd.set_timesteps(10)
+        kd._table._limit = 4
+        x, m = initial_sample(), initial_sample(seed=1)
+        base = len(kd._table.plans)
+        for t in range(100, 110):
+            kd.step(m, t, x)
+        assert len(kd._table.plans) == base + 4
+        assert all(kd._key(int(t)) in kd._table for t in kd.timesteps)  # the schedule's own rows stay
+    finally:
+        DDIMScheduler.clear_table_cache()
+
+
+def test_schedules_share_tables_across_instances():
+    a, b = DDIMScheduler(), DDIMScheduler()
+    a.set_timesteps(12)
+    b.set_timesteps(12)
+    assert a._table is b._table
+    c = DDIMScheduler(clip_sample=False)
+    c.set_timesteps(12)
+    assert c._table is not a._table  # another config, another table
 
 
 def test_eta_noise_generator_and_variance_noise():
