@@ -1,0 +1,205 @@
+"""Sample-quality metrics on the digits set: a Frechet distance in classifier features and class accuracy.
+
+The Frechet distance is FID's formula with the shipped :class:`~kdfast.eval.classifier.DigitsClassifier`
+in place of Inception-v3. Like FID it is biased upward for small sets, so only compare numbers
+computed from the same number of images; :meth:`DigitsEvaluator.floor` gives the value two
+independent sets of real digits reach, the best any sampler can hope for.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from ..datasets.digits import NUM_CLASSES, load_digits
+from .classifier import IMAGE_SIZE, PathLike, load_classifier
+
+RANGE_TOLERANCE = 1e-3  # samplers that clip still land a hair outside [-1, 1] after float rounding
+
+
+def frechet_distance(feats_a, feats_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` and ``[M, D]``.
+
+    ``||mu_a - mu_b||^2 + tr(C_a) + tr(C_b) - 2 tr(sqrt(sqrt(C_a) C_b sqrt(C_a)))``, all in
+    float64. Both square roots come from symmetric eigendecompositions, which stay real and
+    stable for the singular covariances of small sets (negative round-off eigenvalues are
+    clipped to 0). The result is clipped at 0 for the same reason.
+    """
+    a = _as_features("feats_a", feats_a)
+    b = _as_features("feats_b", feats_b)
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"feats_a and feats_b must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}")
+    mu_a, cov_a = _mean_cov(a)
+    mu_b, cov_b = _mean_cov(b)
+    sqrt_a = _sqrtm_psd(cov_a)
+    middle = sqrt_a @ cov_b @ sqrt_a
+    eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
+    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum()
+    return max(float(value), 0.0)
+
+
+def _as_features(name: str, feats) -> torch.Tensor:
+    if isinstance(feats, np.ndarray):
+        feats = torch.from_numpy(feats)
+    if not isinstance(feats, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(feats).__name__}")
+    if feats.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [num_samples, feature_dim], got shape {tuple(feats.shape)}")
+    if not (feats.dtype.is_floating_point or feats.dtype in (torch.int32, torch.int64)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {feats.dtype}")
+    if feats.shape[0] < 2:
+        raise ValueError(f"{name} needs at least 2 samples for a covariance, got {feats.shape[0]}")
+    feats = feats.detach().to("cpu", torch.float64)
+    if not torch.isfinite(feats).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return feats
+
+
+def _mean_cov(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    mu = x.mean(0)
+    centered = x - mu
+    return mu, centered.T @ centered / (len(x) - 1)  # unbiased, like numpy.cov and FID
+
+
+def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(cov)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def check_images(images, name: str = "images") -> torch.Tensor:
+    """``images`` as float32 ``[N, 1, 16, 16]`` in [-1, 1], or a ValueError/TypeError naming ``name``."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(images).__name__}")
+    if not images.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor with values in [-1, 1], got dtype {images.dtype} "
+                        "(convert integer pixels first, e.g. x / 127.5 - 1 for 0..255)")
+    expected = (1, IMAGE_SIZE, IMAGE_SIZE)
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise ValueError(f"{name} must have shape [N, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
+    if images.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
+    images = images.detach().to("cpu", torch.float32)
+    if not torch.isfinite(images).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    lo, hi = images.min().item(), images.max().item()
+    if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
+        raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] "
+                         "(clamp samples with .clamp(-1, 1) or rescale them)")
+    return images.clamp(-1, 1)
+
+
+def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
+    """``labels`` as int64 ``[num_images]`` in ``[0, 10)``, or a ValueError/TypeError naming ``name``."""
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor of class indices, got dtype {labels.dtype}")
+    if labels.dim() != 1:
+        raise ValueError(f"{name} must be 1-D [N], got shape {tuple(labels.shape)}")
+    if len(labels) != num_images:
+        raise ValueError(f"{name} has {len(labels)} entries but there are {num_images} images")
+    labels = labels.detach().to("cpu", torch.int64)
+    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+        raise ValueError(f"{name} must be class indices in [0, {NUM_CLASSES}), "
+                         f"got values in [{labels.min().item()}, {labels.max().item()}]")
+    return labels
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@torch.no_grad()
+def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: int) -> torch.Tensor:
+    """Apply ``classifier.<method>`` in eval mode, batched, on the classifier's device; CPU result."""
+    was_training = classifier.training
+    classifier.eval()
+    try:
+        device = next(classifier.parameters()).device
+        fn = getattr(classifier, method)
+        return torch.cat([fn(images[i:i + batch_size].to(device)).float().cpu()
+                          for i in range(0, len(images), batch_size)])
+    finally:
+        classifier.train(was_training)
+
+
+def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
+                   batch_size: int = 512) -> float:
+    """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (the class each was sampled for)."""
+    images = check_images(images)
+    labels = check_labels(labels, len(images))
+    predicted = _run(classifier, images, "forward", batch_size).argmax(1)
+    return float((predicted == labels).double().mean().item())
+
+
+class DigitsEvaluator:
+    """Frechet distance and class accuracy of 16x16 digit samples, against real held-out digits.
+
+    Loads the shipped classifier (or takes ``classifier``), and computes the real features of
+    the "train" and "heldout" splits (``split_seed`` as in :func:`kdfast.datasets.load_digits`)
+    once, on first use. Evaluation has no randomness: the same images give the same numbers.
+    Keep ``split_seed=0`` with the shipped classifier: it was trained on that split, and
+    another split would put its training images in the reference set.
+    """
+
+    def __init__(self, classifier: Optional[nn.Module] = None, path: Optional[PathLike] = None,
+                 device: Union[str, torch.device] = "cpu", split_seed: int = 0, batch_size: int = 512):
+        if classifier is not None and path is not None:
+            raise ValueError("pass classifier or path, not both")
+        if int(batch_size) < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.classifier = classifier.to(device).eval() if classifier is not None else load_classifier(path, device)
+        self.split_seed = int(split_seed)
+        self.batch_size = int(batch_size)
+        self._real: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
+        self._real_features: Dict[str, torch.Tensor] = {}
+
+    def real(self, split: str = "heldout") -> Tuple[torch.Tensor, torch.Tensor]:
+        """The real 16x16 images and labels of ``split`` ("train" or "heldout")."""
+        if split not in ("train", "heldout"):
+            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        if split not in self._real:
+            self._real[split] = load_digits(split, size=IMAGE_SIZE, seed=self.split_seed)
+        return self._real[split]
+
+    def real_features(self, split: str = "heldout") -> torch.Tensor:
+        """Cached classifier features of the real ``split`` images."""
+        if split not in self._real_features:
+            self._real_features[split] = self.features(self.real(split)[0])
+        return self._real_features[split]
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Classifier features ``[N, feature_dim]`` (float32, CPU) of checked ``images``."""
+        return _run(self.classifier, check_images(images), "features", self.batch_size)
+
+    def evaluate(self, images: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                 reference: str = "heldout") -> Dict[str, Optional[float]]:
+        """``{"frechet": ..., "accuracy": ..., "num_images": N}`` for samples ``[N, 1, 16, 16]`` in [-1, 1].
+
+        ``frechet`` compares the samples' features with the real ``reference`` split's;
+        ``accuracy`` is the share classified as ``labels`` (None without labels). At least 2
+        images are needed; hundreds are needed for a meaningful Frechet distance.
+        """
+        images = check_images(images)
+        if len(images) < 2:
+            raise ValueError(f"images needs at least 2 images for a Frechet distance, got {len(images)}")
+        if labels is not None:
+            labels = check_labels(labels, len(images))
+        feats = self.features(images)
+        result: Dict[str, Optional[float]] = {
+            "frechet": frechet_distance(feats, self.real_features(reference)),
+            "accuracy": None,
+            "num_images": len(images),
+        }
+        if labels is not None:
+            logits = _run(self.classifier, images, "forward", self.batch_size)
+            result["accuracy"] = float((logits.argmax(1) == labels).double().mean().item())
+        return result
+
+    def floor(self) -> float:
+        """Frechet distance between the real "train" and "heldout" splits: the real-vs-real floor."""
+        return frechet_distance(self.real_features("train"), self.real_features("heldout"))

@@ -1,0 +1,111 @@
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+
+from kdfast.datasets import load_digits  # noqa: E402
+from kdfast.eval import (SHIPPED_PATH, ClassifierAssetError, DigitsClassifier, load_classifier,  # noqa: E402
+                         save_classifier, train_classifier)
+from kdfast.eval.classifier import metadata_path, random_shift  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_classifier()
+
+
+def test_shipped_classifier_loads_and_is_accurate(shipped):
+    assert isinstance(shipped, DigitsClassifier) and not shipped.training
+    x, y = load_digits("heldout", size=16)
+    with torch.no_grad():
+        logits, feats = shipped(x), shipped.features(x)
+    assert logits.shape == (len(x), 10) and feats.shape == (len(x), shipped.config["feature_dim"])
+    accuracy = (logits.argmax(1) == y).double().mean().item()
+    assert accuracy >= 0.97
+    # the asset is small and its JSON records the architecture and what was measured
+    assert SHIPPED_PATH.stat().st_size < 1_000_000
+    info = json.loads(metadata_path(SHIPPED_PATH).read_text())
+    assert info["config"]["feature_dim"] == shipped.config["feature_dim"]
+    assert info["metrics"]["heldout_accuracy"] >= 0.97
+    assert abs(info["metrics"]["heldout_accuracy"] - accuracy) <= 2 / len(x)  # float differences across machines
+    assert 0 < info["metrics"]["real_vs_real_frechet_floor"] < 10
+
+
+def test_tiny_training_run_returns_a_model_and_is_seeded():
+    model, metrics = train_classifier(epochs=1, seed=3, progress=False, feature_dim=32)
+    assert isinstance(model, DigitsClassifier) and not model.training
+    assert model.config["feature_dim"] == 32
+    assert set(metrics) >= {"heldout_accuracy", "train_accuracy", "final_loss", "train_seconds"}
+    assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["epochs"] == 1
+    again, _ = train_classifier(epochs=1, seed=3, progress=False, feature_dim=32)
+    for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(p, q), name
+    with pytest.raises(ValueError, match="epochs"):
+        train_classifier(epochs=0)
+
+
+def test_save_load_round_trip(tmp_path, shipped):
+    path = save_classifier(shipped, tmp_path / "clf.safetensors", {"heldout_accuracy": 1.0})
+    # the same weights give the same bytes (the SHA-256 in the JSON depends on it)
+    assert save_classifier(shipped, tmp_path / "again.safetensors").read_bytes() == path.read_bytes()
+    info = json.loads((tmp_path / "clf.json").read_text())
+    assert info["metrics"] == {"heldout_accuracy": 1.0} and info["bytes"] == path.stat().st_size
+    loaded = load_classifier(path)
+    x = load_digits("heldout", size=16)[0][:32]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shipped(x))
+    # the weights file alone is enough: the config also lives in its metadata
+    (tmp_path / "clf.json").unlink()
+    assert load_classifier(path).config == shipped.config
+    with pytest.raises(TypeError, match="model"):
+        save_classifier(torch.nn.Linear(2, 2), tmp_path / "x.safetensors")
+
+
+def test_corrupt_or_missing_asset_raises_a_clear_error(tmp_path, shipped):
+    path = save_classifier(shipped, tmp_path / "clf.safetensors")
+    data = path.read_bytes()
+
+    # a flipped byte is caught by the SHA-256 the JSON records
+    flipped = bytearray(data)
+    flipped[-100] ^= 0xFF
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(ClassifierAssetError, match="corrupt"):
+        load_classifier(path)
+
+    # without the JSON, bad bytes are caught by the safetensors reader
+    metadata_path(path).unlink()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ClassifierAssetError, match="not a readable safetensors file"):
+        load_classifier(path)
+    path.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ClassifierAssetError, match="not a readable safetensors file"):
+        load_classifier(path)
+
+    metadata_path(path).write_text("{broken")
+    with pytest.raises(ClassifierAssetError, match="not valid JSON"):
+        load_classifier(path)
+    with pytest.raises(ClassifierAssetError, match="does not exist"):
+        load_classifier(tmp_path / "missing.safetensors")
+
+    # weights of another architecture under a config that does not fit them
+    from safetensors.torch import save_file
+    small = DigitsClassifier(feature_dim=16)
+    state = {k: v.contiguous() for k, v in small.state_dict().items()}
+    save_file(state, str(tmp_path / "mismatch.safetensors"), metadata={"config": json.dumps(shipped.config)})
+    with pytest.raises(ClassifierAssetError, match="does not match its architecture"):
+        load_classifier(tmp_path / "mismatch.safetensors")
+
+
+def test_random_shift_moves_digits_and_pads_with_background():
+    gen = torch.Generator().manual_seed(0)
+    x = load_digits("heldout", size=16)[0][:64]
+    assert torch.equal(random_shift(x, 0, gen), x)
+    shifted = random_shift(x, 2, gen)
+    assert shifted.shape == x.shape and shifted.min() >= -1 and shifted.max() <= 1
+    # every output is some shift of its input within +-2 pixels, padded with -1
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
+    for img, src in zip(shifted, padded):
+        assert any(torch.equal(img[0], src[0, dy:dy + 16, dx:dx + 16]) for dy in range(5) for dx in range(5))

@@ -1,0 +1,150 @@
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+
+from kdfast.eval import DigitsEvaluator, class_accuracy, frechet_distance  # noqa: E402
+
+
+def _correlated(n, d, seed, shift=0.0):
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    return torch.randn(n, d, generator=gen, dtype=torch.float64) @ mix + shift
+
+
+@pytest.fixture(scope="module")
+def evaluator():
+    return DigitsEvaluator()
+
+
+# ---------------------------------------------------------------- frechet_distance
+
+
+def test_frechet_matches_direct_scipy_formula():
+    linalg = pytest.importorskip("scipy.linalg")
+    a, b = _correlated(300, 12, seed=1), _correlated(250, 12, seed=2, shift=0.5)
+    an, bn = a.numpy(), b.numpy()
+    mu_a, mu_b = an.mean(0), bn.mean(0)
+    cov_a, cov_b = np.cov(an, rowvar=False), np.cov(bn, rowvar=False)
+    covmean = linalg.sqrtm(cov_a @ cov_b).real
+    expected = ((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(covmean)
+    got = frechet_distance(a, b)
+    assert got == pytest.approx(expected, rel=1e-8)
+    assert frechet_distance(an, bn) == pytest.approx(got, rel=1e-12)       # numpy input too
+    assert frechet_distance(b, a) == pytest.approx(got, rel=1e-8)          # symmetric
+    assert frechet_distance(a.float(), b.float()) == pytest.approx(got, rel=1e-5)  # float32 in, float64 inside
+
+
+def test_frechet_identical_sets_is_zero():
+    a = _correlated(200, 16, seed=3)
+    assert frechet_distance(a, a.clone()) == pytest.approx(0.0, abs=1e-8)
+    # fewer samples than dimensions: singular covariances stay real and ~0
+    small = _correlated(10, 64, seed=4)
+    assert frechet_distance(small, small) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_frechet_of_shifted_gaussians_is_squared_mean_distance():
+    a = _correlated(500, 8, seed=5)
+    delta = torch.linspace(-1.0, 2.0, 8, dtype=torch.float64)
+    # the same samples shifted: equal covariances exactly, so the trace terms cancel
+    assert frechet_distance(a, a + delta) == pytest.approx(delta.square().sum().item(), rel=1e-9)
+    # independent draws: the analytic value up to sampling error
+    gen = torch.Generator().manual_seed(6)
+    x = torch.randn(20000, 4, generator=gen, dtype=torch.float64)
+    y = torch.randn(20000, 4, generator=gen, dtype=torch.float64) + 3.0
+    assert frechet_distance(x, y) == pytest.approx(36.0, rel=0.02)
+
+
+def test_frechet_bad_inputs_name_the_argument():
+    good = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="feats_a.*2-D"):
+        frechet_distance(torch.randn(10), good)
+    with pytest.raises(ValueError, match="feats_b.*2-D"):
+        frechet_distance(good, torch.randn(2, 5, 4))
+    with pytest.raises(ValueError, match="feature dimension"):
+        frechet_distance(good, torch.randn(10, 5))
+    with pytest.raises(ValueError, match="feats_b.*at least 2"):
+        frechet_distance(good, torch.randn(1, 4))
+    bad = good.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="feats_a.*NaN"):
+        frechet_distance(bad, good)
+    with pytest.raises(TypeError, match="feats_a"):
+        frechet_distance([[1.0, 2.0]], good)
+    with pytest.raises(TypeError, match="feats_b"):
+        frechet_distance(good, torch.ones(10, 4, dtype=torch.bool))
+
+
+# ---------------------------------------------------------------- DigitsEvaluator
+
+
+def test_real_vs_real_floor_is_small_and_heldout_scores_high(evaluator):
+    floor = evaluator.floor()
+    assert 0.0 < floor < 10.0
+    x_held, y_held = evaluator.real("heldout")
+    x_train, y_train = evaluator.real("train")
+    held = evaluator.evaluate(x_held, y_held)
+    assert held["accuracy"] >= 0.97
+    assert held["frechet"] == pytest.approx(0.0, abs=1e-6)  # the reference set itself
+    assert held["num_images"] == len(x_held)
+    train = evaluator.evaluate(x_train, y_train)
+    assert train["frechet"] == pytest.approx(floor, rel=1e-9)
+    assert train["accuracy"] >= 0.97
+    assert evaluator.evaluate(x_train)["accuracy"] is None
+    assert class_accuracy(x_held, y_held, evaluator.classifier) == held["accuracy"]
+
+
+def test_noise_scores_far_from_real_and_near_chance(evaluator):
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.rand(500, 1, 16, 16, generator=gen) * 2 - 1
+    labels = torch.arange(500) % 10
+    result = evaluator.evaluate(noise, labels)
+    assert result["frechet"] > 20 * evaluator.floor()
+    assert result["accuracy"] < 0.25
+    # wrong labels on real images: chance accuracy, unchanged Frechet distance
+    x_held, y_held = evaluator.real("heldout")
+    assert evaluator.evaluate(x_held, (y_held + 1) % 10)["accuracy"] < 0.05
+
+
+def test_evaluation_is_deterministic():
+    a, b = DigitsEvaluator(), DigitsEvaluator()
+    assert a.floor() == b.floor()
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(64, 1, 16, 16, generator=gen) * 2 - 1
+    labels = torch.randint(0, 10, (64,), generator=gen)
+    assert a.evaluate(images, labels) == b.evaluate(images, labels) == a.evaluate(images, labels)
+
+
+def test_bad_images_and_labels_name_the_argument(evaluator):
+    x_held, y_held = evaluator.real("heldout")
+    x, y = x_held[:20], y_held[:20]
+    with pytest.raises(ValueError, match=r"images must have shape \[N, 1, 16, 16\]"):
+        evaluator.evaluate(torch.zeros(20, 1, 8, 8))
+    with pytest.raises(ValueError, match="images must have shape"):
+        evaluator.evaluate(torch.zeros(20, 16, 16))
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\]"):
+        evaluator.evaluate((x + 1) * 127.5)
+    with pytest.raises(TypeError, match="images must be a floating-point"):
+        evaluator.evaluate(((x + 1) * 127.5).to(torch.uint8))
+    with pytest.raises(TypeError, match="images must be a torch.Tensor"):
+        evaluator.evaluate(x.numpy())
+    nan = x.clone()
+    nan[0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="images contains NaN"):
+        evaluator.evaluate(nan)
+    with pytest.raises(ValueError, match="at least 2"):
+        evaluator.evaluate(x[:1])
+    with pytest.raises(ValueError, match="labels has 19 entries but there are 20 images"):
+        evaluator.evaluate(x, y[:19])
+    with pytest.raises(TypeError, match="labels must be an integer"):
+        evaluator.evaluate(x, y.float())
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\)"):
+        evaluator.evaluate(x, y + 10)
+    with pytest.raises(ValueError, match="labels has 19 entries"):
+        class_accuracy(x, y[:19], evaluator.classifier)
+    with pytest.raises(ValueError, match="split"):
+        evaluator.real("test")
+    # float64 input and a hair outside [-1, 1] (sampler round-off) are accepted
+    assert evaluator.evaluate((x * 1.0005).double(), y)["accuracy"] >= 0.9
