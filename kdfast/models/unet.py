@@ -1,0 +1,248 @@
+"""A small class-conditional UNet for 16x16 single-channel images (the digits teacher).
+
+Written in plain PyTorch, no diffusers: a DDPM-style UNet with residual blocks (GroupNorm,
+SiLU, time + class embedding added between the two convolutions), one stride-2 downsampling
+per level and self-attention at the lowest resolution. The class embedding has one extra
+row, index ``num_classes`` ("null"), which is what classifier-free guidance feeds for the
+unconditional half of the batch.
+
+``forward(x, t, class_labels)`` takes the *training* timestep ``t`` (0 .. num_train_timesteps-1,
+integer or fractional, scalar or one per sample) as diffusers' UNets do, so kdfast schedulers'
+``timesteps`` can be passed straight in, and returns epsilon or v depending on
+``config.prediction_type`` (the model itself does not care; the config records what it was
+trained for).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+@dataclass
+class UNetConfig:
+    """Everything needed to rebuild a :class:`UNet`; saved next to the weights as JSON."""
+
+    sample_size: int = 16
+    in_channels: int = 1
+    out_channels: int = 1
+    base_channels: int = 32
+    channel_mults: Tuple[int, ...] = (1, 2, 2)   # one entry per resolution: 16, 8, 4
+    num_res_blocks: int = 1                      # per level on the way down (one more on the way up)
+    attention: bool = True                       # self-attention at the lowest resolution
+    attention_heads: int = 4
+    num_classes: int = 10                        # class index num_classes is the null class
+    time_embed_dim: int = 128
+    norm_groups: int = 8
+    dropout: float = 0.0
+    prediction_type: str = "epsilon"
+
+    def __post_init__(self):
+        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; "
+                             f"expected one of {PREDICTION_TYPES}")
+        if not self.channel_mults or any(m < 1 for m in self.channel_mults):
+            raise ValueError(f"channel_mults must be positive integers, got {self.channel_mults}")
+        if self.sample_size % 2 ** (len(self.channel_mults) - 1):
+            raise ValueError(f"sample_size {self.sample_size} is not divisible by "
+                             f"2**{len(self.channel_mults) - 1} (one halving per extra level)")
+        for name in ("base_channels", "num_res_blocks", "num_classes", "time_embed_dim", "norm_groups",
+                     "attention_heads"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for m in self.channel_mults:
+            if (self.base_channels * m) % self.norm_groups:
+                raise ValueError(f"base_channels * channel_mults ({self.base_channels * m}) must be divisible "
+                                 f"by norm_groups ({self.norm_groups})")
+        if self.attention and (self.base_channels * self.channel_mults[-1]) % self.attention_heads:
+            raise ValueError("the lowest-resolution channel count must be divisible by attention_heads")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    @property
+    def null_class(self) -> int:
+        """The class index that means "no class" (classifier-free guidance's unconditional input)."""
+        return self.num_classes
+
+    def to_dict(self) -> Dict[str, Any]:
+        data = asdict(self)
+        data["channel_mults"] = list(self.channel_mults)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "UNetConfig":
+        """Build from :meth:`to_dict` output; unknown keys are an error (a different architecture)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown UNet config keys {unknown}; expected a subset of {sorted(known)}")
+        return cls(**dict(data))
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding ``[N, dim]`` of (possibly fractional) timesteps ``[N]``."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+def _zero(module: nn.Module) -> nn.Module:
+    # Zero-initialised output layers make every residual block start as the identity, which
+    # lets a small UNet train stably at a high learning rate from the first step.
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the embedding added in between, plus a skip path."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, groups: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.emb(emb)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over the pixels of a (small) feature map, residual."""
+
+    def __init__(self, channels: int, heads: int, groups: int):
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(groups, channels)
+        self.qkv = nn.Conv2d(channels, 3 * channels, 1)
+        self.proj = _zero(nn.Conv2d(channels, channels, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class UNet(nn.Module):
+    """Class-conditional UNet: ``forward(x [N,C,S,S], t, class_labels [N]) -> [N,C,S,S]``.
+
+    ``class_labels`` holds 0..num_classes-1, or ``num_classes`` (see ``config.null_class``) for
+    the unconditional prediction; ``None`` means unconditional for the whole batch.
+    """
+
+    def __init__(self, config: Union[UNetConfig, Mapping[str, Any], None] = None, **overrides):
+        super().__init__()
+        if config is None:
+            config = UNetConfig(**overrides)
+        elif isinstance(config, Mapping):
+            config = UNetConfig.from_dict({**config, **overrides})
+        elif overrides:
+            config = UNetConfig.from_dict({**config.to_dict(), **overrides})
+        self.config = config
+        cfg = config
+        emb_dim, groups = cfg.time_embed_dim, cfg.norm_groups
+        chans = [cfg.base_channels * m for m in cfg.channel_mults]
+        levels = len(chans)
+
+        self.time_mlp = nn.Sequential(nn.Linear(cfg.base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chans[0], 3, padding=1)
+
+        def attn(ch: int, level: int) -> nn.Module:
+            return SelfAttention(ch, cfg.attention_heads, groups) if cfg.attention and level == levels - 1 \
+                else nn.Identity()
+
+        # Down path: every block's output is kept as a skip connection for the up path.
+        self.down = nn.ModuleList()
+        skip_chans = [chans[0]]
+        ch = chans[0]
+        for level, out_ch in enumerate(chans):
+            for _ in range(cfg.num_res_blocks):
+                self.down.append(nn.ModuleList([ResBlock(ch, out_ch, emb_dim, groups, cfg.dropout),
+                                                attn(out_ch, level)]))
+                ch = out_ch
+                skip_chans.append(ch)
+            if level < levels - 1:
+                self.down.append(nn.Conv2d(ch, ch, 3, stride=2, padding=1))
+                skip_chans.append(ch)
+
+        self.mid = nn.ModuleList([ResBlock(ch, ch, emb_dim, groups, cfg.dropout),
+                                  SelfAttention(ch, cfg.attention_heads, groups) if cfg.attention else nn.Identity(),
+                                  ResBlock(ch, ch, emb_dim, groups, cfg.dropout)])
+
+        # Up path: one more block per level than on the way down, to consume the downsampler's skip.
+        self.up = nn.ModuleList()
+        for level in reversed(range(levels)):
+            out_ch = chans[level]
+            for _ in range(cfg.num_res_blocks + 1):
+                self.up.append(nn.ModuleList([ResBlock(ch + skip_chans.pop(), out_ch, emb_dim, groups, cfg.dropout),
+                                              attn(out_ch, level)]))
+                ch = out_ch
+            if level > 0:
+                self.up.append(nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
+                                             nn.Conv2d(ch, ch, 3, padding=1)))
+
+        self.norm_out = nn.GroupNorm(groups, ch)
+        self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _embedding(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        n = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.dim() == 0:
+            t = t.expand(n)
+        elif t.shape != (n,):
+            raise ValueError(f"t must be a scalar or have shape ({n},), got {tuple(t.shape)}")
+        if class_labels is None:
+            class_labels = torch.full((n,), self.config.null_class, dtype=torch.long, device=x.device)
+        else:
+            class_labels = torch.as_tensor(class_labels, device=x.device)
+            if class_labels.shape != (n,):
+                raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
+            if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
+                raise TypeError(f"class_labels must be integer class indices, got {class_labels.dtype}")
+        emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
+        return emb + self.class_embed(class_labels.long())
+
+    def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        cfg = self.config
+        if x.dim() != 4 or x.shape[1] != cfg.in_channels:
+            raise ValueError(f"x must be [N, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        emb = self._embedding(x, t, class_labels)
+        h = self.conv_in(x)
+        skips: List[torch.Tensor] = [h]
+        for block in self.down:
+            if isinstance(block, nn.ModuleList):
+                h = block[1](block[0](h, emb))
+            else:
+                h = block(h)
+            skips.append(h)
+        h = self.mid[2](self.mid[1](self.mid[0](h, emb)), emb)
+        for block in self.up:
+            if isinstance(block, nn.ModuleList):
+                h = block[1](block[0](torch.cat([h, skips.pop()], dim=1), emb))
+            else:
+                h = block(h)
+        return self.conv_out(F.silu(self.norm_out(h)))

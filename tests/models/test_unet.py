@@ -1,0 +1,95 @@
+import pytest
+import torch
+
+from kdfast.models import UNet, UNetConfig
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = UNet()
+    # The output layers start at zero (identity residual blocks); perturb every weight so the
+    # tests see a generic network rather than one whose output is identically zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_default_parameter_count_in_range(unet):
+    assert 300_000 <= unet.num_parameters <= 1_500_000
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_output_shape_and_dtype(unet, dtype):
+    model = unet.to(dtype)
+    x = torch.randn(3, 1, 16, 16, dtype=dtype)
+    with torch.no_grad():
+        out = model(x, torch.tensor([0, 500, 999]), torch.tensor([0, 5, 9]))
+    model.float()
+    assert out.shape == x.shape and out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_timestep_forms_agree(unet):
+    x = torch.randn(2, 1, 16, 16)
+    y = torch.tensor([1, 2])
+    with torch.no_grad():
+        a = unet(x, 250, y)
+        b = unet(x, torch.tensor(250), y)
+        c = unet(x, torch.tensor([250.0, 250.0]), y)
+        d = unet(x, torch.tensor([249.5, 249.5]), y)  # fractional timesteps (Karras-style schedulers)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(a, c)
+    assert torch.isfinite(d).all() and not torch.equal(a, d)
+
+
+def test_null_class_path(unet):
+    x = torch.randn(2, 1, 16, 16)
+    null = torch.full((2,), unet.config.null_class)
+    assert unet.config.null_class == 10
+    with torch.no_grad():
+        uncond = unet(x, 100, null)
+        implicit = unet(x, 100, None)
+        cond = unet(x, 100, torch.tensor([3, 3]))
+    torch.testing.assert_close(uncond, implicit)
+    assert not torch.allclose(uncond, cond)  # the class label reaches the output
+
+
+def test_gradients_reach_every_parameter():
+    torch.manual_seed(0)
+    model = UNet(base_channels=16, channel_mults=(1, 2), attention_heads=2)
+    x = torch.randn(2, 1, 16, 16)
+    (model(x, torch.tensor([10, 900]), torch.tensor([0, 10])) - x).square().mean().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    # the zero-initialised output layer (the model starts out predicting 0) learns from step one
+    assert model.conv_out.weight.grad.abs().sum() > 0
+
+
+def test_config_round_trip_and_overrides():
+    cfg = UNetConfig(base_channels=16, channel_mults=(1, 2), attention=False, prediction_type="v_prediction")
+    again = UNetConfig.from_dict(cfg.to_dict())
+    assert again == cfg and again.channel_mults == (1, 2)
+    model = UNet(cfg.to_dict())
+    assert model.config == cfg
+    assert UNet(cfg, base_channels=24).config.base_channels == 24
+    out = model(torch.randn(1, 1, 16, 16), 3, torch.tensor([4]))
+    assert out.shape == (1, 1, 16, 16)
+
+
+def test_bad_config_and_inputs(unet):
+    with pytest.raises(ValueError, match="prediction_type"):
+        UNetConfig(prediction_type="sample")
+    with pytest.raises(ValueError, match="norm_groups"):
+        UNetConfig(base_channels=12)
+    with pytest.raises(ValueError, match="sample_size"):
+        UNetConfig(sample_size=18, channel_mults=(1, 2, 2))
+    with pytest.raises(ValueError, match="unknown UNet config keys"):
+        UNetConfig.from_dict({"width": 3})
+    with pytest.raises(ValueError, match="x must be"):
+        unet(torch.randn(2, 3, 16, 16), 1, None)
+    with pytest.raises(ValueError, match="t must be"):
+        unet(torch.randn(2, 1, 16, 16), torch.tensor([1, 2, 3]), None)
+    with pytest.raises(ValueError, match="class_labels"):
+        unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([1]))
+    with pytest.raises(TypeError, match="class_labels"):
+        unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([1.0, 2.0]))

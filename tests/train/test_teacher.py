@@ -1,0 +1,158 @@
+import json
+import shutil
+import zlib
+
+import pytest
+import torch
+
+pytest.importorskip("sklearn")
+pytest.importorskip("safetensors")
+
+from kdfast.datasets import load_digits  # noqa: E402
+from kdfast.models import UNet  # noqa: E402
+from kdfast.schedulers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
+from kdfast.train import teacher as teacher_mod  # noqa: E402
+from kdfast.train import (SHIPPED_PATH, Teacher, TeacherAssetError, load_teacher, sample_teacher,  # noqa: E402
+                          save_teacher, train_teacher)
+
+TINY = dict(steps=5, batch_size=16, progress=False, num_threads=1)
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+    return train_teacher(seed=0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return load_teacher()
+
+
+def fixed_batch_loss(model: UNet, schedule) -> float:
+    images, labels = load_digits("train")
+    gen = torch.Generator().manual_seed(123)
+    idx = torch.randperm(len(labels), generator=gen)[:64]
+    noise = torch.randn(64, 1, 16, 16, generator=gen)
+    t = torch.randint(0, 1000, (64,), generator=gen)
+    with torch.no_grad():
+        return float(teacher_mod.denoising_loss(model, DDIMScheduler.from_config(schedule), images[idx],
+                                                labels[idx], noise, t))
+
+
+def test_tiny_training_is_deterministic_and_learns(tiny_teacher):
+    again = train_teacher(seed=0, **TINY)
+    for (name, a), b in zip(tiny_teacher.model.state_dict().items(), again.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert tiny_teacher.config["training"]["loss_history"] == again.config["training"]["loss_history"]
+    other = train_teacher(seed=1, **TINY)
+    assert not torch.equal(other.model.conv_out.weight, tiny_teacher.model.conv_out.weight)
+
+    untrained = UNet(tiny_teacher.model.config)  # predicts 0 everywhere (zero-initialised output)
+    schedule = tiny_teacher.scheduler_config
+    assert fixed_batch_loss(tiny_teacher.model, schedule) < 0.95 * fixed_batch_loss(untrained, schedule)
+    assert not tiny_teacher.model.training and not any(p.requires_grad for p in tiny_teacher.model.parameters())
+
+
+def test_training_config_record(tiny_teacher):
+    cfg = tiny_teacher.config
+    assert cfg["model"]["prediction_type"] == cfg["noise_schedule"]["prediction_type"] == "v_prediction"
+    assert cfg["noise_schedule"]["_class_name"] == "DDIMScheduler"
+    assert cfg["training"]["steps"] == 5 and len(cfg["training"]["loss_history"]) == 5
+    # the noise schedule is a diffusers scheduler config: any kdfast scheduler builds from it
+    sched = DPMSolverMultistepScheduler.from_config(tiny_teacher.scheduler_config)
+    assert sched.config.beta_schedule == "squaredcos_cap_v2" and sched.config.prediction_type == "v_prediction"
+
+
+def test_epsilon_teacher_trains(tmp_path):
+    trained = train_teacher(prediction_type="epsilon", steps=2, batch_size=8, progress=False,
+                            model_config=dict(base_channels=16, channel_mults=(1, 2), attention_heads=2),
+                            out=tmp_path / "eps.safetensors")
+    loaded = load_teacher(tmp_path / "eps.safetensors")
+    assert trained.model.config == loaded.model.config
+    assert loaded.prediction_type == "epsilon" and loaded.scheduler_config["prediction_type"] == "epsilon"
+    images, labels = loaded.sample(1, steps=3, classes=[7], scheduler="ddim")
+    assert images.shape == (1, 1, 16, 16) and labels.tolist() == [7]
+
+
+def test_save_load_round_trip(tiny_teacher, tmp_path):
+    path = save_teacher(tiny_teacher.model, tiny_teacher.config, tmp_path / "t.safetensors")
+    record = json.loads((tmp_path / "t.json").read_text())
+    assert "loss_history" not in record["training"] and len(record["weights_sha256"]) == 64
+    loaded = load_teacher(path)
+    x = torch.randn(4, 1, 16, 16)
+    t, y = torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
+    torch.testing.assert_close(loaded.model_fn(x, t, y), tiny_teacher.model_fn(x, t, y), rtol=0, atol=0)
+
+
+def test_shipped_teacher_samples(shipped):
+    assert isinstance(shipped, Teacher)
+    assert SHIPPED_PATH.stat().st_size < 8 * 2**20
+    images, labels = sample_teacher(n_per_class=1, steps=5)
+    assert images.shape == (10, 1, 16, 16) and images.dtype == torch.float32
+    assert torch.isfinite(images).all() and images.min() >= -1 and images.max() <= 1
+    assert labels.dtype == torch.int64 and labels.tolist() == list(range(10))
+    assert images.std() > 0.3  # not a blank canvas: digit strokes on a dark background
+    again, _ = sample_teacher(n_per_class=1, steps=5)
+    torch.testing.assert_close(again, images, rtol=0, atol=0)  # seeded
+    more, more_labels = shipped.sample(2, steps=4, scheduler="ddim", classes=[3, 8], guidance_scale=1.0, seed=5)
+    assert more.shape == (4, 1, 16, 16) and more_labels.tolist() == [3, 3, 8, 8]
+
+
+def test_corrupt_or_missing_asset_raises_clear_error(tmp_path):
+    path = tmp_path / "digits_teacher.safetensors"
+    shutil.copy(SHIPPED_PATH, path)
+    shutil.copy(teacher_mod.metadata_path(SHIPPED_PATH), teacher_mod.metadata_path(path))
+    load_teacher(path)  # an intact copy loads
+
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte in the weights
+    path.write_bytes(bytes(data))
+    with pytest.raises(TeacherAssetError, match="corrupt"):
+        load_teacher(path)
+
+    path.write_bytes(bytes(data[:1000]))  # truncated, and not checked against the SHA-256
+    with pytest.raises(TeacherAssetError, match="corrupt or not a safetensors"):
+        load_teacher(path, verify=False)
+
+    teacher_mod.metadata_path(path).write_text("{not json")
+    with pytest.raises(TeacherAssetError, match="config .* corrupt"):
+        load_teacher(path)
+    teacher_mod.metadata_path(path).unlink()
+    with pytest.raises(TeacherAssetError, match="missing"):
+        load_teacher(path)
+    with pytest.raises(TeacherAssetError, match="not found"):
+        load_teacher(tmp_path / "nothing.safetensors")
+
+
+def test_bad_arguments_name_the_argument(shipped):
+    with pytest.raises(ValueError, match="prediction_type"):
+        train_teacher(prediction_type="sample", steps=1)
+    with pytest.raises(ValueError, match="steps"):
+        train_teacher(steps=0)
+    with pytest.raises(ValueError, match="batch_size"):
+        train_teacher(batch_size=0)
+    with pytest.raises(ValueError, match="cfg_dropout"):
+        train_teacher(cfg_dropout=1.5)
+    with pytest.raises(ValueError, match="steps"):
+        sample_teacher(1, steps=0)
+    with pytest.raises(ValueError, match="n_per_class"):
+        sample_teacher(0)
+    with pytest.raises(ValueError, match="scheduler"):
+        sample_teacher(1, scheduler="plms")
+    with pytest.raises(ValueError, match="classes"):
+        shipped.sample(1, classes=[10])
+
+
+def test_png_grid(tmp_path):
+    images = torch.linspace(-1, 1, 4 * 16 * 16).reshape(4, 1, 16, 16)
+    grid = teacher_mod.image_grid(images, nrow=2, pad=1)
+    assert grid.shape == (2 * 17 + 1, 2 * 17 + 1) and grid.dtype == torch.uint8
+    path = teacher_mod.write_png(grid, tmp_path / "g.png")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    idat = data.index(b"IDAT")
+    length = int.from_bytes(data[idat - 4:idat], "big")
+    raw = zlib.decompress(data[idat + 4:idat + 4 + length])
+    assert len(raw) == grid.shape[0] * (grid.shape[1] + 1)
+    rows = torch.tensor(list(raw), dtype=torch.uint8).reshape(grid.shape[0], -1)[:, 1:]
+    assert torch.equal(rows, grid)
