@@ -42,13 +42,55 @@ def info() -> str:
     return "\n".join(lines)
 
 
+def _int_list(text: str) -> List[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def demo(args) -> int:
+    """Run the demo and print its table; returns the exit code."""
+    from .demo import QUICK, DemoError, format_table, run_demo
+    from .eval.classifier import ClassifierAssetError
+    from .train.teacher import TeacherAssetError
+
+    solvers = args.solvers.split(",") if args.solvers else (QUICK["solvers"] if args.quick else None)
+    steps = args.steps or (QUICK["steps"] if args.quick else None)
+    n_per_class = args.n_per_class or (QUICK["n_per_class"] if args.quick else None)
+    kwargs = {k: v for k, v in dict(solvers=solvers, steps=steps, n_per_class=n_per_class,
+                                    guidance_scale=args.guidance).items() if v is not None}
+    try:
+        rows = run_demo(out=args.out, seed=args.seed,
+                        anchor=not args.no_anchor, device=args.device, progress=not args.no_progress, **kwargs)
+    except (DemoError, TeacherAssetError, ClassifierAssetError) as exc:
+        print(f"kdfast demo: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    print(f"\nwrote {args.out}/metrics.json, {args.out}/report.md and {args.out}/grids/")
+    return 0
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused kernels for diffusion distillation and sampling")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, what was built and which backends are usable here")
+    p = sub.add_parser("demo", help="sample the digits teacher with every solver, score it, compare with diffusers")
+    p.add_argument("--out", default="kdfast-demo", help="output folder (default: ./kdfast-demo)")
+    p.add_argument("--quick", action="store_true", help="2 solvers, 10 and 5 steps, 2 images per class (< 1 minute)")
+    p.add_argument("--solvers", help="comma-separated: dpmpp_2m,unipc,deis,ddim,euler,heun,euler_a,sde_dpmpp_2m")
+    p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default 50,20,10,5)")
+    p.add_argument("--n-per-class", type=int, help="samples per class per row (default 10)")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.2)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
+    elif args.command == "demo":
+        return demo(args)
     return 0
 
 
