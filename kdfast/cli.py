@@ -71,6 +71,32 @@ def demo(args) -> int:
     return 0
 
 
+def assets(args) -> int:
+    """``kdfast assets build``: retrain the shipped models and compare with the shipped metrics."""
+    from .assets_build import TOLERANCE, build_assets
+
+    try:
+        result = build_assets(out=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
+                              progress=not args.no_progress)
+    except ValueError as exc:
+        print(f"kdfast assets build: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"classifier: held-out accuracy {result['classifier']['heldout_accuracy']:.4f}, "
+          f"real-vs-real floor {result['classifier']['real_vs_real_frechet_floor']:.3f}")
+    for row in result["teacher"]["results"]:
+        print(f"teacher: guidance {row['guidance_scale']}, {row['steps']} steps: Frechet {row.get('frechet')}, "
+              f"accuracy {row.get('class_accuracy')}")
+    ok = True
+    for name, cmp in result["comparison"].items():
+        ok &= cmp["ok"]
+        print(f"{name}: rebuilt {cmp['rebuilt']:.4f} vs shipped {cmp['shipped']:.4f} "
+              f"{'(within tolerance)' if cmp['ok'] else '(OUTSIDE tolerance)'}")
+    if result["comparison"]:
+        print(f"tolerance: {TOLERANCE}")
+    print(f"wrote {args.out}/digits_classifier.safetensors and {args.out}/digits_teacher.safetensors (+ JSON)")
+    return 0 if ok else 1
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="kdfast", description="Fused kernels for diffusion distillation and sampling")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -86,11 +112,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = sub.add_parser("assets", help="rebuild the embedded default's models")
+    a_sub = a.add_subparsers(dest="assets_command", required=True)
+    b = a_sub.add_parser("build", help="retrain the digits classifier and teacher from scratch (seeded)")
+    b.add_argument("--out", default="kdfast-assets", help="output folder (default: ./kdfast-assets)")
+    b.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for testing the pipeline")
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (the shipped assets used 1)")
+    b.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     if args.command == "info":
         print(info())
     elif args.command == "demo":
         return demo(args)
+    elif args.command == "assets":
+        return assets(args)
     return 0
 
 

@@ -1,0 +1,91 @@
+"""``kdfast assets build``: retrain the embedded default's models from scratch.
+
+Trains the digits evaluation classifier and then the digits teacher (both seeded), measures
+the teacher with the freshly trained classifier, writes both assets with their JSON, and
+compares the results with the shipped ones. The shipped files are what this command
+produces with its defaults and one torch thread; other thread counts change the floating
+point order, so the comparison uses a tolerance rather than equality.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+# Reproduction tolerance against the shipped metrics (different thread counts or CPUs
+# change float rounding during training).
+TOLERANCE = {"classifier_accuracy": 0.01, "teacher_accuracy": 0.03, "frechet_relative": 0.25}
+FULL = dict(classifier_epochs=30, teacher_steps=1200, teacher_batch=128, n_per_class=50, steps=(5, 10, 20, 50),
+            guidance_scales=(1.0, 1.5, 2.0))
+QUICK = dict(classifier_epochs=1, teacher_steps=5, teacher_batch=16, n_per_class=2, steps=(5,), guidance_scales=(1.0,))
+
+
+def _shipped(name: str) -> Optional[Dict]:
+    path = Path(__file__).resolve().parent / "assets" / f"{name}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _teacher_row(metrics: Dict, guidance: float, steps: int) -> Optional[Dict]:
+    for row in metrics.get("results", []):
+        if row["guidance_scale"] == guidance and row["steps"] == steps:
+            return row
+    return None
+
+
+def compare_with_shipped(classifier_metrics: Dict, teacher_metrics: Dict) -> Dict[str, Dict]:
+    """Rebuilt vs shipped figures and whether each is within :data:`TOLERANCE`."""
+    report: Dict[str, Dict] = {}
+    shipped_cls = _shipped("digits_classifier")
+    if shipped_cls:
+        a, b = classifier_metrics["heldout_accuracy"], shipped_cls["metrics"]["heldout_accuracy"]
+        report["classifier held-out accuracy"] = {"rebuilt": a, "shipped": b,
+                                                  "ok": abs(a - b) <= TOLERANCE["classifier_accuracy"]}
+    shipped_teacher = _shipped("digits_teacher")
+    if shipped_teacher:
+        new, old = _teacher_row(teacher_metrics, 1.0, 50), _teacher_row(shipped_teacher["metrics"], 1.0, 50)
+        if new and old and "frechet" in new:
+            report["teacher 50-step Frechet (guidance 1)"] = {
+                "rebuilt": new["frechet"], "shipped": old["frechet"],
+                "ok": abs(new["frechet"] - old["frechet"]) <= TOLERANCE["frechet_relative"] * old["frechet"]}
+            report["teacher 50-step accuracy (guidance 1)"] = {
+                "rebuilt": new["class_accuracy"], "shipped": old["class_accuracy"],
+                "ok": abs(new["class_accuracy"] - old["class_accuracy"]) <= TOLERANCE["teacher_accuracy"]}
+    return report
+
+
+def build_assets(out: str = "kdfast-assets", quick: bool = False, seed: int = 0, threads: Optional[int] = 1,
+                 progress: bool = True) -> Dict:
+    """Train both models into ``out``; returns their metrics and the comparison with the shipped ones."""
+    budget = QUICK if quick else FULL
+    out_dir = Path(out)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"output folder {str(out_dir)!r} cannot be created: {exc}") from exc
+    previous_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _build(out_dir, budget, seed, threads, progress, quick)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _build(out_dir: Path, budget: Dict, seed: int, threads: Optional[int], progress: bool, quick: bool) -> Dict:
+    from .eval import DigitsEvaluator
+    from .eval.classifier import build_shipped_asset
+    from .train.teacher import measure_samples, save_teacher, train_teacher
+
+    classifier_path = out_dir / "digits_classifier.safetensors"
+    classifier_metrics = build_shipped_asset(classifier_path, epochs=budget["classifier_epochs"], seed=seed,
+                                             progress=progress)
+    teacher = train_teacher(steps=budget["teacher_steps"], batch_size=budget["teacher_batch"], seed=seed,
+                            progress=progress, num_threads=threads)
+    teacher.config["metrics"] = measure_samples(
+        teacher, n_per_class=budget["n_per_class"], steps=budget["steps"], guidance_scales=budget["guidance_scales"],
+        progress=False, evaluator=DigitsEvaluator(path=classifier_path))
+    save_teacher(teacher.model, teacher.config, out_dir / "digits_teacher.safetensors")
+    return {"classifier": classifier_metrics, "teacher": teacher.config["metrics"],
+            "comparison": {} if quick else compare_with_shipped(classifier_metrics, teacher.config["metrics"])}
