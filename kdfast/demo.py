@@ -163,9 +163,10 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     floor, floor_full = _real_floor(evaluator, n_per_class), evaluator.floor()
     # One-time costs (kernel selection for these batch shapes, lazy imports) must not be
     # charged to whichever configuration happens to run first.
-    teacher.sample(n_per_class, 1, guidance_scale, scheduler="ddim", seed=seed)
+    first = SOLVERS[solvers[0]]
+    teacher.sample(n_per_class, 3, guidance_scale, scheduler=first, seed=seed)
     if anchor:
-        _anchor_sample(teacher, "ddim", n_per_class, 1, guidance_scale, seed)
+        _anchor_sample(teacher, first, n_per_class, 3, guidance_scale, seed)
 
     rows = []
     bar = tqdm(total=len(solvers) * len(steps), desc="kdfast demo", disable=not progress)
