@@ -251,12 +251,16 @@ def test_step_path_has_no_tensor_to_python_conversions(monkeypatch, good):
 
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
         monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ran = []
     for backend in [None, *BACKENDS, "reference"]:
         if backend == "triton":
             continue  # the interpreter itself converts; on a GPU the sync-debug test covers it
-        ops.solver_step(x, m, c, cond=m, guidance_scale=2.0, history=[x], dynamic_scale=dyn,
-                        write_history=True, backend=backend)
-        ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=2.0, backend=backend)
+        res = ops.solver_step(x, m, c, cond=m, guidance_scale=2.0, history=[x], dynamic_scale=dyn,
+                              write_history=True, backend=backend)
+        scale = ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=2.0, backend=backend)
+        ran.append((res.sample.shape, res.history.shape, scale.shape))
+    monkeypatch.undo()
+    assert ran and all(r == (x.shape, x.shape, (x.shape[0],)) for r in ran)  # every path completed
 
 
 # --------------------------------------------------------------------------- threshold scale
