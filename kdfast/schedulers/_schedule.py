@@ -59,6 +59,23 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
     return betas
 
 
+def noise_schedule(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                   trained_betas=None, rescale_betas_zero_snr: bool = False,
+                   floor_terminal: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(betas, alphas, alphas_cumprod) of the training schedule, float32 like diffusers.
+
+    ``floor_terminal``: with zero-terminal-SNR rescaling, set the last cumulative alpha to
+    2**-24 instead of 0 so that the first sigma stays finite (diffusers' Euler and multistep
+    schedulers do this; DDIM and LCM do not).
+    """
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
+    alphas = 1.0 - betas
+    alphas_cumprod = torch.cumprod(alphas, dim=0)
+    if rescale_betas_zero_snr and floor_terminal:
+        alphas_cumprod[-1] = 2**-24
+    return betas, alphas, alphas_cumprod
+
+
 def log_snr(alpha: float, sigma: float) -> float:
     """lambda = log(alpha / sigma); +inf at sigma = 0 (the end of a zero-final-sigma schedule)."""
     return math.inf if sigma == 0.0 else math.log(alpha) - math.log(sigma)

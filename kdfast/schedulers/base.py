@@ -14,7 +14,7 @@ from ._config import ConfigMixin
 from ._linear import Lin
 import numpy as np
 
-from ._schedule import make_betas, randn_like_diffusers
+from ._schedule import noise_schedule, randn_like_diffusers
 
 
 @dataclass
@@ -236,12 +236,9 @@ class MultistepScheduler(FusedScheduler):
 
     def _init_noise_schedule(self, num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                              rescale_betas_zero_snr: bool = False) -> None:
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24  # near zero, so that the first sigma stays finite
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            floor_terminal=True)
         self.alpha_t = torch.sqrt(self.alphas_cumprod)
         self.sigma_t = torch.sqrt(1 - self.alphas_cumprod)
         self.lambda_t = torch.log(self.alpha_t) - torch.log(self.sigma_t)

@@ -9,7 +9,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, make_betas
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
 from .base import FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
 
@@ -86,10 +86,8 @@ class DDIMScheduler(FusedScheduler):
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]
         self._host_alphas_cumprod = self.alphas_cumprod.tolist()
         self._host_final = float(self.final_alpha_cumprod)

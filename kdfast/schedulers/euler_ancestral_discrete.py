@@ -9,7 +9,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, make_betas
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
 from .base import CoefficientTable, SchedulerOutput, StepPlan
 from .euler_discrete import _output, _reject_integer_timestep, _SigmaScheduler, spaced_timesteps, train_sigmas
 
@@ -42,12 +42,9 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            floor_terminal=True)
         sigmas = train_sigmas(self.alphas_cumprod)
         self._set_sigmas(torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32)))
         self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,

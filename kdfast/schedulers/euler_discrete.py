@@ -11,7 +11,7 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, beta_sigmas, check_choice, exponential_sigmas,
-                        karras_sigmas, make_betas, sigma_range, sigma_to_t)
+                        karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
 
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
@@ -201,12 +201,9 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
 
-        self.betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
-                                rescale_betas_zero_snr)
-        self.alphas = 1.0 - self.betas
-        self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        if rescale_betas_zero_snr:
-            self.alphas_cumprod[-1] = 2**-24
+        self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
+            num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr,
+            floor_terminal=True)
         sigmas = (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).flip(0)
         timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
                                                  dtype=float)[::-1].copy()).to(torch.float32)
