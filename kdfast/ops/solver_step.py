@@ -228,32 +228,24 @@ def _step_reference(inputs, outputs, coefs, guidance_scale, threshold, clip_valu
             out.copy_(value)
 
 
-def _addresses(inputs, outputs, inner):
-    return (*addresses(inputs, inner), *addresses(outputs, inner))
+def _step_args(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale) -> tuple:
+    """The binding's arguments up to (not including) the CPU threads / CUDA stream."""
+    x = inputs[0]
+    batch = len(x)
+    inner = x.numel() // batch
+    return (batch, inner, *addresses(inputs, inner), *addresses(outputs, inner), coefs.data_ptr(), guidance_scale,
+            threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr())
 
 
 @step_op.register("cpu")
-def _step_cpu(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
-    x = inputs[0]
-    batch = len(x)
-    inner = x.numel() // batch
-    _ext.cpu()[0].solver_step(
-        batch, inner, *_addresses(inputs, outputs, inner), coefs.data_ptr(),
-        guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr(),
-        torch.get_num_threads(),
-    )
+def _step_cpu(inputs, outputs, *args):
+    _ext.cpu()[0].solver_step(*_step_args(inputs, outputs, *args), torch.get_num_threads())
 
 
 @step_op.register("cuda")
-def _step_cuda(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
-    x = inputs[0]
-    batch = len(x)
-    inner = x.numel() // batch
-    _ext.cuda()[0].solver_step(
-        batch, inner, *_addresses(inputs, outputs, inner), coefs.data_ptr(),
-        guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr(),
-        torch.cuda.current_stream(x.device).cuda_stream,
-    )
+def _step_cuda(inputs, outputs, *args):
+    _ext.cuda()[0].solver_step(*_step_args(inputs, outputs, *args),
+                               torch.cuda.current_stream(inputs[0].device).cuda_stream)
 
 
 @step_op.register("triton")
