@@ -10,6 +10,7 @@
 #include <stdexcept>
 #include <string>
 
+#include "kd_divergence/kd_divergence.h"
 #include "solver_step/solver_step.h"
 
 namespace kdfast {
@@ -80,6 +81,39 @@ inline ThresholdParams make_threshold_params(int64_t batch, int64_t inner,
   return p;
 }
 
+// Arguments: rows, vocab, (student address, row stride, dtype), (teacher ...), labels address
+// (0: none), ignore_index, row_loss address, (grad address (0: none), row stride, columns,
+// dtype), kind, beta, 1/T, loss scale, workspace address.
+inline kd_divergence::Params make_divergence_params(
+    int64_t rows, int64_t vocab, std::uintptr_t student, int64_t student_stride, int student_dtype,
+    std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype, std::uintptr_t labels,
+    int64_t ignore_index, std::uintptr_t row_loss, std::uintptr_t grad, int64_t grad_stride,
+    int64_t grad_cols, int grad_dtype, int kind, float beta, float inv_temperature, float loss_scale,
+    std::uintptr_t workspace) {
+  kd_divergence::Params p;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.student = as_ptr<const void>(student);
+  p.student_stride = student_stride;
+  p.student_dtype = student_dtype;
+  p.teacher = as_ptr<const void>(teacher);
+  p.teacher_stride = teacher_stride;
+  p.teacher_dtype = teacher_dtype;
+  p.labels = as_ptr<const int64_t>(labels);
+  p.ignore_index = ignore_index;
+  p.row_loss = as_ptr<float>(row_loss);
+  p.grad = as_ptr<void>(grad);
+  p.grad_stride = grad_stride;
+  p.grad_cols = grad_cols;
+  p.grad_dtype = grad_dtype;
+  p.kind = kind;
+  p.beta = beta;
+  p.inv_temperature = inv_temperature;
+  p.loss_scale = loss_scale;
+  p.workspace = as_ptr<float>(workspace);
+  return p;
+}
+
 inline void check_status(int status, const char* op) {
   if (status == kOk) return;
   const char* what = status == kBadDType ? "unsupported dtype code"
@@ -93,6 +127,7 @@ inline void bind_constants(py::module_& m) {
   m.attr("NUM_OUTPUTS") = int(kNumOutputs);
   m.attr("NUM_SOURCES") = int(kNumSources);
   m.attr("NUM_COEFS") = int(kNumCoefs);
+  m.attr("NUM_DIVERGENCE_KINDS") = int(kd_divergence::kNumKinds);
 }
 
 }  // namespace bind

@@ -47,6 +47,29 @@ PYBIND11_MODULE(_C, m) {
           check_status(status, "threshold_scale");
         });
 
+  m.def("kd_divergence", [](int64_t rows, int64_t vocab, std::uintptr_t student, int64_t student_stride,
+                            int student_dtype, std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype,
+                            std::uintptr_t labels, int64_t ignore_index, std::uintptr_t row_loss,
+                            std::uintptr_t grad, int64_t grad_stride, int64_t grad_cols, int grad_dtype, int kind,
+                            float beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
+                            int num_threads) {
+    kd_divergence::Params p = make_divergence_params(
+        rows, vocab, student, student_stride, student_dtype, teacher, teacher_stride, teacher_dtype, labels,
+        ignore_index, row_loss, grad, grad_stride, grad_cols, grad_dtype, kind, beta, inv_temperature,
+        loss_scale, workspace);
+    p.num_threads = num_threads;
+    int status;
+    {
+      py::gil_scoped_release release;
+      status = kd_divergence::kd_divergence_cpu(p);
+    }
+    check_status(status, "kd_divergence");
+  });
+
+  m.def("kd_divergence_workspace_floats", [](int64_t vocab, int num_threads) {
+    return kd_divergence::workspace_floats_per_thread(vocab) * int64_t(num_threads);
+  });
+
   m.def("build_info", []() {
     py::dict d;
 #ifdef _OPENMP

@@ -37,6 +37,20 @@ PYBIND11_MODULE(_C_cuda, m) {
           check_status(solver_step::threshold_scale_cuda(p), "threshold_scale");
         });
 
+  m.def("kd_divergence", [](int64_t rows, int64_t vocab, std::uintptr_t student, int64_t student_stride,
+                            int student_dtype, std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype,
+                            std::uintptr_t labels, int64_t ignore_index, std::uintptr_t row_loss,
+                            std::uintptr_t grad, int64_t grad_stride, int64_t grad_cols, int grad_dtype, int kind,
+                            float beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
+                            std::uintptr_t stream) {
+    kd_divergence::Params p = make_divergence_params(
+        rows, vocab, student, student_stride, student_dtype, teacher, teacher_stride, teacher_dtype, labels,
+        ignore_index, row_loss, grad, grad_stride, grad_cols, grad_dtype, kind, beta, inv_temperature,
+        loss_scale, workspace);
+    p.stream = as_ptr<void>(stream);
+    check_status(kd_divergence::kd_divergence_cuda(p), "kd_divergence");
+  });
+
   m.def("device_count", []() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

@@ -1,11 +1,12 @@
 """kdfast: fused kernels for distilling diffusion models and sampling from them.
 
-Pillar available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
-:mod:`kdfast.sampling`, :func:`kdfast.sample`). See ``kdfast info`` for what is built and usable here.
+Pillars available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
+:mod:`kdfast.sampling`, :func:`kdfast.sample`) and fused distillation losses
+(:mod:`kdfast.losses`). See ``kdfast info`` for what is built and usable here.
 """
 __version__ = "0.1.0"
 
-from . import backends, ops, reference, sampling, schedulers  # noqa: E402  (ops registers the torch.library ops)
+from . import backends, losses, ops, reference, sampling, schedulers  # noqa: E402  (ops registers the torch.library ops)
 from .sampling import sample  # noqa: E402
 
-__all__ = ["__version__", "backends", "ops", "reference", "sample", "sampling", "schedulers"]
+__all__ = ["__version__", "backends", "losses", "ops", "reference", "sample", "sampling", "schedulers"]

@@ -1,5 +1,5 @@
 """Triton kernels of kdfast (installed as ``kdfast.kernels``): one file per op, the
 launcher beside its ``@triton.jit`` function. Called only from ``kdfast.ops``."""
-from . import solver_step
+from . import kd_divergence, solver_step
 
-__all__ = ["solver_step"]
+__all__ = ["kd_divergence", "solver_step"]

@@ -9,7 +9,7 @@
 #include <cuda_fp16.h>
 #include <cuda_bf16.h>
 #else
-#define KD_HD inline
+#define KD_HD inline __attribute__((always_inline))
 #endif
 
 namespace kdfast {
@@ -84,6 +84,22 @@ template <> KD_HD half_bits from_float<half_bits>(float f) {
   r += 0xfffu + ((r >> 13) & 1u);
   return half_bits{uint16_t(sign | (r >> 13))};
 #endif
+}
+
+// Element i of a buffer of dtype code `dtype`, widened to fp32 / narrowed from fp32.
+KD_HD float load_as_float(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case kFloat16: return to_float(static_cast<const half_bits*>(p)[i]);
+    case kBFloat16: return to_float(static_cast<const bf16_bits*>(p)[i]);
+    default: return static_cast<const float*>(p)[i];
+  }
+}
+KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
+  switch (dtype) {
+    case kFloat16: static_cast<half_bits*>(p)[i] = from_float<half_bits>(v); break;
+    case kBFloat16: static_cast<bf16_bits*>(p)[i] = from_float<bf16_bits>(v); break;
+    default: static_cast<float*>(p)[i] = v;
+  }
 }
 
 }  // namespace kdfast

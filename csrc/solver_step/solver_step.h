@@ -59,21 +59,6 @@ struct ThresholdParams {
   void* stream = nullptr;
 };
 
-KD_HD float load_as_float(const void* p, int dtype, int64_t i) {
-  switch (dtype) {
-    case kFloat16: return to_float(static_cast<const half_bits*>(p)[i]);
-    case kBFloat16: return to_float(static_cast<const bf16_bits*>(p)[i]);
-    default: return static_cast<const float*>(p)[i];
-  }
-}
-KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
-  switch (dtype) {
-    case kFloat16: static_cast<half_bits*>(p)[i] = from_float<half_bits>(v); break;
-    case kBFloat16: static_cast<bf16_bits*>(p)[i] = from_float<bf16_bits>(v); break;
-    default: static_cast<float*>(p)[i] = v;
-  }
-}
-
 KD_HD float guided(float model, float cond, bool has_cond, float scale) {
   return has_cond ? model + scale * (cond - model) : model;
 }

@@ -2,6 +2,7 @@
 
 This package is the only place where tensors become addresses for the compiled kernels.
 """
+from .kd_divergence import kd_divergence
 from .solver_step import StepResult, coefficients, solver_step, threshold_scale
 
-__all__ = ["StepResult", "coefficients", "solver_step", "threshold_scale"]
+__all__ = ["StepResult", "coefficients", "kd_divergence", "solver_step", "threshold_scale"]

@@ -1,0 +1,164 @@
+// Fused knowledge-distillation divergences between a student's and a teacher's logits, one
+// row (token) at a time: log-softmax of both at temperature T, the divergence of the row and
+// its gradient with respect to the student's logits, without [rows, vocab] temporaries.
+//
+// With q = softmax(s / T) (student), p = softmax(t / T) (teacher), every divergence D(q, p)
+// here has d D / d (s_k / T) = w_k - q_k * sum_j w_j, where w_k = q_k * dD/dq_k is a cheap
+// per-element term (see divergence_term). So a row takes three sweeps over the vocabulary:
+// the two log-sum-exps, then the loss and sum(w), then the gradient.
+//
+// The per-element math below is shared by the CPU and CUDA launchers (and mirrored by the
+// Triton kernel in kernels/kd_divergence.py and the torch reference in
+// kdfast/reference/kd_divergence.py).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/kd_common.h"
+
+namespace kdfast {
+namespace kd_divergence {
+
+// Same order as KINDS in kdfast/ops/kd_divergence.py.
+enum Kind : int { kForwardKL = 0, kReverseKL = 1, kJSD = 2, kTVD = 3, kSkewKL = 4 };
+constexpr int kNumKinds = 5;
+
+struct Params {
+  int64_t rows = 0;
+  int64_t vocab = 0;  // columns of the shared vocabulary read from each row
+  const void* student = nullptr;
+  int64_t student_stride = 0;  // elements between rows
+  int student_dtype = kFloat32;
+  const void* teacher = nullptr;
+  int64_t teacher_stride = 0;
+  int teacher_dtype = kFloat32;
+  const int64_t* labels = nullptr;  // [rows] or null; rows whose label is ignore_index count 0
+  int64_t ignore_index = -100;
+  float* row_loss = nullptr;  // float32 [rows]
+  void* grad = nullptr;       // d row_loss[r] / d student[r, :], or null for no gradient
+  int64_t grad_stride = 0;
+  int64_t grad_cols = 0;      // the student's row width; columns >= vocab get gradient 0
+  int grad_dtype = kFloat32;
+  int kind = kForwardKL;
+  float beta = 0.5f;          // JSD weight of the teacher / skew KL mixing weight
+  float inv_temperature = 1.f;
+  float loss_scale = 1.f;     // e.g. T^2 for Hinton-style scaling
+  float* workspace = nullptr; // CPU: workspace_floats_per_thread(vocab) per thread; unused on CUDA
+  int num_threads = 1;
+  void* stream = nullptr;
+};
+
+// CPU scratch of one thread: the widened student and teacher rows and a 16-bit gradient row.
+inline int64_t workspace_floats_per_thread(int64_t vocab) { return 3 * vocab; }
+
+// Constants of one call, derived once on the host.
+struct Consts {
+  int kind;
+  float beta, one_minus_beta, log_beta, log_one_minus_beta;
+};
+
+inline Consts make_consts(const Params& p) {
+  Consts c;
+  c.kind = p.kind;
+  c.beta = p.beta;
+  c.one_minus_beta = 1.f - p.beta;
+  c.log_beta = p.beta > 0.f ? std::log(p.beta) : -INFINITY;
+  c.log_one_minus_beta = p.beta < 1.f ? std::log1p(-p.beta) : -INFINITY;
+  return c;
+}
+
+// exp(x) for the whole float range (0 below -86.6, inf above 88.72, NaN kept). On the host a
+// branch-free Cody-Waite reduction with a degree-7 polynomial (<= 2 ulp), which compilers
+// vectorise, unlike libm's expf.
+KD_HD float kd_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -86.6f ? -86.6f : (x > 88.72f ? 88.72f : x);
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = xc * 1.44269504088896341f + magic;
+  const float n = shifted - magic;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float e = 1.f / 5040.f;
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  // 2^(n-1) * 2 keeps n = 128 (x near 88.72) finite; n >= -125 keeps 2^(n-1) normal.
+  const int32_t ni = int32_t(n);
+  const float scale = bits_to_float(uint32_t(ni + 126) << 23);
+  float y = e * scale * 2.f;
+  y = x < -86.6f ? 0.f : y;
+  y = x > 88.72f ? INFINITY : y;
+  return x != x ? x : y;
+#endif
+}
+
+// log(1 + e) for e in [0, 1], via 2 atanh(e / (2 + e)) (the series converges for s <= 1/3).
+KD_HD float kd_log1p_unit(float e) {
+#if defined(__CUDA_ARCH__)
+  return log1pf(e);
+#else
+  const float s = e / (2.f + e), s2 = s * s;
+  float a = 1.f / 13.f;
+  a = a * s2 + 1.f / 11.f;
+  a = a * s2 + 1.f / 9.f;
+  a = a * s2 + 1.f / 7.f;
+  a = a * s2 + 1.f / 5.f;
+  a = a * s2 + 1.f / 3.f;
+  a = a * s2 + 1.f;
+  return 2.f * s * a;
+#endif
+}
+
+// log(exp(a) + exp(b)), -inf when both are -inf.
+KD_HD float log_add_exp(float a, float b) {
+  const float hi = a > b ? a : b, lo = a > b ? b : a;
+  const float v = hi + kd_log1p_unit(kd_exp(lo - hi));
+  return hi == -INFINITY ? -INFINITY : v;
+}
+
+// p * (a - b) with the convention 0 * log 0 = 0 (so -inf log-probabilities give no NaN).
+KD_HD float weighted_log_ratio(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
+
+// One vocabulary entry: ls = log q (student), lt = log p (teacher). Returns the entry's
+// contribution to the divergence and sets w = q * dD/dq. KIND is a template argument so that
+// the CPU row loops compile to straight-line, vectorisable code.
+template <int KIND>
+KD_HD float divergence_term(const Consts& c, float ls, float lt, float& w) {
+  const float q = kd_exp(ls), p = kd_exp(lt);
+  if constexpr (KIND == kForwardKL) {  // KL(p || q)
+    w = -p;
+    return weighted_log_ratio(p, lt, ls);
+  } else if constexpr (KIND == kReverseKL) {  // KL(q || p); the +q in dD/dq cancels in the gradient
+    const float v = weighted_log_ratio(q, ls, lt);
+    w = v;
+    return v;
+  } else if constexpr (KIND == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    const float lm = log_add_exp(c.log_beta + lt, c.log_one_minus_beta + ls);
+    const float student_part = c.one_minus_beta * weighted_log_ratio(q, ls, lm);
+    w = student_part;
+    return c.beta * weighted_log_ratio(p, lt, lm) + student_part;
+  } else if constexpr (KIND == kTVD) {  // 0.5 sum |p - q|
+    const float d = q - p;
+    w = d > 0.f ? 0.5f * q : (d < 0.f ? -0.5f * q : 0.f);
+    return 0.5f * (d < 0.f ? -d : d);
+  } else {  // kSkewKL: KL(p || beta p + (1 - beta) q)
+    const float lm = log_add_exp(c.log_beta + lt, c.log_one_minus_beta + ls);
+    // w = -(1 - beta) q p / m, written with logs so that no factor overflows.
+    w = (q > 0.f && p > 0.f) ? -c.one_minus_beta * kd_exp(ls + lt - lm) : 0.f;
+    return weighted_log_ratio(p, lt, lm);
+  }
+}
+
+// Gradient of the row's loss with respect to the student logit of entry k.
+KD_HD float divergence_grad(float w, float q, float sum_w, float scale) { return (w - q * sum_w) * scale; }
+
+int kd_divergence_cpu(const Params& p);
+int kd_divergence_cuda(const Params& p);
+
+}  // namespace kd_divergence
+}  // namespace kdfast

@@ -1,0 +1,207 @@
+// CPU launcher of the fused KD divergences: rows are spread over threads; each row is
+// widened to fp32 (and divided by T) into the thread's workspace, which then stays in cache
+// for the max, log-sum-exp, loss and gradient sweeps.
+#include "kd_divergence.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kdfast {
+namespace kd_divergence {
+namespace {
+
+// Below this many elements per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KD_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+// Row helpers are inlined into row_sweeps so that each of its clones compiles them for its target.
+#define KD_ROW_INLINE inline __attribute__((always_inline))
+
+// Row r of `src` as fp32 values divided by T: the buffer itself when it already is, else
+// a copy in `buf`.
+const float* widen_row(const void* src, int dtype, int64_t offset, int64_t n, float inv_t, float* buf) {
+  if (dtype == kFloat32 && inv_t == 1.f) return static_cast<const float*>(src) + offset;
+  switch (dtype) {
+    case kFloat16: {
+      const half_bits* s = static_cast<const half_bits*>(src) + offset;
+      for (int64_t j = 0; j < n; ++j) buf[j] = to_float(s[j]) * inv_t;
+      break;
+    }
+    case kBFloat16: {
+      const bf16_bits* s = static_cast<const bf16_bits*>(src) + offset;
+      for (int64_t j = 0; j < n; ++j) buf[j] = to_float(s[j]) * inv_t;
+      break;
+    }
+    default: {
+      const float* s = static_cast<const float*>(src) + offset;
+      for (int64_t j = 0; j < n; ++j) buf[j] = s[j] * inv_t;
+    }
+  }
+  return buf;
+}
+
+struct RowResult {
+  float loss, sum_w, lse_s, lse_t;
+};
+
+KD_ROW_INLINE float row_max(const float* x, int64_t n) {
+  float m = -INFINITY;
+#pragma omp simd reduction(max : m)
+  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// Sums run in fp32 SIMD lanes over blocks of kSumBlock entries and in fp64 across blocks, so
+// their rounding error stays at the level of torch's cascade sums for any vocabulary.
+constexpr int64_t kSumBlock = 256;
+
+KD_ROW_INLINE float row_log_sum_exp(const float* x, int64_t n) {
+  const float m = row_max(x, n);
+  if (m == -INFINITY || m == INFINITY) return m;
+  double z = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    float zb = 0.f;
+#pragma omp simd reduction(+ : zb)
+    for (int64_t j = j0; j < j1; ++j) zb += kd_exp(x[j] - m);
+    z += zb;
+  }
+  return m + float(std::log(z));
+}
+
+template <int KIND>
+KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, int64_t n) {
+  RowResult r;
+  r.lse_s = row_log_sum_exp(s, n);
+  r.lse_t = row_log_sum_exp(t, n);
+  double loss = 0.0, sum_w = 0.0;
+  const float lse_s = r.lse_s, lse_t = r.lse_t;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    float lb = 0.f, wb = 0.f;
+#pragma omp simd reduction(+ : lb, wb)
+    for (int64_t j = j0; j < j1; ++j) {
+      float w;
+      lb += divergence_term<KIND>(c, s[j] - lse_s, t[j] - lse_t, w);
+      wb += w;
+    }
+    loss += lb;
+    sum_w += wb;
+  }
+  r.loss = float(loss);
+  r.sum_w = float(sum_w);
+  return r;
+}
+
+template <int KIND>
+KD_ROW_INLINE void row_grad(const Consts& c, const float* s, const float* t, int64_t n, const RowResult& r,
+                            float scale, float* g) {
+  const float lse_s = r.lse_s, lse_t = r.lse_t, sum_w = r.sum_w;
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const float ls = s[j] - lse_s;
+    float w;
+    divergence_term<KIND>(c, ls, t[j] - lse_t, w);
+    g[j] = divergence_grad(w, kd_exp(ls), sum_w, scale);
+  }
+}
+
+// The sweeps of one row for every kind, compiled once per CPU target.
+KD_CPU_CLONES
+RowResult row_sweeps(const Consts& c, const float* s, const float* t, int64_t n, float scale, float* g) {
+  RowResult r;
+  switch (c.kind) {
+#define KD_ROW_CASE(K)                              \
+  case K:                                           \
+    r = row_divergence<K>(c, s, t, n);                   \
+    if (g) row_grad<K>(c, s, t, n, r, scale, g);    \
+    break;
+    KD_ROW_CASE(kForwardKL)
+    KD_ROW_CASE(kReverseKL)
+    KD_ROW_CASE(kJSD)
+    KD_ROW_CASE(kTVD)
+    KD_ROW_CASE(kSkewKL)
+#undef KD_ROW_CASE
+    default: r = RowResult{NAN, 0.f, 0.f, 0.f};
+  }
+  return r;
+}
+
+void store_row(void* dst, int dtype, int64_t offset, const float* src, int64_t n) {
+  switch (dtype) {
+    case kFloat16: {
+      half_bits* d = static_cast<half_bits*>(dst) + offset;
+      for (int64_t j = 0; j < n; ++j) d[j] = from_float<half_bits>(src[j]);
+      break;
+    }
+    case kBFloat16: {
+      bf16_bits* d = static_cast<bf16_bits*>(dst) + offset;
+      for (int64_t j = 0; j < n; ++j) d[j] = from_float<bf16_bits>(src[j]);
+      break;
+    }
+    default: break;  // fp32 was written in place
+  }
+}
+
+void zero_row(void* dst, int dtype, int64_t offset, int64_t n) {
+  const size_t bytes = dtype == kFloat32 ? 4 : 2;
+  std::memset(static_cast<char*>(dst) + offset * bytes, 0, size_t(n) * bytes);
+}
+
+void run_row(const Params& p, const Consts& c, int64_t r, float* ws) {
+  const int64_t n = p.vocab;
+  const int64_t g_off = r * p.grad_stride;
+  if (p.labels && p.labels[r] == p.ignore_index) {
+    p.row_loss[r] = 0.f;
+    if (p.grad) zero_row(p.grad, p.grad_dtype, g_off, p.grad_cols);
+    return;
+  }
+  const float* s = widen_row(p.student, p.student_dtype, r * p.student_stride, n, p.inv_temperature, ws);
+  const float* t = widen_row(p.teacher, p.teacher_dtype, r * p.teacher_stride, n, p.inv_temperature, ws + n);
+  // An fp32 gradient is written in place, a 16-bit one through the third workspace row.
+  float* g = nullptr;
+  if (p.grad) g = p.grad_dtype == kFloat32 ? static_cast<float*>(p.grad) + g_off : ws + 2 * n;
+  const RowResult res = row_sweeps(c, s, t, n, p.loss_scale * p.inv_temperature, g);
+  p.row_loss[r] = res.loss * p.loss_scale;
+  if (!p.grad) return;
+  store_row(p.grad, p.grad_dtype, g_off, g, n);
+  if (p.grad_cols > n) zero_row(p.grad, p.grad_dtype, g_off + n, p.grad_cols - n);
+}
+
+}  // namespace
+
+int kd_divergence_cpu(const Params& p) {
+  if (p.student_dtype < 0 || p.student_dtype > 2 || p.teacher_dtype < 0 || p.teacher_dtype > 2 ||
+      p.grad_dtype < 0 || p.grad_dtype > 2)
+    return kBadDType;
+  if (p.rows < 0 || p.vocab <= 0 || !p.row_loss || !p.workspace || p.kind < 0 || p.kind >= kNumKinds ||
+      (p.grad && p.grad_cols < p.vocab))
+    return kBadArgument;
+  const Consts c = make_consts(p);
+  const int64_t per_row = std::max<int64_t>(p.vocab, 1);
+  int threads = int(std::min<int64_t>({int64_t(std::max(p.num_threads, 1)), p.rows,
+                                       std::max<int64_t>(1, p.rows * per_row / kMinElementsPerThread)}));
+  threads = std::max(threads, 1);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+  for (int64_t r = 0; r < p.rows; ++r) {
+#ifdef _OPENMP
+    const int tid = omp_get_thread_num();
+#else
+    const int tid = 0;
+#endif
+    run_row(p, c, r, p.workspace + int64_t(tid) * workspace_floats_per_thread(p.vocab));
+  }
+  return kOk;
+}
+
+}  // namespace kd_divergence
+}  // namespace kdfast

@@ -1,0 +1,142 @@
+// CUDA launcher of the fused KD divergences: one block per row (grid-strided over rows). The
+// element math is divergence_term from kd_divergence.h, the code the CPU launcher runs.
+// Sweep 1 is an online log-sum-exp of both rows in one read; sweeps 2 and 3 reread the row,
+// which L2 holds for vocabularies up to a few hundred thousand entries.
+#include "kd_divergence.h"
+
+#include <cuda_runtime.h>
+
+namespace kdfast {
+namespace kd_divergence {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+constexpr int kMaxBlocks = 65535;
+
+// Running (max, sum of exp(x - max)) of a stream of values.
+struct Lse {
+  float m, z;
+};
+
+__device__ __forceinline__ Lse lse_push(Lse a, float x) {
+  if (x == -INFINITY) return a;  // probability 0 (also keeps -inf - -inf out of exp)
+  if (x <= a.m) return Lse{a.m, a.z + kd_exp(x - a.m)};
+  // x is a new maximum (or a.m is -inf): rescale the running sum.
+  const float z = a.m == -INFINITY ? 0.f : a.z * kd_exp(a.m - x);
+  return Lse{x, z + 1.f};
+}
+
+__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
+  if (a.m < b.m) { Lse t = a; a = b; b = t; }
+  if (b.m == -INFINITY) return a;
+  return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
+}
+
+__device__ __forceinline__ float lse_value(Lse a) {
+  return (a.m == -INFINITY || a.m == INFINITY) ? a.m : a.m + logf(a.z);
+}
+
+// Block-wide reductions; `scratch` holds kWarps entries. Every thread gets the result.
+__device__ Lse block_lse(Lse v, Lse* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    Lse other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.z, o)};
+    v = lse_merge(v, other);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  Lse r{-INFINITY, 0.f};
+  for (int i = 0; i < kWarps; ++i) r = lse_merge(r, scratch[i]);
+  return r;
+}
+
+__device__ float2 block_sum2(float2 v, float2* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    v.x += __shfl_xor_sync(0xffffffffu, v.x, o);
+    v.y += __shfl_xor_sync(0xffffffffu, v.y, o);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  float2 r{0.f, 0.f};
+  for (int i = 0; i < kWarps; ++i) { r.x += scratch[i].x; r.y += scratch[i].y; }
+  return r;
+}
+
+template <int KIND>
+__global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p, const Consts c) {
+  __shared__ Lse lse_scratch[2][kWarps];
+  __shared__ float2 sum_scratch[kWarps];
+  const int64_t n = p.vocab;
+  const float inv_t = p.inv_temperature;
+  for (int64_t r = blockIdx.x; r < p.rows; r += gridDim.x) {
+    const int64_t g_off = r * p.grad_stride;
+    if (p.labels && p.labels[r] == p.ignore_index) {
+      if (threadIdx.x == 0) p.row_loss[r] = 0.f;
+      if (p.grad)
+        for (int64_t j = threadIdx.x; j < p.grad_cols; j += blockDim.x)
+          store_from_float(p.grad, p.grad_dtype, g_off + j, 0.f);
+      continue;
+    }
+    const int64_t s_off = r * p.student_stride, t_off = r * p.teacher_stride;
+    Lse ls_acc{-INFINITY, 0.f}, lt_acc{-INFINITY, 0.f};
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      ls_acc = lse_push(ls_acc, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t);
+      lt_acc = lse_push(lt_acc, load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t);
+    }
+    const float lse_s = lse_value(block_lse(ls_acc, lse_scratch[0]));
+    const float lse_t = lse_value(block_lse(lt_acc, lse_scratch[1]));
+
+    float2 acc{0.f, 0.f};  // (loss, sum of w)
+    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      float w;
+      acc.x += divergence_term<KIND>(c, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t - lse_s,
+                                     load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t - lse_t, w);
+      acc.y += w;
+    }
+    acc = block_sum2(acc, sum_scratch);
+    if (threadIdx.x == 0) p.row_loss[r] = acc.x * p.loss_scale;
+    if (!p.grad) continue;
+
+    const float scale = p.loss_scale * inv_t;
+    for (int64_t j = threadIdx.x; j < p.grad_cols; j += blockDim.x) {
+      float g = 0.f;
+      if (j < n) {
+        const float ls = load_as_float(p.student, p.student_dtype, s_off + j) * inv_t - lse_s;
+        float w;
+        divergence_term<KIND>(c, ls, load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t - lse_t, w);
+        g = divergence_grad(w, kd_exp(ls), acc.y, scale);
+      }
+      store_from_float(p.grad, p.grad_dtype, g_off + j, g);
+    }
+  }
+}
+
+}  // namespace
+
+int kd_divergence_cuda(const Params& p) {
+  if (p.student_dtype < 0 || p.student_dtype > 2 || p.teacher_dtype < 0 || p.teacher_dtype > 2 ||
+      p.grad_dtype < 0 || p.grad_dtype > 2)
+    return kBadDType;
+  if (p.rows < 0 || p.vocab <= 0 || !p.row_loss || p.kind < 0 || p.kind >= kNumKinds ||
+      (p.grad && p.grad_cols < p.vocab))
+    return kBadArgument;
+  if (p.rows == 0) return kOk;
+  const Consts c = make_consts(p);
+  const unsigned blocks = unsigned(p.rows < kMaxBlocks ? p.rows : kMaxBlocks);
+  cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  switch (p.kind) {
+    case kForwardKL: kd_divergence_kernel<kForwardKL><<<blocks, kThreads, 0, stream>>>(p, c); break;
+    case kReverseKL: kd_divergence_kernel<kReverseKL><<<blocks, kThreads, 0, stream>>>(p, c); break;
+    case kJSD: kd_divergence_kernel<kJSD><<<blocks, kThreads, 0, stream>>>(p, c); break;
+    case kTVD: kd_divergence_kernel<kTVD><<<blocks, kThreads, 0, stream>>>(p, c); break;
+    default: kd_divergence_kernel<kSkewKL><<<blocks, kThreads, 0, stream>>>(p, c); break;
+  }
+  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+}
+
+}  // namespace kd_divergence
+}  // namespace kdfast

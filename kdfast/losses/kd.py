@@ -1,0 +1,148 @@
+"""Logit distillation losses on given logits: ``kd_loss`` and :class:`KDLoss`.
+
+The divergence of every token and its gradient come from one fused kernel
+(:func:`kdfast.ops.kd_divergence`); this module only flattens, masks and reduces.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+from torch import nn
+
+from ..ops.kd_divergence import KINDS, kd_divergence
+
+REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def _resolve_kind(kind: str, beta: float) -> str:
+    # TRL's generalized JSD: beta = 0 is KL(teacher || student), beta = 1 is KL(student ||
+    # teacher) (the mixture formula itself vanishes at both ends).
+    if kind == "jsd" and beta == 0.0:
+        return "forward_kl"
+    if kind == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return kind
+
+
+def _reduce(rows: torch.Tensor, valid: Union[int, torch.Tensor], vocab: int, reduction: str,
+            num_items_in_batch: Optional[Union[int, torch.Tensor]]) -> torch.Tensor:
+    total = rows.sum()
+    if num_items_in_batch is not None:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            num_items_in_batch = num_items_in_batch.to(total.device)
+        return total / num_items_in_batch
+    if reduction == "sum":
+        return total
+    # clamp(1): an all-ignored batch gives 0 (with zero gradient), not 0/0.
+    count = valid.clamp(min=1) if isinstance(valid, torch.Tensor) else max(valid, 1)
+    if reduction == "batchmean":
+        return total / count
+    return total / (count * vocab)  # "mean": over every (valid token, vocabulary entry) pair
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    *,
+    scale_by_t2: bool = False,
+    vocab_size: Optional[int] = None,
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """Knowledge-distillation divergence between student and teacher logits.
+
+    Args:
+        student_logits, teacher_logits: ``[..., vocab]`` logits (float32, float16 or
+            bfloat16), e.g. ``[batch, seq, vocab]``; math runs in float32.
+        labels: optional ``[...]`` token ids; positions equal to ``ignore_index`` are left out.
+        kind: ``"forward_kl"`` KL(teacher || student), ``"reverse_kl"`` KL(student || teacher),
+            ``"jsd"`` generalized Jensen-Shannon ``beta KL(P||M) + (1-beta) KL(Q||M)`` with
+            ``M = beta P + (1-beta) Q`` and P the teacher (TRL's convention, including
+            beta = 0 meaning forward KL and beta = 1 reverse KL), ``"tvd"`` total variation
+            ``0.5 sum |P - Q|``, or ``"skew_kl"`` ``KL(P || beta P + (1-beta) Q)``
+            (DistiLLM's skew KL; there beta is the teacher's share, typically 0.1).
+        temperature: softmax temperature applied to both logits.
+        reduction: ``"batchmean"`` (sum over valid tokens / their number), ``"sum"``,
+            ``"mean"`` (sum / (valid tokens * vocab), as TRL), or ``"none"`` (float32 loss per
+            token, shaped like ``labels``; ignored tokens give 0).
+        scale_by_t2: multiply by ``temperature**2`` (Hinton et al.), keeping gradient
+            magnitudes comparable across temperatures.
+        vocab_size: the shared vocabulary when the two logits have different widths
+            (padded LM heads); columns at or beyond it get probability 0.
+        num_items_in_batch: divide the summed loss by this instead (gradient accumulation).
+
+    Returns:
+        A float32 scalar (or per-token tensor for ``reduction="none"``). Differentiable; the
+        student's gradient is computed by the forward kernel itself, no logits-sized
+        temporaries are created.
+    """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 1:
+            raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
+    lead = student_logits.shape[:-1]
+    if teacher_logits.shape[:-1] != lead:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must agree in every dimension but the last")
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
+        if labels.shape != lead:
+            raise ValueError(f"labels must have shape {tuple(lead)} (the logits without the vocabulary "
+                             f"dimension), got {tuple(labels.shape)}")
+    rows = kd_divergence(
+        student_logits.reshape(-1, student_logits.shape[-1]),
+        teacher_logits.reshape(-1, teacher_logits.shape[-1]),
+        kind=_resolve_kind(kind, float(beta)),
+        beta=beta,
+        temperature=temperature,
+        labels=None if labels is None else labels.reshape(-1),
+        ignore_index=ignore_index,
+        vocab_size=vocab_size,
+        loss_scale=float(temperature) ** 2 if scale_by_t2 else 1.0,
+    )
+    if reduction == "none":
+        return rows.reshape(lead)
+    valid = rows.numel() if labels is None else (labels != ignore_index).sum()
+    vocab = student_logits.shape[-1] if vocab_size is None else int(vocab_size)
+    return _reduce(rows, valid, vocab, reduction, num_items_in_batch)
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`kd_loss`: ``KDLoss(kind="jsd", beta=0.5, temperature=1.0)`` then
+    ``loss = criterion(student_logits, teacher_logits, labels)``."""
+
+    def __init__(self, kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                 reduction: str = "batchmean", scale_by_t2: bool = False, vocab_size: Optional[int] = None):
+        super().__init__()
+        # Validate once here so that a bad configuration fails at construction.
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if not float(temperature) > 0:
+            raise ValueError(f"temperature must be positive, got {temperature}")
+        self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
+        self.ignore_index, self.reduction = int(ignore_index), reduction
+        self.scale_by_t2, self.vocab_size = bool(scale_by_t2), vocab_size
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, labels, kind=self.kind, beta=self.beta,
+                       temperature=self.temperature, ignore_index=self.ignore_index, reduction=self.reduction,
+                       scale_by_t2=self.scale_by_t2, vocab_size=self.vocab_size)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"reduction={self.reduction!r}, scale_by_t2={self.scale_by_t2}")

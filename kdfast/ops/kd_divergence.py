@@ -1,0 +1,248 @@
+"""``kdfast.ops.kd_divergence``: fused per-row KD divergences of logits, forward and backward.
+
+One kernel pass per row computes the log-sum-exp of the student's and the teacher's logits,
+the row's divergence and, when the student needs it, the gradient of that divergence with
+respect to the student's logits (saved for the backward, so nothing of size
+``[rows, vocab]`` is allocated besides the gradient itself). The math is in
+csrc/kd_divergence/kd_divergence.h; :mod:`kdfast.reference.kd_divergence` is the spec.
+This module is the only place where these tensors become addresses.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .. import _ext, backends
+from ..reference import kd_divergence as ref
+from ._tensors import DTYPE_CODES
+
+KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
+divergence_op = backends.op("kd_divergence")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_logits(name: str, t: torch.Tensor) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, vocab], got shape {tuple(t.shape)}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    # Rows may be strided (a slice of a wider buffer); entries within a row must be adjacent.
+    return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
+
+
+def _check_labels(labels: Optional[torch.Tensor], rows: int, device: torch.device) -> Optional[torch.Tensor]:
+    if labels is None:
+        return None
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"labels must be a torch.Tensor of integer token ids, got {type(labels).__name__}")
+    if labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must hold integers, got {labels.dtype}")
+    if labels.shape != (rows,):
+        raise ValueError(f"labels must have shape ({rows},), one per row of the logits, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on {device} like the logits, got {labels.device}")
+    return labels.to(torch.int64).contiguous()
+
+
+def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale):
+    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses)."""
+    student = _check_logits("student_logits", student)
+    teacher = _check_logits("teacher_logits", teacher)
+    if teacher.shape[0] != student.shape[0]:
+        raise ValueError(f"student_logits and teacher_logits must have the same number of rows, got "
+                         f"{student.shape[0]} and {teacher.shape[0]}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_logits must be on {student.device} like student_logits, got {teacher.device}")
+    if vocab_size is None:
+        if student.shape[1] != teacher.shape[1]:
+            raise ValueError(
+                f"student_logits and teacher_logits have different vocabularies ({student.shape[1]} and "
+                f"{teacher.shape[1]} columns); pass vocab_size=<shared vocabulary> if the extra columns are padding")
+        vocab_size = student.shape[1]
+    vocab_size = int(vocab_size)
+    if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
+        raise ValueError(f"vocab_size must be in [1, {min(student.shape[1], teacher.shape[1])}] (the narrower "
+                         f"logits' width), got {vocab_size}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    beta = float(beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    loss_scale = float(loss_scale)
+    if not math.isfinite(loss_scale):
+        raise ValueError(f"loss_scale must be finite, got {loss_scale}")
+    labels = _check_labels(labels, student.shape[0], student.device)
+    return student, teacher, labels, beta, temperature, vocab_size, loss_scale
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def kd_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    loss_scale: float = 1.0,
+    backend: Optional[str] = None,
+) -> torch.Tensor:
+    """Per-row divergence between the softmaxes of two 2-D logit tensors, float32 ``[rows]``.
+
+    Args:
+        student_logits, teacher_logits: ``[rows, vocab]`` float32/float16/bfloat16 logits.
+        kind: ``"forward_kl"`` (KL(teacher || student)), ``"reverse_kl"``, ``"jsd"``
+            (``beta KL(P||M) + (1-beta) KL(Q||M)``, ``M = beta P + (1-beta) Q``, P the
+            teacher), ``"tvd"`` or ``"skew_kl"`` (``KL(P || beta P + (1-beta) Q)``).
+        beta: the JSD / skew-KL mixing weight of the teacher, in [0, 1].
+        temperature: both logits are divided by it before the softmax.
+        labels: optional ``[rows]`` token ids; rows equal to ``ignore_index`` give 0 and no
+            gradient.
+        vocab_size: the shared vocabulary when the widths differ: later columns are padding
+            with probability 0 (and gradient 0).
+        loss_scale: multiplies every row (e.g. ``temperature**2``).
+        backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
+
+    Differentiable with respect to both logits. The student's gradient is computed in the
+    forward kernel; the teacher's, rarely needed, by the reference's autograd.
+    """
+    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
+        student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
+    args = (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, int(ignore_index), vocab,
+            loss_scale)
+    grad_on = torch.is_grad_enabled()
+    if backend is None and (grad_on and (student.requires_grad or teacher.requires_grad)
+                            or _needs_dispatcher(student, teacher)):
+        want_grad = grad_on and student.requires_grad
+        return torch.ops.kdfast.kd_divergence(*args, want_grad)[0]
+    return _kd_divergence(*args, False, backend=backend)[0]
+
+
+def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return True
+    return any(type(t) is not torch.Tensor for t in tensors)
+
+
+def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
+                   want_grad, backend=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    row_loss, grad = _allocate(student, want_grad)
+    if student.shape[0] > 0:
+        impl = divergence_op.select(student.device.type, backend)
+        impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
+                 ignore_index, vocab, loss_scale)
+    return row_loss, grad
+
+
+def _allocate(student: torch.Tensor, want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if want_grad else student.new_empty(0)
+    return row_loss, grad
+
+
+# --------------------------------------------------------------------------- backends
+
+
+@divergence_op.register("reference")
+def _reference(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
+    with torch.enable_grad():
+        leaf = student.detach().float().requires_grad_(grad is not None)
+        rows = ref.kd_divergence(leaf, teacher.detach(), KINDS[kind], beta, 1.0 / inv_t, labels, ignore_index,
+                                 vocab, loss_scale)
+        if grad is not None:
+            grad.copy_(torch.autograd.grad(rows.sum(), leaf)[0])
+    row_loss.copy_(rows.detach())
+
+
+def _binding_args(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
+    return (student.shape[0], vocab, student.data_ptr(), student.stride(0), DTYPE_CODES[student.dtype],
+            teacher.data_ptr(), teacher.stride(0), DTYPE_CODES[teacher.dtype],
+            0 if labels is None else labels.data_ptr(), ignore_index, row_loss.data_ptr(),
+            0 if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
+            0 if grad is None else grad.shape[1], DTYPE_CODES[student.dtype], kind, beta, inv_t, loss_scale)
+
+
+@divergence_op.register("cpu")
+def _cpu(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
+    module = _ext.cpu()[0]
+    threads = max(1, min(torch.get_num_threads(), student.shape[0]))
+    workspace = torch.empty(module.kd_divergence_workspace_floats(vocab, threads), dtype=torch.float32)
+    module.kd_divergence(*_binding_args(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index,
+                                        vocab, loss_scale), workspace.data_ptr(), threads)
+
+
+@divergence_op.register("cuda")
+def _cuda(student, *args):
+    _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0,
+                                 torch.cuda.current_stream(student.device).cuda_stream)
+
+
+@divergence_op.register("triton")
+def _triton(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
+    _ext.triton()[0].kd_divergence.launch(student, teacher, labels, row_loss, grad, kind, beta, inv_t,
+                                          ignore_index, vocab, loss_scale)
+
+
+# --------------------------------------------------------------------------- custom op
+
+
+@torch.library.custom_op("kdfast::kd_divergence", mutates_args=())
+def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], kind: int,
+                      beta: float, inv_temperature: float, ignore_index: int, vocab: int, loss_scale: float,
+                      want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
+                          want_grad)
+
+
+@_kd_divergence_op.register_fake
+def _(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale, want_grad):
+    return _allocate(student, want_grad)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, labels, kind, beta, inv_t, ignore_index, vocab, loss_scale, want_grad = inputs
+    ctx.args = (kind, beta, inv_t, ignore_index, vocab, loss_scale)
+    ctx.student_dtype = student.dtype
+    # The forward kernel computed the student's gradient when asked (want_grad); otherwise the
+    # backward recomputes it, and the teacher's (rare: teachers are frozen) comes from the
+    # reference. Only those cases keep the inputs alive.
+    recompute = ctx.needs_input_grad[0] and not want_grad
+    keep_inputs = recompute or ctx.needs_input_grad[1]
+    ctx.recompute = recompute
+    ctx.save_for_backward(output[1] if want_grad else None, student if keep_inputs else None,
+                          teacher if keep_inputs else None, labels)
+
+
+def _backward(ctx, grad_rows, _grad_of_grad):
+    student_grad_rows, student, teacher, labels = ctx.saved_tensors
+    kind, beta, inv_t, ignore_index, vocab, loss_scale = ctx.args
+    grad_student = grad_teacher = None
+    if ctx.needs_input_grad[0]:
+        if ctx.recompute:
+            student_grad_rows = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind,
+                                                               beta, inv_t, ignore_index, vocab, loss_scale,
+                                                               True)[1]
+        grad_student = (student_grad_rows * grad_rows.unsqueeze(1)).to(ctx.student_dtype)
+    if ctx.needs_input_grad[1]:
+        with torch.enable_grad():
+            leaf = teacher.detach().float().requires_grad_(True)
+            rows = ref.kd_divergence(student.detach().float(), leaf, KINDS[kind], beta, 1.0 / inv_t, labels,
+                                     ignore_index, vocab, loss_scale)
+            grad_teacher = torch.autograd.grad(rows, leaf, grad_rows.float())[0].to(teacher.dtype)
+    return grad_student, grad_teacher, None, None, None, None, None, None, None, None
+
+
+_kd_divergence_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,82 @@
+"""Specification of the fused KD divergences (see csrc/kd_divergence/kd_divergence.h).
+
+Per row r (token), with the first ``vocab`` columns of each row, temperature T,
+``q = softmax(student / T)`` and ``p = softmax(teacher / T)``:
+
+- forward_kl: ``KL(p || q) = sum p (log p - log q)``
+- reverse_kl: ``KL(q || p)``
+- jsd: ``beta KL(p || m) + (1 - beta) KL(q || m)`` with ``m = beta p + (1 - beta) q``
+- tvd: ``0.5 sum |p - q|``
+- skew_kl: ``KL(p || beta p + (1 - beta) q)``
+
+times ``loss_scale``, with ``0 log 0 = 0``; rows whose label is ``ignore_index`` give 0.
+Gradients come from autograd, so this module is also the reference for the fused backward.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+KINDS = ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl")
+
+
+def _xlogratio(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """w * (a - b) with 0 where w == 0 (whatever a - b is), differentiably."""
+    safe = torch.where(w > 0, a - b, torch.zeros_like(a))
+    return w * safe
+
+
+def _log_mix(beta: float, lt: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
+    """log(beta p + (1 - beta) q) from log p and log q."""
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    log_rest = math.log1p(-beta) if beta < 1 else -math.inf
+    a, b = lt + log_beta, ls + log_rest
+    # Where both are -inf, logaddexp's backward is NaN even with a zero incoming gradient.
+    live = (a > -math.inf) | (b > -math.inf)
+    zero = torch.zeros_like(a)
+    lm = torch.logaddexp(torch.where(live, a, zero), torch.where(live, b, zero))
+    return torch.where(live, lm, torch.full_like(lm, -math.inf))
+
+
+def divergence_terms(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """Per-entry terms of the divergence from student and teacher log-probabilities."""
+    q, p = ls.exp(), lt.exp()
+    if kind == "forward_kl":
+        return _xlogratio(p, lt, ls)
+    if kind == "reverse_kl":
+        return _xlogratio(q, ls, lt)
+    if kind == "jsd":
+        lm = _log_mix(beta, lt, ls)
+        return beta * _xlogratio(p, lt, lm) + (1 - beta) * _xlogratio(q, ls, lm)
+    if kind == "tvd":
+        return 0.5 * (p - q).abs()
+    if kind == "skew_kl":
+        return _xlogratio(p, lt, _log_mix(beta, lt, ls))
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def kd_divergence(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    vocab: Optional[int] = None,
+    loss_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Per-row divergence ``[rows]`` of 2-D logits, computed in ``dtype``."""
+    vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
+    s = student[:, :vocab].to(dtype) / temperature
+    t = teacher[:, :vocab].to(dtype) / temperature
+    rows = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
+    keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
+    if keep.any():
+        ls = torch.log_softmax(s[keep], dim=-1)
+        lt = torch.log_softmax(t[keep], dim=-1)
+        rows = rows.index_put((keep,), divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale)
+    return rows

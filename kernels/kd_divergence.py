@@ -1,0 +1,136 @@
+"""Triton version of the fused KD divergences (same math as csrc/kd_divergence/kd_divergence.h).
+
+One program per row: an online log-sum-exp sweep over the vocabulary for both logits, a
+sweep for the loss and sum(w), and, when asked, a sweep writing the student's gradient
+``(w - q * sum(w)) * loss_scale / T``.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+_MAX_BLOCK = 4096
+
+NEG_INF = float("-inf")
+
+
+@triton.jit
+def _log_add_exp(a, b):
+    hi = tl.maximum(a, b)
+    lo = tl.minimum(a, b)
+    v = hi + tl.log(1.0 + tl.exp(lo - hi))
+    return tl.where(hi == NEG_INF, hi, v)
+
+
+@triton.jit
+def _weighted_log_ratio(p, a, b):
+    return tl.where(p > 0.0, p * (a - b), 0.0)
+
+
+@triton.jit
+def _term(ls, lt, beta, log_beta, log_rest, KIND: tl.constexpr):
+    """(entry's divergence, w = q dD/dq) as in divergence_term."""
+    q = tl.exp(ls)
+    p = tl.exp(lt)
+    if KIND == 0:  # forward KL(p || q)
+        loss = _weighted_log_ratio(p, lt, ls)
+        w = -p
+    elif KIND == 1:  # reverse KL(q || p)
+        loss = _weighted_log_ratio(q, ls, lt)
+        w = loss
+    elif KIND == 2:  # generalized JSD
+        lm = _log_add_exp(log_beta + lt, log_rest + ls)
+        w = (1.0 - beta) * _weighted_log_ratio(q, ls, lm)
+        loss = beta * _weighted_log_ratio(p, lt, lm) + w
+    elif KIND == 3:  # total variation
+        d = q - p
+        loss = 0.5 * tl.abs(d)
+        w = tl.where(d > 0.0, 0.5 * q, tl.where(d < 0.0, -0.5 * q, 0.0))
+    else:  # skew KL(p || beta p + (1 - beta) q)
+        lm = _log_add_exp(log_beta + lt, log_rest + ls)
+        loss = _weighted_log_ratio(p, lt, lm)
+        w = tl.where((q > 0.0) & (p > 0.0), -(1.0 - beta) * tl.exp(ls + lt - lm), 0.0)
+    return loss, w
+
+
+@triton.jit
+def _kd_divergence_kernel(
+    s_ptr, t_ptr, labels_ptr, loss_ptr, grad_ptr,
+    s_stride, t_stride, g_stride, vocab, grad_cols, ignore_index,
+    beta, log_beta, log_rest, inv_t, loss_scale,
+    KIND: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    s_row = s_ptr + row * s_stride
+    t_row = t_ptr + row * t_stride
+    cols = tl.arange(0, BLOCK)
+
+    # Sweep 1: online (max, sum exp) of both rows.
+    ms = tl.cast(NEG_INF, tl.float32)
+    zs = tl.cast(0.0, tl.float32)
+    mt = tl.cast(NEG_INF, tl.float32)
+    zt = tl.cast(0.0, tl.float32)
+    for start in range(0, vocab, BLOCK):
+        j = start + cols
+        mask = j < vocab
+        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        ms_new = tl.maximum(ms, tl.max(s, 0))
+        mt_new = tl.maximum(mt, tl.max(t, 0))
+        zs = tl.where(ms_new == NEG_INF, 0.0, zs * tl.exp(ms - ms_new) + tl.sum(tl.exp(s - ms_new), 0))
+        zt = tl.where(mt_new == NEG_INF, 0.0, zt * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0))
+        ms = ms_new
+        mt = mt_new
+    lse_s = tl.where(ms == NEG_INF, ms, ms + tl.log(zs))
+    lse_t = tl.where(mt == NEG_INF, mt, mt + tl.log(zt))
+
+    # Sweep 2: the divergence and sum(w).
+    loss = tl.cast(0.0, tl.float32)
+    sum_w = tl.cast(0.0, tl.float32)
+    for start in range(0, vocab, BLOCK):
+        j = start + cols
+        mask = j < vocab
+        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        term, w = _term(s - lse_s, t - lse_t, beta, log_beta, log_rest, KIND)
+        loss += tl.sum(tl.where(mask, term, 0.0), 0)
+        sum_w += tl.sum(tl.where(mask, w, 0.0), 0)
+
+    keep = tl.cast(1.0, tl.float32)
+    if HAS_LABELS:
+        keep = tl.where(tl.load(labels_ptr + row) == ignore_index, 0.0, 1.0)
+    tl.store(loss_ptr + row, tl.where(keep > 0.0, loss * loss_scale, 0.0))
+
+    if WRITE_GRAD:
+        # Sweep 3: the gradient; padding columns (vocab <= j < grad_cols) get 0.
+        scale = loss_scale * inv_t
+        g_row = grad_ptr + row * g_stride
+        for start in range(0, grad_cols, BLOCK):
+            j = start + cols
+            mask = j < vocab
+            s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+            t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+            ls = s - lse_s
+            _, w = _term(ls, t - lse_t, beta, log_beta, log_rest, KIND)
+            g = (w - tl.exp(ls) * sum_w) * scale
+            g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
+            tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
+
+
+def launch(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
+    """Run the kernel for 2-D logits (rows strided, entries adjacent); ``grad`` may be None."""
+    import math
+
+    rows = student.shape[0]
+    block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
+    log_beta = math.log(beta) if beta > 0 else float("-inf")
+    log_rest = math.log1p(-beta) if beta < 1 else float("-inf")
+    _kd_divergence_kernel[(rows,)](
+        student, teacher, labels if labels is not None else row_loss, row_loss,
+        grad if grad is not None else row_loss,
+        student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0, vocab,
+        grad.shape[1] if grad is not None else 0, ignore_index,
+        beta, log_beta, log_rest, inv_t, loss_scale,
+        KIND=kind, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None, BLOCK=block,
+        num_warps=8 if block >= 2048 else 4,
+    )

@@ -1,0 +1,173 @@
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+from kdfast.losses import KDLoss, kd_loss
+from kdfast.reference import kd_divergence as ref
+
+
+@pytest.fixture(scope="module")
+def trl_jsd():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    return gkd.GKDTrainer.generalized_jsd_loss
+
+
+def logits(shape, seed, dtype=torch.float32, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def grads(fn, s, t):
+    s = s.detach().clone().requires_grad_(True)
+    value = fn(s, t)
+    value.backward()
+    return value.detach(), s.grad
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+@pytest.mark.parametrize("with_labels", [False, True])
+def test_generalized_jsd_matches_trl(trl_jsd, beta, temperature, reduction, with_labels):
+    # 2-D logits: TRL's label-free batchmean divides by the first dimension, here the tokens.
+    s, t = logits((12, 503), 0), logits((12, 503), 1)
+    labels = torch.tensor([5, -100, 3, 2, -100, 9, 1, 1, 0, -100, 7, 4]) if with_labels else None
+    ours, ours_grad = grads(lambda s, t: kd_loss(s, t, labels, kind="jsd", beta=beta, temperature=temperature,
+                                                 reduction=reduction), s, t)
+    s64, t64 = s.double(), t.double()
+    theirs, theirs_grad = grads(lambda s, t: trl_jsd(s, t, labels=labels, beta=beta, temperature=temperature,
+                                                     reduction=reduction), s64, t64)
+    torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
+    torch.testing.assert_close(ours_grad.double(), theirs_grad, rtol=2e-5, atol=1e-8)
+
+
+def test_matches_trl_on_3d_inputs_with_labels(trl_jsd):
+    s, t = logits((2, 6, 301), 2), logits((2, 6, 301), 3)
+    labels = torch.randint(0, 301, (2, 6), generator=torch.Generator().manual_seed(0))
+    labels[0, :2] = -100
+    ours = kd_loss(s, t, labels, beta=0.3)
+    theirs = trl_jsd(s.double(), t.double(), labels=labels, beta=0.3)
+    torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
+
+
+def test_num_items_in_batch_matches_trl(trl_jsd):
+    s, t = logits((8, 97), 4), logits((8, 97), 5)
+    labels = torch.tensor([1, 2, -100, 4, 5, -100, 7, 8])
+    ours = kd_loss(s, t, labels, num_items_in_batch=torch.tensor(20))
+    theirs = trl_jsd(s.double(), t.double(), labels=labels, num_items_in_batch=torch.tensor(20))
+    torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "tvd", "skew_kl"])
+def test_other_kinds_against_reference(kind):
+    s, t = logits((3, 5, 211), 6), logits((3, 5, 211), 7)
+    labels = torch.ones(3, 5, dtype=torch.long)
+    labels[1] = -100
+    ours, ours_grad = grads(lambda s, t: kd_loss(s, t, labels, kind=kind, beta=0.1, temperature=2.0,
+                                                 scale_by_t2=True), s, t)
+
+    def expected(s, t):
+        rows = ref.kd_divergence(s.reshape(-1, 211), t.reshape(-1, 211), kind, 0.1, 2.0, labels.reshape(-1),
+                                 loss_scale=4.0, dtype=torch.float64)
+        return rows.sum() / 10
+
+    theirs, theirs_grad = grads(expected, s.double(), t.double())
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(ours_grad.double(), theirs_grad, rtol=1e-5, atol=1e-8)
+
+
+def test_hinton_forward_kl_matches_torch_kl_div():
+    s, t = logits((16, 10), 8), logits((16, 10), 9)
+    T = 4.0
+    ours = kd_loss(s, t, kind="forward_kl", temperature=T, scale_by_t2=True)
+    torch_kd = torch.nn.functional.kl_div(torch.log_softmax(s / T, -1), torch.log_softmax(t / T, -1),
+                                          reduction="batchmean", log_target=True) * T * T
+    torch.testing.assert_close(ours, torch_kd, rtol=1e-5, atol=1e-7)
+
+
+def test_reduction_none_and_gradient_weights():
+    s, t = logits((2, 3, 40), 10), logits((2, 3, 40), 11)
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]])
+    s = s.requires_grad_(True)
+    per_token = kd_loss(s, t, labels, kind="reverse_kl", reduction="none")
+    assert per_token.shape == (2, 3) and per_token.dtype == torch.float32
+    assert per_token[0, 1] == 0 and per_token[1, 2] == 0
+    weights = torch.tensor([[1.0, 5.0, 2.0], [0.5, 3.0, 7.0]])
+    (per_token * weights).sum().backward()
+    s64 = s.detach().double().requires_grad_(True)
+    rows = ref.kd_divergence(s64.reshape(6, 40), t.double().reshape(6, 40), "reverse_kl", labels=labels.reshape(-1),
+                             dtype=torch.float64)
+    (rows * weights.double().reshape(-1)).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_all_tokens_ignored_gives_zero_not_nan():
+    s = logits((4, 30), 12, torch.bfloat16).requires_grad_(True)
+    t = logits((4, 30), 13, torch.bfloat16)
+    loss = kd_loss(s, t, torch.full((4,), -100))
+    loss.backward()
+    assert loss.item() == 0.0
+    assert s.grad.dtype == torch.bfloat16 and (s.grad == 0).all()
+
+
+def test_padded_vocabularies():
+    # A student head padded to 64 columns, a teacher head padded to 70: the padding columns
+    # get probability 0, unlike zero logits, which would give them mass.
+    s, t = logits((5, 64), 14), logits((5, 70), 15)
+    shared = kd_loss(s, t, vocab_size=50)
+    exact = kd_loss(s[:, :50], t[:, :50])
+    torch.testing.assert_close(shared, exact)
+    padded_with_zeros = kd_loss(torch.cat([s[:, :50], torch.zeros(5, 20)], 1), t)
+    assert not torch.allclose(shared, padded_with_zeros)
+
+
+def test_module_form():
+    criterion = KDLoss(kind="tvd", temperature=1.5)
+    s, t = logits((4, 20), 16), logits((4, 20), 17)
+    torch.testing.assert_close(criterion(s, t), kd_loss(s, t, kind="tvd", temperature=1.5))
+    assert "tvd" in repr(criterion)
+
+
+def test_low_precision_inputs_keep_fp32_math():
+    s32, t32 = logits((8, 1000), 18), logits((8, 1000), 19)
+    for dtype in (torch.float16, torch.bfloat16):
+        s, t = s32.to(dtype), t32.to(dtype)
+        loss = kd_loss(s, t)
+        exact = kd_loss(s.float(), t.float())  # the same rounded inputs, fp32 all along
+        assert loss.dtype == torch.float32
+        torch.testing.assert_close(loss, exact, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda s, t: kd_loss(s, t, reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda s, t: kd_loss(s, t[:1]), ValueError, "must agree in every dimension"),
+    (lambda s, t: kd_loss(s, t[..., :3]), ValueError, "pass vocab_size"),
+    (lambda s, t: kd_loss(s, t, torch.zeros(2, 2, dtype=torch.long)), ValueError, "labels must have shape"),
+    (lambda s, t: kd_loss(s, t, [1, 2]), TypeError, "labels must be a torch.Tensor"),
+    (lambda s, t: kd_loss(s.numpy(), t), TypeError, "student_logits must be a torch.Tensor"),
+    (lambda s, t: kd_loss(s, t, kind="js"), ValueError, "kind must be one of"),
+    (lambda s, t: kd_loss(s, t, temperature=-1.0), ValueError, "temperature must be"),
+    (lambda s, t: KDLoss(kind="kl"), ValueError, "kind must be one of"),
+    (lambda s, t: KDLoss(beta=2.0), ValueError, "beta must be in"),
+    (lambda s, t: KDLoss(reduction="avg"), ValueError, "reduction must be one of"),
+])
+def test_bad_input(call, error, match):
+    s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)
+    with pytest.raises(error, match=match):
+        call(s, t)
+
+
+def test_extreme_logits_are_finite():
+    s = logits((4, 100), 20, scale=3e4)
+    t = logits((4, 100), 21, scale=3e4)
+    t[:, 10:20] = -math.inf
+    s[:, 10:20] = -math.inf
+    for kind in ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"):
+        value, grad = grads(lambda s, t: kd_loss(s, t, kind=kind), s, t)
+        assert torch.isfinite(value) and torch.isfinite(grad).all(), kind

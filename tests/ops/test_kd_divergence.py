@@ -1,0 +1,212 @@
+import math
+
+import pytest
+import torch
+
+from kdfast import ops
+from kdfast.backends import BackendUnavailableError
+from kdfast.ops.kd_divergence import KINDS, _kd_divergence
+from kdfast.reference import kd_divergence as ref
+
+from conftest import usable_backends
+from helpers import assert_close_by_rule
+
+BACKENDS = usable_backends("kd_divergence")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SHAPES = [(1, 1), (1, 7), (5, 1031), (3, 4099)]
+
+
+def logits(shape, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def fused(backend, s, t, kind, *, beta=0.5, temperature=1.0, labels=None, ignore_index=-100, vocab=None,
+          loss_scale=1.0):
+    """Row losses and the fused student gradient straight from one backend."""
+    vocab = min(s.shape[1], t.shape[1]) if vocab is None else vocab
+    return _kd_divergence(s, t, labels, KINDS.index(kind), beta, 1.0 / temperature, ignore_index, vocab,
+                          loss_scale, True, backend=backend)
+
+
+def reference(s, t, kind, dtype, **kw):
+    """(row losses, student gradient) of the reference in ``dtype`` (float64 = ground truth)."""
+    leaf = s.detach().to(dtype).requires_grad_(True)
+    rows = ref.kd_divergence(leaf, t.to(dtype), kind, dtype=dtype, **kw)
+    (grad,) = torch.autograd.grad(rows.sum(), leaf)
+    return rows.detach(), grad
+
+
+def check(backend, s, t, kind, name, **kw):
+    ref_kw = dict(beta=kw.get("beta", 0.5), temperature=kw.get("temperature", 1.0), labels=kw.get("labels"),
+                  ignore_index=kw.get("ignore_index", -100), vocab=kw.get("vocab"),
+                  loss_scale=kw.get("loss_scale", 1.0))
+    rows, grad = fused(backend, s, t, kind, **kw)
+    rows64, grad64 = reference(s, t, kind, torch.float64, **ref_kw)
+    rows32, grad32 = reference(s, t, kind, torch.float32, **ref_kw)
+    assert rows.dtype == torch.float32 and rows.shape == (s.shape[0],)
+    assert grad.dtype == s.dtype and grad.shape == s.shape
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), name
+    assert_close_by_rule(rows, rows64, rows32, f"{name} loss", atol=2e-6)
+    # A 16-bit gradient may also round the other way from torch's: allow one unit in the last place.
+    ulp = 0.0 if s.dtype == torch.float32 else torch.finfo(s.dtype).eps * grad64.abs().max().item()
+    assert_close_by_rule(grad, grad64, grad32.to(s.dtype), f"{name} grad", atol=2e-6 + ulp)
+    return rows, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(backend, kind, dtype):
+    for i, shape in enumerate(SHAPES):
+        if backend == "triton" and shape[1] > 2000 and dtype != torch.float32:
+            continue  # the interpreter is slow; the wide case runs once in fp32
+        s, t = logits(shape, dtype, 2 * i), logits(shape, dtype, 2 * i + 1)
+        check(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", beta=0.3, temperature=1.7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_labels_padding_and_strides(backend, kind):
+    wide_s = logits((6, 260), torch.float32, 10)
+    s = wide_s[:, :257]  # rows strided, entries adjacent: used without a copy
+    t = logits((6, 300), torch.float32, 11)  # a wider (padded) teacher vocabulary
+    labels = torch.tensor([3, -100, 7, -100, 0, 250])
+    rows, grad = check(backend, s, t, kind, f"{backend} {kind} padded", labels=labels, vocab=250,
+                       loss_scale=4.0, temperature=2.0)
+    assert (rows[labels == -100] == 0).all()
+    assert (grad[labels == -100] == 0).all()
+    assert (grad[:, 250:] == 0).all()  # student padding columns get no gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_rows_ignored(backend):
+    s, t = logits((4, 33), torch.bfloat16, 1), logits((4, 33), torch.bfloat16, 2)
+    rows, grad = fused(backend, s, t, "jsd", labels=torch.full((4,), 5), ignore_index=5)
+    assert (rows == 0).all() and (grad == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_extreme_logits(backend, kind):
+    # Huge magnitudes and -inf entries (masked vocabulary) shared by both models.
+    s = logits((4, 300), torch.float32, 3, scale=1e4)
+    t = logits((4, 300), torch.float32, 4, scale=1e4)
+    masked = torch.zeros(4, 300, dtype=torch.bool)
+    masked[:, ::7] = True
+    masked[2, :299] = True  # one row with a single live entry
+    s = s.masked_fill(masked, -math.inf)
+    t = t.masked_fill(masked, -math.inf)
+    rows, grad = fused(backend, s, t, kind)
+    rows64, grad64 = reference(s, t, kind, torch.float64)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
+    assert rows[2] == 0 and (grad[2] == 0).all()  # identical one-point distributions
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_student_zero_where_teacher_has_mass(backend):
+    # KL(p || q) is +inf when q = 0 where p > 0: reported as inf, never NaN; JSD stays finite.
+    s, t = logits((2, 50), torch.float32, 5), logits((2, 50), torch.float32, 6)
+    s[0, 3] = -math.inf
+    fkl, _ = fused(backend, s, t, "forward_kl")
+    jsd, jsd_grad = fused(backend, s, t, "jsd")
+    assert fkl[0] == math.inf and torch.isfinite(fkl[1])
+    assert torch.isfinite(jsd).all() and torch.isfinite(jsd_grad).all()
+    assert jsd_grad[0, 3] == 0
+
+
+def test_autograd_student_and_teacher():
+    s = logits((5, 97), torch.float32, 7).requires_grad_(True)
+    t = logits((5, 97), torch.float32, 8).requires_grad_(True)
+    weights = torch.linspace(0.5, 2.0, 5)
+    (ops.kd_divergence(s, t, kind="jsd", beta=0.2, temperature=1.3) * weights).sum().backward()
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double().requires_grad_(True)
+    (ref.kd_divergence(s64, t64, "jsd", 0.2, 1.3, dtype=torch.float64) * weights.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_no_grad_path_skips_the_gradient():
+    s, t = logits((3, 40), torch.float32, 9), logits((3, 40), torch.float32, 10)
+    with torch.no_grad():
+        rows = ops.kd_divergence(s.requires_grad_(True), t, kind="forward_kl")
+    assert not rows.requires_grad
+    expected, _ = reference(s, t, "forward_kl", torch.float64)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    s = logits((4, 37), torch.float32, 11).requires_grad_(True)
+    t = logits((4, 37), torch.float32, 12)
+    labels = torch.tensor([1, -100, 2, 3])
+    for want_grad in (True, False):
+        torch.library.opcheck(torch.ops.kdfast.kd_divergence.default,
+                              (s, t, labels, KINDS.index("jsd"), 0.5, 1.0, -100, 37, 1.0, want_grad))
+
+
+def test_compiles():
+    s = logits((4, 64), torch.float32, 13).requires_grad_(True)
+    t = logits((4, 64), torch.float32, 14)
+
+    def loss(s, t):
+        return ops.kd_divergence(s, t, kind="reverse_kl").mean()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    value = compiled(s, t)
+    value.backward()
+    expected = loss(s.detach().requires_grad_(True), t)
+    torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda s, t: ops.kd_divergence(s[0], t), ValueError, "student_logits must be 2-D"),
+    (lambda s, t: ops.kd_divergence(s.long(), t), TypeError, "student_logits must be float32"),
+    (lambda s, t: ops.kd_divergence(s, t[:2]), ValueError, "same number of rows"),
+    (lambda s, t: ops.kd_divergence(s, t[:, :5]), ValueError, "pass vocab_size"),
+    (lambda s, t: ops.kd_divergence(s, t[:, :5], vocab_size=6), ValueError, "vocab_size must be in"),
+    (lambda s, t: ops.kd_divergence(s, t, kind="kl"), ValueError, "kind must be one of"),
+    (lambda s, t: ops.kd_divergence(s, t, beta=1.5), ValueError, "beta must be in"),
+    (lambda s, t: ops.kd_divergence(s, t, temperature=0.0), ValueError, "temperature must be"),
+    (lambda s, t: ops.kd_divergence(s, t, temperature=math.nan), ValueError, "temperature must be"),
+    (lambda s, t: ops.kd_divergence(s, t, labels=torch.zeros(2, dtype=torch.long)), ValueError, "labels must have"),
+    (lambda s, t: ops.kd_divergence(s, t, labels=torch.zeros(3)), TypeError, "labels must hold integers"),
+    (lambda s, t: ops.kd_divergence(s, t, loss_scale=math.inf), ValueError, "loss_scale"),
+    (lambda s, t: ops.kd_divergence(s, t, backend="cuda"), BackendUnavailableError, "cannot run"),
+])
+def test_bad_input(call, error, match):
+    s, t = logits((3, 8), torch.float32, 0), logits((3, 8), torch.float32, 1)
+    with pytest.raises(error, match=match):
+        call(s, t)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_matches_reference(backend, kind, dtype):
+    for i, shape in enumerate(SHAPES + [(7, 128256)]):
+        s = logits(shape, dtype, 2 * i).cuda()
+        t = logits(shape, dtype, 2 * i + 1).cuda()
+        labels = torch.arange(shape[0], device="cuda").masked_fill(torch.arange(shape[0], device="cuda") == 1, -100)
+        check(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", labels=labels, temperature=1.5)
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_graph_capture():
+    s = logits((64, 32000), torch.bfloat16, 1).cuda().requires_grad_(True)
+    t = logits((64, 32000), torch.bfloat16, 2).cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.kd_divergence(s, t, kind="jsd").sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        ops.kd_divergence(s, t, kind="jsd")  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            rows = ops.kd_divergence(s, t, kind="jsd")
+    graph.replay()
+    torch.testing.assert_close(rows, ops.kd_divergence(s.detach(), t, kind="jsd"))
