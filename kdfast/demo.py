@@ -8,16 +8,17 @@ accuracy, next to milliseconds per image. Writes PNG grids, ``metrics.json`` and
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import json
 import math
-import os
 import platform
 import time
-from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
+
+from .train.run import OutputDirError, prepare_output_dir
 
 # Demo solver name -> the teacher's scheduler key (kdfast.train.teacher.SCHEDULERS).
 SOLVERS = {
@@ -54,17 +55,6 @@ def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, 
         raise DemoError(f"n_per_class must be >= 2 (a Frechet distance needs several images), got {n_per_class}")
     if not math.isfinite(guidance_scale):
         raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale}")
-
-
-def _prepare_output(out: Path) -> Path:
-    try:
-        (out / "grids").mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as exc:
-        raise DemoError(f"output folder {str(out)!r} is not writable: {exc}") from exc
-    return out
 
 
 @torch.no_grad()
@@ -152,11 +142,14 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     _check_args(solvers, steps, n_per_class, guidance_scale)
     if anchor:
         try:
-            import diffusers  # noqa: F401
+            importlib.import_module("diffusers")
         except ImportError as exc:
             raise DemoError("the diffusers anchor needs diffusers (pip install diffusers), or pass anchor=False "
                             "(--no-anchor)") from exc
-    out_dir = _prepare_output(Path(out))
+    try:
+        out_dir = prepare_output_dir(out, subdirs=("grids",))
+    except OutputDirError as exc:
+        raise DemoError(str(exc)) from exc
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     teacher = load_teacher(device=device)
     evaluator = DigitsEvaluator(device=device)

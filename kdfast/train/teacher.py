@@ -6,7 +6,8 @@ deterministic on a given machine and thread count) with the diffusers DDPM noise
 ``load_teacher`` store it as safetensors plus a JSON beside it that holds the model config,
 the noise schedule as a diffusers scheduler config, the training settings and measured
 sample metrics. A trained copy ships as ``kdfast/assets/digits_teacher.safetensors``;
-``python -m kdfast.train.teacher`` rebuilds it.
+``python -m kdfast.train.teacher`` rebuilds it. Given a checkpoint folder, training saves its
+full state there as it goes (:mod:`kdfast.train.run`) and can resume, bit for bit.
 
 Sampling (:func:`sample_teacher`, :meth:`Teacher.sample`) runs a kdfast scheduler through
 :func:`kdfast.sample`, with classifier-free guidance fused into every step (``step_cfg``): the
@@ -18,9 +19,7 @@ import copy
 import hashlib
 import json
 import math
-import struct
 import time
-import zlib
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -28,12 +27,14 @@ import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from .. import schedulers as _schedulers
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..models.unet import PREDICTION_TYPES, UNet, UNetConfig
 from ..sampling import sample as run_sampler
+from . import images as _images
+from .plot import moving_average, plot_curves
+from .run import Checkpointer, GlobalRNG, MetricsLog, progress_bar
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -60,6 +61,9 @@ SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
 }
 
 PathLike = Union[str, Path]
+
+# The PNG helpers live in kdfast.train.images; older code imports them from here.
+image_grid, write_png, save_grid = _images.image_grid, _images.write_png, _images.save_grid
 
 
 class TeacherAssetError(RuntimeError):
@@ -224,13 +228,22 @@ class _EMA:
             else:
                 ema.copy_(cur)
 
+    def state_dict(self) -> Dict[str, Any]:
+        return {"model": self.model.state_dict(), "steps": self.steps}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.steps = int(state["steps"])
+
 
 def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str = "v_prediction",
                   cfg_dropout: float = 0.1, seed: int = 0, progress: bool = True,
                   out: Optional[PathLike] = None, lr: float = 2e-3, weight_decay: float = 0.01,
                   ema_decay: float = 0.995, model_config: Optional[Mapping[str, Any]] = None,
                   noise_schedule: Optional[Mapping[str, Any]] = None,
-                  num_threads: Optional[int] = None, device: Union[str, torch.device] = "cpu") -> Teacher:
+                  num_threads: Optional[int] = None, device: Union[str, torch.device] = "cpu",
+                  checkpoint_dir: Optional[PathLike] = None, checkpoint_every: int = 100,
+                  resume: bool = False, keep_checkpoints: Optional[int] = 3) -> Teacher:
     """Train a class-conditional digits teacher and return it (EMA weights, on the CPU).
 
     ``prediction_type`` "v_prediction" (the default) keeps the x0 estimate well conditioned
@@ -240,12 +253,22 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     (classifier-free guidance). The learning rate warms up linearly for ``min(100, steps // 10)``
     steps, then follows a cosine decay to zero. ``model_config`` overrides
     :class:`~kdfast.models.UNetConfig` fields; ``noise_schedule`` overrides DDIMScheduler config
-    keys of :data:`DEFAULT_NOISE_SCHEDULE`. ``out``: also save the teacher there.
+    keys of :data:`DEFAULT_NOISE_SCHEDULE`. ``out``: also save the teacher there, and a plot of
+    the loss beside it (``<name>_loss.png``).
 
     Deterministic for a given ``seed`` on one machine and thread count (``num_threads`` sets
     torch's intra-op threads for the run and restores them afterwards). All random draws come
-    from CPU generators, so ``device`` changes float rounding only. ``teacher.config
-    ["training"]["loss_history"]`` holds the per-step training loss.
+    from CPU generators (and dropout, if the model has any, from a forked, seeded global RNG,
+    so the caller's RNG state is untouched); ``device`` changes float rounding only.
+    ``teacher.config["training"]["loss_history"]`` holds the per-step training loss.
+
+    ``checkpoint_dir``: save the whole training state there (see
+    :class:`kdfast.train.run.Checkpointer`) every ``checkpoint_every`` steps and at the end,
+    keeping the last ``keep_checkpoints``; log every step's loss and learning rate to
+    ``metrics.jsonl`` and plot the loss to ``loss.png``. ``resume``: continue from the latest
+    checkpoint there, which must come from a run with the same settings (a run that finds
+    none starts from step 0, so an interrupted command can simply be run again). A resumed
+    run ends with the same weights, bit for bit, as one that never stopped.
     """
     steps = _check_int("steps", steps, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -254,6 +277,9 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     cfg_dropout = _check_float("cfg_dropout", cfg_dropout, 0.0, 1.0, high_open=True)
     lr = _check_float("lr", lr, 0.0, math.inf)
     ema_decay = _check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
     seed = int(seed)
 
     model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
@@ -264,57 +290,86 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     schedule = noise_schedule_config(prediction_type, **dict(noise_schedule or {}))
     noise_scheduler = _schedulers.DDIMScheduler.from_config(schedule)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    # What defines the run's trajectory: a checkpoint resumes only a run with these settings.
+    run_settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+                    "ema_decay": ema_decay, "cfg_dropout": cfg_dropout, "seed": seed, "model": model_cfg.to_dict(),
+                    "noise_schedule": {k: v for k, v in schedule.items() if not k.startswith("_")}}
+    checkpointer = Checkpointer(checkpoint_dir, keep=keep_checkpoints) if checkpoint_dir is not None else None
 
     images, labels = load_digits("train", size=IMAGE_SIZE, seed=0)
+    device = torch.device(device)
+    cuda_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(_check_int("num_threads", num_threads, 1))
+    metrics = None
     try:
-        # Initialise under a forked global RNG: seeded weights without touching the caller's RNG state.
-        with torch.random.fork_rng(devices=[]):
+        # A forked, seeded global RNG: seeded weights and dropout without touching the caller's RNG state.
+        with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(seed)
             model = UNet(model_cfg)
-        model.to(device).train()
-        ema = _EMA(model, ema_decay)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
-        warmup = min(100, steps // 10)
+            model.to(device).train()
+            ema = _EMA(model, ema_decay)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, betas=(0.9, 0.99))
+            warmup = min(100, steps // 10)
 
-        def lr_at(step: int) -> float:
-            if step < warmup:
-                return lr * (step + 1) / warmup
-            return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+            def lr_at(step: int) -> float:
+                if step < warmup:
+                    return lr * (step + 1) / warmup
+                return lr * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
-        gen = torch.Generator().manual_seed(seed)
-        order = torch.empty(0, dtype=torch.int64)
-        losses: List[float] = []
-        started = time.perf_counter()
-        bar = tqdm(range(steps), desc="teacher", disable=not progress, leave=False)
-        for step in bar:
-            # Sample batches by walking through shuffled epochs, so every image is seen equally often.
-            while len(order) < batch_size:
-                order = torch.cat([order, torch.randperm(len(labels), generator=gen)])
-            idx, order = order[:batch_size], order[batch_size:]
-            x0, y = images[idx], labels[idx].clone()
-            y[torch.rand(batch_size, generator=gen) < cfg_dropout] = model_cfg.null_class
-            noise = torch.randn(x0.shape, generator=gen)
-            t = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
-            x0, y, noise, t = (v.to(device) for v in (x0, y, noise, t))
+            gen = torch.Generator().manual_seed(seed)
+            order = torch.empty(0, dtype=torch.int64)
+            losses: List[float] = []
+            first_step, seconds_before = 0, 0.0
+            state = {"model": model, "ema": ema, "optimizer": optimizer, "data_rng": gen,
+                     "global_rng": GlobalRNG(python=False, numpy=False, cuda=device.type == "cuda")}
+            if checkpointer is not None:
+                if resume and checkpointer.latest() is not None:
+                    loaded = checkpointer.load(state, expect={"run": run_settings})
+                    first_step, seconds_before = loaded.step, float(loaded.values["seconds"])
+                    order, losses = loaded.values["order"], loaded.values["losses"].tolist()
+                metrics = MetricsLog(checkpointer.directory / "metrics.jsonl",
+                                     resume_step=first_step if first_step else None)
+            started = time.perf_counter()
+            bar = progress_bar(range(first_step, steps), enabled=progress, desc="teacher", leave=False,
+                               total=steps, initial=first_step)
+            for step in bar:
+                # Sample batches by walking through shuffled epochs, so every image is seen equally often.
+                while len(order) < batch_size:
+                    order = torch.cat([order, torch.randperm(len(labels), generator=gen)])
+                idx, order = order[:batch_size], order[batch_size:]
+                x0, y = images[idx], labels[idx].clone()
+                y[torch.rand(batch_size, generator=gen) < cfg_dropout] = model_cfg.null_class
+                noise = torch.randn(x0.shape, generator=gen)
+                t = torch.randint(0, num_train_timesteps, (batch_size,), generator=gen)
+                x0, y, noise, t = (v.to(device) for v in (x0, y, noise, t))
 
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step)
-            loss = denoising_loss(model, noise_scheduler, x0, y, noise, t)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            ema.update(model)
-            losses.append(float(loss.detach()))
-            if progress and (step % 10 == 0 or step == steps - 1):
-                bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
-        seconds = time.perf_counter() - started
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_at(step)
+                loss = denoising_loss(model, noise_scheduler, x0, y, noise, t)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+                optimizer.step()
+                ema.update(model)
+                losses.append(float(loss.detach()))
+                if progress and (step % 10 == 0 or step == steps - 1):
+                    bar.set_postfix(loss=f"{sum(losses[-50:]) / len(losses[-50:]):.4f}")
+                if checkpointer is not None:
+                    metrics.log(step + 1, loss=losses[-1], lr=lr_at(step))
+                    if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
+                        values = {"order": order, "losses": torch.tensor(losses, dtype=torch.float64),
+                                  "seconds": seconds_before + time.perf_counter() - started}
+                        checkpointer.save(step + 1, {**state, **values},
+                                          metadata={"kind": "kdfast digits teacher training", "run": run_settings})
+            seconds = seconds_before + time.perf_counter() - started
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
+        if metrics is not None:
+            metrics.close()
 
     config = {
         "format_version": FORMAT_VERSION,
@@ -332,10 +387,23 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         },
         "num_parameters": model.num_parameters,
     }
+    if first_step:
+        config["training"]["resumed_at_step"] = first_step
     teacher = Teacher(ema.model.cpu(), config)
     if out is not None:
         save_teacher(teacher.model, teacher.config, out)
+        plot_loss(losses, Path(out).with_name(Path(out).stem + "_loss.png"))
+    if checkpointer is not None:
+        plot_loss(losses, checkpointer.directory / "loss.png")
     return teacher
+
+
+def plot_loss(losses: Sequence[float], path: PathLike, window: int = 50) -> Path:
+    """Plot per-step training losses and their running mean over ``window`` steps (log scale)."""
+    steps = range(1, len(losses) + 1)
+    return plot_curves({"loss": list(zip(steps, losses)),
+                        f"mean of {window} steps": list(zip(steps, moving_average(losses, window)))},
+                       path, title="training loss", log_y=True)
 
 
 # --------------------------------------------------------------------------- files
@@ -431,44 +499,6 @@ def sample_teacher(n_per_class: int = 1, steps: int = 20, guidance_scale: float 
                           seed=seed, **kwargs)
 
 
-# --------------------------------------------------------------------------- image grids
-
-
-def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> torch.Tensor:
-    """Tile ``[N, 1, H, W]`` images in [-1, 1] into one uint8 ``[rows*(H+pad), ...]`` image."""
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
-    if scale > 1:
-        images = images.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
-    n, h, w = images.shape
-    rows = (n + nrow - 1) // nrow
-    grid = torch.full((rows * (h + pad) + pad, nrow * (w + pad) + pad), 64, dtype=torch.uint8)
-    for i in range(n):
-        r, c = divmod(i, nrow)
-        grid[pad + r * (h + pad):pad + r * (h + pad) + h, pad + c * (w + pad):pad + c * (w + pad) + w] = images[i]
-    return grid
-
-
-def write_png(gray: torch.Tensor, path: PathLike) -> Path:
-    """Write a 2-D uint8 tensor as an 8-bit grayscale PNG (zlib only, no imaging library)."""
-    gray = gray.to(torch.uint8).cpu()
-    h, w = gray.shape
-    raw = b"".join(b"\x00" + bytes(row.tolist()) for row in gray)  # filter type 0 on every row
-
-    def chunk(tag: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data) & 0xFFFFFFFF)
-
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b""))
-    path = Path(path)
-    path.write_bytes(png)
-    return path
-
-
-def save_grid(images: torch.Tensor, path: PathLike, nrow: int = 10, scale: int = 4) -> Path:
-    """Save images ``[N, 1, H, W]`` in [-1, 1] as a PNG grid, ``nrow`` per row, upscaled ``scale``x."""
-    return write_png(image_grid(images, nrow, pad=2, scale=scale), path)
-
-
 # --------------------------------------------------------------------------- rebuilding the asset
 
 
@@ -484,9 +514,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=str(SHIPPED_PATH))
     parser.add_argument("--grid", default=None, help="also save a PNG grid of 50-step samples, 10 per class")
+    parser.add_argument("--checkpoint-dir", default=None,
+                        help="save the training state, a metrics log and a loss plot in this folder")
+    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the latest checkpoint in --checkpoint-dir (same settings)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--measure-only", action="store_true",
                         help="do not train: measure the teacher at --out again and update its JSON")
     args = parser.parse_args(argv)
+    if args.resume and args.checkpoint_dir is None:
+        parser.error("--resume needs --checkpoint-dir")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_only:
@@ -496,7 +534,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         return
 
     teacher = train_teacher(steps=args.steps, batch_size=args.batch_size, prediction_type=args.prediction_type,
-                            seed=args.seed, num_threads=args.threads)
+                            seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
+                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                            resume=args.resume)
     print(f"trained in {teacher.config['training']['seconds']} s, "
           f"final loss {teacher.config['training']['final_loss_ema50']:.4f}")
     teacher.config["metrics"] = measure_samples(teacher)

@@ -12,6 +12,7 @@ from kdfast.datasets import load_digits  # noqa: E402
 from kdfast.models import UNet  # noqa: E402
 from kdfast.schedulers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 from kdfast.train import teacher as teacher_mod  # noqa: E402
+from kdfast.train.run import CheckpointError  # noqa: E402
 from kdfast.train import (SHIPPED_PATH, Teacher, TeacherAssetError, load_teacher, sample_teacher,  # noqa: E402
                           save_teacher, train_teacher)
 
@@ -68,6 +69,7 @@ def test_epsilon_teacher_trains(tmp_path):
                             model_config=dict(base_channels=16, channel_mults=(1, 2), attention_heads=2),
                             out=tmp_path / "eps.safetensors")
     loaded = load_teacher(tmp_path / "eps.safetensors")
+    assert (tmp_path / "eps_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"  # the loss plot beside it
     assert trained.model.config == loaded.model.config
     assert loaded.prediction_type == "epsilon" and loaded.scheduler_config["prediction_type"] == "epsilon"
     images, labels = loaded.sample(1, steps=3, classes=[7], scheduler="ddim")
@@ -156,3 +158,56 @@ def test_png_grid(tmp_path):
     assert len(raw) == grid.shape[0] * (grid.shape[1] + 1)
     rows = torch.tensor(list(raw), dtype=torch.uint8).reshape(grid.shape[0], -1)[:, 1:]
     assert torch.equal(rows, grid)
+
+
+# A tiny UNet with dropout: resuming must restore the global RNG dropout draws from as well.
+RESUMABLE = dict(steps=4, batch_size=8, progress=False, num_threads=1, seed=2,
+                 model_config=dict(base_channels=16, channel_mults=(1, 2), attention_heads=2, dropout=0.2))
+
+
+def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
+    straight = train_teacher(**RESUMABLE)  # no checkpoints: the default path
+
+    real_loss, calls = teacher_mod.denoising_loss, []
+
+    def crash_in_step_3(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    ckpt_dir = tmp_path / "ckpt"
+    monkeypatch.setattr(teacher_mod, "denoising_loss", crash_in_step_3)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, **RESUMABLE)
+    monkeypatch.setattr(teacher_mod, "denoising_loss", real_loss)
+    assert sorted(p.name for p in ckpt_dir.glob("step-*")) == ["step-00000002.safetensors"]
+
+    resumed = train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, resume=True, **RESUMABLE)
+    assert resumed.config["training"]["resumed_at_step"] == 2
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert resumed.config["training"]["loss_history"] == straight.config["training"]["loss_history"]
+
+    records = [json.loads(line) for line in (ckpt_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["loss"] for r in records] == straight.config["training"]["loss_history"]
+    assert sorted(p.name for p in ckpt_dir.glob("step-*")) == ["step-00000002.safetensors",
+                                                              "step-00000004.safetensors"]
+    assert (ckpt_dir / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Resuming a finished run trains nothing and returns the same teacher.
+    again = train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, resume=True, **RESUMABLE)
+    assert torch.equal(again.model.conv_out.weight, straight.model.conv_out.weight)
+    # A checkpoint resumes only the run that wrote it.
+    with pytest.raises(CheckpointError, match="different run: run="):
+        train_teacher(checkpoint_dir=ckpt_dir, resume=True, **{**RESUMABLE, "steps": 6})
+
+
+def test_checkpoint_arguments(tmp_path):
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        train_teacher(resume=True, steps=1)
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        train_teacher(checkpoint_dir=tmp_path, checkpoint_every=0, steps=1)
+    with pytest.raises(SystemExit):
+        teacher_mod.main(["--resume"])  # --resume needs --checkpoint-dir

@@ -1,0 +1,262 @@
+import io
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("safetensors")
+
+import kdfast.train.run as run  # noqa: E402
+from kdfast.train.run import (CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,  # noqa: E402
+                              load_checkpoint, prepare_output_dir, progress_bar, seed_everything)
+
+
+# --------------------------------------------------------------------------- output folders
+
+
+def test_prepare_output_dir_creates_nested_folders(tmp_path):
+    out = prepare_output_dir(tmp_path / "a" / "b", subdirs=("grids", "x/y"))
+    assert out.is_dir() and (out / "grids").is_dir() and (out / "x" / "y").is_dir()
+    assert list(out.glob(".write-test*")) == []  # the probe is removed
+    assert prepare_output_dir(out) == out  # an existing folder is fine
+
+
+def test_output_dir_that_is_a_file_or_under_a_file(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match=r"'.*file' is not writable: it is an existing file"):
+        prepare_output_dir(blocker)
+    with pytest.raises(OutputDirError, match=r"file/out' is not writable: .*(Not a directory|File exists)"):
+        prepare_output_dir(blocker / "out")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the file cases cover the error path")
+def test_output_dir_under_a_read_only_parent(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    with pytest.raises(OutputDirError, match=r"locked/out' is not writable: .*Permission denied"):
+        prepare_output_dir(locked / "out")
+    with pytest.raises(OutputDirError, match=r"locked' is not writable"):
+        prepare_output_dir(locked)  # exists, but nothing can be written into it
+
+
+def test_output_dir_without_overwrite(tmp_path):
+    prepare_output_dir(tmp_path / "empty", overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("x")
+    with pytest.raises(OutputDirError, match="not empty"):
+        prepare_output_dir(tmp_path / "full", overwrite=False)
+
+
+# --------------------------------------------------------------------------- seeding, progress
+
+
+def test_seed_everything_is_deterministic():
+    def draws():
+        gen = seed_everything(7)
+        return (random.random(), float(np.random.rand()), float(torch.rand(())), float(torch.rand((), generator=gen)))
+
+    first = draws()
+    assert draws() == first
+    assert first[3] == float(torch.rand((), generator=torch.Generator().manual_seed(7)))
+    seed_everything(8)
+    assert random.random() != first[0]
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_only_on_a_terminal():
+    assert progress_bar(range(3), file=io.StringIO()).disable  # a log file or CI output
+    assert not progress_bar(range(3), file=_Terminal()).disable
+    assert progress_bar(range(3), enabled=False, file=_Terminal()).disable
+    terminal = _Terminal()
+    assert list(progress_bar(range(3), file=terminal, desc="work")) == [0, 1, 2]
+    assert "work" in terminal.getvalue()
+
+
+# --------------------------------------------------------------------------- metrics log
+
+
+def test_metrics_log_resume_has_no_duplicate_steps(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    with MetricsLog(path) as log:
+        for step in range(1, 6):
+            log.log(step, loss=1.0 / step)
+    with open(path, "a") as f:
+        f.write('{"step": 6, "lo')  # torn by a crash mid-write
+    with MetricsLog(path, resume_step=3) as log:  # the run resumes from its step-3 checkpoint
+        assert [r["step"] for r in log.records()] == [1, 2, 3]
+        for step in range(4, 7):
+            log.log(step, loss=1.0 / step)
+        records = log.records()
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert records[4]["loss"] == 1.0 / 5  # floats round-trip exactly
+    with MetricsLog(path) as log:  # a new run starts a new log
+        assert log.records() == []
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _model(width: int = 4) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, width), torch.nn.BatchNorm1d(width), torch.nn.Linear(width, 2))
+
+
+def _train_steps(model, optimizer, n: int, seed: int = 0) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        loss = model(torch.randn(8, 3, generator=gen)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def _assert_same(a, b, where="state"):
+    assert type(a) is type(b), (where, type(a), type(b))
+    if isinstance(a, torch.Tensor):
+        assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert list(a) == list(b), where
+        for k in a:
+            _assert_same(a[k], b[k], f"{where}[{k!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            _assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, where
+
+
+def _optimizer(model):
+    # Two parameter groups with different settings, and AMSGrad for an extra state tensor.
+    params = list(model.parameters())
+    return torch.optim.AdamW([{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "weight_decay": 0.0}],
+                             lr=3e-3, betas=(0.8, 0.95), amsgrad=True)
+
+
+def test_model_and_optimizer_round_trip_exactly(tmp_path):
+    model = _model()
+    optimizer = _optimizer(model)
+    _train_steps(model, optimizer, 3)
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(3, {"model": model, "optimizer": optimizer})
+
+    model2 = _model()
+    optimizer2 = _optimizer(model2)
+    loaded = ckpt.load({"model": model2, "optimizer": optimizer2})
+    assert loaded.step == 3 and loaded.path == ckpt.latest()
+    _assert_same(model.state_dict(), model2.state_dict())
+    _assert_same(optimizer.state_dict(), optimizer2.state_dict())  # Adam step counts, betas tuples, groups
+    assert optimizer2.state_dict()["state"][0]["step"] == 3
+    _train_steps(model, optimizer, 2, seed=1)
+    _train_steps(model2, optimizer2, 2, seed=1)
+    _assert_same(model.state_dict(), model2.state_dict(), "after two more steps")
+
+
+def test_rng_generators_and_values_round_trip(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    torch.rand(5, generator=gen)
+    seed_everything(11)
+    values = {"order": torch.arange(5), "half": torch.ones(2, dtype=torch.bfloat16), "seconds": 1.5, "name": "x",
+              "nested": {1: (2, [3.25, None]), "k": True}}
+    ckpt.save(1, {"data_rng": gen, "global_rng": GlobalRNG(), **values}, metadata={"note": "hi"})
+    expected = (torch.rand(4, generator=gen), random.random(), np.random.rand(3), torch.rand(2))
+
+    gen2 = torch.Generator().manual_seed(99)
+    seed_everything(12)
+    loaded = ckpt.load({"data_rng": gen2, "global_rng": GlobalRNG()})
+    again = (torch.rand(4, generator=gen2), random.random(), np.random.rand(3), torch.rand(2))
+    assert torch.equal(again[0], expected[0]) and again[1] == expected[1]
+    assert np.array_equal(again[2], expected[2]) and torch.equal(again[3], expected[3])
+    _assert_same(loaded.values, values)
+    assert loaded.metadata == {"note": "hi"}
+
+
+def test_keep_last_k_and_latest(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path, keep=2)
+    assert ckpt.latest() is None
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        ckpt.load({"model": model})
+    for step in (10, 20, 30, 40):
+        ckpt.save(step, {"model": model})
+    assert [p.name for p in ckpt.checkpoints()] == ["step-00000030.safetensors", "step-00000040.safetensors"]
+    assert ckpt.latest() == ckpt.path_for(40)
+    assert ckpt.load({"model": model}).step == 40
+    # Resumed from step 30 and saving step 35: the step-40 checkpoint belongs to the abandoned run.
+    ckpt.save(35, {"model": model})
+    assert [p.name for p in ckpt.checkpoints()] == ["step-00000030.safetensors", "step-00000035.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step-00000030.safetensors", "step-00000035.safetensors"]
+    everything = Checkpointer(tmp_path / "all", keep=None)
+    for step in range(1, 6):
+        everything.save(step, {"model": model})
+    assert len(everything.checkpoints()) == 5
+    with pytest.raises(ValueError, match="keep"):
+        Checkpointer(tmp_path, keep=0)
+
+
+def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    model = _model()
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(1, {"model": model})
+    before = ckpt.latest().read_bytes()
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(run, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save(2, {"model": model})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.safetensors"]  # no temporary file left
+    assert ckpt.latest().read_bytes() == before
+
+
+def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path)
+    path = ckpt.save(5, {"model": model, "optimizer": _optimizer(model)}, metadata={"run": {"lr": 1.0}})
+    data = path.read_bytes()
+
+    with pytest.raises(CheckpointError, match=r"(?s)'model' does not fit the saved .*size mismatch"):
+        ckpt.load({"model": _model(width=5)})
+    with pytest.raises(CheckpointError, match="holds no 'ema'"):
+        ckpt.load({"model": _model(), "ema": _model()})
+    with pytest.raises(CheckpointError, match=r"different run: run=\{'lr': 1.0\} \(this run: \{'lr': 2.0\}\)"):
+        ckpt.load({"model": _model()}, expect={"run": {"lr": 2.0}})
+
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="step-00000005.safetensors' is corrupt, truncated"):
+        ckpt.load({"model": _model()})
+    flipped = bytearray(data)
+    flipped[-3] ^= 0x10  # inside the last tensor's data: a valid file with a wrong value
+    path.write_bytes(bytes(flipped))
+    with pytest.raises(CheckpointError, match="CRC-32"):
+        ckpt.load({"model": _model()})
+    run.save_file({"w": torch.zeros(2)}, str(path))  # a safetensors file, but not a checkpoint
+    with pytest.raises(CheckpointError, match="corrupt, truncated or not a kdfast checkpoint"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def test_checkpoint_file_is_plain_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
+    model = _model()
+    path = Checkpointer(tmp_path).save(2, {"model": model})
+    tensors = load_file(str(path))  # readable by any safetensors tool
+    assert torch.equal(tensors["model/0.weight"], model[0].weight)
+    with pytest.raises(TypeError, match="cannot checkpoint 'bad'"):
+        Checkpointer(tmp_path).save(3, {"bad": object()})
+    header = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["kdfast"])
+    assert header["step"] == 2 and header["state"]["model"]["kind"] == "stateful"
