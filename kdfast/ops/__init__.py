@@ -2,7 +2,7 @@
 
 This package is the only place where tensors become addresses for the compiled kernels.
 """
-from .kd_divergence import kd_divergence
+from .kd_divergence import kd_divergence, kd_divergence_with_grad
 from .solver_step import StepResult, coefficients, solver_step, threshold_scale
 
-__all__ = ["StepResult", "coefficients", "kd_divergence", "solver_step", "threshold_scale"]
+__all__ = ["StepResult", "coefficients", "kd_divergence", "kd_divergence_with_grad", "solver_step", "threshold_scale"]

@@ -131,6 +131,36 @@ def kd_divergence(
     return _kd_divergence(*args, False, backend=backend)[0]
 
 
+def kd_divergence_with_grad(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    vocab_size: Optional[int] = None,
+    loss_scale: float = 1.0,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row losses ``[rows]`` and their gradient ``d row_loss[r] / d student_logits[r, :]``.
+
+    The arguments are those of :func:`kd_divergence`. No autograd graph is recorded: this is
+    for losses that apply the chain rule themselves, such as the chunked fused-linear KD,
+    which pushes each chunk's gradient through the LM head at once. The gradient has the
+    student's dtype and shape; padding columns beyond ``vocab_size`` are 0.
+    """
+    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
+        student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
+    args = (student.detach(), teacher.detach(), labels, KINDS.index(kind), beta, 1.0 / temperature,
+            int(ignore_index), vocab, loss_scale, True)
+    if backend is None and _needs_dispatcher(student, teacher):
+        with torch.no_grad():
+            return tuple(torch.ops.kdfast.kd_divergence(*args))
+    return _kd_divergence(*args, backend=backend)
+
+
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return True

@@ -1,0 +1,299 @@
+"""Fused LM head + KD loss: ``fused_linear_kd`` and :class:`FusedLinearKDLoss`.
+
+Logit distillation of language models normally materialises student and teacher logits of
+shape ``[tokens, vocab]`` (4 GB each in fp32 at 8k tokens and a 128k vocabulary) plus their
+softmaxes and gradients. Here the tokens are processed in chunks: for each chunk the two
+LM-head products are formed, the fused divergence kernel (:func:`kdfast.ops.kd_divergence`)
+returns the per-token losses and the gradient of the student's logits, and that gradient is
+immediately pushed through the student's head into the gradients of the hidden states,
+weight and bias. Nothing of size ``[tokens, vocab]`` ever exists; the backward pass only
+scales the gradients the forward pass already computed.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
+from .kd import REDUCTIONS, _resolve_kind
+
+# Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
+# chunk buffers stay a small fraction of the full logits.
+_CHUNK_ELEMENTS = {"cpu": 1 << 23, "cuda": 1 << 27}
+
+
+def default_chunk_size(tokens: int, vocab: int, device_type: str) -> int:
+    """Rows per chunk: about 8M logits on the CPU, 128M on a GPU, in multiples of 64 rows."""
+    rows = _CHUNK_ELEMENTS.get(device_type, 1 << 23) // max(vocab, 1)
+    return max(1, min(tokens, max(64, rows // 64 * 64)))
+
+
+def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    for what, t in ((f"{name}_hidden", hidden), (f"{name}_weight", weight)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{what} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"{what} must be float32, float16 or bfloat16, got {t.dtype}")
+    if hidden.dim() != 2:
+        raise ValueError(f"{name}_hidden must be 2-D [tokens, hidden] (flatten batch and sequence), got "
+                         f"shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{name}_weight must be [vocab, {hidden.shape[1]}] to match {name}_hidden, got "
+                         f"{tuple(weight.shape)}")
+    if weight.device != hidden.device or weight.dtype != hidden.dtype:
+        raise ValueError(f"{name}_weight ({weight.dtype} on {weight.device}) must match {name}_hidden "
+                         f"({hidden.dtype} on {hidden.device})")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            raise ValueError(f"{name}_bias must be a tensor of shape ({weight.shape[0]},), got "
+                             f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
+        if bias.device != hidden.device or bias.dtype != hidden.dtype:
+            raise ValueError(f"{name}_bias must be {hidden.dtype} on {hidden.device} like {name}_hidden")
+
+
+def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignore_index: int,
+                  device: torch.device, need_values: bool) -> Optional[torch.Tensor]:
+    if labels is None:
+        if need_values:
+            raise ValueError("weight_hard > 0 needs labels for the cross-entropy term")
+        return None
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError("labels must be an int64 or int32 tensor of token ids")
+    if labels.shape != (tokens,):
+        raise ValueError(f"labels must have shape ({tokens},), one per token, got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on {device} like the hidden states, got {labels.device}")
+    labels = labels.to(torch.int64)
+    if need_values:
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+        if labels.device.type == "cpu":
+            if bad.any():
+                first = int(labels[bad][0])
+                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
+        else:  # checked on the device, without a host sync
+            torch._assert_async(~bad.any(), "labels must be in [0, vocab) or ignore_index")
+    return labels
+
+
+def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """fp32 logits of one chunk: 16-bit products are not rounded to 16 bits before the softmax."""
+    if hidden.dtype == torch.float32:
+        out = hidden @ weight.t()
+    elif hidden.is_cuda:
+        out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    else:
+        out = hidden.float() @ weight.float().t()
+    if bias is not None:
+        out = out + bias.float()
+    return out
+
+
+def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy over the shared vocabulary and its gradient w.r.t. the logits."""
+    shared = logits[:, :vocab]
+    keep = labels != ignore_index
+    target = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
+    lse = torch.logsumexp(shared, dim=1)
+    ce = torch.where(keep, lse - shared.gather(1, target).squeeze(1), torch.zeros_like(lse))
+    grad = torch.zeros_like(logits)
+    grad[:, :vocab] = torch.softmax(shared, dim=1)
+    grad.scatter_add_(1, target, -torch.ones_like(target, dtype=grad.dtype))
+    grad.mul_(keep.unsqueeze(1))
+    return ce, grad
+
+
+class _FusedLinearKD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                labels, kind, beta, temperature, ignore_index, weight_hard, weight_soft, chunk_size, vocab,
+                loss_scale, reduction):
+        tokens = student_hidden.shape[0]
+        want = ctx.needs_input_grad
+        grad_hidden = torch.zeros_like(student_hidden) if want[0] else None
+        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device) \
+            if want[1] else None
+        grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=student_weight.device) \
+            if want[2] and student_bias is not None else None
+        rows_out = torch.zeros(tokens, dtype=torch.float32, device=student_hidden.device)
+        need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
+        for start in range(0, tokens, chunk_size):
+            stop = min(tokens, start + chunk_size)
+            h = student_hidden[start:stop]
+            chunk_labels = None if labels is None else labels[start:stop]
+            s_logits = _head_logits(h, student_weight, student_bias)
+            with torch.no_grad():
+                t_logits = _head_logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+            div_args = dict(kind=kind, beta=beta, temperature=temperature, labels=chunk_labels,
+                            ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
+            if need_grad:
+                soft, g = kd_divergence_with_grad(s_logits, t_logits, **div_args)
+            else:
+                soft = kd_divergence(s_logits, t_logits, **div_args)
+            del t_logits
+            rows = soft
+            if weight_hard:
+                ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
+                rows = rows + weight_hard * ce
+                if need_grad:
+                    g = g.add_(ce_grad, alpha=weight_hard)
+                del ce_grad
+            del s_logits
+            rows_out[start:stop] = rows
+            if not need_grad:
+                continue
+            g = g.to(student_hidden.dtype)
+            if grad_hidden is not None:
+                grad_hidden[start:stop] = g @ student_weight
+            if grad_weight is not None:
+                grad_weight.add_((g.t() @ h).float())
+            if grad_bias is not None:
+                grad_bias.add_(g.float().sum(0))
+        if labels is None:
+            count = torch.tensor(float(max(tokens, 1)), device=student_hidden.device)
+        else:
+            count = (labels != ignore_index).sum().clamp(min=1).float()
+        denominator = count * vocab if reduction == "mean" else (count if reduction == "batchmean" else None)
+        loss = rows_out.sum()
+        if denominator is not None:
+            loss = loss / denominator
+        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, grad_bias, denominator) if t is not None))
+        ctx.present = tuple(t is not None for t in (grad_hidden, grad_weight, grad_bias, denominator))
+        ctx.dtypes = (student_hidden.dtype, student_weight.dtype,
+                      None if student_bias is None else student_bias.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        saved = iter(ctx.saved_tensors)
+        grad_hidden, grad_weight, grad_bias, denominator = (next(saved) if p else None for p in ctx.present)
+        scale = grad_loss if denominator is None else grad_loss / denominator
+        outs = []
+        for g, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes):
+            outs.append(None if g is None else (g * scale).to(dtype))
+        return (outs[0], outs[1], outs[2]) + (None,) * 14
+
+
+def fused_linear_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_hidden: torch.Tensor,
+    teacher_weight: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    teacher_bias: Optional[torch.Tensor] = None,
+    *,
+    kind: str = "jsd",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    ignore_index: int = -100,
+    weight_hard: float = 0.0,
+    weight_soft: float = 1.0,
+    chunk_size: Optional[int] = None,
+    vocab_size: Optional[int] = None,
+    scale_by_t2: bool = False,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """KD loss of a student's LM head against a teacher's, without materialising the logits.
+
+    ``loss = weight_soft * D(teacher || student) + weight_hard * CE(student, labels)`` per token,
+    reduced over the tokens whose label is not ``ignore_index`` (``"batchmean"``: their mean;
+    ``"sum"``; ``"mean"``: divided also by the vocabulary size, as TRL). ``D`` is one of
+    ``kind`` (see :func:`kdfast.losses.kd_loss`) at ``temperature``; the cross-entropy uses
+    temperature 1.
+
+    Args:
+        student_hidden: ``[tokens, hidden_s]`` final hidden states of the student.
+        student_weight: ``[vocab_s, hidden_s]`` the student's LM head (``lm_head.weight``).
+        teacher_hidden, teacher_weight: the teacher's, ``[tokens, hidden_t]`` and
+            ``[vocab_t, hidden_t]``; they receive no gradient.
+        labels: ``[tokens]`` next-token ids (masking, and the targets of the hard term).
+        student_bias, teacher_bias: optional head biases.
+        chunk_size: tokens per chunk (default: about 8M logits per chunk on the CPU, 128M on a GPU).
+        vocab_size: the shared vocabulary; by default the smaller of the two heads, the
+            larger head's extra columns being padding with probability 0.
+        scale_by_t2: multiply the soft term by ``temperature**2``.
+
+    Gradients for the student's hidden states, weight and bias are computed during the
+    forward pass, chunk by chunk; peak extra memory is a few chunk-sized buffers plus an
+    fp32 buffer for the weight's gradient.
+    """
+    _check_head("student", student_hidden, student_weight, student_bias)
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    tokens = student_hidden.shape[0]
+    if teacher_hidden.shape[0] != tokens:
+        raise ValueError(f"student_hidden and teacher_hidden must have the same number of tokens, got {tokens} "
+                         f"and {teacher_hidden.shape[0]}")
+    if teacher_hidden.device != student_hidden.device:
+        raise ValueError(f"teacher tensors must be on {student_hidden.device} like the student's, got "
+                         f"{teacher_hidden.device}")
+    shared = min(student_weight.shape[0], teacher_weight.shape[0])
+    vocab = shared if vocab_size is None else int(vocab_size)
+    if not 1 <= vocab <= shared:
+        raise ValueError(f"vocab_size must be in [1, {shared}] (the smaller head), got {vocab_size}")
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if reduction not in REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    weight_hard, weight_soft = float(weight_hard), float(weight_soft)
+    if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
+        raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
+    labels = _check_labels(labels, tokens, vocab, int(ignore_index), student_hidden.device, weight_hard > 0)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    loss_scale = temperature ** 2 if scale_by_t2 else 1.0
+    return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                labels, _resolve_kind(kind, float(beta)), float(beta), temperature,
+                                int(ignore_index), weight_hard, weight_soft, chunk_size, vocab, loss_scale,
+                                reduction)
+
+
+class FusedLinearKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_kd`.
+
+    Example::
+
+        criterion = FusedLinearKDLoss(kind="jsd", beta=0.5, temperature=1.0, weight_hard=0.5, weight_soft=0.5)
+        loss = criterion(student_out.hidden_states[-1].flatten(0, 1), student.lm_head.weight,
+                         teacher_out.hidden_states[-1].flatten(0, 1), teacher.lm_head.weight,
+                         labels.flatten())
+        loss.backward()
+    """
+
+    def __init__(self, kind: str = "jsd", beta: float = 0.5, temperature: float = 1.0, ignore_index: int = -100,
+                 weight_hard: float = 0.0, weight_soft: float = 1.0, chunk_size: Optional[int] = None,
+                 vocab_size: Optional[int] = None, scale_by_t2: bool = False, reduction: str = "batchmean"):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+        if not 0.0 <= float(beta) <= 1.0:
+            raise ValueError(f"beta must be in [0, 1], got {beta}")
+        if reduction not in ("batchmean", "sum", "mean"):
+            raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
+        self.ignore_index, self.weight_hard, self.weight_soft = int(ignore_index), float(weight_hard), float(weight_soft)
+        self.chunk_size, self.vocab_size, self.scale_by_t2, self.reduction = chunk_size, vocab_size, scale_by_t2, reduction
+
+    def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
+                student_bias=None, teacher_bias=None):
+        return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                               student_bias, teacher_bias, kind=self.kind, beta=self.beta,
+                               temperature=self.temperature, ignore_index=self.ignore_index,
+                               weight_hard=self.weight_hard, weight_soft=self.weight_soft,
+                               chunk_size=self.chunk_size, vocab_size=self.vocab_size,
+                               scale_by_t2=self.scale_by_t2, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
+                f"weight_hard={self.weight_hard}, weight_soft={self.weight_soft}, chunk_size={self.chunk_size}")

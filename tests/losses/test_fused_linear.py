@@ -1,0 +1,194 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdfast.losses import FusedLinearKDLoss, default_chunk_size, fused_linear_kd
+from kdfast.reference import kd_divergence as ref
+
+
+def make(tokens=29, hidden=12, vocab=53, teacher_hidden=20, teacher_vocab=53, dtype=torch.float32, seed=0,
+         bias=True):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+    case = dict(
+        student_hidden=r(tokens, hidden), student_weight=r(vocab, hidden, scale=0.5),
+        teacher_hidden=r(tokens, teacher_hidden), teacher_weight=r(teacher_vocab, teacher_hidden, scale=0.5),
+        student_bias=r(vocab) if bias else None, teacher_bias=r(teacher_vocab) if bias else None,
+    )
+    labels = torch.randint(0, min(vocab, teacher_vocab), (tokens,), generator=g)
+    labels[::5] = -100
+    return case, labels
+
+
+def unfused(case, labels, kind="jsd", beta=0.5, temperature=1.0, weight_hard=0.0, weight_soft=1.0,
+            vocab=None, reduction="batchmean", loss_scale=1.0, dtype=torch.float64):
+    """The materialised-logits computation the fused loss replaces, in ``dtype``."""
+    c = {k: None if v is None else v.to(dtype) for k, v in case.items()}
+    s = c["student_hidden"] @ c["student_weight"].t()
+    if c["student_bias"] is not None:
+        s = s + c["student_bias"]
+    t = c["teacher_hidden"] @ c["teacher_weight"].t()
+    if c["teacher_bias"] is not None:
+        t = t + c["teacher_bias"]
+    vocab = vocab or min(s.shape[1], t.shape[1])
+    if kind == "jsd" and beta in (0.0, 1.0):
+        kind = "forward_kl" if beta == 0.0 else "reverse_kl"
+    rows = weight_soft * ref.kd_divergence(s, t, kind, beta, temperature, labels, vocab=vocab, loss_scale=loss_scale,
+                                           dtype=dtype)
+    if weight_hard:
+        ce = F.cross_entropy(s[:, :vocab], labels, ignore_index=-100, reduction="none")
+        rows = rows + weight_hard * ce
+    count = s.shape[0] if labels is None else max(int((labels != -100).sum()), 1)
+    total = rows.sum()
+    return {"sum": total, "batchmean": total / count, "mean": total / (count * vocab)}[reduction]
+
+
+def run_both(case, labels, **kw):
+    fused_in = {k: None if v is None else v.clone().requires_grad_(True) for k, v in case.items()}
+    chunk = kw.pop("chunk_size", None)
+    loss = fused_linear_kd(fused_in["student_hidden"], fused_in["student_weight"], fused_in["teacher_hidden"],
+                           fused_in["teacher_weight"], labels, fused_in["student_bias"], fused_in["teacher_bias"],
+                           chunk_size=chunk, **kw)
+    loss.backward()
+    ref_in = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in case.items()}
+    loss_scale = kw.pop("scale_by_t2", False) and kw.get("temperature", 1.0) ** 2 or 1.0
+    vocab = kw.pop("vocab_size", None)
+    expected = unfused(ref_in, labels, vocab=vocab, loss_scale=loss_scale, **kw)
+    expected.backward()
+    return loss, fused_in, expected, ref_in
+
+
+def assert_grads_close(fused_in, ref_in, rtol=1e-5, atol=1e-6):
+    for name in ("student_hidden", "student_weight", "student_bias"):
+        if fused_in[name] is None:
+            continue
+        got, want = fused_in[name].grad, ref_in[name].grad
+        assert got.dtype == fused_in[name].dtype, name
+        torch.testing.assert_close(got.double(), want, rtol=rtol, atol=atol, msg=name)
+    for name in ("teacher_hidden", "teacher_weight", "teacher_bias"):
+        if fused_in[name] is not None:
+            assert fused_in[name].grad is None, f"{name} must get no gradient"
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 29, 64])
+@pytest.mark.parametrize("kind", ["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
+def test_matches_materialised_logits(chunk_size, kind):
+    case, labels = make()
+    loss, fused_in, expected, ref_in = run_both(case, labels, kind=kind, beta=0.3, temperature=1.5,
+                                                chunk_size=chunk_size)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    assert_grads_close(fused_in, ref_in)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean"])
+def test_hard_and_soft_terms_and_reductions(reduction):
+    case, labels = make(seed=1)
+    loss, fused_in, expected, ref_in = run_both(case, labels, weight_hard=0.4, weight_soft=0.6, temperature=2.0,
+                                                scale_by_t2=True, reduction=reduction, chunk_size=8)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    assert_grads_close(fused_in, ref_in)
+
+
+@pytest.mark.parametrize("student_vocab, teacher_vocab", [(53, 64), (64, 53)])
+def test_different_vocabularies(student_vocab, teacher_vocab):
+    # Padded heads: the shared vocabulary is the smaller one, the extra columns have
+    # probability 0 (not logit 0) and the student's padding rows get no gradient.
+    case, labels = make(vocab=student_vocab, teacher_vocab=teacher_vocab, seed=2)
+    loss, fused_in, expected, ref_in = run_both(case, labels, weight_hard=0.5, chunk_size=10)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    assert_grads_close(fused_in, ref_in)
+    assert (fused_in["student_weight"].grad[53:] == 0).all()
+
+
+def test_no_labels_no_bias_and_grad_output_scaling():
+    case, _ = make(bias=False, seed=3)
+    inputs = {k: None if v is None else v.clone().requires_grad_(True) for k, v in case.items()}
+    loss = fused_linear_kd(inputs["student_hidden"], inputs["student_weight"], inputs["teacher_hidden"],
+                           inputs["teacher_weight"], kind="reverse_kl", chunk_size=5)
+    (3.0 * loss).backward()
+    ref_in = {k: None if v is None else v.detach().double().requires_grad_(True) for k, v in case.items()}
+    expected = unfused(ref_in, None, kind="reverse_kl")
+    (3.0 * expected).backward()
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
+    assert_grads_close(inputs, ref_in)
+
+
+def test_all_tokens_ignored():
+    case, labels = make(seed=4)
+    labels[:] = -100
+    h = case["student_hidden"].requires_grad_(True)
+    loss = fused_linear_kd(h, case["student_weight"], case["teacher_hidden"], case["teacher_weight"], labels,
+                           weight_hard=1.0)
+    loss.backward()
+    assert loss.item() == 0.0 and (h.grad == 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_inputs(dtype):
+    case, labels = make(dtype=dtype, seed=5, tokens=40, vocab=300, teacher_vocab=300)
+    loss, fused_in, expected, ref_in = run_both(case, labels, weight_hard=0.5, chunk_size=16)
+    # fp32 logits and math from the rounded inputs: only the gradients' final rounding differs.
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-5)
+    tol = dict(rtol=2e-2, atol=2e-3) if dtype == torch.bfloat16 else dict(rtol=2e-3, atol=2e-4)
+    assert_grads_close(fused_in, ref_in, **tol)
+
+
+def test_module_and_default_chunk_size():
+    case, labels = make(seed=6)
+    criterion = FusedLinearKDLoss(kind="tvd", weight_hard=0.2)
+    value = criterion(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                      case["teacher_weight"], labels, case["student_bias"], case["teacher_bias"])
+    direct = fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                             case["teacher_weight"], labels, case["student_bias"], case["teacher_bias"], kind="tvd",
+                             weight_hard=0.2, chunk_size=3)
+    torch.testing.assert_close(value, direct)
+    assert default_chunk_size(2048, 32000, "cpu") == 256
+    assert default_chunk_size(8192, 128256, "cuda") == 1024
+    assert default_chunk_size(10, 32000, "cpu") == 10
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda c, l: c.update(student_hidden=c["student_hidden"][0]), ValueError, "student_hidden must be 2-D"),
+    (lambda c, l: c.update(student_weight=c["student_weight"][:, :5]), ValueError, "student_weight must be"),
+    (lambda c, l: c.update(teacher_hidden=c["teacher_hidden"][:5]), ValueError, "same number of tokens"),
+    (lambda c, l: c.update(student_bias=c["student_bias"][:3]), ValueError, "student_bias must be"),
+    (lambda c, l: c.update(teacher_weight=c["teacher_weight"].half()), ValueError, "teacher_weight .* must match"),
+    (lambda c, l: c.update(student_hidden=c["student_hidden"].long()), TypeError, "student_hidden must be float"),
+    (lambda c, l: l.__setitem__(0, 10_000), ValueError, "labels must be in"),
+])
+def test_bad_input(mutate, error, match):
+    case, labels = make(seed=7)
+    mutate(case, labels)
+    with pytest.raises(error, match=match):
+        fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                        case["teacher_weight"], labels, case["student_bias"], case["teacher_bias"], weight_hard=1.0)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(weight_hard=1.0, labels=None), "needs labels"),
+    (dict(reduction="none"), "reduction must be"),
+    (dict(chunk_size=0), "chunk_size must be"),
+    (dict(vocab_size=54), "vocab_size must be in"),
+    (dict(kind="kl"), "kind must be one of"),
+    (dict(weight_soft=-1.0), "weight_hard and weight_soft"),
+    (dict(temperature=0.0), "temperature must be"),
+])
+def test_bad_options(kwargs, match):
+    case, labels = make(seed=8)
+    labels = kwargs.pop("labels", labels)
+    with pytest.raises(ValueError, match=match):
+        fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                        case["teacher_weight"], labels, **kwargs)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu():
+    case, labels = make(tokens=300, vocab=1000, teacher_vocab=1000, dtype=torch.bfloat16, seed=9)
+    cpu = fused_linear_kd(*(case[k] for k in ("student_hidden", "student_weight", "teacher_hidden",
+                                               "teacher_weight")), labels, weight_hard=0.5)
+    gpu = fused_linear_kd(*(case[k].cuda() for k in ("student_hidden", "student_weight", "teacher_hidden",
+                                                      "teacher_weight")), labels.cuda(), weight_hard=0.5)
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
