@@ -1,0 +1,291 @@
+"""Batched KD loss benchmark: time and peak memory of kdfast's fused losses against naive
+torch (materialised logits) and, on a GPU when installed, Liger-Kernel, in the same run.
+
+Cases (forward + backward of a generalized JSD, beta 0.5, with labels, 5% of them ignored):
+- ``kd_loss``: given logits ``[tokens, vocab]`` -> ``kdfast.losses.kd_loss`` vs the TRL-style
+  torch formula (log_softmax, logsumexp mixture, kl_div).
+- ``fused_linear_kd``: hidden states + LM heads -> ``kdfast.losses.fused_linear_kd`` vs
+  materialising both logits then the same torch formula (and Liger's fused-linear JSD and
+  chunked JSD on a GPU).
+
+CPU peak memory is measured per candidate in a fresh subprocess (peak RSS above the RSS with
+the inputs allocated); GPU peak memory with ``torch.cuda.max_memory_allocated``.
+
+    python benchmarks/bench_kdloss.py                  # CPU shapes of the issue
+    python benchmarks/bench_kdloss.py --device cuda    # GPU shapes (1024 and 8192 tokens, bf16)
+    python benchmarks/bench_kdloss.py --quick          # small shapes, a smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
+BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
+# Dense bf16 tensor-core peak (no sparsity), for the FLOP/s ratio on the GPU.
+TENSOR_CORE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+
+
+# --------------------------------------------------------------------------- the losses compared
+
+
+def torch_jsd(student_logits, teacher_logits, labels):
+    """TRL's generalized JSD written in plain torch (batchmean over valid tokens)."""
+    s = F.log_softmax(student_logits.float() / TEMPERATURE, dim=-1)
+    t = F.log_softmax(teacher_logits.float() / TEMPERATURE, dim=-1)
+    beta = torch.tensor(BETA, dtype=s.dtype, device=s.device)
+    m = torch.logsumexp(torch.stack([s + torch.log1p(-beta), t + torch.log(beta)]), dim=0)
+    jsd = BETA * F.kl_div(m, t, reduction="none", log_target=True) + \
+        (1 - BETA) * F.kl_div(m, s, reduction="none", log_target=True)
+    mask = labels != IGNORE
+    return jsd[mask].sum() / mask.sum().clamp(min=1)
+
+
+def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: str) -> Dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    tokens = shape["tokens"]
+    labels = torch.randint(0, shape["vocab"], (tokens,), device=device, generator=g)
+    labels[:: 20] = IGNORE
+    if case == "kd_loss":
+        return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
+                    .requires_grad_(True),
+                    teacher=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g),
+                    labels=labels)
+    h, v = shape["hidden"], shape["vocab"]
+    scale = h ** -0.5
+    return dict(
+        student_hidden=torch.randn(tokens, h, device=device, dtype=dtype, generator=g).requires_grad_(True),
+        student_weight=(torch.randn(v, h, device=device, dtype=dtype, generator=g) * scale).requires_grad_(True),
+        teacher_hidden=torch.randn(tokens, h, device=device, dtype=dtype, generator=g),
+        teacher_weight=torch.randn(v, h, device=device, dtype=dtype, generator=g) * scale,
+        labels=labels,
+    )
+
+
+def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
+    from kdfast.losses import fused_linear_kd, kd_loss
+
+    if case == "kd_loss":
+        found = {
+            "kdfast": lambda x: kd_loss(x["student"], x["teacher"], x["labels"], kind="jsd", beta=BETA),
+            "torch": lambda x: torch_jsd(x["student"], x["teacher"], x["labels"]),
+        }
+        return found
+
+    def naive(x):
+        s = x["student_hidden"] @ x["student_weight"].t()
+        with torch.no_grad():
+            t = x["teacher_hidden"] @ x["teacher_weight"].t()
+        return torch_jsd(s, t, x["labels"])
+
+    found = {
+        "kdfast": lambda x: fused_linear_kd(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
+                                            x["teacher_weight"], x["labels"], kind="jsd", beta=BETA),
+        "torch": naive,
+    }
+    if device == "cuda":
+        found.update(_liger_candidates())
+    return found
+
+
+def _liger_candidates() -> Dict[str, Callable]:
+    found = {}
+    try:
+        from liger_kernel.transformers import LigerFusedLinearJSD
+
+        jsd = LigerFusedLinearJSD(jsd_beta=BETA, ignore_index=IGNORE, temperature=TEMPERATURE)
+        found["liger_fused_linear_jsd"] = lambda x: jsd(x["student_hidden"], x["student_weight"],
+                                                        x["teacher_hidden"], x["teacher_weight"], x["labels"])
+    except Exception as exc:  # not installed, or an API change
+        print(f"  liger fused-linear JSD unavailable: {exc}", file=sys.stderr)
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+
+        chunked = LigerFusedLinearJSDLoss(weight_hard_loss=0.0, weight_soft_loss=1.0, beta=BETA,
+                                          ignore_index=IGNORE, temperature=TEMPERATURE)
+        found["liger_chunked_jsd"] = lambda x: chunked(x["student_hidden"], x["student_weight"],
+                                                       x["teacher_hidden"], x["teacher_weight"], x["labels"])
+    except Exception as exc:
+        print(f"  liger chunked JSD unavailable: {exc}", file=sys.stderr)
+    return found
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def _grad_inputs(x: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
+    return [t for t in x.values() if t.requires_grad]
+
+
+def _run_once(fn, x) -> None:
+    for t in _grad_inputs(x):
+        t.grad = None
+    fn(x).backward()
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _status_bytes(field: str) -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure(case, shape, dtype, device, name, repeats) -> Dict:
+    """Time (and, on a GPU, peak memory) of one candidate, in this process."""
+    x = make_inputs(case, shape, dtype, device)
+    fn = candidates(case, device)[name]
+    _run_once(fn, x)  # warm-up (kernels compiled, allocator primed)
+    _sync(device)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        _run_once(fn, x)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    row = dict(median_s=statistics.median(times), times_s=times)
+    if device == "cuda":
+        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    return row
+
+
+def measure_cpu_peak(case, shape, dtype, name) -> int:
+    """Peak RSS above the inputs of one forward + backward, in a fresh process."""
+    cmd = [sys.executable, __file__, "--peak-worker", json.dumps(dict(case=case, shape=shape, dtype=str(dtype),
+                                                                      name=name))]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
+
+
+def _peak_worker(spec: str) -> None:
+    args = json.loads(spec)
+    torch.set_num_threads(torch.get_num_threads())
+    dtype = getattr(torch, args["dtype"].replace("torch.", ""))
+    fn = candidates(args["case"], "cpu")[args["name"]]
+    # One-time costs (extension loading, thread pools, dispatcher caches) on a tiny input first.
+    _run_once(fn, make_inputs(args["case"], {k: min(v, 64) for k, v in args["shape"].items()}, dtype, "cpu"))
+    x = make_inputs(args["case"], args["shape"], dtype, "cpu")
+    base = _status_bytes("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM, the peak RSS, to the current RSS
+        f.write("5")
+    _run_once(fn, x)
+    print(json.dumps(dict(peak_bytes=max(0, _status_bytes("VmHWM") - base))))
+
+
+def quartiles(values: List[float]):
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return q[0], q[2]
+
+
+def flops(case: str, shape: Dict[str, int]) -> Optional[float]:
+    """GEMM FLOPs of one forward + backward of the fused-linear case (teacher forward, student
+    forward, and the two student backward products)."""
+    if case != "fused_linear_kd":
+        return None
+    return 4 * 2.0 * shape["tokens"] * shape["hidden"] * shape["vocab"]
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    p.add_argument("--cases", default="kd_loss,fused_linear_kd")
+    p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
+    p.add_argument("--peak-worker", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.peak_worker:
+        return _peak_worker(args.peak_worker)
+
+    device = args.device
+    if device == "cuda":
+        dtype = torch.bfloat16
+        device_name = torch.cuda.get_device_name()
+        shapes = [dict(tokens=1024, hidden=4096, vocab=128256), dict(tokens=8192, hidden=4096, vocab=128256)]
+        if args.quick:
+            shapes = [dict(tokens=512, hidden=1024, vocab=32000)]
+    else:
+        dtype = torch.float32
+        device_name = _cpu_name()
+        shapes = [dict(tokens=2048, hidden=512, vocab=32000)]
+        if args.quick:
+            shapes = [dict(tokens=256, hidden=128, vocab=4096)]
+    peak_tflops = next((v for k, v in TENSOR_CORE_PEAK_TFLOPS.items() if k in device_name), None)
+
+    rows = []
+    print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {dtype}")
+    print(f"{'case':<16} {'shape':<28} {'candidate':<24} {'median ms':>10} {'q1-q3 ms':>17} "
+          f"{'peak MiB':>9} {'vs torch':>9} {'mem vs torch':>12} {'TFLOP/s':>8}")
+    for case in args.cases.split(","):
+        for shape in shapes:
+            shape_case = {k: v for k, v in shape.items() if case == "fused_linear_kd" or k != "hidden"}
+            results = {}
+            for name in candidates(case, device):
+                try:
+                    r = measure(case, shape_case, dtype, device, name, args.repeats)
+                except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+                    print(f"  {name}: out of memory ({exc})", file=sys.stderr)
+                    continue
+                if device == "cpu":
+                    r["peak_bytes"] = measure_cpu_peak(case, shape_case, dtype, name)
+                results[name] = r
+            anchor = results.get("torch")
+            for name, r in results.items():
+                q1, q3 = quartiles(r["times_s"])
+                f = flops(case, shape_case)
+                tflops = f / r["median_s"] / 1e12 if f else None
+                row = dict(op=case, backend=name, shape=shape_case, dtype=str(dtype).replace("torch.", ""),
+                           device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3,
+                           peak_bytes=r["peak_bytes"], anchor="torch" if anchor else None,
+                           speedup_vs_anchor=anchor["median_s"] / r["median_s"] if anchor else None,
+                           memory_ratio_vs_anchor=r["peak_bytes"] / anchor["peak_bytes"] if anchor and
+                           anchor["peak_bytes"] else None,
+                           tflops=tflops, tensor_core_fraction=tflops / peak_tflops if tflops and peak_tflops
+                           and device == "cuda" else None)
+                rows.append(row)
+                shape_s = "x".join(f"{k[0]}{v}" for k, v in shape_case.items())
+                print(f"{case:<16} {shape_s:<28} {name:<24} {1e3 * r['median_s']:>10.1f} "
+                      f"{1e3 * q1:>8.1f}-{1e3 * q3:<8.1f} {r['peak_bytes'] / 2**20:>9.1f} "
+                      f"{_fmt(row['speedup_vs_anchor'], 'x'):>9} {_fmt(row['memory_ratio_vs_anchor'], 'x'):>12} "
+                      f"{_fmt(tflops, ''):>8}")
+    if not args.no_write and not args.quick:
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
+        kept = [r for r in old if r.get("device") != device_name]
+        RESULTS.write_text(json.dumps(kept + rows, indent=1) + "\n")
+        print(f"wrote {RESULTS}")
+
+
+def _fmt(v, suffix):
+    return "-" if v is None else f"{v:.2f}{suffix}"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return "cpu"
+
+
+if __name__ == "__main__":
+    main()
