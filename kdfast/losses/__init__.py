@@ -4,8 +4,13 @@
   generalized JSD, TVD, skew KL) on given logits.
 - :func:`fused_linear_kd` / :class:`FusedLinearKDLoss`: the same with the LM heads inside,
   chunked so that the ``[tokens, vocab]`` logits never exist.
+- :func:`topk_kd_loss` / :func:`teacher_topk`: KD from cached teacher top-k log-probabilities.
+- :func:`hinton_kd_loss`, :func:`dkd_loss`, :func:`sinkhorn_kd_loss`: classifier KD.
 """
+from .classifier import dkd_loss, hinton_kd_loss, sinkhorn_kd_loss
 from .fused_linear import FusedLinearKDLoss, default_chunk_size, fused_linear_kd
 from .kd import KDLoss, kd_loss
+from .topk import teacher_topk, topk_kd_loss
 
-__all__ = ["FusedLinearKDLoss", "KDLoss", "default_chunk_size", "fused_linear_kd", "kd_loss"]
+__all__ = ["FusedLinearKDLoss", "KDLoss", "default_chunk_size", "dkd_loss", "fused_linear_kd", "hinton_kd_loss",
+           "kd_loss", "sinkhorn_kd_loss", "teacher_topk", "topk_kd_loss"]

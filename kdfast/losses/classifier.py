@@ -1,0 +1,135 @@
+"""Classifier distillation losses: Hinton KD, decoupled KD (DKD) and Sinkhorn-distance KD.
+
+Classifier logits are ``[batch, classes]`` with classes in the tens to thousands, so these
+are written with torch ops (the fused kernels pay off at language-model vocabularies); Hinton
+KD's divergence still runs through the fused :func:`kdfast.losses.kd_loss`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from .kd import kd_loss
+
+
+def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point torch.Tensor")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be [batch, classes], got shape {tuple(t.shape)}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+
+
+def _check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
+    if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
+        raise TypeError("labels must be an int64 or int32 tensor of class ids")
+    if labels.shape != (batch,):
+        raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+        raise ValueError(f"labels must be class ids in [0, {classes})")
+    return labels.long()
+
+
+def _check_temperature(temperature: float) -> float:
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return temperature
+
+
+def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                   labels: Optional[torch.Tensor] = None, temperature: float = 4.0,
+                   alpha: float = 0.9) -> torch.Tensor:
+    """Hinton et al. (2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, labels)``,
+    averaged over the batch (the CE term needs ``labels``; ``alpha=1`` drops it)."""
+    _check_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    if not 0.0 <= float(alpha) <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    soft = kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
+    if float(alpha) == 1.0:
+        return soft
+    if labels is None:
+        raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
+    labels = _check_labels(labels, *student_logits.shape)
+    return float(alpha) * soft + (1.0 - float(alpha)) * F.cross_entropy(student_logits.float(), labels)
+
+
+def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+             alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
+    """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``, times ``T^2``,
+    averaged over the batch.
+
+    TCKD is the KL between the binary (target, non-target) distributions of teacher and
+    student; NCKD the KL between their distributions over the non-target classes alone. The
+    target class is removed exactly (log-probability -inf), not by subtracting a large number.
+    """
+    _check_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    batch, classes = student_logits.shape
+    if classes < 2:
+        raise ValueError("dkd_loss needs at least 2 classes")
+    labels = _check_labels(labels, batch, classes)
+    s = student_logits.float() / temperature
+    t = teacher_logits.float() / temperature
+    target = F.one_hot(labels, classes).bool()
+
+    def parts(z):
+        lse = torch.logsumexp(z, dim=1)
+        log_target = z.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
+        others = z.masked_fill(target, -math.inf)
+        lse_others = torch.logsumexp(others, dim=1)
+        binary = torch.stack([log_target, lse_others - lse], dim=1)  # log(p_t), log(1 - p_t)
+        non_target = (others - lse_others.unsqueeze(1)).masked_fill(target, 0.0)  # log-probs among others
+        return binary, non_target
+
+    s_bin, s_nt = parts(s)
+    t_bin, t_nt = parts(t)
+    tckd = (t_bin.exp() * (t_bin - s_bin)).sum(1)
+    t_nt_p = t_nt.exp().masked_fill(target, 0.0)
+    nckd = (t_nt_p * (t_nt - s_nt)).sum(1)
+    return (float(alpha) * tckd + float(beta) * nckd).mean() * temperature ** 2
+
+
+def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                     cost: Optional[torch.Tensor] = None, temperature: float = 1.0, epsilon: float = 0.05,
+                     iterations: int = 50) -> torch.Tensor:
+    """Sinkhorn-distance KD: the entropy-regularised optimal-transport cost between the
+    teacher's and the student's class distributions, averaged over the batch.
+
+    Args:
+        cost: ``[classes, classes]`` ground cost (default ``1 - I``: every confusion costs 1,
+            for which the unregularised distance is the total variation).
+        epsilon: entropic regularisation (smaller is closer to the exact distance, slower to
+            converge).
+        iterations: log-domain Sinkhorn iterations (unrolled: gradients flow through them).
+
+    Returns ``mean_b <P_b, cost>`` with ``P_b`` the Sinkhorn transport plan of sample ``b``.
+    """
+    _check_pair(student_logits, teacher_logits)
+    temperature = _check_temperature(temperature)
+    batch, classes = student_logits.shape
+    if cost is None:
+        cost = 1.0 - torch.eye(classes, device=student_logits.device)
+    if not isinstance(cost, torch.Tensor) or cost.shape != (classes, classes):
+        raise ValueError(f"cost must be a [{classes}, {classes}] tensor")
+    if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
+        raise ValueError(f"epsilon must be positive, got {epsilon}")
+    if int(iterations) < 1:
+        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    log_a = torch.log_softmax(teacher_logits.float() / temperature, dim=1)  # source: teacher
+    log_b = torch.log_softmax(student_logits.float() / temperature, dim=1)  # target: student
+    kernel = -cost.float().to(student_logits.device) / float(epsilon)  # log K
+    f = torch.zeros_like(log_a)
+    g = torch.zeros_like(log_b)
+    for _ in range(int(iterations)):
+        f = log_a - torch.logsumexp(kernel.unsqueeze(0) + g.unsqueeze(1), dim=2)
+        g = log_b - torch.logsumexp(kernel.unsqueeze(0) + f.unsqueeze(2), dim=1)
+    log_plan = f.unsqueeze(2) + kernel.unsqueeze(0) + g.unsqueeze(1)
+    return (log_plan.exp() * cost.float().to(student_logits.device)).sum((1, 2)).mean()

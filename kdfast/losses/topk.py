@@ -1,0 +1,152 @@
+"""KD from stored teacher top-k log-probabilities (offline distillation from cached outputs).
+
+Caching a teacher's full ``[tokens, vocab]`` distributions is out of the question (a 128k
+vocabulary is 256 KB per token in bf16); caching its top-k (ids and log-probabilities) is
+cheap. The teacher's remaining mass ``r = 1 - sum(top-k probabilities)`` is then unknown in
+its details but known in total, and this module treats it explicitly:
+
+- ``remainder="bucket"`` (default): the teacher distribution is coarse-grained to the k
+  stored entries plus one "everything else" outcome of mass ``r``; the student's distribution
+  is coarse-grained the same way (its mass outside the k ids), and the loss is the exact
+  forward KL between the two (k + 1)-outcome distributions. This never exceeds the full KL
+  and equals it when the teacher's remainder is spread like the student's.
+- ``remainder="renormalize"``: the stored top-k probabilities are renormalised to sum to 1
+  and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from .kd import REDUCTIONS
+
+REMAINDERS = ("bucket", "renormalize")
+
+
+def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
+                 chunk_size: int = 1024) -> Tuple[torch.Tensor, torch.Tensor]:
+    """What to cache from a teacher: ``(ids, log_probs)`` of its ``k`` most likely tokens at
+    ``temperature``, each ``[..., k]`` (int64 and float32), computed ``chunk_size`` rows at a
+    time so the full-vocabulary softmax never exists for all tokens at once."""
+    if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() < 1:
+        raise TypeError("teacher_logits must be a tensor [..., vocab]")
+    vocab = teacher_logits.shape[-1]
+    if not 1 <= int(k) <= vocab:
+        raise ValueError(f"k must be in [1, {vocab}], got {k}")
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    flat = teacher_logits.reshape(-1, vocab)
+    ids, logps = [], []
+    for start in range(0, flat.shape[0], chunk_size):
+        logp = torch.log_softmax(flat[start:start + chunk_size].float() / float(temperature), dim=-1)
+        top = logp.topk(int(k), dim=-1)
+        ids.append(top.indices)
+        logps.append(top.values)
+    lead = teacher_logits.shape[:-1]
+    return (torch.cat(ids).reshape(*lead, int(k)) if ids else flat.new_empty((*lead, int(k)), dtype=torch.long),
+            torch.cat(logps).reshape(*lead, int(k)) if logps else flat.new_empty((*lead, int(k)), dtype=torch.float32))
+
+
+def _log1mexp(a: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(a)) for a <= 0, accurate at both ends (Maechler 2012)."""
+    a = a.clamp(max=0.0)
+    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
+
+
+def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
+def topk_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    remainder: str = "bucket",
+    ignore_index: int = -100,
+    reduction: str = "batchmean",
+    scale_by_t2: bool = False,
+) -> torch.Tensor:
+    """Forward KL from a teacher known only by its top-k log-probabilities.
+
+    Args:
+        student_logits: ``[..., vocab]`` logits (math in float32).
+        teacher_topk_ids: ``[..., k]`` token ids (e.g. from :func:`teacher_topk`).
+        teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
+            ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids).
+        labels: optional ``[...]``; positions equal to ``ignore_index`` are left out.
+        temperature: applied to the student's logits (the teacher's are stored at it).
+        remainder: ``"bucket"`` or ``"renormalize"`` (see the module docstring).
+        reduction: ``"batchmean"`` (over valid tokens), ``"sum"``, ``"mean"`` (also / vocab) or
+            ``"none"`` (per token, float32).
+        scale_by_t2: multiply by ``temperature**2``.
+    """
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    for name, t in (("student_logits", student_logits), ("teacher_topk_ids", teacher_topk_ids),
+                    ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not student_logits.is_floating_point() or student_logits.dim() < 1:
+        raise TypeError("student_logits must be a floating-point tensor [..., vocab]")
+    lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"teacher_topk_ids must be int64 or int32, got {teacher_topk_ids.dtype}")
+    if teacher_topk_ids.shape[:-1] != lead or teacher_topk_ids.dim() != student_logits.dim():
+        raise ValueError(f"teacher_topk_ids must have shape {tuple(lead)} + (k,), got {tuple(teacher_topk_ids.shape)}")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(f"teacher_topk_logprobs must have the shape of teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
+    if not teacher_topk_logprobs.is_floating_point():
+        raise TypeError("teacher_topk_logprobs must be floating point")
+    for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if t.device != student_logits.device:
+            raise ValueError(f"{name} must be on {student_logits.device} like student_logits, got {t.device}")
+    if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
+        if teacher_topk_ids.numel() and (teacher_topk_ids.min() < 0 or teacher_topk_ids.max() >= vocab):
+            raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != lead):
+        raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+    k = teacher_topk_ids.shape[-1]
+    s = student_logits.reshape(-1, vocab).float() / temperature
+    ids = teacher_topk_ids.reshape(-1, k).long()
+    lp = teacher_topk_logprobs.reshape(-1, k).float().clamp(max=0.0)
+    log_q_all = torch.log_softmax(s, dim=-1)
+    log_q = log_q_all.gather(1, ids)
+    log_mass = torch.logsumexp(lp, dim=-1)
+    if remainder == "renormalize":
+        lp_hat = lp - log_mass.unsqueeze(1)
+        rows = _xlogy_ratio(lp_hat.exp(), lp_hat, log_q).sum(-1)
+    else:
+        rows = _xlogy_ratio(lp.exp(), lp, log_q).sum(-1)
+        if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
+            log_r = _log1mexp(log_mass)
+            # The student's mass outside the k ids, summed directly rather than as 1 - sum(inside),
+            # which would lose everything below float rounding.
+            outside = s.scatter(1, ids, -math.inf)
+            log_q_rest = torch.logsumexp(outside, dim=-1) - torch.logsumexp(s, dim=-1)
+            rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
+    if scale_by_t2:
+        rows = rows * temperature ** 2
+    valid = rows.shape[0]
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        rows = torch.where(keep, rows, torch.zeros_like(rows))
+        valid = keep.sum()
+    if reduction == "none":
+        return rows.reshape(lead)
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    count = valid.clamp(min=1) if isinstance(valid, torch.Tensor) else max(valid, 1)
+    return total / count if reduction == "batchmean" else total / (count * vocab)

@@ -1,0 +1,101 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdfast.losses import dkd_loss, hinton_kd_loss, sinkhorn_kd_loss
+
+
+def logits(shape, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).float() * scale
+
+
+def test_hinton_matches_the_textbook_formula():
+    s, t = logits((16, 10), 0).requires_grad_(True), logits((16, 10), 1)
+    labels = torch.arange(16) % 10
+    ours = hinton_kd_loss(s, t, labels, temperature=4.0, alpha=0.7)
+    T = 4.0
+    textbook = 0.7 * F.kl_div(F.log_softmax(s / T, 1), F.softmax(t / T, 1), reduction="batchmean") * T * T \
+        + 0.3 * F.cross_entropy(s, labels)
+    torch.testing.assert_close(ours, textbook, rtol=1e-5, atol=1e-6)
+    g_ours, = torch.autograd.grad(ours, s)
+    g_text, = torch.autograd.grad(textbook, s)
+    torch.testing.assert_close(g_ours, g_text, rtol=1e-5, atol=1e-6)
+
+
+def dkd_transcribed(s, t, labels, alpha, beta, T):
+    """DKD as written in the authors' mdistiller code (mask by subtracting 1000)."""
+    gt = torch.zeros_like(s).scatter_(1, labels.unsqueeze(1), 1).bool()
+    other = ~gt
+    ps, pt = F.softmax(s / T, 1), F.softmax(t / T, 1)
+
+    def cat_mask(p):
+        return torch.cat([(p * gt).sum(1, keepdims=True), (p * other).sum(1, keepdims=True)], 1)
+
+    tckd = F.kl_div(torch.log(cat_mask(ps)), cat_mask(pt), reduction="sum") * T ** 2 / s.shape[0]
+    nckd = F.kl_div(F.log_softmax(s / T - 1000.0 * gt, 1), F.softmax(t / T - 1000.0 * gt, 1),
+                    reduction="sum") * T ** 2 / s.shape[0]
+    return alpha * tckd + beta * nckd
+
+
+def test_dkd_matches_the_reference_code():
+    s, t = logits((12, 7), 2).double().requires_grad_(True), logits((12, 7), 3).double()
+    labels = torch.arange(12) % 7
+    ours = dkd_loss(s, t, labels, alpha=1.0, beta=8.0, temperature=4.0)
+    theirs = dkd_transcribed(s, t, labels, 1.0, 8.0, 4.0)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    g_ours, = torch.autograd.grad(ours, s)
+    g_theirs, = torch.autograd.grad(theirs, s)
+    torch.testing.assert_close(g_ours.double(), g_theirs, rtol=1e-4, atol=1e-6)
+
+
+def sinkhorn_plain(p, q, cost, eps, iterations):
+    """Textbook (non-log) Sinkhorn scaling in float64, one sample."""
+    K = torch.exp(-cost / eps)
+    u = torch.ones_like(p)
+    for _ in range(iterations):
+        v = q / (K.t() @ u)
+        u = p / (K @ v)
+    v = q / (K.t() @ u)
+    plan = u[:, None] * K * v[None, :]
+    return (plan * cost).sum()
+
+
+def test_sinkhorn_matches_plain_scaling():
+    s, t = logits((4, 6), 4), logits((4, 6), 5)
+    g = torch.Generator().manual_seed(0)
+    cost = torch.rand(6, 6, generator=g, dtype=torch.float64)
+    cost = (cost + cost.t()) / 2
+    cost.fill_diagonal_(0)
+    ours = sinkhorn_kd_loss(s, t, cost.float(), epsilon=0.3, iterations=200)
+    p, q = F.softmax(t.double(), 1), F.softmax(s.double(), 1)
+    expected = torch.stack([sinkhorn_plain(p[b], q[b], cost, 0.3, 200) for b in range(4)]).mean()
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_sinkhorn_with_zero_one_cost_approaches_total_variation():
+    s, t = logits((5, 8), 6), logits((5, 8), 7)
+    tv = 0.5 * (F.softmax(s, 1) - F.softmax(t, 1)).abs().sum(1).mean()
+    ours = sinkhorn_kd_loss(s, t, epsilon=0.01, iterations=500)
+    torch.testing.assert_close(ours, tv, rtol=2e-2, atol=2e-3)
+    s = s.requires_grad_(True)
+    sinkhorn_kd_loss(s, t, iterations=10).backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda s, t, y: hinton_kd_loss(s, t[:2], y), ValueError, "same shape"),
+    (lambda s, t, y: hinton_kd_loss(s, t, None, alpha=0.5), ValueError, "labels are needed"),
+    (lambda s, t, y: hinton_kd_loss(s, t, y, alpha=1.5), ValueError, "alpha must be"),
+    (lambda s, t, y: hinton_kd_loss(s[0], t[0], y), ValueError, r"\[batch, classes\]"),
+    (lambda s, t, y: dkd_loss(s, t, y + 10), ValueError, "class ids in"),
+    (lambda s, t, y: dkd_loss(s, t, y.float()), TypeError, "labels must be an int64"),
+    (lambda s, t, y: dkd_loss(s, t, y, temperature=0), ValueError, "temperature"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, torch.ones(3, 3)), ValueError, "cost must be"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=0), ValueError, "epsilon must be"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, iterations=0), ValueError, "iterations must be"),
+])
+def test_bad_input(call, error, match):
+    s, t = logits((4, 5), 8), logits((4, 5), 9)
+    with pytest.raises(error, match=match):
+        call(s, t, torch.tensor([0, 1, 2, 3]))

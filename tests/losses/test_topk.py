@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+
+from kdfast.losses import kd_loss, teacher_topk, topk_kd_loss
+
+
+def logits(shape, seed, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).float() * scale
+
+
+def coarse_kl(s, t, k, temperature=1.0):
+    """KL between teacher and student coarse-grained to (top-k ids, everything else), float64."""
+    log_q = torch.log_softmax(s.double() / temperature, -1)
+    log_p = torch.log_softmax(t.double() / temperature, -1)
+    ids = log_p.topk(k, -1).indices
+    p_k, q_k = log_p.gather(-1, ids).exp(), log_q.gather(-1, ids).exp()
+    p_r, q_r = 1 - p_k.sum(-1), 1 - q_k.sum(-1)
+    return (p_k * (p_k.log() - q_k.log())).sum(-1) + p_r * (p_r.log() - q_r.log())
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_bucket_is_the_coarse_grained_kl(temperature):
+    s, t = logits((6, 50), 0), logits((6, 50), 1)
+    ids, logp = teacher_topk(t, 8, temperature)
+    ours = topk_kd_loss(s, ids, logp, temperature=temperature, reduction="none")
+    torch.testing.assert_close(ours.double(), coarse_kl(s, t, 8, temperature), rtol=1e-5, atol=1e-6)
+    full = kd_loss(s, t, kind="forward_kl", temperature=temperature, reduction="none")
+    assert (ours <= full + 1e-6).all()  # coarse-graining never increases a KL
+
+
+def test_renormalize_is_kl_of_the_truncated_teacher():
+    s, t = logits((5, 40), 2), logits((5, 40), 3)
+    ids, logp = teacher_topk(t, 5)
+    ours = topk_kd_loss(s, ids, logp, remainder="renormalize", reduction="none")
+    p_hat = logp.double().exp() / logp.double().exp().sum(-1, keepdim=True)
+    log_q = torch.log_softmax(s.double(), -1).gather(-1, ids)
+    torch.testing.assert_close(ours.double(), (p_hat * (p_hat.log() - log_q)).sum(-1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remainder", ["bucket", "renormalize"])
+def test_full_topk_equals_forward_kl(remainder):
+    s, t = logits((2, 3, 30), 4), logits((2, 3, 30), 5)
+    ids, logp = teacher_topk(t, 30)
+    ours = topk_kd_loss(s, ids, logp, remainder=remainder)
+    torch.testing.assert_close(ours, kd_loss(s, t, kind="forward_kl"), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_labels_and_reductions():
+    s = logits((4, 5, 64), 6).requires_grad_(True)
+    t = logits((4, 5, 64), 7)
+    ids, logp = teacher_topk(t, 10, 1.5)
+    labels = torch.zeros(4, 5, dtype=torch.long)
+    labels[1] = -100
+    loss = topk_kd_loss(s, ids, logp, labels, temperature=1.5, scale_by_t2=True)
+    loss.backward()
+    s64 = s.detach().double().requires_grad_(True)
+    expected = coarse_kl(s64.reshape(20, 64), t.reshape(20, 64), 10, 1.5)
+    keep = labels.reshape(-1) != -100
+    (expected[keep].sum() * 1.5 ** 2 / keep.sum()).backward()
+    torch.testing.assert_close(loss.double(), expected[keep].sum() * 2.25 / 15, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    assert (s.grad[1] == 0).all()
+    empty = topk_kd_loss(s, ids, logp, torch.full((4, 5), -100))
+    assert empty.item() == 0.0
+
+
+def test_teacher_topk_chunks_match_one_pass():
+    t = logits((3, 7, 100), 8)
+    ids, logp = teacher_topk(t, 4, temperature=2.0, chunk_size=5)
+    direct = torch.log_softmax(t / 2.0, -1).topk(4, -1)
+    assert ids.shape == (3, 7, 4) and torch.equal(ids, direct.indices)
+    torch.testing.assert_close(logp, direct.values)
+
+
+def test_confident_teacher_is_finite():
+    s = logits((3, 20), 9)
+    t = logits((3, 20), 10)
+    t[:, 0] = 60.0  # the top-1 entry holds all but ~1e-26 of the mass
+    ids, logp = teacher_topk(t, 3)
+    value = topk_kd_loss(s, ids, logp)
+    assert math.isfinite(value.item())
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(remainder="drop"), ValueError, "remainder must be"),
+    (dict(reduction="avg"), ValueError, "reduction must be"),
+    (dict(temperature=0.0), ValueError, "temperature must be"),
+    (dict(ids=lambda i: i.float()), TypeError, "teacher_topk_ids must be int64"),
+    (dict(ids=lambda i: i[:2]), ValueError, "teacher_topk_ids must have shape"),
+    (dict(ids=lambda i: i + 100), ValueError, "must be in"),
+    (dict(logp=lambda l: l[..., :2]), ValueError, "teacher_topk_logprobs must have the shape"),
+    (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, "labels must be a tensor of shape"),
+])
+def test_bad_input(kwargs, error, match):
+    s, t = logits((3, 20), 11), logits((3, 20), 12)
+    ids, logp = teacher_topk(t, 4)
+    ids = kwargs.pop("ids", lambda i: i)(ids)
+    logp = kwargs.pop("logp", lambda l: l)(logp)
+    labels = kwargs.pop("labels", None)
+    with pytest.raises(error, match=match):
+        topk_kd_loss(s, ids, logp, labels, **kwargs)
+
+
+def test_teacher_topk_bad_k():
+    with pytest.raises(ValueError, match="k must be in"):
+        teacher_topk(logits((2, 5), 0), 6)
