@@ -21,8 +21,12 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     rows = data["rows"]
     assert len(rows) == 4  # 2 solvers x 2 step counts
     for row in rows:
-        for key in ("solver", "steps", "frechet", "accuracy", "ms_per_image", "anchor_ms_per_image"):
+        for key in ("solver", "steps", "frechet", "accuracy", "ms_per_image", "anchor_ms_per_image",
+                    "solver_ms_per_image", "anchor_solver_ms_per_image"):
             assert row[key] is not None, key
+        # the solver's share is measured inside the loop, so it is part of the whole
+        assert 0 < row["solver_ms_per_image"] < row["ms_per_image"]
+        assert 0 < row["anchor_solver_ms_per_image"] < row["anchor_ms_per_image"]
         # the fused kdfast loop and the diffusers loop give the same samples
         assert row["max_abs_diff"] < 1e-4
         assert abs(row["frechet"] - row["anchor_frechet"]) < 1e-3 * max(1.0, row["frechet"])
