@@ -78,12 +78,30 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
     return labels
 
 
+_MM_FP32_OUT: Optional[bool] = None
+
+
+def _mm_fp32_out_supported() -> bool:
+    """Whether this torch has ``torch.mm(a, b, out_dtype=torch.float32)`` for 16-bit CUDA inputs."""
+    global _MM_FP32_OUT
+    if _MM_FP32_OUT is None:
+        try:
+            a = torch.zeros(1, 1, dtype=torch.bfloat16, device="cuda")
+            _MM_FP32_OUT = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+        except (TypeError, RuntimeError):
+            _MM_FP32_OUT = False
+    return _MM_FP32_OUT
+
+
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """fp32 logits of one chunk: 16-bit products are not rounded to 16 bits before the softmax."""
     if hidden.dtype == torch.float32:
         out = hidden @ weight.t()
-    elif hidden.is_cuda:
+    elif hidden.is_cuda and _mm_fp32_out_supported():
         out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
+    elif hidden.is_cuda:
+        # torch without mm(out_dtype=): products rounded to 16 bits, then widened.
+        out = (hidden @ weight.t()).float()
     else:
         out = hidden.float() @ weight.float().t()
     if bias is not None:
