@@ -265,7 +265,14 @@ def _backward(ctx, grad_rows, _grad_of_grad):
             student_grad_rows = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind,
                                                                beta, inv_t, ignore_index, vocab, loss_scale,
                                                                True)[1]
-        grad_student = (student_grad_rows * grad_rows.unsqueeze(1)).to(ctx.student_dtype)
+        scale = grad_rows.unsqueeze(1)
+        if _needs_dispatcher(student_grad_rows, grad_rows):  # traced (compile, opcheck): functional
+            grad_student = student_grad_rows * scale
+        else:
+            # Eager: scaled in place. The gradient buffer is this op's alone, and a second
+            # logits-sized buffer is what the op exists to avoid. (A second backward through the
+            # same graph, retain_graph=True, is refused by autograd's version check.)
+            grad_student = student_grad_rows.mul_(scale)
     if ctx.needs_input_grad[1]:
         with torch.enable_grad():
             leaf = teacher.detach().float().requires_grad_(True)

@@ -129,6 +129,16 @@ def test_autograd_student_and_teacher():
     torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-7)
 
 
+def test_second_backward_is_refused_not_wrong():
+    # The saved gradient is scaled in place by the backward; a retained graph cannot reuse it.
+    s = logits((3, 40), torch.float32, 15).requires_grad_(True)
+    t = logits((3, 40), torch.float32, 16)
+    loss = ops.kd_divergence(s, t, kind="jsd").sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 def test_no_grad_path_skips_the_gradient():
     s, t = logits((3, 40), torch.float32, 9), logits((3, 40), torch.float32, 10)
     with torch.no_grad():
