@@ -25,14 +25,18 @@ def describe(name: Optional[str], t: torch.Tensor) -> str:
     return f"{name}: {tuple(t.shape)} {t.dtype} on {t.device}"
 
 
-def addresses(tensors, inner: int) -> Tuple[list, list, list]:
+def addresses(tensors, inner: int, contiguous: bool = False) -> Tuple[list, list, list]:
     """(addresses, batch strides, dtype codes) of sample-major tensors of ``inner`` elements
-    per sample (validated to share one shape); None gives zeros."""
-    n = len(tensors)
-    ptrs, strides, codes = [0] * n, [0] * n, [0] * n
-    for i, t in enumerate(tensors):
-        if t is not None:
-            ptrs[i] = t.data_ptr()
-            strides[i] = inner if t.is_contiguous() else t.stride(0)
-            codes[i] = DTYPE_CODES[t.dtype]
+    per sample (validated to share one shape); None gives zeros. ``contiguous=True`` when the
+    caller knows every tensor is (outputs it allocated): saves a property call per tensor."""
+    ptrs, strides, codes = [], [], []
+    for t in tensors:
+        if t is None:
+            ptrs.append(0)
+            strides.append(0)
+            codes.append(0)
+        else:
+            ptrs.append(t.data_ptr())
+            strides.append(inner if contiguous or t.is_contiguous() else t.stride(0))
+            codes.append(DTYPE_CODES[t.dtype])
     return ptrs, strides, codes

@@ -10,6 +10,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from .. import ops
+from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
 from ._linear import Lin
 import numpy as np
@@ -175,18 +176,22 @@ class FusedScheduler(ConfigMixin):
                dynamic: Optional[Tuple[float, float]] = None,
                history_dtype: Optional[torch.dtype] = None) -> ops.StepResult:
         """One kernel call for table entry ``key``; ``dynamic=(ratio, max_value)`` turns on
-        dynamic thresholding."""
-        row = self._table.row(key)
+        dynamic thresholding.
+
+        Calls the op's positional entry :func:`kdfast.ops.solver_step.fused_step`: the row is
+        this scheduler's own (packed by :class:`CoefficientTable`), so only the tensors and
+        scalars are checked, as ``ops.solver_step`` checks them."""
+        if len(history) > 3 or (clip_value is not None and dynamic is not None):
+            raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
+        row = self._table._rows[key]
         dynamic_scale = None
         if dynamic is not None:
             cx, cm = self._table.plans[key].x0
             dynamic_scale = ops.threshold_scale(sample, model_output, cx, cm, cond=cond,
                                                 guidance_scale=guidance_scale, ratio=dynamic[0],
                                                 max_value=dynamic[1])
-        return ops.solver_step(sample, model_output, row, cond=cond, guidance_scale=guidance_scale,
-                               history=history, aux=aux, noise=noise, clip_value=clip_value,
-                               dynamic_scale=dynamic_scale, write_history=write_history,
-                               write_aux=write_aux, history_dtype=history_dtype)
+        return fused_step(sample, model_output, row, cond, guidance_scale, history, aux, noise, clip_value,
+                          dynamic_scale, write_history, write_aux, history_dtype)
 
     # ---------------------------------------------------------------- common API
 

@@ -176,8 +176,9 @@ class DEISMultistepScheduler(MultistepScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
-        self._require_timesteps()
-        cfg = self.config
+        if self.num_inference_steps is None:
+            self._require_timesteps()
+        cfg = self._config
         self._check_step_inputs(model_output, sample)
         if self._step_index is None:
             self._init_step_index(timestep)
@@ -194,7 +195,9 @@ class DEISMultistepScheduler(MultistepScheduler):
             order = 3
         if (i, order) not in self._table:
             raise ValueError(f"no finite DEIS update of order {order} at step {i} (repeated sigmas?)")
-        history = [self.model_outputs[-1 - k] for k in range(order - 1)]
+        history = self.model_outputs[:-order:-1]  # the newest order - 1 entries, newest first
+        if len(history) < order - 1:
+            raise ValueError("model_outputs is missing entries this step needs")
         result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              history=history, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
@@ -204,8 +207,8 @@ class DEISMultistepScheduler(MultistepScheduler):
         self.model_outputs[-1] = result.history
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=result.sample)
+        self._step_index = i + 1
+        return SchedulerOutput(result.sample)
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:

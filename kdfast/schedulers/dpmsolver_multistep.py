@@ -239,8 +239,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
-        self._require_timesteps()
-        cfg = self.config
+        if self.num_inference_steps is None:
+            self._require_timesteps()
+        cfg = self._config
         if cfg.variance_type in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
             cond = None if cond is None else cond[:, :3]
@@ -259,7 +260,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             order = 2
         else:
             order = 3
-        history = [self.model_outputs[-1 - k] for k in range(order - 1)]
+        history = self.model_outputs[:-order:-1]  # the newest order - 1 entries, newest first
+        if len(history) < order - 1:
+            raise ValueError("model_outputs is missing entries this step needs")
         noise = None
         if cfg.algorithm_type.startswith("sde"):
             noise = self._noise(variance_noise, generator, model_output)
@@ -272,8 +275,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self.model_outputs[-1] = result.history
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
-        self._step_index += 1
-        return SchedulerOutput(prev_sample=result.sample)
+        self._step_index = i + 1
+        return SchedulerOutput(result.sample)
 
     def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
         """The solver's quantity (x0 for ++ variants, else epsilon) at the current step."""

@@ -1,6 +1,7 @@
 """Euler (Karras et al. 2022, Algorithm 2) with optional churn, as a diffusers drop-in."""
 from __future__ import annotations
 
+import importlib
 import math
 from collections import deque
 from typing import Callable, List, Optional, Union
@@ -154,7 +155,7 @@ def check_sigma_options(config) -> None:
         raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
     if config.use_beta_sigmas:
         try:
-            import scipy.stats  # noqa: F401
+            importlib.import_module("scipy.stats")  # only its presence is checked here
         except ImportError as exc:  # pragma: no cover - scipy is a test dependency
             raise ImportError("use_beta_sigmas needs scipy: pip install scipy") from exc
 

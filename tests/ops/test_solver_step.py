@@ -194,6 +194,110 @@ def test_kdfast_backend_env_forces_reference(good, monkeypatch):
     assert kdfast.backends.op("solver_step").select("cpu").backend == "cpu"
 
 
+# --------------------------------------------------------------------------- fused_step (the schedulers' entry)
+
+fused_step = ops.solver_step.__globals__["fused_step"]
+
+
+def _custom_op(case, guidance_scale=1.0, clip_value=None, dynamic_scale=None, history_dtype=None):
+    """The same step through the registered custom op: the general path that packs its own
+    addresses (``_solver_step`` -> backend -> ``_step_args``), not the eager fast path."""
+    hist = [ops.solver_step.__globals__["sample_major"](h) for h in case["history"]]
+    hist += [None] * (3 - len(hist))
+    threshold = 1 if clip_value is not None else (2 if dynamic_scale is not None else 0)
+    return torch.ops.kdfast.solver_step(case["sample"], case["model_output"], case["coefs"], case["cond"],
+                                        guidance_scale, *hist, case["aux"], case["noise"], threshold,
+                                        1.0 if clip_value is None else clip_value, dynamic_scale, 7,
+                                        history_dtype or case["sample"].dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_hist,with_cond,with_aux,with_noise",
+                         [(0, False, False, False), (1, False, True, False), (2, True, True, True),
+                          (3, True, False, True)])
+@pytest.mark.parametrize("layout", ["contiguous", "views"])
+def test_fused_step_is_the_public_step(dtype, n_hist, with_cond, with_aux, with_noise, layout):
+    """The schedulers' positional entry and the public one give bit-identical outputs, equal to
+    the custom op's (whose packing is separate), for every input subset and layout."""
+    case = make_case((2, 3, 5, 7), dtype, n_hist, with_cond, with_aux, with_noise, seed=n_hist + 10)
+    if layout == "views":  # CFG halves, batch-strided views (sample-major) and a transposed one (copied)
+        doubled = torch.cat([case["model_output"], case["model_output"] * 2])
+        case["model_output"] = torch.stack([doubled[2:], doubled[:2]], 1)[:, 0]
+        case["sample"] = torch.stack([case["sample"], case["sample"]], 1)[:, 0]
+        if with_cond:
+            case["cond"] = torch.cat([case["cond"], case["cond"] * 3])[2:]
+        if n_hist:
+            case["history"][0] = case["history"][0].transpose(2, 3).contiguous().transpose(2, 3)
+    hist_dtype = torch.float32 if dtype != torch.float32 else None
+    kwargs = dict(cond=case["cond"], guidance_scale=2.5, history=case["history"], aux=case["aux"],
+                  noise=case["noise"], write_history=True, write_aux=True, history_dtype=hist_dtype)
+    public = ops.solver_step(case["sample"], case["model_output"], case["coefs"], **kwargs)
+    fused = fused_step(case["sample"], case["model_output"], case["coefs"], case["cond"], 2.5, case["history"],
+                       case["aux"], case["noise"], None, None, True, True, hist_dtype)
+    general = _custom_op(case, guidance_scale=2.5, history_dtype=hist_dtype)
+    for a, b, c in zip(public, fused, general):
+        assert a.dtype == b.dtype == c.dtype and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, b) and torch.equal(a, c)
+    forced = ops.solver_step(case["sample"], case["model_output"], case["coefs"], backend="reference", **kwargs)
+    for a, b in zip(public, forced):
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-2, atol=1e-2)
+
+
+def test_fused_step_thresholds_like_the_public_step(good):
+    x, m, c = good
+    c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.5, "x0": 0.5}), dtype=torch.float32)
+    dyn = ops.threshold_scale(x, m * 3, 1.0, -0.5, ratio=0.9, max_value=2.0)
+    for clip, scale in ((0.3, None), (None, dyn)):
+        public = ops.solver_step(x, m * 3, c, clip_value=clip, dynamic_scale=scale)
+        fused = fused_step(x, m * 3, c, None, 1.0, (), None, None, clip, scale, False, False, None)
+        assert torch.equal(public.sample, fused.sample)
+        assert fused.history is None and fused.aux is None
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [
+    (dict(cond=torch.randn(2, 4, 8, 7)), ValueError, "cond must have the shape"),
+    (dict(history=[torch.randn(1, 4, 8, 8)]), ValueError, r"history\[0\] must have the shape"),
+    (dict(history=[torch.randn(2, 4, 8, 8), "h"]), TypeError, r"history\[1\] must be a torch.Tensor"),
+    (dict(noise=torch.randn(2, 4, 8, 8, dtype=torch.float64)), TypeError, "noise must be float32"),
+    (dict(aux=torch.randn(2, 4, 8, 8, device="meta")), ValueError, "aux must be on cpu"),
+    (dict(model_output=None), TypeError, "model_output must be a torch.Tensor"),
+    (dict(model_output=torch.randn(2, 4, 8, 8).long()), TypeError, "model_output must be float32"),
+    (dict(sample=torch.zeros(())), ValueError, "batch dimension"),
+    (dict(sample=torch.zeros(2, 4, 8, 8, dtype=torch.float64)), TypeError, "sample must be float32"),
+    (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
+    (dict(clip_value=float("inf")), ValueError, "clip_value must be a finite"),
+    (dict(dynamic_scale=torch.ones(3)), ValueError, r"dynamic_scale must be a float32 tensor of shape \(2,\)"),
+    (dict(history_dtype=torch.int32), TypeError, "history_dtype"),
+])
+def test_fused_step_checks_every_tensor_like_the_public_step(good, kwargs, exc, match):
+    x, m, c = good
+    args = dict(sample=x, model_output=m, coefs=c, cond=None, guidance_scale=1.0, history=(), aux=None, noise=None,
+                clip_value=None, dynamic_scale=None, write_history=True, write_aux=False, history_dtype=None)
+    args.update(kwargs)
+    with pytest.raises(exc, match=match):
+        fused_step(*args.values())
+    public = {k: v for k, v in args.items() if k not in ("sample", "model_output", "coefs")}
+    with pytest.raises(exc, match=match):
+        ops.solver_step(args["sample"], args["model_output"], c, **public)
+
+
+def test_fused_step_takes_the_dispatcher_when_it_must():
+    """Autograd and tensor subclasses still reach the custom op through the schedulers' entry."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, generator=g).requires_grad_(True)
+    m = torch.randn(2, 3, 4, generator=g)
+    c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.5, "x0": 0.5}), dtype=torch.float32)
+    out = fused_step(x, m, c, None, 1.0, (), None, None, None, None, False, False, None).sample
+    assert out.grad_fn is not None
+    out.sum().backward()
+    torch.testing.assert_close(x.grad, torch.full_like(x, 0.5 + 0.5 * 1.0))
+    p = torch.nn.Parameter(m.clone())
+    with torch.no_grad():
+        via_subclass = fused_step(x.detach(), p, c, None, 1.0, (), None, None, None, None, False, False, None)
+    plain = ops.solver_step(x.detach(), m, c)
+    assert torch.equal(via_subclass.sample, plain.sample)
+
+
 # --------------------------------------------------------------------------- torch integration
 
 
