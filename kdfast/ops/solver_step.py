@@ -380,8 +380,7 @@ def _step_cuda(inputs, outputs, *args):
 
 @step_op.register("triton")
 def _step_triton(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
-    # The Triton kernel reads its coefficients from memory on the tensors' device.
-    coefs = coefs.to(inputs[0].device, non_blocking=True)
+    # The host coefficients become kernel arguments: no copy, and CUDA-graph capturable.
     _ext.triton()[0].solver_step.launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value,
                                         dynamic_scale)
 
