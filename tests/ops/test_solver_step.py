@@ -436,7 +436,8 @@ def test_gpu_threshold_scale_matches_quantile():
 
 
 @pytest.mark.gpu
-def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph():
+@pytest.mark.parametrize("backend", [None, "triton"])
+def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph(backend):
     x = torch.randn(2, 4, 64, 64, device="cuda")
     m, h = torch.randn_like(x), torch.randn_like(x)
     c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.9, "x0": 0.1, "h0": 0.2}, history={"x0": 1.0}),
@@ -446,18 +447,19 @@ def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph():
     torch.cuda.set_sync_debug_mode("error")
     try:
         eager = ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn,
-                                write_history=True)
+                                write_history=True, backend=backend)
     finally:
         torch.cuda.set_sync_debug_mode(0)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn, write_history=True)
+        ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn, write_history=True,
+                         backend=backend)
     torch.cuda.current_stream().wait_stream(stream)
     with torch.cuda.graph(graph):
         captured = ops.solver_step(x, m, c, cond=h, guidance_scale=2.0, history=[h], dynamic_scale=dyn,
-                                   write_history=True)
+                                   write_history=True, backend=backend)
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(captured.sample, eager.sample)
