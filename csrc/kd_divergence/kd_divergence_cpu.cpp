@@ -18,12 +18,9 @@ namespace {
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KD_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
-// Row helpers are inlined into row_sweeps so that each of its clones compiles them for its target.
+// Row helpers are inlined into row_sweeps, which is compiled twice: for AVX2 + FMA and for
+// baseline x86-64, picked at run time by CPU features. (target_clones("arch=haswell") would
+// pick by CPU model and run the baseline code on every AMD CPU.)
 #define KD_ROW_INLINE inline __attribute__((always_inline))
 
 // Row r of `src` as fp32 values divided by T: the buffer itself when it already is, else
@@ -115,9 +112,9 @@ KD_ROW_INLINE void row_grad(const Consts& c, const float* s, const float* t, int
   }
 }
 
-// The sweeps of one row for every kind, compiled once per CPU target.
-KD_CPU_CLONES
-RowResult row_sweeps(const Consts& c, const float* s, const float* t, int64_t n, float scale, float* g) {
+// The sweeps of one row for every kind.
+KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, int64_t n, float scale,
+                                       float* g) {
   RowResult r;
   switch (c.kind) {
 #define KD_ROW_CASE(K)                              \
@@ -135,6 +132,28 @@ RowResult row_sweeps(const Consts& c, const float* s, const float* t, int64_t n,
   }
   return r;
 }
+
+using RowSweeps = RowResult (*)(const Consts&, const float*, const float*, int64_t, float, float*);
+
+RowResult row_sweeps_baseline(const Consts& c, const float* s, const float* t, int64_t n, float scale, float* g) {
+  return row_sweeps_any(c, s, t, n, scale, g);
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx2,fma"))) RowResult row_sweeps_avx2(const Consts& c, const float* s, const float* t,
+                                                                int64_t n, float scale, float* g) {
+  return row_sweeps_any(c, s, t, n, scale, g);
+}
+
+RowSweeps pick_row_sweeps() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? row_sweeps_avx2 : row_sweeps_baseline;
+}
+#else
+RowSweeps pick_row_sweeps() { return row_sweeps_baseline; }
+#endif
+
+const RowSweeps row_sweeps = pick_row_sweeps();
 
 void store_row(void* dst, int dtype, int64_t offset, const float* src, int64_t n) {
   switch (dtype) {
