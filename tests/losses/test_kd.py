@@ -44,7 +44,9 @@ def test_generalized_jsd_matches_trl(trl_jsd, beta, temperature, reduction, with
     theirs, theirs_grad = grads(lambda s, t: trl_jsd(s, t, labels=labels, beta=beta, temperature=temperature,
                                                      reduction=reduction), s64, t64)
     torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
-    torch.testing.assert_close(ours_grad.double(), theirs_grad, rtol=2e-5, atol=1e-8)
+    # fp32 math: elements far below the largest gradient carry its absolute rounding error
+    atol = 1e-6 * theirs_grad.abs().max().item()
+    torch.testing.assert_close(ours_grad.double(), theirs_grad, rtol=2e-5, atol=atol)
 
 
 def test_matches_trl_on_3d_inputs_with_labels(trl_jsd):
