@@ -12,6 +12,7 @@
 
 #include "kd_divergence/kd_divergence.h"
 #include "solver_step/solver_step.h"
+#include "diffusion_losses/diffusion_losses.h"
 
 namespace kdfast {
 namespace bind {
@@ -111,6 +112,43 @@ inline kd_divergence::Params make_divergence_params(
   p.inv_temperature = inv_temperature;
   p.loss_scale = loss_scale;
   p.workspace = as_ptr<float>(workspace);
+  return p;
+}
+
+template <typename T>
+using DLInputs = std::array<T, diffusion_losses::kMaxInputs>;
+template <typename T>
+using DLSlots = std::array<T, diffusion_losses::kNumSlots>;
+
+// Arguments shared by the diffusion-loss entry points: kind, prediction type, combination,
+// batch, elements per sample, the latent inputs (address, sample stride, dtype code; address 0:
+// absent) and the per-sample scalars (address (0: use the value), stride, is-float64, value).
+inline diffusion_losses::Params make_diffusion_params(
+    int kind, int prediction, int combination, int64_t batch, int64_t inner,
+    const std::array<std::uintptr_t, diffusion_losses::kMaxInputs>& in_ptr,
+    const std::array<int64_t, diffusion_losses::kMaxInputs>& in_stride,
+    const std::array<int, diffusion_losses::kMaxInputs>& in_dtype,
+    const std::array<std::uintptr_t, diffusion_losses::kNumSlots>& param_ptr,
+    const std::array<int64_t, diffusion_losses::kNumSlots>& param_stride,
+    const std::array<int, diffusion_losses::kNumSlots>& param_f64,
+    const std::array<double, diffusion_losses::kNumSlots>& param_value) {
+  diffusion_losses::Params p;
+  p.kind = kind;
+  p.prediction = prediction;
+  p.combination = combination;
+  p.batch = batch;
+  p.inner = inner;
+  for (int i = 0; i < diffusion_losses::kMaxInputs; ++i) {
+    p.in[i] = as_ptr<const void>(in_ptr[i]);
+    p.in_stride[i] = in_stride[i];
+    p.in_dtype[i] = in_dtype[i];
+  }
+  for (int k = 0; k < diffusion_losses::kNumSlots; ++k) {
+    p.param[k].ptr = as_ptr<const void>(param_ptr[k]);
+    p.param[k].stride = param_stride[k];
+    p.param[k].is_double = param_f64[k];
+    p.param[k].value = param_value[k];
+  }
   return p;
 }
 

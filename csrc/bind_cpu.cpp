@@ -85,4 +85,78 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return d;
   });
+
+  // Diffusion-distillation losses (csrc/diffusion_losses): the leading arguments are those of
+  // make_diffusion_params in bind_common.h.
+  m.def("diffusion_loss_forward",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t loss, std::uintptr_t aux, std::uintptr_t workspace, int num_threads) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.loss = as_ptr<float>(loss);
+          p.aux = as_ptr<double>(aux);
+          p.workspace = as_ptr<double>(workspace);
+          p.num_threads = num_threads;
+          int status;
+          {
+            py::gil_scoped_release release;
+            status = diffusion_losses::loss_forward_cpu(p);
+          }
+          check_status(status, "diffusion_loss_forward");
+        });
+
+  m.def("diffusion_loss_backward",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t aux, std::uintptr_t grad_loss, int64_t grad_loss_stride,
+           const std::array<std::uintptr_t, diffusion_losses::kMaxGrads>& grad,
+           const std::array<int, diffusion_losses::kMaxGrads>& grad_dtype, int num_threads) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.aux = as_ptr<double>(aux);
+          p.grad_loss = as_ptr<const float>(grad_loss);
+          p.grad_loss_stride = grad_loss_stride;
+          for (int k = 0; k < diffusion_losses::kMaxGrads; ++k) {
+            p.grad[k] = as_ptr<void>(grad[k]);
+            p.grad_dtype[k] = grad_dtype[k];
+          }
+          p.num_threads = num_threads;
+          int status;
+          {
+            py::gil_scoped_release release;
+            status = diffusion_losses::loss_backward_cpu(p);
+          }
+          check_status(status, "diffusion_loss_backward");
+        });
+
+  m.def("sample_combination",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t out, int out_dtype, int num_threads) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.grad[0] = as_ptr<void>(out);
+          p.grad_dtype[0] = out_dtype;
+          p.num_threads = num_threads;
+          int status;
+          {
+            py::gil_scoped_release release;
+            status = diffusion_losses::sample_combination_cpu(p);
+          }
+          check_status(status, "sample_combination");
+        });
+
+  m.def("diffusion_loss_workspace_doubles", [](int64_t batch, int64_t inner) {
+    return diffusion_losses::workspace_doubles(batch, inner, diffusion_losses::kCpuTile);
+  });
 }

@@ -70,4 +70,63 @@ PYBIND11_MODULE(_C_cuda, m) {
     d["archs"] = std::string(KDFAST_CUDA_ARCHS_STR);
     return d;
   });
+
+  // Diffusion-distillation losses (csrc/diffusion_losses): the leading arguments are those of
+  // make_diffusion_params in bind_common.h.
+  m.def("diffusion_loss_forward",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t loss, std::uintptr_t aux, std::uintptr_t workspace, std::uintptr_t stream) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.loss = as_ptr<float>(loss);
+          p.aux = as_ptr<double>(aux);
+          p.workspace = as_ptr<double>(workspace);
+          p.stream = as_ptr<void>(stream);
+          check_status(diffusion_losses::loss_forward_cuda(p), "diffusion_loss_forward");
+        });
+
+  m.def("diffusion_loss_backward",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t aux, std::uintptr_t grad_loss, int64_t grad_loss_stride,
+           const std::array<std::uintptr_t, diffusion_losses::kMaxGrads>& grad,
+           const std::array<int, diffusion_losses::kMaxGrads>& grad_dtype, std::uintptr_t stream) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.aux = as_ptr<double>(aux);
+          p.grad_loss = as_ptr<const float>(grad_loss);
+          p.grad_loss_stride = grad_loss_stride;
+          for (int k = 0; k < diffusion_losses::kMaxGrads; ++k) {
+            p.grad[k] = as_ptr<void>(grad[k]);
+            p.grad_dtype[k] = grad_dtype[k];
+          }
+          p.stream = as_ptr<void>(stream);
+          check_status(diffusion_losses::loss_backward_cuda(p), "diffusion_loss_backward");
+        });
+
+  m.def("sample_combination",
+        [](int kind, int prediction, int combination, int64_t batch, int64_t inner,
+           const DLInputs<std::uintptr_t>& in_ptr, const DLInputs<int64_t>& in_stride, const DLInputs<int>& in_dtype,
+           const DLSlots<std::uintptr_t>& param_ptr,
+           const DLSlots<int64_t>& param_stride, const DLSlots<int>& param_f64, const DLSlots<double>& param_value,
+           std::uintptr_t out, int out_dtype, std::uintptr_t stream) {
+          diffusion_losses::Params p = make_diffusion_params(kind, prediction, combination, batch, inner, in_ptr,
+                                                             in_stride, in_dtype, param_ptr, param_stride, param_f64,
+                                                             param_value);
+          p.grad[0] = as_ptr<void>(out);
+          p.grad_dtype[0] = out_dtype;
+          p.stream = as_ptr<void>(stream);
+          check_status(diffusion_losses::sample_combination_cuda(p), "sample_combination");
+        });
+
+  m.def("diffusion_loss_workspace_doubles", [](int64_t batch, int64_t inner) {
+    return diffusion_losses::workspace_doubles(batch, inner, diffusion_losses::kCudaTile);
+  });
 }

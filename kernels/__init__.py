@@ -3,3 +3,6 @@ launcher beside its ``@triton.jit`` function. Called only from ``kdfast.ops``.""
 from . import kd_divergence, solver_step
 
 __all__ = ["kd_divergence", "solver_step"]
+from . import diffusion_losses  # noqa: E402
+
+__all__ += ["diffusion_losses"]

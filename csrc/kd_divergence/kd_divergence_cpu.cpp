@@ -3,6 +3,8 @@
 // for the max, log-sum-exp, loss and gradient sweeps.
 #include "kd_divergence.h"
 
+#include "common/kd_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -14,9 +16,6 @@
 namespace kdfast {
 namespace kd_divergence {
 namespace {
-
-// Below this many elements per thread, a parallel region costs more than it saves.
-constexpr int64_t kMinElementsPerThread = 1 << 15;
 
 // Row helpers are inlined into row_sweeps, which is compiled twice: for AVX2 + FMA and for
 // baseline x86-64, picked at run time by CPU features. (target_clones("arch=haswell") would
@@ -155,22 +154,6 @@ RowSweeps pick_row_sweeps() { return row_sweeps_baseline; }
 
 const RowSweeps row_sweeps = pick_row_sweeps();
 
-void store_row(void* dst, int dtype, int64_t offset, const float* src, int64_t n) {
-  switch (dtype) {
-    case kFloat16: {
-      half_bits* d = static_cast<half_bits*>(dst) + offset;
-      for (int64_t j = 0; j < n; ++j) d[j] = from_float<half_bits>(src[j]);
-      break;
-    }
-    case kBFloat16: {
-      bf16_bits* d = static_cast<bf16_bits*>(dst) + offset;
-      for (int64_t j = 0; j < n; ++j) d[j] = from_float<bf16_bits>(src[j]);
-      break;
-    }
-    default: break;  // fp32 was written in place
-  }
-}
-
 void zero_row(void* dst, int dtype, int64_t offset, int64_t n) {
   const size_t bytes = dtype == kFloat32 ? 4 : 2;
   std::memset(static_cast<char*>(dst) + offset * bytes, 0, size_t(n) * bytes);
@@ -192,7 +175,7 @@ void run_row(const Params& p, const Consts& c, int64_t r, float* ws) {
   const RowResult res = row_sweeps(c, s, t, n, p.loss_scale * p.inv_temperature, g);
   p.row_loss[r] = res.loss * p.loss_scale;
   if (!p.grad) return;
-  store_row(p.grad, p.grad_dtype, g_off, g, n);
+  cpu::store_floats(p.grad, p.grad_dtype, g_off, n, g);
   if (p.grad_cols > n) zero_row(p.grad, p.grad_dtype, g_off + n, p.grad_cols - n);
 }
 
@@ -206,10 +189,7 @@ int kd_divergence_cpu(const Params& p) {
       (p.grad && p.grad_cols < p.vocab))
     return kBadArgument;
   const Consts c = make_consts(p);
-  const int64_t per_row = std::max<int64_t>(p.vocab, 1);
-  int threads = int(std::min<int64_t>({int64_t(std::max(p.num_threads, 1)), p.rows,
-                                       std::max<int64_t>(1, p.rows * per_row / kMinElementsPerThread)}));
-  threads = std::max(threads, 1);
+  const int threads = cpu::threads_for(p.num_threads, p.rows, p.rows * p.vocab);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t r = 0; r < p.rows; ++r) {
 #ifdef _OPENMP

@@ -2,6 +2,8 @@
 // run through the shared step_element math, and written back, so memory is touched once.
 #include "solver_step.h"
 
+#include "common/kd_cpu.h"
+
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -11,45 +13,6 @@ namespace solver_step {
 namespace {
 
 constexpr int64_t kTile = 512;
-// Below this many elements per thread, a parallel region costs more than it saves.
-constexpr int64_t kMinElementsPerThread = 1 << 15;
-
-// fp32 tiles are used in place; fp16/bf16 tiles are widened into `buf` first.
-const float* load_tile(const void* p, int dtype, int64_t off, int64_t n, float* buf) {
-  switch (dtype) {
-    case kFloat16: {
-      const half_bits* s = static_cast<const half_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
-      return buf;
-    }
-    case kBFloat16: {
-      const bf16_bits* s = static_cast<const bf16_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
-      return buf;
-    }
-    default: return static_cast<const float*>(p) + off;
-  }
-}
-
-float* tile_target(void* p, int dtype, int64_t off, float* buf) {
-  return dtype == kFloat32 ? static_cast<float*>(p) + off : buf;
-}
-
-void store_tile(void* p, int dtype, int64_t off, int64_t n, const float* src) {
-  switch (dtype) {
-    case kFloat16: {
-      half_bits* d = static_cast<half_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) d[i] = from_float<half_bits>(src[i]);
-      break;
-    }
-    case kBFloat16: {
-      bf16_bits* d = static_cast<bf16_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) d[i] = from_float<bf16_bits>(src[i]);
-      break;
-    }
-    default: break;  // fp32 was written in place
-  }
-}
 
 // step_element over a tile, one source at a time: the same terms in the same order, but
 // each loop is a plain vectorisable stream and terms with a zero coefficient cost nothing.
@@ -99,28 +62,21 @@ void step_tile(const Params& p, bool has_cond, float dyn, int64_t n, const float
   }
 }
 
-int threads_for(int requested, int64_t work) {
-  const int64_t useful = std::max<int64_t>(1, work / kMinElementsPerThread);
-  return int(std::max<int64_t>(1, std::min<int64_t>(requested, useful)));
-}
-
-bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
-
 }  // namespace
 
 int solver_step_cpu(const Params& p) {
   if (p.batch < 0 || p.inner < 0 || p.in[kInX] == nullptr || p.in[kInModel] == nullptr)
     return kBadArgument;
   for (int i = 0; i < kNumInputs; ++i)
-    if (p.in[i] && !valid_dtype(p.in_dtype[i])) return kBadDType;
+    if (p.in[i] && !cpu::valid_dtype(p.in_dtype[i])) return kBadDType;
   for (int k = 0; k < kNumOutputs; ++k)
-    if (p.out[k] && !valid_dtype(p.out_dtype[k])) return kBadDType;
+    if (p.out[k] && !cpu::valid_dtype(p.out_dtype[k])) return kBadDType;
   if (p.threshold == kThresholdDynamic && p.dynamic_scale == nullptr) return kBadArgument;
 
   const int64_t tiles_per_sample = (p.inner + kTile - 1) / kTile;
   const int64_t num_tiles = p.batch * tiles_per_sample;
   const bool has_cond = p.in[kInCond] != nullptr;
-  const int nthreads = threads_for(p.num_threads, p.batch * p.inner);
+  const int nthreads = cpu::threads_for(p.num_threads, p.batch * p.inner, p.batch * p.inner);
 
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
   for (int64_t t = 0; t < num_tiles; ++t) {
@@ -132,13 +88,13 @@ int solver_step_cpu(const Params& p) {
     const float* in[kNumInputs];  // nullptr: absent, reads as 0
     float* out[kNumOutputs];
     for (int i = 0; i < kNumInputs; ++i)
-      in[i] = p.in[i] ? load_tile(p.in[i], p.in_dtype[i], b * p.in_stride[i] + start, n, in_buf[i]) : nullptr;
+      in[i] = p.in[i] ? cpu::load_floats(p.in[i], p.in_dtype[i], b * p.in_stride[i] + start, n, in_buf[i]) : nullptr;
     for (int k = 0; k < kNumOutputs; ++k)
-      out[k] = p.out[k] ? tile_target(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, out_buf[k]) : nullptr;
+      out[k] = p.out[k] ? cpu::float_target(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, out_buf[k]) : nullptr;
     const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
     step_tile(p, has_cond, dyn, n, in, out);
     for (int k = 0; k < kNumOutputs; ++k)
-      if (p.out[k]) store_tile(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, n, out[k]);
+      if (p.out[k]) cpu::store_floats(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, n, out[k]);
   }
   return kOk;
 }
@@ -157,10 +113,10 @@ static float quantile_inplace(std::vector<float>& v, float q) {
 
 int threshold_scale_cpu(const ThresholdParams& p) {
   if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
-  if (!valid_dtype(p.x_dtype) || !valid_dtype(p.model_dtype) || (p.cond && !valid_dtype(p.cond_dtype)))
+  if (!cpu::valid_dtype(p.x_dtype) || !cpu::valid_dtype(p.model_dtype) || (p.cond && !cpu::valid_dtype(p.cond_dtype)))
     return kBadDType;
   const bool has_cond = p.cond != nullptr;
-  const int nthreads = threads_for(p.num_threads, p.batch * p.inner);
+  const int nthreads = cpu::threads_for(p.num_threads, p.batch * p.inner, p.batch * p.inner);
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
   for (int64_t b = 0; b < p.batch; ++b) {
     std::vector<float> v(size_t(p.inner));

@@ -2,3 +2,6 @@
 from . import kd_divergence, solver_step
 
 __all__ = ["kd_divergence", "solver_step"]
+from . import diffusion_losses  # noqa: E402
+
+__all__ += ["diffusion_losses"]

@@ -1,0 +1,64 @@
+// CPU-launcher helpers shared by every op: blocks of a buffer of any kernel dtype seen as fp32
+// (used in place when already fp32, widened into / narrowed from a scratch buffer otherwise)
+// and the thread count worth using for an amount of work.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+
+#include "kd_common.h"
+
+namespace kdfast {
+namespace cpu {
+
+// Below this many elements per thread, a parallel region costs more than it saves.
+constexpr int64_t kMinElementsPerThread = 1 << 15;
+
+inline bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
+
+// Elements [off, off + n) of `p` as fp32: `p` itself when fp32, else widened into `buf`.
+inline const float* load_floats(const void* p, int dtype, int64_t off, int64_t n, float* buf) {
+  switch (dtype) {
+    case kFloat16: {
+      const half_bits* s = static_cast<const half_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      return buf;
+    }
+    case kBFloat16: {
+      const bf16_bits* s = static_cast<const bf16_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      return buf;
+    }
+    default: return static_cast<const float*>(p) + off;
+  }
+}
+
+// Where to compute elements [off, off + n) of output `p`: in place when fp32, else in `buf`,
+// to be narrowed by store_floats.
+inline float* float_target(void* p, int dtype, int64_t off, float* buf) {
+  return dtype == kFloat32 ? static_cast<float*>(p) + off : buf;
+}
+
+inline void store_floats(void* p, int dtype, int64_t off, int64_t n, const float* src) {
+  switch (dtype) {
+    case kFloat16: {
+      half_bits* d = static_cast<half_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = from_float<half_bits>(src[i]);
+      break;
+    }
+    case kBFloat16: {
+      bf16_bits* d = static_cast<bf16_bits*>(p) + off;
+      for (int64_t i = 0; i < n; ++i) d[i] = from_float<bf16_bits>(src[i]);
+      break;
+    }
+    default: break;  // fp32 was written in place
+  }
+}
+
+// Threads for `tasks` independent pieces of `work` elements in all, at most `requested`.
+inline int threads_for(int requested, int64_t tasks, int64_t work) {
+  const int64_t useful = std::max<int64_t>(1, work / kMinElementsPerThread);
+  return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(std::max(requested, 1)), tasks, useful})));
+}
+
+}  // namespace cpu
+}  // namespace kdfast

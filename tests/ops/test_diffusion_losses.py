@@ -1,0 +1,412 @@
+import math
+
+import pytest
+import torch
+
+from kdfast import ops
+from kdfast.backends import BackendUnavailableError
+from kdfast.ops import diffusion_losses as dl
+from kdfast.reference import diffusion_losses as ref
+
+from conftest import usable_backends
+from helpers import assert_close_by_rule
+
+BACKENDS = usable_backends("diffusion_loss")
+COMBINATION_BACKENDS = usable_backends("sample_combination")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# 1 element per sample, primes, a 4-D latent, and a sample wider than the CPU tile (16384).
+SHAPES = [(3, 1), (2, 7), (3, 1031), (2, 3, 5, 13), (2, 17011)]
+LOSSES = ["pseudo_huber", "pseudo_huber_elementwise", "dmd", "progressive_mse"]
+
+
+def randn(shape, dtype, seed, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def rand(n, seed, lo=0.0, hi=1.0):
+    g = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(n, generator=g, dtype=torch.float64)
+
+
+def schedule(batch, seed):
+    """Per-sample VP (alpha, sigma) at t and at an earlier s; the last sample ends at the clean end."""
+    abar_t = rand(batch, seed, 0.1, 0.9)
+    abar_s = torch.minimum(abar_t + rand(batch, seed + 1, 0.02, 0.3), torch.ones(batch))
+    abar_s[-1] = 1.0
+    return (abar_t.sqrt().float(), (1 - abar_t).sqrt().float(), abar_s.sqrt().float(), (1 - abar_s).sqrt().float())
+
+
+def case(loss, shape, dtype, seed, device="cpu"):
+    """(fused(backend, *tensors), reference(dtype, *tensors), tensors, indices of differentiable tensors)."""
+    batch = shape[0]
+
+    def latent(k):
+        return randn(shape, dtype, seed + k).to(device)
+
+    w = rand(batch, seed + 100, 0.5, 2.0).float().to(device)
+    if loss.startswith("pseudo_huber"):
+        elementwise = loss.endswith("elementwise")
+        c = rand(batch, seed + 2, 0.01, 1.0).float().to(device)
+        return (lambda be, x, y: ops.pseudo_huber(x, y, c=c, weights=w, elementwise=elementwise, backend=be),
+                lambda dt, x, y: ref.pseudo_huber(x, y, c, w, elementwise, dt), [latent(0), latent(1)], [0, 1])
+    if loss == "dmd":
+        return (lambda be, x, real, fake, x_t: ops.dmd(x, real, fake, x_t=x_t, weights=w, backend=be),
+                lambda dt, x, real, fake, x_t: ref.dmd(x, real, fake, x_t, w, dt),
+                [latent(0), latent(1), latent(2), latent(3)], [0])
+    sched = [t.to(device) for t in schedule(batch, seed + 4)]
+    pt = ref.PREDICTION_TYPES[seed % 3]
+    return (lambda be, p, a, b: ops.progressive_mse(p, a, b, *sched, prediction_type=pt, weights=w, backend=be),
+            lambda dt, p, a, b: ref.progressive_mse(p, a, b, *sched, pt, w, dt), [latent(0), latent(1), latent(2)],
+            [0])
+
+
+def evaluate(fn, tensors, diff, grad_loss, cast=None):
+    leaves = [(t if cast is None else t.to(cast)).detach().clone().requires_grad_(i in diff)
+              for i, t in enumerate(tensors)]
+    loss = fn(*leaves)
+    grads = torch.autograd.grad((loss * grad_loss.to(loss.dtype)).sum(), [leaves[i] for i in diff])
+    return loss.detach(), grads
+
+
+def check(backend, loss_name, shape, dtype, seed=0):
+    fused, reference, tensors, diff = case(loss_name, shape, dtype, seed)
+    grad_loss = rand(shape[0], seed + 7, -2.0, 2.0).float()
+    name = f"{backend} {loss_name} {dtype} {shape}"
+    loss, grads = evaluate(lambda *t: fused(backend, *t), tensors, diff, grad_loss)
+    loss64, grads64 = evaluate(lambda *t: reference(torch.float64, *t), tensors, diff, grad_loss, torch.float64)
+    loss32, grads32 = evaluate(lambda *t: reference(torch.float32, *t), tensors, diff, grad_loss)
+    assert loss.dtype == torch.float32 and loss.shape == (shape[0],)
+    assert torch.isfinite(loss).all(), name
+    assert_close_by_rule(loss, loss64, loss32, f"{name} loss", atol=1e-6)
+    for k, (g, g64, g32) in enumerate(zip(grads, grads64, grads32)):
+        assert g.dtype == dtype and g.shape == shape
+        assert torch.isfinite(g).all(), name
+        # A 16-bit gradient may round the other way from torch's: allow one unit in the last place.
+        ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * g64.abs().max().item()
+        assert_close_by_rule(g, g64, g32, f"{name} grad {k}", atol=1e-6 + ulp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(backend, loss, dtype):
+    for i, shape in enumerate(SHAPES):
+        if backend == "triton" and shape[-1] > 10000 and dtype != torch.float32:
+            continue  # the interpreter is slow; the wide case runs once in fp32
+        check(backend, loss, shape, dtype, seed=10 * i)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_reference_backend_and_fused_agree(backend):
+    # The reference backend (pure torch, closed-form backward) is a backend too.
+    for loss in LOSSES:
+        check(backend, loss, (3, 2, 9), torch.float32, seed=3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_pseudo_huber_scalar_and_per_sample_constants(backend, elementwise):
+    x, y = randn((4, 3, 11), torch.float32, 1), randn((4, 3, 11), torch.float32, 2)
+    c = torch.tensor([0.0, 0.01, 0.5, 3.0])
+    w = torch.tensor([1.0, 0.0, 2.0, 0.5]).reshape(4, 1, 1)  # broadcast-shaped weights, one of them 0
+    per_sample = ops.pseudo_huber(x, y, c=c, weights=w, elementwise=elementwise, backend=backend)
+    expected = ref.pseudo_huber(x, y, c, w.flatten(), elementwise)
+    torch.testing.assert_close(per_sample.double(), expected, rtol=1e-6, atol=1e-7)
+    assert per_sample[1] == 0
+    # A number, a 0-d tensor, a float64 [1] tensor and an expanded tensor give the same.
+    base = ops.pseudo_huber(x, y, c=0.25, elementwise=elementwise, backend=backend)
+    for c_value in (torch.tensor(0.25), torch.tensor([0.25], dtype=torch.float64), torch.full((1,), 0.25).expand(4)):
+        torch.testing.assert_close(ops.pseudo_huber(x, y, c=c_value, elementwise=elementwise, backend=backend), base)
+    torch.testing.assert_close(base.double(), ref.pseudo_huber(x, y, 0.25, None, elementwise), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pseudo_huber_zero_c_is_a_norm(backend):
+    # c = 0: the L2 norm per sample (gradient (x - y) / ||x - y||) and the L1 mean element-wise;
+    # identical samples give 0 and a zero (not NaN) gradient.
+    x = randn((3, 50), torch.float32, 3).requires_grad_(True)
+    y = randn((3, 50), torch.float32, 4)
+    y[1] = x[1].detach()
+    norm = ops.pseudo_huber(x, y, c=0.0, backend=backend)
+    torch.testing.assert_close(norm, (x - y).norm(dim=1).detach(), rtol=1e-6, atol=0)
+    (gx,) = torch.autograd.grad(norm.sum(), x)
+    assert torch.isfinite(gx).all() and (gx[1] == 0).all()
+    l1 = ops.pseudo_huber(x, y, c=0.0, elementwise=True, backend=backend)
+    torch.testing.assert_close(l1, (x - y).abs().mean(dim=1).detach(), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_of_target_and_weights(backend):
+    # Consistency training without a stop-gradient: d/dy = -d/dx; tensor weights get their gradient.
+    x = randn((3, 2, 7), torch.float32, 5).requires_grad_(True)
+    y = randn((3, 2, 7), torch.float32, 6).requires_grad_(True)
+    w = rand(3, 7, 0.5, 1.5).float().requires_grad_(True)
+    (ops.pseudo_huber(x, y, c=0.3, weights=w, backend=backend) ** 2).sum().backward()
+    x64, y64, w64 = (t.detach().double().requires_grad_(True) for t in (x, y, w))
+    (ref.pseudo_huber(x64, y64, 0.3, w64) ** 2).sum().backward()
+    for got, want in ((x.grad, x64.grad), (y.grad, y64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    # Only y needs a gradient.
+    y.grad = None
+    ops.pseudo_huber(x.detach(), y, c=0.3, backend=backend).sum().backward()
+    assert y.grad is not None and torch.isfinite(y.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pseudo_huber_extreme_values(backend):
+    # Squares of these differences overflow fp32 (the norm variant sums in fp64; the element-wise
+    # one rescales), and tiny ones underflow it: no NaN, no inf, the float64 values.
+    big = randn((3, 40), torch.float32, 8, scale=1e30)
+    tiny = randn((3, 40), torch.float32, 9, scale=1e-30)
+    for x, y, c in ((big, -big, 1e-3), (tiny, torch.zeros_like(tiny), 0.0), (big, big * 0.5, 1e25)):
+        for elementwise in (False, True):
+            xr = x.clone().requires_grad_(True)
+            loss = ops.pseudo_huber(xr, y, c=c, elementwise=elementwise, backend=backend)
+            (gx,) = torch.autograd.grad(loss.sum(), xr)
+            x64 = x.double().requires_grad_(True)
+            loss64 = ref.pseudo_huber(x64, y, c, None, elementwise)
+            (gx64,) = torch.autograd.grad(loss64.sum(), x64)
+            assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
+            torch.testing.assert_close(loss.double(), loss64, rtol=2e-6, atol=0)
+            torch.testing.assert_close(gx.double(), gx64, rtol=2e-5, atol=1e-30)
+    # fp16 inputs at the format's limits
+    h = torch.tensor([[65504.0, -65504.0, 1.0], [-65504.0, 0.0, 6e-8]], dtype=torch.float16)
+    for elementwise in (False, True):
+        loss = ops.pseudo_huber(h, -h, c=0.001, elementwise=elementwise, backend=backend)
+        expected = ref.pseudo_huber(h, -h, 0.001, None, elementwise)
+        torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dmd_nan_safety(backend):
+    shape = (5, 3, 7)
+    x = randn(shape, torch.float32, 10).requires_grad_(True)
+    real, fake = randn(shape, torch.float32, 11), randn(shape, torch.float32, 12)
+    fake[0, 1, 2] = math.nan        # one bad element: its gradient is 0, the rest of the sample is kept
+    fake[0, 2, 3] = math.inf
+    real[1, 0, 0] = math.inf        # normaliser inf: the whole sample gets no gradient
+    real[2] = x[2].detach()         # normaliser 0
+    real[3, 1, 1] = math.nan        # normaliser NaN
+    loss = ops.dmd(x, real, fake, backend=backend)
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all()
+    assert (loss[1:4] == 0).all() and (gx[1:4] == 0).all()
+    assert gx[0, 1, 2] == 0 and gx[0, 2, 3] == 0 and (gx[0] != 0).sum() == gx[0].numel() - 2
+    x64 = x.detach().double().requires_grad_(True)
+    loss64 = ref.dmd(x64, real, fake)
+    (gx64,) = torch.autograd.grad(loss64.sum(), x64)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(gx.double(), gx64, rtol=1e-6, atol=1e-12)
+    assert loss[4] > 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_dmd_x_t_default_and_loss_value(backend):
+    # x_t defaults to x; the value is 0.5 mean(g^2) even where |x| >> |g|.
+    x = randn((3, 40), torch.float32, 13) + 1e6
+    real, fake = x - randn((3, 40), torch.float32, 14), x - randn((3, 40), torch.float32, 15)
+    default = ops.dmd(x, real, fake, backend=backend)
+    torch.testing.assert_close(default, ops.dmd(x, real, fake, x_t=x, backend=backend))
+    g = ref.dmd_gradient(x, real, fake)
+    torch.testing.assert_close(default.double(), 0.5 * (g * g).mean(1), rtol=1e-6, atol=0)
+    x_t = randn((3, 40), torch.float32, 16)
+    torch.testing.assert_close(ops.dmd(x, real, fake, x_t=x_t, backend=backend).double(),
+                               ref.dmd(x, real, fake, x_t), rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", COMBINATION_BACKENDS)
+@pytest.mark.parametrize("combination", ref.COMBINATIONS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_combination_matches_reference(backend, combination, dtype):
+    for i, shape in enumerate([(3, 1), (3, 2, 5, 7), (2, 17011)]):
+        if backend == "triton" and shape[-1] > 10000 and dtype != torch.float32:
+            continue
+        sched = schedule(shape[0], i)
+        for pt in ref.PREDICTION_TYPES:
+            a, b = randn(shape, dtype, 2 * i), randn(shape, dtype, 2 * i + 1)
+            out = dl.sample_combination(combination, a, b, *sched, prediction_type=pt, backend=backend)
+            expected = ref._combine(combination, pt, a, b, *sched, torch.float64)
+            lowp = ref._combine(combination, pt, a, b, *sched, torch.float32).to(dtype)
+            assert out.dtype == dtype and out.shape == shape
+            ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * expected.abs().max().item()
+            assert_close_by_rule(out, expected, lowp, f"{backend} {combination} {pt} {dtype}", atol=1e-6 + ulp)
+
+
+def test_combination_autograd():
+    sched = schedule(3, 5)
+    a = randn((3, 4, 5), torch.float32, 1).requires_grad_(True)
+    b = randn((3, 4, 5), torch.float32, 2).requires_grad_(True)
+    weight = randn((3, 4, 5), torch.float32, 3)
+    (ops.pd_target(a, b, *sched, prediction_type="v_prediction") * weight).sum().backward()
+    a64, b64 = (t.detach().double().requires_grad_(True) for t in (a, b))
+    (ref.pd_target(a64, b64, *sched, "v_prediction") * weight).sum().backward()
+    torch.testing.assert_close(a.grad.double(), a64.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(b.grad.double(), b64.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_strided_and_non_contiguous_inputs():
+    big = randn((6, 3, 9), torch.float32, 20)
+    x, y = big[:3], big[3:]  # sample-major views: used without a copy
+    xt = randn((3, 9, 3), torch.float32, 21).transpose(1, 2)  # not sample-major: copied
+    for elementwise in (False, True):
+        torch.testing.assert_close(ops.pseudo_huber(x, xt, c=0.1, elementwise=elementwise).double(),
+                                   ref.pseudo_huber(x, xt, 0.1, None, elementwise), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(ops.dmd(x, y, xt).double(), ref.dmd(x, y, xt), rtol=1e-6, atol=1e-7)
+
+
+def test_no_grad_and_empty_batch():
+    x, y = randn((2, 5), torch.float32, 1).requires_grad_(True), randn((2, 5), torch.float32, 2)
+    with torch.no_grad():
+        loss = ops.pseudo_huber(x, y, c=0.1)
+    assert not loss.requires_grad
+    empty = torch.zeros(0, 4, 4)
+    assert ops.pseudo_huber(empty, empty, c=0.1).shape == (0,)
+    assert ops.dmd(empty, empty, empty).shape == (0,)
+    assert ops.pd_target(empty, empty, 0.5, 0.8, 0.7, 0.7).shape == (0, 4, 4)
+
+
+def _opcheck_args():
+    x = randn((3, 2, 5), torch.float32, 1).requires_grad_(True)
+    y, z = randn((3, 2, 5), torch.float32, 2), randn((3, 2, 5), torch.float32, 3)
+    w = rand(3, 4, 0.5, 1.5).float().requires_grad_(True)
+    sched = [t.to(torch.float32) for t in schedule(3, 6)]
+    params = [None, torch.full((3,), 0.2), *sched]
+    values = [1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    for kind in range(len(dl.KINDS)):
+        yield (kind, 1, x, y.clone().requires_grad_(kind < 2), z, None if kind != dl.DMD else z * 2, w, params,
+               values, "")
+
+
+@pytest.mark.parametrize("kind", range(len(dl.KINDS)))
+def test_opcheck(kind):
+    args = list(_opcheck_args())[kind]
+    torch.library.opcheck(torch.ops.kdfast.diffusion_loss.default, args)
+    kind, pred, x, y, z, x_t, w, params, values, backend = args
+    full = [w.detach(), *params[1:]]
+    loss, aux = dl._loss_forward(kind, pred, x.detach(), y.detach(), z, x_t, full, values)
+    torch.library.opcheck(torch.ops.kdfast.diffusion_loss_backward.default,
+                          (kind, pred, x.detach(), y.detach(), z, None, full, values, aux, torch.ones(3), True,
+                           kind < 2, ""))
+
+
+def test_opcheck_combination():
+    sched = [t.to(torch.float32) for t in schedule(3, 7)]
+    a = randn((3, 4), torch.float32, 1).requires_grad_(True)
+    b = randn((3, 4), torch.float16, 2)
+    torch.library.opcheck(torch.ops.kdfast.sample_combination.default,
+                          (0, 1, a, b, [None, None, *sched], [0.0] * 6, ""))
+
+
+def test_compiles():
+    x = randn((4, 2, 8), torch.float32, 1).requires_grad_(True)
+    y = randn((4, 2, 8), torch.float32, 2)
+    w = torch.linspace(0.5, 1.5, 4)
+
+    def loss(x, y):
+        return ops.pseudo_huber(x, y, c=0.1, weights=w).mean()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    value = compiled(x, y)
+    (grad,) = torch.autograd.grad(value, x)
+    x2 = x.detach().requires_grad_(True)
+    expected = loss(x2, y)
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(grad, x2.grad)
+
+
+def _x(shape=(3, 8)):
+    return randn(shape, torch.float32, 0)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda x: ops.pseudo_huber(x.numpy(), x, c=0.1), TypeError, "x must be a torch.Tensor"),
+    (lambda x: ops.pseudo_huber(x.long(), x, c=0.1), TypeError, "x must be float32"),
+    (lambda x: ops.pseudo_huber(x, x.double(), c=0.1), TypeError, "y must be float32"),
+    (lambda x: ops.pseudo_huber(x[0, 0], x[0, 0], c=0.1), ValueError, "x must have a batch dimension"),
+    (lambda x: ops.pseudo_huber(x[:, :0], x[:, :0], c=0.1), ValueError, "at least one element per sample"),
+    (lambda x: ops.pseudo_huber(x, x[:2], c=0.1), ValueError, "y must have the shape of x"),
+    (lambda x: ops.pseudo_huber(x, x, c=-1.0), ValueError, "c must be >= 0"),
+    (lambda x: ops.pseudo_huber(x, x, c=math.nan), ValueError, "c must be finite"),
+    (lambda x: ops.pseudo_huber(x, x, c=None), TypeError, "c is required"),
+    (lambda x: ops.pseudo_huber(x, x, c="big"), TypeError, "c must be a number"),
+    (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(2)), ValueError, "weights must be a number or hold"),
+    (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(3, dtype=torch.bool)), TypeError,
+     "weights must be a floating-point tensor"),
+    (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=math.inf), ValueError, "weights must be finite"),
+    (lambda x: ops.dmd(x, x, x[:, :4]), ValueError, "x0_fake must have the shape of x"),
+    (lambda x: ops.dmd(x, x, x, x_t=x[:1]), ValueError, "x_t must have the shape of x"),
+    (lambda x: ops.progressive_mse(x, x, x, 0.5, 0.5, 0.6, 0.4, prediction_type="x0"), ValueError,
+     "prediction_type must be one of"),
+    (lambda x: ops.progressive_mse(x, x, x, torch.ones(4), 0.5, 0.6, 0.4), ValueError, "alpha_t must be"),
+    (lambda x: ops.pd_target(x, x, 0.5, math.inf, 0.6, 0.4), ValueError, "sigma_t must be finite"),
+    (lambda x: dl.sample_combination("ddpm", x, x, 0.5, 0.5, 0.6, 0.4), ValueError, "combination must be one of"),
+    (lambda x: ops.per_sample_ddim_step(x, x.half()[:2], 0.5, 0.5, 0.6, 0.4), ValueError,
+     "model_output must have the shape of x_t"),
+    (lambda x: ops.pseudo_huber(x, x, c=0.1, backend="cuda"), BackendUnavailableError, "cannot run"),
+])
+def test_bad_input(call, error, match):
+    with pytest.raises(error, match=match):
+        call(_x())
+
+
+# --------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_matches_reference(backend, loss, dtype):
+    for i, shape in enumerate(SHAPES + [(8, 4, 64, 64), (3, 16, 128, 129)]):
+        fused, reference, tensors, diff = case(loss, shape, dtype, 10 * i, "cuda")
+        grad_loss = rand(shape[0], 7, -2.0, 2.0).float().cuda()
+        loss_v, grads = evaluate(lambda *t: fused(backend, *t), tensors, diff, grad_loss)
+        loss64, grads64 = evaluate(lambda *t: reference(torch.float64, *t), tensors, diff, grad_loss, torch.float64)
+        loss32, grads32 = evaluate(lambda *t: reference(torch.float32, *t), tensors, diff, grad_loss)
+        assert_close_by_rule(loss_v, loss64, loss32, f"{backend} {loss} {dtype} {shape}", atol=1e-6)
+        for g, g64, g32 in zip(grads, grads64, grads32):
+            ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * g64.abs().max().item()
+            assert_close_by_rule(g, g64, g32, f"{backend} {loss} {dtype} {shape} grad", atol=1e-6 + ulp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_nan_safety_and_combination(backend):
+    x = randn((5, 3, 7), torch.float32, 10).cuda().requires_grad_(True)
+    real, fake = randn((5, 3, 7), torch.float32, 11).cuda(), randn((5, 3, 7), torch.float32, 12).cuda()
+    fake[0, 1, 2] = math.nan
+    real[1, 0, 0] = math.inf
+    real[2] = x[2].detach()
+    loss = ops.dmd(x, real, fake, backend=backend)
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(loss).all() and torch.isfinite(gx).all() and (gx[1:3] == 0).all()
+    sched = [t.cuda() for t in schedule(5, 3)]
+    a, b = randn((5, 3, 7), torch.bfloat16, 1).cuda(), randn((5, 3, 7), torch.bfloat16, 2).cuda()
+    out = ops.pd_target(a, b, *sched, prediction_type="v_prediction", backend=backend)
+    torch.testing.assert_close(out.float(), ref.pd_target(a, b, *sched, "v_prediction").float(), rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_graph_capture():
+    x = randn((8, 4, 64, 64), torch.bfloat16, 1).cuda().requires_grad_(True)
+    y = randn((8, 4, 64, 64), torch.bfloat16, 2).cuda()
+    c = torch.full((8,), 0.03, device="cuda")
+    w = torch.linspace(0.5, 2.0, 8, device="cuda")
+    sched = [t.cuda() for t in schedule(8, 3)]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.pseudo_huber(x, y, c=c, weights=w).sum().backward()
+        ops.dmd(x, y, y * 0.5, weights=w).sum().backward()
+        ops.progressive_mse(x, y, y, *sched, weights=w).sum().backward()
+        ops.pd_target(y, y, *sched)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        ops.pseudo_huber(x, y, c=c, weights=w)  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            loss = ops.pseudo_huber(x, y, c=c, weights=w)
+    graph.replay()
+    torch.testing.assert_close(loss, ops.pseudo_huber(x.detach(), y, c=c, weights=w))
