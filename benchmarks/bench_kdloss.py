@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -29,6 +28,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from _common import device_name as _device_name
+from _common import quartiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
@@ -189,11 +190,6 @@ def _peak_worker(spec: str) -> None:
     print(json.dumps(dict(peak_bytes=max(0, _status_bytes("VmHWM") - base))))
 
 
-def quartiles(values: List[float]):
-    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
-    return q[0], q[2]
-
-
 def flops(case: str, shape: Dict[str, int]) -> Optional[float]:
     """GEMM FLOPs of one forward + backward of the fused-linear case (teacher forward, student
     forward, and the two student backward products)."""
@@ -223,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             shapes = [dict(tokens=512, hidden=1024, vocab=32000)]
     else:
         dtype = torch.float32
-        device_name = _cpu_name()
+        device_name = _device_name(torch.device("cpu"))
         shapes = [dict(tokens=2048, hidden=512, vocab=32000)]
         if args.quick:
             shapes = [dict(tokens=256, hidden=128, vocab=4096)]
@@ -248,7 +244,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 results[name] = r
             anchor = results.get("torch")
             for name, r in results.items():
-                q1, q3 = quartiles(r["times_s"])
+                q = quartiles(r["times_s"])
+                q1, q3 = q["q1"], q["q3"]
                 f = flops(case, shape_case)
                 tflops = f / r["median_s"] / 1e12 if f else None
                 row = dict(op=case, backend=name, shape=shape_case, dtype=str(dtype).replace("torch.", ""),
@@ -275,16 +272,6 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 def _fmt(v, suffix):
     return "-" if v is None else f"{v:.2f}{suffix}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return "cpu"
 
 
 if __name__ == "__main__":

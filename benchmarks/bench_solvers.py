@@ -15,12 +15,11 @@ import argparse
 import inspect
 import json
 import os
-import platform
-import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
+from _common import device_name, quartiles, sync
 
 import kdfast
 from kdfast import schedulers as kd
@@ -43,26 +42,6 @@ SOLVERS = [
 ]
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def quartiles(samples: List[float]) -> Dict[str, float]:
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return {"median": statistics.median(samples), "q1": q[0], "q3": q[2]}
 
 
 def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
@@ -163,7 +142,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--solvers", default=None, help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (default 15, quick 5)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "bench_solvers.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
+                             "full runs; rows of other devices are kept)")
     args = parser.parse_args()
     try:
         import diffusers
@@ -212,10 +193,19 @@ def main() -> None:
                   f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
                   f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
                   f"{row['anchor_bytes_ratio']:>12.1f}x")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(rows, f, indent=1)
-    print(f"wrote {len(rows)} rows to {args.out}")
+    out = args.out
+    if out is None:
+        if args.quick or args.solvers:
+            return  # a partial run must not replace the recorded figures
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    kept = []
+    if os.path.exists(out):
+        with open(out) as f:
+            kept = [r for r in json.load(f) if r.get("device") != device_name(device)]
+    with open(out, "w") as f:
+        json.dump(kept + rows, f, indent=1)
+    print(f"wrote {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":
