@@ -38,7 +38,7 @@ def cuda() -> Tuple[Optional[ModuleType], Optional[str]]:
 def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
     """kdfast.kernels (the Triton kernels) and, when triton is missing, the reason."""
     try:
-        import triton as _triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install triton"
     return _load("kernels")
