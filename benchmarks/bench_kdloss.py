@@ -265,7 +265,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if not args.no_write and not args.quick:
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-        kept = [r for r in old if r.get("device") != device_name]
+        measured = {(r["device"], r["op"], json.dumps(r["shape"])) for r in rows}
+        kept = [r for r in old if (r.get("device"), r.get("op"), json.dumps(r.get("shape"))) not in measured]
         RESULTS.write_text(json.dumps(kept + rows, indent=1) + "\n")
         print(f"wrote {RESULTS}")
 

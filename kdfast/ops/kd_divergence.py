@@ -249,30 +249,42 @@ def _setup_context(ctx, inputs, output):
     # The forward kernel computed the student's gradient when asked (want_grad); otherwise the
     # backward recomputes it, and the teacher's (rare: teachers are frozen) comes from the
     # reference. Only those cases keep the inputs alive.
+    # The gradient output never receives a gradient: do not let autograd fill one with a
+    # logits-sized tensor of zeros.
+    ctx.set_materialize_grads(False)
     recompute = ctx.needs_input_grad[0] and not want_grad
     keep_inputs = recompute or ctx.needs_input_grad[1]
     ctx.recompute = recompute
-    ctx.save_for_backward(output[1] if want_grad else None, student if keep_inputs else None,
+    # Eager: the gradient buffer is handed to the backward as a plain attribute, which the
+    # backward clears, so that autograd can move it into .grad instead of copying a
+    # logits-sized buffer. Traced (compile, opcheck): saved the functional way.
+    ctx.handover = want_grad and not _needs_dispatcher(output[1])
+    # (detached: the output itself points back at this node, which would make a cycle)
+    ctx.student_grad_rows = output[1].detach() if ctx.handover else None
+    ctx.save_for_backward(output[1] if want_grad and not ctx.handover else None, student if keep_inputs else None,
                           teacher if keep_inputs else None, labels)
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
-    student_grad_rows, student, teacher, labels = ctx.saved_tensors
+    saved_grad_rows, student, teacher, labels = ctx.saved_tensors
     kind, beta, inv_t, ignore_index, vocab, loss_scale = ctx.args
     grad_student = grad_teacher = None
+    if grad_rows is None:  # the row losses were not used
+        return (None,) * 10
     if ctx.needs_input_grad[0]:
-        if ctx.recompute:
-            student_grad_rows = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind,
-                                                               beta, inv_t, ignore_index, vocab, loss_scale,
-                                                               True)[1]
         scale = grad_rows.unsqueeze(1)
-        if _needs_dispatcher(student_grad_rows, grad_rows):  # traced (compile, opcheck): functional
-            grad_student = student_grad_rows * scale
+        if ctx.recompute:
+            grad_student = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind, beta,
+                                                          inv_t, ignore_index, vocab, loss_scale, True)[1] * scale
+        elif ctx.handover:
+            student_grad_rows, ctx.student_grad_rows = ctx.student_grad_rows, None
+            if student_grad_rows is None:
+                raise RuntimeError("kdfast.kd_divergence: a second backward through the same graph "
+                                   "(retain_graph=True) is not supported; the forward's gradient buffer "
+                                   "was consumed by the first")
+            grad_student = student_grad_rows.mul_(scale)  # scaled in place: the buffer is ours alone
         else:
-            # Eager: scaled in place. The gradient buffer is this op's alone, and a second
-            # logits-sized buffer is what the op exists to avoid. (A second backward through the
-            # same graph, retain_graph=True, is refused by autograd's version check.)
-            grad_student = student_grad_rows.mul_(scale)
+            grad_student = saved_grad_rows * scale
     if ctx.needs_input_grad[1]:
         with torch.enable_grad():
             leaf = teacher.detach().float().requires_grad_(True)
