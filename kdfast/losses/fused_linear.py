@@ -93,17 +93,22 @@ def _mm_fp32_out_supported() -> bool:
     return _MM_FP32_OUT
 
 
+def _head_operand(weight: torch.Tensor) -> torch.Tensor:
+    """The LM-head weight as the chunk products use it: a 16-bit CPU weight is widened once per
+    call (CPU matmuls would round 16-bit products to 16 bits); any other weight as it is."""
+    return weight.float() if weight.dtype != torch.float32 and not weight.is_cuda else weight
+
+
 def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """fp32 logits of one chunk: 16-bit products are not rounded to 16 bits before the softmax."""
-    if hidden.dtype == torch.float32:
-        out = hidden @ weight.t()
-    elif hidden.is_cuda and _mm_fp32_out_supported():
+    """fp32 logits of one chunk (``weight`` from :func:`_head_operand`): 16-bit products are
+    not rounded to 16 bits before the softmax."""
+    if weight.dtype == torch.float32:
+        out = hidden.float() @ weight.t()
+    elif _mm_fp32_out_supported():
         out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
-    elif hidden.is_cuda:
+    else:
         # torch without mm(out_dtype=): products rounded to 16 bits, then widened.
         out = (hidden @ weight.t()).float()
-    else:
-        out = hidden.float() @ weight.float().t()
     if bias is not None:
         out = out + bias.float()
     return out
@@ -138,13 +143,14 @@ class _FusedLinearKD(torch.autograd.Function):
             if want[2] and student_bias is not None else None
         rows_out = torch.zeros(tokens, dtype=torch.float32, device=student_hidden.device)
         need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
+        student_operand, teacher_operand = _head_operand(student_weight), _head_operand(teacher_weight)
         for start in range(0, tokens, chunk_size):
             stop = min(tokens, start + chunk_size)
             h = student_hidden[start:stop]
             chunk_labels = None if labels is None else labels[start:stop]
-            s_logits = _head_logits(h, student_weight, student_bias)
+            s_logits = _head_logits(h, student_operand, student_bias)
             with torch.no_grad():
-                t_logits = _head_logits(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+                t_logits = _head_logits(teacher_hidden[start:stop], teacher_operand, teacher_bias)
             div_args = dict(kind=kind, beta=beta, temperature=temperature, labels=chunk_labels,
                             ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
             if need_grad:
