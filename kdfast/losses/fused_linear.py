@@ -177,7 +177,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias.add_(g.float().sum(0))
         if labels is None:
-            count = torch.tensor(float(max(tokens, 1)), device=student_hidden.device)
+            count = torch.full((), float(max(tokens, 1)), device=student_hidden.device)  # a fill, not a copy
         else:
             count = (labels != ignore_index).sum().clamp(min=1).float()
         denominator = count * vocab if reduction == "mean" else (count if reduction == "batchmean" else None)
