@@ -192,3 +192,23 @@ def test_gpu_matches_cpu():
     gpu = fused_linear_kd(*(case[k].cuda() for k in ("student_hidden", "student_weight", "teacher_hidden",
                                                       "teacher_weight")), labels.cuda(), weight_hard=0.5)
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_forward_and_backward_do_not_sync():
+    case, labels = make(tokens=256, vocab=2048, teacher_vocab=2112, dtype=torch.bfloat16, seed=10)
+    inputs = {k: None if v is None else v.cuda() for k, v in case.items()}
+    h = inputs["student_hidden"].requires_grad_(True)
+    w = inputs["student_weight"].requires_grad_(True)
+    labels = labels.cuda()
+    fused_linear_kd(h, w, inputs["teacher_hidden"], inputs["teacher_weight"], labels, weight_hard=0.5,
+                    chunk_size=64)  # warm-up: kernel selection, capability probes
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_kd(h, w, inputs["teacher_hidden"], inputs["teacher_weight"], labels, weight_hard=0.5,
+                               chunk_size=64)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss).item() and torch.isfinite(h.grad).all().item()
