@@ -62,7 +62,8 @@ def demo(args) -> int:
                                     guidance_scale=args.guidance).items() if v is not None}
     try:
         rows = run_demo(out=args.out, seed=args.seed,
-                        anchor=not args.no_anchor, device=args.device, progress=not args.no_progress, **kwargs)
+                        anchor=not args.no_anchor, device=args.device, progress=not args.no_progress,
+                        cuda_graph=args.cuda_graph, **kwargs)
     except (DemoError, TeacherAssetError, ClassifierAssetError) as exc:
         print(f"kdfast demo: error: {exc}", file=sys.stderr)
         return 2
@@ -111,6 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="GPU only: run each kdfast loop (UNet included) as one captured CUDA graph")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = sub.add_parser("assets", help="rebuild the embedded default's models")
     a_sub = a.add_subparsers(dest="assets_command", required=True)

@@ -35,6 +35,20 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
     assert "kdfast demo" in (out / "report.md").read_text()
 
 
+def test_cuda_graph_needs_a_gpu(tmp_path):
+    with pytest.raises(DemoError, match="cuda_graph needs a CUDA device"):
+        run_demo(out=str(tmp_path), device="cpu", cuda_graph=True, progress=False)
+
+
+@pytest.mark.gpu
+def test_gpu_quick_demo_with_cuda_graph(tmp_path):
+    rows = run_demo(out=str(tmp_path / "demo"), solvers=["dpmpp_2m", "ddim"], steps=[5], n_per_class=2,
+                    device="cuda", cuda_graph=True, progress=False)
+    for row in rows:
+        assert row["solver_ms_per_image"] is None
+        assert abs(row["frechet"] - row["anchor_frechet"]) < 1e-2 * max(1.0, row["frechet"])
+
+
 def test_bad_solver_and_steps_are_named(tmp_path):
     with pytest.raises(DemoError, match="unknown solver"):
         run_demo(out=str(tmp_path), solvers=["dpm_fast"], progress=False)

@@ -130,13 +130,15 @@ class Teacher:
     def sample(self, n_per_class: int = 1, steps: int = 20, guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
                scheduler: Union[str, "_schedulers.FusedScheduler"] = "dpmsolver++", seed: int = 0,
                classes: Optional[Sequence[int]] = None, batch_size: int = 500,
-               progress: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+               progress: bool = False, cuda_graph: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
         """``n_per_class`` samples of every class (or of ``classes``), in class order.
 
         Returns images ``[N, 1, 16, 16]`` clamped to [-1, 1] and their labels ``[N]`` int64.
         The initial noise comes from a CPU generator seeded with ``seed`` (the same images
         on any device, up to float error). ``batch_size`` bounds memory; it changes the result
         only of stochastic samplers (their per-step noise is drawn batch by batch).
+        ``cuda_graph=True`` (a CUDA teacher only) captures each batch's whole loop, UNet
+        included, as one CUDA graph (see :func:`kdfast.sample`).
         """
         n_per_class = _check_int("n_per_class", n_per_class, 1)
         steps = _check_int("steps", steps, 1)
@@ -168,7 +170,7 @@ class Teacher:
             x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
             x = run_sampler(lambda xt, t, cond: self.model(xt, t, cond), x, sched,
                             guidance_scale=guidance_scale, cond=y, uncond=torch.full_like(y, self.null_class),
-                            generator=step_gen, disable=not progress)
+                            generator=step_gen, disable=not progress, cuda_graph=cuda_graph)
             out.append(x.clamp(-1, 1).cpu())
         return torch.cat(out), labels
 
