@@ -171,8 +171,9 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-min load to drop below this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "bench_diffusion_losses.json"))
+    parser.add_argument("--out", default=None,
+                        help="JSON file for the rows (default: benchmarks/results/bench_diffusion_losses.json, "
+                             "written by full runs only)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -184,10 +185,15 @@ def main():
     for device in devices:
         print(f"== {device_name(device)}")
         rows += run(device, shapes, dtypes, repeats if device.type == "cpu" else 4 * repeats, args.quiet_load)
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
+    out = args.out
+    if out is None:
+        if args.quick:
+            return  # a smoke run must not replace the recorded figures
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"wrote {len(rows)} rows to {args.out}")
+    print(f"wrote {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":
