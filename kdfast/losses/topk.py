@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .kd import REDUCTIONS
+from .kd import REDUCTIONS, _reduce
 
 REMAINDERS = ("bucket", "renormalize")
 
@@ -145,8 +145,4 @@ def topk_kd_loss(
         valid = keep.sum()
     if reduction == "none":
         return rows.reshape(lead)
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    count = valid.clamp(min=1) if isinstance(valid, torch.Tensor) else max(valid, 1)
-    return total / count if reduction == "batchmean" else total / (count * vocab)
+    return _reduce(rows, valid, vocab, reduction, None)

@@ -119,10 +119,9 @@ def kd_divergence(
     Differentiable with respect to both logits. The student's gradient is computed in the
     forward kernel; the teacher's, rarely needed, by the reference's autograd.
     """
-    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
-        student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
-    args = (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, int(ignore_index), vocab,
-            loss_scale)
+    args = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ignore_index, vocab_size,
+                    loss_scale)
+    student, teacher = args[0], args[1]
     grad_on = torch.is_grad_enabled()
     if backend is None and (grad_on and (student.requires_grad or teacher.requires_grad)
                             or _needs_dispatcher(student, teacher)):
@@ -151,14 +150,22 @@ def kd_divergence_with_grad(
     which pushes each chunk's gradient through the LM head at once. The gradient has the
     student's dtype and shape; padding columns beyond ``vocab_size`` are 0.
     """
-    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
-        student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
-    args = (student.detach(), teacher.detach(), labels, KINDS.index(kind), beta, 1.0 / temperature,
-            int(ignore_index), vocab, loss_scale, True)
+    student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
+                                       ignore_index, vocab_size, loss_scale)
+    args = (student.detach(), teacher.detach(), *rest, True)
     if backend is None and _needs_dispatcher(student, teacher):
         with torch.no_grad():
             return tuple(torch.ops.kdfast.kd_divergence(*args))
     return _kd_divergence(*args, backend=backend)
+
+
+def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ignore_index, vocab_size,
+             loss_scale) -> tuple:
+    """The checked arguments of the custom op, up to (not including) ``want_grad``."""
+    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
+        student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
+    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, int(ignore_index), vocab,
+            loss_scale)
 
 
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
