@@ -7,6 +7,6 @@ Pillars available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.sched
 __version__ = "0.1.0"
 
 from . import backends, losses, ops, reference, sampling, schedulers  # noqa: E402  (ops registers the torch.library ops)
-from .sampling import sample  # noqa: E402
+from .sampling import CapturedSampler, sample  # noqa: E402
 
-__all__ = ["__version__", "backends", "losses", "ops", "reference", "sample", "sampling", "schedulers"]
+__all__ = ["__version__", "CapturedSampler", "backends", "losses", "ops", "reference", "sample", "sampling", "schedulers"]

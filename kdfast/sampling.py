@@ -34,7 +34,7 @@ from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
 
 __all__ = [
-    "sample", "SAMPLERS",
+    "sample", "CapturedSampler", "SAMPLERS",
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m",
     "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc",
     "append_zero", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
@@ -667,30 +667,51 @@ def _callback_sigmas(sigmas, host: List[float], plan: _Plan):
     return out
 
 
-def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, callback=None, disable=None,
-                   noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
-                   guidance_scale=None, cond=None, uncond=None, cuda_graph: bool = False,
-                   options: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+class _Loop(NamedTuple):
+    """A prepared sampling loop: ``run(x, cond, uncond, stop=None, callback=None, bar=None)``
+    builds the model calls for these inputs and runs the loop (all of it, or its first ``stop``
+    kernel calls); ``reset()`` puts any Python-side state (a scheduler's) back to the start."""
+
+    run: Callable[..., torch.Tensor]
+    steps: int
+    reset: Callable[[], None]
+
+
+def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, with_callback: bool = False,
+                noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
+                guidance_scale=None, cond=None, uncond=None, options: Optional[Dict[str, Any]] = None) -> _Loop:
     _check_x(x)
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
-    if cuda_graph:
-        _check_graph_args(x, generator, callback)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
     plan = _plan(name, host, options or {})
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, generator)
     model_sigmas = sorted({ev.sigma for ev in plan.evals if ev.model})
-    evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas)
-    cb_sigmas = _callback_sigmas(sigmas, host, plan) if callback is not None else None
+    cb_sigmas = _callback_sigmas(sigmas, host, plan) if with_callback else None
 
-    if cuda_graph:
-        # Warm up on the first two kernel calls (every code path's kernels), then capture all.
-        return _run_graph(lambda stop=None: _execute(plan, x, evaluate, noise_sampler, guidance, None, None, None,
-                                                     stop=stop),
-                          x, generator)
-    with _progress(plan.steps, disable) as bar:
-        return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar)
+    def run(x, cond, uncond, stop=None, callback=None, bar=None):
+        evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas)
+        return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar, stop=stop)
+    return _Loop(run, plan.steps, lambda: None)
+
+
+def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, callback=None, disable=None,
+                   noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
+                   guidance_scale=None, cond=None, uncond=None, cuda_graph: bool = False,
+                   options: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    loop = _sigma_loop(name, model, x, sigmas, extra_args=extra_args, with_callback=callback is not None,
+                       noise_sampler=noise_sampler, generator=generator, guidance_scale=guidance_scale,
+                       cond=cond, uncond=uncond, options=options)
+    return _run(loop, x, cond, uncond, generator, cuda_graph, callback, disable)
+
+
+def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, disable) -> torch.Tensor:
+    if cuda_graph:  # capture, replay once
+        _check_graph_args(x, generator, callback)
+        return CapturedSampler._from_loop(loop, x, cond, uncond, generator)()
+    with _progress(loop.steps, disable) as bar:
+        return loop.run(x, cond, uncond, callback=callback, bar=bar)
 
 
 # --------------------------------------------------------------------------- CUDA graphs
@@ -706,40 +727,120 @@ def _check_graph_args(x: torch.Tensor, generator, callback) -> None:
                          f"got one on {generator.device}")
 
 
-def _rng_restorer(generator: Optional[torch.Generator], device: torch.device) -> Callable[[], None]:
+def _rng_generator(generator: Optional[torch.Generator], device: torch.device) -> torch.Generator:
+    """The generator a loop draws from: ``generator``, else the device's default one."""
     if generator is not None:
-        state = generator.get_state()
-        return lambda: generator.set_state(state)
-    state = torch.cuda.get_rng_state(device)
-    return lambda: torch.cuda.set_rng_state(state, device)
+        return generator
+    return torch.cuda.default_generators[device.index or 0] if device.type == "cuda" else torch.default_generator
 
 
-def _run_graph(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optional[torch.Generator],
-               reset: Callable[[], None] = lambda: None, warmup_calls: int = 2) -> torch.Tensor:
-    """Warm up ``run(stop=warmup_calls)`` on a side stream, capture ``run()`` (model calls
-    included) in one CUDA graph and replay it once, with the RNG state the eager loop would
-    start from, so that the result equals the eager one draw for draw."""
+def _capture(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optional[torch.Generator],
+             reset: Callable[[], None], warmup_calls: int = 2):
+    """Warm up ``run(stop=warmup_calls)`` on a side stream, then capture ``run()`` (model calls
+    included) in one CUDA graph. The RNG state is put back to where it was before the warm-up,
+    so the first replay draws what the eager loop would. Returns ``(graph, output)``."""
     device = x.device
-    restore_rng = _rng_restorer(generator, device)
+    gen = _rng_generator(generator, device)
+    state = gen.get_state()
     current = torch.cuda.current_stream(device)
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
         run(stop=warmup_calls)
     current.wait_stream(side)
-    restore_rng()
+    gen.set_state(state)
     reset()
     graph = torch.cuda.CUDAGraph()
-    if generator is not None and generator is not torch.cuda.default_generators[device.index or 0]:
+    if gen is not torch.cuda.default_generators[device.index or 0]:
         # the device's default generator is registered by capture_begin itself
         register = getattr(graph, "register_generator_state", None)
         if register is not None:
-            register(generator)
+            register(gen)
     with torch.cuda.graph(graph):
         out = run()
-    restore_rng()
-    graph.replay()
-    return out.clone()
+    gen.set_state(state)
+    return graph, out
+
+
+def _static_copy(value):
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
+
+
+class CapturedSampler:
+    """A whole sampling loop, model calls included, captured once as a CUDA graph and replayed
+    for new inputs: the way to sample a small or few-step model many times without paying
+    Python and launch costs per step.
+
+    Takes the arguments of :func:`kdfast.sample` (without ``cuda_graph``, ``callback`` and
+    ``disable``); ``x``, ``cond`` and ``uncond`` fix the shapes, dtypes and devices of every
+    later call. Capturing runs the first two steps eagerly (warm-up) and records the loop once;
+    each call then copies its inputs into the captured buffers and replays::
+
+        loop = kdfast.CapturedSampler(denoiser, x, sigmas, sampler="dpmpp_2m",
+                                      guidance_scale=5.0, cond=cond, uncond=uncond)
+        images = loop(torch.randn_like(x) * sigmas[0], cond=new_cond)
+
+    The result equals the eager loop's for the same inputs and generator state. Random draws
+    (SDE and ancestral samplers) come from ``generator`` (a CUDA one, or the device's default
+    generator when None) and advance it by one loop's draws per call; ``seed=`` reseeds it
+    first. Tensors passed in ``extra_args`` are read from their memory at every replay: change
+    them in place (``copy_``) to change them. A scheduler given here belongs to the captured
+    loop from then on (it is kept as ``.scheduler``). The denoiser must be capturable: no host syncs, no data-dependent
+    Python control flow.
+    """
+
+    def __init__(self, denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dpmpp_2m",
+                 guidance_scale=None, cond=None, uncond=None, extra_args=None,
+                 generator: Optional[torch.Generator] = None, **sampler_options):
+        loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale,
+                          cond=cond, uncond=uncond, extra_args=extra_args, generator=generator,
+                          with_callback=False, sampler_options=sampler_options)
+        _check_graph_args(x, generator, None)
+        self._setup(loop, x, cond, uncond, generator)
+        self.scheduler = sigmas_or_scheduler if hasattr(sigmas_or_scheduler, "set_timesteps") else None
+
+    @classmethod
+    def _from_loop(cls, loop: _Loop, x, cond, uncond, generator) -> "CapturedSampler":
+        self = cls.__new__(cls)
+        self._setup(loop, x, cond, uncond, generator)
+        self.scheduler = None
+        return self
+
+    def _setup(self, loop: _Loop, x, cond, uncond, generator) -> None:
+        self.generator = generator
+        self._inputs = {"x": _static_copy(x), "cond": _static_copy(cond), "uncond": _static_copy(uncond)}
+        ins = self._inputs
+        with torch.no_grad():
+            self._graph, self._out = _capture(lambda stop=None: loop.run(ins["x"], ins["cond"], ins["uncond"],
+                                                                         stop=stop),
+                                              ins["x"], generator, loop.reset)
+
+    @property
+    def device(self) -> torch.device:
+        return self._inputs["x"].device
+
+    def __call__(self, x: Optional[torch.Tensor] = None, cond=None, uncond=None, *,
+                 seed: Optional[int] = None) -> torch.Tensor:
+        """Replay the loop from ``x`` (default: the last input) with ``cond`` / ``uncond``
+        (default: the last ones); returns a new tensor."""
+        for name, new in (("x", x), ("cond", cond), ("uncond", uncond)):
+            if new is None:
+                continue
+            static = self._inputs[name]
+            if not isinstance(static, torch.Tensor):
+                raise ValueError(f"{name} was not a tensor when the loop was captured, so it cannot be replaced; "
+                                 "capture a new CapturedSampler")
+            if not isinstance(new, torch.Tensor) or new.shape != static.shape or new.dtype != static.dtype \
+                    or new.device != static.device:
+                got = (f"{tuple(new.shape)} {new.dtype} on {new.device}" if isinstance(new, torch.Tensor)
+                       else type(new).__name__)
+                raise ValueError(f"{name} must match the captured {tuple(static.shape)} {static.dtype} on "
+                                 f"{static.device}, got {got}")
+            static.copy_(new)
+        if seed is not None:
+            _rng_generator(self.generator, self.device).manual_seed(int(seed))
+        self._graph.replay()
+        return self._out.clone()
 
 
 # --------------------------------------------------------------------------- scheduler path
@@ -756,23 +857,22 @@ def _set_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
         scheduler.__dict__[k] = list(v) if isinstance(v, list) else v
 
 
-def _sample_scheduler(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, cond, uncond, extra_args,
-                      generator, cuda_graph, callback, disable) -> torch.Tensor:
+def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, cond, uncond, extra_args,
+                    generator) -> _Loop:
     _check_x(x)
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
-    if cuda_graph:
-        _check_graph_args(x, generator, callback)
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
     if scheduler.step_index is not None:
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
     start = scheduler.begin_index or 0
     timesteps = scheduler.timesteps
-    evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
     fused_cfg = guidance is not None and guidance != 1.0
+    state = _scheduler_state(scheduler)
 
-    def run(stop=None, bar=None, callback=None):
+    def run(x, cond, uncond, stop=None, callback=None, bar=None):
+        evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
         xx = x
         for i, t in enumerate(timesteps):  # iterating gives views: the step index costs no sync
             if i < start:
@@ -791,12 +891,7 @@ def _sample_scheduler(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, c
                 bar.update(1)
         return xx
 
-    if cuda_graph:
-        state = _scheduler_state(scheduler)
-        return _run_graph(lambda stop=None: run(stop=stop), x, generator,
-                          reset=lambda: _set_scheduler_state(scheduler, state), warmup_calls=2)
-    with _progress(len(timesteps) - start, disable) as bar:
-        return run(bar=bar, callback=callback)
+    return _Loop(run, len(timesteps) - start, lambda: _set_scheduler_state(scheduler, state))
 
 
 # --------------------------------------------------------------------------- public samplers
@@ -951,21 +1046,30 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     in one CUDA graph after a warm-up of its first two steps and replayed; the denoiser must be
     capturable (no host syncs), a ``generator`` must be a CUDA one, and there is no callback or
     progress bar. The RNG state is restored before the replay, so the result equals the eager
-    loop's with the same generator state.
+    loop's with the same generator state. Each such call captures anew; to sample many times,
+    capture once with :class:`CapturedSampler` and call it.
 
     ``callback`` gets k-diffusion's ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` per step on
     the sigma path (``denoised`` guided), and ``{'x', 'i', 't', 'model_output'}`` (guided) on the
     scheduler path. ``disable`` turns the tqdm progress bar off like k-diffusion's.
     """
+    loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale, cond=cond,
+                      uncond=uncond, extra_args=extra_args, generator=generator,
+                      with_callback=callback is not None, sampler_options=sampler_options)
+    return _run(loop, x, cond, uncond, generator, cuda_graph, callback, disable)
+
+
+def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, cond, uncond, extra_args, generator,
+               with_callback: bool, sampler_options: Dict[str, Any]) -> _Loop:
+    """Validate :func:`sample`'s arguments and prepare its loop (sigma list or scheduler)."""
     from .schedulers.base import FusedScheduler
 
     if isinstance(sigmas_or_scheduler, FusedScheduler):
         if sampler_options:
             raise TypeError(f"sampler options {sorted(sampler_options)} do not apply to a scheduler; "
                             "configure the scheduler instead")
-        return _sample_scheduler(denoiser, x, sigmas_or_scheduler, guidance_scale=guidance_scale, cond=cond,
-                                 uncond=uncond, extra_args=extra_args, generator=generator, cuda_graph=cuda_graph,
-                                 callback=callback, disable=disable)
+        return _scheduler_loop(denoiser, x, sigmas_or_scheduler, guidance_scale=guidance_scale, cond=cond,
+                               uncond=uncond, extra_args=extra_args, generator=generator)
     if hasattr(sigmas_or_scheduler, "set_timesteps") and hasattr(sigmas_or_scheduler, "step"):
         raise TypeError(f"{type(sigmas_or_scheduler).__name__} is not a kdfast scheduler; use one of "
                         "kdfast.schedulers (e.g. kdfast.schedulers.DPMSolverMultistepScheduler.from_config(...))")
@@ -975,13 +1079,13 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     if unknown:
         raise TypeError(f"sampler {sampler!r} takes no option(s) {unknown}; it takes {list(_OPTIONS[sampler])}")
     options = dict(_DEFAULTS[sampler])
+    sampler_options = dict(sampler_options)
     noise_sampler = sampler_options.pop("noise_sampler", None)
     options.update(sampler_options)
     if sampler == "unipc":
         options = dict(order=int(options["order"]), variant=options["variant"],
                        use_corrector=bool(options["use_corrector"]),
                        lower_order_final=bool(options["lower_order_final"]))
-    return _sample_sigmas(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, callback=callback,
-                          disable=disable, noise_sampler=noise_sampler, generator=generator,
-                          guidance_scale=guidance_scale, cond=cond, uncond=uncond, cuda_graph=cuda_graph,
-                          options=options)
+    return _sigma_loop(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, with_callback=with_callback,
+                       noise_sampler=noise_sampler, generator=generator, guidance_scale=guidance_scale, cond=cond,
+                       uncond=uncond, options=options)

@@ -31,6 +31,41 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+class _ReplayGraph:
+    def __init__(self, run, out, reset):
+        self.run, self.out, self.reset, self.replays = run, out, reset, 0
+
+    def replay(self):
+        self.reset()
+        self.out.copy_(self.run())
+        self.replays += 1
+
+
+@pytest.fixture
+def eager_capture(monkeypatch):
+    """CPU stand-in for a CUDA graph in kdfast.sampling: the same warm-up / RNG / reset
+    sequence as the real ``_capture``; a replay re-runs the closure over the captured buffers.
+    Yields the list of "graphs" captured."""
+    from kdfast import sampling
+
+    graphs = []
+
+    def capture(run, x, generator, reset, warmup_calls=2):
+        gen = sampling._rng_generator(generator, x.device)
+        state = gen.get_state()
+        run(stop=warmup_calls)
+        gen.set_state(state)
+        reset()
+        out = run()
+        gen.set_state(state)
+        graphs.append(_ReplayGraph(run, out, reset))
+        return graphs[-1], out
+
+    monkeypatch.setattr(sampling, "_capture", capture)
+    monkeypatch.setattr(sampling, "_check_graph_args", lambda x, generator, callback: None)
+    return graphs
+
+
 def usable_backends(op_name, device_type="cpu"):
     """Every compiled/Triton backend that can run ``op_name`` here (not the reference)."""
     op = kdfast.backends.op(op_name)

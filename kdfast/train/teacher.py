@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from .. import schedulers as _schedulers
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..models.unet import PREDICTION_TYPES, UNet, UNetConfig
+from ..sampling import CapturedSampler
 from ..sampling import sample as run_sampler
 from . import images as _images
 from .plot import moving_average, plot_curves
@@ -81,9 +82,15 @@ class Teacher:
     unconditional prediction. ``config`` is the JSON record saved with the weights.
     """
 
+    # Captured sampling loops kept per (scheduler, steps, batch, guidance): each holds its own
+    # GPU buffers, so only the most recent few are kept.
+    MAX_CAPTURED_LOOPS = 4
+
     def __init__(self, model: UNet, config: Mapping[str, Any]):
         self.model = model.eval().requires_grad_(False)
         self.config = dict(config)
+        self._captured: Dict[Tuple, CapturedSampler] = {}
+        self._graph_generator: Optional[torch.Generator] = None
         self.scheduler_config: Dict[str, Any] = dict(self.config["noise_schedule"])
 
     @property
@@ -137,8 +144,10 @@ class Teacher:
         The initial noise comes from a CPU generator seeded with ``seed`` (the same images
         on any device, up to float error). ``batch_size`` bounds memory; it changes the result
         only of stochastic samplers (their per-step noise is drawn batch by batch).
-        ``cuda_graph=True`` (a CUDA teacher only) captures each batch's whole loop, UNet
-        included, as one CUDA graph (see :func:`kdfast.sample`).
+        ``cuda_graph=True`` (a CUDA teacher only) runs each batch's whole loop, UNet included,
+        as a CUDA graph (see :class:`kdfast.CapturedSampler`), captured on the first call for a
+        (scheduler, steps, batch size, guidance) and replayed by later calls: the same images
+        as the eager loop, without its per-step Python and launch costs once captured.
         """
         n_per_class = _check_int("n_per_class", n_per_class, 1)
         steps = _check_int("steps", steps, 1)
@@ -162,17 +171,45 @@ class Teacher:
         gen = torch.Generator().manual_seed(int(seed))
         shape = (len(labels), self.model.config.in_channels, self.sample_size, self.sample_size)
         noise = torch.randn(shape, generator=gen)
-        step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)  # for stochastic samplers
+        model = lambda xt, t, cond: self.model(xt, t, cond)  # noqa: E731
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
-            sched.set_timesteps(steps, device=device)
-            x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
-            x = run_sampler(lambda xt, t, cond: self.model(xt, t, cond), x, sched,
-                            guidance_scale=guidance_scale, cond=y, uncond=torch.full_like(y, self.null_class),
-                            generator=step_gen, disable=not progress, cuda_graph=cuda_graph)
+            uncond = torch.full_like(y, self.null_class)
+            if cuda_graph:
+                loop = self._captured_loop(scheduler, steps, len(y), guidance_scale, model, y, uncond)
+                x0 = noise[start:start + batch_size].to(device) * loop.scheduler.init_noise_sigma
+                # one generator for the whole call, as in the eager loop: seeded at the first batch
+                x = loop(x0, cond=y, uncond=uncond, seed=int(seed) + 1 if start == 0 else None)
+            else:
+                if start == 0:
+                    step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)  # stochastic samplers
+                sched.set_timesteps(steps, device=device)
+                x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
+                x = run_sampler(model, x, sched, guidance_scale=guidance_scale, cond=y, uncond=uncond,
+                                generator=step_gen, disable=not progress)
             out.append(x.clamp(-1, 1).cpu())
         return torch.cat(out), labels
+
+    def _captured_loop(self, scheduler, steps: int, batch: int, guidance_scale: float, model, y, uncond
+                       ) -> CapturedSampler:
+        """The captured loop for these settings, capturing it on first use (the oldest of more
+        than ``MAX_CAPTURED_LOOPS`` is dropped)."""
+        key = (scheduler if isinstance(scheduler, str) else id(scheduler), steps, batch, guidance_scale)
+        loop = self._captured.pop(key, None)
+        if loop is None or (not isinstance(scheduler, str) and loop.scheduler is not scheduler):
+            sched = self.make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+            sched.set_timesteps(steps, device=self.device)
+            if self._graph_generator is None:  # shared by every captured loop: one draw sequence per call
+                self._graph_generator = torch.Generator(device=self.device)
+            x = torch.zeros((batch, self.model.config.in_channels, self.sample_size, self.sample_size),
+                            device=self.device)
+            loop = CapturedSampler(model, x, sched, guidance_scale=guidance_scale, cond=y, uncond=uncond,
+                                   generator=self._graph_generator)
+        self._captured[key] = loop
+        while len(self._captured) > self.MAX_CAPTURED_LOOPS:
+            self._captured.pop(next(iter(self._captured)))
+        return loop
 
 
 # --------------------------------------------------------------------------- training

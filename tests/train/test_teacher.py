@@ -211,3 +211,55 @@ def test_checkpoint_arguments(tmp_path):
         train_teacher(checkpoint_dir=tmp_path, checkpoint_every=0, steps=1)
     with pytest.raises(SystemExit):
         teacher_mod.main(["--resume"])  # --resume needs --checkpoint-dir
+
+
+@pytest.fixture
+def graph_teacher(shipped, eager_capture):
+    """The shipped teacher with no captured loops before or after the test (the stand-in
+    graphs must not outlive their fixture)."""
+    shipped._captured.clear()
+    yield shipped
+    shipped._captured.clear()
+
+
+@pytest.mark.parametrize("scheduler", ["dpmsolver++", "euler_ancestral"])
+def test_graph_sampling_captures_once_and_matches_eager(graph_teacher, eager_capture, scheduler):
+    shipped = graph_teacher
+    args = dict(n_per_class=2, steps=4, scheduler=scheduler, seed=3, batch_size=12)  # batches of 12 and 8
+    eager, labels = shipped.sample(**args)
+    graphed, graphed_labels = shipped.sample(**args, cuda_graph=True)
+    assert len(eager_capture) == 2  # one loop per batch shape
+    torch.testing.assert_close(graphed, eager, rtol=0, atol=0)
+    assert graphed_labels.tolist() == labels.tolist()
+    again, _ = shipped.sample(**args, cuda_graph=True)  # replays: nothing captured anew
+    assert len(eager_capture) == 2
+    torch.testing.assert_close(again, eager, rtol=0, atol=0)
+    other, _ = shipped.sample(**{**args, "seed": 4}, cuda_graph=True)
+    torch.testing.assert_close(other, shipped.sample(**{**args, "seed": 4})[0], rtol=0, atol=0)
+
+
+def test_graph_sampling_keeps_a_few_captures(graph_teacher):
+    shipped = graph_teacher
+    for steps in range(1, Teacher.MAX_CAPTURED_LOOPS + 3):
+        shipped.sample(1, steps=steps, scheduler="ddim", cuda_graph=True)
+    assert len(shipped._captured) == Teacher.MAX_CAPTURED_LOOPS
+    sched = shipped.make_scheduler("unipc")
+    images, _ = shipped.sample(1, steps=3, scheduler=sched, cuda_graph=True)
+    torch.testing.assert_close(images, shipped.sample(1, steps=3, scheduler="unipc")[0], rtol=0, atol=0)
+
+
+def test_graph_sampling_needs_cuda(shipped):
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        shipped.sample(1, steps=2, cuda_graph=True)
+
+
+@pytest.mark.gpu
+def test_gpu_graph_sampling_matches_eager():
+    teacher = load_teacher(device="cuda")
+    for scheduler in ("dpmsolver++", "euler_ancestral"):
+        args = dict(n_per_class=3, steps=6, scheduler=scheduler, seed=1, batch_size=20)
+        eager, _ = teacher.sample(**args)
+        first, _ = teacher.sample(**args, cuda_graph=True)
+        second, _ = teacher.sample(**args, cuda_graph=True)
+        torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(second, first, rtol=0, atol=0)

@@ -1,0 +1,157 @@
+"""CapturedSampler: capture a whole loop once, replay it for new inputs.
+
+A real capture needs a GPU (tests marked ``gpu``). On the CPU, ``_capture`` is replaced by a
+stand-in whose "replay" runs the captured closure again (the ``eager_capture`` fixture in
+conftest.py): what that checks is the plumbing a
+real graph depends on, that every input reaches the loop only through the sampler's own
+buffers (a replay with new inputs gives the eager result for those inputs), that scheduler
+state is put back before the capture, and that reseeding reproduces stochastic draws.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kdfast
+from kdfast import sampling as S
+from kdfast.schedulers import DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler
+
+SHAPE = (2, 4, 6, 6)
+
+
+def denoiser(x, sigma, cond=None):
+    s = sigma.float().reshape(-1, 1, 1, 1)
+    out = x / (1 + s * s) + 0.5 * s / torch.sqrt(1 + s * s) * torch.sin(1.3 * x / torch.sqrt(1 + s * s))
+    if cond is not None:
+        out = out + 0.3 * cond.float() * torch.cos(0.7 * x)
+    return out.to(x.dtype)
+
+
+def unet_like(x, t, cond=None):
+    """A scheduler-path model: raw output from the scaled input and the timestep tensor."""
+    out = 0.4 * torch.tanh(x) + 0.01 * t.float().reshape(-1, 1, 1, 1) / 1000.0
+    if cond is not None:
+        out = out + 0.2 * cond.float().reshape(-1, 1, 1, 1)
+    return out
+
+
+def noise(seed, shape=SHAPE, scale=10.0):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "unipc", "heun"])
+def test_replay_with_new_inputs_equals_eager(eager_capture, sampler):
+    sigmas = S.get_sigmas_karras(8, 0.03, 14.6)
+    cond, uncond = torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    loop = kdfast.CapturedSampler(denoiser, noise(0), sigmas, sampler=sampler, guidance_scale=3.0,
+                                  cond=cond, uncond=uncond)
+    for seed, c in ((1, cond), (2, -cond), (3, None)):
+        x = noise(seed)
+        got = loop(x, cond=c)
+        used = -cond if seed >= 2 else cond  # cond=None keeps the last one
+        want = S.sample(denoiser, x, sigmas, sampler=sampler, guidance_scale=3.0, cond=used, uncond=uncond,
+                        disable=True)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert eager_capture[0].replays == 3
+
+
+def test_replay_returns_a_new_tensor(eager_capture):
+    sigmas = S.get_sigmas_karras(4, 0.03, 14.6)
+    loop = kdfast.CapturedSampler(denoiser, noise(0), sigmas)
+    first = loop(noise(1))
+    second = loop(noise(2))
+    assert not torch.equal(first, second)
+    torch.testing.assert_close(first, S.sample(denoiser, noise(1), sigmas, disable=True), rtol=0, atol=0)
+
+
+def test_scheduler_loop_replays_from_its_start(eager_capture):
+    sched = DPMSolverMultistepScheduler(prediction_type="epsilon")
+    sched.set_timesteps(6)
+    y = torch.tensor([1.0, 2.0])
+    loop = kdfast.CapturedSampler(unet_like, noise(0, scale=1.0), sched, guidance_scale=2.0, cond=y,
+                                  uncond=torch.zeros(2))
+    for seed in (4, 5):
+        x = noise(seed, scale=1.0)
+        ref = DPMSolverMultistepScheduler(prediction_type="epsilon")
+        ref.set_timesteps(6)
+        want = S.sample(unet_like, x, ref, guidance_scale=2.0, cond=y, uncond=torch.zeros(2), disable=True)
+        torch.testing.assert_close(loop(x), want, rtol=0, atol=0)
+
+
+def test_seed_reproduces_stochastic_draws(eager_capture):
+    sigmas = S.get_sigmas_karras(6, 0.03, 14.6)
+    gen = torch.Generator().manual_seed(0)
+    loop = kdfast.CapturedSampler(denoiser, noise(0), sigmas, sampler="euler_ancestral", generator=gen)
+    a = loop(noise(1), seed=11)
+    b = loop(noise(1), seed=11)
+    c = loop(noise(1))  # the generator moved on: new draws
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c)
+    want = S.sample(denoiser, noise(1), sigmas, sampler="euler_ancestral",
+                    generator=torch.Generator().manual_seed(11), disable=True)
+    torch.testing.assert_close(a, want, rtol=0, atol=0)
+
+    sched = EulerAncestralDiscreteScheduler()
+    sched.set_timesteps(5)
+    loop = kdfast.CapturedSampler(unet_like, noise(0, scale=1.0), sched, generator=torch.Generator())
+    ref = EulerAncestralDiscreteScheduler()
+    ref.set_timesteps(5)
+    want = S.sample(unet_like, noise(2, scale=1.0), ref, generator=torch.Generator().manual_seed(5), disable=True)
+    torch.testing.assert_close(loop(noise(2, scale=1.0), seed=5), want, rtol=0, atol=0)
+
+
+def test_bad_replay_inputs_raise(eager_capture):
+    sigmas = S.get_sigmas_karras(4, 0.03, 14.6)
+    loop = kdfast.CapturedSampler(denoiser, noise(0), sigmas, guidance_scale=2.0, cond=torch.ones(2, 4, 1, 1),
+                                  uncond=torch.zeros(2, 4, 1, 1))
+    with pytest.raises(ValueError, match=r"x must match the captured \(2, 4, 6, 6\)"):
+        loop(noise(1, shape=(3, 4, 6, 6)))
+    with pytest.raises(ValueError, match="x must match"):
+        loop(noise(1).double())
+    with pytest.raises(ValueError, match="cond must match"):
+        loop(cond=[1.0, 2.0])
+    plain = kdfast.CapturedSampler(denoiser, noise(0), sigmas)
+    with pytest.raises(ValueError, match="cond was not a tensor when the loop was captured"):
+        plain(cond=torch.ones(2, 4, 1, 1))
+
+
+def test_needs_cuda_tensors():
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6))
+    with pytest.raises(ValueError, match="unknown sampler"):  # argument errors come first
+        kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6), sampler="nope")
+
+
+# --------------------------------------------------------------------------- on a GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "euler_ancestral", "dpmpp_2m_sde"])
+def test_gpu_replays_equal_eager(sampler):
+    sigmas = S.get_sigmas_karras(10, 0.03, 14.6, device="cuda")
+    cond, uncond = torch.ones(2, 4, 1, 1, device="cuda"), torch.zeros(2, 4, 1, 1, device="cuda")
+    gen = torch.Generator("cuda").manual_seed(0)
+    loop = kdfast.CapturedSampler(denoiser, noise(0).cuda(), sigmas, sampler=sampler, guidance_scale=3.0,
+                                  cond=cond, uncond=uncond, generator=gen)
+    for seed in (1, 2):
+        x = noise(seed).cuda()
+        got = loop(x, cond=cond * seed, seed=100 + seed)
+        want = S.sample(denoiser, x, sigmas, sampler=sampler, guidance_scale=3.0, cond=cond * seed, uncond=uncond,
+                        generator=torch.Generator("cuda").manual_seed(100 + seed), disable=True)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_gpu_scheduler_replays_equal_eager():
+    sched = DPMSolverMultistepScheduler(prediction_type="epsilon")
+    sched.set_timesteps(12, device="cuda")
+    y = torch.tensor([1.0, 2.0], device="cuda")
+    u = torch.zeros(2, device="cuda")
+    loop = kdfast.CapturedSampler(unet_like, noise(0, scale=1.0).cuda(), sched, guidance_scale=2.0, cond=y,
+                                  uncond=u)
+    for seed in (1, 2):
+        x = noise(seed, scale=1.0).cuda()
+        ref = DPMSolverMultistepScheduler(prediction_type="epsilon")
+        ref.set_timesteps(12, device="cuda")
+        want = S.sample(unet_like, x, ref, guidance_scale=2.0, cond=y, uncond=u, disable=True)
+        torch.testing.assert_close(loop(x), want, rtol=1e-6, atol=1e-6)
