@@ -171,6 +171,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-min load to drop below this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
+                        help="where to measure (default: the CPU, then the GPU when there is one)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_diffusion_losses.json, "
                              "written by full runs only)")
@@ -180,7 +182,10 @@ def main():
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "8x4x64x64"}
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     repeats = args.repeats or (7 if args.quick else 15)
-    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU here")
+    devices = [torch.device(d) for d in ("cpu", "cuda") if args.device in ("all", d)
+               and (d == "cpu" or torch.cuda.is_available())]
     rows = []
     for device in devices:
         print(f"== {device_name(device)}")
@@ -191,8 +196,13 @@ def main():
             return  # a smoke run must not replace the recorded figures
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    measured = {r["device"] for r in rows}
+    kept = []
+    if os.path.exists(out):  # rows of devices not measured in this run stay
+        with open(out) as f:
+            kept = [r for r in json.load(f) if r.get("device") not in measured]
     with open(out, "w") as f:
-        json.dump(rows, f, indent=1)
+        json.dump(kept + rows, f, indent=1)
     print(f"wrote {len(rows)} rows to {out}")
 
 

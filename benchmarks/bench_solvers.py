@@ -3,10 +3,16 @@
 For each solver and latent shape: host time per step (the step call alone, model output
 given), full 20-step loop time (set_timesteps included), and full-latent bytes moved per
 step against the lower bound. diffusers' traffic is counted from the profiler: every aten
-op touching latent-sized tensors reads its latent-sized inputs and writes one latent.
+op touching latent-sized tensors reads its latent-sized inputs and writes one latent. On a
+GPU also kernel launches, copies and host syncs per step, for both.
 
-    python benchmarks/bench_solvers.py            # all shapes
-    python benchmarks/bench_solvers.py --quick    # SD-sized latent only, fewer repeats
+Then a whole sampling loop of a small UNet (the shipped digits teacher, 10 guided images,
+20 DPM-Solver++ 2M steps), end to end: diffusers' scheduler with unfused guidance, kdfast's
+eager loop and, on a GPU, kdfast's loop replayed as one CUDA graph.
+
+    python benchmarks/bench_solvers.py                 # all shapes, then the UNet loop
+    python benchmarks/bench_solvers.py --quick         # SD-sized latent only, fewer repeats
+    python benchmarks/bench_solvers.py --sections unet # the UNet loop only
 Writes JSON rows to benchmarks/results/bench_solvers.json.
 """
 from __future__ import annotations
@@ -16,7 +22,8 @@ import inspect
 import json
 import os
 import time
-from typing import Callable, Dict
+import warnings
+from typing import Callable, Dict, Optional
 
 import torch
 from _common import device_name, quartiles, sync
@@ -135,6 +142,82 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int) -> Dict[str, flo
     return {"kdfast": (reads + writes) * numel * itemsize, "lower_bound": (reads + writes) * numel * itemsize}
 
 
+def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str, float]]:
+    """Per step on a GPU: kernels launched, memory copies/sets, and host syncs (the
+    synchronizing calls torch's sync debug mode reports). None on the CPU."""
+    if device.type != "cuda":
+        return None
+    from torch.profiler import ProfilerActivity, profile
+
+    sched = make()
+    sched.set_timesteps(STEPS, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    kwargs = step_kwargs(sched, gen)
+    pairs = list(zip(sched.timesteps, outputs))
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                sample = x
+                for t, out in pairs:
+                    sample = sched.scale_model_input(sample, t)
+                    sample = sched.step(out, t, sample, **kwargs).prev_sample
+                torch.cuda.synchronize(device)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    kernels = copies = 0
+    for ev in prof.events():
+        if ev.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        if ev.name.startswith(("Memcpy", "Memset")) or "memcpy" in ev.name.lower():
+            copies += 1
+        else:
+            kernels += 1
+    n = len(pairs)
+    return {"kernels": kernels / n, "copies": copies / n, "syncs": max(syncs - 1, 0) / n}  # -1: the final synchronize
+
+
+def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -> list:
+    """The whole loop of a small UNet (10 guided images), end to end, kdfast vs diffusers."""
+    from kdfast.demo import _anchor_sample
+    from kdfast.train.teacher import load_teacher
+
+    teacher = load_teacher(device=device)
+    key = "dpmsolver++"
+    runs = {
+        "diffusers": lambda: _anchor_sample(teacher, key, 1, steps, guidance, seed=0)[0],
+        "kdfast": lambda: teacher.sample(1, steps, guidance, scheduler=key, seed=0)[0],
+    }
+    if device.type == "cuda":
+        runs["kdfast_cuda_graph"] = lambda: teacher.sample(1, steps, guidance, scheduler=key, seed=0,
+                                                           cuda_graph=True)[0]
+    results = {name: run() for name, run in runs.items()}  # warm-up (and the capture)
+    times = {name: [] for name in runs}
+    for _ in range(repeats):  # interleaved: every variant sees the same machine state
+        for name, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            run()  # returns images on the CPU: the loop has finished
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    ref = quartiles(times["diffusers"])
+    rows = []
+    print(f"\nwhole loop, digits teacher UNet on {device_name(device)}: 10 images (guided, batch 20 per UNet call), "
+          f"{steps} DPM-Solver++ 2M steps, ms per loop")
+    for name in runs:
+        q = quartiles(times[name])
+        diff = float((results[name] - results["diffusers"]).abs().max())
+        rows.append({"op": f"unet_loop:{name}", "shape": [10, 1, 16, 16], "dtype": "float32",
+                     "device": device_name(device), "steps": steps, "loop_ms": q,
+                     "anchor": "diffusers loop (same UNet, diffusers DPMSolverMultistepScheduler, unfused guidance)",
+                     "anchor_loop_ms": ref, "speedup_loop": ref["median"] / q["median"], "max_abs_diff": diff})
+        print(f"  {name:<20}{q['median']:>10.2f} ms  [{q['q1']:.2f}, {q['q3']:.2f}]  x{ref['median'] / q['median']:5.2f}"
+              f"  max |diff| to diffusers {diff:.1e}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
@@ -142,6 +225,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--solvers", default=None, help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (default 15, quick 5)")
+    parser.add_argument("--sections", default="steps,unet",
+                        help="what to run: steps (per-step and loop times per solver), unet (the UNet loop)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
                              "full runs; rows of other devices are kept)")
@@ -155,12 +240,15 @@ def main() -> None:
     repeats = args.repeats or (5 if args.quick else 15)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
     wanted = set(args.solvers.split(",")) if args.solvers else None
+    sections = set(args.sections.split(","))
+    if not sections <= {"steps", "unet"}:
+        raise SystemExit(f"--sections takes steps and/or unet, got {args.sections}")
     rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
     print(f"{'':<36}{'us/step, warm':^28}{'us/step, cold':^28}{'20-step loop, ms':^28}")
     print(f"{'solver':<14}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3 + f"{'df bytes/LB':>13}")
-    for shape_name, shape in shapes.items():
+    for shape_name, shape in (shapes if "steps" in sections else {}).items():
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
         outputs = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) * 0.5 for _ in range(2 * STEPS)]
@@ -174,6 +262,8 @@ def main() -> None:
             (kd_step, kd_cold, kd_loop, n), (df_step, df_cold, df_loop, _) = measure_pair(
                 (kd_make, df_make), x, outputs, device, repeats)
             df_bytes = latent_bytes_per_step(df_make, x, outputs, device)
+            kd_launches = launches_and_syncs(kd_make, x, outputs, device)
+            df_launches = launches_and_syncs(df_make, x, outputs, device)
             kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size())
             row = {
                 "op": f"scheduler_step:{name}", "backend": kdfast.backends.op("solver_step").select(device.type).backend,
@@ -186,6 +276,7 @@ def main() -> None:
                 "bytes_per_step": kd_bytes["kdfast"], "lower_bound_bytes": kd_bytes["lower_bound"],
                 "anchor_bytes_per_step": df_bytes, "anchor_bytes_ratio": df_bytes / kd_bytes["lower_bound"],
                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "per_step_gpu": kd_launches, "anchor_per_step_gpu": df_launches,
             }
             rows.append(row)
             print(f"{name:<14}{shape_name:<22}"
@@ -193,9 +284,15 @@ def main() -> None:
                   f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
                   f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
                   f"{row['anchor_bytes_ratio']:>12.1f}x")
+            if kd_launches is not None:
+                print(f"{'':<14}per step: kdfast {kd_launches['kernels']:.2f} kernels, {kd_launches['copies']:.2f} "
+                      f"copies, {kd_launches['syncs']:.2f} syncs; diffusers {df_launches['kernels']:.2f} kernels, "
+                      f"{df_launches['copies']:.2f} copies, {df_launches['syncs']:.2f} syncs")
+    if "unet" in sections:
+        rows += unet_loop(device, repeats // 3 or 1)
     out = args.out
     if out is None:
-        if args.quick or args.solvers:
+        if args.quick or args.solvers or sections != {"steps", "unet"}:
             return  # a partial run must not replace the recorded figures
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -11,7 +11,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 @pytest.mark.parametrize("script, args", [
     ("bench_kdloss.py", ["--quick", "--repeats", "1", "--no-write"]),
     ("bench_diffusion_losses.py", ["--quick", "--repeats", "1", "--quiet-load", "1000"]),
-    ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "ddim,dpmpp_2m"]),
+    ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "ddim,dpmpp_2m", "--sections", "steps"]),
+    ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "unet"]),
 ])
 def test_benchmark_smoke_run(script, args):
     if script == "bench_solvers.py":
