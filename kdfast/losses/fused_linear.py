@@ -78,19 +78,29 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
     return labels
 
 
-_MM_FP32_OUT: Optional[bool] = None
+_FP32_OUT: Optional[Tuple[bool, bool]] = None
 
 
-def _mm_fp32_out_supported() -> bool:
-    """Whether this torch has ``torch.mm(a, b, out_dtype=torch.float32)`` for 16-bit CUDA inputs."""
-    global _MM_FP32_OUT
-    if _MM_FP32_OUT is None:
+def _fp32_out_support() -> Tuple[bool, bool]:
+    """Whether this torch's CUDA ``mm`` and in-place ``addmm`` take 16-bit inputs with
+    ``out_dtype=torch.float32`` (fp32 products without rounding to 16 bits; fp32 accumulation
+    of the weight's gradient without a ``[vocab, hidden]`` temporary). Checked once, on values."""
+    global _FP32_OUT
+    if _FP32_OUT is None:
+        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device="cuda")
         try:
-            a = torch.zeros(1, 1, dtype=torch.bfloat16, device="cuda")
-            _MM_FP32_OUT = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+            mm_ok = bool(torch.equal(torch.mm(a, a, out_dtype=torch.float32),
+                                     torch.tensor([[7.0, 10.0], [15.0, 22.0]], device="cuda")))
         except (TypeError, RuntimeError):
-            _MM_FP32_OUT = False
-    return _MM_FP32_OUT
+            mm_ok = False
+        try:
+            acc = torch.ones(2, 2, device="cuda")
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            addmm_ok = bool(torch.equal(acc, torch.tensor([[8.0, 11.0], [16.0, 23.0]], device="cuda")))
+        except (TypeError, RuntimeError):
+            addmm_ok = False
+        _FP32_OUT = (mm_ok, addmm_ok)
+    return _FP32_OUT
 
 
 def _head_operand(weight: torch.Tensor) -> torch.Tensor:
@@ -104,7 +114,7 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     not rounded to 16 bits before the softmax."""
     if weight.dtype == torch.float32:
         out = hidden.float() @ weight.t()
-    elif _mm_fp32_out_supported():
+    elif _fp32_out_support()[0]:
         out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     else:
         # torch without mm(out_dtype=): products rounded to 16 bits, then widened.
@@ -112,6 +122,16 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     if bias is not None:
         out = out + bias.float()
     return out
+
+
+def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``grad_weight += g.T @ h`` in fp32; ``g`` and ``h`` share a dtype."""
+    if g.dtype == torch.float32:
+        grad_weight.addmm_(g.t(), h)
+    elif g.is_cuda and _fp32_out_support()[1]:
+        torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
+    else:  # 16-bit product rounded to 16 bits, then accumulated in fp32
+        grad_weight.add_((g.t() @ h).float())
 
 
 def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
@@ -136,14 +156,21 @@ class _FusedLinearKD(torch.autograd.Function):
                 loss_scale, reduction):
         tokens = student_hidden.shape[0]
         want = ctx.needs_input_grad
-        grad_hidden = torch.zeros_like(student_hidden) if want[0] else None
-        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=student_weight.device) \
-            if want[1] else None
-        grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=student_weight.device) \
+        device = student_hidden.device
+        # every row of grad_hidden is written by exactly one chunk
+        grad_hidden = torch.empty(student_hidden.shape, dtype=student_hidden.dtype, device=device) \
+            if want[0] else None
+        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if want[1] else None
+        grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) \
             if want[2] and student_bias is not None else None
-        rows_out = torch.zeros(tokens, dtype=torch.float32, device=student_hidden.device)
+        rows_out = torch.zeros(tokens, dtype=torch.float32, device=device)
         need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
         student_operand, teacher_operand = _head_operand(student_weight), _head_operand(teacher_weight)
+        # The head products run in the operand's dtype (fp32 on the CPU, the model's on a GPU);
+        # the divergence kernel stores the chunk's gradient in it directly, unless the
+        # hard-label gradient is to be added first.
+        compute_dtype = student_operand.dtype
+        grad_dtype = torch.float32 if weight_hard else compute_dtype
         for start in range(0, tokens, chunk_size):
             stop = min(tokens, start + chunk_size)
             h = student_hidden[start:stop]
@@ -154,7 +181,7 @@ class _FusedLinearKD(torch.autograd.Function):
             div_args = dict(kind=kind, beta=beta, temperature=temperature, labels=chunk_labels,
                             ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
             if need_grad:
-                soft, g = kd_divergence_with_grad(s_logits, t_logits, **div_args)
+                soft, g = kd_divergence_with_grad(s_logits, t_logits, grad_dtype=grad_dtype, **div_args)
             else:
                 soft = kd_divergence(s_logits, t_logits, **div_args)
             del t_logits
@@ -169,13 +196,16 @@ class _FusedLinearKD(torch.autograd.Function):
             rows_out[start:stop] = rows
             if not need_grad:
                 continue
-            g = g.to(student_hidden.dtype)
+            g = g.to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start:stop] = g @ student_weight
+                if compute_dtype == grad_hidden.dtype:
+                    torch.mm(g, student_operand, out=grad_hidden[start:stop])
+                else:  # a 16-bit student on the CPU: fp32 product, rounded once
+                    grad_hidden[start:stop] = g @ student_operand
             if grad_weight is not None:
-                grad_weight.add_((g.t() @ h).float())
+                _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype))
             if grad_bias is not None:
-                grad_bias.add_(g.float().sum(0))
+                grad_bias.add_(g.sum(0, dtype=torch.float32))
         if labels is None:
             count = torch.full((), float(max(tokens, 1)), device=student_hidden.device)  # a fill, not a copy
         else:

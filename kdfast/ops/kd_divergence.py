@@ -141,6 +141,7 @@ def kd_divergence_with_grad(
     ignore_index: int = -100,
     vocab_size: Optional[int] = None,
     loss_scale: float = 1.0,
+    grad_dtype: Optional[torch.dtype] = None,
     backend: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Row losses ``[rows]`` and their gradient ``d row_loss[r] / d student_logits[r, :]``.
@@ -148,15 +149,20 @@ def kd_divergence_with_grad(
     The arguments are those of :func:`kd_divergence`. No autograd graph is recorded: this is
     for losses that apply the chain rule themselves, such as the chunked fused-linear KD,
     which pushes each chunk's gradient through the LM head at once. The gradient has the
-    student's dtype and shape; padding columns beyond ``vocab_size`` are 0.
+    student's shape and ``grad_dtype`` (default: the student's dtype; the kernel computes in
+    fp32 and rounds once when it stores, so fp32 logits can give a bf16 gradient without a
+    separate cast); padding columns beyond ``vocab_size`` are 0.
     """
+    if grad_dtype is not None and grad_dtype not in DTYPE_CODES:
+        raise TypeError(f"grad_dtype must be float32, float16 or bfloat16, got {grad_dtype}")
     student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
                                        ignore_index, vocab_size, loss_scale)
     args = (student.detach(), teacher.detach(), *rest, True)
     if backend is None and _needs_dispatcher(student, teacher):
         with torch.no_grad():
-            return tuple(torch.ops.kdfast.kd_divergence(*args))
-    return _kd_divergence(*args, backend=backend)
+            row_loss, grad = torch.ops.kdfast.kd_divergence(*args)
+        return row_loss, grad if grad_dtype is None else grad.to(grad_dtype)
+    return _kd_divergence(*args, backend=backend, grad_dtype=grad_dtype)
 
 
 def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ignore_index, vocab_size,
@@ -175,8 +181,8 @@ def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
 
 
 def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
-                   want_grad, backend=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    row_loss, grad = _allocate(student, want_grad)
+                   want_grad, backend=None, grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    row_loss, grad = _allocate(student, want_grad, grad_dtype)
     if student.shape[0] > 0:
         impl = divergence_op.select(student.device.type, backend)
         impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
@@ -184,9 +190,11 @@ def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore
     return row_loss, grad
 
 
-def _allocate(student: torch.Tensor, want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch.dtype] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-    grad = torch.empty_like(student, memory_format=torch.contiguous_format) if want_grad else student.new_empty(0)
+    grad = (torch.empty_like(student, dtype=grad_dtype, memory_format=torch.contiguous_format) if want_grad
+            else student.new_empty(0))
     return row_loss, grad
 
 
@@ -209,7 +217,8 @@ def _binding_args(student, teacher, labels, row_loss, grad, kind, beta, inv_t, i
             teacher.data_ptr(), teacher.stride(0), DTYPE_CODES[teacher.dtype],
             0 if labels is None else labels.data_ptr(), ignore_index, row_loss.data_ptr(),
             0 if grad is None else grad.data_ptr(), 0 if grad is None else grad.stride(0),
-            0 if grad is None else grad.shape[1], DTYPE_CODES[student.dtype], kind, beta, inv_t, loss_scale)
+            0 if grad is None else grad.shape[1], DTYPE_CODES[student.dtype if grad is None else grad.dtype], kind,
+            beta, inv_t, loss_scale)
 
 
 @divergence_op.register("cpu")

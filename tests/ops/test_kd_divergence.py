@@ -79,6 +79,27 @@ def test_labels_padding_and_strides(backend, kind):
     assert (grad[:, 250:] == 0).all()  # student padding columns get no gradient
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_gradient_stored_in_another_dtype(backend, grad_dtype):
+    """fp32 logits, a 16-bit gradient: the kernel's fp32 gradient, rounded once when stored."""
+    s, t = logits((5, 1031), torch.float32, 20), logits((5, 1031), torch.float32, 21)
+    labels = torch.tensor([1, -100, 3, 4, 5])
+    args = dict(kind="jsd", beta=0.3, temperature=1.5, labels=labels, backend=backend)
+    rows32, grad32 = ops.kd_divergence_with_grad(s, t, **args)
+    rows, grad = ops.kd_divergence_with_grad(s, t, grad_dtype=grad_dtype, **args)
+    assert grad.dtype == grad_dtype and grad.shape == s.shape
+    torch.testing.assert_close(rows, rows32, rtol=0, atol=0)
+    if backend == "triton" and grad_dtype == torch.bfloat16 and not torch.cuda.is_available():
+        # Triton's CPU interpreter narrows fp32 to bf16 by truncation (GPUs round to nearest even)
+        ulp = torch.finfo(torch.bfloat16).eps * grad32.abs()
+        assert ((grad.float() - grad32).abs() <= ulp).all()
+    else:
+        torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="grad_dtype"):
+        ops.kd_divergence_with_grad(s, t, grad_dtype=torch.float64)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_all_rows_ignored(backend):
     s, t = logits((4, 33), torch.bfloat16, 1), logits((4, 33), torch.bfloat16, 2)
@@ -220,3 +241,15 @@ def test_gpu_no_sync_and_graph_capture():
             rows = ops.kd_divergence(s, t, kind="jsd")
     graph.replay()
     torch.testing.assert_close(rows, ops.kd_divergence(s.detach(), t, kind="jsd"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_gpu_gradient_stored_in_another_dtype(backend, grad_dtype):
+    s, t = logits((6, 32001), torch.float32, 22).cuda(), logits((6, 32001), torch.float32, 23).cuda()
+    args = dict(kind="reverse_kl", temperature=2.0, backend=backend)
+    rows32, grad32 = ops.kd_divergence_with_grad(s, t, **args)
+    rows, grad = ops.kd_divergence_with_grad(s, t, grad_dtype=grad_dtype, **args)
+    torch.testing.assert_close(rows, rows32, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
