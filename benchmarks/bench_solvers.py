@@ -157,16 +157,15 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
                 sample = x
-                for t, out in pairs:
-                    sample = sched.scale_model_input(sample, t)
+                for t, out in pairs:  # the step alone, as in the host-time columns
                     sample = sched.step(out, t, sample, **kwargs).prev_sample
-                torch.cuda.synchronize(device)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize(device)
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     kernels = copies = 0
     for ev in prof.events():
@@ -177,7 +176,7 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
         else:
             kernels += 1
     n = len(pairs)
-    return {"kernels": kernels / n, "copies": copies / n, "syncs": max(syncs - 1, 0) / n}  # -1: the final synchronize
+    return {"kernels": kernels / n, "copies": copies / n, "syncs": syncs / n}
 
 
 def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -> list:
