@@ -168,6 +168,7 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
             torch.cuda.synchronize(device)
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     kernels = copies = 0
+    busy_us = 0.0
     for ev in prof.events():
         if ev.device_type != torch.autograd.DeviceType.CUDA:
             continue
@@ -175,8 +176,11 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
             copies += 1
         else:
             kernels += 1
+        busy_us += ev.time_range.elapsed_us()
     n = len(pairs)
-    return {"kernels": kernels / n, "copies": copies / n, "syncs": syncs / n}
+    # GPU time per step: with the lower-bound bytes it gives the effective bandwidth, which
+    # bounds how far above the lower bound the real traffic can be.
+    return {"kernels": kernels / n, "copies": copies / n, "syncs": syncs / n, "gpu_us": busy_us / n}
 
 
 def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -> list:
@@ -284,9 +288,12 @@ def main() -> None:
                   f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
                   f"{row['anchor_bytes_ratio']:>12.1f}x")
             if kd_launches is not None:
+                row["effective_gb_per_s"] = kd_bytes["lower_bound"] / (kd_launches["gpu_us"] * 1e3)
                 print(f"{'':<14}per step: kdfast {kd_launches['kernels']:.2f} kernels, {kd_launches['copies']:.2f} "
-                      f"copies, {kd_launches['syncs']:.2f} syncs; diffusers {df_launches['kernels']:.2f} kernels, "
-                      f"{df_launches['copies']:.2f} copies, {df_launches['syncs']:.2f} syncs")
+                      f"copies, {kd_launches['syncs']:.2f} syncs, {kd_launches['gpu_us']:.1f} us on the GPU "
+                      f"({row['effective_gb_per_s']:.0f} GB/s at the lower-bound bytes); diffusers "
+                      f"{df_launches['kernels']:.2f} kernels, {df_launches['copies']:.2f} copies, "
+                      f"{df_launches['syncs']:.2f} syncs, {df_launches['gpu_us']:.1f} us")
     if "unet" in sections:
         rows += unet_loop(device, repeats // 3 or 1)
     out = args.out
