@@ -159,7 +159,10 @@ class Teacher:
         if not classes or any(not 0 <= c < self.num_classes for c in classes):
             raise ValueError(f"classes must be in [0, {self.num_classes}), got {classes}")
         if isinstance(scheduler, str):
-            sched = self.make_scheduler(scheduler)
+            if scheduler not in SCHEDULERS:
+                self.make_scheduler(scheduler)  # raises the error naming the choices
+            # a captured loop keeps its own scheduler: none is made per call (~1 ms)
+            sched = None if cuda_graph else self.make_scheduler(scheduler)
         elif isinstance(scheduler, _schedulers.FusedScheduler):
             sched = scheduler
         else:
