@@ -13,7 +13,7 @@ import triton.language as tl
 
 _TILE = 8192
 _BLOCK = 1024
-INF = float("inf")
+INF = tl.constexpr(float("inf"))
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import triton.language as tl
 
 _MAX_BLOCK = 4096
 
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
 
 
 @triton.jit

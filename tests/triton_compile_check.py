@@ -1,0 +1,149 @@
+"""Compile every Triton kernel of kdfast for an NVIDIA GPU target, on a machine without a GPU.
+
+The CPU test suite runs the Triton kernels through Triton's interpreter, which accepts
+things the real compiler rejects (Python globals that are not ``tl.constexpr``, for one).
+This script runs the kdfast ops with ``backend="triton"`` on CPU tensors while Triton's
+active driver is a stand-in for an sm_XX GPU and every launch only compiles (``warmup``):
+each kernel specialisation the ops produce goes through Triton's whole pipeline (TTIR, TTGIR,
+LLVM IR, PTX, and ``ptxas`` to a cubin). Nothing runs, so the outputs are garbage and
+unused.
+
+    python tests/triton_compile_check.py [ARCH]     # ARCH: compute capability, default 90
+
+Prints one JSON line: the compile-only launches per kernel and the seconds spent. Exits non-zero on
+the first kernel that does not compile. Run by tests/test_triton_compile.py in a fresh process
+(the kernels must be defined as compiled, not interpreted, functions).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+os.environ.pop("TRITON_INTERPRET", None)  # before triton defines any kernel
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.runtime import driver  # noqa: E402
+from triton.runtime.jit import KernelInterface  # noqa: E402
+
+
+class _TargetOnlyDriver:
+    """Enough of a driver for Triton to compile for ``target``; launching is never asked of it."""
+
+    def __init__(self, target: GPUTarget):
+        self.target = target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        return self.target
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+LAUNCHES: Counter = Counter()  # compile-only launches per kernel (repeats hit the cache)
+SECONDS: Counter = Counter()
+
+
+def _compile_only(self, grid):
+    def launch(*args, **kwargs):
+        start = time.perf_counter()
+        kernel = self.run(*args, grid=grid, warmup=True, **kwargs)
+        name = getattr(self, "__name__", str(self))
+        if kernel is None or "cubin" not in kernel.asm:
+            raise RuntimeError(f"{name}: no cubin produced")
+        LAUNCHES[name] += 1
+        SECONDS[name] += time.perf_counter() - start
+        return kernel
+    return launch
+
+
+def _randn(*shape, dtype=torch.float32):
+    return torch.randn(*shape).to(dtype)
+
+
+def kd_divergence_cases(ops):
+    from kdfast.ops.kd_divergence import KINDS
+
+    labels = torch.tensor([1, -100, 3, 4])
+    for kind in KINDS:  # every kind, with labels and a bf16 gradient from fp32 logits
+        ops.kd_divergence_with_grad(_randn(4, 1000), _randn(4, 1000), kind=kind, labels=labels,
+                                    grad_dtype=torch.bfloat16, backend="triton")
+    # 16-bit logits, forward only / gradient in their own dtype
+    ops.kd_divergence(_randn(4, 5000, dtype=torch.bfloat16), _randn(4, 5000, dtype=torch.bfloat16), kind="jsd",
+                      backend="triton")
+    ops.kd_divergence_with_grad(_randn(4, 300, dtype=torch.float16), _randn(4, 300, dtype=torch.float16),
+                                kind="reverse_kl", backend="triton")
+
+
+def solver_step_cases(ops):
+    coefs = torch.tensor(ops.coefficients(0.5, -0.3, sample={"x": 0.9, "x0": 0.1, "h0": 0.05, "h1": -0.02,
+                                                               "h2": 0.01, "aux": 0.03, "noise": 0.2},
+                                          history={"x0": 1.0}, aux={"x": 1.0}), dtype=torch.float32)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x, m = _randn(2, 4, 8, 8, dtype=dtype), _randn(2, 4, 8, 8, dtype=dtype)
+        ops.solver_step(x, m, coefs, backend="triton")  # plain (DDIM, Euler)
+        ops.solver_step(x, m, coefs, cond=_randn(2, 4, 8, 8, dtype=dtype), guidance_scale=5.0,
+                        history=[_randn(2, 4, 8, 8, dtype=dtype)] * 2, write_history=True,
+                        backend="triton")  # guided multistep (DPM-Solver++ 2M)
+    x, m = _randn(2, 4, 8, 8, dtype=torch.bfloat16), _randn(2, 4, 8, 8, dtype=torch.bfloat16)
+    hist = [_randn(2, 4, 8, 8)] * 3
+    ops.solver_step(x, m, coefs, history=hist, aux=_randn(2, 4, 8, 8, dtype=torch.bfloat16),
+                    noise=_randn(2, 4, 8, 8, dtype=torch.bfloat16), write_history=True, write_aux=True,
+                    history_dtype=torch.float32, backend="triton")  # UniPC / SDE: every input and output
+    ops.solver_step(x, m, coefs, clip_value=1.0, backend="triton")
+    ops.solver_step(x, m, coefs, dynamic_scale=torch.ones(2), backend="triton")
+
+
+def diffusion_loss_cases(ops):
+    for dtype in (torch.float32, torch.bfloat16):
+        def leaf(*shape):
+            return _randn(*shape, dtype=dtype).requires_grad_(True)
+
+        x, y = leaf(3, 4, 16, 16), leaf(3, 4, 16, 16)
+        for elementwise in (False, True):
+            ops.pseudo_huber(x, y, c=0.03, weights=torch.rand(3), elementwise=elementwise,
+                             backend="triton").sum().backward()
+        ops.dmd(x, _randn(3, 4, 16, 16, dtype=dtype), _randn(3, 4, 16, 16, dtype=dtype),
+                backend="triton").sum().backward()
+        ops.dmd(x, _randn(3, 4, 16, 16, dtype=dtype), _randn(3, 4, 16, 16, dtype=dtype),
+                x_t=_randn(3, 4, 16, 16, dtype=dtype), weights=torch.rand(3), backend="triton").sum().backward()
+        a_t, s_t, a_s, s_s = torch.rand(3) + 0.1, torch.rand(3) + 0.1, torch.rand(3) + 0.1, torch.rand(3) + 0.1
+        for prediction in ("epsilon", "v_prediction", "sample"):
+            ops.progressive_mse(x, _randn(3, 4, 16, 16, dtype=dtype), _randn(3, 4, 16, 16, dtype=dtype),
+                                a_t, s_t, a_s, s_s, prediction_type=prediction, backend="triton").sum().backward()
+            with torch.no_grad():
+                ops.pd_target(x, y, a_t, s_t, a_s, s_s, prediction_type=prediction, backend="triton")
+                ops.per_sample_ddim_step(x, y, a_t, s_t, a_s, s_s, prediction_type=prediction, backend="triton")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    arch = int(argv[0]) if argv else 90
+    from kdfast import _ext, ops
+
+    kernels, why = _ext.triton()  # defines the kernels now, as compiled functions
+    if kernels is None:
+        print(json.dumps({"skipped": f"kdfast.kernels unavailable: {why}"}))
+        return 0
+    os.environ["TRITON_INTERPRET"] = "1"  # only so kdfast's registry routes CPU tensors to Triton
+    driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
+    KernelInterface.__getitem__ = _compile_only
+    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases):
+        cases(ops)
+    print(json.dumps({"arch": arch, "triton": triton.__version__, "launches": dict(LAUNCHES),
+                      "seconds": {k: round(v, 1) for k, v in SECONDS.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
