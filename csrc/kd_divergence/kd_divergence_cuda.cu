@@ -1,7 +1,8 @@
 // CUDA launcher of the fused KD divergences: one block per row (grid-strided over rows). The
 // element math is divergence_term from kd_divergence.h, the code the CPU launcher runs.
-// Sweep 1 is an online log-sum-exp of both rows in one read; sweeps 2 and 3 reread the row,
-// which L2 holds for vocabularies up to a few hundred thousand entries.
+// Sweep 1 is an online log-sum-exp of both rows in one read; sweeps 2 and 3 reread the row
+// (from L2 while the rows in flight fit there, else from HBM: at most 3 reads per logit, which
+// next to the LM-head GEMMs that produce the logits is a small share of a fused-linear step).
 #include "kd_divergence.h"
 
 #include <cuda_runtime.h>
