@@ -22,3 +22,24 @@ def test_benchmark_smoke_run(script, args):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kdfast" in done.stdout or "ms" in done.stdout
     assert {p: p.read_bytes() for p in (BENCH / "results").glob("*.json")} == results
+
+
+def test_ncu_report_parsing(monkeypatch):
+    """ncu_solver_bytes reads Nsight Compute's raw CSV (a GPU-only script; its parsing is not)."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ncu_solver_bytes as N
+    header = '"ID","Process ID","Kernel Name",' + ",".join(f'"{m}"' for m in N.METRICS)
+    units = '"","","",' + ",".join('"sector"' if "sectors" in m else '"byte"' for m in N.METRICS)
+    launches = [f'"{i}","7","void kdfast::solver_step_kernel(Params)","4,096","2,048","131,072","65,536"'
+                for i in range(N.STEPS * len(N.SOLVERS))]
+    text = "\n".join(["==PROF== Connected to process 7", header, units, *launches, "==PROF== Disconnected"])
+    rows = N.parse_ncu_csv(text)
+    assert len(rows) == N.STEPS * len(N.SOLVERS)
+    assert rows[0]["lts__t_sectors_srcunit_tex_op_read.sum"] == 4096
+    summary = N.summarise(rows, itemsize=4)
+    assert [r["op"] for r in summary] == [f"scheduler_step:{name}" for name in N.SOLVERS]
+    ddim = summary[0]
+    assert ddim["l2_bytes"] == 32 * (4096 + 2048) and ddim["dram_bytes"] == 131072 + 65536
+    assert ddim["lower_bound_bytes"] == 3 * 2 * 4 * 128 * 128 * 4  # x, model output read; sample written
+    with pytest.raises(SystemExit, match="launches"):
+        N.summarise(rows[:-1], itemsize=4)

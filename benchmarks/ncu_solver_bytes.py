@@ -1,0 +1,128 @@
+"""Bytes the fused solver step moves per step on a GPU, measured with Nsight Compute, against
+the lower bound (each input latent read once, each output written once).
+
+Runs itself under ``ncu`` and reads, for every launch of the step kernel, the L2 traffic the
+kernel asked for (``lts__t_sectors_srcunit_tex_op_read/write``, 32-byte sectors: what left the
+SM, whatever L2 then did with it) and the DRAM bytes (with ncu's default cache flush before
+each launch). The last launch of each solver is a steady-state step (full history).
+
+    python benchmarks/ncu_solver_bytes.py            # needs ncu and a CUDA GPU
+Writes JSON rows to benchmarks/results/ncu_solver_bytes.json.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+from typing import Dict, List
+
+# name -> (kdfast scheduler class, config); the byte counts come from bench_solvers
+SOLVERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
+    "sde_dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc_bh2": ("UniPCMultistepScheduler", {}),
+    "deis_3": ("DEISMultistepScheduler", {}),
+}
+SHAPE = (2, 4, 128, 128)
+STEPS = 6
+METRICS = ("lts__t_sectors_srcunit_tex_op_read.sum", "lts__t_sectors_srcunit_tex_op_write.sum",
+           "dram__bytes_read.sum", "dram__bytes_write.sum")
+
+
+def run_steps() -> None:
+    """The profiled process: STEPS steps of each solver, in SOLVERS order."""
+    import torch
+    from bench_solvers import step_kwargs
+
+    from kdfast import schedulers as kd
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(SHAPE, generator=g).cuda()
+    outputs = [torch.randn(SHAPE, generator=g).cuda() * 0.5 for _ in range(STEPS)]
+    gen = torch.Generator("cuda").manual_seed(0)
+    for name, (cls, config) in SOLVERS.items():
+        sched = getattr(kd, cls)(**config)
+        sched.set_timesteps(20, device="cuda")
+        x = x0
+        kwargs = step_kwargs(sched, gen)
+        for t, out in zip(sched.timesteps[:STEPS], outputs):
+            x = sched.step(out, t, x, **kwargs).prev_sample
+    torch.cuda.synchronize()
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", "")) if text.strip() else 0.0
+
+
+def parse_ncu_csv(text: str) -> List[Dict[str, float]]:
+    """Per launch of the profiled kernels: the METRICS (``--page raw --csv --print-units base``)."""
+    lines = [line for line in text.splitlines() if line.startswith('"')]
+    rows = []
+    for rec in csv.DictReader(io.StringIO("\n".join(lines))):
+        if not rec.get("ID", "").strip().isdigit():
+            continue  # the units row
+        rows.append({"kernel": rec.get("Kernel Name", ""), **{m: _number(rec.get(m, "")) for m in METRICS}})
+    return rows
+
+
+def summarise(launches: List[Dict[str, float]], itemsize: int) -> List[Dict]:
+    from bench_solvers import kdfast_bytes_per_step  # the byte accounting of the main benchmark
+
+    if len(launches) != STEPS * len(SOLVERS):
+        raise SystemExit(f"expected {STEPS * len(SOLVERS)} step-kernel launches, ncu reported {len(launches)}")
+    numel = 1
+    for n in SHAPE:
+        numel *= n
+    rows = []
+    for k, name in enumerate(SOLVERS):
+        last = launches[(k + 1) * STEPS - 1]
+        bound = kdfast_bytes_per_step(name, numel, itemsize)["lower_bound"]
+        l2 = 32 * (last["lts__t_sectors_srcunit_tex_op_read.sum"] + last["lts__t_sectors_srcunit_tex_op_write.sum"])
+        dram = last["dram__bytes_read.sum"] + last["dram__bytes_write.sum"]
+        rows.append({"op": f"scheduler_step:{name}", "shape": list(SHAPE), "dtype": "float32",
+                     "kernel": last["kernel"][:80], "l2_bytes": l2, "dram_bytes": dram, "lower_bound_bytes": bound,
+                     "l2_ratio": l2 / bound, "dram_ratio": dram / bound})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                      "ncu_solver_bytes.json"))
+    args = parser.parse_args()
+    if args.child:
+        return run_steps()
+    ncu = shutil.which("ncu")
+    if ncu is None:
+        raise SystemExit("ncu (Nsight Compute) is not on PATH")
+    cmd = [ncu, "--csv", "--page", "raw", "--print-units", "base", "--metrics", ",".join(METRICS),
+           "-k", "regex:solver_step_kernel", sys.executable, os.path.abspath(__file__), "--child"]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"ncu failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    import torch
+
+    rows = summarise(parse_ncu_csv(done.stdout), itemsize=4)
+    device = torch.cuda.get_device_name()
+    print(f"fused solver step, {'x'.join(map(str, SHAPE))} fp32, on {device}: bytes per steady-state step")
+    print(f"{'solver':<14}{'lower bound':>14}{'L2 traffic':>14}{'x LB':>7}{'DRAM':>14}{'x LB':>7}")
+    for r in rows:
+        r["device"] = device
+        print(f"{r['op'].split(':')[1]:<14}{r['lower_bound_bytes']:>14,.0f}{r['l2_bytes']:>14,.0f}{r['l2_ratio']:>7.2f}"
+              f"{r['dram_bytes']:>14,.0f}{r['dram_ratio']:>7.2f}")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(rows, f, indent=1)
+    print(f"wrote {len(rows)} rows to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
