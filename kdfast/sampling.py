@@ -808,6 +808,9 @@ class CapturedSampler:
 
     def _setup(self, loop: _Loop, x, cond, uncond, generator) -> None:
         self.generator = generator
+        # The graph reads device memory made outside it (a scheduler's timesteps, for one):
+        # holding the loop keeps those tensors, and so the addresses baked in, alive.
+        self._loop = loop
         self._inputs = {"x": _static_copy(x), "cond": _static_copy(cond), "uncond": _static_copy(uncond)}
         ins = self._inputs
         with torch.no_grad():

@@ -202,6 +202,10 @@ class Teacher:
         loop = self._captured.pop(key, None)
         if loop is None or (not isinstance(scheduler, str) and loop.scheduler is not scheduler):
             sched = self.make_scheduler(scheduler) if isinstance(scheduler, str) else scheduler
+            # set_timesteps replaces the scheduler's device tensors that earlier captures of
+            # the same scheduler read: those captures go
+            for old_key in [k for k, v in self._captured.items() if v.scheduler is sched]:
+                del self._captured[old_key]
             sched.set_timesteps(steps, device=self.device)
             if self._graph_generator is None:  # shared by every captured loop: one draw sequence per call
                 self._graph_generator = torch.Generator(device=self.device)

@@ -263,3 +263,15 @@ def test_gpu_graph_sampling_matches_eager():
         second, _ = teacher.sample(**args, cuda_graph=True)
         torch.testing.assert_close(first, eager, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_graph_sampling_recaptures_a_reused_scheduler(graph_teacher):
+    """A scheduler instance reused at another step count is set anew; captures that read its
+    old timesteps are dropped rather than replayed."""
+    shipped = graph_teacher
+    sched = shipped.make_scheduler("dpmsolver++")
+    shipped.sample(1, steps=3, scheduler=sched, cuda_graph=True)
+    shipped.sample(1, steps=4, scheduler=sched, cuda_graph=True)
+    assert [k[1] for k in shipped._captured] == [4]
+    images, _ = shipped.sample(1, steps=3, scheduler=sched, cuda_graph=True)  # captured again
+    torch.testing.assert_close(images, shipped.sample(1, steps=3, scheduler="dpmsolver++")[0], rtol=0, atol=0)
