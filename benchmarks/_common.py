@@ -2,9 +2,13 @@
 which puts this folder on ``sys.path``)."""
 from __future__ import annotations
 
+import importlib.util
+import os
 import platform
 import statistics
-from typing import Dict, List
+import sys
+import types
+from typing import Dict, List, Optional
 
 import torch
 
@@ -31,3 +35,35 @@ def quartiles(samples: List[float]) -> Dict[str, float]:
     """Median and quartiles of timing samples."""
     q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
     return {"median": statistics.median(samples), "q1": q[0], "q3": q[2]}
+
+
+def k_diffusion_sampling() -> Optional[types.ModuleType]:
+    """k-diffusion's ``sampling`` module, or None when k-diffusion is not installed.
+
+    A full install imports as usual. With only the package's files (``pip install --no-deps
+    k-diffusion``: its ``__init__`` imports torchvision, CLIP, wandb and more), ``sampling.py``
+    is loaded alone, with the one helper it takes from ``k_diffusion.utils``."""
+    try:
+        import k_diffusion.sampling as sampling
+        return sampling
+    except Exception:
+        for name in [n for n in sys.modules if n == "k_diffusion" or n.startswith("k_diffusion.")]:
+            del sys.modules[name]
+    spec = importlib.util.find_spec("k_diffusion")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = list(spec.submodule_search_locations)[0]
+    package, utils = types.ModuleType("k_diffusion"), types.ModuleType("k_diffusion.utils")
+    package.__path__ = [folder]
+    utils.append_dims = lambda x, target_dims: x[(...,) + (None,) * (target_dims - x.ndim)]
+    package.utils = utils
+    sys.modules.update({"k_diffusion": package, "k_diffusion.utils": utils})
+    try:
+        loader = importlib.util.spec_from_file_location("k_diffusion.sampling", os.path.join(folder, "sampling.py"))
+        sampling = importlib.util.module_from_spec(loader)
+        sys.modules["k_diffusion.sampling"] = sampling
+        loader.loader.exec_module(sampling)
+    except Exception as exc:  # its own imports (torchsde, torchdiffeq, scipy) missing
+        print(f"k-diffusion's sampling module does not load: {exc}", file=sys.stderr)
+        return None
+    return sampling

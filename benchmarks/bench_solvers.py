@@ -8,9 +8,12 @@ GPU also kernel launches, copies and host syncs per step, for both.
 
 Then a whole sampling loop of a small UNet (the shipped digits teacher, 10 guided images,
 20 DPM-Solver++ 2M steps), end to end: diffusers' scheduler with unfused guidance, kdfast's
-eager loop and, on a GPU, kdfast's loop replayed as one CUDA graph.
+eager loop and, on a GPU, kdfast's loop replayed as one CUDA graph. And, where k-diffusion
+is installed, its samplers against kdfast.sampling's over the same model outputs (the
+``kdiff`` section; ``pip install --no-deps k-diffusion torchsde trampoline torchdiffeq`` is
+enough: only its sampling module is loaded).
 
-    python benchmarks/bench_solvers.py                 # all shapes, then the UNet loop
+    python benchmarks/bench_solvers.py                 # all shapes, the UNet loop, k-diffusion
     python benchmarks/bench_solvers.py --quick         # SD-sized latent only, fewer repeats
     python benchmarks/bench_solvers.py --sections unet # the UNet loop only
 Writes JSON rows to benchmarks/results/bench_solvers.json.
@@ -26,7 +29,7 @@ import warnings
 from typing import Callable, Dict, Optional
 
 import torch
-from _common import device_name, quartiles, sync
+from _common import device_name, k_diffusion_sampling, quartiles, sync
 
 import kdfast
 from kdfast import schedulers as kd
@@ -221,6 +224,65 @@ def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -
     return rows
 
 
+class _ReplayModel:
+    """A denoiser returning precomputed outputs in turn (both samplers call it equally often)."""
+
+    def __init__(self, outputs):
+        self.outputs, self.calls = outputs, 0
+
+    def __call__(self, x, sigma, **kwargs):
+        out = self.outputs[self.calls % len(self.outputs)]
+        self.calls += 1
+        return out
+
+
+def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list:
+    """kdfast.sampling's samplers against k-diffusion's, same sigmas and model outputs."""
+    kds = k_diffusion_sampling()
+    if kds is None:
+        print("\nk-diffusion is not installed: its comparison is skipped "
+              "(pip install --no-deps k-diffusion torchsde trampoline torchdiffeq)")
+        return []
+    import kdfast.sampling as kd
+
+    g = torch.Generator().manual_seed(0)
+    sigmas = kd.get_sigmas_karras(STEPS, 0.0292, 14.6146, device=device)
+    x = (torch.randn(shape, generator=g) * float(sigmas[0])).to(device=device, dtype=dtype)
+    outputs = [torch.randn(shape, generator=g).to(device=device, dtype=dtype) * 0.5 for _ in range(2 * STEPS)]
+
+    def gaussian(sigma, sigma_next):  # the same noise source for both (k-diffusion's SDE default is a Brownian tree)
+        return torch.randn(shape, device=device, dtype=dtype)
+
+    cases = [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("euler_ancestral", {"noise_sampler": gaussian}),
+             ("dpmpp_2m_sde", {"noise_sampler": gaussian}), ("dpmpp_3m_sde", {"noise_sampler": gaussian})]
+    rows = []
+    print(f"\nkdfast.sampling vs k-diffusion samplers, {'x'.join(map(str, shape))}, {STEPS} steps, ms per loop "
+          "(model outputs precomputed)")
+    for name, options in cases:
+        runs = {"kdfast": getattr(kd, f"sample_{name}"), "k-diffusion": getattr(kds, f"sample_{name}")}
+        results = {k: fn(_ReplayModel(outputs), x, sigmas, disable=True, **options) for k, fn in runs.items()}
+        times = {k: [] for k in runs}
+        for _ in range(repeats):
+            for k, fn in runs.items():
+                model = _ReplayModel(outputs)
+                sync(device)
+                t0 = time.perf_counter()
+                fn(model, x, sigmas, disable=True, **options)
+                sync(device)
+                times[k].append((time.perf_counter() - t0) * 1e3)
+        q, ref = quartiles(times["kdfast"]), quartiles(times["k-diffusion"])
+        diff = None
+        if not options:  # deterministic: the same result
+            a, b = results["kdfast"].double(), results["k-diffusion"].double()
+            diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+        rows.append({"op": f"kdiffusion_loop:{name}", "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "device": device_name(device), "steps": STEPS, "loop_ms": q, "anchor": "k-diffusion sampling",
+                     "anchor_loop_ms": ref, "speedup_loop": ref["median"] / q["median"], "relative_diff": diff})
+        print(f"  {name:<18}kdfast {q['median']:8.2f}  k-diffusion {ref['median']:8.2f}  x{ref['median'] / q['median']:5.2f}"
+              + ("" if diff is None else f"  rel. diff {diff:.1e}"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
@@ -228,8 +290,9 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--solvers", default=None, help="comma-separated subset")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (default 15, quick 5)")
-    parser.add_argument("--sections", default="steps,unet",
-                        help="what to run: steps (per-step and loop times per solver), unet (the UNet loop)")
+    parser.add_argument("--sections", default="steps,unet,kdiff",
+                        help="what to run: steps (per-step and loop times per solver), unet (the UNet loop), "
+                             "kdiff (against k-diffusion's samplers, where installed)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
                              "full runs; rows of other devices are kept)")
@@ -244,8 +307,8 @@ def main() -> None:
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
     wanted = set(args.solvers.split(",")) if args.solvers else None
     sections = set(args.sections.split(","))
-    if not sections <= {"steps", "unet"}:
-        raise SystemExit(f"--sections takes steps and/or unet, got {args.sections}")
+    if not sections <= {"steps", "unet", "kdiff"}:
+        raise SystemExit(f"--sections takes steps, unet and/or kdiff, got {args.sections}")
     rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
@@ -296,9 +359,11 @@ def main() -> None:
                       f"{df_launches['syncs']:.2f} syncs, {df_launches['gpu_us']:.1f} us")
     if "unet" in sections:
         rows += unet_loop(device, repeats // 3 or 1)
+    if "kdiff" in sections:
+        rows += k_diffusion_loops(device, dtype, repeats)
     out = args.out
     if out is None:
-        if args.quick or args.solvers or sections != {"steps", "unet"}:
+        if args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}:
             return  # a partial run must not replace the recorded figures
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -1,0 +1,66 @@
+"""kdfast.sampling against k-diffusion's own sampler code, where k-diffusion is installed.
+
+The CI environment does not install it (its package pulls torchvision, CLIP, wandb; only
+``pip install --no-deps k-diffusion torchsde trampoline torchdiffeq`` works next to the CPU
+torch), so these run on developer machines; tests/test_sampling.py checks the same samplers
+against transcriptions of k-diffusion's update rules everywhere.
+"""
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdfast import sampling as S
+
+
+@pytest.fixture(scope="module")
+def kds():
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from _common import k_diffusion_sampling
+    finally:
+        sys.path.pop(0)
+    module = k_diffusion_sampling()
+    if module is None:
+        pytest.skip("k-diffusion is not installed")
+    return module
+
+
+def denoiser(x, sigma, cond=None):
+    s = sigma.reshape(-1, 1, 1, 1)
+    return x / (1 + s * s) + 0.5 * s / torch.sqrt(1 + s * s) * torch.sin(1.3 * x / torch.sqrt(1 + s * s))
+
+
+class KeyedNoise:
+    """The same draw for the same (sigma, sigma_next), in whatever order either sampler asks."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def __call__(self, sigma, sigma_next):
+        seed = int(float(sigma) * 1e6) ^ int(float(sigma_next) * 1e6)
+        return torch.randn(self.shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name, options", [
+    ("euler", {}), ("heun", {}), ("dpm_2", {}), ("dpmpp_2m", {}),
+    ("euler_ancestral", {"eta": 0.7, "noise": True}),
+    ("dpmpp_2m_sde", {"eta": 1.0, "noise": True}),
+    ("dpmpp_2m_sde", {"eta": 0.5, "solver_type": "heun", "noise": True}),
+    ("dpmpp_3m_sde", {"eta": 1.0, "noise": True}),
+])
+def test_matches_k_diffusion(kds, name, options):
+    shape = (2, 3, 8, 8)
+    sigmas = S.get_sigmas_karras(12, 0.03, 14.6)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    options = dict(options)
+    if options.pop("noise", False):
+        options["noise_sampler"] = KeyedNoise(shape)
+    # (Churn is left to test_sampling.py: k-diffusion draws its churn noise with randn_like at
+    # every step, even when gamma is 0, so the two cannot share draws.)
+    want = getattr(kds, f"sample_{name}")(denoiser, x, sigmas, disable=True, **options)
+    got = getattr(S, f"sample_{name}")(denoiser, x, sigmas, disable=True, **options)
+    err = (got - want).abs().max() / max(1.0, want.abs().max())
+    assert err <= 1e-5, f"{name} {options}: relative error {err:.2e}"
