@@ -115,6 +115,23 @@ def test_bad_replay_inputs_raise(eager_capture):
         plain(cond=torch.ones(2, 4, 1, 1))
 
 
+def test_extra_args_are_read_in_place(eager_capture):
+    """Tensors in extra_args are read from their memory at each replay: copy_ changes them."""
+    sigmas = S.get_sigmas_karras(4, 0.03, 14.6)
+    shift = torch.zeros(2, 4, 1, 1)
+
+    def shifted(x, sigma, shift):
+        return denoiser(x, sigma) + shift
+
+    loop = kdfast.CapturedSampler(shifted, noise(0), sigmas, extra_args={"shift": shift})
+    first = loop(noise(1))
+    shift.copy_(torch.full_like(shift, 0.25))
+    second = loop(noise(1))
+    want = S.sample(shifted, noise(1), sigmas, extra_args={"shift": shift}, disable=True)
+    torch.testing.assert_close(second, want, rtol=0, atol=0)
+    assert not torch.equal(first, second)
+
+
 def test_needs_cuda_tensors():
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6))
