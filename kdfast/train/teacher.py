@@ -115,6 +115,9 @@ class Teacher:
 
     def to(self, device) -> "Teacher":
         self.model.to(device)
+        # captured loops read the old parameters' memory (and generator): capture anew
+        self._captured.clear()
+        self._graph_generator = None
         return self
 
     def model_fn(self, x: torch.Tensor, t, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -175,6 +178,8 @@ class Teacher:
         shape = (len(labels), self.model.config.in_channels, self.sample_size, self.sample_size)
         noise = torch.randn(shape, generator=gen)
         model = lambda xt, t, cond: self.model(xt, t, cond)  # noqa: E731
+        # stochastic samplers: one generator for the whole call, batch after batch
+        step_gen = None if cuda_graph else torch.Generator(device=device).manual_seed(int(seed) + 1)
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
@@ -182,11 +187,9 @@ class Teacher:
             if cuda_graph:
                 loop = self._captured_loop(scheduler, steps, len(y), guidance_scale, model, y, uncond)
                 x0 = noise[start:start + batch_size].to(device) * loop.scheduler.init_noise_sigma
-                # one generator for the whole call, as in the eager loop: seeded at the first batch
+                # the captured loops' shared generator, seeded at the first batch like step_gen
                 x = loop(x0, cond=y, uncond=uncond, seed=int(seed) + 1 if start == 0 else None)
             else:
-                if start == 0:
-                    step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)  # stochastic samplers
                 sched.set_timesteps(steps, device=device)
                 x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
                 x = run_sampler(model, x, sched, guidance_scale=guidance_scale, cond=y, uncond=uncond,

@@ -275,3 +275,11 @@ def test_graph_sampling_recaptures_a_reused_scheduler(graph_teacher):
     assert [k[1] for k in shipped._captured] == [4]
     images, _ = shipped.sample(1, steps=3, scheduler=sched, cuda_graph=True)  # captured again
     torch.testing.assert_close(images, shipped.sample(1, steps=3, scheduler="dpmsolver++")[0], rtol=0, atol=0)
+
+
+def test_moving_the_teacher_drops_its_captures(graph_teacher):
+    shipped = graph_teacher
+    shipped.sample(1, steps=2, scheduler="ddim", cuda_graph=True)
+    assert shipped._captured
+    shipped.to("cpu")
+    assert not shipped._captured
