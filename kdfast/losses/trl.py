@@ -1,0 +1,79 @@
+"""Drop-ins for TRL: the GKD trainer's generalized JSD computed by kdfast's fused kernel.
+
+TRL's ``GKDTrainer.generalized_jsd_loss`` builds log-softmaxes, their mixture and two KL
+terms as ``[batch, seq, vocab]`` tensors. :func:`generalized_jsd_loss` has its signature,
+conventions and values (tested against it) and computes each token's divergence and
+gradient in one pass, without those temporaries::
+
+    from kdfast.losses.trl import patch_gkd_trainer
+    patch_gkd_trainer()            # every GKDTrainer now uses kdfast's loss
+    trainer = GKDTrainer(...)
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+
+from ..reference import kd_divergence as ref
+from .kd import _resolve_kind, kd_loss
+
+TRL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
+
+
+def generalized_jsd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    reduction: str = "batchmean",
+    num_items_in_batch: Optional[Union[int, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """TRL's ``GKDTrainer.generalized_jsd_loss``, fused.
+
+    ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``, ``M = beta * teacher +
+    (1 - beta) * student`` (beta 0: forward KL, beta 1: reverse KL), both logits divided by
+    ``temperature``, positions whose label is -100 left out. ``reduction``: ``"batchmean"``
+    (over valid tokens), ``"sum"``, ``"mean"`` (over valid tokens x vocabulary) or ``"none"``;
+    ``num_items_in_batch`` divides the sum instead. ``"none"`` returns TRL's per-entry
+    ``[..., vocab]`` tensor (valid positions only when labels are given), which this
+    function then computes the unfused way, like TRL.
+    """
+    if reduction not in TRL_REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(map(repr, TRL_REDUCTIONS))}, got {reduction!r}")
+    if reduction == "none" and num_items_in_batch is None:
+        return _per_entry(student_logits, teacher_logits, labels, float(beta), float(temperature))
+    return kd_loss(student_logits, teacher_logits, labels, kind="jsd", beta=beta, temperature=temperature,
+                   reduction="batchmean" if reduction == "none" else reduction,
+                   num_items_in_batch=num_items_in_batch)
+
+
+def _per_entry(student_logits, teacher_logits, labels, beta: float, temperature: float) -> torch.Tensor:
+    """TRL's unreduced result: the divergence's terms per vocabulary entry."""
+    ls = torch.log_softmax(student_logits / temperature, dim=-1)
+    lt = torch.log_softmax(teacher_logits / temperature, dim=-1)
+    terms = ref.divergence_terms(_resolve_kind("jsd", beta), ls, lt, beta)  # beta 0 / 1: the KLs, as TRL
+    return terms if labels is None else terms[labels != -100]
+
+
+def patch_gkd_trainer(trainer_cls=None):
+    """Make TRL's GKD trainer (``trainer_cls``, by default TRL's own ``GKDTrainer``) compute
+    its loss with :func:`generalized_jsd_loss`; returns the class."""
+    if trainer_cls is None:
+        trainer_cls = _trl_gkd_trainer()
+    if not hasattr(trainer_cls, "generalized_jsd_loss"):
+        raise TypeError(f"{getattr(trainer_cls, '__name__', trainer_cls)!r} has no generalized_jsd_loss to replace")
+    trainer_cls.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
+    return trainer_cls
+
+
+def _trl_gkd_trainer():
+    try:  # TRL >= 1.0 keeps GKD under trl.experimental
+        from trl.experimental.gkd.gkd_trainer import GKDTrainer
+    except ImportError:
+        try:
+            from trl import GKDTrainer
+        except ImportError as exc:
+            raise ImportError("patch_gkd_trainer needs TRL with its GKD trainer (pip install trl)") from exc
+    return GKDTrainer

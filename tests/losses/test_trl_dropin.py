@@ -1,0 +1,64 @@
+"""kdfast.losses.trl: TRL's GKD loss, fused, with TRL's signature and values."""
+import os
+import warnings
+
+import pytest
+import torch
+
+from kdfast.losses import trl as kdtrl
+
+
+@pytest.fixture(scope="module")
+def gkd_trainer():
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    return module.GKDTrainer
+
+
+def logits(shape, seed):
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float() * 2
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
+def test_same_values_and_gradients_as_trl(gkd_trainer, reduction, beta):
+    s, t = logits((2, 5, 97), 0), logits((2, 5, 97), 1)
+    labels = torch.tensor([[3, -100, 4, 5, 6], [-100, -100, 1, 2, 0]])
+    args = dict(labels=labels, beta=beta, temperature=1.7, reduction=reduction)
+    ours_in, theirs_in = s.clone().requires_grad_(True), s.double().requires_grad_(True)
+    ours = kdtrl.generalized_jsd_loss(ours_in, t, **args)
+    theirs = gkd_trainer.generalized_jsd_loss(theirs_in, t.double(), **args)
+    assert ours.shape == theirs.shape
+    torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
+    ours.sum().backward()
+    theirs.sum().backward()
+    torch.testing.assert_close(ours_in.grad.double(), theirs_in.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_num_items_in_batch(gkd_trainer):
+    s, t = logits((3, 4, 50), 2), logits((3, 4, 50), 3)
+    labels = torch.randint(0, 50, (3, 4), generator=torch.Generator().manual_seed(1))
+    labels[0] = -100
+    for reduction in ("batchmean", "none"):  # num_items_in_batch wins over the reduction, as in TRL
+        ours = kdtrl.generalized_jsd_loss(s, t, labels, num_items_in_batch=torch.tensor(7), reduction=reduction)
+        theirs = gkd_trainer.generalized_jsd_loss(s.double(), t.double(), labels, num_items_in_batch=torch.tensor(7),
+                                                  reduction=reduction)
+        torch.testing.assert_close(ours.double(), theirs, rtol=2e-5, atol=1e-7)
+
+
+def test_patch_gkd_trainer(gkd_trainer, monkeypatch):
+    monkeypatch.setattr(gkd_trainer, "generalized_jsd_loss", gkd_trainer.generalized_jsd_loss)  # restored after
+    assert kdtrl.patch_gkd_trainer() is gkd_trainer
+    assert gkd_trainer.generalized_jsd_loss is kdtrl.generalized_jsd_loss
+    s, t = logits((4, 30), 4), logits((4, 30), 5)
+    torch.testing.assert_close(gkd_trainer.generalized_jsd_loss(s, t, beta=0.2),
+                               kdtrl.generalized_jsd_loss(s, t, beta=0.2))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kdtrl.generalized_jsd_loss(logits((2, 8), 0), logits((2, 8), 1), reduction="avg")
+    with pytest.raises(TypeError, match="no generalized_jsd_loss"):
+        kdtrl.patch_gkd_trainer(object)
