@@ -783,8 +783,9 @@ class CapturedSampler:
     The result equals the eager loop's for the same inputs and generator state. Random draws
     (SDE and ancestral samplers) come from ``generator`` (a CUDA one, or the device's default
     generator when None) and advance it by one loop's draws per call; ``seed=`` reseeds it
-    first. Tensors passed in ``extra_args`` are read from their memory at every replay: change
-    them in place (``copy_``) to change them. A scheduler given here belongs to the captured
+    first; a ``noise_sampler`` of your own must draw on the GPU with capturable ops (its draws
+    are recorded with the loop). Tensors passed in ``extra_args`` are read from their memory at
+    every replay: change them in place (``copy_``) to change them. A scheduler given here belongs to the captured
     loop from then on (it is kept as ``.scheduler``). The denoiser must be capturable: no host syncs, no data-dependent
     Python control flow.
     """
