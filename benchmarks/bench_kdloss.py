@@ -151,6 +151,8 @@ def measure(case, shape, dtype, device, name, repeats) -> Dict:
     x = make_inputs(case, shape, dtype, device)
     fn = candidates(case, device)[name]
     _run_once(fn, x)  # warm-up (kernels compiled, allocator primed)
+    for t in _grad_inputs(x):
+        t.grad = None  # the peak below counts the gradients, as the CPU worker's does
     _sync(device)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
