@@ -169,6 +169,24 @@ def measure(case, shape, dtype, device, name, repeats) -> Dict:
     return row
 
 
+def profile_breakdown(case, shape, dtype, device, name, top: int = 12) -> None:
+    """Print where one forward + backward of a candidate spends its time (kernels on a GPU,
+    operators on the CPU): what to look at when a target is missed."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = make_inputs(case, shape, dtype, device)
+    fn = candidates(case, device)[name]
+    _run_once(fn, x)  # warm-up
+    _sync(device)
+    activities = [ProfilerActivity.CUDA] if device == "cuda" else [ProfilerActivity.CPU]
+    with profile(activities=activities) as prof:
+        _run_once(fn, x)
+        _sync(device)
+    key = "self_cuda_time_total" if device == "cuda" else "self_cpu_time_total"
+    print(f"-- {name}, {case} {shape}: top {top} by {key}")
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+
+
 def measure_cpu_peak(case, shape, dtype, name) -> int:
     """Peak RSS above the inputs of one forward + backward, in a fresh process."""
     cmd = [sys.executable, __file__, "--peak-worker", json.dumps(dict(case=case, shape=shape, dtype=str(dtype),
@@ -207,6 +225,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.add_argument("--cases", default="kd_loss,fused_linear_kd")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
+    p.add_argument("--profile", action="store_true", help="also print kdfast's time breakdown per shape (profiler)")
     p.add_argument("--peak-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peak_worker:
@@ -244,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 if device == "cpu":
                     r["peak_bytes"] = measure_cpu_peak(case, shape_case, dtype, name)
                 results[name] = r
+            if args.profile and "kdfast" in results:
+                profile_breakdown(case, shape_case, dtype, device, "kdfast")
             anchor = results.get("torch")
             for name, r in results.items():
                 q = quartiles(r["times_s"])
