@@ -113,7 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--cuda-graph", action="store_true",
-                   help="GPU only: run each kdfast loop (UNet included) as one captured CUDA graph")
+                   help="GPU only: capture each kdfast loop (UNet included) once as a CUDA graph and "
+                        "time its replay (the capture is reported as capture_ms)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = sub.add_parser("assets", help="rebuild the embedded default's models")
     a_sub = a.add_subparsers(dest="assets_command", required=True)
