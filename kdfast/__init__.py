@@ -1,8 +1,8 @@
 """kdfast: fused kernels for distilling diffusion models and sampling from them.
 
 Pillars available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
-:mod:`kdfast.sampling`, :func:`kdfast.sample`) and fused distillation losses
-(:mod:`kdfast.losses`). See ``kdfast info`` for what is built and usable here.
+:mod:`kdfast.sampling`, :func:`kdfast.sample`, and :class:`kdfast.CapturedSampler` for whole
+loops replayed as CUDA graphs) and fused distillation losses (:mod:`kdfast.losses`). See ``kdfast info`` for what is built and usable here.
 """
 __version__ = "0.1.0"
 
