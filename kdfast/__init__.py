@@ -2,7 +2,8 @@
 
 Pillars available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
 :mod:`kdfast.sampling`, :func:`kdfast.sample`, and :class:`kdfast.CapturedSampler` for whole
-loops replayed as CUDA graphs) and fused distillation losses (:mod:`kdfast.losses`). See ``kdfast info`` for what is built and usable here.
+loops replayed as CUDA graphs) and fused distillation losses (:mod:`kdfast.losses`). See
+``kdfast info`` for what is built and usable here.
 """
 __version__ = "0.1.0"
 
