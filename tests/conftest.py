@@ -66,6 +66,18 @@ def eager_capture(monkeypatch):
     return graphs
 
 
+@pytest.fixture(scope="session")
+def gkd_trainer():
+    """TRL's GKDTrainer (skips the test where TRL or its GKD trainer is not installed)."""
+    import warnings
+
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        module = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+    return module.GKDTrainer
+
+
 def usable_backends(op_name, device_type="cpu"):
     """Every compiled/Triton backend that can run ``op_name`` here (not the reference)."""
     op = kdfast.backends.op(op_name)

@@ -1,6 +1,4 @@
 import math
-import os
-import warnings
 
 import pytest
 import torch
@@ -10,12 +8,8 @@ from kdfast.reference import kd_divergence as ref
 
 
 @pytest.fixture(scope="module")
-def trl_jsd():
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
-    return gkd.GKDTrainer.generalized_jsd_loss
+def trl_jsd(gkd_trainer):
+    return gkd_trainer.generalized_jsd_loss
 
 
 def logits(shape, seed, dtype=torch.float32, scale=2.0):

@@ -1,20 +1,8 @@
 """kdfast.losses.trl: TRL's GKD loss, fused, with TRL's signature and values."""
-import os
-import warnings
-
 import pytest
 import torch
 
 from kdfast.losses import trl as kdtrl
-
-
-@pytest.fixture(scope="module")
-def gkd_trainer():
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        module = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
-    return module.GKDTrainer
 
 
 def logits(shape, seed):
