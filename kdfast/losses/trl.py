@@ -35,7 +35,7 @@ def generalized_jsd_loss(
     ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``, ``M = beta * teacher +
     (1 - beta) * student`` (beta 0: forward KL, beta 1: reverse KL), both logits divided by
     ``temperature``, positions whose label is -100 left out. ``reduction``: ``"batchmean"``
-    (over valid tokens), ``"sum"``, ``"mean"`` (over valid tokens x vocabulary) or ``"none"``;
+    (over valid tokens; without labels, over the first dimension, as TRL), ``"sum"``, ``"mean"`` (over valid tokens x vocabulary) or ``"none"``;
     ``num_items_in_batch`` divides the sum instead. ``"none"`` returns TRL's per-entry
     ``[..., vocab]`` tensor (valid positions only when labels are given), which this
     function then computes the unfused way, like TRL.
@@ -44,6 +44,12 @@ def generalized_jsd_loss(
         raise ValueError(f"reduction must be one of {', '.join(map(repr, TRL_REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is None:
         return _per_entry(student_logits, teacher_logits, labels, float(beta), float(temperature))
+    if reduction == "batchmean" and labels is None and num_items_in_batch is None:
+        # TRL divides by the first dimension (the batch of [batch, seq, vocab] logits), not
+        # by the number of tokens, when no labels say which tokens count.
+        total = kd_loss(student_logits, teacher_logits, None, kind="jsd", beta=beta, temperature=temperature,
+                        reduction="sum")
+        return total / max(student_logits.shape[0], 1)
     return kd_loss(student_logits, teacher_logits, labels, kind="jsd", beta=beta, temperature=temperature,
                    reduction="batchmean" if reduction == "none" else reduction,
                    num_items_in_batch=num_items_in_batch)

@@ -11,9 +11,10 @@ def logits(shape, seed):
 
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("beta", [0.0, 0.3, 1.0])
-def test_same_values_and_gradients_as_trl(gkd_trainer, reduction, beta):
+@pytest.mark.parametrize("with_labels", [True, False])  # without labels TRL's batchmean divides by the batch
+def test_same_values_and_gradients_as_trl(gkd_trainer, reduction, beta, with_labels):
     s, t = logits((2, 5, 97), 0), logits((2, 5, 97), 1)
-    labels = torch.tensor([[3, -100, 4, 5, 6], [-100, -100, 1, 2, 0]])
+    labels = torch.tensor([[3, -100, 4, 5, 6], [-100, -100, 1, 2, 0]]) if with_labels else None
     args = dict(labels=labels, beta=beta, temperature=1.7, reduction=reduction)
     ours_in, theirs_in = s.clone().requires_grad_(True), s.double().requires_grad_(True)
     ours = kdtrl.generalized_jsd_loss(ours_in, t, **args)
