@@ -123,10 +123,9 @@ def kd_divergence(
                     loss_scale)
     student, teacher = args[0], args[1]
     grad_on = torch.is_grad_enabled()
-    if backend is None and (grad_on and (student.requires_grad or teacher.requires_grad)
-                            or _needs_dispatcher(student, teacher)):
+    if grad_on and (student.requires_grad or teacher.requires_grad) or _needs_dispatcher(student, teacher):
         want_grad = grad_on and student.requires_grad
-        return torch.ops.kdfast.kd_divergence(*args, want_grad)[0]
+        return torch.ops.kdfast.kd_divergence(*args, want_grad, backend or "")[0]
     return _kd_divergence(*args, False, backend=backend)[0]
 
 
@@ -158,9 +157,9 @@ def kd_divergence_with_grad(
     student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
                                        ignore_index, vocab_size, loss_scale)
     args = (student.detach(), teacher.detach(), *rest, True)
-    if backend is None and _needs_dispatcher(student, teacher):
+    if _needs_dispatcher(student, teacher):
         with torch.no_grad():
-            row_loss, grad = torch.ops.kdfast.kd_divergence(*args)
+            row_loss, grad = torch.ops.kdfast.kd_divergence(*args, backend or "")
         return row_loss, grad if grad_dtype is None else grad.to(grad_dtype)
     return _kd_divergence(*args, backend=backend, grad_dtype=grad_dtype)
 
@@ -184,7 +183,7 @@ def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore
                    want_grad, backend=None, grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss, grad = _allocate(student, want_grad, grad_dtype)
     if student.shape[0] > 0:
-        impl = divergence_op.select(student.device.type, backend)
+        impl = divergence_op.select(student.device.type, backend or None)
         impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
                  ignore_index, vocab, loss_scale)
     return row_loss, grad
@@ -203,13 +202,24 @@ def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch
 
 @divergence_op.register("reference")
 def _reference(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
-    with torch.enable_grad():
-        leaf = student.detach().float().requires_grad_(grad is not None)
-        rows = ref.kd_divergence(leaf, teacher.detach(), KINDS[kind], beta, 1.0 / inv_t, labels, ignore_index,
-                                 vocab, loss_scale)
-        if grad is not None:
-            grad.copy_(torch.autograd.grad(rows.sum(), leaf)[0])
-    row_loss.copy_(rows.detach())
+    def rows_of(s):
+        return ref.kd_divergence(s, teacher.detach(), KINDS[kind], beta, 1.0 / inv_t, labels, ignore_index, vocab,
+                                 loss_scale)
+
+    leaf = student.detach().float()
+    if grad is None:
+        row_loss.copy_(rows_of(leaf))
+        return
+    # torch.func rather than autograd: inside the custom op's forward autograd is dispatched
+    # around, so a tape recorded here would be empty. Rows are independent, so the gradient
+    # of their sum is each row's gradient.
+    def total(s):
+        rows = rows_of(s)
+        return rows.sum(), rows
+
+    sum_grad, rows = torch.func.grad(total, has_aux=True)(leaf)
+    grad.copy_(sum_grad)
+    row_loss.copy_(rows)
 
 
 def _binding_args(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
@@ -248,19 +258,20 @@ def _triton(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_
 @torch.library.custom_op("kdfast::kd_divergence", mutates_args=())
 def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], kind: int,
                       beta: float, inv_temperature: float, ignore_index: int, vocab: int, loss_scale: float,
-                      want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+                      want_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    # backend: "" for the registry's choice, else the name of the backend to force
     return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
-                          want_grad)
+                          want_grad, backend)
 
 
 @_kd_divergence_op.register_fake
-def _(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale, want_grad):
+def _(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale, want_grad, backend):
     return _allocate(student, want_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, kind, beta, inv_t, ignore_index, vocab, loss_scale, want_grad = inputs
-    ctx.args = (kind, beta, inv_t, ignore_index, vocab, loss_scale)
+    student, teacher, labels, kind, beta, inv_t, ignore_index, vocab, loss_scale, want_grad, backend = inputs
+    ctx.args = (kind, beta, inv_t, ignore_index, vocab, loss_scale, backend)
     ctx.student_dtype = student.dtype
     # The forward kernel computed the student's gradient when asked (want_grad); otherwise the
     # backward recomputes it, and the teacher's (rare: teachers are frozen) comes from the
@@ -283,15 +294,21 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_rows, _grad_of_grad):
     saved_grad_rows, student, teacher, labels = ctx.saved_tensors
-    kind, beta, inv_t, ignore_index, vocab, loss_scale = ctx.args
+    kind, beta, inv_t, ignore_index, vocab, loss_scale, backend = ctx.args
     grad_student = grad_teacher = None
     if grad_rows is None:  # the row losses were not used
-        return (None,) * 10
+        return (None,) * 11
+    if torch.is_grad_enabled() and not _needs_dispatcher(grad_rows):
+        # create_graph=True: the student's gradient comes from the kernel and has no graph of
+        # its own, so a second-order use (a gradient penalty) would silently see zeros.
+        raise RuntimeError("kdfast.kd_divergence: double backward (create_graph=True) is not supported; "
+                           "the student's gradient is computed by the forward kernel and is not differentiable")
     if ctx.needs_input_grad[0]:
         scale = grad_rows.unsqueeze(1)
         if ctx.recompute:
             grad_student = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind, beta,
-                                                          inv_t, ignore_index, vocab, loss_scale, True)[1] * scale
+                                                          inv_t, ignore_index, vocab, loss_scale, True,
+                                                          backend)[1] * scale
         elif ctx.handover:
             student_grad_rows, ctx.student_grad_rows = ctx.student_grad_rows, None
             if student_grad_rows is None:
@@ -307,7 +324,7 @@ def _backward(ctx, grad_rows, _grad_of_grad):
             rows = ref.kd_divergence(student.detach().float(), leaf, KINDS[kind], beta, 1.0 / inv_t, labels,
                                      ignore_index, vocab, loss_scale)
             grad_teacher = torch.autograd.grad(rows, leaf, grad_rows.float())[0].to(teacher.dtype)
-    return grad_student, grad_teacher, None, None, None, None, None, None, None, None
+    return grad_student, grad_teacher, None, None, None, None, None, None, None, None, None
 
 
 _kd_divergence_op.register_autograd(_backward, setup_context=_setup_context)

@@ -150,6 +150,29 @@ def test_autograd_student_and_teacher():
     torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_forced_backend_stays_differentiable(backend):
+    # backend= picks the kernel, not whether autograd sees it: a forced backend must not drop
+    # the KD term's gradient from a sum of losses.
+    s = logits((4, 53), torch.float32, 17).requires_grad_(True)
+    t = logits((4, 53), torch.float32, 18)
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    rows = ops.kd_divergence(s, t, kind="reverse_kl", backend=backend)
+    assert rows.requires_grad
+    ((rows * weights).sum() + s.sum() * 0).backward()
+    _, grad64 = reference(s, t, "reverse_kl", torch.float64)
+    torch.testing.assert_close(s.grad.double(), grad64 * weights.double()[:, None], rtol=1e-5, atol=1e-7)
+
+
+def test_double_backward_is_refused_not_wrong():
+    # The kernel's gradient has no graph of its own: create_graph must fail, not give zeros.
+    s = logits((3, 40), torch.float32, 19).requires_grad_(True)
+    t = logits((3, 40), torch.float32, 20)
+    loss = ops.kd_divergence(s, t, kind="forward_kl").sum()
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, s, create_graph=True)
+
+
 def test_second_backward_is_refused_not_wrong():
     # The forward's gradient buffer is handed to the first backward; a retained graph cannot reuse it.
     s = logits((3, 40), torch.float32, 15).requires_grad_(True)
@@ -175,7 +198,7 @@ def test_opcheck():
     labels = torch.tensor([1, -100, 2, 3])
     for want_grad in (True, False):
         torch.library.opcheck(torch.ops.kdfast.kd_divergence.default,
-                              (s, t, labels, KINDS.index("jsd"), 0.5, 1.0, -100, 37, 1.0, want_grad))
+                              (s, t, labels, KINDS.index("jsd"), 0.5, 1.0, -100, 37, 1.0, want_grad, ""))
 
 
 def test_compiles():
