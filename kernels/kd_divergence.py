@@ -12,6 +12,8 @@ import triton.language as tl
 _MAX_BLOCK = 4096
 
 NEG_INF = tl.constexpr(float("-inf"))
+INF = tl.constexpr(float("inf"))
+NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -81,8 +83,11 @@ def _kd_divergence_kernel(
         zt = tl.where(mt_new == NEG_INF, 0.0, zt * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0))
         ms = ms_new
         mt = mt_new
-    lse_s = tl.where(ms == NEG_INF, ms, ms + tl.log(zs))
-    lse_t = tl.where(mt == NEG_INF, mt, mt + tl.log(zt))
+    # log-probabilities as (x - m) - log z (see LogNorm in kd_divergence.h); a row without a
+    # finite normaliser has no distribution and gets NaN.
+    log_zs = tl.log(zs)
+    log_zt = tl.log(zt)
+    defined = (tl.abs(ms) < INF) & (tl.abs(log_zs) < INF) & (tl.abs(mt) < INF) & (tl.abs(log_zt) < INF)
 
     # Sweep 2: the divergence and sum(w).
     loss = tl.cast(0.0, tl.float32)
@@ -92,14 +97,15 @@ def _kd_divergence_kernel(
         mask = j < vocab
         s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        term, w = _term(s - lse_s, t - lse_t, beta, log_beta, log_rest, KIND)
+        term, w = _term((s - ms) - log_zs, (t - mt) - log_zt, beta, log_beta, log_rest, KIND)
         loss += tl.sum(tl.where(mask, term, 0.0), 0)
         sum_w += tl.sum(tl.where(mask, w, 0.0), 0)
 
     keep = tl.cast(1.0, tl.float32)
     if HAS_LABELS:
         keep = tl.where(tl.load(labels_ptr + row) == ignore_index, 0.0, 1.0)
-    tl.store(loss_ptr + row, tl.where(keep > 0.0, loss * loss_scale, 0.0))
+    loss = tl.where(defined, loss * loss_scale, NAN)
+    tl.store(loss_ptr + row, tl.where(keep > 0.0, loss, 0.0))
 
     if WRITE_GRAD:
         # Sweep 3: the gradient; padding columns (vocab <= j < grad_cols) get 0.
@@ -110,9 +116,9 @@ def _kd_divergence_kernel(
             mask = j < vocab
             s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
             t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-            ls = s - lse_s
-            _, w = _term(ls, t - lse_t, beta, log_beta, log_rest, KIND)
-            g = (w - tl.exp(ls) * sum_w) * scale
+            ls = (s - ms) - log_zs
+            _, w = _term(ls, (t - mt) - log_zt, beta, log_beta, log_rest, KIND)
+            g = tl.where(defined, (w - tl.exp(ls) * sum_w) * scale, NAN)
             g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
             tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
 

@@ -154,6 +154,21 @@ KD_HD float divergence_term(const Consts& c, float ls, float lt, float& w) {
   }
 }
 
+// A row's log-normaliser log(sum exp(x)) = m + log_z, kept as its two parts: log-probabilities
+// are formed as (x - m) - log_z, so large logits (1e4) keep their small differences, which
+// x - (m + log_z) would round away at the precision of m. A row without a finite normaliser
+// (every entry -inf, or an inf or NaN entry) has no distribution: its loss and gradient are
+// NaN for every kind.
+struct LogNorm {
+  float m, log_z;
+};
+
+KD_HD float log_prob(float x, LogNorm n) { return (x - n.m) - n.log_z; }
+
+KD_HD bool is_distribution(LogNorm n) {
+  return n.m > -INFINITY && n.m < INFINITY && n.log_z > -INFINITY && n.log_z < INFINITY;
+}
+
 // Gradient of the row's loss with respect to the student logit of entry k.
 KD_HD float divergence_grad(float w, float q, float sum_w, float scale) { return (w - q * sum_w) * scale; }
 

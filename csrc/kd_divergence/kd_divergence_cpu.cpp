@@ -46,7 +46,8 @@ const float* widen_row(const void* src, int dtype, int64_t offset, int64_t n, fl
 }
 
 struct RowResult {
-  float loss, sum_w, lse_s, lse_t;
+  float loss, sum_w;
+  LogNorm norm_s, norm_t;
 };
 
 KD_ROW_INLINE float row_max(const float* x, int64_t n) {
@@ -60,9 +61,9 @@ KD_ROW_INLINE float row_max(const float* x, int64_t n) {
 // their rounding error stays at the level of torch's cascade sums for any vocabulary.
 constexpr int64_t kSumBlock = 256;
 
-KD_ROW_INLINE float row_log_sum_exp(const float* x, int64_t n) {
+KD_ROW_INLINE LogNorm row_log_norm(const float* x, int64_t n) {
   const float m = row_max(x, n);
-  if (m == -INFINITY || m == INFINITY) return m;
+  if (m == -INFINITY || m == INFINITY) return LogNorm{m, 0.f};
   double z = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
     const int64_t j1 = std::min(n, j0 + kSumBlock);
@@ -71,23 +72,23 @@ KD_ROW_INLINE float row_log_sum_exp(const float* x, int64_t n) {
     for (int64_t j = j0; j < j1; ++j) zb += kd_exp(x[j] - m);
     z += zb;
   }
-  return m + float(std::log(z));
+  return LogNorm{m, float(std::log(z))};
 }
 
 template <int KIND>
 KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, int64_t n) {
   RowResult r;
-  r.lse_s = row_log_sum_exp(s, n);
-  r.lse_t = row_log_sum_exp(t, n);
+  r.norm_s = row_log_norm(s, n);
+  r.norm_t = row_log_norm(t, n);
   double loss = 0.0, sum_w = 0.0;
-  const float lse_s = r.lse_s, lse_t = r.lse_t;
+  const LogNorm ns = r.norm_s, nt = r.norm_t;
   for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
     const int64_t j1 = std::min(n, j0 + kSumBlock);
     float lb = 0.f, wb = 0.f;
 #pragma omp simd reduction(+ : lb, wb)
     for (int64_t j = j0; j < j1; ++j) {
       float w;
-      lb += divergence_term<KIND>(c, s[j] - lse_s, t[j] - lse_t, w);
+      lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), w);
       wb += w;
     }
     loss += lb;
@@ -101,12 +102,13 @@ KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
 template <int KIND>
 KD_ROW_INLINE void row_grad(const Consts& c, const float* s, const float* t, int64_t n, const RowResult& r,
                             float scale, float* g) {
-  const float lse_s = r.lse_s, lse_t = r.lse_t, sum_w = r.sum_w;
+  const LogNorm ns = r.norm_s, nt = r.norm_t;
+  const float sum_w = r.sum_w;
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
-    const float ls = s[j] - lse_s;
+    const float ls = log_prob(s[j], ns);
     float w;
-    divergence_term<KIND>(c, ls, t[j] - lse_t, w);
+    divergence_term<KIND>(c, ls, log_prob(t[j], nt), w);
     g[j] = divergence_grad(w, kd_exp(ls), sum_w, scale);
   }
 }
@@ -127,7 +129,7 @@ KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const fl
     KD_ROW_CASE(kTVD)
     KD_ROW_CASE(kSkewKL)
 #undef KD_ROW_CASE
-    default: r = RowResult{NAN, 0.f, 0.f, 0.f};
+    default: r = RowResult{NAN, 0.f, LogNorm{0.f, 0.f}, LogNorm{0.f, 0.f}};
   }
   return r;
 }
@@ -173,8 +175,10 @@ void run_row(const Params& p, const Consts& c, int64_t r, float* ws) {
   float* g = nullptr;
   if (p.grad) g = p.grad_dtype == kFloat32 ? static_cast<float*>(p.grad) + g_off : ws + 2 * n;
   const RowResult res = row_sweeps(c, s, t, n, p.loss_scale * p.inv_temperature, g);
-  p.row_loss[r] = res.loss * p.loss_scale;
+  const bool defined = is_distribution(res.norm_s) && is_distribution(res.norm_t);
+  p.row_loss[r] = defined ? res.loss * p.loss_scale : NAN;
   if (!p.grad) return;
+  if (!defined) std::fill(g, g + n, NAN);
   cpu::store_floats(p.grad, p.grad_dtype, g_off, n, g);
   if (p.grad_cols > n) zero_row(p.grad, p.grad_dtype, g_off + n, p.grad_cols - n);
 }

@@ -34,8 +34,8 @@ __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
   return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
 }
 
-__device__ __forceinline__ float lse_value(Lse a) {
-  return (a.m == -INFINITY || a.m == INFINITY) ? a.m : a.m + logf(a.z);
+__device__ __forceinline__ LogNorm log_norm(Lse a) {
+  return LogNorm{a.m, (a.m == -INFINITY || a.m == INFINITY) ? 0.f : logf(a.z)};
 }
 
 // Block-wide reductions; `scratch` holds kWarps entries. Every thread gets the result.
@@ -88,28 +88,29 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
       ls_acc = lse_push(ls_acc, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t);
       lt_acc = lse_push(lt_acc, load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t);
     }
-    const float lse_s = lse_value(block_lse(ls_acc, lse_scratch[0]));
-    const float lse_t = lse_value(block_lse(lt_acc, lse_scratch[1]));
+    const LogNorm ns = log_norm(block_lse(ls_acc, lse_scratch[0]));
+    const LogNorm nt = log_norm(block_lse(lt_acc, lse_scratch[1]));
+    const bool defined = is_distribution(ns) && is_distribution(nt);
 
     float2 acc{0.f, 0.f};  // (loss, sum of w)
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
       float w;
-      acc.x += divergence_term<KIND>(c, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t - lse_s,
-                                     load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t - lse_t, w);
+      acc.x += divergence_term<KIND>(c, log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns),
+                                     log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt), w);
       acc.y += w;
     }
     acc = block_sum2(acc, sum_scratch);
-    if (threadIdx.x == 0) p.row_loss[r] = acc.x * p.loss_scale;
+    if (threadIdx.x == 0) p.row_loss[r] = defined ? acc.x * p.loss_scale : NAN;
     if (!p.grad) continue;
 
     const float scale = p.loss_scale * inv_t;
     for (int64_t j = threadIdx.x; j < p.grad_cols; j += blockDim.x) {
       float g = 0.f;
       if (j < n) {
-        const float ls = load_as_float(p.student, p.student_dtype, s_off + j) * inv_t - lse_s;
+        const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
         float w;
-        divergence_term<KIND>(c, ls, load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t - lse_t, w);
-        g = divergence_grad(w, kd_exp(ls), acc.y, scale);
+        divergence_term<KIND>(c, ls, log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt), w);
+        g = defined ? divergence_grad(w, kd_exp(ls), acc.y, scale) : NAN;
       }
       store_from_float(p.grad, p.grad_dtype, g_off + j, g);
     }

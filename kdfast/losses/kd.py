@@ -80,7 +80,9 @@ def kd_loss(
     Returns:
         A float32 scalar (or per-token tensor for ``reduction="none"``). Differentiable; the
         student's gradient is computed by the forward kernel itself, no logits-sized
-        temporaries are created.
+        temporaries are created. So the graph supports one backward (a second one through
+        ``retain_graph=True`` and ``create_graph=True`` raise an error). A token whose logits
+        have no softmax (all -inf, or an inf or NaN entry) and is not ignored gives NaN.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")

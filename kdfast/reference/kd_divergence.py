@@ -9,7 +9,9 @@ Per row r (token), with the first ``vocab`` columns of each row, temperature T,
 - tvd: ``0.5 sum |p - q|``
 - skew_kl: ``KL(p || beta p + (1 - beta) q)``
 
-times ``loss_scale``, with ``0 log 0 = 0``; rows whose label is ``ignore_index`` give 0.
+times ``loss_scale``, with ``0 log 0 = 0``; rows whose label is ``ignore_index`` give 0. A row
+whose student or teacher logits have no softmax (all -inf, or an inf or NaN entry) gives NaN,
+with a NaN gradient.
 Gradients come from autograd, so this module is also the reference for the fused backward.
 """
 from __future__ import annotations
@@ -76,7 +78,13 @@ def kd_divergence(
     rows = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
     keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
     if keep.any():
-        ls = torch.log_softmax(s[keep], dim=-1)
-        lt = torch.log_softmax(t[keep], dim=-1)
-        rows = rows.index_put((keep,), divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale)
+        sk, tk = s[keep], t[keep]
+        ls = torch.log_softmax(sk, dim=-1)
+        lt = torch.log_softmax(tk, dim=-1)
+        values = divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale
+        # No distribution (all -inf, an inf or a NaN): NaN, and a NaN gradient over the row.
+        defined = torch.isfinite(torch.logsumexp(sk, -1)) & torch.isfinite(torch.logsumexp(tk, -1))
+        nan_where_undefined = torch.where(defined, 0.0, math.nan).to(values.dtype)
+        values = torch.where(defined, values, (sk.sum(-1) + tk.sum(-1)) * nan_where_undefined)
+        rows = rows.index_put((keep,), values)
     return rows

@@ -127,6 +127,41 @@ def test_extreme_logits(backend, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("offset", [1e4, -3e4])
+def test_large_logits_keep_their_small_differences(backend, kind, offset):
+    # Spread-out distributions far from 0: log-probabilities must come from x - max, not from
+    # x - (max + log z), which rounds at the precision of the max (1e-3 at 1e4).
+    s = logits((4, 37), torch.float32, 21) + offset
+    t = logits((4, 37), torch.float32, 22) + offset
+    rows, grad = fused(backend, s, t, kind)
+    rows64, grad64 = reference(s, t, kind, torch.float64)
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_row_without_distribution_is_nan(backend, kind):
+    # A row whose logits are all -inf, or hold inf or NaN, has no softmax: its loss and gradient
+    # are NaN for every kind (not a finite number that hides it), other rows are unaffected,
+    # and ignoring the row still gives 0.
+    s, t = logits((6, 29), torch.float32, 23), logits((6, 29), torch.float32, 24)
+    t[0] = -math.inf
+    s[1] = -math.inf
+    t[2, 5] = math.inf
+    s[3, 7] = math.nan
+    t[5] = -math.inf
+    labels = torch.tensor([1, 2, 3, 4, 5, -100])
+    rows, grad = fused(backend, s, t, kind, labels=labels)
+    assert rows[:4].isnan().all() and grad[:4].isnan().all()
+    assert rows[5] == 0 and (grad[5] == 0).all()
+    clean, clean_grad = fused(backend, s[4:5], t[4:5], kind)
+    torch.testing.assert_close(rows[4:5], clean)
+    torch.testing.assert_close(grad[4:5], clean_grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_student_zero_where_teacher_has_mass(backend):
     # KL(p || q) is +inf when q = 0 where p > 0: reported as inf, never NaN; JSD stays finite.
     s, t = logits((2, 50), torch.float32, 5), logits((2, 50), torch.float32, 6)
