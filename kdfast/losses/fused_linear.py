@@ -304,6 +304,9 @@ def fused_linear_kd(
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = temperature ** 2 if scale_by_t2 else 1.0
+    if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
     return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
                                 labels, _resolve_kind(kind, float(beta)), float(beta), temperature,

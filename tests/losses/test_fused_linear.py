@@ -3,6 +3,7 @@ import torch
 import torch.nn.functional as F
 
 from kdfast.losses import FusedLinearKDLoss, default_chunk_size, fused_linear_kd
+from kdfast.losses import fused_linear as fused_linear_module
 from kdfast.reference import kd_divergence as ref
 
 
@@ -114,6 +115,24 @@ def test_no_labels_no_bias_and_grad_output_scaling():
     (3.0 * expected).backward()
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-7)
     assert_grads_close(inputs, ref_in)
+
+
+def test_no_grad_computes_the_loss_only(monkeypatch):
+    # Evaluation under torch.no_grad(): same loss, and no gradient pass even though the
+    # student's parameters require grad.
+    case, labels = make(seed=5)
+    h, w = case["student_hidden"].requires_grad_(True), case["student_weight"].requires_grad_(True)
+    args = (h, w, case["teacher_hidden"], case["teacher_weight"], labels)
+    expected = fused_linear_kd(*args, weight_hard=0.3, chunk_size=7)
+
+    def no_gradients(*a, **k):
+        raise AssertionError("a gradient was computed under no_grad")
+
+    monkeypatch.setattr(fused_linear_module, "kd_divergence_with_grad", no_gradients)
+    with torch.no_grad():
+        loss = fused_linear_kd(*args, weight_hard=0.3, chunk_size=7)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, expected.detach())
 
 
 def test_all_tokens_ignored():
