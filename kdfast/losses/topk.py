@@ -75,7 +75,8 @@ def topk_kd_loss(
 
     Args:
         student_logits: ``[..., vocab]`` logits (math in float32).
-        teacher_topk_ids: ``[..., k]`` token ids (e.g. from :func:`teacher_topk`).
+        teacher_topk_ids: ``[..., k]`` distinct token ids per position (e.g. from
+            :func:`teacher_topk`; checked on the CPU, where it costs no device sync).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids).
         labels: optional ``[...]``; positions equal to ``ignore_index`` are left out.
@@ -111,6 +112,8 @@ def topk_kd_loss(
     if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
         if teacher_topk_ids.numel() and (teacher_topk_ids.min() < 0 or teacher_topk_ids.max() >= vocab):
             raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
+        if teacher_topk_ids.shape[-1] > 1 and (teacher_topk_ids.sort(dim=-1).values.diff(dim=-1) == 0).any():
+            raise ValueError("teacher_topk_ids must not repeat an id within a position")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != lead):
         raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
     temperature = float(temperature)
@@ -132,9 +135,17 @@ def topk_kd_loss(
         if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
             log_r = _log1mexp(log_mass)
             # The student's mass outside the k ids, summed directly rather than as 1 - sum(inside),
-            # which would lose everything below float rounding.
+            # which would lose everything below float rounding. A student with no mass there
+            # (all -inf) gets log 0 without logsumexp's NaN gradient for an all -inf row.
             outside = s.scatter(1, ids, -math.inf)
-            log_q_rest = torch.logsumexp(outside, dim=-1) - torch.logsumexp(s, dim=-1)
+            has_rest = (outside > -math.inf).any(dim=-1)
+            log_out = torch.logsumexp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), dim=-1)
+            log_q_rest = torch.where(has_rest, log_out, torch.full_like(log_out, -math.inf)) \
+                - torch.logsumexp(s, dim=-1)
+            # A teacher remainder within the rounding of the stored log-probabilities is 0, not
+            # an infinite KL against a student with no mass outside the k ids.
+            rounding = k * torch.finfo(teacher_topk_logprobs.dtype).eps
+            log_r = torch.where(has_rest | (log_r.exp() > rounding), log_r, torch.full_like(log_r, -math.inf))
             rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
     if scale_by_t2:
         rows = rows * temperature ** 2

@@ -84,7 +84,33 @@ def test_confident_teacher_is_finite():
     assert math.isfinite(value.item())
 
 
+def test_student_without_mass_outside_the_topk():
+    # Teacher and student both live on the k ids only: the bucket loss is the KL over them,
+    # finite with a finite gradient, even when the stored mass rounds to just below 1.
+    for seed in range(20):
+        s = torch.full((2, 20), -math.inf)
+        t = torch.full((2, 20), -math.inf)
+        s[:, :5], t[:, :5] = logits((2, 5), seed), logits((2, 5), 100 + seed, scale=3.0)
+        ids, logp = teacher_topk(t, 5)
+        x = s.clone().requires_grad_(True)
+        value = topk_kd_loss(x, ids, logp)
+        value.backward()
+        expected = kd_loss(s[:, :5], t[:, :5], kind="forward_kl")
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6)
+        assert torch.isfinite(x.grad[:, :5]).all() and (x.grad[:, 5:] == 0).all()
+
+
+def test_teacher_mass_outside_a_massless_student_is_infinite():
+    # A real remainder the student cannot cover is an infinite KL, not rounding.
+    s = torch.full((1, 20), -math.inf)
+    s[:, :5] = logits((1, 5), 1)
+    t = logits((1, 20), 2)
+    ids, logp = teacher_topk(t, 5)
+    assert topk_kd_loss(s, ids, logp).item() == math.inf
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
+    (dict(ids=lambda i: torch.cat([i[..., :1], i[..., :-1]], dim=-1)), ValueError, "must not repeat an id"),
     (dict(remainder="drop"), ValueError, "remainder must be"),
     (dict(reduction="avg"), ValueError, "reduction must be"),
     (dict(temperature=0.0), ValueError, "temperature must be"),
