@@ -61,6 +61,11 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     return float(alpha) * soft + (1.0 - float(alpha)) * F.cross_entropy(student_logits.float(), labels)
 
 
+def _plogratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """p * (log p - log q) with 0 log 0 = 0: a class the teacher rules out (logit -inf) adds nothing."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+
+
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
              alpha: float = 1.0, beta: float = 8.0, temperature: float = 4.0) -> torch.Tensor:
     """Decoupled KD (Zhao et al., CVPR 2022): ``alpha * TCKD + beta * NCKD``, times ``T^2``,
@@ -91,9 +96,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
 
     s_bin, s_nt = parts(s)
     t_bin, t_nt = parts(t)
-    tckd = (t_bin.exp() * (t_bin - s_bin)).sum(1)
-    t_nt_p = t_nt.exp().masked_fill(target, 0.0)
-    nckd = (t_nt_p * (t_nt - s_nt)).sum(1)
+    tckd = _plogratio(t_bin.exp(), t_bin, s_bin).sum(1)
+    nckd = _plogratio(t_nt.exp().masked_fill(target, 0.0), t_nt, s_nt).sum(1)
     return (float(alpha) * tckd + float(beta) * nckd).mean() * temperature ** 2
 
 

@@ -49,6 +49,21 @@ def test_dkd_matches_the_reference_code():
     torch.testing.assert_close(g_ours.double(), g_theirs, rtol=1e-4, atol=1e-6)
 
 
+def test_dkd_with_classes_the_teacher_rules_out():
+    # A teacher logit of -inf (a class it gives probability 0), at a non-target class and at
+    # a target class: 0 log 0 = 0, as in the authors' code, not NaN.
+    s = logits((4, 6), 4).double().requires_grad_(True)
+    t = logits((4, 6), 5).double()
+    labels = torch.tensor([0, 1, 2, 3])
+    t[:, 5] = float("-inf")
+    t[0, 0] = float("-inf")
+    ours = dkd_loss(s, t, labels, alpha=1.0, beta=8.0, temperature=2.0)
+    theirs = dkd_transcribed(s, t, labels, 1.0, 8.0, 2.0)
+    torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    g_ours, = torch.autograd.grad(ours, s)
+    assert torch.isfinite(g_ours).all()
+
+
 def sinkhorn_plain(p, q, cost, eps, iterations):
     """Textbook (non-log) Sinkhorn scaling in float64, one sample."""
     K = torch.exp(-cost / eps)
