@@ -111,6 +111,20 @@ def _schedule_params(batch, device, alpha_t, sigma_t, alpha_s, sigma_s):
     return [_check_per_sample(n, v, batch, device) for n, v in zip(names, (alpha_t, sigma_t, alpha_s, sigma_s))]
 
 
+def _check_pd_schedule(sched) -> None:
+    """The progressive-distillation target divides by sigma_t and by alpha_s - (sigma_s /
+    sigma_t) alpha_t (zero when t and s share their SNR): refuse those where checking is free
+    (host numbers and CPU tensors; on a GPU it would cost a sync)."""
+    if any(t is not None and t.device.type != "cpu" for t, _ in sched):
+        return
+    a_t, s_t, a_s, s_s = (v if t is None else t.double() for t, v in sched)
+    if bool(torch.as_tensor(s_t == 0).any()):
+        raise ValueError("sigma_t must be nonzero: the target is derived from the noise level at t")
+    if bool(torch.as_tensor(a_s - (s_s / s_t) * a_t == 0).any()):
+        raise ValueError("(alpha_t, sigma_t) and (alpha_s, sigma_s) must have different signal-to-noise "
+                         "ratios: with equal ones the two-step target is undetermined")
+
+
 def _pack(entries: Sequence[Tuple[int, Tuple[Optional[torch.Tensor], float]]]):
     """The 6 per-sample slots as (tensors, values) lists; unused slots (None, 0), weight 1."""
     params: List[Optional[torch.Tensor]] = [None] * len(SLOTS)
@@ -216,6 +230,7 @@ def progressive_mse(pred: torch.Tensor, x_s: torch.Tensor, x_t: torch.Tensor, al
     prediction = _check_prediction_type(prediction_type)
     batch = pred.shape[0]
     sched = _schedule_params(batch, pred.device, alpha_t, sigma_t, alpha_s, sigma_s)
+    _check_pd_schedule(sched)
     params, values = _pack([(_W, _check_per_sample("weights", weights, batch, pred.device, default=1.0)),
                             *zip((_AT, _ST, _AS, _SS), sched)])
     return _call_loss(PROGRESSIVE_MSE, prediction, pred, x_s, x_t, None, params, values, backend)
@@ -234,6 +249,8 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
     b = _check_latent(names[1], b, a, names[0])
     prediction = _check_prediction_type(prediction_type)
     sched = _schedule_params(a.shape[0], a.device, alpha_t, sigma_t, alpha_s, sigma_s)
+    if combination == "pd_target":
+        _check_pd_schedule(sched)
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
     if _needs_dispatcher((a, b, *params)):

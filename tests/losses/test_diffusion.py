@@ -220,3 +220,18 @@ def test_alpha_sigma():
 def test_bad_reduction(call):
     with pytest.raises(ValueError, match="reduction must be one of"):
         call(randn((2, 3), 0))
+
+
+@pytest.mark.parametrize("schedule, match", [
+    ((1.0, 0.0, 0.9, 0.1), "sigma_t must be nonzero"),
+    ((0.6, 0.8, 0.6, 0.8), "different signal-to-noise ratios"),
+    ((torch.tensor([0.6, 0.5]), torch.tensor([0.8, 0.5]), 0.9, torch.tensor([0.3, 0.5])),
+     "different signal-to-noise ratios"),
+])
+def test_progressive_target_needs_a_defined_schedule(schedule, match):
+    # Both divide by zero otherwise; on the host (and CPU tensors) that is refused, not NaN.
+    x = randn((2, 3), 0)
+    with pytest.raises(ValueError, match=match):
+        dl.progressive_distillation_target(x, x, *schedule)
+    with pytest.raises(ValueError, match=match):
+        dl.progressive_distillation_loss(x, x, x, *schedule)
