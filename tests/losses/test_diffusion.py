@@ -225,7 +225,7 @@ def test_bad_reduction(call):
 @pytest.mark.parametrize("schedule, match", [
     ((1.0, 0.0, 0.9, 0.1), "sigma_t must be nonzero"),
     ((0.6, 0.8, 0.6, 0.8), "different signal-to-noise ratios"),
-    ((torch.tensor([0.6, 0.5]), torch.tensor([0.8, 0.5]), 0.9, torch.tensor([0.3, 0.5])),
+    ((torch.tensor([0.6, 0.5]), torch.tensor([0.8, 0.5]), 0.9, torch.tensor([0.3, 0.9])),
      "different signal-to-noise ratios"),
 ])
 def test_progressive_target_needs_a_defined_schedule(schedule, match):
