@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
+import warnings
 from typing import List, Optional
 
 
@@ -51,19 +52,34 @@ def _int_list(text: str) -> List[int]:
 
 def demo(args) -> int:
     """Run the demo and print its table; returns the exit code."""
-    from .demo import QUICK, DemoError, format_table, run_demo
+    from .demo import QUICK, DemoError, DemoWarning, format_table, run_demo
     from .eval.classifier import ClassifierAssetError
     from .train.teacher import TeacherAssetError
 
-    solvers = args.solvers.split(",") if args.solvers else (QUICK["solvers"] if args.quick else None)
-    steps = args.steps or (QUICK["steps"] if args.quick else None)
-    n_per_class = args.n_per_class or (QUICK["n_per_class"] if args.quick else None)
+    # "is None", not "or": an explicit empty or zero value must reach the checks, not fall back
+    # to the defaults.
+    solvers = [s.strip() for s in args.solvers.split(",") if s.strip()] if args.solvers is not None else None
+    if solvers is None and args.quick:
+        solvers = QUICK["solvers"]
+    steps = QUICK["steps"] if args.steps is None and args.quick else args.steps
+    n_per_class = QUICK["n_per_class"] if args.n_per_class is None and args.quick else args.n_per_class
     kwargs = {k: v for k, v in dict(solvers=solvers, steps=steps, n_per_class=n_per_class,
                                     guidance_scale=args.guidance).items() if v is not None}
+
+    def show_warning(message, category, *rest, **kwargs):
+        if issubclass(category, DemoWarning):  # one line, as the errors below, not Python's warning format
+            print(f"kdfast demo: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, *rest, **kwargs)
+
     try:
-        rows = run_demo(out=args.out, seed=args.seed,
-                        anchor=not args.no_anchor, device=args.device, progress=not args.no_progress,
-                        cuda_graph=args.cuda_graph, **kwargs)
+        with warnings.catch_warnings():
+            default_show = warnings.showwarning
+            warnings.showwarning = show_warning
+            warnings.simplefilter("always", DemoWarning)
+            rows = run_demo(out=args.out, seed=args.seed,
+                            anchor=not args.no_anchor, device=args.device, progress=not args.no_progress,
+                            cuda_graph=args.cuda_graph, **kwargs)
     except (DemoError, TeacherAssetError, ClassifierAssetError) as exc:
         print(f"kdfast demo: error: {exc}", file=sys.stderr)
         return 2
@@ -105,7 +121,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = sub.add_parser("demo", help="sample the digits teacher with every solver, score it, compare with diffusers")
     p.add_argument("--out", default="kdfast-demo", help="output folder (default: ./kdfast-demo)")
     p.add_argument("--quick", action="store_true", help="2 solvers, 10 and 5 steps, 2 images per class (< 1 minute)")
-    p.add_argument("--solvers", help="comma-separated: dpmpp_2m,unipc,deis,ddim,euler,heun,euler_a,sde_dpmpp_2m")
+    p.add_argument("--solvers", help="comma-separated: dpmpp_2m,unipc,deis,ddim,euler,heun,euler_a,sde_dpmpp_2m "
+                                     "(default dpmpp_2m,unipc,deis,ddim,euler; heun gives noise on this teacher, "
+                                     "as diffusers' Heun does: its sigma ~2e4 start breaks Heun's second-order step)")
     p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default 50,20,10,5)")
     p.add_argument("--n-per-class", type=int, help="samples per class per row (default 10)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.2)")

@@ -12,8 +12,11 @@ import importlib
 import inspect
 import json
 import math
+import numbers
 import platform
+import re
 import time
+import warnings
 from typing import Dict, List, Optional, Sequence
 
 import torch
@@ -27,7 +30,7 @@ SOLVERS = {
     "deis": "deis",
     "ddim": "ddim",
     "euler": "euler",
-    "heun": "heun",
+    "heun": "heun",  # selectable, but gives noise on the shipped teacher: see SOLVER_NOTES
     "euler_a": "euler_ancestral",
     "sde_dpmpp_2m": "sde-dpmsolver++",
 }
@@ -39,22 +42,81 @@ DEFAULT_STEPS = (50, 20, 10, 5)
 DEFAULT_GUIDANCE = 1.2
 DEFAULT_N_PER_CLASS = 10  # 100 images per row: the whole default run stays within ~3 minutes on 2 cores
 QUICK = dict(solvers=("dpmpp_2m", "ddim"), steps=(10, 5), n_per_class=2)
+# Solvers whose samples of the shipped teacher are not meaningful, and why: warned about when
+# selected and recorded in the rows, metrics.json and report.md.
+SOLVER_NOTES = {
+    "heun": "heun gives noise on this teacher from 2 steps on (Frechet in the hundreds, accuracy ~0.2), in "
+            "diffusers' Heun too: the teacher's schedule (squaredcos_cap_v2, trailing spacing) starts at sigma "
+            "~2e4 and falls to single digits in the first step, where Heun's averaged second-order step "
+            "amplifies the model's error ~1e4-fold; kdfast's Heun matches diffusers', so its rows only compare "
+            "the two loops",
+}
+MAX_SEED = 2**63 - 1  # the step generator is seeded with seed + 1, which must fit torch's 64-bit seed
+
+
+class DemoWarning(UserWarning):
+    """A selected solver's results are not meaningful on the shipped teacher (see SOLVER_NOTES)."""
 
 
 class DemoError(ValueError):
     """Bad demo arguments; the message names the argument."""
 
 
-def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, guidance_scale: float) -> None:
+def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, guidance_scale: float,
+                seed: int) -> None:
+    if not solvers:
+        raise DemoError(f"solvers must name at least one solver; expected some of {', '.join(SOLVERS)}")
     unknown = [s for s in solvers if s not in SOLVERS]
-    if unknown or not solvers:
-        raise DemoError(f"unknown solver(s) {unknown or solvers}; expected some of {', '.join(SOLVERS)}")
+    if unknown:
+        raise DemoError(f"unknown solver(s) {unknown}; expected some of {', '.join(SOLVERS)}")
     if not steps or any(int(s) != s or s < 1 for s in steps):
         raise DemoError(f"steps must be integers >= 1, got {list(steps)}")
     if int(n_per_class) < 2:
         raise DemoError(f"n_per_class must be >= 2 (a Frechet distance needs several images), got {n_per_class}")
     if not math.isfinite(guidance_scale):
         raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale}")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
+        raise DemoError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+
+
+def _resolve_device(device: Optional[str]) -> torch.device:
+    """The demo's device, checked before anything is written (the demo runs on cpu or cuda only)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DemoError(f"device must be cpu or cuda (or cuda:N), got {device!r}") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise DemoError(f"device must be cpu or cuda (or cuda:N), got {device!r}")
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DemoError(f"device {device!r}: no CUDA GPU is visible here (use device cpu)")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise DemoError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    return resolved
+
+
+# What the demo writes into grids/: <solver>_<steps>.png.
+_GRID_NAME = re.compile(r"^(%s)_\d+\.png$" % "|".join(re.escape(s) for s in SOLVERS))
+
+
+def _clear_previous_outputs(out_dir) -> None:
+    """Remove what an earlier demo run wrote here (grids, metrics, report), so that the folder
+    never mixes grids of another run with this run's metrics. Other files are left alone."""
+    grids = out_dir / "grids"
+    stale = [p for p in grids.iterdir() if p.is_file() and _GRID_NAME.match(p.name)]
+    stale += [out_dir / name for name in ("metrics.json", "report.md")]
+    for path in stale:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise DemoError(f"cannot remove the previous run's {path}: {exc}") from exc
+
+
+def solver_notes(solvers: Sequence[str]) -> Dict[str, str]:
+    """The notes of :data:`SOLVER_NOTES` for the selected solvers."""
+    return {s: SOLVER_NOTES[s] for s in dict.fromkeys(solvers) if s in SOLVER_NOTES}
 
 
 @torch.no_grad()
@@ -151,6 +213,8 @@ def _markdown(rows: List[Dict], settings: Dict, floor: float, floor_full: float)
               + (" kdfast's loops ran as CUDA graphs: ms/image times a replay, each configuration having been "
                  "captured once before (`capture_ms` in metrics.json)." if settings["cuda_graph"] else ""),
               "", "Grids: `grids/<solver>_<steps>.png` (one row per class, 0 to 9).", ""]
+    for solver, note in settings["notes"].items():
+        lines += [f"**Note on {solver}:** {note}.", ""]
     return "\n".join(lines)
 
 
@@ -168,6 +232,11 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     ``cuda_graph=True`` (GPU only) runs each kdfast loop as one captured CUDA graph: each
     configuration is captured once (``capture_ms`` in its row) and ``ms_per_image`` times a
     replay; the solver's time is then inside the graph and not reported separately.
+
+    A solver of :data:`SOLVER_NOTES` (heun) issues a :class:`DemoWarning`, and its note goes
+    into its rows (``note``), ``settings["notes"]`` and the report. Earlier demo outputs in
+    ``out`` (``grids/<solver>_<steps>.png``, ``metrics.json``, ``report.md``) are removed
+    first; other files there are left alone.
     """
     from tqdm.auto import tqdm
 
@@ -176,20 +245,25 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
 
     guidance_scale = float(guidance_scale)
     solvers, steps = list(solvers), [int(s) for s in steps]
-    _check_args(solvers, steps, n_per_class, guidance_scale)
+    _check_args(solvers, steps, n_per_class, guidance_scale, seed)
+    # Every argument is checked before the output folder is created or cleared.
+    device = _resolve_device(device)
+    if cuda_graph and device.type != "cuda":
+        raise DemoError(f"cuda_graph needs a CUDA device, got {device} (pass device='cuda' on a machine with a GPU)")
     if anchor:
         try:
             importlib.import_module("diffusers")
         except ImportError as exc:
             raise DemoError("the diffusers anchor needs diffusers (pip install diffusers), or pass anchor=False "
                             "(--no-anchor)") from exc
+    notes = solver_notes(solvers)
+    for note in notes.values():
+        warnings.warn(note, DemoWarning, stacklevel=2)
     try:
         out_dir = prepare_output_dir(out, subdirs=("grids",))
     except OutputDirError as exc:
         raise DemoError(str(exc)) from exc
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if cuda_graph and device.type != "cuda":
-        raise DemoError(f"cuda_graph needs a CUDA device, got {device} (pass device='cuda' on a machine with a GPU)")
+    _clear_previous_outputs(out_dir)
     teacher = load_teacher(device=device)
     evaluator = DigitsEvaluator(device=device)
     floor, floor_full = _real_floor(evaluator, n_per_class), evaluator.floor()
@@ -219,7 +293,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
                    "solver_ms_per_image": None if cuda_graph else timer.seconds * 1e3 / len(images),
                    "capture_ms": None if capture_secs is None else capture_secs * 1e3,
                    "anchor_ms_per_image": None, "anchor_solver_ms_per_image": None,
-                   "anchor_frechet": None, "anchor_accuracy": None, "max_abs_diff": None}
+                   "anchor_frechet": None, "anchor_accuracy": None, "max_abs_diff": None,
+                   "note": notes.get(solver)}
             if anchor:
                 ref_timer = _SolverTimer()
                 (ref, _), ref_secs = _timed(lambda: _anchor_sample(teacher, key, n_per_class, n, guidance_scale,
@@ -238,7 +313,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
                 "cuda_graph": cuda_graph,
                 "seed": seed, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
                 "cpu": platform.machine(), "torch_threads": torch.get_num_threads(),
-                "n_train": len(evaluator.real("train")[1]), "frechet_floor": floor, "frechet_floor_all": floor_full}
+                "n_train": len(evaluator.real("train")[1]), "frechet_floor": floor, "frechet_floor_all": floor_full,
+                "notes": notes}
     (out_dir / "metrics.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
     (out_dir / "report.md").write_text(_markdown(rows, settings, floor, floor_full))
     return rows
@@ -260,4 +336,6 @@ def format_table(rows: List[Dict]) -> str:
                      f"{r['ms_per_image']:>9.2f}{_fmt(r['solver_ms_per_image'], '.3f'):>12}{_fmt(r['anchor_frechet']):>11}"
                      f"{_fmt(r['anchor_ms_per_image']):>10}{_fmt(r['anchor_solver_ms_per_image'], '.3f'):>9}"
                      f"{_fmt(r['max_abs_diff'], '.1e'):>11}")
+    for note in dict.fromkeys(r["note"] for r in rows if r.get("note")):
+        lines.append(f"note: {note}")
     return "\n".join(lines)

@@ -82,3 +82,66 @@ def test_corrupt_teacher_asset_gives_a_clear_error(tmp_path, monkeypatch, capsys
     monkeypatch.setattr(teacher_module, "SHIPPED_PATH", bad)
     assert main(["demo", "--quick", "--out", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "kdfast demo: error" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-per-class", "0"], "n_per_class must be >= 2"),
+    (["--steps", ","], "steps must be integers >= 1, got []"),
+    (["--solvers", ""], "solvers must name at least one solver"),
+    (["--solvers", ","], "solvers must name at least one solver"),
+    (["--seed", str(2**64 - 1)], "seed must be an integer in [0, 2**63 - 1]"),
+    (["--seed", "-1"], "seed must be an integer in [0, 2**63 - 1]"),
+    (["--device", "foo"], "device must be cpu or cuda"),
+    (["--device", "gpu"], "device must be cpu or cuda"),
+    (["--device", "mps"], "device must be cpu or cuda"),
+])
+def test_cli_refuses_explicit_bad_values_before_creating_the_folder(tmp_path, capsys, args, message):
+    # --quick must not replace an explicit empty or zero value with its own default
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--no-progress", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("kdfast demo: error: ") and message in err and "\n" not in err, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_device_without_a_gpu_is_refused(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["demo", "--quick", "--device", "cuda", "--out", str(out)]) == 2
+    assert "no CUDA GPU is visible" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(DemoError, match="no CUDA GPU"):
+        run_demo(out=str(out), device="cuda:0", progress=False)
+    assert not out.exists()
+
+
+def test_heun_is_flagged_and_stale_outputs_are_removed(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "grids").mkdir(parents=True)
+    for name in ("ddim_7.png", "euler_a_50.png", "mine.png", "notes.txt"):
+        (out / "grids" / name).write_bytes(b"old")
+    (out / "metrics.json").write_text("{}")
+    # heun at 1 step is an Euler step: cheap, and the note is attached all the same
+    assert main(["demo", "--solvers", "heun", "--steps", "1", "--n-per-class", "2", "--no-anchor",
+                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    warning = [line for line in captured.err.splitlines() if line.startswith("kdfast demo: warning: heun")]
+    assert len(warning) == 1 and "noise" in warning[0] and "diffusers" in warning[0]
+    assert "note: heun gives noise" in captured.out
+    data = json.loads((out / "metrics.json").read_text())
+    assert data["rows"][0]["note"] and "heun" in data["settings"]["notes"]
+    assert "Note on heun" in (out / "report.md").read_text()
+    # the demo's own grids of an earlier run go; files it does not write stay
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["heun_1.png", "mine.png", "notes.txt"]
+
+    with pytest.warns(UserWarning, match="heun gives noise"):
+        run_demo(out=str(out), solvers=["heun"], steps=[1], n_per_class=2, anchor=False, device="cpu",
+                 progress=False)
+    assert [r["note"] for r in json.loads((out / "metrics.json").read_text())["rows"]] == \
+        [data["rows"][0]["note"]]
+
+
+def test_solvers_help_warns_about_heun(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "heun gives noise" in " ".join(capsys.readouterr().out.split())
