@@ -31,6 +31,10 @@ class FrozenConfig(dict):
 
     __setitem__ = __delitem__ = __setattr__ = __delattr__ = update = pop = popitem = setdefault = clear = _readonly  # type: ignore[assignment]
 
+    def __reduce__(self):
+        # copy, deepcopy and pickle rebuild through the constructor, not item by item.
+        return (type(self), (dict(self),))
+
 
 def register_to_config(init):
     """Record every constructor argument (defaults included) in ``self.config``."""
@@ -88,13 +92,20 @@ class ConfigMixin:
         data["_kdfast_class"] = type(self).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
-    def save_pretrained(self, save_directory: Union[str, os.PathLike], **kwargs) -> None:
+    def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
+        with open(json_file_path, "w", encoding="utf-8") as f:
+            f.write(self.to_json_string())
+
+    def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> None:
         """Write ``scheduler_config.json`` (loadable by diffusers and by kdfast)."""
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported: kdfast saves locally; upload the folder yourself")
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, expected a directory")
         os.makedirs(save_directory, exist_ok=True)
-        with open(os.path.join(save_directory, self.config_name), "w") as f:
-            f.write(self.to_json_string())
+        self.to_json_file(os.path.join(save_directory, self.config_name))
+
+    save_config = save_pretrained  # diffusers' name for the same thing
 
     @classmethod
     def load_config(cls, path: Union[str, os.PathLike], subfolder: Optional[str] = None) -> Dict[str, Any]:

@@ -166,10 +166,46 @@ def x0_coefficients(prediction_type: str, alpha_t: float, sigma_t: float) -> Tup
     raise AssertionError
 
 
-def randn_like_diffusers(shape, generator: Optional[torch.Generator], device, dtype) -> torch.Tensor:
-    """Noise drawn exactly as diffusers' ``randn_tensor`` draws it, for draw-for-draw parity."""
+# Stands in for 1 / alpha_t = inf when x0 is to be clipped anyway (see epsilon_x0_coefficients).
+_ZERO_ALPHA_SCALE = 2.0 ** 100
+
+
+def epsilon_x0_coefficients(alpha_t: float, sigma_t: float, bounded: bool) -> Tuple[float, float]:
+    """(c_x, c_m) of ``x0 = (x - sigma_t * eps) / alpha_t`` for an epsilon model.
+
+    At alpha_t = 0 (the first step of a zero-SNR rescaled schedule) x0 is +-inf, which diffusers
+    then clips or thresholds to +-bound. ``inf * x - inf * eps`` would be NaN instead, so when
+    x0 is ``bounded`` the scale is a finite power of two, 2^100: ``x * 2^100`` is exact, the
+    difference has the sign of ``x - sigma_t * eps``, and clipping gives diffusers' values.
+    Unbounded, x0 is infinite there in both libraries.
+    """
+    if alpha_t == 0:
+        scale = _ZERO_ALPHA_SCALE if bounded else math.inf
+        return scale, -sigma_t * scale
+    return 1.0 / alpha_t, -sigma_t / alpha_t
+
+
+def randn_like_diffusers(shape, generator, device, dtype) -> torch.Tensor:
+    """Noise drawn exactly as diffusers' ``randn_tensor`` draws it, for draw-for-draw parity.
+
+    ``generator``: None, one ``torch.Generator``, or a list of one per batch entry (what
+    pipelines pass on for ``pipe(..., generator=[g0, g1])``): entry i is drawn from
+    ``generator[i]``."""
     device = torch.device(device)
-    gen_device = generator.device if generator is not None else device
-    if gen_device.type == "cpu" and device.type != "cpu":
-        return torch.randn(shape, generator=generator, device="cpu", dtype=dtype).to(device)
-    return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    if isinstance(generator, (list, tuple)):
+        if len(generator) == 1:
+            generator = generator[0]
+        elif len(generator) != shape[0]:
+            raise ValueError(f"generator: got a list of {len(generator)} generators for a batch of {shape[0]}; "
+                             "pass one per batch entry or a single one")
+    first = generator[0] if isinstance(generator, (list, tuple)) else generator
+    gen_device = first.device if first is not None else device
+    if gen_device.type != device.type and gen_device.type != "cpu":
+        raise ValueError(f"generator: cannot draw a {device.type} tensor from a {gen_device.type} generator")
+    draw_device = "cpu" if gen_device.type == "cpu" else device
+    if isinstance(generator, (list, tuple)):
+        one = (1,) + tuple(shape[1:])
+        noise = torch.cat([torch.randn(one, generator=g, device=draw_device, dtype=dtype) for g in generator])
+    else:
+        noise = torch.randn(shape, generator=generator, device=draw_device, dtype=dtype)
+    return noise.to(device)

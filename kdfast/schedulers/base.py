@@ -18,18 +18,61 @@ import numpy as np
 from ._schedule import noise_schedule, randn_like_diffusers
 
 
-@dataclass
 class SchedulerOutput:
-    """Like diffusers' SchedulerOutput: ``.prev_sample``, ``out[0]`` and ``to_tuple()``."""
+    """Like diffusers' SchedulerOutput: ``.prev_sample``, ``.pred_original_sample``, ``out[0]``
+    and ``to_tuple()``.
 
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
+    Writing x0 costs the fused step one more pass over the latent, which pipelines rarely
+    read; so schedulers whose diffusers twin returns it give it lazily (``make_x0``): computed
+    when first read, from the step's own inputs. ``to_tuple()`` then has diffusers' two
+    entries, the second computed only when indexed or unpacked.
+    """
+
+    __slots__ = ("prev_sample", "_x0", "_make_x0")
+
+    def __init__(self, prev_sample: torch.Tensor, pred_original_sample: Optional[torch.Tensor] = None,
+                 make_x0: Optional[Callable[[], torch.Tensor]] = None):
+        self.prev_sample = prev_sample
+        self._x0 = pred_original_sample
+        self._make_x0 = make_x0 if pred_original_sample is None else None
+
+    @property
+    def pred_original_sample(self) -> Optional[torch.Tensor]:
+        if self._x0 is None and self._make_x0 is not None:
+            self._x0, self._make_x0 = self._make_x0(), None
+        return self._x0
 
     def to_tuple(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.prev_sample, self.pred_original_sample) if v is not None)
+        if self._x0 is None and self._make_x0 is None:
+            return (self.prev_sample,)
+        return _StepTuple(self)
 
     def __getitem__(self, i):
         return self.to_tuple()[i]
+
+    def __repr__(self) -> str:
+        return f"SchedulerOutput(prev_sample={self.prev_sample!r})"
+
+
+class _StepTuple(tuple):
+    """``(prev_sample, pred_original_sample)`` whose second entry is computed when indexed or
+    unpacked, so that ``step(..., return_dict=False)[0]`` costs no x0 pass."""
+
+    def __new__(cls, output: SchedulerOutput):
+        self = super().__new__(cls, (output.prev_sample, None))
+        self._output = output
+        return self
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return tuple(self)[i]
+        if i in (1, -1):
+            return self._output.pred_original_sample
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        yield self._output.prev_sample
+        yield self._output.pred_original_sample
 
 
 @dataclass(frozen=True)
@@ -111,6 +154,10 @@ class FusedScheduler(ConfigMixin):
     def compatibles(self):
         return list(self._compatibles)
 
+    @property
+    def has_compatibles(self) -> bool:
+        return bool(self._compatibles)
+
     # ---------------------------------------------------------------- step index
 
     @property
@@ -168,13 +215,43 @@ class FusedScheduler(ConfigMixin):
             return noise
         return randn_like_diffusers(like.shape, generator, like.device, dtype)
 
+    def _fused_output(self, key, sample: torch.Tensor, model_output: torch.Tensor, *, want_x0: bool = False,
+                      prev_dtype: Optional[torch.dtype] = None, **fused) -> SchedulerOutput:
+        """One fused step for table entry ``key`` as a :class:`SchedulerOutput` (see :meth:`_output`)."""
+        result = self._fused(key, sample, model_output, write_aux=want_x0, **fused)
+        return self._output(result, key, sample, model_output, prev_dtype, **fused)
+
+    def _output(self, result: ops.StepResult, key, sample: torch.Tensor, model_output: torch.Tensor,
+                prev_dtype: Optional[torch.dtype] = None, **fused) -> SchedulerOutput:
+        """The step's output, with x0 as the kernel wrote it or else computed when first read:
+        the same kernel on the same inputs (``fused``: the step's other ``_fused`` arguments),
+        writing x0. Reading it after an input was modified in place raises instead of giving
+        a wrong x0."""
+        prev = result.sample if prev_dtype is None or result.sample.dtype == prev_dtype else result.sample.to(prev_dtype)
+        if result.aux is not None:
+            return SchedulerOutput(prev, result.aux)
+        table = self._table
+        inputs = [t for t in (sample, model_output, fused.get("cond"), fused.get("aux"), fused.get("noise"),
+                              *fused.get("history", ())) if t is not None]
+        versions = [t._version for t in inputs]
+
+        def make_x0() -> torch.Tensor:
+            if [t._version for t in inputs] != versions:
+                raise RuntimeError("pred_original_sample: an input of this step was modified in place since; "
+                                   "pass return_pred_original_sample=True to step() to get it with the step")
+            again = dict(fused, write_history=False, write_aux=True, table=table)
+            return self._fused(key, sample, model_output, **again).aux
+
+        return SchedulerOutput(prev, make_x0=make_x0)
+
     def _fused(self, key, sample: torch.Tensor, model_output: torch.Tensor, *,
                cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                history: Sequence[torch.Tensor] = (), aux: Optional[torch.Tensor] = None,
                noise: Optional[torch.Tensor] = None, write_history: bool = False,
                write_aux: bool = False, clip_value: Optional[float] = None,
                dynamic: Optional[Tuple[float, float]] = None,
-               history_dtype: Optional[torch.dtype] = None) -> ops.StepResult:
+               history_dtype: Optional[torch.dtype] = None,
+               table: Optional["CoefficientTable"] = None) -> ops.StepResult:
         """One kernel call for table entry ``key``; ``dynamic=(ratio, max_value)`` turns on
         dynamic thresholding.
 
@@ -183,10 +260,11 @@ class FusedScheduler(ConfigMixin):
         scalars are checked, as ``ops.solver_step`` checks them."""
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
-        row = self._table._rows[key]
+        table = self._table if table is None else table
+        row = table._rows[key]
         dynamic_scale = None
         if dynamic is not None:
-            cx, cm = self._table.plans[key].x0
+            cx, cm = table.plans[key].x0
             dynamic_scale = ops.threshold_scale(sample, model_output, cx, cm, cond=cond,
                                                 guidance_scale=guidance_scale, ratio=dynamic[0],
                                                 max_value=dynamic[1])
@@ -255,6 +333,23 @@ class MultistepScheduler(FusedScheduler):
         self._set_host_timesteps(self.timesteps.tolist())
         self._table = None
         self._reset_history()
+
+    def _converted_output(self, model_output: torch.Tensor, args: tuple, sample: Optional[torch.Tensor], key,
+                          threshold: bool) -> torch.Tensor:
+        """The body of ``convert_model_output``: diffusers' calling forms (``sample=`` or the
+        deprecated ``(model_output, timestep, sample)``), then the history output of the fused
+        step ``key`` at the current step index."""
+        if sample is None:
+            if len(args) > 1:
+                sample = args[1]
+            else:
+                raise ValueError("missing `sample` as a required keyword argument")
+        if self._step_index is None:
+            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
+        cfg = self.config
+        return self._fused(key, sample, model_output, write_history=True,
+                           dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if threshold else None
+                           ).history
 
     def _train_sigmas(self) -> np.ndarray:
         return (((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5).numpy()

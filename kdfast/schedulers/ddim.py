@@ -9,7 +9,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
 from .base import FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
 
@@ -142,7 +142,7 @@ class DDIMScheduler(FusedScheduler):
         # m: the (guided) model output; for CFG++ the noise direction uses the unguided one
         m_eps = UNCOND if cfg_pp else MODEL
         if cfg.prediction_type == "epsilon":
-            x0 = (_div(1.0, sa), _div(-sb, sa))
+            x0 = epsilon_x0_coefficients(sa, sb, bounded=cfg.clip_sample or cfg.thresholding)
             eps = m_eps
         elif cfg.prediction_type == "sample":
             x0 = (0.0, 1.0)
@@ -167,8 +167,9 @@ class DDIMScheduler(FusedScheduler):
              return_pred_original_sample: bool = False):
         """diffusers' ``step`` (same positional order): one fused kernel pass.
 
-        ``pred_original_sample`` (the clipped / thresholded x0) costs one more latent write, so
-        it is returned only with ``return_pred_original_sample=True`` (else None).
+        ``pred_original_sample`` (the clipped / thresholded x0) would cost one more latent write
+        per step, so it is computed when first read (from this step's inputs), or written by the
+        step itself with ``return_pred_original_sample=True``.
         """
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, eta=eta,
                          use_clipped_model_output=use_clipped_model_output,
@@ -201,10 +202,8 @@ class DDIMScheduler(FusedScheduler):
         cfg = self.config
         clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
         dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
-        result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
-                             write_aux=return_pred_original_sample,
-                             clip_value=clip, dynamic=dynamic)
-        return SchedulerOutput(prev_sample=result.sample, pred_original_sample=result.aux)
+        return self._fused_output(key, sample, model_output, want_x0=return_pred_original_sample, cond=cond,
+                                  guidance_scale=guidance_scale, noise=noise, clip_value=clip, dynamic=dynamic)
 
     # ---------------------------------------------------------------- training-side helpers
 

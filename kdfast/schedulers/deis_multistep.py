@@ -141,8 +141,9 @@ class DEISMultistepScheduler(MultistepScheduler):
                 x0 = (1.0, -sigmas[i])  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
             else:
                 x0 = x0_coefficients(cfg.prediction_type, a_0, s_0)
-            # DEIS keeps epsilon, recomputed from the (thresholded) x0 like diffusers.
-            eps = (X - a_0 * X0) / s_0
+            # DEIS keeps epsilon, recomputed from the (thresholded) x0 like diffusers, which for
+            # flow_prediction divides by the raw schedule sigma (equal to s_0 with flow sigmas).
+            eps = (X - a_0 * X0) / (sigmas[i] if cfg.prediction_type == "flow_prediction" else s_0)
             if order == 1:  # = DDIM
                 h = (math.log(a_t) - math.log(s_t)) - (math.log(a_0) - math.log(s_0))
                 x_t = (a_t / a_0) * X - (s_t * math.expm1(h)) * eps
@@ -213,14 +214,4 @@ class DEISMultistepScheduler(MultistepScheduler):
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:
         """Epsilon recomputed from the (thresholded) data prediction at the current step."""
-        if sample is None:
-            if len(args) > 1:
-                sample = args[1]
-            else:
-                raise ValueError("missing `sample` as a required keyword argument")
-        if self._step_index is None:
-            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
-        cfg = self.config
-        return self._fused((self._step_index, 1), sample, model_output, write_history=True,
-                           dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-                           if cfg.thresholding else None).history
+        return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)

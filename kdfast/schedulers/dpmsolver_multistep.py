@@ -156,7 +156,10 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         flow = cfg.use_flow_sigmas
         a_s0, s_s0 = alpha_sigma(float(sigmas[i]), flow)
         a_t, s_t = alpha_sigma(float(sigmas[i + 1]), flow)
-        x0 = x0_coefficients(cfg.prediction_type, a_s0, s_s0)
+        if cfg.prediction_type == "flow_prediction":
+            x0 = (1.0, -float(sigmas[i]))  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
+        else:
+            x0 = x0_coefficients(cfg.prediction_type, a_s0, s_s0)
         plus = cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         # The quantity a multistep solver keeps: x0 for ++ variants, epsilon otherwise.
         if plus:
@@ -172,6 +175,12 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         try:
             lam = [log_snr(*alpha_sigma(float(sigmas[i + 1 - k]), flow)) for k in range(order + 1)]
             h = lam[0] - lam[1]
+            if h == 0:
+                # A step of length zero (karras, exponential, beta or lu sigmas ending at
+                # sigma_min, which final_sigmas_type="sigma_min" appends again) leaves x as it
+                # is at every order: the higher-order terms vanish with h (diffusers divides
+                # 0 by 0 there, and its heun solver type returns NaN).
+                order = 1
             if order == 1:
                 D = [q]
             elif order == 2:
@@ -278,8 +287,13 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         self._step_index = i + 1
         return SchedulerOutput(result.sample)
 
-    def convert_model_output(self, model_output: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-        """The solver's quantity (x0 for ++ variants, else epsilon) at the current step."""
-        if self._step_index is None:
-            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
-        return self._fused((self._step_index, 1), sample, model_output, write_history=True).history
+    def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                             **kwargs) -> torch.Tensor:
+        """The solver's quantity (x0 for ++ variants, else epsilon) at the current step, thresholded
+        as the step thresholds it."""
+        if sample is None and len(args) > 1:
+            sample = args[1]
+        if sample is not None and self.config.variance_type in ("learned", "learned_range") \
+                and model_output.shape[1] != sample.shape[1]:
+            model_output = model_output[:, :3]
+        return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)

@@ -11,7 +11,7 @@ from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
 from .base import CoefficientTable, SchedulerOutput, StepPlan
-from .euler_discrete import _output, _reject_integer_timestep, _SigmaScheduler, spaced_timesteps, train_sigmas
+from .euler_discrete import _reject_integer_timestep, _SigmaScheduler, spaced_timesteps, train_sigmas
 
 
 class EulerAncestralDiscreteScheduler(_SigmaScheduler):
@@ -97,7 +97,8 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
              generator: Optional[torch.Generator] = None, return_dict: bool = True,
              variance_noise: Optional[torch.Tensor] = None, return_pred_original_sample: bool = False):
         """diffusers' ``step`` (same positional order); ``variance_noise`` replaces the draw.
-        ``pred_original_sample`` is returned only with ``return_pred_original_sample=True``."""
+        ``pred_original_sample`` is computed when first read, or written by the step with
+        ``return_pred_original_sample=True``."""
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise,
                          return_pred_original_sample=return_pred_original_sample)
         return out if return_dict else out.to_tuple()
@@ -114,7 +115,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
         if not self._table.plans[i].uses("noise"):
             noise = None
-        result = self._fused(i, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
-                             write_aux=return_pred_original_sample)
+        out = self._fused_output(i, sample, model_output, want_x0=return_pred_original_sample,
+                                 prev_dtype=model_output.dtype, cond=cond, guidance_scale=guidance_scale, noise=noise)
         self._step_index += 1
-        return _output(result, model_output.dtype)
+        return out

@@ -62,13 +62,6 @@ def _reject_integer_timestep(timestep, name: str) -> None:
                          "is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
 
 
-def _output(result, dtype: torch.dtype) -> SchedulerOutput:
-    """prev_sample (in the model output's dtype, as diffusers returns it) and, when the kernel
-    wrote it, pred_original_sample."""
-    prev = result.sample if result.sample.dtype == dtype else result.sample.to(dtype)
-    return SchedulerOutput(prev_sample=prev, pred_original_sample=result.aux)
-
-
 class _SigmaScheduler(FusedScheduler):
     """What the sigma-parameterised (k-diffusion style) schedulers share: ``sigmas`` on the CPU
     in float32 as diffusers keeps them, input scaling, ``init_noise_sigma`` and ``add_noise``."""
@@ -307,6 +300,16 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         # aux output: pred_original_sample, written only when asked for
         return StepPlan(x0=(a, b), sample=sample, aux=x0)
 
+    def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' ``EulerDiscreteScheduler.get_velocity``, value for value: ``sqrt(a) * noise -
+        sqrt(1 - a) * sample`` with ``a = alphas_cumprod[i]`` and ``i`` the position of each
+        timestep in the inference schedule (diffusers indexes the training table with it)."""
+        _reject_integer_timestep(timesteps, type(self).__name__)
+        idx = [self.index_for_timestep(t) for t in torch.as_tensor(timesteps).reshape(-1).cpu()]
+        a = self.alphas_cumprod.to(sample)[idx]
+        shape = (-1,) + (1,) * (sample.dim() - 1)
+        return a.sqrt().reshape(shape) * noise - (1 - a).sqrt().reshape(shape) * sample
+
     # ---------------------------------------------------------------- step
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
@@ -315,8 +318,9 @@ class EulerDiscreteScheduler(_SigmaScheduler):
              variance_noise: Optional[torch.Tensor] = None, return_pred_original_sample: bool = False):
         """diffusers' ``step`` (same positional order); ``variance_noise`` replaces the churn draw.
 
-        ``pred_original_sample`` costs one more latent write, so it is returned only with
-        ``return_pred_original_sample=True`` (else None).
+        ``pred_original_sample`` would cost one more latent write per step, so it is computed
+        when first read (from this step's inputs), or written by the step itself with
+        ``return_pred_original_sample=True``.
         """
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, s_churn=s_churn,
                          s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise,
@@ -339,7 +343,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
             key = self._table.ensure((i, gamma, float(s_noise)), lambda: self._plan(i, gamma, float(s_noise)))
         if gamma > 0:
             noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
-        result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
-                             write_aux=return_pred_original_sample)
+        out = self._fused_output(key, sample, model_output, want_x0=return_pred_original_sample,
+                                 prev_dtype=model_output.dtype, cond=cond, guidance_scale=guidance_scale, noise=noise)
         self._step_index += 1
-        return _output(result, model_output.dtype)
+        return out

@@ -152,7 +152,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              generator: Optional[torch.Generator] = None, return_pred_original_sample: bool = False):
         """diffusers' ``step`` (same positional order); ``generator`` is accepted and unused.
-        ``pred_original_sample`` is returned only with ``return_pred_original_sample=True``."""
+        ``pred_original_sample`` is computed when first read, or written by the step with
+        ``return_pred_original_sample=True``."""
         out = self._step(model_output, timestep, sample, None, 1.0, generator, None,
                          return_pred_original_sample=return_pred_original_sample)
         return out if return_dict else out.to_tuple()
@@ -169,9 +170,10 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         clip = self.config.clip_sample_range if self.config.clip_sample else None
         if self.state_in_first_order:
             plan = self._table.plans[(k, 1)]
-            result = self._fused((k, 1), sample, model_output, cond=cond, guidance_scale=guidance_scale,
-                                 clip_value=clip, write_history=plan.history is not None,
-                                 write_aux=return_pred_original_sample)
+            fused = dict(cond=cond, guidance_scale=guidance_scale, clip_value=clip)
+            result = self._fused((k, 1), sample, model_output, write_history=plan.history is not None,
+                                 write_aux=return_pred_original_sample, **fused)
+            out = self._output(result, (k, 1), sample, model_output, **fused)
             self.prev_derivative = result.history
             self.dt = self._host_sigmas[k + 1] - self._host_sigmas[k]
             self.sample = sample
@@ -180,11 +182,12 @@ class HeunDiscreteScheduler(_SigmaScheduler):
                 raise IndexError(f"no second Heun stage at step index {k}")
             if self.prev_derivative is None or self.sample is None or self.sample.shape != sample.shape:
                 raise ValueError("the second Heun stage needs the first stage's state; call step in order")
-            result = self._fused((k, 2), sample, model_output, cond=cond, guidance_scale=guidance_scale,
-                                 clip_value=clip, history=[self.prev_derivative], aux=self.sample,
-                                 write_aux=return_pred_original_sample)
+            out = self._fused_output((k, 2), sample, model_output, want_x0=return_pred_original_sample, cond=cond,
+                                     guidance_scale=guidance_scale, clip_value=clip,
+                                     history=[self.prev_derivative], aux=self.sample)
             self.prev_derivative = None
             self.dt = None
             self.sample = None
         self._step_index += 1
-        return SchedulerOutput(prev_sample=result.sample, pred_original_sample=result.aux)
+        return out
+

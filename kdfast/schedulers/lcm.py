@@ -11,7 +11,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
 from .base import FusedScheduler, StepPlan
 from .ddim import timestep_value
 from .euler_discrete import _GrowingTable
@@ -178,7 +178,7 @@ class LCMScheduler(FusedScheduler):
         a_prev = self._host_alphas_cumprod[prev_t] if prev_t >= 0 else self._host_final
         sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
         if cfg.prediction_type == "epsilon":
-            x0 = (1.0 / sa, -sb / sa)
+            x0 = epsilon_x0_coefficients(sa, sb, bounded=cfg.clip_sample or cfg.thresholding)
         elif cfg.prediction_type == "sample":
             x0 = (0.0, 1.0)
         else:

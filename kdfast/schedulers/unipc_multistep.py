@@ -363,14 +363,5 @@ class UniPCMultistepScheduler(MultistepScheduler):
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:
         """The solver's quantity (x0 when predict_x0, else epsilon) at the current step."""
-        if sample is None:
-            if len(args) > 1:
-                sample = args[1]
-            else:
-                raise ValueError("missing `sample` as a required keyword argument")
-        if self._step_index is None:
-            raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
-        cfg = self.config
-        return self._fused((self._step_index, 0, 0), sample, model_output, write_history=True,
-                           dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-                           if cfg.thresholding and self.predict_x0 else None).history
+        return self._converted_output(model_output, args, sample, (self._step_index, 0, 0),
+                                      self.config.thresholding and self.predict_x0)

@@ -269,4 +269,3 @@ def test_pred_original_sample_on_request(config):
         expected = df.step(m, t_df, x, eta=0.5, variance_noise=x).pred_original_sample
         got = kd.step(m, t_kd, x, eta=0.5, variance_noise=x, return_pred_original_sample=True).pred_original_sample
         assert parity_error(got, expected) < 1e-5
-    assert kd.step(m, kd.timesteps[0], x).pred_original_sample is None  # not written unless asked for

@@ -1,0 +1,235 @@
+"""The diffusers scheduler contract across kdfast's schedulers: generator lists, copies,
+lazily computed x0 and tuple outputs, pipeline saving, and schedules at their edges."""
+import copy
+import math
+import pickle
+
+import pytest
+import torch
+
+import kdfast.schedulers as K
+from kdfast.schedulers import base
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+
+ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
+       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
+WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"]
+
+
+def steps(scheduler, x, n_steps, generator=None, **step_kwargs):
+    if generator is not None:
+        step_kwargs["generator"] = generator
+    for t in scheduler.timesteps[:n_steps]:
+        m = dummy_model(scheduler.scale_model_input(x, t), t)
+        x = scheduler.step(m, t, x, **step_kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("name, config, step_kwargs", [
+    ("DDIMScheduler", {}, {"eta": 1.0}),
+    ("EulerAncestralDiscreteScheduler", {}, {}),
+    ("EulerDiscreteScheduler", {}, {"s_churn": 5.0}),
+    ("LCMScheduler", {}, {}),
+    ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}, {}),
+])
+def test_a_list_of_generators_draws_per_sample_like_diffusers(name, config, step_kwargs):
+    # Pipelines pass pipe(..., generator=[g0, g1]) straight on to step().
+    outs = []
+    for cls in (getattr(diffusers, name), getattr(K, name)):
+        s = cls(**config)
+        s.set_timesteps(5)
+        gens = [torch.Generator().manual_seed(10), torch.Generator().manual_seed(11)]
+        outs.append(steps(s, initial_sample() * s.init_noise_sigma, 5, gens, **step_kwargs))
+    assert parity_error(outs[1], outs[0]) < 1e-5
+    s = getattr(K, name)(**config)
+    s.set_timesteps(5)
+    with pytest.raises(ValueError, match="generator: got a list of 3 generators for a batch of 2"):
+        steps(s, initial_sample(), 5, [torch.Generator() for _ in range(3)], **step_kwargs)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_continue_like_the_original(name, how):
+    s = getattr(K, name)()
+    s.set_timesteps(8)
+    x = steps(s, initial_sample() * s.init_noise_sigma, 3)
+    twin = copy.deepcopy(s) if how == "deepcopy" else pickle.loads(pickle.dumps(s))
+    assert dict(twin.config) == dict(s.config)
+    for i, t in enumerate(s.timesteps[3:]):
+        m = dummy_model(s.scale_model_input(x, t), t)
+        a = s.step(m, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        b = twin.step(m, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+        x = a
+
+
+@pytest.mark.parametrize("name", WITH_X0)
+def test_pred_original_sample_is_computed_when_read(name, monkeypatch):
+    df, kd = getattr(diffusers, name)(), getattr(K, name)()
+    for s in (df, kd):
+        s.set_timesteps(6)
+    calls = []
+    real = base.fused_step
+    monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a) or real(*a))
+    x_df = x_kd = initial_sample() * df.init_noise_sigma
+    for i, (t_df, t_kd) in enumerate(zip(df.timesteps, kd.timesteps)):
+        noisy = name == "EulerAncestralDiscreteScheduler"
+        gen_df = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
+        gen_kd = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
+        prev, x0 = df.step(dummy_model(df.scale_model_input(x_df, t_df), t_df), t_df, x_df, return_dict=False,
+                           **gen_df)
+        calls.clear()
+        out = kd.step(dummy_model(kd.scale_model_input(x_kd, t_kd), t_kd), t_kd, x_kd, return_dict=False, **gen_kd)
+        assert len(calls) == 1 and len(out) == 2
+        x_kd = out[0]  # what pipelines read: no second kernel call
+        assert len(calls) == 1
+        got_prev, got_x0 = out  # unpacking computes x0 from the step's inputs
+        assert len(calls) == 2 and got_prev is x_kd
+        assert parity_error(got_x0, x0) < 1e-5 and parity_error(x_kd, prev) < 1e-5
+        x_df = prev
+
+
+def test_pred_original_sample_refuses_inputs_changed_in_place():
+    kd = K.DDIMScheduler()
+    kd.set_timesteps(4)
+    x = initial_sample()
+    t = kd.timesteps[0]
+    m = dummy_model(x, t)
+    out = kd.step(m, t, x)
+    eager = kd.step(m, t, x, return_pred_original_sample=True).pred_original_sample
+    torch.testing.assert_close(out.pred_original_sample, eager, rtol=0, atol=0)
+    later = kd.step(m, t, x)
+    m.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        later.pred_original_sample
+
+
+def test_multistep_schedulers_return_one_entry_like_diffusers():
+    kd = K.DPMSolverMultistepScheduler()
+    kd.set_timesteps(4)
+    x = initial_sample()
+    out = kd.step(dummy_model(x, kd.timesteps[0]), kd.timesteps[0], x, return_dict=False)
+    assert isinstance(out, tuple) and len(out) == 1
+
+
+def test_patched_pipeline_saves_as_a_stock_pipeline(tmp_path):
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=False))
+    K.patch_pipeline(pipe)
+    pipe.save_pretrained(tmp_path)
+    assert isinstance(pipe.scheduler, K.DDIMScheduler)  # still patched after saving
+    loaded = diffusers.DDIMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is diffusers.DDIMScheduler
+    assert loaded.scheduler.config.clip_sample is False
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    images = pipe(batch_size=2, generator=gens, eta=1.0, num_inference_steps=3, output_type="np").images
+    assert images.shape == (2, 8, 8, 3)
+
+
+def test_config_helpers_of_diffusers(tmp_path):
+    s = K.DPMSolverMultistepScheduler(solver_order=3)
+    s.save_config(tmp_path)
+    s.to_json_file(tmp_path / "copy.json")
+    assert diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path).config.solver_order == 3
+    assert K.DPMSolverMultistepScheduler.from_config(K.DPMSolverMultistepScheduler.load_config(
+        tmp_path / "copy.json")).config.solver_order == 3
+    assert s.has_compatibles
+    with pytest.raises(ValueError, match="push_to_hub"):
+        s.save_pretrained(tmp_path, push_to_hub=True)
+
+
+def test_euler_get_velocity_matches_diffusers():
+    df, kd = diffusers.EulerDiscreteScheduler(), K.EulerDiscreteScheduler()
+    for s in (df, kd):
+        s.set_timesteps(10)
+    x, n = initial_sample(), initial_sample(seed=3)
+    t = df.timesteps[[2, 7]]
+    torch.testing.assert_close(kd.get_velocity(x, n, kd.timesteps[[2, 7]]), df.get_velocity(x, n, t))
+    with pytest.raises(ValueError, match="integer indices"):
+        kd.get_velocity(x, n, torch.tensor([2, 7]))
+
+
+# ---------------------------------------------------------------- schedules at their edges
+
+
+@pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"])
+def test_dpm_zero_length_final_step_at_second_order(sigmas):
+    # These schedules end at sigma_min, and final_sigmas_type="sigma_min" appends it again: the
+    # last step has length 0, at order 2 with >= 15 steps.
+    assert_parity(K.DPMSolverMultistepScheduler, diffusers.DPMSolverMultistepScheduler,
+                  {sigmas: True, "final_sigmas_type": "sigma_min"}, steps=20, begin_index=0)
+
+
+@pytest.mark.parametrize("solver_type, solver_order", [("heun", 2), ("midpoint", 3), ("heun", 3)])
+def test_dpm_zero_length_final_step_where_diffusers_gives_nan(solver_type, solver_order):
+    # diffusers divides 0 by 0 in this last step and returns NaN; kdfast leaves x as it is
+    # (the limit of the update as the step length goes to 0).
+    config = dict(use_karras_sigmas=True, final_sigmas_type="sigma_min", solver_type=solver_type,
+                  solver_order=solver_order, lower_order_final=False)
+    df = diffusers.DPMSolverMultistepScheduler(**config)
+    assert not torch.isfinite(run_loop(df, 10, initial_sample())).all()
+    kd = K.DPMSolverMultistepScheduler.from_config(df.config)
+    kd.set_timesteps(10)
+    x = initial_sample()
+    for t in kd.timesteps:
+        before = x
+        x = kd.step(dummy_model(x, t), t, x).prev_sample
+    assert kd.sigmas[-1] == kd.sigmas[-2]
+    torch.testing.assert_close(x, before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("sigmas", [{}, {"use_karras_sigmas": True}])
+def test_flow_prediction_on_a_vp_schedule(name, sigmas):
+    # Without flow sigmas, diffusers takes x0 = x - sigma * v with the schedule's raw sigma.
+    df = getattr(diffusers, name)(prediction_type="flow_prediction", **sigmas)
+    kd = getattr(K, name).from_config(df.config)
+    outs = []
+    for s in (df, kd):
+        s.set_timesteps(12)
+        outs.append(steps(s, initial_sample(), 12))
+    assert parity_error(outs[1], outs[0]) < 1e-5
+
+
+@pytest.mark.parametrize("config", [
+    dict(thresholding=True, prediction_type="sample", sample_max_value=1.5),
+    dict(thresholding=True, algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+    dict(variance_type="learned_range"),
+])
+def test_dpm_convert_model_output_matches_diffusers(config):
+    outs = []
+    for s in (diffusers.DPMSolverMultistepScheduler(**config), K.DPMSolverMultistepScheduler(**config)):
+        s.set_timesteps(10)
+        x = steps(s, initial_sample((2, 3, 8, 8)), 2)  # diffusers keeps the first 3 channels of learned variance
+        t = s.timesteps[2]
+        m = dummy_model(x, t)
+        if config.get("variance_type"):
+            m = torch.cat([m, m], dim=1)  # [mean, variance] channels
+        outs.append(s.convert_model_output(m, sample=x))
+    assert parity_error(outs[1], outs[0]) < 1e-5
+    kd = K.DPMSolverMultistepScheduler(**config)
+    kd.set_timesteps(10)
+    kd.set_begin_index(0)
+    x = initial_sample()
+    with pytest.raises(ValueError, match="missing `sample`"):
+        kd.convert_model_output(dummy_model(x, 0), x)  # diffusers reads a lone positional as the timestep
+
+
+def test_ddim_zero_snr_epsilon_with_clipping_matches_diffusers():
+    # alphas_cumprod[999] == 0: x0 is +-inf before clipping, in both libraries; clipped, finite.
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True)
+    got, expected = assert_parity(K.DDIMScheduler, diffusers.DDIMScheduler, config, steps=10)
+    assert torch.isfinite(got).all()
+
+
+def test_lcm_zero_snr_epsilon_gives_diffusers_non_finite_result_not_an_exception():
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    kd = K.LCMScheduler(**config)
+    kd.set_timesteps(4)
+    assert math.isinf(kd._table.plans[(0, int(kd.timesteps[0]))].x0[0])
+    clipped = K.LCMScheduler(**config, clip_sample=True)
+    clipped.set_timesteps(4)
+    x = steps(clipped, initial_sample(), 4, torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
