@@ -67,6 +67,40 @@ def prepare_output_dir(path: PathLike, overwrite: bool = True, subdirs: tuple = 
     return path
 
 
+def check_output_file(path: PathLike, what: str = "output file") -> Path:
+    """Check, before any work, that the file ``path`` can be written: its folder is created and
+    probed with a real write (:func:`prepare_output_dir`), and ``path`` is not a folder or a
+    read-only file. Raises :class:`OutputDirError` naming the path and the reason."""
+    path = Path(path)
+    if path.is_dir():
+        raise OutputDirError(f"{what} {str(path)!r} is not writable: it is an existing folder")
+    try:
+        prepare_output_dir(path.parent)
+    except OutputDirError as exc:
+        raise OutputDirError(f"{what} {str(path)!r} cannot be written: {exc}") from exc
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputDirError(f"{what} {str(path)!r} is not writable: it is a read-only file")
+    return path
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type`` for integers >= ``minimum``: a bad value is a usage error naming the
+    argument (exit status 2), not a traceback from deep inside the run."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
 # --------------------------------------------------------------------------- seeding, progress
 
 

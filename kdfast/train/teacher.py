@@ -35,7 +35,8 @@ from ..sampling import CapturedSampler
 from ..sampling import sample as run_sampler
 from . import images as _images
 from .plot import moving_average, plot_curves
-from .run import Checkpointer, GlobalRNG, MetricsLog, progress_bar
+from .run import (CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError, check_output_file,
+                  int_at_least, prepare_output_dir, progress_bar)
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -329,6 +330,8 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
+    if out is not None:  # found unusable now, not after the whole training run
+        check_weights_path(out)
     seed = int(seed)
 
     model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
@@ -463,6 +466,22 @@ def metadata_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def check_weights_path(path: PathLike) -> Path:
+    """Refuse, before any training, a weights path that cannot be saved to: one ending in
+    ``.json`` (the config JSON written beside it would overwrite it) or one that cannot be
+    written. Raises ValueError or :class:`~kdfast.train.run.OutputDirError` naming the path."""
+    path = _refuse_json_suffix(path)
+    return check_output_file(path, "teacher weights file")
+
+
+def _refuse_json_suffix(path: PathLike) -> Path:
+    path = Path(path)
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"teacher weights path {str(path)!r} must not end in .json: its config is written "
+                         "beside it as <name>.json (use e.g. .safetensors)")
+    return path
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -474,7 +493,7 @@ def save_teacher(model: UNet, config: Mapping[str, Any], path: PathLike) -> Path
     load. The per-step ``loss_history`` is left out of the JSON (it is a training log, and would
     be most of the file).
     """
-    path = Path(path)
+    path = _refuse_json_suffix(path)  # the JSON beside it would overwrite the weights
     path.parent.mkdir(parents=True, exist_ok=True)
     record = json.loads(json.dumps(config))  # a deep, JSON-clean copy
     record["model"] = model.config.to_dict()
@@ -515,6 +534,7 @@ def load_teacher(path: Optional[PathLike] = None, device: Union[str, torch.devic
     if config["noise_schedule"]["prediction_type"] != model_cfg.prediction_type:
         raise TeacherAssetError(f"teacher config {meta}: the noise schedule's prediction_type does not match "
                                 "the model's")
+    _check_noise_schedule(config["noise_schedule"], meta)
     if verify and "weights_sha256" in config and _sha256(path) != config["weights_sha256"]:
         raise TeacherAssetError(f"teacher weights {path} are corrupt: SHA-256 does not match {meta}")
     try:
@@ -527,6 +547,23 @@ def load_teacher(path: Optional[PathLike] = None, device: Union[str, torch.devic
     except RuntimeError as exc:
         raise TeacherAssetError(f"teacher weights {path} do not match the architecture in {meta}: {exc}") from exc
     return Teacher(model.to(device), config)
+
+
+def _check_noise_schedule(schedule: Any, meta: Path) -> None:
+    """Build every sampling scheduler from the recorded noise schedule (the SHA-256 covers the
+    weights, not the JSON): an edited schedule is reported here, not later as a raw error from
+    ``make_scheduler``. About 15 ms."""
+    if not isinstance(schedule, Mapping):
+        raise TeacherAssetError(f"teacher config {meta}: noise_schedule must be a JSON object, got "
+                                f"{type(schedule).__name__}")
+    for key, (class_name, options) in SCHEDULERS.items():
+        try:
+            sched = getattr(_schedulers, class_name).from_config(dict(schedule), **options)
+            sched.set_timesteps(2)
+        except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError,
+                NotImplementedError, RuntimeError) as exc:
+            raise TeacherAssetError(f"teacher config {meta}: its noise_schedule does not build a {key} scheduler: "
+                                    f"{type(exc).__name__}: {exc}") from exc
 
 
 _SHIPPED_CACHE: Dict[str, Teacher] = {}
@@ -555,17 +592,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m kdfast.train.teacher``: train, measure and save the shipped teacher."""
     import argparse
 
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--steps", type=int, default=1200)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser = argparse.ArgumentParser(prog="python -m kdfast.train.teacher", description=main.__doc__)
+    parser.add_argument("--steps", type=int_at_least(1), default=1200)
+    parser.add_argument("--batch-size", type=int_at_least(1), default=128)
     parser.add_argument("--prediction-type", default="v_prediction", choices=PREDICTION_TYPES)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.add_argument("--out", default=str(SHIPPED_PATH))
     parser.add_argument("--grid", default=None, help="also save a PNG grid of 50-step samples, 10 per class")
     parser.add_argument("--checkpoint-dir", default=None,
                         help="save the training state, a metrics log and a loss plot in this folder")
-    parser.add_argument("--checkpoint-every", type=int, default=100, help="steps between checkpoints (default 100)")
+    parser.add_argument("--checkpoint-every", type=int_at_least(1), default=100,
+                        help="steps between checkpoints (default 100)")
     parser.add_argument("--resume", action="store_true",
                         help="continue from the latest checkpoint in --checkpoint-dir (same settings)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -574,18 +612,37 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.resume and args.checkpoint_dir is None:
         parser.error("--resume needs --checkpoint-dir")
+
+    def fail(option: str, exc: Exception) -> None:  # bad input files or paths: one line, exit status 2
+        parser.exit(2, f"{parser.prog}: error: {option}: {exc}\n")
+
+    # Every output path is checked before the run, not found unusable after the training.
+    checks = [("--out", lambda: check_weights_path(args.out)) if not args.measure_only else None,
+              ("--grid", lambda: check_output_file(args.grid, "grid file")) if args.grid else None,
+              ("--checkpoint-dir", lambda: prepare_output_dir(args.checkpoint_dir)) if args.checkpoint_dir else None]
+    for option, check in filter(None, checks):
+        try:
+            check()
+        except (ValueError, OutputDirError) as exc:
+            fail(option, exc)
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_only:
-        remeasure(args.out)
+        try:
+            remeasure(args.out)
+        except TeacherAssetError as exc:
+            fail("--out", exc)
         if args.grid:
             save_grid(load_teacher(args.out).sample(10, steps=50, seed=0)[0], args.grid)
         return
 
-    teacher = train_teacher(steps=args.steps, batch_size=args.batch_size, prediction_type=args.prediction_type,
-                            seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
-                            checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                            resume=args.resume)
+    try:
+        teacher = train_teacher(steps=args.steps, batch_size=args.batch_size, prediction_type=args.prediction_type,
+                                seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
+                                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
+                                resume=args.resume)
+    except CheckpointError as exc:  # a corrupt checkpoint, or one of another run
+        fail("--resume", exc)
     print(f"trained in {teacher.config['training']['seconds']} s, "
           f"final loss {teacher.config['training']['final_loss_ema50']:.4f}")
     teacher.config["metrics"] = measure_samples(teacher)

@@ -51,6 +51,30 @@ def test_output_dir_without_overwrite(tmp_path):
         prepare_output_dir(tmp_path / "full", overwrite=False)
 
 
+def test_check_output_file(tmp_path):
+    path = run.check_output_file(tmp_path / "new" / "w.safetensors")
+    assert path.parent.is_dir() and not path.exists()  # the folder is made, the file is not
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match=r"w.safetensors' cannot be written: .*existing file"):
+        run.check_output_file(blocker / "w.safetensors")
+    with pytest.raises(OutputDirError, match="existing folder"):
+        run.check_output_file(tmp_path)
+    assert run.check_output_file(blocker) == blocker  # an existing, writable file may be replaced
+
+
+def test_int_at_least_is_an_argparse_error():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=run.int_at_least(1))
+    assert parser.parse_args(["--n", "3"]).n == 3
+    for bad in ("0", "-2", "x"):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--n", bad])
+        assert exc.value.code == 2
+
+
 # --------------------------------------------------------------------------- seeding, progress
 
 

@@ -283,3 +283,97 @@ def test_moving_the_teacher_drops_its_captures(graph_teacher):
     assert shipped._captured
     shipped.to("cpu")
     assert not shipped._captured
+
+
+def _copy_shipped(tmp_path):
+    path = tmp_path / "digits_teacher.safetensors"
+    shutil.copy(SHIPPED_PATH, path)
+    shutil.copy(teacher_mod.metadata_path(SHIPPED_PATH), teacher_mod.metadata_path(path))
+    return path
+
+
+@pytest.mark.parametrize("edit, reason", [
+    ({"num_train_timesteps": "abc"}, "TypeError"),
+    ({"beta_schedule": "foo"}, "beta_schedule"),
+    ({"num_train_timesteps": 0}, "noise_schedule"),
+    ({"timestep_spacing": None}, "noise_schedule"),
+])
+def test_edited_noise_schedule_is_reported_on_load(tmp_path, edit, reason):
+    # The SHA-256 covers the weights only: the schedule in the JSON is checked by building it.
+    path = _copy_shipped(tmp_path)
+    meta = teacher_mod.metadata_path(path)
+    record = json.loads(meta.read_text())
+    record["noise_schedule"].update(edit)
+    meta.write_text(json.dumps(record))
+    with pytest.raises(TeacherAssetError, match="noise_schedule does not build") as exc:
+        load_teacher(path)
+    assert reason in str(exc.value)
+    record["noise_schedule"] = ["not", "a", "mapping"]
+    meta.write_text(json.dumps(record))
+    with pytest.raises(TeacherAssetError, match="noise_schedule"):
+        load_teacher(path)
+
+
+def test_weights_path_ending_in_json_is_refused(tiny_teacher, tmp_path):
+    # metadata_path("t.json") is "t.json": the config would silently overwrite the weights
+    for name in ("t.json", "t.JSON"):
+        with pytest.raises(ValueError, match="must not end in .json"):
+            save_teacher(tiny_teacher.model, tiny_teacher.config, tmp_path / name)
+        assert not (tmp_path / name).exists()
+    with pytest.raises(ValueError, match="must not end in .json"):
+        train_teacher(out=tmp_path / "t.json", **TINY)
+
+
+def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
+    from kdfast.train.run import OutputDirError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setattr(teacher_mod, "load_digits", lambda *a, **k: pytest.fail("trained before checking out"))
+    with pytest.raises(OutputDirError, match="cannot be written"):
+        train_teacher(out=blocker / "t.safetensors", **TINY)
+    with pytest.raises(OutputDirError, match="existing folder"):
+        train_teacher(out=tmp_path, **TINY)
+
+
+def _main_error(capsys, argv):
+    with pytest.raises(SystemExit) as exc:
+        teacher_mod.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2, err
+    assert "Traceback" not in "\n".join(err)
+    return err[-1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "0"], "argument --steps: must be an integer >= 1, got 0"),
+    (["--batch-size", "0"], "argument --batch-size: must be an integer >= 1"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: must be an integer >= 1"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1"),
+    (["--steps", "x"], "argument --steps: expected an integer >= 1, got 'x'"),
+])
+def test_module_cli_rejects_bad_numbers(capsys, argv, message):
+    assert message in _main_error(capsys, argv)
+
+
+def test_module_cli_rejects_bad_paths_before_training(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda **k: pytest.fail("trained before checking the paths"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    out = ["--out", str(tmp_path / "t.safetensors"), "--no-progress"]
+    last = _main_error(capsys, ["--checkpoint-dir", str(blocker), *out])
+    assert last.startswith("python -m kdfast.train.teacher: error: --checkpoint-dir:") and "existing file" in last
+    assert "--out: " in _main_error(capsys, ["--out", str(blocker / "t.safetensors")])
+    assert "must not end in .json" in _main_error(capsys, ["--out", str(tmp_path / "t.json")])
+    assert "--grid: " in _main_error(capsys, ["--grid", str(blocker / "g.png"), *out])
+    assert "teacher weights not found" in _main_error(capsys, ["--measure-only", "--out",
+                                                                str(tmp_path / "missing.safetensors")])
+
+
+def test_module_cli_resume_from_a_corrupt_checkpoint(tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "step-00000002.safetensors").write_bytes(b"garbage")
+    last = _main_error(capsys, ["--checkpoint-dir", str(ckpt), "--resume", "--steps", "4", "--no-progress",
+                                "--out", str(tmp_path / "t.safetensors")])
+    assert last.startswith("python -m kdfast.train.teacher: error: --resume: checkpoint") and "corrupt" in last
