@@ -13,7 +13,6 @@ _MAX_BLOCK = 4096
 
 NEG_INF = tl.constexpr(float("-inf"))
 INF = tl.constexpr(float("inf"))
-NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -104,7 +103,9 @@ def _kd_divergence_kernel(
     keep = tl.cast(1.0, tl.float32)
     if HAS_LABELS:
         keep = tl.where(tl.load(labels_ptr + row) == ignore_index, 0.0, 1.0)
-    loss = tl.where(defined, loss * loss_scale, NAN)
+    # NaN made in the kernel: a NaN global would fail Triton's "global changed" check (nan != nan)
+    nan = INF - INF
+    loss = tl.where(defined, loss * loss_scale, nan)
     tl.store(loss_ptr + row, tl.where(keep > 0.0, loss, 0.0))
 
     if WRITE_GRAD:
@@ -118,7 +119,7 @@ def _kd_divergence_kernel(
             t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
             ls = (s - ms) - log_zs
             _, w = _term(ls, (t - mt) - log_zt, beta, log_beta, log_rest, KIND)
-            g = tl.where(defined, (w - tl.exp(ls) * sum_w) * scale, NAN)
+            g = tl.where(defined, (w - tl.exp(ls) * sum_w) * scale, nan)
             g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
             tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
 
