@@ -109,3 +109,43 @@ def test_random_shift_moves_digits_and_pads_with_background():
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)
     for img, src in zip(shifted, padded):
         assert any(torch.equal(img[0], src[0, dy:dy + 16, dx:dx + 16]) for dy in range(5) for dx in range(5))
+
+
+def test_weights_path_ending_in_json_is_refused(tmp_path, shipped):
+    # metadata_path("x.json") is "x.json": the JSON would silently overwrite the weights
+    for name in ("x.json", "x.Json"):
+        with pytest.raises(ValueError, match="must not end in .json"):
+            save_classifier(shipped, tmp_path / name)
+        assert not (tmp_path / name).exists()
+
+
+def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
+    import kdfast.eval.classifier as classifier
+    from kdfast.train.run import OutputDirError
+
+    monkeypatch.setattr(classifier, "train_classifier", lambda **k: pytest.fail("trained before checking the path"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OutputDirError, match="cannot be written"):
+        classifier.build_shipped_asset(blocker / "c.safetensors", progress=False)
+    with pytest.raises(ValueError, match="must not end in .json"):
+        classifier.build_shipped_asset(tmp_path / "c.json", progress=False)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
+    (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    (["--out", "{blocker}/c.safetensors"], "error: --out: classifier weights file"),
+    (["--out", "{tmp}/c.json"], "must not end in .json"),
+])
+def test_module_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
+    import kdfast.eval.__main__ as cli
+
+    monkeypatch.setattr(cli, "build_shipped_asset", lambda *a, **k: pytest.fail("trained despite a bad argument"))
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    argv = [a.format(blocker=blocker, tmp=tmp_path) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
