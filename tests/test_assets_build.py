@@ -51,3 +51,13 @@ def test_build_restores_the_thread_count(tmp_path):
     before = torch.get_num_threads()
     build_assets(out=str(tmp_path / "a"), quick=True, threads=1, progress=False)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("threads", ["0", "-1"])
+def test_bad_thread_count_is_an_error_before_anything_is_written(tmp_path, capsys, threads):
+    out = tmp_path / "assets"
+    assert main(["assets", "build", "--quick", "--threads", threads, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"kdfast assets build: error: threads must be an integer >= 1 (or None for torch's choice), " \
+                  f"got {threads}"
+    assert not out.exists()
