@@ -2,6 +2,7 @@
 which puts this folder on ``sys.path``)."""
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import platform
@@ -11,6 +12,37 @@ import types
 from typing import Dict, List, Optional
 
 import torch
+
+
+def int_at_least(minimum: int):
+    """An argparse ``type`` for integers >= ``minimum`` (a usage error, not a crash mid-run)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
+    """``--device`` as a torch device, cpu or cuda[:N]; anything else, or CUDA on a machine
+    without a GPU, is a usage error (exit status 2) before any work."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        parser.error(f"--device: expected cpu or cuda (or cuda:N), got {text!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {text}: no CUDA GPU here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        parser.error(f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here")
+    return device
 
 
 def device_name(device: torch.device) -> str:

@@ -18,7 +18,7 @@ import time
 from typing import Callable, List, Optional
 
 import torch
-from _common import device_name, quartiles, sync
+from _common import device_name, int_at_least, quartiles, sync
 
 from kdfast.losses import diffusion as dl
 from kdfast.reference import diffusion_losses as ref
@@ -168,7 +168,7 @@ def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float) -
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape, fp32, fewer repeats")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int_at_least(1), default=None)
     parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-min load to drop below this")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],

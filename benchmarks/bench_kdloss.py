@@ -28,11 +28,12 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from _common import check_device, int_at_least, quartiles
 from _common import device_name as _device_name
-from _common import quartiles
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
+CASES = ("kd_loss", "fused_linear_kd")
 # Dense bf16 tensor-core peak (no sparsity), for the FLOP/s ratio on the GPU.
 TENSOR_CORE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -221,15 +222,21 @@ def flops(case: str, shape: Dict[str, int]) -> Optional[float]:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int_at_least(1), default=5)
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
-    p.add_argument("--cases", default="kd_loss,fused_linear_kd")
+    p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
     p.add_argument("--profile", action="store_true", help="also print kdfast's time breakdown per shape (profiler)")
     p.add_argument("--peak-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.peak_worker:
         return _peak_worker(args.peak_worker)
+    check_device(p, args.device)  # --device cuda without a GPU: a usage error, not a traceback
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown or not cases:
+        p.error(f"--cases: {'unknown case(s) ' + ', '.join(unknown) if unknown else 'no case given'}; "
+                f"expected some of {', '.join(CASES)}")
 
     device = args.device
     if device == "cuda":
@@ -250,7 +257,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {dtype}")
     print(f"{'case':<16} {'shape':<28} {'candidate':<24} {'median ms':>10} {'q1-q3 ms':>17} "
           f"{'peak MiB':>9} {'vs torch':>9} {'mem vs torch':>12} {'TFLOP/s':>8}")
-    for case in args.cases.split(","):
+    for case in cases:
         for shape in shapes:
             shape_case = {k: v for k, v in shape.items() if case == "fused_linear_kd" or k != "hidden"}
             results = {}

@@ -29,7 +29,7 @@ import warnings
 from typing import Callable, Dict, Optional
 
 import torch
-from _common import device_name, k_diffusion_sampling, quartiles, sync
+from _common import check_device, device_name, int_at_least, k_diffusion_sampling, quartiles, sync
 
 import kdfast
 from kdfast import schedulers as kd
@@ -283,32 +283,43 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
     return rows
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    parser.add_argument("--solvers", default=None, help="comma-separated subset")
-    parser.add_argument("--repeats", type=int, default=None, help="timed repeats per solver (default 15, quick 5)")
+    parser.add_argument("--solvers", default=None,
+                        help=f"comma-separated subset of {','.join(name for name, *_ in SOLVERS)}")
+    parser.add_argument("--repeats", type=int_at_least(1), default=None,
+                        help="timed repeats per solver (default 15, quick 5)")
     parser.add_argument("--sections", default="steps,unet,kdiff",
                         help="what to run: steps (per-step and loop times per solver), unet (the UNet loop), "
                              "kdiff (against k-diffusion's samplers, where installed)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
                              "full runs; rows of other devices are kept)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    # Arguments are checked before anything runs: an unknown name would otherwise give an
+    # empty table and exit 0.
+    device, dtype = check_device(parser, args.device), getattr(torch, args.dtype)
+    wanted = None
+    if args.solvers is not None:
+        wanted = {s.strip() for s in args.solvers.split(",") if s.strip()}
+        known = [name for name, *_ in SOLVERS]
+        unknown = sorted(wanted - set(known))
+        if unknown or not wanted:
+            parser.error(f"--solvers: {'unknown solver(s) ' + ', '.join(unknown) if unknown else 'no solver given'}; "
+                         f"expected some of {', '.join(known)}")
+    sections = {s.strip() for s in args.sections.split(",") if s.strip()}
+    if not sections or not sections <= {"steps", "unet", "kdiff"}:
+        parser.error(f"--sections takes steps, unet and/or kdiff, got {args.sections!r}")
     try:
         import diffusers
     except ImportError:
         raise SystemExit("bench_solvers compares against diffusers: pip install diffusers")
     diffusers.utils.logging.set_verbosity_error()
-    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     repeats = args.repeats or (5 if args.quick else 15)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
-    wanted = set(args.solvers.split(",")) if args.solvers else None
-    sections = set(args.sections.split(","))
-    if not sections <= {"steps", "unet", "kdiff"}:
-        raise SystemExit(f"--sections takes steps, unet and/or kdiff, got {args.sections}")
     rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")

@@ -43,3 +43,40 @@ def test_ncu_report_parsing(monkeypatch):
     assert ddim["lower_bound_bytes"] == 3 * 2 * 4 * 128 * 128 * 4  # x, model output read; sample written
     with pytest.raises(SystemExit, match="launches"):
         N.summarise(rows[:-1], itemsize=4)
+
+
+def _bench_module(monkeypatch, name):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import importlib
+
+    return importlib.import_module(name)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("bench_solvers", ["--quick", "--sections", "steps", "--solvers", "foo"],
+     "--solvers: unknown solver(s) foo; expected some of dpmpp_2m,"),
+    ("bench_solvers", ["--solvers", ","], "--solvers: no solver given"),
+    ("bench_solvers", ["--repeats", "-1"], "argument --repeats: must be an integer >= 1, got -1"),
+    ("bench_solvers", ["--device", "foo"], "--device: expected cpu or cuda (or cuda:N), got 'foo'"),
+    ("bench_solvers", ["--sections", "x"], "--sections takes steps, unet and/or kdiff"),
+    ("bench_kdloss", ["--quick", "--no-write", "--cases", "foo"], "--cases: unknown case(s) foo; expected some of"),
+    ("bench_kdloss", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+])
+def test_benchmark_argument_errors(monkeypatch, capsys, script, args, message):
+    module = _bench_module(monkeypatch, script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script", ["bench_solvers", "bench_kdloss"])
+def test_benchmark_cuda_without_a_gpu_is_an_argument_error(monkeypatch, capsys, script):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    module = _bench_module(monkeypatch, script)
+    with pytest.raises(SystemExit) as exc:
+        module.main(["--device", "cuda"])
+    assert exc.value.code == 2
+    assert "--device cuda: no CUDA GPU here" in capsys.readouterr().err
