@@ -13,7 +13,7 @@ head weights.
 from __future__ import annotations
 
 import argparse
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -34,6 +34,8 @@ def distil(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 32,
            lr: float = 3e-3, kind: str = "jsd", seed: int = 0, log_every: int = 10) -> List[float]:
     """Train the student for ``steps`` steps on ``dataset_size`` random token sequences;
     returns the loss of every step."""
+    if isinstance(steps, bool) or int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     teacher = tiny_llama(hidden=128, layers=4, vocab=vocab + 16, seed=seed)  # head padded by 16 columns
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)  # sharper next-token distributions than a random init gives
@@ -62,12 +64,22 @@ def distil(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 32,
     return losses
 
 
-def main() -> None:
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if value < 1:  # no step, no loss to report
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
+
+
+def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--kind", default="jsd", choices=["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     losses = distil(steps=args.steps, kind=args.kind, seed=args.seed)
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
 

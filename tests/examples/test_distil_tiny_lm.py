@@ -21,3 +21,14 @@ def test_distillation_loss_falls():
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert all(l == l for l in losses)  # no NaN
     assert last < 0.85 * first, f"loss did not fall: first {first:.4f}, last {last:.4f}"
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_non_positive_steps_are_an_argument_error(capsys, steps):
+    example = load_example()
+    with pytest.raises(SystemExit) as exc:
+        example.main(["--steps", steps])
+    assert exc.value.code == 2
+    assert f"argument --steps: must be an integer >= 1, got {steps}" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="steps must be an integer >= 1"):
+        example.distil(steps=int(steps), log_every=0)
