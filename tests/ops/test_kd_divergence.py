@@ -140,6 +140,7 @@ def test_large_logits_keep_their_small_differences(backend, kind, offset):
     torch.testing.assert_close(grad.double(), grad64, rtol=1e-4, atol=2e-6)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: log(0) in those rows
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_row_without_distribution_is_nan(backend, kind):
