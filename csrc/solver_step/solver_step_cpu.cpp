@@ -99,8 +99,11 @@ int solver_step_cpu(const Params& p) {
   return kOk;
 }
 
-// Linear-interpolated quantile like torch.quantile(..., interpolation="linear").
+// Linear-interpolated quantile like torch.quantile(..., interpolation="linear"), NaN when a
+// value is NaN, as torch's (nth_element's order is undefined with NaN in the range).
 static float quantile_inplace(std::vector<float>& v, float q) {
+  for (const float x : v)
+    if (x != x) return NAN;
   const int64_t n = int64_t(v.size());
   const float pos = q * float(n - 1);
   const int64_t lo = int64_t(std::floor(pos));

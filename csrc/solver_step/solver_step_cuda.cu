@@ -41,18 +41,21 @@ __device__ float abs_x0(const ThresholdParams& p, int64_t b, int64_t i) {
 
 // k-th smallest |x0| of sample b by 4 radix passes of 8 bits over the float bit pattern
 // (non-negative floats order like their bits). Recomputes |x0| each pass instead of
-// materialising it: the inputs stay in L2 for SD-sized latents.
+// materialising it: the inputs stay in L2 for SD-sized latents. NaN when a |x0| is NaN (bits
+// above inf's), as torch.quantile gives.
 __device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, unsigned* hist,
                               unsigned* shared_prefix, long long* shared_k) {
   unsigned prefix = 0, mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
+    int nan_seen = 0;
     for (int64_t i = threadIdx.x; i < p.inner; i += blockDim.x) {
       const unsigned bits = __float_as_uint(abs_x0(p, b, i));
+      nan_seen |= bits > 0x7f800000u;
       if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1u);
     }
-    __syncthreads();
+    if (__syncthreads_or(nan_seen)) return NAN;  // the same answer in every thread: a uniform exit
     if (threadIdx.x == 0) {
       long long kk = k;
       unsigned bin = 0;

@@ -121,7 +121,7 @@ def solver_step(
     *,
     cond: Optional[torch.Tensor] = None,
     guidance_scale: float = 1.0,
-    history: Sequence[torch.Tensor] = (),
+    history: Optional[Sequence[torch.Tensor]] = (),
     aux: Optional[torch.Tensor] = None,
     noise: Optional[torch.Tensor] = None,
     clip_value: Optional[float] = None,
@@ -153,8 +153,13 @@ def solver_step(
         ``StepResult(sample, history, aux)``; entries not asked for are None.
     """
     _check_sample(sample)
+    if history is None:
+        history = ()
     if len(history) > 3:
         raise ValueError(f"history holds at most 3 entries, got {len(history)}")
+    for k, h in enumerate(history):
+        if h is None:  # the kernel would read a missing entry as zeros
+            raise TypeError(f"history[{k}] is None; pass only the entries the step reads")
     if clip_value is not None and dynamic_scale is not None:
         raise ValueError("pass clip_value or dynamic_scale, not both")
     return fused_step(sample, model_output, _check_coefs(coefs), cond, guidance_scale, history, aux, noise,
@@ -219,9 +224,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     # The dispatcher is needed under compile / dispatch modes, for tensor subclasses and for
     # autograd; no address is taken then (fake and functional tensors have none). Compiling is
     # asked first: dynamo cannot trace the dispatch-stack query.
-    dispatch = backend is None and (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                                    or type(sample) is not _Tensor or (grad and sample.requires_grad))
-    check_grad = grad and backend is None
+    dispatch = (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                or type(sample) is not _Tensor or (grad and sample.requires_grad))
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
         ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if contiguous else sample.stride(0), code
@@ -238,13 +242,13 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
             plain = t.is_contiguous()
             if not plain:
                 t = inputs[k] = sample_major(t)
-            if check_grad and t.requires_grad:
+            if grad and t.requires_grad:
                 dispatch = True
         else:
             t = inputs[k] = _check_like(_INPUT_NAMES[k], t, sample)
             t_code = DTYPE_CODES[t.dtype]
             plain = t.is_contiguous()
-            if backend is None and (type(t) is not _Tensor or (grad and t.requires_grad)):
+            if type(t) is not _Tensor or (grad and t.requires_grad):
                 dispatch = True
         if not dispatch:
             ptrs[k], strides[k], codes[k] = t.data_ptr(), inner if plain else t.stride(0), t_code
@@ -253,6 +257,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     threshold, clip = THRESHOLD_NONE, 1.0
     if clip_value is not None:
         threshold, clip = THRESHOLD_CLIP, _check_scalar("clip_value", clip_value)
+        if clip < 0:
+            raise ValueError(f"clip_value must be >= 0 (x0 is clamped to [-clip_value, clip_value]), got {clip}")
     if dynamic_scale is not None:
         threshold = THRESHOLD_DYNAMIC
         if (
@@ -278,7 +284,7 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
         _, model_output, cond, h0, h1, h2, aux, noise = inputs
         args = (sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
                 dynamic_scale, mask, history_dtype)
-        outs = torch.ops.kdfast.solver_step(*args) if dispatch else _solver_step(*args, backend=backend)
+        outs = torch.ops.kdfast.solver_step(*args, backend or "") if dispatch else _solver_step(*args, backend=backend)
         it = iter(outs)
         return StepResult(next(it), next(it) if write_history else None, next(it) if write_aux else None)
 
@@ -405,14 +411,41 @@ def _solver_step_op(
     dynamic_scale: Optional[torch.Tensor],
     out_mask: int,
     history_dtype: torch.dtype,
+    backend: str,
 ) -> List[torch.Tensor]:
+    # Callable directly as torch.ops.kdfast.solver_step: check what the kernels take on trust
+    # (solver_step checks it on its own path) and bring every layout to sample-major.
+    sample, model_output, cond, history0, history1, history2, aux, noise = _checked_op_tensors(
+        sample, model_output, cond, history0, history1, history2, aux, noise)
+    coefs = _check_coefs(coefs)
+    guidance_scale, clip_value = _check_scalar("guidance_scale", guidance_scale), _check_scalar("clip_value", clip_value)
+    if threshold not in (THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC):
+        raise ValueError(f"threshold must be {THRESHOLD_NONE}, {THRESHOLD_CLIP} or {THRESHOLD_DYNAMIC}, got {threshold}")
+    if threshold == THRESHOLD_CLIP and clip_value < 0:
+        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
+    if threshold == THRESHOLD_DYNAMIC and (dynamic_scale is None or dynamic_scale.dtype != torch.float32
+                                           or dynamic_scale.shape != (sample.shape[0],)
+                                           or dynamic_scale.device != sample.device):
+        raise ValueError(f"dynamic_scale must be a float32 tensor of shape ({sample.shape[0]},) on {sample.device}")
+    if not out_mask & _OUT_SAMPLE or out_mask & ~(_OUT_SAMPLE | _OUT_HISTORY | _OUT_AUX):
+        raise ValueError(f"out_mask must include the sample output (1) and only bits 1, 2, 4, got {out_mask}")
+    if history_dtype not in DTYPE_CODES:
+        raise TypeError(f"history_dtype must be float32, float16 or bfloat16, got {history_dtype}")
     return _solver_step(sample, model_output, coefs, cond, guidance_scale, history0, history1, history2,
-                        aux, noise, threshold, clip_value, dynamic_scale, out_mask, history_dtype)
+                        aux, noise, threshold, clip_value, None if dynamic_scale is None else dynamic_scale.contiguous(),
+                        out_mask, history_dtype, backend=backend or None)
+
+
+def _checked_op_tensors(sample, *others) -> list:
+    if not isinstance(sample, torch.Tensor) or sample.dtype not in DTYPE_CODES or sample.dim() == 0:
+        raise TypeError(f"sample must be a float32, float16 or bfloat16 tensor with a batch dimension, got "
+                        f"{describe('sample', sample) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
+    return [sample_major(sample)] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
 
 
 @_solver_step_op.register_fake
 def _(sample, model_output, coefs, cond, guidance_scale, history0, history1, history2, aux, noise,
-      threshold, clip_value, dynamic_scale, out_mask, history_dtype):
+      threshold, clip_value, dynamic_scale, out_mask, history_dtype, backend):
     return [o for o in _allocate(sample, out_mask, history_dtype) if o is not None]
 
 
@@ -444,7 +477,8 @@ def _backward(ctx, grads):
         g = None if leaf is None else next(it)
         result.append(None if g is None or orig is None else g.to(orig.dtype))
     sample_g, model_g, cond_g, h0_g, h1_g, h2_g, aux_g, noise_g = result
-    return (sample_g, model_g, None, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, None, None, None)
+    return (sample_g, model_g, None, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, None, None, None,
+            None)
 
 
 _solver_step_op.register_autograd(_backward, setup_context=_setup_context)

@@ -143,6 +143,8 @@ def good():
     (dict(aux=torch.randn(2, 4, 8, 8, device="meta")), ValueError, "aux must be on cpu"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
     (dict(clip_value=float("inf")), ValueError, "clip_value must be a finite"),
+    (dict(clip_value=-1.0), ValueError, "clip_value must be >= 0"),
+    (dict(history=[None]), TypeError, r"history\[0\] is None"),
     (dict(clip_value=1.0, dynamic_scale=torch.ones(2)), ValueError, "not both"),
     (dict(dynamic_scale=torch.ones(3)), ValueError, r"dynamic_scale must be a float32 tensor of shape \(2,\)"),
     (dict(history_dtype=torch.int32), TypeError, "history_dtype"),
@@ -165,6 +167,59 @@ def test_bad_core_arguments(good):
         ops.solver_step(x, m, torch.zeros(29, dtype=torch.float64))
     with pytest.raises(ValueError, match="unknown source"):
         ops.coefficients(1.0, 0.0, sample={"eps": 1.0})
+
+
+def test_history_none_means_no_history(good):
+    x, m, c = good
+    torch.testing.assert_close(ops.solver_step(x, m, c, history=None).sample, ops.solver_step(x, m, c).sample)
+
+
+def _raw_op(x, m, coefs, *, threshold=0, clip=1.0, mask=1, history_dtype=torch.float32, **tensors):
+    return torch.ops.kdfast.solver_step(x, m, coefs, tensors.get("cond"), 1.0, tensors.get("h0"), None, None,
+                                        tensors.get("aux"), tensors.get("noise"), threshold, clip, None, mask,
+                                        history_dtype, "")
+
+
+def test_registered_op_checks_what_the_kernels_trust(good):
+    # torch.ops.kdfast.solver_step is callable directly: a mismatch must be an error, not an
+    # out-of-bounds read (it segfaulted at (256, 65536) vs (1, 65536)).
+    x, m, c = good
+    for call, exc, match in [
+        (lambda: _raw_op(x, m[:1], c), ValueError, "model_output must have the shape"),
+        (lambda: _raw_op(x, m, c, cond=m[..., :7]), ValueError, "cond must have the shape"),
+        (lambda: _raw_op(x, m, torch.zeros(5)), ValueError, "coefs must be a CPU float32 tensor of 29"),
+        (lambda: _raw_op(x.double(), m, c), TypeError, "sample must be a float32"),
+        (lambda: _raw_op(x, m, c, threshold=1, clip=-1.0), ValueError, "clip_value must be >= 0"),
+        (lambda: _raw_op(x, m, c, threshold=2), ValueError, "dynamic_scale must be"),
+        (lambda: _raw_op(x, m, c, mask=2), ValueError, "out_mask"),
+    ]:
+        with pytest.raises(exc, match=match):
+            call()
+
+
+def test_registered_op_takes_any_layout():
+    # channels_last inputs are brought to sample-major order, not read as if they were.
+    case = make_case((2, 3, 4, 5), torch.float32, 1, True, False, True, seed=4)
+    expected = ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
+                               history=case["history"], noise=case["noise"]).sample
+    cl = {k: v.to(memory_format=torch.channels_last) for k, v in case.items()
+          if isinstance(v, torch.Tensor) and v.dim() == 4}
+    got = _raw_op(cl["sample"], cl["model_output"], case["coefs"], cond=cl["cond"],
+                  h0=case["history"][0].to(memory_format=torch.channels_last), noise=cl["noise"])[0]
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_forced_backend_stays_differentiable(backend):
+    case = make_case((2, 3, 4), torch.float32, 0, False, False, False, seed=6)
+    grads = []
+    for chosen in (None, backend):
+        x = case["sample"].clone().requires_grad_(True)
+        out = ops.solver_step(x, case["model_output"], case["coefs"], clip_value=0.7, backend=chosen).sample
+        assert out.requires_grad
+        out.square().sum().backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[1], grads[0])
 
 
 def test_forced_backend_that_cannot_serve_explains(good, monkeypatch):
@@ -208,7 +263,7 @@ def _custom_op(case, guidance_scale=1.0, clip_value=None, dynamic_scale=None, hi
     return torch.ops.kdfast.solver_step(case["sample"], case["model_output"], case["coefs"], case["cond"],
                                         guidance_scale, *hist, case["aux"], case["noise"], threshold,
                                         1.0 if clip_value is None else clip_value, dynamic_scale, 7,
-                                        history_dtype or case["sample"].dtype)
+                                        history_dtype or case["sample"].dtype, "")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -266,6 +321,7 @@ def test_fused_step_thresholds_like_the_public_step(good):
     (dict(sample=torch.zeros(2, 4, 8, 8, dtype=torch.float64)), TypeError, "sample must be float32"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
     (dict(clip_value=float("inf")), ValueError, "clip_value must be a finite"),
+    (dict(clip_value=-1.0), ValueError, "clip_value must be >= 0"),
     (dict(dynamic_scale=torch.ones(3)), ValueError, r"dynamic_scale must be a float32 tensor of shape \(2,\)"),
     (dict(history_dtype=torch.int32), TypeError, "history_dtype"),
 ])
@@ -305,7 +361,7 @@ def test_opcheck_solver_step():
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 3, 5, generator=g)
     args = (x, torch.randn_like(x), random_coefs(g), torch.randn_like(x), 3.0, torch.randn_like(x), None, None,
-            torch.randn_like(x), torch.randn_like(x), 1, 0.8, None, 7, torch.float32)
+            torch.randn_like(x), torch.randn_like(x), 1, 0.8, None, 7, torch.float32, "")
     torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
 
 
@@ -382,6 +438,16 @@ def test_threshold_scale_matches_quantile(backend, dtype, shape, ratio):
     exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, 4.0, compute_dtype=torch.float64)
     assert got.dtype == torch.float32 and got.shape == (shape[0],)
     torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale") + ["reference"])
+def test_threshold_scale_of_a_sample_with_nan_is_nan(backend):
+    # torch.quantile (diffusers' thresholding) gives NaN; a selection that skips NaN would
+    # threshold with a made-up scale instead.
+    x = torch.randn(3, 257, generator=torch.Generator().manual_seed(5)) * 3
+    x[1, 100] = float("nan")
+    got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=0.995, max_value=2.0, backend=backend)
+    assert got[1].isnan() and torch.isfinite(got[[0, 2]]).all()
 
 
 def test_threshold_scale_bad_input():
