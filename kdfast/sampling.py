@@ -18,7 +18,12 @@ global RNG when it is None). ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` t
 to Gaussian noise, not k-diffusion's Brownian tree (pass one as ``noise_sampler`` to get it).
 Churn noise (``s_churn > 0`` in Euler / Heun / DPM-2) is drawn with
 ``noise_sampler(sigmas[i], sigmas[i + 1])`` and added by the kernel of the step before (the
-first step's by one extra kernel pass before the loop).
+first step's by one extra kernel pass before the loop). It is drawn only for the steps that
+churn, where k-diffusion draws ``randn_like(x)`` on every step (with ``s_churn=0`` too) and
+discards the draws it does not use: with an ``s_tmin`` / ``s_tmax`` window that leaves some
+steps unchurned, the same global seed therefore gives other (equally distributed) samples than
+k-diffusion. Pass a ``noise_sampler`` keyed on its ``(sigma, sigma_next)`` arguments to compare
+the two draw for draw.
 """
 from __future__ import annotations
 

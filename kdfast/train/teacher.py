@@ -11,7 +11,7 @@ full state there as it goes (:mod:`kdfast.train.run`) and can resume, bit for bi
 
 Sampling (:func:`sample_teacher`, :meth:`Teacher.sample`) runs a kdfast scheduler through
 :func:`kdfast.sample`, with classifier-free guidance fused into every step (``step_cfg``): the
-UNet is called once per step on the doubled batch (class labels, then the null class).
+UNet is called once per step on the doubled batch (the null class, then the class labels).
 """
 from __future__ import annotations
 
