@@ -3,12 +3,48 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
+import json
+import os
+import sys
 from types import ModuleType
 from typing import Optional, Tuple
 
 
-_SOURCE_TREE_HINT = ("; kdfast was imported from {path}: if that is the source tree, install the package "
-                     "(pip install .) and run from another directory")
+def _package_dir() -> str:
+    import kdfast
+
+    return kdfast.__path__[0]
+
+
+def is_unbuilt_source_tree() -> bool:
+    """True when kdfast is imported from a checkout whose extensions are not importable (the
+    source tree shadows the installed package, e.g. ``python -m ...`` from the clone)."""
+    root = os.path.dirname(_package_dir())
+    return os.path.exists(os.path.join(root, "CMakeLists.txt")) and importlib.util.find_spec("kdfast._C") is None
+
+
+def build_info() -> dict:
+    """What the build recorded (``_build_info.json``, written by CMake), or {} when absent."""
+    dirs = [_package_dir()]
+    module, _ = _load("_C")
+    if module is not None:  # editable installs keep built files next to the extension
+        dirs.append(os.path.dirname(module.__file__))
+    for d in dirs:
+        try:
+            with open(os.path.join(d, "_build_info.json")) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            continue
+    return {}
+
+
+def _why_not(name: str, exc: ImportError) -> str:
+    reason = f"kdfast.{name} is not importable ({exc})"
+    if is_unbuilt_source_tree():
+        reason += (f"; kdfast was imported from its source tree {_package_dir()}, which holds no built "
+                   "extensions: install the package (pip install .) and run from another directory")
+    return reason
 
 
 @functools.lru_cache(maxsize=None)
@@ -16,9 +52,7 @@ def _load(name: str) -> Tuple[Optional[ModuleType], Optional[str]]:
     try:
         return importlib.import_module(f"kdfast.{name}"), None
     except ImportError as exc:  # not built, built for another Python, or a source checkout
-        import kdfast
-
-        return None, f"kdfast.{name} is not importable ({exc})" + _SOURCE_TREE_HINT.format(path=kdfast.__path__[0])
+        return None, _why_not(name, exc)
 
 
 def cpu() -> Tuple[Optional[ModuleType], Optional[str]]:
@@ -30,6 +64,9 @@ def cuda() -> Tuple[Optional[ModuleType], Optional[str]]:
     """The CUDA extension kdfast._C_cuda and, when missing, the reason."""
     module, reason = _load("_C_cuda")
     if module is None:
+        note = build_info().get("cuda", "")
+        if note.startswith("not built"):
+            return None, f"kdfast._C_cuda {note}"
         return None, reason + "; it is built only when nvcc is found at install time (KDFAST_CUDA=AUTO|ON)"
     return module, None
 
@@ -41,4 +78,27 @@ def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
         importlib.import_module("triton")
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install triton"
+    global _interpreted_kernels
+    _interpreted_kernels = os.environ.get("TRITON_INTERPRET") == "1"
     return _load("kernels")
+
+
+# Whether the loaded Triton kernels were defined under the interpreter (None: not loaded).
+_interpreted_kernels: Optional[bool] = None
+
+
+def triton_kernels_interpreted() -> Optional[bool]:
+    return _interpreted_kernels
+
+
+def forget() -> None:
+    """Forget what was loaded, so the next call loads again: after installing a backend, or
+    after changing TRITON_INTERPRET (Triton picks compiled or interpreted kernels when they are
+    defined, so the kernel modules are imported anew)."""
+    global _interpreted_kernels
+    importlib.invalidate_caches()
+    _interpreted_kernels = None
+    _load.cache_clear()
+    triton.cache_clear()
+    for name in [m for m in sys.modules if m == "kdfast.kernels" or m.startswith("kdfast.kernels.")]:
+        del sys.modules[name]

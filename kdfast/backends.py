@@ -36,7 +36,10 @@ def refresh() -> None:
     """Re-read ``KDFAST_BACKEND`` and forget cached choices (after changing the environment,
     e.g. KDFAST_BACKEND or TRITON_INTERPRET, or installing a backend)."""
     global _FORCED
+    from . import _ext
+
     _FORCED = os.environ.get("KDFAST_BACKEND") or None
+    _ext.forget()
     for entry in OPS.values():
         entry._cache.clear()
 
@@ -71,7 +74,11 @@ def backend_reason(backend: str, device_type: str) -> Optional[str]:
     if reason:
         return reason
     if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-        return "triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1)"
+        return ("triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before "
+                "importing kdfast, or call kdfast.backends.refresh() after setting it)")
+    if device_type == "cpu" and not _ext.triton_kernels_interpreted():
+        return ("kdfast's Triton kernels were loaded before TRITON_INTERPRET=1 was set: call "
+                "kdfast.backends.refresh() to load them under the interpreter")
     if device_type == "cuda":
         return _cuda_device_reason()
     if device_type != "cpu":

@@ -143,12 +143,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     b.add_argument("--threads", type=int, default=1, help="torch threads (the shipped assets used 1)")
     b.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    if args.command == "info":
-        print(info())
-    elif args.command == "demo":
-        return demo(args)
-    elif args.command == "assets":
-        return assets(args)
+    try:
+        if args.command == "info":
+            print(info())
+        elif args.command == "demo":
+            return demo(args)
+        elif args.command == "assets":
+            return assets(args)
+    except ImportError as exc:  # an optional dependency of this command (the message says what to install)
+        print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -30,3 +30,16 @@ def test_main_rejects_unknown_command(capsys):
         main(["frobnicate"])
     assert exc.value.code == 2
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys):
+    # Without the [demo] extra the command names what to install instead of a traceback.
+    import kdfast.demo
+
+    def needs_sklearn(**kwargs):
+        raise ImportError("the digits data needs scikit-learn: pip install scikit-learn")
+
+    monkeypatch.setattr(kdfast.demo, "run_demo", needs_sklearn)
+    assert main(["demo", "--quick", "--no-anchor", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["kdfast demo: error: the digits data needs scikit-learn: pip install scikit-learn"]

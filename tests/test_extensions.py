@@ -18,3 +18,24 @@ def test_cuda_extension_imports_without_a_gpu():
     assert module.device_count() >= 0
     assert module.runtime_version() >= 12000
     assert module.NUM_COEFS == 29
+
+
+def test_build_records_what_it_built():
+    # CMake writes _build_info.json; `kdfast info` says why the CUDA extension is absent from it.
+    info = kdfast._ext.build_info()
+    assert info.get("cuda_requested") in ("AUTO", "ON", "OFF")
+    module, reason = kdfast._ext.cuda()
+    if module is None:
+        assert reason == f"kdfast._C_cuda {info['cuda']}" and info["cuda"].startswith("not built")
+    else:
+        assert info["cuda"].startswith("built for archs")
+
+
+def test_source_tree_without_extensions_is_recognised(tmp_path, monkeypatch):
+    (tmp_path / "CMakeLists.txt").write_text("")
+    (tmp_path / "kdfast").mkdir()
+    monkeypatch.setattr(kdfast._ext, "_package_dir", lambda: str(tmp_path / "kdfast"))
+    monkeypatch.setattr(kdfast._ext.importlib.util, "find_spec", lambda name: None)
+    assert kdfast._ext.is_unbuilt_source_tree()
+    (tmp_path / "CMakeLists.txt").unlink()
+    assert not kdfast._ext.is_unbuilt_source_tree()

@@ -236,6 +236,27 @@ def test_forced_backend_that_cannot_serve_explains(good, monkeypatch):
         kdfast.backends.refresh()
 
 
+@pytest.mark.skipif("triton" not in BACKENDS, reason="needs triton (under its interpreter here)")
+def test_triton_interpret_set_after_import_takes_effect_on_refresh(good, monkeypatch):
+    # Triton picks compiled or interpreted kernels when they are defined: kernels loaded before
+    # TRITON_INTERPRET=1 cannot run CPU tensors; refresh() loads them again under it.
+    x, m, c = good
+    op = kdfast.backends.op("solver_step")
+    try:
+        monkeypatch.delenv("TRITON_INTERPRET")
+        kdfast.backends.refresh()
+        assert "only under its interpreter" in op.reason("triton", "cpu")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        assert "call kdfast.backends.refresh()" in op.reason("triton", "cpu")
+        kdfast.backends.refresh()
+        assert op.reason("triton", "cpu") is None
+        torch.testing.assert_close(ops.solver_step(x, m, c, backend="triton").sample,
+                                   ops.solver_step(x, m, c, backend="cpu").sample)
+    finally:
+        monkeypatch.undo()
+        kdfast.backends.refresh()
+
+
 def test_kdfast_backend_env_forces_reference(good, monkeypatch):
     x, m, c = good
     monkeypatch.setenv("KDFAST_BACKEND", "reference")
