@@ -13,20 +13,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-
-def int_at_least(minimum: int):
-    """An argparse ``type`` for integers >= ``minimum`` (a usage error, not a crash mid-run)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"integer >= {minimum}"
-    return parse
+from kdfast.train.run import int_at_least  # noqa: F401  (re-exported: the scripts' argparse type)
 
 
 def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
