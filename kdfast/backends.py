@@ -52,6 +52,18 @@ def _cuda_device_reason() -> Optional[str]:
     return None
 
 
+def cuda_arch_reason(archs: str, capability: Tuple[int, int]) -> Optional[str]:
+    """Why kernels built for ``archs`` (e.g. ``"80,89,90"``, CMake's list: machine code plus
+    PTX for each) cannot run on a GPU of compute ``capability``, or None: the PTX of an arch
+    at or below the GPU's is compiled for it by the driver, nothing runs below the lowest."""
+    built = [int(a.split("-")[0]) for a in archs.replace(";", ",").split(",") if a.strip()]
+    gpu = capability[0] * 10 + capability[1]
+    if built and min(built) > gpu:
+        return (f"kdfast._C_cuda was built for sm_{min(built)} and up ({archs}), this GPU is sm_{gpu}: "
+                f"rebuild with KDFAST_CUDA_ARCHS={gpu} (the triton or reference backend serves meanwhile)")
+    return None
+
+
 def backend_reason(backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` cannot run on ``device_type`` tensors here, or None if it can."""
     if backend not in BACKENDS:
@@ -68,7 +80,10 @@ def backend_reason(backend: str, device_type: str) -> Optional[str]:
         module, reason = _ext.cuda()
         if module is None:
             return reason
-        return _cuda_device_reason()
+        import torch
+
+        return _cuda_device_reason() or cuda_arch_reason(module.build_info().get("archs", ""),
+                                                         torch.cuda.get_device_capability())
     # triton
     _, reason = _ext.triton()
     if reason:

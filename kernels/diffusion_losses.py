@@ -1,9 +1,10 @@
 """Triton version of the fused diffusion losses (same math as csrc/diffusion_losses/diffusion_losses.h).
 
-Forward: grid (tiles, samples) writes float64 partial sums of each tile to a workspace, then one
-program per sample adds them and writes the loss and the backward's statistic. Backward and the
-per-sample combination (progressive-distillation target, DDIM step): one element pass on the same
-grid. Per-sample scalars are read from a float64 ``[6, batch]`` table built by the launcher.
+Forward: a flat grid of tiles x samples writes float64 partial sums of each tile to a
+workspace, then one program per sample adds them and writes the loss and the backward's
+statistic. Backward and the per-sample combination (progressive-distillation target, DDIM
+step): one element pass on the same grid. Per-sample scalars are read from a float64
+``[6, batch]`` table built by the launcher.
 """
 from __future__ import annotations
 
@@ -113,11 +114,19 @@ def _load_inputs(in0, in1, in2, b, s0, s1, s2, idx, mask, NUM_INPUTS: tl.constex
 
 
 @triton.jit
+def _tile_and_sample(inner, TILE: tl.constexpr):
+    """(tile, sample) of this program on the flat grid of tiles x samples (grid axis 1 stops
+    at 65535 programs, a batch of toy 2-D points does not)."""
+    tiles = tl.cdiv(inner, TILE)
+    pid = tl.program_id(0).to(tl.int64)
+    return pid % tiles, pid // tiles
+
+
+@triton.jit
 def _reduce_kernel(in0, in1, in2, s0, s1, s2, params_ptr, ws_ptr, batch, inner, tiles,
                    KIND: tl.constexpr, PREDICTION: tl.constexpr, NUM_INPUTS: tl.constexpr,
                    TILE: tl.constexpr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = _tile_and_sample(inner, TILE)
     c, ca, cb = _sample_consts(params_ptr, batch, b, KIND, PREDICTION)
     c32 = c.to(tl.float32)
     acc0 = tl.zeros([BLOCK], dtype=tl.float64)
@@ -189,8 +198,7 @@ def _finish_kernel(params_ptr, ws_ptr, loss_ptr, aux_ptr, batch, inner, tiles, K
 def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stride, g0_ptr, g1_ptr, batch, inner,
                  KIND: tl.constexpr, PREDICTION: tl.constexpr, NUM_INPUTS: tl.constexpr, WRITE0: tl.constexpr,
                  WRITE1: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = _tile_and_sample(inner, TILE)
     c, ca, cb = _sample_consts(params_ptr, batch, b, KIND, PREDICTION)
     c32 = c.to(tl.float32)
     w = tl.load(params_ptr + b)
@@ -231,8 +239,7 @@ def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stri
 @triton.jit
 def _combination_kernel(a_ptr, b_ptr, sa, sb, params_ptr, out_ptr, batch, inner, COMBINATION: tl.constexpr,
                         PREDICTION: tl.constexpr, TILE: tl.constexpr, BLOCK: tl.constexpr):
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    tile, b = _tile_and_sample(inner, TILE)
     ca, cb = _coefficients(tl.load(params_ptr + 2 * batch + b), tl.load(params_ptr + 3 * batch + b),
                            tl.load(params_ptr + 4 * batch + b), tl.load(params_ptr + 5 * batch + b), COMBINATION,
                            PREDICTION)
@@ -277,7 +284,7 @@ def forward(kind, prediction, ins, params, values, loss, aux):
     workspace = torch.empty(2 * batch * tiles, dtype=torch.float64, device=x.device)
     num_inputs = 2 if kind in (0, 1) else 3
     p = _pointers(ins)
-    _reduce_kernel[(tiles, batch)](p[0], p[1], p[2], *_strides(ins, inner), table, workspace, batch, inner, tiles,
+    _reduce_kernel[(tiles * batch,)](p[0], p[1], p[2], *_strides(ins, inner), table, workspace, batch, inner, tiles,
                                    KIND=kind, PREDICTION=prediction, NUM_INPUTS=num_inputs, TILE=tile, BLOCK=block)
     _finish_kernel[(batch,)](table, workspace, loss, aux, batch, inner, tiles, KIND=kind,
                              TBLOCK=min(1024, triton.next_power_of_2(tiles)))
@@ -290,7 +297,7 @@ def backward(kind, prediction, ins, params, values, aux, grad_loss, gx, g1):
     num_inputs = 2 if kind in (0, 1) else 3
     p = _pointers(ins)
     dummy = gx if gx is not None else g1
-    _grad_kernel[(tiles, batch)](p[0], p[1], p[2], *_strides(ins, inner), table, aux, grad_loss, grad_loss.stride(0),
+    _grad_kernel[(tiles * batch,)](p[0], p[1], p[2], *_strides(ins, inner), table, aux, grad_loss, grad_loss.stride(0),
                                  gx if gx is not None else dummy, g1 if g1 is not None else dummy, batch, inner,
                                  KIND=kind, PREDICTION=prediction, NUM_INPUTS=num_inputs, WRITE0=gx is not None,
                                  WRITE1=g1 is not None, TILE=tile, BLOCK=block)
@@ -301,5 +308,5 @@ def combination(comb, prediction, ins, params, values, out):
     batch, inner, tile, block, tiles = _sizes(a)
     table = _param_table(params, values, batch, a.device)
     sa, sb = _strides((a, b), inner)
-    _combination_kernel[(tiles, batch)](a, b, sa, sb, table, out, batch, inner, COMBINATION=comb,
+    _combination_kernel[(tiles * batch,)](a, b, sa, sb, table, out, batch, inner, COMBINATION=comb,
                                         PREDICTION=prediction, TILE=tile, BLOCK=block)

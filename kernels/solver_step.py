@@ -46,8 +46,11 @@ def _solver_step_kernel(
     WRITE0: tl.constexpr, WRITE1: tl.constexpr, WRITE2: tl.constexpr,
     THRESHOLD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    b = tl.program_id(1).to(tl.int64)
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    # One flat grid axis (axis 1 stops at 65535, a batch of toy 2-D points does not)
+    tiles = tl.cdiv(inner, BLOCK)
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // tiles
+    offs = (pid % tiles) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < inner
     x = _load(x_ptr, s_x, b, offs, mask, True)
     u = _load(model_ptr, s_model, b, offs, mask, True)
@@ -97,7 +100,7 @@ def launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynami
     dummy = x  # stands in for absent pointers; never read (constexpr flags)
     ins = [dummy if t is None else t for t in inputs]
     outs = [dummy if t is None else t for t in outputs]
-    grid = (triton.cdiv(inner, _BLOCK), batch)
+    grid = (triton.cdiv(inner, _BLOCK) * batch,)
     _solver_step_kernel[grid](
         *ins, *outs, tuple(coefs.tolist()), dummy if dynamic_scale is None else dynamic_scale,
         *[_stride(t) for t in inputs], *[_stride(t) for t in outputs],

@@ -39,3 +39,16 @@ def test_source_tree_without_extensions_is_recognised(tmp_path, monkeypatch):
     assert kdfast._ext.is_unbuilt_source_tree()
     (tmp_path / "CMakeLists.txt").unlink()
     assert not kdfast._ext.is_unbuilt_source_tree()
+
+
+def test_cuda_backend_refuses_gpus_below_the_built_archs():
+    # CMake's "80;89;90" carries machine code and PTX for each: sm_86 runs the sm_80 code,
+    # a T4 (sm_75) runs nothing and must fall back with a reason, not fail every launch.
+    from kdfast.backends import cuda_arch_reason
+
+    assert cuda_arch_reason("80,89,90", (9, 0)) is None
+    assert cuda_arch_reason("80,89,90", (8, 6)) is None
+    assert cuda_arch_reason("80,89,90", (12, 0)) is None
+    reason = cuda_arch_reason("80,89,90", (7, 5))
+    assert "sm_75" in reason and "KDFAST_CUDA_ARCHS=75" in reason
+    assert cuda_arch_reason("90", (8, 0)) is not None

@@ -147,7 +147,7 @@ dim3 tile_grid(const Params& p, int64_t tiles) {
   return dim3(unsigned(tiles), unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
 }
 
-int launch_status() { return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed; }
+int launch_status() { return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed; }
 
 }  // namespace
 

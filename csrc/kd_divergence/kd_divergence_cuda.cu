@@ -20,7 +20,10 @@ struct Lse {
   float m, z;
 };
 
+// NaN is sticky in both: a NaN entry must leave the row without a distribution (NaN loss and
+// gradient), and the -inf checks below would otherwise drop a NaN partner in a merge.
 __device__ __forceinline__ Lse lse_push(Lse a, float x) {
+  if (x != x || a.m != a.m) return Lse{NAN, NAN};
   if (x == -INFINITY) return a;  // probability 0 (also keeps -inf - -inf out of exp)
   if (x <= a.m) return Lse{a.m, a.z + kd_exp(x - a.m)};
   // x is a new maximum (or a.m is -inf): rescale the running sum.
@@ -29,6 +32,7 @@ __device__ __forceinline__ Lse lse_push(Lse a, float x) {
 }
 
 __device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
+  if (a.m != a.m || b.m != b.m) return Lse{NAN, NAN};
   if (a.m < b.m) { Lse t = a; a = b; b = t; }
   if (b.m == -INFINITY) return a;
   return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
@@ -137,7 +141,7 @@ int kd_divergence_cuda(const Params& p) {
     case kTVD: kd_divergence_kernel<kTVD><<<blocks, kThreads, 0, stream>>>(p, c); break;
     default: kd_divergence_kernel<kSkewKL><<<blocks, kThreads, 0, stream>>>(p, c); break;
   }
-  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
 }
 
 }  // namespace kd_divergence

@@ -103,14 +103,14 @@ int solver_step_cuda(const Params& p) {
   const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096),
                   unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
   solver_step_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
 }
 
 int threshold_scale_cuda(const ThresholdParams& p) {
   if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
   if (p.batch == 0) return kOk;
   threshold_scale_kernel<<<unsigned(p.batch), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
-  return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
 }
 
 }  // namespace solver_step

@@ -1,9 +1,23 @@
 """Tensor -> (address, batch stride, dtype code) conversion shared by every op binding."""
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Tuple
 
 import torch
+
+_CURRENT = contextlib.nullcontext()
+
+
+def on_device(t: torch.Tensor):
+    """A context making ``t``'s CUDA device the current one for a launch: kernels (CUDA and
+    Triton) run on the current device and stream, and a tensor on cuda:1 while cuda:0 is
+    current would otherwise be read from the wrong GPU. Free when it already is current."""
+    index = t.device.index
+    if index is None or index == torch.cuda.current_device():
+        return _CURRENT
+    return torch.cuda.device(index)
+
 
 # Same table as kdfast::DType in csrc/common/kd_common.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

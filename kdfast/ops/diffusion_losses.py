@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _ext, backends
 from ..reference import diffusion_losses as ref
-from ._tensors import DTYPE_CODES, sample_major
+from ._tensors import DTYPE_CODES, on_device, sample_major
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -466,8 +466,9 @@ def _forward_cuda(kind, prediction, ins, params, values, loss, aux):
     x = ins[0]
     workspace = torch.empty(module.diffusion_loss_workspace_doubles(x.shape[0], _inner(x)), dtype=torch.float64,
                             device=x.device)
-    module.diffusion_loss_forward(*_binding_args(kind, prediction, 0, ins, params, values), loss.data_ptr(),
-                                  aux.data_ptr(), workspace.data_ptr(), _cuda_stream(x))
+    with on_device(x):
+        module.diffusion_loss_forward(*_binding_args(kind, prediction, 0, ins, params, values), loss.data_ptr(),
+                                      aux.data_ptr(), workspace.data_ptr(), _cuda_stream(x))
 
 
 @backward_op.register("cpu")
@@ -479,9 +480,10 @@ def _backward_cpu(kind, prediction, ins, params, values, aux, grad_loss, gx, g1)
 
 @backward_op.register("cuda")
 def _backward_cuda(kind, prediction, ins, params, values, aux, grad_loss, gx, g1):
-    _ext.cuda()[0].diffusion_loss_backward(*_binding_args(kind, prediction, 0, ins, params, values), aux.data_ptr(),
-                                           grad_loss.data_ptr(), grad_loss.stride(0), *_grad_args(gx, g1),
-                                           _cuda_stream(ins[0]))
+    with on_device(ins[0]):
+        _ext.cuda()[0].diffusion_loss_backward(*_binding_args(kind, prediction, 0, ins, params, values),
+                                               aux.data_ptr(), grad_loss.data_ptr(), grad_loss.stride(0),
+                                               *_grad_args(gx, g1), _cuda_stream(ins[0]))
 
 
 @combination_op.register("cpu")
@@ -492,23 +494,27 @@ def _combination_cpu(combination, prediction, ins, params, values, out):
 
 @combination_op.register("cuda")
 def _combination_cuda(combination, prediction, ins, params, values, out):
-    _ext.cuda()[0].sample_combination(*_binding_args(0, prediction, combination, ins, params, values),
-                                      out.data_ptr(), DTYPE_CODES[out.dtype], _cuda_stream(ins[0]))
+    with on_device(ins[0]):
+        _ext.cuda()[0].sample_combination(*_binding_args(0, prediction, combination, ins, params, values),
+                                          out.data_ptr(), DTYPE_CODES[out.dtype], _cuda_stream(ins[0]))
 
 
 @forward_op.register("triton")
 def _forward_triton(kind, prediction, ins, params, values, loss, aux):
-    _ext.triton()[0].diffusion_losses.forward(kind, prediction, ins, params, values, loss, aux)
+    with on_device(ins[0]):
+        _ext.triton()[0].diffusion_losses.forward(kind, prediction, ins, params, values, loss, aux)
 
 
 @backward_op.register("triton")
 def _backward_triton(kind, prediction, ins, params, values, aux, grad_loss, gx, g1):
-    _ext.triton()[0].diffusion_losses.backward(kind, prediction, ins, params, values, aux, grad_loss, gx, g1)
+    with on_device(ins[0]):
+        _ext.triton()[0].diffusion_losses.backward(kind, prediction, ins, params, values, aux, grad_loss, gx, g1)
 
 
 @combination_op.register("triton")
 def _combination_triton(combination, prediction, ins, params, values, out):
-    _ext.triton()[0].diffusion_losses.combination(combination, prediction, ins, params, values, out)
+    with on_device(ins[0]):
+        _ext.triton()[0].diffusion_losses.combination(combination, prediction, ins, params, values, out)
 
 
 # --------------------------------------------------------------------------- custom ops

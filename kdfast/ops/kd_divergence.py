@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES
+from ._tensors import DTYPE_CODES, on_device
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -242,14 +242,16 @@ def _cpu(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_ind
 
 @divergence_op.register("cuda")
 def _cuda(student, *args):
-    _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0,
-                                 torch.cuda.current_stream(student.device).cuda_stream)
+    with on_device(student):
+        _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0,
+                                     torch.cuda.current_stream(student.device).cuda_stream)
 
 
 @divergence_op.register("triton")
 def _triton(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
-    _ext.triton()[0].kd_divergence.launch(student, teacher, labels, row_loss, grad, kind, beta, inv_t,
-                                          ignore_index, vocab, loss_scale)
+    with on_device(student):
+        _ext.triton()[0].kd_divergence.launch(student, teacher, labels, row_loss, grad, kind, beta, inv_t,
+                                              ignore_index, vocab, loss_scale)
 
 
 # --------------------------------------------------------------------------- custom op

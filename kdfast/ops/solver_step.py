@@ -14,7 +14,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import solver_step as ref
-from ._tensors import DTYPE_CODES, addresses, describe, sample_major
+from ._tensors import DTYPE_CODES, addresses, describe, on_device, sample_major
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -368,7 +368,8 @@ def _launch_cpu(x, args):
 
 def _launch_cuda(x, args):
     """The CUDA binding on packed arguments, on the current stream of the sample's device."""
-    _ext.cuda()[0].solver_step(*args, torch.cuda.current_stream(x.device).cuda_stream)
+    with on_device(x):
+        _ext.cuda()[0].solver_step(*args, torch.cuda.current_stream(x.device).cuda_stream)
 
 
 _LAUNCHERS = {"cpu": _launch_cpu, "cuda": _launch_cuda}
@@ -387,8 +388,9 @@ def _step_cuda(inputs, outputs, *args):
 @step_op.register("triton")
 def _step_triton(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
     # The host coefficients become kernel arguments: no copy, and CUDA-graph capturable.
-    _ext.triton()[0].solver_step.launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value,
-                                        dynamic_scale)
+    with on_device(inputs[0]):
+        _ext.triton()[0].solver_step.launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value,
+                                            dynamic_scale)
 
 
 # --------------------------------------------------------------------------- custom op
@@ -547,7 +549,8 @@ def _threshold_cpu(out, *args):
 
 @threshold_op.register("cuda")
 def _threshold_cuda(out, *args):
-    _ext.cuda()[0].threshold_scale(*_threshold_args(out, *args), torch.cuda.current_stream(out.device).cuda_stream)
+    with on_device(out):
+        _ext.cuda()[0].threshold_scale(*_threshold_args(out, *args), torch.cuda.current_stream(out.device).cuda_stream)
 
 
 @torch.library.custom_op("kdfast::threshold_scale", mutates_args=())

@@ -285,6 +285,21 @@ def test_gpu_matches_reference(backend, kind, dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("vocab, where", [(100, 0), (100, 99), (32000, 31744), (32000, 7)])
+def test_gpu_nan_logit_anywhere_gives_nan(backend, vocab, where):
+    # The CUDA block reduction merges per-thread (max, sum) pairs: a NaN read last by a thread
+    # (index 0 for vocab 100; 31744 = 512 * 62 for 32000) must not be dropped by a merge.
+    for kind in KINDS:
+        for side in ("student", "teacher"):
+            s, t = logits((3, vocab), torch.float32, 30).cuda(), logits((3, vocab), torch.float32, 31).cuda()
+            (s if side == "student" else t)[1, where] = math.nan
+            rows, grad = fused(backend, s, t, kind)
+            assert rows[1].isnan() and grad[1].isnan().all(), (kind, side)
+            assert torch.isfinite(rows[[0, 2]]).all(), (kind, side)
+
+
+@pytest.mark.gpu
 def test_gpu_no_sync_and_graph_capture():
     s = logits((64, 32000), torch.bfloat16, 1).cuda().requires_grad_(True)
     t = logits((64, 32000), torch.bfloat16, 2).cuda()

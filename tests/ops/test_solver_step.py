@@ -520,6 +520,9 @@ def test_gpu_threshold_scale_matches_quantile():
     got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
     exp = ref.threshold_scale(x.double(), m.double(), None, 1.0, 0.8, -0.3, 0.995, 4.0, torch.float64)
     torch.testing.assert_close(got.cpu(), exp.float().cpu(), rtol=2e-6, atol=2e-6)
+    x[1, 0, 5, 7] = float("nan")  # the radix select would order NaN above inf and skip it
+    got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
+    assert got[1].isnan() and torch.isfinite(got[[0, 2]]).all()
 
 
 @pytest.mark.gpu
