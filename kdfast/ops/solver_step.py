@@ -92,6 +92,21 @@ def _check_scalar(name: str, value: float) -> float:
     return value
 
 
+def _check_clip_value(clip_value: float) -> float:
+    clip = _check_scalar("clip_value", clip_value)
+    if clip < 0:
+        raise ValueError(f"clip_value must be >= 0 (x0 is clamped to [-clip_value, clip_value]), got {clip}")
+    return clip
+
+
+def _check_dynamic_scale(dynamic_scale, sample: torch.Tensor) -> torch.Tensor:
+    batch = sample.shape[0]
+    if (not isinstance(dynamic_scale, torch.Tensor) or dynamic_scale.dtype != torch.float32
+            or dynamic_scale.shape != (batch,) or dynamic_scale.device != sample.device):
+        raise ValueError(f"dynamic_scale must be a float32 tensor of shape ({batch},) on {sample.device}")
+    return dynamic_scale.contiguous()
+
+
 def _needs_dispatcher(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     """True when the call must go through torch's dispatcher (compile, autograd, modes).
 
@@ -256,21 +271,10 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
         guidance_scale = _check_scalar("guidance_scale", guidance_scale)
     threshold, clip = THRESHOLD_NONE, 1.0
     if clip_value is not None:
-        threshold, clip = THRESHOLD_CLIP, _check_scalar("clip_value", clip_value)
-        if clip < 0:
-            raise ValueError(f"clip_value must be >= 0 (x0 is clamped to [-clip_value, clip_value]), got {clip}")
+        threshold, clip = THRESHOLD_CLIP, _check_clip_value(clip_value)
     if dynamic_scale is not None:
         threshold = THRESHOLD_DYNAMIC
-        if (
-            not isinstance(dynamic_scale, torch.Tensor)
-            or dynamic_scale.dtype != torch.float32
-            or dynamic_scale.shape != (batch,)
-            or dynamic_scale.device != sample.device
-        ):
-            raise ValueError(
-                f"dynamic_scale must be a float32 tensor of shape ({batch},) on {sample.device}"
-            )
-        dynamic_scale = dynamic_scale.contiguous()
+        dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
     if history_dtype is None:
         history_dtype = dtype
     elif history_dtype not in DTYPE_CODES:
@@ -423,19 +427,17 @@ def _solver_step_op(
     guidance_scale, clip_value = _check_scalar("guidance_scale", guidance_scale), _check_scalar("clip_value", clip_value)
     if threshold not in (THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC):
         raise ValueError(f"threshold must be {THRESHOLD_NONE}, {THRESHOLD_CLIP} or {THRESHOLD_DYNAMIC}, got {threshold}")
-    if threshold == THRESHOLD_CLIP and clip_value < 0:
-        raise ValueError(f"clip_value must be >= 0, got {clip_value}")
-    if threshold == THRESHOLD_DYNAMIC and (dynamic_scale is None or dynamic_scale.dtype != torch.float32
-                                           or dynamic_scale.shape != (sample.shape[0],)
-                                           or dynamic_scale.device != sample.device):
-        raise ValueError(f"dynamic_scale must be a float32 tensor of shape ({sample.shape[0]},) on {sample.device}")
+    if threshold == THRESHOLD_CLIP:
+        _check_clip_value(clip_value)
+    if threshold == THRESHOLD_DYNAMIC:
+        dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
     if not out_mask & _OUT_SAMPLE or out_mask & ~(_OUT_SAMPLE | _OUT_HISTORY | _OUT_AUX):
         raise ValueError(f"out_mask must include the sample output (1) and only bits 1, 2, 4, got {out_mask}")
     if history_dtype not in DTYPE_CODES:
         raise TypeError(f"history_dtype must be float32, float16 or bfloat16, got {history_dtype}")
     return _solver_step(sample, model_output, coefs, cond, guidance_scale, history0, history1, history2,
-                        aux, noise, threshold, clip_value, None if dynamic_scale is None else dynamic_scale.contiguous(),
-                        out_mask, history_dtype, backend=backend or None)
+                        aux, noise, threshold, clip_value, dynamic_scale, out_mask, history_dtype,
+                        backend=backend or None)
 
 
 def _checked_op_tensors(sample, *others) -> list:
