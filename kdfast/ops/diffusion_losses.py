@@ -117,13 +117,18 @@ def _check_pd_schedule(sched) -> None:
     (host numbers and CPU tensors; on a GPU it would cost a sync)."""
     if any(t is not None and t.device.type != "cpu" for t, _ in sched):
         return
-    a_t, s_t, a_s, s_s = (torch.tensor(v, dtype=torch.float64) if t is None else t.double() for t, v in sched)
-    if bool((s_t == 0).any()):
+    # Host numbers stay Python floats (no tensors made on every training step); CPU tensors in float64.
+    a_t, s_t, a_s, s_s = (v if t is None else t.double() for t, v in sched)
+    if _any(s_t == 0):
         raise ValueError("sigma_t must be nonzero: the target is derived from the noise level at t")
     moved = (s_s / s_t) * a_t  # equal to alpha_s up to float32 rounding: the same SNR
-    if bool(((a_s - moved).abs() <= 1e-6 * (a_s.abs() + moved.abs())).any()):
+    if _any(abs(a_s - moved) <= 1e-6 * (abs(a_s) + abs(moved))):
         raise ValueError("(alpha_t, sigma_t) and (alpha_s, sigma_s) must have different signal-to-noise "
                          "ratios: with equal ones the two-step target is undetermined")
+
+
+def _any(condition) -> bool:
+    return bool(condition.any()) if isinstance(condition, torch.Tensor) else bool(condition)
 
 
 def _pack(entries: Sequence[Tuple[int, Tuple[Optional[torch.Tensor], float]]]):
