@@ -32,7 +32,19 @@ def test_quick_demo_end_to_end(tmp_path, capsys):
         assert abs(row["frechet"] - row["anchor_frechet"]) < 1e-3 * max(1.0, row["frechet"])
         assert row["accuracy"] >= 0.8
         assert (out / "grids" / f"{row['solver']}_{row['steps']}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "kdfast demo" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "kdfast demo" in report
+    floor = data["settings"]["frechet_floor"]  # 2 per class: random real sets of 20, not one fixed set
+    assert floor["draws"] == 20 and floor["min"] < floor["mean"] < floor["max"]
+    assert f"{floor['mean']:.2f} for 20 real training images (mean of 20 random" in report
+
+
+def test_floor_at_sizes_real_data_cannot_fill():
+    from kdfast.demo import _floor_sentence, _real_floor
+    from kdfast.eval import DigitsEvaluator
+
+    assert _real_floor(DigitsEvaluator(), 200) is None  # the smallest training class holds 139 digits
+    assert "no real-vs-real value at this sample size" in _floor_sentence(None, 2000)
 
 
 def test_cuda_graph_needs_a_gpu(tmp_path):

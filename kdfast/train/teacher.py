@@ -670,6 +670,10 @@ def measure_samples(teacher: Teacher, n_per_class: int = 50, steps: Sequence[int
             metrics["evaluator"] = f"unavailable: {type(exc).__name__}: {exc}"
     if evaluator is not None:
         metrics["real_vs_real_frechet_floor"] = round(evaluator.floor(), 4)
+        try:  # the value to compare these samples with: real sets of the same size
+            metrics["real_vs_real_frechet_floor_same_size"] = round(evaluator.floor_at(n_per_class), 4)
+        except ValueError:  # more samples per class than the smallest real class holds
+            pass
     results = []
     for scale in guidance_scales:
         for n in steps:

@@ -108,6 +108,43 @@ def test_noise_scores_far_from_real_and_near_chance(evaluator):
     assert evaluator.evaluate(x_held, (y_held + 1) % 10)["accuracy"] < 0.05
 
 
+def test_same_size_floor_is_a_seeded_average_of_random_real_sets(evaluator):
+    draws = evaluator.floor_draws(10, draws=8, seed=3)
+    assert len(draws) == 8 and len(set(draws)) == 8  # different sets each draw
+    assert draws == evaluator.floor_draws(10, draws=8, seed=3)  # the same sets for a seed
+    assert evaluator.floor_at(10, draws=8, seed=3) == pytest.approx(np.mean(draws), rel=1e-12)
+    # smaller sets sit higher above the full-set floor
+    assert evaluator.floor() < evaluator.floor_at(50, draws=4) < min(draws)
+    # the first 10 training digits of each class are an outlier (13.7) among random sets (~5-9):
+    # a fixed subset is not a floor
+    images, labels = evaluator.real("train")
+    first = torch.cat([torch.nonzero(labels == c).flatten()[:10] for c in range(10)])
+    assert evaluator.evaluate(images[first], labels[first])["frechet"] > max(draws)
+
+
+def test_same_size_floor_refuses_sets_real_data_cannot_fill(evaluator):
+    smallest = min(int((evaluator.real("train")[1] == c).sum()) for c in range(10))
+    assert len(evaluator.floor_draws(smallest, draws=1)) == 1
+    with pytest.raises(ValueError, match=f"n_per_class must be at most {smallest}"):
+        evaluator.floor_draws(smallest + 1)
+    for bad in (1, 2.5, True):
+        with pytest.raises(ValueError, match="n_per_class must be an integer >= 2"):
+            evaluator.floor_draws(bad)
+    with pytest.raises(ValueError, match="draws must be >= 1"):
+        evaluator.floor_at(10, draws=0)
+
+
+def test_a_classifier_passed_in_keeps_its_mode():
+    from kdfast.eval import DigitsClassifier
+
+    model = DigitsClassifier().train()
+    evaluator = DigitsEvaluator(classifier=model)
+    assert model.training
+    gen = torch.Generator().manual_seed(0)
+    evaluator.evaluate(torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1, torch.arange(4))
+    assert model.training  # evaluated in eval mode, then restored
+
+
 def test_evaluation_is_deterministic():
     a, b = DigitsEvaluator(), DigitsEvaluator()
     assert a.floor() == b.floor()
