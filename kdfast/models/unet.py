@@ -223,6 +223,12 @@ class UNet(nn.Module):
                 raise ValueError(f"class_labels must have shape ({n},), got {tuple(class_labels.shape)}")
             if class_labels.dtype.is_floating_point or class_labels.dtype == torch.bool:
                 raise TypeError(f"class_labels must be integer class indices, got {class_labels.dtype}")
+            # Checked on the CPU only: on a GPU the check would cost a host sync every step.
+            if class_labels.device.type == "cpu" and len(class_labels) and (
+                    int(class_labels.min()) < 0 or int(class_labels.max()) > self.config.null_class):
+                raise ValueError(f"class_labels must be in [0, {self.config.null_class}] ({self.config.null_class} "
+                                 f"is the unconditional label), got values from {int(class_labels.min())} "
+                                 f"to {int(class_labels.max())}")
         emb = self.time_mlp(timestep_embedding(t, self.config.base_channels).to(x.dtype))
         return emb + self.class_embed(class_labels.long())
 
@@ -230,6 +236,10 @@ class UNet(nn.Module):
         cfg = self.config
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be [N, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
+        factor = 2 ** (len(cfg.channel_mults) - 1)  # each level but the last halves H and W
+        if x.shape[2] % factor or x.shape[3] % factor:
+            raise ValueError(f"x must have H and W divisible by {factor} (this UNet has {len(cfg.channel_mults)} "
+                             f"levels), got {tuple(x.shape)}")
         emb = self._embedding(x, t, class_labels)
         h = self.conv_in(x)
         skips: List[torch.Tensor] = [h]

@@ -93,3 +93,12 @@ def test_bad_config_and_inputs(unet):
         unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([1]))
     with pytest.raises(TypeError, match="class_labels"):
         unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([1.0, 2.0]))
+    # sizes that cannot halve at every level fail up front, naming x (15 used to fail in torch.cat)
+    for size in (15, 10, 17):
+        with pytest.raises(ValueError, match="x must have H and W divisible by 4"):
+            unet(torch.randn(1, 1, size, 16), 1, None)
+    assert unet(torch.randn(1, 1, 8, 12), 1, None).shape == (1, 1, 8, 12)  # divisible sizes run
+    for bad in ([0, 11], [-1, 3]):  # 10 is the unconditional label; 11 and -1 are no label
+        with pytest.raises(ValueError, match=r"class_labels must be in \[0, 10\]"):
+            unet(torch.randn(2, 1, 16, 16), 1, torch.tensor(bad))
+    assert unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([0, 10])).shape == (2, 1, 16, 16)
