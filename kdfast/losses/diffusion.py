@@ -24,7 +24,7 @@ Example (progressive distillation, student at half the teacher's number of steps
     t = (torch.randint(1, student_steps + 1, (batch,), device=device) * step) - 1
     noise = torch.randn_like(x0)
     alpha_t, sigma_t = dl.alpha_sigma(alphas_cumprod, t)
-    x_t = alpha_t.view(-1, 1, 1, 1) * x0 + sigma_t.view(-1, 1, 1, 1) * noise
+    x_t = (alpha_t.view(-1, 1, 1, 1) * x0 + sigma_t.view(-1, 1, 1, 1) * noise).to(x0.dtype)  # alpha_sigma is float64
     x_s = dl.progressive_distillation_teacher(teacher, x_t, t, t - step // 2, t - step, alphas_cumprod,
                                               prediction_type="v_prediction")
     alpha_s, sigma_s = dl.alpha_sigma(alphas_cumprod, t - step)

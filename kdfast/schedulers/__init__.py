@@ -1,4 +1,4 @@
-"""diffusers drop-in schedulers whose ``step`` is one fused kernel pass.
+"""diffusers drop-in schedulers whose ``step`` is one fused kernel pass (two with dynamic thresholding).
 
 ``pipe.scheduler = kdfast.schedulers.DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)``
 """

@@ -30,8 +30,9 @@ def _lagrange2(t: float, b: float, c: float, d: float) -> float:
 class DEISMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.DEISMultistepScheduler``: same arguments and config.
 
-    Each ``step`` is one fused kernel pass: model-output conversion (to x0, thresholding, back
-    to epsilon as diffusers does), the multistep log-rho update, and the history entry.
+    Each ``step`` is one fused kernel pass: model-output conversion (to x0, clipping, back to
+    epsilon as diffusers does), the multistep log-rho update, and the history entry. Dynamic
+    thresholding adds one reduction pass before it (the per-sample quantile).
     """
 
     _diffusers_name = "DEISMultistepScheduler"

@@ -20,8 +20,9 @@ ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 class DPMSolverMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.DPMSolverMultistepScheduler``: same arguments and config.
 
-    Each ``step`` is one fused kernel pass: model-output conversion, thresholding, the
-    multistep update and (for SDE variants) the noise term.
+    Each ``step`` is one fused kernel pass: model-output conversion, clipping, the multistep
+    update and (for SDE variants) the noise term. Dynamic thresholding adds one reduction pass
+    before it (the per-sample quantile).
     """
 
     _diffusers_name = "DPMSolverMultistepScheduler"

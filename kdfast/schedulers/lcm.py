@@ -38,8 +38,9 @@ class LCMSchedulerOutput:
 class LCMScheduler(FusedScheduler):
     """Drop-in for ``diffusers.LCMScheduler``: same arguments and config.
 
-    Each ``step`` is one fused kernel pass writing the denoised sample (boundary-condition
-    scalings applied to the, optionally clipped or thresholded, x0) and the next sample, which
+    Each ``step`` is one fused kernel pass (plus a reduction pass with dynamic thresholding)
+    writing the denoised sample (boundary-condition scalings applied to the, optionally clipped
+    or thresholded, x0) and the next sample, which
     re-noises it with noise drawn from the caller's generator exactly as diffusers draws it.
     """
 

@@ -28,8 +28,9 @@ HISTORY = (H0, H1, H2)
 class UniPCMultistepScheduler(MultistepScheduler):
     """Drop-in for ``diffusers.UniPCMultistepScheduler``: same arguments and config.
 
-    Each ``step`` is one fused kernel pass: model-output conversion, thresholding, the UniC
-    correction of the incoming sample and the UniP prediction of the next one.
+    Each ``step`` is one fused kernel pass: model-output conversion, clipping, the UniC
+    correction of the incoming sample and the UniP prediction of the next one (dynamic
+    thresholding adds one reduction pass before it, for the per-sample quantile).
     ``solver_order`` may be 1, 2 or 3 (the kernel holds three history entries; diffusers
     recommends 2 for guided and 3 for unconditional sampling).
     """
