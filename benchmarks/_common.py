@@ -3,17 +3,21 @@ which puts this folder on ``sys.path``)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
+import json
 import os
 import platform
 import statistics
 import sys
 import types
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import torch
 
-from kdfast.train.run import int_at_least  # noqa: F401  (re-exported: the scripts' argparse type)
+from kdfast.train import run as _run
+
+int_at_least = _run.int_at_least  # the scripts' argparse type for counts (one definition, in kdfast)
 
 
 def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
@@ -51,9 +55,108 @@ def sync(device: torch.device) -> None:
 
 
 def quartiles(samples: List[float]) -> Dict[str, float]:
-    """Median and quartiles of timing samples."""
-    q = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    """Median and quartiles of timing samples (inclusive method: the quartiles of a few
+    samples stay inside their range, where the exclusive one extrapolates beyond it)."""
+    q = statistics.quantiles(samples, n=4, method="inclusive") if len(samples) > 1 else [samples[0]] * 3
     return {"median": statistics.median(samples), "q1": q[0], "q3": q[2]}
+
+
+def kdfast_backend(op_name: str, device: torch.device) -> str:
+    """The backend kdfast's registry runs op ``op_name`` with on ``device`` (cpu, cuda, triton
+    or reference), for the ``backend`` field of kdfast's rows."""
+    from kdfast import backends
+
+    importlib.import_module("kdfast.ops")  # registers every op's implementations
+    return backends.op(op_name).select(device.type).backend
+
+
+def peak_memory_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated on ``device`` while ``run()`` runs, above what was allocated before.
+
+    CUDA: the caching allocator's peak, reset first. CPU: every allocation and free of torch's
+    CPU allocator during the call, from the profiler's memory records, replayed in time order;
+    the peak of the bytes still held among those allocated during the call (tensors that
+    existed before do not count, nor do their frees). Exact at allocation granularity: a
+    per-op timeline (each op's net allocation added at its start) misses peaks inside ops.
+    Memory allocated outside torch's allocator (a library's private scratch) is not seen;
+    kdfast's CPU kernels allocate none.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        run()
+    return _replay_allocations(_allocation_events(prof.profiler.kineto_results.experimental_event_tree(), _EventType))
+
+
+def _allocation_events(roots, event_type) -> List[tuple]:
+    """(time ns, address, bytes; negative for a free) of the CPU allocator's records under the
+    profiler's event tree (allocations inside ops are their children; those outside, roots)."""
+    found, stack = [], list(roots)
+    while stack:
+        node = stack.pop()
+        stack.extend(node.children)
+        if node.typed[0] == event_type.Allocation and node.typed[1].device.type == "cpu":
+            found.append((node.start_time_ns, node.typed[1].ptr, node.typed[1].alloc_size))
+    return found
+
+
+def _replay_allocations(records: List[tuple]) -> int:
+    """Peak of the bytes held by allocations made within ``records`` ((time, address, bytes),
+    frees negative), replayed in time order. Frees of earlier allocations are ignored."""
+    live: Dict[int, int] = {}
+    held = peak = 0
+    for _, ptr, size in sorted(records, key=lambda r: r[0]):
+        if size > 0:
+            live[ptr] = size
+            held += size
+            peak = max(peak, held)
+        elif ptr in live:
+            held -= live.pop(ptr)
+    return peak
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silence fd 2 inside a ``with``: the profiler library logs start/stop lines there."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def row_key(row: dict) -> tuple:
+    """What identifies a result row: one measurement of one op, shape and dtype on one device."""
+    return (row.get("device"), row.get("op"), json.dumps(row.get("shape"), sort_keys=True), row.get("dtype"))
+
+
+def merge_rows(path: str, rows: List[dict]) -> List[dict]:
+    """Write ``rows`` to the JSON file ``path``, replacing the rows recorded there with the same
+    key (device, op, shape, dtype) and keeping all others (other devices, dtypes, shapes, and
+    sections this run did not measure). Returns what was written."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    old = []
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    measured = {row_key(r) for r in rows}
+    merged = [r for r in old if row_key(r) not in measured] + rows
+    with open(path, "w") as f:
+        json.dump(merged, f, indent=1)
+        f.write("\n")
+    return merged
 
 
 def k_diffusion_sampling() -> Optional[types.ModuleType]:

@@ -2,23 +2,25 @@
 
 For each loss, latent shape and dtype: time of forward + backward (median and quartiles, the
 fused op and the torch expression interleaved in one run) and peak memory allocated during
-it (CUDA: the caching allocator's peak; CPU: the profiler's allocation timeline).
+it (``_common.peak_memory_bytes``: CUDA, the caching allocator's peak; CPU, torch's allocation
+records replayed in order).
 
     python benchmarks/bench_diffusion_losses.py           # both shapes, fp32 and bf16
     python benchmarks/bench_diffusion_losses.py --quick   # the small shape, fp32 only
-Writes JSON rows to benchmarks/results/bench_diffusion_losses.json.
+Writes JSON rows to benchmarks/results/bench_diffusion_losses.json (rows of the same device,
+loss, shape and dtype are replaced, all others kept).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import time
 from typing import Callable, List, Optional
 
 import torch
-from _common import device_name, int_at_least, quartiles, sync
+from _common import (check_device, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
+                     sync)
 
 from kdfast.losses import diffusion as dl
 from kdfast.reference import diffusion_losses as ref
@@ -97,29 +99,6 @@ def time_once(fn, x, device) -> float:
     return (time.perf_counter() - t0) * 1e3
 
 
-def peak_memory(fn, x, device) -> Optional[int]:
-    """Peak bytes allocated by one forward + backward beyond what existed before it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fwd_bwd(fn, x)
-        torch.cuda.synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - base
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fwd_bwd(fn, x)
-    # Allocations net of frees inside each op (self, without its children), plus the frees
-    # outside any op ("[memory]" events), in time order: the timeline at op granularity.
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for e in events:
-        current += e.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak
-
-
 def wait_until_quiet(limit: float, max_wait: float) -> float:
     """Wait (up to max_wait s) for the 1-minute load average to drop below ``limit``."""
     t0 = time.time()
@@ -144,10 +123,11 @@ def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float) -
                 for _ in range(repeats):  # interleaved: both see the same machine state
                     t_fused.append(time_once(fused, x, device))
                     t_naive.append(time_once(naive, x, device))
-                mem_fused, mem_naive = peak_memory(fused, x, device), peak_memory(naive, x, device)
+                mem_fused = peak_memory_bytes(lambda: fwd_bwd(fused, x), device)
+                mem_naive = peak_memory_bytes(lambda: fwd_bwd(naive, x), device)
                 qf, qn = quartiles(t_fused), quartiles(t_naive)
                 row = {
-                    "op": name, "backend": "auto" if device.type == "cpu" else "cuda", "shape": list(shape),
+                    "op": name, "backend": kdfast_backend("diffusion_loss", device), "shape": list(shape),
                     "dtype": str(dtype).replace("torch.", ""), "device": device_name(device),
                     "what": "forward + backward (ms)",
                     "median": qf["median"], "q1": qf["q1"], "q3": qf["q3"], "peak_memory_bytes": mem_fused,
@@ -165,27 +145,28 @@ def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float) -
     return rows
 
 
-def main():
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shape, fp32, fewer repeats")
     parser.add_argument("--repeats", type=int_at_least(1), default=None)
     parser.add_argument("--quiet-load", type=float, default=1.5, help="wait for the 1-min load to drop below this")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--device", default="all", choices=["all", "cpu", "cuda"],
-                        help="where to measure (default: the CPU, then the GPU when there is one)")
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--device", default="all",
+                        help="cpu, cuda or cuda:N, or all (default: the CPU, then the GPU when there is one)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_diffusion_losses.json, "
-                             "written by full runs only)")
-    args = parser.parse_args()
+                             "written by full runs only; rows of the same device, loss, shape and dtype are "
+                             "replaced, all others kept)")
+    args = parser.parse_args(argv)
+    if args.device == "all":
+        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    else:  # checked before any work: a usage error, not a traceback
+        devices = [check_device(parser, args.device)]
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "8x4x64x64"}
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     repeats = args.repeats or (7 if args.quick else 15)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA GPU here")
-    devices = [torch.device(d) for d in ("cpu", "cuda") if args.device in ("all", d)
-               and (d == "cpu" or torch.cuda.is_available())]
     rows = []
     for device in devices:
         print(f"== {device_name(device)}")
@@ -195,14 +176,7 @@ def main():
         if args.quick:
             return  # a smoke run must not replace the recorded figures
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    measured = {r["device"] for r in rows}
-    kept = []
-    if os.path.exists(out):  # rows of devices not measured in this run stay
-        with open(out) as f:
-            kept = [r for r in json.load(f) if r.get("device") not in measured]
-    with open(out, "w") as f:
-        json.dump(kept + rows, f, indent=1)
+    merge_rows(out, rows)
     print(f"wrote {len(rows)} rows to {out}")
 
 

@@ -14,6 +14,10 @@ the inputs allocated); GPU peak memory with ``torch.cuda.max_memory_allocated``.
     python benchmarks/bench_kdloss.py                  # CPU shapes of the issue
     python benchmarks/bench_kdloss.py --device cuda    # GPU shapes (1024 and 8192 tokens, bf16)
     python benchmarks/bench_kdloss.py --quick          # small shapes, a smoke run
+
+Rows: one per candidate (``candidate``: kdfast, torch, liger_...); kdfast's rows also name
+the backend kdfast's registry ran (``backend``). A run replaces the recorded rows of the same
+device, case, shape and dtype and keeps all others.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from _common import check_device, int_at_least, quartiles
+from _common import check_device, int_at_least, kdfast_backend, merge_rows, quartiles
 from _common import device_name as _device_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
@@ -226,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
+    p.add_argument("--out", default=None,
+                   help="JSON file for the rows (default: benchmarks/results/bench_kdloss.json, written by full runs "
+                        "only); rows of the same device, case, shape and dtype are replaced, all others kept")
     p.add_argument("--profile", action="store_true", help="also print kdfast's time breakdown per shape (profiler)")
     p.add_argument("--peak-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -278,7 +285,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                 q1, q3 = q["q1"], q["q3"]
                 f = flops(case, shape_case)
                 tflops = f / r["median_s"] / 1e12 if f else None
-                row = dict(op=case, backend=name, shape=shape_case, dtype=str(dtype).replace("torch.", ""),
+                row = dict(op=case, candidate=name,
+                           backend=kdfast_backend("kd_divergence", torch.device(device)) if name == "kdfast" else None,
+                           shape=shape_case, dtype=str(dtype).replace("torch.", ""),
                            device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3,
                            peak_bytes=r["peak_bytes"], anchor="torch" if anchor else None,
                            speedup_vs_anchor=anchor["median_s"] / r["median_s"] if anchor else None,
@@ -292,13 +301,10 @@ def main(argv: Optional[List[str]] = None) -> None:
                       f"{1e3 * q1:>8.1f}-{1e3 * q3:<8.1f} {r['peak_bytes'] / 2**20:>9.1f} "
                       f"{_fmt(row['speedup_vs_anchor'], 'x'):>9} {_fmt(row['memory_ratio_vs_anchor'], 'x'):>12} "
                       f"{_fmt(tflops, ''):>8}")
-    if not args.no_write and not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        old = json.loads(RESULTS.read_text()) if RESULTS.exists() else []
-        measured = {(r["device"], r["op"], json.dumps(r["shape"])) for r in rows}
-        kept = [r for r in old if (r.get("device"), r.get("op"), json.dumps(r.get("shape"))) not in measured]
-        RESULTS.write_text(json.dumps(kept + rows, indent=1) + "\n")
-        print(f"wrote {RESULTS}")
+    out = args.out or (None if args.quick else str(RESULTS))  # a smoke run must not replace the recorded figures
+    if out and not args.no_write:
+        merge_rows(out, rows)
+        print(f"wrote {out}")
 
 
 def _fmt(v, suffix):

@@ -1,10 +1,15 @@
 """Fused solver steps against diffusers' schedulers, measured side by side in one run.
 
-For each solver and latent shape: host time per step (the step call alone, model output
-given), full 20-step loop time (set_timesteps included), and full-latent bytes moved per
-step against the lower bound. diffusers' traffic is counted from the profiler: every aten
-op touching latent-sized tensors reads its latent-sized inputs and writes one latent. On a
-GPU also kernel launches, copies and host syncs per step, for both.
+For each solver and latent shape: host time per step (what a pipeline calls per step,
+``scale_model_input`` and ``step``, model output given), warm (steps back to back) and cold
+(caches evicted before each step), full 20-step loop time (set_timesteps included), peak
+memory of a loop, and full-latent bytes moved per step against the lower bound. diffusers'
+traffic is counted from the profiler: every aten op with latent-sized inputs reads them and
+writes what it allocates (its latent input, if in place), each at its own dtype's size; views
+and no-op conversions, which allocate nothing, move nothing. kdfast's bytes are modelled (the
+fused kernel reads each input once and writes each output once), not measured here; Nsight
+Compute measures them on a GPU (``ncu_solver_bytes.py``). On a GPU also kernel launches,
+copies and host syncs per step, for both.
 
 Then a whole sampling loop of a small UNet (the shipped digits teacher, 10 guided images,
 20 DPM-Solver++ 2M steps), end to end: diffusers' scheduler with unfused guidance, kdfast's
@@ -16,20 +21,22 @@ enough: only its sampling module is loaded).
     python benchmarks/bench_solvers.py                 # all shapes, the UNet loop, k-diffusion
     python benchmarks/bench_solvers.py --quick         # SD-sized latent only, fewer repeats
     python benchmarks/bench_solvers.py --sections unet # the UNet loop only
-Writes JSON rows to benchmarks/results/bench_solvers.json.
+    python benchmarks/bench_solvers.py --sections kdiff --out benchmarks/results/bench_solvers.json
+A full run writes JSON rows to benchmarks/results/bench_solvers.json (a partial one only with
+--out); rows of the same device, op, shape and dtype are replaced, all others kept.
 """
 from __future__ import annotations
 
 import argparse
 import inspect
-import json
 import os
 import time
 import warnings
 from typing import Callable, Dict, Optional
 
 import torch
-from _common import check_device, device_name, int_at_least, k_diffusion_sampling, quartiles, sync
+from _common import (check_device, device_name, int_at_least, k_diffusion_sampling, kdfast_backend, merge_rows,
+                     peak_memory_bytes, quartiles, quiet_stderr, sync)
 
 import kdfast
 from kdfast import schedulers as kd
@@ -52,37 +59,94 @@ SOLVERS = [
 ]
 
 
-
-
-def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
-    """Seconds for one pass over the schedule (model outputs precomputed)."""
-    gen = torch.Generator(device=device).manual_seed(0)
-    kwargs = step_kwargs(scheduler, gen)
-    if not set_each_time:
-        scheduler.set_timesteps(STEPS, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    if set_each_time:
-        scheduler.set_timesteps(STEPS, device=device)
-    sample = x
-    for t, out in zip(scheduler.timesteps, outputs):
-        scheduler.scale_model_input(sample, t)  # pipelines call it every step; the model is precomputed
-        sample = scheduler.step(out, t, sample, **kwargs).prev_sample
-    sync(device)
-    return time.perf_counter() - t0
-
-
 def step_kwargs(scheduler, gen):
     """Pass the generator to schedulers whose step takes one (diffusers' UniPC/DEIS do not)."""
     return {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
-def measure_pair(makes, x, outputs, device, repeats: int):
+def pipeline_step(scheduler, t, model_output, sample, kwargs):
+    """What a pipeline calls per step besides the model: ``scale_model_input`` (its result is
+    the model's input; the model output is precomputed here) and ``step``. Every column (host
+    time, bytes, launches, peak memory) measures exactly this."""
+    scheduler.scale_model_input(sample, t)
+    return scheduler.step(model_output, t, sample, **kwargs).prev_sample
+
+
+def run_loop(scheduler, x, outputs, device, set_timesteps: bool = True):
+    """One pass over the schedule (model outputs precomputed): the last sample."""
+    if set_timesteps:
+        scheduler.set_timesteps(STEPS, device=device)
+    kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
+    sample = x
+    for t, out in zip(scheduler.timesteps, outputs):
+        sample = pipeline_step(scheduler, t, out, sample, kwargs)
+    return sample
+
+
+def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
+    """Seconds for one pass over the schedule (model outputs precomputed)."""
+    if not set_each_time:
+        scheduler.set_timesteps(STEPS, device=device)
+    sync(device)
+    t0 = time.perf_counter()
+    run_loop(scheduler, x, outputs, device, set_timesteps=set_each_time)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def last_level_cache_bytes() -> int:
+    """Bytes of last-level cache this process's CPUs use (each cache counted once), from sysfs;
+    32 MiB when sysfs does not say."""
+    caches = {}
+    for cpu in sorted(os.sched_getaffinity(0)):
+        folder = f"/sys/devices/system/cpu/cpu{cpu}/cache"
+        try:
+            entries = [os.path.join(folder, e) for e in os.listdir(folder) if e.startswith("index")]
+            best = max(entries, key=lambda e: int(open(os.path.join(e, "level")).read()))
+            size = open(os.path.join(best, "size")).read().strip()
+            shared = open(os.path.join(best, "shared_cpu_list")).read().strip()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(size[-1:], 1)
+        caches[shared] = int(size.rstrip("KMG")) * scale
+    return sum(caches.values()) or 32 * 2**20
+
+
+class CacheEvictor:
+    """Reads a host buffer twice the size of the last-level cache: the scheduler's data and code
+    leave the CPU caches, as they do while a model forward runs between real steps. (The timed
+    quantity is host time, on a GPU too: the device's L2 does not enter it.)"""
+
+    def __init__(self):
+        self.buffer = torch.ones(2 * last_level_cache_bytes() // 4)
+
+    def __call__(self) -> None:
+        self.buffer.sum()
+
+
+def time_steps_cold(scheduler, x, outputs, device, evict: Callable[[], None]) -> float:
+    """Seconds of host time for the steps of one pass, each step timed alone right after
+    ``evict()`` (the eviction itself untimed; on a GPU the queue is drained before each step)."""
+    scheduler.set_timesteps(STEPS, device=device)
+    kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
+    total, sample = 0.0, x
+    for t, out in zip(scheduler.timesteps, outputs):
+        evict()
+        sync(device)
+        t0 = time.perf_counter()
+        sample = pipeline_step(scheduler, t, out, sample, kwargs)
+        total += time.perf_counter() - t0
+    sync(device)
+    return total
+
+
+def measure_pair(makes, x, outputs, device, repeats: int, evict: Callable[[], None]):
     """Per-step us (warm and cold) and loop ms of each scheduler, repeats interleaved.
 
     warm: a loop run right after the same scheduler's previous loop (back-to-back steps);
-    cold: the first loop after the other scheduler ran, its caches evicted, as a model
-    forward between real steps would. Both schedulers are measured under the same conditions.
+    cold: every step timed alone after ``evict()`` has pushed the scheduler's data and code out
+    of the caches, as a model forward between real steps would. Both schedulers are measured
+    under the same conditions.
     """
     scheds = [make() for make in makes]
     for s in scheds:
@@ -91,58 +155,88 @@ def measure_pair(makes, x, outputs, device, repeats: int):
     for _ in range(repeats):
         for k, s in enumerate(scheds):
             steps = len(s.timesteps)
-            cold[k].append(time_loop(s, x, outputs, device, False) / steps * 1e6)
+            cold[k].append(time_steps_cold(s, x, outputs, device, evict) / steps * 1e6)
             warm[k].append(time_loop(s, x, outputs, device, False) / steps * 1e6)
             loop[k].append(time_loop(s, x, outputs, device, True) * 1e3)
     return [(quartiles(warm[k]), quartiles(cold[k]), quartiles(loop[k]), len(s.timesteps))
             for k, s in enumerate(scheds)]
 
 
+def loop_peak_memory(make: Callable, x, outputs, device) -> int:
+    """Peak bytes allocated during one 20-step loop (set_timesteps included) of a fresh
+    scheduler, above the inputs and model outputs (``_common.peak_memory_bytes``)."""
+    sched = make()
+    run_loop(sched, x, outputs, device)  # one-time costs (shared coefficient tables, caches) first
+    sched = make()
+    return peak_memory_bytes(lambda: run_loop(sched, x, outputs, device), device)
+
+
+# Allocate or draw noise only: both sides draw the same noise, so neither is charged for it.
+_NO_TRAFFIC = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::randn", "aten::randn_like",
+               "aten::normal_"}
+# In-place ops that overwrite their first input without reading it.
+_WRITE_ONLY = {"aten::copy_", "aten::fill_", "aten::zero_"}
+_ITEMSIZE = {"float": 4, "double": 8, "c10::Half": 2, "c10::BFloat16": 2, "long int": 8, "int": 4,
+             "short int": 2, "signed char": 1, "unsigned char": 1, "bool": 1}
+
+
+def op_latent_bytes(ev, shape: list, numel: int, default_itemsize: int) -> int:
+    """Full-latent bytes one top-level aten op moved: it reads each latent-sized input, at that
+    input's dtype size, and writes what it allocated (out of place) or its first input (in
+    place). An out-of-place op that allocated nothing returned a view or its own input (a
+    ``.to()`` to the same dtype, ``.contiguous()``, ``.reshape()``): it moved nothing."""
+    if ev.name in _NO_TRAFFIC:
+        return 0
+    dtypes = getattr(ev, "input_dtypes", None) or [None] * len(ev.input_shapes)
+    latent = [numel * _ITEMSIZE.get(d, default_itemsize) if s == shape else 0
+              for s, d in zip(ev.input_shapes, dtypes)]
+    if not any(latent):
+        return 0
+    if ev.name.endswith("_") and not ev.name.endswith("__"):  # in place (not aten::__and__): writes its first input
+        written, read = latent[0], sum(latent[1:]) if ev.name in _WRITE_ONLY else sum(latent)
+    else:
+        written = ev.cpu_memory_usage + getattr(ev, "device_memory_usage", 0)  # its output, at its dtype
+        if written <= 0:
+            return 0
+        read = sum(latent)
+    return read + written
+
+
 def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
-    """Full-latent bytes per step seen by the profiler (each latent-sized aten op: inputs + 1 output)."""
+    """Full-latent bytes per step seen by the profiler (``op_latent_bytes`` of each top-level
+    aten op in the steps, as pipelines call them: ``scale_model_input`` and ``step``)."""
     from torch.profiler import ProfilerActivity, profile
 
     sched = make()
     sched.set_timesteps(STEPS, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    shape = list(x.shape)
-    numel = x.numel()
-    saved_stderr = os.dup(2)  # the profiler library logs start/stop lines on fd 2
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    try:
-        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
-            sample = x
-            for t, out in zip(sched.timesteps, outputs):
-                sample = sched.step(out, t, sample, **step_kwargs(sched, gen)).prev_sample
-    finally:
-        os.dup2(saved_stderr, 2)
-        os.close(devnull)
-        os.close(saved_stderr)
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True) as prof:
+        run_loop(sched, x, outputs, device, set_timesteps=False)
     total = 0
     for ev in prof.events():
         if not ev.name.startswith("aten::") or ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
             continue  # count top-level aten ops only
-        latent_inputs = [s for s in ev.input_shapes if isinstance(s, list) and s == shape]
-        if ev.name in ("aten::empty", "aten::empty_like", "aten::empty_strided", "aten::randn", "aten::normal_"):
-            latent_inputs = []
-        if latent_inputs:
-            total += (len(latent_inputs) + 1) * numel * x.element_size()
+        total += op_latent_bytes(ev, list(x.shape), x.numel(), x.element_size())
     return total / len(sched.timesteps)
 
 
-def kdfast_bytes_per_step(name: str, numel: int, itemsize: int) -> Dict[str, float]:
-    """What the fused kernel reads and writes, and the lower bound for the same step."""
+def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bool = False) -> Dict[str, float]:
+    """Modelled bytes of kdfast's step and the lower bound for the same step (not measured here;
+    ``ncu_solver_bytes.py`` measures the kernel's on a GPU).
+
+    ``step``: the fused kernel, reading each latent-sized input once and writing each output
+    once, which is also the lower bound for the step. ``scale_model_input``: the Euler-type
+    schedulers' ``sample / sqrt(sigma**2 + 1)``, a separate call (one read, one write) that no
+    implementation of the two-call API can avoid. ``modelled`` (kdfast) and ``lower_bound`` are
+    their sum, equal by construction; diffusers' measured bytes are compared with it."""
     # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
     # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2}[name]
-    # The lower bound reads x, the model output, the history the formula needs (and the noise
-    # of SDE steps) once, and writes the new sample and the history entry once: exactly the
-    # fused kernel's traffic, so the ratio is 1.0 by construction; diffusers is compared to it.
-    return {"kdfast": (reads + writes) * numel * itemsize, "lower_bound": (reads + writes) * numel * itemsize}
+    step = (reads + writes) * numel * itemsize
+    scale = 2 * numel * itemsize if scales_input else 0
+    return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}
 
 
 def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str, float]]:
@@ -154,18 +248,13 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
 
     sched = make()
     sched.set_timesteps(STEPS, device=device)
-    gen = torch.Generator(device=device).manual_seed(0)
-    kwargs = step_kwargs(sched, gen)
-    pairs = list(zip(sched.timesteps, outputs))
     torch.cuda.synchronize(device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             torch.cuda.set_sync_debug_mode("warn")
-            try:
-                sample = x
-                for t, out in pairs:  # the step alone, as in the host-time columns
-                    sample = sched.step(out, t, sample, **kwargs).prev_sample
+            try:  # scale_model_input and step, as in the host-time columns
+                run_loop(sched, x, outputs, device, set_timesteps=False)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
             torch.cuda.synchronize(device)
@@ -180,7 +269,7 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
         else:
             kernels += 1
         busy_us += ev.time_range.elapsed_us()
-    n = len(pairs)
+    n = len(sched.timesteps)
     # GPU time per step: with the lower-bound bytes it gives the effective bandwidth, which
     # bounds how far above the lower bound the real traffic can be.
     return {"kernels": kernels / n, "copies": copies / n, "syncs": syncs / n, "gpu_us": busy_us / n}
@@ -208,6 +297,7 @@ def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -
             t0 = time.perf_counter()
             run()  # returns images on the CPU: the loop has finished
             times[name].append((time.perf_counter() - t0) * 1e3)
+    peaks = {name: peak_memory_bytes(run, device) for name, run in runs.items()}
     ref = quartiles(times["diffusers"])
     rows = []
     print(f"\nwhole loop, digits teacher UNet on {device_name(device)}: 10 images (guided, batch 20 per UNet call), "
@@ -215,12 +305,15 @@ def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -
     for name in runs:
         q = quartiles(times[name])
         diff = float((results[name] - results["diffusers"]).abs().max())
-        rows.append({"op": f"unet_loop:{name}", "shape": [10, 1, 16, 16], "dtype": "float32",
-                     "device": device_name(device), "steps": steps, "loop_ms": q,
+        rows.append({"op": f"unet_loop:{name}", "candidate": name,
+                     "backend": kdfast_backend("solver_step", device) if name.startswith("kdfast") else None,
+                     "shape": [10, 1, 16, 16], "dtype": "float32",
+                     "device": device_name(device), "steps": steps, "loop_ms": q, "peak_memory_bytes": peaks[name],
                      "anchor": "diffusers loop (same UNet, diffusers DPMSolverMultistepScheduler, unfused guidance)",
-                     "anchor_loop_ms": ref, "speedup_loop": ref["median"] / q["median"], "max_abs_diff": diff})
+                     "anchor_loop_ms": ref, "anchor_peak_memory_bytes": peaks["diffusers"],
+                     "speedup_loop": ref["median"] / q["median"], "max_abs_diff": diff})
         print(f"  {name:<20}{q['median']:>10.2f} ms  [{q['q1']:.2f}, {q['q3']:.2f}]  x{ref['median'] / q['median']:5.2f}"
-              f"  max |diff| to diffusers {diff:.1e}")
+              f"  peak {peaks[name] / 2**20:6.2f} MiB  max |diff| to diffusers {diff:.1e}")
     return rows
 
 
@@ -270,15 +363,21 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
                 fn(model, x, sigmas, disable=True, **options)
                 sync(device)
                 times[k].append((time.perf_counter() - t0) * 1e3)
+        peaks = {k: peak_memory_bytes(lambda: fn(_ReplayModel(outputs), x, sigmas, disable=True, **options), device)
+                 for k, fn in runs.items()}
         q, ref = quartiles(times["kdfast"]), quartiles(times["k-diffusion"])
         diff = None
         if not options:  # deterministic: the same result
             a, b = results["kdfast"].double(), results["k-diffusion"].double()
             diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
-        rows.append({"op": f"kdiffusion_loop:{name}", "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                     "device": device_name(device), "steps": STEPS, "loop_ms": q, "anchor": "k-diffusion sampling",
-                     "anchor_loop_ms": ref, "speedup_loop": ref["median"] / q["median"], "relative_diff": diff})
+        rows.append({"op": f"kdiffusion_loop:{name}", "backend": kdfast_backend("solver_step", device),
+                     "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
+                     "device": device_name(device), "steps": STEPS, "loop_ms": q, "peak_memory_bytes": peaks["kdfast"],
+                     "anchor": "k-diffusion sampling", "anchor_loop_ms": ref,
+                     "anchor_peak_memory_bytes": peaks["k-diffusion"], "speedup_loop": ref["median"] / q["median"],
+                     "relative_diff": diff})
         print(f"  {name:<18}kdfast {q['median']:8.2f}  k-diffusion {ref['median']:8.2f}  x{ref['median'] / q['median']:5.2f}"
+              f"  peak {peaks['kdfast'] / 2**20:.2f} vs {peaks['k-diffusion'] / 2**20:.2f} MiB"
               + ("" if diff is None else f"  rel. diff {diff:.1e}"))
     return rows
 
@@ -297,7 +396,7 @@ def main(argv=None) -> None:
                              "kdiff (against k-diffusion's samplers, where installed)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
-                             "full runs; rows of other devices are kept)")
+                             "full runs); rows of the same device, op, shape and dtype are replaced, all others kept")
     args = parser.parse_args(argv)
     # Arguments are checked before anything runs: an unknown name would otherwise give an
     # empty table and exit 0.
@@ -323,8 +422,10 @@ def main(argv=None) -> None:
     rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
-    print(f"{'':<36}{'us/step, warm':^28}{'us/step, cold':^28}{'20-step loop, ms':^28}")
-    print(f"{'solver':<14}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3 + f"{'df bytes/LB':>13}")
+    evict = CacheEvictor() if "steps" in sections else None
+    print(f"{'':<36}{'us/step, warm':^28}{'us/step, cold':^28}{'20-step loop, ms':^28}{'loop peak, KiB':^22}")
+    print(f"{'solver':<14}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3
+          + f"{'kdfast':>11}{'diffusers':>11}{'df bytes/LB':>13}")
     for shape_name, shape in (shapes if "steps" in sections else {}).items():
         g = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
@@ -337,22 +438,25 @@ def main(argv=None) -> None:
             kd_make = lambda: getattr(kd, kd_name)(**config)  # noqa: E731
             df_make = lambda: getattr(diffusers, df_name)(**config)  # noqa: E731
             (kd_step, kd_cold, kd_loop, n), (df_step, df_cold, df_loop, _) = measure_pair(
-                (kd_make, df_make), x, outputs, device, repeats)
+                (kd_make, df_make), x, outputs, device, repeats, evict)
             df_bytes = latent_bytes_per_step(df_make, x, outputs, device)
+            kd_peak = loop_peak_memory(kd_make, x, outputs, device)
+            df_peak = loop_peak_memory(df_make, x, outputs, device)
             kd_launches = launches_and_syncs(kd_make, x, outputs, device)
             df_launches = launches_and_syncs(df_make, x, outputs, device)
-            kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size())
+            scales = type(kd_make()).scale_model_input is not kd.base.FusedScheduler.scale_model_input
+            kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size(), scales_input=scales)
             row = {
-                "op": f"scheduler_step:{name}", "backend": kdfast.backends.op("solver_step").select(device.type).backend,
+                "op": f"scheduler_step:{name}", "backend": kdfast_backend("solver_step", device),
                 "shape": list(shape), "dtype": args.dtype, "device": device_name(device), "steps": n,
                 "us_per_step": kd_step, "anchor": f"diffusers {diffusers.__version__} {df_name}",
                 "anchor_us_per_step": df_step, "speedup_per_step": df_step["median"] / kd_step["median"],
                 "us_per_step_cold": kd_cold, "anchor_us_per_step_cold": df_cold,
                 "speedup_per_step_cold": df_cold["median"] / kd_cold["median"],
                 "loop_ms": kd_loop, "anchor_loop_ms": df_loop, "speedup_loop": df_loop["median"] / kd_loop["median"],
-                "bytes_per_step": kd_bytes["kdfast"], "lower_bound_bytes": kd_bytes["lower_bound"],
+                "modelled_bytes_per_step": kd_bytes["modelled"], "lower_bound_bytes": kd_bytes["lower_bound"],
                 "anchor_bytes_per_step": df_bytes, "anchor_bytes_ratio": df_bytes / kd_bytes["lower_bound"],
-                "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
+                "peak_memory_bytes": kd_peak, "anchor_peak_memory_bytes": df_peak,
                 "per_step_gpu": kd_launches, "anchor_per_step_gpu": df_launches,
             }
             rows.append(row)
@@ -360,7 +464,7 @@ def main(argv=None) -> None:
                   f"{kd_step['median']:>9.1f}{df_step['median']:>10.1f}{row['speedup_per_step']:>8.1f}x"
                   f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
                   f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
-                  f"{row['anchor_bytes_ratio']:>12.1f}x")
+                  f"{kd_peak / 1024:>11.0f}{df_peak / 1024:>11.0f}{row['anchor_bytes_ratio']:>12.1f}x")
             if kd_launches is not None:
                 row["effective_gb_per_s"] = kd_bytes["lower_bound"] / (kd_launches["gpu_us"] * 1e3)
                 print(f"{'':<14}per step: kdfast {kd_launches['kernels']:.2f} kernels, {kd_launches['copies']:.2f} "
@@ -377,13 +481,7 @@ def main(argv=None) -> None:
         if args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}:
             return  # a partial run must not replace the recorded figures
         out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    kept = []
-    if os.path.exists(out):
-        with open(out) as f:
-            kept = [r for r in json.load(f) if r.get("device") != device_name(device)]
-    with open(out, "w") as f:
-        json.dump(kept + rows, f, indent=1)
+    merge_rows(out, rows)
     print(f"wrote {len(rows)} rows to {out}")
 
 

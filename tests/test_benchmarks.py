@@ -1,4 +1,6 @@
-"""The benchmark scripts run (smoke runs at tiny sizes) and leave the recorded figures alone."""
+"""The benchmark scripts run (smoke runs at tiny sizes) and leave the recorded figures alone;
+their measuring helpers measure what they say."""
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,40 @@ def test_benchmark_smoke_run(script, args):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "kdfast" in done.stdout or "ms" in done.stdout
     assert {p: p.read_bytes() for p in (BENCH / "results").glob("*.json")} == results
+
+
+@pytest.mark.parametrize("script, args", [
+    ("bench_kdloss.py", ["--quick", "--repeats", "1"]),
+    ("bench_diffusion_losses.py", ["--quick", "--repeats", "1", "--quiet-load", "1000"]),
+    ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "euler", "--sections", "steps"]),
+])
+def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, script, args):
+    """Rows name the backend kdfast's registry ran (not the candidate), and hold peak memory."""
+    if script == "bench_solvers.py":
+        pytest.importorskip("diffusers")
+    from kdfast import backends
+
+    out = tmp_path / "rows.json"
+    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--out", str(out)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads(out.read_text())
+    assert rows
+    for row in rows:
+        kdfast_row = row.get("candidate", "kdfast") == "kdfast"
+        op = {"bench_kdloss.py": "kd_divergence", "bench_diffusion_losses.py": "diffusion_loss",
+              "bench_solvers.py": "solver_step"}[script]
+        assert row["backend"] == (backends.op(op).select("cpu").backend if kdfast_row else None)
+        peak = row.get("peak_memory_bytes", row.get("peak_bytes"))
+        assert isinstance(peak, int) and peak > 0
+    if script == "bench_kdloss.py":
+        assert {r["candidate"] for r in rows} == {"kdfast", "torch"}
+    if script == "bench_solvers.py":
+        (row,) = rows
+        assert row["anchor_peak_memory_bytes"] > 0
+        # Euler: the fused step (2 reads, 1 write) and scale_model_input (1 read, 1 write), modelled
+        assert row["modelled_bytes_per_step"] == row["lower_bound_bytes"] == 5 * 4 * 64 * 64 * 4
+        assert "bytes_per_step" not in row
 
 
 def test_ncu_report_parsing(monkeypatch):
@@ -61,6 +97,9 @@ def _bench_module(monkeypatch, name):
     ("bench_solvers", ["--sections", "x"], "--sections takes steps, unet and/or kdiff"),
     ("bench_kdloss", ["--quick", "--no-write", "--cases", "foo"], "--cases: unknown case(s) foo; expected some of"),
     ("bench_kdloss", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    ("bench_diffusion_losses", ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    ("bench_diffusion_losses", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    ("bench_diffusion_losses", ["--device", "foo"], "--device: expected cpu or cuda (or cuda:N), got 'foo'"),
 ])
 def test_benchmark_argument_errors(monkeypatch, capsys, script, args, message):
     module = _bench_module(monkeypatch, script)
@@ -70,7 +109,7 @@ def test_benchmark_argument_errors(monkeypatch, capsys, script, args, message):
     assert message in capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("script", ["bench_solvers", "bench_kdloss"])
+@pytest.mark.parametrize("script", ["bench_solvers", "bench_kdloss", "bench_diffusion_losses"])
 def test_benchmark_cuda_without_a_gpu_is_an_argument_error(monkeypatch, capsys, script):
     import torch
 
@@ -80,3 +119,121 @@ def test_benchmark_cuda_without_a_gpu_is_an_argument_error(monkeypatch, capsys, 
         module.main(["--device", "cuda"])
     assert exc.value.code == 2
     assert "--device cuda: no CUDA GPU here" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- the measuring helpers
+
+
+def test_quartiles_stay_inside_the_samples(monkeypatch):
+    common = _bench_module(monkeypatch, "_common")
+    assert common.quartiles([1.0, 2.0]) == {"median": 1.5, "q1": 1.25, "q3": 1.75}
+    q = common.quartiles([3.0, 1.0, 2.0])
+    assert 1.0 <= q["q1"] <= q["median"] == 2.0 <= q["q3"] <= 3.0
+    assert common.quartiles([5.0]) == {"median": 5.0, "q1": 5.0, "q3": 5.0}
+
+
+def test_cpu_peak_memory_counts_allocations_freed_inside_an_op(monkeypatch):
+    """A scope that allocates 4 MiB, frees it and returns 1 MiB peaks at 4 MiB. A per-op
+    timeline (each event's net allocation added at its start) would say 1 MiB."""
+    import torch
+
+    common = _bench_module(monkeypatch, "_common")
+    mib = 2**20
+    earlier = torch.empty(8 * mib, dtype=torch.uint8)
+
+    def run():
+        nonlocal earlier
+        with torch.profiler.record_function("scope"):
+            scratch = torch.empty(4 * mib, dtype=torch.uint8)
+            del scratch
+            kept = torch.empty(mib, dtype=torch.uint8)
+        earlier = None  # a tensor from before the call, freed during it: not part of its peak
+        more = torch.empty(2 * mib, dtype=torch.uint8)
+        return kept, more
+
+    assert common.peak_memory_bytes(run, torch.device("cpu")) == 4 * mib
+
+
+def test_allocation_replay_orders_by_time_and_ignores_earlier_tensors(monkeypatch):
+    common = _bench_module(monkeypatch, "_common")
+    # (time, address, bytes): out of order; address 9 was allocated before the window
+    records = [(30, 1, -100), (10, 1, 100), (20, 2, 50), (25, 9, -1000), (40, 1, 70), (50, 2, -50)]
+    assert common._replay_allocations(records) == 150
+    assert common._replay_allocations([]) == 0
+
+
+def test_merge_rows_replaces_only_rows_with_the_same_key(monkeypatch, tmp_path):
+    common = _bench_module(monkeypatch, "_common")
+    path = tmp_path / "rows.json"
+    old = [
+        {"device": "cpu", "op": "scheduler_step:ddim", "shape": [1, 4], "dtype": "float32", "v": 1},
+        {"device": "cpu", "op": "scheduler_step:ddim", "shape": [1, 4], "dtype": "bfloat16", "v": 2},
+        {"device": "cpu", "op": "kdiffusion_loop:euler", "shape": [1, 4], "dtype": "float32", "v": 3},
+        {"device": "gpu", "op": "scheduler_step:ddim", "shape": [1, 4], "dtype": "float32", "v": 4},
+        {"device": "cpu", "op": "kd_loss", "shape": {"tokens": 8, "vocab": 4}, "dtype": "float32", "v": 5},
+        {"device": "cpu", "op": "kd_loss", "shape": {"tokens": 8, "vocab": 4}, "dtype": "float32", "v": 6},
+    ]
+    path.write_text(json.dumps(old))
+    new = [{"device": "cpu", "op": "scheduler_step:ddim", "shape": [1, 4], "dtype": "float32", "v": 10},
+           {"device": "cpu", "op": "kd_loss", "shape": {"vocab": 4, "tokens": 8}, "dtype": "float32", "v": 11}]
+    common.merge_rows(str(path), new)
+    assert sorted(r["v"] for r in json.loads(path.read_text())) == [2, 3, 4, 10, 11]
+
+
+def _fake_scheduler_class(scale: bool, calls: list):
+    import torch
+
+    class Out:
+        def __init__(self, prev_sample):
+            self.prev_sample = prev_sample
+
+    class Fake:
+        def set_timesteps(self, n, device=None):
+            self.timesteps = torch.arange(n)
+
+        def scale_model_input(self, sample, t):
+            calls.append("scale")
+            return sample * 0.5 if scale else sample
+
+        def step(self, model_output, t, sample):
+            calls.append("step")
+            x = sample.to(torch.float32)  # a no-op for a float32 sample: it returns its input
+            x = x.reshape(sample.shape).contiguous()  # views and no-op copies move nothing
+            return Out((x * 2).to(sample.dtype))
+
+    return Fake
+
+
+@pytest.mark.parametrize("dtype_name, scale, expected", [
+    ("float32", False, 8),  # x * 2: read 4 bytes, write 4 bytes per element
+    ("bfloat16", False, 2 + 4 + 8 + 4 + 2),  # upcast (2 -> 4), x * 2 (4 -> 4), downcast (4 -> 2)
+    ("float32", True, 16),  # and scale_model_input's sample * 0.5, as pipelines call it each step
+])
+def test_latent_bytes_count_real_traffic_at_real_dtype_sizes(monkeypatch, dtype_name, scale, expected):
+    pytest.importorskip("diffusers")
+    import torch
+
+    bench = _bench_module(monkeypatch, "bench_solvers")
+    dtype = getattr(torch, dtype_name)
+    shape = (1, 4, 8, 8)
+    x = torch.randn(shape).to(dtype)
+    outputs = [torch.randn(shape).to(dtype) for _ in range(bench.STEPS)]
+    calls = []
+    fake = _fake_scheduler_class(scale, calls)
+    per_step = bench.latent_bytes_per_step(fake, x, outputs, torch.device("cpu"))
+    assert per_step == expected * x.numel()
+    assert calls == ["scale", "step"] * bench.STEPS
+
+
+def test_cold_steps_are_each_preceded_by_an_eviction(monkeypatch):
+    pytest.importorskip("diffusers")
+    import torch
+
+    bench = _bench_module(monkeypatch, "bench_solvers")
+    calls = []
+    sched = _fake_scheduler_class(False, calls)()
+    x = torch.randn(1, 4, 8, 8)
+    bench.time_steps_cold(sched, x, [x] * bench.STEPS, torch.device("cpu"), lambda: calls.append("evict"))
+    assert calls == ["evict", "scale", "step"] * bench.STEPS
+    evictor = bench.CacheEvictor()
+    assert evictor.buffer.numel() * evictor.buffer.element_size() >= 2 * bench.last_level_cache_bytes() > 0
