@@ -46,7 +46,8 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"CPU {model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"CPU {model}, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def sync(device: torch.device) -> None:

@@ -195,14 +195,14 @@ def profile_breakdown(case, shape, dtype, device, name, top: int = 12) -> None:
 def measure_cpu_peak(case, shape, dtype, name) -> int:
     """Peak RSS above the inputs of one forward + backward, in a fresh process."""
     cmd = [sys.executable, __file__, "--peak-worker", json.dumps(dict(case=case, shape=shape, dtype=str(dtype),
-                                                                      name=name))]
+                                                                      name=name, threads=torch.get_num_threads()))]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
 
 def _peak_worker(spec: str) -> None:
     args = json.loads(spec)
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args["threads"])  # as many as the timed process
     dtype = getattr(torch, args["dtype"].replace("torch.", ""))
     fn = candidates(args["case"], "cpu")[args["name"]]
     # One-time costs (extension loading, thread pools, dispatcher caches) on a tiny input first.
@@ -227,6 +227,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--repeats", type=int_at_least(1), default=5)
+    p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     p.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
@@ -239,6 +240,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     if args.peak_worker:
         return _peak_worker(args.peak_worker)
     check_device(p, args.device)  # --device cuda without a GPU: a usage error, not a traceback
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     unknown = [c for c in cases if c not in CASES]
     if unknown or not cases:

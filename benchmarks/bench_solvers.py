@@ -387,6 +387,7 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--solvers", default=None,
                         help=f"comma-separated subset of {','.join(name for name, *_ in SOLVERS)}")
     parser.add_argument("--repeats", type=int_at_least(1), default=None,
@@ -412,6 +413,8 @@ def main(argv=None) -> None:
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or not sections <= {"steps", "unet", "kdiff"}:
         parser.error(f"--sections takes steps, unet and/or kdiff, got {args.sections!r}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         import diffusers
     except ImportError:

@@ -97,6 +97,8 @@ def _bench_module(monkeypatch, name):
     ("bench_solvers", ["--sections", "x"], "--sections takes steps, unet and/or kdiff"),
     ("bench_kdloss", ["--quick", "--no-write", "--cases", "foo"], "--cases: unknown case(s) foo; expected some of"),
     ("bench_kdloss", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
+    ("bench_kdloss", ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    ("bench_solvers", ["--threads", "-2"], "argument --threads: must be an integer >= 1, got -2"),
     ("bench_diffusion_losses", ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
     ("bench_diffusion_losses", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
     ("bench_diffusion_losses", ["--device", "foo"], "--device: expected cpu or cuda (or cuda:N), got 'foo'"),
