@@ -7,6 +7,8 @@ import sys
 import warnings
 from typing import List, Optional
 
+from .train.run import seed_arg
+
 
 def info() -> str:
     """Versions, what was built, which backend can run each op here, and why not."""
@@ -41,6 +43,19 @@ def info() -> str:
             except backends.BackendUnavailableError as exc:
                 lines.append(f"    -> none: {exc}")
     return "\n".join(lines)
+
+
+class _UsageError(Exception):
+    def __init__(self, prog: str, message: str):
+        super().__init__(f"{prog}: error: {message} (see {prog} --help)")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (``kdfast demo: error: argument --seed: ...``)
+    and :func:`main` returns 2, as for the commands' own checks, instead of a usage dump."""
+
+    def error(self, message: str):
+        raise _UsageError(self.prog, message)
 
 
 def _int_list(text: str) -> List[int]:
@@ -91,11 +106,12 @@ def demo(args) -> int:
 def assets(args) -> int:
     """``kdfast assets build``: retrain the shipped models and compare with the shipped metrics."""
     from .assets_build import TOLERANCE, build_assets
+    from .train.run import OutputDirError
 
     try:
         result = build_assets(out=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
                               progress=not args.no_progress)
-    except ValueError as exc:
+    except (ValueError, OutputDirError) as exc:  # bad arguments, unwritable outputs: before any training
         print(f"kdfast assets build: error: {exc}", file=sys.stderr)
         return 2
     print(f"classifier: held-out accuracy {result['classifier']['heldout_accuracy']:.4f}, "
@@ -115,7 +131,7 @@ def assets(args) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="kdfast", description="Fused kernels for diffusion distillation and sampling")
+    parser = _Parser(prog="kdfast", description="Fused kernels for diffusion distillation and sampling")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, what was built and which backends are usable here")
     p = sub.add_parser("demo", help="sample the digits teacher with every solver, score it, compare with diffusers")
@@ -127,7 +143,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default 50,20,10,5)")
     p.add_argument("--n-per-class", type=int, help="samples per class per row (default 10)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.2)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_arg, default=0, help="an integer in [0, 2**63 - 1] (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--cuda-graph", action="store_true",
@@ -139,10 +155,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     b = a_sub.add_parser("build", help="retrain the digits classifier and teacher from scratch (seeded)")
     b.add_argument("--out", default="kdfast-assets", help="output folder (default: ./kdfast-assets)")
     b.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for testing the pipeline")
-    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--seed", type=seed_arg, default=0, help="an integer in [0, 2**63 - 1] (default 0)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (the shipped assets used 1)")
     b.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except _UsageError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     try:
         if args.command == "info":
             print(info())

@@ -1,9 +1,11 @@
 import json
+import shutil
 
 import pytest
 
 pytest.importorskip("sklearn")
 
+import kdfast.assets_build as assets_build  # noqa: E402
 from kdfast.assets_build import compare_with_shipped  # noqa: E402
 from kdfast.cli import main  # noqa: E402
 
@@ -36,11 +38,57 @@ def test_comparison_flags_differences_outside_tolerance():
     assert not any(row["ok"] for row in worse.values()), worse
 
 
-def test_unwritable_output(tmp_path, capsys):
+def test_unwritable_output(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(assets_build, "_build", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
     assert main(["assets", "build", "--quick", "--out", str(blocker / "out"), "--no-progress"]) == 2
-    assert "cannot be created" in capsys.readouterr().err
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdfast assets build: error: classifier weights file ")
+    assert "cannot be written" in err[0]
+
+
+@pytest.mark.parametrize("name", ["digits_classifier", "digits_teacher"])
+def test_each_output_file_is_checked_before_training(tmp_path, capsys, monkeypatch, name):
+    monkeypatch.setattr(assets_build, "_build", lambda *a, **k: pytest.fail("trained before checking the outputs"))
+    out = tmp_path / "assets"
+    (out / f"{name}.safetensors").mkdir(parents=True)  # the file's path is taken by a folder
+    assert main(["assets", "build", "--quick", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdfast assets build: error: ")
+    assert f"{name}.safetensors' is not writable: it is an existing folder" in err[0]
+
+
+def test_a_rebuild_in_place_is_compared_with_the_files_it_replaces(tmp_path, monkeypatch):
+    # ``--out`` = the package's own assets folder: here a copy of it, standing in for it
+    package_assets = tmp_path / "package" / "assets"
+    package_assets.mkdir(parents=True)
+    for name in assets_build.ASSETS:
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(assets_build.SHIPPED_DIR / f"{name}{suffix}", package_assets)
+    shipped = {name: json.loads((package_assets / f"{name}.json").read_text()) for name in assets_build.ASSETS}
+    monkeypatch.setattr(assets_build, "SHIPPED_DIR", package_assets)
+    # the quick budget, but measuring the row the comparison reads, and not quick=True (no comparison)
+    monkeypatch.setattr(assets_build, "FULL", dict(assets_build.QUICK, steps=(50,)))
+    import kdfast.train.teacher as teacher_mod
+
+    measured = []
+    real_measure = teacher_mod.measure_samples
+
+    def measure(*args, **kwargs):
+        measured.append(kwargs["progress"])
+        return real_measure(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_mod, "measure_samples", measure)
+    result = assets_build.build_assets(out=str(package_assets), progress=True)
+    assert measured == [True]  # the measuring phase shows progress too (a bar, on a terminal)
+    rebuilt = {name: json.loads((package_assets / f"{name}.json").read_text()) for name in assets_build.ASSETS}
+    assert rebuilt != shipped  # the files were replaced ...
+    row = result["comparison"]["classifier held-out accuracy"]  # ... and compared with the ones they replaced
+    assert row["shipped"] == shipped["digits_classifier"]["metrics"]["heldout_accuracy"]
+    assert row["rebuilt"] == rebuilt["digits_classifier"]["metrics"]["heldout_accuracy"] != row["shipped"]
+    old = [r for r in shipped["digits_teacher"]["metrics"]["results"] if (r["guidance_scale"], r["steps"]) == (1.0, 50)]
+    assert result["comparison"]["teacher 50-step Frechet (guidance 1)"]["shipped"] == old[0]["frechet"]
 
 
 def test_build_restores_the_thread_count(tmp_path):
@@ -51,6 +99,17 @@ def test_build_restores_the_thread_count(tmp_path):
     before = torch.get_num_threads()
     build_assets(out=str(tmp_path / "a"), quick=True, threads=1, progress=False)
     assert torch.get_num_threads() == before
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "x"])
+def test_bad_seed_is_a_usage_error(tmp_path, capsys, monkeypatch, seed):
+    monkeypatch.setattr(assets_build, "_build", lambda *a, **k: pytest.fail("built despite a bad seed"))
+    out = tmp_path / "assets"
+    assert main(["assets", "build", "--quick", "--seed", seed, "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdfast assets build: error: argument --seed: ")
+    assert "[0, 2**63 - 1]" in err[0]
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("threads", ["0", "-1"])

@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 import kdfast
 from kdfast.cli import info, main
 
@@ -24,12 +26,12 @@ def test_python_dash_m_kdfast_info(tmp_path):
 
 
 def test_main_rejects_unknown_command(capsys):
-    import pytest
-
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("kdfast: error: argument command: invalid choice: 'frobnicate'")
     with pytest.raises(SystemExit) as exc:
-        main(["frobnicate"])
-    assert exc.value.code == 2
-    assert "invalid choice" in capsys.readouterr().err
+        main(["--help"])  # help still exits (status 0)
+    assert exc.value.code == 0
 
 
 def test_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys):
@@ -43,3 +45,14 @@ def test_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys):
     assert main(["demo", "--quick", "--no-anchor", "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["kdfast demo: error: the digits data needs scikit-learn: pip install scikit-learn"]
+
+
+@pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "9223372036854775808"])
+def test_demo_refuses_an_out_of_range_seed_as_a_usage_error(tmp_path, capsys, monkeypatch, seed):
+    import kdfast.demo
+
+    monkeypatch.setattr(kdfast.demo, "run_demo", lambda **kwargs: pytest.fail("ran with a bad seed"))
+    assert main(["demo", "--quick", "--seed", seed, "--out", str(tmp_path / "d")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kdfast demo: error: argument --seed: the seed must be an integer in [0, 2**63 - 1], got {seed} "
+                   "(see kdfast demo --help)"]

@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..train.run import OutputDirError, int_at_least
+from ..train.run import OutputDirError, int_at_least, seed_arg
 from .classifier import SHIPPED_PATH, build_shipped_asset, check_weights_path
 
 
@@ -14,7 +14,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                                      description="Train the digits evaluation classifier and write it with its JSON.")
     parser.add_argument("--out", default=str(SHIPPED_PATH), help="safetensors path (the JSON goes beside it)")
     parser.add_argument("--epochs", type=int_at_least(1), default=30)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0, help="an integer in [0, 2**63 - 1] (default 0)")
     parser.add_argument("--threads", type=int_at_least(1), default=None,
                         help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..datasets.digits import NUM_CLASSES, load_digits
-from ..train.run import check_output_file
+from ..train.run import atomic_files, check_output_file, progress_bar
 
 IMAGE_SIZE = 16
 SHIPPED_PATH = Path(__file__).resolve().parent.parent / "assets" / "digits_classifier.safetensors"
@@ -125,8 +125,7 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: 
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
 
-    from tqdm.auto import tqdm
-    bar = tqdm(range(epochs), desc="digits classifier", disable=not progress)
+    bar = progress_bar(range(epochs), enabled=progress, desc="digits classifier")  # on a terminal only
     loss = torch.tensor(float("nan"))
     for _ in bar:
         model.train()
@@ -187,6 +186,12 @@ def save_classifier(model: DigitsClassifier, path: PathLike, metrics: Optional[D
     The architecture config is stored twice: in the safetensors metadata, so the weights file
     alone is enough to load, and in the JSON, with ``metrics`` and the file's SHA-256 for
     people and for :func:`load_classifier`'s integrity check.
+
+    Both files are written under temporary names in the same folder and renamed over the old
+    ones (:func:`~kdfast.train.run.atomic_files`), the weights first and the JSON last: an
+    interruption leaves the previous pair, whole. Only between the two renames (an instant)
+    would a crash leave new weights beside the old JSON, which :func:`load_classifier`
+    reports as a SHA-256 mismatch.
     """
     from safetensors.torch import save_file
 
@@ -195,11 +200,12 @@ def save_classifier(model: DigitsClassifier, path: PathLike, metrics: Optional[D
     path = _refuse_json_suffix(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    # one metadata key only: safetensors writes several in random order, and the bytes must be reproducible
-    save_file(state, str(path), metadata={"config": json.dumps(model.config, sort_keys=True)})
-    info = {"config": model.config, "metrics": dict(metrics or {}), "weights_file": path.name,
-            "sha256": _sha256(path), "bytes": path.stat().st_size}
-    metadata_path(path).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    with atomic_files(path, metadata_path(path)) as (weights_tmp, json_tmp):
+        # one metadata key only: safetensors writes several in random order, and the bytes must be reproducible
+        save_file(state, str(weights_tmp), metadata={"config": json.dumps(model.config, sort_keys=True)})
+        info = {"config": model.config, "metrics": dict(metrics or {}), "weights_file": path.name,
+                "sha256": _sha256(weights_tmp), "bytes": weights_tmp.stat().st_size}
+        json_tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
 
 

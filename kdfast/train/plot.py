@@ -157,10 +157,22 @@ def plot_curves(series: Mapping[str, Points], path: PathLike, title: Optional[st
 
 
 def moving_average(values: Sequence[float], window: int) -> List[float]:
-    """The mean of the last ``window`` values at every position (fewer at the start)."""
-    if int(window) < 1:
+    """The mean of the last ``window`` values at every position (fewer at the start).
+
+    NaN and infinite values are left out of the means of the windows that hold them (NaN where
+    a window holds no finite value): a diverged step gaps its own windows, not the rest of the
+    curve, as a running sum would.
+    """
+    if isinstance(window, bool) or int(window) != window or int(window) < 1:
         raise ValueError(f"window must be an integer >= 1, got {window!r}")
-    cumsum = np.concatenate([[0.0], np.cumsum(np.asarray(values, dtype=np.float64))])
-    idx = np.arange(1, len(values) + 1)
-    start = np.maximum(idx - int(window), 0)
-    return ((cumsum[idx] - cumsum[start]) / (idx - start)).tolist()
+    v = np.asarray(values, dtype=np.float64).reshape(-1)
+    if not len(v):
+        return []
+    finite = np.isfinite(v)
+    kernel = np.ones(min(int(window), len(v)))
+    # Sums over each window by convolution, not as differences of one running sum: an inf or a
+    # NaN there, or a huge value's rounding, would carry into every later position.
+    sums = np.convolve(np.where(finite, v, 0.0), kernel)[:len(v)]
+    counts = np.convolve(finite.astype(np.float64), kernel)[:len(v)]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()

@@ -11,18 +11,26 @@ the saved state is a safetensors tensor; the structure around them (optimizer hy
 Python RNG tuples, step counts) is JSON in the file's metadata, with tensors referenced by
 name, so that ``state_dict`` -> file -> ``load_state_dict`` returns equal objects, tuples
 included.
+
+Bit-for-bit resumption also needs the same torch thread count and device type (they change
+the floating point order): a loop records them with :func:`run_environment` in the
+checkpoint's metadata and passes them to :meth:`Checkpointer.load` as ``same_bits``, which
+warns (:class:`ReproducibilityWarning`) when the resumed run differs.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import re
 import sys
+import warnings
 import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -34,6 +42,10 @@ PathLike = Union[str, Path]
 FORMAT = "kdfast checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
+METRICS_FILE = "metrics.jsonl"  # the metrics log's name in a run's checkpoint folder
+# The largest seed kdfast's commands accept: torch takes 64-bit seeds, and some callers seed a
+# second generator with seed + 1.
+MAX_SEED = 2**63 - 1
 
 
 # --------------------------------------------------------------------------- output folders
@@ -101,6 +113,71 @@ def int_at_least(minimum: int):
     return parse
 
 
+def seed_arg(text: str) -> int:
+    """The argparse ``type`` of every ``--seed``: an integer in [0, :data:`MAX_SEED`]. A bad
+    value is a usage error naming the argument (exit status 2), not a traceback from torch."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63 - 1], got {text!r}") from None
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"the seed must be an integer in [0, 2**63 - 1], got {value}")
+    return value
+
+
+seed_arg.__name__ = "seed"
+
+
+def check_run_dir(directory: PathLike, resume: bool) -> Path:
+    """Check a training run's checkpoint folder before any work: it is created and probed
+    (:func:`prepare_output_dir`), and unless ``resume``, it must not hold an earlier run's
+    checkpoints (``step-*.safetensors``) or metrics log (:data:`METRICS_FILE`): a new run
+    there would replace the log and delete those checkpoints as stale. Raises
+    :class:`OutputDirError` naming the folder and what it holds."""
+    path = prepare_output_dir(directory)
+    if not resume:
+        found = sorted(p.name for p in path.iterdir() if _NAME.match(p.name) or p.name == METRICS_FILE)
+        if found:
+            shown = ", ".join(found[:3]) + (f" and {len(found) - 3} more" if len(found) > 3 else "")
+            raise OutputDirError(f"checkpoint folder {str(path)!r} holds an earlier run ({shown}): a new run "
+                                 "would overwrite it; use --resume (resume=True) to continue it, "
+                                 "or another folder")
+    return path
+
+
+@contextmanager
+def atomic_files(*paths: PathLike) -> Iterator[List[Path]]:
+    """Write several files so that each appears whole or not at all.
+
+    Yields one temporary path per entry of ``paths``, in the same folder (so that the rename
+    is atomic). When the block ends without an error, each temporary file is flushed to disk
+    and renamed onto its path, in the order given; on an error (an interruption included)
+    the temporary files are removed and the existing files are untouched. Between two
+    renames the set is mixed (the first files new, the later ones old): put last the file
+    that vouches for the others (a JSON recording the weights' SHA-256, say), so that a
+    reader checking it finds the mix rather than trusting it. A replaced file keeps its
+    permissions.
+    """
+    paths = [Path(p) for p in paths]
+    # Named, not made, here: the writer creates them (with the usual permissions, which
+    # tempfile.mkstemp's 0600 would not give).
+    temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
+    try:
+        yield list(temps)
+        for tmp, path in zip(temps, paths):
+            with open(tmp, "rb") as f:  # on disk before the rename makes it visible
+                os.fsync(f.fileno())
+            if path.exists():  # safetensors creates its files 0600: a shipped asset stays readable
+                os.chmod(tmp, path.stat().st_mode & 0o7777)
+        for tmp, path in zip(temps, paths):
+            os.replace(tmp, path)
+    finally:
+        for tmp in temps:
+            tmp.unlink(missing_ok=True)
+
+
 # --------------------------------------------------------------------------- seeding, progress
 
 
@@ -129,6 +206,62 @@ def progress_bar(iterable=None, enabled: bool = True, **kwargs) -> tqdm:
 # --------------------------------------------------------------------------- metrics log
 
 
+_NON_FINITE = "non_finite"  # the key of a record that lists its NaN / infinite values
+
+
+def _non_finite_as_text(value: Any) -> Any:
+    """``value`` with its NaN / infinite floats as the strings "NaN", "Infinity", "-Infinity"
+    (Python's JSON spelling); None when it holds none."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        found = {k: _non_finite_as_text(v) for k, v in value.items()}
+        return {k: v for k, v in found.items() if v is not None} or None
+    if isinstance(value, (list, tuple)):
+        found = [_non_finite_as_text(v) for v in value]
+        return found if any(v is not None for v in found) else None
+    return None
+
+
+def _null_non_finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {k: _null_non_finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_null_non_finite(v) for v in value]
+    return value
+
+
+def _restore_non_finite(value: Any, text: Any) -> Any:
+    if isinstance(text, str):
+        return float(json.loads(text))
+    if isinstance(text, dict) and isinstance(value, dict):
+        return {k: _restore_non_finite(v, text[k]) if k in text else v for k, v in value.items()}
+    if isinstance(text, list) and isinstance(value, list):
+        return [v if t is None else _restore_non_finite(v, t) for v, t in zip(value, text)]
+    return value
+
+
+def _encode_record(record: Mapping[str, Any]) -> str:
+    """One strict-JSON line: NaN / infinite floats are written as null, and the record's
+    ``non_finite`` entry keeps them as text (``{"loss": null, "non_finite": {"loss": "NaN"}}``)."""
+    record = dict(record)
+    flagged = {k: t for k, v in record.items() if (t := _non_finite_as_text(v)) is not None}
+    if flagged:
+        record = {**{k: _null_non_finite(v) for k, v in record.items()}, _NON_FINITE: flagged}
+    return json.dumps(record, allow_nan=False)
+
+
+def _decode_record(record: Dict[str, Any]) -> Dict[str, Any]:
+    flagged = record.pop(_NON_FINITE, None)
+    if isinstance(flagged, dict):
+        for key, text in flagged.items():
+            if key in record:
+                record[key] = _restore_non_finite(record[key], text)
+    return record
+
+
 class MetricsLog:
     """A JSON-lines log, one ``{"step": ..., **values}`` object per line, flushed as written.
 
@@ -136,23 +269,30 @@ class MetricsLog:
     records of steps <= k and drops the rest: they were written after checkpoint ``k`` by a
     run that then stopped, and the resumed run writes them again. Lines torn by a crash are
     dropped too.
+
+    Every line is strict JSON: a NaN or infinite value (a diverged run) is written as null,
+    and the record's ``"non_finite"`` entry keeps it as text, e.g.
+    ``{"step": 7, "loss": null, "non_finite": {"loss": "NaN"}}``; :meth:`records` gives the
+    float back.
     """
 
     def __init__(self, path: PathLike, resume_step: Optional[int] = None):
         self.path = Path(path)
         kept = [] if resume_step is None else [r for r in self.records() if r["step"] <= resume_step]
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        os.replace(tmp, self.path)
+        with atomic_files(self.path) as (tmp,):
+            tmp.write_text("".join(_encode_record(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
 
     def log(self, step: int, **values: Any) -> None:
-        """Append one record; values must be JSON-serialisable (floats round-trip exactly)."""
-        self._file.write(json.dumps({"step": int(step), **values}) + "\n")
+        """Append one record; values must be JSON-serialisable (floats round-trip exactly, NaN
+        and infinities included)."""
+        if _NON_FINITE in values:
+            raise ValueError(f"{_NON_FINITE!r} is reserved: it lists a record's NaN / infinite values")
+        self._file.write(_encode_record({"step": int(step), **values}) + "\n")
         self._file.flush()
 
     def records(self) -> List[Dict[str, Any]]:
-        """Every complete record in the file, in order."""
+        """Every complete record in the file, in order (NaN / infinite values restored)."""
         if not self.path.is_file():
             return []
         out = []
@@ -162,7 +302,7 @@ class MetricsLog:
             except ValueError:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int):
-                out.append(record)
+                out.append(_decode_record(record))
         return out
 
     def close(self) -> None:
@@ -183,8 +323,9 @@ class GlobalRNG:
     """The global RNG states as a checkpointable object (``state_dict`` / ``load_state_dict``).
 
     ``torch``: torch's CPU RNG (dropout, ``torch.rand`` without a generator); ``cuda``: every
-    CUDA device's RNG (default: when CUDA is initialised); ``python`` / ``numpy``: the
-    ``random`` module's and numpy's global RNGs.
+    CUDA device's RNG (default: saved when CUDA is initialised, and restored whenever the saved
+    state holds it, initialising CUDA if needed; ``cuda=False`` neither saves nor restores
+    it); ``python`` / ``numpy``: the ``random`` module's and numpy's global RNGs.
     """
 
     def __init__(self, torch: bool = True, cuda: Optional[bool] = None, python: bool = True, numpy: bool = True):
@@ -207,16 +348,32 @@ class GlobalRNG:
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Set the chosen RNGs to the states of :meth:`state_dict`."""
-        wanted = [k for k, on in (("torch", self.torch), ("cuda", self._use_cuda()), ("python", self.python),
+        """Set the chosen RNGs to the states of :meth:`state_dict`.
+
+        A saved CUDA state is restored whenever it is there (unless ``cuda=False``), CUDA
+        being initialised for it if it is not yet: it is not dropped because this process
+        has not used CUDA so far. Raises RuntimeError when no GPU can take it (none is
+        available, or fewer devices than were saved).
+        """
+        restore_cuda = self._use_cuda() or (self.cuda is None and "cuda" in state)
+        wanted = [k for k, on in (("torch", self.torch), ("cuda", restore_cuda), ("python", self.python),
                                   ("numpy", self.numpy)) if on]
         missing = [k for k in wanted if k not in state]
         if missing:
             raise KeyError(f"no saved RNG state for {missing}")
+        if restore_cuda:
+            saved = list(state["cuda"])
+            available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            if len(saved) > available:
+                raise RuntimeError(f"the saved state holds the CUDA RNG of {len(saved)} device(s), but "
+                                   f"{available} CUDA device(s) are available here; resume where the run's GPUs "
+                                   "are, or skip the CUDA RNG with GlobalRNG(cuda=False) (the resumed run is "
+                                   "then not bit for bit)")
+            torch.cuda.init()
         if self.torch:
             torch.set_rng_state(state["torch"])
-        if self._use_cuda():
-            torch.cuda.set_rng_state_all(state["cuda"])
+        if restore_cuda:
+            torch.cuda.set_rng_state_all(saved)
         if self.python:
             random.setstate(state["python"])
         if self.numpy:
@@ -342,14 +499,8 @@ class Checkpointer:
                   "metadata": json.loads(json.dumps(dict(metadata or {}))), "state": layout,
                   "crc32": _checksum(tensors)}
         path = self.path_for(step)
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
+        with atomic_files(path) as (tmp,):
             save_file(tensors, str(tmp), metadata={"kdfast": json.dumps(header)})
-            with open(tmp, "rb") as f:  # on disk before the rename makes it visible
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         saved = self.checkpoints()
         stale = [p for p in saved if _step_of(p) > step]
         kept = [p for p in saved if _step_of(p) <= step]
@@ -358,26 +509,42 @@ class Checkpointer:
         return path
 
     def load(self, state: Optional[Mapping[str, Any]] = None, path: Optional[PathLike] = None,
-             expect: Optional[Mapping[str, Any]] = None) -> Checkpoint:
+             expect: Optional[Mapping[str, Any]] = None, same_bits: Optional[Mapping[str, Any]] = None
+             ) -> Checkpoint:
         """Restore the objects of ``state`` from a checkpoint (default: the latest).
 
         ``expect``: metadata entries the checkpoint must hold with these values (the settings
         that define a run: resuming with other ones would not continue the same run).
-        Raises :class:`CheckpointError` naming the file and the reason.
+        Raises :class:`CheckpointError` naming the file and the reason. ``same_bits``:
+        metadata entries that, when they differ (e.g. :func:`run_environment`), let the run
+        continue but not bit for bit: a :class:`ReproducibilityWarning` names them.
         """
         if path is None:
             path = self.latest()
             if path is None:
                 raise CheckpointError(f"no checkpoint in {str(self.directory)!r}")
-        return load_checkpoint(path, state, expect)
+        return load_checkpoint(path, state, expect, same_bits)
 
 
 def _step_of(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
 
 
+class ReproducibilityWarning(UserWarning):
+    """A resumed run continues, but no longer bit for bit like one that never stopped (another
+    torch thread count or device type changes the floating point order)."""
+
+
+def run_environment(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
+    """What, besides a run's settings, decides its bits: torch's CPU thread count now and the
+    device type it trains on. Save it in checkpoint metadata and pass it as ``same_bits``
+    to :meth:`Checkpointer.load`."""
+    return {"torch_threads": torch.get_num_threads(), "device_type": torch.device(device).type}
+
+
 def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
-                    expect: Optional[Mapping[str, Any]] = None) -> Checkpoint:
+                    expect: Optional[Mapping[str, Any]] = None,
+                    same_bits: Optional[Mapping[str, Any]] = None) -> Checkpoint:
     """Read a checkpoint written by :meth:`Checkpointer.save`; see :meth:`Checkpointer.load`."""
     path = Path(path)
     if not path.is_file():
@@ -402,6 +569,13 @@ def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
         diff = [f"{k}={metadata.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if metadata.get(k) != v]
         if diff:
             raise CheckpointError(f"checkpoint {str(path)!r} was written by a different run: " + ", ".join(diff))
+    if same_bits:
+        wanted = json.loads(json.dumps(dict(same_bits)))
+        diff = [f"{k}={metadata[k]!r} (now {v!r})" if k in metadata else f"{k} not recorded (now {v!r})"
+                for k, v in wanted.items() if metadata.get(k) != v or k not in metadata]
+        if diff:
+            warnings.warn(f"checkpoint {str(path)!r} was written with {', '.join(diff)}: the run continues, but "
+                          "not bit for bit like a run that never stopped", ReproducibilityWarning, stacklevel=3)
     try:
         entries = {k: (e["kind"], _unpack(e["data"], tensors)) for k, e in header["state"].items()}
     except (KeyError, TypeError, ValueError) as exc:

@@ -19,7 +19,9 @@ import copy
 import hashlib
 import json
 import math
+import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -35,8 +37,9 @@ from ..sampling import CapturedSampler
 from ..sampling import sample as run_sampler
 from . import images as _images
 from .plot import moving_average, plot_curves
-from .run import (CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError, check_output_file,
-                  int_at_least, prepare_output_dir, progress_bar)
+from .run import (METRICS_FILE, CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,
+                  ReproducibilityWarning, atomic_files, check_output_file, check_run_dir, int_at_least, progress_bar,
+                  run_environment, seed_arg)
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -318,7 +321,11 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     ``metrics.jsonl`` and plot the loss to ``loss.png``. ``resume``: continue from the latest
     checkpoint there, which must come from a run with the same settings (a run that finds
     none starts from step 0, so an interrupted command can simply be run again). A resumed
-    run ends with the same weights, bit for bit, as one that never stopped.
+    run ends with the same weights, bit for bit, as one that never stopped, given the same
+    torch thread count and device type: the checkpoints record both, and resuming with others
+    warns (:class:`~kdfast.train.run.ReproducibilityWarning`) and continues. Without
+    ``resume``, a folder that holds an earlier run's checkpoints or metrics log is refused
+    (:class:`~kdfast.train.run.OutputDirError`, before any training) rather than overwritten.
     """
     steps = _check_int("steps", steps, 1)
     batch_size = _check_int("batch_size", batch_size, 1)
@@ -332,6 +339,8 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
     if out is not None:  # found unusable now, not after the whole training run
         check_weights_path(out)
+    if checkpoint_dir is not None:  # an earlier run's history is refused, not overwritten
+        check_run_dir(checkpoint_dir, resume)
     seed = int(seed)
 
     model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
@@ -377,12 +386,13 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
             first_step, seconds_before = 0, 0.0
             state = {"model": model, "ema": ema, "optimizer": optimizer, "data_rng": gen,
                      "global_rng": GlobalRNG(python=False, numpy=False, cuda=device.type == "cuda")}
+            environment = run_environment(device)  # after set_num_threads: the run's own thread count
             if checkpointer is not None:
                 if resume and checkpointer.latest() is not None:
-                    loaded = checkpointer.load(state, expect={"run": run_settings})
+                    loaded = checkpointer.load(state, expect={"run": run_settings}, same_bits=environment)
                     first_step, seconds_before = loaded.step, float(loaded.values["seconds"])
                     order, losses = loaded.values["order"], loaded.values["losses"].tolist()
-                metrics = MetricsLog(checkpointer.directory / "metrics.jsonl",
+                metrics = MetricsLog(checkpointer.directory / METRICS_FILE,
                                      resume_step=first_step if first_step else None)
             started = time.perf_counter()
             bar = progress_bar(range(first_step, steps), enabled=progress, desc="teacher", leave=False,
@@ -415,7 +425,8 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
                         values = {"order": order, "losses": torch.tensor(losses, dtype=torch.float64),
                                   "seconds": seconds_before + time.perf_counter() - started}
                         checkpointer.save(step + 1, {**state, **values},
-                                          metadata={"kind": "kdfast digits teacher training", "run": run_settings})
+                                          metadata={"kind": "kdfast digits teacher training", "run": run_settings,
+                                                    **environment})
             seconds = seconds_before + time.perf_counter() - started
         threads = torch.get_num_threads()
     finally:
@@ -491,7 +502,13 @@ def save_teacher(model: UNet, config: Mapping[str, Any], path: PathLike) -> Path
 
     The JSON records the file's SHA-256, so that a damaged or swapped weights file is caught on
     load. The per-step ``loss_history`` is left out of the JSON (it is a training log, and would
-    be most of the file).
+    be most of the file). The same weights and config give the same bytes in any process.
+
+    Both files are written under temporary names in the same folder and then renamed over the
+    old ones (:func:`~kdfast.train.run.atomic_files`), the weights first and the JSON last: an
+    interruption leaves the previous pair, whole. Only between the two renames (an instant)
+    would a crash leave new weights beside the old JSON, and :func:`load_teacher` reports that
+    as a SHA-256 mismatch instead of loading them.
     """
     path = _refuse_json_suffix(path)  # the JSON beside it would overwrite the weights
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -499,11 +516,14 @@ def save_teacher(model: UNet, config: Mapping[str, Any], path: PathLike) -> Path
     record["model"] = model.config.to_dict()
     record.get("training", {}).pop("loss_history", None)
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, str(path), metadata={"format": "pt", "kind": "kdfast digits teacher",
-                                              "model": json.dumps(record["model"])})
-    record["weights_sha256"] = _sha256(path)
-    record["weights_bytes"] = path.stat().st_size
-    metadata_path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    # One metadata key: safetensors writes several in hash-map order, which differs from one
+    # process to the next, and the bytes (and so the SHA-256) must not.
+    header = json.dumps({"kind": "kdfast digits teacher", "model": record["model"]}, sort_keys=True)
+    with atomic_files(path, metadata_path(path)) as (weights_tmp, json_tmp):
+        save_file(tensors, str(weights_tmp), metadata={"kdfast": header})
+        record["weights_sha256"] = _sha256(weights_tmp)
+        record["weights_bytes"] = weights_tmp.stat().st_size
+        json_tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -596,7 +616,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--steps", type=int_at_least(1), default=1200)
     parser.add_argument("--batch-size", type=int_at_least(1), default=128)
     parser.add_argument("--prediction-type", default="v_prediction", choices=PREDICTION_TYPES)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_arg, default=0)
     parser.add_argument("--threads", type=int_at_least(1), default=None)
     parser.add_argument("--out", default=str(SHIPPED_PATH))
     parser.add_argument("--grid", default=None, help="also save a PNG grid of 50-step samples, 10 per class")
@@ -616,10 +636,12 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     def fail(option: str, exc: Exception) -> None:  # bad input files or paths: one line, exit status 2
         parser.exit(2, f"{parser.prog}: error: {option}: {exc}\n")
 
-    # Every output path is checked before the run, not found unusable after the training.
+    # Every output path is checked before the run, not found unusable after the training (and a
+    # checkpoint folder holding an earlier run is refused without --resume, not overwritten).
     checks = [("--out", lambda: check_weights_path(args.out)) if not args.measure_only else None,
               ("--grid", lambda: check_output_file(args.grid, "grid file")) if args.grid else None,
-              ("--checkpoint-dir", lambda: prepare_output_dir(args.checkpoint_dir)) if args.checkpoint_dir else None]
+              ("--checkpoint-dir", lambda: check_run_dir(args.checkpoint_dir, args.resume))
+              if args.checkpoint_dir else None]
     for option, check in filter(None, checks):
         try:
             check()
@@ -629,27 +651,42 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         torch.set_num_threads(args.threads)
     if args.measure_only:
         try:
-            remeasure(args.out)
+            _print_metrics(remeasure(args.out, progress=not args.no_progress))
         except TeacherAssetError as exc:
             fail("--out", exc)
         if args.grid:
             save_grid(load_teacher(args.out).sample(10, steps=50, seed=0)[0], args.grid)
         return
 
+    def show_warning(message, category, *rest, **kwargs):
+        if issubclass(category, ReproducibilityWarning):  # one line, as the errors
+            print(f"{parser.prog}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, category, *rest, **kwargs)
+
     try:
-        teacher = train_teacher(steps=args.steps, batch_size=args.batch_size, prediction_type=args.prediction_type,
-                                seed=args.seed, num_threads=args.threads, progress=not args.no_progress,
-                                checkpoint_dir=args.checkpoint_dir, checkpoint_every=args.checkpoint_every,
-                                resume=args.resume)
+        with warnings.catch_warnings():
+            default_show = warnings.showwarning
+            warnings.showwarning = show_warning
+            teacher = train_teacher(steps=args.steps, batch_size=args.batch_size,
+                                    prediction_type=args.prediction_type, seed=args.seed, num_threads=args.threads,
+                                    progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
+                                    checkpoint_every=args.checkpoint_every, resume=args.resume)
     except CheckpointError as exc:  # a corrupt checkpoint, or one of another run
         fail("--resume", exc)
     print(f"trained in {teacher.config['training']['seconds']} s, "
           f"final loss {teacher.config['training']['final_loss_ema50']:.4f}")
-    teacher.config["metrics"] = measure_samples(teacher)
+    teacher.config["metrics"] = measure_samples(teacher, progress=not args.no_progress)
+    _print_metrics(teacher.config["metrics"])
     save_teacher(teacher.model, teacher.config, args.out)
     if args.grid:
         images, _ = teacher.sample(10, steps=50, seed=0)
         save_grid(images, args.grid)
+
+
+def _print_metrics(metrics: Mapping[str, Any]) -> None:
+    for entry in metrics["results"]:
+        print(entry, flush=True)
 
 
 def measure_samples(teacher: Teacher, n_per_class: int = 50, steps: Sequence[int] = (5, 10, 20, 50),
@@ -658,7 +695,9 @@ def measure_samples(teacher: Teacher, n_per_class: int = 50, steps: Sequence[int
     """Sample metrics of DPM-Solver++ samples, ``n_per_class`` per class, for every step count
     and guidance scale: the Frechet distance to the real held-out digits and the class accuracy
     from :class:`kdfast.eval.DigitsEvaluator` when the evaluation classifier is available, and
-    the pixel mean / std always. ``evaluator`` defaults to the shipped classifier's."""
+    the pixel mean / std always. ``evaluator`` defaults to the shipped classifier's.
+    ``progress``: a progress bar (on a terminal, see :func:`~kdfast.train.run.progress_bar`)
+    over the settings, showing the last one's figures."""
     metrics: Dict[str, Any] = {"sampler": "dpmsolver++", "n_per_class": n_per_class, "seed": seed,
                                "frechet_reference": "heldout split, kdfast.eval classifier features"}
     if evaluator is None:
@@ -675,8 +714,9 @@ def measure_samples(teacher: Teacher, n_per_class: int = 50, steps: Sequence[int
         except ValueError:  # more samples per class than the smallest real class holds
             pass
     results = []
-    for scale in guidance_scales:
-        for n in steps:
+    settings = [(scale, n) for scale in guidance_scales for n in steps]
+    with progress_bar(settings, enabled=progress, desc="measuring teacher", leave=False) as bar:
+        for scale, n in bar:
             images, labels = teacher.sample(n_per_class, steps=n, guidance_scale=scale, seed=seed)
             entry: Dict[str, Any] = {"guidance_scale": float(scale), "steps": int(n),
                                      "mean": round(float(images.mean()), 4), "std": round(float(images.std()), 4)}
@@ -685,19 +725,24 @@ def measure_samples(teacher: Teacher, n_per_class: int = 50, steps: Sequence[int
                 entry["frechet"] = round(found["frechet"], 4)
                 entry["class_accuracy"] = round(found["accuracy"], 4)
             results.append(entry)
-            if progress:
-                print(entry, flush=True)
+            bar.set_postfix({k: v for k, v in entry.items() if k in ("guidance_scale", "steps", "frechet")})
     metrics["results"] = results
     return metrics
 
 
 def remeasure(path: PathLike = SHIPPED_PATH, **kwargs) -> Dict[str, Any]:
-    """Measure a saved teacher again and rewrite only the ``metrics`` of its JSON."""
+    """Measure a saved teacher again and rewrite only the ``metrics`` of its JSON (``kwargs``
+    go to :func:`measure_samples`).
+
+    The JSON is the one read when the teacher was loaded, and is replaced atomically
+    (:func:`~kdfast.train.run.atomic_files`): an interruption leaves the old one whole.
+    """
     teacher = load_teacher(path)
+    record = json.loads(json.dumps(teacher.config))  # the JSON as read and checked with the weights
     metrics = measure_samples(teacher, **kwargs)
-    record = json.loads(metadata_path(path).read_text())
     record["metrics"] = metrics
-    metadata_path(path).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    with atomic_files(metadata_path(path)) as (tmp,):
+        tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return metrics
 
 

@@ -135,6 +135,8 @@ def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
 @pytest.mark.parametrize("argv, message", [
     (["--epochs", "0"], "argument --epochs: must be an integer >= 1, got 0"),
     (["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
+    (["--seed", "-1"], "argument --seed: the seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--seed", "99999999999999999999999"], "argument --seed: the seed must be an integer in [0, 2**63 - 1]"),
     (["--out", "{blocker}/c.safetensors"], "error: --out: classifier weights file"),
     (["--out", "{tmp}/c.json"], "must not end in .json"),
 ])
@@ -149,3 +151,44 @@ def test_module_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, mes
         cli.main(argv)
     err = capsys.readouterr().err
     assert exc.value.code == 2 and message in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_training_progress_bar_only_on_a_terminal(capsys):
+    train_classifier(epochs=1, seed=0, progress=True, feature_dim=8, channels=(4, 4))
+    captured = capsys.readouterr()  # stderr is not a terminal here: no carriage-return bar in logs
+    assert "digits classifier" not in captured.err and captured.out == ""
+
+
+def test_an_interrupted_save_leaves_the_previous_pair(tmp_path, shipped, monkeypatch):
+    import pathlib
+
+    import kdfast.eval.classifier as classifier
+
+    path = save_classifier(shipped, tmp_path / "c.safetensors", {"heldout_accuracy": 1.0})
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = DigitsClassifier(**shipped.config)
+    other.load_state_dict(shipped.state_dict())
+    with torch.no_grad():
+        other.head.bias.add_(1.0)
+
+    def half_then_interrupt(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[:len(data) // 2])
+        raise KeyboardInterrupt("Ctrl-C while writing the JSON")
+
+    with monkeypatch.context() as m:
+        m.setattr(pathlib.Path, "write_text", half_then_interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            save_classifier(other, path)
+    with monkeypatch.context() as m:
+        def disk_full(tensors, filename, metadata=None):
+            pathlib.Path(filename).write_bytes(b"partial")
+            raise OSError("disk full")
+
+        m.setattr("safetensors.torch.save_file", disk_full)
+        with pytest.raises(OSError, match="disk full"):
+            save_classifier(other, path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either
+    assert torch.equal(load_classifier(path).head.bias, shipped.head.bias)
+    save_classifier(other, path)
+    assert torch.equal(classifier.load_classifier(path).head.bias, other.head.bias)

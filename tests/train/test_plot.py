@@ -116,3 +116,16 @@ def test_moving_average():
     assert math.isclose(moving_average([2.0] * 100, 50)[-1], 2.0)
     with pytest.raises(ValueError, match="window"):
         moving_average([1.0], 0)
+
+
+def test_moving_average_keeps_non_finite_values_in_their_own_windows():
+    nan, inf = float("nan"), float("inf")
+    # A NaN or an inf is left out of the windows that hold it; later windows are plain means.
+    assert moving_average([1.0, nan, 2.0, 3.0, 4.0], 2) == [1.0, 1.0, 2.0, 2.5, 3.5]
+    out = moving_average([inf, 1.0, 2.0, 3.0], 2)
+    assert math.isnan(out[0]) and out[1:] == [1.0, 1.5, 2.5]  # NaN: the first window holds no finite value
+    out = moving_average([nan, nan, 1.0, -inf, 5.0, 7.0], 2)
+    assert math.isnan(out[0]) and math.isnan(out[1]) and out[2:] == [1.0, 1.0, 5.0, 6.0]
+    # no running sum: huge values do not wipe out the small ones after them
+    assert moving_average([1e300, -1e300, 1.0, 2.0], 2)[-1] == 1.5
+    assert moving_average([1.0, 2.0, 3.0], 10) == [1.0, 1.5, 2.0]

@@ -1,7 +1,9 @@
 import io
 import json
+import math
 import os
 import random
+import warnings
 
 import numpy as np
 import pytest
@@ -11,7 +13,8 @@ pytest.importorskip("safetensors")
 
 import kdfast.train.run as run  # noqa: E402
 from kdfast.train.run import (CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,  # noqa: E402
-                              load_checkpoint, prepare_output_dir, progress_bar, seed_everything)
+                              ReproducibilityWarning, atomic_files, check_run_dir, load_checkpoint,
+                              prepare_output_dir, progress_bar, seed_everything)
 
 
 # --------------------------------------------------------------------------- output folders
@@ -75,6 +78,67 @@ def test_int_at_least_is_an_argparse_error():
         assert exc.value.code == 2
 
 
+def test_seed_arg_accepts_torch_seeds_and_refuses_the_rest(capsys):
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="p")
+    parser.add_argument("--seed", type=run.seed_arg, default=0)
+    assert parser.parse_args(["--seed", "0"]).seed == 0
+    assert parser.parse_args(["--seed", str(2**63 - 1)]).seed == run.MAX_SEED == 2**63 - 1
+    for bad, reason in (("-1", "the seed must be an integer in [0, 2**63 - 1], got -1"),
+                        (str(2**63), f"got {2**63}"),
+                        ("99999999999999999999999", "got 99999999999999999999999"),
+                        ("1.5", "expected an integer in [0, 2**63 - 1], got '1.5'"),
+                        ("x", "got 'x'")):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["--seed", bad])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert exc.value.code == 2 and err.startswith("p: error: argument --seed: ") and reason in err
+    torch.Generator().manual_seed(run.MAX_SEED + 1)  # the bound leaves room for seed + 1
+
+
+def test_check_run_dir_refuses_an_earlier_run_without_resume(tmp_path):
+    assert check_run_dir(tmp_path / "new", resume=False).is_dir()  # created
+    (tmp_path / "new" / "loss.png").write_bytes(b"x")  # a plot is not a run's history
+    check_run_dir(tmp_path / "new", resume=False)
+    for name in ("step-00000004.safetensors", "metrics.jsonl"):
+        folder = tmp_path / name.split(".")[0]
+        folder.mkdir()
+        (folder / name).write_text("x")
+        with pytest.raises(OutputDirError, match=rf"holds an earlier run \({name}\).*use --resume .* or another "
+                                                 "folder"):
+            check_run_dir(folder, resume=False)
+        assert check_run_dir(folder, resume=True) == folder
+        assert (folder / name).read_text() == "x"  # untouched
+    with pytest.raises(OutputDirError, match="existing file"):
+        check_run_dir(tmp_path / "new" / "loss.png", resume=True)
+
+
+def test_atomic_files_replace_all_or_nothing(tmp_path):
+    a, b = tmp_path / "a.bin", tmp_path / "a.json"
+    a.write_text("old a")
+    b.write_text("old b")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_files(a, b) as (ta, tb):
+            assert ta.parent == tmp_path and tb.parent == tmp_path and ta != a and tb != b
+            ta.write_text("new a")
+            tb.write_text("ne")
+            raise KeyboardInterrupt  # interrupted while writing the second file
+    assert a.read_text() == "old a" and b.read_text() == "old b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.json"]  # no temporary files left
+    with atomic_files(a, b) as (ta, tb):
+        ta.write_text("new a")
+        tb.write_text("new b")
+        assert a.read_text() == "old a"  # nothing visible before the block ends
+    assert a.read_text() == "new a" and b.read_text() == "new b"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.bin", "a.json"]
+    a.chmod(0o644)
+    with atomic_files(a) as (ta,):
+        ta.write_text("newer a")
+        ta.chmod(0o600)  # as safetensors makes its files
+    assert a.read_text() == "newer a" and a.stat().st_mode & 0o777 == 0o644  # a replaced file keeps its mode
+
+
 # --------------------------------------------------------------------------- seeding, progress
 
 
@@ -123,6 +187,42 @@ def test_metrics_log_resume_has_no_duplicate_steps(tmp_path):
     assert records[4]["loss"] == 1.0 / 5  # floats round-trip exactly
     with MetricsLog(path) as log:  # a new run starts a new log
         assert log.records() == []
+
+
+def _strict_json(line: str):
+    def refuse(name):
+        raise ValueError(f"{name} is not JSON")
+
+    return json.loads(line, parse_constant=refuse)
+
+
+def test_metrics_log_writes_strict_json_for_a_diverged_run(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    nan, inf = float("nan"), float("inf")
+    with MetricsLog(path) as log:
+        log.log(1, loss=0.5, lr=1e-3)
+        log.log(2, loss=nan, lr=1e-3, grad=[1.0, -inf], parts={"a": inf, "b": 2.0}, note="NaN")
+        log.log(3, loss=inf)
+        with pytest.raises(ValueError, match="reserved"):
+            log.log(4, non_finite=1)
+    lines = [_strict_json(line) for line in path.read_text().splitlines()]  # every line parses strictly
+    assert lines[0] == {"step": 1, "loss": 0.5, "lr": 1e-3}
+    assert lines[1] == {"step": 2, "loss": None, "lr": 1e-3, "grad": [1.0, None], "parts": {"a": None, "b": 2.0},
+                        "note": "NaN", "non_finite": {"loss": "NaN", "grad": [None, "-Infinity"],
+                                                      "parts": {"a": "Infinity"}}}
+    assert lines[2] == {"step": 3, "loss": None, "non_finite": {"loss": "Infinity"}}
+
+    def check(records):
+        assert [r["step"] for r in records] == [1, 2, 3]
+        assert math.isnan(records[1]["loss"]) and records[1]["grad"] == [1.0, -inf]
+        assert records[1]["parts"] == {"a": inf, "b": 2.0} and records[1]["note"] == "NaN"
+        assert records[2] == {"step": 3, "loss": inf}
+        assert all("non_finite" not in r for r in records)
+
+    with MetricsLog(path, resume_step=3) as log:  # kept records are written again, still strict
+        check(log.records())
+    [_strict_json(line) for line in path.read_text().splitlines()]
+    check(MetricsLog(path, resume_step=5).records())
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -202,6 +302,48 @@ def test_rng_generators_and_values_round_trip(tmp_path):
     assert np.array_equal(again[2], expected[2]) and torch.equal(again[3], expected[3])
     _assert_same(loaded.values, values)
     assert loaded.metadata == {"note": "hi"}
+
+
+def test_a_saved_cuda_rng_state_is_not_dropped(monkeypatch):
+    state = GlobalRNG(cuda=False).state_dict()
+    state["cuda"] = [torch.zeros(16, dtype=torch.uint8)]  # as saved by a run on one GPU
+    if not torch.cuda.is_available():
+        # CUDA not initialised (and here, no GPU): the state is not silently skipped
+        with pytest.raises(RuntimeError, match=r"CUDA RNG of 1 device\(s\), but 0 CUDA device\(s\) are available"):
+            GlobalRNG().load_state_dict(state)
+    GlobalRNG(cuda=False).load_state_dict(state)  # an explicit choice to skip it
+    # Where a GPU is available but CUDA not yet initialised, it is initialised and the state restored.
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.setattr(torch.cuda, "init", lambda: calls.append("init"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(("set", states)))
+    GlobalRNG().load_state_dict(state)
+    assert calls[0] == "init" and calls[1][0] == "set" and torch.equal(calls[1][1][0], state["cuda"][0])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    with pytest.raises(RuntimeError, match="GlobalRNG\\(cuda=False\\)"):
+        GlobalRNG(cuda=True).load_state_dict(state)
+
+
+def test_a_changed_thread_count_or_device_warns_on_load(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path)
+    env = run.run_environment("cpu")
+    assert env == {"torch_threads": torch.get_num_threads(), "device_type": "cpu"}
+    ckpt.save(1, {"model": model}, metadata={"run": {"lr": 1.0}, **env})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ckpt.load({"model": model}, same_bits=env)  # the same: no warning
+    other = {"torch_threads": env["torch_threads"] + 1, "device_type": "cuda"}
+    with pytest.warns(ReproducibilityWarning, match=rf"torch_threads={env['torch_threads']} \(now "
+                                                    rf"{env['torch_threads'] + 1}\), device_type='cpu' \(now "
+                                                    r"'cuda'\): the run continues, but not bit for bit"):
+        loaded = ckpt.load({"model": model}, same_bits=other)
+    assert loaded.step == 1
+    ckpt.save(2, {"model": model})  # recorded nothing: said so
+    with pytest.warns(ReproducibilityWarning, match="torch_threads not recorded"):
+        ckpt.load({"model": model}, same_bits=env)
 
 
 def test_keep_last_k_and_latest(tmp_path):

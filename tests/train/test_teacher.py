@@ -1,5 +1,9 @@
+import io
 import json
+import pathlib
 import shutil
+import sys
+import warnings
 import zlib
 
 import pytest
@@ -12,7 +16,7 @@ from kdfast.datasets import load_digits  # noqa: E402
 from kdfast.models import UNet  # noqa: E402
 from kdfast.schedulers import DDIMScheduler, DPMSolverMultistepScheduler  # noqa: E402
 from kdfast.train import teacher as teacher_mod  # noqa: E402
-from kdfast.train.run import CheckpointError  # noqa: E402
+from kdfast.train.run import CheckpointError, OutputDirError, ReproducibilityWarning  # noqa: E402
 from kdfast.train import (SHIPPED_PATH, Teacher, TeacherAssetError, load_teacher, sample_teacher,  # noqa: E402
                           save_teacher, train_teacher)
 
@@ -183,7 +187,9 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
     monkeypatch.setattr(teacher_mod, "denoising_loss", real_loss)
     assert sorted(p.name for p in ckpt_dir.glob("step-*")) == ["step-00000002.safetensors"]
 
-    resumed = train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, resume=True, **RESUMABLE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ReproducibilityWarning)  # the same threads and device: no warning
+        resumed = train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, resume=True, **RESUMABLE)
     assert resumed.config["training"]["resumed_at_step"] == 2
     for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
@@ -351,8 +357,13 @@ def _main_error(capsys, argv):
     (["--checkpoint-every", "0"], "argument --checkpoint-every: must be an integer >= 1"),
     (["--threads", "0"], "argument --threads: must be an integer >= 1"),
     (["--steps", "x"], "argument --steps: expected an integer >= 1, got 'x'"),
+    (["--seed", "-1"], "argument --seed: the seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--seed", "99999999999999999999999"], "argument --seed: the seed must be an integer in [0, 2**63 - 1]"),
 ])
-def test_module_cli_rejects_bad_numbers(capsys, argv, message):
+def test_module_cli_rejects_bad_numbers(capsys, monkeypatch, argv, message):
+    # --out defaults to the shipped asset: were a bad value let through, nothing must be trained or saved
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda **k: pytest.fail("trained despite a bad argument"))
+    monkeypatch.setattr(teacher_mod, "save_teacher", lambda *a, **k: pytest.fail("saved despite a bad argument"))
     assert message in _main_error(capsys, argv)
 
 
@@ -377,3 +388,125 @@ def test_module_cli_resume_from_a_corrupt_checkpoint(tmp_path, capsys):
     last = _main_error(capsys, ["--checkpoint-dir", str(ckpt), "--resume", "--steps", "4", "--no-progress",
                                 "--out", str(tmp_path / "t.safetensors")])
     assert last.startswith("python -m kdfast.train.teacher: error: --resume: checkpoint") and "corrupt" in last
+
+
+def _interrupted_writes(monkeypatch):
+    """Every Path.write_text writes half its text, then a Ctrl-C arrives."""
+    def half_then_interrupt(self, data, *args, **kwargs):
+        with open(self, "w") as f:
+            f.write(data[:len(data) // 2])
+        raise KeyboardInterrupt("Ctrl-C while writing")
+
+    monkeypatch.setattr(pathlib.Path, "write_text", half_then_interrupt)
+
+
+def test_an_interrupted_save_leaves_the_previous_pair(shipped, tmp_path, monkeypatch):
+    path = _copy_shipped(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    other = UNet(shipped.model.config)  # other weights, saved over the existing pair
+    other.load_state_dict(shipped.model.state_dict())
+    with torch.no_grad():
+        other.conv_out.weight.add_(1e-3)
+    with monkeypatch.context() as m:
+        _interrupted_writes(m)  # the JSON write is cut short
+        with pytest.raises(KeyboardInterrupt):
+            save_teacher(other, shipped.config, path)
+    with monkeypatch.context() as m:
+        def disk_full(tensors, filename, metadata=None):
+            pathlib.Path(filename).write_bytes(b"partial")
+            raise OSError("disk full")
+
+        m.setattr(teacher_mod, "save_file", disk_full)  # the weights write fails
+        with pytest.raises(OSError, match="disk full"):
+            save_teacher(other, shipped.config, path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary files either
+    load_teacher(path)
+    save_teacher(other, shipped.config, path)  # uninterrupted: the new pair, which loads
+    assert torch.equal(load_teacher(path).model.conv_out.weight, other.conv_out.weight)
+
+
+def test_an_interrupted_remeasure_leaves_the_json(tmp_path, monkeypatch):
+    path = _copy_shipped(tmp_path)
+    meta = teacher_mod.metadata_path(path)
+    before = meta.read_bytes()
+    monkeypatch.setattr(teacher_mod, "measure_samples", lambda teacher, **kwargs: {"results": [], **kwargs})
+    with monkeypatch.context() as m:
+        _interrupted_writes(m)
+        with pytest.raises(KeyboardInterrupt):
+            teacher_mod.remeasure(path)
+    assert meta.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, meta.name])
+    load_teacher(path)
+    assert teacher_mod.remeasure(path, seed=7) == {"results": [], "seed": 7}
+    assert load_teacher(path).config["metrics"] == {"results": [], "seed": 7}
+
+
+def test_a_new_run_refuses_a_folder_holding_an_earlier_one(tmp_path, monkeypatch, capsys):
+    ckpt = tmp_path / "ckpt"
+    train_teacher(checkpoint_dir=ckpt, checkpoint_every=1, **{**RESUMABLE, "steps": 2})
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    assert {"step-00000001.safetensors", "step-00000002.safetensors", "metrics.jsonl"} <= set(before)
+    monkeypatch.setattr(teacher_mod, "load_digits", lambda *a, **k: pytest.fail("trained before checking"))
+    with pytest.raises(OutputDirError, match="holds an earlier run .*use --resume .* or another folder"):
+        train_teacher(checkpoint_dir=ckpt, checkpoint_every=1, **{**RESUMABLE, "steps": 2})
+    (ckpt / "step-00000001.safetensors").unlink()
+    (ckpt / "step-00000002.safetensors").unlink()  # the log alone is history too
+    del before["step-00000001.safetensors"], before["step-00000002.safetensors"]
+    with pytest.raises(OutputDirError, match=r"\(metrics.jsonl\)"):
+        train_teacher(checkpoint_dir=ckpt, **{**RESUMABLE, "steps": 2})
+    last = _main_error(capsys, ["--checkpoint-dir", str(ckpt), "--out", str(tmp_path / "t.safetensors"),
+                                "--no-progress"])
+    assert last.startswith("python -m kdfast.train.teacher: error: --checkpoint-dir: checkpoint folder")
+    assert "use --resume" in last
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # nothing was touched
+
+
+def test_resuming_with_another_thread_count_warns(tmp_path, monkeypatch, capsys):
+    real_loss, calls = teacher_mod.denoising_loss, []
+
+    def crash_in_step_2(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("simulated kill")
+        return real_loss(*args, **kwargs)
+
+    tiny = {**RESUMABLE, "steps": 2, "num_threads": 1}
+    monkeypatch.setattr(teacher_mod, "denoising_loss", crash_in_step_2)
+    with pytest.raises(KeyboardInterrupt):
+        train_teacher(checkpoint_dir=tmp_path, checkpoint_every=1, **tiny)
+    monkeypatch.setattr(teacher_mod, "denoising_loss", real_loss)
+    with pytest.warns(ReproducibilityWarning, match=r"torch_threads=1 \(now 2\).*not bit for bit"):
+        resumed = train_teacher(checkpoint_dir=tmp_path, checkpoint_every=1, resume=True, **{**tiny, "num_threads": 2})
+    assert resumed.config["training"]["resumed_at_step"] == 1 and resumed.config["training"]["torch_threads"] == 2
+
+
+def test_module_cli_warns_in_one_line_when_resuming_with_other_threads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(teacher_mod, "measure_samples", lambda teacher, **kwargs: {"results": []})
+    argv = ["--checkpoint-dir", str(tmp_path / "ckpt"), "--checkpoint-every", "1", "--steps", "2",
+            "--batch-size", "2", "--no-progress", "--out", str(tmp_path / "t.safetensors")]
+    teacher_mod.main([*argv, "--threads", "1"])
+    (tmp_path / "ckpt" / "step-00000002.safetensors").unlink()  # as if killed in step 2
+    capsys.readouterr()
+    teacher_mod.main([*argv, "--threads", "2", "--resume"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m kdfast.train.teacher: warning: checkpoint ")
+    assert "torch_threads=1 (now 2)" in err[0]
+    assert load_teacher(tmp_path / "t.safetensors").config["training"]["resumed_at_step"] == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_measuring_shows_progress_on_a_terminal(tiny_teacher, monkeypatch, capsys):
+    args = dict(n_per_class=1, steps=(1, 2), guidance_scales=(1.0,), evaluator=None)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    metrics = teacher_mod.measure_samples(tiny_teacher, progress=True, **args)
+    assert [(r["steps"], r["guidance_scale"]) for r in metrics["results"]] == [(1, 1.0), (2, 1.0)]
+    assert "measuring teacher" in terminal.getvalue() and "/2 [" in terminal.getvalue()
+    assert capsys.readouterr().out == ""  # no rows printed to stdout
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    teacher_mod.measure_samples(tiny_teacher, progress=False, **args)
+    assert quiet.getvalue() == ""
