@@ -1,7 +1,9 @@
+import hashlib
 import io
 import json
 import pathlib
 import shutil
+import subprocess
 import sys
 import warnings
 import zlib
@@ -438,6 +440,25 @@ def test_an_interrupted_remeasure_leaves_the_json(tmp_path, monkeypatch):
     load_teacher(path)
     assert teacher_mod.remeasure(path, seed=7) == {"results": [], "seed": 7}
     assert load_teacher(path).config["metrics"] == {"results": [], "seed": 7}
+
+
+def test_shipped_files_are_what_save_teacher_writes(shipped, tmp_path):
+    # Saved again with its own config, the shipped teacher gives the shipped bytes, every time
+    # (safetensors wrote several metadata keys in an order that changed between saves).
+    names = []
+    for i in range(6):
+        path = save_teacher(shipped.model, shipped.config, tmp_path / f"t{i}.safetensors")
+        assert path.read_bytes() == SHIPPED_PATH.read_bytes(), i
+        names.append(path)
+    assert teacher_mod.metadata_path(names[0]).read_bytes() == teacher_mod.metadata_path(SHIPPED_PATH).read_bytes()
+
+
+def test_save_teacher_gives_the_same_bytes_in_another_process(shipped, tmp_path):
+    code = ("import sys, hashlib; from kdfast.train.teacher import load_teacher, save_teacher; t = load_teacher(); "
+            "print(hashlib.sha256(save_teacher(t.model, t.config, sys.argv[1]).read_bytes()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", code, str(tmp_path / f"p{i}.safetensors")], check=True,
+                              capture_output=True, text=True, cwd=tmp_path).stdout.strip() for i in range(2)}
+    assert digests == {hashlib.sha256(SHIPPED_PATH.read_bytes()).hexdigest()}
 
 
 def test_a_new_run_refuses_a_folder_holding_an_earlier_one(tmp_path, monkeypatch, capsys):
