@@ -134,7 +134,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _Parser(prog="kdfast", description="Fused kernels for diffusion distillation and sampling")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, what was built and which backends are usable here")
-    p = sub.add_parser("demo", help="sample the digits teacher with every solver, score it, compare with diffusers")
+    p = sub.add_parser("demo", help="sample the digits teacher with five solvers (more with --solvers), score it, compare with diffusers")
     p.add_argument("--out", default="kdfast-demo", help="output folder (default: ./kdfast-demo)")
     p.add_argument("--quick", action="store_true", help="2 solvers, 10 and 5 steps, 2 images per class (< 1 minute)")
     p.add_argument("--solvers", help="comma-separated: dpmpp_2m,unipc,deis,ddim,euler,heun,euler_a,sde_dpmpp_2m "

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .train.run import OutputDirError, prepare_output_dir
+from .train.run import MAX_SEED, OutputDirError, prepare_output_dir  # the step generator takes seed + 1
 
 # Demo solver name -> the teacher's scheduler key (kdfast.train.teacher.SCHEDULERS).
 SOLVERS = {
@@ -52,7 +52,6 @@ SOLVER_NOTES = {
             "amplifies the model's error ~1e4-fold; kdfast's Heun matches diffusers', so its rows only compare "
             "the two loops",
 }
-MAX_SEED = 2**63 - 1  # the step generator is seeded with seed + 1, which must fit torch's 64-bit seed
 
 
 class DemoWarning(UserWarning):
