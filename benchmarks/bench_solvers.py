@@ -210,7 +210,14 @@ def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
     sched = make()
     sched.set_timesteps(STEPS, device=device)
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], record_shapes=True, profile_memory=True) as prof:
+        probe = torch.empty(1 << 20, dtype=torch.uint8, device=device)  # see the check below
         run_loop(sched, x, outputs, device, set_timesteps=False)
+    del probe
+    if not any(ev.name == "aten::empty" and ev.cpu_memory_usage + getattr(ev, "device_memory_usage", 0) >= 1 << 20
+               for ev in prof.events()):
+        # Writes are read from the allocations each op records; a profiler that records none
+        # on this device would make every out-of-place op look like a view.
+        raise RuntimeError(f"the profiler recorded no allocations on {device}: bytes per step cannot be counted")
     total = 0
     for ev in prof.events():
         if not ev.name.startswith("aten::") or ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
