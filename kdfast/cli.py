@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-import warnings
 from typing import List, Optional
 
 from .train.run import seed_arg
@@ -68,6 +67,7 @@ def _int_list(text: str) -> List[int]:
 def demo(args) -> int:
     """Run the demo and print its table; returns the exit code."""
     from .demo import QUICK, DemoError, DemoWarning, format_table, run_demo
+    from .train.run import one_line_warnings
     from .eval.classifier import ClassifierAssetError
     from .train.teacher import TeacherAssetError
 
@@ -81,17 +81,8 @@ def demo(args) -> int:
     kwargs = {k: v for k, v in dict(solvers=solvers, steps=steps, n_per_class=n_per_class,
                                     guidance_scale=args.guidance).items() if v is not None}
 
-    def show_warning(message, category, *rest, **kwargs):
-        if issubclass(category, DemoWarning):  # one line, as the errors below, not Python's warning format
-            print(f"kdfast demo: warning: {message}", file=sys.stderr)
-        else:
-            default_show(message, category, *rest, **kwargs)
-
     try:
-        with warnings.catch_warnings():
-            default_show = warnings.showwarning
-            warnings.showwarning = show_warning
-            warnings.simplefilter("always", DemoWarning)
+        with one_line_warnings("kdfast demo", DemoWarning):  # as the errors below, not Python's format
             rows = run_demo(out=args.out, seed=args.seed,
                             anchor=not args.no_anchor, device=args.device, progress=not args.no_progress,
                             cuda_graph=args.cuda_graph, **kwargs)

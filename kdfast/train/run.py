@@ -195,6 +195,23 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+@contextmanager
+def one_line_warnings(prog: str, category: type) -> Iterator[None]:
+    """Inside the block, warnings of ``category`` print as one line, ``<prog>: warning: <message>``
+    on stderr, like the commands' errors, each time they are raised; other warnings print as usual."""
+    def show(message, cat, *rest, **kwargs):
+        if issubclass(cat, category):
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+        else:
+            default_show(message, cat, *rest, **kwargs)
+
+    with warnings.catch_warnings():
+        default_show = warnings.showwarning
+        warnings.showwarning = show
+        warnings.simplefilter("always", category)
+        yield
+
+
 def progress_bar(iterable=None, enabled: bool = True, **kwargs) -> tqdm:
     """A tqdm bar, shown only when ``enabled`` and its output (stderr by default) is a terminal,
     so that logs and CI output get no carriage-return noise. ``kwargs`` go to tqdm."""

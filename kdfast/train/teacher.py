@@ -19,9 +19,7 @@ import copy
 import hashlib
 import json
 import math
-import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -38,8 +36,8 @@ from ..sampling import sample as run_sampler
 from . import images as _images
 from .plot import moving_average, plot_curves
 from .run import (METRICS_FILE, CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,
-                  ReproducibilityWarning, atomic_files, check_output_file, check_run_dir, int_at_least, progress_bar,
-                  run_environment, seed_arg)
+                  ReproducibilityWarning, atomic_files, check_output_file, check_run_dir, int_at_least,
+                  one_line_warnings, progress_bar, run_environment, seed_arg)
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -658,16 +656,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             save_grid(load_teacher(args.out).sample(10, steps=50, seed=0)[0], args.grid)
         return
 
-    def show_warning(message, category, *rest, **kwargs):
-        if issubclass(category, ReproducibilityWarning):  # one line, as the errors
-            print(f"{parser.prog}: warning: {message}", file=sys.stderr)
-        else:
-            default_show(message, category, *rest, **kwargs)
-
     try:
-        with warnings.catch_warnings():
-            default_show = warnings.showwarning
-            warnings.showwarning = show_warning
+        with one_line_warnings(parser.prog, ReproducibilityWarning):
             teacher = train_teacher(steps=args.steps, batch_size=args.batch_size,
                                     prediction_type=args.prediction_type, seed=args.seed, num_threads=args.threads,
                                     progress=not args.no_progress, checkpoint_dir=args.checkpoint_dir,
