@@ -114,7 +114,7 @@ def _replay_allocations(records: List[tuple]) -> int:
     frees negative), replayed in time order. Frees of earlier allocations are ignored."""
     live: Dict[int, int] = {}
     held = peak = 0
-    for _, ptr, size in sorted(records, key=lambda r: r[0]):
+    for _, ptr, size in sorted(records, key=lambda r: (r[0], r[2] > 0)):  # a free before a reuse at the same time
         if size > 0:
             live[ptr] = size
             held += size

@@ -162,6 +162,8 @@ def test_allocation_replay_orders_by_time_and_ignores_earlier_tensors(monkeypatc
     records = [(30, 1, -100), (10, 1, 100), (20, 2, 50), (25, 9, -1000), (40, 1, 70), (50, 2, -50)]
     assert common._replay_allocations(records) == 150
     assert common._replay_allocations([]) == 0
+    # a free and a reuse of the same address at the same time: the free comes first
+    assert common._replay_allocations([(5, 0xA, 64), (9, 0xA, 64), (9, 0xA, -64)]) == 64
 
 
 def test_merge_rows_replaces_only_rows_with_the_same_key(monkeypatch, tmp_path):

@@ -160,7 +160,7 @@ def atomic_files(*paths: PathLike) -> Iterator[List[Path]]:
     reader checking it finds the mix rather than trusting it. A replaced file keeps its
     permissions.
     """
-    paths = [Path(p) for p in paths]
+    paths = [Path(os.path.realpath(p)) for p in paths]  # through symlinks: replace the target, not the link
     # Named, not made, here: the writer creates them (with the usual permissions, which
     # tempfile.mkstemp's 0600 would not give).
     temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
@@ -378,8 +378,9 @@ class GlobalRNG:
         missing = [k for k in wanted if k not in state]
         if missing:
             raise KeyError(f"no saved RNG state for {missing}")
+        saved = list(state["cuda"]) if restore_cuda else []
+        restore_cuda = bool(saved)  # a state saved where no GPU was holds no device to restore
         if restore_cuda:
-            saved = list(state["cuda"])
             available = torch.cuda.device_count() if torch.cuda.is_available() else 0
             if len(saved) > available:
                 raise RuntimeError(f"the saved state holds the CUDA RNG of {len(saved)} device(s), but "

@@ -137,6 +137,11 @@ def test_atomic_files_replace_all_or_nothing(tmp_path):
         ta.write_text("newer a")
         ta.chmod(0o600)  # as safetensors makes its files
     assert a.read_text() == "newer a" and a.stat().st_mode & 0o777 == 0o644  # a replaced file keeps its mode
+    link = tmp_path / "link.bin"
+    link.symlink_to(a)
+    with atomic_files(link) as (tl,):
+        tl.write_text("through the link")
+    assert link.is_symlink() and a.read_text() == "through the link"  # the target is replaced, not the link
 
 
 # --------------------------------------------------------------------------- seeding, progress
@@ -302,6 +307,15 @@ def test_rng_generators_and_values_round_trip(tmp_path):
     assert np.array_equal(again[2], expected[2]) and torch.equal(again[3], expected[3])
     _assert_same(loaded.values, values)
     assert loaded.metadata == {"note": "hi"}
+
+
+def test_a_cuda_rng_state_saved_without_a_gpu_loads_anywhere():
+    state = GlobalRNG(cuda=True).state_dict() if not torch.cuda.is_available() else None
+    if state is None:
+        pytest.skip("needs a machine without a GPU")
+    assert state["cuda"] == []  # cuda=True on a machine without a GPU saves no device
+    GlobalRNG(cuda=True).load_state_dict(state)  # nothing to restore, so no CUDA initialisation
+    GlobalRNG().load_state_dict(state)
 
 
 def test_a_saved_cuda_rng_state_is_not_dropped(monkeypatch):
