@@ -171,22 +171,27 @@ RESUMABLE = dict(steps=4, batch_size=8, progress=False, num_threads=1, seed=2,
                  model_config=dict(base_channels=16, channel_mults=(1, 2), attention_heads=2, dropout=0.2))
 
 
-def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
-    straight = train_teacher(**RESUMABLE)  # no checkpoints: the default path
-
+def _crash_in_step(step: int):
+    """A stand-in for the training loss that kills the run at its ``step``-th call."""
     real_loss, calls = teacher_mod.denoising_loss, []
 
-    def crash_in_step_3(*args, **kwargs):
+    def crash(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == step:
             raise KeyboardInterrupt("simulated kill")
         return real_loss(*args, **kwargs)
 
+    return crash
+
+
+def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
+    straight = train_teacher(**RESUMABLE)  # no checkpoints: the default path
+
     ckpt_dir = tmp_path / "ckpt"
-    monkeypatch.setattr(teacher_mod, "denoising_loss", crash_in_step_3)
+    monkeypatch.setattr(teacher_mod, "denoising_loss", _crash_in_step(3))
     with pytest.raises(KeyboardInterrupt):
         train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, **RESUMABLE)
-    monkeypatch.setattr(teacher_mod, "denoising_loss", real_loss)
+    monkeypatch.undo()  # the real loss again
     assert sorted(p.name for p in ckpt_dir.glob("step-*")) == ["step-00000002.safetensors"]
 
     with warnings.catch_warnings():
@@ -482,19 +487,11 @@ def test_a_new_run_refuses_a_folder_holding_an_earlier_one(tmp_path, monkeypatch
 
 
 def test_resuming_with_another_thread_count_warns(tmp_path, monkeypatch, capsys):
-    real_loss, calls = teacher_mod.denoising_loss, []
-
-    def crash_in_step_2(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("simulated kill")
-        return real_loss(*args, **kwargs)
-
     tiny = {**RESUMABLE, "steps": 2, "num_threads": 1}
-    monkeypatch.setattr(teacher_mod, "denoising_loss", crash_in_step_2)
+    monkeypatch.setattr(teacher_mod, "denoising_loss", _crash_in_step(2))
     with pytest.raises(KeyboardInterrupt):
         train_teacher(checkpoint_dir=tmp_path, checkpoint_every=1, **tiny)
-    monkeypatch.setattr(teacher_mod, "denoising_loss", real_loss)
+    monkeypatch.undo()  # the real loss again
     with pytest.warns(ReproducibilityWarning, match=r"torch_threads=1 \(now 2\).*not bit for bit"):
         resumed = train_teacher(checkpoint_dir=tmp_path, checkpoint_every=1, resume=True, **{**tiny, "num_threads": 2})
     assert resumed.config["training"]["resumed_at_step"] == 1 and resumed.config["training"]["torch_threads"] == 2
