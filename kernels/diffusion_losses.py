@@ -173,7 +173,7 @@ def _finish_kernel(params_ptr, ws_ptr, loss_ptr, aux_ptr, batch, inner, tiles, K
         acc1 += tl.load(ws_ptr + (b * tiles + j) * 2 + 1, mask=mask, other=0.0)
     s0 = tl.sum(acc0, 0)
     s1 = tl.sum(acc1, 0)
-    n = inner.to(tl.float64)
+    n = tl.cast(inner, tl.float64)  # not inner.to(): an int argument equal to 1 compiles as a constant
     c = tl.load(params_ptr + 1 * batch + b)
     if KIND == 0:
         r = tl.sqrt(s0 + c * c)  # float64: correctly rounded
@@ -204,7 +204,7 @@ def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stri
     w = tl.load(params_ptr + b)
     k = tl.where(w == 0.0, 0.0, w * tl.load(gl_ptr + b * gl_stride).to(tl.float64))
     stat = tl.load(aux_ptr + 2 * b + 1)
-    n = inner.to(tl.float64)
+    n = tl.cast(inner, tl.float64)  # not inner.to(): an int argument equal to 1 compiles as a constant
     if KIND == 0:
         ok = (stat > 0.0) & (stat < INF)
         factor = tl.where(ok, k / tl.where(ok, stat, 1.0), 0.0)

@@ -83,6 +83,9 @@ def kd_divergence_cases(ops):
                       backend="triton")
     ops.kd_divergence_with_grad(_randn(4, 300, dtype=torch.float16), _randn(4, 300, dtype=torch.float16),
                                 kind="reverse_kl", backend="triton")
+    # Triton compiles an int argument equal to 1 as a constant: one row, and a vocabulary of one
+    ops.kd_divergence_with_grad(_randn(1, 7), _randn(1, 7), kind="jsd", backend="triton")
+    ops.kd_divergence_with_grad(_randn(3, 1), _randn(3, 1), kind="forward_kl", backend="triton")
 
 
 def solver_step_cases(ops):
@@ -102,6 +105,9 @@ def solver_step_cases(ops):
                     history_dtype=torch.float32, backend="triton")  # UniPC / SDE: every input and output
     ops.solver_step(x, m, coefs, clip_value=1.0, backend="triton")
     ops.solver_step(x, m, coefs, dynamic_scale=torch.ones(2), backend="triton")
+    # size-1 arguments compile as constants: one sample of one element
+    ops.solver_step(_randn(1, 1), _randn(1, 1), coefs, history=[_randn(1, 1)], write_history=True,
+                    dynamic_scale=torch.ones(1), backend="triton")
 
 
 def diffusion_loss_cases(ops):
@@ -124,6 +130,16 @@ def diffusion_loss_cases(ops):
             with torch.no_grad():
                 ops.pd_target(x, y, a_t, s_t, a_s, s_s, prediction_type=prediction, backend="triton")
                 ops.per_sample_ddim_step(x, y, a_t, s_t, a_s, s_s, prediction_type=prediction, backend="triton")
+    # size-1 arguments compile as constants: one element per sample, and one sample
+    for shape in ((3, 1), (1, 5)):
+        x, y = _randn(*shape).requires_grad_(True), _randn(*shape)
+        w = torch.rand(shape[0])
+        for elementwise in (False, True):
+            ops.pseudo_huber(x, y, c=0.03, weights=w, elementwise=elementwise, backend="triton").sum().backward()
+        ops.dmd(x, _randn(*shape), _randn(*shape), weights=w, backend="triton").sum().backward()
+        ones = torch.ones(shape[0])
+        ops.progressive_mse(x, _randn(*shape), _randn(*shape), ones * 0.8, ones * 0.6, ones * 0.9, ones * 0.4,
+                            backend="triton").sum().backward()
 
 
 def main(argv=None) -> int:
