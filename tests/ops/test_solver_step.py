@@ -455,10 +455,14 @@ def test_threshold_scale_matches_quantile(backend, dtype, shape, ratio):
     x = (torch.randn(shape, generator=g) * 3).to(dtype)
     m = torch.randn(shape, generator=g).to(dtype)
     cond = torch.randn(shape, generator=g).to(dtype)
-    got = ops.threshold_scale(x, m, 0.8, -0.3, cond=cond, guidance_scale=2.0, ratio=ratio, max_value=4.0, backend=backend)
-    exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, 4.0, compute_dtype=torch.float64)
-    assert got.dtype == torch.float32 and got.shape == (shape[0],)
-    torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
+    # max_value 100 leaves the quantiles (1.7 to 7.6 here) unclamped, so the selection itself is
+    # checked; 4.0 clamps some of them
+    for max_value in (100.0, 4.0):
+        got = ops.threshold_scale(x, m, 0.8, -0.3, cond=cond, guidance_scale=2.0, ratio=ratio, max_value=max_value,
+                                  backend=backend)
+        exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, max_value, compute_dtype=torch.float64)
+        assert got.dtype == torch.float32 and got.shape == (shape[0],)
+        torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.parametrize("backend", usable_backends("threshold_scale") + ["reference"])
@@ -517,8 +521,10 @@ def test_gpu_backends_match_reference(backend, dtype, shape):
 def test_gpu_threshold_scale_matches_quantile():
     x = torch.randn(3, 4, 64, 64, device="cuda") * 3
     m = torch.randn_like(x)
-    got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
-    exp = ref.threshold_scale(x.double(), m.double(), None, 1.0, 0.8, -0.3, 0.995, 4.0, torch.float64)
+    # max_value 100: the quantiles (~6.8) stay unclamped, so the radix select itself is checked
+    got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=100.0, backend="cuda")
+    exp = ref.threshold_scale(x.double(), m.double(), None, 1.0, 0.8, -0.3, 0.995, 100.0, torch.float64)
+    assert (exp > 4).all()
     torch.testing.assert_close(got.cpu(), exp.float().cpu(), rtol=2e-6, atol=2e-6)
     x[1, 0, 5, 7] = float("nan")  # the radix select would order NaN above inf and skip it
     got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
