@@ -154,9 +154,11 @@ def merge_rows(path: str, rows: List[dict]) -> List[dict]:
             old = json.load(f)
     measured = {row_key(r) for r in rows}
     merged = [r for r in old if row_key(r) not in measured] + rows
-    with open(path, "w") as f:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:  # then renamed: a run killed while writing leaves the old file whole
         json.dump(merged, f, indent=1)
         f.write("\n")
+    os.replace(tmp, path)
     return merged
 
 

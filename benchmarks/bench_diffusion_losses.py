@@ -109,7 +109,10 @@ def wait_until_quiet(limit: float, max_wait: float) -> float:
     return load
 
 
-def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float) -> List[dict]:
+def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float, out: Optional[str] = None
+        ) -> List[dict]:
+    """Measure every loss, shape and dtype on ``device``; each row is merged into ``out`` (when
+    given) as soon as it is measured, so a run cut short keeps what it measured."""
     rows = []
     for shape_name, shape in shapes.items():
         for dtype in dtypes:
@@ -138,6 +141,8 @@ def run(device: torch.device, shapes, dtypes, repeats: int, quiet_load: float) -
                     "repeats": repeats, "load_average_1min": load,
                 }
                 rows.append(row)
+                if out:
+                    merge_rows(out, [row])
                 mb = 1 / 2**20
                 print(f"{name:32s} {shape_name:13s} {row['dtype']:9s} fused {qf['median']:8.3f} ms "
                       f"[{qf['q1']:.3f}, {qf['q3']:.3f}]  torch {qn['median']:8.3f} ms  x{row['ratio']:5.2f}  "
@@ -167,17 +172,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "8x4x64x64"}
     dtypes = [torch.float32] if args.quick else [torch.float32, torch.bfloat16]
     repeats = args.repeats or (7 if args.quick else 15)
+    out = args.out
+    if out is None and not args.quick:  # a smoke run must not replace the recorded figures
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
     rows = []
     for device in devices:
         print(f"== {device_name(device)}")
-        rows += run(device, shapes, dtypes, repeats if device.type == "cpu" else 4 * repeats, args.quiet_load)
-    out = args.out
-    if out is None:
-        if args.quick:
-            return  # a smoke run must not replace the recorded figures
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
-    merge_rows(out, rows)
-    print(f"wrote {len(rows)} rows to {out}")
+        rows += run(device, shapes, dtypes, repeats if device.type == "cpu" else 4 * repeats, args.quiet_load, out)
+    if out:
+        print(f"wrote {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

@@ -263,6 +263,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             shapes = [dict(tokens=256, hidden=128, vocab=4096)]
     peak_tflops = next((v for k, v in TENSOR_CORE_PEAK_TFLOPS.items() if k in device_name), None)
 
+    out = args.out or (None if args.quick else str(RESULTS))  # a smoke run must not replace the recorded figures
+    out = None if args.no_write else out
     rows = []
     print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {dtype}")
     print(f"{'case':<16} {'shape':<28} {'candidate':<24} {'median ms':>10} {'q1-q3 ms':>17} "
@@ -283,6 +285,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             if args.profile and "kdfast" in results:
                 profile_breakdown(case, shape_case, dtype, device, "kdfast")
             anchor = results.get("torch")
+            shape_rows = []
             for name, r in results.items():
                 q = quartiles(r["times_s"])
                 q1, q3 = q["q1"], q["q3"]
@@ -298,16 +301,17 @@ def main(argv: Optional[List[str]] = None) -> None:
                            anchor["peak_bytes"] else None,
                            tflops=tflops, tensor_core_fraction=tflops / peak_tflops if tflops and peak_tflops
                            and device == "cuda" else None)
-                rows.append(row)
+                shape_rows.append(row)
                 shape_s = "x".join(f"{k[0]}{v}" for k, v in shape_case.items())
                 print(f"{case:<16} {shape_s:<28} {name:<24} {1e3 * r['median_s']:>10.1f} "
                       f"{1e3 * q1:>8.1f}-{1e3 * q3:<8.1f} {r['peak_bytes'] / 2**20:>9.1f} "
                       f"{_fmt(row['speedup_vs_anchor'], 'x'):>9} {_fmt(row['memory_ratio_vs_anchor'], 'x'):>12} "
                       f"{_fmt(tflops, ''):>8}")
-    out = args.out or (None if args.quick else str(RESULTS))  # a smoke run must not replace the recorded figures
-    if out and not args.no_write:
-        merge_rows(out, rows)
-        print(f"wrote {out}")
+            rows += shape_rows
+            if out:  # each shape's rows as soon as they are measured: a run cut short keeps them
+                merge_rows(out, shape_rows)
+    if out:
+        print(f"wrote {len(rows)} rows to {out}")
 
 
 def _fmt(v, suffix):

@@ -427,9 +427,19 @@ def main(argv=None) -> None:
     except ImportError:
         raise SystemExit("bench_solvers compares against diffusers: pip install diffusers")
     diffusers.utils.logging.set_verbosity_error()
+    out = args.out
+    if out is None and not (args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}):
+        # only a full run updates the recorded figures; a partial one writes where --out says
+        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
+    rows = []
+
+    def record(new_rows):  # merged as soon as measured: a run cut short keeps what it measured
+        rows.extend(new_rows)
+        if out:
+            merge_rows(out, new_rows)
+
     repeats = args.repeats or (5 if args.quick else 15)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
-    rows = []
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
     evict = CacheEvictor() if "steps" in sections else None
@@ -469,7 +479,6 @@ def main(argv=None) -> None:
                 "peak_memory_bytes": kd_peak, "anchor_peak_memory_bytes": df_peak,
                 "per_step_gpu": kd_launches, "anchor_per_step_gpu": df_launches,
             }
-            rows.append(row)
             print(f"{name:<14}{shape_name:<22}"
                   f"{kd_step['median']:>9.1f}{df_step['median']:>10.1f}{row['speedup_per_step']:>8.1f}x"
                   f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
@@ -482,17 +491,13 @@ def main(argv=None) -> None:
                       f"({row['effective_gb_per_s']:.0f} GB/s at the lower-bound bytes); diffusers "
                       f"{df_launches['kernels']:.2f} kernels, {df_launches['copies']:.2f} copies, "
                       f"{df_launches['syncs']:.2f} syncs, {df_launches['gpu_us']:.1f} us")
+            record([row])
     if "unet" in sections:
-        rows += unet_loop(device, repeats // 3 or 1)
+        record(unet_loop(device, repeats // 3 or 1))
     if "kdiff" in sections:
-        rows += k_diffusion_loops(device, dtype, repeats)
-    out = args.out
-    if out is None:
-        if args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}:
-            return  # a partial run must not replace the recorded figures
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
-    merge_rows(out, rows)
-    print(f"wrote {len(rows)} rows to {out}")
+        record(k_diffusion_loops(device, dtype, repeats))
+    if out:
+        print(f"wrote {len(rows)} rows to {out}")
 
 
 if __name__ == "__main__":

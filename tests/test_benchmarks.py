@@ -184,6 +184,32 @@ def test_merge_rows_replaces_only_rows_with_the_same_key(monkeypatch, tmp_path):
     assert sorted(r["v"] for r in json.loads(path.read_text())) == [2, 3, 4, 10, 11]
 
 
+@pytest.mark.parametrize("script, args, groups", [
+    ("bench_solvers", ["--quick", "--repeats", "1", "--solvers", "ddim,euler", "--sections", "steps"], [1, 1]),
+    ("bench_kdloss", ["--quick", "--repeats", "1", "--cases", "kd_loss,fused_linear_kd"], [2, 2]),
+    ("bench_diffusion_losses", ["--quick", "--repeats", "1", "--quiet-load", "1000"], None),
+])
+def test_benchmarks_write_rows_as_they_are_measured(monkeypatch, tmp_path, script, args, groups):
+    """Each row (group of candidates) is merged into the JSON as soon as it is measured, so a run
+    cut short by a time limit (as on a lent GPU) keeps what it measured."""
+    if script == "bench_solvers":
+        pytest.importorskip("diffusers")
+    module = _bench_module(monkeypatch, script)
+    common = _bench_module(monkeypatch, "_common")
+    calls = []
+
+    def merge(path, rows):
+        calls.append(len(rows))
+        return common.merge_rows(path, rows)
+
+    monkeypatch.setattr(module, "merge_rows", merge)
+    out = tmp_path / "rows.json"
+    module.main([*args, "--out", str(out)])
+    assert calls == (groups or [1] * len(calls)) and len(calls) > 1
+    assert len(json.loads(out.read_text())) == sum(calls)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _fake_scheduler_class(scale: bool, calls: list):
     import torch
 
