@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import io
 import json
 import os
 import shutil
 import subprocess
 import sys
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 # name -> (kdfast scheduler class, config); the byte counts come from bench_solvers
 SOLVERS = {
@@ -92,6 +93,33 @@ def summarise(launches: List[Dict[str, float]], itemsize: int) -> List[Dict]:
     return rows
 
 
+def find_ncu(install_root: str = "/opt/nvidia/nsight-compute", toolkit_bin: str = "/usr/local/cuda/bin"
+             ) -> Optional[str]:
+    """Nsight Compute's ``ncu``: on PATH, else the newest under ``install_root``, else the CUDA
+    toolkit's (GPU images often leave both off PATH)."""
+    found = shutil.which("ncu")
+    if found:
+        return found
+    candidates = sorted(glob.glob(os.path.join(install_root, "*", "ncu")), key=_version_key, reverse=True)
+    candidates.append(os.path.join(toolkit_bin, "ncu"))
+    return next((c for c in candidates if os.path.isfile(c) and os.access(c, os.X_OK)), None)
+
+
+def ncu_command(ncu: str) -> List[str]:
+    """The ncu command that profiles this script's ``--child`` run.
+
+    ``--clock-control none`` measures the GPU at the clocks it runs at: ncu's default locks them
+    to base clocks, which changes a shared card's settings (and bytes do not depend on clocks)."""
+    return [ncu, "--clock-control", "none", "--csv", "--page", "raw", "--print-units", "base",
+            "--metrics", ",".join(METRICS), "-k", "regex:solver_step_kernel", sys.executable,
+            os.path.abspath(__file__), "--child"]
+
+
+def _version_key(path: str) -> Tuple[int, ...]:
+    version = os.path.basename(os.path.dirname(path))
+    return tuple(int(p) if p.isdigit() else -1 for p in version.split("."))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -100,12 +128,11 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return run_steps()
-    ncu = shutil.which("ncu")
+    ncu = find_ncu()
     if ncu is None:
-        raise SystemExit("ncu (Nsight Compute) is not on PATH")
-    cmd = [ncu, "--csv", "--page", "raw", "--print-units", "base", "--metrics", ",".join(METRICS),
-           "-k", "regex:solver_step_kernel", sys.executable, os.path.abspath(__file__), "--child"]
-    done = subprocess.run(cmd, capture_output=True, text=True)
+        raise SystemExit("ncu (Nsight Compute) is neither on PATH nor in /opt/nvidia/nsight-compute or "
+                         "/usr/local/cuda/bin")
+    done = subprocess.run(ncu_command(ncu), capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"ncu failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     import torch

@@ -81,6 +81,24 @@ def test_ncu_report_parsing(monkeypatch):
         N.summarise(rows[:-1], itemsize=4)
 
 
+def test_ncu_is_found_off_path_and_leaves_the_clocks_alone(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(BENCH))
+    import ncu_solver_bytes as N
+
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    root, toolkit = tmp_path / "nsight-compute", tmp_path / "cuda-bin"
+    assert N.find_ncu(str(root), str(toolkit)) is None
+    for version in ("2024.3.2", "2025.3.1", "2025.10.0"):
+        exe = root / version / "ncu"
+        exe.parent.mkdir(parents=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
+    assert N.find_ncu(str(root), str(toolkit)) == str(root / "2025.10.0" / "ncu")  # the newest
+    cmd = N.ncu_command("ncu")
+    assert cmd[cmd.index("--clock-control") + 1] == "none"
+    assert cmd[-1] == "--child"
+
+
 def _bench_module(monkeypatch, name):
     monkeypatch.syspath_prepend(str(BENCH))
     import importlib
