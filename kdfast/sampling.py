@@ -620,12 +620,12 @@ def _guided(u: torch.Tensor, c: Optional[torch.Tensor], g: float) -> torch.Tenso
 
 
 def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler, guidance: Optional[float],
-             callback, cb_sigmas, bar, stop: Optional[int] = None) -> torch.Tensor:
-    """Run the plan's kernel calls (all, or the first ``stop``); no host reads."""
+             callback, cb_sigmas, bar) -> torch.Tensor:
+    """Run the plan's kernel calls; no host reads."""
     g = 1.0 if guidance is None else guidance
     hist: List[torch.Tensor] = []
     aux = None
-    for ev in plan.evals[:stop]:
+    for ev in plan.evals:
         if ev.model:
             m, c = evaluate(x, ev.sigma)
         else:
@@ -673,9 +673,9 @@ def _callback_sigmas(sigmas, host: List[float], plan: _Plan):
 
 
 class _Loop(NamedTuple):
-    """A prepared sampling loop: ``run(x, cond, uncond, stop=None, callback=None, bar=None)``
-    builds the model calls for these inputs and runs the loop (all of it, or its first ``stop``
-    kernel calls); ``reset()`` puts any Python-side state (a scheduler's) back to the start."""
+    """A prepared sampling loop: ``run(x, cond, uncond, callback=None, bar=None)`` builds the
+    model calls for these inputs and runs the loop; ``reset()`` puts any Python-side state (a
+    scheduler's) back to the start."""
 
     run: Callable[..., torch.Tensor]
     steps: int
@@ -695,9 +695,9 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
     model_sigmas = sorted({ev.sigma for ev in plan.evals if ev.model})
     cb_sigmas = _callback_sigmas(sigmas, host, plan) if with_callback else None
 
-    def run(x, cond, uncond, stop=None, callback=None, bar=None):
+    def run(x, cond, uncond, callback=None, bar=None):
         evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas)
-        return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar, stop=stop)
+        return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar)
     return _Loop(run, plan.steps, lambda: None)
 
 
@@ -740,10 +740,13 @@ def _rng_generator(generator: Optional[torch.Generator], device: torch.device) -
 
 
 def _capture(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optional[torch.Generator],
-             reset: Callable[[], None], warmup_calls: int = 2):
-    """Warm up ``run(stop=warmup_calls)`` on a side stream, then capture ``run()`` (model calls
-    included) in one CUDA graph. The RNG state is put back to where it was before the warm-up,
-    so the first replay draws what the eager loop would. Returns ``(graph, output)``."""
+             reset: Callable[[], None]):
+    """Warm up with one whole eager ``run()`` on a side stream, then capture ``run()`` (model
+    calls included) in one CUDA graph. The whole loop, not its first steps: later steps can
+    need kernels of their own (a Triton specialisation for the last step, which writes no
+    history; a third history entry), and compiling or loading one during capture fails. The
+    RNG state is put back to where it was before the warm-up, so the first replay draws what
+    the eager loop would. Returns ``(graph, output)``."""
     device = x.device
     gen = _rng_generator(generator, device)
     state = gen.get_state()
@@ -751,7 +754,7 @@ def _capture(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optio
     side = torch.cuda.Stream(device)
     side.wait_stream(current)
     with torch.cuda.stream(side):
-        run(stop=warmup_calls)
+        run()
     current.wait_stream(side)
     gen.set_state(state)
     reset()
@@ -778,7 +781,7 @@ class CapturedSampler:
 
     Takes the arguments of :func:`kdfast.sample` (without ``cuda_graph``, ``callback`` and
     ``disable``); ``x``, ``cond`` and ``uncond`` fix the shapes, dtypes and devices of every
-    later call. Capturing runs the first two steps eagerly (warm-up) and records the loop once;
+    later call. Capturing runs the loop once eagerly (warm-up) and records it once;
     each call then copies its inputs into the captured buffers and replays::
 
         loop = kdfast.CapturedSampler(denoiser, x, sigmas, sampler="dpmpp_2m",
@@ -820,8 +823,7 @@ class CapturedSampler:
         self._inputs = {"x": _static_copy(x), "cond": _static_copy(cond), "uncond": _static_copy(uncond)}
         ins = self._inputs
         with torch.no_grad():
-            self._graph, self._out = _capture(lambda stop=None: loop.run(ins["x"], ins["cond"], ins["uncond"],
-                                                                         stop=stop),
+            self._graph, self._out = _capture(lambda: loop.run(ins["x"], ins["cond"], ins["uncond"]),
                                               ins["x"], generator, loop.reset)
 
     @property
@@ -880,14 +882,12 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     fused_cfg = guidance is not None and guidance != 1.0
     state = _scheduler_state(scheduler)
 
-    def run(x, cond, uncond, stop=None, callback=None, bar=None):
+    def run(x, cond, uncond, callback=None, bar=None):
         evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
         xx = x
         for i, t in enumerate(timesteps):  # iterating gives views: the step index costs no sync
             if i < start:
                 continue
-            if stop is not None and i - start >= stop:
-                break
             inp = scheduler.scale_model_input(xx, t)
             m, c = evaluate(inp, t)
             if callback is not None:
@@ -1052,7 +1052,7 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     calls the denoiser on ``cond`` only.
 
     ``cuda_graph=True`` (CUDA tensors only): the whole loop, model calls included, is captured
-    in one CUDA graph after a warm-up of its first two steps and replayed; the denoiser must be
+    in one CUDA graph after one eager warm-up run and replayed; the denoiser must be
     capturable (no host syncs), a ``generator`` must be a CUDA one, and there is no callback or
     progress bar. The RNG state is restored before the replay, so the result equals the eager
     loop's with the same generator state. Each such call captures anew; to sample many times,

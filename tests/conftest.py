@@ -50,10 +50,10 @@ def eager_capture(monkeypatch):
 
     graphs = []
 
-    def capture(run, x, generator, reset, warmup_calls=2):
+    def capture(run, x, generator, reset):
         gen = sampling._rng_generator(generator, x.device)
         state = gen.get_state()
-        run(stop=warmup_calls)
+        run()
         gen.set_state(state)
         reset()
         out = run()

@@ -172,3 +172,55 @@ def test_gpu_scheduler_replays_equal_eager():
         ref.set_timesteps(12, device="cuda")
         want = S.sample(unet_like, x, ref, guidance_scale=2.0, cond=y, uncond=u, disable=True)
         torch.testing.assert_close(loop(x), want, rtol=1e-6, atol=1e-6)
+
+
+def test_capture_warms_up_the_whole_loop_before_recording(monkeypatch):
+    """The real ``_capture`` (CUDA calls replaced by recorders): one whole eager run, the state
+    reset, the RNG put back, then the recorded run. A warm-up of the first steps only would
+    leave later steps' kernels (a Triton specialisation of the last step) to compile during
+    capture, which fails."""
+    events = []
+
+    class Stream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            events.append("wait")
+
+    class Graph:
+        def register_generator_state(self, gen):
+            events.append("register")
+
+    class Context:
+        def __init__(self, name):
+            self.name = name
+
+        def __enter__(self):
+            events.append(f"enter {self.name}")
+
+        def __exit__(self, *exc):
+            events.append(f"exit {self.name}")
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: Stream())
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: Context("side stream"))
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: Context("graph"))
+    monkeypatch.setattr(torch.cuda, "default_generators", [object()])
+    gen = torch.Generator().manual_seed(3)
+    start = gen.get_state()
+
+    def run(*args, **kwargs):
+        events.append(("run", args, kwargs))
+        torch.randn(4, generator=gen)  # a stochastic sampler draws
+        return torch.zeros(2)
+
+    graph, out = S._capture(run, torch.zeros(2), gen, lambda: events.append("reset"))
+    runs = [e for e in events if isinstance(e, tuple)]
+    assert runs == [("run", (), {}), ("run", (), {})]  # whole loops, no partial warm-up
+    order = [e if isinstance(e, str) else "run" for e in events]
+    assert order.index("enter side stream") < order.index("run") < order.index("exit side stream") \
+        < order.index("reset") < order.index("enter graph")
+    assert torch.equal(gen.get_state(), start)  # the first replay draws what the eager loop would
+    assert isinstance(graph, Graph) and torch.equal(out, torch.zeros(2))
