@@ -99,6 +99,28 @@ def test_ncu_is_found_off_path_and_leaves_the_clocks_alone(monkeypatch, tmp_path
     assert cmd[-1] == "--child"
 
 
+def test_merge_results_merges_returned_rows_into_the_recorded_ones(monkeypatch, tmp_path, capsys):
+    merge = _bench_module(monkeypatch, "merge_results")
+    results, returned = tmp_path / "results", tmp_path / "gpu-out"
+    results.mkdir(), returned.mkdir()
+    cpu = {"device": "AMD EPYC", "op": "kd_loss", "shape": {"tokens": 8}, "dtype": "float32", "v": 1}
+    old_gpu = {"device": "NVIDIA H200", "op": "kd_loss", "shape": {"tokens": 8}, "dtype": "bfloat16", "v": 2}
+    new_gpu = dict(old_gpu, v=3)
+    (results / "bench_kdloss.json").write_text(json.dumps([cpu, old_gpu]))
+    (returned / "bench_kdloss.json").write_text(json.dumps([new_gpu]))
+    merge.main([str(returned / "bench_kdloss.json"), "--results", str(results)])
+    assert json.loads((results / "bench_kdloss.json").read_text()) == [cpu, new_gpu]
+    # a file that is not a result file, or holds no rows, is refused before anything is merged
+    (returned / "bench_kdloss.json").write_text(json.dumps([dict(old_gpu, v=4)]))
+    (returned / "gpu.log").write_text("log")
+    (returned / "bench_solvers.json").write_text(json.dumps({"rows": []}))
+    for bad, message in (("gpu.log", "not a benchmark result file"), ("bench_solvers.json", "expected a JSON list")):
+        with pytest.raises(SystemExit) as exc:
+            merge.main([str(returned / "bench_kdloss.json"), str(returned / bad), "--results", str(results)])
+        assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert json.loads((results / "bench_kdloss.json").read_text()) == [cpu, new_gpu]
+
+
 def _bench_module(monkeypatch, name):
     monkeypatch.syspath_prepend(str(BENCH))
     import importlib

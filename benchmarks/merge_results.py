@@ -1,0 +1,46 @@
+"""Merge benchmark rows measured elsewhere (a GPU run's ``$OUT/*.json``) into the recorded
+results: each file's rows go into ``benchmarks/results/<same file name>``, replacing the rows
+of the same device, op, shape and dtype and keeping all others.
+
+    python benchmarks/merge_results.py gpu-out/bench_solvers.json gpu-out/bench_kdloss.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import List, Optional
+
+from _common import merge_rows
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "ncu_solver_bytes.json")
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="+", help=f"JSON row files named like the recorded ones ({', '.join(KNOWN)})")
+    parser.add_argument("--results", default=RESULTS, help="the folder of recorded results (default: %(default)s)")
+    args = parser.parse_args(argv)
+    loaded = []
+    for path in args.files:  # every file is checked before any is merged
+        name = os.path.basename(path)
+        if name not in KNOWN:
+            parser.error(f"{path}: not a benchmark result file; expected one of {', '.join(KNOWN)}")
+        try:
+            with open(path) as f:
+                rows = json.load(f)
+        except (OSError, ValueError) as exc:
+            parser.error(f"{path}: cannot read its rows: {exc}")
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "device" in r and "op" in r for r in rows):
+            parser.error(f"{path}: expected a JSON list of rows, each with a device and an op")
+        loaded.append((name, rows))
+    for name, rows in loaded:
+        target = os.path.join(args.results, name)
+        merged = merge_rows(target, rows)
+        print(f"{target}: {len(rows)} rows merged, {len(merged)} in all")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
