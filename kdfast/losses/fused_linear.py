@@ -54,6 +54,24 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
             raise ValueError(f"{name}_bias must be {hidden.dtype} on {hidden.device} like {name}_hidden")
 
 
+def _check_options(kind: str, beta: float, temperature: float, weight_hard: float, weight_soft: float,
+                   chunk_size: Optional[int], reduction: str) -> None:
+    """The options of :func:`fused_linear_kd` (and :class:`FusedLinearKDLoss`'s constructor)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    if not 0.0 <= float(beta) <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if reduction not in REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    weight_hard, weight_soft = float(weight_hard), float(weight_soft)
+    if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
+        raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+
+
 def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignore_index: int,
                   device: torch.device, need_values: bool) -> Optional[torch.Tensor]:
     if labels is None:
@@ -222,6 +240,11 @@ class _FusedLinearKD(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():
+            # create_graph=True: the gradients were computed in the forward pass and have no
+            # graph of their own, so a second-order use (a gradient penalty) would see zeros.
+            raise RuntimeError("kdfast.fused_linear_kd: double backward (create_graph=True) is not supported; "
+                               "the gradients are computed in the forward pass and are not differentiable")
         saved = iter(ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias, denominator = (next(saved) if p else None for p in ctx.present)
         scale = grad_loss if denominator is None else grad_loss / denominator
@@ -288,21 +311,11 @@ def fused_linear_kd(
     vocab = shared if vocab_size is None else int(vocab_size)
     if not 1 <= vocab <= shared:
         raise ValueError(f"vocab_size must be in [1, {shared}] (the smaller head), got {vocab_size}")
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    if reduction not in REDUCTIONS or reduction == "none":
-        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
-    weight_hard, weight_soft = float(weight_hard), float(weight_soft)
-    if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
-        raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
+    _check_options(kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction)
+    weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
     labels = _check_labels(labels, tokens, vocab, int(ignore_index), student_hidden.device, weight_hard > 0)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = temperature ** 2 if scale_by_t2 else 1.0
     if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
@@ -330,14 +343,7 @@ class FusedLinearKDLoss(nn.Module):
                  weight_hard: float = 0.0, weight_soft: float = 1.0, chunk_size: Optional[int] = None,
                  vocab_size: Optional[int] = None, scale_by_t2: bool = False, reduction: str = "batchmean"):
         super().__init__()
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-        if not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if reduction not in ("batchmean", "sum", "mean"):
-            raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        _check_options(kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction)  # fail at construction
         self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
         self.ignore_index, self.weight_hard, self.weight_soft = int(ignore_index), float(weight_hard), float(weight_soft)
         self.chunk_size, self.vocab_size, self.scale_by_t2, self.reduction = chunk_size, vocab_size, scale_by_t2, reduction

@@ -5,6 +5,8 @@ The divergence of every token and its gradient come from one fused kernel
 """
 from __future__ import annotations
 
+import math
+
 from typing import Optional, Union
 
 import torch
@@ -86,11 +88,15 @@ def kd_loss(
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if reduction == "none" and num_items_in_batch is not None:
+        raise ValueError("num_items_in_batch divides a summed loss; it has no meaning with reduction='none'")
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 1:
             raise ValueError(f"{name} must have a vocabulary dimension, got a 0-d tensor")
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} must have a vocabulary of at least one entry, got shape {tuple(t.shape)}")
     lead = student_logits.shape[:-1]
     if teacher_logits.shape[:-1] != lead:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
@@ -133,8 +139,8 @@ class KDLoss(nn.Module):
             raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if not float(temperature) > 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        if not (math.isfinite(float(temperature)) and float(temperature) > 0):
+            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
         self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
         self.ignore_index, self.reduction = int(ignore_index), reduction
         self.scale_by_t2, self.vocab_size = bool(scale_by_t2), vocab_size

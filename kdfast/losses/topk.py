@@ -33,6 +33,8 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() < 1:
         raise TypeError("teacher_logits must be a tensor [..., vocab]")
     vocab = teacher_logits.shape[-1]
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not 1 <= int(k) <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
     if not (math.isfinite(float(temperature)) and float(temperature) > 0):
@@ -78,8 +80,11 @@ def topk_kd_loss(
         teacher_topk_ids: ``[..., k]`` distinct token ids per position (e.g. from
             :func:`teacher_topk`; checked on the CPU, where it costs no device sync).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
-            ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids).
-        labels: optional ``[...]``; positions equal to ``ignore_index`` are left out.
+            ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
+            <= 0, their probabilities summing to at most 1 per position (checked on the CPU, up
+            to the stored dtype's rounding; on a GPU positive entries are clamped to 0).
+        labels: optional ``[...]``; positions equal to ``ignore_index`` are left out, whatever
+            they hold (padding ids and NaN log-probabilities there give no NaN gradient).
         temperature: applied to the student's logits (the teacher's are stored at it).
         remainder: ``"bucket"`` or ``"renormalize"`` (see the module docstring).
         reduction: ``"batchmean"`` (over valid tokens), ``"sum"``, ``"mean"`` (also / vocab) or
@@ -109,21 +114,39 @@ def topk_kd_loss(
     for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
         if t.device != student_logits.device:
             raise ValueError(f"{name} must be on {student_logits.device} like student_logits, got {t.device}")
-    if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
-        if teacher_topk_ids.numel() and (teacher_topk_ids.min() < 0 or teacher_topk_ids.max() >= vocab):
-            raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
-        if teacher_topk_ids.shape[-1] > 1 and (teacher_topk_ids.sort(dim=-1).values.diff(dim=-1) == 0).any():
-            raise ValueError("teacher_topk_ids must not repeat an id within a position")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != lead):
         raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
+    k = teacher_topk_ids.shape[-1]
+    keep = None if labels is None else labels.reshape(-1) != ignore_index
+    if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
+        ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
+        if keep is not None:  # ignored positions may hold anything (padding)
+            ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]
+        if ids_kept.numel() and (ids_kept.min() < 0 or ids_kept.max() >= vocab):
+            raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
+        if k > 1 and (ids_kept.sort(dim=-1).values.diff(dim=-1) == 0).any():
+            raise ValueError("teacher_topk_ids must not repeat an id within a position")
+        # log-probabilities: at most 0 each and a total mass of at most 1, up to the rounding
+        # of the stored dtype (a larger mass makes the "bucket" KL meaningless)
+        slack = k * torch.finfo(teacher_topk_logprobs.dtype).eps
+        if lp_kept.numel() and (lp_kept.max() > slack or torch.logsumexp(lp_kept, dim=-1).max() > slack):
+            raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
+                             f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
+                             f"log of the sum {float(torch.logsumexp(lp_kept, dim=-1).max()):.4g})")
     temperature = float(temperature)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
 
-    k = teacher_topk_ids.shape[-1]
     s = student_logits.reshape(-1, vocab).float() / temperature
     ids = teacher_topk_ids.reshape(-1, k).long()
     lp = teacher_topk_logprobs.reshape(-1, k).float().clamp(max=0.0)
+    if keep is not None:
+        # Ignored positions get harmless stand-ins before any math: masking their losses only
+        # afterwards would still send a NaN gradient back from NaN logits or log-probabilities
+        # there (padding).
+        s = torch.where(keep.unsqueeze(1), s, torch.zeros_like(s))
+        ids = torch.where(keep.unsqueeze(1), ids, torch.arange(k, device=ids.device).clamp(max=vocab - 1))
+        lp = torch.where(keep.unsqueeze(1), lp, torch.full_like(lp, -math.log(max(k, 1))))
     log_q_all = torch.log_softmax(s, dim=-1)
     log_q = log_q_all.gather(1, ids)
     log_mass = torch.logsumexp(lp, dim=-1)
@@ -150,8 +173,7 @@ def topk_kd_loss(
     if scale_by_t2:
         rows = rows * temperature ** 2
     valid = rows.shape[0]
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
+    if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))
         valid = keep.sum()
     if reduction == "none":

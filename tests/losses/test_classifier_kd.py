@@ -98,6 +98,21 @@ def test_sinkhorn_with_zero_one_cost_approaches_total_variation():
     assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("epsilon", [0.05, 0.01, 1e-3, 1e-4])
+def test_sinkhorn_with_too_few_iterations_is_never_below_the_exact_distance(epsilon):
+    # 50 iterations are far too few for epsilon 1e-3: the plan's rows missed the teacher's
+    # distribution by an L1 of ~1.9, and its cost fell to 0 (a loss with no gradient). The
+    # rounded plan is a real transport plan: its cost is at least the exact distance (here the
+    # total variation) and, for this cost, reaches it.
+    s, t = logits((4, 10), 20, scale=3.0), logits((4, 10), 21, scale=3.0)
+    tv = 0.5 * (F.softmax(s.double(), 1) - F.softmax(t.double(), 1)).abs().sum(1).mean()
+    s = s.requires_grad_(True)
+    ours = sinkhorn_kd_loss(s, t, epsilon=epsilon, iterations=50)
+    assert tv - 1e-5 <= ours.double() <= tv + 2e-3
+    ours.backward()
+    assert torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("call, error, match", [
     (lambda s, t, y: hinton_kd_loss(s, t[:2], y), ValueError, "same shape"),
     (lambda s, t, y: hinton_kd_loss(s, t, None, alpha=0.5), ValueError, "labels are needed"),

@@ -169,6 +169,19 @@ def test_module_and_default_chunk_size():
     assert default_chunk_size(10, 32000, "cpu") == 10
 
 
+def test_double_backward_is_refused():
+    # The gradients come from the forward pass and have no graph: a gradient penalty built on
+    # them would silently get zero from the loss, so create_graph=True is an error.
+    case, labels = make(seed=9, bias=False)
+    h = case["student_hidden"].requires_grad_(True)
+    loss = fused_linear_kd(h, case["student_weight"].requires_grad_(True), case["teacher_hidden"],
+                           case["teacher_weight"], labels)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, h, create_graph=True)
+    (g,) = torch.autograd.grad(loss, h)  # a first-order gradient still works
+    assert torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("mutate, error, match", [
     (lambda c, l: c.update(student_hidden=c["student_hidden"][0]), ValueError, "student_hidden must be 2-D"),
     (lambda c, l: c.update(student_weight=c["student_weight"][:, :5]), ValueError, "student_weight must be"),
@@ -201,6 +214,19 @@ def test_bad_options(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
                         case["teacher_weight"], labels, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(temperature=-1.0), "temperature must be"),
+    (dict(weight_hard=float("nan")), "weight_hard and weight_soft"),
+    (dict(chunk_size=True), "chunk_size must be"),
+    (dict(beta=1.5), "beta must be in"),
+    (dict(kind="kl"), "kind must be one of"),
+    (dict(reduction="none"), "reduction must be"),
+])
+def test_module_refuses_bad_options_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        FusedLinearKDLoss(**kwargs)
 
 
 @pytest.mark.gpu

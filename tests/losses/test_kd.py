@@ -152,6 +152,10 @@ def test_low_precision_inputs_keep_fp32_math():
     (lambda s, t: KDLoss(kind="kl"), ValueError, "kind must be one of"),
     (lambda s, t: KDLoss(beta=2.0), ValueError, "beta must be in"),
     (lambda s, t: KDLoss(reduction="avg"), ValueError, "reduction must be one of"),
+    (lambda s, t: KDLoss(temperature=float("inf")), ValueError, "temperature must be a positive finite"),
+    # it used to be ignored silently
+    (lambda s, t: kd_loss(s, t, reduction="none", num_items_in_batch=4), ValueError, "num_items_in_batch"),
+    (lambda s, t: kd_loss(s[..., :0], t[..., :0]), ValueError, "at least one entry"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)

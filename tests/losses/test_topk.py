@@ -119,6 +119,10 @@ def test_teacher_mass_outside_a_massless_student_is_infinite():
     (dict(ids=lambda i: i + 100), ValueError, "must be in"),
     (dict(logp=lambda l: l[..., :2]), ValueError, "teacher_topk_logprobs must have the shape"),
     (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, "labels must be a tensor of shape"),
+    # a stored mass above 1 (here 1.4) or a positive log-probability is not a distribution
+    (dict(logp=lambda l: l - torch.logsumexp(l, -1, keepdim=True) + math.log(1.4)), ValueError,
+     "summing to at most 1"),
+    (dict(logp=lambda l: l.index_fill(-1, torch.tensor([0]), 0.5)), ValueError, "each <= 0"),
 ])
 def test_bad_input(kwargs, error, match):
     s, t = logits((3, 20), 11), logits((3, 20), 12)
@@ -133,3 +137,27 @@ def test_bad_input(kwargs, error, match):
 def test_teacher_topk_bad_k():
     with pytest.raises(ValueError, match="k must be in"):
         teacher_topk(logits((2, 5), 0), 6)
+
+
+@pytest.mark.parametrize("chunk_size", [0, -1, 2.5, True])
+def test_teacher_topk_bad_chunk_size(chunk_size):
+    # -1 used to return uninitialised ids and log-probabilities
+    with pytest.raises(ValueError, match="chunk_size must be a positive integer"):
+        teacher_topk(logits((3, 5), 0), 2, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("remainder", ["bucket", "renormalize"])
+def test_ignored_positions_give_no_nan_gradient_whatever_they_hold(remainder):
+    # Padding positions: NaN teacher log-probabilities, out-of-range ids and NaN student
+    # logits there must not reach the gradient (masking only the loss would send NaN back).
+    s, t = logits((4, 20), 30), logits((4, 20), 31)
+    ids, logp = teacher_topk(t, 5)
+    labels = torch.tensor([3, -100, 7, -100])
+    expected = topk_kd_loss(s[[0, 2]], ids[[0, 2]], logp[[0, 2]], remainder=remainder, reduction="sum")
+    ids[1], logp[1] = -1, math.nan
+    s[3] = math.nan
+    x = s.clone().requires_grad_(True)
+    loss = topk_kd_loss(x, ids, logp, labels, remainder=remainder, reduction="sum")
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    assert torch.isfinite(x.grad).all() and (x.grad[[1, 3]] == 0).all()
