@@ -37,18 +37,32 @@ class FrozenConfig(dict):
 
 
 def register_to_config(init):
-    """Record every constructor argument (defaults included) in ``self.config``."""
+    """Record every constructor argument (defaults included) in ``self.config``, as diffusers does.
+
+    The arguments left at their defaults are listed in ``config["_use_default_values"]``: a
+    class built from this config (``from_config``, kdfast's or diffusers') then takes its own
+    defaults for them, not this class's. Private keyword arguments (``_class_name``, ...) are
+    recorded, not passed on.
+    """
     sig = inspect.signature(init)
 
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
+        private = {k: v for k, v in kwargs.items() if k.startswith("_") and k != "_use_default_values"}
+        kwargs = {k: v for k, v in kwargs.items() if not k.startswith("_")}
         bound = sig.bind(self, *args, **kwargs)
+        # Positional arguments count as given (diffusers lists them as defaults, then drops their
+        # values when converting: a bug not worth copying).
+        given = set(bound.arguments)
         bound.apply_defaults()
         values = {k: v for k, v in bound.arguments.items() if k != "self"}
         for k, v in list(values.items()):
             if hasattr(v, "tolist"):  # numpy arrays (trained_betas) are stored as lists
                 values[k] = v.tolist()
-        self._config = FrozenConfig(values)
+        defaults = [k for k in values if k not in given]
+        if defaults:
+            values["_use_default_values"] = defaults
+        self._config = FrozenConfig({**private, **values})
         init(self, *args, **kwargs)
 
     wrapper._config_signature = sig  # type: ignore[attr-defined]
@@ -74,20 +88,42 @@ class ConfigMixin:
         return [k for k in inspect.signature(cls.__init__).parameters if k != "self"]
 
     @classmethod
+    def extract_init_dict(cls, config_dict: Dict[str, Any], **kwargs):
+        """diffusers' split of a config: ``(init_dict, unused_kwargs, hidden_dict)``.
+
+        Keys listed in ``config_dict["_use_default_values"]`` were not in the config the source
+        class was built from: they are dropped, so this class takes its own defaults for them.
+        ``kwargs`` override the config.
+        """
+        used_defaults = config_dict.get("_use_default_values", [])
+        config = {k: v for k, v in config_dict.items() if k not in used_defaults and k != "_use_default_values"}
+        kwargs = dict(kwargs)
+        init_dict = {}
+        for key in cls._init_keys():
+            if key in kwargs:
+                init_dict[key] = kwargs.pop(key)
+            elif key in config:
+                init_dict[key] = config[key]
+        hidden = {k: v for k, v in config.items() if k not in init_dict}
+        return init_dict, kwargs, hidden
+
+    @classmethod
     def from_config(cls, config: Optional[Dict[str, Any]] = None, **kwargs):
         """Build from a config dict (a diffusers scheduler's ``config`` works as is).
 
         Keys this scheduler does not take (other schedulers' options, ``_class_name``,
-        ``_diffusers_version``) are ignored, as diffusers does; ``kwargs`` override.
+        ``_diffusers_version``) are ignored, as diffusers does; ``kwargs`` override. Keys the
+        config lists in ``_use_default_values`` take this class's defaults, as in diffusers.
         """
-        config = dict(config or {})
-        config.update(kwargs)
-        keys = cls._init_keys()
-        return cls(**{k: v for k, v in config.items() if k in keys})
+        init_dict, _, _ = cls.extract_init_dict(dict(config or {}), **kwargs)
+        return cls(**init_dict)
 
     def to_json_string(self) -> str:
         # A scheduler held in the config (UniPC's solver_p) is an object, not a setting: saved as null.
         data = {k: (None if isinstance(v, ConfigMixin) else v) for k, v in self._config.items()}
+        # The file holds every key, so none was left at its default once it is loaded (diffusers
+        # does not save the list either).
+        data.pop("_use_default_values", None)
         data["_class_name"] = self._diffusers_name or type(self).__name__
         data["_kdfast_class"] = type(self).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"

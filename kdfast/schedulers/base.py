@@ -138,7 +138,10 @@ class FusedScheduler(ConfigMixin):
     def _shared_table(self, build: Callable[[], CoefficientTable]) -> CoefficientTable:
         """The table of the schedule just set: ``build()`` the first time, shared afterwards."""
         sigmas = getattr(self, "sigmas", None)
-        key = json.dumps([type(self).__qualname__, self.config, self._host_timesteps, self.num_inference_steps,
+        # Private entries (_use_default_values, _class_name, ...) describe where the config came
+        # from, not the schedule.
+        settings = {k: v for k, v in self.config.items() if not k.startswith("_")}
+        key = json.dumps([type(self).__qualname__, settings, self._host_timesteps, self.num_inference_steps,
                           None if sigmas is None else sigmas.tolist()], sort_keys=True, default=repr)
         cache = FusedScheduler._TABLE_CACHE
         table = cache.get(key)

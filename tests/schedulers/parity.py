@@ -72,3 +72,9 @@ def assert_parity(kd_cls, df_cls, config, steps=20, dtype=torch.float32, tol=1e-
         err, base = parity_error(got, truth), parity_error(expected, truth)
         assert err <= 2 * base + 1e-4, f"{kd_cls.__name__} {config} {dtype}: error {err:.3e} vs diffusers' {base:.3e}"
     return got, expected
+
+
+def settings(config) -> dict:
+    """A scheduler config without its private entries: ``_use_default_values`` (what the
+    constructor was not given) is not saved, so a reloaded config has none, as in diffusers."""
+    return {k: v for k, v in config.items() if not k.startswith("_")}

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.ddim import DDIMScheduler
-from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop, settings
 
 DF = diffusers.DDIMScheduler
 
@@ -181,7 +181,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
                        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     kd.save_pretrained(tmp_path)
     again = DDIMScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)
     assert not df.config.clip_sample and not df.config.set_alpha_to_one and df.config.timestep_spacing == "trailing"
     df.save_pretrained(tmp_path / "df")

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.deis_multistep import DEISMultistepScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 
 class DF(diffusers.DEISMultistepScheduler):
@@ -162,7 +162,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
     kd = KD(solver_order=3, use_karras_sigmas=True, **SD)
     kd.save_pretrained(tmp_path)
     again = KD.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)  # diffusers loads what kdfast saved
     assert df.config.solver_order == 3 and df.config.use_karras_sigmas
     df.save_pretrained(tmp_path / "df")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdfast.schedulers import DPMSolverMultistepScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 DF = diffusers.DPMSolverMultistepScheduler
 
@@ -112,7 +112,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
     kd = DPMSolverMultistepScheduler(solver_order=3, use_karras_sigmas=True, beta_schedule="scaled_linear")
     kd.save_pretrained(tmp_path)
     again = DPMSolverMultistepScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     # diffusers loads what kdfast saved, and kdfast loads diffusers' config
     df = DF.from_pretrained(tmp_path)
     assert df.config.solver_order == 3 and df.config.use_karras_sigmas

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.euler_ancestral_discrete import EulerAncestralDiscreteScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 DF = diffusers.EulerAncestralDiscreteScheduler
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -106,7 +106,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
     kd = EulerAncestralDiscreteScheduler(timestep_spacing="trailing", prediction_type="v_prediction", **SD)
     kd.save_pretrained(tmp_path)
     again = EulerAncestralDiscreteScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)
     assert df.config.timestep_spacing == "trailing" and df.config.prediction_type == "v_prediction"
     df.save_pretrained(tmp_path / "df")

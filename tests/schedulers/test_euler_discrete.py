@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.euler_discrete import EulerDiscreteScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 DF = diffusers.EulerDiscreteScheduler
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
@@ -132,7 +132,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
     kd = EulerDiscreteScheduler(use_karras_sigmas=True, sigma_min=0.1, final_sigmas_type="sigma_min", **SD)
     kd.save_pretrained(tmp_path)
     again = EulerDiscreteScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)  # diffusers loads what kdfast saved
     assert df.config.use_karras_sigmas and df.config.sigma_min == 0.1 and df.config.final_sigmas_type == "sigma_min"
     df.save_pretrained(tmp_path / "df")

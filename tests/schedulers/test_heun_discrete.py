@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.heun_discrete import HeunDiscreteScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 
 class DF(diffusers.HeunDiscreteScheduler):
@@ -106,7 +106,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
                                beta_schedule="scaled_linear")
     kd.save_pretrained(tmp_path)
     again = HeunDiscreteScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)
     assert df.config.use_karras_sigmas and df.config.clip_sample_range == 3.0
     df.save_pretrained(tmp_path / "df")

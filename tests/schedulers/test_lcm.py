@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.lcm import LCMScheduler
-from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop, settings
 
 DF = diffusers.LCMScheduler
 
@@ -115,7 +115,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
     kd = LCMScheduler(original_inference_steps=100, timestep_scaling=5.0, clip_sample=True, set_alpha_to_one=False)
     kd.save_pretrained(tmp_path)
     again = LCMScheduler.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)
     assert df.config.original_inference_steps == 100 and df.config.timestep_scaling == 5.0
     df.save_pretrained(tmp_path / "df")

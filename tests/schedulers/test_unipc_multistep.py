@@ -6,7 +6,7 @@ import torch
 
 from kdfast.schedulers.dpmsolver_multistep import DPMSolverMultistepScheduler
 from kdfast.schedulers.unipc_multistep import UniPCMultistepScheduler
-from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
+from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop, settings
 
 
 class DF(diffusers.UniPCMultistepScheduler):
@@ -253,7 +253,7 @@ def test_save_load_and_from_config_round_trip(tmp_path):
             final_sigmas_type="sigma_min", **SD)
     kd.save_pretrained(tmp_path)
     again = KD.from_pretrained(tmp_path)
-    assert dict(again.config) == dict(kd.config)
+    assert settings(again.config) == settings(kd.config)
     df = DF.from_pretrained(tmp_path)  # diffusers loads what kdfast saved
     assert df.config.solver_order == 3 and df.config.solver_type == "bh1" and list(df.config.disable_corrector) == [0, 1]
     df.save_pretrained(tmp_path / "df")

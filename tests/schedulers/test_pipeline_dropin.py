@@ -1,0 +1,70 @@
+"""kdfast schedulers in the places diffusers pipelines and their users put schedulers: configs
+passed from class to class, hand-edited timesteps, outputs read by key, saved pipelines."""
+import pytest
+import torch
+
+import kdfast.schedulers as K
+from parity import diffusers
+
+ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
+       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
+
+# scheduler_config.json of Stable Diffusion 1.x (PNDM, written by diffusers 0.6): no
+# timestep_spacing, no prediction_type.
+SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "beta_end": 0.012,
+             "beta_schedule": "scaled_linear", "beta_start": 0.00085, "num_train_timesteps": 1000,
+             "set_alpha_to_one": False, "skip_prk_steps": True, "steps_offset": 1, "trained_betas": None,
+             "clip_sample": False}
+SD_BETAS = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+
+
+def defaults_used(config) -> set:
+    return set(config.get("_use_default_values", []))
+
+
+def own_settings(cls, config) -> dict:
+    """The entries of ``config`` that are ``cls``'s constructor arguments."""
+    return {k: config[k] for k in cls._init_keys() if k in config}
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_keys_missing_from_a_loaded_config_take_the_new_class_defaults(name):
+    # The canonical swap on an SD 1.5 pipeline: diffusers' Euler gets its own 'linspace'
+    # spacing, not PNDM's 'leading' (the loaded config lists timestep_spacing as defaulted).
+    pndm = diffusers.PNDMScheduler.from_config(SD15_PNDM)
+    assert "timestep_spacing" in defaults_used(pndm.config)
+    df, kd = getattr(diffusers, name).from_config(pndm.config), getattr(K, name).from_config(pndm.config)
+    assert own_settings(type(kd), kd.config) == own_settings(type(kd), df.config)
+    assert defaults_used(kd.config) == defaults_used(df.config)
+    df.set_timesteps(10)
+    kd.set_timesteps(10)
+    assert torch.equal(kd.timesteps.double(), df.timesteps.double())
+
+
+@pytest.mark.parametrize("source", ["EulerDiscreteScheduler", "DPMSolverMultistepScheduler", "DDIMScheduler"])
+@pytest.mark.parametrize("target", ["DDIMScheduler", "LCMScheduler", "EulerAncestralDiscreteScheduler"])
+def test_kdfast_configs_record_the_defaults_they_used(source, target):
+    # A scheduler built in code, then converted: the arguments it was not given are its
+    # defaults, which the target class replaces by its own (in kdfast and in diffusers).
+    df_src, kd_src = getattr(diffusers, source)(**SD_BETAS), getattr(K, source)(**SD_BETAS)
+    assert defaults_used(kd_src.config) == defaults_used(df_src.config)
+    kd_cls = getattr(K, target)
+    expected = own_settings(kd_cls, getattr(diffusers, target).from_config(df_src.config).config)
+    assert own_settings(kd_cls, getattr(diffusers, target).from_config(kd_src.config).config) == expected
+    assert own_settings(kd_cls, kd_cls.from_config(kd_src.config).config) == expected
+
+
+def test_saved_configs_hold_every_key_and_no_default_list(tmp_path):
+    kd = K.EulerDiscreteScheduler(**SD_BETAS)
+    kd.save_pretrained(tmp_path)
+    loaded = K.EulerDiscreteScheduler.load_config(tmp_path)
+    assert "_use_default_values" not in loaded and loaded["timestep_spacing"] == "linspace"
+    # as diffusers: once saved, the class's defaults are the config's values
+    assert K.DDIMScheduler.from_pretrained(tmp_path).config.timestep_spacing == "linspace"
+    assert diffusers.DDIMScheduler.from_pretrained(tmp_path).config.timestep_spacing == "linspace"
+
+
+def test_positional_arguments_count_as_given():
+    kd = K.DDIMScheduler(1000, 0.00085, 0.012, "scaled_linear")
+    assert not {"beta_start", "beta_end", "beta_schedule"} & defaults_used(kd.config)
+    assert K.EulerDiscreteScheduler.from_config(kd.config).config.beta_schedule == "scaled_linear"
