@@ -108,15 +108,24 @@ class ConfigMixin:
         return init_dict, kwargs, hidden
 
     @classmethod
-    def from_config(cls, config: Optional[Dict[str, Any]] = None, **kwargs):
+    def from_config(cls, config: Optional[Dict[str, Any]] = None, return_unused_kwargs: bool = False, **kwargs):
         """Build from a config dict (a diffusers scheduler's ``config`` works as is).
 
-        Keys this scheduler does not take (other schedulers' options, ``_class_name``,
-        ``_diffusers_version``) are ignored, as diffusers does; ``kwargs`` override. Keys the
-        config lists in ``_use_default_values`` take this class's defaults, as in diffusers.
+        ``kwargs`` override the config. Keys the config lists in ``_use_default_values`` take
+        this class's defaults. Keys this scheduler does not take (other schedulers' options,
+        ``_diffusers_version``) stay in its config, unused, as diffusers keeps them: a scheduler
+        built later from this one's config gets them back. With ``return_unused_kwargs=True``,
+        returns ``(scheduler, unused)`` like diffusers: those keys and the ``kwargs`` not taken.
         """
-        init_dict, _, _ = cls.extract_init_dict(dict(config or {}), **kwargs)
-        return cls(**init_dict)
+        init_dict, unused, hidden = cls.extract_init_dict(dict(config or {}), **kwargs)
+        scheduler = cls(**init_dict)
+        if "_class_name" in hidden:
+            hidden["_class_name"] = cls._diffusers_name or cls.__name__
+        hidden.pop("_kdfast_class", None)  # written by to_json_string for the file, not a setting
+        scheduler.register_to_config(**hidden)
+        if return_unused_kwargs:
+            return scheduler, {**unused, **hidden}
+        return scheduler
 
     def to_json_string(self) -> str:
         # A scheduler held in the config (UniPC's solver_p) is an object, not a setting: saved as null.

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import kdfast.schedulers as K
-from parity import diffusers
+from parity import diffusers, settings
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
@@ -68,3 +68,43 @@ def test_positional_arguments_count_as_given():
     kd = K.DDIMScheduler(1000, 0.00085, 0.012, "scaled_linear")
     assert not {"beta_start", "beta_end", "beta_schedule"} & defaults_used(kd.config)
     assert K.EulerDiscreteScheduler.from_config(kd.config).config.beta_schedule == "scaled_linear"
+
+
+SD_DDIM = dict(SD_BETAS, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
+@pytest.mark.parametrize("via", ALL)
+def test_other_schedulers_keys_survive_a_round_trip(via):
+    # DDIM -> X -> DDIM keeps clip_sample / set_alpha_to_one (not X's arguments) in diffusers:
+    # X keeps them in its config, unused. kdfast does too, so any mix of the two gives the same.
+    start = diffusers.DDIMScheduler(**SD_DDIM)
+    reference = getattr(diffusers, via).from_config(start.config)
+    expected = settings(diffusers.DDIMScheduler.from_config(reference.config).config)
+    assert expected["clip_sample"] is False and expected["set_alpha_to_one"] is False
+    middle = getattr(K, via).from_config(start.config)
+    assert settings(middle.config) == settings(reference.config)
+    for last in (K.DDIMScheduler, diffusers.DDIMScheduler):
+        assert settings(last.from_config(middle.config).config) == expected
+    # what patch_pipeline saves: the diffusers class of the same config
+    stock = getattr(diffusers, via).from_config(middle.config)
+    assert settings(diffusers.DDIMScheduler.from_config(stock.config).config) == expected
+
+
+def test_kept_keys_are_saved_and_loaded(tmp_path):
+    euler = K.EulerDiscreteScheduler.from_config(diffusers.DDIMScheduler(**SD_DDIM).config)
+    euler.save_pretrained(tmp_path)
+    assert K.EulerDiscreteScheduler.load_config(tmp_path)["clip_sample"] is False
+    for cls in (K.DDIMScheduler, diffusers.DDIMScheduler):
+        assert cls.from_pretrained(tmp_path).config.set_alpha_to_one is False
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "DDIMScheduler", "LCMScheduler"])
+def test_from_config_returns_unused_kwargs_like_diffusers(name):
+    pndm = diffusers.PNDMScheduler.from_config(SD15_PNDM)
+    df, df_unused = getattr(diffusers, name).from_config(pndm.config, return_unused_kwargs=True, foo=3,
+                                                          timestep_spacing="trailing")
+    kd, kd_unused = getattr(K, name).from_config(pndm.config, return_unused_kwargs=True, foo=3,
+                                                 timestep_spacing="trailing")
+    assert isinstance(kd, getattr(K, name)) and kd.config.timestep_spacing == "trailing"
+    assert kd_unused == df_unused and kd_unused["foo"] == 3 and "skip_prk_steps" in kd_unused
+    assert dict(kd.config)["_class_name"] == name == dict(df.config)["_class_name"]
