@@ -75,6 +75,10 @@ class _StepTuple(tuple):
         yield self._output.pred_original_sample
 
 
+def _host_values(values) -> list:
+    return values.tolist() if hasattr(values, "tolist") else list(values)
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """One step as the kernel runs it: x0 conversion, the three outputs, and what to read."""
@@ -110,6 +114,20 @@ class CoefficientTable:
 
     def __contains__(self, key) -> bool:
         return key in self._rows
+
+
+def schedule_position(timestep, schedule: torch.Tensor) -> Optional[int]:
+    """The index of ``timestep`` in ``schedule`` when it is one of its elements (iterating a
+    tensor yields views into its storage, whose offset is the index), found without a host
+    sync; None for any other tensor or number."""
+    if (isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and isinstance(schedule, torch.Tensor)
+            and schedule.dim() == 1 and timestep.dtype == schedule.dtype and timestep.device == schedule.device
+            and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()):
+        offset, stride = timestep.storage_offset() - schedule.storage_offset(), max(1, schedule.stride(0))
+        # an element of another view of the same storage (the schedule before it was sliced) is not one
+        if offset % stride == 0 and 0 <= offset // stride < schedule.shape[0]:
+            return offset // stride
+    return None
 
 
 class FusedScheduler(ConfigMixin):
@@ -190,14 +208,14 @@ class FusedScheduler(ConfigMixin):
         number; otherwise the comparison reads the value back once.
         """
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        if isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and schedule is self.timesteps:
-            if (timestep.device == schedule.device and timestep.numel() == 1
-                    and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()):
-                return (timestep.storage_offset() - schedule.storage_offset()) // max(1, schedule.stride(0))
+        index = schedule_position(timestep, schedule)
+        if index is not None:
+            return index
         value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
-        matches = [i for i, t in enumerate(self._host_timesteps) if t == value]
+        host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
+        matches = [i for i, t in enumerate(host) if t == value]
         if not matches:
-            return len(self._host_timesteps) - 1
+            return len(host) - 1
         # For img2img the first step may be a duplicate; diffusers takes the second match.
         return matches[1] if len(matches) > 1 else matches[0]
 
@@ -206,6 +224,23 @@ class FusedScheduler(ConfigMixin):
             self._step_index = self.index_for_timestep(timestep)
         else:
             self._step_index = self._begin_index
+
+    @property
+    def timesteps(self) -> torch.Tensor:
+        """The schedule's timesteps. Pipelines and users may assign them (a slice of the schedule
+        for img2img or SDEdit, a custom schedule): the step then follows the new values."""
+        return self._timesteps
+
+    @timesteps.setter
+    def timesteps(self, timesteps) -> None:
+        # The step reads timestep values and the schedule's length from a host copy (no sync on
+        # the step path); an assigned schedule is read back here, once.
+        self._set_timesteps(timesteps)
+
+    def _set_timesteps(self, timesteps, host: Optional[Sequence[float]] = None) -> None:
+        """Adopt ``timesteps`` and its host copy (``host``: the same values, when already on the host)."""
+        self._timesteps = timesteps
+        self._set_host_timesteps(_host_values(timesteps) if host is None else host)
 
     def _set_host_timesteps(self, timesteps) -> None:
         self._host_timesteps = [float(t) for t in timesteps]
@@ -331,9 +366,8 @@ class MultistepScheduler(FusedScheduler):
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=np.float32)[::-1].copy())
-        self._set_host_timesteps(self.timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                         dtype=np.float32)[::-1].copy()))
         self._table = None
         self._reset_history()
 
@@ -367,8 +401,8 @@ class MultistepScheduler(FusedScheduler):
         """Adopt a new schedule (sigmas ending with the final sigma) and plan every step."""
         sigmas = np.asarray(sigmas).astype(np.float32)
         self.sigmas = torch.from_numpy(sigmas)
-        self.timesteps = torch.from_numpy(np.asarray(timesteps)).to(device=device, dtype=torch.int64)
-        self._set_host_timesteps(self.timesteps.tolist())
+        timesteps = torch.from_numpy(np.asarray(timesteps)).to(dtype=torch.int64)
+        self._set_timesteps(timesteps.to(device=device), timesteps.tolist())
         self.num_inference_steps = len(self._host_timesteps)
         self._reset_history()
         self._table = self._shared_table(lambda: CoefficientTable(self._plans([float(v) for v in sigmas])))

@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, SchedulerOutput, StepPlan
+from .base import FusedScheduler, SchedulerOutput, StepPlan, schedule_position
 from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
 
 
@@ -29,12 +29,10 @@ def _div(a: float, b: float) -> float:
 def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     """The integer value of ``timestep``, read without a host sync when it is an element of
     ``scheduler.timesteps`` (what pipelines pass)."""
-    ts = scheduler.timesteps
     if isinstance(timestep, torch.Tensor):
-        if (timestep.dim() == 0 and timestep.device == ts.device and ts.numel() > 0
-                and timestep.untyped_storage().data_ptr() == ts.untyped_storage().data_ptr()):
-            idx = (timestep.storage_offset() - ts.storage_offset()) // max(1, ts.stride(0))
-            return int(scheduler._host_timesteps[idx])
+        index = schedule_position(timestep, scheduler.timesteps)
+        if index is not None:
+            return int(scheduler._host_timesteps[index])
         if timestep.numel() != 1:
             raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
         timestep = timestep.item()
@@ -93,8 +91,7 @@ class DDIMScheduler(FusedScheduler):
         self._host_final = float(self.final_alpha_cumprod)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
-        self._set_host_timesteps(self.timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64)))
         self._step_index = None
         self._begin_index = None
         self._table = None
@@ -121,8 +118,7 @@ class DDIMScheduler(FusedScheduler):
             ratio = T / n
             timesteps = np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
         self.num_inference_steps = n
-        self.timesteps = torch.from_numpy(timesteps).to(device)
-        self._set_host_timesteps(timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
         self._table = self._shared_table(lambda: _GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()}))
 
     @staticmethod

@@ -47,9 +47,8 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
             floor_terminal=True)
         sigmas = train_sigmas(self.alphas_cumprod)
         self._set_sigmas(torch.from_numpy(np.concatenate([sigmas[::-1], [0.0]]).astype(np.float32)))
-        self.timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
-                                                      dtype=float)[::-1].copy())
-        self._set_host_timesteps(self.timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
+                                                         dtype=float)[::-1].copy()))
         self.num_inference_steps = None
         self.is_scale_input_called = False
         self._step_index = None
@@ -68,8 +67,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         train = train_sigmas(self.alphas_cumprod)
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
         self._set_sigmas(torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)))
-        self.timesteps = torch.from_numpy(timesteps).to(device=device)
-        self._set_host_timesteps(timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(timesteps).to(device=device), timesteps.tolist())
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None

@@ -202,8 +202,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         timesteps = torch.from_numpy(np.linspace(0, num_train_timesteps - 1, num_train_timesteps,
                                                  dtype=float)[::-1].copy()).to(torch.float32)
         self._set_sigmas(torch.cat([sigmas, torch.zeros(1)]))
-        self.timesteps = self._continuous_timesteps(self.sigmas) if self._continuous else timesteps
-        self._set_host_timesteps(self.timesteps.tolist())
+        self._set_timesteps(self._continuous_timesteps(self.sigmas) if self._continuous else timesteps)
         self.num_inference_steps = None
         self.is_scale_input_called = False
         self.use_karras_sigmas = use_karras_sigmas
@@ -270,10 +269,10 @@ class EulerDiscreteScheduler(_SigmaScheduler):
 
         self._set_sigmas(torch.from_numpy(sigmas))
         if self._continuous:
-            self.timesteps = self._continuous_timesteps(self.sigmas).to(device=device)
+            host = self._continuous_timesteps(self.sigmas)
         else:
-            self.timesteps = torch.from_numpy(timesteps.astype(np.float32)).to(device=device)
-        self._set_host_timesteps(self.timesteps.cpu().tolist())
+            host = torch.from_numpy(timesteps.astype(np.float32))
+        self._set_timesteps(host.to(device=device), host.tolist())
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None

@@ -101,8 +101,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         self._set_sigmas(torch.cat([sigmas[:1], sigmas[1:-1].repeat_interleave(2), sigmas[-1:]]))
         timesteps = torch.from_numpy(timesteps)
         timesteps = torch.cat([timesteps[:1], timesteps[1:].repeat_interleave(2)]).to(torch.float32)
-        self.timesteps = timesteps.to(device=device)
-        self._set_host_timesteps(timesteps.tolist())
+        self._set_timesteps(timesteps.to(device=device), timesteps.tolist())
         self.num_inference_steps = n
         self.prev_derivative = None
         self.dt = None
@@ -113,7 +112,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
     def _build_table(self) -> CoefficientTable:
         plans = {}
-        for k in range(len(self._host_timesteps)):
+        for k in range(len(self._host_sigmas) - 1):  # one per timestep, whatever timesteps were assigned since
             plans[(k, 1)] = self._plan_predictor(k)
             corrector = self._plan_corrector(k)
             if corrector is not None:

@@ -83,8 +83,7 @@ class LCMScheduler(FusedScheduler):
         self._host_final = float(self.final_alpha_cumprod)
         self.init_noise_sigma = 1.0
         self.num_inference_steps = None
-        self.timesteps = torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64))
-        self._set_host_timesteps(self.timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy().astype(np.int64)))
         self.custom_timesteps = False
         self.sigma_data = SIGMA_DATA
         self._step_index = None
@@ -157,12 +156,11 @@ class LCMScheduler(FusedScheduler):
             idx = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
             timesteps = origin[idx]
 
-        self.timesteps = torch.from_numpy(timesteps).to(device=device, dtype=torch.long)
-        self._set_host_timesteps(timesteps.tolist())
+        self._set_timesteps(torch.from_numpy(timesteps).to(device=device, dtype=torch.long), timesteps.tolist())
         self._step_index = None
         self._begin_index = None
         self._table = self._shared_table(
-            lambda: _GrowingTable({(i, int(t)): self._plan(i, int(t)) for i, t in enumerate(timesteps.tolist())}))
+            lambda: _GrowingTable({key: self._plan(*key) for key in map(self._key, range(len(timesteps)))}))
 
     def get_scalings_for_boundary_condition_discrete(self, timestep) -> Tuple[float, float]:
         """(c_skip, c_out) of the consistency-model boundary condition at ``timestep``."""
@@ -171,10 +169,17 @@ class LCMScheduler(FusedScheduler):
         c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
         return c_skip, c_out
 
-    def _plan(self, i: int, t: int) -> StepPlan:
+    def _key(self, i: int, t: Optional[int] = None) -> Tuple[int, int, bool]:
+        """What step ``i`` at timestep ``t`` (by default the schedule's) depends on: ``t``, the
+        next timestep of the schedule (``t`` itself after the last) and whether it is the last
+        step. Not ``i`` itself: the schedule may be assigned anew between steps."""
+        host = self._host_timesteps
+        t = int(host[i]) if t is None else t
+        prev_t = int(host[i + 1]) if i + 1 < len(host) else t
+        return t, prev_t, i == self.num_inference_steps - 1
+
+    def _plan(self, t: int, prev_t: int, last: bool) -> StepPlan:
         cfg = self.config
-        n = len(self._host_timesteps)
-        prev_t = int(self._host_timesteps[i + 1]) if i + 1 < n else t
         a_t = self._host_alphas_cumprod[t]
         a_prev = self._host_alphas_cumprod[prev_t] if prev_t >= 0 else self._host_final
         sa, sb = math.sqrt(a_t), math.sqrt(1.0 - a_t)
@@ -186,7 +191,7 @@ class LCMScheduler(FusedScheduler):
             x0 = (sa, -sb)
         c_skip, c_out = self.get_scalings_for_boundary_condition_discrete(t)
         denoised = c_out * X0 + c_skip * X
-        if i == self.num_inference_steps - 1:  # the last step returns the denoised sample itself
+        if last:  # the last step returns the denoised sample itself
             return StepPlan(x0=x0, sample=denoised)
         return StepPlan(x0=x0, sample=math.sqrt(a_prev) * denoised + math.sqrt(1.0 - a_prev) * NOISE,
                         history=denoised)
@@ -215,7 +220,8 @@ class LCMScheduler(FusedScheduler):
         T = self.config.num_train_timesteps
         if not -T <= t < T:
             raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
-        key = self._table.ensure((i, t), lambda: self._plan(i, t))
+        key = self._key(i, t)
+        self._table.ensure(key, lambda: self._plan(*key))
         plan = self._table.plans[key]
         noise = None
         if plan.history is not None:

@@ -1,10 +1,12 @@
 """kdfast schedulers in the places diffusers pipelines and their users put schedulers: configs
 passed from class to class, hand-edited timesteps, outputs read by key, saved pipelines."""
+import contextlib
+
 import pytest
 import torch
 
 import kdfast.schedulers as K
-from parity import diffusers, settings
+from parity import diffusers, dummy_model, initial_sample, parity_error, settings
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
@@ -108,3 +110,66 @@ def test_from_config_returns_unused_kwargs_like_diffusers(name):
     assert isinstance(kd, getattr(K, name)) and kd.config.timestep_spacing == "trailing"
     assert kd_unused == df_unused and kd_unused["foo"] == 3 and "skip_prk_steps" in kd_unused
     assert dict(kd.config)["_class_name"] == name == dict(df.config)["_class_name"]
+
+
+NOISY = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+         "LCMScheduler")
+ASSIGNED = {
+    "slice": lambda ts: ts[4:],  # SDEdit-style: start part-way down the schedule
+    "strided": lambda ts: ts[::2],
+    "custom": lambda ts: ts[[0, 2, 5, 8]].clone(),  # a fresh tensor (DDIM's set_timesteps takes no timesteps=)
+}
+
+
+def loop_over_assigned(scheduler, name, assign, step_guard=contextlib.nullcontext):
+    scheduler.set_timesteps(10)
+    scheduler.timesteps = assign(scheduler.timesteps)
+    x = initial_sample() * scheduler.init_noise_sigma
+    gen = torch.Generator().manual_seed(0)
+    for t in scheduler.timesteps:
+        m = dummy_model(scheduler.scale_model_input(x, t), t)
+        kwargs = dict(generator=gen) if name in NOISY else {}
+        with step_guard():
+            x = scheduler.step(m, t, x, **kwargs).prev_sample
+    return x
+
+
+@pytest.mark.parametrize("how", sorted(ASSIGNED))
+@pytest.mark.parametrize("name", ALL)
+def test_assigned_timesteps_are_followed_like_diffusers(name, how):
+    # DDIM and LCM read each timestep's value; the multistep schedulers end with lower orders
+    # by the schedule's length: both must come from the assigned schedule, not the one set before.
+    config = dict(SD_DDIM, timestep_spacing="leading")
+    expected = loop_over_assigned(getattr(diffusers, name).from_config(config), name, ASSIGNED[how])
+    got = loop_over_assigned(getattr(K, name).from_config(config), name, ASSIGNED[how])
+    assert parity_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler"])
+def test_steps_over_assigned_timesteps_read_nothing_back(name, monkeypatch):
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read on the step path")
+
+    @contextlib.contextmanager
+    def no_reads():
+        for attr in ("item", "tolist", "__float__", "__int__"):
+            monkeypatch.setattr(torch.Tensor, attr, forbidden)
+        yield
+        monkeypatch.undo()
+
+    kd = getattr(K, name).from_config(SD_DDIM)
+    x = loop_over_assigned(kd, name, ASSIGNED["custom"], no_reads)
+    df = getattr(diffusers, name).from_config(SD_DDIM)
+    assert parity_error(x, loop_over_assigned(df, name, ASSIGNED["custom"])) < 1e-5
+
+
+def test_an_element_of_the_schedule_before_it_was_sliced_is_read_by_value():
+    kd, df = K.DDIMScheduler.from_config(SD_DDIM), diffusers.DDIMScheduler.from_config(SD_DDIM)
+    x = initial_sample()
+    for s in (kd, df):
+        s.set_timesteps(10)
+    full = kd.timesteps
+    kd.timesteps, df.timesteps = full[4:], df.timesteps[4:]
+    t = full[2]  # not an element of the new schedule: its value, not its position, counts
+    m = dummy_model(x, t)
+    assert parity_error(kd.step(m, t, x).prev_sample, df.step(m, df.timesteps[0] * 0 + t, x).prev_sample) < 1e-6
