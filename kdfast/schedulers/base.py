@@ -18,9 +18,49 @@ import numpy as np
 from ._schedule import noise_schedule, randn_like_diffusers
 
 
-class SchedulerOutput:
-    """Like diffusers' SchedulerOutput: ``.prev_sample``, ``.pred_original_sample``, ``out[0]``
-    and ``to_tuple()``.
+class OutputFields:
+    """The dict side of diffusers' step outputs (``BaseOutput`` is an OrderedDict): ``out["prev_sample"]``,
+    ``keys()``, ``values()``, ``items()``, ``in``, ``len()`` and iteration over the keys, whose
+    entries are the fields that are not None; integers and slices index ``to_tuple()``."""
+
+    __slots__ = ()
+    _fields: Tuple[str, ...] = ()
+
+    def _has(self, name: str) -> bool:
+        return getattr(self, name) is not None
+
+    def keys(self) -> List[str]:
+        return [k for k in self._fields if self._has(k)]
+
+    def values(self) -> list:
+        return [getattr(self, k) for k in self.keys()]
+
+    def items(self) -> list:
+        return [(k, getattr(self, k)) for k in self.keys()]
+
+    def __iter__(self):
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def __contains__(self, key) -> bool:
+        return key in self.keys()
+
+    def __getitem__(self, key):
+        if isinstance(key, str):
+            if key not in self._fields or not self._has(key):
+                raise KeyError(key)
+            return getattr(self, key)
+        return self.to_tuple()[key]
+
+    def to_tuple(self) -> tuple:
+        raise NotImplementedError
+
+
+class SchedulerOutput(OutputFields):
+    """Like diffusers' SchedulerOutput: ``.prev_sample``, ``.pred_original_sample``, ``out[0]``,
+    ``out["prev_sample"]`` (and the rest of :class:`OutputFields`) and ``to_tuple()``.
 
     Writing x0 costs the fused step one more pass over the latent, which pipelines rarely
     read; so schedulers whose diffusers twin returns it give it lazily (``make_x0``): computed
@@ -29,6 +69,7 @@ class SchedulerOutput:
     """
 
     __slots__ = ("prev_sample", "_x0", "_make_x0")
+    _fields = ("prev_sample", "pred_original_sample")
 
     def __init__(self, prev_sample: torch.Tensor, pred_original_sample: Optional[torch.Tensor] = None,
                  make_x0: Optional[Callable[[], torch.Tensor]] = None):
@@ -42,13 +83,15 @@ class SchedulerOutput:
             self._x0, self._make_x0 = self._make_x0(), None
         return self._x0
 
+    def _has(self, name: str) -> bool:
+        if name == "pred_original_sample":  # without computing it
+            return self._x0 is not None or self._make_x0 is not None
+        return getattr(self, name) is not None
+
     def to_tuple(self) -> Tuple[torch.Tensor, ...]:
         if self._x0 is None and self._make_x0 is None:
             return (self.prev_sample,)
         return _StepTuple(self)
-
-    def __getitem__(self, i):
-        return self.to_tuple()[i]
 
     def __repr__(self) -> str:
         return f"SchedulerOutput(prev_sample={self.prev_sample!r})"

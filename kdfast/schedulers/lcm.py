@@ -12,7 +12,7 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, StepPlan
+from .base import FusedScheduler, OutputFields, StepPlan
 from .ddim import timestep_value
 from .euler_discrete import _GrowingTable
 
@@ -22,17 +22,17 @@ SIGMA_DATA = 0.5
 
 
 @dataclass
-class LCMSchedulerOutput:
-    """Like diffusers' LCMSchedulerOutput: ``.prev_sample``, ``.denoised``, ``out[i]``, ``to_tuple()``."""
+class LCMSchedulerOutput(OutputFields):
+    """Like diffusers' LCMSchedulerOutput: ``.prev_sample``, ``.denoised``, ``out[i]``,
+    ``out["denoised"]`` (and the rest of :class:`OutputFields`), ``to_tuple()``."""
+
+    _fields = ("prev_sample", "denoised")
 
     prev_sample: torch.Tensor
     denoised: Optional[torch.Tensor] = None
 
     def to_tuple(self) -> Tuple[torch.Tensor, ...]:
         return tuple(v for v in (self.prev_sample, self.denoised) if v is not None)
-
-    def __getitem__(self, i):
-        return self.to_tuple()[i]
 
 
 class LCMScheduler(FusedScheduler):

@@ -173,3 +173,34 @@ def test_an_element_of_the_schedule_before_it_was_sliced_is_read_by_value():
     t = full[2]  # not an element of the new schedule: its value, not its position, counts
     m = dummy_model(x, t)
     assert parity_error(kd.step(m, t, x).prev_sample, df.step(m, df.timesteps[0] * 0 + t, x).prev_sample) < 1e-6
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_step_outputs_read_by_key_like_diffusers(name, monkeypatch):
+    # diffusers' outputs are dicts (BaseOutput); BlipDiffusionControlNetPipeline reads
+    # step(...)["prev_sample"]. Keys are the fields that are not None; x0 stays lazy.
+    from kdfast.schedulers import base
+
+    calls = []
+    real = base.fused_step
+    monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a) or real(*a))
+    df, kd = getattr(diffusers, name).from_config(SD_DDIM), getattr(K, name).from_config(SD_DDIM)
+    x = initial_sample()
+    outs = []
+    for s in (df, kd):
+        s.set_timesteps(4)
+        t = s.timesteps[0]
+        kwargs = dict(generator=torch.Generator().manual_seed(0)) if name in NOISY else {}
+        outs.append(s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs))
+    expected, got = outs
+    assert got.keys() == list(expected.keys()) and list(got) == list(expected) and len(got) == len(expected)
+    assert "prev_sample" in got and "sample" not in got
+    assert got["prev_sample"] is got.prev_sample is got[0]
+    assert len(calls) == 1  # none of that computed a lazy x0
+    with pytest.raises(KeyError):
+        got["sample"]
+    for key in expected.keys():
+        assert parity_error(got[key], expected[key]) < 1e-5
+    assert [k for k, _ in got.items()] == list(expected.keys()) and len(got.values()) == len(expected)
+    for a, b in zip(got.to_tuple(), expected.to_tuple()):
+        assert parity_error(a, b) < 1e-5
