@@ -1,6 +1,8 @@
 """Turning diffusers schedulers and pipelines into their kdfast equivalents."""
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Dict, Type
 
 from .base import FusedScheduler
@@ -42,38 +44,54 @@ def patch_pipeline(pipe):
     pipelines still combine classifier-free guidance themselves before calling ``step``; to
     fuse guidance as well, write the loop with ``scheduler.step_cfg`` or use ``kdfast.sample``.
     ``pipe.save_pretrained`` still writes a stock diffusers pipeline (the scheduler as the
-    diffusers class of the same config).
+    diffusers class of the same config). So do the pipelines made from it (``from_pipe``,
+    ``copy.deepcopy``) and, from then on, any diffusers pipeline given a kdfast scheduler:
+    kdfast wraps ``DiffusionPipeline.save_pretrained`` (pipelines without one save as before).
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler to patch")
     pipe.scheduler = from_diffusers(pipe.scheduler)
-    if hasattr(pipe, "save_pretrained") and not getattr(pipe, "_kdfast_saves_stock", False):
-        _save_with_stock_scheduler(pipe)
+    diffusers = sys.modules.get("diffusers")  # a diffusers pipeline means diffusers is imported
+    if diffusers is not None and isinstance(pipe, diffusers.DiffusionPipeline):
+        _save_kdfast_schedulers_as_stock(diffusers.DiffusionPipeline)
     return pipe
 
 
-def _save_with_stock_scheduler(pipe) -> None:
-    """Make ``pipe.save_pretrained`` write the scheduler as the diffusers class it replaces.
+def _save_kdfast_schedulers_as_stock(pipeline_cls) -> None:
+    """Make ``pipeline_cls.save_pretrained`` write each kdfast scheduler of a pipeline as the
+    diffusers class it replaces.
 
     diffusers saves only components derived from its own base classes, so a pipeline holding a
-    kdfast scheduler would be saved without one and fail to load. The configs are the same, so
-    the saved pipeline is the stock diffusers pipeline: load it as usual, patch it again.
+    kdfast scheduler would be saved without one (``"scheduler": [null, null]``) and fail to
+    load. The configs are the same, so the saved pipeline is the stock diffusers pipeline: load
+    it as usual, patch it again. The change is to the class, not to one pipeline: pipelines made
+    from a patched one by ``from_pipe`` (a new pipeline sharing the scheduler) or ``deepcopy``
+    save the same way. Pipelines without a kdfast scheduler save exactly as before.
     """
-    save = pipe.save_pretrained
+    save = pipeline_cls.save_pretrained
+    if getattr(save, "_kdfast_saves_stock", False):
+        return
 
-    def save_pretrained(*args, **kwargs):
-        fused = pipe.scheduler
-        if not isinstance(fused, FusedScheduler):
-            return save(*args, **kwargs)
+    @functools.wraps(save)
+    def save_pretrained(self, *args, **kwargs):
+        fused = {name: module for name, module in vars(self).items()
+                 if isinstance(module, FusedScheduler) and name in self.config}
+        if not fused:
+            return save(self, *args, **kwargs)
         import diffusers
 
-        name = type(fused)._diffusers_name or type(fused).__name__
-        pipe.scheduler = getattr(diffusers, name).from_config(fused.config)
+        entries = {name: self.config[name] for name in fused}
         try:
-            return save(*args, **kwargs)
+            for name, scheduler in fused.items():
+                stock = getattr(diffusers, type(scheduler)._diffusers_name or type(scheduler).__name__)
+                setattr(self, name, stock.from_config(scheduler.config))
+                # (diffusers keeps an entry a failed save left at [null, null]; set it outright)
+                self.register_to_config(**{name: ("diffusers", stock.__name__)})
+            return save(self, *args, **kwargs)
         finally:
-            pipe.scheduler = fused
+            for name, scheduler in fused.items():
+                setattr(self, name, scheduler)
+                self.register_to_config(**{name: entries[name]})
 
-    save_pretrained.__doc__ = save.__doc__
-    pipe.save_pretrained = save_pretrained
-    pipe._kdfast_saves_stock = True
+    save_pretrained._kdfast_saves_stock = True  # type: ignore[attr-defined]
+    pipeline_cls.save_pretrained = save_pretrained

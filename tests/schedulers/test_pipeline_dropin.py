@@ -204,3 +204,47 @@ def test_step_outputs_read_by_key_like_diffusers(name, monkeypatch):
     assert [k for k, _ in got.items()] == list(expected.keys()) and len(got.values()) == len(expected)
     for a, b in zip(got.to_tuple(), expected.to_tuple()):
         assert parity_error(a, b) < 1e-5
+
+
+def tiny_ddim_pipeline():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 8),
+                                 layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
+                                 up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4)
+    pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(**SD_DDIM))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def saved_scheduler(path):
+    import json
+
+    entry = json.loads((path / "model_index.json").read_text())["scheduler"]
+    return entry, json.loads((path / "scheduler" / "scheduler_config.json").read_text())
+
+
+def test_pipelines_made_from_a_patched_one_save_as_stock_pipelines(tmp_path):
+    pipe = K.patch_pipeline(tiny_ddim_pipeline())
+    derived = diffusers.DDPMPipeline.from_pipe(pipe)  # a new pipeline sharing the kdfast scheduler
+    assert derived.scheduler is pipe.scheduler
+    derived.save_pretrained(tmp_path)
+    entry, config = saved_scheduler(tmp_path)
+    assert entry == ["diffusers", "DDIMScheduler"] and config["set_alpha_to_one"] is False
+    loaded = diffusers.DDPMPipeline.from_pretrained(tmp_path)
+    assert type(loaded.scheduler) is diffusers.DDIMScheduler
+    assert settings(loaded.scheduler.config) == settings(diffusers.DDIMScheduler(**SD_DDIM).config)
+    # the derived pipeline is unchanged by saving
+    assert derived.scheduler is pipe.scheduler and derived.config["scheduler"][0].startswith("kdfast")
+
+
+def test_a_copy_of_a_patched_pipeline_saves_its_own_scheduler(tmp_path):
+    import copy
+
+    pipe = K.patch_pipeline(tiny_ddim_pipeline())
+    twin = copy.deepcopy(pipe)
+    twin.scheduler = K.DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")
+    twin.save_pretrained(tmp_path / "twin")
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert saved_scheduler(tmp_path / "twin")[1]["timestep_spacing"] == "trailing"
+    assert saved_scheduler(tmp_path / "pipe")[1]["timestep_spacing"] == "leading"
+    assert isinstance(twin.scheduler, K.DDIMScheduler) and twin.scheduler.config.timestep_spacing == "trailing"
