@@ -22,6 +22,16 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
 
 
+def check_flow_sigma_spacing(config, spacings: Sequence[str]) -> None:
+    """Refuse ``use_flow_sigmas`` with one of ``spacings`` (Karras, exponential, ... sigmas): the
+    diffusers class spaces those on the training noise schedule (sigmas up to ~150), then reads
+    them as flow sigmas, where alpha = 1 - sigma < 0: every step is NaN."""
+    chosen = [name for name in spacings if config[name]]
+    if config.use_flow_sigmas and chosen:
+        raise ValueError(f"use_flow_sigmas=True cannot be combined with {chosen[0]}=True: those sigmas are "
+                         "spaced on the training noise schedule, not as flow sigmas (diffusers' steps are all NaN)")
+
+
 def betas_for_alpha_bar(num_steps: int, max_beta: float = 0.999) -> torch.Tensor:
     """Cosine schedule (``squaredcos_cap_v2``) of Nichol & Dhariwal."""
 

@@ -214,13 +214,22 @@ class FusedScheduler(ConfigMixin):
             cache.move_to_end(key)
         return table
 
-    @property
-    def compatibles(self):
-        return list(self._compatibles)
+    has_compatibles = True  # diffusers' schedulers all say so, LCM (whose list is empty) included
 
     @property
-    def has_compatibles(self) -> bool:
-        return bool(self._compatibles)
+    def compatibles(self) -> list:
+        """The scheduler classes that take this one's config (``[cls.from_config(s.config) for cls in
+        s.compatibles]``), its own included, as diffusers lists them: diffusers' classes when
+        diffusers is installed, else kdfast's."""
+        names = list(dict.fromkeys([self._diffusers_name or type(self).__name__, *self._compatibles]))
+        try:
+            import diffusers
+        except ImportError:
+            from .convert import _registry
+
+            registry = _registry()
+            return [registry[n] for n in names if n in registry]
+        return [getattr(diffusers, n) for n in names if hasattr(diffusers, n)]
 
     # ---------------------------------------------------------------- step index
 

@@ -9,9 +9,9 @@ import torch
 
 from ._config import register_to_config
 from ._linear import H0, H1, X, X0
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t, spaced_timesteps,
-                        x0_coefficients)
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas, check_choice,
+                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t,
+                        spaced_timesteps, x0_coefficients)
 from .base import MultistepScheduler, SchedulerOutput, StepPlan
 
 
@@ -81,6 +81,7 @@ class DEISMultistepScheduler(MultistepScheduler):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        check_flow_sigma_spacing(self.config, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if solver_order not in (1, 2, 3):

@@ -8,11 +8,12 @@ import numpy as np
 import torch
 
 from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, karras_sigmas, log_snr, lu_lambdas, sigma_range,
-                        sigma_to_t, spaced_timesteps, x0_coefficients)
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas, check_choice,
+                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, log_snr, lu_lambdas,
+                        sigma_range, sigma_to_t, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
 from .base import MultistepScheduler, SchedulerOutput, StepPlan
+from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 
@@ -26,9 +27,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
     """
 
     _diffusers_name = "DPMSolverMultistepScheduler"
-    _compatibles = ("DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler",
-                    "HeunDiscreteScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
-                    "PNDMScheduler", "LMSDiscreteScheduler", "DPMSolverSinglestepScheduler")
+    _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
     def __init__(
@@ -75,6 +74,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
+        check_flow_sigma_spacing(self.config, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                                               "use_lu_lambdas"))
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
         if solver_order not in (1, 2, 3):
@@ -270,6 +271,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             order = 2
         else:
             order = 3
+        if (i, order) not in self._table:
+            raise ValueError(f"no finite DPM-Solver update of order {order} at step {i} "
+                             f"(sigma {float(self.sigmas[i])} to {float(self.sigmas[i + 1])})")
         history = self.model_outputs[:-order:-1]  # the newest order - 1 entries, newest first
         if len(history) < order - 1:
             raise ValueError("model_outputs is missing entries this step needs")

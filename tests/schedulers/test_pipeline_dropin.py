@@ -248,3 +248,54 @@ def test_a_copy_of_a_patched_pipeline_saves_its_own_scheduler(tmp_path):
     assert saved_scheduler(tmp_path / "twin")[1]["timestep_spacing"] == "trailing"
     assert saved_scheduler(tmp_path / "pipe")[1]["timestep_spacing"] == "leading"
     assert isinstance(twin.scheduler, K.DDIMScheduler) and twin.scheduler.config.timestep_spacing == "trailing"
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_compatibles_are_classes_that_take_the_config(name, monkeypatch):
+    df, kd = getattr(diffusers, name).from_config(SD_DDIM), getattr(K, name).from_config(SD_DDIM)
+    assert kd.has_compatibles is True and df.has_compatibles is True
+    assert set(kd.compatibles) == set(df.compatibles) and getattr(diffusers, name) in kd.compatibles
+    # without diffusers: kdfast's own classes, the scheduler's included
+    monkeypatch.setitem(__import__("sys").modules, "diffusers", None)
+    assert getattr(K, name) in kd.compatibles
+    assert all(cls.__module__.startswith("kdfast.") for cls in kd.compatibles)
+    alternatives = [cls.from_config(kd.config) for cls in kd.compatibles]  # diffusers' idiom
+    assert name in {type(s).__name__ for s in alternatives}
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 noise of diffusers' KDPM2 schedulers
+def test_diffusers_compatibles_take_a_kdfast_config():
+    kd = K.DPMSolverMultistepScheduler.from_config(SD_DDIM)
+    alternatives = [cls.from_config(kd.config) for cls in kd.compatibles]
+    assert len(alternatives) == len(diffusers.DPMSolverMultistepScheduler.from_config(SD_DDIM).compatibles)
+    assert diffusers.DPMSolverMultistepScheduler in {type(s) for s in alternatives}
+
+
+WAN_FLOW = dict(beta_schedule="linear", prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
+                timestep_spacing="linspace")
+
+
+@pytest.mark.parametrize("name, option", [
+    ("DPMSolverMultistepScheduler", "use_karras_sigmas"), ("DPMSolverMultistepScheduler", "use_lu_lambdas"),
+    ("DPMSolverMultistepScheduler", "use_exponential_sigmas"), ("DEISMultistepScheduler", "use_karras_sigmas"),
+    ("DEISMultistepScheduler", "use_beta_sigmas"),
+])
+def test_flow_sigmas_with_a_training_schedule_spacing_are_refused_by_name(name, option):
+    # diffusers spaces these sigmas on the training schedule and reads them as flow sigmas:
+    # every step is NaN. kdfast says so up front instead of failing in the step.
+    df = getattr(diffusers, name).from_config(WAN_FLOW, **{option: True})
+    df.set_timesteps(4)
+    x = initial_sample()
+    x = df.step(dummy_model(x, df.timesteps[0]), df.timesteps[0], x).prev_sample
+    assert not torch.isfinite(x).all()
+    with pytest.raises(ValueError, match=f"use_flow_sigmas=True cannot be combined with {option}=True"):
+        getattr(K, name).from_config(WAN_FLOW, **{option: True})
+
+
+def test_a_dpm_step_without_a_finite_update_is_a_value_error():
+    kd = K.DPMSolverMultistepScheduler()
+    kd.set_timesteps(4)
+    kd._table = K.base.CoefficientTable({k: p for k, p in kd._table.plans.items() if k != (0, 1)})
+    x = initial_sample()
+    with pytest.raises(ValueError, match="no finite DPM-Solver update of order 1 at step 0"):
+        kd.step(dummy_model(x, kd.timesteps[0]), kd.timesteps[0], x)
