@@ -299,3 +299,14 @@ def test_a_dpm_step_without_a_finite_update_is_a_value_error():
     x = initial_sample()
     with pytest.raises(ValueError, match="no finite DPM-Solver update of order 1 at step 0"):
         kd.step(dummy_model(x, kd.timesteps[0]), kd.timesteps[0], x)
+
+
+def test_from_pretrained_with_a_kdfast_scheduler_is_refused_as_the_readme_says(tmp_path):
+    # diffusers checks issubclass(type(scheduler), SchedulerMixin), which a kdfast scheduler is
+    # not (diffusers stays optional); the README says so and gives the way that works.
+    tiny_ddim_pipeline().save_pretrained(tmp_path)
+    kd = K.DDIMScheduler.from_pretrained(tmp_path, subfolder="scheduler")
+    with pytest.raises(ValueError, match="SchedulerMixin"):
+        diffusers.DDIMPipeline.from_pretrained(tmp_path, scheduler=kd)
+    pipe = K.patch_pipeline(diffusers.DDIMPipeline.from_pretrained(tmp_path))
+    assert type(pipe.scheduler) is K.DDIMScheduler and settings(pipe.scheduler.config) == settings(kd.config)
