@@ -16,6 +16,8 @@
 // out_0 is the new sample, out_1 the new history entry (what a multistep solver keeps, in
 // the history dtype), out_2 an auxiliary sample (UniPC's corrected sample, Heun's stage).
 #pragma once
+#include <cmath>
+
 #include "../common/kd_common.h"
 
 namespace kdfast {
@@ -58,6 +60,32 @@ struct ThresholdParams {
   int num_threads = 1;
   void* stream = nullptr;
 };
+
+// Where the ``q`` quantile of ``n`` sorted values lies: between element ``lo`` and ``hi`` at
+// ``frac``. float32 like torch.quantile up to 2^24 values (the most it takes), so the two agree
+// bit for bit; above, n - 1 is no longer exact in float32 (q = 1 could land past the end),
+// so the position is computed in double. lo and hi are clamped to [0, n - 1].
+struct QuantilePosition {
+  int64_t lo, hi;
+  float frac;
+};
+
+KD_HD QuantilePosition quantile_position(float q, int64_t n) {
+  QuantilePosition r;
+  if (n <= (int64_t(1) << 24)) {
+    const float pos = q * float(n - 1);
+    r.lo = int64_t(floorf(pos));
+    r.frac = pos - float(r.lo);
+  } else {
+    const double pos = double(q) * double(n - 1);
+    r.lo = int64_t(floor(pos));
+    r.frac = float(pos - double(r.lo));
+  }
+  if (r.lo > n - 1) r.lo = n - 1;
+  if (r.lo < 0) r.lo = 0;
+  r.hi = r.lo + 1 < n ? r.lo + 1 : r.lo;
+  return r;
+}
 
 KD_HD float guided(float model, float cond, bool has_cond, float scale) {
   return has_cond ? model + scale * (cond - model) : model;

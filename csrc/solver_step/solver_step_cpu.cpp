@@ -104,14 +104,11 @@ int solver_step_cpu(const Params& p) {
 static float quantile_inplace(std::vector<float>& v, float q) {
   for (const float x : v)
     if (x != x) return NAN;
-  const int64_t n = int64_t(v.size());
-  const float pos = q * float(n - 1);
-  const int64_t lo = int64_t(std::floor(pos));
-  const int64_t hi = std::min<int64_t>(lo + 1, n - 1);
-  std::nth_element(v.begin(), v.begin() + lo, v.end());
-  const float vlo = v[lo];
-  const float vhi = hi == lo ? vlo : *std::min_element(v.begin() + lo + 1, v.end());
-  return vlo + (pos - float(lo)) * (vhi - vlo);
+  const QuantilePosition at = quantile_position(q, int64_t(v.size()));
+  std::nth_element(v.begin(), v.begin() + at.lo, v.end());
+  const float vlo = v[at.lo];
+  const float vhi = at.hi == at.lo ? vlo : *std::min_element(v.begin() + at.lo + 1, v.end());
+  return vlo + at.frac * (vhi - vlo);
 }
 
 int threshold_scale_cpu(const ThresholdParams& p) {

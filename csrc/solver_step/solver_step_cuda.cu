@@ -80,13 +80,11 @@ __global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const Thresho
   __shared__ unsigned shared_prefix;
   __shared__ long long shared_k;
   const int64_t b = blockIdx.x;
-  const float pos = p.ratio * float(p.inner - 1);
-  const int64_t lo = int64_t(floorf(pos));
-  const int64_t hi = lo + 1 < p.inner ? lo + 1 : lo;
-  const float vlo = radix_select(p, b, lo, hist, &shared_prefix, &shared_k);
-  const float vhi = hi == lo ? vlo : radix_select(p, b, hi, hist, &shared_prefix, &shared_k);
+  const QuantilePosition at = quantile_position(p.ratio, p.inner);
+  const float vlo = radix_select(p, b, at.lo, hist, &shared_prefix, &shared_k);
+  const float vhi = at.hi == at.lo ? vlo : radix_select(p, b, at.hi, hist, &shared_prefix, &shared_k);
   if (threadIdx.x == 0) {
-    const float s = vlo + (pos - float(lo)) * (vhi - vlo);
+    const float s = vlo + at.frac * (vhi - vlo);
     const float clamped_lo = s < 1.f ? 1.f : s;
     p.out[b] = clamped_lo > p.max_value ? p.max_value : clamped_lo;
   }

@@ -1,5 +1,6 @@
 import itertools
 
+import numpy as np
 import pytest
 import torch
 
@@ -463,6 +464,21 @@ def test_threshold_scale_matches_quantile(backend, dtype, shape, ratio):
         exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, max_value, compute_dtype=torch.float64)
         assert got.dtype == torch.float32 and got.shape == (shape[0],)
         torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("ratio", [1.0, 0.5])
+def test_threshold_scale_beyond_two_to_the_24_values_per_sample(device, ratio):
+    # torch.quantile stops at 2^24 values; above, n - 1 is not exact in float32, and a float32
+    # position put ratio 1.0 past the end (a crash on the CPU) or on the wrong element.
+    inner = (1 << 24) + 4
+    x = torch.rand(1, inner, generator=torch.Generator().manual_seed(0)) * 3.0
+    x[0, 123] = 7.5
+    got = ops.threshold_scale(x.to(device), torch.zeros(1, inner, device=device), 1.0, 0.0, ratio=ratio,
+                              max_value=100.0, backend=device)
+    expected = np.quantile(x.abs().double().numpy()[0], ratio)
+    assert abs(got.item() - expected) <= 1e-6 * expected
+    del x
 
 
 @pytest.mark.parametrize("backend", usable_backends("threshold_scale") + ["reference"])
