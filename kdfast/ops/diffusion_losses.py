@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _ext, backends
 from ..reference import diffusion_losses as ref
-from ._tensors import DTYPE_CODES, on_device, sample_major
+from ._tensors import DTYPE_CODES, describe, on_device, sample_major
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -525,12 +525,37 @@ def _combination_triton(combination, prediction, ins, params, values, out):
 # --------------------------------------------------------------------------- custom ops
 
 
+def _checked_op_inputs(code_name: str, code: int, codes: Sequence[str], prediction: int, x, others, params, values):
+    """What a direct ``torch.ops.kdfast`` call hands the kernels on trust, checked (the public
+    functions check it on their own path): codes in range, latents of x's shape, dtype and
+    device in sample-major layout, per-sample parameters ``[batch]`` float32/float64 on that
+    device, one value per slot. Returns (x, others, params)."""
+    if not 0 <= code < len(codes):
+        raise ValueError(f"{code_name} must be in [0, {len(codes)}) ({', '.join(codes)}), got {code}")
+    if not 0 <= prediction < len(PREDICTION_TYPES):
+        raise ValueError(f"prediction must be in [0, {len(PREDICTION_TYPES)}), got {prediction}")
+    x = _check_latent("x", x)
+    others = [None if t is None else _check_latent(f"input {i + 1}", t, x) for i, t in enumerate(others)]
+    if len(params) != len(SLOTS) or len(values) != len(SLOTS):
+        raise ValueError(f"params and values must hold {len(SLOTS)} entries ({', '.join(SLOTS)}), got "
+                         f"{len(params)} and {len(values)}")
+    for name, t in zip(SLOTS, params):
+        if t is not None and (t.shape != (x.shape[0],) or t.dtype not in (torch.float32, torch.float64)
+                              or t.device != x.device):
+            raise ValueError(f"params[{name}] must be float32 or float64 of shape ({x.shape[0]},) on {x.device}, got "
+                             f"{tuple(t.shape)} {t.dtype} on {t.device}")
+    return x, others, list(params)
+
+
 @torch.library.custom_op("kdfast::diffusion_loss", mutates_args=())
 def _diffusion_loss_op(kind: int, prediction: int, x: torch.Tensor, in1: Optional[torch.Tensor],
                        in2: Optional[torch.Tensor], in3: Optional[torch.Tensor], weights: Optional[torch.Tensor],
                        params: List[Optional[torch.Tensor]], values: List[float],
                        backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _loss_forward(kind, prediction, x, in1, in2, in3, _with_weights(params, weights), values, backend)
+    params = _with_weights(params, weights)
+    x, (in1, in2, in3), params = _checked_op_inputs("kind", kind, KINDS, prediction, x, (in1, in2, in3), params,
+                                                    values)
+    return _loss_forward(kind, prediction, x, in1, in2, in3, params, values, backend)
 
 
 @_diffusion_loss_op.register_fake
@@ -550,8 +575,15 @@ def _diffusion_loss_backward_op(kind: int, prediction: int, x: torch.Tensor, in1
                                 params: List[Optional[torch.Tensor]], values: List[float], aux: torch.Tensor,
                                 grad_loss: torch.Tensor, want_x: bool, want_in1: bool,
                                 backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    return _loss_backward(kind, prediction, x, in1, in2, in3, params, values, aux, grad_loss, want_x, want_in1,
-                          backend)
+    x, (in1, in2, in3), params = _checked_op_inputs("kind", kind, KINDS, prediction, x, (in1, in2, in3), params,
+                                                    values)
+    if aux.shape != (x.shape[0], 2) or aux.dtype != torch.float64 or grad_loss.shape != (x.shape[0],):
+        raise ValueError(f"aux must be float64 ({x.shape[0]}, 2) (the forward's second output) and grad_loss "
+                         f"({x.shape[0]},), got {describe('aux', aux)} and {describe('grad_loss', grad_loss)}")
+    if want_in1 and in1 is None:
+        raise ValueError("want_in1 needs in1")
+    return _loss_backward(kind, prediction, x, in1, in2, in3, params, values, aux.contiguous(), grad_loss, want_x,
+                          want_in1, backend)
 
 
 @_diffusion_loss_backward_op.register_fake
@@ -614,6 +646,10 @@ class _EagerDiffusionLoss(torch.autograd.Function):
 @torch.library.custom_op("kdfast::sample_combination", mutates_args=())
 def _sample_combination_op(combination: int, prediction: int, a: torch.Tensor, b: torch.Tensor,
                            params: List[Optional[torch.Tensor]], values: List[float], backend: str) -> torch.Tensor:
+    a, (b,), params = _checked_op_inputs("combination", combination, COMBINATIONS, prediction, a, (b,), params,
+                                         values)
+    if b is None:
+        raise TypeError("b must be a tensor")
     return _sample_combination(combination, prediction, a, b, params, values, backend)
 
 

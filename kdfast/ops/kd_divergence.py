@@ -261,7 +261,19 @@ def _triton(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_
 def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], kind: int,
                       beta: float, inv_temperature: float, ignore_index: int, vocab: int, loss_scale: float,
                       want_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    # backend: "" for the registry's choice, else the name of the backend to force
+    # backend: "" for the registry's choice, else the name of the backend to force.
+    # Callable directly as torch.ops.kdfast.kd_divergence: check what the kernels take on trust
+    # (kd_divergence checks it on its own path) and bring rows to unit column stride.
+    student = _check_logits("student_logits", student)
+    teacher = _check_logits("teacher_logits", teacher)
+    if teacher.shape[0] != student.shape[0] or teacher.device != student.device:
+        raise ValueError(f"teacher_logits must have student_logits' {student.shape[0]} rows and device "
+                         f"{student.device}, got {teacher.shape[0]} rows on {teacher.device}")
+    if not 1 <= vocab <= min(student.shape[1], teacher.shape[1]):
+        raise ValueError(f"vocab must be in [1, {min(student.shape[1], teacher.shape[1])}], got {vocab}")
+    if not 0 <= kind < len(KINDS):
+        raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
+    labels = _check_labels(labels, student.shape[0], student.device)
     return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
                           want_grad, backend)
 

@@ -290,6 +290,41 @@ def test_opcheck(kind):
                            kind < 2, ""))
 
 
+def test_direct_op_calls_check_what_the_kernels_take_on_trust():
+    # torch.ops.kdfast.* called directly: channels_last latents were read as if contiguous
+    # (pseudo-Huber 21.01 instead of 22.08; sample_combination off by 5.2), and mismatched
+    # shapes or parameters would read out of bounds.
+    x = randn((2, 4, 8, 8), torch.float32, 1).to(memory_format=torch.channels_last)
+    y = randn((2, 4, 8, 8), torch.float32, 2)
+    params, values = dl._pack([(dl._W, (None, 1.0)), (dl._C, (None, 0.1))])
+    direct = torch.ops.kdfast.diffusion_loss(dl.PSEUDO_HUBER, 0, x, y, None, None, None, params, values, "")[0]
+    torch.testing.assert_close(direct, dl.pseudo_huber(x, y, c=0.1))
+    sched = [(None, v) for v in (0.8, 0.6, 0.9, 0.43)]
+    cparams, cvalues = dl._pack(list(zip((dl._AT, dl._ST, dl._AS, dl._SS), sched)))
+    direct = torch.ops.kdfast.sample_combination(1, 0, x, y, cparams, cvalues, "")
+    torch.testing.assert_close(direct, dl.per_sample_ddim_step(x, y, 0.8, 0.6, 0.9, 0.43))
+    bad = [
+        ((dl.PSEUDO_HUBER, 0, x, y[:1], None, None, None, params, values), "must have the shape of x"),
+        ((7, 0, x, y, None, None, None, params, values), "kind must be in"),
+        ((dl.PSEUDO_HUBER, 5, x, y, None, None, None, params, values), "prediction must be in"),
+        ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, [None, torch.ones(3), None, None, None, None], values),
+         r"params\[c\] must be"),
+        ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, params[:3], values), "params and values must hold"),
+    ]
+    for args, match in bad:
+        with pytest.raises(ValueError, match=match):
+            torch.ops.kdfast.diffusion_loss(*args, "")
+    loss, aux = torch.ops.kdfast.diffusion_loss(dl.PSEUDO_HUBER, 0, x, y, None, None, None, params, values, "")
+    with pytest.raises(ValueError, match="aux must be float64"):
+        torch.ops.kdfast.diffusion_loss_backward(dl.PSEUDO_HUBER, 0, x, y, None, None, params, values, aux.float(),
+                                                 torch.ones(2), True, True, "")
+    gx, _ = torch.ops.kdfast.diffusion_loss_backward(dl.PSEUDO_HUBER, 0, x, y, None, None, params, values, aux,
+                                                     torch.ones(2), True, False, "")
+    leaf = x.detach().clone().requires_grad_(True)
+    dl.pseudo_huber(leaf, y, c=0.1).sum().backward()
+    torch.testing.assert_close(gx, leaf.grad)
+
+
 def test_opcheck_combination():
     sched = [t.to(torch.float32) for t in schedule(3, 7)]
     a = randn((3, 4), torch.float32, 1).requires_grad_(True)

@@ -237,6 +237,23 @@ def test_opcheck():
                               (s, t, labels, KINDS.index("jsd"), 0.5, 1.0, -100, 37, 1.0, want_grad, ""))
 
 
+def test_direct_op_calls_check_what_the_kernels_take_on_trust():
+    # torch.ops.kdfast.kd_divergence called directly (or by a compiler that changed layouts):
+    # transposed logits were read as if contiguous (error 0.71); a vocab beyond the width
+    # would read past the rows.
+    s, t = logits((64, 8), torch.float32, 15).t(), logits((64, 8), torch.float32, 16).t()
+    direct = torch.ops.kdfast.kd_divergence(s, t, None, KINDS.index("forward_kl"), 0.5, 1.0, -100, 64, 1.0, False,
+                                            "")[0]
+    torch.testing.assert_close(direct, ops.kd_divergence(s, t, kind="forward_kl"))
+    c = s.contiguous()
+    for args, match in (((c, c, None, 0, 0.5, 1.0, -100, 65), "vocab must be in"),
+                        ((c, c[:3], None, 0, 0.5, 1.0, -100, 64), "rows"),
+                        ((c, c, None, 9, 0.5, 1.0, -100, 64), "kind must be in"),
+                        ((c, c, torch.zeros(3, dtype=torch.long), 0, 0.5, 1.0, -100, 64), "labels must have shape")):
+        with pytest.raises(ValueError, match=match):
+            torch.ops.kdfast.kd_divergence(*args, 1.0, False, "")
+
+
 def test_compiles():
     s = logits((4, 64), torch.float32, 13).requires_grad_(True)
     t = logits((4, 64), torch.float32, 14)
