@@ -152,7 +152,10 @@ def _round_to_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     tiny = torch.finfo(plan.dtype).tiny
     plan = plan * (a / plan.sum(2).clamp(min=tiny)).clamp(max=1.0).unsqueeze(2)
     plan = plan * (b / plan.sum(1).clamp(min=tiny)).clamp(max=1.0).unsqueeze(1)
-    # both >= 0 with equal sums, but for rounding: clamped, err_a_i / sum(err_a) <= 1 bounds the
-    # correction by err_b even where the sum is at rounding level
+    # Both >= 0 with equal sums, but for rounding. Dividing by the larger of the two sums keeps
+    # err_a_i / sum and err_b_j / sum at most 1, so the correction and its gradient stay bounded
+    # where one sum is 0 and the other rounding noise (dividing by sum(err_a) alone gave
+    # gradients of 1e23 there).
     err_a, err_b = (a - plan.sum(2)).clamp(min=0.0), (b - plan.sum(1)).clamp(min=0.0)
-    return plan + err_a.unsqueeze(2) * err_b.unsqueeze(1) / err_a.sum(1).clamp(min=tiny)[:, None, None]
+    total = torch.maximum(err_a.sum(1), err_b.sum(1)).clamp(min=tiny)
+    return plan + err_a.unsqueeze(2) * err_b.unsqueeze(1) / total[:, None, None]

@@ -144,9 +144,10 @@ def topk_kd_loss(
         # Ignored positions get harmless stand-ins before any math: masking their losses only
         # afterwards would still send a NaN gradient back from NaN logits or log-probabilities
         # there (padding).
-        s = torch.where(keep.unsqueeze(1), s, torch.zeros_like(s))
-        ids = torch.where(keep.unsqueeze(1), ids, torch.arange(k, device=ids.device).clamp(max=vocab - 1))
-        lp = torch.where(keep.unsqueeze(1), lp, torch.full_like(lp, -math.log(max(k, 1))))
+        drop = ~keep.unsqueeze(1)
+        s = s.masked_fill_(drop, 0.0)  # in place: s is this function's own copy (the division made it)
+        ids = torch.where(drop, torch.arange(k, device=ids.device).clamp(max=vocab - 1), ids)
+        lp = lp.masked_fill(drop, -math.log(max(k, 1)))
     log_q_all = torch.log_softmax(s, dim=-1)
     log_q = log_q_all.gather(1, ids)
     log_mass = torch.logsumexp(lp, dim=-1)
