@@ -1,8 +1,9 @@
-"""Merge benchmark rows measured elsewhere (a GPU run's ``$OUT/*.json``) into the recorded
-results: each file's rows go into ``benchmarks/results/<same file name>``, replacing the rows
-of the same device, op, shape and dtype and keeping all others.
+"""Merge benchmark rows measured elsewhere (a GPU run's ``$OUT``) into the recorded results:
+each file's rows go into ``benchmarks/results/<same file name>``, replacing the rows of the
+same device, op, shape and dtype and keeping all others.
 
-    python benchmarks/merge_results.py gpu-out/bench_solvers.json gpu-out/bench_kdloss.json
+    python benchmarks/merge_results.py gpu-out              # every result file found there
+    python benchmarks/merge_results.py gpu-out/bench_kdloss.json
 """
 from __future__ import annotations
 
@@ -20,11 +21,22 @@ KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json
 
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="+", help=f"JSON row files named like the recorded ones ({', '.join(KNOWN)})")
+    parser.add_argument("files", nargs="+",
+                        help=f"JSON row files named like the recorded ones ({', '.join(KNOWN)}), or folders: the "
+                             "files of those names in them (a run cut short may have written only some)")
     parser.add_argument("--results", default=RESULTS, help="the folder of recorded results (default: %(default)s)")
     args = parser.parse_args(argv)
+    paths = []
+    for path in args.files:
+        if os.path.isdir(path):
+            found = [os.path.join(path, n) for n in KNOWN if os.path.isfile(os.path.join(path, n))]
+            if not found:
+                parser.error(f"{path}: holds none of {', '.join(KNOWN)}")
+            paths += found
+        else:
+            paths.append(path)
     loaded = []
-    for path in args.files:  # every file is checked before any is merged
+    for path in paths:  # every file is checked before any is merged
         name = os.path.basename(path)
         if name not in KNOWN:
             parser.error(f"{path}: not a benchmark result file; expected one of {', '.join(KNOWN)}")

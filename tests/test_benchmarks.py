@@ -119,6 +119,15 @@ def test_merge_results_merges_returned_rows_into_the_recorded_ones(monkeypatch, 
             merge.main([str(returned / "bench_kdloss.json"), str(returned / bad), "--results", str(results)])
         assert exc.value.code == 2 and message in capsys.readouterr().err
     assert json.loads((results / "bench_kdloss.json").read_text()) == [cpu, new_gpu]
+    # a folder: the result files found there, other files (logs, the demo's metrics) left alone
+    (returned / "bench_solvers.json").unlink()
+    (returned / "demo_metrics.json").write_text("{}")
+    merge.main([str(returned), "--results", str(results)])
+    assert json.loads((results / "bench_kdloss.json").read_text()) == [cpu, dict(old_gpu, v=4)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit):
+        merge.main([str(tmp_path / "empty"), "--results", str(results)])
+    assert "holds none of" in capsys.readouterr().err
 
 
 def _bench_module(monkeypatch, name):
