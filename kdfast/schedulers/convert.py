@@ -43,10 +43,12 @@ def patch_pipeline(pipe):
     Every ``scheduler.step`` of the pipeline then runs as one fused kernel pass. diffusers
     pipelines still combine classifier-free guidance themselves before calling ``step``; to
     fuse guidance as well, write the loop with ``scheduler.step_cfg`` or use ``kdfast.sample``.
-    ``pipe.save_pretrained`` still writes a stock diffusers pipeline (the scheduler as the
-    diffusers class of the same config). So do the pipelines made from it (``from_pipe``,
-    ``copy.deepcopy``) and, from then on, any diffusers pipeline given a kdfast scheduler:
-    kdfast wraps ``DiffusionPipeline.save_pretrained`` (pipelines without one save as before).
+    For a diffusers pipeline, ``pipe.save_pretrained`` still writes a stock diffusers pipeline
+    (the scheduler as the diffusers class of the same config). So do the pipelines made from it
+    (``from_pipe``, ``copy.deepcopy``) and, from then on in this process, any diffusers pipeline
+    given a kdfast scheduler: the first call wraps ``DiffusionPipeline.save_pretrained`` once
+    for the whole process (pipelines without a kdfast scheduler save exactly as before).
+    Objects that are not ``DiffusionPipeline`` s get their scheduler swapped, not their saving.
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler to patch")
@@ -93,5 +95,7 @@ def _save_kdfast_schedulers_as_stock(pipeline_cls) -> None:
                 setattr(self, name, scheduler)
                 self.register_to_config(**{name: entries[name]})
 
+    # seen in tracebacks and help(): this is kdfast's wrapper, not diffusers' own method
+    save_pretrained.__qualname__ = f"kdfast.schedulers.patch_pipeline.<save_pretrained of {save.__qualname__}>"
     save_pretrained._kdfast_saves_stock = True  # type: ignore[attr-defined]
     pipeline_cls.save_pretrained = save_pretrained
