@@ -159,18 +159,31 @@ class CoefficientTable:
         return key in self._rows
 
 
-def schedule_position(timestep, schedule: torch.Tensor) -> Optional[int]:
-    """The index of ``timestep`` in ``schedule`` when it is one of its elements (iterating a
-    tensor yields views into its storage, whose offset is the index), found without a host
-    sync; None for any other tensor or number."""
-    if (isinstance(timestep, torch.Tensor) and timestep.dim() == 0 and isinstance(schedule, torch.Tensor)
-            and schedule.dim() == 1 and timestep.dtype == schedule.dtype and timestep.device == schedule.device
-            and timestep.untyped_storage().data_ptr() == schedule.untyped_storage().data_ptr()):
-        offset, stride = timestep.storage_offset() - schedule.storage_offset(), max(1, schedule.stride(0))
-        # an element of another view of the same storage (the schedule before it was sliced) is not one
-        if offset % stride == 0 and 0 <= offset // stride < schedule.shape[0]:
-            return offset // stride
+def schedule_span(schedule) -> Optional[tuple]:
+    """(address of the first element, bytes between elements, length, dtype, device) of a 1-D
+    tensor schedule, what :func:`schedule_position` compares against; None for anything else."""
+    if isinstance(schedule, torch.Tensor) and schedule.dim() == 1 and schedule.shape[0] and schedule.stride(0) > 0:
+        return (schedule.data_ptr(), schedule.stride(0) * schedule.element_size(), schedule.shape[0],
+                schedule.dtype, schedule.device)
     return None
+
+
+def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> Optional[int]:
+    """The index of ``timestep`` in ``schedule`` (or in the schedule of ``span``, see
+    :func:`schedule_span`) when it is one of its elements, found from addresses without a host
+    sync (iterating a tensor yields 0-d views of its elements); None for any other tensor or
+    number, an element of another view of the same memory included."""
+    if not isinstance(timestep, torch.Tensor) or timestep.dim() != 0:
+        return None
+    if span is None:
+        span = schedule_span(schedule)
+        if span is None:
+            return None
+    first, step, length, dtype, device = span
+    if timestep.dtype != dtype or timestep.device != device:
+        return None
+    index, misaligned = divmod(timestep.data_ptr() - first, step)
+    return index if not misaligned and 0 <= index < length else None
 
 
 class FusedScheduler(ConfigMixin):
@@ -260,7 +273,7 @@ class FusedScheduler(ConfigMixin):
         number; otherwise the comparison reads the value back once.
         """
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        index = schedule_position(timestep, schedule)
+        index = self.schedule_index(timestep) if schedule is self.timesteps else schedule_position(timestep, schedule)
         if index is not None:
             return index
         value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
@@ -292,10 +305,19 @@ class FusedScheduler(ConfigMixin):
     def _set_timesteps(self, timesteps, host: Optional[Sequence[float]] = None) -> None:
         """Adopt ``timesteps`` and its host copy (``host``: the same values, when already on the host)."""
         self._timesteps = timesteps
-        self._set_host_timesteps(_host_values(timesteps) if host is None else host)
+        self._host_timesteps = [float(t) for t in (_host_values(timesteps) if host is None else host)]
+        self._timestep_span = schedule_span(timesteps)  # once here, not on every step
 
-    def _set_host_timesteps(self, timesteps) -> None:
-        self._host_timesteps = [float(t) for t in timesteps]
+    def schedule_index(self, timestep) -> Optional[int]:
+        """The index of ``timestep`` in ``self.timesteps`` when it is one of its elements (what
+        pipelines pass), without a host sync; else None."""
+        schedule, span = getattr(self, "_timesteps", None), getattr(self, "_timestep_span", None)
+        if not isinstance(schedule, torch.Tensor):
+            return None
+        if span is None or schedule.data_ptr() != span[0]:
+            # a copy or an unpickled scheduler holds its own tensor at another address
+            span = self._timestep_span = schedule_span(schedule)
+        return schedule_position(timestep, span=span)
 
     # ---------------------------------------------------------------- fused call
 

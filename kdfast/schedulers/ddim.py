@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, SchedulerOutput, StepPlan, schedule_position
+from .base import FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
 
 
@@ -30,7 +30,7 @@ def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     """The integer value of ``timestep``, read without a host sync when it is an element of
     ``scheduler.timesteps`` (what pipelines pass)."""
     if isinstance(timestep, torch.Tensor):
-        index = schedule_position(timestep, scheduler.timesteps)
+        index = scheduler.schedule_index(timestep)
         if index is not None:
             return int(scheduler._host_timesteps[index])
         if timestep.numel() != 1:

@@ -63,6 +63,21 @@ def test_copies_continue_like_the_original(name, how):
         x = a
 
 
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copy_finds_timesteps_in_its_own_schedule(how):
+    # Schedule positions are found from element addresses; a copy's schedule lives elsewhere,
+    # so an element of the original's is not one of the copy's (its memory may be reused).
+    original = K.DDIMScheduler()
+    original.set_timesteps(10)
+    clone = copy.deepcopy(original) if how == "deepcopy" else pickle.loads(pickle.dumps(original))
+    assert clone.schedule_index(clone.timesteps[3]) == 3
+    assert clone.schedule_index(original.timesteps[3]) is None
+    assert original.schedule_index(original.timesteps[3]) == 3
+    assert clone.schedule_index(torch.tensor(3)) is None
+    clone.timesteps = [901, 801]  # a list: no positions, values are read
+    assert clone.schedule_index(torch.tensor(901)) is None
+
+
 @pytest.mark.parametrize("name", WITH_X0)
 def test_pred_original_sample_is_computed_when_read(name, monkeypatch):
     df, kd = getattr(diffusers, name)(), getattr(K, name)()
