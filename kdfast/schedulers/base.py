@@ -304,6 +304,8 @@ class FusedScheduler(ConfigMixin):
 
     def _set_timesteps(self, timesteps, host: Optional[Sequence[float]] = None) -> None:
         """Adopt ``timesteps`` and its host copy (``host``: the same values, when already on the host)."""
+        if host is None and getattr(timesteps, "ndim", 1) != 1:
+            raise ValueError(f"timesteps must be a 1-D sequence, got shape {tuple(timesteps.shape)}")
         self._timesteps = timesteps
         self._host_timesteps = [float(t) for t in (_host_values(timesteps) if host is None else host)]
         self._timestep_span = schedule_span(timesteps)  # once here, not on every step

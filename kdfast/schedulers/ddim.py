@@ -29,14 +29,15 @@ def _div(a: float, b: float) -> float:
 def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     """The integer value of ``timestep``, read without a host sync when it is an element of
     ``scheduler.timesteps`` (what pipelines pass)."""
-    if isinstance(timestep, torch.Tensor):
-        index = scheduler.schedule_index(timestep)
-        if index is not None:
-            return int(scheduler._host_timesteps[index])
-        if timestep.numel() != 1:
-            raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
-        timestep = timestep.item()
-    value = float(timestep)
+    index = scheduler.schedule_index(timestep)
+    if index is not None:
+        value = timestep = scheduler._host_timesteps[index]
+    else:
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
+            timestep = timestep.item()
+        value = float(timestep)
     if not value.is_integer():
         raise ValueError(f"timestep must be an integer training timestep, got {timestep}")
     return int(value)

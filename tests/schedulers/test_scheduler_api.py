@@ -78,6 +78,21 @@ def test_a_copy_finds_timesteps_in_its_own_schedule(how):
     assert clone.schedule_index(torch.tensor(901)) is None
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler"])
+def test_a_fractional_assigned_timestep_is_refused_however_it_is_passed(name):
+    # An element of the assigned schedule used to be truncated (999.5 -> 999) while the same
+    # value as a fresh tensor was refused; diffusers refuses both.
+    scheduler = getattr(K, name)()
+    scheduler.set_timesteps(4)
+    scheduler.timesteps = torch.tensor([999.5, 500.0])
+    x = torch.randn(1, 2, 4, 4)
+    for t in (scheduler.timesteps[0], torch.tensor(999.5)):
+        with pytest.raises(ValueError, match="integer training timestep"):
+            scheduler.step(x, t, x)
+    with pytest.raises(ValueError, match="1-D"):
+        scheduler.timesteps = torch.tensor(999)
+
+
 @pytest.mark.parametrize("name", WITH_X0)
 def test_pred_original_sample_is_computed_when_read(name, monkeypatch):
     df, kd = getattr(diffusers, name)(), getattr(K, name)()
