@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kd import kd_loss
+from .kd import _check_temperature, kd_loss
 
 
 def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -34,13 +34,6 @@ def _check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tenso
     if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must be class ids in [0, {classes})")
     return labels.long()
-
-
-def _check_temperature(temperature: float) -> float:
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    return temperature
 
 
 def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
-from .kd import REDUCTIONS, _resolve_kind
+from .kd import REDUCTIONS, _check_temperature, _resolve_kind
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
 # chunk buffers stay a small fraction of the full logits.
@@ -68,8 +68,7 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    _check_temperature(temperature)
 
 
 def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignore_index: int,

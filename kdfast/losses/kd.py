@@ -17,6 +17,14 @@ from ..ops.kd_divergence import KINDS, kd_divergence
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
+def _check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, if it is a positive finite number (every loss's check)."""
+    temperature = float(temperature)
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    return temperature
+
+
 def _resolve_kind(kind: str, beta: float) -> str:
     # TRL's generalized JSD: beta = 0 is KL(teacher || student), beta = 1 is KL(student ||
     # teacher) (the mixture formula itself vanishes at both ends).
@@ -139,9 +147,7 @@ class KDLoss(nn.Module):
             raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
-        if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-            raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-        self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
+        self.kind, self.beta, self.temperature = kind, float(beta), _check_temperature(temperature)
         self.ignore_index, self.reduction = int(ignore_index), reduction
         self.scale_by_t2, self.vocab_size = bool(scale_by_t2), vocab_size
 

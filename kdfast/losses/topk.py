@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .kd import REDUCTIONS, _reduce
+from .kd import REDUCTIONS, _check_temperature, _reduce
 
 REMAINDERS = ("bucket", "renormalize")
 
@@ -37,12 +37,11 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
     if not 1 <= int(k) <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
-    if not (math.isfinite(float(temperature)) and float(temperature) > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    temperature = _check_temperature(temperature)
     flat = teacher_logits.reshape(-1, vocab)
     ids, logps = [], []
     for start in range(0, flat.shape[0], chunk_size):
-        logp = torch.log_softmax(flat[start:start + chunk_size].float() / float(temperature), dim=-1)
+        logp = torch.log_softmax(flat[start:start + chunk_size].float() / temperature, dim=-1)
         top = logp.topk(int(k), dim=-1)
         ids.append(top.indices)
         logps.append(top.values)
@@ -133,9 +132,7 @@ def topk_kd_loss(
             raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
                              f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
                              f"log of the sum {float(torch.logsumexp(lp_kept, dim=-1).max()):.4g})")
-    temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a positive finite number, got {temperature}")
+    temperature = _check_temperature(temperature)
 
     s = student_logits.reshape(-1, vocab).float() / temperature
     ids = teacher_topk_ids.reshape(-1, k).long()
