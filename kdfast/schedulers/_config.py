@@ -73,6 +73,11 @@ class ConfigMixin:
     config_name = CONFIG_NAME
     _diffusers_name: str = ""
 
+    @classmethod
+    def diffusers_class_name(cls) -> str:
+        """The name of the diffusers class this one stands in for (its own name by default)."""
+        return cls._diffusers_name or cls.__name__
+
     @property
     def config(self) -> FrozenConfig:
         return self._config
@@ -120,7 +125,7 @@ class ConfigMixin:
         init_dict, unused, hidden = cls.extract_init_dict(dict(config or {}), **kwargs)
         scheduler = cls(**init_dict)
         if "_class_name" in hidden:
-            hidden["_class_name"] = cls._diffusers_name or cls.__name__
+            hidden["_class_name"] = cls.diffusers_class_name()
         hidden.pop("_kdfast_class", None)  # written by to_json_string for the file, not a setting
         scheduler.register_to_config(**hidden)
         if return_unused_kwargs:
@@ -133,7 +138,7 @@ class ConfigMixin:
         # The file holds every key, so none was left at its default once it is loaded (diffusers
         # does not save the list either).
         data.pop("_use_default_values", None)
-        data["_class_name"] = self._diffusers_name or type(self).__name__
+        data["_class_name"] = self.diffusers_class_name()
         data["_kdfast_class"] = type(self).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 

@@ -234,7 +234,7 @@ class FusedScheduler(ConfigMixin):
         """The scheduler classes that take this one's config (``[cls.from_config(s.config) for cls in
         s.compatibles]``), its own included, as diffusers lists them: diffusers' classes when
         diffusers is installed, else kdfast's."""
-        names = list(dict.fromkeys([self._diffusers_name or type(self).__name__, *self._compatibles]))
+        names = list(dict.fromkeys([self.diffusers_class_name(), *self._compatibles]))
         try:
             import diffusers
         except ImportError:

@@ -15,7 +15,7 @@ def _registry() -> Dict[str, Type[FusedScheduler]]:
 
     classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
-    return {cls._diffusers_name or cls.__name__: cls for cls in classes}
+    return {cls.diffusers_class_name(): cls for cls in classes}
 
 
 def supported() -> list:
@@ -85,7 +85,7 @@ def _save_kdfast_schedulers_as_stock(pipeline_cls) -> None:
         entries = {name: self.config[name] for name in fused}
         try:
             for name, scheduler in fused.items():
-                stock = getattr(diffusers, type(scheduler)._diffusers_name or type(scheduler).__name__)
+                stock = getattr(diffusers, scheduler.diffusers_class_name())
                 setattr(self, name, stock.from_config(scheduler.config))
                 # (diffusers keeps an entry a failed save left at [null, null]; set it outright)
                 self.register_to_config(**{name: ("diffusers", stock.__name__)})
