@@ -50,8 +50,9 @@ def _check_labels(labels: Optional[torch.Tensor], rows: int, device: torch.devic
     return labels.to(torch.int64).contiguous()
 
 
-def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale):
-    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses)."""
+def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "vocab_size"):
+    """The tensors and the shared vocabulary, as the kernels take them on trust (the public
+    entry and the custom op, whose argument is ``vocab``, both check them)."""
     student = _check_logits("student_logits", student)
     teacher = _check_logits("teacher_logits", teacher)
     if teacher.shape[0] != student.shape[0]:
@@ -67,8 +68,14 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
         vocab_size = student.shape[1]
     vocab_size = int(vocab_size)
     if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
-        raise ValueError(f"vocab_size must be in [1, {min(student.shape[1], teacher.shape[1])}] (the narrower "
+        raise ValueError(f"{vocab_name} must be in [1, {min(student.shape[1], teacher.shape[1])}] (the narrower "
                          f"logits' width), got {vocab_size}")
+    return student, teacher, _check_labels(labels, student.shape[0], student.device), vocab_size
+
+
+def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale):
+    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses)."""
+    student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     beta = float(beta)
@@ -80,7 +87,6 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     loss_scale = float(loss_scale)
     if not math.isfinite(loss_scale):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
-    labels = _check_labels(labels, student.shape[0], student.device)
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale
 
 
@@ -264,16 +270,9 @@ def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Opti
     # backend: "" for the registry's choice, else the name of the backend to force.
     # Callable directly as torch.ops.kdfast.kd_divergence: check what the kernels take on trust
     # (kd_divergence checks it on its own path) and bring rows to unit column stride.
-    student = _check_logits("student_logits", student)
-    teacher = _check_logits("teacher_logits", teacher)
-    if teacher.shape[0] != student.shape[0] or teacher.device != student.device:
-        raise ValueError(f"teacher_logits must have student_logits' {student.shape[0]} rows and device "
-                         f"{student.device}, got {teacher.shape[0]} rows on {teacher.device}")
-    if not 1 <= vocab <= min(student.shape[1], teacher.shape[1]):
-        raise ValueError(f"vocab must be in [1, {min(student.shape[1], teacher.shape[1])}], got {vocab}")
+    student, teacher, labels, vocab = _check_tensors(student, teacher, labels, vocab, "vocab")
     if not 0 <= kind < len(KINDS):
         raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
-    labels = _check_labels(labels, student.shape[0], student.device)
     return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
                           want_grad, backend)
 
