@@ -139,7 +139,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--no-anchor", action="store_true", help="skip the diffusers comparison")
     p.add_argument("--cuda-graph", action="store_true",
                    help="GPU only: capture each kdfast loop (UNet included) once as a CUDA graph and "
-                        "time its replay (the capture is reported as capture_ms)")
+                        "time its replay (the capture time goes to capture_ms in metrics.json)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = sub.add_parser("assets", help="rebuild the embedded default's models")
     a_sub = a.add_subparsers(dest="assets_command", required=True)

@@ -722,13 +722,13 @@ def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, di
 # --------------------------------------------------------------------------- CUDA graphs
 
 
-def _check_graph_args(x: torch.Tensor, generator, callback) -> None:
+def _check_graph_args(x: torch.Tensor, generator, callback, who: str = "cuda_graph=True") -> None:
     if x.device.type != "cuda":
-        raise ValueError(f"cuda_graph=True needs CUDA tensors, got x on {x.device}")
+        raise ValueError(f"{who} needs CUDA tensors, got x on {x.device}")
     if callback is not None:
-        raise ValueError("callback is not supported with cuda_graph=True (a replayed graph runs no Python)")
+        raise ValueError(f"callback is not supported with {who} (a replayed graph runs no Python)")
     if generator is not None and generator.device.type != "cuda":
-        raise ValueError("cuda_graph=True needs a CUDA generator (a CPU generator's draws cannot be captured); "
+        raise ValueError(f"{who} needs a CUDA generator (a CPU generator's draws cannot be captured); "
                          f"got one on {generator.device}")
 
 
@@ -804,7 +804,7 @@ class CapturedSampler:
         loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale,
                           cond=cond, uncond=uncond, extra_args=extra_args, generator=generator,
                           with_callback=False, sampler_options=sampler_options)
-        _check_graph_args(x, generator, None)
+        _check_graph_args(x, generator, None, who="CapturedSampler")
         self._setup(loop, x, cond, uncond, generator)
         self.scheduler = sigmas_or_scheduler if hasattr(sigmas_or_scheduler, "set_timesteps") else None
 
@@ -909,7 +909,11 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
 @torch.no_grad()
 def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
-    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022)."""
+    """Implements Algorithm 2 (Euler steps) from Karras et al. (2022).
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
     return _sample_sigmas("euler", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                           noise_sampler=noise_sampler, generator=generator,
                           options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
@@ -918,7 +922,11 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 @torch.no_grad()
 def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
                            noise_sampler=None, generator=None):
-    """Ancestral sampling with Euler method steps."""
+    """Ancestral sampling with Euler method steps.
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
     return _sample_sigmas("euler_ancestral", model, x, sigmas, extra_args=extra_args, callback=callback,
                           disable=disable, noise_sampler=noise_sampler, generator=generator,
                           options=dict(eta=eta, s_noise=s_noise))
@@ -927,7 +935,11 @@ def sample_euler_ancestral(model, x, sigmas, extra_args=None, callback=None, dis
 @torch.no_grad()
 def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                 s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
-    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022)."""
+    """Implements Algorithm 2 (Heun steps) from Karras et al. (2022).
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
     return _sample_sigmas("heun", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                           noise_sampler=noise_sampler, generator=generator,
                           options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
@@ -936,7 +948,11 @@ def sample_heun(model, x, sigmas, extra_args=None, callback=None, disable=None, 
 @torch.no_grad()
 def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None, s_churn=0., s_tmin=0.,
                  s_tmax=float('inf'), s_noise=1., noise_sampler=None, generator=None):
-    """A sampler inspired by DPM-Solver-2 and Algorithm 2 from Karras et al. (2022)."""
+    """A sampler inspired by DPM-Solver-2 and Algorithm 2 from Karras et al. (2022).
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
     return _sample_sigmas("dpm_2", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                           noise_sampler=noise_sampler, generator=generator,
                           options=dict(s_churn=s_churn, s_tmin=s_tmin, s_tmax=s_tmax, s_noise=s_noise))
@@ -968,7 +984,11 @@ def sample_dpmpp_3m_sde(model, x, sigmas, extra_args=None, callback=None, disabl
 
 @torch.no_grad()
 def sample_lcm(model, x, sigmas, extra_args=None, callback=None, disable=None, noise_sampler=None, generator=None):
-    """Latent Consistency Model sampling: ``x = denoised + sigma_next * noise``."""
+    """Latent Consistency Model sampling: ``x = denoised + sigma_next * noise``.
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
     return _sample_sigmas("lcm", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                           noise_sampler=noise_sampler, generator=generator)
 
@@ -982,7 +1002,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
     UniPCMultistepScheduler runs it (lower orders at the start and, with
     ``lower_order_final``, at the end), in k-diffusion's convention: the model is evaluated at
     the predicted sample; its output corrects that sample, and one kernel pass applies the
-    correction and the next prediction.
+    correction and the next prediction. ``use_corrector=False`` runs the predictor alone (UniP).
     """
     return _sample_sigmas("unipc", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                           options=dict(order=int(order), variant=variant, use_corrector=bool(use_corrector),

@@ -133,7 +133,7 @@ def test_extra_args_are_read_in_place(eager_capture):
 
 
 def test_needs_cuda_tensors():
-    with pytest.raises(ValueError, match="needs CUDA tensors"):
+    with pytest.raises(ValueError, match="^CapturedSampler needs CUDA tensors"):  # names what the user called
         kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6))
     with pytest.raises(ValueError, match="unknown sampler"):  # argument errors come first
         kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6), sampler="nope")

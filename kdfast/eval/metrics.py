@@ -217,7 +217,7 @@ class DigitsEvaluator:
         The sets are drawn with a generator seeded by ``seed`` (the same numbers every call).
         One fixed subset would not do: which images it holds moves the distance by 3x at 10
         per class (the first 10 of each class in the file give 13.7, the last 10 give 19.8,
-        random sets 6 to 9).
+        random sets 4.9 to 8.8).
         """
         if isinstance(n_per_class, bool) or int(n_per_class) != n_per_class or n_per_class < 2:
             raise ValueError(f"n_per_class must be an integer >= 2, got {n_per_class!r}")

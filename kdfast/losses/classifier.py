@@ -103,9 +103,11 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     Args:
         cost: ``[classes, classes]`` ground cost (default ``1 - I``: every confusion costs 1,
             for which the unregularised distance is the total variation).
+        temperature: softmax temperature applied to both logits.
         epsilon: entropic regularisation (smaller is closer to the exact distance, slower to
-            converge: for 10 classes and the default cost, 50 iterations reach the exact
-            distance to 1e-4 at epsilon 0.05, but only to 2e-2 at epsilon 0.01).
+            converge: for 10 classes, the default cost and unit-scale logits, 50 iterations
+            come within ~1e-3 of the exact distance at epsilon 0.05 and ~7e-3 at 0.01;
+            sharper distributions come closer).
         iterations: log-domain Sinkhorn iterations (unrolled: gradients flow through them).
 
     Returns ``mean_b <P_b, cost>`` with ``P_b`` the Sinkhorn transport plan of sample ``b``,

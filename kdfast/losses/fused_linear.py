@@ -286,8 +286,15 @@ def fused_linear_kd(
         student_weight: ``[vocab_s, hidden_s]`` the student's LM head (``lm_head.weight``).
         teacher_hidden, teacher_weight: the teacher's, ``[tokens, hidden_t]`` and
             ``[vocab_t, hidden_t]``; they receive no gradient.
-        labels: ``[tokens]`` next-token ids (masking, and the targets of the hard term).
+        labels: ``[tokens]`` next-token ids (masking, and the targets of the hard term);
+            needed when ``weight_hard > 0``.
         student_bias, teacher_bias: optional head biases.
+        kind, beta: the divergence ``D`` and its mixing weight, as in :func:`kdfast.losses.kd_loss`.
+        temperature: softmax temperature of ``D`` (both heads' logits are divided by it).
+        ignore_index: the label value of tokens to leave out.
+        weight_hard, weight_soft: the weights of the cross-entropy and of ``D``.
+        reduction: ``"batchmean"``, ``"sum"`` or ``"mean"`` as above (there is no ``"none"``:
+            the per-token losses are never materialised as a graph).
         chunk_size: tokens per chunk (default: about 8M logits per chunk on the CPU, 128M on a GPU).
         vocab_size: the shared vocabulary; by default the smaller of the two heads, the
             larger head's extra columns being padding with probability 0.
@@ -327,7 +334,10 @@ def fused_linear_kd(
 
 
 class FusedLinearKDLoss(nn.Module):
-    """Module form of :func:`fused_linear_kd`.
+    """Module form of :func:`fused_linear_kd`: the constructor takes its options (``kind``,
+    ``beta``, ``temperature``, ``ignore_index``, ``weight_hard``, ``weight_soft``,
+    ``chunk_size``, ``vocab_size``, ``scale_by_t2``, ``reduction``, same defaults) and checks
+    them; ``forward`` takes its tensors.
 
     Example::
 

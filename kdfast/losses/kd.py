@@ -77,8 +77,13 @@ def kd_loss(
             beta = 0 meaning forward KL and beta = 1 reverse KL), ``"tvd"`` total variation
             ``0.5 sum |P - Q|``, or ``"skew_kl"`` ``KL(P || beta P + (1-beta) Q)``
             (DistiLLM's skew KL; there beta is the teacher's share, typically 0.1).
+        beta: the mixing weight of ``"jsd"`` and ``"skew_kl"`` in [0, 1] (unused by the others).
         temperature: softmax temperature applied to both logits.
-        reduction: ``"batchmean"`` (sum over valid tokens / their number), ``"sum"``,
+        ignore_index: the label value of positions to leave out (only read with ``labels``).
+        reduction: ``"batchmean"`` (sum over valid tokens / their number; without labels
+            every position counts, where TRL's ``generalized_jsd_loss`` divides by
+            ``logits.shape[0]`` instead: :func:`kdfast.losses.trl.generalized_jsd_loss`
+            gives TRL's values), ``"sum"``,
             ``"mean"`` (sum / (valid tokens * vocab), as TRL), or ``"none"`` (float32 loss per
             token, shaped like ``labels``; ignored tokens give 0).
         scale_by_t2: multiply by ``temperature**2`` (Hinton et al.), keeping gradient

@@ -154,6 +154,7 @@ def solver_step(
         coefs: CPU float32 tensor of 29 coefficients (see :func:`coefficients`).
         cond: conditional model output for classifier-free guidance
             ``m = model_output + guidance_scale * (cond - model_output)``.
+        guidance_scale: the scale of that combination (a finite float; read only with ``cond``).
         history: up to three earlier history entries (multistep solvers), newest first.
         aux: an extra latent the step combines (UniPC's last sample, Heun's first-stage sample).
         noise: noise for SDE / ancestral steps, drawn by the caller's generator.
