@@ -118,6 +118,13 @@ class _StepTuple(tuple):
         yield self._output.pred_original_sample
 
 
+def reject_unknown_step_arguments(kwargs: dict) -> None:
+    """A keyword ``step`` does not take is an error, as in diffusers (a misspelt option must not
+    pass silently)."""
+    if kwargs:
+        raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+
+
 def _host_values(values) -> list:
     return values.tolist() if hasattr(values, "tolist") else list(values)
 

@@ -12,7 +12,7 @@ from ._linear import H0, H1, X, X0
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas, check_choice,
                         check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t,
                         spaced_timesteps, x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 
 def _lagrange1(t: float, b: float, c: float) -> float:
@@ -179,6 +179,7 @@ class DEISMultistepScheduler(MultistepScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
+        reject_unknown_step_arguments(kwargs)
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config

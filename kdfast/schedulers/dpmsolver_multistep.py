@@ -12,7 +12,7 @@ from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alp
                         check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, log_snr, lu_lambdas,
                         sigma_range, sigma_to_t, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
-from .base import MultistepScheduler, SchedulerOutput, StepPlan
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -250,6 +250,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
+        reject_unknown_step_arguments(kwargs)
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config

@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
-from .base import CoefficientTable, SchedulerOutput, StepPlan
+from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _reject_integer_timestep, _SigmaScheduler, spaced_timesteps, train_sigmas
 
 
@@ -103,8 +103,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
-        if kwargs:
-            raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+        reject_unknown_step_arguments(kwargs)
         _reject_integer_timestep(timestep, type(self).__name__)
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)

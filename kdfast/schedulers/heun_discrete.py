@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import AUX, H0, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, make_betas
-from .base import CoefficientTable, SchedulerOutput, StepPlan
+from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _SigmaScheduler, check_sigma_options, converted_sigmas, spaced_timesteps, train_sigmas
 
 
@@ -159,8 +159,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
-        if kwargs:
-            raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+        reject_unknown_step_arguments(kwargs)
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
         if self._table is None:

@@ -12,7 +12,7 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, OutputFields, StepPlan
+from .base import FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
 from .euler_discrete import _GrowingTable
 
@@ -207,8 +207,7 @@ class LCMScheduler(FusedScheduler):
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> LCMSchedulerOutput:
-        if kwargs:
-            raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+        reject_unknown_step_arguments(kwargs)
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
         if self._step_index is None:

@@ -19,7 +19,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
                         spaced_timesteps, x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
@@ -301,6 +301,8 @@ class UniPCMultistepScheduler(MultistepScheduler):
               **kwargs) -> SchedulerOutput:
         # Runs once per model call: plain attribute reads and no helper calls where a line does
         # (each Python call or tensor property costs 0.1-0.5 us; the kernel takes ~10 us).
+        if kwargs:
+            reject_unknown_step_arguments(kwargs)
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config

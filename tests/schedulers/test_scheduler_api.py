@@ -48,6 +48,25 @@ def test_a_list_of_generators_draws_per_sample_like_diffusers(name, config, step
 
 
 @pytest.mark.parametrize("name", ALL)
+def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
+    # diffusers' step() raises TypeError on a keyword it does not take; a misspelt option
+    # (or one another scheduler takes) must not pass silently.
+    s = getattr(K, name)()
+    s.set_timesteps(4)
+    x = initial_sample() * s.init_noise_sigma
+    t = s.timesteps[0]
+    m = dummy_model(s.scale_model_input(x, t), t)
+    with pytest.raises(TypeError, match="bogus_option"):
+        s.step(m, t, x, bogus_option=1)
+    with pytest.raises(TypeError, match="bogus_option"):
+        s.step_cfg(m, m, 2.0, t, x, bogus_option=1)
+    with pytest.raises(TypeError):
+        getattr(diffusers, name)().step(m, t, x, bogus_option=1)
+    assert s.step_index in (None, 0)  # nothing was stepped
+    s.step(m, t, x)
+
+
+@pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_continue_like_the_original(name, how):
     s = getattr(K, name)()
