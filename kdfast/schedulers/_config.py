@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import warnings
 from typing import Any, Dict, Optional, Union
 
 CONFIG_NAME = "scheduler_config.json"
@@ -81,6 +82,30 @@ class ConfigMixin:
     @property
     def config(self) -> FrozenConfig:
         return self._config
+
+    @property
+    def _internal_dict(self) -> FrozenConfig:
+        return self._config
+
+    @_internal_dict.setter
+    def _internal_dict(self, config) -> None:
+        """diffusers' pipelines correct outdated settings (``steps_offset``, ``clip_sample``) by
+        assigning a whole new config here. The scheduler is rebuilt from it, as if constructed
+        with its values (every key counts as given, whatever ``_use_default_values`` says); a
+        schedule set before must be set again with ``set_timesteps``."""
+        config = dict(config)
+        type(self).__init__(self, **{k: config[k] for k in self._init_keys() if k in config})
+        self._config = FrozenConfig(config)
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails. diffusers still serves config keys as attributes
+        # (deprecated, with a FutureWarning); code written against it keeps working.
+        config = self.__dict__.get("_config")
+        if config is not None and name in config and not name.startswith("_"):
+            warnings.warn(f"accessing config attribute {name!r} directly on {type(self).__name__} is deprecated "
+                          f"(as in diffusers); use scheduler.config.{name}", FutureWarning, stacklevel=2)
+            return config[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def register_to_config(self, **kwargs) -> None:
         """Update recorded config values (used when a value is normalised at construction)."""

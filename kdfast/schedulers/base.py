@@ -204,6 +204,9 @@ class FusedScheduler(ConfigMixin):
     order = 1
     init_noise_sigma = 1.0
     _compatibles: Sequence[str] = ()
+    # A timestep that is not in the schedule: diffusers' multistep schedulers take the last
+    # step for it; its sigma schedulers (Euler, Heun, LCM) fail with an IndexError, and so do these.
+    _unknown_timestep_is_last = False
 
     # Planning a schedule in float64 Python costs 0.1-2 ms; pipelines call set_timesteps with
     # the same settings again and again, so tables are shared by every scheduler instance
@@ -284,10 +287,15 @@ class FusedScheduler(ConfigMixin):
         if index is not None:
             return index
         value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        if schedule is self.timesteps:
+            self._refresh_host_timesteps()
         host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
         matches = [i for i, t in enumerate(host) if t == value]
         if not matches:
-            return len(host) - 1
+            if self._unknown_timestep_is_last:
+                return len(host) - 1
+            raise IndexError(f"timestep {value} is not one of the schedule's {len(host)} timesteps"
+                             + (f" ({host[0]:g} to {host[-1]:g})" if host else "") + "; pass one of them")
         # For img2img the first step may be a duplicate; diffusers takes the second match.
         return matches[1] if len(matches) > 1 else matches[0]
 
@@ -316,6 +324,16 @@ class FusedScheduler(ConfigMixin):
         self._timesteps = timesteps
         self._host_timesteps = [float(t) for t in (_host_values(timesteps) if host is None else host)]
         self._timestep_span = schedule_span(timesteps)  # once here, not on every step
+        # The tensor's version counter tells when the caller edits it in place (timesteps[0] = 950):
+        # the host copy is then read back again (inference tensors keep no counter).
+        self._timesteps_version = (timesteps._version if isinstance(timesteps, torch.Tensor)
+                                   and not timesteps.is_inference() else None)
+
+    def _refresh_host_timesteps(self) -> None:
+        """Read the schedule back again if it was edited in place since its host copy was taken."""
+        version = self._timesteps_version
+        if version is not None and self._timesteps._version != version:
+            self._set_timesteps(self._timesteps)
 
     def schedule_index(self, timestep) -> Optional[int]:
         """The index of ``timestep`` in ``self.timesteps`` when it is one of its elements (what
@@ -323,6 +341,7 @@ class FusedScheduler(ConfigMixin):
         schedule, span = getattr(self, "_timesteps", None), getattr(self, "_timestep_span", None)
         if not isinstance(schedule, torch.Tensor):
             return None
+        self._refresh_host_timesteps()
         if span is None or schedule.data_ptr() != span[0]:
             # a copy or an unpickled scheduler holds its own tensor at another address
             span = self._timestep_span = schedule_span(schedule)
@@ -339,8 +358,20 @@ class FusedScheduler(ConfigMixin):
     def _fused_output(self, key, sample: torch.Tensor, model_output: torch.Tensor, *, want_x0: bool = False,
                       prev_dtype: Optional[torch.dtype] = None, **fused) -> SchedulerOutput:
         """One fused step for table entry ``key`` as a :class:`SchedulerOutput` (see :meth:`_output`)."""
+        want_x0 = self._x0_with_step(want_x0, sample, model_output, **fused)
         result = self._fused(key, sample, model_output, write_aux=want_x0, **fused)
         return self._output(result, key, sample, model_output, prev_dtype, **fused)
+
+    @staticmethod
+    def _x0_with_step(want_x0: bool, sample: torch.Tensor, model_output: torch.Tensor, **fused) -> bool:
+        """Whether the step kernel must write x0 itself: asked for, or an input is an inference
+        tensor (made under ``torch.inference_mode``), which keeps no version counter, so an
+        in-place edit before a lazily computed x0 is read could not be detected."""
+        if want_x0:
+            return True
+        tensors = (sample, model_output, fused.get("cond"), fused.get("aux"), fused.get("noise"),
+                   *fused.get("history", ()))
+        return any(t is not None and t.is_inference() for t in tensors)
 
     def _output(self, result: ops.StepResult, key, sample: torch.Tensor, model_output: torch.Tensor,
                 prev_dtype: Optional[torch.dtype] = None, **fused) -> SchedulerOutput:
@@ -433,6 +464,8 @@ class MultistepScheduler(FusedScheduler):
     """Shared by the VP multistep schedulers (DPM-Solver, UniPC, DEIS): diffusers' training
     noise schedule, the history of converted model outputs, the per-(step, order) table, and
     ``add_noise``."""
+
+    _unknown_timestep_is_last = True
 
     @property
     def order(self) -> int:  # diffusers' multistep schedulers report order 1 to pipelines

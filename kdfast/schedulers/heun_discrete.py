@@ -170,7 +170,8 @@ class HeunDiscreteScheduler(_SigmaScheduler):
             plan = self._table.plans[(k, 1)]
             fused = dict(cond=cond, guidance_scale=guidance_scale, clip_value=clip)
             result = self._fused((k, 1), sample, model_output, write_history=plan.history is not None,
-                                 write_aux=return_pred_original_sample, **fused)
+                                 write_aux=self._x0_with_step(return_pred_original_sample, sample, model_output,
+                                                              **fused), **fused)
             out = self._output(result, (k, 1), sample, model_output, **fused)
             self.prev_derivative = result.history
             self.dt = self._host_sigmas[k + 1] - self._host_sigmas[k]

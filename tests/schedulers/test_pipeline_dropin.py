@@ -1,6 +1,7 @@
 """kdfast schedulers in the places diffusers pipelines and their users put schedulers: configs
 passed from class to class, hand-edited timesteps, outputs read by key, saved pipelines."""
 import contextlib
+import inspect
 
 import pytest
 import torch
@@ -143,6 +144,23 @@ def test_assigned_timesteps_are_followed_like_diffusers(name, how):
     expected = loop_over_assigned(getattr(diffusers, name).from_config(config), name, ASSIGNED[how])
     got = loop_over_assigned(getattr(K, name).from_config(config), name, ASSIGNED[how])
     assert parity_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_timesteps_edited_in_place_are_followed_like_diffusers(name):
+    # scheduler.timesteps[1] += 30 changes the tensor, not the attribute: no setter runs.
+    results = []
+    for cls in (getattr(diffusers, name), getattr(K, name)):
+        s = cls.from_config(dict(SD_DDIM, timestep_spacing="leading"))
+        s.set_timesteps(10)
+        s.timesteps[1] += 30
+        x = initial_sample() * s.init_noise_sigma
+        gen = torch.Generator().manual_seed(0)
+        for t in s.timesteps:
+            kwargs = dict(generator=gen) if name in NOISY else {}
+            x = s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+        results.append(x)
+    assert parity_error(results[1], results[0]) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler"])
@@ -316,3 +334,44 @@ def test_from_pretrained_with_a_kdfast_scheduler_is_refused_as_the_readme_says(t
         diffusers.DDIMPipeline.from_pretrained(tmp_path, scheduler=kd)
     pipe = K.patch_pipeline(diffusers.DDIMPipeline.from_pretrained(tmp_path))
     assert type(pipe.scheduler) is K.DDIMScheduler and settings(pipe.scheduler.config) == settings(kd.config)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_config_assigned_by_a_pipeline_takes_effect_like_diffusers(name):
+    # StableDiffusionPipeline.__init__ (and ~17 other pipelines) corrects outdated settings with
+    # scheduler._internal_dict = FrozenDict({**scheduler.config, "steps_offset": 1, ...}).
+    from diffusers.configuration_utils import FrozenDict
+
+    runs = []
+    for cls in (getattr(diffusers, name), getattr(K, name), getattr(K, name)):
+        s = cls(**SD_BETAS, timestep_spacing="leading")
+        corrected = {"steps_offset": 1, **({"clip_sample": False} if "clip_sample" in s.config else {})}
+        if len(runs) < 2:
+            s._internal_dict = FrozenDict({**s.config, **corrected})
+        else:  # the same settings given at construction
+            s = cls(**SD_BETAS, timestep_spacing="leading", **corrected)
+        assert {k: s.config[k] for k in corrected} == corrected
+        s.set_timesteps(5)
+        runs.append((s.timesteps.tolist(), run_steps(s)))
+    assert runs[1][0] == runs[0][0] == runs[2][0]
+    assert parity_error(runs[1][1], runs[0][1]) < 1e-5
+    torch.testing.assert_close(runs[1][1], runs[2][1], rtol=0, atol=0)
+    if name == "DDIMScheduler":
+        assert runs[1][0] == [801, 601, 401, 201, 1]  # not the uncorrected 800 ... 0
+
+
+def run_steps(s):
+    x = initial_sample() * s.init_noise_sigma
+    takes_generator = "generator" in inspect.signature(s.step).parameters
+    for i, t in enumerate(s.timesteps):
+        kwargs = {"generator": torch.Generator().manual_seed(i)} if takes_generator else {}
+        x = s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+    return x
+
+
+def test_config_keys_read_as_attributes_warn_like_diffusers():
+    s = K.DDIMScheduler(steps_offset=1)
+    with pytest.warns(FutureWarning, match="scheduler.config.steps_offset"):
+        assert s.steps_offset == 1
+    with pytest.raises(AttributeError, match="no attribute 'not_a_key'"):
+        s.not_a_key

@@ -66,6 +66,63 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
     s.step(m, t, x)
 
 
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "LCMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_a_timestep_not_in_the_schedule_fails_or_takes_the_last_step_like_diffusers(name):
+    # Training code that set a validation schedule and then noises at random training
+    # timesteps: diffusers' sigma schedulers raise IndexError, its multistep ones take the last step.
+    x = torch.ones(3, 1, 2, 2)
+    off = torch.tensor([999, 501, 17])
+    results = []
+    for cls in (getattr(diffusers, name), getattr(K, name)):
+        s = cls()
+        s.set_timesteps(10)
+        assert 501 not in s.timesteps.tolist()
+        try:
+            results.append(s.add_noise(x, torch.zeros_like(x) + 0.5, off))
+        except IndexError:
+            results.append(IndexError)
+        s = cls()
+        s.set_timesteps(10)
+        try:
+            s.step(torch.zeros_like(x), off[1].float(), x)
+            results.append(s.step_index)
+        except IndexError:
+            results.append(IndexError)
+    if name.endswith("MultistepScheduler"):
+        assert results[3] == results[1] == 10
+    else:
+        assert results[3] is IndexError and results[1] is IndexError
+    if isinstance(results[0], torch.Tensor):
+        torch.testing.assert_close(results[2], results[0])
+    else:
+        assert results[2] is IndexError
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_loop_under_inference_mode_equals_one_under_no_grad(name):
+    # Inference tensors keep no version counter: the lazily computed pred_original_sample and
+    # the check of in-place edits to the schedule must not depend on one.
+    outs = []
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            s = getattr(K, name)()
+            s.set_timesteps(6)
+            x = initial_sample() * s.init_noise_sigma
+            gen = torch.Generator().manual_seed(0)
+            x0 = []
+            for t in s.timesteps:
+                m = dummy_model(s.scale_model_input(x, t), t)
+                out = s.step(m, t, x, generator=gen)
+                x = out.prev_sample
+                if name in WITH_X0:
+                    x0.append(out.pred_original_sample)
+            outs.append((x, x0))
+    torch.testing.assert_close(outs[1][0], outs[0][0], rtol=0, atol=0)
+    for a, b in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_continue_like_the_original(name, how):
