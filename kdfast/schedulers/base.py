@@ -3,6 +3,7 @@ coefficient table, and the call into the fused solver_step op."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -199,7 +200,17 @@ class FusedScheduler(ConfigMixin):
     Subclasses compute, in ``set_timesteps``, a :class:`StepPlan` for every step they may
     take and keep them in a :class:`CoefficientTable`; ``step`` then only picks a row,
     rotates the history list and makes one fused kernel call.
+
+    Under ``torch.compile`` the step (and ``scale_model_input``) runs eagerly, a graph break
+    around it: it is already one kernel, and its bookkeeping (which table row, which history
+    entries, which sigma) depends on the Python step index, so tracing it would recompile at
+    every step. Compile the model; to run a
+    whole loop as one graph on a GPU, use :class:`kdfast.CapturedSampler`.
     """
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _steps_run_eagerly(cls)
 
     order = 1
     init_noise_sigma = 1.0
@@ -458,6 +469,32 @@ class FusedScheduler(ConfigMixin):
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample "
                              f"shape {tuple(sample.shape)}")
+
+
+def _steps_run_eagerly(cls) -> None:
+    """Make the ``step``, ``step_cfg`` and ``scale_model_input`` that ``cls`` defines run
+    eagerly under torch.compile
+    (see :class:`FusedScheduler`); ``inspect.signature`` still sees their parameters.
+
+    Only a traced call goes through ``torch.compiler.disable``: its wrapper costs ~3 us per
+    call, most of an eager step's host time."""
+    for name in ("step", "step_cfg", "scale_model_input"):
+        method = cls.__dict__.get(name)
+        if method is None or hasattr(method, "_kdfast_eager"):
+            continue
+        disabled = torch.compiler.disable(method)
+
+        @functools.wraps(method)
+        def step(self, *args, _method=method, _disabled=disabled, **kwargs):
+            if torch.compiler.is_compiling():
+                return _disabled(self, *args, **kwargs)
+            return _method(self, *args, **kwargs)
+
+        step._kdfast_eager = True
+        setattr(cls, name, step)
+
+
+_steps_run_eagerly(FusedScheduler)
 
 
 class MultistepScheduler(FusedScheduler):

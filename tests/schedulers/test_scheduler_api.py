@@ -123,6 +123,33 @@ def test_a_loop_under_inference_mode_equals_one_under_no_grad(name):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("name", ["EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+                                  "DPMSolverMultistepScheduler", "DDIMScheduler"])
+def test_a_compiled_step_function_compiles_once_and_equals_eager(name):
+    # The step runs eagerly inside compiled code (a graph break): it is one kernel already, and
+    # tracing its Python step-index bookkeeping recompiled at every step (9th call: recompile limit).
+    from torch._dynamo.utils import counters
+
+    def one_step(sched, x, t, gen):
+        m = torch.sin(sched.scale_model_input(x, t)) * 0.5  # the model's part, compiled
+        return sched.step(m, t, x, generator=gen).prev_sample
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(one_step, backend="aot_eager")
+    outs = []
+    for f in (one_step, compiled):
+        s = getattr(K, name)()
+        s.set_timesteps(12)
+        x, gen = initial_sample() * s.init_noise_sigma, torch.Generator().manual_seed(0)
+        for t in s.timesteps:
+            x = f(s, x, t, gen)
+        outs.append(x)
+    torch.testing.assert_close(outs[1], outs[0], rtol=1e-6, atol=1e-6)
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("name", ALL)
 @pytest.mark.parametrize("how", ["deepcopy", "pickle"])
 def test_copies_continue_like_the_original(name, how):
