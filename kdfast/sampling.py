@@ -12,6 +12,11 @@ per sigma list; the loop then makes exactly one :func:`kdfast.ops.solver_step` c
 evaluation and no host reads, so it can be captured in a CUDA graph (``sample(...,
 cuda_graph=True)``).
 
+Dtypes: ``x`` may be float32, float16, bfloat16 or float64. float16/bfloat16 latents are stepped
+with float32 math; float64 latents in float64, by the op's reference backend (the compiled
+kernels stop at float32) and with the coefficient table kept in float64, so a float64 loop
+matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15.
+
 Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
 when none is given, draw ``torch.randn_like(x)``-equivalent noise from ``generator`` (the
 global RNG when it is None). ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` therefore default
@@ -187,6 +192,7 @@ class _Plan(NamedTuple):
     evals: Tuple[_Eval, ...]
     rows: Tuple[torch.Tensor, ...]  # float32 CPU views of one packed table
     steps: int
+    rows64: Tuple[torch.Tensor, ...]  # the same table in float64, for float64 samples
 
 
 def _uses(lins: Sequence[Optional[Lin]], source: str) -> bool:
@@ -223,8 +229,9 @@ class _Builder:
         self.rows.append(row)
 
     def plan(self) -> _Plan:
-        table = torch.tensor(self.rows, dtype=torch.float32).reshape(len(self.rows), NUM_COEFS)
-        return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n)
+        table64 = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), NUM_COEFS)
+        table = table64.to(torch.float32)
+        return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n, tuple(table64.unbind(0)))
 
 
 def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise) -> List[Tuple[float, float]]:
@@ -516,8 +523,8 @@ def _plan(name: str, sigmas: Sequence[float], options: Dict[str, Any]) -> _Plan:
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise TypeError(f"x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     if x.dim() == 0:
         raise ValueError("x must have a batch dimension, got a 0-d tensor")
 
@@ -623,6 +630,8 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
              callback, cb_sigmas, bar) -> torch.Tensor:
     """Run the plan's kernel calls; no host reads."""
     g = 1.0 if guidance is None else guidance
+    # float64 samples are stepped in float64 (by the reference backend) with float64 coefficients
+    rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
     hist: List[torch.Tensor] = []
     aux = None
     for ev in plan.evals:
@@ -635,7 +644,7 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
                       'denoised': _guided(m, c, g)})
-        out = ops.solver_step(x, m, plan.rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
+        out = ops.solver_step(x, m, rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
                               history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,
                               write_history=ev.write_history, write_aux=ev.write_aux)
         if ev.aux_from_x:

@@ -4,15 +4,23 @@ The math (see csrc/solver_step/solver_step.h) is a guided, optionally thresholde
 prediction followed by fixed linear combinations. Schedulers compute the 29 coefficients
 of each step on the host, in float64, when their schedule is set; :func:`coefficients`
 packs them. This module is the only place where these tensors become addresses.
+
+float64 steps (a float64 ``sample``) are computed in float64 by the reference backend, the
+pure-torch specification (:mod:`kdfast.reference.solver_step`): the compiled kernels take
+float32, float16 and bfloat16 only. A float64 coefficient row keeps the step's coefficients in
+float64 too; a float32 one (what the schedulers' tables hold) limits a float64 step to float32
+coefficients, a relative error of up to ~6e-8 per coefficient.
 """
 from __future__ import annotations
 
 import math
 from typing import Dict, List, NamedTuple, Optional, Sequence
 
+import numpy as np
 import torch
 
 from .. import _ext, backends
+from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import DTYPE_CODES, addresses, describe, on_device, sample_major
 
@@ -59,6 +67,8 @@ def coefficients(
 
 _Tensor = torch.Tensor
 _isfinite = math.isfinite
+_F32, _F64 = torch.float32, torch.float64
+_KERNEL_DTYPES = "float32, float16 or bfloat16"
 
 
 def _check_like(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Optional[torch.Tensor]:
@@ -70,19 +80,24 @@ def _check_like(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Opt
         raise ValueError(f"{name} must have the shape of sample {tuple(like.shape)}, got {tuple(t.shape)}")
     if t.device != like.device:
         raise ValueError(f"{name} must be on {like.device} like sample, got {t.device}")
-    if t.dtype not in DTYPE_CODES:
-        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.dtype not in DTYPE_CODES and not (t.dtype is _F64 and like.dtype is _F64):
+        raise TypeError(f"{name} must be {_KERNEL_DTYPES} (or float64 with a float64 sample), got {t.dtype}")
     return sample_major(t)
 
 
 def _check_coefs(coefs: torch.Tensor) -> torch.Tensor:
     if not isinstance(coefs, torch.Tensor):
         raise TypeError(f"coefs must be a torch.Tensor of {NUM_COEFS} float32 values, got {type(coefs).__name__}")
-    if not coefs.is_cpu or coefs.dtype != torch.float32 or coefs.numel() != NUM_COEFS:
+    if not coefs.is_cpu or coefs.dtype not in (_F32, _F64) or coefs.numel() != NUM_COEFS:
         raise ValueError(
-            f"coefs must be a CPU float32 tensor of {NUM_COEFS} values, got {describe('coefs', coefs)}"
+            f"coefs must be a CPU float32 (or float64) tensor of {NUM_COEFS} values, got {describe('coefs', coefs)}"
         )
     return coefs.contiguous()
+
+
+def _kernel_coefs(coefs: torch.Tensor) -> torch.Tensor:
+    """``coefs`` as the kernels read them: float32 (a float64 row is rounded)."""
+    return coefs if coefs.dtype is _F32 else coefs.to(_F32)
 
 
 def _check_scalar(name: str, value: float) -> float:
@@ -101,10 +116,23 @@ def _check_clip_value(clip_value: float) -> float:
 
 def _check_dynamic_scale(dynamic_scale, sample: torch.Tensor) -> torch.Tensor:
     batch = sample.shape[0]
-    if (not isinstance(dynamic_scale, torch.Tensor) or dynamic_scale.dtype != torch.float32
+    if (not isinstance(dynamic_scale, torch.Tensor)
+            or not (dynamic_scale.dtype is _F32 or (dynamic_scale.dtype is _F64 and sample.dtype is _F64))
             or dynamic_scale.shape != (batch,) or dynamic_scale.device != sample.device):
-        raise ValueError(f"dynamic_scale must be a float32 tensor of shape ({batch},) on {sample.device}")
+        raise ValueError(f"dynamic_scale must be a float32 tensor of shape ({batch},) on {sample.device} "
+                         "(float64 too with a float64 sample)")
     return dynamic_scale.contiguous()
+
+
+def _float64_backend(op: backends.Op, device_type: str, backend: Optional[str]) -> backends.Implementation:
+    """The implementation that computes a float64 step: the reference, in float64. A compiled
+    backend forced by ``backend`` or ``KDFAST_BACKEND`` cannot, and says so."""
+    forced = backend or backends._FORCED
+    if forced and forced != "reference":
+        raise BackendUnavailableError(
+            f"backend {forced!r} cannot run kdfast.{op.name} on float64 tensors: the compiled kernels compute in "
+            f"{_KERNEL_DTYPES}; float64 is computed by the reference backend (in float64)")
+    return op.select(device_type, "reference")
 
 
 def _needs_dispatcher(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
@@ -149,9 +177,12 @@ def solver_step(
     """Run one fused solver step.
 
     Args:
-        sample: the current latent ``x``, shape ``[batch, ...]``, float32/16 or bfloat16.
+        sample: the current latent ``x``, shape ``[batch, ...]``, float32/16, bfloat16 or float64.
+            A float64 step is computed in float64 by the reference backend (the compiled
+            kernels take float32/16 and bfloat16); its other tensors may be float64 too.
         model_output: the model's output; the unconditional one when ``cond`` is given.
-        coefs: CPU float32 tensor of 29 coefficients (see :func:`coefficients`).
+        coefs: CPU float32 tensor of 29 coefficients (see :func:`coefficients`), or float64:
+            a float64 step then uses them in float64 (the kernels read them as float32).
         cond: conditional model output for classifier-free guidance
             ``m = model_output + guidance_scale * (cond - model_output)``.
         guidance_scale: the scale of that combination (a finite float; read only with ``cond``).
@@ -159,10 +190,12 @@ def solver_step(
         aux: an extra latent the step combines (UniPC's last sample, Heun's first-stage sample).
         noise: noise for SDE / ancestral steps, drawn by the caller's generator.
         clip_value: clamp x0 to ``[-clip_value, clip_value]`` (diffusers ``clip_sample``).
-        dynamic_scale: per-sample float32 ``[batch]`` scale from :func:`threshold_scale`;
-            x0 is clamped to ``[-s, s]`` and divided by ``s`` (dynamic thresholding).
+        dynamic_scale: per-sample float32 ``[batch]`` scale from :func:`threshold_scale`
+            (float64 for a float64 sample); x0 is clamped to ``[-s, s]`` and divided by ``s``
+            (dynamic thresholding).
         write_history / write_aux: also return the history entry / auxiliary output.
-        history_dtype: dtype of the returned history entry (default: the sample's dtype).
+        history_dtype: dtype of the returned history entry (default: the sample's dtype;
+            float64 only for a float64 sample).
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 
     Returns:
@@ -185,8 +218,8 @@ def solver_step(
 def _check_sample(sample) -> None:
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    if sample.dtype not in DTYPE_CODES:
-        raise TypeError(f"sample must be float32, float16 or bfloat16, got {sample.dtype}")
+    if sample.dtype not in DTYPE_CODES and sample.dtype is not _F64:
+        raise TypeError(f"sample must be {_KERNEL_DTYPES} or float64, got {sample.dtype}")
     if sample.dim() == 0:
         raise ValueError("sample must have a batch dimension, got a 0-d tensor")
 
@@ -202,23 +235,28 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     """:func:`solver_step` with its arguments by position, for kdfast's own schedulers.
 
     The caller guarantees what it owns: ``coefs`` is a row of a table it packed with
-    :func:`coefficients` (a contiguous CPU float32 tensor of 29 values), ``history`` holds at
-    most 3 entries and ``clip_value`` / ``dynamic_scale`` are not both given. Every tensor and
-    scalar is checked here, with :func:`solver_step`'s errors: they come from the scheduler's
-    user (sample, model output, noise, history injected from outside).
+    :func:`coefficients` (a contiguous CPU tensor of 29 values, float32, or float64 for full
+    precision in float64 steps), ``history`` holds at most 3 entries and ``clip_value`` /
+    ``dynamic_scale`` are not both given. Every tensor and scalar is checked here, with
+    :func:`solver_step`'s errors: they come from the scheduler's user (sample, model output,
+    noise, history injected from outside).
 
     Eager calls on the C++ backends (nearly all calls) check each tensor and take its address,
     batch stride and dtype code in one pass, then call the binding: a tensor property read
     costs 0.1-0.3 us and a step reads up to 8 tensors, so each property is read once. Other
     calls (a forced or non-C++ backend, autograd, torch.compile, dispatch modes, empty
-    tensors) go through :func:`_solver_step` or the custom op, which pack again themselves.
+    tensors, float64 samples) go through :func:`_solver_step` or the custom op, which pack
+    again themselves.
     """
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     dtype = sample.dtype
     code = DTYPE_CODES.get(dtype)
     if code is None:
-        raise TypeError(f"sample must be float32, float16 or bfloat16, got {dtype}")
+        if dtype is _F64:
+            return _float64_step(sample, model_output, coefs, cond, guidance_scale, history, aux, noise, clip_value,
+                                 dynamic_scale, write_history, write_aux, history_dtype, backend)
+        raise TypeError(f"sample must be {_KERNEL_DTYPES} or float64, got {dtype}")
     shape = sample.shape
     if not shape:
         raise ValueError("sample must have a batch dimension, got a 0-d tensor")
@@ -276,23 +314,24 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     if dynamic_scale is not None:
         threshold = THRESHOLD_DYNAMIC
         dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
+        if type(dynamic_scale) is not _Tensor or (grad and dynamic_scale.requires_grad):
+            dispatch = True  # the scale's gradient (dynamic thresholding under autograd)
     if history_dtype is None:
         history_dtype = dtype
     elif history_dtype not in DTYPE_CODES:
-        raise TypeError(f"history_dtype must be float32, float16 or bfloat16, got {history_dtype}")
+        raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
+                        f"got {history_dtype}")
 
     launch = None
     if not dispatch and numel:
         launch = _LAUNCHERS.get(step_op.select("cpu" if on_cpu else sample.device.type, backend).backend)
     if launch is None:
-        mask = _OUT_SAMPLE | (_OUT_HISTORY if write_history else 0) | (_OUT_AUX if write_aux else 0)
         _, model_output, cond, h0, h1, h2, aux, noise = inputs
-        args = (sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
-                dynamic_scale, mask, history_dtype)
-        outs = torch.ops.kdfast.solver_step(*args, backend or "") if dispatch else _solver_step(*args, backend=backend)
-        it = iter(outs)
-        return StepResult(next(it), next(it) if write_history else None, next(it) if write_aux else None)
+        return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
+                             clip, dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
 
+    if coefs.dtype is not _F32:
+        coefs = _kernel_coefs(coefs)
     # The outputs as _allocate makes them (the plainest empty_like parses its arguments fastest
     # and keeps a contiguous layout), the addresses as _step_args packs them.
     if contiguous:
@@ -314,6 +353,48 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
                     coefs.data_ptr(), guidance_scale, threshold, clip,
                     0 if dynamic_scale is None else dynamic_scale.data_ptr()))
     return StepResult(out, hist_out, aux_out)
+
+
+def _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
+                  dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch) -> StepResult:
+    """A checked step through the custom op (``dispatch``) or :func:`_solver_step`."""
+    mask = _OUT_SAMPLE | (_OUT_HISTORY if write_history else 0) | (_OUT_AUX if write_aux else 0)
+    args = (sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
+            dynamic_scale, mask, history_dtype)
+    outs = torch.ops.kdfast.solver_step(*args, backend or "") if dispatch else _solver_step(*args, backend=backend)
+    it = iter(outs)
+    return StepResult(next(it), next(it) if write_history else None, next(it) if write_aux else None)
+
+
+def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, aux, noise, clip_value, dynamic_scale,
+                  write_history, write_aux, history_dtype, backend) -> StepResult:
+    """:func:`fused_step` for a float64 ``sample``: the same checks, then the reference backend in
+    float64 (through the custom op when autograd, compile or a dispatch mode needs it)."""
+    if not sample.shape:
+        raise ValueError("sample must have a batch dimension, got a 0-d tensor")
+    if model_output is None:
+        raise TypeError("model_output must be a torch.Tensor, got None")
+    sample = sample_major(sample)
+    n_hist = len(history)
+    others = [model_output, cond, history[0] if n_hist else None, history[1] if n_hist > 1 else None,
+              history[2] if n_hist > 2 else None, aux, noise]
+    others = [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
+    guidance_scale = _check_scalar("guidance_scale", guidance_scale)
+    threshold, clip = THRESHOLD_NONE, 1.0
+    if clip_value is not None:
+        threshold, clip = THRESHOLD_CLIP, _check_clip_value(clip_value)
+    if dynamic_scale is not None:
+        threshold = THRESHOLD_DYNAMIC
+        dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
+    if history_dtype is None:
+        history_dtype = _F64
+    elif history_dtype not in DTYPE_CODES and history_dtype is not _F64:
+        raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
+                        f"got {history_dtype}")
+    dispatch = _needs_dispatcher((sample, *others, dynamic_scale))
+    model_output, cond, h0, h1, h2, aux, noise = others
+    return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
+                         dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
 
 
 def _allocate(sample: torch.Tensor, mask: int, history_dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
@@ -340,7 +421,13 @@ def _solver_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, 
     outputs = _allocate(sample, mask, history_dtype)
     if sample.numel() > 0:
         # .is_cpu costs a fifth of .device.type, and nearly every call is on the CPU or CUDA.
-        impl = step_op.select("cpu" if sample.is_cpu else sample.device.type, backend)
+        device_type = "cpu" if sample.is_cpu else sample.device.type
+        if sample.dtype is _F64:
+            impl = _float64_backend(step_op, device_type, backend)
+        else:
+            impl = step_op.select(device_type, backend)
+            if impl.backend != "reference":
+                coefs = _kernel_coefs(coefs)
         impl.run([sample, model_output, cond, h0, h1, h2, aux, noise], outputs, coefs, guidance_scale, threshold,
                  clip_value, dynamic_scale)
     return [o for o in outputs if o is not None]
@@ -351,7 +438,9 @@ def _solver_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, 
 
 @step_op.register("reference")
 def _step_reference(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale):
-    outs = ref.solver_step(inputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale)
+    # float32 math for the kernel dtypes (as the kernels compute), float64 for a float64 step
+    compute = _F64 if inputs[0].dtype is _F64 else _F32
+    outs = ref.solver_step(inputs, coefs, guidance_scale, threshold, clip_value, dynamic_scale, compute)
     for out, value in zip(outputs, outs):
         if out is not None:
             out.copy_(value)
@@ -434,16 +523,18 @@ def _solver_step_op(
         dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
     if not out_mask & _OUT_SAMPLE or out_mask & ~(_OUT_SAMPLE | _OUT_HISTORY | _OUT_AUX):
         raise ValueError(f"out_mask must include the sample output (1) and only bits 1, 2, 4, got {out_mask}")
-    if history_dtype not in DTYPE_CODES:
-        raise TypeError(f"history_dtype must be float32, float16 or bfloat16, got {history_dtype}")
+    if history_dtype not in DTYPE_CODES and not (history_dtype is _F64 and sample.dtype is _F64):
+        raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
+                        f"got {history_dtype}")
     return _solver_step(sample, model_output, coefs, cond, guidance_scale, history0, history1, history2,
                         aux, noise, threshold, clip_value, dynamic_scale, out_mask, history_dtype,
                         backend=backend or None)
 
 
 def _checked_op_tensors(sample, *others) -> list:
-    if not isinstance(sample, torch.Tensor) or sample.dtype not in DTYPE_CODES or sample.dim() == 0:
-        raise TypeError(f"sample must be a float32, float16 or bfloat16 tensor with a batch dimension, got "
+    if (not isinstance(sample, torch.Tensor) or (sample.dtype not in DTYPE_CODES and sample.dtype is not _F64)
+            or sample.dim() == 0):
+        raise TypeError(f"sample must be a float32, float16, bfloat16 or float64 tensor with a batch dimension, got "
                         f"{describe('sample', sample) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
     return [sample_major(sample)] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
 
@@ -454,35 +545,37 @@ def _(sample, model_output, coefs, cond, guidance_scale, history0, history1, his
     return [o for o in _allocate(sample, out_mask, history_dtype) if o is not None]
 
 
-_DIFFERENTIABLE = ("sample", "model_output", "cond", "history0", "history1", "history2", "aux", "noise")
-
-
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*(inputs[i] for i in (0, 1, 3, 5, 6, 7, 8, 9)))
+    # sample, model_output, cond, history0-2, aux, noise, dynamic_scale
+    ctx.save_for_backward(*(inputs[i] for i in (0, 1, 3, 5, 6, 7, 8, 9, 12)))
     ctx.coefs = inputs[2]
-    ctx.scalars = (inputs[4], inputs[10], inputs[11], inputs[12], inputs[13])
+    ctx.scalars = (inputs[4], inputs[10], inputs[11], inputs[13])
 
 
 def _backward(ctx, grads):
     # The step is linear apart from guidance and thresholding, so the vector-Jacobian product
-    # of the reference (with the dynamic threshold scale held constant) is exact and cheap.
-    saved = list(ctx.saved_tensors)
-    guidance_scale, threshold, clip_value, dynamic_scale, mask = ctx.scalars
+    # of the reference is exact and cheap. A dynamic threshold scale gets its gradient too
+    # (it comes from threshold_scale, whose own backward carries it on to x and the model).
+    *saved, dynamic_scale = ctx.saved_tensors
+    guidance_scale, threshold, clip_value, mask = ctx.scalars
+    compute = _F64 if saved[0].dtype is _F64 else _F32  # what the forward computed in
+    if threshold != THRESHOLD_DYNAMIC:
+        dynamic_scale = None
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().float().requires_grad_(True) for t in saved]
-        outs = ref.solver_step(leaves, ctx.coefs, guidance_scale, threshold, clip_value,
-                               None if dynamic_scale is None else dynamic_scale.detach())
+        leaves = [None if t is None else t.detach().to(compute).requires_grad_(True) for t in saved]
+        scale = None if dynamic_scale is None else dynamic_scale.detach().to(compute).requires_grad_(True)
+        outs = ref.solver_step(leaves, ctx.coefs, guidance_scale, threshold, clip_value, scale, compute)
         kept = [outs[k] for k in range(3) if mask & (1 << k)]
         pairs = [(o, g) for o, g in zip(kept, grads) if g is not None]
-        wrt = [t for t in leaves if t is not None]
-        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.float() for _, g in pairs], allow_unused=True)
+        wrt = [t for t in leaves + [scale] if t is not None]
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(compute) for _, g in pairs], allow_unused=True)
     it = iter(got)
     result = []
-    for orig, leaf in zip(saved, leaves):
+    for orig, leaf in zip(saved + [dynamic_scale], leaves + [scale]):
         g = None if leaf is None else next(it)
         result.append(None if g is None or orig is None else g.to(orig.dtype))
-    sample_g, model_g, cond_g, h0_g, h1_g, h2_g, aux_g, noise_g = result
-    return (sample_g, model_g, None, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, None, None, None,
+    sample_g, model_g, cond_g, h0_g, h1_g, h2_g, aux_g, noise_g, scale_g = result
+    return (sample_g, model_g, None, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, scale_g, None, None,
             None)
 
 
@@ -507,10 +600,15 @@ def threshold_scale(
     """Per-sample dynamic-thresholding scale ``clamp(quantile(|x0|, ratio), 1, max_value)``.
 
     ``x0 = x0_from_x * sample + x0_from_model * m`` with ``m`` the guided model output, as
-    in :func:`solver_step`. Returns float32 ``[batch]`` on the sample's device, no host sync.
+    in :func:`solver_step`. Returns float32 ``[batch]`` on the sample's device, no host sync
+    (float64, computed in float64 by the reference backend, for a float64 sample).
+    Differentiable: the gradient is torch.quantile's (linear interpolation between the two
+    order statistics around the quantile, sent back through ``|x0|``), zero where the clamp
+    to ``[1, max_value]`` is active.
     """
-    if not isinstance(sample, torch.Tensor) or sample.dtype not in DTYPE_CODES or sample.dim() == 0:
-        raise TypeError("sample must be a float32/float16/bfloat16 tensor with a batch dimension")
+    if (not isinstance(sample, torch.Tensor) or (sample.dtype not in DTYPE_CODES and sample.dtype is not _F64)
+            or sample.dim() == 0):
+        raise TypeError("sample must be a float32/float16/bfloat16/float64 tensor with a batch dimension")
     if sample.numel() == 0 or sample.numel() // sample.shape[0] == 0:
         raise ValueError(f"sample must have at least one element per sample, got shape {tuple(sample.shape)}")
     sample = sample_major(sample)
@@ -528,15 +626,21 @@ def threshold_scale(
 
 def _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
                      backend=None):
-    out = torch.empty(sample.shape[0], dtype=torch.float32, device=sample.device)
-    impl = threshold_op.select(sample.device.type, backend)
+    device_type = sample.device.type
+    if sample.dtype is _F64:
+        out = torch.empty(sample.shape[0], dtype=_F64, device=sample.device)
+        impl = _float64_backend(threshold_op, device_type, backend)
+    else:
+        out = torch.empty(sample.shape[0], dtype=_F32, device=sample.device)
+        impl = threshold_op.select(device_type, backend)
     impl.run(out, sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
     return out
 
 
 @threshold_op.register("reference")
 def _threshold_reference(out, x, model, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value):
-    out.copy_(ref.threshold_scale(x, model, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value))
+    out.copy_(ref.threshold_scale(x, model, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
+                                  compute_dtype=out.dtype))
 
 
 def _threshold_args(out, x, model, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value):
@@ -565,4 +669,65 @@ def _threshold_scale_op(sample: torch.Tensor, model_output: torch.Tensor, cond: 
 
 @_threshold_scale_op.register_fake
 def _(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value):
-    return sample.new_empty((sample.shape[0],), dtype=torch.float32)
+    return sample.new_empty((sample.shape[0],), dtype=_F64 if sample.dtype is _F64 else _F32)
+
+
+def _quantile_position(ratio: float, n: int, dtype: torch.dtype):
+    """(lo, hi, frac): the ``ratio`` quantile of ``n`` sorted values lies between elements ``lo``
+    and ``hi`` at ``frac``, computed as the kernels (csrc quantile_position) and torch.quantile
+    compute it: in float32 for float32 math up to 2^24 values, else in float64."""
+    if dtype is not _F64 and n <= (1 << 24):
+        pos = np.float32(ratio) * np.float32(n - 1)
+        lo = int(np.floor(pos))
+        frac = float(pos - np.float32(lo))
+    else:
+        pos = float(ratio) * float(n - 1)
+        lo = int(math.floor(pos))
+        frac = pos - lo
+    lo = min(max(lo, 0), n - 1)
+    return lo, min(lo + 1, n - 1), frac
+
+
+def _threshold_setup_context(ctx, inputs, output):
+    sample, model_output, cond = inputs[:3]
+    ctx.save_for_backward(sample, model_output, cond, output)
+    ctx.scalars = inputs[3:]
+
+
+def _threshold_backward(ctx, grad):
+    """The vector-Jacobian product of ``clamp(quantile(|x0|, ratio), 1, max_value)``, analytic:
+    the quantile's linear interpolation sends ``1 - frac`` of the gradient to the ``lo``-th
+    smallest ``|x0|`` and ``frac`` to the ``hi``-th (found by the same sort torch.quantile
+    uses, so ties go where its gradient sends them), ``|.|`` multiplies by ``sign(x0)``, and the
+    clamp passes it only where ``1 <= quantile <= max_value`` (none where the scale is NaN).
+    Equal to autograd through the pure-torch reference, without torch.quantile's limit of
+    2^24 values."""
+    sample, model_output, cond, scale = ctx.saved_tensors
+    guidance_scale, x0_from_x, x0_from_model, ratio, max_value = ctx.scalars
+    compute = _F64 if sample.dtype is _F64 else _F32
+    m = ref.guided(model_output.to(compute), None if cond is None else cond.to(compute), guidance_scale)
+    x0 = (x0_from_x * sample.to(compute) + x0_from_model * m).reshape(sample.shape[0], -1)
+    values, order = x0.abs().sort(dim=1)
+    lo, hi, frac = _quantile_position(ratio, x0.shape[1], compute)
+    below, above = values[:, lo], values[:, hi]
+    quantile = torch.lerp(below, above, torch.tensor(frac, dtype=compute, device=below.device))
+    g = grad.to(compute) * ((quantile >= 1.0) & (quantile <= max_value) & ~scale.isnan())
+    g_abs = torch.zeros_like(x0)
+    g_abs.scatter_add_(1, order[:, lo:lo + 1], (g * (1.0 - frac)).unsqueeze(1))
+    g_abs.scatter_add_(1, order[:, hi:hi + 1], (g * frac).unsqueeze(1))
+    g_x0 = (g_abs * x0.sign()).reshape(sample.shape)
+    need = ctx.needs_input_grad
+    grad_sample = (x0_from_x * g_x0).to(sample.dtype) if need[0] else None
+    grad_model = grad_cond = None
+    if cond is None:
+        if need[1]:
+            grad_model = (x0_from_model * g_x0).to(model_output.dtype)
+    else:  # m = model + s * (cond - model)
+        if need[1]:
+            grad_model = (x0_from_model * (1.0 - guidance_scale) * g_x0).to(model_output.dtype)
+        if need[2]:
+            grad_cond = (x0_from_model * guidance_scale * g_x0).to(cond.dtype)
+    return grad_sample, grad_model, grad_cond, None, None, None, None, None
+
+
+_threshold_scale_op.register_autograd(_threshold_backward, setup_context=_threshold_setup_context)

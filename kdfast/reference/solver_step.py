@@ -5,6 +5,9 @@ Inputs are, in order: x, model, cond, h0, h1, h2, aux, noise (absent ones are No
 out_k = sum_j coefs[2 + 9k + j] * src_j with src = (x, m, u, x0, h0, h1, h2, aux, noise),
 where a zero coefficient drops its term (an unused inf/NaN source cannot poison an output)
 and absent inputs read as 0.
+
+It is also what runs float64 steps: :mod:`kdfast.ops.solver_step` serves float64 samples
+from these functions with ``compute_dtype=torch.float64`` (the compiled kernels stop at float32).
 """
 from __future__ import annotations
 
@@ -45,7 +48,9 @@ def solver_step(
         x0 = x0.clamp(-clip_value, clip_value)
     elif threshold == THRESHOLD_DYNAMIC:
         s = _per_sample(dynamic_scale.to(compute_dtype), x0)
-        x0 = torch.minimum(torch.maximum(x0, -s), s) / s
+        # torch.clamp as diffusers' _threshold_sample: the same values as min/max, and the same
+        # gradient where x0 equals +-s (clamp gives it to x0, min/max would split it)
+        x0 = torch.clamp(x0, -s, s) / s
     sources = [x, m, model, x0, vals[3], vals[4], vals[5], vals[6], vals[7]]
     outs = []
     for k in range(NUM_OUTPUTS):
@@ -69,9 +74,10 @@ def threshold_scale(
     max_value: float,
     compute_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Per-sample clamp(quantile(|x0|, ratio), 1, max_value) as float32 [batch]."""
+    """Per-sample clamp(quantile(|x0|, ratio), 1, max_value) as ``[batch]``: float32, or float64
+    when ``compute_dtype`` is float64."""
     m = guided(model.to(compute_dtype), None if cond is None else cond.to(compute_dtype), guidance_scale)
     x0 = x0_from_x * x.to(compute_dtype) + x0_from_model * m
     flat = x0.reshape(x0.shape[0], -1).abs()
     s = torch.quantile(flat, ratio, dim=1)
-    return torch.clamp(s, min=1.0, max=max_value).to(torch.float32)
+    return torch.clamp(s, min=1.0, max=max_value).to(torch.float64 if compute_dtype == torch.float64 else torch.float32)

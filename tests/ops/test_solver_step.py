@@ -162,10 +162,10 @@ def test_bad_core_arguments(good):
         ops.solver_step(x, m[:1], c)
     with pytest.raises(TypeError, match="sample must be float32"):
         ops.solver_step(x.long(), m, c)
-    with pytest.raises(ValueError, match="coefs must be a CPU float32 tensor of 29"):
+    with pytest.raises(ValueError, match=r"coefs must be a CPU float32 \(or float64\) tensor of 29"):
         ops.solver_step(x, m, torch.zeros(28))
-    with pytest.raises(ValueError, match="coefs must be a CPU float32 tensor of 29"):
-        ops.solver_step(x, m, torch.zeros(29, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"coefs must be a CPU float32 \(or float64\) tensor of 29"):
+        ops.solver_step(x, m, torch.zeros(29, dtype=torch.float16))
     with pytest.raises(ValueError, match="unknown source"):
         ops.coefficients(1.0, 0.0, sample={"eps": 1.0})
 
@@ -188,8 +188,10 @@ def test_registered_op_checks_what_the_kernels_trust(good):
     for call, exc, match in [
         (lambda: _raw_op(x, m[:1], c), ValueError, "model_output must have the shape"),
         (lambda: _raw_op(x, m, c, cond=m[..., :7]), ValueError, "cond must have the shape"),
-        (lambda: _raw_op(x, m, torch.zeros(5)), ValueError, "coefs must be a CPU float32 tensor of 29"),
-        (lambda: _raw_op(x.double(), m, c), TypeError, "sample must be a float32"),
+        (lambda: _raw_op(x, m, torch.zeros(5)), ValueError, r"coefs must be a CPU float32 \(or float64\) tensor"),
+        (lambda: _raw_op(x.long(), m, c), TypeError, "sample must be a float32"),
+        (lambda: _raw_op(x, m.double(), c), TypeError, "model_output must be float32"),
+        (lambda: _raw_op(x, m, c, history_dtype=torch.float64, mask=3), TypeError, "history_dtype"),
         (lambda: _raw_op(x, m, c, threshold=1, clip=-1.0), ValueError, "clip_value must be >= 0"),
         (lambda: _raw_op(x, m, c, threshold=2), ValueError, "dynamic_scale must be"),
         (lambda: _raw_op(x, m, c, mask=2), ValueError, "out_mask"),
@@ -340,7 +342,8 @@ def test_fused_step_thresholds_like_the_public_step(good):
     (dict(model_output=None), TypeError, "model_output must be a torch.Tensor"),
     (dict(model_output=torch.randn(2, 4, 8, 8).long()), TypeError, "model_output must be float32"),
     (dict(sample=torch.zeros(())), ValueError, "batch dimension"),
-    (dict(sample=torch.zeros(2, 4, 8, 8, dtype=torch.float64)), TypeError, "sample must be float32"),
+    (dict(sample=torch.zeros(2, 4, 8, 8, dtype=torch.int32)), TypeError, "sample must be float32"),
+    (dict(history_dtype=torch.float64), TypeError, r"history_dtype .*float64 with a float64 sample"),
     (dict(guidance_scale=float("nan")), ValueError, "guidance_scale must be a finite"),
     (dict(clip_value=float("inf")), ValueError, "clip_value must be a finite"),
     (dict(clip_value=-1.0), ValueError, "clip_value must be >= 0"),
@@ -390,6 +393,20 @@ def test_opcheck_solver_step():
 def test_opcheck_threshold_scale():
     x = torch.randn(3, 50)
     torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0))
+    # with inputs that need a gradient: the autograd formula is registered and checked too
+    g = torch.Generator().manual_seed(2)
+    x, m, c = (torch.randn(3, 50, generator=g) * 3).requires_grad_(True), torch.randn(3, 50, generator=g), \
+        torch.randn(3, 50, generator=g).requires_grad_(True)
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, m, c, 2.0, 1.0, -0.5, 0.9, 100.0))
+
+
+def test_opcheck_solver_step_with_dynamic_scale_gradient():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 5, generator=g).requires_grad_(True)
+    scale = torch.tensor([1.2, 2.5]).requires_grad_(True)
+    args = (x, torch.randn_like(x), random_coefs(g), None, 1.0, torch.randn_like(x).requires_grad_(True), None, None,
+            None, None, 2, 1.0, scale, 3, torch.float32, "")
+    torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
 
 
 def test_autograd_matches_reference():
@@ -508,6 +525,299 @@ def test_zero_coefficient_drops_an_inf_source(backend):
     c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x": 2.0}), dtype=torch.float32)
     out = ops.solver_step(x, torch.randn_like(x), c, noise=noise, backend=backend).sample
     torch.testing.assert_close(out, 2 * x)
+
+
+# --------------------------------------------------------------------------- float64 (the reference, in float64)
+
+
+def _float64_case(seed=20, shape=(2, 3, 5, 7)):
+    case = make_case(shape, torch.float64, 3, True, True, True, seed=seed)
+    case["coefs"] = torch.randn(29, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return case
+
+
+def _float64_expected(case, coefs=None, **kw):
+    threshold = 1 if kw.get("clip_value") is not None else (2 if kw.get("dynamic_scale") is not None else 0)
+    hist = case["history"] + [None] * (3 - len(case["history"]))
+    inputs = [case["sample"], case["model_output"], case["cond"], *hist, case["aux"], case["noise"]]
+    return ref.solver_step(inputs, case["coefs"] if coefs is None else coefs, kw.get("guidance_scale", 1.0),
+                           threshold, kw.get("clip_value") or 1.0, kw.get("dynamic_scale"), torch.float64)
+
+
+@pytest.mark.parametrize("threshold", ["none", "clip", "dynamic"])
+def test_float64_step_is_the_reference_in_float64(threshold):
+    case = _float64_case()
+    kw = dict(guidance_scale=2.5)
+    if threshold == "clip":
+        kw["clip_value"] = 0.8
+    elif threshold == "dynamic":
+        kw["dynamic_scale"] = torch.tensor([1.0, 1.9], dtype=torch.float64)
+    expected = _float64_expected(case, **kw)
+    public = ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
+                             history=case["history"], aux=case["aux"], noise=case["noise"], write_history=True,
+                             write_aux=True, **kw)
+    fused = fused_step(case["sample"], case["model_output"], case["coefs"], case["cond"], 2.5, case["history"],
+                       case["aux"], case["noise"], kw.get("clip_value"), kw.get("dynamic_scale"), True, True, None)
+    general = _custom_op(case, guidance_scale=2.5, clip_value=kw.get("clip_value"),
+                         dynamic_scale=kw.get("dynamic_scale"))
+    for outs in (public, fused, general):
+        for got, exp in zip(outs, expected):
+            assert got.dtype == torch.float64
+            assert torch.equal(got, exp)
+
+
+def test_float64_step_keeps_float64_coefficients():
+    """A float64 row is used in full by a float64 step (the same math by hand, to rounding);
+    a float32 row is the float64 row rounded, ~1e-8 off; a kernel-dtype step reads a float64
+    row rounded to float32, exactly as if given the float32 row."""
+    g = torch.Generator().manual_seed(21)
+    x64 = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    m64 = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    a, b, c, d = 0.1234567890123, -1.0000000123, 0.3333333333333, 0.7071067811865
+    row = ops.coefficients(a, b, sample={"x": c, "x0": d})
+    c64, c32 = torch.tensor(row, dtype=torch.float64), torch.tensor(row, dtype=torch.float32)
+    by_hand = c * x64 + d * (a * x64 + b * m64)
+    full = ops.solver_step(x64, m64, c64).sample
+    rounded = ops.solver_step(x64, m64, c32).sample
+    assert full.dtype == rounded.dtype == torch.float64
+    assert (full - by_hand).abs().max() <= 1e-15
+    assert 1e-9 < (rounded - by_hand).abs().max() < 1e-6
+    x32, m32 = x64.float(), m64.float()
+    for backend in [None, *BACKENDS, "reference"]:
+        assert torch.equal(ops.solver_step(x32, m32, c64, backend=backend).sample,
+                           ops.solver_step(x32, m32, c32, backend=backend).sample), backend
+    assert torch.equal(fused_step(x32, m32, c64, None, 1.0, (), None, None, None, None, False, False, None).sample,
+                       ops.solver_step(x32, m32, c32).sample)
+
+
+def test_float64_history_dtypes_and_mixed_inputs():
+    case = _float64_case(seed=22)
+    expected = _float64_expected(case)
+    # float32 model output / history read into a float64 step; a float32 history entry written
+    mixed = dict(case, model_output=case["model_output"].float(), history=[h.float() for h in case["history"]])
+    res = ops.solver_step(mixed["sample"], mixed["model_output"], case["coefs"], cond=case["cond"],
+                          history=mixed["history"], aux=case["aux"], noise=case["noise"], write_history=True,
+                          history_dtype=torch.float32)
+    exp = _float64_expected(mixed)
+    assert res.sample.dtype == torch.float64 and res.history.dtype == torch.float32
+    assert torch.equal(res.sample, exp[0]) and torch.equal(res.history, exp[1].float())
+    res = ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
+                          history=case["history"], aux=case["aux"], noise=case["noise"], write_history=True)
+    assert res.history.dtype == torch.float64 and torch.equal(res.history, expected[1])
+    # a float64 tensor in a float32 step stays an error: the kernels read float32/16/bf16 only
+    x = case["sample"].float()
+    for kwargs, match in ((dict(noise=case["noise"]), "noise must be float32"),
+                          (dict(cond=case["cond"]), "cond must be float32"),
+                          (dict(history_dtype=torch.float64, write_history=True), "history_dtype"),
+                          (dict(dynamic_scale=torch.ones(2, dtype=torch.float64)), "dynamic_scale")):
+        with pytest.raises((TypeError, ValueError), match=match):
+            ops.solver_step(x, x, case["coefs"], **kwargs)
+
+
+def test_float64_is_served_by_the_reference_only(monkeypatch):
+    """No compiled backend claims float64: a forced one (argument or KDFAST_BACKEND) says why."""
+    case = _float64_case(seed=23)
+    x, m, c = case["sample"], case["model_output"], case["coefs"]
+    op = kdfast.backends.op("solver_step")
+    assert op.select("cpu").backend == "cpu"  # float32 and friends still get the kernel
+    for backend in [*BACKENDS, "cuda"]:
+        with pytest.raises(BackendUnavailableError, match=f"backend '{backend}' cannot run kdfast.solver_step on "
+                                                          "float64 tensors"):
+            ops.solver_step(x, m, c, backend=backend)
+        with pytest.raises(BackendUnavailableError, match="kdfast.threshold_scale on float64"):
+            ops.threshold_scale(x, m, 1.0, -0.5, backend=backend)
+    assert torch.equal(ops.solver_step(x, m, c, backend="reference").sample, ops.solver_step(x, m, c).sample)
+    monkeypatch.setenv("KDFAST_BACKEND", "cpu")
+    kdfast.backends.refresh()
+    try:
+        with pytest.raises(BackendUnavailableError, match="float64 is computed by the reference backend"):
+            ops.solver_step(x, m, c)
+        assert ops.solver_step(x.float(), m.float(), c).sample.dtype == torch.float32
+    finally:
+        monkeypatch.undo()
+        kdfast.backends.refresh()
+
+
+def test_float64_autograd_and_compile():
+    case = _float64_case(seed=24, shape=(2, 3, 4))
+    scale = torch.tensor([1.3, 2.0], dtype=torch.float64)
+    leaves = [case["sample"].clone().requires_grad_(True), case["model_output"].clone().requires_grad_(True),
+              case["history"][0].clone().requires_grad_(True), scale.clone().requires_grad_(True)]
+    res = ops.solver_step(leaves[0], leaves[1], case["coefs"], history=[leaves[2]], dynamic_scale=leaves[3],
+                          write_history=True)
+    assert res.sample.dtype == res.history.dtype == torch.float64
+    (res.sample.sin().sum() + res.history.square().sum()).backward()
+    exp_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    outs = ref.solver_step([exp_leaves[0], exp_leaves[1], None, exp_leaves[2], None, None, None, None],
+                           case["coefs"], 1.0, 2, 1.0, exp_leaves[3], torch.float64)
+    (outs[0].sin().sum() + outs[1].square().sum()).backward()
+    for got, exp in zip(leaves, exp_leaves):
+        assert got.grad.dtype == torch.float64
+        torch.testing.assert_close(got.grad, exp.grad, rtol=1e-14, atol=1e-14)
+    c = case["coefs"]
+    compiled = torch.compile(lambda x, m: ops.solver_step(x, m, c).sample * 2, backend="aot_eager", fullgraph=True)
+    x, m = case["sample"], case["model_output"]
+    out = compiled(x, m)
+    assert out.dtype == torch.float64 and torch.equal(out, ops.solver_step(x, m, c).sample * 2)
+
+
+def test_opcheck_float64():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(29, generator=g, dtype=torch.float64)
+    args = (x, torch.randn_like(x), c, torch.randn_like(x), 3.0, torch.randn_like(x), None, None,
+            torch.randn_like(x), torch.randn_like(x), 2, 1.0, torch.tensor([1.5, 2.5], dtype=torch.float64), 7,
+            torch.float64, "")
+    torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default,
+                          (x * 3, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0))
+
+
+@pytest.mark.parametrize("shape,ratio", [((1, 1), 0.995), ((3, 4, 8, 8), 0.995), ((2, 1031), 0.5), ((2, 7), 1.0)])
+def test_threshold_scale_float64(shape, ratio):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(shape, generator=g, dtype=torch.float64) * 3
+    m = torch.randn(shape, generator=g, dtype=torch.float64)
+    cond = torch.randn(shape, generator=g, dtype=torch.float64)
+    got = ops.threshold_scale(x, m, 0.8, -0.3, cond=cond, guidance_scale=2.0, ratio=ratio, max_value=100.0)
+    x0 = 0.8 * x - 0.3 * (m + 2.0 * (cond - m))
+    expected = np.quantile(x0.reshape(shape[0], -1).abs().numpy(), ratio, axis=1).clip(1.0, 100.0)
+    assert got.dtype == torch.float64 and got.shape == (shape[0],)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-15, atol=0)
+
+
+# --------------------------------------------------------------------------- gradient of dynamic thresholding
+
+
+def _threshold_grads(x, m, cond, guidance_scale, cx, cm, ratio, max_value, weight, via_reference):
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None for t in (x, m, cond)]
+    if via_reference:  # autograd through torch.quantile (what diffusers differentiates)
+        compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+        out = ref.threshold_scale(*leaves[:3], guidance_scale, cx, cm, ratio, max_value, compute)
+    else:
+        out = ops.threshold_scale(leaves[0], leaves[1], cx, cm, cond=leaves[2], guidance_scale=guidance_scale,
+                                  ratio=ratio, max_value=max_value)
+        assert out.grad_fn is not None
+    (out * weight).sum().backward()
+    return out, [None if t is None else t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("with_cond", [False, True])
+@pytest.mark.parametrize("shape,ratio", [((3, 4, 8, 8), 0.995), ((2, 1031), 0.5), ((2, 7), 1.0), ((2, 7), 0.0),
+                                         ((4, 1), 0.9), ((2, 256), 0.2)])
+def test_threshold_scale_gradient_is_the_references(dtype, with_cond, shape, ratio):
+    g = torch.Generator().manual_seed(8)
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    m = torch.randn(shape, generator=g).to(dtype)
+    cond = torch.randn(shape, generator=g).to(dtype) if with_cond else None
+    weight = torch.linspace(0.5, 2.0, shape[0], dtype=dtype)
+    # max_value 4 clamps some rows from above, ratio 0 clamps all of them from below
+    for max_value in (100.0, 4.0):
+        args = (x, m, cond, 2.0, 0.8, -0.3, ratio, max_value, weight)
+        got_out, got = _threshold_grads(*args, via_reference=False)
+        exp_out, exp = _threshold_grads(*args, via_reference=True)
+        assert got_out.dtype == exp_out.dtype
+        torch.testing.assert_close(got_out, exp_out, rtol=2e-6, atol=2e-6)
+        for a, b in zip(got, exp):
+            if b is None:
+                assert a is None
+            else:
+                assert a.dtype == dtype
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        # rows whose quantile is clamped (to 1 from below, e.g. all rows at ratio 0, or to
+        # max_value) get no gradient; the others do
+        live = (exp_out > 1) & (exp_out < max_value)
+        per_row = got[0].reshape(shape[0], -1).abs().sum(1)
+        assert torch.equal(per_row > 0, live), (per_row, exp_out)
+        if ratio == 0.0:
+            assert not live.any()
+
+
+def test_threshold_scale_gradient_ties_nan_and_half():
+    # ties: torch.quantile's sort decides which equal element gets the gradient, and so does ours
+    x = torch.tensor([[3.0, -3.0, 3.0, 1.0, -2.0, 3.0, 0.5], [2.0, 2.0, 2.0, 2.0, -2.0, 2.0, 2.0]])
+    for ratio in (0.5, 0.9, 1.0):
+        _, got = _threshold_grads(x, torch.zeros_like(x), None, 1.0, 1.0, 0.0, ratio, 10.0, torch.ones(2), False)
+        _, exp = _threshold_grads(x, torch.zeros_like(x), None, 1.0, 1.0, 0.0, ratio, 10.0, torch.ones(2), True)
+        torch.testing.assert_close(got[0], exp[0])
+        torch.testing.assert_close(got[1], exp[1])
+    # a row with NaN has a NaN scale and no gradient, as through torch.quantile + clamp
+    x = torch.randn(2, 33, generator=torch.Generator().manual_seed(1)) * 3
+    x[1, 4] = float("nan")
+    out, got = _threshold_grads(x, torch.zeros_like(x), None, 1.0, 1.0, 0.0, 0.9, 10.0, torch.ones(2), False)
+    assert out[1].isnan() and got[0][1].eq(0).all() and got[0][0].abs().sum() > 0
+    # half inputs: gradients in their dtype, from float32 math
+    xh = (torch.randn(2, 64, generator=torch.Generator().manual_seed(2)) * 3).half()
+    _, got = _threshold_grads(xh, torch.zeros_like(xh), None, 1.0, 1.0, 0.0, 0.9, 10.0, torch.ones(2), False)
+    _, exp = _threshold_grads(xh.float(), torch.zeros(2, 64), None, 1.0, 1.0, 0.0, 0.9, 10.0, torch.ones(2), True)
+    assert got[0].dtype == torch.float16
+    torch.testing.assert_close(got[0].float(), exp[0], rtol=1e-3, atol=1e-3)
+
+
+def test_threshold_scale_gradcheck_float64():
+    g = torch.Generator().manual_seed(9)
+    x = (torch.randn(2, 3, 11, generator=g, dtype=torch.float64) * 3).requires_grad_(True)
+    m = torch.randn(2, 3, 11, generator=g, dtype=torch.float64).requires_grad_(True)
+    cond = torch.randn(2, 3, 11, generator=g, dtype=torch.float64).requires_grad_(True)
+    fn = lambda x, m, cond: ops.threshold_scale(x, m, 0.8, -0.3, cond=cond, guidance_scale=2.0,  # noqa: E731
+                                                ratio=0.9, max_value=100.0)
+    assert torch.autograd.gradcheck(fn, (x, m, cond), eps=1e-7, atol=1e-7)
+
+
+def test_thresholded_step_gradient_is_the_references():
+    """A whole dynamically thresholded step (threshold_scale, then the step with that scale)
+    differentiates like the reference under autograd, the scale's path included."""
+    case = make_case((2, 3, 6, 5), torch.float32, 1, True, False, False, seed=12)
+    c = torch.tensor(ops.coefficients(1.1, -0.7, sample={"x": 0.6, "x0": 0.3, "h0": 0.1}, history={"x0": 1.0}),
+                     dtype=torch.float32)
+    results = []
+    for via_reference in (False, True):
+        x, m, cond, h = [t.clone().mul(3 if k == 0 else 1).requires_grad_(True)
+                         for k, t in enumerate((case["sample"], case["model_output"], case["cond"],
+                                                case["history"][0]))]
+        if via_reference:
+            scale = ref.threshold_scale(x, m, cond, 1.5, 1.1, -0.7, 0.9, 10.0)
+            outs = ref.solver_step([x, m, cond, h, None, None, None, None], c, 1.5, 2, 1.0, scale)[:2]
+        else:
+            scale = ops.threshold_scale(x, m, 1.1, -0.7, cond=cond, guidance_scale=1.5, ratio=0.9, max_value=10.0)
+            res = ops.solver_step(x, m, c, cond=cond, guidance_scale=1.5, history=[h], dynamic_scale=scale,
+                                  write_history=True)
+            outs = [res.sample, res.history]
+        assert ((scale > 1) & (scale < 10)).all()  # the quantile path is live
+        (outs[0].sin().sum() + outs[1].square().sum()).backward()
+        results.append([x.grad, m.grad, cond.grad, h.grad])
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+
+
+def test_no_grad_calls_skip_the_dispatcher(monkeypatch, good):
+    """Without inputs that need a gradient, threshold_scale and the step never box through the
+    custom ops (the autograd formulas cost nothing then)."""
+    x, m, c = good
+    calls = []
+
+    def spy(name):
+        def call(*args):
+            calls.append(name)
+            raise AssertionError(f"torch.ops.kdfast.{name} on a no-grad call")
+        return call
+
+    monkeypatch.setattr(torch.ops.kdfast, "threshold_scale", spy("threshold_scale"))
+    monkeypatch.setattr(torch.ops.kdfast, "solver_step", spy("solver_step"))
+    launches = []
+    real = ops.solver_step.__globals__["_LAUNCHERS"]["cpu"]
+    monkeypatch.setitem(ops.solver_step.__globals__["_LAUNCHERS"], "cpu",
+                        lambda x, args: (launches.append(1), real(x, args)))
+    for x_ in (x, x.clone().requires_grad_(True)):
+        with torch.no_grad() if x_.requires_grad else torch.enable_grad():
+            dyn = ops.threshold_scale(x_, m, 1.0, -0.5, ratio=0.9, max_value=2.0)
+            ops.solver_step(x_, m, c, dynamic_scale=dyn)
+            fused_step(x_, m, c, None, 1.0, (), None, None, None, dyn, False, False, None)
+    assert calls == [] and len(launches) == 4
+    monkeypatch.undo()
+    xg = x.clone().requires_grad_(True)
+    assert ops.threshold_scale(xg, m, 1.0, -0.5, ratio=0.9, max_value=2.0).grad_fn is not None
 
 
 # --------------------------------------------------------------------------- GPU
