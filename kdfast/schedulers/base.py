@@ -150,7 +150,9 @@ class StepPlan:
 
 
 class CoefficientTable:
-    """Step plans packed once into a float32 table; ``row(key)`` is a ready CPU view."""
+    """Step plans packed once into a float32 table; ``row(key)`` is a ready CPU view.
+    ``row64(key)`` is the float64 row a float64 step uses (made on first use: the plans are
+    computed in float64, and float32 rows alone would cost such a loop ~1e-7)."""
 
     def __init__(self, plans: Dict[object, StepPlan]):
         if not plans:
@@ -162,6 +164,15 @@ class CoefficientTable:
 
     def row(self, key) -> torch.Tensor:
         return self._rows[key]
+
+    def row64(self, key) -> torch.Tensor:
+        rows64 = self.__dict__.setdefault("_rows64", {})
+        row = rows64.get(key)
+        if row is None:
+            if key not in self._rows:
+                raise KeyError(key)
+            row = rows64[key] = torch.tensor(self.plans[key].row(), dtype=torch.float64)
+        return row
 
     def __contains__(self, key) -> bool:
         return key in self._rows
@@ -424,7 +435,7 @@ class FusedScheduler(ConfigMixin):
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
         table = self._table if table is None else table
-        row = table._rows[key]
+        row = table.row64(key) if sample.dtype is torch.float64 else table._rows[key]
         dynamic_scale = None
         if dynamic is not None:
             cx, cm = table.plans[key].x0

@@ -41,6 +41,7 @@ class _GrowingTable(CoefficientTable):
             if len(self._extra) >= self._limit:
                 old = self._extra.popleft()
                 del self._rows[old], self.plans[old]
+                self.__dict__.get("_rows64", {}).pop(old, None)
             self.plans[key] = plan
             self._rows[key] = torch.tensor(plan.row(), dtype=torch.float32)
             self._extra.append(key)

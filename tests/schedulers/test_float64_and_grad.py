@@ -3,18 +3,16 @@
 float64: the compiled kernels take float32/float16/bfloat16 only, so a float64 step is computed
 by the reference backend in float64 (kdfast.ops.solver_step). A 10-step float64 loop keeps
 float64 throughout and matches diffusers' float64 loop to <= 2e-6 relative (max |diff| over
-max(1, max |x|)); measured 2.8e-8 (Heun) to 4.9e-7 (UniPC) here, up to 1.1e-6 from other
-starting samples. Not ~1e-15, for two reasons, one on each side:
+max(1, max |x|)); measured 1.9e-10 (Heun) to 6.6e-7 (SDE-DPM-Solver++) here, up to 1.1e-6 from
+other starting samples. Not ~1e-15, because diffusers' float64 loop is not float64 throughout:
+kdfast's float64 steps use float64 coefficient rows (``CoefficientTable.row64``), and its
+DDIM, UniPC and DEIS loops match diffusers' code run with its schedule tensors in float64 to
+<= 3e-15 (test below).
 
-- kdfast: the schedulers' coefficient tables are packed in float32 (``CoefficientTable``), so
-  each coefficient carries a relative rounding of up to 6e-8. With float64 rows instead (tried
-  by patching the table), kdfast's float64 DDIM, Heun, UniPC and DEIS loops match diffusers'
-  code run with its schedule tensors in float64 to <= 3e-15.
-- diffusers: its float64 loop is not float64 throughout either. Coefficients come from float32
-  schedule tensors (``alphas_cumprod``, ``sigmas``) in float32 arithmetic (LCM's c_skip / c_out
-  too), Euler, Euler ancestral and DPM-Solver cast the sample to float32 at the start of every
-  step, and SDE-DPM-Solver++ draws float32 noise: alone, that moves its float64 result by up to
-  7.8e-7 from the same code with float64 schedule tensors.
+In diffusers, coefficients come from float32 schedule tensors (``alphas_cumprod``, ``sigmas``)
+in float32 arithmetic (LCM's c_skip / c_out too), Euler, Euler ancestral and DPM-Solver cast the
+sample to float32 at the start of every step, and SDE-DPM-Solver++ draws float32 noise: alone,
+that moves its float64 result by up to 7.8e-7 from the same code with float64 schedule tensors.
 
 Gradients: a step with dynamic thresholding differentiates through the per-sample quantile
 (``kdfast::threshold_scale`` has an autograd formula: torch.quantile's, as diffusers' step
@@ -57,19 +55,19 @@ def run(scheduler, steps, x, guidance_scale=None, fused_cfg=False, seed=0):
 FLOAT64_TOL = 2e-6
 # name, config; the parity error measured here (10 steps, shape (2, 4, 8, 8))
 FLOAT64_CASES = [
-    ("DDIMScheduler", {}),                                                          # 3.4e-7
-    ("DDIMScheduler", dict(prediction_type="v_prediction")),                        # 8.7e-8
-    ("DDIMScheduler", dict(thresholding=True, sample_max_value=3.0)),               # 3.7e-8
-    ("EulerDiscreteScheduler", {}),                                                 # 1.6e-7
-    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),                       # 1.7e-7
-    ("EulerAncestralDiscreteScheduler", {}),                                        # 2.3e-7
-    ("HeunDiscreteScheduler", {}),                                                  # 2.8e-8
+    ("DDIMScheduler", {}),                                                          # 2.8e-7
+    ("DDIMScheduler", dict(prediction_type="v_prediction")),                        # 3.0e-8
+    ("DDIMScheduler", dict(thresholding=True, sample_max_value=3.0)),               # 7.5e-9
+    ("EulerDiscreteScheduler", {}),                                                 # 1.2e-7
+    ("EulerDiscreteScheduler", dict(use_karras_sigmas=True)),                       # 1.8e-7
+    ("EulerAncestralDiscreteScheduler", {}),                                        # 2.1e-7
+    ("HeunDiscreteScheduler", {}),                                                  # 1.9e-10
     ("DPMSolverMultistepScheduler", {}),                                            # 3.1e-7
-    ("DPMSolverMultistepScheduler", dict(solver_order=3)),                          # 3.7e-7
-    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),        # 3.7e-7
-    ("DPMSolverMultistepScheduler", dict(thresholding=True, sample_max_value=3.0)),  # 3.4e-7
-    ("UniPCMultistepScheduler", {}),                                                # 4.9e-7
-    ("DEISMultistepScheduler", {}),                                                 # 1.4e-7
+    ("DPMSolverMultistepScheduler", dict(solver_order=3)),                          # 3.4e-7
+    ("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),        # 6.6e-7
+    ("DPMSolverMultistepScheduler", dict(thresholding=True, sample_max_value=3.0)),  # 3.5e-7
+    ("UniPCMultistepScheduler", {}),                                                # 3.7e-7
+    ("DEISMultistepScheduler", {}),                                                 # 1.2e-7
     ("LCMScheduler", {}),                                                           # 2.5e-7
 ]
 
@@ -87,11 +85,33 @@ def test_float64_loop_matches_diffusers(name, config):
     assert err <= FLOAT64_TOL, f"{name} {config}: float64 parity error {err:.2e}"
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"])
+def test_float64_loop_is_float64_exact(name):
+    """Against diffusers' own code with its schedule tensors made float64 (these three then
+    compute in float64 throughout): kdfast's float64 rows leave nothing at float32 precision."""
+    df = getattr(diffusers, name)()
+    kdf = getattr(kd, name).from_config(df.config)
+    x = initial_sample(dtype=torch.float64)
+
+    def loop(s, promote):
+        s.set_timesteps(10)
+        if promote:
+            for attr in ("alphas_cumprod", "final_alpha_cumprod", "sigmas", "alpha_t", "sigma_t", "lambda_t"):
+                if isinstance(getattr(s, attr, None), torch.Tensor):
+                    setattr(s, attr, getattr(s, attr).double())
+        y = x * s.init_noise_sigma
+        for t in s.timesteps:
+            y = s.step(model64(s.scale_model_input(y, t), t), t, y).prev_sample
+        return y
+
+    assert parity_error(loop(kdf, False), loop(df, True)) <= 1e-12
+
+
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DDIMScheduler"])
 def test_float64_guided_loop_matches_diffusers(name):
     """Guidance fused into the float64 step. The guided dummy model drives the multistep loops
-    to values ~500, which amplifies the coefficient roundings above: measured 1.1e-6 (DPM-Solver),
-    2.3e-6 (UniPC), 3.4e-7 (DDIM) at guidance 1.5."""
+    to values ~500, which amplifies diffusers' float32 roundings: measured 1.1e-6 (DPM-Solver),
+    1.7e-6 (UniPC), 2.8e-7 (DDIM) at guidance 1.5."""
     df = getattr(diffusers, name)()
     x = initial_sample(dtype=torch.float64)
     expected = run(df, 10, x, guidance_scale=1.5)
