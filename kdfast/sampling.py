@@ -732,6 +732,11 @@ def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, di
 
 
 def _check_graph_args(x: torch.Tensor, generator, callback, who: str = "cuda_graph=True") -> None:
+    if x.dtype == torch.float64:
+        # float64 steps run the reference backend, which copies each step's coefficients from
+        # the host: not capturable.
+        raise ValueError(f"{who} takes float32, float16 or bfloat16 latents, got float64 (float64 steps "
+                         "run the reference backend, which cannot be captured); sample without a graph")
     if x.device.type != "cuda":
         raise ValueError(f"{who} needs CUDA tensors, got x on {x.device}")
     if callback is not None:

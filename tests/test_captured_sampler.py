@@ -132,6 +132,14 @@ def test_extra_args_are_read_in_place(eager_capture):
     assert not torch.equal(first, second)
 
 
+def test_float64_latents_are_refused_by_name():
+    sigmas = S.get_sigmas_karras(4, 0.03, 14.6, device="cpu").double()
+    with pytest.raises(ValueError, match="^CapturedSampler takes float32, float16 or bfloat16 latents, got float64"):
+        kdfast.CapturedSampler(denoiser, noise(0).double(), sigmas)
+    with pytest.raises(ValueError, match="^cuda_graph=True takes float32"):
+        S.sample(denoiser, noise(0).double(), sigmas, cuda_graph=True, disable=True)
+
+
 def test_needs_cuda_tensors():
     with pytest.raises(ValueError, match="^CapturedSampler needs CUDA tensors"):  # names what the user called
         kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6))
