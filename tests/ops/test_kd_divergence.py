@@ -344,3 +344,197 @@ def test_gpu_gradient_stored_in_another_dtype(backend, grad_dtype):
     rows, grad = ops.kd_divergence_with_grad(s, t, grad_dtype=grad_dtype, **args)
     torch.testing.assert_close(rows, rows32, rtol=0, atol=0)
     torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------- threads, edge cases
+
+
+@pytest.mark.parametrize("dtype, temperature", [(torch.bfloat16, 1.0), (torch.float32, 1.3), (torch.float16, 0.7)])
+def test_rows_on_several_threads(dtype, temperature):
+    # 64 x 4096 entries is enough work for the CPU launcher to use 2 threads; each thread widens
+    # its rows (16-bit logits, or T != 1) into its own slice of the workspace. Two threads must
+    # give the 1-thread result bit for bit, and the reference's.
+    s, t = logits((64, 4096), dtype, 40), logits((64, 4096), dtype, 41)
+    before = torch.get_num_threads()
+    try:
+        for kind in ("forward_kl", "jsd", "tvd"):
+            runs = []
+            for threads in (1, 2, 2):
+                torch.set_num_threads(threads)
+                runs.append(fused("cpu", s, t, kind, temperature=temperature, beta=0.3))
+            torch.set_num_threads(before)
+            for rows, grad in runs[1:]:
+                assert torch.equal(rows, runs[0][0]), f"{kind} {dtype}: 2-thread loss differs from 1 thread"
+                assert torch.equal(grad, runs[0][1]), f"{kind} {dtype}: 2-thread gradient differs from 1 thread"
+            rows64, grad64 = reference(s, t, kind, torch.float64, temperature=temperature, beta=0.3)
+            torch.testing.assert_close(runs[1][0].double(), rows64, rtol=1e-5, atol=2e-6)
+            ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * grad64.abs().max().item()
+            torch.testing.assert_close(runs[1][1].double(), grad64, rtol=1e-4, atol=2e-6 + ulp)
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_beta_at_the_ends(backend):
+    # beta = 0 and 1 are allowed: skew KL(p || beta p + (1 - beta) q) is the forward KL at 0 and
+    # 0 at 1; the JSD's mixture is one of the two distributions, so it is 0 at both ends.
+    s, t = logits((3, 70), torch.float32, 42), logits((3, 70), torch.float32, 43)
+    fkl, fkl_grad = fused(backend, s, t, "forward_kl")
+    skew0, skew0_grad = fused(backend, s, t, "skew_kl", beta=0.0)
+    torch.testing.assert_close(skew0, fkl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skew0_grad, fkl_grad, rtol=1e-5, atol=1e-7)
+    for kind, beta in (("skew_kl", 1.0), ("jsd", 0.0), ("jsd", 1.0)):
+        rows, grad = fused(backend, s, t, kind, beta=beta)
+        assert rows.abs().max() < 1e-6 and grad.abs().max() < 1e-6, (kind, beta)
+
+
+def test_public_entry_takes_beta_at_the_ends():
+    s, t = logits((3, 70), torch.float32, 42), logits((3, 70), torch.float32, 43)
+    for kind, beta in (("skew_kl", 0.0), ("skew_kl", 1.0), ("jsd", 0.0), ("jsd", 1.0)):
+        rows = ops.kd_divergence(s, t, kind=kind, beta=beta)
+        expected = ref.kd_divergence(s.double(), t.double(), kind, beta, dtype=torch.float64)
+        torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ops.kd_divergence(s, t, kind="skew_kl", beta=0.0),
+                               ops.kd_divergence(s, t, kind="forward_kl"), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_skew_kl_at_beta_0_with_a_student_zero(backend):
+    # At beta = 0 the mixture is the student's q: where q = 0 (a -inf logit) and the teacher
+    # has mass, log m is log(0 + 0) = -inf, not NaN, and the loss is +inf like the forward KL's.
+    s, t = logits((2, 50), torch.float32, 44), logits((2, 50), torch.float32, 45)
+    s[0, 3] = -math.inf
+    rows, grad = fused(backend, s, t, "skew_kl", beta=0.0)
+    assert rows[0] == math.inf and torch.isfinite(rows[1])
+    assert not grad.isnan().any()
+    fkl, _ = fused(backend, s, t, "forward_kl")
+    torch.testing.assert_close(rows[1], fkl[1], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_tvd_subgradient_where_p_equals_q(backend):
+    # |p - q| at p == q exactly (entries 0 and 1: same logits, same normaliser) has subgradient 0.
+    s = torch.tensor([[0.0, 0.0, 0.0, -30.0], [1.0, 1.0, 2.0, -math.inf]])
+    t = torch.tensor([[0.0, 0.0, -30.0, 0.0], [1.0, 1.0, -math.inf, 2.0]])
+    rows, grad = fused(backend, s, t, "tvd")
+    rows64, grad64 = reference(s, t, "tvd", torch.float64)
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-7)
+    # row 0 by hand: q = p = 1/3 on entries 0 and 1, w = (0, 0, q/2, ~0), sum(w) = 1/6
+    torch.testing.assert_close(grad[0, :3].double(), torch.tensor([-1 / 18, -1 / 18, 1 / 9], dtype=torch.float64),
+                               rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_maximum_in_a_later_block(backend, kind):
+    # A vocabulary wider than one Triton block (4096) whose maximum lies in the second block:
+    # the sum of exponentials of the first block must be rescaled to the new maximum.
+    vocab = 4096 + 200
+    s, t = logits((2, vocab), torch.float32, 46), logits((2, vocab), torch.float32, 47)
+    s[0, 4100], t[0, 4200] = 25.0, 20.0  # a dominant entry after the first block
+    s[1, 4150], t[1, 4150] = 12.0, 11.0
+    s[1, 10], t[1, 20] = 8.0, 9.0  # and a large one before it
+    check(backend, s, t, kind, f"{backend} {kind} later max")
+
+
+def test_fast_exp_is_unbiased():
+    # The CPU kernel's exp is a polynomial: a dropped term is ~1 ulp, too little for one value,
+    # but it errs the same way at every point, which the mean error shows. With a one-hot
+    # teacher and a student row whose normaliser is exactly 1 (entry 0 is 0, the others below
+    # e^-40), the forward-KL gradient is q_k = exp(s_k) itself.
+    n = 4096
+    k = torch.arange(1, n, dtype=torch.float64)
+    for frac in (0.25, 0.45, 0.55, 0.75):  # exponent fractions: Cody-Waite remainders of both signs
+        x = (-60.0 - (k % 60) + frac) * math.log(2)  # remainders near +-0.17 and +-0.35
+        x = x + (k / n) * 0.03  # spread within each class
+        s = torch.cat([torch.zeros(1, dtype=torch.float64), x]).float()[None]
+        t = torch.full_like(s, -math.inf)
+        t[0, 0] = 0.0
+        _, grad = fused("cpu", s, t, "forward_kl")
+        q = grad[0, 1:].double()
+        exact = s[0, 1:].double().exp()
+        rel = q / exact - 1
+        assert rel.abs().max() < 3e-7, f"frac {frac}: max relative error {rel.abs().max():.2e}"
+        assert abs(rel.mean()) < 1.5e-8, f"frac {frac}: mean relative error {rel.mean():.2e}"
+
+
+# --------------------------------------------------------------------------- autograd paths
+
+
+class _PassThroughMode(torch.utils._python_dispatch.TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _weighted_grads(make_rows, s, t, weights):
+    leaf = s.detach().clone().requires_grad_(True)
+    rows = make_rows(leaf, t)
+    (rows * weights).sum().backward()
+    return rows.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("path", ["eager", "recompute", "dispatch_mode", "scaled_loss"])
+def test_backward_scales_by_the_upstream_gradient(path):
+    # Each way the backward gets the student's gradient (handed over from the forward, recomputed
+    # when the forward did not make it, saved functionally under a dispatch mode) multiplies it
+    # by the incoming gradient of each row.
+    s, t = logits((5, 97), torch.float32, 49), logits((5, 97), torch.float32, 50)
+    labels = torch.tensor([1, 2, -100, 4, 5])
+    weights = torch.tensor([0.5, -1.25, 3.0, 2.0, 3.7])
+    kw = dict(kind="jsd", beta=0.3, temperature=1.4, labels=labels, loss_scale=1.7)
+    kernel_args = (labels, KINDS.index("jsd"), 0.3, 1 / 1.4, -100, 97, 1.7)
+
+    if path == "eager":
+        def make_rows(leaf, t):
+            return ops.kd_divergence(leaf, t, **kw)
+    elif path == "recompute":
+        def make_rows(leaf, t):
+            return torch.ops.kdfast.kd_divergence(leaf, t, *kernel_args, False, "")[0]
+    elif path == "dispatch_mode":
+        def make_rows(leaf, t):
+            with _PassThroughMode():
+                return ops.kd_divergence(leaf, t, **kw)
+    else:
+        def make_rows(leaf, t):
+            return ops.kd_divergence(leaf, t, **kw) * 1.0
+
+        weights = torch.full((5,), 3.7)
+    rows, grad = _weighted_grads(make_rows, s, t, weights)
+    s64 = s.double().requires_grad_(True)
+    rows64 = ref.kd_divergence(s64, t.double(), "jsd", 0.3, 1.4, labels, loss_scale=1.7, dtype=torch.float64)
+    (rows64 * weights.double()).sum().backward()
+    torch.testing.assert_close(rows.double(), rows64.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_reduction_none_weighted_sum_through_the_teacher_and_student():
+    # Both logits need gradients (keeps the inputs), the rows are weighted: loss * 3.7 backward.
+    s = logits((4, 61), torch.float32, 51).requires_grad_(True)
+    t = logits((4, 61), torch.float32, 52).requires_grad_(True)
+    (ops.kd_divergence(s, t, kind="reverse_kl", temperature=0.8).sum() * 3.7).backward()
+    s64 = s.detach().double().requires_grad_(True)
+    t64 = t.detach().double().requires_grad_(True)
+    (ref.kd_divergence(s64, t64, "reverse_kl", 0.5, 0.8, dtype=torch.float64).sum() * 3.7).backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(t.grad.double(), t64.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_logits_with_a_non_unit_vocab_stride(backend):
+    # A transposed view ([vocab, rows] memory read as [rows, vocab]): the public entry brings
+    # the entries of each row together before the kernel reads them as adjacent.
+    s = logits((53, 6), torch.float32, 53).t()
+    t = logits((53, 6), torch.bfloat16, 54).t().float()  # also non-contiguous
+    assert s.stride(1) != 1 and t.stride(1) != 1
+    for kind in ("forward_kl", "tvd") if backend == "cpu" else ("forward_kl",):
+        rows = ops.kd_divergence(s, t, kind=kind, backend=backend)
+        rows_c, grad_c = ops.kd_divergence_with_grad(s.contiguous(), t.contiguous(), kind=kind, backend=backend)
+        torch.testing.assert_close(rows, rows_c, rtol=0, atol=0)
+        _, grad = ops.kd_divergence_with_grad(s, t, kind=kind, backend=backend)
+        torch.testing.assert_close(grad, grad_c, rtol=0, atol=0)
+        rows64, _ = reference(s.contiguous(), t.contiguous(), kind, torch.float64)
+        torch.testing.assert_close(rows.double(), rows64, rtol=1e-5, atol=1e-6)
+        leaf = s.detach().clone().requires_grad_(True)  # same strides as s
+        (ops.kd_divergence(leaf, t, kind=kind, backend=backend) * 2.0).sum().backward()
+        torch.testing.assert_close(leaf.grad, grad_c * 2.0, rtol=1e-6, atol=1e-7)
