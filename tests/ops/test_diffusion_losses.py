@@ -445,3 +445,157 @@ def test_gpu_no_sync_and_graph_capture():
             loss = ops.pseudo_huber(x, y, c=c, weights=w)
     graph.replay()
     torch.testing.assert_close(loss, ops.pseudo_huber(x.detach(), y, c=c, weights=w))
+
+
+# --------------------------------------------------------------------------- non-VP schedules
+
+
+# (alpha_t, sigma_t, alpha_s, sigma_s) with alpha^2 + sigma^2 != 1: variance-exploding (EDM-style,
+# alpha = 1, sigma > 1) and flow-matching (alpha = 1 - t, sigma = t) samples in one batch.
+NON_VP = tuple(torch.tensor(v) for v in ([1.0, 0.3, 1.0], [8.0, 0.7, 0.4], [1.0, 0.6, 1.0], [2.5, 0.4, 0.05]))
+
+
+@pytest.mark.parametrize("backend", COMBINATION_BACKENDS + ["reference"])
+@pytest.mark.parametrize("combination", ref.COMBINATIONS)
+def test_combination_with_non_variance_preserving_schedules(backend, combination):
+    a, b = randn((3, 2, 9), torch.float32, 30), randn((3, 2, 9), torch.float32, 31)
+    for pt in ref.PREDICTION_TYPES:
+        out = dl.sample_combination(combination, a, b, *NON_VP, prediction_type=pt, backend=backend)
+        expected = ref._combine(combination, pt, a, b, *NON_VP, torch.float64)
+        torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5, msg=f"{combination} {pt}")
+    # v = alpha eps - sigma x0: the DDIM step from the true v recovers x_s = alpha_s x0 + sigma_s eps
+    x0, eps = randn((3, 2, 9), torch.float64, 32), randn((3, 2, 9), torch.float64, 33)
+    at, st, as_, ss = (v.double().reshape(3, 1, 1) for v in NON_VP)
+    x_t, v = at * x0 + st * eps, at * eps - st * x0
+    if combination == "ddim_step":
+        got = ops.per_sample_ddim_step(x_t.float(), v.float(), *NON_VP, prediction_type="v_prediction",
+                                       backend=backend)
+        torch.testing.assert_close(got.double(), as_ * x0 + ss * eps, rtol=1e-5, atol=1e-5)
+    else:  # the target of the two-step x_s that came from this x0 is this x0's v at x_t
+        got = ops.pd_target((as_ * x0 + ss * eps).float(), x_t.float(), *NON_VP, prediction_type="v_prediction",
+                            backend=backend)
+        torch.testing.assert_close(got.double(), v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("prediction_type", ref.PREDICTION_TYPES)
+def test_progressive_mse_with_non_variance_preserving_schedules(backend, prediction_type):
+    pred = randn((3, 2, 9), torch.float32, 34).requires_grad_(True)
+    x_s, x_t = randn((3, 2, 9), torch.float32, 35), randn((3, 2, 9), torch.float32, 36)
+    loss = ops.progressive_mse(pred, x_s, x_t, *NON_VP, prediction_type=prediction_type, backend=backend)
+    (gp,) = torch.autograd.grad(loss.sum(), pred)
+    p64 = pred.detach().double().requires_grad_(True)
+    loss64 = ref.progressive_mse(p64, x_s, x_t, *NON_VP, prediction_type)
+    (gp64,) = torch.autograd.grad(loss64.sum(), p64)
+    torch.testing.assert_close(loss.double(), loss64, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gp.double(), gp64, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- edge cases of the per-sample loss
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_pseudo_huber_residual_far_below_c_has_no_cancellation(backend):
+    # ||x - y||^2 = 1e-14 with c = 1: the loss is 5e-15, which sqrt(s + c^2) - c loses to rounding
+    x = torch.zeros(2, 100)
+    y = torch.full((2, 100), 1e-8)
+    y[1] *= 3
+    got = ops.pseudo_huber(x, y, c=1.0, backend=backend)
+    s = (y.double() ** 2).sum(1)
+    exact = s / (torch.sqrt(s + 1.0) + 1.0)
+    if backend == "reference":
+        assert torch.isfinite(got).all()
+        return  # the specification computes r - c (cancellation included)
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_elementwise_pseudo_huber_of_an_infinite_difference(backend):
+    # |d| = inf: the element's loss is inf and its slope sign(d) (not inf / inf = NaN)
+    x = randn((2, 8), torch.float32, 40)
+    x[0, 3] = math.inf
+    x[1, 5] = -math.inf
+    x.requires_grad_(True)
+    y = randn((2, 8), torch.float32, 41)
+    loss = ops.pseudo_huber(x, y, c=0.5, elementwise=True, backend=backend)
+    assert (loss == math.inf).all()
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(gx).all()
+    assert gx[0, 3] == 1.0 / 8 and gx[1, 5] == -1.0 / 8
+    d = (x.detach() - y).double()
+    finite = torch.isfinite(d)
+    expected = d / torch.sqrt(d * d + 0.25) / 8
+    torch.testing.assert_close(gx.double()[finite], expected[finite], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("loss_name", ["pseudo_huber", "pseudo_huber_elementwise"])
+def test_zero_weight_sample_with_infinite_or_nan_loss_contributes_zero(backend, loss_name):
+    x = randn((3, 6), torch.float32, 42)
+    y = randn((3, 6), torch.float32, 43)
+    x[0, 2] = math.inf
+    x[1, 4] = math.nan
+    w = torch.tensor([0.0, 0.0, 1.5])
+    loss = ops.pseudo_huber(x, y, c=0.1, weights=w, elementwise=loss_name.endswith("elementwise"), backend=backend)
+    assert loss[0] == 0 and loss[1] == 0, loss
+    expected = ref.pseudo_huber(x[2:], y[2:], 0.1, 1.5, loss_name.endswith("elementwise"))
+    torch.testing.assert_close(loss[2:].double(), expected, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_gradient_of_y_alone(backend, elementwise):
+    # Only y needs a gradient: it is -d/dx, from the backward's single-gradient branch.
+    x = randn((3, 2, 7), torch.float32, 44)
+    y = randn((3, 2, 7), torch.float32, 45).requires_grad_(True)
+    w = torch.tensor([0.5, 1.0, 2.0])
+    upstream = torch.tensor([1.0, -2.0, 0.5])
+    (gy,) = torch.autograd.grad((ops.pseudo_huber(x, y, c=0.3, weights=w, elementwise=elementwise,
+                                                  backend=backend) * upstream).sum(), y)
+    y64 = y.detach().double().requires_grad_(True)
+    (gy64,) = torch.autograd.grad((ref.pseudo_huber(x, y64, 0.3, w, elementwise) * upstream).sum(), y64)
+    torch.testing.assert_close(gy.double(), gy64, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- batch-strided inputs
+
+
+def _strided(t, kind):
+    """``t`` as a view whose samples are contiguous blocks at a batch stride other than numel / batch."""
+    if kind == "slice_of_wider":
+        return torch.cat([t, torch.full_like(t, 7.0)], 1)[:, :t.shape[1]]
+    if kind == "interleaved":
+        return torch.stack([t, -t], 1)[:, 0]
+    padded = torch.cat([t.reshape(t.shape[0], -1), torch.full((t.shape[0], 3), 7.0, dtype=t.dtype)], 1)
+    return padded[:, :t[0].numel()].unflatten(1, t.shape[1:])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_batch_strided_inputs(backend, loss):
+    """Each input a different batch-strided view (x a differentiable one): the contiguous result."""
+    fused, reference, tensors, diff = case(loss, (3, 2, 9), torch.float32, 50)
+    grad_loss = rand(3, 51, -2.0, 2.0).float()
+    exp_loss, exp_grads = evaluate(lambda *t: reference(torch.float64, *t), tensors, diff, grad_loss, torch.float64)
+    kinds = ["slice_of_wider", "interleaved", "padded", "slice_of_wider"]
+    for shift in range(3 if backend != "triton" else 1):
+        leaves = [t.detach().clone().requires_grad_(i in diff) for i, t in enumerate(tensors)]
+        views = [_strided(t, kinds[(i + shift) % 3]) for i, t in enumerate(leaves)]
+        assert all(not v.is_contiguous() for v in views)
+        got = fused(backend, *views)
+        grads = torch.autograd.grad((got * grad_loss).sum(), [leaves[i] for i in diff])
+        torch.testing.assert_close(got.double(), exp_loss, rtol=1e-5, atol=1e-6, msg=f"{loss} loss")
+        for g, e in zip(grads, exp_grads):
+            torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-6, msg=f"{loss} grad")
+
+
+@pytest.mark.parametrize("backend", COMBINATION_BACKENDS + ["reference"])
+def test_combination_of_batch_strided_inputs(backend):
+    sched = schedule(3, 52)
+    a, b = randn((3, 2, 9), torch.float32, 53), randn((3, 2, 9), torch.float32, 54)
+    for kind_a, kind_b in (("slice_of_wider", "padded"), ("interleaved", "slice_of_wider")):
+        for combination in ref.COMBINATIONS:
+            got = dl.sample_combination(combination, _strided(a, kind_a), _strided(b, kind_b), *sched,
+                                        prediction_type="v_prediction", backend=backend)
+            expected = ref._combine(combination, "v_prediction", a, b, *sched, torch.float64)
+            torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

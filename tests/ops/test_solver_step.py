@@ -886,3 +886,276 @@ def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph(backend):
     torch.cuda.synchronize()
     torch.testing.assert_close(captured.sample, eager.sample)
     torch.testing.assert_close(captured.history, eager.history)
+
+
+# --------------------------------------------------------------------------- gradients of every input
+
+
+# One distinct coefficient per (output, source): a gradient sent to the wrong input shows.
+_DISTINCT_COEFS = torch.tensor([0.7, -0.45] + [0.1 * (k + 1) + 0.013 * (j + 1) * (-1) ** j
+                                               for k in range(3) for j in range(9)], dtype=torch.float32)
+
+
+@pytest.mark.parametrize("n_hist,with_aux,with_noise",
+                         [(0, True, False), (1, False, True), (1, True, True), (2, True, False), (2, False, True),
+                          (3, True, True), (3, False, False)])
+@pytest.mark.parametrize("threshold", ["none", "clip"])
+def test_backward_of_every_input_matches_autograd_through_the_reference(n_hist, with_aux, with_noise, threshold):
+    """cond, each history entry, aux and noise all need a gradient; each gets autograd's through
+    the pure-torch reference, for every subset of the optional inputs (an entry saved for the
+    backward in the wrong slot would give another input's gradient, or none)."""
+    case = make_case((2, 3, 5), torch.float32, n_hist, True, with_aux, with_noise, seed=40 + n_hist)
+    names = ["sample", "model_output", "cond"] + [f"h{k}" for k in range(n_hist)] + \
+        (["aux"] if with_aux else []) + (["noise"] if with_noise else [])
+    values = [case["sample"] * 2, case["model_output"], case["cond"], *case["history"]] + \
+        ([case["aux"]] if with_aux else []) + ([case["noise"]] if with_noise else [])
+    clip = 0.6 if threshold == "clip" else None
+    g = torch.Generator().manual_seed(3)
+    weights = [torch.randn(2, 3, 5, generator=g) for _ in range(3)]
+
+    def run(via_reference):
+        leaves = [v.detach().clone().requires_grad_(True) for v in values]
+        by = dict(zip(names, leaves))
+        hist = [by[f"h{k}"] for k in range(n_hist)]
+        if via_reference:
+            inputs = [by["sample"], by["model_output"], by["cond"], *(hist + [None] * (3 - n_hist)),
+                      by.get("aux"), by.get("noise")]
+            outs = ref.solver_step(inputs, _DISTINCT_COEFS, 1.7, 1 if clip is not None else 0,
+                                   clip if clip is not None else 1.0)
+        else:
+            outs = ops.solver_step(by["sample"], by["model_output"], _DISTINCT_COEFS, cond=by["cond"],
+                                   guidance_scale=1.7, history=hist, aux=by.get("aux"), noise=by.get("noise"),
+                                   clip_value=clip, write_history=True, write_aux=True)
+            assert all(o.grad_fn is not None for o in outs)
+        sum(((o * w).sum() for o, w in zip(outs, weights))).backward()
+        return [t.grad for t in leaves]
+
+    got, exp = run(False), run(True)
+    for name, a, b in zip(names, got, exp):
+        assert a is not None, f"no gradient for {name}"
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=f"gradient of {name}")
+
+
+def test_backward_history_entries_in_mixed_dtypes():
+    """A float16 and a float32 history entry each get their gradient, in their own dtype."""
+    case = make_case((2, 9), torch.float32, 2, False, False, False, seed=44)
+    h0 = case["history"][0].half().requires_grad_(True)
+    h1 = case["history"][1].clone().requires_grad_(True)
+    out = ops.solver_step(case["sample"], case["model_output"], _DISTINCT_COEFS, history=[h0, h1],
+                          write_history=True)
+    (out.sample.sum() + 2 * out.history.sum()).backward()
+    assert h0.grad.dtype == torch.float16 and h1.grad.dtype == torch.float32
+    c = _DISTINCT_COEFS
+    torch.testing.assert_close(h0.grad.float(), torch.full((2, 9), float(c[2 + 4] + 2 * c[11 + 4])),
+                               rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(h1.grad, torch.full((2, 9), float(c[2 + 5] + 2 * c[11 + 5])))
+
+
+# --------------------------------------------------------------------------- clip_value = 0
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS, "reference"])
+@pytest.mark.parametrize("path", ["public", "fused", "autograd", "float64"])
+def test_clip_value_zero_clamps_x0_to_zero(backend, path):
+    """clip_value=0.0 is a clamp to [0, 0] (x0 = 0), not "no clipping"."""
+    if path == "float64" and backend not in (None, "reference"):
+        pytest.skip("float64 is served by the reference only")
+    dtype = torch.float64 if path == "float64" else torch.float32
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(2, 3, 7, generator=g, dtype=dtype) * 3
+    m = torch.randn(2, 3, 7, generator=g, dtype=dtype) * 3
+    c = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.5, "x0": 2.0}, history={"x0": 1.0}),
+                     dtype=torch.float32)
+    if path == "autograd":
+        x = x.clone().requires_grad_(True)
+    if path == "fused":
+        res = fused_step(x, m, c, None, 1.0, (), None, None, 0.0, None, True, False, None, backend)
+    else:
+        res = ops.solver_step(x, m, c, clip_value=0.0, write_history=True, backend=backend)
+    torch.testing.assert_close(res.sample.detach(), (0.5 * x).detach())
+    assert (res.history == 0).all()
+    if path == "autograd":
+        res.sample.sum().backward()
+        torch.testing.assert_close(x.grad, torch.full_like(x, 0.5))  # no gradient through a clamped x0
+
+
+# --------------------------------------------------------------------------- one source at a time
+
+
+def _one_source_case(batch, device="cpu"):
+    g = torch.Generator().manual_seed(31)
+    tensors = [torch.randn(batch, 3, 37, generator=g) for _ in range(8)]
+    return [t.to(device) for t in tensors]
+
+
+def _check_each_source(backend, device="cpu"):
+    # the Triton interpreter runs one program per sample: one sample keeps it fast
+    x, model, cond, h0, h1, h2, aux, noise = _one_source_case(1 if backend == "triton" else 2, device)
+    for j, source in enumerate(ops.solver_step.__globals__["SOURCES"]):
+        c = torch.tensor(ops.coefficients(0.8, -0.3, sample={source: 1.5 + j}, history={source: -0.75},
+                                          aux={source: 0.25 * j - 3.0}), dtype=torch.float32)
+        res = ops.solver_step(x, model, c, cond=cond, guidance_scale=2.5, history=[h0, h1, h2], aux=aux,
+                              noise=noise, write_history=True, write_aux=True, backend=backend)
+        exp = ref.solver_step([t.cpu() for t in (x, model, cond, h0, h1, h2, aux, noise)], c, 2.5)
+        for k, (got, want) in enumerate(zip(res, exp)):
+            assert want.abs().sum() > 0
+            torch.testing.assert_close(got.cpu(), want, rtol=1e-5, atol=1e-5,
+                                       msg=f"{backend}: output {k} from {source} alone")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_every_source_alone_with_a_nonzero_coefficient(backend):
+    """Each of the 9 sources (noise last) feeds each of the 3 outputs on its own."""
+    _check_each_source(backend)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_every_source_alone_with_a_nonzero_coefficient(backend):
+    if kdfast.backends.op("solver_step").reason(backend, "cuda"):
+        pytest.skip(kdfast.backends.op("solver_step").reason(backend, "cuda"))
+    _check_each_source(backend, "cuda")
+
+
+# --------------------------------------------------------------------------- batch-strided layouts
+
+
+def _sample_major_layouts(shape, seed):
+    """(name, tensor) pairs of one value in layouts whose samples are each one contiguous block."""
+    g = torch.Generator().manual_seed(seed)
+    value = torch.randn(shape, generator=g)
+    batch, rest = shape[0], shape[1:]
+    inner = value[0].numel()
+    wide = torch.randn((batch, 2 * shape[1]) + tuple(shape[2:]), generator=g)
+    wide[:, :shape[1]] = value
+    padded = torch.randn(batch * (inner + 5), generator=g)
+    padded_view = padded.as_strided(shape, (inner + 5,) + value[0].stride(), 3)
+    padded_view.copy_(value)
+    doubled = torch.cat([value, value * 0.0 + 9.0])
+    cfg_first, _ = doubled.chunk(2)
+    interleaved = torch.stack([value, -value], 1)[:, 0]
+    return value, [("slice_of_wider", wide[:, :shape[1]]), ("padded_batch_stride", padded_view),
+                   ("cfg_half", cfg_first), ("interleaved", interleaved)]
+
+
+def test_sample_major_keeps_views_and_copies_the_rest():
+    from kdfast.ops._tensors import sample_major
+    value, layouts = _sample_major_layouts((3, 4, 5), 0)
+    for name, t in layouts:
+        kept = sample_major(t)
+        assert kept.data_ptr() == t.data_ptr() and kept.stride() == t.stride(), name
+    one = torch.randn(1, 5, 4).transpose(1, 2)  # batch of 1, its only sample not contiguous
+    for t in (one, value.transpose(1, 2), value[:, :, ::2]):
+        copied = sample_major(t)
+        assert copied.is_contiguous() and torch.equal(copied, t)
+    big = torch.randn(3, 8)
+    assert sample_major(big[:1, :4]).data_ptr() == big.data_ptr()  # batch of 1, contiguous sample
+
+
+_SLOTS = ["sample", "model_output", "cond", "h0", "h1", "h2", "aux", "noise", "all"]
+
+
+@pytest.mark.parametrize("backend,slot", [(b, s) for b in [None, "cpu", "reference"] for s in _SLOTS] +
+                         [(b, "all") for b in BACKENDS if b not in ("cpu", "reference")])
+def test_batch_strided_inputs_match_contiguous_ones(backend, slot):
+    """Inputs whose samples are contiguous blocks at a batch stride other than numel / batch (a
+    slice of a wider tensor, a padded batch stride, a CFG half, an interleaved batch) are read
+    in place at their stride, by every backend, and give the contiguous inputs' step."""
+    shape = (3, 4, 5)
+    names = ["sample", "model_output", "cond", "h0", "h1", "h2", "aux", "noise"]
+    values, variants = {}, {}
+    for k, name in enumerate(names):
+        values[name], variants[name] = _sample_major_layouts(shape, 50 + k)
+    c = random_coefs(torch.Generator().manual_seed(8))
+
+    def step(inputs, dyn=None, clip=None):
+        return ops.solver_step(inputs["sample"], inputs["model_output"], c, cond=inputs["cond"], guidance_scale=2.0,
+                               history=[inputs["h0"], inputs["h1"], inputs["h2"]], aux=inputs["aux"],
+                               noise=inputs["noise"], write_history=True, write_aux=True, clip_value=clip,
+                               dynamic_scale=dyn, backend=backend)
+
+    expected = ref.solver_step([values[n] for n in names], c, 2.0)
+    for layout in range(4):
+        inputs = dict(values)
+        for name in (names if slot == "all" else [slot]):
+            inputs[name] = variants[name][layout][1]
+        what = f"{backend} {slot} {variants[names[0]][layout][0]}"
+        for got, want in zip(step(inputs), expected):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=what)
+        if backend == "triton":
+            continue  # the interpreter is slow; the layouts are what this checks
+        clipped = ref.solver_step([values[n] for n in names], c, 2.0, 1, 0.4)
+        for got, want in zip(step(inputs, clip=0.4), clipped):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=what + " clipped")
+
+
+def _batch_strided(value, kind):
+    """``value`` (a leaf or not) as a batch-strided view that autograd follows back to it."""
+    batch, first = value.shape[0], value.shape[1]
+    if kind == "slice_of_wider":
+        return torch.cat([value, torch.zeros_like(value)], 1)[:, :first]
+    if kind == "interleaved":
+        return torch.stack([value, -value], 1)[:, 0]
+    padded = torch.cat([value.reshape(batch, -1), torch.zeros(batch, 5)], 1)
+    return padded[:, :value[0].numel()].unflatten(1, value.shape[1:])
+
+
+@pytest.mark.parametrize("backend", [None, *BACKENDS])
+def test_batch_strided_inputs_under_autograd_and_threshold_scale(backend):
+    """The same layouts through the custom op (inputs that need a gradient) and threshold_scale."""
+    shape = (3, 4, 5)
+    g = torch.Generator().manual_seed(60)
+    x, m, h = (torch.randn(shape, generator=g) for _ in range(3))
+    c = random_coefs(torch.Generator().manual_seed(9))
+    want = ref.solver_step([x, m, None, h, None, None, None, None], c)[0]
+    want_scale = ref.threshold_scale(x * 3, m, None, 1.0, 1.0, -0.5, 0.9, 100.0, torch.float64).float()
+    for kind in ("slice_of_wider", "interleaved", "padded"):
+        leaves = [t.clone().requires_grad_(True) for t in (x, m, h)]
+        views = [_batch_strided(t, kind) for t in leaves]
+        assert not views[0].is_contiguous() and views[0][0].is_contiguous()
+        got = ops.solver_step(*views[:2], c, history=[views[2]], backend=backend).sample
+        assert got.grad_fn is not None
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=kind)
+        got.sum().backward()
+        for leaf, value in zip(leaves, (float(c[2] + c[0] * c[5]), float(c[3] + c[4] + c[1] * c[5]), float(c[6]))):
+            torch.testing.assert_close(leaf.grad, torch.full(shape, value), rtol=1e-5, atol=1e-5, msg=kind)
+        with torch.no_grad():
+            xs, ms = _batch_strided(x * 3, kind), _batch_strided(m, kind)
+        scale = ops.threshold_scale(xs, ms, 1.0, -0.5, ratio=0.9, max_value=100.0,
+                                    backend=backend if backend in usable_backends("threshold_scale") else None)
+        torch.testing.assert_close(scale, want_scale, rtol=2e-6, atol=2e-6, msg=kind)
+
+
+# --------------------------------------------------------------------------- quantile positions
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale") + ["reference"])
+def test_threshold_scale_at_a_fractional_quantile_position_across_a_gap(backend):
+    # ratio 0.995 over 1000 values: position 994.005, between a value 2 and a value 102, so the
+    # quantile is 2.5 (the next position up would give about 102)
+    x = torch.cat([torch.linspace(0.5, 2.0, 995), torch.linspace(102.0, 110.0, 5)]).reshape(1, 1000)
+    x = x[:, torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
+    x = torch.cat([x, -x])  # |x0|
+    got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=0.995, max_value=1000.0, backend=backend)
+    exp = torch.quantile(x.abs(), 0.995, dim=1)
+    torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
+    assert abs(got[0].item() - 2.5) < 1e-3
+    # and a thresholded step uses it
+    c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x0": 1.0}), dtype=torch.float32)
+    out = ops.solver_step(x, torch.zeros_like(x), c, dynamic_scale=got, backend=None if backend == "triton" else
+                          backend).sample
+    torch.testing.assert_close(out, x.clamp(-2.5, 2.5) / 2.5, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_threshold_scale_beyond_two_to_the_24_at_a_fractional_position(device):
+    # n = 2^24 + 4 values (the float64 position path): the median sits at 8388609.5, between the
+    # 8388610 ones and the 5s, so the scale is 3 (the next position up would give 5)
+    n = (1 << 24) + 4
+    lo = 8388610
+    x = torch.full((1, n), 5.0)
+    x[0, :lo] = 1.0
+    got = ops.threshold_scale(x.to(device), torch.zeros(1, n, device=device), 1.0, 0.0, ratio=0.5,
+                              max_value=100.0, backend=device)
+    assert abs(got.item() - 3.0) <= 1e-6
+    del x
