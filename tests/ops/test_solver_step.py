@@ -1024,14 +1024,14 @@ def _sample_major_layouts(shape, seed):
     """(name, tensor) pairs of one value in layouts whose samples are each one contiguous block."""
     g = torch.Generator().manual_seed(seed)
     value = torch.randn(shape, generator=g)
-    batch, rest = shape[0], shape[1:]
+    batch = shape[0]
     inner = value[0].numel()
     wide = torch.randn((batch, 2 * shape[1]) + tuple(shape[2:]), generator=g)
     wide[:, :shape[1]] = value
     padded = torch.randn(batch * (inner + 5), generator=g)
     padded_view = padded.as_strided(shape, (inner + 5,) + value[0].stride(), 3)
     padded_view.copy_(value)
-    doubled = torch.cat([value, value * 0.0 + 9.0])
+    doubled = torch.cat([value, torch.full_like(value, 9.0)])  # [uncond; cond] halves (contiguous)
     cfg_first, _ = doubled.chunk(2)
     interleaved = torch.stack([value, -value], 1)[:, 0]
     return value, [("slice_of_wider", wide[:, :shape[1]]), ("padded_batch_stride", padded_view),
