@@ -41,8 +41,8 @@ def _term(ls, lt, beta, log_beta, log_rest, KIND: tl.constexpr):
         w = loss
     elif KIND == 2:  # generalized JSD
         lm = _log_add_exp(log_beta + lt, log_rest + ls)
-        w = (1.0 - beta) * _weighted_log_ratio(q, ls, lm)
-        loss = beta * _weighted_log_ratio(p, lt, lm) + w
+        w = _weighted_log_ratio((1.0 - beta) * q, ls, lm)  # weights inside 0 log 0, as in the C++ term
+        loss = _weighted_log_ratio(beta * p, lt, lm) + w
     elif KIND == 3:  # total variation
         d = q - p
         loss = 0.5 * tl.abs(d)

@@ -138,10 +138,12 @@ KD_HD float divergence_term(const Consts& c, float ls, float lt, float& w) {
     w = v;
     return v;
   } else if constexpr (KIND == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
+    // The weights go inside the 0 log 0 convention: at beta = 0 (or 1) an entry with p > 0
+    // and q = 0 (or the reverse) has lm = -inf, and beta * inf would be NaN; the term is 0.
     const float lm = log_add_exp(c.log_beta + lt, c.log_one_minus_beta + ls);
-    const float student_part = c.one_minus_beta * weighted_log_ratio(q, ls, lm);
+    const float student_part = weighted_log_ratio(c.one_minus_beta * q, ls, lm);
     w = student_part;
-    return c.beta * weighted_log_ratio(p, lt, lm) + student_part;
+    return weighted_log_ratio(c.beta * p, lt, lm) + student_part;
   } else if constexpr (KIND == kTVD) {  // 0.5 sum |p - q|
     const float d = q - p;
     w = d > 0.f ? 0.5f * q : (d < 0.f ? -0.5f * q : 0.f);

@@ -51,7 +51,8 @@ def divergence_terms(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float)
         return _xlogratio(q, ls, lt)
     if kind == "jsd":
         lm = _log_mix(beta, lt, ls)
-        return beta * _xlogratio(p, lt, lm) + (1 - beta) * _xlogratio(q, ls, lm)
+        # The weights inside 0 log 0: at beta = 0 or 1 an entry one side lacks gives 0, not 0 * inf.
+        return _xlogratio(beta * p, lt, lm) + _xlogratio((1 - beta) * q, ls, lm)
     if kind == "tvd":
         return 0.5 * (p - q).abs()
     if kind == "skew_kl":

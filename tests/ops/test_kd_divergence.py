@@ -412,6 +412,18 @@ def test_skew_kl_at_beta_0_with_a_student_zero(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_jsd_at_beta_0_and_1_with_an_entry_one_side_lacks(backend):
+    # The mixture at beta = 0 is q (at 1, p): an entry with p > 0 where q = 0 (or the reverse)
+    # has log m = -inf, and its weight 0 must make the term 0, not 0 * inf = NaN.
+    s, t = logits((2, 50), torch.float32, 46), logits((2, 50), torch.float32, 47)
+    s[0, 3] = -math.inf
+    t[1, 4] = -math.inf
+    for beta in (0.0, 1.0):
+        rows, grad = fused(backend, s, t, "jsd", beta=beta)
+        assert rows.abs().max() < 1e-6 and grad.abs().max() < 1e-6, (beta, rows, grad.abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_tvd_subgradient_where_p_equals_q(backend):
     # |p - q| at p == q exactly (entries 0 and 1: same logits, same normaliser) has subgradient 0.
     s = torch.tensor([[0.0, 0.0, 0.0, -30.0], [1.0, 1.0, 2.0, -math.inf]])
