@@ -78,6 +78,23 @@ def gkd_trainer():
     return module.GKDTrainer
 
 
+@pytest.fixture(scope="session")
+def kds():
+    """k-diffusion's sampling module (skips the test where k-diffusion is not installed, as in CI)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        from _common import k_diffusion_sampling
+    finally:
+        sys.path.pop(0)
+    module = k_diffusion_sampling()
+    if module is None:
+        pytest.skip("k-diffusion is not installed")
+    return module
+
+
 def usable_backends(op_name, device_type="cpu"):
     """Every compiled/Triton backend that can run ``op_name`` here (not the reference)."""
     op = kdfast.backends.op(op_name)

@@ -639,33 +639,16 @@ def test_float64_sampler_uses_float64_coefficients(monkeypatch):
     assert rows == [torch.float64] * 10 + [torch.float32] * 10
 
 
-@pytest.fixture(scope="module")
-def k_diffusion_sampling():
-    """k-diffusion's sampling module (skips where k-diffusion is not installed, as in CI)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from _common import k_diffusion_sampling as load
-    finally:
-        sys.path.pop(0)
-    module = load()
-    if module is None:
-        pytest.skip("k-diffusion is not installed")
-    return module
-
-
 @pytest.mark.parametrize("case", ["euler", "euler_ancestral", "euler_ancestral_eta", "heun", "dpm_2", "dpmpp_2m",
                                   "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
-def test_sampler_float64_matches_k_diffusion(k_diffusion_sampling, case):
+def test_sampler_float64_matches_k_diffusion(kds, case):
     """k-diffusion's own samplers in float64 (float64 sigmas): measured <= 1.2e-15."""
     fn, _, opts = CASES[case]
     kwargs = dict(opts)
     if fn in (S.sample_euler_ancestral, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde):
         kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float64)
     sigmas = karras(10).double()
-    want = getattr(k_diffusion_sampling, fn.__name__)(denoiser, initial(torch.float64), sigmas, disable=True,
+    want = getattr(kds, fn.__name__)(denoiser, initial(torch.float64), sigmas, disable=True,
                                                       **kwargs)
     got = fn(denoiser, initial(torch.float64), sigmas, disable=True, **kwargs)
     assert want.dtype == got.dtype == torch.float64

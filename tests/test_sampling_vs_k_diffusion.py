@@ -5,27 +5,10 @@ The CI environment does not install it (its package pulls torchvision, CLIP, wan
 torch), so these run on developer machines; tests/test_sampling.py checks the same samplers
 against transcriptions of k-diffusion's update rules everywhere.
 """
-from pathlib import Path
-
 import pytest
 import torch
 
 from kdfast import sampling as S
-
-
-@pytest.fixture(scope="module")
-def kds():
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-    try:
-        from _common import k_diffusion_sampling
-    finally:
-        sys.path.pop(0)
-    module = k_diffusion_sampling()
-    if module is None:
-        pytest.skip("k-diffusion is not installed")
-    return module
 
 
 def denoiser(x, sigma, cond=None):

@@ -124,6 +124,16 @@ def _check_dynamic_scale(dynamic_scale, sample: torch.Tensor) -> torch.Tensor:
     return dynamic_scale.contiguous()
 
 
+def _clipping_args(clip_value, dynamic_scale, sample: torch.Tensor):
+    """(threshold mode, clip value, checked dynamic scale) of a step's clipping arguments."""
+    threshold, clip = THRESHOLD_NONE, 1.0
+    if clip_value is not None:
+        threshold, clip = THRESHOLD_CLIP, _check_clip_value(clip_value)
+    if dynamic_scale is not None:
+        threshold, dynamic_scale = THRESHOLD_DYNAMIC, _check_dynamic_scale(dynamic_scale, sample)
+    return threshold, clip, dynamic_scale
+
+
 def _float64_backend(op: backends.Op, device_type: str, backend: Optional[str]) -> backends.Implementation:
     """The implementation that computes a float64 step: the reference, in float64. A compiled
     backend forced by ``backend`` or ``KDFAST_BACKEND`` cannot, and says so."""
@@ -308,14 +318,9 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
             ptrs[k], strides[k], codes[k] = t.data_ptr(), inner if plain else t.stride(0), t_code
     if type(guidance_scale) is not float or not _isfinite(guidance_scale):
         guidance_scale = _check_scalar("guidance_scale", guidance_scale)
-    threshold, clip = THRESHOLD_NONE, 1.0
-    if clip_value is not None:
-        threshold, clip = THRESHOLD_CLIP, _check_clip_value(clip_value)
-    if dynamic_scale is not None:
-        threshold = THRESHOLD_DYNAMIC
-        dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
-        if type(dynamic_scale) is not _Tensor or (grad and dynamic_scale.requires_grad):
-            dispatch = True  # the scale's gradient (dynamic thresholding under autograd)
+    threshold, clip, dynamic_scale = _clipping_args(clip_value, dynamic_scale, sample)
+    if dynamic_scale is not None and (type(dynamic_scale) is not _Tensor or (grad and dynamic_scale.requires_grad)):
+        dispatch = True  # the scale's gradient (dynamic thresholding under autograd)
     if history_dtype is None:
         history_dtype = dtype
     elif history_dtype not in DTYPE_CODES:
@@ -380,12 +385,7 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
               history[2] if n_hist > 2 else None, aux, noise]
     others = [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
     guidance_scale = _check_scalar("guidance_scale", guidance_scale)
-    threshold, clip = THRESHOLD_NONE, 1.0
-    if clip_value is not None:
-        threshold, clip = THRESHOLD_CLIP, _check_clip_value(clip_value)
-    if dynamic_scale is not None:
-        threshold = THRESHOLD_DYNAMIC
-        dynamic_scale = _check_dynamic_scale(dynamic_scale, sample)
+    threshold, clip, dynamic_scale = _clipping_args(clip_value, dynamic_scale, sample)
     if history_dtype is None:
         history_dtype = _F64
     elif history_dtype not in DTYPE_CODES and history_dtype is not _F64:
