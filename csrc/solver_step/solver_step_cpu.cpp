@@ -1,5 +1,7 @@
 // CPU launcher for the fused solver step: tiles of each sample are converted to fp32 in L1,
-// run through the shared step_element math, and written back, so memory is touched once.
+// run through step_element's terms (its guided / apply_threshold helpers, then the same
+// source terms in the same order, one source at a time so that each loop vectorises), and
+// written back, so memory is touched once. step_element itself runs in the CUDA launcher.
 #include "solver_step.h"
 
 #include "common/kd_cpu.h"

@@ -1,5 +1,6 @@
 // CUDA launcher for the fused solver step and the dynamic-threshold quantile. The element
-// math is step_element from solver_step.h, the same code the CPU launcher runs.
+// math is step_element from solver_step.h; the CPU launcher's step_tile runs the same terms in
+// the same order over tiles (sharing its helpers), so only the gpu tests run step_element.
 #include "solver_step.h"
 
 #include <cuda_runtime.h>

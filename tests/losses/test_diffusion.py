@@ -259,3 +259,15 @@ def test_module_docstring_example_runs():
     assert re.search(r"loss\.backward\(\)", code)
     exec(code, env)
     assert torch.isfinite(env["loss"]) and net.weight.grad is not None
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32])
+def test_integer_per_sample_weights_and_c_equal_float_ones(dtype):
+    # Integer tensors are taken as per-sample values (converted to float32 before the kernel,
+    # which reads float bits); they must give what the same float values give.
+    x, y = randn((3, 2, 4, 4), 2, torch.float32), randn((3, 2, 4, 4), 3, torch.float32)
+    weights, c = torch.tensor([1, 0, 2], dtype=dtype), torch.tensor([1, 2, 3], dtype=dtype)
+    got = dl.pseudo_huber_loss(x, y, c=c, weights=weights, reduction="none")
+    want = dl.pseudo_huber_loss(x, y, c=c.float(), weights=weights.float(), reduction="none")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert got[1] == 0 and got[0] != 0
