@@ -215,8 +215,8 @@ class FusedScheduler(ConfigMixin):
     Under ``torch.compile`` the step (and ``scale_model_input``) runs eagerly, a graph break
     around it: it is already one kernel, and its bookkeeping (which table row, which history
     entries, which sigma) depends on the Python step index, so tracing it would recompile at
-    every step. Compile the model; to run a
-    whole loop as one graph on a GPU, use :class:`kdfast.CapturedSampler`.
+    every step. Compile the model; to run a whole loop as one graph on a GPU, use
+    :class:`kdfast.CapturedSampler`.
     """
 
     def __init_subclass__(cls, **kwargs):
