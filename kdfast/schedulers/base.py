@@ -168,9 +168,7 @@ class CoefficientTable:
     def row64(self, key) -> torch.Tensor:
         rows64 = self.__dict__.setdefault("_rows64", {})
         row = rows64.get(key)
-        if row is None:
-            if key not in self._rows:
-                raise KeyError(key)
+        if row is None:  # self.plans[key] raises KeyError for a key the table lacks
             row = rows64[key] = torch.tensor(self.plans[key].row(), dtype=torch.float64)
         return row
 
