@@ -23,26 +23,85 @@ def on_device(t: torch.Tensor):
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
-def sample_major(t: torch.Tensor) -> torch.Tensor:
-    """``t`` itself when each sample (index of dim 0) is one contiguous block, else a copy.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
-    Views like ``out[:B]`` / ``out[B:]`` of a doubled CFG batch stay copy-free.
-    """
+
+def dense_format(t: torch.Tensor) -> Optional[torch.memory_format]:
+    """The memory format ``t`` is dense in: ``torch.contiguous_format``, ``channels_last`` (4-d)
+    or ``channels_last_3d`` (5-d); None for any other layout. A few C++ property reads: the
+    common layouts are told apart without Python stride arithmetic."""
     if t.is_contiguous():
+        return torch.contiguous_format
+    fmt = _CHANNELS_LAST.get(t.dim())
+    return fmt if fmt is not None and t.is_contiguous(memory_format=fmt) else None
+
+
+def _dense_samples(t: torch.Tensor) -> bool:
+    """Whether each sample of ``t`` (index of dim 0) is one dense block of memory, its dims in
+    any order (e.g. a batch-strided view of a channels_last tensor)."""
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(t.stride()[1:], t.shape[1:]) if n != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def _same_inner_strides(t: torch.Tensor, like: torch.Tensor) -> bool:
+    # a dim of size 1 is never stepped over, so its stride does not matter
+    return all(a == b or n == 1 for a, b, n in zip(t.stride()[1:], like.stride()[1:], like.shape[1:]))
+
+
+def sample_layout(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself when each sample (index of dim 0) is one dense block, else a contiguous copy.
+
+    The per-sample kernels read each sample as a flat block at a batch stride: element-wise
+    math and per-sample reductions do not depend on the order of the elements inside a block,
+    so every tensor of one call only has to share the sample's order (see :func:`in_layout`).
+    Channels_last latents and views like ``out[:B]`` / ``out[B:]`` of a doubled CFG batch stay
+    copy-free.
+    """
+    if dense_format(t) is not None:
         return t
-    if t.dim() >= 1 and t.shape[0] > 0 and t[0].is_contiguous():
+    if t.dim() >= 1 and t.shape[0] > 0 and _dense_samples(t):
         return t
     return t.contiguous()
+
+
+def in_layout(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``t`` (of ``like``'s shape) itself when its samples are laid out as those of ``like`` (a
+    :func:`sample_layout` tensor) are, else a copy in that layout."""
+    fmt = dense_format(like)
+    if fmt is not None and t.is_contiguous(memory_format=fmt):
+        return t
+    if t.dim() >= 1 and t.shape[0] > 0 and _same_inner_strides(t, like):
+        return t
+    return empty_in_layout(like, t.dtype).copy_(t)
+
+
+def empty_in_layout(like: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """A new tensor of ``like``'s shape whose samples are laid out as :func:`sample_layout`
+    lays out those of ``like``, one after another (batch stride = elements per sample)."""
+    dtype = like.dtype if dtype is None else dtype
+    if dense_format(like) is not None:
+        # empty_like keeps a dense tensor's strides; its plainest form parses its arguments
+        # ~2x faster than empty(shape, dtype=, device=)
+        return torch.empty_like(like) if dtype == like.dtype else torch.empty_like(like, dtype=dtype)
+    if like.dim() >= 1 and like.numel() > 0 and _dense_samples(like):
+        inner = like.numel() // like.shape[0]
+        return torch.empty_strided(like.shape, (inner, *like.stride()[1:]), dtype=dtype, device=like.device)
+    return torch.empty_like(like, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def describe(name: Optional[str], t: torch.Tensor) -> str:
     return f"{name}: {tuple(t.shape)} {t.dtype} on {t.device}"
 
 
-def addresses(tensors, inner: int, contiguous: bool = False) -> Tuple[list, list, list]:
-    """(addresses, batch strides, dtype codes) of sample-major tensors of ``inner`` elements
-    per sample (validated to share one shape); None gives zeros. ``contiguous=True`` when the
-    caller knows every tensor is (outputs it allocated): saves a property call per tensor."""
+def addresses(tensors, inner: int, packed: bool = False) -> Tuple[list, list, list]:
+    """(addresses, batch strides, dtype codes) of tensors of ``inner`` elements per sample, laid
+    out alike (:func:`in_layout`; validated to share one shape); None gives zeros. ``packed=True``
+    when the caller knows each batch stride is ``inner`` (outputs it allocated with
+    :func:`empty_in_layout`): saves a property call per tensor."""
     ptrs, strides, codes = [], [], []
     for t in tensors:
         if t is None:
@@ -51,6 +110,7 @@ def addresses(tensors, inner: int, contiguous: bool = False) -> Tuple[list, list
             codes.append(0)
         else:
             ptrs.append(t.data_ptr())
-            strides.append(inner if contiguous or t.is_contiguous() else t.stride(0))
+            strides.append(inner if packed or t.is_contiguous() else t.stride(0))
             codes.append(DTYPE_CODES[t.dtype])
     return ptrs, strides, codes
+

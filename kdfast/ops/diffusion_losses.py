@@ -25,7 +25,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _ext, backends
 from ..reference import diffusion_losses as ref
-from ._tensors import DTYPE_CODES, describe, on_device, sample_major
+from ._tensors import DTYPE_CODES, describe, empty_in_layout, in_layout, on_device, sample_layout
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -59,7 +59,7 @@ def _check_latent(name: str, t, like: Optional[torch.Tensor] = None, like_name: 
             raise ValueError(f"{name} must have the shape of {like_name} {tuple(like.shape)}, got {tuple(t.shape)}")
         if t.device != like.device:
             raise ValueError(f"{name} must be on {like.device} like {like_name}, got {t.device}")
-    return sample_major(t)
+    return sample_layout(t) if like is None else in_layout(t, like)
 
 
 def _check_per_sample(name: str, value, batch: int, device: torch.device, *, default: Optional[float] = None,
@@ -315,8 +315,9 @@ def _loss_forward(kind, prediction, x, in1, in2, in3, params, values, backend=No
 
 
 def _allocate_grads(x, in1, want_x: bool, want_in1: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    # both laid out as x (every input is: _check_latent), as the kernels write them
     def new(t, want):
-        return torch.empty_like(t, memory_format=torch.contiguous_format) if want else t.new_empty(0)
+        return empty_in_layout(x, t.dtype) if want else t.new_empty(0)
 
     return new(x, want_x), new(in1, want_in1)
 
@@ -332,7 +333,7 @@ def _loss_backward(kind, prediction, x, in1, in2, in3, params, values, aux, grad
 
 
 def _allocate_combination(a, b) -> torch.Tensor:
-    return torch.empty_like(a, dtype=torch.promote_types(a.dtype, b.dtype), memory_format=torch.contiguous_format)
+    return empty_in_layout(a, torch.promote_types(a.dtype, b.dtype))
 
 
 def _sample_combination(combination, prediction, a, b, params, values, backend=None) -> torch.Tensor:
@@ -528,7 +529,7 @@ def _combination_triton(combination, prediction, ins, params, values, out):
 def _checked_op_inputs(code_name: str, code: int, codes: Sequence[str], prediction: int, x, others, params, values):
     """What a direct ``torch.ops.kdfast`` call hands the kernels on trust, checked (the public
     functions check it on their own path): codes in range, latents of x's shape, dtype and
-    device in sample-major layout, per-sample parameters ``[batch]`` float32/float64 on that
+    device in x's layout, per-sample parameters ``[batch]`` float32/float64 on that
     device, one value per slot. Returns (x, others, params)."""
     if not 0 <= code < len(codes):
         raise ValueError(f"{code_name} must be in [0, {len(codes)}) ({', '.join(codes)}), got {code}")

@@ -22,7 +22,7 @@ import torch
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
-from ._tensors import DTYPE_CODES, addresses, describe, on_device, sample_major
+from ._tensors import DTYPE_CODES, addresses, dense_format, describe, empty_in_layout, in_layout, on_device, sample_layout
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -68,6 +68,7 @@ def coefficients(
 _Tensor = torch.Tensor
 _isfinite = math.isfinite
 _F32, _F64 = torch.float32, torch.float64
+_CONTIGUOUS = torch.contiguous_format
 _KERNEL_DTYPES = "float32, float16 or bfloat16"
 
 
@@ -82,7 +83,7 @@ def _check_like(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Opt
         raise ValueError(f"{name} must be on {like.device} like sample, got {t.device}")
     if t.dtype not in DTYPE_CODES and not (t.dtype is _F64 and like.dtype is _F64):
         raise TypeError(f"{name} must be {_KERNEL_DTYPES} (or float64 with a float64 sample), got {t.dtype}")
-    return sample_major(t)
+    return in_layout(t, like)
 
 
 def _check_coefs(coefs: torch.Tensor) -> torch.Tensor:
@@ -278,10 +279,12 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     batch = shape[0]
     numel = sample.numel()
     inner = numel // batch if batch else 0
-    contiguous = sample.is_contiguous()
-    if not contiguous:
-        sample = inputs[0] = sample_major(sample)
-        contiguous = sample.is_contiguous()
+    # The sample's memory format when it is dense (contiguous or channels_last: every other
+    # tensor of that format is read in place at batch stride ``inner``), else None.
+    fmt = _CONTIGUOUS if sample.is_contiguous() else dense_format(sample)
+    if fmt is None:
+        sample = inputs[0] = sample_layout(sample)
+        fmt = dense_format(sample)
     on_cpu = sample.is_cpu
     device = None if on_cpu else sample.device
     grad = torch.is_grad_enabled()
@@ -292,7 +295,7 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
                 or type(sample) is not _Tensor or (grad and sample.requires_grad))
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
-        ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if contiguous else sample.stride(0), code
+        ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if fmt is not None else sample.stride(0), code
     for k in range(1, 8):
         t = inputs[k]
         if t is None:
@@ -303,15 +306,18 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
             t_code = DTYPE_CODES.get(t.dtype)
             if t_code is None:
                 _check_like(_INPUT_NAMES[k], t, sample)  # raises the dtype error
-            plain = t.is_contiguous()
+            if fmt is _CONTIGUOUS:
+                plain = t.is_contiguous()
+            else:
+                plain = fmt is not None and t.is_contiguous(memory_format=fmt)
             if not plain:
-                t = inputs[k] = sample_major(t)
+                t = inputs[k] = in_layout(t, sample)
             if grad and t.requires_grad:
                 dispatch = True
         else:
             t = inputs[k] = _check_like(_INPUT_NAMES[k], t, sample)
             t_code = DTYPE_CODES[t.dtype]
-            plain = t.is_contiguous()
+            plain = fmt is not None and t.is_contiguous(memory_format=fmt)
             if type(t) is not _Tensor or (grad and t.requires_grad):
                 dispatch = True
         if not dispatch:
@@ -338,8 +344,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     if coefs.dtype is not _F32:
         coefs = _kernel_coefs(coefs)
     # The outputs as _allocate makes them (the plainest empty_like parses its arguments fastest
-    # and keeps a contiguous layout), the addresses as _step_args packs them.
-    if contiguous:
+    # and keeps a dense layout), the addresses as _step_args packs them.
+    if fmt is not None:
         out = torch.empty_like(sample)
         hist_out = aux_out = None
         if write_history:
@@ -379,7 +385,7 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
         raise ValueError("sample must have a batch dimension, got a 0-d tensor")
     if model_output is None:
         raise TypeError("model_output must be a torch.Tensor, got None")
-    sample = sample_major(sample)
+    sample = sample_layout(sample)
     n_hist = len(history)
     others = [model_output, cond, history[0] if n_hist else None, history[1] if n_hist > 1 else None,
               history[2] if n_hist > 2 else None, aux, noise]
@@ -398,21 +404,12 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
 
 
 def _allocate(sample: torch.Tensor, mask: int, history_dtype: torch.dtype) -> List[Optional[torch.Tensor]]:
-    """The outputs asked for in ``mask``, contiguous, shaped like ``sample``."""
-    dtype = sample.dtype
-    if sample.is_contiguous():
-        # empty_like keeps a contiguous layout, and its plainest form parses its arguments fastest
-        # (~2x faster than empty(shape, dtype=, device=)): a quarter of the op's host time otherwise.
-        def new(d):
-            return torch.empty_like(sample) if d == dtype else torch.empty_like(sample, dtype=d)
-    else:
-        def new(d):
-            return torch.empty_like(sample, dtype=d, memory_format=torch.contiguous_format)
-
+    """The outputs asked for in ``mask``, shaped and laid out like ``sample`` (see
+    :func:`~kdfast.ops._tensors.sample_layout`): channels_last in, channels_last out."""
     return [
-        new(dtype) if mask & _OUT_SAMPLE else None,
-        new(history_dtype) if mask & _OUT_HISTORY else None,
-        new(dtype) if mask & _OUT_AUX else None,
+        empty_in_layout(sample) if mask & _OUT_SAMPLE else None,
+        empty_in_layout(sample, history_dtype) if mask & _OUT_HISTORY else None,
+        empty_in_layout(sample) if mask & _OUT_AUX else None,
     ]
 
 
@@ -451,7 +448,7 @@ def _step_args(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dy
     x = inputs[0]
     batch = x.shape[0]  # len(tensor) costs ~1 us
     inner = x.numel() // batch
-    return (batch, inner, *addresses(inputs, inner), *addresses(outputs, inner, contiguous=True), coefs.data_ptr(),
+    return (batch, inner, *addresses(inputs, inner), *addresses(outputs, inner, packed=True), coefs.data_ptr(),
             guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr())
 
 
@@ -510,7 +507,7 @@ def _solver_step_op(
     backend: str,
 ) -> List[torch.Tensor]:
     # Callable directly as torch.ops.kdfast.solver_step: check what the kernels take on trust
-    # (solver_step checks it on its own path) and bring every layout to sample-major.
+    # (solver_step checks it on its own path) and bring every input to the sample's layout.
     sample, model_output, cond, history0, history1, history2, aux, noise = _checked_op_tensors(
         sample, model_output, cond, history0, history1, history2, aux, noise)
     coefs = _check_coefs(coefs)
@@ -536,7 +533,7 @@ def _checked_op_tensors(sample, *others) -> list:
             or sample.dim() == 0):
         raise TypeError(f"sample must be a float32, float16, bfloat16 or float64 tensor with a batch dimension, got "
                         f"{describe('sample', sample) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
-    return [sample_major(sample)] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
+    return [sample_layout(sample)] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
 
 
 @_solver_step_op.register_fake
@@ -611,7 +608,7 @@ def threshold_scale(
         raise TypeError("sample must be a float32/float16/bfloat16/float64 tensor with a batch dimension")
     if sample.numel() == 0 or sample.numel() // sample.shape[0] == 0:
         raise ValueError(f"sample must have at least one element per sample, got shape {tuple(sample.shape)}")
-    sample = sample_major(sample)
+    sample = sample_layout(sample)
     model_output = _check_like("model_output", model_output, sample)
     cond = _check_like("cond", cond, sample)
     if not 0.0 <= float(ratio) <= 1.0:

@@ -247,8 +247,8 @@ def test_combination_autograd():
 
 def test_strided_and_non_contiguous_inputs():
     big = randn((6, 3, 9), torch.float32, 20)
-    x, y = big[:3], big[3:]  # sample-major views: used without a copy
-    xt = randn((3, 9, 3), torch.float32, 21).transpose(1, 2)  # not sample-major: copied
+    x, y = big[:3], big[3:]  # batch-strided views: used without a copy
+    xt = randn((3, 9, 3), torch.float32, 21).transpose(1, 2)  # not in x's layout: copied
     for elementwise in (False, True):
         torch.testing.assert_close(ops.pseudo_huber(x, xt, c=0.1, elementwise=elementwise).double(),
                                    ref.pseudo_huber(x, xt, 0.1, None, elementwise), rtol=1e-6, atol=1e-7)

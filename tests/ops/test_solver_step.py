@@ -97,7 +97,7 @@ def test_views_of_doubled_batch_and_non_contiguous(backend):
     g = torch.Generator().manual_seed(7)
     sample = torch.randn(2, 4, 6, 5, generator=g)
     doubled = torch.randn(4, 4, 6, 5, generator=g)  # [uncond; cond] from one batched forward
-    transposed = torch.randn(2, 4, 5, 6, generator=g).transpose(2, 3)  # not sample-major
+    transposed = torch.randn(2, 4, 5, 6, generator=g).transpose(2, 3)  # not in the sample's layout
     coefs = random_coefs(g)
     got = ops.solver_step(sample, doubled[:2], coefs, cond=doubled[2:], guidance_scale=7.0,
                           history=[transposed], backend=backend).sample
@@ -201,7 +201,7 @@ def test_registered_op_checks_what_the_kernels_trust(good):
 
 
 def test_registered_op_takes_any_layout():
-    # channels_last inputs are brought to sample-major order, not read as if they were.
+    # channels_last inputs of a contiguous sample are brought to its layout, not read as if they were.
     case = make_case((2, 3, 4, 5), torch.float32, 1, True, False, True, seed=4)
     expected = ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
                                history=case["history"], noise=case["noise"]).sample
@@ -281,7 +281,7 @@ fused_step = ops.solver_step.__globals__["fused_step"]
 def _custom_op(case, guidance_scale=1.0, clip_value=None, dynamic_scale=None, history_dtype=None):
     """The same step through the registered custom op: the general path that packs its own
     addresses (``_solver_step`` -> backend -> ``_step_args``), not the eager fast path."""
-    hist = [ops.solver_step.__globals__["sample_major"](h) for h in case["history"]]
+    hist = [ops.solver_step.__globals__["in_layout"](h, case["sample"]) for h in case["history"]]
     hist += [None] * (3 - len(hist))
     threshold = 1 if clip_value is not None else (2 if dynamic_scale is not None else 0)
     return torch.ops.kdfast.solver_step(case["sample"], case["model_output"], case["coefs"], case["cond"],
@@ -299,7 +299,7 @@ def test_fused_step_is_the_public_step(dtype, n_hist, with_cond, with_aux, with_
     """The schedulers' positional entry and the public one give bit-identical outputs, equal to
     the custom op's (whose packing is separate), for every input subset and layout."""
     case = make_case((2, 3, 5, 7), dtype, n_hist, with_cond, with_aux, with_noise, seed=n_hist + 10)
-    if layout == "views":  # CFG halves, batch-strided views (sample-major) and a transposed one (copied)
+    if layout == "views":  # CFG halves, batch-strided views (kept) and a transposed one (copied)
         doubled = torch.cat([case["model_output"], case["model_output"] * 2])
         case["model_output"] = torch.stack([doubled[2:], doubled[:2]], 1)[:, 0]
         case["sample"] = torch.stack([case["sample"], case["sample"]], 1)[:, 0]
@@ -1020,7 +1020,7 @@ def test_gpu_every_source_alone_with_a_nonzero_coefficient(backend):
 # --------------------------------------------------------------------------- batch-strided layouts
 
 
-def _sample_major_layouts(shape, seed):
+def _batch_strided_layouts(shape, seed):
     """(name, tensor) pairs of one value in layouts whose samples are each one contiguous block."""
     g = torch.Generator().manual_seed(seed)
     value = torch.randn(shape, generator=g)
@@ -1038,18 +1038,26 @@ def _sample_major_layouts(shape, seed):
                    ("cfg_half", cfg_first), ("interleaved", interleaved)]
 
 
-def test_sample_major_keeps_views_and_copies_the_rest():
-    from kdfast.ops._tensors import sample_major
-    value, layouts = _sample_major_layouts((3, 4, 5), 0)
+def test_sample_layout_keeps_views_and_copies_the_rest():
+    from kdfast.ops._tensors import in_layout, sample_layout
+    value, layouts = _batch_strided_layouts((3, 4, 5), 0)
     for name, t in layouts:
-        kept = sample_major(t)
+        kept = sample_layout(t)
         assert kept.data_ptr() == t.data_ptr() and kept.stride() == t.stride(), name
-    one = torch.randn(1, 5, 4).transpose(1, 2)  # batch of 1, its only sample not contiguous
-    for t in (one, value.transpose(1, 2), value[:, :, ::2]):
-        copied = sample_major(t)
+    # samples that are dense blocks in another order (channels_last-like) are kept as well
+    for t in (value.transpose(1, 2), torch.randn(1, 5, 4).transpose(1, 2), value.transpose(1, 2)[:2]):
+        assert sample_layout(t) is t
+    for t in (value[:, :, ::2], value.transpose(1, 2)[:, ::2], torch.randn(3, 4, 2)[..., :1].expand(3, 4, 5)):
+        copied = sample_layout(t)
         assert copied.is_contiguous() and torch.equal(copied, t)
     big = torch.randn(3, 8)
-    assert sample_major(big[:1, :4]).data_ptr() == big.data_ptr()  # batch of 1, contiguous sample
+    assert sample_layout(big[:1, :4]).data_ptr() == big.data_ptr()  # batch of 1, contiguous sample
+    # in_layout: a tensor whose samples are ordered as the sample's stays; another order is copied into it
+    like = value.transpose(1, 2)
+    assert in_layout(torch.randn(5, 4, 3).permute(2, 0, 1), like).stride() == (20, 1, 5)
+    moved = in_layout(value.transpose(1, 2).contiguous(), like)
+    assert moved.stride() == like.stride() and torch.equal(moved, like)
+    assert in_layout(value.transpose(1, 2).contiguous(), value.transpose(1, 2).contiguous()).is_contiguous()
 
 
 _SLOTS = ["sample", "model_output", "cond", "h0", "h1", "h2", "aux", "noise", "all"]
@@ -1065,7 +1073,7 @@ def test_batch_strided_inputs_match_contiguous_ones(backend, slot):
     names = ["sample", "model_output", "cond", "h0", "h1", "h2", "aux", "noise"]
     values, variants = {}, {}
     for k, name in enumerate(names):
-        values[name], variants[name] = _sample_major_layouts(shape, 50 + k)
+        values[name], variants[name] = _batch_strided_layouts(shape, 50 + k)
     c = random_coefs(torch.Generator().manual_seed(8))
 
     def step(inputs, dyn=None, clip=None):

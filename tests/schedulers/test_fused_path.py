@@ -89,7 +89,7 @@ def test_schedulers_entry_rejects_bad_user_tensors():
     sched.model_outputs[-1] = torch.randn(1, 4, 8, 8)  # history set from outside, wrong shape
     with pytest.raises(ValueError, match=r"history\[0\] must have the shape"):
         sched.step(dummy_model(x, t), t, x)
-    sched.model_outputs[-1] = injected[-1].transpose(2, 3).contiguous().transpose(2, 3)  # not sample-major
+    sched.model_outputs[-1] = injected[-1].transpose(2, 3).contiguous().transpose(2, 3)  # not in the sample's layout
     got = sched.step(dummy_model(x, t), t, x).prev_sample
     ref = kd.UniPCMultistepScheduler()
     ref.set_timesteps(5)
