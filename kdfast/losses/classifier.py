@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .kd import _check_temperature, kd_loss
+from .kd import _check_int, _check_temperature, kd_loss
 
 
 def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
@@ -55,8 +55,14 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
 
 
 def _plogratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """p * (log p - log q) with 0 log 0 = 0: a class the teacher rules out (logit -inf) adds nothing."""
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    """p * (log p - log q) with 0 log 0 = 0: a class the teacher rules out (logit -inf) adds nothing.
+
+    The dropped entries' log-probabilities are replaced before the arithmetic: where() gives
+    the unselected branch a zero gradient, but 0 times the inf or NaN of -inf - -inf there is
+    still NaN."""
+    keep = p > 0
+    zero = torch.zeros_like(p)
+    return torch.where(keep, p * (torch.where(keep, log_p, zero) - torch.where(keep, log_q, zero)), zero)
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -82,15 +88,21 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         lse = torch.logsumexp(z, dim=1)
         log_target = z.gather(1, labels.unsqueeze(1)).squeeze(1) - lse
         others = z.masked_fill(target, -math.inf)
-        lse_others = torch.logsumexp(others, dim=1)
-        binary = torch.stack([log_target, lse_others - lse], dim=1)  # log(p_t), log(1 - p_t)
-        non_target = (others - lse_others.unsqueeze(1)).masked_fill(target, 0.0)  # log-probs among others
+        # A row whose non-target logits are all -inf (a teacher certain of its label) has no
+        # non-target distribution: logsumexp would give -inf with a NaN gradient and others -
+        # lse_others -inf - -inf = NaN. Its logsumexp is taken over stand-in zeros instead, so
+        # its non-target log-probabilities are all -inf (probability 0, no NCKD term).
+        has_rest = (others > -math.inf).any(dim=1, keepdim=True)
+        lse_others = torch.logsumexp(torch.where(has_rest, others, torch.zeros_like(others)), dim=1)
+        log_rest = torch.where(has_rest.squeeze(1), lse_others, torch.full_like(lse_others, -math.inf))
+        binary = torch.stack([log_target, log_rest - lse], dim=1)  # log(p_t), log(1 - p_t)
+        non_target = others - lse_others.unsqueeze(1)  # log-probs among others, -inf at the target
         return binary, non_target
 
     s_bin, s_nt = parts(s)
     t_bin, t_nt = parts(t)
     tckd = _plogratio(t_bin.exp(), t_bin, s_bin).sum(1)
-    nckd = _plogratio(t_nt.exp().masked_fill(target, 0.0), t_nt, s_nt).sum(1)
+    nckd = _plogratio(t_nt.exp(), t_nt, s_nt).sum(1)
     return (float(alpha) * tckd + float(beta) * nckd).mean() * temperature ** 2
 
 
@@ -124,14 +136,13 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"cost must be a [{classes}, {classes}] tensor")
     if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
-    if int(iterations) < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}")
+    iterations = _check_int("iterations", iterations, minimum=1)
     log_a = torch.log_softmax(teacher_logits.float() / temperature, dim=1)  # source: teacher
     log_b = torch.log_softmax(student_logits.float() / temperature, dim=1)  # target: student
     kernel = -cost.float().to(student_logits.device) / float(epsilon)  # log K
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
-    for _ in range(int(iterations)):
+    for _ in range(iterations):
         f = log_a - torch.logsumexp(kernel.unsqueeze(0) + g.unsqueeze(1), dim=2)
         g = log_b - torch.logsumexp(kernel.unsqueeze(0) + f.unsqueeze(2), dim=1)
     plan = _round_to_marginals((f.unsqueeze(2) + kernel.unsqueeze(0) + g.unsqueeze(1)).exp(), log_a.exp(), log_b.exp())

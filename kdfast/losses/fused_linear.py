@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
-from .kd import REDUCTIONS, _check_temperature, _resolve_kind
+from .kd import REDUCTIONS, _check_int, _check_temperature, _count_valid, _resolve_kind
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
 # chunk buffers stay a small fraction of the full logits.
@@ -55,8 +55,11 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 
 def _check_options(kind: str, beta: float, temperature: float, weight_hard: float, weight_soft: float,
-                   chunk_size: Optional[int], reduction: str) -> None:
-    """The options of :func:`fused_linear_kd` (and :class:`FusedLinearKDLoss`'s constructor)."""
+                   chunk_size: Optional[int], reduction: str, ignore_index: int, vocab_size: Optional[int]
+                   ) -> Tuple[Optional[int], int, Optional[int]]:
+    """The options of :func:`fused_linear_kd` (and :class:`FusedLinearKDLoss`'s constructor);
+    returns ``chunk_size``, ``ignore_index`` and ``vocab_size`` as ints (or None). The upper
+    bound of ``vocab_size`` (the smaller head) is checked with the weights."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     if not 0.0 <= float(beta) <= 1.0:
@@ -66,9 +69,10 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     weight_hard, weight_soft = float(weight_hard), float(weight_soft)
     if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_temperature(temperature)
+    return (None if chunk_size is None else _check_int("chunk_size", chunk_size, minimum=1),
+            _check_int("ignore_index", ignore_index),
+            None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1))
 
 
 def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignore_index: int,
@@ -226,7 +230,7 @@ class _FusedLinearKD(torch.autograd.Function):
         if labels is None:
             count = torch.full((), float(max(tokens, 1)), device=student_hidden.device)  # a fill, not a copy
         else:
-            count = (labels != ignore_index).sum().clamp(min=1).float()
+            count = _count_valid(labels, ignore_index).clamp(min=1).float()
         denominator = count * vocab if reduction == "mean" else (count if reduction == "batchmean" else None)
         loss = rows_out.sum()
         if denominator is not None:
@@ -313,13 +317,14 @@ def fused_linear_kd(
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher tensors must be on {student_hidden.device} like the student's, got "
                          f"{teacher_hidden.device}")
+    chunk_size, ignore_index, vocab_size = _check_options(kind, beta, temperature, weight_hard, weight_soft,
+                                                          chunk_size, reduction, ignore_index, vocab_size)
     shared = min(student_weight.shape[0], teacher_weight.shape[0])
-    vocab = shared if vocab_size is None else int(vocab_size)
+    vocab = shared if vocab_size is None else vocab_size
     if not 1 <= vocab <= shared:
         raise ValueError(f"vocab_size must be in [1, {shared}] (the smaller head), got {vocab_size}")
-    _check_options(kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction)
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
-    labels = _check_labels(labels, tokens, vocab, int(ignore_index), student_hidden.device, weight_hard > 0)
+    labels = _check_labels(labels, tokens, vocab, ignore_index, student_hidden.device, weight_hard > 0)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
     loss_scale = temperature ** 2 if scale_by_t2 else 1.0
@@ -329,7 +334,7 @@ def fused_linear_kd(
     return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
                                 labels, _resolve_kind(kind, float(beta)), float(beta), temperature,
-                                int(ignore_index), weight_hard, weight_soft, chunk_size, vocab, loss_scale,
+                                ignore_index, weight_hard, weight_soft, chunk_size, vocab, loss_scale,
                                 reduction)
 
 
@@ -352,10 +357,12 @@ class FusedLinearKDLoss(nn.Module):
                  weight_hard: float = 0.0, weight_soft: float = 1.0, chunk_size: Optional[int] = None,
                  vocab_size: Optional[int] = None, scale_by_t2: bool = False, reduction: str = "batchmean"):
         super().__init__()
-        _check_options(kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction)  # fail at construction
+        chunk_size, ignore_index, vocab_size = _check_options(  # fail at construction
+            kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, vocab_size)
         self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
-        self.ignore_index, self.weight_hard, self.weight_soft = int(ignore_index), float(weight_hard), float(weight_soft)
-        self.chunk_size, self.vocab_size, self.scale_by_t2, self.reduction = chunk_size, vocab_size, scale_by_t2, reduction
+        self.ignore_index, self.weight_hard, self.weight_soft = ignore_index, float(weight_hard), float(weight_soft)
+        self.chunk_size, self.vocab_size = chunk_size, vocab_size
+        self.scale_by_t2, self.reduction = bool(scale_by_t2), reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):
@@ -368,4 +375,6 @@ class FusedLinearKDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"weight_hard={self.weight_hard}, weight_soft={self.weight_soft}, chunk_size={self.chunk_size}")
+                f"ignore_index={self.ignore_index}, weight_hard={self.weight_hard}, weight_soft={self.weight_soft}, "
+                f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}, scale_by_t2={self.scale_by_t2}, "
+                f"reduction={self.reduction!r}")

@@ -6,7 +6,8 @@ The divergence of every token and its gradient come from one fused kernel
 from __future__ import annotations
 
 import math
-
+import numbers
+import operator
 from typing import Optional, Union
 
 import torch
@@ -23,6 +24,36 @@ def _check_temperature(temperature: float) -> float:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
+
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    """``value`` as an int, for an integer setting (every loss's check): Python and numpy
+    integers, and floats with no fractional part, pass; bools, strings and fractional floats
+    are refused (``int()`` would read True as 1 and truncate 4.7 to 4). Labels are compared in
+    int64, so the value must fit in it."""
+    out = None
+    if not (isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        try:
+            out = operator.index(value)  # int, numpy integer, integer 0-d tensor
+        except TypeError:
+            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+                out = int(value)
+    if out is None or isinstance(out, bool) or (minimum is not None and out < minimum):
+        what = ("a positive integer" if minimum == 1 else "an integer" if minimum is None
+                else f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if not _INT64[0] <= out <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64, got {out}")
+    return out
+
+
+def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """How many labels are not ``ignore_index``, compared in int64 as the kernels compare them
+    (a uint8 tensor compared with -100 directly wraps it to 156)."""
+    return (labels.to(torch.int64) != ignore_index).sum()
 
 
 def _resolve_kind(kind: str, beta: float) -> str:
@@ -95,7 +126,9 @@ def kd_loss(
     Returns:
         A float32 scalar (or per-token tensor for ``reduction="none"``). Differentiable; the
         student's gradient is computed by the forward kernel itself, no logits-sized
-        temporaries are created. So the graph supports one backward (a second one through
+        temporaries are created besides that gradient (kept in float32 for float16 logits, so
+        that a loss scale applied in the backward still finds the small entries that float16
+        would flush to 0). So the graph supports one backward (a second one through
         ``retain_graph=True`` and ``create_graph=True`` raise an error). A token whose logits
         have no softmax (all -inf, or an inf or NaN entry) and is not ignored gives NaN.
     """
@@ -114,6 +147,9 @@ def kd_loss(
     if teacher_logits.shape[:-1] != lead:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must agree in every dimension but the last")
+    ignore_index = _check_int("ignore_index", ignore_index)
+    if vocab_size is not None:
+        vocab_size = _check_int("vocab_size", vocab_size, minimum=1)
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -133,8 +169,8 @@ def kd_loss(
     )
     if reduction == "none":
         return rows.reshape(lead)
-    valid = rows.numel() if labels is None else (labels != ignore_index).sum()
-    vocab = student_logits.shape[-1] if vocab_size is None else int(vocab_size)
+    valid = rows.numel() if labels is None else _count_valid(labels, ignore_index)
+    vocab = student_logits.shape[-1] if vocab_size is None else vocab_size
     return _reduce(rows, valid, vocab, reduction, num_items_in_batch)
 
 
@@ -153,8 +189,10 @@ class KDLoss(nn.Module):
         if not 0.0 <= float(beta) <= 1.0:
             raise ValueError(f"beta must be in [0, 1], got {beta}")
         self.kind, self.beta, self.temperature = kind, float(beta), _check_temperature(temperature)
-        self.ignore_index, self.reduction = int(ignore_index), reduction
-        self.scale_by_t2, self.vocab_size = bool(scale_by_t2), vocab_size
+        self.ignore_index, self.reduction = _check_int("ignore_index", ignore_index), reduction
+        self.scale_by_t2 = bool(scale_by_t2)
+        # the upper bound (the logits' width) can only be checked at the call
+        self.vocab_size = None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -164,4 +202,5 @@ class KDLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"kind={self.kind!r}, beta={self.beta}, temperature={self.temperature}, "
-                f"reduction={self.reduction!r}, scale_by_t2={self.scale_by_t2}")
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"scale_by_t2={self.scale_by_t2}, vocab_size={self.vocab_size}")

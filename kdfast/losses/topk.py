@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from .kd import REDUCTIONS, _check_temperature, _reduce
+from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
 
 REMAINDERS = ("bucket", "renormalize")
 
@@ -33,21 +33,21 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() < 1:
         raise TypeError("teacher_logits must be a tensor [..., vocab]")
     vocab = teacher_logits.shape[-1]
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if not 1 <= int(k) <= vocab:
+    chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
+    k = _check_int("k", k)
+    if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
     temperature = _check_temperature(temperature)
     flat = teacher_logits.reshape(-1, vocab)
     ids, logps = [], []
     for start in range(0, flat.shape[0], chunk_size):
         logp = torch.log_softmax(flat[start:start + chunk_size].float() / temperature, dim=-1)
-        top = logp.topk(int(k), dim=-1)
+        top = logp.topk(k, dim=-1)
         ids.append(top.indices)
         logps.append(top.values)
     lead = teacher_logits.shape[:-1]
-    return (torch.cat(ids).reshape(*lead, int(k)) if ids else flat.new_empty((*lead, int(k)), dtype=torch.long),
-            torch.cat(logps).reshape(*lead, int(k)) if logps else flat.new_empty((*lead, int(k)), dtype=torch.float32))
+    return (torch.cat(ids).reshape(*lead, k) if ids else flat.new_empty((*lead, k), dtype=torch.long),
+            torch.cat(logps).reshape(*lead, k) if logps else flat.new_empty((*lead, k), dtype=torch.float32))
 
 
 def _log1mexp(a: torch.Tensor) -> torch.Tensor:
@@ -115,8 +115,12 @@ def topk_kd_loss(
             raise ValueError(f"{name} must be on {student_logits.device} like student_logits, got {t.device}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != lead):
         raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
+    if labels is not None and labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+        raise TypeError(f"labels must hold integers, got {labels.dtype}")
+    ignore_index = _check_int("ignore_index", ignore_index)
     k = teacher_topk_ids.shape[-1]
-    keep = None if labels is None else labels.reshape(-1) != ignore_index
+    # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
+    keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
     if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)

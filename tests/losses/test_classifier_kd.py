@@ -144,3 +144,60 @@ def test_bad_input(call, error, match):
     s, t = logits((4, 5), 8), logits((4, 5), 9)
     with pytest.raises(error, match=match):
         call(s, t, torch.tensor([0, 1, 2, 3]))
+
+
+def dkd_float64(s, t, labels, alpha, beta, T):
+    """DKD row by row in float64, keeping only the terms with teacher probability > 0: a row
+    whose teacher rules out every non-target class has no NCKD term (an empty distribution)."""
+    total = 0.0
+    for b in range(s.shape[0]):
+        rest = torch.arange(s.shape[1]) != labels[b]
+        lp, lq = torch.log_softmax(t[b] / T, 0), torch.log_softmax(s[b] / T, 0)
+        bin_p = torch.stack([lp[labels[b]], torch.logsumexp(lp[rest], 0)])
+        bin_q = torch.stack([lq[labels[b]], torch.logsumexp(lq[rest], 0)])
+        keep = bin_p > float("-inf")
+        total = total + alpha * (bin_p[keep].exp() * (bin_p[keep] - bin_q[keep])).sum()
+        if (t[b][rest] > float("-inf")).any():
+            nt_p, nt_q = torch.log_softmax(t[b][rest] / T, 0), torch.log_softmax(s[b][rest] / T, 0)
+            keep = nt_p > float("-inf")
+            total = total + beta * (nt_p[keep].exp() * (nt_p[keep] - nt_q[keep])).sum()
+    return total / s.shape[0] * T ** 2
+
+
+def test_dkd_teacher_certain_of_the_label_gives_a_finite_gradient():
+    # A teacher that rules out every non-target class (log of a one-hot) has no non-target
+    # distribution: its NCKD is 0 and the loss is TCKD alone. -inf - -inf used to be NaN there,
+    # which reached the student's gradient through the masked-out branch of a where().
+    s = logits((5, 6), 6).double().requires_grad_(True)
+    t = logits((5, 6), 7).double()
+    labels = torch.tensor([0, 3, 5, 2, 1])
+    t[0] = torch.log(F.one_hot(labels[0], 6).double())  # certain of the label
+    t[3] = torch.log(F.one_hot(labels[3], 6).double())
+    t[1, [0, 4]] = float("-inf")  # rules out some non-target classes only
+    for temperature in (1.0, 4.0):
+        ours = dkd_loss(s, t, labels, alpha=1.0, beta=8.0, temperature=temperature)
+        expected = dkd_float64(s, t, labels, 1.0, 8.0, temperature)
+        torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=1e-6)
+        g_ours, = torch.autograd.grad(ours, s)
+        g_expected, = torch.autograd.grad(expected, s)
+        assert torch.isfinite(g_ours).all()
+        torch.testing.assert_close(g_ours.double(), g_expected, rtol=1e-4, atol=1e-6)
+    # the rows without -inf still match the authors' code
+    normal = [2, 4]
+    torch.testing.assert_close(dkd_loss(s[normal], t[normal], labels[normal]).double(),
+                               dkd_transcribed(s[normal], t[normal], labels[normal], 1.0, 8.0, 4.0),
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("iterations", [2.5, True, "3", 0])
+def test_sinkhorn_refuses_non_integer_iterations(iterations):
+    # 2.5 used to run 2 iterations silently
+    s, t = logits((2, 4), 10), logits((2, 4), 11)
+    with pytest.raises(ValueError, match="iterations must be a positive integer"):
+        sinkhorn_kd_loss(s, t, iterations=iterations)
+
+
+def test_sinkhorn_takes_numpy_integer_iterations():
+    np = pytest.importorskip("numpy")
+    s, t = logits((2, 4), 10), logits((2, 4), 11)
+    torch.testing.assert_close(sinkhorn_kd_loss(s, t, iterations=np.int64(7)), sinkhorn_kd_loss(s, t, iterations=7))

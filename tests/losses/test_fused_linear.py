@@ -275,3 +275,40 @@ def test_gpu_bf16_gradients_match_reference(weight_hard):
         assert got.dtype == torch.bfloat16, name
         torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=3e-2, atol=2e-3, msg=name)
     assert fused_in["teacher_weight"].grad is None
+
+
+@pytest.mark.parametrize("kwargs, name", [
+    (dict(vocab_size=-5), "vocab_size"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(vocab_size="abc"), "vocab_size"),
+    (dict(vocab_size=4.7), "vocab_size"),
+    (dict(ignore_index=1.5), "ignore_index"),
+    (dict(ignore_index=True), "ignore_index"),
+    (dict(chunk_size=2.5), "chunk_size"),
+    (dict(chunk_size="8"), "chunk_size"),
+])
+def test_integer_settings_are_checked_at_construction(kwargs, name):
+    # vocab_size=-5 used to pass construction and fail (or 4.7 be truncated) at the first call
+    with pytest.raises(ValueError, match=f"{name} must be"):
+        FusedLinearKDLoss(**kwargs)
+
+
+def test_integer_settings_are_checked_at_call():
+    case, labels = make(seed=10)
+    for kwargs in (dict(vocab_size=40.5), dict(ignore_index=0.5), dict(chunk_size=2.5)):
+        with pytest.raises(ValueError, match=f"{next(iter(kwargs))} must be"):
+            fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                            case["teacher_weight"], labels, **kwargs)
+
+
+def test_numpy_integer_settings_are_accepted_and_shown():
+    # chunk_size=np.int64(4) used to be refused
+    np = pytest.importorskip("numpy")
+    case, labels = make(seed=11)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"], labels)
+    criterion = FusedLinearKDLoss(chunk_size=np.int64(4), vocab_size=np.int64(50), ignore_index=np.int32(-100))
+    torch.testing.assert_close(criterion(*args), fused_linear_kd(*args, chunk_size=4, vocab_size=50))
+    text = repr(criterion)
+    for setting in ("kind='jsd'", "beta=0.5", "temperature=1.0", "ignore_index=-100", "weight_hard=0.0",
+                    "weight_soft=1.0", "chunk_size=4", "vocab_size=50", "scale_by_t2=False", "reduction='batchmean'"):
+        assert setting in text, setting

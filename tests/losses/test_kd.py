@@ -171,3 +171,46 @@ def test_extreme_logits_are_finite():
     for kind in ("forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"):
         value, grad = grads(lambda s, t: kd_loss(s, t, kind=kind), s, t)
         assert torch.isfinite(value) and torch.isfinite(grad).all(), kind
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean"])
+def test_uint8_labels_count_like_int64(reduction):
+    # The kernel compares labels with ignore_index in int64, so uint8 156 is kept; the token
+    # count used torch's uint8 comparison, where -100 wraps to 156, and left that row out.
+    s, t = logits((4, 200), 22), logits((4, 200), 23)
+    labels = torch.tensor([156, 1, 2, 3])
+    for dtype in (torch.uint8, torch.int16, torch.int32):
+        torch.testing.assert_close(kd_loss(s, t, labels.to(dtype), reduction=reduction),
+                                   kd_loss(s, t, labels, reduction=reduction))
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: KDLoss(vocab_size=0), "vocab_size"),
+    (lambda: KDLoss(vocab_size=-3), "vocab_size"),
+    (lambda: KDLoss(vocab_size="abc"), "vocab_size"),
+    (lambda: KDLoss(vocab_size=4.7), "vocab_size"),
+    (lambda: KDLoss(vocab_size=True), "vocab_size"),
+    (lambda: KDLoss(ignore_index=1.5), "ignore_index"),
+    (lambda: KDLoss(ignore_index="-100"), "ignore_index"),
+    (lambda: KDLoss(ignore_index=1 << 64), "ignore_index"),
+    (lambda: kd_loss(logits((3, 8), 0), logits((3, 8), 1), vocab_size=4.7), "vocab_size"),
+    (lambda: kd_loss(logits((3, 8), 0), logits((3, 8), 1), torch.zeros(3, dtype=torch.long), ignore_index=0.5),
+     "ignore_index"),
+])
+def test_integer_settings_are_checked(call, name):
+    # they used to pass construction (and 4.7 was truncated to 4 at the call)
+    with pytest.raises(ValueError, match=f"{name} must"):
+        call()
+
+
+def test_integer_like_settings_and_full_repr():
+    np = pytest.importorskip("numpy")
+    s, t = logits((3, 8), 0), logits((3, 8), 1)
+    labels = torch.tensor([0, 5, 2])
+    criterion = KDLoss(vocab_size=np.int64(6), ignore_index=np.int32(5))
+    torch.testing.assert_close(criterion(s, t, labels), kd_loss(s, t, labels, vocab_size=6, ignore_index=5))
+    assert type(criterion.vocab_size) is int and type(criterion.ignore_index) is int
+    text = repr(criterion)
+    for setting in ("kind='jsd'", "beta=0.5", "temperature=1.0", "ignore_index=5", "reduction='batchmean'",
+                    "scale_by_t2=False", "vocab_size=6"):
+        assert setting in text, setting

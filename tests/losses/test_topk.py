@@ -161,3 +161,43 @@ def test_ignored_positions_give_no_nan_gradient_whatever_they_hold(remainder):
     loss.backward()
     torch.testing.assert_close(loss, expected)
     assert torch.isfinite(x.grad).all() and (x.grad[[1, 3]] == 0).all()
+
+
+def test_uint8_labels_are_compared_in_int64():
+    # As kd_loss: uint8 156 is a label, not ignore_index -100 wrapped to 156.
+    s, t = logits((3, 20), 40), logits((3, 20), 41)
+    ids, logp = teacher_topk(t, 4)
+    labels = torch.tensor([156, 1, 2])
+    for reduction in ("batchmean", "none"):
+        torch.testing.assert_close(topk_kd_loss(s, ids, logp, labels.to(torch.uint8), reduction=reduction),
+                                   topk_kd_loss(s, ids, logp, labels, reduction=reduction))
+
+
+def test_float_labels_are_refused():
+    s, t = logits((3, 20), 42), logits((3, 20), 43)
+    ids, logp = teacher_topk(t, 4)
+    with pytest.raises(TypeError, match="labels must hold integers"):
+        topk_kd_loss(s, ids, logp, torch.tensor([1.0, -100.0, 2.0]))
+
+
+@pytest.mark.parametrize("k", [1.5, True, "2"])
+def test_teacher_topk_refuses_non_integer_k(k):
+    # k=1.5 used to become 1
+    with pytest.raises(ValueError, match="k must be an integer"):
+        teacher_topk(logits((3, 5), 0), k)
+
+
+def test_topk_kd_refuses_non_integer_ignore_index():
+    s, t = logits((3, 20), 44), logits((3, 20), 45)
+    ids, logp = teacher_topk(t, 4)
+    with pytest.raises(ValueError, match="ignore_index must be an integer"):
+        topk_kd_loss(s, ids, logp, torch.tensor([1, 2, 3]), ignore_index=2.5)
+
+
+def test_numpy_integer_settings_are_accepted():
+    # chunk_size=np.int64(4) used to be refused
+    np = pytest.importorskip("numpy")
+    t = logits((7, 10), 46)
+    expected = teacher_topk(t, 3, chunk_size=4)
+    for got, want in zip(teacher_topk(t, np.int64(3), chunk_size=np.int64(4)), expected):
+        torch.testing.assert_close(got, want)
