@@ -7,6 +7,17 @@ from typing import Optional, Tuple
 import torch
 
 _CURRENT = contextlib.nullcontext()
+# The innermost torch.func transform (vmap, grad, jvp) being run, None outside them.
+_functorch_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
+
+
+def dispatcher_required() -> bool:
+    """Compiling, under a dispatch mode, or inside a torch.func transform: kdfast's ops must be
+    called through torch's dispatcher (their custom ops), not by address, because fake,
+    functional and batched tensors have no memory of their own. Compiling is asked first:
+    dynamo cannot trace the other two queries."""
+    return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+            or _functorch_transform() is not None)
 
 
 def on_device(t: torch.Tensor):

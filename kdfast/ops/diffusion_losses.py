@@ -21,11 +21,10 @@ import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _ext, backends
 from ..reference import diffusion_losses as ref
-from ._tensors import DTYPE_CODES, describe, empty_in_layout, in_layout, on_device, sample_layout
+from ._tensors import DTYPE_CODES, describe, dispatcher_required, empty_in_layout, in_layout, on_device, sample_layout
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -142,15 +141,16 @@ def _pack(entries: Sequence[Tuple[int, Tuple[Optional[torch.Tensor], float]]]):
 
 
 def _needs_dispatcher(tensors) -> bool:
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if dispatcher_required():
         return True
     grad = torch.is_grad_enabled()
     return any(t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)) for t in tensors)
 
 
 def _traced(tensors) -> bool:
-    """Compiling, under a dispatch mode, or given tensor subclasses: the custom op is needed."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    """Compiling, under a dispatch mode or transform, or given tensor subclasses: the custom op
+    is needed."""
+    if dispatcher_required():
         return True
     return any(t is not None and type(t) is not torch.Tensor for t in tensors)
 
@@ -610,6 +610,12 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward_autograd(ctx, grad_loss, _grad_aux):
     kind, prediction, values, backend = ctx.args
+    if torch.is_grad_enabled() and not _traced((grad_loss,)) and kind != DMD:
+        # create_graph=True: the backward kernel's gradient has no graph of its own, so a
+        # second-order use (a gradient penalty) would silently lose its own gradient. (DMD's
+        # gradient is the constant g: it has no second-order term to lose.)
+        raise RuntimeError(f"kdfast.{KINDS[kind]}: double backward (create_graph=True) is not supported; the "
+                           f"gradient is computed by a kernel and is not differentiable")
     x, in1, in2, aux, *params = ctx.saved_tensors
     grad_x = grad_in1 = None
     if ctx.want_x or ctx.want_in1:
@@ -639,8 +645,7 @@ class _EagerDiffusionLoss(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, grad_aux):
+    def backward(ctx, grad_loss, grad_aux):  # (refuses a double backward itself)
         return _loss_backward_autograd(ctx, grad_loss, grad_aux)
 
 

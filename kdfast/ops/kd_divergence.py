@@ -16,7 +16,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, on_device
+from ._tensors import DTYPE_CODES, dispatcher_required, on_device
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -166,7 +166,7 @@ def kd_divergence_with_grad(
     if _needs_dispatcher(student, teacher):
         with torch.no_grad():
             row_loss, grad = torch.ops.kdfast.kd_divergence(*args, backend or "")
-        return row_loss, grad if grad_dtype is None else grad.to(grad_dtype)
+        return row_loss, grad.to(grad_dtype or student.dtype)
     return _kd_divergence(*args, backend=backend, grad_dtype=grad_dtype)
 
 
@@ -180,9 +180,7 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
 
 
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return True
-    return any(type(t) is not torch.Tensor for t in tensors)
+    return dispatcher_required() or any(type(t) is not torch.Tensor for t in tensors)
 
 
 def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
@@ -193,6 +191,13 @@ def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore
         impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
                  ignore_index, vocab, loss_scale)
     return row_loss, grad
+
+
+def _op_grad_dtype(student_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the custom op's gradient output. float16's is float32: the gradient is
+    scaled by the backward's incoming gradient (a GradScaler's 2^16, 1/tokens) only after it
+    is stored, and entries below float16's range (~6e-8) would be stored as 0 before that."""
+    return torch.float32 if student_dtype == torch.float16 else student_dtype
 
 
 def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch.dtype] = None
@@ -208,24 +213,12 @@ def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch
 
 @divergence_op.register("reference")
 def _reference(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
-    def rows_of(s):
-        return ref.kd_divergence(s, teacher.detach(), KINDS[kind], beta, 1.0 / inv_t, labels, ignore_index, vocab,
-                                 loss_scale)
-
-    leaf = student.detach().float()
-    if grad is None:
-        row_loss.copy_(rows_of(leaf))
-        return
-    # torch.func rather than autograd: inside the custom op's forward autograd is dispatched
-    # around, so a tape recorded here would be empty. Rows are independent, so the gradient
-    # of their sum is each row's gradient.
-    def total(s):
-        rows = rows_of(s)
-        return rows.sum(), rows
-
-    sum_grad, rows = torch.func.grad(total, has_aux=True)(leaf)
-    grad.copy_(sum_grad)
-    row_loss.copy_(rows)
+    args = (KINDS[kind], beta, 1.0 / inv_t, labels, ignore_index, vocab, loss_scale)
+    row_loss.copy_(ref.kd_divergence(student.detach(), teacher.detach(), *args))
+    if grad is not None:
+        # In closed form: inside the custom op autograd records nothing, and torch.func fails
+        # under the dispatch modes torch.compile runs custom ops in.
+        grad.copy_(ref.kd_divergence_grad(student.detach(), teacher.detach(), *args))
 
 
 def _binding_args(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_index, vocab, loss_scale):
@@ -274,12 +267,12 @@ def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Opti
     if not 0 <= kind < len(KINDS):
         raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
     return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
-                          want_grad, backend)
+                          want_grad, backend, _op_grad_dtype(student.dtype))
 
 
 @_kd_divergence_op.register_fake
 def _(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale, want_grad, backend):
-    return _allocate(student, want_grad)
+    return _allocate(student, want_grad, _op_grad_dtype(student.dtype))
 
 
 def _setup_context(ctx, inputs, output):
@@ -331,6 +324,7 @@ def _backward(ctx, grad_rows, _grad_of_grad):
             grad_student = student_grad_rows.mul_(scale)  # scaled in place: the buffer is ours alone
         else:
             grad_student = saved_grad_rows * scale
+        grad_student = grad_student.to(ctx.student_dtype)  # float16's was kept in float32 until scaled
     if ctx.needs_input_grad[1]:
         with torch.enable_grad():
             leaf = teacher.detach().float().requires_grad_(True)

@@ -22,7 +22,7 @@ import torch
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
-from ._tensors import DTYPE_CODES, addresses, dense_format, describe, empty_in_layout, in_layout, on_device, sample_layout
+from ._tensors import DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout, on_device, sample_layout
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -152,7 +152,7 @@ def _needs_dispatcher(tensors: Sequence[Optional[torch.Tensor]]) -> bool:
     Plain eager calls skip it: the custom-op boxing costs ~10 us per call on the CPU, as much
     as the whole fused step at SD latent sizes.
     """
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+    if dispatcher_required():
         return True
     if torch.is_grad_enabled():
         for t in tensors:
@@ -288,11 +288,9 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     on_cpu = sample.is_cpu
     device = None if on_cpu else sample.device
     grad = torch.is_grad_enabled()
-    # The dispatcher is needed under compile / dispatch modes, for tensor subclasses and for
-    # autograd; no address is taken then (fake and functional tensors have none). Compiling is
-    # asked first: dynamo cannot trace the dispatch-stack query.
-    dispatch = (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
-                or type(sample) is not _Tensor or (grad and sample.requires_grad))
+    # The dispatcher is needed under compile, dispatch modes and torch.func transforms, for
+    # tensor subclasses and for autograd; no address is taken then.
+    dispatch = dispatcher_required() or type(sample) is not _Tensor or (grad and sample.requires_grad)
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
         ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if fmt is not None else sample.stride(0), code

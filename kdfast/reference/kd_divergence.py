@@ -12,7 +12,8 @@ Per row r (token), with the first ``vocab`` columns of each row, temperature T,
 times ``loss_scale``, with ``0 log 0 = 0``; rows whose label is ``ignore_index`` give 0. A row
 whose student or teacher logits have no softmax (all -inf, or an inf or NaN entry) gives NaN,
 with a NaN gradient.
-Gradients come from autograd, so this module is also the reference for the fused backward.
+Gradients come from autograd through :func:`kd_divergence`, so it is also the reference for the
+fused backward; :func:`kd_divergence_grad` gives the same gradient in closed form.
 """
 from __future__ import annotations
 
@@ -89,3 +90,58 @@ def kd_divergence(
         values = torch.where(defined, values, (sk.sum(-1) + tk.sum(-1)) * nan_where_undefined)
         rows = rows.index_put((keep,), values)
     return rows
+
+
+def _entry_weights(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:
+    """``w = q * dD/dq`` per entry (up to a multiple of q, which cancels in the gradient)."""
+    q, p = ls.exp(), lt.exp()
+    zero = torch.zeros_like(q)
+    if kind == "forward_kl":
+        return -p
+    if kind == "reverse_kl":
+        return torch.where(q > 0, q * (ls - torch.where(q > 0, lt, zero)), zero)
+    if kind == "jsd":
+        lm = _log_mix(beta, lt, ls)
+        weight = (1 - beta) * q  # inside the 0 log 0 convention, as in divergence_terms
+        return torch.where(weight > 0, weight * (ls - torch.where(weight > 0, lm, zero)), zero)
+    if kind == "tvd":
+        return 0.5 * q * torch.sign(q - p)
+    if kind == "skew_kl":
+        lm = _log_mix(beta, lt, ls)
+        live = (q > 0) & (p > 0)
+        return torch.where(live, -(1 - beta) * torch.exp(torch.where(live, ls + lt - lm, zero)), zero)
+    raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
+
+
+def kd_divergence_grad(
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    kind: str,
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    vocab: Optional[int] = None,
+    loss_scale: float = 1.0,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``d kd_divergence(...)[r] / d student[r, :]`` in closed form, shaped like ``student``.
+
+    ``(w - q * sum(w)) * loss_scale / temperature`` with ``w = q * dD/dq`` per entry: the
+    softmax's Jacobian applied to the divergence's derivative. The reference backend uses it
+    (no autograd runs inside a custom op); the tests check it against autograd through
+    :func:`kd_divergence`. Ignored rows and padding columns get 0; rows without a softmax, NaN.
+    """
+    vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
+    s = student[:, :vocab].to(dtype) / temperature
+    t = teacher[:, :vocab].to(dtype) / temperature
+    ls, lt = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
+    w = _entry_weights(kind, ls, lt, beta)
+    g = (w - ls.exp() * w.sum(-1, keepdim=True)) * (loss_scale / temperature)
+    defined = torch.isfinite(torch.logsumexp(s, -1)) & torch.isfinite(torch.logsumexp(t, -1))
+    g = torch.where(defined.unsqueeze(1), g, math.nan)
+    if labels is not None:
+        g = torch.where((labels != ignore_index).unsqueeze(1), g, 0.0)
+    out = torch.zeros(student.shape, dtype=dtype, device=student.device)
+    out[:, :vocab] = g
+    return out

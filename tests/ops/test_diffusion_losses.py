@@ -599,3 +599,41 @@ def test_combination_of_batch_strided_inputs(backend):
                                         prediction_type="v_prediction", backend=backend)
             expected = ref._combine(combination, "v_prediction", a, b, *sched, torch.float64)
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_double_backward_is_refused_where_it_would_lose_a_term():
+    # A gradient penalty (create_graph=True) through a kernel's gradient, which has no graph of
+    # its own, would silently drop the penalty's gradient: refused. DMD's gradient is the
+    # constant g, so there is nothing to lose and it stays allowed.
+    x, y, z = randn((3, 2, 4), torch.float32, 70), randn((3, 2, 4), torch.float32, 71), randn((3, 2, 4), torch.float32, 72)
+    sched = [t.to(torch.float32) for t in schedule(3, 8)]
+    losses = {
+        "pseudo_huber": lambda a: ops.pseudo_huber(a, y, c=10.0),
+        "pseudo_huber_elementwise": lambda a: ops.pseudo_huber(a, y, c=10.0, elementwise=True),
+        "progressive_mse": lambda a: ops.progressive_mse(a, y, z, *sched),
+    }
+    for name, fn in losses.items():
+        leaf = x.clone().requires_grad_(True)
+        loss = fn(leaf).sum()
+        with pytest.raises(RuntimeError, match=f"kdfast.{name}: double backward"):
+            torch.autograd.grad(loss, leaf, create_graph=True)
+        (g,) = torch.autograd.grad(fn(leaf).sum(), leaf)  # a plain backward is unaffected
+        assert torch.isfinite(g).all()
+    leaf = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(ops.dmd(leaf, y, z).sum(), leaf, create_graph=True)
+    leaf64 = x.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(ref.dmd(leaf64, y.double(), z.double()).sum(), leaf64)
+    torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-7)
+
+
+def test_vmap_is_refused_by_name_or_batched():
+    # Under torch.func.vmap the tensors are batched wrappers without memory of their own: the
+    # ops go through the dispatcher, which batches them or names the op it cannot batch (no
+    # raw data-pointer error from a kernel given a wrapper).
+    x, y = randn((3, 2, 4, 5), torch.float32, 73), randn((3, 2, 4, 5), torch.float32, 74)
+    try:
+        got = torch.vmap(lambda a, b: ops.pseudo_huber(a, b, c=0.1))(x, y)
+    except RuntimeError as e:
+        assert "kdfast::diffusion_loss" in str(e)
+    else:
+        torch.testing.assert_close(got, torch.stack([ops.pseudo_huber(a, b, c=0.1) for a, b in zip(x, y)]))

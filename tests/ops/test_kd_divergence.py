@@ -54,7 +54,7 @@ def check(backend, s, t, kind, name, **kw):
     return rows, grad
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference(backend, kind, dtype):
@@ -254,18 +254,29 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
             torch.ops.kdfast.kd_divergence(*args, 1.0, False, "")
 
 
-def test_compiles():
-    s = logits((4, 64), torch.float32, 13).requires_grad_(True)
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_compiles(backend):
+    # The reference backend too: it is what runs where no compiled kernel can, and compiled
+    # code runs custom ops under dispatch modes (torch.func inside the op failed there).
+    s = logits((4, 64), torch.float32, 13)
     t = logits((4, 64), torch.float32, 14)
 
     def loss(s, t):
-        return ops.kd_divergence(s, t, kind="reverse_kl").mean()
+        return ops.kd_divergence(s, t, kind="reverse_kl", labels=torch.tensor([1, -100, 2, 3]),
+                                 backend=backend).mean()
 
+    torch._dynamo.reset()
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
-    value = compiled(s, t)
+    leaf = s.clone().requires_grad_(True)
+    value = compiled(leaf, t)
     value.backward()
-    expected = loss(s.detach().requires_grad_(True), t)
+    expected_leaf = s.clone().requires_grad_(True)
+    expected = loss(expected_leaf, t)
+    expected.backward()
     torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
+    _, grad64 = reference(s, t, "reverse_kl", torch.float64, labels=torch.tensor([1, -100, 2, 3]))
+    torch.testing.assert_close(leaf.grad.double(), grad64 / 4, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("call, error, match", [
@@ -550,3 +561,35 @@ def test_logits_with_a_non_unit_vocab_stride(backend):
         leaf = s.detach().clone().requires_grad_(True)  # same strides as s
         (ops.kd_divergence(leaf, t, kind=kind, backend=backend) * 2.0).sum().backward()
         torch.testing.assert_close(leaf.grad, grad_c * 2.0, rtol=1e-6, atol=1e-7)
+
+
+def test_float16_gradient_survives_a_loss_scale():
+    # fp16 training scales the loss (GradScaler: 2^16) so that small gradients survive: the
+    # student's gradient, computed in the forward, must not be rounded to float16 before the
+    # backward's scale reaches it (entries below ~6e-8 would become 0).
+    s, t = logits((32, 4000), torch.float16, 50, scale=4.0), logits((32, 4000), torch.float16, 51, scale=4.0)
+    scale = 65536.0 / 32
+    for kind in ("forward_kl", "jsd"):
+        leaf = s.clone().requires_grad_(True)
+        (ops.kd_divergence(leaf, t, kind=kind).sum() * scale).backward()
+        _, grad64 = reference(s, t, kind, torch.float64)
+        want = grad64 * scale
+        assert leaf.grad.dtype == torch.float16
+        # everything float16 represents at full precision after scaling agrees to its rounding
+        normal = want.abs() >= torch.finfo(torch.float16).tiny
+        assert normal.sum() > 0.3 * want.numel()
+        # (float16 rounding, and float32 math's absolute error on entries that cancel)
+        torch.testing.assert_close(leaf.grad.double()[normal], want[normal], rtol=1e-3, atol=scale * 5e-9)
+        lost = (leaf.grad == 0) & normal
+        assert lost.sum() == 0, f"{kind}: {int(lost.sum())} gradient entries flushed to 0"
+
+
+def test_vmap_runs_through_the_dispatcher():
+    # Batched (functorch) tensors have no memory of their own: under vmap the op is called
+    # through the dispatcher, which runs it per batch entry, not by address.
+    import warnings
+    s, t = logits((3, 4, 10), torch.float32, 60), logits((3, 4, 10), torch.float32, 61)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's note that the op has no batching rule
+        got = torch.vmap(lambda a, b: ops.kd_divergence(a, b, kind="forward_kl"))(s, t)
+    torch.testing.assert_close(got, torch.stack([ops.kd_divergence(a, b, kind="forward_kl") for a, b in zip(s, t)]))

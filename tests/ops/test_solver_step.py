@@ -1167,3 +1167,17 @@ def test_threshold_scale_beyond_two_to_the_24_at_a_fractional_position(device):
                               max_value=100.0, backend=device)
     assert abs(got.item() - 3.0) <= 1e-6
     del x
+
+
+def test_vmap_goes_through_the_dispatcher():
+    # Batched (functorch) tensors have no memory of their own: the step is not launched on
+    # their addresses; the dispatcher batches it or names the op it cannot batch.
+    g = torch.Generator().manual_seed(61)
+    x, m = torch.randn(3, 2, 4, 5, generator=g), torch.randn(3, 2, 4, 5, generator=g)
+    c = random_coefs(g)
+    try:
+        got = torch.vmap(lambda a, b: ops.solver_step(a, b, c).sample)(x, m)
+    except RuntimeError as e:
+        assert "kdfast::solver_step" in str(e)
+    else:
+        torch.testing.assert_close(got, torch.stack([ops.solver_step(a, b, c).sample for a, b in zip(x, m)]))
