@@ -8,9 +8,9 @@ exactly as if it had never stopped: N steps straight and N/2 + resume + N/2 give
 
 Checkpoint format: one safetensors file per step, ``step-00000100.safetensors``. Every tensor of
 the saved state is a safetensors tensor; the structure around them (optimizer hyperparameters,
-Python RNG tuples, step counts) is JSON in the file's metadata, with tensors referenced by
-name, so that ``state_dict`` -> file -> ``load_state_dict`` returns equal objects, tuples
-included.
+Python RNG tuples, step counts; numpy arrays as base64 ``.npy`` bytes) is JSON in the file's
+metadata, with tensors referenced by name, so that ``state_dict`` -> file -> ``load_state_dict``
+returns equal objects, tuples included.
 
 Bit-for-bit resumption also needs the same torch thread count and device type (they change
 the floating point order): a loop records them with :func:`run_environment` in the
@@ -19,8 +19,11 @@ warns (:class:`ReproducibilityWarning`) when the resumed run differs.
 """
 from __future__ import annotations
 
+import base64
+import io
 import json
 import math
+import numbers
 import os
 import random
 import re
@@ -152,30 +155,58 @@ def atomic_files(*paths: PathLike) -> Iterator[List[Path]]:
     """Write several files so that each appears whole or not at all.
 
     Yields one temporary path per entry of ``paths``, in the same folder (so that the rename
-    is atomic). When the block ends without an error, each temporary file is flushed to disk
-    and renamed onto its path, in the order given; on an error (an interruption included)
-    the temporary files are removed and the existing files are untouched. Between two
-    renames the set is mixed (the first files new, the later ones old): put last the file
-    that vouches for the others (a JSON recording the weights' SHA-256, say), so that a
-    reader checking it finds the mix rather than trusting it. A replaced file keeps its
-    permissions.
+    is atomic). Every path is checked before the block runs and again before the first
+    rename: one that is a folder, or whose folder cannot be written, raises
+    :class:`OutputDirError` and no file is replaced. When the block ends without an error,
+    each temporary file is flushed to disk and renamed onto its path, in the order given; on
+    an error (an interruption included) the temporary files are removed and the existing
+    files are untouched. Between two renames the set is mixed (the first files new, the later
+    ones old): put last the file that vouches for the others (a JSON recording the weights'
+    SHA-256, say), so that a reader checking it finds the mix rather than trusting it. A
+    replaced file keeps its permissions; a new one gets the usual ``0o666 & ~umask``.
     """
     paths = [Path(os.path.realpath(p)) for p in paths]  # through symlinks: replace the target, not the link
-    # Named, not made, here: the writer creates them (with the usual permissions, which
-    # tempfile.mkstemp's 0600 would not give).
+    # Named, not made, here: the writer creates them; their mode is set before the rename.
     temps = [p.with_name(f".{p.name}.{os.getpid()}.tmp") for p in paths]
     try:
+        _check_replaceable(paths)  # before the caller's work, not after it
         yield list(temps)
         for tmp, path in zip(temps, paths):
             with open(tmp, "rb") as f:  # on disk before the rename makes it visible
                 os.fsync(f.fileno())
-            if path.exists():  # safetensors creates its files 0600: a shipped asset stays readable
-                os.chmod(tmp, path.stat().st_mode & 0o7777)
+            # safetensors creates its files 0600: a shipped asset or a checkpoint stays readable
+            os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
+        _check_replaceable(paths)  # all of them, before the first rename: no half-replaced set
         for tmp, path in zip(temps, paths):
             os.replace(tmp, path)
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
+
+
+def _check_replaceable(paths: List[Path]) -> None:
+    """Raise :class:`OutputDirError` naming the first of ``paths`` that a file cannot be renamed
+    onto: an existing folder, or a path whose folder is missing or not writable."""
+    for path in paths:
+        if path.is_dir():
+            raise OutputDirError(f"cannot write {str(path)!r}: it is an existing folder")
+        if not path.parent.is_dir() or not os.access(path.parent, os.W_OK | os.X_OK):
+            raise OutputDirError(f"cannot write {str(path)!r}: its folder is missing or not writable")
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux reports it (os.umask can only
+    read it by setting it, which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # --------------------------------------------------------------------------- seeding, progress
@@ -406,11 +437,18 @@ def _pack(obj: Any, name: str, tensors: Dict[str, torch.Tensor]) -> Any:
         tensors[name] = obj.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors rejects shared memory
         return {"tensor": name}
     if isinstance(obj, np.ndarray):
-        return {"ndarray": obj.tolist(), "dtype": str(obj.dtype)}
+        # As .npy bytes: shape (empty ones included), dtype and every value come back exactly,
+        # which a JSON list does not give ((0, 3) reads back as (0,), long doubles lose digits).
+        buf = io.BytesIO()
+        try:
+            np.save(buf, obj, allow_pickle=False)
+        except ValueError as exc:  # object arrays would need pickle
+            raise TypeError(f"cannot checkpoint {name!r}: {exc}") from exc
+        return {"npy": base64.b64encode(buf.getvalue()).decode("ascii")}
     if isinstance(obj, (np.integer, np.floating)):
         return obj.item()
     if isinstance(obj, Mapping):  # keys keep their type (optimizer state is keyed by int)
-        return {"dict": [[k, _pack(v, f"{name}/{k}", tensors)] for k, v in obj.items()]}
+        return {"dict": [[_pack_key(k, name), _pack(v, f"{name}/{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
         items = [_pack(v, f"{name}/{i}", tensors) for i, v in enumerate(obj)]
         return {"tuple" if isinstance(obj, tuple) else "list": items}
@@ -420,15 +458,35 @@ def _pack(obj: Any, name: str, tensors: Dict[str, torch.Tensor]) -> Any:
                     "container or JSON scalar")
 
 
+def _pack_key(key: Any, name: str) -> Any:
+    """A dict key as JSON: scalars as they are, tuples (of keys) as ``{"tuple": [...]}``, which
+    no scalar key can be mistaken for. Anything else is refused now: a key JSON turns into
+    something else would give a checkpoint that cannot be loaded."""
+    if isinstance(key, (np.integer, np.floating)):
+        key = key.item()
+    if key is None or isinstance(key, (bool, int, float, str)):
+        return key
+    if isinstance(key, tuple):
+        return {"tuple": [_pack_key(k, name) for k in key]}
+    raise TypeError(f"cannot checkpoint {name!r}: its key {key!r} is a {type(key).__name__}, not a JSON scalar "
+                    "(None, bool, int, float, str) or a tuple of them")
+
+
+def _unpack_key(key: Any) -> Any:
+    return tuple(_unpack_key(k) for k in key["tuple"]) if isinstance(key, dict) else key
+
+
 def _unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     if not isinstance(obj, dict):
         return obj
     if "tensor" in obj:
         return tensors[obj["tensor"]]
-    if "ndarray" in obj:
+    if "npy" in obj:
+        return np.load(io.BytesIO(base64.b64decode(obj["npy"], validate=True)), allow_pickle=False)
+    if "ndarray" in obj:  # written by earlier kdfast versions
         return np.asarray(obj["ndarray"], dtype=obj["dtype"])
     if "dict" in obj:
-        return {k: _unpack(v, tensors) for k, v in obj["dict"]}
+        return {_unpack_key(k): _unpack(v, tensors) for k, v in obj["dict"]}
     if "tuple" in obj:
         return tuple(_unpack(v, tensors) for v in obj["tuple"])
     return [_unpack(v, tensors) for v in obj["list"]]
@@ -469,7 +527,8 @@ class Checkpointer:
 
     ``state`` maps a name to what to save: an object with ``state_dict`` / ``load_state_dict``
     (modules, optimizers, LR schedulers, :class:`GlobalRNG`, an EMA), a ``torch.Generator``,
-    or a plain value (tensor, number, string, or list / tuple / dict of them). Loading
+    or a plain value (tensor, numpy array, number, string, or list / tuple / dict of them; dict keys
+    must be None, bool, int, float, str or tuples of them). Loading
     restores objects in place and returns plain values in :attr:`Checkpoint.values`.
 
     Writes are atomic (a temporary file, then ``os.replace``): a run killed while saving
@@ -478,18 +537,20 @@ class Checkpointer:
     """
 
     def __init__(self, directory: PathLike, keep: Optional[int] = 3):
-        if keep is not None and (isinstance(keep, bool) or int(keep) < 1):
+        # int(keep) would turn 1.5 into 1 and "2" into 2: only a real count is taken.
+        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1):
             raise ValueError(f"keep must be an integer >= 1 or None, got {keep!r}")
         self.directory = prepare_output_dir(directory)
         self.keep = None if keep is None else int(keep)
 
     def path_for(self, step: int) -> Path:
-        """The file of step ``step``'s checkpoint."""
-        return self.directory / f"step-{int(step):08d}.safetensors"
+        """The file of step ``step``'s checkpoint (an integer >= 0, else ValueError)."""
+        return self.directory / f"step-{_check_step(step):08d}.safetensors"
 
     def checkpoints(self) -> List[Path]:
-        """The saved checkpoints, oldest step first."""
-        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name))]
+        """The saved checkpoints (regular files only), oldest step first."""
+        # A folder of that name (an unpacked copy, say) is not a checkpoint: latest() must skip it.
+        found = [(int(m.group(1)), p) for p in self.directory.iterdir() if (m := _NAME.match(p.name)) and p.is_file()]
         return [p for _, p in sorted(found)]
 
     def latest(self) -> Optional[Path]:
@@ -503,7 +564,9 @@ class Checkpointer:
         Checkpoints of later steps are deleted: they belong to a run that was resumed from an
         earlier checkpoint, and ``latest()`` must not return them.
         """
-        step = int(step)
+        # Checked before anything is written or deleted: a negative step would be saved under a
+        # name checkpoints() does not list, and every real checkpoint deleted as "later".
+        step = _check_step(step)
         tensors: Dict[str, torch.Tensor] = {}
         layout: Dict[str, Dict[str, Any]] = {}
         for key, obj in state.items():
@@ -548,6 +611,12 @@ def _step_of(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
 
 
+def _check_step(step: Any) -> int:
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
+        raise ValueError(f"step must be an integer >= 0, got {step!r}")
+    return int(step)
+
+
 class ReproducibilityWarning(UserWarning):
     """A resumed run continues, but no longer bit for bit like one that never stopped (another
     torch thread count or device type changes the floating point order)."""
@@ -558,6 +627,25 @@ def run_environment(device: Union[str, torch.device] = "cpu") -> Dict[str, Any]:
     device type it trains on. Save it in checkpoint metadata and pass it as ``same_bits``
     to :meth:`Checkpointer.load`."""
     return {"torch_threads": torch.get_num_threads(), "device_type": torch.device(device).type}
+
+
+_MISSING = object()
+
+
+def _setting_diffs(saved: Mapping[str, Any], wanted: Mapping[str, Any], prefix: str = "") -> List[str]:
+    """``"run.steps: 7 (checkpoint) vs 9 (now)"`` for each leaf setting of ``wanted`` that differs
+    from ``saved``: nested settings are compared key by key, so a message names what changed
+    rather than printing both whole dicts."""
+    diffs = []
+    for key in list(wanted) + [k for k in saved if k not in wanted and prefix]:
+        old, new = saved.get(key, _MISSING), wanted.get(key, _MISSING)
+        name = f"{prefix}{key}"
+        if isinstance(old, dict) and isinstance(new, dict):
+            diffs += _setting_diffs(old, new, name + ".")
+        elif old != new:
+            shown = ["absent" if v is _MISSING else repr(v) for v in (old, new)]
+            diffs.append(f"{name}: {shown[0]} (checkpoint) vs {shown[1]} (now)")
+    return diffs
 
 
 def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
@@ -584,7 +672,7 @@ def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
     metadata = header["metadata"]
     if expect:
         wanted = json.loads(json.dumps(dict(expect)))  # compare as JSON: tuples were saved as lists
-        diff = [f"{k}={metadata.get(k)!r} (this run: {v!r})" for k, v in wanted.items() if metadata.get(k) != v]
+        diff = _setting_diffs(metadata, wanted)
         if diff:
             raise CheckpointError(f"checkpoint {str(path)!r} was written by a different run: " + ", ".join(diff))
     if same_bits:
@@ -596,7 +684,7 @@ def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
                           "not bit for bit like a run that never stopped", ReproducibilityWarning, stacklevel=3)
     try:
         entries = {k: (e["kind"], _unpack(e["data"], tensors)) for k, e in header["state"].items()}
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, EOFError) as exc:  # EOFError: a truncated numpy array
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt: bad state layout ({exc})") from exc
     values = {k: v for k, (kind, v) in entries.items() if kind == "value"}
     for key, obj in (state or {}).items():
