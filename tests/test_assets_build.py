@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 
 import pytest
@@ -12,13 +13,19 @@ from kdfast.cli import main  # noqa: E402
 
 def test_assets_build_quick_end_to_end(tmp_path, capsys):
     out = tmp_path / "assets"
-    assert main(["assets", "build", "--quick", "--out", str(out), "--no-progress"]) == 0
+    umask = os.umask(0o022)
+    try:
+        assert main(["assets", "build", "--quick", "--out", str(out), "--no-progress"]) == 0
+    finally:
+        os.umask(umask)
     text = capsys.readouterr().out
     assert "classifier: held-out accuracy" in text and "teacher: guidance 1.0, 5 steps" in text
     for name in ("digits_classifier", "digits_teacher"):
         assert (out / f"{name}.safetensors").stat().st_size > 1000
         meta = json.loads((out / f"{name}.json").read_text())
         assert "metrics" in meta
+        for suffix in (".safetensors", ".json"):  # new files: 0666 & ~umask, not safetensors' 0600
+            assert (out / f"{name}{suffix}").stat().st_mode & 0o777 == 0o644, name + suffix
     # the rebuilt models load and work with the rest of kdfast
     from kdfast.eval import DigitsEvaluator
     from kdfast.train.teacher import load_teacher
@@ -48,15 +55,17 @@ def test_unwritable_output(tmp_path, capsys, monkeypatch):
     assert "cannot be written" in err[0]
 
 
-@pytest.mark.parametrize("name", ["digits_classifier", "digits_teacher"])
+@pytest.mark.parametrize("name", ["digits_classifier.safetensors", "digits_classifier.json",
+                                  "digits_teacher.safetensors", "digits_teacher.json"])
 def test_each_output_file_is_checked_before_training(tmp_path, capsys, monkeypatch, name):
+    # the JSON beside each weights file too: found now, not as a traceback after the training
     monkeypatch.setattr(assets_build, "_build", lambda *a, **k: pytest.fail("trained before checking the outputs"))
     out = tmp_path / "assets"
-    (out / f"{name}.safetensors").mkdir(parents=True)  # the file's path is taken by a folder
+    (out / name).mkdir(parents=True)  # the file's path is taken by a folder
     assert main(["assets", "build", "--quick", "--out", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("kdfast assets build: error: ")
-    assert f"{name}.safetensors' is not writable: it is an existing folder" in err[0]
+    assert f"{name}' is not writable: it is an existing folder" in err[0]
 
 
 def test_a_rebuild_in_place_is_compared_with_the_files_it_replaces(tmp_path, monkeypatch):

@@ -175,9 +175,12 @@ def _refuse_json_suffix(path: PathLike) -> Path:
 
 def check_weights_path(path: PathLike) -> Path:
     """Refuse, before any training, a weights path that cannot be saved to: one ending in
-    ``.json`` or one that cannot be written. Raises ValueError or
+    ``.json``, or one where the weights or their JSON cannot be written. Raises ValueError or
     :class:`~kdfast.train.run.OutputDirError` (an OSError) naming the path and the reason."""
-    return check_output_file(_refuse_json_suffix(path), "classifier weights file")
+    path = check_output_file(_refuse_json_suffix(path), "classifier weights file")
+    # save_classifier writes both: a JSON path that is a folder must not be found after the training
+    check_output_file(metadata_path(path), "classifier metadata file")
+    return path
 
 
 def save_classifier(model: DigitsClassifier, path: PathLike, metrics: Optional[Dict] = None) -> Path:

@@ -8,6 +8,7 @@ independent sets of real digits reach, the best any sampler can hope for, and
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch.nn as nn
 from ..datasets.digits import NUM_CLASSES, load_digits
 from .classifier import IMAGE_SIZE, PathLike, load_classifier
 
+_INTEGER_DTYPES = {getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
+                                                    "uint64") if hasattr(torch, name)}
 RANGE_TOLERANCE = 1e-3  # samplers that clip still land a hair outside [-1, 1] after float rounding
 FLOOR_DRAWS = 20  # random real sets averaged for a same-size floor: its mean moves < 5% between seeds
 
@@ -28,6 +31,9 @@ def frechet_distance(feats_a, feats_b) -> float:
     float64. Both square roots come from symmetric eigendecompositions, which stay real and
     stable for the singular covariances of small sets (negative round-off eigenvalues are
     clipped to 0). The result is clipped at 0 for the same reason.
+
+    Features may have any real dtype: floating point or integer, of any width (bool and
+    complex are refused). Each set needs at least 2 samples and 1 feature.
     """
     a = _as_features("feats_a", feats_a)
     b = _as_features("feats_b", feats_b)
@@ -44,15 +50,23 @@ def frechet_distance(feats_a, feats_b) -> float:
 
 def _as_features(name: str, feats) -> torch.Tensor:
     if isinstance(feats, np.ndarray):
-        feats = torch.from_numpy(feats)
+        # Every real numpy dtype is taken (as float64, which the distance is computed in anyway):
+        # torch.from_numpy does not know all of them.
+        if feats.dtype.kind not in "iuf":
+            raise TypeError(f"{name} must hold real numbers (an integer or floating-point dtype), "
+                            f"got dtype {feats.dtype}")
+        feats = torch.from_numpy(feats.astype(np.float64))
     if not isinstance(feats, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor or numpy array, got {type(feats).__name__}")
     if feats.dim() != 2:
         raise ValueError(f"{name} must be 2-D [num_samples, feature_dim], got shape {tuple(feats.shape)}")
-    if not (feats.dtype.is_floating_point or feats.dtype in (torch.int32, torch.int64)):
-        raise TypeError(f"{name} must hold real numbers, got dtype {feats.dtype}")
+    # All integer widths, not just int32 / int64: uint8 or int16 features are as real as those.
+    if not (feats.dtype.is_floating_point or feats.dtype in _INTEGER_DTYPES):
+        raise TypeError(f"{name} must hold real numbers (an integer or floating-point dtype), got dtype {feats.dtype}")
     if feats.shape[0] < 2:
         raise ValueError(f"{name} needs at least 2 samples for a covariance, got {feats.shape[0]}")
+    if feats.shape[1] < 1:  # the distance of zero-dimensional features would be a meaningless 0.0
+        raise ValueError(f"{name} needs at least 1 feature, got shape {tuple(feats.shape)}")
     feats = feats.detach().to("cpu", torch.float64)
     if not torch.isfinite(feats).all():
         raise ValueError(f"{name} contains NaN or infinite values")
@@ -115,6 +129,12 @@ def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
 # ---------------------------------------------------------------- metrics
 
 
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    return int(batch_size)
+
+
 @torch.no_grad()
 def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: int) -> torch.Tensor:
     """Apply ``classifier.<method>`` in eval mode, batched, on the classifier's device; CPU result."""
@@ -132,6 +152,7 @@ def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: i
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
                    batch_size: int = 512) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (the class each was sampled for)."""
+    batch_size = _check_batch_size(batch_size)  # 0 or -1 would fail deep in range() or torch.cat
     images = check_images(images)
     labels = check_labels(labels, len(images))
     predicted = _run(classifier, images, "forward", batch_size).argmax(1)
@@ -153,8 +174,7 @@ class DigitsEvaluator:
                  device: Union[str, torch.device] = "cpu", split_seed: int = 0, batch_size: int = 512):
         if classifier is not None and path is not None:
             raise ValueError("pass classifier or path, not both")
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        batch_size = _check_batch_size(batch_size)  # int(1.5) would silently be 1
         # A classifier passed in stays where it is and as it is (a training loop may evaluate
         # its own model): each evaluation runs it in eval mode and restores its mode.
         self.classifier = classifier if classifier is not None else load_classifier(path, device)

@@ -337,8 +337,10 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
     if out is not None:  # found unusable now, not after the whole training run
         check_weights_path(out)
+        check_output_file(_loss_plot_path(out), "loss plot")
     if checkpoint_dir is not None:  # an earlier run's history is refused, not overwritten
         check_run_dir(checkpoint_dir, resume)
+        check_output_file(Path(checkpoint_dir) / "loss.png", "loss plot")
     seed = int(seed)
 
     model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
@@ -453,10 +455,14 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     teacher = Teacher(ema.model.cpu(), config)
     if out is not None:
         save_teacher(teacher.model, teacher.config, out)
-        plot_loss(losses, Path(out).with_name(Path(out).stem + "_loss.png"))
+        plot_loss(losses, _loss_plot_path(out))
     if checkpointer is not None:
         plot_loss(losses, checkpointer.directory / "loss.png")
     return teacher
+
+
+def _loss_plot_path(out: PathLike) -> Path:
+    return Path(out).with_name(Path(out).stem + "_loss.png")
 
 
 def plot_loss(losses: Sequence[float], path: PathLike, window: int = 50) -> Path:
@@ -477,10 +483,14 @@ def metadata_path(path: PathLike) -> Path:
 
 def check_weights_path(path: PathLike) -> Path:
     """Refuse, before any training, a weights path that cannot be saved to: one ending in
-    ``.json`` (the config JSON written beside it would overwrite it) or one that cannot be
-    written. Raises ValueError or :class:`~kdfast.train.run.OutputDirError` naming the path."""
+    ``.json`` (the config JSON written beside it would overwrite it), or one where the weights
+    or their JSON cannot be written. Raises ValueError or
+    :class:`~kdfast.train.run.OutputDirError` naming the path."""
     path = _refuse_json_suffix(path)
-    return check_output_file(path, "teacher weights file")
+    check_output_file(path, "teacher weights file")
+    # save_teacher writes both: a JSON path that is a folder must not be found after the training
+    check_output_file(metadata_path(path), "teacher config file")
+    return path
 
 
 def _refuse_json_suffix(path: PathLike) -> Path:

@@ -130,6 +130,9 @@ def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
         classifier.build_shipped_asset(blocker / "c.safetensors", progress=False)
     with pytest.raises(ValueError, match="must not end in .json"):
         classifier.build_shipped_asset(tmp_path / "c.json", progress=False)
+    (tmp_path / "d.json").mkdir()  # where d.safetensors' JSON goes: found before the training
+    with pytest.raises(OutputDirError, match=r"metadata file .*d.json' is not writable: it is an existing folder"):
+        classifier.build_shipped_asset(tmp_path / "d.safetensors", progress=False)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -139,6 +142,7 @@ def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
     (["--seed", "99999999999999999999999"], "argument --seed: the seed must be an integer in [0, 2**63 - 1]"),
     (["--out", "{blocker}/c.safetensors"], "error: --out: classifier weights file"),
     (["--out", "{tmp}/c.json"], "must not end in .json"),
+    (["--out", "{tmp}/folder.safetensors"], "error: --out: classifier metadata file"),  # folder.json is a folder
 ])
 def test_module_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, message):
     import kdfast.eval.__main__ as cli
@@ -146,6 +150,7 @@ def test_module_cli_errors_are_one_line(tmp_path, capsys, monkeypatch, argv, mes
     monkeypatch.setattr(cli, "build_shipped_asset", lambda *a, **k: pytest.fail("trained despite a bad argument"))
     blocker = tmp_path / "file"
     blocker.write_text("x")
+    (tmp_path / "folder.json").mkdir()
     argv = [a.format(blocker=blocker, tmp=tmp_path) for a in argv]
     with pytest.raises(SystemExit) as exc:
         cli.main(argv)

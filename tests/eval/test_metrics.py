@@ -75,6 +75,22 @@ def test_frechet_bad_inputs_name_the_argument():
         frechet_distance([[1.0, 2.0]], good)
     with pytest.raises(TypeError, match="feats_b"):
         frechet_distance(good, torch.ones(10, 4, dtype=torch.bool))
+    with pytest.raises(TypeError, match="feats_b must hold real numbers"):
+        frechet_distance(good.numpy(), np.ones((10, 4), np.complex64))
+    with pytest.raises(ValueError, match=r"feats_a needs at least 1 feature, got shape \(10, 0\)"):
+        frechet_distance(torch.randn(10, 0), torch.randn(10, 0))  # not a silent 0.0
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.int16, np.uint16, np.int32, np.int64, np.uint64,
+                                   np.float16, np.float32])
+def test_frechet_takes_every_real_dtype(dtype):
+    # one rule for all integer widths: uint8 / int16 features were refused while int32 / int64 passed
+    gen = np.random.default_rng(0)
+    a, b = gen.integers(0, 50, (12, 3)), gen.integers(0, 50, (12, 3))
+    expected = frechet_distance(a.astype(np.float64), b.astype(np.float64))
+    assert frechet_distance(a.astype(dtype), b.astype(dtype)) == pytest.approx(expected, rel=1e-9)
+    assert frechet_distance(torch.from_numpy(a).to(torch.int16), torch.from_numpy(b).to(torch.uint8)) == \
+        pytest.approx(expected, rel=1e-9)
 
 
 # ---------------------------------------------------------------- DigitsEvaluator
@@ -181,6 +197,12 @@ def test_bad_images_and_labels_name_the_argument(evaluator):
         evaluator.evaluate(x, y + 10)
     with pytest.raises(ValueError, match="labels has 19 entries"):
         class_accuracy(x, y[:19], evaluator.classifier)
+    for batch_size in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1, got {batch_size!r}"):
+            class_accuracy(x, y, evaluator.classifier, batch_size=batch_size)
+        with pytest.raises(ValueError, match=rf"batch_size must be an integer >= 1, got {batch_size!r}"):
+            DigitsEvaluator(classifier=evaluator.classifier, batch_size=batch_size)
+    assert class_accuracy(x, y, evaluator.classifier, batch_size=3) == class_accuracy(x, y, evaluator.classifier)
     with pytest.raises(ValueError, match="split"):
         evaluator.real("test")
     # float64 input and a hair outside [-1, 1] (sampler round-off) are accepted

@@ -144,6 +144,38 @@ def test_atomic_files_replace_all_or_nothing(tmp_path):
     assert link.is_symlink() and a.read_text() == "through the link"  # the target is replaced, not the link
 
 
+def test_atomic_files_check_every_destination_before_renaming_any(tmp_path):
+    a, b = tmp_path / "w.bin", tmp_path / "w.json"
+    a.write_text("old a")
+    b.mkdir()  # the second destination cannot take a file
+    with pytest.raises(OutputDirError, match=r"w.json': it is an existing folder"):
+        with atomic_files(a, b):
+            pytest.fail("the block must not run: its work could not be saved")
+    assert a.read_text() == "old a"
+    b.rmdir()
+    with pytest.raises(OutputDirError, match="existing folder"):
+        with atomic_files(a, b) as (ta, tb):
+            ta.write_text("new a")
+            tb.write_text("new b")
+            b.mkdir()  # appears while the block runs: still no file is replaced
+    assert a.read_text() == "old a"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.bin", "w.json"]  # no temporary files left
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_atomic_files_new_files_get_the_umask_mode(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        with atomic_files(tmp_path / "new.safetensors", tmp_path / "new.json") as (tw, tj):
+            tw.write_text("w")
+            tw.chmod(0o600)  # as safetensors makes its files
+            tj.write_text("j")
+    finally:
+        os.umask(old)
+    for name in ("new.safetensors", "new.json"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask, name
+
+
 # --------------------------------------------------------------------------- seeding, progress
 
 
@@ -383,6 +415,66 @@ def test_keep_last_k_and_latest(tmp_path):
         Checkpointer(tmp_path, keep=0)
 
 
+def test_save_refuses_a_bad_step_before_writing_or_deleting(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path, keep=None)
+    for step in (100, 200):
+        ckpt.save(step, {"model": model})
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for step in (-1, 1.5, True, "3", None):
+        with pytest.raises(ValueError, match=rf"step must be an integer >= 0, got {step!r}"):
+            ckpt.save(step, {"model": model})
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, nothing deleted
+    assert ckpt.load({"model": model}).step == 200
+    assert ckpt.save(np.int64(0), {"model": model}).name == "step-00000000.safetensors"  # numpy ints are ints
+
+
+def test_stray_folders_are_not_checkpoints_and_keep_is_a_count(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path)
+    ckpt.save(5, {"model": model})
+    (tmp_path / "step-00000099.safetensors").mkdir()  # an unpacked copy, say
+    assert ckpt.checkpoints() == [ckpt.path_for(5)] and ckpt.latest() == ckpt.path_for(5)
+    assert ckpt.load({"model": model}).step == 5
+    for keep in (1.5, "2", 0, True):
+        with pytest.raises(ValueError, match=rf"keep must be an integer >= 1 or None, got {keep!r}"):
+            Checkpointer(tmp_path, keep=keep)
+    assert Checkpointer(tmp_path, keep=np.int64(2)).keep == 2
+
+
+def test_tuple_keys_and_numpy_arrays_round_trip(tmp_path):
+    ckpt = Checkpointer(tmp_path)
+    values = {"counts": {(0, 1): 5, ((2, "a"), None): [1], 3: "int key", (): 0},
+              "empty": np.zeros((0, 3), np.float32), "ints": np.arange(6, dtype=np.int16).reshape(2, 3).T,
+              "long": np.array([1 / 3], np.longdouble), "complex": np.array([1 + 2j], np.complex64)}
+    ckpt.save(1, values)
+    loaded = ckpt.load().values
+    assert loaded["counts"] == values["counts"] and list(loaded["counts"]) == list(values["counts"])
+    for key in ("empty", "ints", "long", "complex"):
+        got, want = loaded[key], values[key]
+        assert got.shape == want.shape and got.dtype == want.dtype and np.array_equal(got, want), key
+    # What cannot be saved faithfully is refused now, naming it, and nothing is written.
+    with pytest.raises(TypeError, match=r"cannot checkpoint 'bad': its key frozenset\(\{1\}\) is a frozenset"):
+        ckpt.save(2, {"bad": {frozenset({1}): 1}})
+    with pytest.raises(TypeError, match="cannot checkpoint 'obj'.*[Oo]bject arrays"):
+        ckpt.save(2, {"obj": np.array([object()])})
+    assert ckpt.checkpoints() == [ckpt.path_for(1)]
+
+
+def test_a_resume_mismatch_names_each_changed_setting(tmp_path):
+    model = _model()
+    ckpt = Checkpointer(tmp_path)
+    run_settings = {"steps": 7, "lr": 0.002, "model": {"channels": [32, 64], "dropout": 0.0}, "seed": 5}
+    ckpt.save(1, {"model": model}, metadata={"run": run_settings})
+    now = {**run_settings, "steps": 9, "model": {"channels": [32, 64], "dropout": 0.1}, "extra": 1}
+    with pytest.raises(CheckpointError) as info:
+        ckpt.load({"model": model}, expect={"run": now})
+    message = str(info.value)
+    assert message.endswith("different run: run.steps: 7 (checkpoint) vs 9 (now), run.model.dropout: 0.0 "
+                            "(checkpoint) vs 0.1 (now), run.extra: absent (checkpoint) vs 1 (now)")
+    assert "0.002" not in message  # unchanged settings are not listed
+
+
 def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     model = _model()
     ckpt = Checkpointer(tmp_path)
@@ -411,7 +503,7 @@ def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
         ckpt.load({"model": _model(width=5)})
     with pytest.raises(CheckpointError, match="holds no 'ema'"):
         ckpt.load({"model": _model(), "ema": _model()})
-    with pytest.raises(CheckpointError, match=r"different run: run=\{'lr': 1.0\} \(this run: \{'lr': 2.0\}\)"):
+    with pytest.raises(CheckpointError, match=r"different run: run.lr: 1.0 \(checkpoint\) vs 2.0 \(now\)$"):
         ckpt.load({"model": _model()}, expect={"run": {"lr": 2.0}})
 
     path.write_bytes(data[: len(data) // 2])

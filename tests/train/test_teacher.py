@@ -213,8 +213,10 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
     again = train_teacher(checkpoint_dir=ckpt_dir, checkpoint_every=2, resume=True, **RESUMABLE)
     assert torch.equal(again.model.conv_out.weight, straight.model.conv_out.weight)
     # A checkpoint resumes only the run that wrote it.
-    with pytest.raises(CheckpointError, match="different run: run="):
+    with pytest.raises(CheckpointError) as info:
         train_teacher(checkpoint_dir=ckpt_dir, resume=True, **{**RESUMABLE, "steps": 6})
+    # the setting that changed, not the whole settings dict
+    assert str(info.value).endswith("was written by a different run: run.steps: 4 (checkpoint) vs 6 (now)")
 
 
 def test_checkpoint_arguments(tmp_path):
@@ -347,6 +349,16 @@ def test_unusable_out_is_refused_before_training(tmp_path, monkeypatch):
         train_teacher(out=blocker / "t.safetensors", **TINY)
     with pytest.raises(OutputDirError, match="existing folder"):
         train_teacher(out=tmp_path, **TINY)
+    # the files written beside the weights are checked too, before the training
+    for name in ("t.json", "t_loss.png"):
+        (tmp_path / name).mkdir()
+        with pytest.raises(OutputDirError, match=rf"{name}' is not writable: it is an existing folder"):
+            train_teacher(out=tmp_path / "t.safetensors", **TINY)
+        (tmp_path / name).rmdir()
+    (tmp_path / "ckpt" / "loss.png").mkdir(parents=True)
+    with pytest.raises(OutputDirError, match=r"loss.png' is not writable: it is an existing folder"):
+        train_teacher(checkpoint_dir=tmp_path / "ckpt", **TINY)
+    assert not list(tmp_path.glob("t.*"))
 
 
 def _main_error(capsys, argv):
@@ -384,6 +396,9 @@ def test_module_cli_rejects_bad_paths_before_training(tmp_path, capsys, monkeypa
     assert "--out: " in _main_error(capsys, ["--out", str(blocker / "t.safetensors")])
     assert "must not end in .json" in _main_error(capsys, ["--out", str(tmp_path / "t.json")])
     assert "--grid: " in _main_error(capsys, ["--grid", str(blocker / "g.png"), *out])
+    (tmp_path / "t.json").mkdir()  # where the config JSON goes: found now, not after the training
+    last = _main_error(capsys, out)
+    assert last.startswith("python -m kdfast.train.teacher: error: --out: ") and "t.json' is not writable" in last
     assert "teacher weights not found" in _main_error(capsys, ["--measure-only", "--out",
                                                                 str(tmp_path / "missing.safetensors")])
 
