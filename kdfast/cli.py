@@ -164,6 +164,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ImportError as exc:  # an optional dependency of this command (the message says what to install)
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C is the user's choice, not a crash: one line and the shell's 128 + SIGINT, no
+        # traceback. Partial outputs stay incomplete-looking: the demo writes metrics.json and
+        # report.md last, and the assets are renamed into place only once whole.
+        newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar and the terminal's ^C
+        print(f"{newline}kdfast {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -21,7 +21,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .train.run import MAX_SEED, OutputDirError, prepare_output_dir  # the step generator takes seed + 1
+# MAX_SEED: the step generator takes seed + 1
+from .train.run import MAX_SEED, OutputDirError, prepare_output_dir, progress_bar
 
 # Demo solver name -> the teacher's scheduler key (kdfast.train.teacher.SCHEDULERS).
 SOLVERS = {
@@ -72,6 +73,11 @@ def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, 
         raise DemoError(f"unknown solver(s) {unknown}; expected some of {', '.join(SOLVERS)}")
     if not steps or any(int(s) != s or s < 1 for s in steps):
         raise DemoError(f"steps must be integers >= 1, got {list(steps)}")
+    # A repeated value would run the same configuration again and write duplicate rows.
+    for name, values in (("solvers", list(solvers)), ("steps", [int(s) for s in steps])):
+        repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
+        if repeated:
+            raise DemoError(f"{name} must not repeat a value, got {', '.join(map(str, repeated))} more than once")
     if int(n_per_class) < 2:
         raise DemoError(f"n_per_class must be >= 2 (a Frechet distance needs several images), got {n_per_class}")
     if not math.isfinite(guidance_scale):
@@ -249,8 +255,6 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     ``out`` (``grids/<solver>_<steps>.png``, ``metrics.json``, ``report.md``) are removed
     first; other files there are left alone.
     """
-    from tqdm.auto import tqdm
-
     from .eval import DigitsEvaluator
     from .train.teacher import load_teacher, save_grid
 
@@ -274,6 +278,12 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
         out_dir = prepare_output_dir(out, subdirs=("grids",))
     except OutputDirError as exc:
         raise DemoError(str(exc)) from exc
+    # Every file the run writes is checked now, not found to be a folder after the sampling
+    # (an earlier run's files are removed below, so only folders are in the way).
+    for path in [out_dir / "grids" / f"{s}_{n}.png" for s in solvers for n in steps] + \
+            [out_dir / "metrics.json", out_dir / "report.md"]:
+        if path.is_dir():
+            raise DemoError(f"output file {str(path)!r} is not writable: it is an existing folder")
     _clear_previous_outputs(out_dir)
     teacher = load_teacher(device=device)
     evaluator = DigitsEvaluator(device=device)
@@ -286,7 +296,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
         _anchor_sample(teacher, first, n_per_class, 3, guidance_scale, seed)
 
     rows = []
-    bar = tqdm(total=len(solvers) * len(steps), desc="kdfast demo", disable=not progress)
+    # progress_bar: a bar on a terminal only, no carriage-return noise in logs
+    bar = progress_bar(total=len(solvers) * len(steps), desc="kdfast demo", enabled=progress)
     for solver in solvers:
         key = SOLVERS[solver]
         for n in steps:

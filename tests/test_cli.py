@@ -47,6 +47,22 @@ def test_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys):
     assert err == ["kdfast demo: error: the digits data needs scikit-learn: pip install scikit-learn"]
 
 
+@pytest.mark.parametrize("command, target", [(["demo", "--quick"], "kdfast.demo.run_demo"),
+                                             (["assets", "build", "--quick"], "kdfast.assets_build.build_assets")])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, command, target):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    try:
+        rc = main([*command, "--no-progress", "--out", str(tmp_path / "o")])
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C escaped main: Python prints its traceback")
+    assert rc == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"kdfast {command[0]}: interrupted"]  # no traceback
+
+
 @pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "9223372036854775808"])
 def test_demo_refuses_an_out_of_range_seed_as_a_usage_error(tmp_path, capsys, monkeypatch, seed):
     import kdfast.demo

@@ -84,6 +84,17 @@ def test_output_path_that_is_a_file(tmp_path):
         run_demo(out=str(blocker / "out"), progress=False)
 
 
+def test_an_output_file_taken_by_a_folder_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(teacher_module, "load_teacher", lambda **k: pytest.fail("sampled before checking outputs"))
+    for name in ("grids/ddim_2.png", "report.md"):
+        out = tmp_path / name.replace("/", "_")
+        (out / name).mkdir(parents=True)
+        assert main(["demo", "--solvers", "ddim", "--steps", "2", "--n-per-class", "2", "--no-anchor",
+                     "--no-progress", "--out", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == f"kdfast demo: error: output file {str(out / name)!r} is not writable: it is an existing folder"
+
+
 def test_corrupt_teacher_asset_gives_a_clear_error(tmp_path, monkeypatch, capsys):
     bad = tmp_path / "digits_teacher.safetensors"
     shutil.copy(teacher_module.SHIPPED_PATH, bad)
@@ -106,6 +117,9 @@ def test_corrupt_teacher_asset_gives_a_clear_error(tmp_path, monkeypatch, capsys
     (["--device", "foo"], "device must be cpu or cuda"),
     (["--device", "gpu"], "device must be cpu or cuda"),
     (["--device", "mps"], "device must be cpu or cuda"),
+    # a repeated value would run the same configuration twice and write duplicate rows
+    (["--solvers", "ddim,euler,ddim"], "solvers must not repeat a value, got ddim more than once"),
+    (["--steps", "2,3,2,3"], "steps must not repeat a value, got 2, 3 more than once"),
 ])
 def test_cli_refuses_explicit_bad_values_before_creating_the_folder(tmp_path, capsys, args, message):
     # --quick must not replace an explicit empty or zero value with its own default
@@ -135,8 +149,10 @@ def test_heun_is_flagged_and_stale_outputs_are_removed(tmp_path, capsys):
     (out / "metrics.json").write_text("{}")
     # heun at 1 step is an Euler step: cheap, and the note is attached all the same
     assert main(["demo", "--solvers", "heun", "--steps", "1", "--n-per-class", "2", "--no-anchor",
-                 "--device", "cpu", "--no-progress", "--out", str(out)]) == 0
+                 "--device", "cpu", "--out", str(out)]) == 0
     captured = capsys.readouterr()
+    # progress is on, but stderr is not a terminal: no bar, no carriage-return noise in logs
+    assert "\r" not in captured.err and "kdfast demo:" not in captured.err.replace("kdfast demo: warning", "")
     warning = [line for line in captured.err.splitlines() if line.startswith("kdfast demo: warning: heun")]
     assert len(warning) == 1 and "noise" in warning[0] and "diffusers" in warning[0]
     assert "note: heun gives noise" in captured.out
