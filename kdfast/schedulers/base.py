@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -175,6 +176,73 @@ class CoefficientTable:
     def __contains__(self, key) -> bool:
         return key in self._rows
 
+    def plan(self, key) -> StepPlan:
+        """The plan of ``key``: a key of this table or a :class:`TableRow` it handed out."""
+        return key.plan if type(key) is TableRow else self.plans[key]
+
+
+class TableRow:
+    """The coefficients of a step that :meth:`GrowingTable.ensure` made after
+    ``set_timesteps``, handed to the step itself: they stay valid for as long as the step (or
+    its lazily read x0) needs them, whatever the shared table drops meanwhile."""
+
+    __slots__ = ("plan", "row", "_row64")
+
+    def __init__(self, plan: StepPlan):
+        self.plan = plan
+        self.row = torch.tensor(plan.row(), dtype=torch.float32)
+        self._row64 = None
+
+    def row64(self) -> torch.Tensor:
+        if self._row64 is None:
+            self._row64 = torch.tensor(self.plan.row(), dtype=torch.float64)
+        return self._row64
+
+
+class GrowingTable(CoefficientTable):
+    """A coefficient table that also takes plans made after ``set_timesteps``.
+
+    Per-call options (DDIM's ``eta``, Euler's ``s_churn``, a timestep that is not in the
+    schedule) select coefficients that cannot all be known in advance: they are computed on
+    the host in float64 the first time they are asked for and kept, the ``limit`` most
+    recently used. The table is shared by every scheduler of the same settings, in any
+    thread: a lock guards the extras, and a step holds the :class:`TableRow` it was given, so
+    that no other step's insertion can drop its coefficients between lookup and use.
+    """
+
+    def __init__(self, plans, limit: int = 1024):
+        super().__init__(plans)
+        self._extra: "collections.OrderedDict[object, TableRow]" = collections.OrderedDict()
+        self._limit = limit
+        self._lock = threading.Lock()
+
+    def ensure(self, key, make: Callable[[], StepPlan]):
+        """``key`` itself when it is one of the schedule's own steps (never dropped), else the
+        :class:`TableRow` of ``make()``'s plan, made on first use."""
+        if key in self._rows:
+            return key
+        with self._lock:
+            entry = self._extra.get(key)
+            if entry is None:
+                entry = self._extra[key] = TableRow(make())
+                if len(self._extra) > self._limit:
+                    self._extra.popitem(last=False)
+            else:
+                self._extra.move_to_end(key)
+        return entry
+
+    def __contains__(self, key) -> bool:
+        return key in self._rows or key in self._extra
+
+    def __getstate__(self):  # (deepcopy, pickle) a lock does not copy: the copy gets its own
+        state = dict(self.__dict__)
+        del state["_lock"]
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
 
 def schedule_span(schedule) -> Optional[tuple]:
     """(address of the first element, bytes between elements, length, dtype, device) of a 1-D
@@ -232,6 +300,7 @@ class FusedScheduler(ConfigMixin):
     # the same settings again and again, so tables are shared by every scheduler instance
     # with the same class, config and schedule (plans are pure functions of those).
     _TABLE_CACHE: "collections.OrderedDict[str, CoefficientTable]" = collections.OrderedDict()
+    _TABLE_CACHE_LOCK = threading.Lock()
     _TABLE_CACHE_SIZE = 64
 
     @staticmethod
@@ -248,13 +317,17 @@ class FusedScheduler(ConfigMixin):
         key = json.dumps([type(self).__qualname__, settings, self._host_timesteps, self.num_inference_steps,
                           None if sigmas is None else sigmas.tolist()], sort_keys=True, default=repr)
         cache = FusedScheduler._TABLE_CACHE
-        table = cache.get(key)
-        if table is None:
-            table = cache[key] = build()
+        with FusedScheduler._TABLE_CACHE_LOCK:  # schedulers in several threads share the cache
+            table = cache.get(key)
+            if table is not None:
+                cache.move_to_end(key)
+                return table
+        table = build()  # outside the lock: a slow first build does not hold up other settings
+        with FusedScheduler._TABLE_CACHE_LOCK:
+            table = cache.setdefault(key, table)  # a build that raced ours: one table for all
+            cache.move_to_end(key)
             if len(cache) > self._TABLE_CACHE_SIZE:
                 cache.popitem(last=False)
-        else:
-            cache.move_to_end(key)
         return table
 
     has_compatibles = True  # diffusers' schedulers all say so, LCM (whose list is empty) included
@@ -433,10 +506,13 @@ class FusedScheduler(ConfigMixin):
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
         table = self._table if table is None else table
-        row = table.row64(key) if sample.dtype is torch.float64 else table._rows[key]
+        if type(key) is TableRow:  # an extra step's own coefficients (GrowingTable.ensure)
+            row = key.row64() if sample.dtype is torch.float64 else key.row
+        else:
+            row = table.row64(key) if sample.dtype is torch.float64 else table._rows[key]
         dynamic_scale = None
         if dynamic is not None:
-            cx, cm = table.plans[key].x0
+            cx, cm = table.plan(key).x0
             dynamic_scale = ops.threshold_scale(sample, model_output, cx, cm, cond=cond,
                                                 guidance_scale=guidance_scale, ratio=dynamic[0],
                                                 max_value=dynamic[1])

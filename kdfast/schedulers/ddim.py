@@ -11,7 +11,8 @@ from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
 from .base import FusedScheduler, SchedulerOutput, StepPlan
-from .euler_discrete import KARRAS_SCHEDULERS, _GrowingTable
+from .base import GrowingTable
+from .euler_discrete import KARRAS_SCHEDULERS
 
 
 def _sqrt(v: float) -> float:
@@ -120,7 +121,7 @@ class DDIMScheduler(FusedScheduler):
             timesteps = np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
         self.num_inference_steps = n
         self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
-        self._table = self._shared_table(lambda: _GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()}))
+        self._table = self._shared_table(lambda: GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()}))
 
     @staticmethod
     def _key(t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False):

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections import deque
-from typing import Callable, List, Optional, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
@@ -13,39 +12,13 @@ from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, beta_sigmas, check_choice, exponential_sigmas,
                         karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
-from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan
 
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
                      "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                      "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",
                      "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler", "UniPCMultistepScheduler",
                      "DPMSolverSDEScheduler", "EDMEulerScheduler")
-
-
-class _GrowingTable(CoefficientTable):
-    """A coefficient table that also takes plans made after ``set_timesteps``.
-
-    Per-call options (DDIM's ``eta``, Euler's ``s_churn``, a timestep that is not in the
-    schedule) select coefficients that cannot all be known in advance: they are computed on
-    the host in float64 the first time they are asked for and kept (at most ``limit`` extras).
-    """
-
-    def __init__(self, plans, limit: int = 1024):
-        super().__init__(plans)
-        self._extra = deque()
-        self._limit = limit
-
-    def ensure(self, key, make: Callable[[], StepPlan]):
-        if key not in self._rows:
-            plan = make()
-            if len(self._extra) >= self._limit:
-                old = self._extra.popleft()
-                del self._rows[old], self.plans[old]
-                self.__dict__.get("_rows64", {}).pop(old, None)
-            self.plans[key] = plan
-            self._rows[key] = torch.tensor(plan.row(), dtype=torch.float32)
-            self._extra.append(key)
-        return key
 
 
 def _as_float32(value: float) -> float:
@@ -277,7 +250,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
-        self._table = self._shared_table(lambda: _GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))}))
+        self._table = self._shared_table(lambda: GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))}))
 
     def _plan(self, i: int, gamma: float = 0.0, s_noise: float = 1.0) -> StepPlan:
         sigma, sigma_next = self._host_sigmas[i], self._host_sigmas[i + 1]

@@ -14,7 +14,7 @@ from ._linear import NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
 from .base import FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
-from .euler_discrete import _GrowingTable
+from .base import GrowingTable
 
 logger = logging.getLogger(__name__)
 
@@ -160,7 +160,7 @@ class LCMScheduler(FusedScheduler):
         self._step_index = None
         self._begin_index = None
         self._table = self._shared_table(
-            lambda: _GrowingTable({key: self._plan(*key) for key in map(self._key, range(len(timesteps)))}))
+            lambda: GrowingTable({key: self._plan(*key) for key in map(self._key, range(len(timesteps)))}))
 
     def get_scalings_for_boundary_condition_discrete(self, timestep) -> Tuple[float, float]:
         """(c_skip, c_out) of the consistency-model boundary condition at ``timestep``."""
@@ -220,8 +220,8 @@ class LCMScheduler(FusedScheduler):
         if not -T <= t < T:
             raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
         key = self._key(i, t)
-        self._table.ensure(key, lambda: self._plan(*key))
-        plan = self._table.plans[key]
+        entry = self._table.ensure(key, lambda: self._plan(*key))
+        plan = self._table.plan(entry)
         noise = None
         if plan.history is not None:
             dtype = torch.promote_types(sample.dtype, model_output.dtype)
@@ -229,7 +229,7 @@ class LCMScheduler(FusedScheduler):
         cfg = self.config
         clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
         dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None
-        result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
+        result = self._fused(entry, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
                              write_history=plan.history is not None,
                              clip_value=clip, dynamic=dynamic)
         self._step_index += 1

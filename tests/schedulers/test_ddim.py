@@ -80,13 +80,84 @@ def test_on_the_fly_coefficients_are_kept_and_bounded():
         kd.set_timesteps(10)
         kd._table._limit = 4
         x, m = initial_sample(), initial_sample(seed=1)
-        base = len(kd._table.plans)
         for t in range(100, 110):
             kd.step(m, t, x)
-        assert len(kd._table.plans) == base + 4
+        assert len(kd._table._extra) == 4
         assert all(kd._key(int(t)) in kd._table for t in kd.timesteps)  # the schedule's own rows stay
     finally:
         DDIMScheduler.clear_table_cache()
+
+
+def test_a_steps_coefficients_outlive_their_table_row():
+    # The table is shared: another scheduler's new etas may drop this step's row before its
+    # x0 is read (lazily, with the step's own coefficients).
+    DDIMScheduler.clear_table_cache()
+    try:
+        a, b = DDIMScheduler(), DDIMScheduler()
+        a.set_timesteps(10)
+        b.set_timesteps(10)
+        a._table._limit = 4
+        x, m, noise = initial_sample(), initial_sample(seed=1), initial_sample(seed=2)
+        t = a.timesteps[2]
+        a._step_index = b._step_index = None
+        lazy = a.step(m, t, x, eta=0.3, variance_noise=noise)
+        for k in range(10):
+            b.step(m, t, x, eta=0.5 + k / 100, variance_noise=noise)
+            b._step_index = None
+        assert all((int(t), 0.3) != key[:2] for key in a._table._extra)  # the row is gone
+        x0 = lazy.pred_original_sample  # (read before the step below makes the row again)
+        a._step_index = None
+        eager = a.step(m, t, x, eta=0.3, variance_noise=noise, return_pred_original_sample=True)
+        assert torch.equal(x0, eager.pred_original_sample)
+        assert torch.equal(lazy.prev_sample, eager.prev_sample)
+    finally:
+        DDIMScheduler.clear_table_cache()
+
+
+def test_threads_sharing_a_table_with_new_etas():
+    # Per-request eta in a server: threads with schedulers of one config insert and drop rows
+    # of one shared table while the others step. Every step must give its single-threaded value.
+    import sys
+    import threading
+
+    DDIMScheduler.clear_table_cache()
+    x, m, noise = initial_sample(), initial_sample(seed=1), initial_sample(seed=2)
+    etas = [[0.3] * 60, [0.01 * k for k in range(1, 61)], [0.7 + 0.001 * k for k in range(60)]]
+
+    def run(schedule_etas, out, errors):
+        try:
+            s = DDIMScheduler()
+            s.set_timesteps(10)
+            s._table._limit = 8  # churn: rows are dropped while other threads use theirs
+            for k, eta in enumerate(schedule_etas):
+                s._step_index = None
+                o = s.step(m, s.timesteps[k % 10], x, eta=eta, variance_noise=noise)
+                out.append((o.prev_sample, o.pred_original_sample))
+        except Exception as e:  # reported by the main thread
+            errors.append(e)
+
+    expected = []
+    for e in etas:
+        expected.append([])
+        run(e, expected[-1], [])
+    DDIMScheduler.clear_table_cache()
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        outs, errors = [[] for _ in etas], []
+        threads = [threading.Thread(target=run, args=(e, o, errors)) for e, o in zip(etas, outs)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(interval)
+        DDIMScheduler.clear_table_cache()
+    assert not errors, errors
+    for got, want in zip(outs, expected):
+        assert len(got) == len(want)
+        for (p, x0), (p_want, x0_want) in zip(got, want):
+            assert torch.equal(p, p_want) and torch.equal(x0, x0_want)
 
 
 def test_schedules_share_tables_across_instances():
