@@ -71,7 +71,10 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
-        self._table = self._shared_table(lambda: CoefficientTable({i: self._plan(i) for i in range(len(timesteps))}))
+        self._table = self._shared_table(self._build_table)
+
+    def _build_table(self) -> CoefficientTable:
+        return CoefficientTable({i: self._plan(i) for i in range(len(self._host_timesteps))})
 
     def _plan(self, i: int) -> StepPlan:
         sigma, sigma_to = self._host_sigmas[i], self._host_sigmas[i + 1]
@@ -105,7 +108,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
               return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         _reject_integer_timestep(timestep, type(self).__name__)
-        self._require_timesteps()
+        self._require_table()
         self._check_step_inputs(model_output, sample)
         i = self._index_for_step(timestep)
         # drawn every step, the last one (sigma_up = 0) included, like diffusers: same generator state

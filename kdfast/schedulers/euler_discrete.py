@@ -50,11 +50,20 @@ class _SigmaScheduler(FusedScheduler):
         self._input_div = ((self.sigmas**2 + 1) ** 0.5).tolist()
 
     @property
-    def init_noise_sigma(self) -> float:
+    def init_noise_sigma(self) -> torch.Tensor:
+        """The noise scale of the first step: a 0-d float32 CPU tensor, as diffusers returns it
+        (callers use ``.cpu()`` / ``.to()`` on it; it multiplies latents on any device)."""
         max_sigma = self.sigmas.max()
         if self.config.timestep_spacing in ("linspace", "trailing"):
-            return float(max_sigma)
-        return float((max_sigma**2 + 1) ** 0.5)
+            return max_sigma
+        return (max_sigma**2 + 1) ** 0.5
+
+    def _require_table(self) -> None:
+        """The coefficients of the schedule in use: diffusers' Euler schedulers also step on the
+        training schedule that ``__init__`` sets up, before any ``set_timesteps``; its table is
+        made on that first step."""
+        if self._table is None:
+            self._table = self._shared_table(self._build_table)
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``sample / sqrt(sigma**2 + 1)``, as the Euler-type models expect their input."""
@@ -250,7 +259,10 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         self.num_inference_steps = n
         self._step_index = None
         self._begin_index = None
-        self._table = self._shared_table(lambda: GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))}))
+        self._table = self._shared_table(self._build_table)
+
+    def _build_table(self) -> GrowingTable:
+        return GrowingTable({i: self._plan(i) for i in range(len(self._host_timesteps))})
 
     def _plan(self, i: int, gamma: float = 0.0, s_noise: float = 1.0) -> StepPlan:
         sigma, sigma_next = self._host_sigmas[i], self._host_sigmas[i + 1]
@@ -304,7 +316,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
               s_churn: float = 0.0, s_tmin: float = 0.0, s_tmax: float = float("inf"),
               s_noise: float = 1.0, return_pred_original_sample: bool = False) -> SchedulerOutput:
         _reject_integer_timestep(timestep, type(self).__name__)
-        self._require_timesteps()
+        self._require_table()
         self._check_step_inputs(model_output, sample)
         i = self._index_for_step(timestep)
         sigma = self._host_sigmas[i]

@@ -154,8 +154,7 @@ def test_bad_config_values_are_named():
 def test_bad_step_input():
     kd = EulerAncestralDiscreteScheduler()
     x = initial_sample()
-    with pytest.raises(ValueError, match="set_timesteps"):
-        kd.step(x, torch.tensor(999.0), x)
+    # (before set_timesteps it steps on the training schedule, as diffusers' does: test_scheduler_api)
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
         kd.set_timesteps(0)
     kd.set_timesteps(5)

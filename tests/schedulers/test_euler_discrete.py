@@ -201,8 +201,7 @@ def test_bad_set_timesteps_arguments():
 def test_bad_step_input():
     kd = EulerDiscreteScheduler()
     x = initial_sample()
-    with pytest.raises(ValueError, match="set_timesteps"):
-        kd.step(x, torch.tensor(999.0), x)
+    # (before set_timesteps it steps on the training schedule, as diffusers' does: test_scheduler_api)
     kd.set_timesteps(5)
     with pytest.raises(ValueError, match="integer indices"):
         kd.step(x, 3, x)

@@ -366,3 +366,35 @@ def test_lcm_zero_snr_epsilon_gives_diffusers_non_finite_result_not_an_exception
     clipped.set_timesteps(4)
     x = steps(clipped, initial_sample(), 4, torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
+def test_euler_schedulers_step_on_the_training_schedule_before_set_timesteps(name):
+    # diffusers' Euler schedulers set up the full training schedule in __init__ and step on it
+    # (diffusers' own scheduler tests rely on that); the other schedulers need set_timesteps.
+    import warnings
+
+    config = dict(num_train_timesteps=1100, beta_schedule="linear")
+    x = initial_sample()
+    got = []
+    for lib in (K, diffusers):
+        s = getattr(lib, name)(**config)
+        assert s.num_inference_steps is None and len(s.timesteps) == 1100
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # diffusers: "scale_model_input should be called"
+            out = s.step(0.1 * x, s.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
+            out = s.step(0.1 * out, s.timesteps[1], out, generator=torch.Generator().manual_seed(1)).prev_sample
+        got.append(out)
+    assert parity_error(got[0], got[1]) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"])
+@pytest.mark.parametrize("spacing", ["linspace", "leading"])
+def test_init_noise_sigma_is_a_tensor_like_diffusers(name, spacing):
+    # Pipelines and diffusers' tests call .cpu() / .to() on it.
+    kd, df = getattr(K, name)(timestep_spacing=spacing), getattr(diffusers, name)(timestep_spacing=spacing)
+    for s in (kd, df):
+        s.set_timesteps(10)
+    a, b = kd.init_noise_sigma, df.init_noise_sigma
+    assert isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
+    assert torch.equal(a.cpu(), b.cpu())
