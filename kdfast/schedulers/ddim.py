@@ -130,6 +130,14 @@ class DDIMScheduler(FusedScheduler):
     def _alpha_prod(self, t: int) -> float:
         return self._host_alphas_cumprod[t]  # negative t wraps, as indexing the tensor does
 
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """The DDIM variance between two timesteps, as diffusers' private method of that name
+        computes it (in float32 tensors): pipelines such as CycleDiffusion call it directly."""
+        alpha_prod_t = self.alphas_cumprod[timestep]
+        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
+        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+        return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
     def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> StepPlan:
         cfg = self.config
         prev_t = t - cfg.num_train_timesteps // self.num_inference_steps

@@ -340,3 +340,11 @@ def test_pred_original_sample_on_request(config):
         expected = df.step(m, t_df, x, eta=0.5, variance_noise=x).pred_original_sample
         got = kd.step(m, t_kd, x, eta=0.5, variance_noise=x, return_pred_original_sample=True).pred_original_sample
         assert parity_error(got, expected) < 1e-5
+
+
+def test_get_variance_like_diffusers():
+    # a private method, but pipelines (CycleDiffusion) call it on the pipeline's scheduler
+    kd, df = DDIMScheduler(), diffusers.DDIMScheduler()
+    for t, prev in ((500, 480), (torch.tensor(999), torch.tensor(949)), (20, -1), (0, -1)):
+        a, b = kd._get_variance(t, prev), df._get_variance(t, prev)
+        assert a.dtype == b.dtype and torch.equal(a, b)
