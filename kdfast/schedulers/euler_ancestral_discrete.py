@@ -78,8 +78,11 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
 
     def _plan(self, i: int) -> StepPlan:
         sigma, sigma_to = self._host_sigmas[i], self._host_sigmas[i + 1]
-        sigma_up = math.sqrt(sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2)
-        sigma_down = math.sqrt(sigma_to**2 - sigma_up**2)
+        # A step to a larger sigma (zero-SNR schedules floor the first sigma at 4096, below the
+        # next one) has no ancestral split: diffusers' square roots give NaN there, kdfast a
+        # plain Euler step to sigma_to (sigma_up = 0).
+        sigma_up = math.sqrt(max(0.0, sigma_to**2 * (sigma**2 - sigma_to**2) / sigma**2))
+        sigma_down = math.sqrt(max(0.0, sigma_to**2 - sigma_up**2))
         pt = self.config.prediction_type
         if pt == "epsilon":
             x0 = (1.0, -sigma)

@@ -206,3 +206,27 @@ def test_pred_original_sample_on_request():
         outs.append(x0s)
     for got, expected in zip(*outs[::-1]):
         assert parity_error(got, expected) < 1e-5
+
+
+@pytest.mark.parametrize("spacing", ["leading", "linspace"])
+def test_zero_snr_step_to_a_larger_sigma_is_finite_where_diffusers_gives_nan(spacing):
+    # Zero-SNR rescaling floors the first sigma at 4096, below the second (15406 on the full
+    # schedule): the ancestral split of that step has a negative variance. diffusers returns
+    # NaN; kdfast takes a plain Euler step to the next sigma (sigma_up = 0), and every later
+    # step matches diffusers again.
+    config = dict(beta_schedule="linear", rescale_betas_zero_snr=True, timestep_spacing=spacing)
+    kd, df = EulerAncestralDiscreteScheduler(**config), diffusers.EulerAncestralDiscreteScheduler(**config)
+    for s in (kd, df):
+        s.set_timesteps(1000)
+    assert kd._host_sigmas[1] > kd._host_sigmas[0]
+    x, m = initial_sample(), initial_sample(seed=1)
+
+    def step(s, k, sample):  # the same draws on both sides: kdfast draws as diffusers does
+        return s.step(m, s.timesteps[k], sample, generator=torch.Generator().manual_seed(k)).prev_sample
+
+    first, first_df = step(kd, 0, x), step(df, 0, x)
+    assert torch.isnan(first_df).all() and torch.isfinite(first).all()
+    sigma, sigma_to = kd._host_sigmas[0], kd._host_sigmas[1]
+    x0 = x - sigma * m  # epsilon prediction
+    torch.testing.assert_close(first, x + (x - x0) / sigma * (sigma_to - sigma), rtol=1e-5, atol=1e-3)
+    assert parity_error(step(kd, 1, first), step(df, 1, first)) < 1e-5
