@@ -18,7 +18,7 @@ fused backward; :func:`kd_divergence_grad` gives the same gradient in closed for
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -61,6 +61,18 @@ def divergence_terms(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 
 
+def _tempered(student: torch.Tensor, teacher: torch.Tensor, vocab: Optional[int], temperature: float,
+              dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """The shared vocabulary's logits divided by the temperature, in ``dtype``, and that vocabulary."""
+    vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
+    return student[:, :vocab].to(dtype) / temperature, teacher[:, :vocab].to(dtype) / temperature, vocab
+
+
+def _has_softmax(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Rows where both logits have a distribution (not all -inf, no inf or NaN entry)."""
+    return torch.isfinite(torch.logsumexp(s, -1)) & torch.isfinite(torch.logsumexp(t, -1))
+
+
 def kd_divergence(
     student: torch.Tensor,
     teacher: torch.Tensor,
@@ -74,9 +86,7 @@ def kd_divergence(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Per-row divergence ``[rows]`` of 2-D logits, computed in ``dtype``."""
-    vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
-    s = student[:, :vocab].to(dtype) / temperature
-    t = teacher[:, :vocab].to(dtype) / temperature
+    s, t, vocab = _tempered(student, teacher, vocab, temperature, dtype)
     rows = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
     keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
     if keep.any():
@@ -85,7 +95,7 @@ def kd_divergence(
         lt = torch.log_softmax(tk, dim=-1)
         values = divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale
         # No distribution (all -inf, an inf or a NaN): NaN, and a NaN gradient over the row.
-        defined = torch.isfinite(torch.logsumexp(sk, -1)) & torch.isfinite(torch.logsumexp(tk, -1))
+        defined = _has_softmax(sk, tk)
         nan_where_undefined = torch.where(defined, 0.0, math.nan).to(values.dtype)
         values = torch.where(defined, values, (sk.sum(-1) + tk.sum(-1)) * nan_where_undefined)
         rows = rows.index_put((keep,), values)
@@ -132,14 +142,11 @@ def kd_divergence_grad(
     (no autograd runs inside a custom op); the tests check it against autograd through
     :func:`kd_divergence`. Ignored rows and padding columns get 0; rows without a softmax, NaN.
     """
-    vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
-    s = student[:, :vocab].to(dtype) / temperature
-    t = teacher[:, :vocab].to(dtype) / temperature
+    s, t, vocab = _tempered(student, teacher, vocab, temperature, dtype)
     ls, lt = torch.log_softmax(s, dim=-1), torch.log_softmax(t, dim=-1)
     w = _entry_weights(kind, ls, lt, beta)
     g = (w - ls.exp() * w.sum(-1, keepdim=True)) * (loss_scale / temperature)
-    defined = torch.isfinite(torch.logsumexp(s, -1)) & torch.isfinite(torch.logsumexp(t, -1))
-    g = torch.where(defined.unsqueeze(1), g, math.nan)
+    g = torch.where(_has_softmax(s, t).unsqueeze(1), g, math.nan)
     if labels is not None:
         g = torch.where((labels != ignore_index).unsqueeze(1), g, 0.0)
     out = torch.zeros(student.shape, dtype=dtype, device=student.device)
