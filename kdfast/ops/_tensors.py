@@ -124,4 +124,3 @@ def addresses(tensors, inner: int, packed: bool = False) -> Tuple[list, list, li
             strides.append(inner if packed or t.is_contiguous() else t.stride(0))
             codes.append(DTYPE_CODES[t.dtype])
     return ptrs, strides, codes
-

@@ -22,7 +22,8 @@ import torch
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
-from ._tensors import DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout, on_device, sample_layout
+from ._tensors import (DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout,
+                       on_device, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
