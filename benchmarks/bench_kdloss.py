@@ -133,10 +133,12 @@ def _grad_inputs(x: Dict[str, torch.Tensor]) -> List[torch.Tensor]:
     return [t for t in x.values() if t.requires_grad]
 
 
-def _run_once(fn, x) -> None:
+def _run_once(fn, x) -> torch.Tensor:
     for t in _grad_inputs(x):
         t.grad = None
-    fn(x).backward()
+    loss = fn(x)
+    loss.backward()
+    return loss.detach()
 
 
 def _sync(device: str) -> None:
@@ -151,27 +153,69 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def measure(case, shape, dtype, device, name, repeats) -> Dict:
-    """Time (and, on a GPU, peak memory) of one candidate, in this process."""
-    x = make_inputs(case, shape, dtype, device)
-    fn = candidates(case, device)[name]
-    _run_once(fn, x)  # warm-up (kernels compiled, allocator primed)
-    for t in _grad_inputs(x):
-        t.grad = None  # the peak below counts the gradients, as the CPU worker's does
+def measure(case, shape, dtype, device, names, repeats) -> Dict[str, Dict]:
+    """Time (and, on a GPU, peak memory) of each candidate in ``names``, in this process.
+
+    The candidates' timed runs are interleaved (one of each per round), so that a machine
+    whose speed drifts during the run slows every side alike. Each candidate has its own
+    inputs (the same values) and a warm-up first; one that runs out of memory is left out.
+    After the warm-up every candidate's loss and gradients are checked against the first
+    one's (torch's formula when it is first): a speed-up of a different computation is none.
+    """
+    prepared, reference, agrees = {}, None, {}
+    for name in names:
+        x = make_inputs(case, shape, dtype, device)
+        fn = candidates(case, device)[name]
+        try:
+            loss = _run_once(fn, x)  # warm-up (kernels compiled, allocator primed)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            print(f"  {name}: out of memory ({exc})", file=sys.stderr)
+            continue
+        grads = [t.grad for t in _grad_inputs(x)]
+        if reference is None:
+            reference, agrees[name] = (name, loss, grads), True
+        else:
+            agrees[name] = _agreement(reference, name, loss, grads, dtype)
+        del grads
+        for t in _grad_inputs(x):
+            t.grad = None  # the peak below counts the gradients, as the CPU worker's does
+        prepared[name] = (fn, x)
     _sync(device)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    times = []
+    times = {name: [] for name in prepared}
     for _ in range(repeats):
-        start = time.perf_counter()
-        _run_once(fn, x)
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    row = dict(median_s=statistics.median(times), times_s=times)
-    if device == "cuda":
-        row["peak_bytes"] = torch.cuda.max_memory_allocated() - base
-    return row
+        for name, (fn, x) in prepared.items():
+            start = time.perf_counter()
+            _run_once(fn, x)
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    rows = {name: dict(median_s=statistics.median(t), times_s=t, agrees_with_anchor=agrees[name])
+            for name, t in times.items()}
+    if device == "cuda":  # one more run each, alone, for its peak above what is held already
+        for name, (fn, x) in prepared.items():
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            _run_once(fn, x)
+            _sync(device)
+            rows[name]["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    return rows
+
+
+def _agreement(reference, name, loss, grads, dtype) -> bool:
+    """Whether ``name``'s loss and gradients equal the reference candidate's, to the dtype's
+    precision relative to each tensor's largest entry; a disagreement is printed."""
+    ref_name, ref_loss, ref_grads = reference
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+
+    def off(a, b):
+        a, b = a.detach().double(), b.detach().double()
+        return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+    errors = [off(loss, ref_loss)] + [off(g, r) for g, r in zip(grads, ref_grads)]
+    if not max(errors) <= tol:
+        print(f"  WARNING: {name} disagrees with {ref_name}: relative errors {errors} (tolerance {tol})",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def profile_breakdown(case, shape, dtype, device, name, top: int = 12) -> None:
@@ -272,16 +316,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     for case in cases:
         for shape in shapes:
             shape_case = {k: v for k, v in shape.items() if case == "fused_linear_kd" or k != "hidden"}
-            results = {}
-            for name in candidates(case, device):
-                try:
-                    r = measure(case, shape_case, dtype, device, name, args.repeats)
-                except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-                    print(f"  {name}: out of memory ({exc})", file=sys.stderr)
-                    continue
-                if device == "cpu":
+            names = sorted(candidates(case, device), key=lambda n: n != "torch")  # the anchor first
+            results = measure(case, shape_case, dtype, device, names, args.repeats)
+            if device == "cpu":
+                for name, r in results.items():
                     r["peak_bytes"] = measure_cpu_peak(case, shape_case, dtype, name)
-                results[name] = r
             if args.profile and "kdfast" in results:
                 profile_breakdown(case, shape_case, dtype, device, "kdfast")
             anchor = results.get("torch")
@@ -294,7 +333,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 row = dict(op=case, candidate=name,
                            backend=kdfast_backend("kd_divergence", torch.device(device)) if name == "kdfast" else None,
                            shape=shape_case, dtype=str(dtype).replace("torch.", ""),
-                           device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3,
+                           device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3, times_s=r["times_s"],
+                           interleaved=True, agrees_with_anchor=r["agrees_with_anchor"],
                            peak_bytes=r["peak_bytes"], anchor="torch" if anchor else None,
                            speedup_vs_anchor=anchor["median_s"] / r["median_s"] if anchor else None,
                            memory_ratio_vs_anchor=r["peak_bytes"] / anchor["peak_bytes"] if anchor and
