@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import time
 import warnings
 from typing import Callable, Dict, Optional
@@ -466,6 +467,12 @@ def main(argv=None) -> None:
             df_launches = launches_and_syncs(df_make, x, outputs, device)
             scales = type(kd_make()).scale_model_input is not kd.base.FusedScheduler.scale_model_input
             kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size(), scales_input=scales)
+            # the same loop as diffusers' (same outputs, same generator draws): else no speed-up to report
+            ours, theirs = run_loop(kd_make(), x, outputs, device), run_loop(df_make(), x, outputs, device)
+            rel_diff = float((ours.double() - theirs.double()).abs().max() / max(1.0, float(theirs.abs().max())))
+            if not rel_diff <= (1e-4 if dtype == torch.float32 else 2e-2):
+                print(f"  WARNING: {name}: kdfast's loop differs from diffusers' by {rel_diff:.1e} (relative)",
+                      file=sys.stderr)
             row = {
                 "op": f"scheduler_step:{name}", "backend": kdfast_backend("solver_step", device),
                 "shape": list(shape), "dtype": args.dtype, "device": device_name(device), "steps": n,
@@ -478,6 +485,7 @@ def main(argv=None) -> None:
                 "anchor_bytes_per_step": df_bytes, "anchor_bytes_ratio": df_bytes / kd_bytes["lower_bound"],
                 "peak_memory_bytes": kd_peak, "anchor_peak_memory_bytes": df_peak,
                 "per_step_gpu": kd_launches, "anchor_per_step_gpu": df_launches,
+                "max_rel_diff_to_anchor": rel_diff,
             }
             print(f"{name:<14}{shape_name:<22}"
                   f"{kd_step['median']:>9.1f}{df_step['median']:>10.1f}{row['speedup_per_step']:>8.1f}x"

@@ -66,6 +66,7 @@ def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, script
         # Euler: the fused step (2 reads, 1 write) and scale_model_input (1 read, 1 write), modelled
         assert row["modelled_bytes_per_step"] == row["lower_bound_bytes"] == 5 * 4 * 64 * 64 * 4
         assert "bytes_per_step" not in row
+        assert row["max_rel_diff_to_anchor"] < 1e-4  # the loop it timed is diffusers' loop
 
 
 def test_ncu_report_parsing(monkeypatch):
