@@ -8,7 +8,6 @@ independent sets of real digits reach, the best any sampler can hope for, and
 """
 from __future__ import annotations
 
-import numbers
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..datasets.digits import NUM_CLASSES, load_digits
+from ..train.run import check_integer
 from .classifier import IMAGE_SIZE, PathLike, load_classifier
 
 _INTEGER_DTYPES = {getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
@@ -129,12 +129,6 @@ def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
 # ---------------------------------------------------------------- metrics
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
-    return int(batch_size)
-
-
 @torch.no_grad()
 def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: int) -> torch.Tensor:
     """Apply ``classifier.<method>`` in eval mode, batched, on the classifier's device; CPU result."""
@@ -152,7 +146,7 @@ def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: i
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
                    batch_size: int = 512) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (the class each was sampled for)."""
-    batch_size = _check_batch_size(batch_size)  # 0 or -1 would fail deep in range() or torch.cat
+    batch_size = check_integer("batch_size", batch_size, 1)  # 0 or -1 would fail deep in range() or torch.cat
     images = check_images(images)
     labels = check_labels(labels, len(images))
     predicted = _run(classifier, images, "forward", batch_size).argmax(1)
@@ -174,7 +168,7 @@ class DigitsEvaluator:
                  device: Union[str, torch.device] = "cpu", split_seed: int = 0, batch_size: int = 512):
         if classifier is not None and path is not None:
             raise ValueError("pass classifier or path, not both")
-        batch_size = _check_batch_size(batch_size)  # int(1.5) would silently be 1
+        batch_size = check_integer("batch_size", batch_size, 1)  # int(1.5) would silently be 1
         # A classifier passed in stays where it is and as it is (a training loop may evaluate
         # its own model): each evaluation runs it in eval mode and restores its mode.
         self.classifier = classifier if classifier is not None else load_classifier(path, device)

@@ -98,6 +98,19 @@ def check_output_file(path: PathLike, what: str = "output file") -> Path:
     return path
 
 
+def is_integer_at_least(value: Any, minimum: int) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, not a bool) >= ``minimum``: ``int()``
+    would turn 1.5 into 1 and "2" into 2, which a count must not silently accept."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
+def check_integer(name: str, value: Any, minimum: int) -> int:
+    """``value`` as an int, or ValueError naming ``name`` (see :func:`is_integer_at_least`)."""
+    if not is_integer_at_least(value, minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def int_at_least(minimum: int):
     """An argparse ``type`` for integers >= ``minimum``: a bad value is a usage error naming the
     argument (exit status 2), not a traceback from deep inside the run."""
@@ -537,15 +550,14 @@ class Checkpointer:
     """
 
     def __init__(self, directory: PathLike, keep: Optional[int] = 3):
-        # int(keep) would turn 1.5 into 1 and "2" into 2: only a real count is taken.
-        if keep is not None and (isinstance(keep, bool) or not isinstance(keep, numbers.Integral) or keep < 1):
+        if keep is not None and not is_integer_at_least(keep, 1):
             raise ValueError(f"keep must be an integer >= 1 or None, got {keep!r}")
         self.directory = prepare_output_dir(directory)
         self.keep = None if keep is None else int(keep)
 
     def path_for(self, step: int) -> Path:
         """The file of step ``step``'s checkpoint (an integer >= 0, else ValueError)."""
-        return self.directory / f"step-{_check_step(step):08d}.safetensors"
+        return self.directory / f"step-{check_integer('step', step, 0):08d}.safetensors"
 
     def checkpoints(self) -> List[Path]:
         """The saved checkpoints (regular files only), oldest step first."""
@@ -566,7 +578,7 @@ class Checkpointer:
         """
         # Checked before anything is written or deleted: a negative step would be saved under a
         # name checkpoints() does not list, and every real checkpoint deleted as "later".
-        step = _check_step(step)
+        step = check_integer("step", step, 0)
         tensors: Dict[str, torch.Tensor] = {}
         layout: Dict[str, Dict[str, Any]] = {}
         for key, obj in state.items():
@@ -609,12 +621,6 @@ class Checkpointer:
 
 def _step_of(path: Path) -> int:
     return int(_NAME.match(path.name).group(1))
-
-
-def _check_step(step: Any) -> int:
-    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    return int(step)
 
 
 class ReproducibilityWarning(UserWarning):
