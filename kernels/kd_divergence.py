@@ -16,23 +16,29 @@ INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
-def _log_add_exp(a, b):
-    hi = tl.maximum(a, b)
-    lo = tl.minimum(a, b)
-    v = hi + tl.log(1.0 + tl.exp(lo - hi))
-    return tl.where(hi == NEG_INF, hi, v)
-
-
-@triton.jit
 def _weighted_log_ratio(p, a, b):
     return tl.where(p > 0.0, p * (a - b), 0.0)
 
 
 @triton.jit
-def _term(ls, lt, beta, log_beta, log_rest, KIND: tl.constexpr):
+def _log_mixture(ls, lt, q, p, beta, log_beta, log_rest):
+    """(log m, (1 - beta) q / m) for m = beta p + (1 - beta) q, as log_mixture in the C++ header."""
+    a = log_beta + lt
+    b = log_rest + ls
+    va = beta * p
+    vb = (1.0 - beta) * q
+    hi = tl.maximum(a, b)
+    big = tl.maximum(va, vb)
+    small = tl.minimum(va, vb)
+    m = va + vb
+    share = tl.where(m > 0.0, vb / tl.where(m > 0.0, m, 1.0), 0.0)
+    lm = hi + tl.log(1.0 + tl.where(big > 0.0, small / tl.where(big > 0.0, big, 1.0), 0.0))
+    return tl.where(hi == NEG_INF, hi, lm), share
+
+
+@triton.jit
+def _term(ls, lt, q, p, beta, log_beta, log_rest, KIND: tl.constexpr):
     """(entry's divergence, w = q dD/dq) as in divergence_term."""
-    q = tl.exp(ls)
-    p = tl.exp(lt)
     if KIND == 0:  # forward KL(p || q)
         loss = _weighted_log_ratio(p, lt, ls)
         w = -p
@@ -40,17 +46,16 @@ def _term(ls, lt, beta, log_beta, log_rest, KIND: tl.constexpr):
         loss = _weighted_log_ratio(q, ls, lt)
         w = loss
     elif KIND == 2:  # generalized JSD
-        lm = _log_add_exp(log_beta + lt, log_rest + ls)
+        lm, share = _log_mixture(ls, lt, q, p, beta, log_beta, log_rest)
         w = _weighted_log_ratio((1.0 - beta) * q, ls, lm)  # weights inside 0 log 0, as in the C++ term
         loss = _weighted_log_ratio(beta * p, lt, lm) + w
     elif KIND == 3:  # total variation
-        d = q - p
-        loss = 0.5 * tl.abs(d)
-        w = tl.where(d > 0.0, 0.5 * q, tl.where(d < 0.0, -0.5 * q, 0.0))
+        loss = 0.5 * tl.abs(q - p)
+        w = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))  # the sign by comparison, as in C++
     else:  # skew KL(p || beta p + (1 - beta) q)
-        lm = _log_add_exp(log_beta + lt, log_rest + ls)
+        lm, share = _log_mixture(ls, lt, q, p, beta, log_beta, log_rest)
         loss = _weighted_log_ratio(p, lt, lm)
-        w = tl.where((q > 0.0) & (p > 0.0), -(1.0 - beta) * tl.exp(ls + lt - lm), 0.0)
+        w = -p * share
     return loss, w
 
 
@@ -96,7 +101,9 @@ def _kd_divergence_kernel(
         mask = j < vocab
         s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        term, w = _term((s - ms) - log_zs, (t - mt) - log_zt, beta, log_beta, log_rest, KIND)
+        ls = (s - ms) - log_zs
+        lt = (t - mt) - log_zt
+        term, w = _term(ls, lt, tl.exp(ls), tl.exp(lt), beta, log_beta, log_rest, KIND)
         loss += tl.sum(tl.where(mask, term, 0.0), 0)
         sum_w += tl.sum(tl.where(mask, w, 0.0), 0)
 
@@ -118,8 +125,10 @@ def _kd_divergence_kernel(
             s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
             t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
             ls = (s - ms) - log_zs
-            _, w = _term(ls, (t - mt) - log_zt, beta, log_beta, log_rest, KIND)
-            g = tl.where(defined, (w - tl.exp(ls) * sum_w) * scale, nan)
+            lt = (t - mt) - log_zt
+            q = tl.exp(ls)
+            _, w = _term(ls, lt, q, tl.exp(lt), beta, log_beta, log_rest, KIND)
+            g = tl.where(defined, (w - q * sum_w) * scale, nan)
             g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
             tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
 

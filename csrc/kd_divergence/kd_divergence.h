@@ -48,8 +48,9 @@ struct Params {
   void* stream = nullptr;
 };
 
-// CPU scratch of one thread: the widened student and teacher rows and a 16-bit gradient row.
-inline int64_t workspace_floats_per_thread(int64_t vocab) { return 3 * vocab; }
+// CPU scratch of one thread: the widened student and teacher rows, a 16-bit gradient row and
+// the exponentials exp(x - max) of both rows.
+inline int64_t workspace_floats_per_thread(int64_t vocab) { return 5 * vocab; }
 
 // Constants of one call, derived once on the host.
 struct Consts {
@@ -114,22 +115,32 @@ KD_HD float kd_log1p_unit(float e) {
 #endif
 }
 
-// log(exp(a) + exp(b)), -inf when both are -inf.
-KD_HD float log_add_exp(float a, float b) {
-  const float hi = a > b ? a : b, lo = a > b ? b : a;
-  const float v = hi + kd_log1p_unit(kd_exp(lo - hi));
-  return hi == -INFINITY ? -INFINITY : v;
-}
-
 // p * (a - b) with the convention 0 * log 0 = 0 (so -inf log-probabilities give no NaN).
 KD_HD float weighted_log_ratio(float p, float a, float b) { return p > 0.f ? p * (a - b) : 0.f; }
 
-// One vocabulary entry: ls = log q (student), lt = log p (teacher). Returns the entry's
-// contribution to the divergence and sets w = q * dD/dq. KIND is a template argument so that
-// the CPU row loops compile to straight-line, vectorisable code.
+// The mixture m = beta p + (1 - beta) q of JSD and skew KL: log m and the student's share
+// (1 - beta) q / m. log m = hi + log1p(lo / hi), with hi the larger of the two weighted log
+// terms and the ratio taken from the probabilities (no exp). Where both weighted
+// probabilities underflow to 0, log m falls back to hi: those entries add nothing, as their
+// terms are weighted by p and q.
+KD_HD float log_mixture(const Consts& c, float ls, float lt, float q, float p, float& student_share) {
+  const float a = c.log_beta + lt, b = c.log_one_minus_beta + ls;
+  const float va = c.beta * p, vb = c.one_minus_beta * q;
+  const float hi = a > b ? a : b;
+  const float big = va > vb ? va : vb, small = va > vb ? vb : va;
+  const float m = va + vb;
+  student_share = m > 0.f ? vb / m : 0.f;
+  const float lm = hi + kd_log1p_unit(big > 0.f ? small / big : 0.f);
+  return hi == -INFINITY ? -INFINITY : lm;
+}
+
+// One vocabulary entry: ls = log q (student), lt = log p (teacher), and q, p themselves (each
+// launcher forms them once: the CPU one from the exponentials of its log-sum-exp sweep, the
+// CUDA one with kd_exp). Returns the entry's contribution to the divergence and sets
+// w = q * dD/dq. KIND is a template argument so that the CPU row loops compile to
+// straight-line, vectorisable code.
 template <int KIND>
-KD_HD float divergence_term(const Consts& c, float ls, float lt, float& w) {
-  const float q = kd_exp(ls), p = kd_exp(lt);
+KD_HD float divergence_term(const Consts& c, float ls, float lt, float q, float p, float& w) {
   if constexpr (KIND == kForwardKL) {  // KL(p || q)
     w = -p;
     return weighted_log_ratio(p, lt, ls);
@@ -140,18 +151,21 @@ KD_HD float divergence_term(const Consts& c, float ls, float lt, float& w) {
   } else if constexpr (KIND == kJSD) {  // beta KL(p || m) + (1 - beta) KL(q || m), m = beta p + (1 - beta) q
     // The weights go inside the 0 log 0 convention: at beta = 0 (or 1) an entry with p > 0
     // and q = 0 (or the reverse) has lm = -inf, and beta * inf would be NaN; the term is 0.
-    const float lm = log_add_exp(c.log_beta + lt, c.log_one_minus_beta + ls);
+    float share;
+    const float lm = log_mixture(c, ls, lt, q, p, share);
     const float student_part = weighted_log_ratio(c.one_minus_beta * q, ls, lm);
     w = student_part;
     return weighted_log_ratio(c.beta * p, lt, lm) + student_part;
   } else if constexpr (KIND == kTVD) {  // 0.5 sum |p - q|
-    const float d = q - p;
-    w = d > 0.f ? 0.5f * q : (d < 0.f ? -0.5f * q : 0.f);
-    return 0.5f * (d < 0.f ? -d : d);
+    // The sign by comparison, not from the sign of q - p: compilers fuse the product that
+    // formed q or p into that subtraction (FMA), leaving a rounding residual where q == p.
+    w = q > p ? 0.5f * q : (q < p ? -0.5f * q : 0.f);
+    return 0.5f * (q > p ? q - p : p - q);
   } else {  // kSkewKL: KL(p || beta p + (1 - beta) q)
-    const float lm = log_add_exp(c.log_beta + lt, c.log_one_minus_beta + ls);
-    // w = -(1 - beta) q p / m, written with logs so that no factor overflows.
-    w = (q > 0.f && p > 0.f) ? -c.one_minus_beta * kd_exp(ls + lt - lm) : 0.f;
+    float share;
+    const float lm = log_mixture(c, ls, lt, q, p, share);
+    // w = -(1 - beta) q p / m = -p * share: both factors in [0, 1], nothing overflows.
+    w = -p * share;
     return weighted_log_ratio(p, lt, lm);
   }
 }

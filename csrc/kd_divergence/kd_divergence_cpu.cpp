@@ -1,6 +1,7 @@
 // CPU launcher of the fused KD divergences: rows are spread over threads; each row is
 // widened to fp32 (and divided by T) into the thread's workspace, which then stays in cache
-// for the max, log-sum-exp, loss and gradient sweeps.
+// for the max, log-sum-exp, loss and gradient sweeps. The log-sum-exp sweep keeps its
+// exponentials in the workspace too, so the probabilities are not computed again.
 #include "kd_divergence.h"
 
 #include "common/kd_cpu.h"
@@ -48,12 +49,34 @@ const float* widen_row(const void* src, int dtype, int64_t offset, int64_t n, fl
 struct RowResult {
   float loss, sum_w;
   LogNorm norm_s, norm_t;
+  float inv_zs;  // 1 / sum exp(s - max): the student's probabilities are es[j] * inv_zs
 };
 
+// The row's maximum in two accumulators of L lanes (GCC vector extensions: compilers do not
+// vectorise a float max reduction without -ffinite-math-only). A NaN entry is passed over,
+// as by std::max; the exponential sweep then makes the row's normaliser NaN.
+template <int L>
+struct FloatLanes {
+  typedef float type __attribute__((vector_size(4 * L)));
+};
+
+template <int L>
 KD_ROW_INLINE float row_max(const float* x, int64_t n) {
+  using lanes = typename FloatLanes<L>::type;
+  lanes a0, a1;
+  for (int k = 0; k < L; ++k) a0[k] = a1[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    lanes v0, v1;
+    std::memcpy(&v0, x + j, sizeof(lanes));
+    std::memcpy(&v1, x + j + L, sizeof(lanes));
+    a0 = a0 < v0 ? v0 : a0;
+    a1 = a1 < v1 ? v1 : a1;
+  }
+  a0 = a0 < a1 ? a1 : a0;
   float m = -INFINITY;
-#pragma omp simd reduction(max : m)
-  for (int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
+  for (int k = 0; k < L; ++k) m = m < a0[k] ? a0[k] : m;
+  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
   return m;
 }
 
@@ -61,35 +84,65 @@ KD_ROW_INLINE float row_max(const float* x, int64_t n) {
 // their rounding error stays at the level of torch's cascade sums for any vocabulary.
 constexpr int64_t kSumBlock = 256;
 
-KD_ROW_INLINE LogNorm row_log_norm(const float* x, int64_t n) {
-  const float m = row_max(x, n);
-  if (m == -INFINITY || m == INFINITY) return LogNorm{m, 0.f};
+// The row's log-normaliser; e[j] = exp(x[j] - max) is kept for the later sweeps, which form
+// the probabilities as e[j] / z instead of taking exponentials again (2 exponentials per
+// entry in all, not 5 to 7).
+struct RowExp {
+  LogNorm norm;
+  float inv_z;
+};
+
+template <int L>
+KD_ROW_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
+  const float m = row_max<L>(x, n);
+  if (!(m > -INFINITY && m < INFINITY)) {  // no distribution (every entry -inf, or inf / NaN)
+    std::fill(e, e + n, 0.f);
+    return RowExp{LogNorm{m, 0.f}, 0.f};
+  }
   double z = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
     const int64_t j1 = std::min(n, j0 + kSumBlock);
     float zb = 0.f;
 #pragma omp simd reduction(+ : zb)
-    for (int64_t j = j0; j < j1; ++j) zb += kd_exp(x[j] - m);
+    for (int64_t j = j0; j < j1; ++j) {
+      e[j] = kd_exp(x[j] - m);
+      zb += e[j];
+    }
     z += zb;
   }
-  return LogNorm{m, float(std::log(z))};
+  return RowExp{LogNorm{m, float(std::log(z))}, float(1.0 / z)};
 }
 
-template <int KIND>
-KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, int64_t n) {
+// The sweep for the loss and sum(w); with `g`, w is stored there for row_grad.
+template <int KIND, int L>
+KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, float* es, float* et,
+                                       int64_t n, float* g) {
   RowResult r;
-  r.norm_s = row_log_norm(s, n);
-  r.norm_t = row_log_norm(t, n);
+  const RowExp xs = row_exp<L>(s, n, es), xt = row_exp<L>(t, n, et);
+  r.norm_s = xs.norm;
+  r.norm_t = xt.norm;
+  r.inv_zs = xs.inv_z;
   double loss = 0.0, sum_w = 0.0;
-  const LogNorm ns = r.norm_s, nt = r.norm_t;
+  const LogNorm ns = xs.norm, nt = xt.norm;
+  const float inv_zs = xs.inv_z, inv_zt = xt.inv_z;
   for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
     const int64_t j1 = std::min(n, j0 + kSumBlock);
     float lb = 0.f, wb = 0.f;
+    if (g) {
 #pragma omp simd reduction(+ : lb, wb)
-    for (int64_t j = j0; j < j1; ++j) {
-      float w;
-      lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), w);
-      wb += w;
+      for (int64_t j = j0; j < j1; ++j) {
+        float w;
+        lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
+        g[j] = w;
+        wb += w;
+      }
+    } else {
+#pragma omp simd reduction(+ : lb, wb)
+      for (int64_t j = j0; j < j1; ++j) {
+        float w;
+        lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
+        wb += w;
+      }
     }
     loss += lb;
     sum_w += wb;
@@ -99,29 +152,22 @@ KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
   return r;
 }
 
-template <int KIND>
-KD_ROW_INLINE void row_grad(const Consts& c, const float* s, const float* t, int64_t n, const RowResult& r,
-                            float scale, float* g) {
-  const LogNorm ns = r.norm_s, nt = r.norm_t;
-  const float sum_w = r.sum_w;
+// The gradient from the w stored in g by row_divergence.
+KD_ROW_INLINE void row_grad(const float* es, float inv_zs, int64_t n, float sum_w, float scale, float* g) {
 #pragma omp simd
-  for (int64_t j = 0; j < n; ++j) {
-    const float ls = log_prob(s[j], ns);
-    float w;
-    divergence_term<KIND>(c, ls, log_prob(t[j], nt), w);
-    g[j] = divergence_grad(w, kd_exp(ls), sum_w, scale);
-  }
+  for (int64_t j = 0; j < n; ++j) g[j] = divergence_grad(g[j], es[j] * inv_zs, sum_w, scale);
 }
 
-// The sweeps of one row for every kind.
-KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, int64_t n, float scale,
-                                       float* g) {
+// The sweeps of one row for every kind. `es`, `et`: scratch rows for the exponentials; L: the
+// SIMD width in floats of the target the sweeps are compiled for.
+template <int L>
+KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, float* es, float* et,
+                                       int64_t n, float scale, float* g) {
   RowResult r;
   switch (c.kind) {
-#define KD_ROW_CASE(K)                              \
-  case K:                                           \
-    r = row_divergence<K>(c, s, t, n);                   \
-    if (g) row_grad<K>(c, s, t, n, r, scale, g);    \
+#define KD_ROW_CASE(K)                                  \
+  case K:                                               \
+    r = row_divergence<K, L>(c, s, t, es, et, n, g);    \
     break;
     KD_ROW_CASE(kForwardKL)
     KD_ROW_CASE(kReverseKL)
@@ -129,21 +175,24 @@ KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const fl
     KD_ROW_CASE(kTVD)
     KD_ROW_CASE(kSkewKL)
 #undef KD_ROW_CASE
-    default: r = RowResult{NAN, 0.f, LogNorm{0.f, 0.f}, LogNorm{0.f, 0.f}};
+    default: return RowResult{NAN, 0.f, LogNorm{0.f, 0.f}, LogNorm{0.f, 0.f}, 0.f};
   }
+  if (g) row_grad(es, r.inv_zs, n, r.sum_w, scale, g);
   return r;
 }
 
-using RowSweeps = RowResult (*)(const Consts&, const float*, const float*, int64_t, float, float*);
+using RowSweeps = RowResult (*)(const Consts&, const float*, const float*, float*, float*, int64_t, float, float*);
 
-RowResult row_sweeps_baseline(const Consts& c, const float* s, const float* t, int64_t n, float scale, float* g) {
-  return row_sweeps_any(c, s, t, n, scale, g);
+RowResult row_sweeps_baseline(const Consts& c, const float* s, const float* t, float* es, float* et, int64_t n,
+                              float scale, float* g) {
+  return row_sweeps_any<4>(c, s, t, es, et, n, scale, g);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2,fma"))) RowResult row_sweeps_avx2(const Consts& c, const float* s, const float* t,
-                                                                int64_t n, float scale, float* g) {
-  return row_sweeps_any(c, s, t, n, scale, g);
+                                                                float* es, float* et, int64_t n, float scale,
+                                                                float* g) {
+  return row_sweeps_any<8>(c, s, t, es, et, n, scale, g);
 }
 
 RowSweeps pick_row_sweeps() {
@@ -174,7 +223,7 @@ void run_row(const Params& p, const Consts& c, int64_t r, float* ws) {
   // An fp32 gradient is written in place, a 16-bit one through the third workspace row.
   float* g = nullptr;
   if (p.grad) g = p.grad_dtype == kFloat32 ? static_cast<float*>(p.grad) + g_off : ws + 2 * n;
-  const RowResult res = row_sweeps(c, s, t, n, p.loss_scale * p.inv_temperature, g);
+  const RowResult res = row_sweeps(c, s, t, ws + 3 * n, ws + 4 * n, n, p.loss_scale * p.inv_temperature, g);
   const bool defined = is_distribution(res.norm_s) && is_distribution(res.norm_t);
   p.row_loss[r] = defined ? res.loss * p.loss_scale : NAN;
   if (!p.grad) return;

@@ -98,9 +98,10 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
 
     float2 acc{0.f, 0.f};  // (loss, sum of w)
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+      const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
+      const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
       float w;
-      acc.x += divergence_term<KIND>(c, log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns),
-                                     log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt), w);
+      acc.x += divergence_term<KIND>(c, ls, lt, kd_exp(ls), kd_exp(lt), w);
       acc.y += w;
     }
     acc = block_sum2(acc, sum_scratch);
@@ -112,9 +113,11 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
       float g = 0.f;
       if (j < n) {
         const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
+        const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
+        const float q = kd_exp(ls);
         float w;
-        divergence_term<KIND>(c, ls, log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt), w);
-        g = defined ? divergence_grad(w, kd_exp(ls), acc.y, scale) : NAN;
+        divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
+        g = defined ? divergence_grad(w, q, acc.y, scale) : NAN;
       }
       store_from_float(p.grad, p.grad_dtype, g_off + j, g);
     }

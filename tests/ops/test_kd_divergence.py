@@ -461,6 +461,25 @@ def test_maximum_in_a_later_block(backend, kind):
     check(backend, s, t, kind, f"{backend} {kind} later max")
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: log(0) in the NaN rows
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maximum_and_nan_at_every_position(backend):
+    # The CPU row maximum runs in SIMD lanes (two vectors of 8 lanes, then a scalar tail): a
+    # dominant entry, or a NaN, must count wherever it sits, in a lane of the vector body or in
+    # the tail. Row j holds it at position j of 37 (two 16-wide vector steps, then 5 left). The
+    # entry is large enough that exp(entry - a missed maximum) overflows.
+    vocab = 37
+    for kind in KINDS:
+        s, t = logits((vocab, vocab), torch.float32, 60), logits((vocab, vocab), torch.float32, 61)
+        idx = torch.arange(vocab)
+        s[idx, idx] = 500.0
+        t[idx, (idx + 11) % vocab] = 400.0
+        check(backend, s, t, kind, f"{backend} {kind} maximum at every position")
+        s[idx, idx] = math.nan
+        rows, grad = fused(backend, s, t, kind)
+        assert rows.isnan().all() and grad.isnan().all(), kind
+
+
 def test_fast_exp_is_unbiased():
     # The CPU kernel's exp is a polynomial: a dropped term is ~1 ulp, too little for one value,
     # but it errs the same way at every point, which the mean error shows. With a one-hot
