@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import itertools
 import json
 import os
 import sys
@@ -71,13 +72,33 @@ def cuda() -> Tuple[Optional[ModuleType], Optional[str]]:
     return module, None
 
 
+# The oldest Triton that compiles and interprets kdfast's kernels: the solver step passes its
+# coefficients as one tuple argument, which Triton takes from 3.3 on (3.0 to 3.2, shipped with
+# torch 2.4 to 2.6, reject it, and their interpreters mishandle constexpr block shapes).
+TRITON_MIN_VERSION = (3, 3)
+
+
+def version_tuple(text: str) -> Tuple[int, ...]:
+    """(major, minor) of a version string such as "3.3.1" or "3.4.0+git1234"."""
+    out = []
+    for piece in text.split("+")[0].split(".")[:2]:
+        digits = "".join(itertools.takewhile(str.isdigit, piece))
+        out.append(int(digits) if digits else 0)
+    return tuple(out)
+
+
 @functools.lru_cache(maxsize=None)
 def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
-    """kdfast.kernels (the Triton kernels) and, when triton is missing, the reason."""
+    """kdfast.kernels (the Triton kernels) and, when triton is missing or too old, the reason."""
     try:
-        importlib.import_module("triton")
+        module = importlib.import_module("triton")
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install triton"
+    version = str(getattr(module, "__version__", "0"))
+    if version_tuple(version) < TRITON_MIN_VERSION:
+        need = ".".join(map(str, TRITON_MIN_VERSION))
+        return None, (f"triton {version} is older than the {need} kdfast's Triton kernels need "
+                      f"(pip install 'triton>={need}'); the cuda or reference backend serves meanwhile")
     global _interpreted_kernels
     _interpreted_kernels = os.environ.get("TRITON_INTERPRET") == "1"
     return _load("kernels")

@@ -52,3 +52,31 @@ def test_cuda_backend_refuses_gpus_below_the_built_archs():
     reason = cuda_arch_reason("80,89,90", (7, 5))
     assert "sm_75" in reason and "KDFAST_CUDA_ARCHS=75" in reason
     assert cuda_arch_reason("90", (8, 0)) is not None
+
+
+def test_triton_older_than_the_kernels_need_is_refused_with_a_reason(monkeypatch):
+    # Triton 3.0-3.2 (torch 2.4-2.6) reject the solver step's tuple argument with an
+    # AttributeError at launch: the backend must step aside with a reason instead.
+    import sys
+    import types
+
+    from kdfast import _ext
+
+    assert _ext.version_tuple("3.3.1") == (3, 3) and _ext.version_tuple("3.10.0+git1a2b") == (3, 10)
+    assert _ext.version_tuple("4") == (4,) >= _ext.TRITON_MIN_VERSION
+    for version, usable in (("3.0.0", False), ("3.2.0", False), ("3.3.0", True)):
+        monkeypatch.setitem(sys.modules, "triton", types.SimpleNamespace(__version__=version))
+        monkeypatch.setattr(_ext, "_load", lambda name: (object(), None))  # the kernels themselves: not imported
+        _ext.triton.cache_clear()
+        try:
+            module, reason = _ext.triton()
+            if usable:
+                assert module is not None and reason is None
+            else:
+                assert module is None and f"triton {version} is older than the 3.3" in reason
+                assert "triton>=3.3" in reason
+        finally:
+            monkeypatch.undo()
+            _ext.forget()  # the next call imports the real triton and kernels again
+    real, reason = _ext.triton()  # the installed triton again
+    assert (real is None) == (reason is not None) and "older than" not in (reason or "")

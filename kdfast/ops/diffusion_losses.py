@@ -15,7 +15,8 @@ per-sample reduction; the backward one fused element pass (why: see
 csrc/diffusion_losses/diffusion_losses.h). :mod:`kdfast.reference.diffusion_losses` is the spec.
 This module is the only place where these tensors become addresses.
 """
-from __future__ import annotations
+# (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
+# an op's signature as types and refuses them as strings.)
 
 import math
 from typing import List, Optional, Sequence, Tuple, Union

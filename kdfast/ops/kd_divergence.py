@@ -7,7 +7,8 @@ respect to the student's logits (saved for the backward, so nothing of size
 csrc/kd_divergence/kd_divergence.h; :mod:`kdfast.reference.kd_divergence` is the spec.
 This module is the only place where these tensors become addresses.
 """
-from __future__ import annotations
+# (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
+# an op's signature as types and refuses them as strings.)
 
 import math
 from typing import Optional, Tuple

@@ -11,7 +11,8 @@ float32, float16 and bfloat16 only. A float64 coefficient row keeps the step's c
 float64 too; a float32 one (what the schedulers' tables hold) limits a float64 step to float32
 coefficients, a relative error of up to ~6e-8 per coefficient.
 """
-from __future__ import annotations
+# (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
+# an op's signature as types and refuses them as strings.)
 
 import math
 from typing import Dict, List, NamedTuple, Optional, Sequence
