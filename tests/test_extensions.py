@@ -80,3 +80,15 @@ def test_triton_older_than_the_kernels_need_is_refused_with_a_reason(monkeypatch
             _ext.forget()  # the next call imports the real triton and kernels again
     real, reason = _ext.triton()  # the installed triton again
     assert (real is None) == (reason is not None) and "older than" not in (reason or "")
+
+
+def test_op_modules_keep_their_annotations_as_types():
+    # torch 2.4's custom_op reads an op's signature annotations as types and refuses strings:
+    # with postponed annotations (`from __future__ import annotations`) in a module that
+    # defines custom ops, kdfast no longer imports on torch 2.4 (pyproject: torch>=2.4).
+    import __future__
+    import importlib
+
+    for name in ("kdfast.ops.solver_step", "kdfast.ops.kd_divergence", "kdfast.ops.diffusion_losses"):
+        module = importlib.import_module(name)
+        assert getattr(module, "annotations", None) is not __future__.annotations, name
