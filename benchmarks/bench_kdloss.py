@@ -7,9 +7,13 @@ Cases (forward + backward of a generalized JSD, beta 0.5, with labels, 5% of the
 - ``fused_linear_kd``: hidden states + LM heads -> ``kdfast.losses.fused_linear_kd`` vs
   materialising both logits then the same torch formula (and Liger's fused-linear JSD and
   chunked JSD on a GPU).
+- ``classifier_kd``: Hinton KD of classifier logits (``[batch, classes]`` from 128 x 10 to
+  64 x 1000; forward KL at temperature 4, times T^2) -> ``kd_loss`` vs ``F.kl_div`` of two
+  ``log_softmax``: shapes where a call's fixed cost, not the kernel, decides (200 repeats each).
 
 CPU peak memory is measured per candidate in a fresh subprocess (peak RSS above the RSS with
-the inputs allocated); GPU peak memory with ``torch.cuda.max_memory_allocated``.
+the inputs allocated; for ``classifier_kd``, whose peak is below a page, torch's allocator
+records instead); GPU peak memory with ``torch.cuda.max_memory_allocated``.
 
     python benchmarks/bench_kdloss.py                  # CPU shapes of the issue
     python benchmarks/bench_kdloss.py --device cuda    # GPU shapes (1024 and 8192 tokens, bf16)
@@ -32,12 +36,17 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from _common import check_device, int_at_least, kdfast_backend, merge_rows, quartiles
+from _common import check_device, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles
 from _common import device_name as _device_name
 
 RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
-CASES = ("kd_loss", "fused_linear_kd")
+CASES = ("kd_loss", "fused_linear_kd", "classifier_kd")
+HINTON_T = 4.0
+# Shapes of a case (the GPU's and CPU's of the issue for the two LM cases), and how many more
+# repeats than --repeats a case runs (its calls take a fraction of a millisecond).
+CLASSIFIER_SHAPES = [dict(tokens=128, vocab=10), dict(tokens=256, vocab=100), dict(tokens=64, vocab=1000)]
+REPEAT_FACTOR = {"classifier_kd": 40}
 # Dense bf16 tensor-core peak (no sparsity), for the FLOP/s ratio on the GPU.
 TENSOR_CORE_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
@@ -62,7 +71,7 @@ def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: st
     tokens = shape["tokens"]
     labels = torch.randint(0, shape["vocab"], (tokens,), device=device, generator=g)
     labels[:: 20] = IGNORE
-    if case == "kd_loss":
+    if case in ("kd_loss", "classifier_kd"):
         return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
                     .requires_grad_(True),
                     teacher=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g),
@@ -87,6 +96,14 @@ def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Te
             "torch": lambda x: torch_jsd(x["student"], x["teacher"], x["labels"]),
         }
         return found
+    if case == "classifier_kd":
+        return {
+            "kdfast": lambda x: kd_loss(x["student"], x["teacher"], kind="forward_kl", temperature=HINTON_T,
+                                        scale_by_t2=True),
+            "torch": lambda x: F.kl_div(F.log_softmax(x["student"] / HINTON_T, dim=-1),
+                                        F.log_softmax(x["teacher"] / HINTON_T, dim=-1), log_target=True,
+                                        reduction="batchmean") * HINTON_T ** 2,
+        }
 
     def naive(x):
         s = x["student_hidden"] @ x["student_weight"].t()
@@ -244,6 +261,18 @@ def measure_cpu_peak(case, shape, dtype, name) -> int:
     return int(json.loads(out.strip().splitlines()[-1])["peak_bytes"])
 
 
+def measure_allocator_peak(case, shape, dtype, name) -> int:
+    """Peak bytes torch's CPU allocator held during one forward + backward, above the inputs
+    (``_common.peak_memory_bytes``): for the classifier case, whose peak RSS does not move by
+    a page."""
+    fn = candidates(case, "cpu")[name]
+    x = make_inputs(case, shape, dtype, "cpu")
+    _run_once(fn, x)  # warm-up
+    for t in _grad_inputs(x):
+        t.grad = None  # the gradients count, as in the RSS worker
+    return peak_memory_bytes(lambda: _run_once(fn, x), torch.device("cpu"))
+
+
 def _peak_worker(spec: str) -> None:
     args = json.loads(spec)
     torch.set_num_threads(args["threads"])  # as many as the timed process
@@ -314,13 +343,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     print(f"{'case':<16} {'shape':<28} {'candidate':<24} {'median ms':>10} {'q1-q3 ms':>17} "
           f"{'peak MiB':>9} {'vs torch':>9} {'mem vs torch':>12} {'TFLOP/s':>8}")
     for case in cases:
-        for shape in shapes:
+        case_shapes = (CLASSIFIER_SHAPES[:1] if args.quick else CLASSIFIER_SHAPES) if case == "classifier_kd" \
+            else shapes
+        for shape in case_shapes:
             shape_case = {k: v for k, v in shape.items() if case == "fused_linear_kd" or k != "hidden"}
             names = sorted(candidates(case, device), key=lambda n: n != "torch")  # the anchor first
-            results = measure(case, shape_case, dtype, device, names, args.repeats)
+            results = measure(case, shape_case, dtype, device, names, args.repeats * REPEAT_FACTOR.get(case, 1))
             if device == "cpu":
+                peak = measure_allocator_peak if case == "classifier_kd" else measure_cpu_peak
                 for name, r in results.items():
-                    r["peak_bytes"] = measure_cpu_peak(case, shape_case, dtype, name)
+                    r["peak_bytes"] = peak(case, shape_case, dtype, name)
             if args.profile and "kdfast" in results:
                 profile_breakdown(case, shape_case, dtype, device, "kdfast")
             anchor = results.get("torch")
@@ -343,8 +375,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                            and device == "cuda" else None)
                 shape_rows.append(row)
                 shape_s = "x".join(f"{k[0]}{v}" for k, v in shape_case.items())
-                print(f"{case:<16} {shape_s:<28} {name:<24} {1e3 * r['median_s']:>10.1f} "
-                      f"{1e3 * q1:>8.1f}-{1e3 * q3:<8.1f} {r['peak_bytes'] / 2**20:>9.1f} "
+                digits = 1 if r["median_s"] >= 0.01 else 3  # sub-millisecond calls in microseconds
+                print(f"{case:<16} {shape_s:<28} {name:<24} {1e3 * r['median_s']:>10.{digits}f} "
+                      f"{1e3 * q1:>8.{digits}f}-{1e3 * q3:<8.{digits}f} {r['peak_bytes'] / 2**20:>9.1f} "
                       f"{_fmt(row['speedup_vs_anchor'], 'x'):>9} {_fmt(row['memory_ratio_vs_anchor'], 'x'):>12} "
                       f"{_fmt(tflops, ''):>8}")
             rows += shape_rows
