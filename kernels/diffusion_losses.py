@@ -21,10 +21,12 @@ INF = tl.constexpr(float("inf"))
 def _hypot_nonneg(a, c):
     """sqrt(a^2 + c^2) for a, c >= 0 without overflow / underflow of the squares."""
     m = tl.maximum(a, c)
+    # a power of two and its inverse (exact), as in the C++ header: a product, not a division
     k = tl.where(m > 1e18, 8.2718061255302767e-25, tl.where(m < 1e-18, 1.2676506002282294e30, 1.0))
+    inv_k = tl.where(m > 1e18, 1.2089258196146292e24, tl.where(m < 1e-18, 7.8886090522101181e-31, 1.0))
     a_s = a * k
     c_s = c * k
-    return tl.sqrt_rn(a_s * a_s + c_s * c_s) / k
+    return tl.sqrt_rn(a_s * a_s + c_s * c_s) * inv_k
 
 
 @triton.jit

@@ -116,9 +116,12 @@ KD_HD bool is_finite(double v) { return v - v == 0.0; }  // false for inf and Na
 // sqrt(a^2 + c^2) for a, c >= 0 without overflow or underflow of the squares (inf for a = inf).
 KD_HD float hypot_nonneg(float a, float c) {
   const float m = a > c ? a : c;
-  const float k = m > 1e18f ? 8.2718061255302767e-25f : (m < 1e-18f ? 1.2676506002282294e30f : 1.f);  // 2^-80, 2^100
+  const bool big = m > 1e18f, small = m < 1e-18f;
+  // Scale by a power of two and back (exact): k and 1 / k, a product instead of a division.
+  const float k = big ? 8.2718061255302767e-25f : (small ? 1.2676506002282294e30f : 1.f);  // 2^-80, 2^100
+  const float inv_k = big ? 1.2089258196146292e24f : (small ? 7.8886090522101181e-31f : 1.f);  // 2^80, 2^-100
   const float as = a * k, cs = c * k;
-  return sqrtf(as * as + cs * cs) / k;
+  return sqrtf(as * as + cs * cs) * inv_k;
 }
 
 // Element-wise pseudo-Huber sqrt(d^2 + c^2) - c, written as a^2 / (h + c) (no cancellation
