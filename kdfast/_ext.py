@@ -72,9 +72,9 @@ def cuda() -> Tuple[Optional[ModuleType], Optional[str]]:
     return module, None
 
 
-# The oldest Triton that compiles and interprets kdfast's kernels: the solver step passes its
-# coefficients as one tuple argument, which Triton takes from 3.3 on (3.0 to 3.2, shipped with
-# torch 2.4 to 2.6, reject it, and their interpreters mishandle constexpr block shapes).
+# The oldest Triton that compiles kdfast's kernels: the solver step passes its coefficients as
+# one tuple argument, which Triton takes from 3.3 on (3.0 to 3.2, shipped with torch 2.4 to
+# 2.6, reject it at launch).
 TRITON_MIN_VERSION = (3, 3)
 
 

@@ -113,10 +113,10 @@ KD_ROW_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
   return RowExp{LogNorm{m, float(std::log(z))}, float(1.0 / z)};
 }
 
-// The sweep for the loss and sum(w); with `g`, w is stored there for row_grad.
+// The sweep for the loss and sum(w); w is stored in `w_row` for row_grad.
 template <int KIND, int L>
 KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, float* es, float* et,
-                                       int64_t n, float* g) {
+                                       int64_t n, float* w_row) {
   RowResult r;
   const RowExp xs = row_exp<L>(s, n, es), xt = row_exp<L>(t, n, et);
   r.norm_s = xs.norm;
@@ -128,21 +128,12 @@ KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
   for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
     const int64_t j1 = std::min(n, j0 + kSumBlock);
     float lb = 0.f, wb = 0.f;
-    if (g) {
 #pragma omp simd reduction(+ : lb, wb)
-      for (int64_t j = j0; j < j1; ++j) {
-        float w;
-        lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
-        g[j] = w;
-        wb += w;
-      }
-    } else {
-#pragma omp simd reduction(+ : lb, wb)
-      for (int64_t j = j0; j < j1; ++j) {
-        float w;
-        lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
-        wb += w;
-      }
+    for (int64_t j = j0; j < j1; ++j) {
+      float w;
+      lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
+      w_row[j] = w;
+      wb += w;
     }
     loss += lb;
     sum_w += wb;
@@ -152,22 +143,23 @@ KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
   return r;
 }
 
-// The gradient from the w stored in g by row_divergence.
+// The gradient, in place of the w row_divergence stored in g.
 KD_ROW_INLINE void row_grad(const float* es, float inv_zs, int64_t n, float sum_w, float scale, float* g) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) g[j] = divergence_grad(g[j], es[j] * inv_zs, sum_w, scale);
 }
 
-// The sweeps of one row for every kind. `es`, `et`: scratch rows for the exponentials; L: the
-// SIMD width in floats of the target the sweeps are compiled for.
+// The sweeps of one row for every kind. `es`, `et`: scratch rows for the exponentials; `w_row`:
+// the gradient row, or a scratch row without a gradient (`grad` false); L: the SIMD width in
+// floats of the target the sweeps are compiled for.
 template <int L>
 KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, float* es, float* et,
-                                       int64_t n, float scale, float* g) {
+                                       int64_t n, float scale, float* w_row, bool grad) {
   RowResult r;
   switch (c.kind) {
 #define KD_ROW_CASE(K)                                  \
   case K:                                               \
-    r = row_divergence<K, L>(c, s, t, es, et, n, g);    \
+    r = row_divergence<K, L>(c, s, t, es, et, n, w_row); \
     break;
     KD_ROW_CASE(kForwardKL)
     KD_ROW_CASE(kReverseKL)
@@ -177,22 +169,23 @@ KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const fl
 #undef KD_ROW_CASE
     default: return RowResult{NAN, 0.f, LogNorm{0.f, 0.f}, LogNorm{0.f, 0.f}, 0.f};
   }
-  if (g) row_grad(es, r.inv_zs, n, r.sum_w, scale, g);
+  if (grad) row_grad(es, r.inv_zs, n, r.sum_w, scale, w_row);
   return r;
 }
 
-using RowSweeps = RowResult (*)(const Consts&, const float*, const float*, float*, float*, int64_t, float, float*);
+using RowSweeps = RowResult (*)(const Consts&, const float*, const float*, float*, float*, int64_t, float, float*,
+                                bool);
 
 RowResult row_sweeps_baseline(const Consts& c, const float* s, const float* t, float* es, float* et, int64_t n,
-                              float scale, float* g) {
-  return row_sweeps_any<4>(c, s, t, es, et, n, scale, g);
+                              float scale, float* w_row, bool grad) {
+  return row_sweeps_any<4>(c, s, t, es, et, n, scale, w_row, grad);
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target("avx2,fma"))) RowResult row_sweeps_avx2(const Consts& c, const float* s, const float* t,
                                                                 float* es, float* et, int64_t n, float scale,
-                                                                float* g) {
-  return row_sweeps_any<8>(c, s, t, es, et, n, scale, g);
+                                                                float* w_row, bool grad) {
+  return row_sweeps_any<8>(c, s, t, es, et, n, scale, w_row, grad);
 }
 
 RowSweeps pick_row_sweeps() {
@@ -223,7 +216,9 @@ void run_row(const Params& p, const Consts& c, int64_t r, float* ws) {
   // An fp32 gradient is written in place, a 16-bit one through the third workspace row.
   float* g = nullptr;
   if (p.grad) g = p.grad_dtype == kFloat32 ? static_cast<float*>(p.grad) + g_off : ws + 2 * n;
-  const RowResult res = row_sweeps(c, s, t, ws + 3 * n, ws + 4 * n, n, p.loss_scale * p.inv_temperature, g);
+  // Without a gradient, the loss sweep's w goes to the (then unused) third workspace row.
+  const RowResult res = row_sweeps(c, s, t, ws + 3 * n, ws + 4 * n, n, p.loss_scale * p.inv_temperature,
+                                   g ? g : ws + 2 * n, g != nullptr);
   const bool defined = is_distribution(res.norm_s) && is_distribution(res.norm_t);
   p.row_loss[r] = defined ? res.loss * p.loss_scale : NAN;
   if (!p.grad) return;
