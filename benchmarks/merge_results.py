@@ -16,7 +16,8 @@ from typing import List, Optional
 from _common import merge_rows
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "ncu_solver_bytes.json")
+KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "bench_inference.json",
+         "ncu_solver_bytes.json")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -13,6 +13,7 @@
 #include "kd_divergence/kd_divergence.h"
 #include "solver_step/solver_step.h"
 #include "diffusion_losses/diffusion_losses.h"
+#include "group_norm/group_norm.h"
 
 namespace kdfast {
 namespace bind {
@@ -149,6 +150,39 @@ inline diffusion_losses::Params make_diffusion_params(
     p.param[k].is_double = param_f64[k];
     p.param[k].value = param_value[k];
   }
+  return p;
+}
+
+// Arguments: batch, channels, spatial, groups, channels_last, (x address, sample stride, dtype),
+// (out ...), (shift address (0: none), batch stride, channel stride, dtype), weight and bias
+// addresses (0: none) and their dtype, eps, activation.
+inline group_norm::Params make_group_norm_params(int64_t batch, int64_t channels, int64_t spatial, int64_t groups,
+                                                 int channels_last, std::uintptr_t x, int64_t x_stride, int x_dtype,
+                                                 std::uintptr_t out, int64_t out_stride, int out_dtype,
+                                                 std::uintptr_t shift, int64_t shift_batch_stride,
+                                                 int64_t shift_channel_stride, int shift_dtype, std::uintptr_t weight,
+                                                 std::uintptr_t bias, int affine_dtype, float eps, int activation) {
+  group_norm::Params p;
+  p.batch = batch;
+  p.channels = channels;
+  p.spatial = spatial;
+  p.groups = groups;
+  p.channels_last = channels_last;
+  p.x = as_ptr<const void>(x);
+  p.x_stride = x_stride;
+  p.x_dtype = x_dtype;
+  p.out = as_ptr<void>(out);
+  p.out_stride = out_stride;
+  p.out_dtype = out_dtype;
+  p.shift = as_ptr<const void>(shift);
+  p.shift_batch_stride = shift_batch_stride;
+  p.shift_channel_stride = shift_channel_stride;
+  p.shift_dtype = shift_dtype;
+  p.weight = as_ptr<const void>(weight);
+  p.bias = as_ptr<const void>(bias);
+  p.affine_dtype = affine_dtype;
+  p.eps = eps;
+  p.activation = activation;
   return p;
 }
 

@@ -159,4 +159,30 @@ PYBIND11_MODULE(_C, m) {
   m.def("diffusion_loss_workspace_doubles", [](int64_t batch, int64_t inner) {
     return diffusion_losses::workspace_doubles(batch, inner, diffusion_losses::kCpuTile);
   });
+
+  // Fused group norm + activation (csrc/group_norm): the leading arguments are those of
+  // make_group_norm_params in bind_common.h.
+  m.def("group_norm",
+        [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int channels_last, std::uintptr_t x,
+           int64_t x_stride, int x_dtype, std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t shift,
+           int64_t shift_batch_stride, int64_t shift_channel_stride, int shift_dtype, std::uintptr_t weight,
+           std::uintptr_t bias, int affine_dtype, float eps, int activation, std::uintptr_t workspace,
+           int num_threads) {
+          group_norm::Params p = make_group_norm_params(
+              batch, channels, spatial, groups, channels_last, x, x_stride, x_dtype, out, out_stride, out_dtype, shift,
+              shift_batch_stride, shift_channel_stride, shift_dtype, weight, bias, affine_dtype, eps, activation);
+          p.workspace = as_ptr<float>(workspace);
+          p.num_threads = num_threads;
+          int status;
+          {
+            py::gil_scoped_release release;
+            status = group_norm::group_norm_cpu(p);
+          }
+          check_status(status, "group_norm");
+        });
+
+  m.def("group_norm_workspace_floats",
+        [](int64_t batch, int64_t channels, int64_t spatial, int channels_last, int num_threads) {
+          return group_norm::workspace_floats(batch, channels, spatial, channels_last, num_threads);
+        });
 }

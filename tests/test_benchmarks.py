@@ -15,6 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_diffusion_losses.py", ["--quick", "--repeats", "1", "--quiet-load", "1000"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "ddim,dpmpp_2m", "--sections", "steps"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "unet"]),
+    ("bench_inference.py", ["--quick", "--repeats", "1"]),
 ])
 def test_benchmark_smoke_run(script, args):
     if script == "bench_solvers.py":
@@ -30,6 +31,7 @@ def test_benchmark_smoke_run(script, args):
     ("bench_kdloss.py", ["--quick", "--repeats", "1"]),
     ("bench_diffusion_losses.py", ["--quick", "--repeats", "1", "--quiet-load", "1000"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "euler", "--sections", "steps"]),
+    ("bench_inference.py", ["--quick", "--repeats", "1", "--sections", "op"]),
 ])
 def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, monkeypatch, script, args):
     """Rows name the backend kdfast's registry ran (not the candidate), and hold peak memory."""
@@ -46,13 +48,13 @@ def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, monkey
     for row in rows:
         kdfast_row = row.get("candidate", "kdfast") == "kdfast"
         op = {"bench_kdloss.py": "kd_divergence", "bench_diffusion_losses.py": "diffusion_loss",
-              "bench_solvers.py": "solver_step"}[script]
+              "bench_solvers.py": "solver_step", "bench_inference.py": "group_norm_act"}[script]
         assert row["backend"] == (backends.op(op).select("cpu").backend if kdfast_row else None)
         peak = row.get("peak_memory_bytes", row.get("peak_bytes"))
         assert isinstance(peak, int) and peak > 0
     # what the figures are made of: a finite, positive ratio against the anchor per kdfast row
     ratio = {"bench_kdloss.py": "speedup_vs_anchor", "bench_diffusion_losses.py": "ratio",
-             "bench_solvers.py": "speedup_per_step"}[script]
+             "bench_solvers.py": "speedup_per_step", "bench_inference.py": "ratio"}[script]
     for row in rows:
         if row.get("candidate", "kdfast") == "kdfast":
             assert 0 < row[ratio] < float("inf"), row

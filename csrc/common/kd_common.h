@@ -1,6 +1,7 @@
 // Torch-free helpers shared by every kdfast kernel: host/device qualifiers, dtype codes,
 // fp16/bf16 <-> fp32 conversion usable on both sides, and status codes.
 #pragma once
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -100,6 +101,36 @@ KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
     case kBFloat16: static_cast<bf16_bits*>(p)[i] = from_float<bf16_bits>(v); break;
     default: static_cast<float*>(p)[i] = v;
   }
+}
+
+// exp(x) for the whole float range (0 below -86.6, inf above 88.72, NaN kept). On the host a
+// branch-free Cody-Waite reduction with a degree-7 polynomial (<= 2 ulp), which compilers
+// vectorise, unlike libm's expf.
+KD_HD float kd_exp(float x) {
+#if defined(__CUDA_ARCH__)
+  return expf(x);
+#else
+  const float xc = x < -86.6f ? -86.6f : (x > 88.72f ? 88.72f : x);
+  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
+  const float shifted = xc * 1.44269504088896341f + magic;
+  const float n = shifted - magic;
+  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
+  float e = 1.f / 5040.f;
+  e = e * r + 1.f / 720.f;
+  e = e * r + 1.f / 120.f;
+  e = e * r + 1.f / 24.f;
+  e = e * r + 1.f / 6.f;
+  e = e * r + 0.5f;
+  e = e * r + 1.f;
+  e = e * r + 1.f;
+  // 2^(n-1) * 2 keeps n = 128 (x near 88.72) finite; n >= -125 keeps 2^(n-1) normal.
+  const int32_t ni = int32_t(n);
+  const float scale = bits_to_float(uint32_t(ni + 126) << 23);
+  float y = e * scale * 2.f;
+  y = x < -86.6f ? 0.f : y;
+  y = x > 88.72f ? INFINITY : y;
+  return x != x ? x : y;
+#endif
 }
 
 }  // namespace kdfast

@@ -68,36 +68,6 @@ inline Consts make_consts(const Params& p) {
   return c;
 }
 
-// exp(x) for the whole float range (0 below -86.6, inf above 88.72, NaN kept). On the host a
-// branch-free Cody-Waite reduction with a degree-7 polynomial (<= 2 ulp), which compilers
-// vectorise, unlike libm's expf.
-KD_HD float kd_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return expf(x);
-#else
-  const float xc = x < -86.6f ? -86.6f : (x > 88.72f ? 88.72f : x);
-  const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
-  const float shifted = xc * 1.44269504088896341f + magic;
-  const float n = shifted - magic;
-  const float r = (xc - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float e = 1.f / 5040.f;
-  e = e * r + 1.f / 720.f;
-  e = e * r + 1.f / 120.f;
-  e = e * r + 1.f / 24.f;
-  e = e * r + 1.f / 6.f;
-  e = e * r + 0.5f;
-  e = e * r + 1.f;
-  e = e * r + 1.f;
-  // 2^(n-1) * 2 keeps n = 128 (x near 88.72) finite; n >= -125 keeps 2^(n-1) normal.
-  const int32_t ni = int32_t(n);
-  const float scale = bits_to_float(uint32_t(ni + 126) << 23);
-  float y = e * scale * 2.f;
-  y = x < -86.6f ? 0.f : y;
-  y = x > 88.72f ? INFINITY : y;
-  return x != x ? x : y;
-#endif
-}
-
 // log(1 + e) for e in [0, 1], via 2 atanh(e / (2 + e)) (the series converges for s <= 1/3).
 KD_HD float kd_log1p_unit(float e) {
 #if defined(__CUDA_ARCH__)

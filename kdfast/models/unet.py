@@ -14,6 +14,7 @@ trained for).
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -21,6 +22,8 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..ops.group_norm import group_norm_act
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
@@ -97,6 +100,25 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def norm_act(norm: nn.GroupNorm, x: torch.Tensor, *, fused: bool, shift: Optional[torch.Tensor] = None,
+             silu: bool = True) -> torch.Tensor:
+    """``silu(norm(x + shift[:, :, None, None]))`` (or without the SiLU): kdfast's fused kernel
+    when ``fused`` and nothing needs a gradient (one pass over the feature map instead of
+    three), torch's modules otherwise: in training (their backward is faster than the fused
+    op's recomputing one), in float64, and on devices other than CPUs and CUDA GPUs."""
+    if fused and x.dtype in _FUSED_DTYPES and x.device.type in ("cpu", "cuda") and not (
+            torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+        return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift,
+                              activation="silu" if silu else "identity")
+    if shift is not None:
+        x = x + shift[:, :, None, None]
+    y = norm(x)
+    return F.silu(y) if silu else y
+
+
 def _zero(module: nn.Module) -> nn.Module:
     # Zero-initialised output layers make every residual block start as the identity, which
     # lets a small UNet train stably at a high learning rate from the first step.
@@ -117,11 +139,12 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
+        self.fused = False  # set by UNet.for_inference
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.emb(emb)[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        h = self.conv1(norm_act(self.norm1, x, fused=self.fused))
+        h = norm_act(self.norm2, h, fused=self.fused, shift=self.emb(emb))
+        h = self.conv2(self.dropout(h))
         return self.skip(x) + h
 
 
@@ -134,10 +157,12 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
+        self.fused = False  # set by UNet.for_inference
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
+        qkv = self.qkv(norm_act(self.norm, x, fused=self.fused, silu=False))
+        q, k, v = qkv.reshape(n, 3, self.heads, c // self.heads, h * w).unbind(1)
         out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
         return x + self.proj(out.transpose(-1, -2).reshape(n, c, h, w))
 
@@ -158,6 +183,8 @@ class UNet(nn.Module):
         elif overrides:
             config = UNetConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
+        self.channels_last = False  # see for_inference
+        self.fused = False
         cfg = config
         emb_dim, groups = cfg.time_embed_dim, cfg.norm_groups
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
@@ -204,6 +231,22 @@ class UNet(nn.Module):
         self.norm_out = nn.GroupNorm(groups, ch)
         self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
+    def for_inference(self, fused_norms: bool = True) -> "UNet":
+        """A copy for sampling and teacher forwards, frozen in eval mode: weights and
+        activations channels-last (oneDNN's and cuDNN's faster convolution layout) and, with
+        ``fused_norms``, every GroupNorm-SiLU pair, with the embedding add before it, run by
+        kdfast's fused :func:`~kdfast.ops.group_norm_act`. Same outputs up to float rounding;
+        ~1.6x faster per forward on 2 CPU cores (benchmarks/bench_inference.py). Under autograd
+        the norms fall back to torch's modules, so it stays differentiable, but it is not meant
+        for training."""
+        fast = copy.deepcopy(self).eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        fast.channels_last = True
+        for module in fast.modules():
+            if isinstance(module, (ResBlock, SelfAttention)):
+                module.fused = fused_norms
+        fast.fused = fused_norms
+        return fast
+
     @property
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -241,6 +284,8 @@ class UNet(nn.Module):
             raise ValueError(f"x must have H and W divisible by {factor} (this UNet has {len(cfg.channel_mults)} "
                              f"levels), got {tuple(x.shape)}")
         emb = self._embedding(x, t, class_labels)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips: List[torch.Tensor] = [h]
         for block in self.down:
@@ -255,4 +300,4 @@ class UNet(nn.Module):
                 h = block[1](block[0](torch.cat([h, skips.pop()], dim=1), emb))
             else:
                 h = block(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
+        return self.conv_out(norm_act(self.norm_out, h, fused=self.fused))

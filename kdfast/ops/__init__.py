@@ -9,3 +9,6 @@ __all__ = ["StepResult", "coefficients", "kd_divergence", "kd_divergence_with_gr
 from .diffusion_losses import dmd, pd_target, per_sample_ddim_step, progressive_mse, pseudo_huber  # noqa: E402
 
 __all__ += ["dmd", "pd_target", "per_sample_ddim_step", "progressive_mse", "pseudo_huber"]
+from .group_norm import group_norm_act  # noqa: E402
+
+__all__ += ["group_norm_act"]

@@ -82,6 +82,11 @@ class Teacher:
     ``model_fn(x, t, labels)`` is the raw model output (epsilon or v, see
     ``prediction_type``) at training timesteps ``t``; ``labels == null_class`` asks for the
     unconditional prediction. ``config`` is the JSON record saved with the weights.
+
+    ``model`` is the network as trained and saved. Sampling and ``model_fn`` run
+    ``inference_model``, its :meth:`UNet.for_inference` copy (channels-last, kdfast's fused
+    group norms: the same outputs up to float rounding, ~1.5x faster on a CPU), made on first
+    use: change ``model``'s weights afterwards and call :meth:`refresh` to make it anew.
     """
 
     # Captured sampling loops kept per (scheduler, steps, batch, guidance): each holds its own
@@ -90,6 +95,7 @@ class Teacher:
 
     def __init__(self, model: UNet, config: Mapping[str, Any]):
         self.model = model.eval().requires_grad_(False)
+        self._inference_model: Optional[UNet] = None
         self.config = dict(config)
         self._captured: Dict[Tuple, CapturedSampler] = {}
         self._graph_generator: Optional[torch.Generator] = None
@@ -115,16 +121,29 @@ class Teacher:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device) -> "Teacher":
-        self.model.to(device)
+    @property
+    def inference_model(self) -> UNet:
+        """``model`` prepared for inference (:meth:`UNet.for_inference`), made on first use."""
+        if self._inference_model is None:
+            self._inference_model = self.model.for_inference()
+        return self._inference_model
+
+    def refresh(self) -> "Teacher":
+        """Forget ``inference_model`` and the captured loops (after changing ``model``)."""
+        self._inference_model = None
         # captured loops read the old parameters' memory (and generator): capture anew
         self._captured.clear()
         self._graph_generator = None
         return self
 
+    def to(self, device) -> "Teacher":
+        self.model.to(device)
+        return self.refresh()
+
     def model_fn(self, x: torch.Tensor, t, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """The UNet's output for noisy images ``x`` at timesteps ``t`` (scalar or ``[N]``)."""
-        return self.model(x, t, labels)
+        """The UNet's output for noisy images ``x`` at timesteps ``t`` (scalar or ``[N]``), by
+        ``inference_model``."""
+        return self.inference_model(x, t, labels)
 
     def noise_scheduler(self) -> "_schedulers.DDIMScheduler":
         """The training noise schedule (``add_noise``, ``get_velocity``, ``alphas_cumprod``)."""
@@ -179,7 +198,8 @@ class Teacher:
         gen = torch.Generator().manual_seed(int(seed))
         shape = (len(labels), self.model.config.in_channels, self.sample_size, self.sample_size)
         noise = torch.randn(shape, generator=gen)
-        model = lambda xt, t, cond: self.model(xt, t, cond)  # noqa: E731
+        net = self.inference_model
+        model = lambda xt, t, cond: net(xt, t, cond)  # noqa: E731  (samplers pass cond= by name)
         # stochastic samplers: one generator for the whole call, batch after batch
         step_gen = None if cuda_graph else torch.Generator(device=device).manual_seed(int(seed) + 1)
         out = []

@@ -102,3 +102,56 @@ def test_bad_config_and_inputs(unet):
         with pytest.raises(ValueError, match=r"class_labels must be in \[0, 10\]"):
             unet(torch.randn(2, 1, 16, 16), 1, torch.tensor(bad))
     assert unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([0, 10])).shape == (2, 1, 16, 16)
+
+
+def _plain_and_fast(unet):
+    fast = unet.for_inference()
+    x = torch.randn(4, 1, 16, 16)
+    t = torch.tensor([0.0, 250.0, 600.0, 999.0])
+    y = torch.tensor([0, 3, 9, 10])
+    return fast, x, t, y
+
+
+def test_inference_form_matches_the_network(unet):
+    fast, x, t, y = _plain_and_fast(unet)
+    with torch.no_grad():
+        expect = unet(x, t, y)
+        out = fast(x, t, y)
+        torch_only = unet.for_inference(fused_norms=False)(x, t, y)
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(torch_only, expect, rtol=1e-4, atol=1e-5)
+    # a frozen copy in channels-last with the fused norms; the original is left as it was
+    assert fast.channels_last and fast.fused and all(b.fused for b in fast.modules() if hasattr(b, "fused"))
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and not fast.training
+    assert not any(p.requires_grad for p in fast.parameters())
+    assert not unet.channels_last and not any(getattr(m, "fused", False) for m in unet.modules())
+    assert unet.mid[0].conv1.weight.is_contiguous()
+
+
+def test_inference_form_runs_the_fused_kernel(unet, monkeypatch):
+    from kdfast.models import unet as unet_module
+
+    calls = []
+    real = unet_module.group_norm_act
+    monkeypatch.setattr(unet_module, "group_norm_act", lambda *a, **k: calls.append(k) or real(*a, **k))
+    fast, x, t, y = _plain_and_fast(unet)
+    with torch.no_grad():
+        fast(x, t, y)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    assert len(calls) == norms  # every group norm, the ResBlocks' second ones with their embedding shift
+    assert sum(k["shift"] is not None for k in calls) == sum(isinstance(m, unet_module.ResBlock) for m in unet.modules())
+    assert sum(k["activation"] == "identity" for k in calls) == sum(
+        isinstance(m, unet_module.SelfAttention) for m in unet.modules())
+    calls.clear()
+    with torch.no_grad():
+        unet(x, t, y)
+        fast.double()(x.double(), t, y)  # float64: torch's modules (the kernels are float32/16-bit)
+    assert calls == []
+
+
+def test_inference_form_under_autograd_uses_torch_and_matches(unet):
+    fast, x, t, y = _plain_and_fast(unet)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(unet(xa, t, y).square().sum(), [xa])
+    (gb,) = torch.autograd.grad(fast(xb, t, y).square().sum(), [xb])
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)

@@ -92,6 +92,22 @@ def test_save_load_round_trip(tiny_teacher, tmp_path):
     torch.testing.assert_close(loaded.model_fn(x, t, y), tiny_teacher.model_fn(x, t, y), rtol=0, atol=0)
 
 
+def test_model_fn_runs_the_inference_form_until_refreshed(tiny_teacher, tmp_path):
+    teacher = load_teacher(save_teacher(tiny_teacher.model, tiny_teacher.config, tmp_path / "t.safetensors"))
+    x = torch.randn(4, 1, 16, 16)
+    t, y = torch.tensor([0, 10, 500, 999]), torch.tensor([0, 3, 9, 10])
+    fast = teacher.inference_model
+    assert fast is teacher.inference_model and fast is not teacher.model and fast.fused
+    with torch.no_grad():
+        torch.testing.assert_close(teacher.model_fn(x, t, y), fast(x, t, y), rtol=0, atol=0)
+        torch.testing.assert_close(teacher.model_fn(x, t, y), teacher.model(x, t, y), rtol=1e-4, atol=1e-5)
+        teacher.model.conv_out.bias.add_(1.0)
+        assert torch.equal(teacher.model_fn(x, t, y), fast(x, t, y))  # a frozen copy until refreshed
+        teacher.refresh()
+        assert teacher.inference_model is not fast
+        torch.testing.assert_close(teacher.model_fn(x, t, y), teacher.model(x, t, y), rtol=1e-4, atol=1e-5)
+
+
 def test_shipped_teacher_samples(shipped):
     assert isinstance(shipped, Teacher)
     assert SHIPPED_PATH.stat().st_size < 8 * 2**20

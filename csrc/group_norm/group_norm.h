@@ -1,0 +1,140 @@
+// Fused group normalisation + activation for UNet inference: y = act(GroupNorm(x + shift)),
+// one read for the statistics, one for the variance and one read + one write for the output,
+// where torch runs an add, a group norm and an activation as three kernels (each a full
+// read and write of the feature map).
+//
+// x is [batch, channels, spatial...], each sample one dense block laid out channel-major
+// ([channels, spatial], torch's contiguous format) or channels-last ([spatial, channels]).
+// `shift` ([batch, channels], optional) is added to x before the statistics: the time / class
+// embedding a UNet ResBlock adds between its convolutions, never materialised. Statistics are
+// two-pass (mean, then the mean squared deviation from it) with float partial sums gathered
+// in double, so a group of any size keeps float32 accuracy.
+//
+// The per-element math below is shared by the CPU and CUDA launchers (and mirrored by the
+// torch reference in kdfast/reference/group_norm.py).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/kd_common.h"
+
+namespace kdfast {
+namespace group_norm {
+
+// Same order as ACTIVATIONS in kdfast/ops/group_norm.py.
+enum Activation : int { kIdentity = 0, kSiLU = 1 };
+constexpr int kNumActivations = 2;
+
+struct Params {
+  int64_t batch = 0;
+  int64_t channels = 0;
+  int64_t spatial = 0;  // elements per channel of one sample (H * W, or 1)
+  int64_t groups = 1;
+  int channels_last = 0;  // x and out: [spatial, channels] per sample, else [channels, spatial]
+  const void* x = nullptr;
+  int64_t x_stride = 0;  // elements between samples
+  int x_dtype = kFloat32;
+  void* out = nullptr;   // laid out as x
+  int64_t out_stride = 0;
+  int out_dtype = kFloat32;
+  const void* shift = nullptr;  // [batch, channels] at these strides, or null
+  int64_t shift_batch_stride = 0;
+  int64_t shift_channel_stride = 0;
+  int shift_dtype = kFloat32;
+  const void* weight = nullptr;  // [channels] contiguous, or null (1)
+  const void* bias = nullptr;    // [channels] contiguous, or null (0)
+  int affine_dtype = kFloat32;
+  float eps = 1e-5f;
+  int activation = kSiLU;
+  float* workspace = nullptr;  // CPU: workspace_floats(batch, channels, spatial, channels_last, num_threads)
+  int num_threads = 1;
+  void* stream = nullptr;
+};
+
+// CPU: fp16 / bf16 samples are widened to fp32 in blocks of this many elements.
+constexpr int64_t kCpuBlock = 4096;
+
+// CPU, channels-last: pixels per block, the unit of the float partial sums (at most 256, so
+// float rounding stays that of a 256-term sum for any image size) and of the widening.
+inline int64_t cl_rows_per_block(int64_t channels) {
+  const int64_t rows = kCpuBlock / channels;
+  return rows < 1 ? 1 : (rows > 256 ? 256 : rows);
+}
+inline int64_t cl_blocks(int64_t channels, int64_t spatial) {
+  const int64_t rows = cl_rows_per_block(channels);
+  return (spatial + rows - 1) / rows;
+}
+
+// CPU scratch of one thread: per-channel and per-group double sums, per-channel constants and
+// one widened block (of one pixel at least; an even count, so every thread's share stays
+// 8-byte aligned).
+inline int64_t per_thread_floats(int64_t channels) {
+  const int64_t block = channels > kCpuBlock ? channels + (channels & 1) : kCpuBlock;
+  return 10 * channels + block;
+}
+
+// Whether a channels-last call splits samples into (sample, block) tasks: when there are fewer
+// samples than threads (and a sample has more than one block).
+inline bool split_samples(int channels_last, int64_t batch, int64_t channels, int64_t spatial, int num_threads) {
+  return channels_last && batch < num_threads && cl_blocks(channels, spatial) > 1;
+}
+
+// The CPU launcher's workspace (floats) for a call: per-thread scratch, plus, when samples are
+// split, every block's partial sums and every sample's sums and constants.
+inline int64_t workspace_floats(int64_t batch, int64_t channels, int64_t spatial, int channels_last,
+                                int num_threads) {
+  const int64_t threads = num_threads < 1 ? 1 : num_threads;
+  int64_t total = per_thread_floats(channels) * threads;
+  if (split_samples(channels_last, batch, channels, spatial, num_threads))
+    total += 4 * batch * channels + batch * cl_blocks(channels, spatial) * channels + 3 * batch * channels;
+  return total;
+}
+
+KD_HD float activate(int activation, float y) {
+  // silu(y) = y * sigmoid(y) = y / (1 + exp(-y)): one exponential and one division.
+  return activation == kSiLU ? y / (1.f + kd_exp(-y)) : y;
+}
+
+// The normalised, affine, activated value of element v of a channel whose group has mean and
+// 1 / std given, folded into two per-channel constants: out = act((v - center) * scale + bias),
+// where center = mean - shift (so v + shift is never formed) and scale = rstd * weight.
+struct ChannelConsts {
+  float center, scale, bias;
+};
+
+KD_HD ChannelConsts channel_consts(double group_mean, float rstd, float shift, float weight, float bias) {
+  return ChannelConsts{float(group_mean - double(shift)), rstd * weight, bias};
+}
+
+KD_HD float normalize(const ChannelConsts& k, int activation, float v) {
+  return activate(activation, (v - k.center) * k.scale + k.bias);
+}
+
+KD_HD float inverse_std(double mean_square_deviation, float eps) {
+  return float(1.0 / std::sqrt(mean_square_deviation + double(eps)));
+}
+
+KD_HD float shift_at(const Params& p, int64_t b, int64_t c) {
+  return p.shift ? load_as_float(p.shift, p.shift_dtype, b * p.shift_batch_stride + c * p.shift_channel_stride)
+                 : 0.f;
+}
+
+KD_HD float weight_at(const Params& p, int64_t c) {
+  return p.weight ? load_as_float(p.weight, p.affine_dtype, c) : 1.f;
+}
+
+KD_HD float bias_at(const Params& p, int64_t c) {
+  return p.bias ? load_as_float(p.bias, p.affine_dtype, c) : 0.f;
+}
+
+// Host-side argument check shared by the launchers (kernels never throw).
+inline bool valid_params(const Params& p) {
+  return p.batch >= 0 && p.channels > 0 && p.spatial > 0 && p.groups > 0 && p.channels % p.groups == 0 &&
+         p.activation >= 0 && p.activation < kNumActivations && p.x && p.out && p.eps >= 0.f;
+}
+
+int group_norm_cpu(const Params& p);
+int group_norm_cuda(const Params& p);
+
+}  // namespace group_norm
+}  // namespace kdfast

@@ -1,0 +1,304 @@
+// CPU launcher of the fused group norm + activation. Threads take whole samples (channels-last:
+// a group's channels are interleaved with the others', so a sample is one task) or
+// (sample, group) pairs (channel-major: a group is one contiguous block). A task's three
+// sweeps run over data that is still in L2 from the sweep before, so the feature map is
+// read from memory about once and written once. Each task sums in a fixed order: results do
+// not depend on the thread count.
+#include "group_norm.h"
+
+#include "common/kd_cpu.h"
+
+#include <algorithm>
+#include <cstring>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace kdfast {
+namespace group_norm {
+namespace {
+
+using cpu::float_target;
+using cpu::load_floats;
+using cpu::store_floats;
+
+// Feature-based clones (see diffusion_losses_cpu.cpp: an arch clone would skip AVX2 on AMD).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define KD_CPU_CLONES
+#endif
+
+// Elements per float partial sum (channel-major) before it is gathered in double (channels-last:
+// cl_rows_per_block): float rounding stays that of a 256-term sum for groups of any size.
+constexpr int64_t kSumRows = 256;
+
+// A thread's scratch (per_thread_floats): double sums first (8-byte aligned: every thread's
+// share is an even number of floats), then per-channel floats, then one widened block.
+struct Scratch {
+  double *csum, *gmean, *gvar;  // [C], [G], [G]
+  float *fsum, *center, *scale, *bias, *block;  // [C] x 4, [kCpuBlock]
+  Scratch(float* ws, int64_t C) {
+    double* d = reinterpret_cast<double*>(ws);
+    csum = d;
+    gmean = d + C;
+    gvar = d + 2 * C;
+    float* f = ws + 6 * C;
+    fsum = f;
+    center = f + C;
+    scale = f + 2 * C;
+    bias = f + 3 * C;
+    block = f + 4 * C;
+  }
+};
+
+// ---- channels-last: a sample is [spatial, channels]; the inner loops run over channels. A
+// block is cl_rows_per_block pixels; its per-channel float partial sums are gathered in double
+// in block order, by either driver below (so both give the same bits).
+
+// Per-channel sums of block k of sample b (sums of squared deviations from `center` when given).
+KD_CPU_CLONES void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, float* fsum,
+                                 float* buf) {
+  const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
+  const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
+  std::fill(fsum, fsum + C, 0.f);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = v + r * C;
+    if (center) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float d = row[c] - center[c];
+        fsum[c] += d * d;
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) fsum[c] += row[c];
+    }
+  }
+}
+
+// Normalise, activate and write block k of sample b.
+KD_CPU_CLONES void cl_block_write(const Params& p, int64_t b, int64_t k, const float* center, const float* scale,
+                                  const float* bias, float* buf) {
+  const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
+  const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
+  // in place in the widened block when x is not fp32; fp32 output goes straight to out
+  const int64_t o = b * p.out_stride + r0 * C;
+  float* y = float_target(p.out, p.out_dtype, o, buf);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = v + r * C;
+    float* dst = y + r * C;
+    if (p.activation == kSiLU) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const float t = (row[c] - center[c]) * scale[c] + bias[c];
+        dst[c] = t / (1.f + kd_exp(-t));
+      }
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) dst[c] = (row[c] - center[c]) * scale[c] + bias[c];
+    }
+  }
+  store_floats(p.out, p.out_dtype, o, rows * C, y);
+}
+
+// Group means of x + shift from the per-channel sums of x; the per-channel centers of sweep 2.
+void cl_means(const Params& p, int64_t b, const double* csum, double* gmean, float* center) {
+  const int64_t C = p.channels, S = p.spatial, cpg = C / p.groups;
+  for (int64_t g = 0; g < p.groups; ++g) {
+    double s = 0.0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += csum[c] + double(S) * shift_at(p, b, c);
+    gmean[g] = s / double(cpg * S);
+  }
+  for (int64_t c = 0; c < C; ++c) center[c] = float(gmean[c / cpg] - double(shift_at(p, b, c)));
+}
+
+// The per-channel constants of sweep 3 from the group means and squared-deviation sums.
+void cl_consts(const Params& p, int64_t b, const double* gmean, const double* gvar, float* center, float* scale,
+               float* bias) {
+  const int64_t C = p.channels, cpg = C / p.groups, n_group = cpg * p.spatial;
+  for (int64_t c = 0; c < C; ++c) {
+    const ChannelConsts k = channel_consts(gmean[c / cpg], inverse_std(gvar[c / cpg] / double(n_group), p.eps),
+                                           shift_at(p, b, c), weight_at(p, c), bias_at(p, c));
+    center[c] = k.center;
+    scale[c] = k.scale;
+    bias[c] = k.bias;
+  }
+}
+
+// One whole sample per task (batches of at least one sample per thread): its three sweeps run
+// over data still in L2 from the sweep before.
+void cl_sample(const Params& p, int64_t b, float* ws) {
+  const int64_t C = p.channels, G = p.groups, cpg = C / G, blocks = cl_blocks(C, p.spatial);
+  Scratch w(ws, C);
+  std::fill(w.csum, w.csum + C, 0.0);
+  std::fill(w.gvar, w.gvar + G, 0.0);
+  for (int64_t k = 0; k < blocks; ++k) {
+    cl_block_sums(p, b, k, nullptr, w.fsum, w.block);
+    for (int64_t c = 0; c < C; ++c) w.csum[c] += w.fsum[c];
+  }
+  cl_means(p, b, w.csum, w.gmean, w.center);
+  for (int64_t k = 0; k < blocks; ++k) {
+    cl_block_sums(p, b, k, w.center, w.fsum, w.block);
+    for (int64_t c = 0; c < C; ++c) w.gvar[c / cpg] += w.fsum[c];
+  }
+  cl_consts(p, b, w.gmean, w.gvar, w.center, w.scale, w.bias);
+  for (int64_t k = 0; k < blocks; ++k) cl_block_write(p, b, k, w.center, w.scale, w.bias, w.block);
+}
+
+// (sample, block) tasks, for batches smaller than the thread count (a batch of one still
+// uses every core): each sweep's block partial sums go to the shared workspace and are
+// gathered per sample, in block order, between the sweeps.
+void cl_split_samples(const Params& p, int threads) {
+  const int64_t C = p.channels, G = p.groups, cpg = C / G, B = p.batch, blocks = cl_blocks(C, p.spatial);
+  const int64_t per_thread = per_thread_floats(C);
+  float* shared = p.workspace + per_thread * threads;  // split_sample_floats(...) floats
+  double* gmean = reinterpret_cast<double*>(shared);   // [B][C] (G <= C used)
+  double* gacc = gmean + B * C;                        // [B][C]: per-channel sums, then per-group
+  float* partial = shared + 4 * B * C;                 // [B][blocks][C]
+  float* consts = partial + B * blocks * C;            // [B][3][C]: center, scale, bias
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    float* buf = Scratch(p.workspace + int64_t(omp_get_thread_num()) * per_thread, C).block;
+#else
+    float* buf = Scratch(p.workspace, C).block;
+#endif
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t)
+      cl_block_sums(p, t / blocks, t % blocks, nullptr, partial + t * C, buf);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      double* csum = gacc + b * C;
+      std::fill(csum, csum + C, 0.0);
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) csum[c] += partial[(b * blocks + k) * C + c];
+      cl_means(p, b, csum, gmean + b * C, consts + b * 3 * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t)
+      cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, partial + t * C, buf);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      double* gvar = gacc + b * C;
+      std::fill(gvar, gvar + G, 0.0);
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) gvar[c / cpg] += partial[(b * blocks + k) * C + c];
+      float* k3 = consts + b * 3 * C;
+      cl_consts(p, b, gmean + b * C, gvar, k3, k3 + C, k3 + 2 * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t) {
+      const float* k3 = consts + (t / blocks) * 3 * C;
+      cl_block_write(p, t / blocks, t % blocks, k3, k3 + C, k3 + 2 * C, buf);
+    }
+  }
+}
+
+// Sum of x (of (x - center)^2 when `squares`) over elements [off, off + n) of x, contiguous:
+// float partial sums of kSumRows terms gathered in double.
+KD_CPU_CLONES double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
+  double total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {
+    const int64_t m = std::min(kCpuBlock, n - j0);
+    const float* v = load_floats(p.x, p.x_dtype, off + j0, m, block);
+    for (int64_t k0 = 0; k0 < m; k0 += kSumRows) {
+      const int64_t k1 = std::min(m, k0 + kSumRows);
+      float f = 0.f;
+      if (squares) {
+#pragma omp simd reduction(+ : f)
+        for (int64_t j = k0; j < k1; ++j) {
+          const float d = v[j] - center;
+          f += d * d;
+        }
+      } else {
+#pragma omp simd reduction(+ : f)
+        for (int64_t j = k0; j < k1; ++j) f += v[j];
+      }
+      total += f;
+    }
+  }
+  return total;
+}
+
+// One group of one sample laid out [channels, spatial]: its channels are consecutive rows of
+// `spatial` contiguous elements, so the group is one contiguous range: its sums run over it
+// whole (few long loops for small maps), per channel only where the shift makes the
+// channels' centers differ.
+KD_CPU_CLONES void group_channel_major(const Params& p, int64_t b, int64_t g, float* ws) {
+  const int64_t S = p.spatial, cpg = p.channels / p.groups, n_group = cpg * S;
+  float* block = Scratch(ws, p.channels).block;
+  const void* x = p.x;
+  void* out = p.out;
+  const int64_t x0 = b * p.x_stride, o0 = b * p.out_stride, c0 = g * cpg;
+
+  double shift_total = 0.0;
+  if (p.shift)
+    for (int64_t c = c0; c < c0 + cpg; ++c) shift_total += double(S) * shift_at(p, b, c);
+  const double mean = (range_sum(p, x0 + c0 * S, n_group, false, 0.f, block) + shift_total) / double(n_group);
+
+  double sq = 0.0;
+  if (!p.shift) {
+    sq = range_sum(p, x0 + c0 * S, n_group, true, float(mean), block);
+  } else {
+    for (int64_t c = c0; c < c0 + cpg; ++c)
+      sq += range_sum(p, x0 + c * S, S, true, float(mean - double(shift_at(p, b, c))), block);
+  }
+  const float rstd = inverse_std(sq / double(n_group), p.eps);
+
+  const int act = p.activation;
+  for (int64_t c = c0; c < c0 + cpg; ++c) {
+    const ChannelConsts k = channel_consts(mean, rstd, shift_at(p, b, c), weight_at(p, c), bias_at(p, c));
+    const float center = k.center, scale = k.scale, bias = k.bias;
+    for (int64_t j0 = 0; j0 < S; j0 += kCpuBlock) {
+      const int64_t n = std::min(kCpuBlock, S - j0);
+      const float* v = load_floats(x, p.x_dtype, x0 + c * S + j0, n, block);
+      float* y = float_target(out, p.out_dtype, o0 + c * S + j0, block);
+      if (act == kSiLU) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) {
+          const float t = (v[j] - center) * scale + bias;
+          y[j] = t / (1.f + kd_exp(-t));
+        }
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - center) * scale + bias;
+      }
+      store_floats(out, p.out_dtype, o0 + c * S + j0, n, y);
+    }
+  }
+}
+
+}  // namespace
+
+int group_norm_cpu(const Params& p) {
+  if (!valid_params(p) || !cpu::valid_dtype(p.x_dtype) || !cpu::valid_dtype(p.out_dtype) ||
+      (p.shift && !cpu::valid_dtype(p.shift_dtype)) || !cpu::valid_dtype(p.affine_dtype))
+    return valid_params(p) ? kBadDType : kBadArgument;
+  if (p.batch == 0) return kOk;
+  if (!p.workspace) return kBadArgument;
+  if (split_samples(p.channels_last, p.batch, p.channels, p.spatial, p.num_threads)) {
+    cl_split_samples(p, p.num_threads);
+    return kOk;
+  }
+  const int64_t tasks = p.channels_last ? p.batch : p.batch * p.groups;
+  const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.channels * p.spatial);
+  const int64_t ws_per_thread = per_thread_floats(p.channels);
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t task = 0; task < tasks; ++task) {
+#ifdef _OPENMP
+    float* ws = p.workspace + int64_t(omp_get_thread_num()) * ws_per_thread;
+#else
+    float* ws = p.workspace;
+#endif
+    if (p.channels_last)
+      cl_sample(p, task, ws);
+    else
+      group_channel_major(p, task / p.groups, task % p.groups, ws);
+  }
+  return kOk;
+}
+
+}  // namespace group_norm
+}  // namespace kdfast

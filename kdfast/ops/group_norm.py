@@ -1,0 +1,259 @@
+"""``kdfast.ops.group_norm_act``: fused group norm + activation for UNet inference.
+
+``y = act(GroupNorm(x + shift))`` in one kernel where torch runs three (an add for the
+embedding a ResBlock adds between its convolutions, the group norm, the SiLU), each reading
+and writing the whole feature map. x is ``[N, C, *spatial]`` in torch's contiguous format or
+channels-last; the output keeps x's layout and dtype. The math is in
+csrc/group_norm/group_norm.h; :mod:`kdfast.reference.group_norm` is the spec.
+
+The backward recomputes the forward with torch's own ops and differentiates that (exact,
+and at most as fast as torch's group norm in training): the kernel is for inference, where
+UNet teachers spend their time in distillation and sampling.
+This module is the only place where these tensors become addresses.
+"""
+# (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
+# an op's signature as types and refuses them as strings.)
+
+import math
+from typing import Optional
+
+import torch
+
+from .. import _ext, backends
+from ..reference import group_norm as ref
+from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, on_device
+
+ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
+group_norm_op = backends.op("group_norm_act")
+
+_CHANNELS_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_x(x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"x must be [batch, channels, ...], got shape {tuple(x.shape)}")
+    if x.shape[1] == 0:
+        raise ValueError(f"x must have at least one channel, got shape {tuple(x.shape)}")
+    # Each sample must be one dense block in channel-major or channels-last order.
+    return x if dense_format(x) is not None else x.contiguous()
+
+
+def _check_groups(num_groups, channels: int) -> int:
+    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+        raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    if num_groups < 1 or channels % num_groups:
+        raise ValueError(f"num_groups must be a positive divisor of the {channels} channels, got {num_groups}")
+    return num_groups
+
+
+def _check_vector(name: str, t, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if t is None:
+        return None
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+    if t.shape != (x.shape[1],):
+        raise ValueError(f"{name} must have shape ({x.shape[1]},), one value per channel, got {tuple(t.shape)}")
+    if t.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+    if t.device != x.device:
+        raise ValueError(f"{name} must be on {x.device} like x, got {t.device}")
+    return t.contiguous()
+
+
+def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
+    if shift is None:
+        return None
+    if not isinstance(shift, torch.Tensor):
+        raise TypeError(f"shift must be a torch.Tensor or None, got {type(shift).__name__}")
+    n, c = x.shape[:2]
+    trailing = shift.shape[2:]
+    if shift.shape[:2] != (n, c) or any(d != 1 for d in trailing) or shift.dim() > x.dim():
+        raise ValueError(f"shift must have shape ({n}, {c}) (or ({n}, {c}, 1, ...)), one value per sample and "
+                         f"channel, got {tuple(shift.shape)}")
+    if shift.dtype not in DTYPE_CODES:
+        raise TypeError(f"shift must be float32, float16 or bfloat16, got {shift.dtype}")
+    if shift.device != x.device:
+        raise ValueError(f"shift must be on {x.device} like x, got {shift.device}")
+    return shift.reshape(n, c)
+
+
+def _check_eps(eps) -> float:
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    return value
+
+
+def _check_activation(activation) -> int:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    return ACTIVATIONS.index(activation)
+
+
+def _checked(x, num_groups, weight, bias, eps, shift):
+    x = _check_x(x)
+    num_groups = _check_groups(num_groups, x.shape[1])
+    weight = _check_vector("weight", weight, x)
+    bias = _check_vector("bias", bias, x)
+    if weight is not None and bias is not None and bias.dtype != weight.dtype:
+        bias = bias.to(weight.dtype)  # the kernel reads both in one dtype
+    return x, num_groups, weight, bias, _check_eps(eps), _check_shift(shift, x)
+
+
+# --------------------------------------------------------------------------- public entry
+
+
+def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
+                   bias: Optional[torch.Tensor] = None, eps: float = 1e-5, *, shift: Optional[torch.Tensor] = None,
+                   activation: str = "silu", backend: Optional[str] = None) -> torch.Tensor:
+    """``act(F.group_norm(x + shift[..., None, None], num_groups, weight, bias, eps))`` in one pass.
+
+    Args:
+        x: ``[N, C, *spatial]`` float32/float16/bfloat16, contiguous or channels-last (other
+            layouts are copied to contiguous first). The result has x's shape, dtype and layout.
+        num_groups: a divisor of C, as for ``torch.nn.GroupNorm``.
+        weight, bias: ``[C]`` affine parameters, or None (1 and 0).
+        eps: added to the variance.
+        shift: ``[N, C]`` (or ``[N, C, 1, 1]``) added to x before normalising (a UNet
+            ResBlock's time embedding), never materialised; None for none.
+        activation: ``"silu"`` or ``"identity"``.
+        backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
+
+    Statistics accumulate in float32 with double-precision partial sums, for every dtype.
+    Differentiable (x, weight, bias, shift): the backward recomputes with torch's ops.
+    """
+    x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
+    act = _check_activation(activation)
+    tensors = (x, shift, weight, bias)
+    args = (x, shift, weight, bias, num_groups, eps, act, backend or "")
+    if dispatcher_required() or any(t is not None and type(t) is not torch.Tensor for t in tensors):
+        return torch.ops.kdfast.group_norm_act(*args)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        return _EagerGroupNormAct.apply(*args)
+    return _forward(*args)
+
+
+# --------------------------------------------------------------------------- kernel calls
+
+
+def _allocate(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)  # keeps a dense x's layout (contiguous or channels-last)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    """Whether x's samples are [spatial, channels] (else [channels, spatial]); a tensor dense in
+    both (one channel, or one position) is read as contiguous."""
+    return not x.is_contiguous() and dense_format(x) in _CHANNELS_LAST_FORMATS
+
+
+def _forward(x, shift, weight, bias, num_groups, eps, act, backend=None) -> torch.Tensor:
+    out = _allocate(x)
+    if out.numel() > 0:
+        impl = group_norm_op.select(x.device.type, backend or None)
+        impl.run(x, shift, weight, bias, num_groups, eps, act, out)
+    return out
+
+
+@group_norm_op.register("reference")
+def _reference(x, shift, weight, bias, num_groups, eps, act, out):
+    out.copy_(ref.group_norm_act(x, num_groups, weight, bias, eps, shift, ACTIVATIONS[act]))
+
+
+def _binding_args(x, shift, weight, bias, num_groups, eps, act, out) -> tuple:
+    batch, channels = x.shape[:2]
+    spatial = x.numel() // (batch * channels)
+    affine = weight if weight is not None else bias
+    return (batch, channels, spatial, num_groups, int(_channels_last(x)),
+            x.data_ptr(), channels * spatial, DTYPE_CODES[x.dtype],
+            out.data_ptr(), channels * spatial, DTYPE_CODES[out.dtype],
+            0 if shift is None else shift.data_ptr(), 0 if shift is None else shift.stride(0),
+            0 if shift is None else shift.stride(1), 0 if shift is None else DTYPE_CODES[shift.dtype],
+            0 if weight is None else weight.data_ptr(), 0 if bias is None else bias.data_ptr(),
+            0 if affine is None else DTYPE_CODES[affine.dtype], eps, act)
+
+
+@group_norm_op.register("cpu")
+def _cpu(x, shift, weight, bias, num_groups, eps, act, out):
+    module = _ext.cpu()[0]
+    threads = torch.get_num_threads()
+    args = _binding_args(x, shift, weight, bias, num_groups, eps, act, out)
+    workspace = torch.empty(module.group_norm_workspace_floats(args[0], args[1], args[2], args[4], threads),
+                            dtype=torch.float32)
+    module.group_norm(*args, workspace.data_ptr(), threads)
+
+
+@group_norm_op.register("cuda")
+def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
+    with on_device(x):
+        _ext.cuda()[0].group_norm(*_binding_args(x, shift, weight, bias, num_groups, eps, act, out),
+                                  torch.cuda.current_stream(x.device).cuda_stream)
+
+
+# --------------------------------------------------------------------------- custom op + autograd
+
+
+@torch.library.custom_op("kdfast::group_norm_act", mutates_args=())
+def _group_norm_act_op(x: torch.Tensor, shift: Optional[torch.Tensor], weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], num_groups: int, eps: float, activation: int,
+                       backend: str) -> torch.Tensor:
+    # A direct torch.ops call is checked as the public entry checks its arguments.
+    x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
+    if not 0 <= activation < len(ACTIVATIONS):
+        raise ValueError(f"activation must be in [0, {len(ACTIVATIONS)}) ({', '.join(ACTIVATIONS)}), got {activation}")
+    return _forward(x, shift, weight, bias, num_groups, eps, activation, backend)
+
+
+@_group_norm_act_op.register_fake
+def _(x, shift, weight, bias, num_groups, eps, activation, backend):
+    return _allocate(x if dense_format(x) is not None else x.contiguous())
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, weight, bias, num_groups, eps, activation, backend = inputs
+    ctx.args = (num_groups, eps, activation)
+    ctx.save_for_backward(x, shift, weight, bias)
+
+
+def _backward(ctx, grad_out):
+    # Recompute with torch's ops and differentiate that: exact gradients for every input, and
+    # a double backward too (create_graph keeps the recomputation's graph).
+    num_groups, eps, activation = ctx.args
+    saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    with torch.enable_grad():
+        leaves = [None if t is None else (t if need and t.requires_grad else t.detach().requires_grad_(need))
+                  for t, need in zip(saved, needs)]
+        x, shift, weight, bias = leaves
+        y = ref.group_norm_act(x, num_groups, weight, bias, eps, shift, ACTIVATIONS[activation], dtype=None)
+    wanted = [t for t, need in zip(leaves, needs) if need]
+    grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=torch.is_grad_enabled()))
+    return (*(next(grads) if need else None for need in needs), None, None, None, None)
+
+
+_group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerGroupNormAct(torch.autograd.Function):
+    """kdfast::group_norm_act's autograd for plain eager tensors, without the custom op's
+    per-call dispatch cost (same forward and backward)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _forward(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return _backward(ctx, grad_out)
+

@@ -1,0 +1,252 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kdfast import ops
+from kdfast.backends import BackendUnavailableError
+from kdfast.reference import group_norm as ref
+
+from conftest import usable_backends
+from helpers import assert_close_by_rule
+
+BACKENDS = usable_backends("group_norm_act")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (shape, groups): one position, one channel per group, primes, a 3-D sequence, a 5-D volume,
+# a group wider than the CPU's widening block (4096), a batch of one.
+CASES = [((3, 8, 1, 1), 4), ((2, 6, 5, 7), 6), ((4, 12, 3, 11), 3), ((2, 10, 13), 5), ((2, 4, 3, 5, 2), 2),
+         ((2, 16, 67, 71), 4), ((1, 32, 16, 16), 8)]
+
+
+def randn(shape, dtype, seed, scale=1.0, offset=0.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale + offset).to(dtype)
+
+
+def inputs(shape, dtype, seed, channels_last=False, shift=True, affine=True):
+    n, c = shape[:2]
+    x = randn(shape, dtype, seed, 2.0, 0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last if x.dim() == 4 else torch.channels_last_3d)
+    w = randn((c,), dtype, seed + 1) if affine else None
+    b = randn((c,), dtype, seed + 2) if affine else None
+    s = randn((n, c), dtype, seed + 3) if shift else None
+    return x, w, b, s
+
+
+def check(out, x, groups, w, b, s, activation, eps=1e-5, name=""):
+    expect64 = ref.group_norm_act(x, groups, w, b, eps, s, activation)
+    expect_lowp = ref.group_norm_act(x, groups, w, b, eps, s, activation, dtype=None)
+    assert out.shape == x.shape and out.dtype == x.dtype
+    assert_close_by_rule(out, expect64, expect_lowp, name=name, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", CASES)
+@pytest.mark.parametrize("activation", ref.ACTIVATIONS)
+def test_matches_reference(backend, dtype, shape, groups, activation):
+    for channels_last in ((False, True) if len(shape) in (4, 5) else (False,)):
+        x, w, b, s = inputs(shape, dtype, 7, channels_last)
+        out = ops.group_norm_act(x, groups, w, b, shift=s, activation=activation, backend=backend)
+        check(out, x, groups, w, b, s, activation, name=f"{backend} {dtype} {shape} cl={channels_last}")
+        # the output keeps the input's layout
+        assert out.stride() == x.stride()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_optional_pieces_and_eps(backend):
+    x, w, b, s = inputs((3, 8, 5, 4), torch.float32, 3)
+    for kwargs in ({}, {"weight": w}, {"bias": b}, {"shift": s}):
+        out = ops.group_norm_act(x, 2, eps=1e-3, backend=backend, **kwargs)
+        check(out, x, 2, kwargs.get("weight"), kwargs.get("bias"), kwargs.get("shift"), "silu", eps=1e-3)
+    # a shift given as [N, C, 1, 1] (a broadcastable embedding) means the same
+    out = ops.group_norm_act(x, 2, w, b, shift=s[:, :, None, None], backend=backend)
+    torch.testing.assert_close(out, ops.group_norm_act(x, 2, w, b, shift=s, backend=backend))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mixed_dtypes_and_views(backend):
+    # fp16 activations with fp32 affine parameters and a bf16 shift (a half model with an fp32
+    # norm), and x that is a strided view (copied) or a batch slice of a larger tensor
+    x = randn((4, 6, 5, 5), torch.float16, 1)
+    w, b = randn((6,), torch.float32, 2), randn((6,), torch.float64, 3).float()
+    s = randn((4, 6), torch.bfloat16, 4)
+    out = ops.group_norm_act(x, 3, w, b, shift=s, backend=backend)
+    check(out, x, 3, w, b, s, "silu")
+    big = randn((6, 6, 10, 5), torch.float32, 5)
+    for view in (big[:, :, ::2], big[2:], big.transpose(2, 3)):
+        out = ops.group_norm_act(view, 3, w, b, backend=backend)
+        check(out, view, 3, w, b, None, "silu")
+    wide_shift = randn((4, 12), torch.float32, 6)[:, ::2]  # a strided [N, C] view
+    out = ops.group_norm_act(x.float(), 3, w, b, shift=wide_shift, backend=backend)
+    check(out, x.float(), 3, w, b, wide_shift, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_mean_keeps_accuracy(backend):
+    # the statistics are two-pass: a group whose mean is 1e4 times its spread normalises as
+    # well as torch's
+    x = randn((2, 4, 64, 64), torch.float32, 9, 1.0, 1e4)
+    out = ops.group_norm_act(x, 2, activation="identity", backend=backend)
+    check(out, x, 2, None, None, None, "identity")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_silu_extremes(backend):
+    # a constant group normalises to the bias; huge affine values reach silu's tails
+    x = torch.zeros(2, 4, 3, 3)
+    w = torch.tensor([1e30, -1e30, 1.0, 1.0])
+    b = torch.tensor([0.0, 0.0, 200.0, -200.0])
+    out = ops.group_norm_act(x, 4, w, b, backend=backend)
+    torch.testing.assert_close(out, F.silu(torch.zeros(2, 4, 3, 3) + b[None, :, None, None]), atol=1e-30, rtol=1e-6)
+    x = randn((2, 4, 3, 3), torch.float32, 4)
+    out = ops.group_norm_act(x, 4, w, None, backend=backend)
+    expect = F.silu(F.group_norm(x.double(), 4, w.double()))
+    torch.testing.assert_close(out.double(), expect, rtol=1e-5, atol=1e-30)
+    x[0, 0, 0, 0] = float("nan")
+    out = ops.group_norm_act(x, 2, backend=backend)
+    assert out[0, :2].isnan().all() and out[0, 2:].isfinite().all() and out[1].isfinite().all()
+
+
+def test_split_samples_match_whole_samples():
+    # channels-last batches smaller than the thread count are cut into (sample, block) tasks; the
+    # result is the same, bit for bit, as a whole-sample task's (the same sums in the same order)
+    x, w, b, s = inputs((6, 40, 23, 29), torch.float32, 2, channels_last=True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        whole = ops.group_norm_act(x, 8, w, b, shift=s, backend="cpu")
+        torch.set_num_threads(4)
+        for i in (0, 3):
+            one = ops.group_norm_act(x[i:i + 1], 8, w, b, shift=s[i:i + 1], backend="cpu")
+            assert torch.equal(one, whole[i:i + 1])
+        pair = ops.group_norm_act(x[1:3], 8, w, b, shift=s[1:3], backend="cpu")
+        assert torch.equal(pair, whole[1:3])
+    finally:
+        torch.set_num_threads(threads)
+    check(whole, x, 8, w, b, s, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_more_channels_than_a_cpu_block(backend):
+    # a pixel of over 4096 channels (the CPU's widening block), odd, in channels-last
+    x, w, b, s = inputs((2, 4097, 2, 3), torch.bfloat16, 3, channels_last=True)
+    out = ops.group_norm_act(x, 17, w, b, shift=s, backend=backend)
+    check(out, x, 17, w, b, s, "silu")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty(backend):
+    for shape in ((0, 4, 3, 3), (2, 4, 0, 3)):
+        x = torch.randn(shape)
+        out = ops.group_norm_act(x, 2, shift=torch.randn(shape[:2]), backend=backend)
+        assert out.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_gradients_match_torch(backend, channels_last):
+    x, w, b, s = inputs((3, 8, 5, 4), torch.float32, 11, channels_last)
+    grad = randn((3, 8, 5, 4), torch.float32, 12)
+    leaves = [t.clone().requires_grad_() for t in (x, w, b, s)]
+    out = ops.group_norm_act(leaves[0], 4, leaves[1], leaves[2], shift=leaves[3], backend=backend)
+    got = torch.autograd.grad(out, leaves, grad)
+    leaves64 = [t.detach().double().requires_grad_() for t in (x, w, b, s)]
+    expect = torch.autograd.grad(ref.group_norm_act(leaves64[0], 4, leaves64[1], leaves64[2], 1e-5, leaves64[3]),
+                                 leaves64, grad.double())
+    for g, e, name in zip(got, expect, ("x", "weight", "bias", "shift")):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5, msg=name)
+    # only what needs a gradient gets one
+    x2 = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(ops.group_norm_act(x2, 4, w, b, shift=s, backend=backend).sum(), [x2])
+    assert gx.shape == x.shape
+
+
+def test_double_backward():
+    x = randn((2, 4, 3, 3), torch.float32, 1).requires_grad_()
+    w = randn((4,), torch.float32, 2).requires_grad_()
+    (gx,) = torch.autograd.grad(ops.group_norm_act(x, 2, w).square().sum(), [x], create_graph=True)
+    (gw,) = torch.autograd.grad(gx.square().sum(), [w])
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    (gx64,) = torch.autograd.grad(ref.group_norm_act(x64, 2, w64).square().sum(), [x64], create_graph=True)
+    (gw64,) = torch.autograd.grad(gx64.square().sum(), [w64])
+    torch.testing.assert_close(gw.double(), gw64, rtol=1e-3, atol=1e-4)
+
+
+def test_reference_backend_and_forcing():
+    x, w, b, s = inputs((2, 8, 3, 3), torch.float32, 5)
+    out = ops.group_norm_act(x, 4, w, b, shift=s, backend="reference")
+    check(out, x, 4, w, b, s, "silu")
+    with pytest.raises(BackendUnavailableError, match="cuda"):
+        ops.group_norm_act(x, 4, backend="cuda")
+
+
+def test_opcheck():
+    x, w, b, s = inputs((2, 8, 3, 3), torch.float32, 5)
+    for args in ((x, s, w, b, 4, 1e-5, 1, ""), (x.contiguous(memory_format=torch.channels_last), None, None, None,
+                                                 2, 1e-3, 0, "")):
+        torch.library.opcheck(torch.ops.kdfast.group_norm_act.default, args)
+
+
+def test_compile_and_vmap_free_paths():
+    # under torch.compile the op is traced through its fake implementation
+    x, w, b, s = inputs((2, 8, 3, 3), torch.float32, 5)
+    compiled = torch.compile(lambda t: ops.group_norm_act(t, 4, w, b, shift=s), backend="eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), ops.group_norm_act(x, 4, w, b, shift=s))
+
+
+def test_bad_input():
+    x = torch.randn(2, 8, 3, 3)
+    with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+        ops.group_norm_act([1.0], 2)
+    with pytest.raises(TypeError, match="x must be float32"):
+        ops.group_norm_act(x.double(), 2)
+    with pytest.raises(ValueError, match=r"x must be \[batch, channels"):
+        ops.group_norm_act(torch.randn(8), 2)
+    with pytest.raises(ValueError, match="num_groups must be a positive divisor of the 8 channels"):
+        ops.group_norm_act(x, 3)
+    with pytest.raises(ValueError, match="num_groups"):
+        ops.group_norm_act(x, 0)
+    with pytest.raises(TypeError, match="num_groups must be an int"):
+        ops.group_norm_act(x, 2.0)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        ops.group_norm_act(x, 2, torch.ones(4))
+    with pytest.raises(TypeError, match="bias must be float32"):
+        ops.group_norm_act(x, 2, None, torch.ones(8, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"shift must have shape \(2, 8\)"):
+        ops.group_norm_act(x, 2, shift=torch.ones(2, 8, 3, 3))
+    with pytest.raises(ValueError, match="eps must be a finite number >= 0"):
+        ops.group_norm_act(x, 2, eps=-1.0)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.group_norm_act(x, 2, activation="gelu")
+    with pytest.raises(ValueError, match="activation must be in"):
+        torch.ops.kdfast.group_norm_act(x, None, None, None, 2, 1e-5, 5, "")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", usable_backends("group_norm_act", "cuda"))
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape,groups", CASES)
+def test_gpu_matches_reference(backend, dtype, shape, groups):
+    for channels_last in ((False, True) if len(shape) in (4, 5) else (False,)):
+        x, w, b, s = (None if t is None else t.cuda() for t in inputs(shape, dtype, 7, channels_last))
+        for activation in ref.ACTIVATIONS:
+            out = ops.group_norm_act(x, groups, w, b, shift=s, activation=activation, backend=backend)
+            check(out.cpu(), x.cpu(), groups, w.cpu(), b.cpu(), s.cpu(), activation,
+                  name=f"{backend} {dtype} {shape} cl={channels_last}")
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_graph_capture():
+    x, w, b, s = (t.cuda() for t in inputs((4, 32, 16, 16), torch.float16, 3, True))
+    expect = ops.group_norm_act(x, 8, w, b, shift=s)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = ops.group_norm_act(x, 8, w, b, shift=s)
+        graph.replay()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.testing.assert_close(out, expect)
