@@ -284,7 +284,8 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
 
 
 def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -> list:
-    """The whole loop of a small UNet (10 guided images), end to end, kdfast vs diffusers."""
+    """The whole loop of a small UNet (10 guided images), end to end, kdfast (the UNet's
+    inference form, the fused solver step) vs diffusers (the UNet as saved, diffusers' step)."""
     from kdfast.demo import _anchor_sample
     from kdfast.train.teacher import load_teacher
 
@@ -317,7 +318,8 @@ def unet_loop(device, repeats: int, steps: int = STEPS, guidance: float = 1.2) -
                      "backend": kdfast_backend("solver_step", device) if name.startswith("kdfast") else None,
                      "shape": [10, 1, 16, 16], "dtype": "float32",
                      "device": device_name(device), "steps": steps, "loop_ms": q, "peak_memory_bytes": peaks[name],
-                     "anchor": "diffusers loop (same UNet, diffusers DPMSolverMultistepScheduler, unfused guidance)",
+                     "anchor": "diffusers loop (the UNet as saved, diffusers DPMSolverMultistepScheduler, unfused "
+                               "guidance); kdfast's loop runs the UNet's inference form (UNet.for_inference())",
                      "anchor_loop_ms": ref, "anchor_peak_memory_bytes": peaks["diffusers"],
                      "speedup_loop": ref["median"] / q["median"], "max_abs_diff": diff})
         print(f"  {name:<20}{q['median']:>10.2f} ms  [{q['q1']:.2f}, {q['q3']:.2f}]  x{ref['median'] / q['median']:5.2f}"
