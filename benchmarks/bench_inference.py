@@ -9,7 +9,9 @@ Two sections, each timed interleaved with its anchor in one run (median and quar
   channels-last.
 - ``forward``: the digits teacher's forward at the demo's batch (200: 100 images, doubled for
   guidance) and at 1000: ``UNet.for_inference()`` (channels-last + the fused kernel) and torch
-  in channels-last alone, each against the network as saved (contiguous, torch modules).
+  in channels-last alone, each against the network as saved (contiguous, torch modules); and a
+  small Stable-Diffusion-shaped diffusers ``UNet2DConditionModel`` (random weights, 32x32
+  latents, batch 8) prepared by ``kdfast.inference.prepare_for_inference`` against itself.
 
     python benchmarks/bench_inference.py            # everything, fp32 (and bf16 ops on a GPU)
     python benchmarks/bench_inference.py --quick    # small shapes, few repeats
@@ -126,6 +128,39 @@ def forward_rows(device, batches, repeats) -> List[dict]:
     return rows
 
 
+def diffusers_rows(device, batch: int, size: int, repeats: int) -> List[dict]:
+    """A small Stable-Diffusion-shaped diffusers UNet2DConditionModel (random weights): its
+    inference form (kdfast.inference.prepare_for_inference) against the model as built."""
+    try:
+        import diffusers
+    except ImportError:
+        print("diffusers is not installed: the diffusers UNet rows are skipped")
+        return []
+    from kdfast.inference import prepare_for_inference
+
+    torch.manual_seed(0)
+    model = diffusers.UNet2DConditionModel(
+        sample_size=size, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(64, 128, 128),
+        norm_num_groups=32, cross_attention_dim=128, attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")).to(device).eval()
+    fast = prepare_for_inference(model)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, 4, size, size), generator=g).to(device)
+    text = torch.randn((batch, 16, 128), generator=g).to(device)
+    t = torch.tensor(500, device=device)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x, t, text).sample, model(x, t, text).sample, rtol=1e-3, atol=1e-4)
+    q, qa, mem, mem_a = measure(lambda: fast(x, t, text), lambda: model(x, t, text), device, repeats)
+    name = "diffusers UNet2DConditionModel forward: prepare_for_inference()"
+    r = row(name, kdfast_backend("group_norm_act", device), (batch, 4, size, size), torch.float32, device,
+            "forward (ms)", q, mem, "the same model as built (contiguous, diffusers' modules)", qa, mem_a, repeats,
+            parameters=sum(p.numel() for p in model.parameters()))
+    print(f"{name:62s} batch {batch:3d} {size}x{size}  {q['median']:8.2f} ms [{q['q1']:.2f}, {q['q3']:.2f}]  as "
+          f"built {qa['median']:8.2f} ms  x{r['ratio']:5.2f}", flush=True)
+    return [r]
+
+
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, few repeats (a smoke run)")
@@ -160,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             rows += op_rows(device, QUICK_OP_SHAPES if args.quick else OP_SHAPES, dtypes, repeats)
         if "forward" in sections:
             rows += forward_rows(device, (8,) if args.quick else FORWARD_BATCHES, repeats)
+            rows += diffusers_rows(device, 2 if args.quick else 8, 16 if args.quick else 32, repeats)
         if out:
             merge_rows(out, rows)
     if out:

@@ -2,12 +2,13 @@
 
 Pillars available now: fused solver steps (:mod:`kdfast.ops`, :mod:`kdfast.schedulers`,
 :mod:`kdfast.sampling`, :func:`kdfast.sample`, and :class:`kdfast.CapturedSampler` for whole
-loops replayed as CUDA graphs) and fused distillation losses (:mod:`kdfast.losses`). See
+loops replayed as CUDA graphs) and fused distillation losses (:mod:`kdfast.losses`), with
+teacher inference (:mod:`kdfast.inference`: fused group norms, channels-last). See
 ``kdfast info`` for what is built and usable here.
 """
 __version__ = "0.1.0"
 
-from . import _ext, backends, losses, ops, reference, sampling, schedulers  # noqa: E402  (ops registers the torch.library ops)
+from . import _ext, backends, inference, losses, ops, reference, sampling, schedulers  # noqa: E402  (ops registers the torch.library ops)
 from .sampling import CapturedSampler, sample  # noqa: E402
 
 if _ext.is_unbuilt_source_tree():
@@ -17,4 +18,4 @@ if _ext.is_unbuilt_source_tree():
                    "every op falls back to the torch reference. Install kdfast (pip install .) and run from "
                    "another directory, or install it in editable mode (pip install -e .).", RuntimeWarning)
 
-__all__ = ["__version__", "CapturedSampler", "backends", "losses", "ops", "reference", "sample", "sampling", "schedulers"]
+__all__ = ["__version__", "CapturedSampler", "backends", "inference", "losses", "ops", "reference", "sample", "sampling", "schedulers"]

@@ -14,7 +14,6 @@ trained for).
 """
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
@@ -23,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..inference import can_fuse
 from ..ops.group_norm import group_norm_act
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -100,17 +100,13 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
-_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
 def norm_act(norm: nn.GroupNorm, x: torch.Tensor, *, fused: bool, shift: Optional[torch.Tensor] = None,
              silu: bool = True) -> torch.Tensor:
     """``silu(norm(x + shift[:, :, None, None]))`` (or without the SiLU): kdfast's fused kernel
-    when ``fused`` and nothing needs a gradient (one pass over the feature map instead of
-    three), torch's modules otherwise: in training (their backward is faster than the fused
-    op's recomputing one), in float64, and on devices other than CPUs and CUDA GPUs."""
-    if fused and x.dtype in _FUSED_DTYPES and x.device.type in ("cpu", "cuda") and not (
-            torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad)):
+    when ``fused`` and :func:`kdfast.inference.can_fuse` allows (one pass over the feature map
+    instead of three), torch's modules otherwise: in training (their backward is faster than
+    the fused op's recomputing one), in float64, and on devices other than CPUs and CUDA GPUs."""
+    if fused and can_fuse(x, norm):
         return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift,
                               activation="silu" if silu else "identity")
     if shift is not None:
@@ -139,7 +135,7 @@ class ResBlock(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _zero(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Identity() if in_ch == out_ch else nn.Conv2d(in_ch, out_ch, 1)
-        self.fused = False  # set by UNet.for_inference
+        self.fused = False  # set by kdfast.inference.fuse_group_norms
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(norm_act(self.norm1, x, fused=self.fused))
@@ -157,7 +153,7 @@ class SelfAttention(nn.Module):
         self.norm = nn.GroupNorm(groups, channels)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = _zero(nn.Conv2d(channels, channels, 1))
-        self.fused = False  # set by UNet.for_inference
+        self.fused = False  # set by kdfast.inference.fuse_group_norms
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c, h, w = x.shape
@@ -183,8 +179,8 @@ class UNet(nn.Module):
         elif overrides:
             config = UNetConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config
-        self.channels_last = False  # see for_inference
-        self.fused = False
+        self.channels_last = False  # inputs made channels-last (set by kdfast.inference.prepare_for_inference)
+        self.fused = False  # norm_out fused (set by kdfast.inference.fuse_group_norms)
         cfg = config
         emb_dim, groups = cfg.time_embed_dim, cfg.norm_groups
         chans = [cfg.base_channels * m for m in cfg.channel_mults]
@@ -232,20 +228,16 @@ class UNet(nn.Module):
         self.conv_out = _zero(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def for_inference(self, fused_norms: bool = True) -> "UNet":
-        """A copy for sampling and teacher forwards, frozen in eval mode: weights and
-        activations channels-last (oneDNN's and cuDNN's faster convolution layout) and, with
-        ``fused_norms``, every GroupNorm-SiLU pair, with the embedding add before it, run by
-        kdfast's fused :func:`~kdfast.ops.group_norm_act`. Same outputs up to float rounding;
-        ~1.6x faster per forward on 2 CPU cores (benchmarks/bench_inference.py). Under autograd
-        the norms fall back to torch's modules, so it stays differentiable, but it is not meant
-        for training."""
-        fast = copy.deepcopy(self).eval().requires_grad_(False).to(memory_format=torch.channels_last)
-        fast.channels_last = True
-        for module in fast.modules():
-            if isinstance(module, (ResBlock, SelfAttention)):
-                module.fused = fused_norms
-        fast.fused = fused_norms
-        return fast
+        """A frozen copy for sampling and teacher forwards (:func:`kdfast.inference.prepare_for_inference`):
+        weights and activations channels-last (oneDNN's and cuDNN's faster convolution layout)
+        and, with ``fused_norms``, every GroupNorm-SiLU pair, with the embedding add before it,
+        run by kdfast's fused :func:`~kdfast.ops.group_norm_act`. Same outputs up to float
+        rounding; ~1.6x faster per forward on 2 CPU cores (benchmarks/bench_inference.py).
+        Under autograd the norms fall back to torch's modules, so it stays differentiable, but
+        it is not meant for training."""
+        from ..inference import prepare_for_inference
+
+        return prepare_for_inference(self, fuse_norms=fused_norms)
 
     @property
     def num_parameters(self) -> int:

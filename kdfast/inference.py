@@ -1,0 +1,143 @@
+"""Teacher inference: a UNet's forward with its group norms fused and its activations channels-last.
+
+:func:`prepare_for_inference` returns a frozen copy of a model for sampling and for the
+teacher forwards of distillation:
+
+- weights (and so activations) in channels-last, the layout oneDNN's and cuDNN's fastest
+  convolutions read;
+- every GroupNorm followed by SiLU run by :func:`kdfast.ops.group_norm_act` in one pass,
+  with the time embedding a ResNet block adds before its second norm folded in:
+
+  - kdfast's own :class:`~kdfast.models.UNet` (its blocks call the fused op themselves);
+  - diffusers' ``ResnetBlock2D`` (the blocks of ``UNet2DModel`` and ``UNet2DConditionModel``,
+    Stable Diffusion's UNet among them) with the default time-embedding norm and SiLU, and
+    without an up/down-sampler of their own (such blocks are left as they are);
+  - any ``GroupNorm`` directly followed by a ``SiLU`` module in a parent's attributes, such as
+    diffusers UNets' ``conv_norm_out`` / ``conv_act``.
+
+The outputs are those of the original model up to float rounding. Wherever a gradient is
+needed, or for float64 inputs, the fused blocks run torch's own modules instead, so the copy
+stays differentiable (but is not meant for training).
+"""
+from __future__ import annotations
+
+import copy
+import types
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .ops.group_norm import group_norm_act
+
+_FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def can_fuse(x: torch.Tensor, *modules: Optional[nn.Module]) -> bool:
+    """Whether the fused kernel may replace torch's modules for input ``x``: nothing needs a
+    gradient (x or the modules' parameters), x is float32/16-bit on a CPU or CUDA device."""
+    if x.dtype not in _FUSED_DTYPES or x.device.type not in ("cpu", "cuda"):
+        return False
+    if not torch.is_grad_enabled():
+        return True
+    return not (x.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters()))
+
+
+class GroupNormSiLU(nn.Module):
+    """A ``GroupNorm`` followed by SiLU, fused where :func:`can_fuse` allows. Holds the original
+    norm as ``norm`` (its parameters keep their values)."""
+
+    def __init__(self, norm: nn.GroupNorm):
+        super().__init__()
+        self.norm = norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm
+        if can_fuse(x, norm):
+            return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+        return torch.nn.functional.silu(norm(x))
+
+
+def _fusable_resnet(module: nn.Module) -> bool:
+    """A diffusers ResnetBlock2D whose norm-SiLU pairs the fused forward below reproduces."""
+    return (type(module).__name__ == "ResnetBlock2D" and type(module).__module__.startswith("diffusers")
+            and isinstance(getattr(module, "norm1", None), nn.GroupNorm)
+            and isinstance(getattr(module, "norm2", None), nn.GroupNorm)
+            and isinstance(getattr(module, "nonlinearity", None), nn.SiLU)
+            and getattr(module, "time_embedding_norm", None) == "default"
+            and getattr(module, "upsample", 1) is None and getattr(module, "downsample", 1) is None)
+
+
+def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs):
+    """diffusers' ResnetBlock2D.forward (default time-embedding norm, SiLU, no resampler) with
+    norm1 + SiLU and (+ temb) norm2 + SiLU as two fused passes."""
+    if not can_fuse(input_tensor, self) or (temb is None and self.time_emb_proj is not None):
+        return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    hidden = group_norm_act(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps)
+    hidden = self.conv1(hidden)
+    shift = None
+    if self.time_emb_proj is not None:
+        shift = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
+    elif temb is not None:
+        shift = temb.reshape(temb.shape[:2])  # (a [N, C, 1, 1] embedding added as given)
+    hidden = group_norm_act(hidden, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps,
+                            shift=shift)
+    hidden = self.conv2(self.dropout(hidden))
+    if self.conv_shortcut is not None:
+        input_tensor = self.conv_shortcut(input_tensor)
+    return (input_tensor + hidden) / self.output_scale_factor
+
+
+def fuse_group_norms(model: nn.Module) -> int:
+    """Fuse ``model``'s GroupNorm-SiLU pairs in place (see the module docstring); returns how
+    many norms now run fused."""
+    from .models.unet import UNet
+
+    fused = 0
+    for module in list(model.modules()):
+        if isinstance(module, UNet):  # its blocks call the fused op themselves when told to
+            for block in module.modules():
+                if hasattr(block, "fused"):
+                    block.fused = True
+            fused += sum(isinstance(m, nn.GroupNorm) for m in module.modules())
+        elif _fusable_resnet(module) and "forward" not in vars(module):
+            module.forward = types.MethodType(_fused_resnet_forward, module)
+            fused += 2
+    # A GroupNorm attribute directly followed by a SiLU attribute (diffusers: conv_norm_out,
+    # conv_act): the pair becomes GroupNormSiLU + Identity.
+    for module in list(model.modules()):
+        names = list(module._modules)
+        for first, second in zip(names, names[1:]):
+            norm, act = module._modules[first], module._modules[second]
+            if isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU) and _used_in_order(module, first, second):
+                module._modules[first] = GroupNormSiLU(norm)
+                module._modules[second] = nn.Identity()
+                fused += 1
+    return fused
+
+
+# Modules known to apply these attribute pairs one after the other in their forward.
+_SEQUENTIAL_PAIRS = {("conv_norm_out", "conv_act")}
+
+
+def _used_in_order(module: nn.Module, first: str, second: str) -> bool:
+    return isinstance(module, nn.Sequential) or (first, second) in _SEQUENTIAL_PAIRS
+
+
+def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fuse_norms: bool = True,
+                          inplace: bool = False) -> nn.Module:
+    """A frozen copy of ``model`` (eval mode, no gradients) for sampling and teacher forwards:
+    channels-last weights and, with ``fuse_norms``, fused GroupNorm-SiLU pairs (see the
+    module docstring). The original is left as it is, unless ``inplace`` (no copy: for a
+    model too large to hold twice), when ``model`` itself is prepared and returned."""
+    from .models.unet import UNet
+
+    fast = (model if inplace else copy.deepcopy(model)).eval().requires_grad_(False)
+    if channels_last:
+        fast = fast.to(memory_format=torch.channels_last)
+        for module in fast.modules():
+            if isinstance(module, UNet):
+                module.channels_last = True
+    if fuse_norms:
+        fuse_group_norms(fast)
+    return fast

@@ -1,0 +1,122 @@
+"""kdfast.inference: the inference form of kdfast's UNet and of diffusers UNets gives the
+original's outputs and runs the fused group norm where it should (and only there)."""
+import pytest
+import torch
+
+from kdfast import inference
+from kdfast.models import UNet
+
+diffusers = pytest.importorskip("diffusers")
+
+
+def _perturbed(model):
+    torch.manual_seed(0)
+    with torch.no_grad():  # zero-initialised layers would hide a wrong block
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def _unet2d():
+    return _perturbed(diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D")))
+
+
+def _unet2d_condition():
+    return _perturbed(diffusers.UNet2DConditionModel(
+        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")))
+
+
+def _count_calls(monkeypatch):
+    calls = []
+    real = inference.group_norm_act
+    monkeypatch.setattr(inference, "group_norm_act", lambda *a, **k: calls.append(k) or real(*a, **k))
+    return calls
+
+
+def _resnets(model):
+    return [m for m in model.modules() if type(m).__name__ == "ResnetBlock2D"]
+
+
+@pytest.mark.parametrize("make", [_unet2d, _unet2d_condition])
+def test_diffusers_unets_match_and_run_fused(make, monkeypatch):
+    model = make()
+    fast = inference.prepare_for_inference(model)
+    torch.manual_seed(1)
+    channels = model.config.in_channels
+    x = torch.randn(3, channels, 16, 16)
+    t = torch.tensor([10, 500, 990])
+    kwargs = {"encoder_hidden_states": torch.randn(3, 5, 32)} if "Condition" in type(model).__name__ else {}
+    calls = _count_calls(monkeypatch)
+    with torch.inference_mode():
+        expect = model(x, t, **kwargs).sample
+        assert calls == []  # the original is untouched
+        out = fast(x, t, **kwargs).sample
+    torch.testing.assert_close(out, expect, rtol=1e-4, atol=2e-5)
+    # two fused norms per ResNet block, the second with the time embedding folded in, plus the
+    # output norm (conv_norm_out + conv_act)
+    resnets = _resnets(fast)
+    assert len(calls) == 2 * len(resnets) + 1
+    assert sum(k.get("shift") is not None for k in calls) == len(resnets)
+    assert isinstance(fast.conv_norm_out, inference.GroupNormSiLU) and isinstance(fast.conv_act, torch.nn.Identity)
+    assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    assert not any("forward" in vars(m) for m in model.modules())
+
+
+def test_diffusers_unet_under_autograd_runs_torch(monkeypatch):
+    model = _unet2d()
+    fast = inference.prepare_for_inference(model)
+    x = torch.randn(2, 3, 16, 16)
+    calls = _count_calls(monkeypatch)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    (ga,) = torch.autograd.grad(model(xa, 100).sample.square().sum(), [xa])
+    (gb,) = torch.autograd.grad(fast(xb, 100).sample.square().sum(), [xb])
+    assert calls == []
+    torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+def test_resnets_with_their_own_resampler_are_left_alone():
+    model = _perturbed(diffusers.UNet2DModel(
+        sample_size=16, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(32, 64),
+        norm_num_groups=8, down_block_types=("ResnetDownsampleBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "ResnetUpsampleBlock2D")))
+    fast = inference.prepare_for_inference(model)
+    resamplers = [m for m in _resnets(fast) if m.upsample is not None or m.downsample is not None]
+    assert resamplers and not any("forward" in vars(m) for m in resamplers)
+    assert all("forward" in vars(m) for m in _resnets(fast) if m not in resamplers)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x, 7).sample, model(x, 7).sample, rtol=1e-4, atol=2e-5)
+
+
+def test_kdfast_unet_and_options():
+    torch.manual_seed(0)
+    model = _perturbed(UNet())
+    x = torch.randn(2, 1, 16, 16)
+    with torch.inference_mode():
+        expect = model(x, 300, torch.tensor([1, 10]))
+        for kwargs in ({}, {"channels_last": False}, {"fuse_norms": False}):
+            fast = inference.prepare_for_inference(model, **kwargs)
+            assert fast.channels_last == kwargs.get("channels_last", True)
+            assert fast.fused == kwargs.get("fuse_norms", True)
+            torch.testing.assert_close(fast(x, 300, torch.tensor([1, 10])), expect, rtol=1e-4, atol=1e-5)
+    # fusing twice changes nothing more; inplace prepares the model itself
+    original = _unet2d()
+    fast = inference.prepare_for_inference(original, inplace=True)
+    assert fast is original and isinstance(original.conv_norm_out, inference.GroupNormSiLU)
+    assert inference.fuse_group_norms(fast) == 0
+
+
+def test_sequential_pairs_and_can_fuse():
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
+    fast = inference.prepare_for_inference(seq)
+    assert isinstance(fast[1], inference.GroupNormSiLU) and isinstance(fast[2], torch.nn.Identity)
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), seq(x), rtol=1e-4, atol=1e-5)
+    assert not inference.can_fuse(x.double())
+    assert inference.can_fuse(x) and not inference.can_fuse(x.requires_grad_())
