@@ -36,6 +36,14 @@ def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     return device
 
 
+def check_devices(parser: argparse.ArgumentParser, text: str) -> List[torch.device]:
+    """``--device`` as a list: ``all`` is the CPU, then the GPU when there is one; anything
+    else is :func:`check_device`'s one device (checked before any work)."""
+    if text == "all":
+        return [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    return [check_device(parser, text)]
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model and torch's thread count."""
     if device.type == "cuda":

@@ -19,7 +19,7 @@ import time
 from typing import Callable, List, Optional
 
 import torch
-from _common import (check_device, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
+from _common import (check_devices, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
                      sync)
 
 from kdfast.losses import diffusion as dl
@@ -163,10 +163,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                              "written by full runs only; rows of the same device, loss, shape and dtype are "
                              "replaced, all others kept)")
     args = parser.parse_args(argv)
-    if args.device == "all":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    else:  # checked before any work: a usage error, not a traceback
-        devices = [check_device(parser, args.device)]
+    devices = check_devices(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "8x4x64x64"}

@@ -27,7 +27,8 @@ from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
-from _common import check_device, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles, sync
+from _common import (check_devices, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
+                     sync)
 
 from kdfast.ops import group_norm_act
 
@@ -177,10 +178,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     unknown = sorted(set(sections) - {"op", "forward"})
     if unknown or not sections:
         parser.error(f"--sections: expected a comma-separated subset of op, forward, got {args.sections!r}")
-    if args.device == "all":
-        devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    else:
-        devices = [check_device(parser, args.device)]
+    devices = check_devices(parser, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats = args.repeats or (3 if args.quick else 11)
