@@ -97,3 +97,20 @@ def test_op_modules_keep_their_annotations_as_types():
     for name in ("kdfast.ops.solver_step", "kdfast.ops.kd_divergence", "kdfast.ops.diffusion_losses"):
         module = importlib.import_module(name)
         assert getattr(module, "annotations", None) is not __future__.annotations, name
+
+
+def test_gpu_script_runs_every_gpu_test():
+    """.ci/gpu names the test paths it runs on a lent GPU (one call, no time to run the whole
+    suite): every file holding a gpu test must be under one of them, or it never runs."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = (root / ".ci" / "gpu").read_text()
+    paths = set(re.findall(r"\btests/[\w/.]+", script))
+    assert paths
+    gpu_files = [p.relative_to(root).as_posix() for p in (root / "tests").rglob("test_*.py")
+                 if re.search(r"^@pytest\.mark\.gpu", p.read_text(), re.M)]
+    assert gpu_files
+    missing = [f for f in gpu_files if not any(f == p or f.startswith(p.rstrip("/") + "/") for p in paths)]
+    assert missing == [], f"gpu tests .ci/gpu does not run: {missing}"

@@ -120,3 +120,46 @@ def test_sequential_pairs_and_can_fuse():
         torch.testing.assert_close(fast(x), seq(x), rtol=1e-4, atol=1e-5)
     assert not inference.can_fuse(x.double())
     assert inference.can_fuse(x) and not inference.can_fuse(x.requires_grad_())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inference_form(dtype):
+    # a 16-bit teacher: the fused norms read 16-bit maps and affine parameters, as torch's do
+    torch.manual_seed(0)
+    model = _perturbed(UNet())
+    x = torch.randn(2, 1, 16, 16)
+    with torch.inference_mode():
+        expect = model(x, 300, torch.tensor([1, 10]))
+        try:
+            half = model.to(dtype)(x.to(dtype), 300, torch.tensor([1, 10]))
+        except RuntimeError as exc:  # a torch build without 16-bit CPU convolutions
+            pytest.skip(f"torch cannot run {dtype} convolutions here: {exc}")
+        fast = inference.prepare_for_inference(model)(x.to(dtype), 300, torch.tensor([1, 10]))
+    model.float()
+    assert fast.dtype == dtype
+    # the fused form is as close to the float32 result as torch's own 16-bit run is, within 2x
+    err_fast = (fast.float() - expect).abs().max()
+    err_torch = (half.float() - expect).abs().max()
+    assert err_fast <= 2 * err_torch + 1e-3, (err_fast, err_torch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gpu_inference_forms(dtype):
+    for make in (_unet2d, _unet2d_condition):
+        model = make().cuda().to(dtype)
+        fast = inference.prepare_for_inference(model)
+        x = torch.randn(4, model.config.in_channels, 16, 16, device="cuda", dtype=dtype)
+        t = torch.tensor([10, 300, 600, 990], device="cuda")
+        kwargs = {"encoder_hidden_states": torch.randn(4, 5, 32, device="cuda", dtype=dtype)} \
+            if "Condition" in type(model).__name__ else {}
+        with torch.inference_mode():
+            out, expect = fast(x, t, **kwargs).sample, model(x, t, **kwargs).sample
+        tol = {"rtol": 1e-3, "atol": 1e-4} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 2e-2}
+        torch.testing.assert_close(out, expect, **tol)
+    teacher = _perturbed(UNet()).cuda()
+    fast = teacher.for_inference()
+    x = torch.randn(8, 1, 16, 16, device="cuda")
+    y = torch.arange(8, device="cuda") % 11
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x, 500, y), teacher(x, 500, y), rtol=1e-3, atol=1e-4)
