@@ -19,6 +19,14 @@ from kdfast.train import run as _run
 
 int_at_least = _run.int_at_least  # the scripts' argparse type for counts (one definition, in kdfast)
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def recorded_results(script: str) -> str:
+    """The recorded-results file of benchmark script ``script`` (its ``__file__``):
+    ``benchmarks/results/<script name>.json``."""
+    return os.path.join(RESULTS_DIR, os.path.splitext(os.path.basename(script))[0] + ".json")
+
 
 def check_device(parser: argparse.ArgumentParser, text: str) -> torch.device:
     """``--device`` as a torch device, cpu or cuda[:N]; anything else, or CUDA on a machine

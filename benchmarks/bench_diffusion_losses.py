@@ -20,7 +20,7 @@ from typing import Callable, List, Optional
 
 import torch
 from _common import (check_devices, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
-                     sync)
+                     recorded_results, sync)
 
 from kdfast.losses import diffusion as dl
 from kdfast.reference import diffusion_losses as ref
@@ -171,7 +171,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     repeats = args.repeats or (7 if args.quick else 15)
     out = args.out
     if out is None and not args.quick:  # a smoke run must not replace the recorded figures
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_diffusion_losses.json")
+        out = recorded_results(__file__)
     rows = []
     for device in devices:
         print(f"== {device_name(device)}")

@@ -21,14 +21,13 @@ shape and dtype are replaced, all others kept).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from typing import Callable, List, Optional
 
 import torch
 import torch.nn.functional as F
 from _common import (check_devices, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
-                     sync)
+                     recorded_results, sync)
 
 from kdfast.ops import group_norm_act
 
@@ -184,7 +183,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     repeats = args.repeats or (3 if args.quick else 11)
     out = args.out
     if out is None and not args.quick:  # a smoke run must not replace the recorded figures
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_inference.json")
+        out = recorded_results(__file__)
     rows = []
     for device in devices:
         print(f"== {device_name(device)}")

@@ -36,10 +36,11 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from _common import check_device, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles
+from _common import (check_device, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes, quartiles,
+                     recorded_results)
 from _common import device_name as _device_name
 
-RESULTS = Path(__file__).resolve().parent / "results" / "bench_kdloss.json"
+RESULTS = Path(recorded_results(__file__))
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
 CASES = ("kd_loss", "fused_linear_kd", "classifier_kd")
 HINTON_T = 4.0

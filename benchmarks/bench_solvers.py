@@ -37,7 +37,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 from _common import (check_device, device_name, int_at_least, k_diffusion_sampling, kdfast_backend, merge_rows,
-                     peak_memory_bytes, quartiles, quiet_stderr, sync)
+                     peak_memory_bytes, quartiles, quiet_stderr, recorded_results, sync)
 
 import kdfast
 from kdfast import schedulers as kd
@@ -433,7 +433,7 @@ def main(argv=None) -> None:
     out = args.out
     if out is None and not (args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}):
         # only a full run updates the recorded figures; a partial one writes where --out says
-        out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "bench_solvers.json")
+        out = recorded_results(__file__)
     rows = []
 
     def record(new_rows):  # merged as soon as measured: a run cut short keeps what it measured

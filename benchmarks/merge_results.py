@@ -13,9 +13,9 @@ import os
 import sys
 from typing import List, Optional
 
-from _common import merge_rows
+from _common import RESULTS_DIR, merge_rows
 
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+RESULTS = RESULTS_DIR
 KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "bench_inference.json",
          "ncu_solver_bytes.json")
 
