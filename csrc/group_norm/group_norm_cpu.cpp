@@ -2,14 +2,14 @@
 // a group's channels are interleaved with the others', so a sample is one task) or
 // (sample, group) pairs (channel-major: a group is one contiguous block). A task's three
 // sweeps run over data that is still in L2 from the sweep before, so the feature map is
-// read from memory about once and written once. Each task sums in a fixed order: results do
-// not depend on the thread count.
+// read from memory about once and written once. Channels-last batches smaller than the
+// thread count are cut into (sample, block) tasks instead, their partial sums gathered between
+// the sweeps. Sums run in a fixed order: results do not depend on the thread count.
 #include "group_norm.h"
 
 #include "common/kd_cpu.h"
 
 #include <algorithm>
-#include <cstring>
 
 #ifdef _OPENMP
 #include <omp.h>
