@@ -6,3 +6,6 @@ __all__ = ["kd_divergence", "solver_step"]
 from . import diffusion_losses  # noqa: E402
 
 __all__ += ["diffusion_losses"]
+from . import group_norm  # noqa: E402
+
+__all__ += ["group_norm"]

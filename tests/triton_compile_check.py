@@ -142,6 +142,17 @@ def diffusion_loss_cases(ops):
                             backend="triton").sum().backward()
 
 
+def group_norm_cases(ops):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = _randn(2, 8, 5, 7, dtype=dtype)
+        w, b, s = _randn(8, dtype=dtype), _randn(8, dtype=dtype), _randn(2, 8, dtype=dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ops.group_norm_act(x.contiguous(memory_format=layout), 4, w, b, shift=s, backend="triton")
+        ops.group_norm_act(x, 2, activation="identity", backend="triton")
+    # size-1 arguments compile as constants: one sample, one position, one group
+    ops.group_norm_act(_randn(1, 4, 1, 1), 1, _randn(4), backend="triton")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     arch = int(argv[0]) if argv else 90
@@ -157,7 +168,7 @@ def main(argv=None) -> int:
     _ext._interpreted_kernels = True
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     KernelInterface.__getitem__ = _compile_only
-    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases):
+    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases, group_norm_cases):
         cases(ops)
     print(json.dumps({"arch": arch, "triton": triton.__version__, "launches": dict(LAUNCHES),
                       "seconds": {k: round(v, 1) for k, v in SECONDS.items()}}))

@@ -199,6 +199,12 @@ def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
                                   torch.cuda.current_stream(x.device).cuda_stream)
 
 
+@group_norm_op.register("triton")
+def _triton(x, shift, weight, bias, num_groups, eps, act, out):
+    with on_device(x):
+        _ext.triton()[0].group_norm.launch(x, shift, weight, bias, num_groups, eps, act, _channels_last(x), out)
+
+
 # --------------------------------------------------------------------------- custom op + autograd
 
 

@@ -33,11 +33,16 @@ def inputs(shape, dtype, seed, channels_last=False, shift=True, affine=True):
     return x, w, b, s
 
 
-def check(out, x, groups, w, b, s, activation, eps=1e-5, name=""):
+def check(out, x, groups, w, b, s, activation, eps=1e-5, name="", backend=None):
     expect64 = ref.group_norm_act(x, groups, w, b, eps, s, activation)
     expect_lowp = ref.group_norm_act(x, groups, w, b, eps, s, activation, dtype=None)
     assert out.shape == x.shape and out.dtype == x.dtype
-    assert_close_by_rule(out, expect64, expect_lowp, name=name, atol=2e-6)
+    atol = 2e-6
+    if backend == "triton" and x.dtype == torch.bfloat16 and not torch.cuda.is_available():
+        # Triton's CPU interpreter narrows fp32 to bf16 by truncation (GPUs round to nearest
+        # even): up to one bf16 ulp more than a rounding kernel
+        atol = torch.finfo(torch.bfloat16).eps
+    assert_close_by_rule(out, expect64, expect_lowp, name=name, atol=atol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -48,7 +53,8 @@ def test_matches_reference(backend, dtype, shape, groups, activation):
     for channels_last in ((False, True) if len(shape) in (4, 5) else (False,)):
         x, w, b, s = inputs(shape, dtype, 7, channels_last)
         out = ops.group_norm_act(x, groups, w, b, shift=s, activation=activation, backend=backend)
-        check(out, x, groups, w, b, s, activation, name=f"{backend} {dtype} {shape} cl={channels_last}")
+        check(out, x, groups, w, b, s, activation, name=f"{backend} {dtype} {shape} cl={channels_last}",
+              backend=backend)
         # the output keeps the input's layout
         assert out.stride() == x.stride()
 
@@ -72,7 +78,7 @@ def test_mixed_dtypes_and_views(backend):
     w, b = randn((6,), torch.float32, 2), randn((6,), torch.float64, 3).float()
     s = randn((4, 6), torch.bfloat16, 4)
     out = ops.group_norm_act(x, 3, w, b, shift=s, backend=backend)
-    check(out, x, 3, w, b, s, "silu")
+    check(out, x, 3, w, b, s, "silu", backend=backend)
     big = randn((6, 6, 10, 5), torch.float32, 5)
     for view in (big[:, :, ::2], big[2:], big.transpose(2, 3)):
         out = ops.group_norm_act(view, 3, w, b, backend=backend)
@@ -92,6 +98,7 @@ def test_large_mean_keeps_accuracy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # (numpy, in Triton's interpreter)
 def test_silu_extremes(backend):
     # a constant group normalises to the bias; huge affine values reach silu's tails
     x = torch.zeros(2, 4, 3, 3)
@@ -132,7 +139,7 @@ def test_more_channels_than_a_cpu_block(backend):
     # a pixel of over 4096 channels (the CPU's widening block), odd, in channels-last
     x, w, b, s = inputs((2, 4097, 2, 3), torch.bfloat16, 3, channels_last=True)
     out = ops.group_norm_act(x, 17, w, b, shift=s, backend=backend)
-    check(out, x, 17, w, b, s, "silu")
+    check(out, x, 17, w, b, s, "silu", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
