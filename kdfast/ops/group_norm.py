@@ -129,7 +129,8 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
         activation: ``"silu"`` or ``"identity"``.
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 
-    Statistics accumulate in float32 with double-precision partial sums, for every dtype.
+    Statistics are two-pass in float32 for every dtype (the CPU and CUDA kernels gather partial
+    sums in double, the Triton kernel in float32 lanes).
     Differentiable (x, weight, bias, shift): the backward recomputes with torch's ops.
     """
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
