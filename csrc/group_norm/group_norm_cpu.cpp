@@ -89,15 +89,14 @@ KD_CPU_CLONES void cl_block_write(const Params& p, int64_t b, int64_t k, const f
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = v + r * C;
     float* dst = y + r * C;
+    // one loop per activation (a constant there): group_norm.h's math, branch-free
     if (p.activation == kSiLU) {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const float t = (row[c] - center[c]) * scale[c] + bias[c];
-        dst[c] = t / (1.f + kd_exp(-t));
-      }
+      for (int64_t c = 0; c < C; ++c) dst[c] = normalize(ChannelConsts{center[c], scale[c], bias[c]}, kSiLU, row[c]);
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) dst[c] = (row[c] - center[c]) * scale[c] + bias[c];
+      for (int64_t c = 0; c < C; ++c)
+        dst[c] = normalize(ChannelConsts{center[c], scale[c], bias[c]}, kIdentity, row[c]);
     }
   }
   store_floats(p.out, p.out_dtype, o, rows * C, y);
@@ -250,20 +249,16 @@ KD_CPU_CLONES void group_channel_major(const Params& p, int64_t b, int64_t g, fl
   const int act = p.activation;
   for (int64_t c = c0; c < c0 + cpg; ++c) {
     const ChannelConsts k = channel_consts(mean, rstd, shift_at(p, b, c), weight_at(p, c), bias_at(p, c));
-    const float center = k.center, scale = k.scale, bias = k.bias;
     for (int64_t j0 = 0; j0 < S; j0 += kCpuBlock) {
       const int64_t n = std::min(kCpuBlock, S - j0);
       const float* v = load_floats(x, p.x_dtype, x0 + c * S + j0, n, block);
       float* y = float_target(out, p.out_dtype, o0 + c * S + j0, block);
       if (act == kSiLU) {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) {
-          const float t = (v[j] - center) * scale + bias;
-          y[j] = t / (1.f + kd_exp(-t));
-        }
+        for (int64_t j = 0; j < n; ++j) y[j] = normalize(k, kSiLU, v[j]);
       } else {
 #pragma omp simd
-        for (int64_t j = 0; j < n; ++j) y[j] = (v[j] - center) * scale + bias;
+        for (int64_t j = 0; j < n; ++j) y[j] = normalize(k, kIdentity, v[j]);
       }
       store_floats(out, p.out_dtype, o0 + c * S + j0, n, y);
     }

@@ -222,7 +222,7 @@ def _group_norm_act_op(x: torch.Tensor, shift: Optional[torch.Tensor], weight: O
 
 @_group_norm_act_op.register_fake
 def _(x, shift, weight, bias, num_groups, eps, activation, backend):
-    return _allocate(x if dense_format(x) is not None else x.contiguous())
+    return _allocate(_check_x(x))  # the layout the kernels write: x's, when dense
 
 
 def _setup_context(ctx, inputs, output):
