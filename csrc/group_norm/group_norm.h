@@ -65,13 +65,21 @@ inline int64_t cl_blocks(int64_t channels, int64_t spatial) {
   return (spatial + rows - 1) / rows;
 }
 
-// CPU scratch of one thread: per-channel and per-group double sums, per-channel constants and
-// one widened block (of one pixel at least; an even count, so every thread's share stays
-// 8-byte aligned).
-inline int64_t per_thread_floats(int64_t channels) {
-  const int64_t block = channels > kCpuBlock ? channels + (channels & 1) : kCpuBlock;
-  return 10 * channels + block;
+// CPU, channel-major: below this many elements per channel a task takes a run of whole groups
+// (one block) and sweeps it flat, since per-channel loops of a few elements cost more in
+// overhead than they compute.
+constexpr int64_t kSmallSpatial = 64;
+inline bool small_groups(int channels_last, int64_t channels, int64_t spatial, int64_t groups) {
+  return !channels_last && spatial < kSmallSpatial && (channels / groups) * spatial <= kCpuBlock;
 }
+
+// CPU scratch of one thread: per-channel and per-group double sums, per-channel constants,
+// one widened block (of one pixel at least; an even count, so every thread's share stays
+// 8-byte aligned) and the block's per-element centers, scales and biases (small groups).
+inline int64_t block_floats(int64_t channels) {
+  return channels > kCpuBlock ? channels + (channels & 1) : kCpuBlock;
+}
+inline int64_t per_thread_floats(int64_t channels) { return 10 * channels + block_floats(channels) + 3 * kCpuBlock; }
 
 // Whether a channels-last call splits samples into (sample, block) tasks: when there are fewer
 // samples than threads (and a sample has more than one block).

@@ -1,6 +1,7 @@
 // CPU launcher of the fused group norm + activation. Threads take whole samples (channels-last:
 // a group's channels are interleaved with the others', so a sample is one task) or
-// (sample, group) pairs (channel-major: a group is one contiguous block). A task's three
+// (sample, group) pairs (channel-major: a group is one contiguous block; for small maps,
+// runs of whole groups that fill one block, swept flat). A task's three
 // sweeps run over data that is still in L2 from the sweep before, so the feature map is
 // read from memory about once and written once. Channels-last batches smaller than the
 // thread count are cut into (sample, block) tasks instead, their partial sums gathered between
@@ -38,7 +39,8 @@ constexpr int64_t kSumRows = 256;
 // share is an even number of floats), then per-channel floats, then one widened block.
 struct Scratch {
   double *csum, *gmean, *gvar;  // [C], [G], [G]
-  float *fsum, *center, *scale, *bias, *block;  // [C] x 4, [kCpuBlock]
+  float *fsum, *center, *scale, *bias, *block;  // [C] x 4, [block_floats(C)]
+  float *spread_center, *spread_scale, *spread_bias;  // [kCpuBlock] x 3
   Scratch(float* ws, int64_t C) {
     double* d = reinterpret_cast<double*>(ws);
     csum = d;
@@ -50,6 +52,9 @@ struct Scratch {
     scale = f + 2 * C;
     bias = f + 3 * C;
     block = f + 4 * C;
+    spread_center = block + block_floats(C);
+    spread_scale = spread_center + kCpuBlock;
+    spread_bias = spread_scale + kCpuBlock;
   }
 };
 
@@ -265,6 +270,101 @@ KD_CPU_CLONES void group_channel_major(const Params& p, int64_t b, int64_t g, fl
   }
 }
 
+// ---- channel-major maps with small channels (small_groups): a task is a run of whole groups of
+// one sample, one contiguous block, swept flat with each channel's constants spread over its
+// elements.
+
+// Sum of v[0, n) (of (v - center)^2 with a per-element center when given): float partial
+// sums of kSumRows terms gathered in double, as range_sum. Inlined into its (cloned) caller:
+// per-group calls over a few dozen elements are the common case.
+inline __attribute__((always_inline)) double flat_sum(const float* v, int64_t n, const float* center) {
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
+    const int64_t k1 = std::min(n, k0 + kSumRows);
+    float f = 0.f;
+    if (center) {
+#pragma omp simd reduction(+ : f)
+      for (int64_t j = k0; j < k1; ++j) {
+        const float d = v[j] - center[j];
+        f += d * d;
+      }
+    } else {
+#pragma omp simd reduction(+ : f)
+      for (int64_t j = k0; j < k1; ++j) f += v[j];
+    }
+    total += f;
+  }
+  return total;
+}
+
+// dst[c * S + s] = value[c] for c < channels, s < S; common map sizes get fixed-length inner
+// loops (single vector stores).
+template <int kS>
+void spread_fixed(float* dst, const float* value, int64_t channels) {
+  for (int64_t c = 0; c < channels; ++c)
+    for (int s = 0; s < kS; ++s) dst[c * kS + s] = value[c];
+}
+void spread(float* dst, const float* value, int64_t channels, int64_t S) {
+  switch (S) {
+    case 1: std::copy_n(value, channels, dst); return;
+    case 2: return spread_fixed<2>(dst, value, channels);
+    case 4: return spread_fixed<4>(dst, value, channels);
+    case 8: return spread_fixed<8>(dst, value, channels);
+    case 16: return spread_fixed<16>(dst, value, channels);
+    case 32: return spread_fixed<32>(dst, value, channels);
+    default:
+      for (int64_t c = 0; c < channels; ++c) std::fill_n(dst + c * S, S, value[c]);
+  }
+}
+
+// Groups [g0, g1) of sample b: per-group statistics, then each channel's constants spread
+// over its elements, then one flat pass.
+KD_CPU_CLONES void small_groups_block(const Params& p, int64_t b, int64_t g0, int64_t g1, float* ws) {
+  const int64_t S = p.spatial, cpg = p.channels / p.groups, n_group = cpg * S, groups = g1 - g0;
+  const int64_t c0 = g0 * cpg, nc = groups * cpg, n = groups * n_group;
+  const double inv_n = 1.0 / double(n_group);
+  Scratch w(ws, p.channels);
+  const int64_t x0 = b * p.x_stride + g0 * n_group, o0 = b * p.out_stride + g0 * n_group;
+  const float* v = load_floats(p.x, p.x_dtype, x0, n, w.block);
+  // the run's channels: their shifts as floats, then their centers, scales and biases
+  float *shift = w.fsum, *k_center = w.center, *k_scale = w.scale, *k_bias = w.bias;
+  double* gmean = w.gmean;
+  for (int64_t c = 0; c < nc; ++c) shift[c] = shift_at(p, b, c0 + c);
+
+  for (int64_t g = 0; g < groups; ++g) {  // means of x + shift; the per-element centers
+    double shift_total = 0.0;
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) shift_total += shift[c];
+    gmean[g] = (flat_sum(v + g * n_group, n_group, nullptr) + double(S) * shift_total) * inv_n;
+  }
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) k_center[c] = float(gmean[g] - double(shift[c]));
+  spread(w.spread_center, k_center, nc, S);
+  for (int64_t g = 0; g < groups; ++g) {  // variances; the per-channel constants
+    const float rstd =
+        inverse_std(flat_sum(v + g * n_group, n_group, w.spread_center + g * n_group) * inv_n, p.eps);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
+      const ChannelConsts k = channel_consts(gmean[g], rstd, shift[c], weight_at(p, c0 + c), bias_at(p, c0 + c));
+      k_center[c] = k.center;
+      k_scale[c] = k.scale;
+      k_bias[c] = k.bias;
+    }
+  }
+  const float *center = w.spread_center, *scale = w.spread_scale, *bias = w.spread_bias;
+  spread(w.spread_center, k_center, nc, S);
+  spread(w.spread_scale, k_scale, nc, S);
+  spread(w.spread_bias, k_bias, nc, S);
+
+  float* y = float_target(p.out, p.out_dtype, o0, w.block);
+  if (p.activation == kSiLU) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = normalize(ChannelConsts{center[j], scale[j], bias[j]}, kSiLU, v[j]);
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) y[j] = normalize(ChannelConsts{center[j], scale[j], bias[j]}, kIdentity, v[j]);
+  }
+  store_floats(p.out, p.out_dtype, o0, n, y);
+}
+
 }  // namespace
 
 int group_norm_cpu(const Params& p) {
@@ -277,7 +377,11 @@ int group_norm_cpu(const Params& p) {
     cl_split_samples(p, p.num_threads);
     return kOk;
   }
-  const int64_t tasks = p.channels_last ? p.batch : p.batch * p.groups;
+  // tasks per sample: one (channels-last), one per run of whole groups (small groups) or per group
+  const bool small = small_groups(p.channels_last, p.channels, p.spatial, p.groups);
+  const int64_t run = small ? std::max<int64_t>(1, kCpuBlock / (p.channels / p.groups * p.spatial)) : 1;
+  const int64_t per_sample = p.channels_last ? 1 : (p.groups + run - 1) / run;
+  const int64_t tasks = p.batch * per_sample;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.channels * p.spatial);
   const int64_t ws_per_thread = per_thread_floats(p.channels);
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -287,10 +391,13 @@ int group_norm_cpu(const Params& p) {
 #else
     float* ws = p.workspace;
 #endif
+    const int64_t b = task / per_sample, g = task % per_sample * run;
     if (p.channels_last)
-      cl_sample(p, task, ws);
+      cl_sample(p, b, ws);
+    else if (small)
+      small_groups_block(p, b, g, std::min(p.groups, g + run), ws);
     else
-      group_channel_major(p, task / p.groups, task % p.groups, ws);
+      group_channel_major(p, b, g, ws);
   }
   return kOk;
 }

@@ -12,9 +12,10 @@ from helpers import assert_close_by_rule
 BACKENDS = usable_backends("group_norm_act")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (shape, groups): one position, one channel per group, primes, a 3-D sequence, a 5-D volume,
-# a group wider than the CPU's widening block (4096), a batch of one.
+# a group wider than the CPU's widening block (4096), a batch of one; small maps whose groups
+# a CPU task takes several at a time (runs of 14, 14 and 4 groups of 3x3 maps; 2 runs of 2x2).
 CASES = [((3, 8, 1, 1), 4), ((2, 6, 5, 7), 6), ((4, 12, 3, 11), 3), ((2, 10, 13), 5), ((2, 4, 3, 5, 2), 2),
-         ((2, 16, 67, 71), 4), ((1, 32, 16, 16), 8)]
+         ((2, 16, 67, 71), 4), ((1, 32, 16, 16), 8), ((2, 1024, 3, 3), 32), ((2, 2048, 2, 2), 32)]
 
 
 def randn(shape, dtype, seed, scale=1.0, offset=0.0):
