@@ -134,11 +134,18 @@ PYBIND11_MODULE(_C_cuda, m) {
         [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int channels_last, std::uintptr_t x,
            int64_t x_stride, int x_dtype, std::uintptr_t out, int64_t out_stride, int out_dtype, std::uintptr_t shift,
            int64_t shift_batch_stride, int64_t shift_channel_stride, int shift_dtype, std::uintptr_t weight,
-           std::uintptr_t bias, int affine_dtype, float eps, int activation, std::uintptr_t stream) {
+           std::uintptr_t bias, int affine_dtype, float eps, int activation, int sm_count, std::uintptr_t workspace,
+           std::uintptr_t stream) {
           group_norm::Params p = make_group_norm_params(
               batch, channels, spatial, groups, channels_last, x, x_stride, x_dtype, out, out_stride, out_dtype, shift,
               shift_batch_stride, shift_channel_stride, shift_dtype, weight, bias, affine_dtype, eps, activation);
+          p.sm_count = sm_count;
+          p.cuda_workspace = as_ptr<void>(workspace);
           p.stream = as_ptr<void>(stream);
           check_status(group_norm::group_norm_cuda(p), "group_norm");
+        });
+  m.def("group_norm_workspace_doubles",
+        [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
+          return group_norm::cuda_workspace_doubles(batch, channels, spatial, groups, sm_count);
         });
 }

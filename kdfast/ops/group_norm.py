@@ -14,6 +14,7 @@ This module is the only place where these tensors become addresses.
 # (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
 # an op's signature as types and refuses them as strings.)
 
+import functools
 import math
 from typing import Optional
 
@@ -193,11 +194,22 @@ def _cpu(x, shift, weight, bias, num_groups, eps, act, out):
     module.group_norm(*args, workspace.data_ptr(), threads)
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 @group_norm_op.register("cuda")
 def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
+    module = _ext.cuda()[0]
+    args = _binding_args(x, shift, weight, bias, num_groups, eps, act, out)
+    sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    # scratch for the moments of groups split across blocks (none when every group has its own)
+    doubles = module.group_norm_workspace_doubles(args[0], args[1], args[2], args[3], sm_count)
+    workspace = torch.empty(doubles, dtype=torch.float64, device=x.device) if doubles else None
     with on_device(x):
-        _ext.cuda()[0].group_norm(*_binding_args(x, shift, weight, bias, num_groups, eps, act, out),
-                                  torch.cuda.current_stream(x.device).cuda_stream)
+        module.group_norm(*args, sm_count, 0 if workspace is None else workspace.data_ptr(),
+                          torch.cuda.current_stream(x.device).cuda_stream)
 
 
 @group_norm_op.register("triton")

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -244,16 +246,53 @@ def test_gpu_matches_reference(backend, dtype, shape, groups):
                   name=f"{backend} {dtype} {shape} cl={channels_last}")
 
 
+def _cuda_splits(shape, groups):
+    """Blocks per group the CUDA launcher uses for this shape on this GPU."""
+    from kdfast import _ext
+    from kdfast.ops.group_norm import _sm_count
+    n, c = shape[:2]
+    spatial = math.prod(shape[2:])
+    doubles = _ext.cuda()[0].group_norm_workspace_doubles(n, c, spatial, groups, _sm_count(torch.cuda.current_device()))
+    return doubles // (2 * n * groups) if doubles else 1
+
+
 @pytest.mark.gpu
-def test_gpu_no_sync_and_graph_capture():
-    x, w, b, s = (t.cuda() for t in inputs((4, 32, 16, 16), torch.float16, 3, True))
-    expect = ops.group_norm_act(x, 8, w, b, shift=s)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_split_groups(dtype):
+    # a batch too small to fill the GPU with one block per group: each group is cut into
+    # chunks whose moments a second kernel gathers (SD-sized maps at batch 1, a huge group, and,
+    # in fp32, a mean 1e4 times the spread)
+    large_mean = 1e4 if dtype == torch.float32 else 0.5
+    for shape, groups, offset in (((1, 320, 32, 32), 32, 0.5), ((1, 64, 64, 64), 4, 0.5),
+                                  ((2, 4, 64, 64), 2, large_mean)):
+        assert _cuda_splits(shape, groups) > 1, shape
+        for channels_last in (False, True):
+            x, w, b, s = inputs(shape, dtype, 5, channels_last)
+            x = (x.double() + offset).to(dtype)
+            xc, wc, bc, sc = (t.cuda() for t in (x, w, b, s))
+            out = ops.group_norm_act(xc, groups, wc, bc, shift=sc, backend="cuda")
+            check(out.cpu(), x, groups, w, b, s, "silu", name=f"{dtype} {shape} cl={channels_last}")
+            # deterministic: the chunks' moments are gathered in a fixed order
+            assert torch.equal(out, ops.group_norm_act(xc, groups, wc, bc, shift=sc, backend="cuda"))
+    # a NaN in one chunk of a split group reaches the whole group and nothing else
+    x = torch.randn(1, 64, 64, 64, device="cuda")
+    x[0, 17, 63, 5] = float("nan")
+    out = ops.group_norm_act(x, 4, backend="cuda").view(4, -1)
+    assert out[1].isnan().all() and out[[0, 2, 3]].isfinite().all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,groups", [((4, 32, 16, 16), 8), ((1, 320, 32, 32), 32)])
+def test_gpu_no_sync_and_graph_capture(shape, groups):
+    # one block per group, and split groups (whose scratch comes from the capture's pool)
+    x, w, b, s = (t.cuda() for t in inputs(shape, torch.float16, 3, True))
+    expect = ops.group_norm_act(x, groups, w, b, shift=s)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = ops.group_norm_act(x, 8, w, b, shift=s)
+            out = ops.group_norm_act(x, groups, w, b, shift=s)
         graph.replay()
     finally:
         torch.cuda.set_sync_debug_mode("default")
