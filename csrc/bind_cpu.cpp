@@ -185,4 +185,8 @@ PYBIND11_MODULE(_C, m) {
         [](int64_t batch, int64_t channels, int64_t spatial, int channels_last, int num_threads) {
           return group_norm::workspace_floats(batch, channels, spatial, channels_last, num_threads);
         });
+  // How the GPU launchers cut groups into chunks (the Triton launcher asks here).
+  m.def("group_norm_gpu_splits", [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
+    return group_norm::gpu_splits(batch, channels, spatial, groups, sm_count);
+  });
 }

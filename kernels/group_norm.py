@@ -1,14 +1,19 @@
 """Triton version of the fused group norm + activation (same math as csrc/group_norm/group_norm.h).
 
 One program per (sample, group), three sweeps over the group (sum, squared deviation from
-the mean, output) in blocks of ``_BLOCK`` elements, float32 partial sums per lane.
+the mean, output) in blocks of ``_BLOCK`` elements, float32 partial sums per lane. When too
+few (sample, group) pairs would fill the GPU, each group is cut into ``splits`` chunks
+(group_norm.h's ``gpu_splits``): one kernel writes each chunk's moments about the group's
+pivot (its first element), a second gathers them and normalises the chunk.
 """
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 _BLOCK = 1024
+_MAX_SPLITS = 64  # group_norm.h's kGpuMaxSplits
 
 
 @triton.jit
@@ -30,6 +35,23 @@ def _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, cha
     if HAS_SHIFT:
         v += tl.load(shift_ptr + b * s_batch + c * s_channel, mask=mask, other=0.0).to(tl.float32)
     return v, c, off, mask
+
+
+@triton.jit
+def _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel, i, n, c0,
+           cpg, channels, spatial, mean, rstd, CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
+           HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
+    """Normalise, activate and store elements i (< n) of a group."""
+    v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, channels, spatial,
+                             CHANNELS_LAST, HAS_SHIFT)
+    y = (v - mean) * rstd
+    if HAS_WEIGHT:
+        y = y * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
+    if HAS_BIAS:
+        y = y + tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
+    if SILU:
+        y = y / (1.0 + tl.exp(-y))
+    tl.store(out_ptr + b * out_stride + off, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -62,28 +84,106 @@ def _group_norm_kernel(
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n + eps)
 
     for start in range(0, n, BLOCK):
-        v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
+        _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,
+               start + lanes, n, c0, cpg, channels, spatial, mean, rstd, CHANNELS_LAST, HAS_SHIFT, HAS_WEIGHT,
+               HAS_BIAS, SILU)
+
+
+@triton.jit
+def _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST: tl.constexpr,
+           HAS_SHIFT: tl.constexpr):
+    """The group's first element (plus its shift): the value its chunks' moments are taken about."""
+    off = c0 if CHANNELS_LAST else c0 * spatial
+    v = tl.load(x_ptr + b * x_stride + off).to(tl.float32)
+    if HAS_SHIFT:
+        v += tl.load(shift_ptr + b * s_batch + c0 * s_channel).to(tl.float32)
+    return v
+
+
+@triton.jit
+def _chunk_moments_kernel(
+    x_ptr, shift_ptr, partial_ptr,
+    channels, spatial, groups, splits, chunk, x_stride, s_batch, s_channel,
+    CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pair = pid // splits
+    b = pair // groups
+    cpg = channels // groups
+    c0 = (pair % groups) * cpg
+    first = (pid % splits) * chunk
+    stop = tl.minimum(cpg * spatial, first + chunk)
+    pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, HAS_SHIFT)
+    lanes = tl.arange(0, BLOCK)
+    acc = tl.zeros([BLOCK], tl.float32)
+    acc_sq = tl.zeros([BLOCK], tl.float32)
+    for start in range(first, stop, BLOCK):
+        v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, stop, c0, cpg,
                                  channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        y = (v - mean) * rstd
-        if HAS_WEIGHT:
-            y = y * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
-        if HAS_BIAS:
-            y = y + tl.load(bias_ptr + c, mask=mask, other=0.0).to(tl.float32)
-        if SILU:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(out_ptr + b * out_stride + off, y.to(out_ptr.dtype.element_ty), mask=mask)
+        d = tl.where(mask, v - pivot, 0.0)
+        acc += d
+        acc_sq += d * d
+    tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0).to(tl.float64))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(acc_sq, axis=0).to(tl.float64))
 
 
-def launch(x, shift, weight, bias, num_groups, eps, activation, channels_last, out):
-    """Fill ``out`` (laid out as x, each sample one dense block) with the op's value."""
+@triton.jit
+def _chunk_normalize_kernel(
+    x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, partial_ptr,
+    channels, spatial, groups, splits, chunk, x_stride, out_stride, s_batch, s_channel, eps,
+    CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pair = pid // splits
+    b = pair // groups
+    cpg = channels // groups
+    c0 = (pair % groups) * cpg
+    n = cpg * spatial
+    first = (pid % splits) * chunk
+    stop = tl.minimum(n, first + chunk)
+    # every program of the group gathers the same partials in the same order
+    j = tl.arange(0, MAX_SPLITS)
+    at = partial_ptr + 2 * (pair * splits + j)
+    s = tl.sum(tl.load(at, mask=j < splits, other=0.0), axis=0) / n
+    sq = tl.sum(tl.load(at + 1, mask=j < splits, other=0.0), axis=0) / n
+    pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, HAS_SHIFT)
+    mean = pivot.to(tl.float64) + s
+    var = sq - s * s
+    var = tl.where(var < 0.0, 0.0, var)  # (a NaN stays NaN)
+    rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    mean = mean.to(tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    for start in range(first, stop, BLOCK):
+        _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,
+               start + lanes, stop, c0, cpg, channels, spatial, mean, rstd, CHANNELS_LAST, HAS_SHIFT, HAS_WEIGHT,
+               HAS_BIAS, SILU)
+
+
+def launch(x, shift, weight, bias, num_groups, eps, activation, channels_last, out, splits=1):
+    """Fill ``out`` (laid out as x, each sample one dense block) with the op's value; ``splits``
+    (group_norm.h's ``gpu_splits``) chunks per group, or one program per group."""
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)
     dummy = x  # stands in for absent pointers; never read (constexpr flags)
-    _group_norm_kernel[(batch * num_groups,)](
-        x, out, dummy if shift is None else shift, dummy if weight is None else weight,
-        dummy if bias is None else bias,
-        channels, spatial, num_groups, channels * spatial, channels * spatial,
-        0 if shift is None else shift.stride(0), 0 if shift is None else shift.stride(1), eps,
-        CHANNELS_LAST=bool(channels_last), HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None, SILU=activation == 1, BLOCK=_BLOCK,
-    )
+    pointers = (dummy if shift is None else shift, dummy if weight is None else weight,
+                dummy if bias is None else bias)
+    shift_strides = (0, 0) if shift is None else (shift.stride(0), shift.stride(1))
+    flags = dict(CHANNELS_LAST=bool(channels_last), HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
+                 HAS_BIAS=bias is not None, SILU=activation == 1, BLOCK=_BLOCK)
+    sample = channels * spatial
+    if splits <= 1:
+        _group_norm_kernel[(batch * num_groups,)](
+            x, out, *pointers, channels, spatial, num_groups, sample, sample, *shift_strides, eps, **flags)
+        return
+    if splits > _MAX_SPLITS:
+        raise ValueError(f"splits must be at most {_MAX_SPLITS}, got {splits}")
+    n_group = channels // num_groups * spatial
+    chunk = (n_group + splits - 1) // splits  # group_norm.h's gpu_chunk
+    partial = torch.empty(2 * batch * num_groups * splits, dtype=torch.float64, device=x.device)
+    grid = (batch * num_groups * splits,)
+    _chunk_moments_kernel[grid](x, pointers[0], partial, channels, spatial, num_groups, splits, chunk, sample,
+                                *shift_strides, CHANNELS_LAST=flags["CHANNELS_LAST"], HAS_SHIFT=flags["HAS_SHIFT"],
+                                BLOCK=_BLOCK)
+    _chunk_normalize_kernel[grid](x, out, *pointers, partial, channels, spatial, num_groups, splits, chunk, sample,
+                                  sample, *shift_strides, eps, MAX_SPLITS=_MAX_SPLITS, **flags)

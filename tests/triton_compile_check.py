@@ -151,6 +151,13 @@ def group_norm_cases(ops):
         ops.group_norm_act(x, 2, activation="identity", backend="triton")
     # size-1 arguments compile as constants: one sample, one position, one group
     ops.group_norm_act(_randn(1, 4, 1, 1), 1, _randn(4), backend="triton")
+    # groups split across programs (too few (sample, group) pairs for the GPU): 2 chunks each
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _randn(1, 4, 64, 64, dtype=dtype)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            ops.group_norm_act(x.contiguous(memory_format=layout), 2, _randn(4, dtype=dtype), _randn(4, dtype=dtype),
+                               shift=_randn(1, 4, dtype=dtype), backend="triton")
+        ops.group_norm_act(x, 2, activation="identity", backend="triton")
 
 
 def main(argv=None) -> int:

@@ -48,7 +48,7 @@ struct Params {
   int activation = kSiLU;
   float* workspace = nullptr;  // CPU: workspace_floats(batch, channels, spatial, channels_last, num_threads)
   int num_threads = 1;
-  // CUDA: the device's multiprocessor count (it decides cuda_splits) and, when groups are
+  // CUDA: the device's multiprocessor count (it decides gpu_splits) and, when groups are
   // split, cuda_workspace_doubles(...) doubles of 8-byte aligned scratch in `cuda_workspace`
   int sm_count = 1;
   void* cuda_workspace = nullptr;
@@ -102,25 +102,25 @@ inline int64_t workspace_floats(int64_t batch, int64_t channels, int64_t spatial
   return total;
 }
 
-// CUDA: one block per (sample, group) reads its group three times, the last two from L2. When
-// there are too few (sample, group) pairs to fill the GPU, each group is cut into up to
-// kCudaMaxSplits chunks of at least kCudaChunk elements instead: one kernel writes each
-// chunk's moments, a second gathers them and normalises the chunk.
-constexpr int64_t kCudaChunk = 4096;
-constexpr int64_t kCudaMaxSplits = 64;
-inline int64_t cuda_splits(int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
+// GPU (CUDA and Triton): one block per (sample, group) reads its group three times, the last
+// two from L2. When there are too few (sample, group) pairs to fill the GPU, each group is cut
+// into up to kGpuMaxSplits chunks of at least kGpuChunk elements instead: one kernel writes
+// each chunk's moments, a second gathers them and normalises the chunk.
+constexpr int64_t kGpuChunk = 4096;
+constexpr int64_t kGpuMaxSplits = 64;
+inline int64_t gpu_splits(int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
   const int64_t pairs = batch * groups, n_group = channels / groups * spatial;
   const int64_t wanted_blocks = 4 * int64_t(sm_count < 1 ? 1 : sm_count);
-  if (pairs == 0 || pairs >= wanted_blocks / 2 || n_group < 2 * kCudaChunk) return 1;
+  if (pairs == 0 || pairs >= wanted_blocks / 2 || n_group < 2 * kGpuChunk) return 1;
   int64_t splits = (wanted_blocks + pairs - 1) / pairs;
-  const int64_t most = n_group / kCudaChunk;  // every chunk at least kCudaChunk elements
+  const int64_t most = n_group / kGpuChunk;  // every chunk at least kGpuChunk elements
   if (splits > most) splits = most;
-  return splits > kCudaMaxSplits ? kCudaMaxSplits : splits;
+  return splits > kGpuMaxSplits ? kGpuMaxSplits : splits;
 }
-inline int64_t cuda_chunk(int64_t n_group, int64_t splits) { return (n_group + splits - 1) / splits; }
+inline int64_t gpu_chunk(int64_t n_group, int64_t splits) { return (n_group + splits - 1) / splits; }
 // Two doubles (sum and sum of squares about the group's pivot) per chunk of a split group.
 inline int64_t cuda_workspace_doubles(int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
-  const int64_t splits = cuda_splits(batch, channels, spatial, groups, sm_count);
+  const int64_t splits = gpu_splits(batch, channels, spatial, groups, sm_count);
   return splits > 1 ? 2 * batch * groups * splits : 0;
 }
 

@@ -1,7 +1,7 @@
 // CUDA launcher of the fused group norm + activation. Enough (sample, group) pairs to fill the
 // GPU: one block per pair reads its group three times (sum, squared deviation, output), the
 // second and third reads from L2 for groups up to a few MB. Too few pairs (a batch of one or
-// two at SD sizes): each group is cut into chunks (cuda_splits in group_norm.h), one kernel
+// two at SD sizes): each group is cut into chunks (gpu_splits in group_norm.h), one kernel
 // writes each chunk's moments about a per-group pivot and a second gathers them and
 // normalises the chunk. Sums are double, in a fixed order (deterministic). The per-element
 // math is group_norm.h's, the code the CPU launcher runs.
@@ -148,7 +148,7 @@ int group_norm_cuda(const Params& p) {
   const int64_t pairs = p.batch * p.groups, n_group = p.channels / p.groups * p.spatial;
   if (pairs == 0) return kOk;
   if (n_group > 0x7fffffffLL) return kBadArgument;  // group_index divides in 32 bits
-  const int64_t splits = cuda_splits(p.batch, p.channels, p.spatial, p.groups, p.sm_count);
+  const int64_t splits = gpu_splits(p.batch, p.channels, p.spatial, p.groups, p.sm_count);
   if (pairs * splits > 0x7fffffffLL) return kBadArgument;
   const auto stream = static_cast<cudaStream_t>(p.stream);
   if (splits == 1) {
@@ -156,7 +156,7 @@ int group_norm_cuda(const Params& p) {
   } else {
     if (!p.cuda_workspace) return kBadArgument;
     double* partial = static_cast<double*>(p.cuda_workspace);
-    const int64_t chunk = cuda_chunk(n_group, splits);
+    const int64_t chunk = gpu_chunk(n_group, splits);
     chunk_moments_kernel<<<unsigned(pairs * splits), kThreads, 0, stream>>>(p, splits, chunk, partial);
     chunk_normalize_kernel<<<unsigned(pairs * splits), kThreads, 0, stream>>>(p, splits, chunk, partial);
   }

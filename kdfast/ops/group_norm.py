@@ -196,14 +196,19 @@ def _cpu(x, shift, weight, bias, num_groups, eps, act, out):
 
 @functools.lru_cache(maxsize=None)
 def _sm_count(device_index: int) -> int:
+    """Multiprocessors of a GPU: how the GPU launchers decide to split groups across blocks."""
     return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _device_index(x: torch.Tensor) -> int:
+    return x.device.index if x.device.index is not None else torch.cuda.current_device()
 
 
 @group_norm_op.register("cuda")
 def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
     module = _ext.cuda()[0]
     args = _binding_args(x, shift, weight, bias, num_groups, eps, act, out)
-    sm_count = _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    sm_count = _sm_count(_device_index(x))
     # scratch for the moments of groups split across blocks (none when every group has its own)
     doubles = module.group_norm_workspace_doubles(args[0], args[1], args[2], args[3], sm_count)
     workspace = torch.empty(doubles, dtype=torch.float64, device=x.device) if doubles else None
@@ -212,10 +217,20 @@ def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
                           torch.cuda.current_stream(x.device).cuda_stream)
 
 
+# Triton's CPU interpreter (the tests) cuts groups as on an H100/H200, so that it runs both
+# of the GPU's paths.
+_INTERPRETED_SM_COUNT = 132
+
+
 @group_norm_op.register("triton")
 def _triton(x, shift, weight, bias, num_groups, eps, act, out):
+    batch, channels = x.shape[:2]
+    sm_count = _sm_count(_device_index(x)) if x.is_cuda else _INTERPRETED_SM_COUNT
+    splits = _ext.cpu()[0].group_norm_gpu_splits(batch, channels, x.numel() // (batch * channels), num_groups,
+                                                 sm_count)
     with on_device(x):
-        _ext.triton()[0].group_norm.launch(x, shift, weight, bias, num_groups, eps, act, _channels_last(x), out)
+        _ext.triton()[0].group_norm.launch(x, shift, weight, bias, num_groups, eps, act, _channels_last(x), out,
+                                           splits)
 
 
 # --------------------------------------------------------------------------- custom op + autograd

@@ -246,7 +246,23 @@ def test_gpu_matches_reference(backend, dtype, shape, groups):
                   name=f"{backend} {dtype} {shape} cl={channels_last}")
 
 
-def _cuda_splits(shape, groups):
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not usable here")
+def test_triton_split_groups():
+    # the GPU path for too few (sample, group) pairs, through the interpreter (which cuts groups
+    # as on a 132-multiprocessor GPU): 16 chunks per group, a NaN in one chunk of one group
+    from kdfast import _ext
+    assert _ext.cpu()[0].group_norm_gpu_splits(1, 64, 64 * 64, 4, 132) == 16
+    for channels_last in (False, True):
+        x, w, b, s = inputs((1, 64, 64, 64), torch.float32, 8, channels_last)
+        out = ops.group_norm_act(x, 4, w, b, shift=s, backend="triton")
+        check(out, x, 4, w, b, s, "silu", backend="triton", name=f"cl={channels_last}")
+    x = x.contiguous()
+    x[0, 17, 63, 5] = float("nan")
+    out = ops.group_norm_act(x, 4, backend="triton").view(4, -1)
+    assert out[1].isnan().all() and out[[0, 2, 3]].isfinite().all()
+
+
+def _gpu_splits(shape, groups):
     """Blocks per group the CUDA launcher uses for this shape on this GPU."""
     from kdfast import _ext
     from kdfast.ops.group_norm import _sm_count
@@ -265,7 +281,7 @@ def test_gpu_split_groups(dtype):
     large_mean = 1e4 if dtype == torch.float32 else 0.5
     for shape, groups, offset in (((1, 320, 32, 32), 32, 0.5), ((1, 64, 64, 64), 4, 0.5),
                                   ((2, 4, 64, 64), 2, large_mean)):
-        assert _cuda_splits(shape, groups) > 1, shape
+        assert _gpu_splits(shape, groups) > 1, shape
         for channels_last in (False, True):
             x, w, b, s = inputs(shape, dtype, 5, channels_last)
             x = (x.double() + offset).to(dtype)
