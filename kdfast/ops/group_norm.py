@@ -73,16 +73,17 @@ def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
         return None
     if not isinstance(shift, torch.Tensor):
         raise TypeError(f"shift must be a torch.Tensor or None, got {type(shift).__name__}")
-    n, c = x.shape[:2]
-    trailing = shift.shape[2:]
-    if shift.shape[:2] != (n, c) or any(d != 1 for d in trailing) or shift.dim() > x.dim():
+    n, c = x.shape[0], x.shape[1]
+    shape = shift.shape
+    dims = len(shape)
+    if dims < 2 or shape[0] != n or shape[1] != c or dims > x.dim() or (dims > 2 and math.prod(shape[2:]) != 1):
         raise ValueError(f"shift must have shape ({n}, {c}) (or ({n}, {c}, 1, ...)), one value per sample and "
-                         f"channel, got {tuple(shift.shape)}")
+                         f"channel, got {tuple(shape)}")
     if shift.dtype not in DTYPE_CODES:
         raise TypeError(f"shift must be float32, float16 or bfloat16, got {shift.dtype}")
     if shift.device != x.device:
         raise ValueError(f"shift must be on {x.device} like x, got {shift.device}")
-    return shift.reshape(n, c)
+    return shift if dims == 2 else shift.reshape(n, c)  # (a view costs microseconds: only when needed)
 
 
 def _check_eps(eps) -> float:
@@ -130,8 +131,10 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
         activation: ``"silu"`` or ``"identity"``.
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 
-    Statistics are two-pass in float32 for every dtype (the CPU and CUDA kernels gather partial
-    sums in double, the Triton kernel in float32 lanes).
+    Statistics are taken in float32 or better for every dtype: two passes (the mean, then the
+    squared deviations from it), or, for groups a GPU splits across blocks, moments about the
+    group's first element. The CPU and CUDA kernels gather partial sums in double, the Triton
+    kernel in float32 lanes.
     Differentiable (x, weight, bias, shift): the backward recomputes with torch's ops.
     """
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
