@@ -1,5 +1,6 @@
 // Python bindings of the CPU kernels (module kdfast._C). Integers in, status out.
 #include "bind_common.h"
+#include "common/kd_cpu.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -72,6 +73,7 @@ PYBIND11_MODULE(_C, m) {
 
   m.def("build_info", []() {
     py::dict d;
+    d["cpu_target"] = cpu::has_avx2_fma() ? "avx2+fma" : "baseline";  // the hot loops this CPU runs
 #ifdef _OPENMP
     d["openmp"] = py::int_(_OPENMP);
     d["max_threads"] = omp_get_max_threads();

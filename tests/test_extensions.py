@@ -114,3 +114,58 @@ def test_gpu_script_runs_every_gpu_test():
     assert gpu_files
     missing = [f for f in gpu_files if not any(f == p or f.startswith(p.rstrip("/") + "/") for p in paths)]
     assert missing == [], f"gpu tests .ci/gpu does not run: {missing}"
+
+
+_BASELINE_CHECK = r"""
+import sys
+import torch
+import kdfast
+from kdfast import losses, ops
+from kdfast.schedulers import DPMSolverMultistepScheduler
+
+torch.manual_seed(0)
+out = {"cpu_target": kdfast._ext.cpu()[0].build_info()["cpu_target"]}
+x = torch.randn(3, 64, 9, 7)
+w, b, s = torch.randn(64), torch.randn(64), torch.randn(3, 64)
+out["gn"] = ops.group_norm_act(x, 8, w, b, shift=s)
+out["gn_small"] = ops.group_norm_act(torch.randn(5, 128, 2, 2), 32)
+out["gn_cl"] = ops.group_norm_act(x.contiguous(memory_format=torch.channels_last), 8, w, b, shift=s)
+out["gn_bf16"] = ops.group_norm_act(x.bfloat16(), 8, w, b, shift=s)
+student, teacher = torch.randn(37, 1000, requires_grad=True), torch.randn(37, 1000)
+loss = losses.kd_loss(student, teacher, kind="jsd")
+loss.backward()
+out["kd"], out["kd_grad"] = loss.detach(), student.grad
+out["huber"] = losses.pseudo_huber_loss(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
+scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
+scheduler.set_timesteps(8)
+sample = torch.randn(2, 4, 16, 16)
+for t in scheduler.timesteps:
+    sample = scheduler.step(torch.tanh(sample) * 0.5, t, sample).prev_sample
+out["dpm"] = sample
+torch.save(out, sys.argv[1])
+"""
+
+
+def test_both_cpu_builds_compute_the_same(tmp_path):
+    """The hot loops are compiled for AVX2 + FMA and for baseline x86-64 (kd_cpu.h) and picked
+    at load time; KDFAST_CPU_BASELINE=1 forces the baseline. Both give the same results, to
+    rounding (FMA contracts products and sums)."""
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    results = {}
+    for value in ("1", "0"):
+        path = tmp_path / f"baseline{value}.pt"
+        done = subprocess.run([sys.executable, "-c", _BASELINE_CHECK, str(path)], capture_output=True, text=True,
+                              env={**os.environ, "KDFAST_CPU_BASELINE": value}, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        results[value] = torch.load(path)
+    forced, chosen = results["1"], results["0"]
+    assert forced.pop("cpu_target") == "baseline"
+    assert chosen.pop("cpu_target") == kdfast._ext.cpu()[0].build_info()["cpu_target"]
+    assert forced.keys() == chosen.keys()
+    for key in forced:
+        torch.testing.assert_close(forced[key], chosen[key], rtol=2e-5, atol=2e-5, msg=key)

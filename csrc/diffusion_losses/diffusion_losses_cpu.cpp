@@ -17,15 +17,6 @@ namespace {
 
 constexpr int64_t kChunk = 512;
 
-// Feature-based clones: an "arch=haswell" clone is chosen by __builtin_cpu_is("haswell"), so
-// AMD CPUs with AVX2 would run the baseline SSE2 code (3-4x slower here).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
-#define KD_CHUNK_INLINE inline __attribute__((always_inline))
-
 
 // Per-sample constants of the element math.
 struct SampleConsts {
@@ -41,7 +32,7 @@ SampleConsts sample_consts(const Params& p, int64_t b) {
 }
 
 template <int KIND>
-KD_CHUNK_INLINE void reduce_chunk(const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
+KD_CPU_INLINE void reduce_chunk(const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
                                   double& s0, double& s1) {
   double a0 = 0.0, a1 = 0.0;
   const float c = k.c;
@@ -58,7 +49,7 @@ KD_CHUNK_INLINE void reduce_chunk(const float* v0, const float* v1, const float*
 }
 
 template <int KIND>
-KD_CHUNK_INLINE void grad_chunk(const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
+KD_CPU_INLINE void grad_chunk(const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
                                 double factor, float* g0, float* g1) {
   const float c = k.c;
   const double ca = k.ca, cb = k.cb;
@@ -77,10 +68,10 @@ KD_CHUNK_INLINE void grad_chunk(const float* v0, const float* v1, const float* v
   }
 }
 
-// One chunk of every kind, compiled once per CPU target.
-KD_CPU_CLONES
-void reduce_chunk_any(int kind, const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
-                      double& s0, double& s1) {
+// One chunk of every kind, compiled for AVX2 + FMA and for baseline x86-64 (kd_cpu.h); the
+// launchers call the table picked for this CPU.
+KD_CPU_INLINE void reduce_chunk_any(int kind, const float* v0, const float* v1, const float* v2, int64_t n,
+                                    const SampleConsts& k, double& s0, double& s1) {
   switch (kind) {
     case kPseudoHuber: reduce_chunk<kPseudoHuber>(v0, v1, v2, n, k, s0, s1); break;
     case kPseudoHuberElementwise: reduce_chunk<kPseudoHuberElementwise>(v0, v1, v2, n, k, s0, s1); break;
@@ -89,9 +80,8 @@ void reduce_chunk_any(int kind, const float* v0, const float* v1, const float* v
   }
 }
 
-KD_CPU_CLONES
-void grad_chunk_any(int kind, const float* v0, const float* v1, const float* v2, int64_t n, const SampleConsts& k,
-                    double factor, float* g0, float* g1) {
+KD_CPU_INLINE void grad_chunk_any(int kind, const float* v0, const float* v1, const float* v2, int64_t n,
+                                  const SampleConsts& k, double factor, float* g0, float* g1) {
   switch (kind) {
     case kPseudoHuber: grad_chunk<kPseudoHuber>(v0, v1, v2, n, k, factor, g0, g1); break;
     case kPseudoHuberElementwise: grad_chunk<kPseudoHuberElementwise>(v0, v1, v2, n, k, factor, g0, g1); break;
@@ -100,10 +90,39 @@ void grad_chunk_any(int kind, const float* v0, const float* v1, const float* v2,
   }
 }
 
-KD_CPU_CLONES
-void combine_chunk(const float* a, const float* b, int64_t n, double ca, double cb, float* out) {
+KD_CPU_INLINE void combine_chunk_any(const float* a, const float* b, int64_t n, double ca, double cb, float* out) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) out[i] = float(ca * double(a[i]) + cb * double(b[i]));
+}
+
+struct ChunkFns {
+  void (*reduce)(int, const float*, const float*, const float*, int64_t, const SampleConsts&, double&, double&);
+  void (*grad)(int, const float*, const float*, const float*, int64_t, const SampleConsts&, double, float*, float*);
+  void (*combine)(const float*, const float*, int64_t, double, double, float*);
+};
+
+#define KD_CHUNK_FNS(SUFFIX, TARGET)                                                                         \
+  TARGET void reduce_chunk_##SUFFIX(int kind, const float* v0, const float* v1, const float* v2, int64_t n,  \
+                                    const SampleConsts& k, double& s0, double& s1) {                       \
+    reduce_chunk_any(kind, v0, v1, v2, n, k, s0, s1);                                                      \
+  }                                                                                                        \
+  TARGET void grad_chunk_##SUFFIX(int kind, const float* v0, const float* v1, const float* v2, int64_t n,    \
+                                  const SampleConsts& k, double factor, float* g0, float* g1) {            \
+    grad_chunk_any(kind, v0, v1, v2, n, k, factor, g0, g1);                                                \
+  }                                                                                                        \
+  TARGET void combine_chunk_##SUFFIX(const float* a, const float* b, int64_t n, double ca, double cb,        \
+                                     float* out) {                                                         \
+    combine_chunk_any(a, b, n, ca, cb, out);                                                               \
+  }                                                                                                        \
+  constexpr ChunkFns kChunkFns_##SUFFIX{reduce_chunk_##SUFFIX, grad_chunk_##SUFFIX, combine_chunk_##SUFFIX};
+
+KD_CHUNK_FNS(baseline, )
+KD_CHUNK_FNS(avx2_fma, KD_AVX2_FMA)
+#undef KD_CHUNK_FNS
+
+const ChunkFns& chunk_fns() {
+  static const ChunkFns& fns = cpu::has_avx2_fma() ? kChunkFns_avx2_fma : kChunkFns_baseline;
+  return fns;
 }
 
 // Inputs the kind reads; absent ones alias in[0] (their values are never used).
@@ -137,6 +156,7 @@ int loss_forward_cpu(const Params& p) {
   const int64_t tps = tiles_per_sample(p.inner, kCpuTile);
   const int64_t tasks = p.batch * tps;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.inner);
+  const ChunkFns& fns = chunk_fns();
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t b = t / tps;
@@ -148,7 +168,7 @@ int loss_forward_cpu(const Params& p) {
     for (int64_t c0 = start; c0 < end; c0 += kChunk) {
       const int64_t n = std::min(kChunk, end - c0);
       load_inputs(p, num_inputs, b, c0, n, buf, v);
-      reduce_chunk_any(p.kind, v[0], v[1], v[2], n, k, s0, s1);
+      fns.reduce(p.kind, v[0], v[1], v[2], n, k, s0, s1);
     }
     p.workspace[2 * t] = s0;
     p.workspace[2 * t + 1] = s1;
@@ -179,6 +199,7 @@ int loss_backward_cpu(const Params& p) {
   const int64_t tps = (p.inner + kCpuTile - 1) / kCpuTile;
   const int64_t tasks = p.batch * tps;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.inner);
+  const ChunkFns& fns = chunk_fns();
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t b = t / tps;
@@ -196,7 +217,7 @@ int loss_backward_cpu(const Params& p) {
       float* g[kMaxGrads];
       for (int j = 0; j < kMaxGrads; ++j)
         g[j] = p.grad[j] ? cpu::float_target(p.grad[j], p.grad_dtype[j], b * p.inner + c0, gbuf[j]) : nullptr;
-      grad_chunk_any(p.kind, v[0], v[1], v[2], n, k, factor, g[0], g[1]);
+      fns.grad(p.kind, v[0], v[1], v[2], n, k, factor, g[0], g[1]);
       for (int j = 0; j < kMaxGrads; ++j)
         if (p.grad[j]) cpu::store_floats(p.grad[j], p.grad_dtype[j], b * p.inner + c0, n, g[j]);
     }
@@ -211,6 +232,7 @@ int sample_combination_cpu(const Params& p) {
   const int64_t tps = (p.inner + kCpuTile - 1) / kCpuTile;
   const int64_t tasks = p.batch * tps;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.inner);
+  const ChunkFns& fns = chunk_fns();
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t b = t / tps;
@@ -224,7 +246,7 @@ int sample_combination_cpu(const Params& p) {
       const int64_t n = std::min(kChunk, end - c0);
       load_inputs(p, 2, b, c0, n, buf, v);
       float* o = cpu::float_target(p.grad[0], p.grad_dtype[0], b * p.inner + c0, obuf);
-      combine_chunk(v[0], v[1], n, ca, cb, o);
+      fns.combine(v[0], v[1], n, ca, cb, o);
       cpu::store_floats(p.grad[0], p.grad_dtype[0], b * p.inner + c0, n, o);
     }
   }

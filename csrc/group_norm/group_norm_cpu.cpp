@@ -24,13 +24,6 @@ using cpu::float_target;
 using cpu::load_floats;
 using cpu::store_floats;
 
-// Feature-based clones (see diffusion_losses_cpu.cpp: an arch clone would skip AVX2 on AMD).
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define KD_CPU_CLONES
-#endif
-
 // Elements per float partial sum (channel-major) before it is gathered in double (channels-last:
 // cl_rows_per_block): float rounding stays that of a 256-term sum for groups of any size.
 constexpr int64_t kSumRows = 256;
@@ -63,7 +56,7 @@ struct Scratch {
 // in block order, by either driver below (so both give the same bits).
 
 // Per-channel sums of block k of sample b (sums of squared deviations from `center` when given).
-KD_CPU_CLONES void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, float* fsum,
+KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, float* fsum,
                                  float* buf) {
   const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
   const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
@@ -84,7 +77,7 @@ KD_CPU_CLONES void cl_block_sums(const Params& p, int64_t b, int64_t k, const fl
 }
 
 // Normalise, activate and write block k of sample b.
-KD_CPU_CLONES void cl_block_write(const Params& p, int64_t b, int64_t k, const float* center, const float* scale,
+KD_CPU_INLINE void cl_block_write(const Params& p, int64_t b, int64_t k, const float* center, const float* scale,
                                   const float* bias, float* buf) {
   const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
   const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
@@ -133,7 +126,7 @@ void cl_consts(const Params& p, int64_t b, const double* gmean, const double* gv
 
 // One whole sample per task (batches of at least one sample per thread): its three sweeps run
 // over data still in L2 from the sweep before.
-void cl_sample(const Params& p, int64_t b, float* ws) {
+KD_CPU_INLINE void cl_sample(const Params& p, int64_t b, float* ws) {
   const int64_t C = p.channels, G = p.groups, cpg = C / G, blocks = cl_blocks(C, p.spatial);
   Scratch w(ws, C);
   std::fill(w.csum, w.csum + C, 0.0);
@@ -151,58 +144,9 @@ void cl_sample(const Params& p, int64_t b, float* ws) {
   for (int64_t k = 0; k < blocks; ++k) cl_block_write(p, b, k, w.center, w.scale, w.bias, w.block);
 }
 
-// (sample, block) tasks, for batches smaller than the thread count (a batch of one still
-// uses every core): each sweep's block partial sums go to the shared workspace and are
-// gathered per sample, in block order, between the sweeps.
-void cl_split_samples(const Params& p, int threads) {
-  const int64_t C = p.channels, G = p.groups, cpg = C / G, B = p.batch, blocks = cl_blocks(C, p.spatial);
-  const int64_t per_thread = per_thread_floats(C);
-  float* shared = p.workspace + per_thread * threads;  // split_sample_floats(...) floats
-  double* gmean = reinterpret_cast<double*>(shared);   // [B][C] (G <= C used)
-  double* gacc = gmean + B * C;                        // [B][C]: per-channel sums, then per-group
-  float* partial = shared + 4 * B * C;                 // [B][blocks][C]
-  float* consts = partial + B * blocks * C;            // [B][3][C]: center, scale, bias
-#pragma omp parallel num_threads(threads)
-  {
-#ifdef _OPENMP
-    float* buf = Scratch(p.workspace + int64_t(omp_get_thread_num()) * per_thread, C).block;
-#else
-    float* buf = Scratch(p.workspace, C).block;
-#endif
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < B * blocks; ++t)
-      cl_block_sums(p, t / blocks, t % blocks, nullptr, partial + t * C, buf);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      double* csum = gacc + b * C;
-      std::fill(csum, csum + C, 0.0);
-      for (int64_t k = 0; k < blocks; ++k)
-        for (int64_t c = 0; c < C; ++c) csum[c] += partial[(b * blocks + k) * C + c];
-      cl_means(p, b, csum, gmean + b * C, consts + b * 3 * C);
-    }
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < B * blocks; ++t)
-      cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, partial + t * C, buf);
-#pragma omp for schedule(static)
-    for (int64_t b = 0; b < B; ++b) {
-      double* gvar = gacc + b * C;
-      std::fill(gvar, gvar + G, 0.0);
-      for (int64_t k = 0; k < blocks; ++k)
-        for (int64_t c = 0; c < C; ++c) gvar[c / cpg] += partial[(b * blocks + k) * C + c];
-      float* k3 = consts + b * 3 * C;
-      cl_consts(p, b, gmean + b * C, gvar, k3, k3 + C, k3 + 2 * C);
-    }
-#pragma omp for schedule(static)
-    for (int64_t t = 0; t < B * blocks; ++t) {
-      const float* k3 = consts + (t / blocks) * 3 * C;
-      cl_block_write(p, t / blocks, t % blocks, k3, k3 + C, k3 + 2 * C, buf);
-    }
-  }
-}
-
 // Sum of x (of (x - center)^2 when `squares`) over elements [off, off + n) of x, contiguous:
 // float partial sums of kSumRows terms gathered in double.
-KD_CPU_CLONES double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
+KD_CPU_INLINE double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
   double total = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {
     const int64_t m = std::min(kCpuBlock, n - j0);
@@ -230,7 +174,7 @@ KD_CPU_CLONES double range_sum(const Params& p, int64_t off, int64_t n, bool squ
 // `spatial` contiguous elements, so the group is one contiguous range: its sums run over it
 // whole (few long loops for small maps), per channel only where the shift makes the
 // channels' centers differ.
-KD_CPU_CLONES void group_channel_major(const Params& p, int64_t b, int64_t g, float* ws) {
+KD_CPU_INLINE void group_channel_major(const Params& p, int64_t b, int64_t g, float* ws) {
   const int64_t S = p.spatial, cpg = p.channels / p.groups, n_group = cpg * S;
   float* block = Scratch(ws, p.channels).block;
   const void* x = p.x;
@@ -275,9 +219,8 @@ KD_CPU_CLONES void group_channel_major(const Params& p, int64_t b, int64_t g, fl
 // elements.
 
 // Sum of v[0, n) (of (v - center)^2 with a per-element center when given): float partial
-// sums of kSumRows terms gathered in double, as range_sum. Inlined into its (cloned) caller:
-// per-group calls over a few dozen elements are the common case.
-inline __attribute__((always_inline)) double flat_sum(const float* v, int64_t n, const float* center) {
+// sums of kSumRows terms gathered in double, as range_sum.
+KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
   double total = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
     const int64_t k1 = std::min(n, k0 + kSumRows);
@@ -319,7 +262,7 @@ void spread(float* dst, const float* value, int64_t channels, int64_t S) {
 
 // Groups [g0, g1) of sample b: per-group statistics, then each channel's constants spread
 // over its elements, then one flat pass.
-KD_CPU_CLONES void small_groups_block(const Params& p, int64_t b, int64_t g0, int64_t g1, float* ws) {
+KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, int64_t g1, float* ws) {
   const int64_t S = p.spatial, cpg = p.channels / p.groups, n_group = cpg * S, groups = g1 - g0;
   const int64_t c0 = g0 * cpg, nc = groups * cpg, n = groups * n_group;
   const double inv_n = 1.0 / double(n_group);
@@ -365,6 +308,96 @@ KD_CPU_CLONES void small_groups_block(const Params& p, int64_t b, int64_t g0, in
   store_floats(p.out, p.out_dtype, o0, n, y);
 }
 
+// ---- the task functions, compiled for AVX2 + FMA and for baseline x86-64 (kd_cpu.h); the
+// drivers below call them through the table picked for this CPU, from inside their parallel
+// regions (a region's body is compiled for the target of the function it is written in).
+
+struct TaskFns {
+  void (*cl_sample)(const Params&, int64_t, float*);
+  void (*cl_block_sums)(const Params&, int64_t, int64_t, const float*, float*, float*);
+  void (*cl_block_write)(const Params&, int64_t, int64_t, const float*, const float*, const float*, float*);
+  void (*group_channel_major)(const Params&, int64_t, int64_t, float*);
+  void (*small_groups_block)(const Params&, int64_t, int64_t, int64_t, float*);
+};
+
+#define KD_GROUP_NORM_TASKS(SUFFIX, TARGET)                                                                    \
+  TARGET void cl_sample_##SUFFIX(const Params& p, int64_t b, float* ws) { cl_sample(p, b, ws); }             \
+  TARGET void cl_block_sums_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center, float* fsum, \
+                                     float* buf) {                                                         \
+    cl_block_sums(p, b, k, center, fsum, buf);                                                             \
+  }                                                                                                        \
+  TARGET void cl_block_write_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center,             \
+                                      const float* scale, const float* bias, float* buf) {                 \
+    cl_block_write(p, b, k, center, scale, bias, buf);                                                     \
+  }                                                                                                        \
+  TARGET void group_channel_major_##SUFFIX(const Params& p, int64_t b, int64_t g, float* ws) {               \
+    group_channel_major(p, b, g, ws);                                                                      \
+  }                                                                                                        \
+  TARGET void small_groups_block_##SUFFIX(const Params& p, int64_t b, int64_t g0, int64_t g1, float* ws) {   \
+    small_groups_block(p, b, g0, g1, ws);                                                                  \
+  }                                                                                                        \
+  constexpr TaskFns kTasks_##SUFFIX{cl_sample_##SUFFIX, cl_block_sums_##SUFFIX, cl_block_write_##SUFFIX,     \
+                                    group_channel_major_##SUFFIX, small_groups_block_##SUFFIX};
+
+KD_GROUP_NORM_TASKS(baseline, )
+KD_GROUP_NORM_TASKS(avx2_fma, KD_AVX2_FMA)
+#undef KD_GROUP_NORM_TASKS
+
+const TaskFns& task_fns() {
+  static const TaskFns& fns = cpu::has_avx2_fma() ? kTasks_avx2_fma : kTasks_baseline;
+  return fns;
+}
+
+// (sample, block) tasks, for batches smaller than the thread count (a batch of one still
+// uses every core): each sweep's block partial sums go to the shared workspace and are
+// gathered per sample, in block order, between the sweeps.
+void cl_split_samples(const Params& p, int threads) {
+  const TaskFns& fns = task_fns();
+  const int64_t C = p.channels, G = p.groups, cpg = C / G, B = p.batch, blocks = cl_blocks(C, p.spatial);
+  const int64_t per_thread = per_thread_floats(C);
+  float* shared = p.workspace + per_thread * threads;  // split_sample_floats(...) floats
+  double* gmean = reinterpret_cast<double*>(shared);   // [B][C] (G <= C used)
+  double* gacc = gmean + B * C;                        // [B][C]: per-channel sums, then per-group
+  float* partial = shared + 4 * B * C;                 // [B][blocks][C]
+  float* consts = partial + B * blocks * C;            // [B][3][C]: center, scale, bias
+#pragma omp parallel num_threads(threads)
+  {
+#ifdef _OPENMP
+    float* buf = Scratch(p.workspace + int64_t(omp_get_thread_num()) * per_thread, C).block;
+#else
+    float* buf = Scratch(p.workspace, C).block;
+#endif
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t)
+      fns.cl_block_sums(p, t / blocks, t % blocks, nullptr, partial + t * C, buf);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      double* csum = gacc + b * C;
+      std::fill(csum, csum + C, 0.0);
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) csum[c] += partial[(b * blocks + k) * C + c];
+      cl_means(p, b, csum, gmean + b * C, consts + b * 3 * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t)
+      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, partial + t * C, buf);
+#pragma omp for schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      double* gvar = gacc + b * C;
+      std::fill(gvar, gvar + G, 0.0);
+      for (int64_t k = 0; k < blocks; ++k)
+        for (int64_t c = 0; c < C; ++c) gvar[c / cpg] += partial[(b * blocks + k) * C + c];
+      float* k3 = consts + b * 3 * C;
+      cl_consts(p, b, gmean + b * C, gvar, k3, k3 + C, k3 + 2 * C);
+    }
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < B * blocks; ++t) {
+      const float* k3 = consts + (t / blocks) * 3 * C;
+      fns.cl_block_write(p, t / blocks, t % blocks, k3, k3 + C, k3 + 2 * C, buf);
+    }
+  }
+}
+
 }  // namespace
 
 int group_norm_cpu(const Params& p) {
@@ -384,6 +417,7 @@ int group_norm_cpu(const Params& p) {
   const int64_t tasks = p.batch * per_sample;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.channels * p.spatial);
   const int64_t ws_per_thread = per_thread_floats(p.channels);
+  const TaskFns& fns = task_fns();
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t task = 0; task < tasks; ++task) {
 #ifdef _OPENMP
@@ -393,11 +427,11 @@ int group_norm_cpu(const Params& p) {
 #endif
     const int64_t b = task / per_sample, g = task % per_sample * run;
     if (p.channels_last)
-      cl_sample(p, b, ws);
+      fns.cl_sample(p, b, ws);
     else if (small)
-      small_groups_block(p, b, g, std::min(p.groups, g + run), ws);
+      fns.small_groups_block(p, b, g, std::min(p.groups, g + run), ws);
     else
-      group_channel_major(p, b, g, ws);
+      fns.group_channel_major(p, b, g, ws);
   }
   return kOk;
 }

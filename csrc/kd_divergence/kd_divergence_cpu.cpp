@@ -18,10 +18,8 @@ namespace kdfast {
 namespace kd_divergence {
 namespace {
 
-// Row helpers are inlined into row_sweeps, which is compiled twice: for AVX2 + FMA and for
-// baseline x86-64, picked at run time by CPU features. (target_clones("arch=haswell") would
-// pick by CPU model and run the baseline code on every AMD CPU.)
-#define KD_ROW_INLINE inline __attribute__((always_inline))
+// Row helpers (KD_CPU_INLINE) are inlined into row_sweeps, which is compiled twice: for
+// AVX2 + FMA and for baseline x86-64 (kd_cpu.h's has_avx2_fma picks one).
 
 // Row r of `src` as fp32 values divided by T: the buffer itself when it already is, else
 // a copy in `buf`.
@@ -61,7 +59,7 @@ struct FloatLanes {
 };
 
 template <int L>
-KD_ROW_INLINE float row_max(const float* x, int64_t n) {
+KD_CPU_INLINE float row_max(const float* x, int64_t n) {
   using lanes = typename FloatLanes<L>::type;
   lanes a0, a1;
   for (int k = 0; k < L; ++k) a0[k] = a1[k] = -INFINITY;
@@ -93,7 +91,7 @@ struct RowExp {
 };
 
 template <int L>
-KD_ROW_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
+KD_CPU_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
   const float m = row_max<L>(x, n);
   if (!(m > -INFINITY && m < INFINITY)) {  // no distribution (every entry -inf, or inf / NaN)
     std::fill(e, e + n, 0.f);
@@ -115,7 +113,7 @@ KD_ROW_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
 
 // The sweep for the loss and sum(w); w is stored in `w_row` for row_grad.
 template <int KIND, int L>
-KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, float* es, float* et,
+KD_CPU_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, float* es, float* et,
                                        int64_t n, float* w_row) {
   RowResult r;
   const RowExp xs = row_exp<L>(s, n, es), xt = row_exp<L>(t, n, et);
@@ -144,7 +142,7 @@ KD_ROW_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
 }
 
 // The gradient, in place of the w row_divergence stored in g.
-KD_ROW_INLINE void row_grad(const float* es, float inv_zs, int64_t n, float sum_w, float scale, float* g) {
+KD_CPU_INLINE void row_grad(const float* es, float inv_zs, int64_t n, float sum_w, float scale, float* g) {
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j) g[j] = divergence_grad(g[j], es[j] * inv_zs, sum_w, scale);
 }
@@ -153,7 +151,7 @@ KD_ROW_INLINE void row_grad(const float* es, float inv_zs, int64_t n, float sum_
 // the gradient row, or a scratch row without a gradient (`grad` false); L: the SIMD width in
 // floats of the target the sweeps are compiled for.
 template <int L>
-KD_ROW_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, float* es, float* et,
+KD_CPU_INLINE RowResult row_sweeps_any(const Consts& c, const float* s, const float* t, float* es, float* et,
                                        int64_t n, float scale, float* w_row, bool grad) {
   RowResult r;
   switch (c.kind) {
@@ -181,22 +179,12 @@ RowResult row_sweeps_baseline(const Consts& c, const float* s, const float* t, f
   return row_sweeps_any<4>(c, s, t, es, et, n, scale, w_row, grad);
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
-__attribute__((target("avx2,fma"))) RowResult row_sweeps_avx2(const Consts& c, const float* s, const float* t,
-                                                                float* es, float* et, int64_t n, float scale,
-                                                                float* w_row, bool grad) {
+KD_AVX2_FMA RowResult row_sweeps_avx2(const Consts& c, const float* s, const float* t, float* es, float* et,
+                                      int64_t n, float scale, float* w_row, bool grad) {
   return row_sweeps_any<8>(c, s, t, es, et, n, scale, w_row, grad);
 }
 
-RowSweeps pick_row_sweeps() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? row_sweeps_avx2 : row_sweeps_baseline;
-}
-#else
-RowSweeps pick_row_sweeps() { return row_sweeps_baseline; }
-#endif
-
-const RowSweeps row_sweeps = pick_row_sweeps();
+const RowSweeps row_sweeps = cpu::has_avx2_fma() ? row_sweeps_avx2 : row_sweeps_baseline;
 
 void zero_row(void* dst, int dtype, int64_t offset, int64_t n) {
   const size_t bytes = dtype == kFloat32 ? 4 : 2;

@@ -18,7 +18,9 @@ constexpr int64_t kTile = 512;
 
 // step_element over a tile, one source at a time: the same terms in the same order, but
 // each loop is a plain vectorisable stream and terms with a zero coefficient cost nothing.
-// Built for AVX2 and for baseline x86-64; the loader picks one for the CPU it runs on.
+// Built for AVX2 and for baseline x86-64; the loader picks one for the CPU it runs on. Not
+// with FMA (kd_cpu.h's KD_AVX2_FMA): this stream is memory-bound, and unfused products and
+// sums give the same bits as the Triton kernel's (tests/ops/test_memory_layouts.py).
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
