@@ -101,18 +101,24 @@ def _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANN
 
 
 @triton.jit
+def _chunk(pid, splits, groups, channels, spatial, chunk):
+    """Program pid of a split launch -> its (sample, group) pair, sample, channels per group,
+    first channel, group size and element range [first, stop) within the group."""
+    pair = pid // splits
+    cpg = channels // groups
+    n = cpg * spatial
+    first = (pid % splits) * chunk
+    return pair, pair // groups, cpg, (pair % groups) * cpg, n, first, tl.minimum(n, first + chunk)
+
+
+@triton.jit
 def _chunk_moments_kernel(
     x_ptr, shift_ptr, partial_ptr,
     channels, spatial, groups, splits, chunk, x_stride, s_batch, s_channel,
     CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pair = pid // splits
-    b = pair // groups
-    cpg = channels // groups
-    c0 = (pair % groups) * cpg
-    first = (pid % splits) * chunk
-    stop = tl.minimum(cpg * spatial, first + chunk)
+    pair, b, cpg, c0, n, first, stop = _chunk(pid, splits, groups, channels, spatial, chunk)
     pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, HAS_SHIFT)
     lanes = tl.arange(0, BLOCK)
     acc = tl.zeros([BLOCK], tl.float32)
@@ -135,13 +141,7 @@ def _chunk_normalize_kernel(
     SILU: tl.constexpr, BLOCK: tl.constexpr, MAX_SPLITS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    pair = pid // splits
-    b = pair // groups
-    cpg = channels // groups
-    c0 = (pair % groups) * cpg
-    n = cpg * spatial
-    first = (pid % splits) * chunk
-    stop = tl.minimum(n, first + chunk)
+    pair, b, cpg, c0, n, first, stop = _chunk(pid, splits, groups, channels, spatial, chunk)
     # every program of the group gathers the same partials in the same order
     j = tl.arange(0, MAX_SPLITS)
     at = partial_ptr + 2 * (pair * splits + j)

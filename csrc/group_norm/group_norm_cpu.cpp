@@ -144,28 +144,38 @@ KD_CPU_INLINE void cl_sample(const Params& p, int64_t b, float* ws) {
   for (int64_t k = 0; k < blocks; ++k) cl_block_write(p, b, k, w.center, w.scale, w.bias, w.block);
 }
 
-// Sum of x (of (x - center)^2 when `squares`) over elements [off, off + n) of x, contiguous:
-// float partial sums of kSumRows terms gathered in double.
+// Sum of v[0, n), or with kSquares of (v - center)^2 (center[j] with kPerElement, else
+// center[0]): float partial sums of kSumRows terms gathered in double, so float rounding
+// stays that of a kSumRows-term sum for any n.
+template <bool kSquares, bool kPerElement>
+KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
+  const float c0 = kSquares && !kPerElement ? center[0] : 0.f;
+  double total = 0.0;
+  for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
+    const int64_t k1 = std::min(n, k0 + kSumRows);
+    float f = 0.f;
+#pragma omp simd reduction(+ : f)
+    for (int64_t j = k0; j < k1; ++j) {
+      if (kSquares) {
+        const float d = v[j] - (kPerElement ? center[j] : c0);
+        f += d * d;
+      } else {
+        f += v[j];
+      }
+    }
+    total += f;
+  }
+  return total;
+}
+
+// Sum of x (of (x - center)^2 when `squares`) over elements [off, off + n) of x, contiguous,
+// widened a block at a time.
 KD_CPU_INLINE double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
   double total = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {
+  for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {  // (kCpuBlock is a multiple of kSumRows)
     const int64_t m = std::min(kCpuBlock, n - j0);
     const float* v = load_floats(p.x, p.x_dtype, off + j0, m, block);
-    for (int64_t k0 = 0; k0 < m; k0 += kSumRows) {
-      const int64_t k1 = std::min(m, k0 + kSumRows);
-      float f = 0.f;
-      if (squares) {
-#pragma omp simd reduction(+ : f)
-        for (int64_t j = k0; j < k1; ++j) {
-          const float d = v[j] - center;
-          f += d * d;
-        }
-      } else {
-#pragma omp simd reduction(+ : f)
-        for (int64_t j = k0; j < k1; ++j) f += v[j];
-      }
-      total += f;
-    }
+    total += squares ? flat_sum<true, false>(v, m, &center) : flat_sum<false, false>(v, m, nullptr);
   }
   return total;
 }
@@ -218,28 +228,6 @@ KD_CPU_INLINE void group_channel_major(const Params& p, int64_t b, int64_t g, fl
 // one sample, one contiguous block, swept flat with each channel's constants spread over its
 // elements.
 
-// Sum of v[0, n) (of (v - center)^2 with a per-element center when given): float partial
-// sums of kSumRows terms gathered in double, as range_sum.
-KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
-  double total = 0.0;
-  for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
-    const int64_t k1 = std::min(n, k0 + kSumRows);
-    float f = 0.f;
-    if (center) {
-#pragma omp simd reduction(+ : f)
-      for (int64_t j = k0; j < k1; ++j) {
-        const float d = v[j] - center[j];
-        f += d * d;
-      }
-    } else {
-#pragma omp simd reduction(+ : f)
-      for (int64_t j = k0; j < k1; ++j) f += v[j];
-    }
-    total += f;
-  }
-  return total;
-}
-
 // dst[c * S + s] = value[c] for c < channels, s < S; common map sizes get fixed-length inner
 // loops (single vector stores).
 template <int kS>
@@ -277,14 +265,14 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
   for (int64_t g = 0; g < groups; ++g) {  // means of x + shift; the per-element centers
     double shift_total = 0.0;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) shift_total += shift[c];
-    gmean[g] = (flat_sum(v + g * n_group, n_group, nullptr) + double(S) * shift_total) * inv_n;
+    gmean[g] = (flat_sum<false, false>(v + g * n_group, n_group, nullptr) + double(S) * shift_total) * inv_n;
   }
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) k_center[c] = float(gmean[g] - double(shift[c]));
   spread(w.spread_center, k_center, nc, S);
   for (int64_t g = 0; g < groups; ++g) {  // variances; the per-channel constants
     const float rstd =
-        inverse_std(flat_sum(v + g * n_group, n_group, w.spread_center + g * n_group) * inv_n, p.eps);
+        inverse_std(flat_sum<true, true>(v + g * n_group, n_group, w.spread_center + g * n_group) * inv_n, p.eps);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const ChannelConsts k = channel_consts(gmean[g], rstd, shift[c], weight_at(p, c0 + c), bias_at(p, c0 + c));
       k_center[c] = k.center;
