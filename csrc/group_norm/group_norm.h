@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common/kd_common.h"
+#include "common/kd_cpu.h"
 
 namespace kdfast {
 namespace group_norm {
@@ -86,9 +87,11 @@ inline int64_t block_floats(int64_t channels) {
 inline int64_t per_thread_floats(int64_t channels) { return 10 * channels + block_floats(channels) + 3 * kCpuBlock; }
 
 // Whether a channels-last call splits samples into (sample, block) tasks: when there are fewer
-// samples than threads (and a sample has more than one block).
+// samples than threads, a sample has more than one block and there is work enough for two
+// threads (below that, one thread does the whole call: waking the others costs more).
 inline bool split_samples(int channels_last, int64_t batch, int64_t channels, int64_t spatial, int num_threads) {
-  return channels_last && batch < num_threads && cl_blocks(channels, spatial) > 1;
+  return channels_last && batch < num_threads && cl_blocks(channels, spatial) > 1 &&
+         batch * channels * spatial >= 2 * cpu::kMinElementsPerThread;
 }
 
 // The CPU launcher's workspace (floats) for a call: per-thread scratch, plus, when samples are

@@ -11,6 +11,17 @@ _CURRENT = contextlib.nullcontext()
 _functorch_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
 
+# Tensors whose memory kdfast's kernels may read by address: plain tensors and parameters (a
+# Parameter overrides no dispatch). Any other subclass (fake, functional, DTensor, ...) goes
+# through the custom op.
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def has_subclass(tensors) -> bool:
+    """Whether any of ``tensors`` (None entries skipped) is a tensor subclass other than Parameter."""
+    return any(t is not None and type(t) not in _PLAIN_TYPES for t in tensors)
+
+
 def dispatcher_required() -> bool:
     """Compiling, under a dispatch mode, or inside a torch.func transform: kdfast's ops must be
     called through torch's dispatcher (their custom ops), not by address, because fake,

@@ -25,7 +25,8 @@ import torch
 
 from .. import _ext, backends
 from ..reference import diffusion_losses as ref
-from ._tensors import DTYPE_CODES, describe, dispatcher_required, empty_in_layout, in_layout, on_device, sample_layout
+from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
+                       sample_layout)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -144,16 +145,14 @@ def _pack(entries: Sequence[Tuple[int, Tuple[Optional[torch.Tensor], float]]]):
 def _needs_dispatcher(tensors) -> bool:
     if dispatcher_required():
         return True
-    grad = torch.is_grad_enabled()
-    return any(t is not None and (type(t) is not torch.Tensor or (grad and t.requires_grad)) for t in tensors)
+    return has_subclass(tensors) or (torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                                                     for t in tensors))
 
 
 def _traced(tensors) -> bool:
     """Compiling, under a dispatch mode or transform, or given tensor subclasses: the custom op
     is needed."""
-    if dispatcher_required():
-        return True
-    return any(t is not None and type(t) is not torch.Tensor for t in tensors)
+    return dispatcher_required() or has_subclass(tensors)
 
 
 def _call_loss(kind, prediction, x, in1, in2, in3, params, values, backend) -> torch.Tensor:

@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import group_norm as ref
-from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, on_device
+from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, has_subclass, on_device
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -141,7 +141,7 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     act = _check_activation(activation)
     tensors = (x, shift, weight, bias)
     args = (x, shift, weight, bias, num_groups, eps, act, backend or "")
-    if dispatcher_required() or any(t is not None and type(t) is not torch.Tensor for t in tensors):
+    if dispatcher_required() or has_subclass(tensors):
         return torch.ops.kdfast.group_norm_act(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
         return _EagerGroupNormAct.apply(*args)

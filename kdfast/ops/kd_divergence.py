@@ -17,7 +17,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, dispatcher_required, on_device
+from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -184,7 +184,7 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
 
 
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
-    return dispatcher_required() or any(type(t) is not torch.Tensor for t in tensors)
+    return dispatcher_required() or has_subclass(tensors)
 
 
 def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
