@@ -36,7 +36,7 @@ OP_SHAPES = [("digits 32x16x16", (1000, 32, 16, 16), 8), ("digits 64x8x8", (1000
              ("digits 64x4x4", (1000, 64, 4, 4), 8), ("sd 320x64x64", (2, 320, 64, 64), 32),
              ("sd 640x32x32", (2, 640, 32, 32), 32)]
 QUICK_OP_SHAPES = [("digits 32x16x16 (b64)", (64, 32, 16, 16), 8), ("sd 320x16x16", (1, 320, 16, 16), 32)]
-FORWARD_BATCHES = (200, 1000)
+FORWARD_BATCHES = (2, 200, 1000)
 
 
 def time_ms(fn: Callable, device: torch.device) -> float:
