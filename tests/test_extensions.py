@@ -159,8 +159,9 @@ def test_both_cpu_builds_compute_the_same(tmp_path):
     results = {}
     for value in ("1", "0"):
         path = tmp_path / f"baseline{value}.pt"
+        # (run outside the source tree, whose kdfast/ has no built extension, so the installed one is imported)
         done = subprocess.run([sys.executable, "-c", _BASELINE_CHECK, str(path)], capture_output=True, text=True,
-                              env={**os.environ, "KDFAST_CPU_BASELINE": value}, timeout=300)
+                              env={**os.environ, "KDFAST_CPU_BASELINE": value}, cwd=tmp_path, timeout=300)
         assert done.returncode == 0, done.stderr[-3000:]
         results[value] = torch.load(path)
     forced, chosen = results["1"], results["0"]
