@@ -267,21 +267,20 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) shift_total += shift[c];
     gmean[g] = (flat_sum<false, false>(v + g * n_group, n_group, nullptr) + double(S) * shift_total) * inv_n;
   }
+  // the centers (channel_consts' center: mean - shift) serve the variances and the output alike
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) k_center[c] = float(gmean[g] - double(shift[c]));
   spread(w.spread_center, k_center, nc, S);
-  for (int64_t g = 0; g < groups; ++g) {  // variances; the per-channel constants
+  for (int64_t g = 0; g < groups; ++g) {  // variances; the per-channel scales and biases
     const float rstd =
         inverse_std(flat_sum<true, true>(v + g * n_group, n_group, w.spread_center + g * n_group) * inv_n, p.eps);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const ChannelConsts k = channel_consts(gmean[g], rstd, shift[c], weight_at(p, c0 + c), bias_at(p, c0 + c));
-      k_center[c] = k.center;
       k_scale[c] = k.scale;
       k_bias[c] = k.bias;
     }
   }
   const float *center = w.spread_center, *scale = w.spread_scale, *bias = w.spread_bias;
-  spread(w.spread_center, k_center, nc, S);
   spread(w.spread_scale, k_scale, nc, S);
   spread(w.spread_bias, k_bias, nc, S);
 
