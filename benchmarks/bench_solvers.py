@@ -356,8 +356,10 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
     def gaussian(sigma, sigma_next):  # the same noise source for both (k-diffusion's SDE default is a Brownian tree)
         return torch.randn(shape, device=device, dtype=dtype)
 
-    cases = [("euler", {}), ("heun", {}), ("dpmpp_2m", {}), ("euler_ancestral", {"noise_sampler": gaussian}),
-             ("dpmpp_2m_sde", {"noise_sampler": gaussian}), ("dpmpp_3m_sde", {"noise_sampler": gaussian})]
+    cases = [("euler", {}), ("heun", {}), ("lms", {}), ("dpmpp_2m", {}), ("euler_ancestral", {"noise_sampler": gaussian}),
+             ("dpm_2_ancestral", {"noise_sampler": gaussian}), ("dpmpp_2s_ancestral", {"noise_sampler": gaussian}),
+             ("dpmpp_sde", {"noise_sampler": gaussian}), ("dpmpp_2m_sde", {"noise_sampler": gaussian}),
+             ("dpmpp_3m_sde", {"noise_sampler": gaussian})]
     rows = []
     print(f"\nkdfast.sampling vs k-diffusion samplers, {'x'.join(map(str, shape))}, {STEPS} steps, ms per loop "
           "(model outputs precomputed)")
@@ -386,7 +388,7 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
                      "anchor": "k-diffusion sampling", "anchor_loop_ms": ref,
                      "anchor_peak_memory_bytes": peaks["k-diffusion"], "speedup_loop": ref["median"] / q["median"],
                      "relative_diff": diff})
-        print(f"  {name:<18}kdfast {q['median']:8.2f}  k-diffusion {ref['median']:8.2f}  x{ref['median'] / q['median']:5.2f}"
+        print(f"  {name:<20}kdfast {q['median']:8.2f}  k-diffusion {ref['median']:8.2f}  x{ref['median'] / q['median']:5.2f}"
               f"  peak {peaks['kdfast'] / 2**20:.2f} vs {peaks['k-diffusion'] / 2**20:.2f} MiB"
               + ("" if diff is None else f"  rel. diff {diff:.1e}"))
     return rows

@@ -3,8 +3,11 @@
 The samplers keep k-diffusion's signatures and its denoiser convention,
 ``model(x, sigma * s_in, **extra_args) -> denoised`` with ``x = x0 + sigma * eps``, and its
 update rules (``sample_euler``, ``sample_euler_ancestral``, ``sample_heun``, ``sample_dpm_2``,
-``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, plus ``sample_lcm`` and a
-bh1/bh2 UniPC predictor-corrector ``sample_unipc``). What differs is how a step runs: the
+``sample_dpm_2_ancestral``, ``sample_lms``, ``sample_dpm_fast``, ``sample_dpmpp_2s_ancestral``,
+``sample_dpmpp_sde``, ``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, plus
+``sample_lcm`` and a bh1/bh2 UniPC predictor-corrector ``sample_unipc``; k-diffusion's
+``sample_dpm_adaptive`` is left out: its step-size control reads an error norm on the host
+every step). What differs is how a step runs: the
 sigmas are read to the host once, before the loop; every step's update is written as a linear
 combination of the fused kernel's sources (``X``, ``X0``, ``H0`` ..., see
 :mod:`kdfast.schedulers._linear`) and its coefficients are computed in float64 and packed once
@@ -19,8 +22,9 @@ matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15.
 
 Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
 when none is given, draw ``torch.randn_like(x)``-equivalent noise from ``generator`` (the
-global RNG when it is None). ``sample_dpmpp_2m_sde`` / ``sample_dpmpp_3m_sde`` therefore default
-to Gaussian noise, not k-diffusion's Brownian tree (pass one as ``noise_sampler`` to get it).
+global RNG when it is None). ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and
+``sample_dpmpp_3m_sde`` therefore default to Gaussian noise, not k-diffusion's Brownian tree
+(pass a :class:`BrownianTreeNoiseSampler` as ``noise_sampler`` to get it).
 Churn noise (``s_churn > 0`` in Euler / Heun / DPM-2) is drawn with
 ``noise_sampler(sigmas[i], sigmas[i + 1])`` and added by the kernel of the step before (the
 first step's by one extra kernel pass before the loop). It is drawn only for the steps that
@@ -34,6 +38,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -45,11 +50,12 @@ from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
 
 __all__ = [
     "sample", "CapturedSampler", "SAMPLERS",
-    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc",
+    "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
+    "sample_lms", "sample_dpm_fast", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
+    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc", "dpm_fast_sigmas",
     "append_zero", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
     "get_sigmas_vp", "loglinear_interp", "get_sigmas_ays", "AYS_NOISE_LEVELS",
-    "default_noise_sampler", "get_ancestral_step",
+    "default_noise_sampler", "get_ancestral_step", "BrownianTreeNoiseSampler",
 ]
 
 NoiseSampler = Callable[[Any, Any], torch.Tensor]
@@ -165,6 +171,57 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
     if gen_device.type == device.type:
         return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=device)
     return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+class BrownianTreeNoiseSampler:
+    """``noise_sampler(sigma, sigma_next)`` drawing from one Brownian motion over
+    ``[sigma_min, sigma_max]`` (a ``torchsde.BrownianTree``; needs ``torchsde``): the noise of
+    an interval is the motion's increment over it divided by the square root of its length.
+    Draws over overlapping intervals are therefore correlated as the SDE's noise is, and a
+    seed fixes one path whatever the number of steps. This is k-diffusion's default for its SDE
+    samplers. It runs on the host (not inside a CUDA graph).
+
+    Args:
+        x: a tensor of the shape, dtype and device of the draws.
+        sigma_min, sigma_max: the interval the motion covers (the schedule's smallest nonzero
+            sigma and its largest).
+        seed: an int, or a list of ints (one independent motion per batch item); random when None.
+        transform: maps a sigma (a 0-d tensor) to the motion's time; the identity by default.
+    """
+
+    def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seed=None, transform=None):
+        try:
+            import torchsde
+        except ImportError:
+            raise ImportError("BrownianTreeNoiseSampler needs torchsde: pip install torchsde") from None
+        self.transform = (lambda s: s) if transform is None else transform
+        t0, t1 = self._time(sigma_min), self._time(sigma_max)
+        self.sign = 1 if t0 < t1 else -1
+        lo, hi = (t0, t1) if t0 < t1 else (t1, t0)
+        if seed is None:
+            seed = int(torch.randint(0, 2 ** 63 - 1, []).item())
+        self.batched = isinstance(seed, (list, tuple))
+        if self.batched and len(seed) != x.shape[0]:
+            raise ValueError(f"seed: one per batch item ({x.shape[0]}), got {len(seed)}")
+        w0 = torch.zeros_like(x[0] if self.batched else x)
+        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=int(s))
+                      for s in (seed if self.batched else [seed])]
+
+    def _time(self, sigma) -> torch.Tensor:
+        # float64 times: the samplers pass Python floats, which a float32 tensor would round
+        # outside the tree's own (float64) end points
+        return self.transform(torch.as_tensor(sigma, dtype=torch.float64))
+
+    def __call__(self, sigma, sigma_next) -> torch.Tensor:
+        t0, t1 = self._time(sigma), self._time(sigma_next)
+        sign = self.sign * (1 if t0 < t1 else -1)
+        lo, hi = (t0, t1) if t0 < t1 else (t1, t0)
+        with warnings.catch_warnings():
+            # the tree rounds its end points (to its tolerance's digits) and clamps queries at
+            # the schedule's ends into them, with a warning each time: the clamp is what we want
+            warnings.filterwarnings("ignore", message="Should have t[ab]", category=UserWarning)
+            w = torch.stack([tree(lo, hi) for tree in self.trees]) * sign
+        return (w if self.batched else w[0]) / (t1 - t0).abs().sqrt()
 
 
 # --------------------------------------------------------------------------- plans
@@ -494,11 +551,182 @@ def _plan_unipc(s, order=2, variant='bh2', use_corrector=True, lower_order_final
     return b.plan()
 
 
+def _plan_dpm_2_ancestral(s, eta=1., s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    for i in range(b.n):
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta=eta)
+        if sigma_down == 0:  # Euler into sigma_down; k-diffusion adds no noise here
+            b.add(i, s[i], _euler_update(s[i], sigma_down))
+            continue
+        sigma_mid = math.exp(0.5 * (math.log(s[i]) + math.log(sigma_down)))
+        b.add(i, s[i], _euler_update(s[i], sigma_mid), aux_from_x=True, end=False)
+        update = AUX + ((sigma_down - s[i]) / sigma_mid) * (X - X0)
+        update, noise = _with_noise(update, s_noise * sigma_up, (s[i], s[i + 1]))
+        b.add(i, sigma_mid, update, noise=noise, callback=False)
+    return b.plan()
+
+
+def _with_noise(update: Lin, scale: float, key: Tuple[float, float]) -> Tuple[Lin, Optional[Tuple[float, float]]]:
+    """``update + scale * noise`` and the noise_sampler arguments; no draw when scale is 0."""
+    if scale == 0:
+        return update, None
+    return update + scale * NOISE, key
+
+
+def _exp_step(sigma: float, sigma_to: float) -> Tuple[float, float]:
+    """(a, b) of the first-order data-prediction step ``a * x + b * denoised`` from sigma to
+    sigma_to: ``a = sigma_to / sigma``, ``b = -expm1(log(sigma_to) - log(sigma))``; into 0, (0, 1)."""
+    if sigma_to == 0:
+        return 0.0, 1.0
+    return sigma_to / sigma, -math.expm1(math.log(sigma_to) - math.log(sigma))
+
+
+def _plan_dpmpp_2s_ancestral(s, eta=1., s_noise=1.) -> _Plan:
+    b = _Builder(s)
+    for i in range(b.n):
+        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta=eta)
+        key = (s[i], s[i + 1])
+        scale = s_noise * sigma_up  # 0 into sigma 0
+        if sigma_down == 0:  # Euler into 0
+            update, noise = _with_noise(_euler_update(s[i], 0.0), scale, key)
+            b.add(i, s[i], update, noise=noise)
+            continue
+        # DPM-Solver++(2S): a half step (in log sigma) to sigma_mid, then the full one with the
+        # denoised computed there
+        h = math.log(s[i]) - math.log(sigma_down)
+        sigma_mid = math.exp(math.log(s[i]) - 0.5 * h)
+        b.add(i, s[i], (sigma_mid / s[i]) * X - math.expm1(-0.5 * h) * X0, aux_from_x=True, end=False)
+        update, noise = _with_noise((sigma_down / s[i]) * AUX - math.expm1(-h) * X0, scale, key)
+        b.add(i, sigma_mid, update, noise=noise, callback=False)
+    return b.plan()
+
+
+def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5) -> _Plan:
+    if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        raise ValueError(f"r must be a positive number (the midpoint's fraction of the step), got {r!r}")
+    b = _Builder(s)
+    fac = 1 / (2 * r)
+    for i in range(b.n):
+        sigma, sigma_next = s[i], s[i + 1]
+        if sigma_next == 0:
+            b.add(i, sigma, _euler_update(sigma, sigma_next))
+            continue
+        # t = -log(sigma); the stage point s = t + r * h, as k-diffusion (which also goes
+        # through exp(-t) for the sigmas it gets from t)
+        t, t_next = -math.log(sigma), -math.log(sigma_next)
+        sigma_t = math.exp(-t)
+        sigma_s = math.exp(-(t + r * (t_next - t)))
+        sigma_n = math.exp(-t_next)
+        # stage 1: ancestral step from sigma to sigma_s, keeping x (aux) and denoised (history)
+        sd, su = get_ancestral_step(sigma_t, sigma_s, eta)
+        a, c = _exp_step(sigma_t, sd)
+        stage, noise = _with_noise(a * X + c * X0, s_noise * su, (sigma_t, sigma_s))
+        b.add(i, sigma, stage, history=X0, aux_from_x=True, noise=noise, end=False)
+        # stage 2: ancestral step from sigma to sigma_next with the two denoised mixed
+        sd, su = get_ancestral_step(sigma_t, sigma_n, eta)
+        a, c = _exp_step(sigma_t, sd)
+        update = a * AUX + c * ((1 - fac) * H0 + fac * X0)
+        update, noise = _with_noise(update, s_noise * su, (sigma_t, sigma_n))
+        b.add(i, sigma_s, update, noise=noise, callback=False)
+    return b.plan()
+
+
+def _lms_coefficient(order: int, t: Sequence[float], i: int, j: int) -> float:
+    """Integral over [t[i], t[i+1]] of the Lagrange basis polynomial of node t[i-j] on the
+    nodes t[i], ..., t[i-order+1]: k-diffusion's ``linear_multistep_coeff``, computed exactly
+    (Gauss-Legendre with ``order`` points integrates the degree ``order-1`` polynomial to
+    rounding) instead of by adaptive quadrature."""
+    nodes = [t[i - k] for k in range(order)]
+    u, w = np.polynomial.legendre.leggauss(order)
+    lo, hi = t[i], t[i + 1]
+    tau = 0.5 * (hi - lo) * u + 0.5 * (hi + lo)
+    basis = np.ones_like(tau)
+    for k in range(order):
+        if k != j:
+            basis *= (tau - nodes[k]) / (nodes[j] - nodes[k])
+    return float(0.5 * (hi - lo) * np.dot(w, basis))
+
+
+def _plan_lms(s, order=4) -> _Plan:
+    if order not in (1, 2, 3, 4):
+        raise ValueError(f"order must be 1, 2, 3 or 4 (the fused step keeps three past derivatives), got {order!r}")
+    b = _Builder(s)
+    past = (H0, H1, H2)  # d of steps i-1, i-2, i-3
+    for i in range(b.n):
+        d = (X - X0) / s[i]
+        p = min(i + 1, order)
+        coeffs = [_lms_coefficient(p, s, i, j) for j in range(p)]
+        update = X + coeffs[0] * d
+        for j in range(1, p):
+            update = update + coeffs[j] * past[j - 1]
+        keep = d if order > 1 and i + 1 < b.n else None
+        b.add(i, s[i], update, history=keep)
+    return b.plan()
+
+
+def _dpm_fast_schedule(sigma_min: float, sigma_max: float, nfe: int) -> Tuple[List[float], List[int]]:
+    """DPM-Solver-Fast's step sigmas (equal steps in t = -log sigma) and per-step orders."""
+    m = nfe // 3 + 1
+    t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
+    ts = np.linspace(t_start, t_end, m + 1)
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    return [math.exp(-t) for t in ts], orders
+
+
+def _plan_dpm_fast(s, nfe, eta=0., s_noise=1.) -> _Plan:
+    """DPM-Solver (noise prediction, eps = (x - denoised) / sigma) of orders 1-3 per step."""
+    _, orders = _dpm_fast_schedule(s[-1], s[0], nfe)
+    b = _Builder(s)
+    t_end = -math.log(s[-1])
+    for i, order in enumerate(orders):
+        t, t_next = -math.log(s[i]), -math.log(s[i + 1])
+        sig = lambda tt: math.exp(-tt)  # noqa: E731
+        if eta:
+            sd, _ = get_ancestral_step(sig(t), sig(t_next), eta)
+            t_to = min(t_end, -math.log(sd)) if sd > 0 else t_end
+            su = math.sqrt(sig(t_next) ** 2 - sig(t_to) ** 2)
+        else:
+            t_to, su = t_next, 0.
+        h = t_to - t
+        key = (sig(t), sig(t_next))
+        eps = (X - X0) / sig(t)
+        if order == 1:
+            update, noise = _with_noise(X - (sig(t_to) * math.expm1(h)) * eps, s_noise * su, key)
+            b.add(i, sig(t), update, noise=noise)
+            continue
+        # the first eps is kept as history H0, the step's start x as aux
+        r1 = 1 / 2 if order == 2 else 1 / 3
+        s1 = t + r1 * h
+        b.add(i, sig(t), X - (sig(s1) * math.expm1(r1 * h)) * eps, history=eps, aux_from_x=True, end=False)
+        eps_r1 = (X - X0) / sig(s1)
+        base = AUX - (sig(t_to) * math.expm1(h)) * H0
+        if order == 2:
+            update = base - (sig(t_to) / (2 * r1) * math.expm1(h)) * (eps_r1 - H0)
+            update, noise = _with_noise(update, s_noise * su, key)
+            b.add(i, sig(s1), update, noise=noise, callback=False)
+            continue
+        r2 = 2 / 3
+        s2 = t + r2 * h
+        u2 = (AUX - (sig(s2) * math.expm1(r2 * h)) * H0
+              - (sig(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)) * (eps_r1 - H0))
+        b.add(i, sig(s1), u2, callback=False, end=False)
+        eps_r2 = (X - X0) / sig(s2)
+        update = base - (sig(t_to) / r2 * (math.expm1(h) / h - 1)) * (eps_r2 - H0)
+        update, noise = _with_noise(update, s_noise * su, key)
+        b.add(i, sig(s2), update, noise=noise, callback=False)
+    return b.plan()
+
+
 _PLANNERS: Dict[str, Callable[..., _Plan]] = {
     "euler": _plan_euler,
     "euler_ancestral": _plan_euler_ancestral,
     "heun": _plan_heun,
     "dpm_2": _plan_dpm_2,
+    "dpm_2_ancestral": _plan_dpm_2_ancestral,
+    "lms": _plan_lms,
+    "dpmpp_2s_ancestral": _plan_dpmpp_2s_ancestral,
+    "dpmpp_sde": _plan_dpmpp_sde,
+    "dpm_fast": _plan_dpm_fast,
     "dpmpp_2m": _plan_dpmpp_2m,
     "dpmpp_2m_sde": _plan_dpmpp_2m_sde,
     "dpmpp_3m_sde": _plan_dpmpp_3m_sde,
@@ -973,9 +1201,63 @@ def sample_dpm_2(model, x, sigmas, extra_args=None, callback=None, disable=None,
 
 
 @torch.no_grad()
+def sample_dpm_2_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                           noise_sampler=None, generator=None):
+    """Ancestral sampling with DPM-Solver second-order steps.
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
+    return _sample_sigmas("dpm_2_ancestral", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_lms(model, x, sigmas, extra_args=None, callback=None, disable=None, order=4):
+    """Linear multistep (Adams-Bashforth in sigma) of ``order`` 1 to 4, k-diffusion's LMS.
+
+    The coefficients are the integrals k-diffusion takes with ``scipy.integrate.quad``,
+    computed exactly (by Gauss-Legendre quadrature of the interpolating polynomial) once per
+    sigma list; scipy is not needed. Orders above 4 are refused: the fused step keeps the
+    derivatives of the last three steps.
+    """
+    return _sample_sigmas("lms", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          options=dict(order=_int_option("order", order)))
+
+
+@torch.no_grad()
 def sample_dpmpp_2m(model, x, sigmas, extra_args=None, callback=None, disable=None):
     """DPM-Solver++(2M)."""
     return _sample_sigmas("dpmpp_2m", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable)
+
+
+@torch.no_grad()
+def sample_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                              noise_sampler=None, generator=None):
+    """Ancestral sampling with DPM-Solver++(2S) second-order steps.
+
+    ``generator`` (not in k-diffusion) draws the noise when ``noise_sampler`` is None; see the
+    module docstring.
+    """
+    return _sample_sigmas("dpmpp_2s_ancestral", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise))
+
+
+@torch.no_grad()
+def sample_dpmpp_sde(model, x, sigmas, extra_args=None, callback=None, disable=None, eta=1., s_noise=1.,
+                     noise_sampler=None, r=1 / 2, generator=None):
+    """DPM-Solver++ (stochastic): two model evaluations per step, the second at the fraction
+    ``r`` of the step in log sigma, with ancestral noise after each stage.
+
+    The noise is Gaussian, from ``generator`` (the global RNG when None), unless
+    ``noise_sampler`` is given: k-diffusion defaults to a Brownian tree here; pass
+    :class:`BrownianTreeNoiseSampler` (needs ``torchsde``) to get its draws.
+    """
+    return _sample_sigmas("dpmpp_sde", model, x, sigmas, extra_args=extra_args, callback=callback,
+                          disable=disable, noise_sampler=noise_sampler, generator=generator,
+                          options=dict(eta=eta, s_noise=s_noise, r=r))
 
 
 @torch.no_grad()
@@ -1023,11 +1305,59 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
                                        lower_order_final=bool(lower_order_final)))
 
 
+@torch.no_grad()
+def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback=None, disable=None, eta=0.,
+                    s_noise=1., noise_sampler=None, generator=None):
+    """DPM-Solver-Fast (Lu et al. 2022, fixed step size): ``n`` model evaluations spread over
+    steps of order 3 (and a last one or two of order 2 and 1), equal in log sigma, from
+    ``sigma_max`` to ``sigma_min`` (both > 0, as in k-diffusion; reverse sampling is not
+    supported). ``eta > 0`` adds ancestral noise after each step.
+
+    The callback gets the usual ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` once per step
+    (k-diffusion's also carries ``t`` and ``t_up``, which are ``-log(sigma)``). ``generator``
+    draws the noise when ``noise_sampler`` is None.
+    """
+    sigmas = dpm_fast_sigmas(sigma_min, sigma_max, n)
+    return _sample_sigmas("dpm_fast", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
+                          noise_sampler=noise_sampler, generator=generator,
+                          options=dict(nfe=int(n), eta=eta, s_noise=s_noise))
+
+
+def dpm_fast_sigmas(sigma_min, sigma_max, n) -> List[float]:
+    """The step boundaries :func:`sample_dpm_fast` uses for ``n`` model evaluations (its model
+    is called at these sigmas, except the last, and in between)."""
+    n = _int_option("n", n, minimum=1)
+    try:
+        lo, hi = float(sigma_min), float(sigma_max)
+    except (TypeError, ValueError):
+        raise TypeError("sigma_min and sigma_max must be numbers") from None
+    if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= 0:
+        raise ValueError(f"sigma_min and sigma_max must be finite and > 0, got {sigma_min} and {sigma_max}")
+    if lo >= hi:
+        raise ValueError(f"sigma_min must be below sigma_max (reverse sampling is not supported), got "
+                         f"{sigma_min} and {sigma_max}")
+    return _dpm_fast_schedule(lo, hi, n)[0]
+
+
+def _int_option(name: str, value, minimum: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
+            isinstance(value, float) and value.is_integer()):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
 SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
     "euler": sample_euler,
     "euler_ancestral": sample_euler_ancestral,
     "heun": sample_heun,
     "dpm_2": sample_dpm_2,
+    "dpm_2_ancestral": sample_dpm_2_ancestral,
+    "lms": sample_lms,
+    "dpmpp_2s_ancestral": sample_dpmpp_2s_ancestral,
+    "dpmpp_sde": sample_dpmpp_sde,
     "dpmpp_2m": sample_dpmpp_2m,
     "dpmpp_2m_sde": sample_dpmpp_2m_sde,
     "dpmpp_3m_sde": sample_dpmpp_3m_sde,
@@ -1041,6 +1371,10 @@ _OPTIONS = {
     "heun": ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler"),
     "dpm_2": ("s_churn", "s_tmin", "s_tmax", "s_noise", "noise_sampler"),
     "euler_ancestral": ("eta", "s_noise", "noise_sampler"),
+    "dpm_2_ancestral": ("eta", "s_noise", "noise_sampler"),
+    "lms": ("order",),
+    "dpmpp_2s_ancestral": ("eta", "s_noise", "noise_sampler"),
+    "dpmpp_sde": ("eta", "s_noise", "noise_sampler", "r"),
     "dpmpp_2m": (),
     "dpmpp_2m_sde": ("eta", "s_noise", "noise_sampler", "solver_type"),
     "dpmpp_3m_sde": ("eta", "s_noise", "noise_sampler"),
@@ -1052,6 +1386,10 @@ _DEFAULTS = {
     "heun": dict(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.),
     "dpm_2": dict(s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.),
     "euler_ancestral": dict(eta=1., s_noise=1.),
+    "dpm_2_ancestral": dict(eta=1., s_noise=1.),
+    "lms": dict(order=4),
+    "dpmpp_2s_ancestral": dict(eta=1., s_noise=1.),
+    "dpmpp_sde": dict(eta=1., s_noise=1., r=1 / 2),
     "dpmpp_2m": {},
     "dpmpp_2m_sde": dict(eta=1., s_noise=1., solver_type='midpoint'),
     "dpmpp_3m_sde": dict(eta=1., s_noise=1.),
@@ -1129,6 +1467,8 @@ def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, con
         options = dict(order=int(options["order"]), variant=options["variant"],
                        use_corrector=bool(options["use_corrector"]),
                        lower_order_final=bool(options["lower_order_final"]))
+    elif sampler == "lms":
+        options["order"] = _int_option("order", options["order"])
     return _sigma_loop(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, with_callback=with_callback,
                        noise_sampler=noise_sampler, generator=generator, guidance_scale=guidance_scale, cond=cond,
                        uncond=uncond, options=options)

@@ -267,6 +267,158 @@ def ref_lcm(model, x, sigmas, extra_args=None, noise_sampler=None):
     return x
 
 
+def ref_dpm_2_ancestral(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = ref_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        d = to_d(x, sigmas[i], denoised)
+        if sigma_down == 0:
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            sigma_mid = sigmas[i].log().lerp(sigma_down.log(), 0.5).exp()
+            dt_1 = sigma_mid - sigmas[i]
+            dt_2 = sigma_down - sigmas[i]
+            x_2 = x + d * dt_1
+            denoised_2 = model(x_2, sigma_mid * s_in, **extra_args)
+            d_2 = to_d(x_2, sigma_mid, denoised_2)
+            x = x + d_2 * dt_2
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def ref_linear_multistep_coeff(order, t, i, j):
+    from scipy import integrate
+
+    def fn(tau):
+        prod = 1.
+        for k in range(order):
+            if j == k:
+                continue
+            prod *= (tau - t[i - k]) / (t[i - j] - t[i - k])
+        return prod
+    return integrate.quad(fn, t[i], t[i + 1], epsrel=1e-4)[0]
+
+
+def ref_lms(model, x, sigmas, extra_args=None, order=4):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigmas_cpu = sigmas.detach().cpu().numpy()
+    ds = []
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        d = to_d(x, sigmas[i], denoised)
+        ds.append(d)
+        if len(ds) > order:
+            ds.pop(0)
+        cur_order = min(i + 1, order)
+        coeffs = [ref_linear_multistep_coeff(cur_order, sigmas_cpu, i, j) for j in range(cur_order)]
+        x = x + sum(coeff * d for coeff, d in zip(coeffs, reversed(ds)))
+    return x
+
+
+def ref_dpmpp_2s_ancestral(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: sigma.log().neg()  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        sigma_down, sigma_up = ref_get_ancestral_step(sigmas[i], sigmas[i + 1], eta=eta)
+        if sigma_down == 0:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigma_down - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(torch.as_tensor(sigma_down, dtype=sigmas.dtype))
+            r = 1 / 2
+            h = t_next - t
+            s = t + r * h
+            x_2 = (sigma_fn(s) / sigma_fn(t)) * x - (-h * r).expm1() * denoised
+            denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+            x = (sigma_fn(t_next) / sigma_fn(t)) * x - (-h).expm1() * denoised_2
+        if sigmas[i + 1] > 0:
+            x = x + noise_sampler(sigmas[i], sigmas[i + 1]) * s_noise * sigma_up
+    return x
+
+
+def ref_dpmpp_sde(model, x, sigmas, extra_args=None, eta=1., s_noise=1., noise_sampler=None, r=1 / 2):
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigma_fn = lambda t: t.neg().exp()  # noqa: E731
+    t_fn = lambda sigma: torch.as_tensor(sigma, dtype=sigmas.dtype).log().neg()  # noqa: E731
+    for i in range(len(sigmas) - 1):
+        denoised = model(x, sigmas[i] * s_in, **extra_args)
+        if sigmas[i + 1] == 0:
+            d = to_d(x, sigmas[i], denoised)
+            dt = sigmas[i + 1] - sigmas[i]
+            x = x + d * dt
+        else:
+            t, t_next = t_fn(sigmas[i]), t_fn(sigmas[i + 1])
+            h = t_next - t
+            s = t + h * r
+            fac = 1 / (2 * r)
+            sd, su = ref_get_ancestral_step(sigma_fn(t), sigma_fn(s), eta)
+            s_ = t_fn(sd)
+            x_2 = (sigma_fn(s_) / sigma_fn(t)) * x - (t - s_).expm1() * denoised
+            x_2 = x_2 + noise_sampler(sigma_fn(t), sigma_fn(s)) * s_noise * su
+            denoised_2 = model(x_2, sigma_fn(s) * s_in, **extra_args)
+            sd, su = ref_get_ancestral_step(sigma_fn(t), sigma_fn(t_next), eta)
+            t_next_ = t_fn(sd)
+            denoised_d = (1 - fac) * denoised + fac * denoised_2
+            x = (sigma_fn(t_next_) / sigma_fn(t)) * x - (t - t_next_).expm1() * denoised_d
+            x = x + noise_sampler(sigma_fn(t), sigma_fn(t_next)) * s_noise * su
+    return x
+
+
+def ref_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, eta=0., s_noise=1., noise_sampler=None):
+    """k-diffusion's DPMSolver.dpm_solver_fast with its eps cache unrolled; the times are
+    float64 here (k-diffusion's ``torch.linspace`` makes them float32 whatever the input)."""
+    extra_args = {} if extra_args is None else extra_args
+    s_in = x.new_ones([x.shape[0]])
+    sigma = lambda t: t.neg().exp()  # noqa: E731
+    t_of = lambda s: torch.as_tensor(s, dtype=torch.float64).log().neg()  # noqa: E731
+
+    def eps_at(x, t):
+        return (x - model(x, sigma(t) * s_in, **extra_args)) / sigma(t)
+
+    t_start, t_end = t_of(sigma_max), t_of(sigma_min)
+    m = math.floor(n / 3) + 1
+    ts = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64)
+    orders = [3] * (m - 2) + [2, 1] if n % 3 == 0 else [3] * (m - 1) + [n % 3]
+    for i in range(len(orders)):
+        t, t_next = ts[i], ts[i + 1]
+        if eta:
+            sd, su = ref_get_ancestral_step(sigma(t), sigma(t_next), eta)
+            t_next_ = torch.minimum(t_end, t_of(sd))
+            su = (sigma(t_next) ** 2 - sigma(t_next_) ** 2) ** 0.5
+        else:
+            t_next_, su = t_next, 0.
+        h = t_next_ - t
+        eps = eps_at(x, t)
+        if orders[i] == 1:
+            x = x - sigma(t_next_) * h.expm1() * eps
+        elif orders[i] == 2:
+            r1 = 1 / 2
+            s1 = t + r1 * h
+            u1 = x - sigma(s1) * (r1 * h).expm1() * eps
+            eps_r1 = eps_at(u1, s1)
+            x = x - sigma(t_next_) * h.expm1() * eps - sigma(t_next_) / (2 * r1) * h.expm1() * (eps_r1 - eps)
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = t + r1 * h, t + r2 * h
+            u1 = x - sigma(s1) * (r1 * h).expm1() * eps
+            eps_r1 = eps_at(u1, s1)
+            u2 = (x - sigma(s2) * (r2 * h).expm1() * eps
+                  - sigma(s2) * (r2 / r1) * ((r2 * h).expm1() / (r2 * h) - 1) * (eps_r1 - eps))
+            eps_r2 = eps_at(u2, s2)
+            x = x - sigma(t_next_) * h.expm1() * eps - sigma(t_next_) / r2 * (h.expm1() / h - 1) * (eps_r2 - eps)
+        x = x + su * s_noise * noise_sampler(sigma(t), sigma(t_next)) if eta else x
+    return x
+
+
 # UniPC: diffusers' multistep_uni_p_bh_update / multistep_uni_c_bh_update (predict_x0) with
 # alpha_t = 1, sigma_t = sigma (k-diffusion's x = x0 + sigma * eps), lambda = -log(sigma).
 
@@ -354,6 +506,18 @@ CASES = {
     "heun_churn": (S.sample_heun, ref_heun, dict(s_churn=1.0)),
     "dpm_2": (S.sample_dpm_2, ref_dpm_2, {}),
     "dpm_2_churn": (S.sample_dpm_2, ref_dpm_2, dict(s_churn=2.0, s_tmin=0.1, s_tmax=5.0)),
+    "dpm_2_ancestral": (S.sample_dpm_2_ancestral, ref_dpm_2_ancestral, {}),
+    "dpm_2_ancestral_eta": (S.sample_dpm_2_ancestral, ref_dpm_2_ancestral, dict(eta=0.6, s_noise=1.1)),
+    "lms": (S.sample_lms, ref_lms, {}),
+    "lms_o1": (S.sample_lms, ref_lms, dict(order=1)),
+    "lms_o2": (S.sample_lms, ref_lms, dict(order=2)),
+    "lms_o3": (S.sample_lms, ref_lms, dict(order=3)),
+    "dpmpp_2s_ancestral": (S.sample_dpmpp_2s_ancestral, ref_dpmpp_2s_ancestral, {}),
+    "dpmpp_2s_ancestral_eta": (S.sample_dpmpp_2s_ancestral, ref_dpmpp_2s_ancestral, dict(eta=0.5, s_noise=0.9)),
+    "dpmpp_2s_ancestral_eta0": (S.sample_dpmpp_2s_ancestral, ref_dpmpp_2s_ancestral, dict(eta=0.0)),
+    "dpmpp_sde": (S.sample_dpmpp_sde, ref_dpmpp_sde, {}),
+    "dpmpp_sde_r": (S.sample_dpmpp_sde, ref_dpmpp_sde, dict(eta=0.5, s_noise=1.1, r=0.3)),
+    "dpmpp_sde_eta0": (S.sample_dpmpp_sde, ref_dpmpp_sde, dict(eta=0.0)),
     "dpmpp_2m": (S.sample_dpmpp_2m, ref_dpmpp_2m, {}),
     "dpmpp_2m_sde": (S.sample_dpmpp_2m_sde, ref_dpmpp_2m_sde, {}),
     "dpmpp_2m_sde_heun": (S.sample_dpmpp_2m_sde, ref_dpmpp_2m_sde, dict(solver_type='heun', eta=0.5)),
@@ -402,8 +566,9 @@ def test_sampler_matches_reference_fp32(case):
     assert rel_err(out, expected) <= 1e-5, case
 
 
-@pytest.mark.parametrize("case", ["euler", "euler_ancestral", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde",
-                                  "dpmpp_3m_sde", "lcm", "unipc_o3"])
+@pytest.mark.parametrize("case", ["euler", "euler_ancestral", "heun", "dpm_2", "dpm_2_ancestral", "lms",
+                                  "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm",
+                                  "unipc_o3"])
 def test_sampler_schedule_without_final_zero(case):
     # img2img-style partial schedules end above zero: no denoising-to-zero step.
     sigmas = karras(8, zero=False)
@@ -411,7 +576,8 @@ def test_sampler_schedule_without_final_zero(case):
     assert rel_err(out, expected) <= 1e-5
 
 
-@pytest.mark.parametrize("case", ["euler", "heun", "dpm_2", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc_o3"])
+@pytest.mark.parametrize("case", ["euler", "heun", "dpm_2", "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde",
+                                  "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m_sde", "unipc_o3"])
 def test_single_step_schedule(case):
     sigmas = torch.tensor([SIGMA_MAX, 0.0])
     out, expected = run_case(case, torch.float32, sigmas, torch.float64)
@@ -420,7 +586,7 @@ def test_single_step_schedule(case):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("case", ["euler", "euler_churn", "euler_ancestral", "heun", "heun_churn", "dpm_2",
-                                  "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "unipc",
+                                  "dpm_2_ancestral", "lms", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde", "lcm", "unipc",
                                   "unipc_o3"])
 def test_sampler_low_precision(case, dtype):
     """fp16/bf16 latents: the sample and history are stored in that dtype after every step
@@ -459,7 +625,8 @@ def test_extra_args_reach_the_denoiser():
     assert rel_err(out, plain) > 1e-3
 
 
-@pytest.mark.parametrize("case", ["euler_churn", "heun", "dpmpp_2m", "unipc_o3"])
+@pytest.mark.parametrize("case", ["euler_churn", "heun", "lms", "dpmpp_2s_ancestral_eta0", "dpmpp_sde_eta0", "dpmpp_2m",
+                                  "unipc_o3"])
 def test_callback(case):
     fn, _, opts = CASES[case]
     sigmas = karras(6)
@@ -485,7 +652,10 @@ def test_callback(case):
     torch.testing.assert_close(out, again, rtol=0, atol=0)
 
 
-def test_one_fused_call_per_model_evaluation(monkeypatch):
+@pytest.fixture
+def counted(monkeypatch):
+    """``(calls, model)``: ``model`` is the test denoiser; ``calls`` counts its evaluations and
+    the fused kernel calls (``kdfast.ops.solver_step``)."""
     calls = {"model": 0, "kernel": 0}
     real = kdfast.ops.solver_step
 
@@ -498,6 +668,11 @@ def test_one_fused_call_per_model_evaluation(monkeypatch):
         return denoiser(x, sigma)
 
     monkeypatch.setattr(kdfast.ops, "solver_step", counting)
+    return calls, model
+
+
+def test_one_fused_call_per_model_evaluation(counted):
+    calls, model = counted
     sigmas = karras(8)
     for name, fn in S.SAMPLERS.items():
         calls.update(model=0, kernel=0)
@@ -639,13 +814,15 @@ def test_float64_sampler_uses_float64_coefficients(monkeypatch):
     assert rows == [torch.float64] * 10 + [torch.float32] * 10
 
 
-@pytest.mark.parametrize("case", ["euler", "euler_ancestral", "euler_ancestral_eta", "heun", "dpm_2", "dpmpp_2m",
-                                  "dpmpp_2m_sde", "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
+@pytest.mark.parametrize("case", ["euler", "euler_ancestral", "euler_ancestral_eta", "heun", "dpm_2",
+                                  "dpm_2_ancestral", "dpm_2_ancestral_eta", "lms", "lms_o2", "dpmpp_2s_ancestral",
+                                  "dpmpp_2s_ancestral_eta", "dpmpp_sde", "dpmpp_sde_r", "dpmpp_2m", "dpmpp_2m_sde",
+                                  "dpmpp_2m_sde_heun", "dpmpp_3m_sde"])
 def test_sampler_float64_matches_k_diffusion(kds, case):
     """k-diffusion's own samplers in float64 (float64 sigmas): measured <= 1.2e-15."""
     fn, _, opts = CASES[case]
     kwargs = dict(opts)
-    if fn in (S.sample_euler_ancestral, S.sample_dpmpp_2m_sde, S.sample_dpmpp_3m_sde):
+    if any(k in case for k in NOISY):
         kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float64)
     sigmas = karras(10).double()
     want = getattr(kds, fn.__name__)(denoiser, initial(torch.float64), sigmas, disable=True,
@@ -655,6 +832,108 @@ def test_sampler_float64_matches_k_diffusion(kds, case):
     assert rel_err(got, want) <= 1e-13, case
 
 
+# --------------------------------------------------------------------------- DPM-Solver-Fast
+
+FAST_MIN, FAST_MAX = 0.0292, 14.61
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 9, 10, 12])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_dpm_fast_matches_reference(n, eta):
+    kwargs = dict(eta=eta)
+    if eta:
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float64)
+    expected = ref_dpm_fast(denoiser, initial(torch.float64), FAST_MIN, FAST_MAX, n, **kwargs)
+    got = S.sample_dpm_fast(denoiser, initial(torch.float64), FAST_MIN, FAST_MAX, n, disable=True, **kwargs)
+    assert got.dtype == torch.float64 and rel_err(got, expected) <= 1e-13
+    if eta:
+        kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float32)
+    got = S.sample_dpm_fast(denoiser, initial(), FAST_MIN, FAST_MAX, n, disable=True, **kwargs)
+    assert got.dtype == torch.float32 and rel_err(got, expected) <= 1e-5
+
+
+def test_dpm_fast_calls_the_model_n_times_once_per_kernel(counted):
+    calls, model = counted
+    infos = []
+    S.sample_dpm_fast(model, initial(), FAST_MIN, FAST_MAX, 11, callback=infos.append, disable=True)
+    assert calls == {"model": 11, "kernel": 11}
+    sigmas = S.dpm_fast_sigmas(FAST_MIN, FAST_MAX, 11)
+    assert len(sigmas) == 5 and sigmas[0] == pytest.approx(FAST_MAX) and sigmas[-1] == pytest.approx(FAST_MIN)
+    assert [info["i"] for info in infos] == [0, 1, 2, 3]  # steps of orders 3, 3, 3, 2
+    assert [float(info["sigma"]) for info in infos] == pytest.approx(sigmas[:-1])
+
+
+def test_dpm_fast_matches_k_diffusion(kds):
+    """k-diffusion runs DPM-Solver-Fast's times in float32 (its ``torch.linspace``), so the two
+    agree to float32 rounding of the step boundaries; the noise is keyed coarsely enough that
+    both draw the same."""
+
+    class CoarseNoise(KeyedNoise):
+        def __call__(self, sigma, sigma_next):
+            seed = int(round(float(sigma) * 1e3)) * 1000003 + int(round(float(sigma_next) * 1e3))
+            return torch.randn(self.shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+    for n, eta in ((10, 0.0), (9, 0.0), (12, 0.5)):
+        kwargs = dict(eta=eta, noise_sampler=CoarseNoise(SHAPE, torch.float64))
+        want = kds.sample_dpm_fast(denoiser, initial(torch.float64), FAST_MIN, FAST_MAX, n, disable=True, **kwargs)
+        got = S.sample_dpm_fast(denoiser, initial(torch.float64), FAST_MIN, FAST_MAX, n, disable=True, **kwargs)
+        assert rel_err(got, want) <= 1e-5, (n, eta)
+
+
+# --------------------------------------------------------------------------- Brownian tree noise
+
+
+def test_brownian_tree_noise_sampler():
+    pytest.importorskip("torchsde")
+    x = torch.zeros(2, 3, 8, 8, dtype=torch.float64)
+    sigmas = karras(8).double()
+    a = S.BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=5)
+    b = S.BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=5)
+    c = S.BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=6)
+    draws = [a(float(sigmas[i]), float(sigmas[i + 1])) for i in range(7)]
+    for i, d in enumerate(draws):
+        assert d.shape == x.shape and d.dtype == x.dtype
+        torch.testing.assert_close(d, b(float(sigmas[i]), float(sigmas[i + 1])), rtol=0, atol=0)
+        assert (d - c(float(sigmas[i]), float(sigmas[i + 1]))).abs().max() > 0.1
+    # increments over disjoint intervals are independent, each of unit variance
+    flat = torch.stack([d.flatten() for d in draws])
+    assert (flat.var(dim=1) - 1).abs().max() < 0.25
+    assert torch.corrcoef(flat).sub(torch.eye(7, dtype=flat.dtype)).abs().max() < 0.25
+    # one path: the noise of a long interval is the normalised sum of its parts
+    whole = a(float(sigmas[0]), float(sigmas[2]))
+    parts = (draws[0] * (sigmas[0] - sigmas[1]).sqrt() + draws[1] * (sigmas[1] - sigmas[2]).sqrt())
+    torch.testing.assert_close(whole, parts / (sigmas[0] - sigmas[2]).sqrt(), rtol=1e-9, atol=1e-9)
+    # one motion per batch item with a list of seeds
+    per_item = S.BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=[5, 6])
+    single = S.BrownianTreeNoiseSampler(x[:1], float(sigmas[-2]), float(sigmas[0]), seed=6)
+    torch.testing.assert_close(per_item(1.0, 0.5)[1:], single(1.0, 0.5), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="one per batch item"):
+        S.BrownianTreeNoiseSampler(x, 0.1, 1.0, seed=[1, 2, 3])
+    # as the noise of an SDE sampler
+    x = initial(torch.float64)
+    tree = S.BrownianTreeNoiseSampler(x, float(sigmas[-2]), float(sigmas[0]), seed=5)
+    out = S.sample_dpmpp_sde(denoiser, x, sigmas, disable=True, noise_sampler=tree)
+    assert torch.isfinite(out).all()
+
+
+def test_brownian_tree_matches_k_diffusion(kds):
+    pytest.importorskip("torchsde")
+    x = initial(torch.float64)
+    sigmas = karras(8).double()
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    ours = S.BrownianTreeNoiseSampler(x, float(lo), float(hi), seed=3)
+    theirs = kds.BrownianTreeNoiseSampler(x, lo, hi, seed=3)
+    for i in range(7):
+        torch.testing.assert_close(ours(float(sigmas[i]), float(sigmas[i + 1])), theirs(sigmas[i], sigmas[i + 1]),
+                                   rtol=0, atol=0)
+    # k-diffusion's default for sample_dpmpp_sde, draw for draw
+    want = kds.sample_dpmpp_sde(denoiser, x, sigmas, disable=True,
+                                noise_sampler=kds.BrownianTreeNoiseSampler(x, lo, hi, seed=4))
+    got = S.sample_dpmpp_sde(denoiser, x, sigmas, disable=True,
+                             noise_sampler=S.BrownianTreeNoiseSampler(x, float(lo), float(hi), seed=4))
+    assert rel_err(got, want) <= 1e-13
+
+
 # --------------------------------------------------------------------------- kdfast.sample
 
 
@@ -662,7 +941,7 @@ def test_sampler_float64_matches_k_diffusion(kds, case):
 def test_sample_with_sigmas_equals_sampler(name):
     sigmas = karras(8)
     kwargs = {}
-    if name in ("euler_ancestral", "dpmpp_2m_sde", "dpmpp_3m_sde", "lcm"):
+    if any(k in name for k in NOISY):
         kwargs["noise_sampler"] = KeyedNoise(SHAPE, torch.float32)
     got = S.sample(denoiser, initial(), sigmas, sampler=name, disable=True, **kwargs)
     expected = S.SAMPLERS[name](denoiser, initial(), sigmas, disable=True, **kwargs)
@@ -869,6 +1148,20 @@ def test_bad_inputs():
         S.sample_dpmpp_2m_sde(denoiser, x, sigmas, solver_type="rk4", disable=True)
     with pytest.raises(ValueError, match="order"):
         S.sample_unipc(denoiser, x, sigmas, order=4, disable=True)
+    with pytest.raises(ValueError, match="order"):
+        S.sample_lms(denoiser, x, sigmas, order=5, disable=True)
+    with pytest.raises(TypeError, match="order"):
+        S.sample(denoiser, x, sigmas, sampler="lms", order=2.5, disable=True)
+    with pytest.raises(ValueError, match="r must be"):
+        S.sample_dpmpp_sde(denoiser, x, sigmas, r=0.0, disable=True)
+    with pytest.raises(ValueError, match="> 0"):
+        S.sample_dpm_fast(denoiser, x, 0.0, 14.6, 10, disable=True)
+    with pytest.raises(ValueError, match="below sigma_max"):
+        S.sample_dpm_fast(denoiser, x, 14.6, 0.03, 10, disable=True)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 0, disable=True)
+    with pytest.raises(TypeError, match="n must be an integer"):
+        S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 7.5, disable=True)
     sched = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         S.sample(denoiser, x, sched, disable=True)
@@ -976,7 +1269,7 @@ def test_gpu_loop_does_not_sync(name):
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     assert torch.isfinite(got).all()
-    if name in ("euler", "heun", "dpm_2", "dpmpp_2m", "unipc"):  # deterministic: same as on the CPU
+    if not any(k in name for k in NOISY):  # deterministic: same as on the CPU
         cpu = S.sample(denoiser, x.cpu(), sigmas.cpu(), sampler=name, guidance_scale=3.0,
                        cond=torch.ones(2, 4, 1, 1), uncond=torch.zeros(2, 4, 1, 1), disable=True)
         assert rel_err(got.cpu(), cpu) <= 1e-4
