@@ -57,6 +57,7 @@ SOLVERS = [
     ("euler_a", "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteScheduler", {}),
     ("heun", "HeunDiscreteScheduler", "HeunDiscreteScheduler", {}),
     ("lcm", "LCMScheduler", "LCMScheduler", {}),
+    ("flow_euler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
 ]
 
 
@@ -67,9 +68,10 @@ def step_kwargs(scheduler, gen):
 
 def pipeline_step(scheduler, t, model_output, sample, kwargs):
     """What a pipeline calls per step besides the model: ``scale_model_input`` (its result is
-    the model's input; the model output is precomputed here) and ``step``. Every column (host
-    time, bytes, launches, peak memory) measures exactly this."""
-    scheduler.scale_model_input(sample, t)
+    the model's input; the model output is precomputed here; flow-matching schedulers have
+    none) and ``step``. Every column (host time, bytes, launches, peak memory) measures exactly this."""
+    if hasattr(scheduler, "scale_model_input"):
+        scheduler.scale_model_input(sample, t)
     return scheduler.step(model_output, t, sample, **kwargs).prev_sample
 
 
@@ -239,9 +241,9 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
     # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
-             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3}[name]
+             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
-              "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2}[name]
+              "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}

@@ -30,6 +30,7 @@ SOLVERS = {
     "sde_dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     "unipc_bh2": ("UniPCMultistepScheduler", {}),
     "deis_3": ("DEISMultistepScheduler", {}),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
 }
 SHAPE = (2, 4, 128, 128)
 STEPS = 6

@@ -16,8 +16,26 @@ namespace {
 
 constexpr int64_t kTile = 512;
 
-// step_element over a tile, one source at a time: the same terms in the same order, but
-// each loop is a plain vectorisable stream and terms with a zero coefficient cost nothing.
+// An output's terms over a tile in one pass: o = ((c0*s0 + c1*s1) + c2*s2) + c3*s3, the same
+// products and sums in the same order as adding one term per pass (step_element's order).
+KD_CPU_INLINE void sum_terms(int count, const float* c, const float* const* s, int64_t n, float* o) {
+  switch (count) {
+    case 1:
+      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e];
+      return;
+    case 2:
+      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e];
+      return;
+    case 3:
+      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e];
+      return;
+    default:
+      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e] + c[3] * s[3][e];
+  }
+}
+
+// step_element over a tile: the guided model output and x0 (when an output reads it) are
+// made in L1, then each output sums its nonzero terms, four per pass, in source order.
 // Built for AVX2 and for baseline x86-64; the loader picks one for the CPU it runs on. Not
 // with FMA (kd_cpu.h's KD_AVX2_FMA): this stream is memory-bound, and unfused products and
 // sums give the same bits as the Triton kernel's (tests/ops/test_memory_layouts.py).
@@ -26,43 +44,49 @@ __attribute__((target_clones("avx2", "default")))
 #endif
 void step_tile(const Params& p, bool has_cond, float dyn, int64_t n, const float* const* in,
                float* const* out) {
-  alignas(64) float m[kTile], x0[kTile];
+  alignas(64) float guided_buf[kTile], x0_buf[kTile];
   const float* c = p.coef;
   const float scale = p.guidance_scale;
   const float* xin = in[kInX];
   const float* model = in[kInModel];
   const float* cond = in[kInCond];
+  const float* m = model;  // the model output itself unless guidance combines it with cond
   if (has_cond) {
-    for (int64_t e = 0; e < n; ++e) m[e] = guided(model[e], cond[e], true, scale);
-  } else {
-    std::memcpy(m, model, n * sizeof(float));
+    for (int64_t e = 0; e < n; ++e) guided_buf[e] = guided(model[e], cond[e], true, scale);
+    m = guided_buf;
   }
-  for (int64_t e = 0; e < n; ++e) x0[e] = c[0] * xin[e] + c[1] * m[e];
-  if (p.threshold == kThresholdClip) {
-    for (int64_t e = 0; e < n; ++e) x0[e] = apply_threshold(x0[e], kThresholdClip, p.clip_value, 1.f);
-  } else if (p.threshold == kThresholdDynamic) {
-    for (int64_t e = 0; e < n; ++e) x0[e] = apply_threshold(x0[e], kThresholdDynamic, 1.f, dyn);
+  bool uses_x0 = false;
+  for (int k = 0; k < kNumOutputs; ++k) uses_x0 |= p.out[k] && c[2 + k * kNumSources + kSrcX0] != 0.f;
+  if (uses_x0) {
+    for (int64_t e = 0; e < n; ++e) x0_buf[e] = c[0] * xin[e] + c[1] * m[e];
+    if (p.threshold == kThresholdClip) {
+      for (int64_t e = 0; e < n; ++e) x0_buf[e] = apply_threshold(x0_buf[e], kThresholdClip, p.clip_value, 1.f);
+    } else if (p.threshold == kThresholdDynamic) {
+      for (int64_t e = 0; e < n; ++e) x0_buf[e] = apply_threshold(x0_buf[e], kThresholdDynamic, 1.f, dyn);
+    }
   }
-  // Absent inputs read as 0, so their terms vanish.
-  const float* src[kNumSources] = {xin, m, model, x0, in[kInHist0], in[kInHist1],
+  // Absent inputs (nullptr) and zero coefficients drop their terms (add_term's rule).
+  const float* src[kNumSources] = {xin, m, model, x0_buf, in[kInHist0], in[kInHist1],
                                    in[kInHist2], in[kInAux], in[kInNoise]};
   for (int k = 0; k < kNumOutputs; ++k) {
     if (!p.out[k]) continue;
     float* o = out[k];
     const float* ck = c + 2 + k * kNumSources;
-    bool first = true;  // the first term initialises the output: 0 + c*s == c*s exactly
+    float coef[kNumSources];
+    const float* terms[kNumSources];
+    int count = 0;
     for (int j = 0; j < kNumSources; ++j) {
-      const float cj = ck[j];
-      const float* sj = src[j];
-      if (cj == 0.f || !sj) continue;
-      if (first) {
-        for (int64_t e = 0; e < n; ++e) o[e] = cj * sj[e];
-        first = false;
-      } else {
-        for (int64_t e = 0; e < n; ++e) o[e] = o[e] + cj * sj[e];
-      }
+      if (ck[j] == 0.f || !src[j]) continue;
+      coef[count] = ck[j];
+      terms[count++] = src[j];
     }
-    if (first) std::fill(o, o + n, 0.f);  // no terms at all
+    if (count == 0) {
+      std::fill(o, o + n, 0.f);
+      continue;
+    }
+    sum_terms(std::min(count, 4), coef, terms, n, o);
+    for (int t = 4; t < count; ++t)  // (rare) further terms, one pass each, in order
+      for (int64_t e = 0; e < n; ++e) o[e] = o[e] + coef[t] * terms[t][e];
   }
 }
 

@@ -9,12 +9,14 @@ from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
+from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .heun_discrete import HeunDiscreteScheduler
 from .lcm import LCMScheduler
 from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler",
-    "UniPCMultistepScheduler", "from_diffusers", "patch_pipeline", "supported",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+    "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler", "from_diffusers", "patch_pipeline",
+    "supported",
 ]

@@ -10,11 +10,12 @@ from .base import FusedScheduler
 
 def _registry() -> Dict[str, Type[FusedScheduler]]:
     from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
-                   EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
-                   UniPCMultistepScheduler)
+                   EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
+                   HeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
 
     classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
-               EulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
+               EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
+               UniPCMultistepScheduler)
     return {cls.diffusers_class_name(): cls for cls in classes}
 
 

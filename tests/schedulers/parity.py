@@ -27,9 +27,10 @@ def run_loop(scheduler, steps, sample, guidance_scale=None, seed=0, fused_cfg=Fa
     if begin_index is not None:
         scheduler.set_begin_index(begin_index)
     gen = torch.Generator().manual_seed(seed)
-    x = sample * scheduler.init_noise_sigma
+    # (diffusers' flow-matching schedulers have neither: their pipelines start at unit noise)
+    x = sample * getattr(scheduler, "init_noise_sigma", 1.0)
     for t in scheduler.timesteps:
-        inp = scheduler.scale_model_input(x, t)
+        inp = scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
         if guidance_scale is None:
             x = scheduler.step(dummy_model(inp, t), t, x, generator=gen).prev_sample
         else:

@@ -11,10 +11,14 @@ diffusers = pytest.importorskip("diffusers")
 
 @pytest.mark.parametrize("name", supported())
 def test_from_diffusers_maps_every_supported_class(name):
-    df = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    if name.startswith("FlowMatch"):  # flow matching: no beta schedule
+        config = dict(shift=3.0, use_dynamic_shifting=True)
+    else:
+        config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    df = getattr(diffusers, name)(**config)
     kd = from_diffusers(df)
     assert type(kd) is getattr(kdfast.schedulers, name)
-    assert kd.config.beta_schedule == "scaled_linear" and kd.config.beta_end == 0.012
+    assert {k: kd.config[k] for k in config} == config
 
 
 def test_unsupported_scheduler_is_named():

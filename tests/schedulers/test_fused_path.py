@@ -21,6 +21,8 @@ CASES = [
     ("EulerAncestralDiscreteScheduler", {}),
     ("HeunDiscreteScheduler", {}),
     ("LCMScheduler", {}),
+    ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
 ]
 
 

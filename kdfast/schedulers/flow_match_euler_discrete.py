@@ -1,0 +1,249 @@
+"""Euler steps of a rectified-flow / flow-matching model (SD3, Flux, Wan, LTX-Video, ...), as
+a drop-in for diffusers' ``FlowMatchEulerDiscreteScheduler``."""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from ._config import register_to_config
+from ._linear import MODEL, NOISE, X
+from ._schedule import beta_sigmas, check_choice, exponential_sigmas, karras_sigmas, sigma_range
+from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
+from .euler_discrete import _reject_integer_timestep, check_sigma_options
+
+
+class FlowMatchEulerDiscreteScheduler(FusedScheduler):
+    """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler``: same arguments, config,
+    schedule (static and resolution-dependent shifts, ``shift_terminal``, Karras / exponential /
+    beta sigmas, ``invert_sigmas``) and step.
+
+    The model predicts the velocity ``v``; a step is ``x + (sigma_next - sigma) * v``, or with
+    ``stochastic_sampling`` ``(1 - sigma_next) * (x - sigma * v) + sigma_next * noise``. Each
+    ``step`` (and ``step_cfg``, which fuses classifier-free guidance) is one kernel pass with
+    the coefficients computed in ``set_timesteps``; diffusers' upcast, update and downcast are
+    three. ``per_token_timesteps`` (a sigma per token) runs diffusers' unfused formula.
+    """
+
+    _diffusers_name = "FlowMatchEulerDiscreteScheduler"
+    order = 1
+
+    @register_to_config
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        shift: float = 1.0,
+        use_dynamic_shifting: bool = False,
+        base_shift: Optional[float] = 0.5,
+        max_shift: Optional[float] = 1.15,
+        base_image_seq_len: int = 256,
+        max_image_seq_len: int = 4096,
+        invert_sigmas: bool = False,
+        shift_terminal: Optional[float] = None,
+        use_karras_sigmas: bool = False,
+        use_exponential_sigmas: bool = False,
+        use_beta_sigmas: bool = False,
+        time_shift_type: str = "exponential",
+        stochastic_sampling: bool = False,
+    ):
+        check_sigma_options(self.config)
+        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
+        if shift_terminal is not None and not 0 <= shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {shift_terminal}")
+        timesteps = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
+                                                 dtype=np.float32)[::-1].copy())
+        sigmas = timesteps / num_train_timesteps
+        if not use_dynamic_shifting:  # (a dynamic shift is applied per resolution in set_timesteps)
+            sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
+        self._shift = shift
+        self.sigmas = sigmas
+        self.sigma_min = self.sigmas[-1].item()
+        self.sigma_max = self.sigmas[0].item()
+        self._host_sigmas = self.sigmas.tolist()
+        self._set_timesteps(sigmas * num_train_timesteps)
+        self.num_inference_steps = None
+        self._step_index = None
+        self._begin_index = None
+        self._table = None
+
+    # ---------------------------------------------------------------- shift
+
+    @property
+    def shift(self) -> float:
+        """The static shift ``set_timesteps`` applies (``set_shift`` changes it)."""
+        return self._shift
+
+    def set_shift(self, shift: float) -> None:
+        self._shift = shift
+
+    def time_shift(self, mu: float, sigma: float, t):
+        """The resolution-dependent shift of ``t`` by ``mu`` (``time_shift_type``)."""
+        if self.config.time_shift_type == "exponential":
+            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
+        return mu / (mu + (1 / t - 1) ** sigma)
+
+    def stretch_shift_to_terminal(self, t):
+        """Stretch the schedule ``t`` so that it ends at ``shift_terminal``."""
+        one_minus_z = 1 - t
+        scale_factor = one_minus_z[-1] / (1 - self.config.shift_terminal)
+        return 1 - (one_minus_z / scale_factor)
+
+    def _sigma_to_t(self, sigma):
+        return sigma * self.config.num_train_timesteps
+
+    # ---------------------------------------------------------------- schedule
+
+    def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
+                      sigmas: Optional[List[float]] = None, mu: Optional[float] = None,
+                      timesteps: Optional[List[float]] = None) -> None:
+        """Compute the sigmas and timesteps (as diffusers, value for value) and every step's
+        kernel coefficients. ``mu`` is the resolution-dependent shift (needed with
+        ``use_dynamic_shifting``); ``sigmas`` / ``timesteps`` give a custom schedule."""
+        cfg = self.config
+        if cfg.use_dynamic_shifting and mu is None:
+            raise ValueError("`mu` must be passed when `use_dynamic_shifting` is set to be `True`")
+        if sigmas is not None and timesteps is not None and len(sigmas) != len(timesteps):
+            raise ValueError("`sigmas` and `timesteps` should have the same length")
+        if num_inference_steps is not None:
+            if (sigmas is not None and len(sigmas) != num_inference_steps) or (
+                    timesteps is not None and len(timesteps) != num_inference_steps):
+                raise ValueError("`sigmas` and `timesteps` should have the same length as num_inference_steps, "
+                                 "if `num_inference_steps` is provided")
+        elif sigmas is None and timesteps is None:
+            raise ValueError("pass num_inference_steps, sigmas or timesteps")
+        else:
+            num_inference_steps = len(sigmas) if sigmas is not None else len(timesteps)
+        if int(num_inference_steps) < 1:
+            raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+        n = int(num_inference_steps)
+
+        # The same numpy operations in the same precision as diffusers: the sigmas are equal,
+        # bit for bit (float64 for a computed schedule, float32 for given sigmas).
+        given_timesteps = timesteps is not None
+        if given_timesteps:
+            timesteps = np.array(timesteps).astype(np.float32)
+        if sigmas is None:
+            if timesteps is None:
+                timesteps = np.linspace(self._sigma_to_t(self.sigma_max), self._sigma_to_t(self.sigma_min), n)
+            sigmas = timesteps / cfg.num_train_timesteps
+        else:
+            sigmas = np.array(sigmas).astype(np.float32)
+        if cfg.use_dynamic_shifting:
+            sigmas = self.time_shift(mu, 1.0, sigmas)
+        else:
+            sigmas = self.shift * sigmas / (1 + (self.shift - 1) * sigmas)
+        if cfg.shift_terminal:
+            sigmas = self.stretch_shift_to_terminal(sigmas)
+        if cfg.use_karras_sigmas:
+            sigmas = karras_sigmas(*sigma_range(cfg, sigmas), n)
+        elif cfg.use_exponential_sigmas:
+            sigmas = exponential_sigmas(*sigma_range(cfg, sigmas), n)
+        elif cfg.use_beta_sigmas:
+            sigmas = beta_sigmas(*sigma_range(cfg, sigmas), n)
+
+        sigmas = torch.from_numpy(np.asarray(sigmas)).to(torch.float32)
+        if not torch.isfinite(sigmas).all():
+            raise ValueError("the schedule has non-finite sigmas (check shift, mu and the custom sigmas)")
+        if given_timesteps:
+            timesteps = torch.from_numpy(timesteps).to(torch.float32)
+        else:
+            timesteps = sigmas * cfg.num_train_timesteps
+        if cfg.invert_sigmas:  # (Mochi) denoise on 1 - sigma, with timesteps made from it
+            sigmas = 1.0 - sigmas
+            timesteps = sigmas * cfg.num_train_timesteps
+            sigmas = torch.cat([sigmas, torch.ones(1)])
+        else:
+            sigmas = torch.cat([sigmas, torch.zeros(1)])
+
+        self._host_sigmas = sigmas.tolist()  # float32 values, exactly
+        self.sigmas = sigmas.to(device)
+        self._set_timesteps(timesteps.to(device), timesteps.tolist())
+        self.num_inference_steps = n
+        self._step_index = None
+        self._begin_index = None
+        self._table = self._shared_table(self._build_table)
+
+    def _build_table(self) -> CoefficientTable:
+        return CoefficientTable({i: self._plan(i) for i in range(len(self._host_timesteps))})
+
+    def _plan(self, i: int) -> StepPlan:
+        sigma, sigma_next = self._host_sigmas[i], self._host_sigmas[i + 1]
+        # The velocity is the kernel's MODEL source (the guided model output); x0 is not formed.
+        if self.config.stochastic_sampling:
+            # x0 = x - sigma * v;  x_next = (1 - sigma_next) * x0 + sigma_next * noise
+            keep = 1.0 - sigma_next
+            return StepPlan(x0=(0.0, 1.0), sample=keep * X - (keep * sigma) * MODEL + sigma_next * NOISE)
+        # dt rounded to float32 as diffusers computes it (sigma_next - sigma on float32 tensors)
+        dt = float(np.float32(sigma_next) - np.float32(sigma))
+        return StepPlan(x0=(0.0, 1.0), sample=X + dt * MODEL)
+
+    # ---------------------------------------------------------------- forward process
+
+    def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The forward process: ``sigma * noise + (1 - sigma) * sample`` at each timestep."""
+        timestep = torch.as_tensor(timestep).reshape(-1)
+        if self._begin_index is None:
+            idx = [self.index_for_timestep(t) for t in timestep.cpu()]
+        else:
+            start = self._step_index if self._step_index is not None else self._begin_index
+            idx = [start] * timestep.shape[0]
+        sigma = torch.tensor([self._host_sigmas[i] for i in idx], dtype=sample.dtype, device=sample.device)
+        sigma = sigma.reshape((-1,) + (1,) * (sample.dim() - 1))
+        return sigma * noise + (1.0 - sigma) * sample
+
+    # ---------------------------------------------------------------- step
+
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
+             s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0,
+             generator: Optional[torch.Generator] = None, per_token_timesteps: Optional[torch.Tensor] = None,
+             return_dict: bool = True, variance_noise: Optional[torch.Tensor] = None):
+        """diffusers' ``step`` (same positional order; ``s_churn``, ``s_tmin``, ``s_tmax`` and
+        ``s_noise`` are accepted and unused, as there). ``variance_noise`` replaces the draw of
+        ``stochastic_sampling``."""
+        out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise,
+                         per_token_timesteps=per_token_timesteps)
+        return out if return_dict else out.to_tuple()
+
+    def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
+              per_token_timesteps: Optional[torch.Tensor] = None) -> SchedulerOutput:
+        _reject_integer_timestep(timestep, type(self).__name__)
+        if self._table is None:  # stepping on the training schedule, before any set_timesteps
+            self._table = self._shared_table(self._build_table)
+        self._check_step_inputs(model_output, sample)
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        i = self._step_index
+        if i >= len(self._host_timesteps):
+            raise IndexError(f"step {i} is past the end of the {len(self._host_timesteps)}-step schedule; "
+                             "call set_timesteps again")
+        if per_token_timesteps is not None:
+            if cond is not None:
+                model_output = model_output + guidance_scale * (cond - model_output)
+            prev = self._per_token_step(model_output, sample, per_token_timesteps, generator, variance_noise)
+        else:
+            noise = None
+            if self.config.stochastic_sampling:
+                noise = self._noise(variance_noise, generator, sample, torch.float32)
+            prev = self._fused(i, sample, model_output, cond=cond, guidance_scale=guidance_scale,
+                               noise=noise).sample
+            if prev.dtype != model_output.dtype:
+                prev = prev.to(model_output.dtype)
+        self._step_index += 1
+        return SchedulerOutput(prev)
+
+    def _per_token_step(self, model_output: torch.Tensor, sample: torch.Tensor, per_token_timesteps: torch.Tensor,
+                        generator, variance_noise) -> torch.Tensor:
+        """diffusers' per-token step, unfused: each token moves from its own sigma to the largest
+        schedule sigma below it (its Euler update adds ``(sigma - sigma_lower) * v``, diffusers'
+        sign convention for this path); the result stays float32, as there."""
+        sample = sample.to(torch.float32)
+        per_token_sigmas = per_token_timesteps / self.config.num_train_timesteps
+        sigmas = self.sigmas.to(per_token_sigmas.device)[:, None, None]
+        lower = ((sigmas < per_token_sigmas[None] - 1e-6) * sigmas).max(dim=0).values
+        current, lower = per_token_sigmas[..., None], lower[..., None]
+        if self.config.stochastic_sampling:
+            noise = self._noise(variance_noise, generator, sample, torch.float32)
+            return (1.0 - lower) * (sample - current * model_output) + lower * noise
+        return sample + (current - lower) * model_output
