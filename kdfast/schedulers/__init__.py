@@ -12,11 +12,12 @@ from .euler_discrete import EulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .heun_discrete import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .tcd import TCDScheduler
 from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler", "from_diffusers", "patch_pipeline",
-    "supported",
+    "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "from_diffusers",
+    "patch_pipeline", "supported",
 ]

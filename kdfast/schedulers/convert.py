@@ -11,11 +11,11 @@ from .base import FusedScheduler
 def _registry() -> Dict[str, Type[FusedScheduler]]:
     from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                   HeunDiscreteScheduler, LCMScheduler, UniPCMultistepScheduler)
+                   HeunDiscreteScheduler, LCMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
     classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
                EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
-               UniPCMultistepScheduler)
+               TCDScheduler, UniPCMultistepScheduler)
     return {cls.diffusers_class_name(): cls for cls in classes}
 
 

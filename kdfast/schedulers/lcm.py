@@ -103,11 +103,7 @@ class LCMScheduler(FusedScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         original_steps = cfg.original_inference_steps if original_inference_steps is None else original_inference_steps
-        if original_steps > T:
-            raise ValueError(f"`original_steps`: {original_steps} cannot be larger than `self.config.train_timesteps`:"
-                             f" {T}: the model was trained on at most {T} timesteps.")
-        k = T // original_steps
-        origin = np.asarray(list(range(1, int(original_steps * strength) + 1))) * k - 1
+        origin = self._origin_timesteps(original_steps, original_inference_steps, strength)
 
         if timesteps is not None:
             timesteps = [int(t) for t in timesteps]
@@ -161,6 +157,16 @@ class LCMScheduler(FusedScheduler):
         self._begin_index = None
         self._table = self._shared_table(
             lambda: GrowingTable({key: self._plan(*key) for key in map(self._key, range(len(timesteps)))}))
+
+    def _origin_timesteps(self, original_steps: int, original_inference_steps: Optional[int],
+                          strength: float) -> np.ndarray:
+        """The distillation schedule the inference timesteps are taken from, ascending."""
+        T = self.config.num_train_timesteps
+        if original_steps > T:
+            raise ValueError(f"`original_steps`: {original_steps} cannot be larger than `self.config.train_timesteps`:"
+                             f" {T}: the model was trained on at most {T} timesteps.")
+        k = T // original_steps
+        return np.asarray(list(range(1, int(original_steps * strength) + 1))) * k - 1
 
     def get_scalings_for_boundary_condition_discrete(self, timestep) -> Tuple[float, float]:
         """(c_skip, c_out) of the consistency-model boundary condition at ``timestep``."""

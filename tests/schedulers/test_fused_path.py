@@ -23,6 +23,7 @@ CASES = [
     ("LCMScheduler", {}),
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    ("TCDScheduler", {}),
 ]
 
 
