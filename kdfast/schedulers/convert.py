@@ -9,11 +9,12 @@ from .base import FusedScheduler
 
 
 def _registry() -> Dict[str, Type[FusedScheduler]]:
-    from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+    from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler,
                    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                    HeunDiscreteScheduler, LCMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
-    classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+    classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler,
+               EulerAncestralDiscreteScheduler,
                EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
                TCDScheduler, UniPCMultistepScheduler)
     return {cls.diffusers_class_name(): cls for cls in classes}

@@ -13,6 +13,8 @@ diffusers = pytest.importorskip("diffusers")
 def test_from_diffusers_maps_every_supported_class(name):
     if name.startswith("FlowMatch"):  # flow matching: no beta schedule
         config = dict(shift=3.0, use_dynamic_shifting=True)
+    elif name.startswith("EDM"):  # EDM: sigmas, no betas
+        config = dict(sigma_max=40.0, sigma_schedule="exponential")
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)

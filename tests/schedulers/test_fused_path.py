@@ -24,6 +24,7 @@ CASES = [
     ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     ("TCDScheduler", {}),
+    ("EDMEulerScheduler", {"prediction_type": "v_prediction"}),
 ]
 
 
