@@ -7,6 +7,7 @@ from .convert import from_diffusers, patch_pipeline, supported
 from .ddim import DDIMScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
@@ -18,7 +19,7 @@ from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-    "EDMEulerScheduler",
+    "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
     "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "from_diffusers",
     "patch_pipeline", "supported",

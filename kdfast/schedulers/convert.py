@@ -9,11 +9,13 @@ from .base import FusedScheduler
 
 
 def _registry() -> Dict[str, Type[FusedScheduler]]:
-    from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler,
+    from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+                   EDMEulerScheduler,
                    EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
                    HeunDiscreteScheduler, LCMScheduler, TCDScheduler, UniPCMultistepScheduler)
 
-    classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMEulerScheduler,
+    classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
+               EDMEulerScheduler,
                EulerAncestralDiscreteScheduler,
                EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
                TCDScheduler, UniPCMultistepScheduler)

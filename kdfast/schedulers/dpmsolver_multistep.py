@@ -155,13 +155,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
 
     def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
         cfg = self.config
-        flow = cfg.use_flow_sigmas
-        a_s0, s_s0 = alpha_sigma(float(sigmas[i]), flow)
-        a_t, s_t = alpha_sigma(float(sigmas[i + 1]), flow)
-        if cfg.prediction_type == "flow_prediction":
-            x0 = (1.0, -float(sigmas[i]))  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
-        else:
-            x0 = x0_coefficients(cfg.prediction_type, a_s0, s_s0)
+        a_s0, s_s0 = self._alpha_sigma(float(sigmas[i]))
+        a_t, s_t = self._alpha_sigma(float(sigmas[i + 1]))
+        x0 = self._x0_conversion(float(sigmas[i]), a_s0, s_s0)
         plus = cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         # The quantity a multistep solver keeps: x0 for ++ variants, epsilon otherwise.
         if plus:
@@ -175,7 +171,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         else:
             q = a_s0 * MODEL + s_s0 * X
         try:
-            lam = [log_snr(*alpha_sigma(float(sigmas[i + 1 - k]), flow)) for k in range(order + 1)]
+            lam = [log_snr(*self._alpha_sigma(float(sigmas[i + 1 - k]))) for k in range(order + 1)]
             h = lam[0] - lam[1]
             if h == 0:
                 # A step of length zero (karras, exponential, beta or lu sigmas ending at
@@ -198,6 +194,16 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if not all(math.isfinite(v) for v in x_t.terms.values()):
             return None
         return StepPlan(x0=x0, sample=x_t, history=q)
+
+    def _alpha_sigma(self, sigma: float):
+        """(alpha_t, sigma_t) of the schedule's noise level ``sigma`` (VP, or flow matching)."""
+        return alpha_sigma(sigma, self.config.use_flow_sigmas)
+
+    def _x0_conversion(self, sigma: float, alpha_t: float, sigma_t: float):
+        """(c_x, c_m) with x0 = c_x * x + c_m * model_output at noise level ``sigma``."""
+        if self.config.prediction_type == "flow_prediction":
+            return 1.0, -sigma  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
+        return x0_coefficients(self.config.prediction_type, alpha_t, sigma_t)
 
     @staticmethod
     def _update(algorithm: str, solver_type: str, order: int, a_t, s_t, a_s0, s_s0, h, D) -> Lin:
@@ -254,7 +260,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config
-        if cfg.variance_type in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
+        if cfg.get("variance_type") in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
             cond = None if cond is None else cond[:, :3]
         self._check_step_inputs(model_output, sample)
@@ -299,7 +305,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         as the step thresholds it."""
         if sample is None and len(args) > 1:
             sample = args[1]
-        if sample is not None and self.config.variance_type in ("learned", "learned_range") \
+        if sample is not None and self.config.get("variance_type") in ("learned", "learned_range") \
                 and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
         return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)

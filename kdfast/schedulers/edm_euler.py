@@ -14,7 +14,64 @@ from .base import GrowingTable, SchedulerOutput, StepPlan
 from .euler_discrete import _as_float32, _reject_integer_timestep, _SigmaScheduler
 
 
-class EDMEulerScheduler(_SigmaScheduler):
+class EDMPreconditioning:
+    """The EDM parameterisation both EDM schedulers share (config keys ``sigma_min``,
+    ``sigma_max``, ``sigma_data``, ``rho``, ``prediction_type``): the Karras / exponential
+    sigma ramps and the input, noise and output preconditioning, as diffusers computes them."""
+
+    @property
+    def init_noise_sigma(self) -> float:
+        return (self.config.sigma_max ** 2 + 1) ** 0.5
+
+    def _compute_karras_sigmas(self, ramp: torch.Tensor, sigma_min: Optional[float] = None,
+                               sigma_max: Optional[float] = None) -> torch.Tensor:
+        sigma_min = sigma_min or self.config.sigma_min
+        sigma_max = sigma_max or self.config.sigma_max
+        rho = self.config.rho
+        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+        return (hi + ramp * (lo - hi)) ** rho
+
+    def _compute_exponential_sigmas(self, ramp: torch.Tensor, sigma_min: Optional[float] = None,
+                                    sigma_max: Optional[float] = None) -> torch.Tensor:
+        sigma_min = sigma_min or self.config.sigma_min
+        sigma_max = sigma_max or self.config.sigma_max
+        return torch.linspace(math.log(sigma_min), math.log(sigma_max), len(ramp)).exp().flip(0)
+
+    def _get_conditioning_c_in(self, sigma):
+        return 1 / ((sigma ** 2 + self.config.sigma_data ** 2) ** 0.5)
+
+    def precondition_inputs(self, sample: torch.Tensor, sigma) -> torch.Tensor:
+        """``sample * c_in(sigma)``, the network's input."""
+        return sample * self._get_conditioning_c_in(sigma)
+
+    def precondition_noise(self, sigma) -> torch.Tensor:
+        """``0.25 * log(sigma)``, the network's noise-level input (the schedule's timesteps)."""
+        if not isinstance(sigma, torch.Tensor):
+            sigma = torch.tensor([sigma])
+        return 0.25 * torch.log(sigma)
+
+    def _output_scalings(self, sigma: float):
+        """(c_skip, c_out): the denoised sample is ``c_skip * x + c_out * model_output``."""
+        sd = self.config.sigma_data
+        pt = self.config.prediction_type
+        if pt == "sample":  # the model predicts x0 itself (diffusers' EDM schedulers raise here)
+            return 0.0, 1.0
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2) ** 0.5
+        return c_skip, (c_out if pt == "epsilon" else -c_out)
+
+    def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
+        """The denoised sample ``c_skip * sample + c_out * model_output``."""
+        c_skip, c_out = self._output_scalings(sigma)
+        return c_skip * sample + c_out * model_output
+
+    def _input_scales(self, sigmas: torch.Tensor) -> List[float]:
+        """``c_in`` per sigma, computed as diffusers does (float32 tensors), so that scaling by
+        that float32 value gives bit-identical model inputs."""
+        return self._get_conditioning_c_in(sigmas).tolist()
+
+
+class EDMEulerScheduler(EDMPreconditioning, _SigmaScheduler):
     """Drop-in for ``diffusers.EDMEulerScheduler``: same arguments, config, schedule (Karras or
     exponential sigmas between ``sigma_min`` and ``sigma_max``), preconditioning
     (``precondition_inputs`` / ``_noise`` / ``_outputs``) and step, churn included.
@@ -55,25 +112,7 @@ class EDMEulerScheduler(_SigmaScheduler):
         self._install(self._sigmas_of_ramp(ramp), None)
         self._table = None
 
-    @property
-    def init_noise_sigma(self) -> float:
-        return (self.config.sigma_max ** 2 + 1) ** 0.5
-
     # ---------------------------------------------------------------- schedule
-
-    def _compute_karras_sigmas(self, ramp: torch.Tensor, sigma_min: Optional[float] = None,
-                               sigma_max: Optional[float] = None) -> torch.Tensor:
-        sigma_min = sigma_min or self.config.sigma_min
-        sigma_max = sigma_max or self.config.sigma_max
-        rho = self.config.rho
-        lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
-        return (hi + ramp * (lo - hi)) ** rho
-
-    def _compute_exponential_sigmas(self, ramp: torch.Tensor, sigma_min: Optional[float] = None,
-                                    sigma_max: Optional[float] = None) -> torch.Tensor:
-        sigma_min = sigma_min or self.config.sigma_min
-        sigma_max = sigma_max or self.config.sigma_max
-        return torch.linspace(math.log(sigma_min), math.log(sigma_max), len(ramp)).exp().flip(0)
 
     def _sigmas_of_ramp(self, ramp: torch.Tensor) -> torch.Tensor:
         if self.config.sigma_schedule == "karras":
@@ -103,41 +142,13 @@ class EDMEulerScheduler(_SigmaScheduler):
         timesteps = self.precondition_noise(sigmas)
         last = sigmas[-1:] if self.config.final_sigmas_type == "sigma_min" else torch.zeros(1)
         self._set_sigmas(torch.cat([sigmas, last]))
-        # c_in per step, computed as diffusers does (float32 tensors), so the scaled input is
-        # bit-identical; the one multiply uses that float32 value.
-        self._input_scale = self._get_conditioning_c_in(self.sigmas).tolist()
+        self._input_scale = self._input_scales(self.sigmas)
         self._set_timesteps(timesteps.to(device=device), timesteps.tolist())
         self._step_index = None
         self._begin_index = None
 
     def _build_table(self) -> GrowingTable:
         return GrowingTable({(i, 0.0, 1.0, False): self._plan(i) for i in range(len(self._host_timesteps))})
-
-    # ---------------------------------------------------------------- preconditioning
-
-    def _get_conditioning_c_in(self, sigma):
-        return 1 / ((sigma ** 2 + self.config.sigma_data ** 2) ** 0.5)
-
-    def precondition_inputs(self, sample: torch.Tensor, sigma) -> torch.Tensor:
-        """``sample * c_in(sigma)``, the network's input."""
-        return sample * self._get_conditioning_c_in(sigma)
-
-    def precondition_noise(self, sigma) -> torch.Tensor:
-        """``0.25 * log(sigma)``, the network's noise-level input (the schedule's timesteps)."""
-        if not isinstance(sigma, torch.Tensor):
-            sigma = torch.tensor([sigma])
-        return 0.25 * torch.log(sigma)
-
-    def _output_scalings(self, sigma: float):
-        sd = self.config.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2) ** 0.5
-        return c_skip, (c_out if self.config.prediction_type == "epsilon" else -c_out)
-
-    def precondition_outputs(self, sample: torch.Tensor, model_output: torch.Tensor, sigma) -> torch.Tensor:
-        """The denoised sample ``c_skip * sample + c_out * model_output``."""
-        c_skip, c_out = self._output_scalings(sigma)
-        return c_skip * sample + c_out * model_output
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         """``precondition_inputs`` at the current step's sigma."""

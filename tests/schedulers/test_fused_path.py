@@ -25,6 +25,7 @@ CASES = [
     ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     ("TCDScheduler", {}),
     ("EDMEulerScheduler", {"prediction_type": "v_prediction"}),
+    ("EDMDPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
 ]
 
 
