@@ -5,8 +5,10 @@
 from .base import FusedScheduler, SchedulerOutput
 from .convert import from_diffusers, patch_pipeline, supported
 from .ddim import DDIMScheduler
+from .ddpm import DDPMScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
@@ -14,13 +16,14 @@ from .euler_discrete import EulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .heun_discrete import HeunDiscreteScheduler
 from .lcm import LCMScheduler
+from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
-    "FusedScheduler", "SchedulerOutput", "DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-    "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+    "FusedScheduler", "SchedulerOutput", "from_diffusers", "patch_pipeline", "supported",
+    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "LCMScheduler", "TCDScheduler", "UniPCMultistepScheduler", "from_diffusers",
-    "patch_pipeline", "supported",
+    "HeunDiscreteScheduler", "LCMScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 ]

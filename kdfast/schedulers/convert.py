@@ -9,17 +9,12 @@ from .base import FusedScheduler
 
 
 def _registry() -> Dict[str, Type[FusedScheduler]]:
-    from . import (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
-                   EDMEulerScheduler,
-                   EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                   HeunDiscreteScheduler, LCMScheduler, TCDScheduler, UniPCMultistepScheduler)
+    """The diffusers class name -> kdfast class of every scheduler ``kdfast.schedulers`` exports."""
+    from .. import schedulers
 
-    classes = (DDIMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler, EDMDPMSolverMultistepScheduler,
-               EDMEulerScheduler,
-               EulerAncestralDiscreteScheduler,
-               EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, HeunDiscreteScheduler, LCMScheduler,
-               TCDScheduler, UniPCMultistepScheduler)
-    return {cls.diffusers_class_name(): cls for cls in classes}
+    classes = (getattr(schedulers, name) for name in schedulers.__all__)
+    return {cls.diffusers_class_name(): cls for cls in classes
+            if isinstance(cls, type) and issubclass(cls, FusedScheduler) and cls is not FusedScheduler}
 
 
 def supported() -> list:

@@ -24,8 +24,8 @@ def test_from_diffusers_maps_every_supported_class(name):
 
 
 def test_unsupported_scheduler_is_named():
-    with pytest.raises(ValueError, match="PNDMScheduler"):
-        from_diffusers(diffusers.PNDMScheduler())
+    with pytest.raises(ValueError, match="IPNDMScheduler"):
+        from_diffusers(diffusers.IPNDMScheduler())
     with pytest.raises(TypeError, match="has no scheduler"):
         patch_pipeline(object())
 

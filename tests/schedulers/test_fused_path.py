@@ -26,6 +26,10 @@ CASES = [
     ("TCDScheduler", {}),
     ("EDMEulerScheduler", {"prediction_type": "v_prediction"}),
     ("EDMDPMSolverMultistepScheduler", {"solver_order": 3, "algorithm_type": "sde-dpmsolver++"}),
+    ("DPMSolverSinglestepScheduler", {"solver_order": 3}),
+    ("DDPMScheduler", {"variance_type": "fixed_large"}),
+    ("PNDMScheduler", {"skip_prk_steps": True}),
+    ("PNDMScheduler", {}),
 ]
 
 

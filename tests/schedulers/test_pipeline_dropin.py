@@ -10,7 +10,8 @@ import kdfast.schedulers as K
 from parity import diffusers, dummy_model, initial_sample, parity_error, settings
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
-       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
+       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler",
+       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler"]
 
 # scheduler_config.json of Stable Diffusion 1.x (PNDM, written by diffusers 0.6): no
 # timestep_spacing, no prediction_type.
@@ -114,7 +115,7 @@ def test_from_config_returns_unused_kwargs_like_diffusers(name):
 
 
 NOISY = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
-         "LCMScheduler")
+         "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler", "DDPMScheduler")
 ASSIGNED = {
     "slice": lambda ts: ts[4:],  # SDEdit-style: start part-way down the schedule
     "strided": lambda ts: ts[::2],
@@ -343,13 +344,21 @@ def test_a_config_assigned_by_a_pipeline_takes_effect_like_diffusers(name):
     from diffusers.configuration_utils import FrozenDict
 
     runs = []
+    # (DPMSolverSinglestep takes neither timestep_spacing nor steps_offset: its config still
+    # gets the entry, which must change nothing, as in diffusers)
+    spacing = dict(timestep_spacing="leading") if "timestep_spacing" in inspect.signature(
+        getattr(K, name).__init__).parameters else {}
     for cls in (getattr(diffusers, name), getattr(K, name), getattr(K, name)):
-        s = cls(**SD_BETAS, timestep_spacing="leading")
+        s = cls(**SD_BETAS, **spacing)
         corrected = {"steps_offset": 1, **({"clip_sample": False} if "clip_sample" in s.config else {})}
         if len(runs) < 2:
             s._internal_dict = FrozenDict({**s.config, **corrected})
         else:  # the same settings given at construction
-            s = cls(**SD_BETAS, timestep_spacing="leading", **corrected)
+            if not spacing:
+                s = cls(**SD_BETAS)
+                s._internal_dict = FrozenDict({**s.config, **corrected})
+            else:
+                s = cls(**SD_BETAS, **spacing, **corrected)
         assert {k: s.config[k] for k in corrected} == corrected
         s.set_timesteps(5)
         runs.append((s.timesteps.tolist(), run_steps(s)))

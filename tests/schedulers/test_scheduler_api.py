@@ -12,8 +12,10 @@ from kdfast.schedulers import base
 from parity import assert_parity, diffusers, dummy_model, initial_sample, parity_error, run_loop
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
-       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler"]
-WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler"]
+       "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler",
+       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler"]
+WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+           "DDPMScheduler"]
 
 
 def steps(scheduler, x, n_steps, generator=None, **step_kwargs):
@@ -89,7 +91,7 @@ def test_a_timestep_not_in_the_schedule_fails_or_takes_the_last_step_like_diffus
             results.append(s.step_index)
         except IndexError:
             results.append(IndexError)
-    if name.endswith("MultistepScheduler"):
+    if name.endswith(("MultistepScheduler", "SinglestepScheduler")):
         assert results[3] == results[1] == 10
     else:
         assert results[3] is IndexError and results[1] is IndexError
@@ -206,7 +208,7 @@ def test_pred_original_sample_is_computed_when_read(name, monkeypatch):
     monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a) or real(*a))
     x_df = x_kd = initial_sample() * df.init_noise_sigma
     for i, (t_df, t_kd) in enumerate(zip(df.timesteps, kd.timesteps)):
-        noisy = name == "EulerAncestralDiscreteScheduler"
+        noisy = name in ("EulerAncestralDiscreteScheduler", "DDPMScheduler")
         gen_df = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
         gen_kd = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
         prev, x0 = df.step(dummy_model(df.scale_model_input(x_df, t_df), t_df), t_df, x_df, return_dict=False,
