@@ -58,6 +58,10 @@ SOLVERS = [
     ("heun", "HeunDiscreteScheduler", "HeunDiscreteScheduler", {}),
     ("lcm", "LCMScheduler", "LCMScheduler", {}),
     ("flow_euler", "FlowMatchEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
+    ("ddpm", "DDPMScheduler", "DDPMScheduler", {}),
+    ("dpmpp_2s", "DPMSolverSinglestepScheduler", "DPMSolverSinglestepScheduler", {}),
+    ("edm_dpmpp_2m", "EDMDPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler", {}),
+    ("tcd", "TCDScheduler", "TCDScheduler", {}),
 ]
 
 
@@ -244,11 +248,15 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     implementation of the two-call API can avoid. ``modelled`` (kdfast) and ``lower_bound`` are
     their sum, equal by construction; diffusers' measured bytes are compared with it."""
     # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
-    # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage.
+    # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage;
+    # DPM-Solver++ 2S a 2-read and a 4-read stage (the second reads the group's first sample and
+    # output), both writing the sample and the converted output.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
-             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2}[name]
+             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
+             "edm_dpmpp_2m": 3, "tcd": 3}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
-              "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1}[name]
+              "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
+              "edm_dpmpp_2m": 2, "tcd": 2}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}

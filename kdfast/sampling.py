@@ -47,6 +47,7 @@ import torch
 from . import ops
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
+from .schedulers.lms_discrete import lms_coefficients
 
 __all__ = [
     "sample", "CapturedSampler", "SAMPLERS",
@@ -631,22 +632,6 @@ def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5) -> _Plan:
     return b.plan()
 
 
-def _lms_coefficient(order: int, t: Sequence[float], i: int, j: int) -> float:
-    """Integral over [t[i], t[i+1]] of the Lagrange basis polynomial of node t[i-j] on the
-    nodes t[i], ..., t[i-order+1]: k-diffusion's ``linear_multistep_coeff``, computed exactly
-    (Gauss-Legendre with ``order`` points integrates the degree ``order-1`` polynomial to
-    rounding) instead of by adaptive quadrature."""
-    nodes = [t[i - k] for k in range(order)]
-    u, w = np.polynomial.legendre.leggauss(order)
-    lo, hi = t[i], t[i + 1]
-    tau = 0.5 * (hi - lo) * u + 0.5 * (hi + lo)
-    basis = np.ones_like(tau)
-    for k in range(order):
-        if k != j:
-            basis *= (tau - nodes[k]) / (nodes[j] - nodes[k])
-    return float(0.5 * (hi - lo) * np.dot(w, basis))
-
-
 def _plan_lms(s, order=4) -> _Plan:
     if order not in (1, 2, 3, 4):
         raise ValueError(f"order must be 1, 2, 3 or 4 (the fused step keeps three past derivatives), got {order!r}")
@@ -655,7 +640,7 @@ def _plan_lms(s, order=4) -> _Plan:
     for i in range(b.n):
         d = (X - X0) / s[i]
         p = min(i + 1, order)
-        coeffs = [_lms_coefficient(p, s, i, j) for j in range(p)]
+        coeffs = lms_coefficients(s, i, p)  # k-diffusion's linear_multistep_coeff, exact
         update = X + coeffs[0] * d
         for j in range(1, p):
             update = update + coeffs[j] * past[j - 1]

@@ -15,7 +15,10 @@ from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .heun_discrete import HeunDiscreteScheduler
+from .kdpm2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
+from .kdpm2_discrete import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
+from .lms_discrete import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
 from .tcd import TCDScheduler
 from .unipc_multistep import UniPCMultistepScheduler
@@ -25,5 +28,6 @@ __all__ = [
     "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "LCMScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+    "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler",
+    "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 ]

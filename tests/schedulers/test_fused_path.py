@@ -30,6 +30,9 @@ CASES = [
     ("DDPMScheduler", {"variance_type": "fixed_large"}),
     ("PNDMScheduler", {"skip_prk_steps": True}),
     ("PNDMScheduler", {}),
+    ("LMSDiscreteScheduler", {}),
+    ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
+    ("KDPM2AncestralDiscreteScheduler", {}),
 ]
 
 

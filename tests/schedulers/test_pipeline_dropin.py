@@ -11,7 +11,8 @@ from parity import diffusers, dummy_model, initial_sample, parity_error, setting
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler",
-       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler"]
+       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+       "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 # scheduler_config.json of Stable Diffusion 1.x (PNDM, written by diffusers 0.6): no
 # timestep_spacing, no prediction_type.
@@ -115,7 +116,8 @@ def test_from_config_returns_unused_kwargs_like_diffusers(name):
 
 
 NOISY = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
-         "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler", "DDPMScheduler")
+         "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler", "DDPMScheduler",
+         "KDPM2AncestralDiscreteScheduler")
 ASSIGNED = {
     "slice": lambda ts: ts[4:],  # SDEdit-style: start part-way down the schedule
     "strided": lambda ts: ts[::2],

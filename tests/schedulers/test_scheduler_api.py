@@ -13,9 +13,10 @@ from parity import assert_parity, diffusers, dummy_model, initial_sample, parity
 
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler",
-       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler"]
+       "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+       "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
-           "DDPMScheduler"]
+           "DDPMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 
 def steps(scheduler, x, n_steps, generator=None, **step_kwargs):
@@ -208,7 +209,7 @@ def test_pred_original_sample_is_computed_when_read(name, monkeypatch):
     monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a) or real(*a))
     x_df = x_kd = initial_sample() * df.init_noise_sigma
     for i, (t_df, t_kd) in enumerate(zip(df.timesteps, kd.timesteps)):
-        noisy = name in ("EulerAncestralDiscreteScheduler", "DDPMScheduler")
+        noisy = name in ("EulerAncestralDiscreteScheduler", "DDPMScheduler", "KDPM2AncestralDiscreteScheduler")
         gen_df = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
         gen_kd = dict(generator=torch.Generator().manual_seed(i)) if noisy else {}
         prev, x0 = df.step(dummy_model(df.scale_model_input(x_df, t_df), t_df), t_df, x_df, return_dict=False,
