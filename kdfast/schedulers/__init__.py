@@ -8,26 +8,31 @@ from .ddim import DDIMScheduler
 from .ddpm import DDPMScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .dpmsolver_sde import DPMSolverSDEScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
+from .flow_match_heun_discrete import FlowMatchHeunDiscreteScheduler
+from .flow_match_lcm import FlowMatchLCMScheduler
 from .heun_discrete import HeunDiscreteScheduler
 from .kdpm2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
 from .kdpm2_discrete import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms_discrete import LMSDiscreteScheduler
 from .pndm import PNDMScheduler
+from .scm import SCMScheduler
 from .tcd import TCDScheduler
 from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "from_diffusers", "patch_pipeline", "supported",
     "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+    "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-    "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler",
-    "LMSDiscreteScheduler", "PNDMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "HeunDiscreteScheduler",
+    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
+    "PNDMScheduler", "SCMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 ]

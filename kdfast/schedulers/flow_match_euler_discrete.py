@@ -48,14 +48,21 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         time_shift_type: str = "exponential",
         stochastic_sampling: bool = False,
     ):
-        check_sigma_options(self.config)
-        check_choice("time_shift_type", time_shift_type, ("exponential", "linear"))
-        if shift_terminal is not None and not 0 <= shift_terminal < 1:
-            raise ValueError(f"shift_terminal must be in [0, 1), got {shift_terminal}")
+        self._init_flow_schedule()
+
+    def _init_flow_schedule(self) -> None:
+        """The training schedule diffusers sets at construction, from this scheduler's config
+        (flow-matching schedulers built on this one call it from their own constructors)."""
+        cfg = self.config
+        num_train_timesteps, shift = cfg.num_train_timesteps, cfg.shift
+        check_sigma_options(cfg)
+        check_choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
+        if cfg.shift_terminal is not None and not 0 <= cfg.shift_terminal < 1:
+            raise ValueError(f"shift_terminal must be in [0, 1), got {cfg.shift_terminal}")
         timesteps = torch.from_numpy(np.linspace(1, num_train_timesteps, num_train_timesteps,
                                                  dtype=np.float32)[::-1].copy())
         sigmas = timesteps / num_train_timesteps
-        if not use_dynamic_shifting:  # (a dynamic shift is applied per resolution in set_timesteps)
+        if not cfg.use_dynamic_shifting:  # (a dynamic shift is applied per resolution in set_timesteps)
             sigmas = shift * sigmas / (1 + (shift - 1) * sigmas)
         self._shift = shift
         self.sigmas = sigmas
@@ -166,7 +173,9 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         self._table = self._shared_table(self._build_table)
 
     def _build_table(self) -> CoefficientTable:
-        return CoefficientTable({i: self._plan(i) for i in range(len(self._host_timesteps))})
+        # one plan per sigma interval: the training schedule of __init__ has no final sigma,
+        # so its last timestep has no step (diffusers' fails there too)
+        return CoefficientTable({i: self._plan(i) for i in range(len(self._host_sigmas) - 1)})
 
     def _plan(self, i: int) -> StepPlan:
         sigma, sigma_next = self._host_sigmas[i], self._host_sigmas[i + 1]
@@ -215,7 +224,7 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         if self._step_index is None:
             self._init_step_index(timestep)
         i = self._step_index
-        if i >= len(self._host_timesteps):
+        if i >= len(self._host_sigmas) - 1:
             raise IndexError(f"step {i} is past the end of the {len(self._host_timesteps)}-step schedule; "
                              "call set_timesteps again")
         if per_token_timesteps is not None:

@@ -11,10 +11,14 @@ diffusers = pytest.importorskip("diffusers")
 
 @pytest.mark.parametrize("name", supported())
 def test_from_diffusers_maps_every_supported_class(name):
-    if name.startswith("FlowMatch"):  # flow matching: no beta schedule
+    if name == "FlowMatchHeunDiscreteScheduler":
+        config = dict(shift=3.0)
+    elif name.startswith("FlowMatch"):  # flow matching: no beta schedule
         config = dict(shift=3.0, use_dynamic_shifting=True)
     elif name.startswith("EDM"):  # EDM: sigmas, no betas
         config = dict(sigma_max=40.0, sigma_schedule="exponential")
+    elif name == "SCMScheduler":  # TrigFlow: no betas
+        config = dict(sigma_data=0.7)
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)

@@ -269,3 +269,18 @@ def test_gpu_loop_without_syncs_and_as_a_cuda_graph(stochastic):
         cpu = kdfast.sample(velocity, x.cpu(), kd, guidance_scale=3.0, cond=cond.cpu(), uncond=uncond.cpu(),
                             disable=True)
         assert parity_error(eager.cpu(), cpu) <= 1e-5
+
+
+def test_steps_on_the_training_schedule_before_set_timesteps():
+    # diffusers steps on the schedule __init__ sets (no final sigma: its last timestep has no step)
+    df, kd = DF(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x = initial_sample()
+    a = b = x
+    for t_df, t_kd in list(zip(df.timesteps, kd.timesteps))[:5]:
+        a = df.step(dummy_model(a, t_df), t_df, a).prev_sample
+        b = kd.step(dummy_model(b, t_kd), t_kd, b).prev_sample
+    assert parity_error(b, a) <= 1e-6
+    kd = FlowMatchEulerDiscreteScheduler()
+    kd.set_begin_index(len(kd.timesteps) - 1)
+    with pytest.raises(IndexError, match="past the end"):
+        kd.step(x, kd.timesteps[-1], x)

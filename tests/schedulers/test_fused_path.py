@@ -33,6 +33,8 @@ CASES = [
     ("LMSDiscreteScheduler", {}),
     ("KDPM2DiscreteScheduler", {"use_karras_sigmas": True}),
     ("KDPM2AncestralDiscreteScheduler", {}),
+    ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
+    ("FlowMatchLCMScheduler", {"shift": 3.0}),
 ]
 
 
