@@ -649,18 +649,15 @@ def _plan_lms(s, order=4) -> _Plan:
     return b.plan()
 
 
-def _dpm_fast_schedule(sigma_min: float, sigma_max: float, nfe: int) -> Tuple[List[float], List[int]]:
-    """DPM-Solver-Fast's step sigmas (equal steps in t = -log sigma) and per-step orders."""
+def _dpm_fast_orders(nfe: int) -> List[int]:
+    """DPM-Solver-Fast's per-step orders for ``nfe`` model evaluations (order 3, ending in 2, 1)."""
     m = nfe // 3 + 1
-    t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
-    ts = np.linspace(t_start, t_end, m + 1)
-    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
-    return [math.exp(-t) for t in ts], orders
+    return [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
 
 
 def _plan_dpm_fast(s, nfe, eta=0., s_noise=1.) -> _Plan:
     """DPM-Solver (noise prediction, eps = (x - denoised) / sigma) of orders 1-3 per step."""
-    _, orders = _dpm_fast_schedule(s[-1], s[0], nfe)
+    orders = _dpm_fast_orders(nfe)
     b = _Builder(s)
     t_end = -math.log(s[-1])
     for i, order in enumerate(orders):
@@ -1321,7 +1318,9 @@ def dpm_fast_sigmas(sigma_min, sigma_max, n) -> List[float]:
     if lo >= hi:
         raise ValueError(f"sigma_min must be below sigma_max (reverse sampling is not supported), got "
                          f"{sigma_min} and {sigma_max}")
-    return _dpm_fast_schedule(lo, hi, n)[0]
+    # one step per order, equal in t = -log sigma
+    ts = np.linspace(-math.log(hi), -math.log(lo), len(_dpm_fast_orders(n)) + 1)
+    return [math.exp(-t) for t in ts]
 
 
 def _int_option(name: str, value, minimum: Optional[int] = None) -> int:

@@ -398,6 +398,17 @@ class FusedScheduler(ConfigMixin):
         else:
             self._step_index = self._begin_index
 
+    def _noising_indices(self, timesteps) -> List[int]:
+        """The schedule positions ``add_noise`` (and ``scale_noise``) use for a batch of
+        ``timesteps``, as diffusers picks them: each timestep's own position while no begin
+        index is set (training), else the current step, or the begin index before the first
+        step, for the whole batch (img2img, inpainting)."""
+        timesteps = torch.as_tensor(timesteps).reshape(-1)
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps.cpu()]
+        start = self._step_index if self._step_index is not None else self._begin_index
+        return [start] * timesteps.shape[0]
+
     @property
     def timesteps(self) -> torch.Tensor:
         """The schedule's timesteps. Pipelines and users may assign them (a slice of the schedule
@@ -663,12 +674,7 @@ class MultistepScheduler(FusedScheduler):
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``alpha_t * x0 + sigma_t * noise`` at each timestep, as diffusers computes it."""
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
+        sigma = sigmas[self._noising_indices(timesteps)].flatten()
         while sigma.dim() < original_samples.dim():
             sigma = sigma.unsqueeze(-1)
         if self.config.get("use_flow_sigmas", False):

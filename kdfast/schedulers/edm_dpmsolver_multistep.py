@@ -11,6 +11,7 @@ from ._schedule import check_choice
 from .base import CoefficientTable
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .edm_euler import EDMPreconditioning
+from .euler_discrete import _SigmaScheduler
 
 
 class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepScheduler):
@@ -126,15 +127,5 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
             raise ValueError("missing `sample`: convert_model_output(model_output, sample)")
         return self._converted_output(model_output, (), sample, (self._step_index, 1), self.config.thresholding)
 
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """``x + sigma * noise`` at each timestep, as diffusers computes it."""
-        sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
-        while sigma.dim() < original_samples.dim():
-            sigma = sigma.unsqueeze(-1)
-        return original_samples + noise * sigma
+    # x + sigma * noise at each timestep: the EDM process is the sigma schedulers' one
+    add_noise = _SigmaScheduler.add_noise

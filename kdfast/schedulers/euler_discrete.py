@@ -74,12 +74,7 @@ class _SigmaScheduler(FusedScheduler):
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timesteps.reshape(-1).cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timesteps.shape[0]
-        sigma = sigmas[idx].flatten()
+        sigma = sigmas[self._noising_indices(timesteps)].flatten()
         while sigma.dim() < original_samples.dim():
             sigma = sigma.unsqueeze(-1)
         return original_samples + noise * sigma

@@ -192,13 +192,8 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
 
     def scale_noise(self, sample: torch.Tensor, timestep, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The forward process: ``sigma * noise + (1 - sigma) * sample`` at each timestep."""
-        timestep = torch.as_tensor(timestep).reshape(-1)
-        if self._begin_index is None:
-            idx = [self.index_for_timestep(t) for t in timestep.cpu()]
-        else:
-            start = self._step_index if self._step_index is not None else self._begin_index
-            idx = [start] * timestep.shape[0]
-        sigma = torch.tensor([self._host_sigmas[i] for i in idx], dtype=sample.dtype, device=sample.device)
+        sigma = torch.tensor([self._host_sigmas[i] for i in self._noising_indices(timestep)], dtype=sample.dtype,
+                             device=sample.device)
         sigma = sigma.reshape((-1,) + (1,) * (sample.dim() - 1))
         return sigma * noise + (1.0 - sigma) * sample
 
