@@ -17,7 +17,8 @@ from ._config import ConfigMixin
 from ._linear import Lin
 import numpy as np
 
-from ._schedule import noise_schedule, randn_like_diffusers
+from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, noise_schedule,
+                        randn_like_diffusers, sigma_range, sigma_to_t)
 
 
 class OutputFields:
@@ -645,6 +646,34 @@ class MultistepScheduler(FusedScheduler):
         self.lower_order_nums = 0
         self._step_index = None
         self._begin_index = None
+
+    def _spaced_sigmas(self, timesteps: np.ndarray, n: int, round_karras: bool = True, lu: bool = False):
+        """``(sigmas, timesteps)`` of ``n`` steps (no final sigma) under the config's sigma
+        spacing, as diffusers' VP multistep schedulers make them: Karras (or, with ``lu``, Lu
+        lambda), exponential or beta sigmas between the training ends, or flow-shifted sigmas,
+        each with the timesteps mapped back from them (Karras / Lu ones rounded with
+        ``round_karras``); else the training sigmas interpolated at ``timesteps``."""
+        cfg = self.config
+        train = self._train_sigmas()
+        log_sigmas = np.log(train)
+        flipped = np.flip(train).copy()
+        if cfg.use_karras_sigmas or lu:
+            if cfg.use_karras_sigmas:
+                sigmas = karras_sigmas(*sigma_range({}, flipped), n)
+            else:
+                lambdas = np.flip(log_sigmas.copy())
+                sigmas = np.exp(lu_lambdas(float(lambdas[-1]), float(lambdas[0]), n))
+            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+            return sigmas, (timesteps.round() if round_karras else timesteps)
+        if cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
+            spacing = exponential_sigmas if cfg.use_exponential_sigmas else beta_sigmas
+            sigmas = spacing(*sigma_range({}, flipped), n)
+            return sigmas, np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
+        if cfg.use_flow_sigmas:
+            s = 1.0 - np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)
+            sigmas = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
+            return sigmas, (sigmas * cfg.num_train_timesteps).copy()
+        return np.interp(timesteps, np.arange(0, len(train)), train), timesteps
 
     def _install_schedule(self, sigmas: np.ndarray, timesteps, device) -> None:
         """Adopt a new schedule (sigmas ending with the final sigma) and plan every step."""

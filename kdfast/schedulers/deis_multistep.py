@@ -9,9 +9,8 @@ import torch
 
 from ._config import register_to_config
 from ._linear import H0, H1, X, X0
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas, check_choice,
-                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t,
-                        spaced_timesteps, x0_coefficients)
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
+                        check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
 from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 
@@ -106,28 +105,10 @@ class DEISMultistepScheduler(MultistepScheduler):
         N = cfg.num_train_timesteps
         timesteps = spaced_timesteps(cfg.timestep_spacing, n, cfg.steps_offset, N)
 
-        train = self._train_sigmas()
-        log_sigmas = np.log(train)
-        flipped = np.flip(train).copy()
-        if cfg.use_karras_sigmas:
-            sig = karras_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig]).round()
-            sig = np.concatenate([sig, sig[-1:]])
-        elif cfg.use_exponential_sigmas:
-            sig = exponential_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig])
-            sig = np.concatenate([sig, sig[-1:]])
-        elif cfg.use_beta_sigmas:
-            sig = beta_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sig])
-            sig = np.concatenate([sig, sig[-1:]])
-        elif cfg.use_flow_sigmas:
-            s = 1.0 - np.linspace(1, 1 / N, n + 1)
-            sig = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            timesteps = (sig * N).copy()
-            sig = np.concatenate([sig, sig[-1:]])
+        sig, timesteps = self._spaced_sigmas(timesteps, n)
+        if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_flow_sigmas:
+            sig = np.concatenate([sig, sig[-1:]])  # diffusers' DEIS repeats the last sigma there
         else:
-            sig = np.interp(timesteps, np.arange(0, len(train)), train)
             sig = np.concatenate([sig, [float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)]])
         self._install_schedule(sig, timesteps, device)
 

@@ -8,9 +8,8 @@ import numpy as np
 import torch
 
 from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas, check_choice,
-                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, log_snr, lu_lambdas,
-                        sigma_range, sigma_to_t, spaced_timesteps, x0_coefficients)
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
+                        check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
 from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import KARRAS_SCHEDULERS
@@ -116,37 +115,9 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             timesteps = spaced_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.steps_offset,
                                          cfg.num_train_timesteps, last_timestep)
 
-        sigmas = self._train_sigmas()
-        log_sigmas = np.log(sigmas)
-        n = num_inference_steps
-        if cfg.use_karras_sigmas:
-            flipped = np.flip(sigmas).copy()
-            sigmas = karras_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        elif cfg.use_lu_lambdas:
-            lambdas = np.flip(log_sigmas.copy())
-            sigmas = np.exp(lu_lambdas(float(lambdas[-1]), float(lambdas[0]), n))
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-            if cfg.beta_schedule != "squaredcos_cap_v2":
-                timesteps = timesteps.round()
-        elif cfg.use_exponential_sigmas:
-            flipped = np.flip(sigmas).copy()
-            sigmas = exponential_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        elif cfg.use_beta_sigmas:
-            flipped = np.flip(sigmas).copy()
-            sigmas = beta_sigmas(*sigma_range({}, flipped), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        elif cfg.use_flow_sigmas:
-            alphas = np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)
-            s = 1.0 - alphas
-            sigmas = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            timesteps = (sigmas * cfg.num_train_timesteps).copy()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-
+        sigmas, timesteps = self._spaced_sigmas(timesteps, num_inference_steps,
+                                                round_karras=cfg.beta_schedule != "squaredcos_cap_v2",
+                                                lu=cfg.use_lu_lambdas)
         if cfg.final_sigmas_type == "sigma_min":
             sigma_last = float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
         else:

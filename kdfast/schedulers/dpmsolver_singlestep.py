@@ -20,9 +20,8 @@ import torch
 
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, alpha_sigma, beta_sigmas, check_choice,
-                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
-                        spaced_timesteps, x0_coefficients)
+from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, alpha_sigma, check_choice, check_flow_sigma_spacing,
+                        log_snr, spaced_timesteps, x0_coefficients)
 from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -231,24 +230,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
             timesteps = spaced_timesteps("linspace", n, 0, cfg.num_train_timesteps,
                                          cfg.num_train_timesteps - clipped_idx)
 
-        sigmas = self._train_sigmas()
-        log_sigmas = np.log(sigmas)
-        if cfg.use_karras_sigmas:
-            sigmas = karras_sigmas(*sigma_range({}, np.flip(sigmas).copy()), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas]).round()
-        elif cfg.use_exponential_sigmas:
-            sigmas = exponential_sigmas(*sigma_range({}, np.flip(sigmas).copy()), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        elif cfg.use_beta_sigmas:
-            sigmas = beta_sigmas(*sigma_range({}, np.flip(sigmas).copy()), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        elif cfg.use_flow_sigmas:
-            s = 1.0 - np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)
-            sigmas = np.flip(cfg.flow_shift * s / (1 + (cfg.flow_shift - 1) * s))[:-1].copy()
-            timesteps = (sigmas * cfg.num_train_timesteps).copy()
-        else:
-            sigmas = np.interp(timesteps, np.arange(0, len(sigmas)), sigmas)
-
+        sigmas, timesteps = self._spaced_sigmas(timesteps, n)
         if cfg.final_sigmas_type == "sigma_min":
             sigma_last = float(((1 - self.alphas_cumprod[0]) / self.alphas_cumprod[0]) ** 0.5)
         else:
