@@ -58,7 +58,8 @@ class OutputFields:
         return self.to_tuple()[key]
 
     def to_tuple(self) -> tuple:
-        raise NotImplementedError
+        """The fields that are not None, in order (diffusers' ``BaseOutput.to_tuple``)."""
+        return tuple(v for v in (getattr(self, k) for k in self._fields) if v is not None)
 
 
 class SchedulerOutput(OutputFields):

@@ -31,9 +31,6 @@ class LCMSchedulerOutput(OutputFields):
     prev_sample: torch.Tensor
     denoised: Optional[torch.Tensor] = None
 
-    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.prev_sample, self.denoised) if v is not None)
-
 
 class LCMScheduler(FusedScheduler):
     """Drop-in for ``diffusers.LCMScheduler``: same arguments and config.

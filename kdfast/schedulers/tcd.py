@@ -25,9 +25,6 @@ class TCDSchedulerOutput(OutputFields):
     prev_sample: torch.Tensor
     pred_noised_sample: Optional[torch.Tensor] = None
 
-    def to_tuple(self) -> Tuple[torch.Tensor, ...]:
-        return tuple(v for v in (self.prev_sample, self.pred_noised_sample) if v is not None)
-
 
 class TCDScheduler(LCMScheduler):
     """Drop-in for ``diffusers.TCDScheduler``: same arguments, config and schedule (those of
