@@ -660,9 +660,9 @@ def _plan_dpm_fast(s, nfe, eta=0., s_noise=1.) -> _Plan:
     orders = _dpm_fast_orders(nfe)
     b = _Builder(s)
     t_end = -math.log(s[-1])
+    sig = lambda tt: math.exp(-tt)  # noqa: E731  (sigma of t = -log sigma)
     for i, order in enumerate(orders):
         t, t_next = -math.log(s[i]), -math.log(s[i + 1])
-        sig = lambda tt: math.exp(-tt)  # noqa: E731
         if eta:
             sd, _ = get_ancestral_step(sig(t), sig(t_next), eta)
             t_to = min(t_end, -math.log(sd)) if sd > 0 else t_end

@@ -127,8 +127,6 @@ class EDMEulerScheduler(EDMPreconditioning, _SigmaScheduler):
             if num_inference_steps is None or int(num_inference_steps) < 1:
                 raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
             ramp = torch.linspace(0, 1, int(num_inference_steps), dtype=torch.float64)
-        elif isinstance(sigmas, float):
-            ramp = torch.tensor(sigmas, dtype=torch.float64)
         else:
             ramp = torch.as_tensor(sigmas).to(torch.float64)
         if ramp.dim() != 1 or ramp.numel() < 1:
