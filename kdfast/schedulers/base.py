@@ -371,11 +371,15 @@ class FusedScheduler(ConfigMixin):
             raise ValueError("Number of inference steps is 'None': call set_timesteps(...) before step(...)")
 
     def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
-        """Index of ``timestep`` in the schedule, as diffusers defines it.
+        """Index of ``timestep`` in the schedule.
 
-        No host sync when ``timestep`` is an element of ``self.timesteps`` (what pipelines pass:
-        iterating a tensor yields views, whose storage offset is the index) or a Python
-        number; otherwise the comparison reads the value back once.
+        An element of the schedule (what pipelines pass: iterating a tensor yields views,
+        whose storage offset is the index) is found at its own position, without a host sync.
+        Anything else (a number, a copy) is compared by value, reading a tensor back once; a
+        value the schedule holds more than once gives its second match, as in diffusers.
+        diffusers compares values only, so for an element whose value repeats it can answer
+        another position: a schedule whose Karras or beta sigmas round to the same timestep
+        twice made its loops skip a step and run off the end.
         """
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
         index = self.schedule_index(timestep) if schedule is self.timesteps else schedule_position(timestep, schedule)
@@ -395,10 +399,28 @@ class FusedScheduler(ConfigMixin):
         return matches[1] if len(matches) > 1 else matches[0]
 
     def _init_step_index(self, timestep) -> None:
-        if self._begin_index is None:
-            self._step_index = self.index_for_timestep(timestep)
-        else:
+        """Where a loop starts: the begin index when set, else the position of its first timestep.
+
+        A two-stage scheduler (``order == 2``: Heun's predictor and corrector, KDPM2's and
+        DPM-Solver-SDE's two stages) evaluates the model twice per step. Where its schedule
+        repeats a timestep, the pair is one step's second stage and the next step's first, at
+        the same sigma; a loop can only start at a first stage, so a start at the first of such
+        a pair moves to the second (the position diffusers' value lookup gives); a start at any
+        other second stage is an error (diffusers' steps give NaN or a zero-length step there)."""
+        if self._begin_index is not None:
             self._step_index = self._begin_index
+            return
+        index = self.index_for_timestep(timestep)
+        if self.order == 2 and index % 2 == 1:
+            host = self._host_timesteps
+            if index + 1 < len(host) and host[index + 1] == host[index]:
+                index += 1
+            else:
+                raise ValueError(
+                    f"timestep {host[index]:g} is timesteps[{index}], the second stage of a {type(self).__name__} "
+                    "step: a loop must start at a first stage, an even position of timesteps (pipelines slice "
+                    "timesteps[t_start * scheduler.order:]), or call set_begin_index(...) first")
+        self._step_index = index
 
     def _noising_indices(self, timesteps) -> List[int]:
         """The schedule positions ``add_noise`` (and ``scale_noise``) use for a batch of

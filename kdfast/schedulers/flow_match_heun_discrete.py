@@ -10,32 +10,14 @@ import torch
 
 from ._config import register_to_config
 from ._linear import AUX, H0, MODEL, NOISE, X
-from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, _host_values, reject_unknown_step_arguments
+from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _as_float32, _reject_integer_timestep
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class SecondMatchLookup:
-    """diffusers' timestep lookup for a value the schedule holds more than once (Heun's doubled
-    timesteps): the second match, also for an element of the schedule itself.
-
-    ``FusedScheduler.index_for_timestep`` finds an element of ``timesteps`` by its address
-    (no host read), which gives its own position, the first of a pair included; diffusers
-    compares values and starts a loop entered at ``timesteps[3]`` (a repeated timestep) at
-    index 4. The position is mapped here through the host copy of the schedule (no host read
-    either)."""
-
-    def index_for_timestep(self, timestep, schedule_timesteps: Optional[torch.Tensor] = None) -> int:
-        index = super().index_for_timestep(timestep, schedule_timesteps)
-        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
-        matches = [i for i, t in enumerate(host) if t == host[index]]
-        return matches[1] if len(matches) > 1 else index
-
-
-class FlowMatchHeunDiscreteScheduler(SecondMatchLookup, FusedScheduler):
+class FlowMatchHeunDiscreteScheduler(FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchHeunDiscreteScheduler``: same arguments, config, schedule
     and step (with its churn options ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
 

@@ -14,7 +14,6 @@ from ._schedule import check_choice
 from .base import GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _as_float32, _reject_integer_timestep
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
-from .flow_match_heun_discrete import SecondMatchLookup
 
 UPSCALE_MODES = ("nearest", "linear", "bilinear", "bicubic", "trilinear", "area", "nearest-exact")
 
@@ -30,7 +29,7 @@ def _check_scale_factors(scale_factors, upscale_mode) -> None:
         check_choice("upscale_mode", upscale_mode, UPSCALE_MODES)
 
 
-class FlowMatchLCMScheduler(SecondMatchLookup, FlowMatchEulerDiscreteScheduler):
+class FlowMatchLCMScheduler(FlowMatchEulerDiscreteScheduler):
     """Drop-in for ``diffusers.FlowMatchLCMScheduler``: same arguments, config and schedule
     (FlowMatchEuler's: static and resolution-dependent shifts with ``mu``, ``shift_terminal``,
     Karras / exponential / beta sigmas, ``invert_sigmas``, custom sigmas or timesteps) and step.

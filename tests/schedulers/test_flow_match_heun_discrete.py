@@ -204,28 +204,6 @@ def test_set_begin_index(start):
     assert parity_error(outs[1], outs[0]) <= 1e-5
 
 
-def test_timestep_lookup_takes_the_second_match():
-    # a repeated timestep is looked up as diffusers does, whether given as an element of the
-    # schedule (found by address) or as a number
-    df, kd = DF(shift=3.0), KD(shift=3.0)
-    for s in (df, kd):
-        s.set_timesteps(5)
-    for i in range(len(df.timesteps)):
-        expected = df.index_for_timestep(df.timesteps[i])
-        assert kd.index_for_timestep(kd.timesteps[i]) == expected == (i + 1 if i % 2 else i)
-        assert kd.index_for_timestep(float(kd.timesteps[i])) == expected
-        assert kd.index_for_timestep(kd.timesteps[i], kd.timesteps.clone()) == expected
-    # a loop entered at a repeated timestep without set_begin_index
-    x = initial_sample()
-    outs = []
-    for s in (df, kd):
-        y = x
-        for t in s.timesteps[4:]:
-            y = s.step(dummy_model(y, t), t, y).prev_sample
-        outs.append(y)
-    assert parity_error(outs[1], outs[0]) <= 1e-5
-
-
 def test_scale_noise_matches_diffusers():
     x, noise = initial_sample(), initial_sample(seed=1)
     for s_kwargs in ({}, dict(begin_index=5)):

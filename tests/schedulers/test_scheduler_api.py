@@ -1,6 +1,7 @@
 """The diffusers scheduler contract across kdfast's schedulers: generator lists, copies,
 lazily computed x0 and tuple outputs, pipeline saving, and schedules at their edges."""
 import copy
+import inspect
 import math
 import pickle
 
@@ -67,6 +68,72 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
         getattr(diffusers, name)().step(m, t, x, bogus_option=1)
     assert s.step_index in (None, 0)  # nothing was stepped
     s.step(m, t, x)
+
+
+TWO_STAGE = {"HeunDiscreteScheduler": {}, "FlowMatchHeunDiscreteScheduler": {"shift": 3.0},
+             "KDPM2DiscreteScheduler": {}, "KDPM2AncestralDiscreteScheduler": {},
+             "DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}
+
+
+def _model_input(scheduler, x, t):
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x  # (flow: none)
+
+
+def _loop_from(scheduler, start, x, as_value=False):
+    """Step over ``timesteps[start:]`` without set_begin_index; the sample after each step."""
+    outs = []
+    ancestral = "generator" in inspect.signature(scheduler.step).parameters
+    for t in scheduler.timesteps[start:]:
+        m = dummy_model(_model_input(scheduler, x, t), t)
+        kwargs = {"generator": torch.Generator().manual_seed(3)} if ancestral else {}
+        x = scheduler.step(m, float(t) if as_value else t, x, **kwargs).prev_sample
+        outs.append(x)
+    return outs
+
+
+@pytest.mark.parametrize("name", list(TWO_STAGE))
+def test_two_stage_schedulers_find_where_a_loop_starts(name):
+    # A lookup finds an element of the schedule at its own position and a repeated value at its
+    # second match (diffusers'). A loop's first step, in a two-stage scheduler, must be a first
+    # stage: the first of a repeated pair (the second stage of one step, the first of the next, at
+    # one sigma) moves to the second, as in diffusers; any other second stage is refused. diffusers
+    # runs off the end of its schedule (NaN) or steps by zero there.
+    config = TWO_STAGE[name]
+    df, kd = getattr(diffusers, name)(**config), getattr(K, name)(**config)
+    for s in (df, kd):
+        s.set_timesteps(5)
+    n = len(kd.timesteps)
+    host = [float(t) for t in kd.timesteps]
+    for i in range(n):
+        assert kd.index_for_timestep(kd.timesteps[i]) == i
+        assert kd.index_for_timestep(host[i]) == df.index_for_timestep(df.timesteps[i])
+    x = initial_sample() * getattr(kd, "init_noise_sigma", 1.0)
+    for start in range(0, n, 2):  # first stages: as diffusers, given elements or values
+        for as_value in (False, True):
+            for s in (df, kd):
+                s.set_timesteps(5)
+            got, expected = _loop_from(kd, start, x, as_value), _loop_from(df, start, x, as_value)
+            assert parity_error(got[-1], expected[-1]) <= 1e-5, (start, as_value)
+    for start in range(1, n, 2):
+        for s in (df, kd):
+            s.set_timesteps(5)
+        if start + 1 < n and host[start + 1] == host[start]:
+            # moved to the second of the pair: the first step is diffusers', and a loop given one
+            # timestep too many runs off the end with an error naming the schedule
+            m = dummy_model(_model_input(kd, x, kd.timesteps[start]), kd.timesteps[start])
+            first = kd.step(m, kd.timesteps[start], x).prev_sample
+            assert kd.step_index == start + 2
+            m = dummy_model(_model_input(df, x, df.timesteps[start]), df.timesteps[start])
+            assert parity_error(first, df.step(m, df.timesteps[start], x).prev_sample) <= 1e-5
+            kd.set_timesteps(5)
+            with pytest.raises(IndexError, match="past the end"):
+                _loop_from(kd, start, x)
+        else:
+            with pytest.raises(ValueError, match=rf"timesteps\[{start}\], the second stage .*set_begin_index"):
+                _loop_from(kd, start, x)
+            assert kd.step_index is None
+            kd.set_begin_index(start)  # said explicitly, it is the caller's to choose
+            assert len(_loop_from(kd, start, x)) == n - start
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
