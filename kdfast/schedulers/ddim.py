@@ -138,17 +138,20 @@ class DDIMScheduler(FusedScheduler):
         beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
         return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
 
+    def _alphas(self, t: int):
+        """(alpha_cumprod the step at ``t`` starts from, alpha_cumprod it ends at)."""
+        prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
+        return self._alpha_prod(t), (self._alpha_prod(prev_t) if prev_t >= 0 else self._host_final)
+
     def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> StepPlan:
         cfg = self.config
-        prev_t = t - cfg.num_train_timesteps // self.num_inference_steps
-        a_t = self._alpha_prod(t)
-        a_prev = self._alpha_prod(prev_t) if prev_t >= 0 else self._host_final
+        a_t, a_prev = self._alphas(t)
         b_t = 1.0 - a_t
         sa, sb = math.sqrt(a_t), math.sqrt(b_t)
         # m: the (guided) model output; for CFG++ the noise direction uses the unguided one
         m_eps = UNCOND if cfg_pp else MODEL
         if cfg.prediction_type == "epsilon":
-            x0 = epsilon_x0_coefficients(sa, sb, bounded=cfg.clip_sample or cfg.thresholding)
+            x0 = epsilon_x0_coefficients(sa, sb, bounded=cfg.clip_sample or cfg.get("thresholding", False))
             eps = m_eps
         elif cfg.prediction_type == "sample":
             x0 = (0.0, 1.0)
@@ -158,8 +161,9 @@ class DDIMScheduler(FusedScheduler):
             eps = sa * m_eps + sb * X
         if use_clipped:  # epsilon re-derived from the clipped / thresholded x0
             eps = _div(1.0, sb) * X - _div(sa, sb) * X0
-        variance = _div(1.0 - a_prev, b_t) * (1.0 - _div(a_t, a_prev))
-        std = eta * _sqrt(variance)
+        std = 0.0
+        if eta > 0:  # (the variance is 0/0 on a step from alpha_cumprod 1: the inverse's first)
+            std = eta * _sqrt(_div(1.0 - a_prev, b_t) * (1.0 - _div(a_t, a_prev)))
         sample = math.sqrt(a_prev) * X0 + _sqrt(1.0 - a_prev - std * std) * eps
         if eta > 0:
             sample = sample + std * NOISE

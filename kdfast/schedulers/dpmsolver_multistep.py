@@ -240,15 +240,12 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         i, n = self._step_index, len(self._host_timesteps)
         if i >= n:
             raise IndexError(f"step {i} is past the end of the {n}-step schedule; call set_timesteps again")
-        lower_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
-                                            or cfg.final_sigmas_type == "zero")
-        lower_order_second = i == n - 2 and cfg.lower_order_final and n < 15
-        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
-            order = 1
-        elif cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
-            order = 2
-        else:
-            order = 3
+        order = self._step_order(i, n)
+        while order > 1 and (i, order) not in self._table:
+            # The step after a zero-length one (a sigma repeated: 1000 linspace steps) has no
+            # difference quotient at this order: diffusers divides by zero (NaN from there on);
+            # the highest order defined here is taken instead.
+            order -= 1
         if (i, order) not in self._table:
             raise ValueError(f"no finite DPM-Solver update of order {order} at step {i} "
                              f"(sigma {float(self.sigmas[i])} to {float(self.sigmas[i + 1])})")
@@ -257,7 +254,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             raise ValueError("model_outputs is missing entries this step needs")
         noise = None
         if cfg.algorithm_type.startswith("sde"):
-            noise = self._noise(variance_noise, generator, model_output)
+            noise = self._noise(variance_noise, generator, model_output,
+                                model_output.dtype if self._noise_in_model_dtype else torch.float32)
         result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              history=history, noise=noise, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
@@ -269,6 +267,22 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             self.lower_order_nums += 1
         self._step_index = i + 1
         return SchedulerOutput(result.sample)
+
+    _noise_in_model_dtype = False  # diffusers draws the SDE noise in float32 (its inverse scheduler: not)
+
+    def _step_order(self, i: int, n: int) -> int:
+        """diffusers' order for step ``i`` of ``n``: the solver order once the history allows it,
+        lowered at the end of short schedules (``lower_order_final``), by ``euler_at_final`` and
+        before a zero final sigma."""
+        cfg = self._config
+        lower_order_final = i == n - 1 and (cfg.euler_at_final or (cfg.lower_order_final and n < 15)
+                                            or cfg.get("final_sigmas_type") == "zero")
+        lower_order_second = i == n - 2 and cfg.lower_order_final and n < 15
+        if cfg.solver_order == 1 or self.lower_order_nums < 1 or lower_order_final:
+            return 1
+        if cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
+            return 2
+        return 3
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:
