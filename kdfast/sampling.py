@@ -37,6 +37,7 @@ the two draw for draw.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import warnings
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -1101,14 +1102,19 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
     if scheduler.step_index is not None:
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
+    if generator is not None and "generator" not in inspect.signature(scheduler.step).parameters:
+        raise TypeError(f"generator: {type(scheduler).__name__}.step draws no noise from a generator (it takes "
+                        "none); leave generator=None")
     start = scheduler.begin_index or 0
     timesteps = scheduler.timesteps
+    if getattr(scheduler, "_last_timestep_is_the_end", False):
+        timesteps = timesteps[:-1]
     fused_cfg = guidance is not None and guidance != 1.0
     state = _scheduler_state(scheduler)
 
     def run(x, cond, uncond, callback=None, bar=None):
         evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
-        xx = x
+        xx, carry, previous = x, None, None
         for i, t in enumerate(timesteps):  # iterating gives views: the step index costs no sync
             if i < start:
                 continue
@@ -1116,10 +1122,8 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
             m, c = evaluate(inp, t)
             if callback is not None:
                 callback({'x': xx, 'i': i, 't': t, 'model_output': _guided(m, c, guidance or 1.0)})
-            if fused_cfg:
-                xx = scheduler.step_cfg(m, c, guidance, t, xx, generator=generator).prev_sample
-            else:
-                xx = scheduler.step(m, t, xx, generator=generator).prev_sample
+            xx, carry = scheduler._loop_step(m, c if fused_cfg else None, guidance, t, previous, xx, carry, generator)
+            previous = t
             if bar is not None:
                 bar.update(1)
         return xx

@@ -4,20 +4,27 @@
 """
 from .base import FusedScheduler, SchedulerOutput
 from .convert import from_diffusers, patch_pipeline, supported
+from .consistency_models import CMStochasticIterativeScheduler
 from .ddim import DDIMScheduler
+from .ddim_cogvideox import CogVideoXDDIMScheduler
+from .ddim_inverse import DDIMInverseScheduler
 from .ddpm import DDPMScheduler
 from .deis_multistep import DEISMultistepScheduler
+from .dpm_cogvideox import CogVideoXDPMScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .dpmsolver_multistep_inverse import DPMSolverMultistepInverseScheduler
 from .dpmsolver_sde import DPMSolverSDEScheduler
 from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 from .edm_euler import EDMEulerScheduler
 from .euler_ancestral_discrete import EulerAncestralDiscreteScheduler
 from .euler_discrete import EulerDiscreteScheduler
+from .flow_map_euler_discrete import FlowMapEulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .flow_match_heun_discrete import FlowMatchHeunDiscreteScheduler
 from .flow_match_lcm import FlowMatchLCMScheduler
 from .heun_discrete import HeunDiscreteScheduler
+from .ipndm import IPNDMScheduler
 from .kdpm2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
 from .kdpm2_discrete import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
@@ -29,10 +36,13 @@ from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "from_diffusers", "patch_pipeline", "supported",
-    "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
-    "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
-    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "HeunDiscreteScheduler",
-    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
-    "PNDMScheduler", "SCMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
+    "CMStochasticIterativeScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
+    "DDIMInverseScheduler", "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler",
+    "DPMSolverMultistepInverseScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
+    "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
+    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
+    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
+    "HeunDiscreteScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCMScheduler", "TCDScheduler",
+    "UniPCMultistepScheduler",
 ]

@@ -577,6 +577,20 @@ class FusedScheduler(ConfigMixin):
               **kwargs) -> SchedulerOutput:
         raise NotImplementedError
 
+    # Whether the schedule's last timestep is only where the loop ends (sCM's 0), not a step from it
+    _last_timestep_is_the_end = False
+
+    def _loop_step(self, model_output: torch.Tensor, cond: Optional[torch.Tensor], guidance_scale, timestep,
+                   previous_timestep, sample: torch.Tensor, carry, generator: Optional[torch.Generator]):
+        """One step of a whole loop (``kdfast.sample``): ``step``, or ``step_cfg`` when ``cond`` is
+        given. Returns ``(next sample, carry)``; ``carry`` is what the next step needs from this
+        one beyond the sample (None here: a scheduler keeps its own history), and
+        ``previous_timestep`` the timestep before ``timestep`` (None on the first step)."""
+        kwargs = {} if generator is None else {"generator": generator}
+        if cond is None:
+            return self.step(model_output, timestep, sample, **kwargs).prev_sample, None
+        return self.step_cfg(model_output, cond, guidance_scale, timestep, sample, **kwargs).prev_sample, None
+
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
         return sample
 

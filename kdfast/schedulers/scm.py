@@ -47,6 +47,7 @@ class SCMScheduler(FusedScheduler):
 
     _diffusers_name = "SCMScheduler"
     order = 1
+    _last_timestep_is_the_end = True  # (SANA-Sprint steps from every timestep but the last, 0)
 
     @register_to_config
     def __init__(

@@ -1,4 +1,5 @@
 import copy
+import types
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ def test_from_diffusers_maps_every_supported_class(name):
         config = dict(sigma_max=40.0, sigma_schedule="exponential")
     elif name == "SCMScheduler":  # TrigFlow: no betas
         config = dict(sigma_data=0.7)
+    elif name == "CMStochasticIterativeScheduler":  # Karras sigmas
+        config = dict(sigma_max=40.0, rho=5.0)
+    elif name in ("FlowMapEulerDiscreteScheduler", "IPNDMScheduler"):  # no beta_schedule
+        config = dict(num_train_timesteps=500)
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)
@@ -28,10 +33,19 @@ def test_from_diffusers_maps_every_supported_class(name):
 
 
 def test_unsupported_scheduler_is_named():
-    with pytest.raises(ValueError, match="IPNDMScheduler"):
-        from_diffusers(diffusers.IPNDMScheduler())
+    with pytest.raises(ValueError, match="RePaintScheduler"):
+        from_diffusers(diffusers.RePaintScheduler())
     with pytest.raises(TypeError, match="has no scheduler"):
         patch_pipeline(object())
+
+
+def test_a_cogvideox_dpm_pipeline_is_not_patched():
+    # CogVideoX pipelines call step() in the DPM form only for diffusers' own class
+    pipe = types.SimpleNamespace(scheduler=diffusers.CogVideoXDPMScheduler())
+    with pytest.raises(ValueError, match="isinstance"):
+        patch_pipeline(pipe)
+    assert type(pipe.scheduler) is diffusers.CogVideoXDPMScheduler  # left as it was
+    assert type(from_diffusers(pipe.scheduler)) is kdfast.schedulers.CogVideoXDPMScheduler
 
 
 def tiny_unet():

@@ -2,6 +2,8 @@
 which skips the coefficient-row check the public ``ops.solver_step`` makes. These tests run
 whole loops both ways and require bit-identical results, and check that the schedulers'
 entry still rejects bad user tensors."""
+import inspect
+
 import pytest
 import torch
 
@@ -35,6 +37,13 @@ CASES = [
     ("KDPM2AncestralDiscreteScheduler", {}),
     ("FlowMatchHeunDiscreteScheduler", {"shift": 3.0}),
     ("FlowMatchLCMScheduler", {"shift": 3.0}),
+    ("CMStochasticIterativeScheduler", {}),
+    ("IPNDMScheduler", {}),
+    ("FlowMapEulerDiscreteScheduler", {"shift": 3.0}),
+    ("DDIMInverseScheduler", {"prediction_type": "v_prediction"}),
+    ("DPMSolverMultistepInverseScheduler", {"solver_order": 3, "thresholding": True}),
+    ("CogVideoXDDIMScheduler", {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                                "timestep_spacing": "trailing"}),
 ]
 
 
@@ -49,16 +58,17 @@ def public_solver_step(sample, model_output, coefs, cond, guidance_scale, histor
 def loop(name, config, guided, dtype=torch.float32):
     sched = getattr(kd, name)(**config)
     sched.set_timesteps(8)
-    gen = torch.Generator().manual_seed(0)
-    x = initial_sample(dtype=dtype) * sched.init_noise_sigma
+    kwargs = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(
+        sched.step).parameters else {}  # (not DDIM inversion's step)
+    x = initial_sample(dtype=dtype) * getattr(sched, "init_noise_sigma", 1.0)
     history = []
     for t in sched.timesteps:
         inp = sched.scale_model_input(x, t)
         if guided:
             u, c = dummy_cfg(inp, t)
-            x = sched.step_cfg(u, c, 3.0, t, x, generator=gen).prev_sample
+            x = sched.step_cfg(u, c, 3.0, t, x, **kwargs).prev_sample
         else:
-            x = sched.step(dummy_model(inp, t), t, x, generator=gen).prev_sample
+            x = sched.step(dummy_model(inp, t), t, x, **kwargs).prev_sample
         history.append(x)
     return history
 

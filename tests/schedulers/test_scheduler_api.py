@@ -15,14 +15,21 @@ from parity import assert_parity, diffusers, dummy_model, initial_sample, parity
 ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler",
        "EulerDiscreteScheduler", "HeunDiscreteScheduler", "LCMScheduler", "UniPCMultistepScheduler",
        "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
-       "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
+       "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "CMStochasticIterativeScheduler",
+       "CogVideoXDDIMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "IPNDMScheduler",
+       "FlowMapEulerDiscreteScheduler"]  # (CogVideoXDPM's step takes more: tests/schedulers/test_dpm_cogvideox.py)
 WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "DDPMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
 
+def with_generator(scheduler, generator) -> dict:
+    """``generator=`` for a step that takes one (deterministic ones, like DDIM inversion, do not)."""
+    return {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
+
+
 def steps(scheduler, x, n_steps, generator=None, **step_kwargs):
     if generator is not None:
-        step_kwargs["generator"] = generator
+        step_kwargs.update(with_generator(scheduler, generator))
     for t in scheduler.timesteps[:n_steps]:
         m = dummy_model(scheduler.scale_model_input(x, t), t)
         x = scheduler.step(m, t, x, **step_kwargs).prev_sample
@@ -183,7 +190,7 @@ def test_a_loop_under_inference_mode_equals_one_under_no_grad(name):
             x0 = []
             for t in s.timesteps:
                 m = dummy_model(s.scale_model_input(x, t), t)
-                out = s.step(m, t, x, generator=gen)
+                out = s.step(m, t, x, **with_generator(s, gen))
                 x = out.prev_sample
                 if name in WITH_X0:
                     x0.append(out.pred_original_sample)
@@ -230,8 +237,8 @@ def test_copies_continue_like_the_original(name, how):
     assert dict(twin.config) == dict(s.config)
     for i, t in enumerate(s.timesteps[3:]):
         m = dummy_model(s.scale_model_input(x, t), t)
-        a = s.step(m, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
-        b = twin.step(m, t, x, generator=torch.Generator().manual_seed(i)).prev_sample
+        a = s.step(m, t, x, **with_generator(s, torch.Generator().manual_seed(i))).prev_sample
+        b = twin.step(m, t, x, **with_generator(s, torch.Generator().manual_seed(i))).prev_sample
         torch.testing.assert_close(b, a, rtol=0, atol=0)
         x = a
 
