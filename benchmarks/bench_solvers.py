@@ -62,6 +62,11 @@ SOLVERS = [
     ("dpmpp_2s", "DPMSolverSinglestepScheduler", "DPMSolverSinglestepScheduler", {}),
     ("edm_dpmpp_2m", "EDMDPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler", {}),
     ("tcd", "TCDScheduler", "TCDScheduler", {}),
+    ("cm", "CMStochasticIterativeScheduler", "CMStochasticIterativeScheduler", {}),
+    ("ipndm", "IPNDMScheduler", "IPNDMScheduler", {}),
+    ("ddim_inverse", "DDIMInverseScheduler", "DDIMInverseScheduler", {}),
+    ("dpmpp_2m_inverse", "DPMSolverMultistepInverseScheduler", "DPMSolverMultistepInverseScheduler", {}),
+    ("cogvideox_ddim", "CogVideoXDDIMScheduler", "CogVideoXDDIMScheduler", {}),
 ]
 
 
@@ -250,13 +255,16 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
     # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage;
     # DPM-Solver++ 2S a 2-read and a 4-read stage (the second reads the group's first sample and
-    # output), both writing the sample and the converted output.
+    # output), both writing the sample and the converted output. IPNDM reads up to three past
+    # outputs: 2, 3, 4, then 5 latents (4.7 over 20 steps), writing the sample and the new entry.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
-             "edm_dpmpp_2m": 3, "tcd": 3}[name]
+             "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
+             "cogvideox_ddim": 2}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
-              "edm_dpmpp_2m": 2, "tcd": 2}[name]
+              "edm_dpmpp_2m": 2, "tcd": 2, "cm": 1, "ipndm": 2, "ddim_inverse": 1, "dpmpp_2m_inverse": 2,
+              "cogvideox_ddim": 1}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}
@@ -464,7 +472,7 @@ def main(argv=None) -> None:
           f"{STEPS} steps")
     evict = CacheEvictor() if "steps" in sections else None
     print(f"{'':<36}{'us/step, warm':^28}{'us/step, cold':^28}{'20-step loop, ms':^28}{'loop peak, KiB':^22}")
-    print(f"{'solver':<14}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3
+    print(f"{'solver':<18}{'shape':<22}" + f"{'kdfast':>9}{'diffusers':>10}{'x':>9}" * 3
           + f"{'kdfast':>11}{'diffusers':>11}{'df bytes/LB':>13}")
     for shape_name, shape in (shapes if "steps" in sections else {}).items():
         g = torch.Generator().manual_seed(0)
@@ -506,14 +514,14 @@ def main(argv=None) -> None:
                 "per_step_gpu": kd_launches, "anchor_per_step_gpu": df_launches,
                 "max_rel_diff_to_anchor": rel_diff,
             }
-            print(f"{name:<14}{shape_name:<22}"
+            print(f"{name:<18}{shape_name:<22}"
                   f"{kd_step['median']:>9.1f}{df_step['median']:>10.1f}{row['speedup_per_step']:>8.1f}x"
                   f"{kd_cold['median']:>9.1f}{df_cold['median']:>10.1f}{row['speedup_per_step_cold']:>8.1f}x"
                   f"{kd_loop['median']:>9.2f}{df_loop['median']:>10.2f}{row['speedup_loop']:>8.1f}x"
                   f"{kd_peak / 1024:>11.0f}{df_peak / 1024:>11.0f}{row['anchor_bytes_ratio']:>12.1f}x")
             if kd_launches is not None:
                 row["effective_gb_per_s"] = kd_bytes["lower_bound"] / (kd_launches["gpu_us"] * 1e3)
-                print(f"{'':<14}per step: kdfast {kd_launches['kernels']:.2f} kernels, {kd_launches['copies']:.2f} "
+                print(f"{'':<18}per step: kdfast {kd_launches['kernels']:.2f} kernels, {kd_launches['copies']:.2f} "
                       f"copies, {kd_launches['syncs']:.2f} syncs, {kd_launches['gpu_us']:.1f} us on the GPU "
                       f"({row['effective_gb_per_s']:.0f} GB/s at the lower-bound bytes); diffusers "
                       f"{df_launches['kernels']:.2f} kernels, {df_launches['copies']:.2f} copies, "
