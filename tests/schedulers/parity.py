@@ -1,4 +1,6 @@
 """Parity harness: run the same sampling loop through a diffusers scheduler and a kdfast one."""
+import contextlib
+
 import torch
 
 diffusers = __import__("pytest").importorskip("diffusers")
@@ -79,3 +81,29 @@ def settings(config) -> dict:
     """A scheduler config without its private entries: ``_use_default_values`` (what the
     constructor was not given) is not saved, so a reloaded config has none, as in diffusers."""
     return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+# Every way a tensor's value reaches Python: each one is a host sync on a GPU
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")
+
+
+@contextlib.contextmanager
+def no_host_reads(*more: str):
+    """Inside, reading a tensor's value on the host (``HOST_READS``, and ``more`` such as
+    ``"cpu"`` or ``"numpy"``) raises AssertionError: wrap a step to prove its path makes none.
+    Only these attributes are patched and restored (a test's other monkeypatches stay)."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read on the step path")
+
+    names = HOST_READS + tuple(more)
+    own = {n: torch.Tensor.__dict__[n] for n in names if n in torch.Tensor.__dict__}
+    try:
+        for n in names:
+            setattr(torch.Tensor, n, forbidden)
+        yield
+    finally:
+        for n in names:
+            if n in own:
+                setattr(torch.Tensor, n, own[n])
+            else:
+                delattr(torch.Tensor, n)

@@ -6,7 +6,9 @@ import torch
 import kdfast.schedulers.base as base
 import kdfast.schedulers.lms_discrete as lms
 from kdfast.schedulers.lms_discrete import LMSDiscreteScheduler
-from parity import assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, parity_error, run_loop, settings
+from parity import (
+    assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, no_host_reads, parity_error, run_loop,
+    settings)
 
 SD = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
 
@@ -206,18 +208,14 @@ def test_timestep_lookup_needs_no_host_read(monkeypatch):
     kd.set_begin_index(2)
     x = initial_sample()
 
-    def forbidden(*a, **k):
-        raise AssertionError("host read on the step path")
+    def forbidden(*args, **kwargs):
+        raise AssertionError("lms_coefficients on the step path")
 
+    monkeypatch.setattr(lms, "lms_coefficients", forbidden)  # made by set_timesteps / set_begin_index
     for k, t in enumerate(list(kd.timesteps)[2:]):
         m = dummy_model(kd.scale_model_input(x, t), t)
-        monkeypatch.setattr(torch.Tensor, "item", forbidden)
-        monkeypatch.setattr(torch.Tensor, "tolist", forbidden)
-        monkeypatch.setattr(torch.Tensor, "__float__", forbidden)
-        monkeypatch.setattr(torch.Tensor, "__bool__", forbidden)
-        monkeypatch.setattr(lms, "lms_coefficients", forbidden)  # made by set_timesteps / set_begin_index
-        x = kd.step(m, t, x).prev_sample
-        monkeypatch.undo()
+        with no_host_reads():
+            x = kd.step(m, t, x).prev_sample
     assert torch.isfinite(x).all()
 
 
