@@ -67,6 +67,9 @@ SOLVERS = [
     ("ddim_inverse", "DDIMInverseScheduler", "DDIMInverseScheduler", {}),
     ("dpmpp_2m_inverse", "DPMSolverMultistepInverseScheduler", "DPMSolverMultistepInverseScheduler", {}),
     ("cogvideox_ddim", "CogVideoXDDIMScheduler", "CogVideoXDDIMScheduler", {}),
+    ("sasolver", "SASolverScheduler", "SASolverScheduler", {}),
+    ("ltx_rf", "LTXEulerAncestralRFScheduler", "LTXEulerAncestralRFScheduler", {}),
+    ("cosine_dpmpp_2m", "CosineDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", {}),
 ]
 
 
@@ -257,14 +260,16 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     # DPM-Solver++ 2S a 2-read and a 4-read stage (the second reads the group's first sample and
     # output), both writing the sample and the converted output. IPNDM reads up to three past
     # outputs: 2, 3, 4, then 5 latents (4.7 over 20 steps), writing the sample and the new entry.
+    # SA-Solver's step also reads and writes the predictor sum its next corrector shares (aux):
+    # 4.55 reads and 2.95 writes over 20 steps; Cosine DPM-Solver++ reads its noise too.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
              "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
-             "cogvideox_ddim": 2}[name]
+             "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
               "edm_dpmpp_2m": 2, "tcd": 2, "cm": 1, "ipndm": 2, "ddim_inverse": 1, "dpmpp_2m_inverse": 2,
-              "cogvideox_ddim": 1}[name]
+              "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}

@@ -5,10 +5,13 @@
 from .base import FusedScheduler, SchedulerOutput
 from .convert import from_diffusers, patch_pipeline, supported
 from .consistency_models import CMStochasticIterativeScheduler
+from .cosine_dpmsolver_multistep import CosineDPMSolverMultistepScheduler
 from .ddim import DDIMScheduler
 from .ddim_cogvideox import CogVideoXDDIMScheduler
 from .ddim_inverse import DDIMInverseScheduler
+from .ddim_parallel import DDIMParallelScheduler
 from .ddpm import DDPMScheduler
+from .ddpm_parallel import DDPMParallelScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpm_cogvideox import CogVideoXDPMScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -29,7 +32,9 @@ from .kdpm2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
 from .kdpm2_discrete import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms_discrete import LMSDiscreteScheduler
+from .ltx_euler_ancestral_rf import LTXEulerAncestralRFScheduler
 from .pndm import PNDMScheduler
+from .sasolver import SASolverScheduler
 from .scm import SCMScheduler
 from .tcd import TCDScheduler
 from .unipc_multistep import UniPCMultistepScheduler
@@ -37,12 +42,13 @@ from .unipc_multistep import UniPCMultistepScheduler
 __all__ = [
     "FusedScheduler", "SchedulerOutput", "from_diffusers", "patch_pipeline", "supported",
     "CMStochasticIterativeScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
-    "DDIMInverseScheduler", "DDIMScheduler", "DDPMScheduler", "DEISMultistepScheduler",
-    "DPMSolverMultistepInverseScheduler", "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler",
-    "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
-    "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
-    "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
-    "HeunDiscreteScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
-    "LCMScheduler", "LMSDiscreteScheduler", "PNDMScheduler", "SCMScheduler", "TCDScheduler",
+    "CosineDPMSolverMultistepScheduler", "DDIMInverseScheduler", "DDIMParallelScheduler", "DDIMScheduler",
+    "DDPMParallelScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepInverseScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler",
+    "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "HeunDiscreteScheduler", "IPNDMScheduler",
+    "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
+    "LTXEulerAncestralRFScheduler", "PNDMScheduler", "SASolverScheduler", "SCMScheduler", "TCDScheduler",
     "UniPCMultistepScheduler",
 ]

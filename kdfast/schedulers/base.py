@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import math
 import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -150,6 +151,21 @@ class StepPlan:
     def uses(self, source: str) -> bool:
         return any(out is not None and out.terms.get(source, 0.0) != 0.0
                    for out in (self.sample, self.history, self.aux))
+
+
+@dataclass(frozen=True)
+class CheckedPlan(StepPlan):
+    """A step plan that may be undefined: ``error`` says why (the step raises it), where
+    diffusers' step would return inf or NaN."""
+
+    error: Optional[str] = None
+
+    @classmethod
+    def of(cls, plan: StepPlan, error: Callable[[], str]) -> "CheckedPlan":
+        """``plan``, with ``error()`` as its reason when one of its coefficients is inf or NaN."""
+        finite = all(math.isfinite(c) for c in plan.row())
+        return cls(x0=plan.x0, sample=plan.sample, history=plan.history, aux=plan.aux,
+                   error=None if finite else error())
 
 
 class CoefficientTable:
@@ -579,6 +595,12 @@ class FusedScheduler(ConfigMixin):
 
     # Whether the schedule's last timestep is only where the loop ends (sCM's 0), not a step from it
     _last_timestep_is_the_end = False
+
+    def _raise_if_undefined(self, key) -> None:
+        """Raise the reason a :class:`CheckedPlan` gives for being undefined (inf or NaN in diffusers)."""
+        error = getattr(self._table.plan(key), "error", None)
+        if error is not None:
+            raise ValueError(error)
 
     def _loop_step(self, model_output: torch.Tensor, cond: Optional[torch.Tensor], guidance_scale, timestep,
                    previous_timestep, sample: torch.Tensor, carry, generator: Optional[torch.Generator]):

@@ -162,10 +162,10 @@ class DDIMScheduler(FusedScheduler):
         if use_clipped:  # epsilon re-derived from the clipped / thresholded x0
             eps = _div(1.0, sb) * X - _div(sa, sb) * X0
         std = 0.0
-        if eta > 0:  # (the variance is 0/0 on a step from alpha_cumprod 1: the inverse's first)
+        if eta != 0:  # (the variance is 0/0 on a step from alpha_cumprod 1: the inverse's first)
             std = eta * _sqrt(_div(1.0 - a_prev, b_t) * (1.0 - _div(a_t, a_prev)))
         sample = math.sqrt(a_prev) * X0 + _sqrt(1.0 - a_prev - std * std) * eps
-        if eta > 0:
+        if eta > 0:  # (a negative eta shrinks the direction term and adds no noise, as in diffusers)
             sample = sample + std * NOISE
         return StepPlan(x0=x0, sample=sample, aux=X0)  # aux: pred_original_sample, written when asked for
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
 from typing import List, Optional, Union
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 from ._config import register_to_config
 from ._linear import X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_choice
-from .base import StepPlan, reject_unknown_step_arguments
+from .base import CheckedPlan, reject_unknown_step_arguments
 from .ddim import DDIMScheduler, _div, _sqrt, timestep_value
 
 logger = logging.getLogger(__name__)
@@ -47,14 +46,6 @@ def cogvideox_noise_schedule(num_train_timesteps: int, beta_start: float, beta_e
         root = (root - last) * (first / (first - last))
         alphas_cumprod = root**2
     return betas, alphas, alphas_cumprod
-
-
-@dataclass(frozen=True)
-class CheckedPlan(StepPlan):
-    """A step plan that may be undefined: ``error`` says why (the step raises it), where
-    diffusers' step would return inf or NaN."""
-
-    error: Optional[str] = None
 
 
 class CogVideoXSchedule(DDIMScheduler):
@@ -256,8 +247,6 @@ class CogVideoXDDIMScheduler(CogVideoXSchedule):
         self._warn_ignored(eta)
         t = self._checked_timestep(timestep)
         key = self._table.ensure(t, lambda: self._plan(t))
-        error = self._table.plan(key).error
-        if error is not None:
-            raise ValueError(error)
+        self._raise_if_undefined(key)
         return self._fused_output(key, sample, model_output, want_x0=return_pred_original_sample, cond=cond,
                                   guidance_scale=guidance_scale)

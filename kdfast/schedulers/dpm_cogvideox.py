@@ -7,9 +7,9 @@ from typing import Optional, Tuple
 import torch
 
 from ._linear import H0, NOISE, X, X0
-from .base import SchedulerOutput
+from .base import CheckedPlan, SchedulerOutput
 from .ddim import _div, _sqrt
-from .ddim_cogvideox import CheckedPlan, CogVideoXSchedule
+from .ddim_cogvideox import CogVideoXSchedule
 
 
 def _log_snr(a: float) -> float:
@@ -177,9 +177,7 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
         else:
             t_back = None  # a first-order step does not depend on it
         key = self._table.ensure(self._key(t, t_back, second), lambda: self._plan(t, t_back, second))
-        error = self._table.plan(key).error
-        if error is not None:
-            raise ValueError(error)
+        self._raise_if_undefined(key)
         if variance_noise is not None:
             if generator is not None:
                 raise ValueError("pass generator or variance_noise, not both")

@@ -24,6 +24,10 @@ def test_from_diffusers_maps_every_supported_class(name):
         config = dict(sigma_max=40.0, rho=5.0)
     elif name in ("FlowMapEulerDiscreteScheduler", "IPNDMScheduler"):  # no beta_schedule
         config = dict(num_train_timesteps=500)
+    elif name == "CosineDPMSolverMultistepScheduler":  # Stable Audio's sigmas
+        config = dict(sigma_max=300.0, sigma_schedule="karras")
+    elif name == "LTXEulerAncestralRFScheduler":  # a flow schedule set later
+        config = dict(eta=0.5)
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)

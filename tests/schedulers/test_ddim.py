@@ -343,3 +343,23 @@ def test_get_variance_like_diffusers():
     for t, prev in ((500, 480), (torch.tensor(999), torch.tensor(949)), (20, -1), (0, -1)):
         a, b = kd._get_variance(t, prev), df._get_variance(t, prev)
         assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_negative_eta_shrinks_the_direction_term_like_diffusers():
+    # diffusers adds no noise for eta <= 0 but still takes sqrt(1 - alpha_prev - std**2) with
+    # std = eta * sigma_t: a negative eta is not the same as eta 0
+    got, expected = [], []
+    for cls, out in ((DDIMScheduler, got), (DF, expected)):
+        s = cls()
+        s.set_timesteps(10)
+        x = initial_sample()
+        for t in s.timesteps:
+            x = s.step(dummy_model(x, t), t, x, eta=-0.5).prev_sample
+        out.append(x)
+    assert parity_error(got[0], expected[0]) < 1e-5
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    x = initial_sample()
+    for t in s.timesteps:
+        x = s.step(dummy_model(x, t), t, x).prev_sample
+    assert parity_error(got[0], x) > 1e-3

@@ -44,6 +44,10 @@ CASES = [
     ("DPMSolverMultistepInverseScheduler", {"solver_order": 3, "thresholding": True}),
     ("CogVideoXDDIMScheduler", {"prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
                                 "timestep_spacing": "trailing"}),
+    ("SASolverScheduler", {"predictor_order": 3, "corrector_order": 2}),
+    ("LTXEulerAncestralRFScheduler", {"eta": 0.5}),
+    ("DDIMParallelScheduler", {"clip_sample": True}),
+    ("DDPMParallelScheduler", {"variance_type": "fixed_small_log"}),
 ]
 
 

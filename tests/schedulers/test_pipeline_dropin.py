@@ -14,7 +14,8 @@ ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
        "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
        "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "CMStochasticIterativeScheduler",
        "CogVideoXDDIMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "IPNDMScheduler",
-       "FlowMapEulerDiscreteScheduler"]  # (CogVideoXDPM's step takes more: tests/schedulers/test_dpm_cogvideox.py)
+       "FlowMapEulerDiscreteScheduler", "SASolverScheduler", "LTXEulerAncestralRFScheduler",
+       "CosineDPMSolverMultistepScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler"]  # (CogVideoXDPM's step takes more: tests/schedulers/test_dpm_cogvideox.py)
 
 # scheduler_config.json of Stable Diffusion 1.x (PNDM, written by diffusers 0.6): no
 # timestep_spacing, no prediction_type.
@@ -117,9 +118,15 @@ def test_from_config_returns_unused_kwargs_like_diffusers(name):
     assert dict(kd.config)["_class_name"] == name == dict(df.config)["_class_name"]
 
 
+def model_input(scheduler, x, t):
+    """What the pipeline feeds the model (schedulers without ``scale_model_input``: the sample)."""
+    return scheduler.scale_model_input(x, t) if hasattr(scheduler, "scale_model_input") else x
+
+
 NOISY = ("DDIMScheduler", "DPMSolverMultistepScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
          "LCMScheduler", "TCDScheduler", "DPMSolverSinglestepScheduler", "DDPMScheduler",
-         "KDPM2AncestralDiscreteScheduler", "CMStochasticIterativeScheduler")
+         "KDPM2AncestralDiscreteScheduler", "CMStochasticIterativeScheduler", "SASolverScheduler",
+         "LTXEulerAncestralRFScheduler", "CosineDPMSolverMultistepScheduler", "DDPMParallelScheduler")
 ASSIGNED = {
     "slice": lambda ts: ts[4:],  # SDEdit-style: start part-way down the schedule
     "strided": lambda ts: ts[::2],
@@ -133,7 +140,7 @@ def loop_over_assigned(scheduler, name, assign, step_guard=contextlib.nullcontex
     x = initial_sample() * getattr(scheduler, "init_noise_sigma", 1.0)  # (diffusers' FlowMap has none)
     gen = torch.Generator().manual_seed(0)
     for t in scheduler.timesteps:
-        m = dummy_model(scheduler.scale_model_input(x, t), t)
+        m = dummy_model(model_input(scheduler, x, t), t)
         kwargs = dict(generator=gen) if name in NOISY else {}
         with step_guard():
             x = scheduler.step(m, t, x, **kwargs).prev_sample
@@ -163,7 +170,7 @@ def test_timesteps_edited_in_place_are_followed_like_diffusers(name):
         gen = torch.Generator().manual_seed(0)
         for t in s.timesteps:
             kwargs = dict(generator=gen) if name in NOISY else {}
-            x = s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+            x = s.step(dummy_model(model_input(s, x, t), t), t, x, **kwargs).prev_sample
         results.append(x)
     assert parity_error(results[1], results[0]) < 1e-5
 
@@ -209,7 +216,7 @@ def test_step_outputs_read_by_key_like_diffusers(name, monkeypatch):
         s.set_timesteps(4)
         t = s.timesteps[0]
         kwargs = dict(generator=torch.Generator().manual_seed(0)) if name in NOISY else {}
-        outs.append(s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs))
+        outs.append(s.step(dummy_model(model_input(s, x, t), t), t, x, **kwargs))
     expected, got = outs
     assert got.keys() == list(expected.keys()) and list(got) == list(expected) and len(got) == len(expected)
     assert "prev_sample" in got and "sample" not in got
@@ -374,7 +381,7 @@ def run_steps(s):
     takes_generator = "generator" in inspect.signature(s.step).parameters
     for i, t in enumerate(s.timesteps):
         kwargs = {"generator": torch.Generator().manual_seed(i)} if takes_generator else {}
-        x = s.step(dummy_model(s.scale_model_input(x, t), t), t, x, **kwargs).prev_sample
+        x = s.step(dummy_model(model_input(s, x, t), t), t, x, **kwargs).prev_sample
     return x
 
 

@@ -17,7 +17,8 @@ ALL = ["DDIMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepScheduler",
        "DPMSolverSinglestepScheduler", "TCDScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
        "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "CMStochasticIterativeScheduler",
        "CogVideoXDDIMScheduler", "DDIMInverseScheduler", "DPMSolverMultistepInverseScheduler", "IPNDMScheduler",
-       "FlowMapEulerDiscreteScheduler"]  # (CogVideoXDPM's step takes more: tests/schedulers/test_dpm_cogvideox.py)
+       "FlowMapEulerDiscreteScheduler", "SASolverScheduler", "LTXEulerAncestralRFScheduler",
+       "CosineDPMSolverMultistepScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler"]  # (CogVideoXDPM's step takes more: tests/schedulers/test_dpm_cogvideox.py)
 WITH_X0 = ["DDIMScheduler", "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
            "DDPMScheduler", "LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"]
 
