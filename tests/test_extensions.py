@@ -142,6 +142,14 @@ sample = torch.randn(2, 4, 16, 16)
 for t in scheduler.timesteps:
     sample = scheduler.step(torch.tanh(sample) * 0.5, t, sample).prev_sample
 out["dpm"] = sample
+# fp16 blocks: F16C in the AVX2 build, software conversions in the baseline one
+every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4, -1)
+widen = torch.tensor(ops.coefficients(0.0, 0.0, {"x": 1.0}, {"x": 1.0}), dtype=torch.float32)
+out["f16_widen"] = ops.solver_step(every, torch.zeros_like(every), widen, history=[], write_history=True,
+                                   history_dtype=torch.float32)[1]
+wide = torch.randn(1, 50000) * torch.logspace(-10, 5.5, 50000)
+narrow = torch.tensor(ops.coefficients(0.0, 0.0, {"model": 1.0}), dtype=torch.float32)
+out["f16_narrow"] = ops.solver_step(torch.zeros(1, 50000, dtype=torch.float16), wide, narrow)[0]
 torch.save(out, sys.argv[1])
 """
 
@@ -149,7 +157,7 @@ torch.save(out, sys.argv[1])
 def test_both_cpu_builds_compute_the_same(tmp_path):
     """The hot loops are compiled for AVX2 + FMA and for baseline x86-64 (kd_cpu.h) and picked
     at load time; KDFAST_CPU_BASELINE=1 forces the baseline. Both give the same results, to
-    rounding (FMA contracts products and sums)."""
+    rounding (FMA contracts products and sums), and the same fp16 conversions exactly."""
     import os
     import subprocess
     import sys
@@ -169,4 +177,6 @@ def test_both_cpu_builds_compute_the_same(tmp_path):
     assert chosen.pop("cpu_target") == kdfast._ext.cpu()[0].build_info()["cpu_target"]
     assert forced.keys() == chosen.keys()
     for key in forced:
-        torch.testing.assert_close(forced[key], chosen[key], rtol=2e-5, atol=2e-5, msg=key)
+        exact = key.startswith("f16")  # conversions: the same values, bit for bit
+        torch.testing.assert_close(forced[key], chosen[key], rtol=0 if exact else 2e-5, atol=0 if exact else 2e-5,
+                                   equal_nan=True, msg=key)

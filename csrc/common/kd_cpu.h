@@ -9,6 +9,10 @@
 
 #include "kd_common.h"
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace kdfast {
 namespace cpu {
 
@@ -31,6 +35,34 @@ inline bool has_avx2_fma() {
 inline bool has_avx2_fma() { return false; }
 #endif
 
+// fp16 <-> fp32 blocks with the F16C instructions (8 lanes each, IEEE round to nearest even, as
+// the software conversions of kd_common.h), on CPUs that have AVX2 + FMA (all that have those
+// have F16C): the software conversions branch per element and made fp16 steps 3x slower than
+// bf16 ones. Tails and the baseline build take the software path.
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target("avx,f16c"))) inline void half_to_float_f16c(const half_bits* s, int64_t n, float* d) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(d + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i))));
+  for (; i < n; ++i) d[i] = to_float(s[i]);
+}
+__attribute__((target("avx,f16c"))) inline void float_to_half_f16c(const float* s, int64_t n, half_bits* d) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(d + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(s + i), _MM_FROUND_TO_NEAREST_INT));
+  for (; i < n; ++i) d[i] = from_float<half_bits>(s[i]);
+}
+inline bool use_f16c() {
+  static const bool yes = has_avx2_fma() && __builtin_cpu_supports("f16c");
+  return yes;
+}
+#else
+inline void half_to_float_f16c(const half_bits*, int64_t, float*) {}
+inline void float_to_half_f16c(const float*, int64_t, half_bits*) {}
+inline bool use_f16c() { return false; }
+#endif
+
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
@@ -41,7 +73,11 @@ inline const float* load_floats(const void* p, int dtype, int64_t off, int64_t n
   switch (dtype) {
     case kFloat16: {
       const half_bits* s = static_cast<const half_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      if (use_f16c()) {
+        half_to_float_f16c(s, n, buf);
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      }
       return buf;
     }
     case kBFloat16: {
@@ -63,7 +99,11 @@ inline void store_floats(void* p, int dtype, int64_t off, int64_t n, const float
   switch (dtype) {
     case kFloat16: {
       half_bits* d = static_cast<half_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) d[i] = from_float<half_bits>(src[i]);
+      if (use_f16c()) {
+        float_to_half_f16c(src, n, d);
+      } else {
+        for (int64_t i = 0; i < n; ++i) d[i] = from_float<half_bits>(src[i]);
+      }
       break;
     }
     case kBFloat16: {

@@ -1181,3 +1181,32 @@ def test_vmap_goes_through_the_dispatcher():
         assert "kdfast::solver_step" in str(e)
     else:
         torch.testing.assert_close(got, torch.stack([ops.solver_step(a, b, c).sample for a, b in zip(x, m)]))
+
+
+def fp16_round_trips(backend="cpu"):
+    """Every fp16 bit pattern widened by the kernel (an fp32 history output of the fp16 input)
+    and fp32 values across fp16's whole range (subnormals, ties, overflow) narrowed (an fp16
+    sample output of an fp32 model output), with what torch gives for each."""
+    every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4, -1)
+    widen = torch.tensor(ops.coefficients(0.0, 0.0, {"x": 1.0}, {"x": 1.0}), dtype=torch.float32)
+    _, widened, _ = ops.solver_step(every, torch.zeros_like(every), widen, history=[], write_history=True,
+                                    history_dtype=torch.float32, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    wide = torch.cat([every.float().reshape(-1),  # exact fp16 values, and the ties halfway between them
+                      (every.float().reshape(-1)[:-1] + every.float().reshape(-1)[1:]) / 2,
+                      torch.randn(20000, generator=g) * torch.logspace(-10, 5.5, 20000).float(),
+                      torch.tensor([65504.0, 65519.0, 65520.0, 1e9, -1e9, 2.0**-25, 2.0**-26, 3 * 2.0**-26])])
+    wide = wide[torch.isfinite(wide)].reshape(1, -1)
+    narrow = torch.tensor(ops.coefficients(0.0, 0.0, {"model": 1.0}), dtype=torch.float32)
+    narrowed, _, _ = ops.solver_step(torch.zeros_like(wide, dtype=torch.float16), wide, narrow, backend=backend)
+    return (widened, every.float()), (narrowed, wide.half())
+
+
+def test_cpu_fp16_conversions_are_exact_and_round_like_torch():
+    # The CPU kernel converts fp16 blocks with F16C where the CPU has it, in software otherwise
+    # (test_extensions runs both): every value widens exactly and narrows to nearest-even.
+    for got, expected in fp16_round_trips():
+        nan = torch.isnan(expected)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16 if got.dtype == torch.float16 else torch.int32),
+                           expected[~nan].view(torch.int16 if got.dtype == torch.float16 else torch.int32))
