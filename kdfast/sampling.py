@@ -1093,6 +1093,12 @@ def _set_scheduler_state(scheduler, state: Dict[str, Any]) -> None:
         scheduler.__dict__[k] = list(v) if isinstance(v, list) else v
 
 
+def _takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name`` (by name, or through ``**kwargs``)."""
+    params = inspect.signature(fn).parameters.values()
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
+
+
 def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, cond, uncond, extra_args,
                     generator) -> _Loop:
     _check_x(x)
@@ -1102,7 +1108,7 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
     if scheduler.step_index is not None:
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
-    if generator is not None and "generator" not in inspect.signature(scheduler.step).parameters:
+    if generator is not None and not _takes_keyword(scheduler.step, "generator"):
         raise TypeError(f"generator: {type(scheduler).__name__}.step draws no noise from a generator (it takes "
                         "none); leave generator=None")
     start = scheduler.begin_index or 0
