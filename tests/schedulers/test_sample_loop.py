@@ -64,3 +64,13 @@ def test_a_generator_for_a_scheduler_that_draws_none_is_refused():
     s.set_timesteps(4)
     with pytest.raises(TypeError, match="generator: DDIMInverseScheduler.step draws no noise"):
         kdfast.sample(model, initial_sample(), s, generator=torch.Generator(), disable=True)
+
+
+def test_a_wrapped_step_taking_kwargs_gets_the_generator():
+    # (a step wrapped to count or log calls: (*args, **kwargs) passes the generator on)
+    s = K.DDIMScheduler()
+    s.set_timesteps(4)
+    step, calls = s.step, []
+    s.step = lambda *args, **kwargs: calls.append(kwargs) or step(*args, **kwargs)
+    kdfast.sample(model, initial_sample(), s, generator=torch.Generator().manual_seed(0), disable=True)
+    assert len(calls) == 4 and all(isinstance(c["generator"], torch.Generator) for c in calls)
