@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, SchedulerOutput, StepPlan
+from .base import CheckedPlan, FusedScheduler, SchedulerOutput, StepPlan
 from .base import GrowingTable
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -44,6 +44,15 @@ def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     return int(value)
 
 
+def x0_error(t: int, alpha_prod_t: float, zero_snr: bool) -> str:
+    why = " (rescale_betas_zero_snr=True)" if zero_snr else ""
+    return (f"timestep {t}: alphas_cumprod[{t}] is {alpha_prod_t:g}{why}, where prediction_type='epsilon' defines "
+            "no x0 without clip_sample or thresholding (diffusers' step returns inf/NaN there); use "
+            "prediction_type='v_prediction', clip_sample=True, or a timestep_spacing that skips the last training "
+            "timestep")
+
+
+
 class DDIMScheduler(FusedScheduler):
     """Drop-in for ``diffusers.DDIMScheduler``: same arguments and config.
 
@@ -55,6 +64,10 @@ class DDIMScheduler(FusedScheduler):
     ``step_cfg(..., cfg_pp=True)`` runs CFG++ (Chung et al. 2024): the renoising direction
     uses the unguided model output, ``x_prev = sqrt(a_prev) x0_guided + sqrt(1 - a_prev) eps_uncond``
     (plus the eta noise term), in the same single kernel pass.
+
+    Where diffusers' step is inf or NaN, ``step`` raises a ValueError saying why, before drawing
+    any noise: an epsilon model at a timestep whose ``alphas_cumprod`` is 0 (zero terminal SNR)
+    without clipping or thresholding, ``eta > 1``, any other non-finite coefficient.
     """
 
     _diffusers_name = "DDIMScheduler"
@@ -143,7 +156,23 @@ class DDIMScheduler(FusedScheduler):
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         return self._alpha_prod(t), (self._alpha_prod(prev_t) if prev_t >= 0 else self._host_final)
 
-    def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> StepPlan:
+    def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> CheckedPlan:
+        """The step from ``t`` (see :meth:`_alphas`), undefined where diffusers' step is inf or NaN:
+        an epsilon model's x0 at alphas_cumprod 0 (zero terminal SNR) without clipping, ``eta > 1``
+        (a negative direction variance), any other non-finite coefficient."""
+        plan = self._update(t, eta, use_clipped, cfg_pp)
+
+        def error() -> str:
+            a_t, a_prev = self._alphas(t)
+            if not all(math.isfinite(c) for c in plan.x0):
+                return x0_error(t, a_t, self.config.rescale_betas_zero_snr)
+            return (f"timestep {t}: the step's coefficients are not finite (alphas_cumprod[t] = {a_t:g}, previous "
+                    f"alpha_cumprod = {a_prev:g}, eta = {eta:g}, use_clipped_model_output = {use_clipped}); "
+                    "diffusers' step returns inf/NaN there" + ("; eta must be <= 1" if eta > 1 else ""))
+
+        return CheckedPlan.of(plan, error)
+
+    def _update(self, t: int, eta: float, use_clipped: bool, cfg_pp: bool) -> StepPlan:
         cfg = self.config
         a_t, a_prev = self._alphas(t)
         b_t = 1.0 - a_t
@@ -201,14 +230,15 @@ class DDIMScheduler(FusedScheduler):
         T = self.config.num_train_timesteps
         if not -T <= t < T:
             raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
+        key = self._table.ensure(self._key(t, eta, use_clipped, cfg_pp),
+                                 lambda: self._plan(t, eta, use_clipped, cfg_pp))
+        self._raise_if_undefined(key)  # (before the noise draw: a refused step leaves the generator as it was)
         noise = None
         if eta > 0:
             if variance_noise is not None and generator is not None:
                 raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                                  "`generator` or `variance_noise` stays `None`.")
             noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
-        key = self._table.ensure(self._key(t, eta, use_clipped, cfg_pp),
-                                 lambda: self._plan(t, eta, use_clipped, cfg_pp))
         cfg = self.config
         clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
         dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None

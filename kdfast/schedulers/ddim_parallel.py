@@ -9,13 +9,12 @@ DDPM twin (:mod:`kdfast.schedulers.ddpm_parallel`) too.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import CheckedPlan, FusedScheduler
+from .base import FusedScheduler
 from .ddim import DDIMScheduler
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -34,14 +33,6 @@ def run_eagerly(method: Callable) -> Callable:
         return method(self, *args, **kwargs)
 
     return wrapper
-
-
-def x0_error(t: int, alpha_prod_t: float, zero_snr: bool) -> str:
-    why = " (rescale_betas_zero_snr=True)" if zero_snr else ""
-    return (f"timestep {t}: alphas_cumprod[{t}] is {alpha_prod_t:g}{why}, where prediction_type='epsilon' defines "
-            "no x0 without clip_sample or thresholding (diffusers' step returns inf/NaN there); use "
-            "prediction_type='v_prediction', clip_sample=True, or a timestep_spacing that skips the last training "
-            "timestep")
 
 
 def _schedule_positions(scheduler: FusedScheduler, timesteps: torch.Tensor) -> Optional[np.ndarray]:
@@ -171,30 +162,11 @@ class DDIMParallelScheduler(DDIMScheduler):
     no noise to DDIM's drift.
 
     Where diffusers returns inf or NaN, ``step`` and ``batch_step_no_noise`` raise a ValueError
-    saying why: ``prediction_type="epsilon"`` without clipping or thresholding at a timestep whose
-    ``alphas_cumprod`` is 0 (zero terminal SNR), ``eta > 1`` (a negative direction variance), and
-    any other step whose coefficients are not finite.
+    saying why, as ``DDIMScheduler.step`` does.
     """
 
     _diffusers_name = "DDIMParallelScheduler"
     _is_ode_scheduler = True
-
-    def _plan(self, t: int, eta: float = 0.0, use_clipped: bool = False, cfg_pp: bool = False) -> CheckedPlan:
-        plan = super()._plan(t, eta, use_clipped, cfg_pp)
-
-        def error() -> str:
-            a_t, a_prev = self._alphas(t)
-            if not all(math.isfinite(c) for c in plan.x0):
-                return x0_error(t, a_t, self.config.rescale_betas_zero_snr)
-            return (f"timestep {t}: the step's coefficients are not finite (alphas_cumprod[t] = {a_t:g}, previous "
-                    f"alpha_cumprod = {a_prev:g}, eta = {eta:g}, use_clipped_model_output = {use_clipped}); "
-                    "diffusers' step returns inf/NaN there" + ("; eta must be <= 1" if eta > 1 else ""))
-
-        return CheckedPlan.of(plan, error)
-
-    def _fused_output(self, key, sample, model_output, **kwargs):
-        self._raise_if_undefined(key)
-        return super()._fused_output(key, sample, model_output, **kwargs)
 
     def _get_variance(self, timestep, prev_timestep=None) -> torch.Tensor:
         """diffusers' DDIM variance between ``timestep`` and ``prev_timestep`` (default: the step's

@@ -9,7 +9,8 @@ import torch
 
 from ._schedule import check_choice
 from .base import CheckedPlan, FusedScheduler
-from .ddim_parallel import batch_timesteps, check_batch_inputs, grouped_step, run_eagerly, x0_error
+from .ddim import x0_error
+from .ddim_parallel import batch_timesteps, check_batch_inputs, grouped_step, run_eagerly
 from .ddpm import LEARNED_VARIANCES, VARIANCE_TYPES, DDPMScheduler
 
 

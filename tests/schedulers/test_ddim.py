@@ -363,3 +363,30 @@ def test_negative_eta_shrinks_the_direction_term_like_diffusers():
     for t in s.timesteps:
         x = s.step(dummy_model(x, t), t, x).prev_sample
     assert parity_error(got[0], x) > 1e-3
+
+
+def test_where_diffusers_gives_inf_or_nan_the_step_raises_and_draws_nothing():
+    x = initial_sample()
+    m = dummy_model(x, 501)
+    # eta > 1: the direction's variance 1 - alpha_prev - std**2 is negative
+    df, kd = DF(), DDIMScheduler()
+    for s in (df, kd):
+        s.set_timesteps(10)
+    assert torch.isnan(df.step(m, 501, x, eta=1.5, variance_noise=x).prev_sample).all()
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"timestep 501: the step's coefficients are not finite.*eta must be <= 1"):
+        kd.step(m, 501, x, eta=1.5, generator=gen)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    assert torch.isfinite(kd.step(m, 501, x, eta=1.0, generator=gen).prev_sample).all()
+    # an epsilon model at zero terminal SNR defines no x0 without clipping
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    df, kd = DF(**config), DDIMScheduler(**config)
+    for s in (df, kd):
+        s.set_timesteps(10)
+    t = int(kd.timesteps[0])
+    assert not torch.isfinite(df.step(dummy_model(x, t), t, x).prev_sample).all()
+    with pytest.raises(ValueError, match=r"prediction_type='epsilon' defines no x0"):
+        kd.step(dummy_model(x, t), kd.timesteps[0], x)
+    kd = DDIMScheduler(**dict(config, prediction_type="v_prediction"))
+    kd.set_timesteps(10)
+    assert torch.isfinite(kd.step(dummy_model(x, t), kd.timesteps[0], x).prev_sample).all()
