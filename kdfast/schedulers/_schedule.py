@@ -180,6 +180,15 @@ def x0_coefficients(prediction_type: str, alpha_t: float, sigma_t: float) -> Tup
 _ZERO_ALPHA_SCALE = 2.0 ** 100
 
 
+def x0_error(t: int, alpha_prod_t: float, zero_snr: bool) -> str:
+    """Why a step at ``t`` is refused: an epsilon model defines no x0 where alphas_cumprod is 0."""
+    why = " (rescale_betas_zero_snr=True)" if zero_snr else ""
+    return (f"timestep {t}: alphas_cumprod[{t}] is {alpha_prod_t:g}{why}, where prediction_type='epsilon' defines "
+            "no x0 without clip_sample or thresholding (diffusers' step returns inf/NaN there); use "
+            "prediction_type='v_prediction', clip_sample=True, or a timestep_spacing that skips the last training "
+            "timestep")
+
+
 def epsilon_x0_coefficients(alpha_t: float, sigma_t: float, bounded: bool) -> Tuple[float, float]:
     """(c_x, c_m) of ``x0 = (x - sigma_t * eps) / alpha_t`` for an epsilon model.
 

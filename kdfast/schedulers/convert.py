@@ -53,9 +53,10 @@ def patch_pipeline(pipe):
         raise TypeError(f"{type(pipe).__name__} has no scheduler to patch")
     if type(pipe.scheduler).__name__ == "CogVideoXDPMScheduler":
         raise ValueError(
-            "CogVideoX pipelines choose how to call step() with isinstance(scheduler, diffusers.CogVideoXDPMScheduler), "
-            "which kdfast's CogVideoXDPMScheduler is not: they would call it as a DDIM step. Patch a pipeline using "
-            "CogVideoXDDIMScheduler, or run kdfast.schedulers.CogVideoXDPMScheduler in your own loop or kdfast.sample")
+            "CogVideoX pipelines choose how to call step() with isinstance(scheduler, "
+            "diffusers.CogVideoXDPMScheduler), which kdfast's CogVideoXDPMScheduler is not: they would call it as a "
+            "DDIM step. Patch a pipeline using CogVideoXDDIMScheduler, or run kdfast.schedulers.CogVideoXDPMScheduler "
+            "in your own loop or kdfast.sample")
     pipe.scheduler = from_diffusers(pipe.scheduler)
     diffusers = sys.modules.get("diffusers")  # a diffusers pipeline means diffusers is imported
     if diffusers is not None and isinstance(pipe, diffusers.DiffusionPipeline):

@@ -9,7 +9,8 @@ import torch
 
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, UNCOND, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
+from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule,
+                        x0_error)
 from .base import CheckedPlan, FusedScheduler, SchedulerOutput, StepPlan
 from .base import GrowingTable
 from .euler_discrete import KARRAS_SCHEDULERS
@@ -42,15 +43,6 @@ def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     if not value.is_integer():
         raise ValueError(f"timestep must be an integer training timestep, got {timestep}")
     return int(value)
-
-
-def x0_error(t: int, alpha_prod_t: float, zero_snr: bool) -> str:
-    why = " (rescale_betas_zero_snr=True)" if zero_snr else ""
-    return (f"timestep {t}: alphas_cumprod[{t}] is {alpha_prod_t:g}{why}, where prediction_type='epsilon' defines "
-            "no x0 without clip_sample or thresholding (diffusers' step returns inf/NaN there); use "
-            "prediction_type='v_prediction', clip_sample=True, or a timestep_spacing that skips the last training "
-            "timestep")
-
 
 
 class DDIMScheduler(FusedScheduler):

@@ -10,8 +10,8 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, make_betas,
-                        rescale_zero_terminal_snr)
-from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+                        rescale_zero_terminal_snr, x0_error)
+from .base import CheckedPlan, FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import KARRAS_SCHEDULERS
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -121,6 +121,10 @@ class DDPMScheduler(FusedScheduler):
       stands for, ``exp(0.5 * log(beta_t))`` = ``sqrt(beta_t)``, as ``fixed_large`` does.
     * ``learned``: a negative predicted variance gives NaN in diffusers (``v ** 0.5``); kdfast
       clamps it at 0.
+
+    Where diffusers' step is inf (an epsilon model at a timestep whose ``alphas_cumprod`` is 0,
+    zero terminal SNR, without clipping or thresholding; a zero first beta), ``step`` raises a
+    ValueError saying why, before drawing noise.
 
     ``pred_original_sample`` costs the step one more latent write, which pipelines rarely
     read: it is computed when first read, or written by the step with
@@ -296,7 +300,22 @@ class DDPMScheduler(FusedScheduler):
             out.append(row)
         return out
 
-    def _plan(self, t: int, s: Dict[str, float], variance_type: str) -> StepPlan:
+    def _plan(self, t: int, s: Dict[str, float], variance_type: str) -> CheckedPlan:
+        """The step from ``t`` (``s``: its scalars), undefined where diffusers' step is inf or NaN:
+        an epsilon model's x0 at alphas_cumprod 0 (zero terminal SNR) without clipping, or any
+        other non-finite coefficient (a zero first beta: 1 - alphas_cumprod is 0 there)."""
+        plan = self._update(s, variance_type)
+
+        def error() -> str:
+            a_t = s["sqrt_alpha"] ** 2
+            if not all(math.isfinite(c) for c in plan.x0):
+                return x0_error(t, a_t, self.config.rescale_betas_zero_snr)
+            return (f"timestep {t}: the step's coefficients are not finite (alphas_cumprod[t] = {a_t:g}, "
+                    f"1 - alphas_cumprod[t] = {s['sqrt_beta'] ** 2:g}); diffusers' step returns inf/NaN there")
+
+        return CheckedPlan.of(plan, error)
+
+    def _update(self, s: Dict[str, float], variance_type: str) -> StepPlan:
         cfg = self.config
         sa, sb = s["sqrt_alpha"], s["sqrt_beta"]
         if cfg.prediction_type == "epsilon":
@@ -363,6 +382,8 @@ class DDPMScheduler(FusedScheduler):
             if cond is not None:
                 cond, cond_variance = torch.split(cond, channels, dim=1)
                 predicted_variance = predicted_variance + guidance_scale * (cond_variance - predicted_variance)
+        key = self._ensure(t, prev, variance_type)
+        self._raise_if_undefined(key)  # (before the noise draw: a refused step leaves the generator as it was)
         noise = None
         if t > 0:
             if variance_noise is not None:
@@ -375,7 +396,6 @@ class DDPMScheduler(FusedScheduler):
             noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
             if learned:
                 noise = self._learned_std(predicted_variance, t, prev, variance_type) * noise
-        key = self._ensure(t, prev, variance_type)
         cfg = self.config
         clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
         dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None

@@ -3,13 +3,10 @@
 (the pipeline pre-samples each timestep's noise and adds it itself)."""
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ._schedule import check_choice
-from .base import CheckedPlan, FusedScheduler
-from .ddim import x0_error
+from .base import FusedScheduler
 from .ddim_parallel import batch_timesteps, check_batch_inputs, grouped_step, run_eagerly
 from .ddpm import LEARNED_VARIANCES, VARIANCE_TYPES, DDPMScheduler
 
@@ -25,31 +22,12 @@ class DDPMParallelScheduler(DDPMScheduler):
     it drew for each timestep beforehand (``_get_variance(t) ** 0.5`` times standard normal noise).
     ``_is_ode_scheduler`` is False: the pipeline adds that noise.
 
-    Where diffusers returns inf or NaN, ``step`` and ``batch_step_no_noise`` either stay finite
-    (the variance types, see the parent class) or raise a ValueError saying why:
-    ``prediction_type="epsilon"`` without clipping or thresholding at a timestep whose
-    ``alphas_cumprod`` is 0 (zero terminal SNR), and any other step whose coefficients are not
-    finite (a ``trained_betas`` schedule with a zero beta, whose first ``1 - alphas_cumprod`` is 0).
+    Where diffusers returns inf or NaN, ``step`` and ``batch_step_no_noise`` stay finite or raise
+    a ValueError saying why, as ``DDPMScheduler.step`` does.
     """
 
     _diffusers_name = "DDPMParallelScheduler"
     _is_ode_scheduler = False
-
-    def _plan(self, t: int, s, variance_type: str) -> CheckedPlan:
-        plan = super()._plan(t, s, variance_type)
-
-        def error() -> str:
-            a_t = s["sqrt_alpha"] ** 2
-            if not all(math.isfinite(c) for c in plan.x0):
-                return x0_error(t, a_t, self.config.rescale_betas_zero_snr)
-            return (f"timestep {t}: the step's coefficients are not finite (alphas_cumprod[t] = {a_t:g}, "
-                    f"1 - alphas_cumprod[t] = {s['sqrt_beta'] ** 2:g}); diffusers' step returns inf/NaN there")
-
-        return CheckedPlan.of(plan, error)
-
-    def _fused_output(self, key, sample, model_output, **kwargs):
-        self._raise_if_undefined(key)
-        return super()._fused_output(key, sample, model_output, **kwargs)
 
     def _batch_previous_timestep(self, t: int) -> int:
         """The timestep ``batch_step_no_noise`` steps ``t`` to: for a timestep of the schedule, the

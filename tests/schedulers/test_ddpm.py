@@ -178,8 +178,8 @@ def test_where_diffusers_gives_nan_kdfast_stays_finite():
 
 
 def test_zero_snr_epsilon_first_step():
-    # alphas_cumprod[999] == 0: x0 = (x - eps) / 0 is infinite in both libraries (a property of
-    # the config, not a NaN of diffusers' arithmetic); clipped or thresholded, both are finite and agree.
+    # alphas_cumprod[999] == 0: x0 = (x - eps) / 0 is infinite (diffusers returns inf/NaN, kdfast
+    # raises saying why); clipped or thresholded, both are finite and agree.
     config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     assert_parity(DDPMScheduler, DF, dict(config, clip_sample=True), steps=10)
     x = initial_sample()
@@ -197,11 +197,14 @@ def test_zero_snr_epsilon_first_step():
     assert torch.equal(firsts[1].pred_original_sample, firsts[2].pred_original_sample)
     assert parity_error(firsts[1].prev_sample, firsts[2].prev_sample) < 1e-6
     assert torch.isfinite(run_loop(DDPMScheduler(**config, thresholding=True), 10, x)).all()
-    for cls in (DF, DDPMScheduler):
-        s = cls(**config, clip_sample=False)
-        s.set_timesteps(10)
-        out = s.step(dummy_model(x, 999), s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
-        assert not torch.isfinite(out.prev_sample).all()
+    s = DF(**config, clip_sample=False)
+    s.set_timesteps(10)
+    out = s.step(dummy_model(x, 999), s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    assert not torch.isfinite(out.prev_sample).all()
+    s = DDPMScheduler(**config, clip_sample=False)
+    s.set_timesteps(10)
+    with pytest.raises(ValueError, match=r"alphas_cumprod\[999\] is 0 \(rescale_betas_zero_snr=True\)"):
+        s.step(dummy_model(x, 999), s.timesteps[0], x, generator=torch.Generator().manual_seed(0))
 
 
 def test_noise_follows_the_generator_draw_for_draw():
@@ -518,3 +521,22 @@ def test_previous_timestep_and_get_variance_like_diffusers():
     pv = initial_sample(seed=2).tanh()
     kd, df = DDPMScheduler(variance_type="learned_range"), DF(variance_type="learned_range")
     torch.testing.assert_close(kd._get_variance(500, pv), df._get_variance(500, pv))
+
+
+def test_zero_snr_epsilon_without_clipping_raises_before_drawing_noise():
+    # an epsilon model defines no x0 where alphas_cumprod is 0: diffusers' step is inf/NaN there
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    df, kd = diffusers.DDPMScheduler(**config), DDPMScheduler(**config)
+    for s in (df, kd):
+        s.set_timesteps(10)
+    x = initial_sample()
+    t = int(kd.timesteps[0])
+    g_df = torch.Generator().manual_seed(0)
+    assert not torch.isfinite(df.step(dummy_model(x, t), t, x, generator=g_df).prev_sample).all()
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=r"prediction_type='epsilon' defines no x0"):
+        kd.step(dummy_model(x, t), kd.timesteps[0], x, generator=gen)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())  # nothing drawn
+    kd = DDPMScheduler(**dict(config, clip_sample=True))
+    kd.set_timesteps(10)
+    assert torch.isfinite(kd.step(dummy_model(x, t), kd.timesteps[0], x, generator=gen).prev_sample).all()
