@@ -11,14 +11,22 @@ import torch
 
 from ._config import register_to_config
 from ._linear import NOISE, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule
-from .base import FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
+from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule,
+                        x0_error)
+from .base import CheckedPlan, FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
 from .base import GrowingTable
 
 logger = logging.getLogger(__name__)
 
 SIGMA_DATA = 0.5
+
+
+def undefined_step_error(scheduler, t: int, plan: StepPlan) -> str:
+    """Why the LCM / TCD step at ``t`` is refused (its coefficients are not finite)."""
+    if not all(math.isfinite(c) for c in plan.x0):
+        return x0_error(t, scheduler._host_alphas_cumprod[t], scheduler.config.rescale_betas_zero_snr)
+    return f"timestep {t}: the step's coefficients are not finite; diffusers' step returns inf/NaN there"
 
 
 @dataclass
@@ -181,7 +189,13 @@ class LCMScheduler(FusedScheduler):
         prev_t = int(host[i + 1]) if i + 1 < len(host) else t
         return t, prev_t, i == self.num_inference_steps - 1
 
-    def _plan(self, t: int, prev_t: int, last: bool) -> StepPlan:
+    def _plan(self, t: int, prev_t: int, last: bool) -> CheckedPlan:
+        """The step from ``t`` to ``prev_t``, undefined where diffusers' step is inf or NaN (an
+        epsilon model at zero terminal SNR without clipping or thresholding)."""
+        plan = self._update(t, prev_t, last)
+        return CheckedPlan.of(plan, lambda: undefined_step_error(self, t, plan))
+
+    def _update(self, t: int, prev_t: int, last: bool) -> StepPlan:
         cfg = self.config
         a_t = self._host_alphas_cumprod[t]
         a_prev = self._host_alphas_cumprod[prev_t] if prev_t >= 0 else self._host_final
@@ -224,6 +238,7 @@ class LCMScheduler(FusedScheduler):
             raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
         key = self._key(i, t)
         entry = self._table.ensure(key, lambda: self._plan(*key))
+        self._raise_if_undefined(entry)  # (before the noise draw: a refused step leaves the generator as it was)
         plan = self._table.plan(entry)
         noise = None
         if plan.history is not None:

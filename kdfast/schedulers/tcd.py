@@ -10,9 +10,9 @@ import torch
 
 from ._linear import MODEL, NOISE, X, X0
 from ._schedule import epsilon_x0_coefficients
-from .base import OutputFields, StepPlan, reject_unknown_step_arguments
+from .base import CheckedPlan, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
-from .lcm import LCMScheduler
+from .lcm import LCMScheduler, undefined_step_error
 
 
 @dataclass
@@ -56,7 +56,11 @@ class TCDScheduler(LCMScheduler):
         prev_t = int(host[i + 1]) if i + 1 < len(host) else 0
         return t, prev_t, i == self.num_inference_steps - 1, float(eta)
 
-    def _plan(self, t: int, prev_t: int, last: bool, eta: float = 0.3) -> StepPlan:
+    def _plan(self, t: int, prev_t: int, last: bool, eta: float = 0.3) -> CheckedPlan:
+        plan = self._update(t, prev_t, last, eta)
+        return CheckedPlan.of(plan, lambda: undefined_step_error(self, t, plan))
+
+    def _update(self, t: int, prev_t: int, last: bool, eta: float = 0.3) -> StepPlan:
         cfg = self.config
         ac = self._host_alphas_cumprod
         # s = floor((1 - eta) * prev_t), in float32 as diffusers computes it on a long tensor
@@ -104,6 +108,7 @@ class TCDScheduler(LCMScheduler):
             raise IndexError(f"timestep {t} is outside the training schedule [0, {T})")
         key = self._key(i, t, eta)
         entry = self._table.ensure(key, lambda: self._plan(*key))
+        self._raise_if_undefined(entry)  # (before the noise draw)
         plan = self._table.plan(entry)
         noise = None
         if plan.history is not None:

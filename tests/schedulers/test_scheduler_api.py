@@ -2,7 +2,6 @@
 lazily computed x0 and tuple outputs, pipeline saving, and schedules at their edges."""
 import copy
 import inspect
-import math
 import pickle
 
 import pytest
@@ -435,15 +434,26 @@ def test_ddim_zero_snr_epsilon_with_clipping_matches_diffusers():
     assert torch.isfinite(got).all()
 
 
-def test_lcm_zero_snr_epsilon_gives_diffusers_non_finite_result_not_an_exception():
-    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    kd = K.LCMScheduler(**config)
+@pytest.mark.parametrize("name", ["LCMScheduler", "TCDScheduler", "DDIMScheduler", "DDPMScheduler"])
+def test_zero_snr_epsilon_without_clipping_is_refused_at_the_step(name):
+    # an epsilon model defines no x0 where alphas_cumprod is 0: diffusers' first step is inf/NaN;
+    # kdfast's set_timesteps succeeds, the step raises saying why and draws no noise
+    config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=False)
+    x = initial_sample()
+    df = getattr(diffusers, name)(**config)
+    df.set_timesteps(4)
+    t = df.timesteps[0]
+    assert not torch.isfinite(df.step(dummy_model(x, t), t, x, generator=torch.Generator().manual_seed(0))[0]).all()
+    kd = getattr(K, name)(**config)
     kd.set_timesteps(4)
-    assert math.isinf(kd._table.plans[kd._key(0)].x0[0])
-    clipped = K.LCMScheduler(**config, clip_sample=True)
+    gen = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match="prediction_type='epsilon' defines no x0"):
+        kd.step(dummy_model(x, t), kd.timesteps[0], x, generator=gen)
+    assert torch.equal(gen.get_state(), torch.Generator().manual_seed(0).get_state())
+    clipped = getattr(K, name)(**dict(config, clip_sample=True)) if name != "TCDScheduler" else \
+        getattr(K, name)(**dict(config, prediction_type="v_prediction"))
     clipped.set_timesteps(4)
-    x = steps(clipped, initial_sample(), 4, torch.Generator().manual_seed(0))
-    assert torch.isfinite(x).all()
+    assert torch.isfinite(steps(clipped, x, 4, torch.Generator().manual_seed(0))).all()
 
 
 @pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler"])
