@@ -15,6 +15,33 @@ from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_
 from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+def check_dpm_solver_config(scheduler, algorithms=ALGORITHMS, flow_exclusive=SIGMA_SPACINGS) -> None:
+    """The settings DPM-Solver's multistep, singlestep and inverse schedulers share, checked as
+    their constructors check them, with diffusers' aliases mapped (algorithm ``deis`` to
+    ``dpmsolver++``; solver ``logrho``, ``bh1``, ``bh2`` to ``midpoint``). ``flow_exclusive``:
+    the sigma spacings flow sigmas cannot be combined with."""
+    cfg = scheduler.config
+    if sum([cfg.use_beta_sigmas, cfg.use_exponential_sigmas, cfg.use_karras_sigmas]) > 1:
+        raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
+    if cfg.algorithm_type == "deis":
+        scheduler.register_to_config(algorithm_type="dpmsolver++")
+    else:
+        check_choice("algorithm_type", cfg.algorithm_type, algorithms)
+    if cfg.solver_type in ("logrho", "bh1", "bh2"):
+        scheduler.register_to_config(solver_type="midpoint")
+    else:
+        check_choice("solver_type", cfg.solver_type, ("midpoint", "heun"))
+    check_choice("prediction_type", cfg.prediction_type, PREDICTION_TYPES)
+    if "timestep_spacing" in cfg:
+        check_choice("timestep_spacing", cfg.timestep_spacing, TIMESTEP_SPACINGS)
+    check_flow_sigma_spacing(scheduler.config, flow_exclusive)
+    if cfg.trained_betas is None:
+        check_choice("beta_schedule", cfg.beta_schedule, BETA_SCHEDULES)
+    if cfg.solver_order not in (1, 2, 3):
+        raise ValueError(f"solver_order must be 1, 2 or 3, got {cfg.solver_order}")
 
 
 class DPMSolverMultistepScheduler(MultistepScheduler):
@@ -60,25 +87,8 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
     ):
-        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
-            raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
-        if algorithm_type == "deis":
-            self.register_to_config(algorithm_type="dpmsolver++")
-        else:
-            check_choice("algorithm_type", algorithm_type, ALGORITHMS)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
-        else:
-            check_choice("solver_type", solver_type, ("midpoint", "heun"))
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+        check_dpm_solver_config(self, flow_exclusive=SIGMA_SPACINGS + ("use_lu_lambdas",))
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_flow_sigma_spacing(self.config, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
-                                               "use_lu_lambdas"))
-        if trained_betas is None:
-            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
         if self.config.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
             raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {algorithm_type}; "
                              "use 'sigma_min'")

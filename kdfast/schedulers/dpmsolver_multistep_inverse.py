@@ -9,9 +9,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, beta_sigmas, check_choice,
-                        check_flow_sigma_spacing, exponential_sigmas, karras_sigmas, sigma_to_t)
-from .dpmsolver_multistep import ALGORITHMS, DPMSolverMultistepScheduler
+from ._schedule import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_to_t
+from .dpmsolver_multistep import DPMSolverMultistepScheduler, check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
 
@@ -75,23 +74,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
         timestep_spacing: str = "linspace",
         steps_offset: int = 0,
     ):
-        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
-            raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
-        if algorithm_type == "deis":
-            self.register_to_config(algorithm_type="dpmsolver++")
-        else:
-            check_choice("algorithm_type", algorithm_type, ALGORITHMS)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
-        else:
-            check_choice("solver_type", solver_type, ("midpoint", "heun"))
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        check_flow_sigma_spacing(self.config, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
-        if trained_betas is None:
-            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
+        check_dpm_solver_config(self)
         if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
             raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
         plus = self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")

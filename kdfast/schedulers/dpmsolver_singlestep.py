@@ -20,15 +20,14 @@ import torch
 
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
-from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, alpha_sigma, check_choice, check_flow_sigma_spacing,
-                        log_snr, spaced_timesteps, x0_coefficients)
+from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
 from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .dpmsolver_multistep import check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
 logger = logging.getLogger(__name__)
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver++")
-SOLVER_TYPES = ("midpoint", "heun")
 
 
 def singlestep_orders(steps: int, solver_order: int, lower_order_final: bool, final_sigmas_type: str) -> List[int]:
@@ -159,23 +158,8 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         use_dynamic_shifting: bool = False,
         time_shift_type: str = "exponential",
     ):
-        if sum([use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas]) > 1:
-            raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
-        if algorithm_type == "deis":  # diffusers maps these to its own choices
-            self.register_to_config(algorithm_type="dpmsolver++")
-        else:
-            check_choice("algorithm_type", algorithm_type, ALGORITHMS)
-        if solver_type in ("logrho", "bh1", "bh2"):
-            self.register_to_config(solver_type="midpoint")
-        else:
-            check_choice("solver_type", solver_type, SOLVER_TYPES)
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        check_dpm_solver_config(self, ALGORITHMS)
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
-        check_flow_sigma_spacing(self.config, ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"))
-        if trained_betas is None:
-            check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if solver_order not in (1, 2, 3):
-            raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
         if self.config.algorithm_type == "dpmsolver" and final_sigmas_type == "zero":
             raise ValueError(f"final_sigmas_type 'zero' is not supported for algorithm_type {algorithm_type}; "
                              "use 'sigma_min'")
