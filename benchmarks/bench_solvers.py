@@ -16,7 +16,8 @@ Then a whole sampling loop of a small UNet (the shipped digits teacher, 10 guide
 eager loop and, on a GPU, kdfast's loop replayed as one CUDA graph. And, where k-diffusion
 is installed, its samplers against kdfast.sampling's over the same model outputs (the
 ``kdiff`` section; ``pip install --no-deps k-diffusion torchsde trampoline torchdiffeq`` is
-enough: only its sampling module is loaded).
+enough: only its sampling module is loaded). And ParaDiGMS' batch step of the parallel DDIM and
+DDPM schedulers, a window of mixed timesteps in one call (the ``paradigms`` section).
 
     python benchmarks/bench_solvers.py                 # all shapes, the UNet loop, k-diffusion
     python benchmarks/bench_solvers.py --quick         # SD-sized latent only, fewer repeats
@@ -44,6 +45,7 @@ from kdfast import schedulers as kd
 
 SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "sd-2x4x128x128": (2, 4, 128, 128), "video-1x16x4x64x64": (1, 16, 4, 64, 64)}
 STEPS = 20
+SECTIONS = ("steps", "unet", "kdiff", "paradigms")
 
 # (name, kdfast class name, diffusers class name, config)
 SOLVERS = [
@@ -422,6 +424,53 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
     return rows
 
 
+def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: int = 2,
+                          latent=(4, 64, 64), steps: int = 50) -> list:
+    """ParaDiGMS' batch step (``batch_step_no_noise``) against diffusers': a window of ``window``
+    consecutive timesteps, each repeated for ``images`` images, SD-sized latents; host time per
+    call, model outputs given. kdfast's is one fused pass with a coefficient row per sample."""
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    batch = window * images
+    x = torch.randn((batch, *latent), generator=g).to(device=device, dtype=dtype)
+    m = (torch.randn((batch, *latent), generator=g) * 0.5).to(device=device, dtype=dtype)
+    rows = []
+    print(f"\nParaDiGMS batch step, a window of {window} timesteps x {images} images, {'x'.join(map(str, latent))} "
+          f"latents, us per call (model outputs given)")
+    for name in ("DDIMParallelScheduler", "DDPMParallelScheduler"):
+        scheds = {"kdfast": getattr(kd, name)(), "diffusers": getattr(diffusers, name)()}
+        for s in scheds.values():
+            s.set_timesteps(steps, device=device)
+        t = scheds["kdfast"].timesteps[10:10 + window, None].expand(-1, images).reshape(-1)
+        results = {k: s.batch_step_no_noise(m, t, x) for k, s in scheds.items()}
+        times = {k: [] for k in scheds}
+        calls = 20
+        for _ in range(repeats):
+            for k, s in scheds.items():
+                sync(device)
+                t0 = time.perf_counter()
+                for _ in range(calls):
+                    s.batch_step_no_noise(m, t, x)
+                sync(device)
+                times[k].append((time.perf_counter() - t0) / calls * 1e6)
+        q, ref = quartiles(times["kdfast"]), quartiles(times["diffusers"])
+        a, b = results["kdfast"].double(), results["diffusers"].double()
+        diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+        if not diff <= (1e-4 if dtype == torch.float32 else 2e-2):
+            print(f"  WARNING: {name}: kdfast's batch step differs from diffusers' by {diff:.1e} (relative)",
+                  file=sys.stderr)
+        short = name.replace("Scheduler", "").lower()
+        rows.append({"op": f"batch_step_no_noise:{short}", "backend": kdfast_backend("solver_step", device),
+                     "shape": [batch, *latent], "dtype": str(dtype).replace("torch.", ""),
+                     "device": device_name(device), "window": window, "images": images, "us_per_call": q,
+                     "anchor": f"diffusers {diffusers.__version__} {name}", "anchor_us_per_call": ref,
+                     "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff})
+        print(f"  {short:<20}kdfast {q['median']:9.1f}  diffusers {ref['median']:9.1f}  x{ref['median'] / q['median']:5.2f}"
+              f"  rel. diff {diff:.1e}")
+    return rows
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
@@ -432,9 +481,10 @@ def main(argv=None) -> None:
                         help=f"comma-separated subset of {','.join(name for name, *_ in SOLVERS)}")
     parser.add_argument("--repeats", type=int_at_least(1), default=None,
                         help="timed repeats per solver (default 15, quick 5)")
-    parser.add_argument("--sections", default="steps,unet,kdiff",
+    parser.add_argument("--sections", default="steps,unet,kdiff,paradigms",
                         help="what to run: steps (per-step and loop times per solver), unet (the UNet loop), "
-                             "kdiff (against k-diffusion's samplers, where installed)")
+                             "kdiff (against k-diffusion's samplers, where installed), paradigms (ParaDiGMS' "
+                             "batch step)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
                              "full runs); rows of the same device, op, shape and dtype are replaced, all others kept")
@@ -451,8 +501,8 @@ def main(argv=None) -> None:
             parser.error(f"--solvers: {'unknown solver(s) ' + ', '.join(unknown) if unknown else 'no solver given'}; "
                          f"expected some of {', '.join(known)}")
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
-    if not sections or not sections <= {"steps", "unet", "kdiff"}:
-        parser.error(f"--sections takes steps, unet and/or kdiff, got {args.sections!r}")
+    if not sections or not sections <= set(SECTIONS):
+        parser.error(f"--sections takes some of {', '.join(SECTIONS)}, got {args.sections!r}")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -461,7 +511,7 @@ def main(argv=None) -> None:
         raise SystemExit("bench_solvers compares against diffusers: pip install diffusers")
     diffusers.utils.logging.set_verbosity_error()
     out = args.out
-    if out is None and not (args.quick or args.solvers or sections != {"steps", "unet", "kdiff"}):
+    if out is None and not (args.quick or args.solvers or sections != set(SECTIONS)):
         # only a full run updates the recorded figures; a partial one writes where --out says
         out = recorded_results(__file__)
     rows = []
@@ -536,6 +586,8 @@ def main(argv=None) -> None:
         record(unet_loop(device, repeats // 3 or 1))
     if "kdiff" in sections:
         record(k_diffusion_loops(device, dtype, repeats))
+    if "paradigms" in sections:
+        record(paradigms_batch_steps(device, dtype, repeats))
     if out:
         print(f"wrote {len(rows)} rows to {out}")
 

@@ -31,7 +31,8 @@ inline Params make_step_params(int64_t batch, int64_t inner,
                                const std::array<std::uintptr_t, kNumOutputs>& out_ptr,
                                const std::array<int64_t, kNumOutputs>& out_stride,
                                const std::array<int, kNumOutputs>& out_dtype,
-                               std::uintptr_t coef_host_ptr, float guidance_scale, int threshold,
+                               std::uintptr_t coef_host_ptr, std::uintptr_t coef_rows_ptr,
+                               float guidance_scale, int threshold,
                                float clip_value, std::uintptr_t dynamic_scale_ptr) {
   Params p;
   p.batch = batch;
@@ -46,9 +47,15 @@ inline Params make_step_params(int64_t batch, int64_t inner,
     p.out_stride[k] = out_stride[k];
     p.out_dtype[k] = out_dtype[k];
   }
-  // Coefficients always live on the host; CUDA receives them by value in the launch.
-  const float* coef = as_ptr<const float>(coef_host_ptr);
-  for (int c = 0; c < kNumCoefs; ++c) p.coef[c] = coef[c];
+  // One row for the batch lives on the host (CUDA receives it by value in the launch); rows
+  // per sample (coef_rows_ptr, else 0) live on the kernel's device and are read there.
+  if ((coef_host_ptr == 0) == (coef_rows_ptr == 0))
+    throw std::invalid_argument("solver_step: pass exactly one of coef (one row) and coef_rows (a row per sample)");
+  p.coef_rows = as_ptr<const float>(coef_rows_ptr);
+  if (coef_host_ptr) {
+    const float* coef = as_ptr<const float>(coef_host_ptr);
+    for (int c = 0; c < kNumCoefs; ++c) p.coef[c] = coef[c];
+  }
   p.guidance_scale = guidance_scale;
   p.threshold = threshold;
   p.clip_value = clip_value;

@@ -18,10 +18,12 @@ PYBIND11_MODULE(_C_cuda, m) {
            const std::array<int64_t, kNumInputs>& in_stride, const std::array<int, kNumInputs>& in_dtype,
            const std::array<std::uintptr_t, kNumOutputs>& out_ptr,
            const std::array<int64_t, kNumOutputs>& out_stride,
-           const std::array<int, kNumOutputs>& out_dtype, std::uintptr_t coef, float guidance_scale,
+           const std::array<int, kNumOutputs>& out_dtype, std::uintptr_t coef, std::uintptr_t coef_rows,
+           float guidance_scale,
            int threshold, float clip_value, std::uintptr_t dynamic_scale, std::uintptr_t stream) {
           Params p = make_step_params(batch, inner, in_ptr, in_stride, in_dtype, out_ptr, out_stride,
-                                      out_dtype, coef, guidance_scale, threshold, clip_value, dynamic_scale);
+                                      out_dtype, coef, coef_rows, guidance_scale, threshold, clip_value,
+                                      dynamic_scale);
           p.stream = as_ptr<void>(stream);
           check_status(solver_step::solver_step_cuda(p), "solver_step");
         });

@@ -21,30 +21,38 @@ def _term(acc, c, src):
 
 
 @triton.jit
-def _combine(coef, row: tl.constexpr, x, m, u, x0, h0, h1, h2, aux, noise):
-    base: tl.constexpr = 2 + 9 * row
+def _coef(coef, rows_ptr, b, k: tl.constexpr, ROWS: tl.constexpr):
+    # Coefficient k of sample b: its own row's (ROWS), else the batch's row (kernel arguments)
+    if ROWS:
+        return tl.load(rows_ptr + b * 29 + k)
+    return coef[k]
+
+
+@triton.jit
+def _combine(coef, rows_ptr, b, out: tl.constexpr, x, m, u, x0, h0, h1, h2, aux, noise, ROWS: tl.constexpr):
+    base: tl.constexpr = 2 + 9 * out
     acc = tl.zeros(x.shape, tl.float32)
-    acc = _term(acc, coef[base], x)
-    acc = _term(acc, coef[base + 1], m)
-    acc = _term(acc, coef[base + 2], u)
-    acc = _term(acc, coef[base + 3], x0)
-    acc = _term(acc, coef[base + 4], h0)
-    acc = _term(acc, coef[base + 5], h1)
-    acc = _term(acc, coef[base + 6], h2)
-    acc = _term(acc, coef[base + 7], aux)
-    return _term(acc, coef[base + 8], noise)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base, ROWS), x)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 1, ROWS), m)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 2, ROWS), u)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 3, ROWS), x0)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 4, ROWS), h0)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 5, ROWS), h1)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 6, ROWS), h2)
+    acc = _term(acc, _coef(coef, rows_ptr, b, base + 7, ROWS), aux)
+    return _term(acc, _coef(coef, rows_ptr, b, base + 8, ROWS), noise)
 
 
 @triton.jit
 def _solver_step_kernel(
     x_ptr, model_ptr, cond_ptr, h0_ptr, h1_ptr, h2_ptr, aux_ptr, noise_ptr,
-    out0_ptr, out1_ptr, out2_ptr, coef, dyn_ptr,
+    out0_ptr, out1_ptr, out2_ptr, coef, rows_ptr, dyn_ptr,
     s_x, s_model, s_cond, s_h0, s_h1, s_h2, s_aux, s_noise, s_out0, s_out1, s_out2,
     inner, guidance_scale, clip_value,
     HAS_COND: tl.constexpr, HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr,
     HAS_AUX: tl.constexpr, HAS_NOISE: tl.constexpr,
     WRITE0: tl.constexpr, WRITE1: tl.constexpr, WRITE2: tl.constexpr,
-    THRESHOLD: tl.constexpr, BLOCK: tl.constexpr,
+    THRESHOLD: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     # One flat grid axis (axis 1 stops at 65535, a batch of toy 2-D points does not)
     tiles = tl.cdiv(inner, BLOCK)
@@ -59,7 +67,7 @@ def _solver_step_kernel(
         m = u + guidance_scale * (c - u)
     else:
         m = u
-    x0 = coef[0] * x + coef[1] * m
+    x0 = _coef(coef, rows_ptr, b, 0, ROWS) * x + _coef(coef, rows_ptr, b, 1, ROWS) * m
     if THRESHOLD == 1:
         x0 = tl.where(x0 < -clip_value, -clip_value, tl.where(x0 > clip_value, clip_value, x0))
     elif THRESHOLD == 2:
@@ -71,13 +79,13 @@ def _solver_step_kernel(
     aux = _load(aux_ptr, s_aux, b, offs, mask, HAS_AUX)
     noise = _load(noise_ptr, s_noise, b, offs, mask, HAS_NOISE)
     if WRITE0:
-        v = _combine(coef, 0, x, m, u, x0, h0, h1, h2, aux, noise)
+        v = _combine(coef, rows_ptr, b, 0, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
         tl.store(out0_ptr + b * s_out0 + offs, v.to(out0_ptr.dtype.element_ty), mask=mask)
     if WRITE1:
-        v = _combine(coef, 1, x, m, u, x0, h0, h1, h2, aux, noise)
+        v = _combine(coef, rows_ptr, b, 1, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
         tl.store(out1_ptr + b * s_out1 + offs, v.to(out1_ptr.dtype.element_ty), mask=mask)
     if WRITE2:
-        v = _combine(coef, 2, x, m, u, x0, h0, h1, h2, aux, noise)
+        v = _combine(coef, rows_ptr, b, 2, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
         tl.store(out2_ptr + b * s_out2 + offs, v.to(out2_ptr.dtype.element_ty), mask=mask)
 
 
@@ -92,7 +100,8 @@ def launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynami
 
     ``coefs`` is the CPU float32 tensor of 29 values; they travel as kernel arguments (like
     the CUDA launcher's params struct), so no copy to the device and a captured CUDA graph
-    keeps each step's values.
+    keeps each step's values. Or a float32 ``[batch, 29]`` table on the sample's device: a row
+    of coefficients per sample, read by the kernel.
     """
     x = inputs[0]
     batch = x.shape[0]
@@ -101,12 +110,14 @@ def launch(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dynami
     ins = [dummy if t is None else t for t in inputs]
     outs = [dummy if t is None else t for t in outputs]
     grid = (triton.cdiv(inner, _BLOCK) * batch,)
+    rows = coefs.dim() == 2
     _solver_step_kernel[grid](
-        *ins, *outs, tuple(coefs.tolist()), dummy if dynamic_scale is None else dynamic_scale,
+        *ins, *outs, (0.0,) * 29 if rows else tuple(coefs.tolist()), coefs if rows else dummy,
+        dummy if dynamic_scale is None else dynamic_scale,
         *[_stride(t) for t in inputs], *[_stride(t) for t in outputs],
         inner, guidance_scale, clip_value,
         HAS_COND=inputs[2] is not None, HAS_H0=inputs[3] is not None, HAS_H1=inputs[4] is not None,
         HAS_H2=inputs[5] is not None, HAS_AUX=inputs[6] is not None, HAS_NOISE=inputs[7] is not None,
         WRITE0=outputs[0] is not None, WRITE1=outputs[1] is not None, WRITE2=outputs[2] is not None,
-        THRESHOLD=threshold, BLOCK=_BLOCK,
+        THRESHOLD=threshold, ROWS=rows, BLOCK=_BLOCK,
     )

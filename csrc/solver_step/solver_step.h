@@ -13,6 +13,7 @@
 //   x0  = clip(x0, -r, r)  or  clip(x0, -s_b, s_b) / s_b      optional thresholding
 //   out_k = sum_j c[2 + 9k + j] * src_j,  src = (x, m, u, x0, h0, h1, h2, aux, noise)
 //
+// c is one row of coefficients for the whole batch, or one row per sample (coef_rows).
 // out_0 is the new sample, out_1 the new history entry (what a multistep solver keeps, in
 // the history dtype), out_2 an auxiliary sample (UniPC's corrected sample, Heun's stage).
 #pragma once
@@ -38,7 +39,10 @@ struct Params {
   void* out[kNumOutputs] = {};        // nullptr: output not written
   int64_t out_stride[kNumOutputs] = {};
   int out_dtype[kNumOutputs] = {};
-  float coef[kNumCoefs] = {};
+  float coef[kNumCoefs] = {};          // the step's coefficients, one row for the whole batch
+  // Or one row per sample (a batch whose samples sit at different timesteps): row b at
+  // coef_rows + b * kNumCoefs, float32, on the kernel's device; nullptr: every sample uses coef.
+  const float* coef_rows = nullptr;
   float guidance_scale = 1.f;
   int threshold = kThresholdNone;
   float clip_value = 1.f;              // kThresholdClip

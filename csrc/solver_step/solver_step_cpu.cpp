@@ -2,6 +2,8 @@
 // run through step_element's terms (its guided / apply_threshold helpers, then the same
 // source terms in the same order, one source at a time so that each loop vectorises), and
 // written back, so memory is touched once. step_element itself runs in the CUDA launcher.
+// A tile lies within one sample, so it reads one row of coefficients (the batch's, or its
+// sample's own).
 #include "solver_step.h"
 
 #include "common/kd_cpu.h"
@@ -42,10 +44,9 @@ KD_CPU_INLINE void sum_terms(int count, const float* c, const float* const* s, i
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 __attribute__((target_clones("avx2", "default")))
 #endif
-void step_tile(const Params& p, bool has_cond, float dyn, int64_t n, const float* const* in,
+void step_tile(const Params& p, const float* c, bool has_cond, float dyn, int64_t n, const float* const* in,
                float* const* out) {
   alignas(64) float guided_buf[kTile], x0_buf[kTile];
-  const float* c = p.coef;
   const float scale = p.guidance_scale;
   const float* xin = in[kInX];
   const float* model = in[kInModel];
@@ -120,7 +121,8 @@ int solver_step_cpu(const Params& p) {
     for (int k = 0; k < kNumOutputs; ++k)
       out[k] = p.out[k] ? cpu::float_target(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, out_buf[k]) : nullptr;
     const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
-    step_tile(p, has_cond, dyn, n, in, out);
+    const float* c = p.coef_rows ? p.coef_rows + b * kNumCoefs : p.coef;
+    step_tile(p, c, has_cond, dyn, n, in, out);
     for (int k = 0; k < kNumOutputs; ++k)
       if (p.out[k]) cpu::store_floats(p.out[k], p.out_dtype[k], b * p.out_stride[k] + start, n, out[k]);
   }

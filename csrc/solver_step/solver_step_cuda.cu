@@ -13,18 +13,27 @@ constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
 
 // Params travels by value in the kernel's parameter space (well under the 4 KB limit), so a
-// captured CUDA graph holds each step's coefficients without any device-side table.
+// captured CUDA graph holds each step's coefficients without any device-side table. With a
+// row per sample (kRowPerSample: p.coef_rows, a device table the caller keeps alive), each
+// block loads its sample's row into registers before its elements.
+template <bool kRowPerSample>
 __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params p) {
   const bool has_cond = p.in[kInCond] != nullptr;
   for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
     const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
+    float row[kRowPerSample ? kNumCoefs : 1];
+    if (kRowPerSample) {
+#pragma unroll
+      for (int i = 0; i < kNumCoefs; ++i) row[i] = __ldg(p.coef_rows + b * kNumCoefs + i);
+    }
+    const float* c = kRowPerSample ? row : p.coef;
     for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < p.inner;
          e += int64_t(gridDim.x) * blockDim.x) {
       float vin[kNumInputs], vout[kNumOutputs];
 #pragma unroll
       for (int i = 0; i < kNumInputs; ++i)
         vin[i] = p.in[i] ? load_as_float(p.in[i], p.in_dtype[i], b * p.in_stride[i] + e) : 0.f;
-      step_element(p.coef, p.guidance_scale, has_cond, p.threshold, p.clip_value, dyn, vin, vout);
+      step_element(c, p.guidance_scale, has_cond, p.threshold, p.clip_value, dyn, vin, vout);
 #pragma unroll
       for (int k = 0; k < kNumOutputs; ++k)
         if (p.out[k]) store_from_float(p.out[k], p.out_dtype[k], b * p.out_stride[k] + e, vout[k]);
@@ -101,7 +110,11 @@ int solver_step_cuda(const Params& p) {
   // Enough blocks to fill the GPU; each thread loops over the rest.
   const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096),
                   unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
-  solver_step_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
+  if (p.coef_rows)
+    solver_step_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+  else
+    solver_step_kernel<false><<<grid, kThreads, 0, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
 }
 

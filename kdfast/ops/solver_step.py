@@ -15,7 +15,7 @@ coefficients, a relative error of up to ~6e-8 per coefficient.
 # an op's signature as types and refuses them as strings.)
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -88,19 +88,45 @@ def _check_like(name: str, t: Optional[torch.Tensor], like: torch.Tensor) -> Opt
     return in_layout(t, like)
 
 
-def _check_coefs(coefs: torch.Tensor) -> torch.Tensor:
+def _check_coefs(coefs: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``coefs`` checked against ``sample``: one CPU row of 29 values for the batch, or a
+    ``[batch, 29]`` table (a row per sample) on the CPU or on the sample's device."""
     if not isinstance(coefs, torch.Tensor):
         raise TypeError(f"coefs must be a torch.Tensor of {NUM_COEFS} float32 values, got {type(coefs).__name__}")
-    if not coefs.is_cpu or coefs.dtype not in (_F32, _F64) or coefs.numel() != NUM_COEFS:
+    if coefs.dtype not in (_F32, _F64):
+        raise ValueError(f"coefs must be float32 (or float64), got {describe('coefs', coefs)}")
+    if coefs.dim() == 2:
+        batch = sample.shape[0]
+        if coefs.shape != (batch, NUM_COEFS) or not (coefs.is_cpu or coefs.device == sample.device):
+            raise ValueError(f"coefs with a row per sample must be a ({batch}, {NUM_COEFS}) table on the CPU or on "
+                             f"{sample.device} like sample, got {describe('coefs', coefs)}")
+        return coefs.contiguous()
+    if not coefs.is_cpu or coefs.numel() != NUM_COEFS:
         raise ValueError(
-            f"coefs must be a CPU float32 (or float64) tensor of {NUM_COEFS} values, got {describe('coefs', coefs)}"
-        )
-    return coefs.contiguous()
+            f"coefs must be a CPU float32 (or float64) tensor of {NUM_COEFS} values, or a ({sample.shape[0]}, "
+            f"{NUM_COEFS}) table of a row per sample, got {describe('coefs', coefs)}")
+    return coefs.reshape(NUM_COEFS).contiguous()
 
 
-def _kernel_coefs(coefs: torch.Tensor) -> torch.Tensor:
-    """``coefs`` as the kernels read them: float32 (a float64 row is rounded)."""
-    return coefs if coefs.dtype is _F32 else coefs.to(_F32)
+def _kernel_coefs(coefs: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """``coefs`` as the kernels read them: float32 (float64 values are rounded); one row stays on
+    the host (it travels as kernel arguments), a row per sample goes to the sample's device."""
+    if coefs.dim() == 1:
+        return coefs if coefs.dtype is _F32 else coefs.to(_F32)
+    if coefs.is_cpu and not sample.is_cpu:
+        if sample.device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # A captured copy would read this host buffer again at every replay, after it is freed
+            raise RuntimeError("coefs: a row per sample cannot be copied from the CPU inside a CUDA graph capture; "
+                               f"pass the ({sample.shape[0]}, {NUM_COEFS}) table on {sample.device}")
+        # From pinned memory the copy does not wait for the device (no host sync)
+        pinned = coefs.to(_F32).pin_memory() if torch.cuda.is_available() else coefs.to(_F32)
+        return pinned.to(sample.device, non_blocking=True)
+    return coefs.to(_F32).contiguous()
+
+
+def _coef_addresses(coefs: torch.Tensor) -> Tuple[int, int]:
+    """(one row's address, rows' address) of kernel coefficients; the other is 0."""
+    return (coefs.data_ptr(), 0) if coefs.dim() == 1 else (0, coefs.data_ptr())
 
 
 def _check_scalar(name: str, value: float) -> float:
@@ -195,7 +221,10 @@ def solver_step(
             kernels take float32/16 and bfloat16); its other tensors may be float64 too.
         model_output: the model's output; the unconditional one when ``cond`` is given.
         coefs: CPU float32 tensor of 29 coefficients (see :func:`coefficients`), or float64:
-            a float64 step then uses them in float64 (the kernels read them as float32).
+            a float64 step then uses them in float64 (the kernels read them as float32). Or a
+            ``[batch, 29]`` table, a row per sample (samples at different timesteps), on the CPU
+            or on the sample's device; CPU rows for a CUDA sample are copied there without a
+            host sync (not inside a CUDA graph capture: pass them on the device there).
         cond: conditional model output for classifier-free guidance
             ``m = model_output + guidance_scale * (cond - model_output)``.
         guidance_scale: the scale of that combination (a finite float; read only with ``cond``).
@@ -224,7 +253,7 @@ def solver_step(
             raise TypeError(f"history[{k}] is None; pass only the entries the step reads")
     if clip_value is not None and dynamic_scale is not None:
         raise ValueError("pass clip_value or dynamic_scale, not both")
-    return fused_step(sample, model_output, _check_coefs(coefs), cond, guidance_scale, history, aux, noise,
+    return fused_step(sample, model_output, _check_coefs(coefs, sample), cond, guidance_scale, history, aux, noise,
                       clip_value, dynamic_scale, write_history, write_aux, history_dtype, backend)
 
 
@@ -249,7 +278,7 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
 
     The caller guarantees what it owns: ``coefs`` is a row of a table it packed with
     :func:`coefficients` (a contiguous CPU tensor of 29 values, float32, or float64 for full
-    precision in float64 steps), ``history`` holds at most 3 entries and ``clip_value`` /
+    precision in float64 steps) or a contiguous ``[batch, 29]`` stack of such rows, ``history`` holds at most 3 entries and ``clip_value`` /
     ``dynamic_scale`` are not both given. Every tensor and scalar is checked here, with
     :func:`solver_step`'s errors: they come from the scheduler's user (sample, model output,
     noise, history injected from outside).
@@ -341,8 +370,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
         return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
                              clip, dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
 
-    if coefs.dtype is not _F32:
-        coefs = _kernel_coefs(coefs)
+    if coefs.dtype is not _F32 or coefs.dim() != 1:
+        coefs = _kernel_coefs(coefs, sample)
     # The outputs as _allocate makes them (the plainest empty_like parses its arguments fastest
     # and keeps a dense layout), the addresses as _step_args packs them.
     if fmt is not None:
@@ -361,7 +390,7 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
                      0 if aux_out is None else aux_out.data_ptr()],
                     [inner, inner if write_history else 0, inner if write_aux else 0],
                     [code, DTYPE_CODES[history_dtype] if write_history else 0, code if write_aux else 0],
-                    coefs.data_ptr(), guidance_scale, threshold, clip,
+                    *_coef_addresses(coefs), guidance_scale, threshold, clip,
                     0 if dynamic_scale is None else dynamic_scale.data_ptr()))
     return StepResult(out, hist_out, aux_out)
 
@@ -424,7 +453,7 @@ def _solver_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, 
         else:
             impl = step_op.select(device_type, backend)
             if impl.backend != "reference":
-                coefs = _kernel_coefs(coefs)
+                coefs = _kernel_coefs(coefs, sample)
         impl.run([sample, model_output, cond, h0, h1, h2, aux, noise], outputs, coefs, guidance_scale, threshold,
                  clip_value, dynamic_scale)
     return [o for o in outputs if o is not None]
@@ -448,7 +477,7 @@ def _step_args(inputs, outputs, coefs, guidance_scale, threshold, clip_value, dy
     x = inputs[0]
     batch = x.shape[0]  # len(tensor) costs ~1 us
     inner = x.numel() // batch
-    return (batch, inner, *addresses(inputs, inner), *addresses(outputs, inner, packed=True), coefs.data_ptr(),
+    return (batch, inner, *addresses(inputs, inner), *addresses(outputs, inner, packed=True), *_coef_addresses(coefs),
             guidance_scale, threshold, clip_value, 0 if dynamic_scale is None else dynamic_scale.data_ptr())
 
 
@@ -510,7 +539,7 @@ def _solver_step_op(
     # (solver_step checks it on its own path) and bring every input to the sample's layout.
     sample, model_output, cond, history0, history1, history2, aux, noise = _checked_op_tensors(
         sample, model_output, cond, history0, history1, history2, aux, noise)
-    coefs = _check_coefs(coefs)
+    coefs = _check_coefs(coefs, sample)
     guidance_scale, clip_value = _check_scalar("guidance_scale", guidance_scale), _check_scalar("clip_value", clip_value)
     if threshold not in (THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC):
         raise ValueError(f"threshold must be {THRESHOLD_NONE}, {THRESHOLD_CLIP} or {THRESHOLD_DYNAMIC}, got {threshold}")

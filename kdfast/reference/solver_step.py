@@ -4,7 +4,7 @@ Inputs are, in order: x, model, cond, h0, h1, h2, aux, noise (absent ones are No
 ``coefs`` holds 29 numbers: x0 = coefs[0]*x + coefs[1]*m, then for output k
 out_k = sum_j coefs[2 + 9k + j] * src_j with src = (x, m, u, x0, h0, h1, h2, aux, noise),
 where a zero coefficient drops its term (an unused inf/NaN source cannot poison an output)
-and absent inputs read as 0.
+and absent inputs read as 0. ``coefs`` may also be ``[batch, 29]``: a row per sample.
 
 It is also what runs float64 steps: :mod:`kdfast.ops.solver_step` serves float64 samples
 from these functions with ``compute_dtype=torch.float64`` (the compiled kernels stop at float32).
@@ -41,6 +41,8 @@ def solver_step(
     vals = [None if t is None else t.to(compute_dtype) for t in inputs]
     x = vals[0]
     c = coefs.to(device=x.device, dtype=compute_dtype)
+    if c.dim() == 2:  # a row per sample: coefficient i as a [batch, 1, ...] column
+        c = c.t().reshape(c.shape[1], c.shape[0], *(1,) * (x.dim() - 1))
     model, cond = vals[1], vals[2]
     m = guided(model, cond, guidance_scale)
     x0 = c[0] * x + c[1] * m

@@ -540,6 +540,14 @@ class FusedScheduler(ConfigMixin):
 
         return SchedulerOutput(prev, make_x0=make_x0)
 
+    def _row(self, key, dtype: torch.dtype, table: Optional["CoefficientTable"] = None) -> torch.Tensor:
+        """The coefficient row of table entry ``key`` for a step of ``dtype``: float64 for a float64
+        step, else the float32 row the kernels read."""
+        if type(key) is TableRow:  # an extra step's own coefficients (GrowingTable.ensure)
+            return key.row64() if dtype is torch.float64 else key.row
+        table = self._table if table is None else table
+        return table.row64(key) if dtype is torch.float64 else table._rows[key]
+
     def _fused(self, key, sample: torch.Tensor, model_output: torch.Tensor, *,
                cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
                history: Sequence[torch.Tensor] = (), aux: Optional[torch.Tensor] = None,
@@ -557,10 +565,7 @@ class FusedScheduler(ConfigMixin):
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
         table = self._table if table is None else table
-        if type(key) is TableRow:  # an extra step's own coefficients (GrowingTable.ensure)
-            row = key.row64() if sample.dtype is torch.float64 else key.row
-        else:
-            row = table.row64(key) if sample.dtype is torch.float64 else table._rows[key]
+        row = self._row(key, sample.dtype, table)
         dynamic_scale = None
         if dynamic is not None:
             cx, cm = table.plan(key).x0

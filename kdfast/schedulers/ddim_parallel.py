@@ -1,10 +1,8 @@
 """DDIM for ParaDiGMS parallel sampling (Shih et al. 2023), as a diffusers drop-in: DDIM plus
 ``batch_step_no_noise``, one deterministic step for a batch whose samples sit at different timesteps.
 
-The fused solver step takes one coefficient row per call, so a batch of mixed timesteps runs as
-one kernel pass per run of consecutive equal timesteps (what ParaDiGMS windows are: each window
-timestep repeated for the batch), assembled with one concatenation. The helpers here serve the
-DDPM twin (:mod:`kdfast.schedulers.ddpm_parallel`) too.
+A batch of mixed timesteps is one fused kernel pass with a coefficient row per sample. The
+helpers here serve the DDPM twin (:mod:`kdfast.schedulers.ddpm_parallel`) too.
 """
 from __future__ import annotations
 
@@ -14,6 +12,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .. import ops
+from ..ops.solver_step import fused_step
 from .base import FusedScheduler
 from .ddim import DDIMScheduler
 
@@ -127,10 +127,10 @@ def check_batch_inputs(model_output, sample) -> None:
 def grouped_step(scheduler: FusedScheduler, values: Sequence[int], key_of: Callable[[int], object],
                  sample: torch.Tensor, model_output: torch.Tensor, clip: Optional[float],
                  dynamic: Optional[Tuple[float, float]]) -> torch.Tensor:
-    """The noise-free step of every sample at its own timestep: one fused kernel pass (and, when
-    thresholding, one threshold-scale pass) per run of consecutive equal timesteps, with the
-    coefficients ``step`` uses at that timestep; the runs' outputs joined by one ``torch.cat``
-    (none for a single run)."""
+    """The noise-free step of every sample at its own timestep, in one fused kernel pass: each
+    sample reads the coefficient row ``step`` uses at its timestep (``key_of(timestep)``). Dynamic
+    thresholding adds a threshold-scale pass per run of consecutive equal timesteps (a ParaDiGMS
+    window timestep repeated for its images): the quantile takes one x0 formula per call."""
     batch = sample.shape[0]
     if batch == 0:
         return torch.empty_like(sample)
@@ -138,17 +138,25 @@ def grouped_step(scheduler: FusedScheduler, values: Sequence[int], key_of: Calla
     for v in dict.fromkeys(values):
         keys[v] = key = key_of(v)
         scheduler._raise_if_undefined(key)
-    outs = []
-    start = 0
-    for stop in range(1, batch + 1):
-        if stop < batch and values[stop] == values[start]:
-            continue
-        whole = start == 0 and stop == batch
-        s = sample if whole else sample[start:stop]
-        m = model_output if whole else model_output[start:stop]
-        outs.append(scheduler._fused(keys[values[start]], s, m, clip_value=clip, dynamic=dynamic).sample)
-        start = stop
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    if len(keys) == 1:
+        return scheduler._fused(keys[values[0]], sample, model_output, clip_value=clip, dynamic=dynamic).sample
+    dtype = sample.dtype
+    row_of = {v: scheduler._row(key, dtype) for v, key in keys.items()}
+    rows = torch.stack([row_of[v] for v in values])
+    dynamic_scale = None
+    if dynamic is not None:
+        scales = []
+        start = 0
+        for stop in range(1, batch + 1):
+            if stop < batch and values[stop] == values[start]:
+                continue
+            cx, cm = scheduler._table.plan(keys[values[start]]).x0
+            scales.append(ops.threshold_scale(sample[start:stop], model_output[start:stop], cx, cm,
+                                              ratio=dynamic[0], max_value=dynamic[1]))
+            start = stop
+        dynamic_scale = torch.cat(scales)
+    return fused_step(sample, model_output, rows, None, 1.0, (), None, None, clip, dynamic_scale, False, False,
+                      None).sample
 
 
 class DDIMParallelScheduler(DDIMScheduler):
@@ -209,12 +217,10 @@ class DDIMParallelScheduler(DDIMScheduler):
 
         Each sample gets exactly what ``step(model_output[i], timesteps[i], sample[i])`` gives it
         (the same coefficient rows), so a ParaDiGMS loop converges to the sequential DDIM loop.
-        The fused op takes one coefficient row per call, not one per sample, so the batch runs as
-        one kernel call per run of consecutive equal timesteps (a ParaDiGMS window: each of its
-        timesteps repeated for the images): together one fused pass over the batch (a read of
-        ``sample`` and ``model_output``, a write of the result), plus one ``torch.cat`` copy of the
-        result when there are several runs; diffusers' makes six to ten latent-sized elementwise
-        passes. Thresholding adds its threshold-scale pass per run, as in ``step``.
+        The batch is one fused kernel pass, each sample reading its own row of coefficients (a read
+        of ``sample`` and ``model_output``, a write of the result); diffusers' makes six to ten
+        latent-sized elementwise passes. Dynamic thresholding adds a threshold-scale pass per run
+        of consecutive equal timesteps (a ParaDiGMS window timestep repeated for its images).
 
         Host reads: none for timesteps on the host (a CPU tensor, a sequence, a number) or that
         are a view of ``self.timesteps`` (an element, a slice, ``timesteps[i:j, None].expand(-1, b)``),

@@ -61,12 +61,10 @@ class DDPMParallelScheduler(DDPMScheduler):
 
         Each sample gets exactly what ``step`` gives it without the noise (the same coefficient
         rows), so a ParaDiGMS loop converges to the sequential DDPM loop with the same noise. The
-        fused op takes one coefficient row per call, not one per sample, so the batch runs as one
-        kernel call per run of consecutive equal timesteps (a ParaDiGMS window: each of its
-        timesteps repeated for the images): together one fused pass over the batch (a read of
-        ``sample`` and ``model_output``, a write of the result), plus one ``torch.cat`` copy of the
-        result when there are several runs; diffusers' makes seven latent-sized elementwise passes.
-        Thresholding adds its threshold-scale pass per run, as in ``step``. Works before
+        batch is one fused kernel pass, each sample reading its own row of coefficients (a read of
+        ``sample`` and ``model_output``, a write of the result); diffusers' makes seven latent-sized
+        elementwise passes. Dynamic thresholding adds a threshold-scale pass per run of consecutive
+        equal timesteps (a ParaDiGMS window timestep repeated for its images). Works before
         ``set_timesteps`` (stepping to ``t - 1``), as diffusers' does.
 
         Host reads: none for timesteps on the host (a CPU tensor, a sequence, a number) or that

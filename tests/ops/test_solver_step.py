@@ -164,7 +164,7 @@ def test_bad_core_arguments(good):
         ops.solver_step(x.long(), m, c)
     with pytest.raises(ValueError, match=r"coefs must be a CPU float32 \(or float64\) tensor of 29"):
         ops.solver_step(x, m, torch.zeros(28))
-    with pytest.raises(ValueError, match=r"coefs must be a CPU float32 \(or float64\) tensor of 29"):
+    with pytest.raises(ValueError, match=r"coefs must be float32 \(or float64\)"):
         ops.solver_step(x, m, torch.zeros(29, dtype=torch.float16))
     with pytest.raises(ValueError, match="unknown source"):
         ops.coefficients(1.0, 0.0, sample={"eps": 1.0})
@@ -377,6 +377,150 @@ def test_fused_step_takes_the_dispatcher_when_it_must():
         via_subclass = fused_step(x.detach(), p, c, None, 1.0, (), None, None, None, None, False, False, None)
     plain = ops.solver_step(x.detach(), m, c)
     assert torch.equal(via_subclass.sample, plain.sample)
+
+
+# --------------------------------------------------------------------------- a row of coefficients per sample
+
+
+def _rows_case(shape, dtype, seed=7):
+    """A step case whose samples each get their own coefficient row (``coefs`` [batch, 29])."""
+    case = make_case(shape, dtype, 2, True, True, True, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    rows = torch.stack([random_coefs(g) for _ in range(shape[0])])
+    rows[0, 2:] = 0.0
+    rows[0, 2 + 3] = 1.0  # sample 0: the output is x0 alone (other sources dropped, as a zero does)
+    case["coefs"] = rows
+    return case
+
+
+def _sample_slice(case, b):
+    """The case of sample ``b`` alone, with its own row."""
+    one = {k: (v[b:b + 1] if isinstance(v, torch.Tensor) else [h[b:b + 1] for h in v] if isinstance(v, list) else v)
+           for k, v in case.items() if k != "coefs"}
+    one["coefs"] = case["coefs"][b]
+    return one
+
+
+def _run_case(case, backend, **kw):
+    return ops.solver_step(case["sample"], case["model_output"], case["coefs"], cond=case["cond"],
+                           history=case["history"], aux=case["aux"], noise=case["noise"], write_history=True,
+                           write_aux=True, backend=backend, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", DTYPES)
+# (Not one element alone: Triton's interpreter narrows to bfloat16 by truncation, up to one ulp
+# off, and the rule's bound is torch's own error on that element, which may be near zero.)
+@pytest.mark.parametrize("shape", [(1, 64), (3, 7, 13), (4, 3, 5, 1031)])
+@pytest.mark.parametrize("threshold", ["none", "clip", "dynamic"])
+def test_rows_per_sample_step_each_sample_with_its_own_row(backend, dtype, shape, threshold):
+    case = _rows_case(shape, dtype)
+    kw = dict(guidance_scale=2.5)
+    if threshold == "clip":
+        kw["clip_value"] = 0.7
+    elif threshold == "dynamic":
+        kw["dynamic_scale"] = torch.linspace(1.0, 2.0, shape[0])
+    res = _run_case(case, backend, **kw)
+    # Bit for bit what the same backend gives each sample alone with that sample's row
+    for b in range(shape[0]):
+        one_kw = dict(kw)
+        if threshold == "dynamic":
+            one_kw["dynamic_scale"] = kw["dynamic_scale"][b:b + 1]
+        alone = _run_case(_sample_slice(case, b), backend, **one_kw)
+        for name, out, exp in zip(("sample", "history", "aux"), res, alone):
+            assert torch.equal(out[b:b + 1], exp), f"{backend} {name} of sample {b}"
+    # ... and the reference within the dtype's rule
+    threshold_code = {"none": 0, "clip": 1, "dynamic": 2}[threshold]
+    args = dict(guidance_scale=2.5, threshold=threshold_code, clip_value=kw.get("clip_value", 1.0),
+                dyn=kw.get("dynamic_scale"))
+    for out, e64, elow in zip(res, reference_outputs(case, torch.float64, **args),
+                              reference_outputs(case, dtype, **args)):
+        assert_close_by_rule(out, e64, elow.to(dtype), f"{backend} rows {dtype}")
+
+
+def test_rows_per_sample_differ_from_one_row_for_all():
+    # The rows are used as rows: a step with every sample on row 0 gives another result
+    case = _rows_case((3, 4, 9), torch.float32)
+    res = _run_case(case, None)
+    shared = _run_case(dict(case, coefs=case["coefs"][0]), None)
+    assert torch.equal(res.sample[0], shared.sample[0])
+    assert not torch.equal(res.sample[1:], shared.sample[1:])
+
+
+def test_rows_per_sample_float64():
+    case = _rows_case((3, 2, 17), torch.float64)
+    case["coefs"] = case["coefs"].double() * (1 + 1e-9)  # float64 values a float32 row would round
+    res = _run_case(case, None, guidance_scale=1.5)
+    for b in range(3):
+        alone = _run_case(_sample_slice(case, b), None, guidance_scale=1.5)
+        for out, exp in zip(res, alone):
+            assert out.dtype == torch.float64 and torch.equal(out[b:b + 1], exp)
+    exp = reference_outputs(case, torch.float64, guidance_scale=1.5)
+    torch.testing.assert_close(res.sample, exp[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("rows,match", [
+    (torch.zeros(3, 29), r"\(2, 29\) table"),
+    (torch.zeros(2, 28), r"\(2, 29\) table"),
+    (torch.zeros(2, 29, device="meta"), "on the CPU or on cpu"),
+    (torch.zeros(2, 29, dtype=torch.int32), "coefs must be float32"),
+    (torch.zeros(2, 2, 29), r"a \(2, 29\) table of a row per sample"),
+])
+def test_rows_per_sample_bad_input(good, rows, match):
+    x, m, _ = good
+    with pytest.raises(ValueError, match=match):
+        ops.solver_step(x, m, rows)
+    if rows.device.type != "meta":  # (the dispatcher sends a call with a meta tensor to the fake)
+        with pytest.raises(ValueError, match=match):
+            _raw_op(x, m, rows)
+
+
+def test_rows_binding_takes_exactly_one_of_row_and_rows():
+    from kdfast import _ext
+    x = torch.zeros(1, 4)
+    out = torch.empty_like(x)
+    row = torch.zeros(29)
+    common = (1, 4, [x.data_ptr(), x.data_ptr()] + [0] * 6, [4] * 8, [0] * 8, [out.data_ptr(), 0, 0], [4, 0, 0],
+              [0, 0, 0])
+    for coef, rows in ((0, 0), (row.data_ptr(), row.data_ptr())):
+        with pytest.raises(ValueError, match="exactly one of coef"):
+            _ext.cpu()[0].solver_step(*common, coef, rows, 1.0, 0, 1.0, 0, 1)
+
+
+def test_rows_per_sample_opcheck_autograd_and_compile():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 2, 5, generator=g)
+    rows = torch.stack([random_coefs(g) for _ in range(3)])
+    args = (x, torch.randn_like(x), rows, torch.randn_like(x), 3.0, torch.randn_like(x), None, None,
+            torch.randn_like(x), torch.randn_like(x), 1, 0.8, None, 7, torch.float32, "")
+    torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
+    # gradients: the reference's, row by row
+    xs, ms = x.clone().requires_grad_(True), torch.randn(3, 2, 5, generator=g).requires_grad_(True)
+    w = torch.randn(3, 2, 5, generator=g)
+    (ops.solver_step(xs, ms, rows, clip_value=0.9).sample * w).sum().backward()
+    xe, me = xs.detach().clone().requires_grad_(True), ms.detach().clone().requires_grad_(True)
+    (ref.solver_step([xe, me] + [None] * 6, rows, 1.0, 1, 0.9)[0] * w).sum().backward()
+    torch.testing.assert_close(xs.grad, xe.grad)
+    torch.testing.assert_close(ms.grad, me.grad)
+    compiled = torch.compile(lambda a, b: ops.solver_step(a, b, rows).sample * 2, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x, ms.detach()), ops.solver_step(x, ms.detach(), rows).sample * 2)
+
+
+def test_rows_per_sample_step_path_has_no_tensor_to_python_conversions(monkeypatch):
+    x = torch.randn(3, 4, 8, 8)
+    m = torch.randn_like(x)
+    rows = torch.randn(3, 29)
+
+    def forbidden(*a, **k):
+        raise AssertionError("host conversion on the step path")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    ran = []
+    for backend in [None, *[b for b in BACKENDS if b != "triton"], "reference"]:
+        ran.append(ops.solver_step(x, m, rows, cond=m, guidance_scale=2.0, history=[x], backend=backend).sample)
+    monkeypatch.undo()
+    assert len(ran) >= 3 and all(torch.equal(r, ran[0]) for r in ran[1:2])
 
 
 # --------------------------------------------------------------------------- torch integration
@@ -886,6 +1030,57 @@ def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph(backend):
     torch.cuda.synchronize()
     torch.testing.assert_close(captured.sample, eager.sample)
     torch.testing.assert_close(captured.history, eager.history)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_rows_per_sample(backend, dtype):
+    if kdfast.backends.op("solver_step").reason(backend, "cuda"):
+        pytest.skip(kdfast.backends.op("solver_step").reason(backend, "cuda"))
+    case = _rows_case((5, 4, 64, 64), dtype)
+    cuda_case = {k: (v.cuda() if isinstance(v, torch.Tensor) and k != "coefs" else
+                     [h.cuda() for h in v] if isinstance(v, list) else v) for k, v in case.items()}
+    dyn = torch.linspace(1.0, 2.0, 5)
+    for rows in (case["coefs"], case["coefs"].cuda()):  # host rows are copied over without a sync
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            res = _run_case(dict(cuda_case, coefs=rows), backend, guidance_scale=2.5, dynamic_scale=dyn.cuda())
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        args = dict(guidance_scale=2.5, threshold=2, dyn=dyn)
+        for out, e64, elow in zip(res, reference_outputs(case, torch.float64, **args),
+                                  reference_outputs(case, dtype, **args)):
+            assert_close_by_rule(out.cpu(), e64, elow.to(dtype), f"{backend} rows {dtype}")
+        for b in (0, 3):
+            alone = _run_case(_sample_slice(cuda_case, b) | {"coefs": case["coefs"][b]}, backend, guidance_scale=2.5,
+                              dynamic_scale=dyn[b:b + 1].cuda())
+            assert torch.equal(res.sample[b:b + 1], alone.sample)
+
+
+@pytest.mark.gpu
+def test_gpu_rows_per_sample_in_a_cuda_graph():
+    x = torch.randn(3, 4, 32, 32, device="cuda")
+    m = torch.randn_like(x)
+    rows = torch.randn(3, 29)
+    eager = ops.solver_step(x, m, rows).sample
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        ops.solver_step(x, m, rows.cuda())
+    torch.cuda.current_stream().wait_stream(stream)
+    with pytest.raises(RuntimeError, match="inside a CUDA graph capture"):
+        with torch.cuda.graph(graph):
+            ops.solver_step(x, m, rows)  # host rows: refused, they would be read again at each replay
+    graph = torch.cuda.CUDAGraph()
+    device_rows = rows.cuda()
+    with torch.cuda.graph(graph):
+        captured = ops.solver_step(x, m, device_rows).sample
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(captured, eager)
 
 
 # --------------------------------------------------------------------------- gradients of every input

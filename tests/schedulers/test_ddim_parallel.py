@@ -3,7 +3,6 @@ import functools
 import inspect
 import json
 import pickle
-import warnings
 
 import numpy as np
 import pytest
@@ -12,12 +11,12 @@ import torch
 import kdfast.schedulers.base as base
 from kdfast.schedulers.ddim import DDIMScheduler
 from kdfast.schedulers.ddim_parallel import DDIMParallelScheduler
+from paradigms import batch_inputs, mixed_timesteps
 from parity import (
     assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, no_host_reads, parity_error, run_loop,
     settings)
 
 DF = diffusers.DDIMParallelScheduler
-SHAPE = (9, 3, 5, 7)  # odd sizes; one sample per timestep of mixed_timesteps
 
 
 def with_step_kwargs(cls, **fixed):
@@ -26,21 +25,6 @@ def with_step_kwargs(cls, **fixed):
     if hasattr(cls, "step_cfg"):
         body["step_cfg"] = lambda self, *a, **k: cls.step_cfg(self, *a, **{**fixed, **k})
     return type(cls.__name__, (cls,), body)
-
-
-def mixed_timesteps(scheduler, off_schedule=537):
-    """A batch's timesteps as ParaDiGMS and worse give them: the first and the last timestep,
-    repeated (in a run and apart), the middle of the schedule and a value off the schedule."""
-    ts = [int(t) for t in scheduler.timesteps]
-    mid = ts[len(ts) // 2]
-    return torch.tensor([ts[0], ts[0], ts[min(3, len(ts) - 1)], ts[-1], ts[-1], mid, ts[0], off_schedule, ts[-1]])
-
-
-def batch_inputs(timesteps, shape=SHAPE, dtype=torch.float32, scale=1.0, model_scale=1.0):
-    """(model_output, sample): a sample per timestep and the dummy model's output at its own timestep."""
-    x = (scale * initial_sample(shape, seed=3)).to(dtype)
-    m = torch.cat([model_scale * dummy_model(x[i:i + 1], t) for i, t in enumerate(timesteps.tolist())])
-    return m, x
 
 
 def stepwise(kd, m, timesteps, x, **kwargs):
@@ -354,123 +338,6 @@ def test_in_diffusers_paradigms_pipeline():
     expected = paradigms_latents(DF(**config))
     got = paradigms_latents(DDIMParallelScheduler(**config))
     assert torch.isfinite(got).all() and parity_error(got, expected) <= 1e-5
-
-
-def test_one_fused_pass_per_run_of_equal_timesteps(monkeypatch):
-    calls, cats = [], []
-    real, real_cat = base.fused_step, torch.cat
-    monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for config in (dict(), dict(thresholding=True), dict(prediction_type="v_prediction", clip_sample=False)):
-        kd = DDIMParallelScheduler(**config)
-        kd.set_timesteps(10)
-        t = kd.timesteps[1:5, None].repeat(1, 3).flatten()  # a ParaDiGMS window: 4 timesteps x 3 images
-        m, x = batch_inputs(t, shape=(12, 2, 3, 3))
-        calls.clear()
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
-            out = kd.batch_step_no_noise(m, t, x)
-        assert calls == [3, 3, 3, 3] and len(cats) == 1
-        calls.clear()
-        cats.clear()
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
-            single = kd.batch_step_no_noise(m, kd.timesteps[3], x)
-        assert calls == [12] and not cats  # one run: the kernel's own output
-        assert torch.equal(single[6:9], out[6:9])
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [dict(), dict(prediction_type="v_prediction", clip_sample=False),
-                                    dict(thresholding=True, sample_max_value=2.0, prediction_type="sample")])
-def test_batch_step_half_precision_keeps_dtype_and_matches(dtype, config):
-    df, kd = DF(**config), DDIMParallelScheduler(**config)
-    for s in (df, kd):
-        s.set_timesteps(12)
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t, dtype=dtype, scale=1.5)
-    got = kd.batch_step_no_noise(m, t, x)
-    assert got.dtype == dtype  # (diffusers' promotes to float32: its coefficients are float32 tensors)
-    truth = df.batch_step_no_noise(m.float(), t, x.float())
-    same_dtype = df.batch_step_no_noise(m, t, x).to(dtype)
-    err, base_err = parity_error(got, truth), parity_error(same_dtype, truth)
-    assert err <= 2 * base_err + 1e-4, (err, base_err)
-    # float64 too, in float64
-    got64 = kd.batch_step_no_noise(m.double(), t, x.double())
-    assert got64.dtype == torch.float64 and parity_error(got64, truth) <= 1e-5
-
-
-def test_batch_step_needs_no_host_read_for_host_or_schedule_timesteps():
-    kd = DDIMParallelScheduler(thresholding=True)
-    kd.set_timesteps(10)
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t)
-    want = kd.batch_step_no_noise(m, t, x)
-    window = kd.timesteps[2:5, None].expand(-1, 3)
-    want_window = kd.batch_step_no_noise(m, window.tolist(), x)
-    want_one = kd.batch_step_no_noise(m, int(kd.timesteps[4]), x)
-    # views of the schedule: the values come from its host copy; nothing of any tensor is read
-    with no_host_reads("cpu", "numpy"):
-        got_window = kd.batch_step_no_noise(m, window, x)
-        got_one = kd.batch_step_no_noise(m, kd.timesteps[4], x)
-        got_list = kd.batch_step_no_noise(m, list(kd.timesteps[:9]), x)
-    # a tensor on the host: numpy reads its memory in place (no copy, no device sync)
-    with no_host_reads("cpu"):
-        got = kd.batch_step_no_noise(m, t, x)
-    assert torch.equal(got, want) and torch.equal(got_window, want_window) and torch.equal(got_one, want_one)
-    assert torch.equal(got_list, kd.batch_step_no_noise(m, kd.timesteps[:9].tolist(), x))
-
-
-def test_timesteps_on_a_device_are_read_once(monkeypatch):
-    # (a meta tensor stands in for one on a GPU: its values can only come back through .cpu())
-    kd = DDIMParallelScheduler()
-    kd.set_timesteps(10)
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t)
-    on_device = t.to("meta")
-    reads = []
-    real_cpu = torch.Tensor.cpu
-
-    def cpu(self, *args, **kwargs):
-        if self.is_meta:
-            reads.append(1)
-            return t.clone()
-        return real_cpu(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "cpu", cpu)
-    with no_host_reads():
-        got = kd.batch_step_no_noise(m, on_device, x)
-    assert len(reads) == 1
-    assert torch.equal(got, kd.batch_step_no_noise(m, t, x))
-
-
-@pytest.mark.gpu
-def test_gpu_batch_step_syncs_only_to_read_device_timesteps():
-    kd = DDIMParallelScheduler(clip_sample=False)
-    kd.set_timesteps(10, device="cuda")
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t)
-    cpu = kd.batch_step_no_noise(m, t, x)
-    m, x = m.cuda(), x.cuda()
-    window = kd.timesteps[2:5, None].expand(-1, 3)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = kd.batch_step_no_noise(m, t, x)  # host timesteps
-        kd.batch_step_no_noise(m, window, x)  # a view of the schedule on the GPU
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert parity_error(got.cpu(), cpu) <= 1e-5
-    on_device = t.cuda()  # a copy on the GPU, not a view of the schedule: read back once
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            again = kd.batch_step_no_noise(m, on_device, x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert len([w for w in caught if "synchroniz" in str(w.message)]) == 1
-    assert torch.equal(again, got)
 
 
 # --------------------------------------------------------------------------- errors, NaN, config

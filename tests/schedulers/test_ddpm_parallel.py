@@ -7,23 +7,13 @@ import torch
 import kdfast.schedulers.base as base
 from kdfast.schedulers.ddpm import DDPMScheduler
 from kdfast.schedulers.ddpm_parallel import DDPMParallelScheduler
+from paradigms import batch_inputs, learned_model, mixed_timesteps
 from parity import (
     assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, no_host_reads, parity_error, run_loop,
     settings)
 
 DF = diffusers.DDPMParallelScheduler
 FIXED = ["fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log"]
-SHAPE = (9, 3, 5, 7)  # odd sizes; one sample per timestep of mixed_timesteps
-
-
-def learned_model(x: torch.Tensor, t, variance_type="learned_range") -> torch.Tensor:
-    """[prediction, variance] channels: a log-variance fraction in [-1, 1] (learned_range) or a
-    positive variance (learned)."""
-    tf = float(t) / 1000.0
-    v = torch.tanh(0.7 * x.float() - tf)
-    if variance_type == "learned":
-        v = 0.05 * (v + 1.1)
-    return torch.cat([dummy_model(x, t), v.to(x.dtype)], dim=1)
 
 
 def learned_loop(scheduler, steps, x, variance_type, seed=0):
@@ -32,28 +22,6 @@ def learned_loop(scheduler, steps, x, variance_type, seed=0):
     for t in scheduler.timesteps:
         x = scheduler.step(learned_model(x, t, variance_type), t, x, generator=gen).prev_sample
     return x
-
-
-def mixed_timesteps(scheduler, off_schedule=537):
-    """A batch's timesteps as ParaDiGMS and worse give them: the first and the last timestep,
-    repeated (in a run and apart), the middle of the schedule and (unless None) a value off the schedule."""
-    ts = [int(t) for t in scheduler.timesteps]
-    mid = ts[len(ts) // 2]
-    return torch.tensor([ts[0], ts[0], ts[min(3, len(ts) - 1)], ts[-1], ts[-1], mid, ts[0],
-                         ts[1 % len(ts)] if off_schedule is None else off_schedule, ts[-1]])
-
-
-def batch_inputs(timesteps, shape=SHAPE, dtype=torch.float32, scale=1.0, model_scale=1.0, learned=None):
-    """(model_output, sample): a sample per timestep and the dummy model's output at its own timestep
-    (with a variance half for a ``learned`` variance type)."""
-    x = (scale * initial_sample(shape, seed=3)).to(dtype)
-    outs = []
-    for i, t in enumerate(timesteps.tolist()):
-        m = model_scale * dummy_model(x[i:i + 1], t)
-        if learned is not None:
-            m = torch.cat([m, learned_model(x[i:i + 1], t, learned)[:, shape[1]:]], 1)
-        outs.append(m)
-    return torch.cat(outs), x
 
 
 def stepwise_mean(kd, m, timesteps, x):
@@ -329,91 +297,6 @@ def test_in_diffusers_paradigms_pipeline(config):
     expected = paradigms_latents(DF(**config), guidance_scale=1.0)
     got = paradigms_latents(DDPMParallelScheduler(**config), guidance_scale=1.0)
     assert torch.isfinite(got).all() and parity_error(got, expected) <= 1e-5
-
-
-def test_one_fused_pass_per_run_of_equal_timesteps(monkeypatch):
-    calls, cats = [], []
-    real, real_cat = base.fused_step, torch.cat
-    monkeypatch.setattr(base, "fused_step", lambda *a: calls.append(a[0].shape[0]) or real(*a))
-    for config in (dict(), dict(thresholding=True), dict(variance_type="learned_range", clip_sample=False)):
-        kd = DDPMParallelScheduler(**config)
-        kd.set_timesteps(10)
-        t = kd.timesteps[1:5, None].repeat(1, 3).flatten()
-        m, x = batch_inputs(t, shape=(12, 2, 3, 3))
-        calls.clear()
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
-            kd.batch_step_no_noise(m, t, x)
-        assert calls == [3, 3, 3, 3] and len(cats) == 1
-        calls.clear()
-        cats.clear()
-        with monkeypatch.context() as patch:
-            patch.setattr(torch, "cat", lambda *a, **k: cats.append(1) or real_cat(*a, **k))
-            kd.batch_step_no_noise(m, kd.timesteps[3], x)
-        assert calls == [12] and not cats
-
-
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("config", [dict(), dict(prediction_type="v_prediction", clip_sample=False),
-                                    dict(thresholding=True, sample_max_value=2.0, prediction_type="sample")])
-def test_batch_step_half_precision_keeps_dtype_and_matches(dtype, config):
-    df, kd = DF(**config), DDPMParallelScheduler(**config)
-    for s in (df, kd):
-        s.set_timesteps(12)
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t, dtype=dtype, scale=1.5)
-    got = kd.batch_step_no_noise(m, t, x)
-    assert got.dtype == dtype  # (diffusers' promotes to float32: its coefficients are float32 tensors)
-    truth = df.batch_step_no_noise(m.float(), t, x.float())
-    same_dtype = df.batch_step_no_noise(m, t, x).to(dtype)
-    err, base_err = parity_error(got, truth), parity_error(same_dtype, truth)
-    assert err <= 2 * base_err + 1e-4, (err, base_err)
-    got64 = kd.batch_step_no_noise(m.double(), t, x.double())
-    assert got64.dtype == torch.float64 and parity_error(got64, truth) <= 1e-5
-
-
-def test_batch_step_needs_no_host_read_for_host_or_schedule_timesteps(monkeypatch):
-    kd = DDPMParallelScheduler(thresholding=True)
-    kd.set_timesteps(10)
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t)
-    want = kd.batch_step_no_noise(m, t, x)
-    window = kd.timesteps[2:5, None].expand(-1, 3)
-    want_window = kd.batch_step_no_noise(m, window.tolist(), x)
-    with no_host_reads("cpu", "numpy"):  # views of the schedule: values from its host copy
-        got_window = kd.batch_step_no_noise(m, window, x)
-        got_one = kd.batch_step_no_noise(m, kd.timesteps[4], x)
-    with no_host_reads("cpu"):  # a tensor on the host: numpy reads its memory in place
-        got = kd.batch_step_no_noise(m, t, x)
-    assert torch.equal(got, want) and torch.equal(got_window, want_window)
-    assert torch.equal(got_one, kd.batch_step_no_noise(m, int(kd.timesteps[4]), x))
-    # timesteps on a device (a meta tensor stands in for the GPU): read back once
-    reads = []
-    real_cpu = torch.Tensor.cpu
-    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: (reads.append(1) or t.clone()) if self.is_meta
-                        else real_cpu(self, *a, **k))
-    with no_host_reads():
-        assert torch.equal(kd.batch_step_no_noise(m, t.to("meta"), x), want)
-    assert len(reads) == 1
-
-
-@pytest.mark.gpu
-def test_gpu_batch_step_has_no_syncs_for_host_or_schedule_timesteps():
-    kd = DDPMParallelScheduler(clip_sample=False)
-    kd.set_timesteps(10, device="cuda")
-    t = mixed_timesteps(kd)
-    m, x = batch_inputs(t)
-    cpu = kd.batch_step_no_noise(m, t, x)
-    m, x = m.cuda(), x.cuda()
-    window = kd.timesteps[2:5, None].expand(-1, 3)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
-        got = kd.batch_step_no_noise(m, t, x)
-        kd.batch_step_no_noise(m, window, x)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    assert parity_error(got.cpu(), cpu) <= 1e-5
 
 
 # --------------------------------------------------------------------------- errors, NaN, config
