@@ -225,6 +225,9 @@ def solver_step(
             ``[batch, 29]`` table, a row per sample (samples at different timesteps), on the CPU
             or on the sample's device; CPU rows for a CUDA sample are copied there without a
             host sync (not inside a CUDA graph capture: pass them on the device there).
+            Differentiable, like every tensor input (learned solver coefficients); a
+            ``dynamic_scale`` made from x0 coefficients given as numbers carries no gradient
+            to them.
         cond: conditional model output for classifier-free guidance
             ``m = model_output + guidance_scale * (cond - model_output)``.
         guidance_scale: the scale of that combination (a finite float; read only with ``cond``).
@@ -321,7 +324,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     grad = torch.is_grad_enabled()
     # The dispatcher is needed under compile, dispatch modes and torch.func transforms, for
     # tensor subclasses and for autograd; no address is taken then.
-    dispatch = dispatcher_required() or type(sample) is not _Tensor or (grad and sample.requires_grad)
+    dispatch = (dispatcher_required() or type(sample) is not _Tensor
+                or (grad and (sample.requires_grad or coefs.requires_grad)))
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
         ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if fmt is not None else sample.stride(0), code
@@ -426,7 +430,7 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
     elif history_dtype not in DTYPE_CODES and history_dtype is not _F64:
         raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
                         f"got {history_dtype}")
-    dispatch = _needs_dispatcher((sample, *others, dynamic_scale))
+    dispatch = _needs_dispatcher((sample, *others, dynamic_scale, coefs))
     model_output, cond, h0, h1, h2, aux, noise = others
     return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
                          dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
@@ -581,28 +585,32 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grads):
     # The step is linear apart from guidance and thresholding, so the vector-Jacobian product
     # of the reference is exact and cheap. A dynamic threshold scale gets its gradient too
-    # (it comes from threshold_scale, whose own backward carries it on to x and the model).
+    # (it comes from threshold_scale, whose own backward carries it on to x and the model), and
+    # so do the coefficients (learned solver coefficients), one row or a row per sample.
     *saved, dynamic_scale = ctx.saved_tensors
     guidance_scale, threshold, clip_value, mask = ctx.scalars
     compute = _F64 if saved[0].dtype is _F64 else _F32  # what the forward computed in
     if threshold != THRESHOLD_DYNAMIC:
         dynamic_scale = None
+    coefs = ctx.coefs
     with torch.enable_grad():
         leaves = [None if t is None else t.detach().to(compute).requires_grad_(True) for t in saved]
         scale = None if dynamic_scale is None else dynamic_scale.detach().to(compute).requires_grad_(True)
-        outs = ref.solver_step(leaves, ctx.coefs, guidance_scale, threshold, clip_value, scale, compute)
+        coef_leaf = coefs.detach().requires_grad_(True) if ctx.needs_input_grad[2] else None
+        outs = ref.solver_step(leaves, coefs if coef_leaf is None else coef_leaf, guidance_scale, threshold,
+                               clip_value, scale, compute)
         kept = [outs[k] for k in range(3) if mask & (1 << k)]
         pairs = [(o, g) for o, g in zip(kept, grads) if g is not None]
-        wrt = [t for t in leaves + [scale] if t is not None]
+        wrt = [t for t in leaves + [scale, coef_leaf] if t is not None]
         got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(compute) for _, g in pairs], allow_unused=True)
     it = iter(got)
     result = []
-    for orig, leaf in zip(saved + [dynamic_scale], leaves + [scale]):
+    for orig, leaf in zip(saved + [dynamic_scale, coefs], leaves + [scale, coef_leaf]):
         g = None if leaf is None else next(it)
         result.append(None if g is None or orig is None else g.to(orig.dtype))
-    sample_g, model_g, cond_g, h0_g, h1_g, h2_g, aux_g, noise_g, scale_g = result
-    return (sample_g, model_g, None, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, scale_g, None, None,
-            None)
+    sample_g, model_g, cond_g, h0_g, h1_g, h2_g, aux_g, noise_g, scale_g, coefs_g = result
+    return (sample_g, model_g, coefs_g, cond_g, None, h0_g, h1_g, h2_g, aux_g, noise_g, None, None, scale_g, None,
+            None, None)
 
 
 _solver_step_op.register_autograd(_backward, setup_context=_setup_context)

@@ -506,6 +506,50 @@ def test_rows_per_sample_opcheck_autograd_and_compile():
     torch.testing.assert_close(compiled(x, ms.detach()), ops.solver_step(x, ms.detach(), rows).sample * 2)
 
 
+@pytest.mark.parametrize("rows", [False, True])
+@pytest.mark.parametrize("threshold", ["none", "clip", "dynamic"])
+def test_coefficients_are_differentiable(rows, threshold):
+    # Learned solver coefficients: the gradient reaches one row or a row per sample (gradcheck in
+    # float64), and, in float32, equals autograd through the reference
+    g = torch.Generator().manual_seed(5)
+    shape = (3, 2, 7)
+    x, m, cond, h = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
+    coefs = torch.randn((3, 29) if rows else (29,), generator=g, dtype=torch.float64)
+    kw = dict(cond=cond, guidance_scale=1.5, history=[h], write_history=True, write_aux=True)
+    if threshold == "clip":
+        kw["clip_value"] = 0.9
+    elif threshold == "dynamic":
+        kw["dynamic_scale"] = torch.tensor([1.0, 1.3, 2.0], dtype=torch.float64)
+
+    def step(c):
+        return tuple(ops.solver_step(x, m, c, **kw))
+
+    assert torch.autograd.gradcheck(step, (coefs.clone().requires_grad_(True),))
+    c32 = coefs.float().requires_grad_(True)
+    kw32 = {k: (v.float() if isinstance(v, torch.Tensor) else [t.float() for t in v] if isinstance(v, list) else v)
+            for k, v in kw.items()}
+    out = ops.solver_step(x.float(), m.float(), c32, **kw32)
+    w = [torch.randn(shape, generator=g) for _ in range(3)]
+    sum((o * wk).sum() for o, wk in zip(out, w)).backward()
+    c_ref = coefs.float().requires_grad_(True)
+    inputs = [x.float(), m.float(), cond.float(), h.float(), None, None, None, None]
+    threshold_code = {"none": 0, "clip": 1, "dynamic": 2}[threshold]
+    dyn = kw32.get("dynamic_scale")
+    outs = ref.solver_step(inputs, c_ref, 1.5, threshold_code, kw.get("clip_value", 1.0), dyn)
+    sum((o * wk).sum() for o, wk in zip(outs, w)).backward()
+    assert c32.grad.shape == coefs.shape
+    torch.testing.assert_close(c32.grad, c_ref.grad)
+
+
+def test_opcheck_with_coefficients_that_need_a_gradient():
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 5, generator=g)
+    for coefs in (random_coefs(g), torch.stack([random_coefs(g), random_coefs(g)])):
+        args = (x, torch.randn_like(x), coefs.requires_grad_(True), torch.randn_like(x), 2.0, torch.randn_like(x),
+                None, None, None, None, 1, 0.8, None, 3, torch.float32, "")
+        torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
+
+
 def test_rows_per_sample_step_path_has_no_tensor_to_python_conversions(monkeypatch):
     x = torch.randn(3, 4, 8, 8)
     m = torch.randn_like(x)
