@@ -105,6 +105,10 @@ def solver_step_cases(ops):
                     history_dtype=torch.float32, backend="triton")  # UniPC / SDE: every input and output
     ops.solver_step(x, m, coefs, clip_value=1.0, backend="triton")
     ops.solver_step(x, m, coefs, dynamic_scale=torch.ones(2), backend="triton")
+    # a row of coefficients per sample (loaded by the kernel), with guidance and a dynamic threshold
+    rows = torch.stack([coefs, coefs * 0.5])
+    ops.solver_step(x, m, rows, cond=_randn(2, 4, 8, 8, dtype=torch.bfloat16), guidance_scale=3.0, history=hist[:1],
+                    write_history=True, dynamic_scale=torch.ones(2), backend="triton")
     # size-1 arguments compile as constants: one sample of one element
     ops.solver_step(_randn(1, 1), _randn(1, 1), coefs, history=[_randn(1, 1)], write_history=True,
                     dynamic_scale=torch.ones(1), backend="triton")
