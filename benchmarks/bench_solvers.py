@@ -72,6 +72,7 @@ SOLVERS = [
     ("sasolver", "SASolverScheduler", "SASolverScheduler", {}),
     ("ltx_rf", "LTXEulerAncestralRFScheduler", "LTXEulerAncestralRFScheduler", {}),
     ("cosine_dpmpp_2m", "CosineDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", {}),
+    ("wuerstchen", "DDPMWuerstchenScheduler", "DDPMWuerstchenScheduler", {}),
 ]
 
 
@@ -89,13 +90,23 @@ def pipeline_step(scheduler, t, model_output, sample, kwargs):
     return scheduler.step(model_output, t, sample, **kwargs).prev_sample
 
 
+def loop_timesteps(scheduler, batch: int) -> list:
+    """The timesteps a pipeline steps from: every one of the schedule, except for Stable
+    Cascade's Wuerstchen scheduler, stepped from every timestep but the final 0 (the loop's
+    end), each as one per sample (``t.expand(batch)``), as its pipelines call it."""
+    ts = scheduler.timesteps
+    if type(scheduler).__name__ == "DDPMWuerstchenScheduler":
+        return [t.expand(batch) for t in ts[:-1]]
+    return list(ts)
+
+
 def run_loop(scheduler, x, outputs, device, set_timesteps: bool = True):
     """One pass over the schedule (model outputs precomputed): the last sample."""
     if set_timesteps:
         scheduler.set_timesteps(STEPS, device=device)
     kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
     sample = x
-    for t, out in zip(scheduler.timesteps, outputs):
+    for t, out in zip(loop_timesteps(scheduler, x.shape[0]), outputs):
         sample = pipeline_step(scheduler, t, out, sample, kwargs)
     return sample
 
@@ -147,7 +158,7 @@ def time_steps_cold(scheduler, x, outputs, device, evict: Callable[[], None]) ->
     scheduler.set_timesteps(STEPS, device=device)
     kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
     total, sample = 0.0, x
-    for t, out in zip(scheduler.timesteps, outputs):
+    for t, out in zip(loop_timesteps(scheduler, x.shape[0]), outputs):
         evict()
         sync(device)
         t0 = time.perf_counter()
@@ -174,13 +185,13 @@ def measure_pair(makes, x, outputs, device, repeats: int, evict: Callable[[], No
     # the core comes back up to speed, which is not what back-to-back steps cost.
     for _ in range(repeats):
         for k, s in enumerate(scheds):
-            steps = len(s.timesteps)
+            steps = len(loop_timesteps(s, x.shape[0]))
             warm[k].append(time_loop(s, x, outputs, device, False) / steps * 1e6)
             loop[k].append(time_loop(s, x, outputs, device, True) * 1e3)
     for _ in range(repeats):
         for k, s in enumerate(scheds):
-            cold[k].append(time_steps_cold(s, x, outputs, device, evict) / len(s.timesteps) * 1e6)
-    return [(quartiles(warm[k]), quartiles(cold[k]), quartiles(loop[k]), len(s.timesteps))
+            cold[k].append(time_steps_cold(s, x, outputs, device, evict) / len(loop_timesteps(s, x.shape[0])) * 1e6)
+    return [(quartiles(warm[k]), quartiles(cold[k]), quartiles(loop[k]), len(loop_timesteps(s, x.shape[0])))
             for k, s in enumerate(scheds)]
 
 
@@ -245,7 +256,7 @@ def latent_bytes_per_step(make: Callable, x, outputs, device) -> float:
         if not ev.name.startswith("aten::") or ev.cpu_parent is not None and ev.cpu_parent.name.startswith("aten::"):
             continue  # count top-level aten ops only
         total += op_latent_bytes(ev, list(x.shape), x.numel(), x.element_size())
-    return total / len(sched.timesteps)
+    return total / len(loop_timesteps(sched, x.shape[0]))
 
 
 def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bool = False) -> Dict[str, float]:
@@ -267,11 +278,11 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
              "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
-             "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85}[name]
+             "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85, "wuerstchen": 3}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
               "edm_dpmpp_2m": 2, "tcd": 2, "cm": 1, "ipndm": 2, "ddim_inverse": 1, "dpmpp_2m_inverse": 2,
-              "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2}[name]
+              "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2, "wuerstchen": 1}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}
@@ -307,7 +318,7 @@ def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str,
         else:
             kernels += 1
         busy_us += ev.time_range.elapsed_us()
-    n = len(sched.timesteps)
+    n = len(loop_timesteps(sched, x.shape[0]))
     # GPU time per step: with the lower-bound bytes it gives the effective bandwidth, which
     # bounds how far above the lower bound the real traffic can be.
     return {"kernels": kernels / n, "copies": copies / n, "syncs": syncs / n, "gpu_us": busy_us / n}

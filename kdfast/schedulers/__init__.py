@@ -12,6 +12,7 @@ from .ddim_inverse import DDIMInverseScheduler
 from .ddim_parallel import DDIMParallelScheduler
 from .ddpm import DDPMScheduler
 from .ddpm_parallel import DDPMParallelScheduler
+from .ddpm_wuerstchen import DDPMWuerstchenScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpm_cogvideox import CogVideoXDPMScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -43,7 +44,7 @@ __all__ = [
     "FusedScheduler", "SchedulerOutput", "from_diffusers", "patch_pipeline", "supported",
     "CMStochasticIterativeScheduler", "CogVideoXDDIMScheduler", "CogVideoXDPMScheduler",
     "CosineDPMSolverMultistepScheduler", "DDIMInverseScheduler", "DDIMParallelScheduler", "DDIMScheduler",
-    "DDPMParallelScheduler", "DDPMScheduler", "DEISMultistepScheduler", "DPMSolverMultistepInverseScheduler",
+    "DDPMParallelScheduler", "DDPMScheduler", "DDPMWuerstchenScheduler", "DEISMultistepScheduler", "DPMSolverMultistepInverseScheduler",
     "DPMSolverMultistepScheduler", "DPMSolverSDEScheduler", "DPMSolverSinglestepScheduler",
     "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler", "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",

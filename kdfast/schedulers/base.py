@@ -10,14 +10,13 @@ import threading
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .. import ops
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
 from ._linear import Lin
-import numpy as np
-
 from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, noise_schedule,
                         randn_like_diffusers, sigma_range, sigma_to_t)
 
@@ -491,6 +490,25 @@ class FusedScheduler(ConfigMixin):
             span = self._timestep_span = schedule_span(schedule)
         return schedule_position(timestep, span=span)
 
+    def schedule_positions(self, timesteps: torch.Tensor) -> Optional[np.ndarray]:
+        """The positions in ``self.timesteps`` of every element of ``timesteps`` (flattened,
+        row-major) when ``timesteps`` is a view of the schedule (an element, a slice,
+        ``t[:, None].expand(...)``), found from addresses and strides without reading a value;
+        else None."""
+        probe = timesteps[(0,) * timesteps.dim()] if timesteps.dim() else timesteps  # a 0-d view of the first
+        first = self.schedule_index(probe)
+        if first is None:
+            return None
+        _, step_bytes, length, _, _ = self._timestep_span
+        offsets = np.zeros(1, dtype=np.int64)
+        for size, stride in zip(timesteps.shape, timesteps.stride()):
+            offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
+        index, misaligned = np.divmod(offsets * timesteps.element_size(), step_bytes)
+        positions = first + index
+        if misaligned.any() or positions.max() >= length:  # (strides are >= 0: none lies before the first)
+            return None
+        return positions
+
     # ---------------------------------------------------------------- fused call
 
     @staticmethod
@@ -498,6 +516,21 @@ class FusedScheduler(ConfigMixin):
         if noise is not None:
             return noise
         return randn_like_diffusers(like.shape, generator, like.device, dtype)
+
+    @staticmethod
+    def _variance_noise(variance_noise: Optional[torch.Tensor], generator, like: torch.Tensor, dtype):
+        """A step's noise where diffusers' ``step`` takes ``variance_noise`` (DDIM, DDPM): that
+        tensor, checked, else drawn from ``generator`` as diffusers draws it; both given is
+        diffusers' error."""
+        if variance_noise is None:
+            return randn_like_diffusers(like.shape, generator, like.device, dtype)
+        if generator is not None:
+            raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
+                             "`generator` or `variance_noise` stays `None`.")
+        if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != like.shape:
+            raise ValueError(f"variance_noise must be a tensor of shape {tuple(like.shape)}, got "
+                             f"{getattr(variance_noise, 'shape', type(variance_noise).__name__)}")
+        return variance_noise
 
     def _fused_output(self, key, sample: torch.Tensor, model_output: torch.Tensor, *, want_x0: bool = False,
                       prev_dtype: Optional[torch.dtype] = None, **fused) -> SchedulerOutput:

@@ -36,6 +36,21 @@ def from_diffusers(scheduler) -> FusedScheduler:
     return cls.from_config(scheduler.config)
 
 
+# Schedulers whose pipelines choose their loop with isinstance(scheduler, <the diffusers class>),
+# which a kdfast scheduler is not: a patched pipeline would run the wrong loop.
+_UNPATCHABLE = {
+    "CogVideoXDPMScheduler": (
+        "CogVideoX pipelines choose how to call step() with isinstance(scheduler, diffusers.CogVideoXDPMScheduler), "
+        "which kdfast's CogVideoXDPMScheduler is not: they would call it as a DDIM step. Patch a pipeline using "
+        "CogVideoXDDIMScheduler, or run kdfast.schedulers.CogVideoXDPMScheduler in your own loop or kdfast.sample"),
+    "DDPMWuerstchenScheduler": (
+        "Stable Cascade and Wuerstchen pipelines choose their loop with isinstance(scheduler, "
+        "diffusers.DDPMWuerstchenScheduler), which kdfast's DDPMWuerstchenScheduler is not: they would step from the "
+        "schedule's final 0 and condition the model on t / timesteps[-1] (a division by 0). Run "
+        "kdfast.schedulers.DDPMWuerstchenScheduler in your own loop or kdfast.sample"),
+}
+
+
 def patch_pipeline(pipe):
     """Swap ``pipe.scheduler`` for its kdfast equivalent, in place; returns ``pipe``.
 
@@ -51,12 +66,9 @@ def patch_pipeline(pipe):
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler to patch")
-    if type(pipe.scheduler).__name__ == "CogVideoXDPMScheduler":
-        raise ValueError(
-            "CogVideoX pipelines choose how to call step() with isinstance(scheduler, "
-            "diffusers.CogVideoXDPMScheduler), which kdfast's CogVideoXDPMScheduler is not: they would call it as a "
-            "DDIM step. Patch a pipeline using CogVideoXDDIMScheduler, or run kdfast.schedulers.CogVideoXDPMScheduler "
-            "in your own loop or kdfast.sample")
+    refusal = _UNPATCHABLE.get(type(pipe.scheduler).__name__)
+    if refusal is not None:
+        raise ValueError(refusal)
     pipe.scheduler = from_diffusers(pipe.scheduler)
     diffusers = sys.modules.get("diffusers")  # a diffusers pipeline means diffusers is imported
     if diffusers is not None and isinstance(pipe, diffusers.DiffusionPipeline):

@@ -227,10 +227,7 @@ class DDIMScheduler(FusedScheduler):
         self._raise_if_undefined(key)  # (before the noise draw: a refused step leaves the generator as it was)
         noise = None
         if eta > 0:
-            if variance_noise is not None and generator is not None:
-                raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
-                                 "`generator` or `variance_noise` stays `None`.")
-            noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
+            noise = self._variance_noise(variance_noise, generator, model_output, model_output.dtype)
         cfg = self.config
         clip = cfg.clip_sample_range if cfg.clip_sample and not cfg.thresholding else None
         dynamic = (cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None

@@ -35,25 +35,6 @@ def run_eagerly(method: Callable) -> Callable:
     return wrapper
 
 
-def _schedule_positions(scheduler: FusedScheduler, timesteps: torch.Tensor) -> Optional[np.ndarray]:
-    """The positions in ``scheduler.timesteps`` of every element of ``timesteps`` (flattened, row-major)
-    when ``timesteps`` is a view of that schedule (an element, a slice, ``t[:, None].expand(...)``), found
-    from addresses and strides without reading a value; else None."""
-    probe = timesteps[(0,) * timesteps.dim()] if timesteps.dim() else timesteps  # a 0-d view of the first
-    first = scheduler.schedule_index(probe)
-    if first is None:
-        return None
-    _, step_bytes, length, _, _ = scheduler._timestep_span
-    offsets = np.zeros(1, dtype=np.int64)
-    for size, stride in zip(timesteps.shape, timesteps.stride()):
-        offsets = (offsets[:, None] + np.arange(size, dtype=np.int64)[None, :] * stride).reshape(-1)
-    index, misaligned = np.divmod(offsets * timesteps.element_size(), step_bytes)
-    positions = first + index
-    if misaligned.any() or positions.max() >= length:  # (strides are >= 0: none lies before the first)
-        return None
-    return positions
-
-
 def _tensor_values(scheduler: FusedScheduler, timesteps: torch.Tensor, integer_only: bool) -> np.ndarray:
     """The values of a timestep tensor on the host: from the schedule's host copy for a view of the
     schedule (no read), from the tensor itself on the CPU, else read back once (one host sync)."""
@@ -65,7 +46,7 @@ def _tensor_values(scheduler: FusedScheduler, timesteps: torch.Tensor, integer_o
                          f"diffusers), got a {dtype} tensor")
     if timesteps.numel() == 0:
         return np.zeros(0, dtype=np.int64)
-    positions = _schedule_positions(scheduler, timesteps)
+    positions = scheduler.schedule_positions(timesteps)
     if positions is not None:
         host = scheduler._host_timesteps
         return np.array([host[i] for i in positions.tolist()],

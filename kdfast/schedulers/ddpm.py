@@ -386,14 +386,7 @@ class DDPMScheduler(FusedScheduler):
         self._raise_if_undefined(key)  # (before the noise draw: a refused step leaves the generator as it was)
         noise = None
         if t > 0:
-            if variance_noise is not None:
-                if generator is not None:
-                    raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
-                                     "`generator` or `variance_noise` stays `None`.")
-                if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != model_output.shape:
-                    raise ValueError(f"variance_noise must be a tensor of shape {tuple(model_output.shape)}, got "
-                                     f"{getattr(variance_noise, 'shape', type(variance_noise).__name__)}")
-            noise = self._noise(variance_noise, generator, model_output, model_output.dtype)
+            noise = self._variance_noise(variance_noise, generator, model_output, model_output.dtype)
             if learned:
                 noise = self._learned_std(predicted_variance, t, prev, variance_type) * noise
         cfg = self.config

@@ -28,6 +28,8 @@ def test_from_diffusers_maps_every_supported_class(name):
         config = dict(sigma_max=300.0, sigma_schedule="karras")
     elif name == "LTXEulerAncestralRFScheduler":  # a flow schedule set later
         config = dict(eta=0.5)
+    elif name == "DDPMWuerstchenScheduler":  # a continuous cosine schedule
+        config = dict(scaler=2.0, s=0.01)
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)
@@ -43,13 +45,17 @@ def test_unsupported_scheduler_is_named():
         patch_pipeline(object())
 
 
-def test_a_cogvideox_dpm_pipeline_is_not_patched():
-    # CogVideoX pipelines call step() in the DPM form only for diffusers' own class
-    pipe = types.SimpleNamespace(scheduler=diffusers.CogVideoXDPMScheduler())
-    with pytest.raises(ValueError, match="isinstance"):
+@pytest.mark.parametrize("name,match", [
+    ("CogVideoXDPMScheduler", "call it as a DDIM step"),  # CogVideoX pipelines call step() in the DPM form
+    ("DDPMWuerstchenScheduler", "step from the schedule's final 0"),  # Stable Cascade's loop
+])
+def test_pipelines_that_check_the_scheduler_class_are_not_patched(name, match):
+    # These pipelines choose their loop for diffusers' own class only
+    pipe = types.SimpleNamespace(scheduler=getattr(diffusers, name)())
+    with pytest.raises(ValueError, match=match):
         patch_pipeline(pipe)
-    assert type(pipe.scheduler) is diffusers.CogVideoXDPMScheduler  # left as it was
-    assert type(from_diffusers(pipe.scheduler)) is kdfast.schedulers.CogVideoXDPMScheduler
+    assert type(pipe.scheduler) is getattr(diffusers, name)  # left as it was
+    assert type(from_diffusers(pipe.scheduler)) is getattr(kdfast.schedulers, name)
 
 
 def tiny_unet():

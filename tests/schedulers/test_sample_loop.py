@@ -22,8 +22,10 @@ def model(x, t, cond=None):
 def by_hand(s, x, generator, guidance_scale=None, cond=None, uncond=None):
     """The diffusers pipeline loop: scale the input, call the model, guide, step."""
     previous_x0 = None
-    # (SANA-Sprint steps from every sCM timestep but the last, where the loop ends)
-    for i, t in enumerate(s.timesteps[:-1] if isinstance(s, K.SCMScheduler) else s.timesteps):
+    # (SANA-Sprint steps from every sCM timestep but the last, where the loop ends; Stable
+    # Cascade from every Wuerstchen timestep but the final 0)
+    last_is_the_end = isinstance(s, (K.SCMScheduler, K.DDPMWuerstchenScheduler))
+    for i, t in enumerate(s.timesteps[:-1] if last_is_the_end else s.timesteps):
         inp = s.scale_model_input(x, t) if hasattr(s, "scale_model_input") else x
         if guidance_scale is None:
             m = model(inp, t)
