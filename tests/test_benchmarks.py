@@ -16,10 +16,11 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "ddim,dpmpp_2m", "--sections", "steps"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "unet"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "paradigms"]),
+    ("bench_piflow.py", ["--quick", "--repeats", "1"]),
     ("bench_inference.py", ["--quick", "--repeats", "1"]),
 ])
 def test_benchmark_smoke_run(script, args):
-    if script == "bench_solvers.py":
+    if script in ("bench_solvers.py", "bench_piflow.py"):
         pytest.importorskip("diffusers")
     results = {p: p.read_bytes() for p in (BENCH / "results").glob("*.json")}
     done = subprocess.run([sys.executable, str(BENCH / script), *args], capture_output=True, text=True, timeout=600)

@@ -34,6 +34,7 @@ from .kdpm2_discrete import KDPM2DiscreteScheduler
 from .lcm import LCMScheduler
 from .lms_discrete import LMSDiscreteScheduler
 from .ltx_euler_ancestral_rf import LTXEulerAncestralRFScheduler
+from .piflow import PiflowScheduler
 from .pndm import PNDMScheduler
 from .sasolver import SASolverScheduler
 from .scm import SCMScheduler
@@ -50,6 +51,6 @@ __all__ = [
     "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler", "HeunDiscreteScheduler", "IPNDMScheduler",
     "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler", "LCMScheduler", "LMSDiscreteScheduler",
-    "LTXEulerAncestralRFScheduler", "PNDMScheduler", "SASolverScheduler", "SCMScheduler", "TCDScheduler",
+    "LTXEulerAncestralRFScheduler", "PiflowScheduler", "PNDMScheduler", "SASolverScheduler", "SCMScheduler", "TCDScheduler",
     "UniPCMultistepScheduler",
 ]

@@ -19,7 +19,15 @@ def model(x, t, cond=None):
     return m if cond is None else m + 0.1 * cond
 
 
-def by_hand(s, x, generator, guidance_scale=None, cond=None, uncond=None):
+def widened(n_grid):
+    """A PiFlow model: ``n_grid`` predictions per channel, side by side in the last dimension."""
+    def predict(x, t, cond=None):
+        m = model(x, t, cond)
+        return torch.cat([m + 0.1 * g for g in range(n_grid)], dim=-1)
+    return predict
+
+
+def by_hand(s, x, generator, guidance_scale=None, cond=None, uncond=None, model=model):
     """The diffusers pipeline loop: scale the input, call the model, guide, step."""
     previous_x0 = None
     # (SANA-Sprint steps from every sCM timestep but the last, where the loop ends; Stable
@@ -53,10 +61,11 @@ def test_sample_equals_the_loop_by_hand(name, guided):
         s.set_timesteps(STEPS.get(name, 4))
         x_init = x * getattr(s, "init_noise_sigma", 1.0)
         gen = torch.Generator().manual_seed(7) if draws else None
+        denoiser = widened(s.n_grid) if name == "PiflowScheduler" else model
         if run == "sample":
-            outs.append(kdfast.sample(model, x_init, s, generator=gen, disable=True, **kwargs))
+            outs.append(kdfast.sample(denoiser, x_init, s, generator=gen, disable=True, **kwargs))
         else:
-            outs.append(by_hand(s, x_init, gen, **kwargs))
+            outs.append(by_hand(s, x_init, gen, model=denoiser, **kwargs))
     assert torch.isfinite(outs[0]).all()
     assert parity_error(outs[0], outs[1]) <= 1e-6
 
