@@ -38,3 +38,11 @@ def batch_inputs(timesteps, shape=SHAPE, dtype=torch.float32, scale=1.0, model_s
             m = torch.cat([m, learned_model(x[i:i + 1], t, learned)[:, shape[1]:]], 1)
         outs.append(m)
     return torch.cat(outs), x
+
+
+def stepwise_mean(kd, m, timesteps, x, **kwargs):
+    """Each sample stepped alone with ``step`` at its own timestep, with zero noise (DDPM's
+    posterior mean; DDIM with ``eta = 0`` draws none)."""
+    return torch.cat([kd.step(m[i:i + 1], t, x[i:i + 1], variance_noise=torch.zeros_like(x[i:i + 1]),
+                              **kwargs).prev_sample
+                      for i, t in enumerate(timesteps.tolist())])

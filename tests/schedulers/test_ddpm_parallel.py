@@ -7,7 +7,7 @@ import torch
 import kdfast.schedulers.base as base
 from kdfast.schedulers.ddpm import DDPMScheduler
 from kdfast.schedulers.ddpm_parallel import DDPMParallelScheduler
-from paradigms import batch_inputs, learned_model, mixed_timesteps
+from paradigms import batch_inputs, learned_model, mixed_timesteps, stepwise_mean
 from parity import (
     assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, no_host_reads, parity_error, run_loop,
     settings)
@@ -22,12 +22,6 @@ def learned_loop(scheduler, steps, x, variance_type, seed=0):
     for t in scheduler.timesteps:
         x = scheduler.step(learned_model(x, t, variance_type), t, x, generator=gen).prev_sample
     return x
-
-
-def stepwise_mean(kd, m, timesteps, x):
-    """Each sample stepped alone with ``step`` at its own timestep, with zero noise."""
-    return torch.cat([kd.step(m[i:i + 1], t, x[i:i + 1], variance_noise=torch.zeros_like(x[i:i + 1])).prev_sample
-                      for i, t in enumerate(timesteps.tolist())])
 
 
 # --------------------------------------------------------------------------- step (DDPM's)
@@ -154,29 +148,6 @@ def test_batch_step_parity_over_mixed_timesteps(prediction_type, spacing, steps,
     unclipped = DDPMParallelScheduler.from_config(kd.config, clip_sample=False, thresholding=False)
     unclipped.set_timesteps(steps)
     assert parity_error(unclipped.batch_step_no_noise(m, t, x), kd.batch_step_no_noise(m, t, x)) > 1e-3
-
-
-@pytest.mark.parametrize("config", [
-    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
-    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True),
-    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
-    dict(beta_schedule="sigmoid", num_train_timesteps=500),
-    dict(beta_schedule="laplace", variance_type="fixed_large"),
-    dict(trained_betas=[0.0001 + 0.0002 * k for k in range(100)], num_train_timesteps=100),
-])
-@pytest.mark.parametrize("steps", [1, 10, 50])
-def test_batch_step_parity_configs_and_step_counts(config, steps):
-    df, kd = DF(**config), DDPMParallelScheduler(**config)
-    for s in (df, kd):
-        s.set_timesteps(steps)
-    T = len(kd.alphas_cumprod)
-    t = mixed_timesteps(kd, off_schedule=T // 2 + 1)
-    m, x = batch_inputs(t)
-    got = kd.batch_step_no_noise(m, t, x)
-    assert torch.isfinite(got).all()
-    assert parity_error(got, df.batch_step_no_noise(m, t, x)) <= 1e-5
-    t = mixed_timesteps(kd, off_schedule=None)
-    assert torch.equal(kd.batch_step_no_noise(m, t, x), stepwise_mean(kd, m, t, x))
 
 
 def test_batch_step_before_set_timesteps_steps_to_t_minus_1():

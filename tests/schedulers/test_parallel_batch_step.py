@@ -9,12 +9,47 @@ import torch
 import kdfast.schedulers.ddim_parallel as ddim_parallel
 from kdfast.schedulers.ddim_parallel import DDIMParallelScheduler
 from kdfast.schedulers.ddpm_parallel import DDPMParallelScheduler
-from paradigms import batch_inputs, mixed_timesteps
+from paradigms import batch_inputs, mixed_timesteps, stepwise_mean
 from parity import diffusers, no_host_reads, parity_error
 
 SCHEDULERS = [(DDIMParallelScheduler, diffusers.DDIMParallelScheduler),
               (DDPMParallelScheduler, diffusers.DDPMParallelScheduler)]
 IDS = ["ddim", "ddpm"]
+
+
+_SHARED_CONFIGS = [
+    dict(rescale_betas_zero_snr=True, prediction_type="v_prediction", timestep_spacing="trailing"),
+    dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True),
+    dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False),
+    dict(trained_betas=[0.0001 + 0.0002 * k for k in range(100)], num_train_timesteps=100),
+]
+CONFIG_CASES = (
+    [(DDIMParallelScheduler, c) for c in _SHARED_CONFIGS + [dict(beta_schedule="squaredcos_cap_v2",
+                                                                 num_train_timesteps=500)]]
+    + [(DDPMParallelScheduler, c) for c in _SHARED_CONFIGS + [dict(beta_schedule="sigmoid", num_train_timesteps=500),
+                                                              dict(beta_schedule="laplace",
+                                                                   variance_type="fixed_large")]])
+
+
+@pytest.mark.parametrize("cls,config", CONFIG_CASES,
+                         ids=[f"{'ddim' if c is DDIMParallelScheduler else 'ddpm'}-{i}" for i, (c, _) in
+                              enumerate(CONFIG_CASES)])
+@pytest.mark.parametrize("steps", [1, 10, 50])
+def test_batch_step_parity_configs_and_step_counts(cls, config, steps):
+    df, kd = getattr(diffusers, cls.__name__)(**config), cls(**config)
+    for s in (df, kd):
+        s.set_timesteps(steps)
+    T = len(kd.alphas_cumprod)
+    t = mixed_timesteps(kd, off_schedule=T // 2 + 1)
+    m, x = batch_inputs(t)
+    got = kd.batch_step_no_noise(m, t, x)
+    assert torch.isfinite(got).all()
+    assert parity_error(got, df.batch_step_no_noise(m, t, x)) <= 1e-5
+    # each sample as step() steps it alone (DDPM's step takes only the schedule's timesteps, so
+    # it is compared on the schedule)
+    if cls is DDPMParallelScheduler:
+        t = mixed_timesteps(kd, off_schedule=None)
+    assert torch.equal(kd.batch_step_no_noise(m, t, x), stepwise_mean(kd, m, t, x))
 
 
 @pytest.mark.parametrize("cls", [DDIMParallelScheduler, DDPMParallelScheduler], ids=IDS)
