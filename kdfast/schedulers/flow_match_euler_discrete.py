@@ -8,11 +8,16 @@ from typing import List, Optional
 import numpy as np
 import torch
 
+from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, X
 from ._schedule import beta_sigmas, check_choice, exponential_sigmas, karras_sigmas, sigma_range
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import _reject_integer_timestep, check_sigma_options
+
+
+# Where the sample output's coefficient of each source sits in a coefficient row
+_SAMPLE_FROM = {name: 2 + k for k, name in enumerate(SOURCES)}
 
 
 class FlowMatchEulerDiscreteScheduler(FusedScheduler):
@@ -24,7 +29,8 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
     ``stochastic_sampling`` ``(1 - sigma_next) * (x - sigma * v) + sigma_next * noise``. Each
     ``step`` (and ``step_cfg``, which fuses classifier-free guidance) is one kernel pass with
     the coefficients computed in ``set_timesteps``; diffusers' upcast, update and downcast are
-    three. ``per_token_timesteps`` (a sigma per token) runs diffusers' unfused formula.
+    three. With ``per_token_timesteps`` (a sigma per token, LTX-Video's conditioning) the step is
+    one pass too, with a row of coefficients per token computed on the tokens' device.
     """
 
     _diffusers_name = "FlowMatchEulerDiscreteScheduler"
@@ -223,9 +229,8 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
             raise IndexError(f"step {i} is past the end of the {len(self._host_timesteps)}-step schedule; "
                              "call set_timesteps again")
         if per_token_timesteps is not None:
-            if cond is not None:
-                model_output = model_output + guidance_scale * (cond - model_output)
-            prev = self._per_token_step(model_output, sample, per_token_timesteps, generator, variance_noise)
+            prev = self._per_token_step(model_output, sample, per_token_timesteps, generator, variance_noise, cond,
+                                        guidance_scale)
         else:
             noise = None
             if self.config.stochastic_sampling:
@@ -238,16 +243,54 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
         return SchedulerOutput(prev)
 
     def _per_token_step(self, model_output: torch.Tensor, sample: torch.Tensor, per_token_timesteps: torch.Tensor,
-                        generator, variance_noise) -> torch.Tensor:
-        """diffusers' per-token step, unfused: each token moves from its own sigma to the largest
-        schedule sigma below it (its Euler update adds ``(sigma - sigma_lower) * v``, diffusers'
-        sign convention for this path); the result stays float32, as there."""
+                        generator, variance_noise, cond: Optional[torch.Tensor] = None,
+                        guidance_scale: float = 1.0) -> torch.Tensor:
+        """diffusers' per-token step in one fused pass: each token moves from its own sigma to the
+        largest schedule sigma below it (its Euler update adds ``(sigma - sigma_lower) * v``,
+        diffusers' sign convention for this path). The tokens' sigmas are computed on their device
+        with diffusers' operations (token-sized, no host read), written as one coefficient row per
+        token, and the latent, viewed as ``[tokens, channels]``, is stepped with a row each. The
+        result is float32, as in diffusers."""
+        if not isinstance(per_token_timesteps, torch.Tensor) or not per_token_timesteps.is_floating_point():
+            raise TypeError(f"per_token_timesteps must be a floating tensor of timesteps, one per token, got "
+                            f"{getattr(per_token_timesteps, 'dtype', type(per_token_timesteps).__name__)}")
+        tokens = sample.shape[:-1]
+        if sample.dim() < 2 or per_token_timesteps.dim() > 2 or per_token_timesteps.device != sample.device:
+            raise ValueError(f"per_token_timesteps must hold one timestep per token (sample {tuple(sample.shape)}: "
+                             f"tokens {tuple(tokens)}, channels last; at most 2-D, as diffusers takes it) on "
+                             f"{sample.device}, got shape {tuple(per_token_timesteps.shape)} on "
+                             f"{per_token_timesteps.device}")
+        try:
+            per_token_timesteps = per_token_timesteps.expand(tokens)
+        except RuntimeError:
+            raise ValueError(f"per_token_timesteps of shape {tuple(per_token_timesteps.shape)} does not match the "
+                             f"sample's tokens {tuple(tokens)} (sample {tuple(sample.shape)}, channels last)") from None
         sample = sample.to(torch.float32)
         per_token_sigmas = per_token_timesteps / self.config.num_train_timesteps
-        sigmas = self.sigmas.to(per_token_sigmas.device)[:, None, None]
-        lower = ((sigmas < per_token_sigmas[None] - 1e-6) * sigmas).max(dim=0).values
-        current, lower = per_token_sigmas[..., None], lower[..., None]
+        # diffusers' lower sigma, max((sigmas < sigma_token - 1e-6) * sigmas), without its
+        # [schedule, tokens] temporary: the largest schedule sigma below the threshold (0 if none)
+        below = (per_token_sigmas - 1e-6).reshape(-1).to(torch.float32)
+        ascending = torch.sort(self.sigmas.to(device=below.device, dtype=torch.float32)).values
+        count = torch.searchsorted(ascending, below)  # schedule sigmas < the threshold
+        lower = torch.where(count > 0, ascending[(count - 1).clamp(min=0)], 0.0).clamp(min=0.0)
+        current = per_token_sigmas.reshape(-1).to(torch.float32)
+        noise = None
+        rows = torch.zeros(current.numel(), NUM_COEFS, dtype=torch.float32, device=sample.device)
         if self.config.stochastic_sampling:
+            # x0 = x - sigma * v, then (1 - sigma_lower) * x0 + sigma_lower * noise
             noise = self._noise(variance_noise, generator, sample, torch.float32)
-            return (1.0 - lower) * (sample - current * model_output) + lower * noise
-        return sample + (current - lower) * model_output
+            rows[:, 0] = 1.0  # x0 from x
+            rows[:, 1] = -current  # x0 from the (guided) model output
+            rows[:, _SAMPLE_FROM["x0"]] = 1.0 - lower
+            rows[:, _SAMPLE_FROM["noise"]] = lower
+        else:
+            rows[:, _SAMPLE_FROM["x"]] = 1.0
+            rows[:, _SAMPLE_FROM["model"]] = current - lower
+        channels = sample.shape[-1]
+
+        def flat(t):
+            return None if t is None else t.reshape(-1, channels)
+
+        out = fused_step(flat(sample), flat(model_output), rows, flat(cond), guidance_scale, (), None, flat(noise),
+                         None, None, False, False, None).sample
+        return out.reshape(sample.shape)

@@ -112,6 +112,71 @@ def test_per_token_timesteps_match_diffusers():
     assert kd.step_index == df.step_index == 3
 
 
+def _per_token_case(df, kd, steps=8, shape=(2, 16, 4)):
+    for s in (df, kd):
+        s.set_timesteps(steps)
+    x, v = initial_sample(shape), initial_sample(shape, seed=1)
+    per_token = df.timesteps[2].expand(shape[:2]).clone()
+    per_token[:, :4] = df.timesteps[5]  # conditioning tokens further along
+    per_token[1, 5] = df.timesteps[-1]  # one at the last timestep: its lower sigma is 0
+    for s in (df, kd):
+        s.set_begin_index(2)
+    return x, v, per_token
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_token_stochastic_and_half_precision_match_diffusers(dtype):
+    for config in (dict(shift=3.0), dict(shift=3.0, stochastic_sampling=True)):
+        df, kd = DF(**config), FlowMatchEulerDiscreteScheduler(**config)
+        x, v, per_token = _per_token_case(df, kd)
+        x, v = x.to(dtype), v.to(dtype)
+        a = df.step(v, df.timesteps[2], x, per_token_timesteps=per_token,
+                    generator=torch.Generator().manual_seed(3)).prev_sample
+        b = kd.step(v, kd.timesteps[2], x, per_token_timesteps=per_token,
+                    generator=torch.Generator().manual_seed(3)).prev_sample
+        assert b.dtype == a.dtype == torch.float32  # diffusers upcasts the sample on this path
+        torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+def test_per_token_step_is_one_fused_pass_without_host_reads(monkeypatch):
+    import kdfast.schedulers.flow_match_euler_discrete as module
+    from parity import no_host_reads
+
+    df, kd = DF(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x, v, per_token = _per_token_case(df, kd)
+    calls = []
+    real = module.fused_step
+    monkeypatch.setattr(module, "fused_step", lambda *a: calls.append(a[2].shape) or real(*a))
+    with no_host_reads():
+        got = kd.step(v, kd.timesteps[2], x, per_token_timesteps=per_token).prev_sample
+    assert calls == [(32, 29)]  # one pass, a coefficient row per token
+    torch.testing.assert_close(got, df.step(v, df.timesteps[2], x, per_token_timesteps=per_token).prev_sample,
+                               rtol=0, atol=0)
+
+
+def test_per_token_step_cfg_is_the_step_of_the_guided_output():
+    kd = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    df = DF(shift=3.0)
+    x, u, per_token = _per_token_case(df, kd)
+    c = initial_sample(x.shape, seed=4)
+    guided = kd.step_cfg(u, c, 4.0, kd.timesteps[2], x, per_token_timesteps=per_token).prev_sample
+    kd.set_begin_index(2)
+    kd._step_index = None
+    expected = kd.step(u + 4.0 * (c - u), kd.timesteps[2], x, per_token_timesteps=per_token).prev_sample
+    torch.testing.assert_close(guided, expected, rtol=2e-6, atol=2e-6)
+
+
+def test_per_token_bad_input_is_named():
+    kd = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x, v, per_token = _per_token_case(DF(shift=3.0), kd)
+    for bad, exc, match in ((per_token[:, :5], ValueError, "does not match the sample's tokens"),
+                            (per_token[None], ValueError, "at most 2-D"),
+                            (per_token.long(), TypeError, "floating tensor"),
+                            ([1.0], TypeError, "floating tensor")):
+        with pytest.raises(exc, match=match):
+            kd.step(v, kd.timesteps[2], x, per_token_timesteps=bad)
+
+
 def test_scale_noise_matches_diffusers():
     df, kd = DF(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)
     for s in (df, kd):
