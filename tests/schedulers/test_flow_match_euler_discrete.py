@@ -119,6 +119,7 @@ def _per_token_case(df, kd, steps=8, shape=(2, 16, 4)):
     per_token = df.timesteps[2].expand(shape[:2]).clone()
     per_token[:, :4] = df.timesteps[5]  # conditioning tokens further along
     per_token[1, 5] = df.timesteps[-1]  # one at the last timestep: its lower sigma is 0
+    per_token[0, 6] = df.timesteps[3] + 0.0005  # within diffusers' 1e-6 of a schedule sigma: not below it
     for s in (df, kd):
         s.set_begin_index(2)
     return x, v, per_token
