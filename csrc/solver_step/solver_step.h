@@ -13,7 +13,8 @@
 //   x0  = clip(x0, -r, r)  or  clip(x0, -s_b, s_b) / s_b      optional thresholding
 //   out_k = sum_j c[2 + 9k + j] * src_j,  src = (x, m, u, x0, h0, h1, h2, aux, noise)
 //
-// c is one row of coefficients for the whole batch, or one row per sample (coef_rows).
+// c is one row of coefficients for the whole batch (host-made, passed by value), or one row
+// per sample (coef_rows, a table on the kernel's device: samples at different timesteps).
 // out_0 is the new sample, out_1 the new history entry (what a multistep solver keeps, in
 // the history dtype), out_2 an auxiliary sample (UniPC's corrected sample, Heun's stage).
 #pragma once

@@ -3,7 +3,9 @@
 The math (see csrc/solver_step/solver_step.h) is a guided, optionally thresholded data
 prediction followed by fixed linear combinations. Schedulers compute the 29 coefficients
 of each step on the host, in float64, when their schedule is set; :func:`coefficients`
-packs them. This module is the only place where these tensors become addresses.
+packs them. A step takes one row for the whole batch or a row per sample (samples at
+different timesteps; a flow model's tokens at their own sigmas, rows then made on the
+device). This module is the only place where these tensors become addresses.
 
 float64 steps (a float64 ``sample``) are computed in float64 by the reference backend, the
 pure-torch specification (:mod:`kdfast.reference.solver_step`): the compiled kernels take
