@@ -15,11 +15,14 @@ constexpr int kMaxGridY = 65535;
 // Params travels by value in the kernel's parameter space (well under the 4 KB limit), so a
 // captured CUDA graph holds each step's coefficients without any device-side table. With a
 // row per sample (kRowPerSample: p.coef_rows, a device table the caller keeps alive), each
-// block loads its sample's row into registers before its elements.
+// thread loads its sample's row into registers before its elements. A block is blockDim.y
+// samples of blockDim.x elements: one row of 256 threads for a large sample, several samples
+// per block for a small one (a row per token of a few channels), so no thread idles.
 template <bool kRowPerSample>
 __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params p) {
   const bool has_cond = p.in[kInCond] != nullptr;
-  for (int64_t b = blockIdx.y; b < p.batch; b += gridDim.y) {
+  for (int64_t b = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; b < p.batch;
+       b += int64_t(gridDim.y) * blockDim.y) {
     const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
     float row[kRowPerSample ? kNumCoefs : 1];
     if (kRowPerSample) {
@@ -106,15 +109,21 @@ int solver_step_cuda(const Params& p) {
   if (p.batch < 0 || p.inner < 0 || !p.in[kInX] || !p.in[kInModel]) return kBadArgument;
   if (p.threshold == kThresholdDynamic && !p.dynamic_scale) return kBadArgument;
   if (p.batch == 0 || p.inner == 0) return kOk;
-  const int64_t blocks_x = (p.inner + kThreads - 1) / kThreads;
+  // Threads per sample: 256, or the sample's size rounded up to a warp when it is smaller,
+  // the block's other threads taking the next samples.
+  const int64_t warps = (p.inner + 31) / 32;
+  const unsigned threads_x = unsigned(warps * 32 < kThreads ? warps * 32 : kThreads);
+  const unsigned threads_y = kThreads / threads_x;
+  const int64_t blocks_x = (p.inner + threads_x - 1) / threads_x;
+  const int64_t blocks_y = (p.batch + threads_y - 1) / threads_y;
   // Enough blocks to fill the GPU; each thread loops over the rest.
-  const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096),
-                  unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
+  const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096), unsigned(blocks_y < kMaxGridY ? blocks_y : kMaxGridY));
+  const dim3 block(threads_x, threads_y);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   if (p.coef_rows)
-    solver_step_kernel<true><<<grid, kThreads, 0, stream>>>(p);
+    solver_step_kernel<true><<<grid, block, 0, stream>>>(p);
   else
-    solver_step_kernel<false><<<grid, kThreads, 0, stream>>>(p);
+    solver_step_kernel<false><<<grid, block, 0, stream>>>(p);
   return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
 }
 

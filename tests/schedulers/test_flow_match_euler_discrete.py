@@ -350,3 +350,25 @@ def test_steps_on_the_training_schedule_before_set_timesteps():
     kd.set_begin_index(len(kd.timesteps) - 1)
     with pytest.raises(IndexError, match="past the end"):
         kd.step(x, kd.timesteps[-1], x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_per_token_step_without_syncs_matches_diffusers(dtype):
+    # a row of coefficients per token: thousands of small samples (4 channels) in one launch
+    df, kd = DF(shift=3.0), FlowMatchEulerDiscreteScheduler(shift=3.0)
+    x, v, per_token = _per_token_case(df, kd, shape=(2, 3000, 4))
+    x, v, per_token = x.to("cuda", dtype), v.to("cuda", dtype), per_token.cuda()
+    kd.set_timesteps(8, device="cuda")
+    df.set_timesteps(8, device="cuda")
+    for s in (df, kd):
+        s.set_begin_index(2)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = kd.step(v, kd.timesteps[2], x, per_token_timesteps=per_token).prev_sample
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = df.step(v, df.timesteps[2], x, per_token_timesteps=per_token).prev_sample
+    # (nvcc may contract the kernel's multiply-add into an FMA: within a rounding of diffusers')
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
