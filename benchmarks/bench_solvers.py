@@ -17,7 +17,8 @@ eager loop and, on a GPU, kdfast's loop replayed as one CUDA graph. And, where k
 is installed, its samplers against kdfast.sampling's over the same model outputs (the
 ``kdiff`` section; ``pip install --no-deps k-diffusion torchsde trampoline torchdiffeq`` is
 enough: only its sampling module is loaded). And ParaDiGMS' batch step of the parallel DDIM and
-DDPM schedulers, a window of mixed timesteps in one call (the ``paradigms`` section).
+DDPM schedulers, a window of mixed timesteps in one call (the ``paradigms`` section), and flow
+matching's per-token step at an LTX-like packed latent (``per_token``).
 
     python benchmarks/bench_solvers.py                 # all shapes, the UNet loop, k-diffusion
     python benchmarks/bench_solvers.py --quick         # SD-sized latent only, fewer repeats
@@ -45,7 +46,7 @@ from kdfast import schedulers as kd
 
 SHAPES = {"sd-1x4x64x64": (1, 4, 64, 64), "sd-2x4x128x128": (2, 4, 128, 128), "video-1x16x4x64x64": (1, 16, 4, 64, 64)}
 STEPS = 20
-SECTIONS = ("steps", "unet", "kdiff", "paradigms")
+SECTIONS = ("steps", "unet", "kdiff", "paradigms", "per_token")
 
 # (name, kdfast class name, diffusers class name, config)
 SOLVERS = [
@@ -482,6 +483,53 @@ def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: 
     return rows
 
 
+def per_token_steps(device, dtype, repeats: int, batch: int = 2, tokens: int = 4096, channels: int = 128,
+                    steps: int = 30) -> list:
+    """Flow matching's per-token step (LTX-Video conditioning: some tokens further along) against
+    diffusers', at an LTX-like packed latent ``[batch, tokens, channels]``; host time per step.
+    kdfast's is one fused pass with a row of coefficients per token."""
+    import diffusers
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn((batch, tokens, channels), generator=g).to(device=device, dtype=dtype)
+    v = torch.randn((batch, tokens, channels), generator=g).to(device=device, dtype=dtype)
+    scheds = {"kdfast": kd.FlowMatchEulerDiscreteScheduler(shift=3.0),
+              "diffusers": diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)}
+    for s in scheds.values():
+        s.set_timesteps(steps, device=device)
+    per_token = scheds["diffusers"].timesteps[5].expand(batch, tokens).clone()
+    per_token[:, :tokens // 8] = scheds["diffusers"].timesteps[20]  # conditioning tokens
+
+    def step(s):
+        s.set_begin_index(5)
+        s._step_index = None
+        return s.step(v, s.timesteps[5], x, per_token_timesteps=per_token).prev_sample
+
+    a, b = step(scheds["kdfast"]).double(), step(scheds["diffusers"]).double()
+    diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+    if not diff <= 1e-6:
+        print(f"  WARNING: per-token step differs from diffusers' by {diff:.1e} (relative)", file=sys.stderr)
+    times = {k: [] for k in scheds}
+    calls = 10
+    for _ in range(repeats):
+        for k, s in scheds.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                step(s)
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / calls * 1e6)
+    q, ref = quartiles(times["kdfast"]), quartiles(times["diffusers"])
+    print(f"\nPer-token flow step, {batch}x{tokens}x{channels} ({tokens // 8} conditioning tokens per sample), "
+          f"us per step: kdfast {q['median']:.1f}  diffusers {ref['median']:.1f}  x{ref['median'] / q['median']:.2f}  "
+          f"rel. diff {diff:.1e}")
+    return [{"op": "flow_per_token_step", "backend": kdfast_backend("solver_step", device),
+             "shape": [batch, tokens, channels], "dtype": str(dtype).replace("torch.", ""),
+             "device": device_name(device), "us_per_step": q,
+             "anchor": f"diffusers {diffusers.__version__} FlowMatchEulerDiscreteScheduler",
+             "anchor_us_per_step": ref, "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff}]
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="SD-sized latent only, fewer repeats")
@@ -492,10 +540,10 @@ def main(argv=None) -> None:
                         help=f"comma-separated subset of {','.join(name for name, *_ in SOLVERS)}")
     parser.add_argument("--repeats", type=int_at_least(1), default=None,
                         help="timed repeats per solver (default 15, quick 5)")
-    parser.add_argument("--sections", default="steps,unet,kdiff,paradigms",
+    parser.add_argument("--sections", default=",".join(SECTIONS),
                         help="what to run: steps (per-step and loop times per solver), unet (the UNet loop), "
                              "kdiff (against k-diffusion's samplers, where installed), paradigms (ParaDiGMS' "
-                             "batch step)")
+                             "batch step), per_token (flow matching's per-token step)")
     parser.add_argument("--out", default=None,
                         help="JSON file for the rows (default: benchmarks/results/bench_solvers.json, updated only by "
                              "full runs); rows of the same device, op, shape and dtype are replaced, all others kept")
@@ -599,6 +647,8 @@ def main(argv=None) -> None:
         record(k_diffusion_loops(device, dtype, repeats))
     if "paradigms" in sections:
         record(paradigms_batch_steps(device, dtype, repeats))
+    if "per_token" in sections:
+        record(per_token_steps(device, dtype, repeats))
     if out:
         print(f"wrote {len(rows)} rows to {out}")
 

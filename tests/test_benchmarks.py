@@ -15,7 +15,7 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_diffusion_losses.py", ["--quick", "--repeats", "1", "--quiet-load", "1000"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "ddim,dpmpp_2m", "--sections", "steps"]),
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "unet"]),
-    ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "paradigms"]),
+    ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "paradigms,per_token"]),
     ("bench_piflow.py", ["--quick", "--repeats", "1"]),
     ("bench_inference.py", ["--quick", "--repeats", "1"]),
 ])
@@ -160,7 +160,7 @@ def _bench_module(monkeypatch, name):
     ("bench_solvers", ["--solvers", ","], "--solvers: no solver given"),
     ("bench_solvers", ["--repeats", "-1"], "argument --repeats: must be an integer >= 1, got -1"),
     ("bench_solvers", ["--device", "foo"], "--device: expected cpu or cuda (or cuda:N), got 'foo'"),
-    ("bench_solvers", ["--sections", "x"], "--sections takes some of steps, unet, kdiff, paradigms, got 'x'"),
+    ("bench_solvers", ["--sections", "x"], "--sections takes some of steps, unet, kdiff, paradigms, per_token, got 'x'"),
     ("bench_kdloss", ["--quick", "--no-write", "--cases", "foo"], "--cases: unknown case(s) foo; expected some of"),
     ("bench_kdloss", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
     ("bench_kdloss", ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
