@@ -454,6 +454,7 @@ def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: 
         scheds = {"kdfast": getattr(kd, name)(), "diffusers": getattr(diffusers, name)()}
         for s in scheds.values():
             s.set_timesteps(steps, device=device)
+        # the window as ParaDiGMS' pipeline passes it: a copy (block_t.flatten), not a view of the schedule
         t = scheds["kdfast"].timesteps[10:10 + window, None].expand(-1, images).reshape(-1)
         results = {k: s.batch_step_no_noise(m, t, x) for k, s in scheds.items()}
         times = {k: [] for k in scheds}
