@@ -22,6 +22,17 @@ def check_choice(name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{name}={value!r} is not supported; expected one of {', '.join(map(repr, choices))}")
 
 
+# What a config or step argument that must be a number may be (a bool is not one)
+NUMBERS = (int, float, np.integer, np.floating)
+
+
+def finite_number(name: str, value) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` when it is not a finite number."""
+    if isinstance(value, bool) or not isinstance(value, NUMBERS) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
 def check_flow_sigma_spacing(config, spacings: Sequence[str]) -> None:
     """Refuse ``use_flow_sigmas`` with one of ``spacings`` (Karras, exponential, ... sigmas): the
     diffusers class spaces those on the training noise schedule (sigmas up to ~150), then reads

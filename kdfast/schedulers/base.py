@@ -509,6 +509,23 @@ class FusedScheduler(ConfigMixin):
             return None
         return positions
 
+    def timestep_values(self, timesteps: torch.Tensor) -> np.ndarray:
+        """The values of a non-empty timestep tensor (flattened, row-major) on the host: from the
+        schedule's host copy for a view of ``self.timesteps`` (no read), from the tensor's memory
+        on the CPU, else read back once (one host sync). Float64 for a floating tensor (numpy has
+        no bfloat16; every float of a narrower dtype is exact in it), int64 for an integer one."""
+        floating = timesteps.is_floating_point()
+        positions = self.schedule_positions(timesteps)
+        if positions is not None:
+            host = self._host_timesteps
+            return np.array([host[i] for i in positions.tolist()], dtype=np.float64 if floating else np.int64)
+        values = timesteps.detach()
+        if values.device.type != "cpu":
+            values = values.cpu()  # the one read of timesteps on a device that are not a view of the schedule
+        if floating:
+            values = values.to(torch.float64)
+        return values.reshape(-1).numpy()
+
     # ---------------------------------------------------------------- fused call
 
     @staticmethod

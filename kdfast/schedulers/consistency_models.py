@@ -2,7 +2,6 @@
 diffusers' ``CMStochasticIterativeScheduler``."""
 from __future__ import annotations
 
-import math
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import NOISE, X0
+from ._schedule import finite_number
 from .base import CoefficientTable, OutputFields, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _reject_integer_timestep, _SigmaScheduler
 
@@ -27,13 +27,6 @@ class CMStochasticIterativeSchedulerOutput(OutputFields):
 
     def __repr__(self) -> str:
         return f"CMStochasticIterativeSchedulerOutput(prev_sample={self.prev_sample!r})"
-
-
-def _finite_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 class CMStochasticIterativeScheduler(_SigmaScheduler):
@@ -85,14 +78,14 @@ class CMStochasticIterativeScheduler(_SigmaScheduler):
                 or num_train_timesteps < 2:
             # set_timesteps divides by num_train_timesteps - 1 (diffusers' sigmas are NaN at 1)
             raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}")
-        sigma_min, sigma_max = _finite_number("sigma_min", sigma_min), _finite_number("sigma_max", sigma_max)
+        sigma_min, sigma_max = finite_number("sigma_min", sigma_min), finite_number("sigma_max", sigma_max)
         if not 0 <= sigma_min < sigma_max:
             raise ValueError(f"need 0 <= sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}")
-        if _finite_number("sigma_data", sigma_data) <= 0:
+        if finite_number("sigma_data", sigma_data) <= 0:
             raise ValueError(f"sigma_data must be > 0, got {sigma_data}")
-        if _finite_number("rho", rho) <= 0:
+        if finite_number("rho", rho) <= 0:
             raise ValueError(f"rho must be > 0, got {rho}")
-        _finite_number("s_noise", s_noise)
+        finite_number("s_noise", s_noise)
         if not isinstance(clip_denoised, (bool, np.bool_)):
             raise ValueError(f"clip_denoised must be True or False, got {clip_denoised!r}")
         self.init_noise_sigma = sigma_max

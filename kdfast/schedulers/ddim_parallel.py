@@ -46,17 +46,7 @@ def _tensor_values(scheduler: FusedScheduler, timesteps: torch.Tensor, integer_o
                          f"diffusers), got a {dtype} tensor")
     if timesteps.numel() == 0:
         return np.zeros(0, dtype=np.int64)
-    positions = scheduler.schedule_positions(timesteps)
-    if positions is not None:
-        host = scheduler._host_timesteps
-        return np.array([host[i] for i in positions.tolist()],
-                        dtype=np.float64 if timesteps.is_floating_point() else np.int64)
-    values = timesteps.detach()
-    if values.device.type != "cpu":
-        values = values.cpu()  # the one read of timesteps given on a device (not a view of the schedule)
-    if values.is_floating_point():
-        values = values.to(torch.float64)  # (numpy has no bfloat16)
-    return values.reshape(-1).numpy()
+    return scheduler.timestep_values(timesteps)
 
 
 def batch_timesteps(scheduler: FusedScheduler, timesteps, batch: int, num_train_timesteps: int,

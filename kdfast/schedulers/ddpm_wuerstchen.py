@@ -17,16 +17,10 @@ import torch
 from ..ops.solver_step import fused_step
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, X
+from ._schedule import NUMBERS, finite_number
 from .base import CheckedPlan, FusedScheduler, GrowingTable, SchedulerOutput, reject_unknown_step_arguments
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_NUMBERS = (int, float, np.integer, np.floating)
-
-
-def _finite_number(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, _NUMBERS) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
 
 
 def _check_timestep_dtype(name: str, t: torch.Tensor) -> None:
@@ -90,9 +84,9 @@ class DDPMWuerstchenScheduler(FusedScheduler):
 
     @register_to_config
     def __init__(self, scaler: float = 1.0, s: float = 0.008) -> None:
-        if _finite_number("scaler", scaler) <= 0:
+        if finite_number("scaler", scaler) <= 0:
             raise ValueError(f"scaler must be > 0 (the timestep is raised to its power), got {scaler}")
-        if _finite_number("s", s) < 0:
+        if finite_number("s", s) < 0:
             raise ValueError(f"s must be >= 0 (the offset of the cosine schedule), got {s}")
         self.scaler = scaler
         self.s = torch.tensor([s])
@@ -219,25 +213,18 @@ class DDPMWuerstchenScheduler(FusedScheduler):
         """The values of ``timestep`` (flattened) and its dtype: from the schedule's host copy for a
         view of ``self.timesteps``, from host memory for a CPU tensor or a number, else read back once."""
         if not isinstance(timestep, torch.Tensor):
-            if isinstance(timestep, bool) or not isinstance(timestep, _NUMBERS):
+            if isinstance(timestep, bool) or not isinstance(timestep, NUMBERS):
                 raise TypeError(f"timestep must be a tensor of timestep ratios in [0, 1] (or a number), got "
                                 f"{type(timestep).__name__}")
             timestep = torch.tensor(timestep)  # (a float: float32, as torch.tensor makes it)
         _check_timestep_dtype("timestep", timestep)
         if timestep.numel() == 0:
             raise ValueError(f"timestep: got an empty tensor of shape {tuple(timestep.shape)}")
-        first = self.schedule_index(timestep[(0,) * timestep.dim()] if timestep.dim() else timestep)
-        if first is not None:  # its first element is one of the schedule's
-            host = self._host_timesteps
-            if not any(timestep.stride()):  # an element, t.expand(batch)
-                return [host[first]], timestep.dtype
-            positions = self.schedule_positions(timestep)  # (a slice, ...)
-            if positions is not None:
-                return [host[i] for i in positions.tolist()], timestep.dtype
-        values = timestep.detach()
-        if values.device.type != "cpu":
-            values = values.cpu()  # the one read of a timestep on a device that is not a view of the schedule
-        return values.reshape(-1).to(torch.float64).numpy().tolist(), timestep.dtype
+        if not any(timestep.stride()):  # an element, t.expand(batch): one value for the batch
+            first = self.schedule_index(timestep[(0,) * timestep.dim()] if timestep.dim() else timestep)
+            if first is not None:
+                return [self._host_timesteps[first]], timestep.dtype
+        return [float(v) for v in self.timestep_values(timestep).tolist()], timestep.dtype
 
     def _nearest_index(self, value: float, dtype: torch.dtype) -> int:
         """diffusers' ``(self.timesteps - timestep[0]).abs().argmin()``, on the host."""
@@ -359,7 +346,7 @@ class DDPMWuerstchenScheduler(FusedScheduler):
         if original_samples.dim() == 0:
             raise ValueError("original_samples must have a batch dimension, got a 0-d tensor")
         if not isinstance(timesteps, torch.Tensor):
-            if isinstance(timesteps, bool) or not isinstance(timesteps, _NUMBERS):
+            if isinstance(timesteps, bool) or not isinstance(timesteps, NUMBERS):
                 raise TypeError(f"timesteps must be a tensor of timestep ratios, got {type(timesteps).__name__}")
             timesteps = torch.tensor(timesteps)
         _check_timestep_dtype("timesteps", timesteps)

@@ -29,12 +29,12 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._schedule import NUMBERS, finite_number
 from .base import FusedScheduler, SchedulerOutput
 
 _F32, _F64 = torch.float32, torch.float64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-_NUMBERS = (int, float, np.integer, np.floating)
 # (a, ((g, w_g), ...)): one step's sample coefficient and its nonzero grid weights
 StepWeights = Tuple[float, Tuple[Tuple[int, float], ...]]
 
@@ -144,12 +144,6 @@ def _integer(name: str, value, minimum: int) -> int:
     return int(value)
 
 
-def _finite(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, _NUMBERS) or not math.isfinite(float(value)):
-        raise ValueError(f"{name} must be a finite number, got {value!r}")
-    return float(value)
-
-
 def _is_integer_timestep(timestep) -> bool:
     if isinstance(timestep, torch.Tensor):
         return timestep.dtype in _INTEGER_DTYPES
@@ -211,15 +205,15 @@ class PiflowScheduler(FusedScheduler):
         num_policy_substeps: int = 128,
     ) -> None:
         _integer("num_train_timesteps", num_train_timesteps, 1)
-        if _finite("shift", shift) <= 0:
+        if finite_number("shift", shift) <= 0:
             raise ValueError(f"shift must be > 0 (the schedule divides by 1 + (shift - 1) * t), got {shift}")
         if isinstance(n_grid, bool) or not isinstance(n_grid, (int, np.integer)):
             raise ValueError(f"n_grid must be an integer >= 2, got {n_grid!r}")
         if n_grid < 2:
             raise ValueError(f"PiflowScheduler requires n_grid >= 2, got {n_grid}")
-        if _finite("eps", eps) <= 0:
+        if finite_number("eps", eps) <= 0:
             raise ValueError(f"PiflowScheduler requires eps > 0, got {eps}")
-        if isinstance(final_step_size_scale, bool) or not isinstance(final_step_size_scale, _NUMBERS) \
+        if isinstance(final_step_size_scale, bool) or not isinstance(final_step_size_scale, NUMBERS) \
                 or not 0 < final_step_size_scale <= 1:
             raise ValueError("PiflowScheduler requires 0 < final_step_size_scale <= 1, got "
                              f"final_step_size_scale={final_step_size_scale!r}")
@@ -252,7 +246,7 @@ class PiflowScheduler(FusedScheduler):
         refused, as in diffusers. Starts a new loop (``step_index`` and ``begin_index`` reset)."""
         if sigmas is not None or mu is not None or timesteps is not None:
             raise ValueError("PiflowScheduler only supports its configured distilled timestep schedule")
-        if num_inference_steps is None or (isinstance(num_inference_steps, _NUMBERS)
+        if num_inference_steps is None or (isinstance(num_inference_steps, NUMBERS)
                                            and not isinstance(num_inference_steps, bool)
                                            and num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
@@ -287,7 +281,7 @@ class PiflowScheduler(FusedScheduler):
             if index is not None:
                 return index
             value = one.detach().to(self._timesteps.dtype).item()  # (the one host read: a copy's first step)
-        elif isinstance(timestep, _NUMBERS):
+        elif isinstance(timestep, NUMBERS):
             value = torch.tensor(timestep, dtype=self._timesteps.dtype).item()  # (rounded as diffusers rounds it)
         else:
             raise TypeError(f"timestep must be a tensor or a number, got {type(timestep).__name__}")
@@ -346,7 +340,7 @@ class PiflowScheduler(FusedScheduler):
         outputs, e.g. the halves of one batched forward), without forming it: the guidance is linear,
         so it is folded into the step's weights."""
         self._check_inputs(cond, sample, "cond")
-        guidance_scale = _finite("guidance_scale", guidance_scale)
+        guidance_scale = finite_number("guidance_scale", guidance_scale)
         out = self._step(uncond, timestep, sample, cond, guidance_scale)
         return out if return_dict else out.to_tuple()
 
