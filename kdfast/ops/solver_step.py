@@ -283,10 +283,10 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
 
     The caller guarantees what it owns: ``coefs`` is a row of a table it packed with
     :func:`coefficients` (a contiguous CPU tensor of 29 values, float32, or float64 for full
-    precision in float64 steps) or a contiguous ``[batch, 29]`` stack of such rows, ``history`` holds at most 3 entries and ``clip_value`` /
-    ``dynamic_scale`` are not both given. Every tensor and scalar is checked here, with
-    :func:`solver_step`'s errors: they come from the scheduler's user (sample, model output,
-    noise, history injected from outside).
+    precision in float64 steps) or a contiguous ``[batch, 29]`` stack of such rows, ``history``
+    holds at most 3 entries and ``clip_value`` / ``dynamic_scale`` are not both given. Every
+    tensor and scalar is checked here, with :func:`solver_step`'s errors: they come from the
+    scheduler's user (sample, model output, noise, history injected from outside).
 
     Eager calls on the C++ backends (nearly all calls) check each tensor and take its address,
     batch stride and dtype code in one pass, then call the binding: a tensor property read
