@@ -625,6 +625,38 @@ class FusedScheduler(ConfigMixin):
         return fused_step(sample, model_output, row, cond, guidance_scale, history, aux, noise, clip_value,
                           dynamic_scale, write_history, write_aux, history_dtype)
 
+    def _fused_per_sample(self, keys: Sequence, sample: torch.Tensor, model_output: torch.Tensor, *,
+                          cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
+                          noise: Optional[torch.Tensor] = None, clip_value: Optional[float] = None,
+                          dynamic: Optional[Tuple[float, float]] = None) -> ops.StepResult:
+        """One kernel call for a batch whose sample ``i`` steps with table entry ``keys[i]`` (one
+        key for the whole batch works too): :meth:`_fused` when they are all one entry, else one
+        pass with a row of coefficients per sample. Dynamic thresholding then adds a
+        threshold-scale pass per run of consecutive equal entries (the quantile takes one x0
+        formula per call)."""
+        first = keys[0]
+        if all(k == first for k in keys):
+            return self._fused(first, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
+                               clip_value=clip_value, dynamic=dynamic)
+        dtype = sample.dtype
+        rows = torch.stack([self._row(k, dtype) for k in keys])
+        dynamic_scale = None
+        if dynamic is not None:
+            scales = []
+            start, n = 0, len(keys)
+            for stop in range(1, n + 1):
+                if stop < n and keys[stop] == keys[start]:
+                    continue
+                cx, cm = self._table.plan(keys[start]).x0
+                scales.append(ops.threshold_scale(
+                    sample[start:stop], model_output[start:stop], cx, cm,
+                    cond=None if cond is None else cond[start:stop], guidance_scale=guidance_scale,
+                    ratio=dynamic[0], max_value=dynamic[1]))
+                start = stop
+            dynamic_scale = torch.cat(scales)
+        return fused_step(sample, model_output, rows, cond, guidance_scale, (), None, noise, clip_value, dynamic_scale,
+                          False, False, None)
+
     # ---------------------------------------------------------------- common API
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,

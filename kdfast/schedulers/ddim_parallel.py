@@ -12,8 +12,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .. import ops
-from ..ops.solver_step import fused_step
 from .base import FusedScheduler
 from .ddim import DDIMScheduler
 
@@ -109,25 +107,8 @@ def grouped_step(scheduler: FusedScheduler, values: Sequence[int], key_of: Calla
     for v in dict.fromkeys(values):
         keys[v] = key = key_of(v)
         scheduler._raise_if_undefined(key)
-    if len(keys) == 1:
-        return scheduler._fused(keys[values[0]], sample, model_output, clip_value=clip, dynamic=dynamic).sample
-    dtype = sample.dtype
-    row_of = {v: scheduler._row(key, dtype) for v, key in keys.items()}
-    rows = torch.stack([row_of[v] for v in values])
-    dynamic_scale = None
-    if dynamic is not None:
-        scales = []
-        start = 0
-        for stop in range(1, batch + 1):
-            if stop < batch and values[stop] == values[start]:
-                continue
-            cx, cm = scheduler._table.plan(keys[values[start]]).x0
-            scales.append(ops.threshold_scale(sample[start:stop], model_output[start:stop], cx, cm,
-                                              ratio=dynamic[0], max_value=dynamic[1]))
-            start = stop
-        dynamic_scale = torch.cat(scales)
-    return fused_step(sample, model_output, rows, None, 1.0, (), None, None, clip, dynamic_scale, False, False,
-                      None).sample
+    return scheduler._fused_per_sample([keys[v] for v in values], sample, model_output, clip_value=clip,
+                                       dynamic=dynamic).sample
 
 
 class DDIMParallelScheduler(DDIMScheduler):

@@ -14,7 +14,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..ops.solver_step import fused_step
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, X
 from ._schedule import NUMBERS, finite_number
@@ -321,14 +320,9 @@ class DDPMWuerstchenScheduler(FusedScheduler):
         noise = self._variance_noise(variance_noise, generator, model_output, model_output.dtype)
         if not any(self._table.plan(e).uses("noise") for e in entries.values()):
             noise = None
-        if len(entries) == 1:
-            result = self._fused(entries[values[0]], sample, model_output, cond=cond, guidance_scale=guidance_scale,
-                                 noise=noise)
-        else:  # a row of coefficients per sample, one pass
-            rows = torch.stack([self._row(entries[v], sample.dtype) for v in values])
-            result = fused_step(sample, model_output, rows, cond, guidance_scale, (), None, noise, None, None,
-                                False, False, None)
-        prev_sample = result.sample
+        # (one pass; a row of coefficients per sample when their timesteps differ)
+        prev_sample = self._fused_per_sample([entries[v] for v in values], sample, model_output, cond=cond,
+                                             guidance_scale=guidance_scale, noise=noise).sample
         if prev_sample.dtype != model_output.dtype:  # diffusers: pred.to(model_output.dtype)
             prev_sample = prev_sample.to(model_output.dtype)
         return SchedulerOutput(prev_sample)
