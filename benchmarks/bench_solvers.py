@@ -436,6 +436,21 @@ def k_diffusion_loops(device, dtype, repeats: int, shape=(1, 4, 64, 64)) -> list
     return rows
 
 
+def interleaved_us(runs: Dict[str, Callable[[], object]], repeats: int, calls: int, device) -> list:
+    """Quartiles of the us per call of each of ``runs`` (in their order), timed as ``repeats``
+    interleaved rounds of ``calls`` calls each, the device drained around each round."""
+    times = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, run in runs.items():
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                run()
+            sync(device)
+            times[k].append((time.perf_counter() - t0) / calls * 1e6)
+    return [quartiles(times[k]) for k in runs]
+
+
 def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: int = 2,
                           latent=(4, 64, 64), steps: int = 50) -> list:
     """ParaDiGMS' batch step (``batch_step_no_noise``) against diffusers': a window of ``window``
@@ -457,17 +472,8 @@ def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: 
         # the window as ParaDiGMS' pipeline passes it: a copy (block_t.flatten), not a view of the schedule
         t = scheds["kdfast"].timesteps[10:10 + window, None].expand(-1, images).reshape(-1)
         results = {k: s.batch_step_no_noise(m, t, x) for k, s in scheds.items()}
-        times = {k: [] for k in scheds}
-        calls = 20
-        for _ in range(repeats):
-            for k, s in scheds.items():
-                sync(device)
-                t0 = time.perf_counter()
-                for _ in range(calls):
-                    s.batch_step_no_noise(m, t, x)
-                sync(device)
-                times[k].append((time.perf_counter() - t0) / calls * 1e6)
-        q, ref = quartiles(times["kdfast"]), quartiles(times["diffusers"])
+        q, ref = interleaved_us({k: (lambda s=s: s.batch_step_no_noise(m, t, x)) for k, s in scheds.items()},
+                                repeats, 20, device)
         a, b = results["kdfast"].double(), results["diffusers"].double()
         diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
         if not diff <= (1e-4 if dtype == torch.float32 else 2e-2):
@@ -510,17 +516,7 @@ def per_token_steps(device, dtype, repeats: int, batch: int = 2, tokens: int = 4
     diff = float((a - b).abs().max() / max(1.0, float(b.abs().max())))
     if not diff <= 1e-6:
         print(f"  WARNING: per-token step differs from diffusers' by {diff:.1e} (relative)", file=sys.stderr)
-    times = {k: [] for k in scheds}
-    calls = 10
-    for _ in range(repeats):
-        for k, s in scheds.items():
-            sync(device)
-            t0 = time.perf_counter()
-            for _ in range(calls):
-                step(s)
-            sync(device)
-            times[k].append((time.perf_counter() - t0) / calls * 1e6)
-    q, ref = quartiles(times["kdfast"]), quartiles(times["diffusers"])
+    q, ref = interleaved_us({k: (lambda s=s: step(s)) for k, s in scheds.items()}, repeats, 10, device)
     print(f"\nPer-token flow step, {batch}x{tokens}x{channels} ({tokens // 8} conditioning tokens per sample), "
           f"us per step: kdfast {q['median']:.1f}  diffusers {ref['median']:.1f}  x{ref['median'] / q['median']:.2f}  "
           f"rel. diff {diff:.1e}")
