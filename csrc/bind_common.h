@@ -14,6 +14,7 @@
 #include "solver_step/solver_step.h"
 #include "diffusion_losses/diffusion_losses.h"
 #include "group_norm/group_norm.h"
+#include "grid_combination/grid_combination.h"
 
 namespace kdfast {
 namespace bind {
@@ -193,6 +194,40 @@ inline group_norm::Params make_group_norm_params(int64_t batch, int64_t channels
   return p;
 }
 
+// The coefficients are read from a host float32 array, [a, w[0][0..grid), w[1][0..grid)], into
+// the params struct, which CUDA receives by value in the launch.
+inline grid_combination::Params make_grid_params(int64_t rows, int64_t channels, int64_t grid, std::uintptr_t x,
+                                                 int64_t x_row_stride, int x_dtype,
+                                                 const std::array<std::uintptr_t, 2>& y,
+                                                 const std::array<int64_t, 2>& y_row_stride,
+                                                 const std::array<int, 2>& y_dtype, std::uintptr_t out, int out_dtype,
+                                                 std::uintptr_t coefs, int64_t num_coefs) {
+  grid_combination::Params p;
+  p.rows = rows;
+  p.channels = channels;
+  p.grid = grid;
+  p.num_outputs = y[1] ? 2 : 1;
+  const int64_t num_weights = num_coefs - 1;
+  if (!y[0] || !coefs || grid < 1 || num_weights != p.num_outputs * grid ||
+      num_weights > grid_combination::kMaxWeights)
+    throw std::invalid_argument("grid_combination: need an output and 1 + outputs * grid coefficients, at most " +
+                                std::to_string(1 + grid_combination::kMaxWeights));
+  p.x = as_ptr<const void>(x);
+  p.x_row_stride = x_row_stride;
+  p.x_dtype = x_dtype;
+  for (int k = 0; k < 2; ++k) {
+    p.y[k] = as_ptr<const void>(y[k]);
+    p.y_row_stride[k] = y_row_stride[k];
+    p.y_dtype[k] = y_dtype[k];
+  }
+  p.out = as_ptr<void>(out);
+  p.out_dtype = out_dtype;
+  const float* c = as_ptr<const float>(coefs);
+  p.sample_weight = c[0];
+  for (int64_t i = 0; i < num_weights; ++i) p.weights[i] = c[1 + i];
+  return p;
+}
+
 inline void check_status(int status, const char* op) {
   if (status == kOk) return;
   const char* what = status == kBadDType ? "unsupported dtype code"
@@ -207,6 +242,7 @@ inline void bind_constants(py::module_& m) {
   m.attr("NUM_SOURCES") = int(kNumSources);
   m.attr("NUM_COEFS") = int(kNumCoefs);
   m.attr("NUM_DIVERGENCE_KINDS") = int(kd_divergence::kNumKinds);
+  m.attr("MAX_GRID_WEIGHTS") = int(grid_combination::kMaxWeights);
 }
 
 }  // namespace bind

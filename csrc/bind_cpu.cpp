@@ -193,4 +193,22 @@ PYBIND11_MODULE(_C, m) {
   m.def("group_norm_gpu_splits", [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
     return group_norm::gpu_splits(batch, channels, spatial, groups, sm_count);
   });
+
+  // Grid combination (csrc/grid_combination): the leading arguments are those of
+  // make_grid_params in bind_common.h.
+  m.def("grid_combination",
+        [](int64_t rows, int64_t channels, int64_t grid, std::uintptr_t x, int64_t x_row_stride, int x_dtype,
+           const std::array<std::uintptr_t, 2>& y, const std::array<int64_t, 2>& y_row_stride,
+           const std::array<int, 2>& y_dtype, std::uintptr_t out, int out_dtype, std::uintptr_t coefs,
+           int64_t num_coefs, int num_threads) {
+          grid_combination::Params p = make_grid_params(rows, channels, grid, x, x_row_stride, x_dtype, y,
+                                                        y_row_stride, y_dtype, out, out_dtype, coefs, num_coefs);
+          p.num_threads = num_threads;
+          int status;
+          {
+            py::gil_scoped_release release;
+            status = grid_combination::grid_combination_cpu(p);
+          }
+          check_status(status, "grid_combination");
+        });
 }

@@ -150,4 +150,15 @@ PYBIND11_MODULE(_C_cuda, m) {
         [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
           return group_norm::cuda_workspace_doubles(batch, channels, spatial, groups, sm_count);
         });
+
+  m.def("grid_combination",
+        [](int64_t rows, int64_t channels, int64_t grid, std::uintptr_t x, int64_t x_row_stride, int x_dtype,
+           const std::array<std::uintptr_t, 2>& y, const std::array<int64_t, 2>& y_row_stride,
+           const std::array<int, 2>& y_dtype, std::uintptr_t out, int out_dtype, std::uintptr_t coefs,
+           int64_t num_coefs, std::uintptr_t stream) {
+          grid_combination::Params p = make_grid_params(rows, channels, grid, x, x_row_stride, x_dtype, y,
+                                                        y_row_stride, y_dtype, out, out_dtype, coefs, num_coefs);
+          p.stream = as_ptr<void>(stream);
+          check_status(grid_combination::grid_combination_cuda(p), "grid_combination");
+        });
 }

@@ -9,3 +9,6 @@ __all__ += ["diffusion_losses"]
 from . import group_norm  # noqa: E402
 
 __all__ += ["group_norm"]
+from . import grid_combination  # noqa: E402
+
+__all__ += ["grid_combination"]

@@ -164,6 +164,17 @@ def group_norm_cases(ops):
         ops.group_norm_act(x, 2, activation="identity", backend="triton")
 
 
+def grid_combination_cases(ops):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        x = _randn(2, 9, 16, dtype=dtype)
+        y0, y1 = _randn(2, 9, 160, dtype=dtype), _randn(2, 9, 160, dtype=dtype)
+        ops.grid_combination(x, y0, _randn(11), backend="triton")
+        ops.grid_combination(x, (y0, y1), _randn(21), backend="triton")
+    # mixed dtypes (a bf16 model's outputs for an fp32 sample), one channel, a grid of one
+    ops.grid_combination(_randn(3, 16), _randn(3, 64, dtype=torch.bfloat16), _randn(5), backend="triton")
+    ops.grid_combination(_randn(3, 1), _randn(3, 1), _randn(2), backend="triton")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     arch = int(argv[0]) if argv else 90
@@ -179,7 +190,8 @@ def main(argv=None) -> int:
     _ext._interpreted_kernels = True
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     KernelInterface.__getitem__ = _compile_only
-    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases, group_norm_cases):
+    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases, group_norm_cases,
+                  grid_combination_cases):
         cases(ops)
     print(json.dumps({"arch": arch, "triton": triton.__version__, "launches": dict(LAUNCHES),
                       "seconds": {k: round(v, 1) for k, v in SECONDS.items()}}))

@@ -12,3 +12,6 @@ __all__ += ["dmd", "pd_target", "per_sample_ddim_step", "progressive_mse", "pseu
 from .group_norm import group_norm_act  # noqa: E402
 
 __all__ += ["group_norm_act"]
+from .grid_combination import grid_combination  # noqa: E402
+
+__all__ += ["grid_combination"]
