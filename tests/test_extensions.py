@@ -142,6 +142,8 @@ sample = torch.randn(2, 4, 16, 16)
 for t in scheduler.timesteps:
     sample = scheduler.step(torch.tanh(sample) * 0.5, t, sample).prev_sample
 out["dpm"] = sample
+wide = torch.randn(3, 50, 160).bfloat16()
+out["grid_bf16"] = ops.grid_combination(torch.randn(3, 50, 16), (wide, wide.half()), torch.randn(21))
 # fp16 blocks: F16C in the AVX2 build, software conversions in the baseline one
 every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4, -1)
 widen = torch.tensor(ops.coefficients(0.0, 0.0, {"x": 1.0}, {"x": 1.0}), dtype=torch.float32)

@@ -57,10 +57,26 @@ inline bool use_f16c() {
   static const bool yes = has_avx2_fma() && __builtin_cpu_supports("f16c");
   return yes;
 }
+// bf16 -> fp32 blocks, 8 lanes (exact: the bits shifted into the high half), on CPUs with AVX2 +
+// FMA: GCC widens the scalar loop 4 lanes at a time at best in the baseline build.
+inline bool use_avx2() {
+  static const bool yes = has_avx2_fma();
+  return yes;
+}
+__attribute__((target("avx2"))) inline void bf16_to_float_avx2(const bf16_bits* s, int64_t n, float* d) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + i)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(d + i), _mm256_slli_epi32(wide, 16));
+  }
+  for (; i < n; ++i) d[i] = to_float(s[i]);
+}
 #else
 inline void half_to_float_f16c(const half_bits*, int64_t, float*) {}
 inline void float_to_half_f16c(const float*, int64_t, half_bits*) {}
 inline bool use_f16c() { return false; }
+inline bool use_avx2() { return false; }
+inline void bf16_to_float_avx2(const bf16_bits*, int64_t, float*) {}
 #endif
 
 // Below this many elements per thread, a parallel region costs more than it saves.
@@ -82,7 +98,11 @@ inline const float* load_floats(const void* p, int dtype, int64_t off, int64_t n
     }
     case kBFloat16: {
       const bf16_bits* s = static_cast<const bf16_bits*>(p) + off;
-      for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      if (use_avx2()) {
+        bf16_to_float_avx2(s, n, buf);
+      } else {
+        for (int64_t i = 0; i < n; ++i) buf[i] = to_float(s[i]);
+      }
       return buf;
     }
     default: return static_cast<const float*>(p) + off;
