@@ -14,8 +14,9 @@ step is exactly::
 ``a`` and ``w`` are computed once per step in ``set_timesteps``: diffusers' float32 scalar arithmetic
 is replayed on the host where it decides discrete things (the substep count ``round(delta * total)``,
 the interpolation cell ``floor(t * (n_grid - 1))`` and its clamps, the ``eps`` clamps, the final
-segment to ``eps``), the linear algebra is carried in float64. The step is then a handful of
-host-scalar passes, no host reads and no device tensors of its own (CUDA-graph capturable).
+segment to ``eps``), the linear algebra is carried in float64. The step is then one pass of
+:func:`kdfast.ops.grid_combination` with host-made weights: no host reads and no device tensors of its
+own (CUDA-graph capturable).
 (``x - x0`` does not depend on ``x``, so ``a`` is 1 up to float32's rounding of the interpolation
 weights; it is kept as computed, so that the collapse stays exact.)
 """
@@ -28,6 +29,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..ops.grid_combination import grid_combination
 from ._config import register_to_config
 from ._schedule import NUMBERS, finite_number
 from .base import FusedScheduler, SchedulerOutput
@@ -35,8 +37,8 @@ from .base import FusedScheduler, SchedulerOutput
 _F32, _F64 = torch.float32, torch.float64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-# (a, ((g, w_g), ...)): one step's sample coefficient and its nonzero grid weights
-StepWeights = Tuple[float, Tuple[Tuple[int, float], ...]]
+# One step's coefficients [a, w_0, ..., w_{n_grid - 1}] (float64, read-only), as grid_combination takes them
+StepCoefs = np.ndarray
 
 
 class PiflowSchedulerOutput(SchedulerOutput):
@@ -118,8 +120,8 @@ def _rollout_weights(raw_src: float, raw_dst: float, sigma_src: float, shift: fl
 
 @functools.lru_cache(maxsize=64)
 def _schedule_weights(n: int, shift: float, n_grid: int, eps: float, final_step_size_scale: float,
-                      num_policy_substeps: int, num_train_timesteps: int) -> Tuple[StepWeights, ...]:
-    """Every step's ``(a, ((g, w_g), ...))`` (nonzero weights only) for a schedule; shared by every
+                      num_policy_substeps: int, num_train_timesteps: int) -> Tuple[StepCoefs, ...]:
+    """Every step's ``[a, w_0, ..., w_{n_grid - 1}]`` for a schedule; shared (read-only) by every
     scheduler with the same settings (pure function of them)."""
     raw, sigmas, _ = _schedule(n, shift, final_step_size_scale, num_train_timesteps)
     raw, sigmas = raw.tolist(), sigmas.tolist()
@@ -131,7 +133,9 @@ def _schedule_weights(n: int, shift: float, n_grid: int, eps: float, final_step_
         if not all(math.isfinite(v) for v in values):
             raise ValueError(f"PiflowScheduler: step {i} of {n} has non-finite policy weights (shift={shift}, "
                              f"eps={eps}): {values}")
-        steps.append((a, tuple((g, v) for g, v in enumerate(values[1:]) if v != 0.0)))
+        row = np.array(values, dtype=np.float64)
+        row.setflags(write=False)
+        steps.append(row)
     return tuple(steps)
 
 
@@ -158,15 +162,14 @@ class PiflowScheduler(FusedScheduler):
     ``model_output`` is the model's widened output: shaped like the sample but for its last
     dimension, ``n_grid`` times the sample's channels (grid point ``g`` at ``[..., g*C:(g+1)*C]``).
     A step is diffusers' policy rollout collapsed into ``a * sample + sum_g w_g * grid_g`` (see the
-    module docstring), applied with host-scalar ``add_`` passes over the grid slices whose weight is
-    not 0: ``1 + n_grid`` kernel launches at most (``1 + 2 * n_grid`` with fused guidance, one more
-    for a half-precision or non-contiguous sample), no host reads, no host-to-device copies, where
-    diffusers' step makes ~335 full-latent passes (4 steps, 128 substeps per unit) and a host read.
-    ``step_cfg`` fuses classifier-free guidance of two widened outputs (it is linear too).
+    module docstring), applied by one :func:`kdfast.ops.grid_combination` kernel with the step's
+    weights as kernel arguments: one launch, no host reads, no host-to-device copies, where diffusers'
+    step makes ~335 full-latent passes (4 steps, 128 substeps per unit) and a host read.
+    ``step_cfg`` fuses classifier-free guidance of two widened outputs (it is linear too: the
+    scale is folded into the two outputs' weights, still one pass).
 
-    Bytes: the sample is read once, each used grid slice once, and the float32 accumulator (one
-    latent) read and written once per slice: 2.7x the ``(n_grid + 2)``-latent lower bound counted
-    in full, about the bound in memory traffic while the accumulator stays in cache.
+    Bytes: the sample is read once, each grid slice whose weight is not 0 once, the result written
+    once: at most the ``(n_grid + 2)``-latent lower bound (``2 * n_grid + 2`` with guidance).
 
     Numerics as diffusers': float32 math (float32 weights, accumulated in float32) whatever the
     inputs' dtypes, the result cast to the sample's dtype. A float64 sample is stepped in float64
@@ -232,7 +235,9 @@ class PiflowScheduler(FusedScheduler):
         self.final_step_size_scale = float(final_step_size_scale)
         self.num_policy_substeps = int(num_policy_substeps)
         self._piflow_raw_timesteps = torch.empty(0)
-        self._weights: Tuple[StepWeights, ...] = ()
+        self._coefs: Tuple[StepCoefs, ...] = ()
+        self._coefs32: Tuple[torch.Tensor, ...] = ()  # (the same, as the float32 tensors the kernels take)
+        self._coefs64: Tuple[torch.Tensor, ...] = ()
 
     # ---------------------------------------------------------------- schedule
 
@@ -252,7 +257,7 @@ class PiflowScheduler(FusedScheduler):
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
         n = _integer("num_inference_steps", num_inference_steps, 1)
         cfg = self.config
-        weights = _schedule_weights(n, float(cfg.shift), self.n_grid, self.eps, self.final_step_size_scale,
+        coefs = _schedule_weights(n, float(cfg.shift), self.n_grid, self.eps, self.final_step_size_scale,
                                     self.num_policy_substeps, int(cfg.num_train_timesteps))
         raw, sigmas, timesteps = _schedule(n, float(cfg.shift), self.final_step_size_scale,
                                            int(cfg.num_train_timesteps))
@@ -260,7 +265,9 @@ class PiflowScheduler(FusedScheduler):
         self._piflow_raw_timesteps = raw.to(device)
         self.sigmas = torch.cat([sigmas, sigmas.new_zeros(1)]).to(device)
         self._set_timesteps(timesteps.to(device), timesteps.tolist())
-        self._weights = weights
+        self._coefs = coefs
+        self._coefs64 = tuple(torch.tensor(row) for row in coefs)
+        self._coefs32 = tuple(row.float() for row in self._coefs64)
         self._step_index = None
         self._begin_index = None
 
@@ -356,32 +363,15 @@ class PiflowScheduler(FusedScheduler):
         if index >= self.num_inference_steps:
             raise RuntimeError("PiflowScheduler.step called after the schedule was exhausted")
         self._check_inputs(model_output, sample)
+        wide = sample.dtype is _F64
         if cond is None:
-            terms = ((model_output, 1.0),)
-        else:  # (an output whose weight is 0, uncond at guidance_scale 1, is not read)
-            terms = tuple((t, w) for t, w in ((model_output, 1.0 - guidance_scale), (cond, guidance_scale)) if w)
-        prev = self._apply(self._weights[index], sample, terms)
+            outputs, coefs = model_output, (self._coefs64 if wide else self._coefs32)[index]
+        else:  # guidance folded into the weights (uncond at guidance_scale 1 gets 0s: it is not read)
+            row = self._coefs[index]
+            outputs = (model_output, cond)
+            coefs = torch.from_numpy(np.concatenate((row[:1], row[1:] * (1.0 - guidance_scale),
+                                                     row[1:] * guidance_scale)))
+            coefs = coefs if wide else coefs.to(_F32)
+        prev = grid_combination(sample, outputs, coefs)
         self._step_index = index + 1
         return PiflowSchedulerOutput(prev)
-
-    def _apply(self, weights: StepWeights, sample: torch.Tensor, terms) -> torch.Tensor:
-        """``a * sample + sum_g w_g * sum_j scale_j * grid_j[g]`` in float32 (float64 for a float64 sample):
-        one pass writing ``a * sample``, then one in-place ``add_`` per nonzero grid weight and output,
-        each reading its strided slice of the widened output. Measured against the alternatives on the
-        CPU (benchmarks/bench_piflow.py): a GEMM with a block-diagonal weight matrix (one pass, but
-        ``channels`` times the FLOPs) and batched matmuls are 2-5x slower; the fused solver_step kernel
-        takes sample-shaped inputs only (the slices would be copied first)."""
-        a, grid = weights
-        compute = _F64 if sample.dtype is _F64 else _F32
-        if sample.dtype is compute and sample.is_contiguous():
-            out = torch.mul(sample, a)
-        else:  # (widened in float32, and laid out contiguously like the model output, not like a view)
-            out = torch.empty(sample.shape, dtype=compute, device=sample.device)
-            out.copy_(sample)
-            out.mul_(a)
-        channels = sample.shape[-1]
-        for output, scale in terms:
-            slices = output.unflatten(-1, (self.n_grid, channels)).unbind(-2)
-            for g, w in grid:
-                out.add_(slices[g], alpha=w * scale)
-        return out if out.dtype is sample.dtype else out.to(sample.dtype)

@@ -366,10 +366,9 @@ def test_gradients_are_the_weights():
     x = initial_sample((1, 2, 4)).requires_grad_(True)
     m = widened(x.detach(), 0, 3).requires_grad_(True)
     kd.step(m, kd.timesteps[0], x).prev_sample.sum().backward()
-    a, grid = kd._weights[0]
-    w = dict(grid)
+    a, *w = kd._coefs[0].tolist()
     assert torch.allclose(x.grad, torch.full_like(x, a))
-    expected = torch.cat([torch.full((1, 2, 4), w.get(g, 0.0)) for g in range(3)], dim=-1)
+    expected = torch.cat([torch.full((1, 2, 4), w[g]) for g in range(3)], dim=-1)
     assert torch.allclose(m.grad, expected)
 
 
@@ -378,12 +377,39 @@ def test_zero_weight_grid_points_are_not_read():
     # one before with weight 0: a NaN there is its NaN, not kdfast's)
     kd = KD(num_policy_substeps=1)
     kd.set_timesteps(1)
-    a, grid = kd._weights[0]
-    assert [g for g, _ in grid] == [9]
+    assert np.flatnonzero(kd._coefs[0][1:]).tolist() == [9]
     x = initial_sample((2, 6, 5, 4))
     m = widened(x, 1000, 10)
     m[..., :36] = float("nan")
     assert torch.isfinite(kd.step(m, kd.timesteps[0], x).prev_sample).all()
+    # guided at scale 1 the unconditional output has weight 0 everywhere: not read at all
+    kd.set_timesteps(1)
+    assert torch.isfinite(kd.step_cfg(torch.full_like(m, float("nan")), m.nan_to_num(), 1.0, kd.timesteps[0],
+                                      x).prev_sample).all()
+
+
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_fused_pass_per_step(monkeypatch, guided, dtype):
+    # a step is one grid_combination kernel call, with the step's weights as its coefficients
+    from kdfast.ops.grid_combination import combination_op
+    calls = []
+    real = combination_op._impls["cpu"]
+    monkeypatch.setitem(combination_op._impls, "cpu", lambda *a: calls.append(a[2]) or real(*a))
+    combination_op._cache.clear()
+    try:
+        kd = KD()
+        kd.set_timesteps(4)
+        x = initial_sample((2, 3, 4, 5, 16)).to(dtype)
+        for i, t in enumerate(kd.timesteps):
+            u = widened(x.float(), t, 10).to(dtype)
+            x = kd.step_cfg(u, 0.5 * u, 2.5, t, x).prev_sample if guided else kd.step(u, t, x).prev_sample
+            assert len(calls) == i + 1
+            row = kd._coefs[i]
+            expect = np.concatenate((row[:1], row[1:] * -1.5, row[1:] * 2.5)) if guided else row
+            assert np.array_equal(calls[-1].numpy(), expect.astype(np.float32))
+    finally:
+        combination_op._cache.clear()
 
 
 @pytest.mark.parametrize("guided", [False, True])
