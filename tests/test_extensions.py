@@ -152,6 +152,15 @@ out["f16_widen"] = ops.solver_step(every, torch.zeros_like(every), widen, histor
 wide = torch.randn(1, 50000) * torch.logspace(-10, 5.5, 50000)
 narrow = torch.tensor(ops.coefficients(0.0, 0.0, {"model": 1.0}), dtype=torch.float32)
 out["f16_narrow"] = ops.solver_step(torch.zeros(1, 50000, dtype=torch.float16), wide, narrow)[0]
+# bf16 blocks: AVX2 in the AVX2 build, scalar loops in the baseline one (every pattern widened;
+# random float32 patterns, NaNs and rounding ties among them, narrowed)
+every = every.view(torch.int16).view(torch.bfloat16)
+out["bf16_widen"] = ops.solver_step(every, torch.zeros_like(every), widen, history=[], write_history=True,
+                                    history_dtype=torch.float32)[1]
+bits = torch.randint(-2**31, 2**31, (1, 65536), dtype=torch.int64, generator=torch.Generator().manual_seed(1))
+bits[0, ::7] = (bits[0, ::7] & ~0xffff) | 0x8000  # ties
+floats = bits.to(torch.int32).view(torch.float32)
+out["bf16_narrow"] = ops.solver_step(torch.zeros(1, 65536, dtype=torch.bfloat16), floats, narrow)[0]
 torch.save(out, sys.argv[1])
 """
 
@@ -179,6 +188,7 @@ def test_both_cpu_builds_compute_the_same(tmp_path):
     assert chosen.pop("cpu_target") == kdfast._ext.cpu()[0].build_info()["cpu_target"]
     assert forced.keys() == chosen.keys()
     for key in forced:
-        exact = key.startswith("f16")  # conversions: the same values, bit for bit
-        torch.testing.assert_close(forced[key], chosen[key], rtol=0 if exact else 2e-5, atol=0 if exact else 2e-5,
-                                   equal_nan=True, msg=key)
+        if key.startswith(("f16", "bf16")):  # conversions: the same bits, NaN payloads included
+            assert torch.equal(forced[key].view(torch.uint8), chosen[key].view(torch.uint8)), key
+        else:
+            torch.testing.assert_close(forced[key], chosen[key], rtol=2e-5, atol=2e-5, equal_nan=True, msg=key)
