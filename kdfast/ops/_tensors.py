@@ -135,3 +135,21 @@ def addresses(tensors, inner: int, packed: bool = False) -> Tuple[list, list, li
             strides.append(inner if packed or t.is_contiguous() else t.stride(0))
             codes.append(DTYPE_CODES[t.dtype])
     return ptrs, strides, codes
+
+
+def eager_autograd(op_name: str, forward, setup_context, backward) -> type:
+    """A ``torch.autograd.Function`` computing ``forward(*inputs)`` with a custom op's
+    ``setup_context`` and ``backward``: the op's autograd for plain eager tensors, without the
+    custom op's per-call dispatch cost (it can exceed a small kernel's time)."""
+
+    def apply_forward(ctx, *inputs):
+        output = forward(*inputs)
+        setup_context(ctx, inputs, output)
+        return output
+
+    def apply_backward(ctx, *grads):
+        return backward(ctx, *grads)
+
+    return type(f"Eager_{op_name}", (torch.autograd.Function,),
+                {"__doc__": f"kdfast::{op_name}'s autograd for plain eager tensors (same forward and backward).",
+                 "forward": staticmethod(apply_forward), "backward": staticmethod(apply_backward)})

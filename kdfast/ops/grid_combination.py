@@ -22,7 +22,7 @@ import torch
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import grid_combination as ref
-from ._tensors import DTYPE_CODES, describe, dispatcher_required, has_subclass, on_device
+from ._tensors import DTYPE_CODES, describe, dispatcher_required, eager_autograd, has_subclass, on_device
 
 combination_op = backends.op("grid_combination")
 
@@ -247,16 +247,4 @@ def _backward(ctx, grad):
 _grid_combination_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerGridCombination(torch.autograd.Function):
-    """kdfast::grid_combination's autograd for plain eager tensors, without the custom op's
-    per-call dispatch cost (same forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _backward(ctx, grad)
+_EagerGridCombination = eager_autograd("grid_combination", _forward, _setup_context, _backward)

@@ -22,7 +22,7 @@ import torch
 
 from .. import _ext, backends
 from ..reference import group_norm as ref
-from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, has_subclass, on_device
+from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -280,17 +280,4 @@ def _backward(ctx, grad_out):
 _group_norm_act_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _EagerGroupNormAct(torch.autograd.Function):
-    """kdfast::group_norm_act's autograd for plain eager tensors, without the custom op's
-    per-call dispatch cost (same forward and backward)."""
-
-    @staticmethod
-    def forward(ctx, *inputs):
-        output = _forward(*inputs)
-        _setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return _backward(ctx, grad_out)
-
+_EagerGroupNormAct = eager_autograd("group_norm_act", _forward, _setup_context, _backward)
