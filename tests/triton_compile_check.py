@@ -173,6 +173,8 @@ def grid_combination_cases(ops):
     # mixed dtypes (a bf16 model's outputs for an fp32 sample), one channel, a grid of one
     ops.grid_combination(_randn(3, 16), _randn(3, 64, dtype=torch.bfloat16), _randn(5), backend="triton")
     ops.grid_combination(_randn(3, 1), _randn(3, 1), _randn(2), backend="triton")
+    # the most weights the kernels take: 128 kernel arguments besides the sample's
+    ops.grid_combination(_randn(3, 4), (_randn(3, 256), _randn(3, 256)), _randn(129), backend="triton")
 
 
 def main(argv=None) -> int:

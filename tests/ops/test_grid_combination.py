@@ -130,8 +130,11 @@ def test_float64_and_wide_grids_take_the_reference():
     assert torch.equal(ops.grid_combination(x, ys, coefs), ref.grid_combination(x, ys, coefs))
     with pytest.raises(BackendUnavailableError, match=f"{2 * grid} grid weights"):
         ops.grid_combination(x, ys, coefs, backend="cpu")
-    x, ys, coefs = make((2, 3), MAX_WEIGHTS, torch.float32, 1)  # the most one output may have
-    assert torch.equal(ops.grid_combination(x, ys, coefs, backend="cpu"), ref.grid_combination(x, ys, coefs))
+    # the most the kernels take: one output of MAX_WEIGHTS grid points, two of half as many
+    for outputs in (1, 2):
+        x, ys, coefs = make((2, 3), MAX_WEIGHTS // outputs, torch.float32, outputs)
+        for backend in BACKENDS:
+            assert torch.equal(ops.grid_combination(x, ys, coefs, backend=backend), ref.grid_combination(x, ys, coefs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
