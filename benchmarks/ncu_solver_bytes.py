@@ -1,5 +1,6 @@
 """Bytes the fused solver step moves per step on a GPU, measured with Nsight Compute, against
-the lower bound (each input latent read once, each output written once).
+the lower bound (each input latent read once, each output written once); and the same for
+pi-Flow's step (one ``grid_combination`` kernel: the sample and each used grid point read once).
 
 Runs itself under ``ncu`` and reads, for every launch of the step kernel, the L2 traffic the
 kernel asked for (``lts__t_sectors_srcunit_tex_op_read/write``, 32-byte sectors: what left the
@@ -16,6 +17,7 @@ import csv
 import glob
 import io
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -34,6 +36,11 @@ SOLVERS = {
 }
 SHAPE = (2, 4, 128, 128)
 STEPS = 6
+# pi-Flow: a Kandinsky-6-like channels-last latent, a model output n_grid times wider, a 4-step schedule
+PIFLOW_SHAPE = (1, 8, 32, 32, 16)
+PIFLOW_GRID = 10
+PIFLOW_STEPS = 4
+PIFLOW_PROFILED = 1  # the step reported (every grid point has a weight there)
 METRICS = ("lts__t_sectors_srcunit_tex_op_read.sum", "lts__t_sectors_srcunit_tex_op_write.sum",
            "dram__bytes_read.sum", "dram__bytes_write.sum")
 
@@ -56,6 +63,12 @@ def run_steps() -> None:
         kwargs = step_kwargs(sched, gen)
         for t, out in zip(sched.timesteps[:STEPS], outputs):
             x = sched.step(out, t, x, **kwargs).prev_sample
+    piflow = kd.PiflowScheduler(n_grid=PIFLOW_GRID)
+    piflow.set_timesteps(PIFLOW_STEPS, device="cuda")
+    x = torch.randn(PIFLOW_SHAPE, generator=g).cuda()
+    wide = (*PIFLOW_SHAPE[:-1], PIFLOW_GRID * PIFLOW_SHAPE[-1])
+    for t in piflow.timesteps:
+        x = piflow.step(torch.randn(wide, generator=g).cuda(), t, x).prev_sample
     torch.cuda.synchronize()
 
 
@@ -74,23 +87,39 @@ def parse_ncu_csv(text: str) -> List[Dict[str, float]]:
     return rows
 
 
+def _row(name: str, shape, launch: Dict[str, float], bound: float) -> Dict:
+    l2 = 32 * (launch["lts__t_sectors_srcunit_tex_op_read.sum"] + launch["lts__t_sectors_srcunit_tex_op_write.sum"])
+    dram = launch["dram__bytes_read.sum"] + launch["dram__bytes_write.sum"]
+    return {"op": f"scheduler_step:{name}", "shape": list(shape), "dtype": "float32", "kernel": launch["kernel"][:80],
+            "l2_bytes": l2, "dram_bytes": dram, "lower_bound_bytes": bound, "l2_ratio": l2 / bound,
+            "dram_ratio": dram / bound}
+
+
+def piflow_lower_bound(itemsize: int) -> float:
+    """Bytes of the profiled pi-Flow step's lower bound: the sample and each grid point with a
+    nonzero weight read once, the result written once."""
+    from kdfast.schedulers import PiflowScheduler
+
+    scheduler = PiflowScheduler(n_grid=PIFLOW_GRID)
+    scheduler.set_timesteps(PIFLOW_STEPS)
+    used = int((scheduler._coefs[PIFLOW_PROFILED][1:] != 0).sum())
+    return math.prod(PIFLOW_SHAPE) * itemsize * (2 + used)
+
+
 def summarise(launches: List[Dict[str, float]], itemsize: int) -> List[Dict]:
     from bench_solvers import kdfast_bytes_per_step  # the byte accounting of the main benchmark
 
-    if len(launches) != STEPS * len(SOLVERS):
-        raise SystemExit(f"expected {STEPS * len(SOLVERS)} step-kernel launches, ncu reported {len(launches)}")
-    numel = 1
-    for n in SHAPE:
-        numel *= n
+    steps = [launch for launch in launches if "solver_step" in launch["kernel"]]
+    grid = [launch for launch in launches if "grid_combination" in launch["kernel"]]
+    if len(steps) != STEPS * len(SOLVERS) or len(grid) != PIFLOW_STEPS:
+        raise SystemExit(f"expected {STEPS * len(SOLVERS)} solver-step and {PIFLOW_STEPS} grid-combination kernel "
+                         f"launches, ncu reported {len(steps)} and {len(grid)}")
+    numel = math.prod(SHAPE)
     rows = []
     for k, name in enumerate(SOLVERS):
-        last = launches[(k + 1) * STEPS - 1]
         bound = kdfast_bytes_per_step(name, numel, itemsize)["step"]  # the fused kernel's own lower bound
-        l2 = 32 * (last["lts__t_sectors_srcunit_tex_op_read.sum"] + last["lts__t_sectors_srcunit_tex_op_write.sum"])
-        dram = last["dram__bytes_read.sum"] + last["dram__bytes_write.sum"]
-        rows.append({"op": f"scheduler_step:{name}", "shape": list(SHAPE), "dtype": "float32",
-                     "kernel": last["kernel"][:80], "l2_bytes": l2, "dram_bytes": dram, "lower_bound_bytes": bound,
-                     "l2_ratio": l2 / bound, "dram_ratio": dram / bound})
+        rows.append(_row(name, SHAPE, steps[(k + 1) * STEPS - 1], bound))
+    rows.append(_row("piflow", PIFLOW_SHAPE, grid[PIFLOW_PROFILED], piflow_lower_bound(itemsize)))
     return rows
 
 
@@ -112,7 +141,7 @@ def ncu_command(ncu: str) -> List[str]:
     ``--clock-control none`` measures the GPU at the clocks it runs at: ncu's default locks them
     to base clocks, which changes a shared card's settings (and bytes do not depend on clocks)."""
     return [ncu, "--clock-control", "none", "--csv", "--page", "raw", "--print-units", "base",
-            "--metrics", ",".join(METRICS), "-k", "regex:solver_step_kernel", sys.executable,
+            "--metrics", ",".join(METRICS), "-k", "regex:solver_step_kernel|grid_combination_kernel", sys.executable,
             os.path.abspath(__file__), "--child"]
 
 
@@ -140,7 +169,8 @@ def main() -> None:
 
     rows = summarise(parse_ncu_csv(done.stdout), itemsize=4)
     device = torch.cuda.get_device_name()
-    print(f"fused solver step, {'x'.join(map(str, SHAPE))} fp32, on {device}: bytes per steady-state step")
+    print(f"fused solver step, {'x'.join(map(str, SHAPE))} fp32 (pi-Flow: {'x'.join(map(str, PIFLOW_SHAPE))}), "
+          f"on {device}: bytes per steady-state step")
     print(f"{'solver':<14}{'lower bound':>14}{'L2 traffic':>14}{'x LB':>7}{'DRAM':>14}{'x LB':>7}")
     for r in rows:
         r["device"] = device

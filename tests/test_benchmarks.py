@@ -85,17 +85,23 @@ def test_ncu_report_parsing(monkeypatch):
     units = '"","","",' + ",".join('"sector"' if "sectors" in m else '"byte"' for m in N.METRICS)
     launches = [f'"{i}","7","void kdfast::solver_step_kernel(Params)","4,096","2,048","131,072","65,536"'
                 for i in range(N.STEPS * len(N.SOLVERS))]
+    launches += [f'"{i}","7","kdfast::grid_combination::grid_combination_kernel(Params)","{i}","0","0","0"'
+                 for i in range(N.PIFLOW_STEPS)]
     text = "\n".join(["==PROF== Connected to process 7", header, units, *launches, "==PROF== Disconnected"])
     rows = N.parse_ncu_csv(text)
-    assert len(rows) == N.STEPS * len(N.SOLVERS)
+    assert len(rows) == N.STEPS * len(N.SOLVERS) + N.PIFLOW_STEPS
     assert rows[0]["lts__t_sectors_srcunit_tex_op_read.sum"] == 4096
     summary = N.summarise(rows, itemsize=4)
-    assert [r["op"] for r in summary] == [f"scheduler_step:{name}" for name in N.SOLVERS]
+    assert [r["op"] for r in summary] == [f"scheduler_step:{name}" for name in N.SOLVERS] + ["scheduler_step:piflow"]
     ddim = summary[0]
     assert ddim["l2_bytes"] == 32 * (4096 + 2048) and ddim["dram_bytes"] == 131072 + 65536
     assert ddim["lower_bound_bytes"] == 3 * 2 * 4 * 128 * 128 * 4  # x, model output read; sample written
-    with pytest.raises(SystemExit, match="launches"):
-        N.summarise(rows[:-1], itemsize=4)
+    piflow = summary[-1]  # the profiled step's launch; all ten grid points have weights there
+    assert piflow["l2_bytes"] == 32 * N.PIFLOW_PROFILED
+    assert piflow["lower_bound_bytes"] == 12 * 8 * 32 * 32 * 16 * 4
+    for missing in (rows[:-1], rows[1:]):
+        with pytest.raises(SystemExit, match="launches"):
+            N.summarise(missing, itemsize=4)
 
 
 def test_ncu_is_found_off_path_and_leaves_the_clocks_alone(monkeypatch, tmp_path):
