@@ -74,6 +74,7 @@ SOLVERS = [
     ("ltx_rf", "LTXEulerAncestralRFScheduler", "LTXEulerAncestralRFScheduler", {}),
     ("cosine_dpmpp_2m", "CosineDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", {}),
     ("wuerstchen", "DDPMWuerstchenScheduler", "DDPMWuerstchenScheduler", {}),
+    ("helios_unipc", "HeliosScheduler", "HeliosScheduler", {"stages": 1}),
 ]
 
 
@@ -279,11 +280,13 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
              "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
-             "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85, "wuerstchen": 3}[name]
+             "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85, "wuerstchen": 3,
+             "helios_unipc": 5}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
               "edm_dpmpp_2m": 2, "tcd": 2, "cm": 1, "ipndm": 2, "ddim_inverse": 1, "dpmpp_2m_inverse": 2,
-              "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2, "wuerstchen": 1}[name]
+              "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2, "wuerstchen": 1,
+              "helios_unipc": 3}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}

@@ -27,6 +27,7 @@ from .flow_map_euler_discrete import FlowMapEulerDiscreteScheduler
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 from .flow_match_heun_discrete import FlowMatchHeunDiscreteScheduler
 from .flow_match_lcm import FlowMatchLCMScheduler
+from .helios import HeliosDMDScheduler, HeliosScheduler
 from .heun_discrete import HeunDiscreteScheduler
 from .ipndm import IPNDMScheduler
 from .kdpm2_ancestral_discrete import KDPM2AncestralDiscreteScheduler
@@ -50,7 +51,7 @@ __all__ = [
     "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler", "EDMEulerScheduler",
     "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "FlowMapEulerDiscreteScheduler",
     "FlowMatchEulerDiscreteScheduler", "FlowMatchHeunDiscreteScheduler", "FlowMatchLCMScheduler",
-    "HeunDiscreteScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+    "HeliosDMDScheduler", "HeliosScheduler", "HeunDiscreteScheduler", "IPNDMScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
     "LCMScheduler", "LMSDiscreteScheduler", "LTXEulerAncestralRFScheduler", "PiflowScheduler",
     "PNDMScheduler", "SASolverScheduler", "SCMScheduler", "TCDScheduler", "UniPCMultistepScheduler",
 ]

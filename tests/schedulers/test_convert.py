@@ -32,6 +32,8 @@ def test_from_diffusers_maps_every_supported_class(name):
         config = dict(scaler=2.0, s=0.01)
     elif name == "PiflowScheduler":  # a distilled flow schedule
         config = dict(shift=3.0, n_grid=4)
+    elif name.startswith("Helios"):  # a pyramid of flow stages
+        config = dict(stages=2, stage_range=[0, 0.5, 1], gamma=0.5)
     else:
         config = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
     df = getattr(diffusers, name)(**config)

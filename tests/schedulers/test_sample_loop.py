@@ -10,7 +10,9 @@ import kdfast.schedulers as K
 from parity import dummy_model, initial_sample, parity_error
 
 # settings a pipeline would use where the defaults are not a sampling loop
-CONFIGS = {"FlowMatchLCMScheduler": {"shift": 3.0}, "DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}
+CONFIGS = {"FlowMatchLCMScheduler": {"shift": 3.0}, "DPMSolverSDEScheduler": {"noise_sampler_seed": 0},
+           # (one stage: a pyramid's stages are separate loops, each set with its stage_index)
+           "HeliosScheduler": {"stages": 1}, "HeliosDMDScheduler": {"stages": 1}}
 STEPS = {"SCMScheduler": 2}  # (SCM's default intermediate timestep needs two steps)
 
 
@@ -29,7 +31,7 @@ def widened(n_grid):
 
 def by_hand(s, x, generator, guidance_scale=None, cond=None, uncond=None, model=model):
     """The diffusers pipeline loop: scale the input, call the model, guide, step."""
-    previous_x0 = None
+    previous_x0 = start = None
     # (SANA-Sprint steps from every sCM timestep but the last, where the loop ends; Stable
     # Cascade from every Wuerstchen timestep but the final 0)
     last_is_the_end = isinstance(s, (K.SCMScheduler, K.DDPMWuerstchenScheduler))
@@ -43,6 +45,10 @@ def by_hand(s, x, generator, guidance_scale=None, cond=None, uncond=None, model=
         kwargs = {} if generator is None else {"generator": generator}
         if isinstance(s, K.CogVideoXDPMScheduler):  # (its pipelines pass the previous x0 and timestep)
             x, previous_x0 = s.step(m, previous_x0, t, s.timesteps[i - 1] if i else None, x, **kwargs)
+        elif isinstance(s, K.HeliosDMDScheduler):  # (Helios' pipeline renoises with the stage's start latent)
+            start = x if i == 0 else start
+            x = s.step(m, t, x, cur_sampling_step=i, dmd_noisy_tensor=start, dmd_sigmas=s.sigmas,
+                       dmd_timesteps=s.timesteps, all_timesteps=s.timesteps, **kwargs).prev_sample
         else:
             x = s.step(m, t, x, **kwargs).prev_sample
     return x
