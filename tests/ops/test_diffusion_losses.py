@@ -69,7 +69,7 @@ def evaluate(fn, tensors, diff, grad_loss, cast=None):
     return loss.detach(), grads
 
 
-def check(backend, loss_name, shape, dtype, seed=0):
+def assert_matches(backend, loss_name, shape, dtype, seed=0):
     fused, reference, tensors, diff = case(loss_name, shape, dtype, seed)
     grad_loss = rand(shape[0], seed + 7, -2.0, 2.0).float()
     name = f"{backend} {loss_name} {dtype} {shape}"
@@ -94,14 +94,14 @@ def test_matches_reference(backend, loss, dtype):
     for i, shape in enumerate(SHAPES):
         if backend == "triton" and shape[-1] > 10000 and dtype != torch.float32:
             continue  # the interpreter is slow; the wide case runs once in fp32
-        check(backend, loss, shape, dtype, seed=10 * i)
+        assert_matches(backend, loss, shape, dtype, seed=10 * i)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_reference_backend_and_fused_agree(backend):
     # The reference backend (pure torch, closed-form backward) is a backend too.
     for loss in LOSSES:
-        check(backend, loss, (3, 2, 9), torch.float32, seed=3)
+        assert_matches(backend, loss, (3, 2, 9), torch.float32, seed=3)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -36,7 +36,7 @@ def inputs(shape, dtype, seed, channels_last=False, shift=True, affine=True):
     return x, w, b, s
 
 
-def check(out, x, groups, w, b, s, activation, eps=1e-5, name="", backend=None):
+def assert_matches(out, x, groups, w, b, s, activation, eps=1e-5, name="", backend=None):
     expect64 = ref.group_norm_act(x, groups, w, b, eps, s, activation)
     expect_lowp = ref.group_norm_act(x, groups, w, b, eps, s, activation, dtype=None)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -56,7 +56,7 @@ def test_matches_reference(backend, dtype, shape, groups, activation):
     for channels_last in ((False, True) if len(shape) in (4, 5) else (False,)):
         x, w, b, s = inputs(shape, dtype, 7, channels_last)
         out = ops.group_norm_act(x, groups, w, b, shift=s, activation=activation, backend=backend)
-        check(out, x, groups, w, b, s, activation, name=f"{backend} {dtype} {shape} cl={channels_last}",
+        assert_matches(out, x, groups, w, b, s, activation, name=f"{backend} {dtype} {shape} cl={channels_last}",
               backend=backend)
         # the output keeps the input's layout
         assert out.stride() == x.stride()
@@ -67,7 +67,7 @@ def test_optional_pieces_and_eps(backend):
     x, w, b, s = inputs((3, 8, 5, 4), torch.float32, 3)
     for kwargs in ({}, {"weight": w}, {"bias": b}, {"shift": s}):
         out = ops.group_norm_act(x, 2, eps=1e-3, backend=backend, **kwargs)
-        check(out, x, 2, kwargs.get("weight"), kwargs.get("bias"), kwargs.get("shift"), "silu", eps=1e-3)
+        assert_matches(out, x, 2, kwargs.get("weight"), kwargs.get("bias"), kwargs.get("shift"), "silu", eps=1e-3)
     # a shift given as [N, C, 1, 1] (a broadcastable embedding) means the same
     out = ops.group_norm_act(x, 2, w, b, shift=s[:, :, None, None], backend=backend)
     torch.testing.assert_close(out, ops.group_norm_act(x, 2, w, b, shift=s, backend=backend))
@@ -81,14 +81,14 @@ def test_mixed_dtypes_and_views(backend):
     w, b = randn((6,), torch.float32, 2), randn((6,), torch.float64, 3).float()
     s = randn((4, 6), torch.bfloat16, 4)
     out = ops.group_norm_act(x, 3, w, b, shift=s, backend=backend)
-    check(out, x, 3, w, b, s, "silu", backend=backend)
+    assert_matches(out, x, 3, w, b, s, "silu", backend=backend)
     big = randn((6, 6, 10, 5), torch.float32, 5)
     for view in (big[:, :, ::2], big[2:], big.transpose(2, 3)):
         out = ops.group_norm_act(view, 3, w, b, backend=backend)
-        check(out, view, 3, w, b, None, "silu")
+        assert_matches(out, view, 3, w, b, None, "silu")
     wide_shift = randn((4, 12), torch.float32, 6)[:, ::2]  # a strided [N, C] view
     out = ops.group_norm_act(x.float(), 3, w, b, shift=wide_shift, backend=backend)
-    check(out, x.float(), 3, w, b, wide_shift, "silu")
+    assert_matches(out, x.float(), 3, w, b, wide_shift, "silu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -97,7 +97,7 @@ def test_large_mean_keeps_accuracy(backend):
     # well as torch's
     x = randn((2, 4, 64, 64), torch.float32, 9, 1.0, 1e4)
     out = ops.group_norm_act(x, 2, activation="identity", backend=backend)
-    check(out, x, 2, None, None, None, "identity")
+    assert_matches(out, x, 2, None, None, None, "identity")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -134,7 +134,7 @@ def test_split_samples_match_whole_samples():
         assert torch.equal(pair, whole[1:3])
     finally:
         torch.set_num_threads(threads)
-    check(whole, x, 8, w, b, s, "silu")
+    assert_matches(whole, x, 8, w, b, s, "silu")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -142,7 +142,7 @@ def test_more_channels_than_a_cpu_block(backend):
     # a pixel of over 4096 channels (the CPU's widening block), odd, in channels-last
     x, w, b, s = inputs((2, 4097, 2, 3), torch.bfloat16, 3, channels_last=True)
     out = ops.group_norm_act(x, 17, w, b, shift=s, backend=backend)
-    check(out, x, 17, w, b, s, "silu", backend=backend)
+    assert_matches(out, x, 17, w, b, s, "silu", backend=backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -186,7 +186,7 @@ def test_double_backward():
 def test_reference_backend_and_forcing():
     x, w, b, s = inputs((2, 8, 3, 3), torch.float32, 5)
     out = ops.group_norm_act(x, 4, w, b, shift=s, backend="reference")
-    check(out, x, 4, w, b, s, "silu")
+    assert_matches(out, x, 4, w, b, s, "silu")
     with pytest.raises(BackendUnavailableError, match="cuda"):
         ops.group_norm_act(x, 4, backend="cuda")
 
@@ -242,7 +242,7 @@ def test_gpu_matches_reference(backend, dtype, shape, groups):
         x, w, b, s = (None if t is None else t.cuda() for t in inputs(shape, dtype, 7, channels_last))
         for activation in ref.ACTIVATIONS:
             out = ops.group_norm_act(x, groups, w, b, shift=s, activation=activation, backend=backend)
-            check(out.cpu(), x.cpu(), groups, w.cpu(), b.cpu(), s.cpu(), activation,
+            assert_matches(out.cpu(), x.cpu(), groups, w.cpu(), b.cpu(), s.cpu(), activation,
                   name=f"{backend} {dtype} {shape} cl={channels_last}")
 
 
@@ -255,7 +255,7 @@ def test_triton_split_groups():
     for channels_last in (False, True):
         x, w, b, s = inputs((1, 64, 64, 64), torch.float32, 8, channels_last)
         out = ops.group_norm_act(x, 4, w, b, shift=s, backend="triton")
-        check(out, x, 4, w, b, s, "silu", backend="triton", name=f"cl={channels_last}")
+        assert_matches(out, x, 4, w, b, s, "silu", backend="triton", name=f"cl={channels_last}")
     x = x.contiguous()
     x[0, 17, 63, 5] = float("nan")
     out = ops.group_norm_act(x, 4, backend="triton").view(4, -1)
@@ -287,7 +287,7 @@ def test_gpu_split_groups(dtype):
             x = (x.double() + offset).to(dtype)
             xc, wc, bc, sc = (t.cuda() for t in (x, w, b, s))
             out = ops.group_norm_act(xc, groups, wc, bc, shift=sc, backend="cuda")
-            check(out.cpu(), x, groups, w, b, s, "silu", name=f"{dtype} {shape} cl={channels_last}")
+            assert_matches(out.cpu(), x, groups, w, b, s, "silu", name=f"{dtype} {shape} cl={channels_last}")
             # deterministic: the chunks' moments are gathered in a fixed order
             assert torch.equal(out, ops.group_norm_act(xc, groups, wc, bc, shift=sc, backend="cuda"))
     # a NaN in one chunk of a split group reaches the whole group and nothing else

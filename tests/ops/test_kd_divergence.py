@@ -37,7 +37,7 @@ def reference(s, t, kind, dtype, **kw):
     return rows.detach(), grad
 
 
-def check(backend, s, t, kind, name, **kw):
+def assert_matches(backend, s, t, kind, name, **kw):
     ref_kw = dict(beta=kw.get("beta", 0.5), temperature=kw.get("temperature", 1.0), labels=kw.get("labels"),
                   ignore_index=kw.get("ignore_index", -100), vocab=kw.get("vocab"),
                   loss_scale=kw.get("loss_scale", 1.0))
@@ -62,7 +62,7 @@ def test_matches_reference(backend, kind, dtype):
         if backend == "triton" and shape[1] > 2000 and dtype != torch.float32:
             continue  # the interpreter is slow; the wide case runs once in fp32
         s, t = logits(shape, dtype, 2 * i), logits(shape, dtype, 2 * i + 1)
-        check(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", beta=0.3, temperature=1.7)
+        assert_matches(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", beta=0.3, temperature=1.7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -72,7 +72,7 @@ def test_labels_padding_and_strides(backend, kind):
     s = wide_s[:, :257]  # rows strided, entries adjacent: used without a copy
     t = logits((6, 300), torch.float32, 11)  # a wider (padded) teacher vocabulary
     labels = torch.tensor([3, -100, 7, -100, 0, 250])
-    rows, grad = check(backend, s, t, kind, f"{backend} {kind} padded", labels=labels, vocab=250,
+    rows, grad = assert_matches(backend, s, t, kind, f"{backend} {kind} padded", labels=labels, vocab=250,
                        loss_scale=4.0, temperature=2.0)
     assert (rows[labels == -100] == 0).all()
     assert (grad[labels == -100] == 0).all()
@@ -309,7 +309,7 @@ def test_gpu_matches_reference(backend, kind, dtype):
         s = logits(shape, dtype, 2 * i).cuda()
         t = logits(shape, dtype, 2 * i + 1).cuda()
         labels = torch.arange(shape[0], device="cuda").masked_fill(torch.arange(shape[0], device="cuda") == 1, -100)
-        check(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", labels=labels, temperature=1.5)
+        assert_matches(backend, s, t, kind, f"{backend} {kind} {dtype} {shape}", labels=labels, temperature=1.5)
 
 
 @pytest.mark.gpu
@@ -458,7 +458,7 @@ def test_maximum_in_a_later_block(backend, kind):
     s[0, 4100], t[0, 4200] = 25.0, 20.0  # a dominant entry after the first block
     s[1, 4150], t[1, 4150] = 12.0, 11.0
     s[1, 10], t[1, 20] = 8.0, 9.0  # and a large one before it
-    check(backend, s, t, kind, f"{backend} {kind} later max")
+    assert_matches(backend, s, t, kind, f"{backend} {kind} later max")
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: log(0) in the NaN rows
@@ -474,7 +474,7 @@ def test_maximum_and_nan_at_every_position(backend):
         idx = torch.arange(vocab)
         s[idx, idx] = 500.0
         t[idx, (idx + 11) % vocab] = 400.0
-        check(backend, s, t, kind, f"{backend} {kind} maximum at every position")
+        assert_matches(backend, s, t, kind, f"{backend} {kind} maximum at every position")
         s[idx, idx] = math.nan
         rows, grad = fused(backend, s, t, kind)
         assert rows.isnan().all() and grad.isnan().all(), kind

@@ -45,7 +45,7 @@ def diffusers_float64(config, steps, x, **set_kwargs):
         return run_loop(DF64(**config), steps, x.double(), **set_kwargs)
 
 
-def check(config, steps, dtype=torch.float32, guidance_scale=None, **set_kwargs):
+def assert_loop_parity(config, steps, dtype=torch.float32, guidance_scale=None, **set_kwargs):
     """kdfast against diffusers. float16/bfloat16: the rule of ``assert_parity``. float32: within
     1e-5 of diffusers; where it is not, the gap must be diffusers' own float32 rounding: both
     loops are compared with diffusers' code evaluated in float64, and kdfast must be within 1e-5
@@ -87,7 +87,7 @@ def test_parity_algorithms_orders_predictions_and_step_counts(algorithm_type, so
     # final sigma: every combination, at every step count.
     finals = ("sigma_min",) if algorithm_type == "dpmsolver" else ("zero", "sigma_min")
     for steps, lower_order_final, final in itertools.product(STEPS, (False, True), finals):
-        check(dict(algorithm_type=algorithm_type, solver_order=solver_order, solver_type=solver_type,
+        assert_loop_parity(dict(algorithm_type=algorithm_type, solver_order=solver_order, solver_type=solver_type,
                    prediction_type=prediction_type, lower_order_final=lower_order_final,
                    final_sigmas_type=final), steps)
 
@@ -98,7 +98,8 @@ def test_parity_sigma_schedules(sigmas, solver_order):
     # begin_index=0: some of these schedules repeat their first timestep, where diffusers'
     # value lookup starts at the second step (test_repeated_first_timestep_...).
     for steps, final in itertools.product(STEPS, ("zero", "sigma_min")):
-        check({sigmas: True, "solver_order": solver_order, "final_sigmas_type": final, **SD}, steps, begin_index=0)
+        assert_loop_parity({sigmas: True, "solver_order": solver_order, "final_sigmas_type": final, **SD}, steps,
+                           begin_index=0)
 
 
 def test_repeated_first_timestep_does_not_skip_a_step():
@@ -117,13 +118,13 @@ def test_repeated_first_timestep_does_not_skip_a_step():
 @pytest.mark.parametrize("solver_order", [1, 2, 3])
 def test_parity_flow_sigmas(algorithm_type, solver_order):
     for steps, final in itertools.product(STEPS, ("zero", "sigma_min")):
-        check(dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
+        assert_loop_parity(dict(use_flow_sigmas=True, prediction_type="flow_prediction", flow_shift=3.0,
                    algorithm_type=algorithm_type, solver_order=solver_order, final_sigmas_type=final), steps)
 
 
 def test_parity_dynamic_shifting_mu():
     config = dict(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True)
-    check(config, 10, mu=0.7)
+    assert_loop_parity(config, 10, mu=0.7)
     kd = KD(**config)
     kd.set_timesteps(10, mu=0.7)
     assert kd.config.flow_shift == pytest.approx(math.exp(0.7))
@@ -134,17 +135,18 @@ def test_parity_dynamic_shifting_mu():
 @pytest.mark.parametrize("solver_order", [1, 2, 3])
 def test_parity_lambda_min_clipped_and_other_schedules(solver_order):
     for steps in STEPS:
-        check(dict(lambda_min_clipped=-5.1, beta_schedule="squaredcos_cap_v2", solver_order=solver_order), steps)
-        check(dict(solver_order=solver_order, **SD), steps)
-    check(dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist(), solver_order=solver_order), 10)
-    check(dict(num_train_timesteps=500, solver_order=solver_order, algorithm_type="sde-dpmsolver++"), 10)
+        assert_loop_parity(dict(lambda_min_clipped=-5.1, beta_schedule="squaredcos_cap_v2", solver_order=solver_order),
+                           steps)
+        assert_loop_parity(dict(solver_order=solver_order, **SD), steps)
+    assert_loop_parity(dict(trained_betas=torch.linspace(1e-4, 0.02, 1000).tolist(), solver_order=solver_order), 10)
+    assert_loop_parity(dict(num_train_timesteps=500, solver_order=solver_order, algorithm_type="sde-dpmsolver++"), 10)
 
 
 @pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
 @pytest.mark.parametrize("solver_order", [1, 2, 3])
 def test_parity_dynamic_thresholding(algorithm_type, solver_order):
     for steps, prediction_type in itertools.product((2, 5, 20), ("sample", "epsilon")):
-        check(dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9,
+        assert_loop_parity(dict(thresholding=True, sample_max_value=1.5, dynamic_thresholding_ratio=0.9,
                    algorithm_type=algorithm_type, solver_order=solver_order, prediction_type=prediction_type), steps)
 
 
@@ -196,7 +198,7 @@ def test_parity_learned_variance(config):
                                     dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min", solver_order=3)])
 @pytest.mark.parametrize("timesteps", [[999, 850, 700, 500, 320, 160, 40, 5], [901, 555, 203], [600]])
 def test_parity_custom_timesteps(config, timesteps):
-    check(config, None, timesteps=timesteps)
+    assert_loop_parity(config, None, timesteps=timesteps)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -206,14 +208,14 @@ def test_parity_custom_timesteps(config, timesteps):
                                     dict(thresholding=True, prediction_type="sample", sample_max_value=1.5)])
 def test_half_precision_keeps_dtype_and_matches(dtype, config):
     for steps in (5, 20):
-        got = check(config, steps, dtype=dtype)
+        got = assert_loop_parity(config, steps, dtype=dtype)
         assert got.dtype == dtype
 
 
 @pytest.mark.parametrize("config", [{}, dict(solver_order=3), dict(algorithm_type="sde-dpmsolver++"),
                                     dict(thresholding=True, prediction_type="v_prediction", sample_max_value=2.0)])
 def test_fused_guidance_matches_diffusers_and_the_unfused_step(config):
-    check(config, 10, guidance_scale=2.0)
+    assert_loop_parity(config, 10, guidance_scale=2.0)
     outs = []
     for fused in (False, True):
         s = KD(**config)
@@ -239,7 +241,7 @@ def test_where_diffusers_float32_rounding_exceeds_the_tolerance(config, steps):
     own = parity_error(expected, truth)
     assert own > 1e-5 and parity_error(got, expected) > 1e-5
     assert parity_error(got, truth) <= 2 * own
-    check(config, steps)
+    assert_loop_parity(config, steps)
 
 
 # ---------------------------------------------------------------- where diffusers gives NaN
@@ -505,7 +507,7 @@ def test_sde_noise_follows_the_generator_draw_for_draw():
         kd.set_timesteps(6)
         kd.step(x, kd.timesteps[0], x, generator=g_ref, variance_noise=x)
     # float16: drawn in float16 as diffusers draws it (not float32 then cast)
-    check(config, 6, dtype=torch.float16)
+    assert_loop_parity(config, 6, dtype=torch.float16)
 
 
 @pytest.mark.parametrize("config", [dict(prediction_type="sample"), dict(prediction_type="epsilon"),
