@@ -22,25 +22,12 @@ namespace {
 // AVX2 + FMA and for baseline x86-64 (kd_cpu.h's has_avx2_fma picks one).
 
 // Row r of `src` as fp32 values divided by T: the buffer itself when it already is, else
-// a copy in `buf`.
+// a copy in `buf` (16-bit rows widened by kd_cpu.h's block conversions, F16C / AVX2 where the
+// CPU has them: the per-element software fp16 conversion made fp16 rows 2x slower than fp32).
 const float* widen_row(const void* src, int dtype, int64_t offset, int64_t n, float inv_t, float* buf) {
-  if (dtype == kFloat32 && inv_t == 1.f) return static_cast<const float*>(src) + offset;
-  switch (dtype) {
-    case kFloat16: {
-      const half_bits* s = static_cast<const half_bits*>(src) + offset;
-      for (int64_t j = 0; j < n; ++j) buf[j] = to_float(s[j]) * inv_t;
-      break;
-    }
-    case kBFloat16: {
-      const bf16_bits* s = static_cast<const bf16_bits*>(src) + offset;
-      for (int64_t j = 0; j < n; ++j) buf[j] = to_float(s[j]) * inv_t;
-      break;
-    }
-    default: {
-      const float* s = static_cast<const float*>(src) + offset;
-      for (int64_t j = 0; j < n; ++j) buf[j] = s[j] * inv_t;
-    }
-  }
+  const float* v = cpu::load_floats(src, dtype, offset, n, buf);  // fp32: `src` itself
+  if (inv_t == 1.f) return v;
+  for (int64_t j = 0; j < n; ++j) buf[j] = v[j] * inv_t;
   return buf;
 }
 
