@@ -170,6 +170,8 @@ class PiflowScheduler(FusedScheduler):
 
     Bytes: the sample is read once, each grid slice whose weight is not 0 once, the result written
     once: at most the ``(n_grid + 2)``-latent lower bound (``2 * n_grid + 2`` with guidance).
+    (The kernels take up to 128 grid weights: ``n_grid`` above 128, or above 64 with guidance, is
+    stepped by the op's pure-torch reference, one pass per grid slice.)
 
     Numerics as diffusers': float32 math (float32 weights, accumulated in float32) whatever the
     inputs' dtypes, the result cast to the sample's dtype. A float64 sample is stepped in float64
