@@ -221,6 +221,23 @@ def test_fused_guidance_equals_guidance_outside():
     assert got.dtype == torch.float32 and parity_error(got, kd.step(u + 2.0 * (c - u), t, x).prev_sample) <= 1e-6
 
 
+@pytest.mark.parametrize("n_grid", [64, 65, 129])
+def test_grids_beyond_the_kernels_weights(n_grid):
+    # the kernels take 128 grid weights: a guided step of 65 grid points (130 weights), or an
+    # unguided one of 129, is stepped by grid_combination's reference; the same values either way
+    x = initial_sample((1, 2, 3, 8))
+    kd, df = KD(n_grid=n_grid, num_policy_substeps=32), DF(n_grid=n_grid, num_policy_substeps=32)
+    for s in (kd, df):
+        s.set_timesteps(3)
+    y_kd = y_df = x
+    for t_kd, t_df in zip(kd.timesteps, df.timesteps):
+        u, c = widened(y_kd, t_kd, n_grid), widened(0.97 * y_kd + 0.02, t_kd, n_grid)
+        y_kd = kd.step_cfg(u, c, 3.0, t_kd, y_kd).prev_sample
+        u, c = widened(y_df, t_df, n_grid), widened(0.97 * y_df + 0.02, t_df, n_grid)
+        y_df = df.step(u + 3.0 * (c - u), t_df, y_df).prev_sample
+    assert parity_error(y_kd, y_df) <= 1e-5
+
+
 def test_outputs_and_tuples_like_diffusers():
     kd, df = KD(), DF()
     for s in (kd, df):
