@@ -5,9 +5,10 @@ The samplers keep k-diffusion's signatures and its denoiser convention,
 update rules (``sample_euler``, ``sample_euler_ancestral``, ``sample_heun``, ``sample_dpm_2``,
 ``sample_dpm_2_ancestral``, ``sample_lms``, ``sample_dpm_fast``, ``sample_dpmpp_2s_ancestral``,
 ``sample_dpmpp_sde``, ``sample_dpmpp_2m``, ``sample_dpmpp_2m_sde``, ``sample_dpmpp_3m_sde``, plus
-``sample_lcm`` and a bh1/bh2 UniPC predictor-corrector ``sample_unipc``; k-diffusion's
-``sample_dpm_adaptive`` is left out: its step-size control reads an error norm on the host
-every step). What differs is how a step runs: the
+``sample_lcm`` and a bh1/bh2 UniPC predictor-corrector ``sample_unipc``, and
+``sample_dpm_adaptive`` (:mod:`kdfast.sampling_adaptive`), whose step-size control reads its
+error norm on the host once per step attempt: the one sampler whose loop makes host reads and
+cannot be captured in a CUDA graph). What differs is how a step runs: the
 sigmas are read to the host once, before the loop; every step's update is written as a linear
 combination of the fused kernel's sources (``X``, ``X0``, ``H0`` ..., see
 :mod:`kdfast.schedulers._linear`) and its coefficients are computed in float64 and packed once
@@ -53,8 +54,8 @@ from .schedulers.lms_discrete import lms_coefficients
 __all__ = [
     "sample", "CapturedSampler", "SAMPLERS",
     "sample_euler", "sample_euler_ancestral", "sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral",
-    "sample_lms", "sample_dpm_fast", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde", "sample_dpmpp_2m",
-    "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc", "dpm_fast_sigmas",
+    "sample_lms", "sample_dpm_fast", "sample_dpm_adaptive", "sample_dpmpp_2s_ancestral", "sample_dpmpp_sde",
+    "sample_dpmpp_2m", "sample_dpmpp_2m_sde", "sample_dpmpp_3m_sde", "sample_lcm", "sample_unipc", "dpm_fast_sigmas",
     "append_zero", "get_sigmas_karras", "get_sigmas_exponential", "get_sigmas_polyexponential",
     "get_sigmas_vp", "loglinear_interp", "get_sigmas_ays", "AYS_NOISE_LEVELS",
     "default_noise_sampler", "get_ancestral_step", "BrownianTreeNoiseSampler",
@@ -1466,3 +1467,6 @@ def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, con
     return _sigma_loop(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, with_callback=with_callback,
                        noise_sampler=noise_sampler, generator=generator, guidance_scale=guidance_scale, cond=cond,
                        uncond=uncond, options=options)
+
+
+from .sampling_adaptive import sample_dpm_adaptive  # noqa: E402  (it uses this module's helpers)
