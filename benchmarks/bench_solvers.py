@@ -75,6 +75,7 @@ SOLVERS = [
     ("cosine_dpmpp_2m", "CosineDPMSolverMultistepScheduler", "CosineDPMSolverMultistepScheduler", {}),
     ("wuerstchen", "DDPMWuerstchenScheduler", "DDPMWuerstchenScheduler", {}),
     ("helios_unipc", "HeliosScheduler", "HeliosScheduler", {"stages": 1}),
+    ("helios_dmd", "HeliosDMDScheduler", "HeliosDMDScheduler", {"stages": 1}),
 ]
 
 
@@ -83,12 +84,17 @@ def step_kwargs(scheduler, gen):
     return {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
-def pipeline_step(scheduler, t, model_output, sample, kwargs):
+def pipeline_step(scheduler, t, model_output, sample, kwargs, i: int = 0, start=None):
     """What a pipeline calls per step besides the model: ``scale_model_input`` (its result is
     the model's input; the model output is precomputed here; flow-matching schedulers have
-    none) and ``step``. Every column (host time, bytes, launches, peak memory) measures exactly this."""
+    none) and ``step``. Every column (host time, bytes, launches, peak memory) measures exactly this.
+    ``i``: the step's position in the loop; ``start``: the loop's first sample (Helios' DMD
+    pipeline passes both, with the schedule, to every step: it renoises with the start latent)."""
     if hasattr(scheduler, "scale_model_input"):
         scheduler.scale_model_input(sample, t)
+    if type(scheduler).__name__ == "HeliosDMDScheduler":
+        kwargs = dict(kwargs, cur_sampling_step=i, dmd_noisy_tensor=start, dmd_sigmas=scheduler.sigmas,
+                      dmd_timesteps=scheduler.timesteps, all_timesteps=scheduler.timesteps)
     return scheduler.step(model_output, t, sample, **kwargs).prev_sample
 
 
@@ -108,8 +114,8 @@ def run_loop(scheduler, x, outputs, device, set_timesteps: bool = True):
         scheduler.set_timesteps(STEPS, device=device)
     kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
     sample = x
-    for t, out in zip(loop_timesteps(scheduler, x.shape[0]), outputs):
-        sample = pipeline_step(scheduler, t, out, sample, kwargs)
+    for i, (t, out) in enumerate(zip(loop_timesteps(scheduler, x.shape[0]), outputs)):
+        sample = pipeline_step(scheduler, t, out, sample, kwargs, i, x)
     return sample
 
 
@@ -160,11 +166,11 @@ def time_steps_cold(scheduler, x, outputs, device, evict: Callable[[], None]) ->
     scheduler.set_timesteps(STEPS, device=device)
     kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
     total, sample = 0.0, x
-    for t, out in zip(loop_timesteps(scheduler, x.shape[0]), outputs):
+    for i, (t, out) in enumerate(zip(loop_timesteps(scheduler, x.shape[0]), outputs)):
         evict()
         sync(device)
         t0 = time.perf_counter()
-        sample = pipeline_step(scheduler, t, out, sample, kwargs)
+        sample = pipeline_step(scheduler, t, out, sample, kwargs, i, x)
         total += time.perf_counter() - t0
     sync(device)
     return total
@@ -277,16 +283,18 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     # outputs: 2, 3, 4, then 5 latents (4.7 over 20 steps), writing the sample and the new entry.
     # SA-Solver's step also reads and writes the predictor sum its next corrector shares (aux):
     # 4.55 reads and 2.95 writes over 20 steps; Cosine DPM-Solver++ reads its noise too.
+    # Helios' DMD step reads x, the model output and the start latent it renoises with (the last step
+    # the first two): 2.95 reads over 20 steps, one write.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
              "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
              "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
              "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85, "wuerstchen": 3,
-             "helios_unipc": 5}[name]
+             "helios_unipc": 5, "helios_dmd": 2.95}[name]
     writes = {"dpmpp_2m": 2, "dpmpp_3m": 2, "sde_dpmpp_2m": 2, "unipc_bh2": 3, "deis_3": 2, "ddim": 1,
               "euler": 1, "euler_a": 1, "heun": 1.5, "lcm": 2, "flow_euler": 1, "ddpm": 1, "dpmpp_2s": 2,
               "edm_dpmpp_2m": 2, "tcd": 2, "cm": 1, "ipndm": 2, "ddim_inverse": 1, "dpmpp_2m_inverse": 2,
               "cogvideox_ddim": 1, "sasolver": 2.95, "ltx_rf": 1, "cosine_dpmpp_2m": 2, "wuerstchen": 1,
-              "helios_unipc": 3}[name]
+              "helios_unipc": 3, "helios_dmd": 1}[name]
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}
