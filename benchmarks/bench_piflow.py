@@ -10,6 +10,7 @@ weights are computed at ``set_timesteps``. Shapes are Kandinsky-6-like channels-
     python benchmarks/bench_piflow.py                   # default shapes, fp32 and bf16 model outputs
     python benchmarks/bench_piflow.py --quick           # one shape, fewer repeats
     python benchmarks/bench_piflow.py --threads 1 --out /tmp/piflow.json
+    python benchmarks/bench_piflow.py --device cuda --quick    # on a GPU (a sync ends each timed call)
 
 Bytes are modelled, not measured: kdfast's step (one ``kdfast.ops.grid_combination`` kernel) reads
 the sample once and each grid slice with a nonzero weight once and writes the result once; the
@@ -24,7 +25,7 @@ import statistics
 import time
 
 import torch
-from _common import device_name, int_at_least, merge_rows, quiet_stderr
+from _common import check_device, device_name, int_at_least, merge_rows, quiet_stderr, sync
 
 from kdfast import ops
 from kdfast.ops.solver_step import coefficients, fused_step
@@ -34,13 +35,16 @@ SHAPES = [(1, 8, 32, 32, 16), (1, 4, 64, 64, 16), (2, 4, 32, 32, 16)]
 STEPS = 4
 
 
-def timed(fn, repeats: int) -> list:
+def timed(fn, repeats: int, device: torch.device) -> list:
+    """Seconds per call of ``fn``, each call timed to the end of its work (on a GPU, a sync)."""
     fn()
     fn()
+    sync(device)
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync(device)
         times.append(time.perf_counter() - t0)
     return times
 
@@ -97,7 +101,8 @@ def candidates(x: torch.Tensor, m: torch.Tensor, a: float, ws: list) -> dict:
     block = torch.zeros(G * C, C)
     for g, w in enumerate(ws):
         block[g * C:(g + 1) * C] = torch.eye(C) * w
-    wv = torch.tensor(ws, dtype=torch.float32)
+    block = block.to(x.device)
+    wv = torch.tensor(ws, dtype=torch.float32, device=x.device)
     nonzero = [(g, w) for g, w in enumerate(ws) if w]
 
     coefs = torch.tensor([a, *ws], dtype=torch.float32)
@@ -133,23 +138,24 @@ def candidates(x: torch.Tensor, m: torch.Tensor, a: float, ws: list) -> dict:
             out = fused_step(out, sl[6], r2, None, 1.0, sl[7:G], None, None, None, None, False, False, None).sample
         return out
 
-    cands = {"grid_combination": grid_combination, "add_loop": add_loop, "addmm_block": addmm_block, "einsum": einsum, "matmul_bcast": matmul_bcast}
+    cands = {"grid_combination": grid_combination, "add_loop": add_loop, "addmm_block": addmm_block, "einsum": einsum,
+             "matmul_bcast": matmul_bcast}
     if G <= 10:
         cands["solver_step_2pass"] = solver_step_2pass
     return cands
 
 
-def run(shapes, n_grid: int, repeats: int, dtypes) -> list:
+def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device) -> list:
     import diffusers
 
     rows = []
     for shape in shapes:
-        x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device)
         for sample_dtype, output_dtype in dtypes:
             xs = x.to(sample_dtype)
             df, kd = diffusers.PiflowScheduler(n_grid=n_grid), PiflowScheduler(n_grid=n_grid)
             for s in (df, kd):
-                s.set_timesteps(STEPS)
+                s.set_timesteps(STEPS, device=device)
             outputs = [model_output(x, n_grid, float(t), output_dtype) for t in df.timesteps]
             latent = x.numel()
 
@@ -161,7 +167,7 @@ def run(shapes, n_grid: int, repeats: int, dtypes) -> list:
 
             def loop_of(s):
                 def fn():
-                    s.set_timesteps(STEPS)
+                    s.set_timesteps(STEPS, device=device)
                     y = xs
                     for t, m in zip(s.timesteps, outputs):
                         y = s.step(m, t, y).prev_sample
@@ -170,10 +176,10 @@ def run(shapes, n_grid: int, repeats: int, dtypes) -> list:
 
             with torch.no_grad():
                 err = (loop_of(kd)().double() - loop_of(df)().double()).abs().max().item()
-                d_step = timed(step_of(df), max(3, repeats // 10))
-                k_step = timed(step_of(kd), repeats)
-                d_loop = timed(loop_of(df), max(3, repeats // 20))
-                k_loop = timed(loop_of(kd), max(5, repeats // 4))
+                d_step = timed(step_of(df), max(3, repeats // 10), device)
+                k_step = timed(step_of(kd), repeats, device)
+                d_loop = timed(loop_of(df), max(3, repeats // 20), device)
+                k_loop = timed(loop_of(kd), max(5, repeats // 4), device)
                 d_ops = diffusers_latent_ops(df, outputs[1], df.timesteps[1], xs)
             a, *ws = kd._coefs[1].tolist()
             n_nonzero = sum(w != 0 for w in ws)
@@ -185,7 +191,7 @@ def run(shapes, n_grid: int, repeats: int, dtypes) -> list:
             output_name = str(output_dtype).replace("torch.", "")
             row = dict(op="piflow_step", shape=list(shape), n_grid=n_grid, steps=STEPS,
                        dtype=f"{sample_name}/{output_name}", sample_dtype=sample_name, output_dtype=output_name,
-                       device=device_name(torch.device("cpu")), threads=torch.get_num_threads(),
+                       device=device_name(device), threads=torch.get_num_threads(),
                        kdfast_step_us=median_us(k_step), kdfast_step_q=quartiles_us(k_step),
                        diffusers_step_us=median_us(d_step), diffusers_step_q=quartiles_us(d_step),
                        step_speedup=median_us(d_step) / median_us(k_step),
@@ -196,7 +202,7 @@ def run(shapes, n_grid: int, repeats: int, dtypes) -> list:
                        bytes_ratio=kd_bytes / lower, loop_max_abs_diff=err)
             if sample_dtype == output_dtype == torch.float32:
                 with torch.no_grad():
-                    row["candidates_us"] = {name: median_us(timed(fn, repeats))
+                    row["candidates_us"] = {name: median_us(timed(fn, repeats, device))
                                             for name, fn in candidates(xs, outputs[1], a, ws).items()}
             rows.append(row)
             print_row(row)
@@ -216,6 +222,7 @@ def print_row(r) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="one shape, fewer repeats")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default: cpu)")
     p.add_argument("--threads", type=int_at_least(1), default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--n-grid", type=int_at_least(2), default=10)
     p.add_argument("--repeats", type=int_at_least(1), default=None)
@@ -223,6 +230,7 @@ def main(argv=None) -> None:
                    help="JSON file for the rows; rows of the same device, op, shape and dtype are replaced, all others "
                         "kept")
     args = p.parse_args(argv)
+    device = check_device(p, args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
@@ -231,8 +239,8 @@ def main(argv=None) -> None:
     if args.quick:
         dtypes = dtypes[:2]
     print(f"PiflowScheduler step, {STEPS}-step schedule, n_grid={args.n_grid}, torch {torch.__version__}, "
-          f"on {device_name(torch.device('cpu'))}")
-    rows = run(shapes, args.n_grid, repeats, dtypes)
+          f"on {device_name(device)}")
+    rows = run(shapes, args.n_grid, repeats, dtypes, device)
     if args.out:
         merge_rows(args.out, rows)
         print(f"wrote {len(rows)} rows to {args.out}")
