@@ -27,12 +27,12 @@ import torch
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
-from ._schedule import NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, x0_coefficients
+from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, flag, integer_at_least,
+                        is_integer_timestep, x0_coefficients)
 from .base import CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan
 
 HISTORY = (H0, H1, H2)
 _F32, _F64 = torch.float32, torch.float64
-_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # Where the sample output's coefficients of x0 and noise sit in a packed coefficient row
 _ROW_X0_FROM_X, _ROW_X0_FROM_MODEL = 0, 1
 _ROW_SAMPLE_X0, _ROW_SAMPLE_NOISE = 2 + SOURCES.index("x0"), 2 + SOURCES.index("noise")
@@ -67,24 +67,6 @@ class HeliosDMDSchedulerOutput(HeliosSchedulerOutput):
 
 
 # ---------------------------------------------------------------- argument checks
-
-
-def _integer(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _flag(name: str, value) -> bool:
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
-def _is_integer_timestep(timestep) -> bool:
-    if isinstance(timestep, torch.Tensor):
-        return timestep.dtype in _INTEGER_DTYPES
-    return isinstance(timestep, (bool, int, np.integer))
 
 
 def _check_tensor(name: str, t, like: torch.Tensor) -> None:
@@ -131,10 +113,10 @@ class _HeliosSchedule(FusedScheduler):
 
     def _check_schedule_config(self) -> None:
         cfg = self.config
-        n_train = _integer("num_train_timesteps", cfg.num_train_timesteps, 2)
+        n_train = integer_at_least("num_train_timesteps", cfg.num_train_timesteps, 2)
         if finite_number("shift", cfg.shift) <= 0:
             raise ValueError(f"shift must be > 0 (the sigmas are shift * s / (1 + (shift - 1) * s)), got {cfg.shift}")
-        stages = _integer("stages", cfg.stages, 1)
+        stages = integer_at_least("stages", cfg.stages, 1)
         ranges = cfg.stage_range
         if not isinstance(ranges, (list, tuple)) or len(ranges) < stages + 1:
             raise ValueError(f"stage_range must be a list of (at least) stages + 1 = {stages + 1} boundaries in "
@@ -148,8 +130,8 @@ class _HeliosSchedule(FusedScheduler):
         if finite_number("gamma", cfg.gamma) <= 0:
             raise ValueError(f"gamma must be > 0 (the start of each later stage is corrected by sqrt(1 + 1 / gamma)), "
                              f"got {cfg.gamma}")
-        _flag("use_flow_sigmas", cfg.use_flow_sigmas)
-        _flag("use_dynamic_shifting", cfg.use_dynamic_shifting)
+        flag("use_flow_sigmas", cfg.use_flow_sigmas)
+        flag("use_dynamic_shifting", cfg.use_dynamic_shifting)
         check_choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
 
     def init_sigmas(self) -> None:
@@ -285,12 +267,12 @@ class _HeliosSchedule(FusedScheduler):
         and drops the last. Starts a new loop: history, ``step_index`` and ``begin_index`` reset.
         """
         cfg = self.config
-        n = _integer("num_inference_steps", num_inference_steps, 1)
-        _flag("is_amplify_first_chunk", is_amplify_first_chunk)
+        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
+        flag("is_amplify_first_chunk", is_amplify_first_chunk)
         if cfg.stages > 1:
             if stage_index is None:
                 raise ValueError(f"stage_index must be given (0 to {cfg.stages - 1}) when stages={cfg.stages}")
-            stage = _integer("stage_index", stage_index, 0)
+            stage = integer_at_least("stage_index", stage_index, 0)
             if stage >= cfg.stages:
                 raise ValueError(f"stage_index must be below stages={cfg.stages}, got {stage_index}")
             if sigmas is not None:
@@ -453,10 +435,10 @@ class HeliosScheduler(_HeliosSchedule):
             check_choice("solver_type", solver_type, ("bh1", "bh2"))
         check_choice("scheduler_type", scheduler_type, ("unipc", "euler", "dmd"))
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        _flag("thresholding", thresholding)
-        _flag("predict_x0", predict_x0)
-        _flag("lower_order_final", lower_order_final)
-        _integer("solver_order", solver_order, 1)
+        flag("thresholding", thresholding)
+        flag("predict_x0", predict_x0)
+        flag("lower_order_final", lower_order_final)
+        integer_at_least("solver_order", solver_order, 1)
         if scheduler_type == "unipc":  # (the UniPC options: diffusers' Euler and DMD paths ignore them)
             if solver_order > 3:
                 raise ValueError(f"solver_order must be 1, 2 or 3 (the fused step holds 3 history entries), got "
@@ -708,7 +690,7 @@ class HeliosScheduler(_HeliosSchedule):
         return i
 
     def _euler_step(self, model_output, timestep, sample, cond, guidance_scale, return_dict):
-        if _is_integer_timestep(timestep):
+        if is_integer_timestep(timestep):
             raise ValueError("Passing integer indices (e.g. from `enumerate(timesteps)`) as timesteps to "
                              "HeliosScheduler.step() is not supported. Make sure to pass one of the "
                              "`scheduler.timesteps` as a timestep.")

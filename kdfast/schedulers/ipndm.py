@@ -10,6 +10,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import HISTORY, MODEL, X
+from ._schedule import integer_at_least
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 # Adams-Bashforth weights of (ets[-1], ets[-2], ...) by how many ets entries the step combines
@@ -18,12 +19,6 @@ _AB_WEIGHTS = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12),
 MAX_ORDER = 4
 # diffusers divides by max(alpha, 1e-8): alpha is 0 at the first timestep (pure noise)
 _MIN_ALPHA = 1e-8
-
-
-def _check_count(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
-    return int(value)
 
 
 def _check_trained_betas(trained_betas) -> None:
@@ -79,7 +74,7 @@ class IPNDMScheduler(FusedScheduler):
         num_train_timesteps: int = 1000,
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
     ):
-        _check_count("num_train_timesteps", num_train_timesteps)
+        integer_at_least("num_train_timesteps", num_train_timesteps, 1)
         if trained_betas is not None:
             _check_trained_betas(trained_betas)
         self._table = None
@@ -100,7 +95,7 @@ class IPNDMScheduler(FusedScheduler):
         self._set_schedule(num_inference_steps, device, build=True)
 
     def _set_schedule(self, num_inference_steps, device, build: bool) -> None:
-        n = _check_count("num_inference_steps", num_inference_steps)
+        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
         # the same torch operations in float32 as diffusers: the same numbers, bit for bit
         steps = torch.linspace(1, 0, n + 1)[:-1]
         steps = torch.cat([steps, torch.tensor([0.0])])

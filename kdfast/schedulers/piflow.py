@@ -31,12 +31,11 @@ import torch
 
 from ..ops.grid_combination import grid_combination
 from ._config import register_to_config
-from ._schedule import NUMBERS, finite_number
+from ._schedule import NUMBERS, finite_number, integer_at_least, is_integer_timestep
 from .base import FusedScheduler, SchedulerOutput
 
 _F32, _F64 = torch.float32, torch.float64
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 # One step's coefficients [a, w_0, ..., w_{n_grid - 1}] (float64, read-only), as grid_combination takes them
 StepCoefs = np.ndarray
 
@@ -139,21 +138,6 @@ def _schedule_weights(n: int, shift: float, n_grid: int, eps: float, final_step_
     return tuple(steps)
 
 
-# ---------------------------------------------------------------- argument checks
-
-
-def _integer(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _is_integer_timestep(timestep) -> bool:
-    if isinstance(timestep, torch.Tensor):
-        return timestep.dtype in _INTEGER_DTYPES
-    return isinstance(timestep, (bool, int, np.integer))
-
-
 class PiflowScheduler(FusedScheduler):
     """Drop-in for ``diffusers.PiflowScheduler`` (distilled Kandinsky 6 checkpoints): same arguments,
     config, attributes (``timesteps``, ``sigmas``, ``n_grid``, ``eps``, ``final_step_size_scale``,
@@ -209,7 +193,7 @@ class PiflowScheduler(FusedScheduler):
         final_step_size_scale: float = 0.5,
         num_policy_substeps: int = 128,
     ) -> None:
-        _integer("num_train_timesteps", num_train_timesteps, 1)
+        integer_at_least("num_train_timesteps", num_train_timesteps, 1)
         if finite_number("shift", shift) <= 0:
             raise ValueError(f"shift must be > 0 (the schedule divides by 1 + (shift - 1) * t), got {shift}")
         if isinstance(n_grid, bool) or not isinstance(n_grid, (int, np.integer)):
@@ -257,7 +241,7 @@ class PiflowScheduler(FusedScheduler):
                                            and not isinstance(num_inference_steps, bool)
                                            and num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
-        n = _integer("num_inference_steps", num_inference_steps, 1)
+        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
         cfg = self.config
         coefs = _schedule_weights(n, float(cfg.shift), self.n_grid, self.eps, self.final_step_size_scale,
                                     self.num_policy_substeps, int(cfg.num_train_timesteps))
@@ -354,7 +338,7 @@ class PiflowScheduler(FusedScheduler):
         return out if return_dict else out.to_tuple()
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale) -> PiflowSchedulerOutput:
-        if _is_integer_timestep(timestep):
+        if is_integer_timestep(timestep):
             raise ValueError("Passing integer indices as timesteps to PiflowScheduler.step() is not supported; "
                              "pass a value from scheduler.timesteps instead")
         if self.num_inference_steps is None:
