@@ -270,9 +270,8 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
                    eta: float, s_noise: float, noise_sampler: Callable, callback, bar) -> Tuple[torch.Tensor, Dict]:
     sig = lambda tt: math.exp(-tt)  # noqa: E731
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
-    f64 = x.dtype == torch.float64
-    row_dtype = torch.float64 if f64 else torch.float32
-    err_dtype = torch.float64 if f64 else torch.float32
+    # coefficient rows and the error estimate: float64 for a float64 x, else float32
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     # eps and the error terms in float32 for float16 / bfloat16 samples
     history_dtype = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
     batch = x.shape[0]
@@ -282,7 +281,7 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
     pid = _PIDStepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     info = {'steps': 0, 'nfe': 0, 'n_accept': 0, 'n_reject': 0}
     # rtol * |x_prev|, x_prev being the last accepted x_low (x at the start)
-    prev_scaled = x.to(err_dtype).abs().mul_(rtol)
+    prev_scaled = x.to(compute).abs().mul_(rtol)
     while s < t_end - 1e-5:
         t = min(t_end, s + pid.h)
         if eta:
@@ -292,7 +291,7 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         else:
             t_to, su = t, 0.
         stages = _attempt(order, s, t_to, su * s_noise)
-        rows = torch.tensor([st.row for st in stages], dtype=row_dtype).unbind(0)
+        rows = torch.tensor([st.row for st in stages], dtype=compute).unbind(0)
         x_in, aux, hist, denoised = x, x, [], None
         for k, stage in enumerate(stages):
             m, _ = evaluate(x_in, x.new_full((batch,), stage.sigma))
@@ -310,9 +309,9 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         x_high, diff, x_low = out.sample, out.history, out.aux
 
         # error = ||(x_low - x_high) / max(atol, rtol * max(|x_low|, |x_prev|))|| / sqrt(numel)
-        low_scaled = x_low.to(err_dtype).abs().mul_(rtol)
+        low_scaled = x_low.to(compute).abs().mul_(rtol)
         delta = torch.maximum(low_scaled, prev_scaled).clamp_(min=atol)
-        error = torch.linalg.vector_norm(diff.to(err_dtype).div_(delta)).div_(sqrt_numel)
+        error = torch.linalg.vector_norm(diff.to(compute).div_(delta)).div_(sqrt_numel)
         err = error.item()  # the step's one host read: the controller decides on the host
         if math.isnan(err):
             raise FloatingPointError(f"the error estimate of the step from sigma {sig(s):.6g} to {sig(t):.6g} is NaN: "
