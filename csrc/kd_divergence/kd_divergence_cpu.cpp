@@ -212,7 +212,10 @@ int kd_divergence_cpu(const Params& p) {
       (p.grad && p.grad_cols < p.vocab))
     return kBadArgument;
   const Consts c = make_consts(p);
-  const int threads = cpu::threads_for(p.num_threads, p.rows, p.rows * p.vocab);
+  // An entry costs about as much as kEntryCost elements of a streaming kernel (two
+  // exponentials and the divergence's log terms), which is what threads_for's threshold is for.
+  constexpr int64_t kEntryCost = 8;
+  const int threads = cpu::threads_for(p.num_threads, p.rows, p.rows * p.vocab * kEntryCost);
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
   for (int64_t r = 0; r < p.rows; ++r) {
 #ifdef _OPENMP
