@@ -81,8 +81,10 @@ def _kd_divergence_kernel(
         mask = j < vocab
         s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        ms_new = tl.maximum(ms, tl.max(s, 0))
-        mt_new = tl.maximum(mt, tl.max(t, 0))
+        # tl.max passes NaN over: a NaN counts as +inf here, so that its row is left without a
+        # finite normaliser (and gets NaN) even where the rest of its block is -inf and skipped.
+        ms_new = tl.maximum(ms, tl.max(tl.where(s != s, INF, s), 0))
+        mt_new = tl.maximum(mt, tl.max(tl.where(t != t, INF, t), 0))
         zs = tl.where(ms_new == NEG_INF, 0.0, zs * tl.exp(ms - ms_new) + tl.sum(tl.exp(s - ms_new), 0))
         zt = tl.where(mt_new == NEG_INF, 0.0, zt * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0))
         ms = ms_new

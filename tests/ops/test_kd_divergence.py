@@ -480,6 +480,24 @@ def test_maximum_and_nan_at_every_position(backend):
         assert rows.isnan().all() and grad.isnan().all(), kind
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_in_a_block_of_minus_inf(backend):
+    # The Triton kernel reduces blocks of up to 4096 entries, and its maximum passes NaN over:
+    # a NaN whose block is otherwise -inf left that block's maximum at -inf, the block was
+    # skipped, and the row got a finite loss. Any NaN entry, in either row, makes the row's
+    # loss and gradient NaN on every backend (the CPU and CUDA normalisers carry it).
+    vocab = 8192
+    for kind in KINDS:
+        for side in ("student", "teacher"):
+            s, t = logits((2, vocab), torch.float32, 62), logits((2, vocab), torch.float32, 63)
+            x = s if side == "student" else t
+            x[0, :4096] = -math.inf
+            x[0, 5] = math.nan
+            rows, grad = fused(backend, s, t, kind)
+            assert rows[0].isnan() and grad[0].isnan().all(), f"{backend} {kind}: NaN in the {side} row lost"
+            assert rows[1].isfinite() and grad[1].isfinite().all(), f"{backend} {kind}: finite row spoiled"
+
+
 def test_fast_exp_is_unbiased():
     # The CPU kernel's exp is a polynomial: a dropped term is ~1 ulp, too little for one value,
     # but it errs the same way at every point, which the mean error shows. With a one-hot
