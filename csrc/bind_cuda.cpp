@@ -8,6 +8,20 @@ namespace py = pybind11;
 using namespace kdfast;
 using namespace kdfast::bind;
 
+namespace {
+
+// check_status, naming the CUDA error a failed launch left pending (and clearing it).
+void check_launch(int status, const char* op) {
+  if (status == kLaunchFailed) {
+    const cudaError_t e = cudaGetLastError();
+    throw std::runtime_error(std::string("kdfast.") + op + ": kernel launch failed: " + cudaGetErrorName(e) + " (" +
+                             cudaGetErrorString(e) + ")");
+  }
+  check_status(status, op);
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_C_cuda, m) {
   m.doc() = "kdfast CUDA kernels (torch-free; called by kdfast.ops)";
   bind_constants(m);
@@ -25,7 +39,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                                       out_dtype, coef, coef_rows, guidance_scale, threshold, clip_value,
                                       dynamic_scale);
           p.stream = as_ptr<void>(stream);
-          check_status(solver_step::solver_step_cuda(p), "solver_step");
+          check_launch(solver_step::solver_step_cuda(p), "solver_step");
         });
 
   m.def("threshold_scale",
@@ -36,7 +50,7 @@ PYBIND11_MODULE(_C_cuda, m) {
           ThresholdParams p = make_threshold_params(batch, inner, ptr, stride, dtype, x0_from_x,
                                                     x0_from_model, guidance_scale, ratio, max_value, out);
           p.stream = as_ptr<void>(stream);
-          check_status(solver_step::threshold_scale_cuda(p), "threshold_scale");
+          check_launch(solver_step::threshold_scale_cuda(p), "threshold_scale");
         });
 
   m.def("kd_divergence", [](int64_t rows, int64_t vocab, std::uintptr_t student, int64_t student_stride,
@@ -50,7 +64,7 @@ PYBIND11_MODULE(_C_cuda, m) {
         ignore_index, row_loss, grad, grad_stride, grad_cols, grad_dtype, kind, beta, inv_temperature,
         loss_scale, workspace);
     p.stream = as_ptr<void>(stream);
-    check_status(kd_divergence::kd_divergence_cuda(p), "kd_divergence");
+    check_launch(kd_divergence::kd_divergence_cuda(p), "kd_divergence");
   });
 
   m.def("device_count", []() {
@@ -60,6 +74,20 @@ PYBIND11_MODULE(_C_cuda, m) {
       return 0;
     }
     return n;
+  });
+  // Why this module's CUDA runtime cannot use the machine's devices ("" when it can): torch may
+  // see GPUs that a runtime newer than the driver cannot (cudaErrorInsufficientDriver).
+  m.def("device_error", []() {
+    int n = 0;
+    const cudaError_t e = cudaGetDeviceCount(&n);
+    if (e == cudaSuccess) return std::string();
+    cudaGetLastError();
+    int driver = 0;
+    cudaDriverGetVersion(&driver);
+    auto version = [](int v) { return std::to_string(v / 1000) + "." + std::to_string(v % 1000 / 10); };
+    return std::string(cudaGetErrorName(e)) + " (" + cudaGetErrorString(e) + "; " +
+           (driver ? "the driver supports CUDA " + version(driver) : std::string("no CUDA driver found")) +
+           ", kdfast's runtime is CUDA " + version(CUDART_VERSION) + ")";
   });
   m.def("runtime_version", []() {
     int v = 0;
@@ -88,7 +116,7 @@ PYBIND11_MODULE(_C_cuda, m) {
           p.aux = as_ptr<double>(aux);
           p.workspace = as_ptr<double>(workspace);
           p.stream = as_ptr<void>(stream);
-          check_status(diffusion_losses::loss_forward_cuda(p), "diffusion_loss_forward");
+          check_launch(diffusion_losses::loss_forward_cuda(p), "diffusion_loss_forward");
         });
 
   m.def("diffusion_loss_backward",
@@ -110,7 +138,7 @@ PYBIND11_MODULE(_C_cuda, m) {
             p.grad_dtype[k] = grad_dtype[k];
           }
           p.stream = as_ptr<void>(stream);
-          check_status(diffusion_losses::loss_backward_cuda(p), "diffusion_loss_backward");
+          check_launch(diffusion_losses::loss_backward_cuda(p), "diffusion_loss_backward");
         });
 
   m.def("sample_combination",
@@ -125,7 +153,7 @@ PYBIND11_MODULE(_C_cuda, m) {
           p.grad[0] = as_ptr<void>(out);
           p.grad_dtype[0] = out_dtype;
           p.stream = as_ptr<void>(stream);
-          check_status(diffusion_losses::sample_combination_cuda(p), "sample_combination");
+          check_launch(diffusion_losses::sample_combination_cuda(p), "sample_combination");
         });
 
   m.def("diffusion_loss_workspace_doubles", [](int64_t batch, int64_t inner) {
@@ -144,7 +172,7 @@ PYBIND11_MODULE(_C_cuda, m) {
           p.sm_count = sm_count;
           p.cuda_workspace = as_ptr<void>(workspace);
           p.stream = as_ptr<void>(stream);
-          check_status(group_norm::group_norm_cuda(p), "group_norm");
+          check_launch(group_norm::group_norm_cuda(p), "group_norm");
         });
   m.def("group_norm_workspace_doubles",
         [](int64_t batch, int64_t channels, int64_t spatial, int64_t groups, int sm_count) {
@@ -159,6 +187,6 @@ PYBIND11_MODULE(_C_cuda, m) {
           grid_combination::Params p = make_grid_params(rows, channels, grid, x, x_row_stride, x_dtype, y,
                                                         y_row_stride, y_dtype, out, out_dtype, coefs, num_coefs);
           p.stream = as_ptr<void>(stream);
-          check_status(grid_combination::grid_combination_cuda(p), "grid_combination");
+          check_launch(grid_combination::grid_combination_cuda(p), "grid_combination");
         });
 }

@@ -52,6 +52,26 @@ def _cuda_device_reason() -> Optional[str]:
     return None
 
 
+def cuda_runtime_reason(device_error: str) -> Optional[str]:
+    """Why kdfast's CUDA kernels cannot run although torch sees a GPU, from the error the
+    extension's own (statically linked) CUDA runtime gives when it counts the devices (""
+    when it can use them): typically a driver older than that runtime, which torch, built
+    against an older CUDA, does not mind."""
+    if not device_error:
+        return None
+    return (f"kdfast._C_cuda's CUDA runtime cannot use this machine's GPUs: {device_error}; update the "
+            f"NVIDIA driver or build kdfast with the CUDA toolkit of torch's CUDA version "
+            f"(the triton or reference backend serves meanwhile)")
+
+
+def _lowest_capability() -> Tuple[int, int]:
+    """The lowest compute capability among the visible GPUs: a backend is chosen per device
+    type, so it must serve tensors on any of them."""
+    import torch
+
+    return min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+
+
 def cuda_arch_reason(archs: str, capability: Tuple[int, int]) -> Optional[str]:
     """Why kernels built for ``archs`` (e.g. ``"80,89,90"``, CMake's list: machine code plus
     PTX for each) cannot run on a GPU of compute ``capability``, or None: the PTX of an arch
@@ -59,7 +79,7 @@ def cuda_arch_reason(archs: str, capability: Tuple[int, int]) -> Optional[str]:
     built = [int(a.split("-")[0]) for a in archs.replace(";", ",").split(",") if a.strip()]
     gpu = capability[0] * 10 + capability[1]
     if built and min(built) > gpu:
-        return (f"kdfast._C_cuda was built for sm_{min(built)} and up ({archs}), this GPU is sm_{gpu}: "
+        return (f"kdfast._C_cuda was built for sm_{min(built)} and up ({archs}), a GPU here is sm_{gpu}: "
                 f"rebuild with KDFAST_CUDA_ARCHS={gpu} (the triton or reference backend serves meanwhile)")
     return None
 
@@ -80,10 +100,8 @@ def backend_reason(backend: str, device_type: str) -> Optional[str]:
         module, reason = _ext.cuda()
         if module is None:
             return reason
-        import torch
-
-        return _cuda_device_reason() or cuda_arch_reason(module.build_info().get("archs", ""),
-                                                         torch.cuda.get_device_capability())
+        return (_cuda_device_reason() or cuda_runtime_reason(module.device_error())
+                or cuda_arch_reason(module.build_info().get("archs", ""), _lowest_capability()))
     # triton
     _, reason = _ext.triton()
     if reason:

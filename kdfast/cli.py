@@ -28,7 +28,9 @@ def info() -> str:
     lines.append(f"kdfast._C (CPU kernels): {'built, ' + str(cpu.build_info()) if cpu else cpu_reason}")
     cuda, cuda_reason = _ext.cuda()
     if cuda:
-        lines.append(f"kdfast._C_cuda (CUDA kernels): built, {cuda.build_info()}, devices visible: {cuda.device_count()}")
+        error = cuda.device_error()
+        lines.append(f"kdfast._C_cuda (CUDA kernels): built, {cuda.build_info()}, devices visible: "
+                     f"{cuda.device_count()}{' (' + error + ')' if error else ''}")
     else:
         lines.append(f"kdfast._C_cuda (CUDA kernels): {cuda_reason}")
     for device in ("cpu", "cuda"):

@@ -50,4 +50,5 @@ def launch(x, ys, coefs, out):
     _grid_combination_kernel[(triton.cdiv(total, _BLOCK),)](
         x, ys[0], y1, out, tuple(coefs.tolist()), total, channels, x.stride(0), ys[0].stride(0), y1.stride(0),
         GRID=grid, TWO=two, BLOCK=_BLOCK,
+        enable_fp_fusion=False,  # products rounded before the sums, as the CPU and CUDA kernels do
     )

@@ -17,6 +17,10 @@ def test_cuda_extension_imports_without_a_gpu():
     # Static CUDA runtime: importing and querying works with no driver; 0 devices then.
     assert module.device_count() >= 0
     assert module.runtime_version() >= 12000
+    # With no device usable, the runtime's error is named (the cuda backend's reason quotes it).
+    assert (module.device_error() == "") == (module.device_count() > 0)
+    if module.device_count() == 0:
+        assert module.device_error().startswith("cudaError")
     assert module.NUM_COEFS == 29
 
 
@@ -52,6 +56,47 @@ def test_cuda_backend_refuses_gpus_below_the_built_archs():
     reason = cuda_arch_reason("80,89,90", (7, 5))
     assert "sm_75" in reason and "KDFAST_CUDA_ARCHS=75" in reason
     assert cuda_arch_reason("90", (8, 0)) is not None
+
+
+def test_cuda_backend_steps_aside_when_its_runtime_cannot_use_the_gpus(monkeypatch):
+    # torch (built for an older CUDA) sees the GPU, but the driver is older than the CUDA runtime
+    # linked into kdfast._C_cuda: every launch would fail, so the cuda backend must give way,
+    # with the runtime's error in its reason, and triton serve.
+    import torch
+
+    from kdfast import backends
+
+    class Module:
+        @staticmethod
+        def device_error():
+            return "cudaErrorInsufficientDriver (CUDA driver version is insufficient for CUDA runtime version)"
+
+        @staticmethod
+        def build_info():
+            return {"archs": "80,89,90"}
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(kdfast._ext, "cuda", lambda: (Module, None))
+    monkeypatch.setattr(kdfast._ext, "triton", lambda: (object(), None))
+    monkeypatch.setattr(backends, "_FORCED", None)
+    reason = backends.backend_reason("cuda", "cuda")
+    assert "cudaErrorInsufficientDriver" in reason and "driver" in reason
+    op = backends.Op("test_runtime_reason")
+    op.register("cuda")(lambda: None)
+    op.register("triton")(lambda: None)
+    assert op.select("cuda").backend == "triton"
+    assert backends.cuda_runtime_reason("") is None
+
+
+def test_cuda_backend_checks_the_lowest_gpu(monkeypatch):
+    import torch
+
+    from kdfast import backends
+
+    capabilities = {0: (9, 0), 1: (7, 5)}
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: capabilities[0 if i is None else i])
+    assert backends._lowest_capability() == (7, 5)
 
 
 def test_triton_older_than_the_kernels_need_is_refused_with_a_reason(monkeypatch):

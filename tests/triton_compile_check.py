@@ -50,6 +50,9 @@ class _TargetOnlyDriver:
         return torch.device("cpu")
 
 
+# Kernels that round every product before adding it (bit-identical to the CPU and CUDA ones):
+# compiled without FMA contraction, which their PTX must show.
+UNFUSED = {"_grid_combination_kernel"}
 LAUNCHES: Counter = Counter()  # compile-only launches per kernel (repeats hit the cache)
 SECONDS: Counter = Counter()
 
@@ -61,6 +64,8 @@ def _compile_only(self, grid):
         name = getattr(self, "__name__", str(self))
         if kernel is None or "cubin" not in kernel.asm:
             raise RuntimeError(f"{name}: no cubin produced")
+        if name in UNFUSED and "fma.rn.f32" in kernel.asm.get("ptx", ""):
+            raise RuntimeError(f"{name}: products fused into sums (fma.rn.f32 in its PTX)")
         LAUNCHES[name] += 1
         SECONDS[name] += time.perf_counter() - start
         return kernel

@@ -8,6 +8,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/kd_cuda.h"
+
 namespace kdfast {
 namespace diffusion_losses {
 namespace {
@@ -147,7 +149,6 @@ dim3 tile_grid(const Params& p, int64_t tiles) {
   return dim3(unsigned(tiles), unsigned(p.batch < kMaxGridY ? p.batch : kMaxGridY));
 }
 
-int launch_status() { return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed; }
 
 }  // namespace
 

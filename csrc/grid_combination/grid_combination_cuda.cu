@@ -6,6 +6,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/kd_cuda.h"
+
 namespace kdfast {
 namespace grid_combination {
 namespace {
@@ -40,7 +42,7 @@ int grid_combination_cuda(const Params& p) {
   // Enough blocks to fill the GPU; each thread loops over the rest.
   const unsigned grid = unsigned(blocks < 65536 ? blocks : 65536);
   grid_combination_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
-  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return launch_status();
 }
 
 }  // namespace grid_combination

@@ -9,6 +9,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/kd_cuda.h"
+
 namespace kdfast {
 namespace group_norm {
 namespace {
@@ -160,7 +162,7 @@ int group_norm_cuda(const Params& p) {
     chunk_moments_kernel<<<unsigned(pairs * splits), kThreads, 0, stream>>>(p, splits, chunk, partial);
     chunk_normalize_kernel<<<unsigned(pairs * splits), kThreads, 0, stream>>>(p, splits, chunk, partial);
   }
-  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return launch_status();
 }
 
 }  // namespace group_norm

@@ -7,6 +7,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/kd_cuda.h"
+
 namespace kdfast {
 namespace kd_divergence {
 namespace {
@@ -144,7 +146,7 @@ int kd_divergence_cuda(const Params& p) {
     case kTVD: kd_divergence_kernel<kTVD><<<blocks, kThreads, 0, stream>>>(p, c); break;
     default: kd_divergence_kernel<kSkewKL><<<blocks, kThreads, 0, stream>>>(p, c); break;
   }
-  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return launch_status();
 }
 
 }  // namespace kd_divergence

@@ -5,6 +5,8 @@
 
 #include <cuda_runtime.h>
 
+#include "common/kd_cuda.h"
+
 namespace kdfast {
 namespace solver_step {
 namespace {
@@ -124,14 +126,14 @@ int solver_step_cuda(const Params& p) {
     solver_step_kernel<true><<<grid, block, 0, stream>>>(p);
   else
     solver_step_kernel<false><<<grid, block, 0, stream>>>(p);
-  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return launch_status();
 }
 
 int threshold_scale_cuda(const ThresholdParams& p) {
   if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
   if (p.batch == 0) return kOk;
   threshold_scale_kernel<<<unsigned(p.batch), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
-  return cudaGetLastError() == cudaSuccess ? kOk : kLaunchFailed;
+  return launch_status();
 }
 
 }  // namespace solver_step

@@ -111,7 +111,8 @@ def grid_combination(sample: torch.Tensor, outputs: Union[torch.Tensor, Sequence
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 
     Computed in float32 for every input dtype, terms added in order with each product rounded
-    before its sum, so every backend gives the same bits on the CPU. More than
+    before its sum (no fused multiply-adds, Triton's included), so every backend gives the same
+    bits (the Triton interpreter on a CPU rounds bf16 by truncation). More than
     ``MAX_WEIGHTS`` grid weights in all are combined by the reference backend. Differentiable in
     ``sample``, ``outputs`` and ``coefs``.
     """
