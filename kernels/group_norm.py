@@ -165,6 +165,11 @@ def launch(x, shift, weight, bias, num_groups, eps, activation, channels_last, o
     (group_norm.h's ``gpu_splits``) chunks per group, or one program per group."""
     batch, channels = x.shape[:2]
     spatial = x.numel() // (batch * channels)
+    if channels * spatial >= 2 ** 31:
+        # channels and spatial are 32-bit kernel arguments, and so are the offsets within a sample
+        # made from them (the sample's base offset is 64-bit)
+        raise ValueError(f"the triton group norm takes samples of fewer than 2^31 elements, got {channels} channels "
+                         f"x {spatial} positions; use the cuda or reference backend")
     dummy = x  # stands in for absent pointers; never read (constexpr flags)
     pointers = (dummy if shift is None else shift, dummy if weight is None else weight,
                 dummy if bias is None else bias)

@@ -262,6 +262,19 @@ def test_triton_split_groups():
     assert out[1].isnan().all() and out[[0, 2, 3]].isfinite().all()
 
 
+def test_triton_refuses_samples_of_2_31_elements():
+    # Its offsets within a sample are 32-bit: such a sample would be read at wrapped offsets.
+    # (Meta tensors: the refusal comes before anything is allocated or launched.)
+    from kdfast import _ext
+    module, reason = _ext.triton()
+    if module is None:
+        pytest.skip(reason)
+    launch = module.group_norm.launch
+    x = torch.empty((1, 32, 2 ** 26), device="meta")
+    with pytest.raises(ValueError, match="fewer than 2\\^31 elements"):
+        launch(x, None, None, None, 8, 1e-5, 0, False, torch.empty_like(x))
+
+
 def _gpu_splits(shape, groups):
     """Blocks per group the CUDA launcher uses for this shape on this GPU."""
     from kdfast import _ext
