@@ -81,7 +81,9 @@ def _group_norm_kernel(
                                  channels, spatial, CHANNELS_LAST, HAS_SHIFT)
         d = v - mean
         acc += tl.where(mask, d * d, 0.0)
-    rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / n + eps)
+    # in float64 like inverse_std in group_norm.h (and exactly rounded: fp32 sqrt and division
+    # compile to approximations on NVIDIA GPUs)
+    rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=0).to(tl.float64) / n + eps)).to(tl.float32)
 
     for start in range(0, n, BLOCK):
         _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,
