@@ -65,10 +65,19 @@ __device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, un
     for (int i = threadIdx.x; i < 256; i += blockDim.x) hist[i] = 0;
     __syncthreads();
     int nan_seen = 0;
-    for (int64_t i = threadIdx.x; i < p.inner; i += blockDim.x) {
-      const unsigned bits = __float_as_uint(abs_x0(p, b, i));
-      nan_seen |= bits > 0x7f800000u;
-      if ((bits & mask) == prefix) atomicAdd(&hist[(bits >> shift) & 255u], 1u);
+    // Whole warps step together (blockDim.x is a multiple of 32), so that each warp can add its
+    // lanes' counts once per distinct bin: nearby magnitudes share their top byte, and one
+    // atomic per lane would serialise on one or two bins in the first pass.
+    for (int64_t base = 0; base < p.inner; base += blockDim.x) {
+      const int64_t i = base + threadIdx.x;
+      unsigned bin = 256u;  // no count: past the end, or outside the prefix found so far
+      if (i < p.inner) {
+        const unsigned bits = __float_as_uint(abs_x0(p, b, i));
+        nan_seen |= bits > 0x7f800000u;
+        if ((bits & mask) == prefix) bin = (bits >> shift) & 255u;
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, bin);
+      if (bin < 256u && __ffs(peers) - 1 == int(threadIdx.x & 31u)) atomicAdd(&hist[bin], unsigned(__popc(peers)));
     }
     if (__syncthreads_or(nan_seen)) return NAN;  // the same answer in every thread: a uniform exit
     if (threadIdx.x == 0) {

@@ -1043,6 +1043,14 @@ def test_gpu_threshold_scale_matches_quantile():
     x[1, 0, 5, 7] = float("nan")  # the radix select would order NaN above inf and skip it
     got = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.995, max_value=4.0, backend="cuda")
     assert got[1].isnan() and torch.isfinite(got[[0, 2]]).all()
+    # A sample that ends in a partial block pass, and values with many ties (each warp adds
+    # its lanes' counts per bin at once): the same quantile as torch's.
+    x = torch.randint(0, 7, (2, 3, 37, 41), device="cuda").float() * 1.25 + 2
+    m = torch.zeros_like(x)
+    for ratio in (0.5, 0.9, 0.995):
+        got = ops.threshold_scale(x, m, 1.0, 0.0, ratio=ratio, max_value=100.0, backend="cuda")
+        exp = ref.threshold_scale(x.double(), m.double(), None, 1.0, 1.0, 0.0, ratio, 100.0, torch.float64)
+        torch.testing.assert_close(got.cpu(), exp.float().cpu(), rtol=2e-6, atol=2e-6)
 
 
 @pytest.mark.gpu
