@@ -16,6 +16,9 @@ from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
 SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+# Log-SNR steps shorter than this are zero-length steps whose sigmas differ only by float32
+# rounding (a few ulps of sigma: ~1e-7 in lambda); real schedules step by 1e-3 or more.
+_ROUNDING_STEP = 1e-6
 
 
 def check_dpm_solver_config(scheduler, algorithms=ALGORITHMS, flow_exclusive=SIGMA_SPACINGS) -> None:
@@ -154,12 +157,14 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         try:
             lam = [log_snr(*self._alpha_sigma(float(sigmas[i + 1 - k]))) for k in range(order + 1)]
             h = lam[0] - lam[1]
-            if h == 0:
+            if abs(h) < _ROUNDING_STEP:
                 # A step of length zero (karras, exponential, beta or lu sigmas ending at
                 # sigma_min, which final_sigmas_type="sigma_min" appends again) leaves x as it
                 # is at every order: the higher-order terms vanish with h (diffusers divides
-                # 0 by 0 there, and its heun solver type returns NaN).
-                order = 1
+                # 0 by 0 there, and its heun solver type returns NaN). The appended sigma_min
+                # can differ from the last sigma by float32 rounding, in either direction: a
+                # step "back" by that much would make the SDE variants' noise variance negative.
+                h, order = 0.0, 1
             if order == 1:
                 D = [q]
             elif order == 2:

@@ -48,6 +48,16 @@ def test_duplicate_timesteps_do_not_break_the_step_index():
     assert parity_error(got, expected) < 1e-5
 
 
+@pytest.mark.parametrize("algorithm_type", ["sde-dpmsolver", "sde-dpmsolver++"])
+@pytest.mark.parametrize("steps", [2, 17])
+def test_parity_sde_with_lu_lambdas_ending_at_sigma_min(algorithm_type, steps):
+    # lu lambdas end at sigma_min, which final_sigmas_type="sigma_min" appends again, a few
+    # float32 ulps off: that zero-length last step must add no noise, not refuse to run.
+    assert_parity(DPMSolverMultistepScheduler, DF, dict(beta_schedule="squaredcos_cap_v2", use_lu_lambdas=True,
+                                                        final_sigmas_type="sigma_min", algorithm_type=algorithm_type),
+                  steps=steps, begin_index=0)
+
+
 @pytest.mark.parametrize("spacing", ["linspace", "leading", "trailing"])
 @pytest.mark.parametrize("final_sigmas_type", ["zero", "sigma_min"])
 @pytest.mark.parametrize("lower_order_final,euler_at_final", [(True, False), (False, False), (False, True)])

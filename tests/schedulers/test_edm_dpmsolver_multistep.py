@@ -30,6 +30,15 @@ def test_parity_sde(solver_type):
     assert parity_error(other, got) > 1e-3  # the noise follows the generator
 
 
+@pytest.mark.parametrize("sigma_schedule,steps", [("karras", 13), ("exponential", 1), ("exponential", 60)])
+def test_parity_sde_with_a_final_sigma_min_step(sigma_schedule, steps):
+    # The appended sigma_min lies a few float32 ulps above the schedule's last sigma: a
+    # zero-length step, whose rounding (a tiny negative log-SNR step) once made the SDE noise
+    # variance negative and the step refuse to run.
+    config = dict(algorithm_type="sde-dpmsolver++", final_sigmas_type="sigma_min", sigma_schedule=sigma_schedule)
+    assert_parity(EDMDPMSolverMultistepScheduler, DF, config, steps=steps)
+
+
 def test_schedule_and_scaled_inputs_bit_for_bit():
     for config in ({}, dict(sigma_schedule="exponential"), dict(final_sigmas_type="sigma_min")):
         df, kd = DF(**config), EDMDPMSolverMultistepScheduler(**config)
