@@ -185,7 +185,13 @@ class DDIMScheduler(FusedScheduler):
         std = 0.0
         if eta != 0:  # (the variance is 0/0 on a step from alpha_cumprod 1: the inverse's first)
             std = eta * _sqrt(_div(1.0 - a_prev, b_t) * (1.0 - _div(a_t, a_prev)))
-        sample = math.sqrt(a_prev) * X0 + _sqrt(1.0 - a_prev - std * std) * eps
+        direction = 1.0 - a_prev - std * std
+        if -1e-12 < direction < 0.0:
+            # Exactly 0 at eta = 1 from alpha_cumprod 0 (zero terminal SNR): whether rounding
+            # leaves it a hair above or below 0 is luck (diffusers' float32 gets NaN or a finite
+            # value by step count); only a truly negative radicand (eta > 1) gives NaN.
+            direction = 0.0
+        sample = math.sqrt(a_prev) * X0 + _sqrt(direction) * eps
         if eta > 0:  # (a negative eta shrinks the direction term and adds no noise, as in diffusers)
             sample = sample + std * NOISE
         return StepPlan(x0=x0, sample=sample, aux=X0)  # aux: pred_original_sample, written when asked for
