@@ -119,6 +119,8 @@ class DDPMScheduler(FusedScheduler):
     * ``fixed_large_log``: diffusers takes the square root of the log-variance ``log(beta_t)``
       (negative, so every noised step is NaN); kdfast uses the noise scale the log form
       stands for, ``exp(0.5 * log(beta_t))`` = ``sqrt(beta_t)``, as ``fixed_large`` does.
+      Where ``beta_t`` is 1 (the first step of a zero-terminal-SNR schedule) diffusers' value,
+      ``sqrt(log 1) = 0``, is finite, and kdfast follows it: that step adds no noise.
     * ``learned``: a negative predicted variance gives NaN in diffusers (``v ** 0.5``); kdfast
       clamps it at 0.
 
@@ -288,7 +290,8 @@ class DDPMScheduler(FusedScheduler):
             "fixed_small": variance ** 0.5,
             "fixed_small_log": torch.exp(0.5 * torch.log(variance)),
             "fixed_large": current_beta_t ** 0.5,
-            "fixed_large_log": torch.exp(0.5 * torch.log(current_beta_t)),  # diffusers: sqrt(log(beta)) = NaN
+            # diffusers: sqrt(log(beta)), NaN but where beta is 1 (no noise there)
+            "fixed_large_log": torch.where(current_beta_t >= 1, 0.0, torch.exp(0.5 * torch.log(current_beta_t))),
             "min_log": torch.log(variance),
             "max_log": torch.log(current_beta_t),
         }

@@ -177,6 +177,24 @@ def test_where_diffusers_gives_nan_kdfast_stays_finite():
     assert_same_outputs(got, clamped)
 
 
+@pytest.mark.parametrize("cls_name", ["DDPMScheduler", "DDPMParallelScheduler"])
+def test_fixed_large_log_adds_no_noise_where_beta_is_1_like_diffusers(cls_name):
+    # At the first step of a zero-terminal-SNR schedule beta_t = 1: diffusers' sqrt(log(beta_t))
+    # is 0 there, finite, and kdfast agrees (its exp(0.5 * log(beta_t)) would be 1).
+    import kdfast.schedulers
+    config = dict(variance_type="fixed_large_log", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+                  clip_sample=True)
+    for steps in (1, 4):
+        x = initial_sample()
+        df, kd = getattr(diffusers, cls_name)(**config), getattr(kdfast.schedulers, cls_name)(**config)
+        for s in (df, kd):
+            s.set_timesteps(steps)
+        t = df.timesteps[0]
+        expected = df.step(dummy_model(x, t), t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+        got = kd.step(dummy_model(x, t), t, x, generator=torch.Generator().manual_seed(3)).prev_sample
+        assert torch.isfinite(expected).all() and parity_error(got, expected) < 1e-5, steps
+
+
 def test_zero_snr_epsilon_first_step():
     # alphas_cumprod[999] == 0: x0 = (x - eps) / 0 is infinite (diffusers returns inf/NaN, kdfast
     # raises saying why); clipped or thresholded, both are finite and agree.
