@@ -173,12 +173,11 @@ class CoefficientTable:
     computed in float64, and float32 rows alone would cost such a loop ~1e-7)."""
 
     def __init__(self, plans: Dict[object, StepPlan]):
-        if not plans:
-            raise ValueError("a coefficient table needs at least one step")
+        # (empty for an empty schedule, which diffusers allows: a strength that keeps no step)
         self.plans = plans
         keys = list(plans)
-        table = torch.tensor([plans[k].row() for k in keys], dtype=torch.float32).reshape(len(keys), -1)
-        self._rows = dict(zip(keys, table.unbind(0)))
+        table = torch.tensor([plans[k].row() for k in keys], dtype=torch.float32)
+        self._rows = dict(zip(keys, table.unbind(0))) if keys else {}
 
     def row(self, key) -> torch.Tensor:
         return self._rows[key]

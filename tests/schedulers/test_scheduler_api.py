@@ -486,3 +486,22 @@ def test_init_noise_sigma_is_a_tensor_like_diffusers(name, spacing):
     a, b = kd.init_noise_sigma, df.init_noise_sigma
     assert isinstance(a, torch.Tensor) and a.shape == b.shape and a.dtype == b.dtype and a.device == b.device
     assert torch.equal(a.cpu(), b.cpu())
+
+
+@pytest.mark.filterwarnings("ignore:The custom timestep schedule")
+@pytest.mark.parametrize("name,kwargs", [("EulerDiscreteScheduler", dict(sigmas=[5.0])),
+                                         ("LCMScheduler", dict(timesteps=[734, 629, 117], strength=0.3)),
+                                         ("TCDScheduler", dict(timesteps=[734, 629, 117], strength=0.3))])
+def test_an_empty_schedule_is_a_loop_of_no_steps(name, kwargs):
+    # diffusers allows schedules that keep no step (one sigma; a strength that cuts every
+    # timestep): the loop then runs nothing. kdfast's coefficient table is empty, not an error.
+    import kdfast
+    df, kd = getattr(diffusers, name)(), getattr(K, name)()
+    for s in (df, kd):
+        s.set_timesteps(**kwargs)
+    assert len(kd.timesteps) == 0 and torch.equal(kd.timesteps, df.timesteps)
+    assert kd.num_inference_steps == df.num_inference_steps
+    x = initial_sample()
+    assert torch.equal(kdfast.sample(dummy_model, x, kd), x)
+    with pytest.raises((IndexError, ValueError)):
+        kd.step(dummy_model(x, 500), torch.tensor(500), x)
