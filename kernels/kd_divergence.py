@@ -31,7 +31,7 @@ def _log_mixture(ls, lt, q, p, beta, log_beta, log_rest):
     big = tl.maximum(va, vb)
     small = tl.minimum(va, vb)
     m = va + vb
-    share = tl.where(m > 0.0, vb / tl.where(m > 0.0, m, 1.0), 0.0)
+    share = tl.where(m > 0.0, vb / tl.where(m > 0.0, m, 1.0), tl.where(beta > 0.0, 0.0, 1.0))  # (1 at beta 0)
     lm = hi + tl.log(1.0 + tl.where(big > 0.0, small / tl.where(big > 0.0, big, 1.0), 0.0))
     return tl.where(hi == NEG_INF, hi, lm), share
 

@@ -99,7 +99,9 @@ KD_HD float log_mixture(const Consts& c, float ls, float lt, float q, float p, f
   const float hi = a > b ? a : b;
   const float big = va > vb ? va : vb, small = va > vb ? vb : va;
   const float m = va + vb;
-  student_share = m > 0.f ? vb / m : 0.f;
+  // Where both weighted probabilities underflow the share is 0, except at beta = 0: then m is q
+  // itself and the share is 1 for every q (skew KL is the forward KL, whose w is -p).
+  student_share = m > 0.f ? vb / m : (c.beta > 0.f ? 0.f : 1.f);
   const float lm = hi + kd_log1p_unit(big > 0.f ? small / big : 0.f);
   return hi == -INFINITY ? -INFINITY : lm;
 }

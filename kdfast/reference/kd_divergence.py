@@ -118,7 +118,8 @@ def _entry_weights(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -
         return 0.5 * q * torch.sign(q - p)
     if kind == "skew_kl":
         lm = _log_mix(beta, lt, ls)
-        live = (q > 0) & (p > 0)
+        # in log space: a student probability that underflows still has its weight (-p at beta 0)
+        live = (ls > -math.inf) & (lt > -math.inf)
         return torch.where(live, -(1 - beta) * torch.exp(torch.where(live, ls + lt - lm, zero)), zero)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 

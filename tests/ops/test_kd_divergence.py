@@ -399,6 +399,19 @@ def test_beta_at_the_ends(backend):
         assert rows.abs().max() < 1e-6 and grad.abs().max() < 1e-6, (kind, beta)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_skew_kl_at_beta_0_where_student_probabilities_underflow(backend):
+    # At beta = 0 the mixture m is q itself, so w = -p * (1 - beta) q / m is -p for every q; where
+    # q underflowed to 0 in float32 it once read 0 / 0 as 0, and the gradient lost those entries.
+    s = torch.tensor([[0.0, -8.0, 0.0], [1.0, -6.0, 0.5]])
+    t = torch.zeros(2, 3)
+    fkl, fkl_grad = fused(backend, s, t, "forward_kl", temperature=0.05)
+    skew0, skew0_grad = fused(backend, s, t, "skew_kl", beta=0.0, temperature=0.05)
+    torch.testing.assert_close(skew0, fkl, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skew0_grad, fkl_grad, rtol=1e-5, atol=1e-6)
+    assert skew0_grad[0, 1] < -6  # -p / T: the entry whose student probability underflowed
+
+
 def test_public_entry_takes_beta_at_the_ends():
     s, t = logits((3, 70), torch.float32, 42), logits((3, 70), torch.float32, 43)
     for kind, beta in (("skew_kl", 0.0), ("skew_kl", 1.0), ("jsd", 0.0), ("jsd", 1.0)):
