@@ -334,7 +334,10 @@ def _backward(ctx, grad_rows, _grad_of_grad):
             leaf = teacher.detach().float().requires_grad_(True)
             rows = ref.kd_divergence(student.detach().float(), leaf, KINDS[kind], beta, 1.0 / inv_t, labels,
                                      ignore_index, vocab, loss_scale)
-            grad_teacher = torch.autograd.grad(rows, leaf, grad_rows.float())[0].to(teacher.dtype)
+            if rows.requires_grad:
+                grad_teacher = torch.autograd.grad(rows, leaf, grad_rows.float())[0].to(teacher.dtype)
+            else:  # every row ignored: the reference's rows are constant zeros
+                grad_teacher = torch.zeros_like(teacher)
     return grad_student, grad_teacher, None, None, None, None, None, None, None, None, None
 
 

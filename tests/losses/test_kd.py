@@ -110,6 +110,11 @@ def test_all_tokens_ignored_gives_zero_not_nan():
     loss.backward()
     assert loss.item() == 0.0
     assert s.grad.dtype == torch.bfloat16 and (s.grad == 0).all()
+    # a teacher that takes gradients too (its gradient comes from the reference's autograd)
+    s.grad = None
+    t.requires_grad_(True)
+    kd_loss(s, t, torch.full((4,), -100)).backward()
+    assert (s.grad == 0).all() and t.grad.dtype == torch.bfloat16 and (t.grad == 0).all()
 
 
 def test_padded_vocabularies():
