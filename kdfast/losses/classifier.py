@@ -155,13 +155,21 @@ def _round_to_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) ->
     Sinkhorn iterations for its epsilon, the plan's rows are far from ``a`` and its cost can be
     anything down to 0; the rounded plan is always a real transport plan, so the loss is never
     below the exact distance. Differentiable, no host sync."""
-    tiny = torch.finfo(plan.dtype).tiny
-    plan = plan * (a / plan.sum(2).clamp(min=tiny)).clamp(max=1.0).unsqueeze(2)
-    plan = plan * (b / plan.sum(1).clamp(min=tiny)).clamp(max=1.0).unsqueeze(1)
+    plan = plan * _ratio_at_most_1(a, plan.sum(2)).unsqueeze(2)
+    plan = plan * _ratio_at_most_1(b, plan.sum(1)).unsqueeze(1)
     # Both >= 0 with equal sums, but for rounding. Dividing by the larger of the two sums keeps
     # err_a_i / sum and err_b_j / sum at most 1, so the correction and its gradient stay bounded
     # where one sum is 0 and the other rounding noise (dividing by sum(err_a) alone gave
     # gradients of 1e23 there).
     err_a, err_b = (a - plan.sum(2)).clamp(min=0.0), (b - plan.sum(1)).clamp(min=0.0)
-    total = torch.maximum(err_a.sum(1), err_b.sum(1)).clamp(min=tiny)
+    total = torch.maximum(err_a.sum(1), err_b.sum(1)).clamp(min=torch.finfo(plan.dtype).tiny)
     return plan + err_a.unsqueeze(2) * err_b.unsqueeze(1) / total[:, None, None]
+
+
+def _ratio_at_most_1(target: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """``min(target / current, 1)`` with a finite gradient everywhere: ``(t / c).clamp(max=1)``
+    has the value, but where ``c`` is tiny its division's backward, ``-t / c**2``, overflows to
+    inf before the clamp's zero gradient multiplies it (inf * 0 = NaN). Dividing by
+    ``max(c, t)`` instead gives 1 there, from a division whose gradient stays finite."""
+    current = current.clamp(min=torch.finfo(current.dtype).tiny)
+    return target / torch.maximum(current, target)
