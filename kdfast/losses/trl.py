@@ -16,7 +16,7 @@ from typing import Optional, Union
 import torch
 
 from ..reference import kd_divergence as ref
-from .kd import _resolve_kind, kd_loss
+from .kd import _check_temperature, _resolve_kind, kd_loss
 
 TRL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -56,7 +56,20 @@ def generalized_jsd_loss(
 
 
 def _per_entry(student_logits, teacher_logits, labels, beta: float, temperature: float) -> torch.Tensor:
-    """TRL's unreduced result: the divergence's terms per vocabulary entry."""
+    """TRL's unreduced result: the divergence's terms per vocabulary entry (checked as kd_loss
+    checks the reduced forms)."""
+    for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point() or t.dim() < 1:
+            raise TypeError(f"{name} must be a floating-point torch.Tensor with a vocabulary dimension")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+                         f"{tuple(teacher_logits.shape)} must have the same shape")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    temperature = _check_temperature(temperature)
+    if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != student_logits.shape[:-1]):
+        raise ValueError(f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])} (the logits without "
+                         f"the vocabulary dimension)")
     ls = torch.log_softmax(student_logits / temperature, dim=-1)
     lt = torch.log_softmax(teacher_logits / temperature, dim=-1)
     terms = ref.divergence_terms(_resolve_kind("jsd", beta), ls, lt, beta)  # beta 0 / 1: the KLs, as TRL

@@ -51,3 +51,17 @@ def test_bad_input():
         kdtrl.generalized_jsd_loss(logits((2, 8), 0), logits((2, 8), 1), reduction="avg")
     with pytest.raises(TypeError, match="no generalized_jsd_loss"):
         kdtrl.patch_gkd_trainer(object)
+
+
+@pytest.mark.parametrize("reduction", ["none", "batchmean"])
+def test_every_reduction_checks_its_arguments(reduction):
+    # "none" is computed the unfused way, like TRL, but refuses what the fused reductions refuse
+    s, t = logits((2, 3, 11), 0), logits((2, 3, 11), 1)
+    with pytest.raises(ValueError, match="beta must be in"):
+        kdtrl.generalized_jsd_loss(s, t, beta=2.0, reduction=reduction)
+    with pytest.raises(ValueError, match="temperature must be"):
+        kdtrl.generalized_jsd_loss(s, t, temperature=0.0, reduction=reduction)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kdtrl.generalized_jsd_loss(s, t[:1], reduction=reduction)
+    with pytest.raises(ValueError, match="labels must"):
+        kdtrl.generalized_jsd_loss(s, t, torch.zeros(2, 4, dtype=torch.long), reduction=reduction)
