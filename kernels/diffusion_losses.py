@@ -231,7 +231,7 @@ def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stri
             g = tl.where(_is_finite(d), d * factor, 0.0)
         else:
             g = (v0.to(tl.float64) - (ca * v1.to(tl.float64) + cb * v2.to(tl.float64))) * factor
-        g = g.to(tl.float32)
+        g = tl.where(k == 0.0, 0.0, g).to(tl.float32)  # a zero-weight sample: 0, even where it holds NaN
         if WRITE0:
             tl.store(g0_ptr + b * inner + idx, g.to(g0_ptr.dtype.element_ty), mask=mask)
         if WRITE1:

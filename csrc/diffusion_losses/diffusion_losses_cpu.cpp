@@ -217,7 +217,12 @@ int loss_backward_cpu(const Params& p) {
       float* g[kMaxGrads];
       for (int j = 0; j < kMaxGrads; ++j)
         g[j] = p.grad[j] ? cpu::float_target(p.grad[j], p.grad_dtype[j], b * p.inner + c0, gbuf[j]) : nullptr;
-      fns.grad(p.kind, v[0], v[1], v[2], n, k, factor, g[0], g[1]);
+      if (scale == 0.0) {  // zero weight (or zero incoming gradient): 0, even where the sample holds NaN or inf
+        for (int j = 0; j < kMaxGrads; ++j)
+          if (g[j]) std::fill(g[j], g[j] + n, 0.f);
+      } else {
+        fns.grad(p.kind, v[0], v[1], v[2], n, k, factor, g[0], g[1]);
+      }
       for (int j = 0; j < kMaxGrads; ++j)
         if (p.grad[j]) cpu::store_floats(p.grad[j], p.grad_dtype[j], b * p.inner + c0, n, g[j]);
     }

@@ -112,7 +112,9 @@ __global__ void __launch_bounds__(kThreads) grad_kernel(const Params p) {
       const float v1 = load_input(p, 1, b, e);
       const float v0 = KIND == kDMD ? v1 : load_input(p, 0, b, e);  // DMD's gradient ignores x_t
       const float v2 = num_inputs > 2 ? load_input(p, 2, b, e) : v0;
-      const float g = float(grad_element<KIND>(v0, v1, v2, k.c, k.ca, k.cb, factor));
+      // a sample of zero weight (or zero incoming gradient) gets 0, even where it holds NaN or inf,
+      // as the forward leaves it out of the loss
+      const float g = scale == 0.0 ? 0.f : float(grad_element<KIND>(v0, v1, v2, k.c, k.ca, k.cb, factor));
       if (p.grad[0]) store_from_float(p.grad[0], p.grad_dtype[0], b * p.inner + e, g);
       if (p.grad[1]) store_from_float(p.grad[1], p.grad_dtype[1], b * p.inner + e, -g);
     }

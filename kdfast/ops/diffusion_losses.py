@@ -414,6 +414,7 @@ def _backward_reference(kind, prediction, ins, params, values, aux, grad_loss, g
         sched = [_param(params, values, j, batch, device) for j in (_AT, _ST, _AS, _SS)]
         target = ref.pd_target(ins[1], ins[2], *sched, PREDICTION_TYPES[prediction])
         g = (v0 - target) * col(2 * k / n, v0)
+    g = torch.where(col(k, g) == 0, torch.zeros_like(g), g)  # zero weight: 0, even where the sample holds NaN
     if gx is not None:
         gx.copy_(g)
     if g1 is not None:

@@ -201,6 +201,34 @@ def test_dmd_nan_safety(backend):
     assert loss[4] > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("loss", LOSSES)
+def test_a_zero_weight_sample_with_nan_gets_no_gradient(backend, loss):
+    # The forward leaves a zero-weight sample out of the loss even where it holds NaN or inf; its
+    # gradient is 0 too (it was (x - y) * 0 = NaN there), the other samples' as before.
+    shape = (3, 2, 5)
+    x = randn(shape, torch.float32, 20)
+    y, z = randn(shape, torch.float32, 21), randn(shape, torch.float32, 22)
+    x[0, 1, 2], y[0, 0, 1] = math.nan, math.inf
+    sched = (0.6, 0.8, 0.9, 0.3)
+    calls = {
+        "pseudo_huber": lambda x, y, z, w: ops.pseudo_huber(x, y, c=0.1, weights=w, backend=backend),
+        "pseudo_huber_elementwise": lambda x, y, z, w: ops.pseudo_huber(x, y, c=0.1, weights=w, elementwise=True,
+                                                                        backend=backend),
+        "dmd": lambda x, y, z, w: ops.dmd(x, y, z, weights=w, backend=backend),
+        "progressive_mse": lambda x, y, z, w: ops.progressive_mse(x, y, z, *sched, weights=w, backend=backend),
+    }
+    w = torch.tensor([0.0, 1.0, 0.5])
+    xg = x.clone().requires_grad_(True)
+    values = calls[loss](xg, y, z, w)
+    (gx,) = torch.autograd.grad(values.sum(), xg)
+    assert torch.isfinite(values).all() and values[0] == 0
+    assert (gx[0] == 0).all() and torch.isfinite(gx).all()
+    rest = x[1:].clone().requires_grad_(True)
+    (expected,) = torch.autograd.grad(calls[loss](rest, y[1:], z[1:], w[1:]).sum(), rest)
+    torch.testing.assert_close(gx[1:], expected, rtol=1e-6, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dmd_x_t_default_and_loss_value(backend):
     # x_t defaults to x; the value is 0.5 mean(g^2) even where |x| >> |g|.
