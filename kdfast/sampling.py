@@ -21,9 +21,12 @@ with float32 math; float64 latents in float64, by the op's reference backend (th
 kernels stop at float32) and with the coefficient table kept in float64, so a float64 loop
 matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15.
 
+Sigmas: a strictly decreasing list ending at 0 or above; a single value is a loop of no steps
+(the sampler returns ``x``), as in k-diffusion.
+
 Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
-when none is given, draw ``torch.randn_like(x)``-equivalent noise from ``generator`` (the
-global RNG when it is None). ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and
+when none is given, draw ``torch.randn_like(x)`` from the global RNG (k-diffusion's default),
+or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``). ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and
 ``sample_dpmpp_3m_sde`` therefore default to Gaussian noise, not k-diffusion's Brownian tree
 (pass a :class:`BrownianTreeNoiseSampler` as ``noise_sampler`` to get it).
 Churn noise (``s_churn > 0`` in Euler / Heun / DPM-2) is drawn with
@@ -169,7 +172,9 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
     """
     shape, dtype, device = tuple(x.shape), x.dtype, x.device
     if generator is None:
-        return lambda sigma, sigma_next: torch.randn(shape, dtype=dtype, device=device)
+        # randn_like itself (k-diffusion's default): it fills in x's memory order, so a
+        # channels-last x gets the same value at every position (torch.randn fills contiguously)
+        return lambda sigma, sigma_next: torch.randn_like(x)
     gen_device = generator.device
     if gen_device.type == device.type:
         return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=device)
@@ -311,7 +316,8 @@ class _Churn:
     def __init__(self, b: _Builder, s_churn, s_tmin, s_tmax, s_noise):
         self.b, self.s = b, b.s
         self.amounts = _churn_amounts(b.s, s_churn, s_tmin, s_tmax, s_noise)
-        if self.amounts and self.amounts[0][1] > 0:
+        # (a negative s_noise churns too: the noise is subtracted, as k-diffusion adds eps * s_noise)
+        if self.amounts and self.amounts[0][1] != 0:
             b.add(0, self.s[0], X + self.amounts[0][1] * NOISE, noise=(self.s[0], self.s[1]), model=False,
                   end=False)
 
@@ -319,7 +325,7 @@ class _Churn:
         return self.amounts[i][0]
 
     def after(self, i: int, update: Lin) -> Tuple[Lin, Optional[Tuple[float, float]]]:
-        if i + 1 < len(self.amounts) and self.amounts[i + 1][1] > 0:
+        if i + 1 < len(self.amounts) and self.amounts[i + 1][1] != 0:
             return update + self.amounts[i + 1][1] * NOISE, (self.s[i + 1], self.s[i + 2])
         return update, None
 
@@ -753,8 +759,8 @@ def _read_sigmas(sigmas) -> List[float]:
         host = [float(v) for v in sigmas]
     else:
         raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(sigmas).__name__}")
-    if len(host) < 2:
-        raise ValueError(f"sigmas must hold at least 2 values (one step), got {len(host)}")
+    if not host:
+        raise ValueError("sigmas must hold at least one value (one value: a loop of no steps)")
     if not all(math.isfinite(v) for v in host):
         raise ValueError("sigmas must be finite")
     if host[-1] < 0:

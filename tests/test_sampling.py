@@ -500,12 +500,15 @@ CASES = {
     "euler": (S.sample_euler, ref_euler, {}),
     "euler_churn": (S.sample_euler, ref_euler, dict(s_churn=1.0)),
     "euler_churn_window": (S.sample_euler, ref_euler, dict(s_churn=3.0, s_tmin=0.05, s_tmax=10.0, s_noise=1.003)),
+    "euler_churn_negative_noise": (S.sample_euler, ref_euler, dict(s_churn=1.0, s_noise=-1.0)),
     "euler_ancestral": (S.sample_euler_ancestral, ref_euler_ancestral, {}),
     "euler_ancestral_eta": (S.sample_euler_ancestral, ref_euler_ancestral, dict(eta=0.7, s_noise=0.9)),
     "heun": (S.sample_heun, ref_heun, {}),
     "heun_churn": (S.sample_heun, ref_heun, dict(s_churn=1.0)),
+    "heun_churn_negative_noise": (S.sample_heun, ref_heun, dict(s_churn=1.0, s_noise=-0.5)),  # noise subtracted
     "dpm_2": (S.sample_dpm_2, ref_dpm_2, {}),
     "dpm_2_churn": (S.sample_dpm_2, ref_dpm_2, dict(s_churn=2.0, s_tmin=0.1, s_tmax=5.0)),
+    "dpm_2_churn_negative_noise": (S.sample_dpm_2, ref_dpm_2, dict(s_churn=2.0, s_noise=-0.5)),
     "dpm_2_ancestral": (S.sample_dpm_2_ancestral, ref_dpm_2_ancestral, {}),
     "dpm_2_ancestral_eta": (S.sample_dpm_2_ancestral, ref_dpm_2_ancestral, dict(eta=0.6, s_noise=1.1)),
     "lms": (S.sample_lms, ref_lms, {}),
@@ -1130,8 +1133,8 @@ def test_bad_inputs():
         S.sample(denoiser, x, torch.tensor([3.0, 1.0, -1.0]), disable=True)
     with pytest.raises(ValueError, match="finite"):
         S.sample(denoiser, x, torch.tensor([float("nan"), 1.0, 0.0]), disable=True)
-    with pytest.raises(ValueError, match="at least 2"):
-        S.sample(denoiser, x, torch.tensor([1.0]), disable=True)
+    with pytest.raises(ValueError, match="at least one"):
+        S.sample(denoiser, x, torch.tensor([]), disable=True)
     with pytest.raises(ValueError, match="cuda_graph"):
         S.sample(denoiser, x, sigmas, cuda_graph=True, disable=True)
     cond = torch.ones(2, 4, 1, 1)
@@ -1319,3 +1322,30 @@ def test_gpu_cuda_graph_rejects_cpu_generator_and_callback():
         S.sample(denoiser, x, sigmas, sampler="lcm", generator=torch.Generator(), cuda_graph=True)
     with pytest.raises(ValueError, match="callback"):
         S.sample(denoiser, x, sigmas, callback=lambda info: None, cuda_graph=True)
+
+
+@pytest.mark.parametrize("fn, ref, opts", [(S.sample_euler_ancestral, ref_euler_ancestral, {}),
+                                           (S.sample_euler, ref_euler, dict(s_churn=1.0))])
+def test_default_noise_is_randn_like_x_in_its_memory_order(fn, ref, opts):
+    # Without noise_sampler or generator the draws are k-diffusion's randn_like(x): for a
+    # channels-last x that fills in channels-last order (torch.randn would put other values at
+    # every position).
+    x = initial().to(memory_format=torch.channels_last)
+    sigmas = karras()
+    torch.manual_seed(7)
+    got = fn(denoiser, x, sigmas, disable=True, **opts)
+    torch.manual_seed(7)
+    with torch.no_grad():
+        want = ref(denoiser, x, sigmas, noise_sampler=lambda sigma, sigma_next: torch.randn_like(x), **opts)
+    assert (got - want).abs().max() / max(1.0, want.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["euler", "heun_churn", "euler_ancestral", "dpmpp_2m", "dpmpp_3m_sde", "lms", "unipc"])
+def test_a_single_sigma_is_a_loop_of_no_steps(case):
+    # as in k-diffusion: the sampler returns x itself, and calls nothing
+    fn = CASES[case][0]
+    x = initial()
+    calls = []
+    out = fn(lambda x, sigma, **kw: calls.append(sigma) or x, x, torch.tensor([SIGMA_MAX]), disable=True,
+             callback=lambda info: calls.append(info))
+    assert out is x and not calls
