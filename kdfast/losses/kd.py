@@ -121,21 +121,26 @@ def kd_loss(
             magnitudes comparable across temperatures.
         vocab_size: the shared vocabulary when the two logits have different widths
             (padded LM heads); columns at or beyond it get probability 0.
-        num_items_in_batch: divide the summed loss by this instead (gradient accumulation).
+        num_items_in_batch: divide the summed loss by this instead (gradient accumulation): a
+            positive integer, or a tensor holding one.
 
     Returns:
         A float32 scalar (or per-token tensor for ``reduction="none"``). Differentiable; the
         student's gradient is computed by the forward kernel itself, no logits-sized
         temporaries are created besides that gradient (kept in float32 for float16 logits, so
         that a loss scale applied in the backward still finds the small entries that float16
-        would flush to 0). So the graph supports one backward (a second one through
-        ``retain_graph=True`` and ``create_graph=True`` raise an error). A token whose logits
-        have no softmax (all -inf, or an inf or NaN entry) and is not ignored gives NaN.
+        would flush to 0). So a graph whose student takes gradients supports one backward (a
+        second one through ``retain_graph=True``, and ``create_graph=True``, raise an error).
+        A token whose logits have no softmax (all -inf, or an inf or NaN entry) and is not
+        ignored gives NaN.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is not None:
         raise ValueError("num_items_in_batch divides a summed loss; it has no meaning with reduction='none'")
+    if num_items_in_batch is not None and not isinstance(num_items_in_batch, torch.Tensor):
+        # (a tensor's value is not read: that would be a host sync per call)
+        num_items_in_batch = _check_int("num_items_in_batch", num_items_in_batch, minimum=1)
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

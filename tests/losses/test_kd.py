@@ -161,6 +161,9 @@ def test_low_precision_inputs_keep_fp32_math():
     # it used to be ignored silently
     (lambda s, t: kd_loss(s, t, reduction="none", num_items_in_batch=4), ValueError, "num_items_in_batch"),
     (lambda s, t: kd_loss(s[..., :0], t[..., :0]), ValueError, "at least one entry"),
+    (lambda s, t: kd_loss(s, t, num_items_in_batch=0), ValueError, "num_items_in_batch must be a positive integer"),
+    (lambda s, t: kd_loss(s, t, num_items_in_batch=-2), ValueError, "num_items_in_batch"),
+    (lambda s, t: kd_loss(s, t, num_items_in_batch="3"), ValueError, "num_items_in_batch"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)
