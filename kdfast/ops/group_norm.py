@@ -108,7 +108,9 @@ def _checked(x, num_groups, weight, bias, eps, shift):
     weight = _check_vector("weight", weight, x)
     bias = _check_vector("bias", bias, x)
     if weight is not None and bias is not None and bias.dtype != weight.dtype:
-        bias = bias.to(weight.dtype)  # the kernel reads both in one dtype
+        # the kernel reads both in one dtype: the wider one (fp16 weight, fp32 bias: both fp32)
+        common = torch.promote_types(weight.dtype, bias.dtype)
+        weight, bias = weight.to(common), bias.to(common)
     return x, num_groups, weight, bias, _check_eps(eps), _check_shift(shift, x)
 
 

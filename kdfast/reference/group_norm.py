@@ -25,6 +25,9 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     v = x.to(dtype)
     if shift is not None:
         v = v + shift.to(dtype).reshape(shift.shape + (1,) * (x.dim() - 2))
+    if weight is None and bias is not None:
+        # (an explicit weight of ones: torch's group_norm backward on the CPU fails with a bias alone)
+        weight = torch.ones_like(bias)
     y = F.group_norm(v, num_groups, None if weight is None else weight.to(dtype),
                      None if bias is None else bias.to(dtype), eps)
     return F.silu(y) if activation == "silu" else y

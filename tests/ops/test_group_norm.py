@@ -92,6 +92,33 @@ def test_mixed_dtypes_and_views(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_weight_and_bias_of_different_dtypes_keep_the_wider(backend):
+    # The kernel reads weight and bias in one dtype: the wider of the two, not the weight's (an
+    # fp32 bias of 1e5 narrowed to an fp16 weight's dtype was inf; a bf16 weight cost an fp32
+    # bias its digits).
+    x = randn((2, 4, 3, 3), torch.float32, 7)
+    for w_dtype in (torch.float16, torch.bfloat16):
+        w = randn((4,), w_dtype, 8)
+        b = randn((4,), torch.float32, 9, scale=1e5) + 0.1234567
+        out = ops.group_norm_act(x, 2, w, b, activation="identity", backend=backend)
+        expect = ref.group_norm_act(x, 2, w, b, 1e-5, None, "identity")
+        assert torch.isfinite(out).all()
+        torch.testing.assert_close(out.double(), expect, rtol=2e-7, atol=1e-6)
+
+
+def test_bias_without_weight_backward():
+    # torch's own group_norm backward on the CPU fails with a bias and no weight; the op's
+    # backward (which differentiates the reference) gives the gradients of a weight of ones
+    x = randn((2, 4, 3, 3), torch.float32, 10).requires_grad_(True)
+    b = randn((4,), torch.float32, 11).requires_grad_(True)
+    ops.group_norm_act(x, 2, bias=b).sum().backward()
+    x2, b2 = x.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    torch.nn.functional.silu(torch.nn.functional.group_norm(x2, 2, torch.ones(4), b2)).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad)
+    torch.testing.assert_close(b.grad, b2.grad)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_large_mean_keeps_accuracy(backend):
     # the statistics are two-pass: a group whose mean is 1e4 times its spread normalises as
     # well as torch's
