@@ -60,7 +60,9 @@ def solver_step(
         for j, src in enumerate(sources):
             if src is not None:
                 cj = c[2 + NUM_SOURCES * k + j]
-                acc = torch.where(cj != 0, acc + cj * src, acc)
+                # A zero coefficient's source adds nothing even if it holds inf or NaN (the kernels
+                # do not read it), while the coefficient keeps its gradient, sum(grad * source).
+                acc = acc + cj * torch.where((cj != 0) | torch.isfinite(src), src, 0.0)
         outs.append(acc)
     return outs
 

@@ -515,6 +515,9 @@ def test_coefficients_are_differentiable(rows, threshold):
     shape = (3, 2, 7)
     x, m, cond, h = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(4))
     coefs = torch.randn((3, 29) if rows else (29,), generator=g, dtype=torch.float64)
+    # coefficients at exactly 0 (the sample's and the model output's weights in two outputs):
+    # their sources are not read, but they keep their gradient, sum(grad * source)
+    coefs[..., [2, 2 + 9 + 1]] = 0.0
     kw = dict(cond=cond, guidance_scale=1.5, history=[h], write_history=True, write_aux=True)
     if threshold == "clip":
         kw["clip_value"] = 0.9
