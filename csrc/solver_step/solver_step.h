@@ -88,8 +88,16 @@ KD_HD QuantilePosition quantile_position(float q, int64_t n) {
   }
   if (r.lo > n - 1) r.lo = n - 1;
   if (r.lo < 0) r.lo = 0;
-  r.hi = r.lo + 1 < n ? r.lo + 1 : r.lo;
+  // torch.quantile's upper rank is ceil(pos): lo itself at an exact position (so an inf next to
+  // it does not make lo + 0 * inf = NaN)
+  r.hi = r.frac > 0.f && r.lo + 1 < n ? r.lo + 1 : r.lo;
   return r;
+}
+
+// torch.lerp, as torch.quantile interpolates: from the nearer end, so that the same values come
+// out bit for bit (and inf - inf = NaN where torch's does).
+KD_HD float quantile_lerp(float lo, float hi, float w) {
+  return w < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.f - w);
 }
 
 KD_HD float guided(float model, float cond, bool has_cond, float scale) {

@@ -138,7 +138,7 @@ static float quantile_inplace(std::vector<float>& v, float q) {
   std::nth_element(v.begin(), v.begin() + at.lo, v.end());
   const float vlo = v[at.lo];
   const float vhi = at.hi == at.lo ? vlo : *std::min_element(v.begin() + at.lo + 1, v.end());
-  return vlo + at.frac * (vhi - vlo);
+  return quantile_lerp(vlo, vhi, at.frac);
 }
 
 int threshold_scale_cpu(const ThresholdParams& p) {

@@ -108,7 +108,7 @@ __global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const Thresho
   const float vlo = radix_select(p, b, at.lo, hist, &shared_prefix, &shared_k);
   const float vhi = at.hi == at.lo ? vlo : radix_select(p, b, at.hi, hist, &shared_prefix, &shared_k);
   if (threadIdx.x == 0) {
-    const float s = vlo + at.frac * (vhi - vlo);
+    const float s = quantile_lerp(vlo, vhi, at.frac);
     const float clamped_lo = s < 1.f ? 1.f : s;
     p.out[b] = clamped_lo > p.max_value ? p.max_value : clamped_lo;
   }

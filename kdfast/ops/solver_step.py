@@ -721,7 +721,7 @@ def _quantile_position(ratio: float, n: int, dtype: torch.dtype):
         lo = int(math.floor(pos))
         frac = pos - lo
     lo = min(max(lo, 0), n - 1)
-    return lo, min(lo + 1, n - 1), frac
+    return lo, (min(lo + 1, n - 1) if frac > 0 else lo), frac
 
 
 def _threshold_setup_context(ctx, inputs, output):

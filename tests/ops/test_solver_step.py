@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import numpy as np
 import pytest
@@ -697,6 +698,23 @@ def test_threshold_scale_of_a_sample_with_nan_is_nan(backend):
     x[1, 100] = float("nan")
     got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=0.995, max_value=2.0, backend=backend)
     assert got[1].isnan() and torch.isfinite(got[[0, 2]]).all()
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale"))
+def test_threshold_scale_next_to_inf_and_bits_like_torch_quantile(backend):
+    # torch.quantile interpolates with torch.lerp from ceil(pos), which is the position itself
+    # when it is exact: an inf beside an exact position is not read (lo + 0 * inf was NaN), and
+    # an inf above a fraction >= 0.5 gives torch's NaN. Random values: the same bits as torch.
+    inf = math.inf
+    for values, ratio in (([1.5, inf, 0.5], 0.5), ([3.0, inf], 0.0), ([0.5, inf], 0.995), ([0.5, inf], 0.25)):
+        x = torch.tensor([values]) * 2.0
+        got = ops.threshold_scale(x, torch.zeros_like(x), 0.5, 0.0, ratio=ratio, max_value=10.0, backend=backend)
+        exp = ref.threshold_scale(x, torch.zeros_like(x), None, 1.0, 0.5, 0.0, ratio, 10.0)
+        assert torch.equal(got, exp) or (got.isnan() & exp.isnan()).all(), (values, ratio, got, exp)
+    x = torch.rand(4, 999, generator=torch.Generator().manual_seed(8)) * 20
+    for ratio in (0.1, 0.5, 0.77, 0.9, 0.995):
+        got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=ratio, max_value=100.0, backend=backend)
+        assert torch.equal(got, torch.quantile(x, ratio, dim=1).clamp(1.0, 100.0)), ratio
 
 
 def test_threshold_scale_bad_input():
