@@ -180,7 +180,7 @@ def _finish_kernel(params_ptr, ws_ptr, loss_ptr, aux_ptr, batch, inner, tiles, K
     if KIND == 0:
         r = tl.sqrt(s0 + c * c)  # float64: correctly rounded
         stat = r
-        raw = tl.where(s0 == INF, INF, tl.where(r > 0.0, s0 / tl.where(r > 0.0, r + c, 1.0), 0.0))
+        raw = tl.where(s0 == INF, INF, tl.where(r == 0.0, 0.0, s0 / tl.where(r == 0.0, 1.0, r + c)))  # NaN kept
     elif KIND == 2:
         norm = s0 / n
         valid = (norm > 0.0) & (norm < INF)

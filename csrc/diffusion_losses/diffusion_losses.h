@@ -174,7 +174,8 @@ KD_HD void finish_sample(int kind, double s0, double s1, double c, int64_t inner
       const double r = sqrt(s0 + c * c);
       stat = r;
       // sqrt(s + c^2) - c = s / (r + c): no cancellation when s << c^2.
-      raw = s0 == INFINITY ? INFINITY : (r > 0.0 ? s0 / (r + c) : 0.0);
+      // (r == 0 only for s = c = 0; a NaN s stays NaN, as the loss of a sample holding NaN)
+      raw = s0 == INFINITY ? INFINITY : (r == 0.0 ? 0.0 : s0 / (r + c));
       break;
     }
     case kDMD: {

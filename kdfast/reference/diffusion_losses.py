@@ -92,7 +92,10 @@ def dmd(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, x_t: Opti
     """
     g = dmd_gradient(x, x0_real, x0_fake, x_t, dtype)
     xd = x.to(dtype)
-    value = 0.5 * _sample_mean(g * g) + _sample_mean((xd - xd.detach()) * g)
+    # (x - sg(x)) is 0 with gradient 1; written as a where so that an inf or NaN in x, whose
+    # sample's g is 0 (no finite normaliser), gives 0 rather than (inf - inf) * 0 = NaN
+    zero_with_grad = torch.where(torch.isfinite(xd), xd - xd.detach(), torch.zeros_like(xd))
+    value = 0.5 * _sample_mean(g * g) + _sample_mean(zero_with_grad * g)
     return per_sample(weights, x.shape[0], x.device, dtype) * value
 
 

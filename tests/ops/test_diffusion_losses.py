@@ -178,6 +178,28 @@ def test_pseudo_huber_extreme_values(backend):
         torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_sample_holding_nan_has_a_nan_loss(backend):
+    # (per-sample pseudo-Huber took "not r > 0" for r = NaN as the 0 / 0 case and gave 0,
+    # hiding the NaN from whoever watches the loss)
+    x, y = randn((3, 2, 5), torch.float32, 30), randn((3, 2, 5), torch.float32, 31)
+    x[0, 1, 1] = math.nan
+    x[1, 0, 0], y[1, 0, 0] = math.inf, math.inf  # inf - inf
+    for elementwise in (False, True):
+        loss = ops.pseudo_huber(x, y, c=0.1, elementwise=elementwise, backend=backend)
+        assert loss[:2].isnan().all() and torch.isfinite(loss[2]), elementwise
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_dmd_default_x_t_with_inf_in_x(backend):
+    # With x_t = x, an inf in x leaves its sample without a finite normaliser: loss 0 on every
+    # backend (the reference's zero-with-gradient term was inf - inf = NaN there).
+    x, real, fake = (randn((2, 8), torch.float32, s) for s in (32, 33, 34))
+    x[0, 3] = math.inf
+    loss = ops.dmd(x, real, fake, backend=backend)
+    assert loss[0] == 0 and torch.isfinite(loss[1]) and loss[1] > 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_dmd_nan_safety(backend):
     shape = (5, 3, 7)
