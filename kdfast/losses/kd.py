@@ -6,13 +6,12 @@ The divergence of every token and its gradient come from one fused kernel
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
+from .._checks import check_int as _check_int
 from ..ops.kd_divergence import KINDS, kd_divergence
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
@@ -24,30 +23,6 @@ def _check_temperature(temperature: float) -> float:
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
-
-
-_INT64 = (-(1 << 63), (1 << 63) - 1)
-
-
-def _check_int(name: str, value, minimum: Optional[int] = None) -> int:
-    """``value`` as an int, for an integer setting (every loss's check): Python and numpy
-    integers, and floats with no fractional part, pass; bools, strings and fractional floats
-    are refused (``int()`` would read True as 1 and truncate 4.7 to 4). Labels are compared in
-    int64, so the value must fit in it."""
-    out = None
-    if not (isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        try:
-            out = operator.index(value)  # int, numpy integer, integer 0-d tensor
-        except TypeError:
-            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
-                out = int(value)
-    if out is None or isinstance(out, bool) or (minimum is not None and out < minimum):
-        what = ("a positive integer" if minimum == 1 else "an integer" if minimum is None
-                else f"an integer >= {minimum}")
-        raise ValueError(f"{name} must be {what}, got {value!r}")
-    if not _INT64[0] <= out <= _INT64[1]:
-        raise ValueError(f"{name} must fit in int64, got {out}")
-    return out
 
 
 def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:

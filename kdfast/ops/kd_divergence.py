@@ -16,6 +16,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext, backends
+from .._checks import check_int
 from ..reference import kd_divergence as ref
 from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device
 
@@ -67,7 +68,7 @@ def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "voca
                 f"student_logits and teacher_logits have different vocabularies ({student.shape[1]} and "
                 f"{teacher.shape[1]} columns); pass vocab_size=<shared vocabulary> if the extra columns are padding")
         vocab_size = student.shape[1]
-    vocab_size = int(vocab_size)
+    vocab_size = check_int(vocab_name, vocab_size)
     if not 1 <= vocab_size <= min(student.shape[1], teacher.shape[1]):
         raise ValueError(f"{vocab_name} must be in [1, {min(student.shape[1], teacher.shape[1])}] (the narrower "
                          f"logits' width), got {vocab_size}")
@@ -179,8 +180,8 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
     """The checked arguments of the custom op, up to (not including) ``want_grad``."""
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
-    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, int(ignore_index), vocab,
-            loss_scale)
+    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature,
+            check_int("ignore_index", ignore_index), vocab, loss_scale)
 
 
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:

@@ -285,6 +285,10 @@ def test_compiles(backend):
     (lambda s, t: ops.kd_divergence(s, t[:2]), ValueError, "same number of rows"),
     (lambda s, t: ops.kd_divergence(s, t[:, :5]), ValueError, "pass vocab_size"),
     (lambda s, t: ops.kd_divergence(s, t[:, :5], vocab_size=6), ValueError, "vocab_size must be in"),
+    # fractional integers are refused, not truncated (0.5 would have ignored the rows labelled 0)
+    (lambda s, t: ops.kd_divergence(s, t, vocab_size=2.5), ValueError, "vocab_size must be an integer"),
+    (lambda s, t: ops.kd_divergence(s, t, labels=torch.zeros(s.shape[0], dtype=torch.long), ignore_index=0.5),
+     ValueError, "ignore_index must be an integer"),
     (lambda s, t: ops.kd_divergence(s, t, kind="kl"), ValueError, "kind must be one of"),
     (lambda s, t: ops.kd_divergence(s, t, beta=1.5), ValueError, "beta must be in"),
     (lambda s, t: ops.kd_divergence(s, t, temperature=0.0), ValueError, "temperature must be"),

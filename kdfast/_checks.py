@@ -1,0 +1,32 @@
+"""Argument checks shared by the ops and the losses."""
+from __future__ import annotations
+
+import math
+import numbers
+import operator
+from typing import Optional
+
+import torch
+
+_INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def check_int(name: str, value, minimum: Optional[int] = None) -> int:
+    """``value`` as an int, for an integer setting (every op's and loss's check): Python and numpy
+    integers, and floats with no fractional part, pass; bools, strings and fractional floats
+    are refused (``int()`` would read True as 1 and truncate 4.7 to 4). Labels are compared in
+    int64, so the value must fit in it."""
+    out = None
+    if not (isinstance(value, bool) or isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        try:
+            out = operator.index(value)  # int, numpy integer, integer 0-d tensor
+        except TypeError:
+            if isinstance(value, numbers.Real) and math.isfinite(value) and float(value).is_integer():
+                out = int(value)
+    if out is None or isinstance(out, bool) or (minimum is not None and out < minimum):
+        what = ("a positive integer" if minimum == 1 else "an integer" if minimum is None
+                else f"an integer >= {minimum}")
+        raise ValueError(f"{name} must be {what}, got {value!r}")
+    if not _INT64[0] <= out <= _INT64[1]:
+        raise ValueError(f"{name} must fit in int64, got {out}")
+    return out
