@@ -672,6 +672,7 @@ class FusedScheduler(ConfigMixin):
         ``model_output = uncond + guidance_scale * (cond - uncond)``. ``uncond`` and ``cond`` may
         be the two halves of one batched forward (``out.chunk(2)``) without copies."""
         self._check_step_inputs(cond, sample)
+        uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 
@@ -711,6 +712,16 @@ class FusedScheduler(ConfigMixin):
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample "
                              f"shape {tuple(sample.shape)}")
+
+
+def guidance_pair(uncond, cond):
+    """``uncond`` and ``cond`` in one dtype, the wider of theirs: diffusers' guided output
+    ``uncond + s * (cond - uncond)`` has it, and the step reads its output's dtype from
+    ``uncond`` (the narrower one is copied; the halves of one forward share a dtype anyway)."""
+    if isinstance(uncond, torch.Tensor) and isinstance(cond, torch.Tensor) and uncond.dtype != cond.dtype:
+        dtype = torch.promote_types(uncond.dtype, cond.dtype)
+        return uncond.to(dtype), cond.to(dtype)
+    return uncond, cond
 
 
 def _steps_run_eagerly(cls) -> None:

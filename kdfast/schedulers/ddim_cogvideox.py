@@ -11,7 +11,7 @@ import torch
 from ._config import register_to_config
 from ._linear import X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_choice
-from .base import CheckedPlan, reject_unknown_step_arguments
+from .base import CheckedPlan, guidance_pair, reject_unknown_step_arguments
 from .ddim import DDIMScheduler, _div, _sqrt, timestep_value
 
 logger = logging.getLogger(__name__)
@@ -233,6 +233,7 @@ class CogVideoXDDIMScheduler(CogVideoXSchedule):
         ``model_output = uncond + guidance_scale * (cond - uncond)``. ``uncond`` and ``cond`` may
         be the two halves of one batched forward (``out.chunk(2)``) without copies."""
         self._check_step_inputs(cond, sample)
+        uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale, generator, variance_noise, eta=eta,
                          use_clipped_model_output=use_clipped_model_output,
                          return_pred_original_sample=return_pred_original_sample)

@@ -11,7 +11,7 @@ import torch
 
 from ._config import register_to_config
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
-from .base import GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import GrowingTable, SchedulerOutput, StepPlan, guidance_pair, reject_unknown_step_arguments
 from .ddim import DDIMScheduler, timestep_value
 
 
@@ -200,6 +200,7 @@ class DDIMInverseScheduler(DDIMScheduler):
         """``step`` with classifier-free guidance fused into the same kernel:
         ``model_output = uncond + guidance_scale * (cond - uncond)``."""
         self._check_step_inputs(cond, sample)
+        uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale,
                          return_pred_original_sample=return_pred_original_sample)
         return out if return_dict else out.to_tuple()

@@ -7,7 +7,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._linear import H0, NOISE, X, X0
-from .base import CheckedPlan, SchedulerOutput
+from .base import CheckedPlan, SchedulerOutput, guidance_pair
 from .ddim import _div, _sqrt
 from .ddim_cogvideox import CogVideoXSchedule
 
@@ -153,6 +153,7 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
         ``uncond, cond, guidance_scale`` for ``model_output``). ``uncond`` and ``cond`` may be
         the two halves of one batched forward (``out.chunk(2)``) without copies."""
         self._check_step_inputs(cond, sample)
+        uncond, cond = guidance_pair(uncond, cond)
         return self._dpm_step(uncond, cond, guidance_scale, old_pred_original_sample, timestep, timestep_back,
                               sample, eta, generator, variance_noise, return_dict)
 

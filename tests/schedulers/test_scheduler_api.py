@@ -505,3 +505,25 @@ def test_an_empty_schedule_is_a_loop_of_no_steps(name, kwargs):
     assert torch.equal(kdfast.sample(dummy_model, x, kd), x)
     with pytest.raises((IndexError, ValueError)):
         kd.step(dummy_model(x, 500), torch.tensor(500), x)
+
+
+@pytest.mark.parametrize("name", ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDPMScheduler",
+                                  "DPMSolverMultistepScheduler", "DDIMInverseScheduler", "CogVideoXDDIMScheduler"])
+def test_step_cfg_with_halves_of_different_dtypes_is_step_on_the_promoted_guided_output(name):
+    # diffusers' guided output uncond + s * (cond - uncond) of a float16 uncond and a float32
+    # cond is float32; step_cfg took uncond's dtype for the step's output, noise and history.
+    x = initial_sample()
+    results = []
+    for guided in (False, True):
+        s = getattr(K, name)()
+        s.set_timesteps(4)
+        y = x.clone()
+        gen = torch.Generator().manual_seed(1)
+        for t in s.timesteps[:2]:
+            u, c = dummy_model(y, t).half(), dummy_model(y, t) * 1.1
+            kw = with_generator(s, gen)
+            out = s.step_cfg(u, c, 4.0, t, y, **kw) if guided else s.step(u.float() + 4.0 * (c - u.float()), t, y, **kw)
+            y = out.prev_sample
+        results.append(y)
+    assert results[1].dtype == torch.float32
+    assert parity_error(results[1], results[0]) < 1e-6
