@@ -26,9 +26,10 @@ Sigmas: a strictly decreasing list ending at 0 or above; a single value is a loo
 
 Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
 when none is given, draw ``torch.randn_like(x)`` from the global RNG (k-diffusion's default),
-or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``). ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and
-``sample_dpmpp_3m_sde`` therefore default to Gaussian noise, not k-diffusion's Brownian tree
-(pass a :class:`BrownianTreeNoiseSampler` as ``noise_sampler`` to get it).
+or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``).
+``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` therefore default to
+Gaussian noise, not k-diffusion's Brownian tree (pass a :class:`BrownianTreeNoiseSampler` as
+``noise_sampler`` to get it).
 Churn noise (``s_churn > 0`` in Euler / Heun / DPM-2) is drawn with
 ``noise_sampler(sigmas[i], sigmas[i + 1])`` and added by the kernel of the step before (the
 first step's by one extra kernel pass before the loop). It is drawn only for the steps that
