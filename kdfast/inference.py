@@ -68,18 +68,32 @@ def _fusable_resnet(module: nn.Module) -> bool:
             and getattr(module, "upsample", 1) is None and getattr(module, "downsample", 1) is None)
 
 
+def _channel_shift(emb: torch.Tensor, batch: int, channels: int, dims: int) -> Optional[torch.Tensor]:
+    """``emb`` as the ``[batch, channels]`` shift it adds to a ``dims``-d feature map, if it
+    holds one value per sample and channel (either may broadcast); None if it varies over
+    positions or does not broadcast so."""
+    if (emb.dim() != dims or emb.shape[0] not in (1, batch) or emb.shape[1] not in (1, channels)
+            or any(size != 1 for size in emb.shape[2:])):
+        return None
+    return emb.reshape(emb.shape[:2]).expand(batch, channels)
+
+
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (default time-embedding norm, SiLU, no resampler) with
     norm1 + SiLU and (+ temb) norm2 + SiLU as two fused passes."""
     if not can_fuse(input_tensor, self) or (temb is None and self.time_emb_proj is not None):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
+    shift = None
+    if temb is not None:
+        # diffusers adds the projected embedding as [N, C, 1, 1], or an unprojected one as given
+        emb = temb
+        if self.time_emb_proj is not None:
+            emb = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))[:, :, None, None]
+        shift = _channel_shift(emb, input_tensor.shape[0], self.norm2.num_channels, input_tensor.dim())
+        if shift is None:  # varies over positions too: not a per-channel shift the fused norm can add
+            return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     hidden = group_norm_act(input_tensor, self.norm1.num_groups, self.norm1.weight, self.norm1.bias, self.norm1.eps)
     hidden = self.conv1(hidden)
-    shift = None
-    if self.time_emb_proj is not None:
-        shift = self.time_emb_proj(temb if self.skip_time_act else self.nonlinearity(temb))
-    elif temb is not None:
-        shift = temb.reshape(temb.shape[:2])  # (a [N, C, 1, 1] embedding added as given)
     hidden = group_norm_act(hidden, self.norm2.num_groups, self.norm2.weight, self.norm2.bias, self.norm2.eps,
                             shift=shift)
     hidden = self.conv2(self.dropout(hidden))

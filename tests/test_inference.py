@@ -93,6 +93,28 @@ def test_resnets_with_their_own_resampler_are_left_alone():
         torch.testing.assert_close(fast(x, 7).sample, model(x, 7).sample, rtol=1e-4, atol=2e-5)
 
 
+def test_resnet_time_embeddings_of_every_shape_diffusers_takes(monkeypatch):
+    # The fused block adds the embedding as a per-(sample, channel) shift: a batch-1 projection is
+    # broadcast over the batch; an unprojected embedding that varies over positions (diffusers
+    # adds it as given, broadcasting a 2-D one over the last two dimensions) runs the original
+    # forward instead of being read as per-channel values.
+    from diffusers.models.resnet import ResnetBlock2D
+    x = torch.randn(3, 8, 6, 6)
+    cases = [(dict(temb_channels=16), torch.randn(1, 16), True),
+             (dict(temb_channels=16), torch.randn(3, 16), True),
+             (dict(temb_channels=None), torch.randn(3, 8, 1, 1), True),
+             (dict(temb_channels=None), torch.randn(1, 8, 1, 1), True),
+             (dict(temb_channels=None), torch.randn(3, 8, 6, 6), False),
+             (dict(temb_channels=None), torch.randn(6, 6), False)]
+    for kwargs, temb, fused in cases:
+        block = _perturbed(ResnetBlock2D(in_channels=8, groups=2, **kwargs))
+        fast = inference.prepare_for_inference(block)
+        calls = _count_calls(monkeypatch)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x, temb), block(x, temb), rtol=1e-5, atol=1e-5)
+        assert bool(calls) == fused, (kwargs, tuple(temb.shape))
+
+
 def test_kdfast_unet_and_options():
     torch.manual_seed(0)
     model = _perturbed(UNet())
