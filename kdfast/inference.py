@@ -22,7 +22,7 @@ stays differentiable (but is not meant for training).
 from __future__ import annotations
 
 import copy
-import types
+import functools
 from typing import Optional
 
 import torch
@@ -115,7 +115,9 @@ def fuse_group_norms(model: nn.Module) -> int:
                     block.fused = True
             fused += sum(isinstance(m, nn.GroupNorm) for m in module.modules())
         elif _fusable_resnet(module) and "forward" not in vars(module):
-            module.forward = types.MethodType(_fused_resnet_forward, module)
+            # a partial, not a bound method: pickle restores a bound method by looking its name
+            # up on the instance's class, which has no _fused_resnet_forward (torch.load failed)
+            module.forward = functools.partial(_fused_resnet_forward, module)
             fused += 2
     # A GroupNorm attribute directly followed by a SiLU attribute (diffusers: conv_norm_out,
     # conv_act): the pair becomes GroupNormSiLU + Identity.

@@ -115,6 +115,23 @@ def test_resnet_time_embeddings_of_every_shape_diffusers_takes(monkeypatch):
         assert bool(calls) == fused, (kwargs, tuple(temb.shape))
 
 
+def test_diffusers_inference_form_saves_loads_and_copies_whole(monkeypatch, tmp_path):
+    # torch.save of the whole prepared model, then torch.load: the fused blocks come back fused
+    # (their forward was a bound method, which pickle restores by a name the class lacks)
+    import copy
+    model = _unet2d()
+    fast = inference.prepare_for_inference(model)
+    torch.save(fast, tmp_path / "fast.pt")
+    loaded = torch.load(tmp_path / "fast.pt", weights_only=False)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.inference_mode():
+        expected = fast(x, 7).sample
+        for other in (loaded, copy.deepcopy(fast)):
+            calls = _count_calls(monkeypatch)
+            torch.testing.assert_close(other(x, 7).sample, expected, rtol=0, atol=0)
+            assert calls and all("forward" in vars(m) for m in _resnets(other))
+
+
 def test_kdfast_unet_and_options():
     torch.manual_seed(0)
     model = _perturbed(UNet())
