@@ -714,6 +714,14 @@ class FusedScheduler(ConfigMixin):
                              f"shape {tuple(sample.shape)}")
 
 
+def push_history(entries: list, newest, depth: int) -> None:
+    """diffusers' rotation of a multistep history, in place: ``entries[k] = entries[k + 1]`` for
+    ``k < depth - 1``, then ``entries[-1] = newest`` (the list object stays the caller's)."""
+    for k in range(depth - 1):
+        entries[k] = entries[k + 1]
+    entries[-1] = newest
+
+
 def guidance_pair(uncond, cond):
     """``uncond`` and ``cond`` in one dtype, the wider of theirs: diffusers' guided output
     ``uncond + s * (cond - uncond)`` has it, and the step reads its output's dtype from

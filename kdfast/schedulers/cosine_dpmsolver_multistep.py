@@ -12,7 +12,7 @@ import torch
 from ._config import register_to_config
 from ._linear import H0, NOISE, X, X0
 from ._schedule import check_choice, sigma_to_t
-from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import CoefficientTable, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 from .dpmsolver_sde import _BrownianNoise
 from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
 
@@ -304,9 +304,7 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
                 self.noise_sampler(self._host_sigmas[i], self._host_sigmas[i + 1])
         result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, history=history,
                              noise=noise, write_history=True, history_dtype=x0_dtype)
-        for k in range(self.config.solver_order - 1):
-            self.model_outputs[k] = self.model_outputs[k + 1]
-        self.model_outputs[-1] = result.history
+        push_history(self.model_outputs, result.history, self.config.solver_order)
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1
         self._step_index = i + 1

@@ -11,7 +11,7 @@ from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -275,9 +275,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
                              history=history, noise=noise, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
                              history_dtype=model_output.dtype)
-        for k in range(cfg.solver_order - 1):
-            self.model_outputs[k] = self.model_outputs[k + 1]
-        self.model_outputs[-1] = result.history
+        push_history(self.model_outputs, result.history, cfg.solver_order)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         self._step_index = i + 1

@@ -21,7 +21,7 @@ import torch
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 from .dpmsolver_multistep import check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -349,9 +349,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
                              history=history, aux=aux, noise=noise, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
                              history_dtype=dtype)
-        for k in range(cfg.solver_order - 1):
-            outputs[k] = outputs[k + 1]
-        outputs[-1] = result.history
+        push_history(outputs, result.history, cfg.solver_order)
         if order == 1:
             self.sample = sample  # the group's first sample, by reference as diffusers keeps it
         self._step_index = i + 1

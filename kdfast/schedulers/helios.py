@@ -29,7 +29,7 @@ from ._config import register_to_config
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, flag, integer_at_least,
                         is_integer_timestep, x0_coefficients)
-from .base import CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan
+from .base import CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan, push_history
 
 HISTORY = (H0, H1, H2)
 _F32, _F64 = torch.float32, torch.float64
@@ -745,12 +745,8 @@ class HeliosScheduler(_HeliosSchedule):
         result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, history=history,
                              aux=self.last_sample if c else None, write_history=True, write_aux=c > 0,
                              history_dtype=history_dtype, table=table)
-        steps = self.timestep_list
-        for k in range(order - 1):
-            outputs[k] = outputs[k + 1]
-            steps[k] = steps[k + 1]
-        outputs[-1] = result.history
-        steps[-1] = timestep
+        push_history(outputs, result.history, order)
+        push_history(self.timestep_list, timestep, order)
         self.this_order = this_order
         self.last_sample = result.aux if c else sample
         if self.lower_order_nums < order:

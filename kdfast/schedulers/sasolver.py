@@ -24,7 +24,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
                         x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, TableRow, reject_unknown_step_arguments
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, TableRow, push_history, reject_unknown_step_arguments
 from .ddpm import noise_scales
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -485,12 +485,8 @@ class SASolverScheduler(MultistepScheduler):
             self._last_sample_maker = (i, c_used, tau_prev, carry, result.history, history[:c_used - 1])
         else:
             self._last_sample, self._last_sample_maker = sample, None
-        steps = self.timestep_list
-        for k in range(depth - 1):
-            outputs[k] = outputs[k + 1]
-            steps[k] = steps[k + 1]
-        outputs[-1] = result.history
-        steps[-1] = timestep
+        push_history(outputs, result.history, depth)
+        push_history(self.timestep_list, timestep, depth)
         self._last_noise = noise
         self._carry, self._carry_tau = result.aux, tau
         self.this_predictor_order, self.this_corrector_order = p, next_c

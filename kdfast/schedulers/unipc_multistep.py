@@ -19,7 +19,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
                         spaced_timesteps, x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 
 SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
@@ -344,12 +344,8 @@ class UniPCMultistepScheduler(MultistepScheduler):
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
                              if cfg.thresholding and self.predict_x0 else None,
                              history_dtype=model_output.dtype)
-        steps = self.timestep_list
-        for k in range(order - 1):
-            outputs[k] = outputs[k + 1]
-            steps[k] = steps[k + 1]
-        outputs[-1] = result.history
-        steps[-1] = timestep
+        push_history(outputs, result.history, order)
+        push_history(self.timestep_list, timestep, order)
         self.this_order = this_order
         if p == 0:  # solver_p predicts; the fused pass gave the corrected sample
             self.last_sample = result.sample if c else sample
