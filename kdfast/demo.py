@@ -17,10 +17,11 @@ import platform
 import re
 import time
 import warnings
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from ._checks import check_int
 # MAX_SEED: the step generator takes seed + 1
 from .train.run import MAX_SEED, OutputDirError, prepare_output_dir, progress_bar
 
@@ -65,25 +66,48 @@ class DemoError(ValueError):
 
 
 def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, guidance_scale: float,
-                seed: int) -> None:
+                seed: int) -> Tuple[List[int], int, float]:
+    """The checked arguments: ``steps`` and ``n_per_class`` as ints, ``guidance_scale`` as a float."""
+    steps_given, guidance_scale_given = list(steps), guidance_scale
     if not solvers:
         raise DemoError(f"solvers must name at least one solver; expected some of {', '.join(SOLVERS)}")
     unknown = [s for s in solvers if s not in SOLVERS]
     if unknown:
         raise DemoError(f"unknown solver(s) {unknown}; expected some of {', '.join(SOLVERS)}")
-    if not steps or any(int(s) != s or s < 1 for s in steps):
-        raise DemoError(f"steps must be integers >= 1, got {list(steps)}")
+    try:
+        steps = [check_int("steps", s, minimum=1) for s in steps]
+    except ValueError:
+        steps = None
+    if not steps:
+        raise DemoError(f"steps must be integers >= 1, got {list(steps_given)}")
     # A repeated value would run the same configuration again and write duplicate rows.
-    for name, values in (("solvers", list(solvers)), ("steps", [int(s) for s in steps])):
+    for name, values in (("solvers", list(solvers)), ("steps", steps)):
         repeated = sorted({v for v in values if values.count(v) > 1}, key=values.index)
         if repeated:
             raise DemoError(f"{name} must not repeat a value, got {', '.join(map(str, repeated))} more than once")
-    if int(n_per_class) < 2:
-        raise DemoError(f"n_per_class must be >= 2 (a Frechet distance needs several images), got {n_per_class}")
+    try:
+        n_per_class = check_int("n_per_class", n_per_class, minimum=2)
+    except ValueError:
+        raise DemoError(f"n_per_class must be an integer >= 2 (a Frechet distance needs several images), got "
+                        f"{n_per_class!r}") from None
+    try:
+        guidance_scale = float(guidance_scale)
+    except (TypeError, ValueError):
+        guidance_scale = math.nan
     if not math.isfinite(guidance_scale):
-        raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale}")
+        raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale_given!r}")
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise DemoError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return steps, n_per_class, guidance_scale
+
+
+def _check_steps_fit(steps: Sequence[int], teacher) -> None:
+    """A loop samples distinct training timesteps: more steps than the teacher was trained with
+    are refused by DDIM and repeat timesteps in the other solvers."""
+    limit = int(teacher.config["noise_schedule"]["num_train_timesteps"])
+    too_many = [n for n in steps if n > limit]
+    if too_many:
+        raise DemoError(f"steps must be <= {limit} (the teacher's training timesteps), got {too_many}")
 
 
 def _resolve_device(device: Optional[str]) -> torch.device:
@@ -265,9 +289,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     from .eval import DigitsEvaluator
     from .train.teacher import load_teacher, save_grid
 
-    guidance_scale = float(guidance_scale)
-    solvers, steps = list(solvers), [int(s) for s in steps]
-    _check_args(solvers, steps, n_per_class, guidance_scale, seed)
+    solvers = list(solvers)
+    steps, n_per_class, guidance_scale = _check_args(solvers, list(steps), n_per_class, guidance_scale, seed)
     # Every argument is checked before the output folder is created or cleared.
     device = _resolve_device(device)
     if cuda_graph and device.type != "cuda":
@@ -278,6 +301,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
         except ImportError as exc:
             raise DemoError("the diffusers anchor needs diffusers (pip install diffusers), or pass anchor=False "
                             "(--no-anchor)") from exc
+    teacher = load_teacher(device=device)
+    _check_steps_fit(steps, teacher)
     notes = solver_notes(solvers)
     for note in notes.values():
         warnings.warn(note, DemoWarning, stacklevel=2)
@@ -292,7 +317,6 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
         if path.is_dir():
             raise DemoError(f"output file {str(path)!r} is not writable: it is an existing folder")
     _clear_previous_outputs(out_dir)
-    teacher = load_teacher(device=device)
     evaluator = DigitsEvaluator(device=device)
     floor, floor_full = _real_floor(evaluator, n_per_class), evaluator.floor()
     # One-time costs (kernel selection for these batch shapes, lazy imports) must not be

@@ -69,6 +69,39 @@ def test_bad_solver_and_steps_are_named(tmp_path):
     assert main(["demo", "--solvers", "nope", "--out", str(tmp_path)]) == 2
 
 
+def test_too_many_steps_are_refused_before_earlier_outputs_are_removed(tmp_path, capsys):
+    out = tmp_path / "demo"
+    (out / "grids").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    assert main(["demo", "--solvers", "dpmpp_2m,ddim", "--steps", "5,1001", "--n-per-class", "2", "--no-anchor",
+                 "--no-progress", "--out", str(out)]) == 2
+    assert "steps must be <= 1000" in capsys.readouterr().err
+    assert (out / "metrics.json").read_text() == "{}" and not any((out / "grids").iterdir())
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(steps=[2.7]), "steps must be integers >= 1, got [2.7]"),
+    (dict(steps=[True]), "steps must be integers >= 1, got [True]"),
+    (dict(n_per_class=2.5), "n_per_class must be an integer >= 2"),
+    (dict(guidance_scale="x"), "guidance_scale must be a finite number, got 'x'"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+])
+def test_python_api_refuses_what_the_cli_cannot_pass(tmp_path, kwargs, message):
+    # (the CLI's argument types keep these out; run_demo must not truncate or fail late)
+    out = tmp_path / "out"
+    with pytest.raises(DemoError) as exc:
+        run_demo(out=str(out), solvers=["ddim"], **{"steps": [2], "n_per_class": 2, **kwargs}, anchor=False,
+                 progress=False)
+    assert message in str(exc.value)
+    assert not out.exists()
+
+
+def test_integral_floats_are_accepted_as_counts(tmp_path):
+    rows = run_demo(out=str(tmp_path / "out"), solvers=["ddim"], steps=[2.0], n_per_class=2.0, anchor=False,
+                    device="cpu", progress=False)
+    assert [(r["steps"], type(r["steps"])) for r in rows] == [(2, int)]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere; the file-as-folder case below covers it")
 def test_unwritable_output_folder_permissions(tmp_path):
     locked = tmp_path / "locked"
@@ -85,7 +118,7 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_an_output_file_taken_by_a_folder_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(teacher_module, "load_teacher", lambda **k: pytest.fail("sampled before checking outputs"))
+    monkeypatch.setattr(teacher_module.Teacher, "sample", lambda *a, **k: pytest.fail("sampled before checking outputs"))
     for name in ("grids/ddim_2.png", "report.md"):
         out = tmp_path / name.replace("/", "_")
         (out / name).mkdir(parents=True)
@@ -108,7 +141,9 @@ def test_corrupt_teacher_asset_gives_a_clear_error(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n-per-class", "0"], "n_per_class must be >= 2"),
+    (["--n-per-class", "0"], "n_per_class must be an integer >= 2"),
+    # DDIM refuses more steps than the teacher's 1000 training timesteps; the others would repeat timesteps
+    (["--steps", "5,1001"], "steps must be <= 1000 (the teacher's training timesteps), got [1001]"),
     (["--steps", ","], "steps must be integers >= 1, got []"),
     (["--solvers", ""], "solvers must name at least one solver"),
     (["--solvers", ","], "solvers must name at least one solver"),
