@@ -8,6 +8,8 @@ independent sets of real digits reach, the best any sampler can hope for, and
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
@@ -39,13 +41,23 @@ def frechet_distance(feats_a, feats_b) -> float:
     b = _as_features("feats_b", feats_b)
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"feats_a and feats_b must have the same feature dimension, got {a.shape[1]} and {b.shape[1]}")
+    # Features scaled by a power of two near their largest magnitude, which is exact: every
+    # intermediate is the unscaled one times a power of 4, but no covariance overflows (features
+    # beyond ~1e154) or underflows (below ~1e-162) to a wrong distance.
+    _, exponent = math.frexp(max(a.abs().max().item(), b.abs().max().item()))
+    a, b = torch.ldexp(a, torch.tensor(-exponent)), torch.ldexp(b, torch.tensor(-exponent))
     mu_a, cov_a = _mean_cov(a)
     mu_b, cov_b = _mean_cov(b)
     sqrt_a = _sqrtm_psd(cov_a)
     middle = sqrt_a @ cov_b @ sqrt_a
     eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
     value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum()
-    return max(float(value), 0.0)
+    if not value > 0:
+        return 0.0
+    try:
+        return math.ldexp(float(value), 2 * exponent)
+    except OverflowError:  # a distance beyond float64's range
+        return math.inf
 
 
 def _as_features(name: str, feats) -> torch.Tensor:
@@ -175,7 +187,7 @@ class DigitsEvaluator:
         self.split_seed = int(split_seed)
         self.batch_size = int(batch_size)
         self._real: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
-        self._real_features: Dict[str, torch.Tensor] = {}
+        self._real_features: Dict[str, Tuple[Tuple[Tuple[int, int], ...], torch.Tensor]] = {}
 
     def real(self, split: str = "heldout") -> Tuple[torch.Tensor, torch.Tensor]:
         """The real 16x16 images and labels of ``split`` ("train" or "heldout")."""
@@ -186,10 +198,19 @@ class DigitsEvaluator:
         return self._real[split]
 
     def real_features(self, split: str = "heldout") -> torch.Tensor:
-        """Cached classifier features of the real ``split`` images."""
-        if split not in self._real_features:
-            self._real_features[split] = self.features(self.real(split)[0])
-        return self._real_features[split]
+        """Classifier features of the real ``split`` images, cached while the classifier's
+        weights stay as they are (a training loop evaluating its own classifier changes them)."""
+        state = self._weights_state()
+        cached = self._real_features.get(split)
+        if cached is None or cached[0] != state:
+            cached = self._real_features[split] = (state, self.features(self.real(split)[0]))
+        return cached[1]
+
+    def _weights_state(self) -> Tuple[Tuple[int, int], ...]:
+        # Each tensor's storage and version counter: an in-place update (an optimizer step,
+        # load_state_dict, mul_) bumps the version, a replaced tensor has a new address.
+        tensors = itertools.chain(self.classifier.parameters(), self.classifier.buffers())
+        return tuple((t.data_ptr(), t._version) for t in tensors)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Classifier features ``[N, feature_dim]`` (float32, CPU) of checked ``images``."""
@@ -235,8 +256,7 @@ class DigitsEvaluator:
         """
         if isinstance(n_per_class, bool) or int(n_per_class) != n_per_class or n_per_class < 2:
             raise ValueError(f"n_per_class must be an integer >= 2, got {n_per_class!r}")
-        if int(draws) < 1:
-            raise ValueError(f"draws must be >= 1, got {draws}")
+        draws = check_integer("draws", draws, 1)
         labels = self.real("train")[1]
         by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
         smallest = min(len(idx) for idx in by_class)

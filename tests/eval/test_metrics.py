@@ -57,6 +57,15 @@ def test_frechet_of_shifted_gaussians_is_squared_mean_distance():
     assert frechet_distance(x, y) == pytest.approx(36.0, rel=0.02)
 
 
+@pytest.mark.parametrize("scale", [2.0**-500, 1e-150, 1e150, 2.0**500])
+def test_frechet_of_huge_or_tiny_features_scales_with_them(scale):
+    # the covariances of such features overflow (or underflow) float64 unless scaled first
+    a, b = _correlated(50, 6, seed=7), _correlated(40, 6, seed=8) + 0.5
+    expected = frechet_distance(a, b)
+    assert frechet_distance(a * scale, b * scale) == pytest.approx(expected * scale**2, rel=1e-9)
+    assert frechet_distance(a * 1e200, b * 1e200) == float("inf")  # ~1e400: beyond float64, as it is
+
+
 def test_frechet_bad_inputs_name_the_argument():
     good = torch.randn(10, 4)
     with pytest.raises(ValueError, match="feats_a.*2-D"):
@@ -146,8 +155,9 @@ def test_same_size_floor_refuses_sets_real_data_cannot_fill(evaluator):
     for bad in (1, 2.5, True):
         with pytest.raises(ValueError, match="n_per_class must be an integer >= 2"):
             evaluator.floor_draws(bad)
-    with pytest.raises(ValueError, match="draws must be >= 1"):
-        evaluator.floor_at(10, draws=0)
+    for bad in (0, 1.5, True):
+        with pytest.raises(ValueError, match="draws must be an integer >= 1"):
+            evaluator.floor_at(10, draws=bad)
 
 
 def test_a_classifier_passed_in_keeps_its_mode():
@@ -159,6 +169,22 @@ def test_a_classifier_passed_in_keeps_its_mode():
     gen = torch.Generator().manual_seed(0)
     evaluator.evaluate(torch.rand(4, 1, 16, 16, generator=gen) * 2 - 1, torch.arange(4))
     assert model.training  # evaluated in eval mode, then restored
+
+
+def test_reference_features_follow_a_classifier_that_changes():
+    # a training loop may evaluate its own classifier: its real features must not stay cached
+    from kdfast.eval import load_classifier
+
+    model = load_classifier()
+    evaluator = DigitsEvaluator(classifier=model)
+    images, labels = evaluator.real("heldout")
+    assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.05)
+    assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
+    model.load_state_dict(load_classifier().state_dict())
+    assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_evaluation_is_deterministic():
