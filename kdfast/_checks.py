@@ -1,4 +1,4 @@
-"""Argument checks shared by the ops and the losses."""
+"""Argument checks shared across kdfast (ops, losses, training and evaluation)."""
 from __future__ import annotations
 
 import math
@@ -30,3 +30,17 @@ def check_int(name: str, value, minimum: Optional[int] = None) -> int:
     if not _INT64[0] <= out <= _INT64[1]:
         raise ValueError(f"{name} must fit in int64, got {out}")
     return out
+
+
+def check_float(name: str, value, low: float, high: float, high_open: bool = False) -> float:
+    """``value`` as a finite float in [low, high] (or [low, high)); NaN and inf are refused."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not math.isfinite(number) or not (
+            low <= number < high if high_open else low <= number <= high):
+        where = (f" in [{low}, {high}{')' if high_open else ']'}" if math.isfinite(high)
+                 else f" >= {low}" if math.isfinite(low) else "")
+        raise ValueError(f"{name} must be a finite number{where}, got {value!r}")
+    return number

@@ -10,6 +10,8 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
+from .._checks import check_int
+
 NUM_CLASSES = 10
 SPLITS = ("train", "heldout", "all")
 
@@ -24,10 +26,12 @@ def load_digits(split: str = "train", size: int = 16, heldout_fraction: float = 
     """
     if split not in SPLITS:
         raise ValueError(f"split={split!r} is not supported; expected one of {SPLITS}")
-    if size not in (8, 16, 32):
-        raise ValueError(f"size must be 8, 16 or 32, got {size}")
+    if isinstance(size, bool) or size not in (8, 16, 32):
+        raise ValueError(f"size must be 8, 16 or 32, got {size!r}")
+    size = int(size)  # (16.0 is 16; F.interpolate takes ints only)
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    seed = check_int("seed", seed, minimum=0)
     try:
         from sklearn.datasets import load_digits as sk_load_digits
     except ImportError as exc:
@@ -44,6 +48,11 @@ def load_digits(split: str = "train", size: int = 16, heldout_fraction: float = 
     for c in range(NUM_CLASSES):
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=gen)]
-        heldout[idx[: int(round(len(idx) * heldout_fraction))]] = True
+        count = int(round(len(idx) * heldout_fraction))
+        if not 0 < count < len(idx):
+            raise ValueError(f"heldout_fraction={heldout_fraction} leaves the {'held-out' if count == 0 else 'training'} "
+                             f"split without digits of class {c} ({len(idx)} in all); expected a fraction that "
+                             "keeps some of every class on both sides")
+        heldout[idx[:count]] = True
     keep = heldout if split == "heldout" else ~heldout
     return images[keep], labels[keep]

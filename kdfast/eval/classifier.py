@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from pathlib import Path
 from typing import Dict, Optional, Tuple, Union
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_float, check_int
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..train.run import atomic_files, check_output_file, progress_bar
 
@@ -111,10 +113,12 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: 
     Returns the model (in eval mode) and metrics: ``heldout_accuracy``, ``train_accuracy``,
     ``final_loss``, ``train_seconds``, ``epochs``, ``seed``.
     """
-    if int(epochs) < 1:
-        raise ValueError(f"epochs must be >= 1, got {epochs}")
-    if int(batch_size) < 2:
-        raise ValueError(f"batch_size must be >= 2 (BatchNorm needs it), got {batch_size}")
+    epochs = check_int("epochs", epochs, minimum=1)
+    batch_size = check_int("batch_size", batch_size, minimum=2)  # (BatchNorm needs 2 or more)
+    seed = check_int("seed", seed, minimum=0)
+    max_shift = check_int("max_shift", max_shift, minimum=0)
+    lr = check_float("lr", lr, 0.0, math.inf)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, math.inf)
     start = time.perf_counter()
     torch.manual_seed(seed)  # weight init and dropout
     gen = torch.Generator().manual_seed(seed)  # batch order and shifts

@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .. import schedulers as _schedulers
+from .._checks import check_float, check_int
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..models.unet import PREDICTION_TYPES, UNet, UNetConfig
 from ..sampling import CapturedSampler
@@ -173,13 +174,12 @@ class Teacher:
         (scheduler, steps, batch size, guidance) and replayed by later calls: the same images
         as the eager loop, without its per-step Python and launch costs once captured.
         """
-        n_per_class = _check_int("n_per_class", n_per_class, 1)
-        steps = _check_int("steps", steps, 1)
-        batch_size = _check_int("batch_size", batch_size, 1)
-        guidance_scale = float(guidance_scale)
-        if not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale}")
-        classes = list(range(self.num_classes)) if classes is None else [int(c) for c in classes]
+        n_per_class = check_int("n_per_class", n_per_class, 1)
+        steps = check_int("steps", steps, 1)
+        batch_size = check_int("batch_size", batch_size, 1)
+        seed = check_int("seed", seed, minimum=0)
+        guidance_scale = check_float("guidance_scale", guidance_scale, -math.inf, math.inf)
+        classes = list(range(self.num_classes)) if classes is None else [check_int("classes", c) for c in classes]
         if not classes or any(not 0 <= c < self.num_classes for c in classes):
             raise ValueError(f"classes must be in [0, {self.num_classes}), got {classes}")
         if isinstance(scheduler, str):
@@ -195,13 +195,13 @@ class Teacher:
 
         device = self.device
         labels = torch.tensor(classes, dtype=torch.int64).repeat_interleave(n_per_class)
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(seed)
         shape = (len(labels), self.model.config.in_channels, self.sample_size, self.sample_size)
         noise = torch.randn(shape, generator=gen)
         net = self.inference_model
         model = lambda xt, t, cond: net(xt, t, cond)  # noqa: E731  (samplers pass cond= by name)
         # stochastic samplers: one generator for the whole call, batch after batch
-        step_gen = None if cuda_graph else torch.Generator(device=device).manual_seed(int(seed) + 1)
+        step_gen = None if cuda_graph else torch.Generator(device=device).manual_seed(seed + 1)
         out = []
         for start in range(0, len(labels), batch_size):
             y = labels[start:start + batch_size].to(device)
@@ -210,7 +210,7 @@ class Teacher:
                 loop = self._captured_loop(scheduler, steps, len(y), guidance_scale, model, y, uncond)
                 x0 = noise[start:start + batch_size].to(device) * loop.scheduler.init_noise_sigma
                 # the captured loops' shared generator, seeded at the first batch like step_gen
-                x = loop(x0, cond=y, uncond=uncond, seed=int(seed) + 1 if start == 0 else None)
+                x = loop(x0, cond=y, uncond=uncond, seed=seed + 1 if start == 0 else None)
             else:
                 sched.set_timesteps(steps, device=device)
                 x = noise[start:start + batch_size].to(device) * sched.init_noise_sigma
@@ -245,19 +245,6 @@ class Teacher:
 
 
 # --------------------------------------------------------------------------- training
-
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or int(value) != value or int(value) < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def _check_float(name: str, value, low: float, high: float, high_open: bool = False) -> float:
-    value = float(value)
-    if not (low <= value < high if high_open else low <= value <= high):
-        raise ValueError(f"{name} must be in [{low}, {high}{')' if high_open else ']'}, got {value}")
-    return value
 
 
 def noise_schedule_config(prediction_type: str = "epsilon", **overrides) -> Dict[str, Any]:
@@ -345,14 +332,15 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     ``resume``, a folder that holds an earlier run's checkpoints or metrics log is refused
     (:class:`~kdfast.train.run.OutputDirError`, before any training) rather than overwritten.
     """
-    steps = _check_int("steps", steps, 1)
-    batch_size = _check_int("batch_size", batch_size, 1)
+    steps = check_int("steps", steps, 1)
+    batch_size = check_int("batch_size", batch_size, 1)
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r} is not supported; expected one of {PREDICTION_TYPES}")
-    cfg_dropout = _check_float("cfg_dropout", cfg_dropout, 0.0, 1.0, high_open=True)
-    lr = _check_float("lr", lr, 0.0, math.inf)
-    ema_decay = _check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
-    checkpoint_every = _check_int("checkpoint_every", checkpoint_every, 1)
+    cfg_dropout = check_float("cfg_dropout", cfg_dropout, 0.0, 1.0, high_open=True)
+    lr = check_float("lr", lr, 0.0, math.inf)
+    weight_decay = check_float("weight_decay", weight_decay, 0.0, math.inf)
+    ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
+    checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
     if out is not None:  # found unusable now, not after the whole training run
@@ -361,7 +349,7 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     if checkpoint_dir is not None:  # an earlier run's history is refused, not overwritten
         check_run_dir(checkpoint_dir, resume)
         check_output_file(Path(checkpoint_dir) / "loss.png", "loss plot")
-    seed = int(seed)
+    seed = check_int("seed", seed, minimum=0)
 
     model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
                                       "prediction_type": prediction_type})
@@ -383,7 +371,7 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         if device.type == "cuda" else []
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
-        torch.set_num_threads(_check_int("num_threads", num_threads, 1))
+        torch.set_num_threads(check_int("num_threads", num_threads, 1))
     metrics = None
     try:
         # A forked, seeded global RNG: seeded weights and dropout without touching the caller's RNG state.

@@ -30,3 +30,19 @@ def test_bad_arguments():
         load_digits(size=12)
     with pytest.raises(ValueError, match="heldout_fraction"):
         load_digits(heldout_fraction=1.5)
+    with pytest.raises(ValueError, match="size must be 8, 16 or 32, got True"):
+        load_digits(size=True)
+    # fractions that round a class's share to none of it, or all of it
+    with pytest.raises(ValueError, match="leaves the held-out split without digits of class 0"):
+        load_digits("train", heldout_fraction=0.001)
+    with pytest.raises(ValueError, match="leaves the training split without digits of class 0"):
+        load_digits("heldout", heldout_fraction=0.999)
+    for seed in (2**64, -1, 1.5, "0"):
+        with pytest.raises(ValueError, match="seed must"):
+            load_digits(seed=seed)
+
+
+def test_integral_float_size_and_seed_are_taken():
+    x, y = load_digits("heldout", size=16.0, seed=3.0)
+    x3, y3 = load_digits("heldout", size=16, seed=3)
+    assert torch.equal(x, x3) and torch.equal(y, y3)

@@ -197,3 +197,19 @@ def test_an_interrupted_save_leaves_the_previous_pair(tmp_path, shipped, monkeyp
     assert torch.equal(load_classifier(path).head.bias, shipped.head.bias)
     save_classifier(other, path)
     assert torch.equal(classifier.load_classifier(path).head.bias, other.head.bias)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(epochs=1.5), "epochs must be a positive integer, got 1.5"),
+    (dict(batch_size=1), "batch_size must be an integer >= 2, got 1"),
+    (dict(seed=-1), "seed must be an integer >= 0, got -1"),
+    (dict(max_shift=0.5), "max_shift must be an integer >= 0, got 0.5"),
+    (dict(lr=float("inf")), "lr must be a finite number >= 0.0, got inf"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0.0, got nan"),
+])
+def test_training_numbers_are_checked_not_truncated(kwargs, message):
+    from kdfast.eval.classifier import train_classifier
+
+    with pytest.raises(ValueError) as exc:
+        train_classifier(**kwargs, progress=False)
+    assert message in str(exc.value)

@@ -167,6 +167,34 @@ def test_bad_arguments_name_the_argument(shipped):
         shipped.sample(1, classes=[10])
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(lr=float("inf")), "lr must be a finite number >= 0.0, got inf"),
+    (dict(lr=float("nan")), "lr must be a finite number >= 0.0, got nan"),
+    (dict(weight_decay=float("nan")), "weight_decay must be a finite number >= 0.0, got nan"),
+    (dict(weight_decay=-0.1), "weight_decay must be a finite number >= 0.0"),
+    (dict(steps=2.5), "steps must be a positive integer, got 2.5"),
+    (dict(batch_size=True), "batch_size must be a positive integer, got True"),
+    (dict(seed=1.5), "seed must be an integer >= 0, got 1.5"),
+    (dict(ema_decay="x"), "ema_decay must be a finite number in [0.0, 1.0), got 'x'"),
+])
+def test_training_numbers_are_checked_not_truncated(kwargs, message):
+    # (int() would train 2 steps for 2.5; an infinite learning rate would train to NaN)
+    with pytest.raises(ValueError) as exc:
+        train_teacher(**{"steps": 1, **kwargs}, progress=False)
+    assert message in str(exc.value)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seed=0.5), "seed must be an integer >= 0, got 0.5"),
+    (dict(classes=[1.5]), "classes must be an integer, got 1.5"),
+    (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+])
+def test_sampling_arguments_are_checked_not_truncated(shipped, kwargs, message):
+    with pytest.raises(ValueError) as exc:
+        shipped.sample(1, steps=1, **kwargs)
+    assert message in str(exc.value)
+
+
 def test_png_grid(tmp_path):
     images = torch.linspace(-1, 1, 4 * 16 * 16).reshape(4, 1, 16, 16)
     grid = teacher_mod.image_grid(images, nrow=2, pad=1)
