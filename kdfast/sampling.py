@@ -26,7 +26,8 @@ Sigmas: a strictly decreasing list ending at 0 or above; a single value is a loo
 
 Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
 when none is given, draw ``torch.randn_like(x)`` from the global RNG (k-diffusion's default),
-or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``).
+or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``;
+a list of one generator per sample draws each sample's noise from its own, as there).
 ``sample_dpmpp_sde``, ``sample_dpmpp_2m_sde`` and ``sample_dpmpp_3m_sde`` therefore default to
 Gaussian noise, not k-diffusion's Brownian tree (pass a :class:`BrownianTreeNoiseSampler` as
 ``noise_sampler`` to get it).
@@ -176,6 +177,18 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
         # randn_like itself (k-diffusion's default): it fills in x's memory order, so a
         # channels-last x gets the same value at every position (torch.randn fills contiguously)
         return lambda sigma, sigma_next: torch.randn_like(x)
+    if isinstance(generator, (list, tuple)):
+        # one generator per sample, as diffusers' randn_tensor takes them: sample i's noise is
+        # what generator i draws for a batch of one
+        if len(generator) != shape[0] or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator: a list must hold one torch.Generator per sample ({shape[0]}), got "
+                             f"{[type(g).__name__ for g in generator]}")
+        one = (1,) + shape[1:]
+        return lambda sigma, sigma_next: torch.cat(
+            [torch.randn(one, generator=g, dtype=dtype, device=g.device).to(device) for g in generator])
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, a list of one per sample, or None, got "
+                        f"{type(generator).__name__}")
     gen_device = generator.device
     if gen_device.type == device.type:
         return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=device)
@@ -779,6 +792,8 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
             raise ValueError("uncond is only used with guidance_scale")
         return None
     try:
+        if isinstance(guidance_scale, (str, bytes, bool)):  # float("3") and float(True) would pass
+            raise TypeError
         g = float(guidance_scale)
     except (TypeError, ValueError):
         raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}") from None
@@ -908,6 +923,7 @@ class _Loop(NamedTuple):
     run: Callable[..., torch.Tensor]
     steps: int
     reset: Callable[[], None]
+    graph_refusal: Optional[str] = None  # why the loop cannot be captured in a CUDA graph, if it cannot
 
 
 def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, with_callback: bool = False,
@@ -941,7 +957,7 @@ def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None
 
 def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, disable) -> torch.Tensor:
     if cuda_graph:  # capture, replay once
-        _check_graph_args(x, generator, callback)
+        _check_graph_args(x, generator, callback, loop=loop)
         return CapturedSampler._from_loop(loop, x, cond, uncond, generator)()
     with _progress(loop.steps, disable) as bar:
         return loop.run(x, cond, uncond, callback=callback, bar=bar)
@@ -950,7 +966,10 @@ def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, di
 # --------------------------------------------------------------------------- CUDA graphs
 
 
-def _check_graph_args(x: torch.Tensor, generator, callback, who: str = "cuda_graph=True") -> None:
+def _check_graph_args(x: torch.Tensor, generator, callback, who: str = "cuda_graph=True",
+                      loop: Optional[_Loop] = None) -> None:
+    if loop is not None and loop.graph_refusal:
+        raise ValueError(f"{who}: {loop.graph_refusal}; sample without a graph")
     if x.dtype == torch.float64:
         # float64 steps run the reference backend, which copies each step's coefficients from
         # the host: not capturable.
@@ -960,6 +979,9 @@ def _check_graph_args(x: torch.Tensor, generator, callback, who: str = "cuda_gra
         raise ValueError(f"{who} needs CUDA tensors, got x on {x.device}")
     if callback is not None:
         raise ValueError(f"callback is not supported with {who} (a replayed graph runs no Python)")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{who} takes one CUDA torch.Generator (its state is captured with the loop), got "
+                        f"{type(generator).__name__}")
     if generator is not None and generator.device.type != "cuda":
         raise ValueError(f"{who} needs a CUDA generator (a CPU generator's draws cannot be captured); "
                          f"got one on {generator.device}")
@@ -1037,7 +1059,7 @@ class CapturedSampler:
         loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale,
                           cond=cond, uncond=uncond, extra_args=extra_args, generator=generator,
                           with_callback=False, sampler_options=sampler_options)
-        _check_graph_args(x, generator, None, who="CapturedSampler")
+        _check_graph_args(x, generator, None, who="CapturedSampler", loop=loop)
         self._setup(loop, x, cond, uncond, generator)
         self.scheduler = sigmas_or_scheduler if hasattr(sigmas_or_scheduler, "set_timesteps") else None
 
@@ -1114,7 +1136,7 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
-    if scheduler.step_index is not None:
+    if scheduler._has_stepped():
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
     if generator is not None and not _takes_keyword(scheduler.step, "generator"):
         raise TypeError(f"generator: {type(scheduler).__name__}.step draws no noise from a generator (it takes "
@@ -1135,14 +1157,15 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
             inp = scheduler.scale_model_input(xx, t)
             m, c = evaluate(inp, t)
             if callback is not None:
-                callback({'x': xx, 'i': i, 't': t, 'model_output': _guided(m, c, guidance or 1.0)})
+                callback({'x': xx, 'i': i, 't': t, 'model_output': _guided(m, c, 1.0 if guidance is None else guidance)})
             xx, carry = scheduler._loop_step(m, c if fused_cfg else None, guidance, t, previous, xx, carry, generator)
             previous = t
             if bar is not None:
                 bar.update(1)
         return xx
 
-    return _Loop(run, len(timesteps) - start, lambda: _set_scheduler_state(scheduler, state))
+    return _Loop(run, len(timesteps) - start, lambda: _set_scheduler_state(scheduler, state),
+                 scheduler._graph_refusal)
 
 
 # --------------------------------------------------------------------------- public samplers
@@ -1301,8 +1324,7 @@ def sample_unipc(model, x, sigmas, extra_args=None, callback=None, disable=None,
     correction and the next prediction. ``use_corrector=False`` runs the predictor alone (UniP).
     """
     return _sample_sigmas("unipc", model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                          options=dict(order=int(order), variant=variant, use_corrector=bool(use_corrector),
-                                       lower_order_final=bool(lower_order_final)))
+                          options=_unipc_options(order, variant, use_corrector, lower_order_final))
 
 
 @torch.no_grad()
@@ -1349,6 +1371,19 @@ def _int_option(name: str, value, minimum: Optional[int] = None) -> int:
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def _bool_option(name: str, value) -> bool:
+    # bool("False") is True: a switch must be a bool, not anything with a truth value
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def _unipc_options(order, variant, use_corrector, lower_order_final) -> Dict[str, Any]:
+    return dict(order=_int_option("order", order), variant=variant,
+                use_corrector=_bool_option("use_corrector", use_corrector),
+                lower_order_final=_bool_option("lower_order_final", lower_order_final))
 
 
 SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {
@@ -1421,6 +1456,8 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     (classifier-free guidance) the denoiser is called once on the doubled batch
     ``(cat([x, x]), cat([s, s]), cond=cat([uncond, cond]))`` when ``cond`` and ``uncond`` are
     tensors of the same shape with x's batch, else twice (``cond=uncond``, then ``cond=cond``);
+    on the scheduler path the time argument is the scheduler's timestep itself (0-d, one for
+    the whole batch, doubled or not, as diffusers pipelines pass it);
     ``extra_args`` are passed unchanged to every call. The guidance
     ``uncond + guidance_scale * (cond - uncond)`` is fused into the step kernel. A scale of 1
     calls the denoiser on ``cond`` only.
@@ -1428,7 +1465,8 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     ``cuda_graph=True`` (CUDA tensors only): the whole loop, model calls included, is captured
     in one CUDA graph after one eager warm-up run and replayed; the denoiser must be
     capturable (no host syncs), a ``generator`` must be a CUDA one, and there is no callback or
-    progress bar. The RNG state is restored before the replay, so the result equals the eager
+    progress bar. Schedulers whose noise is a torchsde Brownian tree (``DPMSolverSDEScheduler``,
+    ``CosineDPMSolverMultistepScheduler``), drawn on the host, are refused. The RNG state is restored before the replay, so the result equals the eager
     loop's with the same generator state. Each such call captures anew; to sample many times,
     capture once with :class:`CapturedSampler` and call it.
 
@@ -1466,9 +1504,7 @@ def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, con
     noise_sampler = sampler_options.pop("noise_sampler", None)
     options.update(sampler_options)
     if sampler == "unipc":
-        options = dict(order=int(options["order"]), variant=options["variant"],
-                       use_corrector=bool(options["use_corrector"]),
-                       lower_order_final=bool(options["lower_order_final"]))
+        options = _unipc_options(**options)
     elif sampler == "lms":
         options["order"] = _int_option("order", options["order"])
     return _sigma_loop(sampler, denoiser, x, sigmas_or_scheduler, extra_args=extra_args, with_callback=with_callback,

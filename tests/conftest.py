@@ -62,7 +62,7 @@ def eager_capture(monkeypatch):
         return graphs[-1], out
 
     monkeypatch.setattr(sampling, "_capture", capture)
-    monkeypatch.setattr(sampling, "_check_graph_args", lambda x, generator, callback, who=None: None)
+    monkeypatch.setattr(sampling, "_check_graph_args", lambda x, generator, callback, who=None, loop=None: None)
     return graphs
 
 

@@ -147,6 +147,20 @@ def test_needs_cuda_tensors():
         kdfast.CapturedSampler(denoiser, noise(0), S.get_sigmas_karras(4, 0.03, 14.6), sampler="nope")
 
 
+@pytest.mark.parametrize("name", ["DPMSolverSDEScheduler", "CosineDPMSolverMultistepScheduler"])
+def test_brownian_tree_schedulers_are_refused_up_front(name):
+    # torchsde draws their noise on the host: refused before any capture (or any model call) starts
+    import kdfast.schedulers as K
+
+    sched = getattr(K, name)()
+    sched.set_timesteps(4)
+    with pytest.raises(ValueError, match="^CapturedSampler: its noise comes from a torchsde Brownian tree"):
+        kdfast.CapturedSampler(lambda x, t: pytest.fail("called the model"), noise(0), sched)
+    with pytest.raises(ValueError, match="^cuda_graph=True: its noise comes from a torchsde Brownian tree"):
+        S.sample(lambda x, t: pytest.fail("called the model"), noise(0), sched, cuda_graph=True)
+    assert sched.step_index is None
+
+
 # --------------------------------------------------------------------------- on a GPU
 
 

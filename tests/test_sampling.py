@@ -1064,6 +1064,64 @@ def test_sample_with_scheduler_equals_manual_loop_and_dpmpp_2m():
         S.sample(model, x_vp, sched, disable=True)
 
 
+def test_a_stepped_pndm_scheduler_is_refused_and_scale_model_input_is_not_a_step():
+    from kdfast.schedulers import EulerDiscreteScheduler, PNDMScheduler
+
+    calls = []
+
+    def model(x, t):
+        calls.append(t)
+        return torch.tanh(x)
+
+    x = initial() / SIGMA_MAX
+    pndm = PNDMScheduler()
+    pndm.set_timesteps(5)
+    t = pndm.timesteps[0]
+    pndm.step(model(x, t), t, x)
+    calls.clear()
+    # PNDM keeps no step index (its counter is its position): refused before any model call
+    with pytest.raises(ValueError, match="already been stepped"):
+        S.sample(model, x, pndm, disable=True)
+    assert not calls
+    pndm.set_timesteps(5)
+    S.sample(model, x, pndm, disable=True)
+    with pytest.raises(ValueError, match="already been stepped"):
+        S.sample(model, x, pndm, disable=True)
+    # scale_model_input at the first timestep positions the step index there: not a step
+    euler = EulerDiscreteScheduler()
+    euler.set_timesteps(5)
+    euler.scale_model_input(x, euler.timesteps[0])
+    got = S.sample(model, x * euler.init_noise_sigma, euler, disable=True)
+    euler.set_timesteps(5)
+    torch.testing.assert_close(got, S.sample(model, x * euler.init_noise_sigma, euler, disable=True), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("scale", [0.0, 0.5, 3.0, None])
+def test_scheduler_loop_callback_gets_the_guided_output(scale):
+    from kdfast.schedulers import EulerDiscreteScheduler
+
+    outputs = []
+
+    def model(x, t, cond):
+        out = torch.tanh(0.7 * x + 0.01 * t) * 0.9 + 0.3 * cond
+        outputs.append(out)
+        return out
+
+    cond, uncond = torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    sched = EulerDiscreteScheduler()
+    sched.set_timesteps(3)
+    seen = []
+    kw = {} if scale is None else dict(guidance_scale=scale, uncond=uncond)
+    S.sample(model, initial() / SIGMA_MAX * sched.init_noise_sigma, sched, cond=cond, disable=True,
+             callback=lambda d: seen.append(d["model_output"]), **kw)
+    if scale is None:
+        expected = outputs[0]
+    else:
+        u, c = outputs[0].chunk(2)  # one call on the doubled batch: [uncond, cond]
+        expected = u + scale * (c - u)
+    torch.testing.assert_close(seen[0], expected, rtol=0, atol=1e-6)
+
+
 def test_sample_with_sde_scheduler_uses_generator():
     sched = DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++", prediction_type="sample")
     sched.set_timesteps(8)
@@ -1349,3 +1407,40 @@ def test_a_single_sigma_is_a_loop_of_no_steps(case):
     out = fn(lambda x, sigma, **kw: calls.append(sigma) or x, x, torch.tensor([SIGMA_MAX]), disable=True,
              callback=lambda info: calls.append(info))
     assert out is x and not calls
+
+
+def test_generator_list_draws_each_samples_noise_from_its_own_generator():
+    # diffusers' randn_tensor convention: sample i's noise is what generator i draws for a batch of one
+    x = initial()
+    n = x.shape[0]
+    sigmas = S.get_sigmas_karras(6, 0.03, SIGMA_MAX)
+    got = S.sample(denoiser, x, sigmas, sampler="euler_ancestral", disable=True,
+                   generator=[torch.Generator().manual_seed(i) for i in range(n)])
+    alone = [S.sample(denoiser, x[i:i + 1], sigmas, sampler="euler_ancestral", disable=True,
+                      generator=torch.Generator().manual_seed(i)) for i in range(n)]
+    torch.testing.assert_close(got, torch.cat(alone), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=f"one torch.Generator per sample \\({n}\\)"):
+        S.sample(denoiser, x, sigmas, sampler="euler_ancestral", generator=[torch.Generator()] * (n + 1),
+                 disable=True)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator, a list of one per sample, or None"):
+        S.sample(denoiser, x, sigmas, sampler="euler_ancestral", generator=3, disable=True)
+
+
+@pytest.mark.parametrize("option", [dict(use_corrector="False"), dict(lower_order_final=1), dict(order=2.7),
+                                    dict(order="2")])
+def test_unipc_switches_and_order_are_checked_not_coerced(option):
+    # bool("False") is True and int(2.7) is 2: both would run another sampler than the one asked for
+    x, sigmas = initial(), S.get_sigmas_karras(6, 0.03, SIGMA_MAX)
+    name = next(iter(option))
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        S.sample(denoiser, x, sigmas, sampler="unipc", disable=True, **option)
+    with pytest.raises(TypeError, match=f"{name} must be"):
+        S.sample_unipc(denoiser, x, sigmas, disable=True, **option)
+
+
+@pytest.mark.parametrize("scale", ["3", True])
+def test_guidance_scale_must_be_a_number_not_a_string_or_bool(scale):
+    cond, uncond = torch.ones(2, 4, 1, 1), torch.zeros(2, 4, 1, 1)
+    with pytest.raises(TypeError, match=f"guidance_scale must be a number, got {type(scale).__name__}"):
+        S.sample(denoiser, initial(), S.get_sigmas_karras(4, 0.03, SIGMA_MAX), guidance_scale=scale, cond=cond,
+                 uncond=uncond, disable=True)

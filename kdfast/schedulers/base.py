@@ -374,6 +374,16 @@ class FusedScheduler(ConfigMixin):
     def begin_index(self) -> Optional[int]:
         return self._begin_index
 
+    # Why a whole loop of this scheduler cannot be captured in a CUDA graph (kdfast.sample's
+    # cuda_graph=True, CapturedSampler), where it cannot: refused up front, not mid-capture.
+    _graph_refusal: Optional[str] = None
+
+    def _has_stepped(self) -> bool:
+        """Whether the loop has moved past its start since ``set_timesteps`` (a whole-loop run
+        must start from there). A step index at the start is not a step: ``scale_model_input``
+        sets it before the first one."""
+        return self._step_index is not None and self._step_index != (self._begin_index or 0)
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the loop starts in ``timesteps`` (pipelines call this for img2img)."""
         if int(begin_index) < 0:

@@ -90,6 +90,8 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
     """
 
     _diffusers_name = "CosineDPMSolverMultistepScheduler"
+    _graph_refusal = ("its noise comes from a torchsde Brownian tree, drawn on the host (torchsde bisects its "
+                      "times in Python), which a CUDA graph cannot capture")
     _compatibles = ()
 
     @register_to_config

@@ -94,6 +94,8 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
     """
 
     _diffusers_name = "DPMSolverSDEScheduler"
+    _graph_refusal = ("its noise comes from a torchsde Brownian tree, drawn on the host (torchsde bisects its "
+                      "times in Python), which a CUDA graph cannot capture")
     order = 2
 
     @register_to_config

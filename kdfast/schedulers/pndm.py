@@ -112,6 +112,9 @@ class PNDMScheduler(FusedScheduler):
 
     # ---------------------------------------------------------------- schedule
 
+    def _has_stepped(self) -> bool:
+        return self.counter > 0  # (PNDM keeps no step index: its counter is its position)
+
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """diffusers' Runge-Kutta and PLMS timesteps, and the coefficients of the loop over them."""
         cfg = self.config
