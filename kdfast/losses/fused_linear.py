@@ -155,6 +155,16 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch
         grad_weight.add_((g.t() @ h).float())
 
 
+def _hidden_grad(out: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> None:
+    """``out = g @ weight`` into fp32 rows ``out``; ``g`` and ``weight`` share a dtype."""
+    if g.dtype == torch.float32:
+        torch.mm(g, weight, out=out)
+    elif g.is_cuda and _fp32_out_support()[0]:
+        out.copy_(torch.mm(g, weight, out_dtype=torch.float32))
+    else:  # 16-bit product rounded to 16 bits, then widened
+        out.copy_(g @ weight)
+
+
 def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
                          ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-token cross-entropy over the shared vocabulary and its gradient w.r.t. the logits."""
@@ -178,9 +188,11 @@ class _FusedLinearKD(torch.autograd.Function):
         tokens = student_hidden.shape[0]
         want = ctx.needs_input_grad
         device = student_hidden.device
-        # every row of grad_hidden is written by exactly one chunk
-        grad_hidden = torch.empty(student_hidden.shape, dtype=student_hidden.dtype, device=device) \
-            if want[0] else None
+        # Every row of grad_hidden is written by exactly one chunk. It is kept in fp32 until the
+        # backward scales it (by 1 / valid tokens and the upstream gradient): stored unscaled in
+        # 16 bits, a sum over a chunk's vocabulary overflows fp16 where the scaled gradient fits,
+        # and small sums lose their digits in fp16's subnormal range.
+        grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if want[0] else None
         grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if want[1] else None
         grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) \
             if want[2] and student_bias is not None else None
@@ -219,10 +231,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 continue
             g = g.to(compute_dtype)
             if grad_hidden is not None:
-                if compute_dtype == grad_hidden.dtype:
-                    torch.mm(g, student_operand, out=grad_hidden[start:stop])
-                else:  # a 16-bit student on the CPU: fp32 product, rounded once
-                    grad_hidden[start:stop] = g @ student_operand
+                _hidden_grad(grad_hidden[start:stop], g, student_operand)
             if grad_weight is not None:
                 _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype))
             if grad_bias is not None:

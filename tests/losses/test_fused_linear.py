@@ -155,6 +155,24 @@ def test_low_precision_inputs(dtype):
     assert_grads_close(fused_in, ref_in, **tol)
 
 
+def test_fp16_hidden_gradient_is_scaled_before_it_is_rounded():
+    # The per-token sums of a large head overflow fp16 before the 1 / tokens of batchmean: the
+    # gradient of the hidden states is kept in fp32 until the backward has scaled it.
+    gen = torch.Generator().manual_seed(0)
+    tokens, hidden, vocab = 64, 8, 32
+    sh = (torch.randn(tokens, hidden, generator=gen) * 1e-4).half().requires_grad_(True)
+    sw = (torch.randn(vocab, hidden, generator=gen).clamp(-3, 3) * 2e4).half()
+    th, tw = torch.randn(tokens, hidden, generator=gen).half(), torch.randn(vocab, hidden, generator=gen).half()
+    labels = torch.randint(0, vocab, (tokens,), generator=gen)
+    fused_linear_kd(sh, sw, th, tw, labels, kind="forward_kl", weight_hard=1.0, chunk_size=16).backward()
+    h = sh.detach().double().requires_grad_(True)
+    s, t = h @ sw.double().t(), th.double() @ tw.double().t()
+    ((F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
+      + F.cross_entropy(s, labels, reduction="sum")) / tokens).backward()
+    assert h.grad.abs().max() < 65504 / 16  # the scaled gradient fits fp16 with room
+    torch.testing.assert_close(sh.grad.double(), h.grad, rtol=2e-3, atol=2e-3 * h.grad.abs().max().item())
+
+
 def test_module_and_default_chunk_size():
     case, labels = make(seed=6)
     criterion = FusedLinearKDLoss(kind="tvd", weight_hard=0.2)
