@@ -9,7 +9,9 @@ its details but known in total, and this module treats it explicitly:
   stored entries plus one "everything else" outcome of mass ``r``; the student's distribution
   is coarse-grained the same way (its mass outside the k ids), and the loss is the exact
   forward KL between the two (k + 1)-outcome distributions. This never exceeds the full KL
-  and equals it when the teacher's remainder is spread like the student's.
+  and equals it when the teacher's remainder is spread like the student's. A remainder
+  within the rounding of the stored log-probabilities (k units in their dtype's last place)
+  counts as 0; with k equal to the vocabulary the stored mass must be 1.
 - ``remainder="renormalize"``: the stored top-k probabilities are renormalised to sum to 1
   and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
 """
@@ -57,7 +59,9 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
 
 
 def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    return torch.where(p > 0, p * (log_p - log_q), torch.zeros_like(p))
+    """``p * (log_p - log_q)``, 0 where ``p`` is 0 and NaN where it is NaN (a NaN teacher entry
+    must not vanish from the loss while its gradient is NaN)."""
+    return torch.where(p > 0, p * (log_p - log_q), torch.where(p == 0, torch.zeros_like(p), p))
 
 
 def topk_kd_loss(
@@ -119,6 +123,8 @@ def topk_kd_loss(
         raise TypeError(f"labels must hold integers, got {labels.dtype}")
     ignore_index = _check_int("ignore_index", ignore_index)
     k = teacher_topk_ids.shape[-1]
+    if k == 0:
+        raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
     if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
@@ -132,6 +138,16 @@ def topk_kd_loss(
         # log-probabilities: at most 0 each and a total mass of at most 1, up to the rounding
         # of the stored dtype (a larger mass makes the "bucket" KL meaningless)
         slack = k * torch.finfo(teacher_topk_logprobs.dtype).eps
+        if lp_kept.isnan().any():
+            raise ValueError("teacher_topk_logprobs holds NaN at a position that is not ignored")
+        if remainder == "renormalize" and lp_kept.numel() and (lp_kept == -math.inf).all(dim=-1).any():
+            raise ValueError("teacher_topk_logprobs: a position's stored probabilities are all 0, so there is "
+                             "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
+        if remainder == "bucket" and k == vocab and lp_kept.numel() and \
+                (torch.logsumexp(lp_kept, dim=-1) < math.log1p(-min(slack, 0.5))).any():
+            raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
+                             "stored probabilities must sum to 1 per position (smallest sum "
+                             f"{float(torch.logsumexp(lp_kept, dim=-1).exp().min()):.6g})")
         if lp_kept.numel() and (lp_kept.max() > slack or torch.logsumexp(lp_kept, dim=-1).max() > slack):
             raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
                              f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
@@ -153,24 +169,28 @@ def topk_kd_loss(
     log_q = log_q_all.gather(1, ids)
     log_mass = torch.logsumexp(lp, dim=-1)
     if remainder == "renormalize":
+        # (a position with no stored mass has nothing to renormalise: NaN, refused on the CPU)
+        log_mass = torch.where(log_mass > -math.inf, log_mass, torch.full_like(log_mass, math.nan))
         lp_hat = lp - log_mass.unsqueeze(1)
         rows = _xlogy_ratio(lp_hat.exp(), lp_hat, log_q).sum(-1)
     else:
         rows = _xlogy_ratio(lp.exp(), lp, log_q).sum(-1)
         if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
             log_r = _log1mexp(log_mass)
-            # The student's mass outside the k ids, summed directly rather than as 1 - sum(inside),
-            # which would lose everything below float rounding. A student with no mass there
-            # (all -inf) gets log 0 without logsumexp's NaN gradient for an all -inf row.
-            outside = s.scatter(1, ids, -math.inf)
+            # The student's mass outside the k ids, summed directly from its log-probabilities
+            # rather than as 1 - sum(inside), which would lose everything below float rounding,
+            # or as a difference of two log-sum-exps of the logits, which at logits of 1e4 loses
+            # their small differences. A student with no mass there (all -inf) gets log 0
+            # without logsumexp's NaN gradient for an all -inf row.
+            outside = log_q_all.scatter(1, ids, -math.inf)
             has_rest = (outside > -math.inf).any(dim=-1)
             log_out = torch.logsumexp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), dim=-1)
-            log_q_rest = torch.where(has_rest, log_out, torch.full_like(log_out, -math.inf)) \
-                - torch.logsumexp(s, dim=-1)
-            # A teacher remainder within the rounding of the stored log-probabilities is 0, not
-            # an infinite KL against a student with no mass outside the k ids.
+            log_q_rest = torch.where(has_rest, log_out, torch.full_like(log_out, -math.inf))
+            # A teacher remainder within the rounding of the stored log-probabilities is 0: not an
+            # infinite KL against a student with no mass outside the k ids, nor a huge one against
+            # a student that masks them with a large negative logit (NaN stays NaN).
             rounding = k * torch.finfo(teacher_topk_logprobs.dtype).eps
-            log_r = torch.where(has_rest | (log_r.exp() > rounding), log_r, torch.full_like(log_r, -math.inf))
+            log_r = torch.where((log_r.exp() > rounding) | log_r.isnan(), log_r, torch.full_like(log_r, -math.inf))
             rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
     if scale_by_t2:
         rows = rows * temperature ** 2

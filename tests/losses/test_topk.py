@@ -109,6 +109,72 @@ def test_teacher_mass_outside_a_massless_student_is_infinite():
     assert topk_kd_loss(s, ids, logp).item() == math.inf
 
 
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4, 3e4])
+def test_shifting_the_student_logits_changes_nothing(offset):
+    # The student's remainder is summed from its log-probabilities: as a difference of two
+    # log-sum-exps of logits near 1e4 it lost their small differences (1e-2 off at 3e4).
+    s, t = logits((2, 50), 21), logits((2, 50), 22)
+    ids, logp = teacher_topk(t, 25)
+    logp = logp - 6.0  # a large remainder (mass ~1 - e^-6 outside the k ids)
+    x = (s + offset).requires_grad_(True)
+    value = topk_kd_loss(x, ids, logp, reduction="sum")
+    value.backward()
+    s64 = (s + offset).double().requires_grad_(True)
+    log_q = torch.log_softmax(s64, -1)
+    p = logp.double().exp()
+    r = 1 - p.sum(-1)
+    outside = log_q.scatter(1, ids, -math.inf)
+    expected = ((p * (logp.double() - log_q.gather(1, ids))).sum(-1) + r * (r.log() - outside.logsumexp(-1))).sum()
+    expected.backward()
+    torch.testing.assert_close(value.double(), expected, rtol=2e-5, atol=0)
+    torch.testing.assert_close(x.grad.double(), s64.grad, rtol=0, atol=2e-5 * s64.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("fill", [-math.inf, torch.finfo(torch.float32).min, -1e4, -100.0])
+def test_a_remainder_within_rounding_is_zero_whatever_the_student_holds_outside(fill):
+    # The teacher has no mass outside its 4 ids; its stored probabilities sum to 1 - 1e-7 by
+    # rounding. A student masking the rest with finfo.min (or any large negative logit) must
+    # not turn that rounding into a KL of 3e31.
+    t = torch.full((1, 32), -math.inf)
+    t[0, :4] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    ids, logp = teacher_topk(t, 4)
+    s = torch.full((1, 32), fill)
+    s[0, :4] = torch.tensor([1.0, 0.0, 0.3, 0.2])
+    expected = kd_loss(s[:, :4], t[:, :4], kind="forward_kl")
+    torch.testing.assert_close(topk_kd_loss(s, ids, logp), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_nan_or_massless_teachers_are_refused_on_the_cpu_and_nan_elsewhere():
+    from kdfast.losses.topk import _xlogy_ratio
+
+    s = torch.tensor([[1.0, 0.0, -1.0, 0.5, 2.0]])
+    ids = torch.tensor([[0, 1, 2]])
+    for remainder in ("bucket", "renormalize"):
+        with pytest.raises(ValueError, match="holds NaN at a position that is not ignored"):
+            topk_kd_loss(s, ids, torch.tensor([[-0.5, -1.5, math.nan]]), remainder=remainder)
+    with pytest.raises(ValueError, match="nothing to renormalise"):
+        topk_kd_loss(s, ids, torch.full((1, 3), -math.inf), remainder="renormalize")
+    x = s.clone().requires_grad_(True)
+    topk_kd_loss(x, ids, torch.full((1, 3), -math.inf)).backward()  # bucket: a teacher all in the remainder
+    assert torch.isfinite(x.grad).all()
+    # (on a GPU nothing is checked, which would sync: a NaN entry makes the loss NaN, not 0)
+    p = torch.tensor([0.5, 0.0, math.nan])
+    assert _xlogy_ratio(p, p.log(), torch.zeros(3)).isnan().tolist() == [False, False, True]
+
+
+def test_k_equal_to_the_vocabulary_needs_the_whole_mass():
+    s, t = logits((2, 4), 31), logits((2, 4), 32)
+    ids, logp = teacher_topk(t, 4)
+    with pytest.raises(ValueError, match="with k equal to the vocabulary there is no remainder"):
+        topk_kd_loss(s, ids, logp - math.log(2.0))  # half the mass: a negative "KL" otherwise
+    topk_kd_loss(s, ids, logp - math.log(2.0), remainder="renormalize")  # renormalised: fine
+
+
+def test_k_zero_is_refused_by_name():
+    with pytest.raises(ValueError, match="at least one id per position"):
+        topk_kd_loss(torch.randn(3, 10), torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0))
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(ids=lambda i: torch.cat([i[..., :1], i[..., :-1]], dim=-1)), ValueError, "must not repeat an id"),
     (dict(remainder="drop"), ValueError, "remainder must be"),
