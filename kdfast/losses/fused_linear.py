@@ -290,9 +290,10 @@ def fused_linear_kd(
 
     ``loss = weight_soft * D(teacher || student) + weight_hard * CE(student, labels)`` per token,
     reduced over the tokens whose label is not ``ignore_index`` (``"batchmean"``: their mean;
-    ``"sum"``; ``"mean"``: divided also by the vocabulary size, as TRL). ``D`` is one of
-    ``kind`` (see :func:`kdfast.losses.kd_loss`) at ``temperature``; the cross-entropy uses
-    temperature 1.
+    ``"sum"``; ``"mean"``: divided also by the shared vocabulary size, as TRL). ``D`` is one
+    of ``kind`` (see :func:`kdfast.losses.kd_loss`) at ``temperature``; the cross-entropy uses
+    temperature 1. Both terms live on the shared vocabulary (``vocab_size``): the student's
+    columns beyond it are padding, with probability 0 in the cross-entropy's softmax too.
 
     Args:
         student_hidden: ``[tokens, hidden_s]`` final hidden states of the student.
@@ -314,8 +315,8 @@ def fused_linear_kd(
         scale_by_t2: multiply the soft term by ``temperature**2``.
 
     Gradients for the student's hidden states, weight and bias are computed during the
-    forward pass, chunk by chunk; peak extra memory is a few chunk-sized buffers plus an
-    fp32 buffer for the weight's gradient.
+    forward pass, chunk by chunk; peak extra memory is a few chunk-sized buffers plus fp32
+    buffers for the gradients of the weight and the hidden states.
     """
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
