@@ -31,7 +31,9 @@ def _check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tenso
         raise TypeError("labels must be an int64 or int32 tensor of class ids")
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-    if labels.device.type == "cpu" and labels.numel() and (labels.min() < 0 or labels.max() >= classes):
+    # checked where it is free: on the CPU, outside torch.compile (where it would break the graph)
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() and (
+            labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must be class ids in [0, {classes})")
     return labels.long()
 

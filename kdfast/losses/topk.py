@@ -127,7 +127,8 @@ def topk_kd_loss(
         raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
-    if student_logits.device.type == "cpu":  # free to check here; on a GPU it would be a sync
+    # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break
+    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)
             ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]

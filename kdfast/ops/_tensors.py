@@ -61,6 +61,8 @@ def dense_format(t: torch.Tensor) -> Optional[torch.memory_format]:
 def _dense_samples(t: torch.Tensor) -> bool:
     """Whether each sample of ``t`` (index of dim 0) is one dense block of memory, its dims in
     any order (e.g. a batch-strided view of a channels_last tensor)."""
+    if torch.compiler.is_compiling():
+        return False  # sorting symbolic strides breaks the graph: under compile such a tensor is copied
     expected = 1
     for stride, size in sorted((s, n) for s, n in zip(t.stride()[1:], t.shape[1:]) if n != 1):
         if stride != expected:

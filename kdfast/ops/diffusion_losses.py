@@ -116,8 +116,8 @@ def _check_pd_schedule(sched) -> None:
     """The progressive-distillation target divides by sigma_t and by alpha_s - (sigma_s /
     sigma_t) alpha_t (zero when t and s share their SNR): refuse those where checking is free
     (host numbers and CPU tensors; on a GPU it would cost a sync)."""
-    if any(t is not None and t.device.type != "cpu" for t, _ in sched):
-        return
+    if torch.compiler.is_compiling() or any(t is not None and t.device.type != "cpu" for t, _ in sched):
+        return  # (under compile, a data-dependent branch would break the graph)
     # Host numbers stay Python floats (no tensors made on every training step); CPU tensors in float64.
     a_t, s_t, a_s, s_s = (v if t is None else t.double() for t, v in sched)
     if _any(s_t == 0):
@@ -611,10 +611,12 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward_autograd(ctx, grad_loss, _grad_aux):
     kind, prediction, values, backend = ctx.args
-    if torch.is_grad_enabled() and not _traced((grad_loss,)) and kind != DMD:
+    if torch.is_grad_enabled() and not _traced((grad_loss,)) and (
+            kind != DMD or ctx.want_weights or grad_loss.requires_grad):
         # create_graph=True: the backward kernel's gradient has no graph of its own, so a
         # second-order use (a gradient penalty) would silently lose its own gradient. (DMD's
-        # gradient is the constant g: it has no second-order term to lose.)
+        # gradient is the constant g times the weights and the incoming gradient: nothing to
+        # lose unless those carry a graph.)
         raise RuntimeError(f"kdfast.{KINDS[kind]}: double backward (create_graph=True) is not supported; the "
                            f"gradient is computed by a kernel and is not differentiable")
     x, in1, in2, aux, *params = ctx.saved_tensors

@@ -80,10 +80,12 @@ def _checked(sample, outputs, coefs):
         if y.device != sample.device:
             raise ValueError(f"{name} must be on {sample.device} like sample, got {y.device}")
         width = y.shape[-1] if width is None else width
-        if (y.dim() != sample.dim() or y.shape[:-1] != sample.shape[:-1] or y.shape[-1] != width
-                or (channels and (width == 0 or width % channels))):
+        # (a sample of 0 channels has empty outputs: 0 grid points x 0 channels or G x 0)
+        bad_width = width != 0 if channels == 0 else (width == 0 or width % channels != 0)
+        if y.dim() != sample.dim() or y.shape[:-1] != sample.shape[:-1] or y.shape[-1] != width or bad_width:
             raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)} but for its last dimension, a "
-                             f"multiple of the sample's {channels} channels (grid points x channels)"
+                             f"multiple of the sample's {channels} channels (grid points x channels"
+                             + (", so empty" if channels == 0 else "") + ")"
                              + (" like outputs[0]'s" if k else "") + f", got {tuple(y.shape)}")
     grid = _check_coefs(coefs, len(outputs))
     if channels and grid * channels != width:

@@ -595,16 +595,29 @@ def _backward(ctx, grads):
     if threshold != THRESHOLD_DYNAMIC:
         dynamic_scale = None
     coefs = ctx.coefs
+    # create_graph=True (a gradient penalty, second-order terms of learned coefficients): the
+    # reference's vector-Jacobian product is built on the inputs themselves, so that it is
+    # differentiable in turn; otherwise on detached copies.
+    create_graph = torch.is_grad_enabled()
+
+    def leaf(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+        if t is None:
+            return None
+        if create_graph and t.requires_grad:
+            return t.to(dtype)
+        return t.detach().to(dtype).requires_grad_(True)
+
     with torch.enable_grad():
-        leaves = [None if t is None else t.detach().to(compute).requires_grad_(True) for t in saved]
-        scale = None if dynamic_scale is None else dynamic_scale.detach().to(compute).requires_grad_(True)
-        coef_leaf = coefs.detach().requires_grad_(True) if ctx.needs_input_grad[2] else None
+        leaves = [leaf(t, compute) for t in saved]
+        scale = leaf(dynamic_scale, compute)
+        coef_leaf = leaf(coefs, coefs.dtype) if ctx.needs_input_grad[2] else None
         outs = ref.solver_step(leaves, coefs if coef_leaf is None else coef_leaf, guidance_scale, threshold,
                                clip_value, scale, compute)
         kept = [outs[k] for k in range(3) if mask & (1 << k)]
         pairs = [(o, g) for o, g in zip(kept, grads) if g is not None]
         wrt = [t for t in leaves + [scale, coef_leaf] if t is not None]
-        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(compute) for _, g in pairs], allow_unused=True)
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(compute) for _, g in pairs], allow_unused=True,
+                                  create_graph=create_graph)
     it = iter(got)
     result = []
     for orig, leaf in zip(saved + [dynamic_scale, coefs], leaves + [scale, coef_leaf]):

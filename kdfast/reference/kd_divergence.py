@@ -87,19 +87,22 @@ def kd_divergence(
 ) -> torch.Tensor:
     """Per-row divergence ``[rows]`` of 2-D logits, computed in ``dtype``."""
     s, t, vocab = _tempered(student, teacher, vocab, temperature, dtype)
-    rows = torch.zeros(student.shape[0], dtype=dtype, device=student.device)
-    keep = torch.ones_like(rows, dtype=torch.bool) if labels is None else labels != ignore_index
-    if keep.any():
-        sk, tk = s[keep], t[keep]
-        ls = torch.log_softmax(sk, dim=-1)
-        lt = torch.log_softmax(tk, dim=-1)
-        values = divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale
-        # No distribution (all -inf, an inf or a NaN): NaN, and a NaN gradient over the row.
-        defined = _has_softmax(sk, tk)
-        nan_where_undefined = torch.where(defined, 0.0, math.nan).to(values.dtype)
-        values = torch.where(defined, values, (sk.sum(-1) + tk.sum(-1)) * nan_where_undefined)
-        rows = rows.index_put((keep,), values)
-    return rows
+    if labels is None:
+        sk, tk = s, t
+    else:
+        # Ignored rows get stand-in logits (zeros) and a loss of 0 by masks, not by indexing:
+        # whatever they hold gives no NaN gradient, and the code has no data-dependent shapes
+        # (the op's backward runs it under torch.compile's tracing).
+        keep = (labels != ignore_index).unsqueeze(1)
+        sk, tk = torch.where(keep, s, torch.zeros_like(s)), torch.where(keep, t, torch.zeros_like(t))
+    ls = torch.log_softmax(sk, dim=-1)
+    lt = torch.log_softmax(tk, dim=-1)
+    values = divergence_terms(kind, ls, lt, beta).sum(-1) * loss_scale
+    # No distribution (all -inf, an inf or a NaN): NaN, and a NaN gradient over the row.
+    defined = _has_softmax(sk, tk)
+    nan_where_undefined = torch.where(defined, 0.0, math.nan).to(values.dtype)
+    values = torch.where(defined, values, (sk.sum(-1) + tk.sum(-1)) * nan_where_undefined)
+    return values if labels is None else torch.where(keep.squeeze(1), values, torch.zeros_like(values))
 
 
 def _entry_weights(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -> torch.Tensor:

@@ -215,3 +215,13 @@ def test_sinkhorn_takes_numpy_integer_iterations():
     np = pytest.importorskip("numpy")
     s, t = logits((2, 4), 10), logits((2, 4), 11)
     torch.testing.assert_close(sinkhorn_kd_loss(s, t, iterations=np.int64(7)), sinkhorn_kd_loss(s, t, iterations=7))
+
+
+@pytest.mark.parametrize("loss", [hinton_kd_loss, dkd_loss])
+def test_label_checks_do_not_break_a_full_graph(loss):
+    # The CPU label check branches on data: under torch.compile it is skipped, not a graph break.
+    labels = torch.tensor([1, 2, 3])
+    s, t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.randn(3, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t: loss(s, t, labels), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(s, t), loss(s, t, labels))

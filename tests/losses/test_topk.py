@@ -267,3 +267,12 @@ def test_numpy_integer_settings_are_accepted():
     expected = teacher_topk(t, 3, chunk_size=4)
     for got, want in zip(teacher_topk(t, np.int64(3), chunk_size=np.int64(4)), expected):
         torch.testing.assert_close(got, want)
+
+
+def test_input_checks_do_not_break_a_full_graph():
+    # The CPU checks branch on data: under torch.compile they are skipped, not a graph break.
+    ids, logp = teacher_topk(logits((3, 9), 41), 3)
+    s = logits((3, 9), 42)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s: topk_kd_loss(s, ids, logp), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(s), topk_kd_loss(s, ids, logp))

@@ -651,6 +651,18 @@ def test_combination_of_batch_strided_inputs(backend):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_cpu_schedule_checks_do_not_break_a_full_graph():
+    # The free CPU checks branch on data: under torch.compile they are skipped, not a graph break.
+    a_t, s_t = torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.5])
+
+    def target(xs, xt):
+        return ops.pd_target(xs, xt, a_t, s_t, 0.95, 0.1)
+
+    xs, xt = randn((2, 3), torch.float32, 80), randn((2, 3), torch.float32, 81)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(target, backend="eager", fullgraph=True)(xs, xt), target(xs, xt))
+
+
 def test_double_backward_is_refused_where_it_would_lose_a_term():
     # A gradient penalty (create_graph=True) through a kernel's gradient, which has no graph of
     # its own, would silently drop the penalty's gradient: refused. DMD's gradient is the
@@ -674,6 +686,13 @@ def test_double_backward_is_refused_where_it_would_lose_a_term():
     leaf64 = x.double().requires_grad_(True)
     (g64,) = torch.autograd.grad(ref.dmd(leaf64, y.double(), z.double()).sum(), leaf64)
     torch.testing.assert_close(g.double(), g64, rtol=1e-5, atol=1e-7)
+    # ... unless the gradient's factors carry a graph: learned weights, or a scaled loss
+    weights = torch.tensor([0.5, 2.0, 1.0], requires_grad=True)
+    with pytest.raises(RuntimeError, match="kdfast.dmd: double backward"):
+        torch.autograd.grad(ops.dmd(leaf, y, z, weights=weights).sum(), leaf, create_graph=True)
+    factor = torch.tensor(2.0, requires_grad=True)
+    with pytest.raises(RuntimeError, match="kdfast.dmd: double backward"):
+        torch.autograd.grad(factor * ops.dmd(leaf, y, z).sum(), leaf, create_graph=True)
 
 
 def test_vmap_is_refused_by_name_or_batched():

@@ -196,6 +196,8 @@ def test_bad_input():
         ((x, y0, coefs[:5].half()), ValueError, "coefs must be a 1-d CPU float32"),
         ((x, y0, coefs[:5].reshape(1, 5)), ValueError, "coefs must be a 1-d CPU float32"),
         ((x, y0, coefs[:1]), ValueError, "coefs must hold"),
+        # a sample of 0 channels with non-empty outputs (the backward crashed on it)
+        ((x[..., :0], y0, coefs[:5]), ValueError, r"outputs\[0\] .* 0 channels \(grid points x channels, so empty\)"),
     ]
     for args, error, match in cases:
         with pytest.raises(error, match=match):

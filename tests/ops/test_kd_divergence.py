@@ -254,6 +254,27 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
             torch.ops.kdfast.kd_divergence(*args, 1.0, False, "")
 
 
+@pytest.mark.parametrize("kind", ["jsd", "forward_kl", "reverse_kl", "tvd", "skew_kl"])
+def test_compiles_with_a_teacher_that_needs_a_gradient(kind):
+    # The teacher's gradient comes from the reference, which the traced backward runs: it must
+    # not branch on data (it indexed the kept rows, a data-dependent shape).
+    s, t = logits((3, 7), torch.float32, 15), logits((3, 7), torch.float32, 16)
+    labels = torch.tensor([1, -100, 2])
+
+    def loss(s, t):
+        return ops.kd_divergence(s, t, kind=kind, labels=labels).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    got = [s.clone().requires_grad_(True), t.clone().requires_grad_(True)]
+    compiled(*got).backward()
+    expected = [s.clone().requires_grad_(True), t.clone().requires_grad_(True)]
+    loss(*expected).backward()
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.grad, e.grad)
+    assert (got[1].grad[1] == 0).all()  # the ignored row
+
+
 @pytest.mark.parametrize("backend", [None, "reference"])
 def test_compiles(backend):
     # The reference backend too: it is what runs where no compiled kernel can, and compiled

@@ -621,6 +621,31 @@ def test_autograd_matches_reference():
         torch.testing.assert_close(gt.grad, ex.grad)
 
 
+def test_double_backward_keeps_the_second_order_terms():
+    # A gradient penalty on learned coefficients: the backward's own gradient must have a graph
+    # (it was built on detached copies and silently had none).
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).mul(3).requires_grad_(True)
+    m = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64).mul(3).requires_grad_(True)
+    coefs = torch.tensor(ops.coefficients(0.5, 0.7, sample={"x": 2.0, "x0": 0.3, "model": 0.4},
+                                          history={"x0": 1.0}), dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda x, m, c: ops.solver_step(x, m, c).sample, (x, m, coefs))
+    assert torch.autograd.gradgradcheck(lambda x, m, c: ops.solver_step(x, m, c, clip_value=0.5).sample,
+                                        (x, m, coefs))
+
+    def thresholded(x, m, c):
+        scale = ops.threshold_scale(x, m, 0.5, 0.7, ratio=0.9, max_value=1.5)
+        return ops.solver_step(x, m, c, dynamic_scale=scale).sample
+
+    assert torch.autograd.gradgradcheck(thresholded, (x, m, coefs))
+    # the float32 kernel path: the same second-order gradient as float64
+    x32, m32, c32 = (t.detach().float().requires_grad_(True) for t in (x, m, coefs))
+    for a, b, c in ((x32, m32, c32), (x, m, coefs)):
+        (g,) = torch.autograd.grad(ops.solver_step(a, b, c).sample.square().sum(), a, create_graph=True)
+        g.sum().backward()
+    torch.testing.assert_close(c32.grad.double(), coefs.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_torch_compile_fullgraph():
     x = torch.randn(2, 4, 4)
     m = torch.randn_like(x)
@@ -631,6 +656,13 @@ def test_torch_compile_fullgraph():
 
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(x, m), f(x, m))
+    # a non-dense layout at a new shape (a dynamic-shape recompile): its symbolic strides must
+    # not be sorted in the graph
+    torch._dynamo.reset()
+    compiled = torch.compile(f, backend="eager", fullgraph=True)
+    for batch, width in ((2, 5), (3, 6)):
+        x, m = torch.randn(batch, 3, 4, width).transpose(1, 3), torch.randn(batch, width, 4, 3)
+        torch.testing.assert_close(compiled(x, m), f(x, m))
 
 
 def test_step_path_has_no_tensor_to_python_conversions(monkeypatch, good):
