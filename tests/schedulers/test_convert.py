@@ -80,7 +80,9 @@ def float64_ddim_images(unet, eta, seed, steps=10):
     sched.set_timesteps(steps)
     with torch.no_grad():
         for t in sched.timesteps:
-            x = sched.step(net(x, t).sample, t, x, eta=eta, generator=gen).prev_sample
+            # the pipeline's noise: float32 draws (a float64 draw would give other numbers)
+            noise = torch.randn(x.shape, generator=gen).double() if eta else None
+            x = sched.step(net(x, t).sample, t, x, eta=eta, variance_noise=noise).prev_sample
     return (x / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()
 
 
@@ -91,17 +93,20 @@ def test_patched_diffusers_pipeline_gives_the_same_images(eta):
     unet = tiny_unet()
     pipe = diffusers.DDIMPipeline(unet=unet, scheduler=diffusers.DDIMScheduler(clip_sample=True))
     pipe.set_progress_bar_config(disable=True)
+    seeds = (3, 4, 5, 6)
     with torch.no_grad():
-        expected = pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
-                        generator=torch.Generator().manual_seed(3)).images
+        expected = [pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
+                         generator=torch.Generator().manual_seed(seed)).images for seed in seeds]
         patch_pipeline(pipe)
         assert isinstance(pipe.scheduler, kdfast.schedulers.DDIMScheduler)
-        got = pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
-                   generator=torch.Generator().manual_seed(3)).images
-    assert got.shape == expected.shape == (2, 8, 8, 1)
+        got = [pipe(batch_size=2, num_inference_steps=10, eta=eta, output_type="np",
+                    generator=torch.Generator().manual_seed(seed)).images for seed in seeds]
+    assert got[0].shape == expected[0].shape == (2, 8, 8, 1)
     # The random network amplifies fp32 rounding over the loop (diffusers' own fp32 run is
-    # ~1e-4 off float64), so: kdfast at most 2x as far from float64 as diffusers itself.
-    truth = float64_ddim_images(unet, eta, 3)
-    err, base = abs(got - truth).max(), abs(expected - truth).max()
+    # ~1e-4 off float64, by an amount that changes with the thread count), so: over a few
+    # seeds, kdfast at most 2x as far from float64 as diffusers itself.
+    truths = [float64_ddim_images(unet, eta, seed) for seed in seeds]
+    err = sum(abs(g - t).max() for g, t in zip(got, truths))
+    base = sum(abs(e - t).max() for e, t in zip(expected, truths))
     assert err <= 2 * base + 1e-6, (err, base)
-    assert abs(got - expected).max() < 1e-3
+    assert max(abs(g - e).max() for g, e in zip(got, expected)) < 1e-3
