@@ -6,9 +6,32 @@ import numbers
 import operator
 from typing import Optional
 
+import numpy as np
 import torch
 
 _INT64 = (-(1 << 63), (1 << 63) - 1)
+
+
+def is_integer_at_least(value, minimum: int) -> bool:
+    """Whether ``value`` is an integer (Python or numpy, not a bool) >= ``minimum``: ``int()``
+    would turn 1.5 into 1 and "2" into 2, which a count must not silently accept."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
+
+
+def check_count(name: str, value, minimum: int) -> int:
+    """``value`` as an int, or a ValueError naming ``name`` when it is not an integer (Python or
+    numpy, not a bool or a float) >= ``minimum``: the settings of schedulers and training runs."""
+    if not is_integer_at_least(value, minimum):
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_flag(name: str, value) -> bool:
+    """``value`` as a bool, or a ValueError naming ``name`` when it is not True or False
+    (``bool("False")`` is True: a switch takes no other truth value)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_int(name: str, value, minimum: Optional[int] = None) -> int:

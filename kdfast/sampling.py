@@ -52,6 +52,7 @@ import numpy as np
 import torch
 
 from . import ops
+from ._checks import check_flag
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
 from .schedulers.lms_discrete import lms_coefficients
@@ -1373,17 +1374,10 @@ def _int_option(name: str, value, minimum: Optional[int] = None) -> int:
     return value
 
 
-def _bool_option(name: str, value) -> bool:
-    # bool("False") is True: a switch must be a bool, not anything with a truth value
-    if not isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 def _unipc_options(order, variant, use_corrector, lower_order_final) -> Dict[str, Any]:
     return dict(order=_int_option("order", order), variant=variant,
-                use_corrector=_bool_option("use_corrector", use_corrector),
-                lower_order_final=_bool_option("lower_order_final", lower_order_final))
+                use_corrector=check_flag("use_corrector", use_corrector),
+                lower_order_final=check_flag("lower_order_final", lower_order_final))
 
 
 SAMPLERS: Dict[str, Callable[..., torch.Tensor]] = {

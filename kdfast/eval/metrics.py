@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .._checks import check_count
 from ..datasets.digits import NUM_CLASSES, load_digits
-from ..train.run import check_integer
 from .classifier import IMAGE_SIZE, PathLike, load_classifier
 
 _INTEGER_DTYPES = {getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
@@ -158,7 +158,7 @@ def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: i
 def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Module,
                    batch_size: int = 512) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (the class each was sampled for)."""
-    batch_size = check_integer("batch_size", batch_size, 1)  # 0 or -1 would fail deep in range() or torch.cat
+    batch_size = check_count("batch_size", batch_size, 1)  # 0 or -1 would fail deep in range() or torch.cat
     images = check_images(images)
     labels = check_labels(labels, len(images))
     predicted = _run(classifier, images, "forward", batch_size).argmax(1)
@@ -180,7 +180,7 @@ class DigitsEvaluator:
                  device: Union[str, torch.device] = "cpu", split_seed: int = 0, batch_size: int = 512):
         if classifier is not None and path is not None:
             raise ValueError("pass classifier or path, not both")
-        batch_size = check_integer("batch_size", batch_size, 1)  # int(1.5) would silently be 1
+        batch_size = check_count("batch_size", batch_size, 1)  # int(1.5) would silently be 1
         # A classifier passed in stays where it is and as it is (a training loop may evaluate
         # its own model): each evaluation runs it in eval mode and restores its mode.
         self.classifier = classifier if classifier is not None else load_classifier(path, device)
@@ -256,7 +256,7 @@ class DigitsEvaluator:
         """
         if isinstance(n_per_class, bool) or int(n_per_class) != n_per_class or n_per_class < 2:
             raise ValueError(f"n_per_class must be an integer >= 2, got {n_per_class!r}")
-        draws = check_integer("draws", draws, 1)
+        draws = check_count("draws", draws, 1)
         labels = self.real("train")[1]
         by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
         smallest = min(len(idx) for idx in by_class)

@@ -33,20 +33,6 @@ def finite_number(name: str, value) -> float:
     return float(value)
 
 
-def integer_at_least(name: str, value, minimum: int) -> int:
-    """``value`` as an int, or a ValueError naming ``name`` when it is not an integer >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def flag(name: str, value) -> bool:
-    """``value`` as a bool, or a ValueError naming ``name`` when it is not True or False."""
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
-
-
 _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
 
 

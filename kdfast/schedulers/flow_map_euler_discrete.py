@@ -10,7 +10,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import MODEL, X
-from ._schedule import integer_at_least
+from .._checks import check_count
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 # diffusers' index_for_timestep: a timestep within this distance (in float32) of one of the
@@ -68,7 +68,7 @@ class FlowMapEulerDiscreteScheduler(FusedScheduler):
         num_train_timesteps: int = 1000,
         shift: float = 1.0,
     ):
-        integer_at_least("num_train_timesteps", num_train_timesteps, 1)
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         if isinstance(shift, bool) or not isinstance(shift, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(float(shift)):
             raise ValueError(f"shift must be a finite number, got {shift!r}")
@@ -113,7 +113,7 @@ class FlowMapEulerDiscreteScheduler(FusedScheduler):
             num_inference_steps = len(timesteps)
         else:
             raise ValueError("`num_inference_steps` must be provided when both `sigmas` and `timesteps` are `None`")
-        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
+        n = check_count("num_inference_steps", num_inference_steps, 1)
         T = self.config.num_train_timesteps
 
         device_obj = torch.device(device) if device is not None and not isinstance(device, torch.device) else device

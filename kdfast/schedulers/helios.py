@@ -24,11 +24,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import check_count, check_flag
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
-from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, flag, integer_at_least,
-                        is_integer_timestep, x0_coefficients)
+from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
+                        x0_coefficients)
 from .base import CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan, push_history
 
 HISTORY = (H0, H1, H2)
@@ -113,10 +114,10 @@ class _HeliosSchedule(FusedScheduler):
 
     def _check_schedule_config(self) -> None:
         cfg = self.config
-        n_train = integer_at_least("num_train_timesteps", cfg.num_train_timesteps, 2)
+        n_train = check_count("num_train_timesteps", cfg.num_train_timesteps, 2)
         if finite_number("shift", cfg.shift) <= 0:
             raise ValueError(f"shift must be > 0 (the sigmas are shift * s / (1 + (shift - 1) * s)), got {cfg.shift}")
-        stages = integer_at_least("stages", cfg.stages, 1)
+        stages = check_count("stages", cfg.stages, 1)
         ranges = cfg.stage_range
         if not isinstance(ranges, (list, tuple)) or len(ranges) < stages + 1:
             raise ValueError(f"stage_range must be a list of (at least) stages + 1 = {stages + 1} boundaries in "
@@ -130,8 +131,8 @@ class _HeliosSchedule(FusedScheduler):
         if finite_number("gamma", cfg.gamma) <= 0:
             raise ValueError(f"gamma must be > 0 (the start of each later stage is corrected by sqrt(1 + 1 / gamma)), "
                              f"got {cfg.gamma}")
-        flag("use_flow_sigmas", cfg.use_flow_sigmas)
-        flag("use_dynamic_shifting", cfg.use_dynamic_shifting)
+        check_flag("use_flow_sigmas", cfg.use_flow_sigmas)
+        check_flag("use_dynamic_shifting", cfg.use_dynamic_shifting)
         check_choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
 
     def init_sigmas(self) -> None:
@@ -267,12 +268,12 @@ class _HeliosSchedule(FusedScheduler):
         and drops the last. Starts a new loop: history, ``step_index`` and ``begin_index`` reset.
         """
         cfg = self.config
-        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
-        flag("is_amplify_first_chunk", is_amplify_first_chunk)
+        n = check_count("num_inference_steps", num_inference_steps, 1)
+        check_flag("is_amplify_first_chunk", is_amplify_first_chunk)
         if cfg.stages > 1:
             if stage_index is None:
                 raise ValueError(f"stage_index must be given (0 to {cfg.stages - 1}) when stages={cfg.stages}")
-            stage = integer_at_least("stage_index", stage_index, 0)
+            stage = check_count("stage_index", stage_index, 0)
             if stage >= cfg.stages:
                 raise ValueError(f"stage_index must be below stages={cfg.stages}, got {stage_index}")
             if sigmas is not None:
@@ -435,10 +436,10 @@ class HeliosScheduler(_HeliosSchedule):
             check_choice("solver_type", solver_type, ("bh1", "bh2"))
         check_choice("scheduler_type", scheduler_type, ("unipc", "euler", "dmd"))
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
-        flag("thresholding", thresholding)
-        flag("predict_x0", predict_x0)
-        flag("lower_order_final", lower_order_final)
-        integer_at_least("solver_order", solver_order, 1)
+        check_flag("thresholding", thresholding)
+        check_flag("predict_x0", predict_x0)
+        check_flag("lower_order_final", lower_order_final)
+        check_count("solver_order", solver_order, 1)
         if scheduler_type == "unipc":  # (the UniPC options: diffusers' Euler and DMD paths ignore them)
             if solver_order > 3:
                 raise ValueError(f"solver_order must be 1, 2 or 3 (the fused step holds 3 history entries), got "

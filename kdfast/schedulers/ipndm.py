@@ -10,7 +10,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import HISTORY, MODEL, X
-from ._schedule import integer_at_least
+from .._checks import check_count
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
 # Adams-Bashforth weights of (ets[-1], ets[-2], ...) by how many ets entries the step combines
@@ -74,7 +74,7 @@ class IPNDMScheduler(FusedScheduler):
         num_train_timesteps: int = 1000,
         trained_betas: Optional[Union[np.ndarray, List[float]]] = None,
     ):
-        integer_at_least("num_train_timesteps", num_train_timesteps, 1)
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         if trained_betas is not None:
             _check_trained_betas(trained_betas)
         self._table = None
@@ -95,7 +95,7 @@ class IPNDMScheduler(FusedScheduler):
         self._set_schedule(num_inference_steps, device, build=True)
 
     def _set_schedule(self, num_inference_steps, device, build: bool) -> None:
-        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
+        n = check_count("num_inference_steps", num_inference_steps, 1)
         # the same torch operations in float32 as diffusers: the same numbers, bit for bit
         steps = torch.linspace(1, 0, n + 1)[:-1]
         steps = torch.cat([steps, torch.tensor([0.0])])

@@ -31,7 +31,8 @@ import torch
 
 from ..ops.grid_combination import grid_combination
 from ._config import register_to_config
-from ._schedule import NUMBERS, finite_number, integer_at_least, is_integer_timestep
+from .._checks import check_count
+from ._schedule import NUMBERS, finite_number, is_integer_timestep
 from .base import FusedScheduler, SchedulerOutput
 
 _F32, _F64 = torch.float32, torch.float64
@@ -193,7 +194,7 @@ class PiflowScheduler(FusedScheduler):
         final_step_size_scale: float = 0.5,
         num_policy_substeps: int = 128,
     ) -> None:
-        integer_at_least("num_train_timesteps", num_train_timesteps, 1)
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         if finite_number("shift", shift) <= 0:
             raise ValueError(f"shift must be > 0 (the schedule divides by 1 + (shift - 1) * t), got {shift}")
         if isinstance(n_grid, bool) or not isinstance(n_grid, (int, np.integer)):
@@ -241,7 +242,7 @@ class PiflowScheduler(FusedScheduler):
                                            and not isinstance(num_inference_steps, bool)
                                            and num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
-        n = integer_at_least("num_inference_steps", num_inference_steps, 1)
+        n = check_count("num_inference_steps", num_inference_steps, 1)
         cfg = self.config
         coefs = _schedule_weights(n, float(cfg.shift), self.n_grid, self.eps, self.final_step_size_scale,
                                     self.num_policy_substeps, int(cfg.num_train_timesteps))

@@ -23,7 +23,6 @@ import base64
 import io
 import json
 import math
-import numbers
 import os
 import random
 import re
@@ -40,6 +39,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .._checks import check_count, is_integer_at_least
 
 PathLike = Union[str, Path]
 FORMAT = "kdfast checkpoint"
@@ -96,19 +97,6 @@ def check_output_file(path: PathLike, what: str = "output file") -> Path:
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputDirError(f"{what} {str(path)!r} is not writable: it is a read-only file")
     return path
-
-
-def is_integer_at_least(value: Any, minimum: int) -> bool:
-    """Whether ``value`` is an integer (Python or numpy, not a bool) >= ``minimum``: ``int()``
-    would turn 1.5 into 1 and "2" into 2, which a count must not silently accept."""
-    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
-
-
-def check_integer(name: str, value: Any, minimum: int) -> int:
-    """``value`` as an int, or ValueError naming ``name`` (see :func:`is_integer_at_least`)."""
-    if not is_integer_at_least(value, minimum):
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def int_at_least(minimum: int):
@@ -557,7 +545,7 @@ class Checkpointer:
 
     def path_for(self, step: int) -> Path:
         """The file of step ``step``'s checkpoint (an integer >= 0, else ValueError)."""
-        return self.directory / f"step-{check_integer('step', step, 0):08d}.safetensors"
+        return self.directory / f"step-{check_count('step', step, 0):08d}.safetensors"
 
     def checkpoints(self) -> List[Path]:
         """The saved checkpoints (regular files only), oldest step first."""
@@ -578,7 +566,7 @@ class Checkpointer:
         """
         # Checked before anything is written or deleted: a negative step would be saved under a
         # name checkpoints() does not list, and every real checkpoint deleted as "later".
-        step = check_integer("step", step, 0)
+        step = check_count("step", step, 0)
         tensors: Dict[str, torch.Tensor] = {}
         layout: Dict[str, Dict[str, Any]] = {}
         for key, obj in state.items():
