@@ -377,6 +377,10 @@ class FusedScheduler(ConfigMixin):
     # Why a whole loop of this scheduler cannot be captured in a CUDA graph (kdfast.sample's
     # cuda_graph=True, CapturedSampler), where it cannot: refused up front, not mid-capture.
     _graph_refusal: Optional[str] = None
+    # A sample narrower than the model output is stepped in the model output's dtype, as
+    # diffusers' arithmetic promotes it (see _widened); False where diffusers casts the result
+    # back to the sample's dtype (UniPC, SA-Solver, LTX-Video's Euler ancestral).
+    _steps_in_the_wider_dtype = True
 
     def _has_stepped(self) -> bool:
         """Whether the loop has moved past its start since ``set_timesteps`` (a whole-loop run
@@ -623,6 +627,8 @@ class FusedScheduler(ConfigMixin):
         scalars are checked, as ``ops.solver_step`` checks them."""
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
+        if self._steps_in_the_wider_dtype:
+            sample = _widened(sample, model_output)
         table = self._table if table is None else table
         row = self._row(key, sample.dtype, table)
         dynamic_scale = None
@@ -647,6 +653,8 @@ class FusedScheduler(ConfigMixin):
         if all(k == first for k in keys):
             return self._fused(first, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
                                clip_value=clip_value, dynamic=dynamic)
+        if self._steps_in_the_wider_dtype:
+            sample = _widened(sample, model_output)
         dtype = sample.dtype
         rows = torch.stack([self._row(k, dtype) for k in keys])
         dynamic_scale = None
@@ -730,6 +738,17 @@ def push_history(entries: list, newest, depth: int) -> None:
     for k in range(depth - 1):
         entries[k] = entries[k + 1]
     entries[-1] = newest
+
+
+def _widened(sample: torch.Tensor, model_output) -> torch.Tensor:
+    """``sample`` in the wider of its dtype and the model output's. diffusers' step arithmetic
+    promotes: a half-precision sample stepped with a float32 model output gives a float32
+    step (and the loop goes on in float32); the kernel writes its outputs in the sample's dtype."""
+    if isinstance(model_output, torch.Tensor) and model_output.dtype is not sample.dtype:
+        wide = torch.promote_types(sample.dtype, model_output.dtype)
+        if wide is not sample.dtype:
+            return sample.to(wide)
+    return sample
 
 
 def guidance_pair(uncond, cond):

@@ -58,6 +58,7 @@ class LTXEulerAncestralRFScheduler(FusedScheduler):
     """
 
     _diffusers_name = "LTXEulerAncestralRFScheduler"
+    _steps_in_the_wider_dtype = False  # (diffusers casts its result to the sample's dtype)
     _compatibles = ("FlowMatchEulerDiscreteScheduler",)
     order = 1
 

@@ -116,6 +116,7 @@ class SASolverScheduler(MultistepScheduler):
     """
 
     _diffusers_name = "SASolverScheduler"
+    _steps_in_the_wider_dtype = False  # (diffusers casts its result to the sample's dtype)
     _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config

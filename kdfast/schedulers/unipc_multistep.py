@@ -36,6 +36,7 @@ class UniPCMultistepScheduler(MultistepScheduler):
     """
 
     _diffusers_name = "UniPCMultistepScheduler"
+    _steps_in_the_wider_dtype = False  # (diffusers casts its result to the sample's dtype)
     _compatibles = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
                     "EulerDiscreteScheduler", "HeunDiscreteScheduler", "EulerAncestralDiscreteScheduler",
                     "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler",

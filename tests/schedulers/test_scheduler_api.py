@@ -176,6 +176,31 @@ def test_a_timestep_not_in_the_schedule_fails_or_takes_the_last_step_like_diffus
         assert results[2] is IndexError
 
 
+@pytest.mark.parametrize("name", ALL + ["EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
+                                  "FlowMatchHeunDiscreteScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+@pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
+def test_mixed_dtype_steps_return_diffusers_dtype(name, sample_dtype, model_dtype):
+    # diffusers' arithmetic promotes a half sample stepped with a float32 model output (most
+    # schedulers), casts to the model output's dtype (DPM-Solver, flow matching) or back to the
+    # sample's (UniPC, SA-Solver, LTX): kdfast's output has the dtype diffusers' has, so a loop
+    # goes on in the same precision.
+    got = []
+    for module in (K, diffusers):
+        torch.manual_seed(0)
+        scheduler = getattr(module, name)()
+        scheduler.set_timesteps(4)
+        x = initial_sample().to(sample_dtype)
+        t = scheduler.timesteps[0]
+        scale = getattr(scheduler, "scale_model_input", lambda x, t: x)  # (flow matching has none)
+        m = dummy_model(scale(x, t).float(), t).to(model_dtype)
+        out = scheduler.step(m, t, x, **with_generator(scheduler, torch.Generator().manual_seed(1)))
+        got.append(out.prev_sample)
+    # (the values differ by half-precision rounding: diffusers rounds intermediates, such as a
+    # bfloat16 tensor times a float32 scalar, that kdfast keeps in float32)
+    assert got[0].dtype == got[1].dtype
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_a_loop_under_inference_mode_equals_one_under_no_grad(name):
     # Inference tensors keep no version counter: the lazily computed pred_original_sample and
