@@ -39,6 +39,12 @@ discards the draws it does not use: with an ``s_tmin`` / ``s_tmax`` window that 
 steps unchurned, the same global seed therefore gives other (equally distributed) samples than
 k-diffusion. Pass a ``noise_sampler`` keyed on its ``(sigma, sigma_next)`` arguments to compare
 the two draw for draw.
+
+Callbacks get k-diffusion's ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}``, to read. The step
+that follows reads ``x`` and the model's output after the callback returns, so an in-place
+edit of ``x`` or ``denoised`` there changes that whole step, where k-diffusion's Euler, Heun,
+DPM-2 and LMS have formed their derivative before calling it; with guidance, ``denoised`` is
+a combined copy that the (fused) step does not read.
 """
 from __future__ import annotations
 

@@ -69,7 +69,10 @@ class SchedulerOutput(OutputFields):
     Writing x0 costs the fused step one more pass over the latent, which pipelines rarely
     read; so schedulers whose diffusers twin returns it give it lazily (``make_x0``): computed
     when first read, from the step's own inputs. ``to_tuple()`` then has diffusers' two
-    entries, the second computed only when indexed or unpacked.
+    entries, the second computed only when indexed or unpacked. Reading it after one of those
+    inputs was modified in place raises; writes that bypass autograd's version counter (through
+    ``.data`` or a numpy view) cannot be seen, so read x0 before making such writes (or pass
+    ``return_pred_original_sample=True`` to ``step``).
     """
 
     __slots__ = ("prev_sample", "_x0", "_make_x0")

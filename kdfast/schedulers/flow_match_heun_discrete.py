@@ -67,8 +67,9 @@ class FlowMatchHeunDiscreteScheduler(FusedScheduler):
     @property
     def sample(self) -> Optional[torch.Tensor]:
         """The predictor's (churned) sample that the corrector starts from, None in the first
-        stage: the predictor's input itself without churn, else ``x + c * noise`` in float32
-        (computed now: the step keeps ``x`` and the noise, not their sum)."""
+        stage: the predictor's input in float32 without churn (a float32 input itself, as in
+        diffusers), else ``x + c * noise`` in float32 (computed now: the step keeps ``x`` and
+        the noise, not their sum)."""
         if self._stage_input is None:
             return None
         x, noise, c = self._stage_input
@@ -206,7 +207,11 @@ class FlowMatchHeunDiscreteScheduler(FusedScheduler):
                                  history_dtype=history_dtype)
             _, self.dt, c = self._churn(k, gamma, s_noise)
             self.prev_derivative = result.history
-            self._stage_input = (sample, noise, c)
+            # diffusers keeps the float32 sample it made (the caller's float32 tensor itself, a
+            # float32 copy of a half-precision one): an in-place edit of a half-precision input
+            # after this stage does not reach the corrector
+            self._stage_input = (sample if sample.dtype in (torch.float32, torch.float64) else sample.float(),
+                                 noise, c)
         else:
             state = self._stage_input
             if self.prev_derivative is None or state is None:

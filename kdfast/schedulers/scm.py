@@ -130,8 +130,10 @@ class SCMScheduler(FusedScheduler):
         # x0 = cos(s) x - sin(s) v;  prev = cos(t) x0 + sin(t) sigma_data z
         x0 = (math.cos(s), -math.sin(s))
         scale = math.sin(t) * float(self.config.sigma_data)
-        if scale == 0.0 and math.cos(t) == 1.0:  # t = 0, the last step: prev_sample is x0 itself
-            return StepPlan(x0=x0, sample=X0)
+        if scale == 0.0 and math.cos(t) == 1.0:  # t = 0, the last step: prev_sample equals x0
+            # (two outputs all the same, as diffusers' are two tensors: editing one in place must
+            # not change the other)
+            return StepPlan(x0=x0, sample=X0, aux=X0)
         return StepPlan(x0=x0, sample=math.cos(t) * X0 + scale * NOISE, aux=X0)
 
     # ---------------------------------------------------------------- step
@@ -164,5 +166,4 @@ class SCMScheduler(FusedScheduler):
         result = self._fused(entry, sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              noise=noise if plan.uses("noise") else None, write_aux=plan.aux is not None)
         self._step_index += 1
-        x0 = result.sample if result.aux is None else result.aux
-        return SCMSchedulerOutput(result.sample, x0)
+        return SCMSchedulerOutput(result.sample, result.aux)

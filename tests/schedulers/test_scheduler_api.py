@@ -552,3 +552,36 @@ def test_step_cfg_with_halves_of_different_dtypes_is_step_on_the_promoted_guided
         results.append(y)
     assert results[1].dtype == torch.float32
     assert parity_error(results[1], results[0]) < 1e-6
+
+
+def test_scm_last_step_returns_two_tensors_like_diffusers():
+    # At t = 0 prev_sample equals x0, but diffusers returns two tensors: editing one in place
+    # must not change the other (kdfast returned one tensor twice).
+    for module in (K, diffusers):
+        scheduler = module.SCMScheduler()
+        scheduler.set_timesteps(2)
+        x = initial_sample()
+        for t in scheduler.timesteps[:-1]:
+            out = scheduler.step(dummy_model(x, t), t, x, generator=torch.Generator().manual_seed(1))
+            x = out.prev_sample
+        before = x.clone()
+        out.pred_original_sample.mul_(0.5)
+        assert out.prev_sample is not out.pred_original_sample and torch.equal(x, before), module.__name__
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_flow_match_heun_keeps_its_own_half_precision_stage_input(dtype):
+    # diffusers' corrector reads the float32 copy its predictor made of a half-precision
+    # sample: an in-place edit of the caller's tensor between the stages does not reach it.
+    results = []
+    for module in (K, diffusers):
+        scheduler = module.FlowMatchHeunDiscreteScheduler()
+        scheduler.set_timesteps(4)
+        x = initial_sample(dtype=dtype)
+        for i, t in enumerate(scheduler.timesteps):
+            x_in = x
+            x = scheduler.step(dummy_model(x_in, t), t, x_in).prev_sample
+            if i % 2 == 0:  # after a predictor stage
+                x_in.mul_(0.0)
+        results.append(x.float())
+    assert parity_error(*results) <= 1e-2
