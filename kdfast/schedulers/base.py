@@ -186,10 +186,13 @@ class CoefficientTable:
         return self._rows[key]
 
     def row64(self, key) -> torch.Tensor:
-        rows64 = self.__dict__.setdefault("_rows64", {})
+        rows64 = self.__dict__.get("_rows64", {})
         row = rows64.get(key)
         if row is None:  # self.plans[key] raises KeyError for a key the table lacks
-            row = rows64[key] = torch.tensor(self.plans[key].row(), dtype=torch.float64)
+            row = torch.tensor(self.plans[key].row(), dtype=torch.float64)
+            # a new dict, not an insertion: a copy or pickle of the table in another thread may
+            # be iterating the published one (a racing insertion can only be made again)
+            self._rows64 = {**rows64, key: row}
         return row
 
     def __contains__(self, key) -> bool:
@@ -254,7 +257,8 @@ class GrowingTable(CoefficientTable):
         return key in self._rows or key in self._extra
 
     def __getstate__(self):  # (deepcopy, pickle) a lock does not copy: the copy gets its own
-        state = dict(self.__dict__)
+        with self._lock:  # the extras as they are now, not as another thread's ensure changes them
+            state = dict(self.__dict__, _extra=collections.OrderedDict(self._extra))
         del state["_lock"]
         return state
 
@@ -325,7 +329,8 @@ class FusedScheduler(ConfigMixin):
     @staticmethod
     def clear_table_cache() -> None:
         """Forget every shared coefficient table (they are rebuilt on the next set_timesteps)."""
-        FusedScheduler._TABLE_CACHE.clear()
+        with FusedScheduler._TABLE_CACHE_LOCK:  # (a lookup in another thread reads, then moves)
+            FusedScheduler._TABLE_CACHE.clear()
 
     def _shared_table(self, build: Callable[[], CoefficientTable]) -> CoefficientTable:
         """The table of the schedule just set: ``build()`` the first time, shared afterwards."""

@@ -8,7 +8,6 @@ import numpy as np
 import torch
 
 # (the module, not its names: kdfast.sampling imports kdfast.schedulers, which imports this module)
-from .. import sampling as _sampling
 from ._config import register_to_config
 from ._linear import AUX, NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule, sigma_to_t
@@ -46,6 +45,8 @@ class _BrownianNoise:
 
     def __init__(self, like: torch.Tensor, sigma_min: float, sigma_max: float, seed):
         self._recipe = (tuple(like.shape), like.dtype, like.device, sigma_min, sigma_max, seed)
+        from .. import sampling as _sampling  # (here: kdfast.sampling imports the schedulers)
+
         self.sampler = _sampling.BrownianTreeNoiseSampler(like, sigma_min, sigma_max, seed=seed,
                                                           transform=_float32_time)
 
@@ -199,6 +200,8 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
             x0, start, sigma_to = sigma_x0(pt, sigma_mid), AUX, sigma_next
         # DPM-Solver++(1) to sigma_down plus sigma_up of fresh noise, in float64 from diffusers'
         # float32 noise levels (its float32 sigma_down**2 = sigma_to**2 - sigma_up**2 cancels)
+        from .. import sampling as _sampling  # (here: kdfast.sampling imports the schedulers)
+
         sigma_down, sigma_up = _sampling.get_ancestral_step(sigma_from, sigma_to)
         a, c = _sampling._exp_step(sigma_from, sigma_down)
         # (a zero noise coefficient means no draw: where sigma_up = 0 diffusers' 0 * (0 / 0) is NaN)

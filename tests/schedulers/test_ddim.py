@@ -163,6 +163,59 @@ def test_threads_sharing_a_table_with_new_etas():
             assert torch.equal(p, p_want) and torch.equal(x0, x0_want)
 
 
+def test_shared_tables_are_cleared_copied_and_extended_without_races():
+    # Each of these read or changed shared state that another thread may be using: the cache
+    # was cleared without its lock (a set_timesteps elsewhere raised KeyError between its get
+    # and move_to_end), a copy iterated the extras without the table's lock ("OrderedDict
+    # mutated during iteration" while another thread stepped with a new eta), and float64
+    # rows were inserted into the dict a copy may be iterating.
+    import collections
+    import copy
+
+    from kdfast.schedulers.base import FusedScheduler
+
+    class Guarded(collections.OrderedDict):
+        lock = None
+
+        def clear(self):
+            assert self.lock.locked(), "cleared without the lock"
+            super().clear()
+
+        def __iter__(self):
+            assert self.lock.locked(), "iterated without the lock"
+            return super().__iter__()
+
+        def __reduce_ex__(self, protocol):  # (how deepcopy and pickle walk it)
+            assert self.lock.locked(), "copied without the lock"
+            return super().__reduce_ex__(protocol)
+
+    saved = FusedScheduler._TABLE_CACHE
+    try:
+        cache = FusedScheduler._TABLE_CACHE = Guarded(saved)
+        cache.lock = FusedScheduler._TABLE_CACHE_LOCK
+        DDIMScheduler.clear_table_cache()
+    finally:
+        FusedScheduler._TABLE_CACHE = saved
+    s = DDIMScheduler()
+    s.set_timesteps(10)
+    x, m, noise = initial_sample(), initial_sample(seed=1), initial_sample(seed=2)
+    s.step(m, s.timesteps[0], x, eta=0.3, variance_noise=noise)  # an extra row
+    table = s._table
+    extras = table._extra
+    table._extra = Guarded(extras)
+    table._extra.lock = table._lock
+    try:
+        twin = copy.deepcopy(s)
+    finally:
+        table._extra = extras
+    assert list(twin._table._extra) == list(extras)
+    first = table.row64(next(iter(table.plans)))
+    published = table._rows64
+    table.row64(list(table.plans)[1])
+    assert len(published) == 1 and len(table._rows64) == 2 and table.row64(next(iter(table.plans))) is first
+    DDIMScheduler.clear_table_cache()
+
+
 def test_schedules_share_tables_across_instances():
     a, b = DDIMScheduler(), DDIMScheduler()
     a.set_timesteps(12)
