@@ -22,6 +22,9 @@ def _grid_combination_kernel(
     # Flat over rows x channels, like the CUDA kernel: narrow rows still fill whole blocks
     e = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = e < total
+    # int64 before any product: g * channels passes 2^31 for a row of more than 2^31 values
+    # (tl.cast, not .to: an argument equal to 1 is specialised into a constant)
+    channels = tl.cast(channels, tl.int64)
     r = e // channels
     c = e - r * channels
     acc = _add_weighted(tl.zeros((BLOCK,), tl.float32), coefs[0], x_ptr, r * s_x + c, mask)

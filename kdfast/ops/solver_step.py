@@ -19,7 +19,6 @@ coefficients, a relative error of up to ~6e-8 per coefficient.
 import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from .. import _ext, backends
@@ -721,22 +720,6 @@ def _(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, rati
     return sample.new_empty((sample.shape[0],), dtype=_F64 if sample.dtype is _F64 else _F32)
 
 
-def _quantile_position(ratio: float, n: int, dtype: torch.dtype):
-    """(lo, hi, frac): the ``ratio`` quantile of ``n`` sorted values lies between elements ``lo``
-    and ``hi`` at ``frac``, computed as the kernels (csrc quantile_position) and torch.quantile
-    compute it: in float32 for float32 math up to 2^24 values, else in float64."""
-    if dtype is not _F64 and n <= (1 << 24):
-        pos = np.float32(ratio) * np.float32(n - 1)
-        lo = int(np.floor(pos))
-        frac = float(pos - np.float32(lo))
-    else:
-        pos = float(ratio) * float(n - 1)
-        lo = int(math.floor(pos))
-        frac = pos - lo
-    lo = min(max(lo, 0), n - 1)
-    return lo, (min(lo + 1, n - 1) if frac > 0 else lo), frac
-
-
 def _threshold_setup_context(ctx, inputs, output):
     sample, model_output, cond = inputs[:3]
     ctx.save_for_backward(sample, model_output, cond, output)
@@ -757,7 +740,7 @@ def _threshold_backward(ctx, grad):
     m = ref.guided(model_output.to(compute), None if cond is None else cond.to(compute), guidance_scale)
     x0 = (x0_from_x * sample.to(compute) + x0_from_model * m).reshape(sample.shape[0], -1)
     values, order = x0.abs().sort(dim=1)
-    lo, hi, frac = _quantile_position(ratio, x0.shape[1], compute)
+    lo, hi, frac = ref.quantile_position(ratio, x0.shape[1], compute)
     below, above = values[:, lo], values[:, hi]
     quantile = torch.lerp(below, above, torch.tensor(frac, dtype=compute, device=below.device))
     g = grad.to(compute) * ((quantile >= 1.0) & (quantile <= max_value) & ~scale.isnan())

@@ -11,8 +11,10 @@ from these functions with ``compute_dtype=torch.float64`` (the compiled kernels 
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC = 0, 1, 2
@@ -83,5 +85,30 @@ def threshold_scale(
     m = guided(model.to(compute_dtype), None if cond is None else cond.to(compute_dtype), guidance_scale)
     x0 = x0_from_x * x.to(compute_dtype) + x0_from_model * m
     flat = x0.reshape(x0.shape[0], -1).abs()
-    s = torch.quantile(flat, ratio, dim=1)
+    if flat.shape[1] <= _QUANTILE_MAX:
+        s = torch.quantile(flat, ratio, dim=1)
+    else:  # torch.quantile refuses more values: its method, by hand (a NaN makes the quantile NaN)
+        values = flat.sort(dim=1).values
+        lo, hi, frac = quantile_position(ratio, flat.shape[1], compute_dtype)
+        s = torch.lerp(values[:, lo], values[:, hi], torch.tensor(frac, dtype=compute_dtype, device=flat.device))
+        s = torch.where(flat.isnan().any(dim=1), torch.full_like(s, float("nan")), s)
     return torch.clamp(s, min=1.0, max=max_value).to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
+
+
+_QUANTILE_MAX = 1 << 24  # the most values torch.quantile takes in one row
+
+
+def quantile_position(ratio: float, n: int, dtype: torch.dtype):
+    """(lo, hi, frac): the ``ratio`` quantile of ``n`` sorted values lies between elements ``lo``
+    and ``hi`` at ``frac``, computed as the kernels (csrc quantile_position) and torch.quantile
+    compute it: in float32 for float32 math up to 2^24 values, else in float64."""
+    if dtype is not torch.float64 and n <= _QUANTILE_MAX:
+        pos = np.float32(ratio) * np.float32(n - 1)
+        lo = int(np.floor(pos))
+        frac = float(pos - np.float32(lo))
+    else:
+        pos = float(ratio) * float(n - 1)
+        lo = int(math.floor(pos))
+        frac = pos - lo
+    lo = min(max(lo, 0), n - 1)
+    return lo, (min(lo + 1, n - 1) if frac > 0 else lo), frac

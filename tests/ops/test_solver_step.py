@@ -1459,17 +1459,24 @@ def test_threshold_scale_at_a_fractional_quantile_position_across_a_gap(backend)
     torch.testing.assert_close(out, x.clamp(-2.5, 2.5) / 2.5, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_threshold_scale_beyond_two_to_the_24_at_a_fractional_position(device):
+@pytest.mark.parametrize("device, backend", [("cpu", "cpu"), ("cpu", "reference"),
+                                             pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_threshold_scale_beyond_two_to_the_24_at_a_fractional_position(device, backend):
     # n = 2^24 + 4 values (the float64 position path): the median sits at 8388609.5, between the
-    # 8388610 ones and the 5s, so the scale is 3 (the next position up would give 5)
+    # 8388610 ones and the 5s, so the scale is 3 (the next position up would give 5). The
+    # reference (float64 samples, GPUs without the CUDA extension) cannot use torch.quantile,
+    # which refuses rows of more than 2^24 values.
     n = (1 << 24) + 4
     lo = 8388610
     x = torch.full((1, n), 5.0)
     x[0, :lo] = 1.0
     got = ops.threshold_scale(x.to(device), torch.zeros(1, n, device=device), 1.0, 0.0, ratio=0.5,
-                              max_value=100.0, backend=device)
+                              max_value=100.0, backend=backend)
     assert abs(got.item() - 3.0) <= 1e-6
+    if backend == "reference":
+        x[0, 7] = float("nan")  # a NaN makes the quantile NaN, as torch.quantile's
+        assert ops.threshold_scale(x, torch.zeros(1, n), 1.0, 0.0, ratio=0.5, max_value=100.0,
+                                   backend=backend).isnan().all()
     del x
 
 
