@@ -211,6 +211,12 @@ def _device_index(x: torch.Tensor) -> int:
 
 @group_norm_op.register("cuda")
 def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
+    batch, channels = x.shape[:2]
+    group = channels // num_groups * (x.numel() // max(batch * channels, 1))
+    if group >= 2 ** 31:  # (its element index within a group is divided in 32 bits)
+        raise ValueError(f"the cuda group norm takes groups of fewer than 2^31 elements, got {group} "
+                         f"({channels // num_groups} channels x {x.numel() // max(batch * channels, 1)} positions); "
+                         "use the reference backend")
     module = _ext.cuda()[0]
     args = _binding_args(x, shift, weight, bias, num_groups, eps, act, out)
     sm_count = _sm_count(_device_index(x))
