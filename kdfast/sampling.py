@@ -17,7 +17,8 @@ evaluation and no host reads, so it can be captured in a CUDA graph (``sample(..
 cuda_graph=True)``).
 
 Dtypes: ``x`` may be float32, float16, bfloat16 or float64. float16/bfloat16 latents are stepped
-with float32 math; float64 latents in float64, by the op's reference backend (the compiled
+with float32 math (and, where the denoiser returns a wider dtype, continue in it, as
+k-diffusion's arithmetic promotes them); float64 latents in float64, by the op's reference backend (the compiled
 kernels stop at float32) and with the coefficient table kept in float64, so a float64 loop
 matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15.
 
@@ -61,6 +62,7 @@ from . import ops
 from ._checks import check_flag
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
+from .schedulers.base import promoted_sample
 from .schedulers.lms_discrete import lms_coefficients
 
 __all__ = [
@@ -885,6 +887,9 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
                       'denoised': _guided(m, c, g)})
+        if m.dtype is not x.dtype:  # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype
+            x = promoted_sample(x, m)
+            rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
         out = ops.solver_step(x, m, rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
                               history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,
                               write_history=ev.write_history, write_aux=ev.write_aux)
@@ -1164,7 +1169,8 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
             inp = scheduler.scale_model_input(xx, t)
             m, c = evaluate(inp, t)
             if callback is not None:
-                callback({'x': xx, 'i': i, 't': t, 'model_output': _guided(m, c, 1.0 if guidance is None else guidance)})
+                guided = _guided(m, c, 1.0 if guidance is None else guidance)
+                callback({'x': xx, 'i': i, 't': t, 'model_output': guided})
             xx, carry = scheduler._loop_step(m, c if fused_cfg else None, guidance, t, previous, xx, carry, generator)
             previous = t
             if bar is not None:
@@ -1466,9 +1472,10 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     in one CUDA graph after one eager warm-up run and replayed; the denoiser must be
     capturable (no host syncs), a ``generator`` must be a CUDA one, and there is no callback or
     progress bar. Schedulers whose noise is a torchsde Brownian tree (``DPMSolverSDEScheduler``,
-    ``CosineDPMSolverMultistepScheduler``), drawn on the host, are refused. The RNG state is restored before the replay, so the result equals the eager
-    loop's with the same generator state. Each such call captures anew; to sample many times,
-    capture once with :class:`CapturedSampler` and call it.
+    ``CosineDPMSolverMultistepScheduler``), drawn on the host, are refused. The RNG state is
+    restored before the replay, so the result equals the eager loop's with the same generator
+    state. Each such call captures anew; to sample many times, capture once with
+    :class:`CapturedSampler` and call it.
 
     ``callback`` gets k-diffusion's ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` per step on
     the sigma path (``denoised`` guided), and ``{'x', 'i', 't', 'model_output'}`` (guided) on the

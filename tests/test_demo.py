@@ -118,7 +118,8 @@ def test_output_path_that_is_a_file(tmp_path):
 
 
 def test_an_output_file_taken_by_a_folder_is_refused_before_sampling(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(teacher_module.Teacher, "sample", lambda *a, **k: pytest.fail("sampled before checking outputs"))
+    monkeypatch.setattr(teacher_module.Teacher, "sample",
+                        lambda *a, **k: pytest.fail("sampled before checking outputs"))
     for name in ("grids/ddim_2.png", "report.md"):
         out = tmp_path / name.replace("/", "_")
         (out / name).mkdir(parents=True)

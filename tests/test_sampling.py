@@ -1445,3 +1445,20 @@ def test_guidance_scale_must_be_a_number_not_a_string_or_bool(scale):
     with pytest.raises(TypeError, match=f"guidance_scale must be a number, got {type(scale).__name__}"):
         S.sample(denoiser, initial(), S.get_sigmas_karras(4, 0.03, SIGMA_MAX), guidance_scale=scale, cond=cond,
                  uncond=uncond, disable=True)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "heun", "dpmpp_2m", "lms"])
+def test_a_wider_denoiser_output_widens_the_loop_like_k_diffusion(sampler):
+    # k-diffusion's arithmetic promotes half-precision x to a float32 denoised: the loop goes on
+    # in float32, exactly as one started from the same values in float32 (kdfast kept float16)
+    x = initial()[:1].half()
+    sigmas = S.get_sigmas_karras(5, 0.03, SIGMA_MAX)
+
+    def wide(x, sigma):
+        return denoiser(x.float(), sigma)
+
+    got = S.sample(wide, x, sigmas, sampler=sampler, disable=True)
+    assert got.dtype == torch.float32
+    # (the first call's sigma is in x's dtype, float16, as k-diffusion's sigma * s_in: the rest
+    # is the float32 loop; tests/test_sampling_vs_k_diffusion.py compares with k-diffusion itself)
+    assert rel_err(got, S.sample(wide, x.float(), sigmas, sampler=sampler, disable=True)) <= 2e-3

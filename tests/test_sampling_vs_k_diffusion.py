@@ -53,3 +53,18 @@ def test_matches_k_diffusion(kds, name, options):
     got = getattr(S, f"sample_{name}")(denoiser, x, sigmas, disable=True, **options)
     err = (got - want).abs().max() / max(1.0, want.abs().max())
     assert err <= 1e-5, f"{name} {options}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm_2", "lms"])
+def test_half_precision_x_with_a_float32_denoiser_matches_k_diffusion(kds, name):
+    # k-diffusion's arithmetic promotes x to the denoiser's float32 after the first step
+    sigmas = S.get_sigmas_karras(8, 0.03, 14.6)
+    x = (torch.randn((1, 4, 8, 8), generator=torch.Generator().manual_seed(2)) * sigmas[0]).half()
+
+    def wide(x, sigma):
+        return denoiser(x.float(), sigma.float())
+
+    want = getattr(kds, f"sample_{name}")(wide, x, sigmas, disable=True)
+    got = getattr(S, f"sample_{name}")(wide, x, sigmas, disable=True)
+    assert got.dtype == want.dtype == torch.float32
+    assert (got - want).abs().max() / max(1.0, want.abs().max()) <= 1e-5

@@ -50,9 +50,10 @@ def load_digits(split: str = "train", size: int = 16, heldout_fraction: float = 
         idx = idx[torch.randperm(len(idx), generator=gen)]
         count = int(round(len(idx) * heldout_fraction))
         if not 0 < count < len(idx):
-            raise ValueError(f"heldout_fraction={heldout_fraction} leaves the {'held-out' if count == 0 else 'training'} "
-                             f"split without digits of class {c} ({len(idx)} in all); expected a fraction that "
-                             "keeps some of every class on both sides")
+            side = "held-out" if count == 0 else "training"
+            raise ValueError(f"heldout_fraction={heldout_fraction} leaves the {side} split without digits of class "
+                             f"{c} ({len(idx)} in all); expected a fraction that keeps some of every class on both "
+                             "sides")
         heldout[idx[:count]] = True
     keep = heldout if split == "heldout" else ~heldout
     return images[keep], labels[keep]

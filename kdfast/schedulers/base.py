@@ -386,7 +386,7 @@ class FusedScheduler(ConfigMixin):
     # cuda_graph=True, CapturedSampler), where it cannot: refused up front, not mid-capture.
     _graph_refusal: Optional[str] = None
     # A sample narrower than the model output is stepped in the model output's dtype, as
-    # diffusers' arithmetic promotes it (see _widened); False where diffusers casts the result
+    # diffusers' arithmetic promotes it (see promoted_sample); False where diffusers casts the result
     # back to the sample's dtype (UniPC, SA-Solver, LTX-Video's Euler ancestral).
     _steps_in_the_wider_dtype = True
 
@@ -594,7 +594,9 @@ class FusedScheduler(ConfigMixin):
         the same kernel on the same inputs (``fused``: the step's other ``_fused`` arguments),
         writing x0. Reading it after an input was modified in place raises instead of giving
         a wrong x0."""
-        prev = result.sample if prev_dtype is None or result.sample.dtype == prev_dtype else result.sample.to(prev_dtype)
+        prev = result.sample
+        if prev_dtype is not None and prev.dtype != prev_dtype:
+            prev = prev.to(prev_dtype)
         if result.aux is not None:
             return SchedulerOutput(prev, result.aux)
         table = self._table
@@ -636,7 +638,7 @@ class FusedScheduler(ConfigMixin):
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
         if self._steps_in_the_wider_dtype:
-            sample = _widened(sample, model_output)
+            sample = promoted_sample(sample, model_output)
         table = self._table if table is None else table
         row = self._row(key, sample.dtype, table)
         dynamic_scale = None
@@ -662,7 +664,7 @@ class FusedScheduler(ConfigMixin):
             return self._fused(first, sample, model_output, cond=cond, guidance_scale=guidance_scale, noise=noise,
                                clip_value=clip_value, dynamic=dynamic)
         if self._steps_in_the_wider_dtype:
-            sample = _widened(sample, model_output)
+            sample = promoted_sample(sample, model_output)
         dtype = sample.dtype
         rows = torch.stack([self._row(k, dtype) for k in keys])
         dynamic_scale = None
@@ -748,7 +750,7 @@ def push_history(entries: list, newest, depth: int) -> None:
     entries[-1] = newest
 
 
-def _widened(sample: torch.Tensor, model_output) -> torch.Tensor:
+def promoted_sample(sample: torch.Tensor, model_output) -> torch.Tensor:
     """``sample`` in the wider of its dtype and the model output's. diffusers' step arithmetic
     promotes: a half-precision sample stepped with a float32 model output gives a float32
     step (and the loop goes on in float32); the kernel writes its outputs in the sample's dtype."""

@@ -177,7 +177,8 @@ def test_a_timestep_not_in_the_schedule_fails_or_takes_the_last_step_like_diffus
 
 
 @pytest.mark.parametrize("name", ALL + ["EulerDiscreteScheduler", "FlowMatchEulerDiscreteScheduler",
-                                  "FlowMatchHeunDiscreteScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
+                                  "FlowMatchHeunDiscreteScheduler", "EDMEulerScheduler",
+                                  "EDMDPMSolverMultistepScheduler"])
 @pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
                                                        (torch.float32, torch.bfloat16)])
 def test_mixed_dtype_steps_return_diffusers_dtype(name, sample_dtype, model_dtype):
