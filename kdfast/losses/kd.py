@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from .._checks import check_int as _check_int
-from ..ops.kd_divergence import KINDS, kd_divergence
+from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
+from ..reference import kd_divergence as ref
 
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -75,7 +76,8 @@ def kd_loss(
 
     Args:
         student_logits, teacher_logits: ``[..., vocab]`` logits (float32, float16 or
-            bfloat16), e.g. ``[batch, seq, vocab]``; math runs in float32.
+            bfloat16), e.g. ``[batch, seq, vocab]``; math runs in float32. float64 logits
+            are taken too: their math runs in float64, unfused, by the pure-torch reference.
         labels: optional ``[...]`` token ids; positions equal to ``ignore_index`` are left out.
         kind: ``"forward_kl"`` KL(teacher || student), ``"reverse_kl"`` KL(student || teacher),
             ``"jsd"`` generalized Jensen-Shannon ``beta KL(P||M) + (1-beta) KL(Q||M)`` with
@@ -100,7 +102,7 @@ def kd_loss(
             positive integer, or a tensor holding one.
 
     Returns:
-        A float32 scalar (or per-token tensor for ``reduction="none"``). Differentiable; the
+        A float32 scalar (or per-token tensor for ``reduction="none"``; float64 for float64 logits). Differentiable; the
         student's gradient is computed by the forward kernel itself, no logits-sized
         temporaries are created besides that gradient (kept in float32 for float16 logits, so
         that a loss scale applied in the backward still finds the small entries that float16
@@ -136,22 +138,29 @@ def kd_loss(
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (the logits without the vocabulary "
                              f"dimension), got {tuple(labels.shape)}")
-    rows = kd_divergence(
-        student_logits.reshape(-1, student_logits.shape[-1]),
-        teacher_logits.reshape(-1, teacher_logits.shape[-1]),
-        kind=_resolve_kind(kind, float(beta)),
-        beta=beta,
-        temperature=temperature,
-        labels=None if labels is None else labels.reshape(-1),
-        ignore_index=ignore_index,
-        vocab_size=vocab_size,
-        loss_scale=float(temperature) ** 2 if scale_by_t2 else 1.0,
-    )
+    args = dict(kind=_resolve_kind(kind, float(beta)), beta=beta, temperature=temperature,
+                labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
+                vocab_size=vocab_size, loss_scale=float(temperature) ** 2 if scale_by_t2 else 1.0)
+    student_2d = student_logits.reshape(-1, student_logits.shape[-1])
+    teacher_2d = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
+        rows = _float64_rows(student_2d, teacher_2d, **args)
+    else:
+        rows = kd_divergence(student_2d, teacher_2d, **args)
     if reduction == "none":
         return rows.reshape(lead)
     valid = rows.numel() if labels is None else _count_valid(labels, ignore_index)
     vocab = student_logits.shape[-1] if vocab_size is None else vocab_size
     return _reduce(rows, valid, vocab, reduction, num_items_in_batch)
+
+
+def _float64_rows(student, teacher, *, kind, beta, temperature, labels, ignore_index, vocab_size, loss_scale):
+    """Per-row divergences of float64 logits, in float64, by the pure-torch reference with
+    autograd (the fused kernels stop at float32): TRL takes float64 logits, so its drop-in does."""
+    student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
+        student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=True)
+    return ref.kd_divergence(student, teacher, kind, beta, temperature, labels, ignore_index, vocab, loss_scale,
+                             dtype=torch.float64)
 
 
 class KDLoss(nn.Module):

@@ -11,6 +11,7 @@ gradient in one pass, without those temporaries::
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional, Union
 
 import torch
@@ -81,8 +82,17 @@ def patch_gkd_trainer(trainer_cls=None):
     its loss with :func:`generalized_jsd_loss`; returns the class."""
     if trainer_cls is None:
         trainer_cls = _trl_gkd_trainer()
+    name = getattr(trainer_cls, "__name__", trainer_cls)
     if not hasattr(trainer_cls, "generalized_jsd_loss"):
-        raise TypeError(f"{getattr(trainer_cls, '__name__', trainer_cls)!r} has no generalized_jsd_loss to replace")
+        raise TypeError(f"{name!r} has no generalized_jsd_loss to replace")
+    # Trainers whose loss takes more (TRL's GOLD and IWOPD trainers: logits_are_probs, top_k)
+    # would call the drop-in with arguments it does not know, mid-training.
+    theirs = inspect.signature(trainer_cls.generalized_jsd_loss).parameters
+    extra = [p for p in theirs if p not in inspect.signature(generalized_jsd_loss).parameters
+             and p not in ("self", "cls")]
+    if extra:
+        raise TypeError(f"{name}.generalized_jsd_loss takes {', '.join(extra)}, which kdfast's drop-in does not: "
+                        "patch TRL's GKD trainer (or a subclass with its signature)")
     trainer_cls.generalized_jsd_loss = staticmethod(generalized_jsd_loss)
     return trainer_cls
 

@@ -27,12 +27,12 @@ divergence_op = backends.op("kd_divergence")
 # --------------------------------------------------------------------------- validation
 
 
-def _check_logits(name: str, t: torch.Tensor) -> torch.Tensor:
+def _check_logits(name: str, t: torch.Tensor, float64: bool = False) -> torch.Tensor:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, vocab], got shape {tuple(t.shape)}")
-    if t.dtype not in DTYPE_CODES:
+    if t.dtype not in DTYPE_CODES and not (float64 and t.dtype == torch.float64):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     # Rows may be strided (a slice of a wider buffer); entries within a row must be adjacent.
     return t if t.shape[1] <= 1 or t.stride(1) == 1 else t.contiguous()
@@ -52,11 +52,12 @@ def _check_labels(labels: Optional[torch.Tensor], rows: int, device: torch.devic
     return labels.to(torch.int64).contiguous()
 
 
-def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "vocab_size"):
+def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "vocab_size", float64: bool = False):
     """The tensors and the shared vocabulary, as the kernels take them on trust (the public
-    entry and the custom op, whose argument is ``vocab``, both check them)."""
-    student = _check_logits("student_logits", student)
-    teacher = _check_logits("teacher_logits", teacher)
+    entry and the custom op, whose argument is ``vocab``, both check them). ``float64``: the
+    logits may also be float64 (the losses' pure-torch path; the kernels stop at float32)."""
+    student = _check_logits("student_logits", student, float64)
+    teacher = _check_logits("teacher_logits", teacher, float64)
     if teacher.shape[0] != student.shape[0]:
         raise ValueError(f"student_logits and teacher_logits must have the same number of rows, got "
                          f"{student.shape[0]} and {teacher.shape[0]}")
@@ -75,9 +76,9 @@ def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "voca
     return student, teacher, _check_labels(labels, student.shape[0], student.device), vocab_size
 
 
-def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale):
+def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=False):
     """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses)."""
-    student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size)
+    student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size, float64=float64)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     beta = float(beta)
