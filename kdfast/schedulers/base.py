@@ -637,8 +637,14 @@ class FusedScheduler(ConfigMixin):
         scalars are checked, as ``ops.solver_step`` checks them."""
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
-        if self._steps_in_the_wider_dtype:
-            sample = promoted_sample(sample, model_output)
+        narrow = None
+        if getattr(model_output, "dtype", sample.dtype) is not sample.dtype:
+            if self._steps_in_the_wider_dtype:
+                sample = promoted_sample(sample, model_output)
+            elif model_output.dtype is torch.float64:
+                # (the kernels stop at float32: a float64 model output is stepped in float64, and
+                # the result returned in the sample's dtype, as these schedulers return it)
+                narrow, sample = sample.dtype, sample.double()
         table = self._table if table is None else table
         row = self._row(key, sample.dtype, table)
         dynamic_scale = None
@@ -647,8 +653,9 @@ class FusedScheduler(ConfigMixin):
             dynamic_scale = ops.threshold_scale(sample, model_output, cx, cm, cond=cond,
                                                 guidance_scale=guidance_scale, ratio=dynamic[0],
                                                 max_value=dynamic[1])
-        return fused_step(sample, model_output, row, cond, guidance_scale, history, aux, noise, clip_value,
-                          dynamic_scale, write_history, write_aux, history_dtype)
+        result = fused_step(sample, model_output, row, cond, guidance_scale, history, aux, noise, clip_value,
+                            dynamic_scale, write_history, write_aux, history_dtype)
+        return result if narrow is None else result._replace(sample=result.sample.to(narrow))
 
     def _fused_per_sample(self, keys: Sequence, sample: torch.Tensor, model_output: torch.Tensor, *,
                           cond: Optional[torch.Tensor] = None, guidance_scale: float = 1.0,
@@ -750,15 +757,16 @@ def push_history(entries: list, newest, depth: int) -> None:
     entries[-1] = newest
 
 
-def promoted_sample(sample: torch.Tensor, model_output) -> torch.Tensor:
-    """``sample`` in the wider of its dtype and the model output's. diffusers' step arithmetic
-    promotes: a half-precision sample stepped with a float32 model output gives a float32
-    step (and the loop goes on in float32); the kernel writes its outputs in the sample's dtype."""
-    if isinstance(model_output, torch.Tensor) and model_output.dtype is not sample.dtype:
-        wide = torch.promote_types(sample.dtype, model_output.dtype)
-        if wide is not sample.dtype:
-            return sample.to(wide)
-    return sample
+def promoted_sample(sample: torch.Tensor, *others) -> torch.Tensor:
+    """``sample`` in the widest of its dtype and the other tensors' (None skipped). diffusers'
+    step arithmetic promotes: a half-precision sample stepped with a float32 model output gives
+    a float32 step (and the loop goes on in float32); the kernel writes its outputs in the
+    sample's dtype."""
+    wide = sample.dtype
+    for t in others:
+        if isinstance(t, torch.Tensor) and t.dtype is not wide:
+            wide = torch.promote_types(wide, t.dtype)
+    return sample if wide is sample.dtype else sample.to(wide)
 
 
 def guidance_pair(uncond, cond):

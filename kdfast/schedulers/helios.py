@@ -30,7 +30,8 @@ from ._config import register_to_config
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
-from .base import CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan, push_history
+from .base import (CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan,
+                   promoted_sample, push_history)
 
 HISTORY = (H0, H1, H2)
 _F32, _F64 = torch.float32, torch.float64
@@ -408,6 +409,7 @@ class HeliosScheduler(_HeliosSchedule):
     """
 
     _diffusers_name = "HeliosScheduler"
+    _steps_in_the_wider_dtype = False  # (diffusers' steps return the sample's dtype)
 
     @register_to_config
     def __init__(
@@ -749,7 +751,10 @@ class HeliosScheduler(_HeliosSchedule):
         push_history(outputs, result.history, order)
         push_history(self.timestep_list, timestep, order)
         self.this_order = this_order
-        self.last_sample = result.aux if c else sample
+        # (in the sample's dtype, as diffusers keeps it, also where a float64 model output was
+        # stepped in float64)
+        self.last_sample = (result.aux if result.aux.dtype == sample.dtype else result.aux.to(sample.dtype)) \
+            if c else sample
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
         self._step_index = i + 1
@@ -993,6 +998,10 @@ class HeliosDMDScheduler(_HeliosSchedule):
         if cond is not None and last:
             out_dtype = _promoted(model_output.dtype, cond.dtype)
 
+        # diffusers' arithmetic runs in the widest of the inputs' dtypes (the result is then cast to
+        # out_dtype): a half-precision sample with float32 (or float64) model output and start
+        # latents is stepped in that wider dtype, not rounded to the sample's first
+        sample = promoted_sample(sample, model_output, None if last else noise)
         key = None
         if self.num_inference_steps is not None and dmd_sigmas is self._sigmas and dmd_timesteps is self._timesteps:
             self._refresh_host_sigmas()

@@ -178,6 +178,11 @@ class PiflowScheduler(FusedScheduler):
     * ``num_inference_steps`` is ``None`` until ``set_timesteps`` (diffusers has no attribute).
     * Grid slices whose weight is exactly 0 are not read, so an inf or NaN there does not reach
       the result (diffusers multiplies it by 0 where its interpolation lands exactly on a cell edge).
+    * The steps' weights are made by ``set_timesteps``: ``sigmas`` edited or assigned afterwards
+      do not change them (diffusers' rollout reads ``sigmas`` at each step); call
+      ``set_timesteps`` for another schedule.
+    * ``prev_sample`` is contiguous whatever the sample's memory format (diffusers' elementwise
+      operations keep a channels-last one); the values are the same.
     """
 
     _diffusers_name = "PiflowScheduler"

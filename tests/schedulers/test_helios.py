@@ -677,3 +677,21 @@ def test_gpu_pipeline_loops_without_syncs():
                 torch.cuda.set_sync_debug_mode(0)
             outs.append(y.cpu())
         assert parity_error(outs[1], outs[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.float16, torch.float32), (torch.bfloat16, torch.float16),
+                                                       (torch.float32, torch.float64)])
+def test_unipc_steps_return_the_samples_dtype_like_diffusers(sample_dtype, model_dtype):
+    # diffusers' Helios UniPC casts its result (and last_sample) to the sample's dtype; a wider
+    # model output must not carry the loop into its dtype (a float64 one is stepped in float64)
+    got = []
+    for cls in (DF, KD):
+        s = cls()
+        s.set_timesteps(6, stage_index=1)
+        x = initial_sample((1, 4, 2, 4, 4)).to(sample_dtype)
+        for t in s.timesteps[:2]:
+            out = s.step(dummy_model(x, t).to(model_dtype), t, x)
+            x = out.prev_sample
+        got.append(out)
+    assert got[1].prev_sample.dtype == got[0].prev_sample.dtype == sample_dtype
+    assert got[1].last_sample.dtype == got[0].last_sample.dtype

@@ -506,3 +506,30 @@ def test_gpu_pipeline_loop_without_syncs():
                 torch.cuda.set_sync_debug_mode(0)
         outs.append(y.cpu())
     assert parity_error(outs[1], outs[0]) <= 1e-5
+
+
+@pytest.mark.parametrize("own_schedule", [True, False])
+def test_a_half_sample_with_wider_inputs_is_stepped_in_their_dtype(own_schedule):
+    # diffusers' arithmetic runs in the widest input dtype: a float16 sample with float32 model
+    # output and start latents must not be rounded to float16 first (the copied-sigmas path did,
+    # 1e4x further from float64 than diffusers), and float64 inputs are taken, as diffusers takes them
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 3, 8, 8, generator=gen).half()
+    m, start = torch.sin(x.float()), torch.randn(2, 4, 3, 8, 8, generator=gen)
+
+    def step(cls, i, *inputs):
+        s = cls()
+        s.set_timesteps(4, stage_index=1)
+        sig, ts = (s.sigmas, s.timesteps) if own_schedule else (s.sigmas.clone(), s.timesteps.clone())
+        sample, model, noise = inputs
+        return s.step(model, s.timesteps[i], sample, cur_sampling_step=i, dmd_noisy_tensor=noise, dmd_sigmas=sig,
+                      dmd_timesteps=ts, all_timesteps=s.timesteps).prev_sample
+
+    for i in (1, 3):
+        truth = step(DF, i, x.double(), m.double(), start.double())
+        ours, theirs = step(KD, i, x, m, start), step(DF, i, x, m, start)
+        assert ours.dtype == theirs.dtype
+        assert (ours.double() - truth).abs().max() <= 2 * (theirs.double() - truth).abs().max() + 1e-7
+    x32 = x.float()
+    for inputs in ((x32, m, start.double()), (x32, m.double(), start)):
+        assert step(KD, 0, *inputs).dtype == step(DF, 0, *inputs).dtype

@@ -180,7 +180,7 @@ def test_a_timestep_not_in_the_schedule_fails_or_takes_the_last_step_like_diffus
                                   "FlowMatchHeunDiscreteScheduler", "EDMEulerScheduler",
                                   "EDMDPMSolverMultistepScheduler"])
 @pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.bfloat16, torch.float32), (torch.float16, torch.float32),
-                                                       (torch.float32, torch.bfloat16)])
+                                                       (torch.float32, torch.bfloat16), (torch.float32, torch.float64)])
 def test_mixed_dtype_steps_return_diffusers_dtype(name, sample_dtype, model_dtype):
     # diffusers' arithmetic promotes a half sample stepped with a float32 model output (most
     # schedulers), casts to the model output's dtype (DPM-Solver, flow matching) or back to the
