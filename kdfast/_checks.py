@@ -56,9 +56,10 @@ def check_int(name: str, value, minimum: Optional[int] = None) -> int:
 
 
 def check_float(name: str, value, low: float, high: float, high_open: bool = False) -> float:
-    """``value`` as a finite float in [low, high] (or [low, high)); NaN and inf are refused."""
+    """``value`` as a finite float in [low, high] (or [low, high)); NaN and inf are refused, and
+    so are bools and strings (``float("3")`` and ``float(True)`` would pass)."""
     try:
-        number = float(value)
+        number = math.nan if isinstance(value, (str, bytes)) else float(value)
     except (TypeError, ValueError):
         number = math.nan
     if isinstance(value, bool) or not math.isfinite(number) or not (

@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_float, check_int
 # MAX_SEED: the step generator takes seed + 1
 from .train.run import MAX_SEED, OutputDirError, prepare_output_dir, progress_bar
 
@@ -91,11 +91,9 @@ def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, 
         raise DemoError(f"n_per_class must be an integer >= 2 (a Frechet distance needs several images), got "
                         f"{n_per_class!r}") from None
     try:
-        guidance_scale = float(guidance_scale)
-    except (TypeError, ValueError):
-        guidance_scale = math.nan
-    if not math.isfinite(guidance_scale):
-        raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale_given!r}")
+        guidance_scale = check_float("guidance_scale", guidance_scale, -math.inf, math.inf)
+    except ValueError:
+        raise DemoError(f"guidance_scale must be a finite number, got {guidance_scale_given!r}") from None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed <= MAX_SEED:
         raise DemoError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
     return steps, n_per_class, guidance_scale

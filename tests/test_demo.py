@@ -84,6 +84,8 @@ def test_too_many_steps_are_refused_before_earlier_outputs_are_removed(tmp_path,
     (dict(steps=[True]), "steps must be integers >= 1, got [True]"),
     (dict(n_per_class=2.5), "n_per_class must be an integer >= 2"),
     (dict(guidance_scale="x"), "guidance_scale must be a finite number, got 'x'"),
+    (dict(guidance_scale="3"), "guidance_scale must be a finite number, got '3'"),
+    (dict(guidance_scale=True), "guidance_scale must be a finite number, got True"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
 ])
 def test_python_api_refuses_what_the_cli_cannot_pass(tmp_path, kwargs, message):

@@ -209,8 +209,9 @@ class DigitsEvaluator:
     def _weights_state(self) -> Tuple[Tuple[int, int], ...]:
         # Each tensor's storage and version counter: an in-place update (an optimizer step,
         # load_state_dict, mul_) bumps the version, a replaced tensor has a new address.
+        # (Inference tensors have no version counter; they cannot be updated outside inference mode.)
         tensors = itertools.chain(self.classifier.parameters(), self.classifier.buffers())
-        return tuple((t.data_ptr(), t._version) for t in tensors)
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Classifier features ``[N, feature_dim]`` (float32, CPU) of checked ``images``."""

@@ -190,7 +190,13 @@ def topk_kd_loss(
             # A teacher remainder within the rounding of the stored log-probabilities is 0: not an
             # infinite KL against a student with no mass outside the k ids, nor a huge one against
             # a student that masks them with a large negative logit (NaN stays NaN).
-            rounding = k * torch.finfo(teacher_topk_logprobs.dtype).eps
+            # The bound is the stored values' own rounding: each p_i = exp(lp_i) is off by up to
+            # p_i |lp_i| eps of their dtype (bfloat16 holds lp to 3 digits), and their float32 sum
+            # by k float32 units; a coarse k * eps of bfloat16 (0.5 at k = 64) would drop real
+            # remainders.
+            p = lp.exp()
+            rounding = (torch.finfo(teacher_topk_logprobs.dtype).eps * (p * (1.0 - lp)).sum(-1)
+                        + k * torch.finfo(torch.float32).eps)
             log_r = torch.where((log_r.exp() > rounding) | log_r.isnan(), log_r, torch.full_like(log_r, -math.inf))
             rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
     if scale_by_t2:

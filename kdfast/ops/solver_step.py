@@ -599,17 +599,19 @@ def _backward(ctx, grads):
     # differentiable in turn; otherwise on detached copies.
     create_graph = torch.is_grad_enabled()
 
-    def leaf(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    def as_leaf(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
         if t is None:
             return None
         if create_graph and t.requires_grad:
-            return t.to(dtype)
+            # a node of its own per input slot (a view when no cast makes one): one tensor passed
+            # as two inputs must get each slot's gradient once, not the sum of both twice
+            return t.to(dtype) if t.dtype != dtype else t.view_as(t)
         return t.detach().to(dtype).requires_grad_(True)
 
     with torch.enable_grad():
-        leaves = [leaf(t, compute) for t in saved]
-        scale = leaf(dynamic_scale, compute)
-        coef_leaf = leaf(coefs, coefs.dtype) if ctx.needs_input_grad[2] else None
+        leaves = [as_leaf(t, compute) for t in saved]
+        scale = as_leaf(dynamic_scale, compute)
+        coef_leaf = as_leaf(coefs, coefs.dtype) if ctx.needs_input_grad[2] else None
         outs = ref.solver_step(leaves, coefs if coef_leaf is None else coef_leaf, guidance_scale, threshold,
                                clip_value, scale, compute)
         kept = [outs[k] for k in range(3) if mask & (1 << k)]

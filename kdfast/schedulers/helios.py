@@ -751,10 +751,7 @@ class HeliosScheduler(_HeliosSchedule):
         push_history(outputs, result.history, order)
         push_history(self.timestep_list, timestep, order)
         self.this_order = this_order
-        # (in the sample's dtype, as diffusers keeps it, also where a float64 model output was
-        # stepped in float64)
-        self.last_sample = (result.aux if result.aux.dtype == sample.dtype else result.aux.to(sample.dtype)) \
-            if c else sample
+        self.last_sample = result.aux if c else sample
         if self.lower_order_nums < order:
             self.lower_order_nums += 1
         self._step_index = i + 1

@@ -187,6 +187,13 @@ def test_reference_features_follow_a_classifier_that_changes():
     assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
 
 
+def test_reference_features_under_inference_mode():
+    # (inference tensors have no version counter for the cache's key)
+    with torch.inference_mode():
+        features = DigitsEvaluator().real_features()
+    assert features.shape[0] == len(DigitsEvaluator().real("heldout")[1])
+
+
 def test_evaluation_is_deterministic():
     a, b = DigitsEvaluator(), DigitsEvaluator()
     assert a.floor() == b.floor()

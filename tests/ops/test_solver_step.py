@@ -638,6 +638,12 @@ def test_double_backward_keeps_the_second_order_terms():
         return ops.solver_step(x, m, c, dynamic_scale=scale).sample
 
     assert torch.autograd.gradgradcheck(thresholded, (x, m, coefs))
+    # one tensor in two input slots: each slot's gradient once (a shared node summed them twice)
+    row = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x": 0.7, "x0": 0.3, "model": 0.2}))
+    y = torch.randn(2, 3, generator=gen).requires_grad_(True)
+    once, twice = (torch.autograd.grad(ops.solver_step(y, y, row).sample.sum(), y, create_graph=cg)[0]
+                   for cg in (False, True))
+    torch.testing.assert_close(once, twice)
     # the float32 kernel path: the same second-order gradient as float64
     x32, m32, c32 = (t.detach().float().requires_grad_(True) for t in (x, m, coefs))
     for a, b, c in ((x32, m32, c32), (x, m, coefs)):
