@@ -638,13 +638,20 @@ class FusedScheduler(ConfigMixin):
         if len(history) > 3 or (clip_value is not None and dynamic is not None):
             raise ValueError("a fused step reads at most 3 history entries and clips or thresholds, not both")
         narrow = None
-        if getattr(model_output, "dtype", sample.dtype) is not sample.dtype:
+        dtype = sample.dtype
+        mixed = getattr(model_output, "dtype", dtype) is not dtype
+        if not mixed:
+            for h in history:  # (a history set from outside may be wider)
+                if h is not None and h.dtype is not dtype:
+                    mixed = True
+                    break
+        if mixed:
             if self._steps_in_the_wider_dtype:
-                sample = promoted_sample(sample, model_output)
-            elif model_output.dtype is torch.float64:
-                # (the kernels stop at float32: a float64 model output is stepped in float64, and
-                # the result returned in the sample's dtype, as these schedulers return it)
-                narrow, sample = sample.dtype, sample.double()
+                sample = promoted_sample(sample, model_output, *history)
+            elif torch.float64 in (model_output.dtype, *(h.dtype for h in history if h is not None)):
+                # (the kernels stop at float32: float64 inputs are stepped in float64, and the
+                # result returned in the sample's dtype, as these schedulers return it)
+                narrow, sample = dtype, sample.double()
         table = self._table if table is None else table
         row = self._row(key, sample.dtype, table)
         dynamic_scale = None
@@ -758,6 +765,20 @@ def push_history(entries: list, newest, depth: int) -> None:
     for k in range(depth - 1):
         entries[k] = entries[k + 1]
     entries[-1] = newest
+
+
+def converted_dtype(sample: torch.Tensor, model_output: torch.Tensor, model_only: bool) -> torch.dtype:
+    """The dtype of a multistep scheduler's converted model output (its history entry) in
+    diffusers: the model output's where the conversion returns it as it is (``model_only``:
+    x0 predicted by the model for a data-prediction solver, epsilon for a noise-prediction one),
+    else the model output's promoted with the sample's (``x0 = (x - sigma * eps) / alpha``)."""
+    if model_only or model_output.dtype is sample.dtype:
+        return model_output.dtype
+    pair = (sample.dtype, model_output.dtype)
+    promoted = _PROMOTED.get(pair)
+    if promoted is None:
+        promoted = _PROMOTED[pair] = torch.promote_types(*pair)
+    return promoted
 
 
 def promoted_sample(sample: torch.Tensor, *others) -> torch.Tensor:

@@ -11,7 +11,8 @@ from ._config import register_to_config
 from ._linear import H0, H1, X, X0
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+                   reject_unknown_step_arguments)
 
 
 def _lagrange1(t: float, b: float, c: float) -> float:
@@ -186,7 +187,8 @@ class DEISMultistepScheduler(MultistepScheduler):
         result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              history=history, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
-                             history_dtype=model_output.dtype)
+                             # (DEIS converts every prediction to epsilon from x0: the promoted dtype)
+                             history_dtype=converted_dtype(sample, model_output, False))
         push_history(self.model_outputs, result.history, cfg.solver_order)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1

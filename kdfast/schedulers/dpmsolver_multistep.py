@@ -11,7 +11,8 @@ from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+                   reject_unknown_step_arguments)
 from .euler_discrete import KARRAS_SCHEDULERS
 
 ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
@@ -271,17 +272,26 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if cfg.algorithm_type.startswith("sde"):
             noise = self._noise(variance_noise, generator, model_output,
                                 model_output.dtype if self._noise_in_model_dtype else torch.float32)
+        # diffusers keeps the converted output in its conversion's dtype and casts the step's
+        # result to it (EDM's preconditioned output always mixes in the sample; its result is
+        # the arithmetic's)
+        plus = cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
+        model_only = not self._edm and ((cfg.prediction_type == "sample") if plus else
+                                        (cfg.prediction_type == "epsilon" and not cfg.thresholding))
+        dtype = converted_dtype(sample, model_output, model_only)
         result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              history=history, noise=noise, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
-                             history_dtype=model_output.dtype)
+                             history_dtype=dtype)
         push_history(self.model_outputs, result.history, cfg.solver_order)
         if self.lower_order_nums < cfg.solver_order:
             self.lower_order_nums += 1
         self._step_index = i + 1
-        return SchedulerOutput(result.sample)
+        prev = result.sample
+        return SchedulerOutput(prev if self._edm or prev.dtype is dtype else prev.to(dtype))
 
     _noise_in_model_dtype = False  # diffusers draws the SDE noise in float32 (its inverse scheduler: not)
+    _edm = False  # EDM's preconditioned outputs (EDMDPMSolverMultistepScheduler)
 
     def _step_order(self, i: int, n: int) -> int:
         """diffusers' order for step ``i`` of ``n``: the solver order once the history allows it,

@@ -28,6 +28,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
     """
 
     _diffusers_name = "EDMDPMSolverMultistepScheduler"
+    _edm = True
     _compatibles = ()
 
     @register_to_config

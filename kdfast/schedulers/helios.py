@@ -31,7 +31,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
 from .base import (CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan,
-                   promoted_sample, push_history)
+                   guidance_pair, promoted_sample, push_history)
 
 HISTORY = (H0, H1, H2)
 _F32, _F64 = torch.float32, torch.float64
@@ -643,6 +643,7 @@ class HeliosScheduler(_HeliosSchedule):
         """``step`` with classifier-free guidance fused into the same kernel pass:
         ``model_output = uncond + guidance_scale * (cond - uncond)``."""
         guidance_scale = finite_number("guidance_scale", guidance_scale)
+        uncond, cond = guidance_pair(uncond, cond)  # (one dtype, the wider: diffusers' guided output's)
         return self._step(uncond, timestep, sample, cond, guidance_scale, return_dict)
 
     _UNIPC_CUSTOM = ("model_outputs", "timestep_list", "sigma_before", "sigma", "sigma_next", "cus_step_index",
@@ -952,6 +953,7 @@ class HeliosDMDScheduler(_HeliosSchedule):
         """``step`` with classifier-free guidance fused into the same pass:
         ``model_output = uncond + guidance_scale * (cond - uncond)``."""
         guidance_scale = finite_number("guidance_scale", guidance_scale)
+        uncond, cond = guidance_pair(uncond, cond)  # (one dtype, the wider: diffusers' guided output's)
         prev = self._dmd_step(uncond, cond, guidance_scale, timestep, sample, cur_sampling_step, dmd_noisy_tensor,
                               dmd_sigmas, dmd_timesteps, all_timesteps)
         return HeliosDMDSchedulerOutput(prev) if return_dict else (prev,)

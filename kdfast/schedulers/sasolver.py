@@ -24,7 +24,8 @@ from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
                         x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, TableRow, push_history, reject_unknown_step_arguments
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, converted_dtype, push_history,
+                   reject_unknown_step_arguments)
 from .ddpm import noise_scales
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -479,7 +480,8 @@ class SASolverScheduler(MultistepScheduler):
                              write_aux=i + 1 < n,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding
                              else None,
-                             history_dtype=model_output.dtype)
+                             history_dtype=converted_dtype(sample, model_output, cfg.prediction_type == (
+                                 "sample" if cfg.algorithm_type == "data_prediction" else "epsilon")))
 
         if c:
             self._last_sample = None

@@ -19,7 +19,8 @@ from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
                         spaced_timesteps, x0_coefficients)
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+                   reject_unknown_step_arguments)
 
 SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
@@ -344,7 +345,8 @@ class UniPCMultistepScheduler(MultistepScheduler):
                              write_aux=c > 0 and p > 0,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
                              if cfg.thresholding and self.predict_x0 else None,
-                             history_dtype=model_output.dtype)
+                             history_dtype=converted_dtype(sample, model_output, cfg.prediction_type == (
+                                 "sample" if self.predict_x0 else "epsilon")))
         push_history(outputs, result.history, order)
         push_history(self.timestep_list, timestep, order)
         self.this_order = this_order

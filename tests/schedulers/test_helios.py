@@ -695,3 +695,16 @@ def test_unipc_steps_return_the_samples_dtype_like_diffusers(sample_dtype, model
         got.append(out)
     assert got[1].prev_sample.dtype == got[0].prev_sample.dtype == sample_dtype
     assert got[1].last_sample.dtype == got[0].last_sample.dtype
+
+
+def test_step_cfg_with_halves_of_different_dtypes():
+    # the guided output has the wider of the two dtypes, as diffusers' manual guidance
+    x = initial_sample((1, 4, 2, 8, 8)).half()
+    u, c = torch.sin(x), torch.sin(0.97 * x.double())
+    d, k = DF(stages=1), KD(stages=1)
+    d.set_timesteps(4)
+    k.set_timesteps(4)
+    want = d.step(u + 3.0 * (c - u), d.timesteps[0], x).prev_sample
+    got = k.step_cfg(u, c, 3.0, k.timesteps[0], x).prev_sample
+    assert got.dtype == want.dtype
+    assert parity_error(got, want) <= 1e-2

@@ -593,3 +593,58 @@ def test_flow_match_heun_keeps_its_own_half_precision_stage_input(dtype):
                 x_in.mul_(0.0)
         results.append(x.float())
     assert parity_error(*results) <= 1e-2
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                  "SASolverScheduler"])
+def test_history_keeps_the_converted_outputs_dtype_like_diffusers(name):
+    # diffusers' converted output (x0 = (x - sigma * eps) / alpha) has the promoted dtype: kept
+    # in a float16 model output's dtype, x0 at the cosine schedule's first step (sigma ~ 1e4)
+    # overflowed to inf and the loop ended non-finite
+    finals, histories = [], []
+    for module in (diffusers, K):
+        scheduler = getattr(module, name)(beta_schedule="squaredcos_cap_v2")
+        scheduler.set_timesteps(6)
+        x = initial_sample((1, 4, 8, 8))
+        generator = torch.Generator().manual_seed(1)
+        for t in scheduler.timesteps:
+            x = scheduler.step(dummy_model(x, t).half(), t, x, **with_generator(scheduler, generator)).prev_sample
+        finals.append(x)
+        histories.append([h.dtype for h in scheduler.model_outputs if h is not None])
+    assert torch.isfinite(finals[1]).all() and finals[1].dtype == finals[0].dtype
+    assert histories[1] == histories[0]
+
+
+@pytest.mark.parametrize("config", [dict(prediction_type="sample"),
+                                    dict(algorithm_type="dpmsolver", final_sigmas_type="sigma_min"),
+                                    dict(prediction_type="epsilon"), dict(prediction_type="v_prediction")])
+def test_dpm_multistep_returns_its_converted_outputs_dtype(config):
+    # diffusers casts the step's result to the converted output's dtype: the model output's when
+    # the conversion returns it as it is (x0 predicted for ++, epsilon for dpmsolver)
+    dtypes = []
+    for module in (diffusers, K):
+        scheduler = module.DPMSolverMultistepScheduler(**config)
+        scheduler.set_timesteps(4)
+        x = initial_sample()
+        t = scheduler.timesteps[0]
+        dtypes.append(scheduler.step(dummy_model(x, t).half(), t, x).prev_sample.dtype)
+    assert dtypes[1] == dtypes[0]
+
+
+@pytest.mark.parametrize("name", ["DEISMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "EDMDPMSolverMultistepScheduler", "DPMSolverMultistepScheduler",
+                                  "UniPCMultistepScheduler"])
+@pytest.mark.parametrize("history_dtype", [torch.float32, torch.float64])
+def test_a_wider_history_set_from_outside_is_taken_like_diffusers(name, history_dtype):
+    # a history injected in a wider dtype than the half-precision sample: diffusers' arithmetic
+    # promotes with it (a float64 one was refused by the kernels' dtype check)
+    dtypes = []
+    for module in (diffusers, K):
+        scheduler = getattr(module, name)()
+        scheduler.set_timesteps(6)
+        t0, t1 = scheduler.timesteps[:2]
+        x = (initial_sample((1, 4, 8, 8)) * scheduler.init_noise_sigma).half()
+        x = scheduler.step(dummy_model(scheduler.scale_model_input(x, t0), t0), t0, x).prev_sample
+        scheduler.model_outputs = [None if m is None else m.to(history_dtype) for m in scheduler.model_outputs]
+        dtypes.append(scheduler.step(dummy_model(scheduler.scale_model_input(x, t1), t1), t1, x).prev_sample.dtype)
+    assert dtypes[1] == dtypes[0]
