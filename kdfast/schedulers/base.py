@@ -598,7 +598,7 @@ class FusedScheduler(ConfigMixin):
         if prev_dtype is not None and prev.dtype != prev_dtype:
             prev = prev.to(prev_dtype)
         if result.aux is not None:
-            return SchedulerOutput(prev, result.aux)
+            return SchedulerOutput(prev, self._as_x0_dtype(result.aux, sample, model_output))
         table = self._table
         inputs = [t for t in (sample, model_output, fused.get("cond"), fused.get("aux"), fused.get("noise"),
                               *fused.get("history", ())) if t is not None]
@@ -609,9 +609,25 @@ class FusedScheduler(ConfigMixin):
                 raise RuntimeError("pred_original_sample: an input of this step was modified in place since; "
                                    "pass return_pred_original_sample=True to step() to get it with the step")
             again = dict(fused, write_history=False, write_aux=True, table=table)
-            return self._fused(key, sample, model_output, **again).aux
+            return self._as_x0_dtype(self._fused(key, sample, model_output, **again).aux, sample, model_output)
 
         return SchedulerOutput(prev, make_x0=make_x0)
+
+    # diffusers' Euler schedulers step a half-precision sample in float32 (their x0 is float32)
+    _x0_from_float32_sample = False
+
+    def _as_x0_dtype(self, x0: torch.Tensor, sample: torch.Tensor, model_output: torch.Tensor) -> torch.Tensor:
+        """``x0`` in the dtype of diffusers' ``pred_original_sample``: the model output's where the
+        model predicts x0 itself, else the sample's (float32 for a half-precision one in the Euler
+        schedulers) promoted with the model output's."""
+        if getattr(self.config, "prediction_type", None) == "sample":
+            dtype = model_output.dtype
+        else:
+            base = sample.dtype
+            if self._x0_from_float32_sample and base in (torch.float16, torch.bfloat16):
+                base = torch.float32
+            dtype = base if model_output.dtype is base else torch.promote_types(base, model_output.dtype)
+        return x0 if x0.dtype is dtype else x0.to(dtype)
 
     def _row(self, key, dtype: torch.dtype, table: Optional["CoefficientTable"] = None) -> torch.Tensor:
         """The coefficient row of table entry ``key`` for a step of ``dtype``: float64 for a float64

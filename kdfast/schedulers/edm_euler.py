@@ -83,6 +83,7 @@ class EDMEulerScheduler(EDMPreconditioning, _SigmaScheduler):
     """
 
     _diffusers_name = "EDMEulerScheduler"
+    _x0_from_float32_sample = True
     _compatibles = ()
     order = 1
 

@@ -23,6 +23,7 @@ class EulerAncestralDiscreteScheduler(_SigmaScheduler):
     """
 
     _diffusers_name = "EulerAncestralDiscreteScheduler"
+    _x0_from_float32_sample = True
     order = 1
 
     @register_to_config

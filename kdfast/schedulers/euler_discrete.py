@@ -141,6 +141,7 @@ class EulerDiscreteScheduler(_SigmaScheduler):
     """
 
     _diffusers_name = "EulerDiscreteScheduler"
+    _x0_from_float32_sample = True
     order = 1
 
     @register_to_config

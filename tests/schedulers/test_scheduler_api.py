@@ -648,3 +648,28 @@ def test_a_wider_history_set_from_outside_is_taken_like_diffusers(name, history_
         scheduler.model_outputs = [None if m is None else m.to(history_dtype) for m in scheduler.model_outputs]
         dtypes.append(scheduler.step(dummy_model(scheduler.scale_model_input(x, t1), t1), t1, x).prev_sample.dtype)
     assert dtypes[1] == dtypes[0]
+
+
+@pytest.mark.parametrize("name", WITH_X0 + ["EDMEulerScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+                                            "CogVideoXDDIMScheduler", "DPMSolverSDEScheduler"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "sample"])
+@pytest.mark.parametrize("sample_dtype, model_dtype", [(torch.float16, torch.float16), (torch.bfloat16, torch.float32),
+                                                       (torch.float32, torch.float16), (torch.float32, torch.float64)])
+def test_pred_original_sample_has_diffusers_dtype(name, prediction_type, sample_dtype, model_dtype):
+    # the model output's dtype where the model predicts x0 itself; else the sample's (float32 for
+    # a half-precision one in the Euler schedulers, which upcast it) promoted with the model's
+    if name == "EDMEulerScheduler" and prediction_type == "sample":
+        pytest.skip("EDM Euler takes epsilon and v prediction only, as diffusers")
+    dtypes = []
+    for module in (diffusers, K):
+        scheduler = getattr(module, name)(prediction_type=prediction_type)
+        scheduler.set_timesteps(5)
+        t = scheduler.timesteps[0]
+        x = initial_sample((1, 4, 8, 8)).to(sample_dtype)
+        m = dummy_model(scheduler.scale_model_input(x, t).float(), t).to(model_dtype)
+        try:
+            out = scheduler.step(m, t, x, **with_generator(scheduler, torch.Generator().manual_seed(0)))
+        except NotImplementedError:  # (diffusers' ancestral and KDPM2 steps have no x0 prediction)
+            pytest.skip(f"diffusers' {name} does not take prediction_type={prediction_type!r}")
+        dtypes.append(out.pred_original_sample.dtype)
+    assert dtypes[1] == dtypes[0]
