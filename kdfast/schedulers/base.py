@@ -626,7 +626,7 @@ class FusedScheduler(ConfigMixin):
             base = sample.dtype
             if self._x0_from_float32_sample and base in (torch.float16, torch.bfloat16):
                 base = torch.float32
-            dtype = base if model_output.dtype is base else torch.promote_types(base, model_output.dtype)
+            dtype = promote(base, model_output.dtype)
         return x0 if x0.dtype is dtype else x0.to(dtype)
 
     def _row(self, key, dtype: torch.dtype, table: Optional["CoefficientTable"] = None) -> torch.Tensor:
@@ -788,13 +788,7 @@ def converted_dtype(sample: torch.Tensor, model_output: torch.Tensor, model_only
     diffusers: the model output's where the conversion returns it as it is (``model_only``:
     x0 predicted by the model for a data-prediction solver, epsilon for a noise-prediction one),
     else the model output's promoted with the sample's (``x0 = (x - sigma * eps) / alpha``)."""
-    if model_only or model_output.dtype is sample.dtype:
-        return model_output.dtype
-    pair = (sample.dtype, model_output.dtype)
-    promoted = _PROMOTED.get(pair)
-    if promoted is None:
-        promoted = _PROMOTED[pair] = torch.promote_types(*pair)
-    return promoted
+    return model_output.dtype if model_only else promote(sample.dtype, model_output.dtype)
 
 
 def promoted_sample(sample: torch.Tensor, *others) -> torch.Tensor:
@@ -804,16 +798,23 @@ def promoted_sample(sample: torch.Tensor, *others) -> torch.Tensor:
     sample's dtype."""
     wide = sample.dtype
     for t in others:
-        if t is not None and t.dtype is not wide:
-            pair = (wide, t.dtype)
-            promoted = _PROMOTED.get(pair)
-            if promoted is None:
-                promoted = _PROMOTED[pair] = torch.promote_types(*pair)
-            wide = promoted
+        if t is not None:
+            wide = promote(wide, t.dtype)
     return sample if wide is sample.dtype else sample.to(wide)
 
 
-_PROMOTED: Dict[Tuple[torch.dtype, torch.dtype], torch.dtype] = {}  # (a dict lookup: ~4x faster per step)
+def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """``torch.promote_types(a, b)``, looked up once per pair (a dict lookup costs a quarter of
+    the call, and steps make it every time)."""
+    if a is b:
+        return a
+    promoted = _PROMOTED.get((a, b))
+    if promoted is None:
+        promoted = _PROMOTED[(a, b)] = torch.promote_types(a, b)
+    return promoted
+
+
+_PROMOTED: Dict[Tuple[torch.dtype, torch.dtype], torch.dtype] = {}
 
 
 def guidance_pair(uncond, cond):
@@ -821,7 +822,7 @@ def guidance_pair(uncond, cond):
     ``uncond + s * (cond - uncond)`` has it, and the step reads its output's dtype from
     ``uncond`` (the narrower one is copied; the halves of one forward share a dtype anyway)."""
     if isinstance(uncond, torch.Tensor) and isinstance(cond, torch.Tensor) and uncond.dtype != cond.dtype:
-        dtype = torch.promote_types(uncond.dtype, cond.dtype)
+        dtype = promote(uncond.dtype, cond.dtype)
         return uncond.to(dtype), cond.to(dtype)
     return uncond, cond
 

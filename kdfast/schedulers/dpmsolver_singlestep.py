@@ -21,7 +21,8 @@ import torch
 from ._config import register_to_config
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
-from .base import MultistepScheduler, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+                   reject_unknown_step_arguments)
 from .dpmsolver_multistep import check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -339,7 +340,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         plus = cfg.algorithm_type != "dpmsolver"
         model_only = (cfg.prediction_type == "sample") if plus else (cfg.prediction_type == "epsilon"
                                                                      and not cfg.thresholding)
-        dtype = model_output.dtype if model_only else torch.promote_types(sample.dtype, model_output.dtype)
+        dtype = converted_dtype(sample, model_output, model_only)
         noise = None
         if cfg.algorithm_type == "sde-dpmsolver++":
             if variance_noise is not None and generator is not None:
