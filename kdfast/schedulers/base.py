@@ -664,7 +664,7 @@ class FusedScheduler(ConfigMixin):
         if mixed:
             if self._steps_in_the_wider_dtype:
                 sample = promoted_sample(sample, model_output, *history)
-            elif torch.float64 in (model_output.dtype, *(h.dtype for h in history if h is not None)):
+            elif torch.float64 in (getattr(model_output, "dtype", None), *(h.dtype for h in history if h is not None)):
                 # (the kernels stop at float32: float64 inputs are stepped in float64, and the
                 # result returned in the sample's dtype, as these schedulers return it)
                 narrow, sample = dtype, sample.double()
