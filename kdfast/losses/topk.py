@@ -10,8 +10,9 @@ its details but known in total, and this module treats it explicitly:
   is coarse-grained the same way (its mass outside the k ids), and the loss is the exact
   forward KL between the two (k + 1)-outcome distributions. This never exceeds the full KL
   and equals it when the teacher's remainder is spread like the student's. A remainder
-  within the rounding of the stored log-probabilities (k units in their dtype's last place)
-  counts as 0; with k equal to the vocabulary the stored mass must be 1.
+  within the rounding of the stored log-probabilities (each probability off by its own
+  log-probability times their dtype's last place) counts as 0; with k equal to the
+  vocabulary the stored mass must be 1.
 - ``remainder="renormalize"``: the stored top-k probabilities are renormalised to sum to 1
   and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
 """
@@ -175,7 +176,8 @@ def topk_kd_loss(
         lp_hat = lp - log_mass.unsqueeze(1)
         rows = _xlogy_ratio(lp_hat.exp(), lp_hat, log_q).sum(-1)
     else:
-        rows = _xlogy_ratio(lp.exp(), lp, log_q).sum(-1)
+        p = lp.exp()
+        rows = _xlogy_ratio(p, lp, log_q).sum(-1)
         if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
             log_r = _log1mexp(log_mass)
             # The student's mass outside the k ids, summed directly from its log-probabilities
@@ -194,7 +196,6 @@ def topk_kd_loss(
             # p_i |lp_i| eps of their dtype (bfloat16 holds lp to 3 digits), and their float32 sum
             # by k float32 units; a coarse k * eps of bfloat16 (0.5 at k = 64) would drop real
             # remainders.
-            p = lp.exp()
             rounding = (torch.finfo(teacher_topk_logprobs.dtype).eps * (p * (1.0 - lp)).sum(-1)
                         + k * torch.finfo(torch.float32).eps)
             log_r = torch.where((log_r.exp() > rounding) | log_r.isnan(), log_r, torch.full_like(log_r, -math.inf))

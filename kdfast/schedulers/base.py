@@ -662,12 +662,13 @@ class FusedScheduler(ConfigMixin):
                     mixed = True
                     break
         if mixed:
+            wide = widest_dtype(dtype, model_output, *history)
             if self._steps_in_the_wider_dtype:
-                sample = promoted_sample(sample, model_output, *history)
-            elif torch.float64 in (getattr(model_output, "dtype", None), *(h.dtype for h in history if h is not None)):
+                sample = sample.to(wide)
+            elif wide is torch.float64:
                 # (the kernels stop at float32: float64 inputs are stepped in float64, and the
                 # result returned in the sample's dtype, as these schedulers return it)
-                narrow, sample = dtype, sample.double()
+                narrow, sample = dtype, sample.to(wide)
         table = self._table if table is None else table
         row = self._row(key, sample.dtype, table)
         dynamic_scale = None
@@ -796,11 +797,18 @@ def promoted_sample(sample: torch.Tensor, *others) -> torch.Tensor:
     step arithmetic promotes: a half-precision sample stepped with a float32 model output gives
     a float32 step (and the loop goes on in float32); the kernel writes its outputs in the
     sample's dtype."""
-    wide = sample.dtype
-    for t in others:
-        if t is not None:
-            wide = promote(wide, t.dtype)
+    wide = widest_dtype(sample.dtype, *others)
     return sample if wide is sample.dtype else sample.to(wide)
+
+
+def widest_dtype(dtype: torch.dtype, *tensors) -> torch.dtype:
+    """``dtype`` promoted with the dtype of each of ``tensors`` (None, or anything without a
+    dtype, skipped)."""
+    for t in tensors:
+        other = getattr(t, "dtype", None)
+        if other is not None:
+            dtype = promote(dtype, other)
+    return dtype
 
 
 def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
