@@ -98,7 +98,7 @@ inline kd_divergence::Params make_divergence_params(
     int64_t rows, int64_t vocab, std::uintptr_t student, int64_t student_stride, int student_dtype,
     std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype, std::uintptr_t labels,
     int64_t ignore_index, std::uintptr_t row_loss, std::uintptr_t grad, int64_t grad_stride,
-    int64_t grad_cols, int grad_dtype, int kind, float beta, float inv_temperature, float loss_scale,
+    int64_t grad_cols, int grad_dtype, int kind, double beta, float inv_temperature, float loss_scale,
     std::uintptr_t workspace) {
   kd_divergence::Params p;
   p.rows = rows;

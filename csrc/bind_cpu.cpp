@@ -54,7 +54,7 @@ PYBIND11_MODULE(_C, m) {
                             int student_dtype, std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype,
                             std::uintptr_t labels, int64_t ignore_index, std::uintptr_t row_loss,
                             std::uintptr_t grad, int64_t grad_stride, int64_t grad_cols, int grad_dtype, int kind,
-                            float beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
+                            double beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
                             int num_threads) {
     kd_divergence::Params p = make_divergence_params(
         rows, vocab, student, student_stride, student_dtype, teacher, teacher_stride, teacher_dtype, labels,

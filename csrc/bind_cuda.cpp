@@ -57,7 +57,7 @@ PYBIND11_MODULE(_C_cuda, m) {
                             int student_dtype, std::uintptr_t teacher, int64_t teacher_stride, int teacher_dtype,
                             std::uintptr_t labels, int64_t ignore_index, std::uintptr_t row_loss,
                             std::uintptr_t grad, int64_t grad_stride, int64_t grad_cols, int grad_dtype, int kind,
-                            float beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
+                            double beta, float inv_temperature, float loss_scale, std::uintptr_t workspace,
                             std::uintptr_t stream) {
     kd_divergence::Params p = make_divergence_params(
         rows, vocab, student, student_stride, student_dtype, teacher, teacher_stride, teacher_dtype, labels,

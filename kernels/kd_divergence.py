@@ -21,12 +21,12 @@ def _weighted_log_ratio(p, a, b):
 
 
 @triton.jit
-def _log_mixture(ls, lt, q, p, beta, log_beta, log_rest):
+def _log_mixture(ls, lt, q, p, beta, rest, log_beta, log_rest):
     """(log m, (1 - beta) q / m) for m = beta p + (1 - beta) q, as log_mixture in the C++ header."""
     a = log_beta + lt
     b = log_rest + ls
     va = beta * p
-    vb = (1.0 - beta) * q
+    vb = rest * q
     hi = tl.maximum(a, b)
     big = tl.maximum(va, vb)
     small = tl.minimum(va, vb)
@@ -37,7 +37,7 @@ def _log_mixture(ls, lt, q, p, beta, log_beta, log_rest):
 
 
 @triton.jit
-def _term(ls, lt, q, p, beta, log_beta, log_rest, KIND: tl.constexpr):
+def _term(ls, lt, q, p, beta, rest, log_beta, log_rest, KIND: tl.constexpr):
     """(entry's divergence, w = q dD/dq) as in divergence_term."""
     if KIND == 0:  # forward KL(p || q)
         loss = _weighted_log_ratio(p, lt, ls)
@@ -46,14 +46,14 @@ def _term(ls, lt, q, p, beta, log_beta, log_rest, KIND: tl.constexpr):
         loss = _weighted_log_ratio(q, ls, lt)
         w = loss
     elif KIND == 2:  # generalized JSD
-        lm, share = _log_mixture(ls, lt, q, p, beta, log_beta, log_rest)
-        w = _weighted_log_ratio((1.0 - beta) * q, ls, lm)  # weights inside 0 log 0, as in the C++ term
+        lm, share = _log_mixture(ls, lt, q, p, beta, rest, log_beta, log_rest)
+        w = _weighted_log_ratio(rest * q, ls, lm)  # weights inside 0 log 0, as in the C++ term
         loss = _weighted_log_ratio(beta * p, lt, lm) + w
     elif KIND == 3:  # total variation
         loss = 0.5 * tl.abs(q - p)
         w = tl.where(q > p, 0.5 * q, tl.where(q < p, -0.5 * q, 0.0))  # the sign by comparison, as in C++
     else:  # skew KL(p || beta p + (1 - beta) q)
-        lm, share = _log_mixture(ls, lt, q, p, beta, log_beta, log_rest)
+        lm, share = _log_mixture(ls, lt, q, p, beta, rest, log_beta, log_rest)
         loss = _weighted_log_ratio(p, lt, lm)
         w = -p * share
     return loss, w
@@ -63,7 +63,7 @@ def _term(ls, lt, q, p, beta, log_beta, log_rest, KIND: tl.constexpr):
 def _kd_divergence_kernel(
     s_ptr, t_ptr, labels_ptr, loss_ptr, grad_ptr,
     s_stride, t_stride, g_stride, vocab, grad_cols, ignore_index,
-    beta, log_beta, log_rest, inv_t, loss_scale,
+    beta, rest, log_beta, log_rest, inv_t, loss_scale,
     KIND: tl.constexpr, HAS_LABELS: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -105,7 +105,7 @@ def _kd_divergence_kernel(
         t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         ls = (s - ms) - log_zs
         lt = (t - mt) - log_zt
-        term, w = _term(ls, lt, tl.exp(ls), tl.exp(lt), beta, log_beta, log_rest, KIND)
+        term, w = _term(ls, lt, tl.exp(ls), tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
         loss += tl.sum(tl.where(mask, term, 0.0), 0)
         sum_w += tl.sum(tl.where(mask, w, 0.0), 0)
 
@@ -129,7 +129,7 @@ def _kd_divergence_kernel(
             ls = (s - ms) - log_zs
             lt = (t - mt) - log_zt
             q = tl.exp(ls)
-            _, w = _term(ls, lt, q, tl.exp(lt), beta, log_beta, log_rest, KIND)
+            _, w = _term(ls, lt, q, tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
             g = tl.where(defined, (w - q * sum_w) * scale, nan)
             g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
             tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
@@ -143,12 +143,13 @@ def launch(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_i
     block = min(_MAX_BLOCK, triton.next_power_of_2(vocab))
     log_beta = math.log(beta) if beta > 0 else float("-inf")
     log_rest = math.log1p(-beta) if beta < 1 else float("-inf")
+    rest = 1.0 - beta  # in double here: a float32 beta near 1 loses it
     _kd_divergence_kernel[(rows,)](
         student, teacher, labels if labels is not None else row_loss, row_loss,
         grad if grad is not None else row_loss,
         student.stride(0), teacher.stride(0), grad.stride(0) if grad is not None else 0, vocab,
         grad.shape[1] if grad is not None else 0, ignore_index,
-        beta, log_beta, log_rest, inv_t, loss_scale,
+        beta, rest, log_beta, log_rest, inv_t, loss_scale,
         KIND=kind, HAS_LABELS=labels is not None, WRITE_GRAD=grad is not None, BLOCK=block,
         num_warps=8 if block >= 2048 else 4,
     )

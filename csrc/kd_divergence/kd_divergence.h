@@ -40,7 +40,9 @@ struct Params {
   int64_t grad_cols = 0;      // the student's row width; columns >= vocab get gradient 0
   int grad_dtype = kFloat32;
   int kind = kForwardKL;
-  float beta = 0.5f;          // JSD weight of the teacher / skew KL mixing weight
+  // JSD weight of the teacher / skew KL mixing weight, in double: 1 - beta is formed from it on
+  // the host, where a float beta near 1 would have lost it (1 - 1e-6 rounds to 1 - 1.19e-6)
+  double beta = 0.5;
   float inv_temperature = 1.f;
   float loss_scale = 1.f;     // e.g. T^2 for Hinton-style scaling
   float* workspace = nullptr; // CPU: workspace_floats_per_thread(vocab) per thread; unused on CUDA
@@ -61,10 +63,10 @@ struct Consts {
 inline Consts make_consts(const Params& p) {
   Consts c;
   c.kind = p.kind;
-  c.beta = p.beta;
-  c.one_minus_beta = 1.f - p.beta;
-  c.log_beta = p.beta > 0.f ? std::log(p.beta) : -INFINITY;
-  c.log_one_minus_beta = p.beta < 1.f ? std::log1p(-p.beta) : -INFINITY;
+  c.beta = static_cast<float>(p.beta);
+  c.one_minus_beta = static_cast<float>(1.0 - p.beta);
+  c.log_beta = p.beta > 0.0 ? static_cast<float>(std::log(p.beta)) : -INFINITY;
+  c.log_one_minus_beta = p.beta < 1.0 ? static_cast<float>(std::log1p(-p.beta)) : -INFINITY;
   return c;
 }
 

@@ -424,6 +424,30 @@ def test_beta_at_the_ends(backend):
         assert rows.abs().max() < 1e-6 and grad.abs().max() < 1e-6, (kind, beta)
 
 
+def check_jsd_beta_just_below_1(backend, device):
+    # 1 - beta is formed in double: from a float32 beta, 1 - (1 - 1e-6) read 1.19e-6 and the JSD
+    # gradient (proportional to it) was 13% off; at 1 - beta = 1e-9 it was exactly 0. (Skew KL's
+    # gradient there is second order in 1 - beta, a cancellation float32 cannot resolve.)
+    s, t = logits((4, 40), torch.float32, 46), logits((4, 40), torch.float32, 47)
+    for rest in (1e-5, 1e-6, 1e-9):
+        _, grad = fused(backend, s.to(device), t.to(device), "jsd", beta=1.0 - rest)
+        _, grad64 = reference(s, t, "jsd", torch.float64, beta=1.0 - rest)
+        scale = grad64.abs().max().item()
+        assert scale > 0
+        assert (grad.cpu().double() - grad64).abs().max().item() < 1e-5 * scale, rest
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_jsd_beta_just_below_1(backend):
+    # (The Triton interpreter computes with the scalar arguments in double; the gpu test below
+    # checks the compiled kernel, which takes them in float32.)
+    check_jsd_beta_just_below_1(backend, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_gpu_jsd_beta_just_below_1(backend):
+    check_jsd_beta_just_below_1(backend, "cuda")
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_skew_kl_at_beta_0_where_student_probabilities_underflow(backend):
     # At beta = 0 the mixture m is q itself, so w = -p * (1 - beta) q / m is -p for every q; where
