@@ -1015,25 +1015,30 @@ def _capture(run: Callable[..., torch.Tensor], x: torch.Tensor, generator: Optio
     RNG state is put back to where it was before the warm-up, so the first replay draws what
     the eager loop would. Returns ``(graph, output)``."""
     device = x.device
-    gen = _rng_generator(generator, device)
-    state = gen.get_state()
-    current = torch.cuda.current_stream(device)
-    side = torch.cuda.Stream(device)
-    side.wait_stream(current)
-    with torch.cuda.stream(side):
-        run()
-    current.wait_stream(side)
-    gen.set_state(state)
-    reset()
-    graph = torch.cuda.CUDAGraph()
-    if gen is not torch.cuda.default_generators[device.index or 0]:
-        # the device's default generator is registered by capture_begin itself
-        register = getattr(graph, "register_generator_state", None)
-        if register is not None:
-            register(gen)
-    with torch.cuda.graph(graph):
-        out = run()
-    gen.set_state(state)
+    # Everything on x's GPU, whichever is current: torch.cuda.graph's default capture stream
+    # belongs to the GPU current when a process first captures, and work on another GPU's
+    # streams would run eagerly during capture, leaving an empty graph that replays stale output.
+    with torch.cuda.device(device):
+        gen = _rng_generator(generator, device)
+        state = gen.get_state()
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            run()
+        current.wait_stream(side)
+        gen.set_state(state)
+        reset()
+        graph = torch.cuda.CUDAGraph()
+        if gen is not torch.cuda.default_generators[device.index or 0]:
+            # the device's default generator is registered by capture_begin itself
+            register = getattr(graph, "register_generator_state", None)
+            if register is not None:
+                register(gen)
+        with torch.cuda.graph(graph, stream=side):
+            out = run()
+        current.wait_stream(side)
+        gen.set_state(state)
     return graph, out
 
 

@@ -196,6 +196,20 @@ def test_gpu_scheduler_replays_equal_eager():
         torch.testing.assert_close(loop(x), want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.gpu
+def test_gpu_capture_on_a_gpu_that_is_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    device = f"cuda:{torch.cuda.device_count() - 1}"
+    sigmas = S.get_sigmas_karras(6, 0.03, 14.6, device=device)
+    with torch.cuda.device(0):
+        loop = kdfast.CapturedSampler(denoiser, noise(0).to(device), sigmas)
+        for seed in (1, 2):
+            x = noise(seed).to(device)
+            want = S.sample(denoiser, x, sigmas, disable=True)
+            torch.testing.assert_close(loop(x), want, rtol=1e-6, atol=1e-6)
+
+
 def test_capture_warms_up_the_whole_loop_before_recording(monkeypatch):
     """The real ``_capture`` (CUDA calls replaced by recorders): one whole eager run, the state
     reset, the RNG put back, then the recorded run. A warm-up of the first steps only would
@@ -228,7 +242,9 @@ def test_capture_warms_up_the_whole_loop_before_recording(monkeypatch):
     monkeypatch.setattr(torch.cuda, "Stream", Stream)
     monkeypatch.setattr(torch.cuda, "stream", lambda s: Context("side stream"))
     monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: Context("graph"))
+    streams = []
+    monkeypatch.setattr(torch.cuda, "graph", lambda g, stream=None: streams.append(stream) or Context("graph"))
+    monkeypatch.setattr(torch.cuda, "device", lambda d: Context(f"device {d}"))
     monkeypatch.setattr(torch.cuda, "default_generators", [object()])
     gen = torch.Generator().manual_seed(3)
     start = gen.get_state()
@@ -244,5 +260,10 @@ def test_capture_warms_up_the_whole_loop_before_recording(monkeypatch):
     order = [e if isinstance(e, str) else "run" for e in events]
     assert order.index("enter side stream") < order.index("run") < order.index("exit side stream") \
         < order.index("reset") < order.index("enter graph")
+    # all of it on x's device, whichever is current, and captured on a stream made there (torch's
+    # default capture stream belongs to the device current at the process's first capture: with
+    # x elsewhere the loop ran eagerly during capture and the graph replayed stale output)
+    assert order[0] == "enter device cpu" and order[-1] == "exit device cpu"
+    assert len(streams) == 1 and isinstance(streams[0], Stream)
     assert torch.equal(gen.get_state(), start)  # the first replay draws what the eager loop would
     assert isinstance(graph, Graph) and torch.equal(out, torch.zeros(2))
