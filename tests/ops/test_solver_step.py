@@ -1113,6 +1113,25 @@ def test_gpu_threshold_scale_matches_quantile():
 
 
 @pytest.mark.gpu
+def test_gpu_threshold_scale_backward_has_no_syncs():
+    # The backward's interpolation weight is a Python number: as a tensor made on the GPU it was
+    # a host-to-device copy, which syncs (an error here, a failure inside a captured backward).
+    x = (torch.randn(2, 4, 16, 16, device="cuda") * 3).requires_grad_(True)
+    m = torch.randn_like(x)
+    weight = torch.linspace(0.5, 2.0, 2, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = ops.threshold_scale(x, m, 0.8, -0.3, ratio=0.9, max_value=100.0)
+        (grad,) = torch.autograd.grad((out * weight).sum(), x)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    _, (expected, *_) = _threshold_grads(x.detach().cpu(), m.cpu(), None, 1.0, 0.8, -0.3, 0.9, 100.0,
+                                         weight.cpu(), True)
+    torch.testing.assert_close(grad.cpu(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("backend", [None, "triton"])
 def test_gpu_step_has_no_syncs_and_captures_in_a_cuda_graph(backend):
     x = torch.randn(2, 4, 64, 64, device="cuda")
