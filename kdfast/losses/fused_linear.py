@@ -102,24 +102,32 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
 _FP32_OUT: Optional[Tuple[bool, bool]] = None
 
 
-def _fp32_out_support() -> Tuple[bool, bool]:
+def _fp32_out_support(device: torch.device) -> Tuple[bool, bool]:
     """Whether this torch's CUDA ``mm`` and in-place ``addmm`` take 16-bit inputs with
     ``out_dtype=torch.float32`` (fp32 products without rounding to 16 bits; fp32 accumulation
-    of the weight's gradient without a ``[vocab, hidden]`` temporary). Checked once, on values."""
+    of the weight's gradient without a ``[vocab, hidden]`` temporary). Checked once, on values,
+    on the GPU of the tensors at hand (not the current one); the check's one host read is not
+    reported by ``torch.cuda.set_sync_debug_mode``, since it happens once per process."""
     global _FP32_OUT
     if _FP32_OUT is None:
-        a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device="cuda")
+        debug_mode = torch.cuda.get_sync_debug_mode()
+        torch.cuda.set_sync_debug_mode(0)
         try:
-            mm_ok = bool(torch.equal(torch.mm(a, a, out_dtype=torch.float32),
-                                     torch.tensor([[7.0, 10.0], [15.0, 22.0]], device="cuda")))
-        except (TypeError, RuntimeError):
-            mm_ok = False
-        try:
-            acc = torch.ones(2, 2, device="cuda")
-            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-            addmm_ok = bool(torch.equal(acc, torch.tensor([[8.0, 11.0], [16.0, 23.0]], device="cuda")))
-        except (TypeError, RuntimeError):
-            addmm_ok = False
+            with torch.cuda.device(device):
+                a = torch.tensor([[1.0, 2.0], [3.0, 4.0]], dtype=torch.bfloat16, device=device)
+                try:
+                    mm_ok = bool(torch.equal(torch.mm(a, a, out_dtype=torch.float32),
+                                             torch.tensor([[7.0, 10.0], [15.0, 22.0]], device=device)))
+                except (TypeError, RuntimeError):
+                    mm_ok = False
+                try:
+                    acc = torch.ones(2, 2, device=device)
+                    torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                    addmm_ok = bool(torch.equal(acc, torch.tensor([[8.0, 11.0], [16.0, 23.0]], device=device)))
+                except (TypeError, RuntimeError):
+                    addmm_ok = False
+        finally:
+            torch.cuda.set_sync_debug_mode(debug_mode)
         _FP32_OUT = (mm_ok, addmm_ok)
     return _FP32_OUT
 
@@ -135,7 +143,7 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     not rounded to 16 bits before the softmax."""
     if weight.dtype == torch.float32:
         out = hidden.float() @ weight.t()
-    elif _fp32_out_support()[0]:
+    elif _fp32_out_support(hidden.device)[0]:
         out = torch.mm(hidden, weight.t(), out_dtype=torch.float32)
     else:
         # torch without mm(out_dtype=): products rounded to 16 bits, then widened.
@@ -149,7 +157,7 @@ def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch
     """``grad_weight += g.T @ h`` in fp32; ``g`` and ``h`` share a dtype."""
     if g.dtype == torch.float32:
         grad_weight.addmm_(g.t(), h)
-    elif g.is_cuda and _fp32_out_support()[1]:
+    elif g.is_cuda and _fp32_out_support(g.device)[1]:
         torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
     else:  # 16-bit product rounded to 16 bits, then accumulated in fp32
         grad_weight.add_((g.t() @ h).float())
@@ -159,7 +167,7 @@ def _hidden_grad(out: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> No
     """``out = g @ weight`` into fp32 rows ``out``; ``g`` and ``weight`` share a dtype."""
     if g.dtype == torch.float32:
         torch.mm(g, weight, out=out)
-    elif g.is_cuda and _fp32_out_support()[0]:
+    elif g.is_cuda and _fp32_out_support(g.device)[0]:
         out.copy_(torch.mm(g, weight, out_dtype=torch.float32))
     else:  # 16-bit product rounded to 16 bits, then widened
         out.copy_(g @ weight)

@@ -278,6 +278,26 @@ def test_gpu_forward_and_backward_do_not_sync():
 
 
 @pytest.mark.gpu
+def test_gpu_capability_probe_passes_sync_debug(monkeypatch):
+    # The one-time check of mm(out_dtype=) reads its result on the host: under
+    # set_sync_debug_mode("error") a first call raised there. It also runs on the tensors' GPU.
+    from kdfast.losses import fused_linear
+    case, labels = make(tokens=64, vocab=256, teacher_vocab=256, dtype=torch.bfloat16, seed=12)
+    args = [case[k].cuda() for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    labels = labels.cuda()
+    expected = fused_linear_kd(*args, labels)  # compiles the kernels, runs the probe once
+    monkeypatch.setattr(fused_linear, "_FP32_OUT", None)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = fused_linear_kd(*args, labels)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert fused_linear._FP32_OUT is not None
+    torch.testing.assert_close(loss, expected)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("weight_hard", [0.0, 0.5])
 def test_gpu_bf16_gradients_match_reference(weight_hard):
     """The bf16 GPU path: chunk gradients stored in bf16 by the kernel (or fp32 with the hard
