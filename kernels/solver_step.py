@@ -72,7 +72,8 @@ def _solver_step_kernel(
         x0 = tl.where(x0 < -clip_value, -clip_value, tl.where(x0 > clip_value, clip_value, x0))
     elif THRESHOLD == 2:
         s = tl.load(dyn_ptr + b)
-        x0 = tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)) / s
+        # IEEE division, as torch and the C++/CUDA kernels divide (compiled fp32 `/` is within 2 ulp)
+        x0 = tl.div_rn(tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)), s)
     h0 = _load(h0_ptr, s_h0, b, offs, mask, HAS_H0)
     h1 = _load(h1_ptr, s_h1, b, offs, mask, HAS_H1)
     h2 = _load(h2_ptr, s_h2, b, offs, mask, HAS_H2)

@@ -53,6 +53,9 @@ class _TargetOnlyDriver:
 # Kernels that round every product before adding it (bit-identical to the CPU and CUDA ones):
 # compiled without FMA contraction, which their PTX must show.
 UNFUSED = {"_grid_combination_kernel"}
+# Kernels whose fp32 divisions round as IEEE (tl.div_rn), as torch's and the CUDA kernels' do:
+# compiled `/` is div.full.f32, within 2 ulp (a clamped x0 / s could miss +-1).
+IEEE_DIVISION = {"_solver_step_kernel"}
 LAUNCHES: Counter = Counter()  # compile-only launches per kernel (repeats hit the cache)
 SECONDS: Counter = Counter()
 
@@ -66,6 +69,8 @@ def _compile_only(self, grid):
             raise RuntimeError(f"{name}: no cubin produced")
         if name in UNFUSED and "fma.rn.f32" in kernel.asm.get("ptx", ""):
             raise RuntimeError(f"{name}: products fused into sums (fma.rn.f32 in its PTX)")
+        if name in IEEE_DIVISION and any(op in kernel.asm.get("ptx", "") for op in ("div.full.f32", "div.approx")):
+            raise RuntimeError(f"{name}: an approximate division in its PTX")
         LAUNCHES[name] += 1
         SECONDS[name] += time.perf_counter() - start
         return kernel
