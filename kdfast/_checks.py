@@ -18,6 +18,14 @@ def is_integer_at_least(value, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
+def is_finite_number(value) -> bool:
+    """``math.isfinite(value)`` for a float that may be a ``torch.SymFloat``: under
+    ``torch.compile`` a number that changes between calls (an annealed temperature, a default
+    derived from a dynamic shape) becomes symbolic, and ``math.isfinite`` breaks the graph;
+    the comparison traces (as a guard) and means the same: False for inf and NaN."""
+    return value - value == 0
+
+
 def check_count(name: str, value, minimum: int) -> int:
     """``value`` as an int, or a ValueError naming ``name`` when it is not an integer (Python or
     numpy, not a bool or a float) >= ``minimum``: the settings of schedulers and training runs."""

@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .._checks import is_finite_number
 from .kd import _check_int, _check_temperature, kd_loss
 
 
@@ -136,7 +137,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         cost = 1.0 - torch.eye(classes, device=student_logits.device)
     if not isinstance(cost, torch.Tensor) or cost.shape != (classes, classes):
         raise ValueError(f"cost must be a [{classes}, {classes}] tensor")
-    if not (math.isfinite(float(epsilon)) and float(epsilon) > 0):
+    if not (is_finite_number(float(epsilon)) and float(epsilon) > 0):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     iterations = _check_int("iterations", iterations, minimum=1)
     log_a = torch.log_softmax(teacher_logits.float() / temperature, dim=1)  # source: teacher

@@ -5,13 +5,12 @@ The divergence of every token and its gradient come from one fused kernel
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Union
 
 import torch
 from torch import nn
 
-from .._checks import check_int as _check_int
+from .._checks import check_int as _check_int, is_finite_number
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
 from ..reference import kd_divergence as ref
 
@@ -21,7 +20,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 def _check_temperature(temperature: float) -> float:
     """``temperature`` as a float, if it is a positive finite number (every loss's check)."""
     temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
 

@@ -24,6 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _ext, backends
+from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
                        sample_layout)
@@ -91,7 +92,7 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from None
-    if not math.isfinite(v):
+    if not is_finite_number(v):
         raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")

@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _ext, backends
+from .._checks import is_finite_number
 from ..reference import group_norm as ref
 from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device
 
@@ -91,7 +92,7 @@ def _check_eps(eps) -> float:
         value = float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
-    if not (math.isfinite(value) and value >= 0):
+    if not (is_finite_number(value) and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return value
 

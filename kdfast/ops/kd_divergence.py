@@ -10,13 +10,12 @@ This module is the only place where these tensors become addresses.
 # (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
 # an op's signature as types and refuses them as strings.)
 
-import math
 from typing import Optional, Tuple
 
 import torch
 
 from .. import _ext, backends
-from .._checks import check_int
+from .._checks import check_int, is_finite_number
 from ..reference import kd_divergence as ref
 from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device
 
@@ -85,10 +84,10 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = float(temperature)
-    if not (math.isfinite(temperature) and temperature > 0):
+    if not (is_finite_number(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = float(loss_scale)
-    if not math.isfinite(loss_scale):
+    if not is_finite_number(loss_scale):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale
 

@@ -225,3 +225,19 @@ def test_label_checks_do_not_break_a_full_graph(loss):
     torch._dynamo.reset()
     compiled = torch.compile(lambda s, t: loss(s, t, labels), backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(s, t), loss(s, t, labels))
+
+
+@pytest.mark.parametrize("loss", [
+    lambda s, t, labels, temperature: hinton_kd_loss(s, t, labels, temperature=temperature, alpha=0.5),
+    lambda s, t, labels, temperature: dkd_loss(s, t, labels, temperature=temperature),
+    lambda s, t, labels, temperature: sinkhorn_kd_loss(s, t, temperature=temperature, iterations=3),
+], ids=["hinton", "dkd", "sinkhorn"])
+def test_a_changing_temperature_does_not_break_a_full_graph(loss):
+    # An annealed temperature becomes symbolic on its second value: the finiteness check must
+    # trace (math.isfinite of a SymFloat broke the graph).
+    labels = torch.tensor([1, 2, 3])
+    s, t = torch.randn(3, 5, generator=torch.Generator().manual_seed(0)), torch.randn(3, 5)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for temperature in (2.0, 3.0, 4.5):
+        torch.testing.assert_close(compiled(s, t, labels, temperature), loss(s, t, labels, temperature))

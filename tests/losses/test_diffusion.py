@@ -271,3 +271,17 @@ def test_integer_per_sample_weights_and_c_equal_float_ones(dtype):
     want = dl.pseudo_huber_loss(x, y, c=c.float(), weights=weights.float(), reduction="none")
     torch.testing.assert_close(got, want, rtol=0, atol=0)
     assert got[1] == 0 and got[0] != 0
+
+
+def test_default_c_on_dynamic_shapes_does_not_break_a_full_graph():
+    # iCT's default c = 0.00054 sqrt(d) is symbolic once the sample size is (a second resolution
+    # under automatic dynamic shapes): its finiteness check must trace.
+    def loss(x, y):
+        return dl.pseudo_huber_loss(x, y)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for side in (4, 8, 16):
+        g = torch.Generator().manual_seed(side)
+        x, y = torch.randn(2, 3, side, side, generator=g), torch.randn(2, 3, side, side, generator=g)
+        torch.testing.assert_close(compiled(x, y), loss(x, y))
