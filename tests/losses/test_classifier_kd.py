@@ -152,6 +152,10 @@ def test_sinkhorn_gradients_are_finite_for_confident_rows_and_few_iterations():
     (lambda s, t, y: dkd_loss(s, t, y, temperature=0), ValueError, "temperature"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, torch.ones(3, 3)), ValueError, "cost must be"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=0), ValueError, "epsilon must be"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, 1 - torch.eye(5, dtype=torch.int64)), TypeError, "cost must be a floating"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, torch.full((5, 5), float("inf"))), ValueError, "cost must be finite"),
+    (lambda s, t, y: dkd_loss(s, t, y, alpha=float("nan")), ValueError, "alpha must be"),
+    (lambda s, t, y: dkd_loss(s, t, y, beta=-8.0), ValueError, "beta must be"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, iterations=0), ValueError, "iterations must be"),
 ])
 def test_bad_input(call, error, match):
@@ -241,3 +245,18 @@ def test_a_changing_temperature_does_not_break_a_full_graph(loss):
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for temperature in (2.0, 3.0, 4.5):
         torch.testing.assert_close(compiled(s, t, labels, temperature), loss(s, t, labels, temperature))
+
+
+def test_float64_logits_are_computed_in_float64():
+    # as kd_loss computes them: gradcheck needs it, and float32 left DKD 1e-6 off its float64 value
+    s, t = logits((4, 10), 20).double().requires_grad_(True), logits((4, 10), 21).double()
+    labels = torch.tensor([0, 3, 9, 5])
+    for loss in (lambda z: hinton_kd_loss(z, t, labels, temperature=4.0, alpha=0.5),
+                 lambda z: dkd_loss(z, t, labels, temperature=4.0),
+                 lambda z: sinkhorn_kd_loss(z, t, iterations=5)):
+        assert loss(s).dtype == torch.float64
+        assert torch.autograd.gradcheck(loss, (s,))
+    ours = dkd_loss(s, t, labels, temperature=4.0)
+    torch.testing.assert_close(ours, dkd_float64(s.detach(), t, labels, 1.0, 8.0, 4.0), rtol=1e-12, atol=0)
+    # float32 and 16-bit logits are still computed (and returned) in float32
+    assert dkd_loss(s.detach().half(), t.half(), labels).dtype == torch.float32
