@@ -706,3 +706,19 @@ def test_vmap_is_refused_by_name_or_batched():
         assert "kdfast::diffusion_loss" in str(e)
     else:
         torch.testing.assert_close(got, torch.stack([ops.pseudo_huber(a, b, c=0.1) for a, b in zip(x, y)]))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_pseudo_huber_far_below_c_does_not_cancel(backend, elementwise):
+    # sqrt(s + c^2) - c loses s where s << c^2: the reference read 2% low at |d| = 1e-7, c = 1,
+    # and 0 at c = 1e30; every backend computes s / (sqrt(s + c^2) + c)
+    x, y = torch.tensor([[1e-7, 0.0, 0.0, 0.0], [1.0, 1.0, 0.0, 0.0]]), torch.zeros(2, 4)
+    c = torch.tensor([1.0, 1e30])
+    if elementwise:  # the mean of per-element terms d^2 / (sqrt(d^2 + c^2) + c)
+        expected = [1e-14 / (math.sqrt(1e-14 + 1.0) + 1.0) / 4, 2.0 / (2e30 * 4)]
+    else:  # s / (sqrt(s + c^2) + c) with s = ||d||^2
+        expected = [1e-14 / (math.sqrt(1e-14 + 1.0) + 1.0), 2.0 / 2e30]
+    expected = torch.tensor(expected, dtype=torch.float64)
+    got = ops.pseudo_huber(x, y, c=c, elementwise=elementwise, backend=backend)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-6, atol=0)
