@@ -817,46 +817,54 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
 
 
 def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: Optional[float], cond, uncond,
-                  timesteps: Sequence[Any]):
+                  timesteps: Sequence[Any], sigma_follows_x: bool = False):
     """``evaluate(x, key) -> (model_output, cond_output or None)``; ``key`` picks a precomputed
-    time argument: a sigma (sigma path) or the timestep tensor itself (scheduler path)."""
+    time argument: a sigma (sigma path) or the timestep tensor itself (scheduler path).
+
+    Sigma arguments are made once, in x's dtype, as k-diffusion's ``s_in`` is; with
+    ``sigma_follows_x`` (DPM-Solver-Fast, whose k-diffusion code makes them from the current x)
+    a sample promoted to a wider denoiser output's dtype gets them in that dtype from then on."""
     B = x.shape[0]
+    batched = (guidance is not None and guidance != 1.0 and isinstance(cond, torch.Tensor)
+               and isinstance(uncond, torch.Tensor) and cond.dim() > 0 and cond.shape == uncond.shape
+               and cond.shape[0] == B)
+    rows = 2 * B if batched else B
     sigma_args = {}
+
+    def sigma_arg(key, x):
+        if not isinstance(key, float):
+            return key
+        slot = (key, x.dtype if sigma_follows_x else None)
+        arg = sigma_args.get(slot)
+        if arg is None:  # the first call at a promoted dtype (outside any capture: warm-ups run first)
+            arg = sigma_args[slot] = x.new_full((rows,), key)
+        return arg
+
+    for t in timesteps:
+        sigma_arg(t, x)
+
     if guidance is None or guidance == 1.0:
         kwargs = dict(extra_args)
         if cond is not None or guidance is not None:
             kwargs["cond"] = cond
-        for t in timesteps:
-            if isinstance(t, float):
-                sigma_args[t] = x.new_full((B,), t)
 
         def evaluate(x, key):
-            return model(x, sigma_args.get(key, key) if isinstance(key, float) else key, **kwargs), None
+            return model(x, sigma_arg(key, x), **kwargs), None
         return evaluate
 
-    batched = (isinstance(cond, torch.Tensor) and isinstance(uncond, torch.Tensor) and cond.dim() > 0
-               and cond.shape == uncond.shape and cond.shape[0] == B)
     if batched:
         cond2 = torch.cat([uncond, cond])
-        for t in timesteps:
-            if isinstance(t, float):
-                sigma_args[t] = x.new_full((2 * B,), t)
 
         def evaluate(x, key):
-            arg = sigma_args[key] if isinstance(key, float) else key
-            out = model(torch.cat([x, x]), arg, cond=cond2, **extra_args)
+            out = model(torch.cat([x, x]), sigma_arg(key, x), cond=cond2, **extra_args)
             if not isinstance(out, torch.Tensor) or out.dim() == 0 or out.shape[0] != 2 * B:
                 raise ValueError(f"the denoiser must return a tensor of batch {2 * B} for the doubled CFG batch")
             u, c = out.chunk(2)
             return u, c
         return evaluate
 
-    for t in timesteps:
-        if isinstance(t, float):
-            sigma_args[t] = x.new_full((B,), t)
-
     def evaluate(x, key):
-        arg = sigma_args[key] if isinstance(key, float) else key
+        arg = sigma_arg(key, x)
         return model(x, arg, cond=uncond, **extra_args), model(x, arg, cond=cond, **extra_args)
     return evaluate
 
@@ -952,7 +960,8 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
     cb_sigmas = _callback_sigmas(sigmas, host, plan) if with_callback else None
 
     def run(x, cond, uncond, callback=None, bar=None):
-        evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas)
+        evaluate = _model_caller(model, x, extra_args, guidance, cond, uncond, model_sigmas,
+                                 sigma_follows_x=name == "dpm_fast")
         return _execute(plan, x, evaluate, noise_sampler, guidance, callback, cb_sigmas, bar)
     return _Loop(run, plan.steps, lambda: None)
 

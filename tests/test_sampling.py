@@ -866,6 +866,23 @@ def test_dpm_fast_calls_the_model_n_times_once_per_kernel(counted):
     assert [float(info["sigma"]) for info in infos] == pytest.approx(sigmas[:-1])
 
 
+def test_dpm_fast_with_half_x_and_a_float32_denoiser_calls_it_at_float32_sigmas():
+    # k-diffusion's DPM-Solver-Fast makes each sigma argument from the current x, which its
+    # arithmetic promotes to the denoiser's float32 after the first call; sigmas kept in float16
+    # (3 digits) put the result 3e-4 off the float64 run instead of 1e-6.
+    seen = []
+
+    def wide(x, sigma):
+        seen.append(sigma.dtype)
+        return denoiser(x.float(), sigma.float())
+
+    x = initial(torch.float16)
+    got = S.sample_dpm_fast(wide, x, FAST_MIN, FAST_MAX, 9, disable=True)
+    assert seen == [torch.float16] + [torch.float32] * 8 and got.dtype == torch.float32
+    expected = S.sample_dpm_fast(denoiser, x.double(), FAST_MIN, FAST_MAX, 9, disable=True)
+    assert rel_err(got, expected) <= 1e-5
+
+
 def test_dpm_fast_matches_k_diffusion(kds):
     """k-diffusion runs DPM-Solver-Fast's times in float32 (its ``torch.linspace``), so the two
     agree to float32 rounding of the step boundaries; the noise is keyed coarsely enough that
