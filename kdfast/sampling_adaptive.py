@@ -45,6 +45,12 @@ from .schedulers._linear import AUX, H0, H1, NOISE, X, X0, Lin
 
 __all__ = ["sample_dpm_adaptive"]
 
+# Rejected attempts in a row after which the loop gives up. A rejection shrinks h by its step
+# factor, below accept_safety: at k-diffusion's 0.81 this many leave h a factor 1e-92 smaller. An
+# accept_safety above 1 can let the controller settle at error ~1 with a factor ~1, where every
+# attempt is rejected and h stays put (k-diffusion loops forever there).
+_MAX_REJECTIONS_IN_A_ROW = 1000
+
 _HISTORY_NAMES = ("h0", "h1", "h2")
 
 
@@ -247,7 +253,9 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     results agree to float32 rounding of the times, ~1e-6, and float64 results to ~1e-15 with
     k-diffusion run under ``torch.set_default_dtype(torch.float64)``); reverse sampling
     (``sigma_min > sigma_max``) is refused; ``rtol == atol == 0``, ``h_init == 0``, an
-    unreachable ``accept_safety`` and a NaN error estimate raise instead of looping forever.
+    unreachable ``accept_safety``, 1000 rejected attempts in a row (an ``accept_safety`` above 1
+    can let the controller settle where every attempt is rejected) and a NaN error estimate
+    raise instead of looping forever.
     """
     _sampling._check_x(x)
     (sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, eta,
@@ -282,6 +290,7 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
     info = {'steps': 0, 'nfe': 0, 'n_accept': 0, 'n_reject': 0}
     # rtol * |x_prev|, x_prev being the last accepted x_low (x at the start)
     prev_scaled = x.to(compute).abs().mul_(rtol)
+    rejected_in_a_row = 0
     while s < t_end - 1e-5:
         t = min(t_end, s + pid.h)
         if eta:
@@ -322,8 +331,16 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
             x = x_high
             s = t
             info['n_accept'] += 1
+            rejected_in_a_row = 0
         else:
             info['n_reject'] += 1
+            rejected_in_a_row += 1
+            if rejected_in_a_row >= _MAX_REJECTIONS_IN_A_ROW:
+                raise RuntimeError(
+                    f"sample_dpm_adaptive: {rejected_in_a_row} attempts in a row were rejected at sigma {sig(s):.6g} "
+                    f"(step size {pid.h:.3g}, error {err:.3g}): no step passes accept_safety={accept_safety} here"
+                    + (" (above 1, the controller can settle where every attempt is rejected; k-diffusion's "
+                       "default is 0.81)" if accept_safety > 1 else ""))
         info['nfe'] += order
         info['steps'] += 1
         if callback is not None:

@@ -421,3 +421,20 @@ def test_nan_model_output_raises_instead_of_looping():
 
     with pytest.raises(FloatingPointError, match="NaN"):
         sample_dpm_adaptive(nan_model, initial(shape=SHAPE), SIGMA_MIN, SIGMA_MAX, disable=True)
+
+
+def test_an_accept_safety_no_attempt_passes_raises_instead_of_looping():
+    # With accept_safety 1.2 the controller settles at error ~1, step factor ~1: every attempt
+    # is rejected and h stays put (k-diffusion loops forever here)
+    attempts = []
+
+    def stop_runaway(info):
+        attempts.append(1)
+        if len(attempts) > 1100:
+            raise AssertionError("still sampling after 1100 attempts")
+
+    x = initial(torch.float64, shape=(2, 3, 5, 7)) / SIGMA_MAX
+    with pytest.raises(RuntimeError, match="1000 attempts in a row were rejected.*accept_safety=1.2"):
+        sample_dpm_adaptive(denoiser, x, 0.1, 1.0, order=2, rtol=0.0, h_init=0.001, accept_safety=1.2,
+                            callback=stop_runaway, disable=True)
+    assert len(attempts) < 1100
