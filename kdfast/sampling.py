@@ -20,12 +20,22 @@ Dtypes: ``x`` may be float32, float16, bfloat16 or float64. float16/bfloat16 lat
 with float32 math (and, where the denoiser returns a wider dtype, continue in it, as
 k-diffusion's arithmetic promotes them); float64 latents in float64, by the op's reference backend (the compiled
 kernels stop at float32) and with the coefficient table kept in float64, so a float64 loop
-matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15.
+matches k-diffusion's float64 samplers (float64 sigmas) to rounding, ~1e-15. The result has
+x's dtype, or a wider denoiser output's. k-diffusion's arithmetic also promotes x to the
+sigmas' dtype, which kdfast does not follow: with float16 latents and float32 sigmas,
+k-diffusion's Euler, Heun, DPM-2, LMS and ancestral samplers return float32 (kdfast float16,
+from the same float32 step math), and with float32 latents and float64 sigmas, float64. Where
+k-diffusion ends on ``x = denoised`` (DPM-Solver++ 2M/3M SDE, LCM), it returns the denoiser's
+dtype even when narrower; kdfast returns x's.
 
 Sigmas: a strictly decreasing list ending at 0 or above; a single value is a loop of no steps
 (the sampler returns ``x``), as in k-diffusion.
 
-Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` and,
+Noise: SDE and ancestral samplers take k-diffusion's ``noise_sampler(sigma, sigma_next)`` (called
+with Python floats where k-diffusion passes 0-d tensors; DPM-Solver++ SDE's stage sigmas are
+computed in the sigmas' dtype, as k-diffusion computes them, so a Brownian tree gives its
+draws; k-diffusion's own tree rounds Python floats to float32, so with float64 sigmas use
+:class:`BrownianTreeNoiseSampler`) and,
 when none is given, draw ``torch.randn_like(x)`` from the global RNG (k-diffusion's default),
 or, with ``generator``, ``x``-shaped contiguous draws from it (diffusers' ``randn_tensor``;
 a list of one generator per sample draws each sample's noise from its own, as there).
@@ -633,9 +643,20 @@ def _plan_dpmpp_2s_ancestral(s, eta=1., s_noise=1.) -> _Plan:
     return b.plan()
 
 
-def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5) -> _Plan:
+def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: torch.dtype) -> Tuple[float, ...]:
+    """The sigmas k-diffusion's DPM-Solver++ SDE gives its noise sampler for one step,
+    ``sigma_fn(t), sigma_fn(t + r h), sigma_fn(t_next)``, computed as it computes them: with torch
+    ops in the sigmas' dtype. A Brownian tree queried at the float64 values instead (an ulp
+    away) draws other increments: 1e-4 off k-diffusion's samples with the same seed."""
+    t, t_next = (torch.tensor(v, dtype=dtype).log().neg() for v in (sigma, sigma_next))
+    s = t + (t_next - t) * r
+    return tuple(float(v.neg().exp()) for v in (t, s, t_next))
+
+
+def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5, sigmas_dtype="float32") -> _Plan:
     if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
         raise ValueError(f"r must be a positive number (the midpoint's fraction of the step), got {r!r}")
+    dtype = getattr(torch, sigmas_dtype)
     b = _Builder(s)
     fac = 1 / (2 * r)
     for i in range(b.n):
@@ -649,16 +670,17 @@ def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5) -> _Plan:
         sigma_t = math.exp(-t)
         sigma_s = math.exp(-(t + r * (t_next - t)))
         sigma_n = math.exp(-t_next)
+        noise_t, noise_s, noise_n = _noise_times_dpmpp_sde(sigma, sigma_next, r, dtype)
         # stage 1: ancestral step from sigma to sigma_s, keeping x (aux) and denoised (history)
         sd, su = get_ancestral_step(sigma_t, sigma_s, eta)
         a, c = _exp_step(sigma_t, sd)
-        stage, noise = _with_noise(a * X + c * X0, s_noise * su, (sigma_t, sigma_s))
+        stage, noise = _with_noise(a * X + c * X0, s_noise * su, (noise_t, noise_s))
         b.add(i, sigma, stage, history=X0, aux_from_x=True, noise=noise, end=False)
         # stage 2: ancestral step from sigma to sigma_next with the two denoised mixed
         sd, su = get_ancestral_step(sigma_t, sigma_n, eta)
         a, c = _exp_step(sigma_t, sd)
         update = a * AUX + c * ((1 - fac) * H0 + fac * X0)
-        update, noise = _with_noise(update, s_noise * su, (sigma_t, sigma_n))
+        update, noise = _with_noise(update, s_noise * su, (noise_t, noise_n))
         b.add(i, sigma_s, update, noise=noise, callback=False)
     return b.plan()
 
@@ -953,7 +975,10 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
-    plan = _plan(name, host, options or {})
+    options = dict(options or {})
+    if name == "dpmpp_sde":  # its noise sampler's arguments are computed in the sigmas' dtype
+        options["sigmas_dtype"] = str(sigmas.dtype).split(".")[-1] if isinstance(sigmas, torch.Tensor) else "float32"
+    plan = _plan(name, host, options)
     if noise_sampler is None:
         noise_sampler = default_noise_sampler(x, generator)
     model_sigmas = sorted({ev.sigma for ev in plan.evals if ev.model})

@@ -52,14 +52,16 @@ def karras(n=10, zero=True):
 
 class KeyedNoise:
     """noise_sampler whose draw depends only on (sigma, sigma_next): fused sampler and
-    reference get the same noise whatever order they draw it in."""
+    reference get the same noise whatever order they draw it in. Keyed on 4 decimals:
+    DPM-Solver++ SDE passes sigmas it recomputes as exp(-(-log sigma)) in the sigmas' dtype
+    (float32 here, as k-diffusion), the float64 reference in float64."""
 
     def __init__(self, shape, dtype):
         self.shape, self.dtype = shape, dtype
 
     def __call__(self, sigma, sigma_next):
         a, b = float(sigma), float(sigma_next)
-        seed = (int(round(a * 1e6)) * 1000003 + int(round(b * 1e6))) % (2 ** 62)
+        seed = (int(round(a * 1e4)) * 1000003 + int(round(b * 1e4))) % (2 ** 62)
         g = torch.Generator().manual_seed(seed)
         return torch.randn(self.shape, generator=g, dtype=torch.float64).to(self.dtype)
 
@@ -901,6 +903,25 @@ def test_dpm_fast_matches_k_diffusion(kds):
 
 
 # --------------------------------------------------------------------------- Brownian tree noise
+
+
+def test_dpmpp_sde_gives_the_noise_sampler_k_diffusions_float32_times():
+    # k-diffusion computes sigma_fn(t), sigma_fn(t + r h), sigma_fn(t_next) in the sigmas' dtype;
+    # a Brownian tree queried at the float64 values instead (an ulp away) drew other increments
+    x = initial()
+    for sigmas, r in ((karras(6), 0.5), (karras(5), 0.3), (karras(5).double(), 0.5)):
+        calls = []
+        S.sample_dpmpp_sde(denoiser, x.to(sigmas.dtype), sigmas, r=r, disable=True,
+                           noise_sampler=lambda a, b: calls.append((a, b)) or torch.zeros(SHAPE, dtype=sigmas.dtype))
+        expected = []
+        for i in range(len(sigmas) - 1):  # k-diffusion's sample_dpmpp_sde, transcribed
+            if sigmas[i + 1] == 0:
+                continue
+            t, t_next = sigmas[i].log().neg(), sigmas[i + 1].log().neg()
+            s = t + (t_next - t) * r
+            sigma_fn = [v.neg().exp().item() for v in (t, s, t_next)]
+            expected += [(sigma_fn[0], sigma_fn[1]), (sigma_fn[0], sigma_fn[2])]
+        assert calls == expected, (sigmas.dtype, r)
 
 
 def test_brownian_tree_noise_sampler():

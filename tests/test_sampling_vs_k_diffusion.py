@@ -68,3 +68,18 @@ def test_half_precision_x_with_a_float32_denoiser_matches_k_diffusion(kds, name)
     got = getattr(S, f"sample_{name}")(wide, x, sigmas, disable=True)
     assert got.dtype == want.dtype == torch.float32
     assert (got - want).abs().max() / max(1.0, want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("sigmas", [S.get_sigmas_karras(3, 0.1, 5.0), S.get_sigmas_karras(10, 0.03, 80.0)])
+def test_dpmpp_sde_with_brownian_trees_of_one_seed_matches_k_diffusion(kds, sigmas):
+    # the tree is queried at k-diffusion's float32 sigma_fn(t) values: at the float64 ones (an ulp
+    # away) it drew other increments, 1e-4 off
+    pytest.importorskip("torchsde")
+    x = torch.randn((2, 3, 5, 7), generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    want = kds.sample_dpmpp_sde(denoiser, x, sigmas, disable=True,
+                                noise_sampler=kds.BrownianTreeNoiseSampler(x, lo, hi, seed=42))
+    for tree in (kds.BrownianTreeNoiseSampler(x, lo, hi, seed=42),
+                 S.BrownianTreeNoiseSampler(x, float(lo), float(hi), seed=42)):
+        got = S.sample_dpmpp_sde(denoiser, x, sigmas, disable=True, noise_sampler=tree)
+        assert (got - want).abs().max() / max(1.0, want.abs().max()) <= 1e-5
