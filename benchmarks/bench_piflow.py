@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Optional
 
 import torch
 from _common import check_device, device_name, int_at_least, merge_rows, quiet_stderr, sync
@@ -62,7 +63,7 @@ def quartiles_us(times):
 
 def model_output(x: torch.Tensor, n_grid: int, t: float, dtype) -> torch.Tensor:
     """A deterministic widened output: n_grid different functions of x."""
-    grid = torch.arange(n_grid, dtype=torch.float32).repeat_interleave(x.shape[-1]) * 0.1
+    grid = torch.arange(n_grid, dtype=torch.float32, device=x.device).repeat_interleave(x.shape[-1]) * 0.1
     return (torch.sin(1.3 * x.float().repeat(*([1] * (x.dim() - 1)), n_grid) + grid) * 0.6 + t / 1000).to(dtype)
 
 
@@ -145,7 +146,9 @@ def candidates(x: torch.Tensor, m: torch.Tensor, a: float, ws: list) -> dict:
     return cands
 
 
-def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device) -> list:
+def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device, out: Optional[str] = None) -> list:
+    """Measure every (shape, dtypes) pair; each row is merged into ``out`` as soon as it is measured
+    (a run cut short keeps what it measured)."""
     import diffusers
 
     rows = []
@@ -206,6 +209,8 @@ def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device) -> list
                                             for name, fn in candidates(xs, outputs[1], a, ws).items()}
             rows.append(row)
             print_row(row)
+            if out:
+                merge_rows(out, [row])
     return rows
 
 
@@ -240,9 +245,8 @@ def main(argv=None) -> None:
         dtypes = dtypes[:2]
     print(f"PiflowScheduler step, {STEPS}-step schedule, n_grid={args.n_grid}, torch {torch.__version__}, "
           f"on {device_name(device)}")
-    rows = run(shapes, args.n_grid, repeats, dtypes, device)
+    rows = run(shapes, args.n_grid, repeats, dtypes, device, args.out)
     if args.out:
-        merge_rows(args.out, rows)
         print(f"wrote {len(rows)} rows to {args.out}")
 
 

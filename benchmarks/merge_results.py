@@ -17,7 +17,7 @@ from _common import RESULTS_DIR, merge_rows
 
 RESULTS = RESULTS_DIR
 KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "bench_inference.json",
-         "ncu_solver_bytes.json")
+         "bench_piflow.json", "ncu_solver_bytes.json")
 
 
 def main(argv: Optional[List[str]] = None) -> None:

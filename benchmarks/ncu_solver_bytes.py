@@ -4,8 +4,11 @@ pi-Flow's step (one ``grid_combination`` kernel: the sample and each used grid p
 
 Runs itself under ``ncu`` and reads, for every launch of the step kernel, the L2 traffic the
 kernel asked for (``lts__t_sectors_srcunit_tex_op_read/write``, 32-byte sectors: what left the
-SM, whatever L2 then did with it) and the DRAM bytes (with ncu's default cache flush before
-each launch). The last launch of each solver is a steady-state step (full history).
+SM, whatever L2 then did with it), the figure held against the lower bound, and the DRAM bytes
+(with ncu's default cache flush before each launch). DRAM writes are reported apart and not
+as traffic: a latent of this size fits the write-back L2, which still holds most of the
+kernel's writes when it ends. The last launch of each solver is a steady-state step (full
+history).
 
     python benchmarks/ncu_solver_bytes.py            # needs ncu and a CUDA GPU
 Writes JSON rows to benchmarks/results/ncu_solver_bytes.json.
@@ -89,10 +92,10 @@ def parse_ncu_csv(text: str) -> List[Dict[str, float]]:
 
 def _row(name: str, shape, launch: Dict[str, float], bound: float) -> Dict:
     l2 = 32 * (launch["lts__t_sectors_srcunit_tex_op_read.sum"] + launch["lts__t_sectors_srcunit_tex_op_write.sum"])
-    dram = launch["dram__bytes_read.sum"] + launch["dram__bytes_write.sum"]
     return {"op": f"scheduler_step:{name}", "shape": list(shape), "dtype": "float32", "kernel": launch["kernel"][:80],
-            "l2_bytes": l2, "dram_bytes": dram, "lower_bound_bytes": bound, "l2_ratio": l2 / bound,
-            "dram_ratio": dram / bound}
+            "l2_bytes": l2, "lower_bound_bytes": bound, "l2_ratio": l2 / bound,
+            "dram_read_bytes": launch["dram__bytes_read.sum"],
+            "dram_write_bytes_during_kernel": launch["dram__bytes_write.sum"]}
 
 
 def piflow_lower_bound(itemsize: int) -> float:
@@ -106,14 +109,14 @@ def piflow_lower_bound(itemsize: int) -> float:
     return math.prod(PIFLOW_SHAPE) * itemsize * (2 + used)
 
 
-def summarise(launches: List[Dict[str, float]], itemsize: int) -> List[Dict]:
+def summarise(launches: List[Dict[str, float]], itemsize: int, ncu_output: str = "") -> List[Dict]:
     from bench_solvers import kdfast_bytes_per_step  # the byte accounting of the main benchmark
 
     steps = [launch for launch in launches if "solver_step" in launch["kernel"]]
     grid = [launch for launch in launches if "grid_combination" in launch["kernel"]]
     if len(steps) != STEPS * len(SOLVERS) or len(grid) != PIFLOW_STEPS:
         raise SystemExit(f"expected {STEPS * len(SOLVERS)} solver-step and {PIFLOW_STEPS} grid-combination kernel "
-                         f"launches, ncu reported {len(steps)} and {len(grid)}")
+                         f"launches, ncu reported {len(steps)} and {len(grid)}; its output ended:\n{ncu_output[-3000:]}")
     numel = math.prod(SHAPE)
     rows = []
     for k, name in enumerate(SOLVERS):
@@ -167,18 +170,21 @@ def main() -> None:
         raise SystemExit(f"ncu failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
     import torch
 
-    rows = summarise(parse_ncu_csv(done.stdout), itemsize=4)
+    rows = summarise(parse_ncu_csv(done.stdout), itemsize=4, ncu_output=done.stdout + done.stderr)
     device = torch.cuda.get_device_name()
     print(f"fused solver step, {'x'.join(map(str, SHAPE))} fp32 (pi-Flow: {'x'.join(map(str, PIFLOW_SHAPE))}), "
           f"on {device}: bytes per steady-state step")
-    print(f"{'solver':<14}{'lower bound':>14}{'L2 traffic':>14}{'x LB':>7}{'DRAM':>14}{'x LB':>7}")
+    print(f"{'solver':<14}{'lower bound':>14}{'L2 traffic':>14}{'x LB':>7}{'DRAM reads':>14}{'DRAM writes*':>14}")
     for r in rows:
         r["device"] = device
         print(f"{r['op'].split(':')[1]:<14}{r['lower_bound_bytes']:>14,.0f}{r['l2_bytes']:>14,.0f}{r['l2_ratio']:>7.2f}"
-              f"{r['dram_bytes']:>14,.0f}{r['dram_ratio']:>7.2f}")
+              f"{r['dram_read_bytes']:>14,.0f}{r['dram_write_bytes_during_kernel']:>14,.0f}")
+    print("* written back to DRAM while the kernel ran; the write-back L2 holds the rest")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
+    tmp = f"{args.out}.tmp"
+    with open(tmp, "w") as f:  # then renamed: a run killed while writing leaves the old file whole
         json.dump(rows, f, indent=1)
+    os.replace(tmp, args.out)
     print(f"wrote {len(rows)} rows to {args.out}")
 
 
