@@ -10,7 +10,7 @@ from ._config import register_to_config
 from ._linear import AUX, NOISE, X, X0, Lin
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
 from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
-from .euler_discrete import (_reject_integer_timestep, _SigmaScheduler, check_sigma_options, converted_sigmas,
+from .euler_discrete import (_SigmaScheduler, check_sigma_options, converted_sigmas,
                              spaced_timesteps, train_sigmas)
 from .lms_discrete import SIGMA_PREDICTION_TYPES, sigma_derivative, sigma_x0
 
@@ -170,7 +170,6 @@ class _KDPM2Scheduler(_SigmaScheduler):
 
     def _stage(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
                return_pred_original_sample: bool) -> SchedulerOutput:
-        _reject_integer_timestep(timestep, type(self).__name__)
         self._require_table()
         self._check_step_inputs(model_output, sample)
         k = self._index_for_step(timestep)

@@ -12,7 +12,7 @@ from ._linear import HISTORY, MODEL, ZERO, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, karras_sigmas, noise_schedule,
                         sigma_to_t)
 from .base import GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
-from .euler_discrete import (_reject_integer_timestep, _SigmaScheduler, check_sigma_options, converted_sigmas,
+from .euler_discrete import (_SigmaScheduler, check_sigma_options, converted_sigmas,
                              spaced_timesteps, train_sigmas)
 
 SIGMA_PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -234,7 +234,6 @@ class LMSDiscreteScheduler(_SigmaScheduler):
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               order: int = 4, return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
-        _reject_integer_timestep(timestep, type(self).__name__)
         order = check_order(order)
         self._require_table()
         self._check_step_inputs(model_output, sample)

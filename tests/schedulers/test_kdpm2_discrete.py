@@ -267,7 +267,9 @@ def test_bad_step_input():
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
         kd.set_timesteps(0)
     kd.set_timesteps(3)
-    with pytest.raises(ValueError, match="integer indices"):
+    # an integer is looked up as a timestep value, as diffusers does (only its Euler-type
+    # schedulers refuse integers, as indices from enumerate()): 1 is not in the schedule
+    with pytest.raises(IndexError, match="timestep 1 is not one of the schedule's"):
         kd.step(x, 1, x)
     with pytest.raises(ValueError, match="does not match sample shape"):
         kd.step(x[:1], kd.timesteps[0], x)
@@ -294,3 +296,16 @@ def test_timestep_lookup_needs_no_host_read():
         with no_host_reads():
             x = kd.step(m, t, x).prev_sample
     assert torch.isfinite(x).all()
+
+
+def test_integer_timesteps_step_as_their_values():
+    # 999, the first timestep, as a Python int or an int64 tensor: diffusers steps these
+    x = initial_sample()
+    results = []
+    for form in (lambda t: t, int, lambda t: t.long()):
+        kd = KDPM2DiscreteScheduler()
+        kd.set_timesteps(5)
+        t = form(kd.timesteps[0])
+        results.append(kd.step(dummy_model(x, kd.timesteps[0]), t, kd.scale_model_input(x, t)).prev_sample)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
