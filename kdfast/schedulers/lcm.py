@@ -47,6 +47,10 @@ class LCMScheduler(FusedScheduler):
     writing the denoised sample (boundary-condition scalings applied to the, optionally clipped
     or thresholded, x0) and the next sample, which
     re-noises it with noise drawn from the caller's generator exactly as diffusers draws it.
+
+    A step past the end of the schedule is an IndexError, where diffusers steps again at the
+    last timestep, re-noising the denoised sample to that same timestep (and
+    ``set_timesteps(0)`` a ValueError, where diffusers makes an empty schedule).
     """
 
     _diffusers_name = "LCMScheduler"

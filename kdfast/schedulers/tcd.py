@@ -37,6 +37,7 @@ class TCDScheduler(LCMScheduler):
     looks up its coefficients by indexing tables with the (device) timestep, a host sync per
     step; here they are computed on the host, once per (timestep, eta). As in diffusers, the
     clipping and thresholding options are recorded in the config and not applied by the step.
+    A step past the end of the schedule is an IndexError, as for ``LCMScheduler``.
     """
 
     _diffusers_name = "TCDScheduler"
