@@ -70,6 +70,12 @@ def register_to_config(init):
     return wrapper
 
 
+# diffusers' download options of load_config / from_pretrained: nothing to do for local files
+_HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "use_auth_token", "local_files_only", "revision",
+                "user_agent", "resume_download", "output_loading_info", "_from_pipeline", "_commit_hash",
+                "dduf_entries")
+
+
 class ConfigMixin:
     config_name = CONFIG_NAME
     _diffusers_name: str = ""
@@ -151,7 +157,7 @@ class ConfigMixin:
         scheduler = cls(**init_dict)
         if "_class_name" in hidden:
             hidden["_class_name"] = cls.diffusers_class_name()
-        hidden.pop("_kdfast_class", None)  # written by to_json_string for the file, not a setting
+        hidden.pop("_kdfast_class", None)  # older kdfast files named their class: not a setting
         scheduler.register_to_config(**hidden)
         if return_unused_kwargs:
             return scheduler, {**unused, **hidden}
@@ -164,7 +170,6 @@ class ConfigMixin:
         # does not save the list either).
         data.pop("_use_default_values", None)
         data["_class_name"] = self.diffusers_class_name()
-        data["_kdfast_class"] = type(self).__name__
         return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, json_file_path: Union[str, os.PathLike]) -> None:
@@ -183,18 +188,33 @@ class ConfigMixin:
     save_config = save_pretrained  # diffusers' name for the same thing
 
     @classmethod
-    def load_config(cls, path: Union[str, os.PathLike], subfolder: Optional[str] = None) -> Dict[str, Any]:
-        path = os.fspath(path)
+    def load_config(cls, pretrained_model_name_or_path: Union[str, os.PathLike], return_unused_kwargs: bool = False,
+                    return_commit_hash: bool = False, subfolder: Optional[str] = None, **kwargs):
+        """The config dict of a local folder's (or file's) ``scheduler_config.json``, as
+        diffusers' ``load_config`` returns it: with ``return_unused_kwargs`` /
+        ``return_commit_hash``, a tuple that adds the keyword arguments not used and the commit
+        hash (None: local files have none). diffusers' download options (``cache_dir``,
+        ``revision``, ...) are accepted and have nothing to do here."""
+        for option in _HUB_OPTIONS:
+            kwargs.pop(option, None)
+        path = os.fspath(pretrained_model_name_or_path)
         if subfolder:
             path = os.path.join(path, subfolder)
         if os.path.isdir(path):
             path = os.path.join(path, cls.config_name)
         if not os.path.isfile(path):
-            raise FileNotFoundError(f"no scheduler config at {path!r}")
+            raise FileNotFoundError(f"no scheduler config at {path!r} (kdfast loads local files only: no downloads)")
         with open(path) as f:
-            return json.load(f)
+            config = json.load(f)
+        if not (return_unused_kwargs or return_commit_hash):
+            return config
+        return (config,) + ((kwargs,) if return_unused_kwargs else ()) + ((None,) if return_commit_hash else ())
 
     @classmethod
-    def from_pretrained(cls, path: Union[str, os.PathLike], subfolder: Optional[str] = None, **kwargs):
-        """Load from a local folder holding ``scheduler_config.json`` (no downloads)."""
-        return cls.from_config(cls.load_config(path, subfolder), **kwargs)
+    def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None,
+                        return_unused_kwargs: bool = False, **kwargs):
+        """Load from a local folder holding ``scheduler_config.json`` (no downloads); diffusers'
+        arguments, with ``kwargs`` overriding the config."""
+        config, kwargs = cls.load_config(pretrained_model_name_or_path, return_unused_kwargs=True, subfolder=subfolder,
+                                         **kwargs)
+        return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)

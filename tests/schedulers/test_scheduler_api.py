@@ -383,6 +383,27 @@ def test_config_helpers_of_diffusers(tmp_path):
         s.save_pretrained(tmp_path, push_to_hub=True)
 
 
+def test_load_config_and_from_pretrained_take_diffusers_arguments(tmp_path):
+    diffusers.EulerDiscreteScheduler(timestep_spacing="trailing").save_pretrained(tmp_path)
+    for cls in (diffusers.EulerDiscreteScheduler, K.EulerDiscreteScheduler):
+        s = cls.from_pretrained(pretrained_model_name_or_path=tmp_path, revision="main", prediction_type="v_prediction")
+        assert s.config.timestep_spacing == "trailing" and s.config.prediction_type == "v_prediction"
+        config, unused = cls.load_config(tmp_path, return_unused_kwargs=True, cache_dir=None, other=1)
+        assert config["timestep_spacing"] == "trailing" and unused == {"other": 1}
+        config, commit = cls.load_config(tmp_path, return_commit_hash=True)
+        assert config["timestep_spacing"] == "trailing" and commit is None
+        s, unused = cls.from_pretrained(tmp_path, return_unused_kwargs=True, foo=2)
+        assert unused["foo"] == 2
+
+
+def test_a_saved_config_holds_diffusers_keys_only(tmp_path):
+    # no kdfast-only key for diffusers to carry on as a private entry into its own saves
+    K.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "kd")
+    diffusers.DDIMScheduler.from_pretrained(tmp_path / "kd").save_pretrained(tmp_path / "df")
+    saved = (tmp_path / "df" / "scheduler_config.json").read_text()
+    assert "kdfast" not in saved and '"clip_sample": false' in saved
+
+
 def test_euler_get_velocity_matches_diffusers():
     df, kd = diffusers.EulerDiscreteScheduler(), K.EulerDiscreteScheduler()
     for s in (df, kd):
