@@ -35,6 +35,11 @@ class DDIMInverseScheduler(DDIMScheduler):
     Where diffusers returns inf/NaN, this scheduler raises instead: with
     ``prediction_type="sample"`` a step that starts at ``alpha_cumprod == 1`` (the first step
     with ``set_alpha_to_one=True``) has no noise direction, ``(x - x0) / 0``.
+
+    The deprecated ``set_alpha_to_zero`` is read as diffusers reads it (as ``set_alpha_to_one``)
+    and recorded in the config as ``set_alpha_to_one``, so a saved config rebuilds the same
+    scheduler (diffusers' keeps ``set_alpha_to_one=True`` there); other unknown keyword
+    arguments are a TypeError, where diffusers' ``**kwargs`` drops them silently.
     """
 
     _diffusers_name = "DDIMInverseScheduler"
