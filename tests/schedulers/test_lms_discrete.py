@@ -371,15 +371,3 @@ def test_bad_step_input():
     with pytest.raises(IndexError, match="past the end"):
         kd.step(x, kd.timesteps[-1], x)
 
-
-def test_integer_timesteps_step_as_their_values():
-    # 999, the first timestep, as a Python int or an int64 tensor: diffusers steps these
-    x = initial_sample()
-    results = []
-    for form in (lambda t: t, int, lambda t: t.long()):
-        kd = LMSDiscreteScheduler()
-        kd.set_timesteps(5)
-        t = form(kd.timesteps[0])
-        results.append(kd.step(dummy_model(x, kd.timesteps[0]), t, kd.scale_model_input(x, t)).prev_sample)
-    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
-    torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)

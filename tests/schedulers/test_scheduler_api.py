@@ -383,6 +383,22 @@ def test_config_helpers_of_diffusers(tmp_path):
         s.save_pretrained(tmp_path, push_to_hub=True)
 
 
+@pytest.mark.parametrize("name", ["LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
+def test_integer_timesteps_step_as_their_values(name):
+    # 999, the first timestep, as a Python int or an int64 tensor: diffusers looks these up as
+    # values (only its Euler-type schedulers refuse integers, as indices from enumerate())
+    x = initial_sample()
+    results = []
+    for form in (lambda t: t, int, lambda t: t.long()):
+        kd = getattr(K, name)()
+        kd.set_timesteps(5)
+        t = form(kd.timesteps[0])
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if "Ancestral" in name else {}
+        results.append(kd.step(dummy_model(x, kd.timesteps[0]), t, kd.scale_model_input(x, t), **kwargs).prev_sample)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+    torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
+
+
 def test_load_config_and_from_pretrained_take_diffusers_arguments(tmp_path):
     diffusers.EulerDiscreteScheduler(timestep_spacing="trailing").save_pretrained(tmp_path)
     for cls in (diffusers.EulerDiscreteScheduler, K.EulerDiscreteScheduler):
