@@ -296,4 +296,3 @@ def test_timestep_lookup_needs_no_host_read():
         with no_host_reads():
             x = kd.step(m, t, x).prev_sample
     assert torch.isfinite(x).all()
-

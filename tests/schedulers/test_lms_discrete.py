@@ -370,4 +370,3 @@ def test_bad_step_input():
         x = kd.step(dummy_model(x, t), t, x).prev_sample
     with pytest.raises(IndexError, match="past the end"):
         kd.step(x, kd.timesteps[-1], x)
-
