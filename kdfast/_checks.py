@@ -18,12 +18,17 @@ def is_integer_at_least(value, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
-def is_finite_number(value) -> bool:
-    """``math.isfinite(value)`` for a float that may be a ``torch.SymFloat``: under
+def is_finite_number(value, name: str = "the value") -> bool:
+    """``math.isfinite(value)``, for a float that may be a ``torch.SymFloat``: under
     ``torch.compile`` a number that changes between calls (an annealed temperature, a default
-    derived from a dynamic shape) becomes symbolic, and ``math.isfinite`` breaks the graph;
-    the comparison traces (as a guard) and means the same: False for inf and NaN."""
-    return value - value == 0
+    derived from a dynamic shape) becomes symbolic, where ``math.isfinite`` breaks the graph and
+    a comparison is folded away (torch takes symbolic floats to be finite). Under compilation the
+    value is checked when the compiled code runs instead (a RuntimeError naming ``name``) and
+    passes here."""
+    if torch.compiler.is_compiling():
+        torch._assert_async(torch.scalar_tensor(value, dtype=torch.float64).isfinite(), f"{name} must be finite")
+        return True
+    return math.isfinite(value)
 
 
 def check_count(name: str, value, minimum: int) -> int:

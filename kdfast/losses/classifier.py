@@ -34,7 +34,7 @@ def _compute_dtype(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
 def _check_weight(name: str, value) -> float:
     value = float(value)
-    if not (is_finite_number(value) and value >= 0):
+    if not (is_finite_number(value, name) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
 
@@ -159,7 +159,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     # loss (0 transport times inf)
     if cost.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(cost).all()):
         raise ValueError("cost must be finite")
-    if not (is_finite_number(float(epsilon)) and float(epsilon) > 0):
+    if not (is_finite_number(float(epsilon), "epsilon") and float(epsilon) > 0):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     iterations = _check_int("iterations", iterations, minimum=1)
     compute = _compute_dtype(student_logits, teacher_logits)

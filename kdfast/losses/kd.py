@@ -20,7 +20,7 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 def _check_temperature(temperature: float) -> float:
     """``temperature`` as a float, if it is a positive finite number (every loss's check)."""
     temperature = float(temperature)
-    if not (is_finite_number(temperature) and temperature > 0):
+    if not (is_finite_number(temperature, "temperature") and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
 

@@ -92,7 +92,7 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         v = float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from None
-    if not is_finite_number(v):
+    if not is_finite_number(v, name):
         raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")

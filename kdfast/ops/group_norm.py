@@ -92,7 +92,7 @@ def _check_eps(eps) -> float:
         value = float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
-    if not (is_finite_number(value) and value >= 0):
+    if not (is_finite_number(value, "eps") and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return value
 

@@ -84,10 +84,10 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = float(temperature)
-    if not (is_finite_number(temperature) and temperature > 0):
+    if not (is_finite_number(temperature, "temperature") and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = float(loss_scale)
-    if not is_finite_number(loss_scale):
+    if not is_finite_number(loss_scale, "loss_scale"):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale
 

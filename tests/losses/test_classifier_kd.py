@@ -245,6 +245,9 @@ def test_a_changing_temperature_does_not_break_a_full_graph(loss):
     compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
     for temperature in (2.0, 3.0, 4.5):
         torch.testing.assert_close(compiled(s, t, labels, temperature), loss(s, t, labels, temperature))
+    # still checked once symbolic (torch folds comparisons of symbolic floats as if finite): at run time
+    with pytest.raises(RuntimeError, match="temperature must be finite"):
+        compiled(s, t, labels, float("inf"))
 
 
 def test_float64_logits_are_computed_in_float64():
