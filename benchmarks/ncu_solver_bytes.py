@@ -116,7 +116,8 @@ def summarise(launches: List[Dict[str, float]], itemsize: int, ncu_output: str =
     grid = [launch for launch in launches if "grid_combination" in launch["kernel"]]
     if len(steps) != STEPS * len(SOLVERS) or len(grid) != PIFLOW_STEPS:
         raise SystemExit(f"expected {STEPS * len(SOLVERS)} solver-step and {PIFLOW_STEPS} grid-combination kernel "
-                         f"launches, ncu reported {len(steps)} and {len(grid)}; its output ended:\n{ncu_output[-3000:]}")
+                         f"launches, ncu reported {len(steps)} and {len(grid)}; its output ended:\n"
+                         f"{ncu_output[-3000:]}")
     numel = math.prod(SHAPE)
     rows = []
     for k, name in enumerate(SOLVERS):

@@ -646,8 +646,10 @@ def _plan_dpmpp_2s_ancestral(s, eta=1., s_noise=1.) -> _Plan:
 def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: torch.dtype) -> Tuple[float, ...]:
     """The sigmas k-diffusion's DPM-Solver++ SDE gives its noise sampler for one step,
     ``sigma_fn(t), sigma_fn(t + r h), sigma_fn(t_next)``, computed as it computes them: with torch
-    ops in the sigmas' dtype. A Brownian tree queried at the float64 values instead (an ulp
-    away) draws other increments: 1e-4 off k-diffusion's samples with the same seed."""
+    ops in the sigmas' dtype (on the CPU; k-diffusion computes them on the sigmas' device, whose
+    log and exp may round the last bit otherwise). A Brownian tree queried at the float64 values
+    instead (an ulp away) draws other increments: 1e-4 off k-diffusion's samples with the same
+    seed."""
     t, t_next = (torch.tensor(v, dtype=dtype).log().neg() for v in (sigma, sigma_next))
     s = t + (t_next - t) * r
     return tuple(float(v.neg().exp()) for v in (t, s, t_next))
@@ -858,7 +860,7 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
             return key
         slot = (key, x.dtype if sigma_follows_x else None)
         arg = sigma_args.get(slot)
-        if arg is None:  # the first call at a promoted dtype (outside any capture: warm-ups run first)
+        if arg is None:  # the first call at a promoted dtype: a fill, capturable like the model's ops
             arg = sigma_args[slot] = x.new_full((rows,), key)
         return arg
 

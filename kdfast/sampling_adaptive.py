@@ -22,9 +22,12 @@ in a CUDA graph and is not among :data:`kdfast.sampling.SAMPLERS` (whose loops r
 sigma list). The coefficients of an attempt depend on its step size, so they are computed per
 attempt in float64 on the host (Python floats) and packed into one small CPU table.
 
-Dtypes as in :mod:`kdfast.sampling`: float16/bfloat16 ``x`` is stepped with float32 math (the
-kernel's; eps and the error terms are kept in float32, the error norm is computed in float32)
-and the result is in x's dtype; float64 ``x`` is stepped in float64 with float64 coefficients.
+Dtypes: float16/bfloat16 ``x`` is stepped with float32 math (the kernel's; eps and the error
+terms are kept in float32, the error norm is computed in float32) and the result is in x's
+dtype, whatever dtype the denoiser returns (unlike :mod:`kdfast.sampling`'s samplers, which
+continue in a wider denoiser output's dtype: k-diffusion's adaptive solver also moves x, and
+the sigmas it gives the denoiser, to float32 after a float32 denoiser's first call); float64
+``x`` is stepped in float64 with float64 coefficients.
 
 Differences from k-diffusion (see :func:`sample_dpm_adaptive`): times are float64 Python
 floats (k-diffusion's are 0-d tensors of torch's default dtype, float32 usually); the noise of

@@ -73,7 +73,7 @@ def register_to_config(init):
 # diffusers' download options of load_config / from_pretrained: nothing to do for local files
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "use_auth_token", "local_files_only", "revision",
                 "user_agent", "resume_download", "output_loading_info", "_from_pipeline", "_commit_hash",
-                "dduf_entries")
+                "dduf_entries", "local_dir", "local_dir_use_symlinks", "mirror")
 
 
 class ConfigMixin:

@@ -50,7 +50,7 @@ class LCMScheduler(FusedScheduler):
 
     A step past the end of the schedule is an IndexError, where diffusers steps again at the
     last timestep, re-noising the denoised sample to that same timestep (and
-    ``set_timesteps(0)`` a ValueError, where diffusers makes an empty schedule).
+    ``set_timesteps(0)`` a ValueError, where diffusers fails with a ZeroDivisionError).
     """
 
     _diffusers_name = "LCMScheduler"

@@ -100,7 +100,9 @@ class Teacher:
         self.config = dict(config)
         self._captured: Dict[Tuple, CapturedSampler] = {}
         self._graph_generator: Optional[torch.Generator] = None
-        self.scheduler_config: Dict[str, Any] = dict(self.config["noise_schedule"])
+        # (older kdfast files also named kdfast's class: not a setting, and diffusers would keep it)
+        self.scheduler_config: Dict[str, Any] = {k: v for k, v in self.config["noise_schedule"].items()
+                                                 if k != "_kdfast_class"}
 
     @property
     def prediction_type(self) -> str:
