@@ -184,7 +184,10 @@ def test_half_precision_inference_form(dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_gpu_inference_forms(dtype):
+def test_gpu_inference_forms(dtype, monkeypatch):
+    # cuDNN convolutions default to TF32 (10-bit mantissas): an ulp of difference from the fused
+    # norm flips their rounding and grows through the network (~2e-3). Compared without it.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     for make in (_unet2d, _unet2d_condition):
         model = make().cuda().to(dtype)
         fast = inference.prepare_for_inference(model)

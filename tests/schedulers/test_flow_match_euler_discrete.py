@@ -318,7 +318,9 @@ def test_gpu_loop_without_syncs_and_as_a_cuda_graph(stochastic):
     cond, uncond = torch.ones(2, 4, 1, 1, device="cuda"), torch.zeros(2, 4, 1, 1, device="cuda")
 
     def velocity(x, t, cond=None):
-        return dummy_model(x, t.float()) + 0.2 * cond
+        # dummy_model's formula with the timestep kept on the device (its float(t) is a host read)
+        tf, xf = t.float() / 1000.0, x.float()
+        return (torch.sin(1.3 * xf + tf) * 0.6 + 0.1 * xf * (1.0 - tf) + 0.05 * tf).to(x.dtype) + 0.2 * cond
 
     torch.cuda.set_sync_debug_mode("error")
     try:
