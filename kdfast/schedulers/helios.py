@@ -374,10 +374,15 @@ class HeliosScheduler(_HeliosSchedule):
     ``set_timesteps``. ``scheduler_type="euler"``: ``x + (sigma_next - sigma) * v``, one pass.
     ``step_cfg`` fuses classifier-free guidance into the same pass.
 
-    Numerics: float32 accumulation for every input dtype (diffusers computes a UniPC step in the
-    sample's dtype, an Euler step in float32). The converted output is kept in the wider of the
-    sample's and the model output's dtypes, as diffusers' ``sample - sigma * model_output`` is.
-    Outputs have diffusers' dtypes: the sample's for UniPC, the model output's for Euler.
+    Numerics: float32 accumulation for every input dtype. diffusers' UniPC step multiplies a
+    bfloat16 / float16 model output by a 0-d sigma in the output's own dtype before the float32
+    sample is added (a 0-d tensor does not widen it), so with float32 latents and a 16-bit model,
+    the Helios pipelines' setting, its steps carry one 16-bit rounding each (4e-4 per step in
+    bfloat16, 1.5e-3 over a loop) that kdfast's do not. The converted output is kept in the
+    wider of the sample's and the model output's dtypes, as diffusers' ``sample - sigma *
+    model_output`` is, except that a float64 model output with a narrower sample is kept in
+    float32 (the value agrees to ~1e-7). Outputs have diffusers' dtypes: the sample's for UniPC,
+    the model output's for Euler (computed in float32 at least, rounded once).
 
     Deviations from diffusers, where it fails, gives NaN or is inconsistent:
 
@@ -702,8 +707,10 @@ class HeliosScheduler(_HeliosSchedule):
         self._refresh_host_sigmas()
         i = self._index("step")
         out_dtype = model_output.dtype if cond is None else _promoted(model_output.dtype, cond.dtype)
-        if sample.dtype != out_dtype and _promoted(sample.dtype, out_dtype) == out_dtype:
-            sample = sample.to(out_dtype)  # (diffusers computes in float32 at least, from a float32 sample)
+        if sample.dtype != out_dtype:
+            # diffusers computes in float32 at least and rounds once, to the output's dtype: the
+            # kernel writes the wider of the two (float32 for a bfloat16 / float16 pair), cast below
+            sample = sample.to(_promoted(sample.dtype, out_dtype))
         table = self._ensure_table()
         prev = self._fused(("euler", i), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                            table=table).sample
@@ -816,8 +823,10 @@ class HeliosDMDScheduler(_HeliosSchedule):
         prev       = (1 - sigma_next) * x0 + sigma_next * dmd_noisy_tensor
 
     or ``prev = x0`` at the last step (``cur_sampling_step == len(all_timesteps) - 1``): one fused
-    :func:`kdfast.ops.solver_step` pass in float32 (diffusers makes ~10 passes, in float64).
-    The result has ``dmd_noisy_tensor``'s dtype, at the last step ``model_output``'s, as in diffusers.
+    :func:`kdfast.ops.solver_step` pass in float32 (diffusers makes ~10 passes, in float64, but
+    rounds x0 to a 16-bit model output's dtype before re-noising it: 2e-3 per bfloat16 step that
+    kdfast does not lose). The result has ``dmd_noisy_tensor``'s dtype, at the last step
+    ``model_output``'s, as in diffusers.
 
     No host reads: when ``dmd_sigmas``/``dmd_timesteps`` are this scheduler's own ``sigmas`` and
     ``timesteps`` (what the pipeline passes) and ``timestep`` and ``all_timesteps[...]`` are

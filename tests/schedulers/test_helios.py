@@ -708,3 +708,21 @@ def test_step_cfg_with_halves_of_different_dtypes():
     got = k.step_cfg(u, c, 3.0, k.timesteps[0], x).prev_sample
     assert got.dtype == want.dtype
     assert parity_error(got, want) <= 1e-2
+
+
+@pytest.mark.parametrize("sample_dtype, output_dtype", [(torch.bfloat16, torch.float16),
+                                                        (torch.float16, torch.bfloat16),
+                                                        (torch.float32, torch.float16)])
+def test_euler_step_of_mixed_dtypes_rounds_once(sample_dtype, output_dtype):
+    # diffusers computes in float32 and rounds once to the model output's dtype; the fused step
+    # wrote a bfloat16 sample's dtype first, then cast: 8x float16's rounding
+    kd = HeliosScheduler(scheduler_type="euler")
+    kd.set_timesteps(3, 0)
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(1, 4, 1, 32, 32, generator=g) * 3).to(sample_dtype)
+    v = torch.randn(1, 4, 1, 32, 32, generator=g).to(output_dtype)
+    prev = kd.step(v, kd.timesteps[0], x).prev_sample
+    exact = x.double() + (kd.sigmas[1] - kd.sigmas[0]).double() * v.double()
+    assert prev.dtype == output_dtype
+    # one rounding to the output dtype: within a unit in the last place at the largest value
+    assert (prev.double() - exact).abs().max() <= torch.finfo(output_dtype).eps * exact.abs().max()
