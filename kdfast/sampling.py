@@ -327,7 +327,8 @@ class _Builder:
         self.rows.append(row)
 
     def plan(self) -> _Plan:
-        table64 = torch.tensor(self.rows, dtype=torch.float64).reshape(len(self.rows), NUM_COEFS)
+        # host tables, whatever torch's default device (a plan is cached and serves every device)
+        table64 = torch.tensor(self.rows, dtype=torch.float64, device="cpu").reshape(len(self.rows), NUM_COEFS)
         table = table64.to(torch.float32)
         return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n, tuple(table64.unbind(0)))
 
@@ -650,7 +651,7 @@ def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: tor
     log and exp may round the last bit otherwise). A Brownian tree queried at the float64 values
     instead (an ulp away) draws other increments: 1e-4 off k-diffusion's samples with the same
     seed."""
-    t, t_next = (torch.tensor(v, dtype=dtype).log().neg() for v in (sigma, sigma_next))
+    t, t_next = (torch.tensor(v, dtype=dtype, device="cpu").log().neg() for v in (sigma, sigma_next))
     s = t + (t_next - t) * r
     return tuple(float(v.neg().exp()) for v in (t, s, t_next))
 
@@ -950,12 +951,12 @@ def _callback_sigmas(sigmas, host: List[float], plan: _Plan):
         base = [sigmas[i] for i in range(len(host) - 1)]
         like = sigmas
     else:
-        like = torch.tensor(host, dtype=torch.float32)
+        like = torch.tensor(host, dtype=torch.float32, device="cpu")
         base = [like[i] for i in range(len(host) - 1)]
     out = {i: (base[i], base[i]) for i in range(len(base))}
     for ev in plan.evals:
         if ev.callback and ev.sigma_hat != host[ev.step]:
-            out[ev.step] = (base[ev.step], torch.tensor(ev.sigma_hat, dtype=like.dtype).to(like.device))
+            out[ev.step] = (base[ev.step], torch.tensor(ev.sigma_hat, dtype=like.dtype, device=like.device))
     return out
 
 

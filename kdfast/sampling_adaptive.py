@@ -303,7 +303,7 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         else:
             t_to, su = t, 0.
         stages = _attempt(order, s, t_to, su * s_noise)
-        rows = torch.tensor([st.row for st in stages], dtype=compute).unbind(0)
+        rows = torch.tensor([st.row for st in stages], dtype=compute, device="cpu").unbind(0)
         x_in, aux, hist, denoised = x, x, [], None
         for k, stage in enumerate(stages):
             m, _ = evaluate(x_in, x.new_full((batch,), stage.sigma))
@@ -347,8 +347,8 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         info['nfe'] += order
         info['steps'] += 1
         if callback is not None:
-            t_cb = torch.tensor(s, dtype=torch.float64)
-            sigma_cb = torch.tensor(sig(s), dtype=torch.float64)
+            t_cb = torch.tensor(s, dtype=torch.float64, device="cpu")
+            sigma_cb = torch.tensor(sig(s), dtype=torch.float64, device="cpu")
             callback({'sigma': sigma_cb, 'sigma_hat': sigma_cb, 'x': x, 'i': info['steps'] - 1, 't': t_cb,
                       't_up': t_cb, 'denoised': denoised, 'error': error, 'h': pid.h, **info})
     return x, dict(info)

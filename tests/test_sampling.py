@@ -1500,3 +1500,23 @@ def test_a_wider_denoiser_output_widens_the_loop_like_k_diffusion(sampler):
     # (the first call's sigma is in x's dtype, float16, as k-diffusion's sigma * s_in: the rest
     # is the float32 loop; tests/test_sampling_vs_k_diffusion.py compares with k-diffusion itself)
     assert rel_err(got, S.sample(wide, x.float(), sigmas, sampler=sampler, disable=True)) <= 2e-3
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_sde", "dpm_fast", "dpm_adaptive"])
+def test_another_default_device_changes_nothing(name):
+    # torch.set_default_device("cuda") or a `with torch.device(...)` block: the cached plans'
+    # coefficient tables were made there (and refused by the step). The meta device stands in
+    # for a GPU: anything made on it cannot be read at all.
+    x = initial()
+    if name in ("dpm_fast", "dpm_adaptive"):
+        args = (denoiser, x, FAST_MIN, FAST_MAX) + ((5,) if name == "dpm_fast" else ())
+    else:
+        args = (denoiser, x, karras(5))
+    kwargs = dict(disable=True, callback=lambda info: None)
+    if name in ("dpmpp_sde", "dpm_fast"):
+        kwargs["noise_sampler"] = lambda sigma, sigma_next: torch.cos(x * float(sigma))  # made from x, not new
+    expected = getattr(S, f"sample_{name}")(*args, **kwargs)
+    S._cached_plan.cache_clear()
+    with torch.device("meta"):
+        got = getattr(S, f"sample_{name}")(*args, **kwargs)
+    assert got.device == expected.device and torch.equal(got, expected)

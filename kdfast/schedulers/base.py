@@ -310,6 +310,7 @@ class FusedScheduler(ConfigMixin):
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
+        _on_host_by_default(cls)
         _steps_run_eagerly(cls)
 
     order = 1
@@ -835,6 +836,33 @@ def guidance_pair(uncond, cond):
     return uncond, cond
 
 
+def _host_default_device(fn: Callable) -> Callable:
+    """``fn`` with torch's default device set to the CPU while it runs, when the caller set
+    another (``torch.set_default_device("cuda")``, a ``with torch.device(...)`` block): a
+    scheduler's tables, schedules and coefficient rows are host tensors made without a device
+    (a coefficient table on the GPU would be refused by the step, and reading it would sync).
+    Tensors on the sample's device are made from the sample, so nothing else changes. The
+    check costs ~0.1 us in the usual case (no torch function mode active)."""
+    @functools.wraps(fn)
+    def on_host(*args, **kwargs):
+        if torch._C._len_torch_function_stack() and torch.get_default_device().type != "cpu":
+            with torch.device("cpu"):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    on_host._kdfast_on_host = True
+    return on_host
+
+
+def _on_host_by_default(cls) -> None:
+    """Wrap the public methods ``cls`` defines (and ``__init__``) in :func:`_host_default_device`."""
+    for name, method in list(cls.__dict__.items()):
+        if (name.startswith("_") and name != "__init__") or not callable(method) \
+                or isinstance(method, (staticmethod, classmethod, type)) or hasattr(method, "_kdfast_on_host"):
+            continue
+        setattr(cls, name, _host_default_device(method))
+
+
 def _steps_run_eagerly(cls) -> None:
     """Make the ``step``, ``step_cfg`` and ``scale_model_input`` that ``cls`` defines run
     eagerly under torch.compile
@@ -858,6 +886,7 @@ def _steps_run_eagerly(cls) -> None:
         setattr(cls, name, step)
 
 
+_on_host_by_default(FusedScheduler)
 _steps_run_eagerly(FusedScheduler)
 
 

@@ -399,6 +399,28 @@ def test_integer_timesteps_step_as_their_values(name):
     torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
 
 
+def _two_steps(cls, x, generator):
+    s = cls(noise_sampler_seed=0) if cls is K.DPMSolverSDEScheduler else cls()  # (its Brownian tree: seeded)
+    s.set_timesteps(2 if cls is K.SCMScheduler else 4)  # (SCM's intermediate timestep needs 2)
+    kwargs = {"generator": generator.manual_seed(0)} if "generator" in inspect.signature(s.step).parameters else {}
+    for t in list(s.timesteps)[:2]:
+        x = s.step(dummy_model(x, t), t, s.scale_model_input(x, t), **kwargs).prev_sample
+    return x
+
+
+# (the step of CogVideoX's DPM, Helios' and pi-Flow's take other arguments; they share the base class)
+@pytest.mark.parametrize("name", [n for n in K.supported() if not n.startswith(("Helios", "Piflow", "CogVideoXDPM"))])
+def test_another_default_device_changes_nothing(name):
+    # torch.set_default_device("cuda") or a `with torch.device(...)` block: the scheduler's host
+    # tables were made on that device (a GPU table is refused by the step; reading one syncs).
+    # The meta device stands in for a GPU here: anything made on it cannot be read at all.
+    cls, x, generator = getattr(K, name), initial_sample(), torch.Generator()
+    expected = _two_steps(cls, x, generator)
+    with torch.device("meta"):
+        got = _two_steps(cls, x, generator)
+    assert got.device == expected.device and torch.equal(got, expected)
+
+
 def test_load_config_and_from_pretrained_take_diffusers_arguments(tmp_path):
     diffusers.EulerDiscreteScheduler(timestep_spacing="trailing").save_pretrained(tmp_path)
     for cls in (diffusers.EulerDiscreteScheduler, K.EulerDiscreteScheduler):
