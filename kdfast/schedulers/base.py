@@ -397,6 +397,12 @@ class FusedScheduler(ConfigMixin):
         sets it before the first one."""
         return self._step_index is not None and self._step_index != (self._begin_index or 0)
 
+    def _start_new_loop(self) -> None:
+        """What every ``set_timesteps`` does, as diffusers' do: the next loop starts from its
+        beginning (a begin index set for the last one, img2img's, does not carry over)."""
+        self._step_index = None
+        self._begin_index = None
+
     def set_begin_index(self, begin_index: int = 0) -> None:
         """Where the loop starts in ``timesteps`` (pipelines call this for img2img)."""
         if int(begin_index) < 0:

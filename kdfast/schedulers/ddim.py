@@ -125,6 +125,7 @@ class DDIMScheduler(FusedScheduler):
             ratio = T / n
             timesteps = np.round(np.arange(T, 0, -ratio)).astype(np.int64) - 1
         self.num_inference_steps = n
+        self._start_new_loop()
         self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
         self._table = self._shared_table(lambda: GrowingTable({self._key(t): self._plan(t) for t in timesteps.tolist()}))
 

@@ -133,6 +133,7 @@ class DDIMInverseScheduler(DDIMScheduler):
             raise ValueError(f"timestep_spacing={cfg.timestep_spacing!r} is not supported by DDIMInverseScheduler; "
                              "expected 'leading' or 'trailing'")
         self.num_inference_steps = n
+        self._start_new_loop()
         self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
         self._table = self._shared_table(lambda: self._schedule_table(timesteps.tolist()))
 

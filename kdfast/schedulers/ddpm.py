@@ -223,6 +223,7 @@ class DDPMScheduler(FusedScheduler):
                 timesteps = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
             self.num_inference_steps = n
             self.custom_timesteps = False
+        self._start_new_loop()
         self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
         self._table = self._shared_table(self._build_table)
 

@@ -160,6 +160,7 @@ class DDPMWuerstchenScheduler(FusedScheduler):
             raise ValueError(f"timesteps must be ratios in [0, 1], got timesteps[{bad[0]}] = {host[bad[0]]}")
         if any(b >= a for a, b in zip(host, host[1:])):
             raise ValueError(f"timesteps must be strictly descending (from 1 towards 0), got {host}")
+        self._start_new_loop()
         self._set_timesteps(timesteps, host)
         self.num_inference_steps = len(host) - 1
         self._table = self._shared_table(self._build_table)

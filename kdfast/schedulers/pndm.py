@@ -144,6 +144,7 @@ class PNDMScheduler(FusedScheduler):
             self.prk_timesteps = (prk[:-1].repeat(2)[1:-1])[::-1].copy()
             self.plms_timesteps = ascending[:-3][::-1].copy()
         timesteps = np.concatenate([self.prk_timesteps, self.plms_timesteps]).astype(np.int64)
+        self._start_new_loop()
         self._set_timesteps(torch.from_numpy(timesteps).to(device), timesteps.tolist())
         self.ets = []
         self.counter = 0

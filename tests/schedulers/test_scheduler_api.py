@@ -732,3 +732,16 @@ def test_pred_original_sample_has_diffusers_dtype(name, prediction_type, sample_
             pytest.skip(f"diffusers' {name} does not take prediction_type={prediction_type!r}")
         dtypes.append(out.pred_original_sample.dtype)
     assert dtypes[1] == dtypes[0]
+
+
+@pytest.mark.parametrize("name", K.supported())
+def test_set_timesteps_starts_a_new_loop_from_the_beginning(name):
+    # img2img's begin index must not carry over to the next loop (DDIM, DDPM, PNDM and their
+    # relatives kept it, and kdfast.sample then skipped the first steps)
+    s = getattr(K, name)()
+    stage = (0,) if name.startswith("Helios") else ()
+    steps = 2 if name == "SCMScheduler" else 4  # (SCM's intermediate timestep needs 2)
+    s.set_timesteps(steps, *stage)
+    s.set_begin_index(1)
+    s.set_timesteps(steps, *stage)
+    assert s.begin_index is None and s.step_index is None
