@@ -833,8 +833,11 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
         raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}") from None
     if not math.isfinite(g):
         raise ValueError(f"guidance_scale must be a finite number, got {g}")
-    if cond is None and uncond is None:
-        raise ValueError("guidance_scale needs cond= and uncond= (the conditioning the denoiser gets as cond=)")
+    if cond is None:
+        # (uncond=None alone is the unconditional call, cond=None; a missing cond would steer the
+        # samples away from the only conditioning given)
+        raise ValueError("guidance_scale needs cond= (the conditioning the denoiser gets as cond=) and uncond= "
+                         "(None: the denoiser is called with cond=None for the unconditional output)")
     return g
 
 
@@ -1188,7 +1191,8 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     _check_x(x)
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
-    if getattr(scheduler, "num_inference_steps", None) is None:
+    # (custom timesteps leave num_inference_steps None in DDPM and consistency models, as in diffusers)
+    if getattr(scheduler, "num_inference_steps", None) is None and not getattr(scheduler, "custom_timesteps", False):
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
     if scheduler._has_stepped():
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
@@ -1508,7 +1512,8 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     the whole batch, doubled or not, as diffusers pipelines pass it);
     ``extra_args`` are passed unchanged to every call. The guidance
     ``uncond + guidance_scale * (cond - uncond)`` is fused into the step kernel. A scale of 1
-    calls the denoiser on ``cond`` only.
+    calls the denoiser on ``cond`` only. ``cond`` is required with a guidance scale; ``uncond``
+    may be None (the unconditional output is then the denoiser's with ``cond=None``).
 
     ``cuda_graph=True`` (CUDA tensors only): the whole loop, model calls included, is captured
     in one CUDA graph after one eager warm-up run and replayed; the denoiser must be

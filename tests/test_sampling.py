@@ -1239,6 +1239,8 @@ def test_bad_inputs():
             S.sample(denoiser, x, sigmas, guidance_scale=bad, cond=cond, uncond=cond, disable=True)
     with pytest.raises(ValueError, match="cond"):
         S.sample(denoiser, x, sigmas, guidance_scale=3.0, disable=True)
+    with pytest.raises(ValueError, match="guidance_scale needs cond="):  # (would steer away from uncond)
+        S.sample(denoiser, x, sigmas, guidance_scale=3.0, uncond=cond, disable=True)
     with pytest.raises(TypeError, match="option"):
         S.sample(denoiser, x, sigmas, sampler="dpmpp_2m", eta=1.0, disable=True)
     with pytest.raises(TypeError):

@@ -91,3 +91,18 @@ def test_a_wrapped_step_taking_kwargs_gets_the_generator():
     s.step = lambda *args, **kwargs: calls.append(kwargs) or step(*args, **kwargs)
     kdfast.sample(model, initial_sample(), s, generator=torch.Generator().manual_seed(0), disable=True)
     assert len(calls) == 4 and all(isinstance(c["generator"], torch.Generator) for c in calls)
+
+
+@pytest.mark.parametrize("name, timesteps", [("DDPMScheduler", [999, 700, 400, 100, 0]),
+                                             ("DDPMParallelScheduler", [999, 500, 20]),
+                                             ("CMStochasticIterativeScheduler", [39, 20, 5])])
+def test_sample_takes_custom_timesteps(name, timesteps):
+    # custom timesteps leave num_inference_steps None (as in diffusers): kdfast.sample took that
+    # for a scheduler whose set_timesteps was never called
+    s = getattr(K, name)()
+    s.set_timesteps(timesteps=timesteps)
+    x = initial_sample() * s.init_noise_sigma
+    want = by_hand(s, x, torch.Generator().manual_seed(1))
+    s.set_timesteps(timesteps=timesteps)
+    got = kdfast.sample(model, x, s, generator=torch.Generator().manual_seed(1), disable=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
