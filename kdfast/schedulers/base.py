@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import json
 import math
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch.utils._device import DeviceContext as _DeviceContext
 
 from .. import ops
 from ..ops.solver_step import fused_step
@@ -842,31 +845,51 @@ def guidance_pair(uncond, cond):
     return uncond, cond
 
 
+# The wrappers kdfast puts on scheduler methods (not a marker attribute: functools.wraps would
+# copy one onto a user's override, which would then go unwrapped).
+_KDFAST_WRAPPERS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
+
+
+def _default_device_is_off_host() -> bool:
+    """Whether torch's default device is set to something other than the CPU: the innermost
+    device context on the function-mode stack (``torch.get_default_device()`` would make a
+    tensor to find out, ~16 us)."""
+    if not torch._C._len_torch_function_stack():
+        return False  # the usual case: ~0.1 us
+    for mode in reversed(torch.overrides._get_current_function_mode_stack()):
+        if isinstance(mode, _DeviceContext):
+            return torch.device(mode.device).type != "cpu"
+    return False
+
+
 def _host_default_device(fn: Callable) -> Callable:
     """``fn`` with torch's default device set to the CPU while it runs, when the caller set
     another (``torch.set_default_device("cuda")``, a ``with torch.device(...)`` block): a
     scheduler's tables, schedules and coefficient rows are host tensors made without a device
     (a coefficient table on the GPU would be refused by the step, and reading it would sync).
-    Tensors on the sample's device are made from the sample, so nothing else changes. The
-    check costs ~0.1 us in the usual case (no torch function mode active)."""
+    Tensors on the sample's device are made from the sample, so nothing else changes."""
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
-        if torch._C._len_torch_function_stack() and torch.get_default_device().type != "cpu":
+        if _default_device_is_off_host():
             with torch.device("cpu"):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
-    on_host._kdfast_on_host = True
+    _KDFAST_WRAPPERS.add(on_host)
     return on_host
 
 
 def _on_host_by_default(cls) -> None:
-    """Wrap the public methods ``cls`` defines (and ``__init__``) in :func:`_host_default_device`."""
+    """Wrap the public methods ``cls`` defines (and ``__init__``) in :func:`_host_default_device`
+    (functions only: a callable object stored on the class is not a method)."""
     for name, method in list(cls.__dict__.items()):
-        if (name.startswith("_") and name != "__init__") or not callable(method) \
-                or isinstance(method, (staticmethod, classmethod, type)) or hasattr(method, "_kdfast_on_host"):
+        if (name.startswith("_") and name != "__init__") or not inspect.isfunction(method) \
+                or method in _KDFAST_WRAPPERS:
             continue
         setattr(cls, name, _host_default_device(method))
+
+
+_EAGER_WRAPPERS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
 
 
 def _steps_run_eagerly(cls) -> None:
@@ -878,7 +901,7 @@ def _steps_run_eagerly(cls) -> None:
     call, most of an eager step's host time."""
     for name in ("step", "step_cfg", "scale_model_input"):
         method = cls.__dict__.get(name)
-        if method is None or hasattr(method, "_kdfast_eager"):
+        if method is None or method in _EAGER_WRAPPERS:
             continue
         disabled = torch.compiler.disable(method)
 
@@ -888,7 +911,7 @@ def _steps_run_eagerly(cls) -> None:
                 return _disabled(self, *args, **kwargs)
             return _method(self, *args, **kwargs)
 
-        step._kdfast_eager = True
+        _EAGER_WRAPPERS.add(step)
         setattr(cls, name, step)
 
 
