@@ -889,6 +889,7 @@ def _on_host_by_default(cls) -> None:
         setattr(cls, name, _host_default_device(method))
 
 
+# ... and those of _steps_run_eagerly, kept apart: a step gets both, the eager one outermost.
 _EAGER_WRAPPERS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
 
 
