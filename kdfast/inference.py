@@ -12,8 +12,12 @@ teacher forwards of distillation:
   - diffusers' ``ResnetBlock2D`` (the blocks of ``UNet2DModel`` and ``UNet2DConditionModel``,
     Stable Diffusion's UNet among them) with the default time-embedding norm and SiLU, and
     without an up/down-sampler of their own (such blocks are left as they are);
-  - any ``GroupNorm`` directly followed by a ``SiLU`` module in a parent's attributes, such as
-    diffusers UNets' ``conv_norm_out`` / ``conv_act``.
+  - a ``GroupNorm`` directly followed by a ``SiLU`` in an ``nn.Sequential``, and diffusers
+    UNets' and VAEs' ``conv_norm_out`` / ``conv_act``.
+
+  Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
+  forward hooks (which a fused pass would skip) are left as they are. The prepared model's
+  ``state_dict`` has the original's keys and values.
 
 The outputs are those of the original model up to float rounding. Wherever a gradient is
 needed, or for float64 inputs, the fused blocks run torch's own modules instead, so the copy
@@ -43,27 +47,37 @@ def can_fuse(x: torch.Tensor, *modules: Optional[nn.Module]) -> bool:
     return not (x.requires_grad or any(p.requires_grad for m in modules if m is not None for p in m.parameters()))
 
 
-class GroupNormSiLU(nn.Module):
-    """A ``GroupNorm`` followed by SiLU, fused where :func:`can_fuse` allows. Holds the original
-    norm as ``norm`` (its parameters keep their values)."""
+class GroupNormSiLU(nn.GroupNorm):
+    """A ``GroupNorm`` followed by SiLU, fused where :func:`can_fuse` allows. It is the original
+    norm's settings and parameters (the same tensors, under the same names): a prepared model's
+    ``state_dict`` has the original's keys, so weights load into it and out of it unchanged."""
 
     def __init__(self, norm: nn.GroupNorm):
-        super().__init__()
-        self.norm = norm
+        nn.Module.__init__(self)
+        self.num_groups, self.num_channels, self.eps, self.affine = (norm.num_groups, norm.num_channels, norm.eps,
+                                                                     norm.affine)
+        self.register_parameter("weight", norm.weight)
+        self.register_parameter("bias", norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        norm = self.norm
-        if can_fuse(x, norm):
-            return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-        return torch.nn.functional.silu(norm(x))
+        if can_fuse(x, self):
+            return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
+        return torch.nn.functional.silu(super().forward(x))
+
+
+def _plain(module: Optional[nn.Module], cls: type) -> bool:
+    """``module`` is exactly ``cls`` (a subclass may compute something else: diffusers' per-frame
+    video group norm) and has no forward hooks (a fused pass would skip them)."""
+    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
+            and not getattr(module, "_forward_hooks_with_kwargs", None))
 
 
 def _fusable_resnet(module: nn.Module) -> bool:
     """A diffusers ResnetBlock2D whose norm-SiLU pairs the fused forward below reproduces."""
     return (type(module).__name__ == "ResnetBlock2D" and type(module).__module__.startswith("diffusers")
-            and isinstance(getattr(module, "norm1", None), nn.GroupNorm)
-            and isinstance(getattr(module, "norm2", None), nn.GroupNorm)
-            and isinstance(getattr(module, "nonlinearity", None), nn.SiLU)
+            and _plain(getattr(module, "norm1", None), nn.GroupNorm)
+            and _plain(getattr(module, "norm2", None), nn.GroupNorm)
+            and _plain(getattr(module, "nonlinearity", None), nn.SiLU)
             and getattr(module, "time_embedding_norm", None) == "default"
             and getattr(module, "upsample", 1) is None and getattr(module, "downsample", 1) is None)
 
@@ -125,7 +139,7 @@ def fuse_group_norms(model: nn.Module) -> int:
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
-            if isinstance(norm, nn.GroupNorm) and isinstance(act, nn.SiLU) and _used_in_order(module, first, second):
+            if _plain(norm, nn.GroupNorm) and _plain(act, nn.SiLU) and _used_in_order(module, first, second):
                 module._modules[first] = GroupNormSiLU(norm)
                 module._modules[second] = nn.Identity()
                 fused += 1
@@ -140,6 +154,14 @@ def _used_in_order(module: nn.Module, first: str, second: str) -> bool:
     return isinstance(module, nn.Sequential) or (first, second) in _SEQUENTIAL_PAIRS
 
 
+def _channels_last(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 4:
+        return t.contiguous(memory_format=torch.channels_last)
+    if t.dim() == 5:
+        return t.contiguous(memory_format=torch.channels_last_3d)
+    return t
+
+
 def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fuse_norms: bool = True,
                           inplace: bool = False) -> nn.Module:
     """A frozen copy of ``model`` (eval mode, no gradients) for sampling and teacher forwards:
@@ -150,7 +172,9 @@ def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fuse_
 
     fast = (model if inplace else copy.deepcopy(model)).eval().requires_grad_(False)
     if channels_last:
-        fast = fast.to(memory_format=torch.channels_last)
+        # 4-d weights channels-last, 5-d ones (Conv3d: video UNets) channels-last-3d; Module.to
+        # refuses a 5-d tensor for torch.channels_last
+        fast = fast._apply(_channels_last)
         for module in fast.modules():
             if isinstance(module, UNet):
                 module.channels_last = True

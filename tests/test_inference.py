@@ -150,6 +150,50 @@ def test_kdfast_unet_and_options():
     assert inference.fuse_group_norms(fast) == 0
 
 
+def test_state_dict_keeps_the_original_keys():
+    # the fused output norm wrapped the original as .norm: conv_norm_out.weight became
+    # conv_norm_out.norm.weight, and weights no longer loaded in either direction
+    model = _perturbed(_unet2d())
+    fast = inference.prepare_for_inference(model)
+    original, prepared = model.state_dict(), fast.state_dict()
+    assert list(prepared) == list(original)
+    assert all(torch.equal(prepared[k], original[k]) for k in original)
+    fast.load_state_dict(original)
+    _unet2d().load_state_dict(prepared)
+
+
+def test_video_models_go_channels_last_3d():
+    # Module.to(memory_format=channels_last) refuses 5-d weights: the default call crashed on
+    # any model with a Conv3d
+    torch.manual_seed(0)
+    seq = torch.nn.Sequential(torch.nn.Conv3d(3, 8, 3, padding=1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(),
+                              torch.nn.Conv3d(8, 4, 1)).eval()
+    fast = inference.prepare_for_inference(seq)
+    assert fast[0].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert isinstance(fast[1], inference.GroupNormSiLU)
+    x = torch.randn(2, 3, 4, 6, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(fast(x), seq(x), rtol=1e-4, atol=1e-5)
+
+
+def test_what_a_fused_pass_would_change_is_left_alone():
+    class FramewiseGroupNorm(torch.nn.GroupNorm):  # a subclass computing something else
+        def forward(self, x):
+            return super().forward(x.flip(-1)).flip(-1) * 0.5
+
+    calls = []
+    hooked = torch.nn.GroupNorm(2, 8)
+    hooked.register_forward_hook(lambda module, args, out: calls.append(1) or out * 2)
+    for norm in (FramewiseGroupNorm(2, 8), hooked):
+        seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), norm, torch.nn.SiLU())
+        fast = inference.prepare_for_inference(seq)
+        assert type(fast[1]) is type(norm) and isinstance(fast[2], torch.nn.SiLU)
+        x = torch.randn(2, 3, 9, 9)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), seq(x), rtol=1e-5, atol=1e-6)
+    assert len(calls) == 2  # the hook ran in the prepared copy too
+
+
 def test_sequential_pairs_and_can_fuse():
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
     fast = inference.prepare_for_inference(seq)
