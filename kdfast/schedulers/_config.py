@@ -188,6 +188,12 @@ class ConfigMixin:
     save_config = save_pretrained  # diffusers' name for the same thing
 
     @classmethod
+    def get_config_dict(cls, *args, **kwargs):
+        """diffusers' deprecated name of :meth:`load_config`."""
+        warnings.warn("get_config_dict is deprecated (as in diffusers); use load_config", FutureWarning, stacklevel=2)
+        return cls.load_config(*args, **kwargs)
+
+    @classmethod
     def load_config(cls, pretrained_model_name_or_path: Union[str, os.PathLike], return_unused_kwargs: bool = False,
                     return_commit_hash: bool = False, subfolder: Optional[str] = None, **kwargs):
         """The config dict of a local folder's (or file's) ``scheduler_config.json``, as

@@ -19,6 +19,7 @@ from torch.utils._device import DeviceContext as _DeviceContext
 from .. import ops
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
+from ._helpers import ScheduleHelpers
 from ._linear import Lin
 from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, noise_schedule,
                         randn_like_diffusers, sigma_range, sigma_to_t)
@@ -297,7 +298,7 @@ def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> 
     return index if not misaligned and 0 <= index < length else None
 
 
-class FusedScheduler(ConfigMixin):
+class FusedScheduler(ScheduleHelpers, ConfigMixin):
     """Base class of kdfast's diffusers drop-in schedulers.
 
     Subclasses compute, in ``set_timesteps``, a :class:`StepPlan` for every step they may
@@ -946,6 +947,15 @@ class MultistepScheduler(FusedScheduler):
                                                          dtype=np.float32)[::-1].copy()))
         self._table = None
         self._reset_history()
+
+    def _sigma_to_alpha_sigma_t(self, sigma):
+        """(alpha_t, sigma_t) of noise level ``sigma`` (a tensor or a number): the VP process's
+        ``(1 / sqrt(sigma^2 + 1), sigma / sqrt(sigma^2 + 1))``, or ``(1 - sigma, sigma)`` with
+        flow sigmas. diffusers' helper; the tables use :func:`_schedule.alpha_sigma`."""
+        if self.config.get("use_flow_sigmas", False):
+            return 1 - sigma, sigma
+        alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
+        return alpha_t, sigma * alpha_t
 
     def _converted_output(self, model_output: torch.Tensor, args: tuple, sample: Optional[torch.Tensor], key,
                           threshold: bool) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import H0, NOISE, X, X0
-from ._schedule import check_choice, sigma_to_t
+from ._schedule import check_choice
 from .base import CoefficientTable, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 from .dpmsolver_sde import _BrownianNoise
 from .edm_dpmsolver_multistep import EDMDPMSolverMultistepScheduler
@@ -210,15 +210,6 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
 
     # ---------------------------------------------------------------- diffusers' helpers
 
-    def _sigma_to_alpha_sigma_t(self, sigma):
-        """(alpha_t, sigma_t) = (1, sigma): inputs are pre-scaled (diffusers' int64 ``tensor(1)``)."""
-        return torch.tensor(1), sigma
-
-    @staticmethod
-    def _sigma_to_t(sigma, log_sigmas):
-        """Fractional training timestep of each sigma, interpolating in log-sigma (diffusers' helper)."""
-        return sigma_to_t(sigma, log_sigmas)
-
     def convert_model_output(self, model_output: torch.Tensor, sample: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The denoised sample ``precondition_outputs(sample, model_output, sigma)`` at the current step."""
         if sample is None:
@@ -249,6 +240,10 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         c_x, c_d0, c_d1, c_noise = self._helper_coefficients(2, sample, noise)
         m0, m1 = model_output_list[-1], model_output_list[-2]
         return c_x * sample + c_d0 * m0 + c_d1 * (m0 - m1) + c_noise * noise
+
+    def multistep_dpm_solver_third_order_update(self, *args, **kwargs):
+        """Not defined: this solver has orders 1 and 2 (diffusers' has no such helper)."""
+        raise NotImplementedError("CosineDPMSolverMultistepScheduler has no third-order update (solver_order 1 or 2)")
 
     # ---------------------------------------------------------------- step
 

@@ -2,13 +2,14 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._linear import H0, H1, X, X0
+from ._helpers import OUTPUTS, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
+from ._linear import H0, H1, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
@@ -119,7 +120,6 @@ class DEISMultistepScheduler(MultistepScheduler):
         cfg = self.config
         flow = cfg.use_flow_sigmas
         try:
-            a_t, s_t = alpha_sigma(sigmas[i + 1], flow)
             a_0, s_0 = alpha_sigma(sigmas[i], flow)
             if cfg.prediction_type == "flow_prediction":
                 x0 = (1.0, -sigmas[i])  # diffusers: x0 = x - sigma * v with the schedule's raw sigma
@@ -128,6 +128,21 @@ class DEISMultistepScheduler(MultistepScheduler):
             # DEIS keeps epsilon, recomputed from the (thresholded) x0 like diffusers, which for
             # flow_prediction divides by the raw schedule sigma (equal to s_0 with flow sigmas).
             eps = (X - a_0 * X0) / (sigmas[i] if cfg.prediction_type == "flow_prediction" else s_0)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            return None  # a combination the step logic never selects
+        x_t = self._update_rule(sigmas, i, order, eps, (H0, H1))
+        if x_t is None:
+            return None
+        return StepPlan(x0=x0, sample=x_t, history=eps)
+
+    def _update_rule(self, sigmas: List[float], i: int, order: int, eps: Lin, history: Sequence[Lin]) -> Optional[Lin]:
+        """The DEIS update of step ``i`` at ``order`` from ``eps``, the epsilon at ``sigmas[i]``,
+        and ``history``, the older ones (newest first), as a combination of them and X; None
+        where it is not finite."""
+        flow = self.config.use_flow_sigmas
+        try:
+            a_t, s_t = alpha_sigma(sigmas[i + 1], flow)
+            a_0, s_0 = alpha_sigma(sigmas[i], flow)
             if order == 1:  # = DDIM
                 h = (math.log(a_t) - math.log(s_t)) - (math.log(a_0) - math.log(s_0))
                 x_t = (a_t / a_0) * X - (s_t * math.expm1(h)) * eps
@@ -137,18 +152,18 @@ class DEISMultistepScheduler(MultistepScheduler):
                 if order == 2:
                     c0 = _lagrange1(r_t, r0, r1) - _lagrange1(r0, r0, r1)
                     c1 = _lagrange1(r_t, r1, r0) - _lagrange1(r0, r1, r0)
-                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * H0
+                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * history[0]
                 else:
                     r2 = rho[3]
                     c0 = _lagrange2(r_t, r0, r1, r2) - _lagrange2(r0, r0, r1, r2)
                     c1 = _lagrange2(r_t, r1, r2, r0) - _lagrange2(r0, r1, r2, r0)
                     c2 = _lagrange2(r_t, r2, r0, r1) - _lagrange2(r0, r2, r0, r1)
-                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * H0 + (a_t * c2) * H1
+                    x_t = (a_t / a_0) * X + (a_t * c0) * eps + (a_t * c1) * history[0] + (a_t * c2) * history[1]
         except (ZeroDivisionError, OverflowError, ValueError):
             return None  # a combination the step logic never selects
         if not all(math.isfinite(v) for v in x_t.terms.values()):
             return None
-        return StepPlan(x0=x0, sample=x_t, history=eps)
+        return x_t
 
     # ---------------------------------------------------------------- step
 
@@ -199,3 +214,40 @@ class DEISMultistepScheduler(MultistepScheduler):
                              **kwargs) -> torch.Tensor:
         """Epsilon recomputed from the (thresholded) data prediction at the current step."""
         return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def deis_first_order_update(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                                **kwargs) -> torch.Tensor:
+        """diffusers' first-order update (DDIM) from ``model_output``, the epsilon of
+        :meth:`convert_model_output`, at the current step: unfused, for callers that use it
+        (``step`` does not)."""
+        (sample,) = legacy_arguments("deis_first_order_update", args, kwargs, ("timestep", "prev_timestep"),
+                                     sample=sample)
+        return self._helper_update("deis_first_order_update", 1, [model_output], sample)
+
+    def multistep_deis_second_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                           sample: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' second-order update from the last two converted outputs, unfused."""
+        (sample,) = legacy_arguments("multistep_deis_second_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("multistep_deis_second_order_update", 2, model_output_list, sample)
+
+    def multistep_deis_third_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                          sample: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' third-order update from the last three converted outputs, unfused."""
+        (sample,) = legacy_arguments("multistep_deis_third_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("multistep_deis_third_order_update", 3, model_output_list, sample)
+
+    def _helper_update(self, method: str, order: int, outputs, sample) -> torch.Tensor:
+        required(method, "sample", sample)
+        i = current_index(self, method)
+        sigmas = host_sigmas(self)
+        if i + 1 >= len(sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
+        if rule is None:
+            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
+                             f"(sigma {sigmas[i]} to {sigmas[i + 1]})")
+        return evaluate(rule, {**output_list(method, outputs, order), "x": sample}, method)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -11,6 +11,7 @@ from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
+from ._helpers import OUTPUTS, LuLambdas, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 from .euler_discrete import KARRAS_SCHEDULERS
@@ -48,7 +49,7 @@ def check_dpm_solver_config(scheduler, algorithms=ALGORITHMS, flow_exclusive=SIG
         raise ValueError(f"solver_order must be 1, 2 or 3, got {cfg.solver_order}")
 
 
-class DPMSolverMultistepScheduler(MultistepScheduler):
+class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
     """Drop-in for ``diffusers.DPMSolverMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion, clipping, the multistep
@@ -141,7 +142,6 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
     def _plan(self, sigmas: List[float], i: int, order: int) -> Optional[StepPlan]:
         cfg = self.config
         a_s0, s_s0 = self._alpha_sigma(float(sigmas[i]))
-        a_t, s_t = self._alpha_sigma(float(sigmas[i + 1]))
         x0 = self._x0_conversion(float(sigmas[i]), a_s0, s_s0)
         plus = cfg.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         # The quantity a multistep solver keeps: x0 for ++ variants, epsilon otherwise.
@@ -155,7 +155,19 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
             q = (X - a_s0 * MODEL) / s_s0
         else:
             q = a_s0 * MODEL + s_s0 * X
+        x_t = self._update_rule(sigmas, i, order, q, (H0, H1))
+        if x_t is None:
+            return None  # a combination the step logic never selects (e.g. order 2 into sigma 0)
+        return StepPlan(x0=x0, sample=x_t, history=q)
+
+    def _update_rule(self, sigmas: List[float], i: int, order: int, q: Lin, history: Sequence[Lin]) -> Optional[Lin]:
+        """The multistep update of step ``i`` at ``order`` from ``q``, the solver's quantity
+        (x0 or epsilon) at ``sigmas[i]``, and ``history``, the older ones (newest first), as
+        a combination of them, X and NOISE; None where it is not finite."""
+        cfg = self.config
+        a_s0, s_s0 = self._alpha_sigma(float(sigmas[i]))
         try:
+            a_t, s_t = self._alpha_sigma(float(sigmas[i + 1]))
             lam = [log_snr(*self._alpha_sigma(float(sigmas[i + 1 - k]))) for k in range(order + 1)]
             h = lam[0] - lam[1]
             if abs(h) < _ROUNDING_STEP:
@@ -170,17 +182,17 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
                 D = [q]
             elif order == 2:
                 r0 = (lam[1] - lam[2]) / h
-                D = [q, (1.0 / r0) * (q - H0)]
+                D = [q, (1.0 / r0) * (q - history[0])]
             else:
                 r0, r1 = (lam[1] - lam[2]) / h, (lam[2] - lam[3]) / h
-                d10, d11 = (1.0 / r0) * (q - H0), (1.0 / r1) * (H0 - H1)
+                d10, d11 = (1.0 / r0) * (q - history[0]), (1.0 / r1) * (history[0] - history[1])
                 D = [q, d10 + (r0 / (r0 + r1)) * (d10 - d11), (1.0 / (r0 + r1)) * (d10 - d11)]
             x_t = self._update(cfg.algorithm_type, cfg.solver_type, order, a_t, s_t, a_s0, s_s0, h, D)
         except (ZeroDivisionError, OverflowError, ValueError):
-            return None  # a combination the step logic never selects (e.g. order 2 into sigma 0)
+            return None
         if not all(math.isfinite(v) for v in x_t.terms.values()):
             return None
-        return StepPlan(x0=x0, sample=x_t, history=q)
+        return x_t
 
     def _alpha_sigma(self, sigma: float):
         """(alpha_t, sigma_t) of the schedule's noise level ``sigma`` (VP, or flow matching)."""
@@ -317,3 +329,50 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
                 and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
         return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                                      noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' first-order update (DDIM) from ``model_output``, converted by
+        :meth:`convert_model_output`, at the current step: unfused, for callers that use it
+        (``step`` does not). ``noise`` is required by the SDE variants."""
+        (sample,) = legacy_arguments("dpm_solver_first_order_update", args, kwargs, ("timestep", "prev_timestep"),
+                                     sample=sample)
+        return self._helper_update("dpm_solver_first_order_update", 1, [model_output], sample, noise)
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                                 sample: Optional[torch.Tensor] = None,
+                                                 noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' second-order multistep update from the last two converted outputs
+        (``model_output_list[-1]`` the current one) at the current step, unfused."""
+        (sample,) = legacy_arguments("multistep_dpm_solver_second_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("multistep_dpm_solver_second_order_update", 2, model_output_list, sample, noise)
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                                sample: Optional[torch.Tensor] = None,
+                                                noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' third-order multistep update from the last three converted outputs at the
+        current step, unfused."""
+        (sample,) = legacy_arguments("multistep_dpm_solver_third_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("multistep_dpm_solver_third_order_update", 3, model_output_list, sample, noise)
+
+    def _helper_update(self, method: str, order: int, outputs, sample, noise) -> torch.Tensor:
+        """The update rule the step's table is planned from, evaluated on the caller's tensors.
+        Where diffusers divides by zero (a zero-length step) it is the step's finite update."""
+        required(method, "sample", sample)
+        i = current_index(self, method)
+        sigmas = host_sigmas(self)
+        if i + 1 >= len(sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        sde = self.config.algorithm_type.startswith("sde")
+        if sde and noise is None:
+            raise ValueError(f"{method}: `noise` is required by algorithm_type={self.config.algorithm_type!r} "
+                             "(diffusers asserts it)")
+        rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
+        if rule is None:
+            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
+                             f"(sigma {float(self.sigmas[i])} to {float(self.sigmas[i + 1])})")
+        return evaluate(rule, {**output_list(method, outputs, order), "x": sample, "noise": noise}, method)

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import OUTPUTS, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
@@ -256,23 +257,33 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
             q = a_s0 * MODEL + s_s0 * X
         # Every order at every index (history set from outside can ask for any); an early step
         # then reads sigmas[i - k] with wrap-around, as diffusers does.
+        x_t = self._group_rule(sigmas, i, order, (H1, H0, q)[3 - order:], X if order == 1 else AUX)
+        if x_t is None:
+            return None  # e.g. order 2 into sigma 0, which the order list never selects
+        return StepPlan(x0=x0, sample=x_t, history=q)
+
+    def _group_rule(self, sigmas: List[float], i: int, order: int, outputs: Sequence[Lin], start: Lin
+                    ) -> Optional[Lin]:
+        """Step ``i`` at ``order`` as a combination of ``start``, the sample of the group's
+        first step ``i - order + 1``, the converted ``outputs`` of steps ``i - order + 1 .. i``
+        (oldest first) and NOISE; None where it is not finite."""
+        cfg = self.config
+        flow = cfg.use_flow_sigmas
         first = i - order + 1
         try:
             a_t, s_t = alpha_sigma(float(sigmas[i + 1]), flow)
             a_s, s_s = alpha_sigma(float(sigmas[first]), flow)
             lam_t = log_snr(a_t, s_t)
-            outputs = (H1, H0, q)[3 - order:]
             nodes = [(log_snr(*alpha_sigma(float(sigmas[first + k]), flow)), outputs[k]) for k in range(order)]
-            start = X if order == 1 else AUX
             try:
                 x_t = group_update(cfg.algorithm_type, cfg.solver_type, a_t, s_t, a_s, s_s, lam_t, nodes, start)
             except ZeroDivisionError:
                 x_t = self._repeated_sigma_update(a_t, s_t, a_s, s_s, lam_t, nodes, start)
         except (ZeroDivisionError, OverflowError, ValueError):
-            return None  # e.g. order 2 into sigma 0, which the order list never selects
+            return None
         if x_t is None or not all(math.isfinite(v) for v in x_t.terms.values()):
             return None
-        return StepPlan(x0=x0, sample=x_t, history=q)
+        return x_t
 
     def _repeated_sigma_update(self, a_t, s_t, a_s, s_s, lam_t, nodes, start) -> Optional[Lin]:
         """The update where diffusers divides by zero: a group that ends where it starts (its
@@ -366,3 +377,59 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
                 and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
         return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                                      noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' first-order update (DDIM) from ``model_output``, converted by
+        :meth:`convert_model_output`, at the current step: unfused, for callers that use it
+        (``step`` does not). ``noise`` is required by ``sde-dpmsolver++``."""
+        (sample,) = legacy_arguments("dpm_solver_first_order_update", args, kwargs, ("timestep", "prev_timestep"),
+                                     sample=sample)
+        return self._helper_update("dpm_solver_first_order_update", 1, [model_output], sample, noise)
+
+    def singlestep_dpm_solver_second_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                                  sample: Optional[torch.Tensor] = None,
+                                                  noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' second-order singlestep update from ``sample``, the group's first sample
+        (at the previous step), with the last two converted outputs, unfused."""
+        (sample,) = legacy_arguments("singlestep_dpm_solver_second_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("singlestep_dpm_solver_second_order_update", 2, model_output_list, sample, noise)
+
+    def singlestep_dpm_solver_third_order_update(self, model_output_list: List[torch.Tensor], *args,
+                                                 sample: Optional[torch.Tensor] = None,
+                                                 noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' third-order singlestep update from ``sample``, the group's first sample
+        (two steps back), with the last three converted outputs, unfused."""
+        (sample,) = legacy_arguments("singlestep_dpm_solver_third_order_update", args, kwargs,
+                                     ("timestep_list", "prev_timestep"), sample=sample)
+        return self._helper_update("singlestep_dpm_solver_third_order_update", 3, model_output_list, sample, noise)
+
+    def singlestep_dpm_solver_update(self, model_output_list: List[torch.Tensor], *args,
+                                     sample: Optional[torch.Tensor] = None, order: Optional[int] = None,
+                                     noise: Optional[torch.Tensor] = None, **kwargs) -> torch.Tensor:
+        """diffusers' singlestep update of ``order`` (1, 2 or 3), unfused."""
+        sample, order = legacy_arguments("singlestep_dpm_solver_update", args, kwargs,
+                                         ("timestep_list", "prev_timestep"), sample=sample, order=order)
+        required("singlestep_dpm_solver_update", "order", order)
+        if order not in (1, 2, 3):
+            raise ValueError(f"Order must be 1, 2, 3, got {order}")
+        return self._helper_update("singlestep_dpm_solver_update", int(order), model_output_list, sample, noise)
+
+    def _helper_update(self, method: str, order: int, outputs, sample, noise) -> torch.Tensor:
+        """The update rule the step's table is planned from, evaluated on the caller's tensors."""
+        required(method, "sample", sample)
+        i = current_index(self, method)
+        sigmas = host_sigmas(self)
+        if i + 1 >= len(sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        if sde and noise is None:
+            raise ValueError(f"{method}: `noise` is required by algorithm_type='sde-dpmsolver++' (diffusers asserts it)")
+        rule = self._group_rule(sigmas, i, order, OUTPUTS[:order][::-1], X)
+        if rule is None:
+            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
+                             f"(sigma {sigmas[i]} to {sigmas[i + 1]})")
+        return evaluate(rule, {**output_list(method, outputs, order), "x": sample, "noise": noise}, method)

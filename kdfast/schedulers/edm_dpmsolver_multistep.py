@@ -2,7 +2,7 @@
 v2.5 and other EDM networks), as a drop-in for diffusers' ``EDMDPMSolverMultistepScheduler``."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import torch
 
@@ -127,6 +127,31 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
         if sample is None:
             raise ValueError("missing `sample`: convert_model_output(model_output, sample)")
         return self._converted_output(model_output, (), sample, (self._step_index, 1), self.config.thresholding)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def _sigma_to_alpha_sigma_t(self, sigma):
+        """(alpha_t, sigma_t) = (1, sigma): inputs are pre-scaled (diffusers' int64 ``tensor(1)``)."""
+        return torch.tensor(1), sigma
+
+    # diffusers' EDM helpers take the sample second (required) and no timesteps
+    def dpm_solver_first_order_update(self, model_output: torch.Tensor, sample: torch.Tensor,
+                                      noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """diffusers' first-order update from the converted ``model_output`` (the denoised
+        sample) at the current step: unfused, for callers that use it (``step`` does not).
+        ``noise`` is required by ``sde-dpmsolver++``."""
+        return self._helper_update("dpm_solver_first_order_update", 1, [model_output], sample, noise)
+
+    def multistep_dpm_solver_second_order_update(self, model_output_list: List[torch.Tensor], sample: torch.Tensor,
+                                                 noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """diffusers' second-order multistep update from the last two converted outputs, unfused."""
+        return self._helper_update("multistep_dpm_solver_second_order_update", 2, model_output_list, sample, noise)
+
+    def multistep_dpm_solver_third_order_update(self, model_output_list: List[torch.Tensor],
+                                                sample: torch.Tensor) -> torch.Tensor:
+        """diffusers' third-order multistep update from the last three converted outputs, unfused
+        (``dpmsolver++`` only: diffusers' has no noise argument)."""
+        return self._helper_update("multistep_dpm_solver_third_order_update", 3, model_output_list, sample, None)
 
     # x + sigma * noise at each timestep: the EDM process is the sigma schedulers' one
     add_noise = _SigmaScheduler.add_noise

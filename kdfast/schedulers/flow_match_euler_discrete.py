@@ -2,7 +2,6 @@
 a drop-in for diffusers' ``FlowMatchEulerDiscreteScheduler``."""
 from __future__ import annotations
 
-import math
 from typing import List, Optional
 
 import numpy as np
@@ -10,6 +9,7 @@ import torch
 
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
+from ._helpers import FlowShifts, FlowTimesteps
 from ._linear import MODEL, NOISE, X
 from ._schedule import beta_sigmas, check_choice, exponential_sigmas, karras_sigmas, sigma_range
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
@@ -20,7 +20,7 @@ from .euler_discrete import _reject_integer_timestep, check_sigma_options
 _SAMPLE_FROM = {name: 2 + k for k, name in enumerate(SOURCES)}
 
 
-class FlowMatchEulerDiscreteScheduler(FusedScheduler):
+class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler``: same arguments, config,
     schedule (static and resolution-dependent shifts, ``shift_terminal``, Karras / exponential /
     beta sigmas, ``invert_sigmas``) and step.
@@ -90,21 +90,6 @@ class FlowMatchEulerDiscreteScheduler(FusedScheduler):
 
     def set_shift(self, shift: float) -> None:
         self._shift = shift
-
-    def time_shift(self, mu: float, sigma: float, t):
-        """The resolution-dependent shift of ``t`` by ``mu`` (``time_shift_type``)."""
-        if self.config.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def stretch_shift_to_terminal(self, t):
-        """Stretch the schedule ``t`` so that it ends at ``shift_terminal``."""
-        one_minus_z = 1 - t
-        scale_factor = one_minus_z[-1] / (1 - self.config.shift_terminal)
-        return 1 - (one_minus_z / scale_factor)
-
-    def _sigma_to_t(self, sigma):
-        return sigma * self.config.num_train_timesteps
 
     # ---------------------------------------------------------------- schedule
 

@@ -9,6 +9,7 @@ from typing import Optional, Tuple
 import torch
 
 from ._config import register_to_config
+from ._helpers import FlowTimesteps
 from ._linear import AUX, H0, MODEL, NOISE, X
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _as_float32, _reject_integer_timestep
@@ -17,7 +18,7 @@ from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class FlowMatchHeunDiscreteScheduler(FusedScheduler):
+class FlowMatchHeunDiscreteScheduler(FlowTimesteps, FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchHeunDiscreteScheduler``: same arguments, config, schedule
     and step (with its churn options ``s_churn``, ``s_tmin``, ``s_tmax``, ``s_noise``).
 

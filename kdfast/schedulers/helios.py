@@ -27,6 +27,8 @@ import torch
 from .._checks import check_count, check_flag
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, FlowTimesteps, evaluate, legacy_arguments, output_list,
+                       required)
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
@@ -105,7 +107,7 @@ def _promoted(*dtypes: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------- the schedule (diffusers' operations)
 
 
-class _HeliosSchedule(FusedScheduler):
+class _HeliosSchedule(FlowTimesteps, FlowShifts, FusedScheduler):
     """The multi-stage schedule both Helios schedulers share, computed with diffusers' numpy and
     torch operations, in its order, on the host."""
 
@@ -232,23 +234,6 @@ class _HeliosSchedule(FusedScheduler):
     def _schedule_changed(self) -> None:
         """The sigmas changed: forget what was planned from the old ones."""
         self._table = None
-
-    # ---------------------------------------------------------------- shift
-
-    def time_shift(self, mu: float, sigma: float, t):
-        """diffusers' resolution-dependent shift of ``t`` by ``mu`` (``time_shift_type``)."""
-        if self.config.time_shift_type == "exponential":
-            return self._time_shift_exponential(mu, sigma, t)
-        return self._time_shift_linear(mu, sigma, t)
-
-    def _time_shift_exponential(self, mu, sigma, t):
-        return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
-
-    def _time_shift_linear(self, mu, sigma, t):
-        return mu / (mu + (1 / t - 1) ** sigma)
-
-    def _sigma_to_t(self, sigma):
-        return sigma * self.config.num_train_timesteps
 
     # ---------------------------------------------------------------- set_timesteps
 
@@ -541,7 +526,7 @@ class HeliosScheduler(_HeliosSchedule):
         return X0, x0_coefficients(kind, a, s)
 
     def _uni_update(self, t: int, s0: int, prev: Sequence[int], m0: Lin, ms: Sequence[Lin],
-                    model_t: Optional[Lin]) -> Tuple[float, Lin]:
+                    model_t: Optional[Lin], ends: Optional[Tuple[float, float]] = None) -> Tuple[float, Lin]:
         """diffusers' ``multistep_uni_p_bh_update`` (``model_t`` None) or ``multistep_uni_c_bh_update``
         from ``sigmas[s0]`` to ``sigmas[t]`` as ``(c, rest)``: update = c * start + rest, where start
         is the sample the update starts from, ``m0`` the model quantity at s0, ``ms`` the older ones
@@ -554,13 +539,15 @@ class HeliosScheduler(_HeliosSchedule):
         diffusers evaluates them: a schedule starting at sigma = 1 has log-SNR -inf there, and
         diffusers' updates through it are finite (``D1 = (m - m0) / -inf = 0``; the solve of the
         R system pivots the infinite row away). Coefficients come out inf or NaN exactly where
-        diffusers' tensors do; the plan is then refused (see :meth:`_unipc_plans`).
+        diffusers' tensors do; the plan is then refused (see :meth:`_unipc_plans`). ``ends``
+        replaces ``(sigmas[t], sigmas[s0])`` (diffusers' helpers take them as arguments).
         """
         cfg = self.config
         sigmas = self._host_sigmas
+        sigma_t, sigma_0 = (sigmas[t], sigmas[s0]) if ends is None else ends
         with np.errstate(all="ignore"):
-            a_t, s_t = self._alpha_sigma(sigmas[t])
-            a_0, s_0 = self._alpha_sigma(sigmas[s0])
+            a_t, s_t = self._alpha_sigma(sigma_t)
+            a_0, s_0 = self._alpha_sigma(sigma_0)
             lam_0 = np.log(a_0) - np.log(s_0)
             h = np.log(a_t) - np.log(s_t) - lam_0
             order = len(ms) + 1
@@ -797,6 +784,68 @@ class HeliosScheduler(_HeliosSchedule):
             history_dtype = _F32
         return self._fused((i, 1, 0), sample, model_output, write_history=True, history_dtype=history_dtype,
                            table=table).history
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def multistep_uni_p_bh_update(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None,
+                                  order: int = None, sigma: torch.Tensor = None, sigma_next: torch.Tensor = None,
+                                  **kwargs) -> torch.Tensor:
+        """diffusers' UniP predictor of ``order`` from ``sample`` at the current step (from
+        ``sigma`` to ``sigma_next`` when given), with the converted outputs in
+        ``self.model_outputs`` (its newest is this step's; ``model_output`` is unused): unfused,
+        for callers that use it (``step`` does not). Returned in the sample's dtype."""
+        method = "multistep_uni_p_bh_update"
+        sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
+        required(method, "sample", sample)
+        order = int(required(method, "order", order))
+        i = self._helper_index(method, 1, sigma, sigma_next)
+        ends = None if sigma is None else (float(sigma_next), float(sigma))
+        update = self._uni_update(i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
+                                  None, ends) if 1 <= order <= 3 else None
+        return self._helper_result(method, update, X, order, sample, {"x": sample})
+
+    def multistep_uni_c_bh_update(self, this_model_output: torch.Tensor, *args, last_sample: torch.Tensor = None,
+                                  this_sample: torch.Tensor = None, order: int = None,
+                                  sigma_before: torch.Tensor = None, sigma: torch.Tensor = None,
+                                  **kwargs) -> torch.Tensor:
+        """diffusers' UniC corrector of ``order`` at the current step (from ``sigma_before`` to
+        ``sigma`` when given): corrects the step from ``last_sample`` with
+        ``this_model_output``, the converted output here, and ``self.model_outputs`` (not yet
+        holding it). Unfused, returned in ``last_sample``'s dtype; ``this_sample`` is required,
+        as in diffusers, and unused."""
+        method = "multistep_uni_c_bh_update"
+        last_sample, this_sample, order = legacy_arguments(method, args, kwargs, ("this_timestep",),
+                                                           last_sample=last_sample, this_sample=this_sample,
+                                                           order=order)
+        required(method, "last_sample", last_sample)
+        required(method, "this_sample", this_sample)
+        order = int(required(method, "order", order))
+        i = self._helper_index(method, 0, sigma_before, sigma)
+        ends = None if sigma is None else (float(sigma), float(sigma_before))
+        update = self._uni_update(i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
+                                  NEW_OUTPUT, ends) if 1 <= order <= 3 else None
+        return self._helper_result(method, update, AUX, order, last_sample,
+                                   {"aux": last_sample, "new_output": this_model_output})
+
+    def _helper_index(self, method: str, ahead: int, start, end) -> int:
+        if (start is None) != (end is None):
+            raise ValueError(f"{method}: pass both sigmas of the update or neither")
+        if self._step_index is None:
+            raise ValueError(f"{method} needs a step index: call set_timesteps(...), then step() "
+                             "(diffusers' helpers read self.step_index)")
+        i = self._step_index
+        if start is None and i + ahead >= len(self._host_sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(self._host_sigmas) - 1}-step schedule")
+        return i
+
+    def _helper_result(self, method: str, update, start: Lin, order: int, like: torch.Tensor, tensors: dict
+                       ) -> torch.Tensor:
+        c, rest = (math.nan, None) if update is None else update
+        if not (math.isfinite(c) and all(math.isfinite(v) for v in rest.terms.values())):
+            raise ValueError(f"{method}: no finite update of order {order} at step {self._step_index} "
+                             "(diffusers' is NaN or inf there)")
+        tensors.update(output_list(method, self.model_outputs, order))
+        return evaluate(c * start + rest, tensors, method, dtype=like.dtype)
 
     def _sigma_to_alpha_sigma_t(self, sigma):
         """diffusers' ``(alpha_t, sigma_t)`` of a sigma tensor."""

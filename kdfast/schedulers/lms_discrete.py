@@ -198,6 +198,11 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         keep = d if i + 2 < len(self._host_sigmas) else None
         return StepPlan(x0=sigma_x0(pt, sigma), sample=sample, history=keep, aux=X0)  # aux: pred_original_sample
 
+    def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
+        """diffusers' LMS form of the helper: the step count defaults to ``num_inference_steps``."""
+        return super()._convert_to_karras(in_sigmas, self.num_inference_steps if num_inference_steps is None
+                                          else num_inference_steps)
+
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """diffusers' linear multistep coefficient, computed exactly in float64 (diffusers
         evaluates the integrand in float32: the two differ by ~1e-7 relative)."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import NEW_OUTPUT, OUTPUTS, current_index, evaluate, legacy_arguments, output_list, required
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
@@ -52,6 +53,29 @@ def exp_moments(rate: float, h: float, count: int) -> List[float]:
     for m in range(1, count):
         moments.append(-(decay * (-h) ** m + m * moments[-1]) / rate)
     return moments
+
+
+def _power_exp_integral(power: int, rate: float, a: float, b: float) -> float:
+    """``integral over x in [a, b] of exp(rate * x) * x**power`` (rate != 0), from the
+    antiderivative ``exp(rate x) * sum_k (-1)**(power-k) power!/k! x**k / rate**(power-k+1)``."""
+    def antiderivative_poly(x: float) -> float:
+        return sum((-1) ** (power - k) * math.factorial(power) / math.factorial(k) * x ** k / rate ** (power - k + 1)
+                   for k in range(power + 1))
+    return math.exp(rate * b) * (antiderivative_poly(b) - antiderivative_poly(a) * math.exp(-rate * (b - a)))
+
+
+def _check_power(order) -> None:
+    if order not in (0, 1, 2, 3):
+        raise ValueError(f"order must be 0, 1, 2 or 3, got {order}")
+
+
+def _like(value: float, *refs):
+    """``value`` as a 0-d tensor of the first tensor among ``refs`` (dtype and device), else a float."""
+    for ref in refs:
+        if isinstance(ref, torch.Tensor):
+            return torch.tensor(value, dtype=ref.dtype if ref.is_floating_point() else torch.float64,
+                                device=ref.device)
+    return value
 
 
 def lagrange_basis(nodes: Sequence[float], k: int) -> List[float]:
@@ -335,13 +359,13 @@ class SASolverScheduler(MultistepScheduler):
         return a_t / a_s, tau * s_t * math.sqrt(math.expm1(2.0 * h))
 
     def _gradient(self, sigmas: List[float], i: int, s: int, t: int, order: int, tau: float,
-                  corrector: bool, quantity: Lin) -> Optional[Lin]:
+                  corrector: bool, quantity: Lin, history: Sequence[Lin] = (H0, H1, H2)) -> Optional[Lin]:
         """The gradient part of an update from ``sigmas[s]`` to ``sigmas[t]`` at step ``i``:
         ``sum_k g_k * m_{i-k}`` over the step's model quantity (``quantity``) and the ``order - 1``
-        history entries before it (the Lagrange interpolation nodes are the log-SNRs of
-        ``sigmas[i - k]``, Python indexing like diffusers' tensor indexing). None where it is
-        not finite."""
-        sources = (quantity, H0, H1, H2)
+        ``history`` entries before it, newest first (the Lagrange interpolation nodes are the
+        log-SNRs of ``sigmas[i - k]``, Python indexing like diffusers' tensor indexing). None
+        where it is not finite."""
+        sources = (quantity, *history)
         try:
             lam_t = self._lam(sigmas[t])
             h = lam_t - self._lam(sigmas[s])
@@ -568,6 +592,119 @@ class SASolverScheduler(MultistepScheduler):
 
             key = self._extra_row(("convert", i), make)
         return self._converted_output(model_output, args, sample, key, cfg.thresholding)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+    # The coefficient helpers below are diffusers' building blocks, for callers that use them;
+    # the step's tables integrate in a shifted variable instead (see exp_moments). They compute
+    # in float64 and return the inputs' tensor type (a Python float for numbers).
+
+    def get_coefficients_exponential_negative(self, order: int, interval_start, interval_end):
+        """``integral of exp(-x) * x**order`` over ``[interval_start, interval_end]`` (order 0-3)."""
+        _check_power(order)
+        return _like(_power_exp_integral(order, -1.0, float(interval_start), float(interval_end)),
+                     interval_start, interval_end)
+
+    def get_coefficients_exponential_positive(self, order: int, interval_start, interval_end, tau):
+        """``integral of exp((1 + tau**2) * x) * x**order`` over ``[interval_start, interval_end]``
+        (order 0-3)."""
+        _check_power(order)
+        rate = 1.0 + float(tau) ** 2
+        return _like(_power_exp_integral(order, rate, float(interval_start), float(interval_end)),
+                     interval_start, interval_end)
+
+    def lagrange_polynomial_coefficient(self, order: int, lambda_list) -> list:
+        """The Lagrange basis polynomials of the ``order + 1`` nodes ``lambda_list`` (order 0-3),
+        each as its coefficients from the highest power down (diffusers' layout)."""
+        _check_power(order)
+        if len(lambda_list) != order + 1:
+            raise ValueError(f"lambda_list must hold order + 1 = {order + 1} nodes, got {len(lambda_list)}")
+        nodes = [float(v) for v in lambda_list]
+        return [[_like(c, *lambda_list) for c in reversed(lagrange_basis(nodes, k))] for k in range(order + 1)]
+
+    def get_coefficients_fn(self, order: int, interval_start, interval_end, lambda_list, tau) -> list:
+        """The ``order`` gradient coefficients of an SA-Solver update over
+        ``[interval_start, interval_end]``: the integral of each Lagrange basis polynomial of
+        ``lambda_list`` times ``exp((1 + tau**2) x)`` (data prediction) or ``exp(-x)``."""
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order}")
+        if len(lambda_list) != order:
+            raise ValueError(f"lambda_list must hold order = {order} nodes, got {len(lambda_list)}")
+        nodes = [float(v) for v in lambda_list]
+        a, b = float(interval_start), float(interval_end)
+        rate = 1.0 + float(tau) ** 2 if self.predict_x0 else -1.0
+        integrals = [_power_exp_integral(m, rate, a, b) for m in range(order)]
+        return [_like(sum(c * integrals[m] for m, c in enumerate(lagrange_basis(nodes, k))), interval_start,
+                      interval_end) for k in range(order)]
+
+    def stochastic_adams_bashforth_update(self, model_output: torch.Tensor, *args,
+                                          sample: Optional[torch.Tensor] = None, noise: Optional[torch.Tensor] = None,
+                                          order: Optional[int] = None, tau=None, **kwargs) -> torch.Tensor:
+        """diffusers' SA-Predictor of ``order`` from ``sample`` at the current step, with the
+        converted outputs in ``self.model_outputs`` (its newest is this step's; ``model_output``
+        is unused, as in diffusers), the step's ``noise`` and stochasticity ``tau``: unfused,
+        for callers that use it (``step`` does not). Returned in the sample's dtype."""
+        method = "stochastic_adams_bashforth_update"
+        sample, noise, order, tau = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample,
+                                                     noise=noise, order=order, tau=tau)
+        for name, value in (("sample", sample), ("noise", noise), ("order", order), ("tau", tau)):
+            required(method, name, value)
+        i, order, tau = self._helper_position(method, order, tau, 1)
+        return self._helper_update(method, i, i + 1, order, tau, False, X, sample,
+                                   {"x": sample, "noise": noise, **output_list(method, self.model_outputs, order)})
+
+    def stochastic_adams_moulton_update(self, this_model_output: torch.Tensor, *args,
+                                        last_sample: Optional[torch.Tensor] = None,
+                                        last_noise: Optional[torch.Tensor] = None,
+                                        this_sample: Optional[torch.Tensor] = None, order: Optional[int] = None,
+                                        tau=None, **kwargs) -> torch.Tensor:
+        """diffusers' SA-Corrector of ``order`` at the current step: corrects the previous
+        step's prediction from ``last_sample`` and ``last_noise`` (that step's sample and
+        noise) with ``this_model_output``, the converted output here, and
+        ``self.model_outputs`` (not yet holding it); ``tau`` is the previous step's. Unfused,
+        returned in ``last_sample``'s dtype; ``this_sample`` is required, as in diffusers, and
+        unused."""
+        method = "stochastic_adams_moulton_update"
+        last_sample, last_noise, this_sample, order, tau = legacy_arguments(
+            method, args, kwargs, ("this_timestep",), last_sample=last_sample, last_noise=last_noise,
+            this_sample=this_sample, order=order, tau=tau)
+        for name, value in (("last_sample", last_sample), ("last_noise", last_noise), ("this_sample", this_sample),
+                            ("order", order), ("tau", tau)):
+            required(method, name, value)
+        i, order, tau = self._helper_position(method, order, tau, 0)
+        outputs = output_list(method, self.model_outputs, order - 1) if order > 1 else {}
+        return self._helper_update(method, i - 1, i, order, tau, True, AUX, last_sample,
+                                   {"aux": last_sample, "noise": last_noise, "new_output": this_model_output,
+                                    **outputs})
+
+    def _helper_position(self, method: str, order, tau, ahead: int) -> Tuple[int, int, float]:
+        """(step index, order, tau) of a helper call, checked; ``ahead`` is 1 where the update
+        reads the next sigma."""
+        i = current_index(self, method)
+        if i + ahead >= len(self._plan_sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(self._plan_sigmas) - 1}-step schedule")
+        if int(order) not in ORDERS:
+            raise ValueError(f"{method}: order must be one of {ORDERS}, got {order}")
+        tau = float(tau)
+        if not math.isfinite(tau):
+            raise ValueError(f"{method}: tau must be a finite number, got {tau}")
+        return i, int(order), tau
+
+    def _helper_update(self, method: str, s: int, t: int, order: int, tau: float, corrector: bool, start: Lin,
+                       like: torch.Tensor, tensors: dict) -> torch.Tensor:
+        """The predictor (or corrector) rule from ``sigmas[s]`` to ``sigmas[t]``, from ``start``,
+        evaluated on the caller's tensors; the step's table is planned from the same rule."""
+        sigmas = self._plan_sigmas
+        i = self.step_index
+        quantity, history = (NEW_OUTPUT, OUTPUTS) if corrector else (OUTPUTS[0], OUTPUTS[1:])
+        gradient = self._gradient(sigmas, i, s, t, order, tau, corrector, quantity, history)
+        try:
+            decay, noise_scale = self._decay_and_noise(sigmas, s, t, tau)
+        except (ZeroDivisionError, OverflowError, ValueError):
+            gradient = None
+        if gradient is None:
+            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
+                             f"(sigma {sigmas[s]} to {sigmas[t]})")
+        return evaluate(decay * start + noise_scale * NOISE + gradient, tensors, method, dtype=like.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` at the training timesteps (diffusers' SA-Solver uses

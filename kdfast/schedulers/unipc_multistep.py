@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, current_index, evaluate, host_sigmas, legacy_arguments, output_list,
+                       required)
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
@@ -26,7 +28,7 @@ SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
 
 
-class UniPCMultistepScheduler(MultistepScheduler):
+class UniPCMultistepScheduler(FlowShifts, MultistepScheduler):
     """Drop-in for ``diffusers.UniPCMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion, clipping, the UniC
@@ -106,11 +108,6 @@ class UniPCMultistepScheduler(MultistepScheduler):
 
     # ---------------------------------------------------------------- schedule
 
-    def _flow_time_shift(self, mu: float, t: np.ndarray) -> np.ndarray:
-        if self.config.time_shift_type == "exponential":
-            return math.exp(mu) / (math.exp(mu) + (1 / t - 1))
-        return mu / (mu + (1 / t - 1))
-
     def set_timesteps(self, num_inference_steps: Optional[int] = None, device=None,
                       sigmas: Optional[List[float]] = None, mu: Optional[float] = None) -> None:
         """Compute the timesteps and sigmas, and every step's kernel coefficients."""
@@ -152,12 +149,11 @@ class UniPCMultistepScheduler(MultistepScheduler):
         elif cfg.use_flow_sigmas:
             sig = np.linspace(1, 1 / N, n + 1)[:-1] if custom is None else custom
             if cfg.use_dynamic_shifting:
-                sig = self._flow_time_shift(mu, sig)
+                sig = self.time_shift(mu, 1.0, sig)
             else:
                 sig = cfg.flow_shift * sig / (1 + (cfg.flow_shift - 1) * sig)
             if cfg.shift_terminal:
-                one_minus = 1 - sig
-                sig = 1 - one_minus / (one_minus[-1] / (1 - cfg.shift_terminal))
+                sig = self.stretch_shift_to_terminal(sig)
             sig = np.array(sig, dtype=np.float64)
             if abs(sig[0] - 1) < 1e-6:
                 sig[0] -= 1e-6  # alpha = 0 at sigma = 1 would make the first log-SNR infinite
@@ -367,3 +363,58 @@ class UniPCMultistepScheduler(MultistepScheduler):
         """The solver's quantity (x0 when predict_x0, else epsilon) at the current step."""
         return self._converted_output(model_output, args, sample, (self._step_index, 0, 0),
                                       self.config.thresholding and self.predict_x0)
+
+    # ---------------------------------------------------------------- diffusers' helpers
+
+    def multistep_uni_p_bh_update(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
+                                  order: Optional[int] = None, **kwargs) -> torch.Tensor:
+        """diffusers' UniP predictor of ``order`` from ``sample`` at the current step, with the
+        converted outputs in ``self.model_outputs`` (its newest is this step's; ``model_output``
+        only goes to ``solver_p``, as in diffusers): unfused, for callers that use it (``step``
+        does not). Returned in the sample's dtype."""
+        method = "multistep_uni_p_bh_update"
+        sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
+        required(method, "sample", sample)
+        order = int(required(method, "order", order))
+        if self.solver_p is not None:
+            return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
+        i = current_index(self, method)
+        sigmas = host_sigmas(self)
+        if i + 1 >= len(sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        update = self._uni_bh(sigmas, i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0],
+                              list(OUTPUTS[1:order]), None) if 1 <= order <= 3 else None
+        return self._helper_result(method, update, X, order, sample, {"x": sample})
+
+    def multistep_uni_c_bh_update(self, this_model_output: torch.Tensor, *args,
+                                  last_sample: Optional[torch.Tensor] = None, this_sample: Optional[torch.Tensor] = None,
+                                  order: Optional[int] = None, **kwargs) -> torch.Tensor:
+        """diffusers' UniC corrector of ``order`` at the current step: corrects the step from
+        ``last_sample`` (at the previous step) to this one with ``this_model_output``, the
+        converted output here, and ``self.model_outputs`` (not yet holding it). Unfused,
+        returned in ``last_sample``'s dtype; ``this_sample`` is required, as in diffusers,
+        and unused."""
+        method = "multistep_uni_c_bh_update"
+        last_sample, this_sample, order = legacy_arguments(method, args, kwargs, ("this_timestep",),
+                                                           last_sample=last_sample, this_sample=this_sample,
+                                                           order=order)
+        required(method, "last_sample", last_sample)
+        required(method, "this_sample", this_sample)
+        order = int(required(method, "order", order))
+        i = current_index(self, method)
+        sigmas = host_sigmas(self)
+        if i >= len(sigmas):
+            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        update = self._uni_bh(sigmas, i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0],
+                              list(OUTPUTS[1:order]), NEW_OUTPUT) if 1 <= order <= 3 else None
+        return self._helper_result(method, update, AUX, order, last_sample,
+                                   {"aux": last_sample, "new_output": this_model_output})
+
+    def _helper_result(self, method: str, update, start: Lin, order: int, sample: torch.Tensor, tensors: dict
+                       ) -> torch.Tensor:
+        if update is None:
+            raise ValueError(f"{method}: no finite update of order {order} at step {self.step_index} "
+                             "(orders 1 to 3; into sigma 0 only the first order is finite)")
+        c, rest = update
+        tensors.update(output_list(method, self.model_outputs, order))
+        return evaluate(c * start + rest, tensors, method, dtype=sample.dtype)
