@@ -5,6 +5,7 @@ import contextlib
 from typing import Optional, Tuple
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 
 _CURRENT = contextlib.nullcontext()
 # The innermost torch.func transform (vmap, grad, jvp) being run, None outside them.
@@ -29,6 +30,24 @@ def dispatcher_required() -> bool:
     dynamo cannot trace the other two queries."""
     return (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
             or _functorch_transform() is not None)
+
+
+def forward_ad_tracks(tensors) -> bool:
+    """Whether forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) carries a
+    tangent on any of ``tensors`` (None entries skipped). Outside a forward-AD level (nearly
+    every call) this is one attribute read."""
+    if _forward_ad._current_level < 0:
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def refuse_forward_ad(op: str, tensors) -> None:
+    """Raise where forward-mode AD would pass through ``op`` without its tangent: torch runs
+    a custom op's reverse-mode formula only, and would give a zero tangent silently."""
+    if forward_ad_tracks(tensors):
+        raise NotImplementedError(
+            f"kdfast.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported; "
+            "its gradients are reverse-mode only (torch.func.vjp, torch.autograd.grad, backward())")
 
 
 def on_device(t: torch.Tensor):

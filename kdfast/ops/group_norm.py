@@ -23,7 +23,8 @@ import torch
 from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import group_norm as ref
-from ._tensors import DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device
+from ._tensors import (DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, forward_ad_tracks, has_subclass,
+                       on_device)
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -143,6 +144,13 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
     act = _check_activation(activation)
     tensors = (x, shift, weight, bias)
+    if forward_ad_tracks(tensors):
+        # torch would run the custom op without a tangent (silently zero): computed as torch's
+        # modules compute it, which carries it; on a contiguous x (torch's group_norm has no
+        # forward-mode formula for channels-last input), returned in x's layout
+        out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation, dtype=None)
+        fmt = dense_format(x)
+        return out if fmt in (None, torch.contiguous_format) else out.contiguous(memory_format=fmt)
     args = (x, shift, weight, bias, num_groups, eps, act, backend or "")
     if dispatcher_required() or has_subclass(tensors):
         return torch.ops.kdfast.group_norm_act(*args)

@@ -20,12 +20,13 @@ import math
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout,
-                       on_device, sample_layout)
+                       on_device, refuse_forward_ad, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -296,6 +297,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     """
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
+    if forward_ad._current_level >= 0:  # (inline: the common call pays one attribute read)
+        refuse_forward_ad("solver_step", (sample, model_output, coefs, cond, *history, aux, noise, dynamic_scale))
     dtype = sample.dtype
     code = DTYPE_CODES.get(dtype)
     if code is None:
@@ -669,6 +672,7 @@ def threshold_scale(
     args = (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
             _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model),
             float(ratio), _check_scalar("max_value", max_value))
+    refuse_forward_ad("threshold_scale", (sample, model_output, cond))
     if backend is None and _needs_dispatcher((sample, model_output, cond)):
         return torch.ops.kdfast.threshold_scale(*args)
     return _threshold_scale(*args, backend=backend)

@@ -294,7 +294,11 @@ def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> 
     first, step, length, dtype, device = span
     if timestep.dtype != dtype or timestep.device != device:
         return None
-    index, misaligned = divmod(timestep.data_ptr() - first, step)
+    try:
+        address = timestep.data_ptr()
+    except RuntimeError:  # a tensor without storage (inside torch.func transforms): not an element
+        return None
+    index, misaligned = divmod(address - first, step)
     return index if not misaligned and 0 <= index < length else None
 
 
