@@ -1197,8 +1197,9 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     if scheduler._has_stepped():
         raise ValueError("the scheduler has already been stepped; call set_timesteps(...) again before sampling")
     if generator is not None and not _takes_keyword(scheduler.step, "generator"):
-        raise TypeError(f"generator: {type(scheduler).__name__}.step draws no noise from a generator (it takes "
-                        "none); leave generator=None")
+        reason = getattr(scheduler, "_noise_source", "its steps draw no noise")
+        raise TypeError(f"generator: {type(scheduler).__name__}.step takes no generator, as diffusers' does not "
+                        f"({reason}); leave generator=None")
     start = scheduler.begin_index or 0
     timesteps = scheduler.timesteps
     if getattr(scheduler, "_last_timestep_is_the_end", False):

@@ -95,6 +95,7 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
     """
 
     _diffusers_name = "DPMSolverSDEScheduler"
+    _noise_source = "its noise comes from a Brownian tree seeded with config.noise_sampler_seed"
     _graph_refusal = ("its noise comes from a torchsde Brownian tree, drawn on the host (torchsde bisects its "
                       "times in Python), which a CUDA graph cannot capture")
     order = 2
@@ -240,8 +241,7 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
               s_noise: float = 1.0, return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         if generator is not None:
-            raise TypeError("generator: DPMSolverSDEScheduler draws its noise from a Brownian tree seeded with "
-                            "noise_sampler_seed (as diffusers' does), not from a generator")
+            raise TypeError(f"generator: DPMSolverSDEScheduler takes none, as diffusers' does not ({self._noise_source})")
         s_noise = float(s_noise)
         if not np.isfinite(s_noise):
             raise ValueError(f"s_noise must be a finite number, got {s_noise}")

@@ -76,10 +76,16 @@ def test_sample_equals_the_loop_by_hand(name, guided):
     assert parity_error(outs[0], outs[1]) <= 1e-6
 
 
-def test_a_generator_for_a_scheduler_that_draws_none_is_refused():
+def test_a_generator_for_a_scheduler_whose_step_takes_none_is_refused_with_the_reason():
     s = K.DDIMInverseScheduler()
     s.set_timesteps(4)
-    with pytest.raises(TypeError, match="generator: DDIMInverseScheduler.step draws no noise"):
+    with pytest.raises(TypeError, match=r"generator: DDIMInverseScheduler.step takes no generator, as diffusers' "
+                                        r"does not \(its steps draw no noise\)"):
+        kdfast.sample(model, initial_sample(), s, generator=torch.Generator(), disable=True)
+    s = K.DPMSolverSDEScheduler(noise_sampler_seed=0)
+    s.set_timesteps(4)
+    with pytest.raises(TypeError, match=r"DPMSolverSDEScheduler.step takes no generator.*\(its noise comes from a "
+                                        r"Brownian tree seeded with config.noise_sampler_seed\)"):
         kdfast.sample(model, initial_sample(), s, generator=torch.Generator(), disable=True)
 
 
