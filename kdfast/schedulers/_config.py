@@ -10,6 +10,7 @@ import functools
 import inspect
 import json
 import os
+import re
 import warnings
 from typing import Any, Dict, Optional, Union
 
@@ -71,6 +72,34 @@ def register_to_config(init):
 
 
 # diffusers' download options of load_config / from_pretrained: nothing to do for local files
+def _download(repo_id: str, filename: str, subfolder: Optional[str], options: Dict[str, Any]) -> str:
+    """The local path of ``filename`` in the Hub repository ``repo_id`` (downloaded, or from
+    huggingface_hub's cache)."""
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise FileNotFoundError(f"{repo_id!r} is not a local folder or file; install huggingface_hub (it comes with "
+                                "diffusers) to load it from the Hugging Face Hub") from None
+    token = options.get("token", options.get("use_auth_token"))
+    allowed = ("cache_dir", "force_download", "local_files_only", "revision", "user_agent", "local_dir")
+    try:
+        return huggingface_hub.hf_hub_download(repo_id, filename, subfolder=subfolder or None, token=token,
+                                               **{k: v for k, v in options.items() if k in allowed and v is not None})
+    except Exception as exc:  # (huggingface_hub's errors: not found, offline, invalid repo id, HTTP)
+        where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+        raise OSError(f"no scheduler config for {where!r}: not a local folder or file, and the Hugging Face Hub "
+                      f"gave {type(exc).__name__}: {exc}") from exc
+
+
+def _commit_hash(config_file: str) -> Optional[str]:
+    """The commit a file of huggingface_hub's cache belongs to (its ``snapshots/<commit>/`` folder)."""
+    parts = os.path.normpath(config_file).split(os.sep)
+    for i, part in enumerate(parts[:-1]):
+        if part == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", parts[i + 1]):
+            return parts[i + 1]
+    return None
+
+
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "use_auth_token", "local_files_only", "revision",
                 "user_agent", "resume_download", "output_loading_info", "_from_pipeline", "_commit_hash",
                 "dduf_entries", "local_dir", "local_dir_use_symlinks", "mirror")
@@ -196,31 +225,41 @@ class ConfigMixin:
     @classmethod
     def load_config(cls, pretrained_model_name_or_path: Union[str, os.PathLike], return_unused_kwargs: bool = False,
                     return_commit_hash: bool = False, subfolder: Optional[str] = None, **kwargs):
-        """The config dict of a local folder's (or file's) ``scheduler_config.json``, as
-        diffusers' ``load_config`` returns it: with ``return_unused_kwargs`` /
+        """The config dict of ``scheduler_config.json`` in a local folder (or the file itself),
+        or in a Hugging Face Hub repository (``"org/model"``, with ``subfolder="scheduler"`` for
+        a pipeline's), as diffusers' ``load_config`` returns it: with ``return_unused_kwargs`` /
         ``return_commit_hash``, a tuple that adds the keyword arguments not used and the commit
-        hash (None: local files have none). diffusers' download options (``cache_dir``,
-        ``revision``, ...) are accepted and have nothing to do here."""
-        for option in _HUB_OPTIONS:
-            kwargs.pop(option, None)
+        hash (None for local files). Downloads take diffusers' options (``revision``,
+        ``cache_dir``, ``token``, ``local_files_only``, ``force_download``, ``user_agent``) and
+        need ``huggingface_hub`` (installed with diffusers)."""
+        hub = {name: kwargs.pop(name) for name in _HUB_OPTIONS if name in kwargs}
         path = os.fspath(pretrained_model_name_or_path)
-        if subfolder:
-            path = os.path.join(path, subfolder)
-        if os.path.isdir(path):
-            path = os.path.join(path, cls.config_name)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"no scheduler config at {path!r} (kdfast loads local files only: no downloads)")
-        with open(path) as f:
-            config = json.load(f)
+        local = os.path.join(path, subfolder) if subfolder else path
+        commit_hash = None
+        if os.path.isdir(local):
+            config_file = os.path.join(local, cls.config_name)
+            if not os.path.isfile(config_file):
+                raise FileNotFoundError(f"no {cls.config_name} in the folder {local!r}")
+        elif os.path.isfile(local):
+            config_file = local
+        else:
+            config_file = _download(path, cls.config_name, subfolder, hub)
+            commit_hash = _commit_hash(config_file)
+        try:
+            with open(config_file, encoding="utf-8") as f:
+                config = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise OSError(f"the scheduler config at {config_file!r} is not valid JSON: {exc}") from None
         if not (return_unused_kwargs or return_commit_hash):
             return config
-        return (config,) + ((kwargs,) if return_unused_kwargs else ()) + ((None,) if return_commit_hash else ())
+        return (config,) + ((kwargs,) if return_unused_kwargs else ()) + ((commit_hash,) if return_commit_hash else ())
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: Union[str, os.PathLike], subfolder: Optional[str] = None,
                         return_unused_kwargs: bool = False, **kwargs):
-        """Load from a local folder holding ``scheduler_config.json`` (no downloads); diffusers'
-        arguments, with ``kwargs`` overriding the config."""
+        """Load from a local folder holding ``scheduler_config.json`` or from a Hugging Face Hub
+        repository (see :meth:`load_config`); diffusers' arguments, with ``kwargs`` overriding
+        the config."""
         config, kwargs = cls.load_config(pretrained_model_name_or_path, return_unused_kwargs=True, subfolder=subfolder,
                                          **kwargs)
         return cls.from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)

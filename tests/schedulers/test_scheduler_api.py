@@ -434,6 +434,42 @@ def test_load_config_and_from_pretrained_take_diffusers_arguments(tmp_path):
         assert unused["foo"] == 2
 
 
+def hub_cache(root, repo_id: str, commit: str, files: dict):
+    """A huggingface_hub cache holding ``files`` of ``repo_id`` at ``commit`` (its main branch)."""
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    for name, text in files.items():
+        path = repo / "snapshots" / commit / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return root
+
+
+def test_from_pretrained_loads_a_hub_repositorys_scheduler_like_diffusers(tmp_path):
+    # pipe's idiom: X.from_pretrained("org/model", subfolder="scheduler"); here from the cache,
+    # where a download lands, without the network (local_files_only)
+    pytest.importorskip("huggingface_hub")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    config = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear", solver_order=3).to_json_string()
+    cache = hub_cache(tmp_path, "org/model", commit, {"scheduler/scheduler_config.json": config})
+    for cls in (diffusers.DPMSolverMultistepScheduler, K.DPMSolverMultistepScheduler):
+        s = cls.from_pretrained("org/model", subfolder="scheduler", cache_dir=cache, local_files_only=True)
+        assert s.config.solver_order == 3 and s.config.beta_schedule == "scaled_linear"
+        _, got_commit = cls.load_config("org/model", subfolder="scheduler", cache_dir=cache, local_files_only=True,
+                                        return_commit_hash=True)
+        assert got_commit == commit
+    with pytest.raises(OSError, match="no scheduler config for 'org/model/unet': not a local folder or file, and "
+                                      "the Hugging Face Hub gave"):
+        K.DPMSolverMultistepScheduler.from_pretrained("org/model", subfolder="unet", cache_dir=cache,
+                                                      local_files_only=True)
+    with pytest.raises(OSError, match="no scheduler config for 'no/such-model'"):
+        K.DPMSolverMultistepScheduler.from_pretrained("no/such-model", cache_dir=cache, local_files_only=True)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no scheduler_config.json in the folder"):
+        K.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "empty")
+
+
 def test_a_saved_config_holds_diffusers_keys_only(tmp_path):
     # no kdfast-only key for diffusers to carry on as a private entry into its own saves
     K.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "kd")
