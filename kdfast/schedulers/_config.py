@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import re
+import tempfile
 import warnings
 from typing import Any, Dict, Optional, Union
 
@@ -72,6 +73,14 @@ def register_to_config(init):
 
 
 # diffusers' download options of load_config / from_pretrained: nothing to do for local files
+def _huggingface_hub(what: str):
+    try:
+        import huggingface_hub
+    except ImportError:
+        raise ImportError(f"{what} needs huggingface_hub (it comes with diffusers): pip install huggingface_hub") from None
+    return huggingface_hub
+
+
 def _download(repo_id: str, filename: str, subfolder: Optional[str], options: Dict[str, Any]) -> str:
     """The local path of ``filename`` in the Hub repository ``repo_id`` (downloaded, or from
     huggingface_hub's cache)."""
@@ -206,13 +215,41 @@ class ConfigMixin:
             f.write(self.to_json_string())
 
     def save_pretrained(self, save_directory: Union[str, os.PathLike], push_to_hub: bool = False, **kwargs) -> None:
-        """Write ``scheduler_config.json`` (loadable by diffusers and by kdfast)."""
-        if push_to_hub:
-            raise ValueError("push_to_hub is not supported: kdfast saves locally; upload the folder yourself")
+        """Write ``scheduler_config.json`` (loadable by diffusers and by kdfast). With
+        ``push_to_hub=True``, then upload the folder as diffusers does: to ``repo_id`` (default:
+        the folder's name), with ``token``, ``private``, ``commit_message``, ``create_pr`` and
+        ``subfolder``."""
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!r} is a file, expected a directory")
         os.makedirs(save_directory, exist_ok=True)
         self.to_json_file(os.path.join(save_directory, self.config_name))
+        if push_to_hub:
+            hub = _huggingface_hub("save_pretrained(push_to_hub=True)")
+            token = kwargs.pop("token", None)
+            repo_id = kwargs.pop("repo_id", os.path.basename(os.path.normpath(os.fspath(save_directory))))
+            repo_id = hub.create_repo(repo_id, exist_ok=True, private=kwargs.pop("private", None), token=token).repo_id
+            self._upload_folder(save_directory, repo_id, token=token, commit_message=kwargs.pop("commit_message", None),
+                                create_pr=kwargs.pop("create_pr", False), subfolder=kwargs.pop("subfolder", None))
+
+    def push_to_hub(self, repo_id: str, commit_message: Optional[str] = None, private: Optional[bool] = None,
+                    token: Optional[str] = None, create_pr: bool = False, safe_serialization: bool = True,
+                    variant: Optional[str] = None, subfolder: Optional[str] = None):
+        """Upload ``scheduler_config.json`` (into ``subfolder`` when given) to the Hugging Face Hub
+        repository ``repo_id``, made if missing, as diffusers' ``push_to_hub`` does, less its model
+        card (a repository's README is left as it is); returns huggingface_hub's commit info.
+        ``safe_serialization`` and ``variant`` concern weights (none here)."""
+        hub = _huggingface_hub("push_to_hub")
+        repo_id = hub.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            return self._upload_folder(folder, repo_id, token=token, commit_message=commit_message,
+                                       create_pr=create_pr, subfolder=subfolder)
+
+    def _upload_folder(self, working_dir, repo_id: str, token: Optional[str] = None,
+                       commit_message: Optional[str] = None, create_pr: bool = False, subfolder: Optional[str] = None):
+        return _huggingface_hub("push_to_hub").upload_folder(
+            repo_id=repo_id, folder_path=working_dir, token=token, commit_message=commit_message or "Upload scheduler",
+            create_pr=create_pr, path_in_repo=subfolder)
 
     save_config = save_pretrained  # diffusers' name for the same thing
 

@@ -379,8 +379,52 @@ def test_config_helpers_of_diffusers(tmp_path):
     assert K.DPMSolverMultistepScheduler.from_config(K.DPMSolverMultistepScheduler.load_config(
         tmp_path / "copy.json")).config.solver_order == 3
     assert s.has_compatibles
-    with pytest.raises(ValueError, match="push_to_hub"):
-        s.save_pretrained(tmp_path, push_to_hub=True)
+
+
+class FakeHub:
+    """huggingface_hub's create_repo and upload_folder, recording what they were given."""
+
+    def __init__(self, monkeypatch):
+        import huggingface_hub
+
+        self.calls = []
+        monkeypatch.setattr(huggingface_hub, "create_repo", self.create_repo)
+        monkeypatch.setattr(huggingface_hub, "upload_folder", self.upload_folder)
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return type("RepoUrl", (), {"repo_id": "user/" + repo_id})()
+
+    def upload_folder(self, **kwargs):
+        folder = kwargs.pop("folder_path")
+        files = {p.name: p.read_text() for p in __import__("pathlib").Path(folder).iterdir()}
+        self.calls.append(("upload_folder", files, kwargs))
+        return "commit-info"
+
+
+@pytest.mark.parametrize("cls", [diffusers.DDIMScheduler, K.DDIMScheduler])
+def test_push_to_hub_uploads_the_config_like_diffusers(cls, tmp_path, monkeypatch):
+    pytest.importorskip("huggingface_hub")
+    hub = FakeHub(monkeypatch)
+    import diffusers.configuration_utils
+    import diffusers.utils.hub_utils as hub_utils  # (diffusers imported the functions by name)
+    monkeypatch.setattr(hub_utils, "create_repo", hub.create_repo)
+    monkeypatch.setattr(hub_utils, "upload_folder", hub.upload_folder)
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card", lambda *a, **k: type("Card", (), {
+        "save": lambda self, path: None})())
+    monkeypatch.setattr(hub_utils, "populate_model_card", lambda card, **k: card)
+    s = cls(clip_sample=False)
+    assert s.push_to_hub("sched", private=True, token="t", subfolder="scheduler") == "commit-info"
+    monkeypatch.setattr(diffusers.configuration_utils, "create_repo", hub.create_repo)
+    s.save_pretrained(str(tmp_path / "mine"), push_to_hub=True, token="t", create_pr=True)  # (diffusers: a str)
+    (create, name, create_kwargs), (upload, files, upload_kwargs) = hub.calls[:2]
+    assert (create, name, create_kwargs) == ("create_repo", "sched", {"private": True, "token": "t", "exist_ok": True})
+    assert upload == "upload_folder" and '"clip_sample": false' in files["scheduler_config.json"]
+    assert upload_kwargs == {"repo_id": "user/sched", "token": "t", "commit_message": "Upload scheduler",
+                             "create_pr": False, "path_in_repo": "scheduler"}
+    assert hub.calls[2] == ("create_repo", "mine", {"exist_ok": True, "private": None, "token": "t"})
+    assert hub.calls[3][2] == {"repo_id": "user/mine", "token": "t", "commit_message": "Upload scheduler",
+                               "create_pr": True, "path_in_repo": None}
 
 
 @pytest.mark.parametrize("name", ["LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"])
