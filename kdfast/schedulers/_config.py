@@ -77,7 +77,8 @@ def _huggingface_hub(what: str):
     try:
         import huggingface_hub
     except ImportError:
-        raise ImportError(f"{what} needs huggingface_hub (it comes with diffusers): pip install huggingface_hub") from None
+        raise ImportError(f"{what} needs huggingface_hub (it comes with diffusers): "
+                          "pip install huggingface_hub") from None
     return huggingface_hub
 
 

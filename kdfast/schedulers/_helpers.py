@@ -25,11 +25,11 @@ from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambd
 
 # The converted model outputs a helper is given, newest first (diffusers' ``model_output_list[-1]``,
 # ``[-2]``, ``[-3]``), and the corrector's new output (UniC's ``this_model_output``).
-OUTPUTS = tuple(Lin({f"output{k}": 1.0}) for k in range(3))
+OUTPUTS = tuple(Lin({f"output{k}": 1.0}) for k in range(4))  # (SA-Solver's predictor reads four)
 NEW_OUTPUT = Lin({"new_output": 1.0})
 # What each source is called in diffusers' signatures, for errors.
 _LABELS = {"x": "sample", "aux": "last_sample", "noise": "noise", "new_output": "this_model_output",
-           **{f"output{k}": f"model_output_list[{-1 - k}]" for k in range(3)}}
+           **{f"output{k}": f"model_output_list[{-1 - k}]" for k in range(4)}}
 
 
 def evaluate(rule: Lin, tensors: Dict[str, Optional[torch.Tensor]], what: str,
@@ -100,16 +100,35 @@ def output_list(method: str, outputs, count: int) -> Dict[str, torch.Tensor]:
     return {f"output{k}": outputs[-1 - k] for k in range(count)}
 
 
-def host_sigmas(scheduler) -> list:
-    """The scheduler's sigmas as Python floats, as its tables were planned from."""
-    return [float(v) for v in scheduler.sigmas.tolist()]
-
-
-def current_index(scheduler, method: str) -> int:
+def step_position(scheduler, method: str, ahead: int = 1, sigmas: Optional[list] = None):
+    """``(step index, sigmas)`` of an update helper's call: diffusers' helpers read
+    ``self.step_index`` and ``sigmas[step_index + ahead]``. ``sigmas`` defaults to the
+    scheduler's, as Python floats (what its tables were planned from)."""
     if scheduler.step_index is None or scheduler.num_inference_steps is None:
         raise ValueError(f"{method} needs a step index: call set_timesteps(...), then step() or "
-                         "set_begin_index() (diffusers' helpers read self.step_index)")
-    return scheduler.step_index
+                         "_init_step_index(timestep) (diffusers' helpers read self.step_index)")
+    i = scheduler.step_index
+    sigmas = [float(v) for v in scheduler.sigmas.tolist()] if sigmas is None else sigmas
+    if i + ahead >= len(sigmas):
+        raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+    return i, sigmas
+
+
+def unfused(method: str, rule: Optional[Lin], order: int, step: int, tensors: Dict[str, Optional[torch.Tensor]],
+            dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """An update helper's result: ``rule`` (None where the update is not finite) evaluated on
+    ``tensors`` (see :func:`evaluate`)."""
+    if rule is None or not all(math.isfinite(v) for v in rule.terms.values()):
+        raise ValueError(f"{method}: no finite update of order {order} at step {step} (diffusers' is NaN or inf "
+                         "there, or divides by zero)")
+    return evaluate(rule, tensors, method, dtype)
+
+
+def check_order(method: str, order, orders: Sequence[int]) -> int:
+    order = required(method, "order", order)
+    if isinstance(order, bool) or int(order) != order or int(order) not in orders:
+        raise ValueError(f"{method}: order must be one of {tuple(orders)}, got {order!r}")
+    return int(order)
 
 
 def _host_array(values) -> np.ndarray:
@@ -118,11 +137,9 @@ def _host_array(values) -> np.ndarray:
     return np.asarray(values, dtype=np.float64)
 
 
-class ScheduleHelpers:
-    """diffusers' private schedule helpers, which custom pipelines call on a scheduler: the
-    sigma spacings of ``set_timesteps`` (``use_karras_sigmas`` and friends), the sigma to
-    timestep map and dynamic thresholding. Return types are diffusers' (numpy arrays from
-    the spacings)."""
+class SigmaSpacings:
+    """diffusers' private sigma-spacing helpers (``use_karras_sigmas`` and friends), which
+    custom pipelines call on a scheduler; numpy arrays, as diffusers returns them."""
 
     def _convert_to_karras(self, in_sigmas, num_inference_steps: int) -> np.ndarray:
         """Karras et al. (2022) sigmas between the config's ``sigma_min``/``sigma_max`` (or
@@ -139,9 +156,26 @@ class ScheduleHelpers:
         return beta_sigmas(*sigma_range(self.config, _host_array(in_sigmas)), int(num_inference_steps),
                            alpha, beta)
 
+
+class KarrasForTheStepCount:
+    """The ``_convert_to_karras(in_sigmas)`` of diffusers' LMS and DPM-SDE schedulers: Karras
+    sigmas between ``in_sigmas``' ends for ``num_inference_steps`` steps."""
+
+    def _convert_to_karras(self, in_sigmas) -> np.ndarray:
+        ends = _host_array(in_sigmas)
+        return karras_sigmas(float(ends[-1]), float(ends[0]), int(self.num_inference_steps))
+
+
+class LogSigmaTimesteps:
+    """The training timestep of a sigma of a discrete (VP-trained) schedule."""
+
     def _sigma_to_t(self, sigma, log_sigmas) -> np.ndarray:
         """Fractional training timestep of each sigma, interpolating in log-sigma."""
         return sigma_to_t(_host_array(sigma), _host_array(log_sigmas))
+
+
+class Thresholding:
+    """diffusers' ``_threshold_sample`` (dynamic thresholding) as a method."""
 
     def _threshold_sample(self, sample: torch.Tensor) -> torch.Tensor:
         """Dynamic thresholding (Imagen): each sample clamped to ``[-s, s]`` and divided by
@@ -178,7 +212,7 @@ class FlowTimesteps:
 
 
 class FlowShifts:
-    """The shifts of flow-matching schedules (diffusers' methods of the same names)."""
+    """The resolution-dependent shift of flow-matching schedules (diffusers' ``time_shift``)."""
 
     def time_shift(self, mu: float, sigma: float, t):
         """The resolution-dependent shift of ``t`` by ``mu`` (``time_shift_type``)."""
@@ -191,6 +225,10 @@ class FlowShifts:
 
     def _time_shift_linear(self, mu, sigma, t):
         return mu / (mu + (1 / t - 1) ** sigma)
+
+
+class TerminalShift:
+    """``shift_terminal``'s stretch of a flow-matching schedule."""
 
     def stretch_shift_to_terminal(self, t):
         """Stretch the schedule ``t`` so that it ends at ``shift_terminal``."""

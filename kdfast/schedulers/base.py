@@ -19,7 +19,7 @@ from torch.utils._device import DeviceContext as _DeviceContext
 from .. import ops
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
-from ._helpers import ScheduleHelpers
+from ._helpers import LogSigmaTimesteps, SigmaSpacings, Thresholding
 from ._linear import Lin
 from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, noise_schedule,
                         randn_like_diffusers, sigma_range, sigma_to_t)
@@ -302,7 +302,7 @@ def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> 
     return index if not misaligned and 0 <= index < length else None
 
 
-class FusedScheduler(ScheduleHelpers, ConfigMixin):
+class FusedScheduler(ConfigMixin):
     """Base class of kdfast's diffusers drop-in schedulers.
 
     Subclasses compute, in ``set_timesteps``, a :class:`StepPlan` for every step they may
@@ -925,7 +925,7 @@ _on_host_by_default(FusedScheduler)
 _steps_run_eagerly(FusedScheduler)
 
 
-class MultistepScheduler(FusedScheduler):
+class MultistepScheduler(SigmaSpacings, LogSigmaTimesteps, Thresholding, FusedScheduler):
     """Shared by the VP multistep schedulers (DPM-Solver, UniPC, DEIS): diffusers' training
     noise schedule, the history of converted model outputs, the per-(step, order) table, and
     ``add_noise``."""

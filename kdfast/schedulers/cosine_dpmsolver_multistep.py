@@ -241,9 +241,11 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         m0, m1 = model_output_list[-1], model_output_list[-2]
         return c_x * sample + c_d0 * m0 + c_d1 * (m0 - m1) + c_noise * noise
 
-    def multistep_dpm_solver_third_order_update(self, *args, **kwargs):
-        """Not defined: this solver has orders 1 and 2 (diffusers' has no such helper)."""
-        raise NotImplementedError("CosineDPMSolverMultistepScheduler has no third-order update (solver_order 1 or 2)")
+    @property
+    def multistep_dpm_solver_third_order_update(self):
+        # EDM's third-order helper is not this solver's (orders 1 and 2; diffusers' has no such
+        # method): hidden, so that hasattr() says so
+        raise AttributeError("CosineDPMSolverMultistepScheduler has no third-order update (solver_order 1 or 2)")
 
     # ---------------------------------------------------------------- step
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import Thresholding
 from ._linear import MODEL, NOISE, UNCOND, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule,
                         x0_error)
@@ -45,7 +46,7 @@ def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     return int(value)
 
 
-class DDIMScheduler(FusedScheduler):
+class DDIMScheduler(Thresholding, FusedScheduler):
     """Drop-in for ``diffusers.DDIMScheduler``: same arguments and config.
 
     As in diffusers, ``step`` reads the timestep's *value* (any training timestep works, not

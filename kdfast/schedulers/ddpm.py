@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, make_betas,
                         rescale_zero_terminal_snr, x0_error)
@@ -91,7 +92,7 @@ def noise_scales(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> Tupl
     return sqrt_alpha_prod, sqrt_one_minus_alpha_prod
 
 
-class DDPMScheduler(FusedScheduler):
+class DDPMScheduler(Thresholding, FusedScheduler):
     """Drop-in for ``diffusers.DDPMScheduler``: same arguments, config, attributes and ``step``.
 
     As in diffusers, ``step`` reads the timestep's *value*: the previous timestep is the next

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._helpers import OUTPUTS, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
+from ._helpers import OUTPUTS, legacy_arguments, output_list, required, step_position, unfused
 from ._linear import H0, H1, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
@@ -241,13 +241,8 @@ class DEISMultistepScheduler(MultistepScheduler):
         return self._helper_update("multistep_deis_third_order_update", 3, model_output_list, sample)
 
     def _helper_update(self, method: str, order: int, outputs, sample) -> torch.Tensor:
+        """The update rule the step's table is planned from, evaluated on the caller's tensors."""
         required(method, "sample", sample)
-        i = current_index(self, method)
-        sigmas = host_sigmas(self)
-        if i + 1 >= len(sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        i, sigmas = step_position(self, method)
         rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
-        if rule is None:
-            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
-                             f"(sigma {sigmas[i]} to {sigmas[i + 1]})")
-        return evaluate(rule, {**output_list(method, outputs, order), "x": sample}, method)
+        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample})

@@ -11,7 +11,7 @@ from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
-from ._helpers import OUTPUTS, LuLambdas, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
+from ._helpers import OUTPUTS, LuLambdas, legacy_arguments, output_list, required, step_position, unfused
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 from .euler_discrete import KARRAS_SCHEDULERS
@@ -363,16 +363,12 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         """The update rule the step's table is planned from, evaluated on the caller's tensors.
         Where diffusers divides by zero (a zero-length step) it is the step's finite update."""
         required(method, "sample", sample)
-        i = current_index(self, method)
-        sigmas = host_sigmas(self)
-        if i + 1 >= len(sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
-        sde = self.config.algorithm_type.startswith("sde")
-        if sde and noise is None:
-            raise ValueError(f"{method}: `noise` is required by algorithm_type={self.config.algorithm_type!r} "
-                             "(diffusers asserts it)")
+        i, sigmas = step_position(self, method)
+        algorithm = self.config.algorithm_type
+        if algorithm.startswith("sde") and noise is None:
+            if order == 3 and self._edm:
+                raise ValueError(f"{method}: EDM's third-order update is dpmsolver++'s only (diffusers' takes no "
+                                 f"noise), not {algorithm!r}'s")
+            raise ValueError(f"{method}: `noise` is required by algorithm_type={algorithm!r} (diffusers asserts it)")
         rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
-        if rule is None:
-            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
-                             f"(sigma {float(self.sigmas[i])} to {float(self.sigmas[i + 1])})")
-        return evaluate(rule, {**output_list(method, outputs, order), "x": sample, "noise": noise}, method)
+        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample, "noise": noise})

@@ -9,6 +9,7 @@ import torch
 
 # (the module, not its names: kdfast.sampling imports kdfast.schedulers, which imports this module)
 from ._config import register_to_config
+from ._helpers import KarrasForTheStepCount
 from ._linear import AUX, NOISE, X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule, sigma_to_t
 from .base import GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
@@ -70,7 +71,7 @@ class _Table(GrowingTable):
         self.stages = stages
 
 
-class DPMSolverSDEScheduler(_SigmaScheduler):
+class DPMSolverSDEScheduler(KarrasForTheStepCount, _SigmaScheduler):
     """Drop-in for ``diffusers.DPMSolverSDEScheduler``: same arguments and config.
 
     The stochastic DPM-Solver++ of k-diffusion (``sample_dpmpp_sde``, midpoint ``r = 1/2``,
@@ -241,7 +242,8 @@ class DPMSolverSDEScheduler(_SigmaScheduler):
               s_noise: float = 1.0, return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         if generator is not None:
-            raise TypeError(f"generator: DPMSolverSDEScheduler takes none, as diffusers' does not ({self._noise_source})")
+            raise TypeError(f"generator: DPMSolverSDEScheduler takes none, as diffusers' does not "
+                            f"({self._noise_source})")
         s_noise = float(s_noise)
         if not np.isfinite(s_noise):
             raise ValueError(f"s_noise must be a finite number, got {s_noise}")

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._helpers import OUTPUTS, current_index, evaluate, host_sigmas, legacy_arguments, output_list, required
+from ._helpers import OUTPUTS, check_order, legacy_arguments, output_list, required, step_position, unfused
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
@@ -413,23 +413,15 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         """diffusers' singlestep update of ``order`` (1, 2 or 3), unfused."""
         sample, order = legacy_arguments("singlestep_dpm_solver_update", args, kwargs,
                                          ("timestep_list", "prev_timestep"), sample=sample, order=order)
-        required("singlestep_dpm_solver_update", "order", order)
-        if order not in (1, 2, 3):
-            raise ValueError(f"Order must be 1, 2, 3, got {order}")
-        return self._helper_update("singlestep_dpm_solver_update", int(order), model_output_list, sample, noise)
+        order = check_order("singlestep_dpm_solver_update", order, (1, 2, 3))
+        return self._helper_update("singlestep_dpm_solver_update", order, model_output_list, sample, noise)
 
     def _helper_update(self, method: str, order: int, outputs, sample, noise) -> torch.Tensor:
         """The update rule the step's table is planned from, evaluated on the caller's tensors."""
         required(method, "sample", sample)
-        i = current_index(self, method)
-        sigmas = host_sigmas(self)
-        if i + 1 >= len(sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
-        sde = self.config.algorithm_type == "sde-dpmsolver++"
-        if sde and noise is None:
-            raise ValueError(f"{method}: `noise` is required by algorithm_type='sde-dpmsolver++' (diffusers asserts it)")
+        i, sigmas = step_position(self, method)
+        if self.config.algorithm_type == "sde-dpmsolver++" and noise is None:
+            raise ValueError(f"{method}: `noise` is required by algorithm_type='sde-dpmsolver++' (diffusers asserts "
+                             "it)")
         rule = self._group_rule(sigmas, i, order, OUTPUTS[:order][::-1], X)
-        if rule is None:
-            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
-                             f"(sigma {sigmas[i]} to {sigmas[i + 1]})")
-        return evaluate(rule, {**output_list(method, outputs, order), "x": sample, "noise": noise}, method)
+        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample, "noise": noise})

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import LogSigmaTimesteps, SigmaSpacings
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, beta_sigmas, check_choice, exponential_sigmas,
                         karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
@@ -36,7 +37,7 @@ def _reject_integer_timestep(timestep, name: str) -> None:
                          "is not supported. Make sure to pass one of the `scheduler.timesteps` as a timestep.")
 
 
-class _SigmaScheduler(FusedScheduler):
+class _SigmaScheduler(SigmaSpacings, LogSigmaTimesteps, FusedScheduler):
     """What the sigma-parameterised (k-diffusion style) schedulers share: ``sigmas`` on the CPU
     in float32 as diffusers keeps them, input scaling, ``init_noise_sigma`` and ``add_noise``."""
 

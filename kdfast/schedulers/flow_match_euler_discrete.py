@@ -9,7 +9,7 @@ import torch
 
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
-from ._helpers import FlowShifts, FlowTimesteps
+from ._helpers import FlowShifts, FlowTimesteps, SigmaSpacings, TerminalShift
 from ._linear import MODEL, NOISE, X
 from ._schedule import beta_sigmas, check_choice, exponential_sigmas, karras_sigmas, sigma_range
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
@@ -20,7 +20,7 @@ from .euler_discrete import _reject_integer_timestep, check_sigma_options
 _SAMPLE_FROM = {name: 2 + k for k, name in enumerate(SOURCES)}
 
 
-class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, FusedScheduler):
+class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, SigmaSpacings, FusedScheduler):
     """Drop-in for ``diffusers.FlowMatchEulerDiscreteScheduler``: same arguments, config,
     schedule (static and resolution-dependent shifts, ``shift_terminal``, Karras / exponential /
     beta sigmas, ``invert_sigmas``) and step.

@@ -27,8 +27,8 @@ import torch
 from .._checks import check_count, check_flag
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
-from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, FlowTimesteps, evaluate, legacy_arguments, output_list,
-                       required)
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, FlowTimesteps, check_order, legacy_arguments, output_list,
+                       required, step_position, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
@@ -797,12 +797,12 @@ class HeliosScheduler(_HeliosSchedule):
         method = "multistep_uni_p_bh_update"
         sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
         required(method, "sample", sample)
-        order = int(required(method, "order", order))
-        i = self._helper_index(method, 1, sigma, sigma_next)
-        ends = None if sigma is None else (float(sigma_next), float(sigma))
+        order = check_order(method, order, (1, 2, 3))
+        i, ends = self._helper_position(method, 1, sigma, sigma_next)
         update = self._uni_update(i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
-                                  None, ends) if 1 <= order <= 3 else None
-        return self._helper_result(method, update, X, order, sample, {"x": sample})
+                                  None, ends)
+        return unfused(method, update[0] * X + update[1], order, i,
+                       {"x": sample, **output_list(method, self.model_outputs, order)}, sample.dtype)
 
     def multistep_uni_c_bh_update(self, this_model_output: torch.Tensor, *args, last_sample: torch.Tensor = None,
                                   this_sample: torch.Tensor = None, order: int = None,
@@ -819,33 +819,22 @@ class HeliosScheduler(_HeliosSchedule):
                                                            order=order)
         required(method, "last_sample", last_sample)
         required(method, "this_sample", this_sample)
-        order = int(required(method, "order", order))
-        i = self._helper_index(method, 0, sigma_before, sigma)
-        ends = None if sigma is None else (float(sigma), float(sigma_before))
+        order = check_order(method, order, (1, 2, 3))
+        i, ends = self._helper_position(method, 0, sigma_before, sigma)
         update = self._uni_update(i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
-                                  NEW_OUTPUT, ends) if 1 <= order <= 3 else None
-        return self._helper_result(method, update, AUX, order, last_sample,
-                                   {"aux": last_sample, "new_output": this_model_output})
+                                  NEW_OUTPUT, ends)
+        tensors = {"aux": last_sample, "new_output": this_model_output,
+                   **output_list(method, self.model_outputs, order)}
+        return unfused(method, update[0] * AUX + update[1], order, i, tensors, last_sample.dtype)
 
-    def _helper_index(self, method: str, ahead: int, start, end) -> int:
+    def _helper_position(self, method: str, ahead: int, start, end) -> Tuple[int, Optional[Tuple[float, float]]]:
+        """(step index, the update's (end, start) sigmas or None for the schedule's) of a helper call."""
+        if self.solver_p is not None:  # (refused at construction; assigned since)
+            raise ValueError(f"{method}: solver_p is not supported by kdfast's HeliosScheduler; set it to None")
         if (start is None) != (end is None):
             raise ValueError(f"{method}: pass both sigmas of the update or neither")
-        if self._step_index is None:
-            raise ValueError(f"{method} needs a step index: call set_timesteps(...), then step() "
-                             "(diffusers' helpers read self.step_index)")
-        i = self._step_index
-        if start is None and i + ahead >= len(self._host_sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(self._host_sigmas) - 1}-step schedule")
-        return i
-
-    def _helper_result(self, method: str, update, start: Lin, order: int, like: torch.Tensor, tensors: dict
-                       ) -> torch.Tensor:
-        c, rest = (math.nan, None) if update is None else update
-        if not (math.isfinite(c) and all(math.isfinite(v) for v in rest.terms.values())):
-            raise ValueError(f"{method}: no finite update of order {order} at step {self._step_index} "
-                             "(diffusers' is NaN or inf there)")
-        tensors.update(output_list(method, self.model_outputs, order))
-        return evaluate(c * start + rest, tensors, method, dtype=like.dtype)
+        i, _ = step_position(self, method, ahead=0 if start is not None else ahead, sigmas=self._host_sigmas)
+        return i, None if start is None else (float(end), float(start))
 
     def _sigma_to_alpha_sigma_t(self, sigma):
         """diffusers' ``(alpha_t, sigma_t)`` of a sigma tensor."""

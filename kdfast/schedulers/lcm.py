@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule,
                         x0_error)
@@ -40,7 +41,7 @@ class LCMSchedulerOutput(OutputFields):
     denoised: Optional[torch.Tensor] = None
 
 
-class LCMScheduler(FusedScheduler):
+class LCMScheduler(Thresholding, FusedScheduler):
     """Drop-in for ``diffusers.LCMScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass (plus a reduction pass with dynamic thresholding)

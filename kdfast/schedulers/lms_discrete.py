@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
+from ._helpers import KarrasForTheStepCount
 from ._linear import HISTORY, MODEL, ZERO, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, karras_sigmas, noise_schedule,
                         sigma_to_t)
@@ -97,7 +98,7 @@ def check_order(order) -> int:
     return int(order)
 
 
-class LMSDiscreteScheduler(_SigmaScheduler):
+class LMSDiscreteScheduler(KarrasForTheStepCount, _SigmaScheduler):
     """Drop-in for ``diffusers.LMSDiscreteScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: x0 conversion, the derivative ``(x - x0) / sigma``
@@ -197,11 +198,6 @@ class LMSDiscreteScheduler(_SigmaScheduler):
         # the derivative is kept for later steps, except after the last one
         keep = d if i + 2 < len(self._host_sigmas) else None
         return StepPlan(x0=sigma_x0(pt, sigma), sample=sample, history=keep, aux=X0)  # aux: pred_original_sample
-
-    def _convert_to_karras(self, in_sigmas, num_inference_steps=None):
-        """diffusers' LMS form of the helper: the step count defaults to ``num_inference_steps``."""
-        return super()._convert_to_karras(in_sigmas, self.num_inference_steps if num_inference_steps is None
-                                          else num_inference_steps)
 
     def get_lms_coefficient(self, order: int, t: int, current_order: int) -> float:
         """diffusers' linear multistep coefficient, computed exactly in float64 (diffusers

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._helpers import NEW_OUTPUT, OUTPUTS, current_index, evaluate, legacy_arguments, output_list, required
+from ._helpers import (NEW_OUTPUT, OUTPUTS, check_order, legacy_arguments, output_list, required, step_position,
+                       unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
@@ -366,6 +367,8 @@ class SASolverScheduler(MultistepScheduler):
         log-SNRs of ``sigmas[i - k]``, Python indexing like diffusers' tensor indexing). None
         where it is not finite."""
         sources = (quantity, *history)
+        if len(sources) < order:
+            raise ValueError(f"an order-{order} update needs {order} model quantities, got {len(sources)}")
         try:
             lam_t = self._lam(sigmas[t])
             h = lam_t - self._lam(sigmas[s])
@@ -646,7 +649,7 @@ class SASolverScheduler(MultistepScheduler):
         method = "stochastic_adams_bashforth_update"
         sample, noise, order, tau = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample,
                                                      noise=noise, order=order, tau=tau)
-        for name, value in (("sample", sample), ("noise", noise), ("order", order), ("tau", tau)):
+        for name, value in (("sample", sample), ("noise", noise), ("tau", tau)):
             required(method, name, value)
         i, order, tau = self._helper_position(method, order, tau, 1)
         return self._helper_update(method, i, i + 1, order, tau, False, X, sample,
@@ -668,7 +671,7 @@ class SASolverScheduler(MultistepScheduler):
             method, args, kwargs, ("this_timestep",), last_sample=last_sample, last_noise=last_noise,
             this_sample=this_sample, order=order, tau=tau)
         for name, value in (("last_sample", last_sample), ("last_noise", last_noise), ("this_sample", this_sample),
-                            ("order", order), ("tau", tau)):
+                            ("tau", tau)):
             required(method, name, value)
         i, order, tau = self._helper_position(method, order, tau, 0)
         outputs = output_list(method, self.model_outputs, order - 1) if order > 1 else {}
@@ -679,15 +682,12 @@ class SASolverScheduler(MultistepScheduler):
     def _helper_position(self, method: str, order, tau, ahead: int) -> Tuple[int, int, float]:
         """(step index, order, tau) of a helper call, checked; ``ahead`` is 1 where the update
         reads the next sigma."""
-        i = current_index(self, method)
-        if i + ahead >= len(self._plan_sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(self._plan_sigmas) - 1}-step schedule")
-        if int(order) not in ORDERS:
-            raise ValueError(f"{method}: order must be one of {ORDERS}, got {order}")
+        i, _ = step_position(self, method, ahead, self._plan_sigmas)
+        order = check_order(method, order, ORDERS)
         tau = float(tau)
         if not math.isfinite(tau):
             raise ValueError(f"{method}: tau must be a finite number, got {tau}")
-        return i, int(order), tau
+        return i, order, tau
 
     def _helper_update(self, method: str, s: int, t: int, order: int, tau: float, corrector: bool, start: Lin,
                        like: torch.Tensor, tensors: dict) -> torch.Tensor:
@@ -696,15 +696,14 @@ class SASolverScheduler(MultistepScheduler):
         sigmas = self._plan_sigmas
         i = self.step_index
         quantity, history = (NEW_OUTPUT, OUTPUTS) if corrector else (OUTPUTS[0], OUTPUTS[1:])
-        gradient = self._gradient(sigmas, i, s, t, order, tau, corrector, quantity, history)
+        rule = self._gradient(sigmas, i, s, t, order, tau, corrector, quantity, history)
         try:
             decay, noise_scale = self._decay_and_noise(sigmas, s, t, tau)
         except (ZeroDivisionError, OverflowError, ValueError):
-            gradient = None
-        if gradient is None:
-            raise ValueError(f"{method}: no finite update of order {order} at step {i} "
-                             f"(sigma {sigmas[s]} to {sigmas[t]})")
-        return evaluate(decay * start + noise_scale * NOISE + gradient, tensors, method, dtype=like.dtype)
+            rule = None
+        if rule is not None:
+            rule = decay * start + noise_scale * NOISE + rule
+        return unfused(method, rule, order, i, tensors, like.dtype)
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """``sqrt(a_t) * x0 + sqrt(1 - a_t) * noise`` at the training timesteps (diffusers' SA-Solver uses

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, current_index, evaluate, host_sigmas, legacy_arguments, output_list,
-                       required)
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, TerminalShift, check_order, legacy_arguments, output_list,
+                       required, step_position, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
@@ -28,7 +28,7 @@ SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
 
 
-class UniPCMultistepScheduler(FlowShifts, MultistepScheduler):
+class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
     """Drop-in for ``diffusers.UniPCMultistepScheduler``: same arguments and config.
 
     Each ``step`` is one fused kernel pass: model-output conversion, clipping, the UniC
@@ -375,20 +375,19 @@ class UniPCMultistepScheduler(FlowShifts, MultistepScheduler):
         method = "multistep_uni_p_bh_update"
         sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
         required(method, "sample", sample)
-        order = int(required(method, "order", order))
+        order = check_order(method, order, (1, 2, 3))
         if self.solver_p is not None:
             return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
-        i = current_index(self, method)
-        sigmas = host_sigmas(self)
-        if i + 1 >= len(sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
-        update = self._uni_bh(sigmas, i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0],
-                              list(OUTPUTS[1:order]), None) if 1 <= order <= 3 else None
-        return self._helper_result(method, update, X, order, sample, {"x": sample})
+        i, sigmas = step_position(self, method)
+        update = self._uni_bh(sigmas, i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
+                              None)
+        return unfused(method, None if update is None else update[0] * X + update[1], order, i,
+                       {"x": sample, **output_list(method, self.model_outputs, order)}, sample.dtype)
 
     def multistep_uni_c_bh_update(self, this_model_output: torch.Tensor, *args,
-                                  last_sample: Optional[torch.Tensor] = None, this_sample: Optional[torch.Tensor] = None,
-                                  order: Optional[int] = None, **kwargs) -> torch.Tensor:
+                                  last_sample: Optional[torch.Tensor] = None,
+                                  this_sample: Optional[torch.Tensor] = None, order: Optional[int] = None,
+                                  **kwargs) -> torch.Tensor:
         """diffusers' UniC corrector of ``order`` at the current step: corrects the step from
         ``last_sample`` (at the previous step) to this one with ``this_model_output``, the
         converted output here, and ``self.model_outputs`` (not yet holding it). Unfused,
@@ -400,21 +399,11 @@ class UniPCMultistepScheduler(FlowShifts, MultistepScheduler):
                                                            order=order)
         required(method, "last_sample", last_sample)
         required(method, "this_sample", this_sample)
-        order = int(required(method, "order", order))
-        i = current_index(self, method)
-        sigmas = host_sigmas(self)
-        if i >= len(sigmas):
-            raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+        order = check_order(method, order, (1, 2, 3))
+        i, sigmas = step_position(self, method, ahead=0)
         update = self._uni_bh(sigmas, i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0],
-                              list(OUTPUTS[1:order]), NEW_OUTPUT) if 1 <= order <= 3 else None
-        return self._helper_result(method, update, AUX, order, last_sample,
-                                   {"aux": last_sample, "new_output": this_model_output})
-
-    def _helper_result(self, method: str, update, start: Lin, order: int, sample: torch.Tensor, tensors: dict
-                       ) -> torch.Tensor:
-        if update is None:
-            raise ValueError(f"{method}: no finite update of order {order} at step {self.step_index} "
-                             "(orders 1 to 3; into sigma 0 only the first order is finite)")
-        c, rest = update
-        tensors.update(output_list(method, self.model_outputs, order))
-        return evaluate(c * start + rest, tensors, method, dtype=sample.dtype)
+                              list(OUTPUTS[1:order]), NEW_OUTPUT)
+        tensors = {"aux": last_sample, "new_output": this_model_output,
+                   **output_list(method, self.model_outputs, order)}
+        return unfused(method, None if update is None else update[0] * AUX + update[1], order, i, tensors,
+                       last_sample.dtype)

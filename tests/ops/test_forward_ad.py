@@ -62,8 +62,9 @@ def _latents(seed=0):
     return torch.randn(2, 4, 4, 4, generator=torch.Generator().manual_seed(seed))
 
 
+COEFS = torch.tensor(ops.coefficients(1.0, -0.5, {"x": 0.9, "x0": 0.1}))
 REFUSED = {
-    "solver_step": lambda a: ops.solver_step(a, a * 0.5, torch.tensor(ops.coefficients(1.0, -0.5, {"x": 0.9, "x0": 0.1}))).sample,
+    "solver_step": lambda a: ops.solver_step(a, a * 0.5, COEFS).sample,
     "threshold_scale": lambda a: ops.threshold_scale(a, a, 0.0, 1.0),
     "kd_divergence": lambda a: ops.kd_divergence(a.reshape(8, -1), a.reshape(8, -1) * 0.5),
     "kd_divergence_with_grad": lambda a: ops.kd_divergence_with_grad(a.reshape(8, -1), a.reshape(8, -1))[0],

@@ -21,12 +21,12 @@ FAILURES = (ValueError, RuntimeError, ZeroDivisionError, AssertionError, IndexEr
 
 def inputs(seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
-    names = ("sample", "noise", "new", "last", "o0", "o1", "o2", "o3")
+    names = ("sample", "noise", "new", "last", "o0", "o1", "o2", "o3", "o4")
     return {name: torch.randn(SHAPE, generator=gen) for name in names}
 
 
 def outputs_oldest_first(t: dict) -> list:
-    return [t["o3"], t["o2"], t["o1"], t["o0"]]
+    return [t["o4"], t["o3"], t["o2"], t["o1"], t["o0"]]
 
 
 def compare(name: str, config: dict, call, steps: int = 8, first: int = 0) -> int:
@@ -150,7 +150,7 @@ def test_unipc_predictor_and_corrector_match_diffusers(solver_type, predict_x0, 
 @pytest.mark.parametrize("tau", [0, 0.5, 1.0])
 @pytest.mark.parametrize("order", [1, 2, 3, 4])
 def test_sasolver_predictor_and_corrector_match_diffusers(algorithm, tau, order):
-    config = dict(algorithm_type=algorithm, predictor_order=3, corrector_order=4, prediction_type="v_prediction")
+    config = dict(algorithm_type=algorithm, predictor_order=4, corrector_order=4, prediction_type="v_prediction")
 
     def predictor(s, t):
         return s.stochastic_adams_bashforth_update(t["new"], sample=t["sample"], noise=t["noise"], order=order,
@@ -160,8 +160,7 @@ def test_sasolver_predictor_and_corrector_match_diffusers(algorithm, tau, order)
         return s.stochastic_adams_moulton_update(t["new"], last_sample=t["last"], last_noise=t["noise"],
                                                  this_sample=t["sample"], order=order, tau=tau)
     assert compare("SASolverScheduler", config, corrector) >= 7
-    if order <= 3:
-        assert compare("SASolverScheduler", config, predictor) >= 7
+    assert compare("SASolverScheduler", config, predictor) >= 7
 
 
 def test_the_dpm_update_helpers_give_what_step_gives():
@@ -186,6 +185,31 @@ def test_the_dpm_update_helpers_give_what_step_gives():
             y = by_hand.multistep_dpm_solver_second_order_update(by_hand.model_outputs, sample=y, noise=noise)
         else:
             y = by_hand.multistep_dpm_solver_third_order_update(by_hand.model_outputs, sample=y, noise=noise)
+        assert parity_error(y, x) < 5e-6, i
+
+
+def test_the_sasolver_update_helpers_give_what_step_gives():
+    # diffusers' step: the corrector (from the second step on), then the predictor, each from
+    # the helpers; predictor order 4 reads four outputs
+    config = dict(predictor_order=4, corrector_order=3, tau_func=lambda t: 0.7)
+    kd, by_hand = K.SASolverScheduler(**config), K.SASolverScheduler(**config)
+    for s in (kd, by_hand):
+        s.set_timesteps(8)
+    x = y = initial_sample()
+    gen = torch.Generator().manual_seed(5)
+    last = None
+    for i, t in enumerate(kd.timesteps):
+        noise = torch.randn(x.shape, generator=gen)
+        x = kd.step(dummy_model(x, t), t, x, variance_noise=noise).prev_sample
+        by_hand._step_index = i
+        converted = by_hand.convert_model_output(dummy_model(y, t), sample=y)
+        if last is not None:
+            y = by_hand.stochastic_adams_moulton_update(converted, last_sample=last[0], last_noise=last[1],
+                                                        this_sample=y, order=min(i + 1, 3), tau=0.7)
+        by_hand.model_outputs = by_hand.model_outputs[1:] + [converted]
+        last = (y, noise)
+        y = by_hand.stochastic_adams_bashforth_update(converted, sample=y, noise=noise, order=min(i + 1, 4, 8 - i),
+                                                      tau=0.7)
         assert parity_error(y, x) < 5e-6, i
 
 
@@ -281,12 +305,11 @@ def test_helios_predictor_and_corrector_match_diffusers(config, order):
     ours, theirs = K.HeliosScheduler(**config), diffusers.HeliosScheduler(**config)
     for s in (ours, theirs):
         s.set_timesteps(6, 1, mu=0.8 if config.get("use_dynamic_shifting") else None)
-    compared = 0
     for i in range(1, 6):
         t = inputs(i)
         for s in (ours, theirs):
             s._step_index = i
-            s.model_outputs = outputs_oldest_first(t)[1:]
+            s.model_outputs = outputs_oldest_first(t)[2:]
         f64 = torch.float64  # (diffusers' Helios solves in its sigmas' dtype; they are float64 here)
         explicit = dict(sigma=torch.tensor(0.61, dtype=f64), sigma_next=torch.tensor(0.47, dtype=f64))
         for kwargs in ({}, explicit):
@@ -300,10 +323,11 @@ def test_helios_predictor_and_corrector_match_diffusers(config, order):
             expected = theirs.multistep_uni_c_bh_update(t["new"], last_sample=t["last"], this_sample=t["sample"],
                                                         order=order, **kwargs)
             assert parity_error(got, expected) < 2e-6
-        compared += 1
-    assert compared == 5
     with pytest.raises(ValueError, match="pass both sigmas of the update or neither"):
         ours.multistep_uni_p_bh_update(t["new"], sample=t["sample"], order=1, sigma=torch.tensor(0.5))
+    ours.solver_p = K.DDIMScheduler()  # (refused at construction by kdfast's Helios)
+    with pytest.raises(ValueError, match="solver_p is not supported"):
+        ours.multistep_uni_p_bh_update(t["new"], sample=t["sample"], order=1)
 
 
 def test_sasolver_coefficient_helpers_match_diffusers():
@@ -333,7 +357,7 @@ def test_sasolver_coefficient_helpers_match_diffusers():
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EulerDiscreteScheduler", "UniPCMultistepScheduler",
                                   "DEISMultistepScheduler", "SASolverScheduler", "LMSDiscreteScheduler",
-                                  "FlowMatchEulerDiscreteScheduler"])
+                                  "DPMSolverSDEScheduler", "FlowMatchEulerDiscreteScheduler"])
 def test_sigma_spacing_helpers_match_diffusers(name):
     config = {"sigma_min": 0.05, "sigma_max": 40.0} if name == "EulerDiscreteScheduler" else {}
     ours, theirs = getattr(K, name)(**config), getattr(diffusers, name)(**config)
@@ -341,8 +365,9 @@ def test_sigma_spacing_helpers_match_diffusers(name):
     for s in (ours, theirs):
         s.set_timesteps(12)
     for method in ("_convert_to_karras", "_convert_to_exponential", "_convert_to_beta"):
-        # (diffusers' LMS takes its step count for Karras sigmas from num_inference_steps)
-        steps = () if name == "LMSDiscreteScheduler" and method == "_convert_to_karras" else (12,)
+        # (diffusers' LMS and DPM-SDE take their step count for Karras sigmas from num_inference_steps)
+        steps = () if name in ("LMSDiscreteScheduler", "DPMSolverSDEScheduler") and method == "_convert_to_karras" \
+            else (12,)
         got, expected = getattr(ours, method)(sigmas, *steps), getattr(theirs, method)(sigmas, *steps)
         np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=1e-12, err_msg=method)
     if name != "FlowMatchEulerDiscreteScheduler":  # (flow matching maps sigma to t linearly)
@@ -370,7 +395,9 @@ def test_lu_lambdas_and_alpha_sigma_helpers_match_diffusers():
 def test_threshold_sample_matches_diffusers(dtype):
     config = dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5)
     x = (initial_sample((3, 4, 5, 5)) * 2).to(dtype)
-    for name in ("DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "LCMScheduler"):
+    for name in ("DDIMScheduler", "DDPMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                 "LCMScheduler", "TCDScheduler", "DEISMultistepScheduler", "SASolverScheduler",
+                 "DPMSolverSinglestepScheduler", "EDMDPMSolverMultistepScheduler"):
         got = getattr(K, name)(**config)._threshold_sample(x)
         expected = getattr(diffusers, name)(**config)._threshold_sample(x)
         assert got.dtype == expected.dtype == dtype
@@ -383,8 +410,17 @@ def test_flow_shift_helpers_match_diffusers():
                                                           shift_terminal=0.1, time_shift_type="linear"))]:
         ours, theirs = getattr(K, name)(**config), getattr(diffusers, name)(**config)
         t = np.linspace(0.95, 0.05, 7)
-        np.testing.assert_allclose(ours.time_shift(0.7, 1.0, t), theirs.time_shift(0.7, 1.0, t), rtol=1e-15)
+        for exponent in (1.0, 0.6):
+            np.testing.assert_allclose(ours.time_shift(0.7, exponent, t), theirs.time_shift(0.7, exponent, t),
+                                       rtol=1e-15)
         np.testing.assert_allclose(ours.stretch_shift_to_terminal(t), theirs.stretch_shift_to_terminal(t), rtol=1e-15)
+
+
+def test_get_config_dict_is_diffusers_deprecated_load_config(tmp_path):
+    K.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path)
+    with pytest.warns(FutureWarning, match="get_config_dict is deprecated"):
+        config = K.DDIMScheduler.get_config_dict(tmp_path)
+    assert config == K.DDIMScheduler.load_config(tmp_path)
 
 
 # ------------------------------------------------------------------------ the surface
@@ -392,6 +428,11 @@ def test_flow_shift_helpers_match_diffusers():
 
 # (registers a class for the Hub's remote code: a custom diffusers model's business)
 HUB_ONLY = {"register_for_auto_class"}
+
+
+SCHEDULE_HELPERS = ("_convert_to_karras", "_convert_to_exponential", "_convert_to_beta", "_convert_to_lu",
+                    "_sigma_to_t", "_sigma_to_alpha_sigma_t", "_threshold_sample", "time_shift",
+                    "stretch_shift_to_terminal")
 
 
 @pytest.mark.parametrize("name", sorted(K.supported()))
@@ -408,3 +449,16 @@ def test_every_public_method_of_diffusers_exists_with_its_parameters(name):
             ours_params = list(inspect.signature(getattr(ours, method)).parameters)
             theirs_params = list(inspect.signature(getattr(theirs, method)).parameters)
             assert ours_params == theirs_params, f"{name}.{method}"
+    # the schedule helpers pipelines call: where diffusers has one, kdfast's takes the same
+    # parameters (flow schedulers' _sigma_to_t takes a sigma alone, LMS' _convert_to_karras no
+    # step count); helpers diffusers' class lacks may be inherited, but must work (Helios has no
+    # shift_terminal, so no stretch_shift_to_terminal)
+    for method in SCHEDULE_HELPERS:
+        if hasattr(theirs, method):
+            assert hasattr(ours, method), f"{name}.{method}"
+            assert list(inspect.signature(getattr(ours, method)).parameters) == \
+                list(inspect.signature(getattr(theirs, method)).parameters), f"{name}.{method}"
+    if "shift_terminal" not in inspect.signature(ours.__init__).parameters:
+        assert not hasattr(ours, "stretch_shift_to_terminal"), name
+    assert hasattr(ours(), "multistep_dpm_solver_third_order_update") == \
+        hasattr(theirs, "multistep_dpm_solver_third_order_update"), name  # (Cosine's inherited one is hidden)
