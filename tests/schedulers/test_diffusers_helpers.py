@@ -213,6 +213,27 @@ def test_the_sasolver_update_helpers_give_what_step_gives():
         assert parity_error(y, x) < 5e-6, i
 
 
+@pytest.mark.parametrize("predict_x0", [True, False])
+def test_the_unipc_update_helpers_give_what_step_gives(predict_x0):
+    # diffusers' step: the corrector (from the second step on), then the predictor
+    kd = K.UniPCMultistepScheduler(solver_order=3, predict_x0=predict_x0)
+    by_hand = K.UniPCMultistepScheduler(solver_order=3, predict_x0=predict_x0)
+    for s in (kd, by_hand):
+        s.set_timesteps(8)
+    x = y = initial_sample()
+    last, last_order = None, None
+    for i, t in enumerate(kd.timesteps):
+        x = kd.step(dummy_model(x, t), t, x).prev_sample
+        by_hand._step_index = i
+        converted = by_hand.convert_model_output(dummy_model(y, t), sample=y)
+        if last is not None:
+            y = by_hand.multistep_uni_c_bh_update(converted, last_sample=last, this_sample=y, order=last_order)
+        by_hand.model_outputs = by_hand.model_outputs[1:] + [converted]
+        last, last_order = y, min(i + 1, 3, 8 - i)  # warm-up, and lower_order_final
+        y = by_hand.multistep_uni_p_bh_update(converted, sample=y, order=last_order)
+        assert parity_error(y, x) < 5e-6, i
+
+
 def test_update_helpers_keep_diffusers_dtypes():
     kd = K.DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++")
     kd.set_timesteps(10)
