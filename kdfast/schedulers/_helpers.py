@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -98,6 +98,23 @@ def output_list(method: str, outputs, count: int) -> Dict[str, torch.Tensor]:
         raise ValueError(f"{method}: the update needs the last {count} converted model outputs, "
                          f"got a list of {len(outputs)}")
     return {f"output{k}": outputs[-1 - k] for k in range(count)}
+
+
+def uni_p_arguments(args: tuple, kwargs: dict, sample, order) -> Tuple[torch.Tensor, int]:
+    """``(sample, order)`` of a ``multistep_uni_p_bh_update`` call (UniPC's and Helios')."""
+    method = "multistep_uni_p_bh_update"
+    sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
+    return required(method, "sample", sample), check_order(method, order, (1, 2, 3))
+
+
+def uni_c_arguments(args: tuple, kwargs: dict, last_sample, this_sample, order) -> Tuple[torch.Tensor, int]:
+    """``(last_sample, order)`` of a ``multistep_uni_c_bh_update`` call (``this_sample`` is
+    required, as in diffusers, and unused)."""
+    method = "multistep_uni_c_bh_update"
+    last_sample, this_sample, order = legacy_arguments(method, args, kwargs, ("this_timestep",),
+                                                       last_sample=last_sample, this_sample=this_sample, order=order)
+    required(method, "this_sample", this_sample)
+    return required(method, "last_sample", last_sample), check_order(method, order, (1, 2, 3))
 
 
 def step_position(scheduler, method: str, ahead: int = 1, sigmas: Optional[list] = None):

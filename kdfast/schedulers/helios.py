@@ -27,8 +27,8 @@ import torch
 from .._checks import check_count, check_flag
 from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
-from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, FlowTimesteps, check_order, legacy_arguments, output_list,
-                       required, step_position, unfused)
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, FlowTimesteps, output_list, step_position, uni_c_arguments,
+                       uni_p_arguments, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
@@ -795,9 +795,7 @@ class HeliosScheduler(_HeliosSchedule):
         ``self.model_outputs`` (its newest is this step's; ``model_output`` is unused): unfused,
         for callers that use it (``step`` does not). Returned in the sample's dtype."""
         method = "multistep_uni_p_bh_update"
-        sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
-        required(method, "sample", sample)
-        order = check_order(method, order, (1, 2, 3))
+        sample, order = uni_p_arguments(args, kwargs, sample, order)
         i, ends = self._helper_position(method, 1, sigma, sigma_next)
         update = self._uni_update(i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
                                   None, ends)
@@ -814,12 +812,7 @@ class HeliosScheduler(_HeliosSchedule):
         holding it). Unfused, returned in ``last_sample``'s dtype; ``this_sample`` is required,
         as in diffusers, and unused."""
         method = "multistep_uni_c_bh_update"
-        last_sample, this_sample, order = legacy_arguments(method, args, kwargs, ("this_timestep",),
-                                                           last_sample=last_sample, this_sample=this_sample,
-                                                           order=order)
-        required(method, "last_sample", last_sample)
-        required(method, "this_sample", this_sample)
-        order = check_order(method, order, (1, 2, 3))
+        last_sample, order = uni_c_arguments(args, kwargs, last_sample, this_sample, order)
         i, ends = self._helper_position(method, 0, sigma_before, sigma)
         update = self._uni_update(i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
                                   NEW_OUTPUT, ends)

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, TerminalShift, check_order, legacy_arguments, output_list,
-                       required, step_position, unfused)
+from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, TerminalShift, output_list, step_position, uni_c_arguments,
+                       uni_p_arguments, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
@@ -373,9 +373,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
         only goes to ``solver_p``, as in diffusers): unfused, for callers that use it (``step``
         does not). Returned in the sample's dtype."""
         method = "multistep_uni_p_bh_update"
-        sample, order = legacy_arguments(method, args, kwargs, ("prev_timestep",), sample=sample, order=order)
-        required(method, "sample", sample)
-        order = check_order(method, order, (1, 2, 3))
+        sample, order = uni_p_arguments(args, kwargs, sample, order)
         if self.solver_p is not None:
             return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
         i, sigmas = step_position(self, method)
@@ -394,12 +392,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
         returned in ``last_sample``'s dtype; ``this_sample`` is required, as in diffusers,
         and unused."""
         method = "multistep_uni_c_bh_update"
-        last_sample, this_sample, order = legacy_arguments(method, args, kwargs, ("this_timestep",),
-                                                           last_sample=last_sample, this_sample=this_sample,
-                                                           order=order)
-        required(method, "last_sample", last_sample)
-        required(method, "this_sample", this_sample)
-        order = check_order(method, order, (1, 2, 3))
+        last_sample, order = uni_c_arguments(args, kwargs, last_sample, this_sample, order)
         i, sigmas = step_position(self, method, ahead=0)
         update = self._uni_bh(sigmas, i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0],
                               list(OUTPUTS[1:order]), NEW_OUTPUT)
