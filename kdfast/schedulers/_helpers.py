@@ -35,8 +35,9 @@ _LABELS = {"x": "sample", "aux": "last_sample", "noise": "noise", "new_output": 
 def evaluate(rule: Lin, tensors: Dict[str, Optional[torch.Tensor]], what: str,
              dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """``sum(c * tensors[name])`` over the rule's terms, in float32 (float64 when an input is
-    float64), returned in ``dtype``, by default the inputs' promoted dtype as diffusers'
-    arithmetic gives it. ``what`` names the update in errors."""
+    float64), returned in ``dtype``, by default the promoted dtype of all ``tensors`` (those
+    diffusers' helper reads: its arithmetic promotes over a term whose coefficient is 0 as well).
+    ``what`` names the update in errors."""
     terms = [(name, c) for name, c in rule.terms.items() if c != 0.0]
     if not terms:  # (a zero-length step of a rule written without the start: not reached)
         raise ValueError(f"{what}: the update has no terms")
@@ -50,8 +51,9 @@ def evaluate(rule: Lin, tensors: Dict[str, Optional[torch.Tensor]], what: str,
                             f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
         inputs.append((t, c))
     promoted = inputs[0][0].dtype
-    for t, _ in inputs[1:]:
-        promoted = torch.promote_types(promoted, t.dtype)
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            promoted = torch.promote_types(promoted, t.dtype)
     compute = torch.float64 if promoted == torch.float64 else torch.float32
     out = None
     for t, c in inputs:
@@ -186,9 +188,15 @@ class KarrasForTheStepCount:
 class LogSigmaTimesteps:
     """The training timestep of a sigma of a discrete (VP-trained) schedule."""
 
-    def _sigma_to_t(self, sigma, log_sigmas) -> np.ndarray:
-        """Fractional training timestep of each sigma, interpolating in log-sigma."""
-        return sigma_to_t(_host_array(sigma), _host_array(log_sigmas))
+    def _sigma_to_t(self, sigma, log_sigmas):
+        """Fractional training timestep of each sigma, interpolating in log-sigma: a tensor for
+        tensor input (of the inputs' promoted dtype, computed in float64), else a numpy array."""
+        t = sigma_to_t(_host_array(sigma), _host_array(log_sigmas))
+        if not isinstance(sigma, torch.Tensor):
+            return t
+        dtype = torch.promote_types(sigma.dtype, log_sigmas.dtype) if isinstance(log_sigmas, torch.Tensor) \
+            else sigma.dtype
+        return torch.as_tensor(t).to(device=sigma.device, dtype=dtype)
 
 
 class Thresholding:

@@ -365,10 +365,12 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         required(method, "sample", sample)
         i, sigmas = step_position(self, method)
         algorithm = self.config.algorithm_type
-        if algorithm.startswith("sde") and noise is None:
+        sde = algorithm.startswith("sde")
+        if sde and noise is None:
             if order == 3 and self._edm:
                 raise ValueError(f"{method}: EDM's third-order update is dpmsolver++'s only (diffusers' takes no "
                                  f"noise), not {algorithm!r}'s")
             raise ValueError(f"{method}: `noise` is required by algorithm_type={algorithm!r} (diffusers asserts it)")
         rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
-        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample, "noise": noise})
+        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample,
+                                                  "noise": noise if sde else None})

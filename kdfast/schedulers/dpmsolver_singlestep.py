@@ -420,8 +420,10 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         """The update rule the step's table is planned from, evaluated on the caller's tensors."""
         required(method, "sample", sample)
         i, sigmas = step_position(self, method)
-        if self.config.algorithm_type == "sde-dpmsolver++" and noise is None:
+        sde = self.config.algorithm_type == "sde-dpmsolver++"
+        if sde and noise is None:
             raise ValueError(f"{method}: `noise` is required by algorithm_type='sde-dpmsolver++' (diffusers asserts "
                              "it)")
         rule = self._group_rule(sigmas, i, order, OUTPUTS[:order][::-1], X)
-        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample, "noise": noise})
+        return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample,
+                                                  "noise": noise if sde else None})

@@ -244,6 +244,11 @@ def test_update_helpers_keep_diffusers_dtypes():
     # promoted as diffusers' arithmetic promotes: float16 sample, float32 output and noise
     assert kd.dpm_solver_first_order_update(m, sample=x, noise=m).dtype == torch.float32
     assert kd.dpm_solver_first_order_update(x, sample=x, noise=x).dtype == torch.float16
+    # the last step into sigma 0: the sample's coefficient is 0, and it still promotes, as in diffusers
+    last = K.DPMSolverMultistepScheduler()
+    last.set_timesteps(10)
+    last._step_index = 9
+    assert last.dpm_solver_first_order_update(x, sample=m).dtype == torch.float32
     uni = K.UniPCMultistepScheduler()
     uni.set_timesteps(10)
     uni._step_index = 3
@@ -395,6 +400,11 @@ def test_sigma_spacing_helpers_match_diffusers(name):
         log_sigmas = np.log(np.linspace(0.03, 14.6, 1000))
         s = np.array([0.5, 3.0, 14.0])
         np.testing.assert_allclose(ours._sigma_to_t(s, log_sigmas), theirs._sigma_to_t(s, log_sigmas), rtol=1e-12)
+        # tensors in, a tensor out (of their dtype), as diffusers' arithmetic gives
+        got = ours._sigma_to_t(torch.tensor(s), torch.tensor(log_sigmas))
+        expected = theirs._sigma_to_t(torch.tensor(s), torch.tensor(log_sigmas))
+        assert isinstance(got, torch.Tensor) and got.dtype == expected.dtype == torch.float64
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
 def test_lu_lambdas_and_alpha_sigma_helpers_match_diffusers():
