@@ -119,10 +119,12 @@ def uni_c_arguments(args: tuple, kwargs: dict, last_sample, this_sample, order) 
     return required(method, "last_sample", last_sample), check_order(method, order, (1, 2, 3))
 
 
-def step_position(scheduler, method: str, ahead: int = 1, sigmas: Optional[list] = None):
+def step_position(scheduler, method: str, ahead: int = 1, sigmas: Optional[list] = None, back: int = 0):
     """``(step index, sigmas)`` of an update helper's call: diffusers' helpers read
-    ``self.step_index`` and ``sigmas[step_index + ahead]``. ``sigmas`` defaults to the
-    scheduler's, as Python floats (what its tables were planned from)."""
+    ``self.step_index``, ``sigmas[step_index + ahead]`` and, for older nodes, down to
+    ``sigmas[step_index - back]`` (negative indices wrap around, as diffusers' tensor indexing
+    does). ``sigmas`` defaults to the scheduler's, as Python floats (what its tables were
+    planned from)."""
     if scheduler.step_index is None or scheduler.num_inference_steps is None:
         raise ValueError(f"{method} needs a step index: call set_timesteps(...), then step() or "
                          "_init_step_index(timestep) (diffusers' helpers read self.step_index)")
@@ -130,6 +132,9 @@ def step_position(scheduler, method: str, ahead: int = 1, sigmas: Optional[list]
     sigmas = [float(v) for v in scheduler.sigmas.tolist()] if sigmas is None else sigmas
     if i + ahead >= len(sigmas):
         raise IndexError(f"{method}: step {i} is past the end of the {len(sigmas) - 1}-step schedule")
+    if i - back < -len(sigmas):
+        raise IndexError(f"{method}: this order at step {i} reads sigmas[{i - back}], before the start of the "
+                         f"{len(sigmas) - 1}-step schedule")
     return i, sigmas
 
 

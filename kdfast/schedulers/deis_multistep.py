@@ -243,6 +243,6 @@ class DEISMultistepScheduler(MultistepScheduler):
     def _helper_update(self, method: str, order: int, outputs, sample) -> torch.Tensor:
         """The update rule the step's table is planned from, evaluated on the caller's tensors."""
         required(method, "sample", sample)
-        i, sigmas = step_position(self, method)
+        i, sigmas = step_position(self, method, back=order - 1)
         rule = self._update_rule(sigmas, i, order, OUTPUTS[0], OUTPUTS[1:])
         return unfused(method, rule, order, i, {**output_list(method, outputs, order), "x": sample})

@@ -363,7 +363,7 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         """The update rule the step's table is planned from, evaluated on the caller's tensors.
         Where diffusers divides by zero (a zero-length step) it is the step's finite update."""
         required(method, "sample", sample)
-        i, sigmas = step_position(self, method)
+        i, sigmas = step_position(self, method, back=order - 1)
         algorithm = self.config.algorithm_type
         sde = algorithm.startswith("sde")
         if sde and noise is None:

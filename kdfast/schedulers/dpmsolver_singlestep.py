@@ -77,8 +77,11 @@ def group_update(algorithm: str, solver_type: str, a_t: float, s_t: float, a_s: 
         r0, r1 = (nodes[2][0] - nodes[0][0]) / h, (nodes[1][0] - nodes[0][0]) / h
         m0, m1, m2 = nodes[2][1], nodes[1][1], nodes[0][1]
         D0 = m2
-        D1_0, D1_1 = (1.0 / r1) * (m1 - m2), (1.0 / r0) * (m0 - m2)
-        if solver_type == "heun":  # (midpoint reads D1_1 only: diffusers' unused D1, D2 may be NaN there)
+        D1_1 = (1.0 / r0) * (m0 - m2)
+        if solver_type == "heun":
+            # (midpoint reads D1_1 only: where the middle node repeats the first, r1 = 0, diffusers'
+            # unused D1_0, D1 and D2 are inf or NaN and its midpoint update is finite)
+            D1_0 = (1.0 / r1) * (m1 - m2)
             D1 = (r0 * D1_0 - r1 * D1_1) / (r0 - r1)
             D2 = 2.0 * (D1_1 - D1_0) / (r0 - r1)
     if algorithm == "dpmsolver++":
@@ -419,7 +422,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
     def _helper_update(self, method: str, order: int, outputs, sample, noise) -> torch.Tensor:
         """The update rule the step's table is planned from, evaluated on the caller's tensors."""
         required(method, "sample", sample)
-        i, sigmas = step_position(self, method)
+        i, sigmas = step_position(self, method, back=order - 1)
         sde = self.config.algorithm_type == "sde-dpmsolver++"
         if sde and noise is None:
             raise ValueError(f"{method}: `noise` is required by algorithm_type='sde-dpmsolver++' (diffusers asserts "

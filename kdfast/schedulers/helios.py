@@ -796,7 +796,7 @@ class HeliosScheduler(_HeliosSchedule):
         for callers that use it (``step`` does not). Returned in the sample's dtype."""
         method = "multistep_uni_p_bh_update"
         sample, order = uni_p_arguments(args, kwargs, sample, order)
-        i, ends = self._helper_position(method, 1, sigma, sigma_next)
+        i, ends = self._helper_position(method, 1, order - 1, sigma, sigma_next)
         update = self._uni_update(i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
                                   None, ends)
         return unfused(method, update[0] * X + update[1], order, i,
@@ -813,20 +813,22 @@ class HeliosScheduler(_HeliosSchedule):
         as in diffusers, and unused."""
         method = "multistep_uni_c_bh_update"
         last_sample, order = uni_c_arguments(args, kwargs, last_sample, this_sample, order)
-        i, ends = self._helper_position(method, 0, sigma_before, sigma)
+        i, ends = self._helper_position(method, 0, order, sigma_before, sigma)
         update = self._uni_update(i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
                                   NEW_OUTPUT, ends)
         tensors = {"aux": last_sample, "new_output": this_model_output,
                    **output_list(method, self.model_outputs, order)}
         return unfused(method, update[0] * AUX + update[1], order, i, tensors, last_sample.dtype)
 
-    def _helper_position(self, method: str, ahead: int, start, end) -> Tuple[int, Optional[Tuple[float, float]]]:
+    def _helper_position(self, method: str, ahead: int, back: int, start, end
+                         ) -> Tuple[int, Optional[Tuple[float, float]]]:
         """(step index, the update's (end, start) sigmas or None for the schedule's) of a helper call."""
         if self.solver_p is not None:  # (refused at construction; assigned since)
             raise ValueError(f"{method}: solver_p is not supported by kdfast's HeliosScheduler; set it to None")
         if (start is None) != (end is None):
             raise ValueError(f"{method}: pass both sigmas of the update or neither")
-        i, _ = step_position(self, method, ahead=0 if start is not None else ahead, sigmas=self._host_sigmas)
+        i, _ = step_position(self, method, ahead=0 if start is not None else ahead, sigmas=self._host_sigmas,
+                             back=back)
         return i, None if start is None else (float(end), float(start))
 
     def _sigma_to_alpha_sigma_t(self, sigma):

@@ -651,7 +651,8 @@ class SASolverScheduler(MultistepScheduler):
                                                      noise=noise, order=order, tau=tau)
         for name, value in (("sample", sample), ("noise", noise), ("tau", tau)):
             required(method, name, value)
-        i, order, tau = self._helper_position(method, order, tau, 1)
+        order = check_order(method, order, ORDERS)
+        i, tau = self._helper_position(method, tau, 1, order - 1)
         return self._helper_update(method, i, i + 1, order, tau, False, X, sample,
                                    {"x": sample, "noise": noise, **output_list(method, self.model_outputs, order)})
 
@@ -673,21 +674,20 @@ class SASolverScheduler(MultistepScheduler):
         for name, value in (("last_sample", last_sample), ("last_noise", last_noise), ("this_sample", this_sample),
                             ("tau", tau)):
             required(method, name, value)
-        i, order, tau = self._helper_position(method, order, tau, 0)
+        order = check_order(method, order, ORDERS)
+        i, tau = self._helper_position(method, tau, 0, max(1, order - 1))
         outputs = output_list(method, self.model_outputs, order - 1) if order > 1 else {}
         return self._helper_update(method, i - 1, i, order, tau, True, AUX, last_sample,
                                    {"aux": last_sample, "noise": last_noise, "new_output": this_model_output,
                                     **outputs})
 
-    def _helper_position(self, method: str, order, tau, ahead: int) -> Tuple[int, int, float]:
-        """(step index, order, tau) of a helper call, checked; ``ahead`` is 1 where the update
-        reads the next sigma."""
-        i, _ = step_position(self, method, ahead, self._plan_sigmas)
-        order = check_order(method, order, ORDERS)
+    def _helper_position(self, method: str, tau, ahead: int, back: int) -> Tuple[int, float]:
+        """(step index, tau) of a helper call, checked (see :func:`step_position`)."""
+        i, _ = step_position(self, method, ahead, self._plan_sigmas, back)
         tau = float(tau)
         if not math.isfinite(tau):
             raise ValueError(f"{method}: tau must be a finite number, got {tau}")
-        return i, order, tau
+        return i, tau
 
     def _helper_update(self, method: str, s: int, t: int, order: int, tau: float, corrector: bool, start: Lin,
                        like: torch.Tensor, tensors: dict) -> torch.Tensor:

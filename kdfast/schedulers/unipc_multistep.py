@@ -376,7 +376,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
         sample, order = uni_p_arguments(args, kwargs, sample, order)
         if self.solver_p is not None:
             return self.solver_p.step(model_output, self.timestep_list[-1], sample).prev_sample
-        i, sigmas = step_position(self, method)
+        i, sigmas = step_position(self, method, back=order - 1)
         update = self._uni_bh(sigmas, i + 1, i, [i - k for k in range(1, order)], OUTPUTS[0], list(OUTPUTS[1:order]),
                               None)
         return unfused(method, None if update is None else update[0] * X + update[1], order, i,
@@ -393,7 +393,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
         and unused."""
         method = "multistep_uni_c_bh_update"
         last_sample, order = uni_c_arguments(args, kwargs, last_sample, this_sample, order)
-        i, sigmas = step_position(self, method, ahead=0)
+        i, sigmas = step_position(self, method, ahead=0, back=order)
         update = self._uni_bh(sigmas, i, i - 1, [i - 1 - k for k in range(1, order)], OUTPUTS[0],
                               list(OUTPUTS[1:order]), NEW_OUTPUT)
         tensors = {"aux": last_sample, "new_output": this_model_output,

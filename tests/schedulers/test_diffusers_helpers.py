@@ -117,6 +117,15 @@ def test_dpm_solver_singlestep_updates_match_diffusers(algorithm, solver_type, o
     assert compare("DPMSolverSinglestepScheduler", config, dispatch) >= 8 - order
 
 
+@pytest.mark.parametrize("solver_type", ["midpoint", "heun"])
+def test_singlestep_third_order_with_a_repeated_node_matches_diffusers(solver_type):
+    # exponential sigmas end at sigma_min and final_sigmas_type="sigma_min" repeats it: at step 0
+    # the update wraps around to those two; diffusers' midpoint rule never reads the repeated
+    # node's difference quotient and is finite there (heun's is NaN)
+    config = dict(use_exponential_sigmas=True, solver_order=3, final_sigmas_type="sigma_min", solver_type=solver_type)
+    assert compare("DPMSolverSinglestepScheduler", config, dpm_call(3, "singlestep")) >= 6
+
+
 @pytest.mark.parametrize("config", [{}, dict(use_karras_sigmas=True), dict(prediction_type="v_prediction")])
 @pytest.mark.parametrize("order", [1, 2, 3])
 def test_deis_updates_match_diffusers(config, order):
@@ -283,6 +292,12 @@ def test_update_helpers_refuse_bad_calls_by_name():
     uni._step_index = 2
     with pytest.raises(ValueError, match="missing `order`"):
         uni.multistep_uni_p_bh_update(x, sample=x)
+    with pytest.raises(ValueError, match=r"order must be one of \(1, 2, 3\), got 4"):
+        uni.multistep_uni_p_bh_update(x, sample=x, order=4)
+    uni.set_timesteps(1)
+    uni._step_index, uni.model_outputs = 0, [x, x, x]
+    with pytest.raises(IndexError, match=r"reads sigmas\[-3\], before the start of the 1-step schedule"):
+        uni.multistep_uni_c_bh_update(x, last_sample=x, this_sample=x, order=3)
     sa = K.SASolverScheduler()
     sa.set_timesteps(10)
     sa._step_index = 2
