@@ -72,7 +72,6 @@ def register_to_config(init):
     return wrapper
 
 
-# diffusers' download options of load_config / from_pretrained: nothing to do for local files
 def _huggingface_hub(what: str):
     try:
         import huggingface_hub
@@ -85,11 +84,7 @@ def _huggingface_hub(what: str):
 def _download(repo_id: str, filename: str, subfolder: Optional[str], options: Dict[str, Any]) -> str:
     """The local path of ``filename`` in the Hub repository ``repo_id`` (downloaded, or from
     huggingface_hub's cache)."""
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise FileNotFoundError(f"{repo_id!r} is not a local folder or file; install huggingface_hub (it comes with "
-                                "diffusers) to load it from the Hugging Face Hub") from None
+    huggingface_hub = _huggingface_hub(f"{repo_id!r} is not a local folder or file: loading it from the Hub")
     token = options.get("token", options.get("use_auth_token"))
     allowed = ("cache_dir", "force_download", "local_files_only", "revision", "user_agent", "local_dir")
     try:
@@ -97,8 +92,8 @@ def _download(repo_id: str, filename: str, subfolder: Optional[str], options: Di
                                                **{k: v for k, v in options.items() if k in allowed and v is not None})
     except Exception as exc:  # (huggingface_hub's errors: not found, offline, invalid repo id, HTTP)
         where = f"{repo_id}/{subfolder}" if subfolder else repo_id
-        raise OSError(f"no scheduler config for {where!r}: not a local folder or file, and the Hugging Face Hub "
-                      f"gave {type(exc).__name__}: {exc}") from exc
+        raise OSError(f"no scheduler config for {where!r}: no local folder or file of that name, and the Hugging "
+                      f"Face Hub gave {type(exc).__name__}: {exc}") from exc
 
 
 def _commit_hash(config_file: str) -> Optional[str]:
@@ -110,6 +105,7 @@ def _commit_hash(config_file: str) -> Optional[str]:
     return None
 
 
+# diffusers' download options of load_config / from_pretrained (unused for local files)
 _HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "token", "use_auth_token", "local_files_only", "revision",
                 "user_agent", "resume_download", "output_loading_info", "_from_pipeline", "_commit_hash",
                 "dduf_entries", "local_dir", "local_dir_use_symlinks", "mirror")
@@ -272,14 +268,16 @@ class ConfigMixin:
         need ``huggingface_hub`` (installed with diffusers)."""
         hub = {name: kwargs.pop(name) for name in _HUB_OPTIONS if name in kwargs}
         path = os.fspath(pretrained_model_name_or_path)
-        local = os.path.join(path, subfolder) if subfolder else path
         commit_hash = None
-        if os.path.isdir(local):
-            config_file = os.path.join(local, cls.config_name)
-            if not os.path.isfile(config_file):
-                raise FileNotFoundError(f"no {cls.config_name} in the folder {local!r}")
-        elif os.path.isfile(local):
-            config_file = local
+        if os.path.isfile(path):
+            config_file = path
+        elif os.path.isdir(path):  # (a local folder never goes to the Hub; its subfolder first, as diffusers)
+            candidates = ([os.path.join(path, subfolder, cls.config_name)] if subfolder else []) + \
+                [os.path.join(path, cls.config_name)]
+            config_file = next((c for c in candidates if os.path.isfile(c)), None)
+            if config_file is None:
+                raise FileNotFoundError(f"no {cls.config_name} in the folder {path!r}"
+                                        + (f" or its subfolder {subfolder!r}" if subfolder else ""))
         else:
             config_file = _download(path, cls.config_name, subfolder, hub)
             commit_hash = _commit_hash(config_file)

@@ -503,15 +503,33 @@ def test_from_pretrained_loads_a_hub_repositorys_scheduler_like_diffusers(tmp_pa
         _, got_commit = cls.load_config("org/model", subfolder="scheduler", cache_dir=cache, local_files_only=True,
                                         return_commit_hash=True)
         assert got_commit == commit
-    with pytest.raises(OSError, match="no scheduler config for 'org/model/unet': not a local folder or file, and "
-                                      "the Hugging Face Hub gave"):
+    with pytest.raises(OSError, match="no scheduler config for 'org/model/unet': no local folder or file of that "
+                                      "name, and the Hugging Face Hub gave"):
         K.DPMSolverMultistepScheduler.from_pretrained("org/model", subfolder="unet", cache_dir=cache,
                                                       local_files_only=True)
     with pytest.raises(OSError, match="no scheduler config for 'no/such-model'"):
         K.DPMSolverMultistepScheduler.from_pretrained("no/such-model", cache_dir=cache, local_files_only=True)
+
+
+
+def test_a_local_folder_never_goes_to_the_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a local folder went to the Hub")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_download)
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="no scheduler_config.json in the folder"):
         K.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "empty")
+    # a misspelt subfolder of a saved pipeline: the folder's own config, else an error, as in diffusers
+    K.DDIMScheduler(clip_sample=False).save_pretrained(tmp_path / "pipe" / "scheduler")
+    with pytest.raises(FileNotFoundError, match="or its subfolder 'schedular'"):
+        K.DDIMScheduler.from_pretrained(tmp_path / "pipe", subfolder="schedular")
+    K.DDIMScheduler(clip_sample=True).save_pretrained(tmp_path / "pipe")
+    for cls in (diffusers.DDIMScheduler, K.DDIMScheduler):
+        assert cls.from_pretrained(tmp_path / "pipe", subfolder="schedular").config.clip_sample
+        assert not cls.from_pretrained(tmp_path / "pipe", subfolder="scheduler").config.clip_sample
 
 
 def test_a_saved_config_holds_diffusers_keys_only(tmp_path):
