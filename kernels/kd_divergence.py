@@ -55,7 +55,7 @@ def _term(ls, lt, q, p, beta, rest, log_beta, log_rest, KIND: tl.constexpr):
     else:  # skew KL(p || beta p + (1 - beta) q)
         lm, share = _log_mixture(ls, lt, q, p, beta, rest, log_beta, log_rest)
         loss = _weighted_log_ratio(p, lt, lm)
-        w = rest * (q - p) * share  # -(1 - beta) q p / m shifted by (1 - beta) q, as in the C++ term
+        w = -p * share
     return loss, w
 
 

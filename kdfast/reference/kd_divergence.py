@@ -120,13 +120,10 @@ def _entry_weights(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -
     if kind == "tvd":
         return 0.5 * q * torch.sign(q - p)
     if kind == "skew_kl":
-        # -(1 - beta) q p / m shifted by (1 - beta) q: (1 - beta)^2 (q - p) q / m, which keeps the
-        # O((1 - beta)^2) gradient near beta = 1 (the kernels' form). The student's share
-        # (1 - beta) q / m in log space: a q that underflows keeps it (1 at beta 0).
         lm = _log_mix(beta, lt, ls)
-        live = (ls > -math.inf) & (lm > -math.inf) & (beta < 1)
-        share = torch.exp(torch.where(live, ls - lm, zero)) * (1 - beta)
-        return torch.where(live, (1 - beta) * (q - p) * share, zero)
+        # in log space: a student probability that underflows still has its weight (-p at beta 0)
+        live = (ls > -math.inf) & (lt > -math.inf)
+        return torch.where(live, -(1 - beta) * torch.exp(torch.where(live, ls + lt - lm, zero)), zero)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 
 
