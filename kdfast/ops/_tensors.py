@@ -38,7 +38,15 @@ def forward_ad_tracks(tensors) -> bool:
     every call) this is one attribute read."""
     if _forward_ad._current_level < 0:
         return False
-    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    return any(t is not None and _forward_ad.unpack_dual(_unbatched(t)).tangent is not None for t in tensors)
+
+
+def _unbatched(t: torch.Tensor) -> torch.Tensor:
+    """``t`` without its torch.func.vmap layers (unpack_dual has no batching rule; the tangent
+    is carried beneath them)."""
+    while torch._C._functorch.is_batchedtensor(t):
+        t = torch._C._functorch.get_unwrapped(t)
+    return t
 
 
 def refuse_forward_ad(op: str, tensors) -> None:

@@ -261,7 +261,7 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
         _check_pd_schedule(sched)
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
-    refuse_forward_ad(combination, (a, b, *params))
+    refuse_forward_ad("per_sample_ddim_step" if combination == "ddim_step" else combination, (a, b, *params))
     if _needs_dispatcher((a, b, *params)):
         return torch.ops.kdfast.sample_combination(*args, backend or "")
     return _sample_combination(*args, backend)

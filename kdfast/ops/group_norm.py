@@ -145,10 +145,12 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     act = _check_activation(activation)
     tensors = (x, shift, weight, bias)
     if forward_ad_tracks(tensors):
-        # torch would run the custom op without a tangent (silently zero): computed as torch's
-        # modules compute it, which carries it; on a contiguous x (torch's group_norm has no
-        # forward-mode formula for channels-last input), returned in x's layout
-        out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation, dtype=None)
+        # torch would run the custom op without a tangent (silently zero): computed with torch's
+        # ops, which carry it, in float32 as the kernels compute (a forced backend is not used);
+        # on a contiguous x (torch's group_norm has no forward-mode formula for channels-last
+        # input), returned in x's dtype and layout
+        out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation,
+                                 dtype=torch.float32).to(x.dtype)
         fmt = dense_format(x)
         return out if fmt in (None, torch.contiguous_format) else out.contiguous(memory_format=fmt)
     args = (x, shift, weight, bias, num_groups, eps, act, backend or "")

@@ -275,8 +275,12 @@ def schedule_span(schedule) -> Optional[tuple]:
     """(address of the first element, bytes between elements, length, dtype, device) of a 1-D
     tensor schedule, what :func:`schedule_position` compares against; None for anything else."""
     if isinstance(schedule, torch.Tensor) and schedule.dim() == 1 and schedule.shape[0] and schedule.stride(0) > 0:
-        return (schedule.data_ptr(), schedule.stride(0) * schedule.element_size(), schedule.shape[0],
-                schedule.dtype, schedule.device)
+        try:
+            address = schedule.data_ptr()
+        except RuntimeError:  # a tensor without storage (made inside torch.func transforms): no addresses
+            return None
+        return (address, schedule.stride(0) * schedule.element_size(), schedule.shape[0], schedule.dtype,
+                schedule.device)
     return None
 
 

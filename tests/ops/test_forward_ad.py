@@ -42,6 +42,38 @@ def test_group_norm_act_carries_tangents_like_torchs_modules():
         torch.testing.assert_close(ours(x, w, shift), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_group_norm_act_under_vmap_and_forward_ad():
+    gen = torch.Generator().manual_seed(1)
+    x, tx, w = torch.randn(3, 2, 8, 4, 4, generator=gen), torch.randn(3, 2, 8, 4, 4, generator=gen), torch.randn(8)
+
+    def ours(x):
+        return ops.group_norm_act(x, 4, w)
+
+    def torchs(x):
+        return F.silu(F.group_norm(x, 4, w))
+
+    # jvp of a vmapped op: the tangent sits beneath the batching layer
+    _, got = torch.func.jvp(torch.func.vmap(ours), (x,), (tx,))
+    _, expected = torch.func.jvp(torch.func.vmap(torchs), (x,), (tx,))
+    torch.testing.assert_close(got, expected)
+    # vmap inside a forward-AD level, without tangents: the op runs as usual
+    with fwAD.dual_level():
+        torch.testing.assert_close(torch.func.vmap(ours)(x), torch.func.vmap(torchs)(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_group_norm_act_under_forward_ad_computes_in_float32(dtype):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(2, 8, 6, 6, generator=gen) * 3).to(dtype)
+    plain = ops.group_norm_act(x, 4)
+    with fwAD.dual_level():
+        dual = ops.group_norm_act(fwAD.make_dual(x, torch.ones_like(x)), 4)
+        primal = fwAD.unpack_dual(dual).primal
+    assert primal.dtype == dtype
+    truth = F.silu(F.group_norm(x.double(), 4))
+    assert (primal.double() - truth).abs().max() <= 2 * (plain.double() - truth).abs().max() + 1e-6
+
+
 def test_the_unets_fused_norms_carry_tangents():
     # (without attention: torch's CPU attention has no forward-mode formula)
     torch.manual_seed(0)
@@ -71,6 +103,8 @@ REFUSED = {
     "pseudo_huber": lambda a: ops.pseudo_huber(a, a * 0.5, c=0.1),
     "dmd": lambda a: ops.dmd(a, a * 0.5, a * 0.2),
     "pd_target": lambda a: ops.pd_target(a, a * 0.5, 0.8, 0.6, 0.9, 0.4),
+    "progressive_mse": lambda a: ops.progressive_mse(a, a * 0.5, a * 0.2, 0.8, 0.6, 0.9, 0.4),
+    "per_sample_ddim_step": lambda a: ops.per_sample_ddim_step(a, a * 0.5, 0.8, 0.6, 0.9, 0.4),
     "grid_combination": lambda a: ops.grid_combination(a, a.repeat(1, 1, 1, 2), torch.tensor([0.9, 0.1, 0.05])),
 }
 
@@ -87,6 +121,26 @@ def test_other_ops_refuse_forward_mode_ad_by_name(name):
             op(fwAD.make_dual(x, torch.ones_like(x)))
         # inside a forward-AD level, an input without a tangent is no reason to refuse
         torch.testing.assert_close(op(x), plain)
+
+
+def test_a_captured_loop_refuses_forward_mode_ad():
+    sampler = object.__new__(kdfast.CapturedSampler)  # (no graph: the refusal comes first)
+    x = _latents()
+    with fwAD.dual_level():
+        with pytest.raises(NotImplementedError, match="kdfast.ops.CapturedSampler: forward-mode AD"):
+            sampler(fwAD.make_dual(x, torch.ones_like(x)))
+
+
+def test_a_scheduler_made_and_stepped_under_jvp_is_refused_by_name():
+    x = _latents()
+
+    def loop(m):
+        s = kdfast.schedulers.DDIMScheduler()
+        s.set_timesteps(10)  # (its timesteps, made inside the transform, have no storage)
+        return s.step(m, s.timesteps[0], x).prev_sample
+
+    with pytest.raises(NotImplementedError, match="kdfast.ops.solver_step: forward-mode AD"):
+        torch.func.jvp(loop, (x,), (torch.ones_like(x),))
 
 
 def test_a_scheduler_step_under_jvp_is_refused_by_name():
