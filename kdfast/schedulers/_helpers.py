@@ -23,9 +23,10 @@ from ._linear import Lin
 from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, sigma_range,
                         sigma_to_t)
 
-# The converted model outputs a helper is given, newest first (diffusers' ``model_output_list[-1]``,
-# ``[-2]``, ``[-3]``), and the corrector's new output (UniC's ``this_model_output``).
-OUTPUTS = tuple(Lin({f"output{k}": 1.0}) for k in range(4))  # (SA-Solver's predictor reads four)
+# The converted model outputs a helper is given, newest first (diffusers' ``model_output_list[-1]``
+# to ``[-4]``: SA-Solver's order-4 predictor reads four), and a corrector's new output (UniC's
+# ``this_model_output``).
+OUTPUTS = tuple(Lin({f"output{k}": 1.0}) for k in range(4))
 NEW_OUTPUT = Lin({"new_output": 1.0})
 # What each source is called in diffusers' signatures, for errors.
 _LABELS = {"x": "sample", "aux": "last_sample", "noise": "noise", "new_output": "this_model_output",
