@@ -70,7 +70,7 @@ import torch
 
 from . import ops
 from ._checks import check_flag
-from .ops._tensors import refuse_forward_ad
+from .ops._tensors import refuse_transform_autodiff
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
 from .schedulers.base import promoted_sample
@@ -1148,7 +1148,7 @@ class CapturedSampler:
         """Replay the loop from ``x`` (default: the last input) with ``cond`` / ``uncond``
         (default: the last ones); returns a new tensor."""
         # (the replay carries no tangent: under forward-mode AD it would be a silent zero)
-        refuse_forward_ad("CapturedSampler", (x, cond, uncond))
+        refuse_transform_autodiff("CapturedSampler", (x, cond, uncond))
         for name, new in (("x", x), ("cond", cond), ("uncond", uncond)):
             if new is None:
                 continue

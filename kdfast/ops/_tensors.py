@@ -32,13 +32,24 @@ def dispatcher_required() -> bool:
             or _functorch_transform() is not None)
 
 
-def forward_ad_tracks(tensors) -> bool:
-    """Whether forward-mode AD (``torch.func.jvp``, ``torch.autograd.forward_ad``) carries a
-    tangent on any of ``tensors`` (None entries skipped). Outside a forward-AD level (nearly
-    every call) this is one attribute read."""
-    if _forward_ad._current_level < 0:
+def transform_autodiff_tracks(tensors) -> bool:
+    """Whether a differentiation that torch does not run through custom ops tracks any of
+    ``tensors`` (None entries skipped): forward-mode AD (``torch.func.jvp``,
+    ``torch.autograd.forward_ad``) carrying a tangent, or a ``torch.func`` reverse-mode transform
+    (``grad``, ``vjp``, ``jacrev``) tracking one. Outside them (nearly every call) this is a few
+    reads."""
+    forward = _forward_ad._current_level >= 0
+    if not forward and (torch.compiler.is_compiling() or _functorch_transform() is None):
         return False
-    return any(t is not None and _forward_ad.unpack_dual(_unbatched(t)).tangent is not None for t in tensors)
+    for t in tensors:
+        if t is None:
+            continue
+        t = _unbatched(t)
+        if forward and _forward_ad.unpack_dual(t).tangent is not None:
+            return True
+        if torch._C._functorch.is_gradtrackingtensor(t) and t.requires_grad:
+            return True
+    return False
 
 
 def _unbatched(t: torch.Tensor) -> torch.Tensor:
@@ -49,13 +60,15 @@ def _unbatched(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def refuse_forward_ad(op: str, tensors) -> None:
-    """Raise where forward-mode AD would pass through ``op`` without its tangent: torch runs
-    a custom op's reverse-mode formula only, and would give a zero tangent silently."""
-    if forward_ad_tracks(tensors):
+def refuse_transform_autodiff(op: str, tensors) -> None:
+    """Raise, naming ``op``, where :func:`transform_autodiff_tracks`: torch would give a zero
+    tangent silently (forward mode: it runs a custom op's reverse-mode formula only), or fail
+    with a message about autograd.Function internals (torch.func's grad transforms)."""
+    if transform_autodiff_tracks(tensors):
         raise NotImplementedError(
-            f"kdfast.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported; "
-            "its gradients are reverse-mode only (torch.func.vjp, torch.autograd.grad, backward())")
+            f"kdfast.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and torch.func's "
+            "grad, vjp and jacrev are not supported; its gradients work with torch.autograd (backward(), "
+            "torch.autograd.grad)")
 
 
 def on_device(t: torch.Tensor):

@@ -27,7 +27,7 @@ from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
-                       refuse_forward_ad, sample_layout)
+                       refuse_transform_autodiff, sample_layout)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -162,7 +162,7 @@ def _call_loss(kind, prediction, x, in1, in2, in3, params, values, backend) -> t
     # none of its entries is None.
     rest = [None if k == _W else t for k, t in enumerate(params)]
     args = (kind, prediction, x, in1, in2, in3, params[_W], rest, values, backend or "")
-    refuse_forward_ad(KINDS[kind], tensors)
+    refuse_transform_autodiff(KINDS[kind], tensors)
     if _traced(tensors):
         return torch.ops.kdfast.diffusion_loss(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -261,7 +261,7 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
         _check_pd_schedule(sched)
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
-    refuse_forward_ad("per_sample_ddim_step" if combination == "ddim_step" else combination, (a, b, *params))
+    refuse_transform_autodiff("per_sample_ddim_step" if combination == "ddim_step" else combination, (a, b, *params))
     if _needs_dispatcher((a, b, *params)):
         return torch.ops.kdfast.sample_combination(*args, backend or "")
     return _sample_combination(*args, backend)

@@ -23,8 +23,8 @@ import torch
 from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import group_norm as ref
-from ._tensors import (DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, forward_ad_tracks, has_subclass,
-                       on_device)
+from ._tensors import (DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device,
+                       transform_autodiff_tracks)
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -144,9 +144,10 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
     act = _check_activation(activation)
     tensors = (x, shift, weight, bias)
-    if forward_ad_tracks(tensors):
-        # torch would run the custom op without a tangent (silently zero): computed with torch's
-        # ops, which carry it, in float32 as the kernels compute (a forced backend is not used);
+    if transform_autodiff_tracks(tensors):
+        # torch runs a custom op without a tangent (silently zero) or, under torch.func.grad,
+        # not at all: computed with torch's ops instead, which carry both, in float32 as the
+        # kernels compute (a forced backend is not used);
         # on a contiguous x (torch's group_norm has no forward-mode formula for channels-last
         # input), returned in x's dtype and layout
         out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation,

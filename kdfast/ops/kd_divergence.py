@@ -17,7 +17,7 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device, refuse_forward_ad
+from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device, refuse_transform_autodiff
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -130,7 +130,7 @@ def kd_divergence(
     args = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ignore_index, vocab_size,
                     loss_scale)
     student, teacher = args[0], args[1]
-    refuse_forward_ad("kd_divergence", (student, teacher))
+    refuse_transform_autodiff("kd_divergence", (student, teacher))
     if _needs_dispatcher(student, teacher):
         want_grad = torch.is_grad_enabled() and student.requires_grad
         return torch.ops.kdfast.kd_divergence(*args, want_grad, backend or "")[0]
@@ -168,7 +168,7 @@ def kd_divergence_with_grad(
         raise TypeError(f"grad_dtype must be float32, float16 or bfloat16, got {grad_dtype}")
     student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
                                        ignore_index, vocab_size, loss_scale)
-    refuse_forward_ad("kd_divergence_with_grad", (student, teacher))
+    refuse_transform_autodiff("kd_divergence_with_grad", (student, teacher))
     args = (student.detach(), teacher.detach(), *rest, True)
     if _needs_dispatcher(student, teacher):
         with torch.no_grad():

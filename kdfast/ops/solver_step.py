@@ -26,7 +26,7 @@ from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout,
-                       on_device, refuse_forward_ad, sample_layout)
+                       on_device, refuse_transform_autodiff, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -298,7 +298,7 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
     if forward_ad._current_level >= 0:  # (inline: the common call pays one attribute read)
-        refuse_forward_ad("solver_step", (sample, model_output, coefs, cond, *history, aux, noise, dynamic_scale))
+        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
     dtype = sample.dtype
     code = DTYPE_CODES.get(dtype)
     if code is None:
@@ -330,6 +330,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     # tensor subclasses and for autograd; no address is taken then.
     dispatch = (dispatcher_required() or type(sample) is not _Tensor
                 or (grad and (sample.requires_grad or coefs.requires_grad)))
+    if dispatch:  # (torch.func's transforms dispatch)
+        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
         ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if fmt is not None else sample.stride(0), code
@@ -414,6 +416,10 @@ def _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2,
     return StepResult(next(it), next(it) if write_history else None, next(it) if write_aux else None)
 
 
+def _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale) -> None:
+    refuse_transform_autodiff("solver_step", (sample, model_output, coefs, cond, *history, aux, noise, dynamic_scale))
+
+
 def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, aux, noise, clip_value, dynamic_scale,
                   write_history, write_aux, history_dtype, backend) -> StepResult:
     """:func:`fused_step` for a float64 ``sample``: the same checks, then the reference backend in
@@ -435,6 +441,8 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
         raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
                         f"got {history_dtype}")
     dispatch = _needs_dispatcher((sample, *others, dynamic_scale, coefs))
+    if dispatch:
+        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
     model_output, cond, h0, h1, h2, aux, noise = others
     return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
                          dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
@@ -672,7 +680,7 @@ def threshold_scale(
     args = (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
             _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model),
             float(ratio), _check_scalar("max_value", max_value))
-    refuse_forward_ad("threshold_scale", (sample, model_output, cond))
+    refuse_transform_autodiff("threshold_scale", (sample, model_output, cond))
     if backend is None and _needs_dispatcher((sample, model_output, cond)):
         return torch.ops.kdfast.threshold_scale(*args)
     return _threshold_scale(*args, backend=backend)

@@ -1,8 +1,9 @@
-"""Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) through kdfast's ops.
+"""torch.func's transforms and forward-mode AD through kdfast's ops.
 
 torch runs a custom op's reverse-mode formula only: a tangent through one came out as zero,
-silently. group_norm_act (the one op that sits inside networks) now carries the tangent by
-computing as torch's modules do; every other op refuses, naming itself."""
+silently, and under torch.func.grad / vjp the op failed with a message about autograd.Function
+internals. group_norm_act (the one op that sits inside networks) now computes as torch's
+modules do there, which carries both; every other op refuses, naming itself."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -40,6 +41,24 @@ def test_group_norm_act_carries_tangents_like_torchs_modules():
         torch.testing.assert_close(fwAD.unpack_dual(dual).tangent, x_only)
         # an input without a tangent inside a forward-AD level: the fused kernel, as outside
         torch.testing.assert_close(ours(x, w, shift), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_group_norm_act_under_torch_func_grad_and_vmap():
+    gen = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 2, 8, 4, 4, generator=gen), torch.randn(8, generator=gen)
+
+    def ours(x, w):
+        return ops.group_norm_act(x, 4, w).square().sum()
+
+    def torchs(x, w):
+        return F.silu(F.group_norm(x, 4, w)).square().sum()
+
+    for argnums in (0, 1):
+        got = torch.func.grad(ours, argnums)(x[0], w)
+        torch.testing.assert_close(got, torch.func.grad(torchs, argnums)(x[0], w))
+    # per-sample gradients: vmap over grad
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(ours), (0, None))(x, w),
+                               torch.func.vmap(torch.func.grad(torchs), (0, None))(x, w))
 
 
 def test_group_norm_act_under_vmap_and_forward_ad():
@@ -110,12 +129,17 @@ REFUSED = {
 
 
 @pytest.mark.parametrize("name", sorted(REFUSED))
-def test_other_ops_refuse_forward_mode_ad_by_name(name):
+def test_other_ops_refuse_forward_mode_ad_and_torch_func_grad_by_name(name):
     op = REFUSED[name]
     x = _latents()
     plain = op(x)  # the op itself works
     with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: forward-mode AD"):
         torch.func.jvp(op, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: .* torch.func's grad, vjp and jacrev"):
+        torch.func.grad(lambda a: op(a).sum())(x)
+    # inside torch.func.grad, an input the transform does not track is no reason to refuse
+    got = torch.func.grad(lambda a: (a * op(x).sum()).sum())(x)
+    torch.testing.assert_close(got, torch.ones_like(x) * plain.sum())
     with fwAD.dual_level():
         with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: forward-mode AD"):
             op(fwAD.make_dual(x, torch.ones_like(x)))
