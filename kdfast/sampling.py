@@ -70,7 +70,7 @@ import torch
 
 from . import ops
 from ._checks import check_flag
-from .ops._tensors import refuse_transform_autodiff
+from .ops._tensors import reference_required
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
 from .schedulers.base import promoted_sample
@@ -1147,8 +1147,11 @@ class CapturedSampler:
                  seed: Optional[int] = None) -> torch.Tensor:
         """Replay the loop from ``x`` (default: the last input) with ``cond`` / ``uncond``
         (default: the last ones); returns a new tensor."""
-        # (the replay carries no tangent: under forward-mode AD it would be a silent zero)
-        refuse_transform_autodiff("CapturedSampler", (x, cond, uncond))
+        if reference_required((x, cond, uncond)):
+            # (a replay runs recorded kernels on fixed buffers: no tangent, batching or gradient)
+            raise NotImplementedError(
+                "kdfast.CapturedSampler: a captured CUDA graph cannot run under torch.func's transforms (vmap, grad, "
+                "jvp, ...) or forward-mode AD; run the loop with kdfast.sample(...) (cuda_graph=False) there")
         for name, new in (("x", x), ("cond", cond), ("uncond", uncond)):
             if new is None:
                 continue

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from ..ops._tensors import reference_required, vmapped
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
 from .kd import REDUCTIONS, _check_int, _check_temperature, _count_valid, _resolve_kind
 
@@ -90,7 +91,9 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
     labels = labels.to(torch.int64)
     if need_values:
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if labels.device.type == "cpu":
+        if vmapped(labels):
+            pass  # (under vmap no value is read: the cross-entropy's gather refuses an id out of range)
+        elif labels.device.type == "cpu":
             if bad.any():
                 first = int(labels[bad][0])
                 raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
@@ -173,14 +176,22 @@ def _hidden_grad(out: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> No
         out.copy_(g @ weight)
 
 
-def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
-                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-token cross-entropy over the shared vocabulary and its gradient w.r.t. the logits."""
+def _cross_entropy(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
+                   ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy over the shared vocabulary (0 for ignored tokens), with the kept
+    tokens and their targets ``[tokens, 1]`` (ignored ones point at 0)."""
     shared = logits[:, :vocab]
     keep = labels != ignore_index
     target = torch.where(keep, labels, torch.zeros_like(labels)).unsqueeze(1)
     lse = torch.logsumexp(shared, dim=1)
-    ce = torch.where(keep, lse - shared.gather(1, target).squeeze(1), torch.zeros_like(lse))
+    return torch.where(keep, lse - shared.gather(1, target).squeeze(1), torch.zeros_like(lse)), keep, target
+
+
+def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int, ignore_index: int
+                         ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-token cross-entropy over the shared vocabulary and its gradient w.r.t. the logits."""
+    ce, keep, target = _cross_entropy(logits, labels, vocab, ignore_index)
+    shared = logits[:, :vocab]
     grad = torch.zeros_like(logits)
     grad[:, :vocab] = torch.softmax(shared, dim=1)
     grad.scatter_add_(1, target, -torch.ones_like(target, dtype=grad.dtype))
@@ -244,11 +255,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype))
             if grad_bias is not None:
                 grad_bias.add_(g.sum(0, dtype=torch.float32))
-        if labels is None:
-            count = torch.full((), float(max(tokens, 1)), device=student_hidden.device)  # a fill, not a copy
-        else:
-            count = _count_valid(labels, ignore_index).clamp(min=1).float()
-        denominator = count * vocab if reduction == "mean" else (count if reduction == "batchmean" else None)
+        denominator = _denominator(labels, tokens, ignore_index, vocab, reduction, device)
         loss = rows_out.sum()
         if denominator is not None:
             loss = loss / denominator
@@ -272,6 +279,36 @@ class _FusedLinearKD(torch.autograd.Function):
         for g, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes):
             outs.append(None if g is None else (g * scale).to(dtype))
         return (outs[0], outs[1], outs[2]) + (None,) * 14
+
+
+def _denominator(labels: Optional[torch.Tensor], tokens: int, ignore_index: int, vocab: int, reduction: str,
+                 device: torch.device) -> Optional[torch.Tensor]:
+    """What the summed token losses are divided by: the valid tokens (at least 1) for
+    ``"batchmean"``, times the vocabulary for ``"mean"``; None for ``"sum"``."""
+    if reduction == "sum":
+        return None
+    if labels is None:
+        count = torch.full((), float(max(tokens, 1)), device=device)  # a fill, not a copy
+    else:
+        count = _count_valid(labels, ignore_index).clamp(min=1).float()
+    return count * vocab if reduction == "mean" else count
+
+
+def _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
+                  labels, kind, beta, temperature, ignore_index, weight_hard, weight_soft, vocab, loss_scale,
+                  reduction) -> torch.Tensor:
+    """The loss from torch's ops, with the logits materialised: what runs under torch.func's
+    transforms and forward-mode AD, which cannot go through :class:`_FusedLinearKD` (its
+    gradients are made in its forward pass). The same math: fp32 logits, the divergence as
+    :func:`kdfast.ops.kd_divergence` computes it there, the same cross-entropy and reduction."""
+    s_logits = _head_logits(student_hidden, _head_operand(student_weight), student_bias)
+    t_logits = _head_logits(teacher_hidden, _head_operand(teacher_weight), teacher_bias)
+    rows = kd_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature, labels=labels,
+                         ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
+    if weight_hard:
+        rows = rows + weight_hard * _cross_entropy(s_logits, labels, vocab, ignore_index)[0]
+    denominator = _denominator(labels, student_hidden.shape[0], ignore_index, vocab, reduction, student_hidden.device)
+    return rows.sum() if denominator is None else rows.sum() / denominator
 
 
 def fused_linear_kd(
@@ -346,6 +383,11 @@ def fused_linear_kd(
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
     loss_scale = temperature ** 2 if scale_by_t2 else 1.0
+    if reference_required((student_hidden, student_weight, student_bias)):
+        return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                             teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), labels,
+                             _resolve_kind(kind, float(beta)), float(beta), temperature, ignore_index, weight_hard,
+                             weight_soft, vocab, loss_scale, reduction)
     if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
         student_bias = None if student_bias is None else student_bias.detach()

@@ -32,43 +32,32 @@ def dispatcher_required() -> bool:
             or _functorch_transform() is not None)
 
 
-def transform_autodiff_tracks(tensors) -> bool:
-    """Whether a differentiation that torch does not run through custom ops tracks any of
-    ``tensors`` (None entries skipped): forward-mode AD (``torch.func.jvp``,
-    ``torch.autograd.forward_ad``) carrying a tangent, or a ``torch.func`` reverse-mode transform
-    (``grad``, ``vjp``, ``jacrev``) tracking one. Outside them (nearly every call) this is a few
-    reads."""
-    forward = _forward_ad._current_level >= 0
-    if not forward and (torch.compiler.is_compiling() or _functorch_transform() is None):
+def reference_required(tensors) -> bool:
+    """Whether a kdfast op must compute with torch's own ops (its reference, in the kernels'
+    precision) rather than as a custom op: inside a ``torch.func`` transform (vmap has no
+    batching rule for a custom op, grad / vjp / jacrev fail on autograd.Function internals,
+    jvp would carry no tangent), or under forward-mode AD (``torch.autograd.forward_ad``) with
+    a tangent on one of ``tensors`` (None entries skipped): torch runs a custom op's reverse-mode
+    formula only, so the tangent would come out as zero, silently. Not while compiling (dynamo
+    traces transforms itself). Outside them (nearly every call) this is a few reads."""
+    if torch.compiler.is_compiling():
         return False
-    for t in tensors:
-        if t is None:
-            continue
-        t = _unbatched(t)
-        if forward and _forward_ad.unpack_dual(t).tangent is not None:
+    if _functorch_transform() is not None:
+        return True
+    if _forward_ad._current_level < 0:
+        return False
+    return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by a ``torch.func.vmap`` at some level of torch.func's wrappers
+    (its values cannot be read on the host there)."""
+    functorch = torch._C._functorch
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
             return True
-        if torch._C._functorch.is_gradtrackingtensor(t) and t.requires_grad:
-            return True
+        t = functorch.get_unwrapped(t)
     return False
-
-
-def _unbatched(t: torch.Tensor) -> torch.Tensor:
-    """``t`` without its torch.func.vmap layers (unpack_dual has no batching rule; the tangent
-    is carried beneath them)."""
-    while torch._C._functorch.is_batchedtensor(t):
-        t = torch._C._functorch.get_unwrapped(t)
-    return t
-
-
-def refuse_transform_autodiff(op: str, tensors) -> None:
-    """Raise, naming ``op``, where :func:`transform_autodiff_tracks`: torch would give a zero
-    tangent silently (forward mode: it runs a custom op's reverse-mode formula only), or fail
-    with a message about autograd.Function internals (torch.func's grad transforms)."""
-    if transform_autodiff_tracks(tensors):
-        raise NotImplementedError(
-            f"kdfast.ops.{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) and torch.func's "
-            "grad, vjp and jacrev are not supported; its gradients work with torch.autograd (backward(), "
-            "torch.autograd.grad)")
 
 
 def on_device(t: torch.Tensor):

@@ -27,7 +27,7 @@ from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
-                       refuse_transform_autodiff, sample_layout)
+                       reference_required, sample_layout)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -162,7 +162,8 @@ def _call_loss(kind, prediction, x, in1, in2, in3, params, values, backend) -> t
     # none of its entries is None.
     rest = [None if k == _W else t for k, t in enumerate(params)]
     args = (kind, prediction, x, in1, in2, in3, params[_W], rest, values, backend or "")
-    refuse_transform_autodiff(KINDS[kind], tensors)
+    if reference_required(tensors):  # torch.func's transforms, forward-mode AD
+        return _transformed_loss(kind, prediction, x, in1, in2, in3, params, values)
     if _traced(tensors):
         return torch.ops.kdfast.diffusion_loss(*args)[0]
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
@@ -261,7 +262,12 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
         _check_pd_schedule(sched)
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
-    refuse_transform_autodiff("per_sample_ddim_step" if combination == "ddim_step" else combination, (a, b, *params))
+    if reference_required((a, b, *params)):  # torch.func's transforms, forward-mode AD
+        dtype = torch.promote_types(a.dtype, b.dtype)
+        sched = (_param(params, values, k, a.shape[0], a.device) for k in (_AT, _ST, _AS, _SS))
+        compute = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels
+        reference = ref.pd_target if combination == "pd_target" else ref.ddim_step
+        return reference(a, b, *sched, prediction_type, compute).to(dtype)
     if _needs_dispatcher((a, b, *params)):
         return torch.ops.kdfast.sample_combination(*args, backend or "")
     return _sample_combination(*args, backend)
@@ -367,6 +373,22 @@ def _ref_loss(kind, prediction, ins, params, values, weights=None, dtype=torch.f
         return ref.dmd(ins[0], ins[1], ins[2], ins[0].detach(), w, dtype)
     return ref.progressive_mse(ins[0], ins[1], ins[2], p[_AT], p[_ST], p[_AS], p[_SS], PREDICTION_TYPES[prediction],
                                w, dtype)
+
+
+def _transformed_loss(kind, prediction, x, in1, in2, in3, params, values) -> torch.Tensor:
+    """The per-sample loss from torch's ops, in float32 as the kernels compute, on the caller's
+    inputs (x itself, not DMD's kernel slots): torch.func's transforms and forward-mode AD carry
+    through it (vmap, per-sample gradients, tangents). A zero weight gives 0, as in the kernels."""
+    batch, device, f32 = x.shape[0], x.device, torch.float32
+    p = [_param(params, values, k, batch, device) for k in range(len(SLOTS))]
+    if kind in (PSEUDO_HUBER, PSEUDO_HUBER_ELEMENTWISE):
+        raw = ref.pseudo_huber(x, in1, p[_C], None, kind == PSEUDO_HUBER_ELEMENTWISE, f32)
+    elif kind == DMD:
+        raw = ref.dmd(x, in1, in2, in3, None, f32)
+    else:
+        raw = ref.progressive_mse(x, in1, in2, p[_AT], p[_ST], p[_AS], p[_SS], PREDICTION_TYPES[prediction], None, f32)
+    w = p[_W].to(f32)
+    return torch.where(w == 0, torch.zeros_like(raw), w * raw)
 
 
 @forward_op.register("reference")

@@ -23,7 +23,7 @@ from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import grid_combination as ref
 from ._tensors import (DTYPE_CODES, describe, dispatcher_required, eager_autograd, has_subclass, on_device,
-                       refuse_transform_autodiff)
+                       reference_required)
 
 combination_op = backends.op("grid_combination")
 
@@ -123,7 +123,8 @@ def grid_combination(sample: torch.Tensor, outputs: Union[torch.Tensor, Sequence
     second = outputs[1] if len(outputs) == 2 else None
     args = (sample, outputs[0], second, coefs, backend or "")
     tensors = (sample, outputs[0], second, coefs)
-    refuse_transform_autodiff("grid_combination", tensors)
+    if reference_required(tensors):  # torch.func's transforms, forward-mode AD: torch's ops carry them
+        return ref.grid_combination(sample, outputs, coefs)
     if dispatcher_required() or has_subclass(tensors):
         return torch.ops.kdfast.grid_combination(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

@@ -24,7 +24,7 @@ from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import group_norm as ref
 from ._tensors import (DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device,
-                       transform_autodiff_tracks)
+                       reference_required)
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -144,10 +144,9 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)
     act = _check_activation(activation)
     tensors = (x, shift, weight, bias)
-    if transform_autodiff_tracks(tensors):
-        # torch runs a custom op without a tangent (silently zero) or, under torch.func.grad,
-        # not at all: computed with torch's ops instead, which carry both, in float32 as the
-        # kernels compute (a forced backend is not used);
+    if reference_required(tensors):
+        # torch.func's transforms and forward-mode AD: computed with torch's ops, which carry
+        # them, in float32 as the kernels compute (a forced backend is not used);
         # on a contiguous x (torch's group_norm has no forward-mode formula for channels-last
         # input), returned in x's dtype and layout
         out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation,

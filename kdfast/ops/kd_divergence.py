@@ -17,7 +17,7 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device, refuse_transform_autodiff
+from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device, reference_required
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -130,7 +130,8 @@ def kd_divergence(
     args = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ignore_index, vocab_size,
                     loss_scale)
     student, teacher = args[0], args[1]
-    refuse_transform_autodiff("kd_divergence", (student, teacher))
+    if reference_required((student, teacher)):  # torch.func's transforms, forward-mode AD
+        return _reference_rows(*args)
     if _needs_dispatcher(student, teacher):
         want_grad = torch.is_grad_enabled() and student.requires_grad
         return torch.ops.kdfast.kd_divergence(*args, want_grad, backend or "")[0]
@@ -168,7 +169,12 @@ def kd_divergence_with_grad(
         raise TypeError(f"grad_dtype must be float32, float16 or bfloat16, got {grad_dtype}")
     student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
                                        ignore_index, vocab_size, loss_scale)
-    refuse_transform_autodiff("kd_divergence_with_grad", (student, teacher))
+    if reference_required((student, teacher)):  # (no graph, as below: detached)
+        student, teacher = student.detach(), teacher.detach()
+        labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale = rest
+        grad = ref.kd_divergence_grad(student, teacher, KINDS[kind], beta, 1.0 / inv_temperature, labels, ignore_index,
+                                      vocab, loss_scale)
+        return _reference_rows(student, teacher, *rest), grad.to(grad_dtype or student.dtype)
     args = (student.detach(), teacher.detach(), *rest, True)
     if _needs_dispatcher(student, teacher):
         with torch.no_grad():
@@ -184,6 +190,14 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
         student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
     return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature,
             check_int("ignore_index", ignore_index), vocab, loss_scale)
+
+
+def _reference_rows(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale):
+    """The rows as the reference computes them, in float32 as the kernels do, from torch's ops,
+    which torch.func's transforms and forward-mode AD carry through (vmap, per-sample gradients,
+    tangents; the teacher's gradient too)."""
+    return ref.kd_divergence(student, teacher, KINDS[kind], beta, 1.0 / inv_temperature, labels, ignore_index, vocab,
+                             loss_scale)
 
 
 def _needs_dispatcher(*tensors: torch.Tensor) -> bool:

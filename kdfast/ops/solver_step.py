@@ -26,7 +26,7 @@ from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout,
-                       on_device, refuse_transform_autodiff, sample_layout)
+                       on_device, reference_required, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -297,8 +297,10 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     """
     if not isinstance(sample, torch.Tensor):
         raise TypeError(f"sample must be a torch.Tensor, got {type(sample).__name__}")
-    if forward_ad._current_level >= 0:  # (inline: the common call pays one attribute read)
-        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
+    # Forward-mode AD carrying a tangent: computed with torch's ops (:func:`_general_step`), as
+    # under torch.func's transforms, which dispatch. (Inline: the common call pays one read.)
+    dual = forward_ad._current_level >= 0 and reference_required(
+        (sample, model_output, coefs, cond, *history, aux, noise, dynamic_scale))
     dtype = sample.dtype
     code = DTYPE_CODES.get(dtype)
     if code is None:
@@ -328,10 +330,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
     grad = torch.is_grad_enabled()
     # The dispatcher is needed under compile, dispatch modes and torch.func transforms, for
     # tensor subclasses and for autograd; no address is taken then.
-    dispatch = (dispatcher_required() or type(sample) is not _Tensor
+    dispatch = (dual or dispatcher_required() or type(sample) is not _Tensor
                 or (grad and (sample.requires_grad or coefs.requires_grad)))
-    if dispatch:  # (torch.func's transforms dispatch)
-        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
     ptrs, strides, codes = [0] * 8, [0] * 8, [0] * 8
     if not dispatch:
         ptrs[0], strides[0], codes[0] = sample.data_ptr(), inner if fmt is not None else sample.stride(0), code
@@ -407,7 +407,11 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
 
 def _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
                   dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch) -> StepResult:
-    """A checked step through the custom op (``dispatch``) or :func:`_solver_step`."""
+    """A checked step through the custom op (``dispatch``) or :func:`_solver_step`; under
+    torch.func's transforms and forward-mode AD, with torch's ops (see :func:`reference_required`)."""
+    if dispatch and reference_required((sample, model_output, coefs, cond, h0, h1, h2, aux, noise, dynamic_scale)):
+        return _reference_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
+                               clip, dynamic_scale, write_history, write_aux, history_dtype)
     mask = _OUT_SAMPLE | (_OUT_HISTORY if write_history else 0) | (_OUT_AUX if write_aux else 0)
     args = (sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
             dynamic_scale, mask, history_dtype)
@@ -416,8 +420,16 @@ def _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2,
     return StepResult(next(it), next(it) if write_history else None, next(it) if write_aux else None)
 
 
-def _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale) -> None:
-    refuse_transform_autodiff("solver_step", (sample, model_output, coefs, cond, *history, aux, noise, dynamic_scale))
+def _reference_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
+                    dynamic_scale, write_history, write_aux, history_dtype) -> StepResult:
+    """The step as the reference computes it (float32 math, float64 for a float64 sample, as the
+    kernels and the float64 path compute), from torch's ops, which torch.func's transforms and
+    forward-mode AD carry through: tangents, per-sample gradients and vmap come out right."""
+    compute = _F64 if sample.dtype is _F64 else _F32  # (a float64 table is rounded as the kernels round it)
+    outs = ref.solver_step([sample, model_output, cond, h0, h1, h2, aux, noise], coefs, guidance_scale, threshold,
+                           clip, dynamic_scale, compute)
+    return StepResult(outs[0].to(sample.dtype), outs[1].to(history_dtype) if write_history else None,
+                      outs[2].to(sample.dtype) if write_aux else None)
 
 
 def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, aux, noise, clip_value, dynamic_scale,
@@ -440,9 +452,8 @@ def _float64_step(sample, model_output, coefs, cond, guidance_scale, history, au
     elif history_dtype not in DTYPE_CODES and history_dtype is not _F64:
         raise TypeError(f"history_dtype must be {_KERNEL_DTYPES} (float64 with a float64 sample), "
                         f"got {history_dtype}")
-    dispatch = _needs_dispatcher((sample, *others, dynamic_scale, coefs))
-    if dispatch:
-        _refuse_transforms(sample, model_output, coefs, cond, history, aux, noise, dynamic_scale)
+    tensors = (sample, *others, dynamic_scale, coefs)
+    dispatch = _needs_dispatcher(tensors) or reference_required(tensors)  # (forward-mode AD does not dispatch)
     model_output, cond, h0, h1, h2, aux, noise = others
     return _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold, clip,
                          dynamic_scale, write_history, write_aux, history_dtype, backend, dispatch)
@@ -680,7 +691,9 @@ def threshold_scale(
     args = (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
             _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model),
             float(ratio), _check_scalar("max_value", max_value))
-    refuse_transform_autodiff("threshold_scale", (sample, model_output, cond))
+    if reference_required((sample, model_output, cond)):  # torch.func's transforms, forward-mode AD
+        compute = _F64 if sample.dtype is _F64 else _F32
+        return ref.threshold_scale(*args, compute_dtype=compute)
     if backend is None and _needs_dispatcher((sample, model_output, cond)):
         return torch.ops.kdfast.threshold_scale(*args)
     return _threshold_scale(*args, backend=backend)

@@ -78,13 +78,13 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Option
 def dmd_gradient(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, x_t: Optional[torch.Tensor] = None,
                  dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """DMD's ``g = (x0_fake - x0_real) / mean|x_t - x0_real|`` per sample, NaN-safe, in ``dtype``."""
-    with torch.no_grad():
-        x_t = x if x_t is None else x_t
-        real = x0_real.to(dtype)
+    with torch.no_grad():  # (detached too: forward-mode AD does not stop at no_grad)
+        x_t = (x if x_t is None else x_t).detach()
+        real = x0_real.detach().to(dtype)
         norm = _sample_mean((x_t.to(dtype) - real).abs())
         valid = torch.isfinite(norm) & (norm > 0)
         norm = _column(torch.where(valid, norm, torch.ones_like(norm)), real)
-        g = (x0_fake.to(dtype) - real) / norm
+        g = (x0_fake.detach().to(dtype) - real) / norm
         return torch.where(torch.isfinite(g) & _column(valid, real), g, torch.zeros_like(g))
 
 

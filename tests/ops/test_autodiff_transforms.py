@@ -1,9 +1,10 @@
 """torch.func's transforms and forward-mode AD through kdfast's ops.
 
-torch runs a custom op's reverse-mode formula only: a tangent through one came out as zero,
-silently, and under torch.func.grad / vjp the op failed with a message about autograd.Function
-internals. group_norm_act (the one op that sits inside networks) now computes as torch's
-modules do there, which carries both; every other op refuses, naming itself."""
+torch runs a custom op's reverse-mode formula only: a tangent through one would come out as
+zero, silently; under torch.func.grad / vjp it fails with a message about autograd.Function
+internals, and vmap has no batching rule for it. So under these, every op computes with torch's
+own ops (its reference, in the kernels' float32), which carry tangents, gradients and batching:
+the results here are checked against the fused ops' own values and autograd gradients."""
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -114,63 +115,236 @@ def _latents(seed=0):
 
 
 COEFS = torch.tensor(ops.coefficients(1.0, -0.5, {"x": 0.9, "x0": 0.1}))
-REFUSED = {
-    "solver_step": lambda a: ops.solver_step(a, a * 0.5, COEFS).sample,
-    "threshold_scale": lambda a: ops.threshold_scale(a, a, 0.0, 1.0),
-    "kd_divergence": lambda a: ops.kd_divergence(a.reshape(8, -1), a.reshape(8, -1) * 0.5),
-    "kd_divergence_with_grad": lambda a: ops.kd_divergence_with_grad(a.reshape(8, -1), a.reshape(8, -1))[0],
-    "pseudo_huber": lambda a: ops.pseudo_huber(a, a * 0.5, c=0.1),
-    "dmd": lambda a: ops.dmd(a, a * 0.5, a * 0.2),
-    "pd_target": lambda a: ops.pd_target(a, a * 0.5, 0.8, 0.6, 0.9, 0.4),
-    "progressive_mse": lambda a: ops.progressive_mse(a, a * 0.5, a * 0.2, 0.8, 0.6, 0.9, 0.4),
+GUIDED = torch.tensor(ops.coefficients(0.8, -0.3, {"x": 0.7, "x0": 0.2, "model": 0.05}))
+# Each op as a function of one latent-shaped input (the others fixed), whose output depends
+# differentiably on it.
+OPS = {
+    "solver_step": lambda a: ops.solver_step(a, a * 0.5 + 0.1, COEFS).sample,
+    "solver_step_guided_clipped": lambda a: ops.solver_step(a, a.tanh(), GUIDED, cond=a * 0.3, guidance_scale=4.0,
+                                                            clip_value=0.9).sample,
+    "solver_step_dynamic": lambda a: ops.solver_step(
+        a, a.sin(), GUIDED, dynamic_scale=ops.threshold_scale(a, a.sin(), 0.8, -0.3, ratio=0.9, max_value=1.5)).sample,
+    "threshold_scale": lambda a: ops.threshold_scale(a * 3, a, 0.0, 1.0, ratio=0.8, max_value=2.0),
+    "kd_divergence": lambda a: ops.kd_divergence(a.reshape(8, -1), a.reshape(8, -1).flip(0) * 0.5),
+    "kd_divergence_skew": lambda a: ops.kd_divergence(a.reshape(8, -1) * 2, a.reshape(8, -1).flip(1), kind="skew_kl",
+                                                      beta=0.1, temperature=2.0,
+                                                      labels=torch.tensor([1, -100, 3, 4, 0, 0, 2, 5])),
+    "pseudo_huber": lambda a: ops.pseudo_huber(a, a.flip(0) * 0.5, c=0.1),
+    "pseudo_huber_elementwise": lambda a: ops.pseudo_huber(a, a.flip(0) * 0.5, c=torch.tensor([0.1, 0.2]),
+                                                           weights=torch.tensor([1.0, 0.5]), elementwise=True),
+    "dmd": lambda a: ops.dmd(a, a.flip(0) * 0.5, a.cos(), x_t=a.flip(1)),
+    "pd_target": lambda a: ops.pd_target(a, a.flip(0) * 0.5, 0.8, 0.6, 0.9, 0.4, prediction_type="v_prediction"),
+    "progressive_mse": lambda a: ops.progressive_mse(a, a.flip(0) * 0.5, a.cos(), 0.8, 0.6,
+                                                     torch.tensor([0.9, 0.95]), 0.4),
     "per_sample_ddim_step": lambda a: ops.per_sample_ddim_step(a, a * 0.5, 0.8, 0.6, 0.9, 0.4),
     "grid_combination": lambda a: ops.grid_combination(a, a.repeat(1, 1, 1, 2), torch.tensor([0.9, 0.1, 0.05])),
+    "group_norm_act": lambda a: ops.group_norm_act(a, 2),
 }
 
 
-@pytest.mark.parametrize("name", sorted(REFUSED))
-def test_other_ops_refuse_forward_mode_ad_and_torch_func_grad_by_name(name):
-    op = REFUSED[name]
-    x = _latents()
-    plain = op(x)  # the op itself works
-    with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: forward-mode AD"):
-        torch.func.jvp(op, (x,), (torch.ones_like(x),))
-    with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: .* torch.func's grad, vjp and jacrev"):
-        torch.func.grad(lambda a: op(a).sum())(x)
-    # inside torch.func.grad, an input the transform does not track is no reason to refuse
-    got = torch.func.grad(lambda a: (a * op(x).sum()).sum())(x)
-    torch.testing.assert_close(got, torch.ones_like(x) * plain.sum())
+def _autograd_jvp(op, a, tangent):
+    """J(a) @ tangent from the fused op's own reverse-mode gradients, a Jacobian row per output
+    element (each from a fresh forward: the KD kernels' gradient buffer serves one backward)."""
+    out = op(a)
+    rows = []
+    for i in range(out.numel()):
+        leaf = a.clone().requires_grad_()
+        row, = torch.autograd.grad(op(leaf).reshape(-1)[i], leaf, allow_unused=True)
+        rows.append(torch.zeros((), dtype=out.dtype) if row is None else (row * tangent).sum())
+    return torch.stack(rows).reshape(out.shape)
+
+
+@pytest.mark.parametrize("name", sorted(OPS))
+def test_each_op_under_torch_func_matches_its_fused_values_and_gradients(name):
+    op = OPS[name]
+    a, tangent, weight = _latents(0), _latents(1), _latents(2)
+    plain = op(a)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    # jvp and forward-mode AD: the tangent autograd's Jacobian gives (nonzero)
+    value, got = torch.func.jvp(op, (a,), (tangent,))
+    expected = _autograd_jvp(op, a, tangent)
+    assert expected.abs().max() > 1e-3
+    torch.testing.assert_close(value, plain, **tol)
+    torch.testing.assert_close(got, expected, **tol)
     with fwAD.dual_level():
-        with pytest.raises(NotImplementedError, match=f"kdfast.ops.{name}: forward-mode AD"):
-            op(fwAD.make_dual(x, torch.ones_like(x)))
-        # inside a forward-AD level, an input without a tangent is no reason to refuse
-        torch.testing.assert_close(op(x), plain)
+        torch.testing.assert_close(fwAD.unpack_dual(op(fwAD.make_dual(a, tangent))).tangent, expected, **tol)
+        torch.testing.assert_close(op(a), plain)  # an input without a tangent: the fused op, as outside
+
+    # torch.func.grad and vjp: autograd's gradient through the fused op
+    def loss(a):
+        out = op(a)
+        return (out * weight.reshape(-1)[:out.numel()].reshape(out.shape)).sum()
+
+    leaf = a.clone().requires_grad_()
+    expected_grad, = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(torch.func.grad(loss)(a), expected_grad, **tol)
+    _, vjp = torch.func.vjp(op, a)
+    torch.testing.assert_close(vjp(torch.ones_like(plain))[0],
+                               torch.autograd.grad(op(leaf).sum(), leaf)[0], **tol)
+
+    # vmap: each slice as the op computes it alone
+    stack = torch.stack([a, tangent, weight])
+    torch.testing.assert_close(torch.func.vmap(op)(stack), torch.stack([op(x) for x in stack]), **tol)
+    # per-sample gradients: vmap over grad
+    per_sample = torch.func.vmap(torch.func.grad(loss))(stack)
+    for x, g in zip(stack, per_sample):
+        leaf = x.clone().requires_grad_()
+        torch.testing.assert_close(g, torch.autograd.grad(loss(leaf), leaf)[0], **tol)
 
 
-def test_a_captured_loop_refuses_forward_mode_ad():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_transformed_ops_keep_dtypes_and_compute_in_float32(dtype):
+    a = (_latents(3) * 2).to(dtype)
+    for name in ("solver_step", "pd_target", "grid_combination", "group_norm_act", "kd_divergence", "pseudo_huber"):
+        op = OPS[name]
+        plain = op(a)
+        batched = torch.func.vmap(op)(a.unsqueeze(0))[0]
+        assert batched.dtype == plain.dtype, name
+        torch.testing.assert_close(batched.float(), plain.float(), rtol=0, atol=0 if dtype == torch.float32 else
+                                   (2e-3 if dtype == torch.float16 else 1.6e-2), msg=name)
+
+
+def test_kd_divergence_with_grad_under_vmap_gives_each_rows_loss_and_gradient():
+    gen = torch.Generator().manual_seed(4)
+    s, t = torch.randn(3, 6, 40, generator=gen), torch.randn(3, 6, 40, generator=gen)
+    labels = torch.tensor([0, -100, 3, 7, 2, 1])
+
+    def both(s, t):
+        return ops.kd_divergence_with_grad(s, t[:, :37], kind="jsd", beta=0.3, labels=labels, vocab_size=37)
+
+    rows, grads = torch.func.vmap(both)(s, t)
+    for k in range(3):
+        r, g = both(s[k], t[k])
+        torch.testing.assert_close(rows[k], r, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(grads[k], g, rtol=1e-5, atol=1e-6)
+    assert (grads[:, :, 37:] == 0).all() and (grads[:, 1] == 0).all()
+    # no graph is recorded: a transform sees a constant
+    assert (torch.func.grad(lambda s: both(s, t[0])[0].sum())(s[0]) == 0).all()
+
+
+def test_per_sample_gradients_of_a_distillation_loss():
+    """vmap(grad) over a small student with kd_loss (differentially private KD, influence
+    functions): each sample's gradient equals autograd's for that sample alone."""
+    torch.manual_seed(0)
+    student, teacher = torch.nn.Linear(16, 50), torch.nn.Linear(16, 50)
+    params = {k: v.detach() for k, v in student.named_parameters()}
+    x = torch.randn(4, 3, 16)
+    labels = torch.tensor([[1, -100, 4], [0, 2, 2], [-100, -100, 9], [3, 3, 3]])
+
+    def loss(params, x, labels):
+        logits = torch.func.functional_call(student, params, (x,))
+        return kdfast.losses.kd_loss(logits, teacher(x).detach(), labels, kind="forward_kl", temperature=2.0)
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, labels)
+    for k in range(4):
+        student.zero_grad()
+        loss(dict(student.named_parameters()), x[k], labels[k]).backward()
+        for name, p in student.named_parameters():
+            torch.testing.assert_close(per_sample[name][k], p.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("weight_hard", [0.0, 0.5])
+def test_fused_linear_kd_under_torch_func_matches_the_fused_gradients(weight_hard):
+    gen = torch.Generator().manual_seed(5)
+    hidden, weight, bias = (torch.randn(10, 12, generator=gen), torch.randn(30, 12, generator=gen) * 0.3,
+                            torch.randn(30, generator=gen))
+    t_hidden, t_weight = torch.randn(10, 8, generator=gen), torch.randn(33, 8, generator=gen) * 0.3
+    labels = torch.tensor([1, 2, -100, 4, 29, 0, 5, -100, 7, 8])
+    options = dict(kind="jsd", beta=0.3, temperature=1.5, weight_hard=weight_hard, weight_soft=0.7,
+                   scale_by_t2=True, chunk_size=3)
+
+    def loss(hidden, weight, bias):
+        return kdfast.losses.fused_linear_kd(hidden, weight, t_hidden, t_weight, labels, student_bias=bias, **options)
+
+    leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    value = loss(*leaves)
+    expected = torch.autograd.grad(value, leaves)
+    got_value, got = torch.func.grad_and_value(loss, argnums=(0, 1, 2))(hidden, weight, bias)[::-1]
+    torch.testing.assert_close(got_value, value.detach(), rtol=1e-5, atol=1e-6)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+    # per-token gradients of the hidden states: vmap over single tokens
+    rows = torch.func.vmap(torch.func.grad(lambda h, t, y: kdfast.losses.fused_linear_kd(
+        h[None], weight, t[None], t_weight, y[None], student_bias=bias, **options)))(hidden, t_hidden, labels)
+    torch.testing.assert_close(rows[2], torch.zeros(12))  # an ignored token
+    leaf = hidden[:1].clone().requires_grad_()
+    kdfast.losses.fused_linear_kd(leaf, weight, t_hidden[:1], t_weight, labels[:1], student_bias=bias,
+                                  **options).backward()
+    torch.testing.assert_close(rows[0], leaf.grad[0], rtol=1e-4, atol=1e-6)
+
+
+def _scheduler_loop(cls, steps=3, **config):
+    """A loop of ``steps`` steps of a fresh scheduler (made outside any transform, as diffusers'
+    schedulers must be) as a function of the initial latent."""
+    scheduler = cls(**config)
+    scheduler.set_timesteps(10)
+
+    def loop(x):
+        for t in scheduler.timesteps[:steps]:
+            x = scheduler.step(torch.tanh(x) * 0.5 + 0.1 * x, t, x).prev_sample
+        return x
+    return loop
+
+
+SCHEDULERS = {
+    "ddim": (kdfast.schedulers.DDIMScheduler, {}),
+    "ddim_dynamic_thresholding": (kdfast.schedulers.DDIMScheduler, {"thresholding": True, "sample_max_value": 1.2}),
+    "dpmsolver_2m": (kdfast.schedulers.DPMSolverMultistepScheduler, {}),
+    "unipc": (kdfast.schedulers.UniPCMultistepScheduler, {}),
+    "euler": (kdfast.schedulers.EulerDiscreteScheduler, {}),
+    "heun": (kdfast.schedulers.HeunDiscreteScheduler, {}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULERS))
+def test_scheduler_loops_under_torch_func(name):
+    cls, config = SCHEDULERS[name]
+    x, tangent = _latents(5), _latents(6)
+    plain = _scheduler_loop(cls, **config)(x)
+    leaf = x.clone().requires_grad_()
+    expected_grad, = torch.autograd.grad(_scheduler_loop(cls, **config)(leaf).square().sum(), leaf)
+    loop = _scheduler_loop(cls, **config)
+    got_grad = torch.func.grad(lambda x: loop(x).square().sum())(x)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    value, got = torch.func.jvp(_scheduler_loop(cls, **config), (x,), (tangent,))
+    torch.testing.assert_close(value, plain, rtol=1e-5, atol=1e-5)
+    fresh = lambda z: _scheduler_loop(cls, **config)(z)  # noqa: E731  (a new scheduler per forward)
+    torch.testing.assert_close(got, _autograd_jvp(fresh, x, tangent), rtol=1e-4, atol=1e-5)
+    # vmap over a batch of latents: each as its own loop
+    stack = torch.stack([x, tangent])
+    torch.testing.assert_close(torch.func.vmap(_scheduler_loop(cls, **config))(stack),
+                               torch.stack([_scheduler_loop(cls, **config)(z) for z in stack]), rtol=1e-5, atol=1e-5)
+
+
+def test_a_k_diffusion_style_sampler_under_jvp(kds):
+    """k-diffusion's samplers run under torch.no_grad, which forward-mode AD passes through:
+    kdfast's carry the tangent k-diffusion's own carry (float32), and central differences
+    confirm it (float64)."""
+    sigmas = kdfast.sampling.get_sigmas_karras(5, 0.1, 10.0)
+    x, tangent = _latents(7) * 10, _latents(8)
+
+    def denoiser(z, sigma):
+        return torch.tanh(z) * 0.5
+
+    def run(x):
+        return kdfast.sampling.sample_dpmpp_2m(denoiser, x, sigmas.to(x.dtype), disable=True)
+
+    value, got = torch.func.jvp(run, (x,), (tangent,))
+    torch.testing.assert_close(value, run(x))
+    _, expected = torch.func.jvp(lambda x: kds.sample_dpmpp_2m(denoiser, x, sigmas, disable=True), (x,), (tangent,))
+    assert expected.abs().max() > 0.05
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    x64, t64 = x.double(), tangent.double()
+    _, got64 = torch.func.jvp(run, (x64,), (t64,))
+    eps = 1e-6
+    torch.testing.assert_close(got64, (run(x64 + eps * t64) - run(x64 - eps * t64)) / (2 * eps), rtol=1e-6, atol=1e-6)
+
+
+def test_a_captured_loop_refuses_torch_func_and_forward_mode_ad():
     sampler = object.__new__(kdfast.CapturedSampler)  # (no graph: the refusal comes first)
     x = _latents()
     with fwAD.dual_level():
-        with pytest.raises(NotImplementedError, match="kdfast.ops.CapturedSampler: forward-mode AD"):
+        with pytest.raises(NotImplementedError, match="kdfast.CapturedSampler: .* forward-mode AD"):
             sampler(fwAD.make_dual(x, torch.ones_like(x)))
-
-
-def test_a_scheduler_made_and_stepped_under_jvp_is_refused_by_name():
-    x = _latents()
-
-    def loop(m):
-        s = kdfast.schedulers.DDIMScheduler()
-        s.set_timesteps(10)  # (its timesteps, made inside the transform, have no storage)
-        return s.step(m, s.timesteps[0], x).prev_sample
-
-    with pytest.raises(NotImplementedError, match="kdfast.ops.solver_step: forward-mode AD"):
-        torch.func.jvp(loop, (x,), (torch.ones_like(x),))
-
-
-def test_a_scheduler_step_under_jvp_is_refused_by_name():
-    s = kdfast.schedulers.DDIMScheduler()
-    s.set_timesteps(10)
-    x = _latents()
-    # (the timestep made inside the transform has no storage: it is looked up by value)
-    with pytest.raises(NotImplementedError, match="kdfast.ops.solver_step: forward-mode AD"):
-        torch.func.jvp(lambda m: s.step(m, s.timesteps[0], x).prev_sample, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match="kdfast.CapturedSampler: .* torch.func's transforms"):
+        torch.func.vmap(sampler)(x.unsqueeze(0))
