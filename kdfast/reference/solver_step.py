@@ -85,13 +85,12 @@ def threshold_scale(
     m = guided(model.to(compute_dtype), None if cond is None else cond.to(compute_dtype), guidance_scale)
     x0 = x0_from_x * x.to(compute_dtype) + x0_from_model * m
     flat = x0.reshape(x0.shape[0], -1).abs()
-    if flat.shape[1] <= _QUANTILE_MAX:
-        s = torch.quantile(flat, ratio, dim=1)
-    else:  # torch.quantile refuses more values: its method, by hand (a NaN makes the quantile NaN)
-        values = flat.sort(dim=1).values
-        lo, hi, frac = quantile_position(ratio, flat.shape[1], compute_dtype)
-        s = torch.lerp(values[:, lo], values[:, hi], frac)  # a Python weight: no copy, no sync on CUDA
-        s = torch.where(flat.isnan().any(dim=1), torch.full_like(s, float("nan")), s)
+    # torch.quantile's method by hand, with its values: it refuses rows of over 2^24 values and
+    # has no vmap batching rule (a NaN makes the quantile NaN, as there)
+    values = flat.sort(dim=1).values
+    lo, hi, frac = quantile_position(ratio, flat.shape[1], compute_dtype)
+    s = torch.lerp(values[:, lo], values[:, hi], frac)  # a Python weight: no copy, no sync on CUDA
+    s = torch.where(flat.isnan().any(dim=1), torch.full_like(s, float("nan")), s)
     return torch.clamp(s, min=1.0, max=max_value).to(torch.float64 if compute_dtype == torch.float64 else torch.float32)
 
 
