@@ -52,12 +52,29 @@ def reference_required(tensors) -> bool:
 def vmapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched by a ``torch.func.vmap`` at some level of torch.func's wrappers
     (its values cannot be read on the host there)."""
+    return host_readable(t) is None
+
+
+def host_readable(t: torch.Tensor) -> Optional[torch.Tensor]:
+    """``t`` beneath torch.func's grad and jvp wrappers, which have no storage of their own
+    (inside a transform, even a slice of a constant is wrapped), so that a constant such as a
+    timestep can be read on the host; None where a ``torch.func.vmap`` batches it (its values
+    differ per batch entry). ``t`` itself outside transforms."""
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
-            return True
+            return None
         t = functorch.get_unwrapped(t)
-    return False
+    return t
+
+
+def outside_transforms():
+    """A context in which torch.func's transforms are suspended, when one is running (else a
+    no-op): tensors made or computed there are plain, with storage (inside a transform every
+    op's result is wrapped again), for host constants such as a scheduler's tables."""
+    if torch.compiler.is_compiling() or _functorch_transform() is None:
+        return _CURRENT
+    return torch._C._DisableFuncTorch()
 
 
 def on_device(t: torch.Tensor):

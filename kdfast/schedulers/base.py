@@ -17,6 +17,7 @@ import torch
 from torch.utils._device import DeviceContext as _DeviceContext
 
 from .. import ops
+from ..ops._tensors import host_readable, outside_transforms
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
 from ._helpers import LogSigmaTimesteps, SigmaSpacings, Thresholding
@@ -559,12 +560,17 @@ class FusedScheduler(ConfigMixin):
         if positions is not None:
             host = self._host_timesteps
             return np.array([host[i] for i in positions.tolist()], dtype=np.float64 if floating else np.int64)
-        values = timesteps.detach()
-        if values.device.type != "cpu":
-            values = values.cpu()  # the one read of timesteps on a device that are not a view of the schedule
-        if floating:
-            values = values.to(torch.float64)
-        return values.reshape(-1).numpy()
+        values = host_readable(timesteps)
+        if values is None:
+            raise ValueError("timesteps batched by torch.func.vmap cannot be read as one schedule position; "
+                             "pass the timestep unbatched (in_dims=None): the whole batch steps from it")
+        with outside_transforms():
+            values = values.detach()
+            if values.device.type != "cpu":
+                values = values.cpu()  # the one read of timesteps on a device that are not a view of the schedule
+            if floating:
+                values = values.to(torch.float64)
+            return values.reshape(-1).numpy()
 
     # ---------------------------------------------------------------- fused call
 
@@ -871,18 +877,29 @@ def _default_device_is_off_host() -> bool:
     return False
 
 
-def _host_default_device(fn: Callable) -> Callable:
+def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
     """``fn`` with torch's default device set to the CPU while it runs, when the caller set
     another (``torch.set_default_device("cuda")``, a ``with torch.device(...)`` block): a
     scheduler's tables, schedules and coefficient rows are host tensors made without a device
     (a coefficient table on the GPU would be refused by the step, and reading it would sync).
-    Tensors on the sample's device are made from the sample, so nothing else changes."""
-    @functools.wraps(fn)
-    def on_host(*args, **kwargs):
+    Tensors on the sample's device are made from the sample, so nothing else changes.
+
+    ``builds_tables`` (``__init__``, ``set_timesteps``): also run outside torch.func's
+    transforms when called inside one. The tables are constants, and inside a transform torch
+    makes every tensor a storage-less wrapper that numpy cannot read (diffusers' schedulers
+    fail there for that reason): a scheduler made inside ``torch.func.grad`` works."""
+    def run(*args, **kwargs):
         if _default_device_is_off_host():
             with torch.device("cpu"):
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
+
+    @functools.wraps(fn)
+    def on_host(*args, **kwargs):
+        if builds_tables:
+            with outside_transforms():
+                return run(*args, **kwargs)
+        return run(*args, **kwargs)
 
     _KDFAST_WRAPPERS.add(on_host)
     return on_host
@@ -895,7 +912,7 @@ def _on_host_by_default(cls) -> None:
         if (name.startswith("_") and name != "__init__") or not inspect.isfunction(method) \
                 or method in _KDFAST_WRAPPERS:
             continue
-        setattr(cls, name, _host_default_device(method))
+        setattr(cls, name, _host_default_device(method, builds_tables=name in ("__init__", "set_timesteps")))
 
 
 # ... and those of _steps_run_eagerly, kept apart: a step gets both, the eager one outermost.

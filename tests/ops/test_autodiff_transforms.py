@@ -5,6 +5,8 @@ zero, silently; under torch.func.grad / vjp it fails with a message about autogr
 internals, and vmap has no batching rule for it. So under these, every op computes with torch's
 own ops (its reference, in the kernels' float32), which carry tangents, gradients and batching:
 the results here are checked against the fused ops' own values and autograd gradients."""
+import inspect
+
 import pytest
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -348,3 +350,46 @@ def test_a_captured_loop_refuses_torch_func_and_forward_mode_ad():
             sampler(fwAD.make_dual(x, torch.ones_like(x)))
     with pytest.raises(NotImplementedError, match="kdfast.CapturedSampler: .* torch.func's transforms"):
         torch.func.vmap(sampler)(x.unsqueeze(0))
+
+
+# (steps of their own form: CogVideoX DPM's two timesteps, Helios' stages, pi-Flow's grid
+# output, SCM's two-step schedule; their loops under transforms are covered above by kind)
+_SPECIAL_STEPS = {"CogVideoXDPMScheduler", "HeliosDMDScheduler", "HeliosScheduler", "PiflowScheduler", "SCMScheduler"}
+
+
+_SEEDED = {"DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}  # (its Brownian tree's seed)
+
+
+@pytest.mark.parametrize("name", [n for n in kdfast.schedulers.supported() if n not in _SPECIAL_STEPS])
+def test_a_scheduler_made_inside_a_transform_steps_as_outside(name):
+    """diffusers' schedulers cannot be made inside torch.func.grad or jvp (their tables are
+    wrapped, without storage, and numpy cannot read them); kdfast's build theirs outside the
+    transform, and a timestep sliced from them there is read beneath its wrapper."""
+    cls = getattr(kdfast.schedulers, name)
+    draws = "generator" in inspect.signature(cls.step).parameters
+    x = _latents(9)
+
+    def loop(x):
+        scheduler = cls(**_SEEDED.get(name, {}))
+        scheduler.set_timesteps(4)
+        for t in scheduler.timesteps[:2]:
+            noise = {"generator": torch.Generator().manual_seed(0)} if draws else {}
+            x = scheduler.step(torch.tanh(x) * 0.5, t, x, **noise).prev_sample
+        return x
+
+    leaf = x.clone().requires_grad_()
+    plain = loop(leaf)
+    expected_grad, = torch.autograd.grad(plain.square().sum(), leaf)
+    torch.testing.assert_close(torch.func.grad(lambda x: loop(x).square().sum())(x), expected_grad,
+                               rtol=1e-5, atol=1e-5)
+    value, tangent = torch.func.jvp(loop, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(value, plain.detach(), rtol=1e-5, atol=1e-5)
+    assert tangent.abs().max() > 0
+
+
+def test_timesteps_batched_by_vmap_are_refused_with_the_reason():
+    scheduler = kdfast.schedulers.DDPMWuerstchenScheduler()
+    scheduler.set_timesteps(4)
+    x = _latents(10)
+    with pytest.raises(ValueError, match="timesteps batched by torch.func.vmap"):
+        torch.func.vmap(lambda t: scheduler.step(x, t, x).prev_sample)(scheduler.timesteps[:2])
