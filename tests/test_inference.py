@@ -249,3 +249,25 @@ def test_gpu_inference_forms(dtype, monkeypatch):
     y = torch.arange(8, device="cuda") % 11
     with torch.inference_mode():
         torch.testing.assert_close(fast(x, 500, y), teacher(x, 500, y), rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:No complete tensor found")  # (torch's, on saving channels-last weights)
+@pytest.mark.parametrize("make", [lambda: _perturbed(UNet()), _unet2d])
+def test_inference_forms_export_with_torch_export(make, tmp_path):
+    """A distilled student deployed with torch.export keeps the fused norms: the exported
+    program calls kdfast's op (its fake implementation traces it) and gives the eager outputs
+    before and after a save / load round trip."""
+    fast = inference.prepare_for_inference(make())
+    x = torch.randn(2, fast.config.in_channels if hasattr(fast, "config") else 1, 16, 16)
+    args = (x, torch.tensor([300, 20]))
+    with torch.no_grad():
+        expect = fast(*args)
+        expect = expect.sample if hasattr(expect, "sample") else expect
+        program = torch.export.export(fast, args)
+        assert any("kdfast.group_norm_act" in str(node.target) for node in program.graph.nodes)
+        path = tmp_path / "student.pt2"
+        torch.export.save(program, str(path))
+        for module in (program.module(), torch.export.load(str(path)).module()):
+            out = module(*args)
+            out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
+            torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
