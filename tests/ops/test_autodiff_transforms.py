@@ -393,3 +393,31 @@ def test_timesteps_batched_by_vmap_are_refused_with_the_reason():
     x = _latents(10)
     with pytest.raises(ValueError, match="timesteps batched by torch.func.vmap"):
         torch.func.vmap(lambda t: scheduler.step(x, t, x).prev_sample)(scheduler.timesteps[:2])
+
+
+# (the others hold CPU tensors of their own: labels, per-sample weights)
+_DEVICE_FREE = ("solver_step", "solver_step_guided_clipped", "solver_step_dynamic", "threshold_scale",
+                "kd_divergence", "pseudo_huber", "dmd", "pd_target", "per_sample_ddim_step", "grid_combination",
+                "group_norm_act")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", _DEVICE_FREE)
+def test_each_op_under_torch_func_on_a_gpu(name):
+    op = OPS[name]
+    a, tangent = _latents(0), _latents(1)
+    value, got = torch.func.jvp(op, (a.cuda(),), (tangent.cuda(),))
+    torch.testing.assert_close(value, op(a.cuda()), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.cpu(), torch.func.jvp(op, (a,), (tangent,))[1], rtol=1e-5, atol=1e-5)
+    stack = torch.stack([a, tangent]).cuda()
+    torch.testing.assert_close(torch.func.vmap(op)(stack), torch.stack([op(x) for x in stack]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_a_scheduler_loop_under_torch_func_on_a_gpu():
+    x = _latents(5)
+    loop = _scheduler_loop(kdfast.schedulers.UniPCMultistepScheduler)
+    expected = torch.func.grad(lambda x: loop(x).square().sum())(x)
+    loop = _scheduler_loop(kdfast.schedulers.UniPCMultistepScheduler)
+    got = torch.func.grad(lambda x: loop(x).square().sum())(x.cuda())
+    torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
