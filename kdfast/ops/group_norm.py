@@ -290,7 +290,10 @@ def _backward(ctx, grad_out):
         leaves = [None if t is None else (t if need and t.requires_grad else t.detach().requires_grad_(need))
                   for t, need in zip(saved, needs)]
         x, shift, weight, bias = leaves
-        y = ref.group_norm_act(x, num_groups, weight, bias, eps, shift, ACTIVATIONS[activation], dtype=None)
+        # on a contiguous x: torch 2.13's CPU group norm backward crashes (a segfault) on a
+        # channels-last x that needs no gradient when the weight needs one
+        y = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, ACTIVATIONS[activation],
+                               dtype=None)
     wanted = [t for t, need in zip(leaves, needs) if need]
     grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=torch.is_grad_enabled()))
     return (*(next(grads) if need else None for need in needs), None, None, None, None)
