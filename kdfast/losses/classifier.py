@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .._checks import is_finite_number
+from ..ops._tensors import vmapped
 from .kd import _check_int, _check_temperature, kd_loss
 
 
@@ -45,8 +46,9 @@ def _check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tenso
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
     # checked where it is free: on the CPU, outside torch.compile (where it would break the graph)
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and labels.numel() and (
-            labels.min() < 0 or labels.max() >= classes):
+    # and unbatched by torch.func.vmap (where no value can be read)
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling() and not vmapped(labels) and labels.numel() \
+            and (labels.min() < 0 or labels.max() >= classes):
         raise ValueError(f"labels must be class ids in [0, {classes})")
     return labels.long()
 
@@ -101,7 +103,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     compute = _compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(compute) / temperature
     t = teacher_logits.to(compute) / temperature
-    target = F.one_hot(labels, classes).bool()
+    # (a comparison, not F.one_hot, which reads the labels' range on the host: vmap cannot)
+    target = labels.unsqueeze(1) == torch.arange(classes, device=labels.device)
 
     def parts(z):
         lse = torch.logsumexp(z, dim=1)

@@ -23,6 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ..ops._tensors import vmapped
 from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
 
 REMAINDERS = ("bucket", "renormalize")
@@ -128,8 +129,10 @@ def topk_kd_loss(
         raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
-    # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break
-    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+    # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
+    # and no value can be read from a tensor batched by torch.func.vmap
+    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling() and not any(
+            vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, labels) if t is not None):
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)
             ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]

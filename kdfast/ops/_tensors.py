@@ -101,7 +101,12 @@ def dense_format(t: torch.Tensor) -> Optional[torch.memory_format]:
     if t.is_contiguous():
         return torch.contiguous_format
     fmt = _CHANNELS_LAST.get(t.dim())
-    return fmt if fmt is not None and t.is_contiguous(memory_format=fmt) else None
+    if fmt is None:
+        return None
+    try:
+        return fmt if t.is_contiguous(memory_format=fmt) else None
+    except RuntimeError:  # torch.func.vmap cannot tell (its tensors then go by their strides)
+        return None
 
 
 def _dense_samples(t: torch.Tensor) -> bool:

@@ -27,7 +27,7 @@ from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
-                       reference_required, sample_layout)
+                       reference_required, sample_layout, vmapped)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -117,8 +117,8 @@ def _check_pd_schedule(sched) -> None:
     """The progressive-distillation target divides by sigma_t and by alpha_s - (sigma_s /
     sigma_t) alpha_t (zero when t and s share their SNR): refuse those where checking is free
     (host numbers and CPU tensors; on a GPU it would cost a sync)."""
-    if torch.compiler.is_compiling() or any(t is not None and t.device.type != "cpu" for t, _ in sched):
-        return  # (under compile, a data-dependent branch would break the graph)
+    if torch.compiler.is_compiling() or any(t is not None and (t.device.type != "cpu" or vmapped(t)) for t, _ in sched):
+        return  # (under compile, a data-dependent branch would break the graph; under vmap none is read)
     # Host numbers stay Python floats (no tensors made on every training step); CPU tensors in float64.
     a_t, s_t, a_s, s_s = (v if t is None else t.double() for t, v in sched)
     if _any(s_t == 0):
@@ -264,7 +264,7 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
     if reference_required((a, b, *params)):  # torch.func's transforms, forward-mode AD
         dtype = torch.promote_types(a.dtype, b.dtype)
-        sched = (_param(params, values, k, a.shape[0], a.device) for k in (_AT, _ST, _AS, _SS))
+        sched = (_param(params, values, k, a.shape[0], a.device).detach() for k in (_AT, _ST, _AS, _SS))
         compute = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels
         reference = ref.pd_target if combination == "pd_target" else ref.ddim_step
         return reference(a, b, *sched, prediction_type, compute).to(dtype)
@@ -376,19 +376,23 @@ def _ref_loss(kind, prediction, ins, params, values, weights=None, dtype=torch.f
 
 
 def _transformed_loss(kind, prediction, x, in1, in2, in3, params, values) -> torch.Tensor:
-    """The per-sample loss from torch's ops, in float32 as the kernels compute, on the caller's
-    inputs (x itself, not DMD's kernel slots): torch.func's transforms and forward-mode AD carry
-    through it (vmap, per-sample gradients, tangents). A zero weight gives 0, as in the kernels."""
-    batch, device, f32 = x.shape[0], x.device, torch.float32
+    """The per-sample loss (float32) from torch's ops on the caller's inputs (x itself, not DMD's
+    kernel slots): torch.func's transforms and forward-mode AD carry through it (vmap,
+    per-sample gradients, tangents). Computed in float64: the kernels sum each sample in
+    float64 and square without overflow, where float32 sums would reach inf sooner. As in the
+    kernels, a zero weight gives 0 even for a sample whose loss is not finite, and keeps its
+    gradient, the loss; ``c`` and the schedule values are constants (no gradient, no tangent)."""
+    batch, device, f64 = x.shape[0], x.device, torch.float64
     p = [_param(params, values, k, batch, device) for k in range(len(SLOTS))]
+    p = [t if k == _W else t.detach() for k, t in enumerate(p)]
     if kind in (PSEUDO_HUBER, PSEUDO_HUBER_ELEMENTWISE):
-        raw = ref.pseudo_huber(x, in1, p[_C], None, kind == PSEUDO_HUBER_ELEMENTWISE, f32)
+        raw = ref.pseudo_huber(x, in1, p[_C], None, kind == PSEUDO_HUBER_ELEMENTWISE, f64)
     elif kind == DMD:
-        raw = ref.dmd(x, in1, in2, in3, None, f32)
+        raw = ref.dmd(x, in1, in2, in3, None, f64)
     else:
-        raw = ref.progressive_mse(x, in1, in2, p[_AT], p[_ST], p[_AS], p[_SS], PREDICTION_TYPES[prediction], None, f32)
-    w = p[_W].to(f32)
-    return torch.where(w == 0, torch.zeros_like(raw), w * raw)
+        raw = ref.progressive_mse(x, in1, in2, p[_AT], p[_ST], p[_AS], p[_SS], PREDICTION_TYPES[prediction], None, f64)
+    w = p[_W].to(f64)
+    return (w * torch.where((w == 0) & ~torch.isfinite(raw), torch.zeros_like(raw), raw)).to(torch.float32)
 
 
 @forward_op.register("reference")

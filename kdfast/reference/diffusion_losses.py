@@ -41,12 +41,17 @@ def _column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _samples(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[batch, elements per sample]`` (an empty batch too)."""
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))
+
+
 def _sample_mean(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).mean(1)
+    return _samples(t).mean(1)
 
 
 def _sample_sum(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(t.shape[0], -1).sum(1)
+    return _samples(t).sum(1)
 
 
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Optional[PerSample] = None,
@@ -58,20 +63,28 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Option
     w = per_sample(weights, batch, x.device, dtype)
     d = x - y
     # sqrt(s + c^2) - c written as s / (sqrt(s + c^2) + c): the difference cancels where s << c^2
-    # (2% off at |d| = 1e-7, c = 1; 0 for c = 1e30), as the kernels' form does not; an infinite
-    # s stays inf (not inf / inf)
+    # (2% off at |d| = 1e-7, c = 1; 0 for c = 1e30), as the kernels' form does not. An infinite
+    # s (an inf in d, or d*d past the dtype's range) gives inf, with the kernels' slopes: sign(d)
+    # per element in the element-wise form, d / sqrt(s) per sample (0, NaN at an inf element).
+    # Each branch of a where sees only its own entries: a masked inf / inf would still make a
+    # NaN gradient. Dead entries (d = 0, c = 0) give 0: sqrt'(0) would make 0 * inf = NaN.
     if elementwise:
         c_col = _column(c, d)
-        live = (d != 0) | (c_col > 0)  # sqrt'(0) would make 0 * inf = NaN in the backward
-        s = d * d
+        infinite = torch.isinf(d)
+        s = torch.where(infinite, torch.zeros_like(d), d) ** 2  # (d * d's slope at d = inf: 0 * inf)
+        big = infinite | (s == math.inf)
+        live = ((d != 0) | (c_col > 0)) & ~big
         h = torch.sqrt(torch.where(live, s + c_col * c_col, torch.ones_like(d)))
-        value = torch.where(s == math.inf, s, s / (h + c_col))
-        value = _sample_mean(torch.where(live, value, torch.zeros_like(d)))
+        ad = d.abs()
+        beyond = ad + torch.where(infinite, torch.zeros_like(d), s - ad).detach()  # inf, slope sign(d)
+        value = _sample_mean(torch.where(big, beyond, torch.where(live, s, torch.zeros_like(d)) / (h + c_col)))
     else:
         s = _sample_sum(d * d)
-        live = (s > 0) | (c > 0)
+        big = s == math.inf
+        live = ((s > 0) | (c > 0)) & ~big
         r = torch.sqrt(torch.where(live, s + c * c, torch.ones_like(s)))
-        value = torch.where(live, torch.where(s == math.inf, s, s / (r + c)), torch.zeros_like(s))
+        beyond = torch.sqrt(torch.where(big, s, torch.ones_like(s)))  # inf, slope 1 / (2 sqrt(s)) = 0
+        value = torch.where(big, beyond, torch.where(live, s, torch.zeros_like(s)) / (r + c))
     return w * value
 
 

@@ -21,14 +21,13 @@ def grid_combination(sample: torch.Tensor, outputs: Sequence[torch.Tensor], coef
     channels = sample.shape[-1]
     grid = (coefs.numel() - 1) // len(outputs)
     weights = coefs.to(compute)  # (rounded like the kernels' copy when compute is float32)
-    used = (weights != 0).tolist()  # coefs live on the host
     acc = torch.zeros(sample.shape, dtype=compute, device=sample.device)
-    if used[0]:
-        acc = acc + weights[0] * sample.to(compute)
-    for k, output in enumerate(outputs):
-        points = output.unflatten(-1, (grid, channels))
-        for g in range(grid):
-            i = 1 + k * grid + g
-            if used[i]:
-                acc = acc + weights[i] * points[..., g, :].to(compute)
+    terms = [sample] + [points[..., g, :] for output in outputs
+                        for points in (output.unflatten(-1, (grid, channels)),) for g in range(grid)]
+    for w, term in zip(weights, terms):
+        term = term.to(compute)
+        # A zero weight's term adds nothing even where it holds inf or NaN (the kernels do not
+        # read it), while the weight keeps its gradient, sum(grad * term); no value is read on
+        # the host, so a weight batched by vmap works too.
+        acc = acc + w * torch.where((w != 0) | torch.isfinite(term), term, 0.0)
     return acc if dtype is not None else acc.to(sample.dtype)

@@ -301,8 +301,13 @@ def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> 
         return None
     try:
         address = timestep.data_ptr()
-    except RuntimeError:  # a tensor without storage (inside torch.func transforms): not an element
-        return None
+    except RuntimeError:
+        # Inside torch.func's grad and jvp, an element of the schedule is a wrapper without
+        # storage: its address is beneath the wrapper (a vmap-batched tensor is no element).
+        plain = host_readable(timestep)
+        if plain is None or plain is timestep:
+            return None
+        return schedule_position(plain, span=span)
     index, misaligned = divmod(address - first, step)
     return index if not misaligned and 0 <= index < length else None
 

@@ -6,6 +6,7 @@ internals, and vmap has no batching rule for it. So under these, every op comput
 own ops (its reference, in the kernels' float32), which carry tangents, gradients and batching:
 the results here are checked against the fused ops' own values and autograd gradients."""
 import inspect
+import math
 
 import pytest
 import torch
@@ -421,3 +422,115 @@ def test_a_scheduler_loop_under_torch_func_on_a_gpu():
     loop = _scheduler_loop(kdfast.schedulers.UniPCMultistepScheduler)
     got = torch.func.grad(lambda x: loop(x).square().sum())(x.cuda())
     torch.testing.assert_close(got.cpu(), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_zero_weights_keep_their_gradient_under_transforms():
+    """A zero weight adds nothing, but its gradient is its term (the fused backward's); the
+    reference dropped zero-weight terms, and with them that gradient, under transforms."""
+    gen = torch.Generator().manual_seed(11)
+    sample, outputs = torch.randn(2, 3, 4, generator=gen), torch.randn(2, 3, 8, generator=gen)
+    x, y, z = (torch.randn(2, 4, 3, 3, generator=gen) for _ in range(3))
+    cases = {
+        "grid_combination": (lambda c: ops.grid_combination(sample, outputs, c).square().sum(),
+                             torch.tensor([0.0, 0.5, 0.0])),
+        "pseudo_huber": (lambda w: ops.pseudo_huber(x, y, c=0.1, weights=w).sum(), torch.tensor([0.0, 0.5])),
+        "dmd": (lambda w: ops.dmd(x, y, z, weights=w).sum(), torch.tensor([0.0, 0.5])),
+        "progressive_mse": (lambda w: ops.progressive_mse(x, y, z, 0.8, 0.6, 0.9, 0.4, weights=w).sum(),
+                            torch.tensor([0.0, 0.5])),
+    }
+    for name, (loss, weights) in cases.items():
+        leaf = weights.clone().requires_grad_()
+        expected, = torch.autograd.grad(loss(leaf), leaf)
+        assert expected[0].abs() > 0.1, name
+        torch.testing.assert_close(torch.func.grad(loss)(weights), expected, rtol=1e-5, atol=1e-6, msg=name)
+        tangent = torch.func.jvp(loss, (weights,), (torch.ones_like(weights),))[1]
+        torch.testing.assert_close(tangent, expected.sum(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+def test_constants_of_the_diffusion_losses_stay_constant_under_transforms():
+    """c and the schedule values take no gradient in the fused ops; under transforms neither."""
+    x, y = _latents(12), _latents(13)
+    c, alpha = torch.tensor([0.1, 0.2]), torch.tensor([0.8, 0.7])
+    assert (torch.func.grad(lambda c: ops.pseudo_huber(x, y, c=c).sum())(c) == 0).all()
+    for op in (ops.pd_target, ops.per_sample_ddim_step):
+        assert (torch.func.grad(lambda a: op(x, y, a, 0.6, 0.9, 0.4).sum())(alpha) == 0).all()
+    assert (torch.func.grad(lambda a: ops.progressive_mse(x, y, x, a, 0.6, 0.9, 0.4).sum())(alpha) == 0).all()
+
+
+def test_diffusion_losses_of_an_empty_batch_under_transforms():
+    x = torch.zeros(0, 3, 4, 4)
+    for op in (lambda a: ops.pseudo_huber(a, a * 0.5, c=0.1), lambda a: ops.dmd(a, a * 0.5, a),
+               lambda a: ops.progressive_mse(a, a * 0.5, a, 0.8, 0.6, 0.9, 0.4)):
+        assert torch.func.grad(lambda a: op(a).sum())(x).shape == x.shape
+        assert torch.func.vmap(op)(x.unsqueeze(0)).shape == (1, 0)
+
+
+@pytest.mark.parametrize("elementwise", [False, True])
+def test_pseudo_huber_with_an_infinite_element_has_the_fused_gradients_under_transforms(elementwise):
+    gen = torch.Generator().manual_seed(14)
+    x, y = torch.randn(3, 3, 2, 2, generator=gen), torch.randn(3, 3, 2, 2, generator=gen)
+    x[0, 0, 0, 0], x[1, 1, 0, 0] = math.inf, -math.inf
+    x[2, 0, 1, 1] = 3e19  # finite, its square past float32's range
+
+    def loss(a):
+        return ops.pseudo_huber(a, y, c=0.1, elementwise=elementwise).sum()
+
+    leaf = x.clone().requires_grad_()
+    expected, = torch.autograd.grad(loss(leaf), leaf)
+    got = torch.func.grad(loss)(x)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert loss(x) == math.inf
+
+
+def test_a_schedule_with_repeated_timesteps_steps_by_position_under_transforms():
+    """Karras sigmas at 80 steps repeat timesteps near the end ([..., 3, 1, 1, 0]): a step is
+    found by the position of its timestep in the schedule, which inside grad and jvp lies
+    beneath a storage-less wrapper (a lookup by value took the other 1, a step off)."""
+    scheduler = kdfast.schedulers.DPMSolverMultistepScheduler(use_karras_sigmas=True)
+    scheduler.set_timesteps(80)
+    assert scheduler.timesteps[77] == scheduler.timesteps[78]
+
+    def loop(x):
+        scheduler.set_timesteps(80)
+        for t in scheduler.timesteps[77:80]:
+            x = scheduler.step(torch.tanh(x) * 0.5, t, x).prev_sample
+        return x
+
+    x = _latents(15)
+    plain = loop(x)
+    torch.testing.assert_close(torch.func.jvp(loop, (x,), (torch.ones_like(x),))[0], plain)
+    leaf = x.clone().requires_grad_()
+    torch.testing.assert_close(torch.func.grad(lambda z: loop(z).sum())(x),
+                               torch.autograd.grad(loop(leaf).sum(), leaf)[0], rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_batched_schedules_labels_and_channels_last_samples():
+    """Host-side value checks skip what vmap batches (no value can be read there), and a
+    channels-last slice (which vmap cannot query formats of) goes by its strides."""
+    gen = torch.Generator().manual_seed(16)
+    x, y, z = (torch.randn(3, 2, 4, 4, generator=gen) for _ in range(3))
+    alpha = torch.tensor([[0.8, 0.7, 0.6], [0.75, 0.65, 0.55]])
+    sigma = (1 - alpha ** 2).sqrt()
+    for op in (lambda a, s: ops.pd_target(x, y, a, s, 0.9, 0.4),
+               lambda a, s: ops.progressive_mse(x, y, z, a, s, 0.9, 0.4)):
+        torch.testing.assert_close(torch.func.vmap(op)(alpha, sigma), torch.stack([op(*p) for p in zip(alpha, sigma)]))
+    s, t = torch.randn(4, 10, generator=gen), torch.randn(4, 10, generator=gen)
+    labels = torch.tensor([3, 0, 9, 5])
+    ids, logprobs = kdfast.losses.teacher_topk(t, 3)
+    for loss, args in ((lambda s, t, y: kdfast.losses.hinton_kd_loss(s[None], t[None], y[None], alpha=0.9),
+                        (s, t, labels)),
+                       (lambda s, t, y: kdfast.losses.dkd_loss(s[None], t[None], y[None]), (s, t, labels)),
+                       (lambda s, i, p: kdfast.losses.topk_kd_loss(s[None], i[None], p[None]), (s, ids, logprobs))):
+        per_sample = torch.func.vmap(torch.func.grad(loss))(*args)
+        for k in range(4):
+            leaf = s[k].clone().requires_grad_()
+            expected, = torch.autograd.grad(loss(leaf, *(a[k] for a in args[1:])), leaf)
+            torch.testing.assert_close(per_sample[k], expected, rtol=1e-5, atol=1e-6)
+    stack = torch.randn(3, 2, 4, 5, 5, generator=gen).permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+    assert stack[0].is_contiguous(memory_format=torch.channels_last)
+    loop = _scheduler_loop(kdfast.schedulers.DDIMScheduler)
+    batched = torch.func.vmap(loop)(stack)
+    torch.testing.assert_close(batched, torch.stack([_scheduler_loop(kdfast.schedulers.DDIMScheduler)(a)
+                                                     for a in stack]))
+    torch.testing.assert_close(torch.func.vmap(lambda a: ops.pseudo_huber(a, a.tanh(), c=0.1))(stack),
+                               torch.stack([ops.pseudo_huber(a, a.tanh(), c=0.1) for a in stack]))
