@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..inference import can_fuse
+from ..ops._tensors import vmapped
 from ..ops.group_norm import group_norm_act
 
 PREDICTION_TYPES = ("epsilon", "v_prediction")
@@ -276,7 +277,7 @@ class UNet(nn.Module):
             raise ValueError(f"x must have H and W divisible by {factor} (this UNet has {len(cfg.channel_mults)} "
                              f"levels), got {tuple(x.shape)}")
         emb = self._embedding(x, t, class_labels)
-        if self.channels_last:
+        if self.channels_last and not vmapped(x):  # (torch.func.vmap cannot lay a slice out)
             x = x.contiguous(memory_format=torch.channels_last)
         h = self.conv_in(x)
         skips: List[torch.Tensor] = [h]

@@ -111,6 +111,9 @@ def test_the_unets_fused_norms_carry_tangents():
     _, got = torch.func.jvp(lambda x: fused(x, t), (x,), (tx,))
     assert expected.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    # vmapped (a sample at a time): the channels-last inference form as the plain model
+    torch.testing.assert_close(torch.func.vmap(lambda x, t: fused(x[None], t[None])[0])(x, t), unet(x, t),
+                               rtol=1e-4, atol=1e-5)
 
 
 def _latents(seed=0):
