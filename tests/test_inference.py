@@ -271,3 +271,11 @@ def test_inference_forms_export_with_torch_export(make, tmp_path):
             out = module(*args)
             out = out.sample if hasattr(out, "sample") else out[0] if isinstance(out, tuple) else out
             torch.testing.assert_close(out, expect, rtol=1e-5, atol=1e-6)
+
+
+def test_the_kdfast_unets_inference_form_compiles_as_one_graph():
+    fast = inference.prepare_for_inference(_perturbed(UNet()))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([300, 20])
+    with torch.no_grad():
+        compiled = torch.compile(fast, backend="eager", fullgraph=True)
+        torch.testing.assert_close(compiled(x, t), fast(x, t))

@@ -5,6 +5,7 @@ The divergence of every token and its gradient come from one fused kernel
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Union
 
 import torch
@@ -140,8 +141,9 @@ def kd_loss(
     args = dict(kind=_resolve_kind(kind, float(beta)), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
                 vocab_size=vocab_size, loss_scale=float(temperature) ** 2 if scale_by_t2 else 1.0)
-    student_2d = student_logits.reshape(-1, student_logits.shape[-1])
-    teacher_2d = teacher_logits.reshape(-1, teacher_logits.shape[-1])
+    rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
+    student_2d = student_logits.reshape(rows, student_logits.shape[-1])
+    teacher_2d = teacher_logits.reshape(rows, teacher_logits.shape[-1])
     if torch.float64 in (student_logits.dtype, teacher_logits.dtype):
         rows = _float64_rows(student_2d, teacher_2d, **args)
     else:

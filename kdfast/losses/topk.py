@@ -159,9 +159,10 @@ def topk_kd_loss(
                              f"log of the sum {float(torch.logsumexp(lp_kept, dim=-1).max()):.4g})")
     temperature = _check_temperature(temperature)
 
-    s = student_logits.reshape(-1, vocab).float() / temperature
-    ids = teacher_topk_ids.reshape(-1, k).long()
-    lp = teacher_topk_logprobs.reshape(-1, k).float().clamp(max=0.0)
+    rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
+    s = student_logits.reshape(rows, vocab).float() / temperature
+    ids = teacher_topk_ids.reshape(rows, k).long()
+    lp = teacher_topk_logprobs.reshape(rows, k).float().clamp(max=0.0)
     if keep is not None:
         # Ignored positions get harmless stand-ins before any math: masking their losses only
         # afterwards would still send a NaN gradient back from NaN logits or log-probabilities

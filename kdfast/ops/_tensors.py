@@ -42,11 +42,23 @@ def reference_required(tensors) -> bool:
     traces transforms itself). Outside them (nearly every call) this is a few reads."""
     if torch.compiler.is_compiling():
         return False
-    if _functorch_transform() is not None:
+    if _functorch_transform() is not None and _differentiating_or_batching():
         return True
     if _forward_ad._current_level < 0:
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+
+
+_FUNCTIONALIZE = torch._C._functorch.TransformType.Functionalize
+
+
+def _differentiating_or_batching() -> bool:
+    """Whether the torch.func transforms being run include one other than ``functionalize``
+    (which runs custom ops as they are): vmap, grad or jvp."""
+    top = _functorch_transform()
+    if top.key() != _FUNCTIONALIZE:
+        return True
+    return any(level.key() != _FUNCTIONALIZE for level in torch._C._functorch.get_interpreter_stack())
 
 
 def vmapped(t: torch.Tensor) -> bool:
@@ -59,13 +71,35 @@ def host_readable(t: torch.Tensor) -> Optional[torch.Tensor]:
     """``t`` beneath torch.func's grad and jvp wrappers, which have no storage of their own
     (inside a transform, even a slice of a constant is wrapped), so that a constant such as a
     timestep can be read on the host; None where a ``torch.func.vmap`` batches it (its values
-    differ per batch entry). ``t`` itself outside transforms."""
+    differ per batch entry). ``t`` itself outside transforms, and while compiling (dynamo cannot
+    trace functorch's queries; it traces transforms itself)."""
+    if torch.compiler.is_compiling():
+        return t
     functorch = torch._C._functorch
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
             return None
         t = functorch.get_unwrapped(t)
     return t
+
+
+def transform_tracks(value) -> Optional[str]:
+    """For a tensor beneath torch.func's wrappers: ``"batched"`` where a vmap batches it,
+    ``"differentiated"`` where a grad or jvp tracks it (a gradient or a tangent), else ``""``;
+    None for anything else (a plain tensor, a number)."""
+    if not isinstance(value, torch.Tensor) or torch.compiler.is_compiling():
+        return None
+    functorch = torch._C._functorch
+    if not functorch.is_functorch_wrapped_tensor(value):
+        return None
+    t = value
+    while functorch.is_functorch_wrapped_tensor(t):
+        if functorch.is_batchedtensor(t):
+            return "batched"
+        if t.requires_grad or _forward_ad.unpack_dual(t).tangent is not None:
+            return "differentiated"
+        t = functorch.get_unwrapped(t)
+    return ""
 
 
 def outside_transforms():

@@ -124,7 +124,7 @@ def grid_combination(sample: torch.Tensor, outputs: Union[torch.Tensor, Sequence
     args = (sample, outputs[0], second, coefs, backend or "")
     tensors = (sample, outputs[0], second, coefs)
     if reference_required(tensors):  # torch.func's transforms, forward-mode AD: torch's ops carry them
-        return ref.grid_combination(sample, outputs, coefs)
+        return ref.grid_combination(sample, outputs, coefs, differentiable_weights=True)
     if dispatcher_required() or has_subclass(tensors):
         return torch.ops.kdfast.grid_combination(*args)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):

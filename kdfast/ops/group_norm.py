@@ -290,10 +290,10 @@ def _backward(ctx, grad_out):
         leaves = [None if t is None else (t if need and t.requires_grad else t.detach().requires_grad_(need))
                   for t, need in zip(saved, needs)]
         x, shift, weight, bias = leaves
-        # on a contiguous x: torch 2.13's CPU group norm backward crashes (a segfault) on a
-        # channels-last x that needs no gradient when the weight needs one
-        y = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, ACTIVATIONS[activation],
-                               dtype=None)
+        # an x that needs no gradient on a contiguous copy: torch 2.13's CPU group norm backward
+        # crashes (a segfault) on a channels-last one when the weight needs a gradient
+        y = ref.group_norm_act(x if x.requires_grad else x.contiguous(), num_groups, weight, bias, eps, shift,
+                               ACTIVATIONS[activation], dtype=None)
     wanted = [t for t, need in zip(leaves, needs) if need]
     grads = iter(torch.autograd.grad(y, wanted, grad_out, create_graph=torch.is_grad_enabled()))
     return (*(next(grads) if need else None for need in needs), None, None, None, None)

@@ -38,7 +38,7 @@ def per_sample(value: Optional[PerSample], batch: int, device, dtype=torch.float
 
 def _column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """A ``[batch]`` tensor shaped to broadcast over ``like``'s samples."""
-    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+    return t.reshape((t.shape[0],) + (1,) * (like.dim() - 1))  # (no -1: vmap over an empty batch)
 
 
 def _samples(t: torch.Tensor) -> torch.Tensor:

@@ -14,20 +14,26 @@ import torch
 
 
 def grid_combination(sample: torch.Tensor, outputs: Sequence[torch.Tensor], coefs: torch.Tensor,
-                     dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                     dtype: Optional[torch.dtype] = None, differentiable_weights: bool = False) -> torch.Tensor:
     """The combination computed in ``dtype`` and returned in it; None: in float32 (float64 for a
-    float64 sample), as the kernels compute, returned in the sample's dtype."""
+    float64 sample), as the kernels compute, returned in the sample's dtype.
+
+    A zero weight's term is skipped (its weights are read on the host), unless
+    ``differentiable_weights``: then every term is formed, a zero weight's masked where it holds
+    inf or NaN, so that the weight keeps its gradient and tangent, ``sum(grad * term)``, and no
+    value is read on the host (weights batched by torch.func.vmap work too)."""
     compute = dtype or (torch.float64 if sample.dtype == torch.float64 else torch.float32)
     channels = sample.shape[-1]
     grid = (coefs.numel() - 1) // len(outputs)
     weights = coefs.to(compute)  # (rounded like the kernels' copy when compute is float32)
+    used = None if differentiable_weights else (weights != 0).tolist()  # coefs live on the host
     acc = torch.zeros(sample.shape, dtype=compute, device=sample.device)
     terms = [sample] + [points[..., g, :] for output in outputs
                         for points in (output.unflatten(-1, (grid, channels)),) for g in range(grid)]
-    for w, term in zip(weights, terms):
-        term = term.to(compute)
-        # A zero weight's term adds nothing even where it holds inf or NaN (the kernels do not
-        # read it), while the weight keeps its gradient, sum(grad * term); no value is read on
-        # the host, so a weight batched by vmap works too.
-        acc = acc + w * torch.where((w != 0) | torch.isfinite(term), term, 0.0)
+    for i, (w, term) in enumerate(zip(weights, terms)):
+        if used is None:
+            term = term.to(compute)
+            acc = acc + w * torch.where((w != 0) | torch.isfinite(term), term, 0.0)
+        elif used[i]:
+            acc = acc + w * term.to(compute)
     return acc if dtype is not None else acc.to(sample.dtype)

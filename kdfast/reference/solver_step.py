@@ -27,7 +27,7 @@ def guided(model: torch.Tensor, cond: Optional[torch.Tensor], scale: float) -> t
 
 
 def _per_sample(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.reshape((-1,) + (1,) * (like.dim() - 1))
+    return v.reshape((v.shape[0],) + (1,) * (like.dim() - 1))  # (no -1: vmap over an empty batch)
 
 
 def solver_step(

@@ -17,7 +17,7 @@ import torch
 from torch.utils._device import DeviceContext as _DeviceContext
 
 from .. import ops
-from ..ops._tensors import host_readable, outside_transforms
+from ..ops._tensors import host_readable, outside_transforms, transform_tracks
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
 from ._helpers import LogSigmaTimesteps, SigmaSpacings, Thresholding
@@ -194,7 +194,8 @@ class CoefficientTable:
         rows64 = self.__dict__.get("_rows64", {})
         row = rows64.get(key)
         if row is None:  # self.plans[key] raises KeyError for a key the table lacks
-            row = torch.tensor(self.plans[key].row(), dtype=torch.float64)
+            with outside_transforms():  # (a shared constant: never a transform's wrapper)
+                row = torch.tensor(self.plans[key].row(), dtype=torch.float64)
             # a new dict, not an insertion: a copy or pickle of the table in another thread may
             # be iterating the published one (a racing insertion can only be made again)
             self._rows64 = {**rows64, key: row}
@@ -217,12 +218,16 @@ class TableRow:
 
     def __init__(self, plan: StepPlan):
         self.plan = plan
-        self.row = torch.tensor(plan.row(), dtype=torch.float32)
+        # Made outside torch.func's transforms: a row made inside one would be a storage-less
+        # wrapper, kept by the shared table for every later step of these settings.
+        with outside_transforms():
+            self.row = torch.tensor(plan.row(), dtype=torch.float32)
         self._row64 = None
 
     def row64(self) -> torch.Tensor:
         if self._row64 is None:
-            self._row64 = torch.tensor(self.plan.row(), dtype=torch.float64)
+            with outside_transforms():
+                self._row64 = torch.tensor(self.plan.row(), dtype=torch.float64)
         return self._row64
 
 
@@ -365,7 +370,8 @@ class FusedScheduler(ConfigMixin):
             if table is not None:
                 cache.move_to_end(key)
                 return table
-        table = build()  # outside the lock: a slow first build does not hold up other settings
+        with outside_transforms():  # (a shared constant, made in a step inside a transform too)
+            table = build()  # outside the lock: a slow first build does not hold up other settings
         with FusedScheduler._TABLE_CACHE_LOCK:
             table = cache.setdefault(key, table)  # a build that raced ours: one table for all
             cache.move_to_end(key)
@@ -902,12 +908,35 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
         if builds_tables:
+            args, kwargs = _constant_arguments(fn.__qualname__, args, kwargs)
             with outside_transforms():
                 return run(*args, **kwargs)
         return run(*args, **kwargs)
 
     _KDFAST_WRAPPERS.add(on_host)
     return on_host
+
+
+def _constant_arguments(method: str, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """The tensor arguments of a table-building method (``sigmas=``, ``timesteps=``,
+    ``trained_betas=``, ...) beneath torch.func's wrappers, where the method runs: a schedule is
+    a constant of the scheduler. One that a transform differentiates or batches is refused:
+    its dependence on the transformed input would be dropped, silently."""
+    if not any(transform_tracks(v) is not None for v in (*args, *kwargs.values())):
+        return args, kwargs  # (outside transforms: a few reads per argument)
+
+    def plain(name, value):
+        tracked = transform_tracks(value)
+        if tracked == "differentiated":
+            raise ValueError(f"{method}: `{name}` is differentiated by a torch.func transform, but a schedule is a "
+                             f"constant of the scheduler; pass `{name}.detach()`")
+        if tracked == "batched":
+            raise ValueError(f"{method}: `{name}` is batched by torch.func.vmap, but a scheduler holds one "
+                             "schedule; make a scheduler per schedule")
+        return value if tracked is None else host_readable(value)
+
+    return (tuple(plain(f"argument {k}", v) for k, v in enumerate(args)),
+            {k: plain(k, v) for k, v in kwargs.items()})
 
 
 def _on_host_by_default(cls) -> None:

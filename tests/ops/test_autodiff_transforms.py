@@ -537,3 +537,48 @@ def test_vmap_over_batched_schedules_labels_and_channels_last_samples():
                                                      for a in stack]))
     torch.testing.assert_close(torch.func.vmap(lambda a: ops.pseudo_huber(a, a.tanh(), c=0.1))(stack),
                                torch.stack([ops.pseudo_huber(a, a.tanh(), c=0.1) for a in stack]))
+
+
+def test_coefficients_made_in_a_step_inside_a_transform_serve_later_steps():
+    """Per-call options (DDIM's eta, Euler's s_churn) plan coefficient rows on first use, kept
+    in a table shared by every scheduler of the same settings: made inside a transform they
+    were storage-less wrappers, and every later step of those settings failed."""
+    x, m = _latents(17), _latents(18)
+    cases = ((kdfast.schedulers.DDIMScheduler, {"eta": 0.37}, 1),
+             (kdfast.schedulers.EulerDiscreteScheduler, {"s_churn": 0.41, "s_tmin": 0.0, "s_tmax": 1e9}, 0))
+    for cls, options, index in cases:
+        kdfast.schedulers.FusedScheduler.clear_table_cache()
+
+        def step(a):
+            scheduler = cls()
+            scheduler.set_timesteps(5)
+            return scheduler.step(m, scheduler.timesteps[index], a, generator=torch.Generator().manual_seed(0),
+                                  **options).prev_sample
+
+        torch.func.grad(lambda a: step(a).sum())(x)
+        torch.func.jvp(step, (x,), (torch.ones_like(x),))
+        expected = step(x)  # the same table's rows, eagerly
+        kdfast.schedulers.FusedScheduler.clear_table_cache()
+        torch.testing.assert_close(expected, step(x), rtol=0, atol=0)
+
+
+def test_a_schedule_that_a_transform_tracks_is_refused_not_silently_constant():
+    base = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    cls = kdfast.schedulers.FlowMatchEulerDiscreteScheduler
+
+    def total(sigmas, scale):
+        scheduler = cls()
+        scheduler.set_timesteps(sigmas=sigmas)
+        return scheduler.sigmas.sum() * scale
+
+    with pytest.raises(ValueError, match="`sigmas` is differentiated by a torch.func transform"):
+        torch.func.grad(lambda scale: total(base * scale, scale))(torch.tensor(0.9))
+    with pytest.raises(ValueError, match="`sigmas` is differentiated by a torch.func transform"):
+        torch.func.jvp(lambda scale: total(base * scale, scale), (torch.tensor(0.9),), (torch.tensor(1.0),))
+    with pytest.raises(ValueError, match="`sigmas` is batched by torch.func.vmap"):
+        torch.func.vmap(lambda scale: total(base * scale, scale))(torch.tensor([0.9, 0.8]))
+    # detached, or made inside the transform from constants: read beneath the wrappers
+    expected = total(base * 0.9, 1.0)
+    assert torch.func.grad(lambda scale: total((base * scale).detach(), scale))(torch.tensor(0.9)) == expected
+    torch.testing.assert_close(torch.func.vmap(lambda scale: total(base * 0.9, scale))(torch.tensor([1.0, 2.0])),
+                               torch.stack([expected, 2 * expected]))

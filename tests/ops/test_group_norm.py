@@ -193,6 +193,8 @@ def test_gradients_match_torch(backend, channels_last):
                                  leaves64, grad.double())
     for g, e, name in zip(got, expect, ("x", "weight", "bias", "shift")):
         torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-5, msg=name)
+    if channels_last:  # x's gradient in x's layout (no contiguous copy on the way)
+        assert got[0].is_contiguous(memory_format=torch.channels_last)
     # only what needs a gradient gets one
     x2 = x.clone().requires_grad_()
     (gx,) = torch.autograd.grad(ops.group_norm_act(x2, 4, w, b, shift=s, backend=backend).sum(), [x2])
