@@ -582,3 +582,17 @@ def test_a_schedule_that_a_transform_tracks_is_refused_not_silently_constant():
     assert torch.func.grad(lambda scale: total((base * scale).detach(), scale))(torch.tensor(0.9)) == expected
     torch.testing.assert_close(torch.func.vmap(lambda scale: total(base * 0.9, scale))(torch.tensor([1.0, 2.0])),
                                torch.stack([expected, 2 * expected]))
+
+
+def test_functionalize_keeps_the_custom_ops():
+    """torch.func.functionalize (torch.export's and make_fx's) runs custom ops as they are:
+    the fused op stays in the traced graph, with the eager values."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    s, t = torch.randn(6, 16), torch.randn(6, 16)
+    graph = make_fx(torch.func.functionalize(lambda a, b: ops.kd_divergence(a, b)))(s, t)
+    assert any("kdfast.kd_divergence" in str(node.target) for node in graph.graph.nodes)
+    assert torch.equal(graph(s, t), ops.kd_divergence(s, t))
+    # beneath a grad transform, the reference again
+    torch.testing.assert_close(torch.func.grad(torch.func.functionalize(lambda a: ops.kd_divergence(a, t).sum()))(s),
+                               torch.func.grad(lambda a: ops.kd_divergence(a, t).sum())(s))
