@@ -908,7 +908,7 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
         if builds_tables:
-            args, kwargs = _constant_arguments(fn.__qualname__, args, kwargs)
+            args, kwargs = _constant_arguments(fn, args, kwargs)
             with outside_transforms():
                 return run(*args, **kwargs)
         return run(*args, **kwargs)
@@ -917,25 +917,27 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
     return on_host
 
 
-def _constant_arguments(method: str, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+def _constant_arguments(method: Callable, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
     """The tensor arguments of a table-building method (``sigmas=``, ``timesteps=``,
     ``trained_betas=``, ...) beneath torch.func's wrappers, where the method runs: a schedule is
     a constant of the scheduler. One that a transform differentiates or batches is refused:
     its dependence on the transformed input would be dropped, silently."""
     if not any(transform_tracks(v) is not None for v in (*args, *kwargs.values())):
         return args, kwargs  # (outside transforms: a few reads per argument)
+    names = list(inspect.signature(method).parameters)
 
     def plain(name, value):
         tracked = transform_tracks(value)
+        what = f"{method.__qualname__}: `{name}`"
         if tracked == "differentiated":
-            raise ValueError(f"{method}: `{name}` is differentiated by a torch.func transform, but a schedule is a "
-                             f"constant of the scheduler; pass `{name}.detach()`")
+            raise ValueError(f"{what} is differentiated by a torch.func transform, but a schedule is a constant of "
+                             f"the scheduler; pass `{name}.detach()`")
         if tracked == "batched":
-            raise ValueError(f"{method}: `{name}` is batched by torch.func.vmap, but a scheduler holds one "
-                             "schedule; make a scheduler per schedule")
+            raise ValueError(f"{what} is batched by torch.func.vmap, but a scheduler holds one schedule; make a "
+                             "scheduler per schedule")
         return value if tracked is None else host_readable(value)
 
-    return (tuple(plain(f"argument {k}", v) for k, v in enumerate(args)),
+    return (tuple(plain(names[k] if k < len(names) else f"argument {k}", v) for k, v in enumerate(args)),
             {k: plain(k, v) for k, v in kwargs.items()})
 
 
