@@ -42,8 +42,10 @@ def reference_required(tensors) -> bool:
     traces transforms itself). Outside them (nearly every call) this is a few reads."""
     if torch.compiler.is_compiling():
         return False
-    if _functorch_transform() is not None and _differentiating_or_batching():
-        return True
+    if _functorch_transform() is not None:
+        # functionalize alone runs custom ops as they are, but beneath its wrappers a
+        # forward-mode tangent cannot be seen: with a dual level open, the reference
+        return _differentiating_or_batching() or _forward_ad._current_level >= 0
     if _forward_ad._current_level < 0:
         return False
     return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None for t in tensors)
@@ -96,10 +98,26 @@ def transform_tracks(value) -> Optional[str]:
     while functorch.is_functorch_wrapped_tensor(t):
         if functorch.is_batchedtensor(t):
             return "batched"
-        if t.requires_grad or _forward_ad.unpack_dual(t).tangent is not None:
+        if t.requires_grad or _has_tangent(t):
             return "differentiated"
         t = functorch.get_unwrapped(t)
     return ""
+
+
+def _has_tangent(t: torch.Tensor) -> bool:
+    """Whether the jvp whose wrapper ``t`` is carries a tangent on it: read with the transforms
+    above that jvp's level set aside (beneath a grad transform, the tangent cannot be seen)."""
+    functorch = torch._C._functorch
+    level = functorch.maybe_get_level(t)
+    above = []
+    try:
+        while (functorch.peek_interpreter_stack() is not None
+               and functorch.peek_interpreter_stack().level() > level):
+            above.append(functorch.pop_dynamic_layer_stack())
+        return _forward_ad.unpack_dual(t).tangent is not None
+    finally:
+        while above:
+            functorch.push_dynamic_layer_stack(above.pop())
 
 
 def outside_transforms():

@@ -922,11 +922,18 @@ def _constant_arguments(method: Callable, args: tuple, kwargs: dict) -> Tuple[tu
     ``trained_betas=``, ...) beneath torch.func's wrappers, where the method runs: a schedule is
     a constant of the scheduler. One that a transform differentiates or batches is refused:
     its dependence on the transformed input would be dropped, silently."""
-    if not any(transform_tracks(v) is not None for v in (*args, *kwargs.values())):
+    def wrapped(value) -> bool:
+        if isinstance(value, (list, tuple)):  # (sigmas=[t0, t1, ...])
+            return any(wrapped(v) for v in value)
+        return transform_tracks(value) is not None
+
+    if not any(wrapped(v) for v in (*args, *kwargs.values())):
         return args, kwargs  # (outside transforms: a few reads per argument)
     names = list(inspect.signature(method).parameters)
 
     def plain(name, value):
+        if isinstance(value, (list, tuple)):
+            return type(value)(plain(name, v) for v in value)
         tracked = transform_tracks(value)
         what = f"{method.__qualname__}: `{name}`"
         if tracked == "differentiated":

@@ -577,11 +577,22 @@ def test_a_schedule_that_a_transform_tracks_is_refused_not_silently_constant():
         torch.func.jvp(lambda scale: total(base * scale, scale), (torch.tensor(0.9),), (torch.tensor(1.0),))
     with pytest.raises(ValueError, match="`sigmas` is batched by torch.func.vmap"):
         torch.func.vmap(lambda scale: total(base * scale, scale))(torch.tensor([0.9, 0.8]))
+    # a jvp's tangent beneath an inner grad (forward over reverse), and tensors inside a list
+    with pytest.raises(ValueError, match="`sigmas` is differentiated"):
+        torch.func.jvp(lambda a: torch.func.grad(lambda q: total(base * a, q))(torch.tensor(0.9)),
+                       (torch.tensor(0.9),), (torch.tensor(1.0),))
+    with pytest.raises(ValueError, match="`sigmas` is differentiated"):
+        torch.func.jvp(lambda a: total([b * a for b in base], a), (torch.tensor(0.9),), (torch.tensor(1.0),))
+    with pytest.raises(ValueError, match="`trained_betas` is differentiated"):
+        torch.func.grad(lambda a: kdfast.schedulers.DDIMScheduler(
+            trained_betas=list(torch.linspace(1e-4, 0.02, 1000) * a)).alphas_cumprod.sum())(torch.tensor(1.0))
     # detached, or made inside the transform from constants: read beneath the wrappers
     expected = total(base * 0.9, 1.0)
     assert torch.func.grad(lambda scale: total((base * scale).detach(), scale))(torch.tensor(0.9)) == expected
     torch.testing.assert_close(torch.func.vmap(lambda scale: total(base * 0.9, scale))(torch.tensor([1.0, 2.0])),
                                torch.stack([expected, 2 * expected]))
+    assert torch.func.jvp(lambda a: total([b * 0.9 for b in base], a), (torch.tensor(0.9),),
+                          (torch.tensor(1.0),))[1] == expected
 
 
 def test_functionalize_keeps_the_custom_ops():
@@ -593,6 +604,14 @@ def test_functionalize_keeps_the_custom_ops():
     graph = make_fx(torch.func.functionalize(lambda a, b: ops.kd_divergence(a, b)))(s, t)
     assert any("kdfast.kd_divergence" in str(node.target) for node in graph.graph.nodes)
     assert torch.equal(graph(s, t), ops.kd_divergence(s, t))
+    # forward-mode AD through it: the tangent, which its wrappers hide, by the reference
+    x, tangent = _latents(19), _latents(20)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(x, tangent)
+        expected = fwAD.unpack_dual(ops.pseudo_huber(dual, x.flip(0), c=0.1)).tangent
+        got = fwAD.unpack_dual(torch.func.functionalize(lambda a: ops.pseudo_huber(a, x.flip(0), c=0.1))(dual))
+    assert expected is not None and got.tangent is not None
+    torch.testing.assert_close(got.tangent, expected)
     # beneath a grad transform, the reference again
     torch.testing.assert_close(torch.func.grad(torch.func.functionalize(lambda a: ops.kd_divergence(a, t).sum()))(s),
                                torch.func.grad(lambda a: ops.kd_divergence(a, t).sum())(s))
