@@ -217,11 +217,10 @@ class TableRow:
     __slots__ = ("plan", "row", "_row64")
 
     def __init__(self, plan: StepPlan):
+        # (made by GrowingTable.ensure outside torch.func's transforms: a row made inside one
+        # would be a storage-less wrapper, kept by the shared table for every later step)
         self.plan = plan
-        # Made outside torch.func's transforms: a row made inside one would be a storage-less
-        # wrapper, kept by the shared table for every later step of these settings.
-        with outside_transforms():
-            self.row = torch.tensor(plan.row(), dtype=torch.float32)
+        self.row = torch.tensor(plan.row(), dtype=torch.float32)
         self._row64 = None
 
     def row64(self) -> torch.Tensor:
@@ -256,7 +255,8 @@ class GrowingTable(CoefficientTable):
         with self._lock:
             entry = self._extra.get(key)
             if entry is None:
-                entry = self._extra[key] = TableRow(make())
+                with outside_transforms():  # (plans are host constants: inside a transform, storage-less)
+                    entry = self._extra[key] = TableRow(make())
                 if len(self._extra) > self._limit:
                     self._extra.popitem(last=False)
             else:

@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..ops._tensors import outside_transforms
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, X
 from ._schedule import NUMBERS, finite_number
@@ -240,9 +241,10 @@ class DDPMWuerstchenScheduler(FusedScheduler):
             return cache[1][value]
         index = cache[2].get((value, dtype))
         if index is None:
-            schedule = torch.tensor(host, dtype=torch.float64).to(schedule_dtype)
-            t0 = torch.tensor(value, dtype=torch.float64).to(dtype)
-            index = cache[2][(value, dtype)] = int((schedule - t0).abs().argmin().numpy())
+            with outside_transforms():  # (host constants; inside a transform they would have no storage)
+                schedule = torch.tensor(host, dtype=torch.float64).to(schedule_dtype)
+                t0 = torch.tensor(value, dtype=torch.float64).to(dtype)
+                index = cache[2][(value, dtype)] = int((schedule - t0).abs().argmin().numpy())
         return index
 
     def _previous_index(self, values: List[float], dtype: torch.dtype) -> int:

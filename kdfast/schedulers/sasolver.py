@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..ops._tensors import outside_transforms
 from ._config import register_to_config
 from ._helpers import (NEW_OUTPUT, OUTPUTS, check_order, legacy_arguments, output_list, required, step_position,
                        unfused)
@@ -529,10 +530,11 @@ class SASolverScheduler(MultistepScheduler):
         """The coefficients of a plan that is not in the schedule's table, made on first use."""
         row = self._extra.get(key)
         if row is None:
-            plan = make()
-            if plan is None:
-                return None
-            row = self._extra[key] = TableRow(plan)
+            with outside_transforms():  # (kept for later steps: never a transform's storage-less wrapper)
+                plan = make()
+                if plan is None:
+                    return None
+                row = self._extra[key] = TableRow(plan)
         return row
 
     def _extra_step(self, key: tuple) -> Tuple[TableRow, int, int]:

@@ -615,3 +615,25 @@ def test_functionalize_keeps_the_custom_ops():
     # beneath a grad transform, the reference again
     torch.testing.assert_close(torch.func.grad(torch.func.functionalize(lambda a: ops.kd_divergence(a, t).sum()))(s),
                                torch.func.grad(lambda a: ops.kd_divergence(a, t).sum())(s))
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler",
+                                  "DDPMWuerstchenScheduler"])
+def test_a_timestep_off_the_schedule_under_transforms(name):
+    """Schedulers that take any timestep find its step from its value, on the host, inside a
+    transform too (Würstchen's nearest-timestep search made host tensors there)."""
+    cls = getattr(kdfast.schedulers, name)
+    x = _latents(21)
+    probe = cls()
+    probe.set_timesteps(10)
+    t = probe.timesteps[3]
+    off = t - 0.013 if t.is_floating_point() else t - 3
+
+    def step(a):
+        scheduler = cls()
+        scheduler.set_timesteps(10)
+        return scheduler.step(torch.tanh(a), off.clone(), a, generator=torch.Generator().manual_seed(0)).prev_sample
+
+    value, tangent = torch.func.jvp(step, (x,), (torch.ones_like(x),))
+    torch.testing.assert_close(value, step(x), rtol=0, atol=1e-6)
+    assert tangent.abs().max() > 0
