@@ -139,6 +139,13 @@ def on_device(t: torch.Tensor):
     return torch.cuda.device(index)
 
 
+def cuda_stream(t: torch.Tensor) -> int:
+    """The handle of the current CUDA stream of ``t``'s device, on which the CUDA launchers
+    run; 0 (the default stream) for a CPU tensor, which reaches a CUDA launcher only in the
+    tests' host emulation of the CUDA kernels (tests/cuda_emulator)."""
+    return torch.cuda.current_stream(t.device).cuda_stream if t.is_cuda else 0
+
+
 # Same table as kdfast::DType in csrc/common/kd_common.h.
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 

@@ -26,8 +26,8 @@ import torch
 from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
-from ._tensors import (DTYPE_CODES, describe, dispatcher_required, empty_in_layout, has_subclass, in_layout, on_device,
-                       reference_required, sample_layout, vmapped)
+from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, empty_in_layout, has_subclass,
+                       in_layout, on_device, reference_required, sample_layout, vmapped)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -483,10 +483,6 @@ def _grad_args(gx, g1):
             [0 if g is None else DTYPE_CODES[g.dtype] for g in (gx, g1)])
 
 
-def _cuda_stream(t: torch.Tensor) -> int:
-    return torch.cuda.current_stream(t.device).cuda_stream
-
-
 @forward_op.register("cpu")
 def _forward_cpu(kind, prediction, ins, params, values, loss, aux):
     module = _ext.cpu()[0]
@@ -504,7 +500,7 @@ def _forward_cuda(kind, prediction, ins, params, values, loss, aux):
                             device=x.device)
     with on_device(x):
         module.diffusion_loss_forward(*_binding_args(kind, prediction, 0, ins, params, values), loss.data_ptr(),
-                                      aux.data_ptr(), workspace.data_ptr(), _cuda_stream(x))
+                                      aux.data_ptr(), workspace.data_ptr(), cuda_stream(x))
 
 
 @backward_op.register("cpu")
@@ -519,7 +515,7 @@ def _backward_cuda(kind, prediction, ins, params, values, aux, grad_loss, gx, g1
     with on_device(ins[0]):
         _ext.cuda()[0].diffusion_loss_backward(*_binding_args(kind, prediction, 0, ins, params, values),
                                                aux.data_ptr(), grad_loss.data_ptr(), grad_loss.stride(0),
-                                               *_grad_args(gx, g1), _cuda_stream(ins[0]))
+                                               *_grad_args(gx, g1), cuda_stream(ins[0]))
 
 
 @combination_op.register("cpu")
@@ -532,7 +528,7 @@ def _combination_cpu(combination, prediction, ins, params, values, out):
 def _combination_cuda(combination, prediction, ins, params, values, out):
     with on_device(ins[0]):
         _ext.cuda()[0].sample_combination(*_binding_args(0, prediction, combination, ins, params, values),
-                                          out.data_ptr(), DTYPE_CODES[out.dtype], _cuda_stream(ins[0]))
+                                          out.data_ptr(), DTYPE_CODES[out.dtype], cuda_stream(ins[0]))
 
 
 @forward_op.register("triton")

@@ -22,7 +22,7 @@ import torch
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import grid_combination as ref
-from ._tensors import (DTYPE_CODES, describe, dispatcher_required, eager_autograd, has_subclass, on_device,
+from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, eager_autograd, has_subclass, on_device,
                        reference_required)
 
 combination_op = backends.op("grid_combination")
@@ -196,7 +196,7 @@ def _cpu(x, ys, coefs, out):
 def _cuda(x, ys, coefs, out):
     with on_device(x):
         _ext.cuda()[0].grid_combination(*_binding_args(x, ys, coefs, out),
-                                        torch.cuda.current_stream(x.device).cuda_stream)
+                                        cuda_stream(x))
 
 
 @combination_op.register("triton")

@@ -23,8 +23,8 @@ import torch
 from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import group_norm as ref
-from ._tensors import (DTYPE_CODES, dense_format, dispatcher_required, eager_autograd, has_subclass, on_device,
-                       reference_required)
+from ._tensors import (DTYPE_CODES, cuda_stream, dense_format, dispatcher_required, eager_autograd, has_subclass,
+                       on_device, reference_required)
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
 group_norm_op = backends.op("group_norm_act")
@@ -216,8 +216,16 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def _device_index(x: torch.Tensor) -> int:
-    return x.device.index if x.device.index is not None else torch.cuda.current_device()
+# Triton's CPU interpreter and the host emulation of the CUDA kernels (the tests) cut groups as
+# on an H100/H200, so that they run both of the GPU's paths.
+_HOST_SM_COUNT = 132
+
+
+def _gpu_sm_count(x: torch.Tensor) -> int:
+    """The multiprocessors the GPU launchers plan ``x``'s groups for."""
+    if not x.is_cuda:
+        return _HOST_SM_COUNT
+    return _sm_count(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
 @group_norm_op.register("cuda")
@@ -230,24 +238,18 @@ def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
                          "use the reference backend")
     module = _ext.cuda()[0]
     args = _binding_args(x, shift, weight, bias, num_groups, eps, act, out)
-    sm_count = _sm_count(_device_index(x))
+    sm_count = _gpu_sm_count(x)
     # scratch for the moments of groups split across blocks (none when every group has its own)
     doubles = module.group_norm_workspace_doubles(args[0], args[1], args[2], args[3], sm_count)
     workspace = torch.empty(doubles, dtype=torch.float64, device=x.device) if doubles else None
     with on_device(x):
-        module.group_norm(*args, sm_count, 0 if workspace is None else workspace.data_ptr(),
-                          torch.cuda.current_stream(x.device).cuda_stream)
-
-
-# Triton's CPU interpreter (the tests) cuts groups as on an H100/H200, so that it runs both
-# of the GPU's paths.
-_INTERPRETED_SM_COUNT = 132
+        module.group_norm(*args, sm_count, 0 if workspace is None else workspace.data_ptr(), cuda_stream(x))
 
 
 @group_norm_op.register("triton")
 def _triton(x, shift, weight, bias, num_groups, eps, act, out):
     batch, channels = x.shape[:2]
-    sm_count = _sm_count(_device_index(x)) if x.is_cuda else _INTERPRETED_SM_COUNT
+    sm_count = _gpu_sm_count(x)
     splits = _ext.cpu()[0].group_norm_gpu_splits(batch, channels, x.numel() // (batch * channels), num_groups,
                                                  sm_count)
     with on_device(x):

@@ -17,7 +17,7 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, dispatcher_required, has_subclass, on_device, reference_required
+from ._tensors import DTYPE_CODES, cuda_stream, dispatcher_required, has_subclass, on_device, reference_required
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -264,7 +264,7 @@ def _cpu(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_ind
 def _cuda(student, *args):
     with on_device(student):
         _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0,
-                                     torch.cuda.current_stream(student.device).cuda_stream)
+                                     cuda_stream(student))
 
 
 @divergence_op.register("triton")

@@ -25,8 +25,8 @@ import torch.autograd.forward_ad as forward_ad
 from .. import _ext, backends
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
-from ._tensors import (DTYPE_CODES, addresses, dense_format, describe, dispatcher_required, empty_in_layout, in_layout,
-                       on_device, reference_required, sample_layout)
+from ._tensors import (DTYPE_CODES, addresses, cuda_stream, dense_format, describe, dispatcher_required,
+                       empty_in_layout, in_layout, on_device, reference_required, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -516,7 +516,7 @@ def _launch_cpu(x, args):
 def _launch_cuda(x, args):
     """The CUDA binding on packed arguments, on the current stream of the sample's device."""
     with on_device(x):
-        _ext.cuda()[0].solver_step(*args, torch.cuda.current_stream(x.device).cuda_stream)
+        _ext.cuda()[0].solver_step(*args, cuda_stream(x))
 
 
 _LAUNCHERS = {"cpu": _launch_cpu, "cuda": _launch_cuda}
@@ -732,7 +732,7 @@ def _threshold_cpu(out, *args):
 @threshold_op.register("cuda")
 def _threshold_cuda(out, *args):
     with on_device(out):
-        _ext.cuda()[0].threshold_scale(*_threshold_args(out, *args), torch.cuda.current_stream(out.device).cuda_stream)
+        _ext.cuda()[0].threshold_scale(*_threshold_args(out, *args), cuda_stream(out))
 
 
 @torch.library.custom_op("kdfast::threshold_scale", mutates_args=())
