@@ -21,6 +21,31 @@ if kdfast._ext.cpu()[0] is None:  # pragma: no cover
         "from the repository root (not python -m pytest, which puts the source tree first)."
     )
 
+# Without a GPU, kdfast's CUDA kernels compiled for the host (tests/cuda_emulator) serve CPU
+# tensors as the cuda backend, so that every test over usable_backends() runs the CUDA code.
+# KDFAST_TEST_CUDA_EMU=all also makes it the backend chosen where a test names none (the whole
+# suite through the CUDA kernels); =0 leaves it out.
+_EMULATION = os.environ.get("KDFAST_TEST_CUDA_EMU", "1")
+CUDA_EMULATED = not _HAS_CUDA and _EMULATION != "0"
+if CUDA_EMULATED:
+    import cuda_emulator
+
+    try:
+        cuda_emulator.install(prefer=_EMULATION == "all")
+    except RuntimeError as exc:  # pragma: no cover
+        raise pytest.UsageError(f"{exc}\n(KDFAST_TEST_CUDA_EMU=0 runs the tests without the CUDA emulator)")
+
+
+@pytest.fixture
+def unemulated_backends():
+    """kdfast's own backend registry, without the emulated cuda backend, for the checks that
+    the cuda backend refuses CPU tensors."""
+    if not CUDA_EMULATED:
+        yield
+        return
+    with cuda_emulator.suspended():
+        yield
+
 
 def pytest_collection_modifyitems(config, items):
     if _HAS_CUDA:

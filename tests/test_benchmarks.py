@@ -35,7 +35,8 @@ def test_benchmark_smoke_run(script, args):
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--solvers", "euler", "--sections", "steps"]),
     ("bench_inference.py", ["--quick", "--repeats", "1", "--sections", "op"]),
 ])
-def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, monkeypatch, script, args):
+def test_benchmark_rows_name_the_kdfast_backend_and_peak_memory(tmp_path, monkeypatch, script, args,
+                                                                 unemulated_backends):
     """Rows name the backend kdfast's registry ran (not the candidate), and hold peak memory."""
     if script == "bench_solvers.py":
         pytest.importorskip("diffusers")

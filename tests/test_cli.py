@@ -7,7 +7,7 @@ import kdfast
 from kdfast.cli import info, main
 
 
-def test_info_reports_builds_and_backend_reasons():
+def test_info_reports_builds_and_backend_reasons(unemulated_backends):
     text = info()
     assert f"kdfast {kdfast.__version__}" in text
     assert "kdfast._C (CPU kernels): built" in text

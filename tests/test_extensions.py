@@ -24,7 +24,7 @@ def test_cuda_extension_imports_without_a_gpu():
     assert module.NUM_COEFS == 29
 
 
-def test_build_records_what_it_built():
+def test_build_records_what_it_built(unemulated_backends):
     # CMake writes _build_info.json; `kdfast info` says why the CUDA extension is absent from it.
     info = kdfast._ext.build_info()
     assert info.get("cuda_requested") in ("AUTO", "ON", "OFF")

@@ -431,7 +431,7 @@ def _x(shape=(3, 8)):
      "model_output must have the shape of x_t"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, backend="cuda"), BackendUnavailableError, "cannot run"),
 ])
-def test_bad_input(call, error, match):
+def test_bad_input(call, error, match, unemulated_backends):
     with pytest.raises(error, match=match):
         call(_x())
 

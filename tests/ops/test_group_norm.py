@@ -218,7 +218,7 @@ def test_double_backward():
     torch.testing.assert_close(gw.double(), gw64, rtol=1e-3, atol=1e-4)
 
 
-def test_reference_backend_and_forcing():
+def test_reference_backend_and_forcing(unemulated_backends):
     x, w, b, s = inputs((2, 8, 3, 3), torch.float32, 5)
     out = ops.group_norm_act(x, 4, w, b, shift=s, backend="reference")
     assert_matches(out, x, 4, w, b, s, "silu")

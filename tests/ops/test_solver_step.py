@@ -118,7 +118,7 @@ def test_large_multithreaded_cpu():
         torch.set_num_threads(with_threads)
 
 
-def test_automatic_choice_is_cpu_kernel():
+def test_automatic_choice_is_cpu_kernel(unemulated_backends):
     assert kdfast.backends.op("solver_step").select("cpu").backend == "cpu"
 
 
@@ -226,7 +226,7 @@ def test_forced_backend_stays_differentiable(backend):
     torch.testing.assert_close(grads[1], grads[0])
 
 
-def test_forced_backend_that_cannot_serve_explains(good, monkeypatch):
+def test_forced_backend_that_cannot_serve_explains(good, monkeypatch, unemulated_backends):
     x, m, c = good
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA tensors"):
         ops.solver_step(x, m, c, backend="cuda")
@@ -261,7 +261,7 @@ def test_triton_interpret_set_after_import_takes_effect_on_refresh(good, monkeyp
         kdfast.backends.refresh()
 
 
-def test_kdfast_backend_env_forces_reference(good, monkeypatch):
+def test_kdfast_backend_env_forces_reference(good, monkeypatch, unemulated_backends):
     x, m, c = good
     monkeypatch.setenv("KDFAST_BACKEND", "reference")
     kdfast.backends.refresh()
@@ -861,7 +861,7 @@ def test_float64_history_dtypes_and_mixed_inputs():
             ops.solver_step(x, x, case["coefs"], **kwargs)
 
 
-def test_float64_is_served_by_the_reference_only(monkeypatch):
+def test_float64_is_served_by_the_reference_only(monkeypatch, unemulated_backends):
     """No compiled backend claims float64: a forced one (argument or KDFAST_BACKEND) says why."""
     case = _float64_case(seed=23)
     x, m, c = case["sample"], case["model_output"], case["coefs"]
@@ -1038,7 +1038,7 @@ def test_thresholded_step_gradient_is_the_references():
         torch.testing.assert_close(got, exp, rtol=1e-5, atol=1e-5)
 
 
-def test_no_grad_calls_skip_the_dispatcher(monkeypatch, good):
+def test_no_grad_calls_skip_the_dispatcher(monkeypatch, good, unemulated_backends):
     """Without inputs that need a gradient, threshold_scale and the step never box through the
     custom ops (the autograd formulas cost nothing then)."""
     x, m, c = good

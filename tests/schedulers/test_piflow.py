@@ -407,7 +407,7 @@ def test_zero_weight_grid_points_are_not_read():
 
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_fused_pass_per_step(monkeypatch, guided, dtype):
+def test_one_fused_pass_per_step(monkeypatch, guided, dtype, unemulated_backends):
     # a step is one grid_combination kernel call, with the step's weights as its coefficients
     from kdfast.ops.grid_combination import combination_op
     calls = []

@@ -1,0 +1,112 @@
+"""The host emulation of CUDA (tests/cuda_emulator) that runs kdfast's CUDA kernels here.
+
+Its semantics are pinned by small kernels (tests/cuda_emulator/selftest.cu): reductions by warp
+shuffles and shared memory over 1-D and 2-D blocks and grids, the collectives of the radix
+select, and the launch failures where a GPU would hang or be undefined. That kdfast's kernels
+run through it is shown by the op tests (the ``cuda`` entries of ``usable_backends``) and here
+by one call of each op against the CPU backend.
+"""
+import pytest
+import torch
+
+import cuda_emulator
+from conftest import CUDA_EMULATED
+
+pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="a GPU is present, or KDFAST_TEST_CUDA_EMU=0")
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    path = cuda_emulator.build("_emu_selftest", [cuda_emulator.HERE / "selftest.cu"])
+    return cuda_emulator.load_extension(path, "_emu_selftest")
+
+
+@pytest.mark.parametrize("grid,block", [((1, 1), (32, 1)), ((3, 2), (64, 4)), ((2, 1), (1024, 1)), ((1, 1), (96, 1))])
+def test_block_reductions_and_shared_memory(selftest, grid, block):
+    sums, echo, error = selftest.block_sums(*grid, *block)
+    n = block[0] * block[1]
+    assert error == ""
+    assert sums == [n * (n + 1) // 2] * (grid[0] * grid[1])
+    assert echo == list(range(grid[0] * grid[1]))  # each block its own shared memory
+
+
+@pytest.mark.parametrize("flagged", [-1, 0, 37, 63])
+def test_syncthreads_or_and_match_any(selftest, flagged):
+    any_flag, hist, error = selftest.collectives(flagged)
+    assert error == ""
+    assert any_flag == [int(flagged >= 0)] * 64
+    assert hist == [22, 21, 21]  # thread indices 0..63 by index % 3, one atomic per warp and bin
+
+
+@pytest.mark.parametrize("which,message", [
+    ("split_barrier", r"cudaErrorLaunchFailure: .*meet at different barriers: selftest\.cu:\d+ and selftest\.cu:\d+"),
+    ("crossed_waits", r"cudaErrorLaunchFailure: .*barrier at selftest\.cu:\d+ that some live threads .*never reach"),
+    ("lane_exits", r"cudaErrorLaunchFailure: .*(exited|live lanes)"),
+    ("too_many_threads", r"cudaErrorInvalidConfiguration: .*block 2048x1x1"),
+    ("no_blocks", r"cudaErrorInvalidConfiguration: .*grid 0x1x1"),
+])
+def test_launch_failures_are_reported(selftest, which, message):
+    _, error = selftest.failing(which)
+    assert error, f"{which} launched without an error"
+    import re
+
+    assert re.search(message, error), error
+    assert selftest.block_sums(1, 1, 32, 1)[2] == ""  # the error was cleared; later launches run
+
+
+def test_exited_threads_do_not_hold_a_barrier(selftest):
+    out, error = selftest.failing("early_exit")
+    assert error == ""
+    assert out[:32] == [1] * 32 and out[32:64] == [0] * 32
+
+
+def test_a_missing_barrier_shows_in_the_results(selftest):
+    """Threads run in index order in one block and in reverse in the next: a read of shared
+    memory that no barrier orders after its write sees a stale value in one of them."""
+    synced, error = selftest.broadcast(True)
+    assert error == "" and synced == [b + 1 for b in range(4) for _ in range(64)]
+    racy, error = selftest.broadcast(False)
+    assert error == "" and racy != synced
+
+
+def test_launch_rewrite():
+    source = ("k<<<blocks, kThreads, 0, stream>>>(p, c);\n"
+              "ns::kernel<kForwardKL><<<dim3(a, b), 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);\n")
+    assert cuda_emulator.rewrite_launches(source) == (
+        "::cuda_emu::launch(k, blocks, kThreads, 0, stream)(p, c);\n"
+        "::cuda_emu::launch(ns::kernel<kForwardKL>, dim3(a, b), 256, 0, static_cast<cudaStream_t>(p.stream))(p);\n")
+    with pytest.raises(ValueError, match="launch the emulator's rewrite does not recognise"):
+        cuda_emulator.rewrite_launches("(*table[i])<<<1, 32>>>(p);")
+
+
+def test_every_cuda_source_is_emulated():
+    """The emulated module is built from the sources CMake builds kdfast._C_cuda from."""
+    cmake = (cuda_emulator.REPO / "CMakeLists.txt").read_text()
+    listed = cmake.split("set(KDFAST_CUDA_SOURCES", 1)[1].split(")", 1)[0].split()
+    assert sorted(listed) == [str(p.relative_to(cuda_emulator.REPO)) for p in cuda_emulator.cuda_sources()]
+
+
+def test_each_op_runs_the_emulated_kernels():
+    """One call of every op on the cuda backend (CPU tensors through the emulated kernels)
+    against the cpu backend. The op tests cover each op's options and dtypes."""
+    from kdfast import backends, ops
+
+    assert backends.op("solver_step").select("cpu", "cuda").backend == "cuda"
+    g = torch.Generator().manual_seed(0)
+    x, m, y = (torch.randn(3, 4, 9, 9, generator=g) for _ in range(3))
+    s, t = torch.randn(5, 300, generator=g), torch.randn(5, 300, generator=g)
+    coefs = torch.tensor(ops.coefficients(1.2, -0.4, sample={"x": 0.7, "x0": 0.3}), dtype=torch.float64)
+    sample, outputs = torch.randn(6, 5, generator=g), torch.randn(6, 3 * 5, generator=g)
+    calls = {
+        "solver_step": lambda b: ops.solver_step(x, m, coefs, cond=y, guidance_scale=3.0, backend=b).sample,
+        "threshold_scale": lambda b: ops.threshold_scale(x, m, 1.2, -0.4, ratio=0.9, max_value=1.5, backend=b),
+        "kd_divergence": lambda b: ops.kd_divergence(s, t, kind="jsd", backend=b),
+        "pseudo_huber": lambda b: ops.pseudo_huber(x, m, c=0.03, backend=b),
+        "dmd": lambda b: ops.dmd(x, m, y, backend=b),
+        "pd_target": lambda b: ops.pd_target(x, m, 0.8, 0.6, 0.9, 0.4, backend=b),
+        "group_norm_act": lambda b: ops.group_norm_act(x, 2, backend=b),
+        "grid_combination": lambda b: ops.grid_combination(sample, outputs, torch.tensor([0.5, 0.2, 0.0, -0.7]),
+                                                           backend=b),
+    }
+    for name, call in calls.items():
+        torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-5, atol=1e-6, msg=name)
