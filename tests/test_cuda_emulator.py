@@ -6,6 +6,12 @@ select, and the launch failures where a GPU would hang or be undefined. That kdf
 run through it is shown by the op tests (the ``cuda`` entries of ``usable_backends``) and here
 by one call of each op against the CPU backend.
 """
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -17,7 +23,8 @@ pytestmark = pytest.mark.skipif(not CUDA_EMULATED, reason="a GPU is present, or 
 
 @pytest.fixture(scope="module")
 def selftest():
-    path = cuda_emulator.build("_emu_selftest", [cuda_emulator.HERE / "selftest.cu"])
+    path = cuda_emulator.build("_emu_selftest", [cuda_emulator.HERE / "selftest.cu"],
+                               sanitize=cuda_emulator.sanitizer_loaded())
     return cuda_emulator.load_extension(path, "_emu_selftest")
 
 
@@ -48,8 +55,6 @@ def test_syncthreads_or_and_match_any(selftest, flagged):
 def test_launch_failures_are_reported(selftest, which, message):
     _, error = selftest.failing(which)
     assert error, f"{which} launched without an error"
-    import re
-
     assert re.search(message, error), error
     assert selftest.block_sums(1, 1, 32, 1)[2] == ""  # the error was cleared; later launches run
 
@@ -110,3 +115,36 @@ def test_each_op_runs_the_emulated_kernels():
     }
     for name, call in calls.items():
         torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-5, atol=1e-6, msg=name)
+
+
+ASAN = Path(cuda_emulator.HERE / "asan.py")
+
+
+def _asan_run(*pytest_args):
+    from cuda_emulator import asan
+
+    if not asan.runtime_library():
+        pytest.skip("the C++ compiler has no AddressSanitizer runtime")
+    return subprocess.run([sys.executable, str(ASAN), *pytest_args], capture_output=True, text=True,
+                          env=dict(os.environ, KDFAST_ASAN_PROBE="1"))
+
+
+@pytest.mark.skipif(os.environ.get("KDFAST_ASAN_PROBE") != "1", reason="run by test_asan_reports_a_read_past_the_end")
+def test_probe_read_past_the_end(selftest):
+    selftest.read_past_the_end()
+
+
+def test_asan_reports_a_read_past_the_end():
+    done = _asan_run("tests/test_cuda_emulator.py", "-k", "probe_read_past_the_end")
+    report = done.stdout + done.stderr
+    assert done.returncode != 0, report
+    assert re.search(r"heap-buffer-overflow.*\n.*READ of size 4", report), report
+    assert re.search(r"in sum_pairs .*selftest\.cu:\d+", report), report
+
+
+def test_kernels_read_and_write_only_their_tensors():
+    """Every op test of the cuda backend under AddressSanitizer: no kernel touches memory
+    outside its tensors and buffers."""
+    done = _asan_run("tests/ops", "-k", "cuda")
+    report = done.stdout[-3000:] + done.stderr[-20000:]
+    assert done.returncode == 0 and "asan.py: 0 AddressSanitizer report(s)" in done.stderr, report

@@ -6,17 +6,18 @@ each ``kernel<<<grid, block, smem, stream>>>(args)`` launch into a call of the e
 :func:`install` makes kdfast's ``cuda`` backend use that module for CPU tensors, so the op
 tests that run every usable backend (``tests/conftest.py: usable_backends``) run the CUDA
 kernels too. ``tests/conftest.py`` installs it on machines without a GPU
-(``KDFAST_TEST_CUDA_EMU=0`` leaves it out, ``=all`` makes it the backend of every CPU op).
+(``KDFAST_TEST_CUDA_EMU=0`` leaves it out, ``=all`` makes it the backend of every CPU op,
+``=asan`` builds it under AddressSanitizer, whose runtime ``asan.py`` preloads).
 
 What it checks: the kernels' indexing, launch shapes, reductions across threads, warps and
 blocks, dtype handling and their results against the other backends; barriers that some
 threads never reach or reach from different lines; shared memory read before a barrier
 orders it after its write (between barriers, threads run in index order or reversed, alternately).
-What it cannot: timing, races between blocks (blocks run one after another), memory accesses
-out of bounds, and the GPU's own libm (the emulated device math is the host's, so results
-match a GPU's within ulps, not bits). A CUDA feature kdfast's kernels do not use yet (other
-shuffles, ballots, other atomics, dynamic shared memory) fails to compile or to launch here
-until cuda_emu.h emulates it.
+Under AddressSanitizer (``asan.py``): reads and writes outside the kernels' tensors. What it
+cannot: timing, races between blocks (blocks run one after another), and the GPU's own libm
+(the emulated device math is the host's, so results match a GPU's within ulps, not bits).
+A CUDA feature kdfast's kernels do not use yet (other shuffles, ballots, other atomics,
+dynamic shared memory) fails to compile or to launch here until cuda_emu.h emulates it.
 """
 from __future__ import annotations
 
@@ -45,6 +46,9 @@ _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re
 
 _FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off",
           "-U_FORTIFY_SOURCE", "-D__CUDA_ARCH__=900", "-DKDFAST_WITH_CUDA", '-DKDFAST_CUDA_ARCHS_STR="emulated"']
+# AddressSanitizer (asan.py): its runtime is preloaded into the test process, so the module is
+# linked without it.
+_SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 
 def rewrite_launches(source: str) -> str:
@@ -71,27 +75,30 @@ def _includes() -> List[str]:
             f"-I{pybind11.get_include()}", f"-I{sysconfig.get_paths()['include']}"]
 
 
-def _key(cxx: str, sources: List[Path]) -> str:
+def _key(cxx: str, sources: List[Path], flags: List[str]) -> str:
     h = hashlib.sha256()
     for path in sorted(sources) + sorted(CSRC.rglob("*.h")) + sorted(HERE.rglob("*.h")) + [Path(__file__)]:
         h.update(str(path.relative_to(REPO)).encode())
         h.update(path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update((version + sys.version + " ".join(_FLAGS)).encode())
+    h.update((version + sys.version + " ".join(flags)).encode())
     return h.hexdigest()[:20]
 
 
-def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, verbose: bool = False) -> Path:
+def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, sanitize: bool = False,
+          verbose: bool = False) -> Path:
     """Compile an extension module ``name`` from CUDA and C++ ``sources`` for the emulator
     (default: kdfast's ``_C_cuda``, from ``csrc/bind_cuda.cpp`` and every ``csrc/*/*_cuda.cu``)
-    and return its path. Cached by the sources' hash (also kdfast's headers and the
-    emulator's), in ``$KDFAST_CUDA_EMU_DIR`` or the temporary folder."""
+    and return its path; ``sanitize``: instrumented by AddressSanitizer. Cached by the
+    sources' hash (also kdfast's headers and the emulator's), in ``$KDFAST_CUDA_EMU_DIR`` or
+    the temporary folder."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX) to build the CUDA emulator")
     sources = [CSRC / "bind_cuda.cpp", *cuda_sources()] if sources is None else list(sources)
+    flags = _FLAGS + (_SANITIZE if sanitize else [])
     root = Path(os.environ.get("KDFAST_CUDA_EMU_DIR") or tempfile.gettempdir()) / "kdfast-cuda-emu"
-    target = root / f"{name}-{_key(cxx, sources)}" / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
+    target = root / f"{name}-{_key(cxx, sources, flags)}" / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists():
         return target
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_made(target.parent)))
@@ -108,7 +115,7 @@ def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, verbose: 
     def compile_unit(unit_and_folder) -> Path:
         unit, folder = unit_and_folder
         obj = work / (unit.stem + ".o")
-        cmd = [cxx, *_FLAGS, "-iquote", str(folder), *_includes(), "-c", str(unit), "-o", str(obj)]
+        cmd = [cxx, *flags, "-iquote", str(folder), *_includes(), "-c", str(unit), "-o", str(obj)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"the CUDA emulator failed to compile {unit.name}:\n{' '.join(cmd)}\n{done.stderr}")
@@ -142,23 +149,32 @@ def load_extension(path: Path, name: str) -> ModuleType:
     return module
 
 
-def load() -> ModuleType:
+def load(sanitize: bool = False) -> ModuleType:
     """The emulated ``kdfast._C_cuda`` (built on first use)."""
-    return load_extension(build(), "_C_cuda")
+    return load_extension(build(sanitize=sanitize), "_C_cuda")
+
+
+def sanitizer_loaded() -> bool:
+    """Whether AddressSanitizer's runtime is in this process (preloaded: asan.py)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libasan" in f.read()
+    except OSError:
+        return False
 
 
 _ORIGINAL: dict = {}  # kdfast's own registry hooks while the emulator is installed
 
 
-def install(module: Optional[ModuleType] = None, prefer: bool = False) -> ModuleType:
+def install(module: Optional[ModuleType] = None, prefer: bool = False, sanitize: bool = False) -> ModuleType:
     """Route kdfast's ``cuda`` backend to the emulated module for CPU tensors: ``_ext.cuda()``
     returns it and the registry lets the ``cuda`` backend serve the CPU device, so that it runs
     where a call or a test names it (``usable_backends`` lists it). With ``prefer`` it is also
     the one chosen for CPU tensors where a call names none (float64 still takes the
-    reference). Returns the module."""
+    reference). ``sanitize``: the AddressSanitizer build (asan.py). Returns the module."""
     from kdfast import _ext, backends
 
-    module = module or load()
+    module = module or load(sanitize)
     if not _ORIGINAL:
         _ORIGINAL.update(cuda=_ext.cuda, backend_reason=backends.backend_reason,
                          preference=backends._PREFERENCE["cpu"])

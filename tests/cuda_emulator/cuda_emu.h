@@ -28,6 +28,10 @@
 #include <utility>
 #include <vector>
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#endif
+
 #if defined(_FORTIFY_SOURCE) && _FORTIFY_SOURCE > 0
 #error "build the CUDA emulator with -U_FORTIFY_SOURCE: its fibers switch stacks with _longjmp"
 #endif
@@ -162,15 +166,41 @@ inline std::string where(const char* file, int line) {
   return std::string(slash ? slash + 1 : file) + ":" + std::to_string(line);
 }
 
+// AddressSanitizer (a build with -fsanitize=address, tests/cuda_emulator/asan.py) is told of
+// every switch between the scheduler's stack and a fiber's, so that it checks each against
+// the right stack's bounds.
+#if defined(__SANITIZE_ADDRESS__)
+inline thread_local const void* scheduler_stack_bottom = nullptr;
+inline thread_local std::size_t scheduler_stack_size = 0;
+inline void leaving_for_fiber(const void* stack) { __sanitizer_start_switch_fiber(nullptr, stack, kStackBytes); }
+inline void arrived_on_fiber() {
+  __sanitizer_finish_switch_fiber(nullptr, &scheduler_stack_bottom, &scheduler_stack_size);
+}
+inline void leaving_for_scheduler() {
+  __sanitizer_start_switch_fiber(nullptr, scheduler_stack_bottom, scheduler_stack_size);
+}
+inline void arrived_on_scheduler() { __sanitizer_finish_switch_fiber(nullptr, nullptr, nullptr); }
+#else
+inline void leaving_for_fiber(const void*) {}
+inline void arrived_on_fiber() {}
+inline void leaving_for_scheduler() {}
+inline void arrived_on_scheduler() {}
+#endif
+
 // Back to the scheduler, to continue where this was called when the fiber is resumed.
 __attribute__((noinline)) inline void suspend() {
-  if (!_setjmp(current_slot->resume_point)) _longjmp(scheduler_point, 1);
+  if (!_setjmp(current_slot->resume_point)) {
+    leaving_for_scheduler();
+    _longjmp(scheduler_point, 1);
+  }
+  arrived_on_fiber();
 }
 
 // Fails the launch from inside a fiber: the block is abandoned (its fibers hold no resources).
 [[noreturn]] inline void fail_in_fiber(std::string message) {
   set_error(cudaErrorLaunchFailure, "emulated CUDA: " + message);
   current_launch->failed = true;
+  leaving_for_scheduler();
   _longjmp(scheduler_point, 1);
   __builtin_unreachable();
 }
@@ -248,6 +278,7 @@ inline void thread_exit() {
 }
 
 inline void fiber_main() {
+  arrived_on_fiber();
   for (;;) {
     current_launch->invoke(current_launch->closure);
     thread_exit();
@@ -259,6 +290,7 @@ __attribute__((noinline)) inline void resume(Fiber& f, Slot& slot) {
   current_fiber = &f;
   current_slot = &slot;
   if (!_setjmp(scheduler_point)) {
+    leaving_for_fiber(slot.stack);
     if (!slot.running) {
       slot.running = true;
       makecontext(&slot.start, fiber_main, 0);
@@ -266,12 +298,14 @@ __attribute__((noinline)) inline void resume(Fiber& f, Slot& slot) {
     }
     _longjmp(slot.resume_point, 1);
   }
+  arrived_on_scheduler();
 }
 
 // Slots 0..n-1, made on first use.
 inline bool reserve_slots(std::size_t n) {
   while (slots.size() < n) {
-    void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+    void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, flags, -1, 0);
     if (stack == MAP_FAILED) return false;
     Slot* slot = new Slot();
     slot->stack = stack;

@@ -84,6 +84,9 @@ __global__ void broadcast(bool sync, int* out) {
   out[blockIdx.x * blockDim.x + threadIdx.x] = value;
 }
 
+// Each thread adds its element and the next one: the last thread reads one past the end.
+__global__ void sum_pairs(const int* in, int* out) { out[threadIdx.x] = in[threadIdx.x] + in[threadIdx.x + 1]; }
+
 __global__ void write_index(int* out) { out[blockIdx.x * blockDim.x + threadIdx.x] = int(threadIdx.x); }
 
 // The error of the launch just made ("" when it succeeded), cleared.
@@ -110,6 +113,11 @@ PYBIND11_MODULE(_emu_selftest, m) {
     std::vector<int> out(4 * 64, 0);
     broadcast<<<4, 64>>>(sync, out.data());
     return py::make_tuple(out, launch_error());
+  });
+  m.def("read_past_the_end", []() {
+    std::vector<int> in(32, 1), out(32, 0);
+    sum_pairs<<<1, 32>>>(in.data(), out.data());
+    return out;
   });
   m.def("failing", [](const std::string& which) {
     std::vector<int> out(1024, 0);

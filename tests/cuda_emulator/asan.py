@@ -1,0 +1,61 @@
+"""pytest with kdfast's CUDA kernels compiled for the host under AddressSanitizer: a kernel that
+reads or writes outside its tensors stops the run with the kernel's file and line.
+
+    python tests/cuda_emulator/asan.py [pytest arguments]      (default: tests/ops -k cuda)
+
+Only the emulated kernels are instrumented (Python, torch and kdfast's CPU kernels are not).
+torch allocates tensors through malloc, which the sanitizer's runtime, preloaded here, takes
+over and surrounds with poisoned bytes. Exits non-zero when pytest fails or a report was made;
+the reports are printed at the end.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import List
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+# No leak checks (Python keeps its objects at exit), no checks of torch's own operator
+# new/free pairs (it is not instrumented), stop at the first error.
+OPTIONS = "detect_leaks=0:alloc_dealloc_mismatch=0:detect_stack_use_after_return=0:halt_on_error=1"
+
+
+def runtime_library() -> str:
+    """The path of the compiler's AddressSanitizer runtime, or "" when it has none."""
+    sys.path.insert(0, str(HERE.parent))
+    import cuda_emulator
+
+    cxx = cuda_emulator._compiler()
+    if cxx is None:
+        return ""
+    found = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    return found if os.path.isabs(found) and os.path.exists(found) else ""
+
+
+def main(argv: List[str]) -> int:
+    library = runtime_library()
+    if not library:
+        print("asan.py: the C++ compiler has no AddressSanitizer runtime (libasan.so)", file=sys.stderr)
+        return 2
+    logs = Path(tempfile.mkdtemp(prefix="kdfast-asan-"))
+    preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
+    env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS=f"{OPTIONS}:log_path={logs / 'asan'}",
+               KDFAST_TEST_CUDA_EMU="asan")
+    pytest = Path(sys.executable).with_name("pytest")  # not `python -m pytest`: that imports the source tree
+    args = argv or ["tests/ops", "-k", "cuda"]
+    status = subprocess.run([str(pytest), "-q", "-p", "no:cacheprovider", *args], cwd=REPO, env=env).returncode
+    # The runtime writes notes (warnings) to the same files; an error report names itself.
+    reports = [p.read_text() for p in sorted(logs.glob("asan.*"))]
+    errors = [r for r in reports if "ERROR: AddressSanitizer" in r]
+    for report in errors:
+        print(report, file=sys.stderr)
+    print(f"asan.py: {len(errors)} AddressSanitizer report(s); logs in {logs}", file=sys.stderr)
+    return 1 if errors and status == 0 else status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
