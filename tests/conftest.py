@@ -24,18 +24,18 @@ if kdfast._ext.cpu()[0] is None:  # pragma: no cover
 # Without a GPU, kdfast's CUDA kernels compiled for the host (tests/cuda_emulator) serve CPU
 # tensors as the cuda backend, so that every test over usable_backends() runs the CUDA code.
 # KDFAST_TEST_CUDA_EMU=all also makes it the backend chosen where a test names none (the whole
-# suite through the CUDA kernels); =asan builds them under AddressSanitizer (set by
-# tests/cuda_emulator/asan.py, which preloads its runtime); =0 leaves the emulator out.
+# suite through the CUDA kernels); =asan and =asan-all build them under AddressSanitizer (set
+# by tests/cuda_emulator/asan.py, which preloads its runtime); =0 leaves the emulator out.
 _EMULATION = os.environ.get("KDFAST_TEST_CUDA_EMU", "1")
 CUDA_EMULATED = not _HAS_CUDA and _EMULATION != "0"
 if CUDA_EMULATED:
     import cuda_emulator
 
-    if _EMULATION == "asan" and not cuda_emulator.sanitizer_loaded():
-        raise pytest.UsageError("KDFAST_TEST_CUDA_EMU=asan needs AddressSanitizer's runtime preloaded: run "
-                                "python tests/cuda_emulator/asan.py [pytest arguments]")
+    if _EMULATION.startswith("asan") and not cuda_emulator.sanitizer_loaded():
+        raise pytest.UsageError(f"KDFAST_TEST_CUDA_EMU={_EMULATION} needs AddressSanitizer's runtime preloaded: run "
+                                "python tests/cuda_emulator/asan.py [--all] [pytest arguments]")
     try:
-        cuda_emulator.install(prefer=_EMULATION == "all", sanitize=_EMULATION == "asan")
+        cuda_emulator.install(prefer=_EMULATION in ("all", "asan-all"), sanitize=_EMULATION.startswith("asan"))
     except RuntimeError as exc:  # pragma: no cover
         raise pytest.UsageError(f"{exc}\n(KDFAST_TEST_CUDA_EMU=0 runs the tests without the CUDA emulator)")
 

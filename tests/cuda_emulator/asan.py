@@ -1,7 +1,10 @@
 """pytest with kdfast's CUDA kernels compiled for the host under AddressSanitizer: a kernel that
 reads or writes outside its tensors stops the run with the kernel's file and line.
 
-    python tests/cuda_emulator/asan.py [pytest arguments]      (default: tests/ops -k cuda)
+    python tests/cuda_emulator/asan.py [--all] [pytest arguments]   (default: tests/ops -k cuda)
+
+``--all``: the emulated kernels are also the backend chosen for CPU tensors where a test names
+none (KDFAST_TEST_CUDA_EMU=all), for ``python tests/cuda_emulator/asan.py --all tests``.
 
 Only the emulated kernels are instrumented (Python, torch and kdfast's CPU kernels are not).
 torch allocates tensors through malloc, which the sanitizer's runtime, preloaded here, takes
@@ -37,6 +40,8 @@ def runtime_library() -> str:
 
 
 def main(argv: List[str]) -> int:
+    everywhere = "--all" in argv
+    argv = [a for a in argv if a != "--all"]
     library = runtime_library()
     if not library:
         print("asan.py: the C++ compiler has no AddressSanitizer runtime (libasan.so)", file=sys.stderr)
@@ -44,7 +49,7 @@ def main(argv: List[str]) -> int:
     logs = Path(tempfile.mkdtemp(prefix="kdfast-asan-"))
     preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
     env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS=f"{OPTIONS}:log_path={logs / 'asan'}",
-               KDFAST_TEST_CUDA_EMU="asan")
+               KDFAST_TEST_CUDA_EMU="asan-all" if everywhere else "asan")
     pytest = Path(sys.executable).with_name("pytest")  # not `python -m pytest`: that imports the source tree
     args = argv or ["tests/ops", "-k", "cuda"]
     status = subprocess.run([str(pytest), "-q", "-p", "no:cacheprovider", *args], cwd=REPO, env=env).returncode
