@@ -148,3 +148,24 @@ def test_kernels_read_and_write_only_their_tensors():
     done = _asan_run("tests/ops", "-k", "cuda")
     report = done.stdout[-3000:] + done.stderr[-20000:]
     assert done.returncode == 0 and "asan.py: 0 AddressSanitizer report(s)" in done.stderr, report
+
+
+@pytest.mark.parametrize("case", ["solver_step_elements", "solver_step_samples", "grid_combination"])
+def test_grid_stride_loops_past_the_launch_caps(case):
+    """Launchers cap their grids (4096 blocks of a sample's elements and 65535 rows of samples
+    in the solver step, 65536 blocks in the grid combination) and the threads stride over the
+    rest: shapes past the caps, against the cpu backend."""
+    from kdfast import ops
+
+    g = torch.Generator().manual_seed(1)
+    if case == "grid_combination":
+        rows = 65536 * 256 // 4 + 5  # 4 channels, 2 grid points: 20 elements past 65536 blocks of 256
+        sample, outputs = torch.randn(rows, 4, generator=g), torch.randn(rows, 8, generator=g)
+        calls = [lambda b: ops.grid_combination(sample, outputs, torch.tensor([0.5, 0.25, -1.0]), backend=b)]
+    else:
+        shape = (2, 4096 * 256 + 77) if case == "solver_step_elements" else (65535 * 8 + 3, 1)
+        x, m = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+        coefs = torch.tensor(ops.coefficients(1.2, -0.4, sample={"x": 0.7, "x0": 0.3}), dtype=torch.float64)
+        calls = [lambda b: ops.solver_step(x, m, coefs, backend=b).sample]
+    for call in calls:
+        torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-6, atol=1e-6)
