@@ -41,14 +41,11 @@ if CUDA_EMULATED:
 
 
 @pytest.fixture
-def unemulated_backends():
+def unemulated_backends(monkeypatch):
     """kdfast's own backend registry, without the emulated cuda backend, for the checks that
     the cuda backend refuses CPU tensors."""
-    if not CUDA_EMULATED:
-        yield
-        return
-    with cuda_emulator.suspended():
-        yield
+    if CUDA_EMULATED:
+        cuda_emulator.suspend(monkeypatch)
 
 
 def pytest_collection_modifyitems(config, items):

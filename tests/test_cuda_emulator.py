@@ -47,6 +47,8 @@ def test_syncthreads_or_and_match_any(selftest, flagged):
 
 @pytest.mark.parametrize("which,message", [
     ("split_barrier", r"cudaErrorLaunchFailure: .*meet at different barriers: selftest\.cu:\d+ and selftest\.cu:\d+"),
+    ("split_shuffle", r"cudaErrorLaunchFailure: .*meet at different barriers: selftest\.cu:(\d+) and selftest\.cu:\1 \(two"),
+    ("nested_launch", r"cudaErrorLaunchFailure: .*launch from inside a kernel"),
     ("crossed_waits", r"cudaErrorLaunchFailure: .*barrier at selftest\.cu:\d+ that some live threads .*never reach"),
     ("lane_exits", r"cudaErrorLaunchFailure: .*(exited|live lanes)"),
     ("too_many_threads", r"cudaErrorInvalidConfiguration: .*block 2048x1x1"),
@@ -57,6 +59,13 @@ def test_launch_failures_are_reported(selftest, which, message):
     assert error, f"{which} launched without an error"
     assert re.search(message, error), error
     assert selftest.block_sums(1, 1, 32, 1)[2] == ""  # the error was cleared; later launches run
+
+
+def test_shared_memory_starts_uninitialised(selftest):
+    """0xff bytes in every block (a GPU's shared memory is not zeroed; under AddressSanitizer the
+    statics start zeroed instead, and keep their redzones)."""
+    expected = 0 if cuda_emulator.sanitizer_loaded() else 0xFFFFFFFF
+    assert selftest.shared_on_entry() == [expected] * 3
 
 
 def test_exited_threads_do_not_hold_a_barrier(selftest):
@@ -80,8 +89,25 @@ def test_launch_rewrite():
     assert cuda_emulator.rewrite_launches(source) == (
         "::cuda_emu::launch(k, blocks, kThreads, 0, stream)(p, c);\n"
         "::cuda_emu::launch(ns::kernel<kForwardKL>, dim3(a, b), 256, 0, static_cast<cudaStream_t>(p.stream))(p);\n")
+    multiline = "k<<<grid, block,\n  0, stream>>>\n    (p);\n"
+    assert cuda_emulator.rewrite_launches(multiline) == "::cuda_emu::launch(k, grid, block,\n  0, stream)\n    (p);\n"
     with pytest.raises(ValueError, match="launch the emulator's rewrite does not recognise"):
         cuda_emulator.rewrite_launches("(*table[i])<<<1, 32>>>(p);")
+
+
+def test_unemulated_backends_then_a_patch_of_the_test_own(monkeypatch, unemulated_backends):
+    from kdfast import _ext, backends
+
+    assert backends.op("solver_step").reason("cuda", "cpu") is not None  # kdfast's own registry
+    monkeypatch.setattr(_ext, "cuda", lambda: (None, "patched by the test"))
+
+
+def test_the_emulator_is_back_after_them():
+    """(runs after the test above: their undos restored the emulator's hooks in order)"""
+    from kdfast import _ext, backends
+
+    assert backends.op("solver_step").reason("cuda", "cpu") is None
+    assert _ext.cuda()[0] is not None
 
 
 def test_every_cuda_source_is_emulated():

@@ -11,8 +11,9 @@ kernels too. ``tests/conftest.py`` installs it on machines without a GPU
 
 What it checks: the kernels' indexing, launch shapes, reductions across threads, warps and
 blocks, dtype handling and their results against the other backends; barriers that some
-threads never reach or reach from different lines; shared memory read before a barrier
-orders it after its write (between barriers, threads run in index order or reversed, alternately).
+threads never reach or reach from different places; shared memory read before a barrier
+orders it after its write (between barriers, threads run in index order or reversed,
+alternately) or before anything wrote it (it starts as 0xff bytes in every block).
 Under AddressSanitizer (``asan.py``): reads and writes outside the kernels' tensors. What it
 cannot: timing, races between blocks (blocks run one after another), and the GPU's own libm
 (the emulated device math is the host's, so results match a GPU's within ulps, not bits).
@@ -22,7 +23,6 @@ dynamic shared memory) fails to compile or to launch here until cuda_emu.h emula
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import hashlib
 import importlib.machinery
 import importlib.util
@@ -33,6 +33,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import List, Optional
@@ -42,7 +43,7 @@ REPO = HERE.parent.parent
 CSRC = REPO / "csrc"
 
 # `name<<<config>>>(` with name an identifier, optionally qualified and with template arguments.
-_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)\s*<<<(.*?)>>>\s*\(", re.S)
+_LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)(\s*)<<<(.*?)>>>(\s*)\(", re.S)
 
 _FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off",
           "-U_FORTIFY_SOURCE", "-D__CUDA_ARCH__=900", "-DKDFAST_WITH_CUDA", '-DKDFAST_CUDA_ARCHS_STR="emulated"']
@@ -52,8 +53,9 @@ _SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 
 def rewrite_launches(source: str) -> str:
-    """``k<<<g, b, s, st>>>(args)`` -> ``::cuda_emu::launch(k, g, b, s, st)(args)``."""
-    out, count = _LAUNCH.subn(lambda m: f"::cuda_emu::launch({m.group(1)}, {m.group(2)})(", source)
+    """``k<<<g, b, s, st>>>(args)`` -> ``::cuda_emu::launch(k, g, b, s, st)(args)`` (line breaks
+    kept, so that the line numbers stay those of the source)."""
+    out = _LAUNCH.sub(lambda m: f"::cuda_emu::launch({m.group(1)}, {m.group(3)}){m.group(2)}{m.group(4)}(", source)
     if "<<<" in out:
         raise ValueError("a kernel launch the emulator's rewrite does not recognise is left: "
                          + out[out.index("<<<") - 60: out.index("<<<") + 40])
@@ -76,13 +78,36 @@ def _includes() -> List[str]:
 
 
 def _key(cxx: str, sources: List[Path], flags: List[str]) -> str:
+    import pybind11
+
     h = hashlib.sha256()
     for path in sorted(sources) + sorted(CSRC.rglob("*.h")) + sorted(HERE.rglob("*.h")) + [Path(__file__)]:
-        h.update(str(path.relative_to(REPO)).encode())
+        h.update(str(path.resolve()).encode())
         h.update(path.read_bytes())
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    h.update((version + sys.version + " ".join(flags)).encode())
+    h.update((version + sys.version + pybind11.__version__ + " ".join(flags)).encode())
     return h.hexdigest()[:20]
+
+
+def _cache_root() -> Path:
+    """Where builds are kept: ``$KDFAST_CUDA_EMU_DIR``, else a folder of this user's in the
+    temporary folder (only they can write the modules it loads)."""
+    configured = os.environ.get("KDFAST_CUDA_EMU_DIR")
+    if configured:
+        return _made(Path(configured))
+    root = Path(tempfile.gettempdir()) / f"kdfast-cuda-emu-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    if root.stat().st_uid != os.getuid() or root.stat().st_mode & 0o022:
+        raise RuntimeError(f"{root} is not a private folder of this user's: set KDFAST_CUDA_EMU_DIR")
+    return root
+
+
+def _prune(root: Path, name: str, keep: Path, days: float = 7.0) -> None:
+    """Removes builds of ``name`` other than ``keep`` that were last used over ``days`` ago."""
+    cutoff = time.time() - days * 86400
+    for old in root.glob(f"{name}-*"):
+        if old != keep and old.stat().st_mtime < cutoff:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, sanitize: bool = False,
@@ -91,15 +116,16 @@ def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, sanitize:
     (default: kdfast's ``_C_cuda``, from ``csrc/bind_cuda.cpp`` and every ``csrc/*/*_cuda.cu``)
     and return its path; ``sanitize``: instrumented by AddressSanitizer. Cached by the
     sources' hash (also kdfast's headers and the emulator's), in ``$KDFAST_CUDA_EMU_DIR`` or
-    the temporary folder."""
+    a private folder in the temporary folder; builds unused for a week are removed."""
     cxx = _compiler()
     if cxx is None:
         raise RuntimeError("no C++ compiler found (set CXX) to build the CUDA emulator")
     sources = [CSRC / "bind_cuda.cpp", *cuda_sources()] if sources is None else list(sources)
     flags = _FLAGS + (_SANITIZE if sanitize else [])
-    root = Path(os.environ.get("KDFAST_CUDA_EMU_DIR") or tempfile.gettempdir()) / "kdfast-cuda-emu"
+    root = _cache_root()
     target = root / f"{name}-{_key(cxx, sources, flags)}" / f"{name}{sysconfig.get_config_var('EXT_SUFFIX')}"
     if target.exists():
+        os.utime(target.parent)  # (in use: kept by _prune)
         return target
     work = Path(tempfile.mkdtemp(prefix="build-", dir=_made(target.parent)))
     units = []  # (translation unit, the folder of its quoted includes)
@@ -131,6 +157,7 @@ def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, sanitize:
         raise RuntimeError(f"the CUDA emulator failed to link:\n{done.stderr}")
     os.replace(linked, target)  # atomic: concurrent builds (pytest-xdist workers) agree
     shutil.rmtree(work, ignore_errors=True)
+    _prune(root, name, target.parent)
     return target
 
 
@@ -193,24 +220,20 @@ def install(module: Optional[ModuleType] = None, prefer: bool = False, sanitize:
     return module
 
 
-@contextlib.contextmanager
-def suspended():
-    """kdfast's own backend registry inside the block (for the checks that the cuda backend
-    refuses CPU tensors), the emulator's again after it."""
+def suspend(monkeypatch) -> None:
+    """kdfast's own backend registry until ``monkeypatch`` is undone (for the checks that the
+    cuda backend refuses CPU tensors). Every hook, the registry's cached choices included, is
+    swapped through ``monkeypatch``, so that its undo restores them in order with the test's
+    own patches."""
     from kdfast import _ext, backends
 
     if not _ORIGINAL:
-        yield
         return
-    hooks = (_ext.cuda, backends.backend_reason, backends._PREFERENCE["cpu"])
-    _ext.cuda, backends.backend_reason = _ORIGINAL["cuda"], _ORIGINAL["backend_reason"]
-    backends._PREFERENCE["cpu"] = _ORIGINAL["preference"]
-    _forget_choices()
-    try:
-        yield
-    finally:
-        _ext.cuda, backends.backend_reason, backends._PREFERENCE["cpu"] = hooks
-        _forget_choices()
+    monkeypatch.setattr(_ext, "cuda", _ORIGINAL["cuda"])
+    monkeypatch.setattr(backends, "backend_reason", _ORIGINAL["backend_reason"])
+    monkeypatch.setitem(backends._PREFERENCE, "cpu", _ORIGINAL["preference"])
+    for entry in backends.OPS.values():
+        monkeypatch.setattr(entry, "_cache", {})
 
 
 def _forget_choices() -> None:

@@ -39,6 +39,15 @@ def runtime_library() -> str:
     return found if os.path.isabs(found) and os.path.exists(found) else ""
 
 
+def _pytest() -> List[str]:
+    """This Python's pytest, importing the installed kdfast: `python -m pytest` from the
+    repository would put the source tree, without the built extensions, first."""
+    script = Path(sys.executable).with_name("pytest")
+    if script.exists():
+        return [str(script)]
+    return [sys.executable, "-P", "-m", "pytest"] if sys.version_info >= (3, 11) else [sys.executable, "-m", "pytest"]
+
+
 def main(argv: List[str]) -> int:
     everywhere = "--all" in argv
     argv = [a for a in argv if a != "--all"]
@@ -47,12 +56,13 @@ def main(argv: List[str]) -> int:
         print("asan.py: the C++ compiler has no AddressSanitizer runtime (libasan.so)", file=sys.stderr)
         return 2
     logs = Path(tempfile.mkdtemp(prefix="kdfast-asan-"))
-    preload = " ".join(p for p in (library, os.environ.get("LD_PRELOAD", "")) if p)
+    # libstdc++ from the start too: the runtime looks up the C++ runtime it intercepts (exceptions
+    # thrown inside torch) when it starts, before Python loads any C++ library.
+    preload = " ".join(p for p in (library, "libstdc++.so.6", os.environ.get("LD_PRELOAD", "")) if p)
     env = dict(os.environ, LD_PRELOAD=preload, ASAN_OPTIONS=f"{OPTIONS}:log_path={logs / 'asan'}",
                KDFAST_TEST_CUDA_EMU="asan-all" if everywhere else "asan")
-    pytest = Path(sys.executable).with_name("pytest")  # not `python -m pytest`: that imports the source tree
     args = argv or ["tests/ops", "-k", "cuda"]
-    status = subprocess.run([str(pytest), "-q", "-p", "no:cacheprovider", *args], cwd=REPO, env=env).returncode
+    status = subprocess.run([*_pytest(), "-q", "-p", "no:cacheprovider", *args], cwd=REPO, env=env).returncode
     # The runtime writes notes (warnings) to the same files; an error report names itself.
     reports = [p.read_text() for p in sorted(logs.glob("asan.*"))]
     errors = [r for r in reports if "ERROR: AddressSanitizer" in r]

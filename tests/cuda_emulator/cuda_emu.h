@@ -6,11 +6,13 @@
 //
 // Every CUDA thread of a block is a fiber (its own stack). A block's fibers run on the calling
 // thread one at a time and switch only where CUDA threads synchronise: __syncthreads(_or),
-// warp shuffles and __match_any_sync. Shared memory is static storage and atomics are plain
-// read-modify-writes: nothing else runs meanwhile. Blocks run one after another. A launch
-// fails (cudaErrorLaunchFailure, with the reason in cudaGetErrorString) where real hardware
-// would hang or be undefined: a barrier that some live threads never reach, threads meeting at
-// barriers of different lines, a full-mask shuffle after a lane of its warp has exited.
+// warp shuffles and __match_any_sync. Shared memory is static storage, filled with 0xff bytes
+// (NaN floats, -1 integers) before each block as a GPU leaves it uninitialised, and atomics are
+// plain read-modify-writes: nothing else runs meanwhile. Blocks run one after another, one
+// launch at a time in the process. A launch fails (cudaErrorLaunchFailure, with the reason in
+// cudaGetErrorString) where real hardware would hang or be undefined: a barrier that some
+// live threads never reach, threads meeting at barriers of different places in the code, a
+// full-mask shuffle after a lane of its warp has exited, a launch from inside a kernel.
 #pragma once
 #include <setjmp.h>
 #include <sys/mman.h>
@@ -22,6 +24,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -29,11 +32,8 @@
 #include <vector>
 
 #if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/asan_interface.h>
 #include <sanitizer/common_interface_defs.h>
-#endif
-
-#if defined(_FORTIFY_SOURCE) && _FORTIFY_SOURCE > 0
-#error "build the CUDA emulator with -U_FORTIFY_SOURCE: its fibers switch stacks with _longjmp"
 #endif
 
 // ---------------------------------------------------------------- types and runtime API
@@ -108,7 +108,8 @@ inline cudaError_t cudaRuntimeGetVersion(int* v) {
 
 namespace cuda_emu {
 
-constexpr std::size_t kStackBytes = 256 * 1024;
+constexpr std::size_t kStackBytes = 1024 * 1024;  // (a GPU allows up to 512 KiB per thread)
+constexpr std::size_t kGuardBytes = 64 * 1024;    // below each stack, unmapped: an overflow faults
 constexpr unsigned kFullMask = 0xffffffffu;
 
 enum Collective : int { kNone = 0, kSync, kSyncOr, kShuffleXor, kMatchAny };
@@ -130,7 +131,7 @@ struct Group {
   int arrived = 0;  // members waiting in the current collective
   Collective kind = kNone;
   const char* file = nullptr;
-  int line = 0;
+  int line = 0, site = 0;
 };
 
 struct Launch {
@@ -151,20 +152,26 @@ struct Launch {
 struct Slot {
   void* stack = nullptr;
   ucontext_t start;  // the fiber's first entry into fiber_main
-  jmp_buf resume_point;
+  void* resume_point[5];  // __builtin_setjmp's: no libc longjmp, which sanitizers intercept
   bool running = false;  // parked or suspended in a thread (else: start it from `start`)
 };
 
 inline thread_local Launch* current_launch = nullptr;
 inline thread_local Fiber* current_fiber = nullptr;
 inline thread_local Slot* current_slot = nullptr;
-inline thread_local jmp_buf scheduler_point;
+inline thread_local void* scheduler_point[5];
+inline std::mutex launch_mutex;  // shared memory is static: one launch at a time in the process
+inline thread_local unsigned launches = 0;
 inline thread_local std::vector<Slot*> slots;  // (a Slot never moves: its context points into itself)
 
 inline std::string where(const char* file, int line) {
   const char* slash = std::strrchr(file, '/');
   return std::string(slash ? slash + 1 : file) + ":" + std::to_string(line);
 }
+
+// Jumps to a point saved by __builtin_setjmp. Not instrumented: AddressSanitizer would unpoison
+// the suspended fiber's frames before a jump it sees (and miss overflows of them after).
+__attribute__((noipa, no_sanitize_address)) inline void jump_to(void** point) { __builtin_longjmp(point, 1); }
 
 // AddressSanitizer (a build with -fsanitize=address, tests/cuda_emulator/asan.py) is told of
 // every switch between the scheduler's stack and a fiber's, so that it checks each against
@@ -189,9 +196,9 @@ inline void arrived_on_scheduler() {}
 
 // Back to the scheduler, to continue where this was called when the fiber is resumed.
 __attribute__((noinline)) inline void suspend() {
-  if (!_setjmp(current_slot->resume_point)) {
+  if (!__builtin_setjmp(current_slot->resume_point)) {
     leaving_for_scheduler();
-    _longjmp(scheduler_point, 1);
+    jump_to(scheduler_point);
   }
   arrived_on_fiber();
 }
@@ -201,7 +208,7 @@ __attribute__((noinline)) inline void suspend() {
   set_error(cudaErrorLaunchFailure, "emulated CUDA: " + message);
   current_launch->failed = true;
   leaving_for_scheduler();
-  _longjmp(scheduler_point, 1);
+  jump_to(scheduler_point);
   __builtin_unreachable();
 }
 
@@ -237,7 +244,7 @@ inline void release(Launch& L, Group& g, int warp) {
 
 // The calling thread joins a collective of its block (warp < 0) or of its warp and returns
 // when every live member has joined it, with the collective's result.
-inline uint64_t join(Collective kind, int warp, uint64_t value, int arg, const char* file, int line) {
+inline uint64_t join(Collective kind, int warp, uint64_t value, int arg, const char* file, int line, int site) {
   Launch& L = *current_launch;
   Fiber& f = *current_fiber;
   Group& g = warp < 0 ? L.block_group : L.warps[warp];
@@ -249,9 +256,11 @@ inline uint64_t join(Collective kind, int warp, uint64_t value, int arg, const c
     g.kind = kind;
     g.file = file;
     g.line = line;
-  } else if (g.kind != kind || g.line != line || std::strcmp(g.file, file) != 0) {
+    g.site = site;
+  } else if (g.kind != kind || g.line != line || g.site != site || std::strcmp(g.file, file) != 0) {
     fail_in_fiber(std::string("threads of one ") + (warp < 0 ? "block" : "warp") + " meet at different barriers: " +
-                  where(g.file, g.line) + " and " + where(file, line));
+                  where(g.file, g.line) + " and " + where(file, line) +
+                  (g.line == line ? " (two collectives on one line)" : ""));
   }
   f.waiting = kind;
   f.value = value;
@@ -289,14 +298,17 @@ inline void fiber_main() {
 __attribute__((noinline)) inline void resume(Fiber& f, Slot& slot) {
   current_fiber = &f;
   current_slot = &slot;
-  if (!_setjmp(scheduler_point)) {
+  if (!__builtin_setjmp(scheduler_point)) {
     leaving_for_fiber(slot.stack);
     if (!slot.running) {
       slot.running = true;
+#if defined(__SANITIZE_ADDRESS__)
+      __asan_unpoison_memory_region(slot.stack, kStackBytes);  // frames an abandoned block left poisoned
+#endif
       makecontext(&slot.start, fiber_main, 0);
       setcontext(&slot.start);
     }
-    _longjmp(slot.resume_point, 1);
+    jump_to(slot.resume_point);
   }
   arrived_on_scheduler();
 }
@@ -305,8 +317,10 @@ __attribute__((noinline)) inline void resume(Fiber& f, Slot& slot) {
 inline bool reserve_slots(std::size_t n) {
   while (slots.size() < n) {
     const int flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-    void* stack = mmap(nullptr, kStackBytes, PROT_READ | PROT_WRITE, flags, -1, 0);
-    if (stack == MAP_FAILED) return false;
+    char* base = static_cast<char*>(mmap(nullptr, kGuardBytes + kStackBytes, PROT_NONE, flags, -1, 0));
+    if (base == MAP_FAILED) return false;
+    void* stack = base + kGuardBytes;
+    if (mprotect(stack, kStackBytes, PROT_READ | PROT_WRITE) != 0) return false;
     Slot* slot = new Slot();
     slot->stack = stack;
     getcontext(&slot->start);
@@ -322,8 +336,13 @@ inline bool reserve_slots(std::size_t n) {
 // or in reverse, alternately (starting with the block's parity): a thread reading shared
 // memory that another writes without a barrier between them reads it too early in one of the
 // two orders.
+extern "C" char __start_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
+extern "C" char __stop_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
+
 inline bool run_block(Launch& L, bool reverse) {
   const int n = int(L.fibers.size());
+  if (__start_cuda_emu_shared != __stop_cuda_emu_shared)  // every __shared__ variable of the module
+    std::memset(__start_cuda_emu_shared, 0xff, std::size_t(__stop_cuda_emu_shared - __start_cuda_emu_shared));
   for (Fiber& f : L.fibers) {
     f.done = false;
     f.waiting = kNone;
@@ -364,6 +383,10 @@ inline bool run_block(Launch& L, bool reverse) {
 }
 
 inline void run(dim3 grid, dim3 block, std::size_t smem, void (*invoke)(const void*), const void* closure) {
+  if (current_launch != nullptr) {  // (the caller's own fiber would be reused)
+    set_error(cudaErrorLaunchFailure, "emulated CUDA: a launch from inside a kernel is not emulated");
+    return;
+  }
   const unsigned long long threads = 1ull * block.x * block.y * block.z;
   if (block.x == 0 || block.y == 0 || block.z == 0 || threads > 1024 || block.z > 64 || grid.x == 0 ||
       grid.y == 0 || grid.z == 0 || grid.x > 0x7fffffffu || grid.y > 65535 || grid.z > 65535) {
@@ -377,6 +400,7 @@ inline void run(dim3 grid, dim3 block, std::size_t smem, void (*invoke)(const vo
     set_error(cudaErrorInvalidValue, "emulated CUDA: dynamic shared memory is not emulated");
     return;
   }
+  std::lock_guard<std::mutex> one_at_a_time(launch_mutex);
   if (!reserve_slots(threads)) {
     set_error(cudaErrorLaunchFailure, "emulated CUDA: out of memory for thread stacks");
     return;
@@ -394,21 +418,22 @@ inline void run(dim3 grid, dim3 block, std::size_t smem, void (*invoke)(const vo
     f.lane = int(i % 32);
     f.warp = int(i / 32);
   }
-  Launch* outer = current_launch;
-  Fiber* outer_fiber = current_fiber;
   current_launch = &L;
+  // Which order the first block starts in alternates between launches too, so that one-block
+  // launches run both ways across a test's calls.
+  const unsigned first_order = launches++ % 2;
   for (unsigned z = 0; z < grid.z; ++z)
     for (unsigned y = 0; y < grid.y; ++y)
       for (unsigned x = 0; x < grid.x; ++x) {
         L.block_idx = uint3{x, y, z};
-        if (!run_block(L, (x + y + z) % 2 == 1)) {
-          current_launch = outer;
-          current_fiber = outer_fiber;
+        if (!run_block(L, (x + y + z + first_order) % 2 == 1)) {
+          current_launch = nullptr;
+          current_fiber = nullptr;
           return;
         }
       }
-  current_launch = outer;
-  current_fiber = outer_fiber;
+  current_launch = nullptr;
+  current_fiber = nullptr;
 }
 
 // `launch(kernel, grid, block, smem, stream)(args...)`: runs every thread of the grid before
@@ -460,21 +485,23 @@ inline void check_full_mask(unsigned mask, const char* what, const char* file, i
     fail_in_fiber(std::string(what) + " at " + where(file, line) + " with a partial mask is not emulated");
 }
 
+// Each collective names its place in the code, where threads must meet: file, line and the
+// number of its expansion in the file (__COUNTER__), which tells two on one line apart.
 template <typename T>
-inline T shfl_xor(const char* file, int line, unsigned mask, T v, int lane_mask) {
+inline T shfl_xor(const char* file, int line, int site, unsigned mask, T v, int lane_mask) {
   check_full_mask(mask, "__shfl_xor_sync", file, line);
-  return from_bits<T>(join(kShuffleXor, current_fiber->warp, to_bits(v), lane_mask, file, line));
+  return from_bits<T>(join(kShuffleXor, current_fiber->warp, to_bits(v), lane_mask, file, line, site));
 }
 
 template <typename T>
-inline unsigned match_any(const char* file, int line, unsigned mask, T v) {
+inline unsigned match_any(const char* file, int line, int site, unsigned mask, T v) {
   check_full_mask(mask, "__match_any_sync", file, line);
-  return unsigned(join(kMatchAny, current_fiber->warp, to_bits(v), 0, file, line));
+  return unsigned(join(kMatchAny, current_fiber->warp, to_bits(v), 0, file, line, site));
 }
 
-inline void syncthreads(const char* file, int line) { join(kSync, -1, 0, 0, file, line); }
-inline int syncthreads_or(const char* file, int line, int v) {
-  return int(join(kSyncOr, -1, uint64_t(v != 0), 0, file, line));
+inline void syncthreads(const char* file, int line, int site) { join(kSync, -1, 0, 0, file, line, site); }
+inline int syncthreads_or(const char* file, int line, int site, int v) {
+  return int(join(kSyncOr, -1, uint64_t(v != 0), 0, file, line, site));
 }
 
 }  // namespace cuda_emu
@@ -486,20 +513,30 @@ inline int syncthreads_or(const char* file, int line, int v) {
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
-#define __shared__ static
+#if defined(__SANITIZE_ADDRESS__)
+#define __shared__ static  // plain statics keep the sanitizer's redzones (but start zeroed)
+#else
+#define __shared__ __attribute__((section("cuda_emu_shared"))) static
+#endif
 #define threadIdx (::cuda_emu::current_fiber->tid)
 #define blockIdx (::cuda_emu::current_launch->block_idx)
 #define blockDim (::cuda_emu::current_launch->block_dim)
 #define gridDim (::cuda_emu::current_launch->grid_dim)
-#define __syncthreads() ::cuda_emu::syncthreads(__FILE__, __LINE__)
-#define __syncthreads_or(v) ::cuda_emu::syncthreads_or(__FILE__, __LINE__, (v))
-#define __shfl_xor_sync(mask, v, lane_mask) ::cuda_emu::shfl_xor(__FILE__, __LINE__, (mask), (v), (lane_mask))
-#define __match_any_sync(mask, v) ::cuda_emu::match_any(__FILE__, __LINE__, (mask), (v))
+#define KD_EMU_HERE __FILE__, __LINE__, __COUNTER__
+#define __syncthreads() ::cuda_emu::syncthreads(KD_EMU_HERE)
+#define __syncthreads_or(v) ::cuda_emu::syncthreads_or(KD_EMU_HERE, (v))
+#define __shfl_xor_sync(mask, v, lane_mask) ::cuda_emu::shfl_xor(KD_EMU_HERE, (mask), (v), (lane_mask))
+#define __match_any_sync(mask, v) ::cuda_emu::match_any(KD_EMU_HERE, (mask), (v))
 
 template <typename T>
 inline T min(T a, T b) { return b < a ? b : a; }
 template <typename T>
 inline T max(T a, T b) { return a < b ? b : a; }
+// CUDA's floating-point min and max are fminf / fmaxf: a NaN operand gives the other one.
+inline float min(float a, float b) { return fminf(a, b); }
+inline float max(float a, float b) { return fmaxf(a, b); }
+inline double min(double a, double b) { return fmin(a, b); }
+inline double max(double a, double b) { return fmax(a, b); }
 
 template <typename T>
 inline T __ldg(const T* p) { return *p; }

@@ -52,6 +52,15 @@ __global__ void split_barrier(int* out) {
   out[threadIdx.x] = 1;
 }
 
+// Two shuffles on one line, half of the warp in each.
+__global__ void split_shuffle(int* out) {
+  const int v = int(threadIdx.x);
+  out[threadIdx.x] = threadIdx.x < 16 ? __shfl_xor_sync(0xffffffffu, v, 1) : __shfl_xor_sync(0xffffffffu, v, 2);
+}
+
+// A kernel that launches another.
+__global__ void parent(int* out);
+
 // Thread 0 waits at a barrier for its warp, whose other lanes wait in a shuffle for thread 0.
 __global__ void crossed_waits(int* out) {
   int v = int(threadIdx.x);
@@ -89,6 +98,16 @@ __global__ void sum_pairs(const int* in, int* out) { out[threadIdx.x] = in[threa
 
 __global__ void write_index(int* out) { out[blockIdx.x * blockDim.x + threadIdx.x] = int(threadIdx.x); }
 
+__global__ void parent(int* out) {
+  if (threadIdx.x == 0) write_index<<<1, 32>>>(out);
+}
+
+// Shared memory as a GPU leaves it: not zeroed, and nothing carried over from another block.
+__global__ void shared_on_entry(unsigned* out) {
+  __shared__ unsigned count;
+  out[blockIdx.x] = count;
+}
+
 // The error of the launch just made ("" when it succeeded), cleared.
 std::string launch_error() {
   const cudaError_t e = cudaGetLastError();
@@ -114,6 +133,11 @@ PYBIND11_MODULE(_emu_selftest, m) {
     broadcast<<<4, 64>>>(sync, out.data());
     return py::make_tuple(out, launch_error());
   });
+  m.def("shared_on_entry", []() {
+    std::vector<unsigned> out(3, 0);
+    shared_on_entry<<<3, 32>>>(out.data());
+    return out;
+  });
   m.def("read_past_the_end", []() {
     std::vector<int> in(32, 1), out(32, 0);
     sum_pairs<<<1, 32>>>(in.data(), out.data());
@@ -122,6 +146,8 @@ PYBIND11_MODULE(_emu_selftest, m) {
   m.def("failing", [](const std::string& which) {
     std::vector<int> out(1024, 0);
     if (which == "split_barrier") split_barrier<<<1, 64>>>(out.data());
+    if (which == "split_shuffle") split_shuffle<<<1, 32>>>(out.data());
+    if (which == "nested_launch") parent<<<1, 32>>>(out.data());
     if (which == "crossed_waits") crossed_waits<<<1, 64>>>(out.data());
     if (which == "lane_exits") lane_exits<<<1, 32>>>(out.data());
     if (which == "early_exit") early_exit<<<1, 64>>>(out.data());
