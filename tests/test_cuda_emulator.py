@@ -53,6 +53,7 @@ def test_syncthreads_or_and_match_any(selftest, flagged):
     ("lane_exits", r"cudaErrorLaunchFailure: .*(exited|live lanes)"),
     ("too_many_threads", r"cudaErrorInvalidConfiguration: .*block 2048x1x1"),
     ("no_blocks", r"cudaErrorInvalidConfiguration: .*grid 0x1x1"),
+    ("past_launch_bounds", r"cudaErrorLaunchOutOfResources: .*block of 128 threads, __launch_bounds__\(64\)"),
 ])
 def test_launch_failures_are_reported(selftest, which, message):
     _, error = selftest.failing(which)
@@ -86,8 +87,9 @@ def test_a_missing_barrier_shows_in_the_results(selftest):
 def test_launch_rewrite():
     source = ("k<<<blocks, kThreads, 0, stream>>>(p, c);\n"
               "ns::kernel<kForwardKL><<<dim3(a, b), 256, 0, static_cast<cudaStream_t>(p.stream)>>>(p);\n")
-    assert cuda_emulator.rewrite_launches(source) == (
-        "::cuda_emu::launch(k, blocks, kThreads, 0, stream)(p, c);\n"
+    assert cuda_emulator.rewrite_launches("__global__ void __launch_bounds__(kThreads) k(P p) {}\n" + source) == (
+        "__global__ void __launch_bounds__(kThreads) k(P p) {}\n"
+        "::cuda_emu::launch(k, blocks, kThreads, 0, stream).bounded(kThreads)(p, c);\n"
         "::cuda_emu::launch(ns::kernel<kForwardKL>, dim3(a, b), 256, 0, static_cast<cudaStream_t>(p.stream))(p);\n")
     multiline = "k<<<grid, block,\n  0, stream>>>\n    (p);\n"
     assert cuda_emulator.rewrite_launches(multiline) == "::cuda_emu::launch(k, grid, block,\n  0, stream)\n    (p);\n"

@@ -52,10 +52,22 @@ _FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-alia
 _SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
 
 
+# `__global__ void __launch_bounds__(N) name(`: the most threads a block of `name` may have.
+_BOUNDS = re.compile(r"__global__\s+void\s+__launch_bounds__\(([^()]*)\)\s*(\w+)\s*\(")
+
+
 def rewrite_launches(source: str) -> str:
-    """``k<<<g, b, s, st>>>(args)`` -> ``::cuda_emu::launch(k, g, b, s, st)(args)`` (line breaks
-    kept, so that the line numbers stay those of the source)."""
-    out = _LAUNCH.sub(lambda m: f"::cuda_emu::launch({m.group(1)}, {m.group(3)}){m.group(2)}{m.group(4)}(", source)
+    """``k<<<g, b, s, st>>>(args)`` -> ``::cuda_emu::launch(k, g, b, s, st)(args)``, with
+    ``.bounded(N)`` before ``(args)`` where ``k`` is declared with ``__launch_bounds__(N)`` in
+    ``source`` (line breaks kept, so that the line numbers stay those of the source)."""
+    bounds = {name: bound.split(",")[0].strip() for bound, name in _BOUNDS.findall(source)}
+
+    def launch(m: re.Match) -> str:
+        bound = bounds.get(m.group(1).split("<")[0].split("::")[-1])
+        check = f".bounded({bound})" if bound else ""
+        return f"::cuda_emu::launch({m.group(1)}, {m.group(3)}){check}{m.group(2)}{m.group(4)}("
+
+    out = _LAUNCH.sub(launch, source)
     if "<<<" in out:
         raise ValueError("a kernel launch the emulator's rewrite does not recognise is left: "
                          + out[out.index("<<<") - 60: out.index("<<<") + 40])

@@ -55,6 +55,7 @@ enum cudaError_t : int {
   cudaSuccess = 0,
   cudaErrorInvalidValue = 1,
   cudaErrorInvalidConfiguration = 9,
+  cudaErrorLaunchOutOfResources = 701,
   cudaErrorLaunchFailure = 719,
 };
 #define CUDART_VERSION 13000
@@ -82,6 +83,7 @@ inline const char* cudaGetErrorName(cudaError_t e) {
     case cudaSuccess: return "cudaSuccess";
     case cudaErrorInvalidValue: return "cudaErrorInvalidValue";
     case cudaErrorInvalidConfiguration: return "cudaErrorInvalidConfiguration";
+    case cudaErrorLaunchOutOfResources: return "cudaErrorLaunchOutOfResources";
     case cudaErrorLaunchFailure: return "cudaErrorLaunchFailure";
   }
   return "cudaErrorUnknown";
@@ -443,9 +445,24 @@ struct Launcher {
   void (*kernel)(P...);
   dim3 grid, block;
   std::size_t smem;
+  long long max_threads = 1024;  // the kernel's __launch_bounds__ (build.py passes it on)
+
+  Launcher bounded(long long threads) const {
+    Launcher l = *this;
+    l.max_threads = threads;
+    return l;
+  }
 
   template <typename... A>
   void operator()(A&&... args) const {
+    const long long threads = 1ll * block.x * block.y * block.z;
+    if (threads > max_threads && threads <= 1024) {  // a GPU refuses what the bounds rule out
+      set_error(cudaErrorLaunchOutOfResources,
+                "emulated CUDA: too many resources requested for launch (a block of " +
+                    std::to_string(threads) + " threads, __launch_bounds__(" +
+                    std::to_string(max_threads) + "))");
+      return;
+    }
     struct Closure {
       void (*kernel)(P...);
       std::tuple<std::decay_t<P>...> args;
@@ -512,7 +529,7 @@ inline int syncthreads_or(const char* file, int line, int site, int v) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)
+#define __launch_bounds__(...)  // (build.py reads the bound and checks launches against it)
 #if defined(__SANITIZE_ADDRESS__)
 #define __shared__ static  // plain statics keep the sanitizer's redzones (but start zeroed)
 #else

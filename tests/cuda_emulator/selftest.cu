@@ -98,6 +98,8 @@ __global__ void sum_pairs(const int* in, int* out) { out[threadIdx.x] = in[threa
 
 __global__ void write_index(int* out) { out[blockIdx.x * blockDim.x + threadIdx.x] = int(threadIdx.x); }
 
+__global__ void __launch_bounds__(64) bounded_write_index(int* out) { out[threadIdx.x] = int(threadIdx.x); }
+
 __global__ void parent(int* out) {
   if (threadIdx.x == 0) write_index<<<1, 32>>>(out);
 }
@@ -153,6 +155,7 @@ PYBIND11_MODULE(_emu_selftest, m) {
     if (which == "early_exit") early_exit<<<1, 64>>>(out.data());
     if (which == "too_many_threads") write_index<<<1, 2048>>>(out.data());
     if (which == "no_blocks") write_index<<<0, 32>>>(out.data());
+    if (which == "past_launch_bounds") bounded_write_index<<<1, 128>>>(out.data());
     return py::make_tuple(out, launch_error());
   });
 }
