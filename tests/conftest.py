@@ -27,6 +27,8 @@ if kdfast._ext.cpu()[0] is None:  # pragma: no cover
 # suite through the CUDA kernels); =asan and =asan-all build them under AddressSanitizer (set
 # by tests/cuda_emulator/asan.py, which preloads its runtime); =0 leaves the emulator out.
 _EMULATION = os.environ.get("KDFAST_TEST_CUDA_EMU", "1")
+if _EMULATION not in ("0", "1", "all", "asan", "asan-all"):
+    raise pytest.UsageError(f"KDFAST_TEST_CUDA_EMU must be 0, 1, all, asan or asan-all, got {_EMULATION!r}")
 CUDA_EMULATED = not _HAS_CUDA and _EMULATION != "0"
 if CUDA_EMULATED:
     import cuda_emulator

@@ -195,8 +195,7 @@ def _cpu(x, ys, coefs, out):
 @combination_op.register("cuda")
 def _cuda(x, ys, coefs, out):
     with on_device(x):
-        _ext.cuda()[0].grid_combination(*_binding_args(x, ys, coefs, out),
-                                        cuda_stream(x))
+        _ext.cuda()[0].grid_combination(*_binding_args(x, ys, coefs, out), cuda_stream(x))
 
 
 @combination_op.register("triton")

@@ -263,8 +263,7 @@ def _cpu(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_ind
 @divergence_op.register("cuda")
 def _cuda(student, *args):
     with on_device(student):
-        _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0,
-                                     cuda_stream(student))
+        _ext.cuda()[0].kd_divergence(*_binding_args(student, *args), 0, cuda_stream(student))
 
 
 @divergence_op.register("triton")

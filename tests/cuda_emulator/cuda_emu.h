@@ -1,8 +1,9 @@
 // Enough of CUDA's programming model and runtime to run kdfast's kernels on the host, so that
 // machines without a GPU test the CUDA code itself, not only the math it shares with the CPU
 // launchers. Force-included (-include) into every translation unit of the emulated
-// kdfast._C_cuda; build.py rewrites each `kernel<<<grid, block, smem, stream>>>(args)` launch
-// into `::cuda_emu::launch(kernel, grid, block, smem, stream)(args)`.
+// kdfast._C_cuda; the build (tests/cuda_emulator/__init__.py) rewrites each
+// `kernel<<<grid, block, smem, stream>>>(args)` launch into
+// `::cuda_emu::launch(kernel, grid, block, smem, stream)(args)`.
 //
 // Every CUDA thread of a block is a fiber (its own stack). A block's fibers run on the calling
 // thread one at a time and switch only where CUDA threads synchronise: __syncthreads(_or),
@@ -14,7 +15,6 @@
 // live threads never reach, threads meeting at barriers of different places in the code, a
 // full-mask shuffle after a lane of its warp has exited, a launch from inside a kernel.
 #pragma once
-#include <setjmp.h>
 #include <sys/mman.h>
 #include <ucontext.h>
 
@@ -137,7 +137,6 @@ struct Group {
 };
 
 struct Launch {
-  dim3 grid, block;
   uint3 block_idx{0, 0, 0};
   dim3 grid_dim, block_dim;
   std::vector<Fiber> fibers;
@@ -408,8 +407,8 @@ inline void run(dim3 grid, dim3 block, std::size_t smem, void (*invoke)(const vo
     return;
   }
   Launch L;
-  L.grid = L.grid_dim = grid;
-  L.block = L.block_dim = block;
+  L.grid_dim = grid;
+  L.block_dim = block;
   L.invoke = invoke;
   L.closure = closure;
   L.fibers.resize(threads);
@@ -445,7 +444,7 @@ struct Launcher {
   void (*kernel)(P...);
   dim3 grid, block;
   std::size_t smem;
-  long long max_threads = 1024;  // the kernel's __launch_bounds__ (build.py passes it on)
+  long long max_threads = 1024;  // the kernel's __launch_bounds__ (the build passes it on)
 
   Launcher bounded(long long threads) const {
     Launcher l = *this;
@@ -529,7 +528,7 @@ inline int syncthreads_or(const char* file, int line, int site, int v) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
-#define __launch_bounds__(...)  // (build.py reads the bound and checks launches against it)
+#define __launch_bounds__(...)  // (the build reads the bound, and launches are checked against it)
 #if defined(__SANITIZE_ADDRESS__)
 #define __shared__ static  // plain statics keep the sanitizer's redzones (but start zeroed)
 #else
