@@ -10,7 +10,6 @@ import os
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -97,7 +96,7 @@ def test_launch_rewrite():
         cuda_emulator.rewrite_launches("(*table[i])<<<1, 32>>>(p);")
 
 
-def test_unemulated_backends_then_a_patch_of_the_test_own(monkeypatch, unemulated_backends):
+def test_a_patch_of_the_test_beside_unemulated_backends(monkeypatch, unemulated_backends):
     from kdfast import _ext, backends
 
     assert backends.op("solver_step").reason("cuda", "cpu") is not None  # kdfast's own registry
@@ -145,7 +144,7 @@ def test_each_op_runs_the_emulated_kernels():
         torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-5, atol=1e-6, msg=name)
 
 
-ASAN = Path(cuda_emulator.HERE / "asan.py")
+ASAN = cuda_emulator.HERE / "asan.py"
 
 
 def _asan_run(*pytest_args):
@@ -189,11 +188,10 @@ def test_grid_stride_loops_past_the_launch_caps(case):
     if case == "grid_combination":
         rows = 65536 * 256 // 4 + 5  # 4 channels, 2 grid points: 20 elements past 65536 blocks of 256
         sample, outputs = torch.randn(rows, 4, generator=g), torch.randn(rows, 8, generator=g)
-        calls = [lambda b: ops.grid_combination(sample, outputs, torch.tensor([0.5, 0.25, -1.0]), backend=b)]
+        call = lambda b: ops.grid_combination(sample, outputs, torch.tensor([0.5, 0.25, -1.0]), backend=b)  # noqa: E731
     else:
         shape = (2, 4096 * 256 + 77) if case == "solver_step_elements" else (65535 * 8 + 3, 1)
         x, m = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
         coefs = torch.tensor(ops.coefficients(1.2, -0.4, sample={"x": 0.7, "x0": 0.3}), dtype=torch.float64)
-        calls = [lambda b: ops.solver_step(x, m, coefs, backend=b).sample]
-    for call in calls:
-        torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-6, atol=1e-6)
+        call = lambda b: ops.solver_step(x, m, coefs, backend=b).sample  # noqa: E731
+    torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-6, atol=1e-6)
