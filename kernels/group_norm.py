@@ -1,7 +1,8 @@
 """Triton version of the fused group norm + activation (same math as csrc/group_norm/group_norm.h).
 
 One program per (sample, group), three sweeps over the group (sum, squared deviation from
-the mean, output) in blocks of ``_BLOCK`` elements, float32 partial sums per lane. When too
+the mean, output) in blocks of ``_BLOCK`` elements, float32 partial sums per lane; the mean
+and the per-channel centers (mean - shift) in float64, as group_norm.h forms them. When too
 few (sample, group) pairs would fill the GPU, each group is cut into ``splits`` chunks
 (group_norm.h's ``gpu_splits``): one kernel writes each chunk's moments about the group's
 pivot (its first element), a second gathers them and normalises the chunk.
@@ -27,24 +28,37 @@ def _element(i, c0, cpg, channels, spatial, CHANNELS_LAST: tl.constexpr):
 
 
 @triton.jit
-def _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, channels, spatial,
-           CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr):
+def _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, channels, spatial,
+          CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """Elements i (< n) of a group and their channels' shifts (0 without one), both float32:
+    x + shift is only ever formed in float64 (a shift far larger than the spread of x, which
+    float32 would round to it, keeps x's accuracy)."""
     mask = i < n
     c, off = _element(i, c0, cpg, channels, spatial, CHANNELS_LAST)
-    v = tl.load(x_ptr + b * x_stride + off, mask=mask, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + b * x_stride + off, mask=mask, other=0.0).to(tl.float32)
     if HAS_SHIFT:
-        v += tl.load(shift_ptr + b * s_batch + c * s_channel, mask=mask, other=0.0).to(tl.float32)
-    return v, c, off, mask
+        shift = tl.load(shift_ptr + b * s_batch + c * s_channel, mask=mask, other=0.0).to(tl.float32)
+    else:
+        shift = tl.zeros_like(x)
+    return x, shift, c, off, mask
+
+
+@triton.jit
+def _center(mean, shift, HAS_SHIFT: tl.constexpr):
+    """group_norm.h's per-channel center mean - shift (float64 mean), in float32."""
+    if HAS_SHIFT:
+        return (mean - shift.to(tl.float64)).to(tl.float32)
+    return mean.to(tl.float32) + tl.zeros_like(shift)
 
 
 @triton.jit
 def _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel, i, n, c0,
            cpg, channels, spatial, mean, rstd, CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
-    """Normalise, activate and store elements i (< n) of a group."""
-    v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, channels, spatial,
-                             CHANNELS_LAST, HAS_SHIFT)
-    y = (v - mean) * rstd
+    """Normalise, activate and store elements i (< n) of a group (``mean`` in float64)."""
+    x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, i, n, c0, cpg, channels,
+                                   spatial, CHANNELS_LAST, HAS_SHIFT)
+    y = (x - _center(mean, shift, HAS_SHIFT)) * rstd
     if HAS_WEIGHT:
         y = y * tl.load(w_ptr + c, mask=mask, other=1.0).to(tl.float32)
     if HAS_BIAS:
@@ -68,18 +82,27 @@ def _group_norm_kernel(
     n = cpg * spatial
     lanes = tl.arange(0, BLOCK)
 
+    # the mean of x + shift as the mean of x plus the mean of the group's channel shifts (each
+    # channel holds spatial elements), in float64
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
-        v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
-                                 channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        acc += tl.where(mask, v, 0.0)
-    mean = tl.sum(acc, axis=0) / n
+        x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
+                                       channels, spatial, CHANNELS_LAST, False)
+        acc += tl.where(mask, x, 0.0)
+    mean = tl.sum(acc, axis=0).to(tl.float64) / n
+    if HAS_SHIFT:
+        acc_shift = tl.zeros([BLOCK], tl.float64)
+        for start in range(0, cpg, BLOCK):
+            at = start + lanes
+            acc_shift += tl.load(shift_ptr + b * s_batch + (c0 + at) * s_channel, mask=at < cpg,
+                                 other=0.0).to(tl.float64)
+        mean += tl.sum(acc_shift, axis=0) / cpg
 
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
-        v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
-                                 channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        d = v - mean
+        x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
+                                       channels, spatial, CHANNELS_LAST, HAS_SHIFT)
+        d = x - _center(mean, shift, HAS_SHIFT)
         acc += tl.where(mask, d * d, 0.0)
     # in float64 like inverse_std in group_norm.h (and exactly rounded: fp32 sqrt and division
     # compile to approximations on NVIDIA GPUs)
@@ -94,11 +117,12 @@ def _group_norm_kernel(
 @triton.jit
 def _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST: tl.constexpr,
            HAS_SHIFT: tl.constexpr):
-    """The group's first element (plus its shift): the value its chunks' moments are taken about."""
+    """The group's first element (plus its shift), in float64: the value its chunks' moments are
+    taken about."""
     off = c0 if CHANNELS_LAST else c0 * spatial
-    v = tl.load(x_ptr + b * x_stride + off).to(tl.float32)
+    v = tl.load(x_ptr + b * x_stride + off).to(tl.float64)
     if HAS_SHIFT:
-        v += tl.load(shift_ptr + b * s_batch + c0 * s_channel).to(tl.float32)
+        v += tl.load(shift_ptr + b * s_batch + c0 * s_channel).to(tl.float64)
     return v
 
 
@@ -126,9 +150,11 @@ def _chunk_moments_kernel(
     acc = tl.zeros([BLOCK], tl.float32)
     acc_sq = tl.zeros([BLOCK], tl.float32)
     for start in range(first, stop, BLOCK):
-        v, c, off, mask = _value(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, stop, c0, cpg,
-                                 channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        d = tl.where(mask, v - pivot, 0.0)
+        x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, stop, c0,
+                                       cpg, channels, spatial, CHANNELS_LAST, HAS_SHIFT)
+        # the deviation from the pivot formed in float64, then kept in float32 (it is of the
+        # order of the group's spread)
+        d = tl.where(mask, (x.to(tl.float64) + shift.to(tl.float64) - pivot).to(tl.float32), 0.0)
         acc += d
         acc_sq += d * d
     tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0).to(tl.float64))
@@ -150,11 +176,10 @@ def _chunk_normalize_kernel(
     s = tl.sum(tl.load(at, mask=j < splits, other=0.0), axis=0) / n
     sq = tl.sum(tl.load(at + 1, mask=j < splits, other=0.0), axis=0) / n
     pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, HAS_SHIFT)
-    mean = pivot.to(tl.float64) + s
+    mean = pivot + s
     var = sq - s * s
     var = tl.where(var < 0.0, 0.0, var)  # (a NaN stays NaN)
     rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
-    mean = mean.to(tl.float32)
     lanes = tl.arange(0, BLOCK)
     for start in range(first, stop, BLOCK):
         _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,

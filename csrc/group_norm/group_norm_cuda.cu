@@ -56,18 +56,20 @@ __global__ void __launch_bounds__(kThreads) group_norm_kernel(const Params p) {
   const int64_t x0 = b * p.x_stride, o0 = b * p.out_stride;
 
   // double per-thread sums: a thread adds n / 256 terms of any size (a group mean 1e4 times
-  // its spread keeps float accuracy); memory, not arithmetic, bounds this kernel.
+  // its spread keeps float accuracy), and x + shift is formed in double (a shift far larger
+  // than the spread of x, which float would round to it, keeps x's accuracy); memory, not
+  // arithmetic, bounds this kernel.
   double s = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     const GroupIndex k = group_index(p, c0, cpg, i);
-    s += load_as_float(p.x, p.x_dtype, x0 + k.offset) + shift_at(p, b, k.c);
+    s += double(load_as_float(p.x, p.x_dtype, x0 + k.offset)) + double(shift_at(p, b, k.c));
   }
   const double mean = block_sum(s, scratch) / double(n);
 
   double sq = 0.0;
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     const GroupIndex k = group_index(p, c0, cpg, i);
-    const float d = load_as_float(p.x, p.x_dtype, x0 + k.offset) - float(mean - double(shift_at(p, b, k.c)));
+    const double d = double(load_as_float(p.x, p.x_dtype, x0 + k.offset)) - (mean - double(shift_at(p, b, k.c)));
     sq += d * d;
   }
   const float rstd = inverse_std(block_sum(sq, scratch) / double(n), p.eps);

@@ -128,6 +128,21 @@ def test_large_mean_keeps_accuracy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", [((2, 4, 8, 8), 2), ((1, 64, 64, 64), 4)])  # (the second: split on GPUs)
+def test_a_shift_far_above_the_spread_keeps_accuracy(backend, shape, groups):
+    # x + shift is never rounded to float32: a shift of 1000 on activations of spread 1e-2
+    # normalises to float32 accuracy (torch's add + group norm is off by ~1e-3 here)
+    for channels_last in (False, True):
+        x = randn(shape, torch.float32, 10, 1e-2)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        s = randn(shape[:2], torch.float32, 11, 1.0, 1000.0)
+        out = ops.group_norm_act(x, groups, shift=s, activation="identity", backend=backend)
+        expect = ref.group_norm_act(x, groups, None, None, 1e-5, s, "identity")
+        torch.testing.assert_close(out.double(), expect, rtol=0, atol=2e-6, msg=f"channels_last={channels_last}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # (numpy, in Triton's interpreter)
 def test_silu_extremes(backend):
     # a constant group normalises to the bias; huge affine values reach silu's tails
