@@ -807,7 +807,8 @@ def _read_sigmas(sigmas) -> List[float]:
     elif isinstance(sigmas, (list, tuple)):
         host = [float(v) for v in sigmas]
     else:
-        raise TypeError(f"sigmas must be a 1-D tensor or a sequence of floats, got {type(sigmas).__name__}")
+        raise TypeError(f"sigmas must be a 1-D tensor, a numpy array or a sequence of floats, got "
+                        f"{type(sigmas).__name__}")
     if not host:
         raise ValueError("sigmas must hold at least one value (one value: a loop of no steps)")
     if not all(math.isfinite(v) for v in host):
@@ -924,6 +925,8 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
                       'denoised': _guided(m, c, g)})
+        if not isinstance(m, torch.Tensor):  # (a diffusers model's tuple or ModelOutput, say)
+            raise TypeError(f"the denoiser must return a torch.Tensor, got {type(m).__name__}")
         if m.dtype is not x.dtype:  # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype
             x = promoted_sample(x, m)
             rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
@@ -981,7 +984,11 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
     _check_x(x)
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
+    if isinstance(sigmas, np.ndarray):
+        sigmas = torch.from_numpy(sigmas)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
+    if generator is not None and noise_sampler is not None:
+        raise ValueError("pass either generator or noise_sampler, not both: the noise sampler draws the noise")
     options = dict(options or {})
     if name == "dpmpp_sde":  # its noise sampler's arguments are computed in the sigmas' dtype
         options["sigmas_dtype"] = str(sigmas.dtype).split(".")[-1] if isinstance(sigmas, torch.Tensor) else "float32"
@@ -1500,11 +1507,13 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
            cuda_graph: bool = False, callback=None, disable=None, **sampler_options) -> torch.Tensor:
     """Run a whole sampling loop; every step is one fused kernel pass.
 
-    With a sigma list (1-D tensor, strictly decreasing, e.g. :func:`get_sigmas_karras`): runs
+    With a sigma list (1-D tensor, numpy array or list of floats, strictly decreasing, e.g.
+    :func:`get_sigmas_karras`): runs
     the k-diffusion-style sampler ``sampler`` (a key of :data:`SAMPLERS`; its options, e.g.
     ``eta=``, ``s_noise=``, ``solver_type=``, ``order=``, ``noise_sampler=``, go in
     ``**sampler_options``) on ``denoiser(x, sigma_batch, **extra_args) -> denoised``, starting
-    from ``x`` (noise already scaled to ``sigmas[0]``).
+    from ``x`` (noise already scaled to ``sigmas[0]``). ``generator`` draws the noise of the
+    samplers that add noise, unless a ``noise_sampler`` does (not both).
 
     With a kdfast scheduler (``kdfast.schedulers.*``, ``set_timesteps`` already called): runs
     its loop, ``denoiser(scheduler.scale_model_input(x, t), t, **extra_args)`` returning the raw

@@ -1213,6 +1213,17 @@ def test_euler_matches_diffusers():
 # --------------------------------------------------------------------------- errors
 
 
+@pytest.mark.parametrize("sampler", ["dpmpp_2m", "dpmpp_sde"])
+def test_sigmas_as_a_numpy_array_sample_as_the_tensor_does(sampler):
+    x, sigmas = initial(), karras(6).double()
+    kwargs = {} if sampler == "dpmpp_2m" else {"generator": torch.Generator().manual_seed(0)}
+    expected = S.sample(denoiser, x, sigmas, sampler=sampler, disable=True, **kwargs)
+    if kwargs:
+        kwargs["generator"].manual_seed(0)
+    got = S.sample(denoiser, x, sigmas.numpy(), sampler=sampler, disable=True, **kwargs)
+    assert torch.equal(got, expected)
+
+
 def test_bad_inputs():
     x, sigmas = initial(), karras(5)
     with pytest.raises(ValueError) as err:
@@ -1263,6 +1274,17 @@ def test_bad_inputs():
         S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 0, disable=True)
     with pytest.raises(TypeError, match="n must be an integer"):
         S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 7.5, disable=True)
+    # a denoiser returning something else (a diffusers model's tuple, say) is named as the culprit
+    for wrap in (lambda out: (out,), lambda out: out.numpy()):
+        with pytest.raises(TypeError, match="the denoiser must return a torch.Tensor"):
+            S.sample(lambda x, s: wrap(denoiser(x, s)), x, sigmas, disable=True)
+    # a generator and a noise sampler, which would draw the same noise, are refused together
+    with pytest.raises(ValueError, match="either generator or noise_sampler"):
+        S.sample(denoiser, x, sigmas, sampler="euler_ancestral", noise_sampler=lambda a, b: torch.randn_like(x),
+                 generator=torch.Generator(), disable=True)
+    with pytest.raises(ValueError, match="either generator or noise_sampler"):
+        S.sample_euler_ancestral(denoiser, x, sigmas, noise_sampler=lambda a, b: torch.randn_like(x),
+                                 generator=torch.Generator(), disable=True)
     sched = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         S.sample(denoiser, x, sched, disable=True)

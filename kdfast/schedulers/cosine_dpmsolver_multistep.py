@@ -294,15 +294,21 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         if len(history) < order - 1 or any(h is None for h in history):
             raise ValueError("model_outputs is missing the entry this second-order step needs")
         x0_dtype = torch.promote_types(sample.dtype, model_output.dtype)  # diffusers' x0 (and tree) dtype
-        if self.noise_sampler is None:
+        new_tree = self.noise_sampler is None
+        if new_tree:
             self.noise_sampler = self._noise_sampler_for(generator, sample.shape, x0_dtype, sample.device)
         key = (i, order)
         noise = None
         if self._table.plans[key].uses("noise"):
             noise = variance_noise if variance_noise is not None else \
                 self.noise_sampler(self._host_sigmas[i], self._host_sigmas[i + 1])
-        result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, history=history,
-                             noise=noise, write_history=True, history_dtype=x0_dtype)
+        try:
+            result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale,
+                                 history=history, noise=noise, write_history=True, history_dtype=x0_dtype)
+        except BaseException:
+            if new_tree:  # refused inputs (a NaN guidance scale, say) leave no tree: a retry seeds its own
+                self.noise_sampler = None
+            raise
         push_history(self.model_outputs, result.history, self.config.solver_order)
         if self.lower_order_nums < self.config.solver_order:
             self.lower_order_nums += 1

@@ -154,13 +154,14 @@ class LCMScheduler(Thresholding, FusedScheduler):
                 raise ValueError(f"The combination of `original_steps x strength`: {original_steps} x {strength} is "
                                  f"smaller than `num_inference_steps`: {num_inference_steps}. Reduce "
                                  "`num_inference_steps` or increase `strength`.")
-            self.num_inference_steps = num_inference_steps
             if num_inference_steps > original_steps:
                 raise ValueError(f"`num_inference_steps`: {num_inference_steps} cannot be larger than "
                                  f"`original_inference_steps`: {original_steps}.")
             origin = origin[::-1].copy()
             idx = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
             timesteps = origin[idx]
+            # set once the schedule is made, so that a call that fails leaves the scheduler as it was
+            self.num_inference_steps = num_inference_steps
 
         self._set_timesteps(torch.from_numpy(timesteps).to(device=device, dtype=torch.long), timesteps.tolist())
         self._step_index = None

@@ -177,6 +177,21 @@ def test_a_new_schedule_builds_a_new_tree():
     assert kd.noise_sampler is None
 
 
+def test_a_first_step_that_fails_leaves_no_tree():
+    # the retry's generator seeds the tree, as in a loop that never failed
+    gens = [torch.Generator().manual_seed(5)] * 4
+    expected = loop(K(), 4, initial_sample(), gens)
+    kd = K()
+    kd.set_timesteps(4)
+    x = initial_sample() * kd.init_noise_sigma
+    with pytest.raises(ValueError, match="guidance_scale"):
+        kd.step_cfg(x, x, float("nan"), kd.timesteps[0], x, generator=torch.Generator().manual_seed(6))
+    assert kd.noise_sampler is None
+    for k, t in enumerate(kd.timesteps):
+        x = kd.step(dummy_model(kd.scale_model_input(x, t), t), t, x, generator=gens[k]).prev_sample
+    assert torch.equal(x, expected)
+
+
 def test_one_fused_pass_per_step_and_no_host_reads_with_given_noise(monkeypatch):
     import kdfast.schedulers.base as base
 

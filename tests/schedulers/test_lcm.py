@@ -185,6 +185,13 @@ def test_bad_set_timesteps_arguments():
         kd.set_timesteps(timesteps=[1000, 499])
     with pytest.raises(ValueError, match="num_inference_steps must be >= 1"):
         kd.set_timesteps(0)
+    # a call that fails leaves the last schedule whole (its last step is still the last one)
+    kd.set_timesteps(8)
+    with pytest.raises(TypeError):
+        kd.set_timesteps(7.5)
+    with pytest.raises(ValueError, match="cannot be larger than `original_inference_steps`"):
+        kd.set_timesteps(60, strength=2.0)
+    assert kd.num_inference_steps == len(kd.timesteps) == 8
 
 
 def test_bad_step_input():
