@@ -93,11 +93,11 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
         bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
         if vmapped(labels):
             pass  # (under vmap no value is read: the cross-entropy's gather refuses an id out of range)
-        elif labels.device.type == "cpu":
+        elif labels.device.type == "cpu" and not torch.compiler.is_compiling():
             if bad.any():
                 first = int(labels[bad][0])
                 raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
-        else:  # checked on the device, without a host sync
+        else:  # checked on the device without a host sync (and inside torch.compile's graph)
             torch._assert_async(~bad.any(), "labels must be in [0, vocab) or ignore_index")
     return labels
 

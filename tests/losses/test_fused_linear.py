@@ -350,3 +350,16 @@ def test_numpy_integer_settings_are_accepted_and_shown():
     for setting in ("kind='jsd'", "beta=0.5", "temperature=1.0", "ignore_index=-100", "weight_hard=0.0",
                     "weight_soft=1.0", "chunk_size=4", "vocab_size=50", "scale_by_t2=False", "reduction='batchmean'"):
         assert setting in text, setting
+
+
+def test_hard_label_checks_do_not_break_a_full_graph():
+    # With weight_hard > 0 the labels' range is checked; under torch.compile on the device, not
+    # by a data-dependent branch (which fullgraph=True refuses).
+    case, labels = make(tokens=8, bias=False)
+    loss = FusedLinearKDLoss(weight_hard=0.3, weight_soft=0.7)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"])
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda labels: loss(*args, labels), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(labels), loss(*args, labels))
+    with pytest.raises(RuntimeError, match="labels must be in"):
+        compiled(torch.full_like(labels, 53))
