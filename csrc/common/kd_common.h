@@ -103,14 +103,17 @@ KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
   }
 }
 
-// exp(x) for the whole float range (0 below -86.6, inf above 88.72, NaN kept). On the host a
-// branch-free Cody-Waite reduction with a degree-7 polynomial (<= 2 ulp), which compilers
-// vectorise, unlike libm's expf.
+// exp(x) for the whole float range (subnormal results down to exp(-103.97), the smallest
+// float; 0 below; inf above 88.72; NaN kept), as expf. On the host a branch-free Cody-Waite
+// reduction with a degree-7 polynomial (<= 2 ulp), which compilers vectorise, unlike libm's
+// expf.
 KD_HD float kd_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  const float xc = x < -86.6f ? -86.6f : (x > 88.72f ? 88.72f : x);
+  // (below the range, x is replaced by 0 rather than -104: masked -inf entries would otherwise
+  // make subnormals for nothing, which x86 computes slowly)
+  const float xc = x < -104.f ? 0.f : (x > 88.72f ? 88.72f : x);
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float shifted = xc * 1.44269504088896341f + magic;
   const float n = shifted - magic;
@@ -123,11 +126,11 @@ KD_HD float kd_exp(float x) {
   e = e * r + 0.5f;
   e = e * r + 1.f;
   e = e * r + 1.f;
-  // 2^(n-1) * 2 keeps n = 128 (x near 88.72) finite; n >= -125 keeps 2^(n-1) normal.
-  const int32_t ni = int32_t(n);
-  const float scale = bits_to_float(uint32_t(ni + 126) << 23);
-  float y = e * scale * 2.f;
-  y = x < -86.6f ? 0.f : y;
+  // 2^n as 2^n1 * 2^n2, both normal for n in [-150, 128]: the first product is exact and the
+  // second rounds once, into the subnormals where exp(x) lies there.
+  const int32_t ni = int32_t(n), n1 = ni >> 1, n2 = ni - n1;
+  float y = e * bits_to_float(uint32_t(n1 + 127) << 23) * bits_to_float(uint32_t(n2 + 127) << 23);
+  y = x < -104.f ? 0.f : y;
   y = x > 88.72f ? INFINITY : y;
   return x != x ? x : y;
 #endif

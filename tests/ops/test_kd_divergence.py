@@ -598,6 +598,28 @@ def test_fast_exp_is_unbiased():
         assert abs(rel.mean()) < 1.5e-8, f"frac {frac}: mean relative error {rel.mean():.2e}"
 
 
+def test_fast_exp_keeps_subnormal_results():
+    # exp(x) for x in [-103.97, -87.3] is a subnormal float, not 0: within one subnormal step of
+    # the correctly rounded value (the one-hot forward-KL gradient is q_k = exp(s_k) itself)
+    x = torch.linspace(-103.9, -87.4, 4001, dtype=torch.float64)
+    s = torch.cat([torch.zeros(1, dtype=torch.float64), x]).float()[None]
+    t = torch.full_like(s, -math.inf)
+    t[0, 0] = 0.0
+    _, grad = fused("cpu", s, t, "forward_kl")
+    exact = s[0, 1:].double().exp().float().double()
+    assert (grad[0, 1:].double() - exact).abs().max() <= 2.0 ** -149
+    assert (grad[0, 1:] > 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reverse_kl_is_infinite_where_a_subnormal_student_probability_meets_an_impossible_teacher_entry(backend):
+    # q = exp(-90) > 0 where p = 0: KL(q || p) is infinite, as the float64 reference says
+    s, t = torch.tensor([[0.0, -90.0, 1.0]]), torch.tensor([[0.0, -math.inf, -1.0]])
+    rows, _ = fused(backend, s, t, "reverse_kl")
+    assert rows[0] == math.inf
+    assert ref.kd_divergence(s.double(), t.double(), "reverse_kl")[0] == math.inf
+
+
 # --------------------------------------------------------------------------- autograd paths
 
 
