@@ -216,7 +216,8 @@ def dmd(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, *, x_t: O
     adds nothing to the loss (torch.nan_to_num in DMD2 would map inf to the largest float).
 
     Only x is differentiable (x0_real, x0_fake and x_t are stop-gradient by definition), and
-    tensor weights.
+    tensor weights. A second-order use (``create_graph=True``) sees the formula's Hessian on x,
+    ``w_b I / n``.
     """
     x = _check_latent("x", x)
     x0_real = _check_latent("x0_real", x0_real, x)
@@ -636,12 +637,12 @@ def _loss_setup_context(ctx, inputs, output):
 
 def _loss_backward_autograd(ctx, grad_loss, _grad_aux):
     kind, prediction, values, backend = ctx.args
-    if torch.is_grad_enabled() and not _traced((grad_loss,)) and (
-            kind != DMD or ctx.want_weights or grad_loss.requires_grad):
+    second_order = torch.is_grad_enabled() and not _traced((grad_loss,))
+    if second_order and (kind != DMD or ctx.want_weights or grad_loss.requires_grad):
         # create_graph=True: the backward kernel's gradient has no graph of its own, so a
         # second-order use (a gradient penalty) would silently lose its own gradient. (DMD's
-        # gradient is the constant g times the weights and the incoming gradient: nothing to
-        # lose unless those carry a graph.)
+        # gradient is the constant g times the weights and the incoming gradient, plus the
+        # Hessian term added below: nothing is lost unless those carry a graph.)
         raise RuntimeError(f"kdfast.{KINDS[kind]}: double backward (create_graph=True) is not supported; the "
                            f"gradient is computed by a kernel and is not differentiable")
     x, in1, in2, aux, *params = ctx.saved_tensors
@@ -653,10 +654,22 @@ def _loss_backward_autograd(ctx, grad_loss, _grad_aux):
                           ctx.want_in1, backend)
         grad_x = gx if ctx.want_x else None
         grad_in1 = g1 if ctx.want_in1 else None
+        if second_order and grad_x is not None:  # (DMD)
+            grad_x = grad_x + _dmd_hessian_term(x, params[_W], values[_W], grad_loss)
     grad_weights = None
     if ctx.want_weights:
         grad_weights = (grad_loss.double() * aux[:, 0]).to(params[_W].dtype)
     return None, None, grad_x, grad_in1, None, None, grad_weights, None, None, None
+
+
+def _dmd_hessian_term(x: torch.Tensor, weights: Optional[torch.Tensor], weight: float,
+                      grad_loss: torch.Tensor) -> torch.Tensor:
+    """What DMD's gradient adds for a second-order use: ``0.5 w mean((x - sg(x - g))^2)`` has
+    Hessian ``w I / n`` on x, so its gradient carries ``w (x - sg(x)) / n`` (0 in value, from
+    finite entries, as the reference forms it)."""
+    w = grad_loss.double() * (weight if weights is None else weights.double()) / x[0].numel()
+    z = torch.where(torch.isfinite(x), x - x.detach(), torch.zeros_like(x))
+    return (z * w.view(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 
 
 _diffusion_loss_op.register_autograd(_loss_backward_autograd, setup_context=_loss_setup_context)

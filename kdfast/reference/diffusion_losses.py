@@ -81,7 +81,7 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Option
     else:
         s = _sample_sum(d * d)
         big = s == math.inf
-        live = ((s > 0) | (c > 0)) & ~big
+        live = ~((s == 0) & (c == 0)) & ~big  # (a NaN s is live: its loss is NaN, as the kernels')
         r = torch.sqrt(torch.where(live, s + c * c, torch.ones_like(s)))
         beyond = torch.sqrt(torch.where(big, s, torch.ones_like(s)))  # inf, slope 1 / (2 sqrt(s)) = 0
         value = torch.where(big, beyond, torch.where(live, s, torch.zeros_like(s)) / (r + c))
@@ -105,16 +105,16 @@ def dmd(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, x_t: Opti
         weights: Optional[PerSample] = None, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Per-sample DMD loss ``[batch]``: value ``0.5 mean(g^2)``, gradient ``g / n`` with respect to x.
 
-    ``0.5 mean((x - sg(x - g))^2)`` has exactly this value and gradient; it is written as
-    ``0.5 mean(g^2) + mean((x - sg(x)) g)`` so that the value does not lose ``g`` to rounding
-    when ``|x| >> |g|``.
+    ``0.5 mean((x - sg(x - g))^2)``, value, gradient and Hessian ``I / n``; it is written as
+    ``0.5 mean(g^2) + mean(z g) + 0.5 mean(z^2)`` with ``z = x - sg(x)`` (0, with gradient 1) so
+    that the value does not lose ``g`` to rounding when ``|x| >> |g|``.
     """
     g = dmd_gradient(x, x0_real, x0_fake, x_t, dtype)
     xd = x.to(dtype)
-    # (x - sg(x)) is 0 with gradient 1; written as a where so that an inf or NaN in x, whose
-    # sample's g is 0 (no finite normaliser), gives 0 rather than (inf - inf) * 0 = NaN
-    zero_with_grad = torch.where(torch.isfinite(xd), xd - xd.detach(), torch.zeros_like(xd))
-    value = 0.5 * _sample_mean(g * g) + _sample_mean(zero_with_grad * g)
+    # written as a where so that an inf or NaN in x, whose sample's g is 0 (no finite
+    # normaliser), gives 0 rather than (inf - inf) * 0 = NaN
+    z = torch.where(torch.isfinite(xd), xd - xd.detach(), torch.zeros_like(xd))
+    value = 0.5 * _sample_mean(g * g) + _sample_mean(z * g) + 0.5 * _sample_mean(z * z)
     return per_sample(weights, x.shape[0], x.device, dtype) * value
 
 

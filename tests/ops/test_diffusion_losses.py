@@ -186,8 +186,9 @@ def test_a_sample_holding_nan_has_a_nan_loss(backend):
     x[0, 1, 1] = math.nan
     x[1, 0, 0], y[1, 0, 0] = math.inf, math.inf  # inf - inf
     for elementwise in (False, True):
-        loss = ops.pseudo_huber(x, y, c=0.1, elementwise=elementwise, backend=backend)
-        assert loss[:2].isnan().all() and torch.isfinite(loss[2]), elementwise
+        for c in (0.1, 0.0):  # (c = 0: the reference took a NaN sample for the dead 0 / 0 case)
+            loss = ops.pseudo_huber(x, y, c=c, elementwise=elementwise, backend=backend)
+            assert loss[:2].isnan().all() and torch.isfinite(loss[2]), (elementwise, c)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -666,7 +667,7 @@ def test_cpu_schedule_checks_do_not_break_a_full_graph():
 def test_double_backward_is_refused_where_it_would_lose_a_term():
     # A gradient penalty (create_graph=True) through a kernel's gradient, which has no graph of
     # its own, would silently drop the penalty's gradient: refused. DMD's gradient is the
-    # constant g, so there is nothing to lose and it stays allowed.
+    # constant g plus a term linear in x (see the next test), so it stays allowed.
     x, y, z = randn((3, 2, 4), torch.float32, 70), randn((3, 2, 4), torch.float32, 71), randn((3, 2, 4), torch.float32, 72)
     sched = [t.to(torch.float32) for t in schedule(3, 8)]
     losses = {
@@ -693,6 +694,31 @@ def test_double_backward_is_refused_where_it_would_lose_a_term():
     factor = torch.tensor(2.0, requires_grad=True)
     with pytest.raises(RuntimeError, match="kdfast.dmd: double backward"):
         torch.autograd.grad(factor * ops.dmd(leaf, y, z).sum(), leaf, create_graph=True)
+
+
+@pytest.mark.parametrize("weights", [None, 0.5, "tensor"])
+def test_dmd_second_order_terms_are_those_of_its_formula(weights):
+    # 0.5 w mean((x - sg(x - g))^2) has Hessian w I / n on x: a gradient penalty on the DMD
+    # gradient sees it, as it does through DMD2's 0.5 * mse_loss(x, (x - g).detach())
+    x, real, fake = (randn((3, 2, 4), torch.float64, 73 + k) for k in range(3))
+    w = torch.tensor([0.5, 2.0, 1.0]) if weights == "tensor" else weights
+    w64 = torch.ones(3, dtype=torch.float64) if w is None else torch.as_tensor(w, dtype=torch.float64).expand(3)
+
+    def penalty_gradient(loss, leaf):
+        (g,) = torch.autograd.grad(3.0 * loss(leaf).sum(), leaf, create_graph=True)
+        (h,) = torch.autograd.grad((g ** 2).sum(), leaf)
+        return h.double()
+
+    def formula(leaf):
+        g = ref.dmd_gradient(leaf, real, fake)
+        return w64 * 0.5 * ((leaf - (leaf - g).detach()) ** 2).flatten(1).mean(1)
+
+    expected = penalty_gradient(formula, x.clone().requires_grad_(True))
+    kernels = penalty_gradient(lambda a: ops.dmd(a, real.float(), fake.float(), weights=w),
+                               x.float().requires_grad_(True))
+    reference = penalty_gradient(lambda a: ref.dmd(a, real, fake, weights=w), x.clone().requires_grad_(True))
+    torch.testing.assert_close(kernels, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(reference, expected, rtol=1e-12, atol=1e-15)
 
 
 def test_vmap_is_refused_by_name_or_batched():
