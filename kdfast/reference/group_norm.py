@@ -7,6 +7,7 @@ Gradients come from autograd, so this is also what the op's backward computes.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -28,6 +29,14 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     if weight is None and bias is not None:
         # (an explicit weight of ones: torch's group_norm backward on the CPU fails with a bias alone)
         weight = torch.ones_like(bias)
-    y = F.group_norm(v, num_groups, None if weight is None else weight.to(dtype),
-                     None if bias is None else bias.to(dtype), eps)
+    weight, bias = (None if t is None else t.to(dtype) for t in (weight, bias))
+    if v.numel() and v[0].numel() == num_groups:
+        # one element per group, which F.group_norm refuses: (x - mean) / sqrt(0 + eps) with
+        # mean = x, so 0 (NaN from an inf or NaN, or from 0 / 0 at eps = 0)
+        y = (v - v) * (math.inf if eps == 0 else eps ** -0.5)
+        shape = (1, -1) + (1,) * (v.dim() - 2)
+        y = y if weight is None else y * weight.reshape(shape)
+        y = y if bias is None else y + bias.reshape(shape)
+    else:
+        y = F.group_norm(v, num_groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y

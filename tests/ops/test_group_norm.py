@@ -142,6 +142,17 @@ def test_a_shift_far_above_the_spread_keeps_accuracy(backend, shape, groups):
         torch.testing.assert_close(out.double(), expect, rtol=0, atol=2e-6, msg=f"channels_last={channels_last}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_one_element_groups(backend):
+    # (which torch's F.group_norm refuses) normalise to 0, so to the bias; 0 / 0 at eps = 0 is NaN
+    x = torch.tensor([[0.3, -0.7, 0.1], [1.0, math.nan, 2.0]])
+    w, b = torch.tensor([2.0, 3.0, 4.0]), torch.tensor([0.5, 0.25, -1.0])
+    out = ops.group_norm_act(x, 3, w, b, activation="identity", backend=backend)
+    torch.testing.assert_close(out, torch.tensor([[0.5, 0.25, -1.0], [0.5, math.nan, -1.0]]), equal_nan=True)
+    assert ops.group_norm_act(x, 3, w, b, eps=0.0, activation="identity", backend=backend).isnan().all()
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # (numpy, in Triton's interpreter)
 def test_silu_extremes(backend):
