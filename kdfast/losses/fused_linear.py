@@ -311,6 +311,17 @@ def _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden, 
     return rows.sum() if denominator is None else rows.sum() / denominator
 
 
+def _autocast(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
+    """The heads' tensors as ``F.linear`` takes them under ``torch.autocast``: floating ones in
+    the autocast dtype (so an fp32 ``lm_head.weight`` meets the bf16 hidden states of an
+    autocast model; gradients flow back to the fp32 parameters through the cast)."""
+    first = tensors[0]
+    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(first.device.type)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+
+
 def fused_linear_kd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -361,8 +372,12 @@ def fused_linear_kd(
 
     Gradients for the student's hidden states, weight and bias are computed during the
     forward pass, chunk by chunk; peak extra memory is a few chunk-sized buffers plus fp32
-    buffers for the gradients of the weight and the hidden states.
+    buffers for the gradients of the weight and the hidden states. Under ``torch.autocast``
+    the heads are taken in the autocast dtype, as ``F.linear`` takes them (an fp32 weight
+    with bf16 hidden states works there).
     """
+    student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias = _autocast(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias)
     _check_head("student", student_hidden, student_weight, student_bias)
     _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
     tokens = student_hidden.shape[0]

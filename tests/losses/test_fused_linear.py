@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kdfast.losses import FusedLinearKDLoss, default_chunk_size, fused_linear_kd
+from kdfast.losses import FusedLinearKDLoss, default_chunk_size, fused_linear_kd, kd_loss
 from kdfast.losses import fused_linear as fused_linear_module
 from kdfast.reference import kd_divergence as ref
 
@@ -363,3 +363,25 @@ def test_hard_label_checks_do_not_break_a_full_graph():
     torch.testing.assert_close(compiled(labels), loss(*args, labels))
     with pytest.raises(RuntimeError, match="labels must be in"):
         compiled(torch.full_like(labels, 53))
+
+
+def test_autocast_takes_the_heads_as_f_linear_does():
+    # an autocast model's bf16 hidden states meet its fp32 lm_head.weight: both taken in bf16
+    # (as F.linear takes them), the gradient reaching the fp32 parameter through the cast
+    case, labels = make(tokens=16, bias=True)
+    leaves = {k: case[k].clone().requires_grad_(True) for k in ("student_weight", "student_bias")}
+    twins = {k: case[k].clone().requires_grad_(True) for k in ("student_weight", "student_bias")}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = case["student_hidden"].bfloat16()  # (as an autocast layer returns it)
+        got = fused_linear_kd(hidden, leaves["student_weight"], case["teacher_hidden"], case["teacher_weight"],
+                              labels, leaves["student_bias"], case["teacher_bias"], weight_hard=0.5)
+        s = F.linear(hidden, twins["student_weight"], twins["student_bias"])
+        t = F.linear(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"])
+    valid = labels != -100
+    expected = (kd_loss(s, t, labels, kind="jsd") + 0.5 * F.cross_entropy(s[valid].float(), labels[valid]))
+    got.backward()
+    expected.backward()
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=1e-3)
+    for k in leaves:
+        assert leaves[k].grad.dtype == torch.float32
+        torch.testing.assert_close(leaves[k].grad, twins[k].grad, rtol=2e-2, atol=2e-3)
