@@ -111,9 +111,10 @@ KD_HD float kd_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
 #else
-  // (below the range, x is replaced by 0 rather than -104: masked -inf entries would otherwise
-  // make subnormals for nothing, which x86 computes slowly)
-  const float xc = x < -104.f ? 0.f : (x > 88.72f ? 88.72f : x);
+  // Outside the range (and for NaN, whose int conversion below would be undefined) x is
+  // replaced by 0 rather than by -104: masked -inf entries would otherwise make subnormals for
+  // nothing, which x86 computes slowly. The selects at the end give those entries their value.
+  const float xc = (x >= -104.f && x <= 88.72f) ? x : (x > 88.72f ? 88.72f : 0.f);
   const float magic = 12582912.f;  // 1.5 * 2^23: adding it rounds to an integer
   const float shifted = xc * 1.44269504088896341f + magic;
   const float n = shifted - magic;
