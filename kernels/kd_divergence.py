@@ -2,7 +2,8 @@
 
 One program per row: an online log-sum-exp sweep over the vocabulary for both logits, a
 sweep for the loss and sum(w), and, when asked, a sweep writing the student's gradient
-``(w - q * sum(w)) * loss_scale / T``.
+``(w - q * sum(w)) * loss_scale / T`` (forward KL, whose sum(w) is -1, writes it in the second
+sweep).
 """
 from __future__ import annotations
 
@@ -95,32 +96,42 @@ def _kd_divergence_kernel(
     log_zt = tl.log(zt)
     defined = (tl.abs(ms) < INF) & (tl.abs(log_zs) < INF) & (tl.abs(mt) < INF) & (tl.abs(log_zt) < INF)
 
+    keep = tl.cast(1.0, tl.float32)
+    if HAS_LABELS:
+        keep = tl.where(tl.load(labels_ptr + row) == ignore_index, 0.0, 1.0)
+    # NaN made in the kernel: a NaN global would fail Triton's "global changed" check (nan != nan)
+    nan = INF - INF
+    scale = loss_scale * inv_t
+    g_row = grad_ptr + row * g_stride
+    # Forward KL's sum(w) is -1 on a row with a distribution (kForwardKLSumW in
+    # kd_divergence.h): its gradient (w + q) is written in sweep 2, which then also covers the
+    # padding columns (vocab <= j < grad_cols, gradient 0), and there is no sweep 3.
+    GRAD_NOW: tl.constexpr = WRITE_GRAD and KIND == 0
+
     # Sweep 2: the divergence and sum(w).
     loss = tl.cast(0.0, tl.float32)
     sum_w = tl.cast(0.0, tl.float32)
-    for start in range(0, vocab, BLOCK):
+    for start in range(0, grad_cols if GRAD_NOW else vocab, BLOCK):
         j = start + cols
         mask = j < vocab
         s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
         ls = (s - ms) - log_zs
         lt = (t - mt) - log_zt
-        term, w = _term(ls, lt, tl.exp(ls), tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
+        q = tl.exp(ls)
+        term, w = _term(ls, lt, q, tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
         loss += tl.sum(tl.where(mask, term, 0.0), 0)
         sum_w += tl.sum(tl.where(mask, w, 0.0), 0)
+        if GRAD_NOW:
+            g = tl.where(defined, (w + q) * scale, nan)
+            g = tl.where(keep > 0.0, tl.where(mask, g, 0.0), 0.0)
+            tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=j < grad_cols)
 
-    keep = tl.cast(1.0, tl.float32)
-    if HAS_LABELS:
-        keep = tl.where(tl.load(labels_ptr + row) == ignore_index, 0.0, 1.0)
-    # NaN made in the kernel: a NaN global would fail Triton's "global changed" check (nan != nan)
-    nan = INF - INF
     loss = tl.where(defined, loss * loss_scale, nan)
     tl.store(loss_ptr + row, tl.where(keep > 0.0, loss, 0.0))
 
-    if WRITE_GRAD:
+    if WRITE_GRAD and not GRAD_NOW:
         # Sweep 3: the gradient; padding columns (vocab <= j < grad_cols) get 0.
-        scale = loss_scale * inv_t
-        g_row = grad_ptr + row * g_stride
         for start in range(0, grad_cols, BLOCK):
             j = start + cols
             mask = j < vocab

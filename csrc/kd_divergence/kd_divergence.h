@@ -5,7 +5,8 @@
 // With q = softmax(s / T) (student), p = softmax(t / T) (teacher), every divergence D(q, p)
 // here has d D / d (s_k / T) = w_k - q_k * sum_j w_j, where w_k = q_k * dD/dq_k is a cheap
 // per-element term (see divergence_term). So a row takes three sweeps over the vocabulary:
-// the two log-sum-exps, then the loss and sum(w), then the gradient.
+// the two log-sum-exps, then the loss and sum(w), then the gradient (two for forward KL on a
+// GPU, whose sum(w) is known: see kForwardKLSumW).
 //
 // The per-element math below is shared by the CPU and CUDA launchers (and mirrored by the
 // Triton kernel in kernels/kd_divergence.py and the torch reference in
@@ -161,6 +162,11 @@ KD_HD bool is_distribution(LogNorm n) {
 
 // Gradient of the row's loss with respect to the student logit of entry k.
 KD_HD float divergence_grad(float w, float q, float sum_w, float scale) { return (w - q * sum_w) * scale; }
+
+// Forward KL's w is -p, so sum(w) = -1 on every row with a distribution, known before the loss
+// sweep: the GPU kernels write its gradient (q - p) in that sweep and skip the third. (The CPU
+// launcher, which keeps the row in cache, sums w as for the other kinds.)
+constexpr float kForwardKLSumW = -1.f;
 
 int kd_divergence_cpu(const Params& p);
 int kd_divergence_cuda(const Params& p);

@@ -3,6 +3,7 @@
 // Sweep 1 is an online log-sum-exp of both rows in one read; sweeps 2 and 3 reread the row
 // (from L2 while the rows in flight fit there, else from HBM: at most 3 reads per logit, which
 // next to the LM-head GEMMs that produce the logits is a small share of a fused-linear step).
+// Forward KL writes its gradient in sweep 2 and has no sweep 3 (2 reads per logit).
 #include "kd_divergence.h"
 
 #include <cuda_runtime.h>
@@ -98,19 +99,28 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
     const LogNorm nt = log_norm(block_lse(lt_acc, lse_scratch[1]));
     const bool defined = is_distribution(ns) && is_distribution(nt);
 
+    // Forward KL's sum(w) is known before its sweep (kd_divergence.h): the gradient is written
+    // in this sweep, which then also covers the padding columns.
+    const float scale = p.loss_scale * inv_t;
+    const bool grad_now = KIND == kForwardKL && p.grad;
     float2 acc{0.f, 0.f};  // (loss, sum of w)
-    for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
-      const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
-      float w;
-      acc.x += divergence_term<KIND>(c, ls, lt, kd_exp(ls), kd_exp(lt), w);
-      acc.y += w;
+    for (int64_t j = threadIdx.x; j < (grad_now ? p.grad_cols : n); j += blockDim.x) {
+      float g = 0.f;
+      if (j < n) {
+        const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
+        const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
+        const float q = kd_exp(ls);
+        float w;
+        acc.x += divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
+        acc.y += w;
+        if (grad_now) g = defined ? divergence_grad(w, q, kForwardKLSumW, scale) : NAN;
+      }
+      if (grad_now) store_from_float(p.grad, p.grad_dtype, g_off + j, g);
     }
     acc = block_sum2(acc, sum_scratch);
     if (threadIdx.x == 0) p.row_loss[r] = defined ? acc.x * p.loss_scale : NAN;
-    if (!p.grad) continue;
+    if (!p.grad || grad_now) continue;
 
-    const float scale = p.loss_scale * inv_t;
     for (int64_t j = threadIdx.x; j < p.grad_cols; j += blockDim.x) {
       float g = 0.f;
       if (j < n) {
