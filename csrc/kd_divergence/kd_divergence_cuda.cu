@@ -74,6 +74,17 @@ __device__ float2 block_sum2(float2 v, float2* scratch) {
   return r;
 }
 
+// Entry j of a row (student at s_off, teacher at t_off): returns its divergence term and sets
+// w and the student probability q.
+template <int KIND>
+__device__ __forceinline__ float entry_term(const Params& p, const Consts& c, int64_t s_off, int64_t t_off,
+                                            int64_t j, LogNorm ns, LogNorm nt, float& w, float& q) {
+  const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * p.inv_temperature, ns);
+  const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * p.inv_temperature, nt);
+  q = kd_exp(ls);
+  return divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
+}
+
 template <int KIND>
 __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p, const Consts c) {
   __shared__ Lse lse_scratch[2][kWarps];
@@ -107,11 +118,8 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
     for (int64_t j = threadIdx.x; j < (grad_now ? p.grad_cols : n); j += blockDim.x) {
       float g = 0.f;
       if (j < n) {
-        const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
-        const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
-        const float q = kd_exp(ls);
-        float w;
-        acc.x += divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
+        float w, q;
+        acc.x += entry_term<KIND>(p, c, s_off, t_off, j, ns, nt, w, q);
         acc.y += w;
         if (grad_now) g = defined ? divergence_grad(w, q, kForwardKLSumW, scale) : NAN;
       }
@@ -124,11 +132,8 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
     for (int64_t j = threadIdx.x; j < p.grad_cols; j += blockDim.x) {
       float g = 0.f;
       if (j < n) {
-        const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * inv_t, ns);
-        const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t, nt);
-        const float q = kd_exp(ls);
-        float w;
-        divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
+        float w, q;
+        entry_term<KIND>(p, c, s_off, t_off, j, ns, nt, w, q);
         g = defined ? divergence_grad(w, q, acc.y, scale) : NAN;
       }
       store_from_float(p.grad, p.grad_dtype, g_off + j, g);
