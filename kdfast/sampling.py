@@ -985,10 +985,8 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
     extra_args = {} if extra_args is None else dict(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
     if isinstance(sigmas, np.ndarray):
-        sigmas = torch.from_numpy(sigmas)
+        sigmas = torch.from_numpy(np.array(sigmas))  # (a copy: reversed or read-only arrays too)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
-    if generator is not None and noise_sampler is not None:
-        raise ValueError("pass either generator or noise_sampler, not both: the noise sampler draws the noise")
     options = dict(options or {})
     if name == "dpmpp_sde":  # its noise sampler's arguments are computed in the sigmas' dtype
         options["sigmas_dtype"] = str(sigmas.dtype).split(".")[-1] if isinstance(sigmas, torch.Tensor) else "float32"
@@ -1513,7 +1511,8 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     ``eta=``, ``s_noise=``, ``solver_type=``, ``order=``, ``noise_sampler=``, go in
     ``**sampler_options``) on ``denoiser(x, sigma_batch, **extra_args) -> denoised``, starting
     from ``x`` (noise already scaled to ``sigmas[0]``). ``generator`` draws the noise of the
-    samplers that add noise, unless a ``noise_sampler`` does (not both).
+    samplers that add noise; with a ``noise_sampler`` it draws nothing, and only names the CUDA
+    generator that ``cuda_graph=True`` saves, registers and restores (the noise sampler's own).
 
     With a kdfast scheduler (``kdfast.schedulers.*``, ``set_timesteps`` already called): runs
     its loop, ``denoiser(scheduler.scale_model_input(x, t), t, **extra_args)`` returning the raw
