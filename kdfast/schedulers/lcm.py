@@ -138,10 +138,9 @@ class LCMScheduler(Thresholding, FusedScheduler):
                 logger.warning("The custom timestep schedule has %d steps, more than the %d of the distillation "
                                "schedule. You may get unexpected results.", len(timesteps), original_steps)
             timesteps = np.array(timesteps, dtype=np.int64)
-            self.num_inference_steps = len(timesteps)
-            self.custom_timesteps = True
-            init_timestep = min(int(self.num_inference_steps * strength), self.num_inference_steps)
-            t_start = max(self.num_inference_steps - init_timestep, 0)
+            steps, custom = len(timesteps), True
+            init_timestep = min(int(steps * strength), steps)
+            t_start = max(steps - init_timestep, 0)
             timesteps = timesteps[t_start * self.order:]
         else:
             if int(num_inference_steps) < 1:
@@ -160,10 +159,11 @@ class LCMScheduler(Thresholding, FusedScheduler):
             origin = origin[::-1].copy()
             idx = np.floor(np.linspace(0, len(origin), num=num_inference_steps, endpoint=False)).astype(np.int64)
             timesteps = origin[idx]
-            # set once the schedule is made, so that a call that fails leaves the scheduler as it was
-            self.num_inference_steps = num_inference_steps
+            steps, custom = num_inference_steps, self.custom_timesteps  # (never reset, as in diffusers)
 
         self._set_timesteps(torch.from_numpy(timesteps).to(device=device, dtype=torch.long), timesteps.tolist())
+        # set once the schedule is made, so that a call that fails leaves the scheduler as it was
+        self.num_inference_steps, self.custom_timesteps = steps, custom
         self._step_index = None
         self._begin_index = None
         self._table = self._shared_table(

@@ -191,7 +191,9 @@ def test_bad_set_timesteps_arguments():
         kd.set_timesteps(7.5)
     with pytest.raises(ValueError, match="cannot be larger than `original_inference_steps`"):
         kd.set_timesteps(60, strength=2.0)
-    assert kd.num_inference_steps == len(kd.timesteps) == 8
+    with pytest.raises((RuntimeError, ValueError)):  # an unknown device, here after the custom schedule is made
+        kd.set_timesteps(timesteps=[999, 759, 499], device="no-such-device")
+    assert kd.num_inference_steps == len(kd.timesteps) == 8 and not kd.custom_timesteps
 
 
 def test_bad_step_input():
