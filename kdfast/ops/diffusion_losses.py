@@ -667,7 +667,7 @@ def _dmd_hessian_term(x: torch.Tensor, weights: Optional[torch.Tensor], weight: 
     """What DMD's gradient adds for a second-order use: ``0.5 w mean((x - sg(x - g))^2)`` has
     Hessian ``w I / n`` on x, so its gradient carries ``w (x - sg(x)) / n`` (0 in value, from
     finite entries, as the reference forms it)."""
-    w = grad_loss.double() * (weight if weights is None else weights.double()) / x[0].numel()
+    w = grad_loss.double() * (weight if weights is None else weights.double()) / math.prod(x.shape[1:])
     z = torch.where(torch.isfinite(x), x - x.detach(), torch.zeros_like(x))
     return (z * w.view(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 

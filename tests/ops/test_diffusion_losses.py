@@ -719,6 +719,9 @@ def test_dmd_second_order_terms_are_those_of_its_formula(weights):
     reference = penalty_gradient(lambda a: ref.dmd(a, real, fake, weights=w), x.clone().requires_grad_(True))
     torch.testing.assert_close(kernels, expected, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(reference, expected, rtol=1e-12, atol=1e-15)
+    empty = torch.zeros(0, 2, 4, requires_grad=True)
+    (g,) = torch.autograd.grad(ops.dmd(empty, empty.detach(), empty.detach()).sum(), empty, create_graph=True)
+    assert g.shape == empty.shape
 
 
 def test_vmap_is_refused_by_name_or_batched():
