@@ -312,14 +312,16 @@ def _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden, 
 
 
 def _autocast(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], ...]:
-    """The heads' tensors as ``F.linear`` takes them under ``torch.autocast``: floating ones in
-    the autocast dtype (so an fp32 ``lm_head.weight`` meets the bf16 hidden states of an
-    autocast model; gradients flow back to the fp32 parameters through the cast)."""
+    """The heads' tensors as ``F.linear`` takes them under ``torch.autocast``: floating ones
+    other than float64 in the autocast dtype (so an fp32 ``lm_head.weight`` meets the bf16
+    hidden states of an autocast model; gradients flow back to the fp32 parameters through the
+    cast)."""
     first = tensors[0]
     if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
-    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
 
 
 def fused_linear_kd(

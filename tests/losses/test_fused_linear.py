@@ -385,3 +385,7 @@ def test_autocast_takes_the_heads_as_f_linear_does():
     for k in leaves:
         assert leaves[k].grad.dtype == torch.float32
         torch.testing.assert_close(leaves[k].grad, twins[k].grad, rtol=2e-2, atol=2e-3)
+    # float64 is left alone, as autocast leaves it: refused as outside autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
+        fused_linear_kd(case["student_hidden"].double(), case["student_weight"].double(), case["teacher_hidden"],
+                        case["teacher_weight"])
