@@ -106,7 +106,8 @@ KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
 // exp(x) for the whole float range (subnormal results down to exp(-103.97), the smallest
 // float; 0 below; inf above 88.72; NaN kept), as expf. On the host a branch-free Cody-Waite
 // reduction with a degree-7 polynomial (<= 2 ulp), which compilers vectorise, unlike libm's
-// expf.
+// expf. (Subnormal results cost x86 extra: a KD row whose logits nearly all lie 87 to 104
+// below its maximum runs 1.8x slower than one within 87; torch.exp slows 30x there.)
 KD_HD float kd_exp(float x) {
 #if defined(__CUDA_ARCH__)
   return expf(x);
