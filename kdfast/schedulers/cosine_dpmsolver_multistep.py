@@ -67,7 +67,8 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
     sigma_max]`` (the config's, not the schedule's), built at the first step after
     ``set_timesteps`` in the shape, dtype and device of x0, seeded with ``generator.initial_seed()``
     (a list of generators, one per batch item: one tree each, seeded with theirs) or, without a
-    generator, with a seed drawn from torch's global generator, and queried at the step's
+    generator, with a seed drawn from torch's global generator (a first step that fails gives
+    the draw back), and queried at the step's
     float32 sigmas. The tree's draw is its own passes over the latent, as in diffusers.
     Generators passed to later steps are not read (as in diffusers). **Not sync-free:** the tree
     is drawn on the host (torchsde bisects its times in Python, reading them back), so a step
@@ -295,6 +296,8 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
             raise ValueError("model_outputs is missing the entry this second-order step needs")
         x0_dtype = torch.promote_types(sample.dtype, model_output.dtype)  # diffusers' x0 (and tree) dtype
         new_tree = self.noise_sampler is None
+        # a first step that fails leaves the global generator as it found it (its seed draw undone)
+        global_rng = torch.get_rng_state() if new_tree and generator is None else None
         if new_tree:
             self.noise_sampler = self._noise_sampler_for(generator, sample.shape, x0_dtype, sample.device)
         key = (i, order)
@@ -308,6 +311,8 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         except BaseException:
             if new_tree:  # refused inputs (a NaN guidance scale, say) leave no tree: a retry seeds its own
                 self.noise_sampler = None
+            if global_rng is not None:
+                torch.set_rng_state(global_rng)
             raise
         push_history(self.model_outputs, result.history, self.config.solver_order)
         if self.lower_order_nums < self.config.solver_order:

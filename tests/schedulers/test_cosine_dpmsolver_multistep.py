@@ -192,6 +192,22 @@ def test_a_first_step_that_fails_leaves_no_tree():
     assert torch.equal(x, expected)
 
 
+def test_a_first_step_that_fails_leaves_the_global_generator_alone():
+    # without a generator the tree's seed comes from torch's global generator; a refused first
+    # step gives that draw back, so the retried loop is the loop that never failed
+    torch.manual_seed(11)
+    expected = loop(K(), 4, initial_sample(), [None] * 4)
+    torch.manual_seed(11)
+    kd = K()
+    kd.set_timesteps(4)
+    x = initial_sample() * kd.init_noise_sigma
+    with pytest.raises(ValueError, match="guidance_scale"):
+        kd.step_cfg(x, x, float("nan"), kd.timesteps[0], x)
+    for t in kd.timesteps:
+        x = kd.step(dummy_model(kd.scale_model_input(x, t), t), t, x).prev_sample
+    assert torch.equal(x, expected)
+
+
 def test_one_fused_pass_per_step_and_no_host_reads_with_given_noise(monkeypatch):
     import kdfast.schedulers.base as base
 
