@@ -144,6 +144,20 @@ def test_op_modules_keep_their_annotations_as_types():
         assert getattr(module, "annotations", None) is not __future__.annotations, name
 
 
+def test_import_leaves_the_compiler_stack_unloaded():
+    # torch._dynamo (and the triton and sympy it pulls in) takes about 2 s to import: kdfast
+    # loads it only once something is compiled, not at `import kdfast` (nor for `kdfast info`)
+    import subprocess
+    import sys
+
+    code = ("import sys, torch; before = set(sys.modules); import kdfast; "
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor', 'triton', 'sympy') "
+            "if m in sys.modules and m not in before))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", done.stdout
+
+
 def test_gpu_script_runs_every_gpu_test():
     """.ci/gpu names the test paths it runs on a lent GPU (one call, no time to run the whole
     suite): every file holding a gpu test must be under one of them, or it never runs."""

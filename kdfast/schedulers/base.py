@@ -962,25 +962,34 @@ def _on_host_by_default(cls) -> None:
 _EAGER_WRAPPERS: "weakref.WeakSet[Callable]" = weakref.WeakSet()
 
 
+def run_eagerly(method: Callable) -> Callable:
+    """``method`` run eagerly under torch.compile (a graph break around it): a step's work is
+    host bookkeeping around one kernel call, and tracing it recompiled at every step.
+
+    Only a traced call goes through the disabling wrapper: it costs ~3 us per call, most of an
+    eager step's host time. That wrapper is torch's lazy ``torch.compiler.disable`` (torch 2.0
+    and newer): the public one imports torch._dynamo, triton and sympy (about 2 s) when it is
+    applied, which here is at ``import kdfast``."""
+    disabled = torch._disable_dynamo(method)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(self, *args, **kwargs)
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 def _steps_run_eagerly(cls) -> None:
     """Make the ``step``, ``step_cfg`` and ``scale_model_input`` that ``cls`` defines run
-    eagerly under torch.compile
-    (see :class:`FusedScheduler`); ``inspect.signature`` still sees their parameters.
-
-    Only a traced call goes through ``torch.compiler.disable``: its wrapper costs ~3 us per
-    call, most of an eager step's host time."""
+    eagerly under torch.compile (:func:`run_eagerly`; see :class:`FusedScheduler`);
+    ``inspect.signature`` still sees their parameters."""
     for name in ("step", "step_cfg", "scale_model_input"):
         method = cls.__dict__.get(name)
         if method is None or method in _EAGER_WRAPPERS:
             continue
-        disabled = torch.compiler.disable(method)
-
-        @functools.wraps(method)
-        def step(self, *args, _method=method, _disabled=disabled, **kwargs):
-            if torch.compiler.is_compiling():
-                return _disabled(self, *args, **kwargs)
-            return _method(self, *args, **kwargs)
-
+        step = run_eagerly(method)
         _EAGER_WRAPPERS.add(step)
         setattr(cls, name, step)
 

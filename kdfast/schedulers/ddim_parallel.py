@@ -6,31 +6,15 @@ helpers here serve the DDPM twin (:mod:`kdfast.schedulers.ddpm_parallel`) too.
 """
 from __future__ import annotations
 
-import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .base import FusedScheduler
+from .base import FusedScheduler, run_eagerly
 from .ddim import DDIMScheduler
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
-
-
-def run_eagerly(method: Callable) -> Callable:
-    """``method`` run eagerly under torch.compile (a graph break around it), as the schedulers'
-    ``step`` is (see :class:`~kdfast.schedulers.base.FusedScheduler`): its work is host
-    bookkeeping around kernel calls."""
-    disabled = torch.compiler.disable(method)
-
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        if torch.compiler.is_compiling():
-            return disabled(self, *args, **kwargs)
-        return method(self, *args, **kwargs)
-
-    return wrapper
 
 
 def _tensor_values(scheduler: FusedScheduler, timesteps: torch.Tensor, integer_only: bool) -> np.ndarray:

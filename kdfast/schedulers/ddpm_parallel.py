@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 
 from ._schedule import check_choice
-from .base import FusedScheduler
-from .ddim_parallel import batch_timesteps, check_batch_inputs, grouped_step, run_eagerly
+from .base import FusedScheduler, run_eagerly
+from .ddim_parallel import batch_timesteps, check_batch_inputs, grouped_step
 from .ddpm import LEARNED_VARIANCES, VARIANCE_TYPES, DDPMScheduler
 
 
