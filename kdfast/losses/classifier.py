@@ -17,6 +17,9 @@ from ..ops._tensors import vmapped
 from .kd import _check_int, _check_temperature, kd_loss
 
 
+_NO_IGNORE = -(2 ** 63)  # an ignore_index no label can hold
+
+
 def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> None:
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
@@ -68,8 +71,16 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if labels is None:
         raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
     labels = _check_labels(labels, *student_logits.shape)
-    hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels)
-    return float(alpha) * soft + (1.0 - float(alpha)) * hard
+    # no ignore_index: a label of -100 is refused wherever it is read (not dropped from the
+    # cross-entropy alone, as F.cross_entropy's default would where the CPU check does not run)
+    hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,
+                           ignore_index=_NO_IGNORE, reduction="sum")
+    return float(alpha) * soft + (1.0 - float(alpha)) * _batch_mean(hard, labels.shape[0])
+
+
+def _batch_mean(total: torch.Tensor, batch: int) -> torch.Tensor:
+    """``total / batch``, 0 for an empty batch (as kd_loss's batchmean), not 0 / 0."""
+    return total / max(batch, 1)
 
 
 def _plogratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -125,7 +136,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     t_bin, t_nt = parts(t)
     tckd = _plogratio(t_bin.exp(), t_bin, s_bin).sum(1)
     nckd = _plogratio(t_nt.exp(), t_nt, s_nt).sum(1)
-    return (alpha * tckd + beta * nckd).mean() * temperature ** 2
+    return _batch_mean((alpha * tckd + beta * nckd).sum(), batch) * temperature ** 2
 
 
 def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -176,7 +187,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         f = log_a - torch.logsumexp(kernel.unsqueeze(0) + g.unsqueeze(1), dim=2)
         g = log_b - torch.logsumexp(kernel.unsqueeze(0) + f.unsqueeze(2), dim=1)
     plan = _round_to_marginals((f.unsqueeze(2) + kernel.unsqueeze(0) + g.unsqueeze(1)).exp(), log_a.exp(), log_b.exp())
-    return (plan * cost).sum((1, 2)).mean()
+    return _batch_mean((plan * cost).sum(), batch)
 
 
 def _round_to_marginals(plan: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -263,3 +263,30 @@ def test_float64_logits_are_computed_in_float64():
     torch.testing.assert_close(ours, dkd_float64(s.detach(), t, labels, 1.0, 8.0, 4.0), rtol=1e-12, atol=0)
     # float32 and 16-bit logits are still computed (and returned) in float32
     assert dkd_loss(s.detach().half(), t.half(), labels).dtype == torch.float32
+
+
+@pytest.mark.parametrize("loss", [
+    lambda s, t, labels: hinton_kd_loss(s, t, labels, alpha=0.9),
+    lambda s, t, labels: dkd_loss(s, t, labels),
+    lambda s, t, labels: sinkhorn_kd_loss(s, t),
+], ids=["hinton", "dkd", "sinkhorn"])
+def test_an_empty_batch_gives_zero_as_kd_loss_does(loss):
+    # a batch mean over no samples is 0 (kd_loss's batchmean), not 0 / 0 = NaN
+    head = torch.nn.Linear(8, 5)
+    value = loss(head(torch.randn(0, 8)), torch.randn(0, 5), torch.zeros(0, dtype=torch.long))
+    assert value.item() == 0.0
+    value.backward()
+    assert head.weight.grad.abs().max().item() == 0.0
+
+
+def test_hinton_never_drops_a_label_of_minus_100():
+    # F.cross_entropy's default ignore_index would drop it from the cross-entropy alone under
+    # torch.compile (where the CPU label check does not run): refused there as in eager mode
+    s, t = logits((3, 5), 30), logits((3, 5), 31)
+    labels = torch.tensor([0, 1, -100])
+    with pytest.raises(ValueError, match=r"labels must be class ids in \[0, 5\)"):
+        hinton_kd_loss(s, t, labels, alpha=0.5)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, t, y: hinton_kd_loss(s, t, y, alpha=0.5), backend="aot_eager", fullgraph=True)
+    with pytest.raises(IndexError, match="-100 is out of bounds"):
+        compiled(s, t, labels)
