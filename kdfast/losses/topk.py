@@ -60,10 +60,24 @@ def _log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
+def _mass_rounding(p: torch.Tensor, lp: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
+    """How far rounding can move the stored probabilities' sum per position: each
+    ``p_i = exp(lp_i)`` is off by up to ``p_i |lp_i|`` units of the stored dtype (bfloat16 holds
+    lp to 3 digits) plus ``p_i`` units near 0, and their float32 sum by k float32 units. A
+    coarse ``k * eps`` of bfloat16 (0.5 at k = 64) would let a mass of 1.6 through and drop real
+    remainders. An entry of probability 0 (lp = -inf) adds nothing."""
+    per_entry = torch.where(p > 0, p * (1.0 - lp), torch.zeros_like(p))
+    return torch.finfo(stored_dtype).eps * per_entry.sum(-1) + p.shape[-1] * torch.finfo(torch.float32).eps
+
+
 def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``p * (log_p - log_q)``, 0 where ``p`` is 0 and NaN where it is NaN (a NaN teacher entry
-    must not vanish from the loss while its gradient is NaN)."""
-    return torch.where(p > 0, p * (log_p - log_q), torch.where(p == 0, torch.zeros_like(p), p))
+    must not vanish from the loss while its gradient is NaN). Where ``p`` is 0 the logs are
+    replaced before the product: 0 times their -inf has a NaN gradient even where() drops it."""
+    kept = p > 0
+    zero = torch.zeros_like(p)
+    return torch.where(kept, p * (torch.where(kept, log_p, zero) - torch.where(kept, log_q, zero)),
+                       torch.where(p == 0, zero, p))
 
 
 def topk_kd_loss(
@@ -140,23 +154,23 @@ def topk_kd_loss(
             raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
         if k > 1 and (ids_kept.sort(dim=-1).values.diff(dim=-1) == 0).any():
             raise ValueError("teacher_topk_ids must not repeat an id within a position")
-        # log-probabilities: at most 0 each and a total mass of at most 1, up to the rounding
+        # log-probabilities: a total mass of at most 1 (so each at most 0), up to the rounding
         # of the stored dtype (a larger mass makes the "bucket" KL meaningless)
-        slack = k * torch.finfo(teacher_topk_logprobs.dtype).eps
         if lp_kept.isnan().any():
             raise ValueError("teacher_topk_logprobs holds NaN at a position that is not ignored")
         if remainder == "renormalize" and lp_kept.numel() and (lp_kept == -math.inf).all(dim=-1).any():
             raise ValueError("teacher_topk_logprobs: a position's stored probabilities are all 0, so there is "
                              "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
-        if remainder == "bucket" and k == vocab and lp_kept.numel() and \
-                (torch.logsumexp(lp_kept, dim=-1) < math.log1p(-min(slack, 0.5))).any():
+        lp64 = lp_kept.double()
+        p64 = lp64.exp()
+        mass, rounding = p64.sum(-1), _mass_rounding(p64, lp64, teacher_topk_logprobs.dtype)
+        if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
             raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
-                             "stored probabilities must sum to 1 per position (smallest sum "
-                             f"{float(torch.logsumexp(lp_kept, dim=-1).exp().min()):.6g})")
-        if lp_kept.numel() and (lp_kept.max() > slack or torch.logsumexp(lp_kept, dim=-1).max() > slack):
+                             f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")
+        if lp_kept.numel() and (mass > 1.0 + rounding).any():
             raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
                              f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
-                             f"log of the sum {float(torch.logsumexp(lp_kept, dim=-1).max()):.4g})")
+                             f"sum {float(mass.max()):.6g})")
     temperature = _check_temperature(temperature)
 
     rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
@@ -168,7 +182,7 @@ def topk_kd_loss(
         # afterwards would still send a NaN gradient back from NaN logits or log-probabilities
         # there (padding).
         drop = ~keep.unsqueeze(1)
-        s = s.masked_fill_(drop, 0.0)  # in place: s is this function's own copy (the division made it)
+        s = s.masked_fill(drop, 0.0)  # (not in place: vmap refuses that when only the labels are batched)
         ids = torch.where(drop, torch.arange(k, device=ids.device).clamp(max=vocab - 1), ids)
         lp = lp.masked_fill(drop, -math.log(max(k, 1)))
     log_q_all = torch.log_softmax(s, dim=-1)
@@ -183,7 +197,6 @@ def topk_kd_loss(
         p = lp.exp()
         rows = _xlogy_ratio(p, lp, log_q).sum(-1)
         if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
-            log_r = _log1mexp(log_mass)
             # The student's mass outside the k ids, summed directly from its log-probabilities
             # rather than as 1 - sum(inside), which would lose everything below float rounding,
             # or as a difference of two log-sum-exps of the logits, which at logits of 1e4 loses
@@ -196,13 +209,12 @@ def topk_kd_loss(
             # A teacher remainder within the rounding of the stored log-probabilities is 0: not an
             # infinite KL against a student with no mass outside the k ids, nor a huge one against
             # a student that masks them with a large negative logit (NaN stays NaN).
-            # The bound is the stored values' own rounding: each p_i = exp(lp_i) is off by up to
-            # p_i |lp_i| eps of their dtype (bfloat16 holds lp to 3 digits), and their float32 sum
-            # by k float32 units; a coarse k * eps of bfloat16 (0.5 at k = 64) would drop real
-            # remainders.
-            rounding = (torch.finfo(teacher_topk_logprobs.dtype).eps * (p * (1.0 - lp)).sum(-1)
-                        + k * torch.finfo(torch.float32).eps)
-            log_r = torch.where((log_r.exp() > rounding) | log_r.isnan(), log_r, torch.full_like(log_r, -math.inf))
+            # The test is made before the log, so a dropped remainder sends no gradient through it
+            # (log 0's inf times where()'s zero would be NaN in the teacher's gradient).
+            rounding = _mass_rounding(p, lp, teacher_topk_logprobs.dtype)
+            real = (-torch.expm1(log_mass) > rounding) | log_mass.isnan()
+            log_r = torch.where(real, _log1mexp(torch.where(real, log_mass, torch.full_like(log_mass, -1.0))),
+                                torch.full_like(log_mass, -math.inf))
             rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
     if scale_by_t2:
         rows = rows * temperature ** 2

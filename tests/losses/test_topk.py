@@ -294,3 +294,68 @@ def test_half_precision_storage_keeps_real_remainders(dtype):
     assert (r > 0.05).all()
     expected = ((p * (logp.double() - log_q.gather(1, ids))).sum(-1) + r * (r.log() - q_rest.log())).mean()
     torch.testing.assert_close(topk_kd_loss(s.float(), ids, logp).double(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("k, mass", [(64, 0.62), (64, 0.95), (16, 1.5), (16, 1.05)], ids=str)
+def test_half_precision_storage_is_checked_to_its_own_rounding(dtype, k, mass):
+    # a slack of k units in the stored dtype's last place let a bfloat16 mass of 0.62 (k = vocab:
+    # a "KL" of -0.30 for a student equal to its teacher) or of 1.5 through
+    t = logits((1, 64), 40, scale=3.0)
+    values, ids = t.log_softmax(-1).topk(k, -1)
+    values = values - values.logsumexp(-1, keepdim=True) if k < 64 else values
+    bad = (values + math.log(mass)).to(dtype)
+    match = "no remainder" if mass < 1 else "summing to at most 1"
+    with pytest.raises(ValueError, match=match):
+        topk_kd_loss(t, ids, bad)
+    topk_kd_loss(t, ids, values.to(dtype) if k == 64 else (values + math.log(0.9)).to(dtype))  # honest: accepted
+
+
+def test_half_precision_storage_of_real_teachers_is_accepted():
+    # the bound is tight, not too tight: top-k of random teachers stored in 16 bits all pass
+    gen = torch.Generator().manual_seed(1)
+    for trial in range(60):
+        vocab = int(torch.randint(2, 2000, (1,), generator=gen))
+        k = vocab if trial % 3 == 0 else int(torch.randint(1, vocab + 1, (1,), generator=gen))
+        t = torch.randn(3, vocab, generator=gen) * float(torch.rand(1, generator=gen)) * 12
+        ids, logp = teacher_topk(t, k)
+        for dtype in (torch.bfloat16, torch.float16):
+            topk_kd_loss(torch.randn(3, vocab, generator=gen), ids, logp.to(dtype))
+
+
+def test_a_stored_id_of_probability_zero_keeps_the_remainder():
+    # ids need not be the top-k: one the teacher rules out (log-probability -inf) made the
+    # rounding bound NaN, and the real remainder (here 0.55) was dropped
+    s, t = logits((1, 10), 41), logits((1, 10), 42)
+    t[0, 3] = -math.inf
+    ids = torch.tensor([[0, 3, 5]])
+    lp = t.log_softmax(-1).gather(1, ids)
+    p, log_q = lp.double().exp(), s.double().log_softmax(-1)
+    r, q_rest = 1 - p.sum(), 1 - log_q.gather(1, ids).exp().sum()
+    inside = torch.where(p > 0, p * (lp.double() - log_q.gather(1, ids)), torch.zeros_like(p)).sum()
+    torch.testing.assert_close(topk_kd_loss(s, ids, lp).double(), inside + r * (r.log() - q_rest.log()),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_vmap_over_the_labels_alone():
+    s, t = logits((3, 10), 43), logits((3, 10), 44)
+    ids, lp = teacher_topk(t, 4)
+    labels = torch.tensor([[1, -100, 2], [-100, -100, 3]])
+    loop = torch.stack([topk_kd_loss(s, ids, lp, row) for row in labels])
+    torch.testing.assert_close(torch.func.vmap(lambda row: topk_kd_loss(s, ids, lp, row))(labels), loop)
+
+
+@pytest.mark.parametrize("ids_kind", ["whole mass", "with a -inf entry"])
+def test_teacher_gradients_are_finite_where_the_remainder_is_zero(ids_kind):
+    # log(1 - mass) at mass 1, or a stored -inf, dropped by where() still made NaN gradients
+    t = torch.full((1, 10), -math.inf)
+    t[0, :4] = torch.tensor([2.0, 1.0, 0.5, -1.0])
+    ids, lp = teacher_topk(t, 4 if ids_kind == "whole mass" else 5)
+    lp = lp.clone().requires_grad_()
+    s = logits((1, 10), 45)
+    topk_kd_loss(s, ids, lp).backward()
+    assert torch.isfinite(lp.grad).all()
+    # the kept entries' gradient is d/dlp_i of sum p_i (lp_i - log q_i): p_i (lp_i - log q_i + 1)
+    p, log_q = lp.detach().exp(), s.log_softmax(-1).gather(1, ids)
+    kept = p > 0
+    torch.testing.assert_close(lp.grad[kept], (p * (lp.detach() - log_q + 1))[kept], rtol=1e-5, atol=1e-6)
