@@ -92,6 +92,7 @@ NoiseSampler = Callable[[Any, Any], torch.Tensor]
 
 
 def append_zero(x: torch.Tensor) -> torch.Tensor:
+    """k-diffusion's helper: ``x`` with a 0 appended (a schedule that ends at sigma 0)."""
     return torch.cat([x, x.new_zeros([1])])
 
 
@@ -658,8 +659,13 @@ def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: tor
 
 
 def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5, sigmas_dtype="float32") -> _Plan:
-    if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+    try:  # any real number, as k-diffusion's arithmetic takes (a numpy scalar, a 0-d tensor)
+        r_value = math.nan if isinstance(r, (bool, str, bytes)) else float(r)
+    except (TypeError, ValueError, RuntimeError):
+        r_value = math.nan
+    if not (math.isfinite(r_value) and r_value > 0):
         raise ValueError(f"r must be a positive number (the midpoint's fraction of the step), got {r!r}")
+    r = r_value
     dtype = getattr(torch, sigmas_dtype)
     b = _Builder(s)
     fac = 1 / (2 * r)
@@ -918,6 +924,9 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
     for ev in plan.evals:
         if ev.model:
             m, c = evaluate(x, ev.sigma)
+            for out in (m, c):
+                if out is not None and not isinstance(out, torch.Tensor):  # (a diffusers model's tuple, say)
+                    raise TypeError(f"the denoiser must return a torch.Tensor, got {type(out).__name__}")
         else:
             m, c = x, None  # churn pass: only X and NOISE are read
         noise = None if ev.noise is None else noise_sampler(*ev.noise)
@@ -925,8 +934,6 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
                       'denoised': _guided(m, c, g)})
-        if not isinstance(m, torch.Tensor):  # (a diffusers model's tuple or ModelOutput, say)
-            raise TypeError(f"the denoiser must return a torch.Tensor, got {type(m).__name__}")
         if m.dtype is not x.dtype:  # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype
             x = promoted_sample(x, m)
             rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
@@ -1146,6 +1153,7 @@ class CapturedSampler:
 
     @property
     def device(self) -> torch.device:
+        """The device the captured loop runs on."""
         return self._inputs["x"].device
 
     def __call__(self, x: Optional[torch.Tensor] = None, cond=None, uncond=None, *,

@@ -1269,8 +1269,14 @@ def test_bad_inputs():
         S.sample_lms(denoiser, x, sigmas, order=5, disable=True)
     with pytest.raises(TypeError, match="order"):
         S.sample(denoiser, x, sigmas, sampler="lms", order=2.5, disable=True)
-    with pytest.raises(ValueError, match="r must be"):
-        S.sample_dpmpp_sde(denoiser, x, sigmas, r=0.0, disable=True)
+    for r in (0.0, -0.5, math.nan, "0.5", True, None):
+        with pytest.raises(ValueError, match="r must be"):
+            S.sample_dpmpp_sde(denoiser, x, sigmas, r=r, disable=True)
+    # any real number, as k-diffusion takes
+    flat = lambda a, b: torch.zeros_like(x)  # noqa: E731
+    expected = S.sample_dpmpp_sde(denoiser, x, sigmas, r=0.25, noise_sampler=flat, disable=True)
+    for r in (np.float32(0.25), torch.tensor(0.25)):
+        assert torch.equal(S.sample_dpmpp_sde(denoiser, x, sigmas, r=r, noise_sampler=flat, disable=True), expected)
     with pytest.raises(ValueError, match="> 0"):
         S.sample_dpm_fast(denoiser, x, 0.0, 14.6, 10, disable=True)
     with pytest.raises(ValueError, match="below sigma_max"):
@@ -1280,9 +1286,13 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="n must be an integer"):
         S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 7.5, disable=True)
     # a denoiser returning something else (a diffusers model's tuple, say) is named as the culprit
+    # (before a callback or guidance sees it)
     for wrap in (lambda out: (out,), lambda out: out.numpy()):
         with pytest.raises(TypeError, match="the denoiser must return a torch.Tensor"):
             S.sample(lambda x, s: wrap(denoiser(x, s)), x, sigmas, disable=True)
+        with pytest.raises(TypeError, match="the denoiser must return a torch.Tensor"):
+            S.sample(lambda x, s, cond=None: wrap(denoiser(x, s)), x, sigmas, guidance_scale=3.0,
+                     cond=torch.ones(1), callback=lambda d: None, disable=True)
     sched = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         S.sample(denoiser, x, sched, disable=True)
