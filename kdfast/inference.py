@@ -60,6 +60,7 @@ class GroupNormSiLU(nn.GroupNorm):
         self.register_parameter("bias", norm.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``silu(group_norm(x))`` in one fused pass where the input allows it, else torch's."""
         if can_fuse(x, self):
             return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
         return torch.nn.functional.silu(super().forward(x))

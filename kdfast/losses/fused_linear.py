@@ -443,6 +443,7 @@ class FusedLinearKDLoss(nn.Module):
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):
+        """The loss of the two heads' logits, never materialised (see :func:`fused_linear_kd`)."""
         return fused_linear_kd(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                student_bias, teacher_bias, kind=self.kind, beta=self.beta,
                                temperature=self.temperature, ignore_index=self.ignore_index,

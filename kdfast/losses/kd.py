@@ -186,6 +186,7 @@ class KDLoss(nn.Module):
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                 labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The divergence of ``student_logits`` from ``teacher_logits`` (see :func:`kd_loss`)."""
         return kd_loss(student_logits, teacher_logits, labels, kind=self.kind, beta=self.beta,
                        temperature=self.temperature, ignore_index=self.ignore_index, reduction=self.reduction,
                        scale_by_t2=self.scale_by_t2, vocab_size=self.vocab_size)

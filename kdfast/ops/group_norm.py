@@ -126,7 +126,8 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
 
     Args:
         x: ``[N, C, *spatial]`` float32/float16/bfloat16, contiguous or channels-last (other
-            layouts are copied to contiguous first). The result has x's shape, dtype and layout.
+            layouts are copied to contiguous first). The result has x's shape and dtype, and
+            x's layout when that is contiguous or channels-last (else contiguous).
         num_groups: a divisor of C, as for ``torch.nn.GroupNorm``.
         weight, bias: ``[C]`` affine parameters, or None (1 and 0).
         eps: added to the variance.

@@ -20,7 +20,7 @@ from .. import ops
 from ..ops._tensors import host_readable, outside_transforms, transform_tracks
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
-from ._helpers import LogSigmaTimesteps, SigmaSpacings, Thresholding
+from ._helpers import LogSigmaTimesteps, SigmaSpacings, Thresholding, legacy_arguments, required
 from ._linear import Lin
 from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, noise_schedule,
                         randn_like_diffusers, sigma_range, sigma_to_t)
@@ -91,6 +91,7 @@ class SchedulerOutput(OutputFields):
 
     @property
     def pred_original_sample(self) -> Optional[torch.Tensor]:
+        """The step's x0 estimate, for schedulers whose diffusers twin returns one (else None)."""
         if self._x0 is None and self._make_x0 is not None:
             self._x0, self._make_x0 = self._make_x0(), None
         return self._x0
@@ -135,6 +136,14 @@ def reject_unknown_step_arguments(kwargs: dict) -> None:
     pass silently)."""
     if kwargs:
         raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+
+
+def convert_arguments(args: tuple, kwargs: dict, sample: Optional[torch.Tensor]) -> torch.Tensor:
+    """The sample of diffusers' ``convert_model_output`` calling forms: ``sample=`` or the
+    deprecated ``(model_output, timestep, sample)`` (the timestep warns, as in diffusers, and is
+    not used: the step index decides). Unknown arguments are refused."""
+    (sample,) = legacy_arguments("convert_model_output", args, kwargs, ("timestep",), sample=sample)
+    return required("convert_model_output", "sample", sample)
 
 
 def _host_values(values) -> list:
@@ -405,6 +414,7 @@ class FusedScheduler(ConfigMixin):
 
     @property
     def begin_index(self) -> Optional[int]:
+        """The first step index, as set by :meth:`set_begin_index` (None until then), as in diffusers."""
         return self._begin_index
 
     # Why a whole loop of this scheduler cannot be captured in a CUDA graph (kdfast.sample's
@@ -799,6 +809,7 @@ class FusedScheduler(ConfigMixin):
         return self.step_cfg(model_output, cond, guidance_scale, timestep, sample, **kwargs).prev_sample, None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:
+        """The model input at this step, as diffusers scales it (here: unchanged)."""
         return sample
 
     def __len__(self) -> int:
@@ -1034,16 +1045,10 @@ class MultistepScheduler(SigmaSpacings, LogSigmaTimesteps, Thresholding, FusedSc
         alpha_t = 1 / ((sigma**2 + 1) ** 0.5)
         return alpha_t, sigma * alpha_t
 
-    def _converted_output(self, model_output: torch.Tensor, args: tuple, sample: Optional[torch.Tensor], key,
+    def _converted_output(self, model_output: torch.Tensor, sample: torch.Tensor, key,
                           threshold: bool) -> torch.Tensor:
-        """The body of ``convert_model_output``: diffusers' calling forms (``sample=`` or the
-        deprecated ``(model_output, timestep, sample)``), then the history output of the fused
-        step ``key`` at the current step index."""
-        if sample is None:
-            if len(args) > 1:
-                sample = args[1]
-            else:
-                raise ValueError("missing `sample` as a required keyword argument")
+        """The body of ``convert_model_output``: the history output of the fused step ``key`` at
+        the current step index."""
         if self._step_index is None:
             raise ValueError("convert_model_output needs a step index: call step() first or set_begin_index()")
         cfg = self.config

@@ -254,9 +254,11 @@ class DDIMScheduler(Thresholding, FusedScheduler):
         return sa, sb
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' forward process: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` at ``timesteps``."""
         sa, sb = self._sqrt_alphas(timesteps, original_samples)
         return sa * original_samples + sb * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' v-prediction target: ``sqrt(a_t) noise - sqrt(1 - a_t) sample`` at ``timesteps``."""
         sa, sb = self._sqrt_alphas(timesteps, sample)
         return sa * noise - sb * sample

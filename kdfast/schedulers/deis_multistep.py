@@ -12,7 +12,7 @@ from ._helpers import OUTPUTS, legacy_arguments, output_list, required, step_pos
 from ._linear import H0, H1, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 
 
@@ -213,7 +213,8 @@ class DEISMultistepScheduler(MultistepScheduler):
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:
         """Epsilon recomputed from the (thresholded) data prediction at the current step."""
-        return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+        sample = convert_arguments(args, kwargs, sample)
+        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

@@ -12,7 +12,7 @@ from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alp
                         check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
 from ._helpers import OUTPUTS, LuLambdas, legacy_arguments, output_list, required, step_position, unfused
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -323,12 +323,11 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
                              **kwargs) -> torch.Tensor:
         """The solver's quantity (x0 for ++ variants, else epsilon) at the current step, thresholded
         as the step thresholds it."""
-        if sample is None and len(args) > 1:
-            sample = args[1]
+        sample = convert_arguments(args, kwargs, sample)
         if sample is not None and self.config.get("variance_type") in ("learned", "learned_range") \
                 and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
-        return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

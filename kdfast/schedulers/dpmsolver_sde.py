@@ -216,6 +216,7 @@ class DPMSolverSDEScheduler(KarrasForTheStepCount, _SigmaScheduler):
 
     @property
     def state_in_first_order(self) -> bool:
+        """Whether the next step is the first half of a two-stage step, as in diffusers."""
         return self.sample is None
 
     def scale_model_input(self, sample: torch.Tensor, timestep=None) -> torch.Tensor:

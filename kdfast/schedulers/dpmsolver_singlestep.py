@@ -22,7 +22,7 @@ from ._config import register_to_config
 from ._helpers import OUTPUTS, check_order, legacy_arguments, output_list, required, step_position, unfused
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, log_snr, spaced_timesteps, x0_coefficients
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 from .dpmsolver_multistep import check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
@@ -374,12 +374,11 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
                              **kwargs) -> torch.Tensor:
         """The solver's quantity (x0 for ++ variants, else epsilon) at the current step, thresholded
         as the step thresholds it."""
-        if sample is None and len(args) > 1:
-            sample = args[1]
+        sample = convert_arguments(args, kwargs, sample)
         if sample is not None and self.config.variance_type in ("learned", "learned_range") \
                 and model_output.shape[1] != sample.shape[1]:
             model_output = model_output[:, :3]
-        return self._converted_output(model_output, args, sample, (self._step_index, 1), self.config.thresholding)
+        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

@@ -7,6 +7,7 @@ from typing import List, Optional
 import torch
 
 from ._config import register_to_config
+from ._helpers import required
 from ._schedule import check_choice
 from .base import CoefficientTable
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -126,7 +127,8 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
         """The denoised sample (thresholded as the step thresholds it) at the current step."""
         if sample is None:
             raise ValueError("missing `sample`: convert_model_output(model_output, sample)")
-        return self._converted_output(model_output, (), sample, (self._step_index, 1), self.config.thresholding)
+        sample = required("convert_model_output", "sample", sample)
+        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

@@ -89,6 +89,7 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
         return self._shift
 
     def set_shift(self, shift: float) -> None:
+        """Set the static shift the next :meth:`set_timesteps` applies (the config keeps its own), as diffusers does."""
         self._shift = shift
 
     # ---------------------------------------------------------------- schedule

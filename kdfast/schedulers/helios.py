@@ -33,7 +33,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, Lin
 from ._schedule import (NUMBERS, PREDICTION_TYPES, alpha_sigma, check_choice, finite_number, is_integer_timestep,
                         x0_coefficients)
 from .base import (CheckedPlan, CoefficientTable, FusedScheduler, GrowingTable, OutputFields, StepPlan,
-                   guidance_pair, promoted_sample, push_history)
+                   convert_arguments, guidance_pair, promoted_sample, push_history)
 
 HISTORY = (H0, H1, H2)
 _F32, _F64 = torch.float32, torch.float64
@@ -767,11 +767,7 @@ class HeliosScheduler(_HeliosSchedule):
         if sigma is not None:
             raise NotImplementedError("convert_model_output: a custom sigma is not supported; it converts at the "
                                       "current step_index")
-        if sample is None:
-            if len(args) > 1:
-                sample = args[1]
-            else:
-                raise ValueError("missing `sample` as a required keyword argument")
+        sample = convert_arguments(args, kwargs, sample)
         if self.config.scheduler_type != "unipc":
             raise ValueError("convert_model_output belongs to the UniPC solver (scheduler_type='unipc')")
         if self._step_index is None:

@@ -144,6 +144,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
 
     @property
     def state_in_first_order(self) -> bool:
+        """Whether the next step is the first (Euler) half of a Heun step, as in diffusers."""
         return self.dt is None
 
     # ---------------------------------------------------------------- step

@@ -263,6 +263,7 @@ class LCMScheduler(Thresholding, FusedScheduler):
     # ---------------------------------------------------------------- helpers
 
     def previous_timestep(self, timestep):
+        """The timestep the step from ``timestep`` lands on, as diffusers computes it."""
         if self.custom_timesteps or self.num_inference_steps:
             t = timestep_value(self, timestep)
             index = self._host_timesteps.index(float(t))
@@ -280,9 +281,11 @@ class LCMScheduler(Thresholding, FusedScheduler):
         return sa, sb
 
     def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' forward process: ``sqrt(a_t) x0 + sqrt(1 - a_t) noise`` at ``timesteps``."""
         sa, sb = self._sqrt_alphas(timesteps, original_samples)
         return sa * original_samples + sb * noise
 
     def get_velocity(self, sample: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """diffusers' v-prediction target: ``sqrt(a_t) noise - sqrt(1 - a_t) sample`` at ``timesteps``."""
         sa, sb = self._sqrt_alphas(timesteps, sample)
         return sa * noise - sb * sample

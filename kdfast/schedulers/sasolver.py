@@ -27,8 +27,8 @@ from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
                         x0_coefficients)
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, converted_dtype, push_history,
-                   reject_unknown_step_arguments)
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, convert_arguments, converted_dtype,
+                   push_history, reject_unknown_step_arguments)
 from .ddpm import noise_scales
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -582,8 +582,7 @@ class SASolverScheduler(MultistepScheduler):
                              **kwargs) -> torch.Tensor:
         """The solver's quantity (x0 for data_prediction, else epsilon) at the current step,
         thresholded as the step thresholds it."""
-        if sample is None and len(args) > 1:
-            sample = args[1]
+        sample = convert_arguments(args, kwargs, sample)
         cfg = self.config
         if (sample is not None and cfg.variance_type in ("learned", "learned_range")
                 and cfg.prediction_type == "epsilon" and model_output.shape[1] != sample.shape[1]):
@@ -596,7 +595,7 @@ class SASolverScheduler(MultistepScheduler):
                 return StepPlan(x0=x0, sample=q, history=q)
 
             key = self._extra_row(("convert", i), make)
-        return self._converted_output(model_output, args, sample, key, cfg.thresholding)
+        return self._converted_output(model_output, sample, key, cfg.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
     # The coefficient helpers below are diffusers' building blocks, for callers that use them;

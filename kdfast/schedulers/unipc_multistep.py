@@ -21,7 +21,7 @@ from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
                         check_choice, exponential_sigmas, karras_sigmas, log_snr, sigma_range, sigma_to_t,
                         spaced_timesteps, x0_coefficients)
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, converted_dtype, push_history,
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_unknown_step_arguments)
 
 SOLVER_TYPES = ("bh1", "bh2")
@@ -361,7 +361,8 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,
                              **kwargs) -> torch.Tensor:
         """The solver's quantity (x0 when predict_x0, else epsilon) at the current step."""
-        return self._converted_output(model_output, args, sample, (self._step_index, 0, 0),
+        sample = convert_arguments(args, kwargs, sample)
+        return self._converted_output(model_output, sample, (self._step_index, 0, 0),
                                       self.config.thresholding and self.predict_x0)
 
     # ---------------------------------------------------------------- diffusers' helpers

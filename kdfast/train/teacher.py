@@ -106,22 +106,27 @@ class Teacher:
 
     @property
     def prediction_type(self) -> str:
+        """What the network predicts: ``"epsilon"`` or ``"v_prediction"``."""
         return self.model.config.prediction_type
 
     @property
     def num_classes(self) -> int:
+        """The number of real classes (the null class of guidance not counted)."""
         return self.model.config.num_classes
 
     @property
     def null_class(self) -> int:
+        """The class id of the unconditional input (classifier-free guidance)."""
         return self.model.config.null_class
 
     @property
     def sample_size(self) -> int:
+        """The side of the square images the teacher generates, in pixels."""
         return self.model.config.sample_size
 
     @property
     def device(self) -> torch.device:
+        """The device of the network's parameters."""
         return next(self.model.parameters()).device
 
     @property
@@ -140,6 +145,7 @@ class Teacher:
         return self
 
     def to(self, device) -> "Teacher":
+        """Move the network to ``device``; returns self."""
         self.model.to(device)
         return self.refresh()
 

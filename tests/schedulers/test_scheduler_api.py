@@ -617,6 +617,27 @@ def test_dpm_convert_model_output_matches_diffusers(config):
         kd.convert_model_output(dummy_model(x, 0), x)  # diffusers reads a lone positional as the timestep
 
 
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverMultistepInverseScheduler",
+                                  "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+                                  "SASolverScheduler", "HeliosScheduler"])
+def test_convert_model_output_refuses_arguments_it_does_not_know(name):
+    # a misspelt keyword (sampel=) raised only when `sample` was then missing; alongside it, it
+    # passed silently. diffusers' calling forms still work: sample= or (timestep, sample), which warns.
+    kd = getattr(K, name)(**(dict(stages=1, scheduler_type="unipc") if name == "HeliosScheduler" else {}))
+    kd.set_timesteps(6)
+    x = initial_sample() * kd.init_noise_sigma
+    t = kd.timesteps[0]
+    kd.step(dummy_model(kd.scale_model_input(x, t), t), t, x)
+    m = dummy_model(x, kd.timesteps[1])
+    expected = kd.convert_model_output(m, sample=x)
+    with pytest.raises(TypeError, match="unexpected keyword arguments: sampel"):
+        kd.convert_model_output(m, sample=x, sampel=x)
+    with pytest.raises(TypeError, match="at most 2 positional arguments"):
+        kd.convert_model_output(m, t, x, x)
+    with pytest.warns(FutureWarning, match="`timestep` is deprecated"):
+        assert torch.equal(kd.convert_model_output(m, kd.timesteps[1], x), expected)
+
+
 def test_ddim_zero_snr_epsilon_with_clipping_matches_diffusers():
     # alphas_cumprod[999] == 0: x0 is +-inf before clipping, in both libraries; clipped, finite.
     config = dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", clip_sample=True)
