@@ -632,7 +632,7 @@ def test_convert_model_output_refuses_arguments_it_does_not_know(name):
     expected = kd.convert_model_output(m, sample=x)
     with pytest.raises(TypeError, match="unexpected keyword arguments: sampel"):
         kd.convert_model_output(m, sample=x, sampel=x)
-    with pytest.raises(TypeError, match="at most 2 positional arguments"):
+    with pytest.raises(TypeError, match="at most 2 positional arguments"), pytest.warns(FutureWarning):
         kd.convert_model_output(m, t, x, x)
     with pytest.warns(FutureWarning, match="`timestep` is deprecated"):
         assert torch.equal(kd.convert_model_output(m, kd.timesteps[1], x), expected)
