@@ -245,7 +245,8 @@ def _markdown(rows: List[Dict], settings: Dict, floor: Optional[Dict[str, float]
              "| diffusers ms/image | diffusers solver ms/image | max abs diff to diffusers |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['solver']} | {r['steps']} | {r['model_evals']} | {r['frechet']:.2f} | {r['accuracy']:.3f} "
+        lines.append(f"| {r['solver']} | {r['steps']} | {r['model_evals']} | {_fmt(r['frechet'])} "
+                     f"| {_fmt(r['accuracy'], '.3f')} "
                      f"| {r['ms_per_image']:.2f} | {_fmt(r['solver_ms_per_image'], '.3f')} | {_fmt(r['anchor_frechet'])} "
                      f"| {_fmt(r['anchor_ms_per_image'])} | {_fmt(r['anchor_solver_ms_per_image'], '.3f')} "
                      f"| {_fmt(r['max_abs_diff'], '.1e')} |")
@@ -261,6 +262,8 @@ def _markdown(rows: List[Dict], settings: Dict, floor: Optional[Dict[str, float]
               "", "Grids: `grids/<solver>_<steps>.png` (one row per class, 0 to 9).", ""]
     for solver, note in settings["notes"].items():
         lines += [f"**Note on {solver}:** {note}.", ""]
+    for note in _non_finite_notes(rows):
+        lines += [f"**Not finite:** {note}.", ""]
     return "\n".join(lines)
 
 
@@ -280,9 +283,12 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     replay; the solver's time is then inside the graph and not reported separately.
 
     A solver of :data:`SOLVER_NOTES` (heun) issues a :class:`DemoWarning`, and its note goes
-    into its rows (``note``), ``settings["notes"]`` and the report. Earlier demo outputs in
-    ``out`` (``grids/<solver>_<steps>.png``, ``metrics.json``, ``report.md``) are removed
-    first; other files there are left alone.
+    into its rows (``note``), ``settings["notes"]`` and the report. A sample set that holds
+    NaN or inf is not scored: its Frechet distance and accuracy are None, and
+    ``non_finite_images`` (``anchor_non_finite_images`` for diffusers') counts its images that
+    are not finite. Earlier demo outputs in ``out`` (``grids/<solver>_<steps>.png``,
+    ``metrics.json``, ``report.md``) are replaced once this run's are ready (a run that fails
+    leaves them); other files there are left alone.
     """
     from .eval import DigitsEvaluator
     from .train.teacher import load_teacher, save_grid
@@ -314,7 +320,6 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
             [out_dir / "metrics.json", out_dir / "report.md"]:
         if path.is_dir():
             raise DemoError(f"output file {str(path)!r} is not writable: it is an existing folder")
-    _clear_previous_outputs(out_dir)
     evaluator = DigitsEvaluator(device=device)
     floor, floor_full = _real_floor(evaluator, n_per_class), evaluator.floor()
     # One-time costs (kernel selection for these batch shapes, lazy imports) must not be
@@ -324,7 +329,7 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     if anchor:
         _anchor_sample(teacher, first, n_per_class, 3, guidance_scale, seed)
 
-    rows = []
+    rows, grids = [], {}
     # progress_bar: a bar on a terminal only, no carriage-return noise in logs
     bar = progress_bar(total=len(solvers) * len(steps), desc="kdfast demo", enabled=progress)
     for solver in solvers:
@@ -337,7 +342,7 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
             # With CUDA graphs the first call captures the loop; the timed one replays it.
             capture_secs = _timed(run)[1] if cuda_graph else None
             (images, labels), secs = _timed(run)
-            scores = evaluator.evaluate(images, labels)
+            scores = _scores(evaluator, images, labels)
             row = {"solver": solver, "steps": n, "model_evals": _evals(teacher, key, n),
                    "frechet": scores["frechet"], "accuracy": scores["accuracy"],
                    "ms_per_image": secs * 1e3 / len(images),
@@ -345,20 +350,29 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
                    "capture_ms": None if capture_secs is None else capture_secs * 1e3,
                    "anchor_ms_per_image": None, "anchor_solver_ms_per_image": None,
                    "anchor_frechet": None, "anchor_accuracy": None, "max_abs_diff": None,
+                   "non_finite_images": scores["non_finite_images"], "anchor_non_finite_images": None,
                    "note": notes.get(solver)}
             if anchor:
                 ref_timer = _SolverTimer()
                 (ref, _), ref_secs = _timed(lambda: _anchor_sample(teacher, key, n_per_class, n, guidance_scale,
                                                                    seed, ref_timer))
-                ref_scores = evaluator.evaluate(ref, labels)
+                ref_scores = _scores(evaluator, ref, labels)
+                finite = not (scores["non_finite_images"] or ref_scores["non_finite_images"])
                 row.update(anchor_ms_per_image=ref_secs * 1e3 / len(ref),
                            anchor_solver_ms_per_image=ref_timer.seconds * 1e3 / len(ref),
                            anchor_frechet=ref_scores["frechet"], anchor_accuracy=ref_scores["accuracy"],
-                           max_abs_diff=float((images - ref).abs().max()))
-            save_grid(images, out_dir / "grids" / f"{solver}_{n}.png", nrow=n_per_class)
+                           anchor_non_finite_images=ref_scores["non_finite_images"],
+                           max_abs_diff=float((images - ref).abs().max()) if finite else None)
+            grids[f"{solver}_{n}.png"] = images
             rows.append(row)
             bar.update(1)
     bar.close()
+
+    # The earlier run's outputs go only now, when this run's can replace them: a run that
+    # fails or is interrupted leaves them as they were.
+    _clear_previous_outputs(out_dir)
+    for name, images in grids.items():
+        save_grid(images, out_dir / "grids" / name, nrow=n_per_class)
 
     settings = {"n_images": 10 * n_per_class, "n_per_class": n_per_class, "guidance_scale": guidance_scale,
                 "cuda_graph": cuda_graph,
@@ -373,6 +387,28 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     return rows
 
 
+def _scores(evaluator, images: torch.Tensor, labels: torch.Tensor) -> Dict:
+    """The evaluator's Frechet distance and accuracy of a sample set, None for both when any
+    image is not finite (a loop that diverged: diffusers' Euler-ancestral at 3 steps, whose
+    float32 ``sigma_down`` is the square root of a negative round-off, say), with the count of
+    such images."""
+    bad = int((~torch.isfinite(images.flatten(1))).any(dim=1).sum())
+    if bad:
+        return {"frechet": None, "accuracy": None, "non_finite_images": bad}
+    return {**evaluator.evaluate(images, labels), "non_finite_images": 0}
+
+
+def _non_finite_notes(rows: List[Dict]) -> List[str]:
+    """One line per row whose kdfast or diffusers samples were not all finite (and not scored)."""
+    lines = []
+    for r in rows:
+        for side, key in (("kdfast", "non_finite_images"), ("diffusers", "anchor_non_finite_images")):
+            if r.get(key):
+                lines.append(f"{r['solver']} at {r['steps']} steps: {r[key]} {side} images hold NaN or inf "
+                             f"(not scored)")
+    return lines
+
+
 def _evals(teacher, key: str, steps: int) -> int:
     """Model evaluations per image: scheduler steps (Heun's second-order steps count twice)."""
     sched = teacher.make_scheduler(key)
@@ -382,8 +418,10 @@ def _evals(teacher, key: str, steps: int) -> int:
 
 def overall_speedup(rows: List[Dict]) -> Optional[float]:
     """The diffusers loop's summed ms/image over kdfast's, over the rows that have both (one
-    figure less noisy than any row's: each row is timed once)."""
-    pairs = [(r["anchor_ms_per_image"], r["ms_per_image"]) for r in rows if r.get("anchor_ms_per_image") is not None]
+    figure less noisy than any row's: each row is timed once) with finite samples on both sides
+    (arithmetic on NaN can run at another speed: 13x slower through the teacher on a CPU)."""
+    pairs = [(r["anchor_ms_per_image"], r["ms_per_image"]) for r in rows if r.get("anchor_ms_per_image") is not None
+             and not r.get("non_finite_images") and not r.get("anchor_non_finite_images")]
     if not pairs:
         return None
     return sum(a for a, _ in pairs) / sum(k for _, k in pairs)
@@ -394,7 +432,8 @@ def format_table(rows: List[Dict]) -> str:
             f"{'df Frechet':>11}{'df ms/img':>10}{'df step':>9}{'max|diff|':>11}")
     lines = [head]
     for r in rows:
-        lines.append(f"{r['solver']:<13}{r['steps']:>6}{r['model_evals']:>6}{r['frechet']:>9.2f}{r['accuracy']:>7.3f}"
+        lines.append(f"{r['solver']:<13}{r['steps']:>6}{r['model_evals']:>6}{_fmt(r['frechet']):>9}"
+                     f"{_fmt(r['accuracy'], '.3f'):>7}"
                      f"{r['ms_per_image']:>9.2f}{_fmt(r['solver_ms_per_image'], '.3f'):>12}{_fmt(r['anchor_frechet']):>11}"
                      f"{_fmt(r['anchor_ms_per_image']):>10}{_fmt(r['anchor_solver_ms_per_image'], '.3f'):>9}"
                      f"{_fmt(r['max_abs_diff'], '.1e'):>11}")
@@ -403,4 +442,5 @@ def format_table(rows: List[Dict]) -> str:
         lines.append(f"kdfast loop vs diffusers loop, all rows: {speedup:.2f}x less time per image")
     for note in dict.fromkeys(r["note"] for r in rows if r.get("note")):
         lines.append(f"note: {note}")
+    lines += [f"note: {note}" for note in _non_finite_notes(rows)]
     return "\n".join(lines)

@@ -13,12 +13,17 @@ from typing import Union
 import numpy as np
 import torch
 
+from .._checks import check_count
+
 PathLike = Union[str, Path]
 
 
 def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) -> torch.Tensor:
-    """Tile ``[N, 1, H, W]`` images in [-1, 1] into one uint8 ``[rows*(H+pad), ...]`` image."""
-    images = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
+    """Tile ``[N, 1, H, W]`` images in [-1, 1] into one uint8 ``[rows*(H+pad), ...]`` image
+    (NaN pixels are drawn black, as -1; the float-to-uint8 cast of NaN is undefined)."""
+    nrow, scale, pad = check_count("nrow", nrow, 1), check_count("scale", scale, 1), check_count("pad", pad, 0)
+    images = images.detach().float().nan_to_num(nan=-1.0)
+    images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
     if scale > 1:
         images = images.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
     n, h, w = images.shape
