@@ -5,7 +5,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..train.run import OutputDirError, int_at_least, seed_arg
+from ..train.run import OutputDirError, int_at_least, interrupt_exits, seed_arg
 from .classifier import SHIPPED_PATH, build_shipped_asset, check_weights_path
 
 
@@ -24,7 +24,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         parser.exit(2, f"{parser.prog}: error: --out: {exc}\n")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    print(json.dumps(build_shipped_asset(args.out, args.epochs, args.seed), indent=2))
+    with interrupt_exits(parser.prog):
+        print(json.dumps(build_shipped_asset(args.out, args.epochs, args.seed), indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from .._checks import check_count
+from .._checks import check_count, check_int
 from ..datasets.digits import NUM_CLASSES, load_digits
 from .classifier import IMAGE_SIZE, PathLike, load_classifier
 
@@ -184,7 +184,7 @@ class DigitsEvaluator:
         # A classifier passed in stays where it is and as it is (a training loop may evaluate
         # its own model): each evaluation runs it in eval mode and restores its mode.
         self.classifier = classifier if classifier is not None else load_classifier(path, device)
-        self.split_seed = int(split_seed)
+        self.split_seed = check_int("split_seed", split_seed, minimum=0)  # (int() would read 1.5 as 1)
         self.batch_size = int(batch_size)
         self._real: Dict[str, Tuple[torch.Tensor, torch.Tensor]] = {}
         self._real_features: Dict[str, Tuple[Tuple[Tuple[int, int], ...], torch.Tensor]] = {}
@@ -255,8 +255,7 @@ class DigitsEvaluator:
         per class (the first 10 of each class in the file give 13.7, the last 10 give 19.8,
         random sets 4.9 to 8.8).
         """
-        if isinstance(n_per_class, bool) or int(n_per_class) != n_per_class or n_per_class < 2:
-            raise ValueError(f"n_per_class must be an integer >= 2, got {n_per_class!r}")
+        n_per_class = check_int("n_per_class", n_per_class, minimum=2)
         draws = check_count("draws", draws, 1)
         labels = self.real("train")[1]
         by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]

@@ -7,11 +7,13 @@ a little punctuation), drawn at twice its size.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .._checks import check_int
 from .images import write_png
 
 PathLike = Union[str, Path]
@@ -86,6 +88,14 @@ def _range(values: List[np.ndarray]) -> Tuple[float, float]:
     return lo, hi
 
 
+def _unit(values: List[np.ndarray]) -> float:
+    """A power of two within a factor 2 of the largest finite magnitude among ``values`` (1 when
+    there is none, or it is 0): dividing by it and multiplying back is exact."""
+    finite = [np.abs(v[np.isfinite(v)]).max() for v in values if np.isfinite(v).any()]
+    largest = float(max(finite)) if finite else 0.0
+    return math.ldexp(1.0, math.frexp(largest)[1] - 1) if largest > 0 else 1.0
+
+
 def render_curves(series: Mapping[str, Points], title: Optional[str] = None, size: Tuple[int, int] = (640, 400),
                   log_y: bool = False) -> np.ndarray:
     """Rasterise line plots of ``{name: [(x, y), ...]}`` into a uint8 ``[H, W, 3]`` RGB array.
@@ -104,17 +114,22 @@ def render_curves(series: Mapping[str, Points], title: Optional[str] = None, siz
             with np.errstate(divide="ignore", invalid="ignore"):
                 y = np.where(y > 0, np.log10(np.where(y > 0, y, 1.0)), np.nan)
         data[str(name)] = (x, y)
+    # Each axis is laid out in units of its largest finite magnitude, so that spans and paddings
+    # of values near the float64 limit (1e308) do not overflow to inf; labels show real values.
+    x_unit, y_unit = (_unit([v[k] for v in data.values()]) for k in (0, 1))
+    data = {name: (x / x_unit, y / y_unit) for name, (x, y) in data.items()}
     (x_lo, x_hi), (y_lo, y_hi) = _range([x for x, _ in data.values()]), _range([y for _, y in data.values()])
     pad = 0.05 * (y_hi - y_lo)
     y_lo, y_hi = y_lo - pad, y_hi + pad
     y_ticks = np.linspace(y_lo, y_hi, 5)
-    y_labels = [_tick_label(10 ** v if log_y else v) for v in y_ticks]
+    with np.errstate(over="ignore"):  # (a padded end past 1.8e308 is labelled inf)
+        y_labels = [_tick_label(10 ** (v * y_unit) if log_y else v * y_unit) for v in y_ticks]
     x_ticks = np.linspace(x_lo, x_hi, 5)
 
     legend_rows = len(data)
     left = max(text_width(s) for s in y_labels) + 14
     top = 2 * _LINE if title else _LINE
-    right, bottom = width - 1 - max(12, text_width(_tick_label(x_hi)) // 2 + 2), \
+    right, bottom = width - 1 - max(12, text_width(_tick_label(x_hi * x_unit)) // 2 + 2), \
         height - 1 - (2 * _LINE + legend_rows * _LINE)
     if right - left < 20 or bottom - top < 20:
         raise ValueError(f"size {size} is too small for a plot with {len(data)} curves")
@@ -131,7 +146,7 @@ def render_curves(series: Mapping[str, Points], title: Optional[str] = None, siz
     for tick in x_ticks:
         col = int(round(to_px(tick, y_lo)[0]))
         canvas[top:bottom + 1, col] = _GRID
-        label = _tick_label(tick)
+        label = _tick_label(tick * x_unit)
         draw_text(canvas, col - text_width(label) // 2, bottom + _SCALE * 2, label)
     canvas[top, left:right + 1] = canvas[bottom, left:right + 1] = _AXES
     canvas[top:bottom + 1, left] = canvas[top:bottom + 1, right] = _AXES
@@ -163,16 +178,17 @@ def moving_average(values: Sequence[float], window: int) -> List[float]:
     a window holds no finite value): a diverged step gaps its own windows, not the rest of the
     curve, as a running sum would.
     """
-    if isinstance(window, bool) or int(window) != window or int(window) < 1:
-        raise ValueError(f"window must be an integer >= 1, got {window!r}")
+    window = check_int("window", window, minimum=1)
     v = np.asarray(values, dtype=np.float64).reshape(-1)
     if not len(v):
         return []
     finite = np.isfinite(v)
     kernel = np.ones(min(int(window), len(v)))
     # Sums over each window by convolution, not as differences of one running sum: an inf or a
-    # NaN there, or a huge value's rounding, would carry into every later position.
-    sums = np.convolve(np.where(finite, v, 0.0), kernel)[:len(v)]
+    # NaN there, or a huge value's rounding, would carry into every later position. They are
+    # summed in units of the largest magnitude, so values near 1e308 do not overflow.
+    unit = _unit([v])
+    sums = np.convolve(np.where(finite, v / unit, 0.0), kernel)[:len(v)]
     counts = np.convolve(finite.astype(np.float64), kernel)[:len(v)]
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan).tolist()
+        return np.where(counts > 0, sums / np.maximum(counts, 1) * unit, np.nan).tolist()

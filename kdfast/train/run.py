@@ -46,6 +46,7 @@ PathLike = Union[str, Path]
 FORMAT = "kdfast checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
+_TEMP_NAME = re.compile(r"^\.step-\d{8,}\.safetensors\.(\d+)\.tmp$")  # atomic_files' name for one being saved
 METRICS_FILE = "metrics.jsonl"  # the metrics log's name in a run's checkpoint folder
 # The largest seed kdfast's commands accept: torch takes 64-bit seeds, and some callers seed a
 # second generator with seed + 1.
@@ -225,6 +226,19 @@ def seed_everything(seed: int) -> torch.Generator:
     np.random.seed(seed % 2**32)  # numpy accepts 32-bit seeds only
     torch.manual_seed(seed)
     return torch.Generator().manual_seed(seed)
+
+
+@contextmanager
+def interrupt_exits(prog: str) -> Iterator[None]:
+    """Inside the block, Ctrl-C ends the program with one line, ``<prog>: interrupted``, and the
+    shell's status 130 (128 + SIGINT), not a traceback: it is the user's choice, not a crash.
+    What the commands write is written whole or not at all (:func:`atomic_files`)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar and the terminal's ^C
+        print(f"{newline}{prog}: interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 @contextmanager
@@ -523,6 +537,17 @@ class Checkpoint:
     values: Dict[str, Any] = field(default_factory=dict)
 
 
+def _process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user's counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
+
+
 class Checkpointer:
     """Saves and restores training state as ``<directory>/step-XXXXXXXX.safetensors``.
 
@@ -542,6 +567,15 @@ class Checkpointer:
             raise ValueError(f"keep must be an integer >= 1 or None, got {keep!r}")
         self.directory = prepare_output_dir(directory)
         self.keep = None if keep is None else int(keep)
+        self._remove_orphaned_temps()
+
+    def _remove_orphaned_temps(self) -> None:
+        """Remove the temporary files of saves whose process is gone: a SIGKILL mid-save skips
+        atomic_files' clean-up, and each is as large as a checkpoint. A live process's are left."""
+        for path in self.directory.iterdir():
+            m = _TEMP_NAME.match(path.name)
+            if m and path.is_file() and not _process_alive(int(m.group(1))):
+                path.unlink(missing_ok=True)
 
     def path_for(self, step: int) -> Path:
         """The file of step ``step``'s checkpoint (an integer >= 0, else ValueError)."""

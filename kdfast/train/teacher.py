@@ -38,7 +38,7 @@ from . import images as _images
 from .plot import moving_average, plot_curves
 from .run import (METRICS_FILE, CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,
                   ReproducibilityWarning, atomic_files, check_output_file, check_run_dir, int_at_least,
-                  one_line_warnings, progress_bar, run_environment, seed_arg)
+                  interrupt_exits, one_line_warnings, progress_bar, run_environment, seed_arg)
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -634,6 +634,11 @@ def sample_teacher(n_per_class: int = 1, steps: int = 20, guidance_scale: float 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """``python -m kdfast.train.teacher``: train, measure and save the shipped teacher."""
+    with interrupt_exits("python -m kdfast.train.teacher"):
+        _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> None:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m kdfast.train.teacher", description=main.__doc__)

@@ -213,3 +213,16 @@ def test_training_numbers_are_checked_not_truncated(kwargs, message):
     with pytest.raises(ValueError) as exc:
         train_classifier(**kwargs, progress=False)
     assert message in str(exc.value)
+
+
+def test_module_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import kdfast.eval.__main__ as cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_shipped_asset", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["--out", str(tmp_path / "c.safetensors")])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and err.strip() == "python -m kdfast.eval: interrupted"

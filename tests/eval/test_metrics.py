@@ -152,12 +152,22 @@ def test_same_size_floor_refuses_sets_real_data_cannot_fill(evaluator):
     assert len(evaluator.floor_draws(smallest, draws=1)) == 1
     with pytest.raises(ValueError, match=f"n_per_class must be at most {smallest}"):
         evaluator.floor_draws(smallest + 1)
-    for bad in (1, 2.5, True):
+    for bad in (1, 2.5, True, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="n_per_class must be an integer >= 2"):
             evaluator.floor_draws(bad)
     for bad in (0, 1.5, True):
         with pytest.raises(ValueError, match="draws must be an integer >= 1"):
             evaluator.floor_at(10, draws=bad)
+
+
+def test_split_seed_must_be_a_whole_number():
+    # int(1.5) would silently split with seed 1
+    from kdfast.eval import DigitsEvaluator
+
+    for bad in (1.5, -1, "1", True):
+        with pytest.raises(ValueError, match="split_seed must be"):
+            DigitsEvaluator(split_seed=bad)
+    assert DigitsEvaluator(split_seed=2.0).split_seed == 2
 
 
 def test_a_classifier_passed_in_keeps_its_mode():

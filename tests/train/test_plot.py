@@ -129,3 +129,14 @@ def test_moving_average_keeps_non_finite_values_in_their_own_windows():
     # no running sum: huge values do not wipe out the small ones after them
     assert moving_average([1e300, -1e300, 1.0, 2.0], 2)[-1] == 1.5
     assert moving_average([1.0, 2.0, 3.0], 10) == [1.0, 1.5, 2.0]
+
+
+def test_values_near_the_float64_limit_plot_and_average():
+    # spans, paddings and window sums of values near 1.8e308 overflowed to inf (then NaN pixels)
+    for series in ({"a": [(0, 0.0), (1, 1.7e308)]}, {"a": [(0, 1.7e308), (1, 1.7e308)]},
+                   {"a": [(-1e308, 0.0), (1e308, 1.0)]}):
+        assert _mask(render_curves(series), COLORS[0]).sum() > 0
+    assert moving_average([1e308, 1e308, 1e308], 2) == [1e308, 1e308, 1e308]
+    for window in (math.inf, 2.5, 0, True):
+        with pytest.raises(ValueError, match="window"):
+            moving_average([1.0], window)

@@ -493,6 +493,23 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     assert ckpt.latest().read_bytes() == before
 
 
+def test_a_save_killed_mid_write_leaves_no_temporary_file_for_good(tmp_path):
+    # SIGKILL skips atomic_files' clean-up: the next Checkpointer on the folder removes the
+    # temporary files of processes that are gone (a live one's are being written: left alone)
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(gone.stdout)
+    orphan = tmp_path / f".step-00000003.safetensors.{dead_pid}.tmp"
+    live = tmp_path / f".step-00000004.safetensors.{os.getpid()}.tmp"
+    mine = tmp_path / f".notes.txt.{dead_pid}.tmp"  # not a checkpoint's: not ours to remove
+    for path in (orphan, live, mine):
+        path.write_bytes(b"partial")
+    Checkpointer(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
+
+
 def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
     model = _model()
     ckpt = Checkpointer(tmp_path)

@@ -587,3 +587,14 @@ def test_measuring_shows_progress_on_a_terminal(tiny_teacher, monkeypatch, capsy
     monkeypatch.setattr(sys, "stderr", quiet)
     teacher_mod.measure_samples(tiny_teacher, progress=False, **args)
     assert quiet.getvalue() == ""
+
+
+def test_module_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher_mod, "train_teacher", interrupted)
+    with pytest.raises(SystemExit) as exc:
+        teacher_mod.main(["--out", str(tmp_path / "t.safetensors"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 130 and err.strip() == "python -m kdfast.train.teacher: interrupted"
