@@ -27,7 +27,7 @@ from .. import _ext, backends
 from .._checks import is_finite_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, empty_in_layout, has_subclass,
-                       in_layout, on_device, reference_required, sample_layout, vmapped)
+                       in_layout, on_device, op_layout, reference_required, sample_layout, vmapped)
 
 KINDS = ref.KINDS  # same order as kdfast::diffusion_losses::Kind
 PREDICTION_TYPES = ref.PREDICTION_TYPES  # same order as kdfast::diffusion_losses::Prediction
@@ -562,7 +562,7 @@ def _checked_op_inputs(code_name: str, code: int, codes: Sequence[str], predicti
         raise ValueError(f"{code_name} must be in [0, {len(codes)}) ({', '.join(codes)}), got {code}")
     if not 0 <= prediction < len(PREDICTION_TYPES):
         raise ValueError(f"prediction must be in [0, {len(PREDICTION_TYPES)}), got {prediction}")
-    x = _check_latent("x", x)
+    x = op_layout(_check_latent("x", x))
     others = [None if t is None else _check_latent(f"input {i + 1}", t, x) for i, t in enumerate(others)]
     if len(params) != len(SLOTS) or len(values) != len(SLOTS):
         raise ValueError(f"params and values must hold {len(SLOTS)} entries ({', '.join(SLOTS)}), got "
@@ -616,7 +616,7 @@ def _diffusion_loss_backward_op(kind: int, prediction: int, x: torch.Tensor, in1
 
 @_diffusion_loss_backward_op.register_fake
 def _(kind, prediction, x, in1, in2, in3, params, values, aux, grad_loss, want_x, want_in1, backend):
-    return _allocate_grads(x, in1, want_x, want_in1)
+    return _allocate_grads(op_layout(x), in1, want_x, want_in1)
 
 
 def _loss_setup_context(ctx, inputs, output):
@@ -702,7 +702,7 @@ def _sample_combination_op(combination: int, prediction: int, a: torch.Tensor, b
 
 @_sample_combination_op.register_fake
 def _(combination, prediction, a, b, params, values, backend):
-    return _allocate_combination(a, b)
+    return _allocate_combination(op_layout(a), b)
 
 
 def _combination_setup_context(ctx, inputs, output):

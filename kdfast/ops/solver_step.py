@@ -23,10 +23,11 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _ext, backends
+from .._checks import is_finite_number
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, cuda_stream, dense_format, describe, dispatcher_required,
-                       empty_in_layout, in_layout, on_device, reference_required, sample_layout)
+                       empty_in_layout, in_layout, on_device, op_layout, reference_required, sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -71,6 +72,7 @@ def coefficients(
 
 _Tensor = torch.Tensor
 _isfinite = math.isfinite
+_is_compiling = torch.compiler.is_compiling
 _F32, _F64 = torch.float32, torch.float64
 _CONTIGUOUS = torch.contiguous_format
 _KERNEL_DTYPES = "float32, float16 or bfloat16"
@@ -133,7 +135,7 @@ def _coef_addresses(coefs: torch.Tensor) -> Tuple[int, int]:
 
 def _check_scalar(name: str, value: float) -> float:
     value = float(value)
-    if not math.isfinite(value):
+    if not is_finite_number(value, name):  # (a symbolic float under torch.compile: checked when it runs)
         raise ValueError(f"{name} must be a finite number, got {value}")
     return value
 
@@ -361,7 +363,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
                 dispatch = True
         if not dispatch:
             ptrs[k], strides[k], codes[k] = t.data_ptr(), inner if plain else t.stride(0), t_code
-    if type(guidance_scale) is not float or not _isfinite(guidance_scale):
+    # (a symbolic float under torch.compile passes the type test: math.isfinite would break the graph)
+    if type(guidance_scale) is not float or _is_compiling() or not _isfinite(guidance_scale):
         guidance_scale = _check_scalar("guidance_scale", guidance_scale)
     threshold, clip, dynamic_scale = _clipping_args(clip_value, dynamic_scale, sample)
     if dynamic_scale is not None and (type(dynamic_scale) is not _Tensor or (grad and dynamic_scale.requires_grad)):
@@ -589,19 +592,20 @@ def _checked_op_tensors(sample, *others) -> list:
             or sample.dim() == 0):
         raise TypeError(f"sample must be a float32, float16, bfloat16 or float64 tensor with a batch dimension, got "
                         f"{describe('sample', sample) if isinstance(sample, torch.Tensor) else type(sample).__name__}")
-    return [sample_layout(sample)] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
+    sample = op_layout(sample)
+    return [sample] + [_check_like(name, t, sample) for name, t in zip(_INPUT_NAMES[1:], others)]
 
 
 @_solver_step_op.register_fake
 def _(sample, model_output, coefs, cond, guidance_scale, history0, history1, history2, aux, noise,
       threshold, clip_value, dynamic_scale, out_mask, history_dtype, backend):
-    return [o for o in _allocate(sample, out_mask, history_dtype) if o is not None]
+    return [o for o in _allocate(op_layout(sample), out_mask, history_dtype) if o is not None]
 
 
 def _setup_context(ctx, inputs, output):
-    # sample, model_output, cond, history0-2, aux, noise, dynamic_scale
-    ctx.save_for_backward(*(inputs[i] for i in (0, 1, 3, 5, 6, 7, 8, 9, 12)))
-    ctx.coefs = inputs[2]
+    # sample, model_output, cond, history0-2, aux, noise, dynamic_scale, coefs (saved, not kept as
+    # an attribute: changed in place before the backward, it must raise, not give other gradients)
+    ctx.save_for_backward(*(inputs[i] for i in (0, 1, 3, 5, 6, 7, 8, 9, 12, 2)))
     ctx.scalars = (inputs[4], inputs[10], inputs[11], inputs[13])
 
 
@@ -610,12 +614,11 @@ def _backward(ctx, grads):
     # of the reference is exact and cheap. A dynamic threshold scale gets its gradient too
     # (it comes from threshold_scale, whose own backward carries it on to x and the model), and
     # so do the coefficients (learned solver coefficients), one row or a row per sample.
-    *saved, dynamic_scale = ctx.saved_tensors
+    *saved, dynamic_scale, coefs = ctx.saved_tensors
     guidance_scale, threshold, clip_value, mask = ctx.scalars
     compute = _F64 if saved[0].dtype is _F64 else _F32  # what the forward computed in
     if threshold != THRESHOLD_DYNAMIC:
         dynamic_scale = None
-    coefs = ctx.coefs
     # create_graph=True (a gradient penalty, second-order terms of learned coefficients): the
     # reference's vector-Jacobian product is built on the inputs themselves, so that it is
     # differentiable in turn; otherwise on detached copies.

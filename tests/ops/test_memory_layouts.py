@@ -210,3 +210,45 @@ def test_diffusion_loss_opcheck_on_channels_last():
     dl.pseudo_huber(*leaves, c=0.1).sum().backward()
     torch.testing.assert_close(gx, leaves[0].grad)
     torch.testing.assert_close(gy, leaves[1].grad)
+
+
+def _direct_op_calls():
+    """Direct calls of the registered ops whose outputs take the sample's layout."""
+    x, m = (t.transpose(1, 3) for t in _tensors(2, 40))  # dense samples, neither contiguous nor channels_last
+    coefs = _coefs(41)
+    vals = [1.0, 0.1, 0.0, 0.0, 0.0, 0.0]
+    per_sample = [None, None, *(torch.full((2,), v) for v in (0.8, 0.6, 0.9, 0.4359))]
+    _, aux = torch.ops.kdfast.diffusion_loss(0, 0, x, m, None, None, None, [None] * 6, vals, "")
+    return (x, m), {
+        "solver_step": lambda x, m: torch.ops.kdfast.solver_step(x, m, coefs, None, 1.0, None, None, None, None,
+                                                                 None, 0, 1.0, None, 1, torch.float32, "")[0],
+        "sample_combination": lambda x, m: torch.ops.kdfast.sample_combination(0, 0, x, m, per_sample, vals, ""),
+        "diffusion_loss_backward": lambda x, m: torch.ops.kdfast.diffusion_loss_backward(
+            0, 0, x, m, None, None, [None] * 6, vals, aux, torch.ones(2), True, False, "")[0],
+    }
+
+
+@pytest.mark.parametrize("name", ["solver_step", "sample_combination", "diffusion_loss_backward"])
+def test_fake_kernels_give_the_real_strides_while_compiling(name, monkeypatch):
+    # The fake kernel runs while torch.compile traces, the real op when the graph runs: a fake
+    # kernel that took a transposed sample to be copied to contiguous (as the public entries do
+    # under dynamo) while the op kept its order told inductor the wrong strides.
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    (x, m), calls = _direct_op_calls()
+    real = calls[name](x, m)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = calls[name](mode.from_tensor(x), mode.from_tensor(m))
+    assert fake.stride() == real.stride()
+
+
+@pytest.mark.parametrize("name", ["solver_step", "sample_combination", "diffusion_loss_backward"])
+def test_a_direct_op_call_on_transposed_samples_compiles_with_inductor(name):
+    import torch._inductor.config
+
+    (x, m), calls = _direct_op_calls()
+    f = lambda x, m: calls[name](x, m) * 2  # noqa: E731
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(force_disable_caches=True):  # (a cached graph would hide a change)
+        assert torch.equal(torch.compile(f, backend="inductor", fullgraph=True)(x, m), f(x, m))

@@ -1546,3 +1546,33 @@ def test_cpu_fp16_conversions_are_exact_and_round_like_torch():
         assert torch.equal(torch.isnan(got), nan)
         assert torch.equal(got[~nan].view(torch.int16 if got.dtype == torch.float16 else torch.int32),
                            expected[~nan].view(torch.int16 if got.dtype == torch.float16 else torch.int32))
+
+
+@pytest.mark.parametrize("name", ["guidance_scale", "clip_value", "max_value", "x0_from_model"])
+def test_a_float_that_changes_between_compiled_calls_keeps_a_full_graph(name):
+    # torch.compile makes a float symbolic once it changes: math.isfinite on it broke the graph;
+    # a non-finite value is still refused, when the compiled code runs
+    coefs = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x0": 0.7, "x": 0.3}))
+    g = torch.Generator().manual_seed(50)
+    x, m, c = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
+    fn = {"guidance_scale": lambda v: ops.solver_step(x, m, coefs, cond=c, guidance_scale=v).sample,
+          "clip_value": lambda v: ops.solver_step(x, m, coefs, clip_value=v).sample,
+          "max_value": lambda v: ops.threshold_scale(x, m, 1.0, -0.5, max_value=v),
+          "x0_from_model": lambda v: ops.threshold_scale(x, m, 1.0, v)}[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="eager", fullgraph=True)
+    for v in (2.0, 3.0, 4.5):
+        torch.testing.assert_close(compiled(v), fn(v))
+    with pytest.raises(RuntimeError, match=f"{name} must be finite"):
+        compiled(math.nan)
+
+
+def test_coefficients_changed_in_place_before_the_backward_are_refused():
+    # kept as a plain attribute, the changed table gave other gradients (73 for 1) without a word
+    x = torch.randn(2, 3, 4, requires_grad=True)
+    coefs = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x0": 0.7, "x": 0.3}))
+    out = ops.solver_step(x, torch.randn(2, 3, 4), coefs).sample
+    with torch.no_grad():
+        coefs.mul_(10.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
