@@ -711,7 +711,8 @@ def _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_f
     else:
         out = torch.empty(sample.shape[0], dtype=_F32, device=sample.device)
         impl = threshold_op.select(device_type, backend)
-    impl.run(out, sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
+    if sample.shape[0] > 0:  # (no sample, nothing to run: the kernels divide by the batch)
+        impl.run(out, sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
     return out
 
 
@@ -768,7 +769,7 @@ def _threshold_backward(ctx, grad):
     guidance_scale, x0_from_x, x0_from_model, ratio, max_value = ctx.scalars
     compute = _F64 if sample.dtype is _F64 else _F32
     m = ref.guided(model_output.to(compute), None if cond is None else cond.to(compute), guidance_scale)
-    x0 = (x0_from_x * sample.to(compute) + x0_from_model * m).reshape(sample.shape[0], -1)
+    x0 = (x0_from_x * sample.to(compute) + x0_from_model * m).reshape(sample.shape[0], math.prod(sample.shape[1:]))
     values, order = x0.abs().sort(dim=1)
     lo, hi, frac = ref.quantile_position(ratio, x0.shape[1], compute)
     below, above = values[:, lo], values[:, hi]

@@ -84,7 +84,7 @@ def threshold_scale(
     when ``compute_dtype`` is float64."""
     m = guided(model.to(compute_dtype), None if cond is None else cond.to(compute_dtype), guidance_scale)
     x0 = x0_from_x * x.to(compute_dtype) + x0_from_model * m
-    flat = x0.reshape(x0.shape[0], -1).abs()
+    flat = x0.reshape(x0.shape[0], math.prod(x0.shape[1:])).abs()  # (-1 fails for an empty batch)
     # torch.quantile's method by hand, with its values: it refuses rows of over 2^24 values and
     # has no vmap batching rule (a NaN makes the quantile NaN, as there)
     values = flat.sort(dim=1).values

@@ -1576,3 +1576,14 @@ def test_coefficients_changed_in_place_before_the_backward_are_refused():
         coefs.mul_(10.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         out.sum().backward()
+
+
+def test_an_empty_batch_under_vmap_and_through_the_registered_op():
+    # reshape(batch, -1) cannot infer -1 for no elements; the direct op divided by the batch
+    coefs = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x0": 0.7, "x": 0.3}))
+    x, m = torch.randn(0, 2, 3, 4), torch.randn(0, 2, 3, 4)
+    assert torch.func.vmap(lambda x, m: ops.threshold_scale(x, m, 1.0, -0.5))(x, m).shape == (0, 2)
+    step = torch.func.vmap(lambda x, m: ops.solver_step(x, m, coefs,
+                                                        dynamic_scale=ops.threshold_scale(x, m, 1.0, -0.5)).sample)
+    assert step(x, m).shape == (0, 2, 3, 4)
+    assert torch.ops.kdfast.threshold_scale(x, m, None, 1.0, 1.0, -0.5, 0.9, 1.5).shape == (0,)
