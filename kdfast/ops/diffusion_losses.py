@@ -435,7 +435,9 @@ def _backward_reference(kind, prediction, ins, params, values, aux, grad_loss, g
         c = col(_param(params, values, _C, batch, device).double(), v0)
         d = v0 - v1
         h = torch.sqrt(d * d + c * c)
-        g = torch.where(h > 0, d / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h)) * col(k / n, d)
+        slope = torch.where(h > 0, d / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h))
+        slope = torch.where(torch.isinf(d), torch.sign(d), slope)  # the spec's sign(d) at an inf, not inf / inf
+        g = slope * col(k / n, d)
     elif kind == DMD:
         # g from the forward's saved 1 / normaliser (x_t is not kept for the backward).
         d = ins[2].double() - v1

@@ -560,7 +560,7 @@ def test_pseudo_huber_residual_far_below_c_has_no_cancellation(backend):
     torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_elementwise_pseudo_huber_of_an_infinite_difference(backend):
     # |d| = inf: the element's loss is inf and its slope sign(d) (not inf / inf = NaN)
     x = randn((2, 8), torch.float32, 40)
