@@ -38,5 +38,18 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
         y = y if weight is None else y * weight.reshape(shape)
         y = y if bias is None else y + bias.reshape(shape)
     else:
+        if dtype is torch.float64:
+            # The spec centres each group on its (constant) mean first, which changes neither the
+            # value nor the gradient: torch's channels-last kernel takes the variance as
+            # E[x^2] - E[x]^2, which cancels even in float64 for a spread small beside the mean
+            # (negative at 1e4 +- 1e-3, then NaN at eps = 0). (dtype=None stays torch's own.)
+            v = v - _group_means(v.detach(), num_groups)
         y = F.group_norm(v, num_groups, weight, bias, eps)
     return F.silu(y) if activation == "silu" else y
+
+
+def _group_means(v: torch.Tensor, num_groups: int) -> torch.Tensor:
+    """Each (sample, group)'s mean, shaped to broadcast over ``v`` ``[N, C, *spatial]``."""
+    n, c = v.shape[:2]
+    means = v.reshape(n, num_groups, -1).mean(dim=2) if v.numel() else v.new_zeros(n, num_groups)
+    return means.repeat_interleave(c // num_groups, dim=1).reshape((n, c) + (1,) * (v.dim() - 2))

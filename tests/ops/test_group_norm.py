@@ -409,3 +409,15 @@ def test_parameters_are_read_in_place(monkeypatch):
 
         ops.group_norm_act(x.as_subclass(Marked), 2, norm.weight, norm.bias, norm.eps)
         assert calls and type(calls[0][0]) is Marked
+
+
+def test_reference_of_channels_last_groups_with_a_small_spread():
+    # torch's channels-last group norm takes E[x^2] - E[x]^2 even in float64: a negative variance
+    # (NaN at eps = 0) for values at 1e4 +- 1e-3; the spec is the same for every layout
+    g = torch.Generator().manual_seed(0)
+    x = 1e4 + 1e-3 * torch.randn(2, 4, 6, 6, generator=g)
+    cl = ops.group_norm_act(x.to(memory_format=torch.channels_last), 2, eps=0.0, activation="identity",
+                            backend="reference")
+    assert torch.isfinite(cl).all()
+    torch.testing.assert_close(cl, ops.group_norm_act(x, 2, eps=0.0, activation="identity", backend="reference"),
+                               rtol=0, atol=1e-6)
