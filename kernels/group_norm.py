@@ -106,7 +106,8 @@ def _group_norm_kernel(
         acc += tl.where(mask, d * d, 0.0)
     # in float64 like inverse_std in group_norm.h (and exactly rounded: fp32 sqrt and division
     # compile to approximations on NVIDIA GPUs)
-    rstd = (1.0 / tl.sqrt(tl.sum(acc, axis=0).to(tl.float64) / n + eps)).to(tl.float32)
+    msd = tl.sum(acc, axis=0).to(tl.float64) / n
+    rstd = (1.0 / tl.sqrt(msd + eps) + (msd - msd)).to(tl.float32)  # NaN for an overflowed sum (inverse_std)
 
     for start in range(0, n, BLOCK):
         _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,
@@ -179,7 +180,7 @@ def _chunk_normalize_kernel(
     mean = pivot + s
     var = sq - s * s
     var = tl.where(var < 0.0, 0.0, var)  # (a NaN stays NaN)
-    rstd = (1.0 / tl.sqrt(var + eps)).to(tl.float32)
+    rstd = (1.0 / tl.sqrt(var + eps) + (var - var)).to(tl.float32)  # NaN for an overflowed sum (inverse_std)
     lanes = tl.arange(0, BLOCK)
     for start in range(first, stop, BLOCK):
         _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel,

@@ -147,8 +147,13 @@ KD_HD float normalize(const ChannelConsts& k, int activation, float v) {
   return activate(activation, (v - k.center) * k.scale + k.bias);
 }
 
+// Finite inputs have a finite mean square deviation (below 1e78 in double): an infinite one is the
+// float partial sums' overflow (deviations past ~1.8e19). It gives NaN, as torch's contiguous
+// float32 group norm does, not 1 / inf = 0, which would quietly turn every output of the group
+// into act(bias).
+// (msd - msd: 0 when finite, NaN when infinite; not folded away without fast-math.)
 KD_HD float inverse_std(double mean_square_deviation, float eps) {
-  return float(1.0 / std::sqrt(mean_square_deviation + double(eps)));
+  return float(1.0 / std::sqrt(mean_square_deviation + double(eps)) + (mean_square_deviation - mean_square_deviation));
 }
 
 KD_HD float shift_at(const Params& p, int64_t b, int64_t c) {

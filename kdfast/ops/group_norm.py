@@ -139,7 +139,8 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     Statistics are taken in float32 or better for every dtype: two passes (the mean, then the
     squared deviations from it), or, for groups a GPU splits across blocks, moments about the
     group's first element. The CPU and CUDA kernels gather partial sums in double, the Triton
-    kernel in float32 lanes.
+    kernel in float32 lanes. An element ~1e19 or more from its group's mean overflows the float32
+    sums of squares (CPU, Triton): that group comes out NaN, as from torch's contiguous kernel.
     Differentiable (x, weight, bias, shift): the backward recomputes with torch's ops.
     """
     x, num_groups, weight, bias, eps, shift = _checked(x, num_groups, weight, bias, eps, shift)

@@ -421,3 +421,20 @@ def test_reference_of_channels_last_groups_with_a_small_spread():
     assert torch.isfinite(cl).all()
     torch.testing.assert_close(cl, ops.group_norm_act(x, 2, eps=0.0, activation="identity", backend="reference"),
                                rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_an_overflowing_variance_is_loud_not_quietly_the_bias(backend, channels_last):
+    # an element 1e20 from its group's mean overflows float32 sums of squares: the group comes out
+    # right (sums in double) or NaN, as torch's contiguous float32 group norm gives; it made every
+    # output of the group act(bias) = 0 before (as torch's channels-last one does), with nothing
+    # to show it
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 0, 0, 0] = 1e20
+    x[0, 0, 1:, :] = torch.arange(12.0).view(3, 4)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = ops.group_norm_act(x, 2, activation="identity", backend=backend)[0, 0]
+    expect = ref.group_norm_act(x, 2, activation="identity")[0, 0].float()
+    assert torch.isnan(out).all() or torch.allclose(out, expect, rtol=1e-5, atol=1e-5)
