@@ -23,7 +23,7 @@ import torch
 
 from ._checks import check_float, check_int
 # MAX_SEED: the step generator takes seed + 1
-from .train.run import MAX_SEED, OutputDirError, prepare_output_dir, progress_bar
+from .train.run import MAX_SEED, OutputDirError, atomic_files, prepare_output_dir, progress_bar
 
 # Demo solver name -> the teacher's scheduler key (kdfast.train.teacher.SCHEDULERS).
 SOLVERS = {
@@ -130,12 +130,12 @@ def _resolve_device(device: Optional[str]) -> torch.device:
 _GRID_NAME = re.compile(r"^(%s)_\d+\.png$" % "|".join(re.escape(s) for s in SOLVERS))
 
 
-def _clear_previous_outputs(out_dir) -> None:
-    """Remove what an earlier demo run wrote here (grids, metrics, report), so that the folder
-    never mixes grids of another run with this run's metrics. Other files are left alone."""
-    grids = out_dir / "grids"
-    stale = [p for p in grids.iterdir() if p.is_file() and _GRID_NAME.match(p.name)]
-    stale += [out_dir / name for name in ("metrics.json", "report.md")]
+def _clear_previous_outputs(out_dir, keep: Sequence = ()) -> None:
+    """Remove the grids an earlier demo run wrote here, but those in ``keep`` (this run's), so
+    that the folder never mixes grids of another run with this run's metrics. Other files are
+    left alone."""
+    grids, keep = out_dir / "grids", set(keep)
+    stale = [p for p in grids.iterdir() if p.is_file() and _GRID_NAME.match(p.name) and p not in keep]
     for path in stale:
         try:
             path.unlink(missing_ok=True)
@@ -368,12 +368,6 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
             bar.update(1)
     bar.close()
 
-    # The earlier run's outputs go only now, when this run's can replace them: a run that
-    # fails or is interrupted leaves them as they were.
-    _clear_previous_outputs(out_dir)
-    for name, images in grids.items():
-        save_grid(images, out_dir / "grids" / name, nrow=n_per_class)
-
     settings = {"n_images": 10 * n_per_class, "n_per_class": n_per_class, "guidance_scale": guidance_scale,
                 "cuda_graph": cuda_graph,
                 "seed": seed, "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
@@ -382,8 +376,16 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
                 "notes": notes, "overall_speedup": overall_speedup(rows),
                 "kdfast_teacher": "UNet.for_inference(): channels-last, fused group norm + SiLU",
                 "anchor_teacher": "the network as saved: contiguous, torch modules"}
-    (out_dir / "metrics.json").write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
-    (out_dir / "report.md").write_text(_markdown(rows, settings, floor, floor_full))
+    # The earlier run's outputs are replaced only now, all at once (atomic_files: written whole
+    # to temporaries, then renamed), and its other grids removed after: a run that fails or is
+    # interrupted before leaves them as they were.
+    grid_paths = [out_dir / "grids" / name for name in grids]
+    with atomic_files(*grid_paths, out_dir / "metrics.json", out_dir / "report.md") as temps:
+        for tmp, images in zip(temps, grids.values()):
+            save_grid(images, tmp, nrow=n_per_class)
+        temps[-2].write_text(json.dumps({"settings": settings, "rows": rows}, indent=1) + "\n")
+        temps[-1].write_text(_markdown(rows, settings, floor, floor_full))
+    _clear_previous_outputs(out_dir, keep=grid_paths)
     return rows
 
 

@@ -256,3 +256,21 @@ def test_a_run_that_fails_leaves_the_earlier_outputs(tmp_path, monkeypatch):
         run_demo(out=str(out), solvers=["ddim"], steps=[1], n_per_class=2, anchor=False, device="cpu",
                  progress=False)
     assert (out / "grids" / "ddim_7.png").read_bytes() == b"old" and (out / "metrics.json").read_text() == "{}"
+    monkeypatch.undo()
+
+    # ... nor while the new files are being written (they are renamed into place together)
+    calls = []
+
+    def interrupted_second_grid(images, path, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_save_grid(images, path, **kwargs)
+
+    real_save_grid = teacher_module.save_grid
+    monkeypatch.setattr(teacher_module, "save_grid", interrupted_second_grid)
+    with pytest.raises(KeyboardInterrupt):
+        run_demo(out=str(out), solvers=["ddim"], steps=[1, 2], n_per_class=2, anchor=False, device="cpu",
+                 progress=False)
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["ddim_7.png"]
+    assert (out / "metrics.json").read_text() == "{}" and not (out / "report.md").exists()

@@ -163,7 +163,10 @@ def topk_kd_loss(
                              "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
         lp64 = lp_kept.double()
         p64 = lp64.exp()
-        mass, rounding = p64.sum(-1), _mass_rounding(p64, lp64, teacher_topk_logprobs.dtype)
+        # 16-bit values are checked to bfloat16's rounding: a bf16 model's log-probabilities
+        # stored as float16 (exactly) keep it
+        checked = torch.bfloat16 if teacher_topk_logprobs.dtype == torch.float16 else teacher_topk_logprobs.dtype
+        mass, rounding = p64.sum(-1), _mass_rounding(p64, lp64, checked)
         if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
             raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
                              f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")

@@ -204,21 +204,20 @@ def sample_layout(t: torch.Tensor) -> torch.Tensor:
 
 def op_layout(t: torch.Tensor) -> torch.Tensor:
     """:func:`sample_layout` for the registered ops (``torch.ops.kdfast.*``: autograd, torch.compile,
-    dispatch modes) and their fake kernels: samples stay in place only in contiguous or
-    channels-last order (at any batch stride); other orders are copied to contiguous.
+    dispatch modes) and their fake kernels: ``t`` itself only when it is dense (contiguous or
+    channels-last), else a packed copy, channels-last when its samples are.
 
     Under torch.compile the fake kernel runs while tracing, where :func:`sample_layout` cannot
-    sort symbolic strides and copies such a tensor, and the op itself later, untraced: decided
-    by contiguity checks, which trace, the two agree on the outputs' strides (inductor trusts the
-    fake kernel's: a mismatch fails its size asserts, or without them reads an output in the
-    wrong order). The public functions' eager calls keep every dense order."""
+    sort symbolic strides and copies what is not dense, and the op itself later, untraced:
+    decided by contiguity checks alone, which trace, the two agree on the outputs' strides
+    (inductor trusts the fake kernel's: a mismatch fails its size asserts, or without them reads
+    an output in the wrong order). The public functions' eager calls keep every per-sample dense
+    layout (batch-strided views, other orders)."""
     if dense_format(t) is not None:
         return t
-    if t.dim() >= 1 and t.shape[0] > 0:
-        first = t[:1]  # the layout of one sample (the batch stride does not matter)
-        fmt = _CHANNELS_LAST.get(t.dim())
-        if first.is_contiguous() or (fmt is not None and first.is_contiguous(memory_format=fmt)):
-            return t
+    fmt = _CHANNELS_LAST.get(t.dim())
+    if fmt is not None and t.shape[0] > 0 and not t[:1].is_contiguous() and t[:1].is_contiguous(memory_format=fmt):
+        return t.contiguous(memory_format=fmt)  # (a batch-strided view of a channels-last batch)
     return t.contiguous()
 
 

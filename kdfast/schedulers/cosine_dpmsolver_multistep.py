@@ -11,7 +11,6 @@ import torch
 
 from ._config import register_to_config
 from ._linear import H0, NOISE, X, X0
-from ._helpers import required
 from ._schedule import check_choice
 from .base import CoefficientTable, SchedulerOutput, StepPlan, push_history, reject_unknown_step_arguments
 from .dpmsolver_sde import _BrownianNoise
@@ -216,7 +215,6 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         """The denoised sample ``precondition_outputs(sample, model_output, sigma)`` at the current step."""
         if sample is None:
             raise ValueError("missing `sample`: convert_model_output(model_output, sample)")
-        sample = required("convert_model_output", "sample", sample)
         return self._converted_output(model_output, sample, (self._step_index, 1), False)
 
     def _helper_coefficients(self, order: int, sample, noise):

@@ -7,7 +7,6 @@ from typing import List, Optional
 import torch
 
 from ._config import register_to_config
-from ._helpers import required
 from ._schedule import check_choice
 from .base import CoefficientTable
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
@@ -127,7 +126,6 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
         """The denoised sample (thresholded as the step thresholds it) at the current step."""
         if sample is None:
             raise ValueError("missing `sample`: convert_model_output(model_output, sample)")
-        sample = required("convert_model_output", "sample", sample)
         return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers

@@ -185,9 +185,12 @@ def moving_average(values: Sequence[float], window: int) -> List[float]:
     finite = np.isfinite(v)
     kernel = np.ones(min(int(window), len(v)))
     # Sums over each window by convolution, not as differences of one running sum: an inf or a
-    # NaN there, or a huge value's rounding, would carry into every later position. They are
-    # summed in units of the largest magnitude, so values near 1e308 do not overflow.
+    # NaN there, or a huge value's rounding, would carry into every later position. Where a
+    # window's sum could overflow (values near 1e308), they are summed in units of the largest
+    # magnitude (only then: small values would underflow in them).
     unit = _unit([v])
+    if unit * len(kernel) < 1e300:
+        unit = 1.0
     sums = np.convolve(np.where(finite, v / unit, 0.0), kernel)[:len(v)]
     counts = np.convolve(finite.astype(np.float64), kernel)[:len(v)]
     with np.errstate(invalid="ignore", divide="ignore"):

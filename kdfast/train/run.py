@@ -27,6 +27,7 @@ import os
 import random
 import re
 import sys
+import time
 import warnings
 import zlib
 from contextlib import contextmanager
@@ -46,6 +47,7 @@ PathLike = Union[str, Path]
 FORMAT = "kdfast checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
+ORPHAN_AGE = 3600.0  # seconds unchanged before a dead process's checkpoint temporary is removed
 _TEMP_NAME = re.compile(r"^\.step-\d{8,}\.safetensors\.(\d+)\.tmp$")  # atomic_files' name for one being saved
 METRICS_FILE = "metrics.jsonl"  # the metrics log's name in a run's checkpoint folder
 # The largest seed kdfast's commands accept: torch takes 64-bit seeds, and some callers seed a
@@ -570,11 +572,18 @@ class Checkpointer:
         self._remove_orphaned_temps()
 
     def _remove_orphaned_temps(self) -> None:
-        """Remove the temporary files of saves whose process is gone: a SIGKILL mid-save skips
-        atomic_files' clean-up, and each is as large as a checkpoint. A live process's are left."""
+        """Remove the temporary files of saves killed mid-write (a SIGKILL skips atomic_files'
+        clean-up; each is as large as a checkpoint): those whose process is gone here and that
+        have not changed for :data:`ORPHAN_AGE` seconds. (A process id means nothing on another
+        machine or container sharing the folder, where a save may be under way.)"""
+        now = time.time()
         for path in self.directory.iterdir():
             m = _TEMP_NAME.match(path.name)
-            if m and path.is_file() and not _process_alive(int(m.group(1))):
+            try:
+                stale = m is not None and path.is_file() and now - path.stat().st_mtime > ORPHAN_AGE
+            except OSError:  # (gone meanwhile: its save finished)
+                continue
+            if stale and not _process_alive(int(m.group(1))):
                 path.unlink(missing_ok=True)
 
     def path_for(self, step: int) -> Path:

@@ -311,6 +311,18 @@ def test_half_precision_storage_is_checked_to_its_own_rounding(dtype, k, mass):
     topk_kd_loss(t, ids, values.to(dtype) if k == 64 else (values + math.log(0.9)).to(dtype))  # honest: accepted
 
 
+def test_bfloat16_log_probabilities_stored_as_float16_are_accepted():
+    # float16 holds bfloat16 values exactly, with bfloat16's rounding: checked to it
+    lp = torch.tensor([[2.0, 0.0, -1.0]], dtype=torch.bfloat16).log_softmax(-1).half()
+    assert torch.isfinite(topk_kd_loss(torch.zeros(1, 3), torch.arange(3)[None], lp))
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(40):
+        vocab = int(torch.randint(2, 3000, (1,), generator=gen))
+        t = (torch.randn(2, vocab, generator=gen) * 4).bfloat16()
+        values, ids = t.log_softmax(-1).topk(vocab if vocab < 50 else 32, -1)
+        topk_kd_loss(torch.randn(2, vocab, generator=gen), ids, values.half())
+
+
 def test_half_precision_storage_of_real_teachers_is_accepted():
     # the bound is tight, not too tight: top-k of random teachers stored in 16 bits all pass
     gen = torch.Generator().manual_seed(1)

@@ -212,9 +212,13 @@ def test_diffusion_loss_opcheck_on_channels_last():
     torch.testing.assert_close(gy, leaves[1].grad)
 
 
-def _direct_op_calls():
-    """Direct calls of the registered ops whose outputs take the sample's layout."""
-    x, m = (t.transpose(1, 3) for t in _tensors(2, 40))  # dense samples, neither contiguous nor channels_last
+def _direct_op_calls(layout):
+    """Direct calls of the registered ops whose outputs take the sample's layout, on samples that
+    are dense but neither contiguous nor channels_last: in another order, or at a batch stride."""
+    if layout == "transposed":
+        x, m = (t.transpose(1, 3) for t in _tensors(2, 40))
+    else:  # every other sample of a channels_last batch
+        x, m = (t.contiguous(memory_format=CL)[::2] for t in _tensors(2, 40, shape=(4, *SHAPE[1:])))
     coefs = _coefs(41)
     vals = [1.0, 0.1, 0.0, 0.0, 0.0, 0.0]
     per_sample = [None, None, *(torch.full((2,), v) for v in (0.8, 0.6, 0.9, 0.4359))]
@@ -228,14 +232,15 @@ def _direct_op_calls():
     }
 
 
+@pytest.mark.parametrize("layout", ["transposed", "batch-strided channels_last"])
 @pytest.mark.parametrize("name", ["solver_step", "sample_combination", "diffusion_loss_backward"])
-def test_fake_kernels_give_the_real_strides_while_compiling(name, monkeypatch):
+def test_fake_kernels_give_the_real_strides_while_compiling(name, layout, monkeypatch):
     # The fake kernel runs while torch.compile traces, the real op when the graph runs: a fake
     # kernel that took a transposed sample to be copied to contiguous (as the public entries do
     # under dynamo) while the op kept its order told inductor the wrong strides.
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    (x, m), calls = _direct_op_calls()
+    (x, m), calls = _direct_op_calls(layout)
     real = calls[name](x, m)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
@@ -243,11 +248,12 @@ def test_fake_kernels_give_the_real_strides_while_compiling(name, monkeypatch):
     assert fake.stride() == real.stride()
 
 
+@pytest.mark.parametrize("layout", ["transposed", "batch-strided channels_last"])
 @pytest.mark.parametrize("name", ["solver_step", "sample_combination", "diffusion_loss_backward"])
-def test_a_direct_op_call_on_transposed_samples_compiles_with_inductor(name):
+def test_a_direct_op_call_on_such_samples_compiles_with_inductor(name, layout):
     import torch._inductor.config
 
-    (x, m), calls = _direct_op_calls()
+    (x, m), calls = _direct_op_calls(layout)
     f = lambda x, m: calls[name](x, m) * 2  # noqa: E731
     torch._dynamo.reset()
     with torch._inductor.config.patch(force_disable_caches=True):  # (a cached graph would hide a change)

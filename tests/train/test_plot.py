@@ -137,6 +137,8 @@ def test_values_near_the_float64_limit_plot_and_average():
                    {"a": [(-1e308, 0.0), (1e308, 1.0)]}):
         assert _mask(render_curves(series), COLORS[0]).sum() > 0
     assert moving_average([1e308, 1e308, 1e308], 2) == [1e308, 1e308, 1e308]
+    # ... and small values beside a huge one are not scaled into underflow
+    assert moving_average([1e300, 1e-30, 2e-30], 1) == [1e300, 1e-30, 2e-30]
     for window in (math.inf, 2.5, 0, True):
         with pytest.raises(ValueError, match="window"):
             moving_average([1.0], window)

@@ -3,6 +3,7 @@ import json
 import math
 import os
 import random
+import time
 import warnings
 
 import numpy as np
@@ -495,7 +496,8 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_a_save_killed_mid_write_leaves_no_temporary_file_for_good(tmp_path):
     # SIGKILL skips atomic_files' clean-up: the next Checkpointer on the folder removes the
-    # temporary files of processes that are gone (a live one's are being written: left alone)
+    # temporary files of processes that are gone, once an hour old (a live one's, or a recent one
+    # that another machine sharing the folder may be writing, are left alone)
     import subprocess
     import sys
 
@@ -504,10 +506,14 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_for_good(tmp_path):
     orphan = tmp_path / f".step-00000003.safetensors.{dead_pid}.tmp"
     live = tmp_path / f".step-00000004.safetensors.{os.getpid()}.tmp"
     mine = tmp_path / f".notes.txt.{dead_pid}.tmp"  # not a checkpoint's: not ours to remove
-    for path in (orphan, live, mine):
+    recent = tmp_path / f".step-00000005.safetensors.{dead_pid}.tmp"  # perhaps another machine's save, under way
+    old = time.time() - run.ORPHAN_AGE - 60
+    for path in (orphan, live, mine, recent):
         path.write_bytes(b"partial")
+        if path is not recent:
+            os.utime(path, (old, old))
     Checkpointer(tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, mine.name, recent.name])
 
 
 def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
