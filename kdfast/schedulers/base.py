@@ -978,9 +978,9 @@ def run_eagerly(method: Callable) -> Callable:
     host bookkeeping around one kernel call, and tracing it recompiled at every step.
 
     Only a traced call goes through the disabling wrapper: it costs ~3 us per call, most of an
-    eager step's host time. That wrapper is torch's lazy ``torch.compiler.disable`` (torch 2.0
-    and newer): the public one imports torch._dynamo, triton and sympy (about 2 s) when it is
-    applied, which here is at ``import kdfast``."""
+    eager step's host time. That wrapper is ``torch._disable_dynamo`` (torch 2.0 and newer),
+    which imports torch._dynamo at its first call: ``torch.compiler.disable`` imports it, with
+    triton and sympy (about 2 s), when applied, which here is at ``import kdfast``."""
     disabled = torch._disable_dynamo(method)
 
     @functools.wraps(method)
