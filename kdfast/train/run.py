@@ -545,7 +545,7 @@ def _process_alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OverflowError, OSError):
+    except (OverflowError, OSError):  # (PermissionError: alive, another user's; an id out of range: unknown)
         return True
     return True
 
