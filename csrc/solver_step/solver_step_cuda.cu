@@ -57,8 +57,9 @@ __device__ float abs_x0(const ThresholdParams& p, int64_t b, int64_t i) {
 // k-th smallest |x0| of sample b by 4 radix passes of 8 bits over the float bit pattern
 // (non-negative floats order like their bits). Recomputes |x0| each pass instead of
 // materialising it: the inputs stay in L2 for SD-sized latents. NaN when a |x0| is NaN (bits
-// above inf's), as torch.quantile gives.
-__device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, unsigned* hist,
+// above inf's), as torch.quantile gives. The counts are 64-bit: a sample of 2^32 or more
+// elements (an 8 GiB bf16 video latent) would wrap 32-bit ones and pick the wrong bin.
+__device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, unsigned long long* hist,
                               unsigned* shared_prefix, long long* shared_k) {
   unsigned prefix = 0, mask = 0;
   for (int shift = 24; shift >= 0; shift -= 8) {
@@ -77,7 +78,7 @@ __device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, un
         if ((bits & mask) == prefix) bin = (bits >> shift) & 255u;
       }
       const unsigned peers = __match_any_sync(0xffffffffu, bin);
-      if (bin < 256u && __ffs(peers) - 1 == int(threadIdx.x & 31u)) atomicAdd(&hist[bin], unsigned(__popc(peers)));
+      if (bin < 256u && __ffs(peers) - 1 == int(threadIdx.x & 31u)) atomicAdd(&hist[bin], (unsigned long long)__popc(peers));
     }
     if (__syncthreads_or(nan_seen)) return NAN;  // the same answer in every thread: a uniform exit
     if (threadIdx.x == 0) {
@@ -85,7 +86,7 @@ __device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, un
       unsigned bin = 0;
       for (; bin < 255; ++bin) {
         if (kk < (long long)hist[bin]) break;
-        kk -= hist[bin];
+        kk -= (long long)hist[bin];
       }
       *shared_prefix = prefix | (bin << shift);
       *shared_k = kk;
@@ -100,7 +101,7 @@ __device__ float radix_select(const ThresholdParams& p, int64_t b, int64_t k, un
 }
 
 __global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const ThresholdParams p) {
-  __shared__ unsigned hist[256];
+  __shared__ unsigned long long hist[256];
   __shared__ unsigned shared_prefix;
   __shared__ long long shared_k;
   const int64_t b = blockIdx.x;
