@@ -30,8 +30,13 @@ def _hypot_nonneg(a, c):
 
 
 @triton.jit
-def _pseudo_huber_element(d, c):
-    """(sqrt(d^2 + c^2) - c, d / sqrt(d^2 + c^2)) in fp32, as pseudo_huber_element."""
+def _pseudo_huber_element(v0, v1, c):
+    """(sqrt(d^2 + c^2) - c in fp64, d / sqrt(d^2 + c^2)) of d = v0 - v1 in fp32, as
+    pseudo_huber_element: the halves of d where v0 - v1 overflows."""
+    d = v0 - v1
+    over = (tl.abs(d) == INF) & (tl.abs(v0) < INF) & (tl.abs(v1) < INF)
+    d = tl.where(over, 0.5 * v0 - 0.5 * v1, d)
+    c = tl.where(over, 0.5 * c, c)
     a = tl.abs(d)
     h = _hypot_nonneg(a, c)
     inf = a == INF
@@ -39,7 +44,7 @@ def _pseudo_huber_element(d, c):
     safe_h = tl.where(live, h, 1.0)
     ratio = tl.where(live, a / (safe_h + c), 0.0)
     rel = tl.where(live & (~inf), a / safe_h, 0.0)
-    value = tl.where(inf, INF, a * ratio)
+    value = tl.where(inf, INF, (a * ratio).to(tl.float64) * tl.where(over, 2.0, 1.0))
     s = tl.where(inf, 1.0, rel)
     slope = tl.where(d < 0.0, -s, tl.where(d > 0.0, s, 0.0))
     return value, slope
@@ -143,8 +148,7 @@ def _reduce_kernel(in0, in1, in2, s0, s1, s2, params_ptr, ws_ptr, batch, inner, 
             t0 = d * d
             t1 = d * 0.0
         elif KIND == 1:
-            value, _ = _pseudo_huber_element(v0 - v1, c32)
-            t0 = value.to(tl.float64)
+            t0, _ = _pseudo_huber_element(v0, v1, c32)
             t1 = t0 * 0.0
         elif KIND == 2:
             n = v0.to(tl.float64) - v1.to(tl.float64)
@@ -224,7 +228,7 @@ def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stri
         if KIND == 0:
             g = (v0.to(tl.float64) - v1.to(tl.float64)) * factor
         elif KIND == 1:
-            _, slope = _pseudo_huber_element(v0 - v1, c32)
+            _, slope = _pseudo_huber_element(v0, v1, c32)
             g = slope.to(tl.float64) * factor
         elif KIND == 2:
             d = v2.to(tl.float64) - v1.to(tl.float64)

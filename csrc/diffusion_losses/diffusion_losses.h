@@ -29,7 +29,8 @@
 //
 // Numerics: per-sample sums, norms and coefficients are float64; element differences are
 // taken in float64 for the norm-based losses (no overflow of (x - y)^2 for any float input);
-// the element-wise pseudo-Huber works in float32 with an overflow- and cancellation-free form.
+// the element-wise pseudo-Huber works in float32 with an overflow- and cancellation-free form
+// (the halves of x - y where it overflows).
 // The same functions run on the CPU and CUDA; kernels/diffusion_losses.py (Triton) and
 // kdfast/reference/diffusion_losses.py (the spec) mirror them.
 #pragma once
@@ -124,15 +125,24 @@ KD_HD float hypot_nonneg(float a, float c) {
   return sqrtf(as * as + cs * cs) * inv_k;
 }
 
-// Element-wise pseudo-Huber sqrt(d^2 + c^2) - c, written as a^2 / (h + c) (no cancellation
-// when |d| << c), and its derivative d / h; a = |d| = inf gives (inf, +-1), d = c = 0 (0, 0).
-KD_HD void pseudo_huber_element(float d, float c, float& value, float& slope) {
+// Element-wise pseudo-Huber sqrt(d^2 + c^2) - c of d = v0 - v1, written as a^2 / (h + c) (no
+// cancellation when |d| << c), and its derivative d / h; a = |d| = inf gives (inf, +-1),
+// d = c = 0 (0, 0). Where v0 - v1 overflows float32 (finite v0, v1 of opposite signs), it is
+// taken on the halves and the value doubled in float64 (the loss sums in float64).
+KD_HD void pseudo_huber_element(float v0, float v1, float c, double& value, float& slope) {
+  float d = v0 - v1;
+  double scale = 1.0;
+  if (fabsf(d) == INFINITY && fabsf(v0) < INFINITY && fabsf(v1) < INFINITY) {
+    d = 0.5f * v0 - 0.5f * v1;  // (exact halvings but for subnormals, negligible beside |d| > 1.7e38)
+    c *= 0.5f;
+    scale = 2.0;
+  }
   const float a = fabsf(d);
   const float h = hypot_nonneg(a, c);
   const bool inf = a == INFINITY;
   const float ratio = h > 0.f ? a / (h + c) : 0.f;  // in [0, 1]
   const float rel = h > 0.f ? a / h : 0.f;          // |slope|
-  value = inf ? INFINITY : a * ratio;
+  value = inf ? INFINITY : scale * double(a * ratio);
   const float s = inf ? 1.f : rel;
   slope = d < 0.f ? -s : (d > 0.f ? s : 0.f);
 }
@@ -148,9 +158,10 @@ KD_HD void forward_terms(float v0, float v1, float v2, float c, double ca, doubl
     s0 = d * d;
     s1 = 0.0;
   } else if constexpr (KIND == kPseudoHuberElementwise) {
-    float value, slope;
-    pseudo_huber_element(v0 - v1, c, value, slope);
-    s0 = double(value);
+    double value;
+    float slope;
+    pseudo_huber_element(v0, v1, c, value, slope);
+    s0 = value;
     s1 = 0.0;
   } else if constexpr (KIND == kDMD) {
     // s0: |x_t - x0_real| (the normaliser); s1: (x0_fake - x0_real)^2 where finite.
@@ -212,8 +223,9 @@ KD_HD double grad_element(float v0, float v1, float v2, float c, double ca, doub
   if constexpr (KIND == kPseudoHuber) {
     return (double(v0) - double(v1)) * factor;
   } else if constexpr (KIND == kPseudoHuberElementwise) {
-    float value, slope;
-    pseudo_huber_element(v0 - v1, c, value, slope);
+    double value;
+    float slope;
+    pseudo_huber_element(v0, v1, c, value, slope);
     return double(slope) * factor;
   } else if constexpr (KIND == kDMD) {
     const double d = double(v2) - double(v1);

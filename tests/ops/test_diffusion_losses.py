@@ -580,6 +580,23 @@ def test_elementwise_pseudo_huber_of_an_infinite_difference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_pseudo_huber_of_a_difference_past_the_float32_range(backend, dtype):
+    # Finite x and y whose difference overflows float32: the loss is finite (the float64 value),
+    # not inf (the kernels took x - y in float32 before their overflow-free form).
+    x = torch.tensor([[3e38, 0.0, 1.0, 2.0], [-3e38, 0.5, 1.0, -2.0]], dtype=dtype).requires_grad_(True)
+    y = torch.tensor([[-3e38, 0.0, 0.0, 0.0], [3e38, 1e38, 0.0, 0.0]], dtype=dtype)
+    loss = ops.pseudo_huber(x, y, c=0.001, elementwise=True, backend=backend)
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    d = x.detach().double() - y.double()
+    expected = (torch.sqrt(d * d + 1e-6) - 1e-3).mean(1)
+    assert torch.isfinite(loss).all(), loss
+    torch.testing.assert_close(loss.double(), expected, rtol=2e-6, atol=0)
+    rtol = 1e-6 if dtype == torch.float32 else 2 ** -8  # (a gradient rounded to bfloat16)
+    torch.testing.assert_close(gx.double(), d / torch.sqrt(d * d + 1e-6) / 4, rtol=rtol, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("loss_name", ["pseudo_huber", "pseudo_huber_elementwise"])
 def test_zero_weight_sample_with_infinite_or_nan_loss_contributes_zero(backend, loss_name):
     x = randn((3, 6), torch.float32, 42)
