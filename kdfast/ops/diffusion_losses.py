@@ -381,8 +381,9 @@ def _transformed_loss(kind, prediction, x, in1, in2, in3, params, values) -> tor
     kernel slots): torch.func's transforms and forward-mode AD carry through it (vmap,
     per-sample gradients, tangents). Computed in float64: the kernels sum each sample in
     float64 and square without overflow, where float32 sums would reach inf sooner. As in the
-    kernels, a zero weight gives 0 even for a sample whose loss is not finite, and keeps its
-    gradient, the loss; ``c`` and the schedule values are constants (no gradient, no tangent)."""
+    kernels, a zero weight gives 0 even for a sample whose loss is not finite; its gradient is
+    the loss where finite, else 0; ``c`` and the schedule values are constants (no gradient, no
+    tangent)."""
     batch, device, f64 = x.shape[0], x.device, torch.float64
     p = [_param(params, values, k, batch, device) for k in range(len(SLOTS))]
     p = [t if k == _W else t.detach() for k, t in enumerate(p)]
@@ -660,17 +661,20 @@ def _loss_backward_autograd(ctx, grad_loss, _grad_aux):
             grad_x = grad_x + _dmd_hessian_term(x, params[_W], values[_W], grad_loss)
     grad_weights = None
     if ctx.want_weights:
-        grad_weights = (grad_loss.double() * aux[:, 0]).to(params[_W].dtype)
+        # d(w L)/dw = L, but a zero weight masks its sample: 0 there, not a non-finite loss
+        raw = aux[:, 0]
+        masked = (params[_W] == 0) & ~torch.isfinite(raw)
+        grad_weights = torch.where(masked, 0.0, grad_loss.double() * raw).to(params[_W].dtype)
     return None, None, grad_x, grad_in1, None, None, grad_weights, None, None, None
 
 
 def _dmd_hessian_term(x: torch.Tensor, weights: Optional[torch.Tensor], weight: float,
                       grad_loss: torch.Tensor) -> torch.Tensor:
     """What DMD's gradient adds for a second-order use: ``0.5 w mean((x - sg(x - g))^2)`` has
-    Hessian ``w I / n`` on x, so its gradient carries ``w (x - sg(x)) / n`` (0 in value, from
-    finite entries, as the reference forms it)."""
+    Hessian ``w I / n`` on x, so its gradient carries ``w (x - sg(x)) / n`` (0 in value, also
+    where x is not finite, as the reference forms it)."""
     w = grad_loss.double() * (weight if weights is None else weights.double()) / math.prod(x.shape[1:])
-    z = torch.where(torch.isfinite(x), x - x.detach(), torch.zeros_like(x))
+    z = ref.zero_with_unit_derivative(x)
     return (z * w.view(-1, *([1] * (x.dim() - 1)))).to(x.dtype)
 
 

@@ -54,6 +54,34 @@ def _sample_sum(t: torch.Tensor) -> torch.Tensor:
     return _samples(t).sum(1)
 
 
+class _ZeroWithUnitDerivative(torch.autograd.Function):
+    """``x - sg(x)`` that stays 0 where x is inf or NaN: value 0, derivative 1 (reverse mode,
+    forward mode and vmap)."""
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.zeros_like(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        return tangent
+
+
+def zero_with_unit_derivative(x: torch.Tensor) -> torch.Tensor:
+    """0 in value with derivative 1 with respect to ``x``, even where ``x`` is not finite (where
+    ``x - x.detach()`` is NaN)."""
+    return _ZeroWithUnitDerivative.apply(x)
+
+
 def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Optional[PerSample] = None,
                  elementwise: bool = False, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Per-sample pseudo-Huber loss ``[batch]`` in ``dtype`` (differentiable in x and y)."""
@@ -110,10 +138,9 @@ def dmd(x: torch.Tensor, x0_real: torch.Tensor, x0_fake: torch.Tensor, x_t: Opti
     that the value does not lose ``g`` to rounding when ``|x| >> |g|``.
     """
     g = dmd_gradient(x, x0_real, x0_fake, x_t, dtype)
-    xd = x.to(dtype)
-    # written as a where so that an inf or NaN in x, whose sample's g is 0 (no finite
-    # normaliser), gives 0 rather than (inf - inf) * 0 = NaN
-    z = torch.where(torch.isfinite(xd), xd - xd.detach(), torch.zeros_like(xd))
+    # not x - sg(x): an inf or NaN in x would give (inf - inf) * g = NaN; its gradient is g / n
+    # too (the fused backward's, which reads no x when x_t is given)
+    z = zero_with_unit_derivative(x.to(dtype))
     value = 0.5 * _sample_mean(g * g) + _sample_mean(z * g) + 0.5 * _sample_mean(z * z)
     return per_sample(weights, x.shape[0], x.device, dtype) * value
 

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 import kdfast
 import kdfast.models
 from kdfast import ops
+from kdfast.reference import diffusion_losses as ref
+
+from conftest import usable_backends
 
 
 def test_group_norm_act_carries_tangents_like_torchs_modules():
@@ -448,6 +451,49 @@ def test_zero_weights_keep_their_gradient_under_transforms():
         torch.testing.assert_close(torch.func.grad(loss)(weights), expected, rtol=1e-5, atol=1e-6, msg=name)
         tangent = torch.func.jvp(loss, (weights,), (torch.ones_like(weights),))[1]
         torch.testing.assert_close(tangent, expected.sum(), rtol=1e-5, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("backend", usable_backends("diffusion_loss"))
+def test_a_zero_weight_on_a_non_finite_sample_gets_gradient_zero(backend):
+    """The sample's loss is masked to 0, so a trainable weight gets 0 there, not NaN (eager gave
+    NaN, torch.func 0); a finite sample keeps its loss as the weight's gradient."""
+    x = torch.tensor([[math.nan, 1.0], [0.5, 2.0], [math.inf, 0.0]])
+    y = torch.zeros(3, 2)
+    weights = torch.tensor([0.0, 1.0, 0.0])
+    for elementwise in (False, True):
+        def loss(w):
+            return ops.pseudo_huber(x, y, c=0.1, weights=w, elementwise=elementwise, backend=backend).sum()
+
+        leaf = weights.clone().requires_grad_()
+        (eager,) = torch.autograd.grad(loss(leaf), leaf)
+        term = ref.pseudo_huber(x[1:2], y[1:2], 0.1, None, elementwise).float()
+        torch.testing.assert_close(eager, torch.cat([torch.zeros(1), term, torch.zeros(1)]), msg=str(elementwise))
+        torch.testing.assert_close(torch.func.grad(loss)(weights), eager, msg=str(elementwise))
+
+
+@pytest.mark.parametrize("backend", usable_backends("diffusion_loss") + ["reference"])
+def test_dmd_gradient_at_a_non_finite_x_with_a_given_x_t(backend):
+    """With x_t given, g does not depend on x: an inf or NaN element of x gets g / n in eager
+    mode, under torch.func and through a second-order backward alike (the transforms gave 0)."""
+    x = torch.tensor([[0.5, math.inf, -0.3, math.nan], [0.1, 0.2, 0.3, 0.4]])
+    real = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.0, 0.0, 0.1, 0.1]])
+    fake = torch.tensor([[0.2, 0.5, 0.1, 0.4], [0.3, 0.1, 0.2, 0.0]])
+    x_t = torch.ones(2, 4)
+
+    def loss(x):
+        return ops.dmd(x, real, fake, x_t=x_t, backend=backend).sum()
+
+    g = (fake - real) / (x_t - real).abs().mean(1, keepdim=True)
+    leaf = x.clone().requires_grad_()
+    (eager,) = torch.autograd.grad(loss(leaf), leaf)
+    torch.testing.assert_close(eager, g / 4)
+    torch.testing.assert_close(torch.func.grad(loss)(x), g / 4)
+    torch.testing.assert_close(torch.func.jvp(loss, (x,), (torch.ones_like(x),))[1], (g / 4).sum())
+    leaf = x.clone().requires_grad_()
+    (first,) = torch.autograd.grad(loss(leaf), leaf, create_graph=True)
+    torch.testing.assert_close(first.detach(), g / 4)
+    (second,) = torch.autograd.grad(first.sum(), leaf)  # the Hessian I / n, also at inf and NaN
+    torch.testing.assert_close(second, torch.full_like(x, 0.25))
 
 
 def test_constants_of_the_diffusion_losses_stay_constant_under_transforms():
