@@ -1077,7 +1077,7 @@ class MultistepScheduler(SigmaSpacings, LogSigmaTimesteps, Thresholding, FusedSc
         flipped = np.flip(train).copy()
         if cfg.use_karras_sigmas or lu:
             if cfg.use_karras_sigmas:
-                sigmas = karras_sigmas(*sigma_range({}, flipped), n)
+                sigmas = karras_sigmas(*sigma_range(cfg, flipped), n)
             else:
                 lambdas = np.flip(log_sigmas.copy())
                 sigmas = np.exp(lu_lambdas(float(lambdas[-1]), float(lambdas[0]), n))
@@ -1085,7 +1085,7 @@ class MultistepScheduler(SigmaSpacings, LogSigmaTimesteps, Thresholding, FusedSc
             return sigmas, (timesteps.round() if round_karras else timesteps)
         if cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
             spacing = exponential_sigmas if cfg.use_exponential_sigmas else beta_sigmas
-            sigmas = spacing(*sigma_range({}, flipped), n)
+            sigmas = spacing(*sigma_range(cfg, flipped), n)
             return sigmas, np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
         if cfg.use_flow_sigmas:
             s = 1.0 - np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)

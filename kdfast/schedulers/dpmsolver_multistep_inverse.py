@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._schedule import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_to_t
+from ._schedule import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t
 from .dpmsolver_multistep import DPMSolverMultistepScheduler, check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -41,7 +41,11 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
       descending flow schedule;
     - a third-order step of an SDE variant, which diffusers' inverse scheduler does not define
       (an assertion fails), raises ``ValueError``;
-    - flow sigmas with Karras / exponential / beta spacing are refused at construction.
+    - flow sigmas with Karras / exponential / beta spacing are refused at construction;
+    - with those spacings and a ``sigma_min`` / ``sigma_max`` in the config (as EDM-style
+      pipelines' configs carry), diffusers spaces its sigmas down from ``sigma_max`` to
+      ``sigma_min``, a schedule that does not invert; this one climbs from ``sigma_min`` to
+      ``sigma_max``.
     """
 
     _diffusers_name = "DPMSolverMultistepInverseScheduler"
@@ -109,11 +113,13 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
 
         train = self._train_sigmas()
         log_sigmas = np.log(train)
-        # diffusers spaces these from the first training sigma (its "sigma_max") up to the last
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
             spacing = (karras_sigmas if cfg.use_karras_sigmas else
                        exponential_sigmas if cfg.use_exponential_sigmas else beta_sigmas)
-            sigmas = spacing(float(train[-1]), float(train[0]), n)
+            # up from the config's sigma_min (else the least noisy training sigma) to its
+            # sigma_max (else the noisiest): the spacings run from their second argument
+            lo, hi = sigma_range(cfg, np.flip(train))
+            sigmas = spacing(hi, lo, n)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
             if cfg.use_karras_sigmas:
                 timesteps = timesteps.round().astype(np.int64)

@@ -153,7 +153,8 @@ class DPMSolverSDEScheduler(KarrasForTheStepCount, _SigmaScheduler):
         with np.errstate(divide="ignore"):  # a zero training sigma (beta_start=0) has log -inf, as in diffusers
             log_sigmas = np.log(train)
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        converted = converted_sigmas(cfg, sigmas, log_sigmas, n)
+        # (Karras sigmas between the schedule's own ends, as diffusers' DPM-SDE spaces them)
+        converted = converted_sigmas(cfg, sigmas, log_sigmas, n, karras_reads_config=False)
         if converted is not None:
             sigmas, timesteps = converted
         with np.errstate(divide="ignore", invalid="ignore"):

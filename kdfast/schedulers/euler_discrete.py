@@ -109,10 +109,13 @@ def spaced_timesteps(spacing: str, num_train_timesteps: int, n: int, steps_offse
     raise AssertionError
 
 
-def converted_sigmas(config, sigmas: np.ndarray, log_sigmas: np.ndarray, n: int):
-    """Karras / exponential / beta sigma spacing (None when the config asks for none)."""
+def converted_sigmas(config, sigmas: np.ndarray, log_sigmas: np.ndarray, n: int, karras_reads_config: bool = True):
+    """Karras / exponential / beta sigma spacing (None when the config asks for none) between the
+    config's ``sigma_min`` / ``sigma_max``, else ``sigmas``' ends; ``karras_reads_config=False``:
+    Karras sigmas between ``sigmas``' ends whatever the config says (diffusers' LMS and DPM-SDE)."""
     if config.use_karras_sigmas:
-        out = karras_sigmas(*sigma_range(config, sigmas), n)
+        ends = sigma_range(config, sigmas) if karras_reads_config else (float(sigmas[-1]), float(sigmas[0]))
+        out = karras_sigmas(*ends, n)
     elif config.use_exponential_sigmas:
         out = exponential_sigmas(*sigma_range(config, sigmas), n)
     elif config.use_beta_sigmas:

@@ -10,8 +10,7 @@ import torch
 from ._config import register_to_config
 from ._helpers import KarrasForTheStepCount
 from ._linear import HISTORY, MODEL, ZERO, X, X0, Lin
-from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, karras_sigmas, noise_schedule,
-                        sigma_to_t)
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
 from .base import GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import (_SigmaScheduler, check_sigma_options, converted_sigmas,
                              spaced_timesteps, train_sigmas)
@@ -160,15 +159,11 @@ class LMSDiscreteScheduler(KarrasForTheStepCount, _SigmaScheduler):
         with np.errstate(divide="ignore"):  # a zero training sigma (beta_start=0) has log -inf, as in diffusers
             log_sigmas = np.log(train)
         sigmas = np.interp(timesteps, np.arange(0, len(train)), train)
-        if cfg.use_karras_sigmas:
-            # diffusers' LMS spaces Karras sigmas between the schedule's own ends, whatever a
-            # sigma_min / sigma_max in the config says (its exponential and beta spacings read them)
-            sigmas = karras_sigmas(float(sigmas[-1]), float(sigmas[0]), n)
-            timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas])
-        else:
-            converted = converted_sigmas(cfg, sigmas, log_sigmas, n)
-            if converted is not None:
-                sigmas, timesteps = converted
+        # diffusers' LMS spaces Karras sigmas between the schedule's own ends, whatever a
+        # sigma_min / sigma_max in the config says (its exponential and beta spacings read them)
+        converted = converted_sigmas(cfg, sigmas, log_sigmas, n, karras_reads_config=False)
+        if converted is not None:
+            sigmas, timesteps = converted
         self._set_sigmas(torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)))
         host = torch.from_numpy(np.asarray(timesteps)).to(torch.float32)
         self._set_timesteps(host.to(device=device), host.tolist())

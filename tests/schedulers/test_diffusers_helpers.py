@@ -422,6 +422,31 @@ def test_sigma_spacing_helpers_match_diffusers(name):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=0)
 
 
+# Every scheduler with a use_karras_sigmas / use_exponential_sigmas / use_beta_sigmas option
+SPACED = [name for name in K.supported() if "use_karras_sigmas" in inspect.signature(getattr(K, name)).parameters]
+
+
+@pytest.mark.parametrize("name", SPACED)
+@pytest.mark.parametrize("spacing", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"])
+def test_spaced_schedules_read_the_configs_sigma_range_as_diffusers_does(name, spacing):
+    """A sigma_min / sigma_max in the config (as EDM-style pipelines' configs carry, reaching a
+    drop-in through from_config) bounds the spaced sigmas where diffusers' reads them: DPM-Solver,
+    DEIS and SA-Solver ignored them; LMS and DPM-SDE ignore them for Karras sigmas, as diffusers."""
+    config = {spacing: True, "sigma_min": 0.03, "sigma_max": 20.0}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = getattr(diffusers, name).from_config(config)
+    ours = getattr(K, name).from_config(config)
+    for s in (ours, theirs):
+        s.set_timesteps(8)
+    if name == "DPMSolverMultistepInverseScheduler":
+        # diffusers descends from sigma_max to sigma_min here (no inversion); kdfast climbs
+        torch.testing.assert_close(ours.sigmas[:-1], torch.flip(theirs.sigmas[:-1], [0]), rtol=1e-6, atol=0)
+        assert ours.sigmas[0] == pytest.approx(0.03) and ours.sigmas[-1] == pytest.approx(20.0)
+        return
+    torch.testing.assert_close(ours.sigmas, theirs.sigmas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.timesteps.double(), theirs.timesteps.double(), rtol=1e-6, atol=1e-6)
+
 def test_lu_lambdas_and_alpha_sigma_helpers_match_diffusers():
     ours, theirs = K.DPMSolverMultistepScheduler(), diffusers.DPMSolverMultistepScheduler()
     lambdas = torch.linspace(4.0, -5.0, 30)
