@@ -31,6 +31,18 @@ def is_finite_number(value, name: str = "the value") -> bool:
     return math.isfinite(value)
 
 
+def real_number(name: str, value) -> float:
+    """``float(value)``, or a ValueError naming ``name`` when ``value`` is not a real number:
+    None, a string or a bool (``float("2")`` and ``float(True)`` would pass). Range checks are
+    the caller's."""
+    if value is None or isinstance(value, (bool, str, bytes)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several elements)
+        raise ValueError(f"{name} must be a real number, got {value!r}") from None
+
+
 def check_count(name: str, value, minimum: int) -> int:
     """``value`` as an int, or a ValueError naming ``name`` when it is not an integer (Python or
     numpy, not a bool or a float) >= ``minimum``: the settings of schedulers and training runs."""

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .._checks import is_finite_number
+from .._checks import is_finite_number, real_number
 from ..ops._tensors import vmapped
 from .kd import _check_int, _check_temperature, kd_loss
 
@@ -37,7 +37,7 @@ def _compute_dtype(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
 
 def _check_weight(name: str, value) -> float:
-    value = float(value)
+    value = real_number(name, value)
     if not (is_finite_number(value, name) and value >= 0):
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
@@ -63,10 +63,11 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     averaged over the batch (the CE term needs ``labels``; ``alpha=1`` drops it)."""
     _check_pair(student_logits, teacher_logits)
     temperature = _check_temperature(temperature)
-    if not 0.0 <= float(alpha) <= 1.0:
+    alpha = real_number("alpha", alpha)
+    if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     soft = kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
-    if float(alpha) == 1.0:
+    if alpha == 1.0:
         return soft
     if labels is None:
         raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
@@ -75,7 +76,7 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     # cross-entropy alone, as F.cross_entropy's default would where the CPU check does not run)
     hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,
                            ignore_index=_NO_IGNORE, reduction="sum")
-    return float(alpha) * soft + (1.0 - float(alpha)) * _batch_mean(hard, labels.shape[0])
+    return alpha * soft + (1.0 - alpha) * _batch_mean(hard, labels.shape[0])
 
 
 def _batch_mean(total: torch.Tensor, batch: int) -> torch.Tensor:
@@ -173,14 +174,15 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     # loss (0 transport times inf)
     if cost.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(cost).all()):
         raise ValueError("cost must be finite")
-    if not (is_finite_number(float(epsilon), "epsilon") and float(epsilon) > 0):
+    epsilon = real_number("epsilon", epsilon)
+    if not (is_finite_number(epsilon, "epsilon") and epsilon > 0):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     iterations = _check_int("iterations", iterations, minimum=1)
     compute = _compute_dtype(student_logits, teacher_logits)
     cost = cost.to(device=student_logits.device, dtype=compute)
     log_a = torch.log_softmax(teacher_logits.to(compute) / temperature, dim=1)  # source: teacher
     log_b = torch.log_softmax(student_logits.to(compute) / temperature, dim=1)  # target: student
-    kernel = -cost / float(epsilon)  # log K
+    kernel = -cost / epsilon  # log K
     f = torch.zeros_like(log_a)
     g = torch.zeros_like(log_b)
     for _ in range(iterations):

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..ops._tensors import reference_required, vmapped
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
-from .kd import REDUCTIONS, _check_int, _check_temperature, _count_valid, _resolve_kind
+from .._checks import real_number
+from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
 # chunk buffers stay a small fraction of the full logits.
@@ -63,11 +64,10 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     bound of ``vocab_size`` (the smaller head) is checked with the weights."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    if not 0.0 <= float(beta) <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    _check_beta(beta)
     if reduction not in REDUCTIONS or reduction == "none":
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
-    weight_hard, weight_soft = float(weight_hard), float(weight_soft)
+    weight_hard, weight_soft = real_number("weight_hard", weight_hard), real_number("weight_soft", weight_soft)
     if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
     _check_temperature(temperature)

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .._checks import check_int as _check_int, is_finite_number
+from .._checks import check_int as _check_int, is_finite_number, real_number
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
 from ..reference import kd_divergence as ref
 
@@ -20,10 +20,18 @@ REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 def _check_temperature(temperature: float) -> float:
     """``temperature`` as a float, if it is a positive finite number (every loss's check)."""
-    temperature = float(temperature)
+    temperature = real_number("temperature", temperature)
     if not (is_finite_number(temperature, "temperature") and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
+
+
+def _check_beta(beta: float) -> float:
+    """``beta`` as a float, if it is a number in [0, 1] (every loss's check)."""
+    beta = real_number("beta", beta)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    return beta
 
 
 def _count_valid(labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -138,9 +146,10 @@ def kd_loss(
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (the logits without the vocabulary "
                              f"dimension), got {tuple(labels.shape)}")
-    args = dict(kind=_resolve_kind(kind, float(beta)), beta=beta, temperature=temperature,
+    beta, temperature = _check_beta(beta), _check_temperature(temperature)
+    args = dict(kind=_resolve_kind(kind, beta), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
-                vocab_size=vocab_size, loss_scale=float(temperature) ** 2 if scale_by_t2 else 1.0)
+                vocab_size=vocab_size, loss_scale=temperature ** 2 if scale_by_t2 else 1.0)
     rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
     student_2d = student_logits.reshape(rows, student_logits.shape[-1])
     teacher_2d = teacher_logits.reshape(rows, teacher_logits.shape[-1])
@@ -176,9 +185,7 @@ class KDLoss(nn.Module):
             raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-        if not 0.0 <= float(beta) <= 1.0:
-            raise ValueError(f"beta must be in [0, 1], got {beta}")
-        self.kind, self.beta, self.temperature = kind, float(beta), _check_temperature(temperature)
+        self.kind, self.beta, self.temperature = kind, _check_beta(beta), _check_temperature(temperature)
         self.ignore_index, self.reduction = _check_int("ignore_index", ignore_index), reduction
         self.scale_by_t2 = bool(scale_by_t2)
         # the upper bound (the logits' width) can only be checked at the call

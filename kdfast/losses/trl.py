@@ -17,7 +17,7 @@ from typing import Optional, Union
 import torch
 
 from ..reference import kd_divergence as ref
-from .kd import _check_temperature, _resolve_kind, kd_loss
+from .kd import _check_beta, _check_temperature, _resolve_kind, kd_loss
 
 TRL_REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
@@ -36,15 +36,15 @@ def generalized_jsd_loss(
     ``beta * KL(teacher || M) + (1 - beta) * KL(student || M)``, ``M = beta * teacher +
     (1 - beta) * student`` (beta 0: forward KL, beta 1: reverse KL), both logits divided by
     ``temperature``, positions whose label is -100 left out. ``reduction``: ``"batchmean"``
-    (over valid tokens; without labels, over the first dimension, as TRL), ``"sum"``, ``"mean"`` (over valid tokens x vocabulary) or ``"none"``;
-    ``num_items_in_batch`` divides the sum instead. ``"none"`` returns TRL's per-entry
-    ``[..., vocab]`` tensor (valid positions only when labels are given), which this
-    function then computes the unfused way, like TRL.
+    (over valid tokens; without labels, over the first dimension, as TRL), ``"sum"``, ``"mean"``
+    (over valid tokens x vocabulary) or ``"none"``; ``num_items_in_batch`` divides the sum instead.
+    ``"none"`` returns TRL's per-entry ``[..., vocab]`` tensor (valid positions only when labels
+    are given), which this function then computes the unfused way, like TRL.
     """
     if reduction not in TRL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, TRL_REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is None:
-        return _per_entry(student_logits, teacher_logits, labels, float(beta), float(temperature))
+        return _per_entry(student_logits, teacher_logits, labels, _check_beta(beta), _check_temperature(temperature))
     if reduction == "batchmean" and labels is None and num_items_in_batch is None:
         # TRL divides by the first dimension (the batch of [batch, seq, vocab] logits), not
         # by the number of tokens, when no labels say which tokens count.

@@ -15,7 +15,7 @@ from typing import Optional, Tuple
 import torch
 
 from .. import _ext, backends
-from .._checks import check_int, is_finite_number
+from .._checks import check_int, is_finite_number, real_number
 from ..reference import kd_divergence as ref
 from ._tensors import DTYPE_CODES, cuda_stream, dispatcher_required, has_subclass, on_device, reference_required
 
@@ -80,13 +80,13 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size, float64=float64)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
-    beta = float(beta)
+    beta = real_number("beta", beta)
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    temperature = float(temperature)
+    temperature = real_number("temperature", temperature)
     if not (is_finite_number(temperature, "temperature") and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
-    loss_scale = float(loss_scale)
+    loss_scale = real_number("loss_scale", loss_scale)
     if not is_finite_number(loss_scale, "loss_scale"):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale

@@ -570,9 +570,11 @@ def _solver_step_op(
     sample, model_output, cond, history0, history1, history2, aux, noise = _checked_op_tensors(
         sample, model_output, cond, history0, history1, history2, aux, noise)
     coefs = _check_coefs(coefs, sample)
-    guidance_scale, clip_value = _check_scalar("guidance_scale", guidance_scale), _check_scalar("clip_value", clip_value)
+    guidance_scale = _check_scalar("guidance_scale", guidance_scale)
+    clip_value = _check_scalar("clip_value", clip_value)
     if threshold not in (THRESHOLD_NONE, THRESHOLD_CLIP, THRESHOLD_DYNAMIC):
-        raise ValueError(f"threshold must be {THRESHOLD_NONE}, {THRESHOLD_CLIP} or {THRESHOLD_DYNAMIC}, got {threshold}")
+        raise ValueError(f"threshold must be {THRESHOLD_NONE}, {THRESHOLD_CLIP} or {THRESHOLD_DYNAMIC}, "
+                         f"got {threshold}")
     if threshold == THRESHOLD_CLIP:
         _check_clip_value(clip_value)
     if threshold == THRESHOLD_DYNAMIC:

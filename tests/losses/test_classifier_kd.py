@@ -157,6 +157,9 @@ def test_sinkhorn_gradients_are_finite_for_confident_rows_and_few_iterations():
     (lambda s, t, y: dkd_loss(s, t, y, alpha=float("nan")), ValueError, "alpha must be"),
     (lambda s, t, y: dkd_loss(s, t, y, beta=-8.0), ValueError, "beta must be"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, iterations=0), ValueError, "iterations must be"),
+    (lambda s, t, y: hinton_kd_loss(s, t, y, alpha=None), ValueError, "alpha must be a real number"),
+    (lambda s, t, y: dkd_loss(s, t, y, alpha="1"), ValueError, "alpha must be a real number"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=None), ValueError, "epsilon must be a real number"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((4, 5), 8), logits((4, 5), 9)

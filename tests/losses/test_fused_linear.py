@@ -225,6 +225,8 @@ def test_bad_input(mutate, error, match):
     (dict(kind="kl"), "kind must be one of"),
     (dict(weight_soft=-1.0), "weight_hard and weight_soft"),
     (dict(temperature=0.0), "temperature must be"),
+    (dict(weight_soft=None), "weight_soft must be a real number"),
+    (dict(beta=None), "beta must be a real number"),
 ])
 def test_bad_options(kwargs, match):
     case, labels = make(seed=8)

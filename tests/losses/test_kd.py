@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from kdfast.losses import KDLoss, kd_loss
+from kdfast.losses.trl import generalized_jsd_loss
+from kdfast.ops import kd_divergence
 from kdfast.reference import kd_divergence as ref
 
 
@@ -164,6 +166,14 @@ def test_low_precision_inputs_keep_fp32_math():
     (lambda s, t: kd_loss(s, t, num_items_in_batch=0), ValueError, "num_items_in_batch must be a positive integer"),
     (lambda s, t: kd_loss(s, t, num_items_in_batch=-2), ValueError, "num_items_in_batch"),
     (lambda s, t: kd_loss(s, t, num_items_in_batch="3"), ValueError, "num_items_in_batch"),
+    # not numbers: errors that name the argument (float() said only "must be a string or a number")
+    (lambda s, t: kd_loss(s, t, beta=None), ValueError, "beta must be a real number"),
+    (lambda s, t: kd_loss(s, t, temperature=None), ValueError, "temperature must be a real number"),
+    (lambda s, t: kd_loss(s, t, temperature=True), ValueError, "temperature must be a real number"),
+    (lambda s, t: KDLoss(temperature="a"), ValueError, "temperature must be a real number"),
+    (lambda s, t: KDLoss(beta="0.5"), ValueError, "beta must be a real number"),
+    (lambda s, t: generalized_jsd_loss(s, t, beta=None, reduction="none"), ValueError, "beta must be a real"),
+    (lambda s, t: kd_divergence(s.flatten(0, 1), t.flatten(0, 1), loss_scale=None), ValueError, "loss_scale must"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)
