@@ -16,7 +16,8 @@ teacher forwards of distillation:
     UNets' and VAEs' ``conv_norm_out`` / ``conv_act``.
 
   Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
-  forward hooks (which a fused pass would skip) are left as they are. The prepared model's
+  hooks (which a fused pass would skip, or a replacement drop) are left as they are; a hook
+  added to a prepared model's norm turns its fused pass off. The prepared model's
   ``state_dict`` has the original's keys and values.
 
 The outputs are those of the original model up to float rounding. Wherever a gradient is
@@ -54,6 +55,7 @@ class GroupNormSiLU(nn.GroupNorm):
 
     def __init__(self, norm: nn.GroupNorm):
         nn.Module.__init__(self)
+        self.training = norm.training
         self.num_groups, self.num_channels, self.eps, self.affine = (norm.num_groups, norm.num_channels, norm.eps,
                                                                      norm.affine)
         self.register_parameter("weight", norm.weight)
@@ -66,11 +68,23 @@ class GroupNormSiLU(nn.GroupNorm):
         return torch.nn.functional.silu(super().forward(x))
 
 
+# Every kind of hook a module can hold: a fused pass would skip its forward and backward hooks,
+# and a replacement module would hold none of them.
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+          "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def _plain(module: Optional[nn.Module], cls: type) -> bool:
     """``module`` is exactly ``cls`` (a subclass may compute something else: diffusers' per-frame
-    video group norm) and has no forward hooks (a fused pass would skip them)."""
-    return (type(module) is cls and not module._forward_hooks and not module._forward_pre_hooks
-            and not getattr(module, "_forward_hooks_with_kwargs", None))
+    video group norm) and has no hooks. Checked again at each fused call of kdfast's UNet and of
+    diffusers' ResNet blocks, so that a hook added after preparing turns the fused pass off."""
+    return type(module) is cls and not any(getattr(module, name, None) for name in _HOOKS)
+
+
+def plain_group_norm(module: Optional[nn.Module]) -> bool:
+    """Whether the fused op may stand in for ``module``'s forward: an ``nn.GroupNorm`` itself,
+    not a subclass, with no hooks (see ``_plain``)."""
+    return _plain(module, nn.GroupNorm)
 
 
 def _fusable_resnet(module: nn.Module) -> bool:
@@ -96,7 +110,8 @@ def _channel_shift(emb: torch.Tensor, batch: int, channels: int, dims: int) -> O
 def _fused_resnet_forward(self, input_tensor: torch.Tensor, temb: Optional[torch.Tensor], *args, **kwargs):
     """diffusers' ResnetBlock2D.forward (default time-embedding norm, SiLU, no resampler) with
     norm1 + SiLU and (+ temb) norm2 + SiLU as two fused passes."""
-    if not can_fuse(input_tensor, self) or (temb is None and self.time_emb_proj is not None):
+    if (not can_fuse(input_tensor, self) or (temb is None and self.time_emb_proj is not None)
+            or not _fusable_resnet(self)):
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
     shift = None
     if temb is not None:
@@ -128,7 +143,7 @@ def fuse_group_norms(model: nn.Module) -> int:
             for block in module.modules():
                 if hasattr(block, "fused"):
                     block.fused = True
-            fused += sum(isinstance(m, nn.GroupNorm) for m in module.modules())
+            fused += sum(plain_group_norm(m) for m in module.modules())
         elif _fusable_resnet(module) and "forward" not in vars(module):
             # a partial, not a bound method: pickle restores a bound method by looking its name
             # up on the instance's class, which has no _fused_resnet_forward (torch.load failed)
@@ -142,7 +157,7 @@ def fuse_group_norms(model: nn.Module) -> int:
             norm, act = module._modules[first], module._modules[second]
             if _plain(norm, nn.GroupNorm) and _plain(act, nn.SiLU) and _used_in_order(module, first, second):
                 module._modules[first] = GroupNormSiLU(norm)
-                module._modules[second] = nn.Identity()
+                module._modules[second] = nn.Identity().train(act.training)
                 fused += 1
     return fused
 

@@ -194,6 +194,65 @@ def test_what_a_fused_pass_would_change_is_left_alone():
     assert len(calls) == 2  # the hook ran in the prepared copy too
 
 
+def test_hooks_and_subclasses_on_kdfast_unet_norms_are_kept():
+    # kdfast's UNet fused every norm regardless: a hooked norm's hook never ran in the
+    # prepared copy, and a GroupNorm subclass's forward was replaced by the plain one
+    class DoubledGroupNorm(torch.nn.GroupNorm):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    torch.manual_seed(0)
+    model = _perturbed(UNet())
+    block = next(m for m in model.modules() if hasattr(m, "norm1"))
+    block.norm1 = DoubledGroupNorm(block.norm1.num_groups, block.norm1.num_channels).eval()
+    calls = []
+    model.norm_out.register_forward_hook(lambda module, args, out: calls.append("norm_out") or out * 0)
+    x, t, labels = torch.randn(2, 1, 16, 16), torch.tensor([5, 900]), torch.tensor([1, 10])
+    fast = inference.prepare_for_inference(model)
+    with torch.no_grad():
+        expect = model(x, t, labels)
+        got = fast(x, t, labels)
+    assert calls == ["norm_out", "norm_out"]
+    torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-5)
+    # a hook added to the prepared copy turns its norm's fused pass off as well
+    fast = inference.prepare_for_inference(_perturbed(UNet()))
+    seen = []
+    next(m for m in fast.modules() if hasattr(m, "norm1")).norm1.register_forward_hook(
+        lambda module, args, out: seen.append(1))
+    with torch.no_grad():
+        fast(x, t, labels)
+    assert seen == [1]
+
+
+def test_hooks_added_to_a_prepared_diffusers_resnet_norm_run():
+    fast = inference.prepare_for_inference(_unet2d())
+    seen = []
+    _resnets(fast)[0].norm2.register_forward_hook(lambda module, args, out: seen.append(1))
+    with torch.no_grad():
+        fast(torch.randn(1, 3, 16, 16), 10)
+    assert seen == [1]
+
+
+def test_replaced_norms_keep_eval_mode_and_hooked_ones_are_not_replaced():
+    # GroupNormSiLU and its Identity came out in training mode, and a norm's backward and
+    # state-dict hooks were dropped with the module it replaced
+    seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU()).eval()
+    fast = inference.prepare_for_inference(seq)
+    assert isinstance(fast[1], inference.GroupNormSiLU)
+    assert not any(m.training for m in fast.modules())
+    fired = []
+    for register in (lambda m: m.register_full_backward_hook(lambda *a: fired.append("backward")),
+                     lambda m: m.register_state_dict_pre_hook(lambda *a: fired.append("state_dict"))):
+        seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU()).eval()
+        register(seq[1])
+        fast = inference.prepare_for_inference(seq)
+        assert type(fast[1]) is torch.nn.GroupNorm
+    fired.clear()
+    fast(torch.randn(2, 3, 4, 4, requires_grad=True)).sum().backward()
+    fast.state_dict()
+    assert fired == ["state_dict"]  # the copy kept the hook (of the last kind registered)
+
+
 def test_sequential_pairs_and_can_fuse():
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
     fast = inference.prepare_for_inference(seq)

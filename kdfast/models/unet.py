@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..inference import can_fuse
+from ..inference import can_fuse, plain_group_norm
 from ..ops._tensors import vmapped
 from ..ops.group_norm import group_norm_act
 
@@ -106,8 +106,9 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, *, fused: bool, shift: Optiona
     """``silu(norm(x + shift[:, :, None, None]))`` (or without the SiLU): kdfast's fused kernel
     when ``fused`` and :func:`kdfast.inference.can_fuse` allows (one pass over the feature map
     instead of three), torch's modules otherwise: in training (their backward is faster than
-    the fused op's recomputing one), in float64, and on devices other than CPUs and CUDA GPUs."""
-    if fused and can_fuse(x, norm):
+    the fused op's recomputing one), in float64, on devices other than CPUs and CUDA GPUs, and for
+    a norm that is a subclass of GroupNorm or holds hooks (which the fused op would skip)."""
+    if fused and can_fuse(x, norm) and plain_group_norm(norm):
         return group_norm_act(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift,
                               activation="silu" if silu else "identity")
     if shift is not None:
