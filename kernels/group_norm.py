@@ -1,8 +1,9 @@
 """Triton version of the fused group norm + activation (same math as csrc/group_norm/group_norm.h).
 
-One program per (sample, group), three sweeps over the group (sum, squared deviation from
-the mean, output) in blocks of ``_BLOCK`` elements, float32 partial sums per lane; the mean
-and the per-channel centers (mean - shift) in float64, as group_norm.h forms them. When too
+One program per (sample, group), three sweeps over the group (sum of deviations from its
+first element, squared deviation from the mean, output) in blocks of ``_BLOCK`` elements,
+float32 partial sums per lane; the mean and the per-channel centers (mean - shift) in float64,
+as group_norm.h forms them. When too
 few (sample, group) pairs would fill the GPU, each group is cut into ``splits`` chunks
 (group_norm.h's ``gpu_splits``): one kernel writes each chunk's moments about the group's
 pivot (its first element), a second gathers them and normalises the chunk.
@@ -83,13 +84,15 @@ def _group_norm_kernel(
     lanes = tl.arange(0, BLOCK)
 
     # the mean of x + shift as the mean of x plus the mean of the group's channel shifts (each
-    # channel holds spatial elements), in float64
+    # channel holds spatial elements), in float64; x's as its first element plus the mean
+    # deviation from it (float32 sums of the order of the group's spread, as group_norm.h's)
+    pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, False)
     acc = tl.zeros([BLOCK], tl.float32)
     for start in range(0, n, BLOCK):
         x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
                                        channels, spatial, CHANNELS_LAST, False)
-        acc += tl.where(mask, x, 0.0)
-    mean = tl.sum(acc, axis=0).to(tl.float64) / n
+        acc += tl.where(mask, x - pivot.to(tl.float32), 0.0)
+    mean = pivot + tl.sum(acc, axis=0).to(tl.float64) / n
     if HAS_SHIFT:
         acc_shift = tl.zeros([BLOCK], tl.float64)
         for start in range(0, cpg, BLOCK):

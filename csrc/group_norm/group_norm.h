@@ -8,7 +8,9 @@
 // `shift` ([batch, channels], optional) is added to x before the statistics: the time / class
 // embedding a UNet ResBlock adds between its convolutions, never materialised. Statistics are
 // two-pass (mean, then the mean squared deviation from it) with float partial sums gathered
-// in double, so a group of any size keeps float32 accuracy.
+// in double, so a group of any size keeps float32 accuracy; the mean's sums are of deviations
+// from the group's first element, so they stay of the order of the group's spread at any
+// offset (a constant group's mean is exact, its output act(bias), as torch gives).
 //
 // The per-element math below is shared by the CPU and CUDA launchers (and mirrored by the
 // torch reference in kdfast/reference/group_norm.py).

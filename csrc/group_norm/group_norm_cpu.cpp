@@ -55,15 +55,16 @@ struct Scratch {
 // block is cl_rows_per_block pixels; its per-channel float partial sums are gathered in double
 // in block order, by either driver below (so both give the same bits).
 
-// Per-channel sums of block k of sample b (sums of squared deviations from `center` when given).
-KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, float* fsum,
-                                 float* buf) {
+// Per-channel sums of the deviations of block k of sample b from `center` (per channel), or with
+// `squares` of their squares.
+KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, bool squares,
+                                 float* fsum, float* buf) {
   const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
   const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
   std::fill(fsum, fsum + C, 0.f);
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = v + r * C;
-    if (center) {
+    if (squares) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const float d = row[c] - center[c];
@@ -71,7 +72,7 @@ KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const fl
       }
     } else {
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) fsum[c] += row[c];
+      for (int64_t c = 0; c < C; ++c) fsum[c] += row[c] - center[c];
     }
   }
 }
@@ -100,13 +101,24 @@ KD_CPU_INLINE void cl_block_write(const Params& p, int64_t b, int64_t k, const f
   store_floats(p.out, p.out_dtype, o, rows * C, y);
 }
 
-// Group means of x + shift from the per-channel sums of x; the per-channel centers of sweep 2.
-void cl_means(const Params& p, int64_t b, const double* csum, double* gmean, float* center) {
+// Each channel's pivot: the first element of its group in sample b (pixel 0, the group's first
+// channel). The first sweep sums deviations from it, so a group's float partial sums are of the
+// order of its spread, not of its values: a constant group at any offset has mean exactly that
+// value (float sums of 1e4 + noise were off by float32 ulps of the sums, which a small variance
+// then magnified into outputs of 0.1 to 0.5 where torch gives 0).
+void cl_pivots(const Params& p, int64_t b, float* pivot) {
+  const int64_t C = p.channels, cpg = C / p.groups;
+  for (int64_t c = 0; c < C; ++c) pivot[c] = load_as_float(p.x, p.x_dtype, b * p.x_stride + c / cpg * cpg);
+}
+
+// Group means of x + shift from the per-channel sums of x's deviations from `pivot`; the
+// per-channel centers of sweep 2.
+void cl_means(const Params& p, int64_t b, const double* csum, const float* pivot, double* gmean, float* center) {
   const int64_t C = p.channels, S = p.spatial, cpg = C / p.groups;
   for (int64_t g = 0; g < p.groups; ++g) {
     double s = 0.0;
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += csum[c] + double(S) * shift_at(p, b, c);
-    gmean[g] = s / double(cpg * S);
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += csum[c] + double(S) * double(shift_at(p, b, c));
+    gmean[g] = double(pivot[g * cpg]) + s / double(cpg * S);
   }
   for (int64_t c = 0; c < C; ++c) center[c] = float(gmean[c / cpg] - double(shift_at(p, b, c)));
 }
@@ -131,51 +143,49 @@ KD_CPU_INLINE void cl_sample(const Params& p, int64_t b, float* ws) {
   Scratch w(ws, C);
   std::fill(w.csum, w.csum + C, 0.0);
   std::fill(w.gvar, w.gvar + G, 0.0);
+  float* pivot = w.scale;  // (the scales are set after the last use of the pivots)
+  cl_pivots(p, b, pivot);
   for (int64_t k = 0; k < blocks; ++k) {
-    cl_block_sums(p, b, k, nullptr, w.fsum, w.block);
+    cl_block_sums(p, b, k, pivot, false, w.fsum, w.block);
     for (int64_t c = 0; c < C; ++c) w.csum[c] += w.fsum[c];
   }
-  cl_means(p, b, w.csum, w.gmean, w.center);
+  cl_means(p, b, w.csum, pivot, w.gmean, w.center);
   for (int64_t k = 0; k < blocks; ++k) {
-    cl_block_sums(p, b, k, w.center, w.fsum, w.block);
+    cl_block_sums(p, b, k, w.center, true, w.fsum, w.block);
     for (int64_t c = 0; c < C; ++c) w.gvar[c / cpg] += w.fsum[c];
   }
   cl_consts(p, b, w.gmean, w.gvar, w.center, w.scale, w.bias);
   for (int64_t k = 0; k < blocks; ++k) cl_block_write(p, b, k, w.center, w.scale, w.bias, w.block);
 }
 
-// Sum of v[0, n), or with kSquares of (v - center)^2 (center[j] with kPerElement, else
-// center[0]): float partial sums of kSumRows terms gathered in double, so float rounding
-// stays that of a kSumRows-term sum for any n.
+// Sum of v - center over [0, n), or with kSquares of (v - center)^2 (center[j] with
+// kPerElement, else center[0]): float partial sums of kSumRows terms gathered in double, so
+// float rounding stays that of a kSumRows-term sum for any n.
 template <bool kSquares, bool kPerElement>
 KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
-  const float c0 = kSquares && !kPerElement ? center[0] : 0.f;
+  const float c0 = kPerElement ? 0.f : center[0];
   double total = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
     const int64_t k1 = std::min(n, k0 + kSumRows);
     float f = 0.f;
 #pragma omp simd reduction(+ : f)
     for (int64_t j = k0; j < k1; ++j) {
-      if (kSquares) {
-        const float d = v[j] - (kPerElement ? center[j] : c0);
-        f += d * d;
-      } else {
-        f += v[j];
-      }
+      const float d = v[j] - (kPerElement ? center[j] : c0);
+      f += kSquares ? d * d : d;
     }
     total += f;
   }
   return total;
 }
 
-// Sum of x (of (x - center)^2 when `squares`) over elements [off, off + n) of x, contiguous,
-// widened a block at a time.
+// Sum of x - center (of (x - center)^2 when `squares`) over elements [off, off + n) of x,
+// contiguous, widened a block at a time.
 KD_CPU_INLINE double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
   double total = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {  // (kCpuBlock is a multiple of kSumRows)
     const int64_t m = std::min(kCpuBlock, n - j0);
     const float* v = load_floats(p.x, p.x_dtype, off + j0, m, block);
-    total += squares ? flat_sum<true, false>(v, m, &center) : flat_sum<false, false>(v, m, nullptr);
+    total += squares ? flat_sum<true, false>(v, m, &center) : flat_sum<false, false>(v, m, &center);
   }
   return total;
 }
@@ -194,7 +204,10 @@ KD_CPU_INLINE void group_channel_major(const Params& p, int64_t b, int64_t g, fl
   double shift_total = 0.0;
   if (p.shift)
     for (int64_t c = c0; c < c0 + cpg; ++c) shift_total += double(S) * shift_at(p, b, c);
-  const double mean = (range_sum(p, x0 + c0 * S, n_group, false, 0.f, block) + shift_total) / double(n_group);
+  // deviations from the group's first element (a pivot: see cl_pivots)
+  const float pivot = load_as_float(x, p.x_dtype, x0 + c0 * S);
+  const double mean = double(pivot) + (range_sum(p, x0 + c0 * S, n_group, false, pivot, block) + shift_total) /
+                                          double(n_group);
 
   double sq = 0.0;
   if (!p.shift) {
@@ -265,7 +278,8 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
   for (int64_t g = 0; g < groups; ++g) {  // means of x + shift; the per-element centers
     double shift_total = 0.0;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) shift_total += shift[c];
-    gmean[g] = (flat_sum<false, false>(v + g * n_group, n_group, nullptr) + double(S) * shift_total) * inv_n;
+    const float* group = v + g * n_group;  // deviations from its first element (see cl_pivots)
+    gmean[g] = double(group[0]) + (flat_sum<false, false>(group, n_group, group) + double(S) * shift_total) * inv_n;
   }
   // the centers (channel_consts' center: mean - shift) serve the variances and the output alike
   for (int64_t g = 0; g < groups; ++g)
@@ -301,7 +315,7 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
 
 struct TaskFns {
   void (*cl_sample)(const Params&, int64_t, float*);
-  void (*cl_block_sums)(const Params&, int64_t, int64_t, const float*, float*, float*);
+  void (*cl_block_sums)(const Params&, int64_t, int64_t, const float*, bool, float*, float*);
   void (*cl_block_write)(const Params&, int64_t, int64_t, const float*, const float*, const float*, float*);
   void (*group_channel_major)(const Params&, int64_t, int64_t, float*);
   void (*small_groups_block)(const Params&, int64_t, int64_t, int64_t, float*);
@@ -309,9 +323,9 @@ struct TaskFns {
 
 #define KD_GROUP_NORM_TASKS(SUFFIX, TARGET)                                                                    \
   TARGET void cl_sample_##SUFFIX(const Params& p, int64_t b, float* ws) { cl_sample(p, b, ws); }             \
-  TARGET void cl_block_sums_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center, float* fsum, \
-                                     float* buf) {                                                         \
-    cl_block_sums(p, b, k, center, fsum, buf);                                                             \
+  TARGET void cl_block_sums_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center, bool squares, \
+                                     float* fsum, float* buf) {                                            \
+    cl_block_sums(p, b, k, center, squares, fsum, buf);                                                    \
   }                                                                                                        \
   TARGET void cl_block_write_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center,             \
                                       const float* scale, const float* bias, float* buf) {                 \
@@ -347,6 +361,8 @@ void cl_split_samples(const Params& p, int threads) {
   double* gacc = gmean + B * C;                        // [B][C]: per-channel sums, then per-group
   float* partial = shared + 4 * B * C;                 // [B][blocks][C]
   float* consts = partial + B * blocks * C;            // [B][3][C]: center, scale, bias
+  // the pivots of sample b in its scale slot, set after their last use (cl_consts)
+  for (int64_t b = 0; b < B; ++b) cl_pivots(p, b, consts + b * 3 * C + C);
 #pragma omp parallel num_threads(threads)
   {
 #ifdef _OPENMP
@@ -356,18 +372,18 @@ void cl_split_samples(const Params& p, int threads) {
 #endif
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * blocks; ++t)
-      fns.cl_block_sums(p, t / blocks, t % blocks, nullptr, partial + t * C, buf);
+      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C + C, false, partial + t * C, buf);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       double* csum = gacc + b * C;
       std::fill(csum, csum + C, 0.0);
       for (int64_t k = 0; k < blocks; ++k)
         for (int64_t c = 0; c < C; ++c) csum[c] += partial[(b * blocks + k) * C + c];
-      cl_means(p, b, csum, gmean + b * C, consts + b * 3 * C);
+      cl_means(p, b, csum, consts + b * 3 * C + C, gmean + b * C, consts + b * 3 * C);
     }
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * blocks; ++t)
-      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, partial + t * C, buf);
+      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, true, partial + t * C, buf);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       double* gvar = gacc + b * C;

@@ -128,6 +128,25 @@ def test_large_mean_keeps_accuracy(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_constant_groups_at_a_large_offset_give_the_bias(backend, dtype):
+    # The mean was a float32 sum of the values: off by a few ulps of 1e4, which the group's
+    # zero variance magnified into outputs of 0.1 to 0.5 (torch: exactly act(bias)). Every CPU
+    # path: channel-major groups, small groups taken several at a time, whole channels-last
+    # samples and a channels-last sample cut into blocks (a batch of one).
+    cases = [((2, 8, 5, 7), 4), ((1, 32, 16, 16), 8), ((2, 64, 3, 3), 8), ((1, 64, 64, 64), 8)]
+    bias = randn((64,), torch.float32, 12)
+    for (shape, groups), value in zip(cases, (10000.1, 10000.1, -5000.3, 3000.7)):
+        x = torch.full(shape, value, dtype=dtype)
+        b = bias[:shape[1]].to(dtype)
+        for fmt in (torch.contiguous_format, torch.channels_last):
+            out = ops.group_norm_act(x.contiguous(memory_format=fmt), groups, None, b, backend=backend)
+            expect = F.silu(b.float()[None, :, None, None].expand(shape)).to(dtype)
+            rtol = 0 if dtype == torch.float32 else 2 ** -7  # (silu's rounding before the 16-bit one's)
+            torch.testing.assert_close(out, expect, rtol=rtol, atol=1e-6, msg=f"{shape} {fmt}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape,groups", [((2, 4, 8, 8), 2), ((1, 64, 64, 64), 4)])  # (the second: split on GPUs)
 def test_a_shift_far_above_the_spread_keeps_accuracy(backend, shape, groups):
     # x + shift is never rounded to float32: a shift of 1000 on activations of spread 1e-2
