@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from ._linear import Lin
-from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, lu_lambdas, sigma_range,
+from ._schedule import (beta_sigmas, exponential_sigmas, host_array, karras_sigmas, lu_lambdas, sigma_range,
                         sigma_to_t)
 
 # The converted model outputs a helper is given, newest first (diffusers' ``model_output_list[-1]``
@@ -157,9 +157,7 @@ def check_order(method: str, order, orders: Sequence[int]) -> int:
 
 
 def _host_array(values) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().double().numpy()
-    return np.asarray(values, dtype=np.float64)
+    return host_array(values, np.float64)
 
 
 class SigmaSpacings:

@@ -131,6 +131,17 @@ def spaced_timesteps(spacing: str, n: int, steps_offset: int, num_train_timestep
     return np.arange(last, 0, -ratio).round().copy().astype(np.int64) - 1
 
 
+def host_array(values, dtype) -> np.ndarray:
+    """User-given timesteps or sigmas (a sequence, a numpy array, or a tensor on any device) as a
+    new numpy array of ``dtype``, the values ``np.array(values).astype(dtype)`` gives; that
+    warns for a tensor under numpy 2 (torch's ``__array__`` takes no ``copy``) and fails for
+    one on a GPU."""
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+        values = (values.double() if values.is_floating_point() else values).numpy()
+    return np.array(values).astype(dtype)
+
+
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, interpolating in log-sigma."""
     sigma = np.asarray(sigma)

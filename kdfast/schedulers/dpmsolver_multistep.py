@@ -9,7 +9,7 @@ import torch
 
 from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
-                        check_flow_sigma_spacing, log_snr, spaced_timesteps, x0_coefficients)
+                        check_flow_sigma_spacing, host_array, log_snr, spaced_timesteps, x0_coefficients)
 from ._config import register_to_config
 from ._helpers import OUTPUTS, LuLambdas, legacy_arguments, output_list, required, step_position, unfused
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
@@ -123,7 +123,7 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
             raise ValueError("Cannot pass timesteps together with karras/lu/exponential/beta sigmas.")
 
         if timesteps is not None:
-            timesteps = np.array(timesteps).astype(np.int64)
+            timesteps = host_array(timesteps, np.int64)
         else:
             clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
             last_timestep = cfg.num_train_timesteps - clipped_idx

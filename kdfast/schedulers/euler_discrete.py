@@ -12,7 +12,7 @@ from ._config import register_to_config
 from ._helpers import LogSigmaTimesteps, SigmaSpacings
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, beta_sigmas, check_choice, exponential_sigmas,
-                        karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
+                        host_array, karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan
 
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
@@ -230,11 +230,11 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         train = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(train)
         if sigmas is not None:
-            sigmas = np.array(sigmas).astype(np.float32)
+            sigmas = host_array(sigmas, np.float32)
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
         else:
             if timesteps is not None:
-                timesteps = np.array(timesteps).astype(np.float32)
+                timesteps = host_array(timesteps, np.float32)
             else:
                 timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
             if cfg.interpolation_type == "linear":

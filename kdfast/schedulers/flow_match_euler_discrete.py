@@ -11,7 +11,7 @@ from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
 from ._helpers import FlowShifts, FlowTimesteps, SigmaSpacings, TerminalShift
 from ._linear import MODEL, NOISE, X
-from ._schedule import beta_sigmas, check_choice, exponential_sigmas, karras_sigmas, sigma_range
+from ._schedule import beta_sigmas, check_choice, exponential_sigmas, host_array, karras_sigmas, sigma_range
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import _reject_integer_timestep, check_sigma_options
 
@@ -122,13 +122,13 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
         # bit for bit (float64 for a computed schedule, float32 for given sigmas).
         given_timesteps = timesteps is not None
         if given_timesteps:
-            timesteps = np.array(timesteps).astype(np.float32)
+            timesteps = host_array(timesteps, np.float32)
         if sigmas is None:
             if timesteps is None:
                 timesteps = np.linspace(self._sigma_to_t(self.sigma_max), self._sigma_to_t(self.sigma_min), n)
             sigmas = timesteps / cfg.num_train_timesteps
         else:
-            sigmas = np.array(sigmas).astype(np.float32)
+            sigmas = host_array(sigmas, np.float32)
         if cfg.use_dynamic_shifting:
             sigmas = self.time_shift(mu, 1.0, sigmas)
         else:

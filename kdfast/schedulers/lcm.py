@@ -12,8 +12,8 @@ import torch
 from ._config import register_to_config
 from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
-from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, noise_schedule,
-                        x0_error)
+from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, host_array,
+                        noise_schedule, x0_error)
 from .base import CheckedPlan, FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
 from .base import GrowingTable
@@ -137,7 +137,7 @@ class LCMScheduler(Thresholding, FusedScheduler):
             if len(timesteps) > original_steps:
                 logger.warning("The custom timestep schedule has %d steps, more than the %d of the distillation "
                                "schedule. You may get unexpected results.", len(timesteps), original_steps)
-            timesteps = np.array(timesteps, dtype=np.int64)
+            timesteps = host_array(timesteps, np.int64)
             steps, custom = len(timesteps), True
             init_timestep = min(int(steps * strength), steps)
             t_start = max(steps - init_timestep, 0)

@@ -864,3 +864,33 @@ def test_set_timesteps_starts_a_new_loop_from_the_beginning(name):
     s.set_begin_index(1)
     s.set_timesteps(steps, *stage)
     assert s.begin_index is None and s.step_index is None
+
+
+# set_timesteps arguments a user may pass as tensors: (scheduler, config, keyword, values)
+CUSTOM_SCHEDULES = [
+    ("EulerDiscreteScheduler", {}, "sigmas", [14.6, 6.0, 2.0, 0.5, 0.0]),
+    ("EulerDiscreteScheduler", {}, "timesteps", [999, 700, 400, 100]),
+    ("FlowMatchEulerDiscreteScheduler", {}, "sigmas", [1.0, 0.75, 0.5, 0.25]),
+    ("FlowMatchEulerDiscreteScheduler", {}, "timesteps", [1000, 750, 500, 250]),
+    ("HeunDiscreteScheduler", {}, "timesteps", [999, 700, 400, 100]),
+    ("DPMSolverMultistepScheduler", {}, "timesteps", [999, 700, 400, 100]),
+    ("DPMSolverSinglestepScheduler", {}, "timesteps", [999, 700, 400, 100]),
+    ("LCMScheduler", {}, "timesteps", [999, 759, 499, 259]),
+    ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}, "sigmas",
+     [1.0, 0.75, 0.5, 0.25]),
+]
+
+
+@pytest.mark.parametrize("name, config, keyword, values", CUSTOM_SCHEDULES)
+@pytest.mark.filterwarnings("error::DeprecationWarning")
+def test_custom_schedules_given_as_tensors(name, config, keyword, values):
+    # np.array(tensor) warned under numpy 2 ("__array__ implementation doesn't accept a copy
+    # keyword"); a tensor of any dtype gives the schedule its list gives
+    expected = getattr(K, name)(**config)
+    expected.set_timesteps(**{keyword: values})
+    for dtype in (torch.float32, torch.float64) + ((torch.float16, torch.int64) if keyword == "timesteps" else ()):
+        ours = getattr(K, name)(**config)
+        ours.set_timesteps(**{keyword: torch.tensor(values, dtype=dtype)})
+        torch.testing.assert_close(ours.timesteps, expected.timesteps, rtol=0, atol=0, msg=f"{dtype}")
+        if hasattr(expected, "sigmas"):
+            torch.testing.assert_close(ours.sigmas, expected.sigmas, rtol=0, atol=0, msg=f"{dtype}")
