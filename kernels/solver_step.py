@@ -15,6 +15,13 @@ def _load(ptr, stride, b, offs, mask, PRESENT: tl.constexpr):
 
 
 @triton.jit
+def _clamp_symmetric(v, r):
+    # torch.clamp(v, -r, r), as solver_step.h's clamp_symmetric: the upper bound last
+    above_lo = tl.where(v < -r, -r, v)
+    return tl.where(above_lo > r, r, above_lo)
+
+
+@triton.jit
 def _term(acc, c, src):
     # A zero coefficient drops its term (an unused inf/NaN source stays harmless).
     return tl.where(c != 0.0, acc + c * src, acc)
@@ -29,18 +36,27 @@ def _coef(coef, rows_ptr, b, k: tl.constexpr, ROWS: tl.constexpr):
 
 
 @triton.jit
-def _combine(coef, rows_ptr, b, out: tl.constexpr, x, m, u, x0, h0, h1, h2, aux, noise, ROWS: tl.constexpr):
+def _combine(coef, rows_ptr, b, out: tl.constexpr, x, m, u, x0, h0, h1, h2, aux, noise, ROWS: tl.constexpr,
+             HAS_H0: tl.constexpr, HAS_H1: tl.constexpr, HAS_H2: tl.constexpr, HAS_AUX: tl.constexpr,
+             HAS_NOISE: tl.constexpr):
+    # An input not passed adds no term, whatever its coefficient (solver_step.h's absent_sources)
     base: tl.constexpr = 2 + 9 * out
     acc = tl.zeros(x.shape, tl.float32)
     acc = _term(acc, _coef(coef, rows_ptr, b, base, ROWS), x)
     acc = _term(acc, _coef(coef, rows_ptr, b, base + 1, ROWS), m)
     acc = _term(acc, _coef(coef, rows_ptr, b, base + 2, ROWS), u)
     acc = _term(acc, _coef(coef, rows_ptr, b, base + 3, ROWS), x0)
-    acc = _term(acc, _coef(coef, rows_ptr, b, base + 4, ROWS), h0)
-    acc = _term(acc, _coef(coef, rows_ptr, b, base + 5, ROWS), h1)
-    acc = _term(acc, _coef(coef, rows_ptr, b, base + 6, ROWS), h2)
-    acc = _term(acc, _coef(coef, rows_ptr, b, base + 7, ROWS), aux)
-    return _term(acc, _coef(coef, rows_ptr, b, base + 8, ROWS), noise)
+    if HAS_H0:
+        acc = _term(acc, _coef(coef, rows_ptr, b, base + 4, ROWS), h0)
+    if HAS_H1:
+        acc = _term(acc, _coef(coef, rows_ptr, b, base + 5, ROWS), h1)
+    if HAS_H2:
+        acc = _term(acc, _coef(coef, rows_ptr, b, base + 6, ROWS), h2)
+    if HAS_AUX:
+        acc = _term(acc, _coef(coef, rows_ptr, b, base + 7, ROWS), aux)
+    if HAS_NOISE:
+        acc = _term(acc, _coef(coef, rows_ptr, b, base + 8, ROWS), noise)
+    return acc
 
 
 @triton.jit
@@ -69,24 +85,27 @@ def _solver_step_kernel(
         m = u
     x0 = _coef(coef, rows_ptr, b, 0, ROWS) * x + _coef(coef, rows_ptr, b, 1, ROWS) * m
     if THRESHOLD == 1:
-        x0 = tl.where(x0 < -clip_value, -clip_value, tl.where(x0 > clip_value, clip_value, x0))
+        x0 = _clamp_symmetric(x0, clip_value)
     elif THRESHOLD == 2:
         s = tl.load(dyn_ptr + b)
         # IEEE division, as torch and the C++/CUDA kernels divide (compiled fp32 `/` is within 2 ulp)
-        x0 = tl.div_rn(tl.where(x0 < -s, -s, tl.where(x0 > s, s, x0)), s)
+        x0 = tl.div_rn(_clamp_symmetric(x0, s), s)
     h0 = _load(h0_ptr, s_h0, b, offs, mask, HAS_H0)
     h1 = _load(h1_ptr, s_h1, b, offs, mask, HAS_H1)
     h2 = _load(h2_ptr, s_h2, b, offs, mask, HAS_H2)
     aux = _load(aux_ptr, s_aux, b, offs, mask, HAS_AUX)
     noise = _load(noise_ptr, s_noise, b, offs, mask, HAS_NOISE)
     if WRITE0:
-        v = _combine(coef, rows_ptr, b, 0, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
+        v = _combine(coef, rows_ptr, b, 0, x, m, u, x0, h0, h1, h2, aux, noise, ROWS, HAS_H0, HAS_H1, HAS_H2,
+                     HAS_AUX, HAS_NOISE)
         tl.store(out0_ptr + b * s_out0 + offs, v.to(out0_ptr.dtype.element_ty), mask=mask)
     if WRITE1:
-        v = _combine(coef, rows_ptr, b, 1, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
+        v = _combine(coef, rows_ptr, b, 1, x, m, u, x0, h0, h1, h2, aux, noise, ROWS, HAS_H0, HAS_H1, HAS_H2,
+                     HAS_AUX, HAS_NOISE)
         tl.store(out1_ptr + b * s_out1 + offs, v.to(out1_ptr.dtype.element_ty), mask=mask)
     if WRITE2:
-        v = _combine(coef, rows_ptr, b, 2, x, m, u, x0, h0, h1, h2, aux, noise, ROWS)
+        v = _combine(coef, rows_ptr, b, 2, x, m, u, x0, h0, h1, h2, aux, noise, ROWS, HAS_H0, HAS_H1, HAS_H2,
+                     HAS_AUX, HAS_NOISE)
         tl.store(out2_ptr + b * s_out2 + offs, v.to(out2_ptr.dtype.element_ty), mask=mask)
 
 

@@ -94,18 +94,23 @@ KD_HD QuantilePosition quantile_position(float q, int64_t n) {
   return r;
 }
 
-// torch.lerp, as torch.quantile interpolates: from the nearer end, so that the same values come
-// out bit for bit (and inf - inf = NaN where torch's does).
+// torch.lerp, as torch.quantile interpolates: from the nearer end, each a fused multiply-add as
+// torch's kernels compute them (vectorised fmadd / fnmadd on CPUs, contracted by nvcc), so that
+// the same values come out bit for bit (and inf - inf = NaN where torch's does).
 KD_HD float quantile_lerp(float lo, float hi, float w) {
-  return w < 0.5f ? lo + w * (hi - lo) : hi - (hi - lo) * (1.f - w);
+  return w < 0.5f ? fmaf(w, hi - lo, lo) : fmaf(-(hi - lo), 1.f - w, hi);
 }
 
 KD_HD float guided(float model, float cond, bool has_cond, float scale) {
   return has_cond ? model + scale * (cond - model) : model;
 }
 
-// Comparisons rather than fminf/fmaxf so that NaN propagates as in torch.clamp.
-KD_HD float clamp_symmetric(float v, float r) { return v < -r ? -r : (v > r ? r : v); }
+// torch.clamp(v, -r, r): comparisons rather than fminf/fmaxf so that NaN propagates, and the
+// upper bound applied last, so that a negative r gives r as torch's does.
+KD_HD float clamp_symmetric(float v, float r) {
+  const float above_lo = v < -r ? -r : v;
+  return above_lo > r ? r : above_lo;
+}
 
 KD_HD float apply_threshold(float x0, int mode, float clip_value, float dyn_scale) {
   if (mode == kThresholdClip) return clamp_symmetric(x0, clip_value);
@@ -117,11 +122,22 @@ KD_HD float apply_threshold(float x0, int mode, float clip_value, float dyn_scal
 // inf or NaN cannot poison an output; every backend follows this rule.
 KD_HD float add_term(float acc, float c, float src) { return c == 0.f ? acc : acc + c * src; }
 
+// The sources whose input was not passed (bit j: source j; history, aux and noise follow the
+// inputs' order). Their terms are dropped whatever their coefficients, as the CPU launcher and
+// the reference drop them: an inf or NaN coefficient times the 0 read in their place is NaN.
+KD_HD unsigned absent_sources(const Params& p) {
+  unsigned bits = 0;
+  for (int j = kSrcHist0; j < kNumSources; ++j)
+    if (!p.in[kInHist0 + (j - kSrcHist0)]) bits |= 1u << j;
+  return bits;
+}
+
 // The whole step for one element. `in` holds x, model, cond, h0, h1, h2, aux, noise in
-// input order (absent inputs as 0); results go to out[kNumOutputs]. Terms are added in
+// input order (absent inputs as 0, their sources flagged in `absent`: absent_sources); results
+// go to out[kNumOutputs]. Terms are added in
 // source order, starting from 0, as the CPU launcher's tile loops do.
 KD_HD void step_element(const float* c, float scale, bool has_cond, int threshold,
-                        float clip_value, float dyn_scale, const float in[kNumInputs],
+                        float clip_value, float dyn_scale, unsigned absent, const float in[kNumInputs],
                         float out[kNumOutputs]) {
   const float m = guided(in[kInModel], in[kInCond], has_cond, scale);
   const float x0 = apply_threshold(c[0] * in[kInX] + c[1] * m, threshold, clip_value, dyn_scale);
@@ -132,7 +148,7 @@ KD_HD void step_element(const float* c, float scale, bool has_cond, int threshol
     const float* ck = c + 2 + k * kNumSources;
     float acc = 0.f;
 #pragma unroll
-    for (int j = 0; j < kNumSources; ++j) acc = add_term(acc, ck[j], s[j]);
+    for (int j = 0; j < kNumSources; ++j) acc = (absent >> j & 1u) ? acc : add_term(acc, ck[j], s[j]);
     out[k] = acc;
   }
 }

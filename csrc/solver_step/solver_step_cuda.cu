@@ -23,6 +23,7 @@ constexpr int kMaxGridY = 65535;
 template <bool kRowPerSample>
 __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params p) {
   const bool has_cond = p.in[kInCond] != nullptr;
+  const unsigned absent = absent_sources(p);
   for (int64_t b = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; b < p.batch;
        b += int64_t(gridDim.y) * blockDim.y) {
     const float dyn = p.threshold == kThresholdDynamic ? p.dynamic_scale[b] : 1.f;
@@ -38,7 +39,7 @@ __global__ void __launch_bounds__(kThreads) solver_step_kernel(const Params p) {
 #pragma unroll
       for (int i = 0; i < kNumInputs; ++i)
         vin[i] = p.in[i] ? load_as_float(p.in[i], p.in_dtype[i], b * p.in_stride[i] + e) : 0.f;
-      step_element(c, p.guidance_scale, has_cond, p.threshold, p.clip_value, dyn, vin, vout);
+      step_element(c, p.guidance_scale, has_cond, p.threshold, p.clip_value, dyn, absent, vin, vout);
 #pragma unroll
       for (int k = 0; k < kNumOutputs; ++k)
         if (p.out[k]) store_from_float(p.out[k], p.out_dtype[k], b * p.out_stride[k] + e, vout[k]);

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _ext, backends
-from .._checks import is_finite_number
+from .._checks import is_finite_number, real_number
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, cuda_stream, dense_format, describe, dispatcher_required,
@@ -133,10 +133,17 @@ def _coef_addresses(coefs: torch.Tensor) -> Tuple[int, int]:
     return (coefs.data_ptr(), 0) if coefs.dim() == 1 else (0, coefs.data_ptr())
 
 
+_F32_MAX = float(torch.finfo(torch.float32).max)
+
+
 def _check_scalar(name: str, value: float) -> float:
-    value = float(value)
+    """``value`` as a float, if it is a finite number within float32's range (the kernels' scalars
+    are float32; the reference would fail to apply a larger one to a float32 tensor)."""
+    value = real_number(name, value)
     if not is_finite_number(value, name):  # (a symbolic float under torch.compile: checked when it runs)
         raise ValueError(f"{name} must be a finite number, got {value}")
+    if not torch.compiler.is_compiling() and abs(value) > _F32_MAX:
+        raise ValueError(f"{name} must be within float32's range (|{name}| <= {_F32_MAX:.8g}), got {value}")
     return value
 
 
@@ -686,21 +693,24 @@ def threshold_scale(
     if (not isinstance(sample, torch.Tensor) or (sample.dtype not in DTYPE_CODES and sample.dtype is not _F64)
             or sample.dim() == 0):
         raise TypeError("sample must be a float32/float16/bfloat16/float64 tensor with a batch dimension")
-    if sample.numel() == 0 or sample.numel() // sample.shape[0] == 0:
+    if math.prod(sample.shape[1:]) == 0:  # (an empty batch is fine: its scales are an empty tensor)
         raise ValueError(f"sample must have at least one element per sample, got shape {tuple(sample.shape)}")
     sample = sample_layout(sample)
     model_output = _check_like("model_output", model_output, sample)
     cond = _check_like("cond", cond, sample)
-    if not 0.0 <= float(ratio) <= 1.0:
+    ratio = real_number("ratio", ratio)
+    if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
+    max_value = _check_scalar("max_value", max_value)
+    if max_value <= 0:  # (the scale divides x0: 0 gives NaN, a negative one flips its sign)
+        raise ValueError(f"max_value must be positive, got {max_value}")
     args = (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
-            _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model),
-            float(ratio), _check_scalar("max_value", max_value))
+            _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model), ratio, max_value)
     if reference_required((sample, model_output, cond)):  # torch.func's transforms, forward-mode AD
         compute = _F64 if sample.dtype is _F64 else _F32
         return ref.threshold_scale(*args, compute_dtype=compute)
-    if backend is None and _needs_dispatcher((sample, model_output, cond)):
-        return torch.ops.kdfast.threshold_scale(*args)
+    if _needs_dispatcher((sample, model_output, cond)):  # (autograd and torch.compile, a forced backend too)
+        return torch.ops.kdfast.threshold_scale(*args, backend or "")
     return _threshold_scale(*args, backend=backend)
 
 
@@ -744,19 +754,20 @@ def _threshold_cuda(out, *args):
 @torch.library.custom_op("kdfast::threshold_scale", mutates_args=())
 def _threshold_scale_op(sample: torch.Tensor, model_output: torch.Tensor, cond: Optional[torch.Tensor],
                         guidance_scale: float, x0_from_x: float, x0_from_model: float, ratio: float,
-                        max_value: float) -> torch.Tensor:
-    return _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
+                        max_value: float, backend: str) -> torch.Tensor:
+    return _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
+                            backend=backend or None)
 
 
 @_threshold_scale_op.register_fake
-def _(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value):
+def _(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value, backend):
     return sample.new_empty((sample.shape[0],), dtype=_F64 if sample.dtype is _F64 else _F32)
 
 
 def _threshold_setup_context(ctx, inputs, output):
     sample, model_output, cond = inputs[:3]
     ctx.save_for_backward(sample, model_output, cond, output)
-    ctx.scalars = inputs[3:]
+    ctx.scalars = inputs[3:8]
 
 
 def _threshold_backward(ctx, grad):
@@ -792,7 +803,7 @@ def _threshold_backward(ctx, grad):
             grad_model = (x0_from_model * (1.0 - guidance_scale) * g_x0).to(model_output.dtype)
         if need[2]:
             grad_cond = (x0_from_model * guidance_scale * g_x0).to(cond.dtype)
-    return grad_sample, grad_model, grad_cond, None, None, None, None, None
+    return grad_sample, grad_model, grad_cond, None, None, None, None, None, None
 
 
 _threshold_scale_op.register_autograd(_threshold_backward, setup_context=_threshold_setup_context)

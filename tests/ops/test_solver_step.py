@@ -584,12 +584,15 @@ def test_opcheck_solver_step():
 
 def test_opcheck_threshold_scale():
     x = torch.randn(3, 50)
-    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0))
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default,
+                          (x, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0, ""))
     # with inputs that need a gradient: the autograd formula is registered and checked too
     g = torch.Generator().manual_seed(2)
     x, m, c = (torch.randn(3, 50, generator=g) * 3).requires_grad_(True), torch.randn(3, 50, generator=g), \
         torch.randn(3, 50, generator=g).requires_grad_(True)
-    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, m, c, 2.0, 1.0, -0.5, 0.9, 100.0))
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, m, c, 2.0, 1.0, -0.5, 0.9, 100.0, ""))
+    # a forced backend goes through the op too (its autograd formula: it called the kernel directly)
+    torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, m, c, 2.0, 1.0, -0.5, 0.9, 100.0, "cpu"))
 
 
 def test_opcheck_solver_step_with_dynamic_scale_gradient():
@@ -753,6 +756,11 @@ def test_threshold_scale_next_to_inf_and_bits_like_torch_quantile(backend):
     for ratio in (0.1, 0.5, 0.77, 0.9, 0.995):
         got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=ratio, max_value=100.0, backend=backend)
         assert torch.equal(got, torch.quantile(x, ratio, dim=1).clamp(1.0, 100.0)), ratio
+    # many short rows: torch.lerp is a fused multiply-add; two roundings were 1 ulp off in ~2%
+    x = torch.rand(2000, 5, generator=torch.Generator().manual_seed(9)) * 3
+    for ratio in (0.1, 0.3, 0.7, 0.995):
+        got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=ratio, max_value=100.0, backend=backend)
+        assert torch.equal(got, torch.quantile(x, ratio, dim=1).clamp(1.0, 100.0)), ratio
 
 
 def test_threshold_scale_bad_input():
@@ -763,6 +771,37 @@ def test_threshold_scale_bad_input():
         ops.threshold_scale(x, x[:, :4], 1.0, 0.0)
     with pytest.raises(ValueError, match="at least one element"):
         ops.threshold_scale(torch.empty(2, 0), torch.empty(2, 0), 1.0, 0.0)
+    # a scale of 0 divides x0 by 0, a negative one flips its sign
+    for max_value in (0.0, -1.0):
+        with pytest.raises(ValueError, match="max_value must be positive"):
+            ops.threshold_scale(x, x, 1.0, 0.0, max_value=max_value)
+    # not numbers, or past float32 (which the kernels' scalars are): errors naming the argument
+    for kwargs, name in ((dict(ratio=None), "ratio"), (dict(max_value=None), "max_value"),
+                         (dict(max_value=1e39), "max_value"), (dict(guidance_scale="a"), "guidance_scale")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            ops.threshold_scale(x, x, 1.0, 0.0, **kwargs)
+    with pytest.raises(ValueError, match="x0_from_x must be a real number"):
+        ops.threshold_scale(x, x, None, 0.0)
+    c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x0": 1.0}))
+    for kwargs, name in ((dict(clip_value=1e39), "clip_value"), (dict(guidance_scale=None, cond=x), "guidance_scale")):
+        with pytest.raises(ValueError, match=f"{name} must be"):
+            ops.solver_step(x, x, c, **kwargs)
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale"))
+def test_threshold_scale_with_a_forced_backend_keeps_its_gradient(backend):
+    # a named backend called the kernel directly: no autograd (gradients through a thresholded
+    # step silently wrong) and a graph break under torch.compile
+    g = torch.Generator().manual_seed(21)
+    x, m = (torch.randn(3, 40, generator=g) * 3).requires_grad_(True), torch.randn(3, 40, generator=g)
+    scale = ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=100.0, backend=backend)
+    assert scale.requires_grad
+    (got,) = torch.autograd.grad(scale.sum(), x)
+    (expected,) = torch.autograd.grad(ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=100.0).sum(), x)
+    torch.testing.assert_close(got, expected)
+    compiled = torch.compile(lambda x: ops.threshold_scale(x, m, 1.0, -0.5, ratio=0.9, max_value=100.0,
+                                                           backend=backend), backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), scale.detach())
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
@@ -772,6 +811,32 @@ def test_zero_coefficient_drops_an_inf_source(backend):
     c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x": 2.0}), dtype=torch.float32)
     out = ops.solver_step(x, torch.randn_like(x), c, noise=noise, backend=backend).sample
     torch.testing.assert_close(out, 2 * x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_an_input_not_passed_adds_nothing_whatever_its_coefficient(backend):
+    # Triton and CUDA read a missing input as 0 and still added inf * 0 = NaN; the reference and
+    # the CPU drop its term
+    x = torch.tensor([[0.5, -2.0, 3.0]])
+    for source in ("h0", "h1", "h2", "aux", "noise"):
+        for value in (math.inf, math.nan):
+            c = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x": 1.0, source: value}))
+            rows = c.expand(1, -1).contiguous()  # per-sample rows too
+            for coefs in (c, rows):
+                out = ops.solver_step(x, torch.ones_like(x), coefs, backend=backend).sample
+                assert torch.equal(out, x), (source, value, coefs.dim(), out)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_negative_dynamic_scale_clamps_as_torch_clamp(backend):
+    # torch.clamp(x0, -s, s) with -s > s gives s (applied last); the kernels gave -s below -s
+    x = torch.tensor([[1.0, 1.0, -1.0, 0.25]])
+    c = torch.tensor(ops.coefficients(0.0, 1.0, sample={"x0": 1.0}))
+    for s in (-1.0, -0.5):
+        out = ops.solver_step(x, x, c, dynamic_scale=torch.tensor([s]), backend=backend).sample
+        assert torch.equal(out, torch.clamp(x, -s, s) / s), (s, out)
+        clipped = ops.solver_step(x, x, c, clip_value=0.5, backend=backend).sample
+        assert torch.equal(clipped, torch.clamp(x, -0.5, 0.5))
 
 
 # --------------------------------------------------------------------------- float64 (the reference, in float64)
@@ -917,7 +982,7 @@ def test_opcheck_float64():
             torch.float64, "")
     torch.library.opcheck(torch.ops.kdfast.solver_step.default, args)
     torch.library.opcheck(torch.ops.kdfast.threshold_scale.default,
-                          (x * 3, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0))
+                          (x * 3, torch.randn_like(x), None, 1.0, 1.0, -0.5, 0.9, 2.0, ""))
 
 
 @pytest.mark.parametrize("shape,ratio", [((1, 1), 0.995), ((3, 4, 8, 8), 0.995), ((2, 1031), 0.5), ((2, 7), 1.0)])
@@ -1586,4 +1651,5 @@ def test_an_empty_batch_under_vmap_and_through_the_registered_op():
     step = torch.func.vmap(lambda x, m: ops.solver_step(x, m, coefs,
                                                         dynamic_scale=ops.threshold_scale(x, m, 1.0, -0.5)).sample)
     assert step(x, m).shape == (0, 2, 3, 4)
-    assert torch.ops.kdfast.threshold_scale(x, m, None, 1.0, 1.0, -0.5, 0.9, 1.5).shape == (0,)
+    assert torch.ops.kdfast.threshold_scale(x, m, None, 1.0, 1.0, -0.5, 0.9, 1.5, "").shape == (0,)
+    assert ops.threshold_scale(x.flatten(0, 1), m.flatten(0, 1), 1.0, -0.5).shape == (0,)  # (it was refused)
