@@ -8,6 +8,7 @@ with the reasons, when it cannot serve.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -72,16 +73,34 @@ def _lowest_capability() -> Tuple[int, int]:
     return min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
 
 
+def _arch_runs(entry: str, capability: Tuple[int, int]) -> Optional[bool]:
+    """Whether code built for one entry of CMake's CUDA_ARCHITECTURES runs on a GPU of compute
+    ``capability``; None for an entry that names no arch (``native``, ``all``, ``all-major``).
+    ``NN``: machine code for NN (runs on NN's major at NN's minor and up) plus PTX (the driver
+    compiles it for any GPU at or above NN); ``-real``: the machine code alone; ``-virtual``:
+    the PTX alone; ``NNa``: NN exactly; ``NNf``: NN's family (its major, minor at or above)."""
+    match = re.fullmatch(r"(\d+)([af]?)(?:-(real|virtual))?", entry)
+    if not match:
+        return None
+    arch = divmod(int(match[1]), 10)  # "90" -> (9, 0), "100" -> (10, 0), "89" -> (8, 9)
+    if match[2] == "a":
+        return capability == arch
+    if match[2] == "f" or match[3] == "real":
+        return capability[0] == arch[0] and capability[1] >= arch[1]
+    return capability >= arch  # (the PTX)
+
+
 def cuda_arch_reason(archs: str, capability: Tuple[int, int]) -> Optional[str]:
-    """Why kernels built for ``archs`` (e.g. ``"80,89,90"``, CMake's list: machine code plus
-    PTX for each) cannot run on a GPU of compute ``capability``, or None: the PTX of an arch
-    at or below the GPU's is compiled for it by the driver, nothing runs below the lowest."""
-    built = [int(a.split("-")[0]) for a in archs.replace(";", ",").split(",") if a.strip()]
+    """Why kernels built for ``archs`` (CMake's list, e.g. ``"80,89,90"``: machine code plus
+    PTX for each; ``90a``, ``100f``, ``-real`` and ``-virtual`` entries too) cannot run on a GPU
+    of compute ``capability``, or None (also when an entry names no arch, as ``native`` does:
+    nothing here can tell)."""
+    runs = [_arch_runs(a.strip(), tuple(capability)) for a in archs.replace(";", ",").split(",") if a.strip()]
+    if not runs or None in runs or any(runs):
+        return None
     gpu = capability[0] * 10 + capability[1]
-    if built and min(built) > gpu:
-        return (f"kdfast._C_cuda was built for sm_{min(built)} and up ({archs}), a GPU here is sm_{gpu}: "
-                f"rebuild with KDFAST_CUDA_ARCHS={gpu} (the triton or reference backend serves meanwhile)")
-    return None
+    return (f"kdfast._C_cuda was built for {archs}, none of which runs on a GPU here (sm_{gpu}): rebuild with "
+            f"KDFAST_CUDA_ARCHS={gpu} (the triton or reference backend serves meanwhile)")
 
 
 def backend_reason(backend: str, device_type: str) -> Optional[str]:

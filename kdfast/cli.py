@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import List, Optional
@@ -158,7 +159,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     try:
         if args.command == "info":
-            print(info())
+            print(info(), flush=True)  # (flushed here: a closed pipe is then caught below, not at exit)
         elif args.command == "demo":
             return demo(args)
         elif args.command == "assets":
@@ -173,6 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar and the terminal's ^C
         print(f"{newline}kdfast {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`kdfast info | head -1`): stop quietly with the shell's 128 +
+        # SIGPIPE; stdout goes to devnull so that Python's flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     return 0
 
 

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -23,6 +24,18 @@ def test_python_dash_m_kdfast_info(tmp_path):
     out = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, check=True,
                          cwd=tmp_path)
     assert "backends for cpu tensors" in out.stdout
+
+
+def test_info_into_a_closed_pipe_is_quiet(tmp_path):
+    # `kdfast info | head -1` printed a BrokenPipeError traceback
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # (the reader has gone before anything is written)
+    try:
+        writer = subprocess.run([sys.executable, "-m", "kdfast", "info"], stdout=write_end, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+    finally:
+        os.close(write_end)
+    assert writer.stderr == "" and writer.returncode == 141, (writer.returncode, writer.stderr)
 
 
 def test_main_rejects_unknown_command(capsys):

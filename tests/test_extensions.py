@@ -56,6 +56,13 @@ def test_cuda_backend_refuses_gpus_below_the_built_archs():
     reason = cuda_arch_reason("80,89,90", (7, 5))
     assert "sm_75" in reason and "KDFAST_CUDA_ARCHS=75" in reason
     assert cuda_arch_reason("90", (8, 0)) is not None
+    # arch-specific, family, real-only and virtual-only entries, and names of no arch (an
+    # int() of "90a" raised, failing every op on a CUDA tensor and `kdfast info`)
+    assert cuda_arch_reason("90a", (9, 0)) is None and cuda_arch_reason("90a", (10, 0)) is not None
+    assert cuda_arch_reason("100f", (10, 3)) is None and cuda_arch_reason("100f", (12, 0)) is not None
+    assert cuda_arch_reason("80-real", (8, 6)) is None and cuda_arch_reason("80-real", (9, 0)) is not None
+    assert cuda_arch_reason("80-virtual", (9, 0)) is None and cuda_arch_reason("90a;80", (8, 9)) is None
+    assert cuda_arch_reason("native", (7, 5)) is None and cuda_arch_reason("all-major", (7, 5)) is None
 
 
 def test_cuda_backend_steps_aside_when_its_runtime_cannot_use_the_gpus(monkeypatch):
