@@ -214,12 +214,19 @@ def measure(case, shape, dtype, device, names, repeats) -> Dict[str, Dict]:
     rows = {name: dict(median_s=statistics.median(t), times_s=t, agrees_with_anchor=agrees[name])
             for name, t in times.items()}
     if device == "cuda":  # one more run each, alone, for its peak above what is held already
+        for _, x in prepared.values():  # (the timed runs left their gradients allocated)
+            for t in _grad_inputs(x):
+                t.grad = None
         for name, (fn, x) in prepared.items():
+            # the gradients this run makes count in its peak, as the CPU worker's do; left over
+            # from a run before, they would sit in the base instead (and be freed mid-run)
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
             _run_once(fn, x)
             _sync(device)
             rows[name]["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+            for t in _grad_inputs(x):
+                t.grad = None
     return rows
 
 

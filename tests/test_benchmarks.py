@@ -208,6 +208,19 @@ def test_quartiles_stay_inside_the_samples(monkeypatch):
     assert common.quartiles([5.0]) == {"median": 5.0, "q1": 5.0, "q3": 5.0}
 
 
+def test_results_of_different_shapes_are_not_compared(monkeypatch):
+    # Helios' DMD step on a 4-D latent gives diffusers a 5-D result: the difference broadcast
+    # and read as agreement (1e-7), and the row counted as a fair comparison
+    import torch
+
+    solvers = _bench_module(monkeypatch, "bench_solvers")
+    x = torch.ones(2, 4, 8, 8)
+    assert solvers.relative_difference(x, x + 1e-3) == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(ValueError, match="different shapes"):
+        solvers.relative_difference(x, torch.ones(2, 2, 4, 8, 8))
+    assert "helios_dmd" in solvers.VIDEO_ONLY
+
+
 def test_cpu_peak_memory_counts_allocations_freed_inside_an_op(monkeypatch):
     """A scope that allocates 4 MiB, frees it and returns 1 MiB peaks at 4 MiB. A per-op
     timeline (each event's net allocation added at its start) would say 1 MiB."""

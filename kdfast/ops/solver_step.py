@@ -371,7 +371,8 @@ def fused_step(sample: torch.Tensor, model_output: torch.Tensor, coefs: torch.Te
         if not dispatch:
             ptrs[k], strides[k], codes[k] = t.data_ptr(), inner if plain else t.stride(0), t_code
     # (a symbolic float under torch.compile passes the type test: math.isfinite would break the graph)
-    if type(guidance_scale) is not float or _is_compiling() or not _isfinite(guidance_scale):
+    if (type(guidance_scale) is not float or _is_compiling() or not _isfinite(guidance_scale)
+            or abs(guidance_scale) > _F32_MAX):
         guidance_scale = _check_scalar("guidance_scale", guidance_scale)
     threshold, clip, dynamic_scale = _clipping_args(clip_value, dynamic_scale, sample)
     if dynamic_scale is not None and (type(dynamic_scale) is not _Tensor or (grad and dynamic_scale.requires_grad)):
