@@ -77,6 +77,17 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
     s.step(m, t, x)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_a_guidance_scale_past_float32_is_refused(name):
+    # the kernels' scale is float32: 1e39 became inf there (the fast path checked only finiteness)
+    s = getattr(K, name)()
+    s.set_timesteps(4)
+    x = initial_sample() * s.init_noise_sigma
+    with pytest.raises(ValueError, match="guidance_scale must be within float32's range"):
+        s.step_cfg(x, x, 1e39, s.timesteps[0], x)
+    assert s.step_index in (None, 0)  # nothing was stepped
+
+
 TWO_STAGE = {"HeunDiscreteScheduler": {}, "FlowMatchHeunDiscreteScheduler": {"shift": 3.0},
              "KDPM2DiscreteScheduler": {}, "KDPM2AncestralDiscreteScheduler": {},
              "DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}
