@@ -31,11 +31,21 @@ def is_finite_number(value, name: str = "the value") -> bool:
     return math.isfinite(value)
 
 
+def not_a_number(value) -> bool:
+    """Whether ``value`` is None, a string or a boolean (Python's, numpy's, or a bool tensor or
+    array), which ``float()`` would take as a number (``float("2")``, ``float(True)``)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+        return True
+    # (isinstance tests only: a symbolic float under torch.compile cannot be asked for a dtype)
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return isinstance(value, np.ndarray) and value.dtype == np.bool_
+
+
 def real_number(name: str, value) -> float:
-    """``float(value)``, or a ValueError naming ``name`` when ``value`` is not a real number:
-    None, a string or a bool (``float("2")`` and ``float(True)`` would pass). Range checks are
-    the caller's."""
-    if value is None or isinstance(value, (bool, str, bytes)):
+    """``float(value)``, or a ValueError naming ``name`` when ``value`` is not a real number
+    (:func:`not_a_number`, or no ``float()``). Range checks are the caller's."""
+    if not_a_number(value):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
         return float(value)

@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import ops
+from ._checks import not_a_number
 from . import sampling as _sampling  # private helpers, looked up at call time (no import cycle)
 from .schedulers._linear import AUX, H0, H1, NOISE, X, X0, Lin
 
@@ -159,7 +160,7 @@ def _attempt(order: int, s: float, t_to: float, noise_scale: float) -> List[_Sta
 
 
 def _number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, bool):
+    if not_a_number(value):  # (float() takes "2" and True)
         raise TypeError(f"{name} must be a number, got {value!r}")
     try:
         v = float(value)

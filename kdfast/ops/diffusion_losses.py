@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _ext, backends
-from .._checks import is_finite_number
+from .._checks import is_finite_number, not_a_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, empty_in_layout, has_subclass,
                        in_layout, on_device, op_layout, reference_required, sample_layout, vmapped)
@@ -89,9 +89,11 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
             t = t.to(torch.float32)
         return t, 0.0
     try:
+        if not_a_number(value):  # (float() takes "0.1" and True)
+            raise TypeError
         v = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or a tensor, got {type(value).__name__}") from None
+        raise TypeError(f"{name} must be a number or a tensor, got {value!r}") from None
     if not is_finite_number(v, name):
         raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 
 from .. import _ext, backends
-from .._checks import is_finite_number
+from .._checks import is_finite_number, not_a_number
 from ..reference import group_norm as ref
 from ._tensors import (DTYPE_CODES, cuda_stream, dense_format, dispatcher_required, eager_autograd, has_subclass,
                        on_device, reference_required)
@@ -90,9 +90,11 @@ def _check_shift(shift, x: torch.Tensor) -> Optional[torch.Tensor]:
 
 def _check_eps(eps) -> float:
     try:
+        if not_a_number(eps):  # (float() takes "1e-5" and True)
+            raise TypeError
         value = float(eps)
     except (TypeError, ValueError):
-        raise TypeError(f"eps must be a number, got {type(eps).__name__}") from None
+        raise TypeError(f"eps must be a number, got {eps!r}") from None
     if not (is_finite_number(value, "eps") and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     return value

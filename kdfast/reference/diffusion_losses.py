@@ -54,9 +54,9 @@ def _sample_sum(t: torch.Tensor) -> torch.Tensor:
     return _samples(t).sum(1)
 
 
-class _ZeroWithUnitDerivative(torch.autograd.Function):
-    """``x - sg(x)`` that stays 0 where x is inf or NaN: value 0, derivative 1 (reverse mode,
-    forward mode and vmap)."""
+class _ZeroWithUnitGradient(torch.autograd.Function):
+    """``x - sg(x)`` that stays 0 where x is inf or NaN: value 0, gradient 1 (reverse mode and
+    vmap; what torch.compile traces, which takes no custom jvp)."""
     generate_vmap_rule = True
 
     @staticmethod
@@ -71,6 +71,10 @@ class _ZeroWithUnitDerivative(torch.autograd.Function):
     def backward(ctx, grad):
         return grad
 
+
+class _ZeroWithUnitDerivative(_ZeroWithUnitGradient):
+    """The same with forward mode too (torch.func.jvp, forward-mode AD)."""
+
     @staticmethod
     def jvp(ctx, tangent):
         return tangent
@@ -79,6 +83,8 @@ class _ZeroWithUnitDerivative(torch.autograd.Function):
 def zero_with_unit_derivative(x: torch.Tensor) -> torch.Tensor:
     """0 in value with derivative 1 with respect to ``x``, even where ``x`` is not finite (where
     ``x - x.detach()`` is NaN)."""
+    if torch.compiler.is_compiling():
+        return _ZeroWithUnitGradient.apply(x)
     return _ZeroWithUnitDerivative.apply(x)
 
 

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -170,6 +171,8 @@ def test_low_precision_inputs_keep_fp32_math():
     (lambda s, t: kd_loss(s, t, beta=None), ValueError, "beta must be a real number"),
     (lambda s, t: kd_loss(s, t, temperature=None), ValueError, "temperature must be a real number"),
     (lambda s, t: kd_loss(s, t, temperature=True), ValueError, "temperature must be a real number"),
+    (lambda s, t: kd_loss(s, t, temperature=np.True_), ValueError, "temperature must be a real number"),
+    (lambda s, t: kd_loss(s, t, beta=torch.tensor(True)), ValueError, "beta must be a real number"),
     (lambda s, t: KDLoss(temperature="a"), ValueError, "temperature must be a real number"),
     (lambda s, t: KDLoss(beta="0.5"), ValueError, "beta must be a real number"),
     (lambda s, t: generalized_jsd_loss(s, t, beta=None, reduction="none"), ValueError, "beta must be a real"),

@@ -496,6 +496,26 @@ def test_dmd_gradient_at_a_non_finite_x_with_a_given_x_t(backend):
     torch.testing.assert_close(second, torch.full_like(x, 0.25))
 
 
+def test_the_dmd_reference_compiles_as_one_graph():
+    # its zero-with-unit-derivative Function has a custom jvp, which torch.compile does not trace
+    # (fullgraph failed); compiled, a jvp-less twin stands in
+    import kdfast.reference.diffusion_losses as dref
+
+    real, fake, x_t = torch.randn(2, 4), torch.randn(2, 4), torch.ones(2, 4)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    x[0, 1] = math.inf
+    x.requires_grad_(True)
+
+    def loss(a):
+        return dref.dmd(a, real, fake, x_t, None, torch.float64).sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    (got,) = torch.autograd.grad(compiled(x), x)
+    (expected,) = torch.autograd.grad(loss(x), x)
+    torch.testing.assert_close(got, expected)
+    assert torch.isfinite(got).all()
+
+
 def test_constants_of_the_diffusion_losses_stay_constant_under_transforms():
     """c and the schedule values take no gradient in the fused ops; under transforms neither."""
     x, y = _latents(12), _latents(13)

@@ -417,6 +417,10 @@ def _x(shape=(3, 8)):
     (lambda x: ops.pseudo_huber(x, x, c=math.nan), ValueError, "c must be finite"),
     (lambda x: ops.pseudo_huber(x, x, c=None), TypeError, "c is required"),
     (lambda x: ops.pseudo_huber(x, x, c="big"), TypeError, "c must be a number"),
+    # float() took these as numbers
+    (lambda x: ops.pseudo_huber(x, x, c="0.1"), TypeError, "c must be a number"),
+    (lambda x: ops.pseudo_huber(x, x, c=True), TypeError, "c must be a number"),
+    (lambda x: ops.dmd(x, x * 0, x * 0 + 1, weights="2"), TypeError, "weights must be a number"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(2)), ValueError, "weights must be a number or hold"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(3, dtype=torch.bool)), TypeError,
      "weights must be a floating-point tensor"),

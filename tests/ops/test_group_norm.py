@@ -287,6 +287,9 @@ def test_compile_and_vmap_free_paths():
 
 def test_bad_input():
     x = torch.randn(2, 8, 3, 3)
+    for eps in ("1e-5", True):  # (float() took these as numbers)
+        with pytest.raises(TypeError, match="eps must be a number"):
+            ops.group_norm_act(x, 2, eps=eps)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         ops.group_norm_act([1.0], 2)
     with pytest.raises(TypeError, match="x must be float32"):
