@@ -151,18 +151,19 @@ def _chunk_moments_kernel(
     pair, b, cpg, c0, n, first, stop = _chunk(pid, splits, groups, channels, spatial, chunk)
     pivot = _pivot(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, c0, spatial, CHANNELS_LAST, HAS_SHIFT)
     lanes = tl.arange(0, BLOCK)
-    acc = tl.zeros([BLOCK], tl.float32)
-    acc_sq = tl.zeros([BLOCK], tl.float32)
+    acc = tl.zeros([BLOCK], tl.float64)
+    acc_sq = tl.zeros([BLOCK], tl.float64)
     for start in range(first, stop, BLOCK):
         x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, stop, c0,
                                        cpg, channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        # the deviation from the pivot formed in float64, then kept in float32 (it is of the
-        # order of the group's spread)
-        d = tl.where(mask, (x.to(tl.float64) + shift.to(tl.float64) - pivot).to(tl.float32), 0.0)
+        # the deviations from the pivot and their squares in float64, as the CUDA kernel sums
+        # them: the variance is sq - s^2, which cancels in float32 when the pivot (the group's
+        # first element) lies far from the mean (an outlier of 2e4 gave errors of 0.1)
+        d = tl.where(mask, x.to(tl.float64) + shift.to(tl.float64) - pivot, 0.0)
         acc += d
         acc_sq += d * d
-    tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0).to(tl.float64))
-    tl.store(partial_ptr + 2 * pid + 1, tl.sum(acc_sq, axis=0).to(tl.float64))
+    tl.store(partial_ptr + 2 * pid, tl.sum(acc, axis=0))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(acc_sq, axis=0))
 
 
 @triton.jit
