@@ -59,12 +59,12 @@ def coefficients(
     is made (``torch.tensor(rows, dtype=torch.float32)``).
     """
     row = [0.0] * NUM_COEFS
-    row[0], row[1] = float(x0_from_x), float(x0_from_model)
+    row[0], row[1] = real_number("x0_from_x", x0_from_x), real_number("x0_from_model", x0_from_model)
     for k, terms in enumerate((sample, history, aux)):
         for name, value in (terms or {}).items():
             if name not in SOURCES:
                 raise ValueError(f"unknown source {name!r} in {OUTPUTS[k]} coefficients; expected one of {SOURCES}")
-            row[2 + len(SOURCES) * k + SOURCES.index(name)] += float(value)
+            row[2 + len(SOURCES) * k + SOURCES.index(name)] += real_number(f"{OUTPUTS[k]}[{name!r}]", value)
     return row
 
 

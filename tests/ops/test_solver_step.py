@@ -169,6 +169,11 @@ def test_bad_core_arguments(good):
         ops.solver_step(x, m, torch.zeros(29, dtype=torch.float16))
     with pytest.raises(ValueError, match="unknown source"):
         ops.coefficients(1.0, 0.0, sample={"eps": 1.0})
+    # float() would take numeric strings and bools
+    with pytest.raises(ValueError, match="x0_from_model must be a real number"):
+        ops.coefficients(1.0, "0.5")
+    with pytest.raises(ValueError, match=r"history\['h0'\] must be a real number"):
+        ops.coefficients(1.0, 0.0, history={"h0": True})
 
 
 def test_history_none_means_no_history(good):
