@@ -37,17 +37,23 @@ SHAPES = [(1, 8, 32, 32, 16), (1, 4, 64, 64, 16), (2, 4, 32, 32, 16)]
 STEPS = 4
 
 
-def timed(fn, repeats: int, device: torch.device) -> list:
-    """Seconds per call of ``fn``, each call timed to the end of its work (on a GPU, a sync)."""
-    fn()
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+def timed_side_by_side(calls: dict, device: torch.device) -> dict:
+    """Seconds per call for each ``name: (fn, repeats)``, the calls of all of them interleaved
+    over one period (each name's calls spread evenly across it), so that a change in the
+    machine's load falls on every side alike rather than on whichever ran last."""
+    for fn, _ in calls.values():
         fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+        fn()
+    sync(device)
+    rounds = max(n for _, n in calls.values())
+    times = {name: [] for name in calls}
+    for r in range(rounds):
+        for name, (fn, n) in calls.items():
+            if (r + 1) * n // rounds > r * n // rounds:  # n of the rounds, evenly spaced
+                t0 = time.perf_counter()
+                fn()
+                sync(device)
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
@@ -185,10 +191,11 @@ def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device, out: Op
                 if not err <= tolerance * max(1.0, theirs.abs().max().item()):  # (a faster wrong loop is no gain)
                     print(f"  WARNING: {tuple(shape)}: kdfast's loop differs from diffusers' by {err:.1e}",
                           file=sys.stderr)
-                d_step = timed(step_of(df), max(3, repeats // 10), device)
-                k_step = timed(step_of(kd), repeats, device)
-                d_loop = timed(loop_of(df), max(3, repeats // 20), device)
-                k_loop = timed(loop_of(kd), max(5, repeats // 4), device)
+                timing = timed_side_by_side(dict(d_step=(step_of(df), max(3, repeats // 10)),
+                                            k_step=(step_of(kd), repeats)), device)
+                timing.update(timed_side_by_side(dict(d_loop=(loop_of(df), max(3, repeats // 20)),
+                                                      k_loop=(loop_of(kd), max(5, repeats // 4))), device))
+                d_step, k_step, d_loop, k_loop = (timing[k] for k in ("d_step", "k_step", "d_loop", "k_loop"))
                 d_ops = diffusers_latent_ops(df, outputs[1], df.timesteps[1], xs)
             a, *ws = kd._coefs[1].tolist()
             n_nonzero = sum(w != 0 for w in ws)
@@ -211,8 +218,9 @@ def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device, out: Op
                        bytes_ratio=kd_bytes / lower, loop_max_abs_diff=err)
             if sample_dtype == output_dtype == torch.float32:
                 with torch.no_grad():
-                    row["candidates_us"] = {name: median_us(timed(fn, repeats, device))
-                                            for name, fn in candidates(xs, outputs[1], a, ws).items()}
+                    timing = timed_side_by_side({name: (fn, repeats) for name, fn in
+                                                 candidates(xs, outputs[1], a, ws).items()}, device)
+                    row["candidates_us"] = {name: median_us(times) for name, times in timing.items()}
             rows.append(row)
             print_row(row)
             if out:
