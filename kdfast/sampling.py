@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from . import ops
-from ._checks import check_flag
+from ._checks import check_flag, not_a_number
 from .ops._tensors import reference_required
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
@@ -793,6 +793,70 @@ def _plan(name: str, sigmas: Sequence[float], options: Dict[str, Any]) -> _Plan:
 # --------------------------------------------------------------------------- validation
 
 
+def _number(name: str, value, *, finite: bool = True, positive: bool = False, nonnegative: bool = False) -> float:
+    """``float(value)``, or an error naming ``name``: a TypeError for what is not a real number
+    (float() takes "2" and True), a ValueError for a value out of range (NaN always; inf unless
+    ``finite=False``)."""
+    if not_a_number(value):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    try:
+        v = float(value)
+    except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several elements)
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
+    if math.isnan(v) or finite and math.isinf(v):
+        raise ValueError(f"{name} must be {'finite' if finite else 'a number, not NaN'}, got {value}")
+    if positive and v <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    if nonnegative and v < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return v
+
+
+# The samplers' real-valued options: (finite, nonnegative). The others (order, variant, r,
+# solver_type, ...) are checked where their sampler's plan reads them.
+_REAL_OPTIONS = {"eta": (True, True), "s_noise": (True, False), "s_churn": (True, True),
+                 "s_tmin": (False, False), "s_tmax": (False, False)}
+
+
+def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
+    """``options`` with its real-valued sampler options as floats (errors name the option)."""
+    out = dict(options)
+    for name, (finite, nonnegative) in _REAL_OPTIONS.items():
+        if name in out:
+            out[name] = _number(name, out[name], finite=finite, nonnegative=nonnegative)
+    return out
+
+
+def _check_callable(name: str, value, how: str) -> None:
+    if not callable(value):
+        raise TypeError(f"{name} must be callable as {how}, got {type(value).__name__}")
+
+
+def _check_denoiser(denoiser, how: str) -> None:
+    if not callable(denoiser):
+        raise TypeError(f"the denoiser must be callable as {how}, got {type(denoiser).__name__}")
+
+
+def _extra_args(extra_args) -> Dict[str, Any]:
+    if extra_args is None:
+        return {}
+    if not isinstance(extra_args, dict):
+        raise TypeError(f"extra_args must be a dict of keyword arguments for the denoiser, got "
+                        f"{type(extra_args).__name__}")
+    return dict(extra_args)
+
+
+def _check_generator(generator) -> None:
+    """A generator argument: None, a torch.Generator, or a list of one per sample (checked
+    against the batch where the noise is drawn, :func:`default_noise_sampler`)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return
+    if isinstance(generator, (list, tuple)) and all(isinstance(g, torch.Generator) for g in generator):
+        return
+    raise TypeError(f"generator must be a torch.Generator, a list of one per sample, or None, got "
+                    f"{type(generator).__name__}")
+
+
 def _check_x(x) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
@@ -811,7 +875,7 @@ def _read_sigmas(sigmas) -> List[float]:
             raise TypeError(f"sigmas must be a floating-point tensor, got {sigmas.dtype}")
         host = sigmas.detach().tolist()
     elif isinstance(sigmas, (list, tuple)):
-        host = [float(v) for v in sigmas]
+        host = [_number("each of sigmas", v, finite=False) for v in sigmas]  # (inf is refused below, with the list)
     else:
         raise TypeError(f"sigmas must be a 1-D tensor, a numpy array or a sequence of floats, got "
                         f"{type(sigmas).__name__}")
@@ -833,14 +897,7 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
         if uncond is not None:
             raise ValueError("uncond is only used with guidance_scale")
         return None
-    try:
-        if isinstance(guidance_scale, (str, bytes, bool)):  # float("3") and float(True) would pass
-            raise TypeError
-        g = float(guidance_scale)
-    except (TypeError, ValueError):
-        raise TypeError(f"guidance_scale must be a number, got {type(guidance_scale).__name__}") from None
-    if not math.isfinite(g):
-        raise ValueError(f"guidance_scale must be a finite number, got {g}")
+    g = _number("guidance_scale", guidance_scale)
     if cond is None:
         # (uncond=None alone is the unconditional call, cond=None; a missing cond would steer the
         # samples away from the only conditioning given)
@@ -989,12 +1046,16 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
                 noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
                 guidance_scale=None, cond=None, uncond=None, options: Optional[Dict[str, Any]] = None) -> _Loop:
     _check_x(x)
-    extra_args = {} if extra_args is None else dict(extra_args)
+    _check_denoiser(model, "model(x, sigma, **extra_args)")
+    extra_args = _extra_args(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
+    _check_generator(generator)
+    if noise_sampler is not None:
+        _check_callable("noise_sampler", noise_sampler, "noise_sampler(sigma, sigma_next)")
     if isinstance(sigmas, np.ndarray):
         sigmas = torch.from_numpy(np.array(sigmas))  # (a copy: reversed or read-only arrays too)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
-    options = dict(options or {})
+    options = _checked_options(options or {})
     if name == "dpmpp_sde":  # its noise sampler's arguments are computed in the sigmas' dtype
         options["sigmas_dtype"] = str(sigmas.dtype).split(".")[-1] if isinstance(sigmas, torch.Tensor) else "float32"
     plan = _plan(name, host, options)
@@ -1021,7 +1082,7 @@ def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None
 
 
 def _run(loop: _Loop, x, cond, uncond, generator, cuda_graph: bool, callback, disable) -> torch.Tensor:
-    if cuda_graph:  # capture, replay once
+    if check_flag("cuda_graph", cuda_graph):  # capture, replay once
         _check_graph_args(x, generator, callback, loop=loop)
         return CapturedSampler._from_loop(loop, x, cond, uncond, generator)()
     with _progress(loop.steps, disable) as bar:
@@ -1205,11 +1266,51 @@ def _takes_keyword(fn: Callable, name: str) -> bool:
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in params)
 
 
+# step() arguments the loop itself passes, or that change from step to step (only a pipeline's
+# own loop can give them): not options
+_LOOP_STEP_ARGUMENTS = frozenset({
+    "self", "model_output", "timestep", "sample", "cond", "guidance_scale", "generator", "variance_noise",
+    "return_dict", "return_pred_original_sample", "old_pred_original_sample", "timestep_back", "cur_sampling_step",
+    "dmd_noisy_tensor", "dmd_sigmas", "dmd_timesteps", "all_timesteps", "pred_original_sample", "r_timestep",
+    "per_token_timesteps"})
+
+
+def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str, Any]:
+    """The per-step options of ``scheduler.step`` given to :func:`sample` (DDIM's ``eta``,
+    Euler's ``s_churn`` ...: in diffusers a pipeline passes them to every ``step`` call), checked
+    against the step's (and, with guidance, ``step_cfg``'s) keyword parameters."""
+    if not options:
+        return {}
+    who = type(scheduler).__name__
+    def keywords(method) -> set:
+        """The keyword parameters of ``method``, with those of ``_step`` where ``method`` passes
+        its ``**kwargs`` on to it (the shared ``step`` / ``step_cfg``)."""
+        params = inspect.signature(method).parameters.values()
+        names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                      inspect.Parameter.KEYWORD_ONLY)}
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            names |= keywords(scheduler._step) if method != scheduler._step else set()
+        return names
+
+    names = keywords(scheduler.step)
+    if guided:
+        names &= keywords(scheduler.step_cfg)
+    names = {n for n in names - _LOOP_STEP_ARGUMENTS if not n.startswith("_")}
+    unknown = sorted(set(options) - names)
+    if unknown:
+        takes = f"it takes {sorted(names)}" if names else "it takes none"
+        raise TypeError(f"{who}.step{'/step_cfg' if guided else ''} has no per-step option(s) {unknown} "
+                        f"(the options after the scheduler go to every step call; {takes})")
+    return dict(options)
+
+
 def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, cond, uncond, extra_args,
-                    generator) -> _Loop:
+                    generator, step_options: Dict[str, Any]) -> _Loop:
     _check_x(x)
-    extra_args = {} if extra_args is None else dict(extra_args)
+    _check_denoiser(denoiser, "denoiser(model_input, t, **extra_args)")
+    extra_args = _extra_args(extra_args)
     guidance = _check_guidance(guidance_scale, cond, uncond, extra_args)
+    _check_generator(generator)
     # (custom timesteps leave num_inference_steps None in DDPM and consistency models, as in diffusers)
     if getattr(scheduler, "num_inference_steps", None) is None and not getattr(scheduler, "custom_timesteps", False):
         raise ValueError("call scheduler.set_timesteps(...) before kdfast.sample(denoiser, x, scheduler)")
@@ -1224,6 +1325,7 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     if getattr(scheduler, "_last_timestep_is_the_end", False):
         timesteps = timesteps[:-1]
     fused_cfg = guidance is not None and guidance != 1.0
+    step_options = _step_options(scheduler, step_options, fused_cfg)
     state = _scheduler_state(scheduler)
 
     def run(x, cond, uncond, callback=None, bar=None):
@@ -1237,7 +1339,8 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
             if callback is not None:
                 guided = _guided(m, c, 1.0 if guidance is None else guidance)
                 callback({'x': xx, 'i': i, 't': t, 'model_output': guided})
-            xx, carry = scheduler._loop_step(m, c if fused_cfg else None, guidance, t, previous, xx, carry, generator)
+            xx, carry = scheduler._loop_step(m, c if fused_cfg else None, guidance, t, previous, xx, carry, generator,
+                                             step_options)
             previous = t
             if bar is not None:
                 bar.update(1)
@@ -1525,7 +1628,10 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     With a kdfast scheduler (``kdfast.schedulers.*``, ``set_timesteps`` already called): runs
     its loop, ``denoiser(scheduler.scale_model_input(x, t), t, **extra_args)`` returning the raw
     model output, then ``scheduler.step`` (``step_cfg`` with guidance); ``x`` is the initial
-    latent as a pipeline prepares it (already times ``init_noise_sigma``); ``sampler`` is ignored.
+    latent as a pipeline prepares it (already times ``init_noise_sigma``); ``sampler`` is ignored,
+    and ``**sampler_options`` are the step's per-step options, passed to every ``step`` call as a
+    diffusers pipeline passes them (e.g. DDIM's ``eta=`` and ``use_clipped_model_output=``,
+    Euler's ``s_churn=``).
 
     Conditioning reaches the denoiser as the keyword ``cond=``. With ``guidance_scale``
     (classifier-free guidance) the denoiser is called once on the doubled batch
@@ -1563,15 +1669,13 @@ def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, con
     from .schedulers.base import FusedScheduler
 
     if isinstance(sigmas_or_scheduler, FusedScheduler):
-        if sampler_options:
-            raise TypeError(f"sampler options {sorted(sampler_options)} do not apply to a scheduler; "
-                            "configure the scheduler instead")
         return _scheduler_loop(denoiser, x, sigmas_or_scheduler, guidance_scale=guidance_scale, cond=cond,
-                               uncond=uncond, extra_args=extra_args, generator=generator)
+                               uncond=uncond, extra_args=extra_args, generator=generator,
+                               step_options=sampler_options)
     if hasattr(sigmas_or_scheduler, "set_timesteps") and hasattr(sigmas_or_scheduler, "step"):
         raise TypeError(f"{type(sigmas_or_scheduler).__name__} is not a kdfast scheduler; use one of "
                         "kdfast.schedulers (e.g. kdfast.schedulers.DPMSolverMultistepScheduler.from_config(...))")
-    if sampler not in SAMPLERS:
+    if not isinstance(sampler, str) or sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {', '.join(SAMPLERS)}")
     unknown = sorted(set(sampler_options) - set(_OPTIONS[sampler]))
     if unknown:

@@ -43,7 +43,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 
 from . import ops
-from ._checks import not_a_number
 from . import sampling as _sampling  # private helpers, looked up at call time (no import cycle)
 from .schedulers._linear import AUX, H0, H1, NOISE, X, X0, Lin
 
@@ -159,24 +158,9 @@ def _attempt(order: int, s: float, t_to: float, noise_scale: float) -> List[_Sta
 # --------------------------------------------------------------------------- validation
 
 
-def _number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if not_a_number(value):  # (float() takes "2" and True)
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from None
-    if not math.isfinite(v):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and v <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-    if nonnegative and v < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return v
-
-
 def _check_args(sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, eta,
                 s_noise, noise_sampler, generator, extra_args) -> Tuple[Any, ...]:
+    _number = _sampling._number
     lo = _number("sigma_min", sigma_min, positive=True)
     hi = _number("sigma_max", sigma_max, positive=True)
     if lo >= hi:
@@ -198,13 +182,10 @@ def _check_args(sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff,
                          f"{accept_safety}: no step would ever be accepted")
     eta = _number("eta", eta, nonnegative=True)
     s_noise = _number("s_noise", s_noise)
-    if noise_sampler is not None and not callable(noise_sampler):
-        raise TypeError(f"noise_sampler must be callable as noise_sampler(sigma, sigma_next), got "
-                        f"{type(noise_sampler).__name__}")
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    if extra_args is not None and not isinstance(extra_args, dict):
-        raise TypeError(f"extra_args must be a dict, got {type(extra_args).__name__}")
+    if noise_sampler is not None:
+        _sampling._check_callable("noise_sampler", noise_sampler, "noise_sampler(sigma, sigma_next)")
+    _sampling._check_generator(generator)
+    _sampling._extra_args(extra_args)
     return lo, hi, int(order), rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, eta, s_noise
 
 

@@ -247,6 +247,17 @@ def test_generator_draws_the_noise():
     assert isinstance(eta0, torch.Tensor) and (a - eta0).abs().max() > 1e-3
 
 
+def test_a_list_of_generators_draws_each_samples_noise():
+    # kdfast's convention for SDE samplers (diffusers' randn_tensor): sample i's noise is what
+    # generator i draws for a batch of one (the list was refused)
+    x = initial(shape=SHAPE)
+    gens = [torch.Generator().manual_seed(i) for i in range(x.shape[0])]
+    noise = S.default_noise_sampler(x, [torch.Generator().manual_seed(i) for i in range(x.shape[0])])
+    run = lambda **kw: sample_dpm_adaptive(denoiser, x, SIGMA_MIN, SIGMA_MAX, eta=1.0, h_init=1.0,  # noqa: E731
+                                           disable=True, **kw)
+    torch.testing.assert_close(run(generator=gens), run(noise_sampler=noise), rtol=0, atol=0)
+
+
 # --------------------------------------------------------------------------- fusion and host reads
 
 HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "__index__")  # tests/schedulers/parity.py's

@@ -10,7 +10,7 @@ import math
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -798,12 +798,14 @@ class FusedScheduler(ConfigMixin):
             raise ValueError(error)
 
     def _loop_step(self, model_output: torch.Tensor, cond: Optional[torch.Tensor], guidance_scale, timestep,
-                   previous_timestep, sample: torch.Tensor, carry, generator: Optional[torch.Generator]):
+                   previous_timestep, sample: torch.Tensor, carry, generator: Optional[torch.Generator],
+                   options: Dict[str, Any]):
         """One step of a whole loop (``kdfast.sample``): ``step``, or ``step_cfg`` when ``cond`` is
-        given. Returns ``(next sample, carry)``; ``carry`` is what the next step needs from this
-        one beyond the sample (None here: a scheduler keeps its own history), and
-        ``previous_timestep`` the timestep before ``timestep`` (None on the first step)."""
-        kwargs = {} if generator is None else {"generator": generator}
+        given, with the per-step ``options`` (e.g. DDIM's ``eta``). Returns ``(next sample,
+        carry)``; ``carry`` is what the next step needs from this one beyond the sample (None
+        here: a scheduler keeps its own history), and ``previous_timestep`` the timestep before
+        ``timestep`` (None on the first step)."""
+        kwargs = dict(options) if generator is None else dict(options, generator=generator)
         if cond is None:
             return self.step(model_output, timestep, sample, **kwargs).prev_sample, None
         return self.step_cfg(model_output, cond, guidance_scale, timestep, sample, **kwargs).prev_sample, None

@@ -136,12 +136,13 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
         return self._dpm_step(model_output, None, 1.0, old_pred_original_sample, timestep, timestep_back, sample,
                               eta, generator, variance_noise, return_dict)
 
-    def _loop_step(self, model_output, cond, guidance_scale, timestep, previous_timestep, sample, carry, generator):
+    def _loop_step(self, model_output, cond, guidance_scale, timestep, previous_timestep, sample, carry, generator,
+                   options):
         # the carry is the x0 the previous step returned, as CogVideoX pipelines pass it on
         if cond is None:
-            return self.step(model_output, carry, timestep, previous_timestep, sample, generator=generator)
+            return self.step(model_output, carry, timestep, previous_timestep, sample, generator=generator, **options)
         return self.step_cfg(model_output, cond, guidance_scale, carry, timestep, previous_timestep, sample,
-                             generator=generator)
+                             generator=generator, **options)
 
     def step_cfg(self, uncond: torch.Tensor, cond: torch.Tensor, guidance_scale: float,
                  old_pred_original_sample: Optional[torch.Tensor], timestep, timestep_back, sample: torch.Tensor,

@@ -996,14 +996,15 @@ class HeliosDMDScheduler(_HeliosSchedule):
                               dmd_sigmas, dmd_timesteps, all_timesteps)
         return HeliosDMDSchedulerOutput(prev) if return_dict else (prev,)
 
-    def _loop_step(self, model_output, cond, guidance_scale, timestep, previous_timestep, sample, carry, generator):
+    def _loop_step(self, model_output, cond, guidance_scale, timestep, previous_timestep, sample, carry, generator,
+                   options):
         # kdfast.sample: the pipeline's arguments; the noise is the loop's first sample (the stage's start point)
         noise = sample if carry is None else carry
         position = self.schedule_index(timestep)
         if position is None:
             raise ValueError("HeliosDMDScheduler in kdfast.sample: the timestep is not an element of "
                              "scheduler.timesteps")
-        kwargs = dict(cur_sampling_step=position, dmd_noisy_tensor=noise, dmd_sigmas=self.sigmas,
+        kwargs = dict(options, cur_sampling_step=position, dmd_noisy_tensor=noise, dmd_sigmas=self.sigmas,
                       dmd_timesteps=self.timesteps, all_timesteps=self.timesteps)
         if cond is None:
             return self.step(model_output, timestep, sample, **kwargs).prev_sample, noise
