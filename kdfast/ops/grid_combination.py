@@ -241,9 +241,16 @@ def _backward(ctx, grad):
             w = weights[1 + k * grid:1 + (k + 1) * grid, None]
             grads[1 + k] = (g.unsqueeze(-2) * w).flatten(-2).to(y.dtype)
     if ctx.needs_input_grad[3]:
-        parts = [(g * sample.to(compute)).sum().reshape(1)]
-        for y in ys:
-            points = y.to(compute).unflatten(-1, (grid, channels))
+        # A zero weight's term is skipped by the forward pass: where it holds inf or NaN it is
+        # masked here, so the weight's gradient is sum(grad * masked term) as torch.func's (the
+        # reference's differentiable path) is, not NaN.
+        def masked(term, w):
+            return torch.where((w != 0) | torch.isfinite(term), term, 0.0)
+
+        parts = [(g * masked(sample.to(compute), weights[0])).sum().reshape(1)]
+        for k, y in enumerate(ys):
+            points = masked(y.to(compute).unflatten(-1, (grid, channels)),
+                            weights[1 + k * grid:1 + (k + 1) * grid, None])
             parts.append((g.unsqueeze(-2) * points).reshape(-1, grid, channels).sum((0, 2)))
         grads[3] = torch.cat(parts).to(device=coefs.device, dtype=coefs.dtype)
     return tuple(grads)

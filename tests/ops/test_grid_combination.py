@@ -108,6 +108,30 @@ def test_zero_weights_leave_their_inputs_unread(backend):
                                                  coefs[:5]))
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_zero_weight_on_a_non_finite_term_gets_the_same_gradient_on_every_path(backend):
+    # The forward pass skips the term, so eager backward masks it as torch.func's differentiable
+    # path does: the weight's gradient is sum(grad * masked term), not NaN or inf
+    x, (y0, y1), coefs = make((2, 5, 16), 4, torch.float32, 2)
+    coefs[0] = 0.0
+    coefs[1 + 2] = 0.0
+    coefs[5 + 1] = 0.0
+    x[0, 0, 0] = float("nan")
+    y0[..., 2 * 16:3 * 16] = float("inf")
+    y1[..., 1 * 16:2 * 16] = -float("inf")
+    c = coefs.float()
+
+    def loss(w):
+        return ops.grid_combination(x, (y0, y1), w, backend=backend).square().sum()
+
+    leaf = c.clone().requires_grad_()
+    eager, = torch.autograd.grad(loss(leaf), leaf)
+    functional = torch.func.grad(loss)(c)
+    assert eager.isfinite().all()
+    torch.testing.assert_close(eager, functional)
+    assert eager[0] != 0  # (the mask keeps the finite elements' part)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_coefficients_are_used_as_given(backend):
     # float64 coefficients are rounded to float32 once, as the kernels take them
