@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from .base import FusedScheduler, run_eagerly
+from .base import FusedScheduler, run_eagerly, widest_dtype
 from .ddim import DDIMScheduler
 
 _INTEGER_DTYPES = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -85,8 +85,8 @@ def grouped_step(scheduler: FusedScheduler, values: Sequence[int], key_of: Calla
     thresholding adds a threshold-scale pass per run of consecutive equal timesteps (a ParaDiGMS
     window timestep repeated for its images): the quantile takes one x0 formula per call."""
     batch = sample.shape[0]
-    if batch == 0:
-        return torch.empty_like(sample)
+    if batch == 0:  # (in the dtype a step returns: the sample's promoted with the model output's)
+        return torch.empty_like(sample, dtype=widest_dtype(sample.dtype, model_output))
     keys: Dict[int, object] = {}
     for v in dict.fromkeys(values):
         keys[v] = key = key_of(v)

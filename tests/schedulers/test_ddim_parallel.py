@@ -10,6 +10,7 @@ import torch
 
 import kdfast.schedulers.base as base
 from kdfast.schedulers.ddim import DDIMScheduler
+from kdfast.schedulers.ddpm_parallel import DDPMParallelScheduler
 from kdfast.schedulers.ddim_parallel import DDIMParallelScheduler
 from paradigms import batch_inputs, mixed_timesteps, stepwise_mean
 from parity import (
@@ -173,6 +174,13 @@ def test_batch_step_timestep_forms():
     # an empty batch
     empty = torch.zeros(0, 2, 3, 3)
     assert kd.batch_step_no_noise(empty, torch.zeros(0, dtype=torch.int64), empty).shape == empty.shape
+    # in the dtype any batch gets: a half-precision sample promoted with a float32 model output
+    for kind in (DDIMParallelScheduler, DDPMParallelScheduler):
+        s = kind()
+        s.set_timesteps(10)
+        for b in (0, 2):
+            out = s.batch_step_no_noise(torch.zeros(b, 2, 3, 3), s.timesteps[1:1 + b], torch.zeros(b, 2, 3, 3).half())
+            assert out.dtype == torch.float32, (kind, b)
 
 
 def test_batch_step_follows_an_edited_schedule():
