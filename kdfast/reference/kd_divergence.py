@@ -33,6 +33,12 @@ def _xlogratio(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
 
 def _log_mix(beta: float, lt: torch.Tensor, ls: torch.Tensor) -> torch.Tensor:
     """log(beta p + (1 - beta) q) from log p and log q."""
+    # At beta = 0 or 1 the mixture is one side exactly: logaddexp with a side that is -inf
+    # everywhere has a clean first derivative but a NaN second one (inf / inf).
+    if beta == 1:
+        return lt
+    if beta == 0:
+        return ls
     log_beta = math.log(beta) if beta > 0 else -math.inf
     log_rest = math.log1p(-beta) if beta < 1 else -math.inf
     a, b = lt + log_beta, ls + log_rest

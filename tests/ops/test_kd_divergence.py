@@ -424,6 +424,30 @@ def test_beta_at_the_ends(backend):
         assert rows.abs().max() < 1e-6 and grad.abs().max() < 1e-6, (kind, beta)
 
 
+def test_second_derivatives_at_the_ends_of_beta():
+    # The mixture's log at beta = 0 or 1 is one side's log-probabilities exactly: through
+    # logaddexp with a side of -inf everywhere its second derivative was NaN (inf / inf), in
+    # float64 kd_loss (plain autograd) and in torch.func's Hessian of the op
+    from kdfast.losses import kd_loss
+
+    s = logits((3, 9), torch.float64, 48).requires_grad_()
+    t = logits((3, 9), torch.float64, 49).requires_grad_()
+    for beta in (0.0, 1.0):
+        loss = lambda a, b: kd_loss(a, b, kind="skew_kl", beta=beta, reduction="sum")  # noqa: E731
+        assert torch.autograd.gradgradcheck(loss, (s, t))
+    v = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    mixed = []
+    for kind, beta in (("skew_kl", 0.0), ("forward_kl", 0.5)):  # skew KL at beta 0 is the forward KL
+        grad_t, = torch.autograd.grad(kd_loss(s, t, kind=kind, beta=beta, reduction="sum"), t, create_graph=True)
+        mixed.append(torch.autograd.grad((grad_t * v).sum(), s)[0])
+    torch.testing.assert_close(mixed[0], mixed[1], rtol=1e-12, atol=1e-12)
+    s32, t32 = s.detach().float(), t.detach().float()
+    for kind in ("jsd", "skew_kl"):
+        for beta in (0.0, 1.0):
+            hessian = torch.func.hessian(lambda x: ops.kd_divergence(x, t32, kind=kind, beta=beta).sum())(s32)
+            assert hessian.isfinite().all(), (kind, beta)
+
+
 def check_jsd_beta_just_below_1(backend, device):
     # 1 - beta is formed in double: from a float32 beta, 1 - (1 - 1e-6) read 1.19e-6 and the JSD
     # gradient (proportional to it) was 13% off; at 1 - beta = 1e-9 it was exactly 0.
