@@ -1,9 +1,11 @@
 """Turning diffusers schedulers and pipelines into their kdfast equivalents."""
 from __future__ import annotations
 
+import ast
 import functools
+import inspect
 import sys
-from typing import Dict, Type
+from typing import Dict, List, Optional, Type
 
 from .base import FusedScheduler
 
@@ -51,6 +53,93 @@ _UNPATCHABLE = {
 }
 
 
+def _static_shift(config) -> bool:
+    return not config.get("use_dynamic_shifting")
+
+
+# (pipeline, scheduler) pairs whose class test changes nothing for a kdfast scheduler of such a
+# config. The test picks whether set_timesteps gets the shift's mu (HiDream: UniPC does not;
+# EasyAnimate: flow matching gets mu=1; Bria: flow matching with dynamic shifting gets its own
+# sigmas and mu), and these schedulers read mu only with use_dynamic_shifting (Bria's other
+# tests, DDIM / Euler ancestral and skipping scale_model_input, give the same loop for
+# flow matching).
+_HARMLESS_CLASS_TESTS = {
+    ("HiDreamImagePipeline", "UniPCMultistepScheduler"): _static_shift,
+    ("EasyAnimatePipeline", "FlowMatchEulerDiscreteScheduler"): _static_shift,
+    ("EasyAnimateControlPipeline", "FlowMatchEulerDiscreteScheduler"): _static_shift,
+    ("BriaPipeline", "FlowMatchEulerDiscreteScheduler"): _static_shift,
+}
+
+
+def _is_scheduler(node) -> bool:
+    """``self.scheduler``, ``scheduler`` (or ``pipe.scheduler``...): what a class test is made on."""
+    return (isinstance(node, ast.Attribute) and node.attr == "scheduler"
+            or isinstance(node, ast.Name) and node.id == "scheduler")
+
+
+def _class_names(node) -> List[str]:
+    if isinstance(node, ast.Tuple):
+        return [name for element in node.elts for name in _class_names(element)]
+    if isinstance(node, ast.Name):
+        return [node.id]
+    return [node.attr] if isinstance(node, ast.Attribute) else []
+
+
+@functools.lru_cache(maxsize=None)
+def _module_class_tests(module_name: str) -> Dict[str, str]:
+    """Class name -> ``"module:line"`` of the first test of a scheduler's class in the module's
+    code outside ``__init__``: ``isinstance(<scheduler>, Name)`` (or a tuple of names) and
+    ``type(<scheduler>) ==/!=/is/is not Name``. Empty when the source cannot be read."""
+    module = sys.modules.get(module_name)
+    try:
+        tree = ast.parse(inspect.getsource(module))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    found: Dict[str, str] = {}
+
+    def visit(node, in_init: bool) -> None:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            in_init = node.name == "__init__"  # (a constructor's test runs before any patching)
+        names: List[str] = []
+        if not in_init and isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and len(node.args) == 2:
+            if node.func.id == "isinstance" and _is_scheduler(node.args[0]):
+                names = _class_names(node.args[1])
+        elif not in_init and isinstance(node, ast.Compare):
+            sides = [node.left] + node.comparators
+            if any(isinstance(side, ast.Call) and isinstance(side.func, ast.Name) and side.func.id == "type"
+                   and len(side.args) == 1 and _is_scheduler(side.args[0]) for side in sides):
+                names = [name for side in sides for name in _class_names(side)]
+        for name in names:
+            found.setdefault(name, f"{module_name}:{node.lineno}")
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_init)
+
+    visit(tree, False)
+    return found
+
+
+def _class_test_refusal(pipe) -> Optional[str]:
+    """Why ``pipe`` cannot run a kdfast scheduler, if its code (the module of its class or of a base
+    class defining ``__call__``) branches on ``isinstance(scheduler, <the diffusers class it has>)``: a kdfast
+    scheduler is not an instance of diffusers' class, so the patched pipeline would take the
+    other branch (another timestep schedule, another step call)."""
+    name = type(pipe.scheduler).__name__
+    pipeline = type(pipe).__name__
+    harmless = _HARMLESS_CLASS_TESTS.get((pipeline, name))
+    if harmless is not None and harmless(dict(getattr(pipe.scheduler, "config", {}))):
+        return None
+    # the modules of the classes that define the pipeline's __call__ (a mixin's or DiffusionPipeline's
+    # own module holds no loop, and parsing those would take seconds)
+    for cls in [c for c in type(pipe).__mro__ if c is type(pipe) or "__call__" in vars(c)]:
+        where = _module_class_tests(cls.__module__).get(name)
+        if where is not None:
+            return (f"{pipeline} tests its scheduler's class (isinstance(scheduler, {name}) at {where}), which "
+                    f"kdfast's {name} is not an instance of: the patched pipeline would take another branch. "
+                    f"Run kdfast.schedulers.{name} in your own loop or with kdfast.sample, or patch this "
+                    "pipeline with another scheduler")
+    return None
+
+
 def patch_pipeline(pipe):
     """Swap ``pipe.scheduler`` for its kdfast equivalent, in place; returns ``pipe``.
 
@@ -63,10 +152,16 @@ def patch_pipeline(pipe):
     given a kdfast scheduler: the first call wraps ``DiffusionPipeline.save_pretrained`` once
     for the whole process (pipelines without a kdfast scheduler save exactly as before).
     Objects that are not ``DiffusionPipeline`` s get their scheduler swapped, not their saving.
+
+    A pipeline whose code branches on its scheduler's class (``isinstance(self.scheduler,
+    diffusers.X)``, e.g. Bria, EasyAnimate, LTX-2 DFR, LEDITS++, CogVideoX with its DPM
+    scheduler) would take another branch with a kdfast scheduler, which is not an instance of
+    diffusers' class: such a pipeline is refused with a ValueError saying where it tests, and
+    left as it was.
     """
     if not hasattr(pipe, "scheduler"):
         raise TypeError(f"{type(pipe).__name__} has no scheduler to patch")
-    refusal = _UNPATCHABLE.get(type(pipe.scheduler).__name__)
+    refusal = _UNPATCHABLE.get(type(pipe.scheduler).__name__) or _class_test_refusal(pipe)
     if refusal is not None:
         raise ValueError(refusal)
     pipe.scheduler = from_diffusers(pipe.scheduler)

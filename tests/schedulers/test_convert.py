@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import kdfast
-from kdfast.schedulers import from_diffusers, patch_pipeline, supported
+from kdfast.schedulers import convert, from_diffusers, patch_pipeline, supported
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -60,6 +60,56 @@ def test_pipelines_that_check_the_scheduler_class_are_not_patched(name, match):
         patch_pipeline(pipe)
     assert type(pipe.scheduler) is getattr(diffusers, name)  # left as it was
     assert type(from_diffusers(pipe.scheduler)) is getattr(kdfast.schedulers, name)
+
+
+class _BranchingPipeline:
+    """A pipeline whose loop branches on its scheduler's class, as Bria's and LEDITS++' do."""
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler
+        self.checked_in_init = isinstance(scheduler, diffusers.UniPCMultistepScheduler)  # (before any patching)
+
+    def __call__(self):
+        return "ddim" if isinstance(self.scheduler, (diffusers.DDIMScheduler, diffusers.PNDMScheduler)) else "other"
+
+
+class _SubclassedPipeline(_BranchingPipeline):
+    pass
+
+
+def _uninitialised(pipeline, scheduler):
+    pipe = pipeline.__new__(pipeline)  # (the class's code is what is read; no components needed)
+    pipe.__dict__["scheduler"] = scheduler
+    return pipe
+
+
+@pytest.mark.parametrize("pipeline, scheduler, config, refused", [
+    (_BranchingPipeline, "DDIMScheduler", {}, True),
+    (_SubclassedPipeline, "PNDMScheduler", {}, True),  # a base class's __call__
+    (_BranchingPipeline, "UniPCMultistepScheduler", {}, False),  # tested in __init__ only
+    (_BranchingPipeline, "EulerDiscreteScheduler", {}, False),  # never tested
+    ("StableDiffusionXLPipeline", "EulerDiscreteScheduler", {}, False),
+    ("BriaPipeline", "DDIMScheduler", {}, True),  # another timestep schedule
+    ("BriaPipeline", "FlowMatchEulerDiscreteScheduler", dict(use_dynamic_shifting=True), True),  # no mu
+    ("BriaPipeline", "FlowMatchEulerDiscreteScheduler", {}, False),  # the same loop either way
+    ("LEditsPPPipelineStableDiffusion", "DDIMScheduler", {}, True),
+    ("HiDreamImagePipeline", "UniPCMultistepScheduler", {}, False),
+])
+def test_pipelines_that_branch_on_the_scheduler_class_are_refused(pipeline, scheduler, config, refused):
+    # A kdfast scheduler is not an instance of diffusers' class: a pipeline testing for it would
+    # take the other branch (Bria with DDIM asked DDIM for custom sigmas, with dynamic shifting
+    # set no mu), so it is refused, saying where it tests; others are patched
+    cls = getattr(diffusers, pipeline) if isinstance(pipeline, str) else pipeline
+    pipe = _uninitialised(cls, getattr(diffusers, scheduler)(**config))
+    if refused:
+        with pytest.raises(ValueError, match=rf"tests its scheduler's class \(isinstance\(scheduler, {scheduler}\) at "):
+            patch_pipeline(pipe)
+        assert type(pipe.scheduler) is getattr(diffusers, scheduler)  # left as it was
+    elif isinstance(pipeline, str):  # (an uninitialised diffusers pipeline cannot take a new component)
+        assert convert._class_test_refusal(pipe) is None
+    else:
+        patch_pipeline(pipe)
+        assert type(pipe.scheduler) is getattr(kdfast.schedulers, scheduler)
 
 
 def tiny_unet():
