@@ -280,10 +280,6 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         history = self.model_outputs[:-order:-1]  # the newest order - 1 entries, newest first
         if len(history) < order - 1:
             raise ValueError("model_outputs is missing entries this step needs")
-        noise = None
-        if cfg.algorithm_type.startswith("sde"):
-            noise = self._noise(variance_noise, generator, model_output,
-                                model_output.dtype if self._noise_in_model_dtype else torch.float32)
         # diffusers keeps the converted output in its conversion's dtype and casts the step's
         # result to it (EDM's preconditioned output always mixes in the sample; its result is
         # the arithmetic's)
@@ -291,6 +287,10 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         model_only = not self._edm and ((cfg.prediction_type == "sample") if plus else
                                         (cfg.prediction_type == "epsilon" and not cfg.thresholding))
         dtype = converted_dtype(sample, model_output, model_only)
+        noise = None
+        if cfg.algorithm_type.startswith("sde"):
+            noise = self._noise(variance_noise, generator, model_output,
+                                dtype if self._noise_in_converted_dtype else torch.float32)
         result = self._fused((i, order), sample, model_output, cond=cond, guidance_scale=guidance_scale,
                              history=history, noise=noise, write_history=True,
                              dynamic=(cfg.dynamic_thresholding_ratio, cfg.sample_max_value) if cfg.thresholding else None,
@@ -302,7 +302,10 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         prev = result.sample
         return SchedulerOutput(prev if self._edm or prev.dtype is dtype else prev.to(dtype))
 
-    _noise_in_model_dtype = False  # diffusers draws the SDE noise in float32 (its inverse scheduler: not)
+    # diffusers draws the SDE noise in float32; its inverse and EDM schedulers in the converted
+    # model output's dtype (the sample's promoted with the model output's, unless the conversion
+    # returns the model output as it is)
+    _noise_in_converted_dtype = False
     _edm = False  # EDM's preconditioned outputs (EDMDPMSolverMultistepScheduler)
 
     def _step_order(self, i: int, n: int) -> int:

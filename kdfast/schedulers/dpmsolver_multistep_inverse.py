@@ -146,7 +146,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
 
     # ---------------------------------------------------------------- step
 
-    _noise_in_model_dtype = True  # (as diffusers' inverse scheduler draws it)
+    _noise_in_converted_dtype = True  # (as diffusers' inverse scheduler draws it)
 
     def _step_order(self, i: int, n: int) -> int:
         order = super()._step_order(i, n)  # (no final_sigmas_type here to lower the last step)

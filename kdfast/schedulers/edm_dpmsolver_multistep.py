@@ -29,6 +29,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
 
     _diffusers_name = "EDMDPMSolverMultistepScheduler"
     _edm = True
+    _noise_in_converted_dtype = True
     _compatibles = ()
 
     @register_to_config

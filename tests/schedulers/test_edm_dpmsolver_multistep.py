@@ -30,6 +30,19 @@ def test_parity_sde(solver_type):
     assert parity_error(other, got) > 1e-3  # the noise follows the generator
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_parity_sde_noise_drawn_in_the_converted_outputs_dtype(dtype):
+    # diffusers' EDM scheduler draws its SDE noise in the preconditioned output's dtype (the
+    # plain DPM-Solver in float32): kdfast drew float32, so float64 loops got another stream
+    # (1.4 off) and half-precision ones too where the CPU's float32 and half draws differ (an
+    # element count that is not a multiple of 16)
+    config = dict(algorithm_type="sde-dpmsolver++")
+    df, kd = DF(**config), EDMDPMSolverMultistepScheduler(**config)
+    x = initial_sample((1, 3, 5, 5), dtype)
+    # (half precision: rounding apart, the same draws; other draws differ by O(1))
+    assert parity_error(run_loop(kd, 12, x), run_loop(df, 12, x)) <= (1e-5 if dtype == torch.float64 else 3e-2)
+
+
 @pytest.mark.parametrize("sigma_schedule,steps", [("karras", 13), ("exponential", 1), ("exponential", 60)])
 def test_parity_sde_with_a_final_sigma_min_step(sigma_schedule, steps):
     # The appended sigma_min lies a few float32 ulps above the schedule's last sigma: a
