@@ -5,6 +5,7 @@ import ast
 import functools
 import inspect
 import sys
+import textwrap
 from typing import Dict, List, Optional, Type
 
 from .base import FusedScheduler
@@ -85,18 +86,10 @@ def _class_names(node) -> List[str]:
     return [node.attr] if isinstance(node, ast.Attribute) else []
 
 
-@functools.lru_cache(maxsize=None)
-def _module_class_tests(module_name: str) -> Dict[str, str]:
-    """Class name -> ``"module:line"`` of the first test of a scheduler's class in the module's
-    code outside ``__init__``: ``isinstance(<scheduler>, Name)`` (or a tuple of names) and
-    ``type(<scheduler>) ==/!=/is/is not Name``. Empty when the source cannot be read."""
-    module = sys.modules.get(module_name)
-    try:
-        tree = ast.parse(inspect.getsource(module))
-    except (OSError, TypeError, SyntaxError):
-        return {}
-    found: Dict[str, str] = {}
-
+def _tests_in(node, module_name: str, offset: int, found: Dict[str, str]) -> None:
+    """Add to ``found`` the class tests of a scheduler in ``node``'s code outside ``__init__``:
+    ``isinstance(<scheduler>, Name)`` (or a tuple of names) and ``type(<scheduler>) ==/!=/is/is
+    not Name``, each class name -> ``"module:line"`` of its first test."""
     def visit(node, in_init: bool) -> None:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             in_init = node.name == "__init__"  # (a constructor's test runs before any patching)
@@ -110,17 +103,45 @@ def _module_class_tests(module_name: str) -> Dict[str, str]:
                    and len(side.args) == 1 and _is_scheduler(side.args[0]) for side in sides):
                 names = [name for side in sides for name in _class_names(side)]
         for name in names:
-            found.setdefault(name, f"{module_name}:{node.lineno}")
+            found.setdefault(name, f"{module_name}:{node.lineno + offset}")
         for child in ast.iter_child_nodes(node):
             visit(child, in_init)
 
-    visit(tree, False)
+    visit(node, False)
+
+
+@functools.lru_cache(maxsize=None)
+def _module_functions(module_name: str) -> Dict[str, ast.AST]:
+    """The module's top-level functions by name (LEDITS++ branches in one its pipeline calls)."""
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return {}
+    return {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+
+
+@functools.lru_cache(maxsize=None)
+def _class_tests(cls: type) -> Dict[str, str]:
+    """Class name -> ``"module:line"`` of the first test of a scheduler's class in ``cls``'s own
+    code (its methods but ``__init__``) or in a top-level function of its module that it names.
+    Empty when the source cannot be read."""
+    try:
+        lines, first = inspect.getsourcelines(cls)
+        tree = ast.parse(textwrap.dedent("".join(lines)))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    found: Dict[str, str] = {}
+    _tests_in(tree, cls.__module__, first - 1, found)
+    functions = _module_functions(cls.__module__)
+    called = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and n.id in functions}
+    for name in sorted(called):
+        _tests_in(functions[name], cls.__module__, 0, found)
     return found
 
 
 def _class_test_refusal(pipe) -> Optional[str]:
-    """Why ``pipe`` cannot run a kdfast scheduler, if its code (the module of its class or of a base
-    class defining ``__call__``) branches on ``isinstance(scheduler, <the diffusers class it has>)``: a kdfast
+    """Why ``pipe`` cannot run a kdfast scheduler, if its code (its class's, or a base class's
+    defining ``__call__``) branches on ``isinstance(scheduler, <the diffusers class it has>)``: a kdfast
     scheduler is not an instance of diffusers' class, so the patched pipeline would take the
     other branch (another timestep schedule, another step call)."""
     name = type(pipe.scheduler).__name__
@@ -128,10 +149,10 @@ def _class_test_refusal(pipe) -> Optional[str]:
     harmless = _HARMLESS_CLASS_TESTS.get((pipeline, name))
     if harmless is not None and harmless(dict(getattr(pipe.scheduler, "config", {}))):
         return None
-    # the modules of the classes that define the pipeline's __call__ (a mixin's or DiffusionPipeline's
-    # own module holds no loop, and parsing those would take seconds)
+    # the pipeline's class and the base classes that define its __call__ (a mixin or
+    # DiffusionPipeline holds no loop, and reading all of them would take seconds)
     for cls in [c for c in type(pipe).__mro__ if c is type(pipe) or "__call__" in vars(c)]:
-        where = _module_class_tests(cls.__module__).get(name)
+        where = _class_tests(cls).get(name)
         if where is not None:
             return (f"{pipeline} tests its scheduler's class (isinstance(scheduler, {name}) at {where}), which "
                     f"kdfast's {name} is not an instance of: the patched pipeline would take another branch. "
