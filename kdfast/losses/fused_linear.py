@@ -17,7 +17,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops._tensors import reference_required, vmapped
+from ..ops._tensors import check_label_ids, reference_required
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
 from .._checks import real_number
 from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
@@ -89,16 +89,8 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
     if labels.device != device:
         raise ValueError(f"labels must be on {device} like the hidden states, got {labels.device}")
     labels = labels.to(torch.int64)
-    if need_values:
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        if vmapped(labels):
-            pass  # (under vmap no value is read: the cross-entropy's gather refuses an id out of range)
-        elif labels.device.type == "cpu" and not torch.compiler.is_compiling():
-            if bad.any():
-                first = int(labels[bad][0])
-                raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
-        else:  # checked on the device without a host sync (and inside torch.compile's graph)
-            torch._assert_async(~bad.any(), "labels must be in [0, vocab) or ignore_index")
+    # (under vmap no value is read: the cross-entropy's gather refuses an id out of range)
+    check_label_ids(labels, vocab, ignore_index)
     return labels
 
 

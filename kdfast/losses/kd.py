@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_int as _check_int, is_finite_number, real_number
+from ..ops._tensors import check_label_ids
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
 from ..reference import kd_divergence as ref
 
@@ -169,6 +170,7 @@ def _float64_rows(student, teacher, *, kind, beta, temperature, labels, ignore_i
     autograd (the fused kernels stop at float32): TRL takes float64 logits, so its drop-in does."""
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=True)
+    check_label_ids(labels, vocab, ignore_index)
     return ref.kd_divergence(student, teacher, kind, beta, temperature, labels, ignore_index, vocab, loss_scale,
                              dtype=torch.float64)
 

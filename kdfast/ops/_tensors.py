@@ -63,6 +63,22 @@ def _differentiating_or_batching() -> bool:
     return any(level.key() != _FUNCTIONALIZE for level in torch._C._functorch.get_interpreter_stack())
 
 
+def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
+    """Refuse int64 ``labels`` outside ``[0, vocab)`` other than ``ignore_index`` (padding with -1
+    where ignore_index is -100 would count the padding as tokens): on the CPU with a ValueError
+    naming the first, on a device without a host sync (``torch._assert_async``, inside
+    torch.compile's graph too); under ``torch.func.vmap`` and on meta tensors no value is read."""
+    if labels is None or labels.device.type == "meta" or vmapped(labels):
+        return
+    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
+    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+        if bad.any():
+            first = int(labels[bad][0])
+            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
+    else:
+        torch._assert_async(~bad.any(), f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+
+
 def vmapped(t: torch.Tensor) -> bool:
     """Whether ``t`` is batched by a ``torch.func.vmap`` at some level of torch.func's wrappers
     (its values cannot be read on the host there)."""

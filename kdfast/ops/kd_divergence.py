@@ -17,7 +17,7 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number, real_number
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, cuda_stream, dispatcher_required, has_subclass, on_device, reference_required
+from ._tensors import DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, has_subclass, on_device, reference_required
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
@@ -188,8 +188,9 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
     """The checked arguments of the custom op, up to (not including) ``want_grad``."""
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
-    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature,
-            check_int("ignore_index", ignore_index), vocab, loss_scale)
+    ignore_index = check_int("ignore_index", ignore_index)
+    check_label_ids(labels, vocab, ignore_index)
+    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, ignore_index, vocab, loss_scale)
 
 
 def _reference_rows(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale):

@@ -345,6 +345,7 @@ def test_numpy_integer_settings_are_accepted_and_shown():
     # chunk_size=np.int64(4) used to be refused
     np = pytest.importorskip("numpy")
     case, labels = make(seed=11)
+    labels = labels.masked_fill(labels >= 50, -100)  # (ids of the shared vocabulary)
     args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"], labels)
     criterion = FusedLinearKDLoss(chunk_size=np.int64(4), vocab_size=np.int64(50), ignore_index=np.int32(-100))
     torch.testing.assert_close(criterion(*args), fused_linear_kd(*args, chunk_size=4, vocab_size=50))
@@ -352,6 +353,15 @@ def test_numpy_integer_settings_are_accepted_and_shown():
     for setting in ("kind='jsd'", "beta=0.5", "temperature=1.0", "ignore_index=-100", "weight_hard=0.0",
                     "weight_soft=1.0", "chunk_size=4", "vocab_size=50", "scale_by_t2=False", "reduction='batchmean'"):
         assert setting in text, setting
+
+
+def test_labels_out_of_range_are_refused_without_the_hard_term_too():
+    # (they only masked the divergence there: padding with -1 counted as tokens)
+    case, labels = make(seed=12)
+    labels[0] = -1
+    with pytest.raises(ValueError, match="labels must be in"):
+        fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                        case["teacher_weight"], labels)
 
 
 def test_hard_label_checks_do_not_break_a_full_graph():

@@ -194,6 +194,26 @@ def test_extreme_logits_are_finite():
         assert torch.isfinite(value) and torch.isfinite(grad).all(), kind
 
 
+def test_labels_out_of_range_are_refused_on_every_path():
+    # Padding with -1 where ignore_index is -100 counted the padding as tokens (0.129 where the
+    # intended masking gives 0.152), silently; ids past the vocabulary likewise
+    s, t = logits((4, 8), 0), logits((4, 8), 1)
+    for labels in (torch.tensor([0, 1, -1, -1]), torch.tensor([0, 1, 8, -100])):
+        found = int(labels[2])
+        with pytest.raises(ValueError, match=rf"labels must be in \[0, 8\) or ignore_index=-100; found {found}"):
+            kd_loss(s, t, labels)
+        with pytest.raises(ValueError, match="labels must be in"):
+            kd_loss(s.double(), t.double(), labels)  # (the float64 path)
+        with pytest.raises(ValueError, match="labels must be in"):
+            kd_divergence(s, t, labels=labels)
+        with pytest.raises(ValueError, match="labels must be in"):
+            generalized_jsd_loss(s, t, labels)
+    # -1 is fine as the ignore_index itself; a vocab_size bounds the ids
+    kd_loss(s, t, torch.tensor([0, 1, -1, -1]), ignore_index=-1)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 6\)"):
+        kd_loss(s, t[:, :6], torch.tensor([0, 1, 7, -100]), vocab_size=6)
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "mean"])
 def test_uint8_labels_count_like_int64(reduction):
     # The kernel compares labels with ignore_index in int64, so uint8 156 is kept; the token
