@@ -16,6 +16,7 @@ from typing import Optional, Union
 
 import torch
 
+from ..ops._tensors import check_label_ids
 from ..reference import kd_divergence as ref
 from .kd import _check_beta, _check_temperature, _resolve_kind, kd_loss
 
@@ -71,6 +72,13 @@ def _per_entry(student_logits, teacher_logits, labels, beta: float, temperature:
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != student_logits.shape[:-1]):
         raise ValueError(f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])} (the logits without "
                          f"the vocabulary dimension)")
+    if labels is not None:
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"labels must hold integers, got {labels.dtype}")
+        if labels.device != student_logits.device:
+            raise ValueError(f"labels must be on {student_logits.device} like the logits, got {labels.device}")
+        labels = labels.to(torch.int64)
+        check_label_ids(labels, student_logits.shape[-1], -100)
     ls = torch.log_softmax(student_logits / temperature, dim=-1)
     lt = torch.log_softmax(teacher_logits / temperature, dim=-1)
     terms = ref.divergence_terms(_resolve_kind("jsd", beta), ls, lt, beta)  # beta 0 / 1: the KLs, as TRL

@@ -206,8 +206,9 @@ def test_labels_out_of_range_are_refused_on_every_path():
             kd_loss(s.double(), t.double(), labels)  # (the float64 path)
         with pytest.raises(ValueError, match="labels must be in"):
             kd_divergence(s, t, labels=labels)
-        with pytest.raises(ValueError, match="labels must be in"):
-            generalized_jsd_loss(s, t, labels)
+        for reduction in ("batchmean", "none"):
+            with pytest.raises(ValueError, match="labels must be in"):
+                generalized_jsd_loss(s, t, labels, reduction=reduction)
     # -1 is fine as the ignore_index itself; a vocab_size bounds the ids
     kd_loss(s, t, torch.tensor([0, 1, -1, -1]), ignore_index=-1)
     with pytest.raises(ValueError, match=r"labels must be in \[0, 6\)"):
