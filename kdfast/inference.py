@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from ._checks import check_flag
 from .ops.group_norm import group_norm_act
 
 _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -54,6 +55,8 @@ class GroupNormSiLU(nn.GroupNorm):
     ``state_dict`` has the original's keys, so weights load into it and out of it unchanged."""
 
     def __init__(self, norm: nn.GroupNorm):
+        if not isinstance(norm, nn.GroupNorm):
+            raise TypeError(f"norm must be a torch.nn.GroupNorm, got {type(norm).__name__}")
         nn.Module.__init__(self)
         self.training = norm.training
         self.num_groups, self.num_channels, self.eps, self.affine = (norm.num_groups, norm.num_channels, norm.eps,
@@ -137,6 +140,8 @@ def fuse_group_norms(model: nn.Module) -> int:
     many norms now run fused."""
     from .models.unet import UNet
 
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     fused = 0
     for module in list(model.modules()):
         if isinstance(module, UNet):  # its blocks call the fused op themselves when told to
@@ -186,7 +191,10 @@ def prepare_for_inference(model: nn.Module, *, channels_last: bool = True, fuse_
     model too large to hold twice), when ``model`` itself is prepared and returned."""
     from .models.unet import UNet
 
-    fast = (model if inplace else copy.deepcopy(model)).eval().requires_grad_(False)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    channels_last, fuse_norms = check_flag("channels_last", channels_last), check_flag("fuse_norms", fuse_norms)
+    fast = (model if check_flag("inplace", inplace) else copy.deepcopy(model)).eval().requires_grad_(False)
     if channels_last:
         # 4-d weights channels-last, 5-d ones (Conv3d: video UNets) channels-last-3d; Module.to
         # refuses a 5-d tensor for torch.channels_last

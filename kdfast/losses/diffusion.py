@@ -45,6 +45,7 @@ from typing import Callable, Optional, Tuple, Union
 
 import torch
 
+from .._checks import check_flag
 from ..ops import diffusion_losses as _ops
 from ..reference import diffusion_losses as _ref
 
@@ -97,7 +98,7 @@ def pseudo_huber_loss(
     if c is None:
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             raise ValueError("x must be a [batch, ...] tensor")
-        c = 0.001 if elementwise else 0.00054 * math.sqrt(math.prod(x.shape[1:]))
+        c = 0.001 if check_flag("elementwise", elementwise) else 0.00054 * math.sqrt(math.prod(x.shape[1:]))
     return _reduce(_ops.pseudo_huber(x, y, c=c, weights=weights, elementwise=elementwise), reduction)
 
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from ..ops._tensors import check_label_ids, reference_required
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
-from .._checks import real_number
+from .._checks import check_flag, real_number
 from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
@@ -391,7 +391,7 @@ def fused_linear_kd(
     labels = _check_labels(labels, tokens, vocab, ignore_index, student_hidden.device, weight_hard > 0)
     if chunk_size is None:
         chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
-    loss_scale = temperature ** 2 if scale_by_t2 else 1.0
+    loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
     if reference_required((student_hidden, student_weight, student_bias)):
         return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
                              teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), labels,
@@ -431,7 +431,7 @@ class FusedLinearKDLoss(nn.Module):
         self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
         self.ignore_index, self.weight_hard, self.weight_soft = ignore_index, float(weight_hard), float(weight_soft)
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
-        self.scale_by_t2, self.reduction = bool(scale_by_t2), reduction
+        self.scale_by_t2, self.reduction = check_flag("scale_by_t2", scale_by_t2), reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):

@@ -11,7 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
-from .._checks import check_int as _check_int, is_finite_number, real_number
+from .._checks import check_flag, check_int as _check_int, is_finite_number, real_number
 from ..ops._tensors import check_label_ids
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
 from ..reference import kd_divergence as ref
@@ -150,7 +150,7 @@ def kd_loss(
     beta, temperature = _check_beta(beta), _check_temperature(temperature)
     args = dict(kind=_resolve_kind(kind, beta), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
-                vocab_size=vocab_size, loss_scale=temperature ** 2 if scale_by_t2 else 1.0)
+                vocab_size=vocab_size, loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0)
     rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
     student_2d = student_logits.reshape(rows, student_logits.shape[-1])
     teacher_2d = teacher_logits.reshape(rows, teacher_logits.shape[-1])
@@ -189,7 +189,7 @@ class KDLoss(nn.Module):
             raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
         self.kind, self.beta, self.temperature = kind, _check_beta(beta), _check_temperature(temperature)
         self.ignore_index, self.reduction = _check_int("ignore_index", ignore_index), reduction
-        self.scale_by_t2 = bool(scale_by_t2)
+        self.scale_by_t2 = check_flag("scale_by_t2", scale_by_t2)
         # the upper bound (the logits' width) can only be checked at the call
         self.vocab_size = None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1)
 

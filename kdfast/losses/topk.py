@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from ..ops._tensors import vmapped
+from .._checks import check_flag
 from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
 
 REMAINDERS = ("bucket", "renormalize")
@@ -219,7 +220,7 @@ def topk_kd_loss(
             log_r = torch.where(real, _log1mexp(torch.where(real, log_mass, torch.full_like(log_mass, -1.0))),
                                 torch.full_like(log_mass, -math.inf))
             rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
-    if scale_by_t2:
+    if check_flag("scale_by_t2", scale_by_t2):
         rows = rows * temperature ** 2
     valid = rows.shape[0]
     if keep is not None:

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._checks import check_flag, check_float, check_int
 from ..inference import can_fuse, plain_group_norm
 from ..ops._tensors import vmapped
 from ..ops.group_norm import group_norm_act
@@ -48,7 +49,16 @@ class UNetConfig:
     prediction_type: str = "epsilon"
 
     def __post_init__(self):
-        self.channel_mults = tuple(int(m) for m in self.channel_mults)
+        # (int() would take 1.5 as 1, "12" as (1, 2) and True as 1: the settings are checked by name)
+        mults = self.channel_mults
+        if isinstance(mults, (str, bytes)) or not isinstance(mults, (tuple, list)):
+            raise ValueError(f"channel_mults must be a sequence of positive integers, got {mults!r}")
+        self.channel_mults = tuple(check_int(f"channel_mults[{k}]", m, minimum=1) for k, m in enumerate(mults))
+        for name in ("sample_size", "in_channels", "out_channels", "base_channels", "num_res_blocks", "num_classes",
+                     "time_embed_dim", "norm_groups", "attention_heads"):
+            setattr(self, name, check_int(name, getattr(self, name), minimum=1))
+        self.attention = check_flag("attention", self.attention)
+        self.dropout = check_float("dropout", self.dropout, 0.0, 1.0, high_open=True)
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type={self.prediction_type!r} is not supported; "
                              f"expected one of {PREDICTION_TYPES}")
@@ -57,18 +67,12 @@ class UNetConfig:
         if self.sample_size % 2 ** (len(self.channel_mults) - 1):
             raise ValueError(f"sample_size {self.sample_size} is not divisible by "
                              f"2**{len(self.channel_mults) - 1} (one halving per extra level)")
-        for name in ("base_channels", "num_res_blocks", "num_classes", "time_embed_dim", "norm_groups",
-                     "attention_heads"):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for m in self.channel_mults:
             if (self.base_channels * m) % self.norm_groups:
                 raise ValueError(f"base_channels * channel_mults ({self.base_channels * m}) must be divisible "
                                  f"by norm_groups ({self.norm_groups})")
         if self.attention and (self.base_channels * self.channel_mults[-1]) % self.attention_heads:
             raise ValueError("the lowest-resolution channel count must be divisible by attention_heads")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
 
     @property
     def null_class(self) -> int:
@@ -178,6 +182,8 @@ class UNet(nn.Module):
             config = UNetConfig(**overrides)
         elif isinstance(config, Mapping):
             config = UNetConfig.from_dict({**config, **overrides})
+        elif not isinstance(config, UNetConfig):
+            raise TypeError(f"config must be a UNetConfig, a mapping of its fields or None, got {type(config).__name__}")
         elif overrides:
             config = UNetConfig.from_dict({**config.to_dict(), **overrides})
         self.config = config

@@ -24,7 +24,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _ext, backends
-from .._checks import is_finite_number, not_a_number
+from .._checks import check_flag, is_finite_number, not_a_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, empty_in_layout, has_subclass,
                        in_layout, on_device, op_layout, reference_required, sample_layout, vmapped)
@@ -200,7 +200,7 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, *, c: PerSample, weights: Opt
     batch = x.shape[0]
     params, values = _pack([(_W, _check_per_sample("weights", weights, batch, x.device, default=1.0)),
                             (_C, _check_per_sample("c", c, batch, x.device, minimum=0.0))])
-    kind = PSEUDO_HUBER_ELEMENTWISE if elementwise else PSEUDO_HUBER
+    kind = PSEUDO_HUBER_ELEMENTWISE if check_flag("elementwise", elementwise) else PSEUDO_HUBER
     return _call_loss(kind, 0, x, y, None, None, params, values, backend)
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 
 from .. import _ext, backends
-from .._checks import is_finite_number, real_number
+from .._checks import check_flag, is_finite_number, real_number
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
 from ._tensors import (DTYPE_CODES, addresses, cuda_stream, dense_format, describe, dispatcher_required,
@@ -268,7 +268,8 @@ def solver_step(
     if clip_value is not None and dynamic_scale is not None:
         raise ValueError("pass clip_value or dynamic_scale, not both")
     return fused_step(sample, model_output, _check_coefs(coefs, sample), cond, guidance_scale, history, aux, noise,
-                      clip_value, dynamic_scale, write_history, write_aux, history_dtype, backend)
+                      clip_value, dynamic_scale, check_flag("write_history", write_history),
+                      check_flag("write_aux", write_aux), history_dtype, backend)
 
 
 def _check_sample(sample) -> None:
