@@ -1,3 +1,4 @@
+import importlib
 import math
 
 import pytest
@@ -98,6 +99,22 @@ def test_gradient_stored_in_another_dtype(backend, grad_dtype):
         torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
     with pytest.raises(TypeError, match="grad_dtype"):
         ops.kd_divergence_with_grad(s, t, grad_dtype=torch.float64)
+
+
+def test_a_16_bit_gradient_is_scaled_by_blocks_of_rows_alike(monkeypatch):
+    # (a bf16 gradient times the float32 upstream gradient made two float32 copies of it on the
+    # CPU: blocks of rows bound them; every element is the same product either way)
+    mod = importlib.import_module("kdfast.ops.kd_divergence")  # (kdfast.ops.kd_divergence is the function)
+    s = logits((37, 41), torch.float32, 24).bfloat16().requires_grad_()
+    t = logits((37, 41), torch.float32, 25).bfloat16()
+    upstream = torch.linspace(0.5, 2.0, 37)
+    grads = []
+    for block in (1 << 22, 41 * 5):  # one block; blocks of 5 rows (the last one short)
+        monkeypatch.setattr(mod, "_SCALE_BLOCK", block)
+        s.grad = None
+        (ops.kd_divergence(s, t) * upstream).sum().backward()
+        grads.append(s.grad.clone())
+    assert torch.equal(grads[0], grads[1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
