@@ -359,14 +359,17 @@ def fused_linear_kd(
         weight_hard, weight_soft: the weights of the cross-entropy and of ``D``.
         reduction: ``"batchmean"``, ``"sum"`` or ``"mean"`` as above (there is no ``"none"``:
             the per-token losses are never materialised as a graph).
-        chunk_size: tokens per chunk (default: about 8M logits per chunk on the CPU, 128M on a GPU).
+        chunk_size: tokens per chunk (default: about 8M logits of the wider head per chunk on the
+            CPU, 128M on a GPU).
         vocab_size: the shared vocabulary; by default the smaller of the two heads, the
             larger head's extra columns being padding with probability 0.
         scale_by_t2: multiply the soft term by ``temperature**2``.
 
     Gradients for the student's hidden states, weight and bias are computed during the
     forward pass, chunk by chunk; peak extra memory is a few chunk-sized buffers plus fp32
-    buffers for the gradients of the weight and the hidden states. Under ``torch.autocast``
+    buffers for the gradients of the weight and the hidden states (on the CPU, 16-bit heads
+    are also widened to fp32 once per call, an fp32 copy of each: the CPU's 16-bit matmuls
+    would round every product to 16 bits). Under ``torch.autocast``
     the heads are taken in the autocast dtype, as ``F.linear`` takes them (an fp32 weight
     with bf16 hidden states works there).
     """
@@ -390,7 +393,9 @@ def fused_linear_kd(
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
     labels = _check_labels(labels, tokens, vocab, ignore_index, student_hidden.device, weight_hard > 0)
     if chunk_size is None:
-        chunk_size = default_chunk_size(tokens, student_weight.shape[0], student_hidden.device.type)
+        # (sized by the wider head: the teacher's chunk logits are as many rows of its vocabulary)
+        chunk_size = default_chunk_size(tokens, max(student_weight.shape[0], teacher_weight.shape[0]),
+                                        student_hidden.device.type)
     loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
     if reference_required((student_hidden, student_weight, student_bias)):
         return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),

@@ -187,6 +187,20 @@ def test_module_and_default_chunk_size():
     assert default_chunk_size(10, 32000, "cpu") == 10
 
 
+def test_the_default_chunk_is_sized_by_the_wider_head(monkeypatch):
+    # (by the student's alone, a teacher head 16x wider had its whole [tokens, vocab] logits
+    # made in one chunk)
+    import kdfast.losses.fused_linear as fl
+
+    seen = []
+    monkeypatch.setattr(fl, "default_chunk_size", lambda tokens, vocab, device: seen.append(vocab) or tokens)
+    for vocab, teacher_vocab in ((53, 70), (70, 53)):
+        case, labels = make(vocab=vocab, teacher_vocab=teacher_vocab, seed=13)
+        fused_linear_kd(case["student_hidden"], case["student_weight"], case["teacher_hidden"],
+                        case["teacher_weight"], labels)
+    assert seen == [70, 70]
+
+
 def test_double_backward_is_refused():
     # The gradients come from the forward pass and have no graph: a gradient penalty built on
     # them would silently get zero from the loss, so create_graph=True is an error.
