@@ -108,7 +108,8 @@ def kd_loss(
         vocab_size: the shared vocabulary when the two logits have different widths
             (padded LM heads); columns at or beyond it get probability 0.
         num_items_in_batch: divide the summed loss by this instead (gradient accumulation): a
-            positive integer, or a tensor holding one.
+            positive integer, or a real tensor of one element (its value is not read, which
+            would be a host sync).
 
     Returns:
         A float32 scalar (or per-token tensor for ``reduction="none"``; float64 for float64 logits). Differentiable; the
@@ -119,14 +120,25 @@ def kd_loss(
         second one through ``retain_graph=True``, and ``create_graph=True``, raise an error).
         A token whose logits have no softmax (all -inf, or an inf or NaN entry) and is not
         ignored gives NaN.
+
+    The logits are read in place when their leading dimensions flatten to rows of one stride
+    (any contiguous ``[batch, seq, vocab]`` tensor); a slice such as the causal shift
+    ``logits[:, :-1]`` does not, and both logits are then copied. To shift without copies, pass
+    the whole logits and labels whose last position is ``ignore_index``.
     """
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is not None:
         raise ValueError("num_items_in_batch divides a summed loss; it has no meaning with reduction='none'")
     if num_items_in_batch is not None and not isinstance(num_items_in_batch, torch.Tensor):
-        # (a tensor's value is not read: that would be a host sync per call)
         num_items_in_batch = _check_int("num_items_in_batch", num_items_in_batch, minimum=1)
+    elif num_items_in_batch is not None:
+        # (a tensor's value is not read: that would be a host sync per call; its shape and dtype
+        # are. transformers' Trainer passes a float tensor, its count divided by the parallel sizes)
+        if num_items_in_batch.numel() != 1 or num_items_in_batch.is_complex() or num_items_in_batch.dtype == torch.bool:
+            raise ValueError(f"num_items_in_batch must be a positive integer or a real tensor of one element, "
+                             f"got a {num_items_in_batch.dtype} tensor of shape {tuple(num_items_in_batch.shape)}")
+        num_items_in_batch = num_items_in_batch.reshape(())
     for name, t in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")

@@ -167,6 +167,9 @@ def test_low_precision_inputs_keep_fp32_math():
     (lambda s, t: kd_loss(s, t, num_items_in_batch=0), ValueError, "num_items_in_batch must be a positive integer"),
     (lambda s, t: kd_loss(s, t, num_items_in_batch=-2), ValueError, "num_items_in_batch"),
     (lambda s, t: kd_loss(s, t, num_items_in_batch="3"), ValueError, "num_items_in_batch"),
+    # a tensor's value is not read, but its size and dtype are (a [2] tensor gave a [2] "loss")
+    (lambda s, t: kd_loss(s, t, num_items_in_batch=torch.tensor([2, 3])), ValueError, "num_items_in_batch"),
+    (lambda s, t: kd_loss(s, t, num_items_in_batch=torch.tensor(True)), ValueError, "num_items_in_batch"),
     # not numbers: errors that name the argument (float() said only "must be a string or a number")
     (lambda s, t: kd_loss(s, t, beta=None), ValueError, "beta must be a real number"),
     (lambda s, t: kd_loss(s, t, temperature=None), ValueError, "temperature must be a real number"),
@@ -256,3 +259,13 @@ def test_integer_like_settings_and_full_repr():
     for setting in ("kind='jsd'", "beta=0.5", "temperature=1.0", "ignore_index=5", "reduction='batchmean'",
                     "scale_by_t2=False", "vocab_size=6"):
         assert setting in text, setting
+
+
+def test_num_items_in_batch_tensors_of_one_element():
+    # transformers' Trainer passes a float tensor (its count divided by the parallel sizes), of
+    # shape [1, 1] under DataParallel
+    s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)
+    expected = kd_loss(s, t, reduction="sum") / 4
+    for n in (torch.tensor(4), torch.tensor(4.0), torch.tensor([[4]])):
+        got = kd_loss(s, t, num_items_in_batch=n)
+        assert got.shape == () and torch.allclose(got, expected)
