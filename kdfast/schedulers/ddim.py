@@ -46,6 +46,16 @@ def timestep_value(scheduler: FusedScheduler, timestep) -> int:
     return int(value)
 
 
+def ddim_variance(scheduler, timestep, prev_timestep) -> torch.Tensor:
+    """diffusers' ``_get_variance`` of DDIM-style schedulers (DDIM, TCD): the variance of the
+    step from ``timestep`` to ``prev_timestep`` (below 0: to ``final_alpha_cumprod``)."""
+    alpha_prod_t = scheduler.alphas_cumprod[timestep]
+    alpha_prod_t_prev = (scheduler.alphas_cumprod[prev_timestep] if prev_timestep >= 0
+                         else scheduler.final_alpha_cumprod)
+    beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
+    return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+
 class DDIMScheduler(Thresholding, FusedScheduler):
     """Drop-in for ``diffusers.DDIMScheduler``: same arguments and config.
 
@@ -140,10 +150,7 @@ class DDIMScheduler(Thresholding, FusedScheduler):
     def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
         """The DDIM variance between two timesteps, as diffusers' private method of that name
         computes it (in float32 tensors): pipelines such as CycleDiffusion call it directly."""
-        alpha_prod_t = self.alphas_cumprod[timestep]
-        alpha_prod_t_prev = self.alphas_cumprod[prev_timestep] if prev_timestep >= 0 else self.final_alpha_cumprod
-        beta_prod_t, beta_prod_t_prev = 1 - alpha_prod_t, 1 - alpha_prod_t_prev
-        return (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
+        return ddim_variance(self, timestep, prev_timestep)
 
     def _alphas(self, t: int):
         """(alpha_cumprod the step at ``t`` starts from, alpha_cumprod it ends at)."""

@@ -11,7 +11,7 @@ import torch
 from ._linear import MODEL, NOISE, X, X0
 from ._schedule import epsilon_x0_coefficients
 from .base import CheckedPlan, OutputFields, StepPlan, reject_unknown_step_arguments
-from .ddim import timestep_value
+from .ddim import ddim_variance, timestep_value
 from .lcm import LCMScheduler, undefined_step_error
 
 
@@ -41,6 +41,11 @@ class TCDScheduler(LCMScheduler):
     """
 
     _diffusers_name = "TCDScheduler"
+
+    def _get_variance(self, timestep, prev_timestep) -> torch.Tensor:
+        """The DDIM variance between two timesteps, as diffusers' private method of that name
+        computes it (in float32 tensors): CycleDiffusion's helpers call it on any scheduler."""
+        return ddim_variance(self, timestep, prev_timestep)
 
     def _origin_timesteps(self, original_steps: int, original_inference_steps: Optional[int],
                           strength: float) -> np.ndarray:

@@ -162,3 +162,12 @@ def test_bad_input():
         x = kd.step(x, t, x).prev_sample
     with pytest.raises(IndexError, match="past the end"):
         kd.step(x, kd.timesteps[-1], x)
+
+
+def test_get_variance_like_diffusers():
+    # a private method, but CycleDiffusion's helpers call it on whatever scheduler the pipeline holds
+    for config in ({}, dict(set_alpha_to_one=False)):
+        kd, df = TCDScheduler(**config), DF(**config)
+        for t, prev in ((500, 480), (torch.tensor(999), torch.tensor(949)), (20, -1), (0, -1)):
+            a, b = kd._get_variance(t, prev), df._get_variance(t, prev)
+            assert a.dtype == b.dtype and torch.equal(a, b)
