@@ -32,6 +32,14 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
     _noise_in_converted_dtype = True
     _compatibles = ()
 
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
+             generator: Optional[torch.Generator] = None, return_dict: bool = True,
+             variance_noise: Optional[torch.Tensor] = None, **kwargs):
+        """diffusers' ``step``, in its argument order (``generator``, then ``return_dict``: the
+        EDM class takes no ``variance_noise``, which may be given here by name)."""
+        return super().step(model_output, timestep, sample, generator=generator, variance_noise=variance_noise,
+                            return_dict=return_dict, **kwargs)
+
     @register_to_config
     def __init__(
         self,

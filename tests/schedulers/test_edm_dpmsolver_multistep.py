@@ -147,3 +147,21 @@ def test_bad_input():
         x = kd.step(dummy_model(x, t), t, x).prev_sample
     with pytest.raises(IndexError, match="past the end"):
         kd.step(x, kd.timesteps[-1], x)
+
+
+@pytest.mark.parametrize("algorithm_type", ["dpmsolver++", "sde-dpmsolver++"])
+def test_step_takes_diffusers_positional_order(algorithm_type):
+    # diffusers' EDM step is (model_output, timestep, sample, generator, return_dict): a fifth
+    # positional argument was taken as variance_noise
+    for cls in (DF, EDMDPMSolverMultistepScheduler):
+        s = cls(algorithm_type=algorithm_type)
+        s.set_timesteps(4)
+        out = s.step(dummy_model(initial_sample(), s.timesteps[0]), s.timesteps[0], initial_sample(),
+                     torch.Generator().manual_seed(0), False)
+        assert isinstance(out, tuple) and len(out) == 1, cls
+    s = EDMDPMSolverMultistepScheduler(algorithm_type=algorithm_type)
+    s.set_timesteps(4)
+    x = initial_sample()
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))
+    expected = s.step(dummy_model(x, s.timesteps[0]), s.timesteps[0], x, variance_noise=noise).prev_sample
+    assert expected.shape == x.shape
