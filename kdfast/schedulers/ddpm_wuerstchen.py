@@ -132,7 +132,8 @@ class DDPMWuerstchenScheduler(FusedScheduler):
     def set_timesteps(self, num_inference_steps: Optional[int] = None, timesteps=None, device=None) -> None:
         """diffusers' schedule: ``linspace(1, 0, num_inference_steps + 1)`` on ``device``, or the
         custom ``timesteps`` (a list: as a float32 tensor on ``device``; a tensor: kept as it is,
-        as in diffusers); and the kernel coefficients of each step."""
+        as in diffusers); and the kernel coefficients of each step. Passing both is refused, as
+        diffusers' docstring asks (its code takes the timesteps and ignores the count)."""
         if timesteps is None:
             if num_inference_steps is None:
                 raise ValueError("set_timesteps: pass num_inference_steps or timesteps")
