@@ -483,13 +483,15 @@ class FusedScheduler(ConfigMixin):
         repeats a timestep, the pair is one step's second stage and the next step's first, at
         the same sigma; a loop can only start at a first stage, so a start at the first of such
         a pair moves to the second (the position diffusers' value lookup gives); a start at any
-        other second stage is an error (diffusers' steps give NaN or a zero-length step there)."""
+        other second stage is an error (diffusers' steps give NaN or a zero-length step there).
+        A schedule without repeats (flow-matching Heun's training schedule, before
+        ``set_timesteps``) has no stages: any position is a start."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
         index = self.index_for_timestep(timestep)
-        if self.order == 2 and index % 2 == 1:
-            host = self._host_timesteps
+        host = self._host_timesteps
+        if self.order == 2 and index % 2 == 1 and any(a == b for a, b in zip(host, host[1:])):
             if index + 1 < len(host) and host[index + 1] == host[index]:
                 index += 1
             else:

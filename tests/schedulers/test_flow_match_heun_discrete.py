@@ -220,9 +220,13 @@ def test_scale_noise_matches_diffusers():
         assert torch.equal(a, b)
         # diffusers' Heun sets the step index here: of a repeated timestep, the second match
         assert kd.step_index == df.step_index == s_kwargs.get("begin_index", 4)
-    # before set_timesteps, on the training schedule
-    df, kd = DF(shift=3.0), KD(shift=3.0)
-    assert torch.equal(kd.scale_noise(x, kd.timesteps[10], noise), df.scale_noise(x, df.timesteps[10], noise))
+    # before set_timesteps, on the training schedule (no repeated timesteps, so no stages: an
+    # odd position was refused as a second stage)
+    for position in (10, 11):
+        df, kd = DF(shift=3.0), KD(shift=3.0)
+        assert torch.equal(kd.scale_noise(x, kd.timesteps[position], noise),
+                           df.scale_noise(x, df.timesteps[position], noise))
+        assert kd.step_index == df.step_index == position
 
 
 def test_outputs_and_return_dict():
