@@ -17,7 +17,7 @@ coefficients, a relative error of up to ~6e-8 per coefficient.
 # an op's signature as types and refuses them as strings.)
 
 import math
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -61,6 +61,9 @@ def coefficients(
     row = [0.0] * NUM_COEFS
     row[0], row[1] = real_number("x0_from_x", x0_from_x), real_number("x0_from_model", x0_from_model)
     for k, terms in enumerate((sample, history, aux)):
+        if terms is not None and not isinstance(terms, Mapping):
+            raise TypeError(f"{OUTPUTS[k]} must be a mapping from source name to coefficient, got "
+                            f"{type(terms).__name__}")
         for name, value in (terms or {}).items():
             if name not in SOURCES:
                 raise ValueError(f"unknown source {name!r} in {OUTPUTS[k]} coefficients; expected one of {SOURCES}")

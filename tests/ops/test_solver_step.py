@@ -174,6 +174,8 @@ def test_bad_core_arguments(good):
         ops.coefficients(1.0, "0.5")
     with pytest.raises(ValueError, match=r"history\['h0'\] must be a real number"):
         ops.coefficients(1.0, 0.0, history={"h0": True})
+    with pytest.raises(TypeError, match="sample must be a mapping"):  # (a list raised AttributeError)
+        ops.coefficients(1.0, 0.0, sample=[("x", 1.0)])
 
 
 def test_history_none_means_no_history(good):
