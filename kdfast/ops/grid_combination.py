@@ -80,10 +80,11 @@ def _checked(sample, outputs, coefs):
             raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {y.dtype}")
         if y.device != sample.device:
             raise ValueError(f"{name} must be on {sample.device} like sample, got {y.device}")
-        width = y.shape[-1] if width is None else width
+        same_dims = y.dim() == sample.dim()  # (a 0-d output has no last dimension to read)
+        width = y.shape[-1] if width is None and same_dims else width
         # (a sample of 0 channels has empty outputs: 0 grid points x 0 channels or G x 0)
-        bad_width = width != 0 if channels == 0 else (width == 0 or width % channels != 0)
-        if y.dim() != sample.dim() or y.shape[:-1] != sample.shape[:-1] or y.shape[-1] != width or bad_width:
+        bad_width = width is None or (width != 0 if channels == 0 else (width == 0 or width % channels != 0))
+        if not same_dims or y.shape[:-1] != sample.shape[:-1] or y.shape[-1] != width or bad_width:
             raise ValueError(f"{name} must have the sample's shape {tuple(sample.shape)} but for its last dimension, a "
                              f"multiple of the sample's {channels} channels (grid points x channels"
                              + (", so empty" if channels == 0 else "") + ")"

@@ -701,6 +701,8 @@ def threshold_scale(
     if math.prod(sample.shape[1:]) == 0:  # (an empty batch is fine: its scales are an empty tensor)
         raise ValueError(f"sample must have at least one element per sample, got shape {tuple(sample.shape)}")
     sample = sample_layout(sample)
+    if model_output is None:  # (_check_like passes the optional inputs' None through)
+        raise TypeError("model_output must be a torch.Tensor, got NoneType")
     model_output = _check_like("model_output", model_output, sample)
     cond = _check_like("cond", cond, sample)
     ratio = real_number("ratio", ratio)

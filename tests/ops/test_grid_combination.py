@@ -213,6 +213,8 @@ def test_bad_input():
         ((x, y0[..., :30], coefs[:5]), ValueError, r"outputs\[0\] must have the sample's shape \(2, 3, 8\) but"),
         ((x, y0[:1], coefs[:5]), ValueError, r"outputs\[0\] must have the sample's shape"),
         ((x, y0[None], coefs[:5]), ValueError, r"outputs\[0\] must have the sample's shape"),
+        ((x, torch.tensor(2.0), coefs[:5]), ValueError, r"outputs\[0\] must have the sample's shape"),  # (IndexError)
+        ((x, (y0, torch.tensor(2.0)), coefs), ValueError, r"outputs\[1\] must have the sample's shape"),
         ((x, (y0, y1[..., :24]), coefs), ValueError, r"outputs\[1\] .* like outputs\[0\]'s"),
         ((x, y0, coefs[:4]), ValueError, r"coefs must hold 1 \+ 1 x 4 values for outputs of 4 grid points"),
         ((x, (y0, y1), coefs[:8]), ValueError, r"coefs must hold 1 \+ 2 x grid values"),

@@ -776,6 +776,9 @@ def test_threshold_scale_bad_input():
         ops.threshold_scale(x, x, 1.0, 0.0, ratio=1.5)
     with pytest.raises(ValueError, match="model_output must have the shape"):
         ops.threshold_scale(x, x[:, :4], 1.0, 0.0)
+    for backend in (None, "reference"):  # (the kernels said "invalid argument", the reference AttributeError)
+        with pytest.raises(TypeError, match="model_output must be a torch.Tensor"):
+            ops.threshold_scale(x, None, 1.0, -0.5, backend=backend)
     with pytest.raises(ValueError, match="at least one element"):
         ops.threshold_scale(torch.empty(2, 0), torch.empty(2, 0), 1.0, 0.0)
     # a scale of 0 divides x0 by 0, a negative one flips its sign
