@@ -29,6 +29,9 @@ def _check_pair(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> N
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must have the same shape")
+    if teacher_logits.device != student_logits.device:
+        raise ValueError(f"teacher_logits must be on {student_logits.device} like student_logits, got "
+                         f"{teacher_logits.device}")
 
 
 def _compute_dtype(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.dtype:
@@ -43,11 +46,13 @@ def _check_weight(name: str, value) -> float:
     return value
 
 
-def _check_labels(labels: torch.Tensor, batch: int, classes: int) -> torch.Tensor:
+def _check_labels(labels: torch.Tensor, batch: int, classes: int, device: torch.device) -> torch.Tensor:
     if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32):
         raise TypeError("labels must be an int64 or int32 tensor of class ids")
     if labels.shape != (batch,):
         raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+    if labels.device != device:
+        raise ValueError(f"labels must be on {device} like the logits, got {labels.device}")
     # checked where it is free: on the CPU, outside torch.compile (where it would break the graph)
     # and unbatched by torch.func.vmap (where no value can be read)
     if labels.device.type == "cpu" and not torch.compiler.is_compiling() and not vmapped(labels) and labels.numel() \
@@ -71,7 +76,7 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         return soft
     if labels is None:
         raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
-    labels = _check_labels(labels, *student_logits.shape)
+    labels = _check_labels(labels, *student_logits.shape, student_logits.device)
     # no ignore_index: a label of -100 is refused wherever it is read (not dropped from the
     # cross-entropy alone, as F.cross_entropy's default would where the CPU check does not run)
     hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,
@@ -111,7 +116,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     batch, classes = student_logits.shape
     if classes < 2:
         raise ValueError("dkd_loss needs at least 2 classes")
-    labels = _check_labels(labels, batch, classes)
+    labels = _check_labels(labels, batch, classes, student_logits.device)
     compute = _compute_dtype(student_logits, teacher_logits)
     s = student_logits.to(compute) / temperature
     t = teacher_logits.to(compute) / temperature

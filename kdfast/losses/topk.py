@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops._tensors import vmapped
+from ..ops._tensors import check_label_ids, vmapped
 from .._checks import check_flag
 from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
 
@@ -37,6 +37,8 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     time so the full-vocabulary softmax never exists for all tokens at once."""
     if not isinstance(teacher_logits, torch.Tensor) or teacher_logits.dim() < 1:
         raise TypeError("teacher_logits must be a tensor [..., vocab]")
+    if not teacher_logits.is_floating_point():  # (complex lost its imaginary part, bools read as 0 and 1)
+        raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
     vocab = teacher_logits.shape[-1]
     chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
     k = _check_int("k", k)
@@ -138,12 +140,16 @@ def topk_kd_loss(
         raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
     if labels is not None and labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
         raise TypeError(f"labels must hold integers, got {labels.dtype}")
+    if labels is not None and labels.device != student_logits.device:
+        raise ValueError(f"labels must be on {student_logits.device} like student_logits, got {labels.device}")
     ignore_index = _check_int("ignore_index", ignore_index)
     k = teacher_topk_ids.shape[-1]
     if k == 0:
         raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
+    if labels is not None:  # (ids outside the vocabulary, padding with -1 say, would count as tokens)
+        check_label_ids(labels.reshape(-1).to(torch.int64), vocab, ignore_index)
     # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
     # and no value can be read from a tensor batched by torch.func.vmap
     if student_logits.device.type == "cpu" and not torch.compiler.is_compiling() and not any(

@@ -160,6 +160,11 @@ def test_sinkhorn_gradients_are_finite_for_confident_rows_and_few_iterations():
     (lambda s, t, y: hinton_kd_loss(s, t, y, alpha=None), ValueError, "alpha must be a real number"),
     (lambda s, t, y: dkd_loss(s, t, y, alpha="1"), ValueError, "alpha must be a real number"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=None), ValueError, "epsilon must be a real number"),
+    # another device failed deep inside torch ("meta" stands for a second device)
+    (lambda s, t, y: hinton_kd_loss(s, t, y.to("meta"), alpha=0.5), ValueError, "labels must be on cpu"),
+    (lambda s, t, y: dkd_loss(s, t, y.to("meta")), ValueError, "labels must be on cpu"),
+    (lambda s, t, y: dkd_loss(s, t.to("meta"), y), ValueError, "teacher_logits must be on cpu"),
+    (lambda s, t, y: sinkhorn_kd_loss(s, t.to("meta")), ValueError, "teacher_logits must be on cpu"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((4, 5), 8), logits((4, 5), 9)

@@ -170,6 +170,13 @@ def test_k_equal_to_the_vocabulary_needs_the_whole_mass():
     topk_kd_loss(s, ids, logp - math.log(2.0), remainder="renormalize")  # renormalised: fine
 
 
+def test_teacher_topk_takes_floating_point_logits():
+    # (complex logits lost their imaginary part, bools read as 0 and 1)
+    for bad in (torch.randn(2, 5, dtype=torch.complex64), torch.tensor([[True, False, True]])):
+        with pytest.raises(TypeError, match="teacher_logits must be floating point"):
+            teacher_topk(bad, 2)
+
+
 def test_k_zero_is_refused_by_name():
     with pytest.raises(ValueError, match="at least one id per position"):
         topk_kd_loss(torch.randn(3, 10), torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0))
@@ -185,6 +192,9 @@ def test_k_zero_is_refused_by_name():
     (dict(ids=lambda i: i + 100), ValueError, "must be in"),
     (dict(logp=lambda l: l[..., :2]), ValueError, "teacher_topk_logprobs must have the shape"),
     (dict(labels=torch.zeros(2, dtype=torch.long)), ValueError, "labels must be a tensor of shape"),
+    # ids outside the vocabulary (padding with -1) counted as tokens; another device failed deep
+    (dict(labels=torch.tensor([0, -1, 2])), ValueError, r"labels must be in \[0, 20\)"),
+    (dict(labels=torch.zeros(3, dtype=torch.long, device="meta")), ValueError, "labels must be on cpu"),
     # a stored mass above 1 (here 1.4) or a positive log-probability is not a distribution
     (dict(logp=lambda l: l - torch.logsumexp(l, -1, keepdim=True) + math.log(1.4)), ValueError,
      "summing to at most 1"),
@@ -231,7 +241,7 @@ def test_ignored_positions_give_no_nan_gradient_whatever_they_hold(remainder):
 
 def test_uint8_labels_are_compared_in_int64():
     # As kd_loss: uint8 156 is a label, not ignore_index -100 wrapped to 156.
-    s, t = logits((3, 20), 40), logits((3, 20), 41)
+    s, t = logits((3, 200), 40), logits((3, 200), 41)  # (a vocabulary that holds id 156)
     ids, logp = teacher_topk(t, 4)
     labels = torch.tensor([156, 1, 2])
     for reduction in ("batchmean", "none"):
