@@ -26,7 +26,9 @@ def is_finite_number(value, name: str = "the value") -> bool:
     value is checked when the compiled code runs instead (a RuntimeError naming ``name``) and
     passes here."""
     if torch.compiler.is_compiling():
-        torch._assert_async(torch.scalar_tensor(value, dtype=torch.float64).isfinite(), f"{name} must be finite")
+        # (a tensor times the value: torch.scalar_tensor(value) would make dynamo specialise it,
+        # one graph per value, up to its recompile limit)
+        torch._assert_async((torch.ones((), dtype=torch.float64) * value).isfinite(), f"{name} must be finite")
         return True
     return math.isfinite(value)
 

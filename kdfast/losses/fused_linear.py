@@ -11,7 +11,6 @@ scales the gradients the forward pass already computed.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
@@ -19,7 +18,7 @@ from torch import nn
 
 from ..ops._tensors import check_label_ids, reference_required
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
-from .._checks import check_flag, real_number
+from .._checks import check_flag, is_finite_number, real_number
 from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
@@ -68,7 +67,8 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     if reduction not in REDUCTIONS or reduction == "none":
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
     weight_hard, weight_soft = real_number("weight_hard", weight_hard), real_number("weight_soft", weight_soft)
-    if not (math.isfinite(weight_hard) and math.isfinite(weight_soft)) or weight_hard < 0 or weight_soft < 0:
+    finite = is_finite_number(weight_hard, "weight_hard") and is_finite_number(weight_soft, "weight_soft")
+    if not finite or weight_hard < 0 or weight_soft < 0:
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
     _check_temperature(temperature)
     return (None if chunk_size is None else _check_int("chunk_size", chunk_size, minimum=1),

@@ -121,6 +121,9 @@ def kd_loss(
         A token whose logits have no softmax (all -inf, or an inf or NaN entry) and is not
         ignored gives NaN.
 
+    Under ``torch.compile`` the fused kernel takes ``temperature`` as a number: each new value
+    compiles once (torch's recompile limit, 8 by default, bounds an annealed temperature).
+
     The logits are read in place when their leading dimensions flatten to rows of one stride
     (any contiguous ``[batch, seq, vocab]`` tensor); a slice such as the causal shift
     ``logits[:, :-1]`` does not, and both logits are then copied. To shift without copies, pass

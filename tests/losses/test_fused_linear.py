@@ -378,6 +378,27 @@ def test_labels_out_of_range_are_refused_without_the_hard_term_too():
                         case["teacher_weight"], labels)
 
 
+def test_symbolic_loss_weights_do_not_break_a_full_graph():
+    # math.isfinite of a symbolic weight (dynamic=True, or a hard/soft mix changed over training)
+    # broke the graph: "torch.* op returned non-Tensor"
+    case, labels = make(tokens=8, bias=False)
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"], labels)
+
+    def loss(w):
+        return fused_linear_kd(*args, weight_hard=1.0 - w, weight_soft=w)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    for w in (0.9, 0.8, 0.7):
+        torch.testing.assert_close(compiled(w), loss(w))
+    with pytest.raises(RuntimeError, match="weight_(hard|soft) must be finite"):
+        compiled(float("nan"))
+    torch._dynamo.reset()
+    dynamic = torch.compile(lambda h: fused_linear_kd(h, *args[1:]), backend="aot_eager", dynamic=True,
+                            fullgraph=True)
+    torch.testing.assert_close(dynamic(args[0]), fused_linear_kd(*args))
+
+
 def test_hard_label_checks_do_not_break_a_full_graph():
     # With weight_hard > 0 the labels' range is checked; under torch.compile on the device, not
     # by a data-dependent branch (which fullgraph=True refuses).
