@@ -912,7 +912,8 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
 def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: Optional[float], cond, uncond,
                   timesteps: Sequence[Any], sigma_follows_x: bool = False):
     """``evaluate(x, key) -> (model_output, cond_output or None)``; ``key`` picks a precomputed
-    time argument: a sigma (sigma path) or the timestep tensor itself (scheduler path).
+    time argument: a sigma (sigma path; ``evaluate.time_arg(sigma, x)`` gives the tensor, which
+    the loop passes as the key) or the timestep tensor itself (scheduler path).
 
     Sigma arguments are made once, in x's dtype, as k-diffusion's ``s_in`` is; with
     ``sigma_follows_x`` (DPM-Solver-Fast, whose k-diffusion code makes them from the current x)
@@ -924,6 +925,9 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
     rows = 2 * B if batched else B
     sigma_args = {}
 
+    # Plain Python, left out of torch.compile: traced, a float key would be a guard on its value,
+    # one recompile of every frame it reaches per sigma (the loop passes evaluate the tensor)
+    @torch.compiler.disable
     def sigma_arg(key, x):
         if not isinstance(key, float):
             return key
@@ -936,6 +940,10 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
     for t in timesteps:
         sigma_arg(t, x)
 
+    def made(evaluate):
+        evaluate.time_arg = sigma_arg  # (key, x) -> the time argument the denoiser gets
+        return evaluate
+
     if guidance is None or guidance == 1.0:
         kwargs = dict(extra_args)
         if cond is not None or guidance is not None:
@@ -943,7 +951,7 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
 
         def evaluate(x, key):
             return model(x, sigma_arg(key, x), **kwargs), None
-        return evaluate
+        return made(evaluate)
 
     if batched:
         cond2 = torch.cat([uncond, cond])
@@ -954,12 +962,12 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
                 raise ValueError(f"the denoiser must return a tensor of batch {2 * B} for the doubled CFG batch")
             u, c = out.chunk(2)
             return u, c
-        return evaluate
+        return made(evaluate)
 
     def evaluate(x, key):
         arg = sigma_arg(key, x)
         return model(x, arg, cond=uncond, **extra_args), model(x, arg, cond=cond, **extra_args)
-    return evaluate
+    return made(evaluate)
 
 
 def _guided(u: torch.Tensor, c: Optional[torch.Tensor], g: float) -> torch.Tensor:
@@ -980,7 +988,7 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
     aux = None
     for ev in plan.evals:
         if ev.model:
-            m, c = evaluate(x, ev.sigma)
+            m, c = evaluate(x, evaluate.time_arg(ev.sigma, x))
             for out in (m, c):
                 if out is not None and not isinstance(out, torch.Tensor):  # (a diffusers model's tuple, say)
                     raise TypeError(f"the denoiser must return a torch.Tensor, got {type(out).__name__}")

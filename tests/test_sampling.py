@@ -1633,3 +1633,27 @@ def test_another_default_device_changes_nothing(name):
     with torch.device("meta"):
         got = getattr(S, f"sample_{name}")(*args, **kwargs)
     assert got.device == expected.device and torch.equal(got, expected)
+
+
+def test_compiling_a_whole_sigma_loop_does_not_recompile_per_sigma():
+    # The loop handed each model evaluation its sigma as a Python float, which torch.compile
+    # guarded on: one recompile per sigma until torch's limit (8), then that frame ran eagerly
+    from torch._dynamo.utils import counters
+
+    net = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def model(x, sigma):
+        return x - sigma.view(-1, 1, 1, 1) * net(x / (sigma ** 2 + 1).sqrt().view(-1, 1, 1, 1)) * 0.1
+
+    sigmas = S.get_sigmas_karras(20, 0.03, SIGMA_MAX)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * sigmas[0]
+    torch._dynamo.reset()
+    counters.clear()
+    generate = torch.compile(lambda x: S.sample(model, x, sigmas, sampler="euler", disable=True), backend="aot_eager")
+    with torch.no_grad():
+        expected = S.sample(model, x, sigmas, sampler="euler", disable=True)
+        assert torch.equal(generate(x), expected)
+        graphs = counters["stats"]["unique_graphs"]
+        assert torch.equal(generate(x), expected)
+    assert graphs <= 6, graphs  # (12 before, with the recompile limit hit)
+    assert counters["stats"]["unique_graphs"] == graphs  # a second call compiles nothing
