@@ -475,6 +475,11 @@ class FusedScheduler(ConfigMixin):
         # For img2img the first step may be a duplicate; diffusers takes the second match.
         return matches[1] if len(matches) > 1 else matches[0]
 
+    def _staged_schedule(self) -> bool:
+        """Whether the schedule's positions alternate first and second stages (two-stage
+        schedulers, from construction: diffusers builds their training schedule by set_timesteps)."""
+        return True
+
     def _init_step_index(self, timestep) -> None:
         """Where a loop starts: the begin index when set, else the position of its first timestep.
 
@@ -484,14 +489,14 @@ class FusedScheduler(ConfigMixin):
         the same sigma; a loop can only start at a first stage, so a start at the first of such
         a pair moves to the second (the position diffusers' value lookup gives); a start at any
         other second stage is an error (diffusers' steps give NaN or a zero-length step there).
-        A schedule without repeats (flow-matching Heun's training schedule, before
-        ``set_timesteps``) has no stages: any position is a start."""
+        A schedule without stages (flow-matching Heun's training schedule, before
+        ``set_timesteps``: ``_staged_schedule`` is False) starts anywhere."""
         if self._begin_index is not None:
             self._step_index = self._begin_index
             return
         index = self.index_for_timestep(timestep)
-        host = self._host_timesteps
-        if self.order == 2 and index % 2 == 1 and any(a == b for a, b in zip(host, host[1:])):
+        if self.order == 2 and index % 2 == 1 and self._staged_schedule():
+            host = self._host_timesteps
             if index + 1 < len(host) and host[index + 1] == host[index]:
                 index += 1
             else:

@@ -89,6 +89,11 @@ class FlowMatchHeunDiscreteScheduler(FlowTimesteps, FusedScheduler):
 
     # ---------------------------------------------------------------- schedule
 
+    def _staged_schedule(self) -> bool:
+        # the training schedule, as constructed, is plain sigmas (diffusers repeats them for the
+        # two stages only in set_timesteps)
+        return self.num_inference_steps is not None
+
     def set_timesteps(self, num_inference_steps: int, device=None) -> None:
         """Compute the (doubled) timesteps and sigmas, value for value as diffusers, and both
         stages' kernel coefficients."""
