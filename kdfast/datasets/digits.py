@@ -10,7 +10,7 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-from .._checks import check_int
+from .._checks import check_int, real_number
 
 NUM_CLASSES = 10
 SPLITS = ("train", "heldout", "all")
@@ -24,12 +24,14 @@ def load_digits(split: str = "train", size: int = 16, heldout_fraction: float = 
     overlap and are the same on every machine. ``size`` 8 keeps the native resolution; 16
     upsamples bilinearly (what the UNet teacher uses).
     """
-    if split not in SPLITS:
+    if not isinstance(split, str) or split not in SPLITS:  # (an array compared with a str has no truth value)
         raise ValueError(f"split={split!r} is not supported; expected one of {SPLITS}")
     if isinstance(size, bool) or size not in (8, 16, 32):
         raise ValueError(f"size must be 8, 16 or 32, got {size!r}")
     size = int(size)  # (16.0 is 16; F.interpolate takes ints only)
-    if not 0.0 < heldout_fraction < 1.0:
+    # (None, "0.2", [0.2] or a tensor of several values failed in the comparison, not naming the argument)
+    heldout_fraction = real_number("heldout_fraction", heldout_fraction)
+    if not 0.0 < heldout_fraction < 1.0:  # (NaN fails it too)
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     seed = check_int("seed", seed, minimum=0)
     try:

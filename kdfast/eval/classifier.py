@@ -15,15 +15,17 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_float, check_int
+from .._checks import check_float, check_int, real_number
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..train.run import atomic_files, check_output_file, progress_bar
 
@@ -51,9 +53,16 @@ class DigitsClassifier(nn.Module):
         super().__init__()
         if image_size != IMAGE_SIZE:
             raise ValueError(f"image_size must be {IMAGE_SIZE}, got {image_size}")
-        c1, c2 = (int(c) for c in channels)
-        self.config = {"channels": (c1, c2), "feature_dim": int(feature_dim), "dropout": float(dropout),
-                       "num_classes": int(num_classes), "image_size": int(image_size)}
+        # (int() would take 8.5 as 8 and True as 1, and float() "0.1": each setting is checked by name)
+        if isinstance(channels, (str, bytes)) or not isinstance(channels, (tuple, list)) or len(channels) != 2:
+            raise ValueError("channels must be a sequence of 2 positive integers (the widths of the two conv "
+                             f"blocks), got {channels!r}")
+        c1, c2 = (check_int(f"channels[{k}]", c, minimum=1) for k, c in enumerate(channels))
+        feature_dim = check_int("feature_dim", feature_dim, minimum=1)
+        num_classes = check_int("num_classes", num_classes, minimum=1)
+        dropout = check_float("dropout", real_number("dropout", dropout), 0.0, 1.0, high_open=True)
+        self.config = {"channels": (c1, c2), "feature_dim": feature_dim, "dropout": dropout,
+                       "num_classes": num_classes, "image_size": int(image_size)}
         self.body = nn.Sequential(
             _conv_block(1, c1), _conv_block(c1, c1), nn.MaxPool2d(2),    # 16 -> 8
             _conv_block(c1, c2), _conv_block(c2, c2), nn.MaxPool2d(2),   # 8 -> 4
@@ -169,8 +178,69 @@ def metadata_path(path: PathLike) -> Path:
     return Path(path).with_suffix(".json")
 
 
+def check_path(path, name: str = "path") -> Path:
+    """``path`` as a Path, or a TypeError naming ``name`` when it is not a str or os.PathLike
+    (``Path(123)`` fails with os.PathLike's own message, ``Path(None)`` likewise)."""
+    if isinstance(path, (str, os.PathLike)):
+        try:
+            return Path(path)
+        except TypeError:  # an os.PathLike of bytes
+            pass
+    raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+
+
+def check_device(device, name: str = "device") -> torch.device:
+    """``device`` as a torch.device, or an error naming ``name``: a TypeError for what is not a str,
+    torch.device or int (``model.to(True)`` would read True as a dtype), a ValueError for a string
+    torch does not know as a device ("bogus", "cuda:x")."""
+    if isinstance(device, bool) or not isinstance(device, (str, torch.device, int)):
+        raise TypeError(f"{name} must be a str or torch.device (e.g. 'cpu' or 'cuda:0'), got "
+                        f"{type(device).__name__}")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(f"{name} must be a device such as 'cpu' or 'cuda:0', got {device!r}") from None
+
+
+def _json_metrics(metrics) -> Dict:
+    """``metrics`` as a JSON-ready dict: 0-d tensors and numpy scalars become Python numbers (a
+    measured accuracy is often one), anything JSON cannot hold is a TypeError naming its key."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        raise TypeError(f"metrics must be a dict (or None), got {type(metrics).__name__}")
+    return _json_value("metrics", metrics)
+
+
+def _json_value(where: str, value):
+    if isinstance(value, torch.Tensor):
+        if value.dim() != 0:
+            raise TypeError(f"{where} must be a number, string, bool, None, list or dict; got a tensor of shape "
+                            f"{tuple(value.shape)} (pass a 0-d tensor or .tolist())")
+        value = value.item()
+    elif isinstance(value, np.ndarray) and value.ndim == 0:
+        value = value.item()
+    elif isinstance(value, np.generic):
+        value = value.item()
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return float(value)
+    if isinstance(value, Mapping):
+        out = {}
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise TypeError(f"{where} keys must be strings (JSON object keys), got {key!r}")
+            out[key] = _json_value(f"{where}[{key!r}]", item)
+        return out
+    if isinstance(value, (list, tuple)):
+        return [_json_value(f"{where}[{k}]", item) for k, item in enumerate(value)]
+    raise TypeError(f"{where} must be a number, string, bool, None, list or dict (what JSON holds), "
+                    f"got {type(value).__name__}: {value!r}")
+
+
 def _refuse_json_suffix(path: PathLike) -> Path:
-    path = Path(path)
+    path = check_path(path)
     if path.suffix.lower() == ".json":  # metadata_path(path) would be path: the JSON would overwrite the weights
         raise ValueError(f"classifier weights path {str(path)!r} must not end in .json: its metadata is written "
                          "beside it as <name>.json (use e.g. .safetensors)")
@@ -205,12 +275,13 @@ def save_classifier(model: DigitsClassifier, path: PathLike, metrics: Optional[D
     if not isinstance(model, DigitsClassifier):
         raise TypeError(f"model must be a DigitsClassifier, got {type(model).__name__}")
     path = _refuse_json_suffix(path)
+    metrics = _json_metrics(metrics)  # (before anything is written)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_files(path, metadata_path(path)) as (weights_tmp, json_tmp):
         # one metadata key only: safetensors writes several in random order, and the bytes must be reproducible
         save_file(state, str(weights_tmp), metadata={"config": json.dumps(model.config, sort_keys=True)})
-        info = {"config": model.config, "metrics": dict(metrics or {}), "weights_file": path.name,
+        info = {"config": model.config, "metrics": metrics, "weights_file": path.name,
                 "sha256": _sha256(weights_tmp), "bytes": weights_tmp.stat().st_size}
         json_tmp.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return path
@@ -226,7 +297,8 @@ def load_classifier(path: Optional[PathLike] = None, device: Union[str, torch.de
         from safetensors import safe_open
     except ImportError as exc:  # pragma: no cover
         raise ImportError("loading the digits classifier needs safetensors: pip install safetensors") from exc
-    path = Path(path) if path is not None else SHIPPED_PATH
+    path = check_path(path) if path is not None else SHIPPED_PATH
+    device = check_device(device)  # (before the file is read)
     if not path.is_file():
         hint = " (rebuild it with: python -m kdfast.eval --threads 1)" if path == SHIPPED_PATH else ""
         raise ClassifierAssetError(f"classifier file {path} does not exist{hint}")

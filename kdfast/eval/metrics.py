@@ -18,7 +18,7 @@ import torch.nn as nn
 
 from .._checks import check_count, check_int
 from ..datasets.digits import NUM_CLASSES, load_digits
-from .classifier import IMAGE_SIZE, PathLike, load_classifier
+from .classifier import IMAGE_SIZE, PathLike, check_device, load_classifier
 
 _INTEGER_DTYPES = {getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
                                                     "uint64") if hasattr(torch, name)}
@@ -138,6 +138,25 @@ def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
     return labels
 
 
+def check_classifier(classifier, method: str = "forward") -> nn.Module:
+    """``classifier``, or a TypeError naming it when it is not a torch.nn.Module with ``method``
+    (its logits, or the evaluator's ``features``)."""
+    if not isinstance(classifier, nn.Module):
+        raise TypeError(f"classifier must be a torch.nn.Module (e.g. a DigitsClassifier), got "
+                        f"{type(classifier).__name__}")
+    if not callable(getattr(classifier, method, None)):
+        raise TypeError(f"classifier must have a {method}() method (as DigitsClassifier has), got "
+                        f"{type(classifier).__name__}")
+    return classifier
+
+
+def _check_split(name: str, split) -> str:
+    # (isinstance first: a numpy array compared with a string is no truth value)
+    if not isinstance(split, str) or split not in ("train", "heldout"):
+        raise ValueError(f"{name} must be 'train' or 'heldout', got {split!r}")
+    return split
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -147,7 +166,9 @@ def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: i
     was_training = classifier.training
     classifier.eval()
     try:
-        device = next(classifier.parameters()).device
+        # (a classifier without parameters or buffers runs on the CPU)
+        first = next(itertools.chain(classifier.parameters(), classifier.buffers()), None)
+        device = first.device if first is not None else torch.device("cpu")
         fn = getattr(classifier, method)
         return torch.cat([fn(images[i:i + batch_size].to(device)).float().cpu()
                           for i in range(0, len(images), batch_size)])
@@ -159,6 +180,7 @@ def class_accuracy(images: torch.Tensor, labels: torch.Tensor, classifier: nn.Mo
                    batch_size: int = 512) -> float:
     """Fraction of ``images`` that ``classifier`` assigns to ``labels`` (the class each was sampled for)."""
     batch_size = check_count("batch_size", batch_size, 1)  # 0 or -1 would fail deep in range() or torch.cat
+    classifier = check_classifier(classifier)
     images = check_images(images)
     labels = check_labels(labels, len(images))
     predicted = _run(classifier, images, "forward", batch_size).argmax(1)
@@ -180,6 +202,9 @@ class DigitsEvaluator:
                  device: Union[str, torch.device] = "cpu", split_seed: int = 0, batch_size: int = 512):
         if classifier is not None and path is not None:
             raise ValueError("pass classifier or path, not both")
+        if classifier is not None:  # (refused now, not at the first evaluation)
+            check_classifier(classifier, "features")
+        device = check_device(device)  # (checked with a classifier passed in too, which it does not move)
         batch_size = check_count("batch_size", batch_size, 1)  # int(1.5) would silently be 1
         # A classifier passed in stays where it is and as it is (a training loop may evaluate
         # its own model): each evaluation runs it in eval mode and restores its mode.
@@ -191,8 +216,7 @@ class DigitsEvaluator:
 
     def real(self, split: str = "heldout") -> Tuple[torch.Tensor, torch.Tensor]:
         """The real 16x16 images and labels of ``split`` ("train" or "heldout")."""
-        if split not in ("train", "heldout"):
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        split = _check_split("split", split)
         if split not in self._real:
             self._real[split] = load_digits(split, size=IMAGE_SIZE, seed=self.split_seed)
         return self._real[split]
@@ -200,6 +224,7 @@ class DigitsEvaluator:
     def real_features(self, split: str = "heldout") -> torch.Tensor:
         """Classifier features of the real ``split`` images, cached while the classifier's
         weights stay as they are (a training loop evaluating its own classifier changes them)."""
+        split = _check_split("split", split)
         state = self._weights_state()
         cached = self._real_features.get(split)
         if cached is None or cached[0] != state:
@@ -225,6 +250,7 @@ class DigitsEvaluator:
         ``accuracy`` is the share classified as ``labels`` (None without labels). At least 2
         images are needed; hundreds are needed for a meaningful Frechet distance.
         """
+        reference = _check_split("reference", reference)  # (before the features are computed)
         images = check_images(images)
         if len(images) < 2:
             raise ValueError(f"images needs at least 2 images for a Frechet distance, got {len(images)}")
@@ -257,6 +283,8 @@ class DigitsEvaluator:
         """
         n_per_class = check_int("n_per_class", n_per_class, minimum=2)
         draws = check_count("draws", draws, 1)
+        # (int() would read "1", True and 1.5 as 1; the generator takes any int64 >= 0, as split_seed)
+        seed = check_int("seed", seed, minimum=0)
         labels = self.real("train")[1]
         by_class = [torch.nonzero(labels == c).flatten() for c in range(NUM_CLASSES)]
         smallest = min(len(idx) for idx in by_class)
@@ -264,7 +292,7 @@ class DigitsEvaluator:
             raise ValueError(f"n_per_class must be at most {smallest} (the smallest class of the {len(labels)} "
                              f"real training digits), got {n_per_class}: no real set of that size exists")
         feats, reference = self.real_features("train"), self.real_features("heldout")
-        gen = torch.Generator().manual_seed(int(seed))
+        gen = torch.Generator().manual_seed(seed)
         distances = []
         for _ in range(int(draws)):
             pick = torch.cat([idx[torch.randperm(len(idx), generator=gen)[:int(n_per_class)]] for idx in by_class])

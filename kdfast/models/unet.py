@@ -18,11 +18,12 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._checks import check_flag, check_float, check_int
+from .._checks import check_flag, check_float, check_int, is_finite_number, real_number
 from ..inference import can_fuse, plain_group_norm
 from ..ops._tensors import vmapped
 from ..ops.group_norm import group_norm_act
@@ -277,6 +278,44 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         cfg = self.config
+        # Tensors are checked by type, dtype and shape only: reading their values would cost a
+        # host sync on a GPU (and cannot be done under torch.func.vmap or torch.compile).
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        weight_dtype = self.conv_in.weight.dtype
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"x must be a floating-point tensor (the model's dtype, {weight_dtype}), "
+                            f"got dtype {x.dtype}")
+        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+            raise TypeError(f"x must have the model's dtype {weight_dtype}, got dtype {x.dtype} (convert x, or the "
+                            f"model with .to({x.dtype}), or run under torch.autocast)")
+        if isinstance(t, torch.Tensor):
+            if t.dtype == torch.bool or t.dtype.is_complex:
+                raise TypeError(f"t must hold real timesteps (an integer or floating-point tensor), "
+                                f"got dtype {t.dtype}")
+        elif not isinstance(t, (list, tuple, np.ndarray)):
+            # a number: float() would take True as 1, and NaN or inf give a NaN output
+            if not is_finite_number(real_number("t", t), "t"):
+                raise ValueError(f"t must be a finite number, got {t!r}")
+        else:  # a list or numpy array of timesteps, on the host: its values are checked here
+            try:
+                t = torch.as_tensor(t)
+            except (TypeError, ValueError, RuntimeError):
+                raise ValueError(f"t must be a real number or a tensor of them, got {t!r}") from None
+            if t.dtype == torch.bool or t.dtype.is_complex:
+                raise TypeError(f"t must hold real timesteps (integers or floating-point numbers), got dtype {t.dtype}")
+            if t.dtype.is_floating_point and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"t must be finite, got {t.tolist()}")
+        if class_labels is not None:
+            if not isinstance(class_labels, torch.Tensor):
+                try:
+                    class_labels = torch.as_tensor(class_labels)
+                except (TypeError, ValueError, RuntimeError):
+                    raise TypeError(f"class_labels must be a tensor of integer class indices, got "
+                                    f"{type(class_labels).__name__}") from None
+            dtype = class_labels.dtype
+            if dtype.is_floating_point or dtype.is_complex or dtype == torch.bool:
+                raise TypeError(f"class_labels must be integer class indices, got {class_labels.dtype}")
         if x.dim() != 4 or x.shape[1] != cfg.in_channels:
             raise ValueError(f"x must be [N, {cfg.in_channels}, H, W], got {tuple(x.shape)}")
         factor = 2 ** (len(cfg.channel_mults) - 1)  # each level but the last halves H and W

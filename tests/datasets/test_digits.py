@@ -46,3 +46,29 @@ def test_integral_float_size_and_seed_are_taken():
     x, y = load_digits("heldout", size=16.0, seed=3.0)
     x3, y3 = load_digits("heldout", size=16, seed=3)
     assert torch.equal(x, x3) and torch.equal(y, y3)
+
+
+@pytest.mark.parametrize("fraction, message", [
+    # these failed in the comparison ("'<' not supported", "Boolean value of Tensor ... is ambiguous")
+    (None, "heldout_fraction must be a real number, got None"),
+    ("0.2", "heldout_fraction must be a real number, got '0.2'"),
+    ([0.2], "heldout_fraction must be a real number, got [0.2]"),
+    (torch.tensor([0.2, 0.3]), "heldout_fraction must be a real number"),
+    (True, "heldout_fraction must be a real number, got True"),
+    (float("nan"), "heldout_fraction must be in (0, 1), got nan"),
+    (0.0, "heldout_fraction must be in (0, 1), got 0.0"),
+    (1, "heldout_fraction must be in (0, 1), got 1.0"),
+])
+def test_heldout_fraction_must_be_a_fraction(fraction, message):
+    with pytest.raises(ValueError) as exc:
+        load_digits("heldout", heldout_fraction=fraction)
+    assert message in str(exc.value)
+
+
+def test_heldout_fraction_takes_numpy_and_0d_tensors():
+    import numpy as np
+
+    x, y = load_digits("heldout", heldout_fraction=0.3)
+    for fraction in (np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
+        x2, y2 = load_digits("heldout", heldout_fraction=fraction)
+        assert torch.equal(x2, x) and torch.equal(y2, y)

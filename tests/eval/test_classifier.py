@@ -226,3 +226,78 @@ def test_module_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypa
         cli.main(["--out", str(tmp_path / "c.safetensors")])
     err = capsys.readouterr().err
     assert exc.value.code == 130 and err.strip() == "python -m kdfast.eval: interrupted"
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(dropout=True), "dropout must be a real number, got True"),  # was Dropout(p=True)
+    (dict(dropout=float("nan")), "dropout must be a finite number in [0.0, 1.0), got nan"),
+    (dict(dropout="0.1"), "dropout must be a real number, got '0.1'"),
+    (dict(dropout=1.0), "dropout must be a finite number in [0.0, 1.0), got 1.0"),
+    (dict(channels=(8.5, 16)), "channels[0] must be a positive integer, got 8.5"),  # was (8, 16)
+    (dict(channels=(0, 16)), "channels[0] must be a positive integer, got 0"),
+    (dict(channels=(8, True)), "channels[1] must be a positive integer, got True"),
+    (dict(channels=(8,)), "channels must be a sequence of 2 positive integers"),
+    (dict(channels=(8, 16, 32)), "channels must be a sequence of 2 positive integers"),
+    (dict(channels="ab"), "channels must be a sequence of 2 positive integers"),
+    (dict(channels=8), "channels must be a sequence of 2 positive integers"),
+    (dict(feature_dim=0), "feature_dim must be a positive integer, got 0"),
+    (dict(feature_dim=True), "feature_dim must be a positive integer, got True"),
+    (dict(feature_dim=8.5), "feature_dim must be a positive integer, got 8.5"),
+    (dict(feature_dim="8"), "feature_dim must be a positive integer, got '8'"),
+    (dict(num_classes=0), "num_classes must be a positive integer, got 0"),
+    (dict(num_classes=False), "num_classes must be a positive integer, got False"),
+    (dict(num_classes=2.5), "num_classes must be a positive integer, got 2.5"),
+])
+def test_classifier_settings_are_checked_by_name(kwargs, message):
+    with pytest.raises(ValueError) as exc:
+        DigitsClassifier(**kwargs)
+    assert message in str(exc.value)
+
+
+def test_classifier_settings_take_whole_numbers():
+    model = DigitsClassifier(channels=[4.0, 8], feature_dim=16.0, dropout=0, num_classes=10.0)
+    assert model.config == {"channels": (4, 8), "feature_dim": 16, "dropout": 0.0, "num_classes": 10,
+                            "image_size": 16}
+    assert all(type(v) is int for v in (*model.config["channels"], model.config["feature_dim"]))
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda tmp, m: load_classifier(123), TypeError, "path must be a str or os.PathLike, got int"),
+    (lambda tmp, m: load_classifier(b"clf.safetensors"), TypeError, "path must be a str or os.PathLike, got bytes"),
+    (lambda tmp, m: load_classifier(device=True), TypeError, "device must be a str or torch.device"),
+    (lambda tmp, m: load_classifier(device="bogus"), ValueError, "device must be a device such as 'cpu'"),
+    (lambda tmp, m: save_classifier(m, None), TypeError, "path must be a str or os.PathLike, got NoneType"),
+    (lambda tmp, m: save_classifier(m, 123), TypeError, "path must be a str or os.PathLike, got int"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", "abc"), TypeError,
+     "metrics must be a dict (or None), got str"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", [("a", 1.0)]), TypeError,
+     "metrics must be a dict (or None), got list"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", {"a": torch.ones(2)}), TypeError,
+     "metrics['a'] must be a number, string, bool, None, list or dict; got a tensor of shape (2,)"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", {"a": {"b": object()}}), TypeError,
+     "metrics['a']['b'] must be a number, string, bool, None, list or dict"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", {"a": torch.tensor(1j)}), TypeError,
+     "metrics['a'] must be a number, string, bool, None, list or dict"),
+    (lambda tmp, m: save_classifier(m, tmp / "c.safetensors", {1: 0.5}), TypeError,
+     "metrics keys must be strings (JSON object keys), got 1"),
+])
+def test_file_arguments_are_checked_by_name(tmp_path, call, error, message):
+    model = DigitsClassifier(channels=(4, 4), feature_dim=8)
+    with pytest.raises(error) as exc:
+        call(tmp_path, model)
+    assert message in str(exc.value)
+    assert list(tmp_path.iterdir()) == []  # refused before anything was written
+
+
+def test_metrics_of_tensors_and_numpy_scalars_are_saved_as_numbers(tmp_path):
+    import numpy as np
+
+    model = DigitsClassifier(channels=(4, 4), feature_dim=8)
+    metrics = {"accuracy": torch.tensor(0.5), "count": np.int64(3), "loss": np.float32(0.25),
+               "nested": {"flags": [np.bool_(True), torch.tensor(2)]}, "note": "x", "none": None}
+    save_classifier(model, tmp_path / "c.safetensors", metrics)
+    saved = json.loads((tmp_path / "c.json").read_text())["metrics"]
+    assert saved == {"accuracy": 0.5, "count": 3, "loss": 0.25, "nested": {"flags": [True, 2]}, "note": "x",
+                     "none": None}
+    assert type(saved["count"]) is int and type(saved["accuracy"]) is float
+    assert load_classifier(tmp_path / "c.safetensors").config == model.config

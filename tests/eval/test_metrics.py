@@ -250,3 +250,51 @@ def test_bad_images_and_labels_name_the_argument(evaluator):
         evaluator.real("test")
     # float64 input and a hair outside [-1, 1] (sampler round-off) are accepted
     assert evaluator.evaluate((x * 1.0005).double(), y)["accuracy"] >= 0.9
+
+
+def _images(n=4):
+    return torch.rand(n, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+
+
+@pytest.mark.parametrize("call, error, message", [
+    # a non-Module classifier failed deep ('NoneType' object has no attribute 'training')
+    (lambda ev: class_accuracy(_images(), torch.arange(4), None), TypeError,
+     "classifier must be a torch.nn.Module (e.g. a DigitsClassifier), got NoneType"),
+    (lambda ev: class_accuracy(_images(), torch.arange(4), "clf"), TypeError,
+     "classifier must be a torch.nn.Module (e.g. a DigitsClassifier), got str"),
+    # refused when the evaluator is made, not at its first evaluation
+    (lambda ev: DigitsEvaluator(classifier=42), TypeError, "classifier must be a torch.nn.Module"),
+    (lambda ev: DigitsEvaluator(classifier="clf"), TypeError, "classifier must be a torch.nn.Module"),
+    (lambda ev: DigitsEvaluator(classifier=torch.nn.Linear(2, 2)), TypeError,
+     "classifier must have a features() method"),
+    # torch's raw device error did not name the argument
+    (lambda ev: DigitsEvaluator(device="bogus"), ValueError, "device must be a device such as 'cpu' or 'cuda:0', "
+                                                             "got 'bogus'"),
+    (lambda ev: DigitsEvaluator(device=True), TypeError, "device must be a str or torch.device"),
+    (lambda ev: DigitsEvaluator(classifier=ev.classifier, device="bogus"), ValueError, "device must be a device"),
+    # reference was checked as "split", and only after the features were computed
+    (lambda ev: ev.evaluate(_images(), reference="bogus"), ValueError,
+     "reference must be 'train' or 'heldout', got 'bogus'"),
+    (lambda ev: ev.evaluate(_images(1), reference="test"), ValueError, "reference must be 'train' or 'heldout'"),
+    (lambda ev: ev.evaluate(_images(), reference=["heldout"]), ValueError, "reference must be 'train' or 'heldout'"),
+    (lambda ev: ev.real_features(np.array(["train", "heldout"])), ValueError, "split must be 'train' or 'heldout'"),
+    # int(seed) read "1", True and 1.5 as 1, took -1, and failed unclearly on None, nan and 2**70
+    (lambda ev: ev.floor_draws(2, 1, "1"), ValueError, "seed must be an integer >= 0, got '1'"),
+    (lambda ev: ev.floor_draws(2, 1, True), ValueError, "seed must be an integer >= 0, got True"),
+    (lambda ev: ev.floor_draws(2, 1, 1.5), ValueError, "seed must be an integer >= 0, got 1.5"),
+    (lambda ev: ev.floor_draws(2, 1, -1), ValueError, "seed must be an integer >= 0, got -1"),
+    (lambda ev: ev.floor_draws(2, 1, None), ValueError, "seed must be an integer >= 0, got None"),
+    (lambda ev: ev.floor_draws(2, 1, float("nan")), ValueError, "seed must be an integer >= 0, got nan"),
+    (lambda ev: ev.floor_draws(2, 1, 2**70), ValueError, "seed must fit in int64"),
+    (lambda ev: ev.floor_at(2, 1, "1"), ValueError, "seed must be an integer >= 0, got '1'"),
+])
+def test_bad_arguments_are_refused_by_name(evaluator, call, error, message):
+    with pytest.raises(error) as exc:
+        call(evaluator)
+    assert message in str(exc.value)
+
+
+def test_floor_seed_takes_whole_numbers(evaluator):
+    draws = evaluator.floor_draws(2, 2, seed=3)
+    assert evaluator.floor_draws(2, 2, seed=np.int64(3)) == draws == evaluator.floor_draws(2, 2, seed=3.0)
+    assert len(evaluator.floor_draws(2, 1, seed=2**63 - 1)) == 1  # the largest seed the generator takes

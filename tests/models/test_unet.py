@@ -155,3 +155,62 @@ def test_inference_form_under_autograd_uses_torch_and_matches(unet):
     (ga,) = torch.autograd.grad(unet(xa, t, y).square().sum(), [xa])
     (gb,) = torch.autograd.grad(fast(xb, t, y).square().sum(), [xb])
     torch.testing.assert_close(gb, ga, rtol=1e-4, atol=1e-5)
+
+
+def _x(dtype=torch.float32):
+    return torch.randn(2, 1, 16, 16).to(dtype)
+
+
+@pytest.mark.parametrize("args, error, message", [
+    # x of another dtype failed in the first matmul ("mat1 and mat2 must have the same dtype")
+    ((_x(torch.float64), 3), TypeError, "x must have the model's dtype torch.float32, got dtype torch.float64"),
+    ((_x(torch.float16), 3), TypeError, "x must have the model's dtype torch.float32, got dtype torch.float16"),
+    ((_x(torch.int64), 3), TypeError, "x must be a floating-point tensor"),
+    ((_x(torch.complex64), 3), TypeError, "x must be a floating-point tensor"),
+    ((None, 3), TypeError, "x must be a torch.Tensor, got NoneType"),
+    ((_x().numpy(), 3), TypeError, "x must be a torch.Tensor, got ndarray"),
+    # t: "Could not infer dtype", True taken as 1, NaN giving a NaN output
+    ((_x(), None), ValueError, "t must be a real number, got None"),
+    ((_x(), "1"), ValueError, "t must be a real number, got '1'"),
+    ((_x(), True), ValueError, "t must be a real number, got True"),
+    ((_x(), float("nan")), ValueError, "t must be a finite number, got nan"),
+    ((_x(), float("-inf")), ValueError, "t must be a finite number, got -inf"),
+    ((_x(), [1.0, float("nan")]), ValueError, "t must be finite"),
+    ((_x(), [True, False]), TypeError, "t must hold real timesteps"),
+    ((_x(), torch.tensor([True, False])), TypeError, "t must hold real timesteps"),
+    ((_x(), torch.tensor([1j, 2j])), TypeError, "t must hold real timesteps"),
+    # class_labels of a complex dtype failed deep in the embedding
+    ((_x(), 3, torch.tensor([1, 2], dtype=torch.complex64)), TypeError,
+     "class_labels must be integer class indices, got torch.complex64"),
+    ((_x(), 3, "ab"), TypeError, "class_labels must be a tensor of integer class indices, got str"),
+])
+def test_bad_forward_inputs_are_refused_by_name(unet, args, error, message):
+    with pytest.raises(error) as exc:
+        unet(*args)
+    assert message in str(exc.value)
+
+
+def test_forward_takes_timesteps_in_every_real_form(unet):
+    import numpy as np
+
+    x = _x()
+    with torch.no_grad():
+        expect = unet(x, 3, torch.tensor([1, 2]))
+        for t in (3.0, np.int64(3), np.float32(3), [3, 3], (3.0, 3.0), np.array([3, 3]), torch.tensor(3),
+                  torch.tensor([3.0, 3.0], dtype=torch.float64)):
+            torch.testing.assert_close(unet(x, t, torch.tensor([1, 2])), expect)
+        torch.testing.assert_close(unet(x, 3, [1, 2]), expect)
+        # under autocast, x may have the autocast dtype while the weights stay float32
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert unet(x.bfloat16(), 3).dtype == torch.bfloat16
+
+
+def test_forward_checks_compile_without_graph_breaks():
+    # (the checks read no tensor values: a number t is checked while compiling too)
+    torch.manual_seed(0)
+    model = UNet(base_channels=16, channel_mults=(1, 2), attention_heads=2).eval()
+    x = _x()
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        for t in (3, 5.5, torch.tensor([3, 20])):
+            torch.testing.assert_close(compiled(x, t), model(x, t))
