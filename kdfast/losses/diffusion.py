@@ -47,6 +47,7 @@ import torch
 
 from .._checks import check_flag
 from ..ops import diffusion_losses as _ops
+from ..ops._tensors import vmapped
 from ..reference import diffusion_losses as _ref
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -195,19 +196,72 @@ def ddim_step(
 def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t))`` (float64, on the table's
     device) of integer ``timesteps``; negative timesteps mean the clean end (1, 0), like
-    diffusers' ``set_alpha_to_one``. No host sync."""
-    table = torch.as_tensor(alphas_cumprod).to(torch.float64)
-    timesteps = torch.as_tensor(timesteps, device=table.device).reshape(-1)
-    abar = torch.where(timesteps >= 0, table[timesteps.clamp(min=0)], torch.ones_like(table[:1]))
+    diffusers' ``set_alpha_to_one``. No host sync (timesteps past the table are refused on the
+    CPU at once, on a device by ``torch._assert_async``)."""
+    table = _real_tensor("alphas_cumprod", alphas_cumprod)
+    if table.dim() != 1 or table.numel() == 0:
+        raise ValueError(f"alphas_cumprod must be a 1-D table of at least one value, got shape {tuple(table.shape)}")
+    table = table.to(torch.float64)
+    timesteps = _as_tensor("timesteps", timesteps)
+    if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
+        raise TypeError(f"timesteps must be integers (indices of alphas_cumprod), got {timesteps.dtype}")
+    timesteps = timesteps.to(table.device).reshape(-1)
+    _check_below("timesteps", timesteps, table.numel())
+    abar = torch.where(timesteps >= 0, table[timesteps.clamp(min=0, max=table.numel() - 1)],
+                       torch.ones_like(table[:1]))
     return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+
+
+def _as_tensor(name: str, value) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        return value
+    if value is None or isinstance(value, (str, bytes)):
+        raise TypeError(f"{name} must be a tensor (or a sequence of numbers), got {type(value).__name__}")
+    try:
+        return torch.as_tensor(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise TypeError(f"{name} must be a tensor (or a sequence of numbers), got {type(value).__name__}") from None
+
+
+def _real_tensor(name: str, value) -> torch.Tensor:
+    """``value`` as a floating-point tensor, or an error naming ``name`` (integers and bools
+    would be a table of 0s and 1s)."""
+    t = _as_tensor(name, value)
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be floating point, got {t.dtype}")
+    return t
+
+
+def _check_below(name: str, t: torch.Tensor, bound: int) -> None:
+    """Refuse values of ``t`` >= ``bound``: on the CPU with a ValueError, on a device without a
+    host sync (``torch._assert_async``); not under torch.func.vmap (no values to read)."""
+    if t.device.type == "meta" or vmapped(t):
+        return
+    if t.device.type == "cpu" and not torch.compiler.is_compiling():
+        if t.numel() and bool((t >= bound).any()):
+            raise ValueError(f"{name} must be below {bound} (the table's length), got {int(t.max())}")
+    else:
+        torch._assert_async(~(t >= bound).any(), f"{name} must be below {bound} (the table's length)")
 
 
 def truncated_snr_weights(alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                           prediction_type: str = "epsilon") -> torch.Tensor:
     """Per-sample weights for :func:`progressive_distillation_loss` that make its MSE in the
     student's prediction space equal Salimans & Ho's truncated-SNR weighting
-    ``max(alpha^2 / sigma^2, 1) ||x0 - x0_hat||^2``."""
-    alpha_t, sigma_t = torch.as_tensor(alpha_t).double(), torch.as_tensor(sigma_t).double()
+    ``max(alpha^2 / sigma^2, 1) ||x0 - x0_hat||^2``. ``sigma_t`` must be positive (the SNR of
+    the clean end is infinite); checked on the CPU, on a device by ``torch._assert_async``."""
+    alpha_t, sigma_t = _real_tensor("alpha_t", alpha_t).double(), _real_tensor("sigma_t", sigma_t).double()
+    try:
+        torch.broadcast_shapes(alpha_t.shape, sigma_t.shape)
+    except RuntimeError:
+        raise ValueError(f"alpha_t and sigma_t must have broadcastable shapes, got {tuple(alpha_t.shape)} and "
+                         f"{tuple(sigma_t.shape)}") from None
+    if sigma_t.device.type != "meta" and not vmapped(sigma_t):
+        if sigma_t.device.type == "cpu" and not torch.compiler.is_compiling():
+            if sigma_t.numel() and not bool((sigma_t > 0).all()):
+                raise ValueError(f"sigma_t must be positive (the SNR at sigma 0 is infinite), got {sigma_t.tolist()}")
+        else:
+            torch._assert_async((sigma_t > 0).all(), "sigma_t must be positive (the SNR at sigma 0 is infinite)")
     # x0_hat = p0 x_t + q0 pred: an error e in the prediction is an error q0 e in x0.
     _, q0, _, _ = _ref.prediction_to_x0_eps(prediction_type, alpha_t, sigma_t)
     snr = alpha_t * alpha_t / (sigma_t * sigma_t)
@@ -226,9 +280,18 @@ def progressive_distillation_teacher(
     """The teacher's two deterministic DDIM steps ``t -> t_mid -> t_s`` at per-sample timesteps
     (``[batch]`` integer tensors; negative = the clean end), without gradients.
     ``teacher(x, timesteps)`` returns its prediction of type ``prediction_type``."""
+    if not callable(teacher):
+        raise TypeError(f"teacher must be callable as teacher(x, timesteps), got {type(teacher).__name__}")
+
+    def predict(x, timesteps):
+        out = teacher(x, timesteps)
+        if not isinstance(out, torch.Tensor):  # (a diffusers model's output object, say)
+            raise TypeError(f"teacher(x, timesteps) must return a torch.Tensor, got {type(out).__name__}")
+        return out
+
     with torch.no_grad():
         a_t, s_t = alpha_sigma(alphas_cumprod, t)
         a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
         a_s, s_s = alpha_sigma(alphas_cumprod, t_s)
-        x_mid = ddim_step(x_t, teacher(x_t, t), a_t, s_t, a_m, s_m, prediction_type)
-        return ddim_step(x_mid, teacher(x_mid, t_mid), a_m, s_m, a_s, s_s, prediction_type)
+        x_mid = ddim_step(x_t, predict(x_t, t), a_t, s_t, a_m, s_m, prediction_type)
+        return ddim_step(x_mid, predict(x_mid, t_mid), a_m, s_m, a_s, s_s, prediction_type)

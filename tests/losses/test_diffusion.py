@@ -212,6 +212,36 @@ def test_alpha_sigma():
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(3, dtype=torch.float64))
 
 
+ABAR = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    # IndexError, "tensors used as indices must be long", or silently alphas of 0 / bool indices
+    (lambda: dl.alpha_sigma(ABAR, torch.tensor([10])), ValueError, r"timesteps must be below 10"),
+    (lambda: dl.alpha_sigma(ABAR, torch.tensor([1.0])), TypeError, "timesteps must be integers"),
+    (lambda: dl.alpha_sigma(ABAR, torch.tensor([True, False])), TypeError, "timesteps must be integers"),
+    (lambda: dl.alpha_sigma(ABAR, None), TypeError, "timesteps must be a tensor"),
+    (lambda: dl.alpha_sigma(ABAR, "1"), TypeError, "timesteps must be a tensor"),
+    (lambda: dl.alpha_sigma(ABAR.long(), torch.tensor([1])), TypeError, "alphas_cumprod must be floating point"),
+    (lambda: dl.alpha_sigma(ABAR[None], torch.tensor([1])), ValueError, "alphas_cumprod must be a 1-D table"),
+    # NaN weights at sigma 0, bools taken as 1.0, torch's broadcast error
+    (lambda: dl.truncated_snr_weights(torch.tensor([1.0, 0.6]), torch.tensor([0.0, 0.8])), ValueError,
+     "sigma_t must be positive"),
+    (lambda: dl.truncated_snr_weights(torch.tensor([True]), torch.tensor([0.8])), TypeError,
+     "alpha_t must be floating point"),
+    (lambda: dl.truncated_snr_weights(torch.ones(2), torch.ones(3)), ValueError, "broadcastable shapes"),
+    (lambda: dl.truncated_snr_weights(None, torch.ones(3)), TypeError, "alpha_t must be a tensor"),
+    (lambda: dl.progressive_distillation_teacher(None, torch.ones(1, 2), torch.tensor([5]), torch.tensor([3]),
+                                                 torch.tensor([1]), ABAR), TypeError, "teacher must be callable"),
+    (lambda: dl.progressive_distillation_teacher(lambda x, t: None, torch.ones(1, 2), torch.tensor([5]),
+                                                 torch.tensor([3]), torch.tensor([1]), ABAR), TypeError,
+     r"teacher\(x, timesteps\) must return a torch.Tensor"),
+])
+def test_schedule_helpers_name_bad_arguments(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
 @pytest.mark.parametrize("call", [
     lambda x: dl.pseudo_huber_loss(x, x, reduction="batchmean"),
     lambda x: dl.dmd_loss(x, x, x, reduction="avg"),
