@@ -76,7 +76,7 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
             None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1))
 
 
-def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignore_index: int,
+def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, student_vocab: int, ignore_index: int,
                   device: torch.device, need_values: bool) -> Optional[torch.Tensor]:
     if labels is None:
         if need_values:
@@ -89,8 +89,10 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, ignor
     if labels.device != device:
         raise ValueError(f"labels must be on {device} like the hidden states, got {labels.device}")
     labels = labels.to(torch.int64)
-    # (under vmap no value is read: the cross-entropy's gather refuses an id out of range)
-    check_label_ids(labels, vocab, ignore_index)
+    # The hard term's targets are ids of the shared vocabulary; for the divergence alone labels
+    # only mask, and the student's own tokens past it are tokens too. (Under vmap no value is
+    # read: the cross-entropy's gather refuses an id out of range.)
+    check_label_ids(labels, vocab if need_values else student_vocab, ignore_index)
     return labels
 
 
@@ -391,7 +393,8 @@ def fused_linear_kd(
     if not 1 <= vocab <= shared:
         raise ValueError(f"vocab_size must be in [1, {shared}] (the smaller head), got {vocab_size}")
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
-    labels = _check_labels(labels, tokens, vocab, ignore_index, student_hidden.device, weight_hard > 0)
+    labels = _check_labels(labels, tokens, vocab, student_weight.shape[0], ignore_index, student_hidden.device,
+                           weight_hard > 0)
     if chunk_size is None:
         # (sized by the wider head: the teacher's chunk logits are as many rows of its vocabulary)
         chunk_size = default_chunk_size(tokens, max(student_weight.shape[0], teacher_weight.shape[0]),

@@ -185,7 +185,7 @@ def _float64_rows(student, teacher, *, kind, beta, temperature, labels, ignore_i
     autograd (the fused kernels stop at float32): TRL takes float64 logits, so its drop-in does."""
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=True)
-    check_label_ids(labels, vocab, ignore_index)
+    check_label_ids(labels, student.shape[1], ignore_index)  # (masks only: the student's width bounds them)
     return ref.kd_divergence(student, teacher, kind, beta, temperature, labels, ignore_index, vocab, loss_scale,
                              dtype=torch.float64)
 

@@ -66,12 +66,13 @@ def _differentiating_or_batching() -> bool:
 def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
     """Refuse int64 ``labels`` outside ``[0, vocab)`` other than ``ignore_index`` (padding with -1
     where ignore_index is -100 would count the padding as tokens): on the CPU with a ValueError
-    naming the first, on a device without a host sync (``torch._assert_async``, inside
-    torch.compile's graph too); under ``torch.func.vmap`` and on meta tensors no value is read."""
+    naming the first, else without a host read (``torch._assert_async``: on a device, inside
+    torch.compile's graph, under a dispatch mode such as FakeTensorMode); under
+    ``torch.func.vmap`` and on meta tensors no value is read."""
     if labels is None or labels.device.type == "meta" or vmapped(labels):
         return
     bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-    if labels.device.type == "cpu" and not torch.compiler.is_compiling():
+    if labels.device.type == "cpu" and not dispatcher_required() and not has_subclass([labels]):
         if bad.any():
             first = int(labels[bad][0])
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")

@@ -189,7 +189,8 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student_logits, teacher_logits, labels, kind, beta, temperature, vocab_size, loss_scale)
     ignore_index = check_int("ignore_index", ignore_index)
-    check_label_ids(labels, vocab, ignore_index)
+    # (the labels only mask here: a student's own tokens past the shared vocabulary are tokens too)
+    check_label_ids(labels, student.shape[1], ignore_index)
     return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, ignore_index, vocab, loss_scale)
 
 

@@ -378,6 +378,21 @@ def test_labels_out_of_range_are_refused_without_the_hard_term_too():
                         case["teacher_weight"], labels)
 
 
+def test_a_students_own_tokens_past_the_shared_vocabulary_are_tokens():
+    # A student head with added tokens (ids 53, 54) past the teacher's 53: for the divergence they
+    # only mask; the hard term's targets must lie in the shared vocabulary
+    case, labels = make(vocab=55, teacher_vocab=53, seed=14, bias=False)
+    labels[1], labels[2] = 53, 54
+    args = (case["student_hidden"], case["student_weight"], case["teacher_hidden"], case["teacher_weight"], labels)
+    torch.testing.assert_close(fused_linear_kd(*args), torch.as_tensor(unfused(case, labels, vocab=53)).float(),
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 53\)"):
+        fused_linear_kd(*args, weight_hard=0.5, weight_soft=0.5)
+    labels[3] = 55
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 55\)"):
+        fused_linear_kd(*args)
+
+
 def test_symbolic_loss_weights_do_not_break_a_full_graph():
     # math.isfinite of a symbolic weight (dynamic=True, or a hard/soft mix changed over training)
     # broke the graph: "torch.* op returned non-Tensor"

@@ -212,10 +212,26 @@ def test_labels_out_of_range_are_refused_on_every_path():
         for reduction in ("batchmean", "none"):
             with pytest.raises(ValueError, match="labels must be in"):
                 generalized_jsd_loss(s, t, labels, reduction=reduction)
-    # -1 is fine as the ignore_index itself; a vocab_size bounds the ids
+    # -1 is fine as the ignore_index itself
     kd_loss(s, t, torch.tensor([0, 1, -1, -1]), ignore_index=-1)
-    with pytest.raises(ValueError, match=r"labels must be in \[0, 6\)"):
-        kd_loss(s, t[:, :6], torch.tensor([0, 1, 7, -100]), vocab_size=6)
+    # labels only mask here: a student's own tokens past the shared vocabulary (vocab_size) count,
+    # the logits' width bounds them
+    kd_loss(s, t[:, :6], torch.tensor([0, 1, 7, -100]), vocab_size=6)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 8\)"):
+        kd_loss(s, t[:, :6], torch.tensor([0, 1, 8, -100]), vocab_size=6)
+
+
+def test_label_checks_read_no_values_under_fake_tensors():
+    # (the CPU check read values, which FakeTensorMode and make_fx's fake tracing cannot give)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    s, t, labels = logits((8, 12), 0), logits((8, 12), 1), torch.arange(8)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        out = kd_loss(mode.from_tensor(s), mode.from_tensor(t), mode.from_tensor(labels))
+    assert out.shape == ()
+    graph = make_fx(lambda a, b, y: kd_loss(a, b, y), tracing_mode="fake")(s, t, labels)
+    torch.testing.assert_close(graph(s, t, labels), kd_loss(s, t, labels))
 
 
 @pytest.mark.parametrize("reduction", ["batchmean", "mean"])
