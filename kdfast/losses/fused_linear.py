@@ -11,6 +11,7 @@ scales the gradients the forward pass already computed.
 """
 from __future__ import annotations
 
+import threading
 from typing import Optional, Tuple
 
 import torch
@@ -97,6 +98,7 @@ def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, stude
 
 
 _FP32_OUT: Optional[Tuple[bool, bool]] = None
+_FP32_OUT_LOCK = threading.Lock()
 
 
 def _fp32_out_support(device: torch.device) -> Tuple[bool, bool]:
@@ -106,7 +108,13 @@ def _fp32_out_support(device: torch.device) -> Tuple[bool, bool]:
     on the GPU of the tensors at hand (not the current one); the check's one host read is not
     reported by ``torch.cuda.set_sync_debug_mode``, since it happens once per process."""
     global _FP32_OUT
-    if _FP32_OUT is None:
+    if _FP32_OUT is not None:
+        return _FP32_OUT
+    # One check at a time: the sync debug mode is process-wide, and a second thread's check would
+    # save the 0 the first set and restore it last, switching the user's mode off for good
+    with _FP32_OUT_LOCK:
+        if _FP32_OUT is not None:
+            return _FP32_OUT
         debug_mode = torch.cuda.get_sync_debug_mode()
         torch.cuda.set_sync_debug_mode(0)
         try:
@@ -126,7 +134,7 @@ def _fp32_out_support(device: torch.device) -> Tuple[bool, bool]:
         finally:
             torch.cuda.set_sync_debug_mode(debug_mode)
         _FP32_OUT = (mm_ok, addmm_ok)
-    return _FP32_OUT
+        return _FP32_OUT
 
 
 def _head_operand(weight: torch.Tensor) -> torch.Tensor:

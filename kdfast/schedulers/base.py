@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -255,6 +256,7 @@ class GrowingTable(CoefficientTable):
         self._extra: "collections.OrderedDict[object, TableRow]" = collections.OrderedDict()
         self._limit = limit
         self._lock = threading.Lock()
+        _GROWING_TABLES.add(self)
 
     def ensure(self, key, make: Callable[[], StepPlan]):
         """``key`` itself when it is one of the schedule's own steps (never dropped), else the
@@ -263,13 +265,18 @@ class GrowingTable(CoefficientTable):
             return key
         with self._lock:
             entry = self._extra.get(key)
-            if entry is None:
-                with outside_transforms():  # (plans are host constants: inside a transform, storage-less)
-                    entry = self._extra[key] = TableRow(make())
-                if len(self._extra) > self._limit:
-                    self._extra.popitem(last=False)
-            else:
+            if entry is not None:
                 self._extra.move_to_end(key)
+                return entry
+        # Planned outside the lock: the lock is held for dictionary updates only, so other
+        # threads' steps do not wait on a plan (nor does a process forked meanwhile inherit it held)
+        with outside_transforms():  # (plans are host constants: inside a transform, storage-less)
+            made = TableRow(make())
+        with self._lock:
+            entry = self._extra.setdefault(key, made)  # a plan that raced ours: one row for all
+            self._extra.move_to_end(key)
+            if len(self._extra) > self._limit:
+                self._extra.popitem(last=False)
         return entry
 
     def __contains__(self, key) -> bool:
@@ -284,6 +291,22 @@ class GrowingTable(CoefficientTable):
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        _GROWING_TABLES.add(self)
+
+
+# Every growing table, so that a forked child gets fresh locks: one held by another thread at the
+# fork would be held forever in the child (fork copies the lock, not the thread)
+_GROWING_TABLES: "weakref.WeakSet[GrowingTable]" = weakref.WeakSet()
+
+
+def _fresh_locks_after_fork() -> None:
+    FusedScheduler._TABLE_CACHE_LOCK = threading.Lock()
+    for table in list(_GROWING_TABLES):
+        table._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # (POSIX)
+    os.register_at_fork(after_in_child=_fresh_locks_after_fork)
 
 
 def schedule_span(schedule) -> Optional[tuple]:

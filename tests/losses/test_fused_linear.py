@@ -451,3 +451,33 @@ def test_autocast_takes_the_heads_as_f_linear_does():
     with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(TypeError, match="float64"):
         fused_linear_kd(case["student_hidden"].double(), case["student_weight"].double(), case["teacher_hidden"],
                         case["teacher_weight"])
+
+
+def test_the_one_time_cuda_check_restores_the_sync_debug_mode_under_threads(monkeypatch):
+    # Two threads' first calls checked at once: the second saved the 0 the first had set and
+    # restored it last, switching the user's torch.cuda.set_sync_debug_mode("error") off for good.
+    # (The GPU work is stood in for by a pause; the check runs on the CPU here.)
+    import contextlib
+    import threading
+    import time
+
+    import kdfast.losses.fused_linear as fl
+
+    state = {"mode": 2}
+
+    def set_mode(mode):
+        state["mode"] = mode
+        time.sleep(0.05)
+
+    monkeypatch.setattr(fl, "_FP32_OUT", None)
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: state["mode"])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", set_mode)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    threads = [threading.Thread(target=fl._fp32_out_support, args=(torch.device("cpu"),)) for _ in range(2)]
+    threads[0].start()
+    while state["mode"] != 0:  # the second call comes while the first is checking
+        time.sleep(0.001)
+    threads[1].start()
+    for t in threads:
+        t.join()
+    assert state["mode"] == 2

@@ -905,3 +905,39 @@ def test_custom_schedules_given_as_tensors(name, config, keyword, values):
         torch.testing.assert_close(ours.timesteps, expected.timesteps, rtol=0, atol=0, msg=f"{dtype}")
         if hasattr(expected, "sigmas"):
             torch.testing.assert_close(ours.sigmas, expected.sigmas, rtol=0, atol=0, msg=f"{dtype}")
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork (POSIX)")
+def test_a_forked_child_gets_fresh_table_locks():
+    # Tables are shared by schedulers of the same settings, in every thread: a lock held by
+    # another thread at the fork (planning an eta, say) was held forever in the child
+    import os
+    import time
+
+    x = initial_sample((1, 2, 4, 4))
+    s = K.DDIMScheduler()
+    s.set_timesteps(10)
+    s.step(x, s.timesteps[0], x, eta=0.3)
+    with s._table._lock, base.FusedScheduler._TABLE_CACHE_LOCK:  # (as another thread mid-update)
+        pid = os.fork()
+        if pid == 0:  # the child: its own scheduler, same settings, an eta not yet planned
+            code = 1
+            try:
+                torch.set_num_threads(1)  # (an OpenMP pool does not survive a fork)
+                child = K.DDIMScheduler()
+                child.set_timesteps(10)
+                child.step(x, child.timesteps[0], x, eta=0.7)
+                code = 0
+            finally:
+                os._exit(code)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+        pytest.fail("the forked child hung on a scheduler table's lock")
+    assert os.waitstatus_to_exitcode(status) == 0
