@@ -69,14 +69,18 @@ def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: in
     naming the first, else without a host read (``torch._assert_async``: on a device, inside
     torch.compile's graph, under a dispatch mode such as FakeTensorMode); under
     ``torch.func.vmap`` and on meta tensors no value is read."""
-    if labels is None or labels.device.type == "meta" or vmapped(labels):
+    if labels is None or labels.device.type == "meta" or vmapped(labels) or labels.numel() == 0:
         return
-    bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
     if labels.device.type == "cpu" and not dispatcher_required() and not has_subclass([labels]):
-        if bad.any():
+        # the range of the ids, ignore_index read as 0: two small ops and one read (this runs on
+        # every call with labels)
+        lo, hi = (int(v) for v in torch.aminmax(torch.where(labels == ignore_index, 0, labels)))
+        if lo < 0 or hi >= vocab:
+            bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
             first = int(labels[bad][0])
             raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
     else:
+        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
         torch._assert_async(~bad.any(), f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
 
 
