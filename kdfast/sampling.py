@@ -63,7 +63,7 @@ import functools
 import inspect
 import math
 import warnings
-from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -840,7 +840,7 @@ def _check_denoiser(denoiser, how: str) -> None:
 def _extra_args(extra_args) -> Dict[str, Any]:
     if extra_args is None:
         return {}
-    if not isinstance(extra_args, dict):
+    if not isinstance(extra_args, Mapping):
         raise TypeError(f"extra_args must be a dict of keyword arguments for the denoiser, got "
                         f"{type(extra_args).__name__}")
     return dict(extra_args)
