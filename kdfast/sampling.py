@@ -785,6 +785,7 @@ def _cached_plan(name: str, sigmas: Tuple[float, ...], options: Tuple[Tuple[str,
     return _PLANNERS[name](list(sigmas), **dict(options))
 
 
+@torch.compiler.disable  # host arithmetic, made once per sigma list: not traced (nor its cache bypassed)
 def _plan(name: str, sigmas: Sequence[float], options: Dict[str, Any]) -> _Plan:
     # 1 and 1.0 hash alike, so int / float spellings of an option share a cache entry.
     return _cached_plan(name, tuple(sigmas), tuple(sorted(options.items())))
