@@ -1234,7 +1234,8 @@ class CapturedSampler:
             # (a replay runs recorded kernels on fixed buffers: no tangent, batching or gradient)
             raise NotImplementedError(
                 "kdfast.CapturedSampler: a captured CUDA graph cannot run under torch.func's transforms (vmap, grad, "
-                "jvp, ...) or forward-mode AD; run the loop with kdfast.sample(...) (cuda_graph=False) there")
+                "jvp, ...) or forward-mode AD; run the loop with kdfast.sample(...) (cuda_graph=False) there, or, "
+                "for gradients, step the scheduler yourself (kdfast.sample runs without gradients)")
         for name, new in (("x", x), ("cond", cond), ("uncond", uncond)):
             if new is None:
                 continue
@@ -1665,11 +1666,32 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     ``callback`` gets k-diffusion's ``{'x', 'i', 'sigma', 'sigma_hat', 'denoised'}`` per step on
     the sigma path (``denoised`` guided), and ``{'x', 'i', 't', 'model_output'}`` (guided) on the
     scheduler path. ``disable`` turns the tqdm progress bar off like k-diffusion's.
+
+    The loop runs without gradients (``torch.no_grad``, as a pipeline's call and k-diffusion's
+    samplers do: an inference loop keeps no activations). To differentiate through a loop (a
+    few-step student trained through its own sampling), step it yourself:
+    ``for t in scheduler.timesteps: x = scheduler.step(model(x, t), t, x).prev_sample`` (or
+    ``step_cfg``), which autograd and ``torch.func`` differentiate; under ``torch.func.grad``
+    this function raises rather than give zero gradients.
     """
+    _refuse_grad_transforms("kdfast.sample")
     loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale, cond=cond,
                       uncond=uncond, extra_args=extra_args, generator=generator,
                       with_callback=callback is not None, sampler_options=sampler_options)
     return _run(loop, x, cond, uncond, generator, cuda_graph, callback, disable)
+
+
+def _refuse_grad_transforms(who: str) -> None:
+    """Refuse to run a no-grad loop under ``torch.func.grad`` (or ``vjp`` / ``jacrev``), where it
+    would give gradients of exactly 0, silently."""
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    if any(level.key() == torch._C._functorch.TransformType.Grad for level in stack):
+        raise NotImplementedError(
+            f"{who} runs without gradients (torch.no_grad): under torch.func.grad it would give zero gradients. "
+            "To differentiate through a loop, step it yourself: for t in scheduler.timesteps: "
+            "x = scheduler.step(model(x, t), t, x).prev_sample (or step_cfg)")
 
 
 def _make_loop(denoiser, x, sigmas_or_scheduler, *, sampler, guidance_scale, cond, uncond, extra_args, generator,

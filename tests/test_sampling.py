@@ -1657,3 +1657,29 @@ def test_compiling_a_whole_sigma_loop_does_not_recompile_per_sigma():
         assert torch.equal(generate(x), expected)
     assert graphs <= 6, graphs  # (12 before, with the recompile limit hit)
     assert counters["stats"]["unique_graphs"] == graphs  # a second call compiles nothing
+
+
+def test_sample_refuses_torch_func_grad_rather_than_give_zero_gradients():
+    # kdfast.sample runs under torch.no_grad (an inference loop): under torch.func.grad that gave
+    # gradients of exactly 0, silently; a loop stepped by hand is differentiated
+    x = initial(torch.float64)[:1]
+    a = torch.tensor(0.7, dtype=torch.float64)
+
+    def scheduler():
+        s = DPMSolverMultistepScheduler()
+        s.set_timesteps(3)
+        return s
+
+    def through_sample(a, x):
+        return S.sample(lambda inp, t: torch.tanh(inp) * a, x, scheduler(), disable=True).square().sum()
+
+    def by_hand(a, x):
+        s = scheduler()
+        for t in s.timesteps:
+            x = s.step(torch.tanh(x) * a, t, x).prev_sample
+        return x.square().sum()
+
+    assert torch.equal(through_sample(a, x), by_hand(a, x))
+    with pytest.raises(NotImplementedError, match="runs without gradients"):
+        torch.func.grad(through_sample)(a, x)
+    assert torch.func.grad(by_hand)(a, x) != 0
