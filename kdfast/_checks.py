@@ -49,6 +49,9 @@ def real_number(name: str, value) -> float:
     (:func:`not_a_number`, or no ``float()``). Range checks are the caller's."""
     if not_a_number(value):
         raise ValueError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, torch.Tensor) and value.requires_grad:  # (a learned scale or temperature)
+        raise ValueError(f"{name} is taken as a number, which would drop the gradient of the tensor given; "
+                         "pass a float (or a detached tensor), or apply a learned value outside this call")
     try:
         return float(value)
     except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several elements)

@@ -96,3 +96,19 @@ def test_module_arguments_are_checked():
         inference.fuse_group_norms(None)
     with pytest.raises(TypeError, match="norm must be a torch.nn.GroupNorm"):
         inference.GroupNormSiLU(torch.nn.Linear(2, 2))
+
+
+def test_numbers_given_as_tensors_that_need_a_gradient_are_refused():
+    # A learned guidance scale or temperature was turned into a float, silently dropping its
+    # gradient (torch only warned)
+    from kdfast.schedulers import DDIMScheduler
+
+    learned = torch.tensor(2.0, requires_grad=True)
+    s = DDIMScheduler()
+    s.set_timesteps(4)
+    x = torch.randn(1, 2, 4, 4)
+    with pytest.raises(ValueError, match="guidance_scale is taken as a number"):
+        s.step_cfg(x, x, learned, s.timesteps[0], x)
+    with pytest.raises(ValueError, match="temperature is taken as a number"):
+        kd_loss(*_logits(), temperature=learned)
+    kd_loss(*_logits(), temperature=learned.detach())  # (a detached tensor is a number)
