@@ -13,9 +13,22 @@ import os
 import re
 import tempfile
 import warnings
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
 
 CONFIG_NAME = "scheduler_config.json"
+
+
+def _json_ready(value):
+    """``value`` as JSON holds it: numpy arrays, tensors and numpy scalars as lists and numbers."""
+    if isinstance(value, (np.ndarray, np.generic)) or (hasattr(value, "tolist") and hasattr(value, "dtype")):
+        return value.tolist()
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_ready(v) for k, v in value.items()}
+    return value
 
 
 class FrozenConfig(dict):
@@ -187,7 +200,17 @@ class ConfigMixin:
         ``_diffusers_version``) stay in its config, unused, as diffusers keeps them: a scheduler
         built later from this one's config gets them back. With ``return_unused_kwargs=True``,
         returns ``(scheduler, unused)`` like diffusers: those keys and the ``kwargs`` not taken.
+        diffusers' older forms work as there: the config as ``pretrained_model_name_or_path=``,
+        and a folder's path for ``config`` (deprecated: a FutureWarning; use ``from_pretrained``).
         """
+        if "pretrained_model_name_or_path" in kwargs:  # (diffusers' former name of the argument)
+            config = kwargs.pop("pretrained_model_name_or_path")
+        if isinstance(config, (str, os.PathLike)):
+            warnings.warn(f"{cls.__name__}.from_config with a path is deprecated (as in diffusers); use "
+                          f"{cls.__name__}.from_pretrained({os.fspath(config)!r})", FutureWarning, stacklevel=2)
+            config, kwargs = cls.load_config(config, return_unused_kwargs=True, **kwargs)
+        elif config is not None and not isinstance(config, Mapping):
+            raise TypeError(f"config must be a mapping (a scheduler's .config), got {type(config).__name__}")
         init_dict, unused, hidden = cls.extract_init_dict(dict(config or {}), **kwargs)
         scheduler = cls(**init_dict)
         if "_class_name" in hidden:
@@ -199,8 +222,9 @@ class ConfigMixin:
         return scheduler
 
     def to_json_string(self) -> str:
-        # A scheduler held in the config (UniPC's solver_p) is an object, not a setting: saved as null.
-        data = {k: (None if isinstance(v, ConfigMixin) else v) for k, v in self._config.items()}
+        # A scheduler held in the config (UniPC's solver_p) is an object, not a setting: saved as
+        # null; arrays (a trained_betas kept from another scheduler's config) as lists, as diffusers saves them.
+        data = {k: (None if isinstance(v, ConfigMixin) else _json_ready(v)) for k, v in self._config.items()}
         # The file holds every key, so none was left at its default once it is loaded (diffusers
         # does not save the list either).
         data.pop("_use_default_values", None)

@@ -158,7 +158,8 @@ class DDPMScheduler(Thresholding, FusedScheduler):
         steps_offset: int = 0,
         rescale_betas_zero_snr: bool = False,
     ):
-        check_choice("variance_type", variance_type, VARIANCE_TYPES)
+        # None: what DPM-Solver's saved configs hold, and what diffusers' DDPM reads as fixed_small
+        check_choice("variance_type", variance_type, VARIANCE_TYPES + (None,))
         check_choice("prediction_type", prediction_type, ("epsilon", "sample", "v_prediction"))
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
@@ -177,7 +178,7 @@ class DDPMScheduler(Thresholding, FusedScheduler):
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False
         self.num_inference_steps = None
-        self.variance_type = variance_type
+        self.variance_type = "fixed_small" if variance_type is None else variance_type
         self._set_timesteps(torch.from_numpy(np.arange(0, num_train_timesteps)[::-1].copy()))
         self._step_index = None
         self._begin_index = None

@@ -126,6 +126,11 @@ def converted_sigmas(config, sigmas: np.ndarray, log_sigmas: np.ndarray, n: int,
 
 
 def check_sigma_options(config) -> None:
+    for name in ("use_beta_sigmas", "use_exponential_sigmas", "use_karras_sigmas"):
+        # bool("false") is True: a config's string would pick that schedule (None and 0 / 1, read
+        # as diffusers reads them, pass)
+        if isinstance(config[name], (str, bytes)):
+            raise ValueError(f"{name} must be True or False, got {config[name]!r}")
     if sum([bool(config.use_beta_sigmas), bool(config.use_exponential_sigmas), bool(config.use_karras_sigmas)]) > 1:
         raise ValueError("Only one of use_beta_sigmas, use_exponential_sigmas, use_karras_sigmas can be used.")
     if config.use_beta_sigmas:

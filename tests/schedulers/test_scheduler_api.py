@@ -941,3 +941,42 @@ def test_a_forked_child_gets_fresh_table_locks():
         os.waitpid(pid, 0)
         pytest.fail("the forked child hung on a scheduler table's lock")
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_config_forms_diffusers_takes(tmp_path):
+    import json
+    import warnings
+
+    import numpy as np
+
+    # a DPM-Solver config (variance_type null) builds DDPM, as in diffusers (it reads None as fixed_small)
+    diffusers.DPMSolverMultistepScheduler().save_pretrained(tmp_path / "dpm")  # (the file holds every key)
+    dpm = diffusers.DPMSolverMultistepScheduler.from_pretrained(tmp_path / "dpm")
+    x, eps = initial_sample((1, 2, 4, 4)), initial_sample((1, 2, 4, 4), seed=1)
+    ref = diffusers.DDPMScheduler.from_config(dpm.config)
+    ref.set_timesteps(10)
+    expected = ref.step(eps, ref.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
+    for cls in (K.DDPMScheduler, K.DDPMParallelScheduler):
+        s = cls.from_config(dpm.config)
+        s.set_timesteps(10)
+        got = s.step(eps, s.timesteps[0], x, generator=torch.Generator().manual_seed(0)).prev_sample
+        assert parity_error(got, expected) <= 1e-6 and s.config.variance_type is None
+    # an array kept from another scheduler's config is saved as a list (it raised TypeError)
+    s = K.FlowMatchEulerDiscreteScheduler.from_config(
+        dict(diffusers.DDIMScheduler(trained_betas=np.linspace(1e-4, 0.02, 1000)).config))
+    s.save_pretrained(tmp_path / "a")
+    assert isinstance(json.loads((tmp_path / "a" / "scheduler_config.json").read_text())["trained_betas"], list)
+    # diffusers' older from_config forms: the config by its former name, a folder (deprecated)
+    config = dict(diffusers.DDIMScheduler(num_train_timesteps=500, beta_schedule="scaled_linear").config)
+    assert K.DDIMScheduler.from_config(pretrained_model_name_or_path=config).config.num_train_timesteps == 500
+    diffusers.EulerDiscreteScheduler(num_train_timesteps=500).save_pretrained(tmp_path / "b")
+    with pytest.warns(FutureWarning, match="from_pretrained"):
+        assert K.EulerDiscreteScheduler.from_config(str(tmp_path / "b")).config.num_train_timesteps == 500
+    with pytest.raises(TypeError, match="config must be a mapping"):
+        K.DDIMScheduler.from_config(42)
+    # a string flag read as bool("false") picked Karras sigmas
+    with pytest.raises(ValueError, match="use_karras_sigmas must be True or False"):
+        K.EulerDiscreteScheduler.from_config({"use_karras_sigmas": "false"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        K.EulerDiscreteScheduler.from_config({"use_karras_sigmas": None})  # (read as off, as in diffusers)
