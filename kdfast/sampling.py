@@ -73,7 +73,7 @@ from ._checks import check_flag, not_a_number
 from .ops._tensors import reference_required
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
-from .schedulers.base import promoted_sample
+from .schedulers.base import promoted_sample, run_eagerly
 from .schedulers.lms_discrete import lms_coefficients
 
 __all__ = [
@@ -785,7 +785,7 @@ def _cached_plan(name: str, sigmas: Tuple[float, ...], options: Tuple[Tuple[str,
     return _PLANNERS[name](list(sigmas), **dict(options))
 
 
-@torch.compiler.disable  # host arithmetic, made once per sigma list: not traced (nor its cache bypassed)
+@run_eagerly  # host arithmetic, made once per sigma list (dynamo would bypass its cache and trace it)
 def _plan(name: str, sigmas: Sequence[float], options: Dict[str, Any]) -> _Plan:
     # 1 and 1.0 hash alike, so int / float spellings of an option share a cache entry.
     return _cached_plan(name, tuple(sigmas), tuple(sorted(options.items())))
@@ -928,7 +928,7 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
 
     # Plain Python, left out of torch.compile: traced, a float key would be a guard on its value,
     # one recompile of every frame it reaches per sigma (the loop passes evaluate the tensor)
-    @torch.compiler.disable
+    @run_eagerly
     def sigma_arg(key, x):
         if not isinstance(key, float):
             return key

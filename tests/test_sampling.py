@@ -1683,3 +1683,16 @@ def test_sample_refuses_torch_func_grad_rather_than_give_zero_gradients():
     with pytest.raises(NotImplementedError, match="runs without gradients"):
         torch.func.grad(through_sample)(a, x)
     assert torch.func.grad(by_hand)(a, x) != 0
+
+
+def test_eager_sampling_leaves_the_compiler_stack_unloaded():
+    # (keeping the loop's host Python out of torch.compile's tracing must not import dynamo in
+    # eager code: torch.compiler.disable did, 1.7 s on the first call)
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, kdfast\n"
+            "kdfast.sample(lambda x, s: 0.5 * x, torch.randn(1, 2, 4, 4), [3.0, 1.0, 0.0], disable=True)\n"
+            "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
