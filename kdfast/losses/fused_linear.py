@@ -11,6 +11,7 @@ scales the gradients the forward pass already computed.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Optional, Tuple
 
@@ -326,6 +327,13 @@ def _autocast(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor],
                  else t for t in tensors)
 
 
+def _autocast_off(tensor: torch.Tensor):
+    """A context with autocast disabled on ``tensor``'s device type, where it is enabled."""
+    if torch.is_autocast_enabled(tensor.device.type):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def fused_linear_kd(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,
@@ -408,19 +416,21 @@ def fused_linear_kd(
         chunk_size = default_chunk_size(tokens, max(student_weight.shape[0], teacher_weight.shape[0]),
                                         student_hidden.device.type)
     loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
-    if reference_required((student_hidden, student_weight, student_bias)):
-        return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                             teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(), labels,
-                             _resolve_kind(kind, float(beta)), float(beta), temperature, ignore_index, weight_hard,
-                             weight_soft, vocab, loss_scale, reduction)
-    if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
-        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
-        student_bias = None if student_bias is None else student_bias.detach()
-    return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-                                labels, _resolve_kind(kind, float(beta)), float(beta), temperature,
-                                ignore_index, weight_hard, weight_soft, chunk_size, vocab, loss_scale,
-                                reduction)
+    # the heads are cast: with autocast left on, the CPU's would round the fp32 products to 16 bits
+    with _autocast_off(student_hidden):
+        if reference_required((student_hidden, student_weight, student_bias)):
+            return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                 labels, _resolve_kind(kind, float(beta)), float(beta), temperature, ignore_index,
+                                 weight_hard, weight_soft, vocab, loss_scale, reduction)
+        if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
+            student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+            student_bias = None if student_bias is None else student_bias.detach()
+        return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
+                                    teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                    labels, _resolve_kind(kind, float(beta)), float(beta), temperature,
+                                    ignore_index, weight_hard, weight_soft, chunk_size, vocab, loss_scale,
+                                    reduction)
 
 
 class FusedLinearKDLoss(nn.Module):

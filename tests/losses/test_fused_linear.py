@@ -453,6 +453,20 @@ def test_autocast_takes_the_heads_as_f_linear_does():
                         case["teacher_weight"])
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_autocast_casts_the_heads_but_keeps_the_products_in_fp32(bias):
+    # CPU autocast lowers matmuls to bf16: left on around the chunk loop, it rounded the widened
+    # heads' products to 16 bits (the cross-entropy then ran its softmax in bf16 without a bias)
+    case, labels = make(tokens=32, bias=bias)
+    args = [case[k] for k in ("student_hidden", "student_weight", "teacher_hidden", "teacher_weight")]
+    biases = (case["student_bias"], case["teacher_bias"]) if bias else (None, None)
+    bf16 = [t.bfloat16() for t in args] + [None if b is None else b.bfloat16() for b in biases]
+    expected = fused_linear_kd(*bf16[:4], labels, *bf16[4:], weight_hard=1.0, weight_soft=0.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = fused_linear_kd(*args, labels, *biases, weight_hard=1.0, weight_soft=0.5)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
 def test_the_one_time_cuda_check_restores_the_sync_debug_mode_under_threads(monkeypatch):
     # Two threads' first calls checked at once: the second saved the 0 the first had set and
     # restored it last, switching the user's torch.cuda.set_sync_debug_mode("error") off for good.
