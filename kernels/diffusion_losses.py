@@ -45,8 +45,9 @@ def _pseudo_huber_element(v0, v1, c):
     ratio = tl.where(live, a / (safe_h + c), 0.0)
     rel = tl.where(live & (~inf), a / safe_h, 0.0)
     value = tl.where(inf, INF, (a * ratio).to(tl.float64) * tl.where(over, 2.0, 1.0))
-    s = tl.where(inf, 1.0, rel)
-    slope = tl.where(d < 0.0, -s, tl.where(d > 0.0, s, 0.0))
+    # (an inf or NaN d: a NaN slope, as the C++ kernels')
+    slope = tl.where(d < 0.0, -rel, tl.where(d > 0.0, rel, tl.where(d == 0.0, 0.0, d - d)))
+    slope = tl.where(inf, d - d, slope)
     return value, slope
 
 

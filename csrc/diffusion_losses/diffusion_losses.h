@@ -126,7 +126,8 @@ KD_HD float hypot_nonneg(float a, float c) {
 }
 
 // Element-wise pseudo-Huber sqrt(d^2 + c^2) - c of d = v0 - v1, written as a^2 / (h + c) (no
-// cancellation when |d| << c), and its derivative d / h; a = |d| = inf gives (inf, +-1),
+// cancellation when |d| << c), and its derivative d / h; a = |d| = inf gives (inf, NaN) and a
+// NaN d (NaN, NaN), as autograd of the formula does (so that GradScaler sees an overflow),
 // d = c = 0 (0, 0). Where v0 - v1 overflows float32 (finite v0, v1 of opposite signs), it is
 // taken on the halves and the value doubled in float64 (the loss sums in float64).
 KD_HD void pseudo_huber_element(float v0, float v1, float c, double& value, float& slope) {
@@ -141,10 +142,9 @@ KD_HD void pseudo_huber_element(float v0, float v1, float c, double& value, floa
   const float h = hypot_nonneg(a, c);
   const bool inf = a == INFINITY;
   const float ratio = h > 0.f ? a / (h + c) : 0.f;  // in [0, 1]
-  const float rel = h > 0.f ? a / h : 0.f;          // |slope|
+  const float rel = h > 0.f && !inf ? a / h : 0.f;  // |slope|
   value = inf ? INFINITY : scale * double(a * ratio);
-  const float s = inf ? 1.f : rel;
-  slope = d < 0.f ? -s : (d > 0.f ? s : 0.f);
+  slope = inf ? NAN : (d < 0.f ? -rel : (d > 0.f ? rel : (d == 0.f ? 0.f : d)));
 }
 
 // ---------------------------------------------------------------------------- forward terms

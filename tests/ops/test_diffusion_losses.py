@@ -565,22 +565,26 @@ def test_pseudo_huber_residual_far_below_c_has_no_cancellation(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
-def test_elementwise_pseudo_huber_of_an_infinite_difference(backend):
-    # |d| = inf: the element's loss is inf and its slope sign(d) (not inf / inf = NaN)
-    x = randn((2, 8), torch.float32, 40)
+def test_elementwise_pseudo_huber_of_an_infinite_or_nan_difference(backend):
+    # |d| = inf: the element's loss is inf and its slope NaN, as autograd of the formula gives
+    # (diffusers' LCM loss): GradScaler must see an fp16 overflow. A NaN d gave slope 0 (hidden).
+    x = randn((3, 8), torch.float32, 40)
     x[0, 3] = math.inf
     x[1, 5] = -math.inf
+    x[2, 1] = math.nan
     x.requires_grad_(True)
-    y = randn((2, 8), torch.float32, 41)
+    y = randn((3, 8), torch.float32, 41)
     loss = ops.pseudo_huber(x, y, c=0.5, elementwise=True, backend=backend)
-    assert (loss == math.inf).all()
+    assert (loss[:2] == math.inf).all() and loss[2].isnan()
     (gx,) = torch.autograd.grad(loss.sum(), x)
-    assert torch.isfinite(gx).all()
-    assert gx[0, 3] == 1.0 / 8 and gx[1, 5] == -1.0 / 8
     d = (x.detach() - y).double()
     finite = torch.isfinite(d)
+    assert gx[~finite].isnan().all() and torch.isfinite(gx[finite]).all()
     expected = d / torch.sqrt(d * d + 0.25) / 8
     torch.testing.assert_close(gx.double()[finite], expected[finite], rtol=1e-6, atol=1e-7)
+    leaf = d.clone().requires_grad_(True)
+    (gl,) = torch.autograd.grad((torch.sqrt(leaf * leaf + 0.25) - 0.5).mean(1).sum(), leaf)  # the formula's
+    assert torch.equal(gl.isnan(), gx.isnan())
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
