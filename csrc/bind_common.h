@@ -232,6 +232,7 @@ inline void check_status(int status, const char* op) {
   if (status == kOk) return;
   const char* what = status == kBadDType ? "unsupported dtype code"
                      : status == kBadArgument ? "invalid argument"
+                     : status == kOutOfMemory ? "out of memory (host scratch)"
                                               : "kernel launch failed";
   throw std::runtime_error(std::string("kdfast.") + op + ": " + what);
 }

@@ -19,7 +19,7 @@ namespace kdfast {
 enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
 // Status codes returned by launchers (kernels never throw across the boundary).
-enum Status : int { kOk = 0, kBadDType = 1, kBadArgument = 2, kLaunchFailed = 3 };
+enum Status : int { kOk = 0, kBadDType = 1, kBadArgument = 2, kLaunchFailed = 3, kOutOfMemory = 4 };
 
 // 16-bit storage types: plain bit containers so host and device code share one layout.
 struct half_bits { uint16_t v; };

@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <new>
 #include <vector>
 
 namespace kdfast {
@@ -147,9 +148,17 @@ int threshold_scale_cpu(const ThresholdParams& p) {
     return kBadDType;
   const bool has_cond = p.cond != nullptr;
   const int nthreads = cpu::threads_for(p.num_threads, p.batch * p.inner, p.batch * p.inner);
+  int status = kOk;
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (nthreads > 1)
   for (int64_t b = 0; b < p.batch; ++b) {
-    std::vector<float> v(size_t(p.inner));
+    std::vector<float> v;  // |x0| of the sample, as float (a thread's scratch: inner * 4 bytes)
+    try {
+      v.resize(size_t(p.inner));
+    } catch (const std::bad_alloc&) {  // (an exception leaving the parallel region would abort)
+#pragma omp atomic write
+      status = kOutOfMemory;
+      continue;
+    }
     for (int64_t i = 0; i < p.inner; ++i) {
       const float m = guided(load_as_float(p.model, p.model_dtype, b * p.model_stride + i),
                              has_cond ? load_as_float(p.cond, p.cond_dtype, b * p.cond_stride + i) : 0.f,
@@ -160,7 +169,7 @@ int threshold_scale_cpu(const ThresholdParams& p) {
     const float lo = s < 1.f ? 1.f : s;  // torch.clamp(s, 1, max): min(max(s, 1), max)
     p.out[b] = lo > p.max_value ? p.max_value : lo;
   }
-  return kOk;
+  return status;
 }
 
 }  // namespace solver_step

@@ -1,5 +1,7 @@
 import itertools
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -768,6 +770,26 @@ def test_threshold_scale_next_to_inf_and_bits_like_torch_quantile(backend):
     for ratio in (0.1, 0.3, 0.7, 0.995):
         got = ops.threshold_scale(x, torch.zeros_like(x), 1.0, 0.0, ratio=ratio, max_value=100.0, backend=backend)
         assert torch.equal(got, torch.quantile(x, ratio, dim=1).clamp(1.0, 100.0)), ratio
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
+def test_threshold_scale_out_of_host_memory_raises():
+    # Each CPU thread copies a whole sample as float for the selection: where that cannot be
+    # allocated, std::bad_alloc left the OpenMP region and aborted the process.
+    script = """
+import resource, torch
+from kdfast import ops
+x = torch.randn(2, 2 ** 24)
+ops.threshold_scale(x[:, :100], x[:, :100], 1.0, 0.0, backend="cpu")  # (threads started)
+pages = int(open("/proc/self/statm").read().split()[0])
+resource.setrlimit(resource.RLIMIT_AS, (pages * resource.getpagesize() + (16 << 20), resource.RLIM_INFINITY))
+try:
+    ops.threshold_scale(x, x, 1.0, 0.0, backend="cpu")
+except RuntimeError as e:
+    print("raised:", e)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and "out of memory" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
 def test_threshold_scale_bad_input():
