@@ -226,6 +226,23 @@ def test_schedules_share_tables_across_instances():
     assert c._table is not a._table  # another config, another table
 
 
+def test_the_shared_tables_are_bounded_in_rows_too(monkeypatch):
+    # 64 tables of 1000-step schedules kept ~0.7 GB: the cache holds a row budget as well,
+    # dropping the least recently used tables, never the one just made
+    from kdfast.schedulers.base import FusedScheduler
+    monkeypatch.setattr(FusedScheduler, "_TABLE_CACHE_ROWS", 100)
+    DDIMScheduler.clear_table_cache()
+    s = DDIMScheduler()
+    for steps in (30, 40, 50, 150):
+        s.set_timesteps(steps)
+        rows = [len(t) for t in FusedScheduler._TABLE_CACHE.values()]
+        assert rows[-1] == steps and (sum(rows) <= 100 or rows == [steps]), rows
+    assert [len(t) for t in FusedScheduler._TABLE_CACHE.values()] == [150]
+    s.set_timesteps(30)
+    assert [len(t) for t in FusedScheduler._TABLE_CACHE.values()] == [30]
+    DDIMScheduler.clear_table_cache()
+
+
 def test_eta_noise_generator_and_variance_noise():
     x = initial_sample()
     a = run_loop(with_step_kwargs(DDIMScheduler, eta=1.0)(), 10, x, seed=1)
