@@ -242,6 +242,8 @@ class DDPMWuerstchenScheduler(FusedScheduler):
             return cache[1][value]
         index = cache[2].get((value, dtype))
         if index is None:
+            if len(cache[2]) >= 1024:  # off-schedule values (random t in training): keep the latest
+                cache[2].pop(next(iter(cache[2]), None), None)
             with outside_transforms():  # (host constants; inside a transform they would have no storage)
                 schedule = torch.tensor(host, dtype=torch.float64).to(schedule_dtype)
                 t0 = torch.tensor(value, dtype=torch.float64).to(dtype)

@@ -129,6 +129,19 @@ def test_a_timestep_off_the_schedule_steps_from_the_nearest_first_on_a_tie(value
     assert parity_error(outs[1], outs[0]) <= 1e-5
 
 
+def test_off_schedule_lookups_are_remembered_within_a_bound():
+    # a training loop steps at a random t each batch: the lookups kept one entry per value
+    kd = DDPMWuerstchenScheduler()
+    kd.set_timesteps(10)
+    df = DF()
+    df.set_timesteps(10)
+    values = torch.rand(3000, generator=torch.Generator().manual_seed(0)) * 0.85 + 0.12
+    for v in values.tolist():
+        t = torch.tensor([v])
+        assert torch.equal(kd.previous_timestep(t), df.previous_timestep(t)), v
+    assert len(kd._nearest_cache[2]) <= 1024
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("scaler", [0.3, 1.0, 1.5, 3.0])
 def test_alpha_cumprod_is_bit_identical_to_diffusers(scaler, dtype):
