@@ -352,6 +352,39 @@ def schedule_position(timestep, schedule=None, span: Optional[tuple] = None) -> 
     return index if not misaligned and 0 <= index < length else None
 
 
+class _AlphasCumprod:
+    """``alphas_cumprod``, an attribute as in diffusers, but one that new values cannot silently
+    miss: the schedulers that plan their steps from a host copy made at construction (DDPM,
+    DDIM, PNDM, LCM, TCD, ...) refuse them, where diffusers reads the attribute at every step.
+    The same values on another device or in another dtype are taken (``add_noise`` moves it).
+    The sigma schedulers keep no copy: they read it at ``set_timesteps``, as diffusers does."""
+
+    def __get__(self, scheduler, owner=None):
+        if scheduler is None:
+            return self
+        try:
+            return scheduler.__dict__["_alphas_cumprod"]
+        except KeyError:
+            raise AttributeError(f"{type(scheduler).__name__!r} object has no attribute 'alphas_cumprod'") from None
+
+    def __set__(self, scheduler, value) -> None:
+        state = scheduler.__dict__
+        host = state.get("_host_alphas_cumprod", state.get("_alphas_cumprod_cpu"))
+        if host is not None and value is not state.get("_alphas_cumprod"):
+            kept = host if isinstance(host, torch.Tensor) else torch.tensor(host, dtype=torch.float64)
+            same = (isinstance(value, torch.Tensor) and value.shape == kept.shape
+                    and torch.equal(value.detach().cpu(), kept.to(value.dtype)))
+            if not same:
+                raise ValueError(
+                    f"{type(scheduler).__name__} plans its steps from the alphas_cumprod of its config (made at "
+                    "construction): new values would be ignored. Pass the schedule through the config instead "
+                    "(trained_betas=..., beta_schedule=..., rescale_betas_zero_snr=True)")
+        state["_alphas_cumprod"] = value
+
+    def __delete__(self, scheduler) -> None:
+        scheduler.__dict__.pop("_alphas_cumprod", None)
+
+
 class FusedScheduler(ConfigMixin):
     """Base class of kdfast's diffusers drop-in schedulers.
 
@@ -373,6 +406,7 @@ class FusedScheduler(ConfigMixin):
 
     order = 1
     init_noise_sigma = 1.0
+    alphas_cumprod = _AlphasCumprod()
     _compatibles: Sequence[str] = ()
     # A timestep that is not in the schedule: diffusers' multistep schedulers take the last
     # step for it; its sigma schedulers (Euler, Heun, LCM) fail with an IndexError, and so do these.

@@ -980,3 +980,29 @@ def test_config_forms_diffusers_takes(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         K.EulerDiscreteScheduler.from_config({"use_karras_sigmas": None})  # (read as off, as in diffusers)
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LCMScheduler", "TCDScheduler",
+                                  "DDIMInverseScheduler", "DDIMParallelScheduler", "DDPMParallelScheduler",
+                                  "CogVideoXDDIMScheduler"])
+def test_new_alphas_cumprod_values_are_refused_where_the_steps_are_planned_from_a_copy(name):
+    # diffusers reads alphas_cumprod at every step; these plan from a copy made at construction,
+    # so an assigned schedule was silently ignored (DDIM: 0.6535 where diffusers gives 0.5254)
+    s = getattr(K, name)()
+    before = s.alphas_cumprod
+    with pytest.raises(ValueError, match="trained_betas"):
+        s.alphas_cumprod = s.alphas_cumprod ** 2
+    assert s.alphas_cumprod is before
+    s.alphas_cumprod = before.clone().to(torch.float64)  # the same values, as add_noise moves them: taken
+    assert s.alphas_cumprod.dtype == torch.float64
+    twin = pickle.loads(pickle.dumps(s))
+    assert torch.equal(twin.alphas_cumprod, s.alphas_cumprod)
+
+
+def test_sigma_schedulers_follow_an_assigned_alphas_cumprod_like_diffusers():
+    df, kd = diffusers.EulerDiscreteScheduler(), K.EulerDiscreteScheduler()
+    for s in (df, kd):
+        s.alphas_cumprod = s.alphas_cumprod ** 1.5
+    assert parity_error(run_loop(kd, 10, initial_sample()), run_loop(df, 10, initial_sample())) <= 1e-5
+    assert parity_error(run_loop(kd, 10, initial_sample()), run_loop(K.EulerDiscreteScheduler(), 10,
+                                                                      initial_sample())) > 1e-3
