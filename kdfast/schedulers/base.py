@@ -384,6 +384,14 @@ class _AlphasCumprod:
     def __delete__(self, scheduler) -> None:
         scheduler.__dict__.pop("_alphas_cumprod", None)
 
+    @staticmethod
+    def move(scheduler, device: torch.device) -> torch.Tensor:
+        """The attribute moved to ``device`` and kept there, as diffusers' ``add_noise`` keeps it
+        (the same values: not checked, which would read a device copy back to the host)."""
+        state = scheduler.__dict__
+        value = state["_alphas_cumprod"] = state["_alphas_cumprod"].to(device=device)
+        return value
+
 
 class FusedScheduler(ConfigMixin):
     """Base class of kdfast's diffusers drop-in schedulers.

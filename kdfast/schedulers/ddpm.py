@@ -12,7 +12,8 @@ from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, make_betas,
                         rescale_zero_terminal_snr, x0_error)
-from .base import CheckedPlan, FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import (CheckedPlan, FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, _AlphasCumprod,
+                   reject_unknown_step_arguments)
 from .euler_discrete import KARRAS_SCHEDULERS
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -81,8 +82,7 @@ def noise_scales(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> Tupl
     if like.dim() and timesteps.numel() not in (1, like.shape[0]):
         raise ValueError(f"timesteps: got {timesteps.numel()} timesteps for a batch of {like.shape[0]}; pass one "
                          "per sample or a single one")
-    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to(device=like.device)
-    alphas_cumprod = scheduler.alphas_cumprod.to(dtype=like.dtype)
+    alphas_cumprod = _AlphasCumprod.move(scheduler, like.device).to(dtype=like.dtype)
     timesteps = timesteps.to(like.device)
     sqrt_alpha_prod = (alphas_cumprod[timesteps] ** 0.5).flatten()
     sqrt_one_minus_alpha_prod = ((1 - alphas_cumprod[timesteps]) ** 0.5).flatten()

@@ -999,6 +999,16 @@ def test_new_alphas_cumprod_values_are_refused_where_the_steps_are_planned_from_
     assert torch.equal(twin.alphas_cumprod, s.alphas_cumprod)
 
 
+@pytest.mark.parametrize("name", ["DDPMScheduler", "PNDMScheduler", "SASolverScheduler"])
+def test_add_noise_moves_alphas_cumprod_without_reading_it_back(name):
+    # add_noise keeps alphas_cumprod on the data's device, as diffusers does: the same values,
+    # so not checked (a check reads the device copy back: a host sync; on meta, an error)
+    s = getattr(K, name)()
+    x = torch.empty(2, 3, device="meta")
+    assert s.add_noise(x, x, torch.tensor([1, 2], device="meta")).shape == (2, 3)
+    assert s.alphas_cumprod.device.type == "meta"
+
+
 def test_sigma_schedulers_follow_an_assigned_alphas_cumprod_like_diffusers():
     df, kd = diffusers.EulerDiscreteScheduler(), K.EulerDiscreteScheduler()
     for s in (df, kd):
