@@ -338,3 +338,21 @@ def test_the_kdfast_unets_inference_form_compiles_as_one_graph():
     with torch.no_grad():
         compiled = torch.compile(fast, backend="eager", fullgraph=True)
         torch.testing.assert_close(compiled(x, t), fast(x, t))
+
+
+def test_the_kdfast_unet_with_class_labels_exports_compiles_and_vmaps():
+    # the labels' range was read on the CPU with int(): torch.export and fullgraph compile
+    # failed on the data-dependent value, vmap on .item(); an out-of-range label still raises
+    fast = inference.prepare_for_inference(_perturbed(UNet()))
+    x, t, y = torch.randn(2, 1, 16, 16), torch.tensor([300, 20]), torch.tensor([1, 10])
+    bad = torch.tensor([1, 11])
+    with torch.no_grad():
+        expect = fast(x, t, y)
+        program = torch.export.export(fast, (x, t, y)).module()
+        compiled = torch.compile(fast, backend="eager", fullgraph=True)
+        for run in (program, compiled):
+            torch.testing.assert_close(run(x, t, y), expect)
+            with pytest.raises(RuntimeError, match=r"class_labels must be in \[0, 11\)"):
+                run(x, t, bad)
+        each = torch.func.vmap(lambda a, b, c: fast(a[None], b[None], c[None])[0])(x, t, y)
+        torch.testing.assert_close(each, expect, rtol=1e-4, atol=1e-5)  # (per-sample convolutions)

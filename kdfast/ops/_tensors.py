@@ -63,25 +63,27 @@ def _differentiating_or_batching() -> bool:
     return any(level.key() != _FUNCTIONALIZE for level in torch._C._functorch.get_interpreter_stack())
 
 
-def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: int) -> None:
-    """Refuse int64 ``labels`` outside ``[0, vocab)`` other than ``ignore_index`` (padding with -1
+def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: Optional[int], name: str = "labels",
+                    hint: str = "") -> None:
+    """Refuse integer ``labels`` outside ``[0, vocab)`` other than ``ignore_index`` (padding with -1
     where ignore_index is -100 would count the padding as tokens): on the CPU with a ValueError
     naming the first, else without a host read (``torch._assert_async``: on a device, inside
-    torch.compile's graph, under a dispatch mode such as FakeTensorMode); under
-    ``torch.func.vmap`` and on meta tensors no value is read."""
+    torch.compile's graph or torch.export, under a dispatch mode such as FakeTensorMode); under
+    ``torch.func.vmap`` and on meta tensors no value is read. ``name`` and ``hint`` word the error."""
     if labels is None or labels.device.type == "meta" or vmapped(labels) or labels.numel() == 0:
         return
-    if labels.device.type == "cpu" and not dispatcher_required() and not has_subclass([labels]):
+    allowed = f"{name} must be in [0, {vocab})" + ("" if ignore_index is None else f" or ignore_index={ignore_index}")
+    kept = labels if ignore_index is None else torch.where(labels == ignore_index, 0, labels)
+    if (labels.device.type == "cpu" and not torch.compiler.is_compiling() and not dispatcher_required()
+            and not has_subclass([labels])):
         # the range of the ids, ignore_index read as 0: two small ops and one read (this runs on
         # every call with labels)
-        lo, hi = (int(v) for v in torch.aminmax(torch.where(labels == ignore_index, 0, labels)))
+        lo, hi = (int(v) for v in torch.aminmax(kept))
         if lo < 0 or hi >= vocab:
-            bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-            first = int(labels[bad][0])
-            raise ValueError(f"labels must be in [0, {vocab}) or ignore_index={ignore_index}; found {first}")
+            first = int(labels[(kept < 0) | (kept >= vocab)][0])
+            raise ValueError(f"{allowed}{hint}; found {first}")
     else:
-        bad = ((labels < 0) | (labels >= vocab)) & (labels != ignore_index)
-        torch._assert_async(~bad.any(), f"labels must be in [0, {vocab}) or ignore_index={ignore_index}")
+        torch._assert_async(~((kept < 0) | (kept >= vocab)).any(), f"{allowed}{hint}")
 
 
 def vmapped(t: torch.Tensor) -> bool:

@@ -99,7 +99,7 @@ def test_bad_config_and_inputs(unet):
             unet(torch.randn(1, 1, size, 16), 1, None)
     assert unet(torch.randn(1, 1, 8, 12), 1, None).shape == (1, 1, 8, 12)  # divisible sizes run
     for bad in ([0, 11], [-1, 3]):  # 10 is the unconditional label; 11 and -1 are no label
-        with pytest.raises(ValueError, match=r"class_labels must be in \[0, 10\]"):
+        with pytest.raises(ValueError, match=r"class_labels must be in \[0, 11\) \(10 is the unconditional label\)"):
             unet(torch.randn(2, 1, 16, 16), 1, torch.tensor(bad))
     assert unet(torch.randn(2, 1, 16, 16), 1, torch.tensor([0, 10])).shape == (2, 1, 16, 16)
 
