@@ -23,6 +23,16 @@ SIGMA_SPACINGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigma
 _ROUNDING_STEP = 1e-6
 
 
+def prediction_part(scheduler, output, sample):
+    """The prediction in a model output: diffusers' ``model_output[:, :3]`` for the learned
+    variance types, where the output is wider than the sample (the variance is not used)."""
+    if (scheduler.config.get("variance_type") in ("learned", "learned_range") and isinstance(output, torch.Tensor)
+            and isinstance(sample, torch.Tensor) and min(output.dim(), sample.dim()) > 1
+            and output.shape[1] != sample.shape[1]):
+        return output[:, :3]
+    return output
+
+
 def check_dpm_solver_config(scheduler, algorithms=ALGORITHMS, flow_exclusive=SIGMA_SPACINGS) -> None:
     """The settings DPM-Solver's multistep, singlestep and inverse schedulers share, checked as
     their constructors check them, with diffusers' aliases mapped (algorithm ``deis`` to
@@ -253,15 +263,16 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
 
     # ---------------------------------------------------------------- step
 
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        super()._check_step_inputs(prediction_part(self, model_output, sample), sample)
+
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config
-        if cfg.get("variance_type") in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
-            model_output = model_output[:, :3]
-            cond = None if cond is None else cond[:, :3]
+        model_output, cond = prediction_part(self, model_output, sample), prediction_part(self, cond, sample)
         self._check_step_inputs(model_output, sample)
         if self._step_index is None:
             self._init_step_index(timestep)
@@ -327,10 +338,8 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         """The solver's quantity (x0 for ++ variants, else epsilon) at the current step, thresholded
         as the step thresholds it."""
         sample = convert_arguments(args, kwargs, sample)
-        if sample is not None and self.config.get("variance_type") in ("learned", "learned_range") \
-                and model_output.shape[1] != sample.shape[1]:
-            model_output = model_output[:, :3]
-        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
+        return self._converted_output(prediction_part(self, model_output, sample), sample, (self._step_index, 1),
+                                      self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

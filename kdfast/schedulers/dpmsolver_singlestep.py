@@ -24,7 +24,7 @@ from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, host_array, log_snr, spaced_timesteps, x0_coefficients
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_unknown_step_arguments)
-from .dpmsolver_multistep import check_dpm_solver_config
+from .dpmsolver_multistep import check_dpm_solver_config, prediction_part
 from .euler_discrete import KARRAS_SCHEDULERS
 
 logger = logging.getLogger(__name__)
@@ -315,15 +315,16 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+        super()._check_step_inputs(prediction_part(self, model_output, sample), sample)
+
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         if self.num_inference_steps is None:
             self._require_timesteps()
         cfg = self._config
-        if cfg.variance_type in ("learned", "learned_range") and model_output.shape[1] != sample.shape[1]:
-            model_output = model_output[:, :3]  # the mean; diffusers keeps the first 3 channels
-            cond = None if cond is None else cond[:, :3]
+        model_output, cond = prediction_part(self, model_output, sample), prediction_part(self, cond, sample)
         self._check_step_inputs(model_output, sample)
         if self._step_index is None:
             self._init_step_index(timestep)
@@ -375,10 +376,8 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         """The solver's quantity (x0 for ++ variants, else epsilon) at the current step, thresholded
         as the step thresholds it."""
         sample = convert_arguments(args, kwargs, sample)
-        if sample is not None and self.config.variance_type in ("learned", "learned_range") \
-                and model_output.shape[1] != sample.shape[1]:
-            model_output = model_output[:, :3]
-        return self._converted_output(model_output, sample, (self._step_index, 1), self.config.thresholding)
+        return self._converted_output(prediction_part(self, model_output, sample), sample, (self._step_index, 1),
+                                      self.config.thresholding)
 
     # ---------------------------------------------------------------- diffusers' helpers
 

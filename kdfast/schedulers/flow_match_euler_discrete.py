@@ -203,7 +203,9 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
         return out if return_dict else out.to_tuple()
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
-              per_token_timesteps: Optional[torch.Tensor] = None) -> SchedulerOutput:
+              per_token_timesteps: Optional[torch.Tensor] = None, s_churn: float = 0.0, s_tmin: float = 0.0,
+              s_tmax: float = float("inf"), s_noise: float = 1.0) -> SchedulerOutput:
+        # (s_churn ... s_noise: taken by step_cfg as by step, and unused, as in diffusers' step)
         _reject_integer_timestep(timestep, type(self).__name__)
         if self._table is None:  # stepping on the training schedule, before any set_timesteps
             self._table = self._shared_table(self._build_table)

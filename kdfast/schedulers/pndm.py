@@ -66,6 +66,8 @@ class PNDMScheduler(FusedScheduler):
 
     Unlike diffusers, a step past the end of ``timesteps`` (``counter == len(timesteps)``) is an
     IndexError rather than one more step below timestep 0; ``set_timesteps`` starts a new loop.
+    ``num_inference_steps`` above ``num_train_timesteps`` is refused, as DDIM and DDPM refuse it
+    (diffusers' PNDM makes every timestep 0 there, and its loop returns the sample unchanged).
     """
 
     _diffusers_name = "PNDMScheduler"

@@ -1016,3 +1016,47 @@ def test_sigma_schedulers_follow_an_assigned_alphas_cumprod_like_diffusers():
     assert parity_error(run_loop(kd, 10, initial_sample()), run_loop(df, 10, initial_sample())) <= 1e-5
     assert parity_error(run_loop(kd, 10, initial_sample()), run_loop(K.EulerDiscreteScheduler(), 10,
                                                                       initial_sample())) > 1e-3
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "DPMSolverMultistepInverseScheduler"])
+def test_step_cfg_with_a_learned_variance_output(name):
+    # step keeps the prediction's channels of a [mean, variance] output; step_cfg compared the
+    # whole output's shape with the sample's first and refused it
+    x = initial_sample((1, 3, 4, 4))
+    u = initial_sample((1, 6, 4, 4), seed=1)
+    c = 0.9 * u + 0.1
+    got, expect = getattr(K, name)(variance_type="learned_range"), getattr(diffusers, name)(variance_type="learned_range")
+    for s in (got, expect):
+        s.set_timesteps(10)
+    for t in got.timesteps[:3]:
+        y = got.step_cfg(u, c, 3.0, t, x).prev_sample
+        assert parity_error(y, expect.step(u + 3.0 * (c - u), t, x).prev_sample) <= 1e-5
+        x = y
+
+
+@pytest.mark.parametrize("name", K.__all__)
+def test_step_cfg_takes_every_keyword_step_takes(name):
+    # (FlowMatchEuler's step_cfg refused s_churn ... s_noise, which its step takes and ignores)
+    cls = getattr(K, name)
+    if not isinstance(cls, type) or not hasattr(cls, "step_cfg"):
+        pytest.skip("not a scheduler with step_cfg")
+    skip = {"self", "model_output", "timestep", "sample", "return_dict", "generator", "variance_noise"}
+    params = inspect.signature(cls.step).parameters.values()
+    options = {p.name: p.default for p in params if p.name not in skip and p.default is not inspect.Parameter.empty
+               and p.kind is not inspect.Parameter.VAR_KEYWORD}
+    if not options:
+        pytest.skip("step takes no options")
+    seeded = {"noise_sampler_seed": 0} if "noise_sampler_seed" in inspect.signature(cls).parameters else {}
+    s = cls(**seeded)
+    x = initial_sample() * getattr(s, "init_noise_sigma", 1.0)
+    try:
+        s.set_timesteps(4)
+        t = s.timesteps[0]
+        m = dummy_model(s.scale_model_input(x, t), t)
+        expect = copy.deepcopy(s).step(m, t, x, **options, **with_generator(s, torch.Generator().manual_seed(0)))
+    except (ValueError, TypeError, IndexError, RuntimeError) as e:
+        pytest.skip(f"a plain loop of the default config fails here: {e}")
+    got = s.step_cfg(m, m, 1.0, t, x, **options, **with_generator(s, torch.Generator().manual_seed(0)))
+    got, expect = got.prev_sample, expect.prev_sample
+    assert parity_error(got, expect) <= 1e-6, options
