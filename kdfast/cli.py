@@ -7,7 +7,7 @@ import platform
 import sys
 from typing import List, Optional
 
-from .train.run import seed_arg
+from .train.run import interruption_status, seed_arg, sigterm_raises
 
 
 def info() -> str:
@@ -158,22 +158,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(exc, file=sys.stderr)
         return 2
     try:
-        if args.command == "info":
-            print(info(), flush=True)  # (flushed here: a closed pipe is then caught below, not at exit)
-        elif args.command == "demo":
-            return demo(args)
-        elif args.command == "assets":
-            return assets(args)
+        with sigterm_raises():
+            if args.command == "info":
+                print(info(), flush=True)  # (flushed here: a closed pipe is then caught below, not at exit)
+            elif args.command == "demo":
+                return demo(args)
+            elif args.command == "assets":
+                return assets(args)
     except ImportError as exc:  # an optional dependency of this command (the message says what to install)
         print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        # Ctrl-C is the user's choice, not a crash: one line and the shell's 128 + SIGINT, no
-        # traceback. Partial outputs stay incomplete-looking: the demo writes metrics.json and
+    except KeyboardInterrupt as exc:
+        # Ctrl-C (or SIGTERM) is the user's choice, not a crash: one line and the shell's status,
+        # no traceback. Partial outputs stay incomplete-looking: the demo writes metrics.json and
         # report.md last, and the assets are renamed into place only once whole.
-        newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar and the terminal's ^C
-        print(f"{newline}kdfast {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return interruption_status(f"kdfast {args.command}", exc)
     except BrokenPipeError:
         # The reader went away (`kdfast info | head -1`): stop quietly with the shell's 128 +
         # SIGPIPE; stdout goes to devnull so that Python's flush at exit does not fail again.

@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -62,18 +63,27 @@ def test_missing_optional_dependency_is_a_one_line_error(monkeypatch, capsys):
 
 @pytest.mark.parametrize("command, target", [(["demo", "--quick"], "kdfast.demo.run_demo"),
                                              (["assets", "build", "--quick"], "kdfast.assets_build.build_assets")])
-def test_ctrl_c_is_one_line_and_exit_130(tmp_path, capsys, monkeypatch, command, target):
+@pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_or_sigterm_is_one_line_and_the_shells_status(tmp_path, capsys, monkeypatch, command, target,
+                                                             signal_name):
+    import signal
+    if signal_name == "SIGTERM" and os.name == "nt":
+        pytest.skip("no SIGTERM handlers here")
+
     def interrupted(**kwargs):
-        raise KeyboardInterrupt
+        if signal_name == "SIGINT":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # (killed the process, with no message and no clean-up)
+        time.sleep(5)
 
     monkeypatch.setattr(target, interrupted)
     try:
         rc = main([*command, "--no-progress", "--out", str(tmp_path / "o")])
     except KeyboardInterrupt:
         pytest.fail("Ctrl-C escaped main: Python prints its traceback")
-    assert rc == 130
+    assert rc == (130 if signal_name == "SIGINT" else 143)
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [f"kdfast {command[0]}: interrupted"]  # no traceback
+    assert err == [f"kdfast {command[0]}: {'interrupted' if signal_name == 'SIGINT' else 'terminated'}"]
 
 
 @pytest.mark.parametrize("seed", ["-1", "99999999999999999999999", "9223372036854775808"])

@@ -14,7 +14,8 @@ _EXPORTS = {
     "teacher": ["SCHEDULERS", "SHIPPED_PATH", "Teacher", "TeacherAssetError", "load_teacher", "sample_teacher",
                 "save_teacher", "train_teacher"],
     "run": ["Checkpoint", "CheckpointError", "Checkpointer", "GlobalRNG", "MetricsLog", "OutputDirError",
-            "check_output_file", "load_checkpoint", "prepare_output_dir", "progress_bar", "seed_everything"],
+            "check_output_file", "load_checkpoint", "lock_run_dir", "prepare_output_dir", "progress_bar",
+            "seed_everything"],
     "images": ["image_grid", "save_grid", "write_png"],
     "plot": ["plot_curves", "render_curves"],
 }

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .._checks import check_count
+from .run import atomic_files
 
 PathLike = Union[str, Path]
 
@@ -56,7 +57,8 @@ def write_png(image: Union[torch.Tensor, np.ndarray], path: PathLike) -> Path:
     png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, color_type, 0, 0, 0))
            + chunk(b"IDAT", zlib.compress(rows.tobytes(), 9)) + chunk(b"IEND", b""))
     path = Path(path)
-    path.write_bytes(png)
+    with atomic_files(path) as (tmp,):  # whole or not at all: an interrupted write keeps the old image
+        tmp.write_bytes(png)
     return path
 
 

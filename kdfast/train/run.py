@@ -26,14 +26,16 @@ import math
 import os
 import random
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
 import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Union
 
 import numpy as np
 import torch
@@ -48,8 +50,10 @@ FORMAT = "kdfast checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 ORPHAN_AGE = 3600.0  # seconds unchanged before a dead process's checkpoint temporary is removed
-_TEMP_NAME = re.compile(r"^\.step-\d{8,}\.safetensors\.(\d+)\.tmp$")  # atomic_files' name for one being saved
 METRICS_FILE = "metrics.jsonl"  # the metrics log's name in a run's checkpoint folder
+# atomic_files' names for a checkpoint or the metrics log being written (group 1: the writer's pid)
+_TEMP_NAME = re.compile(r"^\.(?:step-\d{8,}\.safetensors|metrics\.jsonl)\.(\d+)\.tmp$")
+LOCK_FILE = ".lock"  # held (flock) by the run writing a checkpoint folder
 # The largest seed kdfast's commands accept: torch takes 64-bit seeds, and some callers seed a
 # second generator with seed + 1.
 MAX_SEED = 2**63 - 1
@@ -154,6 +158,33 @@ def check_run_dir(directory: PathLike, resume: bool) -> Path:
     return path
 
 
+def lock_run_dir(directory: PathLike) -> Optional[IO]:
+    """Take the checkpoint folder for this process: an exclusive ``flock`` on its
+    :data:`LOCK_FILE`, held until the returned file is closed (or the process ends, however it
+    ends). A second run there would mix its checkpoints and metrics log with this one's (and
+    delete its newer checkpoints as stale): :class:`OutputDirError` names the process that holds
+    it. None where ``fcntl`` is missing (Windows): no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    path = prepare_output_dir(directory) / LOCK_FILE
+    lock = open(path, "a+")
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise OutputDirError(f"checkpoint folder {str(path.parent)!r} is in use by another run (process {holder}): "
+                             "two runs there would mix their checkpoints; wait for it, or use another folder") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
 @contextmanager
 def atomic_files(*paths: PathLike) -> Iterator[List[Path]]:
     """Write several files so that each appears whole or not at all.
@@ -230,17 +261,49 @@ def seed_everything(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``timeout``, docker, Kubernetes and SLURM send) inside
+    :func:`sigterm_raises`: raised like Ctrl-C's KeyboardInterrupt, so that the same clean-up
+    runs (:func:`atomic_files` removes its temporary files)."""
+
+
 @contextmanager
-def interrupt_exits(prog: str) -> Iterator[None]:
-    """Inside the block, Ctrl-C ends the program with one line, ``<prog>: interrupted``, and the
-    shell's status 130 (128 + SIGINT), not a traceback: it is the user's choice, not a crash.
-    What the commands write is written whole or not at all (:func:`atomic_files`)."""
+def sigterm_raises() -> Iterator[None]:
+    """Inside the block, SIGTERM raises :class:`Terminated` (in the main thread, the only one
+    where Python can set a signal handler; elsewhere the block changes nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, terminate)
     try:
         yield
-    except KeyboardInterrupt:
-        newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar and the terminal's ^C
-        print(f"{newline}{prog}: interrupted", file=sys.stderr)
-        raise SystemExit(130) from None
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def interruption_status(prog: str, exc: KeyboardInterrupt) -> int:
+    """Print ``<prog>: interrupted`` (Ctrl-C) or ``<prog>: terminated`` (SIGTERM) and return the
+    shell's status for it, 130 or 143 (128 + the signal): the user's choice, not a crash."""
+    terminated = isinstance(exc, Terminated)
+    newline = "\n" if sys.stderr.isatty() and not terminated else ""  # past a progress bar and the terminal's ^C
+    print(f"{newline}{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
+    return 143 if terminated else 130
+
+
+@contextmanager
+def interrupt_exits(prog: str) -> Iterator[None]:
+    """Inside the block, Ctrl-C and SIGTERM end the program with one line and the shell's status
+    (:func:`interruption_status`), not a traceback. What the commands write is written whole or
+    not at all (:func:`atomic_files`)."""
+    try:
+        with sigterm_raises():
+            yield
+    except KeyboardInterrupt as exc:
+        raise SystemExit(interruption_status(prog, exc)) from None
 
 
 @contextmanager
@@ -624,7 +687,10 @@ class Checkpointer:
                   "crc32": _checksum(tensors)}
         path = self.path_for(step)
         with atomic_files(path) as (tmp,):
-            save_file(tensors, str(tmp), metadata={"kdfast": json.dumps(header)})
+            try:
+                save_file(tensors, str(tmp), metadata={"kdfast": json.dumps(header)})
+            except (OSError, SafetensorError) as exc:  # a full disk, say: safetensors raises its own error
+                raise OutputDirError(f"cannot save checkpoint {str(path)!r}: {exc}") from exc
         saved = self.checkpoints()
         stale = [p for p in saved if _step_of(p) > step]
         kept = [p for p in saved if _step_of(p) <= step]

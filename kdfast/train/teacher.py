@@ -38,7 +38,7 @@ from . import images as _images
 from .plot import moving_average, plot_curves
 from .run import (METRICS_FILE, CheckpointError, Checkpointer, GlobalRNG, MetricsLog, OutputDirError,
                   ReproducibilityWarning, atomic_files, check_output_file, check_run_dir, int_at_least,
-                  interrupt_exits, one_line_warnings, progress_bar, run_environment, seed_arg)
+                  interrupt_exits, lock_run_dir, one_line_warnings, progress_bar, run_environment, seed_arg)
 
 IMAGE_SIZE = 16
 FORMAT_VERSION = 1
@@ -380,8 +380,11 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
         torch.set_num_threads(check_int("num_threads", num_threads, 1))
-    metrics = None
+    metrics = lock = None
     try:
+        if checkpoint_dir is not None:  # the folder is this run's until it ends (checked again, under the lock)
+            lock = lock_run_dir(checkpoint_dir)
+            check_run_dir(checkpoint_dir, resume)
         # A forked, seeded global RNG: seeded weights and dropout without touching the caller's RNG state.
         with torch.random.fork_rng(devices=cuda_ids):
             torch.manual_seed(seed)
@@ -449,6 +452,8 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         torch.set_num_threads(previous_threads)
         if metrics is not None:
             metrics.close()
+        if lock is not None:
+            lock.close()
 
     config = {
         "format_version": FORMAT_VERSION,
@@ -695,6 +700,8 @@ def _main(argv: Optional[Sequence[str]]) -> None:
                                     checkpoint_every=args.checkpoint_every, resume=args.resume)
     except CheckpointError as exc:  # a corrupt checkpoint, or one of another run
         fail("--resume", exc)
+    except OutputDirError as exc:  # the folder in use by another run, or a checkpoint that cannot be written
+        fail("--checkpoint-dir", exc)
     print(f"trained in {teacher.config['training']['seconds']} s, "
           f"final loss {teacher.config['training']['final_loss_ema50']:.4f}")
     teacher.config["metrics"] = measure_samples(teacher, progress=not args.no_progress)

@@ -142,3 +142,21 @@ def test_values_near_the_float64_limit_plot_and_average():
     for window in (math.inf, 2.5, 0, True):
         with pytest.raises(ValueError, match="window"):
             moving_average([1.0], window)
+
+
+def test_an_interrupted_write_png_keeps_the_previous_image(tmp_path, monkeypatch):
+    # the loss plot and grids were written in place: a kill mid-write left a truncated file
+    from pathlib import Path
+    gray = torch.arange(12, dtype=torch.uint8).reshape(3, 4)
+    path = write_png(gray, tmp_path / "loss.png")
+    before = path.read_bytes()
+    real = Path.write_bytes
+
+    def interrupted(self, data):
+        real(self, data[:10])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Path, "write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_png(gray * 2, path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["loss.png"]

@@ -488,7 +488,15 @@ def test_a_failed_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(run, "save_file", crash)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(OutputDirError, match="cannot save checkpoint .*step-00000002.safetensors.*disk full"):
+        ckpt.save(2, {"model": model})
+    assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.safetensors"]
+
+    def full(tensors, filename, metadata=None):  # what safetensors raises for a full disk
+        raise run.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(run, "save_file", full)
+    with pytest.raises(OutputDirError, match="No space left on device"):  # (a command prints one line)
         ckpt.save(2, {"model": model})
     assert [p.name for p in tmp_path.iterdir()] == ["step-00000001.safetensors"]  # no temporary file left
     assert ckpt.latest().read_bytes() == before
@@ -504,11 +512,12 @@ def test_a_save_killed_mid_write_leaves_no_temporary_file_for_good(tmp_path):
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     dead_pid = int(gone.stdout)
     orphan = tmp_path / f".step-00000003.safetensors.{dead_pid}.tmp"
+    orphan_log = tmp_path / f".metrics.jsonl.{dead_pid}.tmp"  # (the metrics log's, resumed, was never removed)
     live = tmp_path / f".step-00000004.safetensors.{os.getpid()}.tmp"
     mine = tmp_path / f".notes.txt.{dead_pid}.tmp"  # not a checkpoint's: not ours to remove
     recent = tmp_path / f".step-00000005.safetensors.{dead_pid}.tmp"  # perhaps another machine's save, under way
     old = time.time() - run.ORPHAN_AGE - 60
-    for path in (orphan, live, mine, recent):
+    for path in (orphan, orphan_log, live, mine, recent):
         path.write_bytes(b"partial")
         if path is not recent:
             os.utime(path, (old, old))
@@ -555,3 +564,31 @@ def test_checkpoint_file_is_plain_safetensors(tmp_path):
         Checkpointer(tmp_path).save(3, {"bad": object()})
     header = json.loads(__import__("safetensors").safe_open(str(path), "pt").metadata()["kdfast"])
     assert header["step"] == 2 and header["state"]["model"]["kind"] == "stateful"
+
+
+def test_a_run_folder_is_locked_while_a_run_holds_it(tmp_path):
+    # two runs on one folder mixed their checkpoints and metrics logs, silently
+    lock = run.lock_run_dir(tmp_path)
+    if lock is None:
+        pytest.skip("no fcntl here")
+    with pytest.raises(OutputDirError, match=f"in use by another run \\(process {os.getpid()}\\)"):
+        run.lock_run_dir(tmp_path)
+    lock.close()
+    run.lock_run_dir(tmp_path).close()  # free again once the holder is done
+
+
+def test_sigterm_exits_like_ctrl_c_with_its_own_status(tmp_path, capsys):
+    # SIGTERM (timeout, docker, SLURM) killed the process with no message, leaving the
+    # checkpoint-sized temporary file of a save under way
+    import signal
+    if os.name == "nt":
+        pytest.skip("no SIGTERM handlers here")
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as exc:
+        with run.interrupt_exits("prog"), atomic_files(tmp_path / "out.bin") as (tmp,):
+            tmp.write_bytes(b"partial")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # (the handler raises first)
+    assert exc.value.code == 143 and capsys.readouterr().err.strip() == "prog: terminated"
+    assert list(tmp_path.iterdir()) == []
+    assert signal.getsignal(signal.SIGTERM) is before

@@ -589,6 +589,27 @@ def test_measuring_shows_progress_on_a_terminal(tiny_teacher, monkeypatch, capsy
     assert quiet.getvalue() == ""
 
 
+def test_a_checkpoint_folder_in_use_by_another_run_is_refused(tmp_path, capsys):
+    # two runs on one folder (started together: both passed the earlier-run check) mixed their
+    # checkpoints and metrics logs, silently
+    from kdfast.train.run import OutputDirError, lock_run_dir
+    held = lock_run_dir(tmp_path / "run")
+    if held is None:
+        pytest.skip("no fcntl here")
+    try:
+        with pytest.raises(OutputDirError, match="in use by another run"):
+            teacher_mod.train_teacher(steps=2, batch_size=2, progress=False, checkpoint_dir=tmp_path / "run")
+        with pytest.raises(SystemExit) as exc:
+            teacher_mod.main(["--steps", "2", "--batch-size", "2", "--no-progress", "--checkpoint-dir",
+                              str(tmp_path / "run"), "--out", str(tmp_path / "t.safetensors")])
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "error: --checkpoint-dir: " in err[0] and "in use by another run" in err[0]
+        assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]  # nothing written
+    finally:
+        held.close()
+
+
 def test_module_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     def interrupted(**kwargs):
         raise KeyboardInterrupt
