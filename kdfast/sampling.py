@@ -187,6 +187,16 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.) -> T
     return sigma_down, sigma_up
 
 
+def _ancestral_step_in(sigma_from: float, sigma_to: float, eta: float, dtype: torch.dtype) -> Tuple[float, float]:
+    """:func:`get_ancestral_step` in float64, but ``sigma_down`` is 0 exactly where k-diffusion's,
+    computed on the sigma tensors (their ``dtype``), is 0: its samplers take an Euler step
+    there, and in float32 a next sigma below ~2.5e-4 of the current one already gives 0."""
+    sigma_down, sigma_up = get_ancestral_step(sigma_from, sigma_to, eta)
+    f, t = (torch.tensor(v, dtype=torch.float64, device="cpu").to(dtype) for v in (sigma_from, sigma_to))
+    down, up = (float(v) for v in get_ancestral_step(f, t, eta)) if eta else (sigma_to, 0.)
+    return (0., sigma_up) if down == 0 else (down, up) if sigma_down == 0 else (sigma_down, sigma_up)
+
+
 def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] = None) -> NoiseSampler:
     """``noise_sampler(sigma, sigma_next)`` drawing ``torch.randn_like(x)``-equivalent noise.
 
@@ -335,9 +345,17 @@ class _Builder:
         return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n, tuple(table64.unbind(0)))
 
 
-def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise) -> List[Tuple[float, float]]:
-    """(sigma_hat, churn noise scale) per step, k-diffusion's Algorithm 2 rule."""
+def _in_dtype(value: float, dtype: torch.dtype) -> float:
+    """``value`` rounded to ``dtype``, as torch rounds a Python number it compares with a tensor."""
+    return float(torch.tensor(value, dtype=torch.float64, device="cpu").to(dtype))  # (whatever the default device)
+
+
+def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise, dtype: torch.dtype) -> List[Tuple[float, float]]:
+    """(sigma_hat, churn noise scale) per step, k-diffusion's Algorithm 2 rule. Its window test
+    compares the bounds with the sigma tensor: in the sigmas' ``dtype`` (s_tmax = 14.6 holds a
+    float32 sigma of 14.6, which is 14.600000381)."""
     n = len(s) - 1
+    s_tmin, s_tmax = _in_dtype(s_tmin, dtype), _in_dtype(s_tmax, dtype)
     out = []
     for i in range(n):
         gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= s[i] <= s_tmax else 0.
@@ -349,9 +367,9 @@ def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise) -> List[Tuple[float, flo
 class _Churn:
     """Adds step i+1's churn noise to step i's last kernel call (and step 0's before the loop)."""
 
-    def __init__(self, b: _Builder, s_churn, s_tmin, s_tmax, s_noise):
+    def __init__(self, b: _Builder, s_churn, s_tmin, s_tmax, s_noise, sigmas_dtype: str):
         self.b, self.s = b, b.s
-        self.amounts = _churn_amounts(b.s, s_churn, s_tmin, s_tmax, s_noise)
+        self.amounts = _churn_amounts(b.s, s_churn, s_tmin, s_tmax, s_noise, getattr(torch, sigmas_dtype))
         # (a negative s_noise churns too: the noise is subtracted, as k-diffusion adds eps * s_noise)
         if self.amounts and self.amounts[0][1] != 0:
             b.add(0, self.s[0], X + self.amounts[0][1] * NOISE, noise=(self.s[0], self.s[1]), model=False,
@@ -372,9 +390,9 @@ def _euler_update(sigma_hat: float, sigma_next: float) -> Lin:
     return X + (dt / sigma_hat) * (X - X0)
 
 
-def _plan_euler(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+def _plan_euler(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1., sigmas_dtype="float32") -> _Plan:
     b = _Builder(s)
-    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise, sigmas_dtype)
     for i in range(b.n):
         sh = churn.sigma_hat(i)
         update, noise = churn.after(i, _euler_update(sh, s[i + 1]))
@@ -382,9 +400,9 @@ def _plan_euler(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _P
     return b.plan()
 
 
-def _plan_heun(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+def _plan_heun(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1., sigmas_dtype="float32") -> _Plan:
     b = _Builder(s)
-    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise, sigmas_dtype)
     for i in range(b.n):
         sh, sn = churn.sigma_hat(i), s[i + 1]
         if sn == 0:
@@ -401,9 +419,9 @@ def _plan_heun(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Pl
     return b.plan()
 
 
-def _plan_dpm_2(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1.) -> _Plan:
+def _plan_dpm_2(s, s_churn=0., s_tmin=0., s_tmax=float('inf'), s_noise=1., sigmas_dtype="float32") -> _Plan:
     b = _Builder(s)
-    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise)
+    churn = _Churn(b, s_churn, s_tmin, s_tmax, s_noise, sigmas_dtype)
     for i in range(b.n):
         sh, sn = churn.sigma_hat(i), s[i + 1]
         if sn == 0:
@@ -596,10 +614,10 @@ def _plan_unipc(s, order=2, variant='bh2', use_corrector=True, lower_order_final
     return b.plan()
 
 
-def _plan_dpm_2_ancestral(s, eta=1., s_noise=1.) -> _Plan:
+def _plan_dpm_2_ancestral(s, eta=1., s_noise=1., sigmas_dtype="float32") -> _Plan:
     b = _Builder(s)
     for i in range(b.n):
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta=eta)
+        sigma_down, sigma_up = _ancestral_step_in(s[i], s[i + 1], eta, getattr(torch, sigmas_dtype))
         if sigma_down == 0:  # Euler into sigma_down; k-diffusion adds no noise here
             b.add(i, s[i], _euler_update(s[i], sigma_down))
             continue
@@ -626,10 +644,10 @@ def _exp_step(sigma: float, sigma_to: float) -> Tuple[float, float]:
     return sigma_to / sigma, -math.expm1(math.log(sigma_to) - math.log(sigma))
 
 
-def _plan_dpmpp_2s_ancestral(s, eta=1., s_noise=1.) -> _Plan:
+def _plan_dpmpp_2s_ancestral(s, eta=1., s_noise=1., sigmas_dtype="float32") -> _Plan:
     b = _Builder(s)
     for i in range(b.n):
-        sigma_down, sigma_up = get_ancestral_step(s[i], s[i + 1], eta=eta)
+        sigma_down, sigma_up = _ancestral_step_in(s[i], s[i + 1], eta, getattr(torch, sigmas_dtype))
         key = (s[i], s[i + 1])
         scale = s_noise * sigma_up  # 0 into sigma 0
         if sigma_down == 0:  # Euler into 0
@@ -783,6 +801,11 @@ _PLANNERS: Dict[str, Callable[..., _Plan]] = {
 @functools.lru_cache(maxsize=128)
 def _cached_plan(name: str, sigmas: Tuple[float, ...], options: Tuple[Tuple[str, Any], ...]) -> _Plan:
     return _PLANNERS[name](list(sigmas), **dict(options))
+
+
+# Samplers whose plan depends on arithmetic k-diffusion does on the sigma tensors, in their dtype:
+# dpmpp_sde's noise sampler arguments, the ancestral samplers' Euler test, the churn window.
+_IN_SIGMAS_DTYPE = frozenset({"dpmpp_sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "euler", "heun", "dpm_2"})
 
 
 @run_eagerly  # host arithmetic, made once per sigma list (dynamo would bypass its cache and trace it)
@@ -1065,7 +1088,7 @@ def _sigma_loop(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None, w
         sigmas = torch.from_numpy(np.array(sigmas))  # (a copy: reversed or read-only arrays too)
     host = _read_sigmas(sigmas)  # the only host read; nothing below reads a tensor's value
     options = _checked_options(options or {})
-    if name == "dpmpp_sde":  # its noise sampler's arguments are computed in the sigmas' dtype
+    if name in _IN_SIGMAS_DTYPE:
         options["sigmas_dtype"] = str(sigmas.dtype).split(".")[-1] if isinstance(sigmas, torch.Tensor) else "float32"
     plan = _plan(name, host, options)
     if noise_sampler is None:

@@ -1696,3 +1696,41 @@ def test_eager_sampling_leaves_the_compiler_stack_unloaded():
             "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+@pytest.mark.parametrize("name", ["dpm_2_ancestral", "dpmpp_2s_ancestral"])
+def test_an_ancestral_step_is_euler_where_k_diffusions_float32_sigma_down_is_zero(name):
+    # k-diffusion computes sigma_down on the float32 sigma tensors: 0 for 80 -> 0.002, an Euler
+    # step with one model call; kdfast took the float64 value (5e-8) and a second-order step
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 80
+    seen = []
+
+    def model(x, sigma):
+        seen.append(round(float(sigma[0]), 4))
+        return denoiser(x, sigma)
+
+    sigmas = S.get_sigmas_karras(2, 0.002, 80.0)
+    getattr(S, f"sample_{name}")(model, x, sigmas, disable=True, noise_sampler=lambda a, b: torch.ones_like(x))
+    assert seen == [80.0, 0.002]
+    seen.clear()  # in float64 sigma_down is not 0: the second-order step, as k-diffusion's in float64
+    getattr(S, f"sample_{name}")(model, x.double(), sigmas.double(), disable=True,
+                                 noise_sampler=lambda a, b: torch.ones_like(x.double()))
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize("name", ["euler", "heun", "dpm_2"])
+@pytest.mark.parametrize("window", [dict(s_tmax=14.6), dict(s_tmin=0.7)])
+def test_the_churn_window_compares_in_the_sigmas_dtype(name, window):
+    # k-diffusion's s_tmin <= sigma <= s_tmax rounds the bounds to the float32 sigma's dtype:
+    # the float32 sigma 14.6 (14.600000381) is inside s_tmax=14.6, which float64 excluded
+    sigmas = torch.tensor([14.6, 7.0, 3.0, 0.7, 0.2, 0.0])
+    hats = []
+    x = torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 14.6
+    getattr(S, f"sample_{name}")(denoiser, x, sigmas, disable=True, s_churn=1.0, s_noise=0.0, **window,
+                                 callback=lambda d: hats.append(float(d["sigma_hat"])))
+    gamma = min(1.0 / 5, 2 ** 0.5 - 1)
+    # (tensor comparisons, as k-diffusion's: sigma 14.6 inside s_tmax=14.6, 0.7 inside s_tmin=0.7)
+    inside = (window.get("s_tmin", 0.0) <= sigmas[:-1]) & (sigmas[:-1] <= window.get("s_tmax", math.inf))
+    assert inside[0 if "s_tmax" in window else 3]
+    expect = [s * (1 + gamma) if keep else s for s, keep in zip(sigmas[:-1].tolist(), inside.tolist())]
+    assert hats == pytest.approx(expect, rel=1e-6)

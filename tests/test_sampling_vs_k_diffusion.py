@@ -83,3 +83,23 @@ def test_dpmpp_sde_with_brownian_trees_of_one_seed_matches_k_diffusion(kds, sigm
                  S.BrownianTreeNoiseSampler(x, float(lo), float(hi), seed=42)):
         got = S.sample_dpmpp_sde(denoiser, x, sigmas, disable=True, noise_sampler=tree)
         assert (got - want).abs().max() / max(1.0, want.abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize("name, options, sigmas", [
+    # float32 sigma_down 0 (Euler step) where float64's is 5e-8
+    ("dpm_2_ancestral", {"eta": 1.0}, S.get_sigmas_karras(2, 0.002, 80.0)),
+    ("dpmpp_2s_ancestral", {"eta": 1.0}, S.get_sigmas_karras(2, 0.002, 80.0)),
+    # churn windows whose bounds are float32 sigmas of the schedule (s_noise 0: no draws)
+    ("euler", {"s_churn": 1.0, "s_noise": 0.0, "s_tmax": 14.6}, torch.tensor([14.6, 7.0, 3.0, 0.7, 0.2, 0.0])),
+    ("heun", {"s_churn": 1.0, "s_noise": 0.0, "s_tmin": 0.7}, torch.tensor([14.6, 7.0, 3.0, 0.7, 0.2, 0.0])),
+    ("dpm_2", {"s_churn": 1.0, "s_noise": 0.0, "s_tmax": 14.6}, torch.tensor([14.6, 7.0, 3.0, 0.7, 0.2, 0.0])),
+])
+def test_branches_decided_in_the_sigmas_dtype_match_k_diffusion(kds, name, options, sigmas):
+    shape = (1, 2, 4, 4)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) * sigmas[0]
+    if "eta" in options:
+        options = dict(options, noise_sampler=KeyedNoise(shape))
+    want = getattr(kds, f"sample_{name}")(denoiser, x, sigmas, disable=True, **options)
+    got = getattr(S, f"sample_{name}")(denoiser, x, sigmas, disable=True, **options)
+    err = (got - want).abs().max() / max(1.0, want.abs().max())
+    assert err <= 1e-5, f"{name} {options}: relative error {err:.2e}"
