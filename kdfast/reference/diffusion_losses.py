@@ -98,8 +98,9 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Option
     d = x - y
     # sqrt(s + c^2) - c written as s / (sqrt(s + c^2) + c): the difference cancels where s << c^2
     # (2% off at |d| = 1e-7, c = 1; 0 for c = 1e30), as the kernels' form does not. An infinite
-    # s (an inf in d, or d*d past the dtype's range) gives inf, with the kernels' slopes: sign(d)
-    # per element in the element-wise form, d / sqrt(s) per sample (0, NaN at an inf element).
+    # s (an inf in d, or d*d past the dtype's range) gives inf, with the kernels' slopes: per
+    # element, NaN at an inf d (autograd's, of the formula) and sign(d) where only d*d
+    # overflows; per sample d / sqrt(s) (0, NaN at an inf element).
     # Each branch of a where sees only its own entries: a masked inf / inf would still make a
     # NaN gradient. Dead entries (d = 0, c = 0) give 0: sqrt'(0) would make 0 * inf = NaN.
     if elementwise:
@@ -110,7 +111,9 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, c: PerSample, weights: Option
         live = ((d != 0) | (c_col > 0)) & ~big
         h = torch.sqrt(torch.where(live, s + c_col * c_col, torch.ones_like(d)))
         ad = d.abs()
-        beyond = ad + torch.where(infinite, torch.zeros_like(d), s - ad).detach()  # inf, slope sign(d)
+        inf_d = torch.where(infinite, d, torch.ones_like(d))
+        beyond = torch.where(infinite, torch.sqrt(inf_d * inf_d + c_col * c_col),  # inf, slope 0 * inf = NaN
+                             ad + torch.where(infinite, torch.zeros_like(d), s - ad).detach())  # s, slope sign(d)
         value = _sample_mean(torch.where(big, beyond, torch.where(live, s, torch.zeros_like(d)) / (h + c_col)))
     else:
         s = _sample_sum(d * d)

@@ -148,7 +148,10 @@ class ConfigMixin:
         with its values (every key counts as given, whatever ``_use_default_values`` says); a
         schedule set before must be set again with ``set_timesteps``."""
         config = dict(config)
-        type(self).__init__(self, **{k: config[k] for k in self._init_keys() if k in config})
+        # built apart, then taken over: a config __init__ refuses leaves this one as it was, and
+        # the new schedule replaces the old one's host copies rather than meeting them
+        fresh = type(self)(**{k: config[k] for k in self._init_keys() if k in config})
+        self.__dict__.update(fresh.__dict__)
         self._config = FrozenConfig(config)
 
     def __getattr__(self, name: str):

@@ -214,7 +214,8 @@ class CoefficientTable:
     def __contains__(self, key) -> bool:
         return key in self._rows
 
-    def __len__(self) -> int:
+    def row_count(self) -> int:
+        """How many coefficient rows the table holds (what the shared cache bounds)."""
         return len(self._rows)
 
     def plan(self, key) -> StepPlan:
@@ -260,6 +261,9 @@ class GrowingTable(CoefficientTable):
         self._limit = limit
         self._lock = threading.Lock()
         _GROWING_TABLES.add(self)
+
+    def row_count(self) -> int:
+        return len(self._rows) + len(self._extra)
 
     def ensure(self, key, make: Callable[[], StepPlan]):
         """``key`` itself when it is one of the schedule's own steps (never dropped), else the
@@ -362,8 +366,9 @@ class _AlphasCumprod:
     def __get__(self, scheduler, owner=None):
         if scheduler is None:
             return self
-        try:
-            return scheduler.__dict__["_alphas_cumprod"]
+        state = scheduler.__dict__
+        try:  # (a scheduler pickled before this descriptor holds "alphas_cumprod" itself)
+            return state["_alphas_cumprod"] if "_alphas_cumprod" in state else state["alphas_cumprod"]
         except KeyError:
             raise AttributeError(f"{type(scheduler).__name__!r} object has no attribute 'alphas_cumprod'") from None
 
@@ -380,9 +385,11 @@ class _AlphasCumprod:
                     "construction): new values would be ignored. Pass the schedule through the config instead "
                     "(trained_betas=..., beta_schedule=..., rescale_betas_zero_snr=True)")
         state["_alphas_cumprod"] = value
+        state.pop("alphas_cumprod", None)
 
     def __delete__(self, scheduler) -> None:
         scheduler.__dict__.pop("_alphas_cumprod", None)
+        scheduler.__dict__.pop("alphas_cumprod", None)
 
     @staticmethod
     def move(scheduler, device: torch.device) -> torch.Tensor:
@@ -424,8 +431,9 @@ class FusedScheduler(ConfigMixin):
     # 20 UniPC steps, 171 rows: 13 ms; 1000 UniPC steps: 0.4 s); pipelines call set_timesteps
     # with the same settings again and again, so tables are shared by every scheduler instance
     # with the same class, config and schedule (plans are pure functions of those). A row
-    # holds about 1.2 KB of Python objects: the cache keeps at most 64 tables and 32768 rows
-    # (~40 MB; a server cycling through many long schedules would otherwise keep ~0.7 GB).
+    # holds about 1.2 KB of Python objects: the cache keeps at most 64 tables and, counted at
+    # each insertion, 32768 rows, a GrowingTable's extras included (~40 MB; a server cycling
+    # through many long schedules would otherwise keep ~0.7 GB).
     _TABLE_CACHE: "collections.OrderedDict[str, CoefficientTable]" = collections.OrderedDict()
     _TABLE_CACHE_LOCK = threading.Lock()
     _TABLE_CACHE_SIZE = 64
@@ -456,9 +464,9 @@ class FusedScheduler(ConfigMixin):
         with FusedScheduler._TABLE_CACHE_LOCK:
             table = cache.setdefault(key, table)  # a build that raced ours: one table for all
             cache.move_to_end(key)
-            rows = sum(len(t) for t in cache.values())
+            rows = sum(t.row_count() for t in cache.values())
             while len(cache) > 1 and (len(cache) > self._TABLE_CACHE_SIZE or rows > self._TABLE_CACHE_ROWS):
-                rows -= len(cache.popitem(last=False)[1])  # the least recently used (never the newest)
+                rows -= cache.popitem(last=False)[1].row_count()  # the least recently used (never the newest)
         return table
 
     has_compatibles = True  # diffusers' schedulers all say so, LCM (whose list is empty) included

@@ -163,7 +163,8 @@ def lock_run_dir(directory: PathLike) -> Optional[IO]:
     :data:`LOCK_FILE`, held until the returned file is closed (or the process ends, however it
     ends). A second run there would mix its checkpoints and metrics log with this one's (and
     delete its newer checkpoints as stale): :class:`OutputDirError` names the process that holds
-    it. None where ``fcntl`` is missing (Windows): no lock."""
+    it. None where ``fcntl`` is missing (Windows) or the file system takes no locks (NFS mounted
+    ``nolock``, some FUSE and Lustre mounts): no lock, with a warning there."""
     try:
         import fcntl
     except ImportError:
@@ -172,12 +173,17 @@ def lock_run_dir(directory: PathLike) -> Optional[IO]:
     lock = open(path, "a+")
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         lock.seek(0)
         holder = lock.read().strip() or "unknown"
         lock.close()
         raise OutputDirError(f"checkpoint folder {str(path.parent)!r} is in use by another run (process {holder}): "
                              "two runs there would mix their checkpoints; wait for it, or use another folder") from None
+    except OSError as exc:
+        lock.close()
+        warnings.warn(f"checkpoint folder {str(path.parent)!r} cannot be locked ({exc}): nothing stops a second run "
+                      "from writing there too", RuntimeWarning, stacklevel=2)
+        return None
     lock.seek(0)
     lock.truncate()
     lock.write(f"{os.getpid()}\n")
@@ -289,7 +295,7 @@ def interruption_status(prog: str, exc: KeyboardInterrupt) -> int:
     """Print ``<prog>: interrupted`` (Ctrl-C) or ``<prog>: terminated`` (SIGTERM) and return the
     shell's status for it, 130 or 143 (128 + the signal): the user's choice, not a crash."""
     terminated = isinstance(exc, Terminated)
-    newline = "\n" if sys.stderr.isatty() and not terminated else ""  # past a progress bar and the terminal's ^C
+    newline = "\n" if sys.stderr.isatty() else ""  # past a progress bar (and the terminal's ^C)
     print(f"{newline}{prog}: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
     return 143 if terminated else 130
 

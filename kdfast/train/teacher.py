@@ -447,6 +447,8 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
                                           metadata={"kind": "kdfast digits teacher training", "run": run_settings,
                                                     **environment})
             seconds = seconds_before + time.perf_counter() - started
+            if checkpointer is not None:  # (while the folder is still this run's)
+                plot_loss(losses, checkpointer.directory / "loss.png")
         threads = torch.get_num_threads()
     finally:
         torch.set_num_threads(previous_threads)
@@ -477,8 +479,6 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     if out is not None:
         save_teacher(teacher.model, teacher.config, out)
         plot_loss(losses, _loss_plot_path(out))
-    if checkpointer is not None:
-        plot_loss(losses, checkpointer.directory / "loss.png")
     return teacher
 
 

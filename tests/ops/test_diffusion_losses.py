@@ -585,6 +585,10 @@ def test_elementwise_pseudo_huber_of_an_infinite_or_nan_difference(backend):
     leaf = d.clone().requires_grad_(True)
     (gl,) = torch.autograd.grad((torch.sqrt(leaf * leaf + 0.25) - 0.5).mean(1).sum(), leaf)  # the formula's
     assert torch.equal(gl.isnan(), gx.isnan())
+    # torch.func's path (the reference's autograd) agrees: it gave sign(d) at an inf
+    gf = torch.func.grad(lambda v: ops.pseudo_huber(v, y, c=0.5, elementwise=True, backend=backend).sum())(x.detach())
+    assert torch.equal(gf.isnan(), gx.isnan())
+    torch.testing.assert_close(gf[finite], gx[finite], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])

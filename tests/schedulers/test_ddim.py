@@ -235,11 +235,15 @@ def test_the_shared_tables_are_bounded_in_rows_too(monkeypatch):
     s = DDIMScheduler()
     for steps in (30, 40, 50, 150):
         s.set_timesteps(steps)
-        rows = [len(t) for t in FusedScheduler._TABLE_CACHE.values()]
+        rows = [t.row_count() for t in FusedScheduler._TABLE_CACHE.values()]
         assert rows[-1] == steps and (sum(rows) <= 100 or rows == [steps]), rows
-    assert [len(t) for t in FusedScheduler._TABLE_CACHE.values()] == [150]
+    assert [t.row_count() for t in FusedScheduler._TABLE_CACHE.values()] == [150]
     s.set_timesteps(30)
-    assert [len(t) for t in FusedScheduler._TABLE_CACHE.values()] == [30]
+    assert [t.row_count() for t in FusedScheduler._TABLE_CACHE.values()] == [30]
+    x = initial_sample()  # rows made after set_timesteps (a per-call eta) count too
+    for eta in (0.1, 0.2, 0.3):
+        s.step(x, s.timesteps[0], x, eta=eta, variance_noise=x)
+    assert s._table.row_count() == 33
     DDIMScheduler.clear_table_cache()
 
 

@@ -592,3 +592,16 @@ def test_sigterm_exits_like_ctrl_c_with_its_own_status(tmp_path, capsys):
     assert exc.value.code == 143 and capsys.readouterr().err.strip() == "prog: terminated"
     assert list(tmp_path.iterdir()) == []
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_file_system_without_locks_warns_and_runs_unlocked(tmp_path, monkeypatch):
+    # NFS mounted nolock (ENOLCK), FUSE or Lustre without flock: not "in use by another run"
+    import errno
+    fcntl = pytest.importorskip("fcntl")
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.warns(RuntimeWarning, match="cannot be locked"):
+        assert run.lock_run_dir(tmp_path) is None
