@@ -159,11 +159,19 @@ def _head_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
     return out
 
 
-def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``grad_weight += g.T @ h`` in fp32; ``g`` and ``h`` share a dtype."""
+def _accumulate_weight_grad(grad_weight: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``grad_weight += g.T @ h`` in fp32, ``=`` for the ``first`` chunk (the buffer starts
+    uninitialised: zeroing a weight-sized buffer cost as much as a few-token call's products);
+    ``g`` and ``h`` share a dtype."""
     if g.dtype == torch.float32:
-        grad_weight.addmm_(g.t(), h)
-    elif g.is_cuda and _fp32_out_support(g.device)[1]:
+        if first:
+            torch.mm(g.t(), h, out=grad_weight)
+        else:
+            grad_weight.addmm_(g.t(), h)
+        return
+    if first:
+        grad_weight.zero_()
+    if g.is_cuda and _fp32_out_support(g.device)[1]:
         torch.addmm(grad_weight, g.t(), h, out_dtype=torch.float32, out=grad_weight)
     else:  # 16-bit product rounded to 16 bits, then accumulated in fp32
         grad_weight.add_((g.t() @ h).float())
@@ -215,7 +223,8 @@ class _FusedLinearKD(torch.autograd.Function):
         # 16 bits, a sum over a chunk's vocabulary overflows fp16 where the scaled gradient fits,
         # and small sums lose their digits in fp16's subnormal range.
         grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if want[0] else None
-        grad_weight = torch.zeros(student_weight.shape, dtype=torch.float32, device=device) if want[1] else None
+        grad_weight = ((torch.empty if tokens else torch.zeros)(student_weight.shape, dtype=torch.float32,
+                                                                  device=device) if want[1] else None)
         grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) \
             if want[2] and student_bias is not None else None
         rows_out = torch.zeros(tokens, dtype=torch.float32, device=device)
@@ -255,7 +264,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if grad_hidden is not None:
                 _hidden_grad(grad_hidden[start:stop], g, student_operand)
             if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype))
+                _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype), first=start == 0)
             if grad_bias is not None:
                 grad_bias.add_(g.sum(0, dtype=torch.float32))
         denominator = _denominator(labels, tokens, ignore_index, vocab, reduction, device)
@@ -275,12 +284,17 @@ class _FusedLinearKD(torch.autograd.Function):
             # graph of their own, so a second-order use (a gradient penalty) would see zeros.
             raise RuntimeError("kdfast.fused_linear_kd: double backward (create_graph=True) is not supported; "
                                "the gradients are computed in the forward pass and are not differentiable")
+        if getattr(ctx, "consumed", False):
+            raise RuntimeError("kdfast.fused_linear_kd: a second backward through the same graph (retain_graph=True) "
+                               "is not supported; the forward's gradient buffers were scaled by the first")
+        ctx.consumed = True
         saved = iter(ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias, denominator = (next(saved) if p else None for p in ctx.present)
         scale = grad_loss if denominator is None else grad_loss / denominator
         outs = []
         for g, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes):
-            outs.append(None if g is None else (g * scale).to(dtype))
+            # in place: the buffers are this node's alone (a weight-sized copy cost as much as the products)
+            outs.append(None if g is None else g.mul_(scale).to(dtype))
         return (outs[0], outs[1], outs[2]) + (None,) * 14
 
 

@@ -495,3 +495,19 @@ def test_the_one_time_cuda_check_restores_the_sync_debug_mode_under_threads(monk
     for t in threads:
         t.join()
     assert state["mode"] == 2
+
+
+def test_a_second_backward_through_the_same_graph_is_refused():
+    # the backward scales the forward's gradient buffers in place (a weight-sized copy cost as
+    # much as a few-token call's products): a second one would scale them again
+    case, labels = make(tokens=8, bias=True)
+    weight = case["student_weight"].clone().requires_grad_(True)
+    loss = fused_linear_kd(case["student_hidden"], weight, case["teacher_hidden"], case["teacher_weight"], labels,
+                           case["student_bias"], case["teacher_bias"], chunk_size=3)
+    (first,) = torch.autograd.grad(loss, weight, retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward"):
+        torch.autograd.grad(loss, weight)
+    s = F.linear(case["student_hidden"], weight, case["student_bias"])
+    t = F.linear(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"])
+    (expected,) = torch.autograd.grad(kd_loss(s, t, labels, kind="jsd"), weight)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-7)
