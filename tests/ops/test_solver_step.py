@@ -773,7 +773,7 @@ def test_threshold_scale_next_to_inf_and_bits_like_torch_quantile(backend):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and RLIMIT_AS")
-def test_threshold_scale_out_of_host_memory_raises():
+def test_threshold_scale_out_of_host_memory_raises(tmp_path):
     # Each CPU thread copies a whole sample as float for the selection: where that cannot be
     # allocated, std::bad_alloc left the OpenMP region and aborted the process.
     script = """
@@ -788,7 +788,8 @@ try:
 except RuntimeError as e:
     print("raised:", e)
 """
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    # (run from tmp_path: from the repository's root, -c would import the unbuilt source tree)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0 and "out of memory" in done.stdout, (done.returncode, done.stdout, done.stderr[-2000:])
 
 
