@@ -187,12 +187,18 @@ def get_ancestral_step(sigma_from: float, sigma_to: float, eta: float = 1.) -> T
     return sigma_down, sigma_up
 
 
+def _as_sigma_tensor(value: float, dtype: torch.dtype) -> torch.Tensor:
+    """``value`` as k-diffusion holds a sigma: a 0-d tensor of the sigmas' ``dtype`` (on the CPU,
+    whatever the default device), for arithmetic that must round as k-diffusion's does."""
+    return torch.tensor(value, dtype=dtype, device="cpu")
+
+
 def _ancestral_step_in(sigma_from: float, sigma_to: float, eta: float, dtype: torch.dtype) -> Tuple[float, float]:
     """:func:`get_ancestral_step` in float64, but ``sigma_down`` is 0 exactly where k-diffusion's,
     computed on the sigma tensors (their ``dtype``), is 0: its samplers take an Euler step
     there, and in float32 a next sigma below ~2.5e-4 of the current one already gives 0."""
     sigma_down, sigma_up = get_ancestral_step(sigma_from, sigma_to, eta)
-    f, t = (torch.tensor(v, dtype=torch.float64, device="cpu").to(dtype) for v in (sigma_from, sigma_to))
+    f, t = (_as_sigma_tensor(v, dtype) for v in (sigma_from, sigma_to))
     down, up = (float(v) for v in get_ancestral_step(f, t, eta)) if eta else (sigma_to, 0.)
     return (0., sigma_up) if down == 0 else (down, up) if sigma_down == 0 else (sigma_down, sigma_up)
 
@@ -347,7 +353,7 @@ class _Builder:
 
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
     """``value`` rounded to ``dtype``, as torch rounds a Python number it compares with a tensor."""
-    return float(torch.tensor(value, dtype=torch.float64, device="cpu").to(dtype))  # (whatever the default device)
+    return float(_as_sigma_tensor(value, dtype))
 
 
 def _churn_amounts(s, s_churn, s_tmin, s_tmax, s_noise, dtype: torch.dtype) -> List[Tuple[float, float]]:
@@ -671,7 +677,7 @@ def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: tor
     log and exp may round the last bit otherwise). A Brownian tree queried at the float64 values
     instead (an ulp away) draws other increments: 1e-4 off k-diffusion's samples with the same
     seed."""
-    t, t_next = (torch.tensor(v, dtype=dtype, device="cpu").log().neg() for v in (sigma, sigma_next))
+    t, t_next = (_as_sigma_tensor(v, dtype).log().neg() for v in (sigma, sigma_next))
     s = t + (t_next - t) * r
     return tuple(float(v.neg().exp()) for v in (t, s, t_next))
 
