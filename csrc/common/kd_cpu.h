@@ -3,6 +3,7 @@
 // and the thread count worth using for an amount of work.
 #pragma once
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -164,6 +165,82 @@ inline void store_floats(void* p, int dtype, int64_t off, int64_t n, const float
 inline int threads_for(int requested, int64_t tasks, int64_t work) {
   const int64_t useful = std::max<int64_t>(1, work / kMinElementsPerThread);
   return int(std::max<int64_t>(1, std::min<int64_t>({int64_t(std::max(requested, 1)), tasks, useful})));
+}
+
+// Row sweeps of the softmax kernels (KD divergences, top-k KD).
+
+// The row's maximum in two accumulators of L lanes (GCC vector extensions: compilers do not
+// vectorise a float max reduction without -ffinite-math-only). A NaN entry is passed over,
+// as by std::max; the exponential sweep then makes the row's normaliser NaN.
+template <int L>
+struct FloatLanes {
+  typedef float type __attribute__((vector_size(4 * L)));
+};
+
+template <int L>
+KD_CPU_INLINE float row_max(const float* x, int64_t n) {
+  using lanes = typename FloatLanes<L>::type;
+  lanes a0, a1;
+  for (int k = 0; k < L; ++k) a0[k] = a1[k] = -INFINITY;
+  int64_t j = 0;
+  for (; j + 2 * L <= n; j += 2 * L) {
+    lanes v0, v1;
+    std::memcpy(&v0, x + j, sizeof(lanes));
+    std::memcpy(&v1, x + j + L, sizeof(lanes));
+    a0 = a0 < v0 ? v0 : a0;
+    a1 = a1 < v1 ? v1 : a1;
+  }
+  a0 = a0 < a1 ? a1 : a0;
+  float m = -INFINITY;
+  for (int k = 0; k < L; ++k) m = m < a0[k] ? a0[k] : m;
+  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
+  return m;
+}
+
+// Sums run in fp32 SIMD lanes over blocks of kSumBlock entries and in fp64 across blocks, so
+// their rounding error stays at the level of torch's cascade sums for any vocabulary.
+constexpr int64_t kSumBlock = 256;
+
+// The row's log-normaliser; e[j] = exp(x[j] - max) is kept for the later sweeps, which form
+// the probabilities as e[j] / z instead of taking exponentials again (2 exponentials per
+// entry in all, not 5 to 7).
+struct RowExp {
+  float m, log_z;  // the log-normaliser, kept in two parts (see LogNorm in kd_divergence.h)
+  float inv_z;
+};
+
+template <int L>
+KD_CPU_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
+  const float m = row_max<L>(x, n);
+  if (!(m > -INFINITY && m < INFINITY)) {  // no distribution (every entry -inf, or inf / NaN)
+    std::fill(e, e + n, 0.f);
+    return RowExp{m, 0.f, 0.f};
+  }
+  double z = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    float zb = 0.f;
+#pragma omp simd reduction(+ : zb)
+    for (int64_t j = j0; j < j1; ++j) {
+      e[j] = kd_exp(x[j] - m);
+      zb += e[j];
+    }
+    z += zb;
+  }
+  return RowExp{m, float(std::log(z)), float(1.0 / z)};
+}
+
+// sum(x[0, n)) with kSumBlock's rounding.
+KD_CPU_INLINE double row_sum(const float* x, int64_t n) {
+  double total = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + kSumBlock);
+    float b = 0.f;
+#pragma omp simd reduction(+ : b)
+    for (int64_t j = j0; j < j1; ++j) b += x[j];
+    total += b;
+  }
+  return total;
 }
 
 }  // namespace cpu

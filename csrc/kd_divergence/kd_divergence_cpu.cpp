@@ -37,81 +37,20 @@ struct RowResult {
   float inv_zs;  // 1 / sum exp(s - max): the student's probabilities are es[j] * inv_zs
 };
 
-// The row's maximum in two accumulators of L lanes (GCC vector extensions: compilers do not
-// vectorise a float max reduction without -ffinite-math-only). A NaN entry is passed over,
-// as by std::max; the exponential sweep then makes the row's normaliser NaN.
-template <int L>
-struct FloatLanes {
-  typedef float type __attribute__((vector_size(4 * L)));
-};
-
-template <int L>
-KD_CPU_INLINE float row_max(const float* x, int64_t n) {
-  using lanes = typename FloatLanes<L>::type;
-  lanes a0, a1;
-  for (int k = 0; k < L; ++k) a0[k] = a1[k] = -INFINITY;
-  int64_t j = 0;
-  for (; j + 2 * L <= n; j += 2 * L) {
-    lanes v0, v1;
-    std::memcpy(&v0, x + j, sizeof(lanes));
-    std::memcpy(&v1, x + j + L, sizeof(lanes));
-    a0 = a0 < v0 ? v0 : a0;
-    a1 = a1 < v1 ? v1 : a1;
-  }
-  a0 = a0 < a1 ? a1 : a0;
-  float m = -INFINITY;
-  for (int k = 0; k < L; ++k) m = m < a0[k] ? a0[k] : m;
-  for (; j < n; ++j) m = m < x[j] ? x[j] : m;
-  return m;
-}
-
-// Sums run in fp32 SIMD lanes over blocks of kSumBlock entries and in fp64 across blocks, so
-// their rounding error stays at the level of torch's cascade sums for any vocabulary.
-constexpr int64_t kSumBlock = 256;
-
-// The row's log-normaliser; e[j] = exp(x[j] - max) is kept for the later sweeps, which form
-// the probabilities as e[j] / z instead of taking exponentials again (2 exponentials per
-// entry in all, not 5 to 7).
-struct RowExp {
-  LogNorm norm;
-  float inv_z;
-};
-
-template <int L>
-KD_CPU_INLINE RowExp row_exp(const float* x, int64_t n, float* e) {
-  const float m = row_max<L>(x, n);
-  if (!(m > -INFINITY && m < INFINITY)) {  // no distribution (every entry -inf, or inf / NaN)
-    std::fill(e, e + n, 0.f);
-    return RowExp{LogNorm{m, 0.f}, 0.f};
-  }
-  double z = 0.0;
-  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
-    const int64_t j1 = std::min(n, j0 + kSumBlock);
-    float zb = 0.f;
-#pragma omp simd reduction(+ : zb)
-    for (int64_t j = j0; j < j1; ++j) {
-      e[j] = kd_exp(x[j] - m);
-      zb += e[j];
-    }
-    z += zb;
-  }
-  return RowExp{LogNorm{m, float(std::log(z))}, float(1.0 / z)};
-}
-
 // The sweep for the loss and sum(w); w is stored in `w_row` for row_grad.
 template <int KIND, int L>
 KD_CPU_INLINE RowResult row_divergence(const Consts& c, const float* s, const float* t, float* es, float* et,
                                        int64_t n, float* w_row) {
   RowResult r;
-  const RowExp xs = row_exp<L>(s, n, es), xt = row_exp<L>(t, n, et);
-  r.norm_s = xs.norm;
-  r.norm_t = xt.norm;
+  const cpu::RowExp xs = cpu::row_exp<L>(s, n, es), xt = cpu::row_exp<L>(t, n, et);
+  r.norm_s = LogNorm{xs.m, xs.log_z};
+  r.norm_t = LogNorm{xt.m, xt.log_z};
   r.inv_zs = xs.inv_z;
   double loss = 0.0, sum_w = 0.0;
-  const LogNorm ns = xs.norm, nt = xt.norm;
+  const LogNorm ns = r.norm_s, nt = r.norm_t;
   const float inv_zs = xs.inv_z, inv_zt = xt.inv_z;
-  for (int64_t j0 = 0; j0 < n; j0 += kSumBlock) {
-    const int64_t j1 = std::min(n, j0 + kSumBlock);
+  for (int64_t j0 = 0; j0 < n; j0 += cpu::kSumBlock) {
+    const int64_t j1 = std::min(n, j0 + cpu::kSumBlock);
     float lb = 0.f, wb = 0.f;
 #pragma omp simd reduction(+ : lb, wb)
     for (int64_t j = j0; j < j1; ++j) {
