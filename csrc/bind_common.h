@@ -11,6 +11,7 @@
 #include <string>
 
 #include "kd_divergence/kd_divergence.h"
+#include "kd_topk/kd_topk.h"
 #include "solver_step/solver_step.h"
 #include "diffusion_losses/diffusion_losses.h"
 #include "group_norm/group_norm.h"
@@ -120,6 +121,38 @@ inline kd_divergence::Params make_divergence_params(
   p.beta = beta;
   p.inv_temperature = inv_temperature;
   p.loss_scale = loss_scale;
+  p.workspace = as_ptr<float>(workspace);
+  return p;
+}
+
+// Arguments: rows, vocab, k, (student address, row stride, dtype), ids address, log-probability
+// address, labels address (0: none), ignore_index, row_loss address, (grad address (0: none),
+// row stride, dtype), renormalize, 1/T, loss scale, stored epsilon, workspace address.
+inline kd_topk::Params make_topk_params(int64_t rows, int64_t vocab, int64_t k, std::uintptr_t student,
+                                        int64_t student_stride, int student_dtype, std::uintptr_t ids,
+                                        std::uintptr_t logprobs, std::uintptr_t labels, int64_t ignore_index,
+                                        std::uintptr_t row_loss, std::uintptr_t grad, int64_t grad_stride,
+                                        int grad_dtype, int renormalize, float inv_temperature, float loss_scale,
+                                        float stored_eps, std::uintptr_t workspace) {
+  kd_topk::Params p;
+  p.rows = rows;
+  p.vocab = vocab;
+  p.k = k;
+  p.student = as_ptr<const void>(student);
+  p.student_stride = student_stride;
+  p.student_dtype = student_dtype;
+  p.ids = as_ptr<const int64_t>(ids);
+  p.logprobs = as_ptr<const float>(logprobs);
+  p.labels = as_ptr<const int64_t>(labels);
+  p.ignore_index = ignore_index;
+  p.row_loss = as_ptr<float>(row_loss);
+  p.grad = as_ptr<void>(grad);
+  p.grad_stride = grad_stride;
+  p.grad_dtype = grad_dtype;
+  p.renormalize = renormalize;
+  p.inv_temperature = inv_temperature;
+  p.loss_scale = loss_scale;
+  p.stored_eps = stored_eps;
   p.workspace = as_ptr<float>(workspace);
   return p;
 }

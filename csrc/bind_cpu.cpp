@@ -73,6 +73,27 @@ PYBIND11_MODULE(_C, m) {
     return kd_divergence::workspace_floats_per_thread(vocab) * int64_t(num_threads);
   });
 
+  m.def("kd_topk", [](int64_t rows, int64_t vocab, int64_t k, std::uintptr_t student, int64_t student_stride,
+                      int student_dtype, std::uintptr_t ids, std::uintptr_t logprobs, std::uintptr_t labels,
+                      int64_t ignore_index, std::uintptr_t row_loss, std::uintptr_t grad, int64_t grad_stride,
+                      int grad_dtype, int renormalize, float inv_temperature, float loss_scale, float stored_eps,
+                      std::uintptr_t workspace, int num_threads) {
+    kd_topk::Params p = make_topk_params(rows, vocab, k, student, student_stride, student_dtype, ids, logprobs,
+                                         labels, ignore_index, row_loss, grad, grad_stride, grad_dtype,
+                                         renormalize, inv_temperature, loss_scale, stored_eps, workspace);
+    p.num_threads = num_threads;
+    int status;
+    {
+      py::gil_scoped_release release;
+      status = kd_topk::kd_topk_cpu(p);
+    }
+    check_status(status, "kd_topk");
+  });
+
+  m.def("kd_topk_workspace_floats", [](int64_t vocab, int num_threads) {
+    return kd_topk::workspace_floats_per_thread(vocab) * int64_t(num_threads);
+  });
+
   m.def("build_info", []() {
     py::dict d;
     d["cpu_target"] = cpu::has_avx2_fma() ? "avx2+fma" : "baseline";  // the hot loops this CPU runs

@@ -67,6 +67,18 @@ PYBIND11_MODULE(_C_cuda, m) {
     check_launch(kd_divergence::kd_divergence_cuda(p), "kd_divergence");
   });
 
+  m.def("kd_topk", [](int64_t rows, int64_t vocab, int64_t k, std::uintptr_t student, int64_t student_stride,
+                      int student_dtype, std::uintptr_t ids, std::uintptr_t logprobs, std::uintptr_t labels,
+                      int64_t ignore_index, std::uintptr_t row_loss, std::uintptr_t grad, int64_t grad_stride,
+                      int grad_dtype, int renormalize, float inv_temperature, float loss_scale, float stored_eps,
+                      std::uintptr_t stream) {
+    kd_topk::Params p = make_topk_params(rows, vocab, k, student, student_stride, student_dtype, ids, logprobs,
+                                         labels, ignore_index, row_loss, grad, grad_stride, grad_dtype,
+                                         renormalize, inv_temperature, loss_scale, stored_eps, 0);
+    p.stream = as_ptr<void>(stream);
+    check_launch(kd_topk::kd_topk_cuda(p), "kd_topk");
+  });
+
   m.def("device_count", []() {
     int n = 0;
     if (cudaGetDeviceCount(&n) != cudaSuccess) {

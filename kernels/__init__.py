@@ -12,3 +12,6 @@ __all__ += ["group_norm"]
 from . import grid_combination  # noqa: E402
 
 __all__ += ["grid_combination"]
+from . import kd_topk  # noqa: E402
+
+__all__ += ["kd_topk"]

@@ -129,10 +129,13 @@ def test_each_op_runs_the_emulated_kernels():
     s, t = torch.randn(5, 300, generator=g), torch.randn(5, 300, generator=g)
     coefs = torch.tensor(ops.coefficients(1.2, -0.4, sample={"x": 0.7, "x0": 0.3}), dtype=torch.float64)
     sample, outputs = torch.randn(6, 5, generator=g), torch.randn(6, 3 * 5, generator=g)
+    ids = torch.stack([torch.randperm(300, generator=g)[:7] for _ in range(5)])
+    lp = torch.log_softmax(torch.randn(5, 300, generator=g), -1).gather(1, ids)
     calls = {
         "solver_step": lambda b: ops.solver_step(x, m, coefs, cond=y, guidance_scale=3.0, backend=b).sample,
         "threshold_scale": lambda b: ops.threshold_scale(x, m, 1.2, -0.4, ratio=0.9, max_value=1.5, backend=b),
         "kd_divergence": lambda b: ops.kd_divergence(s, t, kind="jsd", backend=b),
+        "kd_topk": lambda b: ops.kd_topk(s, ids, lp, backend=b),
         "pseudo_huber": lambda b: ops.pseudo_huber(x, m, c=0.03, backend=b),
         "dmd": lambda b: ops.dmd(x, m, y, backend=b),
         "pd_target": lambda b: ops.pd_target(x, m, 0.8, 0.6, 0.9, 0.4, backend=b),

@@ -98,6 +98,32 @@ def kd_divergence_cases(ops):
     ops.kd_divergence_with_grad(_randn(3, 1), _randn(3, 1), kind="forward_kl", backend="triton")
 
 
+def kd_topk_cases(ops):
+    def stored(rows, vocab, k):
+        return (torch.stack([torch.randperm(vocab)[:k] for _ in range(rows)]),
+                torch.log_softmax(_randn(rows, vocab), -1)[:, :k].contiguous())
+
+    labels = torch.tensor([1, -100, 3, 4])
+    ids, lp = stored(4, 1000, 20)
+    for remainder in ("bucket", "renormalize"):  # with labels, a gradient from fp32 logits
+        s = _randn(4, 1000).requires_grad_(True)
+        ops.kd_topk(s, ids, lp, labels=labels, remainder=remainder, temperature=2.0, loss_scale=4.0,
+                    backend="triton").sum().backward()
+    for dtype in (torch.bfloat16, torch.float16):  # 16-bit logits, forward only and with their gradient
+        s = _randn(4, 5000, dtype=dtype)
+        ids, lp = stored(4, 5000, 64)
+        ops.kd_topk(s, ids, lp, backend="triton")
+        ops.kd_topk(s.requires_grad_(True), ids, lp, backend="triton").sum().backward()
+    # k equal to the vocabulary (no remainder), and more stored entries than one chunk of them
+    ids, lp = stored(2, 3000, 3000)
+    ops.kd_topk(_randn(2, 3000).requires_grad_(True), ids, lp, backend="triton").sum().backward()
+    # Triton compiles an int argument equal to 1 as a constant: one row, k of 1, a vocabulary of one
+    ids, lp = stored(1, 7, 1)
+    ops.kd_topk(_randn(1, 7).requires_grad_(True), ids, lp, backend="triton").sum().backward()
+    ids, lp = stored(3, 1, 1)
+    ops.kd_topk(_randn(3, 1).requires_grad_(True), ids, lp, remainder="renormalize",
+                backend="triton").sum().backward()
+
 def solver_step_cases(ops):
     coefs = torch.tensor(ops.coefficients(0.5, -0.3, sample={"x": 0.9, "x0": 0.1, "h0": 0.05, "h1": -0.02,
                                                                "h2": 0.01, "aux": 0.03, "noise": 0.2},
@@ -202,7 +228,7 @@ def main(argv=None) -> int:
     _ext._interpreted_kernels = True
     driver.set_active(_TargetOnlyDriver(GPUTarget("cuda", arch, 32)))
     KernelInterface.__getitem__ = _compile_only
-    for cases in (kd_divergence_cases, solver_step_cases, diffusion_loss_cases, group_norm_cases,
+    for cases in (kd_divergence_cases, kd_topk_cases, solver_step_cases, diffusion_loss_cases, group_norm_cases,
                   grid_combination_cases):
         cases(ops)
     print(json.dumps({"arch": arch, "triton": triton.__version__, "launches": dict(LAUNCHES),

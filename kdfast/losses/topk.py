@@ -15,6 +15,10 @@ its details but known in total, and this module treats it explicitly:
   vocabulary the stored mass must be 1.
 - ``remainder="renormalize"``: the stored top-k probabilities are renormalised to sum to 1
   and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
+
+The loss of every token and its gradient come from one fused kernel
+(:func:`kdfast.ops.kd_topk`); this module checks the stored entries (on the CPU), flattens and
+reduces.
 """
 from __future__ import annotations
 
@@ -23,11 +27,11 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops._tensors import check_label_ids, vmapped
+from ..ops._tensors import vmapped
+from ..ops.kd_topk import REMAINDERS, kd_topk
+from ..reference.kd_topk import mass_rounding
 from .._checks import check_flag
 from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
-
-REMAINDERS = ("bucket", "renormalize")
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
@@ -57,32 +61,6 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
             torch.cat(logps).reshape(*lead, k) if logps else flat.new_empty((*lead, k), dtype=torch.float32))
 
 
-def _log1mexp(a: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(a)) for a <= 0, accurate at both ends (Maechler 2012)."""
-    a = a.clamp(max=0.0)
-    return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
-
-
-def _mass_rounding(p: torch.Tensor, lp: torch.Tensor, stored_dtype: torch.dtype) -> torch.Tensor:
-    """How far rounding can move the stored probabilities' sum per position: each
-    ``p_i = exp(lp_i)`` is off by up to ``p_i |lp_i|`` units of the stored dtype (bfloat16 holds
-    lp to 3 digits) plus ``p_i`` units near 0, and their float32 sum by k float32 units. A
-    coarse ``k * eps`` of bfloat16 (0.5 at k = 64) would let a mass of 1.6 through and drop real
-    remainders. An entry of probability 0 (lp = -inf) adds nothing."""
-    per_entry = torch.where(p > 0, p * (1.0 - lp), torch.zeros_like(p))
-    return torch.finfo(stored_dtype).eps * per_entry.sum(-1) + p.shape[-1] * torch.finfo(torch.float32).eps
-
-
-def _xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``p * (log_p - log_q)``, 0 where ``p`` is 0 and NaN where it is NaN (a NaN teacher entry
-    must not vanish from the loss while its gradient is NaN). Where ``p`` is 0 the logs are
-    replaced before the product: 0 times their -inf has a NaN gradient even where() drops it."""
-    kept = p > 0
-    zero = torch.zeros_like(p)
-    return torch.where(kept, p * (torch.where(kept, log_p, zero) - torch.where(kept, log_q, zero)),
-                       torch.where(p == 0, zero, p))
-
-
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -100,7 +78,8 @@ def topk_kd_loss(
     Args:
         student_logits: ``[..., vocab]`` logits (math in float32).
         teacher_topk_ids: ``[..., k]`` distinct token ids per position (e.g. from
-            :func:`teacher_topk`; checked on the CPU, where it costs no device sync).
+            :func:`teacher_topk`; checked on the CPU, where it costs no device sync; on a GPU
+            a position with an id outside the vocabulary gets a NaN loss).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
             <= 0, their probabilities summing to at most 1 per position (checked on the CPU, up
@@ -148,8 +127,6 @@ def topk_kd_loss(
         raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
-    if labels is not None:  # (ids outside the vocabulary, padding with -1 say, would count as tokens)
-        check_label_ids(labels.reshape(-1).to(torch.int64), vocab, ignore_index)
     # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
     # and no value can be read from a tensor batched by torch.func.vmap
     if student_logits.device.type == "cpu" and not torch.compiler.is_compiling() and not any(
@@ -173,7 +150,7 @@ def topk_kd_loss(
         # 16-bit values are checked to bfloat16's rounding: a bf16 model's log-probabilities
         # stored as float16 (exactly) keep it
         checked = torch.bfloat16 if teacher_topk_logprobs.dtype == torch.float16 else teacher_topk_logprobs.dtype
-        mass, rounding = p64.sum(-1), _mass_rounding(p64, lp64, checked)
+        mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
         if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
             raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
                              f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")
@@ -183,55 +160,16 @@ def topk_kd_loss(
                              f"sum {float(mass.max()):.6g})")
     temperature = _check_temperature(temperature)
 
-    rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
-    s = student_logits.reshape(rows, vocab).float() / temperature
-    ids = teacher_topk_ids.reshape(rows, k).long()
-    lp = teacher_topk_logprobs.reshape(rows, k).float().clamp(max=0.0)
-    if keep is not None:
-        # Ignored positions get harmless stand-ins before any math: masking their losses only
-        # afterwards would still send a NaN gradient back from NaN logits or log-probabilities
-        # there (padding).
-        drop = ~keep.unsqueeze(1)
-        s = s.masked_fill(drop, 0.0)  # (not in place: vmap refuses that when only the labels are batched)
-        ids = torch.where(drop, torch.arange(k, device=ids.device).clamp(max=vocab - 1), ids)
-        lp = lp.masked_fill(drop, -math.log(max(k, 1)))
-    log_q_all = torch.log_softmax(s, dim=-1)
-    log_q = log_q_all.gather(1, ids)
-    log_mass = torch.logsumexp(lp, dim=-1)
-    if remainder == "renormalize":
-        # (a position with no stored mass has nothing to renormalise: NaN, refused on the CPU)
-        log_mass = torch.where(log_mass > -math.inf, log_mass, torch.full_like(log_mass, math.nan))
-        lp_hat = lp - log_mass.unsqueeze(1)
-        rows = _xlogy_ratio(lp_hat.exp(), lp_hat, log_q).sum(-1)
-    else:
-        p = lp.exp()
-        rows = _xlogy_ratio(p, lp, log_q).sum(-1)
-        if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
-            # The student's mass outside the k ids, summed directly from its log-probabilities
-            # rather than as 1 - sum(inside), which would lose everything below float rounding,
-            # or as a difference of two log-sum-exps of the logits, which at logits of 1e4 loses
-            # their small differences. A student with no mass there (all -inf) gets log 0
-            # without logsumexp's NaN gradient for an all -inf row.
-            outside = log_q_all.scatter(1, ids, -math.inf)
-            has_rest = (outside > -math.inf).any(dim=-1)
-            log_out = torch.logsumexp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), dim=-1)
-            log_q_rest = torch.where(has_rest, log_out, torch.full_like(log_out, -math.inf))
-            # A teacher remainder within the rounding of the stored log-probabilities is 0: not an
-            # infinite KL against a student with no mass outside the k ids, nor a huge one against
-            # a student that masks them with a large negative logit (NaN stays NaN).
-            # The test is made before the log, so a dropped remainder sends no gradient through it
-            # (log 0's inf times where()'s zero would be NaN in the teacher's gradient).
-            rounding = _mass_rounding(p, lp, teacher_topk_logprobs.dtype)
-            real = (-torch.expm1(log_mass) > rounding) | log_mass.isnan()
-            log_r = torch.where(real, _log1mexp(torch.where(real, log_mass, torch.full_like(log_mass, -1.0))),
-                                torch.full_like(log_mass, -math.inf))
-            rows = rows + _xlogy_ratio(log_r.exp(), log_r, log_q_rest)
-    if check_flag("scale_by_t2", scale_by_t2):
-        rows = rows * temperature ** 2
-    valid = rows.shape[0]
-    if keep is not None:
-        rows = torch.where(keep, rows, torch.zeros_like(rows))
-        valid = keep.sum()
+    n = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
+    student = student_logits.reshape(n, vocab)
+    if student.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        student = student.float()  # (the math is float32 whatever the logits)
+    rows = kd_topk(student, teacher_topk_ids.reshape(n, k), teacher_topk_logprobs.reshape(n, k),
+                   labels=None if labels is None else labels.reshape(n), ignore_index=ignore_index,
+                   temperature=temperature, remainder=remainder,
+                   loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0,
+                   stored_dtype=teacher_topk_logprobs.dtype)
+    valid = n if keep is None else keep.sum()
     if reduction == "none":
         return rows.reshape(lead)
     return _reduce(rows, valid, vocab, reduction, None)

@@ -1,7 +1,7 @@
 """Pure-torch specifications of every kdfast op: the ground truth of the tests."""
-from . import kd_divergence, solver_step
+from . import kd_divergence, kd_topk, solver_step
 
-__all__ = ["kd_divergence", "solver_step"]
+__all__ = ["kd_divergence", "kd_topk", "solver_step"]
 from . import diffusion_losses  # noqa: E402
 
 __all__ += ["diffusion_losses"]

@@ -564,6 +564,13 @@ inline T atomicAdd(T* address, T v) {  // fibers never run at once: a plain read
   *address = old + v;
   return old;
 }
+template <typename T>
+inline T atomicOr(T* address, T v) {  // (integer types, as CUDA's)
+  static_assert(std::is_integral<T>::value, "atomicOr takes integers");
+  const T old = *address;
+  *address = old | v;
+  return old;
+}
 inline float __uint_as_float(unsigned u) { return cuda_emu::from_bits<float>(u); }
 inline unsigned __float_as_uint(float f) { return unsigned(cuda_emu::to_bits(f)); }
 // Round-to-nearest arithmetic without contraction (the build passes -ffp-contract=off).

@@ -1,0 +1,332 @@
+import math
+
+import pytest
+import torch
+
+from kdfast import ops
+from kdfast.backends import BackendUnavailableError
+from kdfast.ops.kd_topk import _kd_topk
+from kdfast.reference import kd_topk as ref
+
+from conftest import usable_backends
+from helpers import assert_close_by_rule
+
+BACKENDS = usable_backends("kd_topk")
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+REMAINDERS = ("bucket", "renormalize")
+# (rows, vocab, k): one entry; k of 1, several and the whole vocabulary; vocabularies not a
+# multiple of any block
+SHAPES = [(1, 1, 1), (2, 7, 3), (5, 1031, 1), (5, 1031, 64), (3, 517, 517)]
+
+
+def logits(shape, dtype, seed, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=g, dtype=torch.float64) * scale).to(dtype)
+
+
+def stored(rows, vocab, k, seed, temperature=1.0):
+    """A teacher's top-k (ids, float32 log-probabilities) from random logits."""
+    teacher = logits((rows, vocab), torch.float32, seed)
+    top = torch.log_softmax(teacher / temperature, dim=-1).topk(k, dim=-1)
+    return top.indices, top.values
+
+
+def fused(backend, s, ids, lp, *, labels=None, ignore_index=-100, temperature=1.0, remainder="bucket",
+          loss_scale=1.0, stored_eps=torch.finfo(torch.float32).eps):
+    """Row losses and the fused student gradient straight from one backend."""
+    return _kd_topk(s, ids, lp.float(), None if labels is None else labels.long(), remainder == "renormalize",
+                    1.0 / temperature, ignore_index, loss_scale, stored_eps, True, backend=backend)
+
+
+def reference(s, ids, lp, dtype, **kw):
+    """(row losses, student gradient by autograd) of the reference in ``dtype``."""
+    leaf = s.detach().to(dtype).requires_grad_(True)
+    rows = ref.kd_topk(leaf, ids, lp.to(dtype), dtype=dtype, **kw)
+    grad = torch.autograd.grad(rows.sum(), leaf)[0] if rows.requires_grad else torch.zeros_like(leaf)
+    return rows.detach(), grad
+
+
+def assert_matches(backend, s, ids, lp, name, finite=True, **kw):
+    rows, grad = fused(backend, s, ids, lp, **kw)
+    ref_kw = {k: v for k, v in kw.items()}
+    rows64, grad64 = reference(s, ids, lp, torch.float64, **ref_kw)
+    rows32, grad32 = reference(s, ids, lp, torch.float32, **ref_kw)
+    assert rows.dtype == torch.float32 and rows.shape == (s.shape[0],)
+    assert grad.shape == s.shape
+    if finite:
+        assert torch.isfinite(rows).all() and torch.isfinite(grad).all(), name
+    # infinite and NaN results where the reference has them, the finite ones by the rule
+    for out, want, name_of in ((rows, rows64, "loss"), (grad, grad64, "grad")):
+        odd = ~torch.isfinite(want)
+        assert torch.equal(odd, ~torch.isfinite(out)), f"{name} {name_of}: non-finite entries differ"
+        torch.testing.assert_close(out.double()[odd], want[odd], equal_nan=True, msg=f"{name} {name_of}")
+    fin, fin_g = torch.isfinite(rows64), torch.isfinite(grad64)
+    assert_close_by_rule(rows[fin], rows64[fin], rows32[fin], f"{name} loss", atol=2e-6)
+    ulp = 0.0 if s.dtype == torch.float32 or not fin_g.any() else (
+        torch.finfo(s.dtype).eps * grad64[fin_g].abs().max().item())
+    assert_close_by_rule(grad.float()[fin_g], grad64[fin_g], grad32[fin_g], f"{name} grad", atol=2e-6 + ulp)
+    return rows, grad
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("remainder", REMAINDERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference(backend, remainder, dtype):
+    for i, (rows, vocab, k) in enumerate(SHAPES):
+        for temperature, loss_scale in ((1.0, 1.0), (2.5, 6.25)):
+            s = logits((rows, vocab), dtype, 2 * i)
+            ids, lp = stored(rows, vocab, k, 2 * i + 1, temperature)
+            assert_matches(backend, s, ids, lp, f"{backend} {remainder} {dtype} {(rows, vocab, k)} T={temperature}",
+                           temperature=temperature, remainder=remainder, loss_scale=loss_scale)
+
+
+def test_closed_form_gradient_is_the_autograd_gradient():
+    # kd_topk_grad is the reference backend's gradient (inside the custom op nothing records a
+    # graph): it must be the autograd gradient of the reference's loss, edge cases included.
+    s = logits((8, 40), torch.float64, 1)
+    s[1, :5] += 100.0  # the mass outside the ids far below the row's maximum
+    s[2, 5:] = -math.inf  # no mass outside the ids
+    s[3, 7] = math.nan  # no softmax
+    ids, lp = stored(8, 40, 5, 2)
+    ids[1], ids[2] = torch.arange(5), torch.arange(5)
+    lp = lp.double()
+    lp[4, 2] = -math.inf  # an entry of probability 0
+    lp[5] = torch.log_softmax(torch.randn(5, dtype=torch.float64), -1)  # the whole mass (no remainder)
+    lp[6, 0] = math.nan
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, -100])
+    for remainder in REMAINDERS:
+        for kw in (dict(), dict(labels=labels, temperature=1.7, loss_scale=2.89)):
+            kw = dict(kw, remainder=remainder, stored_eps=torch.finfo(torch.float32).eps)
+            _, autograd = reference(s, ids, lp, torch.float64, **kw)
+            closed = ref.kd_topk_grad(s, ids, lp, dtype=torch.float64, **kw)
+            torch.testing.assert_close(closed, autograd, rtol=1e-10, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("remainder", REMAINDERS)
+def test_edge_rows(backend, remainder):
+    s = logits((9, 300), torch.float32, 3)
+    ids, lp = stored(9, 300, 6, 4)
+    s[0, ids[0]] += 100.0  # a confident student: its outside mass is summed again below 1e-30
+    s[1] = -math.inf  # only the ids possible: no outside mass
+    s[1, ids[1]] = torch.arange(6.0)
+    lp[2, 3:] = -math.inf  # entries of probability 0
+    lp[3] = torch.log_softmax(logits((6,), torch.float32, 5), -1)  # stored mass 1: no remainder
+    s[4] *= 1e3  # large logits keep their small differences
+    s[4] += 1e4
+    s[5, ids[5, 0]] = -math.inf  # the student gives an id probability 0: an infinite KL
+    s[6, 17] = -math.inf
+    labels = torch.tensor([0, 1, 2, 3, 4, 5, 6, -100, 8])
+    s[7] = math.nan  # an ignored row may hold anything
+    lp[7] = math.nan
+    rows, grad = assert_matches(backend, s, ids, lp, f"{backend} {remainder}", finite=False, labels=labels,
+                                remainder=remainder)
+    assert rows[7] == 0 and (grad[7] == 0).all()
+    assert rows[5] == math.inf and torch.isfinite(grad).all()
+    # a teacher remainder (here 0.4) against a student with no mass outside the ids: infinite
+    assert (rows[1] == math.inf) == (remainder == "bucket")
+    assert torch.isfinite(rows[[0, 2, 3, 4, 6, 8]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_row_without_softmax_or_with_a_nan_teacher_is_nan(backend):
+    s = logits((4, 50), torch.float32, 6)
+    ids, lp = stored(4, 50, 4, 7)
+    s[0, 3] = math.nan
+    s[1, 9] = math.inf
+    s[2] = -math.inf
+    lp[3, 1] = math.nan  # (refused by topk_kd_loss on the CPU; on a GPU nothing is read back)
+    for remainder in REMAINDERS:
+        rows, grad = fused(backend, s, ids, lp, remainder=remainder)
+        assert rows.isnan().all(), remainder
+        assert grad[:3].isnan().all()
+        _, grad64 = reference(s, ids, lp, torch.float64, remainder=remainder)
+        torch.testing.assert_close(grad[3].double(), grad64[3], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_remainder_within_the_stored_rounding_counts_as_zero(backend):
+    # bfloat16 log-probabilities of a teacher whose top-k holds all its mass: their stored sum is
+    # off 1 by rounding, which must not become a remainder (an infinite KL against a student
+    # without mass outside the ids).
+    s = torch.full((2, 20), -math.inf)
+    s[:, :8] = logits((2, 8), torch.float32, 8)
+    lp = torch.log_softmax(logits((2, 8), torch.float32, 9), -1).bfloat16().float()
+    ids = torch.arange(8).repeat(2, 1)
+    eps = torch.finfo(torch.bfloat16).eps
+    rows, grad = fused(backend, s, ids, lp, stored_eps=eps)
+    assert torch.isfinite(rows).all() and torch.isfinite(grad).all()
+    assert_matches(backend, s, ids, lp, backend, stored_eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_rows_and_16_bit_gradients(backend):
+    wide = logits((6, 90), torch.bfloat16, 10)
+    s = wide[:, 5:75]  # rows strided, entries adjacent
+    ids, lp = stored(6, 70, 9, 11)
+    rows, grad = fused(backend, s, ids, lp)
+    rows_c, grad_c = fused(backend, s.contiguous(), ids, lp)
+    torch.testing.assert_close(rows, rows_c, rtol=0, atol=0)
+    torch.testing.assert_close(grad, grad_c, rtol=0, atol=0)
+    half = logits((6, 70), torch.float16, 12)
+    _, grad16 = fused(backend, half, ids, lp)
+    assert grad16.dtype == torch.float32  # scaled by the upstream gradient before it is narrowed
+
+
+def test_autograd_student_and_logprobs():
+    s = logits((5, 97), torch.float32, 13).requires_grad_(True)
+    ids, lp = stored(5, 97, 7, 14, 1.3)
+    lp.requires_grad_(True)
+    weights = torch.linspace(0.5, 2.0, 5)
+    (ops.kd_topk(s, ids, lp, temperature=1.3) * weights).sum().backward()
+    s64 = s.detach().double().requires_grad_(True)
+    lp64 = lp.detach().double().requires_grad_(True)
+    eps = torch.finfo(torch.float32).eps
+    (ref.kd_topk(s64, ids, lp64, temperature=1.3, stored_eps=eps, dtype=torch.float64)
+     * weights.double()).sum().backward()
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(lp.grad.double(), lp64.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_forced_backend_stays_differentiable(backend):
+    s = logits((4, 53), torch.float32, 17).requires_grad_(True)
+    ids, lp = stored(4, 53, 5, 18)
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    rows = ops.kd_topk(s, ids, lp, backend=backend)
+    assert rows.requires_grad
+    ((rows * weights).sum() + s.sum() * 0).backward()
+    _, grad64 = reference(s, ids, lp, torch.float64, stored_eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(s.grad.double(), grad64 * weights.double()[:, None], rtol=1e-5, atol=1e-7)
+
+
+def test_double_and_second_backward_are_refused_not_wrong():
+    s = logits((3, 40), torch.float32, 19).requires_grad_(True)
+    ids, lp = stored(3, 40, 4, 20)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(ops.kd_topk(s, ids, lp).sum(), s, create_graph=True)
+    loss = ops.kd_topk(s, ids, lp).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="second backward through the same graph"):
+        loss.backward()
+
+
+def test_no_grad_path_matches():
+    s = logits((3, 40), torch.float32, 9)
+    ids, lp = stored(3, 40, 4, 10)
+    with torch.no_grad():
+        rows = ops.kd_topk(s.requires_grad_(True), ids, lp)
+    assert not rows.requires_grad
+    expected, _ = reference(s, ids, lp, torch.float64, stored_eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(rows.double(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck():
+    s = logits((4, 37), torch.float32, 11).requires_grad_(True)
+    ids, lp = stored(4, 37, 5, 12)
+    labels = torch.tensor([1, -100, 2, 3])
+    for want_grad in (True, False):
+        for renormalize in (False, True):
+            torch.library.opcheck(torch.ops.kdfast.kd_topk.default,
+                                  (s, ids, lp, labels, renormalize, 1.0, -100, 1.0, 1e-7, want_grad, ""))
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+def test_compiles(backend):
+    s = logits((4, 64), torch.float32, 13)
+    ids, lp = stored(4, 64, 6, 14)
+    labels = torch.tensor([1, -100, 2, 3])
+
+    def loss(s):
+        return ops.kd_topk(s, ids, lp, labels=labels, temperature=2.0, backend=backend).mean()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)
+    leaf = s.clone().requires_grad_(True)
+    value = compiled(leaf)
+    value.backward()
+    expected_leaf = s.clone().requires_grad_(True)
+    expected = loss(expected_leaf)
+    expected.backward()
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(leaf.grad, expected_leaf.grad)
+
+
+def test_vmap_and_per_sample_gradients_use_the_reference():
+    s = logits((3, 4, 30), torch.float32, 15)
+    ids, lp = stored(12, 30, 3, 16)
+    ids, lp = ids.reshape(3, 4, 3), lp.reshape(3, 4, 3)
+    per_sample = torch.func.vmap(torch.func.grad(lambda x, i, p: ops.kd_topk(x, i, p).sum()))(s, ids, lp)
+    for b in range(3):
+        leaf = s[b].clone().requires_grad_(True)
+        ops.kd_topk(leaf, ids[b], lp[b]).sum().backward()
+        torch.testing.assert_close(per_sample[b], leaf.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda s, i, p: ops.kd_topk(s[0], i, p), ValueError, "student_logits must be 2-D"),
+    (lambda s, i, p: ops.kd_topk(s.long(), i, p), TypeError, "student_logits must be float32"),
+    (lambda s, i, p: ops.kd_topk(s, i[:2], p[:2]), ValueError, r"ids must have shape \(3, k\)"),
+    (lambda s, i, p: ops.kd_topk(s, i, p[:, :2]), ValueError, "logprobs must have the shape of ids"),
+    (lambda s, i, p: ops.kd_topk(s, i.float(), p), TypeError, "ids must be int64 or int32"),
+    (lambda s, i, p: ops.kd_topk(s, i, p.long()), TypeError, "logprobs must be floating point"),
+    (lambda s, i, p: ops.kd_topk(s, i[:, :0], p[:, :0]), ValueError, "between 1 and 8"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, remainder="drop"), ValueError, "remainder must be one of"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, temperature=0.0), ValueError, "temperature must be"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, loss_scale=math.nan), ValueError, "loss_scale"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, labels=torch.tensor([0, 9, 1])), ValueError, r"labels must be in \[0, 8\)"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, stored_dtype=torch.int8), TypeError, "stored_dtype"),
+    (lambda s, i, p: ops.kd_topk(s, i, p, backend="cuda"), BackendUnavailableError, "cannot run"),
+])
+def test_bad_input(call, error, match, unemulated_backends):
+    s = logits((3, 8), torch.float32, 0)
+    ids, lp = stored(3, 8, 4, 1)
+    with pytest.raises(error, match=match):
+        call(s, ids, lp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("remainder", REMAINDERS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_matches_reference(backend, remainder, dtype):
+    for i, (rows, vocab, k) in enumerate(SHAPES + [(7, 128256, 64), (3, 300000, 20)]):
+        s = logits((rows, vocab), dtype, 2 * i).cuda()
+        ids, lp = stored(rows, vocab, k, 2 * i + 1, 1.5)
+        labels = (torch.arange(rows) % vocab).masked_fill(torch.arange(rows) == 1, -100)
+        assert_matches(backend, s, ids.cuda(), lp.cuda(), f"{backend} {remainder} {dtype} {(rows, vocab, k)}",
+                       labels=labels.cuda(), temperature=1.5, remainder=remainder)
+
+
+@pytest.mark.gpu
+def test_gpu_no_sync_and_graph_capture():
+    s = logits((64, 32000), torch.bfloat16, 1).cuda().requires_grad_(True)
+    ids, lp = stored(64, 32000, 32, 2)
+    ids, lp = ids.cuda(), lp.cuda()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ops.kd_topk(s, ids, lp).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad():
+        ops.kd_topk(s, ids, lp)  # warm-up outside capture
+        with torch.cuda.graph(graph):
+            rows = ops.kd_topk(s, ids, lp)
+    graph.replay()
+    torch.testing.assert_close(rows, ops.kd_topk(s.detach(), ids, lp))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_id_outside_the_vocabulary_makes_its_row_nan_without_touching_memory(backend):
+    # Ids are checked by topk_kd_loss on the CPU only (on a GPU that would be a sync): a kernel
+    # must neither read nor write outside the row for them (the op can also be called directly).
+    s = logits((4, 30), torch.float32, 21)
+    ids, lp = stored(4, 30, 3, 22)
+    ids[1, 2], ids[2, 0] = 30, -1
+    rows, grad = fused(backend, s, ids, lp)
+    assert rows[1:3].isnan().all() and grad[1:3].isnan().all()
+    ok = torch.tensor([0, 3])
+    expected, grad64 = reference(s[ok], ids[ok], lp[ok], torch.float64, stored_eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(rows[ok].double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad[ok].double(), grad64, rtol=1e-5, atol=1e-7)
