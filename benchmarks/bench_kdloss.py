@@ -7,6 +7,9 @@ Cases (forward + backward of a generalized JSD, beta 0.5, with labels, 5% of the
 - ``fused_linear_kd``: hidden states + LM heads -> ``kdfast.losses.fused_linear_kd`` vs
   materialising both logits then the same torch formula (and Liger's fused-linear JSD and
   chunked JSD on a GPU).
+- ``topk_kd``: given student logits and a teacher's stored top-64 ids and log-probabilities
+  (forward KL with the teacher's remaining mass as one outcome) -> ``kdfast.losses.topk_kd_loss``
+  vs the same formula in plain torch (log_softmax, gather, the outside mass as 1 - inside).
 - ``classifier_kd``: Hinton KD of classifier logits (``[batch, classes]`` from 128 x 10 to
   64 x 1000; forward KL at temperature 4, times T^2) -> ``kd_loss`` vs ``F.kl_div`` of two
   ``log_softmax``: shapes where a call's fixed cost, not the kernel, decides (200 repeats each).
@@ -42,7 +45,8 @@ from _common import device_name as _device_name
 
 RESULTS = Path(recorded_results(__file__))
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
-CASES = ("kd_loss", "fused_linear_kd", "classifier_kd")
+CASES = ("kd_loss", "fused_linear_kd", "topk_kd", "classifier_kd")
+TOPK = 64  # stored teacher entries per token (topk_kd)
 HINTON_T = 4.0
 # Shapes of a case (the GPU's and CPU's of the issue for the two LM cases), and how many more
 # repeats than --repeats a case runs (its calls take a fraction of a millisecond).
@@ -67,11 +71,30 @@ def torch_jsd(student_logits, teacher_logits, labels):
     return jsd[mask].sum() / mask.sum().clamp(min=1)
 
 
+def torch_topk_kl(student_logits, ids, logprobs, labels):
+    """Forward KL from a stored top-k teacher, its remaining mass one outcome, in plain torch
+    (batchmean over valid tokens)."""
+    log_q = F.log_softmax(student_logits.float(), dim=-1)
+    log_q_ids = log_q.gather(1, ids)
+    p = logprobs.exp()
+    kl = (p * (logprobs - log_q_ids)).sum(-1)
+    log_q_rest = torch.log1p(-log_q_ids.exp().sum(-1).clamp(max=1.0))
+    r = (1.0 - p.sum(-1)).clamp(min=0.0)
+    kl = kl + torch.xlogy(r, r) - r * log_q_rest
+    mask = labels != IGNORE
+    return kl[mask].sum() / mask.sum().clamp(min=1)
+
+
 def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: str) -> Dict[str, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(0)
     tokens = shape["tokens"]
     labels = torch.randint(0, shape["vocab"], (tokens,), device=device, generator=g)
     labels[:: 20] = IGNORE
+    if case == "topk_kd":
+        teacher = torch.randn(tokens, shape["vocab"], device=device, dtype=torch.float32, generator=g)
+        top = torch.log_softmax(teacher, dim=-1).topk(TOPK, dim=-1)
+        return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
+                    .requires_grad_(True), ids=top.indices, logprobs=top.values, labels=labels)
     if case in ("kd_loss", "classifier_kd"):
         return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
                     .requires_grad_(True),
@@ -89,7 +112,7 @@ def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: st
 
 
 def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
-    from kdfast.losses import fused_linear_kd, kd_loss
+    from kdfast.losses import fused_linear_kd, kd_loss, topk_kd_loss
 
     if case == "kd_loss":
         found = {
@@ -97,6 +120,11 @@ def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Te
             "torch": lambda x: torch_jsd(x["student"], x["teacher"], x["labels"]),
         }
         return found
+    if case == "topk_kd":
+        return {
+            "kdfast": lambda x: topk_kd_loss(x["student"], x["ids"], x["logprobs"], x["labels"]),
+            "torch": lambda x: torch_topk_kl(x["student"], x["ids"], x["logprobs"], x["labels"]),
+        }
     if case == "classifier_kd":
         return {
             "kdfast": lambda x: kd_loss(x["student"], x["teacher"], kind="forward_kl", temperature=HINTON_T,
@@ -376,7 +404,8 @@ def main(argv: Optional[List[str]] = None) -> None:
                 f = flops(case, shape_case)
                 tflops = f / r["median_s"] / 1e12 if f else None
                 row = dict(op=case, candidate=name,
-                           backend=kdfast_backend("kd_divergence", torch.device(device)) if name == "kdfast" else None,
+                           backend=kdfast_backend("kd_topk" if case == "topk_kd" else "kd_divergence",
+                                                  torch.device(device)) if name == "kdfast" else None,
                            shape=shape_case, dtype=str(dtype).replace("torch.", ""),
                            device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3, times_s=r["times_s"],
                            interleaved=True, agrees_with_anchor=r["agrees_with_anchor"],
