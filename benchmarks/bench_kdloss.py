@@ -10,6 +10,9 @@ Cases (forward + backward of a generalized JSD, beta 0.5, with labels, 5% of the
 - ``topk_kd``: given student logits and a teacher's stored top-64 ids and log-probabilities
   (forward KL with the teacher's remaining mass as one outcome) -> ``kdfast.losses.topk_kd_loss``
   vs the same formula in plain torch (log_softmax, gather, the outside mass as 1 - inside).
+- ``fused_linear_topk``: hidden states + the student's LM head against the stored top-64 ->
+  ``kdfast.losses.fused_linear_topk_kd`` vs materialising the student's logits then the same
+  plain torch formula.
 - ``classifier_kd``: Hinton KD of classifier logits (``[batch, classes]`` from 128 x 10 to
   64 x 1000; forward KL at temperature 4, times T^2) -> ``kd_loss`` vs ``F.kl_div`` of two
   ``log_softmax``: shapes where a call's fixed cost, not the kernel, decides (200 repeats each).
@@ -45,7 +48,7 @@ from _common import device_name as _device_name
 
 RESULTS = Path(recorded_results(__file__))
 BETA, TEMPERATURE, IGNORE = 0.5, 1.0, -100
-CASES = ("kd_loss", "fused_linear_kd", "topk_kd", "classifier_kd")
+CASES = ("kd_loss", "fused_linear_kd", "topk_kd", "fused_linear_topk", "classifier_kd")
 TOPK = 64  # stored teacher entries per token (topk_kd)
 HINTON_T = 4.0
 # Shapes of a case (the GPU's and CPU's of the issue for the two LM cases), and how many more
@@ -90,11 +93,18 @@ def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: st
     tokens = shape["tokens"]
     labels = torch.randint(0, shape["vocab"], (tokens,), device=device, generator=g)
     labels[:: 20] = IGNORE
-    if case == "topk_kd":
+    if case in ("topk_kd", "fused_linear_topk"):
         teacher = torch.randn(tokens, shape["vocab"], device=device, dtype=torch.float32, generator=g)
         top = torch.log_softmax(teacher, dim=-1).topk(TOPK, dim=-1)
-        return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
-                    .requires_grad_(True), ids=top.indices, logprobs=top.values, labels=labels)
+        del teacher
+        if case == "topk_kd":
+            return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
+                        .requires_grad_(True), ids=top.indices, logprobs=top.values, labels=labels)
+        h, v = shape["hidden"], shape["vocab"]
+        return dict(
+            student_hidden=torch.randn(tokens, h, device=device, dtype=dtype, generator=g).requires_grad_(True),
+            student_weight=(torch.randn(v, h, device=device, dtype=dtype, generator=g) * h ** -0.5)
+            .requires_grad_(True), ids=top.indices, logprobs=top.values, labels=labels)
     if case in ("kd_loss", "classifier_kd"):
         return dict(student=torch.randn(tokens, shape["vocab"], device=device, dtype=dtype, generator=g)
                     .requires_grad_(True),
@@ -112,7 +122,7 @@ def make_inputs(case: str, shape: Dict[str, int], dtype: torch.dtype, device: st
 
 
 def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Tensor]], torch.Tensor]]:
-    from kdfast.losses import fused_linear_kd, kd_loss, topk_kd_loss
+    from kdfast.losses import fused_linear_kd, fused_linear_topk_kd, kd_loss, topk_kd_loss
 
     if case == "kd_loss":
         found = {
@@ -124,6 +134,13 @@ def candidates(case: str, device: str) -> Dict[str, Callable[[Dict[str, torch.Te
         return {
             "kdfast": lambda x: topk_kd_loss(x["student"], x["ids"], x["logprobs"], x["labels"]),
             "torch": lambda x: torch_topk_kl(x["student"], x["ids"], x["logprobs"], x["labels"]),
+        }
+    if case == "fused_linear_topk":
+        return {
+            "kdfast": lambda x: fused_linear_topk_kd(x["student_hidden"], x["student_weight"], x["ids"],
+                                                     x["logprobs"], x["labels"]),
+            "torch": lambda x: torch_topk_kl(x["student_hidden"] @ x["student_weight"].t(), x["ids"],
+                                             x["logprobs"], x["labels"]),
         }
     if case == "classifier_kd":
         return {
@@ -330,11 +347,12 @@ def _peak_worker(spec: str) -> None:
 
 
 def flops(case: str, shape: Dict[str, int]) -> Optional[float]:
-    """GEMM FLOPs of one forward + backward of the fused-linear case (teacher forward, student
-    forward, and the two student backward products)."""
-    if case != "fused_linear_kd":
+    """GEMM FLOPs of one forward + backward of a fused-linear case (the teacher's forward where
+    it has a head, the student's forward, and the two student backward products)."""
+    products = {"fused_linear_kd": 4, "fused_linear_topk": 3}.get(case)
+    if products is None:
         return None
-    return 4 * 2.0 * shape["tokens"] * shape["hidden"] * shape["vocab"]
+    return products * 2.0 * shape["tokens"] * shape["hidden"] * shape["vocab"]
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -387,7 +405,7 @@ def main(argv: Optional[List[str]] = None) -> None:
         case_shapes = (CLASSIFIER_SHAPES[:1] if args.quick else CLASSIFIER_SHAPES) if case == "classifier_kd" \
             else shapes
         for shape in case_shapes:
-            shape_case = {k: v for k, v in shape.items() if case == "fused_linear_kd" or k != "hidden"}
+            shape_case = {k: v for k, v in shape.items() if case.startswith("fused_linear") or k != "hidden"}
             names = sorted(candidates(case, device), key=lambda n: n != "torch")  # the anchor first
             results = measure(case, shape_case, dtype, device, names, args.repeats * REPEAT_FACTOR.get(case, 1))
             if device == "cpu":
@@ -404,7 +422,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                 f = flops(case, shape_case)
                 tflops = f / r["median_s"] / 1e12 if f else None
                 row = dict(op=case, candidate=name,
-                           backend=kdfast_backend("kd_topk" if case == "topk_kd" else "kd_divergence",
+                           backend=kdfast_backend("kd_topk" if "topk" in case else "kd_divergence",
                                                   torch.device(device)) if name == "kdfast" else None,
                            shape=shape_case, dtype=str(dtype).replace("torch.", ""),
                            device=device_name, median_s=r["median_s"], q1_s=q1, q3_s=q3, times_s=r["times_s"],

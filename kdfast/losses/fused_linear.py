@@ -20,8 +20,10 @@ from torch import nn
 
 from ..ops._tensors import check_label_ids, reference_required
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
+from ..ops.kd_topk import REMAINDERS, kd_topk, kd_topk_with_grad
 from .._checks import check_flag, is_finite_number, real_number
 from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
+from .topk import check_stored_topk
 
 # Elements of one chunk's logits: big enough for compute-bound GEMMs, small enough that the
 # chunk buffers stay a small fraction of the full logits.
@@ -210,11 +212,53 @@ def _cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, vocab: int,
     return ce, grad
 
 
+class _TeacherHead:
+    """The soft term against a teacher's LM head: its chunk logits are formed next to the
+    student's and the divergence kernel gives the rows and the student logits' gradient."""
+
+    def __init__(self, hidden, weight, bias, kind, beta, temperature, ignore_index, vocab, loss_scale):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.operand = _head_operand(weight)
+        self.args = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab,
+                         loss_scale=loss_scale)
+
+    def rows(self, s_logits, start, stop, labels, grad_dtype=None):
+        """The chunk's rows, and their gradient (``grad_dtype``) when asked."""
+        with torch.no_grad():
+            t_logits = _head_logits(self.hidden[start:stop], self.operand, self.bias)
+        if grad_dtype is None:
+            return kd_divergence(s_logits, t_logits, labels=labels, **self.args), None
+        return kd_divergence_with_grad(s_logits, t_logits, labels=labels, grad_dtype=grad_dtype, **self.args)
+
+    def unfused_rows(self, s_logits, labels):
+        """All rows from materialised logits, differentiable by torch (see :func:`_unfused_loss`)."""
+        t_logits = _head_logits(self.hidden, _head_operand(self.weight), self.bias)
+        return kd_divergence(s_logits, t_logits, labels=labels, **self.args)
+
+
+class _StoredTopK:
+    """The soft term against a teacher's stored top-k ids and log-probabilities (the top-k
+    kernel gives the rows and the student logits' gradient)."""
+
+    def __init__(self, ids, logprobs, temperature, remainder, ignore_index, loss_scale):
+        self.ids, self.logprobs = ids, logprobs
+        self.args = dict(temperature=temperature, remainder=remainder, ignore_index=ignore_index,
+                         loss_scale=loss_scale, stored_dtype=logprobs.dtype)
+
+    def rows(self, s_logits, start, stop, labels, grad_dtype=None):
+        ids, lp = self.ids[start:stop], self.logprobs[start:stop]
+        if grad_dtype is None:
+            return kd_topk(s_logits, ids, lp, labels=labels, **self.args), None
+        return kd_topk_with_grad(s_logits, ids, lp, labels=labels, grad_dtype=grad_dtype, **self.args)
+
+    def unfused_rows(self, s_logits, labels):
+        return kd_topk(s_logits, self.ids, self.logprobs, labels=labels, **self.args)
+
+
 class _FusedLinearKD(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                labels, kind, beta, temperature, ignore_index, weight_hard, weight_soft, chunk_size, vocab,
-                loss_scale, reduction):
+    def forward(ctx, student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard,
+                chunk_size, vocab, reduction):
         tokens = student_hidden.shape[0]
         want = ctx.needs_input_grad
         device = student_hidden.device
@@ -229,7 +273,7 @@ class _FusedLinearKD(torch.autograd.Function):
             if want[2] and student_bias is not None else None
         rows_out = torch.zeros(tokens, dtype=torch.float32, device=device)
         need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
-        student_operand, teacher_operand = _head_operand(student_weight), _head_operand(teacher_weight)
+        student_operand = _head_operand(student_weight)
         # The head products run in the operand's dtype (fp32 on the CPU, the model's on a GPU);
         # the divergence kernel stores the chunk's gradient in it directly, unless the
         # hard-label gradient is to be added first.
@@ -240,16 +284,7 @@ class _FusedLinearKD(torch.autograd.Function):
             h = student_hidden[start:stop]
             chunk_labels = None if labels is None else labels[start:stop]
             s_logits = _head_logits(h, student_operand, student_bias)
-            with torch.no_grad():
-                t_logits = _head_logits(teacher_hidden[start:stop], teacher_operand, teacher_bias)
-            div_args = dict(kind=kind, beta=beta, temperature=temperature, labels=chunk_labels,
-                            ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
-            if need_grad:
-                soft, g = kd_divergence_with_grad(s_logits, t_logits, grad_dtype=grad_dtype, **div_args)
-            else:
-                soft = kd_divergence(s_logits, t_logits, **div_args)
-            del t_logits
-            rows = soft
+            rows, g = soft.rows(s_logits, start, stop, chunk_labels, grad_dtype if need_grad else None)
             if weight_hard:
                 ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
                 rows = rows + weight_hard * ce
@@ -295,7 +330,7 @@ class _FusedLinearKD(torch.autograd.Function):
         for g, dtype in zip((grad_hidden, grad_weight, grad_bias), ctx.dtypes):
             # in place: the buffers are this node's alone (a weight-sized copy cost as much as the products)
             outs.append(None if g is None else g.mul_(scale).to(dtype))
-        return (outs[0], outs[1], outs[2]) + (None,) * 14
+        return (outs[0], outs[1], outs[2]) + (None,) * 7
 
 
 def _denominator(labels: Optional[torch.Tensor], tokens: int, ignore_index: int, vocab: int, reduction: str,
@@ -311,17 +346,14 @@ def _denominator(labels: Optional[torch.Tensor], tokens: int, ignore_index: int,
     return count * vocab if reduction == "mean" else count
 
 
-def _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias,
-                  labels, kind, beta, temperature, ignore_index, weight_hard, weight_soft, vocab, loss_scale,
+def _unfused_loss(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard, vocab,
                   reduction) -> torch.Tensor:
     """The loss from torch's ops, with the logits materialised: what runs under torch.func's
     transforms and forward-mode AD, which cannot go through :class:`_FusedLinearKD` (its
-    gradients are made in its forward pass). The same math: fp32 logits, the divergence as
-    :func:`kdfast.ops.kd_divergence` computes it there, the same cross-entropy and reduction."""
+    gradients are made in its forward pass). The same math: fp32 logits, the soft term as its
+    op computes it there, the same cross-entropy and reduction."""
     s_logits = _head_logits(student_hidden, _head_operand(student_weight), student_bias)
-    t_logits = _head_logits(teacher_hidden, _head_operand(teacher_weight), teacher_bias)
-    rows = kd_divergence(s_logits, t_logits, kind=kind, beta=beta, temperature=temperature, labels=labels,
-                         ignore_index=ignore_index, vocab_size=vocab, loss_scale=loss_scale * weight_soft)
+    rows = soft.unfused_rows(s_logits, labels)
     if weight_hard:
         rows = rows + weight_hard * _cross_entropy(s_logits, labels, vocab, ignore_index)[0]
     denominator = _denominator(labels, student_hidden.shape[0], ignore_index, vocab, reduction, student_hidden.device)
@@ -432,19 +464,84 @@ def fused_linear_kd(
     loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
     # the heads are cast: with autocast left on, the CPU's would round the fp32 products to 16 bits
     with _autocast_off(student_hidden):
-        if reference_required((student_hidden, student_weight, student_bias)):
-            return _unfused_loss(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                 teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-                                 labels, _resolve_kind(kind, float(beta)), float(beta), temperature, ignore_index,
-                                 weight_hard, weight_soft, vocab, loss_scale, reduction)
-        if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
-            student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
-            student_bias = None if student_bias is None else student_bias.detach()
-        return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, teacher_hidden.detach(),
-                                    teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
-                                    labels, _resolve_kind(kind, float(beta)), float(beta), temperature,
-                                    ignore_index, weight_hard, weight_soft, chunk_size, vocab, loss_scale,
-                                    reduction)
+        soft = _TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
+                            None if teacher_bias is None else teacher_bias.detach(), _resolve_kind(kind, float(beta)),
+                            float(beta), temperature, ignore_index, vocab, loss_scale * weight_soft)
+        return _apply(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard,
+                      chunk_size, vocab, reduction)
+
+
+def _apply(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard, chunk_size, vocab,
+           reduction) -> torch.Tensor:
+    """The chunked loss (or, under torch.func's transforms and forward-mode AD, the unfused one)."""
+    if reference_required((student_hidden, student_weight, student_bias)):
+        return _unfused_loss(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard,
+                             vocab, reduction)
+    if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
+        student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
+        student_bias = None if student_bias is None else student_bias.detach()
+    return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, soft, labels, ignore_index,
+                                weight_hard, chunk_size, vocab, reduction)
+
+
+def fused_linear_topk_kd(
+    student_hidden: torch.Tensor,
+    student_weight: torch.Tensor,
+    teacher_topk_ids: torch.Tensor,
+    teacher_topk_logprobs: torch.Tensor,
+    labels: Optional[torch.Tensor] = None,
+    student_bias: Optional[torch.Tensor] = None,
+    *,
+    temperature: float = 1.0,
+    remainder: str = "bucket",
+    ignore_index: int = -100,
+    weight_hard: float = 0.0,
+    weight_soft: float = 1.0,
+    chunk_size: Optional[int] = None,
+    scale_by_t2: bool = False,
+    reduction: str = "batchmean",
+) -> torch.Tensor:
+    """Top-k KD of a student's LM head against a teacher's stored top-k, without materialising
+    the student's logits: offline distillation from cached teacher outputs at LM scale.
+
+    ``loss = weight_soft * KL_topk(teacher || student) + weight_hard * CE(student, labels)`` per
+    token, reduced as in :func:`fused_linear_kd`. ``KL_topk`` is :func:`kdfast.losses.topk_kd_loss`'s
+    forward KL (``remainder="bucket"`` or ``"renormalize"``) at ``temperature``; the tokens are
+    processed in chunks, each chunk's logits formed, its losses and gradient given by the top-k
+    kernel (:func:`kdfast.ops.kd_topk`) and the gradient pushed through the head at once.
+
+    Args:
+        student_hidden: ``[tokens, hidden]`` final hidden states of the student.
+        student_weight: ``[vocab, hidden]`` the student's LM head (``lm_head.weight``).
+        teacher_topk_ids, teacher_topk_logprobs: ``[tokens, k]`` the teacher's stored top-k
+            (e.g. from :func:`kdfast.losses.teacher_topk`), ids of the student's vocabulary;
+            checked on the CPU as :func:`kdfast.losses.topk_kd_loss` checks them.
+        labels: ``[tokens]`` next-token ids (masking, and the targets of the hard term); needed
+            when ``weight_hard > 0``.
+        student_bias: optional head bias.
+        The other options are :func:`fused_linear_kd`'s (``"mean"`` divides also by the
+        student's vocabulary).
+    """
+    student_hidden, student_weight, student_bias = _autocast(student_hidden, student_weight, student_bias)
+    _check_head("student", student_hidden, student_weight, student_bias)
+    tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    chunk_size, ignore_index, _ = _check_options("forward_kl", 0.0, temperature, weight_hard, weight_soft,
+                                                 chunk_size, reduction, ignore_index, None)
+    weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
+    labels = _check_labels(labels, tokens, vocab, vocab, ignore_index, student_hidden.device, weight_hard > 0)
+    keep = None if labels is None else labels != ignore_index
+    check_stored_topk(teacher_topk_ids, teacher_topk_logprobs, student_hidden.shape[:1], vocab, student_hidden.device,
+                      keep, remainder, like="student_hidden")
+    if chunk_size is None:
+        chunk_size = default_chunk_size(tokens, vocab, student_hidden.device.type)
+    loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
+    with _autocast_off(student_hidden):
+        soft = _StoredTopK(teacher_topk_ids.detach(), teacher_topk_logprobs.detach(), temperature, remainder,
+                           ignore_index, loss_scale * weight_soft)
+        return _apply(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard,
+                      chunk_size, vocab, reduction)
 
 
 class FusedLinearKDLoss(nn.Module):
@@ -488,3 +585,45 @@ class FusedLinearKDLoss(nn.Module):
                 f"ignore_index={self.ignore_index}, weight_hard={self.weight_hard}, weight_soft={self.weight_soft}, "
                 f"chunk_size={self.chunk_size}, vocab_size={self.vocab_size}, scale_by_t2={self.scale_by_t2}, "
                 f"reduction={self.reduction!r}")
+
+
+class FusedLinearTopKKDLoss(nn.Module):
+    """Module form of :func:`fused_linear_topk_kd`: the constructor takes its options
+    (``temperature``, ``remainder``, ``ignore_index``, ``weight_hard``, ``weight_soft``,
+    ``chunk_size``, ``scale_by_t2``, ``reduction``, same defaults) and checks them; ``forward``
+    takes its tensors.
+
+    Example::
+
+        ids, logprobs = cached_teacher_topk[batch_index]          # [tokens, k] each
+        criterion = FusedLinearTopKKDLoss(temperature=1.0, weight_hard=0.5, weight_soft=0.5)
+        loss = criterion(student_out.hidden_states[-1].flatten(0, 1), student.lm_head.weight, ids, logprobs,
+                         labels.flatten())
+        loss.backward()
+    """
+
+    def __init__(self, temperature: float = 1.0, remainder: str = "bucket", ignore_index: int = -100,
+                 weight_hard: float = 0.0, weight_soft: float = 1.0, chunk_size: Optional[int] = None,
+                 scale_by_t2: bool = False, reduction: str = "batchmean"):
+        super().__init__()
+        if remainder not in REMAINDERS:
+            raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+        chunk_size, ignore_index, _ = _check_options(  # fail at construction
+            "forward_kl", 0.0, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, None)
+        self.temperature, self.remainder, self.ignore_index = float(temperature), remainder, ignore_index
+        self.weight_hard, self.weight_soft, self.chunk_size = float(weight_hard), float(weight_soft), chunk_size
+        self.scale_by_t2, self.reduction = check_flag("scale_by_t2", scale_by_t2), reduction
+
+    def forward(self, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, labels=None,
+                student_bias=None):
+        """The loss against the stored top-k, the student's logits never materialised."""
+        return fused_linear_topk_kd(student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, labels,
+                                    student_bias, temperature=self.temperature, remainder=self.remainder,
+                                    ignore_index=self.ignore_index, weight_hard=self.weight_hard,
+                                    weight_soft=self.weight_soft, chunk_size=self.chunk_size,
+                                    scale_by_t2=self.scale_by_t2, reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, remainder={self.remainder!r}, ignore_index={self.ignore_index}, "
+                f"weight_hard={self.weight_hard}, weight_soft={self.weight_soft}, chunk_size={self.chunk_size}, "
+                f"scale_by_t2={self.scale_by_t2}, reduction={self.reduction!r}")

@@ -61,6 +61,63 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
             torch.cat(logps).reshape(*lead, k) if logps else flat.new_empty((*lead, k), dtype=torch.float32))
 
 
+def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: torch.Tensor, lead: torch.Size,
+                      vocab: int, device: torch.device, keep: Optional[torch.Tensor], remainder: str,
+                      like: str = "student_logits") -> int:
+    """Check a teacher's stored top-k against the student's ``lead`` shape and ``vocab`` (on the
+    CPU their values too; ``keep``: the flat mask of positions not ignored, or None); returns k."""
+    for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"teacher_topk_ids must be int64 or int32, got {teacher_topk_ids.dtype}")
+    if teacher_topk_ids.shape[:-1] != lead or teacher_topk_ids.dim() != len(lead) + 1:
+        raise ValueError(f"teacher_topk_ids must have shape {tuple(lead)} + (k,), got {tuple(teacher_topk_ids.shape)}")
+    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
+        raise ValueError(f"teacher_topk_logprobs must have the shape of teacher_topk_ids "
+                         f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
+    if not teacher_topk_logprobs.is_floating_point():
+        raise TypeError("teacher_topk_logprobs must be floating point")
+    for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
+        if t.device != device:
+            raise ValueError(f"{name} must be on {device} like {like}, got {t.device}")
+    k = teacher_topk_ids.shape[-1]
+    if k == 0:
+        raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
+    # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
+    # and no value can be read from a tensor batched by torch.func.vmap
+    if device.type == "cpu" and not torch.compiler.is_compiling() and not any(
+            vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, keep) if t is not None):
+        ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
+        if keep is not None:  # ignored positions may hold anything (padding)
+            ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]
+        if ids_kept.numel() and (ids_kept.min() < 0 or ids_kept.max() >= vocab):
+            raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
+        if k > 1 and (ids_kept.sort(dim=-1).values.diff(dim=-1) == 0).any():
+            raise ValueError("teacher_topk_ids must not repeat an id within a position")
+        # log-probabilities: a total mass of at most 1 (so each at most 0), up to the rounding
+        # of the stored dtype (a larger mass makes the "bucket" KL meaningless)
+        if lp_kept.isnan().any():
+            raise ValueError("teacher_topk_logprobs holds NaN at a position that is not ignored")
+        if remainder == "renormalize" and lp_kept.numel() and (lp_kept == -math.inf).all(dim=-1).any():
+            raise ValueError("teacher_topk_logprobs: a position's stored probabilities are all 0, so there is "
+                             "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
+        lp64 = lp_kept.double()
+        p64 = lp64.exp()
+        # 16-bit values are checked to bfloat16's rounding: a bf16 model's log-probabilities
+        # stored as float16 (exactly) keep it
+        checked = torch.bfloat16 if teacher_topk_logprobs.dtype == torch.float16 else teacher_topk_logprobs.dtype
+        mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
+        if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
+            raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
+                             f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")
+        if lp_kept.numel() and (mass > 1.0 + rounding).any():
+            raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
+                             f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
+                             f"sum {float(mass.max()):.6g})")
+    return k
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -103,18 +160,6 @@ def topk_kd_loss(
     if not student_logits.is_floating_point() or student_logits.dim() < 1:
         raise TypeError("student_logits must be a floating-point tensor [..., vocab]")
     lead, vocab = student_logits.shape[:-1], student_logits.shape[-1]
-    if teacher_topk_ids.dtype not in (torch.int64, torch.int32):
-        raise TypeError(f"teacher_topk_ids must be int64 or int32, got {teacher_topk_ids.dtype}")
-    if teacher_topk_ids.shape[:-1] != lead or teacher_topk_ids.dim() != student_logits.dim():
-        raise ValueError(f"teacher_topk_ids must have shape {tuple(lead)} + (k,), got {tuple(teacher_topk_ids.shape)}")
-    if teacher_topk_logprobs.shape != teacher_topk_ids.shape:
-        raise ValueError(f"teacher_topk_logprobs must have the shape of teacher_topk_ids "
-                         f"{tuple(teacher_topk_ids.shape)}, got {tuple(teacher_topk_logprobs.shape)}")
-    if not teacher_topk_logprobs.is_floating_point():
-        raise TypeError("teacher_topk_logprobs must be floating point")
-    for name, t in (("teacher_topk_ids", teacher_topk_ids), ("teacher_topk_logprobs", teacher_topk_logprobs)):
-        if t.device != student_logits.device:
-            raise ValueError(f"{name} must be on {student_logits.device} like student_logits, got {t.device}")
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != lead):
         raise ValueError(f"labels must be a tensor of shape {tuple(lead)}")
     if labels is not None and labels.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
@@ -122,42 +167,10 @@ def topk_kd_loss(
     if labels is not None and labels.device != student_logits.device:
         raise ValueError(f"labels must be on {student_logits.device} like student_logits, got {labels.device}")
     ignore_index = _check_int("ignore_index", ignore_index)
-    k = teacher_topk_ids.shape[-1]
-    if k == 0:
-        raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
     # compared in int64, as kd_loss does: uint8 labels compared with -100 directly wrap it to 156
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index
-    # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
-    # and no value can be read from a tensor batched by torch.func.vmap
-    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling() and not any(
-            vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, labels) if t is not None):
-        ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
-        if keep is not None:  # ignored positions may hold anything (padding)
-            ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]
-        if ids_kept.numel() and (ids_kept.min() < 0 or ids_kept.max() >= vocab):
-            raise ValueError(f"teacher_topk_ids must be in [0, {vocab})")
-        if k > 1 and (ids_kept.sort(dim=-1).values.diff(dim=-1) == 0).any():
-            raise ValueError("teacher_topk_ids must not repeat an id within a position")
-        # log-probabilities: a total mass of at most 1 (so each at most 0), up to the rounding
-        # of the stored dtype (a larger mass makes the "bucket" KL meaningless)
-        if lp_kept.isnan().any():
-            raise ValueError("teacher_topk_logprobs holds NaN at a position that is not ignored")
-        if remainder == "renormalize" and lp_kept.numel() and (lp_kept == -math.inf).all(dim=-1).any():
-            raise ValueError("teacher_topk_logprobs: a position's stored probabilities are all 0, so there is "
-                             "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
-        lp64 = lp_kept.double()
-        p64 = lp64.exp()
-        # 16-bit values are checked to bfloat16's rounding: a bf16 model's log-probabilities
-        # stored as float16 (exactly) keep it
-        checked = torch.bfloat16 if teacher_topk_logprobs.dtype == torch.float16 else teacher_topk_logprobs.dtype
-        mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
-        if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
-            raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
-                             f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")
-        if lp_kept.numel() and (mass > 1.0 + rounding).any():
-            raise ValueError("teacher_topk_logprobs must be log-probabilities: each <= 0 and their probabilities "
-                             f"summing to at most 1 per position (largest entry {float(lp_kept.max()):.4g}, largest "
-                             f"sum {float(mass.max()):.6g})")
+    k = check_stored_topk(teacher_topk_ids, teacher_topk_logprobs, lead, vocab, student_logits.device, keep,
+                          remainder)
     temperature = _check_temperature(temperature)
 
     n = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)

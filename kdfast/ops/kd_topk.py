@@ -125,6 +125,46 @@ def kd_topk(
     return _kd_topk(*args, False, backend=backend)[0]
 
 
+def kd_topk_with_grad(
+    student_logits: torch.Tensor,
+    ids: torch.Tensor,
+    logprobs: torch.Tensor,
+    *,
+    labels: Optional[torch.Tensor] = None,
+    ignore_index: int = -100,
+    temperature: float = 1.0,
+    remainder: str = "bucket",
+    loss_scale: float = 1.0,
+    stored_dtype: Optional[torch.dtype] = None,
+    grad_dtype: Optional[torch.dtype] = None,
+    backend: Optional[str] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row losses ``[rows]`` and their gradient ``d row_loss[r] / d student_logits[r, :]``.
+
+    The arguments are those of :func:`kd_topk`. No autograd graph is recorded: this is for
+    losses that apply the chain rule themselves, such as the chunked fused-linear top-k KD,
+    which pushes each chunk's gradient through the LM head at once. The gradient has the
+    student's shape and ``grad_dtype`` (default: the student's dtype; the kernel computes in
+    fp32 and rounds once when it stores).
+    """
+    if grad_dtype is not None and grad_dtype not in DTYPE_CODES:
+        raise TypeError(f"grad_dtype must be float32, float16 or bfloat16, got {grad_dtype}")
+    args = _op_args(student_logits, ids, logprobs, labels, remainder, temperature, ignore_index, loss_scale,
+                    stored_dtype)
+    student, ids, lp, *rest = args
+    if reference_required((student, lp)):  # (no graph, as below: detached)
+        student, lp = student.detach(), lp.detach()
+        kw = _reference_args(student, ids, lp, *rest)
+        return ref.kd_topk(student, ids, lp, **kw), ref.kd_topk_grad(student, ids, lp, **kw).to(
+            grad_dtype or student.dtype)
+    student, lp = student.detach(), lp.detach()
+    if _needs_dispatcher(student, lp):
+        with torch.no_grad():
+            row_loss, grad = torch.ops.kdfast.kd_topk(student, ids, lp, *rest, True, backend or "")
+        return row_loss, grad.to(grad_dtype or student.dtype)
+    return _kd_topk(student, ids, lp, *rest, True, backend=backend, grad_dtype=grad_dtype or student.dtype)
+
+
 def _reference_args(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps) -> dict:
     return dict(labels=labels, ignore_index=ignore_index, temperature=1.0 / inv_t,
                 remainder="renormalize" if renormalize else "bucket", stored_eps=stored_eps, loss_scale=loss_scale)
@@ -140,16 +180,17 @@ def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
     return dispatcher_required() or has_subclass(tensors)
 
 
-def _allocate(student: torch.Tensor, want_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch.dtype] = None
+              ) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
-    grad = (torch.empty_like(student, dtype=_op_grad_dtype(student.dtype), memory_format=torch.contiguous_format)
-            if want_grad else student.new_empty(0))
+    grad = (torch.empty_like(student, dtype=grad_dtype or _op_grad_dtype(student.dtype),
+                             memory_format=torch.contiguous_format) if want_grad else student.new_empty(0))
     return row_loss, grad
 
 
 def _kd_topk(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps, want_grad,
-             backend=None) -> Tuple[torch.Tensor, torch.Tensor]:
-    row_loss, grad = _allocate(student, want_grad)
+             backend=None, grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    row_loss, grad = _allocate(student, want_grad, grad_dtype)
     if student.shape[0] > 0:
         impl = topk_op.select(student.device.type, backend or None)
         impl.run(student, ids, lp, labels, row_loss, grad if want_grad else None, renormalize, inv_t, ignore_index,

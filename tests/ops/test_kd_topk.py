@@ -330,3 +330,24 @@ def test_an_id_outside_the_vocabulary_makes_its_row_nan_without_touching_memory(
     expected, grad64 = reference(s[ok], ids[ok], lp[ok], torch.float64, stored_eps=torch.finfo(torch.float32).eps)
     torch.testing.assert_close(rows[ok].double(), expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad[ok].double(), grad64, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_with_grad_stores_the_gradient_in_the_dtype_asked(backend, grad_dtype):
+    # (what the chunked fused-linear top-k loss takes: no graph, the gradient rounded once)
+    s = logits((5, 211), torch.float32, 23).requires_grad_(True)
+    ids, lp = stored(5, 211, 9, 24)
+    labels = torch.tensor([3, -100, 0, 7, 1])
+    rows, grad = ops.kd_topk_with_grad(s, ids, lp, labels=labels, temperature=1.7, grad_dtype=grad_dtype,
+                                       backend=backend)
+    assert not rows.requires_grad and not grad.requires_grad and grad.dtype == grad_dtype
+    rows32, grad32 = fused(backend, s.detach(), ids, lp, labels=labels, temperature=1.7)
+    torch.testing.assert_close(rows, rows32, rtol=0, atol=0)
+    if backend == "triton" and grad_dtype == torch.bfloat16 and not torch.cuda.is_available():
+        # Triton's CPU interpreter narrows fp32 to bf16 by truncation (GPUs round to nearest even)
+        assert ((grad.float() - grad32).abs() <= torch.finfo(torch.bfloat16).eps * grad32.abs()).all()
+    else:
+        torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
+    with pytest.raises(TypeError, match="grad_dtype"):
+        ops.kd_topk_with_grad(s, ids, lp, grad_dtype=torch.float64)
