@@ -9,6 +9,12 @@ student's logits are never materialised: the loss takes the final hidden states 
 head weights.
 
     python examples/distil_tiny_lm.py --steps 60
+    python examples/distil_tiny_lm.py --steps 60 --offline-topk 32   # from a cached top-32
+
+``--offline-topk K`` distils offline instead: the teacher runs once over the dataset, its top-K
+next-token ids and log-probabilities are cached (``teacher_topk``), and the student trains
+against the cache with FusedLinearTopKKDLoss (forward KL, the rest of the teacher's mass one
+outcome); the teacher is not run again.
 """
 from __future__ import annotations
 
@@ -17,7 +23,7 @@ from typing import List, Optional
 
 import torch
 
-from kdfast.losses import FusedLinearKDLoss
+from kdfast.losses import FusedLinearKDLoss, FusedLinearTopKKDLoss, teacher_topk
 
 
 def tiny_llama(hidden: int, layers: int, vocab: int, seed: int):
@@ -31,11 +37,15 @@ def tiny_llama(hidden: int, layers: int, vocab: int, seed: int):
 
 
 def distil(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 32, dataset_size: int = 32,
-           lr: float = 3e-3, kind: str = "jsd", seed: int = 0, log_every: int = 10) -> List[float]:
+           lr: float = 3e-3, kind: str = "jsd", seed: int = 0, log_every: int = 10,
+           offline_topk: Optional[int] = None) -> List[float]:
     """Train the student for ``steps`` steps on ``dataset_size`` random token sequences;
-    returns the loss of every step."""
+    returns the loss of every step. ``offline_topk``: distil from the teacher's cached top-k
+    (see the module docstring) instead of running it every step."""
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    if offline_topk is not None and not 1 <= offline_topk <= vocab:
+        raise ValueError(f"offline_topk must be in [1, {vocab}], got {offline_topk!r}")
     teacher = tiny_llama(hidden=128, layers=4, vocab=vocab + 16, seed=seed)  # head padded by 16 columns
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)  # sharper next-token distributions than a random init gives
@@ -45,16 +55,29 @@ def distil(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 32,
     optimizer = torch.optim.AdamW(student.parameters(), lr=lr)
     data = torch.Generator().manual_seed(seed)
     dataset = torch.randint(0, vocab, (dataset_size, seq_len), generator=data)
+    if offline_topk is not None:
+        # One teacher pass over the dataset; its top-k over the shared vocabulary is all that is kept.
+        with torch.no_grad():
+            logits = teacher(dataset).logits[..., :vocab]
+        cached_ids, cached_logprobs = teacher_topk(logits, offline_topk)  # [dataset_size, seq_len, k] each
+        del logits
+        criterion = FusedLinearTopKKDLoss(temperature=1.0)
+        kind = f"top-{offline_topk} KL"
     losses = []
     for step in range(steps):
-        input_ids = dataset[torch.randint(0, dataset_size, (batch,), generator=data)]
+        index = torch.randint(0, dataset_size, (batch,), generator=data)
+        input_ids = dataset[index]
         # Next-token positions: the last position has no next token and is ignored.
         labels = torch.cat([input_ids[:, 1:], torch.full((batch, 1), -100)], dim=1)
-        with torch.no_grad():
-            teacher_hidden = teacher.model(input_ids).last_hidden_state
         student_hidden = student.model(input_ids).last_hidden_state
-        loss = criterion(student_hidden.flatten(0, 1), student.lm_head.weight,
-                         teacher_hidden.flatten(0, 1), teacher.lm_head.weight, labels.flatten())
+        if offline_topk is not None:
+            loss = criterion(student_hidden.flatten(0, 1), student.lm_head.weight, cached_ids[index].flatten(0, 1),
+                             cached_logprobs[index].flatten(0, 1), labels.flatten())
+        else:
+            with torch.no_grad():
+                teacher_hidden = teacher.model(input_ids).last_hidden_state
+            loss = criterion(student_hidden.flatten(0, 1), student.lm_head.weight,
+                             teacher_hidden.flatten(0, 1), teacher.lm_head.weight, labels.flatten())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -79,8 +102,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--steps", type=_positive_int, default=60)
     p.add_argument("--kind", default="jsd", choices=["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--offline-topk", type=_positive_int, default=None, metavar="K",
+                   help="distil from the teacher's cached top-K instead of running it every step")
     args = p.parse_args(argv)
-    losses = distil(steps=args.steps, kind=args.kind, seed=args.seed)
+    losses = distil(steps=args.steps, kind=args.kind, seed=args.seed, offline_topk=args.offline_topk)
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
 
 

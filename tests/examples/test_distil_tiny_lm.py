@@ -1,4 +1,5 @@
-"""The FusedLinearKDLoss example (examples/distil_tiny_lm.py) runs and the loss falls."""
+"""The FusedLinearKDLoss example (examples/distil_tiny_lm.py) runs and the loss falls, online and
+from a cached top-k."""
 import importlib.util
 from pathlib import Path
 
@@ -18,6 +19,13 @@ def load_example():
 
 def test_distillation_loss_falls():
     losses = load_example().distil(steps=25, vocab=256, seq_len=16, log_every=0)
+    first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
+    assert all(l == l for l in losses)  # no NaN
+    assert last < 0.85 * first, f"loss did not fall: first {first:.4f}, last {last:.4f}"
+
+
+def test_offline_distillation_from_a_cached_top_k_loss_falls():
+    losses = load_example().distil(steps=25, vocab=256, seq_len=16, log_every=0, offline_topk=16)
     first, last = sum(losses[:3]) / 3, sum(losses[-5:]) / 5
     assert all(l == l for l in losses)  # no NaN
     assert last < 0.85 * first, f"loss did not fall: first {first:.4f}, last {last:.4f}"
