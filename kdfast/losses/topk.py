@@ -27,7 +27,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from ..ops._tensors import vmapped
+from ..ops._tensors import check_label_ids, vmapped
 from ..ops.kd_topk import REMAINDERS, kd_topk
 from ..reference.kd_topk import mass_rounding
 from .._checks import check_flag
@@ -82,12 +82,21 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
         if t.device != device:
             raise ValueError(f"{name} must be on {device} like {like}, got {t.device}")
     k = teacher_topk_ids.shape[-1]
-    if k == 0:
-        raise ValueError("teacher_topk_ids must hold at least one id per position (k >= 1), got k = 0")
+    if not 1 <= k <= vocab:
+        raise ValueError(f"teacher_topk_ids must hold between 1 and {vocab} (the vocabulary) ids per position, "
+                         f"got k = {k}")
     # free to check on the CPU; on a GPU it would be a sync, under torch.compile a graph break,
     # and no value can be read from a tensor batched by torch.func.vmap
-    if device.type == "cpu" and not torch.compiler.is_compiling() and not any(
-            vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, keep) if t is not None):
+    if not (device.type == "cpu" and not torch.compiler.is_compiling() and not any(
+            vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, keep) if t is not None)):
+        # There the ids' range is asserted without a host read (a device-side assert, as an
+        # indexing op's), ignored positions read as 0: the kernels would make a position with
+        # an id outside the vocabulary NaN, silently.
+        ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
+        if keep is not None:
+            ids = torch.where(keep.unsqueeze(1), ids, torch.zeros_like(ids))
+        check_label_ids(ids, vocab, None, name="teacher_topk_ids")
+    else:
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)
             ids_kept, lp_kept = ids_kept[keep.cpu()], lp_kept[keep.cpu()]
@@ -136,7 +145,8 @@ def topk_kd_loss(
         student_logits: ``[..., vocab]`` logits (math in float32).
         teacher_topk_ids: ``[..., k]`` distinct token ids per position (e.g. from
             :func:`teacher_topk`; checked on the CPU, where it costs no device sync; on a GPU
-            a position with an id outside the vocabulary gets a NaN loss).
+            and under torch.compile their range is asserted on the device, as an indexing op's
+            is, and repeats are not checked).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
             <= 0, their probabilities summing to at most 1 per position (checked on the CPU, up
@@ -148,6 +158,13 @@ def topk_kd_loss(
         reduction: ``"batchmean"`` (over valid tokens), ``"sum"``, ``"mean"`` (also / vocab) or
             ``"none"`` (per token, float32).
         scale_by_t2: multiply by ``temperature**2``.
+
+    Returns a float32 scalar (per token for ``reduction="none"``). The student's gradient is
+    computed by the forward kernel (:func:`kdfast.ops.kd_topk`), as :func:`kd_loss`'s is: a
+    graph whose student takes gradients supports one backward (a second one through
+    ``retain_graph=True``, and ``create_graph=True``, raise an error; torch.func's transforms,
+    ``torch.func.hessian`` included, take the differentiable reference instead). Under
+    ``torch.compile`` each new ``temperature`` compiles once, as for :func:`kd_loss`.
     """
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")

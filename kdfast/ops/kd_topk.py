@@ -282,8 +282,9 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     if grad_rows is None:  # the row losses were not used
         return (None,) * 11
     if torch.is_grad_enabled() and not _needs_dispatcher(grad_rows):
-        raise RuntimeError("kdfast.kd_topk: double backward (create_graph=True) is not supported; "
-                           "the student's gradient is computed by the forward kernel and is not differentiable")
+        raise RuntimeError("kdfast.kd_topk: double backward (create_graph=True) is not supported; the first "
+                           "gradients (the student's from the forward kernel, the log-probabilities' from a closed "
+                           "backward) are not differentiable")
     if ctx.needs_input_grad[0]:
         scale = grad_rows.unsqueeze(1)
         if ctx.recompute:

@@ -51,6 +51,15 @@ def xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> to
                        torch.where(p == 0, zero, p))
 
 
+def _log_sum_exp(x: torch.Tensor) -> torch.Tensor:
+    """``logsumexp(x, -1)`` as ``max + log(sum(exp(x - max)))`` with the max held constant:
+    torch.logsumexp's gradient ``exp(x - result)`` rounds ``result`` to ``x`` where the max is
+    1e30 in size (every entry's share comes out 1); ``exp(x - max) / sum`` keeps it."""
+    m = x.amax(dim=-1, keepdim=True).detach()
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    return m.squeeze(-1) + torch.log(torch.exp(x - m).sum(-1))
+
+
 def _inputs(student, ids, logprobs, labels, ignore_index, temperature, dtype):
     """z = student / T, the ids and the clamped log-probabilities in ``dtype``, ignored rows
     replaced by harmless stand-ins before any math (masking their losses only afterwards
@@ -89,15 +98,14 @@ def kd_topk(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, la
         p = lp.exp()
         rows = xlogy_ratio(p, lp, log_q).sum(-1)
         if k < vocab:  # with k == vocab there is no remainder (the stored mass is 1 up to rounding)
-            # The student's mass outside the k ids, summed directly from its log-probabilities
-            # rather than as 1 - sum(inside), which would lose everything below float rounding,
-            # or as a difference of two log-sum-exps of the logits, which at logits of 1e4 loses
-            # their small differences. A student with no mass there (all -inf) gets log 0
-            # without logsumexp's NaN gradient for an all -inf row.
-            outside = log_q_all.scatter(1, ids, -math.inf)
+            # The student's mass outside the k ids, summed directly rather than as
+            # 1 - sum(inside), which would lose everything below float rounding. A student with
+            # no mass there (all -inf) gets log 0 without logsumexp's NaN gradient for an all
+            # -inf row.
+            outside = z.scatter(1, ids, -math.inf)
             has_rest = (outside > -math.inf).any(dim=-1)
-            log_out = torch.logsumexp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), dim=-1)
-            log_q_rest = torch.where(has_rest, log_out, torch.full_like(log_out, -math.inf))
+            log_out = _log_sum_exp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)))
+            log_q_rest = torch.where(has_rest, log_out - _log_sum_exp(z), torch.full_like(log_out, -math.inf))
             # A teacher remainder within the rounding of the stored log-probabilities is 0: not an
             # infinite KL against a student with no mass outside the k ids, nor a huge one against
             # a student that masks them with a large negative logit (NaN stays NaN).
@@ -140,12 +148,14 @@ def kd_topk_grad(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tenso
         p = lp.exp()
         real = (-torch.expm1(log_mass) > mass_rounding(p, lp, stored_eps)) | log_mass.isnan()
         r = torch.where(real, -torch.expm1(log_mass), torch.zeros_like(log_mass))
-        outside = log_q_all.scatter(1, ids, -math.inf)
+        outside = z.scatter(1, ids, -math.inf)
         has_rest = (outside > -math.inf).any(dim=-1)
         b = torch.where((r > 0) & has_rest, r, torch.zeros_like(r))
-        # q_j / Q outside the ids, relative to the largest outside entry
-        log_out = torch.logsumexp(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), dim=-1)
-        out_prob = torch.where(has_rest.unsqueeze(1), (outside - log_out.unsqueeze(1)).exp(), torch.zeros_like(q))
+        # q_j / Q outside the ids: the softmax of the outside logits themselves (from log q, logits
+        # of -1e30 would lose their differences: every entry's share came out 1)
+        out_prob = torch.where(has_rest.unsqueeze(1),
+                               torch.softmax(torch.where(has_rest.unsqueeze(1), outside, torch.zeros_like(outside)), -1),
+                               torch.zeros_like(q))
         grad = grad + b.unsqueeze(1) * (q - out_prob)
     grad = grad.scatter_add(1, ids, -w)
     # a student row without a softmax: NaN everywhere

@@ -177,9 +177,28 @@ def test_teacher_topk_takes_floating_point_logits():
             teacher_topk(bad, 2)
 
 
-def test_k_zero_is_refused_by_name():
-    with pytest.raises(ValueError, match="at least one id per position"):
+def test_k_outside_1_to_the_vocabulary_is_refused_by_name():
+    with pytest.raises(ValueError, match=r"teacher_topk_ids must hold between 1 and 10 .* got k = 0"):
         topk_kd_loss(torch.randn(3, 10), torch.zeros(3, 0, dtype=torch.long), torch.zeros(3, 0))
+    # more ids than the vocabulary, even where every position is ignored (or there is none)
+    for rows in (3, 0):
+        with pytest.raises(ValueError, match=r"teacher_topk_ids must hold between 1 and 10 .* got k = 12"):
+            topk_kd_loss(torch.randn(rows, 10), torch.zeros(rows, 12, dtype=torch.long), torch.zeros(rows, 12),
+                         torch.full((rows,), -100))
+
+
+def test_ids_outside_the_vocabulary_are_asserted_under_compile():
+    # There the values are not read on the host: an assert in the graph, not a silent NaN.
+    s = torch.randn(4, 11)
+    ids = torch.tensor([[0, 1], [2, 11], [3, 4], [5, 6]])
+    lp = torch.log(torch.full((4, 2), 0.3))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, labels: topk_kd_loss(s, ids, lp, labels), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match=r"teacher_topk_ids must be in \[0, 11\)"):
+        compiled(s, torch.tensor([0, 1, 2, 3]))
+    # an ignored position may hold anything
+    expected = topk_kd_loss(s, ids.clamp(max=10), lp, torch.tensor([0, -100, 2, 3]))
+    torch.testing.assert_close(compiled(s, torch.tensor([0, -100, 2, 3])), expected)
 
 
 @pytest.mark.parametrize("kwargs, error, match", [

@@ -351,3 +351,22 @@ def test_with_grad_stores_the_gradient_in_the_dtype_asked(backend, grad_dtype):
         torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0)
     with pytest.raises(TypeError, match="grad_dtype"):
         ops.kd_topk_with_grad(s, ids, lp, grad_dtype=torch.float64)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_outside_logits_of_minus_1e30(backend):
+    # Logits of -1e30 outside the ids (a vocabulary masked by a finite minimum): the mass there
+    # must be shared among them, not each given all of it (torch.logsumexp's gradient at that
+    # size rounds the result onto every entry: the gradient summed to -9, not 0).
+    s = torch.full((3, 50), -1e30)
+    s[:, :4] = logits((3, 4), torch.float32, 25)
+    ids = torch.arange(4).repeat(3, 1)
+    lp = torch.log(torch.full((3, 4), 0.2))
+    rows, grad = fused(backend, s, ids, lp)
+    rows64, grad64 = reference(s, ids, lp, torch.float64, stored_eps=torch.finfo(torch.float32).eps)
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-5, atol=1e-6)
+    assert grad.sum(1).abs().max() < 1e-6  # shifting every logit changes nothing
+    closed = ref.kd_topk_grad(s.double(), ids, lp.double(), stored_eps=torch.finfo(torch.float32).eps,
+                              dtype=torch.float64)
+    torch.testing.assert_close(closed, grad64, rtol=1e-10, atol=1e-12)
