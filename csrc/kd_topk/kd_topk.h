@@ -78,8 +78,12 @@ KD_HD float clamp_logprob(float lp) { return lp > 0.f ? 0.f : lp; }
 // What the k stored entries give before the student is known: the log of their total mass
 // (NaN if any is NaN, -inf if all are -inf) and the sum behind the rounding bound of the mass
 // test, accumulated in any order (CUDA: across threads) with these helpers.
+// The sum is kept in double: a float one, pushed entry by entry, drifted by 1e-6 relative over
+// 256 bfloat16-stored entries (a bias that renormalised weights and remainders inherit).
 struct TeacherAcc {
-  float m, z, rounding;  // running max of lp, sum exp(lp - m), sum p (1 - lp)
+  float m;
+  double z;        // running max of lp, sum exp(lp - m)
+  float rounding;  // sum p (1 - lp)
 };
 
 KD_HD TeacherAcc teacher_push(TeacherAcc a, float lp) {
@@ -88,8 +92,8 @@ KD_HD TeacherAcc teacher_push(TeacherAcc a, float lp) {
   if (lp != lp || a.m != a.m) return TeacherAcc{NAN, NAN, a.rounding};
   if (lp == -INFINITY) return a;
   if (lp <= a.m) return TeacherAcc{a.m, a.z + expf(lp - a.m), a.rounding};
-  const float z = a.m == -INFINITY ? 0.f : a.z * expf(a.m - lp);
-  return TeacherAcc{lp, z + 1.f, a.rounding};
+  const double z = a.m == -INFINITY ? 0.0 : a.z * expf(a.m - lp);
+  return TeacherAcc{lp, z + 1.0, a.rounding};
 }
 
 KD_HD TeacherAcc teacher_merge(TeacherAcc a, TeacherAcc b) {
@@ -100,7 +104,7 @@ KD_HD TeacherAcc teacher_merge(TeacherAcc a, TeacherAcc b) {
   return TeacherAcc{a.m, a.z + b.z * expf(b.m - a.m), rounding};
 }
 
-KD_HD float teacher_log_mass(TeacherAcc a) { return a.m == -INFINITY ? -INFINITY : a.m + logf(a.z); }
+KD_HD float teacher_log_mass(TeacherAcc a) { return a.m == -INFINITY ? -INFINITY : a.m + float(log(a.z)); }
 
 // The teacher's remaining mass r as log r (-inf when there is none: k == vocab, renormalize,
 // or within the rounding of the stored entries; NaN when their mass is NaN).

@@ -115,6 +115,9 @@ def kd_topk(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, la
             log_r = torch.where(real, log1mexp(torch.where(real, log_mass, torch.full_like(log_mass, -1.0))),
                                 torch.full_like(log_mass, -math.inf))
             rows = rows + xlogy_ratio(log_r.exp(), log_r, log_q_rest)
+    # a student row without a softmax: NaN (an all -inf one met by a teacher with no mass would
+    # give inf or 0 above)
+    rows = torch.where(torch.isfinite(torch.logsumexp(z.detach(), dim=-1)), rows, torch.full_like(rows, math.nan))
     rows = rows * loss_scale
     if keep is not None:
         rows = torch.where(keep, rows, torch.zeros_like(rows))

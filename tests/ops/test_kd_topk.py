@@ -370,3 +370,28 @@ def test_outside_logits_of_minus_1e30(backend):
     closed = ref.kd_topk_grad(s.double(), ids, lp.double(), stored_eps=torch.finfo(torch.float32).eps,
                               dtype=torch.float64)
     torch.testing.assert_close(closed, grad64, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_broad_teachers_mass_is_summed_without_drift(backend):
+    # 256 bfloat16-stored entries summed one by one in float32 drifted by 1e-6 relative, all one
+    # way; renormalised weights (and remainders) inherit it, times T^2: 6x torch's float32 error.
+    g = torch.Generator().manual_seed(0)
+    temperature, k, vocab, rows = 4.0, 256, 2000, 16
+    top = torch.log_softmax(torch.randn(rows, vocab, generator=g, dtype=torch.float64) * 2.0 / temperature, -1).topk(k)
+    ids, lp = top.indices, top.values.bfloat16()
+    s = (torch.randn(rows, vocab, generator=g) * 2.0)
+    eps = torch.finfo(torch.bfloat16).eps
+    for remainder in REMAINDERS:
+        assert_matches(backend, s, ids, lp.float(), f"{backend} {remainder}", temperature=temperature,
+                       loss_scale=temperature ** 2, remainder=remainder, stored_eps=eps)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_an_all_minus_inf_student_is_nan_whatever_the_teacher(backend):
+    # (a teacher with no stored mass gave the reference inf, or 0 with k equal to the vocabulary)
+    for s, ids, lp in ((torch.full((1, 3), -math.inf), torch.tensor([[1]]), torch.full((1, 1), -math.inf)),
+                       (torch.full((1, 1), -math.inf), torch.tensor([[0]]), torch.full((1, 1), -math.inf))):
+        for remainder in REMAINDERS:
+            rows, grad = fused(backend, s, ids, lp, remainder=remainder)
+            assert rows.isnan().all() and grad.isnan().all(), (backend, remainder)
