@@ -217,8 +217,8 @@ class _TeacherHead:
     student's and the divergence kernel gives the rows and the student logits' gradient."""
 
     def __init__(self, hidden, weight, bias, kind, beta, temperature, ignore_index, vocab, loss_scale):
-        self.hidden, self.weight, self.bias = hidden, weight, bias
-        self.operand = _head_operand(weight)
+        self.hidden, self.bias = hidden, bias
+        self.operand = _head_operand(weight)  # (a 16-bit CPU head widened once per call, for either path)
         self.args = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab,
                          loss_scale=loss_scale)
 
@@ -232,7 +232,7 @@ class _TeacherHead:
 
     def unfused_rows(self, s_logits, labels):
         """All rows from materialised logits, differentiable by torch (see :func:`_unfused_loss`)."""
-        t_logits = _head_logits(self.hidden, _head_operand(self.weight), self.bias)
+        t_logits = _head_logits(self.hidden, self.operand, self.bias)
         return kd_divergence(s_logits, t_logits, labels=labels, **self.args)
 
 

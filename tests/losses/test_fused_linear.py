@@ -511,3 +511,16 @@ def test_a_second_backward_through_the_same_graph_is_refused():
     t = F.linear(case["teacher_hidden"], case["teacher_weight"], case["teacher_bias"])
     (expected,) = torch.autograd.grad(kd_loss(s, t, labels, kind="jsd"), weight)
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-7)
+
+
+def test_a_16_bit_cpu_teacher_head_is_widened_once_under_torch_func(monkeypatch):
+    # (the transforms' unfused path made a second fp32 copy of the head next to the first)
+    import kdfast.losses.fused_linear as fl
+
+    widened = []
+    original = fl._head_operand
+    monkeypatch.setattr(fl, "_head_operand", lambda w: (widened.append(w.dtype), original(w))[1])
+    sh, sw = torch.randn(4, 64), torch.randn(1000, 64)
+    th, tw = torch.randn(4, 256).bfloat16(), torch.randn(1000, 256).bfloat16()
+    torch.func.grad(lambda h: fl.fused_linear_kd(h, sw, th, tw))(sh)
+    assert widened.count(torch.bfloat16) == 1
