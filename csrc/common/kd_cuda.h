@@ -1,4 +1,5 @@
-// What the CUDA launchers share: how a launch reports failure.
+// What the CUDA launchers share: how a launch reports failure, and the online log-sum-exp of
+// the softmax kernels.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -9,5 +10,28 @@ namespace kdfast {
 // The status of the launches just made. The error itself is left pending (peeked, not
 // cleared) so that the binding can name it (bind_cuda.cpp's check_launch clears it).
 inline int launch_status() { return cudaPeekAtLastError() == cudaSuccess ? kOk : kLaunchFailed; }
+
+// Running (max, sum of exp(x - max)) of a stream of values. NaN is sticky in both: a NaN entry
+// must leave the row without a distribution (NaN loss and gradient), and the -inf checks below
+// would otherwise drop a NaN partner in a merge.
+struct Lse {
+  float m, z;
+};
+
+__device__ __forceinline__ Lse lse_push(Lse a, float x) {
+  if (x != x || a.m != a.m) return Lse{NAN, NAN};
+  if (x == -INFINITY) return a;  // probability 0 (also keeps -inf - -inf out of exp)
+  if (x <= a.m) return Lse{a.m, a.z + kd_exp(x - a.m)};
+  // x is a new maximum (or a.m is -inf): rescale the running sum.
+  const float z = a.m == -INFINITY ? 0.f : a.z * kd_exp(a.m - x);
+  return Lse{x, z + 1.f};
+}
+
+__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
+  if (a.m != a.m || b.m != b.m) return Lse{NAN, NAN};
+  if (a.m < b.m) { const Lse t = a; a = b; b = t; }
+  if (b.m == -INFINITY) return a;
+  return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
+}
 
 }  // namespace kdfast

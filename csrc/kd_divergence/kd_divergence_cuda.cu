@@ -18,29 +18,6 @@ constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr int kMaxBlocks = 65535;
 
-// Running (max, sum of exp(x - max)) of a stream of values.
-struct Lse {
-  float m, z;
-};
-
-// NaN is sticky in both: a NaN entry must leave the row without a distribution (NaN loss and
-// gradient), and the -inf checks below would otherwise drop a NaN partner in a merge.
-__device__ __forceinline__ Lse lse_push(Lse a, float x) {
-  if (x != x || a.m != a.m) return Lse{NAN, NAN};
-  if (x == -INFINITY) return a;  // probability 0 (also keeps -inf - -inf out of exp)
-  if (x <= a.m) return Lse{a.m, a.z + kd_exp(x - a.m)};
-  // x is a new maximum (or a.m is -inf): rescale the running sum.
-  const float z = a.m == -INFINITY ? 0.f : a.z * kd_exp(a.m - x);
-  return Lse{x, z + 1.f};
-}
-
-__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
-  if (a.m != a.m || b.m != b.m) return Lse{NAN, NAN};
-  if (a.m < b.m) { Lse t = a; a = b; b = t; }
-  if (b.m == -INFINITY) return a;
-  return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
-}
-
 __device__ __forceinline__ LogNorm log_norm(Lse a) {
   return LogNorm{a.m, (a.m == -INFINITY || a.m == INFINITY) ? 0.f : logf(a.z)};
 }

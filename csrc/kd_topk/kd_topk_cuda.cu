@@ -26,27 +26,6 @@ constexpr int kMaxBlocks = 65535;
 constexpr int kBitmapWords = 8192;  // 32 KiB of static shared memory
 constexpr int64_t kBitmapCols = int64_t(kBitmapWords) * 32;
 
-// Running (max, sum of exp(x - max)) of a stream of values. NaN is sticky in both: a NaN entry
-// must leave the row without a distribution (NaN loss and gradient).
-struct Lse {
-  float m, z;
-};
-
-__device__ __forceinline__ Lse lse_push(Lse a, float x) {
-  if (x != x || a.m != a.m) return Lse{NAN, NAN};
-  if (x == -INFINITY) return a;  // probability 0 (also keeps -inf - -inf out of exp)
-  if (x <= a.m) return Lse{a.m, a.z + kd_exp(x - a.m)};
-  const float z = a.m == -INFINITY ? 0.f : a.z * kd_exp(a.m - x);
-  return Lse{x, z + 1.f};
-}
-
-__device__ __forceinline__ Lse lse_merge(Lse a, Lse b) {
-  if (a.m != a.m || b.m != b.m) return Lse{NAN, NAN};
-  if (a.m < b.m) { const Lse t = a; a = b; b = t; }
-  if (b.m == -INFINITY) return a;
-  return Lse{a.m, a.z + b.z * kd_exp(b.m - a.m)};
-}
-
 // The loss and sum(w) of the stored entries, in double as the CPU launcher sums them.
 struct Sums {
   double loss, weight;
