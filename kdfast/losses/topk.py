@@ -89,13 +89,17 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
     # and no value can be read from a tensor batched by torch.func.vmap
     if not (device.type == "cpu" and not torch.compiler.is_compiling() and not any(
             vmapped(t) for t in (teacher_topk_ids, teacher_topk_logprobs, keep) if t is not None)):
-        # There the ids' range is asserted without a host read (a device-side assert, as an
-        # indexing op's), ignored positions read as 0: the kernels would make a position with
-        # an id outside the vocabulary NaN, silently.
+        # There the ids are asserted without a host read (device-side asserts, as an indexing
+        # op's), an ignored position read as 0, 1, ..., k-1: the kernels would make a position
+        # with an id outside the vocabulary NaN, and count one of a repeated id's entries,
+        # silently. (A sort of the [tokens, k] ids: small beside the pass over the vocabulary.)
         ids = teacher_topk_ids.reshape(-1, k).to(torch.int64)
         if keep is not None:
-            ids = torch.where(keep.unsqueeze(1), ids, torch.zeros_like(ids))
+            ids = torch.where(keep.unsqueeze(1), ids, torch.arange(k, device=ids.device))
         check_label_ids(ids, vocab, None, name="teacher_topk_ids")
+        if k > 1 and ids.numel() and ids.device.type != "meta" and not vmapped(ids):
+            torch._assert_async((ids.sort(dim=-1).values.diff(dim=-1) != 0).all(),
+                                "teacher_topk_ids must not repeat an id within a position")
     else:
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)
@@ -145,8 +149,8 @@ def topk_kd_loss(
         student_logits: ``[..., vocab]`` logits (math in float32).
         teacher_topk_ids: ``[..., k]`` distinct token ids per position (e.g. from
             :func:`teacher_topk`; checked on the CPU, where it costs no device sync; on a GPU
-            and under torch.compile their range is asserted on the device, as an indexing op's
-            is, and repeats are not checked).
+            and under torch.compile their range and distinctness are asserted on the device,
+            as an indexing op's range is).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
             <= 0, their probabilities summing to at most 1 per position (checked on the CPU, up

@@ -97,8 +97,9 @@ def kd_topk(
     Args:
         student_logits: ``[rows, vocab]`` float32/float16/bfloat16 logits.
         ids: ``[rows, k]`` the teacher's token ids, distinct within a row and in ``[0, vocab)``
-            (not checked here: :func:`kdfast.losses.topk_kd_loss` checks them on the CPU; the
-            kernels make a row with an id outside the vocabulary NaN).
+            (not checked here: :func:`kdfast.losses.topk_kd_loss` checks them, on the CPU and
+            with device-side asserts elsewhere; the kernels make a row with an id outside the
+            vocabulary NaN).
         logprobs: ``[rows, k]`` their log-probabilities at ``temperature`` (each <= 0; larger
             values are clamped to 0).
         labels: optional ``[rows]``; rows equal to ``ignore_index`` give 0 and no gradient.

@@ -201,6 +201,24 @@ def test_ids_outside_the_vocabulary_are_asserted_under_compile():
     torch.testing.assert_close(compiled(s, torch.tensor([0, -100, 2, 3])), expected)
 
 
+def test_repeated_ids_are_asserted_under_compile():
+    # As the range: asserted in the graph (the GPU path), an ignored position exempt.
+    s = torch.randn(3, 11)
+    ids = torch.tensor([[0, 1, 2], [5, 3, 5], [7, 8, 9]])
+    lp = torch.log(torch.full((3, 3), 0.2))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, labels: topk_kd_loss(s, ids, lp, labels), backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="teacher_topk_ids must not repeat an id within a position"):
+        compiled(s, torch.tensor([0, 1, 2]))
+    expected = topk_kd_loss(s, torch.tensor([[0, 1, 2], [5, 3, 4], [7, 8, 9]]), lp, torch.tensor([0, -100, 2]))
+    torch.testing.assert_close(compiled(s, torch.tensor([0, -100, 2])), expected)
+    # a position with every id padded to one value, ignored, passes too
+    padded = torch.tensor([[0, 1, 2], [0, 0, 0], [7, 8, 9]])
+    compiled_padded = torch.compile(lambda s, labels: topk_kd_loss(s, padded, lp, labels), backend="aot_eager",
+                                    fullgraph=True)
+    torch.testing.assert_close(compiled_padded(s, torch.tensor([0, -100, 2])), expected)
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(ids=lambda i: torch.cat([i[..., :1], i[..., :-1]], dim=-1)), ValueError, "must not repeat an id"),
     (dict(remainder="drop"), ValueError, "remainder must be"),
