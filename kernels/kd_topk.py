@@ -86,6 +86,20 @@ def _outside_reduce(s_row, ids_row, vocab, k, inv_t, ref, DO_MAX: tl.constexpr, 
 
 
 @triton.jit
+def _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM: tl.constexpr):
+    """The stored entries' log-weights at ``i``: the log-probabilities clamped to <= 0
+    (clamp_logprob, NaN kept), less the stored log-mass when renormalising (NaN where there is
+    no mass)."""
+    lp = tl.load(lp_row + i, mask=km, other=NEG_INF)
+    lp = tl.where(lp > 0.0, 0.0, lp)
+    if RENORM:
+        log_w = tl.where(log_mass > NEG_INF, lp - log_mass, nan)
+    else:
+        log_w = lp
+    return log_w
+
+
+@triton.jit
 def _kd_topk_kernel(
     s_ptr, ids_ptr, lp_ptr, labels_ptr, loss_ptr, grad_ptr,
     s_stride, g_stride, vocab, k, ignore_index, inv_t, loss_scale, stored_eps,
@@ -187,12 +201,7 @@ def _kd_topk_kernel(
             for kc in range(0, k, KB):
                 i = kc + kr
                 km = i < k
-                lp = tl.load(lp_row + i, mask=km, other=NEG_INF)
-                lp = tl.where(lp > 0.0, 0.0, lp)
-                if RENORM:
-                    log_w = tl.where(log_mass > NEG_INF, lp - log_mass, nan)
-                else:
-                    log_w = lp
+                log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
                 z_id = _z_at(s_row, tl.load(ids_row + i, mask=km, other=0), km, inv_t)
                 w = tl.exp(log_w)
                 lq = (z_id - m) - log_z
@@ -222,12 +231,7 @@ def _kd_topk_kernel(
                 for kc in range(0, k, KB):
                     i = kc + kr
                     km = i < k
-                    lp = tl.load(lp_row + i, mask=km, other=NEG_INF)
-                    lp = tl.where(lp > 0.0, 0.0, lp)
-                    if RENORM:
-                        log_w = tl.where(log_mass > NEG_INF, lp - log_mass, nan)
-                    else:
-                        log_w = lp
+                    log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
                     ids = tl.load(ids_row + i, mask=km, other=0)
                     z_id = _z_at(s_row, ids, km, inv_t)
                     w = tl.exp(log_w)
