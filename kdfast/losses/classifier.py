@@ -71,17 +71,19 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     alpha = real_number("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    soft = kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
     if alpha == 1.0:
-        return soft
+        return kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
     if labels is None:
         raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
     labels = _check_labels(labels, *student_logits.shape, student_logits.device)
     # no ignore_index: a label of -100 is refused wherever it is read (not dropped from the
     # cross-entropy alone, as F.cross_entropy's default would where the CPU check does not run)
-    hard = F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,
-                           ignore_index=_NO_IGNORE, reduction="sum")
-    return alpha * soft + (1.0 - alpha) * _batch_mean(hard, labels.shape[0])
+    hard = _batch_mean(F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,
+                                       ignore_index=_NO_IGNORE, reduction="sum"), labels.shape[0])
+    if alpha == 0.0:  # (the KD term left out, not multiplied by 0: an infinite one would give NaN)
+        return hard
+    soft = kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
+    return alpha * soft + (1.0 - alpha) * hard
 
 
 def _batch_mean(total: torch.Tensor, batch: int) -> torch.Tensor:
@@ -98,6 +100,15 @@ def _plogratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> tor
     keep = p > 0
     zero = torch.zeros_like(p)
     return torch.where(keep, p * (torch.where(keep, log_p, zero) - torch.where(keep, log_q, zero)), zero)
+
+
+def _shifted(z: torch.Tensor) -> torch.Tensor:
+    """``z`` less its row maximum (rows without a finite one as they are): the log-probabilities
+    below are differences of logits and log-sum-exps, which would otherwise carry the rounding
+    of logits far from 0 (1e-2 relative error at an offset of 1e6 in float32). Shifting before
+    the temperature's division also keeps logits near float32's maximum finite."""
+    top = z.detach().amax(dim=1, keepdim=True)
+    return z - torch.where(top.isfinite(), top, torch.zeros_like(top))
 
 
 def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
@@ -118,8 +129,8 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
         raise ValueError("dkd_loss needs at least 2 classes")
     labels = _check_labels(labels, batch, classes, student_logits.device)
     compute = _compute_dtype(student_logits, teacher_logits)
-    s = student_logits.to(compute) / temperature
-    t = teacher_logits.to(compute) / temperature
+    s = _shifted(student_logits.to(compute)) / temperature
+    t = _shifted(teacher_logits.to(compute)) / temperature
     # (a comparison, not F.one_hot, which reads the labels' range on the host: vmap cannot)
     target = labels.unsqueeze(1) == torch.arange(classes, device=labels.device)
 

@@ -307,3 +307,47 @@ def test_hinton_never_drops_a_label_of_minus_100():
     compiled = torch.compile(lambda s, t, y: hinton_kd_loss(s, t, y, alpha=0.5), backend="aot_eager", fullgraph=True)
     with pytest.raises(IndexError, match="-100 is out of bounds"):
         compiled(s, t, labels)
+
+
+@pytest.mark.parametrize("offset", [1e3, 1e5, 1e6])
+def test_dkd_float32_keeps_its_precision_for_logits_far_from_zero(offset):
+    # Softmaxes ignore a common offset; float32 log-probabilities formed as logit - logsumexp
+    # carried the offset's rounding (1e-2 relative error at 1e6).
+    s0, t0 = logits((8, 10), 8), logits((8, 10), 9)
+    labels = torch.arange(8) % 10
+    s = (s0 + offset).requires_grad_(True)
+    t = t0 + offset
+    ours = dkd_loss(s, t, labels)
+    s64 = s.detach().double().requires_grad_(True)
+    expected = dkd_float64(s64, t.double(), labels, 1.0, 8.0, 4.0)
+    torch.testing.assert_close(ours.double(), expected, rtol=2e-6, atol=0)
+    g_ours, = torch.autograd.grad(ours, s)
+    g_expected, = torch.autograd.grad(expected, s64)
+    torch.testing.assert_close(g_ours.double(), g_expected, rtol=0, atol=2e-6 * float(g_expected.abs().max()))
+
+
+def test_dkd_logits_near_the_float32_maximum_stay_finite_below_temperature_1():
+    # (logits / T alone would overflow to inf; their differences do not)
+    s = torch.tensor([[3e38, 2.9e38, 2.95e38, 3e38]], requires_grad=True)
+    t = torch.tensor([[0.5, -0.2, 0.1, 0.3]])
+    labels = torch.tensor([2])
+    ours = dkd_loss(s, t, labels, temperature=0.5)
+    s64 = s.detach().double().requires_grad_(True)
+    expected = dkd_float64(s64, t.double(), labels, 1.0, 8.0, 0.5)
+    assert torch.isfinite(expected)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-5, atol=0)
+    g, = torch.autograd.grad(ours, s)
+    g_expected, = torch.autograd.grad(expected, s64)
+    torch.testing.assert_close(g.double(), g_expected, rtol=1e-5, atol=1e-6)
+
+
+def test_hinton_alpha_0_is_the_cross_entropy_even_where_the_kd_term_is_infinite():
+    # The student rules out (-inf) a class the teacher does not: KL = inf, and 0 * inf was NaN.
+    s = torch.tensor([[2.0, 1.0, float("-inf")], [0.5, -1.0, 0.3]], requires_grad=True)
+    t = torch.tensor([[1.0, 0.0, 0.5], [0.2, 0.1, -0.3]])
+    labels = torch.tensor([0, 2])
+    ours = hinton_kd_loss(s, t, labels, temperature=4.0, alpha=0.0)
+    s2 = s.detach().clone().requires_grad_(True)
+    expected = F.cross_entropy(s2, labels)
+    torch.testing.assert_close(ours, expected)
+    torch.testing.assert_close(torch.autograd.grad(ours, s)[0], torch.autograd.grad(expected, s2)[0])
