@@ -213,13 +213,14 @@ def x0_coefficients(prediction_type: str, alpha_t: float, sigma_t: float) -> Tup
 _ZERO_ALPHA_SCALE = 2.0 ** 100
 
 
-def x0_error(t: int, alpha_prod_t: float, zero_snr: bool) -> str:
-    """Why a step at ``t`` is refused: an epsilon model defines no x0 where alphas_cumprod is 0."""
+def x0_error(t: int, alpha_prod_t: float, zero_snr: bool, clips: bool = True) -> str:
+    """Why a step at ``t`` is refused: an epsilon model defines no x0 where alphas_cumprod is 0
+    (``clips``: whether the scheduler's step applies clip_sample and thresholding, which would)."""
     why = " (rescale_betas_zero_snr=True)" if zero_snr else ""
+    unless, clip = (" without clip_sample or thresholding", " clip_sample=True,") if clips else ("", "")
     return (f"timestep {t}: alphas_cumprod[{t}] is {alpha_prod_t:g}{why}, where prediction_type='epsilon' defines "
-            "no x0 without clip_sample or thresholding (diffusers' step returns inf/NaN there); use "
-            "prediction_type='v_prediction', clip_sample=True, or a timestep_spacing that skips the last training "
-            "timestep")
+            f"no x0{unless} (diffusers' step returns inf/NaN there); use prediction_type='v_prediction',{clip} or a "
+            "timestep_spacing that skips the last training timestep")
 
 
 def epsilon_x0_coefficients(alpha_t: float, sigma_t: float, bounded: bool) -> Tuple[float, float]:

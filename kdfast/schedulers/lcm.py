@@ -23,10 +23,11 @@ logger = logging.getLogger(__name__)
 SIGMA_DATA = 0.5
 
 
-def undefined_step_error(scheduler, t: int, plan: StepPlan) -> str:
-    """Why the LCM / TCD step at ``t`` is refused (its coefficients are not finite)."""
+def undefined_step_error(scheduler, t: int, plan: StepPlan, clips: bool = True) -> str:
+    """Why the LCM / TCD step at ``t`` is refused (its coefficients are not finite; ``clips``:
+    whether the step applies clip_sample and thresholding, as LCM's does and TCD's does not)."""
     if not all(math.isfinite(c) for c in plan.x0):
-        return x0_error(t, scheduler._host_alphas_cumprod[t], scheduler.config.rescale_betas_zero_snr)
+        return x0_error(t, scheduler._host_alphas_cumprod[t], scheduler.config.rescale_betas_zero_snr, clips)
     return f"timestep {t}: the step's coefficients are not finite; diffusers' step returns inf/NaN there"
 
 

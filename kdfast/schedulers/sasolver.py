@@ -284,6 +284,8 @@ class SASolverScheduler(MultistepScheduler):
         if timestep is None or isinstance(timestep, torch.Tensor):
             key = (True, self._host_timesteps[index])
         else:
+            if isinstance(timestep, (np.ndarray, np.generic)):  # (an array is no dict key; one element read as its number)
+                timestep = timestep.item()
             key = (False, timestep)
         tau = self._tau_cache.get(key)
         if tau is None:

@@ -64,7 +64,7 @@ class TCDScheduler(LCMScheduler):
 
     def _plan(self, t: int, prev_t: int, last: bool, eta: float = 0.3) -> CheckedPlan:
         plan = self._update(t, prev_t, last, eta)
-        return CheckedPlan.of(plan, lambda: undefined_step_error(self, t, plan))
+        return CheckedPlan.of(plan, lambda: undefined_step_error(self, t, plan, clips=False))
 
     def _update(self, t: int, prev_t: int, last: bool, eta: float = 0.3) -> StepPlan:
         cfg = self.config

@@ -200,6 +200,23 @@ def test_timesteps_given_as_numbers_evaluate_tau_at_them():
     assert parity_error(outs[1], run_loop(KD(**config), 12, x)) > 1e-3
 
 
+def test_numpy_timesteps_are_taken_as_their_numbers():
+    # (a numpy array is no dict key: the tau cache failed with "unhashable type")
+    config = dict(SD, tau_func=lambda t: float(t) / 800.0)
+    x = initial_sample()
+    outs = []
+    for s, as_numpy in ((DF(**config), False), (KD(**config), True), (KD(**config), "scalar")):
+        s.set_timesteps(6)
+        gen, y = torch.Generator().manual_seed(0), x
+        for k, t in enumerate(s.timesteps.tolist()):
+            t = t + 150 * (k > 0)
+            given = np.array(t) if as_numpy is True else np.int64(t) if as_numpy else t
+            y = s.step(dummy_model(y, t), given, y, generator=gen).prev_sample
+        outs.append(y)
+    assert parity_error(outs[1], outs[0]) <= 1e-5
+    assert parity_error(outs[2], outs[0]) <= 1e-5
+
+
 def test_tensor_timestep_off_the_schedule_takes_the_schedule_tau():
     # (reading a tensor's value would be a host sync: a tensor stands for the schedule's timestep)
     config = dict(SD, tau_func=lambda t: float(t) / 800.0)

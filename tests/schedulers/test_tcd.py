@@ -171,3 +171,13 @@ def test_get_variance_like_diffusers():
         for t, prev in ((500, 480), (torch.tensor(999), torch.tensor(949)), (20, -1), (0, -1)):
             a, b = kd._get_variance(t, prev), df._get_variance(t, prev)
             assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_epsilon_at_zero_terminal_snr_is_refused_without_suggesting_clipping():
+    # TCD's step applies neither clip_sample nor thresholding, so the error does not offer them
+    s = TCDScheduler(rescale_betas_zero_snr=True, clip_sample=True, timestep_spacing="trailing")
+    s.set_timesteps(4)
+    x = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="defines no x0 \\(diffusers' step") as err:
+        s.step(torch.sin(x), s.timesteps[0], x)
+    assert "clip_sample" not in str(err.value) and "v_prediction" in str(err.value)
