@@ -375,8 +375,9 @@ class HeliosScheduler(_HeliosSchedule):
       step does (``set_begin_index`` is recorded, not used); ``timestep`` is only kept in
       ``timestep_list`` (UniPC) or checked for being an index (Euler, diffusers' error).
     * Unsupported settings are refused at construction with an error naming them. With
-      ``scheduler_type="unipc"``: ``thresholding=True`` (diffusers' step fails: the class has no
-      ``_threshold_sample``), ``solver_p`` (not used by Helios' pipelines), ``solver_order``
+      ``scheduler_type="unipc"``: ``thresholding=True`` with ``predict_x0=True`` (diffusers' step
+      fails: the class has no ``_threshold_sample``; with ``predict_x0=False`` it is ignored, as
+      there), ``solver_p`` (not used by Helios' pipelines), ``solver_order``
       above 3 (the fused kernel holds three history entries), ``prediction_type="flow_prediction"``
       with ``predict_x0=False`` (diffusers' step raises). Always: unknown ``scheduler_type``,
       ``solver_type`` (other than diffusers' aliases of bh2), ``prediction_type`` and
@@ -436,9 +437,9 @@ class HeliosScheduler(_HeliosSchedule):
             if solver_order > 3:
                 raise ValueError(f"solver_order must be 1, 2 or 3 (the fused step holds 3 history entries), got "
                                  f"{solver_order!r}")
-            if thresholding:
-                raise ValueError("thresholding=True is not supported: diffusers' HeliosScheduler has no dynamic "
-                                 "thresholding (its UniPC step fails with an AttributeError)")
+            if thresholding and predict_x0:  # (with predict_x0=False diffusers' UniPC step ignores it, as here)
+                raise ValueError("thresholding=True is not supported with predict_x0=True: diffusers' HeliosScheduler "
+                                 "has no dynamic thresholding (its UniPC step fails with an AttributeError)")
             if solver_p is not None:
                 raise ValueError("solver_p is not supported by kdfast's HeliosScheduler (Helios' pipelines do not "
                                  "use it); leave solver_p=None")

@@ -526,7 +526,7 @@ def test_pipeline_attributes():
     (dict(time_shift_type="cosine"), ValueError, "time_shift_type='cosine' is not supported"),
     (dict(solver_order=4), ValueError, "solver_order must be 1, 2 or 3"),
     (dict(solver_order=0), ValueError, "solver_order must be an integer >= 1"),
-    (dict(thresholding=True), ValueError, "thresholding=True is not supported"),
+    (dict(thresholding=True), ValueError, "thresholding=True is not supported with predict_x0=True"),
     (dict(solver_p=object()), ValueError, "solver_p is not supported"),
     (dict(predict_x0=False), ValueError, "needs predict_x0=True"),
     (dict(disable_corrector=[1.5]), ValueError, "disable_corrector must be a list of step indices"),
@@ -565,6 +565,16 @@ def test_unipc_only_options_are_taken_by_the_euler_path_as_in_diffusers():
     config = dict(scheduler_type="euler", thresholding=True, predict_x0=False, solver_order=4, solver_p=None)
     x = initial_sample(SHAPE)
     assert parity_error(step_loop(KD(**config), x, 10, 1), step_loop(DF(**config), x, 10, 1)) <= 1e-6
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_thresholding_is_ignored_by_the_unipc_path_without_predict_x0_as_in_diffusers(prediction_type):
+    # (the loops are compared with thresholding off: v_prediction without predict_x0 is ill-conditioned in
+    # float32, see test_ill_conditioned_options_are_as_accurate_as_diffusers)
+    config = dict(predict_x0=False, prediction_type=prediction_type)
+    x = initial_sample(SHAPE)
+    for cls in (KD, DF):
+        assert torch.equal(step_loop(cls(thresholding=True, **config), x, 10, 1), step_loop(cls(**config), x, 10, 1))
 
 
 def test_set_timesteps_errors_name_the_argument():
