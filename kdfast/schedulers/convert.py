@@ -28,6 +28,11 @@ def supported() -> list:
 def from_diffusers(scheduler) -> FusedScheduler:
     """The kdfast scheduler equivalent to a diffusers scheduler instance (same config).
 
+    Every value of the config is taken as given. (``from_config`` leaves out the keys listed in
+    ``_use_default_values``, for a class with other defaults; but diffusers' pipelines correct
+    outdated settings, ``steps_offset`` and ``clip_sample``, by replacing the whole config and
+    leave that list as it was, so it would drop their corrections.)
+
     Raises ValueError naming the class when kdfast has no equivalent.
     """
     if isinstance(scheduler, FusedScheduler):
@@ -36,7 +41,7 @@ def from_diffusers(scheduler) -> FusedScheduler:
     cls = _registry().get(name)
     if cls is None:
         raise ValueError(f"kdfast has no fused equivalent of {name}; supported: {', '.join(supported())}")
-    return cls.from_config(scheduler.config)
+    return cls.from_config({k: v for k, v in scheduler.config.items() if k != "_use_default_values"})
 
 
 # Schedulers whose pipelines choose their loop with isinstance(scheduler, <the diffusers class>),

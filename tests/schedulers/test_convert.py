@@ -42,6 +42,25 @@ def test_from_diffusers_maps_every_supported_class(name):
     assert {k: kd.config[k] for k in config} == config
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "EulerDiscreteScheduler"])
+def test_from_diffusers_keeps_the_settings_a_pipeline_corrected(name):
+    # Stable Diffusion's pipelines replace an outdated scheduler's config with steps_offset=1
+    # and clip_sample=False but leave _use_default_values listing both; from_config drops the
+    # keys listed there, which gave the patched pipeline another schedule (and clipping).
+    from diffusers.configuration_utils import FrozenDict
+
+    df = getattr(diffusers, name)(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  timestep_spacing="leading")
+    assert "steps_offset" in df.config["_use_default_values"]
+    corrected = dict(df.config, steps_offset=1, **({"clip_sample": False} if "clip_sample" in df.config else {}))
+    df._internal_dict = FrozenDict(corrected)
+    kd = from_diffusers(df)
+    assert kd.config["steps_offset"] == 1 and kd.config.get("clip_sample", False) is False
+    df.set_timesteps(10)
+    kd.set_timesteps(10)
+    assert torch.equal(kd.timesteps, df.timesteps) and int(df.timesteps[-1]) == 1
+
+
 def test_unsupported_scheduler_is_named():
     with pytest.raises(ValueError, match="RePaintScheduler"):
         from_diffusers(diffusers.RePaintScheduler())
