@@ -18,17 +18,25 @@ def is_integer_at_least(value, minimum: int) -> bool:
     return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= minimum
 
 
-def is_finite_number(value, name: str = "the value") -> bool:
+def is_finite_number(value, name: str = "the value", symbolic: bool = False) -> bool:
     """``math.isfinite(value)``, for a float that may be a ``torch.SymFloat``: under
     ``torch.compile`` a number that changes between calls (an annealed temperature, a default
     derived from a dynamic shape) becomes symbolic, where ``math.isfinite`` breaks the graph and
     a comparison is folded away (torch takes symbolic floats to be finite). Under compilation the
     value is checked when the compiled code runs instead (a RuntimeError naming ``name``) and
-    passes here."""
+    passes here.
+
+    ``symbolic``: the value only meets torch's ops and may stay symbolic (one graph for every
+    value). Otherwise it goes to a kernel, whose custom op takes it as a constant (one graph per
+    value), and the check makes it one first. Left symbolic, made a tensor here and a constant
+    only when the op was lowered, it met a torch bug: inductor's graph cache served the graph
+    compiled for an earlier value (the loss of a stale temperature from its third value on)."""
     if torch.compiler.is_compiling():
-        # (a tensor times the value: torch.scalar_tensor(value) would make dynamo specialise it,
-        # one graph per value, up to its recompile limit)
-        torch._assert_async((torch.ones((), dtype=torch.float64) * value).isfinite(), f"{name} must be finite")
+        # torch.tensor(value) makes dynamo specialise the value (torch.scalar_tensor does not: it
+        # makes a tensor of it, as the product does)
+        held = (torch.ones((), dtype=torch.float64) * value if symbolic
+                else torch.tensor(value, dtype=torch.float64))
+        torch._assert_async(held.isfinite(), f"{name} must be finite")
         return True
     return math.isfinite(value)
 

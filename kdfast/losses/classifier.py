@@ -41,7 +41,7 @@ def _compute_dtype(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -
 
 def _check_weight(name: str, value) -> float:
     value = real_number(name, value)
-    if not (is_finite_number(value, name) and value >= 0):
+    if not (is_finite_number(value, name, symbolic=True) and value >= 0):  # (DKD's weights meet torch's ops alone)
         raise ValueError(f"{name} must be a finite number >= 0, got {value}")
     return value
 
@@ -122,7 +122,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     Computed in float32, or float64 for float64 logits.
     """
     _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
     alpha, beta = _check_weight("alpha", alpha), _check_weight("beta", beta)
     batch, classes = student_logits.shape
     if classes < 2:
@@ -178,7 +178,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     never one below the exact distance. Computed in float32, or float64 for float64 logits.
     """
     _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
     batch, classes = student_logits.shape
     if cost is None:
         cost = 1.0 - torch.eye(classes, device=student_logits.device)
@@ -191,7 +191,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     if cost.device.type == "cpu" and not torch.compiler.is_compiling() and not bool(torch.isfinite(cost).all()):
         raise ValueError("cost must be finite")
     epsilon = real_number("epsilon", epsilon)
-    if not (is_finite_number(epsilon, "epsilon") and epsilon > 0):
+    if not (is_finite_number(epsilon, "epsilon", symbolic=True) and epsilon > 0):
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     iterations = _check_int("iterations", iterations, minimum=1)
     compute = _compute_dtype(student_logits, teacher_logits)

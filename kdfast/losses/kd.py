@@ -19,10 +19,11 @@ from ..reference import kd_divergence as ref
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def _check_temperature(temperature: float) -> float:
-    """``temperature`` as a float, if it is a positive finite number (every loss's check)."""
+def _check_temperature(temperature: float, symbolic: bool = False) -> float:
+    """``temperature`` as a float, if it is a positive finite number (every loss's check;
+    ``symbolic``: a loss of torch's ops alone, see :func:`kdfast._checks.is_finite_number`)."""
     temperature = real_number("temperature", temperature)
-    if not (is_finite_number(temperature, "temperature") and temperature > 0):
+    if not (is_finite_number(temperature, "temperature", symbolic) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
 

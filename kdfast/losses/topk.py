@@ -48,7 +48,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     k = _check_int("k", k)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
-    temperature = _check_temperature(temperature)
+    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
     flat = teacher_logits.reshape(-1, vocab)
     ids, logps = [], []
     for start in range(0, flat.shape[0], chunk_size):

@@ -295,7 +295,7 @@ class UNet(nn.Module):
                                 f"got dtype {t.dtype}")
         elif not isinstance(t, (list, tuple, np.ndarray)):
             # a number: float() would take True as 1, and NaN or inf give a NaN output
-            if not is_finite_number(real_number("t", t), "t"):
+            if not is_finite_number(real_number("t", t), "t", symbolic=True):  # (the embedding: torch's ops)
                 raise ValueError(f"t must be a finite number, got {t!r}")
         else:  # a list or numpy array of timesteps, on the host: its values are checked here
             try:
