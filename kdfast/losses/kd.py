@@ -28,10 +28,11 @@ def _check_temperature(temperature: float, symbolic: bool = False) -> float:
     return temperature
 
 
-def _check_beta(beta: float) -> float:
-    """``beta`` as a float, if it is a number in [0, 1] (every loss's check)."""
+def _check_beta(beta: float, symbolic: bool = False) -> float:
+    """``beta`` as a float, if it is a number in [0, 1] (every loss's check; ``symbolic`` as
+    for :func:`_check_temperature`)."""
     beta = real_number("beta", beta)
-    if not 0.0 <= beta <= 1.0:
+    if not (is_finite_number(beta, "beta", symbolic) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     return beta
 

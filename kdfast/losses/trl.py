@@ -45,7 +45,7 @@ def generalized_jsd_loss(
     if reduction not in TRL_REDUCTIONS:
         raise ValueError(f"reduction must be one of {', '.join(map(repr, TRL_REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is None:
-        return _per_entry(student_logits, teacher_logits, labels, _check_beta(beta),
+        return _per_entry(student_logits, teacher_logits, labels, _check_beta(beta, symbolic=True),
                           _check_temperature(temperature, symbolic=True))
     if reduction == "batchmean" and labels is None and num_items_in_batch is None:
         # TRL divides by the first dimension (the batch of [batch, seq, vocab] logits), not

@@ -27,6 +27,9 @@ CASES = {
     "topk_kd_loss temperature": (lambda v: topk_kd_loss(S, IDS, LOGPROBS, temperature=v), (1.0, 2.0, 3.0)),
     "fused_linear_kd weights": (lambda v: fused_linear_kd(H, W, HT, WT, LABELS, weight_soft=v, weight_hard=1 - v),
                                 (0.2, 0.4, 0.6, 0.8)),
+    # the caller's own use of the number makes it a tensor first
+    "kd_loss temperature, used by the caller too": (lambda v: kd_loss(S * v, T, kind="jsd", temperature=v),
+                                                    (1.0, 2.0, 3.0, 4.0)),
     "hinton_kd_loss temperature": (lambda v: hinton_kd_loss(S, T, LABELS, temperature=v, alpha=0.5),
                                    (1.0, 2.0, 3.0)),
 }
