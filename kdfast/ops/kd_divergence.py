@@ -81,7 +81,7 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     beta = real_number("beta", beta)
-    if not 0.0 <= beta <= 1.0:
+    if not (is_finite_number(beta, "beta") and 0.0 <= beta <= 1.0):  # (also made a constant under torch.compile)
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = real_number("temperature", temperature)
     if not (is_finite_number(temperature, "temperature") and temperature > 0):
