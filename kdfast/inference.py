@@ -17,7 +17,7 @@ teacher forwards of distillation:
 
   Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
   hooks (which a fused pass would skip, or a replacement drop) are left as they are; a hook
-  added to a prepared model's norm turns its fused pass off. The prepared model's
+  added to a prepared model's norm (or to a fused pair's SiLU) turns its fused pass off. The prepared model's
   ``state_dict`` has the original's keys and values.
 
 The outputs are those of the original model up to float rounding. Wherever a gradient is
@@ -52,7 +52,12 @@ def can_fuse(x: torch.Tensor, *modules: Optional[nn.Module]) -> bool:
 class GroupNormSiLU(nn.GroupNorm):
     """A ``GroupNorm`` followed by SiLU, fused where :func:`can_fuse` allows. It is the original
     norm's settings and parameters (the same tensors, under the same names): a prepared model's
-    ``state_dict`` has the original's keys, so weights load into it and out of it unchanged."""
+    ``state_dict`` has the original's keys, so weights load into it and out of it unchanged.
+
+    Standing in for a norm-SiLU pair of modules, it comes with a :class:`PairedSiLU` in the
+    SiLU's place (see :func:`fuse_group_norms`): once either of the two holds a hook, the pair
+    runs as two steps again (the norm here, the SiLU there), so that a hook sees and changes
+    what it would have in the original model."""
 
     def __init__(self, norm: nn.GroupNorm):
         if not isinstance(norm, nn.GroupNorm):
@@ -63,12 +68,39 @@ class GroupNormSiLU(nn.GroupNorm):
                                                                      norm.affine)
         self.register_parameter("weight", norm.weight)
         self.register_parameter("bias", norm.bias)
+        self.partner: Optional[PairedSiLU] = None  # (a plain attribute: set by PairedSiLU)
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "partner":  # not a submodule: the pair would otherwise be in the state_dict twice
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
+
+    def paired_in_two_steps(self) -> bool:
+        """Whether this norm and its SiLU run as two steps: either holds a hook."""
+        return self.partner is not None and not (_no_hooks(self) and _no_hooks(self.partner))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``silu(group_norm(x))`` in one fused pass where the input allows it, else torch's."""
+        """``silu(group_norm(x))`` in one fused pass where the input allows it, else torch's
+        (the norm alone where the pair runs in two steps)."""
+        if self.paired_in_two_steps():
+            return super().forward(x)
         if can_fuse(x, self):
             return group_norm_act(x, self.num_groups, self.weight, self.bias, self.eps)
         return torch.nn.functional.silu(super().forward(x))
+
+
+class PairedSiLU(nn.Module):
+    """The SiLU of a norm-SiLU pair whose :class:`GroupNormSiLU` applies it: the identity, or
+    the SiLU where the pair runs in two steps (a hook on either module)."""
+
+    def __init__(self, norm: GroupNormSiLU):
+        super().__init__()
+        object.__setattr__(self, "norm", norm)  # (not a submodule, as GroupNormSiLU.partner)
+        norm.partner = self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.silu(x) if self.norm.paired_in_two_steps() else x
 
 
 # Every kind of hook a module can hold: a fused pass would skip its forward and backward hooks,
@@ -77,11 +109,15 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+def _no_hooks(module: nn.Module) -> bool:
+    return not any(getattr(module, name, None) for name in _HOOKS)
+
+
 def _plain(module: Optional[nn.Module], cls: type) -> bool:
     """``module`` is exactly ``cls`` (a subclass may compute something else: diffusers' per-frame
     video group norm) and has no hooks. Checked again at each fused call of kdfast's UNet and of
     diffusers' ResNet blocks, so that a hook added after preparing turns the fused pass off."""
-    return type(module) is cls and not any(getattr(module, name, None) for name in _HOOKS)
+    return type(module) is cls and _no_hooks(module)
 
 
 def plain_group_norm(module: Optional[nn.Module]) -> bool:
@@ -155,14 +191,15 @@ def fuse_group_norms(model: nn.Module) -> int:
             module.forward = functools.partial(_fused_resnet_forward, module)
             fused += 2
     # A GroupNorm attribute directly followed by a SiLU attribute (diffusers: conv_norm_out,
-    # conv_act): the pair becomes GroupNormSiLU + Identity.
+    # conv_act): the pair becomes GroupNormSiLU + PairedSiLU.
     for module in list(model.modules()):
         names = list(module._modules)
         for first, second in zip(names, names[1:]):
             norm, act = module._modules[first], module._modules[second]
             if _plain(norm, nn.GroupNorm) and _plain(act, nn.SiLU) and _used_in_order(module, first, second):
-                module._modules[first] = GroupNormSiLU(norm)
-                module._modules[second] = nn.Identity().train(act.training)
+                fused_norm = GroupNormSiLU(norm)
+                module._modules[first] = fused_norm
+                module._modules[second] = PairedSiLU(fused_norm).train(act.training)
                 fused += 1
     return fused
 

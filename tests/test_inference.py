@@ -1,5 +1,8 @@
 """kdfast.inference: the inference form of kdfast's UNet and of diffusers UNets gives the
 original's outputs and runs the fused group norm where it should (and only there)."""
+import copy
+import io
+
 import pytest
 import torch
 
@@ -62,7 +65,7 @@ def test_diffusers_unets_match_and_run_fused(make, monkeypatch):
     resnets = _resnets(fast)
     assert len(calls) == 2 * len(resnets) + 1
     assert sum(k.get("shift") is not None for k in calls) == len(resnets)
-    assert isinstance(fast.conv_norm_out, inference.GroupNormSiLU) and isinstance(fast.conv_act, torch.nn.Identity)
+    assert isinstance(fast.conv_norm_out, inference.GroupNormSiLU) and isinstance(fast.conv_act, inference.PairedSiLU)
     assert fast.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     assert not any("forward" in vars(m) for m in model.modules())
 
@@ -233,6 +236,39 @@ def test_hooks_added_to_a_prepared_diffusers_resnet_norm_run():
     assert seen == [1]
 
 
+@pytest.mark.parametrize("hooked", ["conv_norm_out", "conv_act"])
+@pytest.mark.parametrize("kind", ["forward", "forward_pre"])
+def test_hooks_added_to_a_prepared_norm_silu_pair_see_what_they_would_in_the_original(hooked, kind):
+    # conv_norm_out + conv_act run as one fused module: a hook on conv_norm_out saw (and changed)
+    # silu(norm(x)) instead of norm(x). A hook on either now splits the pair into two steps again.
+    model = _unet2d()
+    fast = inference.prepare_for_inference(model)
+    seen = {}
+    for name, m in (("original", model), ("prepared", fast)):
+        module = getattr(m, hooked)
+        if kind == "forward":
+            module.register_forward_hook(lambda mod, args, out, name=name: seen.setdefault(name, out) * 2 - 1)
+        else:
+            module.register_forward_pre_hook(lambda mod, args, name=name: (seen.setdefault(name, args[0]) * 2 - 1,))
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected, got = model.eval()(x, 10).sample, fast(x, 10).sample
+    torch.testing.assert_close(seen["prepared"], seen["original"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_a_fused_pair_survives_copies_and_saving():
+    fast = inference.prepare_for_inference(_unet2d())
+    x = torch.randn(1, 3, 16, 16)
+    buffer = io.BytesIO()
+    torch.save(fast, buffer)
+    for copied in (copy.deepcopy(fast), torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)):
+        assert copied.conv_act.norm is copied.conv_norm_out and copied.conv_norm_out.partner is copied.conv_act
+        assert copied.state_dict().keys() == fast.state_dict().keys()
+        with torch.no_grad():
+            torch.testing.assert_close(copied(x, 10).sample, fast(x, 10).sample)
+
+
 def test_replaced_norms_keep_eval_mode_and_hooked_ones_are_not_replaced():
     # GroupNormSiLU and its Identity came out in training mode, and a norm's backward and
     # state-dict hooks were dropped with the module it replaced
@@ -256,7 +292,7 @@ def test_replaced_norms_keep_eval_mode_and_hooked_ones_are_not_replaced():
 def test_sequential_pairs_and_can_fuse():
     seq = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.GroupNorm(2, 8), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 1))
     fast = inference.prepare_for_inference(seq)
-    assert isinstance(fast[1], inference.GroupNormSiLU) and isinstance(fast[2], torch.nn.Identity)
+    assert isinstance(fast[1], inference.GroupNormSiLU) and isinstance(fast[2], inference.PairedSiLU)
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         torch.testing.assert_close(fast(x), seq(x), rtol=1e-4, atol=1e-5)
