@@ -365,7 +365,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
     p.add_argument("--out", default=None,
                    help="JSON file for the rows (default: benchmarks/results/bench_kdloss.json, written by full runs "
-                        "only); rows of the same device, case, shape and dtype are replaced, all others kept")
+                        "only: every case, without --quick); rows of the same device, case, shape and dtype are replaced, all others kept")
     p.add_argument("--profile", action="store_true", help="also print kdfast's time breakdown per shape (profiler)")
     p.add_argument("--peak-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -395,7 +395,8 @@ def main(argv: Optional[List[str]] = None) -> None:
             shapes = [dict(tokens=256, hidden=128, vocab=4096)]
     peak_tflops = next((v for k, v in TENSOR_CORE_PEAK_TFLOPS.items() if k in device_name), None)
 
-    out = args.out or (None if args.quick else str(RESULTS))  # a smoke run must not replace the recorded figures
+    # only a full run (every case, full shapes) updates the recorded figures; a partial one writes where --out says
+    out = args.out or (None if args.quick or set(cases) != set(CASES) else str(RESULTS))
     out = None if args.no_write else out
     rows = []
     print(f"device: {device_name}, threads: {torch.get_num_threads()}, dtype: {dtype}")

@@ -18,6 +18,9 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
     ("bench_solvers.py", ["--quick", "--repeats", "1", "--sections", "paradigms,per_token"]),
     ("bench_piflow.py", ["--quick", "--repeats", "1"]),
     ("bench_inference.py", ["--quick", "--repeats", "1"]),
+    # partial runs at full size: the recorded figures are a full run's
+    ("bench_kdloss.py", ["--cases", "classifier_kd", "--repeats", "1"]),
+    ("bench_inference.py", ["--sections", "op", "--device", "cpu", "--repeats", "1"]),
 ])
 def test_benchmark_smoke_run(script, args):
     if script in ("bench_solvers.py", "bench_piflow.py"):
