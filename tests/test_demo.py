@@ -274,3 +274,14 @@ def test_a_run_that_fails_leaves_the_earlier_outputs(tmp_path, monkeypatch):
                  progress=False)
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["ddim_7.png"]
     assert (out / "metrics.json").read_text() == "{}" and not (out / "report.md").exists()
+
+
+def test_the_overall_speed_sentence_says_when_kdfast_was_slower():
+    from kdfast.demo import format_table
+
+    row = dict(solver="ddim", steps=2, model_evals=4, frechet=1.0, accuracy=1.0, solver_ms_per_image=0.1,
+               anchor_frechet=1.0, anchor_solver_ms_per_image=0.1, max_abs_diff=0.0)
+    faster = format_table([dict(row, ms_per_image=1.0, anchor_ms_per_image=1.25)])
+    slower = format_table([dict(row, ms_per_image=1.25, anchor_ms_per_image=1.0)])
+    assert "all rows: 1.25x less time per image" in faster
+    assert "all rows: 1.25x more time per image" in slower and "less time" not in slower
