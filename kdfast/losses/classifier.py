@@ -67,7 +67,8 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Hinton et al. (2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, labels)``,
     averaged over the batch (the CE term needs ``labels``; ``alpha=1`` drops it)."""
     _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature)
+    # (its KD term is kd_loss's: the kernel's constant, or symbolic for float64 logits)
+    temperature = _check_temperature(temperature, _compute_dtype(student_logits, teacher_logits) == torch.float64)
     alpha = real_number("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")

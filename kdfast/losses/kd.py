@@ -164,7 +164,9 @@ def kd_loss(
         if labels.shape != lead:
             raise ValueError(f"labels must have shape {tuple(lead)} (the logits without the vocabulary "
                              f"dimension), got {tuple(labels.shape)}")
-    beta, temperature = _check_beta(beta), _check_temperature(temperature)
+    # (float64 logits go to the float64 reference, torch's ops alone: their numbers may stay symbolic)
+    float64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
+    beta, temperature = _check_beta(beta, float64), _check_temperature(temperature, float64)
     args = dict(kind=_resolve_kind(kind, beta), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
                 vocab_size=vocab_size, loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0)

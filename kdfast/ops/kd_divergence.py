@@ -76,18 +76,20 @@ def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "voca
 
 
 def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=False):
-    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses)."""
+    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses;
+    ``float64``: for the float64 reference, whose numbers meet torch's ops alone and may stay
+    symbolic under torch.compile, see :func:`kdfast._checks.is_finite_number`)."""
     student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size, float64=float64)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     beta = real_number("beta", beta)
-    if not (is_finite_number(beta, "beta") and 0.0 <= beta <= 1.0):  # (also made a constant under torch.compile)
+    if not (is_finite_number(beta, "beta", float64) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = real_number("temperature", temperature)
-    if not (is_finite_number(temperature, "temperature") and temperature > 0):
+    if not (is_finite_number(temperature, "temperature", float64) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = real_number("loss_scale", loss_scale)
-    if not is_finite_number(loss_scale, "loss_scale"):
+    if not is_finite_number(loss_scale, "loss_scale", float64):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale
 

@@ -43,3 +43,20 @@ def test_each_value_gets_its_own_result_under_inductor(case, tmp_path, monkeypat
     compiled = torch.compile(lambda v: loss(v), backend="inductor", fullgraph=True)
     for value in values:
         torch.testing.assert_close(compiled(value), loss(value), rtol=1e-5, atol=1e-6, msg=f"{case} = {value}")
+
+
+def test_float64_logits_keep_one_graph_for_every_temperature(tmp_path, monkeypatch):
+    # float64 logits never reach a kernel (the float64 reference computes them): their numbers
+    # stay symbolic, so an annealed temperature does not recompile per value (nor, under
+    # fullgraph=True, fail at torch's recompile limit)
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    s, t = S.double(), T.double()
+    loss = lambda v: kd_loss(s, t, kind="jsd", beta=0.3, temperature=v, scale_by_t2=True)  # noqa: E731
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    for value in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5):
+        torch.testing.assert_close(compiled(value), loss(value), msg=f"temperature = {value}")
+    assert counters["stats"]["unique_graphs"] <= 2  # the first value, then a symbolic one
