@@ -365,7 +365,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     p.add_argument("--no-write", action="store_true", help="do not update benchmarks/results/bench_kdloss.json")
     p.add_argument("--out", default=None,
                    help="JSON file for the rows (default: benchmarks/results/bench_kdloss.json, written by full runs "
-                        "only: every case, without --quick); rows of the same device, case, shape and dtype are replaced, all others kept")
+                        "only: every case, without --quick); rows of the same device, case, shape and dtype are "
+                        "replaced, all others kept")
     p.add_argument("--profile", action="store_true", help="also print kdfast's time breakdown per shape (profiler)")
     p.add_argument("--peak-worker", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
