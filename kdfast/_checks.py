@@ -26,8 +26,9 @@ def is_finite_number(value, name: str = "the value", symbolic: bool = False) -> 
     value is checked when the compiled code runs instead (a RuntimeError naming ``name``) and
     passes here.
 
-    ``symbolic``: the value only meets torch's ops and may stay symbolic (one graph for every
-    value). Otherwise it goes to a kernel, whose custom op takes it as a constant (one graph per
+    ``symbolic``: the value may stay symbolic (one graph for every value): it meets torch's ops
+    alone, or reaches a kernel in a tensor (:func:`kdfast.ops._tensors.number_tensor`).
+    Otherwise it goes to a kernel as a custom op's float argument, a constant (one graph per
     value), and the check makes it one first. Left symbolic, made a tensor here and a constant
     only when the op was lowered, it met a torch bug: inductor's graph cache served the graph
     compiled for an earlier value (the loss of a stale temperature from its third value on)."""
@@ -42,14 +43,15 @@ def is_finite_number(value, name: str = "the value", symbolic: bool = False) -> 
 
 
 def not_a_number(value) -> bool:
-    """Whether ``value`` is None, a string or a boolean (Python's, numpy's, or a bool tensor or
-    array), which ``float()`` would take as a number (``float("2")``, ``float(True)``)."""
-    if value is None or isinstance(value, (bool, np.bool_, str, bytes)):
+    """Whether ``value`` is None, a string, a boolean or a complex number (Python's, numpy's, or
+    such a tensor or array), which ``float()`` would take as a real number (``float("2")``,
+    ``float(True)``; numpy's complex scalars give their real part, with a warning)."""
+    if value is None or isinstance(value, (bool, np.bool_, str, bytes, complex, np.complexfloating)):
         return True
     # (isinstance tests only: a symbolic float under torch.compile cannot be asked for a dtype)
     if isinstance(value, torch.Tensor):
-        return value.dtype == torch.bool
-    return isinstance(value, np.ndarray) and value.dtype == np.bool_
+        return value.dtype == torch.bool or value.is_complex()
+    return isinstance(value, np.ndarray) and (value.dtype == np.bool_ or np.iscomplexobj(value))
 
 
 def real_number(name: str, value) -> float:
@@ -105,12 +107,12 @@ def check_int(name: str, value, minimum: Optional[int] = None) -> int:
 
 def check_float(name: str, value, low: float, high: float, high_open: bool = False) -> float:
     """``value`` as a finite float in [low, high] (or [low, high)); NaN and inf are refused, and
-    so are bools and strings (``float("3")`` and ``float(True)`` would pass)."""
+    so are bools, strings and complex numbers (``float("3")`` and ``float(True)`` would pass)."""
     try:
-        number = math.nan if isinstance(value, (str, bytes)) else float(value)
+        number = math.nan if not_a_number(value) else float(value)
     except (TypeError, ValueError):
         number = math.nan
-    if isinstance(value, bool) or not math.isfinite(number) or not (
+    if not math.isfinite(number) or not (
             low <= number < high if high_open else low <= number <= high):
         where = (f" in [{low}, {high}{')' if high_open else ']'}" if math.isfinite(high)
                  else f" >= {low}" if math.isfinite(low) else "")

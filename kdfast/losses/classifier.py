@@ -67,8 +67,7 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     """Hinton et al. (2015): ``alpha * T^2 * KL(p_T || q_T) + (1 - alpha) * CE(student, labels)``,
     averaged over the batch (the CE term needs ``labels``; ``alpha=1`` drops it)."""
     _check_pair(student_logits, teacher_logits)
-    # (its KD term is kd_loss's: the kernel's constant, or symbolic for float64 logits)
-    temperature = _check_temperature(temperature, _compute_dtype(student_logits, teacher_logits) == torch.float64)
+    temperature = _check_temperature(temperature)
     alpha = real_number("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -123,7 +122,7 @@ def dkd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels:
     Computed in float32, or float64 for float64 logits.
     """
     _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
+    temperature = _check_temperature(temperature)
     alpha, beta = _check_weight("alpha", alpha), _check_weight("beta", beta)
     batch, classes = student_logits.shape
     if classes < 2:
@@ -179,7 +178,7 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     never one below the exact distance. Computed in float32, or float64 for float64 logits.
     """
     _check_pair(student_logits, teacher_logits)
-    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
+    temperature = _check_temperature(temperature)
     batch, classes = student_logits.shape
     if cost is None:
         cost = 1.0 - torch.eye(classes, device=student_logits.device)

@@ -71,7 +71,9 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     if reduction not in REDUCTIONS or reduction == "none":
         raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
     weight_hard, weight_soft = real_number("weight_hard", weight_hard), real_number("weight_soft", weight_soft)
-    finite = is_finite_number(weight_hard, "weight_hard") and is_finite_number(weight_soft, "weight_soft")
+    # (both may stay symbolic under torch.compile: the soft weight reaches the kernels in a tensor)
+    finite = (is_finite_number(weight_hard, "weight_hard", symbolic=True)
+              and is_finite_number(weight_soft, "weight_soft", symbolic=True))
     if not finite or weight_hard < 0 or weight_soft < 0:
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
     _check_temperature(temperature)

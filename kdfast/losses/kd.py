@@ -19,18 +19,20 @@ from ..reference import kd_divergence as ref
 REDUCTIONS = ("batchmean", "sum", "mean", "none")
 
 
-def _check_temperature(temperature: float, symbolic: bool = False) -> float:
-    """``temperature`` as a float, if it is a positive finite number (every loss's check;
-    ``symbolic``: a loss of torch's ops alone, see :func:`kdfast._checks.is_finite_number`)."""
+def _check_temperature(temperature: float) -> float:
+    """``temperature`` as a float, if it is a positive finite number (every loss's check). Under
+    torch.compile it may stay symbolic: the kernels' ops take it in a tensor
+    (:func:`kdfast.ops._tensors.number_tensor`), so an annealed temperature compiles once."""
     temperature = real_number("temperature", temperature)
-    if not (is_finite_number(temperature, "temperature", symbolic) and temperature > 0):
+    if not (is_finite_number(temperature, "temperature", symbolic=True) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
 
 
 def _check_beta(beta: float, symbolic: bool = False) -> float:
-    """``beta`` as a float, if it is a number in [0, 1] (every loss's check; ``symbolic`` as
-    for :func:`_check_temperature`)."""
+    """``beta`` as a float, if it is a number in [0, 1] (every loss's check; ``symbolic``: a loss
+    of torch's ops alone, see :func:`kdfast._checks.is_finite_number`; the kernels' ops take
+    ``beta`` as a float, a constant under torch.compile)."""
     beta = real_number("beta", beta)
     if not (is_finite_number(beta, "beta", symbolic) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
@@ -123,8 +125,8 @@ def kd_loss(
         A token whose logits have no softmax (all -inf, or an inf or NaN entry) and is not
         ignored gives NaN.
 
-    Under ``torch.compile`` the fused kernel takes ``temperature`` as a number: each new value
-    compiles once (torch's recompile limit, 8 by default, bounds an annealed temperature).
+    Under ``torch.compile`` a changing ``temperature`` compiles twice in all (its first value,
+    then a symbolic one); each new ``beta`` compiles once.
 
     The logits are read in place when their leading dimensions flatten to rows of one stride
     (any contiguous ``[batch, seq, vocab]`` tensor); a slice such as the causal shift
@@ -166,7 +168,7 @@ def kd_loss(
                              f"dimension), got {tuple(labels.shape)}")
     # (float64 logits go to the float64 reference, torch's ops alone: their numbers may stay symbolic)
     float64 = torch.float64 in (student_logits.dtype, teacher_logits.dtype)
-    beta, temperature = _check_beta(beta, float64), _check_temperature(temperature, float64)
+    beta, temperature = _check_beta(beta, float64), _check_temperature(temperature)
     args = dict(kind=_resolve_kind(kind, beta), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
                 vocab_size=vocab_size, loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0)

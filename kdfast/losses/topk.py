@@ -48,7 +48,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     k = _check_int("k", k)
     if not 1 <= k <= vocab:
         raise ValueError(f"k must be in [1, {vocab}], got {k}")
-    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
+    temperature = _check_temperature(temperature)
     flat = teacher_logits.reshape(-1, vocab)
     ids, logps = [], []
     for start in range(0, flat.shape[0], chunk_size):
@@ -168,7 +168,7 @@ def topk_kd_loss(
     graph whose student takes gradients supports one backward (a second one through
     ``retain_graph=True``, and ``create_graph=True``, raise an error; torch.func's transforms,
     ``torch.func.hessian`` included, take the differentiable reference instead). Under
-    ``torch.compile`` each new ``temperature`` compiles once, as for :func:`kd_loss`.
+    ``torch.compile`` a changing ``temperature`` compiles twice in all, as for :func:`kd_loss`.
     """
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")

@@ -46,7 +46,7 @@ def generalized_jsd_loss(
         raise ValueError(f"reduction must be one of {', '.join(map(repr, TRL_REDUCTIONS))}, got {reduction!r}")
     if reduction == "none" and num_items_in_batch is None:
         return _per_entry(student_logits, teacher_logits, labels, _check_beta(beta, symbolic=True),
-                          _check_temperature(temperature, symbolic=True))
+                          _check_temperature(temperature))
     if reduction == "batchmean" and labels is None and num_items_in_batch is None:
         # TRL divides by the first dimension (the batch of [batch, seq, vocab] logits), not
         # by the number of tokens, when no labels say which tokens count.
@@ -69,7 +69,7 @@ def _per_entry(student_logits, teacher_logits, labels, beta: float, temperature:
                          f"{tuple(teacher_logits.shape)} must have the same shape")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
-    temperature = _check_temperature(temperature, symbolic=True)  # (torch's ops alone)
+    temperature = _check_temperature(temperature)
     if labels is not None and (not isinstance(labels, torch.Tensor) or labels.shape != student_logits.shape[:-1]):
         raise ValueError(f"labels must be a tensor of shape {tuple(student_logits.shape[:-1])} (the logits without "
                          f"the vocabulary dimension)")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -61,6 +62,52 @@ def _differentiating_or_batching() -> bool:
     if top.key() != _FUNCTIONALIZE:
         return True
     return any(level.key() != _FUNCTIONALIZE for level in torch._C._functorch.get_interpreter_stack())
+
+
+# The numbers a training run may change between calls of a KD op (1 / temperature, loss scale)
+# travel as a tuple of floats in eager code and, through the dispatcher, as a float64 CPU tensor
+# (the op's last argument before want_grad): a custom op's float argument is a constant under
+# torch.compile (one graph per value, up to torch's recompile limit), a tensor lets a symbolic
+# value through (one graph for every value). The op reads it on the host: no device sync.
+
+
+def number_tensor(numbers) -> torch.Tensor:
+    """The numbers (a tuple of floats, or already their tensor) as the custom op takes them."""
+    if isinstance(numbers, torch.Tensor):
+        return numbers
+    if torch.compiler.is_compiling():
+        one = torch.ones((), dtype=torch.float64)  # (torch.tensor(value) would specialise it)
+        return torch.stack([one * value for value in numbers])
+    return torch.tensor(numbers, dtype=torch.float64)
+
+
+def with_number_tensor(args: tuple) -> tuple:
+    """An op's checked arguments (numbers last) for its dispatcher call."""
+    return (*args[:-1], number_tensor(args[-1]))
+
+
+def read_numbers(numbers: torch.Tensor, names: Tuple[str, ...]) -> tuple:
+    """The finite floats of the op's numbers tensor, checked for a caller of the custom op itself
+    (``torch.ops.kdfast.*``), who passes the tensor by hand."""
+    if not (isinstance(numbers, torch.Tensor) and numbers.dtype == torch.float64 and numbers.device.type == "cpu"
+            and tuple(numbers.shape) == (len(names),)):
+        got = (f"{tuple(numbers.shape)} {numbers.dtype} on {numbers.device}" if isinstance(numbers, torch.Tensor)
+               else type(numbers).__name__)
+        raise ValueError(f"numbers must be a float64 CPU tensor of shape ({len(names)},) holding "
+                         f"({', '.join(names)}), got {got}")
+    values = tuple(numbers.tolist())
+    for name, value in zip(names, values):
+        if not math.isfinite(value):
+            raise ValueError(f"{name} (in numbers) must be finite, got {value}")
+    return values
+
+
+def numbers_for_torch(numbers) -> tuple:
+    """The numbers for torch's ops (the references, in a backward): the floats, or the tensor's
+    entries, read on the host, or as 0-d tensors while traced (under torch.compile)."""
+    if not isinstance(numbers, torch.Tensor):
+        return numbers
+    return numbers.unbind() if dispatcher_required() or has_subclass((numbers,)) else tuple(numbers.tolist())
 
 
 def check_label_ids(labels: Optional[torch.Tensor], vocab: int, ignore_index: Optional[int], name: str = "labels",

@@ -17,10 +17,14 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number, real_number
 from ..reference import kd_divergence as ref
-from ._tensors import DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, has_subclass, on_device, reference_required
+from ._tensors import (DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, has_subclass,
+                       number_tensor, numbers_for_torch, on_device, read_numbers, reference_required,
+                       with_number_tensor)
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
+_F32_MAX = torch.finfo(torch.float32).max
+_NUMBERS = ("1 / temperature", "loss_scale")  # the op's numbers, in order (see _tensors.number_tensor)
 
 
 # --------------------------------------------------------------------------- validation
@@ -75,10 +79,24 @@ def _check_tensors(student, teacher, labels, vocab_size, vocab_name: str = "voca
     return student, teacher, _check_labels(labels, student.shape[0], student.device), vocab_size
 
 
+def check_float32_numbers(temperature: float, loss_scale: float) -> None:
+    """The kernels compute in float32: ``1 / temperature`` and ``loss_scale`` must be float32
+    numbers (past them every row would be NaN or inf, where the loss itself is finite)."""
+    if torch.compiler.is_compiling():
+        return  # (a symbolic number: a comparison would guard on its value)
+    if 1.0 / temperature > _F32_MAX:
+        raise ValueError(f"temperature must be at least {1.0 / _F32_MAX:.8g} (the kernels compute 1 / temperature "
+                         f"in float32), got {temperature}")
+    if abs(loss_scale) > _F32_MAX:
+        raise ValueError(f"loss_scale must be within float32's range (|loss_scale| <= {_F32_MAX:.8g}), "
+                         f"got {loss_scale}")
+
+
 def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=False):
-    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses;
-    ``float64``: for the float64 reference, whose numbers meet torch's ops alone and may stay
-    symbolic under torch.compile, see :func:`kdfast._checks.is_finite_number`)."""
+    """Validate and normalise the arguments of :func:`kd_divergence` (shared with the losses).
+    Under torch.compile the temperature and loss scale may stay symbolic (the op takes them as a
+    tensor, see :func:`number_tensor`); ``beta``, a float of the op, is made a constant, except
+    with ``float64`` (for the float64 reference, torch's ops alone)."""
     student, teacher, labels, vocab_size = _check_tensors(student, teacher, labels, vocab_size, float64=float64)
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
@@ -86,11 +104,13 @@ def check_arguments(student, teacher, labels, kind, beta, temperature, vocab_siz
     if not (is_finite_number(beta, "beta", float64) and 0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be in [0, 1], got {beta}")
     temperature = real_number("temperature", temperature)
-    if not (is_finite_number(temperature, "temperature", float64) and temperature > 0):
+    if not (is_finite_number(temperature, "temperature", symbolic=True) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = real_number("loss_scale", loss_scale)
-    if not is_finite_number(loss_scale, "loss_scale", float64):
+    if not is_finite_number(loss_scale, "loss_scale", symbolic=True):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
+    if not float64:
+        check_float32_numbers(temperature, loss_scale)
     return student, teacher, labels, beta, temperature, vocab_size, loss_scale
 
 
@@ -136,7 +156,7 @@ def kd_divergence(
         return _reference_rows(*args)
     if _needs_dispatcher(student, teacher):
         want_grad = torch.is_grad_enabled() and student.requires_grad
-        return torch.ops.kdfast.kd_divergence(*args, want_grad, backend or "")[0]
+        return torch.ops.kdfast.kd_divergence(*with_number_tensor(args), want_grad, backend or "")[0]
     if torch.is_grad_enabled() and (student.requires_grad or teacher.requires_grad):
         # Eager autograd: the custom op's forward and backward without the ~0.3 ms per call
         # that a Python custom op's dispatch costs (more than the kernel at classifier sizes).
@@ -173,14 +193,14 @@ def kd_divergence_with_grad(
                                        ignore_index, vocab_size, loss_scale)
     if reference_required((student, teacher)):  # (no graph, as below: detached)
         student, teacher = student.detach(), teacher.detach()
-        labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale = rest
+        labels, kind, beta, ignore_index, vocab, (inv_temperature, loss_scale) = rest
         grad = ref.kd_divergence_grad(student, teacher, KINDS[kind], beta, 1.0 / inv_temperature, labels, ignore_index,
                                       vocab, loss_scale)
         return _reference_rows(student, teacher, *rest), grad.to(grad_dtype or student.dtype)
     args = (student.detach(), teacher.detach(), *rest, True)
     if _needs_dispatcher(student, teacher):
         with torch.no_grad():
-            row_loss, grad = torch.ops.kdfast.kd_divergence(*args, backend or "")
+            row_loss, grad = torch.ops.kdfast.kd_divergence(*with_number_tensor(args[:-1]), True, backend or "")
         return row_loss, grad.to(grad_dtype or student.dtype)
     return _kd_divergence(*args, backend=backend, grad_dtype=grad_dtype)
 
@@ -193,13 +213,14 @@ def _op_args(student_logits, teacher_logits, labels, kind, beta, temperature, ig
     ignore_index = check_int("ignore_index", ignore_index)
     # (the labels only mask here: a student's own tokens past the shared vocabulary are tokens too)
     check_label_ids(labels, student.shape[1], ignore_index)
-    return (student, teacher, labels, KINDS.index(kind), beta, 1.0 / temperature, ignore_index, vocab, loss_scale)
+    return student, teacher, labels, KINDS.index(kind), beta, ignore_index, vocab, (1.0 / temperature, loss_scale)
 
 
-def _reference_rows(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale):
+def _reference_rows(student, teacher, labels, kind, beta, ignore_index, vocab, numbers):
     """The rows as the reference computes them, in float32 as the kernels do, from torch's ops,
     which torch.func's transforms and forward-mode AD carry through (vmap, per-sample gradients,
     tangents; the teacher's gradient too)."""
+    inv_temperature, loss_scale = numbers
     return ref.kd_divergence(student, teacher, KINDS[kind], beta, 1.0 / inv_temperature, labels, ignore_index, vocab,
                              loss_scale)
 
@@ -208,10 +229,11 @@ def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
     return dispatcher_required() or has_subclass(tensors)
 
 
-def _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
-                   want_grad, backend=None, grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kd_divergence(student, teacher, labels, kind, beta, ignore_index, vocab, numbers, want_grad, backend=None,
+                   grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss, grad = _allocate(student, want_grad, grad_dtype)
     if student.shape[0] > 0:
+        inv_temperature, loss_scale = numbers
         impl = divergence_op.select(student.device.type, backend or None)
         impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
                  ignore_index, vocab, loss_scale)
@@ -282,26 +304,29 @@ def _triton(student, teacher, labels, row_loss, grad, kind, beta, inv_t, ignore_
 
 @torch.library.custom_op("kdfast::kd_divergence", mutates_args=())
 def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor], kind: int,
-                      beta: float, inv_temperature: float, ignore_index: int, vocab: int, loss_scale: float,
-                      want_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                      beta: float, ignore_index: int, vocab: int, numbers: torch.Tensor, want_grad: bool,
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    # numbers: float64 CPU [1 / temperature, loss_scale] (see number_tensor).
     # backend: "" for the registry's choice, else the name of the backend to force.
     # Callable directly as torch.ops.kdfast.kd_divergence: check what the kernels take on trust
     # (kd_divergence checks it on its own path) and bring rows to unit column stride.
     student, teacher, labels, vocab = _check_tensors(student, teacher, labels, vocab, "vocab")
     if not 0 <= kind < len(KINDS):
         raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
-    return _kd_divergence(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale,
+    return _kd_divergence(student, teacher, labels, kind, beta, ignore_index, vocab, read_numbers(numbers, _NUMBERS),
                           want_grad, backend, _op_grad_dtype(student.dtype))
 
 
 @_kd_divergence_op.register_fake
-def _(student, teacher, labels, kind, beta, inv_temperature, ignore_index, vocab, loss_scale, want_grad, backend):
+def _(student, teacher, labels, kind, beta, ignore_index, vocab, numbers, want_grad, backend):
     return _allocate(student, want_grad, _op_grad_dtype(student.dtype))
 
 
 def _setup_context(ctx, inputs, output):
-    student, teacher, labels, kind, beta, inv_t, ignore_index, vocab, loss_scale, want_grad, backend = inputs
-    ctx.args = (kind, beta, inv_t, ignore_index, vocab, loss_scale, backend)
+    student, teacher, labels, kind, beta, ignore_index, vocab, numbers, want_grad, backend = inputs
+    ctx.args = (kind, beta, ignore_index, vocab, backend)
+    # (the custom op's numbers are a tensor, saved; the eager autograd's, floats)
+    ctx.numbers = None if isinstance(numbers, torch.Tensor) else numbers
     ctx.student_dtype = student.dtype
     # The forward kernel computed the student's gradient when asked (want_grad); otherwise the
     # backward recomputes it, and the teacher's (rare: teachers are frozen) comes from the
@@ -319,7 +344,7 @@ def _setup_context(ctx, inputs, output):
     # (detached: the output itself points back at this node, which would make a cycle)
     ctx.student_grad_rows = output[1].detach() if ctx.handover else None
     ctx.save_for_backward(output[1] if want_grad and not ctx.handover else None, student if keep_inputs else None,
-                          teacher if keep_inputs else None, labels)
+                          teacher if keep_inputs else None, labels, numbers if ctx.numbers is None else None)
 
 
 # float32 elements per block of rows when a 16-bit CPU gradient is scaled (16 MiB temporaries)
@@ -339,11 +364,12 @@ def _scale_rows_in_place(g: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
-    saved_grad_rows, student, teacher, labels = ctx.saved_tensors
-    kind, beta, inv_t, ignore_index, vocab, loss_scale, backend = ctx.args
+    saved_grad_rows, student, teacher, labels, numbers = ctx.saved_tensors
+    kind, beta, ignore_index, vocab, backend = ctx.args
+    numbers = numbers if ctx.numbers is None else ctx.numbers
     grad_student = grad_teacher = None
     if grad_rows is None:  # the row losses were not used
-        return (None,) * 11
+        return (None,) * 10
     if torch.is_grad_enabled() and not _needs_dispatcher(grad_rows):
         # create_graph=True: the student's gradient comes from the kernel and has no graph of
         # its own, so a second-order use (a gradient penalty) would silently see zeros.
@@ -353,7 +379,7 @@ def _backward(ctx, grad_rows, _grad_of_grad):
         scale = grad_rows.unsqueeze(1)
         if ctx.recompute:
             grad_student = torch.ops.kdfast.kd_divergence(student.detach(), teacher.detach(), labels, kind, beta,
-                                                          inv_t, ignore_index, vocab, loss_scale, True,
+                                                          ignore_index, vocab, number_tensor(numbers), True,
                                                           backend)[1] * scale
         elif ctx.handover:
             student_grad_rows, ctx.student_grad_rows = ctx.student_grad_rows, None
@@ -368,13 +394,14 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     if ctx.needs_input_grad[1]:
         with torch.enable_grad():
             leaf = teacher.detach().float().requires_grad_(True)
+            inv_t, loss_scale = numbers_for_torch(numbers)
             rows = ref.kd_divergence(student.detach().float(), leaf, KINDS[kind], beta, 1.0 / inv_t, labels,
                                      ignore_index, vocab, loss_scale)
             if rows.requires_grad:
                 grad_teacher = torch.autograd.grad(rows, leaf, grad_rows.float())[0].to(teacher.dtype)
             else:  # every row ignored: the reference's rows are constant zeros
                 grad_teacher = torch.zeros_like(teacher)
-    return grad_student, grad_teacher, None, None, None, None, None, None, None, None, None
+    return grad_student, grad_teacher, None, None, None, None, None, None, None, None
 
 
 _kd_divergence_op.register_autograd(_backward, setup_context=_setup_context)
@@ -385,7 +412,7 @@ class _EagerKDDivergence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, *inputs):  # (no separate setup_context: binding its arguments costs ~0.1 ms)
-        output = _kd_divergence(*inputs[:10], backend=inputs[10], grad_dtype=_op_grad_dtype(inputs[0].dtype))
+        output = _kd_divergence(*inputs[:9], backend=inputs[9], grad_dtype=_op_grad_dtype(inputs[0].dtype))
         _setup_context(ctx, inputs, output)
         return output
 

@@ -18,11 +18,13 @@ from .. import _ext, backends
 from .._checks import check_int, is_finite_number, real_number
 from ..reference import kd_topk as ref
 from ._tensors import (DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, eager_autograd, has_subclass,
-                       on_device, reference_required)
-from .kd_divergence import _check_labels, _check_logits, _op_grad_dtype, _scale_rows_in_place
+                       number_tensor, numbers_for_torch, on_device, read_numbers, reference_required,
+                       with_number_tensor)
+from .kd_divergence import _check_labels, _check_logits, _op_grad_dtype, _scale_rows_in_place, check_float32_numbers
 
 REMAINDERS = ref.REMAINDERS
 topk_op = backends.op("kd_topk")
+_NUMBERS = ("1 / temperature", "loss_scale")  # the op's numbers, in order (see _tensors.number_tensor)
 
 
 # --------------------------------------------------------------------------- validation
@@ -64,15 +66,17 @@ def _op_args(student_logits, ids, logprobs, labels, remainder, temperature, igno
     if not isinstance(stored_dtype, torch.dtype) or not stored_dtype.is_floating_point:
         raise TypeError(f"stored_dtype must be a floating-point torch.dtype, got {stored_dtype!r}")
     temperature = real_number("temperature", temperature)
-    if not (is_finite_number(temperature, "temperature") and temperature > 0):
+    # (both may stay symbolic under torch.compile: the op takes them as a tensor, see number_tensor)
+    if not (is_finite_number(temperature, "temperature", symbolic=True) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     loss_scale = real_number("loss_scale", loss_scale)
-    if not is_finite_number(loss_scale, "loss_scale"):
+    if not is_finite_number(loss_scale, "loss_scale", symbolic=True):
         raise ValueError(f"loss_scale must be finite, got {loss_scale}")
+    check_float32_numbers(temperature, loss_scale)
     ignore_index = check_int("ignore_index", ignore_index)
     check_label_ids(labels, student.shape[1], ignore_index)
-    return (student, ids, lp, labels, remainder == "renormalize", 1.0 / temperature, ignore_index, loss_scale,
-            torch.finfo(stored_dtype).eps)
+    return (student, ids, lp, labels, remainder == "renormalize", ignore_index, torch.finfo(stored_dtype).eps,
+            (1.0 / temperature, loss_scale))
 
 
 # --------------------------------------------------------------------------- public entry
@@ -120,7 +124,7 @@ def kd_topk(
         return _reference_rows(*args)
     if _needs_dispatcher(student, lp):
         want_grad = torch.is_grad_enabled() and student.requires_grad
-        return torch.ops.kdfast.kd_topk(*args, want_grad, backend or "")[0]
+        return torch.ops.kdfast.kd_topk(*with_number_tensor(args), want_grad, backend or "")[0]
     if torch.is_grad_enabled() and (student.requires_grad or lp.requires_grad):
         return _EagerKDTopk.apply(*args, student.requires_grad, backend or "")[0]
     return _kd_topk(*args, False, backend=backend)[0]
@@ -161,12 +165,14 @@ def kd_topk_with_grad(
     student, lp = student.detach(), lp.detach()
     if _needs_dispatcher(student, lp):
         with torch.no_grad():
-            row_loss, grad = torch.ops.kdfast.kd_topk(student, ids, lp, *rest, True, backend or "")
+            row_loss, grad = torch.ops.kdfast.kd_topk(*with_number_tensor((student, ids, lp, *rest)), True,
+                                                      backend or "")
         return row_loss, grad.to(grad_dtype or student.dtype)
     return _kd_topk(student, ids, lp, *rest, True, backend=backend, grad_dtype=grad_dtype or student.dtype)
 
 
-def _reference_args(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps) -> dict:
+def _reference_args(student, ids, lp, labels, renormalize, ignore_index, stored_eps, numbers) -> dict:
+    inv_t, loss_scale = numbers_for_torch(numbers)
     return dict(labels=labels, ignore_index=ignore_index, temperature=1.0 / inv_t,
                 remainder="renormalize" if renormalize else "bucket", stored_eps=stored_eps, loss_scale=loss_scale)
 
@@ -189,10 +195,11 @@ def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch
     return row_loss, grad
 
 
-def _kd_topk(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps, want_grad,
-             backend=None, grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
+def _kd_topk(student, ids, lp, labels, renormalize, ignore_index, stored_eps, numbers, want_grad, backend=None,
+             grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss, grad = _allocate(student, want_grad, grad_dtype)
     if student.shape[0] > 0:
+        inv_t, loss_scale = numbers
         impl = topk_op.select(student.device.type, backend or None)
         impl.run(student, ids, lp, labels, row_loss, grad if want_grad else None, renormalize, inv_t, ignore_index,
                  loss_scale, stored_eps)
@@ -204,7 +211,7 @@ def _kd_topk(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_sc
 
 @topk_op.register("reference")
 def _reference(student, ids, lp, labels, row_loss, grad, renormalize, inv_t, ignore_index, loss_scale, stored_eps):
-    kw = _reference_args(student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps)
+    kw = _reference_args(student, ids, lp, labels, renormalize, ignore_index, stored_eps, (inv_t, loss_scale))
     row_loss.copy_(ref.kd_topk(student.detach(), ids, lp.detach(), **kw))
     if grad is not None:
         # In closed form: inside the custom op autograd records nothing.
@@ -245,24 +252,26 @@ def _triton(student, *args):
 
 @torch.library.custom_op("kdfast::kd_topk", mutates_args=())
 def _kd_topk_op(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, labels: Optional[torch.Tensor],
-                renormalize: bool, inv_temperature: float, ignore_index: int, loss_scale: float, stored_eps: float,
-                want_grad: bool, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+                renormalize: bool, ignore_index: int, stored_eps: float, numbers: torch.Tensor, want_grad: bool,
+                backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    # numbers: float64 CPU [1 / temperature, loss_scale] (see number_tensor).
     # backend: "" for the registry's choice, else the name of the backend to force.
     # Callable directly as torch.ops.kdfast.kd_topk: check what the kernels take on trust.
     student, ids, logprobs, labels = _check_tensors(student, ids, logprobs, labels)
-    return _kd_topk(student, ids, logprobs, labels, renormalize, inv_temperature, ignore_index, loss_scale,
-                    stored_eps, want_grad, backend)
+    return _kd_topk(student, ids, logprobs, labels, renormalize, ignore_index, stored_eps,
+                    read_numbers(numbers, _NUMBERS), want_grad, backend)
 
 
 @_kd_topk_op.register_fake
-def _(student, ids, logprobs, labels, renormalize, inv_temperature, ignore_index, loss_scale, stored_eps, want_grad,
-      backend):
+def _(student, ids, logprobs, labels, renormalize, ignore_index, stored_eps, numbers, want_grad, backend):
     return _allocate(student, want_grad)
 
 
 def _setup_context(ctx, inputs, output):
-    student, ids, lp, labels, renormalize, inv_t, ignore_index, loss_scale, stored_eps, want_grad, backend = inputs
-    ctx.args = (renormalize, inv_t, ignore_index, loss_scale, stored_eps, backend)
+    student, ids, lp, labels, renormalize, ignore_index, stored_eps, numbers, want_grad, backend = inputs
+    ctx.args = (renormalize, ignore_index, stored_eps, backend)
+    # (the custom op's numbers are a tensor, saved; the eager autograd's, floats)
+    ctx.numbers = None if isinstance(numbers, torch.Tensor) else numbers
     ctx.student_dtype = student.dtype
     # As kd_divergence's: the forward's gradient buffer is handed over (eager) or saved (traced);
     # the inputs are kept only to recompute it or for the log-probabilities' gradient.
@@ -273,15 +282,16 @@ def _setup_context(ctx, inputs, output):
     ctx.handover = want_grad and not _needs_dispatcher(output[1])
     ctx.student_grad_rows = output[1].detach() if ctx.handover else None
     ctx.save_for_backward(output[1] if want_grad and not ctx.handover else None, student if keep_inputs else None,
-                          ids, lp if keep_inputs else None, labels)
+                          ids, lp if keep_inputs else None, labels, numbers if ctx.numbers is None else None)
 
 
 def _backward(ctx, grad_rows, _grad_of_grad):
-    saved_grad_rows, student, ids, lp, labels = ctx.saved_tensors
-    renormalize, inv_t, ignore_index, loss_scale, stored_eps, backend = ctx.args
+    saved_grad_rows, student, ids, lp, labels, numbers = ctx.saved_tensors
+    renormalize, ignore_index, stored_eps, backend = ctx.args
+    numbers = numbers if ctx.numbers is None else ctx.numbers
     grad_student = grad_lp = None
     if grad_rows is None:  # the row losses were not used
-        return (None,) * 11
+        return (None,) * 10
     if torch.is_grad_enabled() and not _needs_dispatcher(grad_rows):
         raise RuntimeError("kdfast.kd_topk: double backward (create_graph=True) is not supported; the first "
                            "gradients (the student's from the forward kernel, the log-probabilities' from a closed "
@@ -289,8 +299,9 @@ def _backward(ctx, grad_rows, _grad_of_grad):
     if ctx.needs_input_grad[0]:
         scale = grad_rows.unsqueeze(1)
         if ctx.recompute:
-            grad_student = torch.ops.kdfast.kd_topk(student.detach(), ids, lp.detach(), labels, renormalize, inv_t,
-                                                    ignore_index, loss_scale, stored_eps, True, backend)[1] * scale
+            grad_student = torch.ops.kdfast.kd_topk(student.detach(), ids, lp.detach(), labels, renormalize,
+                                                    ignore_index, stored_eps, number_tensor(numbers), True,
+                                                    backend)[1] * scale
         elif ctx.handover:
             student_grad_rows, ctx.student_grad_rows = ctx.student_grad_rows, None
             if student_grad_rows is None:
@@ -304,20 +315,20 @@ def _backward(ctx, grad_rows, _grad_of_grad):
         with torch.enable_grad():
             leaf = lp.detach().requires_grad_(True)
             rows = ref.kd_topk(student.detach(), ids, leaf,
-                               **_reference_args(student, ids, lp, labels, renormalize, inv_t, ignore_index,
-                                                 loss_scale, stored_eps))
+                               **_reference_args(student, ids, lp, labels, renormalize, ignore_index, stored_eps,
+                                                 numbers))
             if rows.requires_grad:
                 grad_lp = torch.autograd.grad(rows, leaf, grad_rows.float())[0]
             else:  # every row ignored: the reference's rows are constant zeros
                 grad_lp = torch.zeros_like(lp)
-    return grad_student, None, grad_lp, None, None, None, None, None, None, None, None
+    return grad_student, None, grad_lp, None, None, None, None, None, None, None
 
 
 _kd_topk_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _eager_forward(*inputs):
-    return _kd_topk(*inputs[:10], backend=inputs[10])
+    return _kd_topk(*inputs[:9], backend=inputs[9])
 
 
 _EagerKDTopk = eager_autograd("kd_topk", _eager_forward, _setup_context, _backward)

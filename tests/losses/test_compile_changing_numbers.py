@@ -1,10 +1,12 @@
 """A loss's number (temperature, weights) that changes between calls of a function compiled with
-inductor, its graph caches on: each value's result, never a graph compiled for an earlier one.
+inductor, its graph caches on: each value's result, from one graph for every value after the
+first.
 
 From its second value on torch.compile traces such a number as a symbol. The kernels' custom ops
-take it as a constant: one graph per value. A number made a tensor first (the finiteness check
-did that) was made a constant only while the op was lowered, which inductor's graph cache does
-not see: from the third value on, the graph compiled for the second one was served."""
+take it in a float64 tensor, which lets the symbol through (a float argument would specialise it:
+one graph per value, up to torch's recompile limit). Once, a symbol made a tensor and specialised
+by a float argument only while the op was lowered met inductor's graph cache, which did not see
+the specialisation: from the third value on, the graph compiled for the second one was served."""
 import pytest
 import torch
 
@@ -23,10 +25,13 @@ S, T, H, W, HT, WT, LABELS = _inputs()
 IDS, LOGPROBS = teacher_topk(T, 5)
 
 CASES = {
-    "kd_loss temperature": (lambda v: kd_loss(S, T, kind="forward_kl", temperature=v), (1.0, 2.0, 3.0, 4.0)),
-    "topk_kd_loss temperature": (lambda v: topk_kd_loss(S, IDS, LOGPROBS, temperature=v), (1.0, 2.0, 3.0)),
+    "kd_loss temperature": (lambda v: kd_loss(S, T, kind="forward_kl", temperature=v),
+                            (1.0, 2.0, 3.0, 4.0, 0.5, 1.5, 2.5, 3.5, 4.5, 5.0)),
+    "topk_kd_loss temperature": (lambda v: topk_kd_loss(S, IDS, LOGPROBS, temperature=v), (1.0, 2.0, 3.0, 4.0)),
     "fused_linear_kd weights": (lambda v: fused_linear_kd(H, W, HT, WT, LABELS, weight_soft=v, weight_hard=1 - v),
                                 (0.2, 0.4, 0.6, 0.8)),
+    "fused_linear_kd temperature": (lambda v: fused_linear_kd(H, W, HT, WT, LABELS, temperature=v, weight_hard=0.5),
+                                    (1.0, 2.0, 3.0, 4.0)),
     # the caller's own use of the number makes it a tensor first
     "kd_loss temperature, used by the caller too": (lambda v: kd_loss(S * v, T, kind="jsd", temperature=v),
                                                     (1.0, 2.0, 3.0, 4.0)),
@@ -36,13 +41,18 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_each_value_gets_its_own_result_under_inductor(case, tmp_path, monkeypatch):
+def test_each_value_gets_its_own_result_from_one_graph_under_inductor(case, tmp_path, monkeypatch):
+    from torch._dynamo.utils import counters
+
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # (a fresh cache: nothing from other runs)
     loss, values = CASES[case]
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(lambda v: loss(v), backend="inductor", fullgraph=True)
     for value in values:
         torch.testing.assert_close(compiled(value), loss(value), rtol=1e-5, atol=1e-6, msg=f"{case} = {value}")
+    # the first value, then a symbolic one (fullgraph=True would fail at torch's recompile limit)
+    assert counters["stats"]["unique_graphs"] <= 2
 
 
 def test_float64_logits_keep_one_graph_for_every_temperature(tmp_path, monkeypatch):
@@ -60,3 +70,32 @@ def test_float64_logits_keep_one_graph_for_every_temperature(tmp_path, monkeypat
     for value in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5):
         torch.testing.assert_close(compiled(value), loss(value), msg=f"temperature = {value}")
     assert counters["stats"]["unique_graphs"] <= 2  # the first value, then a symbolic one
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_gradients_follow_a_changing_temperature_under_inductor(topk, tmp_path, monkeypatch):
+    # the backward reads the numbers too: the student's gradient (forward kernel, scaled) and
+    # the teacher's (log-probabilities') gradient, which the traced backward forms by torch's ops
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+    def loss(s, t, v):
+        if topk:
+            return topk_kd_loss(s, IDS, t, temperature=v, scale_by_t2=True)
+        return kd_loss(s, t, kind="jsd", beta=0.3, temperature=v, scale_by_t2=True)
+
+    def grads(fn, v):
+        s = S.clone().requires_grad_(True)
+        t = (LOGPROBS if topk else T).clone().requires_grad_(True)
+        value = fn(s, t, v)
+        value.backward()
+        return value.detach(), s.grad, t.grad
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    for value in (1.0, 2.0, 3.0, 0.7):
+        torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
+                                   msg=f"temperature = {value}")
+    assert counters["stats"]["unique_graphs"] <= 2

@@ -1,11 +1,14 @@
 import importlib
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
 from kdfast import ops
 from kdfast.backends import BackendUnavailableError
+from kdfast.ops._tensors import number_tensor
 from kdfast.ops.kd_divergence import KINDS, _kd_divergence
 from kdfast.reference import kd_divergence as ref
 
@@ -15,6 +18,7 @@ from helpers import assert_close_by_rule
 BACKENDS = usable_backends("kd_divergence")
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SHAPES = [(1, 1), (1, 7), (5, 1031), (3, 4099)]
+ONE_ONE = number_tensor((1.0, 1.0))  # the op's numbers: 1 / temperature, loss_scale
 
 
 def logits(shape, dtype, seed, scale=3.0):
@@ -26,8 +30,8 @@ def fused(backend, s, t, kind, *, beta=0.5, temperature=1.0, labels=None, ignore
           loss_scale=1.0):
     """Row losses and the fused student gradient straight from one backend."""
     vocab = min(s.shape[1], t.shape[1]) if vocab is None else vocab
-    return _kd_divergence(s, t, labels, KINDS.index(kind), beta, 1.0 / temperature, ignore_index, vocab,
-                          loss_scale, True, backend=backend)
+    return _kd_divergence(s, t, labels, KINDS.index(kind), beta, ignore_index, vocab, (1.0 / temperature, loss_scale),
+                          True, backend=backend)
 
 
 def reference(s, t, kind, dtype, **kw):
@@ -251,7 +255,7 @@ def test_opcheck():
     labels = torch.tensor([1, -100, 2, 3])
     for want_grad in (True, False):
         torch.library.opcheck(torch.ops.kdfast.kd_divergence.default,
-                              (s, t, labels, KINDS.index("jsd"), 0.5, 1.0, -100, 37, 1.0, want_grad, ""))
+                              (s, t, labels, KINDS.index("jsd"), 0.5, -100, 37, ONE_ONE, want_grad, ""))
 
 
 def test_direct_op_calls_check_what_the_kernels_take_on_trust():
@@ -259,16 +263,38 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
     # transposed logits were read as if contiguous (error 0.71); a vocab beyond the width
     # would read past the rows.
     s, t = logits((64, 8), torch.float32, 15).t(), logits((64, 8), torch.float32, 16).t()
-    direct = torch.ops.kdfast.kd_divergence(s, t, None, KINDS.index("forward_kl"), 0.5, 1.0, -100, 64, 1.0, False,
+    direct = torch.ops.kdfast.kd_divergence(s, t, None, KINDS.index("forward_kl"), 0.5, -100, 64, ONE_ONE, False,
                                             "")[0]
     torch.testing.assert_close(direct, ops.kd_divergence(s, t, kind="forward_kl"))
     c = s.contiguous()
-    for args, match in (((c, c, None, 0, 0.5, 1.0, -100, 65), "vocab must be in"),
-                        ((c, c[:3], None, 0, 0.5, 1.0, -100, 64), "rows"),
-                        ((c, c, None, 9, 0.5, 1.0, -100, 64), "kind must be in"),
-                        ((c, c, torch.zeros(3, dtype=torch.long), 0, 0.5, 1.0, -100, 64), "labels must have shape")):
+    nan = torch.tensor([1.0, math.nan], dtype=torch.float64)
+    for args, match in (((c, c, None, 0, 0.5, -100, 65, ONE_ONE), "vocab must be in"),
+                        ((c, c[:3], None, 0, 0.5, -100, 64, ONE_ONE), "rows"),
+                        ((c, c, None, 9, 0.5, -100, 64, ONE_ONE), "kind must be in"),
+                        ((c, c, torch.zeros(3, dtype=torch.long), 0, 0.5, -100, 64, ONE_ONE), "labels must have shape"),
+                        ((c, c, None, 0, 0.5, -100, 64, ONE_ONE.float()), "numbers must be a float64 CPU tensor"),
+                        ((c, c, None, 0, 0.5, -100, 64, ONE_ONE[:1]), r"numbers must be .* shape \(2,\)"),
+                        ((c, c, None, 0, 0.5, -100, 64, nan), r"loss_scale \(in numbers\) must be finite")):
         with pytest.raises(ValueError, match=match):
-            torch.ops.kdfast.kd_divergence(*args, 1.0, False, "")
+            torch.ops.kdfast.kd_divergence(*args, False, "")
+
+
+def test_numbers_the_float32_kernels_cannot_hold_are_refused():
+    # 1 / temperature and loss_scale are float32 in the kernels: past float32's range every row
+    # was NaN or inf (the loss itself is finite); numpy complex numbers lost their imaginary part
+    s, t = logits((3, 5), torch.float32, 1), logits((3, 5), torch.float32, 2)
+    ids, lp = torch.zeros(3, 1, dtype=torch.long), torch.full((3, 1), -0.5)
+    for call in (lambda **kw: ops.kd_divergence(s, t, **kw), lambda **kw: ops.kd_topk(s, ids, lp, **kw)):
+        call(temperature=1e-38)  # (1 / temperature is a float32 number)
+        with pytest.raises(ValueError, match="temperature must be at least 2.9387"):
+            call(temperature=1e-39)
+        with pytest.raises(ValueError, match="loss_scale must be within float32's range"):
+            call(loss_scale=-1e39)
+        with pytest.raises(ValueError, match="temperature must be a real number"):
+            call(temperature=np.complex128(2 + 5j))
+    # float64 logits (kd_loss takes them) compute in float64: no float32 bound
+    from kdfast.losses import kd_loss
+    assert torch.isfinite(kd_loss(s.double() * 1e-3, t.double() * 1e-3, temperature=1e-39))
 
 
 @pytest.mark.parametrize("kind", ["jsd", "forward_kl", "reverse_kl", "tvd", "skew_kl"])
@@ -685,7 +711,7 @@ def test_backward_scales_by_the_upstream_gradient(path):
     labels = torch.tensor([1, 2, -100, 4, 5])
     weights = torch.tensor([0.5, -1.25, 3.0, 2.0, 3.7])
     kw = dict(kind="jsd", beta=0.3, temperature=1.4, labels=labels, loss_scale=1.7)
-    kernel_args = (labels, KINDS.index("jsd"), 0.3, 1 / 1.4, -100, 97, 1.7)
+    kernel_args = (labels, KINDS.index("jsd"), 0.3, -100, 97, number_tensor((1 / 1.4, 1.7)))
 
     if path == "eager":
         def make_rows(leaf, t):

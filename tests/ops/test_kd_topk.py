@@ -5,6 +5,7 @@ import torch
 
 from kdfast import ops
 from kdfast.backends import BackendUnavailableError
+from kdfast.ops._tensors import number_tensor
 from kdfast.ops.kd_topk import _kd_topk
 from kdfast.reference import kd_topk as ref
 
@@ -35,7 +36,7 @@ def fused(backend, s, ids, lp, *, labels=None, ignore_index=-100, temperature=1.
           loss_scale=1.0, stored_eps=torch.finfo(torch.float32).eps):
     """Row losses and the fused student gradient straight from one backend."""
     return _kd_topk(s, ids, lp.float(), None if labels is None else labels.long(), remainder == "renormalize",
-                    1.0 / temperature, ignore_index, loss_scale, stored_eps, True, backend=backend)
+                    ignore_index, stored_eps, (1.0 / temperature, loss_scale), True, backend=backend)
 
 
 def reference(s, ids, lp, dtype, **kw):
@@ -228,7 +229,8 @@ def test_opcheck():
     for want_grad in (True, False):
         for renormalize in (False, True):
             torch.library.opcheck(torch.ops.kdfast.kd_topk.default,
-                                  (s, ids, lp, labels, renormalize, 1.0, -100, 1.0, 1e-7, want_grad, ""))
+                                  (s, ids, lp, labels, renormalize, -100, 1e-7, number_tensor((1.0, 1.0)), want_grad,
+                                   ""))
 
 
 @pytest.mark.parametrize("backend", [None, "reference"])
