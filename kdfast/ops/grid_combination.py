@@ -60,7 +60,8 @@ def _check_coefs(coefs, outputs: int) -> int:
         raise TypeError(f"coefs must be a CPU float32 (or float64) torch.Tensor, got {type(coefs).__name__}")
     if coefs.dtype not in (_F32, _F64) or not coefs.is_cpu or coefs.dim() != 1:
         raise ValueError(f"coefs must be a 1-d CPU float32 (or float64) tensor, got {describe('coefs', coefs)}")
-    grid, rest = divmod(coefs.numel() - 1, outputs)
+    values = coefs.numel() - 1
+    grid, rest = values // outputs, values % outputs  # (not divmod: dynamo cannot trace it on a symbolic size)
     if grid < 1 or rest:
         raise ValueError(f"coefs must hold 1 + {outputs} x grid values (the sample's weight, then each output's "
                          f"grid weights), got {coefs.numel()}")

@@ -16,8 +16,10 @@ This module is the only place where these tensors become addresses.
 
 import functools
 import math
+import numbers
 from typing import Optional
 
+import numpy as np
 import torch
 
 from .. import _ext, backends
@@ -49,8 +51,9 @@ def _check_x(x) -> torch.Tensor:
 
 
 def _check_groups(num_groups, channels: int) -> int:
-    if isinstance(num_groups, bool) or not isinstance(num_groups, int):
+    if isinstance(num_groups, (bool, np.bool_)) or not isinstance(num_groups, numbers.Integral):
         raise TypeError(f"num_groups must be an int, got {type(num_groups).__name__}")
+    num_groups = int(num_groups)  # (numpy's too, as F.group_norm takes them)
     if num_groups < 1 or channels % num_groups:
         raise ValueError(f"num_groups must be a positive divisor of the {channels} channels, got {num_groups}")
     return num_groups

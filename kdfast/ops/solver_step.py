@@ -695,6 +695,20 @@ def threshold_scale(
     order statistics around the quantile, sent back through ``|x0|``), zero where the clamp
     to ``[1, max_value]`` is active.
     """
+    args = _threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
+    sample, model_output, cond = args[:3]
+    if reference_required((sample, model_output, cond)):  # torch.func's transforms, forward-mode AD
+        compute = _F64 if sample.dtype is _F64 else _F32
+        return ref.threshold_scale(*args, compute_dtype=compute)
+    if _needs_dispatcher((sample, model_output, cond)):  # (autograd and torch.compile, a forced backend too)
+        return torch.ops.kdfast.threshold_scale(*args, backend or "")
+    return _threshold_scale(*args, backend=backend)
+
+
+def _threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio,
+                       max_value) -> tuple:
+    """:func:`threshold_scale`'s arguments checked, the tensors in a layout the kernels read (also
+    for a direct ``torch.ops.kdfast.threshold_scale`` call: the kernels take them on trust)."""
     if (not isinstance(sample, torch.Tensor) or (sample.dtype not in DTYPE_CODES and sample.dtype is not _F64)
             or sample.dim() == 0):
         raise TypeError("sample must be a float32/float16/bfloat16/float64 tensor with a batch dimension")
@@ -711,14 +725,8 @@ def threshold_scale(
     max_value = _check_scalar("max_value", max_value)
     if max_value <= 0:  # (the scale divides x0: 0 gives NaN, a negative one flips its sign)
         raise ValueError(f"max_value must be positive, got {max_value}")
-    args = (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
+    return (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
             _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model), ratio, max_value)
-    if reference_required((sample, model_output, cond)):  # torch.func's transforms, forward-mode AD
-        compute = _F64 if sample.dtype is _F64 else _F32
-        return ref.threshold_scale(*args, compute_dtype=compute)
-    if _needs_dispatcher((sample, model_output, cond)):  # (autograd and torch.compile, a forced backend too)
-        return torch.ops.kdfast.threshold_scale(*args, backend or "")
-    return _threshold_scale(*args, backend=backend)
 
 
 def _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
@@ -762,8 +770,9 @@ def _threshold_cuda(out, *args):
 def _threshold_scale_op(sample: torch.Tensor, model_output: torch.Tensor, cond: Optional[torch.Tensor],
                         guidance_scale: float, x0_from_x: float, x0_from_model: float, ratio: float,
                         max_value: float, backend: str) -> torch.Tensor:
-    return _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
-                            backend=backend or None)
+    # A direct torch.ops call is checked as the public entry checks its arguments.
+    return _threshold_scale(*_threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model,
+                                                ratio, max_value), backend=backend or None)
 
 
 @_threshold_scale_op.register_fake

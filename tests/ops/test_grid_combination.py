@@ -198,6 +198,13 @@ def test_opcheck_and_compile():
         torch.library.opcheck(torch.ops.kdfast.grid_combination.default, args)
     compiled = torch.compile(lambda a, b, c: ops.grid_combination(a, (b, c), coefs), backend="eager", fullgraph=True)
     assert torch.equal(compiled(x, y0, y1), ops.grid_combination(x, (y0, y1), coefs))
+    # a grid size that changes between calls makes the coefficients' length symbolic (dynamo
+    # could not trace the divmod that found the grid size)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda a, b, c, k: ops.grid_combination(a, (b, c), k), backend="eager", fullgraph=True)
+    for grid in (2, 3, 4):
+        x, (y0, y1), coefs = make((2, 3, 8), grid, torch.float32, 2)
+        assert torch.equal(compiled(x, y0, y1, coefs), ops.grid_combination(x, (y0, y1), coefs)), grid
 
 
 def test_bad_input():

@@ -1,5 +1,6 @@
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,6 +303,9 @@ def test_bad_input():
         ops.group_norm_act(x, 0)
     with pytest.raises(TypeError, match="num_groups must be an int"):
         ops.group_norm_act(x, 2.0)
+    torch.testing.assert_close(ops.group_norm_act(x, np.int64(2)), ops.group_norm_act(x, 2))  # (as F.group_norm)
+    with pytest.raises(TypeError, match="eps must be a number"):
+        ops.group_norm_act(x, 2, eps=np.complex128(1e-5 + 1j))  # (float() kept the real part)
     with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
         ops.group_norm_act(x, 2, torch.ones(4))
     with pytest.raises(TypeError, match="bias must be float32"):

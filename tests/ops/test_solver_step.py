@@ -604,6 +604,25 @@ def test_opcheck_threshold_scale():
     torch.library.opcheck(torch.ops.kdfast.threshold_scale.default, (x, m, c, 2.0, 1.0, -0.5, 0.9, 100.0, "cpu"))
 
 
+def test_direct_threshold_scale_op_calls_are_checked():
+    # torch.ops.kdfast.threshold_scale called directly: the kernels read its tensors by address,
+    # so it checks what the public entry checks (a column-major sample was read as row-major,
+    # a smaller model output past its end)
+    g = torch.Generator().manual_seed(0)
+    x, m = torch.randn(2, 1000, generator=g) * 3, torch.randn(2, 1000, generator=g) * 3
+    op = torch.ops.kdfast.threshold_scale
+    column_major = x.t().contiguous().t()
+    torch.testing.assert_close(op(column_major, m, None, 1.0, 1.0, -0.5, 0.995, 100.0, ""),
+                               ops.threshold_scale(x, m, 1.0, -0.5, max_value=100.0))
+    for args, error, match in (((x, m[:, :2], None, 1.0, 1.0, -0.5, 0.995, 100.0), ValueError, "model_output"),
+                               ((x, m, None, 1.0, 1.0, -0.5, 2.0, 100.0), ValueError, r"ratio must be in \[0, 1\]"),
+                               ((x, m, None, 1.0, 1.0, -0.5, 0.995, 0.0), ValueError, "max_value must be positive"),
+                               ((x[:, :0], m[:, :0], None, 1.0, 1.0, -0.5, 0.995, 100.0), ValueError,
+                                "at least one element per sample")):
+        with pytest.raises(error, match=match):
+            op(*args, "")
+
+
 def test_opcheck_solver_step_with_dynamic_scale_gradient():
     g = torch.Generator().manual_seed(3)
     x = torch.randn(2, 3, 5, generator=g).requires_grad_(True)
