@@ -100,7 +100,7 @@ def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
         return None, (f"triton {version} is older than the {need} kdfast's Triton kernels need "
                       f"(pip install 'triton>={need}'); the cuda or reference backend serves meanwhile")
     global _interpreted_kernels
-    _interpreted_kernels = os.environ.get("TRITON_INTERPRET") == "1"
+    _interpreted_kernels = triton_interpreting()
     return _load("kernels")
 
 
@@ -110,6 +110,30 @@ _interpreted_kernels: Optional[bool] = None
 
 def triton_kernels_interpreted() -> Optional[bool]:
     return _interpreted_kernels
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton would define kernels for its interpreter now: ``TRITON_INTERPRET`` as
+    Triton reads it (1, true, on, yes), or its knob set in code."""
+    try:
+        from triton import knobs
+        return bool(knobs.runtime.interpret)
+    except (ImportError, AttributeError):  # (triton 3.3 has no knobs: the variable itself)
+        return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes", "y")
+
+
+def triton_library_interpreted() -> Optional[bool]:
+    """Whether Triton's own jit functions (``tl.cdiv``, ``tl.max`` ...) were defined for its
+    interpreter: Triton decides once, when it is imported, and kernels of the other mode cannot
+    call them (None: triton not imported)."""
+    standard = sys.modules.get("triton.language.standard")
+    if standard is None:
+        return None
+    try:
+        from triton.runtime.interpreter import InterpretedFunction
+    except ImportError:
+        return None
+    return isinstance(getattr(standard, "cdiv", None), InterpretedFunction)
 
 
 def forget() -> None:

@@ -125,9 +125,12 @@ def backend_reason(backend: str, device_type: str) -> Optional[str]:
     _, reason = _ext.triton()
     if reason:
         return reason
-    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    if device_type == "cpu" and not _ext.triton_interpreting():
         return ("triton runs CPU tensors only under its interpreter (set TRITON_INTERPRET=1 before "
-                "importing kdfast, or call kdfast.backends.refresh() after setting it)")
+                "the process imports triton)")
+    if device_type == "cpu" and _ext.triton_library_interpreted() is False:
+        return ("triton was imported before TRITON_INTERPRET=1 was set, and its own functions (tl.max ...) "
+                "keep the compiled mode they were defined in: start the process with TRITON_INTERPRET=1")
     if device_type == "cpu" and not _ext.triton_kernels_interpreted():
         return ("kdfast's Triton kernels were loaded before TRITON_INTERPRET=1 was set: call "
                 "kdfast.backends.refresh() to load them under the interpreter")

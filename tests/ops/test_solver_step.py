@@ -1,5 +1,6 @@
 import itertools
 import math
+import os
 import subprocess
 import sys
 
@@ -268,6 +269,36 @@ def test_triton_interpret_set_after_import_takes_effect_on_refresh(good, monkeyp
     finally:
         monkeypatch.undo()
         kdfast.backends.refresh()
+
+
+_INTERPRETER_MODES = """
+import os, sys, torch
+from kdfast import backends, ops
+x = torch.randn(2, 8)
+reason = lambda: backends.op("kd_divergence").reason("triton", "cpu")
+if sys.argv[1] == "spelled":  # TRITON_INTERPRET=true: Triton interprets, so kdfast's backend serves
+    rows = [ops.kd_divergence(x, 2 * x, backend=backend) for backend in ("triton", "cpu")]
+    print(reason(), torch.allclose(*rows))
+else:  # unset: triton is imported compiled; set afterwards, a refresh cannot change Triton's own functions
+    print(reason())
+    os.environ["TRITON_INTERPRET"] = "1"
+    backends.refresh()
+    print(reason())
+"""
+
+
+def test_triton_interpreter_mode_is_read_as_triton_reads_it():
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    spelled = subprocess.run([sys.executable, "-c", _INTERPRETER_MODES, "spelled"], capture_output=True, text=True,
+                             env={**env, "TRITON_INTERPRET": "true"}, timeout=300)
+    assert spelled.stdout.split() == ["None", "True"], spelled.stderr[-2000:]
+    late = subprocess.run([sys.executable, "-c", _INTERPRETER_MODES, "late"], capture_output=True, text=True,
+                          env=env, timeout=300)
+    first, after_refresh = late.stdout.strip().splitlines()
+    assert "set TRITON_INTERPRET=1 before the process imports triton" in first, late.stderr[-2000:]
+    # (it said the backend served, and every kernel then failed inside Triton's interpreter)
+    assert "start the process with TRITON_INTERPRET=1" in after_refresh
 
 
 def test_kdfast_backend_env_forces_reference(good, monkeypatch, unemulated_backends):
