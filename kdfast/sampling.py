@@ -1008,6 +1008,26 @@ def _guided(u: torch.Tensor, c: Optional[torch.Tensor], g: float) -> torch.Tenso
 # --------------------------------------------------------------------------- the loop
 
 
+def _check_denoised(m, c) -> None:
+    """The denoiser's output(s) (``c``: the conditional one, or None), before a kernel reads them:
+    a tensor a solver step can take, else an error naming the denoiser (not the sample, to which
+    a complex output would otherwise promote it)."""
+    for out in (m,) if c is None else (m, c):
+        if not isinstance(out, torch.Tensor):  # (a diffusers model's tuple, say, or None)
+            raise TypeError(f"the denoiser must return a torch.Tensor, got {type(out).__name__}")
+        if not out.is_floating_point():
+            raise TypeError(f"the denoiser must return a floating-point tensor, got {out.dtype}")
+
+
+def _draw_noise(noise_sampler: NoiseSampler, sigma, sigma_next) -> torch.Tensor:
+    """``noise_sampler(sigma, sigma_next)``, checked: a step given no noise would drop its noise
+    term silently (k-diffusion fails there too)."""
+    noise = noise_sampler(sigma, sigma_next)
+    if not isinstance(noise, torch.Tensor):
+        raise TypeError(f"noise_sampler must return a torch.Tensor, got {type(noise).__name__}")
+    return noise
+
+
 def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler, guidance: Optional[float],
              callback, cb_sigmas, bar) -> torch.Tensor:
     """Run the plan's kernel calls; no host reads."""
@@ -1019,12 +1039,10 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
     for ev in plan.evals:
         if ev.model:
             m, c = evaluate(x, evaluate.time_arg(ev.sigma, x))
-            for out in (m, c):
-                if out is not None and not isinstance(out, torch.Tensor):  # (a diffusers model's tuple, say)
-                    raise TypeError(f"the denoiser must return a torch.Tensor, got {type(out).__name__}")
+            _check_denoised(m, c)
         else:
             m, c = x, None  # churn pass: only X and NOISE are read
-        noise = None if ev.noise is None else noise_sampler(*ev.noise)
+        noise = None if ev.noise is None else _draw_noise(noise_sampler, *ev.noise)
         if callback is not None and ev.callback:
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
@@ -1317,7 +1335,8 @@ _LOOP_STEP_ARGUMENTS = frozenset({
 def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str, Any]:
     """The per-step options of ``scheduler.step`` given to :func:`sample` (DDIM's ``eta``,
     Euler's ``s_churn`` ...: in diffusers a pipeline passes them to every ``step`` call), checked
-    against the step's (and, with guidance, ``step_cfg``'s) keyword parameters."""
+    against the keyword parameters of the method the loop calls: ``step``, or with guidance
+    ``step_cfg`` (which may take more: DDIM's ``cfg_pp``)."""
     if not options:
         return {}
     who = type(scheduler).__name__
@@ -1331,9 +1350,7 @@ def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str,
             names |= keywords(scheduler._step) if method != scheduler._step else set()
         return names
 
-    names = keywords(scheduler.step)
-    if guided:
-        names &= keywords(scheduler.step_cfg)
+    names = keywords(scheduler.step_cfg if guided else scheduler.step)
     names = {n for n in names - _LOOP_STEP_ARGUMENTS if not n.startswith("_")}
     unknown = sorted(set(options) - names)
     if unknown:

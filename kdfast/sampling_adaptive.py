@@ -273,6 +273,8 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
     s = t_start
     pid = _PIDStepSizeController(abs(h_init), pcoeff, icoeff, dcoeff, 1.5 if eta else order, accept_safety)
     info = {'steps': 0, 'nfe': 0, 'n_accept': 0, 'n_reject': 0}
+    if x.numel() == 0:  # nothing to sample (and an error norm of 0 / 0): as kdfast.sample, x itself
+        return x, info
     # rtol * |x_prev|, x_prev being the last accepted x_low (x at the start)
     prev_scaled = x.to(compute).abs().mul_(rtol)
     rejected_in_a_row = 0
@@ -289,9 +291,12 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         x_in, aux, hist, denoised = x, x, [], None
         for k, stage in enumerate(stages):
             m, _ = evaluate(x_in, x.new_full((batch,), stage.sigma))
+            _sampling._check_denoised(m, None)
+            if torch.float64 in (m.dtype, x.dtype) and m.dtype != x.dtype:
+                m = m.to(compute)  # (the kernel takes float64 with a float64 sample only; the result is in x's dtype)
             if k == 0:
                 denoised = m
-            noise = noise_sampler(sig(s), sig(t)) if stage.noise else None
+            noise = _sampling._draw_noise(noise_sampler, sig(s), sig(t)) if stage.noise else None
             out = ops.solver_step(x_in, m, rows[k], history=hist[:stage.n_hist], aux=aux if stage.use_aux else None,
                                   noise=noise, write_history=stage.write_history, write_aux=stage.write_aux,
                                   history_dtype=history_dtype)

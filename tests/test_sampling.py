@@ -1294,6 +1294,12 @@ def test_bad_inputs():
         with pytest.raises(TypeError, match="the denoiser must return a torch.Tensor"):
             S.sample(lambda x, s, cond=None: wrap(denoiser(x, s)), x, sigmas, guidance_scale=3.0,
                      cond=torch.ones(1), callback=lambda d: None, disable=True)
+    with pytest.raises(TypeError, match="the denoiser must return a torch.Tensor, got NoneType"):
+        S.sample(lambda x, s: None, x, sigmas, disable=True)
+    with pytest.raises(TypeError, match="the denoiser must return a floating-point tensor, got torch.complex64"):
+        S.sample(lambda x, s: x.to(torch.complex64), x, sigmas, disable=True)  # (not "sample must be ...")
+    with pytest.raises(TypeError, match="noise_sampler must return a torch.Tensor, got NoneType"):
+        S.sample_euler_ancestral(denoiser, x, sigmas, noise_sampler=lambda s, sn: None, disable=True)
     sched = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         S.sample(denoiser, x, sched, disable=True)
@@ -1380,6 +1386,26 @@ def test_scheduler_step_options_reach_every_step():
         S.sample(model, x, sched, eta=0.5, disable=True)
     with pytest.raises(TypeError, match="no per-step option"):  # the loop passes these itself
         S.sample(model, x, sched, return_dict=False, disable=True)
+
+
+def test_guided_step_options_are_those_of_step_cfg():
+    # with guidance the loop calls step_cfg alone: its own options (DDIM's CFG++) pass, which
+    # step() does not take (they were refused as options of both)
+    def model(x, t, cond=None):
+        return 0.3 * torch.tanh(x) + (0 if cond is None else 0.1 * cond)
+
+    x, cond = initial(), torch.ones(2, 4, 1, 1)
+    sched = kdfast.schedulers.DDIMScheduler()
+    sched.set_timesteps(5)
+    got = S.sample(model, x, sched, guidance_scale=0.6, cond=cond, uncond=-cond, cfg_pp=True, disable=True)
+    sched.set_timesteps(5)
+    y = x
+    for t in sched.timesteps:
+        y = sched.step_cfg(model(y, t, -cond), model(y, t, cond), 0.6, t, y, cfg_pp=True).prev_sample
+    torch.testing.assert_close(got, y)
+    sched.set_timesteps(5)
+    with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\]"):
+        S.sample(model, x, sched, cfg_pp=True, disable=True)  # no guidance: step() is called
 
 
 # --------------------------------------------------------------------------- no host reads in the loop

@@ -449,3 +449,32 @@ def test_an_accept_safety_no_attempt_passes_raises_instead_of_looping():
         sample_dpm_adaptive(denoiser, x, 0.1, 1.0, order=2, rtol=0.0, h_init=0.001, accept_safety=1.2,
                             callback=stop_runaway, disable=True)
     assert len(attempts) < 1100
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_a_float64_denoiser_output_gives_the_result_in_xs_dtype(dtype):
+    # the module's promise: x's dtype whatever the denoiser returns (the kernel refused a float64
+    # model output beside a narrower sample)
+    x = initial(shape=SHAPE)
+    wide = sample_dpm_adaptive(lambda x, sigma: denoiser(x.double(), sigma.double()), x.to(dtype), SIGMA_MIN,
+                               SIGMA_MAX, disable=True)
+    same = sample_dpm_adaptive(denoiser, x.to(dtype), SIGMA_MIN, SIGMA_MAX, disable=True)
+    assert wide.dtype == dtype
+    assert rel_err(wide, same) <= 4 * torch.finfo(dtype).eps
+
+
+def test_an_empty_batch_is_returned_as_it_is():
+    x = torch.zeros((0, *SHAPE[1:]))
+    out, info = sample_dpm_adaptive(denoiser, x, SIGMA_MIN, SIGMA_MAX, disable=True, return_info=True)
+    assert out.shape == x.shape and info['nfe'] == 0
+
+
+@pytest.mark.parametrize("model, kwargs, match", [
+    (lambda x, sigma: None, {}, "the denoiser must return a torch.Tensor, got NoneType"),
+    (lambda x, sigma: x.to(torch.complex64), {}, "the denoiser must return a floating-point tensor"),
+    (denoiser, dict(eta=1.0, noise_sampler=lambda sigma, sigma_next: None),
+     "noise_sampler must return a torch.Tensor, got NoneType"),
+])
+def test_what_the_callables_return_is_checked(model, kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        sample_dpm_adaptive(model, initial(shape=SHAPE), SIGMA_MIN, SIGMA_MAX, disable=True, **kwargs)
