@@ -47,7 +47,7 @@ from .._checks import check_count, is_integer_at_least
 
 PathLike = Union[str, Path]
 FORMAT = "kdfast checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the CRC-32 covers the header too (1: the tensors alone; still read)
 _NAME = re.compile(r"^step-(\d{8,})\.safetensors$")
 ORPHAN_AGE = 3600.0  # seconds unchanged before a dead process's checkpoint temporary is removed
 METRICS_FILE = "metrics.jsonl"  # the metrics log's name in a run's checkpoint folder
@@ -487,9 +487,11 @@ class GlobalRNG:
         A saved CUDA state is restored whenever it is there (unless ``cuda=False``), CUDA
         being initialised for it if it is not yet: it is not dropped because this process
         has not used CUDA so far. Raises RuntimeError when no GPU can take it (none is
-        available, or fewer devices than were saved).
+        available, or fewer devices than were saved). With the default ``cuda=None`` a state
+        saved without one (a CPU run resumed on a GPU) leaves the CUDA RNG as it is;
+        ``cuda=True`` requires it.
         """
-        restore_cuda = self._use_cuda() or (self.cuda is None and "cuda" in state)
+        restore_cuda = ("cuda" in state) if self.cuda is None else bool(self.cuda)
         wanted = [k for k, on in (("torch", self.torch), ("cuda", restore_cuda), ("python", self.python),
                                   ("numpy", self.numpy)) if on]
         missing = [k for k in wanted if k not in state]
@@ -578,11 +580,16 @@ def _unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
     return [_unpack(v, tensors) for v in obj["list"]]
 
 
-def _checksum(tensors: Mapping[str, torch.Tensor]) -> int:
-    """CRC-32 of every tensor's bytes: safetensors itself does not notice a flipped bit."""
+def _checksum(tensors: Mapping[str, torch.Tensor], header: Optional[Mapping[str, Any]] = None) -> int:
+    """CRC-32 of every tensor's bytes and of the header (its JSON without the CRC; None: the
+    tensors alone, format version 1): safetensors itself does not notice a flipped bit, and the
+    header holds optimiser settings, RNG states and step counts."""
     crc = 0
     for name in sorted(tensors):
         crc = zlib.crc32(tensors[name].reshape(-1).view(torch.uint8).numpy(), crc)
+    if header is not None:
+        fields = {k: v for k, v in header.items() if k != "crc32"}
+        crc = zlib.crc32(json.dumps(fields, sort_keys=True).encode(), crc)
     return crc
 
 
@@ -689,8 +696,8 @@ class Checkpointer:
             else:
                 layout[key] = {"kind": "value", "data": _pack(obj, key, tensors)}
         header = {"format": FORMAT, "version": FORMAT_VERSION, "step": step,
-                  "metadata": json.loads(json.dumps(dict(metadata or {}))), "state": layout,
-                  "crc32": _checksum(tensors)}
+                  "metadata": json.loads(json.dumps(dict(metadata or {}))), "state": layout}
+        header["crc32"] = _checksum(tensors, header)
         path = self.path_for(step)
         with atomic_files(path) as (tmp,):
             try:
@@ -768,16 +775,21 @@ def load_checkpoint(path: PathLike, state: Optional[Mapping[str, Any]] = None,
         with safe_open(str(path), framework="pt") as f:
             header = json.loads((f.metadata() or {})["kdfast"])
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if header.get("format") != FORMAT or not isinstance(header.get("state"), dict):
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ValueError("it is not a kdfast checkpoint")
-        if header.get("crc32") != _checksum(tensors):
-            raise ValueError("the tensor data does not match its CRC-32")
+        version = header.get("version")
+        if version in (1, FORMAT_VERSION):
+            if header.get("crc32") != _checksum(tensors, header if version >= 2 else None):
+                raise ValueError("its data does not match its CRC-32")
+            if not (isinstance(header.get("state"), dict) and isinstance(header.get("metadata"), dict)
+                    and is_integer_at_least(header.get("step"), 0)):
+                raise ValueError("its header lacks the state, metadata or step")
     except (SafetensorError, OSError, ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"checkpoint {str(path)!r} is corrupt, truncated or not a kdfast checkpoint: "
                               f"{type(exc).__name__}: {exc}") from exc
-    if header.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"checkpoint {str(path)!r} has format version {header.get('version')!r}; "
-                              f"this kdfast reads version {FORMAT_VERSION}")
+    if version not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"checkpoint {str(path)!r} has format version {version!r}; "
+                              f"this kdfast reads versions 1 to {FORMAT_VERSION}")
     metadata = header["metadata"]
     if expect:
         wanted = json.loads(json.dumps(dict(expect)))  # compare as JSON: tuples were saved as lists

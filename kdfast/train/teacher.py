@@ -404,7 +404,9 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
             losses: List[float] = []
             first_step, seconds_before = 0, 0.0
             state = {"model": model, "ema": ema, "optimizer": optimizer, "data_rng": gen,
-                     "global_rng": GlobalRNG(python=False, numpy=False, cuda=device.type == "cuda")}
+                     # (on a GPU: its RNG saved, and restored where the checkpoint holds it; a CPU
+                     # run's has none, and resuming it on a GPU warns, as any other device does)
+                     "global_rng": GlobalRNG(python=False, numpy=False, cuda=None if device.type == "cuda" else False)}
             environment = run_environment(device)  # after set_num_threads: the run's own thread count
             if checkpointer is not None:
                 if resume and checkpointer.latest() is not None:

@@ -373,6 +373,19 @@ def test_a_saved_cuda_rng_state_is_not_dropped(monkeypatch):
         GlobalRNG(cuda=True).load_state_dict(state)
 
 
+def test_a_state_saved_without_cuda_loads_where_cuda_is_in_use(monkeypatch):
+    # a CPU run's checkpoint resumed on a GPU (the teacher's loop warns about the device and
+    # goes on): the default leaves the CUDA RNG as it is; cuda=True requires a saved one
+    state = GlobalRNG(cuda=False).state_dict()
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda states: calls.append(states))
+    GlobalRNG().load_state_dict(state)
+    assert calls == [] and torch.equal(torch.get_rng_state(), state["torch"])
+    with pytest.raises(KeyError, match="no saved RNG state for \\['cuda'\\]"):
+        GlobalRNG(cuda=True).load_state_dict(state)
+
+
 def test_a_changed_thread_count_or_device_warns_on_load(tmp_path):
     model = _model()
     ckpt = Checkpointer(tmp_path)
@@ -551,6 +564,48 @@ def test_corrupt_or_mismatched_checkpoint_errors(tmp_path):
         load_checkpoint(path)
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.safetensors")
+
+
+def _rewrite_header(path, change):
+    """The checkpoint at ``path`` with its header JSON changed by ``change`` (tensors kept)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()["kdfast"]
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    run.save_file(tensors, str(path), metadata={"kdfast": change(header)})
+
+
+def test_a_corrupt_header_is_caught_before_anything_is_restored(tmp_path):
+    # the CRC-32 covered the tensors alone: a flipped digit in the header (an optimiser setting,
+    # an RNG state, the step) loaded silently; a header of the wrong shape raised raw errors
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.25, momentum=0.9)
+    ckpt = Checkpointer(tmp_path)
+    path = ckpt.save(7, {"model": model, "optimizer": optimizer})
+    data = path.read_bytes()
+    def less_momentum(header):
+        assert '["momentum", 0.9]' in header
+        return header.replace('["momentum", 0.9]', '["momentum", 0.1]')
+
+    _rewrite_header(path, less_momentum)
+    fresh = torch.optim.SGD(_model().parameters(), lr=0.25, momentum=0.9)
+    with pytest.raises(CheckpointError, match="does not match its CRC-32"):
+        ckpt.load({"optimizer": fresh})
+    assert fresh.param_groups[0]["momentum"] == 0.9
+    for bad in ("[1]", "null", json.dumps({"format": "kdfast checkpoint", "version": 2}),
+                json.dumps({"format": "kdfast checkpoint", "version": 1, "state": {}, "metadata": {},
+                            "crc32": run._checksum({})})):
+        run.save_file({}, str(path), metadata={"kdfast": bad})
+        with pytest.raises(CheckpointError, match="corrupt, truncated or not a kdfast checkpoint"):
+            ckpt.load({"model": _model()})
+    # a checkpoint of format version 1 (its CRC over the tensors alone) still loads
+    path.write_bytes(data)
+    tensors = __import__("safetensors.torch").torch.load_file(str(path))
+    _rewrite_header(path, lambda h: json.dumps({**json.loads(h), "version": 1, "crc32": run._checksum(tensors)}))
+    restored = _model()
+    assert ckpt.load({"model": restored}).step == 7
+    assert torch.equal(restored[0].weight, model[0].weight)
 
 
 def test_checkpoint_file_is_plain_safetensors(tmp_path):
