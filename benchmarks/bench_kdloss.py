@@ -1,7 +1,8 @@
 """Batched KD loss benchmark: time and peak memory of kdfast's fused losses against naive
 torch (materialised logits) and, on a GPU when installed, Liger-Kernel, in the same run.
 
-Cases (forward + backward of a generalized JSD, beta 0.5, with labels, 5% of them ignored):
+Cases (forward + backward; the first two a generalized JSD, beta 0.5, with labels, 5% of them
+ignored; the others forward KL):
 - ``kd_loss``: given logits ``[tokens, vocab]`` -> ``kdfast.losses.kd_loss`` vs the TRL-style
   torch formula (log_softmax, logsumexp mixture, kl_div).
 - ``fused_linear_kd``: hidden states + LM heads -> ``kdfast.losses.fused_linear_kd`` vs
@@ -26,8 +27,9 @@ records instead); GPU peak memory with ``torch.cuda.max_memory_allocated``.
     python benchmarks/bench_kdloss.py --quick          # small shapes, a smoke run
 
 Rows: one per candidate (``candidate``: kdfast, torch, liger_...); kdfast's rows also name
-the backend kdfast's registry ran (``backend``). A run replaces the recorded rows of the same
-device, case, shape and dtype and keeps all others.
+the backend kdfast's registry ran (``backend``). A full run (every case, not ``--quick``), or
+one given ``--out``, replaces the recorded rows of the same device, case, shape and dtype and
+keeps all others.
 """
 from __future__ import annotations
 
