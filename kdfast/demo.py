@@ -298,7 +298,8 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     # Every argument is checked before the output folder is created or cleared.
     device = _resolve_device(device)
     if cuda_graph and device.type != "cuda":
-        raise DemoError(f"cuda_graph needs a CUDA device, got {device} (use the CUDA device of a machine with a GPU: --device cuda, device='cuda')")
+        raise DemoError(f"cuda_graph needs a CUDA device, got {device} (on a machine with a GPU: --device cuda, "
+                        "or device='cuda' from Python)")
     if anchor:
         try:
             importlib.import_module("diffusers")
