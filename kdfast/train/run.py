@@ -520,20 +520,20 @@ class GlobalRNG:
 def _pack(obj: Any, name: str, tensors: Dict[str, torch.Tensor]) -> Any:
     """``obj`` as JSON, its tensors moved to ``tensors`` (CPU copies) and referenced by name."""
     if isinstance(obj, torch.Tensor):
-        while name in tensors:  # a key holding "/" could collide with a nested path
-            name += "'"
-        tensors[name] = obj.detach().to("cpu", copy=True).contiguous()  # a copy: safetensors rejects shared memory
-        return {"tensor": name}
+        # (a copy: safetensors rejects shared memory)
+        return {"tensor": _add_tensor(name, obj.detach().to("cpu", copy=True).contiguous(), tensors)}
     if isinstance(obj, np.ndarray):
         # As .npy bytes: shape (empty ones included), dtype and every value come back exactly,
         # which a JSON list does not give ((0, 3) reads back as (0,), long doubles lose digits).
+        # Stored as a uint8 tensor: safetensors caps its header at 100 MB.
         buf = io.BytesIO()
         try:
             np.save(buf, obj, allow_pickle=False)
         except ValueError as exc:  # object arrays would need pickle
             raise TypeError(f"cannot checkpoint {name!r}: {exc}") from exc
-        return {"npy": base64.b64encode(buf.getvalue()).decode("ascii")}
-    if isinstance(obj, (np.integer, np.floating)):
+        return {"npy_tensor": _add_tensor(name, torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8),
+                                          tensors)}
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
         return obj.item()
     if isinstance(obj, Mapping):  # keys keep their type (optimizer state is keyed by int)
         return {"dict": [[_pack_key(k, name), _pack(v, f"{name}/{k}", tensors)] for k, v in obj.items()]}
@@ -542,21 +542,34 @@ def _pack(obj: Any, name: str, tensors: Dict[str, torch.Tensor]) -> Any:
         return {"tuple" if isinstance(obj, tuple) else "list": items}
     if obj is None or isinstance(obj, (bool, int, float, str)):
         return obj
-    raise TypeError(f"cannot checkpoint {name!r}: {type(obj).__name__} is not a tensor, array, "
+    raise TypeError(f"cannot checkpoint {name!r}: {_type_name(obj)} is not a tensor, array, "
                     "container or JSON scalar")
+
+
+def _add_tensor(name: str, tensor: torch.Tensor, tensors: Dict[str, torch.Tensor]) -> str:
+    """``tensor`` stored in ``tensors`` under ``name`` (made unique); returns the name."""
+    while name in tensors:  # a key holding "/" could collide with a nested path
+        name += "'"
+    tensors[name] = tensor
+    return name
+
+
+def _type_name(obj: Any) -> str:
+    kind = type(obj)
+    return kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def _pack_key(key: Any, name: str) -> Any:
     """A dict key as JSON: scalars as they are, tuples (of keys) as ``{"tuple": [...]}``, which
     no scalar key can be mistaken for. Anything else is refused now: a key JSON turns into
     something else would give a checkpoint that cannot be loaded."""
-    if isinstance(key, (np.integer, np.floating)):
+    if isinstance(key, (np.integer, np.floating, np.bool_)):
         key = key.item()
     if key is None or isinstance(key, (bool, int, float, str)):
         return key
     if isinstance(key, tuple):
         return {"tuple": [_pack_key(k, name) for k in key]}
-    raise TypeError(f"cannot checkpoint {name!r}: its key {key!r} is a {type(key).__name__}, not a JSON scalar "
+    raise TypeError(f"cannot checkpoint {name!r}: its key {key!r} is a {_type_name(key)}, not a JSON scalar "
                     "(None, bool, int, float, str) or a tuple of them")
 
 
@@ -569,7 +582,9 @@ def _unpack(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
         return obj
     if "tensor" in obj:
         return tensors[obj["tensor"]]
-    if "npy" in obj:
+    if "npy_tensor" in obj:
+        return np.load(io.BytesIO(tensors[obj["npy_tensor"]].numpy().tobytes()), allow_pickle=False)
+    if "npy" in obj:  # (format version 1: base64 in the header)
         return np.load(io.BytesIO(base64.b64decode(obj["npy"], validate=True)), allow_pickle=False)
     if "ndarray" in obj:  # written by earlier kdfast versions
         return np.asarray(obj["ndarray"], dtype=obj["dtype"])

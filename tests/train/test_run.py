@@ -472,7 +472,23 @@ def test_tuple_keys_and_numpy_arrays_round_trip(tmp_path):
         ckpt.save(2, {"bad": {frozenset({1}): 1}})
     with pytest.raises(TypeError, match="cannot checkpoint 'obj'.*[Oo]bject arrays"):
         ckpt.save(2, {"obj": np.array([object()])})
+    with pytest.raises(TypeError, match="cannot checkpoint 'set': set is not"):
+        ckpt.save(2, {"set": {1}})
     assert ckpt.checkpoints() == [ckpt.path_for(1)]
+
+
+def test_numpy_bools_and_large_arrays_checkpoint(tmp_path):
+    # numpy bools were refused ("bool is not a JSON scalar"); arrays went into the header as
+    # base64, which safetensors caps at 100 MB: they are tensors of their .npy bytes now
+    from safetensors import safe_open
+
+    ckpt = Checkpointer(tmp_path)
+    big = np.arange(2_000_000, dtype=np.int32)
+    path = ckpt.save(1, {"flag": np.bool_(True), "keyed": {np.bool_(False): 1}, "big": big})
+    with safe_open(str(path), framework="pt") as f:
+        assert len(f.metadata()["kdfast"]) < 2000
+    loaded = ckpt.load().values
+    assert loaded["flag"] is True and loaded["keyed"] == {False: 1} and np.array_equal(loaded["big"], big)
 
 
 def test_a_resume_mismatch_names_each_changed_setting(tmp_path):
