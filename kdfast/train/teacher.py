@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from .. import schedulers as _schedulers
 from .._checks import check_float, check_int
@@ -589,15 +589,35 @@ def load_teacher(path: Optional[PathLike] = None, device: Union[str, torch.devic
     if verify and "weights_sha256" in config and _sha256(path) != config["weights_sha256"]:
         raise TeacherAssetError(f"teacher weights {path} are corrupt: SHA-256 does not match {meta}")
     try:
-        state = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            recorded = (f.metadata() or {}).get("kdfast")
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as exc:
         raise TeacherAssetError(f"teacher weights {path} are corrupt or not a safetensors file: {exc}") from exc
+    _check_recorded_model(recorded, model_cfg, path, meta)
     model = UNet(model_cfg)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise TeacherAssetError(f"teacher weights {path} do not match the architecture in {meta}: {exc}") from exc
     return Teacher(model.to(device), config)
+
+
+def _check_recorded_model(recorded: Optional[str], model_cfg: UNetConfig, path: Path, meta: Path) -> None:
+    """The JSON's model against the one :func:`save_teacher` records in the weights' header,
+    which the SHA-256 covers (an edited JSON would build another network around the weights:
+    an edited prediction type loads and samples noise)."""
+    if recorded is None:
+        return  # (weights saved without a header: nothing to compare)
+    try:
+        saved = UNetConfig.from_dict(json.loads(recorded)["model"]).to_dict()
+    except (ValueError, KeyError, TypeError) as exc:
+        raise TeacherAssetError(f"teacher weights {path}: their header is corrupt: {exc}") from exc
+    given = model_cfg.to_dict()
+    differ = sorted(k for k in set(saved) | set(given) if saved.get(k) != given.get(k))
+    if differ:
+        raise TeacherAssetError(f"teacher config {meta}: its model ({', '.join(differ)}) is not the one recorded in "
+                                f"the weights {path}")
 
 
 def _check_noise_schedule(schedule: Any, meta: Path) -> None:

@@ -373,6 +373,18 @@ def test_edited_noise_schedule_is_reported_on_load(tmp_path, edit, reason):
         load_teacher(path)
 
 
+def test_an_edited_model_in_the_json_is_reported_on_load(tmp_path):
+    # the weights' header records the model they were saved with (the SHA-256 covers it): an
+    # edited JSON built another network around them (an epsilon teacher sampled noise)
+    path = _copy_shipped(tmp_path)
+    meta = teacher_mod.metadata_path(path)
+    record = json.loads(meta.read_text())
+    record["model"]["prediction_type"] = record["noise_schedule"]["prediction_type"] = "epsilon"
+    meta.write_text(json.dumps(record))
+    with pytest.raises(TeacherAssetError, match=r"its model \(prediction_type\) is not the one recorded in the weights"):
+        load_teacher(path)
+
+
 def test_weights_path_ending_in_json_is_refused(tiny_teacher, tmp_path):
     # metadata_path("t.json") is "t.json": the config would silently overwrite the weights
     for name in ("t.json", "t.JSON"):
