@@ -23,6 +23,9 @@ def image_grid(images: torch.Tensor, nrow: int, pad: int = 1, scale: int = 1) ->
     """Tile ``[N, 1, H, W]`` images in [-1, 1] into one uint8 ``[rows*(H+pad), ...]`` image
     (NaN pixels are drawn black, as -1; the float-to-uint8 cast of NaN is undefined)."""
     nrow, scale, pad = check_count("nrow", nrow, 1), check_count("scale", scale, 1), check_count("pad", pad, 0)
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 1 or images.shape[0] == 0:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a [N, 1, H, W] tensor of one or more grayscale images, got {got}")
     images = images.detach().float().nan_to_num(nan=-1.0)
     images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0]
     if scale > 1:

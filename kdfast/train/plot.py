@@ -108,7 +108,9 @@ def render_curves(series: Mapping[str, Points], title: Optional[str] = None, siz
     width, height = int(size[0]), int(size[1])
     data: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
     for name, points in series.items():
-        arr = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else np.empty((0, 2))
+        arr = np.asarray(points, dtype=np.float64) if len(points) else np.empty((0, 2))
+        if arr.ndim != 2 or arr.shape[1] != 2:
+            raise ValueError(f"series {name!r} must be a sequence of (x, y) points, got shape {arr.shape}")
         x, y = arr[:, 0].copy(), arr[:, 1].copy()
         if log_y:
             with np.errstate(divide="ignore", invalid="ignore"):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kdfast.train import plot
-from kdfast.train.images import write_png
+from kdfast.train.images import image_grid, write_png
 from kdfast.train.plot import COLORS, moving_average, plot_curves, render_curves
 
 
@@ -97,6 +97,17 @@ def test_gaps_log_scale_and_errors(tmp_path):
         render_curves({})
     with pytest.raises(ValueError, match="too small"):
         render_curves({"a": [(0, 1), (1, 2)]}, size=(40, 30))
+    # (x, y, z) triples were reshaped into other points and drawn
+    with pytest.raises(ValueError, match=r"series 'a' must be a sequence of \(x, y\) points, got shape \(2, 3\)"):
+        render_curves({"a": [(1, 2, 3), (4, 5, 6)]})
+
+
+def test_image_grid_takes_grayscale_batches_only():
+    # RGB was cut to its first channel, [N, H, W] failed to unpack, an empty batch drew a blank
+    assert tuple(image_grid(torch.zeros(3, 1, 4, 5), nrow=2, pad=1).shape) == (11, 13)
+    for images in (torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 4), torch.zeros(0, 1, 4, 4), [[0.0]]):
+        with pytest.raises(ValueError, match=r"images must be a \[N, 1, H, W\] tensor"):
+            image_grid(images, nrow=2)
 
 
 def test_font_and_text():
