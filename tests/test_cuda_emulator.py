@@ -62,10 +62,21 @@ def test_launch_failures_are_reported(selftest, which, message):
 
 
 def test_shared_memory_starts_uninitialised(selftest):
-    """0xff bytes in every block (a GPU's shared memory is not zeroed; under AddressSanitizer the
-    statics start zeroed instead, and keep their redzones)."""
-    expected = 0 if cuda_emulator.sanitizer_loaded() else 0xFFFFFFFF
-    assert selftest.shared_on_entry() == [expected] * 3
+    """0xff bytes in every block (a GPU's shared memory is not zeroed), a template kernel's too:
+    its statics started zeroed and kept the previous block's values."""
+    plain, templated = selftest.shared_on_entry()
+    assert plain == [0xFFFFFFFF] * 3 and templated == [0xFFFFFFFF] * 3
+
+
+def test_shared_declarations_are_registered_on_their_line():
+    source = "  __shared__ Lse lse_scratch[2][kWarps];\n  __shared__ unsigned long long hist[256];\n"
+    assert cuda_emulator.register_shared(source) == (
+        "  __shared__ Lse lse_scratch[2][kWarps]; static ::cuda_emu::SharedRegion cuda_emu_region_lse_scratch"
+        "(&lse_scratch, sizeof(lse_scratch));\n"
+        "  __shared__ unsigned long long hist[256]; static ::cuda_emu::SharedRegion cuda_emu_region_hist"
+        "(&hist, sizeof(hist));\n")
+    with pytest.raises(ValueError, match="__shared__ declaration"):
+        cuda_emulator.register_shared("__shared__ float a[4], b[4];")
 
 
 def test_exited_threads_do_not_hold_a_barrier(selftest):
@@ -201,3 +212,29 @@ def test_grid_stride_loops_past_the_launch_caps(case):
         coefs = torch.tensor(ops.coefficients(1.2, -0.4, sample={"x": 0.7, "x0": 0.3}), dtype=torch.float64)
         call = lambda b: ops.solver_step(x, m, coefs, backend=b).sample  # noqa: E731
     torch.testing.assert_close(call("cuda"), call("cpu"), rtol=1e-6, atol=1e-6)
+
+
+def test_cuda_launchers_refuse_unknown_dtype_codes_as_the_cpu_ones_do():
+    """The bindings take dtype codes on trust from Python: an unknown one made three CUDA
+    launchers read the buffers as float32 (their CPU twins returned kBadDType)."""
+    from kdfast import _ext
+
+    cpu, cuda = _ext.cpu()[0], _ext.cuda()[0]
+    x, y, out = torch.arange(8, dtype=torch.float32) + 1, torch.ones(16), torch.zeros(8)
+    coefs, scale = torch.tensor([1.0, 0.5, 0.25]), torch.zeros(1)
+    step_coefs = torch.zeros(29)
+    calls = {
+        "solver_step": lambda module, last: module.solver_step(
+            4, 2, [x.data_ptr(), x.data_ptr(), 0, 0, 0, 0, 0, 0], [2] * 8, [5, 0, 0, 0, 0, 0, 0, 0],
+            [out.data_ptr(), 0, 0], [2, 0, 0], [0, 0, 0], step_coefs.data_ptr(), 0, 1.0, 0, 1.0, 0, last),
+        "grid_combination": lambda module, last: module.grid_combination(
+            8, 1, 2, x.data_ptr(), 1, 7, [y.data_ptr(), 0], [2, 0], [0, 0], out.data_ptr(), 0, coefs.data_ptr(),
+            3, last),
+        "threshold_scale": lambda module, last: module.threshold_scale(
+            1, 8, [x.data_ptr(), x.data_ptr(), 0], [8, 8, 0], [9, 0, 0], 1.0, 0.0, 1.0, 0.5, 100.0,
+            scale.data_ptr(), last),
+    }
+    for name, call in calls.items():
+        for module, last in ((cpu, 1), (cuda, 0)):
+            with pytest.raises(RuntimeError, match="unsupported dtype code"):
+                call(module, last)

@@ -21,6 +21,9 @@ enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 // Status codes returned by launchers (kernels never throw across the boundary).
 enum Status : int { kOk = 0, kBadDType = 1, kBadArgument = 2, kLaunchFailed = 3, kOutOfMemory = 4 };
 
+// Whether a dtype code is one of the above (every launcher checks the codes it is given).
+inline bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
+
 // 16-bit storage types: plain bit containers so host and device code share one layout.
 struct half_bits { uint16_t v; };
 struct bf16_bits { uint16_t v; };

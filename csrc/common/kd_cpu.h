@@ -104,8 +104,6 @@ inline void float_to_bf16_avx2(const float*, int64_t, bf16_bits*) {}
 // Below this many elements per thread, a parallel region costs more than it saves.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
 
-inline bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
-
 // Elements [off, off + n) of `p` as fp32: `p` itself when fp32, else widened into `buf`.
 inline const float* load_floats(const void* p, int dtype, int64_t off, int64_t n, float* buf) {
   switch (dtype) {

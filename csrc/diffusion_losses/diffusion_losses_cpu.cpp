@@ -132,7 +132,7 @@ int check_inputs(const Params& p, int num_inputs) {
   if (p.batch < 0 || p.inner <= 0) return kBadArgument;
   for (int i = 0; i < num_inputs; ++i) {
     if (!p.in[i]) return kBadArgument;
-    if (!cpu::valid_dtype(p.in_dtype[i])) return kBadDType;
+    if (!valid_dtype(p.in_dtype[i])) return kBadDType;
   }
   return kOk;
 }
@@ -193,7 +193,7 @@ int loss_backward_cpu(const Params& p) {
   const int num_inputs = inputs_of(p.kind);
   if (int s = check_inputs(p, num_inputs)) return s;
   for (int k = 0; k < kMaxGrads; ++k)
-    if (p.grad[k] && !cpu::valid_dtype(p.grad_dtype[k])) return kBadDType;
+    if (p.grad[k] && !valid_dtype(p.grad_dtype[k])) return kBadDType;
   if (p.grad[1] && !(p.kind == kPseudoHuber || p.kind == kPseudoHuberElementwise)) return kBadArgument;
   if (!p.grad[0] && !p.grad[1]) return kOk;
   const int64_t tps = (p.inner + kCpuTile - 1) / kCpuTile;
@@ -233,7 +233,7 @@ int loss_backward_cpu(const Params& p) {
 int sample_combination_cpu(const Params& p) {
   if (p.combination < 0 || p.combination >= kNumCombinations || !p.grad[0]) return kBadArgument;
   if (int s = check_inputs(p, 2)) return s;
-  if (!cpu::valid_dtype(p.grad_dtype[0])) return kBadDType;
+  if (!valid_dtype(p.grad_dtype[0])) return kBadDType;
   const int64_t tps = (p.inner + kCpuTile - 1) / kCpuTile;
   const int64_t tasks = p.batch * tps;
   const int threads = cpu::threads_for(p.num_threads, tasks, p.batch * p.inner);

@@ -134,8 +134,6 @@ __global__ void __launch_bounds__(kThreads) combination_kernel(const Params p) {
   }
 }
 
-bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
-
 int check_inputs(const Params& p, int num_inputs) {
   if (p.batch < 0 || p.inner <= 0) return kBadArgument;
   for (int i = 0; i < num_inputs; ++i) {

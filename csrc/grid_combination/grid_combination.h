@@ -65,6 +65,12 @@ inline bool valid_params(const Params& p) {
     if (!p.y[k]) return false;
   return true;
 }
+inline bool valid_dtypes(const Params& p) {
+  if (!valid_dtype(p.x_dtype) || !valid_dtype(p.out_dtype)) return false;
+  for (int k = 0; k < p.num_outputs; ++k)
+    if (!valid_dtype(p.y_dtype[k])) return false;
+  return true;
+}
 
 }  // namespace grid_combination
 }  // namespace kdfast

@@ -71,9 +71,7 @@ void combine_tile(const Params& p, int64_t r0, int64_t nr, int64_t c0, int64_t n
 
 int grid_combination_cpu(const Params& p) {
   if (!valid_params(p)) return kBadArgument;
-  if (!cpu::valid_dtype(p.x_dtype) || !cpu::valid_dtype(p.out_dtype)) return kBadDType;
-  for (int k = 0; k < p.num_outputs; ++k)
-    if (!cpu::valid_dtype(p.y_dtype[k])) return kBadDType;
+  if (!valid_dtypes(p)) return kBadDType;
   if (p.rows == 0 || p.channels == 0) return kOk;
 
   const int64_t n = std::min(kTile, p.channels);     // channels per tile

@@ -37,6 +37,7 @@ __global__ void __launch_bounds__(kThreads) grid_combination_kernel(const Params
 
 int grid_combination_cuda(const Params& p) {
   if (!valid_params(p)) return kBadArgument;
+  if (!valid_dtypes(p)) return kBadDType;
   if (p.rows == 0 || p.channels == 0) return kOk;
   const int64_t blocks = (p.rows * p.channels + kThreads - 1) / kThreads;
   // Enough blocks to fill the GPU; each thread loops over the rest.

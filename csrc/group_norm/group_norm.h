@@ -37,7 +37,7 @@ struct Params {
   const void* x = nullptr;
   int64_t x_stride = 0;  // elements between samples
   int x_dtype = kFloat32;
-  void* out = nullptr;   // laid out as x
+  void* out = nullptr;   // laid out as x, not overlapping it (the CUDA split path reads x again)
   int64_t out_stride = 0;
   int out_dtype = kFloat32;
   const void* shift = nullptr;  // [batch, channels] at these strides, or null

@@ -404,8 +404,8 @@ void cl_split_samples(const Params& p, int threads) {
 }  // namespace
 
 int group_norm_cpu(const Params& p) {
-  if (!valid_params(p) || !cpu::valid_dtype(p.x_dtype) || !cpu::valid_dtype(p.out_dtype) ||
-      (p.shift && !cpu::valid_dtype(p.shift_dtype)) || !cpu::valid_dtype(p.affine_dtype))
+  if (!valid_params(p) || !valid_dtype(p.x_dtype) || !valid_dtype(p.out_dtype) ||
+      (p.shift && !valid_dtype(p.shift_dtype)) || !valid_dtype(p.affine_dtype))
     return valid_params(p) ? kBadDType : kBadArgument;
   if (p.batch == 0) return kOk;
   if (!p.workspace) return kBadArgument;

@@ -140,8 +140,6 @@ __global__ void __launch_bounds__(kThreads) chunk_normalize_kernel(const Params 
   }
 }
 
-bool valid_dtype(int d) { return d == kFloat32 || d == kFloat16 || d == kBFloat16; }
-
 }  // namespace
 
 int group_norm_cuda(const Params& p) {

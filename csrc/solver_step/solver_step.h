@@ -153,6 +153,18 @@ KD_HD void step_element(const float* c, float scale, bool has_cond, int threshol
   }
 }
 
+// Dtype checks shared by the launchers: every code of a tensor the launch reads or writes.
+inline bool valid_dtypes(const Params& p) {
+  for (int i = 0; i < kNumInputs; ++i)
+    if (p.in[i] && !valid_dtype(p.in_dtype[i])) return false;
+  for (int k = 0; k < kNumOutputs; ++k)
+    if (p.out[k] && !valid_dtype(p.out_dtype[k])) return false;
+  return true;
+}
+inline bool valid_dtypes(const ThresholdParams& p) {
+  return valid_dtype(p.x_dtype) && valid_dtype(p.model_dtype) && (!p.cond || valid_dtype(p.cond_dtype));
+}
+
 // Launchers: return a Status; never throw.
 int solver_step_cpu(const Params& p);
 int threshold_scale_cpu(const ThresholdParams& p);

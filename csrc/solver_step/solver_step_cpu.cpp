@@ -97,10 +97,7 @@ void step_tile(const Params& p, const float* c, bool has_cond, float dyn, int64_
 int solver_step_cpu(const Params& p) {
   if (p.batch < 0 || p.inner < 0 || p.in[kInX] == nullptr || p.in[kInModel] == nullptr)
     return kBadArgument;
-  for (int i = 0; i < kNumInputs; ++i)
-    if (p.in[i] && !cpu::valid_dtype(p.in_dtype[i])) return kBadDType;
-  for (int k = 0; k < kNumOutputs; ++k)
-    if (p.out[k] && !cpu::valid_dtype(p.out_dtype[k])) return kBadDType;
+  if (!valid_dtypes(p)) return kBadDType;
   if (p.threshold == kThresholdDynamic && p.dynamic_scale == nullptr) return kBadArgument;
 
   const int64_t tiles_per_sample = (p.inner + kTile - 1) / kTile;
@@ -144,8 +141,7 @@ static float quantile_inplace(std::vector<float>& v, float q) {
 
 int threshold_scale_cpu(const ThresholdParams& p) {
   if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
-  if (!cpu::valid_dtype(p.x_dtype) || !cpu::valid_dtype(p.model_dtype) || (p.cond && !cpu::valid_dtype(p.cond_dtype)))
-    return kBadDType;
+  if (!valid_dtypes(p)) return kBadDType;
   const bool has_cond = p.cond != nullptr;
   const int nthreads = cpu::threads_for(p.num_threads, p.batch * p.inner, p.batch * p.inner);
   int status = kOk;

@@ -13,6 +13,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxThresholdBlocks = 65536;  // (more samples: each block loops over several)
 
 // Params travels by value in the kernel's parameter space (well under the 4 KB limit), so a
 // captured CUDA graph holds each step's coefficients without any device-side table. With a
@@ -105,14 +106,15 @@ __global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const Thresho
   __shared__ unsigned long long hist[256];
   __shared__ unsigned shared_prefix;
   __shared__ long long shared_k;
-  const int64_t b = blockIdx.x;
   const QuantilePosition at = quantile_position(p.ratio, p.inner);
-  const float vlo = radix_select(p, b, at.lo, hist, &shared_prefix, &shared_k);
-  const float vhi = at.hi == at.lo ? vlo : radix_select(p, b, at.hi, hist, &shared_prefix, &shared_k);
-  if (threadIdx.x == 0) {
-    const float s = quantile_lerp(vlo, vhi, at.frac);
-    const float clamped_lo = s < 1.f ? 1.f : s;
-    p.out[b] = clamped_lo > p.max_value ? p.max_value : clamped_lo;
+  for (int64_t b = blockIdx.x; b < p.batch; b += gridDim.x) {
+    const float vlo = radix_select(p, b, at.lo, hist, &shared_prefix, &shared_k);
+    const float vhi = at.hi == at.lo ? vlo : radix_select(p, b, at.hi, hist, &shared_prefix, &shared_k);
+    if (threadIdx.x == 0) {
+      const float s = quantile_lerp(vlo, vhi, at.frac);
+      const float clamped_lo = s < 1.f ? 1.f : s;
+      p.out[b] = clamped_lo > p.max_value ? p.max_value : clamped_lo;
+    }
   }
 }
 
@@ -120,6 +122,7 @@ __global__ void __launch_bounds__(kThreads) threshold_scale_kernel(const Thresho
 
 int solver_step_cuda(const Params& p) {
   if (p.batch < 0 || p.inner < 0 || !p.in[kInX] || !p.in[kInModel]) return kBadArgument;
+  if (!valid_dtypes(p)) return kBadDType;
   if (p.threshold == kThresholdDynamic && !p.dynamic_scale) return kBadArgument;
   if (p.batch == 0 || p.inner == 0) return kOk;
   // Threads per sample: 256, or the sample's size rounded up to a warp when it is smaller,
@@ -142,8 +145,11 @@ int solver_step_cuda(const Params& p) {
 
 int threshold_scale_cuda(const ThresholdParams& p) {
   if (p.batch < 0 || p.inner <= 0 || !p.x || !p.model || !p.out) return kBadArgument;
+  if (!valid_dtypes(p)) return kBadDType;
   if (p.batch == 0) return kOk;
-  threshold_scale_kernel<<<unsigned(p.batch), kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
+  // One block per sample, the blocks looping over the samples past the grid's limit.
+  const unsigned blocks = unsigned(p.batch < kMaxThresholdBlocks ? p.batch : kMaxThresholdBlocks);
+  threshold_scale_kernel<<<blocks, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
   return launch_status();
 }
 

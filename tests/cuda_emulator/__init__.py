@@ -74,6 +74,23 @@ def rewrite_launches(source: str) -> str:
     return out
 
 
+# `__shared__ type name[dims];` (one variable per declaration, as kdfast's kernels declare them).
+_SHARED = re.compile(r"__shared__\s+([A-Za-z_][\w:<>, ]*?)\s+([A-Za-z_]\w*)\s*((?:\[[^\]\[;]*\])*)\s*;")
+
+
+def register_shared(source: str) -> str:
+    """Each ``__shared__`` variable registered with the emulator where it is declared, which
+    fills it with 0xff bytes before every block (on the same line: the line numbers stay the
+    source's). A static of a template kernel cannot be put in a section of its own, which GCC
+    drops for template instantiations: a registry finds every one."""
+    out, count = _SHARED.subn(lambda m: f"{m.group(0)} static ::cuda_emu::SharedRegion cuda_emu_region_{m.group(2)}"
+                                        f"(&{m.group(2)}, sizeof({m.group(2)}));", source)
+    if out.count("__shared__") != count:
+        raise ValueError("a __shared__ declaration the emulator's rewrite does not recognise is left (declare "
+                         "one variable per statement: __shared__ type name[dims];)")
+    return out
+
+
 def cuda_sources() -> List[Path]:
     return sorted(CSRC.glob("*/*_cuda.cu"))
 
@@ -145,7 +162,7 @@ def build(name: str = "_C_cuda", sources: Optional[List[Path]] = None, sanitize:
         if source.suffix == ".cu":
             unit = work / (source.stem + ".cpp")
             # #line keeps compiler messages and the emulator's barrier sites naming the .cu file
-            unit.write_text(f'#line 1 "{source}"\n' + rewrite_launches(source.read_text()))
+            unit.write_text(f'#line 1 "{source}"\n' + rewrite_launches(register_shared(source.read_text())))
             units.append((unit, source.parent))
         else:
             units.append((source, source.parent))

@@ -337,13 +337,24 @@ inline bool reserve_slots(std::size_t n) {
 // or in reverse, alternately (starting with the block's parity): a thread reading shared
 // memory that another writes without a barrier between them reads it too early in one of the
 // two orders.
-extern "C" char __start_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
-extern "C" char __stop_cuda_emu_shared[] __attribute__((weak, visibility("hidden")));
+// Every __shared__ variable of the module, registered where it is declared (the build adds a
+// SharedRegion after each declaration): filled with 0xff bytes when registered and before
+// every block, as a GPU leaves shared memory (not zeroed, nothing carried over from a block).
+inline std::vector<std::pair<void*, std::size_t>>& shared_regions() {
+  static std::vector<std::pair<void*, std::size_t>> regions;
+  return regions;
+}
+
+struct SharedRegion {
+  SharedRegion(void* address, std::size_t bytes) {
+    std::memset(address, 0xff, bytes);
+    shared_regions().emplace_back(address, bytes);
+  }
+};
 
 inline bool run_block(Launch& L, bool reverse) {
   const int n = int(L.fibers.size());
-  if (__start_cuda_emu_shared != __stop_cuda_emu_shared)  // every __shared__ variable of the module
-    std::memset(__start_cuda_emu_shared, 0xff, std::size_t(__stop_cuda_emu_shared - __start_cuda_emu_shared));
+  for (const auto& region : shared_regions()) std::memset(region.first, 0xff, region.second);
   for (Fiber& f : L.fibers) {
     f.done = false;
     f.waiting = kNone;
@@ -529,11 +540,7 @@ inline int syncthreads_or(const char* file, int line, int site, int v) {
 #define __host__
 #define __forceinline__ inline
 #define __launch_bounds__(...)  // (the build reads the bound, and launches are checked against it)
-#if defined(__SANITIZE_ADDRESS__)
-#define __shared__ static  // plain statics keep the sanitizer's redzones (but start zeroed)
-#else
-#define __shared__ __attribute__((section("cuda_emu_shared"))) static
-#endif
+#define __shared__ static  // (registered by the build: see SharedRegion)
 #define threadIdx (::cuda_emu::current_fiber->tid)
 #define blockIdx (::cuda_emu::current_launch->block_idx)
 #define blockDim (::cuda_emu::current_launch->block_dim)

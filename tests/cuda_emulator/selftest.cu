@@ -104,10 +104,23 @@ __global__ void parent(int* out) {
   if (threadIdx.x == 0) write_index<<<1, 32>>>(out);
 }
 
-// Shared memory as a GPU leaves it: not zeroed, and nothing carried over from another block.
+// Shared memory as a GPU leaves it: not zeroed, and nothing carried over from another block (a
+// template kernel's too, whose statics the host compiler places apart).
 __global__ void shared_on_entry(unsigned* out) {
   __shared__ unsigned count;
-  out[blockIdx.x] = count;
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = count;
+    count = 12345u;
+  }
+}
+
+template <int K>
+__global__ void templated_shared_on_entry(unsigned* out) {
+  __shared__ unsigned count;
+  if (threadIdx.x == 0) {
+    out[blockIdx.x] = count;
+    count = 12345u + K;
+  }
 }
 
 // The error of the launch just made ("" when it succeeded), cleared.
@@ -136,9 +149,10 @@ PYBIND11_MODULE(_emu_selftest, m) {
     return py::make_tuple(out, launch_error());
   });
   m.def("shared_on_entry", []() {
-    std::vector<unsigned> out(3, 0);
+    std::vector<unsigned> out(3, 0), templated(3, 0);
     shared_on_entry<<<3, 32>>>(out.data());
-    return out;
+    templated_shared_on_entry<1><<<3, 32>>>(templated.data());
+    return py::make_tuple(out, templated);
   });
   m.def("read_past_the_end", []() {
     std::vector<int> in(32, 1), out(32, 0);
