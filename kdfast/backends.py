@@ -103,6 +103,14 @@ def cuda_arch_reason(archs: str, capability: Tuple[int, int]) -> Optional[str]:
             f"KDFAST_CUDA_ARCHS={gpu} (the triton or reference backend serves meanwhile)")
 
 
+def check_known(backend: Optional[str]) -> None:
+    """An unknown backend name (``backend``, else ``KDFAST_BACKEND``) as the error, before any
+    reason specific to the inputs (float64 tensors, say) is given."""
+    forced = backend or _FORCED
+    if forced and forced not in BACKENDS:
+        raise BackendUnavailableError(backend_reason(forced, "cpu"))
+
+
 def backend_reason(backend: str, device_type: str) -> Optional[str]:
     """Why ``backend`` cannot run on ``device_type`` tensors here, or None if it can."""
     if backend not in BACKENDS:

@@ -320,8 +320,8 @@ def _allocate_loss(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 def _loss_forward(kind, prediction, x, in1, in2, in3, params, values, backend=None):
     loss, aux = _allocate_loss(x)
+    impl = forward_op.select(x.device.type, backend or None)  # (for an empty batch too: a bad backend is named)
     if x.shape[0] > 0:
-        impl = forward_op.select(x.device.type, backend or None)
         impl.run(kind, prediction, _kernel_inputs(kind, x, in1, in2, in3), params, values, loss, aux)
     return loss, aux
 
@@ -337,8 +337,8 @@ def _allocate_grads(x, in1, want_x: bool, want_in1: bool) -> Tuple[torch.Tensor,
 def _loss_backward(kind, prediction, x, in1, in2, in3, params, values, aux, grad_loss, want_x, want_in1,
                    backend=None):
     gx, g1 = _allocate_grads(x, in1, want_x, want_in1)
+    impl = backward_op.select(x.device.type, backend or None)
     if x.shape[0] > 0 and (want_x or want_in1):
-        impl = backward_op.select(x.device.type, backend or None)
         impl.run(kind, prediction, _kernel_inputs(kind, x, in1, in2, in3), params, values, aux,
                  grad_loss.to(torch.float32), gx if want_x else None, g1 if want_in1 else None)
     return gx, g1
@@ -350,8 +350,8 @@ def _allocate_combination(a, b) -> torch.Tensor:
 
 def _sample_combination(combination, prediction, a, b, params, values, backend=None) -> torch.Tensor:
     out = _allocate_combination(a, b)
+    impl = combination_op.select(a.device.type, backend or None)
     if a.shape[0] > 0:
-        impl = combination_op.select(a.device.type, backend or None)
         impl.run(combination, prediction, [a, b, None], params, values, out)
     return out
 

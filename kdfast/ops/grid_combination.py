@@ -152,6 +152,7 @@ def _select(sample, ys, grid: int, backend: str) -> backends.Implementation:
         why = f"{len(ys) * grid} grid weights (the kernels take at most {MAX_WEIGHTS})"
     if why is None:
         return combination_op.select(sample.device.type, backend or None)
+    backends.check_known(backend)
     forced = backend or backends._FORCED
     if forced and forced != "reference":
         raise BackendUnavailableError(f"backend {forced!r} cannot run kdfast.grid_combination on {why}")
@@ -162,9 +163,9 @@ def _forward(sample, output, second, coefs, backend=None) -> torch.Tensor:
     ys = (output,) if second is None else (output, second)
     grid = (coefs.numel() - 1) // len(ys)
     out = torch.empty(sample.shape, dtype=sample.dtype, device=sample.device)
+    impl = _select(sample, ys, grid, backend)  # (for an empty sample too: a bad backend is named)
     if out.numel() == 0:
         return out
-    impl = _select(sample, ys, grid, backend)
     if impl.backend == "reference":
         impl.run(sample, ys, coefs, out)
         return out

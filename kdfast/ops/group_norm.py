@@ -183,8 +183,8 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 def _forward(x, shift, weight, bias, num_groups, eps, act, backend=None) -> torch.Tensor:
     out = _allocate(x)
+    impl = group_norm_op.select(x.device.type, backend or None)  # (for an empty map too: a bad backend is named)
     if out.numel() > 0:
-        impl = group_norm_op.select(x.device.type, backend or None)
         impl.run(x, shift, weight, bias, num_groups, eps, act, out)
     return out
 

@@ -232,9 +232,9 @@ def _needs_dispatcher(*tensors: torch.Tensor) -> bool:
 def _kd_divergence(student, teacher, labels, kind, beta, ignore_index, vocab, numbers, want_grad, backend=None,
                    grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss, grad = _allocate(student, want_grad, grad_dtype)
+    impl = divergence_op.select(student.device.type, backend or None)  # (no rows too: a bad backend is named)
     if student.shape[0] > 0:
         inv_temperature, loss_scale = numbers
-        impl = divergence_op.select(student.device.type, backend or None)
         impl.run(student, teacher, labels, row_loss, grad if want_grad else None, kind, beta, inv_temperature,
                  ignore_index, vocab, loss_scale)
     return row_loss, grad

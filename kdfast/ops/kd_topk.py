@@ -198,9 +198,9 @@ def _allocate(student: torch.Tensor, want_grad: bool, grad_dtype: Optional[torch
 def _kd_topk(student, ids, lp, labels, renormalize, ignore_index, stored_eps, numbers, want_grad, backend=None,
              grad_dtype=None) -> Tuple[torch.Tensor, torch.Tensor]:
     row_loss, grad = _allocate(student, want_grad, grad_dtype)
+    impl = topk_op.select(student.device.type, backend or None)  # (no rows too: a bad backend is named)
     if student.shape[0] > 0:
         inv_t, loss_scale = numbers
-        impl = topk_op.select(student.device.type, backend or None)
         impl.run(student, ids, lp, labels, row_loss, grad if want_grad else None, renormalize, inv_t, ignore_index,
                  loss_scale, stored_eps)
     return row_loss, grad

@@ -180,6 +180,7 @@ def _clipping_args(clip_value, dynamic_scale, sample: torch.Tensor):
 def _float64_backend(op: backends.Op, device_type: str, backend: Optional[str]) -> backends.Implementation:
     """The implementation that computes a float64 step: the reference, in float64. A compiled
     backend forced by ``backend`` or ``KDFAST_BACKEND`` cannot, and says so."""
+    backends.check_known(backend)
     forced = backend or backends._FORCED
     if forced and forced != "reference":
         raise BackendUnavailableError(
@@ -487,15 +488,16 @@ def _allocate(sample: torch.Tensor, mask: int, history_dtype: torch.dtype) -> Li
 def _solver_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
                  clip_value, dynamic_scale, mask, history_dtype, backend=None) -> List[torch.Tensor]:
     outputs = _allocate(sample, mask, history_dtype)
+    # .is_cpu costs a fifth of .device.type, and nearly every call is on the CPU or CUDA. (Selected
+    # for an empty sample too: a bad backend is named.)
+    device_type = "cpu" if sample.is_cpu else sample.device.type
+    if sample.dtype is _F64:
+        impl = _float64_backend(step_op, device_type, backend)
+    else:
+        impl = step_op.select(device_type, backend)
     if sample.numel() > 0:
-        # .is_cpu costs a fifth of .device.type, and nearly every call is on the CPU or CUDA.
-        device_type = "cpu" if sample.is_cpu else sample.device.type
-        if sample.dtype is _F64:
-            impl = _float64_backend(step_op, device_type, backend)
-        else:
-            impl = step_op.select(device_type, backend)
-            if impl.backend != "reference":
-                coefs = _kernel_coefs(coefs, sample)
+        if impl.backend != "reference":
+            coefs = _kernel_coefs(coefs, sample)
         impl.run([sample, model_output, cond, h0, h1, h2, aux, noise], outputs, coefs, guidance_scale, threshold,
                  clip_value, dynamic_scale)
     return [o for o in outputs if o is not None]

@@ -236,6 +236,33 @@ def test_forced_backend_stays_differentiable(backend):
     torch.testing.assert_close(grads[1], grads[0])
 
 
+def test_an_unknown_backend_is_named_for_empty_or_float64_inputs_too():
+    # an empty input skipped the backend choice (a misspelt name passed); float64 inputs were
+    # told the compiled kernels cannot take float64, not that the name is unknown
+    co = torch.tensor(ops.coefficients(1.0, 0.0, sample={"x0": 1.0}))
+    empty, empty_map = torch.randn(0, 4), torch.randn(0, 4, 3)
+    calls = {
+        "solver_step": lambda b: ops.solver_step(empty, empty, co, backend=b),
+        "solver_step float64": lambda b: ops.solver_step(torch.randn(2, 4).double(), torch.randn(2, 4).double(), co,
+                                                         backend=b),
+        "threshold_scale": lambda b: ops.threshold_scale(empty, empty, 1.0, -0.5, backend=b),
+        "kd_divergence": lambda b: ops.kd_divergence(torch.randn(0, 5), torch.randn(0, 5), backend=b),
+        "kd_topk": lambda b: ops.kd_topk(torch.randn(0, 5), torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1),
+                                         backend=b),
+        "group_norm_act": lambda b: ops.group_norm_act(empty_map, 2, backend=b),
+        "pseudo_huber": lambda b: ops.pseudo_huber(empty_map, empty_map, c=0.1, backend=b),
+        "grid_combination": lambda b: ops.grid_combination(torch.randn(0, 3), torch.randn(0, 6),
+                                                           torch.tensor([0.5, 1.0, 2.0]), backend=b),
+        "grid_combination float64": lambda b: ops.grid_combination(torch.randn(2, 3).double(),
+                                                                   torch.randn(2, 6).double(),
+                                                                   torch.tensor([0.5, 1.0, 2.0]), backend=b),
+    }
+    for name, call in calls.items():
+        call(None)
+        with pytest.raises(BackendUnavailableError, match="unknown backend 'nope'"):
+            call("nope")
+
+
 def test_forced_backend_that_cannot_serve_explains(good, monkeypatch, unemulated_backends):
     x, m, c = good
     with pytest.raises(BackendUnavailableError, match="cuda backend runs on CUDA tensors"):
