@@ -291,7 +291,7 @@ class _FusedLinearKD(torch.autograd.Function):
                 ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
                 rows = rows + weight_hard * ce
                 if need_grad:
-                    g = g.add_(ce_grad, alpha=weight_hard)
+                    g = g.add_(ce_grad.mul_(weight_hard))  # (alpha= would make a symbolic weight a constant)
                 del ce_grad
             del s_logits
             rows_out[start:stop] = rows

@@ -9,6 +9,7 @@ import torch
 import torch.autograd.forward_ad as _forward_ad
 
 _CURRENT = contextlib.nullcontext()
+_F32_MAX = torch.finfo(torch.float32).max
 # The innermost torch.func transform (vmap, grad, jvp) being run, None outside them.
 _functorch_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 
@@ -76,9 +77,9 @@ def number_tensor(numbers) -> torch.Tensor:
     if isinstance(numbers, torch.Tensor):
         return numbers
     if torch.compiler.is_compiling():
-        one = torch.ones((), dtype=torch.float64)  # (torch.tensor(value) would specialise it)
+        one = torch.ones((), dtype=torch.float64, device="cpu")  # (torch.tensor(value) would specialise it)
         return torch.stack([one * value for value in numbers])
-    return torch.tensor(numbers, dtype=torch.float64)
+    return torch.tensor(numbers, dtype=torch.float64, device="cpu")  # (whatever the default device)
 
 
 def with_number_tensor(args: tuple) -> tuple:
@@ -97,8 +98,10 @@ def read_numbers(numbers: torch.Tensor, names: Tuple[str, ...]) -> tuple:
                          f"({', '.join(names)}), got {got}")
     values = tuple(numbers.tolist())
     for name, value in zip(names, values):
-        if not math.isfinite(value):
-            raise ValueError(f"{name} (in numbers) must be finite, got {value}")
+        # (checked here, as the op runs: under torch.compile the entry's check cannot see a value)
+        if not (math.isfinite(value) and abs(value) <= _F32_MAX):
+            raise ValueError(f"{name} (in numbers) must be within float32's range (the kernels compute in float32), "
+                             f"got {value}")
     return values
 
 

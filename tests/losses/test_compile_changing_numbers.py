@@ -99,3 +99,51 @@ def test_gradients_follow_a_changing_temperature_under_inductor(topk, tmp_path, 
         torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
                                    msg=f"temperature = {value}")
     assert counters["stats"]["unique_graphs"] <= 2
+
+
+@pytest.mark.parametrize("topk", [False, True])
+def test_a_changing_hard_label_weight_keeps_one_graph_while_training(topk, tmp_path, monkeypatch):
+    # with a student that takes gradients the hard-label gradient was added with alpha=weight_hard,
+    # which made the weight a constant: one graph per value, then fullgraph's recompile failure
+    from torch._dynamo.utils import counters
+
+    from kdfast.losses import fused_linear_topk_kd
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+
+    def loss(h, w, v):
+        if topk:
+            return fused_linear_topk_kd(h, w, IDS, LOGPROBS, LABELS, weight_hard=v)
+        return fused_linear_kd(h, w, HT, WT, LABELS, weight_hard=v)
+
+    def grads(fn, v):
+        h, w = H.clone().requires_grad_(True), W.clone().requires_grad_(True)
+        value = fn(h, w, v)
+        value.backward()
+        return value.detach(), h.grad, w.grad
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    for value in (0.1, 0.2, 0.3, 0.4):
+        torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
+                                   msg=f"weight_hard = {value}")
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
+def test_numbers_outside_float32_are_refused_when_the_compiled_op_runs(tmp_path, monkeypatch):
+    # the entry's range check cannot see a symbolic value: the op checks the numbers it is given
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: kd_loss(S, T, kind="forward_kl", temperature=v), backend="aot_eager")
+    compiled(1.0)
+    compiled(2.0)  # (a symbolic temperature from here on)
+    with pytest.raises(Exception, match=r"1 / temperature \(in numbers\) must be within float32"):
+        compiled(1e-39)
+
+
+def test_the_numbers_stay_on_the_cpu_whatever_the_default_device():
+    from kdfast.ops._tensors import number_tensor
+
+    with torch.device("meta"):
+        assert number_tensor((0.5, 2.0)).device.type == "cpu"

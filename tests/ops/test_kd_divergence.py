@@ -274,7 +274,9 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
                         ((c, c, torch.zeros(3, dtype=torch.long), 0, 0.5, -100, 64, ONE_ONE), "labels must have shape"),
                         ((c, c, None, 0, 0.5, -100, 64, ONE_ONE.float()), "numbers must be a float64 CPU tensor"),
                         ((c, c, None, 0, 0.5, -100, 64, ONE_ONE[:1]), r"numbers must be .* shape \(2,\)"),
-                        ((c, c, None, 0, 0.5, -100, 64, nan), r"loss_scale \(in numbers\) must be finite")):
+                        ((c, c, None, 0, 0.5, -100, 64, nan), r"loss_scale \(in numbers\) must be within float32"),
+                        ((c, c, None, 0, 0.5, -100, 64, torch.tensor([1e39, 1.0], dtype=torch.float64)),
+                         r"1 / temperature \(in numbers\) must be within float32")):
         with pytest.raises(ValueError, match=match):
             torch.ops.kdfast.kd_divergence(*args, False, "")
 
