@@ -1326,7 +1326,7 @@ def _takes_keyword(fn: Callable, name: str) -> bool:
 # step() arguments the loop itself passes, or that change from step to step (only a pipeline's
 # own loop can give them): not options
 _LOOP_STEP_ARGUMENTS = frozenset({
-    "self", "model_output", "timestep", "sample", "cond", "guidance_scale", "generator", "variance_noise",
+    "self", "model_output", "timestep", "sample", "cond", "uncond", "guidance_scale", "generator", "variance_noise",
     "return_dict", "return_pred_original_sample", "old_pred_original_sample", "timestep_back", "cur_sampling_step",
     "dmd_noisy_tensor", "dmd_sigmas", "dmd_timesteps", "all_timesteps", "pred_original_sample", "r_timestep",
     "per_token_timesteps"})
@@ -1355,6 +1355,8 @@ def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str,
     unknown = sorted(set(options) - names)
     if unknown:
         takes = f"it takes {sorted(names)}" if names else "it takes none"
+        if not guided:  # (guidance_scale=1 is no guidance: step() runs, and CFG++ with it)
+            takes += "; with a guidance_scale other than 1, step_cfg's options too"
         raise TypeError(f"{who}.step{'/step_cfg' if guided else ''} has no per-step option(s) {unknown} "
                         f"(the options after the scheduler go to every step call; {takes})")
     return dict(options)
@@ -1392,6 +1394,7 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
                 continue
             inp = scheduler.scale_model_input(xx, t)
             m, c = evaluate(inp, t)
+            _check_denoised(m, c)
             if callback is not None:
                 guided = _guided(m, c, 1.0 if guidance is None else guidance)
                 callback({'x': xx, 'i': i, 't': t, 'model_output': guided})

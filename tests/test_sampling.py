@@ -1300,6 +1300,10 @@ def test_bad_inputs():
         S.sample(lambda x, s: x.to(torch.complex64), x, sigmas, disable=True)  # (not "sample must be ...")
     with pytest.raises(TypeError, match="noise_sampler must return a torch.Tensor, got NoneType"):
         S.sample_euler_ancestral(denoiser, x, sigmas, noise_sampler=lambda s, sn: None, disable=True)
+    ddim = kdfast.schedulers.DDIMScheduler()
+    ddim.set_timesteps(3)
+    with pytest.raises(TypeError, match="the denoiser must return a floating-point tensor, got torch.complex64"):
+        S.sample(lambda x, t: x.to(torch.complex64), x, ddim, disable=True)  # (the scheduler path too)
     sched = DPMSolverMultistepScheduler()
     with pytest.raises(ValueError, match="set_timesteps"):
         S.sample(denoiser, x, sched, disable=True)
@@ -1404,8 +1408,10 @@ def test_guided_step_options_are_those_of_step_cfg():
         y = sched.step_cfg(model(y, t, -cond), model(y, t, cond), 0.6, t, y, cfg_pp=True).prev_sample
     torch.testing.assert_close(got, y)
     sched.set_timesteps(5)
-    with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\]"):
+    with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\].*other than 1"):
         S.sample(model, x, sched, cfg_pp=True, disable=True)  # no guidance: step() is called
+    with pytest.raises(TypeError, match=r"it takes \['cfg_pp', 'eta', 'use_clipped_model_output'\]\)$"):  # (not uncond)
+        S.sample(model, x, sched, guidance_scale=2.0, cond=cond, uncond=-cond, bogus=1, disable=True)
 
 
 # --------------------------------------------------------------------------- no host reads in the loop
