@@ -72,12 +72,30 @@ def test_float64_logits_keep_one_graph_for_every_temperature(tmp_path, monkeypat
     assert counters["stats"]["unique_graphs"] <= 2  # the first value, then a symbolic one
 
 
+def _assert_gradients_from_one_graph(loss, inputs, values, name):
+    """``loss(a, b, value)`` compiled with inductor: its value and the gradients of both inputs
+    equal eager's for every value, from at most two graphs (the first value, then a symbol)."""
+    from torch._dynamo.utils import counters
+
+    def grads(fn, value):
+        leaves = [t.clone().requires_grad_(True) for t in inputs]
+        out = fn(*leaves, value)
+        out.backward()
+        return (out.detach(), *(leaf.grad for leaf in leaves))
+
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    for value in values:
+        torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
+                                   msg=f"{name} = {value}")
+    assert counters["stats"]["unique_graphs"] <= 2
+
+
 @pytest.mark.parametrize("topk", [False, True])
 def test_gradients_follow_a_changing_temperature_under_inductor(topk, tmp_path, monkeypatch):
     # the backward reads the numbers too: the student's gradient (forward kernel, scaled) and
     # the teacher's (log-probabilities') gradient, which the traced backward forms by torch's ops
-    from torch._dynamo.utils import counters
-
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
 
     def loss(s, t, v):
@@ -85,28 +103,13 @@ def test_gradients_follow_a_changing_temperature_under_inductor(topk, tmp_path, 
             return topk_kd_loss(s, IDS, t, temperature=v, scale_by_t2=True)
         return kd_loss(s, t, kind="jsd", beta=0.3, temperature=v, scale_by_t2=True)
 
-    def grads(fn, v):
-        s = S.clone().requires_grad_(True)
-        t = (LOGPROBS if topk else T).clone().requires_grad_(True)
-        value = fn(s, t, v)
-        value.backward()
-        return value.detach(), s.grad, t.grad
-
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
-    for value in (1.0, 2.0, 3.0, 0.7):
-        torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
-                                   msg=f"temperature = {value}")
-    assert counters["stats"]["unique_graphs"] <= 2
+    _assert_gradients_from_one_graph(loss, (S, LOGPROBS if topk else T), (1.0, 2.0, 3.0, 0.7), "temperature")
 
 
 @pytest.mark.parametrize("topk", [False, True])
 def test_a_changing_hard_label_weight_keeps_one_graph_while_training(topk, tmp_path, monkeypatch):
     # with a student that takes gradients the hard-label gradient was added with alpha=weight_hard,
     # which made the weight a constant: one graph per value, then fullgraph's recompile failure
-    from torch._dynamo.utils import counters
-
     from kdfast.losses import fused_linear_topk_kd
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
@@ -116,19 +119,7 @@ def test_a_changing_hard_label_weight_keeps_one_graph_while_training(topk, tmp_p
             return fused_linear_topk_kd(h, w, IDS, LOGPROBS, LABELS, weight_hard=v)
         return fused_linear_kd(h, w, HT, WT, LABELS, weight_hard=v)
 
-    def grads(fn, v):
-        h, w = H.clone().requires_grad_(True), W.clone().requires_grad_(True)
-        value = fn(h, w, v)
-        value.backward()
-        return value.detach(), h.grad, w.grad
-
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
-    for value in (0.1, 0.2, 0.3, 0.4):
-        torch.testing.assert_close(grads(compiled, value), grads(loss, value), rtol=1e-5, atol=1e-6,
-                                   msg=f"weight_hard = {value}")
-    assert counters["stats"]["unique_graphs"] <= 2
+    _assert_gradients_from_one_graph(loss, (H, W), (0.1, 0.2, 0.3, 0.4), "weight_hard")
 
 
 def test_numbers_outside_float32_are_refused_when_the_compiled_op_runs(tmp_path, monkeypatch):
