@@ -314,14 +314,15 @@ else:  # unset: triton is imported compiled; set afterwards, a refresh cannot ch
 """
 
 
-def test_triton_interpreter_mode_is_read_as_triton_reads_it():
+def test_triton_interpreter_mode_is_read_as_triton_reads_it(tmp_path):
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # (from another folder: the source tree would shadow the installed package and its kernels)
     spelled = subprocess.run([sys.executable, "-c", _INTERPRETER_MODES, "spelled"], capture_output=True, text=True,
-                             env={**env, "TRITON_INTERPRET": "true"}, timeout=300)
+                             env={**env, "TRITON_INTERPRET": "true"}, timeout=300, cwd=tmp_path)
     assert spelled.stdout.split() == ["None", "True"], spelled.stderr[-2000:]
     late = subprocess.run([sys.executable, "-c", _INTERPRETER_MODES, "late"], capture_output=True, text=True,
-                          env=env, timeout=300)
+                          env=env, timeout=300, cwd=tmp_path)
     first, after_refresh = late.stdout.strip().splitlines()
     assert "set TRITON_INTERPRET=1 before the process imports triton" in first, late.stderr[-2000:]
     # (it said the backend served, and every kernel then failed inside Triton's interpreter)
