@@ -17,13 +17,12 @@ import torch
 from .. import _ext, backends
 from .._checks import check_int, is_finite_number, real_number
 from ..reference import kd_divergence as ref
-from ._tensors import (DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, has_subclass,
+from ._tensors import (_F32_MAX, DTYPE_CODES, check_label_ids, cuda_stream, dispatcher_required, has_subclass,
                        number_tensor, numbers_for_torch, on_device, read_numbers, reference_required,
                        with_number_tensor)
 
 KINDS = ref.KINDS  # same order as kdfast::kd_divergence::Kind
 divergence_op = backends.op("kd_divergence")
-_F32_MAX = torch.finfo(torch.float32).max
 _NUMBERS = ("1 / temperature", "loss_scale")  # the op's numbers, in order (see _tensors.number_tensor)
 
 
