@@ -9,16 +9,17 @@ immediately pushed through the student's head into the gradients of the hidden s
 weight and bias. Nothing of size ``[tokens, vocab]`` ever exists; the backward pass only
 scales the gradients the forward pass already computed.
 """
-from __future__ import annotations
+# (No `from __future__ import annotations` here: torch 2.4's custom_op takes the annotations of
+# an op's signature as types and refuses them as strings.)
 
 import contextlib
 import threading
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..ops._tensors import check_label_ids, reference_required
+from ..ops._tensors import check_label_ids, number_tensor, read_numbers, reference_required
 from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
 from ..ops.kd_topk import REMAINDERS, kd_topk, kd_topk_with_grad
 from .._checks import check_flag, is_finite_number, real_number
@@ -219,10 +220,19 @@ class _TeacherHead:
     student's and the divergence kernel gives the rows and the student logits' gradient."""
 
     def __init__(self, hidden, weight, bias, kind, beta, temperature, ignore_index, vocab, loss_scale):
-        self.hidden, self.bias = hidden, bias
-        self.operand = _head_operand(weight)  # (a 16-bit CPU head widened once per call, for either path)
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.kind, self.beta, self.temperature, self.loss_scale = kind, beta, temperature, loss_scale
+        self.width = weight.shape[0]  # (chunks are sized by the wider head)
         self.args = dict(kind=kind, beta=beta, temperature=temperature, ignore_index=ignore_index, vocab_size=vocab,
                          loss_scale=loss_scale)
+        self._operand = None
+
+    @property
+    def operand(self) -> torch.Tensor:
+        # (a 16-bit CPU head widened once per call, for either path; not while traced into the op)
+        if self._operand is None:
+            self._operand = _head_operand(self.weight)
+        return self._operand
 
     def rows(self, s_logits, start, stop, labels, grad_dtype=None):
         """The chunk's rows, and their gradient (``grad_dtype``) when asked."""
@@ -237,13 +247,22 @@ class _TeacherHead:
         t_logits = _head_logits(self.hidden, self.operand, self.bias)
         return kd_divergence(s_logits, t_logits, labels=labels, **self.args)
 
+    def op(self, head, labels, ignore_index, weight_hard, chunk_size, vocab, reduction, want):
+        """The chunked loss as one ``kdfast::fused_linear_kd`` call (see :func:`_apply`)."""
+        return torch.ops.kdfast.fused_linear_kd(
+            *head, self.hidden, self.weight, self.bias, labels, KINDS.index(self.kind), self.beta, ignore_index, vocab,
+            chunk_size or 0, reduction, number_tensor((self.temperature, self.loss_scale, weight_hard)), want)
+
 
 class _StoredTopK:
     """The soft term against a teacher's stored top-k ids and log-probabilities (the top-k
     kernel gives the rows and the student logits' gradient)."""
 
+    width = 0  # (chunks are sized by the student's head)
+
     def __init__(self, ids, logprobs, temperature, remainder, ignore_index, loss_scale):
         self.ids, self.logprobs = ids, logprobs
+        self.temperature, self.remainder, self.loss_scale = temperature, remainder, loss_scale
         self.args = dict(temperature=temperature, remainder=remainder, ignore_index=ignore_index,
                          loss_scale=loss_scale, stored_dtype=logprobs.dtype)
 
@@ -256,71 +275,87 @@ class _StoredTopK:
     def unfused_rows(self, s_logits, labels):
         return kd_topk(s_logits, self.ids, self.logprobs, labels=labels, **self.args)
 
+    def op(self, head, labels, ignore_index, weight_hard, chunk_size, vocab, reduction, want):
+        """The chunked loss as one ``kdfast::fused_linear_topk_kd`` call (see :func:`_apply`)."""
+        return torch.ops.kdfast.fused_linear_topk_kd(
+            *head, self.ids, self.logprobs, labels, self.remainder, ignore_index, vocab, chunk_size or 0, reduction,
+            number_tensor((self.temperature, self.loss_scale, weight_hard)), want)
+
+
+def _chunked_loss(student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard, chunk_size,
+                  vocab, reduction, want):
+    """The loss and the gradients of the student's hidden states, weight and bias (those
+    ``want`` asks for, else None), unscaled, in fp32, with the loss's denominator (None for
+    ``"sum"``): the backward multiplies the gradients by ``grad_loss / denominator``."""
+    tokens = student_hidden.shape[0]
+    device = student_hidden.device
+    if chunk_size is None:
+        # (sized by the wider head: a teacher's chunk logits are as many rows of its vocabulary)
+        chunk_size = default_chunk_size(tokens, max(student_weight.shape[0], soft.width), device.type)
+    # Every row of grad_hidden is written by exactly one chunk. It is kept in fp32 until the
+    # backward scales it (by 1 / valid tokens and the upstream gradient): stored unscaled in
+    # 16 bits, a sum over a chunk's vocabulary overflows fp16 where the scaled gradient fits,
+    # and small sums lose their digits in fp16's subnormal range.
+    grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if want[0] else None
+    grad_weight = ((torch.empty if tokens else torch.zeros)(student_weight.shape, dtype=torch.float32,
+                                                              device=device) if want[1] else None)
+    grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) \
+        if want[2] and student_bias is not None else None
+    rows_out = torch.zeros(tokens, dtype=torch.float32, device=device)
+    need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
+    student_operand = _head_operand(student_weight)
+    # The head products run in the operand's dtype (fp32 on the CPU, the model's on a GPU);
+    # the divergence kernel stores the chunk's gradient in it directly, unless the
+    # hard-label gradient is to be added first.
+    compute_dtype = student_operand.dtype
+    grad_dtype = torch.float32 if weight_hard else compute_dtype
+    for start in range(0, tokens, chunk_size):
+        stop = min(tokens, start + chunk_size)
+        h = student_hidden[start:stop]
+        chunk_labels = None if labels is None else labels[start:stop]
+        s_logits = _head_logits(h, student_operand, student_bias)
+        rows, g = soft.rows(s_logits, start, stop, chunk_labels, grad_dtype if need_grad else None)
+        if weight_hard:
+            ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
+            rows = rows + weight_hard * ce
+            if need_grad:
+                g = g.add_(ce_grad.mul_(weight_hard))  # (alpha= would make a symbolic weight a constant)
+            del ce_grad
+        del s_logits
+        rows_out[start:stop] = rows
+        if not need_grad:
+            continue
+        g = g.to(compute_dtype)
+        if grad_hidden is not None:
+            _hidden_grad(grad_hidden[start:stop], g, student_operand)
+        if grad_weight is not None:
+            _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype), first=start == 0)
+        if grad_bias is not None:
+            grad_bias.add_(g.sum(0, dtype=torch.float32))
+    denominator = _denominator(labels, tokens, ignore_index, vocab, reduction, device)
+    loss = rows_out.sum()
+    if denominator is not None:
+        loss = loss / denominator
+    return loss, grad_hidden, grad_weight, grad_bias, denominator
+
 
 class _FusedLinearKD(torch.autograd.Function):
+    """The chunked loss in eager code; its backward only scales the forward's gradients."""
+
     @staticmethod
     def forward(ctx, student_hidden, student_weight, student_bias, soft, labels, ignore_index, weight_hard,
                 chunk_size, vocab, reduction):
-        tokens = student_hidden.shape[0]
-        want = ctx.needs_input_grad
-        device = student_hidden.device
-        # Every row of grad_hidden is written by exactly one chunk. It is kept in fp32 until the
-        # backward scales it (by 1 / valid tokens and the upstream gradient): stored unscaled in
-        # 16 bits, a sum over a chunk's vocabulary overflows fp16 where the scaled gradient fits,
-        # and small sums lose their digits in fp16's subnormal range.
-        grad_hidden = torch.empty(student_hidden.shape, dtype=torch.float32, device=device) if want[0] else None
-        grad_weight = ((torch.empty if tokens else torch.zeros)(student_weight.shape, dtype=torch.float32,
-                                                                  device=device) if want[1] else None)
-        grad_bias = torch.zeros(student_weight.shape[0], dtype=torch.float32, device=device) \
-            if want[2] and student_bias is not None else None
-        rows_out = torch.zeros(tokens, dtype=torch.float32, device=device)
-        need_grad = any(g is not None for g in (grad_hidden, grad_weight, grad_bias))
-        student_operand = _head_operand(student_weight)
-        # The head products run in the operand's dtype (fp32 on the CPU, the model's on a GPU);
-        # the divergence kernel stores the chunk's gradient in it directly, unless the
-        # hard-label gradient is to be added first.
-        compute_dtype = student_operand.dtype
-        grad_dtype = torch.float32 if weight_hard else compute_dtype
-        for start in range(0, tokens, chunk_size):
-            stop = min(tokens, start + chunk_size)
-            h = student_hidden[start:stop]
-            chunk_labels = None if labels is None else labels[start:stop]
-            s_logits = _head_logits(h, student_operand, student_bias)
-            rows, g = soft.rows(s_logits, start, stop, chunk_labels, grad_dtype if need_grad else None)
-            if weight_hard:
-                ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
-                rows = rows + weight_hard * ce
-                if need_grad:
-                    g = g.add_(ce_grad.mul_(weight_hard))  # (alpha= would make a symbolic weight a constant)
-                del ce_grad
-            del s_logits
-            rows_out[start:stop] = rows
-            if not need_grad:
-                continue
-            g = g.to(compute_dtype)
-            if grad_hidden is not None:
-                _hidden_grad(grad_hidden[start:stop], g, student_operand)
-            if grad_weight is not None:
-                _accumulate_weight_grad(grad_weight, g, h.to(compute_dtype), first=start == 0)
-            if grad_bias is not None:
-                grad_bias.add_(g.sum(0, dtype=torch.float32))
-        denominator = _denominator(labels, tokens, ignore_index, vocab, reduction, device)
-        loss = rows_out.sum()
-        if denominator is not None:
-            loss = loss / denominator
-        ctx.save_for_backward(*(t for t in (grad_hidden, grad_weight, grad_bias, denominator) if t is not None))
-        ctx.present = tuple(t is not None for t in (grad_hidden, grad_weight, grad_bias, denominator))
+        loss, *saved = _chunked_loss(student_hidden, student_weight, student_bias, soft, labels, ignore_index,
+                                     weight_hard, chunk_size, vocab, reduction, ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*(t for t in saved if t is not None))
+        ctx.present = tuple(t is not None for t in saved)
         ctx.dtypes = (student_hidden.dtype, student_weight.dtype,
                       None if student_bias is None else student_bias.dtype)
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():
-            # create_graph=True: the gradients were computed in the forward pass and have no
-            # graph of their own, so a second-order use (a gradient penalty) would see zeros.
-            raise RuntimeError("kdfast.fused_linear_kd: double backward (create_graph=True) is not supported; "
-                               "the gradients are computed in the forward pass and are not differentiable")
+        _refuse_double_backward()
         if getattr(ctx, "consumed", False):
             raise RuntimeError("kdfast.fused_linear_kd: a second backward through the same graph (retain_graph=True) "
                                "is not supported; the forward's gradient buffers were scaled by the first")
@@ -333,6 +368,138 @@ class _FusedLinearKD(torch.autograd.Function):
             # in place: the buffers are this node's alone (a weight-sized copy cost as much as the products)
             outs.append(None if g is None else g.mul_(scale).to(dtype))
         return (outs[0], outs[1], outs[2]) + (None,) * 7
+
+
+def _refuse_double_backward() -> None:
+    if torch.is_grad_enabled():
+        # create_graph=True: the gradients were computed in the forward pass and have no
+        # graph of their own, so a second-order use (a gradient penalty) would see zeros.
+        raise RuntimeError("kdfast.fused_linear_kd: double backward (create_graph=True) is not supported; "
+                           "the gradients are computed in the forward pass and are not differentiable")
+
+
+# --------------------------------------------------------------------------- custom ops
+# Under torch.compile the chunked loss is one opaque op (its chunk loop runs eagerly inside):
+# traced, the loop would be unrolled for the token count at hand, one graph per count.
+
+_OP_NUMBERS = ("temperature", "soft loss scale", "weight_hard")  # the ops' numbers tensor, in order
+
+
+def _op_options(student_hidden, student_weight, student_bias, labels, ignore_index, vocab, chunk_size, reduction,
+                numbers, want_grads, vocab_limit):
+    """Check what a direct caller of the ops passes (the public functions check it on their
+    own path); returns the labels (int64), the chunk size (None: the default) and the numbers."""
+    _check_head("student", student_hidden, student_weight, student_bias)
+    if reduction not in REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    if not 1 <= vocab <= vocab_limit:
+        raise ValueError(f"vocab must be in [1, {vocab_limit}], got {vocab}")
+    if chunk_size < 0:
+        raise ValueError(f"chunk_size must be >= 1, or 0 for the default, got {chunk_size}")
+    if len(want_grads) != 3:
+        raise ValueError(f"want_grads must hold 3 flags (hidden, weight, bias), got {len(want_grads)}")
+    temperature, soft_scale, weight_hard = read_numbers(numbers, _OP_NUMBERS)
+    if weight_hard < 0 or soft_scale < 0:
+        raise ValueError(f"the loss weights must be >= 0, got weight_hard={weight_hard}, soft loss scale={soft_scale}")
+    labels = _check_labels(labels, student_hidden.shape[0], vocab, student_weight.shape[0], ignore_index,
+                           student_hidden.device, weight_hard > 0)
+    return labels, chunk_size or None, temperature, soft_scale, weight_hard
+
+
+def _op_outputs(student_hidden, student_weight, loss, grad_hidden, grad_weight, grad_bias, denominator):
+    """The ops' outputs: missing gradients as empty tensors, the denominator of "sum" as 1."""
+    return (loss, *(student_hidden.new_empty(0, dtype=torch.float32) if g is None else g  # (no aliases between outputs)
+                    for g in (grad_hidden, grad_weight, grad_bias)),
+            torch.ones((), device=loss.device) if denominator is None else denominator)
+
+
+@torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
+def _fused_linear_kd_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                        student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
+                        teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+                        labels: Optional[torch.Tensor], kind: int, beta: float, ignore_index: int, vocab: int,
+                        chunk_size: int, reduction: str, numbers: torch.Tensor, want_grads: List[bool]
+                        ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # numbers: float64 CPU [temperature, soft loss scale, weight_hard]; chunk_size 0: the default.
+    # Returns the loss, the unscaled fp32 gradients of the student's hidden states, weight and
+    # bias (empty where want_grads is False) and the loss's denominator.
+    _check_head("teacher", teacher_hidden, teacher_weight, teacher_bias)
+    if teacher_hidden.shape[0] != student_hidden.shape[0] or teacher_hidden.device != student_hidden.device:
+        raise ValueError("teacher_hidden must have student_hidden's tokens and device")
+    if not 0 <= kind < len(KINDS):
+        raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
+    labels, chunk_size, temperature, soft_scale, weight_hard = _op_options(
+        student_hidden, student_weight, student_bias, labels, ignore_index, vocab, chunk_size, reduction, numbers,
+        want_grads, min(student_weight.shape[0], teacher_weight.shape[0]))
+    soft = _TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
+                        None if teacher_bias is None else teacher_bias.detach(), KINDS[kind], beta, temperature,
+                        ignore_index, vocab, soft_scale)
+    outs = _chunked_loss(student_hidden.detach(), student_weight.detach(),
+                         None if student_bias is None else student_bias.detach(), soft, labels, ignore_index,
+                         weight_hard, chunk_size, vocab, reduction, want_grads)
+    return _op_outputs(student_hidden, student_weight, *outs)
+
+
+@torch.library.custom_op("kdfast::fused_linear_topk_kd", mutates_args=())
+def _fused_linear_topk_kd_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                             student_bias: Optional[torch.Tensor], teacher_topk_ids: torch.Tensor,
+                             teacher_topk_logprobs: torch.Tensor, labels: Optional[torch.Tensor], remainder: str,
+                             ignore_index: int, vocab: int, chunk_size: int, reduction: str, numbers: torch.Tensor,
+                             want_grads: List[bool]
+                             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # As kdfast::fused_linear_kd, against a teacher's stored top-k (checked by the top-k kernel's op).
+    if remainder not in REMAINDERS:
+        raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    labels, chunk_size, temperature, soft_scale, weight_hard = _op_options(
+        student_hidden, student_weight, student_bias, labels, ignore_index, vocab, chunk_size, reduction, numbers,
+        want_grads, student_weight.shape[0])
+    soft = _StoredTopK(teacher_topk_ids.detach(), teacher_topk_logprobs.detach(), temperature, remainder,
+                       ignore_index, soft_scale)
+    outs = _chunked_loss(student_hidden.detach(), student_weight.detach(),
+                         None if student_bias is None else student_bias.detach(), soft, labels, ignore_index,
+                         weight_hard, chunk_size, vocab, reduction, want_grads)
+    return _op_outputs(student_hidden, student_weight, *outs)
+
+
+def _fake_outputs(student_hidden, student_weight, student_bias, *rest):
+    want = rest[-1]
+    f32 = dict(dtype=torch.float32, device=student_hidden.device)
+    return (student_hidden.new_empty((), **f32),
+            student_hidden.new_empty(student_hidden.shape if want[0] else (0,), **f32),
+            student_hidden.new_empty(student_weight.shape if want[1] else (0,), **f32),
+            student_hidden.new_empty((student_weight.shape[0],) if want[2] and student_bias is not None else (0,),
+                                     **f32),
+            student_hidden.new_empty((), **f32))
+
+
+def _op_setup_context(ctx, inputs, output):
+    student_hidden, student_weight, student_bias = inputs[:3]
+    ctx.dtypes = (student_hidden.dtype, student_weight.dtype, None if student_bias is None else student_bias.dtype)
+    ctx.want = tuple(inputs[-1])
+    ctx.set_materialize_grads(False)  # (the gradient outputs never receive a gradient)
+    ctx.save_for_backward(*output[1:])
+
+
+def _op_backward(ctx, grad_loss, *_unused):
+    n_inputs = len(ctx.needs_input_grad)
+    if grad_loss is None:
+        return (None,) * n_inputs
+    _refuse_double_backward()
+    *grads, denominator = ctx.saved_tensors
+    scale = grad_loss / denominator
+    outs = []
+    for i, (g, dtype) in enumerate(zip(grads, ctx.dtypes)):
+        if ctx.needs_input_grad[i] and not ctx.want[i]:
+            raise RuntimeError(f"kdfast.fused_linear_kd: input {i} needs a gradient its call did not compute "
+                               f"(want_grads={list(ctx.want)})")
+        outs.append(g * scale.to(g.dtype) if ctx.needs_input_grad[i] else None)
+        outs[-1] = None if outs[-1] is None else outs[-1].to(dtype)
+    return (*outs, *(None,) * (n_inputs - 3))
+
+
+for _op in (_fused_linear_kd_op, _fused_linear_topk_kd_op):
+    _op.register_fake(_fake_outputs)
+    _op.register_autograd(_op_backward, setup_context=_op_setup_context)
 
 
 def _denominator(labels: Optional[torch.Tensor], tokens: int, ignore_index: int, vocab: int, reduction: str,
@@ -459,10 +626,6 @@ def fused_linear_kd(
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
     labels = _check_labels(labels, tokens, vocab, student_weight.shape[0], ignore_index, student_hidden.device,
                            weight_hard > 0)
-    if chunk_size is None:
-        # (sized by the wider head: the teacher's chunk logits are as many rows of its vocabulary)
-        chunk_size = default_chunk_size(tokens, max(student_weight.shape[0], teacher_weight.shape[0]),
-                                        student_hidden.device.type)
     loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
     # the heads are cast: with autocast left on, the CPU's would round the fp32 products to 16 bits
     with _autocast_off(student_hidden):
@@ -482,6 +645,10 @@ def _apply(student_hidden, student_weight, student_bias, soft, labels, ignore_in
     if not torch.is_grad_enabled():  # evaluation: the loss alone, no gradient buffers or products
         student_hidden, student_weight = student_hidden.detach(), student_weight.detach()
         student_bias = None if student_bias is None else student_bias.detach()
+    if torch.compiler.is_compiling():  # one op in the graph, whatever the token count (see the ops)
+        want = [t is not None and t.requires_grad for t in (student_hidden, student_weight, student_bias)]
+        return soft.op((student_hidden, student_weight, student_bias), labels, ignore_index, weight_hard, chunk_size,
+                       vocab, reduction, want)[0]
     return _FusedLinearKD.apply(student_hidden, student_weight, student_bias, soft, labels, ignore_index,
                                 weight_hard, chunk_size, vocab, reduction)
 
@@ -536,8 +703,6 @@ def fused_linear_topk_kd(
     keep = None if labels is None else labels != ignore_index
     check_stored_topk(teacher_topk_ids, teacher_topk_logprobs, student_hidden.shape[:1], vocab, student_hidden.device,
                       keep, remainder, like="student_hidden")
-    if chunk_size is None:
-        chunk_size = default_chunk_size(tokens, vocab, student_hidden.device.type)
     loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
     with _autocast_off(student_hidden):
         soft = _StoredTopK(teacher_topk_ids.detach(), teacher_topk_logprobs.detach(), temperature, remainder,
