@@ -165,10 +165,15 @@ def get_sigmas_ays(n, sigmas_10="SD1", device='cpu') -> torch.Tensor:
         sigmas_10 = AYS_NOISE_LEVELS[sigmas_10]
     if isinstance(sigmas_10, torch.Tensor):
         sigmas_10 = sigmas_10.detach().cpu().double().tolist()
-    sigmas = [float(s) for s in sigmas_10]
-    n = int(n)
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
+    try:
+        sigmas = [float(s) for s in sigmas_10]
+    except (TypeError, ValueError):
+        raise TypeError(f"sigmas_10 must be a model type or a list of noise levels, got {sigmas_10!r}") from None
+    if len(sigmas) < 2 or not all(math.isfinite(s) and s > 0 for s in sigmas) or any(
+            a <= b for a, b in zip(sigmas, sigmas[1:])):
+        raise ValueError(f"sigmas_10 must hold at least 2 finite, positive, strictly decreasing noise levels, "
+                         f"got {sigmas}")
+    n = _int_option("n", n, minimum=1)
     if n + 1 != len(sigmas):
         sigmas = loglinear_interp(sigmas, n + 1).tolist()
     sigmas[-1] = 0.0
@@ -473,8 +478,6 @@ def _plan_dpmpp_2m(s) -> _Plan:
 
 
 def _plan_dpmpp_2m_sde(s, eta=1., s_noise=1., solver_type='midpoint') -> _Plan:
-    if solver_type not in ('heun', 'midpoint'):
-        raise ValueError("solver_type must be 'heun' or 'midpoint'")
     b = _Builder(s)
     h_last = h = None
     for i in range(b.n):
@@ -574,8 +577,6 @@ def _unipc_weights(h: float, rks: List[float], order: int, variant: str, correct
 def _plan_unipc(s, order=2, variant='bh2', use_corrector=True, lower_order_final=True) -> _Plan:
     if order not in (1, 2, 3):
         raise ValueError(f"order must be 1, 2 or 3, got {order}")
-    if variant not in ('bh1', 'bh2'):
-        raise ValueError(f"variant must be 'bh1' or 'bh2', got {variant!r}")
     b = _Builder(s)
     n = b.n
     lam = [math.inf if v == 0 else -math.log(v) for v in s]
@@ -683,13 +684,6 @@ def _noise_times_dpmpp_sde(sigma: float, sigma_next: float, r: float, dtype: tor
 
 
 def _plan_dpmpp_sde(s, eta=1., s_noise=1., r=0.5, sigmas_dtype="float32") -> _Plan:
-    try:  # any real number, as k-diffusion's arithmetic takes (a numpy scalar, a 0-d tensor)
-        r_value = math.nan if isinstance(r, (bool, str, bytes)) else float(r)
-    except (TypeError, ValueError, RuntimeError):
-        r_value = math.nan
-    if not (math.isfinite(r_value) and r_value > 0):
-        raise ValueError(f"r must be a positive number (the midpoint's fraction of the step), got {r!r}")
-    r = r_value
     dtype = getattr(torch, sigmas_dtype)
     b = _Builder(s)
     fac = 1 / (2 * r)
@@ -842,10 +836,12 @@ def _number(name: str, value, *, finite: bool = True, positive: bool = False, no
     return v
 
 
-# The samplers' real-valued options: (finite, nonnegative). The others (order, variant, r,
-# solver_type, ...) are checked where their sampler's plan reads them.
+# The samplers' real-valued options: (finite, nonnegative); and their options with a few
+# values. The others (order, ...) are checked where their sampler's plan reads them. (The plans
+# are cached by their options: these are checked before, as an unhashable value would fail there.)
 _REAL_OPTIONS = {"eta": (True, True), "s_noise": (True, False), "s_churn": (True, True),
                  "s_tmin": (False, False), "s_tmax": (False, False)}
+_CHOICE_OPTIONS = {"solver_type": ("heun", "midpoint"), "variant": ("bh1", "bh2")}
 
 
 def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
@@ -854,12 +850,29 @@ def _checked_options(options: Dict[str, Any]) -> Dict[str, Any]:
     for name, (finite, nonnegative) in _REAL_OPTIONS.items():
         if name in out:
             out[name] = _number(name, out[name], finite=finite, nonnegative=nonnegative)
+    for name, choices in _CHOICE_OPTIONS.items():
+        if name in out and not (isinstance(out[name], str) and out[name] in choices):
+            raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}, got {out[name]!r}")
+    if "r" in out:
+        r = out["r"]
+        try:  # any real number, as k-diffusion's arithmetic takes (a numpy scalar or array, a 0-d tensor)
+            out["r"] = math.nan if isinstance(r, (bool, str, bytes)) else float(r)
+        except (TypeError, ValueError, RuntimeError):
+            out["r"] = math.nan
+        if not (math.isfinite(out["r"]) and out["r"] > 0):
+            raise ValueError(f"r must be a positive number (the midpoint's fraction of the step), got {r!r}")
     return out
 
 
 def _check_callable(name: str, value, how: str) -> None:
     if not callable(value):
         raise TypeError(f"{name} must be callable as {how}, got {type(value).__name__}")
+
+
+def check_callback(callback) -> None:
+    """A ``callback`` argument: None or callable (else an error before the first model call)."""
+    if callback is not None:
+        _check_callable("callback", callback, "callback(dict)")
 
 
 def _check_denoiser(denoiser, how: str) -> None:
@@ -945,7 +958,8 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
     time argument: a sigma (sigma path; ``evaluate.time_arg(sigma, x)`` gives the tensor, which
     the loop passes as the key) or the timestep tensor itself (scheduler path).
 
-    Sigma arguments are made once, in x's dtype, as k-diffusion's ``s_in`` is; with
+    Sigma arguments are made once, in x's dtype, as k-diffusion's ``s_in`` is, and each model
+    call gets its own copy, as in k-diffusion; with
     ``sigma_follows_x`` (DPM-Solver-Fast, whose k-diffusion code makes them from the current x)
     a sample promoted to a wider denoiser output's dtype gets them in that dtype from then on."""
     B = x.shape[0]
@@ -965,7 +979,9 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
         arg = sigma_args.get(slot)
         if arg is None:  # the first call at a promoted dtype: a fill, capturable like the model's ops
             arg = sigma_args[slot] = x.new_full((rows,), key)
-        return arg
+        # a copy per call, as k-diffusion makes one: a denoiser that turns its sigma into a
+        # timestep in place (sigma.mul_(1000)) would change the next call's otherwise
+        return arg.clone()
 
     for t in timesteps:
         sigma_arg(t, x)
@@ -996,7 +1012,8 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
 
     def evaluate(x, key):
         arg = sigma_arg(key, x)
-        return model(x, arg, cond=uncond, **extra_args), model(x, arg, cond=cond, **extra_args)
+        arg_cond = arg.clone()  # (the first call may change its time argument in place)
+        return model(x, arg, cond=uncond, **extra_args), model(x, arg_cond, cond=cond, **extra_args)
     return made(evaluate)
 
 
@@ -1131,6 +1148,7 @@ def _sample_sigmas(name: str, model, x: torch.Tensor, sigmas, *, extra_args=None
                    noise_sampler: Optional[NoiseSampler] = None, generator: Optional[torch.Generator] = None,
                    guidance_scale=None, cond=None, uncond=None, cuda_graph: bool = False,
                    options: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+    check_callback(callback)
     loop = _sigma_loop(name, model, x, sigmas, extra_args=extra_args, with_callback=callback is not None,
                        noise_sampler=noise_sampler, generator=generator, guidance_scale=guidance_scale,
                        cond=cond, uncond=uncond, options=options)
@@ -1724,6 +1742,7 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     this function raises rather than give zero gradients.
     """
     _refuse_grad_transforms("kdfast.sample")
+    check_callback(callback)
     loop = _make_loop(denoiser, x, sigmas_or_scheduler, sampler=sampler, guidance_scale=guidance_scale, cond=cond,
                       uncond=uncond, extra_args=extra_args, generator=generator,
                       with_callback=callback is not None, sampler_options=sampler_options)

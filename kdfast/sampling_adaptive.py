@@ -243,6 +243,7 @@ def sample_dpm_adaptive(model, x, sigma_min, sigma_max, extra_args=None, callbac
     raise instead of looping forever.
     """
     _sampling._check_x(x)
+    _sampling.check_callback(callback)
     (sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety, eta,
      s_noise) = _check_args(sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff, dcoeff, accept_safety,
                             eta, s_noise, noise_sampler, generator, extra_args)
@@ -310,7 +311,12 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         # error = ||(x_low - x_high) / max(atol, rtol * max(|x_low|, |x_prev|))|| / sqrt(numel)
         low_scaled = x_low.to(compute).abs().mul_(rtol)
         delta = torch.maximum(low_scaled, prev_scaled).clamp_(min=atol)
-        error = torch.linalg.vector_norm(diff.to(compute).div_(delta)).div_(sqrt_numel)
+        # an entry that is 0 in all three samples has no error (not 0 / 0): where atol is 0
+        no_error = (diff == 0) & (delta == 0) if atol == 0 else None
+        scaled = diff.to(compute).div_(delta)  # (in place on diff itself where it is in compute's dtype)
+        if no_error is not None:
+            scaled = scaled.masked_fill_(no_error, 0.0)
+        error = torch.linalg.vector_norm(scaled).div_(sqrt_numel)
         err = error.item()  # the step's one host read: the controller decides on the host
         if math.isnan(err):
             raise FloatingPointError(f"the error estimate of the step from sigma {sig(s):.6g} to {sig(t):.6g} is NaN: "

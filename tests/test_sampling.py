@@ -769,6 +769,13 @@ def test_align_your_steps():
     assert np.all(np.diff(interp) < 0)
     with pytest.raises(ValueError):
         S.get_sigmas_ays(10, "SD9")
+    # (n was truncated, and levels that are no schedule were interpolated or returned)
+    for n in (2.5, True):
+        with pytest.raises(TypeError, match="n must be an integer"):
+            S.get_sigmas_ays(n)
+    for bad in ([1.0, 2.0, 4.0, 8.0], [1.0, -5.0, math.nan], [1.0]):
+        with pytest.raises(ValueError, match="sigmas_10 must hold at least 2 finite, positive, strictly decreasing"):
+            S.get_sigmas_ays(3, bad)
     with pytest.raises(ValueError):
         S.loglinear_interp([1.0, 0.0], 5)
     # Usable as a sampler schedule.
@@ -1330,6 +1337,11 @@ def test_bad_inputs():
     (dict(guidance_scale=torch.tensor(True), cond=torch.ones(2, 4, 1, 1)), TypeError,
      "guidance_scale must be a number"),
     (dict(cuda_graph="False"), ValueError, "cuda_graph must be True or False"),
+    # (unhashable values failed in the plans' cache: "unhashable type")
+    (dict(sampler="dpmpp_2m_sde", solver_type=["heun"]), ValueError, "solver_type must be 'heun' or 'midpoint'"),
+    (dict(sampler="unipc", variant=["bh1"]), ValueError, "variant must be 'bh1' or 'bh2'"),
+    (dict(sampler="dpmpp_sde", r=[0.3]), ValueError, "r must be a positive number"),
+    (dict(callback=5), TypeError, "callback must be callable"),
 ])
 def test_bad_options_name_the_argument(kwargs, error, match):
     # (float() took "1" and numpy/tensor bools; a NaN s_noise was blamed on the sigmas)
@@ -1356,6 +1368,25 @@ def test_real_sampler_options_take_any_real_number():
     for eta in (np.float32(0.5), torch.tensor(0.5)):
         got = S.sample(denoiser, x, sigmas, sampler="euler_ancestral", eta=eta, noise_sampler=flat, disable=True)
         assert torch.equal(got, expected)
+    expected = S.sample(denoiser, x, sigmas, sampler="dpmpp_sde", r=0.3, noise_sampler=flat, disable=True)
+    for r in (np.array(0.3), np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):  # (k-diffusion takes these)
+        assert torch.equal(S.sample_dpmpp_sde(denoiser, x, sigmas, r=r, noise_sampler=flat, disable=True), expected)
+
+
+@pytest.mark.parametrize("case", ["heun", "guided_two_calls"])
+def test_a_denoiser_may_change_its_sigma_argument_in_place(case):
+    # k-diffusion makes a sigma tensor per model call; the cached one was passed again (to Heun's
+    # next step at the same sigma, to the conditional call of a two-call CFG): a denoiser that
+    # turned it into a timestep in place (sigma.mul_(1000)) changed those calls' sigma
+    def mutating(x, sigma, cond=None):
+        plain = sigma.clone()
+        sigma.mul_(1000.0)
+        return denoiser(x, plain, cond=cond)
+
+    x, sigmas, cond = initial(), karras(5), torch.ones(SHAPE[0], 4, 1, 1)
+    kwargs = dict(sampler="heun") if case == "heun" else dict(sampler="euler", guidance_scale=3.0, cond=cond)
+    torch.testing.assert_close(S.sample(mutating, x, sigmas, disable=True, **kwargs),
+                               S.sample(denoiser, x, sigmas, disable=True, **kwargs), rtol=0, atol=0)
 
 
 def test_scheduler_step_options_reach_every_step():

@@ -412,6 +412,7 @@ def test_half_precision_close_to_float64(dtype):
     (dict(noise_sampler=3), TypeError, "noise_sampler must be callable"),
     (dict(generator=7), TypeError, "generator must be a torch.Generator"),
     (dict(extra_args=[1]), TypeError, "extra_args must be a dict"),
+    (dict(callback=5), TypeError, "callback must be callable"),
     (dict(x=torch.zeros(SHAPE, dtype=torch.int32)), TypeError, "x must be"),
 ])
 def test_bad_input_names_the_argument(kwargs, error, match):
@@ -419,6 +420,16 @@ def test_bad_input_names_the_argument(kwargs, error, match):
     args.update(kwargs)
     with pytest.raises(error, match=match):
         sample_dpm_adaptive(**args)
+
+
+def test_an_entry_that_stays_zero_has_no_error_with_atol_zero():
+    # the error of an entry 0 in the low- and high-order samples and the previous one was 0 / 0:
+    # a false "non-finite values" error (k-diffusion loops forever there)
+    x = initial(shape=SHAPE)
+    x[:, 1] = 0
+    shrink = lambda x, sigma: x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2)  # noqa: E731  (keeps zeros zero)
+    out = sample_dpm_adaptive(shrink, x, SIGMA_MIN, SIGMA_MAX, atol=0.0, rtol=0.05, disable=True)
+    assert torch.isfinite(out).all() and torch.equal(out[:, 1], torch.zeros_like(out[:, 1]))
 
 
 def test_nan_model_output_raises_instead_of_looping():
