@@ -8,6 +8,7 @@ accuracy, next to milliseconds per image. Writes PNG grids, ``metrics.json`` and
 """
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import inspect
 import json
@@ -21,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ._checks import check_float, check_int
+from ._checks import check_flag, check_float, check_int
 # MAX_SEED: the step generator takes seed + 1
 from .train.run import MAX_SEED, OutputDirError, atomic_files, prepare_output_dir, progress_bar
 
@@ -152,12 +153,13 @@ def solver_notes(solvers: Sequence[str]) -> Dict[str, str]:
 def _anchor_sample(teacher, scheduler_key: str, n_per_class: int, steps: int, guidance_scale: float, seed: int,
                    timer: Optional["_SolverTimer"] = None):
     """The same sampling loop with the diffusers scheduler and unfused guidance, drawing the
-    same initial and per-step noise as ``Teacher.sample`` (so the two should agree), on the
-    network as saved (``teacher.model``: what a diffusers pipeline would run), where
-    ``Teacher.sample`` runs its inference form."""
+    same initial and per-step noise as ``Teacher.sample`` (so the two should agree: in its
+    batches, as stochastic schedulers draw their noise batch by batch), on the network as saved
+    (``teacher.model``: what a diffusers pipeline would run), where ``Teacher.sample`` runs its
+    inference form."""
     import diffusers
 
-    from .train.teacher import SCHEDULERS
+    from .train.teacher import SAMPLE_BATCH, SCHEDULERS
 
     class_name, options = SCHEDULERS[scheduler_key]
     sched = getattr(diffusers, class_name).from_config(teacher.scheduler_config, **options)
@@ -168,24 +170,27 @@ def _anchor_sample(teacher, scheduler_key: str, n_per_class: int, steps: int, gu
                         generator=gen)
     step_gen = torch.Generator(device=device).manual_seed(int(seed) + 1)
     takes_generator = "generator" in inspect.signature(sched.step).parameters
-    y = labels.to(device)
-    y2 = torch.cat([torch.full_like(y, teacher.null_class), y])
-    sched.set_timesteps(steps, device=device)
-    x = noise.to(device) * sched.init_noise_sigma
-    for t in sched.timesteps:
-        inp = sched.scale_model_input(x, t)
-        if guidance_scale == 1.0:
-            out = teacher.model(inp, t, y)
-            solver_start = time.perf_counter()
-        else:
-            u, c = teacher.model(torch.cat([inp, inp]), t, y2).chunk(2)
-            solver_start = time.perf_counter()  # guidance is part of the solver work kdfast fuses
-            out = u + guidance_scale * (c - u)
-        kwargs = {"generator": step_gen} if takes_generator else {}
-        x = sched.step(out, t, x, **kwargs).prev_sample
-        if timer is not None:
-            timer.seconds += time.perf_counter() - solver_start
-    return x.clamp(-1, 1).cpu(), labels
+    out = []
+    for start in range(0, len(labels), SAMPLE_BATCH):
+        y = labels[start:start + SAMPLE_BATCH].to(device)
+        y2 = torch.cat([torch.full_like(y, teacher.null_class), y])
+        sched.set_timesteps(steps, device=device)
+        x = noise[start:start + SAMPLE_BATCH].to(device) * sched.init_noise_sigma
+        for t in sched.timesteps:
+            inp = sched.scale_model_input(x, t)
+            if guidance_scale == 1.0:
+                pred = teacher.model(inp, t, y)
+                solver_start = time.perf_counter()
+            else:
+                u, c = teacher.model(torch.cat([inp, inp]), t, y2).chunk(2)
+                solver_start = time.perf_counter()  # guidance is part of the solver work kdfast fuses
+                pred = u + guidance_scale * (c - u)
+            kwargs = {"generator": step_gen} if takes_generator else {}
+            x = sched.step(pred, t, x, **kwargs).prev_sample
+            if timer is not None:
+                timer.seconds += time.perf_counter() - solver_start
+        out.append(x.clamp(-1, 1).cpu())
+    return torch.cat(out), labels
 
 
 class _SolverTimer:
@@ -293,8 +298,19 @@ def run_demo(out: str = "kdfast-demo", solvers: Sequence[str] = DEFAULT_SOLVERS,
     from .eval import DigitsEvaluator
     from .train.teacher import load_teacher, save_grid
 
-    solvers = list(solvers)
-    steps, n_per_class, guidance_scale = _check_args(solvers, list(steps), n_per_class, guidance_scale, seed)
+    # (a string is a sequence: "ddim" would be the solvers d, d, i, m)
+    for name, value in (("solvers", solvers), ("steps", steps)):
+        if isinstance(value, (str, bytes)) or not isinstance(value, collections.abc.Iterable):
+            raise DemoError(f"{name} must be a list, got {value!r}")
+    solvers, steps = list(solvers), list(steps)
+    if not all(isinstance(s, str) for s in solvers):
+        raise DemoError(f"solvers must be names of solvers, got {list(solvers)}")
+    try:
+        anchor, progress, cuda_graph = (check_flag(n, v) for n, v in
+                                        (("anchor", anchor), ("progress", progress), ("cuda_graph", cuda_graph)))
+    except ValueError as exc:
+        raise DemoError(str(exc)) from None
+    steps, n_per_class, guidance_scale = _check_args(solvers, steps, n_per_class, guidance_scale, seed)
     # Every argument is checked before the output folder is created or cleared.
     device = _resolve_device(device)
     if cuda_graph and device.type != "cuda":

@@ -88,13 +88,20 @@ def test_too_many_steps_are_refused_before_earlier_outputs_are_removed(tmp_path,
     (dict(guidance_scale="3"), "guidance_scale must be a finite number, got '3'"),
     (dict(guidance_scale=True), "guidance_scale must be a finite number, got True"),
     (dict(guidance_scale=float("nan")), "guidance_scale must be a finite number, got nan"),
+    # (a string was split into letters, an int failed in list(), a string switch was true)
+    (dict(solvers="ddim"), "solvers must be a list, got 'ddim'"),
+    (dict(steps=5), "steps must be a list, got 5"),
+    (dict(solvers=[["ddim"]]), "solvers must be names of solvers, got [['ddim']]"),
+    (dict(cuda_graph="False"), "cuda_graph must be True or False, got 'False'"),
+    (dict(anchor="False"), "anchor must be True or False, got 'False'"),
+    (dict(progress=1), "progress must be True or False, got 1"),
 ])
 def test_python_api_refuses_what_the_cli_cannot_pass(tmp_path, kwargs, message):
     # (the CLI's argument types keep these out; run_demo must not truncate or fail late)
     out = tmp_path / "out"
     with pytest.raises(DemoError) as exc:
-        run_demo(out=str(out), solvers=["ddim"], **{"steps": [2], "n_per_class": 2, **kwargs}, anchor=False,
-                 progress=False)
+        run_demo(out=str(out), **{"solvers": ["ddim"], "steps": [2], "n_per_class": 2, "anchor": False,
+                                  "progress": False, **kwargs})
     assert message in str(exc.value)
     assert not out.exists()
 
@@ -285,3 +292,16 @@ def test_the_overall_speed_sentence_says_when_kdfast_was_slower():
     slower = format_table([dict(row, ms_per_image=1.25, anchor_ms_per_image=1.0)])
     assert "all rows: 1.25x less time per image" in faster
     assert "all rows: 1.25x more time per image" in slower and "less time" not in slower
+
+
+def test_the_diffusers_anchor_draws_a_stochastic_schedulers_noise_in_the_teachers_batches(monkeypatch):
+    # Teacher.sample draws the per-step noise batch by batch; the anchor drew it for all images at
+    # once, so past one batch (500 images) the two differed by the noise alone (0.85 at 510 images)
+    from kdfast.demo import _anchor_sample
+
+    monkeypatch.setattr(teacher_module, "SAMPLE_BATCH", 4)
+    teacher = teacher_module.load_teacher()
+    images, labels = teacher.sample(1, 2, 1.2, scheduler="euler_ancestral", seed=0, batch_size=4)
+    anchor, anchor_labels = _anchor_sample(teacher, "euler_ancestral", 1, 2, 1.2, 0)
+    assert torch.equal(labels, anchor_labels)
+    assert (images - anchor).abs().max() < 5e-3  # (float error only: 6e-4 here; the other noise gave 0.5)

@@ -160,6 +160,13 @@ def _check_split(name: str, split) -> str:
 # ---------------------------------------------------------------- metrics
 
 
+def _checksum(t: torch.Tensor) -> torch.Tensor:
+    """A float64 sum of ``t``'s values weighted by their position (1 to 251, repeating)."""
+    flat = t.detach().reshape(-1).double()
+    weights = torch.arange(flat.numel(), device=flat.device, dtype=torch.float64).remainder_(251).add_(1)
+    return flat @ weights
+
+
 @torch.no_grad()
 def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: int) -> torch.Tensor:
     """Apply ``classifier.<method>`` in eval mode, batched, on the classifier's device; CPU result."""
@@ -169,8 +176,10 @@ def _run(classifier: nn.Module, images: torch.Tensor, method: str, batch_size: i
         # (a classifier without parameters or buffers runs on the CPU)
         first = next(itertools.chain(classifier.parameters(), classifier.buffers()), None)
         device = first.device if first is not None else torch.device("cpu")
+        # (a float64 or 16-bit classifier takes its own dtype; the checked images are float32)
+        dtype = first.dtype if first is not None and first.is_floating_point() else images.dtype
         fn = getattr(classifier, method)
-        return torch.cat([fn(images[i:i + batch_size].to(device)).float().cpu()
+        return torch.cat([fn(images[i:i + batch_size].to(device, dtype)).float().cpu()
                           for i in range(0, len(images), batch_size)])
     finally:
         classifier.train(was_training)
@@ -231,12 +240,16 @@ class DigitsEvaluator:
             cached = self._real_features[split] = (state, self.features(self.real(split)[0]))
         return cached[1]
 
-    def _weights_state(self) -> Tuple[Tuple[int, int], ...]:
+    def _weights_state(self) -> Tuple:
         # Each tensor's storage and version counter: an in-place update (an optimizer step,
         # load_state_dict, mul_) bumps the version, a replaced tensor has a new address.
         # (Inference tensors have no version counter; they cannot be updated outside inference mode.)
-        tensors = itertools.chain(self.classifier.parameters(), self.classifier.buffers())
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors)
+        # An update through .data (an EMA's p.data.mul_) bumps no version: a checksum of the
+        # values, position-weighted (a swap of two values changes it too), sees those.
+        tensors = list(itertools.chain(self.classifier.parameters(), self.classifier.buffers()))
+        with torch.no_grad():
+            checksum = sum(float(_checksum(t)) for t in tensors if t.numel())
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors), checksum
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Classifier features ``[N, feature_dim]`` (float32, CPU) of checked ``images``."""

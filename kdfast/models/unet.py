@@ -286,9 +286,11 @@ class UNet(nn.Module):
         if not x.dtype.is_floating_point:
             raise TypeError(f"x must be a floating-point tensor (the model's dtype, {weight_dtype}), "
                             f"got dtype {x.dtype}")
-        if x.dtype != weight_dtype and not torch.is_autocast_enabled(x.device.type):
+        # (autocast casts the others, not float64)
+        if x.dtype != weight_dtype and (x.dtype == torch.float64 or not torch.is_autocast_enabled(x.device.type)):
+            hint = "" if x.dtype == torch.float64 else ", or run under torch.autocast"
             raise TypeError(f"x must have the model's dtype {weight_dtype}, got dtype {x.dtype} (convert x, or the "
-                            f"model with .to({x.dtype}), or run under torch.autocast)")
+                            f"model with .to({x.dtype}){hint})")
         if isinstance(t, torch.Tensor):
             if t.dtype == torch.bool or t.dtype.is_complex:
                 raise TypeError(f"t must hold real timesteps (an integer or floating-point tensor), "

@@ -195,6 +195,24 @@ def test_reference_features_follow_a_classifier_that_changes():
     assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
     model.load_state_dict(load_classifier().state_dict())
     assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
+    # an update through .data (an EMA's p.data.mul_) bumps no version counter: the cached
+    # features of the old weights were compared with the new weights' (Frechet 733, not 0)
+    for p in model.parameters():
+        p.data.mul_(0.5)
+    assert evaluator.evaluate(images, labels)["frechet"] == pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_a_classifier_of_another_dtype_takes_the_images_in_it(dtype):
+    # (the checked images are float32: a float64 or bf16 classifier failed on a dtype mismatch)
+    from kdfast.eval import load_classifier
+
+    images, labels = DigitsEvaluator().real("heldout")
+    images, labels = images[:200], labels[:200]
+    expected = class_accuracy(images, labels, load_classifier())
+    assert class_accuracy(images, labels, load_classifier().to(dtype)) == pytest.approx(expected, abs=0.02)
+    scores = DigitsEvaluator(classifier=load_classifier().to(dtype)).evaluate(images, labels)
+    assert scores["accuracy"] == pytest.approx(expected, abs=0.02)
 
 
 def test_reference_features_under_inference_mode():

@@ -203,6 +203,11 @@ def test_forward_takes_timesteps_in_every_real_form(unet):
         # under autocast, x may have the autocast dtype while the weights stay float32
         with torch.autocast("cpu", dtype=torch.bfloat16):
             assert unet(x.bfloat16(), 3).dtype == torch.bfloat16
+            # autocast casts no float64: refused as outside it (it failed in a matmul, after the
+            # check had suggested autocast)
+            with pytest.raises(TypeError, match=r"must have the model's dtype torch.float32, got dtype torch.float64 "
+                                                r"\(convert x, or the model with .to\(torch.float64\)\)$"):
+                unet(x.double(), 3)
 
 
 def test_forward_checks_compile_without_graph_breaks():
