@@ -207,7 +207,8 @@ def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> Tuple[
     timesteps = _as_tensor("timesteps", timesteps)
     if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
         raise TypeError(f"timesteps must be integers (indices of alphas_cumprod), got {timesteps.dtype}")
-    timesteps = timesteps.to(table.device).reshape(-1)
+    # (int64 indices: torch takes uint8 ones as a mask and refuses int8 / int16 ones)
+    timesteps = timesteps.to(table.device, torch.int64).reshape(-1)
     _check_below("timesteps", timesteps, table.numel())
     abar = torch.where(timesteps >= 0, table[timesteps.clamp(min=0, max=table.numel() - 1)],
                        torch.ones_like(table[:1]))

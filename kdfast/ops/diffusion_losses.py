@@ -75,7 +75,7 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         return None, float(default)
     if isinstance(value, torch.Tensor):
         if not (value.is_floating_point() or value.dtype in (torch.int64, torch.int32)):
-            raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
+            raise TypeError(f"{name} must be a floating-point (or int32 / int64) tensor, got {value.dtype}")
         if value.device != device:
             raise ValueError(f"{name} must be on {device} like the latents, got {value.device}")
         if value.numel() == 1:
@@ -580,6 +580,23 @@ def _checked_op_inputs(code_name: str, code: int, codes: Sequence[str], predicti
     return x, others, list(params)
 
 
+def _check_loss_op_inputs(kind: int, in1, in2, params, values) -> None:
+    """What a loss op's kind needs, for a direct call: its inputs (y / x0_real as in1; x0_fake
+    or x_t as in2 for DMD and the progressive MSE) and host values the public functions accept
+    (finite; c >= 0; a progressive schedule with a target)."""
+    if in1 is None:
+        raise ValueError(f"kind {KINDS[kind]} needs in1 ({'x0_real' if kind == DMD else 'y' if kind < DMD else 'x_s'})")
+    if kind in (DMD, PROGRESSIVE_MSE) and in2 is None:
+        raise ValueError(f"kind {KINDS[kind]} needs in2 ({'x0_fake' if kind == DMD else 'x_t'})")
+    for name, t, v in zip(SLOTS, params, values):
+        if t is None and not math.isfinite(v):
+            raise ValueError(f"values[{name}] must be finite, got {v}")
+    if kind in (PSEUDO_HUBER, PSEUDO_HUBER_ELEMENTWISE) and params[_C] is None and values[_C] < 0:
+        raise ValueError(f"values[c] must be >= 0, got {values[_C]}")
+    if kind == PROGRESSIVE_MSE:
+        _check_pd_schedule(list(zip(params[_AT:], values[_AT:])))
+
+
 @torch.library.custom_op("kdfast::diffusion_loss", mutates_args=())
 def _diffusion_loss_op(kind: int, prediction: int, x: torch.Tensor, in1: Optional[torch.Tensor],
                        in2: Optional[torch.Tensor], in3: Optional[torch.Tensor], weights: Optional[torch.Tensor],
@@ -588,6 +605,7 @@ def _diffusion_loss_op(kind: int, prediction: int, x: torch.Tensor, in1: Optiona
     params = _with_weights(params, weights)
     x, (in1, in2, in3), params = _checked_op_inputs("kind", kind, KINDS, prediction, x, (in1, in2, in3), params,
                                                     values)
+    _check_loss_op_inputs(kind, in1, in2, params, values)
     return _loss_forward(kind, prediction, x, in1, in2, in3, params, values, backend)
 
 
@@ -610,6 +628,7 @@ def _diffusion_loss_backward_op(kind: int, prediction: int, x: torch.Tensor, in1
                                 backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     x, (in1, in2, in3), params = _checked_op_inputs("kind", kind, KINDS, prediction, x, (in1, in2, in3), params,
                                                     values)
+    _check_loss_op_inputs(kind, in1, in2, params, values)
     if aux.shape != (x.shape[0], 2) or aux.dtype != torch.float64 or grad_loss.shape != (x.shape[0],):
         raise ValueError(f"aux must be float64 ({x.shape[0]}, 2) (the forward's second output) and grad_loss "
                          f"({x.shape[0]},), got {describe('aux', aux)} and {describe('grad_loss', grad_loss)}")

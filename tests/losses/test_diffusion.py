@@ -210,6 +210,10 @@ def test_alpha_sigma():
     alpha, sigma = dl.alpha_sigma(abar, torch.tensor([0, 500, -1]))
     torch.testing.assert_close(alpha, torch.stack([abar[0], abar[500], torch.tensor(1.0, dtype=torch.float64)]).sqrt())
     torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(3, dtype=torch.float64))
+    # every integer dtype is an index (uint8 was taken as a mask, int8 / int16 refused by torch)
+    for dtype in (torch.uint8, torch.int8, torch.int16, torch.int32):
+        got = dl.alpha_sigma(abar[:4], torch.tensor([1, 1, 1, 1], dtype=dtype))[0]
+        torch.testing.assert_close(got, abar[1].sqrt().expand(4))
 
 
 ABAR = torch.linspace(0.99, 0.01, 10, dtype=torch.float64)

@@ -361,6 +361,17 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
         ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, [None, torch.ones(3), None, None, None, None], values),
          r"params\[c\] must be"),
         ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, params[:3], values), "params and values must hold"),
+        # a missing input the kind needs (the Triton kernel read x in its place; the others failed
+        # without naming it), and values the public functions refuse
+        ((dl.PSEUDO_HUBER, 0, x, None, None, None, None, params, values), r"kind pseudo_huber needs in1 \(y\)"),
+        ((dl.DMD, 0, x, y, None, None, None, params, values), r"kind dmd needs in2 \(x0_fake\)"),
+        ((dl.PROGRESSIVE_MSE, 0, x, y, None, None, None, params, values), r"kind progressive_mse needs in2 \(x_t\)"),
+        ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, params, [1.0, -0.5, 0.0, 0.0, 0.0, 0.0]),
+         r"values\[c\] must be >= 0"),
+        ((dl.PSEUDO_HUBER, 0, x, y, None, None, None, params, [math.nan, 0.1, 0.0, 0.0, 0.0, 0.0]),
+         r"values\[weights\] must be finite"),
+        ((dl.PROGRESSIVE_MSE, 0, x, y, x, None, None, params, [1.0, 0.0, 0.8, 0.0, 0.9, 0.43]),
+         "sigma_t must be nonzero"),
     ]
     for args, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -369,6 +380,9 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
     with pytest.raises(ValueError, match="aux must be float64"):
         torch.ops.kdfast.diffusion_loss_backward(dl.PSEUDO_HUBER, 0, x, y, None, None, params, values, aux.float(),
                                                  torch.ones(2), True, True, "")
+    with pytest.raises(ValueError, match="kind pseudo_huber needs in1"):
+        torch.ops.kdfast.diffusion_loss_backward(dl.PSEUDO_HUBER, 0, x, None, None, None, params, values, aux,
+                                                 torch.ones(2), True, False, "")
     gx, _ = torch.ops.kdfast.diffusion_loss_backward(dl.PSEUDO_HUBER, 0, x, y, None, None, params, values, aux,
                                                      torch.ones(2), True, False, "")
     leaf = x.detach().clone().requires_grad_(True)
@@ -423,7 +437,7 @@ def _x(shape=(3, 8)):
     (lambda x: ops.dmd(x, x * 0, x * 0 + 1, weights="2"), TypeError, "weights must be a number"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(2)), ValueError, "weights must be a number or hold"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=torch.ones(3, dtype=torch.bool)), TypeError,
-     "weights must be a floating-point tensor"),
+     r"weights must be a floating-point \(or int32 / int64\) tensor, got torch.bool"),
     (lambda x: ops.pseudo_huber(x, x, c=0.1, weights=math.inf), ValueError, "weights must be finite"),
     (lambda x: ops.dmd(x, x, x[:, :4]), ValueError, "x0_fake must have the shape of x"),
     (lambda x: ops.dmd(x, x, x, x_t=x[:1]), ValueError, "x_t must have the shape of x"),
