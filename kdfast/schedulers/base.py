@@ -543,6 +543,8 @@ class FusedScheduler(ConfigMixin):
         index = self.schedule_index(timestep) if schedule is self.timesteps else schedule_position(timestep, schedule)
         if index is not None:
             return index
+        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+            raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
         value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
         if schedule is self.timesteps:
             self._refresh_host_timesteps()

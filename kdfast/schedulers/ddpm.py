@@ -63,6 +63,8 @@ def integer_timestep(scheduler: FusedScheduler, timestep) -> int:
         return int(timestep.item())
     if isinstance(timestep, (int, np.integer)):
         return int(timestep)
+    if isinstance(timestep, np.ndarray) and timestep.size == 1 and np.issubdtype(timestep.dtype, np.integer):
+        return int(timestep.reshape(()))  # (a 0-d array, as diffusers takes)
     raise IndexError(f"timestep must be an integer training timestep (it indexes alphas_cumprod, as in diffusers), "
                      f"got {type(timestep).__name__} {timestep!r}")
 

@@ -132,6 +132,9 @@ class EDMEulerScheduler(EDMPreconditioning, _SigmaScheduler):
             ramp = torch.as_tensor(sigmas).to(torch.float64)
         if ramp.dim() != 1 or ramp.numel() < 1:
             raise ValueError(f"sigmas (the ramp) must be a non-empty 1-D sequence, got shape {tuple(ramp.shape)}")
+        if not bool(((ramp >= 0) & (ramp <= 1)).all()):  # (NaN fails too)
+            raise ValueError(f"sigmas must be positions in [0, 1] along the ramp from sigma_max to sigma_min (not "
+                             f"sigma values), got {sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas}")
         self.num_inference_steps = num_inference_steps
         self._install(self._sigmas_of_ramp(ramp), device)
         self._table = self._shared_table(self._build_table)

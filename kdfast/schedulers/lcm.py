@@ -9,6 +9,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import check_float
 from ._config import register_to_config
 from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
@@ -114,6 +115,8 @@ class LCMScheduler(Thresholding, FusedScheduler):
         if num_inference_steps is not None and timesteps is not None:
             raise ValueError("Can only pass one of `num_inference_steps` or `custom_timesteps`.")
         original_steps = cfg.original_inference_steps if original_inference_steps is None else original_inference_steps
+        # (past 1 the origin timesteps run past the training schedule)
+        strength = check_float("strength", strength, 0.0, 1.0)
         origin = self._origin_timesteps(original_steps, original_inference_steps, strength)
 
         if timesteps is not None:

@@ -154,6 +154,10 @@ def test_bad_input():
     kd = EDMEulerScheduler()
     with pytest.raises(ValueError, match="num_inference_steps"):
         kd.set_timesteps(0)
+    # sigma values passed for the ramp's positions gave negative sigmas and NaN timesteps
+    for ramp in ([80.0, 20.0, 5.0, 1.0, 0.1], [1.5, 0.5, -0.2], [0.0, float("nan")]):
+        with pytest.raises(ValueError, match=r"sigmas must be positions in \[0, 1\] along the ramp .*not sigma values"):
+            kd.set_timesteps(sigmas=ramp)
     kd.set_timesteps(3)
     x = initial_sample()
     with pytest.raises(ValueError, match="integer"):

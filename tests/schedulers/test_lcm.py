@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kdfast.schedulers.lcm import LCMScheduler
+from kdfast.schedulers.tcd import TCDScheduler
 from parity import (
     assert_parity, diffusers, dummy_cfg, dummy_model, initial_sample, no_host_reads, parity_error, run_loop,
     settings)
@@ -175,8 +176,13 @@ def test_bad_set_timesteps_arguments():
         kd.set_timesteps(4, timesteps=[999, 499])
     with pytest.raises(ValueError, match="original_steps"):
         kd.set_timesteps(4, original_inference_steps=2000)
-    with pytest.raises(ValueError, match="cannot be larger than `original_inference_steps`"):
-        kd.set_timesteps(60, strength=2.0)
+    with pytest.raises(ValueError, match="is smaller than `num_inference_steps`: 60"):
+        kd.set_timesteps(60)
+    # past 1 the origin timesteps ran past the training schedule: an IndexError for TCD and LCM
+    for scheduler in (LCMScheduler(), TCDScheduler()):
+        for strength in (1.5, 2.0, float("nan")):
+            with pytest.raises(ValueError, match=r"strength must be a finite number in \[0.0, 1.0\]"):
+                scheduler.set_timesteps(4, strength=strength)
     with pytest.raises(ValueError, match="strength"):
         kd.set_timesteps(10, strength=0.1)
     with pytest.raises(ValueError, match="descending"):
@@ -189,7 +195,7 @@ def test_bad_set_timesteps_arguments():
     kd.set_timesteps(8)
     with pytest.raises(TypeError):
         kd.set_timesteps(7.5)
-    with pytest.raises(ValueError, match="cannot be larger than `original_inference_steps`"):
+    with pytest.raises(ValueError, match="strength must be a finite number"):
         kd.set_timesteps(60, strength=2.0)
     with pytest.raises((RuntimeError, ValueError)):  # an unknown device, here after the custom schedule is made
         kd.set_timesteps(timesteps=[999, 759, 499], device="no-such-device")

@@ -275,6 +275,8 @@ def test_bad_schedules_and_steps_are_named():
             kd.step(x, bad, x)
     with pytest.raises(IndexError, match="outside the training schedule"):
         kd.step(x, 1000, x)
+    with pytest.raises(IndexError, match="timestep must be an integer"):
+        kd.step(x, np.asarray(float(t)), x)
     with pytest.raises(TypeError, match="bogus"):
         kd.step(x, t, x, bogus=1)
     assert kd.counter == 0 and kd.ets == []  # refused steps change nothing

@@ -4,6 +4,7 @@ import copy
 import inspect
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -452,6 +453,29 @@ def test_integer_timesteps_step_as_their_values(name):
         results.append(kd.step(dummy_model(x, kd.timesteps[0]), t, kd.scale_model_input(x, t), **kwargs).prev_sample)
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
     torch.testing.assert_close(results[2], results[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["LMSDiscreteScheduler", "KDPM2DiscreteScheduler", "DPMSolverSinglestepScheduler",
+                                  "EDMEulerScheduler"])
+def test_a_timestep_tensor_of_several_values_is_named(name):
+    # (the lookup by value read it with .item(): "a Tensor with 2 elements cannot be converted")
+    kd = getattr(K, name)()
+    kd.set_timesteps(6)
+    x = initial_sample()
+    with pytest.raises(ValueError, match=r"timestep must be a single value, got a tensor of shape \(2,\)"):
+        kd.step(dummy_model(x, kd.timesteps[0]), kd.timesteps[0].expand(2), x)
+
+
+@pytest.mark.parametrize("name", ["PNDMScheduler", "DDPMScheduler"])
+def test_a_0d_numpy_timestep_steps_like_diffusers(name):
+    x = initial_sample()
+    results = []
+    for form in (lambda t: t, lambda t: np.asarray(int(t))):
+        kd = getattr(K, name)(**({"skip_prk_steps": True} if name == "PNDMScheduler" else {}))
+        kd.set_timesteps(5)
+        kwargs = {"generator": torch.Generator().manual_seed(0)} if name == "DDPMScheduler" else {}
+        results.append(kd.step(dummy_model(x, kd.timesteps[0]), form(kd.timesteps[0]), x, **kwargs).prev_sample)
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
 
 
 def _two_steps(cls, x, generator):
