@@ -195,6 +195,10 @@ def sinkhorn_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
         raise ValueError(f"epsilon must be positive, got {epsilon}")
     iterations = _check_int("iterations", iterations, minimum=1)
     compute = _compute_dtype(student_logits, teacher_logits)
+    tiny = torch.finfo(compute).tiny
+    if epsilon < tiny:  # (cost / epsilon in compute's dtype: 0 / 0 gave a NaN loss)
+        raise ValueError(f"epsilon must be at least {tiny:.5g} (the smallest normal {compute}) with {compute} logits, "
+                         f"got {epsilon}")
     cost = cost.to(device=student_logits.device, dtype=compute)
     log_a = torch.log_softmax(teacher_logits.to(compute) / temperature, dim=1)  # source: teacher
     log_b = torch.log_softmax(student_logits.to(compute) / temperature, dim=1)  # target: student

@@ -87,9 +87,10 @@ def with_number_tensor(args: tuple) -> tuple:
     return (*args[:-1], number_tensor(args[-1]))
 
 
-def read_numbers(numbers: torch.Tensor, names: Tuple[str, ...]) -> tuple:
+def read_numbers(numbers: torch.Tensor, names: Tuple[str, ...], positive: int = 0) -> tuple:
     """The finite floats of the op's numbers tensor, checked for a caller of the custom op itself
-    (``torch.ops.kdfast.*``), who passes the tensor by hand."""
+    (``torch.ops.kdfast.*``), who passes the tensor by hand; the first ``positive`` of them must
+    be > 0 (1 / temperature)."""
     if not (isinstance(numbers, torch.Tensor) and numbers.dtype == torch.float64 and numbers.device.type == "cpu"
             and tuple(numbers.shape) == (len(names),)):
         got = (f"{tuple(numbers.shape)} {numbers.dtype} on {numbers.device}" if isinstance(numbers, torch.Tensor)
@@ -102,6 +103,9 @@ def read_numbers(numbers: torch.Tensor, names: Tuple[str, ...]) -> tuple:
         if not (math.isfinite(value) and abs(value) <= _F32_MAX):
             raise ValueError(f"{name} (in numbers) must be within float32's range (the kernels compute in float32), "
                              f"got {value}")
+    for name, value in zip(names[:positive], values):
+        if not value > 0:
+            raise ValueError(f"{name} (in numbers) must be > 0, got {value}")
     return values
 
 

@@ -34,6 +34,8 @@ def _check_logits(name: str, t: torch.Tensor, float64: bool = False) -> torch.Te
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.dim() != 2:
         raise ValueError(f"{name} must be 2-D [rows, vocab], got shape {tuple(t.shape)}")
+    if t.shape[1] < 1:
+        raise ValueError(f"{name} must have a vocabulary of at least one entry, got shape {tuple(t.shape)}")
     if t.dtype not in DTYPE_CODES and not (float64 and t.dtype == torch.float64):
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
     # Rows may be strided (a slice of a wider buffer); entries within a row must be adjacent.
@@ -312,8 +314,11 @@ def _kd_divergence_op(student: torch.Tensor, teacher: torch.Tensor, labels: Opti
     student, teacher, labels, vocab = _check_tensors(student, teacher, labels, vocab, "vocab")
     if not 0 <= kind < len(KINDS):
         raise ValueError(f"kind must be in [0, {len(KINDS)}) ({', '.join(KINDS)}), got {kind}")
-    return _kd_divergence(student, teacher, labels, kind, beta, ignore_index, vocab, read_numbers(numbers, _NUMBERS),
-                          want_grad, backend, _op_grad_dtype(student.dtype))
+    if not 0.0 <= beta <= 1.0:  # (NaN fails too)
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    values = read_numbers(numbers, _NUMBERS, positive=1)
+    return _kd_divergence(student, teacher, labels, kind, beta, ignore_index, vocab, values, want_grad, backend,
+                          _op_grad_dtype(student.dtype))
 
 
 @_kd_divergence_op.register_fake

@@ -259,7 +259,7 @@ def _kd_topk_op(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor
     # Callable directly as torch.ops.kdfast.kd_topk: check what the kernels take on trust.
     student, ids, logprobs, labels = _check_tensors(student, ids, logprobs, labels)
     return _kd_topk(student, ids, logprobs, labels, renormalize, ignore_index, stored_eps,
-                    read_numbers(numbers, _NUMBERS), want_grad, backend)
+                    read_numbers(numbers, _NUMBERS, positive=1), want_grad, backend)
 
 
 @_kd_topk_op.register_fake

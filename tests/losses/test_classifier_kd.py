@@ -152,6 +152,9 @@ def test_sinkhorn_gradients_are_finite_for_confident_rows_and_few_iterations():
     (lambda s, t, y: dkd_loss(s, t, y, temperature=0), ValueError, "temperature"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, torch.ones(3, 3)), ValueError, "cost must be"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=0), ValueError, "epsilon must be"),
+    # (float32 cannot hold it: cost / epsilon was 0 / 0, a NaN loss; float64 logits take it)
+    (lambda s, t, y: sinkhorn_kd_loss(s, t, epsilon=1e-300), ValueError,
+     r"epsilon must be at least 1.1755e-38 \(the smallest normal torch.float32\) with torch.float32 logits"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, 1 - torch.eye(5, dtype=torch.int64)), TypeError, "cost must be a floating"),
     (lambda s, t, y: sinkhorn_kd_loss(s, t, torch.full((5, 5), float("inf"))), ValueError, "cost must be finite"),
     (lambda s, t, y: dkd_loss(s, t, y, alpha=float("nan")), ValueError, "alpha must be"),

@@ -276,9 +276,29 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
                         ((c, c, None, 0, 0.5, -100, 64, ONE_ONE[:1]), r"numbers must be .* shape \(2,\)"),
                         ((c, c, None, 0, 0.5, -100, 64, nan), r"loss_scale \(in numbers\) must be within float32"),
                         ((c, c, None, 0, 0.5, -100, 64, torch.tensor([1e39, 1.0], dtype=torch.float64)),
-                         r"1 / temperature \(in numbers\) must be within float32")):
+                         r"1 / temperature \(in numbers\) must be within float32"),
+                        # (a beta outside [0, 1] or NaN, a negative temperature: rows of garbage or zeros)
+                        ((c, c, None, 2, 2.0, -100, 64, ONE_ONE), r"beta must be in \[0, 1\], got 2.0"),
+                        ((c, c, None, 2, math.nan, -100, 64, ONE_ONE), r"beta must be in \[0, 1\], got nan"),
+                        ((c, c, None, 0, 0.5, -100, 64, torch.tensor([-1.0, 1.0], dtype=torch.float64)),
+                         r"1 / temperature \(in numbers\) must be > 0, got -1.0")):
         with pytest.raises(ValueError, match=match):
             torch.ops.kdfast.kd_divergence(*args, False, "")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("kind, beta", [("jsd", 1e-7), ("jsd", 1 - 1e-7)])
+def test_a_mixture_weight_near_0_or_1_keeps_the_small_loss_of_nearly_equal_rows(backend, kind, beta):
+    # log m = hi + log1p(small / big): the Triton kernel took log(1 + r), which rounds a small r
+    # away (relative errors of 2e4 on rows whose loss is 3e-12; the others stay within a few %)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(4):
+        t = torch.randn(8, 1000, generator=g) * 3
+        s = t + 1e-2 * torch.randn(8, 1000, generator=g) + 300
+        t = t - 200
+        rows64 = ref.kd_divergence(s.double(), t.double(), kind, beta=beta, dtype=torch.float64)
+        rows = ops.kd_divergence(s, t, kind=kind, beta=beta, backend=backend)
+        assert ((rows.double() - rows64).abs() / rows64.abs()).max() < 0.2
 
 
 def test_numbers_the_float32_kernels_cannot_hold_are_refused():
@@ -363,6 +383,9 @@ def test_compiles(backend):
     (lambda s, t: ops.kd_divergence(s, t, labels=torch.zeros(3)), TypeError, "labels must hold integers"),
     (lambda s, t: ops.kd_divergence(s, t, loss_scale=math.inf), ValueError, "loss_scale"),
     (lambda s, t: ops.kd_divergence(s, t, backend="cuda"), BackendUnavailableError, "cannot run"),
+    # (the range "[1, 0]" of vocab_size, which was not passed)
+    (lambda s, t: ops.kd_divergence(s[:, :0], t[:, :0]), ValueError,
+     r"student_logits must have a vocabulary of at least one entry, got shape \(3, 0\)"),
 ])
 def test_bad_input(call, error, match, unemulated_backends):
     s, t = logits((3, 8), torch.float32, 0), logits((3, 8), torch.float32, 1)

@@ -397,3 +397,13 @@ def test_an_all_minus_inf_student_is_nan_whatever_the_teacher(backend):
         for remainder in REMAINDERS:
             rows, grad = fused(backend, s, ids, lp, remainder=remainder)
             assert rows.isnan().all() and grad.isnan().all(), (backend, remainder)
+
+
+def test_a_direct_call_refuses_a_temperature_that_is_not_positive():
+    # (read_numbers checked finiteness and float32's range only: T = -1 gave rows of garbage)
+    s = logits((4, 30), torch.float32, 25)
+    ids, lp = stored(4, 30, 3, 26)
+    for inv_t in (-1.0, 0.0):
+        with pytest.raises(ValueError, match=rf"1 / temperature \(in numbers\) must be > 0, got {inv_t}"):
+            torch.ops.kdfast.kd_topk(s, ids, lp, None, False, -100, 0.0,
+                                     torch.tensor([inv_t, 1.0], dtype=torch.float64), False, "")
