@@ -140,3 +140,23 @@ def test_a_gradient_the_call_did_not_compute_is_refused():
     loss = torch.ops.kdfast.fused_linear_kd(*_kd_op_args(want=(True, False, True)))[0]
     with pytest.raises(RuntimeError, match=r"input 1 needs a gradient its call did not compute"):
         loss.backward()
+
+
+def test_torch_export_takes_a_dynamic_token_count():
+    # (traced, the chunk loop made the token count a constant of the exported program)
+    w, b, wt = _weights()
+
+    class Head(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(w.clone())
+
+        def forward(self, h, ht, labels):
+            return fused_linear_kd(h, self.weight, ht, wt, labels, weight_hard=0.5, chunk_size=8)
+
+    head = Head()
+    tokens = torch.export.Dim("tokens")
+    exported = torch.export.export(head, _batch(11, 0), dynamic_shapes=({0: tokens}, {0: tokens}, {0: tokens}))
+    for seed, count in enumerate((11, 5, 30)):
+        batch = _batch(count, seed)
+        torch.testing.assert_close(exported.module()(*batch), head(*batch))
