@@ -155,19 +155,30 @@ def quiet_stderr():
 
 
 def row_key(row: dict) -> tuple:
-    """What identifies a result row: one measurement of one op, shape and dtype on one device."""
-    return (row.get("device"), row.get("op"), json.dumps(row.get("shape"), sort_keys=True), row.get("dtype"))
+    """What identifies a result row: one measurement of one op, shape and dtype on one device
+    (and, for pi-Flow's steps, grid size: its sample's shape does not show it)."""
+    return (row.get("device"), row.get("op"), json.dumps(row.get("shape"), sort_keys=True), row.get("dtype"),
+            row.get("n_grid"))
+
+
+def read_rows(path: str) -> List[dict]:
+    """The rows of a result file (none where it does not exist); ValueError for a file that is
+    not a JSON list of rows."""
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        rows = json.load(f)  # (a JSONDecodeError is a ValueError)
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path} is not a JSON list of result rows")
+    return rows
 
 
 def merge_rows(path: str, rows: List[dict]) -> List[dict]:
     """Write ``rows`` to the JSON file ``path``, replacing the rows recorded there with the same
-    key (device, op, shape, dtype) and keeping all others (other devices, dtypes, shapes, and
+    key (see :func:`row_key`) and keeping all others (other devices, dtypes, shapes, and
     sections this run did not measure). Returns what was written."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    old = []
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
+    old = read_rows(path)
     measured = {row_key(r) for r in rows}
     merged = [r for r in old if row_key(r) not in measured] + rows
     tmp = f"{path}.tmp"

@@ -30,6 +30,7 @@ A full run writes JSON rows to benchmarks/results/bench_solvers.json (a partial 
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import os
 import sys
@@ -50,6 +51,7 @@ SECTIONS = ("steps", "unet", "kdiff", "paradigms", "per_token")
 # Solvers whose diffusers step is only meaningful on 5-D (video) latents: Helios' DMD step
 # broadcasts a [batch, 1, 1, 1, 1] sigma against a 4-D latent into a 5-D result of other size.
 VIDEO_ONLY = {"helios_dmd"}
+QUICK_SHAPE = "sd-1x4x64x64"  # the one shape of --quick
 
 # (name, kdfast class name, diffusers class name, config)
 SOLVERS = [
@@ -87,13 +89,24 @@ def step_kwargs(scheduler, gen):
     return {"generator": gen} if "generator" in inspect.signature(scheduler.step).parameters else {}
 
 
+@functools.lru_cache(maxsize=None)
+def pipelines_scale_input(cls: type) -> bool:
+    """Whether pipelines call ``scale_model_input`` for schedulers of class ``cls``: where
+    diffusers' class of that name has one (kdfast's flow-matching schedulers inherit an identity
+    one, which diffusers' flow pipelines, their schedulers having none, never call); a class
+    diffusers does not have, where it has one."""
+    import diffusers
+
+    return hasattr(getattr(diffusers, cls.__name__, cls), "scale_model_input")
+
+
 def pipeline_step(scheduler, t, model_output, sample, kwargs, i: int = 0, start=None):
     """What a pipeline calls per step besides the model: ``scale_model_input`` (its result is
     the model's input; the model output is precomputed here; flow-matching schedulers have
     none) and ``step``. Every column (host time, bytes, launches, peak memory) measures exactly this.
     ``i``: the step's position in the loop; ``start``: the loop's first sample (Helios' DMD
     pipeline passes both, with the schedule, to every step: it renoises with the start latent)."""
-    if hasattr(scheduler, "scale_model_input"):
+    if pipelines_scale_input(type(scheduler)):
         scheduler.scale_model_input(sample, t)
     if type(scheduler).__name__ == "HeliosDMDScheduler":
         kwargs = dict(kwargs, cur_sampling_step=i, dmd_noisy_tensor=start, dmd_sigmas=scheduler.sigmas,
@@ -111,24 +124,33 @@ def loop_timesteps(scheduler, batch: int) -> list:
     return list(ts)
 
 
-def run_loop(scheduler, x, outputs, device, set_timesteps: bool = True):
-    """One pass over the schedule (model outputs precomputed): the last sample."""
+def prepare_loop(scheduler, x, device) -> tuple:
+    """A loop's step keywords (a seeded generator where step takes one) and its timesteps."""
+    return step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0)), loop_timesteps(scheduler, x.shape[0])
+
+
+def run_loop(scheduler, x, outputs, device, set_timesteps: bool = True, prepared: Optional[tuple] = None):
+    """One pass over the schedule (model outputs precomputed): the last sample. ``prepared``:
+    :func:`prepare_loop`'s result, made before a timed loop (the harness's work is no step's)."""
     if set_timesteps:
         scheduler.set_timesteps(STEPS, device=device)
-    kwargs = step_kwargs(scheduler, torch.Generator(device=device).manual_seed(0))
+    kwargs, timesteps = prepare_loop(scheduler, x, device) if prepared is None else prepared
     sample = x
-    for i, (t, out) in enumerate(zip(loop_timesteps(scheduler, x.shape[0]), outputs)):
+    for i, (t, out) in enumerate(zip(timesteps, outputs)):
         sample = pipeline_step(scheduler, t, out, sample, kwargs, i, x)
     return sample
 
 
 def time_loop(scheduler, x, outputs, device, set_each_time: bool) -> float:
-    """Seconds for one pass over the schedule (model outputs precomputed)."""
+    """Seconds for one pass over the schedule (model outputs precomputed): the steps alone, or,
+    with ``set_each_time``, the whole loop a pipeline runs (``set_timesteps`` included)."""
+    prepared = None
     if not set_each_time:
         scheduler.set_timesteps(STEPS, device=device)
+        prepared = prepare_loop(scheduler, x, device)
     sync(device)
     t0 = time.perf_counter()
-    run_loop(scheduler, x, outputs, device, set_timesteps=set_each_time)
+    run_loop(scheduler, x, outputs, device, set_timesteps=set_each_time, prepared=prepared)
     sync(device)
     return time.perf_counter() - t0
 
@@ -599,6 +621,9 @@ def main(argv=None) -> None:
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     if not sections or not sections <= set(SECTIONS):
         parser.error(f"--sections takes some of {', '.join(SECTIONS)}, got {args.sections!r}")
+    if wanted and wanted <= VIDEO_ONLY and args.quick and sections == {"steps"}:
+        parser.error(f"--quick measures the {QUICK_SHAPE} latents only, which {', '.join(sorted(wanted))} does not "
+                     f"take (video latents): nothing would be measured")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
@@ -618,7 +643,7 @@ def main(argv=None) -> None:
             merge_rows(out, new_rows)
 
     repeats = args.repeats or (5 if args.quick else 15)
-    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == "sd-1x4x64x64"}
+    shapes = {k: v for k, v in SHAPES.items() if not args.quick or k == QUICK_SHAPE}
     print(f"kdfast {kdfast.__version__} vs diffusers {diffusers.__version__} on {device_name(device)}, {args.dtype}, "
           f"{STEPS} steps")
     evict = CacheEvictor() if "steps" in sections else None
@@ -698,7 +723,7 @@ def main(argv=None) -> None:
         record(paradigms_batch_steps(device, dtype, repeats))
     if "per_token" in sections:
         record(per_token_steps(device, dtype, repeats))
-    if out:
+    if out and rows:
         print(f"wrote {len(rows)} rows to {out}")
 
 

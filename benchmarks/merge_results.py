@@ -13,7 +13,7 @@ import os
 import sys
 from typing import List, Optional
 
-from _common import RESULTS_DIR, merge_rows
+from _common import RESULTS_DIR, merge_rows, read_rows
 
 RESULTS = RESULTS_DIR
 KNOWN = ("bench_solvers.json", "bench_kdloss.json", "bench_diffusion_losses.json", "bench_inference.json",
@@ -48,6 +48,11 @@ def main(argv: Optional[List[str]] = None) -> None:
             parser.error(f"{path}: cannot read its rows: {exc}")
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "device" in r and "op" in r for r in rows):
             parser.error(f"{path}: expected a JSON list of rows, each with a device and an op")
+        target = os.path.join(args.results, name)
+        try:  # (the files merged into too: a bad one would stop the merge after others were written)
+            read_rows(target)
+        except (OSError, ValueError) as exc:
+            parser.error(f"{target}: cannot merge into it: {exc}")
         loaded.append((name, rows))
     for name, rows in loaded:
         target = os.path.join(args.results, name)

@@ -156,6 +156,15 @@ def test_merge_results_merges_returned_rows_into_the_recorded_ones(monkeypatch, 
     with pytest.raises(SystemExit):
         merge.main([str(tmp_path / "empty"), "--results", str(results)])
     assert "holds none of" in capsys.readouterr().err
+    # a recorded file that holds no rows is refused before anything is merged (its traceback came
+    # after the files before it were merged)
+    (returned / "bench_solvers.json").write_text(json.dumps([dict(old_gpu, op="step")]))
+    (results / "bench_solvers.json").write_text("garbage")
+    (returned / "bench_kdloss.json").write_text(json.dumps([dict(old_gpu, v=5)]))
+    with pytest.raises(SystemExit) as exc:
+        merge.main([str(returned), "--results", str(results)])
+    assert exc.value.code == 2 and "bench_solvers.json: cannot merge into it" in capsys.readouterr().err
+    assert json.loads((results / "bench_kdloss.json").read_text()) == [cpu, dict(old_gpu, v=4)]
 
 
 def _bench_module(monkeypatch, name):
@@ -172,6 +181,9 @@ def _bench_module(monkeypatch, name):
     ("bench_solvers", ["--repeats", "-1"], "argument --repeats: must be an integer >= 1, got -1"),
     ("bench_solvers", ["--device", "foo"], "--device: expected cpu or cuda (or cuda:N), got 'foo'"),
     ("bench_solvers", ["--sections", "x"], "--sections takes some of steps, unet, kdiff, paradigms, per_token, got 'x'"),
+    # (an empty table, "wrote 0 rows" and exit 0: --quick has no video latents)
+    ("bench_solvers", ["--quick", "--solvers", "helios_dmd", "--sections", "steps"],
+     "--quick measures the sd-1x4x64x64 latents only, which helios_dmd does not take"),
     ("bench_kdloss", ["--quick", "--no-write", "--cases", "foo"], "--cases: unknown case(s) foo; expected some of"),
     ("bench_kdloss", ["--repeats", "0"], "argument --repeats: must be an integer >= 1, got 0"),
     ("bench_kdloss", ["--threads", "0"], "argument --threads: must be an integer >= 1, got 0"),
@@ -272,6 +284,30 @@ def test_merge_rows_replaces_only_rows_with_the_same_key(monkeypatch, tmp_path):
            {"device": "cpu", "op": "kd_loss", "shape": {"vocab": 4, "tokens": 8}, "dtype": "float32", "v": 11}]
     common.merge_rows(str(path), new)
     assert sorted(r["v"] for r in json.loads(path.read_text())) == [2, 3, 4, 10, 11]
+    # pi-Flow's grid size is part of a row's identity (its sample's shape does not show it)
+    piflow = {"device": "cpu", "op": "piflow_step", "shape": [1, 8], "dtype": "float32"}
+    common.merge_rows(str(path), [dict(piflow, n_grid=10, v=20)])
+    common.merge_rows(str(path), [dict(piflow, n_grid=4, v=21)])
+    assert sorted(r["v"] for r in json.loads(path.read_text())) == [2, 3, 4, 10, 11, 20, 21]
+
+
+def test_piflow_quartiles_stay_inside_the_samples(monkeypatch):
+    piflow = _bench_module(monkeypatch, "bench_piflow")
+    assert piflow.quartiles_us([100e-6, 200e-6]) == pytest.approx((125.0, 175.0))
+
+
+def test_pipelines_call_scale_model_input_where_diffusers_schedulers_have_it(monkeypatch):
+    # kdfast's flow-matching schedulers inherit an identity scale_model_input that diffusers'
+    # flow pipelines never call: it was timed on kdfast's side only
+    import diffusers
+
+    solvers = _bench_module(monkeypatch, "bench_solvers")
+    import kdfast.schedulers as kd
+
+    for name in ("FlowMatchEulerDiscreteScheduler", "DDIMScheduler", "EulerDiscreteScheduler"):
+        assert solvers.pipelines_scale_input(getattr(kd, name)) == hasattr(getattr(diffusers, name),
+                                                                           "scale_model_input")
+    assert not solvers.pipelines_scale_input(kd.FlowMatchEulerDiscreteScheduler)
 
 
 @pytest.mark.parametrize("script, args, groups", [
