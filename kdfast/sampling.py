@@ -1623,6 +1623,8 @@ def dpm_fast_sigmas(sigma_min, sigma_max, n) -> List[float]:
 
 
 def _int_option(name: str, value, minimum: Optional[int] = None) -> int:
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:  # (a 0-d tensor or array: its number)
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
             isinstance(value, float) and value.is_integer()):
         raise TypeError(f"{name} must be an integer, got {value!r}")

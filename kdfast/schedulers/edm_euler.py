@@ -132,11 +132,14 @@ class EDMEulerScheduler(EDMPreconditioning, _SigmaScheduler):
             ramp = torch.as_tensor(sigmas).to(torch.float64)
         if ramp.dim() != 1 or ramp.numel() < 1:
             raise ValueError(f"sigmas (the ramp) must be a non-empty 1-D sequence, got shape {tuple(ramp.shape)}")
-        if not bool(((ramp >= 0) & (ramp <= 1)).all()):  # (NaN fails too)
-            raise ValueError(f"sigmas must be positions in [0, 1] along the ramp from sigma_max to sigma_min (not "
-                             f"sigma values), got {sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas}")
+        ramp_sigmas = self._sigmas_of_ramp(ramp)
+        if not bool(torch.isfinite(ramp_sigmas).all() and (ramp_sigmas > 0).all()):
+            # (Karras sigmas of positions past the ramp: negative sigmas and NaN timesteps)
+            raise ValueError(f"sigmas must be positions along the ramp from sigma_max (0) to sigma_min (1), not sigma "
+                             f"values; got {sigmas.tolist() if isinstance(sigmas, torch.Tensor) else sigmas}, which "
+                             f"give the sigmas {ramp_sigmas.tolist()}")
         self.num_inference_steps = num_inference_steps
-        self._install(self._sigmas_of_ramp(ramp), device)
+        self._install(ramp_sigmas, device)
         self._table = self._shared_table(self._build_table)
 
     def _install(self, sigmas: torch.Tensor, device) -> None:

@@ -156,8 +156,16 @@ def test_bad_input():
         kd.set_timesteps(0)
     # sigma values passed for the ramp's positions gave negative sigmas and NaN timesteps
     for ramp in ([80.0, 20.0, 5.0, 1.0, 0.1], [1.5, 0.5, -0.2], [0.0, float("nan")]):
-        with pytest.raises(ValueError, match=r"sigmas must be positions in \[0, 1\] along the ramp .*not sigma values"):
+        with pytest.raises(ValueError, match=r"sigmas must be positions along the ramp from sigma_max \(0\) to "
+                                             r"sigma_min \(1\), not sigma values"):
             kd.set_timesteps(sigmas=ramp)
+    # ... but positions a little past the ends, and any of the exponential schedule (which takes
+    # only their count), give positive sigmas, as in diffusers
+    for schedule, ramp in (("karras", [-0.1, 0.5, 1.1]), ("exponential", [80.0, 10.0, 1.0, 0.1])):
+        ours, theirs = EDMEulerScheduler(sigma_schedule=schedule), diffusers.EDMEulerScheduler(sigma_schedule=schedule)
+        ours.set_timesteps(sigmas=ramp)
+        theirs.set_timesteps(sigmas=torch.tensor(ramp))
+        torch.testing.assert_close(ours.sigmas, theirs.sigmas)
     kd.set_timesteps(3)
     x = initial_sample()
     with pytest.raises(ValueError, match="integer"):
