@@ -7,6 +7,7 @@ import functools
 import inspect
 import json
 import math
+import numbers
 import os
 import threading
 import weakref
@@ -18,6 +19,7 @@ import torch
 from torch.utils._device import DeviceContext as _DeviceContext
 
 from .. import ops
+from .._checks import check_int
 from ..ops._tensors import host_readable, outside_transforms, transform_tracks
 from ..ops.solver_step import fused_step
 from ._config import ConfigMixin
@@ -137,6 +139,15 @@ def reject_unknown_step_arguments(kwargs: dict) -> None:
     pass silently)."""
     if kwargs:
         raise TypeError(f"unexpected step arguments: {', '.join(kwargs)}")
+
+
+def reject_internal_step_arguments(kwargs: dict) -> None:
+    """Refuse the keywords of ``_step``'s own arguments in a public ``step``'s ``**kwargs``
+    (passed on, they collided: "_step() got multiple values for argument 'variance_noise'")."""
+    reject_unknown_step_arguments({k: v for k, v in kwargs.items() if k in _STEP_INTERNALS})
+
+
+_STEP_INTERNALS = ("cond", "guidance_scale", "variance_noise")
 
 
 def convert_arguments(args: tuple, kwargs: dict, sample: Optional[torch.Tensor]) -> torch.Tensor:
@@ -543,9 +554,14 @@ class FusedScheduler(ConfigMixin):
         index = self.schedule_index(timestep) if schedule is self.timesteps else schedule_position(timestep, schedule)
         if index is not None:
             return index
-        if isinstance(timestep, torch.Tensor) and timestep.numel() != 1:
+        if not isinstance(timestep, (torch.Tensor, np.ndarray, numbers.Real)) or isinstance(timestep, bool):
+            # (None or a string matched no value: the multistep schedulers then took their last step)
+            raise TypeError(f"timestep must be a number or a tensor, got {type(timestep).__name__} {timestep!r}")
+        values = (timestep.numel() if isinstance(timestep, torch.Tensor)
+                  else timestep.size if isinstance(timestep, np.ndarray) else 1)
+        if values != 1:
             raise ValueError(f"timestep must be a single value, got a tensor of shape {tuple(timestep.shape)}")
-        value = timestep.item() if isinstance(timestep, torch.Tensor) else timestep
+        value = timestep.item() if isinstance(timestep, (torch.Tensor, np.ndarray)) else timestep
         if schedule is self.timesteps:
             self._refresh_host_timesteps()
         host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
@@ -860,6 +876,7 @@ class FusedScheduler(ConfigMixin):
              generator: Optional[torch.Generator] = None, variance_noise: Optional[torch.Tensor] = None,
              return_dict: bool = True, **kwargs):
         """diffusers' ``step``: one fused kernel call, returns ``SchedulerOutput(prev_sample)``."""
+        reject_internal_step_arguments(kwargs)
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 
@@ -991,7 +1008,7 @@ def _default_device_is_off_host() -> bool:
     return False
 
 
-def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
+def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps: bool = False) -> Callable:
     """``fn`` with torch's default device set to the CPU while it runs, when the caller set
     another (``torch.set_default_device("cuda")``, a ``with torch.device(...)`` block): a
     scheduler's tables, schedules and coefficient rows are host tensors made without a device
@@ -1001,7 +1018,11 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
     ``builds_tables`` (``__init__``, ``set_timesteps``): also run outside torch.func's
     transforms when called inside one. The tables are constants, and inside a transform torch
     makes every tensor a storage-less wrapper that numpy cannot read (diffusers' schedulers
-    fail there for that reason): a scheduler made inside ``torch.func.grad`` works."""
+    fail there for that reason): a scheduler made inside ``torch.func.grad`` works.
+
+    ``counts_steps`` (``set_timesteps``): its ``num_inference_steps``, when given, must be an
+    integer (an integral float passes as its int): a fraction was truncated by some schedulers
+    (2.9 steps ran 2), a string taken or failed deep inside others."""
     def run(*args, **kwargs):
         if _default_device_is_off_host():
             with torch.device("cpu"):
@@ -1010,6 +1031,8 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
 
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
+        if counts_steps:
+            args, kwargs = _integer_step_count(args, kwargs)
         if builds_tables:
             args, kwargs = _constant_arguments(fn, args, kwargs)
             with outside_transforms():
@@ -1018,6 +1041,24 @@ def _host_default_device(fn: Callable, builds_tables: bool = False) -> Callable:
 
     _KDFAST_WRAPPERS.add(on_host)
     return on_host
+
+
+def _integer_step_count(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """``set_timesteps``' arguments (``self`` first) with ``num_inference_steps`` as an int."""
+    if len(args) > 1:
+        return (args[0], _step_count(args[1]), *args[2:]), kwargs
+    if "num_inference_steps" in kwargs:
+        kwargs = dict(kwargs, num_inference_steps=_step_count(kwargs["num_inference_steps"]))
+    return args, kwargs
+
+
+def _step_count(value):
+    if value is None:
+        return None
+    try:
+        return check_int("num_inference_steps", value)
+    except ValueError:  # (the value's lower bound is the scheduler's own check)
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {value!r}") from None
 
 
 def _constant_arguments(method: Callable, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
@@ -1058,7 +1099,8 @@ def _on_host_by_default(cls) -> None:
         if (name.startswith("_") and name != "__init__") or not inspect.isfunction(method) \
                 or method in _KDFAST_WRAPPERS:
             continue
-        setattr(cls, name, _host_default_device(method, builds_tables=name in ("__init__", "set_timesteps")))
+        setattr(cls, name, _host_default_device(method, builds_tables=name in ("__init__", "set_timesteps"),
+                                                counts_steps=name == "set_timesteps"))
 
 
 # ... and those of _steps_run_eagerly, kept apart: a step gets both, the eager one outermost.

@@ -13,7 +13,7 @@ from ._linear import H0, H1, X, X0, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
                         check_flow_sigma_spacing, spaced_timesteps, x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
-                   reject_unknown_step_arguments)
+                   reject_internal_step_arguments, reject_unknown_step_arguments)
 
 
 def _lagrange1(t: float, b: float, c: float) -> float:
@@ -171,6 +171,7 @@ class DEISMultistepScheduler(MultistepScheduler):
              generator: Optional[torch.Generator] = None, **kwargs):
         """diffusers' ``step`` (same positional order): one fused kernel pass. ``generator`` is
         accepted and unused (DEIS is deterministic)."""
+        reject_internal_step_arguments(kwargs)
         out = self._step(model_output, timestep, sample, None, 1.0, generator, None, **kwargs)
         return out if return_dict else out.to_tuple()
 

@@ -23,7 +23,7 @@ from ._helpers import OUTPUTS, check_order, legacy_arguments, output_list, requi
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
 from ._schedule import alpha_sigma, check_choice, host_array, log_snr, spaced_timesteps, x0_coefficients
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
-                   reject_unknown_step_arguments)
+                   reject_internal_step_arguments, reject_unknown_step_arguments)
 from .dpmsolver_multistep import check_dpm_solver_config, prediction_part
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -312,6 +312,7 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         """diffusers' ``step`` (same positional order): one fused kernel pass, returns
         ``SchedulerOutput(prev_sample)``. ``variance_noise`` (kdfast only) replaces the draw
         of ``sde-dpmsolver++``'s noise from ``generator``."""
+        reject_internal_step_arguments(kwargs)
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 

@@ -28,7 +28,7 @@ from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alp
                         check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
                         x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, convert_arguments, converted_dtype,
-                   push_history, reject_unknown_step_arguments)
+                   push_history, reject_internal_step_arguments, reject_unknown_step_arguments)
 from .ddpm import noise_scales
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -440,6 +440,7 @@ class SASolverScheduler(MultistepScheduler):
              return_dict: bool = True, *, variance_noise: Optional[torch.Tensor] = None, **kwargs):
         """diffusers' ``step`` (same positional order): one fused kernel pass. The noise is drawn
         from ``generator`` as diffusers draws it; ``variance_noise`` (kdfast) supplies it instead."""
+        reject_internal_step_arguments(kwargs)
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 

@@ -19,10 +19,10 @@ from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, TerminalShift, output_li
                        uni_p_arguments, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, exponential_sigmas, host_array, karras_sigmas, log_snr, sigma_range, sigma_to_t,
-                        spaced_timesteps, x0_coefficients)
+                        check_choice, check_flow_sigma_spacing, exponential_sigmas, host_array, karras_sigmas,
+                        log_snr, sigma_range, sigma_to_t, spaced_timesteps, x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
-                   reject_unknown_step_arguments)
+                   reject_internal_step_arguments, reject_unknown_step_arguments)
 
 SOLVER_TYPES = ("bh1", "bh2")
 HISTORY = (H0, H1, H2)
@@ -97,6 +97,8 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
             raise ValueError("prediction_type='flow_prediction' needs predict_x0=True")
         if shift_terminal is not None and not use_flow_sigmas:
             raise ValueError("shift_terminal is only supported when use_flow_sigmas=True")
+        # (Karras sigmas map to flow sigmas as sigma / (1 + sigma), as in diffusers; these do not)
+        check_flow_sigma_spacing(self.config, ("use_exponential_sigmas", "use_beta_sigmas"))
         if any(not isinstance(k, (int, np.integer)) for k in disable_corrector):
             raise ValueError(f"disable_corrector must be a list of step indices, got {disable_corrector!r}")
 
@@ -292,6 +294,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
              generator: Optional[torch.Generator] = None, **kwargs):
         """diffusers' ``step`` (same positional order): one fused kernel pass. ``generator`` is
         accepted and unused (UniPC is deterministic)."""
+        reject_internal_step_arguments(kwargs)
         out = self._step(model_output, timestep, sample, None, 1.0, generator, None, **kwargs)
         return out if return_dict else out.to_tuple()
 

@@ -193,7 +193,7 @@ def test_bad_set_timesteps_arguments():
         kd.set_timesteps(0)
     # a call that fails leaves the last schedule whole (its last step is still the last one)
     kd.set_timesteps(8)
-    with pytest.raises(TypeError):
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 7.5"):
         kd.set_timesteps(7.5)
     with pytest.raises(ValueError, match="strength must be a finite number"):
         kd.set_timesteps(60, strength=2.0)

@@ -310,6 +310,8 @@ WAN_FLOW = dict(beta_schedule="linear", prediction_type="flow_prediction", use_f
     ("DPMSolverMultistepScheduler", "use_karras_sigmas"), ("DPMSolverMultistepScheduler", "use_lu_lambdas"),
     ("DPMSolverMultistepScheduler", "use_exponential_sigmas"), ("DEISMultistepScheduler", "use_karras_sigmas"),
     ("DEISMultistepScheduler", "use_beta_sigmas"),
+    # (UniPC took these, then failed at its first step: "no finite UniPC update")
+    ("UniPCMultistepScheduler", "use_exponential_sigmas"), ("UniPCMultistepScheduler", "use_beta_sigmas"),
 ])
 def test_flow_sigmas_with_a_training_schedule_spacing_are_refused_by_name(name, option):
     # diffusers spaces these sigmas on the training schedule and reads them as flow sigmas:

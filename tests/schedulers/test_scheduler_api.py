@@ -74,8 +74,40 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
         s.step_cfg(m, m, 2.0, t, x, bogus_option=1)
     with pytest.raises(TypeError):
         getattr(diffusers, name)().step(m, t, x, bogus_option=1)
+    # the step's internal arguments too (UniPC, DEIS, DPM-Solver: "_step() got multiple values")
+    for internal in ("cond", "guidance_scale", "variance_noise"):
+        if internal not in inspect.signature(s.step).parameters:
+            with pytest.raises(TypeError, match=f"unexpected (step arguments: |keyword argument '){internal}"):
+                s.step(m, t, x, **{internal: m})
     assert s.step_index in (None, 0)  # nothing was stepped
     s.step(m, t, x)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_a_step_count_that_is_not_an_integer_is_refused(name):
+    # (2.9 ran 2 steps in some schedulers, "10" was taken by some and failed deep inside others)
+    s = getattr(K, name)()
+    for bad in (2.9, "10", True):
+        with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+            s.set_timesteps(bad)
+        with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
+            s.set_timesteps(num_inference_steps=bad)
+    s.set_timesteps(4.0)  # (an integral float is its int)
+    reference = getattr(K, name)()
+    reference.set_timesteps(4)
+    assert torch.equal(s.timesteps, reference.timesteps)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"])
+def test_a_timestep_that_is_not_a_number_is_refused(name):
+    # (it matched no value of the schedule: these schedulers then took their last step)
+    s = getattr(K, name)()
+    s.set_timesteps(10)
+    x = initial_sample()
+    for bad in (None, "999"):
+        with pytest.raises(TypeError, match="timestep must be a number or a tensor"):
+            s.step(dummy_model(x, s.timesteps[0]), bad, x)
+    assert s.step_index is None
 
 
 @pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
