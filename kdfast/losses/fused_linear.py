@@ -492,8 +492,7 @@ def _op_backward(ctx, grad_loss, *_unused):
         if ctx.needs_input_grad[i] and not ctx.want[i]:
             raise RuntimeError(f"kdfast.fused_linear_kd: input {i} needs a gradient its call did not compute "
                                f"(want_grads={list(ctx.want)})")
-        outs.append(g * scale.to(g.dtype) if ctx.needs_input_grad[i] else None)
-        outs[-1] = None if outs[-1] is None else outs[-1].to(dtype)
+        outs.append((g * scale.to(g.dtype)).to(dtype) if ctx.needs_input_grad[i] else None)
     return (*outs, *(None,) * (n_inputs - 3))
 
 
