@@ -1626,7 +1626,7 @@ def _int_option(name: str, value, minimum: Optional[int] = None) -> int:
     if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:  # (a 0-d tensor or array: its number)
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (
-            isinstance(value, float) and value.is_integer()):
+            isinstance(value, (float, np.floating)) and float(value).is_integer()):
         raise TypeError(f"{name} must be an integer, got {value!r}")
     value = int(value)
     if minimum is not None and value < minimum:

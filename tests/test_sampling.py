@@ -773,7 +773,7 @@ def test_align_your_steps():
     for n in (2.5, True, torch.tensor(True), np.array(2.5)):
         with pytest.raises(TypeError, match="n must be an integer"):
             S.get_sigmas_ays(n)
-    for n in (torch.tensor(12), np.array(12), np.int32(12)):  # (as get_sigmas_karras and k-diffusion take them)
+    for n in (torch.tensor(12), np.array(12), np.int32(12), np.float32(12.0)):  # (as get_sigmas_karras takes them)
         assert torch.equal(S.get_sigmas_ays(n), S.get_sigmas_ays(12))
     for bad in ([1.0, 2.0, 4.0, 8.0], [1.0, -5.0, math.nan], [1.0]):
         with pytest.raises(ValueError, match="sigmas_10 must hold at least 2 finite, positive, strictly decreasing"):

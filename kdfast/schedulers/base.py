@@ -565,7 +565,16 @@ class FusedScheduler(ConfigMixin):
         if schedule is self.timesteps:
             self._refresh_host_timesteps()
         host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
-        matches = [i for i, t in enumerate(host) if t == value]
+        if isinstance(timestep, torch.Tensor) and isinstance(schedule, torch.Tensor):
+            # compared as diffusers compares them (schedule == timestep), in torch's promoted
+            # dtype: a bf16 copy of timestep 999 reads 1000, which the schedule, promoted to bf16
+            # as well, holds at 999's position (compared as numbers, nothing matched and the
+            # multistep schedulers took their last step)
+            dtype = torch.result_type(schedule, timestep)
+            equal = torch.tensor(host, dtype=schedule.dtype).to(dtype) == torch.tensor(value, dtype=dtype)
+            matches = equal.nonzero().flatten().tolist()
+        else:
+            matches = [i for i, t in enumerate(host) if t == value]
         if not matches:
             if self._unknown_timestep_is_last:
                 return len(host) - 1
@@ -1029,10 +1038,13 @@ def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps
                 return fn(*args, **kwargs)
         return fn(*args, **kwargs)
 
+    parameters = list(inspect.signature(fn).parameters) if counts_steps else []
+    steps_at = parameters.index("num_inference_steps") if "num_inference_steps" in parameters else None
+
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
         if counts_steps:
-            args, kwargs = _integer_step_count(args, kwargs)
+            args, kwargs = _integer_step_count(steps_at, args, kwargs)
         if builds_tables:
             args, kwargs = _constant_arguments(fn, args, kwargs)
             with outside_transforms():
@@ -1043,10 +1055,13 @@ def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps
     return on_host
 
 
-def _integer_step_count(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
-    """``set_timesteps``' arguments (``self`` first) with ``num_inference_steps`` as an int."""
-    if len(args) > 1:
-        return (args[0], _step_count(args[1]), *args[2:]), kwargs
+def _integer_step_count(position: Optional[int], args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+    """``set_timesteps``' arguments (``self`` first) with ``num_inference_steps`` (argument
+    ``position``, or None where the method has no such parameter) as an int."""
+    if position is None:
+        return args, kwargs
+    if len(args) > position:
+        return (*args[:position], _step_count(args[position]), *args[position + 1:]), kwargs
     if "num_inference_steps" in kwargs:
         kwargs = dict(kwargs, num_inference_steps=_step_count(kwargs["num_inference_steps"]))
     return args, kwargs
@@ -1055,6 +1070,8 @@ def _integer_step_count(args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
 def _step_count(value):
     if value is None:
         return None
+    if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:  # (a 0-d tensor or array: its number)
+        value = value.item()
     try:
         return check_int("num_inference_steps", value)
     except ValueError:  # (the value's lower bound is the scheduler's own check)

@@ -92,10 +92,45 @@ def test_a_step_count_that_is_not_an_integer_is_refused(name):
             s.set_timesteps(bad)
         with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1"):
             s.set_timesteps(num_inference_steps=bad)
-    s.set_timesteps(4.0)  # (an integral float is its int)
     reference = getattr(K, name)()
     reference.set_timesteps(4)
-    assert torch.equal(s.timesteps, reference.timesteps)
+    for integral in (4.0, torch.tensor(4.0), np.array(4.0), torch.tensor(4), np.int64(4)):  # (as their int)
+        s.set_timesteps(integral)
+        assert torch.equal(s.timesteps, reference.timesteps)
+
+
+def test_a_subclass_set_timesteps_of_another_signature_is_not_checked_as_a_step_count():
+    # (the step-count check took the first argument for num_inference_steps: a list of sigmas,
+    # a strength, were refused)
+    class SigmaList(K.FlowMatchEulerDiscreteScheduler):
+        def set_timesteps(self, sigmas, device=None):
+            super().set_timesteps(sigmas=sigmas, device=device)
+
+    class StrengthFirst(K.EulerDiscreteScheduler):
+        def set_timesteps(self, strength, num_inference_steps, device=None):
+            super().set_timesteps(max(1, int(num_inference_steps * strength)), device=device)
+
+    SigmaList().set_timesteps([1.0, 0.75, 0.5, 0.25])
+    s = StrengthFirst()
+    s.set_timesteps(0.5, 20)
+    assert len(s.timesteps) == 10
+    with pytest.raises(ValueError, match="num_inference_steps must be an integer >= 1, got 20.5"):
+        s.set_timesteps(0.5, 20.5)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler"])
+def test_a_timestep_of_another_dtype_is_found_as_diffusers_finds_it(name):
+    # timestep 999 in bf16 reads 1000: diffusers compares schedule == timestep in the promoted
+    # dtype, where the schedule holds it at 999's position; compared as numbers nothing matched
+    # and these schedulers took their last step (max |diff| 7)
+    x, out = initial_sample(), dummy_model(initial_sample(), 999)
+    results = []
+    for lib in (K, diffusers):
+        s = getattr(lib, name)()
+        s.set_timesteps(10)
+        results.append((s.step(out, s.timesteps[0].to(torch.bfloat16), x).prev_sample, s.step_index))
+    assert results[0][1] == results[1][1] == 1
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler"])
