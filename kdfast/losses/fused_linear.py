@@ -69,8 +69,7 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     _check_beta(beta)
-    if reduction not in REDUCTIONS or reduction == "none":
-        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    _check_reduction(reduction)
     weight_hard, weight_soft = real_number("weight_hard", weight_hard), real_number("weight_soft", weight_soft)
     # (both may stay symbolic under torch.compile: the soft weight reaches the kernels in a tensor)
     finite = (is_finite_number(weight_hard, "weight_hard", symbolic=True)
@@ -81,6 +80,12 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     return (None if chunk_size is None else _check_int("chunk_size", chunk_size, minimum=1),
             _check_int("ignore_index", ignore_index),
             None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1))
+
+
+def _check_reduction(reduction: str) -> None:
+    """The fused losses' reductions: ``"none"`` is not one (no per-token graph is kept)."""
+    if reduction not in REDUCTIONS or reduction == "none":
+        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
 
 
 def _check_labels(labels: Optional[torch.Tensor], tokens: int, vocab: int, student_vocab: int, ignore_index: int,
@@ -390,8 +395,7 @@ def _op_options(student_hidden, student_weight, student_bias, labels, ignore_ind
     """Check what a direct caller of the ops passes (the public functions check it on their
     own path); returns the labels (int64), the chunk size (None: the default) and the numbers."""
     _check_head("student", student_hidden, student_weight, student_bias)
-    if reduction not in REDUCTIONS or reduction == "none":
-        raise ValueError(f"reduction must be 'batchmean', 'sum' or 'mean', got {reduction!r}")
+    _check_reduction(reduction)
     if not 1 <= vocab <= vocab_limit:
         raise ValueError(f"vocab must be in [1, {vocab_limit}], got {vocab}")
     if chunk_size < 0:
