@@ -17,6 +17,12 @@ INF = tl.constexpr(float("inf"))
 
 
 @triton.jit
+def tempered_shift(x, m, inv_t):
+    """(x - m) / T without overflow at either end (tempered_shift in csrc/common/kd_common.h)."""
+    return tl.where(inv_t > 1.0, (x - m) * inv_t, x * inv_t - m * inv_t)
+
+
+@triton.jit
 def _weighted_log_ratio(p, a, b):
     return tl.where(p > 0.0, p * (a - b), 0.0)
 
@@ -77,7 +83,7 @@ def _kd_divergence_kernel(
     t_row = t_ptr + row * t_stride
     cols = tl.arange(0, BLOCK)
 
-    # Sweep 1: online (max, sum exp) of both rows.
+    # Sweep 1: online (max, sum exp((x - max) / T)) of both rows, the maxima in logit units.
     ms = tl.cast(NEG_INF, tl.float32)
     zs = tl.cast(0.0, tl.float32)
     mt = tl.cast(NEG_INF, tl.float32)
@@ -85,17 +91,19 @@ def _kd_divergence_kernel(
     for start in range(0, vocab, BLOCK):
         j = start + cols
         mask = j < vocab
-        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
+        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32)
         # tl.max passes NaN over: a NaN counts as +inf here, so that its row is left without a
         # finite normaliser (and gets NaN) even where the rest of its block is -inf and skipped.
         ms_new = tl.maximum(ms, tl.max(tl.where(s != s, INF, s), 0))
         mt_new = tl.maximum(mt, tl.max(tl.where(t != t, INF, t), 0))
-        zs = tl.where(ms_new == NEG_INF, 0.0, zs * tl.exp(ms - ms_new) + tl.sum(tl.exp(s - ms_new), 0))
-        zt = tl.where(mt_new == NEG_INF, 0.0, zt * tl.exp(mt - mt_new) + tl.sum(tl.exp(t - mt_new), 0))
+        zs = tl.where(ms_new == NEG_INF, 0.0, zs * tl.exp(tempered_shift(ms, ms_new, inv_t))
+                      + tl.sum(tl.exp(tempered_shift(s, ms_new, inv_t)), 0))
+        zt = tl.where(mt_new == NEG_INF, 0.0, zt * tl.exp(tempered_shift(mt, mt_new, inv_t))
+                      + tl.sum(tl.exp(tempered_shift(t, mt_new, inv_t)), 0))
         ms = ms_new
         mt = mt_new
-    # log-probabilities as (x - m) - log z (see LogNorm in kd_divergence.h); a row without a
+    # log-probabilities as (x - m) / T - log z (see LogNorm in kd_divergence.h); a row without a
     # finite normaliser has no distribution and gets NaN.
     log_zs = tl.log(zs)
     log_zt = tl.log(zt)
@@ -119,10 +127,10 @@ def _kd_divergence_kernel(
     for start in range(0, grad_cols if GRAD_NOW else vocab, BLOCK):
         j = start + cols
         mask = j < vocab
-        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-        ls = (s - ms) - log_zs
-        lt = (t - mt) - log_zt
+        s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+        t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+        ls = tempered_shift(s, ms, inv_t) - log_zs
+        lt = tempered_shift(t, mt, inv_t) - log_zt
         q = tl.exp(ls)
         term, w = _term(ls, lt, q, tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
         loss += tl.sum(tl.where(mask, term, 0.0), 0)
@@ -140,10 +148,10 @@ def _kd_divergence_kernel(
         for start in range(0, grad_cols, BLOCK):
             j = start + cols
             mask = j < vocab
-            s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-            t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-            ls = (s - ms) - log_zs
-            lt = (t - mt) - log_zt
+            s = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+            t = tl.load(t_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+            ls = tempered_shift(s, ms, inv_t) - log_zs
+            lt = tempered_shift(t, mt, inv_t) - log_zt
             q = tl.exp(ls)
             _, w = _term(ls, lt, q, tl.exp(lt), beta, rest, log_beta, log_rest, KIND)
             g = tl.where(defined, (w - q * sum_w) * scale, nan)

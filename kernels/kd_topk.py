@@ -25,6 +25,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .kd_divergence import tempered_shift
+
 _MAX_BLOCK = 4096
 _MAX_KB = 1024
 _KBLOCK = 32
@@ -42,9 +44,9 @@ def _or(a, b):
 
 
 @triton.jit
-def _z_at(s_row, ids, mask, inv_t):
-    """z = s / T at the ids (checked to lie in the vocabulary before)."""
-    return tl.load(s_row + ids, mask=mask, other=0.0).to(tl.float32) * inv_t
+def _logit_at(s_row, ids, mask):
+    """The student's logits at the ids (checked to lie in the vocabulary before)."""
+    return tl.load(s_row + ids, mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
@@ -67,7 +69,7 @@ def _outside_tile(ids_row, k, start, W: tl.constexpr, KBLOCK: tl.constexpr):
 @triton.jit
 def _outside_reduce(s_row, ids_row, vocab, k, inv_t, ref, DO_MAX: tl.constexpr, W: tl.constexpr,
                     KBLOCK: tl.constexpr):
-    """Over the columns outside the ids: max of z (DO_MAX), else sum of exp(z - ref)."""
+    """Over the columns outside the ids: max of the logits s (DO_MAX), else sum of exp((s - ref) / T)."""
     tile = W * 32
     j0 = tl.arange(0, W)[:, None] * 32 + tl.arange(0, 32)[None, :]
     if DO_MAX:
@@ -77,11 +79,11 @@ def _outside_reduce(s_row, ids_row, vocab, k, inv_t, ref, DO_MAX: tl.constexpr, 
     for start in range(0, vocab, tile):
         j = start + j0
         out = _outside_tile(ids_row, k, start, W, KBLOCK) & (j < vocab)
-        z = tl.load(s_row + j, mask=out, other=NEG_INF).to(tl.float32) * inv_t
+        x = tl.load(s_row + j, mask=out, other=NEG_INF).to(tl.float32)
         if DO_MAX:
-            acc = tl.maximum(acc, tl.max(tl.max(z, 1), 0))
+            acc = tl.maximum(acc, tl.max(tl.max(x, 1), 0))
         else:
-            acc += tl.sum(tl.sum(tl.exp(z - ref), 1), 0)
+            acc += tl.sum(tl.sum(tl.exp(tempered_shift(x, ref, inv_t)), 1), 0)
     return acc
 
 
@@ -128,15 +130,17 @@ def _kd_topk_kernel(
                 j = start + cols
                 tl.store(g_row + j, tl.zeros([BLOCK], tl.float32).to(grad_ptr.dtype.element_ty), mask=j < vocab)
     else:
-        # Sweep 1: online (max, sum exp) of z = s / T. tl.max passes NaN over: a NaN counts as +inf
-        # here, so that its row is left without a finite normaliser (and gets NaN).
+        # Sweep 1: online (max, sum exp((s - max) / T)) of the logits s, the max in logit units.
+        # tl.max passes NaN over: a NaN counts as +inf here, so that its row is left without a
+        # finite normaliser (and gets NaN).
         m = tl.cast(NEG_INF, tl.float32)
         zs = tl.cast(0.0, tl.float32)
         for start in range(0, vocab, BLOCK):
             j = start + cols
-            s = tl.load(s_row + j, mask=j < vocab, other=NEG_INF).to(tl.float32) * inv_t
+            s = tl.load(s_row + j, mask=j < vocab, other=NEG_INF).to(tl.float32)
             m_new = tl.maximum(m, tl.max(tl.where(s != s, INF, s), 0))
-            zs = tl.where(m_new == NEG_INF, 0.0, zs * tl.exp(m - m_new) + tl.sum(tl.exp(s - m_new), 0))
+            zs = tl.where(m_new == NEG_INF, 0.0, zs * tl.exp(tempered_shift(m, m_new, inv_t))
+                          + tl.sum(tl.exp(tempered_shift(s, m_new, inv_t)), 0))
             m = m_new
         log_z = tl.log(zs)
         # The stored entries: running max of lp, sum exp(lp - max), and the rounding terms
@@ -192,7 +196,7 @@ def _kd_topk_kernel(
                     z_out = tl.cast(0.0, tl.float32)
                     if m_out > NEG_INF:
                         z_out = _outside_reduce(s_row, ids_row, vocab, k, inv_t, m_out, False, W, KBLOCK)
-                log_q_rest = tl.where(z_out > 0.0, (m_out - m) + (tl.log(z_out) - log_z), NEG_INF)
+                log_q_rest = tl.where(z_out > 0.0, tempered_shift(m_out, m, inv_t) + (tl.log(z_out) - log_z), NEG_INF)
                 inv_z_out = tl.where(z_out > 0.0, 1.0 / z_out, 0.0)
 
             # The entries' losses and weights (entry_loss), summed in float64.
@@ -202,9 +206,9 @@ def _kd_topk_kernel(
                 i = kc + kr
                 km = i < k
                 log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
-                z_id = _z_at(s_row, tl.load(ids_row + i, mask=km, other=0), km, inv_t)
+                x_id = _logit_at(s_row, tl.load(ids_row + i, mask=km, other=0), km)
                 w = tl.exp(log_w)
-                lq = (z_id - m) - log_z
+                lq = tempered_shift(x_id, m, inv_t) - log_z
                 term = tl.where(w > 0.0, w * (log_w - lq), tl.where(w == 0.0, 0.0, w))
                 loss += tl.sum(tl.where(km, term, 0.0).to(tl.float64), 0)
                 weight_sum += tl.sum(tl.where(km & (w > 0.0), w, 0.0).to(tl.float64), 0)
@@ -213,8 +217,8 @@ def _kd_topk_kernel(
             tl.store(loss_ptr + row, loss.to(tl.float32) * loss_scale)
 
             if WRITE_GRAD:
-                # grad_entry at every column, A q_j - B exp(z_j - m_out) / Z_out; the ids are
-                # overwritten below.
+                # grad_entry at every column, A q_j - B exp((s_j - m_out) / T) / Z_out; the ids
+                # are overwritten below.
                 b = tl.where((r > 0.0) & (log_q_rest > NEG_INF), r, 0.0)
                 a = weight_sum.to(tl.float32) + b
                 bz = b * inv_z_out
@@ -222,9 +226,9 @@ def _kd_topk_kernel(
                 for start in range(0, vocab, BLOCK):
                     j = start + cols
                     mask = j < vocab
-                    z = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32) * inv_t
-                    e = tl.exp(z - m)
-                    out = tl.where(bz > 0.0, tl.where(rare > 0.0, tl.exp(z - m_out), e), 0.0)
+                    x = tl.load(s_row + j, mask=mask, other=NEG_INF).to(tl.float32)
+                    e = tl.exp(tempered_shift(x, m, inv_t))
+                    out = tl.where(bz > 0.0, tl.where(rare > 0.0, tl.exp(tempered_shift(x, m_out, inv_t)), e), 0.0)
                     g = (a * (e * inv_z) - bz * out) * scale
                     tl.store(g_row + j, g.to(grad_ptr.dtype.element_ty), mask=mask)
                 tl.debug_barrier()  # the sweep's stores at the ids are done (the ids of a row are distinct)
@@ -233,10 +237,10 @@ def _kd_topk_kernel(
                     km = i < k
                     log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
                     ids = tl.load(ids_row + i, mask=km, other=0)
-                    z_id = _z_at(s_row, ids, km, inv_t)
+                    x_id = _logit_at(s_row, ids, km)
                     w = tl.exp(log_w)
                     weight = tl.where(w > 0.0, w, 0.0)
-                    g = a * tl.exp((z_id - m) - log_z) * scale - weight * scale
+                    g = a * tl.exp(tempered_shift(x_id, m, inv_t) - log_z) * scale - weight * scale
                     tl.store(g_row + ids, g.to(grad_ptr.dtype.element_ty), mask=km)
         else:
             tl.store(loss_ptr + row, nan)

@@ -106,6 +106,16 @@ KD_HD void store_from_float(void* p, int dtype, int64_t i, float v) {
   }
 }
 
+// (x - m) / T for a logit x of a row whose max is m, the argument of softmax(x / T)'s
+// exponentials: at T < 1 the difference comes first, as x / T alone overflows for
+// |x| > T * FLT_MAX (logits of 1e38 at T = 0.5); at T >= 1 each is scaled first, as x - m
+// overflows for rows that span more than FLT_MAX, which x / T - m / T brings back in range.
+// Either way the result overflows only where the exact value does. The KD kernels keep their
+// row maxima in logit units and take every difference through this.
+KD_HD float tempered_shift(float x, float m, float inv_t) {
+  return inv_t > 1.f ? (x - m) * inv_t : x * inv_t - m * inv_t;
+}
+
 // exp(x) for the whole float range (subnormal results down to exp(-103.97), the smallest
 // float; 0 below; inf above 88.72; NaN kept), as expf. On the host a branch-free Cody-Waite
 // reduction with a degree-7 polynomial (<= 2 ulp), which compilers vectorise, unlike libm's

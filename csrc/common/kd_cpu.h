@@ -195,6 +195,18 @@ KD_CPU_INLINE float row_max(const float* x, int64_t n) {
   return m;
 }
 
+// A row x / T as the softmax kernels take it, into `out` (which may be `x`), or `x` itself at
+// T = 1. Below T = 1 the row is shifted by its max first (softmax does not change), as
+// x / T alone overflows for |x| > T * FLT_MAX (kd_common.h: tempered_shift); a row whose max
+// is not finite keeps its inf, NaN or all -inf entries, so it still has no distribution.
+KD_CPU_INLINE const float* tempered_row(const float* x, int64_t n, float inv_t, float* out) {
+  if (inv_t == 1.f) return x;
+  float m = inv_t > 1.f ? row_max<4>(x, n) : 0.f;
+  if (!(m > -INFINITY && m < INFINITY)) m = 0.f;
+  for (int64_t j = 0; j < n; ++j) out[j] = tempered_shift(x[j], m, inv_t);
+  return out;
+}
+
 // Sums run in fp32 SIMD lanes over blocks of kSumBlock entries and in fp64 across blocks, so
 // their rounding error stays at the level of torch's cascade sums for any vocabulary.
 constexpr int64_t kSumBlock = 256;

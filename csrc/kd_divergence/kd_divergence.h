@@ -145,16 +145,18 @@ KD_HD float divergence_term(const Consts& c, float ls, float lt, float q, float 
   }
 }
 
-// A row's log-normaliser log(sum exp(x)) = m + log_z, kept as its two parts: log-probabilities
-// are formed as (x - m) - log_z, so large logits (1e4) keep their small differences, which
-// x - (m + log_z) would round away at the precision of m. A row without a finite normaliser
-// (every entry -inf, or an inf or NaN entry) has no distribution: its loss and gradient are
-// NaN for every kind.
+// A row's log-normaliser log(sum exp(x / T)) = m / T + log_z, kept as its two parts with the
+// row's max m in logit units: log-probabilities are formed as tempered_shift(x, m) - log_z
+// (kd_common.h), so large logits (1e4) keep their small differences, which
+// x / T - (m / T + log_z) would round away at the precision of m, and logits of 1e38 at T < 1
+// do not overflow. A row without a finite normaliser (every entry -inf, or an inf or NaN entry)
+// has no distribution: its loss and gradient are NaN for every kind.
 struct LogNorm {
   float m, log_z;
 };
 
-KD_HD float log_prob(float x, LogNorm n) { return (x - n.m) - n.log_z; }
+// The CPU launcher passes rows it has already tempered (cpu::tempered_row) with inv_t = 1.
+KD_HD float log_prob(float x, LogNorm n, float inv_t) { return tempered_shift(x, n.m, inv_t) - n.log_z; }
 
 KD_HD bool is_distribution(LogNorm n) {
   return n.m > -INFINITY && n.m < INFINITY && n.log_z > -INFINITY && n.log_z < INFINITY;

@@ -21,14 +21,13 @@ namespace {
 // Row helpers (KD_CPU_INLINE) are inlined into row_sweeps, which is compiled twice: for
 // AVX2 + FMA and for baseline x86-64 (kd_cpu.h's has_avx2_fma picks one).
 
-// Row r of `src` as fp32 values divided by T: the buffer itself when it already is, else
-// a copy in `buf` (16-bit rows widened by kd_cpu.h's block conversions, F16C / AVX2 where the
-// CPU has them: the per-element software fp16 conversion made fp16 rows 2x slower than fp32).
+// Row r of `src` as fp32 values divided by T (cpu::tempered_row): the buffer itself when it
+// already is, else a copy in `buf` (16-bit rows widened by kd_cpu.h's block conversions, F16C /
+// AVX2 where the CPU has them: the per-element software fp16 conversion made fp16 rows 2x
+// slower than fp32).
 const float* widen_row(const void* src, int dtype, int64_t offset, int64_t n, float inv_t, float* buf) {
   const float* v = cpu::load_floats(src, dtype, offset, n, buf);  // fp32: `src` itself
-  if (inv_t == 1.f) return v;
-  for (int64_t j = 0; j < n; ++j) buf[j] = v[j] * inv_t;
-  return buf;
+  return cpu::tempered_row(v, n, inv_t, buf);
 }
 
 struct RowResult {
@@ -55,7 +54,9 @@ KD_CPU_INLINE RowResult row_divergence(const Consts& c, const float* s, const fl
 #pragma omp simd reduction(+ : lb, wb)
     for (int64_t j = j0; j < j1; ++j) {
       float w;
-      lb += divergence_term<KIND>(c, log_prob(s[j], ns), log_prob(t[j], nt), es[j] * inv_zs, et[j] * inv_zt, w);
+      // (the rows are tempered already: inv_t = 1)
+      lb += divergence_term<KIND>(c, log_prob(s[j], ns, 1.f), log_prob(t[j], nt, 1.f), es[j] * inv_zs,
+                                  et[j] * inv_zt, w);
       w_row[j] = w;
       wb += w;
     }

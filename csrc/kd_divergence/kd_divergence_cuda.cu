@@ -23,17 +23,17 @@ __device__ __forceinline__ LogNorm log_norm(Lse a) {
 }
 
 // Block-wide reductions; `scratch` holds kWarps entries. Every thread gets the result.
-__device__ Lse block_lse(Lse v, Lse* scratch) {
+__device__ Lse block_lse(Lse v, float inv_t, Lse* scratch) {
   for (int o = 16; o > 0; o >>= 1) {
     Lse other{__shfl_xor_sync(0xffffffffu, v.m, o), __shfl_xor_sync(0xffffffffu, v.z, o)};
-    v = lse_merge(v, other);
+    v = lse_merge(v, other, inv_t);
   }
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
   Lse r{-INFINITY, 0.f};
-  for (int i = 0; i < kWarps; ++i) r = lse_merge(r, scratch[i]);
+  for (int i = 0; i < kWarps; ++i) r = lse_merge(r, scratch[i], inv_t);
   return r;
 }
 
@@ -56,8 +56,8 @@ __device__ float2 block_sum2(float2 v, float2* scratch) {
 template <int KIND>
 __device__ __forceinline__ float entry_term(const Params& p, const Consts& c, int64_t s_off, int64_t t_off,
                                             int64_t j, LogNorm ns, LogNorm nt, float& w, float& q) {
-  const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j) * p.inv_temperature, ns);
-  const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j) * p.inv_temperature, nt);
+  const float ls = log_prob(load_as_float(p.student, p.student_dtype, s_off + j), ns, p.inv_temperature);
+  const float lt = log_prob(load_as_float(p.teacher, p.teacher_dtype, t_off + j), nt, p.inv_temperature);
   q = kd_exp(ls);
   return divergence_term<KIND>(c, ls, lt, q, kd_exp(lt), w);
 }
@@ -80,11 +80,11 @@ __global__ void __launch_bounds__(kThreads) kd_divergence_kernel(const Params p,
     const int64_t s_off = r * p.student_stride, t_off = r * p.teacher_stride;
     Lse ls_acc{-INFINITY, 0.f}, lt_acc{-INFINITY, 0.f};
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      ls_acc = lse_push(ls_acc, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t);
-      lt_acc = lse_push(lt_acc, load_as_float(p.teacher, p.teacher_dtype, t_off + j) * inv_t);
+      ls_acc = lse_push(ls_acc, load_as_float(p.student, p.student_dtype, s_off + j), inv_t);
+      lt_acc = lse_push(lt_acc, load_as_float(p.teacher, p.teacher_dtype, t_off + j), inv_t);
     }
-    const LogNorm ns = log_norm(block_lse(ls_acc, lse_scratch[0]));
-    const LogNorm nt = log_norm(block_lse(lt_acc, lse_scratch[1]));
+    const LogNorm ns = log_norm(block_lse(ls_acc, inv_t, lse_scratch[0]));
+    const LogNorm nt = log_norm(block_lse(lt_acc, inv_t, lse_scratch[1]));
     const bool defined = is_distribution(ns) && is_distribution(nt);
 
     // Forward KL's sum(w) is known before its sweep (kd_divergence.h): the gradient is written

@@ -122,25 +122,28 @@ KD_HD float teacher_log_weight(const Params& p, float lp, float log_mass) {
   return log_mass > -INFINITY ? lp - log_mass : NAN;
 }
 
-// The student's side of a row, after the vocabulary sweeps: its log-normaliser m + log_z
-// (kept apart, as in kd_divergence.h: (z - m) - log_z keeps the small differences of large
-// logits), and log Q of the mass outside the ids (-inf if every outside logit is -inf).
+// The student's side of a row, after the vocabulary sweeps: its log-normaliser m / T + log_z
+// with the row's max m in logit units (kept apart, as in kd_divergence.h: tempered_shift(x, m)
+// - log_z keeps the small differences of large logits and does not overflow at T < 1), log Q
+// of the mass outside the ids (-inf if every outside logit is -inf), and the 1 / T the logits
+// are divided by (1 for the CPU launcher's rows, which are tempered up front).
 struct Student {
   float m, log_z;
   float log_q_rest;
+  float inv_t;
 };
 
 KD_HD bool student_defined(const Student& s) {
   return s.m > -INFINITY && s.m < INFINITY && s.log_z > -INFINITY && s.log_z < INFINITY;
 }
 
-KD_HD float student_log_prob(const Student& s, float z) { return (z - s.m) - s.log_z; }
+KD_HD float student_log_prob(const Student& s, float x) { return tempered_shift(x, s.m, s.inv_t) - s.log_z; }
 
 // One stored entry's share of the loss, and of A (its weight w_i, 0 where 0 or NaN).
-KD_HD float entry_loss(float log_w, float z_id, const Student& s, float& weight) {
+KD_HD float entry_loss(float log_w, float x_id, const Student& s, float& weight) {
   const float w = expf(log_w);
   weight = w > 0.f ? w : 0.f;
-  return xlogy_ratio(w, log_w, student_log_prob(s, z_id));
+  return xlogy_ratio(w, log_w, student_log_prob(s, x_id));
 }
 
 // The remainder term r (log r - log Q): a live remainder (r > 0) against a student with no

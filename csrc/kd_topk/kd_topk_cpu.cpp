@@ -32,7 +32,7 @@ KD_CPU_INLINE RowOut row_topk(const Params& p, const float* z, const int64_t* id
   for (int64_t i = 0; i < k; ++i)
     if (!id_in_range(ids[i], n)) return RowOut{NAN, false};
   const cpu::RowExp x = cpu::row_exp<L>(z, n, e);
-  Student st{x.m, x.log_z, -INFINITY};
+  Student st{x.m, x.log_z, -INFINITY, 1.f};  // (z is tempered already)
   if (!student_defined(st)) return RowOut{NAN, false};
 
   TeacherAcc acc{-INFINITY, 0.0, 0.f};
@@ -117,9 +117,8 @@ void run_row(const Params& p, int64_t r, float* ws) {
                             size_t(n) * (p.grad_dtype == kFloat32 ? 4 : 2));
     return;
   }
-  float* z = ws;
-  const float* src = cpu::load_floats(p.student, p.student_dtype, r * p.student_stride, n, z);
-  for (int64_t j = 0; j < n; ++j) z[j] = src[j] * p.inv_temperature;
+  const float* z = cpu::tempered_row(cpu::load_floats(p.student, p.student_dtype, r * p.student_stride, n, ws), n,
+                                     p.inv_temperature, ws);
   // The gradient is formed in place of the exponentials: straight in an fp32 gradient row.
   float* e = p.grad ? cpu::float_target(p.grad, p.grad_dtype, g_off, ws + n) : ws + n;
   const RowOut out = row_fn(p, z, p.ids + r * p.k, p.logprobs + r * p.k, e, p.grad != nullptr,

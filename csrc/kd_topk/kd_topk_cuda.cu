@@ -40,7 +40,8 @@ __device__ __forceinline__ TeacherAcc shfl(TeacherAcc v, int o) {
 __device__ __forceinline__ Sums shfl(Sums v, int o) { return Sums{shfl(v.loss, o), shfl(v.weight, o)}; }
 
 struct MergeLse {
-  __device__ __forceinline__ Lse operator()(Lse a, Lse b) const { return lse_merge(a, b); }
+  float inv_t;
+  __device__ __forceinline__ Lse operator()(Lse a, Lse b) const { return lse_merge(a, b, inv_t); }
 };
 struct MergeTeacher {
   __device__ __forceinline__ TeacherAcc operator()(TeacherAcc a, TeacherAcc b) const { return teacher_merge(a, b); }
@@ -85,9 +86,10 @@ __device__ void build_bitmap(uint32_t* bitmap, const int64_t* ids, int64_t k, in
   __syncthreads();
 }
 
-// f(z_j) for every column j of the row outside its ids (z = s / T), in the calling thread's
-// share of the columns. `rebuild`: build the bitmap first (always where the vocabulary takes
-// more than one window; otherwise the bitmap of an earlier sweep of this row is reused).
+// f(s_j) for every column j of the row outside its ids (the logits, not divided by T), in the
+// calling thread's share of the columns. `rebuild`: build the bitmap first (always where the
+// vocabulary takes more than one window; otherwise the bitmap of an earlier sweep of this row
+// is reused).
 template <typename F>
 __device__ void sweep_outside(const Params& p, int64_t s_off, const int64_t* ids, uint32_t* bitmap, bool rebuild,
                               F& f) {
@@ -98,23 +100,23 @@ __device__ void sweep_outside(const Params& p, int64_t s_off, const int64_t* ids
     for (int64_t j = w0 + threadIdx.x; j < w1; j += blockDim.x) {
       const int64_t d = j - w0;
       if ((bitmap[d >> 5] >> unsigned(d & 31)) & 1u) continue;
-      f(load_as_float(p.student, p.student_dtype, s_off + j) * p.inv_temperature);
+      f(load_as_float(p.student, p.student_dtype, s_off + j));
     }
   }
 }
 
-struct SumExp {
-  float m, sum;
-  __device__ __forceinline__ void operator()(float z) { sum += kd_exp(z - m); }
+struct SumExp {  // sum of exp((s - m) / T)
+  float m, inv_t, sum;
+  __device__ __forceinline__ void operator()(float s) { sum += kd_exp(tempered_shift(s, m, inv_t)); }
 };
 struct MaxOf {
   float m;
-  __device__ __forceinline__ void operator()(float z) { m = fmaxf(m, z); }
+  __device__ __forceinline__ void operator()(float s) { m = fmaxf(m, s); }
 };
 
-// z = s / T at a stored id (checked to lie in the vocabulary before).
-__device__ __forceinline__ float z_at(const Params& p, int64_t s_off, int64_t id) {
-  return load_as_float(p.student, p.student_dtype, s_off + id) * p.inv_temperature;
+// The student's logit at a stored id (checked to lie in the vocabulary before).
+__device__ __forceinline__ float logit_at(const Params& p, int64_t s_off, int64_t id) {
+  return load_as_float(p.student, p.student_dtype, s_off + id);
 }
 
 // A row without a loss: NaN for its loss and every entry of its gradient.
@@ -143,12 +145,12 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
     const int64_t* ids = p.ids + r * k;
     const float* lps = p.logprobs + r * k;
 
-    // Sweep 1: the student's log-normaliser m + log_z.
+    // Sweep 1: the student's log-normaliser m / T + log_z.
     Lse acc{-INFINITY, 0.f};
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x)
-      acc = lse_push(acc, load_as_float(p.student, p.student_dtype, s_off + j) * inv_t);
-    const Lse lse = block_reduce(acc, lse_scratch, MergeLse{});
-    Student st{lse.m, logf(lse.z), -INFINITY};
+      acc = lse_push(acc, load_as_float(p.student, p.student_dtype, s_off + j), inv_t);
+    const Lse lse = block_reduce(acc, lse_scratch, MergeLse{inv_t});
+    Student st{lse.m, logf(lse.z), -INFINITY, inv_t};
 
     // The stored entries' mass and the remainder. An id outside the vocabulary (ids are checked
     // on the CPU only) makes the row NaN, without reading or writing outside the row.
@@ -171,7 +173,7 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
     bool rare = false;
     float m_out = st.m, inv_z_out = 0.f;
     if (expf(log_r) > 0.f) {
-      SumExp sum{st.m, 0.f};
+      SumExp sum{st.m, inv_t, 0.f};
       sweep_outside(p, s_off, ids, bitmap, true, sum);
       float z_out = block_reduce(sum.sum, float_scratch, AddFloat{});
       if (z_out < kTinyOutside) {
@@ -181,12 +183,12 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
         m_out = block_reduce(mx.m, float_scratch, MaxFloat{});
         z_out = 0.f;
         if (m_out > -INFINITY) {
-          SumExp rest{m_out, 0.f};
+          SumExp rest{m_out, inv_t, 0.f};
           sweep_outside(p, s_off, ids, bitmap, false, rest);
           z_out = block_reduce(rest.sum, float_scratch, AddFloat{});
         }
       }
-      st.log_q_rest = z_out > 0.f ? (m_out - st.m) + (logf(z_out) - st.log_z) : -INFINITY;
+      st.log_q_rest = z_out > 0.f ? tempered_shift(m_out, st.m, inv_t) + (logf(z_out) - st.log_z) : -INFINITY;
       inv_z_out = z_out > 0.f ? 1.f / z_out : 0.f;
     }
 
@@ -194,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
     Sums s{0.0, 0.0};
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       float w;
-      s.loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), z_at(p, s_off, ids[i]), st, w);
+      s.loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), logit_at(p, s_off, ids[i]), st, w);
       s.weight += w;
     }
     s = block_reduce(s, sum_scratch, AddSums{});
@@ -203,22 +205,22 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
     if (!p.grad) continue;
 
     // The gradient: grad_entry at every column (the ids are overwritten below). out_prob is
-    // exp(z - m_out) / Z_out, formed only where the remainder has a gradient (B > 0).
+    // exp((s - m_out) / T) / Z_out, formed only where the remainder has a gradient (B > 0).
     const float b = remainder_weight(log_r, st), a = float(s.weight) + b;
     const float bz = b * inv_z_out, inv_z = 1.f / lse.z;
     for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
-      const float z = load_as_float(p.student, p.student_dtype, s_off + j) * inv_t;
-      const float e = kd_exp(z - st.m);
-      const float out = bz > 0.f ? (rare ? kd_exp(z - m_out) : e) : 0.f;
+      const float x = load_as_float(p.student, p.student_dtype, s_off + j);
+      const float e = kd_exp(tempered_shift(x, st.m, inv_t));
+      const float out = bz > 0.f ? (rare ? kd_exp(tempered_shift(x, m_out, inv_t)) : e) : 0.f;
       store_from_float(p.grad, p.grad_dtype, g_off + j, grad_entry(a, e * inv_z, bz, out, scale));
     }
     __syncthreads();  // the sweep's writes at the ids are done (ids are distinct within a row)
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       const int64_t id = ids[i];
-      const float z_id = z_at(p, s_off, id);
+      const float x_id = logit_at(p, s_off, id);
       float w;
-      entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), z_id, st, w);
-      const float g = a * expf(student_log_prob(st, z_id)) * scale;
+      entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), x_id, st, w);
+      const float g = a * expf(student_log_prob(st, x_id)) * scale;
       store_from_float(p.grad, p.grad_dtype, g_off + id, g - w * scale);
     }
   }

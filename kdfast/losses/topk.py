@@ -29,6 +29,7 @@ import torch
 
 from ..ops._tensors import check_label_ids, vmapped
 from ..ops.kd_topk import REMAINDERS, kd_topk
+from ..reference.kd_divergence import tempered
 from ..reference.kd_topk import mass_rounding
 from .._checks import check_flag
 from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
@@ -52,7 +53,7 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     flat = teacher_logits.reshape(-1, vocab)
     ids, logps = [], []
     for start in range(0, flat.shape[0], chunk_size):
-        logp = torch.log_softmax(flat[start:start + chunk_size].float() / temperature, dim=-1)
+        logp = torch.log_softmax(tempered(flat[start:start + chunk_size].float(), temperature), dim=-1)
         top = logp.topk(k, dim=-1)
         ids.append(top.indices)
         logps.append(top.values)

@@ -67,11 +67,26 @@ def divergence_terms(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float)
     raise ValueError(f"unknown kind {kind!r}; expected one of {KINDS}")
 
 
+def tempered(x: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``(x - max) / temperature`` along the last dim, as the softmax takes it (the shift does not
+    change it), formed as the kernels' tempered_shift (csrc/common/kd_common.h): below
+    temperature 1 the difference first, as ``x / T`` alone overflows for ``|x| > T * max``
+    (float32 logits of 1e38 at T = 0.5); else each scaled first. A row whose max is not finite
+    is not shifted, so it still has no distribution."""
+    m = x.detach().amax(-1, keepdim=True)
+    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    inv_t = 1.0 / temperature
+    if isinstance(inv_t, torch.Tensor):  # (a traced 0-d tensor under torch.compile: no branch on it)
+        return torch.where(inv_t > 1, (x - m) * inv_t, x * inv_t - m * inv_t)
+    return (x - m) * inv_t if inv_t > 1 else x * inv_t - m * inv_t
+
+
 def _tempered(student: torch.Tensor, teacher: torch.Tensor, vocab: Optional[int], temperature: float,
               dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor, int]:
     """The shared vocabulary's logits divided by the temperature, in ``dtype``, and that vocabulary."""
     vocab = min(student.shape[-1], teacher.shape[-1]) if vocab is None else vocab
-    return student[:, :vocab].to(dtype) / temperature, teacher[:, :vocab].to(dtype) / temperature, vocab
+    s, t = student[:, :vocab].to(dtype), teacher[:, :vocab].to(dtype)
+    return tempered(s, temperature), tempered(t, temperature), vocab
 
 
 def _has_softmax(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

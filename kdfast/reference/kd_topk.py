@@ -22,6 +22,8 @@ from typing import Optional
 
 import torch
 
+from .kd_divergence import tempered
+
 REMAINDERS = ("bucket", "renormalize")
 
 
@@ -66,7 +68,7 @@ def _inputs(student, ids, logprobs, labels, ignore_index, temperature, dtype):
     would still send a NaN gradient back from NaN logits or log-probabilities there), and the
     mask of kept rows (None without labels)."""
     k, vocab = ids.shape[1], student.shape[1]
-    z = student.to(dtype) / temperature
+    z = tempered(student.to(dtype), temperature)
     ids = ids.long()
     lp = logprobs.to(dtype).clamp(max=0.0)
     keep = None if labels is None else labels.reshape(-1).to(torch.int64) != ignore_index

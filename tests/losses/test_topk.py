@@ -75,6 +75,15 @@ def test_teacher_topk_chunks_match_one_pass():
     torch.testing.assert_close(logp, direct.values)
 
 
+def test_teacher_topk_of_logits_that_overflow_when_divided_by_the_temperature():
+    # float32 logits of 3e38 at T = 0.5: x / T overflows; the rows are shifted by their max first
+    t = torch.tensor([[3.2e38, 3.2e38, -1e38, 1e30], [-3e38, 2e38, 2e38, 2e38]])
+    ids, logp = teacher_topk(t, 2, temperature=0.5)
+    direct = torch.log_softmax(t.double() / 0.5, -1).topk(2, -1)
+    torch.testing.assert_close(logp.double(), direct.values)
+    assert set(ids[0].tolist()) == {0, 1} and set(ids[1].tolist()) <= {1, 2, 3}
+
+
 def test_confident_teacher_is_finite():
     s = logits((3, 20), 9)
     t = logits((3, 20), 10)

@@ -147,6 +147,39 @@ def test_extreme_logits(backend, kind):
     assert rows[2].abs() < 1e-6 and (grad[2].abs() < 1e-6).all()  # identical one-point distributions
 
 
+def near_float32_max_rows(seed):
+    """Rows of float32 logits up to 3e38: a few tied at the top (the distribution at a
+    temperature below 1), the rest spread down to -3e38, some -inf; where x / T overflows."""
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.rand(4, 40, generator=g, dtype=torch.float64) * 6e38 - 3e38).float()
+    x[:, 3::9] = -math.inf
+    return x
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: the overflowing branch
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("temperature", [0.5, 1e-3])
+def test_logits_that_overflow_when_divided_by_the_temperature(backend, kind, temperature):
+    # Below T = 1, x / T overflows float32 for |x| > T * 3.4e38: each row is taken relative to
+    # its max first (kd_common.h: tempered_shift). Such rows keep only their tied maxima: the
+    # student's on 3 entries, the teacher's on 2 of them (the other way round for the reverse KL,
+    # so that every divergence is finite; the float64 reference divides without overflow).
+    top = 3.2e38
+    s, t = near_float32_max_rows(30), near_float32_max_rows(31)
+    s[:, [5, 6, 7]] = top
+    t[:, [5, 6]] = top
+    if kind == "reverse_kl":
+        s, t = t, s
+    t[1] = s[1]  # and one identical pair
+    rows, grad = fused(backend, s, t, kind, temperature=temperature)
+    rows64, grad64 = reference(s, t, kind, torch.float64, temperature=temperature)
+    assert torch.isfinite(rows64).all() and torch.isfinite(grad64).all()
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-6, atol=1e-6 / temperature)
+    assert rows[1].abs() < 1e-7 and rows[0] > 0.01
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("offset", [1e4, -3e4])

@@ -399,6 +399,32 @@ def test_an_all_minus_inf_student_is_nan_whatever_the_teacher(backend):
             assert rows.isnan().all() and grad.isnan().all(), (backend, remainder)
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: the overflowing branch
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("remainder", REMAINDERS)
+@pytest.mark.parametrize("temperature", [0.5, 1e-3])
+def test_logits_that_overflow_when_divided_by_the_temperature(backend, remainder, temperature):
+    # Below T = 1, s / T overflows float32 for |s| > T * 3.4e38: the row is taken relative to its
+    # max first (kd_common.h: tempered_shift). Such a row keeps only its tied maxima: row 0's
+    # student on 4 entries, the teacher's 0.9 on 3 of them (a live remainder against the fourth),
+    # row 1's student on the 3 entries the teacher stores. The float64 reference divides without
+    # overflow.
+    g = torch.Generator().manual_seed(40)
+    s = (torch.rand(2, 30, generator=g, dtype=torch.float64) * 6e38 - 3e38).float()
+    s[:, 2::7] = -math.inf
+    s[0, [5, 6, 7, 8]] = 3.2e38
+    s[1, [5, 6, 7]] = 3.2e38
+    ids = torch.tensor([[5, 6, 7], [5, 6, 7]])
+    lp = torch.tensor([[0.3, 0.3, 0.3], [0.5, 0.25, 0.25]]).log()
+    rows, grad = fused(backend, s, ids, lp, temperature=temperature, remainder=remainder)
+    rows64, grad64 = reference(s, ids, lp, torch.float64, temperature=temperature, remainder=remainder,
+                               stored_eps=torch.finfo(torch.float32).eps)
+    assert torch.isfinite(rows64).all() and torch.isfinite(grad64).all()
+    torch.testing.assert_close(rows.double(), rows64, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grad.double(), grad64, rtol=1e-6, atol=1e-6 / temperature)
+    assert rows[1] > 0.01
+
+
 def test_a_direct_call_refuses_a_temperature_that_is_not_positive():
     # (read_numbers checked finiteness and float32's range only: T = -1 gave rows of garbage)
     s = logits((4, 30), torch.float32, 25)
