@@ -19,8 +19,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from ..ops._tensors import check_label_ids, number_tensor, read_numbers, reference_required
-from ..ops.kd_divergence import KINDS, kd_divergence, kd_divergence_with_grad
+from ..ops._tensors import _F32_MAX, check_label_ids, number_tensor, read_numbers, reference_required
+from ..ops.kd_divergence import KINDS, check_float32_numbers, kd_divergence, kd_divergence_with_grad
 from ..ops.kd_topk import REMAINDERS, kd_topk, kd_topk_with_grad
 from .._checks import check_flag, is_finite_number, real_number
 from .kd import REDUCTIONS, _check_beta, _check_int, _check_temperature, _count_valid, _resolve_kind
@@ -49,6 +49,9 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"{name}_weight must be [vocab, {hidden.shape[1]}] to match {name}_hidden, got "
                          f"{tuple(weight.shape)}")
+    if weight.shape[0] == 0:
+        raise ValueError(f"{name}_weight must have at least one row (one per vocabulary entry), got shape "
+                         f"{tuple(weight.shape)}")
     if weight.device != hidden.device or weight.dtype != hidden.dtype:
         raise ValueError(f"{name}_weight ({weight.dtype} on {weight.device}) must match {name}_hidden "
                          f"({hidden.dtype} on {hidden.device})")
@@ -61,8 +64,8 @@ def _check_head(name: str, hidden: torch.Tensor, weight: torch.Tensor, bias: Opt
 
 
 def _check_options(kind: str, beta: float, temperature: float, weight_hard: float, weight_soft: float,
-                   chunk_size: Optional[int], reduction: str, ignore_index: int, vocab_size: Optional[int]
-                   ) -> Tuple[Optional[int], int, Optional[int]]:
+                   chunk_size: Optional[int], reduction: str, ignore_index: int, vocab_size: Optional[int],
+                   scale_by_t2: bool) -> Tuple[Optional[int], int, Optional[int]]:
     """The options of :func:`fused_linear_kd` (and :class:`FusedLinearKDLoss`'s constructor);
     returns ``chunk_size``, ``ignore_index`` and ``vocab_size`` as ints (or None). The upper
     bound of ``vocab_size`` (the smaller head) is checked with the weights."""
@@ -77,6 +80,15 @@ def _check_options(kind: str, beta: float, temperature: float, weight_hard: floa
     if not finite or weight_hard < 0 or weight_soft < 0:
         raise ValueError(f"weight_hard and weight_soft must be finite and >= 0, got {weight_hard}, {weight_soft}")
     _check_temperature(temperature)
+    check_float32_numbers(temperature, 1.0)
+    if not torch.compiler.is_compiling():  # (symbolic numbers: a comparison would guard on their value)
+        # The terms' weights too must be float32 numbers (past them every token's loss is inf or
+        # NaN, where the loss itself is finite).
+        soft_scale = weight_soft * (temperature ** 2 if scale_by_t2 else 1.0)
+        if weight_hard > _F32_MAX or soft_scale > _F32_MAX:
+            raise ValueError(f"weight_hard and weight_soft{' * temperature**2' if scale_by_t2 else ''} must be at "
+                             f"most float32's largest number {_F32_MAX:.8g} (the kernels compute in float32), got "
+                             f"{weight_hard:g} and {soft_scale:g}")
     return (None if chunk_size is None else _check_int("chunk_size", chunk_size, minimum=1),
             _check_int("ignore_index", ignore_index),
             None if vocab_size is None else _check_int("vocab_size", vocab_size, minimum=1))
@@ -320,12 +332,13 @@ def _chunked_loss(student_hidden, student_weight, student_bias, soft, labels, ig
         chunk_labels = None if labels is None else labels[start:stop]
         s_logits = _head_logits(h, student_operand, student_bias)
         rows, g = soft.rows(s_logits, start, stop, chunk_labels, grad_dtype if need_grad else None)
-        if weight_hard:
+        if weight_hard and need_grad:
             ce, ce_grad = _cross_entropy_chunk(s_logits, chunk_labels, vocab, ignore_index)
             rows = rows + weight_hard * ce
-            if need_grad:
-                g = g.add_(ce_grad.mul_(weight_hard))  # (alpha= would make a symbolic weight a constant)
+            g = g.add_(ce_grad.mul_(weight_hard))  # (alpha= would make a symbolic weight a constant)
             del ce_grad
+        elif weight_hard:
+            rows = rows + weight_hard * _cross_entropy(s_logits, chunk_labels, vocab, ignore_index)[0]
         del s_logits
         rows_out[start:stop] = rows
         if not need_grad:
@@ -620,8 +633,9 @@ def fused_linear_kd(
     if teacher_hidden.device != student_hidden.device:
         raise ValueError(f"teacher tensors must be on {student_hidden.device} like the student's, got "
                          f"{teacher_hidden.device}")
+    scale_by_t2 = check_flag("scale_by_t2", scale_by_t2)
     chunk_size, ignore_index, vocab_size = _check_options(kind, beta, temperature, weight_hard, weight_soft,
-                                                          chunk_size, reduction, ignore_index, vocab_size)
+                                                          chunk_size, reduction, ignore_index, vocab_size, scale_by_t2)
     shared = min(student_weight.shape[0], teacher_weight.shape[0])
     vocab = shared if vocab_size is None else vocab_size
     if not 1 <= vocab <= shared:
@@ -629,7 +643,7 @@ def fused_linear_kd(
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
     labels = _check_labels(labels, tokens, vocab, student_weight.shape[0], ignore_index, student_hidden.device,
                            weight_hard > 0)
-    loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
+    loss_scale = temperature ** 2 if scale_by_t2 else 1.0
     # the heads are cast: with autocast left on, the CPU's would round the fp32 products to 16 bits
     with _autocast_off(student_hidden):
         soft = _TeacherHead(teacher_hidden.detach(), teacher_weight.detach(),
@@ -699,14 +713,15 @@ def fused_linear_topk_kd(
     tokens, vocab = student_hidden.shape[0], student_weight.shape[0]
     if remainder not in REMAINDERS:
         raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+    scale_by_t2 = check_flag("scale_by_t2", scale_by_t2)
     chunk_size, ignore_index, _ = _check_options("forward_kl", 0.0, temperature, weight_hard, weight_soft,
-                                                 chunk_size, reduction, ignore_index, None)
+                                                 chunk_size, reduction, ignore_index, None, scale_by_t2)
     weight_hard, weight_soft, temperature = float(weight_hard), float(weight_soft), float(temperature)
     labels = _check_labels(labels, tokens, vocab, vocab, ignore_index, student_hidden.device, weight_hard > 0)
     keep = None if labels is None else labels != ignore_index
     check_stored_topk(teacher_topk_ids, teacher_topk_logprobs, student_hidden.shape[:1], vocab, student_hidden.device,
                       keep, remainder, like="student_hidden")
-    loss_scale = temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0
+    loss_scale = temperature ** 2 if scale_by_t2 else 1.0
     with _autocast_off(student_hidden):
         soft = _StoredTopK(teacher_topk_ids.detach(), teacher_topk_logprobs.detach(), temperature, remainder,
                            ignore_index, loss_scale * weight_soft)
@@ -733,12 +748,14 @@ class FusedLinearKDLoss(nn.Module):
                  weight_hard: float = 0.0, weight_soft: float = 1.0, chunk_size: Optional[int] = None,
                  vocab_size: Optional[int] = None, scale_by_t2: bool = False, reduction: str = "batchmean"):
         super().__init__()
+        scale_by_t2 = check_flag("scale_by_t2", scale_by_t2)
         chunk_size, ignore_index, vocab_size = _check_options(  # fail at construction
-            kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, vocab_size)
+            kind, beta, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, vocab_size,
+            scale_by_t2)
         self.kind, self.beta, self.temperature = kind, float(beta), float(temperature)
         self.ignore_index, self.weight_hard, self.weight_soft = ignore_index, float(weight_hard), float(weight_soft)
         self.chunk_size, self.vocab_size = chunk_size, vocab_size
-        self.scale_by_t2, self.reduction = check_flag("scale_by_t2", scale_by_t2), reduction
+        self.scale_by_t2, self.reduction = scale_by_t2, reduction
 
     def forward(self, student_hidden, student_weight, teacher_hidden, teacher_weight, labels=None,
                 student_bias=None, teacher_bias=None):
@@ -778,11 +795,13 @@ class FusedLinearTopKKDLoss(nn.Module):
         super().__init__()
         if remainder not in REMAINDERS:
             raise ValueError(f"remainder must be one of {REMAINDERS}, got {remainder!r}")
+        scale_by_t2 = check_flag("scale_by_t2", scale_by_t2)
         chunk_size, ignore_index, _ = _check_options(  # fail at construction
-            "forward_kl", 0.0, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, None)
+            "forward_kl", 0.0, temperature, weight_hard, weight_soft, chunk_size, reduction, ignore_index, None,
+            scale_by_t2)
         self.temperature, self.remainder, self.ignore_index = float(temperature), remainder, ignore_index
         self.weight_hard, self.weight_soft, self.chunk_size = float(weight_hard), float(weight_soft), chunk_size
-        self.scale_by_t2, self.reduction = check_flag("scale_by_t2", scale_by_t2), reduction
+        self.scale_by_t2, self.reduction = scale_by_t2, reduction
 
     def forward(self, student_hidden, student_weight, teacher_topk_ids, teacher_topk_logprobs, labels=None,
                 student_bias=None):

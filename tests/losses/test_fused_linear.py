@@ -129,6 +129,7 @@ def test_no_grad_computes_the_loss_only(monkeypatch):
         raise AssertionError("a gradient was computed under no_grad")
 
     monkeypatch.setattr(fused_linear_module, "kd_divergence_with_grad", no_gradients)
+    monkeypatch.setattr(fused_linear_module, "_cross_entropy_chunk", no_gradients)  # (the hard term's)
     with torch.no_grad():
         loss = fused_linear_kd(*args, weight_hard=0.3, chunk_size=7)
     assert not loss.requires_grad
@@ -222,6 +223,10 @@ def test_double_backward_is_refused():
     (lambda c, l: c.update(teacher_weight=c["teacher_weight"].half()), ValueError, "teacher_weight .* must match"),
     (lambda c, l: c.update(student_hidden=c["student_hidden"].long()), TypeError, "student_hidden must be float"),
     (lambda c, l: l.__setitem__(0, 10_000), ValueError, "labels must be in"),
+    (lambda c, l: c.update(student_weight=c["student_weight"][:0], student_bias=None), ValueError,
+     r"student_weight must have at least one row .* got shape \(0, 12\)"),
+    (lambda c, l: c.update(teacher_weight=c["teacher_weight"][:0], teacher_bias=None), ValueError,
+     "teacher_weight must have at least one row"),
 ])
 def test_bad_input(mutate, error, match):
     case, labels = make(seed=7)
@@ -241,6 +246,11 @@ def test_bad_input(mutate, error, match):
     (dict(temperature=0.0), "temperature must be"),
     (dict(weight_soft=None), "weight_soft must be a real number"),
     (dict(beta=None), "beta must be a real number"),
+    # past float32's range (the kernels compute in float32): inf * 0 at ignored tokens made NaN
+    (dict(weight_hard=1e39), "weight_hard and weight_soft must be at most float32's largest"),
+    (dict(weight_soft=1e39), "weight_hard and weight_soft must be at most float32's largest"),
+    (dict(temperature=1e20, scale_by_t2=True), r"weight_soft \* temperature\*\*2 must be at most"),
+    (dict(temperature=1e-40), "temperature must be at least"),
 ])
 def test_bad_options(kwargs, match):
     case, labels = make(seed=8)
@@ -257,6 +267,9 @@ def test_bad_options(kwargs, match):
     (dict(beta=1.5), "beta must be in"),
     (dict(kind="kl"), "kind must be one of"),
     (dict(reduction="none"), "reduction must be"),
+    (dict(temperature=1e20, scale_by_t2=True), r"weight_soft \* temperature\*\*2 must be at most"),
+    (dict(temperature=1e-40), "temperature must be at least"),
+    (dict(weight_hard=1e39), "weight_hard and weight_soft must be at most"),
 ])
 def test_module_refuses_bad_options_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):

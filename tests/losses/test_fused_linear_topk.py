@@ -96,6 +96,8 @@ def test_module():
         FusedLinearTopKKDLoss(remainder="drop")
     with pytest.raises(ValueError, match="reduction must be"):
         FusedLinearTopKKDLoss(reduction="none")
+    with pytest.raises(ValueError, match=r"weight_soft \* temperature\*\*2 must be at most float32's largest"):
+        FusedLinearTopKKDLoss(temperature=1e20, scale_by_t2=True)
 
 
 @pytest.mark.parametrize("mutate, error, match", [
@@ -109,6 +111,8 @@ def test_module():
     (lambda a: a.update(kw=dict(weight_hard=0.5), labels=None), ValueError, "weight_hard > 0 needs labels"),
     (lambda a: a.update(kw=dict(temperature=0.0)), ValueError, "temperature must be"),
     (lambda a: a.update(w=a["w"][:, :3]), ValueError, r"student_weight must be \[vocab, 16\]"),
+    (lambda a: a.update(w=a["w"][:0]), ValueError, "student_weight must have at least one row"),
+    (lambda a: a.update(kw=dict(weight_hard=1e39)), ValueError, "weight_hard and weight_soft must be at most"),
 ])
 def test_bad_input(mutate, error, match):
     h, w, b, ids, lp, labels = heads(seed=5)
