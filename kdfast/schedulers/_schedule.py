@@ -12,6 +12,8 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._checks import is_integer_at_least
+
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
@@ -74,8 +76,33 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     return 1 - alphas
 
 
+def check_training_steps(num_train_timesteps, trained_betas) -> None:
+    """A schedule without trained betas needs at least one training timestep (diffusers fails
+    with an IndexError at 0)."""
+    if trained_betas is None and not is_integer_at_least(num_train_timesteps, 1):
+        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+
+
+def check_betas(betas: torch.Tensor, beta_start, beta_end, beta_schedule, trained_betas) -> torch.Tensor:
+    """``betas``, refused by name where they are not finite or leave [0, 1]: NaN or negative
+    alphas, whose square roots every step takes (diffusers returns NaN)."""
+    if betas.numel() == 0 or not bool(((betas >= 0) & (betas <= 1)).all()):  # (NaN fails both)
+        source = ("trained_betas" if trained_betas is not None
+                  else f"beta_start={beta_start!r} and beta_end={beta_end!r} ({beta_schedule})")
+        raise ValueError(f"the training betas must be finite and in [0, 1] (at least one), which {source} do not "
+                         f"give")
+    return betas
+
+
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
                trained_betas=None, rescale_betas_zero_snr: bool = False) -> torch.Tensor:
+    """The training betas, checked (check_training_steps, check_betas)."""
+    check_training_steps(num_train_timesteps, trained_betas)
+    betas = _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
+    return check_betas(betas, beta_start, beta_end, beta_schedule, trained_betas)
+
+
+def _betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr):
     if trained_betas is not None:
         betas = torch.tensor(trained_betas, dtype=torch.float32)
     elif beta_schedule == "linear":

@@ -3,12 +3,12 @@ Brownian-tree noise, as a drop-in for diffusers' ``CosineDPMSolverMultistepSched
 from __future__ import annotations
 
 import math
-import numbers
 import operator
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from .._checks import check_count
 from ._config import register_to_config
 from ._linear import H0, NOISE, X, X0
 from ._schedule import check_choice
@@ -123,9 +123,7 @@ class CosineDPMSolverMultistepScheduler(EDMDPMSolverMultistepScheduler):
         if not (0 < sigma_min < sigma_max and sigma_data > 0 and rho > 0):
             raise ValueError(f"need 0 < sigma_min < sigma_max, sigma_data > 0 and rho > 0; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}, sigma_data={sigma_data}, rho={rho}")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
-                or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         # The training schedule, as diffusers sets it at construction; its coefficients are
         # planned only by set_timesteps.
         sigmas = self._sigmas_of_ramp(torch.linspace(0, 1, num_train_timesteps))

@@ -8,9 +8,10 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
+from .._checks import check_count
 from ._config import register_to_config
 from ._linear import X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_choice
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_betas, check_choice
 from .base import CheckedPlan, guidance_pair, reject_unknown_step_arguments
 from .ddim import DDIMScheduler, _div, _sqrt, timestep_value
 
@@ -37,6 +38,7 @@ def cogvideox_noise_schedule(num_train_timesteps: int, beta_start: float, beta_e
         betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
     else:
         betas = betas_for_alpha_bar(num_train_timesteps)
+    check_betas(betas, beta_start, beta_end, beta_schedule, trained_betas)
     alphas = 1.0 - betas
     alphas_cumprod = torch.cumprod(alphas, dim=0)
     alphas_cumprod = alphas_cumprod / (snr_shift_scale + (1 - snr_shift_scale) * alphas_cumprod)
@@ -78,8 +80,7 @@ class CogVideoXSchedule(DDIMScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if int(num_train_timesteps) != num_train_timesteps or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps}")
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         shift = float(snr_shift_scale)
         if not (math.isfinite(shift) and shift > 0):
             # s <= 0 gives cumulative alphas outside [0, 1): every step of diffusers' is NaN

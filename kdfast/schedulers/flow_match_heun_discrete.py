@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from .._checks import check_count
 from ._config import register_to_config
 from ._helpers import FlowTimesteps
 from ._linear import AUX, H0, MODEL, NOISE, X
@@ -43,9 +44,7 @@ class FlowMatchHeunDiscreteScheduler(FlowTimesteps, FusedScheduler):
         # (a shift <= 0 makes sigmas of 0 or of either sign: diffusers' steps divide by them, NaN)
         if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
             raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
-                or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         # The schedule is FlowMatchEuler's for this config (the same numpy operations as
         # diffusers' Heun, bit for bit); it computes it, this class interleaves it.
         self._flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=num_train_timesteps, shift=shift)

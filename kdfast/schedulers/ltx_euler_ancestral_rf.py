@@ -9,6 +9,7 @@ from typing import List, Optional, Union
 
 import torch
 
+from .._checks import check_count
 from ._config import register_to_config
 from ._linear import MODEL, NOISE, X
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan, reject_unknown_step_arguments
@@ -67,9 +68,7 @@ class LTXEulerAncestralRFScheduler(FusedScheduler):
         for name, value in (("eta", eta), ("s_noise", s_noise)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
-        if isinstance(num_train_timesteps, bool) or not isinstance(num_train_timesteps, numbers.Integral) \
-                or num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}")
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         # No schedule until set_timesteps (diffusers' sigmas and timesteps are None until then)
         self.num_inference_steps: Optional[int] = None
         self.sigmas: Optional[torch.Tensor] = None

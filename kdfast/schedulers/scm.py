@@ -8,6 +8,7 @@ from typing import List, Optional, Tuple, Union
 import numpy as np
 import torch
 
+from .._checks import check_count
 from ._config import register_to_config
 from ._linear import NOISE, X0
 from ._schedule import check_choice
@@ -58,8 +59,7 @@ class SCMScheduler(FusedScheduler):
     ):
         # diffusers accepts any prediction_type here and raises at the first step
         check_choice("prediction_type", prediction_type, ("trigflow",))
-        if isinstance(num_train_timesteps, bool) or int(num_train_timesteps) < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {num_train_timesteps}")
+        check_count("num_train_timesteps", num_train_timesteps, 1)
         if not math.isfinite(float(sigma_data)):
             raise ValueError(f"sigma_data must be a finite number, got {sigma_data}")
         self.init_noise_sigma = 1.0

@@ -303,5 +303,5 @@ def test_where_diffusers_gives_inf_or_nan_kdfast_raises():
         CogVideoXDDIMScheduler(trained_betas=betas)
     with pytest.raises(ValueError, match="alphas_cumprod in \\[0, 1\\).*beta_start, beta_end"):
         CogVideoXDDIMScheduler(beta_schedule="linear", beta_start=0.0, beta_end=0.02)
-    with pytest.raises(ValueError, match="alphas_cumprod in \\[0, 1\\).*trained_betas"):
+    with pytest.raises(ValueError, match="the training betas must be finite and in \\[0, 1\\].*trained_betas"):
         CogVideoXDDIMScheduler(trained_betas=[1.5] * 1000)

@@ -83,6 +83,23 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers(name):
     s.step(m, t, x)
 
 
+BETA_CONFIGURED = [n for n in ALL if "beta_start" in inspect.signature(getattr(K, n).__init__).parameters]
+
+
+@pytest.mark.parametrize("name", BETA_CONFIGURED)
+def test_a_training_schedule_without_steps_or_with_betas_outside_0_1_is_refused(name):
+    # (they were taken: no timestep at all, or NaN / negative alphas that every step took the
+    # square root of; diffusers fails on the first with an IndexError and returns NaN for the rest)
+    cls = getattr(K, name)
+    with pytest.raises(ValueError, match="num_train_timesteps must be an integer >= 1, got 0"):
+        cls(num_train_timesteps=0)
+    for bad in (dict(beta_start=float("nan")), dict(beta_end=2.0, beta_schedule="linear"),
+                dict(beta_start=-0.1, beta_schedule="linear")):
+        with pytest.raises(ValueError, match=r"the training betas must be finite and in \[0, 1\]"):
+            cls(**bad)
+    cls(beta_schedule="linear", beta_start=1e-4, beta_end=1.0)  # a beta of 1 is one
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_a_step_count_that_is_not_an_integer_is_refused(name):
     # (2.9 ran 2 steps in some schedulers, "10" was taken by some and failed deep inside others)

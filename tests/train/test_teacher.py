@@ -352,9 +352,9 @@ def _copy_shipped(tmp_path):
 
 
 @pytest.mark.parametrize("edit, reason", [
-    ({"num_train_timesteps": "abc"}, "TypeError"),
+    ({"num_train_timesteps": "abc"}, "num_train_timesteps must be an integer >= 1, got 'abc'"),
     ({"beta_schedule": "foo"}, "beta_schedule"),
-    ({"num_train_timesteps": 0}, "noise_schedule"),
+    ({"num_train_timesteps": 0}, "num_train_timesteps must be an integer >= 1, got 0"),
     ({"timestep_spacing": None}, "noise_schedule"),
 ])
 def test_edited_noise_schedule_is_reported_on_load(tmp_path, edit, reason):
