@@ -7,10 +7,10 @@ loose tensors such as a partly consumed epoch order -- continues after :meth:`Ch
 exactly as if it had never stopped: N steps straight and N/2 + resume + N/2 give the same bits.
 
 Checkpoint format: one safetensors file per step, ``step-00000100.safetensors``. Every tensor of
-the saved state is a safetensors tensor; the structure around them (optimizer hyperparameters,
-Python RNG tuples, step counts; numpy arrays as base64 ``.npy`` bytes) is JSON in the file's
-metadata, with tensors referenced by name, so that ``state_dict`` -> file -> ``load_state_dict``
-returns equal objects, tuples included.
+the saved state is a safetensors tensor, and so is every numpy array (its ``.npy`` bytes, as
+uint8); the structure around them (optimizer hyperparameters, Python RNG tuples, step counts)
+is JSON in the file's metadata, with tensors referenced by name, so that ``state_dict`` -> file
+-> ``load_state_dict`` returns equal objects, tuples included.
 
 Bit-for-bit resumption also needs the same torch thread count and device type (they change
 the floating point order): a loop records them with :func:`run_environment` in the
@@ -83,8 +83,10 @@ def prepare_output_dir(path: PathLike, overwrite: bool = True, subdirs: tuple = 
             sub.mkdir(parents=True, exist_ok=True)
         # mkdir succeeds on an existing read-only folder; only a real write proves we can write.
         probe = path / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        try:
+            probe.write_text("ok")
+        finally:  # (a write that fails part-way, on a full disk, leaves the file)
+            probe.unlink(missing_ok=True)
     except OSError as exc:
         raise OutputDirError(f"output folder {str(path)!r} is not writable: {exc}") from exc
     return path
@@ -170,7 +172,10 @@ def lock_run_dir(directory: PathLike) -> Optional[IO]:
     except ImportError:
         return None
     path = prepare_output_dir(directory) / LOCK_FILE
-    lock = open(path, "a+")
+    try:
+        lock = open(path, "a+")
+    except OSError as exc:  # (another user's lock file in a shared folder, a folder of that name)
+        raise OutputDirError(f"checkpoint folder {str(path.parent)!r} cannot be locked: {exc}") from exc
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -219,7 +224,10 @@ def atomic_files(*paths: PathLike) -> Iterator[List[Path]]:
             os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
         _check_replaceable(paths)  # all of them, before the first rename: no half-replaced set
         for tmp, path in zip(temps, paths):
-            os.replace(tmp, path)
+            try:
+                os.replace(tmp, path)
+            except OSError as exc:  # (an immutable file, a folder changed under the run)
+                raise OutputDirError(f"cannot write {str(path)!r}: {exc}") from exc
     finally:
         for tmp in temps:
             tmp.unlink(missing_ok=True)
@@ -260,7 +268,9 @@ def seed_everything(seed: int) -> torch.Generator:
     from it (and save it in checkpoints) rather than from the global RNG that library code
     may also consume.
     """
-    seed = int(seed)
+    seed = check_count("seed", seed, 0)
+    if seed > MAX_SEED:  # (torch wraps larger ones, and a negative one, onto 64-bit seeds)
+        raise ValueError(f"seed must be an integer in [0, {MAX_SEED}], got {seed}")
     random.seed(seed)
     np.random.seed(seed % 2**32)  # numpy accepts 32-bit seeds only
     torch.manual_seed(seed)
@@ -397,7 +407,9 @@ def _decode_record(record: Dict[str, Any]) -> Dict[str, Any]:
 
 
 class MetricsLog:
-    """A JSON-lines log, one ``{"step": ..., **values}`` object per line, flushed as written.
+    """A JSON-lines log, one ``{"step": ..., **values}`` object per line, written to the file
+    as it is logged (no buffer: a write that fails, on a full disk, raises
+    :class:`OutputDirError` and leaves nothing for :meth:`close` to write again).
 
     ``resume_step=None`` starts a new log (an old file is replaced). ``resume_step=k`` keeps the
     records of steps <= k and drops the rest: they were written after checkpoint ``k`` by a
@@ -415,15 +427,22 @@ class MetricsLog:
         kept = [] if resume_step is None else [r for r in self.records() if r["step"] <= resume_step]
         with atomic_files(self.path) as (tmp,):
             tmp.write_text("".join(_encode_record(r) + "\n" for r in kept))
-        self._file = open(self.path, "a")
+        try:
+            self._fd: Optional[int] = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise OutputDirError(f"cannot write the metrics log {str(self.path)!r}: {exc}") from exc
 
     def log(self, step: int, **values: Any) -> None:
         """Append one record; values must be JSON-serialisable (floats round-trip exactly, NaN
         and infinities included)."""
         if _NON_FINITE in values:
             raise ValueError(f"{_NON_FINITE!r} is reserved: it lists a record's NaN / infinite values")
-        self._file.write(_encode_record({"step": int(step), **values}) + "\n")
-        self._file.flush()
+        data = (_encode_record({"step": int(step), **values}) + "\n").encode()
+        try:
+            while data:  # (os.write may write part of it)
+                data = data[os.write(self._fd, data):]
+        except OSError as exc:  # a torn last line is dropped when the log is read
+            raise OutputDirError(f"cannot write the metrics log {str(self.path)!r}: {exc}") from exc
 
     def records(self) -> List[Dict[str, Any]]:
         """Every complete record in the file, in order (NaN / infinite values restored)."""
@@ -441,7 +460,9 @@ class MetricsLog:
 
     def close(self) -> None:
         """Close the file (records already written are on disk)."""
-        self._file.close()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> "MetricsLog":
         return self

@@ -19,6 +19,7 @@ import copy
 import hashlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
@@ -29,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .. import schedulers as _schedulers
-from .._checks import check_float, check_int
+from .._checks import check_flag, check_float, check_int
 from ..datasets.digits import NUM_CLASSES, load_digits
 from ..models.unet import PREDICTION_TYPES, UNet, UNetConfig
 from ..sampling import CapturedSampler
@@ -350,24 +351,31 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
     weight_decay = check_float("weight_decay", weight_decay, 0.0, math.inf)
     ema_decay = check_float("ema_decay", ema_decay, 0.0, 1.0, high_open=True)
     checkpoint_every = check_int("checkpoint_every", checkpoint_every, 1)
+    if keep_checkpoints is not None:
+        keep_checkpoints = check_int("keep_checkpoints", keep_checkpoints, 1)
+    if num_threads is not None:
+        num_threads = check_int("num_threads", num_threads, 1)
+    resume, progress = check_flag("resume", resume), check_flag("progress", progress)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder to resume from)")
+    seed = check_int("seed", seed, minimum=0)
+    model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
+                                      "prediction_type": prediction_type})
+    if model_cfg.sample_size != IMAGE_SIZE or model_cfg.in_channels != 1 or model_cfg.num_classes != NUM_CLASSES:
+        raise ValueError(f"the digits teacher needs sample_size={IMAGE_SIZE}, in_channels=1 and "
+                         f"num_classes={NUM_CLASSES}")
+    # (the scheduler refuses schedules without timesteps or with betas outside [0, 1])
+    schedule = noise_schedule_config(prediction_type, **dict(noise_schedule or {}))
+    noise_scheduler = _schedulers.DDIMScheduler.from_config(schedule)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    # The files and folders last, once every setting is known to be good: these checks create
+    # the folders.
     if out is not None:  # found unusable now, not after the whole training run
         check_weights_path(out)
         check_output_file(_loss_plot_path(out), "loss plot")
     if checkpoint_dir is not None:  # an earlier run's history is refused, not overwritten
         check_run_dir(checkpoint_dir, resume)
         check_output_file(Path(checkpoint_dir) / "loss.png", "loss plot")
-    seed = check_int("seed", seed, minimum=0)
-
-    model_cfg = UNetConfig.from_dict({**UNetConfig().to_dict(), **dict(model_config or {}),
-                                      "prediction_type": prediction_type})
-    if model_cfg.sample_size != IMAGE_SIZE or model_cfg.in_channels != 1 or model_cfg.num_classes != NUM_CLASSES:
-        raise ValueError(f"the digits teacher needs sample_size={IMAGE_SIZE}, in_channels=1 and "
-                         f"num_classes={NUM_CLASSES}")
-    schedule = noise_schedule_config(prediction_type, **dict(noise_schedule or {}))
-    noise_scheduler = _schedulers.DDIMScheduler.from_config(schedule)
-    num_train_timesteps = noise_scheduler.config.num_train_timesteps
     # What defines the run's trajectory: a checkpoint resumes only a run with these settings.
     run_settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
                     "ema_decay": ema_decay, "cfg_dropout": cfg_dropout, "seed": seed, "model": model_cfg.to_dict(),
@@ -380,7 +388,7 @@ def train_teacher(steps: int = 1200, batch_size: int = 128, prediction_type: str
         if device.type == "cuda" else []
     previous_threads = torch.get_num_threads()
     if num_threads is not None:
-        torch.set_num_threads(check_int("num_threads", num_threads, 1))
+        torch.set_num_threads(num_threads)
     metrics = lock = None
     try:
         if checkpoint_dir is not None:  # the folder is this run's until it ends (checked again, under the lock)
@@ -704,6 +712,14 @@ def _main(argv: Optional[Sequence[str]]) -> None:
             check()
         except (ValueError, OutputDirError) as exc:
             fail(option, exc)
+    if args.grid:  # (written last, it would replace the teacher or its record)
+        others = {"--out": args.out, "--out's JSON": metadata_path(args.out)}
+        if args.checkpoint_dir:
+            others.update({f"--checkpoint-dir's {name}": Path(args.checkpoint_dir) / name
+                           for name in ("loss.png", METRICS_FILE)})
+        for what, path in others.items():
+            if os.path.realpath(args.grid) == os.path.realpath(path):
+                fail("--grid", ValueError(f"{args.grid!r} is also {what}: choose another file for the grid"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_only:

@@ -28,6 +28,36 @@ def test_prepare_output_dir_creates_nested_folders(tmp_path):
     assert prepare_output_dir(out) == out  # an existing folder is fine
 
 
+def test_a_write_probe_that_fails_part_way_is_removed(tmp_path, monkeypatch):
+    # (a full disk: the probe file is created, its write fails; it was left behind)
+    def full(self, text):
+        open(self, "w").close()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run.Path, "write_text", full)
+    with pytest.raises(OutputDirError, match="is not writable: .*No space left"):
+        prepare_output_dir(tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_lock_file_that_cannot_be_opened_is_an_output_dir_error(tmp_path):
+    (tmp_path / "ck" / run.LOCK_FILE).mkdir(parents=True)  # (IsADirectoryError escaped as it was)
+    with pytest.raises(OutputDirError, match="cannot be locked: .*Is a directory"):
+        run.lock_run_dir(tmp_path / "ck")
+
+
+def test_a_failed_rename_is_an_output_dir_error(tmp_path, monkeypatch):
+    def refused(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(run.os, "replace", refused)
+    with pytest.raises(OutputDirError, match="cannot write .*a.txt.*Operation not permitted"):
+        with atomic_files(tmp_path / "a.txt") as (tmp,):
+            tmp.write_text("x")
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []  # nor is a temporary left
+
+
 def test_output_dir_that_is_a_file_or_under_a_file(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
@@ -190,6 +220,11 @@ def test_seed_everything_is_deterministic():
     assert first[3] == float(torch.rand((), generator=torch.Generator().manual_seed(7)))
     seed_everything(8)
     assert random.random() != first[0]
+    # (1.7 seeded 1, "3" seeded 3, and -1 torch's stream of 2**64 - 1)
+    for bad in (1.7, "3", True, -1, 2**63):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            seed_everything(bad)
+    seed_everything(np.int64(5))
 
 
 class _Terminal(io.StringIO):
@@ -225,6 +260,26 @@ def test_metrics_log_resume_has_no_duplicate_steps(tmp_path):
     assert records[4]["loss"] == 1.0 / 5  # floats round-trip exactly
     with MetricsLog(path) as log:  # a new run starts a new log
         assert log.records() == []
+
+
+def test_a_metrics_log_write_that_fails_is_an_output_dir_error_and_close_still_works(tmp_path, monkeypatch):
+    # (a full disk: the buffered line failed again in close(), over the first error, as raw OSErrors)
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.log(1, loss=0.5)
+    real_write = os.write
+
+    def full(fd, data):
+        real_write(fd, data[:5])  # part of the line reaches the disk
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(run.os, "write", full)
+    with pytest.raises(OutputDirError, match="cannot write the metrics log .*No space left"):
+        log.log(2, loss=0.25)
+    monkeypatch.undo()
+    log.close()  # nothing pending to fail again
+    log.close()
+    assert [r["step"] for r in MetricsLog(path, resume_step=5).records()] == [1]  # the torn line is dropped
 
 
 def _strict_json(line: str):

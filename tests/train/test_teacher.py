@@ -266,6 +266,18 @@ def test_resumed_training_is_bit_identical(tmp_path, monkeypatch):
 def test_checkpoint_arguments(tmp_path):
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         train_teacher(resume=True, steps=1)
+    # refused by name before the folder is made (or locked, leaving a log that refuses the rerun)
+    folder = tmp_path / "ck"
+    for kwargs, message in ((dict(keep_checkpoints=0), "keep_checkpoints must be a positive integer"),
+                            (dict(resume="False"), "resume must be True or False"),
+                            (dict(progress="no"), "progress must be True or False"),
+                            (dict(num_threads=0), "num_threads must be a positive integer"),
+                            (dict(noise_schedule={"num_train_timesteps": 0}), "num_train_timesteps must be"),
+                            (dict(noise_schedule={"beta_schedule": "linear", "beta_start": float("nan")}),
+                             r"training betas must be finite and in \[0, 1\]")):
+        with pytest.raises(ValueError, match=message):
+            train_teacher(steps=1, checkpoint_dir=folder, **kwargs)
+        assert not folder.exists()
     with pytest.raises(ValueError, match="checkpoint_every"):
         train_teacher(checkpoint_dir=tmp_path, checkpoint_every=0, steps=1)
     with pytest.raises(SystemExit):
@@ -457,6 +469,19 @@ def test_module_cli_rejects_bad_paths_before_training(tmp_path, capsys, monkeypa
     assert last.startswith("python -m kdfast.train.teacher: error: --out: ") and "t.json' is not writable" in last
     assert "teacher weights not found" in _main_error(capsys, ["--measure-only", "--out",
                                                                 str(tmp_path / "missing.safetensors")])
+
+
+def test_module_cli_refuses_a_grid_that_is_another_output(tmp_path, capsys, monkeypatch):
+    # (written last, the grid replaced the teacher just saved, its JSON or the loss plot)
+    monkeypatch.setattr(teacher_mod, "train_teacher", lambda **k: pytest.fail("trained before checking the paths"))
+    out = tmp_path / "t.safetensors"
+    for grid, what in ((out, "--out"), (tmp_path / "t.json", "--out's JSON"),
+                       (tmp_path / "ck" / "loss.png", "--checkpoint-dir's loss.png")):
+        last = _main_error(capsys, ["--out", str(out), "--grid", str(grid), "--checkpoint-dir", str(tmp_path / "ck"),
+                                    "--no-progress"])
+        assert last.startswith("python -m kdfast.train.teacher: error: --grid: ") and f"is also {what}" in last
+    last = _main_error(capsys, ["--measure-only", "--out", str(out), "--grid", str(out)])
+    assert "--grid: " in last and "is also --out" in last
 
 
 def test_module_cli_resume_from_a_corrupt_checkpoint(tmp_path, capsys):
