@@ -16,7 +16,8 @@ teacher forwards of distillation:
     UNets' and VAEs' ``conv_norm_out`` / ``conv_act``.
 
   Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
-  hooks (which a fused pass would skip, or a replacement drop) are left as they are; a hook
+  hooks (which a fused pass would skip, or a replacement drop; accelerate's, which wrap the
+  instance's ``forward``, included) are left as they are; a hook
   added to a prepared model's norm (or to a fused pair's SiLU) turns its fused pass off. The prepared model's
   ``state_dict`` has the original's keys and values.
 
@@ -110,7 +111,10 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return not any(getattr(module, name, None) for name in _HOOKS)
+    # accelerate's hooks (diffusers' CPU offload, device maps) register nothing: they wrap the
+    # instance's forward (and set _hf_hook), which a fused pass would skip as well
+    return (not any(getattr(module, name, None) for name in _HOOKS) and "forward" not in vars(module)
+            and not hasattr(module, "_hf_hook"))
 
 
 def _plain(module: Optional[nn.Module], cls: type) -> bool:

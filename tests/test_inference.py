@@ -269,6 +269,30 @@ def test_a_fused_pair_survives_copies_and_saving():
             torch.testing.assert_close(copied(x, 10).sample, fast(x, 10).sample)
 
 
+def test_norms_whose_forward_is_wrapped_on_the_instance_are_left_alone():
+    # accelerate's hooks (diffusers' CPU offload, device maps) wrap the instance's forward and
+    # register nothing: the wrapped norms were fused or replaced, their wrappers never ran
+    # (outputs off by 1.9 in 3.5; offloaded weights on the meta device failed)
+    model = _unet2d()
+    calls = []
+
+    def wrap(module, scale):
+        inner = module.forward
+        module.forward = lambda *a, **k: calls.append(1) or inner(*a, **k) * scale
+        module._hf_hook = object()
+
+    wrap(model.conv_norm_out, 2.0)
+    for block in _resnets(model):
+        wrap(block.norm2, 1.0)
+    x, t = torch.randn(2, 3, 16, 16), torch.tensor([5, 600])
+    with torch.no_grad():
+        expected = model(x, t).sample
+        n_calls, _ = len(calls), calls.clear()
+        got = inference.prepare_for_inference(model)(x, t).sample
+    assert len(calls) == n_calls > 0
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 def test_replaced_norms_keep_eval_mode_and_hooked_ones_are_not_replaced():
     # GroupNormSiLU and its Identity came out in training mode, and a norm's backward and
     # state-dict hooks were dropped with the module it replaced
