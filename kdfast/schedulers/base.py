@@ -895,7 +895,8 @@ class FusedScheduler(ConfigMixin):
         """``step`` with classifier-free guidance fused into the same kernel:
         ``model_output = uncond + guidance_scale * (cond - uncond)``. ``uncond`` and ``cond`` may
         be the two halves of one batched forward (``out.chunk(2)``) without copies."""
-        self._check_step_inputs(cond, sample)
+        self._check_step_inputs(uncond, sample, "uncond")
+        self._check_step_inputs(cond, sample, "cond")
         uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
@@ -933,11 +934,13 @@ class FusedScheduler(ConfigMixin):
     def __len__(self) -> int:
         return self.config.num_train_timesteps
 
-    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, name: str = "model_output") -> None:
+        """``model_output`` (the argument called ``name``: ``uncond`` or ``cond`` in step_cfg)
+        against ``sample``."""
         if not isinstance(model_output, torch.Tensor) or not isinstance(sample, torch.Tensor):
-            raise TypeError("model_output and sample must be torch.Tensor")
+            raise TypeError(f"{name} and sample must be torch.Tensor")
         if model_output.shape != sample.shape:
-            raise ValueError(f"model_output shape {tuple(model_output.shape)} does not match sample "
+            raise ValueError(f"{name} shape {tuple(model_output.shape)} does not match sample "
                              f"shape {tuple(sample.shape)}")
 
 

@@ -7,6 +7,7 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
+from .._checks import real_number
 from ._config import register_to_config
 from ._helpers import Thresholding
 from ._linear import MODEL, NOISE, UNCOND, X, X0
@@ -227,7 +228,8 @@ class DDIMScheduler(Thresholding, FusedScheduler):
               return_pred_original_sample: bool = False) -> SchedulerOutput:
         self._require_timesteps()
         self._check_step_inputs(model_output, sample)
-        eta, use_clipped, cfg_pp = float(eta), bool(use_clipped_model_output), bool(cfg_pp)
+        # (diffusers' pipelines pass use_clipped_model_output=None: the flags keep their truth values)
+        eta, use_clipped, cfg_pp = real_number("eta", eta), bool(use_clipped_model_output), bool(cfg_pp)
         if not math.isfinite(eta):
             raise ValueError(f"eta must be a finite number, got {eta}")
         if cfg_pp and use_clipped:

@@ -8,7 +8,7 @@ from typing import List, Optional, Union
 import numpy as np
 import torch
 
-from .._checks import check_count
+from .._checks import check_count, real_number
 from ._config import register_to_config
 from ._linear import X, X0
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_betas, check_choice
@@ -151,7 +151,7 @@ class CogVideoXSchedule(DDIMScheduler):
 
     def _warn_ignored(self, eta) -> None:
         """diffusers' CogVideoX steps take ``eta`` and ignore it; say so once instead of silently."""
-        eta = float(eta)
+        eta = real_number("eta", eta)
         if not math.isfinite(eta):
             raise ValueError(f"eta must be a finite number, got {eta}")
         if eta != 0.0 and not self._warned_ignored:
@@ -233,7 +233,8 @@ class CogVideoXDDIMScheduler(CogVideoXSchedule):
         """``step`` with classifier-free guidance fused into the same kernel pass:
         ``model_output = uncond + guidance_scale * (cond - uncond)``. ``uncond`` and ``cond`` may
         be the two halves of one batched forward (``out.chunk(2)``) without copies."""
-        self._check_step_inputs(cond, sample)
+        self._check_step_inputs(uncond, sample, "uncond")
+        self._check_step_inputs(cond, sample, "cond")
         uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale, generator, variance_noise, eta=eta,
                          use_clipped_model_output=use_clipped_model_output,

@@ -205,7 +205,8 @@ class DDIMInverseScheduler(DDIMScheduler):
                  sample: torch.Tensor, return_dict: bool = True, return_pred_original_sample: bool = False):
         """``step`` with classifier-free guidance fused into the same kernel:
         ``model_output = uncond + guidance_scale * (cond - uncond)``."""
-        self._check_step_inputs(cond, sample)
+        self._check_step_inputs(uncond, sample, "uncond")
+        self._check_step_inputs(cond, sample, "cond")
         uncond, cond = guidance_pair(uncond, cond)
         out = self._step(uncond, timestep, sample, cond, guidance_scale,
                          return_pred_original_sample=return_pred_original_sample)

@@ -11,6 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from .._checks import real_number
 from .base import FusedScheduler, run_eagerly, widest_dtype
 from .ddim import DDIMScheduler
 
@@ -172,7 +173,7 @@ class DDIMParallelScheduler(DDIMScheduler):
         self._require_timesteps()
         check_batch_inputs(model_output, sample)
         self._check_step_inputs(model_output, sample)
-        eta = float(eta)
+        eta = real_number("eta", eta)
         if eta != 0.0:
             raise ValueError(f"eta must be 0 for batch_step_no_noise (a deterministic step, as in diffusers), got "
                              f"{eta}: for DDIM with eta > 0, call step() with the step's noise")

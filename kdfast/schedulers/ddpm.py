@@ -359,17 +359,17 @@ class DDPMScheduler(Thresholding, FusedScheduler):
                          return_pred_original_sample=return_pred_original_sample)
         return out if return_dict else out.to_tuple()
 
-    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, name: str = "model_output") -> None:
         variance_type = self.variance_type
         if variance_type in LEARNED_VARIANCES and isinstance(model_output, torch.Tensor) \
                 and isinstance(sample, torch.Tensor):
             expected = (sample.shape[0], 2 * sample.shape[1], *sample.shape[2:]) if sample.dim() >= 2 else None
             if expected is None or tuple(model_output.shape) != expected:
-                raise ValueError(f"variance_type={variance_type!r}: model_output must hold the prediction and the "
+                raise ValueError(f"variance_type={variance_type!r}: {name} must hold the prediction and the "
                                  f"variance (twice the sample's channels: {expected}), got shape "
                                  f"{tuple(model_output.shape)}")
             return
-        super()._check_step_inputs(model_output, sample)
+        super()._check_step_inputs(model_output, sample, name)
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               return_pred_original_sample: bool = False, **kwargs) -> SchedulerOutput:

@@ -153,7 +153,8 @@ class CogVideoXDPMScheduler(CogVideoXSchedule):
         ``model_output = uncond + guidance_scale * (cond - uncond)`` (``step``'s arguments, with
         ``uncond, cond, guidance_scale`` for ``model_output``). ``uncond`` and ``cond`` may be
         the two halves of one batched forward (``out.chunk(2)``) without copies."""
-        self._check_step_inputs(cond, sample)
+        self._check_step_inputs(uncond, sample, "uncond")
+        self._check_step_inputs(cond, sample, "cond")
         uncond, cond = guidance_pair(uncond, cond)
         return self._dpm_step(uncond, cond, guidance_scale, old_pred_original_sample, timestep, timestep_back,
                               sample, eta, generator, variance_noise, return_dict)

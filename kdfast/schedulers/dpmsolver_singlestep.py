@@ -316,8 +316,8 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         out = self._step(model_output, timestep, sample, None, 1.0, generator, variance_noise, **kwargs)
         return out if return_dict else out.to_tuple()
 
-    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor) -> None:
-        super()._check_step_inputs(prediction_part(self, model_output, sample), sample)
+    def _check_step_inputs(self, model_output: torch.Tensor, sample: torch.Tensor, name: str = "model_output") -> None:
+        super()._check_step_inputs(prediction_part(self, model_output, sample), sample, name)
 
     def _step(self, model_output, timestep, sample, cond, guidance_scale, generator, variance_noise,
               **kwargs) -> SchedulerOutput:

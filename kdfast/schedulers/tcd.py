@@ -8,6 +8,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .._checks import real_number
 from ._linear import MODEL, NOISE, X, X0
 from ._schedule import epsilon_x0_coefficients
 from .base import CheckedPlan, OutputFields, StepPlan, reject_unknown_step_arguments
@@ -99,7 +100,7 @@ class TCDScheduler(LCMScheduler):
               eta: float = 0.3, **kwargs) -> TCDSchedulerOutput:
         reject_unknown_step_arguments(kwargs)
         self._require_timesteps()
-        eta = float(eta)
+        eta = real_number("eta", eta)
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"eta (gamma) must be in [0, 1], got {eta}")
         self._check_step_inputs(model_output, sample)

@@ -173,6 +173,34 @@ def test_a_guidance_scale_past_float32_is_refused(name):
     assert s.step_index in (None, 0)  # nothing was stepped
 
 
+@pytest.mark.parametrize("name", [n for n in ALL if hasattr(getattr(K, n), "step_cfg")])
+def test_step_cfg_names_the_half_of_the_wrong_shape(name):
+    # (both said "model_output shape ...", an argument step_cfg does not have)
+    s = getattr(K, name)()
+    s.set_timesteps(4)
+    x = initial_sample() * s.init_noise_sigma
+    bad = x[..., :-1]
+    for u, c, which in ((x, bad, "cond"), (bad, x, "uncond")):
+        with pytest.raises(ValueError, match=f"^{which} shape"):
+            s.step_cfg(u, c, 2.0, s.timesteps[0], x)
+    with pytest.raises(TypeError, match="^cond and sample must be torch.Tensor"):
+        s.step_cfg(x, x.tolist(), 2.0, s.timesteps[0], x)
+    assert s.step_index in (None, 0)  # nothing was stepped
+
+
+@pytest.mark.parametrize("name, eta", [("DDIMScheduler", 0.5), ("TCDScheduler", 0.3), ("CogVideoXDDIMScheduler", 0.0),
+                                       ("DDIMParallelScheduler", 0.5)])
+def test_eta_must_be_a_number(name, eta):
+    # (float() took the string "0.5"; diffusers fails on it)
+    s = getattr(K, name)()
+    s.set_timesteps(4)
+    x = initial_sample() * s.init_noise_sigma
+    for bad in ("0.5", True, None):
+        with pytest.raises(ValueError, match="eta must be a real number"):
+            s.step(x, s.timesteps[0], x, eta=bad)
+    s.step(x, s.timesteps[0], x, eta=torch.tensor(eta))  # a 0-d tensor is a number
+
+
 TWO_STAGE = {"HeunDiscreteScheduler": {}, "FlowMatchHeunDiscreteScheduler": {"shift": 3.0},
              "KDPM2DiscreteScheduler": {}, "KDPM2AncestralDiscreteScheduler": {},
              "DPMSolverSDEScheduler": {"noise_sampler_seed": 0}}
