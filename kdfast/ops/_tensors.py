@@ -10,6 +10,8 @@ import torch.autograd.forward_ad as _forward_ad
 
 _CURRENT = contextlib.nullcontext()
 _F32_MAX = torch.finfo(torch.float32).max
+# float32's smallest positive number (a subnormal): a positive host number below it is 0 in the kernels
+F32_SMALLEST = 2.0 ** -149
 # The innermost torch.func transform (vmap, grad, jvp) being run, None outside them.
 _functorch_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 

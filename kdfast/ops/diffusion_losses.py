@@ -131,6 +131,21 @@ def _check_pd_schedule(sched) -> None:
                          "ratios: with equal ones the two-step target is undetermined")
 
 
+def _check_ddim_schedule(sched, prediction_type: str) -> None:
+    """The DDIM step forms x0 and eps from the prediction at t: by dividing by alpha_t (epsilon),
+    sigma_t (sample) or alpha_t^2 + sigma_t^2 (v): refuse a zero one where checking is free (as
+    _check_pd_schedule)."""
+    if torch.compiler.is_compiling() or any(t is not None and (t.device.type != "cpu" or vmapped(t)) for t, _ in sched):
+        return
+    a_t, s_t = (v if t is None else t.double() for t, v in sched[:2])
+    if prediction_type == "epsilon" and _any(a_t == 0):
+        raise ValueError("alpha_t must be nonzero: an epsilon prediction gives x0 = (x_t - sigma_t eps) / alpha_t")
+    if prediction_type == "sample" and _any(s_t == 0):
+        raise ValueError("sigma_t must be nonzero: a sample prediction gives eps = (x_t - alpha_t x0) / sigma_t")
+    if prediction_type == "v_prediction" and _any(a_t * a_t + s_t * s_t == 0):
+        raise ValueError("alpha_t and sigma_t must not both be zero: a v prediction is undetermined there")
+
+
 def _any(condition) -> bool:
     return bool(condition.any()) if isinstance(condition, torch.Tensor) else bool(condition)
 
@@ -263,6 +278,8 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
     sched = _schedule_params(a.shape[0], a.device, alpha_t, sigma_t, alpha_s, sigma_s)
     if combination == "pd_target":
         _check_pd_schedule(sched)
+    else:
+        _check_ddim_schedule(sched, prediction_type)
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
     if reference_required((a, b, *params)):  # torch.func's transforms, forward-mode AD

@@ -695,6 +695,20 @@ def test_combination_of_batch_strided_inputs(backend):
             torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_ddim_step_that_divides_by_zero_is_refused():
+    # (pd_target refused its zero divisors; the DDIM step gave NaN and inf without an error)
+    x, e = randn((2, 4), torch.float32, 90), randn((2, 4), torch.float32, 91)
+    for sched, prediction, match in (((0.0, 1.0, 0.5, 0.8), "epsilon", "alpha_t must be nonzero"),
+                                     ((torch.tensor([0.6, 0.0]), 1.0, 0.5, 0.8), "epsilon", "alpha_t must be nonzero"),
+                                     ((1.0, 0.0, 0.5, 0.8), "sample", "sigma_t must be nonzero"),
+                                     ((0.0, 0.0, 0.5, 0.8), "v_prediction", "must not both be zero")):
+        with pytest.raises(ValueError, match=match):
+            ops.per_sample_ddim_step(x, e, *sched, prediction_type=prediction)
+    # the other predictions take those values
+    assert torch.isfinite(ops.per_sample_ddim_step(x, e, 0.0, 1.0, 0.5, 0.8, prediction_type="sample")).all()
+    assert torch.isfinite(ops.per_sample_ddim_step(x, e, 1.0, 0.0, 0.5, 0.8)).all()
+
+
 def test_cpu_schedule_checks_do_not_break_a_full_graph():
     # The free CPU checks branch on data: under torch.compile they are skipped, not a graph break.
     a_t, s_t = torch.tensor([0.9, 0.8]), torch.tensor([0.3, 0.5])

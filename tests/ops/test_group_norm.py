@@ -291,6 +291,9 @@ def test_bad_input():
     for eps in ("1e-5", True):  # (float() took these as numbers)
         with pytest.raises(TypeError, match="eps must be a number"):
             ops.group_norm_act(x, 2, eps=eps)
+    # 0 in the float32 kernels: a constant group's 1 / sqrt(0) made every output NaN
+    with pytest.raises(ValueError, match="eps must be 0 or at least 1.4012985e-45"):
+        ops.group_norm_act(torch.ones(2, 8, 3, 3), 2, eps=1e-50)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         ops.group_norm_act([1.0], 2)
     with pytest.raises(TypeError, match="x must be float32"):
