@@ -464,6 +464,10 @@ class MetricsLog:
             os.close(self._fd)
             self._fd = None
 
+    def __del__(self) -> None:  # (an unclosed log: its descriptor is not left open)
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+
     def __enter__(self) -> "MetricsLog":
         return self
 

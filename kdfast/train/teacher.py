@@ -701,6 +701,14 @@ def _main(argv: Optional[Sequence[str]]) -> None:
     def fail(option: str, exc: Exception) -> None:  # bad input files or paths: one line, exit status 2
         parser.exit(2, f"{parser.prog}: error: {option}: {exc}\n")
 
+    if args.grid:  # (written last, it would replace the teacher or its record)
+        others = {"--out": args.out, "--out's JSON": metadata_path(args.out)}
+        if args.checkpoint_dir:
+            others.update({f"--checkpoint-dir's {name}": Path(args.checkpoint_dir) / name
+                           for name in ("loss.png", METRICS_FILE)})
+        for what, path in others.items():
+            if os.path.realpath(args.grid) == os.path.realpath(path):
+                fail("--grid", ValueError(f"{args.grid!r} is also {what}: choose another file for the grid"))
     # Every output path is checked before the run, not found unusable after the training (and a
     # checkpoint folder holding an earlier run is refused without --resume, not overwritten).
     checks = [("--out", lambda: check_weights_path(args.out)) if not args.measure_only else None,
@@ -712,14 +720,6 @@ def _main(argv: Optional[Sequence[str]]) -> None:
             check()
         except (ValueError, OutputDirError) as exc:
             fail(option, exc)
-    if args.grid:  # (written last, it would replace the teacher or its record)
-        others = {"--out": args.out, "--out's JSON": metadata_path(args.out)}
-        if args.checkpoint_dir:
-            others.update({f"--checkpoint-dir's {name}": Path(args.checkpoint_dir) / name
-                           for name in ("loss.png", METRICS_FILE)})
-        for what, path in others.items():
-            if os.path.realpath(args.grid) == os.path.realpath(path):
-                fail("--grid", ValueError(f"{args.grid!r} is also {what}: choose another file for the grid"))
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.measure_only:

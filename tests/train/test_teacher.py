@@ -480,6 +480,7 @@ def test_module_cli_refuses_a_grid_that_is_another_output(tmp_path, capsys, monk
         last = _main_error(capsys, ["--out", str(out), "--grid", str(grid), "--checkpoint-dir", str(tmp_path / "ck"),
                                     "--no-progress"])
         assert last.startswith("python -m kdfast.train.teacher: error: --grid: ") and f"is also {what}" in last
+        assert not (tmp_path / "ck").exists()  # refused before the other paths' checks make folders
     last = _main_error(capsys, ["--measure-only", "--out", str(out), "--grid", str(out)])
     assert "--grid: " in last and "is also --out" in last
 
