@@ -111,10 +111,19 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    # accelerate's hooks (diffusers' CPU offload, device maps) register nothing: they wrap the
-    # instance's forward (and set _hf_hook), which a fused pass would skip as well
-    return (not any(getattr(module, name, None) for name in _HOOKS) and "forward" not in vars(module)
-            and not hasattr(module, "_hf_hook"))
+    return not any(getattr(module, name, None) for name in _HOOKS) and not _wrapped_forward(module)
+
+
+def _wrapped_forward(module: nn.Module) -> bool:
+    """Whether the instance's forward is not its class's: accelerate's hooks (diffusers' CPU
+    offload, device maps) register nothing, they wrap the instance's forward (and set _hf_hook),
+    which a fused pass would skip as well. (Removing them leaves the class's forward bound on
+    the instance: no hook.)"""
+    if hasattr(module, "_hf_hook"):
+        return True
+    forward = vars(module).get("forward")
+    return forward is not None and not (getattr(forward, "__func__", None) is type(module).forward
+                                        and getattr(forward, "__self__", None) is module)
 
 
 def _plain(module: Optional[nn.Module], cls: type) -> bool:
@@ -189,7 +198,7 @@ def fuse_group_norms(model: nn.Module) -> int:
                 if hasattr(block, "fused"):
                     block.fused = True
             fused += sum(plain_group_norm(m) for m in module.modules())
-        elif _fusable_resnet(module) and "forward" not in vars(module):
+        elif _fusable_resnet(module) and not _wrapped_forward(module):  # (not hooked, nor fused already)
             # a partial, not a bound method: pickle restores a bound method by looking its name
             # up on the instance's class, which has no _fused_resnet_forward (torch.load failed)
             module.forward = functools.partial(_fused_resnet_forward, module)

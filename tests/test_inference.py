@@ -291,6 +291,12 @@ def test_norms_whose_forward_is_wrapped_on_the_instance_are_left_alone():
         got = inference.prepare_for_inference(model)(x, t).sample
     assert len(calls) == n_calls > 0
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # removing such a hook puts the class's own forward back on the instance: fused again
+    plain = _unet2d()
+    fused = inference.fuse_group_norms(copy.deepcopy(plain))
+    for module in plain.modules():
+        module.forward = module.forward
+    assert inference.fuse_group_norms(plain) == fused > 0
 
 
 def test_replaced_norms_keep_eval_mode_and_hooked_ones_are_not_replaced():

@@ -10,8 +10,9 @@ import torch.autograd.forward_ad as _forward_ad
 
 _CURRENT = contextlib.nullcontext()
 _F32_MAX = torch.finfo(torch.float32).max
-# float32's smallest positive number (a subnormal): a positive host number below it is 0 in the kernels
-F32_SMALLEST = 2.0 ** -149
+# The largest number float32 rounds to 0 (half its smallest positive one, 2**-149; ties go to the even 0):
+# a positive host number up to it is 0 in the kernels
+F32_ROUNDS_TO_ZERO = 2.0 ** -150
 # The innermost torch.func transform (vmap, grad, jvp) being run, None outside them.
 _functorch_transform = getattr(torch._C._functorch, "peek_interpreter_stack", lambda: None)
 

@@ -25,7 +25,7 @@ import torch
 from .. import _ext, backends
 from .._checks import is_finite_number, not_a_number
 from ..reference import group_norm as ref
-from ._tensors import (DTYPE_CODES, F32_SMALLEST, cuda_stream, dense_format, dispatcher_required, eager_autograd,
+from ._tensors import (DTYPE_CODES, F32_ROUNDS_TO_ZERO, cuda_stream, dense_format, dispatcher_required, eager_autograd,
                        has_subclass, on_device, reference_required)
 
 ACTIVATIONS = ref.ACTIVATIONS  # same order as kdfast::group_norm::Activation
@@ -100,9 +100,9 @@ def _check_eps(eps) -> float:
         raise TypeError(f"eps must be a number, got {eps!r}") from None
     if not (is_finite_number(value, "eps") and value >= 0):
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
-    if 0 < value < F32_SMALLEST:  # (0 in the float32 kernels: a constant group's 1 / sqrt(0) made NaN)
-        raise ValueError(f"eps must be 0 or at least {F32_SMALLEST:.8g}, float32's smallest positive number (the "
-                         f"kernels compute in float32), got {eps}")
+    if 0 < value <= F32_ROUNDS_TO_ZERO:  # (0 in the float32 kernels: a constant group's 1 / sqrt(0) made NaN)
+        raise ValueError(f"eps must be 0 or above {F32_ROUNDS_TO_ZERO:.8g} (the kernels compute in float32, which "
+                         f"rounds it to 0), got {eps}")
     return value
 
 

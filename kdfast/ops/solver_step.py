@@ -26,8 +26,9 @@ from .. import _ext, backends
 from .._checks import check_flag, is_finite_number, real_number
 from ..backends import BackendUnavailableError
 from ..reference import solver_step as ref
-from ._tensors import (DTYPE_CODES, F32_SMALLEST, addresses, cuda_stream, dense_format, describe, dispatcher_required,
-                       empty_in_layout, in_layout, on_device, op_layout, reference_required, sample_layout)
+from ._tensors import (DTYPE_CODES, F32_ROUNDS_TO_ZERO, addresses, cuda_stream, dense_format, describe,
+                       dispatcher_required, empty_in_layout, in_layout, on_device, op_layout, reference_required,
+                       sample_layout)
 
 SOURCES = ("x", "model", "uncond", "x0", "h0", "h1", "h2", "aux", "noise")
 OUTPUTS = ("sample", "history", "aux")
@@ -725,9 +726,9 @@ def _threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"ratio must be in [0, 1], got {ratio}")
     max_value = _check_scalar("max_value", max_value)
-    if max_value < F32_SMALLEST:  # (the scale divides x0: 0, also in float32, gives NaN; a negative one flips it)
-        raise ValueError(f"max_value must be positive, at least {F32_SMALLEST:.8g} (float32's smallest positive "
-                         f"number: the kernels compute in float32), got {max_value}")
+    if max_value <= F32_ROUNDS_TO_ZERO:  # (the scale divides x0: 0, in float32 too, gives NaN; a negative one flips it)
+        raise ValueError(f"max_value must be positive, above {F32_ROUNDS_TO_ZERO:.8g} (the kernels compute in "
+                         f"float32, which rounds it to 0), got {max_value}")
     return (sample, model_output, cond, _check_scalar("guidance_scale", guidance_scale),
             _check_scalar("x0_from_x", x0_from_x), _check_scalar("x0_from_model", x0_from_model), ratio, max_value)
 

@@ -76,9 +76,13 @@ def tempered(x: torch.Tensor, temperature: float) -> torch.Tensor:
     m = x.detach().amax(-1, keepdim=True)
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
     inv_t = 1.0 / temperature
-    if isinstance(inv_t, torch.Tensor):  # (a traced 0-d tensor under torch.compile: no branch on it)
-        return torch.where(inv_t > 1, (x - m) * inv_t, x * inv_t - m * inv_t)
-    return (x - m) * inv_t if inv_t > 1 else x * inv_t - m * inv_t
+    if isinstance(inv_t, float) and not torch.compiler.is_compiling():
+        return (x - m) * inv_t if inv_t > 1 else x * inv_t - m * inv_t
+    # Traced (the number a SymFloat or a 0-d tensor under torch.compile): no branch on its value,
+    # which would compile a graph for each side of 1.
+    # (a tensor made by an op on it: torch.as_tensor of a SymFloat would bake in its first value)
+    inv_t = torch.ones((), dtype=x.dtype, device=x.device) * inv_t
+    return torch.where(inv_t > 1, (x - m) * inv_t, x * inv_t - m * inv_t)
 
 
 def _tempered(student: torch.Tensor, teacher: torch.Tensor, vocab: Optional[int], temperature: float,

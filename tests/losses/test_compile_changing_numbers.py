@@ -63,13 +63,16 @@ def test_float64_logits_keep_one_graph_for_every_temperature(tmp_path, monkeypat
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     s, t = S.double(), T.double()
-    loss = lambda v: kd_loss(s, t, kind="jsd", beta=0.3, temperature=v, scale_by_t2=True)  # noqa: E731
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
-    for value in (1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5):
-        torch.testing.assert_close(compiled(value), loss(value), msg=f"temperature = {value}")
-    assert counters["stats"]["unique_graphs"] <= 2  # the first value, then a symbolic one
+    # (temperatures on both sides of 1: the reference's tempered logits branched on the value,
+    # a third graph; teacher_topk's too)
+    for loss in (lambda v: kd_loss(s, t, kind="jsd", beta=0.3, temperature=v, scale_by_t2=True),
+                 lambda v: teacher_topk(T, 5, temperature=v)[1]):
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+        for value in (1.5, 2.0, 0.5, 0.25, 2.5, 3.0, 0.75, 4.0, 4.5, 5.0, 1.0):
+            torch.testing.assert_close(compiled(value), loss(value), msg=f"temperature = {value}")
+        assert counters["stats"]["unique_graphs"] <= 2  # the first value, then a symbolic one
 
 
 def _assert_gradients_from_one_graph(loss, inputs, values, name):

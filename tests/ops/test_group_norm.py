@@ -292,8 +292,9 @@ def test_bad_input():
         with pytest.raises(TypeError, match="eps must be a number"):
             ops.group_norm_act(x, 2, eps=eps)
     # 0 in the float32 kernels: a constant group's 1 / sqrt(0) made every output NaN
-    with pytest.raises(ValueError, match="eps must be 0 or at least 1.4012985e-45"):
+    with pytest.raises(ValueError, match="eps must be 0 or above 7.0064923e-46"):
         ops.group_norm_act(torch.ones(2, 8, 3, 3), 2, eps=1e-50)
+    assert torch.isfinite(ops.group_norm_act(torch.ones(2, 8, 3, 3), 2, eps=0.75 * 2.0**-149)).all()  # (rounds up)
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         ops.group_norm_act([1.0], 2)
     with pytest.raises(TypeError, match="x must be float32"):
