@@ -427,7 +427,7 @@ def _op_outputs(student_hidden, student_weight, loss, grad_hidden, grad_weight, 
     """The ops' outputs: missing gradients as empty tensors, the denominator of "sum" as 1."""
     return (loss, *(student_hidden.new_empty(0, dtype=torch.float32) if g is None else g  # (no aliases between outputs)
                     for g in (grad_hidden, grad_weight, grad_bias)),
-            torch.ones((), device=loss.device) if denominator is None else denominator)
+            torch.ones((), dtype=torch.float32, device=loss.device) if denominator is None else denominator)
 
 
 @torch.library.custom_op("kdfast::fused_linear_kd", mutates_args=())
@@ -525,7 +525,7 @@ def _denominator(labels: Optional[torch.Tensor], tokens: int, ignore_index: int,
     if reduction == "sum":
         return None
     if labels is None:
-        count = torch.full((), float(max(tokens, 1)), device=device)  # a fill, not a copy
+        count = torch.full((), float(max(tokens, 1)), dtype=torch.float32, device=device)  # a fill, not a copy
     else:
         count = _count_valid(labels, ignore_index).clamp(min=1).float()
     return count * vocab if reduction == "mean" else count
@@ -551,16 +551,25 @@ def _autocast(*tensors: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor],
     hidden states of an autocast model; gradients flow back to the fp32 parameters through the
     cast)."""
     first = tensors[0]
-    if not isinstance(first, torch.Tensor) or not torch.is_autocast_enabled(first.device.type):
+    if not isinstance(first, torch.Tensor) or not _autocast_enabled(first.device.type):
         return tensors
     dtype = torch.get_autocast_dtype(first.device.type)
     return tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dtype != torch.float64
                  else t for t in tensors)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for ``device_type``; False for a device type autocast does not
+    know (meta tensors, for shape propagation, where torch raises)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except RuntimeError:
+        return False
+
+
 def _autocast_off(tensor: torch.Tensor):
     """A context with autocast disabled on ``tensor``'s device type, where it is enabled."""
-    if torch.is_autocast_enabled(tensor.device.type):
+    if _autocast_enabled(tensor.device.type):
         return torch.autocast(tensor.device.type, enabled=False)
     return contextlib.nullcontext()
 

@@ -103,6 +103,46 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.kdfast.fused_linear_topk_kd.default, _topk_op_args())
 
 
+@pytest.fixture
+def float64_default():
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_a_float64_default_dtype_changes_nothing(float64_default, tmp_path, monkeypatch):
+    # (the ops' loss and denominator took the default dtype, their fake kernel said float32:
+    # inductor's backward read the buffers as float32, NaN gradients; opcheck failed)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    w, b, wt = (t.float() for t in _weights())
+    h, ht, _ = (t.float() if t.is_floating_point() else t for t in _batch(9, 1))
+
+    def loss(h, w, b):  # no labels, "batchmean": the denominator a fill
+        return fused_linear_kd(h, w, ht, wt, None, b, chunk_size=4)
+
+    expected = _value_and_grads(lambda h, w, b, *rest: loss(h, w, b), h, w, b, None, None, None)
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, backend="inductor", fullgraph=True)
+    got = _value_and_grads(lambda h, w, b, *rest: compiled(h, w, b), h, w, b, None, None, None)
+    assert expected[0].dtype == torch.float32
+    for a, e in zip(got, expected):
+        torch.testing.assert_close(a, e)
+    args = [t.detach().float().requires_grad_(t.requires_grad) if i < 5 else t for i, t in enumerate(_kd_op_args())]
+    args[12] = "sum"  # (its denominator: a 1 the op makes)
+    torch.library.opcheck(torch.ops.kdfast.fused_linear_kd.default, tuple(args))
+
+
+def test_meta_tensors_give_the_losss_shape():
+    # (torch.is_autocast_enabled raised "unknown device type for autocast" for meta tensors)
+    h, w = torch.empty(6, HIDDEN, device="meta"), torch.empty(VOCAB, HIDDEN, device="meta")
+    out = fused_linear_kd(h, w, h, w)
+    assert out.device.type == "meta" and out.shape == () and out.dtype == torch.float32
+    out = fused_linear_topk_kd(h, w, torch.zeros(6, K, dtype=torch.long, device="meta"),
+                               torch.zeros(6, K, device="meta"))
+    assert out.device.type == "meta" and out.shape == ()
+
+
 def test_the_ops_gradients_are_the_functions():
     args = _kd_op_args()
     loss, *_ = torch.ops.kdfast.fused_linear_kd(*args)
