@@ -1726,8 +1726,9 @@ def test_cpu_fp16_conversions_are_exact_and_round_like_torch():
 
 @pytest.mark.parametrize("name", ["guidance_scale", "clip_value", "max_value", "x0_from_model"])
 def test_a_float_that_changes_between_compiled_calls_keeps_a_full_graph(name):
-    # torch.compile makes a float symbolic once it changes: math.isfinite on it broke the graph;
-    # a non-finite value is still refused, when the compiled code runs
+    # math.isfinite on a float that torch.compile made symbolic broke the graph; a non-finite
+    # value is still refused, when the compiled code runs. (The op takes the number as a graph
+    # constant: each new value compiles once, as the README says, up to torch's limit of 8.)
     coefs = torch.tensor(ops.coefficients(1.0, -0.5, sample={"x0": 0.7, "x": 0.3}))
     g = torch.Generator().manual_seed(50)
     x, m, c = (torch.randn(2, 4, 8, 8, generator=g) for _ in range(3))
