@@ -115,14 +115,23 @@ def _schedule_params(batch, device, alpha_t, sigma_t, alpha_s, sigma_s):
     return [_check_per_sample(n, v, batch, device) for n, v in zip(names, (alpha_t, sigma_t, alpha_s, sigma_s))]
 
 
+def _free_schedule_values(sched) -> Optional[list]:
+    """The schedule's values where reading them is free: host numbers (kept as Python floats, no
+    tensors made on every training step) and CPU tensors (in float64); None where a value is on
+    a GPU (a sync), under torch.compile (a data-dependent branch would break the graph) or under
+    vmap (none is read)."""
+    if torch.compiler.is_compiling() or any(t is not None and (t.device.type != "cpu" or vmapped(t)) for t, _ in sched):
+        return None
+    return [v if t is None else t.double() for t, v in sched]
+
+
 def _check_pd_schedule(sched) -> None:
     """The progressive-distillation target divides by sigma_t and by alpha_s - (sigma_s /
-    sigma_t) alpha_t (zero when t and s share their SNR): refuse those where checking is free
-    (host numbers and CPU tensors; on a GPU it would cost a sync)."""
-    if torch.compiler.is_compiling() or any(t is not None and (t.device.type != "cpu" or vmapped(t)) for t, _ in sched):
-        return  # (under compile, a data-dependent branch would break the graph; under vmap none is read)
-    # Host numbers stay Python floats (no tensors made on every training step); CPU tensors in float64.
-    a_t, s_t, a_s, s_s = (v if t is None else t.double() for t, v in sched)
+    sigma_t) alpha_t (zero when t and s share their SNR): refuse those where checking is free."""
+    values = _free_schedule_values(sched)
+    if values is None:
+        return
+    a_t, s_t, a_s, s_s = values
     if _any(s_t == 0):
         raise ValueError("sigma_t must be nonzero: the target is derived from the noise level at t")
     moved = (s_s / s_t) * a_t  # equal to alpha_s up to float32 rounding: the same SNR
@@ -133,11 +142,11 @@ def _check_pd_schedule(sched) -> None:
 
 def _check_ddim_schedule(sched, prediction_type: str) -> None:
     """The DDIM step forms x0 and eps from the prediction at t: by dividing by alpha_t (epsilon),
-    sigma_t (sample) or alpha_t^2 + sigma_t^2 (v): refuse a zero one where checking is free (as
-    _check_pd_schedule)."""
-    if torch.compiler.is_compiling() or any(t is not None and (t.device.type != "cpu" or vmapped(t)) for t, _ in sched):
+    sigma_t (sample) or alpha_t^2 + sigma_t^2 (v): refuse a zero one where checking is free."""
+    values = _free_schedule_values(sched[:2])
+    if values is None:
         return
-    a_t, s_t = (v if t is None else t.double() for t, v in sched[:2])
+    a_t, s_t = values
     if prediction_type == "epsilon" and _any(a_t == 0):
         raise ValueError("alpha_t must be nonzero: an epsilon prediction gives x0 = (x_t - sigma_t eps) / alpha_t")
     if prediction_type == "sample" and _any(s_t == 0):
