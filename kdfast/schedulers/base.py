@@ -385,18 +385,45 @@ class _AlphasCumprod:
 
     def __set__(self, scheduler, value) -> None:
         state = scheduler.__dict__
-        host = state.get("_host_alphas_cumprod", state.get("_alphas_cumprod_cpu"))
-        if host is not None and value is not state.get("_alphas_cumprod"):
-            kept = host if isinstance(host, torch.Tensor) else torch.tensor(host, dtype=torch.float64)
-            same = (isinstance(value, torch.Tensor) and value.shape == kept.shape
-                    and torch.equal(value.detach().cpu(), kept.to(value.dtype)))
-            if not same:
-                raise ValueError(
-                    f"{type(scheduler).__name__} plans its steps from the alphas_cumprod of its config (made at "
-                    "construction): new values would be ignored. Pass the schedule through the config instead "
-                    "(trained_betas=..., beta_schedule=..., rescale_betas_zero_snr=True)")
+        if value is not state.get("_alphas_cumprod"):
+            self._refuse_new_values(scheduler, value)
         state["_alphas_cumprod"] = value
+        state["_alphas_cumprod_version"] = self._version(value)
         state.pop("alphas_cumprod", None)
+
+    @staticmethod
+    def _refuse_new_values(scheduler, value) -> None:
+        state = scheduler.__dict__
+        host = state.get("_host_alphas_cumprod", state.get("_alphas_cumprod_cpu"))
+        if host is None:
+            return
+        kept = host if isinstance(host, torch.Tensor) else torch.tensor(host, dtype=torch.float64)
+        same = (isinstance(value, torch.Tensor) and value.shape == kept.shape
+                and torch.equal(value.detach().cpu(), kept.to(value.dtype)))
+        if not same:
+            raise ValueError(
+                f"{type(scheduler).__name__} plans its steps from the alphas_cumprod of its config (made at "
+                "construction): new values, assigned or written in place, would be ignored. Pass the schedule "
+                "through the config instead (trained_betas=..., beta_schedule=..., rescale_betas_zero_snr=True)")
+
+    @staticmethod
+    def _version(value) -> Optional[int]:
+        """The tensor's version counter (None for what has none: an inference tensor)."""
+        if not isinstance(value, torch.Tensor) or value.is_inference():
+            return None
+        return value._version
+
+    @classmethod
+    def check_unchanged(cls, scheduler) -> None:
+        """Refuse values written in place since they were set (``alphas_cumprod.mul_(0.9)``), as
+        ``__set__`` refuses new ones: read back only when the tensor's version counter moved."""
+        state = scheduler.__dict__
+        value = state.get("_alphas_cumprod")
+        version = cls._version(value)
+        if version is None or version == state.get("_alphas_cumprod_version"):
+            return
+        cls._refuse_new_values(scheduler, value)
+        state["_alphas_cumprod_version"] = version
 
     def __delete__(self, scheduler) -> None:
         scheduler.__dict__.pop("_alphas_cumprod", None)
@@ -408,6 +435,7 @@ class _AlphasCumprod:
         (the same values: not checked, which would read a device copy back to the host)."""
         state = scheduler.__dict__
         value = state["_alphas_cumprod"] = state["_alphas_cumprod"].to(device=device)
+        state["_alphas_cumprod_version"] = _AlphasCumprod._version(value)
         return value
 
 
@@ -1020,7 +1048,8 @@ def _default_device_is_off_host() -> bool:
     return False
 
 
-def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps: bool = False) -> Callable:
+def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps: bool = False,
+                         steps: bool = False) -> Callable:
     """``fn`` with torch's default device set to the CPU while it runs, when the caller set
     another (``torch.set_default_device("cuda")``, a ``with torch.device(...)`` block): a
     scheduler's tables, schedules and coefficient rows are host tensors made without a device
@@ -1034,7 +1063,10 @@ def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps
 
     ``counts_steps`` (``set_timesteps``): its ``num_inference_steps``, when given, must be an
     integer (an integral float passes as its int): a fraction was truncated by some schedulers
-    (2.9 steps ran 2), a string taken or failed deep inside others."""
+    (2.9 steps ran 2), a string taken or failed deep inside others.
+
+    ``steps`` (``step`` and its variants): first refuse an ``alphas_cumprod`` written in place
+    that the step's host copy would miss (:meth:`_AlphasCumprod.check_unchanged`)."""
     def run(*args, **kwargs):
         if _default_device_is_off_host():
             with torch.device("cpu"):
@@ -1046,6 +1078,8 @@ def _host_default_device(fn: Callable, builds_tables: bool = False, counts_steps
 
     @functools.wraps(fn)
     def on_host(*args, **kwargs):
+        if steps:
+            _AlphasCumprod.check_unchanged(args[0])
         if counts_steps:
             args, kwargs = _integer_step_count(steps_at, args, kwargs)
         if builds_tables:
@@ -1120,7 +1154,8 @@ def _on_host_by_default(cls) -> None:
                 or method in _KDFAST_WRAPPERS:
             continue
         setattr(cls, name, _host_default_device(method, builds_tables=name in ("__init__", "set_timesteps"),
-                                                counts_steps=name == "set_timesteps"))
+                                                counts_steps=name == "set_timesteps",
+                                                steps=name.startswith("step") or name == "batch_step_no_noise"))
 
 
 # ... and those of _steps_run_eagerly, kept apart: a step gets both, the eager one outermost.

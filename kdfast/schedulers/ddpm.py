@@ -175,7 +175,9 @@ class DDPMScheduler(Thresholding, FusedScheduler):
                                 rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
-        self._alphas_cumprod_cpu = self.alphas_cumprod  # add_noise moves the attribute to the data's device
+        # (a copy: add_noise moves the attribute to the data's device, and an edit in place of the attribute
+        # must not reach the steps unchecked)
+        self._alphas_cumprod_cpu = self.alphas_cumprod.clone()
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
         self.custom_timesteps = False

@@ -1133,6 +1133,18 @@ def test_new_alphas_cumprod_values_are_refused_where_the_steps_are_planned_from_
     assert s.alphas_cumprod.dtype == torch.float64
     twin = pickle.loads(pickle.dumps(s))
     assert torch.equal(twin.alphas_cumprod, s.alphas_cumprod)
+    # written in place: refused at the next step too (add_noise took the edit, the steps did not:
+    # one scheduler, two schedules)
+    s.set_timesteps(4)
+    x = initial_sample()
+    s.alphas_cumprod.mul_(1.0)  # the same values written in place: taken
+    s.step(x, s.timesteps[0], x) if name != "DDPMParallelScheduler" else None
+    s.alphas_cumprod.mul_(0.9)
+    with pytest.raises(ValueError, match="assigned or written in place"):
+        if name in ("DDIMParallelScheduler", "DDPMParallelScheduler"):
+            s.batch_step_no_noise(x, s.timesteps[:1].expand(x.shape[0]), x)
+        else:
+            s.step(x, s.timesteps[0], x)
 
 
 @pytest.mark.parametrize("name", ["DDPMScheduler", "PNDMScheduler", "SASolverScheduler"])
