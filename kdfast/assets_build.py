@@ -17,6 +17,8 @@ they replace, not with themselves. Both output paths are checked before the trai
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -108,16 +110,31 @@ def _build(out_dir: Path, budget: Dict, seed: int, threads: Optional[int], progr
            shipped: Dict[str, Optional[Dict]]) -> Dict:
     from .eval import DigitsEvaluator
     from .eval.classifier import build_shipped_asset
+    from .train.run import atomic_files
     from .train.teacher import measure_samples, save_teacher, train_teacher
 
-    classifier_path = out_dir / "digits_classifier.safetensors"
-    classifier_metrics = build_shipped_asset(classifier_path, epochs=budget["classifier_epochs"], seed=seed,
-                                             progress=progress)
-    teacher = train_teacher(steps=budget["teacher_steps"], batch_size=budget["teacher_batch"], seed=seed,
-                            progress=progress, num_threads=threads)
-    teacher.config["metrics"] = measure_samples(
-        teacher, n_per_class=budget["n_per_class"], steps=budget["steps"], guidance_scales=budget["guidance_scales"],
-        progress=progress, evaluator=DigitsEvaluator(path=classifier_path))
-    save_teacher(teacher.model, teacher.config, out_dir / "digits_teacher.safetensors")
+    # Built in a staging folder beside the outputs, and moved into place together at the end: an
+    # interruption or an error midway leaves the previous set whole (a new classifier beside the
+    # old teacher, whose metrics were measured with the old one, would pass both hash checks).
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".assets-build-", dir=out_dir))
+    try:
+        classifier_path = staging / "digits_classifier.safetensors"
+        classifier_metrics = build_shipped_asset(classifier_path, epochs=budget["classifier_epochs"], seed=seed,
+                                                 progress=progress)
+        teacher = train_teacher(steps=budget["teacher_steps"], batch_size=budget["teacher_batch"], seed=seed,
+                                progress=progress, num_threads=threads)
+        teacher.config["metrics"] = measure_samples(
+            teacher, n_per_class=budget["n_per_class"], steps=budget["steps"],
+            guidance_scales=budget["guidance_scales"], progress=progress,
+            evaluator=DigitsEvaluator(path=classifier_path))
+        save_teacher(teacher.model, teacher.config, staging / "digits_teacher.safetensors")
+        # the teacher's JSON, which holds the metrics measured with this classifier, last
+        files = [f"{name}{suffix}" for name in ASSETS for suffix in (".safetensors", ".json")]
+        with atomic_files(*(out_dir / f for f in files)) as temps:
+            for f, tmp in zip(files, temps):
+                shutil.copyfile(staging / f, tmp)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     comparison = {} if quick else compare_with_shipped(classifier_metrics, teacher.config["metrics"], shipped)
     return {"classifier": classifier_metrics, "teacher": teacher.config["metrics"], "comparison": comparison}

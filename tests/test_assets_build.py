@@ -100,6 +100,26 @@ def test_a_rebuild_in_place_is_compared_with_the_files_it_replaces(tmp_path, mon
     assert result["comparison"]["teacher 50-step Frechet (guidance 1)"]["shipped"] == old[0]["frechet"]
 
 
+def test_a_build_that_stops_midway_leaves_the_previous_set_whole(tmp_path, monkeypatch):
+    # (the new classifier was renamed into place before the teacher was trained: an interruption
+    # left it beside the old teacher, whose metrics were measured with the old classifier)
+    out = tmp_path / "assets"
+    out.mkdir()
+    for name in assets_build.ASSETS:
+        for suffix in (".json", ".safetensors"):
+            shutil.copy(assets_build.SHIPPED_DIR / f"{name}{suffix}", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    import kdfast.train.teacher as teacher_mod
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(teacher_mod, "train_teacher", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        assets_build.build_assets(out=str(out), quick=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nor is a staging folder left
+
+
 def test_build_restores_the_thread_count(tmp_path):
     import torch
 
