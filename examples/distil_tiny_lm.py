@@ -24,6 +24,9 @@ from typing import List, Optional
 import torch
 
 from kdfast.losses import FusedLinearKDLoss, FusedLinearTopKKDLoss, teacher_topk
+from kdfast.train.run import seed_arg
+
+VOCAB = 512  # the student's vocabulary (the teacher's head has 16 padded columns more)
 
 
 def tiny_llama(hidden: int, layers: int, vocab: int, seed: int):
@@ -36,7 +39,7 @@ def tiny_llama(hidden: int, layers: int, vocab: int, seed: int):
     return LlamaForCausalLM(config)
 
 
-def distil(steps: int = 60, vocab: int = 512, batch: int = 8, seq_len: int = 32, dataset_size: int = 32,
+def distil(steps: int = 60, vocab: int = VOCAB, batch: int = 8, seq_len: int = 32, dataset_size: int = 32,
            lr: float = 3e-3, kind: str = "jsd", seed: int = 0, log_every: int = 10,
            offline_topk: Optional[int] = None) -> List[float]:
     """Train the student for ``steps`` steps on ``dataset_size`` random token sequences;
@@ -100,12 +103,18 @@ def _positive_int(text: str) -> int:
 def main(argv: Optional[List[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=_positive_int, default=60)
-    p.add_argument("--kind", default="jsd", choices=["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kind", default=None, choices=["forward_kl", "reverse_kl", "jsd", "tvd", "skew_kl"],
+                   help="the divergence against the teacher (default jsd; the top-K mode's is the forward KL)")
+    p.add_argument("--seed", type=seed_arg, default=0)
     p.add_argument("--offline-topk", type=_positive_int, default=None, metavar="K",
-                   help="distil from the teacher's cached top-K instead of running it every step")
+                   help=f"distil from the teacher's cached top-K (K <= {VOCAB}) instead of running it every step")
     args = p.parse_args(argv)
-    losses = distil(steps=args.steps, kind=args.kind, seed=args.seed, offline_topk=args.offline_topk)
+    if args.offline_topk is not None and args.offline_topk > VOCAB:
+        p.error(f"argument --offline-topk: must be at most the vocabulary, {VOCAB}, got {args.offline_topk}")
+    if args.offline_topk is not None and args.kind is not None:
+        p.error("argument --kind: the top-K mode distils with the forward KL against the stored top-K; "
+                "leave --kind out")
+    losses = distil(steps=args.steps, kind=args.kind or "jsd", seed=args.seed, offline_topk=args.offline_topk)
     print(f"loss: first {losses[0]:.4f}, last {losses[-1]:.4f}")
 
 

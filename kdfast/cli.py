@@ -60,6 +60,14 @@ class _Parser(argparse.ArgumentParser):
         raise _UsageError(self.prog, message)
 
 
+def _folder(text: str) -> str:
+    """The argparse ``type`` of ``--out``: a folder name, not an empty string (which wrote into the
+    current folder while the closing message named files at the file system's root)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must name a folder, got ''")
+    return text
+
+
 def _int_list(text: str) -> List[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]
@@ -69,6 +77,7 @@ def _int_list(text: str) -> List[int]:
 
 def demo(args) -> int:
     """Run the demo and print its table; returns the exit code."""
+    from .backends import BackendUnavailableError
     from .demo import QUICK, DemoError, DemoWarning, format_table, run_demo
     from .train.run import one_line_warnings
     from .eval.classifier import ClassifierAssetError
@@ -89,8 +98,8 @@ def demo(args) -> int:
             rows = run_demo(out=args.out, seed=args.seed,
                             anchor=not args.no_anchor, device=args.device, progress=not args.no_progress,
                             cuda_graph=args.cuda_graph, **kwargs)
-    except (DemoError, TeacherAssetError, ClassifierAssetError) as exc:
-        print(f"kdfast demo: error: {exc}", file=sys.stderr)
+    except (DemoError, TeacherAssetError, ClassifierAssetError, BackendUnavailableError) as exc:
+        print(f"kdfast demo: error: {exc}", file=sys.stderr)  # (a KDFAST_BACKEND that cannot run here too)
         return 2
     print(format_table(rows))
     print(f"\nwrote {args.out}/metrics.json, {args.out}/report.md and {args.out}/grids/")
@@ -100,12 +109,13 @@ def demo(args) -> int:
 def assets(args) -> int:
     """``kdfast assets build``: retrain the shipped models and compare with the shipped metrics."""
     from .assets_build import TOLERANCE, build_assets
+    from .backends import BackendUnavailableError
     from .train.run import OutputDirError
 
     try:
         result = build_assets(out=args.out, quick=args.quick, seed=args.seed, threads=args.threads,
                               progress=not args.no_progress)
-    except (ValueError, OutputDirError) as exc:  # bad arguments, unwritable outputs: before any training
+    except (ValueError, OutputDirError, BackendUnavailableError) as exc:  # bad arguments, unwritable outputs
         print(f"kdfast assets build: error: {exc}", file=sys.stderr)
         return 2
     print(f"classifier: held-out accuracy {result['classifier']['heldout_accuracy']:.4f}, "
@@ -129,13 +139,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="print versions, what was built and which backends are usable here")
     p = sub.add_parser("demo", help="sample the digits teacher with five solvers (more with --solvers), score it, compare with diffusers")
-    p.add_argument("--out", default="kdfast-demo", help="output folder (default: ./kdfast-demo)")
+    p.add_argument("--out", type=_folder, default="kdfast-demo", help="output folder (default: ./kdfast-demo)")
     p.add_argument("--quick", action="store_true", help="2 solvers, 10 and 5 steps, 2 images per class (< 1 minute)")
     p.add_argument("--solvers", help="comma-separated: dpmpp_2m,unipc,deis,ddim,euler,heun,euler_a,sde_dpmpp_2m "
                                      "(default dpmpp_2m,unipc,deis,ddim,euler; heun gives noise on this teacher, "
                                      "as diffusers' Heun does: its sigma ~2e4 start breaks Heun's second-order step)")
     p.add_argument("--steps", type=_int_list, help="comma-separated step counts (default 50,20,10,5)")
-    p.add_argument("--n-per-class", type=int, help="samples per class per row (default 10)")
+    p.add_argument("--n-per-class", type=int, help="samples per class per row, 2 to 10000 (default 10)")
     p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 1.2)")
     p.add_argument("--seed", type=seed_arg, default=0, help="an integer in [0, 2**63 - 1] (default 0)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -147,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     a = sub.add_parser("assets", help="rebuild the embedded default's models")
     a_sub = a.add_subparsers(dest="assets_command", required=True)
     b = a_sub.add_parser("build", help="retrain the digits classifier and teacher from scratch (seeded)")
-    b.add_argument("--out", default="kdfast-assets", help="output folder (default: ./kdfast-assets)")
+    b.add_argument("--out", type=_folder, default="kdfast-assets", help="output folder (default: ./kdfast-assets)")
     b.add_argument("--quick", action="store_true", help="a tiny budget (seconds), for testing the pipeline")
     b.add_argument("--seed", type=seed_arg, default=0, help="an integer in [0, 2**63 - 1] (default 0)")
     b.add_argument("--threads", type=int, default=1, help="torch threads (the shipped assets used 1)")
@@ -178,6 +188,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         # SIGPIPE; stdout goes to devnull so that Python's flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
+    except OSError as exc:  # writing the output failed another way (`> /dev/full`): one line, not a traceback
+        print(f"kdfast {args.command}: error: {exc}", file=sys.stderr)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (as above)
+        return 1
     return 0
 
 

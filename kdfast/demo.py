@@ -46,6 +46,9 @@ DEFAULT_STEPS = (50, 20, 10, 5)
 DEFAULT_GUIDANCE = 1.2
 DEFAULT_N_PER_CLASS = 10  # 100 images per row: the whole default run stays within ~3 minutes on 2 cores
 QUICK = dict(solvers=("dpmpp_2m", "ddim"), steps=(10, 5), n_per_class=2)
+# Images per class at most: 100,000 images per configuration, far past what the Frechet distance
+# of 10 classes needs (a billion failed allocating 80 GB after the output folder was made).
+MAX_N_PER_CLASS = 10_000
 # Solvers whose samples of the shipped teacher are not meaningful, and why: warned about when
 # selected and recorded in the rows, metrics.json and report.md.
 SOLVER_NOTES = {
@@ -88,9 +91,11 @@ def _check_args(solvers: Sequence[str], steps: Sequence[int], n_per_class: int, 
             raise DemoError(f"{name} must not repeat a value, got {', '.join(map(str, repeated))} more than once")
     try:
         n_per_class = check_int("n_per_class", n_per_class, minimum=2)
+        if n_per_class > MAX_N_PER_CLASS:
+            raise ValueError
     except ValueError:
-        raise DemoError(f"n_per_class must be an integer >= 2 (a Frechet distance needs several images), got "
-                        f"{n_per_class!r}") from None
+        raise DemoError(f"n_per_class must be an integer in [2, {MAX_N_PER_CLASS}] (a Frechet distance needs several "
+                        f"images), got {n_per_class!r}") from None
     try:
         guidance_scale = check_float("guidance_scale", guidance_scale, -math.inf, math.inf)
     except ValueError:

@@ -39,6 +39,34 @@ def test_info_into_a_closed_pipe_is_quiet(tmp_path):
     assert writer.stderr == "" and writer.returncode == 141, (writer.returncode, writer.stderr)
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_info_into_a_full_device_is_one_line(tmp_path):
+    # (`kdfast info > /dev/full` printed an OSError traceback)
+    with open("/dev/full", "w") as full:
+        writer = subprocess.run([sys.executable, "-m", "kdfast", "info"], stdout=full, stderr=subprocess.PIPE,
+                                text=True, cwd=tmp_path)
+    assert writer.returncode == 1
+    assert writer.stderr.strip().splitlines() == ["kdfast info: error: [Errno 28] No space left on device"]
+
+
+@pytest.mark.parametrize("command", [["demo", "--quick"], ["assets", "build", "--quick"]])
+def test_an_empty_out_is_a_usage_error(tmp_path, capsys, monkeypatch, command):
+    # (it wrote into the current folder and then named files at the file system's root)
+    monkeypatch.chdir(tmp_path)
+    assert main([*command, "--out", ""]) == 2
+    assert "argument --out: must name a folder, got ''" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_backend_that_cannot_run_is_a_one_line_error(tmp_path):
+    # (KDFAST_BACKEND=bogus made the demo end in a traceback)
+    run = subprocess.run([sys.executable, "-m", "kdfast", "demo", "--quick", "--no-anchor", "--no-progress", "--out",
+                          str(tmp_path / "d")], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "KDFAST_BACKEND": "bogus"})
+    err = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and len(err) == 1 and err[0].startswith("kdfast demo: error: backend 'bogus'"), err
+
+
 def test_main_rejects_unknown_command(capsys):
     assert main(["frobnicate"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

@@ -83,7 +83,8 @@ def test_too_many_steps_are_refused_before_earlier_outputs_are_removed(tmp_path,
 @pytest.mark.parametrize("kwargs, message", [
     (dict(steps=[2.7]), "steps must be integers >= 1, got [2.7]"),
     (dict(steps=[True]), "steps must be integers >= 1, got [True]"),
-    (dict(n_per_class=2.5), "n_per_class must be an integer >= 2"),
+    (dict(n_per_class=2.5), "n_per_class must be an integer in [2, 10000]"),
+    (dict(n_per_class=10**9), "n_per_class must be an integer in [2, 10000]"),  # (it failed allocating 80 GB)
     (dict(guidance_scale="x"), "guidance_scale must be a finite number, got 'x'"),
     (dict(guidance_scale="3"), "guidance_scale must be a finite number, got '3'"),
     (dict(guidance_scale=True), "guidance_scale must be a finite number, got True"),
@@ -152,7 +153,7 @@ def test_corrupt_teacher_asset_gives_a_clear_error(tmp_path, monkeypatch, capsys
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--n-per-class", "0"], "n_per_class must be an integer >= 2"),
+    (["--n-per-class", "0"], "n_per_class must be an integer in [2, 10000]"),
     # DDIM refuses more steps than the teacher's 1000 training timesteps; the others would repeat timesteps
     (["--steps", "5,1001"], "steps must be <= 1000 (the teacher's training timesteps), got [1001]"),
     (["--steps", ","], "steps must be integers >= 1, got []"),

@@ -40,3 +40,18 @@ def test_non_positive_steps_are_an_argument_error(capsys, steps):
     assert f"argument --steps: must be an integer >= 1, got {steps}" in capsys.readouterr().err
     with pytest.raises(ValueError, match="steps must be an integer >= 1"):
         example.distil(steps=int(steps), log_every=0)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--offline-topk", "600"], "argument --offline-topk: must be at most the vocabulary, 512, got 600"),
+    (["--seed", "-1"], "argument --seed: the seed must be an integer in [0, 2**63 - 1], got -1"),
+    (["--seed", "99999999999999999999999"], "argument --seed: the seed must be an integer"),
+    (["--kind", "tvd", "--offline-topk", "32"], "argument --kind: the top-K mode distils with the forward KL"),
+])
+def test_bad_arguments_are_usage_errors(capsys, argv, message):
+    # (the first two were tracebacks, -1 was taken as torch's 64-bit seed, and --kind was dropped
+    # silently in the top-K mode)
+    with pytest.raises(SystemExit) as exc:
+        load_example().main(argv)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
