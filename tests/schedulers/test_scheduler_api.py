@@ -1141,6 +1141,8 @@ def test_new_alphas_cumprod_values_are_refused_where_the_steps_are_planned_from_
     s.step(x, s.timesteps[0], x) if name != "DDPMParallelScheduler" else None
     s.alphas_cumprod.mul_(0.9)
     with pytest.raises(ValueError, match="assigned or written in place"):
+        s.alphas_cumprod = s.alphas_cumprod  # (the edited tensor assigned again)
+    with pytest.raises(ValueError, match="assigned or written in place"):
         if name in ("DDIMParallelScheduler", "DDPMParallelScheduler"):
             s.batch_step_no_noise(x, s.timesteps[:1].expand(x.shape[0]), x)
         else:
