@@ -385,10 +385,11 @@ class _AlphasCumprod:
 
     def __set__(self, scheduler, value) -> None:
         state = scheduler.__dict__
-        if value is not state.get("_alphas_cumprod") or self._version(value) != state.get("_alphas_cumprod_version"):
+        version = self._version(value)
+        if value is not state.get("_alphas_cumprod") or version != state.get("_alphas_cumprod_version"):
             self._refuse_new_values(scheduler, value)  # (new values, or the attribute itself edited in place)
         state["_alphas_cumprod"] = value
-        state["_alphas_cumprod_version"] = self._version(value)
+        state["_alphas_cumprod_version"] = version
         state.pop("alphas_cumprod", None)
 
     @staticmethod
