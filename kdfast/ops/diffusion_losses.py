@@ -88,6 +88,8 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         if t.dtype not in (torch.float32, torch.float64):
             t = t.to(torch.float32)
         return t, 0.0
+    if torch.compiler.is_compiling() and not not_a_number(value):
+        return _traced_per_sample(name, value, batch, device, minimum, nonzero), 0.0
     try:
         if not_a_number(value):  # (float() takes "0.1" and True)
             raise TypeError
@@ -101,6 +103,23 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
     if nonzero and v == 0:
         raise ValueError(f"{name} must be nonzero, got {v}")
     return None, v
+
+
+def _traced_per_sample(name: str, value, batch: int, device: torch.device, minimum: Optional[float],
+                       nonzero: bool) -> torch.Tensor:
+    """A number under torch.compile, as a per-sample float64 tensor. The custom ops take a float
+    as a graph constant: a number that changes between calls (one timestep's alpha, an annealed
+    ``c``), which torch.compile makes symbolic from its second value on, would compile once per
+    value; as a tensor one graph serves every value. (The product keeps it symbolic:
+    ``torch.full`` would specialise it.) Checked as a number is, when the compiled code runs."""
+    t = torch.ones(batch, dtype=torch.float64, device=device) * value
+    held = torch.ones((), dtype=torch.float64, device=device) * value
+    torch._assert_async(held.isfinite(), f"{name} must be finite")
+    if minimum is not None:
+        torch._assert_async(held >= minimum, f"{name} must be >= {minimum}")
+    if nonzero:
+        torch._assert_async(held != 0, f"{name} must be nonzero")
+    return t
 
 
 def _check_prediction_type(prediction_type: str) -> int:

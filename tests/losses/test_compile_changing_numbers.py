@@ -2,14 +2,16 @@
 inductor, its graph caches on: each value's result, from one graph for every value after the
 first.
 
-From its second value on torch.compile traces such a number as a symbol. The kernels' custom ops
-take it in a float64 tensor, which lets the symbol through (a float argument would specialise it:
-one graph per value, up to torch's recompile limit). Once, a symbol made a tensor and specialised
+From its second value on torch.compile traces such a number as a symbol. The KD kernels' custom
+ops take it in a float64 tensor and the diffusion losses' as a per-sample tensor, which let the
+symbol through (a float argument would specialise it: one graph per value, up to torch's
+recompile limit). Once, a symbol made a tensor and specialised
 by a float argument only while the op was lowered met inductor's graph cache, which did not see
 the specialisation: from the third value on, the graph compiled for the second one was served."""
 import pytest
 import torch
 
+from kdfast import ops
 from kdfast.losses import fused_linear_kd, hinton_kd_loss, kd_loss, teacher_topk, topk_kd_loss
 
 
@@ -23,6 +25,7 @@ def _inputs():
 
 S, T, H, W, HT, WT, LABELS = _inputs()
 IDS, LOGPROBS = teacher_topk(T, 5)
+X0, X1, X2 = S.view(4, 1, 31), T.view(4, 1, 31), (S - T).view(4, 1, 31)  # latents for the diffusion losses
 
 CASES = {
     "kd_loss temperature": (lambda v: kd_loss(S, T, kind="forward_kl", temperature=v),
@@ -37,6 +40,11 @@ CASES = {
                                                     (1.0, 2.0, 3.0, 4.0)),
     "hinton_kd_loss temperature": (lambda v: hinton_kd_loss(S, T, LABELS, temperature=v, alpha=0.5),
                                    (1.0, 2.0, 3.0)),
+    # the diffusion losses take their numbers as per-sample tensors under torch.compile
+    "pseudo_huber c": (lambda v: ops.pseudo_huber(X0, X1, c=v), (0.1, 0.2, 0.3, 0.4)),
+    "progressive_mse schedule": (lambda v: ops.progressive_mse(X0, X1, X2, 0.9, v, 0.95, v / 2, weights=v),
+                                 (0.3, 0.4, 0.5, 0.6)),
+    "pd_target schedule": (lambda v: ops.pd_target(X1, X2, v, 0.5, 0.95, 0.2), (0.6, 0.7, 0.8, 0.9)),
 }
 
 

@@ -416,6 +416,55 @@ def test_compiles():
     torch.testing.assert_close(grad, x2.grad)
 
 
+# Each entry: a call of (x, y, z, v) with a Python number v, the value range it takes.
+_NUMBER_CALLS = {
+    "pseudo_huber c": lambda x, y, z, v: ops.pseudo_huber(x, y, c=v),
+    "pseudo_huber weights": lambda x, y, z, v: ops.pseudo_huber(x, y, c=0.1, weights=v, elementwise=True),
+    "dmd weights": lambda x, y, z, v: ops.dmd(x, y, z, weights=v),
+    "progressive_mse schedule": lambda x, y, z, v: ops.progressive_mse(x, y, z, 0.9, v + 0.2, 0.95, v,
+                                                                       prediction_type="v_prediction", weights=2.0),
+    "pd_target schedule": lambda x, y, z, v: ops.pd_target(x, y, v + 0.5, 0.4, 0.95, v),
+    "ddim_step schedule": lambda x, y, z, v: ops.per_sample_ddim_step(x, y, 0.9, v + 0.2, 0.95, v),
+}
+
+
+@pytest.mark.parametrize("name", list(_NUMBER_CALLS))
+def test_a_number_that_changes_between_compiled_calls_compiles_once(name):
+    # A Python number reached the custom op as a float, a graph constant: each new value (one
+    # timestep's sigma, an annealed c) compiled again, and past torch's limit of 8 values
+    # fullgraph=True failed. Traced as a tensor, the second value's graph serves every value.
+    call = _NUMBER_CALLS[name]
+    x = randn((3, 2, 5), torch.float32, 90).requires_grad_(True)
+    y, z = randn((3, 2, 5), torch.float32, 91), randn((3, 2, 5), torch.float32, 92)
+    frames = []
+
+    def counting(gm, example_inputs):
+        frames.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: call(x, y, z, v), backend=counting, fullgraph=True)
+    for k in range(10):
+        v = 0.1 + 0.07 * k
+        got = compiled(v)
+        expected = call(x, y, z, v)
+        torch.testing.assert_close(got, expected)
+        if got.requires_grad:
+            torch.testing.assert_close(torch.autograd.grad(got.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
+    assert len(frames) <= 2  # the first value as a constant, then the symbolic one
+
+
+@pytest.mark.parametrize("value, match", [(math.nan, "c must be finite"), (-0.5, "c must be >= 0.0")])
+def test_a_traced_number_is_checked_when_the_compiled_code_runs(value, match):
+    x, y = randn((2, 6), torch.float32, 93), randn((2, 6), torch.float32, 94)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda v: ops.pseudo_huber(x, y, c=v), backend="eager", fullgraph=True)
+    compiled(0.2)
+    compiled(0.3)  # (symbolic from here on)
+    with pytest.raises(RuntimeError, match=match):
+        compiled(value)
+
+
 def _x(shape=(3, 8)):
     return randn(shape, torch.float32, 0)
 
