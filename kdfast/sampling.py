@@ -237,6 +237,24 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
     return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
 
 
+def _tree_seeds(seed):
+    """A Brownian tree's seed (an int; random for None), or a list of them for a sequence of
+    one per batch item (a list, tuple, range, 1-D array or tensor, as k-diffusion takes)."""
+    if seed is None:
+        return int(torch.randint(0, 2 ** 63 - 1, []).item())
+    if isinstance(seed, (list, tuple, range)) or (isinstance(seed, (np.ndarray, torch.Tensor)) and seed.ndim == 1):
+        return [_one_seed(s) for s in seed]
+    return _one_seed(seed)
+
+
+def _one_seed(seed) -> int:
+    if isinstance(seed, (np.ndarray, torch.Tensor)) and seed.ndim == 0:
+        seed = seed.item()
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int or a sequence of one int per batch item, got {seed!r}")
+    return int(seed)
+
+
 class BrownianTreeNoiseSampler:
     """``noise_sampler(sigma, sigma_next)`` drawing from one Brownian motion over
     ``[sigma_min, sigma_max]`` (a ``torchsde.BrownianTree``; needs ``torchsde``): the noise of
@@ -258,23 +276,28 @@ class BrownianTreeNoiseSampler:
             import torchsde
         except ImportError:
             raise ImportError("BrownianTreeNoiseSampler needs torchsde: pip install torchsde") from None
-        self.transform = (lambda s: s) if transform is None else transform
+        self.transform = transform
+        # A transform sees a sigma in the dtype k-diffusion gives it (the schedule's: the end
+        # points' dtype, else torch's default), so that a seed draws k-diffusion's noise: the
+        # tree rounds its times, and a transform's value in float64 differs from it in float32.
+        self.sigma_dtype = next((s.dtype for s in (sigma_max, sigma_min)
+                                 if isinstance(s, torch.Tensor) and s.is_floating_point()), torch.get_default_dtype())
         t0, t1 = self._time(sigma_min), self._time(sigma_max)
         self.sign = 1 if t0 < t1 else -1
         lo, hi = (t0, t1) if t0 < t1 else (t1, t0)
-        if seed is None:
-            seed = int(torch.randint(0, 2 ** 63 - 1, []).item())
-        self.batched = isinstance(seed, (list, tuple))
-        if self.batched and len(seed) != x.shape[0]:
-            raise ValueError(f"seed: one per batch item ({x.shape[0]}), got {len(seed)}")
+        seeds = _tree_seeds(seed)
+        self.batched = isinstance(seeds, list)
+        if self.batched and len(seeds) != x.shape[0]:
+            raise ValueError(f"seed: one per batch item ({x.shape[0]}), got {len(seeds)}")
         w0 = torch.zeros_like(x[0] if self.batched else x)
-        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=int(s))
-                      for s in (seed if self.batched else [seed])]
+        self.trees = [torchsde.BrownianTree(lo, w0, hi, entropy=s) for s in (seeds if self.batched else [seeds])]
 
     def _time(self, sigma) -> torch.Tensor:
-        # float64 times: the samplers pass Python floats, which a float32 tensor would round
-        # outside the tree's own (float64) end points
-        return self.transform(torch.as_tensor(sigma, dtype=torch.float64))
+        if self.transform is None:
+            # float64 times: the samplers pass Python floats, which a float32 tensor would round
+            # outside the tree's own (float64) end points
+            return torch.as_tensor(sigma, dtype=torch.float64)
+        return torch.as_tensor(self.transform(torch.as_tensor(sigma, dtype=self.sigma_dtype)), dtype=torch.float64)
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         t0, t1 = self._time(sigma), self._time(sigma_next)
@@ -1604,6 +1627,15 @@ def sample_dpm_fast(model, x, sigma_min, sigma_max, n, extra_args=None, callback
                           options=dict(nfe=int(n), eta=eta, s_noise=s_noise))
 
 
+def _check_sigma_interval(sigma_min: float, sigma_max: float) -> None:
+    """The DPM-Solver samplers integrate from sigma_max down to sigma_min."""
+    if sigma_min == sigma_max:
+        raise ValueError(f"sigma_min and sigma_max are equal ({sigma_min}): there is no interval to sample")
+    if sigma_min > sigma_max:
+        raise ValueError(f"sigma_min must be below sigma_max (reverse sampling is not supported), got sigma_min="
+                         f"{sigma_min} and sigma_max={sigma_max}")
+
+
 def dpm_fast_sigmas(sigma_min, sigma_max, n) -> List[float]:
     """The step boundaries :func:`sample_dpm_fast` uses for ``n`` model evaluations (its model
     is called at these sigmas, except the last, and in between)."""
@@ -1614,9 +1646,7 @@ def dpm_fast_sigmas(sigma_min, sigma_max, n) -> List[float]:
         raise TypeError("sigma_min and sigma_max must be numbers") from None
     if not (math.isfinite(lo) and math.isfinite(hi)) or lo <= 0 or hi <= 0:
         raise ValueError(f"sigma_min and sigma_max must be finite and > 0, got {sigma_min} and {sigma_max}")
-    if lo >= hi:
-        raise ValueError(f"sigma_min must be below sigma_max (reverse sampling is not supported), got "
-                         f"{sigma_min} and {sigma_max}")
+    _check_sigma_interval(lo, hi)
     # one step per order, equal in t = -log sigma
     ts = np.linspace(-math.log(hi), -math.log(lo), len(_dpm_fast_orders(n)) + 1)
     return [math.exp(-t) for t in ts]

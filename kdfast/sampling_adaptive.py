@@ -163,9 +163,7 @@ def _check_args(sigma_min, sigma_max, order, rtol, atol, h_init, pcoeff, icoeff,
     _number = _sampling._number
     lo = _number("sigma_min", sigma_min, positive=True)
     hi = _number("sigma_max", sigma_max, positive=True)
-    if lo >= hi:
-        raise ValueError(f"sigma_min must be below sigma_max (reverse sampling is not supported), got sigma_min="
-                         f"{sigma_min} and sigma_max={sigma_max}")
+    _sampling._check_sigma_interval(lo, hi)
     if isinstance(order, bool) or order not in (2, 3):
         raise ValueError(f"order must be 2 or 3, got {order!r}")
     rtol = _number("rtol", rtol, nonnegative=True)

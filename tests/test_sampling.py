@@ -985,6 +985,42 @@ def test_brownian_tree_matches_k_diffusion(kds):
     assert rel_err(got, want) <= 1e-13
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_brownian_tree_with_a_transform_draws_k_diffusions_noise(kds, dtype):
+    # the transform saw a float64 sigma where k-diffusion's sees the schedule's dtype: the
+    # tree was queried at other times, and the same seed drew other noise (1e-3 off)
+    pytest.importorskip("torchsde")
+    x = torch.zeros(3, 4)
+
+    def transform(s):
+        return s.log().neg()
+
+    for sigmas in (torch.tensor([14.6, 3.0, 0.5, 0.03], dtype=dtype), karras(8, zero=False).to(dtype)):
+        lo, hi = sigmas.min(), sigmas.max()
+        for ends in ((lo, hi), (float(lo), float(hi))):  # (Python floats: torch's default dtype, float32)
+            ours = S.BrownianTreeNoiseSampler(x, *ends, seed=[3, 4, 5], transform=transform)
+            theirs = kds.BrownianTreeNoiseSampler(x, *ends, seed=[3, 4, 5], transform=transform)
+            for i in range(len(sigmas) - 1):
+                # (the same increment, divided by the interval's length in float64 here: 1 ulp)
+                torch.testing.assert_close(ours(float(sigmas[i]), float(sigmas[i + 1])),
+                                           theirs(sigmas[i], sigmas[i + 1]), rtol=1e-6, atol=1e-6)
+
+
+def test_brownian_tree_seeds_per_item_in_any_sequence():
+    # a numpy array or a range was taken as one seed (int() of it failed)
+    pytest.importorskip("torchsde")
+    x = torch.zeros(3, 4)
+    want = S.BrownianTreeNoiseSampler(x, 0.1, 10.0, seed=[0, 1, 2])(5.0, 1.0)
+    for seeds in (range(3), np.arange(3), torch.arange(3), (0, 1, 2), [np.int64(0), torch.tensor(1), 2]):
+        torch.testing.assert_close(S.BrownianTreeNoiseSampler(x, 0.1, 10.0, seed=seeds)(5.0, 1.0), want,
+                                   rtol=0, atol=0)
+    torch.testing.assert_close(S.BrownianTreeNoiseSampler(x, 0.1, 10.0, seed=np.int64(7))(5.0, 1.0),
+                               S.BrownianTreeNoiseSampler(x, 0.1, 10.0, seed=7)(5.0, 1.0), rtol=0, atol=0)
+    for bad in (1.5, "3", True, [1, None, 2], [[1], [2], [3]], np.zeros((3, 1), dtype=np.int64)):
+        with pytest.raises(TypeError, match="seed must be an int"):
+            S.BrownianTreeNoiseSampler(x, 0.1, 10.0, seed=bad)
+
+
 # --------------------------------------------------------------------------- kdfast.sample
 
 
@@ -1291,6 +1327,8 @@ def test_bad_inputs():
         S.sample_dpm_fast(denoiser, x, 0.0, 14.6, 10, disable=True)
     with pytest.raises(ValueError, match="below sigma_max"):
         S.sample_dpm_fast(denoiser, x, 14.6, 0.03, 10, disable=True)
+    with pytest.raises(ValueError, match="are equal"):
+        S.sample_dpm_fast(denoiser, x, 1.0, 1.0, 10, disable=True)
     with pytest.raises(ValueError, match="n must be >= 1"):
         S.sample_dpm_fast(denoiser, x, 0.03, 14.6, 0, disable=True)
     with pytest.raises(TypeError, match="n must be an integer"):

@@ -391,7 +391,7 @@ def test_half_precision_close_to_float64(dtype):
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(sigma_min=14.61, sigma_max=0.0292), ValueError, "sigma_min must be below sigma_max"),
-    (dict(sigma_min=1.0, sigma_max=1.0), ValueError, "sigma_min must be below sigma_max"),
+    (dict(sigma_min=1.0, sigma_max=1.0), ValueError, "sigma_min and sigma_max are equal"),
     (dict(sigma_min=0.0), ValueError, "sigma_min must be > 0"),
     (dict(sigma_min=-0.1), ValueError, "sigma_min must be > 0"),
     (dict(sigma_max=float("nan")), ValueError, "sigma_max must be finite"),
