@@ -267,8 +267,10 @@ class BrownianTreeNoiseSampler:
         x: a tensor of the shape, dtype and device of the draws.
         sigma_min, sigma_max: the interval the motion covers (the schedule's smallest nonzero
             sigma and its largest).
-        seed: an int, or a list of ints (one independent motion per batch item); random when None.
-        transform: maps a sigma (a 0-d tensor) to the motion's time; the identity by default.
+        seed: an int, or a sequence of ints (list, tuple, range, 1-D array or tensor: one
+            independent motion per batch item); random when None.
+        transform: maps a sigma (a 0-d tensor in the dtype of the end points given, else
+            torch's default, as k-diffusion's) to the motion's time; the identity by default.
     """
 
     def __init__(self, x: torch.Tensor, sigma_min, sigma_max, seed=None, transform=None):
