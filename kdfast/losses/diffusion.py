@@ -58,7 +58,8 @@ PerSample = Union[float, torch.Tensor]
 
 def _reduce(losses: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "mean":
-        return losses.mean()
+        # (an empty batch gives 0, as the KD losses do, not the NaN of a mean of nothing)
+        return losses.mean() if losses.numel() else losses.sum()
     if reduction == "sum":
         return losses.sum()
     if reduction == "none":
@@ -88,7 +89,8 @@ def pseudo_huber_loss(
     training loss ``mean(sqrt((x - y)^2 + c^2) - c)``.
 
     Args:
-        c: ``>= 0``: a number or per-sample tensor (e.g. a schedule of c over timesteps).
+        c: ``>= 0``: a number or per-sample tensor (e.g. a schedule of c over timesteps; its
+            values are checked on the CPU, not on a device, which would sync).
         weights: per-sample weights ``lambda(t)`` (number or ``[batch]`` tensor).
         reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"`` (float32 ``[batch]``).
 
@@ -97,8 +99,10 @@ def pseudo_huber_loss(
     """
     _check_reduction(reduction)
     if c is None:
-        if not isinstance(x, torch.Tensor) or x.dim() == 0:
-            raise ValueError("x must be a [batch, ...] tensor")
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0:
+            raise ValueError("x must have a batch dimension [batch, ...], got a 0-d tensor")
         c = 0.001 if check_flag("elementwise", elementwise) else 0.00054 * math.sqrt(math.prod(x.shape[1:]))
     return _reduce(_ops.pseudo_huber(x, y, c=c, weights=weights, elementwise=elementwise), reduction)
 
@@ -195,24 +199,33 @@ def ddim_step(
                                      prediction_type=prediction_type)
 
 
-def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def alpha_sigma(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor,
+                name: str = "timesteps") -> Tuple[torch.Tensor, torch.Tensor]:
     """Per-sample ``(alpha, sigma) = (sqrt(abar_t), sqrt(1 - abar_t))`` (float64, on the table's
     device) of integer ``timesteps``; negative timesteps mean the clean end (1, 0), like
     diffusers' ``set_alpha_to_one``. No host sync (timesteps past the table are refused on the
-    CPU at once, on a device by ``torch._assert_async``)."""
+    CPU at once, on a device by ``torch._assert_async``). ``name`` is the timesteps' in errors."""
     table = _real_tensor("alphas_cumprod", alphas_cumprod)
     if table.dim() != 1 or table.numel() == 0:
         raise ValueError(f"alphas_cumprod must be a 1-D table of at least one value, got shape {tuple(table.shape)}")
     table = table.to(torch.float64)
-    timesteps = _as_tensor("timesteps", timesteps)
+    timesteps = _as_tensor(name, timesteps)
     if timesteps.is_floating_point() or timesteps.is_complex() or timesteps.dtype == torch.bool:
-        raise TypeError(f"timesteps must be integers (indices of alphas_cumprod), got {timesteps.dtype}")
+        raise TypeError(f"{name} must be integers (indices of alphas_cumprod), got {timesteps.dtype}")
     # (int64 indices: torch takes uint8 ones as a mask and refuses int8 / int16 ones)
     timesteps = timesteps.to(table.device, torch.int64).reshape(-1)
-    _check_below("timesteps", timesteps, table.numel())
+    _check_below(name, timesteps, table.numel())
     abar = torch.where(timesteps >= 0, table[timesteps.clamp(min=0, max=table.numel() - 1)],
                        torch.ones_like(table[:1]))
     return abar.sqrt(), (1 - abar).clamp(min=0).sqrt()
+
+
+def _per_sample_alpha_sigma(alphas_cumprod, timesteps, name: str, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """:func:`alpha_sigma` of one timestep or one per sample of a batch of ``batch``."""
+    alpha, sigma = alpha_sigma(alphas_cumprod, timesteps, name)
+    if alpha.numel() not in (1, batch):
+        raise ValueError(f"{name} must hold one timestep or one per sample ({batch}), got {alpha.numel()}")
+    return alpha, sigma
 
 
 def _as_tensor(name: str, value) -> torch.Tensor:
@@ -292,9 +305,14 @@ def progressive_distillation_teacher(
             raise TypeError(f"teacher(x, timesteps) must return a torch.Tensor, got {type(out).__name__}")
         return out
 
+    if not isinstance(x_t, torch.Tensor):
+        raise TypeError(f"x_t must be a torch.Tensor, got {type(x_t).__name__}")
+    if x_t.dim() == 0:
+        raise ValueError("x_t must have a batch dimension [batch, ...], got a 0-d tensor")
     with torch.no_grad():
-        a_t, s_t = alpha_sigma(alphas_cumprod, t)
-        a_m, s_m = alpha_sigma(alphas_cumprod, t_mid)
-        a_s, s_s = alpha_sigma(alphas_cumprod, t_s)
+        # every schedule value before the teacher runs: a bad one is named, not found after a forward
+        (a_t, s_t), (a_m, s_m), (a_s, s_s) = (
+            _per_sample_alpha_sigma(alphas_cumprod, steps, name, x_t.shape[0])
+            for name, steps in (("t", t), ("t_mid", t_mid), ("t_s", t_s)))
         x_mid = ddim_step(x_t, predict(x_t, t), a_t, s_t, a_m, s_m, prediction_type)
         return ddim_step(x_mid, predict(x_mid, t_mid), a_m, s_m, a_s, s_s, prediction_type)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._checks import check_flag, check_int as _check_int, is_finite_number, real_number
-from ..ops._tensors import check_label_ids
+from ..ops._tensors import _F32_MAX, check_label_ids
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
 from ..reference import kd_divergence as ref
 
@@ -27,6 +27,18 @@ def _check_temperature(temperature: float) -> float:
     if not (is_finite_number(temperature, "temperature", symbolic=True) and temperature > 0):
         raise ValueError(f"temperature must be a positive finite number, got {temperature}")
     return temperature
+
+
+def _t2_loss_scale(temperature: float, scale_by_t2, float64: bool = False) -> float:
+    """The loss scale of ``scale_by_t2``: ``temperature**2``, which the kernels take as a float32
+    number (float64 logits are computed in float64), else 1."""
+    if not check_flag("scale_by_t2", scale_by_t2):
+        return 1.0
+    scale = temperature ** 2
+    if not float64 and not torch.compiler.is_compiling() and scale > _F32_MAX:  # (symbolic: checked when run)
+        raise ValueError(f"temperature**2 (scale_by_t2=True) must be within float32's range (temperature <= "
+                         f"{math.sqrt(_F32_MAX):.6g}; the kernels compute in float32), got temperature={temperature}")
+    return scale
 
 
 def _check_beta(beta: float, symbolic: bool = False) -> float:
@@ -171,7 +183,7 @@ def kd_loss(
     beta, temperature = _check_beta(beta, float64), _check_temperature(temperature)
     args = dict(kind=_resolve_kind(kind, beta), beta=beta, temperature=temperature,
                 labels=None if labels is None else labels.reshape(-1), ignore_index=ignore_index,
-                vocab_size=vocab_size, loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0)
+                vocab_size=vocab_size, loss_scale=_t2_loss_scale(temperature, scale_by_t2, float64))
     rows = math.prod(lead)  # (not -1, which vmap over an empty batch cannot resolve)
     student_2d = student_logits.reshape(rows, student_logits.shape[-1])
     teacher_2d = teacher_logits.reshape(rows, teacher_logits.shape[-1])

@@ -31,8 +31,7 @@ from ..ops._tensors import check_label_ids, vmapped
 from ..ops.kd_topk import REMAINDERS, kd_topk
 from ..reference.kd_divergence import tempered
 from ..reference.kd_topk import mass_rounding
-from .._checks import check_flag
-from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce
+from .kd import REDUCTIONS, _check_int, _check_temperature, _reduce, _t2_loss_scale
 
 
 def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
@@ -202,7 +201,7 @@ def topk_kd_loss(
     rows = kd_topk(student, teacher_topk_ids.reshape(n, k), teacher_topk_logprobs.reshape(n, k),
                    labels=None if labels is None else labels.reshape(n), ignore_index=ignore_index,
                    temperature=temperature, remainder=remainder,
-                   loss_scale=temperature ** 2 if check_flag("scale_by_t2", scale_by_t2) else 1.0,
+                   loss_scale=_t2_loss_scale(temperature, scale_by_t2),
                    stored_dtype=teacher_topk_logprobs.dtype)
     valid = n if keep is None else keep.sum()
     if reduction == "none":

@@ -65,10 +65,11 @@ def _check_latent(name: str, t, like: Optional[torch.Tensor] = None, like_name: 
 
 
 def _check_per_sample(name: str, value, batch: int, device: torch.device, *, default: Optional[float] = None,
-                      minimum: Optional[float] = None, nonzero: bool = False) -> Tuple[Optional[torch.Tensor], float]:
+                      minimum: Optional[float] = None) -> Tuple[Optional[torch.Tensor], float]:
     """(tensor of shape [batch] (maybe expanded) or None, host value) of a per-sample scalar.
 
-    Numbers are checked here; tensor values are not (that would need a host sync)."""
+    Numbers are checked here, and the ``minimum`` of a CPU tensor's values (free to read); a
+    device tensor's values are not (that would need a host sync)."""
     if value is None:
         if default is None:
             raise TypeError(f"{name} is required: a number or a per-sample tensor of shape ({batch},)")
@@ -87,9 +88,12 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
                              f"({batch}, 1, ...)), got shape {tuple(value.shape)}")
         if t.dtype not in (torch.float32, torch.float64):
             t = t.to(torch.float32)
+        if minimum is not None and t.numel() and t.device.type == "cpu" and not _traced((t,)) and not vmapped(t):
+            if not bool((t >= minimum).all()):  # (NaN too)
+                raise ValueError(f"{name} must be >= {minimum}, got {t[~(t >= minimum)][0].item()}")
         return t, 0.0
     if torch.compiler.is_compiling() and not not_a_number(value):
-        return _traced_per_sample(name, value, batch, device, minimum, nonzero), 0.0
+        return _traced_per_sample(name, value, batch, device, minimum), 0.0
     try:
         if not_a_number(value):  # (float() takes "0.1" and True)
             raise TypeError
@@ -100,13 +104,10 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         raise ValueError(f"{name} must be finite, got {v}")
     if minimum is not None and v < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v}")
-    if nonzero and v == 0:
-        raise ValueError(f"{name} must be nonzero, got {v}")
     return None, v
 
 
-def _traced_per_sample(name: str, value, batch: int, device: torch.device, minimum: Optional[float],
-                       nonzero: bool) -> torch.Tensor:
+def _traced_per_sample(name: str, value, batch: int, device: torch.device, minimum: Optional[float]) -> torch.Tensor:
     """A number under torch.compile, as a per-sample float64 tensor. The custom ops take a float
     as a graph constant: a number that changes between calls (one timestep's alpha, an annealed
     ``c``), which torch.compile makes symbolic from its second value on, would compile once per
@@ -117,8 +118,6 @@ def _traced_per_sample(name: str, value, batch: int, device: torch.device, minim
     torch._assert_async(held.isfinite(), f"{name} must be finite")
     if minimum is not None:
         torch._assert_async(held >= minimum, f"{name} must be >= {minimum}")
-    if nonzero:
-        torch._assert_async(held != 0, f"{name} must be nonzero")
     return t
 
 
@@ -231,7 +230,7 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, *, c: PerSample, weights: Opt
 
     Args:
         x, y: ``[batch, ...]`` latents (float32/float16/bfloat16, dtypes may differ).
-        c: ``>= 0``, a number or per-sample tensor (tensor values are not checked).
+        c: ``>= 0``, a number or per-sample tensor (checked on the CPU; on a device not, which would sync).
         weights: per-sample weights (number or ``[batch]`` tensor; differentiable).
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 

@@ -246,6 +246,64 @@ def test_schedule_helpers_name_bad_arguments(call, error, match):
         call()
 
 
+T4 = torch.tensor([9, 8, 7, 6])
+
+
+@pytest.mark.parametrize("timesteps, error, match", [
+    # alpha_sigma's and ddim_step's errors named "timesteps" / "alpha_s" for whichever was wrong,
+    # and a batch mismatch was found after the teacher had run
+    ((T4, (T4 - 2).float(), T4 - 4), TypeError, "t_mid must be integers"),
+    ((T4, T4 - 2, T4 + 2), ValueError, "t_s must be below 10"),
+    ((T4, (T4 - 2)[:3], T4 - 4), ValueError, r"t_mid must hold one timestep or one per sample \(4\), got 3"),
+    ((T4[:3], T4 - 2, T4 - 4), ValueError, r"t must hold one timestep or one per sample \(4\), got 3"),
+])
+def test_progressive_teacher_names_a_bad_timestep_before_the_teacher_runs(timesteps, error, match):
+    calls = []
+
+    def teacher(x, t):
+        calls.append(t)
+        return 0.1 * x
+
+    with pytest.raises(error, match=match):
+        dl.progressive_distillation_teacher(teacher, torch.randn(4, 2, 3), *timesteps, ABAR)
+    assert calls == []
+    # one timestep for the whole batch is taken
+    assert dl.progressive_distillation_teacher(teacher, torch.randn(4, 2, 3), torch.tensor(9), T4 - 2, T4 - 4,
+                                               ABAR).shape == (4, 2, 3)
+
+
+def test_a_per_sample_c_tensor_below_zero_is_refused_on_the_cpu():
+    # a negative c made 0/0 for a sample with x == y: NaN, where a negative number is refused
+    x = randn((3, 4), 0)
+    for c in (torch.tensor([0.1, -0.5, 0.2]), torch.tensor([0.1, math.nan, 0.2]), torch.tensor([-1.0])):
+        for elementwise in (False, True):
+            with pytest.raises(ValueError, match="c must be >= 0"):
+                dl.pseudo_huber_loss(x, x.clone(), c=c, elementwise=elementwise)
+    assert dl.pseudo_huber_loss(x, x.clone(), c=torch.tensor([0.0, 0.5, 1.0])) == 0
+
+
+@pytest.mark.parametrize("loss", [
+    lambda x: dl.pseudo_huber_loss(x, x.detach() + 1),
+    lambda x: dl.dmd_loss(x, x.detach(), x.detach() + 1),
+    lambda x: dl.progressive_distillation_loss(x, x.detach(), x.detach(), 0.9, 0.4, 0.95, 0.3),
+])
+def test_the_mean_of_an_empty_batch_is_zero(loss):
+    # (it was NaN, where the KD losses give 0)
+    x = torch.randn(0, 3, 4, requires_grad=True)
+    value = loss(x)
+    assert value.item() == 0
+    value.backward()
+    assert x.grad.shape == x.shape
+
+
+def test_pseudo_huber_names_a_non_tensor_x_alike_with_and_without_c():
+    for c in (None, 0.1):
+        with pytest.raises(TypeError, match="x must be a torch.Tensor, got list"):
+            dl.pseudo_huber_loss([[1.0, 2.0]], [[1.0, 2.0]], c=c)
+        with pytest.raises(ValueError, match="x must have a batch dimension"):
+            dl.pseudo_huber_loss(torch.tensor(1.0), torch.tensor(1.0), c=c)
+
+
 @pytest.mark.parametrize("call", [
     lambda x: dl.pseudo_huber_loss(x, x, reduction="batchmean"),
     lambda x: dl.dmd_loss(x, x, x, reduction="avg"),

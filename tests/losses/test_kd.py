@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from kdfast.losses import KDLoss, kd_loss
+from kdfast.losses import KDLoss, hinton_kd_loss, kd_loss, teacher_topk, topk_kd_loss
 from kdfast.losses.trl import generalized_jsd_loss
 from kdfast.ops import kd_divergence
 from kdfast.reference import kd_divergence as ref
@@ -180,6 +180,12 @@ def test_low_precision_inputs_keep_fp32_math():
     (lambda s, t: KDLoss(beta="0.5"), ValueError, "beta must be a real number"),
     (lambda s, t: generalized_jsd_loss(s, t, beta=None, reduction="none"), ValueError, "beta must be a real"),
     (lambda s, t: kd_divergence(s.flatten(0, 1), t.flatten(0, 1), loss_scale=None), ValueError, "loss_scale must"),
+    # temperature**2 past float32 named a loss_scale the caller never passed
+    (lambda s, t: kd_loss(s, t, temperature=2e19, scale_by_t2=True), ValueError, r"temperature\*\*2 \(scale_by_t2"),
+    (lambda s, t: hinton_kd_loss(s.flatten(0, 1), t.flatten(0, 1), torch.zeros(6, dtype=torch.long),
+                                 temperature=2e19), ValueError, r"temperature\*\*2 \(scale_by_t2"),
+    (lambda s, t: topk_kd_loss(s, *teacher_topk(t, 3), temperature=2e19, scale_by_t2=True), ValueError,
+     r"temperature\*\*2 \(scale_by_t2"),
 ])
 def test_bad_input(call, error, match):
     s, t = logits((2, 3, 8), 0), logits((2, 3, 8), 1)
