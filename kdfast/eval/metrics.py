@@ -23,7 +23,7 @@ from .classifier import IMAGE_SIZE, PathLike, check_device, load_classifier
 _INTEGER_DTYPES = {getattr(torch, name) for name in ("uint8", "int8", "int16", "int32", "int64", "uint16", "uint32",
                                                     "uint64") if hasattr(torch, name)}
 RANGE_TOLERANCE = 1e-3  # samplers that clip still land a hair outside [-1, 1] after float rounding
-FLOOR_DRAWS = 20  # random real sets averaged for a same-size floor: its mean moves < 5% between seeds
+FLOOR_DRAWS = 20  # random real sets averaged for a same-size floor (from seed to seed it moves about +-7%)
 
 
 def frechet_distance(feats_a, feats_b) -> float:
@@ -111,14 +111,14 @@ def check_images(images, name: str = "images") -> torch.Tensor:
         raise ValueError(f"{name} must have shape [N, {', '.join(map(str, expected))}], got {tuple(images.shape)}")
     if images.shape[0] == 0:
         raise ValueError(f"{name} is empty")
-    images = images.detach().to("cpu", torch.float32)
+    images = images.detach().cpu()  # (checked in their own dtype: float64 past float32's range is out of range)
     if not torch.isfinite(images).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     lo, hi = images.min().item(), images.max().item()
     if lo < -1 - RANGE_TOLERANCE or hi > 1 + RANGE_TOLERANCE:
         raise ValueError(f"{name} must lie in [-1, 1], got values in [{lo:.4g}, {hi:.4g}] "
                          "(clamp samples with .clamp(-1, 1) or rescale them)")
-    return images.clamp(-1, 1)
+    return images.to(torch.float32).clamp(-1, 1)
 
 
 def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
@@ -131,11 +131,14 @@ def check_labels(labels, num_images: int, name: str = "labels") -> torch.Tensor:
         raise ValueError(f"{name} must be 1-D [N], got shape {tuple(labels.shape)}")
     if len(labels) != num_images:
         raise ValueError(f"{name} has {len(labels)} entries but there are {num_images} images")
-    labels = labels.detach().to("cpu", torch.int64)
-    if len(labels) and (labels.min() < 0 or labels.max() >= NUM_CLASSES):
+    labels = labels.detach().cpu()
+    # (the range in the labels' own dtype, through numpy: torch has no min of uint64, whose values
+    # past 2**63 int64 would wrap to negative ones)
+    values = labels.numpy()
+    if len(values) and (int(values.min()) < 0 or int(values.max()) >= NUM_CLASSES):
         raise ValueError(f"{name} must be class indices in [0, {NUM_CLASSES}), "
-                         f"got values in [{labels.min().item()}, {labels.max().item()}]")
-    return labels
+                         f"got values in [{int(values.min())}, {int(values.max())}]")
+    return labels.to(torch.int64)
 
 
 def check_classifier(classifier, method: str = "forward") -> nn.Module:

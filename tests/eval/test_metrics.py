@@ -268,6 +268,17 @@ def test_bad_images_and_labels_name_the_argument(evaluator):
         evaluator.real("test")
     # float64 input and a hair outside [-1, 1] (sampler round-off) are accepted
     assert evaluator.evaluate((x * 1.0005).double(), y)["accuracy"] >= 0.9
+    # checked in their own dtype: a float64 1e39 is out of range (it read as float32's inf), and
+    # a uint64 label past 2**63 is named as given (int64 wrapped it to a negative number)
+    big = x.double()
+    big[0, 0, 0, 0] = 1e39
+    with pytest.raises(ValueError, match=r"images must lie in \[-1, 1\], got values in \[.*, 1e\+39\]"):
+        evaluator.evaluate(big)
+    if hasattr(torch, "uint64"):
+        huge = torch.from_numpy(np.array([2**63 + 5] + y[1:].tolist(), dtype=np.uint64))
+        with pytest.raises(ValueError, match=rf"got values in \[\d+, {2**63 + 5}\]"):
+            evaluator.evaluate(x, huge)
+        assert evaluator.evaluate(x, y.to(torch.uint64))["accuracy"] == evaluator.evaluate(x, y)["accuracy"]
 
 
 def _images(n=4):
