@@ -69,7 +69,7 @@ import numpy as np
 import torch
 
 from . import ops
-from ._checks import check_flag, not_a_number
+from ._checks import check_flag, check_int, not_a_number
 from .ops._tensors import reference_required
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
@@ -299,7 +299,7 @@ class BrownianTreeNoiseSampler:
             # float64 times: the samplers pass Python floats, which a float32 tensor would round
             # outside the tree's own (float64) end points
             return torch.as_tensor(sigma, dtype=torch.float64)
-        return torch.as_tensor(self.transform(torch.as_tensor(sigma, dtype=self.sigma_dtype)), dtype=torch.float64)
+        return self.transform(torch.as_tensor(sigma, dtype=self.sigma_dtype))
 
     def __call__(self, sigma, sigma_next) -> torch.Tensor:
         t0, t1 = self._time(sigma), self._time(sigma_next)
@@ -1341,7 +1341,7 @@ class CapturedSampler:
                                  f"{static.device}, got {got}")
             static.copy_(new)
         if seed is not None:
-            _rng_generator(self.generator, self.device).manual_seed(int(seed))
+            _rng_generator(self.generator, self.device).manual_seed(check_int("seed", seed))
         self._graph.replay()
         return self._out.clone()
 

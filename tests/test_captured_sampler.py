@@ -9,6 +9,7 @@ state is put back before the capture, and that reseeding reproduces stochastic d
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -98,6 +99,11 @@ def test_seed_reproduces_stochastic_draws(eager_capture):
     ref.set_timesteps(5)
     want = S.sample(unet_like, noise(2, scale=1.0), ref, generator=torch.Generator().manual_seed(5), disable=True)
     torch.testing.assert_close(loop(noise(2, scale=1.0), seed=5), want, rtol=0, atol=0)
+    # a seed that is not an integer is refused (int() read 1.9, "1" and True as seed 1)
+    for bad in (1.9, "1", True):
+        with pytest.raises(ValueError, match="seed must be an integer"):
+            loop(noise(2, scale=1.0), seed=bad)
+    torch.testing.assert_close(loop(noise(2, scale=1.0), seed=np.int64(5)), want, rtol=0, atol=0)
 
 
 def test_bad_replay_inputs_raise(eager_capture):
