@@ -17,6 +17,8 @@ from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
 
+from ._schedule import check_clipping_config
+
 CONFIG_NAME = "scheduler_config.json"
 
 
@@ -79,6 +81,7 @@ def register_to_config(init):
         if defaults:
             values["_use_default_values"] = defaults
         self._config = FrozenConfig({**private, **values})
+        check_clipping_config(values)
         init(self, *args, **kwargs)
 
     wrapper._config_signature = sig  # type: ignore[attr-defined]

@@ -7,12 +7,13 @@ float64 on the host.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .._checks import is_integer_at_least
+from ..ops._tensors import _F32_MAX, F32_ROUNDS_TO_ZERO
 
 PREDICTION_TYPES = ("epsilon", "sample", "v_prediction", "flow_prediction")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -33,6 +34,37 @@ def finite_number(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, NUMBERS) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     return float(value)
+
+
+def check_shift(shift) -> float:
+    """A flow-matching ``shift``: ``shift * s / (1 + (shift - 1) * s)`` maps [0, 1] onto itself
+    for a shift > 0 only; at 0 or below it gives sigmas of either sign or a division by zero
+    (diffusers' loops ran on to values of 1e8 or NaN)."""
+    value = finite_number("shift", shift)
+    if value <= 0:
+        raise ValueError(f"shift must be > 0 (the sigmas are shift * s / (1 + (shift - 1) * s)), got {shift!r}")
+    return value
+
+
+def check_clipping_config(config: Mapping) -> None:
+    """The x0 clipping settings of a scheduler's config, refused by name at construction (the
+    step refused them later, under its kernel's argument names): ``dynamic_thresholding_ratio``
+    a quantile in [0, 1]; with ``thresholding``, ``sample_max_value`` a positive float32; with
+    ``clip_sample``, ``clip_sample_range`` a float32 >= 0."""
+    if "dynamic_thresholding_ratio" in config:
+        ratio = finite_number("dynamic_thresholding_ratio", config["dynamic_thresholding_ratio"])
+        if not 0.0 <= ratio <= 1.0:
+            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1] (a quantile), got {ratio}")
+    if config.get("thresholding") and "sample_max_value" in config:
+        value = finite_number("sample_max_value", config["sample_max_value"])
+        if not F32_ROUNDS_TO_ZERO < value <= _F32_MAX:
+            raise ValueError(f"sample_max_value must be positive (x0 is divided by its clamped quantile) and "
+                             f"within float32's range, got {value}")
+    if config.get("clip_sample") and "clip_sample_range" in config:
+        value = finite_number("clip_sample_range", config["clip_sample_range"])
+        if not 0.0 <= value <= _F32_MAX:
+            raise ValueError(f"clip_sample_range must be >= 0 (x0 is clamped to [-range, range]) and within "
+                             f"float32's range, got {value}")
 
 
 _INTEGER_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
@@ -78,9 +110,30 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def check_training_steps(num_train_timesteps, trained_betas) -> None:
     """A schedule without trained betas needs at least one training timestep (diffusers fails
-    with an IndexError at 0)."""
-    if trained_betas is None and not is_integer_at_least(num_train_timesteps, 1):
-        raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+    with an IndexError at 0); trained betas need one per training timestep (the timesteps
+    span ``num_train_timesteps``: past the table they failed or read its end)."""
+    if trained_betas is None:
+        if not is_integer_at_least(num_train_timesteps, 1):
+            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
+        return
+    count = np.size(trained_betas)
+    if count != num_train_timesteps:
+        raise ValueError(f"trained_betas must hold one beta per training timestep (num_train_timesteps="
+                         f"{num_train_timesteps!r}), got {count}")
+
+
+def last_unclipped_timestep(lambda_t: torch.Tensor, lambda_min_clipped) -> int:
+    """DPM-Solver's ``lambda_min_clipped``: the training timesteps whose log-SNR ``lambda_t`` is
+    below it are cut off the noisy end; the number kept. Refused when NaN or when it keeps none
+    (the schedule was built of timestep -1, the model called there)."""
+    if (isinstance(lambda_min_clipped, bool) or not isinstance(lambda_min_clipped, (int, float, np.number))
+            or math.isnan(lambda_min_clipped)):
+        raise ValueError(f"lambda_min_clipped must be a number (-inf: no clipping), got {lambda_min_clipped!r}")
+    kept = lambda_t.numel() - int(torch.searchsorted(torch.flip(lambda_t, [0]), float(lambda_min_clipped)))
+    if kept < 1:
+        raise ValueError(f"lambda_min_clipped={lambda_min_clipped} clips every training timestep (the largest "
+                         f"log-SNR is {float(lambda_t.max()):.4g})")
+    return kept
 
 
 def check_betas(betas: torch.Tensor, beta_start, beta_end, beta_schedule, trained_betas) -> torch.Tensor:
@@ -167,6 +220,22 @@ def host_array(values, dtype) -> np.ndarray:
         values = values.detach().cpu()
         values = (values.double() if values.is_floating_point() else values).numpy()
     return np.array(values).astype(dtype)
+
+
+def custom_schedule(name: str, values, dtype, sigmas: bool = False) -> np.ndarray:
+    """:func:`host_array` of a schedule passed to ``set_timesteps``, refused by name unless it
+    is a non-empty 1-D sequence of finite numbers (``sigmas``: >= 0 too): an empty one ran no
+    step or failed with a ZeroDivisionError, NaN ones ran NaN steps. (One sigma, the end alone,
+    is a schedule of no steps, as in diffusers.)"""
+    try:
+        host = host_array(values, np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a 1-D sequence of numbers, got {values!r}") from exc
+    if host.ndim != 1 or host.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {host.shape}")
+    if not np.isfinite(host).all() or (sigmas and (host < 0).any()):
+        raise ValueError(f"{name} must be finite{' and >= 0' if sigmas else ''}, got {host.tolist()}")
+    return host_array(values, dtype)
 
 
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:

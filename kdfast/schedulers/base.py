@@ -134,6 +134,15 @@ class _StepTuple(tuple):
         yield self._output.pred_original_sample
 
 
+def check_variance_noise(variance_noise, like: torch.Tensor, shape_of: str = "model_output's shape") -> None:
+    """A step's ``variance_noise``, when given, must be a tensor of ``like``'s shape (checked at
+    every step, also those that draw none)."""
+    if variance_noise is not None and (not isinstance(variance_noise, torch.Tensor)
+                                       or variance_noise.shape != like.shape):
+        got = tuple(variance_noise.shape) if isinstance(variance_noise, torch.Tensor) else type(variance_noise).__name__
+        raise ValueError(f"variance_noise must be a tensor of {shape_of} {tuple(like.shape)}, got {got}")
+
+
 def reject_unknown_step_arguments(kwargs: dict) -> None:
     """A keyword ``step`` does not take is an error, as in diffusers (a misspelt option must not
     pass silently)."""
@@ -755,9 +764,7 @@ class FusedScheduler(ConfigMixin):
         if generator is not None:
             raise ValueError("Cannot pass both generator and variance_noise. Please make sure that either "
                              "`generator` or `variance_noise` stays `None`.")
-        if not isinstance(variance_noise, torch.Tensor) or variance_noise.shape != like.shape:
-            raise ValueError(f"variance_noise must be a tensor of shape {tuple(like.shape)}, got "
-                             f"{getattr(variance_noise, 'shape', type(variance_noise).__name__)}")
+        check_variance_noise(variance_noise, like, "shape")
         return variance_noise
 
     def _fused_output(self, key, sample: torch.Tensor, model_output: torch.Tensor, *, want_x0: bool = False,

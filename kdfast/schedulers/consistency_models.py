@@ -10,7 +10,7 @@ import torch
 from ._config import register_to_config
 from ._linear import NOISE, X0
 from ._schedule import finite_number
-from .base import CoefficientTable, OutputFields, StepPlan, reject_unknown_step_arguments
+from .base import CoefficientTable, OutputFields, StepPlan, check_variance_noise, reject_unknown_step_arguments
 from .euler_discrete import _reject_integer_timestep, _SigmaScheduler
 
 
@@ -263,10 +263,7 @@ class CMStochasticIterativeScheduler(_SigmaScheduler):
         for name, t in (("model_output", model_output), ("sample", sample)):
             if not t.is_floating_point():
                 raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
-        if variance_noise is not None and (not isinstance(variance_noise, torch.Tensor)
-                                           or variance_noise.shape != sample.shape):
-            got = tuple(variance_noise.shape) if isinstance(variance_noise, torch.Tensor) else repr(variance_noise)
-            raise ValueError(f"variance_noise must be a tensor of the sample's shape {tuple(sample.shape)}, got {got}")
+        check_variance_noise(variance_noise, sample, "the sample's shape")
         self._require_table()
         i = self._index_for_step(timestep)
         if i not in self._table:  # (timesteps assigned longer than the sigmas)

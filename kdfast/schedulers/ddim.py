@@ -101,8 +101,6 @@ class DDIMScheduler(Thresholding, FusedScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
         self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
         self.final_alpha_cumprod = torch.tensor(1.0) if set_alpha_to_one else self.alphas_cumprod[0]

@@ -11,7 +11,8 @@ import torch
 from .._checks import check_count, real_number
 from ._config import register_to_config
 from ._linear import X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_betas, check_choice
+from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, betas_for_alpha_bar, check_betas, check_choice,
+                        check_training_steps)
 from .base import CheckedPlan, guidance_pair, reject_unknown_step_arguments
 from .ddim import DDIMScheduler, _div, _sqrt, timestep_value
 
@@ -30,6 +31,7 @@ def cogvideox_noise_schedule(num_train_timesteps: int, beta_start: float, beta_e
     ``rescale_betas_zero_snr``, rescaled to zero terminal SNR as cumulative alphas (not as
     betas, as the other schedulers do), so the last one is exactly 0.
     """
+    check_training_steps(num_train_timesteps, trained_betas)
     if trained_betas is not None:
         betas = torch.tensor(trained_betas, dtype=torch.float32)
     elif beta_schedule == "linear":
@@ -144,7 +146,7 @@ class CogVideoXSchedule(DDIMScheduler):
             t = timestep_value(self, timestep)
         except ValueError as e:
             raise ValueError(str(e).replace("timestep", name, 1)) from None
-        T = len(self._host_alphas_cumprod)  # (num_train_timesteps, or as many trained_betas)
+        T = len(self._host_alphas_cumprod)  # (num_train_timesteps)
         if not -T <= t < T:
             raise IndexError(f"{name} {t} is outside the training schedule [0, {T})")
         return t

@@ -87,8 +87,6 @@ class DDIMInverseScheduler(DDIMScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if not (math.isfinite(float(clip_sample_range)) and float(clip_sample_range) >= 0):
-            raise ValueError(f"clip_sample_range must be a finite number >= 0, got {clip_sample_range}")
         self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
             num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, rescale_betas_zero_snr)
         # The noise level a first step starts from (its t - T // n is below 0).

@@ -166,11 +166,6 @@ class DDPMScheduler(Thresholding, FusedScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, DDPM_BETA_SCHEDULES)
-        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
-        if clip_sample and not float(clip_sample_range) >= 0.0:
-            raise ValueError(f"clip_sample_range must be >= 0 (x0 is clamped to [-range, range]), got "
-                             f"{clip_sample_range}")
         self.betas = ddpm_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                 rescale_betas_zero_snr)
         self.alphas = 1.0 - self.betas

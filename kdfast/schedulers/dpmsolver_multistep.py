@@ -9,7 +9,8 @@ import torch
 
 from ._linear import H0, H1, MODEL, X, X0, NOISE, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
-                        check_flow_sigma_spacing, host_array, log_snr, spaced_timesteps, x0_coefficients)
+                        check_flow_sigma_spacing, custom_schedule, last_unclipped_timestep, log_snr, spaced_timesteps,
+                        x0_coefficients)
 from ._config import register_to_config
 from ._helpers import OUTPUTS, LuLambdas, legacy_arguments, output_list, required, step_position, unfused
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
@@ -69,6 +70,9 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
 
     _diffusers_name = "DPMSolverMultistepScheduler"
     _compatibles = KARRAS_SCHEDULERS
+    # The algorithm types whose third-order step diffusers' class lacks (it fails there, where
+    # this ran second order): refused at that step; shorter schedules that never reach it run.
+    _no_third_order = ("sde-dpmsolver",)
 
     @register_to_config
     def __init__(
@@ -133,12 +137,11 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
             raise ValueError("Cannot pass timesteps together with karras/lu/exponential/beta sigmas.")
 
         if timesteps is not None:
-            timesteps = host_array(timesteps, np.int64)
+            timesteps = custom_schedule("timesteps", timesteps, np.int64)
         else:
-            clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
-            last_timestep = cfg.num_train_timesteps - clipped_idx
             timesteps = spaced_timesteps(cfg.timestep_spacing, num_inference_steps, cfg.steps_offset,
-                                         cfg.num_train_timesteps, last_timestep)
+                                         cfg.num_train_timesteps,
+                                         last_unclipped_timestep(self.lambda_t, cfg.lambda_min_clipped))
 
         sigmas, timesteps = self._spaced_sigmas(timesteps, num_inference_steps,
                                                 round_karras=cfg.beta_schedule != "squaredcos_cap_v2",
@@ -331,6 +334,10 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
             return 1
         if cfg.solver_order == 2 or self.lower_order_nums < 2 or lower_order_second:
             return 2
+        if cfg.algorithm_type in self._no_third_order:
+            raise ValueError(f"solver_order=3 with algorithm_type={cfg.algorithm_type!r}: diffusers' "
+                             f"{self._diffusers_name} has no third-order step for it (it fails there, at step {i}); "
+                             "use solver_order=2, or lower_order_final with fewer than 15 steps")
         return 3
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,

@@ -9,7 +9,8 @@ import numpy as np
 import torch
 
 from ._config import register_to_config
-from ._schedule import beta_sigmas, exponential_sigmas, karras_sigmas, sigma_range, sigma_to_t
+from ._schedule import (beta_sigmas, exponential_sigmas, karras_sigmas, last_unclipped_timestep, sigma_range,
+                        sigma_to_t)
 from .dpmsolver_multistep import DPMSolverMultistepScheduler, check_dpm_solver_config
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -49,6 +50,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
     """
 
     _diffusers_name = "DPMSolverMultistepInverseScheduler"
+    _no_third_order = ("sde-dpmsolver", "sde-dpmsolver++")
     _compatibles = KARRAS_SCHEDULERS
 
     @register_to_config
@@ -79,8 +81,6 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
         steps_offset: int = 0,
     ):
         check_dpm_solver_config(self)
-        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
         plus = self.config.algorithm_type in ("dpmsolver++", "sde-dpmsolver++")
         if prediction_type == "flow_prediction" and not plus:
             raise ValueError("prediction_type 'flow_prediction' needs algorithm_type dpmsolver++ or sde-dpmsolver++ "
@@ -101,8 +101,7 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
         if num_inference_steps is None or int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         n, T = int(num_inference_steps), cfg.num_train_timesteps
-        clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
-        self.noisiest_timestep = noisiest = T - 1 - clipped_idx
+        self.noisiest_timestep = noisiest = last_unclipped_timestep(self.lambda_t, cfg.lambda_min_clipped) - 1
         if cfg.timestep_spacing == "linspace":
             timesteps = np.linspace(0, noisiest, n + 1).round()[:-1].copy().astype(np.int64)
         elif cfg.timestep_spacing == "leading":
@@ -148,10 +147,3 @@ class DPMSolverMultistepInverseScheduler(DPMSolverMultistepScheduler):
 
     _noise_in_converted_dtype = True  # (as diffusers' inverse scheduler draws it)
 
-    def _step_order(self, i: int, n: int) -> int:
-        order = super()._step_order(i, n)  # (no final_sigmas_type here to lower the last step)
-        if order == 3 and self._config.algorithm_type.startswith("sde"):
-            raise ValueError(f"solver_order=3 with algorithm_type={self._config.algorithm_type!r}: diffusers' "
-                             f"inverse scheduler has no third-order SDE step (it fails there, at step {i}); "
-                             "use solver_order=2, or lower_order_final with fewer than 15 steps")
-        return order

@@ -21,7 +21,8 @@ import torch
 from ._config import register_to_config
 from ._helpers import OUTPUTS, check_order, legacy_arguments, output_list, required, step_position, unfused
 from ._linear import AUX, H0, H1, MODEL, NOISE, X, X0, Lin
-from ._schedule import alpha_sigma, check_choice, host_array, log_snr, spaced_timesteps, x0_coefficients
+from ._schedule import (alpha_sigma, check_choice, custom_schedule, last_unclipped_timestep, log_snr, spaced_timesteps,
+                        x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_internal_step_arguments, reject_unknown_step_arguments)
 from .dpmsolver_multistep import check_dpm_solver_config, prediction_part
@@ -209,15 +210,12 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
         if timesteps is not None:
             if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas:
                 raise ValueError("Cannot pass timesteps together with karras/exponential/beta sigmas.")
-            timesteps = host_array(timesteps, np.int64)
-            if timesteps.ndim != 1 or len(timesteps) == 0:
-                raise ValueError(f"timesteps must be a non-empty 1-D sequence, got shape {timesteps.shape}")
+            timesteps = custom_schedule("timesteps", timesteps, np.int64)
             n = len(timesteps)
         else:
             n = int(num_inference_steps)
-            clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
             timesteps = spaced_timesteps("linspace", n, 0, cfg.num_train_timesteps,
-                                         cfg.num_train_timesteps - clipped_idx)
+                                         last_unclipped_timestep(self.lambda_t, cfg.lambda_min_clipped))
 
         sigmas, timesteps = self._spaced_sigmas(timesteps, n)
         if cfg.final_sigmas_type == "sigma_min":

@@ -28,6 +28,7 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
     """
 
     _diffusers_name = "EDMDPMSolverMultistepScheduler"
+    _no_third_order = ("sde-dpmsolver++",)  # (its third-order update takes no noise)
     _edm = True
     _noise_in_converted_dtype = True
     _compatibles = ()
@@ -73,8 +74,6 @@ class EDMDPMSolverMultistepScheduler(EDMPreconditioning, DPMSolverMultistepSched
         check_choice("final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         if solver_order not in (1, 2, 3):
             raise ValueError(f"solver_order must be 1, 2 or 3, got {solver_order}")
-        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
         if not (0 < sigma_min < sigma_max and sigma_data > 0 and rho > 0):
             raise ValueError(f"need 0 < sigma_min < sigma_max, sigma_data > 0 and rho > 0; got sigma_min={sigma_min}, "
                              f"sigma_max={sigma_max}, sigma_data={sigma_data}, rho={rho}")

@@ -12,7 +12,7 @@ from ._config import register_to_config
 from ._helpers import LogSigmaTimesteps, SigmaSpacings
 from ._linear import NOISE, X, X0
 from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, beta_sigmas, check_choice, exponential_sigmas,
-                        host_array, karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
+                        custom_schedule, karras_sigmas, noise_schedule, sigma_range, sigma_to_t)
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan
 
 KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
@@ -235,11 +235,14 @@ class EulerDiscreteScheduler(_SigmaScheduler):
         train = train_sigmas(self.alphas_cumprod)
         log_sigmas = np.log(train)
         if sigmas is not None:
-            sigmas = host_array(sigmas, np.float32)
+            sigmas = custom_schedule("sigmas", sigmas, np.float32, sigmas=True)
+            if not (sigmas[:-1] > 0).all():  # (diffusers divides by it: NaN)
+                raise ValueError(f"sigmas must be > 0 before the last (a step from sigma 0 is undefined), got "
+                                 f"{sigmas.tolist()}")
             timesteps = np.array([sigma_to_t(s, log_sigmas) for s in sigmas[:-1]])
         else:
             if timesteps is not None:
-                timesteps = host_array(timesteps, np.float32)
+                timesteps = custom_schedule("timesteps", timesteps, np.float32)
             else:
                 timesteps = spaced_timesteps(cfg.timestep_spacing, cfg.num_train_timesteps, n, cfg.steps_offset)
             if cfg.interpolation_type == "linear":

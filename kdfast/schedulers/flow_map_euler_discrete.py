@@ -10,6 +10,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import MODEL, X
+from ._schedule import check_shift
 from .._checks import check_count
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 
@@ -69,9 +70,7 @@ class FlowMapEulerDiscreteScheduler(FusedScheduler):
         shift: float = 1.0,
     ):
         check_count("num_train_timesteps", num_train_timesteps, 1)
-        if isinstance(shift, bool) or not isinstance(shift, (int, float, np.integer, np.floating)) \
-                or not math.isfinite(float(shift)):
-            raise ValueError(f"shift must be a finite number, got {shift!r}")
+        check_shift(shift)
         self._step_index: Optional[int] = None
         self._begin_index: Optional[int] = None
         self._table = None

@@ -11,7 +11,8 @@ from ..ops.solver_step import NUM_COEFS, SOURCES, fused_step
 from ._config import register_to_config
 from ._helpers import FlowShifts, FlowTimesteps, SigmaSpacings, TerminalShift
 from ._linear import MODEL, NOISE, X
-from ._schedule import beta_sigmas, check_choice, exponential_sigmas, host_array, karras_sigmas, sigma_range
+from ._schedule import (beta_sigmas, check_choice, check_shift, custom_schedule, exponential_sigmas, karras_sigmas,
+                        sigma_range)
 from .base import CoefficientTable, FusedScheduler, SchedulerOutput, StepPlan
 from .euler_discrete import _reject_integer_timestep, check_sigma_options
 
@@ -60,7 +61,7 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
         """The training schedule diffusers sets at construction, from this scheduler's config
         (flow-matching schedulers built on this one call it from their own constructors)."""
         cfg = self.config
-        num_train_timesteps, shift = cfg.num_train_timesteps, cfg.shift
+        num_train_timesteps, shift = cfg.num_train_timesteps, check_shift(cfg.shift)
         check_sigma_options(cfg)
         check_choice("time_shift_type", cfg.time_shift_type, ("exponential", "linear"))
         if cfg.shift_terminal is not None and not 0 <= cfg.shift_terminal < 1:
@@ -90,7 +91,7 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
 
     def set_shift(self, shift: float) -> None:
         """Set the static shift the next :meth:`set_timesteps` applies (the config keeps its own), as diffusers does."""
-        self._shift = shift
+        self._shift = check_shift(shift)
 
     # ---------------------------------------------------------------- schedule
 
@@ -122,13 +123,13 @@ class FlowMatchEulerDiscreteScheduler(FlowTimesteps, FlowShifts, TerminalShift, 
         # bit for bit (float64 for a computed schedule, float32 for given sigmas).
         given_timesteps = timesteps is not None
         if given_timesteps:
-            timesteps = host_array(timesteps, np.float32)
+            timesteps = custom_schedule("timesteps", timesteps, np.float32)
         if sigmas is None:
             if timesteps is None:
                 timesteps = np.linspace(self._sigma_to_t(self.sigma_max), self._sigma_to_t(self.sigma_min), n)
             sigmas = timesteps / cfg.num_train_timesteps
         else:
-            sigmas = host_array(sigmas, np.float32)
+            sigmas = custom_schedule("sigmas", sigmas, np.float32)
         if cfg.use_dynamic_shifting:
             sigmas = self.time_shift(mu, 1.0, sigmas)
         else:

@@ -12,6 +12,7 @@ from .._checks import check_count
 from ._config import register_to_config
 from ._helpers import FlowTimesteps
 from ._linear import AUX, H0, MODEL, NOISE, X
+from ._schedule import check_shift
 from .base import FusedScheduler, GrowingTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _as_float32, _reject_integer_timestep
 from .flow_match_euler_discrete import FlowMatchEulerDiscreteScheduler
@@ -41,9 +42,7 @@ class FlowMatchHeunDiscreteScheduler(FlowTimesteps, FusedScheduler):
 
     @register_to_config
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0):
-        # (a shift <= 0 makes sigmas of 0 or of either sign: diffusers' steps divide by them, NaN)
-        if isinstance(shift, bool) or not isinstance(shift, numbers.Real) or not math.isfinite(shift) or shift <= 0:
-            raise ValueError(f"shift must be a finite number > 0, got {shift!r}")
+        check_shift(shift)
         check_count("num_train_timesteps", num_train_timesteps, 1)
         # The schedule is FlowMatchEuler's for this config (the same numpy operations as
         # diffusers' Heun, bit for bit); it computes it, this class interleaves it.

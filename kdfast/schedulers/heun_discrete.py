@@ -9,7 +9,7 @@ import torch
 
 from ._config import register_to_config
 from ._linear import AUX, H0, X, X0
-from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, host_array, make_betas
+from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, custom_schedule, make_betas
 from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
 from .euler_discrete import _SigmaScheduler, check_sigma_options, converted_sigmas, spaced_timesteps, train_sigmas
 
@@ -88,7 +88,7 @@ class HeunDiscreteScheduler(_SigmaScheduler):
         n = num_inference_steps or len(timesteps)
         T = num_train_timesteps or cfg.num_train_timesteps
         if timesteps is not None:
-            timesteps = host_array(timesteps, np.float32)
+            timesteps = custom_schedule("timesteps", timesteps, np.float32)
         else:
             timesteps = spaced_timesteps(cfg.timestep_spacing, T, n, cfg.steps_offset)
         train = train_sigmas(self.alphas_cumprod)

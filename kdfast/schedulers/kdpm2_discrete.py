@@ -9,7 +9,7 @@ import torch
 from ._config import register_to_config
 from ._linear import AUX, NOISE, X, X0, Lin
 from ._schedule import BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, noise_schedule
-from .base import CoefficientTable, SchedulerOutput, StepPlan, reject_unknown_step_arguments
+from .base import CoefficientTable, SchedulerOutput, StepPlan, check_variance_noise, reject_unknown_step_arguments
 from .euler_discrete import (_SigmaScheduler, check_sigma_options, converted_sigmas,
                              spaced_timesteps, train_sigmas)
 from .lms_discrete import SIGMA_PREDICTION_TYPES, sigma_derivative, sigma_x0
@@ -172,6 +172,7 @@ class _KDPM2Scheduler(_SigmaScheduler):
                return_pred_original_sample: bool) -> SchedulerOutput:
         self._require_table()
         self._check_step_inputs(model_output, sample)
+        check_variance_noise(variance_noise, model_output)  # (at the first stage too, which draws none)
         k = self._index_for_step(timestep)
         if self.sample is None:
             out = self._fused_output((k, 1), sample, model_output, want_x0=return_pred_original_sample, cond=cond,

@@ -13,8 +13,8 @@ from .._checks import check_float
 from ._config import register_to_config
 from ._helpers import Thresholding
 from ._linear import NOISE, X, X0
-from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, epsilon_x0_coefficients, host_array,
-                        noise_schedule, x0_error)
+from ._schedule import (BETA_SCHEDULES, TIMESTEP_SPACINGS, check_choice, custom_schedule, epsilon_x0_coefficients,
+                        host_array, noise_schedule, x0_error)
 from .base import CheckedPlan, FusedScheduler, OutputFields, StepPlan, reject_unknown_step_arguments
 from .ddim import timestep_value
 from .base import GrowingTable
@@ -84,8 +84,6 @@ class LCMScheduler(Thresholding, FusedScheduler):
         check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         if trained_betas is None:
             check_choice("beta_schedule", beta_schedule, BETA_SCHEDULES)
-        if not 0.0 <= float(dynamic_thresholding_ratio) <= 1.0:
-            raise ValueError(f"dynamic_thresholding_ratio must be in [0, 1], got {dynamic_thresholding_ratio}")
         if int(original_inference_steps) < 1:
             raise ValueError(f"original_inference_steps must be >= 1, got {original_inference_steps}")
         self.betas, self.alphas, self.alphas_cumprod = noise_schedule(
@@ -120,7 +118,7 @@ class LCMScheduler(Thresholding, FusedScheduler):
         origin = self._origin_timesteps(original_steps, original_inference_steps, strength)
 
         if timesteps is not None:
-            timesteps = [int(t) for t in timesteps]
+            timesteps = [int(t) for t in custom_schedule("timesteps", timesteps, np.int64)]
             train_timesteps = set(origin.tolist())
             off_schedule = []
             for i in range(1, len(timesteps)):

@@ -25,10 +25,10 @@ from ._helpers import (NEW_OUTPUT, OUTPUTS, check_order, legacy_arguments, outpu
                        unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, NOISE, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, check_choice,
-                        check_flow_sigma_spacing, log_snr, randn_like_diffusers, spaced_timesteps,
-                        x0_coefficients)
-from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, convert_arguments, converted_dtype,
-                   push_history, reject_internal_step_arguments, reject_unknown_step_arguments)
+                        check_flow_sigma_spacing, last_unclipped_timestep, log_snr, randn_like_diffusers,
+                        spaced_timesteps, x0_coefficients)
+from .base import (MultistepScheduler, SchedulerOutput, StepPlan, TableRow, check_variance_noise, convert_arguments,
+                   converted_dtype, push_history, reject_internal_step_arguments, reject_unknown_step_arguments)
 from .ddpm import noise_scales
 from .euler_discrete import KARRAS_SCHEDULERS
 
@@ -261,9 +261,8 @@ class SASolverScheduler(MultistepScheduler):
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         n = int(num_inference_steps)
         cfg = self.config
-        clipped_idx = int(torch.searchsorted(torch.flip(self.lambda_t, [0]), cfg.lambda_min_clipped))
         timesteps = spaced_timesteps(cfg.timestep_spacing, n, cfg.steps_offset, cfg.num_train_timesteps,
-                                     cfg.num_train_timesteps - clipped_idx)
+                                     last_unclipped_timestep(self.lambda_t, cfg.lambda_min_clipped))
         sigmas, timesteps = self._spaced_sigmas(timesteps, n)
         if cfg.use_karras_sigmas or cfg.use_exponential_sigmas or cfg.use_beta_sigmas or cfg.use_flow_sigmas:
             last = sigmas[-1]  # the last sigma again: the last step has length zero
@@ -500,10 +499,8 @@ class SASolverScheduler(MultistepScheduler):
             if h is None:
                 raise ValueError("model_outputs is missing entries this step needs")
 
+        check_variance_noise(variance_noise, model_output)
         noise = variance_noise
-        if noise is not None and (not isinstance(noise, torch.Tensor) or noise.shape != model_output.shape):
-            raise ValueError(f"variance_noise must be a tensor of model_output's shape {tuple(model_output.shape)}, "
-                             f"got {tuple(noise.shape) if isinstance(noise, torch.Tensor) else type(noise).__name__}")
         if noise is None:
             noise = randn_like_diffusers(model_output.shape, generator, model_output.device, model_output.dtype)
         result = self._fused(key, sample, model_output, cond=cond, guidance_scale=guidance_scale, history=history,

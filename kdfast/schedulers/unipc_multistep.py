@@ -19,7 +19,7 @@ from ._helpers import (NEW_OUTPUT, OUTPUTS, FlowShifts, TerminalShift, output_li
                        uni_p_arguments, unfused)
 from ._linear import AUX, H0, H1, H2, MODEL, X, X0, ZERO, Lin
 from ._schedule import (BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS, alpha_sigma, beta_sigmas,
-                        check_choice, check_flow_sigma_spacing, exponential_sigmas, host_array, karras_sigmas,
+                        check_choice, check_flow_sigma_spacing, custom_schedule, exponential_sigmas, karras_sigmas,
                         log_snr, sigma_range, sigma_to_t, spaced_timesteps, x0_coefficients)
 from .base import (MultistepScheduler, SchedulerOutput, StepPlan, convert_arguments, converted_dtype, push_history,
                    reject_internal_step_arguments, reject_unknown_step_arguments)
@@ -120,7 +120,7 @@ class UniPCMultistepScheduler(FlowShifts, TerminalShift, MultistepScheduler):
         if sigmas is not None:
             if not cfg.use_flow_sigmas:
                 raise ValueError("Passing sigmas is only supported when use_flow_sigmas=True")
-            custom = host_array(sigmas, np.float64)
+            custom = custom_schedule("sigmas", sigmas, np.float64)
             num_inference_steps = len(custom)
         if num_inference_steps is None or int(num_inference_steps) < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")

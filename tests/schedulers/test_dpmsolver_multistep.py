@@ -1,4 +1,5 @@
 import itertools
+import re
 
 import pytest
 import torch
@@ -26,6 +27,24 @@ def test_parity_noise_prediction_algorithms(algorithm_type, solver_order, predic
     assert_parity(DPMSolverMultistepScheduler, DF, dict(algorithm_type=algorithm_type, solver_order=solver_order,
                                                         prediction_type=prediction_type, final_sigmas_type="sigma_min"),
                   steps=12)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "EDMDPMSolverMultistepScheduler"])
+def test_third_order_steps_diffusers_lacks_are_refused_where_reached(name):
+    # sde-dpmsolver's (EDM: sde-dpmsolver++'s) third order: diffusers fails at that step; this
+    # ran second order, or (EDM) an update of its own, without a word
+    from kdfast import schedulers as K
+    config = dict(solver_order=3, algorithm_type="sde-dpmsolver" if name.startswith("DPM") else "sde-dpmsolver++",
+                  **({"final_sigmas_type": "sigma_min"} if name.startswith("DPM") else {}))
+    with pytest.raises((AssertionError, UnboundLocalError)):
+        run_loop(getattr(diffusers, name)(**config), 8, initial_sample())
+    kd = getattr(K, name)(**config)
+    with pytest.raises(ValueError, match=re.escape(f"solver_order=3 with algorithm_type='{config['algorithm_type']}'")
+                       + ".*step 2"):
+        run_loop(kd, 8, initial_sample())
+    assert kd.step_index == 2  # nothing of the failed step was kept
+    # with 4 steps or fewer, lower_order_final never reaches third order: as diffusers
+    assert_parity(getattr(K, name), getattr(diffusers, name), config, steps=4)
 
 
 @pytest.mark.parametrize("sigmas", ["use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"])

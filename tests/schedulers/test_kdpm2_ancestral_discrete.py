@@ -374,7 +374,7 @@ def test_bad_step_input():
     with pytest.raises(TypeError, match="unexpected step arguments: eta"):
         kd.step_cfg(x, x, 2.0, kd.timesteps[0], x, eta=1.0)
     x = kd.step(dummy_model(x, kd.timesteps[0]), kd.timesteps[0], x).prev_sample
-    with pytest.raises(ValueError, match=r"noise must have the shape of sample \(2, 4, 8, 8\)"):
+    with pytest.raises(ValueError, match=r"variance_noise must be a tensor of model_output's shape \(2, 4, 8, 8\)"):
         kd.step(x, kd.timesteps[1], x, variance_noise=x[:1])
     for t in kd.timesteps[1:]:
         x = kd.step(dummy_model(x, t), t, x).prev_sample

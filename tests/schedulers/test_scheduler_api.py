@@ -100,6 +100,103 @@ def test_a_training_schedule_without_steps_or_with_betas_outside_0_1_is_refused(
     cls(beta_schedule="linear", beta_start=1e-4, beta_end=1.0)  # a beta of 1 is one
 
 
+TRAINED_BETAS = [n for n in BETA_CONFIGURED if "trained_betas" in inspect.signature(getattr(K, n).__init__).parameters]
+
+
+@pytest.mark.parametrize("name", TRAINED_BETAS)
+def test_trained_betas_need_one_beta_per_training_timestep(name):
+    # ten betas for 1000 training timesteps: DPM-Solver and UniPC clamped their table (every
+    # sigma the same), DDIM and LCM failed with an IndexError
+    cls = getattr(K, name)
+    with pytest.raises(ValueError, match=r"trained_betas must hold one beta per training timestep "
+                                         r"\(num_train_timesteps=1000\), got 10"):
+        cls(trained_betas=[0.01] * 10)
+    cls(trained_betas=np.linspace(1e-4, 0.02, 50), num_train_timesteps=50).set_timesteps(5)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "DPMSolverMultistepInverseScheduler", "SASolverScheduler"])
+def test_a_lambda_min_clipped_that_clips_everything_or_is_nan_is_refused(name):
+    # 5.0 (above every log-SNR) built a schedule of timestep -1 with the model called there
+    for bad, match in ((5.0, "clips every training timestep"), (float("nan"), "must be a number"),
+                       (True, "must be a number")):
+        s = getattr(K, name)(lambda_min_clipped=bad)
+        with pytest.raises(ValueError, match=f"lambda_min_clipped.*{match}|{match}"):
+            s.set_timesteps(4)
+    s = getattr(K, name)(lambda_min_clipped=-5.1)
+    s.set_timesteps(4)
+    assert len(s.timesteps) == 4
+
+
+@pytest.mark.parametrize("name, kwargs, match", [
+    ("DPMSolverMultistepScheduler", dict(timesteps=[]), "timesteps must be a non-empty 1-D sequence"),
+    ("DPMSolverMultistepScheduler", dict(timesteps=[[5]]), "timesteps must be a non-empty 1-D sequence"),
+    ("EulerDiscreteScheduler", dict(timesteps=[]), "timesteps must be a non-empty 1-D sequence"),
+    ("EulerDiscreteScheduler", dict(sigmas=[]), "sigmas must be a non-empty 1-D sequence"),
+    ("EulerDiscreteScheduler", dict(sigmas=[14.6, float("nan"), 0.0]), "sigmas must be finite and >= 0"),
+    ("EulerDiscreteScheduler", dict(sigmas=[float("inf"), 1.0, 0.0]), "sigmas must be finite and >= 0"),
+    ("EulerDiscreteScheduler", dict(sigmas=[-1.0, 0.0]), "sigmas must be finite and >= 0"),
+    ("EulerDiscreteScheduler", dict(sigmas=[1.0, 0.0, 0.0]), "sigmas must be > 0 before the last"),
+    ("EulerDiscreteScheduler", dict(timesteps=[float("nan"), 3.0]), "timesteps must be finite"),
+    ("HeunDiscreteScheduler", dict(timesteps=[]), "timesteps must be a non-empty 1-D sequence"),
+    ("HeunDiscreteScheduler", dict(timesteps=[float("nan"), 5.0]), "timesteps must be finite"),
+    ("LCMScheduler", dict(timesteps=[]), "timesteps must be a non-empty 1-D sequence"),
+    ("TCDScheduler", dict(timesteps=[]), "timesteps must be a non-empty 1-D sequence"),
+    ("FlowMatchEulerDiscreteScheduler", dict(sigmas=[float("nan"), 0.5]), "sigmas must be finite"),
+])
+def test_a_custom_schedule_that_is_empty_or_not_finite_is_named(name, kwargs, match):
+    # (an empty one ran no step, or failed with a ZeroDivisionError or IndexError; NaN ones ran
+    # NaN steps)
+    with pytest.raises(ValueError, match=match):
+        getattr(K, name)().set_timesteps(**kwargs)
+
+
+@pytest.mark.parametrize("name, config, match", [
+    ("DPMSolverMultistepScheduler", dict(thresholding=True, dynamic_thresholding_ratio=1.5),
+     r"dynamic_thresholding_ratio must be in \[0, 1\]"),
+    ("UniPCMultistepScheduler", dict(dynamic_thresholding_ratio=float("nan")), "dynamic_thresholding_ratio must be a"),
+    ("DDIMScheduler", dict(thresholding=True, sample_max_value=-1.0), "sample_max_value must be positive"),
+    ("DEISMultistepScheduler", dict(thresholding=True, sample_max_value=0.0), "sample_max_value must be positive"),
+    ("DDIMScheduler", dict(clip_sample=True, clip_sample_range=-1.0), "clip_sample_range must be >= 0"),
+    ("DDPMScheduler", dict(clip_sample=True, clip_sample_range=float("nan")), "clip_sample_range must be a finite"),
+    ("LCMScheduler", dict(dynamic_thresholding_ratio="0.5"), "dynamic_thresholding_ratio must be a finite number"),
+])
+def test_clipping_settings_are_refused_by_their_config_names_at_construction(name, config, match):
+    # (the first step refused them as the kernel's ratio / max_value / clip_value)
+    with pytest.raises(ValueError, match=match):
+        getattr(K, name)(**config)
+    # with thresholding / clip_sample off, sample_max_value / clip_sample_range are not read (as in
+    # diffusers); the ratio always is
+    flag = "thresholding" if "sample_max_value" in config else "clip_sample" if "clip_sample_range" in config else None
+    if flag is not None:
+        getattr(K, name)(**{**config, flag: False})
+
+
+@pytest.mark.parametrize("name", ["FlowMatchEulerDiscreteScheduler", "FlowMatchLCMScheduler",
+                                  "FlowMatchHeunDiscreteScheduler", "FlowMapEulerDiscreteScheduler"])
+def test_a_flow_shift_of_zero_or_below_is_refused(name):
+    # shift -2 made sigmas of either sign (a loop ran on to 1e8)
+    for bad in (-2.0, 0.0, float("nan"), True):
+        with pytest.raises(ValueError, match="shift must be"):
+            getattr(K, name)(shift=bad)
+    getattr(K, name)(shift=0.5).set_timesteps(6)
+    if hasattr(K.FlowMatchEulerDiscreteScheduler, "set_shift") and name == "FlowMatchEulerDiscreteScheduler":
+        with pytest.raises(ValueError, match="shift must be > 0"):
+            getattr(K, name)().set_shift(-1.0)
+
+
+def test_kdpm2_ancestral_checks_variance_noise_at_every_stage():
+    # the first stage (which draws none) took a string; the second failed with an AttributeError
+    s = K.KDPM2AncestralDiscreteScheduler()
+    s.set_timesteps(3)
+    x = initial_sample() * s.init_noise_sigma
+    t = s.timesteps[0]
+    for bad in ("abc", [0.0] * 4, torch.randn(2, 4, 8, 3)):
+        with pytest.raises(ValueError, match=r"variance_noise must be a tensor of model_output's shape"):
+            s.step(dummy_model(s.scale_model_input(x, t), t), t, x, variance_noise=bad)
+    assert s.step_index in (None, 0)
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_a_step_count_that_is_not_an_integer_is_refused(name):
     # (2.9 ran 2 steps in some schedulers, "10" was taken by some and failed deep inside others)
