@@ -62,6 +62,7 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import operator
 import warnings
 from typing import Any, Callable, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
@@ -69,7 +70,7 @@ import numpy as np
 import torch
 
 from . import ops
-from ._checks import check_flag, check_int, not_a_number
+from ._checks import check_flag, not_a_number
 from .ops._tensors import reference_required
 from .ops.solver_step import NUM_COEFS
 from .schedulers._linear import AUX, H0, H1, H2, NOISE, X, X0, Lin
@@ -235,6 +236,18 @@ def default_noise_sampler(x: torch.Tensor, generator: Optional[torch.Generator] 
     if gen_device.type == device.type:
         return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=device)
     return lambda sigma, sigma_next: torch.randn(shape, generator=generator, dtype=dtype, device=gen_device).to(device)
+
+
+def _generator_seed(seed) -> int:
+    """A ``torch.Generator`` seed: an integer (not a bool, nor a float, string or other thing
+    ``int()`` would read) in the range ``manual_seed`` takes, ``[-2**63, 2**64)``."""
+    try:
+        value = operator.index(seed) if not isinstance(seed, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not -2 ** 63 <= value < 2 ** 64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return value
 
 
 def _tree_seeds(seed):
@@ -1341,7 +1354,7 @@ class CapturedSampler:
                                  f"{static.device}, got {got}")
             static.copy_(new)
         if seed is not None:
-            _rng_generator(self.generator, self.device).manual_seed(check_int("seed", seed))
+            _rng_generator(self.generator, self.device).manual_seed(_generator_seed(seed))
         self._graph.replay()
         return self._out.clone()
 

@@ -100,10 +100,11 @@ def test_seed_reproduces_stochastic_draws(eager_capture):
     want = S.sample(unet_like, noise(2, scale=1.0), ref, generator=torch.Generator().manual_seed(5), disable=True)
     torch.testing.assert_close(loop(noise(2, scale=1.0), seed=5), want, rtol=0, atol=0)
     # a seed that is not an integer is refused (int() read 1.9, "1" and True as seed 1)
-    for bad in (1.9, "1", True):
+    for bad in (1.9, "1", True, 2**64):
         with pytest.raises(ValueError, match="seed must be an integer"):
             loop(noise(2, scale=1.0), seed=bad)
     torch.testing.assert_close(loop(noise(2, scale=1.0), seed=np.int64(5)), want, rtol=0, atol=0)
+    loop(noise(2, scale=1.0), seed=2**64 - 1)  # (torch's whole range: random.getrandbits(64))
 
 
 def test_bad_replay_inputs_raise(eager_capture):

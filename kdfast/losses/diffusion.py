@@ -90,7 +90,7 @@ def pseudo_huber_loss(
 
     Args:
         c: ``>= 0``: a number or per-sample tensor (e.g. a schedule of c over timesteps; its
-            values are checked on the CPU, not on a device, which would sync).
+            values are checked in eager mode on the CPU, not on a device, which would sync).
         weights: per-sample weights ``lambda(t)`` (number or ``[batch]`` tensor).
         reduction: ``"mean"`` over samples, ``"sum"``, or ``"none"`` (float32 ``[batch]``).
 

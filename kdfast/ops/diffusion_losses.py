@@ -19,6 +19,7 @@ This module is the only place where these tensors become addresses.
 # an op's signature as types and refuses them as strings.)
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -68,8 +69,8 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
                       minimum: Optional[float] = None) -> Tuple[Optional[torch.Tensor], float]:
     """(tensor of shape [batch] (maybe expanded) or None, host value) of a per-sample scalar.
 
-    Numbers are checked here, and the ``minimum`` of a CPU tensor's values (free to read); a
-    device tensor's values are not (that would need a host sync)."""
+    Numbers are checked here, and in eager mode a CPU tensor's values against ``minimum`` (free
+    to read); a device tensor's values are not (that would need a host sync)."""
     if value is None:
         if default is None:
             raise TypeError(f"{name} is required: a number or a per-sample tensor of shape ({batch},)")
@@ -89,10 +90,11 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
         if t.dtype not in (torch.float32, torch.float64):
             t = t.to(torch.float32)
         if minimum is not None and t.numel() and t.device.type == "cpu" and not _traced((t,)) and not vmapped(t):
-            if not bool((t >= minimum).all()):  # (NaN too)
-                raise ValueError(f"{name} must be >= {minimum}, got {t[~(t >= minimum)][0].item()}")
+            bad = ~(torch.isfinite(t) & (t >= minimum))  # (NaN too)
+            if bool(bad.any()):
+                raise ValueError(f"{name} must be finite and >= {minimum}, got {t[bad][0].item()}")
         return t, 0.0
-    if torch.compiler.is_compiling() and not not_a_number(value):
+    if torch.compiler.is_compiling() and isinstance(value, numbers.Real) and not not_a_number(value):
         return _traced_per_sample(name, value, batch, device, minimum), 0.0
     try:
         if not_a_number(value):  # (float() takes "0.1" and True)
@@ -230,7 +232,8 @@ def pseudo_huber(x: torch.Tensor, y: torch.Tensor, *, c: PerSample, weights: Opt
 
     Args:
         x, y: ``[batch, ...]`` latents (float32/float16/bfloat16, dtypes may differ).
-        c: ``>= 0``, a number or per-sample tensor (checked on the CPU; on a device not, which would sync).
+        c: ``>= 0``, a number or per-sample tensor (its values checked in eager mode on the CPU; on a
+            device not, which would sync).
         weights: per-sample weights (number or ``[batch]`` tensor; differentiable).
         backend: force a backend (else ``KDFAST_BACKEND``, else the fastest usable).
 

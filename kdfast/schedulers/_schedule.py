@@ -116,7 +116,8 @@ def check_training_steps(num_train_timesteps, trained_betas) -> None:
         if not is_integer_at_least(num_train_timesteps, 1):
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
         return
-    count = np.size(trained_betas)
+    count = len(trained_betas) if isinstance(trained_betas, torch.Tensor) and trained_betas.dim() else \
+        np.size(np.asarray(trained_betas))
     if count != num_train_timesteps:
         raise ValueError(f"trained_betas must hold one beta per training timestep (num_train_timesteps="
                          f"{num_train_timesteps!r}), got {count}")

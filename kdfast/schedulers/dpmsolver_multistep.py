@@ -337,7 +337,8 @@ class DPMSolverMultistepScheduler(LuLambdas, MultistepScheduler):
         if cfg.algorithm_type in self._no_third_order:
             raise ValueError(f"solver_order=3 with algorithm_type={cfg.algorithm_type!r}: diffusers' "
                              f"{self._diffusers_name} has no third-order step for it (it fails there, at step {i}); "
-                             "use solver_order=2, or lower_order_final with fewer than 15 steps")
+                             "use solver_order=2 (with lower_order_final, schedules of at most 4 steps never "
+                             "reach third order)")
         return 3
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: Optional[torch.Tensor] = None,

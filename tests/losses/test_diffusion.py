@@ -275,9 +275,10 @@ def test_progressive_teacher_names_a_bad_timestep_before_the_teacher_runs(timest
 def test_a_per_sample_c_tensor_below_zero_is_refused_on_the_cpu():
     # a negative c made 0/0 for a sample with x == y: NaN, where a negative number is refused
     x = randn((3, 4), 0)
-    for c in (torch.tensor([0.1, -0.5, 0.2]), torch.tensor([0.1, math.nan, 0.2]), torch.tensor([-1.0])):
+    for c in (torch.tensor([0.1, -0.5, 0.2]), torch.tensor([0.1, math.nan, 0.2]), torch.tensor([-1.0]),
+              torch.tensor([0.1, math.inf, 0.2])):  # (inf gave its sample loss 0, where the number is refused)
         for elementwise in (False, True):
-            with pytest.raises(ValueError, match="c must be >= 0"):
+            with pytest.raises(ValueError, match="c must be finite and >= 0"):
                 dl.pseudo_huber_loss(x, x.clone(), c=c, elementwise=elementwise)
     assert dl.pseudo_huber_loss(x, x.clone(), c=torch.tensor([0.0, 0.5, 1.0])) == 0
 

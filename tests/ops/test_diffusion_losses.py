@@ -465,6 +465,15 @@ def test_a_traced_number_is_checked_when_the_compiled_code_runs(value, match):
         compiled(value)
 
 
+def test_a_sequence_for_a_number_is_named_under_compile_too():
+    # (under torch.compile it met torch.ones(batch) * value first: an opaque fake-tensor error)
+    x, y = randn((3, 6), torch.float32, 95), randn((3, 6), torch.float32, 96)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x, y, c: ops.pseudo_huber(x, y, c=c), backend="eager")
+    with pytest.raises(Exception, match=r"c must be a number or a tensor, got \[0.1, 0.2, 0.3\]"):
+        compiled(x, y, [0.1, 0.2, 0.3])
+
+
 def _x(shape=(3, 8)):
     return randn(shape, torch.float32, 0)
 

@@ -111,7 +111,8 @@ def test_trained_betas_need_one_beta_per_training_timestep(name):
     with pytest.raises(ValueError, match=r"trained_betas must hold one beta per training timestep "
                                          r"\(num_train_timesteps=1000\), got 10"):
         cls(trained_betas=[0.01] * 10)
-    cls(trained_betas=np.linspace(1e-4, 0.02, 50), num_train_timesteps=50).set_timesteps(5)
+    for betas in (np.linspace(1e-4, 0.02, 50), torch.linspace(1e-4, 0.02, 50), list(np.linspace(1e-4, 0.02, 50))):
+        cls(trained_betas=betas, num_train_timesteps=50).set_timesteps(5)  # (a tensor was refused)
 
 
 @pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
