@@ -27,7 +27,8 @@ import time
 from typing import Optional
 
 import torch
-from _common import check_device, device_name, int_at_least, merge_rows, quartiles, quiet_stderr, sync
+from _common import (check_device, device_name, int_at_least, kdfast_backend, merge_rows, peak_memory_bytes,
+                     quartiles, quiet_stderr, sync)
 
 from kdfast import ops
 from kdfast.ops.solver_step import coefficients, fused_step
@@ -195,6 +196,7 @@ def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device, out: Op
                                                       k_loop=(loop_of(kd), max(5, repeats // 4))), device))
                 d_step, k_step, d_loop, k_loop = (timing[k] for k in ("d_step", "k_step", "d_loop", "k_loop"))
                 d_ops = diffusers_latent_ops(df, outputs[1], df.timesteps[1], xs)
+                k_peak, d_peak = (peak_memory_bytes(loop_of(s), device) for s in (kd, df))
             a, *ws = kd._coefs[1].tolist()
             n_nonzero = sum(w != 0 for w in ws)
             out_size = torch.finfo(output_dtype).bits // 8
@@ -203,14 +205,17 @@ def run(shapes, n_grid: int, repeats: int, dtypes, device: torch.device, out: Op
             lower = latent * (in_size + n_grid * out_size + in_size)
             sample_name = str(sample_dtype).replace("torch.", "")
             output_name = str(output_dtype).replace("torch.", "")
-            row = dict(op="piflow_step", shape=list(shape), n_grid=n_grid, steps=STEPS,
+            row = dict(op="piflow_step", backend=kdfast_backend("grid_combination", device), shape=list(shape),
+                       n_grid=n_grid, steps=STEPS, anchor=f"diffusers {diffusers.__version__} PiflowScheduler",
                        dtype=f"{sample_name}/{output_name}", sample_dtype=sample_name, output_dtype=output_name,
                        device=device_name(device), threads=torch.get_num_threads(),
                        kdfast_step_us=median_us(k_step), kdfast_step_q=quartiles_us(k_step),
                        diffusers_step_us=median_us(d_step), diffusers_step_q=quartiles_us(d_step),
                        step_speedup=median_us(d_step) / median_us(k_step),
-                       kdfast_loop_us=median_us(k_loop), diffusers_loop_us=median_us(d_loop),
+                       kdfast_loop_us=median_us(k_loop), kdfast_loop_q=quartiles_us(k_loop),
+                       diffusers_loop_us=median_us(d_loop), diffusers_loop_q=quartiles_us(d_loop),
                        loop_speedup=median_us(d_loop) / median_us(k_loop),
+                       peak_memory_bytes=k_peak, anchor_peak_memory_bytes=d_peak,
                        kdfast_launches=1,
                        diffusers_latent_ops=d_ops, kdfast_bytes=kd_bytes, lower_bound_bytes=lower,
                        bytes_ratio=kd_bytes / lower, loop_max_abs_diff=err)

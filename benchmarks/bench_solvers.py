@@ -59,7 +59,7 @@ SOLVERS = [
     ("dpmpp_3m", "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {"solver_order": 3}),
     ("sde_dpmpp_2m", "DPMSolverMultistepScheduler", "DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
     ("unipc_bh2", "UniPCMultistepScheduler", "UniPCMultistepScheduler", {}),
-    ("deis_3", "DEISMultistepScheduler", "DEISMultistepScheduler", {}),
+    ("deis_3", "DEISMultistepScheduler", "DEISMultistepScheduler", {"solver_order": 3}),
     ("ddim", "DDIMScheduler", "DDIMScheduler", {}),
     ("euler", "EulerDiscreteScheduler", "EulerDiscreteScheduler", {}),
     ("euler_a", "EulerAncestralDiscreteScheduler", "EulerAncestralDiscreteScheduler", {}),
@@ -304,7 +304,7 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     implementation of the two-call API can avoid. ``modelled`` (kdfast) and ``lower_bound`` are
     their sum, equal by construction; diffusers' measured bytes are compared with it."""
     # Latent-sized tensors per step: reads (x, model output, history, aux, noise) and writes
-    # (sample, history entry, aux). Heun alternates a 3-read/2-write and a 4-read/1-write stage;
+    # (sample, history entry, aux). Heun alternates a 2-read/2-write and a 4-read/1-write stage;
     # DPM-Solver++ 2S a 2-read and a 4-read stage (the second reads the group's first sample and
     # output), both writing the sample and the converted output. IPNDM reads up to three past
     # outputs: 2, 3, 4, then 5 latents (4.7 over 20 steps), writing the sample and the new entry.
@@ -313,7 +313,7 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     # Helios' DMD step reads x, the model output and the start latent it renoises with (the last step
     # the first two): 2.95 reads over 20 steps, one write.
     reads = {"dpmpp_2m": 3, "dpmpp_3m": 4, "sde_dpmpp_2m": 4, "unipc_bh2": 5, "deis_3": 4, "ddim": 2,
-             "euler": 2, "euler_a": 3, "heun": 3.5, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
+             "euler": 2, "euler_a": 3, "heun": 3, "lcm": 3, "flow_euler": 2, "ddpm": 3, "dpmpp_2s": 3,
              "edm_dpmpp_2m": 3, "tcd": 3, "cm": 3, "ipndm": 4.7, "ddim_inverse": 2, "dpmpp_2m_inverse": 3,
              "cogvideox_ddim": 2, "sasolver": 4.55, "ltx_rf": 3, "cosine_dpmpp_2m": 3.85, "wuerstchen": 3,
              "helios_unipc": 5, "helios_dmd": 2.95}[name]
@@ -325,6 +325,13 @@ def kdfast_bytes_per_step(name: str, numel: int, itemsize: int, scales_input: bo
     step = (reads + writes) * numel * itemsize
     scale = 2 * numel * itemsize if scales_input else 0
     return {"step": step, "scale_model_input": scale, "modelled": step + scale, "lower_bound": step + scale}
+
+
+def scales_model_input(scheduler, x, device) -> bool:
+    """Whether the scheduler's ``scale_model_input`` does work (a read and a write of the latent
+    in the lower bound): not where it returns its input (the base class's, IPNDM's, Wuerstchen's)."""
+    scheduler.set_timesteps(STEPS, device=device)
+    return scheduler.scale_model_input(x, scheduler.timesteps[0]) is not x
 
 
 def launches_and_syncs(make: Callable, x, outputs, device) -> Optional[Dict[str, float]]:
@@ -547,7 +554,11 @@ def paradigms_batch_steps(device, dtype, repeats: int, window: int = 8, images: 
                      "shape": [batch, *latent], "dtype": str(dtype).replace("torch.", ""),
                      "device": device_name(device), "window": window, "images": images, "us_per_call": q,
                      "anchor": f"diffusers {diffusers.__version__} {name}", "anchor_us_per_call": ref,
-                     "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff})
+                     "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff,
+                     "peak_memory_bytes": peak_memory_bytes(lambda: scheds["kdfast"].batch_step_no_noise(m, t, x),
+                                                            device),
+                     "anchor_peak_memory_bytes": peak_memory_bytes(
+                         lambda: scheds["diffusers"].batch_step_no_noise(m, t, x), device)})
         print(f"  {short:<20}kdfast {q['median']:9.1f}  diffusers {ref['median']:9.1f}  x{ref['median'] / q['median']:5.2f}"
               f"  rel. diff {diff:.1e}")
     return rows
@@ -586,7 +597,9 @@ def per_token_steps(device, dtype, repeats: int, batch: int = 2, tokens: int = 4
              "shape": [batch, tokens, channels], "dtype": str(dtype).replace("torch.", ""),
              "device": device_name(device), "us_per_step": q,
              "anchor": f"diffusers {diffusers.__version__} FlowMatchEulerDiscreteScheduler",
-             "anchor_us_per_step": ref, "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff}]
+             "anchor_us_per_step": ref, "speedup": ref["median"] / q["median"], "max_rel_diff_to_anchor": diff,
+             "peak_memory_bytes": peak_memory_bytes(lambda: step(scheds["kdfast"]), device),
+             "anchor_peak_memory_bytes": peak_memory_bytes(lambda: step(scheds["diffusers"]), device)}]
 
 
 def main(argv=None) -> None:
@@ -675,7 +688,7 @@ def main(argv=None) -> None:
             df_peak = loop_peak_memory(df_make, x, outputs, device)
             kd_launches = launches_and_syncs(kd_make, x, outputs, device)
             df_launches = launches_and_syncs(df_make, x, outputs, device)
-            scales = type(kd_make()).scale_model_input is not kd.base.FusedScheduler.scale_model_input
+            scales = scales_model_input(kd_make(), x, device)
             kd_bytes = kdfast_bytes_per_step(name, x.numel(), x.element_size(), scales_input=scales)
             # the same loop as diffusers' (same outputs, same generator draws): else no speed-up to report
             ours, theirs = run_loop(kd_make(), x, outputs, device), run_loop(df_make(), x, outputs, device)
@@ -684,7 +697,8 @@ def main(argv=None) -> None:
             except ValueError as exc:
                 print(f"  {name}: left out: {exc}", file=sys.stderr)
                 continue
-            if not rel_diff <= (1e-4 if dtype == torch.float32 else 2e-2):
+            # (16-bit: both loops are a few ulps of bf16 from a float64 one, kdfast's the closer)
+            if not rel_diff <= (1e-4 if dtype == torch.float32 else 5e-2):
                 print(f"  WARNING: {name}: kdfast's loop differs from diffusers' by {rel_diff:.1e} (relative)",
                       file=sys.stderr)
             row = {

@@ -19,7 +19,6 @@ import argparse
 import csv
 import glob
 import io
-import json
 import math
 import os
 import shutil
@@ -27,16 +26,8 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Tuple
 
-# name -> (kdfast scheduler class, config); the byte counts come from bench_solvers
-SOLVERS = {
-    "ddim": ("DDIMScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {}),
-    "sde_dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
-    "unipc_bh2": ("UniPCMultistepScheduler", {}),
-    "deis_3": ("DEISMultistepScheduler", {}),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
-}
+# The solvers profiled, by bench_solvers' names: their classes, configs and byte counts are its own
+SOLVERS = ("ddim", "euler_a", "dpmpp_2m", "sde_dpmpp_2m", "unipc_bh2", "deis_3", "flow_euler")
 SHAPE = (2, 4, 128, 128)
 STEPS = 6
 # pi-Flow: a Kandinsky-6-like channels-last latent, a model output n_grid times wider, a 4-step schedule
@@ -51,7 +42,7 @@ METRICS = ("lts__t_sectors_srcunit_tex_op_read.sum", "lts__t_sectors_srcunit_tex
 def run_steps() -> None:
     """The profiled process: STEPS steps of each solver, in SOLVERS order."""
     import torch
-    from bench_solvers import step_kwargs
+    from bench_solvers import SOLVERS as BENCHED, step_kwargs
 
     from kdfast import schedulers as kd
 
@@ -59,7 +50,9 @@ def run_steps() -> None:
     x0 = torch.randn(SHAPE, generator=g).cuda()
     outputs = [torch.randn(SHAPE, generator=g).cuda() * 0.5 for _ in range(STEPS)]
     gen = torch.Generator("cuda").manual_seed(0)
-    for name, (cls, config) in SOLVERS.items():
+    benched = {name: (cls, config) for name, cls, _, config in BENCHED}
+    for name in SOLVERS:
+        cls, config = benched[name]
         sched = getattr(kd, cls)(**config)
         sched.set_timesteps(20, device="cuda")
         x = x0
@@ -181,11 +174,9 @@ def main() -> None:
         print(f"{r['op'].split(':')[1]:<14}{r['lower_bound_bytes']:>14,.0f}{r['l2_bytes']:>14,.0f}{r['l2_ratio']:>7.2f}"
               f"{r['dram_read_bytes']:>14,.0f}{r['dram_write_bytes_during_kernel']:>14,.0f}")
     print("* written back to DRAM while the kernel ran; the write-back L2 holds the rest")
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    tmp = f"{args.out}.tmp"
-    with open(tmp, "w") as f:  # then renamed: a run killed while writing leaves the old file whole
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, args.out)
+    from _common import merge_rows
+
+    merge_rows(args.out, rows)  # (other devices' rows are kept)
     print(f"wrote {len(rows)} rows to {args.out}")
 
 
