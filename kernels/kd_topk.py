@@ -144,7 +144,7 @@ def _kd_topk_kernel(
             m = m_new
         log_z = tl.log(zs)
         # The stored entries: running max of lp, sum exp(lp - max), and the rounding terms
-        # sum p (1 - lp) (teacher_push); a NaN entry makes the mass NaN. An id outside the
+        # sum p |lp| (teacher_push); a NaN entry makes the mass NaN. An id outside the
         # vocabulary (ids are checked on the CPU only) makes the row NaN, without reading or
         # writing outside the row.
         tm = tl.cast(NEG_INF, tl.float32)
@@ -159,7 +159,7 @@ def _kd_topk_kernel(
             bad_id = tl.maximum(bad_id, tl.max(tl.where((idv < 0) | (idv >= vocab), 1.0, 0.0), 0))
             lp = tl.where(lp > 0.0, 0.0, lp)  # clamp_logprob (NaN kept)
             p = tl.exp(lp)
-            rounding += tl.sum(tl.where(p > 0.0, p * (1.0 - lp), 0.0), 0)
+            rounding += tl.sum(tl.where(p > 0.0, -p * lp, 0.0), 0)
             any_nan = tl.maximum(any_nan, tl.max(tl.where(lp != lp, 1.0, 0.0), 0))
             lpc = tl.where(lp != lp, NEG_INF, lp)
             tm_new = tl.maximum(tm, tl.max(lpc, 0))

@@ -83,12 +83,12 @@ KD_HD float clamp_logprob(float lp) { return lp > 0.f ? 0.f : lp; }
 struct TeacherAcc {
   float m;
   double z;        // running max of lp, sum exp(lp - m)
-  float rounding;  // sum p (1 - lp)
+  float rounding;  // sum p |lp| (stored_rounding in kdfast/reference/kd_topk.py)
 };
 
 KD_HD TeacherAcc teacher_push(TeacherAcc a, float lp) {
   const float p = expf(lp);
-  if (p > 0.f) a.rounding += p * (1.f - lp);
+  if (p > 0.f) a.rounding -= p * lp;
   if (lp != lp || a.m != a.m) return TeacherAcc{NAN, NAN, a.rounding};
   if (lp == -INFINITY) return a;
   if (lp <= a.m) return TeacherAcc{a.m, a.z + expf(lp - a.m), a.rounding};

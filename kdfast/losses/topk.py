@@ -44,6 +44,9 @@ def teacher_topk(teacher_logits: torch.Tensor, k: int, temperature: float = 1.0,
     if not teacher_logits.is_floating_point():  # (complex lost its imaginary part, bools read as 0 and 1)
         raise TypeError(f"teacher_logits must be floating point, got {teacher_logits.dtype}")
     vocab = teacher_logits.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"teacher_logits must have a vocabulary of at least one entry, got shape "
+                         f"{tuple(teacher_logits.shape)}")
     chunk_size = _check_int("chunk_size", chunk_size, minimum=1)
     k = _check_int("k", k)
     if not 1 <= k <= vocab:
@@ -82,6 +85,8 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
         if t.device != device:
             raise ValueError(f"{name} must be on {device} like {like}, got {t.device}")
     k = teacher_topk_ids.shape[-1]
+    if vocab == 0:
+        raise ValueError(f"{like} must have a vocabulary of at least one entry, got an empty last dimension")
     if not 1 <= k <= vocab:
         raise ValueError(f"teacher_topk_ids must hold between 1 and {vocab} (the vocabulary) ids per position, "
                          f"got k = {k}")
@@ -153,8 +158,9 @@ def topk_kd_loss(
             as an indexing op's range is).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
-            <= 0, their probabilities summing to at most 1 per position (checked on the CPU, up
-            to the stored dtype's rounding; on a GPU positive entries are clamped to 0).
+            <= 0, their probabilities summing to at most 1 per position (checked in eager mode on
+            the CPU, up to the stored dtype's rounding; on a GPU and under torch.compile not, and
+            positive entries are clamped to 0).
         labels: optional ``[...]``; positions equal to ``ignore_index`` are left out, whatever
             they hold (padding ids and NaN log-probabilities there give no NaN gradient).
         temperature: applied to the student's logits (the teacher's are stored at it).

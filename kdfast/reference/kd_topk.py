@@ -33,14 +33,24 @@ def log1mexp(a: torch.Tensor) -> torch.Tensor:
     return torch.where(a > -math.log(2.0), torch.log(-torch.expm1(a)), torch.log1p(-torch.exp(a)))
 
 
-def mass_rounding(p: torch.Tensor, lp: torch.Tensor, stored_eps: float) -> torch.Tensor:
-    """How far rounding can move the stored probabilities' sum per position: each
-    ``p_i = exp(lp_i)`` is off by up to ``p_i |lp_i|`` units of the stored dtype (bfloat16 holds
-    lp to 3 digits) plus ``p_i`` units near 0, and their float32 sum by k float32 units. A
-    coarse ``k * eps`` of bfloat16 (0.5 at k = 64) would let a mass of 1.6 through and drop real
-    remainders. An entry of probability 0 (lp = -inf) adds nothing."""
-    per_entry = torch.where(p > 0, p * (1.0 - lp), torch.zeros_like(p))
+def stored_rounding(p: torch.Tensor, lp: torch.Tensor, stored_eps: float) -> torch.Tensor:
+    """How far storing the log-probabilities can move their probabilities' sum per position,
+    the bound under which a remainder counts as 0: each ``p_i = exp(lp_i)`` is off by up to
+    ``p_i |lp_i|`` units of the stored dtype (bfloat16 holds lp to 3 digits), and their float32
+    sum by k float32 units. (A coarser bound drops real remainders: ``p_i (1 + |lp_i|)`` took a
+    confident token's 0.5% in bfloat16 for rounding, and the loss went negative.) An entry of
+    probability 0 (lp = -inf) adds nothing."""
+    per_entry = torch.where(p > 0, -p * lp, torch.zeros_like(p))
     return stored_eps * per_entry.sum(-1) + p.shape[-1] * torch.finfo(torch.float32).eps
+
+
+def mass_rounding(p: torch.Tensor, lp: torch.Tensor, stored_eps: float) -> torch.Tensor:
+    """The tolerance of the stored mass's checks (at most 1; with k equal to the vocabulary,
+    1): :func:`stored_rounding` plus ``p_i`` units per entry, for log-probabilities computed in
+    the stored dtype (a bf16 model's log-softmax), whose error is not relative to lp alone. A
+    coarse ``k * eps`` of bfloat16 (0.5 at k = 64) would let a mass of 1.6 through."""
+    per_entry = torch.where(p > 0, p, torch.zeros_like(p))
+    return stored_rounding(p, lp, stored_eps) + stored_eps * per_entry.sum(-1)
 
 
 def xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -113,7 +123,7 @@ def kd_topk(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, la
             # a student that masks them with a large negative logit (NaN stays NaN).
             # The test is made before the log, so a dropped remainder sends no gradient through it
             # (log 0's inf times where()'s zero would be NaN in the teacher's gradient).
-            real = (-torch.expm1(log_mass) > mass_rounding(p, lp, stored_eps)) | log_mass.isnan()
+            real = (-torch.expm1(log_mass) > stored_rounding(p, lp, stored_eps)) | log_mass.isnan()
             log_r = torch.where(real, log1mexp(torch.where(real, log_mass, torch.full_like(log_mass, -1.0))),
                                 torch.full_like(log_mass, -math.inf))
             rows = rows + xlogy_ratio(log_r.exp(), log_r, log_q_rest)
@@ -151,7 +161,7 @@ def kd_topk_grad(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tenso
     grad = a.unsqueeze(1) * q
     if remainder == "bucket" and k < vocab:
         p = lp.exp()
-        real = (-torch.expm1(log_mass) > mass_rounding(p, lp, stored_eps)) | log_mass.isnan()
+        real = (-torch.expm1(log_mass) > stored_rounding(p, lp, stored_eps)) | log_mass.isnan()
         r = torch.where(real, -torch.expm1(log_mass), torch.zeros_like(log_mass))
         outside = z.scatter(1, ids, -math.inf)
         has_rest = (outside > -math.inf).any(dim=-1)

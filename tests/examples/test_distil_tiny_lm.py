@@ -55,3 +55,10 @@ def test_bad_arguments_are_usage_errors(capsys, argv, message):
         load_example().main(argv)
     assert exc.value.code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offline_topk", [True, 2.5, "4", 0, 600])
+def test_distil_names_an_offline_topk_that_is_not_an_integer_in_range(offline_topk):
+    # (True and 2.5 failed as teacher_topk's k after both models were built, "4" in a comparison)
+    with pytest.raises(ValueError, match="offline_topk must be an integer in \\[1, 512\\]"):
+        load_example().distil(steps=1, log_every=0, offline_topk=offline_topk)

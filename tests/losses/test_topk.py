@@ -429,3 +429,11 @@ def test_teacher_gradients_are_finite_where_the_remainder_is_zero(ids_kind):
     p, log_q = lp.detach().exp(), s.log_softmax(-1).gather(1, ids)
     kept = p > 0
     torch.testing.assert_close(lp.grad[kept], (p * (lp.detach() - log_q + 1))[kept], rtol=1e-5, atol=1e-6)
+
+
+def test_an_empty_vocabulary_is_named_as_such():
+    # (it read "k must be in [1, 0]" and "teacher_topk_ids must hold between 1 and 0 ids")
+    with pytest.raises(ValueError, match="teacher_logits must have a vocabulary of at least one entry"):
+        teacher_topk(torch.randn(2, 0), 1)
+    with pytest.raises(ValueError, match="student_logits must have a vocabulary of at least one entry"):
+        topk_kd_loss(torch.randn(2, 0), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))

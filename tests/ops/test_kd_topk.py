@@ -160,6 +160,35 @@ def test_remainder_within_the_stored_rounding_counts_as_zero(backend):
     assert_matches(backend, s, ids, lp, backend, stored_eps=eps)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("p_top", [0.995, 0.9995])
+def test_a_confident_tokens_small_remainder_is_kept_in_16_bit_storage(backend, dtype, p_top):
+    # The remainder test's bound took p (1 + |lp|) units of the stored dtype: a top token of
+    # 0.995 stored in bf16 (its remainder pinned to 0.4992 % +- 0.002 %) had its remainder
+    # dropped, and the loss came out negative, lowest for a one-hot student.
+    vocab = 100
+    s = torch.zeros(1, vocab)
+    s[0, 0] = math.log((1 - 1e-6) / 1e-6 * (vocab - 1))  # the student: 1 - 1e-6 on id 0
+    ids = torch.tensor([[0]])
+    lp = torch.tensor([[math.log(p_top)]]).to(dtype)
+    eps = torch.finfo(dtype).eps
+    log_q = s.double().log_softmax(-1)
+    p = lp.double().exp()
+    r, q_rest = 1 - p[0, 0], 1 - log_q[0, 0].exp()
+    exact = p[0, 0] * (lp.double()[0, 0] - log_q[0, 0]) + r * (r.log() - q_rest.log())
+    rows, grad = fused(backend, s, ids, lp.float(), stored_eps=eps) if backend != "reference" else reference(
+        s, ids, lp.float(), torch.float64, stored_eps=eps)
+    assert exact > 0
+    torch.testing.assert_close(rows.double()[0], exact, rtol=2e-3, atol=1e-7)
+    # the gradient pushes the student's top logit down (towards the teacher's p_top), not up:
+    # d/ds_0 of the bucket KL is r q_0 - p_0 Q
+    q0 = log_q[0, 0].exp()
+    want = r * q0 - p[0, 0] * q_rest
+    assert want > 0
+    torch.testing.assert_close(grad.double()[0, 0], want, rtol=2e-3, atol=1e-7)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_rows_and_16_bit_gradients(backend):
     wide = logits((6, 90), torch.bfloat16, 10)
