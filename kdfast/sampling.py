@@ -1102,8 +1102,9 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
             sigma_t, sigma_hat_t = cb_sigmas[ev.step]
             callback({'x': x, 'i': ev.step, 'sigma': sigma_t, 'sigma_hat': sigma_hat_t,
                       'denoised': _guided(m, c, g)})
-        if m.dtype is not x.dtype:  # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype
-            x = promoted_sample(x, m)
+        if m.dtype is not x.dtype or (c is not None and c.dtype is not x.dtype):
+            # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype (either half's)
+            x = promoted_sample(x, m, c)
             rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
         out = ops.solver_step(x, m, rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
                               history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,

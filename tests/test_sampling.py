@@ -1719,6 +1719,22 @@ def test_a_wider_denoiser_output_widens_the_loop_like_k_diffusion(sampler):
     assert rel_err(got, S.sample(wide, x.float(), sigmas, sampler=sampler, disable=True)) <= 2e-3
 
 
+@pytest.mark.parametrize("wider", ["cond", "uncond"])
+def test_either_guidance_half_widens_the_loop(wider):
+    # only the unconditional output's dtype was looked at: a float32 cond output left x in
+    # float16 (k-diffusion's guided arithmetic promotes it)
+    x = initial()[:1].half()
+    sigmas = S.get_sigmas_karras(5, 0.03, SIGMA_MAX)
+
+    def two_dtypes(x, sigma, cond=None):
+        out = denoiser(x.float(), sigma) * (1.0 if cond is None else 1.1)
+        return out if (cond is not None) == (wider == "cond") else out.half()
+
+    got = S.sample(two_dtypes, x, sigmas, sampler="dpmpp_2m", guidance_scale=5.0, cond=torch.ones(1), uncond=None,
+                   disable=True)
+    assert got.dtype == torch.float32
+
+
 @pytest.mark.parametrize("name", ["euler", "heun", "lms", "dpmpp_2m", "dpmpp_sde", "dpm_fast", "dpm_adaptive"])
 def test_another_default_device_changes_nothing(name):
     # torch.set_default_device("cuda") or a `with torch.device(...)` block: the cached plans'

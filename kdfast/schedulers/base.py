@@ -859,6 +859,7 @@ class FusedScheduler(ConfigMixin):
                     mixed = True
                     break
         if mixed:
+            _check_output_dtypes(("model_output", model_output), *(("history", h) for h in history))
             wide = widest_dtype(dtype, model_output, *history)
             if self._steps_in_the_wider_dtype:
                 sample = sample.to(wide)
@@ -1029,11 +1030,21 @@ def promote(a: torch.dtype, b: torch.dtype) -> torch.dtype:
 _PROMOTED: Dict[Tuple[torch.dtype, torch.dtype], torch.dtype] = {}
 
 
+def _check_output_dtypes(*named) -> None:
+    """Model outputs (and history entries) of another dtype than the sample are promoted with it:
+    a complex or integer one is named here (promoted, it was blamed on the sample)."""
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and (t.is_complex() or not t.is_floating_point()):
+            raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or float64), "
+                            f"got {t.dtype}")
+
+
 def guidance_pair(uncond, cond):
     """``uncond`` and ``cond`` in one dtype, the wider of theirs: diffusers' guided output
     ``uncond + s * (cond - uncond)`` has it, and the step reads its output's dtype from
     ``uncond`` (the narrower one is copied; the halves of one forward share a dtype anyway)."""
     if isinstance(uncond, torch.Tensor) and isinstance(cond, torch.Tensor) and uncond.dtype != cond.dtype:
+        _check_output_dtypes(("uncond", uncond), ("cond", cond))
         dtype = promote(uncond.dtype, cond.dtype)
         return uncond.to(dtype), cond.to(dtype)
     return uncond, cond

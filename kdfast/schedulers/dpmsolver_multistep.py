@@ -26,10 +26,18 @@ _ROUNDING_STEP = 1e-6
 
 def prediction_part(scheduler, output, sample):
     """The prediction in a model output: diffusers' ``model_output[:, :3]`` for the learned
-    variance types, where the output is wider than the sample (the variance is not used)."""
+    variance types, where the output is wider than the sample (the variance is not used).
+    diffusers takes 3 channels whatever the latents': with latents of other than 3 channels
+    that is named here (the 3 channels were compared with the sample's shape, an error about a
+    shape never passed)."""
     if (scheduler.config.get("variance_type") in ("learned", "learned_range") and isinstance(output, torch.Tensor)
             and isinstance(sample, torch.Tensor) and min(output.dim(), sample.dim()) > 1
             and output.shape[1] != sample.shape[1]):
+        if sample.shape[1] != 3:
+            raise ValueError(f"model_output {tuple(output.shape)}: with variance_type="
+                             f"{scheduler.config.variance_type!r} an output wider than the sample "
+                             f"{tuple(sample.shape)} is read as diffusers reads it, its channels [:3]: 3-channel "
+                             "latents only; for others pass the mean alone")
         return output[:, :3]
     return output
 

@@ -301,7 +301,7 @@ def test_diffusers_nan_cases_are_refused():
     x = initial_sample()
     t = df.timesteps[0]
     assert torch.isnan(df.sigmas).any() and torch.isnan(df.step(dummy_model(x, 0.0), t, x).prev_sample).all()
-    with pytest.raises(ValueError, match="shift must be a finite number > 0"):
+    with pytest.raises(ValueError, match="shift must be > 0"):
         KD(shift=0.0)
     # s_churn <= -(number of sigma intervals) makes sigma_hat 0: diffusers divides by it
     df, kd = DF(shift=3.0), KD(shift=3.0)

@@ -186,6 +186,31 @@ def test_a_flow_shift_of_zero_or_below_is_refused(name):
             getattr(K, name)().set_shift(-1.0)
 
 
+@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+def test_a_complex_model_output_is_named(name):
+    # promoted with the sample, it was blamed on the sample ("sample must be float32 ...")
+    s = getattr(K, name)()
+    s.set_timesteps(4)
+    x = initial_sample()
+    t = s.timesteps[0]
+    m = dummy_model(s.scale_model_input(x, t), t)
+    with pytest.raises(TypeError, match="model_output must be a floating-point tensor"):
+        s.step(m.to(torch.complex64), t, x)
+    with pytest.raises(TypeError, match="cond must be a floating-point tensor"):
+        s.step_cfg(m, m.to(torch.complex64), 2.0, t, x)
+    assert s.step_index in (None, 0)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler"])
+def test_learned_variance_outputs_of_other_than_3_channel_latents_are_named(name):
+    # diffusers keeps channels [:3]: with 4-channel latents the error spoke of a (2, 3, 8, 8) output
+    s = getattr(K, name)(variance_type="learned_range")
+    s.set_timesteps(5)
+    x = torch.randn(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"model_output \(2, 8, 8, 8\): with variance_type='learned_range'"):
+        s.step(torch.randn(2, 8, 8, 8), s.timesteps[0], x)
+
+
 def test_kdpm2_ancestral_checks_variance_noise_at_every_stage():
     # the first stage (which draws none) took a string; the second failed with an AttributeError
     s = K.KDPM2AncestralDiscreteScheduler()
