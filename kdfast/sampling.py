@@ -991,7 +991,7 @@ def _check_guidance(guidance_scale, cond, uncond, extra_args) -> Optional[float]
 
 
 def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: Optional[float], cond, uncond,
-                  timesteps: Sequence[Any], sigma_follows_x: bool = False):
+                  timesteps: Sequence[Any], sigma_follows_x: bool = False, both_halves: bool = False):
     """``evaluate(x, key) -> (model_output, cond_output or None)``; ``key`` picks a precomputed
     time argument: a sigma (sigma path; ``evaluate.time_arg(sigma, x)`` gives the tensor, which
     the loop passes as the key) or the timestep tensor itself (scheduler path).
@@ -999,9 +999,11 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
     Sigma arguments are made once, in x's dtype, as k-diffusion's ``s_in`` is, and each model
     call gets its own copy, as in k-diffusion; with
     ``sigma_follows_x`` (DPM-Solver-Fast, whose k-diffusion code makes them from the current x)
-    a sample promoted to a wider denoiser output's dtype gets them in that dtype from then on."""
+    a sample promoted to a wider denoiser output's dtype gets them in that dtype from then on.
+    ``both_halves``: both outputs at a guidance scale of 1 too (CFG++ there)."""
     B = x.shape[0]
-    batched = (guidance is not None and guidance != 1.0 and isinstance(cond, torch.Tensor)
+    guided = guidance is not None and (guidance != 1.0 or both_halves)
+    batched = (guided and isinstance(cond, torch.Tensor)
                and isinstance(uncond, torch.Tensor) and cond.dim() > 0 and cond.shape == uncond.shape
                and cond.shape[0] == B)
     rows = 2 * B if batched else B
@@ -1028,7 +1030,7 @@ def _model_caller(model, x: torch.Tensor, extra_args: Dict[str, Any], guidance: 
         evaluate.time_arg = sigma_arg  # (key, x) -> the time argument the denoiser gets
         return evaluate
 
-    if guidance is None or guidance == 1.0:
+    if not guided:
         kwargs = dict(extra_args)
         if cond is not None or guidance is not None:
             kwargs["cond"] = cond
@@ -1389,6 +1391,25 @@ _LOOP_STEP_ARGUMENTS = frozenset({
     "per_token_timesteps"})
 
 
+def _step_keywords(scheduler, method) -> set:
+    """The keyword parameters of ``method``, with those of ``_step`` where ``method`` passes its
+    ``**kwargs`` on to it (the shared ``step`` / ``step_cfg``)."""
+    params = inspect.signature(method).parameters.values()
+    names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                  inspect.Parameter.KEYWORD_ONLY)}
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params) and method != scheduler._step:
+        names |= _step_keywords(scheduler, scheduler._step)
+    return names
+
+
+def _takes_step_cfg_only_options(scheduler, options: Dict[str, Any]) -> bool:
+    """Whether ``options`` hold one that only ``step_cfg`` takes (CFG++'s ``cfg_pp``): the loop
+    then guides at a scale of 1 too (CFG++ at 1 still re-noises with the unconditional output,
+    which conditional sampling alone does not)."""
+    return bool(options) and bool(set(options) & (_step_keywords(scheduler, scheduler.step_cfg)
+                                                  - _step_keywords(scheduler, scheduler.step)))
+
+
 def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str, Any]:
     """The per-step options of ``scheduler.step`` given to :func:`sample` (DDIM's ``eta``,
     Euler's ``s_churn`` ...: in diffusers a pipeline passes them to every ``step`` call), checked
@@ -1397,23 +1418,13 @@ def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str,
     if not options:
         return {}
     who = type(scheduler).__name__
-    def keywords(method) -> set:
-        """The keyword parameters of ``method``, with those of ``_step`` where ``method`` passes
-        its ``**kwargs`` on to it (the shared ``step`` / ``step_cfg``)."""
-        params = inspect.signature(method).parameters.values()
-        names = {p.name for p in params if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                                      inspect.Parameter.KEYWORD_ONLY)}
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-            names |= keywords(scheduler._step) if method != scheduler._step else set()
-        return names
-
-    names = keywords(scheduler.step_cfg if guided else scheduler.step)
+    names = _step_keywords(scheduler, scheduler.step_cfg if guided else scheduler.step)
     names = {n for n in names - _LOOP_STEP_ARGUMENTS if not n.startswith("_")}
     unknown = sorted(set(options) - names)
     if unknown:
         takes = f"it takes {sorted(names)}" if names else "it takes none"
-        if not guided:  # (guidance_scale=1 is no guidance: step() runs, and CFG++ with it)
-            takes += "; with a guidance_scale other than 1, step_cfg's options too"
+        if not guided:  # (without guidance step() runs)
+            takes += "; with guidance (cond and uncond), step_cfg's options too"
         raise TypeError(f"{who}.step{'/step_cfg' if guided else ''} has no per-step option(s) {unknown} "
                         f"(the options after the scheduler go to every step call; {takes})")
     return dict(options)
@@ -1439,12 +1450,12 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     timesteps = scheduler.timesteps
     if getattr(scheduler, "_last_timestep_is_the_end", False):
         timesteps = timesteps[:-1]
-    fused_cfg = guidance is not None and guidance != 1.0
+    fused_cfg = guidance is not None and (guidance != 1.0 or _takes_step_cfg_only_options(scheduler, step_options))
     step_options = _step_options(scheduler, step_options, fused_cfg)
     state = _scheduler_state(scheduler)
 
     def run(x, cond, uncond, callback=None, bar=None):
-        evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, ())
+        evaluate = _model_caller(denoiser, x, extra_args, guidance, cond, uncond, (), both_halves=fused_cfg)
         xx, carry, previous = x, None, None
         for i, t in enumerate(timesteps):  # iterating gives views: the step index costs no sync
             if i < start:

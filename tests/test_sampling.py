@@ -1479,8 +1479,21 @@ def test_guided_step_options_are_those_of_step_cfg():
     for t in sched.timesteps:
         y = sched.step_cfg(model(y, t, -cond), model(y, t, cond), 0.6, t, y, cfg_pp=True).prev_sample
     torch.testing.assert_close(got, y)
+    # at a scale of 1 too (it took the unguided path and refused cfg_pp; CFG++ at 1 still
+    # re-noises with the unconditional output)
+    for scale in (1.0, 1.0 - 1e-6):
+        sched.set_timesteps(5)
+        got = S.sample(model, x, sched, guidance_scale=scale, cond=cond, uncond=-cond, cfg_pp=True, disable=True)
+        sched.set_timesteps(5)
+        y = x
+        for t in sched.timesteps:
+            y = sched.step_cfg(model(y, t, -cond), model(y, t, cond), scale, t, y, cfg_pp=True).prev_sample
+        torch.testing.assert_close(got, y)
     sched.set_timesteps(5)
-    with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\].*other than 1"):
+    conditional = S.sample(model, x, sched, guidance_scale=1.0, cond=cond, uncond=-cond, disable=True)
+    assert (got - conditional).abs().max() > 0.01
+    sched.set_timesteps(5)
+    with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\].*with guidance"):
         S.sample(model, x, sched, cfg_pp=True, disable=True)  # no guidance: step() is called
     with pytest.raises(TypeError, match=r"it takes \['cfg_pp', 'eta', 'use_clipped_model_output'\]\)$"):  # (not uncond)
         S.sample(model, x, sched, guidance_scale=2.0, cond=cond, uncond=-cond, bogus=1, disable=True)
