@@ -88,14 +88,14 @@ def _outside_reduce(s_row, ids_row, vocab, k, inv_t, ref, DO_MAX: tl.constexpr, 
 
 
 @triton.jit
-def _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM: tl.constexpr):
+def _entry_log_weight(lp_row, i, km, tm, log_tz, log_mass, nan, RENORM: tl.constexpr):
     """The stored entries' log-weights at ``i``: the log-probabilities clamped to <= 0
-    (clamp_logprob, NaN kept), less the stored log-mass when renormalising (NaN where there is
-    no mass)."""
+    (clamp_logprob, NaN kept), renormalised when asked, ``(lp - tm) - log(tz)`` with their max
+    ``tm`` taken off first (teacher_log_weight; NaN where there is no mass or it is NaN)."""
     lp = tl.load(lp_row + i, mask=km, other=NEG_INF)
     lp = tl.where(lp > 0.0, 0.0, lp)
     if RENORM:
-        log_w = tl.where(log_mass > NEG_INF, lp - log_mass, nan)
+        log_w = tl.where(log_mass > NEG_INF, (lp - tm) - log_tz, nan)
     else:
         log_w = lp
     return log_w
@@ -165,7 +165,8 @@ def _kd_topk_kernel(
             tm_new = tl.maximum(tm, tl.max(lpc, 0))
             tz = tl.where(tm_new == NEG_INF, 0.0, tz * tl.exp(tm - tm_new) + tl.sum(tl.exp(lpc - tm_new), 0))
             tm = tm_new
-        log_mass = tl.where(tm == NEG_INF, NEG_INF, tm + tl.log(tz))
+        log_tz = tl.log(tz)
+        log_mass = tl.where(tm == NEG_INF, NEG_INF, tm + log_tz)
         log_mass = tl.where(any_nan > 0.0, nan, log_mass)
         defined = (tl.abs(m) < INF) & (tl.abs(log_z) < INF) & (bad_id == 0.0)
         if defined:
@@ -205,7 +206,7 @@ def _kd_topk_kernel(
             for kc in range(0, k, KB):
                 i = kc + kr
                 km = i < k
-                log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
+                log_w = _entry_log_weight(lp_row, i, km, tm, log_tz, log_mass, nan, RENORM)
                 x_id = _logit_at(s_row, tl.load(ids_row + i, mask=km, other=0), km)
                 w = tl.exp(log_w)
                 lq = tempered_shift(x_id, m, inv_t) - log_z
@@ -235,7 +236,7 @@ def _kd_topk_kernel(
                 for kc in range(0, k, KB):
                     i = kc + kr
                     km = i < k
-                    log_w = _entry_log_weight(lp_row, i, km, log_mass, nan, RENORM)
+                    log_w = _entry_log_weight(lp_row, i, km, tm, log_tz, log_mass, nan, RENORM)
                     ids = tl.load(ids_row + i, mask=km, other=0)
                     x_id = _logit_at(s_row, ids, km)
                     w = tl.exp(log_w)

@@ -115,11 +115,12 @@ KD_HD float log_remainder(const Params& p, float log_mass, float rounding_terms)
   return real ? log1mexp(log_mass) : -INFINITY;
 }
 
-// Entry i's teacher weight w_i and log-weight: p_i and lp_i, or renormalised by the mass
-// (a mass of 0 has nothing to renormalise: NaN).
-KD_HD float teacher_log_weight(const Params& p, float lp, float log_mass) {
+// Entry i's teacher weight w_i and log-weight: p_i and lp_i, or renormalised by the stored
+// entries' mass, (lp_i - max) - log z with the max taken off first (lp - (max + log z) rounds
+// log z away where lp is -1e8); a mass of 0 has nothing to renormalise, nor a NaN one: NaN.
+KD_HD float teacher_log_weight(const Params& p, float lp, TeacherAcc t) {
   if (!p.renormalize) return lp;
-  return log_mass > -INFINITY ? lp - log_mass : NAN;
+  return t.m > -INFINITY ? (lp - t.m) - float(log(t.z)) : NAN;  // (a NaN max fails the test too)
 }
 
 // The student's side of a row, after the vocabulary sweeps: its log-normaliser m / T + log_z

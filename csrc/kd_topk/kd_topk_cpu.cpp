@@ -68,7 +68,7 @@ KD_CPU_INLINE RowOut row_topk(const Params& p, const float* z, const int64_t* id
   double loss = 0.0, weight_sum = 0.0;
   for (int64_t i = 0; i < k; ++i) {
     float w;
-    loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), z[ids[i]], st, w);
+    loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), acc), z[ids[i]], st, w);
     weight_sum += w;
   }
   loss += remainder_loss(log_r, st);
@@ -88,7 +88,7 @@ KD_CPU_INLINE RowOut row_topk(const Params& p, const float* z, const int64_t* id
   for (int64_t i = 0; i < k; ++i) e[ids[i]] = a * expf(student_log_prob(st, z[ids[i]])) * scale;
   for (int64_t i = 0; i < k; ++i) {
     float w;
-    entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), z[ids[i]], st, w);
+    entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), acc), z[ids[i]], st, w);
     e[ids[i]] -= w * scale;
   }
   return RowOut{float(loss), true};

@@ -196,7 +196,7 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
     Sums s{0.0, 0.0};
     for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
       float w;
-      s.loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), logit_at(p, s_off, ids[i]), st, w);
+      s.loss += entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), t), logit_at(p, s_off, ids[i]), st, w);
       s.weight += w;
     }
     s = block_reduce(s, sum_scratch, AddSums{});
@@ -219,7 +219,7 @@ __global__ void __launch_bounds__(kThreads) kd_topk_kernel(const Params p) {
       const int64_t id = ids[i];
       const float x_id = logit_at(p, s_off, id);
       float w;
-      entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), log_mass), x_id, st, w);
+      entry_loss(teacher_log_weight(p, clamp_logprob(lps[i]), t), x_id, st, w);
       const float g = a * expf(student_log_prob(st, x_id)) * scale;
       store_from_float(p.grad, p.grad_dtype, g_off + id, g - w * scale);
     }

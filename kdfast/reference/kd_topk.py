@@ -53,6 +53,17 @@ def mass_rounding(p: torch.Tensor, lp: torch.Tensor, stored_eps: float) -> torch
     return stored_rounding(p, lp, stored_eps) + stored_eps * per_entry.sum(-1)
 
 
+def renormalized(lp: torch.Tensor) -> torch.Tensor:
+    """The log-probabilities renormalised to a mass of 1 per position, ``(lp - max) - log(sum
+    exp(lp - max))``: the max taken off first (``lp - logsumexp(lp)`` rounds the sum's log away
+    where lp is -1e8, and every weight came out 1); NaN where there is no mass to renormalise
+    or an entry is NaN."""
+    m = lp.amax(dim=-1, keepdim=True).detach()
+    shifted = lp - torch.where(torch.isfinite(m), m, torch.zeros_like(m))
+    log_z = torch.log(torch.exp(shifted).sum(-1, keepdim=True))
+    return torch.where(log_z > -math.inf, shifted - log_z, torch.full_like(shifted, math.nan))
+
+
 def xlogy_ratio(p: torch.Tensor, log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     """``p * (log_p - log_q)``, 0 where ``p`` is 0 and NaN where it is NaN (a NaN teacher entry
     must not vanish from the loss while its gradient is NaN). Where ``p`` is 0 the logs are
@@ -103,8 +114,7 @@ def kd_topk(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tensor, la
     log_mass = torch.logsumexp(lp, dim=-1)
     if remainder == "renormalize":
         # (a position with no stored mass has nothing to renormalise: NaN, refused on the CPU)
-        log_mass = torch.where(log_mass > -math.inf, log_mass, torch.full_like(log_mass, math.nan))
-        lp_hat = lp - log_mass.unsqueeze(1)
+        lp_hat = renormalized(lp)
         rows = xlogy_ratio(lp_hat.exp(), lp_hat, log_q).sum(-1)
     else:
         p = lp.exp()
@@ -152,8 +162,7 @@ def kd_topk_grad(student: torch.Tensor, ids: torch.Tensor, logprobs: torch.Tenso
     q = log_q_all.exp()
     log_mass = torch.logsumexp(lp, dim=-1)
     if remainder == "renormalize":
-        log_mass = torch.where(log_mass > -math.inf, log_mass, torch.full_like(log_mass, math.nan))
-        w = (lp - log_mass.unsqueeze(1)).exp()
+        w = renormalized(lp).exp()
     else:
         w = lp.exp()
     w = torch.where(w > 0, w, torch.zeros_like(w))  # (NaN and 0 weights send no gradient)

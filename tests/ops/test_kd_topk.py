@@ -189,6 +189,20 @@ def test_a_confident_tokens_small_remainder_is_kept_in_16_bit_storage(backend, d
     torch.testing.assert_close(grad.double()[0, 0], want, rtol=2e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("level", [-10.0, -1e4, -1e6, -1e8])
+def test_renormalized_weights_of_very_negative_log_probabilities(backend, level):
+    # lp - (max + log z) rounded log z away at the scale of lp: weights of 1 each at -1e8 (a loss
+    # k times too large), 0.938 for 0.916 at -1e6
+    s = torch.zeros(1, 10)
+    ids = torch.tensor([[0, 1, 2, 3]])
+    lp = torch.full((1, 4), level)
+    rows, _ = (fused(backend, s, ids, lp, remainder="renormalize") if backend != "reference"
+               else reference(s, ids, lp, torch.float32, remainder="renormalize"))
+    torch.testing.assert_close(rows[0].double(), torch.tensor(math.log(10 / 4), dtype=torch.float64),
+                               rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_strided_rows_and_16_bit_gradients(backend):
     wide = logits((6, 90), torch.bfloat16, 10)
