@@ -19,6 +19,7 @@ outcome); the teacher is not run again.
 from __future__ import annotations
 
 import argparse
+import numbers
 from typing import List, Optional
 
 import torch
@@ -47,9 +48,11 @@ def distil(steps: int = 60, vocab: int = VOCAB, batch: int = 8, seq_len: int = 3
     (see the module docstring) instead of running it every step."""
     if isinstance(steps, bool) or int(steps) != steps or steps < 1:
         raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
-    if offline_topk is not None and (isinstance(offline_topk, bool) or not isinstance(offline_topk, int)
-                                     or not 1 <= offline_topk <= vocab):
-        raise ValueError(f"offline_topk must be an integer in [1, {vocab}], got {offline_topk!r}")
+    if offline_topk is not None:
+        if (isinstance(offline_topk, bool) or not isinstance(offline_topk, numbers.Real)
+                or not 1 <= offline_topk <= vocab or int(offline_topk) != offline_topk):
+            raise ValueError(f"offline_topk must be an integer in [1, {vocab}], got {offline_topk!r}")
+        offline_topk = int(offline_topk)
     teacher = tiny_llama(hidden=128, layers=4, vocab=vocab + 16, seed=seed)  # head padded by 16 columns
     with torch.no_grad():
         teacher.lm_head.weight.mul_(8.0)  # sharper next-token distributions than a random init gives

@@ -1402,12 +1402,16 @@ def _step_keywords(scheduler, method) -> set:
     return names
 
 
-def _takes_step_cfg_only_options(scheduler, options: Dict[str, Any]) -> bool:
-    """Whether ``options`` hold one that only ``step_cfg`` takes (CFG++'s ``cfg_pp``): the loop
-    then guides at a scale of 1 too (CFG++ at 1 still re-noises with the unconditional output,
-    which conditional sampling alone does not)."""
-    return bool(options) and bool(set(options) & (_step_keywords(scheduler, scheduler.step_cfg)
-                                                  - _step_keywords(scheduler, scheduler.step)))
+def _step_cfg_only_options(scheduler, options: Dict[str, Any]) -> Tuple[set, bool]:
+    """(the names in ``options`` that only ``step_cfg`` takes, whether one is turned on: CFG++'s
+    ``cfg_pp=True``). One turned on guides at a scale of 1 too (CFG++ at 1 still re-noises with
+    the unconditional output, which conditional sampling alone does not); turned off (None,
+    False) at a scale of 1, they are plain guidance there, the conditional output alone."""
+    if not options:
+        return set(), False
+    only = _step_keywords(scheduler, scheduler.step_cfg) - _step_keywords(scheduler, scheduler.step)
+    names = {n for n in options if n in only and n not in _LOOP_STEP_ARGUMENTS and not n.startswith("_")}
+    return names, any(options[n] is not None and options[n] is not False for n in names)
 
 
 def _step_options(scheduler, options: Dict[str, Any], guided: bool) -> Dict[str, Any]:
@@ -1450,7 +1454,10 @@ def _scheduler_loop(denoiser, x: torch.Tensor, scheduler, *, guidance_scale, con
     timesteps = scheduler.timesteps
     if getattr(scheduler, "_last_timestep_is_the_end", False):
         timesteps = timesteps[:-1]
-    fused_cfg = guidance is not None and (guidance != 1.0 or _takes_step_cfg_only_options(scheduler, step_options))
+    cfg_only, cfg_only_on = _step_cfg_only_options(scheduler, step_options)
+    fused_cfg = guidance is not None and (guidance != 1.0 or cfg_only_on)
+    if guidance is not None and not fused_cfg:  # (step() takes none of them)
+        step_options = {k: v for k, v in step_options.items() if k not in cfg_only}
     step_options = _step_options(scheduler, step_options, fused_cfg)
     state = _scheduler_state(scheduler)
 
@@ -1777,7 +1784,8 @@ def sample(denoiser, x: torch.Tensor, sigmas_or_scheduler, *, sampler: str = "dp
     the whole batch, doubled or not, as diffusers pipelines pass it);
     ``extra_args`` are passed unchanged to every call. The guidance
     ``uncond + guidance_scale * (cond - uncond)`` is fused into the step kernel. A scale of 1
-    calls the denoiser on ``cond`` only. ``cond`` is required with a guidance scale; ``uncond``
+    calls the denoiser on ``cond`` only (with CFG++, ``cfg_pp=True``, on both: it re-noises with
+    the unconditional output). ``cond`` is required with a guidance scale; ``uncond``
     may be None (the unconditional output is then the denoiser's with ``cond=None``).
 
     ``cuda_graph=True`` (CUDA tensors only): the whole loop, model calls included, is captured

@@ -1492,6 +1492,17 @@ def test_guided_step_options_are_those_of_step_cfg():
     sched.set_timesteps(5)
     conditional = S.sample(model, x, sched, guidance_scale=1.0, cond=cond, uncond=-cond, disable=True)
     assert (got - conditional).abs().max() > 0.01
+    # cfg_pp=False at 1 is plain guidance at 1: the conditional output alone, one call per step
+    calls = []
+
+    def counting(x, t, cond=None):
+        calls.append(x.shape[0])
+        return model(x, t, cond)
+
+    sched.set_timesteps(5)
+    same = S.sample(counting, x, sched, guidance_scale=1.0, cond=cond, uncond=-cond, cfg_pp=False, disable=True)
+    assert calls == [x.shape[0]] * 5
+    torch.testing.assert_close(same, conditional)
     sched.set_timesteps(5)
     with pytest.raises(TypeError, match=r"DDIMScheduler.step has no per-step option\(s\) \['cfg_pp'\].*with guidance"):
         S.sample(model, x, sched, cfg_pp=True, disable=True)  # no guidance: step() is called

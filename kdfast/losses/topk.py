@@ -12,7 +12,10 @@ its details but known in total, and this module treats it explicitly:
   and equals it when the teacher's remainder is spread like the student's. A remainder
   within the rounding of the stored log-probabilities (each probability off by its own
   log-probability times their dtype's last place) counts as 0; with k equal to the
-  vocabulary the stored mass must be 1.
+  vocabulary the stored mass must be 1. (Log-probabilities computed within that: from
+  ``log_softmax`` or :func:`teacher_topk`. Written out as ``logits - logsumexp(logits)`` in
+  float32 at logits of some hundreds, they are off by more, and that deficit, ~1e-4, counts
+  as a remainder.)
 - ``remainder="renormalize"``: the stored top-k probabilities are renormalised to sum to 1
   and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
 

@@ -32,7 +32,7 @@ def prediction_part(scheduler, output, sample):
     shape never passed)."""
     if (scheduler.config.get("variance_type") in ("learned", "learned_range") and isinstance(output, torch.Tensor)
             and isinstance(sample, torch.Tensor) and min(output.dim(), sample.dim()) > 1
-            and output.shape[1] != sample.shape[1]):
+            and output.shape[1] > sample.shape[1]):
         if sample.shape[1] != 3:
             raise ValueError(f"model_output {tuple(output.shape)}: with variance_type="
                              f"{scheduler.config.variance_type!r} an output wider than the sample "

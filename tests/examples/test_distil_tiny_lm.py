@@ -3,6 +3,7 @@ from a cached top-k."""
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -57,8 +58,13 @@ def test_bad_arguments_are_usage_errors(capsys, argv, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("offline_topk", [True, 2.5, "4", 0, 600])
+@pytest.mark.parametrize("offline_topk", [True, 2.5, "4", 0, 600, float("nan"), float("inf")])
 def test_distil_names_an_offline_topk_that_is_not_an_integer_in_range(offline_topk):
     # (True and 2.5 failed as teacher_topk's k after both models were built, "4" in a comparison)
     with pytest.raises(ValueError, match="offline_topk must be an integer in \\[1, 512\\]"):
         load_example().distil(steps=1, log_every=0, offline_topk=offline_topk)
+
+
+def test_distil_takes_an_offline_topk_of_any_integer_type():
+    for k in (np.int64(4), 4.0):
+        assert len(load_example().distil(steps=1, vocab=64, seq_len=8, log_every=0, offline_topk=k)) == 1

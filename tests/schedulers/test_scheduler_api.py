@@ -209,6 +209,8 @@ def test_learned_variance_outputs_of_other_than_3_channel_latents_are_named(name
     x = torch.randn(2, 4, 8, 8)
     with pytest.raises(ValueError, match=r"model_output \(2, 8, 8, 8\): with variance_type='learned_range'"):
         s.step(torch.randn(2, 8, 8, 8), s.timesteps[0], x)
+    with pytest.raises(ValueError, match=r"model_output shape \(2, 3, 8, 8\) does not match sample shape"):
+        s.step(torch.randn(2, 3, 8, 8), s.timesteps[0], x)  # (narrower: not a variance output)
 
 
 def test_kdpm2_ancestral_checks_variance_noise_at_every_stage():
