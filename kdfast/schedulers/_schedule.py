@@ -116,8 +116,7 @@ def check_training_steps(num_train_timesteps, trained_betas) -> None:
         if not is_integer_at_least(num_train_timesteps, 1):
             raise ValueError(f"num_train_timesteps must be an integer >= 1, got {num_train_timesteps!r}")
         return
-    count = len(trained_betas) if isinstance(trained_betas, torch.Tensor) and trained_betas.dim() else \
-        np.size(np.asarray(trained_betas))
+    count = trained_betas.numel() if isinstance(trained_betas, torch.Tensor) else np.size(trained_betas)
     if count != num_train_timesteps:
         raise ValueError(f"trained_betas must hold one beta per training timestep (num_train_timesteps="
                          f"{num_train_timesteps!r}), got {count}")
@@ -236,7 +235,7 @@ def custom_schedule(name: str, values, dtype, sigmas: bool = False) -> np.ndarra
         raise ValueError(f"{name} must be a non-empty 1-D sequence of numbers, got shape {host.shape}")
     if not np.isfinite(host).all() or (sigmas and (host < 0).any()):
         raise ValueError(f"{name} must be finite{' and >= 0' if sigmas else ''}, got {host.tolist()}")
-    return host_array(values, dtype)
+    return host.astype(dtype)  # (the float64 copy's values: exact for any schedule's numbers)
 
 
 def sigma_to_t(sigma: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
