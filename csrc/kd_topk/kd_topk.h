@@ -71,8 +71,8 @@ KD_HD float log1mexp(float a) {
 // p * (a - b) with 0 log 0 = 0, and NaN where p is NaN.
 KD_HD float xlogy_ratio(float p, float a, float b) { return p > 0.f ? p * (a - b) : (p == 0.f ? 0.f : p); }
 
-// A stored log-probability as the math takes it: at most 0 (a GPU caller's positive entries are
-// clamped; the CPU path refuses them), NaN kept.
+// A stored log-probability as the math takes it: at most 0 (an entry above 0 within the stored
+// dtype's rounding, which topk_kd_loss's checks let through, is clamped), NaN kept.
 KD_HD float clamp_logprob(float lp) { return lp > 0.f ? 0.f : lp; }
 
 // What the k stored entries give before the student is known: the log of their total mass

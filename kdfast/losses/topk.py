@@ -20,7 +20,8 @@ its details but known in total, and this module treats it explicitly:
   and the rest is taken as exactly 0 (the usual "top-k KD"); the student is not truncated.
 
 The loss of every token and its gradient come from one fused kernel
-(:func:`kdfast.ops.kd_topk`); this module checks the stored entries (on the CPU), flattens and
+(:func:`kdfast.ops.kd_topk`); this module checks the stored entries (on the CPU with errors
+naming the problem, on a GPU and under torch.compile with asserts on the device), flattens and
 reduces.
 """
 from __future__ import annotations
@@ -108,6 +109,7 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
         if k > 1 and ids.numel() and ids.device.type != "meta" and not vmapped(ids):
             torch._assert_async((ids.sort(dim=-1).values.diff(dim=-1) != 0).all(),
                                 "teacher_topk_ids must not repeat an id within a position")
+        _assert_stored_logprobs(teacher_topk_logprobs.reshape(-1, k), keep, vocab, remainder)
     else:
         ids_kept, lp_kept = teacher_topk_ids.reshape(-1, k), teacher_topk_logprobs.reshape(-1, k).float()
         if keep is not None:  # ignored positions may hold anything (padding)
@@ -139,6 +141,27 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
     return k
 
 
+def _assert_stored_logprobs(lp: torch.Tensor, keep: Optional[torch.Tensor], vocab: int, remainder: str) -> None:
+    """The eager CPU checks of the stored ``[positions, k]`` log-probabilities, as one assert on
+    the device (no host read: on a GPU and inside torch.compile's graph), kept positions only."""
+    if not lp.numel() or lp.device.type == "meta" or vmapped(lp) or (keep is not None and vmapped(keep)):
+        return
+    checked = torch.bfloat16 if lp.dtype == torch.float16 else lp.dtype
+    lp64 = lp.double()
+    p64 = lp64.exp()
+    mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
+    bad = lp64.isnan().any(-1) | (mass > 1.0 + rounding)
+    if remainder == "renormalize":
+        bad |= (lp64 == -math.inf).all(-1)
+    elif lp.shape[-1] == vocab:
+        bad |= mass < 1.0 - rounding
+    if keep is not None:
+        bad &= keep
+    torch._assert_async(~bad.any(), "teacher_topk_logprobs must be log-probabilities at every position not "
+                        "ignored: no NaN, probabilities summing to at most 1 (to 1 where k is the vocabulary and "
+                        "remainder='bucket'; not all 0 with remainder='renormalize')")
+
+
 def topk_kd_loss(
     student_logits: torch.Tensor,
     teacher_topk_ids: torch.Tensor,
@@ -161,9 +184,9 @@ def topk_kd_loss(
             as an indexing op's range is).
         teacher_topk_logprobs: ``[..., k]`` the teacher's log-probabilities of those ids at
             ``temperature`` (``log_softmax(teacher_logits / temperature)`` at the ids): each
-            <= 0, their probabilities summing to at most 1 per position (checked in eager mode on
-            the CPU, up to the stored dtype's rounding; on a GPU and under torch.compile not, and
-            positive entries are clamped to 0).
+            <= 0, their probabilities summing to at most 1 per position, up to the stored dtype's
+            rounding (checked: in eager mode on the CPU with an error naming the problem, on a
+            GPU and under torch.compile by one assert on the device).
         labels: optional ``[...]``; positions equal to ``ignore_index`` are left out, whatever
             they hold (padding ids and NaN log-probabilities there give no NaN gradient).
         temperature: applied to the student's logits (the teacher's are stored at it).

@@ -105,7 +105,7 @@ def kd_topk(
             with device-side asserts elsewhere; the kernels make a row with an id outside the
             vocabulary NaN).
         logprobs: ``[rows, k]`` their log-probabilities at ``temperature`` (each <= 0; larger
-            values are clamped to 0).
+            values are clamped to 0; not checked here: :func:`kdfast.losses.topk_kd_loss` checks them).
         labels: optional ``[rows]``; rows equal to ``ignore_index`` give 0 and no gradient.
         temperature: the student's logits are divided by it.
         remainder: ``"bucket"`` or ``"renormalize"`` (see :mod:`kdfast.losses.topk`).

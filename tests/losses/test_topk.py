@@ -437,3 +437,32 @@ def test_an_empty_vocabulary_is_named_as_such():
         teacher_topk(torch.randn(2, 0), 1)
     with pytest.raises(ValueError, match="student_logits must have a vocabulary of at least one entry"):
         topk_kd_loss(torch.randn(2, 0), torch.zeros(2, 1, dtype=torch.long), torch.zeros(2, 1))
+
+
+@pytest.mark.parametrize("case", ["nan", "mass_above_1", "renormalize_all_zero", "full_vocab_mass_below_1"])
+def test_stored_logprobs_are_asserted_under_compile(case):
+    # The eager CPU checks of the stored log-probabilities, as one assert in the graph (the GPU
+    # path too): they went unchecked there, a NaN or a mass of 1.5 gave a silently wrong loss.
+    k, vocab, remainder = 2, 11, "bucket"
+    lp = torch.log(torch.full((3, k), 0.3))
+    if case == "nan":
+        lp[1, 0] = math.nan
+    elif case == "mass_above_1":
+        lp[1] = math.log(0.75)
+    elif case == "renormalize_all_zero":
+        lp[1] = -math.inf
+        remainder = "renormalize"
+    else:
+        k = vocab = 4
+        lp = torch.log(torch.full((3, k), 0.25))
+        lp[1] = math.log(0.2)
+    s = torch.randn(3, vocab)
+    ids = torch.arange(k).repeat(3, 1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda s, labels: topk_kd_loss(s, ids, lp, labels, remainder=remainder),
+                             backend="aot_eager", fullgraph=True)
+    with pytest.raises(RuntimeError, match="teacher_topk_logprobs must be log-probabilities at every position"):
+        compiled(s, torch.tensor([0, 1, 2]))
+    # the position ignored, the same graph runs and equals eager mode (which takes it too)
+    labels = torch.tensor([0, -100, 2])
+    torch.testing.assert_close(compiled(s, labels), topk_kd_loss(s, ids, lp, labels, remainder=remainder))
