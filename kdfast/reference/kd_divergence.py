@@ -134,7 +134,7 @@ def _entry_weights(kind: str, ls: torch.Tensor, lt: torch.Tensor, beta: float) -
     """``w = q * dD/dq`` per entry (up to a multiple of q, which cancels in the gradient)."""
     q, p = ls.exp(), lt.exp()
     zero = torch.zeros_like(q)
-    if kind == "forward_kl":
+    if kind == "forward_kl" or (kind == "skew_kl" and beta == 0):  # (skew KL at 0 is forward KL)
         return -p
     if kind == "reverse_kl":
         return torch.where(q > 0, q * (ls - torch.where(q > 0, lt, zero)), zero)
