@@ -71,11 +71,12 @@ def hinton_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
     alpha = real_number("alpha", alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if labels is not None:  # checked even where alpha=1 leaves them unused
+        labels = _check_labels(labels, *student_logits.shape, student_logits.device)
     if alpha == 1.0:
         return kd_loss(student_logits, teacher_logits, kind="forward_kl", temperature=temperature, scale_by_t2=True)
     if labels is None:
         raise ValueError("labels are needed for the cross-entropy term (or pass alpha=1.0)")
-    labels = _check_labels(labels, *student_logits.shape, student_logits.device)
     # no ignore_index: a label of -100 is refused wherever it is read (not dropped from the
     # cross-entropy alone, as F.cross_entropy's default would where the CPU check does not run)
     hard = _batch_mean(F.cross_entropy(student_logits.to(_compute_dtype(student_logits, teacher_logits)), labels,

@@ -299,6 +299,17 @@ def test_an_empty_batch_gives_zero_as_kd_loss_does(loss):
     assert head.weight.grad.abs().max().item() == 0.0
 
 
+@pytest.mark.parametrize("labels, error", [(torch.tensor([9.5, 1.0, 2.0]), TypeError),
+                                           (torch.tensor([0, 1, 7]), ValueError),
+                                           (torch.tensor([[0, 1, 2]]), ValueError)])
+def test_hinton_checks_labels_given_at_alpha_1(labels, error):
+    # alpha=1 leaves the labels unused; bad ones were taken silently there, refused at 0.9
+    s, t = logits((3, 5), 30), logits((3, 5), 31)
+    with pytest.raises(error, match="labels"):
+        hinton_kd_loss(s, t, labels, alpha=1.0)
+    torch.testing.assert_close(hinton_kd_loss(s, t, torch.tensor([0, 1, 4]), alpha=1.0), hinton_kd_loss(s, t, alpha=1.0))
+
+
 def test_hinton_never_drops_a_label_of_minus_100():
     # F.cross_entropy's default ignore_index would drop it from the cross-entropy alone under
     # torch.compile (where the CPU label check does not run): refused there as in eager mode
