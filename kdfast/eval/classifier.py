@@ -117,7 +117,8 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: 
 
     Light augmentation: every image is shifted by up to ``max_shift`` pixels per epoch. Adam
     with a one-cycle learning rate. Everything random is drawn from generators seeded by
-    ``seed``, so a run is repeatable on a given machine and thread count.
+    ``seed``, so a run is repeatable on a given machine and thread count; the caller's global
+    RNG state is left as it was.
 
     Returns the model (in eval mode) and metrics: ``heldout_accuracy``, ``train_accuracy``,
     ``final_loss``, ``train_seconds``, ``epochs``, ``seed``.
@@ -128,42 +129,44 @@ def train_classifier(epochs: int = 30, seed: int = 0, batch_size: int = 64, lr: 
     max_shift = check_int("max_shift", max_shift, minimum=0)
     lr = check_float("lr", lr, 0.0, math.inf)
     weight_decay = check_float("weight_decay", weight_decay, 0.0, math.inf)
-    start = time.perf_counter()
-    torch.manual_seed(seed)  # weight init and dropout
-    gen = torch.Generator().manual_seed(seed)  # batch order and shifts
-    model = DigitsClassifier(**{**DEFAULT_CONFIG, **config})
-    x_train, y_train = load_digits("train", size=IMAGE_SIZE, seed=0)
-    x_held, y_held = load_digits("heldout", size=IMAGE_SIZE, seed=0)
-    steps_per_epoch = -(-len(x_train) // batch_size)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
+    # weight init and dropout from a forked, seeded global RNG: the caller's RNG state is left as it was
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        gen = torch.Generator().manual_seed(seed)  # batch order and shifts
+        model = DigitsClassifier(**{**DEFAULT_CONFIG, **config})
+        x_train, y_train = load_digits("train", size=IMAGE_SIZE, seed=0)
+        x_held, y_held = load_digits("heldout", size=IMAGE_SIZE, seed=0)
+        steps_per_epoch = -(-len(x_train) // batch_size)
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
 
-    bar = progress_bar(range(epochs), enabled=progress, desc="digits classifier")  # on a terminal only
-    loss = torch.tensor(float("nan"))
-    for _ in bar:
-        model.train()
-        order = torch.randperm(len(x_train), generator=gen)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < 2:  # a batch of one breaks BatchNorm's statistics
-                continue
-            x = random_shift(x_train[idx], max_shift, gen)
-            loss = F.cross_entropy(model(x), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-    model.eval()
-    metrics = {
-        "heldout_accuracy": _accuracy(model, x_held, y_held),
-        "train_accuracy": _accuracy(model, x_train, y_train),
-        "final_loss": float(loss.item()),
-        "train_seconds": time.perf_counter() - start,
-        "epochs": int(epochs),
-        "seed": int(seed),
-    }
-    return model, metrics
+        bar = progress_bar(range(epochs), enabled=progress, desc="digits classifier")  # on a terminal only
+        loss = torch.tensor(float("nan"))
+        for _ in bar:
+            model.train()
+            order = torch.randperm(len(x_train), generator=gen)
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                if len(idx) < 2:  # a batch of one breaks BatchNorm's statistics
+                    continue
+                x = random_shift(x_train[idx], max_shift, gen)
+                loss = F.cross_entropy(model(x), y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        model.eval()
+        metrics = {
+            "heldout_accuracy": _accuracy(model, x_held, y_held),
+            "train_accuracy": _accuracy(model, x_train, y_train),
+            "final_loss": float(loss.item()),
+            "train_seconds": time.perf_counter() - start,
+            "epochs": int(epochs),
+            "seed": int(seed),
+        }
+        return model, metrics
 
 
 def _accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:

@@ -40,9 +40,13 @@ def test_tiny_training_run_returns_a_model_and_is_seeded():
     assert model.config["feature_dim"] == 32
     assert set(metrics) >= {"heldout_accuracy", "train_accuracy", "final_loss", "train_seconds"}
     assert 0.0 <= metrics["heldout_accuracy"] <= 1.0 and metrics["epochs"] == 1
+    torch.manual_seed(12345)
+    caller_state = torch.get_rng_state()
     again, _ = train_classifier(epochs=1, seed=3, progress=False, feature_dim=32)
     for (name, p), q in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(p, q), name
+    # seeded from a forked global RNG: the caller's state is left as it was (it was reseeded to 3)
+    assert torch.equal(torch.get_rng_state(), caller_state)
     with pytest.raises(ValueError, match="epochs"):
         train_classifier(epochs=0)
 
