@@ -12,14 +12,17 @@ teacher forwards of distillation:
   - diffusers' ``ResnetBlock2D`` (the blocks of ``UNet2DModel`` and ``UNet2DConditionModel``,
     Stable Diffusion's UNet among them) with the default time-embedding norm and SiLU, and
     without an up/down-sampler of their own (such blocks are left as they are);
-  - a ``GroupNorm`` directly followed by a ``SiLU`` in an ``nn.Sequential``, and diffusers
-    UNets' and VAEs' ``conv_norm_out`` / ``conv_act``.
+  - a ``GroupNorm`` directly followed by a ``SiLU`` in an ``nn.Sequential`` (not a subclass,
+    whose forward may read the norm's output elsewhere), and diffusers UNets' and VAEs'
+    ``conv_norm_out`` / ``conv_act``. The norm then applies the SiLU and the SiLU passes its
+    input on: a slice of such a prepared ``Sequential`` that ends at the norm applies the SiLU.
 
   Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
   hooks (which a fused pass would skip, or a replacement drop; accelerate's, which wrap the
-  instance's ``forward``, included) are left as they are; a hook
-  added to a prepared model's norm (or to a fused pair's SiLU) turns its fused pass off. The prepared model's
-  ``state_dict`` has the original's keys and values.
+  instance's ``forward``, and hooks registered for every module included) are left as they
+  are; a hook added to a prepared model's norm (or to a fused pair's SiLU), or for every
+  module, turns the fused passes it concerns off. The prepared model's ``state_dict`` has the
+  original's keys and values.
 
 The outputs are those of the original model up to float rounding. Wherever a gradient is
 needed, or for float64 inputs, the fused blocks run torch's own modules instead, so the copy
@@ -110,8 +113,14 @@ _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_
           "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
 
 
+# and the hooks registered for every module at once (torch.nn.modules.module.register_module_forward_hook, ...)
+_GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                 "_global_backward_pre_hooks")
+
+
 def _no_hooks(module: nn.Module) -> bool:
-    return not any(getattr(module, name, None) for name in _HOOKS) and not _wrapped_forward(module)
+    return (not any(getattr(module, name, None) for name in _HOOKS) and not _wrapped_forward(module)
+            and not any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
 
 
 def _wrapped_forward(module: nn.Module) -> bool:
@@ -217,12 +226,16 @@ def fuse_group_norms(model: nn.Module) -> int:
     return fused
 
 
-# Modules known to apply these attribute pairs one after the other in their forward.
+# diffusers' modules that apply these attribute pairs one after the other in their forward.
 _SEQUENTIAL_PAIRS = {("conv_norm_out", "conv_act")}
 
 
 def _used_in_order(module: nn.Module, first: str, second: str) -> bool:
-    return isinstance(module, nn.Sequential) or (first, second) in _SEQUENTIAL_PAIRS
+    """Whether ``module``'s forward feeds its child ``first``'s output to ``second`` and nothing
+    else reads it: an ``nn.Sequential`` itself (a subclass may return every layer's output, or
+    sum its children), or a diffusers module's known pair."""
+    return type(module) is nn.Sequential or ((first, second) in _SEQUENTIAL_PAIRS
+                                             and type(module).__module__.startswith("diffusers"))
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

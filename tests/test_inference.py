@@ -330,6 +330,62 @@ def test_sequential_pairs_and_can_fuse():
     assert inference.can_fuse(x) and not inference.can_fuse(x.requires_grad_())
 
 
+def test_containers_that_read_the_norm_elsewhere_keep_their_pairs():
+    # Only a plain Sequential (and diffusers' own conv_norm_out / conv_act) feeds the norm's
+    # output to the SiLU alone: a subclass returning every layer's output was fused, its norm
+    # feature silu(norm(x)).
+    class Features(torch.nn.Sequential):
+        def forward(self, x):
+            out = []
+            for layer in self:
+                x = layer(x)
+                out.append(x)
+            return out
+
+    class NamedLikeDiffusers(torch.nn.Module):  # the attribute names, another forward
+        def __init__(self):
+            super().__init__()
+            self.conv_norm_out, self.conv_act = torch.nn.GroupNorm(2, 8), torch.nn.SiLU()
+
+        def forward(self, x):
+            return self.conv_norm_out(x) + self.conv_act(x)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 5, 5)
+    for model in (Features(torch.nn.GroupNorm(2, 8), torch.nn.SiLU()), NamedLikeDiffusers()):
+        fast = inference.prepare_for_inference(model)
+        assert not any(isinstance(m, inference.GroupNormSiLU) for m in fast.modules())
+        with torch.no_grad():
+            for got, want in zip(*(torch.utils._pytree.tree_leaves(m(x)) for m in (fast, model))):
+                torch.testing.assert_close(got, want)
+
+
+def test_hooks_registered_for_every_module_turn_the_fused_passes_off():
+    # A fused pass calls no norm module: hooks registered for every module
+    # (register_module_forward_hook) saw none of them, and one changing a norm's output changed nothing.
+    from torch.nn.modules.module import register_module_forward_hook
+
+    def clamp_norms(module, args, out):
+        return out.clamp(-0.5, 0.5) if isinstance(module, torch.nn.GroupNorm) else None
+
+    torch.manual_seed(0)
+    models = [torch.nn.Sequential(torch.nn.Conv2d(4, 8, 1), torch.nn.GroupNorm(2, 8), torch.nn.SiLU()).eval(),
+              _perturbed(UNet(base_channels=8, channel_mults=(1, 2), time_embed_dim=16, norm_groups=4,
+                              attention_heads=2, sample_size=8)), _unet2d()]
+    inputs = [(torch.randn(2, 4, 6, 6),), (torch.randn(1, 1, 8, 8), 5), (torch.randn(1, 3, 16, 16), 5)]
+    for model, args in zip(models, inputs):
+        fast = inference.prepare_for_inference(model)
+        handle = register_module_forward_hook(clamp_norms)
+        try:
+            with torch.no_grad():
+                want, got = (torch.utils._pytree.tree_leaves(m(*args))[0] for m in (model, fast))
+        finally:
+            handle.remove()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+        with torch.no_grad():  # and without the hook, the fused passes again
+            assert (torch.utils._pytree.tree_leaves(fast(*args))[0] - want).abs().max() > 1e-3
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inference_form(dtype):
     # a 16-bit teacher: the fused norms read 16-bit maps and affine parameters, as torch's do
