@@ -19,21 +19,24 @@ namespace {
 
 constexpr int64_t kTile = 512;
 
-// An output's terms over a tile in one pass: o = ((c0*s0 + c1*s1) + c2*s2) + c3*s3, the same
-// products and sums in the same order as adding one term per pass (step_element's order).
+// An output's terms over a tile in one pass: o = (((0 + c0*s0) + c1*s1) + c2*s2) + c3*s3, the
+// same products and sums in the same order as adding one term per pass (step_element's order).
+// The sum starts from +0 as step_element's does, so a -0 first product gives +0 there too
+// (compilers keep `0.f + x` without -fno-signed-zeros).
 KD_CPU_INLINE void sum_terms(int count, const float* c, const float* const* s, int64_t n, float* o) {
   switch (count) {
     case 1:
-      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e];
+      for (int64_t e = 0; e < n; ++e) o[e] = 0.f + c[0] * s[0][e];
       return;
     case 2:
-      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e];
+      for (int64_t e = 0; e < n; ++e) o[e] = 0.f + c[0] * s[0][e] + c[1] * s[1][e];
       return;
     case 3:
-      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e];
+      for (int64_t e = 0; e < n; ++e) o[e] = 0.f + c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e];
       return;
     default:
-      for (int64_t e = 0; e < n; ++e) o[e] = c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e] + c[3] * s[3][e];
+      for (int64_t e = 0; e < n; ++e)
+        o[e] = 0.f + c[0] * s[0][e] + c[1] * s[1][e] + c[2] * s[2][e] + c[3] * s[3][e];
   }
 }
 

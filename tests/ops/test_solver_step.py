@@ -925,6 +925,21 @@ def test_zero_coefficient_drops_an_inf_source(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("terms", [1, 2, 4, 5])
+def test_a_negative_zero_first_term_sums_to_positive_zero(backend, terms):
+    # Every backend sums from +0 (the CPU tile loop started from its first product: -0 there,
+    # +0 from the reference, CUDA and Triton), so equal inputs give equal bits.
+    x = torch.tensor([[-0.0, -1.0, 0.0]])
+    zero = torch.zeros_like(x)
+    extra = dict(list(dict(h0=1.0, h1=1.0, h2=1.0, aux=1.0).items())[:terms - 1])
+    c = torch.tensor(ops.coefficients(0.0, 1.0, sample={"x": 1.0, **extra}), dtype=torch.float32)
+    out = ops.solver_step(x, zero, c, history=[zero] * min(terms - 1, 3),
+                          aux=zero if terms > 4 else None, backend=backend).sample
+    assert out.tolist() == [[0.0, -1.0, 0.0]]
+    assert not torch.signbit(out[0, 0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_an_input_not_passed_adds_nothing_whatever_its_coefficient(backend):
     # Triton and CUDA read a missing input as 0 and still added inf * 0 = NaN; the reference and
     # the CPU drop its term
@@ -1698,7 +1713,8 @@ def test_vmap_goes_through_the_dispatcher():
 def fp16_round_trips(backend="cpu"):
     """Every fp16 bit pattern widened by the kernel (an fp32 history output of the fp16 input)
     and fp32 values across fp16's whole range (subnormals, ties, overflow) narrowed (an fp16
-    sample output of an fp32 model output), with what torch gives for each."""
+    sample output of an fp32 model output), with what torch gives for each (-0 as +0: a step's
+    sums start from +0 on every backend)."""
     every = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.float16).reshape(4, -1)
     widen = torch.tensor(ops.coefficients(0.0, 0.0, {"x": 1.0}, {"x": 1.0}), dtype=torch.float32)
     _, widened, _ = ops.solver_step(every, torch.zeros_like(every), widen, history=[], write_history=True,
@@ -1711,7 +1727,7 @@ def fp16_round_trips(backend="cpu"):
     wide = wide[torch.isfinite(wide)].reshape(1, -1)
     narrow = torch.tensor(ops.coefficients(0.0, 0.0, {"model": 1.0}), dtype=torch.float32)
     narrowed, _, _ = ops.solver_step(torch.zeros_like(wide, dtype=torch.float16), wide, narrow, backend=backend)
-    return (widened, every.float()), (narrowed, wide.half())
+    return (widened, every.float() + 0.0), (narrowed, (wide + 0.0).half())
 
 
 def test_cpu_fp16_conversions_are_exact_and_round_like_torch():
