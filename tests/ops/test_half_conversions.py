@@ -17,9 +17,6 @@ from kdfast.ops.solver_step import coefficients
 from conftest import usable_backends
 
 BACKENDS = usable_backends("solver_step")
-# Triton's CPU interpreter narrows fp32 to bf16 by truncation (GPUs round to nearest even),
-# so bf16 rounding is checked bit for bit on the compiled backends only there.
-BF16_ROUNDS = [b for b in BACKENDS if b != "triton" or torch.cuda.is_available()]
 
 # out_0 (sample) = out_1 (history) = 1 * aux; every other coefficient is 0 (its term dropped)
 IDENTITY = torch.tensor(coefficients(0.0, 0.0, sample={"aux": 1.0}, history={"aux": 1.0}), dtype=torch.float32)
@@ -121,7 +118,7 @@ def test_fp32_stored_as_fp16_rounds_like_torch(backend):
     assert_same_16(history.reshape(-1), f, torch.float16, f"{backend} fp16 history")
 
 
-@pytest.mark.parametrize("backend", BF16_ROUNDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_fp32_stored_as_bf16_rounds_like_torch(backend):
     f = crafted_fp32()
     sample, history = step_identity(f.reshape(1, -1), torch.bfloat16, torch.bfloat16, backend)
@@ -129,7 +126,7 @@ def test_fp32_stored_as_bf16_rounds_like_torch(backend):
     assert_same_16(history.reshape(-1), f, torch.bfloat16, f"{backend} bf16 history")
 
 
-@pytest.mark.parametrize("backend", BF16_ROUNDS)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_mixed_output_dtypes(backend):
     # A bf16 sample with an fp16 history entry (and the reverse): each output rounds on its own.
     f = crafted_fp32()

@@ -478,8 +478,6 @@ def _run_case(case, backend, **kw):
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("dtype", DTYPES)
-# (Not one element alone: Triton's interpreter narrows to bfloat16 by truncation, up to one ulp
-# off, and the rule's bound is torch's own error on that element, which may be near zero.)
 @pytest.mark.parametrize("shape", [(1, 64), (3, 7, 13), (4, 3, 5, 1031)])
 @pytest.mark.parametrize("threshold", ["none", "clip", "dynamic"])
 def test_rows_per_sample_step_each_sample_with_its_own_row(backend, dtype, shape, threshold):
