@@ -352,6 +352,27 @@ class _Plan(NamedTuple):
     rows: Tuple[torch.Tensor, ...]  # float32 CPU views of one packed table
     steps: int
     rows64: Tuple[torch.Tensor, ...]  # the same table in float64, for float64 samples
+    float32_overflow: Optional[int]  # the first step whose coefficients float32 cannot hold, if any
+
+
+_FLOAT32_OVERFLOW = 2.0 ** 128 - 2.0 ** 103  # halfway from float32's largest value to 2**128: rounds to inf
+
+
+def _fits_float32(value: float) -> bool:
+    """Whether a finite Python float stays finite rounded to float32 (no tensor, no host read)."""
+    return abs(value) < _FLOAT32_OVERFLOW
+
+
+def _plan_rows(plan: _Plan, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
+    """The plan's coefficient rows for a sample of ``dtype`` (float64 ones for float64 samples);
+    refused where float32 rows would hold an inf (sigmas near 0 far apart: exp(h) overflows)."""
+    if dtype == torch.float64:
+        return plan.rows64
+    if plan.float32_overflow is not None:
+        raise ValueError(f"step {plan.float32_overflow}: the sigmas give solver coefficients beyond float32's range, "
+                         f"in which a {dtype} sample is stepped: sample in float64, or take a smallest sigma "
+                         "further from 0 or more steps")
+    return plan.rows
 
 
 def _uses(lins: Sequence[Optional[Lin]], source: str) -> bool:
@@ -391,7 +412,9 @@ class _Builder:
         # host tables, whatever torch's default device (a plan is cached and serves every device)
         table64 = torch.tensor(self.rows, dtype=torch.float64, device="cpu").reshape(len(self.rows), NUM_COEFS)
         table = table64.to(torch.float32)
-        return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n, tuple(table64.unbind(0)))
+        float32_overflow = next((ev.step for ev in self.evals
+                                 if not all(_fits_float32(v) for v in self.rows[ev.row])), None)
+        return _Plan(tuple(self.evals), tuple(table.unbind(0)), self.n, tuple(table64.unbind(0)), float32_overflow)
 
 
 def _in_dtype(value: float, dtype: torch.dtype) -> float:
@@ -1090,7 +1113,7 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
     """Run the plan's kernel calls; no host reads."""
     g = 1.0 if guidance is None else guidance
     # float64 samples are stepped in float64 (by the reference backend) with float64 coefficients
-    rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
+    rows = _plan_rows(plan, x.dtype)
     hist: List[torch.Tensor] = []
     aux = None
     for ev in plan.evals:
@@ -1107,7 +1130,7 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
         if m.dtype is not x.dtype or (c is not None and c.dtype is not x.dtype):
             # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype (either half's)
             x = promoted_sample(x, m, c)
-            rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
+            rows = _plan_rows(plan, x.dtype)
         out = ops.solver_step(x, m, rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
                               history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,
                               write_history=ev.write_history, write_aux=ev.write_aux)

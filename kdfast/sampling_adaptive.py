@@ -286,6 +286,10 @@ def _adaptive_loop(evaluate, x: torch.Tensor, sigma_min: float, sigma_max: float
         else:
             t_to, su = t, 0.
         stages = _attempt(order, s, t_to, su * s_noise)
+        if compute != torch.float64 and not all(_sampling._fits_float32(v) for st in stages for v in st.row):
+            raise ValueError(f"the step from sigma {sig(s):.6g} to {sig(t_to):.6g} (h = {t_to - s:.3g}) gives solver "
+                             f"coefficients beyond float32's range, in which a {x.dtype} sample is stepped: sample in "
+                             "float64, or take a sigma_min further from 0")
         rows = torch.tensor([st.row for st in stages], dtype=compute, device="cpu").unbind(0)
         x_in, aux, hist, denoised = x, x, [], None
         for k, stage in enumerate(stages):

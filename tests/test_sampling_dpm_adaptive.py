@@ -489,3 +489,20 @@ def test_an_empty_batch_is_returned_as_it_is():
 def test_what_the_callables_return_is_checked(model, kwargs, match):
     with pytest.raises(TypeError, match=match):
         sample_dpm_adaptive(model, initial(shape=SHAPE), SIGMA_MIN, SIGMA_MAX, disable=True, **kwargs)
+
+
+@pytest.mark.parametrize("sampler", ["fast", "adaptive"])
+def test_sigmas_whose_coefficients_overflow_float32_are_refused_for_float32_samples(sampler):
+    # Steps from 10 to 1e-300 have exp(h) beyond float32's range: a float32 sample gave NaN
+    # silently (DPM-Fast) or blamed the model (adaptive); a float64 one is stepped in float64.
+    gaussian = lambda x, sigma: x / (1 + sigma[:, None] ** 2)  # noqa: E731 (unit-variance data's denoiser)
+    run = {"fast": lambda x: S.sample_dpm_fast(gaussian, x, 1e-300, 10.0, 6, disable=True),
+           "adaptive": lambda x: sample_dpm_adaptive(gaussian, x, 1e-300, 10.0, disable=True)}[sampler]
+    x = torch.randn(2, 3, generator=torch.Generator().manual_seed(0)) * 10
+    with pytest.raises(ValueError, match="beyond float32's range.*sample in float64"):
+        run(x)
+    assert torch.isfinite(run(x.double())).all()
+    # sigmas near float32's smallest values are fine: the coefficients are what overflows
+    near = S.sample_dpm_fast(gaussian, x, 1e-40, 10.0, 6, disable=True)
+    torch.testing.assert_close(near.double(), S.sample_dpm_fast(gaussian, x.double(), 1e-40, 10.0, 6, disable=True),
+                               rtol=1e-4, atol=1e-5)
