@@ -11,6 +11,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from ..backends import check_known
 from .._checks import check_flag, check_int as _check_int, is_finite_number, real_number
 from ..ops._tensors import _F32_MAX, check_label_ids
 from ..ops.kd_divergence import KINDS, check_arguments, kd_divergence
@@ -204,6 +205,7 @@ def _float64_rows(student, teacher, *, kind, beta, temperature, labels, ignore_i
     student, teacher, labels, beta, temperature, vocab, loss_scale = check_arguments(
         student, teacher, labels, kind, beta, temperature, vocab_size, loss_scale, float64=True)
     check_label_ids(labels, student.shape[1], ignore_index)  # (masks only: the student's width bounds them)
+    check_known(None)  # a misspelt KDFAST_BACKEND fails here too, as for every other dtype
     return ref.kd_divergence(student, teacher, kind, beta, temperature, labels, ignore_index, vocab, loss_scale,
                              dtype=torch.float64)
 

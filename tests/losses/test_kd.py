@@ -291,3 +291,20 @@ def test_num_items_in_batch_tensors_of_one_element():
     for n in (torch.tensor(4), torch.tensor(4.0), torch.tensor([[4]])):
         got = kd_loss(s, t, num_items_in_batch=n)
         assert got.shape == () and torch.allclose(got, expected)
+
+
+def test_an_unknown_forced_backend_is_refused_for_float64_logits_too(monkeypatch):
+    # float64 logits go to the float64 reference: a misspelt KDFAST_BACKEND went unnoticed there
+    import kdfast
+    from kdfast.backends import BackendUnavailableError
+
+    s, t = torch.randn(3, 7, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    monkeypatch.setenv("KDFAST_BACKEND", "cpuu")
+    kdfast.backends.refresh()
+    try:
+        for dtype in (torch.float32, torch.float64):
+            with pytest.raises(BackendUnavailableError, match="unknown backend 'cpuu'"):
+                kd_loss(s.to(dtype), t.to(dtype))
+    finally:
+        monkeypatch.undo()
+        kdfast.backends.refresh()
