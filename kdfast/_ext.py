@@ -94,14 +94,19 @@ def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
         module = importlib.import_module("triton")
     except ImportError as exc:
         return None, f"triton is not installed ({exc}); pip install triton"
+    except Exception as exc:  # a broken install (a driver library it cannot load, say): unusable, not fatal
+        return None, f"triton failed to import ({type(exc).__name__}: {exc})"
     version = str(getattr(module, "__version__", "0"))
     if version_tuple(version) < TRITON_MIN_VERSION:
         need = ".".join(map(str, TRITON_MIN_VERSION))
         return None, (f"triton {version} is older than the {need} kdfast's Triton kernels need "
                       f"(pip install 'triton>={need}'); the cuda or reference backend serves meanwhile")
     global _interpreted_kernels
-    _interpreted_kernels = triton_interpreting()
-    return _load("kernels")
+    try:
+        _interpreted_kernels = triton_interpreting()
+        return _load("kernels")
+    except Exception as exc:  # triton's own errors while the kernels are defined
+        return None, f"kdfast.kernels failed to load under triton {version} ({type(exc).__name__}: {exc})"
 
 
 # Whether the loaded Triton kernels were defined under the interpreter (None: not loaded).

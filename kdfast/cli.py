@@ -25,6 +25,8 @@ def info() -> str:
         lines.append(f"triton {triton.__version__}")
     except ImportError:
         lines.append("triton: not installed")
+    except Exception as exc:  # a broken install: reported, as the triton backend's reason below
+        lines.append(f"triton: failed to import ({type(exc).__name__}: {exc})")
     cpu, cpu_reason = _ext.cpu()
     lines.append(f"kdfast._C (CPU kernels): {'built, ' + str(cpu.build_info()) if cpu else cpu_reason}")
     cuda, cuda_reason = _ext.cuda()

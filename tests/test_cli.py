@@ -123,3 +123,26 @@ def test_demo_refuses_an_out_of_range_seed_as_a_usage_error(tmp_path, capsys, mo
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"kdfast demo: error: argument --seed: the seed must be an integer in [0, 2**63 - 1], got {seed} "
                    "(see kdfast demo --help)"]
+
+
+@pytest.mark.parametrize("where", ["triton", "kernels"])
+def test_a_triton_that_fails_to_import_is_reported_not_fatal(tmp_path, where):
+    # A broken install raising something other than ImportError (a driver library it cannot
+    # load) made `kdfast info` end in a traceback: the triton backend is unusable, with the reason.
+    fake = tmp_path / "fake" / "triton"
+    fake.mkdir(parents=True)
+    if where == "triton":
+        (fake / "__init__.py").write_text('raise RuntimeError("libcuda.so cannot be loaded")\n')
+    else:  # imports, then fails while kdfast.kernels defines its kernels
+        (fake / "__init__.py").write_text('__version__ = "3.9.0"\n'
+                                          'def __getattr__(name):\n    raise RuntimeError("libcuda.so cannot be loaded")\n')
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
+    run = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, cwd=tmp_path,
+                         env=env)
+    assert run.returncode == 0, run.stderr
+    assert "RuntimeError: libcuda.so cannot be loaded" in run.stdout
+    code = ("import torch, kdfast; from kdfast import ops;"
+            "print(ops.solver_step(torch.ones(1, 4), torch.ones(1, 4),"
+            " torch.tensor(ops.coefficients(0.0, 1.0, sample={'x': 2.0}))).sample.tolist())")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
+    assert run.returncode == 0 and run.stdout.strip() == "[[2.0, 2.0, 2.0, 2.0]]", run.stderr
