@@ -134,8 +134,8 @@ def test_a_triton_that_fails_to_import_is_reported_not_fatal(tmp_path, where):
     if where == "triton":
         (fake / "__init__.py").write_text('raise RuntimeError("libcuda.so cannot be loaded")\n')
     else:  # imports, then fails while kdfast.kernels defines its kernels
-        (fake / "__init__.py").write_text('__version__ = "3.9.0"\n'
-                                          'def __getattr__(name):\n    raise RuntimeError("libcuda.so cannot be loaded")\n')
+        (fake / "__init__.py").write_text('__version__ = "3.9.0"\n\n\ndef __getattr__(name):\n'
+                                          '    raise RuntimeError("libcuda.so cannot be loaded")\n')
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "fake")}
     run = subprocess.run([sys.executable, "-m", "kdfast", "info"], capture_output=True, text=True, cwd=tmp_path,
                          env=env)
