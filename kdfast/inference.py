@@ -19,10 +19,11 @@ teacher forwards of distillation:
 
   Subclasses of ``GroupNorm`` or ``SiLU`` (which may compute something else) and modules with
   hooks (which a fused pass would skip, or a replacement drop; accelerate's, which wrap the
-  instance's ``forward``, and hooks registered for every module included) are left as they
-  are; a hook added to a prepared model's norm (or to a fused pair's SiLU), or for every
-  module, turns the fused passes it concerns off. The prepared model's ``state_dict`` has the
-  original's keys and values.
+  instance's ``forward``, included) are left as they are; a hook added to a prepared model's
+  norm (or to a fused pair's SiLU) turns its fused pass off, and a hook registered for every
+  module (``register_module_forward_hook``: ModuleTracker, FlopCounterMode) all of them, for as
+  long as it is registered. The prepared model's ``state_dict`` has the original's keys and
+  values.
 
 The outputs are those of the original model up to float rounding. Wherever a gradient is
 needed, or for float64 inputs, the fused blocks run torch's own modules instead, so the copy
@@ -45,8 +46,9 @@ _FUSED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def can_fuse(x: torch.Tensor, *modules: Optional[nn.Module]) -> bool:
     """Whether the fused kernel may replace torch's modules for input ``x``: nothing needs a
-    gradient (x or the modules' parameters), x is float32/16-bit on a CPU or CUDA device."""
-    if x.dtype not in _FUSED_DTYPES or x.device.type not in ("cpu", "cuda"):
+    gradient (x or the modules' parameters), x is float32/16-bit on a CPU or CUDA device, and
+    no hook is registered for every module (it would see no norm)."""
+    if x.dtype not in _FUSED_DTYPES or x.device.type not in ("cpu", "cuda") or not _no_global_hooks():
         return False
     if not torch.is_grad_enabled():
         return True
@@ -81,8 +83,9 @@ class GroupNormSiLU(nn.GroupNorm):
             super().__setattr__(name, value)
 
     def paired_in_two_steps(self) -> bool:
-        """Whether this norm and its SiLU run as two steps: either holds a hook."""
-        return self.partner is not None and not (_no_hooks(self) and _no_hooks(self.partner))
+        """Whether this norm and its SiLU run as two steps: either holds a hook, or one is
+        registered for every module."""
+        return self.partner is not None and not (_no_global_hooks() and _no_hooks(self) and _no_hooks(self.partner))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``silu(group_norm(x))`` in one fused pass where the input allows it, else torch's
@@ -119,8 +122,14 @@ _GLOBAL_HOOKS = ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_
 
 
 def _no_hooks(module: nn.Module) -> bool:
-    return (not any(getattr(module, name, None) for name in _HOOKS) and not _wrapped_forward(module)
-            and not any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS))
+    return not any(getattr(module, name, None) for name in _HOOKS) and not _wrapped_forward(module)
+
+
+def _no_global_hooks() -> bool:
+    """No hook is registered for every module now: checked at each call (see :func:`can_fuse`),
+    not when preparing, so that one held a while (ModuleTracker, FlopCounterMode) is not kept
+    as a decision."""
+    return not any(getattr(torch.nn.modules.module, name, None) for name in _GLOBAL_HOOKS)
 
 
 def _wrapped_forward(module: nn.Module) -> bool:

@@ -386,6 +386,25 @@ def test_hooks_registered_for_every_module_turn_the_fused_passes_off():
             assert (torch.utils._pytree.tree_leaves(fast(*args))[0] - want).abs().max() > 1e-3
 
 
+def test_a_model_prepared_while_a_hook_for_every_module_is_held_fuses_once_it_is_gone(monkeypatch):
+    # Such hooks are checked at each call, not when preparing: one held a while (ModuleTracker)
+    # left a diffusers UNet unfused for good.
+    from torch.utils.module_tracker import ModuleTracker
+
+    calls = _count_calls(monkeypatch)
+    model, x = _unet2d(), torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        inference.prepare_for_inference(model)(x, 5)
+        normal = len(calls)
+        calls.clear()
+        with ModuleTracker():
+            fast = inference.prepare_for_inference(model)
+            fast(x, 5)
+            assert calls == []  # (held: torch's modules run)
+        fast(x, 5)
+    assert normal > 0 and len(calls) == normal
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_inference_form(dtype):
     # a 16-bit teacher: the fused norms read 16-bit maps and affine parameters, as torch's do
