@@ -363,16 +363,12 @@ def _fits_float32(value: float) -> bool:
     return abs(value) < _FLOAT32_OVERFLOW
 
 
-def _plan_rows(plan: _Plan, dtype: torch.dtype) -> Tuple[torch.Tensor, ...]:
-    """The plan's coefficient rows for a sample of ``dtype`` (float64 ones for float64 samples);
-    refused where float32 rows would hold an inf (sigmas near 0 far apart: exp(h) overflows)."""
-    if dtype == torch.float64:
-        return plan.rows64
-    if plan.float32_overflow is not None:
-        raise ValueError(f"step {plan.float32_overflow}: the sigmas give solver coefficients beyond float32's range, "
-                         f"in which a {dtype} sample is stepped: sample in float64, or take a smallest sigma "
-                         "further from 0 or more steps")
-    return plan.rows
+def _float32_overflow_error(plan: _Plan, dtype: torch.dtype) -> ValueError:
+    """A plan whose float32 rows hold an inf (sigmas near 0 far apart: exp(h) overflows), met by
+    a sample stepped in float32 (any but float64, after promotion to the denoiser's dtype)."""
+    return ValueError(f"step {plan.float32_overflow}: the sigmas give solver coefficients beyond float32's range, "
+                      f"in which a {dtype} sample is stepped: sample in float64, or take a smallest sigma further "
+                      "from 0 or more steps")
 
 
 def _uses(lins: Sequence[Optional[Lin]], source: str) -> bool:
@@ -1113,7 +1109,7 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
     """Run the plan's kernel calls; no host reads."""
     g = 1.0 if guidance is None else guidance
     # float64 samples are stepped in float64 (by the reference backend) with float64 coefficients
-    rows = _plan_rows(plan, x.dtype)
+    rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
     hist: List[torch.Tensor] = []
     aux = None
     for ev in plan.evals:
@@ -1130,7 +1126,9 @@ def _execute(plan: _Plan, x: torch.Tensor, evaluate, noise_sampler: NoiseSampler
         if m.dtype is not x.dtype or (c is not None and c.dtype is not x.dtype):
             # k-diffusion's arithmetic promotes x to a wider denoiser output's dtype (either half's)
             x = promoted_sample(x, m, c)
-            rows = _plan_rows(plan, x.dtype)
+            rows = plan.rows64 if x.dtype == torch.float64 else plan.rows
+        if rows is plan.rows and plan.float32_overflow is not None:  # (known on the host: no read)
+            raise _float32_overflow_error(plan, x.dtype)
         out = ops.solver_step(x, m, rows[ev.row], cond=c, guidance_scale=g if c is not None else 1.0,
                               history=hist[:ev.n_hist], aux=aux if ev.use_aux else None, noise=noise,
                               write_history=ev.write_history, write_aux=ev.write_aux)

@@ -502,6 +502,10 @@ def test_sigmas_whose_coefficients_overflow_float32_are_refused_for_float32_samp
     with pytest.raises(ValueError, match="beyond float32's range.*sample in float64"):
         run(x)
     assert torch.isfinite(run(x.double())).all()
+    if sampler == "fast":  # a float64 denoiser promotes a float32 sample to float64, as k-diffusion's arithmetic does
+        promoted = S.sample_dpm_fast(lambda x, sigma: gaussian(x, sigma).double(), x, 1e-300, 10.0, 6, disable=True)
+        assert promoted.dtype == torch.float64
+        torch.testing.assert_close(promoted, run(x.double()), rtol=1e-6, atol=1e-7)
     # sigmas near float32's smallest values are fine: the coefficients are what overflows
     near = S.sample_dpm_fast(gaussian, x, 1e-40, 10.0, 6, disable=True)
     torch.testing.assert_close(near.double(), S.sample_dpm_fast(gaussian, x.double(), 1e-40, 10.0, 6, disable=True),
