@@ -105,7 +105,7 @@ def triton() -> Tuple[Optional[ModuleType], Optional[str]]:
     try:
         _interpreted_kernels = triton_interpreting()
         return _load("kernels")
-    except Exception as exc:  # triton's own errors while the kernels are defined
+    except (RuntimeError, OSError) as exc:  # triton's own (a driver it cannot load) while the kernels are defined
         return None, f"kdfast.kernels failed to load under triton {version} ({type(exc).__name__}: {exc})"
 
 

@@ -47,6 +47,11 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import kdfast  # noqa: E402
 
+_triton_reason = kdfast._ext.triton()[1]
+if _triton_reason and "not installed" not in _triton_reason and "older than" not in _triton_reason:
+    # an installed, recent triton whose kernels do not load is a bug to see, not a backend to skip
+    raise pytest.UsageError(f"the Triton kernels do not load: {_triton_reason}")
+
 if kdfast._ext.cpu()[0] is None:  # pragma: no cover
     raise pytest.UsageError(
         "kdfast._C is not importable: install the package (pip install .) and run pytest "

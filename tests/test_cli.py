@@ -146,3 +146,17 @@ def test_a_triton_that_fails_to_import_is_reported_not_fatal(tmp_path, where):
             " torch.tensor(ops.coefficients(0.0, 1.0, sample={'x': 2.0}))).sample.tolist())")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
     assert run.returncode == 0 and run.stdout.strip() == "[[2.0, 2.0, 2.0, 2.0]]", run.stderr
+
+
+def test_the_test_suite_refuses_to_run_without_kernels_an_installed_triton_cannot_load(tmp_path):
+    # kdfast leaves such a triton's backend unusable; the tests must not skip every Triton case for it
+    fake = tmp_path / "fake" / "triton"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text('__version__ = "3.9.0"\n\n\ndef __getattr__(name):\n'
+                                      '    raise RuntimeError("libcuda.so cannot be loaded")\n')
+    tests = os.path.dirname(os.path.abspath(__file__))
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--collect-only",
+                          os.path.join(tests, "test_switches.py")], capture_output=True, text=True, cwd=tmp_path,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")})
+    assert run.returncode == 4, run.stdout + run.stderr  # pytest's usage error
+    assert "the Triton kernels do not load" in run.stdout + run.stderr
