@@ -14,7 +14,6 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-
 def _round_bf16_to_nearest_in_the_interpreter() -> None:
     """Make the Triton interpreter convert between float32 and bfloat16 as compiled Triton
     (cvt.rn.bf16.f32) and torch do: it truncated toward zero, which made the CPU runs of the
@@ -47,16 +46,16 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 
 import kdfast  # noqa: E402
 
-_triton_reason = kdfast._ext.triton()[1]
-if _triton_reason and "not installed" not in _triton_reason and "older than" not in _triton_reason:
-    # an installed, recent triton whose kernels do not load is a bug to see, not a backend to skip
-    raise pytest.UsageError(f"the Triton kernels do not load: {_triton_reason}")
-
 if kdfast._ext.cpu()[0] is None:  # pragma: no cover
     raise pytest.UsageError(
         "kdfast._C is not importable: install the package (pip install .) and run pytest "
         "from the repository root (not python -m pytest, which puts the source tree first)."
     )
+
+_triton_reason = kdfast._ext.triton()[1]
+if _triton_reason and "not installed" not in _triton_reason and "older than" not in _triton_reason:
+    # an installed, recent triton whose kernels do not load is a bug to see, not a backend to skip
+    raise pytest.UsageError(f"the Triton kernels do not load: {_triton_reason}")
 
 # Without a GPU, kdfast's CUDA kernels compiled for the host (tests/cuda_emulator) serve CPU
 # tensors as the cuda backend, so that every test over usable_backends() runs the CUDA code.
