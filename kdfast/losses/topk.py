@@ -125,12 +125,7 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
         if remainder == "renormalize" and lp_kept.numel() and (lp_kept == -math.inf).all(dim=-1).any():
             raise ValueError("teacher_topk_logprobs: a position's stored probabilities are all 0, so there is "
                              "nothing to renormalise (remainder='renormalize'); use remainder='bucket' or ignore it")
-        lp64 = lp_kept.double()
-        p64 = lp64.exp()
-        # 16-bit values are checked to bfloat16's rounding: a bf16 model's log-probabilities
-        # stored as float16 (exactly) keep it
-        checked = torch.bfloat16 if teacher_topk_logprobs.dtype == torch.float16 else teacher_topk_logprobs.dtype
-        mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
+        mass, rounding = _stored_mass(lp_kept, teacher_topk_logprobs.dtype)
         if remainder == "bucket" and k == vocab and lp_kept.numel() and (mass < 1.0 - rounding).any():
             raise ValueError("teacher_topk_logprobs: with k equal to the vocabulary there is no remainder, so the "
                              f"stored probabilities must sum to 1 per position (smallest sum {float(mass.min()):.6g})")
@@ -141,18 +136,25 @@ def check_stored_topk(teacher_topk_ids: torch.Tensor, teacher_topk_logprobs: tor
     return k
 
 
+def _stored_mass(lp: torch.Tensor, stored_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per position, the stored probabilities' total (float64) and its tolerance, the rounding
+    of ``stored_dtype``: 16-bit values to bfloat16's, as a bf16 model's log-probabilities stored
+    as float16 (exactly) keep it."""
+    checked = torch.bfloat16 if stored_dtype == torch.float16 else stored_dtype
+    lp64 = lp.double()
+    p64 = lp64.exp()
+    return p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
+
+
 def _assert_stored_logprobs(lp: torch.Tensor, keep: Optional[torch.Tensor], vocab: int, remainder: str) -> None:
     """The eager CPU checks of the stored ``[positions, k]`` log-probabilities, as one assert on
     the device (no host read: on a GPU and inside torch.compile's graph), kept positions only."""
     if not lp.numel() or lp.device.type == "meta" or vmapped(lp) or (keep is not None and vmapped(keep)):
         return
-    checked = torch.bfloat16 if lp.dtype == torch.float16 else lp.dtype
-    lp64 = lp.double()
-    p64 = lp64.exp()
-    mass, rounding = p64.sum(-1), mass_rounding(p64, lp64, torch.finfo(checked).eps)
-    bad = lp64.isnan().any(-1) | (mass > 1.0 + rounding)
+    mass, rounding = _stored_mass(lp, lp.dtype)
+    bad = lp.isnan().any(-1) | (mass > 1.0 + rounding)
     if remainder == "renormalize":
-        bad |= (lp64 == -math.inf).all(-1)
+        bad |= (lp == -math.inf).all(-1)
     elif lp.shape[-1] == vocab:
         bad |= mass < 1.0 - rounding
     if keep is not None:
