@@ -182,6 +182,21 @@ def test_gpu_script_runs_every_gpu_test():
     assert missing == [], f"gpu tests .ci/gpu does not run: {missing}"
 
 
+def test_gpu_script_refuses_an_unknown_stage(tmp_path):
+    """A misspelt stage matched nothing: the one device call ran the other stages and ended
+    green. It is refused before the build (which would cost minutes of the call)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / ".ci" / "gpu"
+    done = subprocess.run(["bash", str(script), "kdloss, bytes,loss"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "OUT": str(tmp_path)})
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "unknown stage 'loss'" in done.stderr
+    assert not (tmp_path / "gpu.log").exists()  # nothing ran
+
+
 _BASELINE_CHECK = r"""
 import sys
 import torch
