@@ -29,10 +29,14 @@ FLOOR_DRAWS = 20  # random real sets averaged for a same-size floor (from seed t
 def frechet_distance(feats_a, feats_b) -> float:
     """Frechet distance between Gaussians fitted to two feature sets ``[N, D]`` and ``[M, D]``.
 
-    ``||mu_a - mu_b||^2 + tr(C_a) + tr(C_b) - 2 tr(sqrt(sqrt(C_a) C_b sqrt(C_a)))``, all in
-    float64. Both square roots come from symmetric eigendecompositions, which stay real and
-    stable for the singular covariances of small sets (negative round-off eigenvalues are
-    clipped to 0). The result is clipped at 0 for the same reason.
+    ``||mu_a - mu_b||^2 + tr(C_a) + tr(C_b) - 2 tr(sqrt(C_a C_b))``, all in float64. The trace
+    of the square root is taken from the centred features themselves, not the covariances: with
+    ``C_a = X_a^T X_a / (N - 1)``, it is the sum of the singular values of ``X_a X_b^T`` (through
+    the R factors of ``X_a`` and ``X_b``) over ``sqrt((N - 1)(M - 1))``. That stays accurate to
+    rounding for the singular covariances of small sets or of features that are always 0, where
+    an eigendecomposition of ``sqrt(C_a) C_b sqrt(C_a)`` turns its many zero eigenvalues into
+    round-off whose square roots add up (a distance too low by up to ~1e-6 relative). The
+    result is clipped at 0 for rounding.
 
     Features may have any real dtype: floating point or integer, of any width (bool and
     complex are refused). Each set needs at least 2 samples and 1 feature.
@@ -46,12 +50,15 @@ def frechet_distance(feats_a, feats_b) -> float:
     # beyond ~1e154) or underflows (below ~1e-162) to a wrong distance.
     _, exponent = math.frexp(max(a.abs().max().item(), b.abs().max().item()))
     a, b = torch.ldexp(a, torch.tensor(-exponent)), torch.ldexp(b, torch.tensor(-exponent))
-    mu_a, cov_a = _mean_cov(a)
-    mu_b, cov_b = _mean_cov(b)
-    sqrt_a = _sqrtm_psd(cov_a)
-    middle = sqrt_a @ cov_b @ sqrt_a
-    eig = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp_min(0)
-    value = (mu_a - mu_b).square().sum() + cov_a.trace() + cov_b.trace() - 2 * eig.sqrt().sum()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    centred_a, centred_b = a - mu_a, b - mu_b
+    # X_a X_b^T = Q_a (R_a R_b^T) Q_b^T: the same singular values from a min(N, D) x min(M, D) matrix
+    r_a = torch.linalg.qr(centred_a, mode="r").R
+    r_b = torch.linalg.qr(centred_b, mode="r").R
+    trace_sqrt = torch.linalg.svdvals(r_a @ r_b.T).sum() / math.sqrt((len(a) - 1) * (len(b) - 1))
+    trace_a = centred_a.square().sum() / (len(a) - 1)  # unbiased covariances, like numpy.cov and FID
+    trace_b = centred_b.square().sum() / (len(b) - 1)
+    value = (mu_a - mu_b).square().sum() + trace_a + trace_b - 2 * trace_sqrt
     if not value > 0:
         return 0.0
     try:
@@ -83,17 +90,6 @@ def _as_features(name: str, feats) -> torch.Tensor:
     if not torch.isfinite(feats).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return feats
-
-
-def _mean_cov(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    mu = x.mean(0)
-    centered = x - mu
-    return mu, centered.T @ centered / (len(x) - 1)  # unbiased, like numpy.cov and FID
-
-
-def _sqrtm_psd(cov: torch.Tensor) -> torch.Tensor:
-    vals, vecs = torch.linalg.eigh(cov)
-    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
 
 
 # ---------------------------------------------------------------- input checks
