@@ -603,12 +603,13 @@ class FusedScheduler(ConfigMixin):
         if schedule is self.timesteps:
             self._refresh_host_timesteps()
         host = self._host_timesteps if schedule is self.timesteps else _host_values(schedule)
-        if isinstance(timestep, torch.Tensor) and isinstance(schedule, torch.Tensor):
+        if isinstance(schedule, torch.Tensor):
             # compared as diffusers compares them (schedule == timestep), in torch's promoted
             # dtype: a bf16 copy of timestep 999 reads 1000, which the schedule, promoted to bf16
             # as well, holds at 999's position (compared as numbers, nothing matched and the
-            # multistep schedulers took their last step)
-            dtype = torch.result_type(schedule, timestep)
+            # multistep schedulers took their last step); a Python float 1.3 is float32 1.3 in a
+            # float32 schedule (compared in float64, it matched nothing)
+            dtype = torch.result_type(schedule, timestep if isinstance(timestep, torch.Tensor) else value)
             equal = torch.tensor(host, dtype=schedule.dtype).to(dtype) == torch.tensor(value, dtype=dtype)
             matches = equal.nonzero().flatten().tolist()
         else:

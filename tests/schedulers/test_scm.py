@@ -260,6 +260,24 @@ def test_set_begin_index_and_timestep_lookup():
         kd.step(x, 0.123, x)
 
 
+def test_a_python_float_timestep_is_looked_up_in_the_schedules_dtype():
+    # diffusers compares schedule == timestep: the literal 1.3 (diffusers' default intermediate
+    # timestep) is float32 1.3 there; compared in float64 it matched nothing and step raised
+    x = initial_sample()
+    for value, index in ((1.5708, 0), (1.3, 1), (0.0, 2)):
+        kd, df = SCMScheduler(), DF()
+        kd.set_timesteps(2)
+        df.set_timesteps(2)
+        assert kd.index_for_timestep(value) == df.index_for_timestep(value) == index
+    kd, df = SCMScheduler(), DF()
+    kd.set_timesteps(2)
+    df.set_timesteps(2)
+    got = kd.step(model(x, kd.timesteps[1]), 1.3, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    want = df.step(model(x, df.timesteps[1]), 1.3, x, generator=torch.Generator().manual_seed(0)).prev_sample
+    assert kd.step_index == df.step_index == 2
+    assert parity_error(got, want) < 1e-5
+
+
 def test_schedule_state_matches():
     kd, df = SCMScheduler(), DF()
     assert torch.equal(kd.timesteps, df.timesteps) and kd.timesteps.dtype == df.timesteps.dtype == torch.int64
