@@ -106,10 +106,13 @@ class DDIMInverseScheduler(DDIMScheduler):
 
     @classmethod
     def extract_init_dict(cls, config_dict, **kwargs):
-        # diffusers passes its deprecated arguments given to from_config on to the constructor
+        # diffusers passes its deprecated arguments on to the constructor, whether given to
+        # from_config or found in the config (an old scheduler_config.json): an argument first
         init_dict, unused, hidden = super().extract_init_dict(config_dict, **kwargs)
-        if "set_alpha_to_zero" in unused:
-            init_dict["set_alpha_to_zero"] = unused.pop("set_alpha_to_zero")
+        for source in (unused, hidden):
+            if "set_alpha_to_zero" in source:
+                init_dict["set_alpha_to_zero"] = source.pop("set_alpha_to_zero")
+                break
         return init_dict, unused, hidden
 
     # ---------------------------------------------------------------- schedule

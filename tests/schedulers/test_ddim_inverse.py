@@ -270,6 +270,22 @@ def test_deprecated_set_alpha_to_zero():
     assert torch.equal(via.initial_alpha_cumprod, df.initial_alpha_cumprod)
 
 
+def test_deprecated_set_alpha_to_zero_in_a_config_file(tmp_path):
+    # an old scheduler_config.json: diffusers passes the key on to the constructor (kdfast kept
+    # it as an unused entry, and the first step started from alpha_cumprod 1 instead)
+    (tmp_path / "scheduler_config.json").write_text(
+        '{"_class_name": "DDIMInverseScheduler", "set_alpha_to_zero": false}')
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        df = DF.from_pretrained(tmp_path)
+        loaded = [DDIMInverseScheduler.from_pretrained(tmp_path),
+                  DDIMInverseScheduler.from_config({"set_alpha_to_zero": False, "set_alpha_to_one": True})]
+    assert float(df.initial_alpha_cumprod) < 1
+    for kd in loaded:
+        assert torch.equal(kd.initial_alpha_cumprod, df.initial_alpha_cumprod)
+        assert kd.config.set_alpha_to_one is False and "set_alpha_to_zero" not in kd.config
+
+
 def test_sample_prediction_from_alpha_one_raises_where_diffusers_gives_inf_or_nan():
     # set_alpha_to_one=True: the first step starts at alpha_cumprod 1, where a 'sample' model
     # implies no noise: (x - x0) / 0.
