@@ -112,10 +112,16 @@ class SchedulerOutput(OutputFields):
     def __repr__(self) -> str:
         return f"SchedulerOutput(prev_sample={self.prev_sample!r})"
 
+    def __reduce__(self):
+        # copied or pickled with x0 computed (the closure that computes it cannot be pickled)
+        return (SchedulerOutput, (self.prev_sample, self.pred_original_sample))
+
 
 class _StepTuple(tuple):
     """``(prev_sample, pred_original_sample)`` whose second entry is computed when indexed or
-    unpacked, so that ``step(..., return_dict=False)[0]`` costs no x0 pass."""
+    unpacked, so that ``step(..., return_dict=False)[0]`` costs no x0 pass. Copied or pickled,
+    it is a plain tuple with x0 computed. (Code that reads the tuple's storage directly, as
+    ``torch.stack(out)`` does, sees None in the second place: use ``tuple(out)`` there.)"""
 
     def __new__(cls, output: SchedulerOutput):
         self = super().__new__(cls, (output.prev_sample, None))
@@ -132,6 +138,12 @@ class _StepTuple(tuple):
     def __iter__(self):
         yield self._output.prev_sample
         yield self._output.pred_original_sample
+
+    def __reduce__(self):
+        return (tuple, (tuple(iter(self)),))
+
+    def __repr__(self) -> str:
+        return repr(tuple(iter(self)))
 
 
 def check_variance_noise(variance_noise, like: torch.Tensor, shape_of: str = "model_output's shape") -> None:

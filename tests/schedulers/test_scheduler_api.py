@@ -596,6 +596,25 @@ def test_pred_original_sample_refuses_inputs_changed_in_place():
         later.pred_original_sample
 
 
+@pytest.mark.parametrize("how", ["copy", "deepcopy", "pickle"])
+def test_step_outputs_copy_and_pickle_with_x0_like_diffusers(how):
+    # the lazy x0 (a local closure, and a placeholder None in the tuple's storage): copying the
+    # tuple raised AttributeError, pickling either form failed on the closure
+    copier = {"copy": copy.copy, "deepcopy": copy.deepcopy, "pickle": lambda o: pickle.loads(pickle.dumps(o))}[how]
+    kd = K.DDIMScheduler()
+    kd.set_timesteps(4)
+    x = initial_sample()
+    t = kd.timesteps[0]
+    m = dummy_model(x, t)
+    x0 = kd.step(m, t, x, return_pred_original_sample=True).pred_original_sample
+    pair = copier(kd.step(m, t, x, return_dict=False))
+    assert type(pair) is tuple and len(pair) == 2 and torch.equal(pair[1], x0)
+    out = copier(kd.step(m, t, x))
+    assert isinstance(out, base.SchedulerOutput) and torch.equal(out.pred_original_sample, x0)
+    assert torch.equal(out.prev_sample, pair[0])
+    assert "None" not in repr(kd.step(m, t, x, return_dict=False))
+
+
 def test_multistep_schedulers_return_one_entry_like_diffusers():
     kd = K.DPMSolverMultistepScheduler()
     kd.set_timesteps(4)
