@@ -214,7 +214,8 @@ def _grad_kernel(in0, in1, in2, s0, s1, s2, params_ptr, aux_ptr, gl_ptr, gl_stri
     n = tl.cast(inner, tl.float64)  # not inner.to(): an int argument equal to 1 compiles as a constant
     if KIND == 0:
         ok = (stat > 0.0) & (stat < INF)
-        factor = tl.where(ok, k / tl.where(ok, stat, 1.0), 0.0)
+        # a NaN r (a NaN in the sample) makes the sample's whole gradient NaN, as autograd does
+        factor = tl.where(stat != stat, stat, tl.where(ok, k / tl.where(ok, stat, 1.0), 0.0))
     elif KIND == 1:
         factor = k / n
     elif KIND == 2:

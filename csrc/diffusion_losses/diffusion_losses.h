@@ -210,7 +210,8 @@ KD_HD float weighted(double w, double raw) { return w == 0.0 ? 0.f : float(w * r
 KD_HD double grad_factor(int kind, double k, double stat, int64_t inner) {
   const double n = double(inner);
   switch (kind) {
-    case kPseudoHuber: return stat > 0.0 && stat < INFINITY ? k / stat : 0.0;  // (x - y) / r
+    case kPseudoHuber:  // (x - y) / r; a NaN r (a NaN in the sample) makes all of it NaN, as autograd does
+      return stat != stat ? stat : stat > 0.0 && stat < INFINITY ? k / stat : 0.0;
     case kPseudoHuberElementwise: return k / n;                               // slope / n
     case kDMD: return k * stat / n;                                           // g / n
     default: return 2.0 * k / n;                                              // 2 (pred - target) / n

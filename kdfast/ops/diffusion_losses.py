@@ -480,7 +480,8 @@ def _backward_reference(kind, prediction, ins, params, values, aux, grad_loss, g
         c = _param(params, values, _C, batch, device).double()
         d = v0 - v1
         r = torch.sqrt(ref._sample_sum(d * d) + c * c)
-        g = d * col(torch.where(r > 0, k / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r)), d)
+        factor = torch.where(r > 0, k / torch.where(r > 0, r, torch.ones_like(r)), torch.zeros_like(r))
+        g = d * col(torch.where(torch.isnan(r), r, factor), d)  # a NaN in the sample: all NaN, as autograd
     elif kind == PSEUDO_HUBER_ELEMENTWISE:
         c = col(_param(params, values, _C, batch, device).double(), v0)
         d = v0 - v1

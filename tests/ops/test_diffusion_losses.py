@@ -637,6 +637,23 @@ def test_pseudo_huber_residual_far_below_c_has_no_cancellation(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_per_sample_pseudo_huber_gradient_of_a_sample_holding_nan_is_nan_like_autograd(backend):
+    # r = sqrt(||d||^2 + c^2) is NaN: autograd of the formula makes the sample's whole gradient
+    # NaN; the fused backward took "not r > 0" for the 0 / 0 case and gave 0 beside the NaN
+    x = randn((3, 2, 5), torch.float32, 42)
+    y = randn((3, 2, 5), torch.float32, 43)
+    y[0, 1, 2] = math.nan
+    x.requires_grad_(True)
+    loss = ops.pseudo_huber(x, y, c=0.1, backend=backend)
+    (gx,) = torch.autograd.grad(loss.sum(), x)
+    leaf = x.detach().double().requires_grad_(True)
+    d = leaf - y.double()
+    (expected,) = torch.autograd.grad((torch.sqrt(d.square().sum((1, 2)) + 0.01) - 0.1).sum(), leaf)
+    assert gx[0].isnan().all() and torch.isfinite(gx[1:]).all()
+    torch.testing.assert_close(gx[1:].double(), expected[1:], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_elementwise_pseudo_huber_of_an_infinite_or_nan_difference(backend):
     # |d| = inf: the element's loss is inf and its slope NaN, as autograd of the formula gives
     # (diffusers' LCM loss): GradScaler must see an fp16 overflow. A NaN d gave slope 0 (hidden).
