@@ -209,6 +209,7 @@ def _call_loss(kind, prediction, x, in1, in2, in3, params, values, backend) -> t
     rest = [None if k == _W else t for k, t in enumerate(params)]
     args = (kind, prediction, x, in1, in2, in3, params[_W], rest, values, backend or "")
     if reference_required(tensors):  # torch.func's transforms, forward-mode AD
+        forward_op.select(x.device.type, backend or None)  # (the backend asked for is checked as outside)
         return _transformed_loss(kind, prediction, x, in1, in2, in3, params, values)
     if _traced(tensors):
         return torch.ops.kdfast.diffusion_loss(*args)[0]
@@ -313,6 +314,7 @@ def sample_combination(combination: str, a: torch.Tensor, b: torch.Tensor, alpha
     params, values = _pack(list(zip((_AT, _ST, _AS, _SS), sched)))
     args = (COMBINATIONS.index(combination), prediction, a, b, params, values)
     if reference_required((a, b, *params)):  # torch.func's transforms, forward-mode AD
+        combination_op.select(a.device.type, backend or None)  # (the backend asked for is checked as outside)
         dtype = torch.promote_types(a.dtype, b.dtype)
         sched = (_param(params, values, k, a.shape[0], a.device).detach() for k in (_AT, _ST, _AS, _SS))
         compute = torch.float64 if dtype == torch.float64 else torch.float32  # as the kernels

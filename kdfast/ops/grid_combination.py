@@ -126,6 +126,7 @@ def grid_combination(sample: torch.Tensor, outputs: Union[torch.Tensor, Sequence
     args = (sample, outputs[0], second, coefs, backend or "")
     tensors = (sample, outputs[0], second, coefs)
     if reference_required(tensors):  # torch.func's transforms, forward-mode AD: torch's ops carry them
+        _select(sample, outputs, grid, backend)  # (the backend asked for is checked as outside)
         return ref.grid_combination(sample, outputs, coefs, differentiable_weights=True)
     if dispatcher_required() or has_subclass(tensors):
         return torch.ops.kdfast.grid_combination(*args)

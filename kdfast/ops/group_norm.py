@@ -156,9 +156,10 @@ def group_norm_act(x: torch.Tensor, num_groups: int, weight: Optional[torch.Tens
     tensors = (x, shift, weight, bias)
     if reference_required(tensors):
         # torch.func's transforms and forward-mode AD: computed with torch's ops, which carry
-        # them, in float32 as the kernels compute (a forced backend is not used);
-        # on a contiguous x (torch's group_norm has no forward-mode formula for channels-last
-        # input), returned in x's dtype and layout
+        # them, in float32 as the kernels compute (a forced backend is not used, but checked as
+        # outside them); on a contiguous x (torch's group_norm has no forward-mode formula for
+        # channels-last input), returned in x's dtype and layout
+        group_norm_op.select(x.device.type, backend or None)
         out = ref.group_norm_act(x.contiguous(), num_groups, weight, bias, eps, shift, activation,
                                  dtype=torch.float32).to(x.dtype)
         fmt = dense_format(x)

@@ -154,6 +154,7 @@ def kd_divergence(
                     loss_scale)
     student, teacher = args[0], args[1]
     if reference_required((student, teacher)):  # torch.func's transforms, forward-mode AD
+        divergence_op.select(student.device.type, backend or None)  # (the backend asked for is checked as outside)
         return _reference_rows(*args)
     if _needs_dispatcher(student, teacher):
         want_grad = torch.is_grad_enabled() and student.requires_grad
@@ -193,6 +194,7 @@ def kd_divergence_with_grad(
     student, teacher, *rest = _op_args(student_logits, teacher_logits, labels, kind, beta, temperature,
                                        ignore_index, vocab_size, loss_scale)
     if reference_required((student, teacher)):  # (no graph, as below: detached)
+        divergence_op.select(student.device.type, backend or None)
         student, teacher = student.detach(), teacher.detach()
         labels, kind, beta, ignore_index, vocab, (inv_temperature, loss_scale) = rest
         grad = ref.kd_divergence_grad(student, teacher, KINDS[kind], beta, 1.0 / inv_temperature, labels, ignore_index,

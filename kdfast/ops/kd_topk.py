@@ -121,6 +121,7 @@ def kd_topk(
                     stored_dtype)
     student, lp = args[0], args[2]
     if reference_required((student, lp)):  # torch.func's transforms, forward-mode AD
+        topk_op.select(student.device.type, backend or None)  # (the backend asked for is checked as outside)
         return _reference_rows(*args)
     if _needs_dispatcher(student, lp):
         want_grad = torch.is_grad_enabled() and student.requires_grad
@@ -158,6 +159,7 @@ def kd_topk_with_grad(
                     stored_dtype)
     student, ids, lp, *rest = args
     if reference_required((student, lp)):  # (no graph, as below: detached)
+        topk_op.select(student.device.type, backend or None)
         student, lp = student.detach(), lp.detach()
         kw = _reference_args(student, ids, lp, *rest)
         return ref.kd_topk(student, ids, lp, **kw), ref.kd_topk_grad(student, ids, lp, **kw).to(

@@ -178,6 +178,15 @@ def _clipping_args(clip_value, dynamic_scale, sample: torch.Tensor):
     return threshold, clip, dynamic_scale
 
 
+def _select(op: backends.Op, sample: torch.Tensor, backend: Optional[str]) -> backends.Implementation:
+    """The implementation of ``op`` for ``sample``'s device and dtype (a bad ``backend`` raises)."""
+    # .is_cpu costs a fifth of .device.type, and nearly every call is on the CPU or CUDA
+    device_type = "cpu" if sample.is_cpu else sample.device.type
+    if sample.dtype is _F64:
+        return _float64_backend(op, device_type, backend)
+    return op.select(device_type, backend)
+
+
 def _float64_backend(op: backends.Op, device_type: str, backend: Optional[str]) -> backends.Implementation:
     """The implementation that computes a float64 step: the reference, in float64. A compiled
     backend forced by ``backend`` or ``KDFAST_BACKEND`` cannot, and says so."""
@@ -427,6 +436,7 @@ def _general_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2,
     """A checked step through the custom op (``dispatch``) or :func:`_solver_step`; under
     torch.func's transforms and forward-mode AD, with torch's ops (see :func:`reference_required`)."""
     if dispatch and reference_required((sample, model_output, coefs, cond, h0, h1, h2, aux, noise, dynamic_scale)):
+        _select(step_op, sample, backend)  # (the backend asked for is checked as outside)
         return _reference_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
                                clip, dynamic_scale, write_history, write_aux, history_dtype)
     mask = _OUT_SAMPLE | (_OUT_HISTORY if write_history else 0) | (_OUT_AUX if write_aux else 0)
@@ -489,13 +499,7 @@ def _allocate(sample: torch.Tensor, mask: int, history_dtype: torch.dtype) -> Li
 def _solver_step(sample, model_output, coefs, cond, guidance_scale, h0, h1, h2, aux, noise, threshold,
                  clip_value, dynamic_scale, mask, history_dtype, backend=None) -> List[torch.Tensor]:
     outputs = _allocate(sample, mask, history_dtype)
-    # .is_cpu costs a fifth of .device.type, and nearly every call is on the CPU or CUDA. (Selected
-    # for an empty sample too: a bad backend is named.)
-    device_type = "cpu" if sample.is_cpu else sample.device.type
-    if sample.dtype is _F64:
-        impl = _float64_backend(step_op, device_type, backend)
-    else:
-        impl = step_op.select(device_type, backend)
+    impl = _select(step_op, sample, backend)  # (for an empty sample too: a bad backend is named)
     if sample.numel() > 0:
         if impl.backend != "reference":
             coefs = _kernel_coefs(coefs, sample)
@@ -701,6 +705,7 @@ def threshold_scale(
     args = _threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
     sample, model_output, cond = args[:3]
     if reference_required((sample, model_output, cond)):  # torch.func's transforms, forward-mode AD
+        _select(threshold_op, sample, backend)  # (the backend asked for is checked as outside)
         compute = _F64 if sample.dtype is _F64 else _F32
         return ref.threshold_scale(*args, compute_dtype=compute)
     if _needs_dispatcher((sample, model_output, cond)):  # (autograd and torch.compile, a forced backend too)
@@ -735,13 +740,8 @@ def _threshold_checked(sample, model_output, cond, guidance_scale, x0_from_x, x0
 
 def _threshold_scale(sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value,
                      backend=None):
-    device_type = sample.device.type
-    if sample.dtype is _F64:
-        out = torch.empty(sample.shape[0], dtype=_F64, device=sample.device)
-        impl = _float64_backend(threshold_op, device_type, backend)
-    else:
-        out = torch.empty(sample.shape[0], dtype=_F32, device=sample.device)
-        impl = threshold_op.select(device_type, backend)
+    out = torch.empty(sample.shape[0], dtype=_F64 if sample.dtype is _F64 else _F32, device=sample.device)
+    impl = _select(threshold_op, sample, backend)
     if sample.shape[0] > 0:  # (no sample, nothing to run: the kernels divide by the batch)
         impl.run(out, sample, model_output, cond, guidance_scale, x0_from_x, x0_from_model, ratio, max_value)
     return out

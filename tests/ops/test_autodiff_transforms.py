@@ -16,6 +16,7 @@ import torch.nn.functional as F
 import kdfast
 import kdfast.models
 from kdfast import ops
+from kdfast.backends import BackendUnavailableError
 from kdfast.reference import diffusion_losses as ref
 
 from conftest import usable_backends
@@ -199,6 +200,41 @@ def test_each_op_under_torch_func_matches_its_fused_values_and_gradients(name):
     for x, g in zip(stack, per_sample):
         leaf = x.clone().requires_grad_()
         torch.testing.assert_close(g, torch.autograd.grad(loss(leaf), leaf)[0], **tol)
+
+
+def _topk(a):
+    rows = a.reshape(8, -1)
+    lp, ids = torch.log_softmax(rows.flip(0).detach(), -1).topk(3, -1)
+    return ops.kd_topk(rows, ids, lp)
+
+
+def _topk_with_grad(a):
+    rows = a.reshape(8, -1)
+    lp, ids = torch.log_softmax(rows.flip(0).detach(), -1).topk(3, -1)
+    return ops.kd_topk_with_grad(rows, ids, lp)[0]
+
+
+WITH_BACKEND_CHECKS = {**OPS, "kd_topk": _topk, "kd_topk_with_grad": _topk_with_grad,
+                       "kd_divergence_with_grad": lambda a: ops.kd_divergence_with_grad(a.reshape(8, -1),
+                                                                                         a.reshape(8, -1).flip(0))[0]}
+
+
+@pytest.mark.parametrize("name", sorted(WITH_BACKEND_CHECKS))
+def test_a_backend_that_cannot_run_is_refused_under_transforms_as_outside(name, monkeypatch):
+    # Under a transform the op computes with the reference, whatever backend is asked for; the
+    # request was not even checked there: a misspelt name (or cuda for CPU tensors, which the
+    # tests' emulator runs) passed silently
+    op = WITH_BACKEND_CHECKS[name]
+    a, tangent = _latents(0), _latents(1)
+    monkeypatch.setattr(kdfast.backends, "_FORCED", "no-such-backend")  # (as KDFAST_BACKEND sets it)
+    for call in (lambda: op(a),
+                 lambda: torch.func.vmap(op)(torch.stack([a, tangent])),
+                 lambda: torch.func.grad(lambda a: op(a).sum())(a),
+                 lambda: torch.func.jvp(op, (a,), (tangent,))):
+        with pytest.raises(BackendUnavailableError):
+            call()
+    monkeypatch.setattr(kdfast.backends, "_FORCED", "reference")
+    torch.func.vmap(op)(torch.stack([a, tangent]))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
