@@ -42,6 +42,16 @@ def is_finite_number(value, name: str = "the value", symbolic: bool = False) -> 
     return math.isfinite(value)
 
 
+def as_float(value) -> float:
+    """``float(value)``, with an integer beyond float's range as +-inf (``float(10**400)`` raises
+    OverflowError, which no caller's error names the argument of): the callers' finiteness or
+    range checks then refuse it by name."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf
+
+
 def not_a_number(value) -> bool:
     """Whether ``value`` is None, a string, a boolean or a complex number (Python's, numpy's, or
     such a tensor or array), which ``float()`` would take as a real number (``float("2")``,
@@ -63,7 +73,7 @@ def real_number(name: str, value) -> float:
         raise ValueError(f"{name} is taken as a number, which would drop the gradient of the tensor given; "
                          "pass a float (or a detached tensor), or apply a learned value outside this call")
     try:
-        return float(value)
+        return as_float(value)
     except (TypeError, ValueError, RuntimeError):  # (RuntimeError: a tensor of several elements)
         raise ValueError(f"{name} must be a real number, got {value!r}") from None
 
@@ -109,7 +119,7 @@ def check_float(name: str, value, low: float, high: float, high_open: bool = Fal
     """``value`` as a finite float in [low, high] (or [low, high)); NaN and inf are refused, and
     so are bools, strings and complex numbers (``float("3")`` and ``float(True)`` would pass)."""
     try:
-        number = math.nan if not_a_number(value) else float(value)
+        number = math.nan if not_a_number(value) else as_float(value)
     except (TypeError, ValueError):
         number = math.nan
     if not math.isfinite(number) or not (

@@ -25,7 +25,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import torch
 
 from .. import _ext, backends
-from .._checks import check_flag, is_finite_number, not_a_number
+from .._checks import as_float, check_flag, is_finite_number, not_a_number
 from ..reference import diffusion_losses as ref
 from ._tensors import (DTYPE_CODES, cuda_stream, describe, dispatcher_required, empty_in_layout, has_subclass,
                        in_layout, on_device, op_layout, reference_required, sample_layout, vmapped)
@@ -99,7 +99,7 @@ def _check_per_sample(name: str, value, batch: int, device: torch.device, *, def
     try:
         if not_a_number(value):  # (float() takes "0.1" and True)
             raise TypeError
-        v = float(value)
+        v = as_float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a number or a tensor, got {value!r}") from None
     if not is_finite_number(v, name):

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .. import _ext, backends
-from .._checks import is_finite_number, not_a_number
+from .._checks import as_float, is_finite_number, not_a_number
 from ..reference import group_norm as ref
 from ._tensors import (DTYPE_CODES, F32_ROUNDS_TO_ZERO, cuda_stream, dense_format, dispatcher_required, eager_autograd,
                        has_subclass, on_device, reference_required)
@@ -95,7 +95,7 @@ def _check_eps(eps) -> float:
     try:
         if not_a_number(eps):  # (float() takes "1e-5" and True)
             raise TypeError
-        value = float(eps)
+        value = as_float(eps)
     except (TypeError, ValueError):
         raise TypeError(f"eps must be a number, got {eps!r}") from None
     if not (is_finite_number(value, "eps") and value >= 0):
