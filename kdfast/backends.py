@@ -161,14 +161,20 @@ class Op:
     def __init__(self, name: str):
         self.name = name
         self._impls: Dict[str, Callable] = {}
+        self._needs: Dict[str, Callable[[], Optional[str]]] = {}
         self._cache: Dict[Tuple[str, Optional[str]], Implementation] = {}
 
-    def register(self, backend: str) -> Callable[[Callable], Callable]:
+    def register(self, backend: str, needs: Optional[Callable[[], Optional[str]]] = None
+                 ) -> Callable[[Callable], Callable]:
+        """Register ``backend``'s implementation; ``needs``, when given, says why something else
+        it uses beyond its backend cannot be used here (None when it can)."""
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}")
 
         def deco(fn: Callable) -> Callable:
             self._impls[backend] = fn
+            if needs is not None:
+                self._needs[backend] = needs
             self._cache.clear()
             return fn
 
@@ -181,7 +187,10 @@ class Op:
     def reason(self, backend: str, device_type: str) -> Optional[str]:
         if backend in BACKENDS and backend not in self._impls:
             return f"kdfast.{self.name} has no {backend} implementation"
-        return backend_reason(backend, device_type)
+        reason = backend_reason(backend, device_type)
+        if reason is None and backend in self._needs:
+            reason = self._needs[backend]()
+        return reason
 
     def select(self, device_type: str, backend: Optional[str] = None) -> Implementation:
         """The implementation to run for tensors on ``device_type``.

@@ -257,7 +257,12 @@ def _cuda(x, shift, weight, bias, num_groups, eps, act, out):
         module.group_norm(*args, sm_count, 0 if workspace is None else workspace.data_ptr(), cuda_stream(x))
 
 
-@group_norm_op.register("triton")
+def _cpu_extension_reason():
+    reason = _ext.cpu()[1]
+    return None if reason is None else f"the triton group norm plans its grid with kdfast._C: {reason}"
+
+
+@group_norm_op.register("triton", needs=_cpu_extension_reason)
 def _triton(x, shift, weight, bias, num_groups, eps, act, out):
     batch, channels = x.shape[:2]
     sm_count = _gpu_sm_count(x)

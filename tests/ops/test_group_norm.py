@@ -352,6 +352,27 @@ def test_triton_split_groups():
     x.view(-1)[0] = -1e4
     out = ops.group_norm_act(x, 4, activation="identity", backend="triton")
     assert_matches(out, x, 4, None, None, None, "identity", backend="triton", name="outlying pivot")
+    # eps of the order of the variance (at a variance of 4, leaving eps out changed ~1e-6)
+    x = randn((1, 64, 64, 64), torch.float32, 10, 1e-3)
+    for eps in (1e-5, 1e-6):
+        out = ops.group_norm_act(x, 4, eps=eps, activation="identity", backend="triton")
+        assert_matches(out, x, 4, None, None, None, "identity", eps=eps, backend="triton", name=f"eps={eps}")
+
+
+@pytest.mark.skipif("triton" not in BACKENDS, reason="Triton is not usable here")
+def test_the_triton_group_norm_needs_the_cpu_extension(monkeypatch):
+    # it plans its grid with kdfast._C: without it, triton was still offered (and chosen on a
+    # GPU), and failed with an AttributeError on None
+    from kdfast import _ext, backends
+    from kdfast.ops.group_norm import group_norm_op
+
+    monkeypatch.setattr(_ext, "cpu", lambda: (None, "kdfast._C is not importable (test)"))
+    monkeypatch.setattr(group_norm_op, "_cache", {})
+    assert "plans its grid with kdfast._C: kdfast._C is not importable" in group_norm_op.reason("triton", "cpu")
+    with pytest.raises(BackendUnavailableError, match="plans its grid with kdfast._C"):
+        group_norm_op.select("cpu", "triton")
+    assert group_norm_op.select("cpu").backend == "reference"  # (cpu needs kdfast._C too)
+    assert backends.op("solver_step").reason("triton", "cpu") is None
 
 
 def test_triton_refuses_samples_of_2_31_elements():
@@ -395,6 +416,10 @@ def test_gpu_split_groups(dtype):
             assert_matches(out.cpu(), x, groups, w, b, s, "silu", name=f"{dtype} {shape} cl={channels_last}")
             # deterministic: the chunks' moments are gathered in a fixed order
             assert torch.equal(out, ops.group_norm_act(xc, groups, wc, bc, shift=sc, backend="cuda"))
+    # eps of the order of the variance
+    x = randn((1, 64, 64, 64), torch.float32, 10, 1e-3)
+    out = ops.group_norm_act(x.cuda(), 4, eps=1e-6, activation="identity", backend="cuda")
+    assert_matches(out.cpu(), x, 4, None, None, None, "identity", eps=1e-6, name="eps")
     # a NaN in one chunk of a split group reaches the whole group and nothing else
     x = torch.randn(1, 64, 64, 64, device="cuda")
     x[0, 17, 63, 5] = float("nan")
