@@ -5,7 +5,18 @@
 
 #include "common/kd_common.h"
 
+// The launches cap the blocks along each grid axis (CUDA's y and z axes stop at 65535; past a
+// few thousand blocks the GPU is full anyway) and the kernels loop over the rest. The tests'
+// CUDA emulator builds with a cap of a few blocks, so that every batch of a few rows runs
+// those loops (a batch past 65535 rows would take it minutes).
+#ifndef KDFAST_GRID_CAP
+#define KDFAST_GRID_CAP 65536
+#endif
+
 namespace kdfast {
+
+// ``blocks``, or KDFAST_GRID_CAP when that is smaller.
+constexpr int64_t grid_cap(int64_t blocks) { return blocks < KDFAST_GRID_CAP ? blocks : KDFAST_GRID_CAP; }
 
 // The status of the launches just made. The error itself is left pending (peeked, not
 // cleared) so that the binding can name it (bind_cuda.cpp's check_launch clears it).

@@ -16,7 +16,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxGridY = 65535;
+constexpr int64_t kMaxGridY = grid_cap(65535);
 
 struct SampleConsts {
   float c;

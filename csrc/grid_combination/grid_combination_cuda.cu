@@ -41,7 +41,7 @@ int grid_combination_cuda(const Params& p) {
   if (p.rows == 0 || p.channels == 0) return kOk;
   const int64_t blocks = (p.rows * p.channels + kThreads - 1) / kThreads;
   // Enough blocks to fill the GPU; each thread loops over the rest.
-  const unsigned grid = unsigned(blocks < 65536 ? blocks : 65536);
+  const unsigned grid = unsigned(grid_cap(blocks < 65536 ? blocks : 65536));
   grid_combination_kernel<<<grid, kThreads, 0, static_cast<cudaStream_t>(p.stream)>>>(p);
   return launch_status();
 }

@@ -16,7 +16,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxBlocks = 65535;
+constexpr int64_t kMaxBlocks = grid_cap(65535);
 
 __device__ __forceinline__ LogNorm log_norm(Lse a) {
   return LogNorm{a.m, (a.m == -INFINITY || a.m == INFINITY) ? 0.f : logf(a.z)};

@@ -22,7 +22,7 @@ namespace {
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr int kMaxBlocks = 65535;
+constexpr int64_t kMaxBlocks = grid_cap(65535);
 constexpr int kBitmapWords = 8192;  // 32 KiB of static shared memory
 constexpr int64_t kBitmapCols = int64_t(kBitmapWords) * 32;
 

@@ -12,8 +12,9 @@ namespace solver_step {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kMaxGridY = 65535;
-constexpr int64_t kMaxThresholdBlocks = 65536;  // (more samples: each block loops over several)
+constexpr int64_t kMaxGridY = grid_cap(65535);
+constexpr int64_t kMaxGridX = grid_cap(4096);  // (enough to fill the GPU; each thread loops over the rest)
+constexpr int64_t kMaxThresholdBlocks = grid_cap(65536);  // (more samples: each block loops over several)
 
 // Params travels by value in the kernel's parameter space (well under the 4 KB limit), so a
 // captured CUDA graph holds each step's coefficients without any device-side table. With a
@@ -133,7 +134,8 @@ int solver_step_cuda(const Params& p) {
   const int64_t blocks_x = (p.inner + threads_x - 1) / threads_x;
   const int64_t blocks_y = (p.batch + threads_y - 1) / threads_y;
   // Enough blocks to fill the GPU; each thread loops over the rest.
-  const dim3 grid(unsigned(blocks_x < 4096 ? blocks_x : 4096), unsigned(blocks_y < kMaxGridY ? blocks_y : kMaxGridY));
+  const dim3 grid(unsigned(blocks_x < kMaxGridX ? blocks_x : kMaxGridX),
+                  unsigned(blocks_y < kMaxGridY ? blocks_y : kMaxGridY));
   const dim3 block(threads_x, threads_y);
   const cudaStream_t stream = static_cast<cudaStream_t>(p.stream);
   if (p.coef_rows)

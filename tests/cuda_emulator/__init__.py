@@ -46,7 +46,10 @@ CSRC = REPO / "csrc"
 _LAUNCH = re.compile(r"([A-Za-z_][\w:]*(?:<[^<>;()]*>)?)(\s*)<<<(.*?)>>>(\s*)\(", re.S)
 
 _FLAGS = ["-std=c++17", "-O2", "-fPIC", "-fvisibility=hidden", "-fno-strict-aliasing", "-ffp-contract=off",
-          "-D__CUDA_ARCH__=900", "-DKDFAST_WITH_CUDA", '-DKDFAST_CUDA_ARCHS_STR="emulated"']
+          "-D__CUDA_ARCH__=900", "-DKDFAST_WITH_CUDA", '-DKDFAST_CUDA_ARCHS_STR="emulated"',
+          # (kd_cuda.h: at most 3 blocks along a grid axis, so that small batches run the
+          # kernels' loops over what lies beyond the grid)
+          "-DKDFAST_GRID_CAP=3"]
 # AddressSanitizer (asan.py): its runtime is preloaded into the test process, so the module is
 # linked without it.
 _SANITIZE = ["-fsanitize=address", "-fno-omit-frame-pointer", "-g"]
