@@ -55,6 +55,15 @@ def test_parity_orders_and_predictions(solver_order, prediction_type, steps):
     assert_deis_parity(dict(solver_order=solver_order, prediction_type=prediction_type), steps)
 
 
+@pytest.mark.parametrize("solver_order", [2, 3])
+@pytest.mark.parametrize("steps", [12, 14, 15])
+@pytest.mark.parametrize("lower_order_final", [True, False])
+def test_parity_around_the_lower_order_final_threshold(solver_order, steps, lower_order_final):
+    # diffusers lowers the last steps' order only below 15 steps: 14 is the last count that
+    # does, 15 the first that does not (with 10, 25 and 50 steps any threshold in 11..15 passed)
+    assert_deis_parity(dict(solver_order=solver_order, lower_order_final=lower_order_final), steps)
+
+
 @pytest.mark.parametrize("solver_order", [1, 2])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "sample", "v_prediction"])
 @pytest.mark.parametrize("steps", [10, 50])
