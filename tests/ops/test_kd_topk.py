@@ -103,6 +103,21 @@ def test_closed_form_gradient_is_the_autograd_gradient():
             torch.testing.assert_close(closed, autograd, rtol=1e-10, atol=1e-12, equal_nan=True)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("missing", [2e-6, 1e-5])
+def test_a_remainder_within_k_float32_eps_of_zero_is_rounding(backend, missing):
+    # A stored mass of 1 - 2e-6 is above the rounding of the stored values (~4e-7) but within
+    # k = 32 float32 epsilons (3.8e-6): its remainder is rounding, dead; 1 - 1e-5 is a live one.
+    # (A kernel that left the k * FLT_EPS term out of the bound was off by 4.5e-6 relative.)
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 64, generator=gen)
+    student[:, 32:] -= 12
+    ids = torch.arange(32).expand(2, 32).contiguous()
+    lp = (torch.softmax(torch.randn(2, 32, generator=gen, dtype=torch.float64), 1) * (1 - missing)).log().float()
+    expected = ops.kd_topk(student, ids, lp, backend="reference")
+    torch.testing.assert_close(ops.kd_topk(student, ids, lp, backend=backend), expected, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("remainder", REMAINDERS)
 def test_edge_rows(backend, remainder):
