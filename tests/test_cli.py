@@ -160,3 +160,18 @@ def test_the_test_suite_refuses_to_run_without_kernels_an_installed_triton_canno
                          env={**os.environ, "PYTHONPATH": str(tmp_path / "fake")})
     assert run.returncode == 4, run.stdout + run.stderr  # pytest's usage error
     assert "the Triton kernels do not load" in run.stdout + run.stderr
+
+
+def test_demo_passes_its_options_on(tmp_path, monkeypatch):
+    from kdfast.demo import DemoError
+
+    got = {}
+
+    def spy(**kwargs):
+        got.update(kwargs)
+        raise DemoError("stopped by the test")
+
+    monkeypatch.setattr("kdfast.demo.run_demo", spy)
+    assert main(["demo", "--quick", "--out", str(tmp_path / "d"), "--seed", "7", "--guidance", "2.5",
+                 "--no-progress"]) == 2
+    assert got["seed"] == 7 and got["guidance_scale"] == 2.5 and got["out"] == str(tmp_path / "d")

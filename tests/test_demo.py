@@ -306,3 +306,9 @@ def test_the_diffusers_anchor_draws_a_stochastic_schedulers_noise_in_the_teacher
     anchor, anchor_labels = _anchor_sample(teacher, "euler_ancestral", 1, 2, 1.2, 0)
     assert torch.equal(labels, anchor_labels)
     assert (images - anchor).abs().max() < 5e-3  # (float error only: 6e-4 here; the other noise gave 0.5)
+
+
+def test_model_evaluations_count_heuns_second_order_steps():
+    from kdfast.demo import _evals
+    teacher = teacher_module.load_teacher()
+    assert _evals(teacher, "heun", 5) == 9 and _evals(teacher, "ddim", 5) == 5

@@ -72,3 +72,10 @@ def test_heldout_fraction_takes_numpy_and_0d_tensors():
     for fraction in (np.float64(0.3), torch.tensor(0.3, dtype=torch.float64)):
         x2, y2 = load_digits("heldout", heldout_fraction=fraction)
         assert torch.equal(x2, x) and torch.equal(y2, y)
+
+
+def test_the_split_follows_the_seed():
+    # (a seed that was ignored gave every seed the split of seed 0)
+    a, b = load_digits("heldout", seed=0), load_digits("heldout", seed=1)
+    assert a[0].shape == b[0].shape and not torch.equal(a[0], b[0])
+    assert torch.equal(torch.bincount(a[1]), torch.bincount(b[1]))  # stratified either way

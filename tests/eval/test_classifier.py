@@ -305,3 +305,11 @@ def test_metrics_of_tensors_and_numpy_scalars_are_saved_as_numbers(tmp_path):
                      "none": None}
     assert type(saved["count"]) is int and type(saved["accuracy"]) is float
     assert load_classifier(tmp_path / "c.safetensors").config == model.config
+
+
+def test_accuracies_are_measured_on_their_own_splits():
+    from kdfast.eval.classifier import IMAGE_SIZE, _accuracy
+    model, metrics = train_classifier(epochs=1, seed=3, progress=False, feature_dim=32)
+    assert metrics["heldout_accuracy"] == _accuracy(model, *load_digits("heldout", size=IMAGE_SIZE))
+    assert metrics["train_accuracy"] == _accuracy(model, *load_digits("train", size=IMAGE_SIZE))
+    assert metrics["heldout_accuracy"] != metrics["train_accuracy"]

@@ -219,3 +219,26 @@ def test_forward_checks_compile_without_graph_breaks():
     with torch.no_grad():
         for t in (3, 5.5, torch.tensor([3, 20])):
             torch.testing.assert_close(compiled(x, t), model(x, t))
+
+
+def test_every_up_block_reads_its_skip_connection(unet):
+    # each up block's input is [h, skip] with the skips taken in reverse order (conv_in's output
+    # and each down block's); a skip dropped or zeroed left every other test passing
+    skips, inputs = [], []
+    hooks = [unet.conv_in.register_forward_hook(lambda m, i, o: skips.append(o))]
+    for block in unet.down:
+        last = block[-1] if isinstance(block, torch.nn.ModuleList) else block
+        hooks.append(last.register_forward_hook(lambda m, i, o: skips.append(o)))
+    for block in unet.up:
+        if isinstance(block, torch.nn.ModuleList):
+            hooks.append(block[0].register_forward_pre_hook(lambda m, args: inputs.append(args[0])))
+    try:
+        unet(torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([10, 500]),
+             torch.tensor([3, 10]))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert len(inputs) == len(skips) > 2
+    for given, skip in zip(inputs, reversed(skips)):
+        assert skip.abs().max() > 0
+        assert torch.equal(given[:, -skip.shape[1]:], skip)

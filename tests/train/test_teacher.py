@@ -1,6 +1,7 @@
 import hashlib
 import io
 import json
+import math
 import pathlib
 import shutil
 import subprocess
@@ -657,3 +658,73 @@ def test_module_cli_ctrl_c_is_one_line_and_status_130(tmp_path, capsys, monkeypa
         teacher_mod.main(["--out", str(tmp_path / "t.safetensors"), "--no-progress"])
     err = capsys.readouterr().err
     assert exc.value.code == 130 and err.strip() == "python -m kdfast.train.teacher: interrupted"
+
+
+SMALL = dict(base_channels=16, channel_mults=(1, 2), attention_heads=2)
+
+
+def test_cfg_dropout_gives_the_null_class_to_that_share_of_labels(monkeypatch):
+    # (a draw that was never applied left every training label conditional: no guidance)
+    seen, real = [], teacher_mod.denoising_loss
+
+    def spy(model, sched, images, labels, noise, t):
+        seen.append(labels.clone())
+        return real(model, sched, images, labels, noise, t)
+
+    monkeypatch.setattr(teacher_mod, "denoising_loss", spy)
+    train_teacher(steps=2, batch_size=256, cfg_dropout=0.5, progress=False, num_threads=1, model_config=SMALL)
+    assert 0.4 < (torch.cat(seen) == 10).float().mean().item() < 0.6
+    seen.clear()
+    train_teacher(steps=1, batch_size=64, cfg_dropout=0.0, progress=False, num_threads=1, model_config=SMALL)
+    assert not (torch.cat(seen) == 10).any()
+
+
+def test_gradients_are_clipped_to_norm_1_at_every_step(monkeypatch):
+    calls, real = [], torch.nn.utils.clip_grad_norm_
+
+    def spy(parameters, max_norm, *args, **kwargs):
+        calls.append(max_norm)
+        return real(parameters, max_norm, *args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", spy)
+    train_teacher(steps=3, batch_size=8, progress=False, num_threads=1, model_config=SMALL)
+    assert calls == [1.0, 1.0, 1.0]
+
+
+def test_ema_keeps_the_decay_share_of_the_old_average():
+    model = torch.nn.Linear(1, 1, bias=False)
+    torch.nn.init.zeros_(model.weight)
+    ema = teacher_mod._EMA(model, decay=0.9)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)  # decay min(0.9, (1 + 1) / (10 + 1)) = 2 / 11 of the old average (0)
+    assert ema.model.weight.item() == pytest.approx(9 / 11)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_denoising_loss_targets_the_noise_or_the_velocity(prediction_type):
+    sched = DDIMScheduler.from_config(teacher_mod.noise_schedule_config(prediction_type))
+
+    class Zero(torch.nn.Module):  # predicts 0: the loss is the target's mean square
+        config = type("Config", (), {"prediction_type": prediction_type})()
+
+        def forward(self, x, t, labels):
+            return torch.zeros_like(x)
+
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(8, 1, 16, 16, generator=gen) * 2 - 1, torch.randn(8, 1, 16, 16, generator=gen)
+    t = torch.tensor([0, 100, 300, 500, 700, 900, 950, 999])
+    a = sched.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    target = noise.double() if prediction_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0
+    loss = teacher_mod.denoising_loss(Zero(), sched, x0, torch.zeros(8, dtype=torch.long), noise, t)
+    assert loss.item() == pytest.approx(target.square().mean().item(), rel=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_zero_over_the_run(tmp_path):
+    train_teacher(steps=20, batch_size=4, lr=1e-3, progress=False, num_threads=1, model_config=SMALL,
+                  checkpoint_dir=tmp_path)  # warmup: min(100, 20 // 10) = 2 steps
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    expected = [1e-3 * (s + 1) / 2 if s < 2 else 1e-3 * 0.5 * (1 + math.cos(math.pi * (s - 2) / 18))
+                for s in range(20)]
+    assert [r["lr"] for r in records] == pytest.approx(expected, rel=1e-12)
+    assert records[-1]["lr"] > 0  # (the last step's, before the decay reaches 0)
