@@ -497,3 +497,23 @@ def test_the_kdfast_unet_with_class_labels_exports_compiles_and_vmaps():
                 run(x, t, bad)
         each = torch.func.vmap(lambda a, b, c: fast(a[None], b[None], c[None])[0])(x, t, y)
         torch.testing.assert_close(each, expect, rtol=1e-4, atol=1e-5)  # (per-sample convolutions)
+
+
+def test_a_resnet_blocks_output_scale_factor_is_kept():
+    from diffusers.models.resnet import ResnetBlock2D
+
+    torch.manual_seed(0)
+    block = _perturbed(ResnetBlock2D(in_channels=16, out_channels=16, temb_channels=8, groups=4,
+                                     output_scale_factor=2.0))
+    x, temb = torch.randn(2, 16, 6, 6), torch.randn(2, 8)
+    fast = inference.prepare_for_inference(block)
+    torch.testing.assert_close(fast(x, temb), block(x, temb), rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_in_training_mode_comes_out_in_eval_mode():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.Dropout(0.5), torch.nn.GroupNorm(2, 8),
+                                torch.nn.SiLU())  # left in training mode
+    fast = inference.prepare_for_inference(model)
+    assert model.training and not any(m.training for m in fast.modules())
+    x = torch.randn(2, 3, 4, 4)
+    torch.testing.assert_close(fast(x), model.eval()(x))

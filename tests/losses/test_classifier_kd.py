@@ -365,3 +365,11 @@ def test_hinton_alpha_0_is_the_cross_entropy_even_where_the_kd_term_is_infinite(
     expected = F.cross_entropy(s2, labels)
     torch.testing.assert_close(ours, expected)
     torch.testing.assert_close(torch.autograd.grad(ours, s)[0], torch.autograd.grad(expected, s2)[0])
+
+
+def test_sinkhorn_temperature_softens_both_distributions():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g) * 3, torch.randn(4, 10, generator=g) * 3
+    for temperature in (0.5, 2.0, 4.0):
+        torch.testing.assert_close(sinkhorn_kd_loss(s, t, temperature=temperature, epsilon=0.1, iterations=100),
+                                   sinkhorn_kd_loss(s / temperature, t / temperature, epsilon=0.1, iterations=100))

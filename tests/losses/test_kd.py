@@ -308,3 +308,39 @@ def test_an_unknown_forced_backend_is_refused_for_float64_logits_too(monkeypatch
     finally:
         monkeypatch.undo()
         kdfast.backends.refresh()
+
+
+def test_padded_vocabularies_mean_divides_by_the_shared_vocabulary():
+    s, t = logits((5, 64), 14), logits((5, 70), 15)
+    labels = torch.tensor([1, -100, 3, 4, 0])
+    torch.testing.assert_close(kd_loss(s, t, labels, vocab_size=50, reduction="mean"),
+                               kd_loss(s[:, :50], t[:, :50], labels, reduction="mean"))
+
+
+def test_module_form_applies_scale_by_t2():
+    s, t = logits((6, 40), 1), logits((6, 40), 2)
+    for kind in ("forward_kl", "jsd"):
+        got = KDLoss(kind=kind, temperature=3.0, scale_by_t2=True)(s, t)
+        torch.testing.assert_close(got, kd_loss(s, t, kind=kind, temperature=3.0, scale_by_t2=True))
+        torch.testing.assert_close(got, 9.0 * kd_loss(s, t, kind=kind, temperature=3.0))
+
+
+def test_num_items_in_batch_divides_every_reduction_as_trl(gkd_trainer):
+    s, t = logits((3, 4, 30), 3), logits((3, 4, 30), 4)
+    labels = torch.tensor([[1, 2, -100, 3], [4, -100, -100, 5], [6, 7, 8, 9]])
+    for reduction in ("sum", "batchmean", "mean"):
+        theirs = gkd_trainer.generalized_jsd_loss(s.double(), t.double(), labels=labels, reduction=reduction,
+                                                  num_items_in_batch=torch.tensor(7))
+        ours = generalized_jsd_loss(s, t, labels, reduction=reduction, num_items_in_batch=torch.tensor(7))
+        torch.testing.assert_close(ours.double(), theirs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(kd_loss(s, t, labels, reduction="sum", num_items_in_batch=7),
+                               kd_loss(s, t, labels, reduction="sum") / 7)
+
+
+def test_float64_logits_apply_scale_by_t2():
+    s, t = logits((6, 40), 5).double(), logits((6, 40), 6).double()
+    for kind in ("forward_kl", "jsd", "tvd"):
+        scaled = kd_loss(s, t, kind=kind, temperature=2.0, scale_by_t2=True)
+        torch.testing.assert_close(scaled, 4.0 * kd_loss(s, t, kind=kind, temperature=2.0))
+        torch.testing.assert_close(scaled, kd_loss(s.float(), t.float(), kind=kind, temperature=2.0,
+                                                   scale_by_t2=True).double(), rtol=1e-5, atol=1e-6)
