@@ -113,8 +113,9 @@ class SchedulerOutput(OutputFields):
         return f"SchedulerOutput(prev_sample={self.prev_sample!r})"
 
     def __reduce__(self):
-        # copied or pickled with x0 computed (the closure that computes it cannot be pickled)
-        return (SchedulerOutput, (self.prev_sample, self.pred_original_sample))
+        # copied or pickled with x0 computed (the closure that computes it cannot be pickled), as
+        # its own class (the SCM, flow-map and pi-Flow outputs are subclasses)
+        return (type(self), (self.prev_sample, self.pred_original_sample))
 
 
 class _StepTuple(tuple):

@@ -613,6 +613,14 @@ def test_step_outputs_copy_and_pickle_with_x0_like_diffusers(how):
     assert isinstance(out, base.SchedulerOutput) and torch.equal(out.pred_original_sample, x0)
     assert torch.equal(out.prev_sample, pair[0])
     assert "None" not in repr(kd.step(m, t, x, return_dict=False))
+    # the outputs that subclass SchedulerOutput keep their class
+    from kdfast.schedulers.scm import SCMScheduler, SCMSchedulerOutput
+    scm = SCMScheduler()
+    scm.set_timesteps(2)
+    out = scm.step(x, scm.timesteps[0], x, generator=torch.Generator().manual_seed(0))
+    again = copier(out)
+    assert type(again) is SCMSchedulerOutput
+    assert all(torch.equal(a, b) for a, b in zip(again.to_tuple(), out.to_tuple()))
 
 
 def test_multistep_schedulers_return_one_entry_like_diffusers():
