@@ -433,11 +433,16 @@ def _transformed_loss(kind, prediction, x, in1, in2, in3, params, values) -> tor
     per-sample gradients, tangents). Computed in float64: the kernels sum each sample in
     float64 and square without overflow, where float32 sums would reach inf sooner. As in the
     kernels, a zero weight gives 0 even for a sample whose loss is not finite; its gradient is
-    the loss where finite, else 0; ``c`` and the schedule values are constants (no gradient, no
-    tangent)."""
+    the loss where finite, else 0, and the sample's inputs get gradient 0 (not 0 * NaN); ``c``
+    and the schedule values are constants (no gradient, no tangent)."""
     batch, device, f64 = x.shape[0], x.device, torch.float64
     p = [_param(params, values, k, batch, device) for k in range(len(SLOTS))]
     p = [t if k == _W else t.detach() for k, t in enumerate(p)]
+    # a zero-weight sample's inputs enter detached: where's backward selects, so no 0 * NaN (from
+    # a NaN or inf in the sample) reaches their gradient
+    zero = p[_W] == 0
+    x, in1, in2, in3 = (t if t is None else torch.where(ref._column(zero, t), t.detach(), t)
+                        for t in (x, in1, in2, in3))
     if kind in (PSEUDO_HUBER, PSEUDO_HUBER_ELEMENTWISE):
         raw = ref.pseudo_huber(x, in1, p[_C], None, kind == PSEUDO_HUBER_ELEMENTWISE, f64)
     elif kind == DMD:

@@ -505,6 +505,15 @@ def test_a_zero_weight_on_a_non_finite_sample_gets_gradient_zero(backend):
         term = ref.pseudo_huber(x[1:2], y[1:2], 0.1, None, elementwise).float()
         torch.testing.assert_close(eager, torch.cat([torch.zeros(1), term, torch.zeros(1)]), msg=str(elementwise))
         torch.testing.assert_close(torch.func.grad(loss)(weights), eager, msg=str(elementwise))
+        # the zero-weight samples' inputs get 0 too (torch.func gave 0 * NaN there)
+
+        def loss_of_x(x):
+            return ops.pseudo_huber(x, y, c=0.1, weights=weights, elementwise=elementwise, backend=backend).sum()
+
+        leaf = x.clone().requires_grad_()
+        (eager_x,) = torch.autograd.grad(loss_of_x(leaf), leaf)
+        assert torch.equal(eager_x[[0, 2]], torch.zeros(2, 2)) and torch.isfinite(eager_x[1]).all()
+        torch.testing.assert_close(torch.func.grad(loss_of_x)(x), eager_x, msg=str(elementwise))
 
 
 @pytest.mark.parametrize("backend", usable_backends("diffusion_loss") + ["reference"])
