@@ -273,3 +273,20 @@ def test_gpu_no_sync_and_graph_capture():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.equal(out, expect)
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_a_nonzero_weight_on_a_non_finite_term_keeps_its_gradient(backend):
+    # only a zero weight masks a non-finite term (in the value and the coefficients' gradient)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, generator=gen), torch.randn(2, 8, generator=gen)
+    y[0, 0] = float("inf")
+    c = torch.tensor([0.5, 0.25, -1.0])
+
+    def loss(w):
+        return ops.grid_combination(x, y, w, backend=backend).sum()
+
+    leaf = c.clone().requires_grad_()
+    (eager,) = torch.autograd.grad(loss(leaf), leaf)
+    assert eager[1] == float("inf") and torch.isfinite(eager[[0, 2]]).all()
+    torch.testing.assert_close(torch.func.grad(loss)(c), eager)

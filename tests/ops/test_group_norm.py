@@ -495,3 +495,10 @@ def test_an_overflowing_variance_is_loud_not_quietly_the_bias(backend, channels_
     out = ops.group_norm_act(x, 2, activation="identity", backend=backend)[0, 0]
     expect = ref.group_norm_act(x, 2, activation="identity")[0, 0].float()
     assert torch.isnan(out).all() or torch.allclose(out, expect, rtol=1e-5, atol=1e-5)
+
+
+def test_a_shift_of_more_dims_than_x_is_refused():
+    # (torch would broadcast x up to 5-d; the op returned a 4-d result)
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(ValueError, match="shift must have shape"):
+        ops.group_norm_act(x, 2, shift=torch.randn(2, 4, 1, 1, 1), backend="reference")

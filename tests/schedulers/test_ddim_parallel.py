@@ -503,3 +503,11 @@ def test_copies_pickles_and_compiles():
         return kd.batch_step_no_noise(m, t, x) * 1.0
 
     assert torch.equal(compiled(m, x), want)
+
+
+def test_one_timestep_for_an_empty_batch_is_refused():
+    s = DDIMParallelScheduler()
+    s.set_timesteps(10)
+    x = torch.zeros(0, 3, 4, 4)
+    with pytest.raises(ValueError, match="for a batch of 0 samples"):
+        s.batch_step_no_noise(x, int(s.timesteps[0]), x)

@@ -1,3 +1,5 @@
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -290,3 +292,28 @@ def test_bad_schedules_and_steps_are_named():
     plms.cur_sample = None
     with pytest.raises(ValueError, match="cur_sample is None"):
         plms.step(x, plms.timesteps[1], x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fourth_order_plms_weights_are_adams_bashforth(dtype):
+    # A PLMS step is A x + B (55 e0 - 59 e1 + 37 e2 - 9 e3) / 24 with e0 the model output and
+    # e1..e3 the stored ones, newest first: with x = 0, a unit impulse in each gives the weights'
+    # ratios (loop parity let weight errors of ~5e-5 through)
+    kd = PNDMScheduler(**SD1)
+    kd.set_timesteps(10)
+    x = torch.zeros(2, 4, 8, 8, dtype=dtype)
+    for t in kd.timesteps[:5]:
+        x = kd.step(torch.zeros_like(x), t, x).prev_sample
+    assert len(kd.ets) >= 3
+    t = kd.timesteps[5]
+
+    def impulse(k):
+        s = copy.deepcopy(kd)
+        e = [torch.zeros_like(x) for _ in range(4)]
+        e[k] = torch.ones_like(x)
+        s.ets = s.ets[:-3] + [e[3], e[2], e[1]]
+        return s.step(e[0], t, torch.zeros_like(x)).prev_sample.double().mean().item()
+
+    r = [impulse(k) for k in range(4)]
+    torch.testing.assert_close(torch.tensor([v / r[0] * 55 for v in r], dtype=torch.float64),
+                               torch.tensor([55.0, -59.0, 37.0, -9.0], dtype=torch.float64), rtol=1e-6, atol=0)

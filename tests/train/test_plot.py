@@ -171,3 +171,15 @@ def test_an_interrupted_write_png_keeps_the_previous_image(tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         write_png(gray * 2, path)
     assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["loss.png"]
+
+
+def test_image_grid_pixels_and_placement():
+    # values -1 / 0 / +1 as 0 / 128 / 255, NaN black, cells filled row by row, padding 64
+    imgs = torch.stack([torch.full((1, 2, 3), v) for v in (-1.0, 1.0, 0.0)])
+    imgs[2, 0, 0, 0] = float("nan")
+    g = image_grid(imgs, nrow=2, pad=1)
+    assert g.shape == (7, 9)
+    assert (g[1:3, 1:4] == 0).all() and (g[1:3, 5:8] == 255).all()
+    third = g[4:6, 1:4]
+    assert third[0, 0] == 0 and (third.flatten()[1:] == 128).all()
+    assert g[0, 0] == 64 and g[4:6, 5:8].eq(64).all()  # padding and the empty cell
