@@ -231,3 +231,12 @@ def test_timestep_lookup_needs_no_host_read():
         with no_host_reads():
             x = kd.step_cfg(u, c, 2.0, t, x, generator=gen).prev_sample
     assert torch.isfinite(x).all()
+
+
+@pytest.mark.parametrize("original_steps", [60, 70, 300])
+def test_original_steps_that_do_not_divide_the_training_steps(original_steps):
+    # the distillation schedule's stride is T // original_steps (1000 // 60 = 16, not 17)
+    kd, df = LCMScheduler(original_inference_steps=original_steps), DF(original_inference_steps=original_steps)
+    kd.set_timesteps(4)
+    df.set_timesteps(4)
+    assert kd.timesteps.tolist() == df.timesteps.tolist()

@@ -181,3 +181,19 @@ def test_epsilon_at_zero_terminal_snr_is_refused_without_suggesting_clipping():
     with pytest.raises(ValueError, match="defines no x0 \\(diffusers' step") as err:
         s.step(torch.sin(x), s.timesteps[0], x)
     assert "clip_sample" not in str(err.value) and "v_prediction" in str(err.value)
+
+
+def test_eta_09_at_previous_timesteps_that_are_multiples_of_10():
+    # s = floor((1 - eta) * prev_t) in float32 as diffusers computes it: at eta 0.9 and prev_t 500
+    # or 100, float64 gives another integer (the default schedules' timesteps all end in 9)
+    kd, df = TCDScheduler(), DF()
+    kd.set_timesteps(timesteps=[999, 500, 100])
+    df.set_timesteps(timesteps=[999, 500, 100])
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    y = x.clone()
+    for t in df.timesteps:
+        m = torch.randn(1, 4, 8, 8, generator=gen)
+        x = kd.step(m, t, x, eta=0.9, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        y = df.step(m, t, y, eta=0.9, generator=torch.Generator().manual_seed(int(t))).prev_sample
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5)
