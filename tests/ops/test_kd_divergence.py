@@ -314,6 +314,22 @@ def test_direct_op_calls_check_what_the_kernels_take_on_trust():
             torch.ops.kdfast.kd_divergence(*args, False, "")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("beta", [1e-8, 3e-8, 1 - 1e-8])
+def test_log_mixture_where_1_plus_r_rounds_to_1(backend, beta):
+    # log m = log q + log1p(r) with r below float32's half-epsilon: 1 + r rounds to 1 and the
+    # kernels fall back to r itself; with a dominant entry (log q near 0) dropping r instead
+    # made the loss ~1e6 times too large. (The bound is loose: rows this hard are good to O(1)
+    # relative error in float32 in every backend.)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(8, 1000, generator=gen)
+    t[:, 0] += 12
+    s = t + 1e-2 * torch.randn(8, 1000, generator=gen)
+    rows64 = ref.kd_divergence(s.double(), t.double(), "jsd", beta=beta, dtype=torch.float64)
+    rows = ops.kd_divergence(s, t, kind="jsd", beta=beta, backend=backend)
+    assert ((rows.double() - rows64).abs() / rows64.abs()).max() < 10
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("kind, beta", [("jsd", 1e-7), ("jsd", 1 - 1e-7)])
 def test_a_mixture_weight_near_0_or_1_keeps_the_small_loss_of_nearly_equal_rows(backend, kind, beta):
@@ -649,15 +665,17 @@ def test_tvd_subgradient_where_p_equals_q(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kind", KINDS)
-def test_maximum_in_a_later_block(backend, kind):
+@pytest.mark.parametrize("temperature", [1.0, 1.7])
+def test_maximum_in_a_later_block(backend, kind, temperature):
     # A vocabulary wider than one Triton block (4096) whose maximum lies in the second block:
-    # the sum of exponentials of the first block must be rescaled to the new maximum.
+    # the sum of exponentials of the first block must be rescaled to the new maximum (by
+    # exp((m_old - m_new) / T): at T = 1 a rescale without the temperature passed)
     vocab = 4096 + 200
     s, t = logits((2, vocab), torch.float32, 46), logits((2, vocab), torch.float32, 47)
     s[0, 4100], t[0, 4200] = 25.0, 20.0  # a dominant entry after the first block
     s[1, 4150], t[1, 4150] = 12.0, 11.0
     s[1, 10], t[1, 20] = 8.0, 9.0  # and a large one before it
-    assert_matches(backend, s, t, kind, f"{backend} {kind} later max")
+    assert_matches(backend, s, t, kind, f"{backend} {kind} later max T={temperature}", temperature=temperature)
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the Triton interpreter's numpy: log(0) in the NaN rows
