@@ -487,3 +487,21 @@ def test_a_direct_call_refuses_a_temperature_that_is_not_positive():
         with pytest.raises(ValueError, match=rf"1 / temperature \(in numbers\) must be > 0, got {inv_t}"):
             torch.ops.kdfast.kd_topk(s, ids, lp, None, False, -100, 0.0,
                                      torch.tensor([inv_t, 1.0], dtype=torch.float64), False, "")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+def test_bucket_remainder_with_one_id_left_out(backend):
+    # k = vocab - 1: the remainder bucket is the one token outside the ids; the loss is the
+    # forward KL between the two (k + 1)-outcome distributions, written out by hand
+    gen = torch.Generator().manual_seed(0)
+    rows, vocab = 3, 6
+    student = torch.randn(rows, vocab, generator=gen, dtype=torch.float64)
+    ids = torch.stack([torch.randperm(vocab, generator=gen)[: vocab - 1] for _ in range(rows)])
+    p = torch.softmax(torch.randn(rows, vocab - 1, generator=gen, dtype=torch.float64), -1) * 0.7  # mass 0.7
+    q_ids = torch.softmax(student, -1).gather(1, ids)
+    r, q_rest = 1 - p.sum(-1), 1 - q_ids.sum(-1)
+    expected = (p * (p.log() - q_ids.log())).sum(-1) + r * (r.log() - q_rest.log())
+    torch.testing.assert_close(ref.kd_topk(student, ids, p.log(), remainder="bucket", dtype=torch.float64), expected,
+                               rtol=1e-10, atol=1e-12)
+    got = ops.kd_topk(student.float(), ids, p.log().float(), remainder="bucket", backend=backend)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)

@@ -579,3 +579,20 @@ def test_an_unknown_step_keyword_is_an_error_like_diffusers():
         with pytest.raises(TypeError, match="bogus_option"):
             call()
     assert s.step_index is None and s.noise_sampler is None  # nothing was stepped
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copies_with_a_seed_list_continue_like_the_original(how):
+    # one Brownian tree per batch item: a copy must rebuild the per-item trees, not one tree
+    s = DPMSolverSDEScheduler(beta_schedule="scaled_linear", noise_sampler_seed=[3, 4])
+    s.set_timesteps(6)
+    x = initial_sample() * s.init_noise_sigma
+    assert x.shape[0] == 2
+    for t in s.timesteps[:3]:
+        x = s.step(dummy_model(s.scale_model_input(x, t), t), t, x).prev_sample
+    twin = copy.deepcopy(s) if how == "deepcopy" else pickle.loads(pickle.dumps(s))
+    for t in s.timesteps[3:]:
+        m = dummy_model(s.scale_model_input(x, t), t)
+        a, b = s.step(m, t, x).prev_sample, twin.step(m, t, x).prev_sample
+        assert torch.equal(a, b)
+        x = a

@@ -390,3 +390,17 @@ def test_assigned_timesteps_and_inference_mode_like_diffusers(how):
                 x = s.step(dummy_model(x, t), t, x, generator=gen).prev_sample
         results.append(x)
     assert parity_error(results[1], results[0]) <= 1e-5
+
+
+def test_the_churn_window_includes_its_ends():
+    # s_tmin / s_tmax equal to schedule sigmas: diffusers' window is closed at both ends
+    s = FlowMatchHeunDiscreteScheduler(shift=3.0)
+    s.set_timesteps(4)
+    sig = s.sigmas.tolist()
+    x = initial_sample()
+    for lo, hi in [(sig[3], sig[3]), (sig[1], sig[1]), (sig[3], sig[1])]:
+        kw = dict(s_churn=5.0, s_tmin=lo, s_tmax=hi)
+        expected, df_gen = churn_loop(diffusers.FlowMatchHeunDiscreteScheduler(shift=3.0), 4, x, **kw)
+        got, kd_gen = churn_loop(FlowMatchHeunDiscreteScheduler(shift=3.0), 4, x, **kw)
+        assert parity_error(got, expected) <= 1e-5, kw
+        assert torch.equal(kd_gen.get_state(), df_gen.get_state())
