@@ -53,6 +53,15 @@ def _center(mean, shift, HAS_SHIFT: tl.constexpr):
 
 
 @triton.jit
+def _center_pair(mean, shift, HAS_SHIFT: tl.constexpr):
+    """The per-channel center as float32 hi + lo, for the variance sweep (group_norm_cpu.cpp's
+    center_pair: with a shift, a float32 center's rounding no longer cancels over the group)."""
+    hi = _center(mean, shift, HAS_SHIFT)
+    exact = mean - shift.to(tl.float64) if HAS_SHIFT else mean + tl.zeros_like(shift).to(tl.float64)
+    return hi, (exact - hi.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
 def _write(x_ptr, out_ptr, shift_ptr, w_ptr, bias_ptr, b, x_stride, out_stride, s_batch, s_channel, i, n, c0,
            cpg, channels, spatial, mean, rstd, CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
            HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr):
@@ -105,7 +114,8 @@ def _group_norm_kernel(
     for start in range(0, n, BLOCK):
         x, shift, c, off, mask = _load(x_ptr, shift_ptr, b, x_stride, s_batch, s_channel, start + lanes, n, c0, cpg,
                                        channels, spatial, CHANNELS_LAST, HAS_SHIFT)
-        d = x - _center(mean, shift, HAS_SHIFT)
+        hi, lo = _center_pair(mean, shift, HAS_SHIFT)
+        d = (x - hi) - lo
         acc += tl.where(mask, d * d, 0.0)
     # in float64 like inverse_std in group_norm.h (and exactly rounded: fp32 sqrt and division
     # compile to approximations on NVIDIA GPUs)

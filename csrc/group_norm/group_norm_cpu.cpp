@@ -28,6 +28,17 @@ using cpu::store_floats;
 // cl_rows_per_block): float rounding stays that of a 256-term sum for groups of any size.
 constexpr int64_t kSumRows = 256;
 
+// A channel's center (the group mean of x + shift, less the channel's shift) as a float pair,
+// center + center_lo, for the variance sweeps: with a shift the channels of a group have
+// different centers, and a float center's rounding error e then adds 2 e * sum(x - center) to
+// each channel's sum of squares, which no longer cancels over the group (at a mean 1e4 times
+// the spread, variances came out ~2e-4 relative too high: 4x torch's float32 output error).
+// The output's center stays the float one, whose error is that of float32 x + shift.
+inline void center_pair(double center, float& hi, float& lo) {
+  hi = float(center);
+  lo = float(center - double(hi));
+}
+
 // A thread's scratch (per_thread_floats): double sums first (8-byte aligned: every thread's
 // share is an even number of floats), then per-channel floats, then one widened block.
 struct Scratch {
@@ -56,9 +67,9 @@ struct Scratch {
 // in block order, by either driver below (so both give the same bits).
 
 // Per-channel sums of the deviations of block k of sample b from `center` (per channel), or with
-// `squares` of their squares.
-KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, bool squares,
-                                 float* fsum, float* buf) {
+// `squares` of their squares, the deviations then taken from center + center_lo (cl_means).
+KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const float* center, const float* center_lo,
+                                 bool squares, float* fsum, float* buf) {
   const int64_t C = p.channels, rpb = cl_rows_per_block(C), r0 = k * rpb, rows = std::min(rpb, p.spatial - r0);
   const float* v = load_floats(p.x, p.x_dtype, b * p.x_stride + r0 * C, rows * C, buf);
   std::fill(fsum, fsum + C, 0.f);
@@ -67,7 +78,7 @@ KD_CPU_INLINE void cl_block_sums(const Params& p, int64_t b, int64_t k, const fl
     if (squares) {
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        const float d = row[c] - center[c];
+        const float d = (row[c] - center[c]) - center_lo[c];
         fsum[c] += d * d;
       }
     } else {
@@ -112,15 +123,16 @@ void cl_pivots(const Params& p, int64_t b, float* pivot) {
 }
 
 // Group means of x + shift from the per-channel sums of x's deviations from `pivot`; the
-// per-channel centers of sweep 2.
-void cl_means(const Params& p, int64_t b, const double* csum, const float* pivot, double* gmean, float* center) {
+// per-channel centers of sweep 2 as float pairs (see center_pair).
+void cl_means(const Params& p, int64_t b, const double* csum, const float* pivot, double* gmean, float* center,
+              float* center_lo) {
   const int64_t C = p.channels, S = p.spatial, cpg = C / p.groups;
   for (int64_t g = 0; g < p.groups; ++g) {
     double s = 0.0;
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) s += csum[c] + double(S) * double(shift_at(p, b, c));
     gmean[g] = double(pivot[g * cpg]) + s / double(cpg * S);
   }
-  for (int64_t c = 0; c < C; ++c) center[c] = float(gmean[c / cpg] - double(shift_at(p, b, c)));
+  for (int64_t c = 0; c < C; ++c) center_pair(gmean[c / cpg] - double(shift_at(p, b, c)), center[c], center_lo[c]);
 }
 
 // The per-channel constants of sweep 3 from the group means and squared-deviation sums.
@@ -143,27 +155,30 @@ KD_CPU_INLINE void cl_sample(const Params& p, int64_t b, float* ws) {
   Scratch w(ws, C);
   std::fill(w.csum, w.csum + C, 0.0);
   std::fill(w.gvar, w.gvar + G, 0.0);
-  float* pivot = w.scale;  // (the scales are set after the last use of the pivots)
+  float* pivot = w.scale;      // (the scales are set after the last use of the pivots,
+  float* center_lo = w.bias;   // the biases after the last use of the centers' low parts)
   cl_pivots(p, b, pivot);
   for (int64_t k = 0; k < blocks; ++k) {
-    cl_block_sums(p, b, k, pivot, false, w.fsum, w.block);
+    cl_block_sums(p, b, k, pivot, nullptr, false, w.fsum, w.block);
     for (int64_t c = 0; c < C; ++c) w.csum[c] += w.fsum[c];
   }
-  cl_means(p, b, w.csum, pivot, w.gmean, w.center);
+  cl_means(p, b, w.csum, pivot, w.gmean, w.center, center_lo);
   for (int64_t k = 0; k < blocks; ++k) {
-    cl_block_sums(p, b, k, w.center, true, w.fsum, w.block);
+    cl_block_sums(p, b, k, w.center, center_lo, true, w.fsum, w.block);
     for (int64_t c = 0; c < C; ++c) w.gvar[c / cpg] += w.fsum[c];
   }
   cl_consts(p, b, w.gmean, w.gvar, w.center, w.scale, w.bias);
   for (int64_t k = 0; k < blocks; ++k) cl_block_write(p, b, k, w.center, w.scale, w.bias, w.block);
 }
 
-// Sum of v - center over [0, n), or with kSquares of (v - center)^2 (center[j] with
-// kPerElement, else center[0]): float partial sums of kSumRows terms gathered in double, so
-// float rounding stays that of a kSumRows-term sum for any n.
+// Sum of v - center over [0, n), or with kSquares of (v - center - center_lo)^2 (center[j] and
+// center_lo[j] with kPerElement, else center[0] and center_lo[0]; center_lo only with
+// kSquares): float partial sums of kSumRows terms gathered in double, so float rounding stays
+// that of a kSumRows-term sum for any n.
 template <bool kSquares, bool kPerElement>
-KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
+KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center, const float* center_lo = nullptr) {
   const float c0 = kPerElement ? 0.f : center[0];
+  const float l0 = kSquares && !kPerElement ? center_lo[0] : 0.f;
   double total = 0.0;
   for (int64_t k0 = 0; k0 < n; k0 += kSumRows) {
     const int64_t k1 = std::min(n, k0 + kSumRows);
@@ -171,21 +186,27 @@ KD_CPU_INLINE double flat_sum(const float* v, int64_t n, const float* center) {
 #pragma omp simd reduction(+ : f)
     for (int64_t j = k0; j < k1; ++j) {
       const float d = v[j] - (kPerElement ? center[j] : c0);
-      f += kSquares ? d * d : d;
+      if (kSquares) {
+        const float e = d - (kPerElement ? center_lo[j] : l0);
+        f += e * e;
+      } else {
+        f += d;
+      }
     }
     total += f;
   }
   return total;
 }
 
-// Sum of x - center (of (x - center)^2 when `squares`) over elements [off, off + n) of x,
-// contiguous, widened a block at a time.
-KD_CPU_INLINE double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float* block) {
+// Sum of x - center (of (x - center - center_lo)^2 when `squares`) over elements [off, off + n)
+// of x, contiguous, widened a block at a time.
+KD_CPU_INLINE double range_sum(const Params& p, int64_t off, int64_t n, bool squares, float center, float center_lo,
+                               float* block) {
   double total = 0.0;
   for (int64_t j0 = 0; j0 < n; j0 += kCpuBlock) {  // (kCpuBlock is a multiple of kSumRows)
     const int64_t m = std::min(kCpuBlock, n - j0);
     const float* v = load_floats(p.x, p.x_dtype, off + j0, m, block);
-    total += squares ? flat_sum<true, false>(v, m, &center) : flat_sum<false, false>(v, m, &center);
+    total += squares ? flat_sum<true, false>(v, m, &center, &center_lo) : flat_sum<false, false>(v, m, &center);
   }
   return total;
 }
@@ -206,15 +227,19 @@ KD_CPU_INLINE void group_channel_major(const Params& p, int64_t b, int64_t g, fl
     for (int64_t c = c0; c < c0 + cpg; ++c) shift_total += double(S) * shift_at(p, b, c);
   // deviations from the group's first element (a pivot: see cl_pivots)
   const float pivot = load_as_float(x, p.x_dtype, x0 + c0 * S);
-  const double mean = double(pivot) + (range_sum(p, x0 + c0 * S, n_group, false, pivot, block) + shift_total) /
+  const double mean = double(pivot) + (range_sum(p, x0 + c0 * S, n_group, false, pivot, 0.f, block) + shift_total) /
                                           double(n_group);
 
   double sq = 0.0;
+  float center, center_lo;
   if (!p.shift) {
-    sq = range_sum(p, x0 + c0 * S, n_group, true, float(mean), block);
+    center_pair(mean, center, center_lo);
+    sq = range_sum(p, x0 + c0 * S, n_group, true, center, center_lo, block);
   } else {
-    for (int64_t c = c0; c < c0 + cpg; ++c)
-      sq += range_sum(p, x0 + c * S, S, true, float(mean - double(shift_at(p, b, c))), block);
+    for (int64_t c = c0; c < c0 + cpg; ++c) {
+      center_pair(mean - double(shift_at(p, b, c)), center, center_lo);
+      sq += range_sum(p, x0 + c * S, S, true, center, center_lo, block);
+    }
   }
   const float rstd = inverse_std(sq / double(n_group), p.eps);
 
@@ -281,13 +306,19 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
     const float* group = v + g * n_group;  // deviations from its first element (see cl_pivots)
     gmean[g] = double(group[0]) + (flat_sum<false, false>(group, n_group, group) + double(S) * shift_total) * inv_n;
   }
-  // the centers (channel_consts' center: mean - shift) serve the variances and the output alike
+  // the centers (channel_consts' center: mean - shift) serve the variances and the output alike;
+  // their low parts (center_pair), the variances only: they stay in the scales' slots until
+  // the scales are set, group by group after its variance
+  float* k_center_lo = k_scale;
   for (int64_t g = 0; g < groups; ++g)
-    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) k_center[c] = float(gmean[g] - double(shift[c]));
+    for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c)
+      center_pair(gmean[g] - double(shift[c]), k_center[c], k_center_lo[c]);
   spread(w.spread_center, k_center, nc, S);
+  float* spread_center_lo = w.spread_scale;  // (likewise, spread over the scales' slots after the variances)
+  spread(spread_center_lo, k_center_lo, nc, S);
   for (int64_t g = 0; g < groups; ++g) {  // variances; the per-channel scales and biases
-    const float rstd =
-        inverse_std(flat_sum<true, true>(v + g * n_group, n_group, w.spread_center + g * n_group) * inv_n, p.eps);
+    const float rstd = inverse_std(flat_sum<true, true>(v + g * n_group, n_group, w.spread_center + g * n_group,
+                                                        spread_center_lo + g * n_group) * inv_n, p.eps);
     for (int64_t c = g * cpg; c < (g + 1) * cpg; ++c) {
       const ChannelConsts k = channel_consts(gmean[g], rstd, shift[c], weight_at(p, c0 + c), bias_at(p, c0 + c));
       k_scale[c] = k.scale;
@@ -315,7 +346,7 @@ KD_CPU_INLINE void small_groups_block(const Params& p, int64_t b, int64_t g0, in
 
 struct TaskFns {
   void (*cl_sample)(const Params&, int64_t, float*);
-  void (*cl_block_sums)(const Params&, int64_t, int64_t, const float*, bool, float*, float*);
+  void (*cl_block_sums)(const Params&, int64_t, int64_t, const float*, const float*, bool, float*, float*);
   void (*cl_block_write)(const Params&, int64_t, int64_t, const float*, const float*, const float*, float*);
   void (*group_channel_major)(const Params&, int64_t, int64_t, float*);
   void (*small_groups_block)(const Params&, int64_t, int64_t, int64_t, float*);
@@ -323,9 +354,9 @@ struct TaskFns {
 
 #define KD_GROUP_NORM_TASKS(SUFFIX, TARGET)                                                                    \
   TARGET void cl_sample_##SUFFIX(const Params& p, int64_t b, float* ws) { cl_sample(p, b, ws); }             \
-  TARGET void cl_block_sums_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center, bool squares, \
-                                     float* fsum, float* buf) {                                            \
-    cl_block_sums(p, b, k, center, squares, fsum, buf);                                                    \
+  TARGET void cl_block_sums_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center,             \
+                                     const float* center_lo, bool squares, float* fsum, float* buf) {      \
+    cl_block_sums(p, b, k, center, center_lo, squares, fsum, buf);                                         \
   }                                                                                                        \
   TARGET void cl_block_write_##SUFFIX(const Params& p, int64_t b, int64_t k, const float* center,             \
                                       const float* scale, const float* bias, float* buf) {                 \
@@ -361,7 +392,8 @@ void cl_split_samples(const Params& p, int threads) {
   double* gacc = gmean + B * C;                        // [B][C]: per-channel sums, then per-group
   float* partial = shared + 4 * B * C;                 // [B][blocks][C]
   float* consts = partial + B * blocks * C;            // [B][3][C]: center, scale, bias
-  // the pivots of sample b in its scale slot, set after their last use (cl_consts)
+  // the pivots of sample b in its scale slot and the centers' low parts in its bias slot, both
+  // set after their last use (cl_consts)
   for (int64_t b = 0; b < B; ++b) cl_pivots(p, b, consts + b * 3 * C + C);
 #pragma omp parallel num_threads(threads)
   {
@@ -372,18 +404,22 @@ void cl_split_samples(const Params& p, int threads) {
 #endif
 #pragma omp for schedule(static)
     for (int64_t t = 0; t < B * blocks; ++t)
-      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C + C, false, partial + t * C, buf);
+      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C + C, nullptr, false, partial + t * C,
+                        buf);
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       double* csum = gacc + b * C;
       std::fill(csum, csum + C, 0.0);
       for (int64_t k = 0; k < blocks; ++k)
         for (int64_t c = 0; c < C; ++c) csum[c] += partial[(b * blocks + k) * C + c];
-      cl_means(p, b, csum, consts + b * 3 * C + C, gmean + b * C, consts + b * 3 * C);
+      float* k3 = consts + b * 3 * C;
+      cl_means(p, b, csum, k3 + C, gmean + b * C, k3, k3 + 2 * C);
     }
 #pragma omp for schedule(static)
-    for (int64_t t = 0; t < B * blocks; ++t)
-      fns.cl_block_sums(p, t / blocks, t % blocks, consts + (t / blocks) * 3 * C, true, partial + t * C, buf);
+    for (int64_t t = 0; t < B * blocks; ++t) {
+      const float* k3 = consts + (t / blocks) * 3 * C;
+      fns.cl_block_sums(p, t / blocks, t % blocks, k3, k3 + 2 * C, true, partial + t * C, buf);
+    }
 #pragma omp for schedule(static)
     for (int64_t b = 0; b < B; ++b) {
       double* gvar = gacc + b * C;

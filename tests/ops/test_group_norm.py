@@ -157,6 +157,61 @@ def test_a_shift_far_above_the_spread_keeps_accuracy(backend, shape, groups):
         torch.testing.assert_close(out.double(), expect, rtol=0, atol=2e-6, msg=f"channels_last={channels_last}")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", [((2, 8, 5, 7), 4), ((3, 12, 4, 4), 3), ((1, 64, 64, 64), 8)])
+def test_constant_groups_at_different_offsets_give_the_bias(backend, shape, groups):
+    # Every group its own constant, far from the others': a group's mean must be taken about one
+    # of its own elements (deviations from another group's value are float32 sums of 1e4-sized
+    # terms, a few ulps off, which the zero variance magnifies). Whole channels-last samples, a
+    # sample cut into blocks (a batch of one) and the channel-major paths.
+    c = shape[1]
+    levels = torch.tensor([(-1.0) ** g * (10000.1 + 1234.5 * g) for g in range(groups)])
+    x = levels.repeat_interleave(c // groups)[None, :, None, None].expand(shape).contiguous()
+    bias = randn((c,), torch.float32, 13)
+    expect = F.silu(bias[None, :, None, None].expand(shape))
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        out = ops.group_norm_act(x.contiguous(memory_format=fmt), groups, None, bias, backend=backend)
+        torch.testing.assert_close(out, expect, rtol=0, atol=1e-6, msg=f"{shape} {fmt}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape,groups", [((2, 4, 64, 64), 2), ((2, 64, 3, 3), 8), ((3, 16, 20, 20), 4),
+                                          ((1, 64, 64, 64), 8)])
+def test_an_outlying_first_element_keeps_accuracy(backend, shape, groups):
+    # At a mean 1e4 times the spread, each group's first element (the pivot its sums are taken
+    # about) 100 spreads above the rest, with and without a shift: the error is at most the
+    # rounding of the float center (mean - shift, in [8192, 16384): half an ulp is 2^-11) times
+    # 1 / std. Sums of squares about the pivot less the squared offset cancel; with a shift, a
+    # float center per channel biased the variance (errors of 4e-3 where this bound is 3e-4).
+    # Channel-major groups, small groups taken several at a time, whole channels-last samples and
+    # a channels-last sample cut into blocks (a batch of one).
+    cpg = shape[1] // groups
+    for channels_last in (False, True):
+        for shift in (None, randn(shape[:2], torch.float32, 15)):
+            x = randn(shape, torch.float32, 14, 1.0, 1e4)
+            x[:, ::cpg, 0, 0] += 100.0
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = ops.group_norm_act(x, groups, shift=shift, activation="identity", backend=backend)
+            expect = ref.group_norm_act(x, groups, None, None, 1e-5, shift, "identity")
+            shifted = x.double() + (0 if shift is None else shift.double()[:, :, None, None])
+            rstd = 1 / shifted.reshape(shape[0], groups, -1).var(-1, unbiased=False).min().sqrt().item()
+            err = (out.double() - expect).abs().max().item()
+            assert err <= 2 ** -11 * rstd + 1e-5, f"channels_last={channels_last} shift={shift is not None}: {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("spatial", [(1, 2), (2, 4), (4, 4), (4, 8), (3, 8, 1)])
+def test_small_maps_of_every_fixed_size(backend, spatial):
+    # maps of 2, 8, 16 and 32 positions (the CPU spreads their per-channel constants with
+    # fixed-length loops), channel-major groups taken several at a time, both activations
+    shape = (2, 96) + spatial
+    for activation in ref.ACTIVATIONS:
+        x, w, b, s = inputs(shape, torch.float32, 16)
+        out = ops.group_norm_act(x, 8, w, b, shift=s, activation=activation, backend=backend)
+        assert_matches(out, x, 8, w, b, s, activation, name=f"{shape} {activation}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
 def test_one_element_groups(backend):
