@@ -97,6 +97,30 @@ def test_matches_reference(backend, loss, dtype):
         assert_matches(backend, loss, shape, dtype, seed=10 * i)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_inputs_of_different_dtypes(backend, loss):
+    # The latents may differ in dtype (an fp32 student against a half teacher, and the other
+    # ways round): each is read in its own dtype and each gradient is stored in its own input's
+    # dtype, pseudo-Huber's target gradient included.
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    shape = (2, 3, 5, 13)
+    for dtypes in ((f32, bf16, f16, bf16), (f16, f32, bf16, f16), (bf16, f16, f32, f32)):
+        fused, reference, tensors, diff = case(loss, shape, f32, 3)
+        tensors = [t.to(d) for t, d in zip(tensors, dtypes)]
+        grad_loss = rand(shape[0], 10, -2.0, 2.0).float()
+        name = f"{backend} {loss} {dtypes}"
+        got, grads = evaluate(lambda *t: fused(backend, *t), tensors, diff, grad_loss)
+        want, grads64 = evaluate(lambda *t: reference(torch.float64, *t), tensors, diff, grad_loss, torch.float64)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, msg=name)
+        for i, g, g64 in zip(diff, grads, grads64):
+            dtype = tensors[i].dtype
+            assert g.dtype == dtype and g.shape == shape, name
+            eps = torch.finfo(dtype).eps if dtype != f32 else 1e-5
+            torch.testing.assert_close(g.double(), g64, rtol=eps, atol=1e-6 + eps * g64.abs().max().item(),
+                                       msg=f"{name} grad {i}")
+
+
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_reference_backend_and_fused_agree(backend):
     # The reference backend (pure torch, closed-form backward) is a backend too.
@@ -282,6 +306,26 @@ def test_combination_matches_reference(backend, combination, dtype):
             assert out.dtype == dtype and out.shape == shape
             ulp = 0.0 if dtype == torch.float32 else torch.finfo(dtype).eps * expected.abs().max().item()
             assert_close_by_rule(out, expected, lowp, f"{backend} {combination} {pt} {dtype}", atol=1e-6 + ulp)
+
+
+@pytest.mark.parametrize("backend", COMBINATION_BACKENDS)
+@pytest.mark.parametrize("combination", ref.COMBINATIONS)
+def test_combination_of_different_dtypes(backend, combination):
+    # a and b in different dtypes: each read in its own, the result stored in the promoted dtype
+    # (fp16 with bf16 promotes to fp32)
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    shape = (3, 2, 5, 7)
+    sched = schedule(shape[0], 8)
+    for da, db in ((f16, f32), (f32, bf16), (bf16, f16), (f16, bf16)):
+        a, b = randn(shape, da, 20), randn(shape, db, 21)
+        for pt in ref.PREDICTION_TYPES:
+            out = dl.sample_combination(combination, a, b, *sched, prediction_type=pt, backend=backend)
+            dtype = torch.promote_types(da, db)
+            expected = ref._combine(combination, pt, a, b, *sched, torch.float64)
+            lowp = ref._combine(combination, pt, a, b, *sched, torch.float32).to(dtype)
+            assert out.dtype == dtype and out.shape == shape
+            ulp = 0.0 if dtype == f32 else torch.finfo(dtype).eps * expected.abs().max().item()
+            assert_close_by_rule(out, expected, lowp, f"{backend} {combination} {pt} {da} {db}", atol=1e-6 + ulp)
 
 
 def test_combination_autograd():

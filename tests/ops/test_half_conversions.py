@@ -182,3 +182,33 @@ def test_kd_divergence_gradient_rounds_like_torch(dtype):
             _, grad32 = ops.kd_divergence_with_grad(s, t, **args)
             _, grad = ops.kd_divergence_with_grad(s, t, grad_dtype=dtype, **args)
             assert_same_16(grad.reshape(-1), grad32.reshape(-1), dtype, f"{kind} {loss_scale}")
+
+
+def short_rows(t, width=7):
+    """``t`` as rows of ``width`` elements (padded with 1s), each shorter than the CPU's 8-lane
+    F16C / AVX2 conversion blocks: on the CPU backend every element then takes the scalar
+    conversions of kd_common.h, which rows of full blocks only reach in their last few elements
+    (only the KDFAST_CPU_BASELINE=1 build runs them everywhere)."""
+    pad = (-t.numel()) % width
+    return torch.cat([t, torch.ones(pad, dtype=t.dtype)]).reshape(-1, width), t.numel()
+
+
+# (only the CPU launcher converts in blocks; the Triton interpreter would take minutes over rows of 7)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_short_rows_convert_like_torch(backend, dtype):
+    # The crafted rounding cases (subnormal ties, the 65520 overflow, NaN) stored from rows of 7,
+    # and every 16-bit pattern widened from rows of 7.
+    f = crafted_fp32()
+    rows, n = short_rows(f)
+    sample, history = step_identity(rows, dtype, dtype, backend)
+    assert_same_16(sample.reshape(-1)[:n], f, dtype, f"{backend} {dtype} sample, short rows")
+    assert_same_16(history.reshape(-1)[:n], f, dtype, f"{backend} {dtype} history, short rows")
+    h = all_16bit_values(dtype, backend)
+    rows, n = short_rows(h)
+    sample, _ = step_identity(rows, torch.float32, torch.float32, backend)
+    out, expected = sample.reshape(-1)[:n], h.float()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(out), nan), f"{backend} {dtype}: NaN mismatch, short rows"
+    assert torch.equal(out[~nan].view(torch.int32), expected[~nan].view(torch.int32)), \
+        f"{backend} {dtype}: widened values differ from torch's, short rows"

@@ -85,6 +85,22 @@ def test_labels_padding_and_strides(backend, kind):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_student_and_teacher_of_different_dtypes(backend, kind):
+    # A half student against an fp32 teacher, an fp16 one against a bf16 one, ...: each is
+    # widened from its own dtype (exactly), so rows and fp32 gradient are those of the same
+    # logits both in float32.
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    for ds, dt in ((bf16, f32), (f32, f16), (f16, bf16), (bf16, f16)):
+        s, t = logits((5, 1031), ds, 22), logits((5, 1031), dt, 23)
+        args = dict(kind=kind, temperature=1.5, grad_dtype=f32, backend=backend)
+        rows, grad = ops.kd_divergence_with_grad(s, t, **args)
+        rows32, grad32 = ops.kd_divergence_with_grad(s.float(), t.float(), **args)
+        torch.testing.assert_close(rows, rows32, rtol=0, atol=0, msg=f"{backend} {kind} {ds} {dt}")
+        torch.testing.assert_close(grad, grad32, rtol=0, atol=0, msg=f"{backend} {kind} {ds} {dt} grad")
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
 def test_gradient_stored_in_another_dtype(backend, grad_dtype):
     """fp32 logits, a 16-bit gradient: the kernel's fp32 gradient, rounded once when stored."""

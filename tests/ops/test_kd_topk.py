@@ -410,6 +410,23 @@ def test_with_grad_stores_the_gradient_in_the_dtype_asked(backend, grad_dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["reference"])
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+def test_with_grad_stores_nan_and_ignored_rows_in_the_dtype_asked(backend, grad_dtype):
+    # The rows whose gradient is not computed, a row without a softmax (NaN) and ignored rows
+    # (0), are stored in grad_dtype too, each in its own row.
+    s = logits((6, 211), torch.float32, 26)
+    ids, lp = stored(6, 211, 9, 27)
+    s[1, 5] = math.nan
+    labels = torch.tensor([3, 0, -100, 7, 1, -100])
+    rows, grad = ops.kd_topk_with_grad(s, ids, lp, labels=labels, grad_dtype=grad_dtype, backend=backend)
+    rows32, grad32 = ops.kd_topk_with_grad(s, ids, lp, labels=labels, backend=backend)
+    assert grad.dtype == grad_dtype and grad32.dtype == torch.float32
+    torch.testing.assert_close(rows, rows32, rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(grad, grad32.to(grad_dtype), rtol=0, atol=0, equal_nan=True)
+    assert grad[1].isnan().all() and (grad[[2, 5]] == 0).all() and torch.isfinite(grad[[0, 3, 4]]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["reference"])
 def test_outside_logits_of_minus_1e30(backend):
     # Logits of -1e30 outside the ids (a vocabulary masked by a finite minimum): the mass there
     # must be shared among them, not each given all of it (torch.logsumexp's gradient at that

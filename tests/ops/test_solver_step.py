@@ -80,6 +80,30 @@ def test_matches_reference_input_subsets(backend, n_hist, with_cond, with_aux, w
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_each_input_is_read_in_its_own_dtype(backend):
+    # Every input in another dtype than its neighbours (a half model's output and cond, a bf16
+    # history entry next to an fp16 one, ...): widening is exact, so the step must give the bits
+    # of the same values all in float32, rounded once into each output's dtype.
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    # (sample, model_output, cond, history 0, 1, 2, aux, noise)
+    for dtypes in ((f32, bf16, f16, f16, bf16, f32, f16, bf16), (bf16, f16, f32, bf16, f32, f16, bf16, f16),
+                   (f16, f32, bf16, f32, f16, bf16, f32, f32)):
+        case = make_case((2, 3, 5, 13), torch.float32, n_hist=3, with_cond=True, with_aux=True, with_noise=True,
+                         seed=31)
+        ins = [case["sample"], case["model_output"], case["cond"], *case["history"], case["aux"], case["noise"]]
+        ins = [t.to(d) for t, d in zip(ins, dtypes)]
+
+        def step(ts):
+            return ops.solver_step(ts[0], ts[1], case["coefs"], cond=ts[2], history=ts[3:6], aux=ts[6], noise=ts[7],
+                                   guidance_scale=4.5, write_history=True, write_aux=True, history_dtype=bf16,
+                                   backend=backend)
+
+        got, want = step(ins), step([t.float() for t in ins])
+        for name, g, w in zip(("sample", "history", "aux"), got, want):
+            assert torch.equal(g, w.to(g.dtype)), f"{backend} {name} {dtypes}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_thresholding(backend, dtype):
     case = make_case((3, 4, 9, 9), dtype, 1, True, False, False, seed=3)
@@ -799,6 +823,23 @@ def test_threshold_scale_matches_quantile(backend, dtype, shape, ratio):
         exp = ref.threshold_scale(x, m, cond, 2.0, 0.8, -0.3, ratio, max_value, compute_dtype=torch.float64)
         assert got.dtype == torch.float32 and got.shape == (shape[0],)
         torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", usable_backends("threshold_scale"))
+def test_threshold_scale_reads_each_input_in_its_own_dtype(backend):
+    # sample, model output and cond of three different dtypes (an fp32 sample with a half
+    # model's outputs, and the other ways round): each must be widened from its own dtype, not
+    # from the sample's or the model output's
+    g = torch.Generator().manual_seed(6)
+    shape = (3, 4, 9, 7)
+    x, m, cond = torch.randn(shape, generator=g) * 3, torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    f32, f16, bf16 = torch.float32, torch.float16, torch.bfloat16
+    for dtypes in ((f32, bf16, f16), (f16, f32, bf16), (bf16, f16, f32), (f32, f16, bf16)):
+        xs, ms, cs = (t.to(d) for t, d in zip((x, m, cond), dtypes))
+        got = ops.threshold_scale(xs, ms, 0.8, -0.3, cond=cs, guidance_scale=2.0, ratio=0.9, max_value=100.0,
+                                  backend=backend)
+        exp = ref.threshold_scale(xs, ms, cs, 2.0, 0.8, -0.3, 0.9, 100.0, compute_dtype=torch.float64)
+        torch.testing.assert_close(got, exp.float(), rtol=2e-6, atol=2e-6, msg=f"{backend} {dtypes}")
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
