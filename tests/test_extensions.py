@@ -216,6 +216,10 @@ student, teacher = torch.randn(37, 1000, requires_grad=True), torch.randn(37, 10
 loss = losses.kd_loss(student, teacher, kind="jsd")
 loss.backward()
 out["kd"], out["kd_grad"] = loss.detach(), student.grad
+for dtype in (torch.float16, torch.bfloat16):  # 16-bit rows widened in blocks, 1031 = 128 * 8 + 7 wide
+    s16, t16 = (torch.randn(5, 1031) * 3).to(dtype), (torch.randn(5, 1031) * 3).to(dtype)
+    out[f"kd_{dtype}"] = ops.kd_divergence_with_grad(s16, t16, kind="jsd", beta=0.3, temperature=1.7,
+                                                     grad_dtype=torch.float32)
 out["huber"] = losses.pseudo_huber_loss(torch.randn(4, 3, 16, 16), torch.randn(4, 3, 16, 16))
 scheduler = DPMSolverMultistepScheduler(num_train_timesteps=1000)
 scheduler.set_timesteps(8)

@@ -903,3 +903,63 @@ def test_closed_form_gradient_equals_autograd_at_minus_inf_entries(kind, beta):
     (expected,) = torch.autograd.grad(ref.kd_divergence(leaf, t, kind, beta=beta, dtype=torch.float64).sum(), leaf)
     got = ref.kd_divergence_grad(s, t, kind, beta=beta, dtype=torch.float64)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+
+
+@pytest.mark.parametrize("kind", ["forward_kl", "tvd", "skew_kl"])
+def test_long_row_sums_are_accumulated_in_float64_across_blocks(kind):
+    # The CPU kernel sums each block of 256 entries in float32 lanes and the blocks' sums in
+    # float64 (kd_cpu.h: kSumBlock), for the normaliser, the loss and sum(w). Over a row of 2^20
+    # entries (4096 blocks) a float32 running total drifts by ~1e-6 relative, which shifts every
+    # log-probability (and q) alike: the gradient (relative to its largest entry) goes from
+    # ~1e-7 off to ~1e-6 off.
+    vocab = 1 << 20
+    s, t = logits((2, vocab), torch.float32, 80, scale=1.0), logits((2, vocab), torch.float32, 81, scale=1.0)
+    rows, grad = fused("cpu", s, t, kind, beta=0.3)
+    rows64, grad64 = reference(s, t, kind, torch.float64, beta=0.3)
+    loss_err = ((rows.double() - rows64).abs() / rows64.abs()).max().item()
+    grad_err = ((grad.double() - grad64).abs() / grad64.abs().amax(dim=1, keepdim=True)).max().item()
+    assert loss_err < 8e-7, f"{kind}: loss relative error {loss_err:.2e}"
+    assert grad_err < 4e-7, f"{kind}: gradient error {grad_err:.2e} of its largest entry"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_overflowing_rows_are_shifted_by_a_maximum_in_the_last_entry(backend, kind):
+    # Below T = 1 each row is shifted by its max before it is divided by T (kd_cpu.h:
+    # tempered_row); the max must count every entry, the last one (the row_max scalar tail)
+    # included: a max missed by 1e37 becomes inf at T = 1e-3 and the whole row NaN.
+    top = 3.2e38
+    for pos in (0, 21, 39):  # the vector body, and the last entry of the 40 (tail)
+        s, t = near_float32_max_rows(32), near_float32_max_rows(33)
+        s[:, pos] = top
+        t[:, pos] = top
+        s[:, (pos + 1) % 40] = top  # the student ties with another entry (KL(p || q) finite)
+        if kind == "reverse_kl":
+            s, t = t, s
+        rows, grad = fused(backend, s, t, kind, temperature=1e-3)
+        rows64, grad64 = reference(s, t, kind, torch.float64, temperature=1e-3)
+        assert torch.isfinite(rows64).all() and torch.isfinite(grad64).all()
+        torch.testing.assert_close(rows.double(), rows64, rtol=1e-6, atol=1e-6, msg=f"{kind} max at {pos}")
+        torch.testing.assert_close(grad.double(), grad64, rtol=1e-6, atol=1e-3, msg=f"{kind} max at {pos}")
+
+
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_16_bit_gradient_rounds_ties_to_even(backend, grad_dtype):
+    # A uniform student over 16 entries (q = 1/16 exactly) and a one-hot teacher: the forward-KL
+    # gradient (q - p) * loss_scale is exact in float32, and this loss_scale puts every entry
+    # on a tie between two 16-bit values (one more bit than the 16-bit mantissa, an odd last
+    # kept bit): the stored gradient must round it to even, as torch does, in the vector body
+    # of the conversion (8 lanes: F16C / AVX2 where the CPU has them).
+    n = 16
+    mantissa = 7 if grad_dtype == torch.bfloat16 else 10
+    loss_scale = 1.0 + 3.0 * 2.0 ** -(mantissa + 1)
+    s = torch.zeros(3, n)
+    t = torch.full((3, n), -math.inf)
+    t[torch.arange(3), torch.tensor([0, 9, n - 1])] = 0.0
+    kw = dict(kind="forward_kl", loss_scale=loss_scale, backend=backend)
+    _, grad32 = ops.kd_divergence_with_grad(s, t, **kw)
+    _, grad = ops.kd_divergence_with_grad(s, t, grad_dtype=grad_dtype, **kw)
+    torch.testing.assert_close(grad32[0, 1], torch.tensor(loss_scale / n), rtol=0, atol=0)  # exact: a tie
+    assert not torch.equal(grad32.to(grad_dtype).float(), (grad32 * (1 - 2.0 ** -20)).to(grad_dtype).float())
+    assert torch.equal(grad.view(torch.int16), grad32.to(grad_dtype).view(torch.int16))
