@@ -537,3 +537,38 @@ def test_a_16_bit_cpu_teacher_head_is_widened_once_under_torch_func(monkeypatch)
     th, tw = torch.randn(4, 256).bfloat16(), torch.randn(1000, 256).bfloat16()
     torch.func.grad(lambda h: fl.fused_linear_kd(h, sw, th, tw))(sh)
     assert widened.count(torch.bfloat16) == 1
+
+
+@pytest.mark.parametrize("chunk_size", [None, 16])
+def test_hard_term_at_a_large_common_offset(chunk_size):
+    # Logits that share an offset of 1e4 (a bias), every one exact in float32: the hard term's
+    # log-sum-exp is taken relative to the row's maximum, as F.cross_entropy does. Less the
+    # target's logit after rounding at the logits' size, it was off by up to 5e-4 a token
+    # (torch's float32: 3e-7), 4e-3 over these 64. Chunked, evaluation and torch.func paths.
+    g = torch.Generator().manual_seed(0)
+    tokens, hidden, vocab = 64, 16, 128
+    h = torch.randint(-8, 9, (tokens, hidden), generator=g).float() / 16
+    w = torch.randint(-16, 17, (vocab, hidden), generator=g).float() / 64
+    b = torch.full((vocab,), 1e4)
+    labels = torch.randint(0, vocab, (tokens,), generator=g)
+    logits64 = h.double() @ w.double().t() + b.double()
+    assert torch.equal((h @ w.t() + b).double(), logits64)
+    x64 = h.double().requires_grad_(True)
+    expect = F.cross_entropy(x64 @ w.double().t() + b.double(), labels, reduction="sum")
+    expect.backward()
+
+    def loss_of(x):
+        return fused_linear_kd(x, w, h, w, labels, b, b, weight_hard=1.0, weight_soft=0.0, reduction="sum",
+                               chunk_size=chunk_size)
+
+    x = h.clone().requires_grad_(True)
+    loss = loss_of(x)  # the chunked loss and its gradient
+    loss.backward()
+    with torch.no_grad():  # evaluation: the loss alone
+        evaluated = loss_of(h)
+    # under torch.func: the unfused loss, differentiated by torch
+    func_grad, func_loss = torch.func.grad_and_value(loss_of)(h)
+    for name, value, grad in (("chunked", loss, x.grad), ("no_grad", evaluated, None), ("func", func_loss, func_grad)):
+        torch.testing.assert_close(value.detach().double(), expect.detach(), rtol=0, atol=1e-4, msg=name)
+        if grad is not None:
+            torch.testing.assert_close(grad.double(), x64.grad, rtol=1e-5, atol=1e-6, msg=name)
