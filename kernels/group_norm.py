@@ -56,8 +56,8 @@ def _center(mean, shift, HAS_SHIFT: tl.constexpr):
 def _center_pair(mean, shift, HAS_SHIFT: tl.constexpr):
     """The per-channel center as float32 hi + lo, for the variance sweep (group_norm_cpu.cpp's
     center_pair: with a shift, a float32 center's rounding no longer cancels over the group)."""
-    hi = _center(mean, shift, HAS_SHIFT)
     exact = mean - shift.to(tl.float64) if HAS_SHIFT else mean + tl.zeros_like(shift).to(tl.float64)
+    hi = exact.to(tl.float32)  # (_center's value)
     return hi, (exact - hi.to(tl.float64)).to(tl.float32)
 
 
